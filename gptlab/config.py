@@ -1,0 +1,128 @@
+"""Typed configs: dataclasses, loaded from YAML and overridden from the command line.
+
+OmegaConf does the merging and the type checks; this module turns its errors into `UserError`s
+that name the file, the key path and the closest valid key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gptlab.errors import UserError
+
+T = TypeVar("T")
+
+
+def _valid_keys(cls: type, path: str) -> list[str]:
+    node: Any = cls
+    for part in [p for p in path.split(".")[:-1] if p]:
+        hints = typing.get_type_hints(node)
+        node = hints.get(part)
+        if node is None or not dataclasses.is_dataclass(node):
+            return []
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _config_error(cls: type, err: OmegaConfBaseException, source: str) -> UserError:
+    key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
+    msg = str(getattr(err, "msg", err)).splitlines()[0]
+    if "not in" in msg and key:
+        close = difflib.get_close_matches(key.split(".")[-1], _valid_keys(cls, key), n=1)
+        msg = f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
+        valid = _valid_keys(cls, key)
+        if not close and valid:
+            msg += f"; valid keys: {', '.join(valid)}"
+    return UserError(msg, path=source, field=key or None)
+
+
+def load_config(cls: type[T], yaml_path: str | Path | None = None,
+                overrides: Sequence[str] = (), **values: Any) -> T:
+    """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`.
+
+    `values` are explicit command-line flags; a value of None means "not given".
+    """
+    conf = OmegaConf.structured(cls)
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.exists():
+            raise UserError("config file not found", path=path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise UserError(f"not valid YAML: {e}", path=path,
+                            line=None if line is None else line + 1) from None
+        if not isinstance(data, dict):
+            raise UserError("a config file must be a mapping of keys to values", path=path)
+        try:
+            conf = OmegaConf.merge(conf, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            raise _config_error(cls, e, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' should look like key=value", path="command line")
+    try:
+        if overrides:
+            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            conf = OmegaConf.merge(conf, OmegaConf.create(given))
+        return OmegaConf.to_object(conf)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _config_error(cls, e, "command line") from None
+
+
+def to_dict(config: Any) -> dict:
+    """A plain dict of a dataclass config (for config.json / run.json)."""
+    return dataclasses.asdict(config)
+
+
+def _flag_type(tp: Any) -> tuple[Any, bool]:
+    """(element type, is_list) for a dataclass field annotation."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union and len(args) == 1:
+        return _flag_type(args[0])
+    if origin in (list, tuple, Sequence):
+        return (args[0] if args else str), True
+    return tp, False
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add a `--field-name` flag for each scalar or list field of a dataclass config.
+
+    Every flag defaults to None so `load_config` can tell "not given" from a value.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, is_list = _flag_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") if f.metadata else ""
+        if tp is bool and not is_list:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif is_list:
+            parser.add_argument(flag, dest=f.name, nargs="+", type=tp, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str,
+                                default=None, help=help_text)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build `cls` from parsed args: `--config FILE`, the dataclass flags, and `key=value` extras."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or (),
+                       **values)

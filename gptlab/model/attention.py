@@ -1,0 +1,141 @@
+"""Multi-head attention: softmax(Q Kᵀ / √d) V, heads concatenated and projected by W_O.
+
+One module serves self-attention (causal or not), grouped-query attention and encoder–decoder
+(cross) attention. The fast path is `scaled_dot_product_attention`; `need_weights=True` takes
+the explicit-math path that also returns the attention weights (the two agree; a test checks).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, written in place as decoding advances.
+
+    Rows are left-padded, so one write position (`length`) serves the whole batch.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # tokens written so far
+        self.cross: dict[int, tuple[Tensor, Tensor]] = {}  # encoder K/V, computed once per layer
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's k, v (B, Hkv, T, D) for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these batch rows (drop finished sequences)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.cross = {i: (k[rows], v[rows]) for i, (k, v) in self.cross.items()}
+
+
+def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                   is_causal: bool = False, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Explicit softmax(QKᵀ/√d)V. q (B,H,T,D), k/v (B,H,S,D), mask broadcastable to (B,H,T,S),
+    True where attention is allowed. Returns (output (B,H,T,D), weights (B,H,T,S))."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        T, S = scores.shape[-2:]
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v, weights
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + D/2) of each head by position-dependent angles. x (B,H,T,D)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                              dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `n_kv_heads` ≤ `n_heads` key/value heads (grouped-query)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, bias: bool = True, qkv_bias: bool | None = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        if n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        self.head_dim = head_dim or d_model // n_heads
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.dropout = dropout
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, is_causal: bool = False,
+                rotary: tuple[Tensor, Tensor] | None = None, memory: Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (B,T,d). `memory` (B,S,d) makes this cross-attention (K, V from the encoder).
+        `mask` (B or 1, 1, T, S) bool, True = may attend. Returns (out (B,T,d), weights)."""
+        B, T, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_heads)
+        if memory is not None and cache is not None and layer in cache.cross:
+            k, v = cache.cross[layer]
+        else:
+            src = x if memory is None else memory
+            k = self._heads(self.k_proj(src), self.n_kv_heads)
+            v = self._heads(self.v_proj(src), self.n_kv_heads)
+            if rotary is not None and memory is None:
+                cos, sin = rotary
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if cache is not None:
+                if memory is None:
+                    k, v = cache.update(layer, k, v)
+                else:
+                    cache.cross[layer] = (k, v)
+        if self.n_kv_heads != self.n_heads and need_weights:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = attention_math(q, k, v, mask, is_causal and mask is None, p)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads)
+            weights = None
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(out), weights

@@ -1,0 +1,206 @@
+"""GPT: a decoder-only Transformer, with the options that span GPT-1/2/3 and today's open
+models (Llama, Mistral, Qwen2, SmolLM)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptlab.model.attention import Attention, KVCache, rotary_cos_sin
+from gptlab.model.layers import MLP, make_norm, sinusoidal_table
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    context: int = 1024             # the longest sequence the model takes (positions)
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None   # None: = n_heads (plain multi-head attention)
+    d_model: int = 768
+    d_ff: int | None = None         # None: 4 * d_model
+    head_dim: int | None = None     # None: d_model // n_heads
+    positions: str = "learned"      # learned | sinusoidal | rotary
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"         # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    prenorm: bool = True            # False: post-norm, as the 2017 Transformer and GPT-1
+    activation: str = "gelu_tanh"   # gelu | gelu_tanh | relu | silu | swiglu
+    bias: bool = True               # biases on linear layers and norms
+    qkv_bias: bool | None = None    # None: = bias (Qwen2: biases on Q, K, V only)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("learned", "sinusoidal", "rotary"):
+            raise ValueError(f"positions must be learned, sinusoidal or rotary, "
+                             f"not '{self.positions}'")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
+                             f"({self.n_heads}), or set head_dim")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+class Block(nn.Module):
+    """Attention and FFN sub-layers, each in a residual connection with a norm (pre or post)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.bias,
+                              cfg.qkv_bias, cfg.dropout)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.activation, cfg.bias, cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, layer: int, **attn_kwargs) -> tuple[Tensor, Tensor | None]:
+        if self.prenorm:
+            a, w = self.attn(self.attn_norm(x), layer=layer, **attn_kwargs)
+            x = x + self.resid_dropout(a)
+            return x + self.mlp(self.mlp_norm(x)), w
+        a, w = self.attn(x, layer=layer, **attn_kwargs)
+        x = self.attn_norm(x + self.resid_dropout(a))
+        return self.mlp_norm(x + self.mlp(x)), w
+
+
+def padded_causal_mask(attention_mask: Tensor, T: int) -> Tensor:
+    """(B, 1, T, S) bool mask for the last T of S positions: causal and not padding.
+
+    attention_mask (B, S): 1 for real tokens. Each query may also see itself, so a padding
+    query attends to something and its (ignored) output stays finite.
+    """
+    B, S = attention_mask.shape
+    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+    causal = k_pos <= q_pos  # (T, S)
+    mask = causal[None] & attention_mask[:, None, :].bool()
+    return (mask | (k_pos == q_pos)[None])[:, None]
+
+
+def positions_from_mask(attention_mask: Tensor, T: int) -> Tensor:
+    """Position ids (B, T) of the last T tokens: real tokens count from 0 under left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.context, cfg.d_model)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.context, cfg.d_model),
+                                 persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # Post-norm stacks end on a norm already; pre-norm needs one before the head.
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) \
+            if cfg.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layers) so the stream's variance
+        # does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and hasattr(self, "pos_emb"):
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cfg = self.config
+        p = self.tok_emb.weight
+        return KVCache(cfg.n_layers, batch, cfg.kv_heads, max_len or cfg.context, cfg.dim_head,
+                       p.device, p.dtype)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      position_ids: Tensor | None = None, cache: KVCache | None = None,
+                      need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Final hidden states (B, T, d) and, if asked, each layer's attention weights.
+
+        attention_mask (B, S) marks real tokens (1) over every position the keys cover, cached
+        ones included (S = cache.length + T). Without it and without a cache, attention is
+        plain causal.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.context:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context of "
+                             f"{self.config.context}")
+        if attention_mask is not None and attention_mask.shape[1] != past + T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, "
+                             f"expected cache length + T = {past + T}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = None
+        if attention_mask is not None:
+            mask = padded_causal_mask(attention_mask, T)
+        elif past > 0 and T > 1:
+            mask = padded_causal_mask(torch.ones(B, past + T, device=input_ids.device), T)
+        x = self.tok_emb(input_ids)
+        rotary = None
+        if self.config.positions == "learned":
+            x = x + self.pos_emb(position_ids)
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[position_ids]
+        else:
+            rotary = rotary_cos_sin(position_ids, self.config.dim_head, self.config.rope_theta,
+                                    x.dtype)
+        x = self.drop(x)
+        weights = []
+        for i, block in enumerate(self.blocks):
+            x, w = block(x, i, mask=mask, is_causal=mask is None and T > 1, rotary=rotary,
+                         cache=cache, need_weights=need_weights)
+            if w is not None:
+                weights.append(w)
+        if cache is not None:
+            cache.length += T
+        return self.final_norm(x), weights
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, cache: KVCache | None = None,
+                labels: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits (B, T, V), or the mean cross-entropy against `labels` (-100 = ignore).
+
+        `last_only` computes the head on the last position only (generation needs no more).
+        """
+        h, _ = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(h)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

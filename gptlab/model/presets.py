@@ -1,0 +1,72 @@
+"""Named model shapes from the papers' tables, and two small ones for CPUs."""
+from __future__ import annotations
+
+import dataclasses
+
+from gptlab.errors import UserError
+from gptlab.model.gpt import GPTConfig
+from gptlab.model.transformer import TransformerConfig
+
+_GPT2 = dict(vocab_size=50257, context=1024, positions="learned", norm="layernorm",
+             prenorm=True, activation="gelu_tanh", bias=True, tie_embeddings=True)
+_GPT3 = dict(_GPT2, context=2048)
+
+
+def _gpt3(n_layers: int, d_model: int, n_heads: int) -> GPTConfig:
+    # d_ff = 4 * d_model throughout the GPT-3 table.
+    return GPTConfig(**_GPT3, n_layers=n_layers, d_model=d_model, n_heads=n_heads)
+
+
+PRESETS: dict[str, GPTConfig | TransformerConfig] = {
+    # Vaswani et al. 2017, Table 3.
+    "transformer-base": TransformerConfig(),
+    "transformer-big": TransformerConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
+    # Radford et al. 2018: 12 layers, 768 wide, 12 heads, 3072 FFN, post-norm, GELU,
+    # learned positions, 512 tokens, 40,478-token BPE vocabulary.
+    "gpt1": GPTConfig(vocab_size=40478, context=512, n_layers=12, n_heads=12, d_model=768,
+                      positions="learned", prenorm=False, activation="gelu", dropout=0.1),
+    "gpt2": GPTConfig(**_GPT2, n_layers=12, d_model=768, n_heads=12),
+    "gpt2-medium": GPTConfig(**_GPT2, n_layers=24, d_model=1024, n_heads=16),
+    "gpt2-large": GPTConfig(**_GPT2, n_layers=36, d_model=1280, n_heads=20),
+    "gpt2-xl": GPTConfig(**_GPT2, n_layers=48, d_model=1600, n_heads=25),
+    # Brown et al. 2020, Table 2.1. Two rows are inconsistent as printed; we use
+    # n_heads * d_head = d_model: XL has 16 heads of 128, 13B is 5120 wide.
+    "gpt3-small": _gpt3(12, 768, 12),
+    "gpt3-medium": _gpt3(24, 1024, 16),
+    "gpt3-large": _gpt3(24, 1536, 16),
+    "gpt3-xl": _gpt3(24, 2048, 16),
+    "gpt3-2.7b": _gpt3(32, 2560, 32),
+    "gpt3-6.7b": _gpt3(32, 4096, 32),
+    "gpt3-13b": _gpt3(40, 5120, 40),
+    "gpt3-175b": _gpt3(96, 12288, 96),
+    # CPU sizes: `tiny` trains in seconds (tests); `demo` is the built-in world's model.
+    "tiny": GPTConfig(vocab_size=512, context=128, n_layers=2, n_heads=4, d_model=64,
+                      positions="rotary", norm="rmsnorm", activation="swiglu", d_ff=192,
+                      bias=False, tie_embeddings=True),
+    "demo": GPTConfig(vocab_size=2048, context=384, n_layers=4, n_heads=8, n_kv_heads=4,
+                      d_model=256, d_ff=704, positions="rotary", norm="rmsnorm",
+                      activation="swiglu", bias=False, tie_embeddings=True),
+}
+
+# The parameter counts the papers state, for the tests.
+PAPER_PARAMS = {
+    "gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,
+    "gpt3-2.7b": 2.7e9, "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9,
+}
+
+
+def get_preset(name: str, **overrides) -> GPTConfig | TransformerConfig:
+    """A fresh copy of a preset's config, with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        import difflib
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown preset '{name}'{hint} (presets: {', '.join(PRESETS)})",
+                        field="model")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def build_model(config: GPTConfig | TransformerConfig):
+    from gptlab.model.gpt import GPT
+    from gptlab.model.transformer import Transformer
+    return GPT(config) if isinstance(config, GPTConfig) else Transformer(config)

@@ -1,0 +1,189 @@
+"""The 2017 encoder–decoder Transformer ("Attention Is All You Need").
+
+Encoder layer: self-attention, then FFN. Decoder layer: causal self-attention, then
+encoder–decoder attention (Q from the decoder, K and V from the encoder output), then FFN.
+Each sub-layer sits in a residual connection followed by layer norm (post-norm).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptlab.model.attention import Attention, KVCache
+from gptlab.model.gpt import padded_causal_mask
+from gptlab.model.layers import MLP, make_norm, sinusoidal_table
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 37000         # one vocabulary shared by source and target
+    context: int = 512
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    n_heads: int = 8
+    d_model: int = 512
+    d_ff: int = 2048
+    activation: str = "relu"
+    norm_eps: float = 1e-5
+    prenorm: bool = False
+    dropout: float = 0.1
+    label_smoothing: float = 0.1
+    tie_embeddings: bool = True     # encoder, decoder and output share one matrix
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.attn = Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout)
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation, True, cfg.dropout)
+        self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False):
+        if self.prenorm:
+            a, w = self.attn(self.attn_norm(x), mask=mask, need_weights=need_weights)
+            x = x + self.drop(a)
+            return x + self.mlp(self.mlp_norm(x)), w
+        a, w = self.attn(x, mask=mask, need_weights=need_weights)
+        x = self.attn_norm(x + self.drop(a))
+        return self.mlp_norm(x + self.mlp(x)), w
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout)
+        self.self_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.cross_attn = Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout)
+        self.cross_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation, True, cfg.dropout)
+        self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _sublayer(self, x: Tensor, norm: nn.Module, fn) -> tuple[Tensor, Tensor | None]:
+        if self.prenorm:
+            out, w = fn(norm(x))
+            return x + self.drop(out), w
+        out, w = fn(x)
+        return norm(x + self.drop(out)), w
+
+    def forward(self, x: Tensor, memory: Tensor, self_mask: Tensor | None, is_causal: bool,
+                memory_mask: Tensor | None, cache: KVCache | None, layer: int,
+                need_weights: bool = False):
+        x, w_self = self._sublayer(x, self.self_norm, lambda h: self.self_attn(
+            h, mask=self_mask, is_causal=is_causal, cache=cache, layer=layer,
+            need_weights=need_weights))
+        x, w_cross = self._sublayer(x, self.cross_norm, lambda h: self.cross_attn(
+            h, mask=memory_mask, memory=memory, cache=cache, layer=layer,
+            need_weights=need_weights))
+        if self.prenorm:
+            x = x + self.mlp(self.mlp_norm(x))
+        else:
+            x = self.mlp_norm(x + self.mlp(x))
+        return x, (w_self, w_cross)
+
+
+class Transformer(nn.Module):
+    """Encoder–decoder. `src_mask` / `tgt_mask` (B, S) / (B, T) mark real tokens with 1."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.register_buffer("pos_table", sinusoidal_table(cfg.context, cfg.d_model),
+                             persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        self.enc_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.prenorm else nn.Identity()
+        self.dec_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, 0.0, cfg.d_model ** -0.5)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _embed(self, ids: Tensor, start: int = 0) -> Tensor:
+        # The paper multiplies embeddings by sqrt(d_model) before adding the positions.
+        T = ids.shape[1]
+        if start + T > self.config.context:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of "
+                             f"{self.config.context}")
+        x = self.embed(ids) * math.sqrt(self.config.d_model) + self.pos_table[start:start + T]
+        return self.drop(x)
+
+    def encode(self, src: Tensor, src_mask: Tensor | None = None,
+               need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Encoder output (B, S, d) and, if asked, each layer's attention weights."""
+        mask = None if src_mask is None else src_mask.bool()[:, None, None, :]  # (B,1,1,S)
+        x, weights = self._embed(src), []
+        for layer in self.encoder:
+            x, w = layer(x, mask, need_weights)
+            weights.append(w)
+        return self.enc_norm(x), weights
+
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor | None = None,
+               tgt_mask: Tensor | None = None, cache: KVCache | None = None,
+               need_weights: bool = False) -> tuple[Tensor, list]:
+        """Logits (B, T, V) for target tokens; with a cache, `tgt` continues what it holds."""
+        B, T = tgt.shape
+        past = cache.length if cache is not None else 0
+        memory_mask = None if src_mask is None else src_mask.bool()[:, None, None, :]
+        self_mask = None
+        if tgt_mask is not None:
+            self_mask = padded_causal_mask(tgt_mask, T)
+        elif past > 0 and T > 1:
+            self_mask = padded_causal_mask(torch.ones(B, past + T, device=tgt.device), T)
+        x, weights = self._embed(tgt, past), []
+        for i, layer in enumerate(self.decoder):
+            x, w = layer(x, memory, self_mask, self_mask is None and T > 1, memory_mask, cache, i,
+                         need_weights)
+            weights.append(w)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.dec_norm(x)), weights
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cfg = self.config
+        p = self.embed.weight
+        return KVCache(cfg.n_decoder_layers, batch, cfg.n_heads, max_len or cfg.context,
+                       cfg.d_model // cfg.n_heads, p.device, p.dtype)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None,
+                tgt_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V), or label-smoothed cross-entropy against `labels` (-100 = ignore)."""
+        memory, _ = self.encode(src, src_mask)
+        logits, _ = self.decode(tgt, memory, src_mask, tgt_mask)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               label_smoothing=self.config.label_smoothing)
+
+    @torch.no_grad()
+    def greedy_decode(self, src: Tensor, bos_id: int, eos_id: int, max_new_tokens: int,
+                      src_mask: Tensor | None = None) -> Tensor:
+        """Autoregressive decoding: each produced token is fed back in. Returns (B, N) ids."""
+        memory, _ = self.encode(src, src_mask)
+        B = src.shape[0]
+        cache = self.new_cache(B, max_new_tokens + 1)
+        tok = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(B, dtype=torch.bool, device=src.device)
+        out = []
+        for _ in range(max_new_tokens):
+            logits, _ = self.decode(tok, memory, src_mask, cache=cache)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            tok = torch.where(done[:, None], torch.full_like(tok, eos_id), tok)
+            out.append(tok)
+            done |= tok[:, 0] == eos_id
+            if done.all():
+                break
+        return torch.cat(out, dim=1)
