@@ -1,0 +1,122 @@
+"""Batched generation with a KV cache, on token ids only (the engine knows no text).
+
+Prompts of different lengths are left-padded so every row writes the cache at the same position;
+position ids are derived from the attention mask, so padding changes nothing for real tokens.
+Each step is one batched forward of one token per row: no Python work per row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Generation:
+    """One generation per prompt. `tokens[i]` ends with the stop token when `finished[i]`.
+
+    `logprobs[i][t]` is log softmax(logits / temperature) of the chosen token (temperature 1
+    when greedy), before any top-k / top-p truncation, so that a PPO update that recomputes
+    log-probabilities from logits / temperature gets the same numbers.
+    """
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0,
+             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(ids (B, P), attention mask (B, P)) with each prompt right-aligned."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+             seed: int | None = None, pad_id: int = 0) -> Generation:
+    """Continue each prompt until a stop token or `max_new_tokens` (or the context) is reached."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    context = model.config.context
+    P = max(len(p) for p in prompts)
+    if P >= context:
+        raise ValueError(f"prompt of {P} tokens leaves no room in the context of {context}")
+    steps = min(params.max_new_tokens, context - P)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else seed)
+
+    ids, mask = left_pad(prompts, pad_id, device)
+    B = ids.shape[0]
+    cache = model.new_cache(B, P + steps)
+    stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=device)
+    out_tokens = torch.zeros((B, steps), dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((B, steps), dtype=torch.float32, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), steps, dtype=torch.long, device=device)
+
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
+    n = 0
+    for t in range(steps):
+        temperature = 1.0 if params.greedy else params.temperature
+        logprobs = (logits / temperature).log_softmax(-1)
+        if params.greedy:
+            tok = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, params.top_k, params.top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        out_tokens[:, t] = tok
+        out_logprobs[:, t] = logprobs.gather(-1, tok[:, None])[:, 0]
+        n = t + 1
+        if stop.numel():
+            hit = torch.isin(tok, stop) & ~done
+            lengths = torch.where(hit, t + 1, lengths)
+            done |= hit
+            if bool(done.all()):
+                break
+        if t + 1 == steps:
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1].float()
+
+    model.train(was_training)
+    lengths = lengths.clamp(max=n).tolist()
+    toks, lps = out_tokens.tolist(), out_logprobs.tolist()
+    return Generation(tokens=[toks[i][:lengths[i]] for i in range(B)],
+                      logprobs=[lps[i][:lengths[i]] for i in range(B)],
+                      finished=done.tolist(), prompt_lengths=[len(p) for p in prompts])

@@ -1,0 +1,231 @@
+"""The models: attention against a float64 reference, KV-cache decoding against a full forward,
+left padding against unpadded rows, presets against the papers' parameter counts."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from gptlab.model import GPT, GPTConfig, Transformer, TransformerConfig, attention_math, get_preset
+from gptlab.model.attention import Attention
+from gptlab.model.presets import PAPER_PARAMS, PRESETS
+
+
+def small_gpt(**kw) -> GPT:
+    torch.manual_seed(0)
+    base = dict(vocab_size=97, context=64, n_layers=2, n_heads=4, d_model=32, dropout=0.0)
+    return GPT(GPTConfig(**{**base, **kw})).eval()
+
+
+VARIANTS = {
+    "learned": dict(positions="learned"),
+    "sinusoidal": dict(positions="sinusoidal"),
+    "rotary": dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False),
+    "rotary-gqa": dict(positions="rotary", n_kv_heads=2, norm="rmsnorm", activation="swiglu"),
+    "gqa-1kv": dict(positions="learned", n_kv_heads=1),
+    "postnorm": dict(positions="learned", prenorm=False, activation="gelu"),
+    "qwen-bias": dict(positions="rotary", bias=False, qkv_bias=True, tie_embeddings=False),
+}
+
+
+def reference_attention(q, k, v, allowed):
+    """softmax(QKᵀ/√d)V in float64; `allowed` (B,1,T,S) bool."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_attention_matches_float64_reference_with_causal_and_padding_masks():
+    torch.manual_seed(0)
+    B, H, T, D = 3, 4, 7, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :3] = False  # left padding
+    pad[2, 5:] = False  # right padding
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal[None, None] & pad[:, None, None, :]
+    allowed |= torch.eye(T, dtype=torch.bool)  # every query sees itself
+    ref = reference_attention(q, k, v, allowed)
+    out_math, weights = attention_math(q, k, v, allowed)
+    out_sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert (out_math.double() - ref).abs().max() < 1e-5
+    assert (out_sdpa.double() - ref).abs().max() < 1e-5
+    assert torch.allclose(weights.sum(-1), torch.ones(B, H, T), atol=1e-6)
+    assert weights[1, :, 5, :3].abs().max() == 0  # padded keys get no weight
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_attention_module_fast_and_explicit_paths_agree(n_kv):
+    torch.manual_seed(1)
+    attn = Attention(32, 4, n_kv).eval()
+    x = torch.randn(2, 9, 32)
+    fast, none = attn(x, is_causal=True)
+    slow, w = attn(x, is_causal=True, need_weights=True)
+    assert none is None and w.shape == (2, 4, 9, 9)
+    assert (fast - slow).abs().max() < 1e-5
+    assert w[0, 0].triu(1).abs().max() == 0  # causal: nothing above the diagonal
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_decoding_equals_full_forward(variant):
+    model = small_gpt(**VARIANTS[variant])
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 20)
+        steps = [model(ids[:, :8], cache=cache)]  # a prefill of 8, then one token at a time
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(8, 20)]
+    incremental = torch.cat(steps, dim=1)
+    assert (incremental - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["learned", "rotary-gqa", "sinusoidal"])
+def test_left_padded_batch_equals_each_prompt_alone(variant):
+    model = small_gpt(**VARIANTS[variant])
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 97, (n,), generator=g) for n in (11, 5, 8)]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone = model(r[None])
+            assert (batched[i, T - len(r):] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_left_padded_cached_decoding_equals_alone():
+    model = small_gpt(**VARIANTS["rotary-gqa"])
+    rows = [[5, 6, 7, 8, 9, 10], [3, 4]]
+    nxt = torch.tensor([[11], [12]])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 0, 3, 4]])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 0, 1, 1]])
+    with torch.no_grad():
+        cache = model.new_cache(2, 8)
+        model(ids, attention_mask=mask, cache=cache)
+        step = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                     cache=cache)
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([r + [int(nxt[i])]]))[0, -1]
+            assert (step[i, -1] - alone).abs().max().item() <= 1e-5
+
+
+def test_gpt_need_weights_path_equals_fast_path():
+    model = small_gpt(**VARIANTS["rotary-gqa"])
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h_fast, _ = model.hidden_states(ids)
+        h_slow, weights = model.hidden_states(ids, need_weights=True)
+    assert len(weights) == 2 and weights[0].shape == (2, 4, 10, 10)
+    assert (h_fast - h_slow).abs().max().item() <= 1e-5
+
+
+def small_transformer() -> Transformer:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=50, context=32, n_encoder_layers=2, n_decoder_layers=2,
+                            n_heads=4, d_model=32, d_ff=64, dropout=0.0)
+    return Transformer(cfg).eval()
+
+
+def test_encoder_decoder_kv_cache_equals_full_forward_with_padding():
+    model = small_transformer()
+    g = torch.Generator().manual_seed(6)
+    src = torch.randint(1, 50, (2, 9), generator=g)
+    src_mask = torch.ones(2, 9, dtype=torch.long)
+    src_mask[1, 6:] = 0  # right-padded source
+    tgt = torch.randint(1, 50, (2, 12), generator=g)
+    with torch.no_grad():
+        full = model(src, tgt, src_mask=src_mask)
+        memory, _ = model.encode(src, src_mask)
+        cache = model.new_cache(2, 12)
+        steps = [model.decode(tgt[:, :4], memory, src_mask, cache=cache)[0]]
+        steps += [model.decode(tgt[:, t:t + 1], memory, src_mask, cache=cache)[0]
+                  for t in range(4, 12)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+    # Padding in the source must not change row 1's output: compare with the unpadded row.
+    with torch.no_grad():
+        alone = model(src[1:2, :6], tgt[1:2])
+    assert (full[1] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_encoder_decoder_attention_weights():
+    model = small_transformer()
+    src = torch.randint(1, 50, (1, 5))
+    tgt = torch.randint(1, 50, (1, 4))
+    with torch.no_grad():
+        memory, enc_w = model.encode(src, need_weights=True)
+        _, dec_w = model.decode(tgt, memory, need_weights=True)
+    self_w, cross_w = dec_w[0]
+    assert enc_w[0].shape == (1, 4, 5, 5) and cross_w.shape == (1, 4, 4, 5)
+    assert self_w[0, 0].triu(1).abs().max() == 0  # decoder self-attention is causal
+    assert torch.allclose(cross_w.sum(-1), torch.ones(1, 4, 4), atol=1e-6)
+
+
+def test_tiny_encoder_decoder_learns_to_reverse_sequences():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=14, context=16, n_encoder_layers=2, n_decoder_layers=2,
+                            n_heads=4, d_model=64, d_ff=128, dropout=0.0, label_smoothing=0.0)
+    model = Transformer(cfg)
+    BOS, EOS = 1, 2  # tokens 3..13 are the symbols
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        src = torch.randint(3, 14, (n, 6), generator=g)
+        tgt = src.flip(1)
+        dec_in = torch.cat([torch.full((n, 1), BOS), tgt], 1)
+        labels = torch.cat([tgt, torch.full((n, 1), EOS)], 1)
+        return src, dec_in, labels
+
+    for step in range(400):
+        src, dec_in, labels = batch(64)
+        loss = model(src, dec_in, labels=labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    src, _, labels = batch(200)
+    out = model.greedy_decode(src, BOS, EOS, max_new_tokens=7)
+    exact = (out[:, :6] == src.flip(1)).all(1).float().mean().item()
+    assert exact >= 0.9, f"only {exact:.2f} of sequences reversed exactly"
+
+
+def test_gpt2_parameter_count_is_exact():
+    with torch.device("meta"):
+        assert GPT(get_preset("gpt2")).num_params() == 124_439_808
+
+
+@pytest.mark.parametrize("name", list(PAPER_PARAMS))
+def test_gpt3_table_parameter_counts_within_3_percent(name):
+    with torch.device("meta"):
+        n = GPT(get_preset(name)).num_params()
+    assert abs(n / PAPER_PARAMS[name] - 1) < 0.03, (name, n)
+
+
+def test_transformer_base_shape_matches_the_paper():
+    cfg = get_preset("transformer-base")
+    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_encoder_layers, cfg.n_decoder_layers) == \
+        (512, 8, 2048, 6, 6)
+    assert cfg.d_model // cfg.n_heads == 64
+    with torch.device("meta"):
+        # ~63M with a 37k shared vocabulary (the paper reports 65M).
+        assert 60e6 < Transformer(cfg).num_params() < 66e6
+
+
+def test_every_preset_builds_on_meta():
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            model = GPT(cfg) if isinstance(cfg, GPTConfig) else Transformer(cfg)
+        assert model.num_params() > 0, name
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="positions"):
+        GPTConfig(positions="alibi")
+    with pytest.raises(ValueError, match="multiple"):
+        GPT(dataclasses.replace(get_preset("tiny"), n_kv_heads=3))
