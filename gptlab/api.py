@@ -1,0 +1,72 @@
+"""The Python API behind the verbs, for notebooks and scripts.
+
+    from gptlab import api
+    model, tok = api.load("runs/demo/ppo")
+    print(api.generate_text("runs/demo/ppo", ["SELECT"], greedy=True))
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab.engine import Generation, SamplingParams, generate
+from gptlab.errors import UserError
+
+
+def load(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a gptlab model directory, a Hugging Face directory or a .gguf."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(path, device=device)
+    if tok is None:
+        raise UserError("model directory has no tokenizer.json", path=path)
+    return model, tok
+
+
+def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool,
+               what: str = "prompt") -> tuple[list[int], int]:
+    """Make room for generation: with `truncate`, drop the oldest tokens (and say so on
+    stderr); without it, a prompt that does not fit is a UserError. Returns (ids, dropped)."""
+    room = context - max_new_tokens
+    if len(ids) <= room:
+        return ids, 0
+    if not truncate:
+        raise UserError(f"{what} has {len(ids)} tokens, but the context of {context} minus "
+                        f"max_new_tokens {max_new_tokens} leaves room for {room}; shorten it, "
+                        f"lower --max-new-tokens, or pass --truncate to drop the oldest tokens",
+                        field="prompt")
+    if room < 1:
+        raise UserError(f"max_new_tokens {max_new_tokens} leaves no room in the context of "
+                        f"{context}", field="max_new_tokens")
+    dropped = len(ids) - room
+    print(f"note: {what} truncated: dropped its first {dropped} of {len(ids)} tokens",
+          file=sys.stderr)
+    return ids[dropped:], dropped
+
+
+def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
+                 params: SamplingParams, seed: int | None = 0) -> Generation:
+    params.stop_ids = tuple(params.stop_ids) or tuple(sorted(tokenizer.stop_ids))
+    return generate(model, prompts, params, seed=seed, pad_id=tokenizer.pad_id)
+
+
+def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_tokens: int = 64,
+                  greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int | None = 0,
+                  truncate: bool = False) -> list[str]:
+    """Continue each raw text prompt; returns the continuations (without the prompt)."""
+    net, tok = load(model) if not isinstance(model, tuple) else model
+    if greedy is False and temperature <= 0:
+        raise UserError("temperature must be > 0 (or use --greedy)", field="temperature")
+    encoded = []
+    for text in prompts:
+        ids = tok.encode(text, bos=tok.bos_id is not None)
+        if not ids:
+            raise UserError("the prompt is empty", field="prompt")
+        encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate)[0])
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
+    out = generate_ids(net, tok, encoded, params, seed)
+    return [tok.decode(t) for t in out.tokens]
