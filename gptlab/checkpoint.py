@@ -30,8 +30,11 @@ MODEL_FILE = "model.safetensors"
 
 def _arch_registry() -> dict[str, tuple[type, type]]:
     from gptlab.model.gpt import GPT, GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
     from gptlab.model.transformer import Transformer, TransformerConfig
-    return {"gpt": (GPT, GPTConfig), "transformer": (Transformer, TransformerConfig)}
+    # Order matters for _arch_of: the first matching class names the arch.
+    return {"gpt": (GPT, GPTConfig), "scalar": (ScalarHeadModel, GPTConfig),
+            "transformer": (Transformer, TransformerConfig)}
 
 
 def _arch_of(model: torch.nn.Module) -> str:

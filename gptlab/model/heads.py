@@ -1,0 +1,52 @@
+"""A GPT with a scalar head: the reward model (one score per sequence, read at the last real
+token) and the PPO value model (one value per position)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from gptlab.model.gpt import GPT, GPTConfig
+
+
+def last_real_index(attention_mask: Tensor) -> Tensor:
+    """Index (B,) of the last 1 in each row of the mask: works for left and right padding."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.long().flip(1).argmax(1)
+
+
+class ScalarHeadModel(nn.Module):
+    """`backbone` is a GPT (its LM head stays, unused, so SFT weights load as they are);
+    `head` maps each final hidden state to one number. `score_bias` / `score_scale` normalise the
+    reward so that SFT samples score mean 0, std 1 (set after training the reward model)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = GPT(config)
+        self.head = nn.Linear(config.d_model, 1)
+        # InstructGPT-style init: N(0, 1/sqrt(d+1)) keeps initial scores O(1).
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.d_model + 1))
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("score_bias", torch.zeros(()))
+        self.register_buffer("score_scale", torch.ones(()))
+
+    @classmethod
+    def from_gpt(cls, gpt: GPT) -> "ScalarHeadModel":
+        model = cls(gpt.config)
+        model.backbone.load_state_dict(gpt.state_dict())
+        return model.to(next(gpt.parameters()).device)
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """One raw scalar per position (B, T): the value model's V(s_t)."""
+        h, _ = self.backbone.hidden_states(input_ids, attention_mask)
+        return self.head(h).squeeze(-1).float()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The normalised score (B,) of each sequence, read at its last real token."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        v = self.values(input_ids, attention_mask)
+        raw = v.gather(1, last_real_index(attention_mask)[:, None])[:, 0]
+        return (raw - self.score_bias) * self.score_scale
