@@ -50,9 +50,11 @@ def _verb_tokenizer():
     def run(args: argparse.Namespace) -> None:
         from gptlab import tokenizer as tk
         if args.action == "train":
-            tok = tk.train_tokenizer(args.data, vocab_size=args.vocab_size)
+            from pathlib import Path
+            # Paths, not strings: a missing file must be an error, never a one-line "document".
+            tok = tk.train_tokenizer([Path(p) for p in args.data], vocab_size=args.vocab_size)
             tok.save(args.out)
-            print(f"wrote {args.out}/tokenizer.json (vocabulary {tok.vocab_size})")
+            print(f"wrote {Path(args.out) / 'tokenizer.json'} (vocabulary {tok.vocab_size})")
         else:
             tok = tk.load_tokenizer(args.tokenizer)
             print(" ".join(map(str, tok.encode(args.text))))

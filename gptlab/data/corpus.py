@@ -1,0 +1,196 @@
+"""Raw-text corpora: the documents a tokenizer and a pretraining run read.
+
+A corpus is a list of paths. Each path is read by its suffix:
+
+- `.jsonl`: one JSON object per line, the document in its `text` field;
+- `.parquet`: the document in the `text` column (null rows are skipped);
+- anything else: UTF-8 text whose documents are separated by one or more blank lines;
+- a directory: every `.txt`, `.jsonl` and `.parquet` file under it, in sorted order;
+- a name such as `user/dataset` that is not a local path: a Hugging Face Hub dataset (streamed,
+  `train` split, `text` column).
+
+Whitespace-only documents are skipped; a corpus with no document at all is an error.
+Parquet (and Hub datasets) are read with the Hugging Face `datasets` library, streamed, with a
+throwaway cache dir and no progress bars. JSONL is read line by line here, so that every error
+names its line.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from gptlab.errors import UserError
+
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEXT_FIELD = "text"
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def iter_documents(paths: str | Path | Iterable[str | Path]) -> Iterator[str]:
+    """Yield every non-empty document of the corpus at `paths`, file after file."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise UserError("no corpus files given")
+    n = 0
+    for path in paths:
+        for doc in _iter_path(path):
+            if doc.strip():
+                n += 1
+                yield doc
+    if n == 0:
+        raise UserError("the corpus is empty: no non-empty document in "
+                        + ", ".join(str(p) for p in paths))
+
+
+def read_documents(paths: str | Path | Iterable[str | Path]) -> list[str]:
+    """All documents of the corpus at `paths`, as a list."""
+    return list(iter_documents(paths))
+
+
+def _iter_path(path: str | Path) -> Iterator[str]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*")
+                       if f.is_file() and f.suffix.lower() in CORPUS_SUFFIXES)
+        if not files:
+            raise UserError(f"no {', '.join(CORPUS_SUFFIXES)} files in this directory", path=p)
+        for f in files:
+            yield from _iter_file(f)
+    elif p.exists():
+        yield from _iter_file(p)
+    elif _HUB_NAME.match(str(path)) and not p.suffix:
+        yield from _iter_hub(str(path))
+    else:
+        raise UserError("corpus file not found", path=p)
+
+
+def _iter_file(p: Path) -> Iterator[str]:
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(p)
+    elif suffix == ".parquet":
+        yield from _iter_parquet(p)
+    else:
+        yield from _iter_text(p)
+
+
+def _utf8_lines(p: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its newline), failing on the first byte that is not UTF-8."""
+    offset = 0
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
+                                f"{offset + e.start} cannot be decoded; save the file as UTF-8",
+                                path=p, line=lineno) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
+            offset += len(raw)
+            yield lineno, line.rstrip("\r\n")
+
+
+def _iter_text(p: Path) -> Iterator[str]:
+    doc: list[str] = []
+    for _, line in _utf8_lines(p):
+        if line.strip():
+            doc.append(line)
+        elif doc:
+            yield "\n".join(doc)
+            doc = []
+    if doc:
+        yield "\n".join(doc)
+
+
+def _iter_jsonl(p: Path) -> Iterator[str]:
+    # Read here, not by `datasets`: its JSON loader fails on valid files that mix blank lines
+    # with fields of varying type, and an error must name the line.
+    for lineno, line in _utf8_lines(p):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"not valid JSON ({e.msg} at column {e.colno})", path=p,
+                            line=lineno) from None
+        if not isinstance(row, dict):
+            raise UserError("each line must be a JSON object with a 'text' field", path=p,
+                            line=lineno)
+        if TEXT_FIELD not in row:
+            raise UserError("missing the document text", path=p, line=lineno, field=TEXT_FIELD)
+        if not isinstance(row[TEXT_FIELD], str):
+            raise UserError(f"expected a string, got {type(row[TEXT_FIELD]).__name__}", path=p,
+                            line=lineno, field=TEXT_FIELD)
+        yield row[TEXT_FIELD]
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[str]:
+    """Silence `datasets` (no progress bars, warnings only) and give it a throwaway cache dir."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars = datasets.is_progress_bar_enabled()
+    level = ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity_error()
+    try:
+        with tempfile.TemporaryDirectory(prefix="gptlab-datasets-") as cache_dir:
+            yield cache_dir
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _iter_parquet(p: Path) -> Iterator[str]:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(p)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"not a readable Parquet file ({e})", path=p) from None
+    if TEXT_FIELD not in schema.names:
+        raise UserError(f"no '{TEXT_FIELD}' column (columns: {', '.join(schema.names)})",
+                        path=p, field=TEXT_FIELD)
+    kind = schema.field(TEXT_FIELD).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"expected a string column, got {kind}", path=p, field=TEXT_FIELD)
+    with _quiet_datasets() as cache_dir:
+        ds = datasets.load_dataset("parquet", data_files=glob.escape(str(p.resolve())),
+                                   split="train", streaming=True, columns=[TEXT_FIELD],
+                                   cache_dir=cache_dir)
+        for row in ds:
+            if row[TEXT_FIELD] is not None:
+                yield row[TEXT_FIELD]
+
+
+def _iter_hub(name: str) -> Iterator[str]:
+    import datasets
+
+    with _quiet_datasets() as cache_dir:
+        try:
+            ds = datasets.load_dataset(name, split="train", streaming=True, cache_dir=cache_dir)
+            for row in ds:
+                if TEXT_FIELD not in row:
+                    raise UserError(f"Hub dataset has no '{TEXT_FIELD}' column", path=name,
+                                    field=TEXT_FIELD)
+                if row[TEXT_FIELD] is not None:
+                    yield row[TEXT_FIELD]
+        except UserError:
+            raise
+        except Exception as e:  # network, authentication, unknown name: the user's to fix
+            reason = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"not a local file, and not loadable as a Hugging Face Hub dataset "
+                            f"({type(e).__name__}: {reason})",
+                            path=name) from None

@@ -1,0 +1,411 @@
+"""Byte-level BPE tokenizer, trained and run by Hugging Face `tokenizers`, and chat rendering.
+
+Byte-level BPE (GPT-2) starts from the 256 byte values, so every string has an encoding and
+decoding gives it back exactly. gptlab's own tokenizers add six special tokens:
+
+    <|bos|> <|eos|> <|pad|> <|system|> <|user|> <|assistant|>
+
+Chat format. A conversation is rendered by a Jinja chat template, HF-style. gptlab's built-in
+template (`GPTLAB_CHAT_TEMPLATE`) writes `<|bos|>`, then each turn as `<|role|>` "\\n" content
+`<|eos|>`; the generation prompt is `<|assistant|>\\n`. Imported tokenizers bring their own
+template (e.g. ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n`).
+
+How `render_chat` stays exact: it renders the conversation once with each message's content
+replaced by a unique marker, which splits the output into template text and message contents.
+Template text is tokenized with special-token parsing on (it holds the role markers); message
+content with parsing off, so a user who types "<|eos|>" gets ordinary tokens. Pieces are
+tokenized separately, so no BPE merge crosses a content boundary and the assistant mask is
+exact: 1 on each assistant message's content tokens and on the template tokens after it up to
+and including the first special token (the end-of-turn token: `<|eos|>`, `<|im_end|>`, ...),
+0 everywhere else. The template must write message content verbatim (or stripped, as Llama 3's
+`| trim` does); one that rewrites it is a UserError.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+from gptlab.errors import UserError
+from gptlab.io import atomic_path, write_json_atomic
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+DEFAULT_SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT)
+ROLES = ("system", "user", "assistant")
+N_BYTES = 256
+
+GPTLAB_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# Names of end-of-sequence tokens in tokenizers imported without a tokenizer_config.json.
+_KNOWN_EOS = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus its special tokens and chat template.
+
+    Treat `hf` as read-only after construction: `encode` runs on a copy of it.
+
+    `pad_token` may be None or equal to EOS (imported tokenizers): `pad_id` then falls back to
+    `eos_id`. Nothing downstream finds padding by id; it uses the attention mask.
+    """
+
+    def __init__(self, hf: tokenizers.Tokenizer, bos_token: str | None, eos_token: str,
+                 pad_token: str | None, chat_template: str | None = None):
+        self.hf = hf
+        if eos_token is None:
+            raise UserError("a tokenizer needs an end-of-sequence token", field="eos_token")
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        for field, token in (("bos_token", bos_token), ("eos_token", eos_token),
+                             ("pad_token", pad_token)):
+            if token is not None and hf.token_to_id(token) is None:
+                raise UserError(f"token {token!r} is not in the vocabulary", field=field)
+        if chat_template is None and all(hf.token_to_id(t) is not None
+                                         for t in (SYSTEM, USER, ASSISTANT)):
+            chat_template = GPTLAB_CHAT_TEMPLATE
+        self.chat_template = chat_template
+        self._plain = _without_markup_parsing(hf)
+
+    # --- ids ---------------------------------------------------------------------------------
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.hf.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int:
+        return self.hf.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.eos_id if self.pad_token is None else self.hf.token_to_id(self.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def stop_ids(self) -> set[int]:
+        """EOS, plus the chat template's end-of-turn token when it is another one."""
+        ids = {self.eos_id}
+        if self.chat_template is None:
+            return ids
+        try:
+            pieces, _ = self._template_pieces([{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}], False)
+        except UserError:
+            return ids
+        k = pieces.index(1) if 1 in pieces else len(pieces)
+        if k + 1 < len(pieces) and isinstance(pieces[k + 1], str):
+            toks = self._encode_markup(pieces[k + 1])
+            n = self._through_first_special(toks)
+            if n:
+                ids.add(toks[n - 1])
+        return ids
+
+    # --- text <-> ids ------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens typed in the text are ordinary text."""
+        ids = self._plain.encode(text, add_special_tokens=False).ids
+        return self._wrap(ids, bos, eos)
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False,
+                     eos: bool = False) -> list[list[int]]:
+        encs = self._plain.encode_batch(list(texts), add_special_tokens=False)
+        return [self._wrap(e.ids, bos, eos) for e in encs]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        # A tokenizer without BOS (many imported ones) just has nothing to prepend.
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def _encode_markup(self, text: str) -> list[int]:
+        """Template text: special tokens in it are parsed."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    # --- chat --------------------------------------------------------------------------------
+    def render_chat(self, messages: Sequence[dict],
+                    add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(token ids, assistant mask) of a conversation; see the module docstring."""
+        if self.chat_template is None:
+            raise UserError("this tokenizer has no chat template and no gptlab role tokens",
+                            field="chat_template")
+        _check_messages(messages)
+        ids: list[int] = []
+        mask: list[int] = []
+        pieces, strip = self._template_pieces(messages, add_generation_prompt)
+        closing = False  # the template text right after an assistant message
+        for piece in pieces:
+            if isinstance(piece, int):
+                toks = self.encode(_content_of(messages, piece, strip))
+                is_assistant = messages[piece]["role"] == "assistant"
+                ids += toks
+                mask += [int(is_assistant)] * len(toks)
+                closing = is_assistant
+            else:
+                toks = self._encode_markup(piece)
+                n_closing = self._through_first_special(toks) if closing else 0
+                ids += toks
+                mask += [1] * n_closing + [0] * (len(toks) - n_closing)
+                closing = False
+        return ids, mask
+
+    def _through_first_special(self, toks: list[int]) -> int:
+        """How many of `toks` run up to and including the first special token (0 if none)."""
+        return next((k + 1 for k, t in enumerate(toks) if t in self._special_ids), 0)
+
+    @cached_property
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    @cached_property
+    def _compiled_template(self) -> Any:
+        return _jinja_env().from_string(self.chat_template)
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        import jinja2
+
+        try:
+            return self._compiled_template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token,
+                pad_token=self.pad_token or "", tools=None, documents=None)
+        except jinja2.TemplateError as e:
+            raise UserError(f"the chat template failed: {e}", field="chat_template") from None
+
+    def _template_pieces(self, messages: Sequence[dict],
+                         add_generation_prompt: bool) -> tuple[list[str | int], bool]:
+        """The rendered conversation as template strings and message indices (content slots),
+        and whether the template strips message content."""
+        nonce = secrets.token_hex(8)
+        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked, add_generation_prompt))
+        pieces: list[str | int] = [int(p) if k % 2 else p for k, p in enumerate(parts)
+                                   if k % 2 or p]
+        real = self._render(messages, add_generation_prompt)
+        for strip in (False, True):
+            if real == "".join(p if isinstance(p, str) else _content_of(messages, p, strip)
+                               for p in pieces):
+                return pieces, strip
+        raise UserError("the chat template rewrites message content, so the assistant mask "
+                        "cannot be derived exactly", field="chat_template")
+
+    # --- files -------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write `tokenizer.json` and an HF-compatible `tokenizer_config.json`, atomically."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        with atomic_path(d / "tokenizer.json") as tmp:
+            self.hf.save(str(tmp))
+        write_json_atomic(d / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "chat_template": self.chat_template,
+            "clean_up_tokenization_spaces": False,
+        })
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def _without_markup_parsing(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of `hf` that reads special tokens in its input as plain text.
+
+    `encode_special_tokens` only covers tokens marked special, so added tokens that look like
+    markup (`<...>`, no spaces) are marked special in the copy first; added tokens that are
+    vocabulary (runs of spaces, say) keep matching, as they do in HF.
+    """
+    plain = tokenizers.Tokenizer.from_str(hf.to_str())
+    markup = [t for t in plain.get_added_tokens_decoder().values()
+              if not t.special and re.fullmatch(r"<\S+>", t.content)]
+    if markup:
+        plain.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip,
+                                             rstrip=t.rstrip, normalized=t.normalized, special=True)
+                                  for t in markup])
+    plain.encode_special_tokens = True
+    return plain
+
+
+def _check_messages(messages: Sequence[dict]) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise UserError(f"message {i} must be a mapping with 'role' and 'content'",
+                            field=f"messages[{i}]")
+        if m.get("role") not in ROLES:
+            raise UserError(f"message {i} has role {m.get('role')!r}; expected one of "
+                            f"{', '.join(ROLES)}", field=f"messages[{i}].role")
+        if not isinstance(m.get("content"), str):
+            raise UserError(f"message {i} content must be a string",
+                            field=f"messages[{i}].content")
+
+
+def _content_of(messages: Sequence[dict], i: int, strip: bool) -> str:
+    content = messages[i]["content"]
+    return content.strip() if strip else content
+
+
+def _jinja_env() -> Any:
+    """A sandboxed Jinja environment with the helpers HF chat templates expect."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        from jinja2 import TemplateError
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, \
+        sort_keys=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii,
+                                    separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+# --- training ----------------------------------------------------------------------------------
+def _is_path_like(item: Any) -> bool:
+    if isinstance(item, Path):
+        return True
+    return (isinstance(item, str) and item.strip() != "" and "\n" not in item and len(item) < 4096
+            and (Path(item).suffix.lower() in (".txt", ".jsonl", ".parquet")
+                 or Path(item).exists()))
+
+
+def train_tokenizer(paths_or_texts: str | Path | Iterable[str | Path], vocab_size: int,
+                    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> Tokenizer:
+    """Train a byte-level BPE tokenizer.
+
+    `paths_or_texts` is a corpus path, a list of corpus paths (see `gptlab.data.corpus`), or an
+    iterable of document strings. A Path, or a string that names an existing file or ends in
+    .txt/.jsonl/.parquet, as the first item makes the whole list paths.
+    The first special token is BOS and the second EOS; PAD is `<|pad|>` when present.
+    Deterministic: the same input gives the same tokenizer.
+    """
+    from gptlab.data.corpus import iter_documents
+
+    special_tokens = list(dict.fromkeys(special_tokens))
+    minimum = N_BYTES + len(special_tokens)
+    if vocab_size < minimum:
+        raise UserError(f"{vocab_size} is too small: 256 byte tokens + {len(special_tokens)} "
+                        f"special tokens need at least {minimum}", field="vocab_size")
+    if len(special_tokens) < 2:
+        raise UserError("need at least BOS and EOS", field="special_tokens")
+
+    if isinstance(paths_or_texts, (str, Path)):
+        docs: Iterable[str] = iter_documents([paths_or_texts])
+    else:
+        items = iter(paths_or_texts)
+        first = next(items, None)
+        if first is None:
+            raise UserError("the corpus is empty: no paths or texts given")
+        if _is_path_like(first):
+            docs = iter_documents([first, *items])
+        else:
+            docs = _nonempty_texts(itertools.chain([first], items))
+
+    hf = tokenizers.Tokenizer(models.BPE())
+    # No prefix space and no regex surprises: decode(encode(s)) == s for every string.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf.train_from_iterator(docs, trainer=trainer)
+    pad = PAD if PAD in special_tokens else None
+    return Tokenizer(hf, bos_token=special_tokens[0], eos_token=special_tokens[1], pad_token=pad)
+
+
+def _nonempty_texts(texts: Iterable[Any]) -> Iterator[str]:
+    n = 0
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise UserError(f"item {i} is a {type(text).__name__}, expected a string",
+                            field="paths_or_texts")
+        if text.strip():
+            n += 1
+            yield text
+    if n == 0:
+        raise UserError("the corpus is empty: every text is empty")
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _token_str(value: Any) -> str | None:
+    """HF configs write a token as a string or as an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer from a directory (tokenizer.json [+ tokenizer_config.json]) or a
+    tokenizer.json file."""
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.exists():
+        raise UserError("tokenizer not found (expected a directory with tokenizer.json, or a "
+                        "tokenizer.json file)", path=file)
+    try:
+        hf = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises plain Exceptions for any parse error
+        raise UserError(f"not a valid tokenizer.json ({str(e).splitlines()[0]})",
+                        path=file) from None
+
+    config: dict = {}
+    config_file = file.parent / "tokenizer_config.json"
+    if config_file.exists():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"not valid JSON ({e.msg})", path=config_file, line=e.lineno) from None
+        except UnicodeDecodeError:
+            raise UserError("not UTF-8 text", path=config_file) from None
+        if not isinstance(config, dict):
+            raise UserError("expected a JSON object", path=config_file)
+
+    template = config.get("chat_template")
+    if isinstance(template, list):  # HF's named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja_file = file.parent / "chat_template.jinja"  # newer HF releases keep it apart
+    if template is None and jinja_file.exists():
+        template = jinja_file.read_text(encoding="utf-8")
+
+    eos = _token_str(config.get("eos_token"))
+    if eos is None:
+        eos = next((t for t in _KNOWN_EOS if hf.token_to_id(t) is not None), None)
+        if eos is None:
+            raise UserError("cannot tell the end-of-sequence token: add a tokenizer_config.json "
+                            "with eos_token", path=config_file, field="eos_token")
+    if "bos_token" in config:
+        bos = _token_str(config["bos_token"])
+    else:
+        bos = BOS if hf.token_to_id(BOS) is not None else None
+    if "pad_token" in config:
+        pad = _token_str(config["pad_token"])
+    else:
+        pad = PAD if hf.token_to_id(PAD) is not None else None
+    for field, token in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)):
+        if token is not None and hf.token_to_id(token) is None:
+            raise UserError(f"token {token!r} is not in the vocabulary of {file.name}",
+                            path=config_file, field=field)
+    return Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template)

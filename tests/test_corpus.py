@@ -1,0 +1,113 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gptlab.data.corpus import iter_documents, read_documents
+from gptlab.errors import UserError
+
+
+def test_txt_documents_are_separated_by_blank_lines(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("first doc\nsecond line\n\n\n  \nsecond doc\r\n\nthird\n", encoding="utf-8")
+    assert read_documents(f) == ["first doc\nsecond line", "second doc", "third"]
+
+
+def test_txt_byte_order_mark_is_dropped(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes("\ufeffhello".encode("utf-8"))
+    assert read_documents([f]) == ["hello"]
+
+
+def test_jsonl_text_field_and_blank_lines(tmp_path):
+    f = tmp_path / "a.jsonl"
+    rows = [{"text": "alpha", "meta": 1}, {"text": "   "}, {"text": "gamma\n\ndelta", "meta": "x"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert read_documents([str(f)]) == ["alpha", "gamma\n\ndelta"]
+
+
+def test_parquet_text_column_skips_nulls(tmp_path):
+    f = tmp_path / "a[1].parquet"  # glob characters in the name must not matter
+    pq.write_table(pa.table({"text": ["x y", None, "z"], "n": [1, 2, 3]}), f)
+    assert read_documents([f]) == ["x y", "z"]
+
+
+def test_several_files_and_a_directory_in_order(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_text("b1\n\nb2", encoding="utf-8")
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "a1"}\n', encoding="utf-8")
+    (tmp_path / "d" / "notes.md").write_text("ignored", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("c1", encoding="utf-8")
+    assert read_documents([tmp_path / "c.txt", tmp_path / "d"]) == ["c1", "a1", "b1", "b2"]
+
+
+def test_broken_jsonl_line_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "ok"}\n\n{"text": "broken"\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_documents([f])
+    assert e.value.line == 3 and str(e.value).startswith(f"{f}:3: not valid JSON")
+
+
+def test_jsonl_missing_or_wrong_text_field(tmp_path):
+    f = tmp_path / "nofield.jsonl"
+    f.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_documents([f])
+    assert (e.value.line, e.value.field) == (2, "text")
+    f.write_text('{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="expected a string, got int") as e:
+        read_documents([f])
+    assert e.value.line == 1
+    f.write_text('["text"]\n', encoding="utf-8")
+    with pytest.raises(UserError, match="JSON object"):
+        read_documents([f])
+
+
+@pytest.mark.parametrize("name", ["bad.txt", "bad.jsonl"])
+def test_non_utf8_names_file_line_and_byte_offset(tmp_path, name):
+    f = tmp_path / name
+    f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError) as e:
+        read_documents([f])
+    assert e.value.line == 2
+    message = str(e.value)
+    assert "not UTF-8" in message and "byte offset 30" in message and str(f) in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="corpus file not found") as e:
+        read_documents([tmp_path / "nope.txt"])
+    assert e.value.path == tmp_path / "nope.txt"
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("\n  \n\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": ""}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="corpus is empty"):
+        read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"])
+    with pytest.raises(UserError, match="no corpus files"):
+        read_documents([])
+
+
+def test_parquet_without_text_column_and_corrupt_parquet(tmp_path):
+    f = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), f)
+    with pytest.raises(UserError, match="no 'text' column") as e:
+        read_documents([f])
+    assert e.value.field == "text"
+    f.write_bytes(b"not parquet at all")
+    with pytest.raises(UserError, match="not a readable Parquet file"):
+        read_documents([f])
+
+
+def test_reading_leaves_no_datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "a"}\n', encoding="utf-8")
+    assert list(iter_documents(f)) == ["a"]
+    leftovers = list((tmp_path / "hf").rglob("*")) if (tmp_path / "hf").exists() else []
+    assert [p for p in leftovers if p.is_file()] == []

@@ -1,0 +1,296 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gptlab import cli
+from gptlab.errors import UserError
+from gptlab.tokenizer import (ASSISTANT, BOS, EOS, GPTLAB_CHAT_TEMPLATE, PAD, SYSTEM, USER,
+                              Tokenizer, load_tokenizer, train_tokenizer)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "SELECT name FROM users WHERE age > 30;",
+    "Hello, world! How are you today?",
+    "Les élèves étudient le français. 学生们在学习中文。 🙂🚀",
+] * 10
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in SQL."},
+    {"role": "user", "content": "Who is older than 30?"},
+    {"role": "assistant", "content": "SELECT name FROM users WHERE age > 30;"},
+    {"role": "user", "content": "And the <|eos|> count? <|assistant|>"},
+    {"role": "assistant", "content": "SELECT count(*) FROM users\n  WHERE age > 30;"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def chatml(tok) -> Tokenizer:
+    hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    hf.add_tokens(["<tool>"])  # a non-special added token that looks like markup
+    return Tokenizer(hf, bos_token=None, eos_token=EOS, pad_token=None, chat_template=CHATML)
+
+
+def masked_text(tok: Tokenizer, ids: list[int], mask: list[int]) -> str:
+    return tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+
+
+# --- ids and encoding ----------------------------------------------------------------------------
+def test_special_ids_and_vocab(tok):
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.hf.token_to_id(SYSTEM) == 3 and tok.hf.token_to_id(ASSISTANT) == 5
+    assert tok.pad_id != tok.eos_id and tok.stop_ids == {1}
+    assert 262 < tok.vocab_size <= 400
+
+
+@settings(deadline=None, derandomize=True, max_examples=300)
+@given(st.lists(st.one_of(st.text(), st.sampled_from([EOS, BOS, ASSISTANT, "<|im_end|>", "🙂",
+                                                         "学生", "\x00\r\n\t", " \u200b "])),
+                max_size=6))
+def test_encode_decode_round_trips_any_text(tok, parts):
+    text = "".join(parts)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special=False) == text
+    assert not set(ids) & {tok.bos_id, tok.eos_id, tok.pad_id}
+
+
+def test_typed_special_tokens_are_plain_text(tok):
+    for typed in (EOS, ASSISTANT, BOS + "hi" + PAD):
+        ids = tok.encode(typed)
+        assert len(ids) > 1 and not set(ids) & set(range(6))
+        assert tok.decode(ids) == typed
+
+
+def test_bos_eos_and_batch(tok):
+    ids = tok.encode("Hello, world!")
+    assert tok.encode("Hello, world!", bos=True, eos=True) == [tok.bos_id, *ids, tok.eos_id]
+    assert tok.encode_batch(["Hello, world!", EOS], eos=True) == [
+        ids + [tok.eos_id], tok.encode(EOS) + [tok.eos_id]]
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == "Hello, world!"
+    assert tok.decode([tok.bos_id, *ids], skip_special=False) == BOS + "Hello, world!"
+
+
+def test_pad_falls_back_to_eos(tok):
+    t = Tokenizer(tok.hf, bos_token=None, eos_token=EOS, pad_token=None)
+    assert t.pad_id == t.eos_id == 1 and t.bos_id is None
+    assert t.encode("a", bos=True) == tok.encode("a")  # no BOS to prepend
+    with pytest.raises(UserError) as e:
+        Tokenizer(tok.hf, bos_token=None, eos_token=None, pad_token=None)
+    assert e.value.field == "eos_token"
+    with pytest.raises(UserError, match="not in the vocabulary") as e:
+        Tokenizer(tok.hf, bos_token="<s>", eos_token=EOS, pad_token=None)
+    assert e.value.field == "bos_token"
+
+
+# --- chat ---------------------------------------------------------------------------------------
+def test_builtin_chat_format_token_by_token(tok):
+    ids, mask = tok.render_chat(CONVERSATION[:3])
+    nl = tok.encode("\n")
+    sys_, user, asst = (tok.hf.token_to_id(t) for t in (SYSTEM, USER, ASSISTANT))
+    answer = tok.encode(CONVERSATION[2]["content"])
+    expected = ([tok.bos_id, sys_, *nl, *tok.encode(CONVERSATION[0]["content"]), tok.eos_id,
+                 user, *nl, *tok.encode(CONVERSATION[1]["content"]), tok.eos_id,
+                 asst, *nl, *answer, tok.eos_id])
+    assert ids == expected
+    assert mask == [0] * (len(expected) - len(answer) - 1) + [1] * (len(answer) + 1)
+
+
+def test_builtin_assistant_mask_covers_exactly_the_assistant_turns(tok):
+    ids, mask = tok.render_chat(CONVERSATION)
+    assert len(ids) == len(mask)
+    assert masked_text(tok, ids, mask) == (CONVERSATION[2]["content"] + EOS
+                                           + CONVERSATION[4]["content"] + EOS)
+    # The user's typed "<|eos|>" and "<|assistant|>" stay text, unmasked.
+    assert ids.count(tok.eos_id) == 5
+    assert ids.count(tok.hf.token_to_id(ASSISTANT)) == 2
+
+
+def test_generation_prompt_is_the_prefix_of_the_answer(tok):
+    prompt, mask = tok.render_chat(CONVERSATION[:4], add_generation_prompt=True)
+    full, _ = tok.render_chat(CONVERSATION)
+    assert sum(mask) == len(tok.encode(CONVERSATION[2]["content"])) + 1  # the earlier answer
+    assert tok.decode(prompt[-2:], skip_special=False) == ASSISTANT + "\n"
+    assert full[:len(prompt)] == prompt
+
+
+def test_chatml_template_mask_and_stop_ids(chatml):
+    ids, mask = chatml.render_chat(CONVERSATION, add_generation_prompt=False)
+    text = chatml.decode(ids, skip_special=False)
+    assert text == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                           for m in CONVERSATION)
+    assert masked_text(chatml, ids, mask) == (CONVERSATION[2]["content"] + "<|im_end|>"
+                                              + CONVERSATION[4]["content"] + "<|im_end|>")
+    im_end = chatml.hf.token_to_id("<|im_end|>")
+    assert ids.count(im_end) == 5 and ids.count(chatml.eos_id) == 0  # typed <|eos|> is text
+    assert chatml.stop_ids == {chatml.eos_id, im_end}
+    prompt, _ = chatml.render_chat(CONVERSATION[:2], add_generation_prompt=True)
+    assert chatml.decode(prompt, skip_special=False).endswith("<|im_start|>assistant\n")
+
+
+def test_markup_looking_added_tokens_are_text_in_user_content(chatml):
+    assert chatml.hf.encode("<tool>").ids == [chatml.hf.token_to_id("<tool>")]
+    ids = chatml.encode("<tool><|im_end|>")
+    assert chatml.hf.token_to_id("<tool>") not in ids
+    assert chatml.decode(ids) == "<tool><|im_end|>"
+
+
+def test_jinja_builtin_template_matches_its_description(tok):
+    assert tok.chat_template == GPTLAB_CHAT_TEMPLATE
+    ids, _ = tok.render_chat(CONVERSATION, add_generation_prompt=True)
+    assert tok.decode(ids, skip_special=False) == BOS + "".join(
+        f"<|{m['role']}|>\n{m['content']}{EOS}" for m in CONVERSATION) + ASSISTANT + "\n"
+
+
+def test_trimming_template_and_rewriting_template(tok):
+    trim = Tokenizer(tok.hf, BOS, EOS, PAD, chat_template=CHATML.replace(
+        "message['content']", "message['content'] | trim").replace("<|im_start|>", "<|user|>")
+        .replace("<|im_end|>", EOS))
+    msgs = [{"role": "user", "content": "  hi "}, {"role": "assistant", "content": " ok\n"}]
+    ids, mask = trim.render_chat(msgs)
+    assert masked_text(trim, ids, mask) == "ok" + EOS
+    upper = Tokenizer(tok.hf, BOS, EOS, PAD, chat_template=CHATML.replace(
+        "message['content']", "message['content'] | upper"))
+    with pytest.raises(UserError, match="rewrites message content"):
+        upper.render_chat(msgs)
+
+
+def test_bad_messages(tok):
+    with pytest.raises(UserError, match="role 'tool'") as e:
+        tok.render_chat([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    assert e.value.field == "messages[1].role"
+    with pytest.raises(UserError) as e:
+        tok.render_chat([{"role": "user", "content": None}])
+    assert e.value.field == "messages[0].content"
+    bad = Tokenizer(tok.hf, BOS, EOS, PAD, chat_template="{{ raise_exception('no system') }}")
+    with pytest.raises(UserError, match="no system"):
+        bad.render_chat([{"role": "user", "content": "a"}])
+
+
+# --- files --------------------------------------------------------------------------------------
+def test_save_load_round_trip(tok, tmp_path):
+    tok.save(tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS, EOS, PAD)
+    assert config["chat_template"] == GPTLAB_CHAT_TEMPLATE
+    for path in (tmp_path / "t", tmp_path / "t" / "tokenizer.json"):
+        back = load_tokenizer(path)
+        assert (back.bos_id, back.eos_id, back.pad_id, back.vocab_size) == (
+            tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size)
+        assert back.encode_batch(CORPUS[:4] + [EOS]) == tok.encode_batch(CORPUS[:4] + [EOS])
+        assert back.render_chat(CONVERSATION) == tok.render_chat(CONVERSATION)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        "tokenizer.json", "tokenizer_config.json"]  # no temp files left behind
+
+
+def test_load_hf_style_config(chatml, tmp_path):
+    chatml.hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "pad_token": {"content": "<|im_end|>", "special": True},
+        "eos_token": {"content": "<|im_end|>", "lstrip": False}, "chat_template": CHATML}))
+    t = load_tokenizer(tmp_path)
+    im_end = chatml.hf.token_to_id("<|im_end|>")
+    assert (t.bos_id, t.eos_id, t.pad_id, t.stop_ids) == (None, im_end, im_end, {im_end})
+    assert t.render_chat(CONVERSATION)[1] == chatml.render_chat(CONVERSATION)[1]
+
+
+def test_load_errors(tok, tmp_path):
+    with pytest.raises(UserError, match="tokenizer not found"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(UserError, match="not a valid tokenizer.json") as e:
+        load_tokenizer(tmp_path)
+    assert e.value.path == tmp_path / "tokenizer.json"
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|eos|>",\n "x": }')
+    with pytest.raises(UserError, match="not valid JSON") as e:
+        load_tokenizer(tmp_path)
+    assert e.value.line == 2
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    with pytest.raises(UserError, match="not in the vocabulary") as e:
+        load_tokenizer(tmp_path)
+    assert e.value.field == "eos_token"
+
+
+# --- training -----------------------------------------------------------------------------------
+def test_training_is_deterministic_and_reads_files(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(CORPUS[:4]), encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS[:4]),
+                                      encoding="utf-8")
+    from_files = train_tokenizer([str(tmp_path / "a.txt"), tmp_path / "b.jsonl"], vocab_size=350)
+    from_texts = train_tokenizer(CORPUS[:4] * 2, vocab_size=350)
+    again = train_tokenizer(CORPUS[:4] * 2, vocab_size=350)
+    assert from_files.hf.to_str() == from_texts.hf.to_str() == again.hf.to_str()
+
+
+def test_vocab_size_too_small(tmp_path):
+    with pytest.raises(UserError, match="at least 262") as e:
+        train_tokenizer(CORPUS, vocab_size=261)
+    assert e.value.field == "vocab_size"
+    assert train_tokenizer(CORPUS, vocab_size=262).vocab_size == 262
+
+
+def test_training_input_errors(tmp_path):
+    with pytest.raises(UserError, match="corpus file not found"):
+        train_tokenizer([tmp_path / "missing.txt"], vocab_size=300)
+    with pytest.raises(UserError, match="corpus is empty"):
+        train_tokenizer(["", "  "], vocab_size=300)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def test_cli_train_in_process(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
+                     "--out", str(out)]) == 0
+    assert load_tokenizer(out).vocab_size == 300
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "100",
+                     "--out", str(out)]) == 2
+    assert "vocab_size" in capsys.readouterr().err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café\n".encode("latin-1"))
+    assert cli.main(["tokenizer", "train", "--data", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: not UTF-8" in err and "byte offset 3" in err
+
+
+def test_cli_train_subprocess(tmp_path):
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS), encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "gptlab", "tokenizer", "train", "--data", str(data),
+                        "--vocab-size", "300", "--out", str(tmp_path / "tok")],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    assert "vocabulary 300" in r.stdout
+
+
+def test_saved_tokenizer_renders_the_same_chat_in_transformers(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.bos_token, hf.eos_token, hf.pad_token) == (BOS, EOS, PAD)
+    # CONVERSATION[:3]: no typed special tokens, which HF would parse and gptlab does not.
+    out = hf.apply_chat_template(CONVERSATION[:3], tokenize=True, add_generation_prompt=False)
+    hf_ids = out["input_ids"] if hasattr(out, "keys") else out
+    assert hf_ids == tok.render_chat(CONVERSATION[:3])[0]
