@@ -87,9 +87,49 @@ def _verb_generate():
     return "continue raw text with a model", add, run
 
 
+def _verb_world():
+    def add(p: argparse.ArgumentParser) -> None:
+        sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+        e = sub.add_parser("export", help="write the database, questions, dialogs and corpus")
+        e.add_argument("--out", required=True, help="output directory (e.g. data/world)")
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--vary-schema", action="store_true",
+                       help="rename tables and columns from synonym lists (seeded)")
+        e.add_argument("--schema-seed", type=int, default=None,
+                       help="which renaming to use with --vary-schema (default: --seed)")
+        e.add_argument("--train", type=int, default=3500, help="training questions")
+        e.add_argument("--validation", type=int, default=300, help="validation questions")
+        e.add_argument("--test", type=int, default=600, help="held-out test questions")
+        e.add_argument("--dialogs", type=int, default=600, help="multi-turn dialogs")
+        e.add_argument("--corpus-chars", type=int, default=1_000_000,
+                       help="size of the pretraining corpus in characters")
+        c = sub.add_parser("check", help="execute a query and compare it with a question's gold SQL")
+        c.add_argument("--world", required=True, help="directory written by 'world export'")
+        c.add_argument("--id", required=True, help="question id, e.g. s0-test-00001")
+        c.add_argument("sql", help="the predicted SQL")
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab.world import build_world, load_world
+        if args.action == "check":
+            world = load_world(args.world)
+            verdict = world.check(args.id, args.sql)
+            print(f"{verdict.kind}: {verdict.detail}")
+            return
+        world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
+                            n_train=args.train, n_validation=args.validation, n_test=args.test,
+                            n_dialogs=args.dialogs, corpus_chars=args.corpus_chars)
+        paths = world.export(args.out)
+        counts = world.manifest()["counts"]
+        print(f"wrote {len(paths)} files to {args.out}: " +
+              ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    return "the built-in company database world: export its data, check a query", add, run
+
+
 VERBS: dict[str, Callable] = {
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
+    "world": _verb_world,
 }
 
 

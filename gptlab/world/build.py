@@ -1,0 +1,255 @@
+"""The world as one object: build it from a seed, export it to a directory, load it back.
+
+`build_world` is deterministic: the same options give the same database, the same questions
+with the same ids, the same dialogs and the same corpus. `load_world` does not trust the
+exported JSONL files for gold SQL; it rebuilds from `world.json` and checks a fingerprint, so
+the gold answers a checker uses cannot drift from the database.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptlab.errors import UserError
+from gptlab.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from gptlab.world.checker import Verdict, compare, has_top_level_order_by
+from gptlab.world.corpus import build_corpus
+from gptlab.world.database import Company, generate_company, memory_database, write_database
+from gptlab.world.dialogs import Dialog, build_dialogs
+from gptlab.world.executor import QueryResult, SqlExecutor
+from gptlab.world.labelers import SqlLabeler
+from gptlab.world.questions import (Combo, Question, SplitSizes, build_questions,
+                                    enumerate_combos)
+from gptlab.world.schema import Schema, make_schema
+
+FORMAT = "gptlab-world/1"
+FILES = ("corpus.txt", "sft.jsonl", "validation.jsonl", "test.jsonl", "dialogs.jsonl",
+         "prompts.jsonl", "company.sqlite", "world.json")
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    seed: int = 0
+    vary_schema: bool = False
+    schema_seed: int | None = None  # which renaming; defaults to `seed`
+    n_train: int = 3500
+    n_validation: int = 300
+    n_test: int = 600
+    n_dialogs: int = 600
+    corpus_chars: int = 1_000_000
+
+    def validate(self) -> None:
+        for f in ("n_train", "n_validation", "n_test", "n_dialogs", "corpus_chars"):
+            if getattr(self, f) < 0:
+                raise UserError(f"must be >= 0, got {getattr(self, f)}", field=f)
+
+
+def format_prompt(question: str, schema: str) -> str:
+    """The one prompt layout: schema lines, the question, then the cue the SQL follows."""
+    return f"{schema}\nQuestion: {question}\nSQL:"
+
+
+class World:
+    """Database, questions (by split), dialogs and corpus; gold SQL by id."""
+
+    def __init__(self, options: WorldOptions, company: Company, schema: Schema, db_path: Path,
+                 splits: dict[str, list[Question]], combos: dict[str, list[Combo]],
+                 dialogs: list[Dialog]):
+        self.options, self.company, self.schema, self.db_path = options, company, schema, db_path
+        self.splits, self.combos, self.dialogs = splits, combos, dialogs
+        self._questions = {q.id: q for qs in splits.values() for q in qs}
+        self._gold = {q.id: q.sql for q in self._questions.values()}
+        for d in dialogs:
+            for turn, sql in enumerate(d.sqls, 1):
+                self._gold[f"{d.id}/{turn}"] = sql
+        self._executor: SqlExecutor | None = None
+        self._gold_results: dict[str, QueryResult] = {}
+        self._corpus: str | None = None
+
+    # --- questions and gold --------------------------------------------------------------
+    @property
+    def train(self) -> list[Question]:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> list[Question]:
+        return self.splits["validation"]
+
+    @property
+    def test(self) -> list[Question]:
+        return self.splits["test"]
+
+    def question(self, qid: str) -> Question:
+        if qid not in self._questions:
+            raise UserError(f"no question with id '{qid}' in this world", field="id")
+        return self._questions[qid]
+
+    def gold(self, qid: str) -> str:
+        """Gold SQL of a question id, or of a dialog turn `{dialog id}/{turn}` (1-based)."""
+        if qid not in self._gold:
+            raise UserError(f"no question with id '{qid}' in this world", field="id")
+        return self._gold[qid]
+
+    def prompt(self, question: str, schema: Schema | str | None = None) -> str:
+        """Format a question the way every stage does; `schema` defaults to this world's."""
+        rendered = schema.render() if isinstance(schema, Schema) else schema
+        return format_prompt(question, rendered if rendered is not None else self.schema.render())
+
+    # --- execution -----------------------------------------------------------------------
+    def executor(self) -> SqlExecutor:
+        if self._executor is None:
+            self._executor = SqlExecutor(self.db_path)
+        return self._executor
+
+    def check(self, qid: str, pred_sql: str) -> Verdict:
+        """Execute `pred_sql` and compare its result with the gold answer of `qid`."""
+        gold_sql = self.gold(qid)
+        if gold_sql not in self._gold_results:
+            self._gold_results[gold_sql] = self.executor().run(gold_sql)
+        gold = self._gold_results[gold_sql]
+        if not gold.ok:
+            raise UserError(f"gold SQL of '{qid}' does not run on {self.db_path} "
+                            f"({gold.error.message}); was the database replaced?", field="id")
+        return compare(self.executor().run(pred_sql), gold, has_top_level_order_by(gold_sql))
+
+    def labeler(self, disagreement: float = 0.0, seed: int = 0) -> SqlLabeler:
+        return SqlLabeler(self, disagreement=disagreement, seed=seed)
+
+    # --- text and records -----------------------------------------------------------------
+    def corpus(self) -> str:
+        if self._corpus is None:
+            rng = random.Random(f"corpus-{self.options.seed}")
+            self._corpus = build_corpus(self.company, self.schema, self.train,
+                                        self.combos["train"], self.options.corpus_chars, rng,
+                                        format_prompt)
+        return self._corpus
+
+    def record(self, q: Question) -> dict:
+        rec = {"id": q.id, "prompt": self.prompt(q.text), "completion": " " + q.sql,
+               "question": q.text, "intent": q.intent, "kind": q.kind, "values": q.values,
+               "phrasing": q.phrasing}
+        if q.split == "test":
+            rec["unseen_phrasing"] = q.unseen_phrasing
+        return rec
+
+    def fingerprint(self) -> str:
+        """A hash of every gold query by id: two worlds with equal fingerprints agree."""
+        h = hashlib.sha256()
+        for qid in sorted(self._gold):
+            h.update(f"{qid}\t{self._gold[qid]}\n".encode())
+        return h.hexdigest()
+
+    def export(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write every file of the world to `out_dir`, each atomically."""
+        out = _prepare_out_dir(out_dir)
+        paths = {name: out / name for name in FILES}
+        write_text_atomic(paths["corpus.txt"], self.corpus())
+        write_jsonl_atomic(paths["sft.jsonl"], (self.record(q) for q in self.train))
+        write_jsonl_atomic(paths["validation.jsonl"], (self.record(q) for q in self.validation))
+        write_jsonl_atomic(paths["test.jsonl"], (self.record(q) for q in self.test))
+        write_jsonl_atomic(paths["dialogs.jsonl"],
+                           ({"id": d.id, "messages": d.messages} for d in self.dialogs))
+        write_jsonl_atomic(paths["prompts.jsonl"], ({"id": q.id, "prompt": self.prompt(q.text),
+                                                     "intent": q.intent} for q in self.train))
+        if paths["company.sqlite"].resolve() != self.db_path.resolve():
+            with atomic_path(paths["company.sqlite"]) as tmp:
+                shutil.copyfile(self.db_path, tmp)
+        write_json_atomic(paths["world.json"], self.manifest())
+        return paths
+
+    def manifest(self) -> dict:
+        return {"format": FORMAT, "options": dataclasses.asdict(self.options),
+                "schema": self.schema.to_json(), "database": "company.sqlite",
+                "counts": {"train": len(self.train), "validation": len(self.validation),
+                           "test": len(self.test), "dialogs": len(self.dialogs),
+                           "unseen_phrasing": sum(q.unseen_phrasing for q in self.test)},
+                "prompt_format": format_prompt("<question>", "<schema lines>") + " <sql>",
+                "fingerprint": self.fingerprint()}
+
+
+def _prepare_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError("--out must be a directory, but this is an existing file", path=out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory ({e.strerror})", path=out) from None
+    return out
+
+
+def build_world(seed: int = 0, vary_schema: bool = False, *, schema_seed: int | None = None,
+                n_train: int = 3500, n_validation: int = 300, n_test: int = 600,
+                n_dialogs: int = 600, corpus_chars: int = 1_000_000,
+                db_path: str | Path | None = None) -> World:
+    """Build the world. The database goes to `db_path`, by default a cache file named after
+    its content under the system temp directory (so repeated builds share it)."""
+    options = WorldOptions(seed=seed, vary_schema=vary_schema, schema_seed=schema_seed,
+                           n_train=n_train, n_validation=n_validation, n_test=n_test,
+                           n_dialogs=n_dialogs, corpus_chars=corpus_chars)
+    return _build(options, Path(db_path) if db_path is not None else None, write_db=True)
+
+
+def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World:
+    options.validate()
+    company = generate_company(options.seed)
+    schema = make_schema(options.vary_schema, options.seed if options.schema_seed is None
+                         else options.schema_seed)
+    if db_path is None:
+        key = hashlib.sha256((company.fingerprint() + json.dumps(schema.to_json(), sort_keys=True))
+                             .encode()).hexdigest()[:16]
+        db_path = Path(tempfile.gettempdir()) / "gptlab-world" / f"company-{key}.sqlite"
+        write_db = not db_path.exists()
+    if write_db:
+        write_database(company, schema, db_path)
+    conn = memory_database(company, schema)
+    try:
+        rng = random.Random(f"questions-{options.seed}")
+        prefix = f"s{options.seed}" + (f"v{schema_seed_of(options)}" if options.vary_schema else "")
+        sizes = SplitSizes(options.n_train, options.n_validation, options.n_test)
+        splits, combos = build_questions(enumerate_combos(company, schema, conn), sizes, rng, prefix)
+        held_out = {c.sql for c in combos["validation"] + combos["test"]}
+        dialogs = build_dialogs(combos["train"], schema, conn, held_out, options.n_dialogs,
+                                random.Random(f"dialogs-{options.seed}"), prefix)
+    finally:
+        conn.close()
+    return World(options, company, schema, db_path, splits, combos, dialogs)
+
+
+def schema_seed_of(options: WorldOptions) -> int:
+    return options.seed if options.schema_seed is None else options.schema_seed
+
+
+def load_world(directory: str | Path) -> World:
+    """Rebuild an exported world from its `world.json`, using its `company.sqlite`."""
+    directory = Path(directory)
+    manifest_path = directory / "world.json"
+    if not manifest_path.is_file():
+        raise UserError("not a world directory (world.json not found)", path=manifest_path)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg})", path=manifest_path, line=e.lineno) from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"expected format '{FORMAT}', got {manifest.get('format')!r}",
+                        path=manifest_path, field="format")
+    known = {f.name for f in dataclasses.fields(WorldOptions)}
+    raw = manifest.get("options")
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise UserError(f"expected an object with fields {sorted(known)}", path=manifest_path,
+                        field="options")
+    db_path = directory / str(manifest.get("database", "company.sqlite"))
+    if not db_path.is_file():
+        raise UserError("database file not found", path=db_path)
+    world = _build(WorldOptions(**raw), db_path, write_db=False)
+    if manifest.get("fingerprint") != world.fingerprint():
+        raise UserError("this world was exported by a different version of gptlab: its gold "
+                        "SQL cannot be rebuilt; export it again", path=manifest_path,
+                        field="fingerprint")
+    return world

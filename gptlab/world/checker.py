@@ -1,0 +1,87 @@
+"""Execution checking: a predicted query is correct when it returns the gold query's result.
+
+Rows are compared as a multiset unless the gold query orders its output (top-level ORDER BY),
+numbers within a relative tolerance (AVG computed two ways differs in the last bits), and column
+names are ignored (`COUNT(*)` and `COUNT(id) AS n` are the same answer).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gptlab.errors import UserError
+from gptlab.world.executor import QueryResult, SqlExecutor
+
+CORRECT, WRONG, ERROR = "correct", "wrong", "error"
+_REL_TOL, _ABS_TOL = 1e-6, 1e-6
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str  # correct / wrong / error
+    detail: str = ""
+
+    @property
+    def correct(self) -> bool:
+        return self.kind == CORRECT
+
+
+def check(pred_sql: str, gold_sql: str, executor: SqlExecutor,
+          gold: QueryResult | None = None) -> Verdict:
+    """Run both queries and compare results; pass `gold` to reuse an earlier gold result."""
+    gold = gold if gold is not None else executor.run(gold_sql)
+    if not gold.ok:
+        raise UserError(f"gold SQL does not run ({gold.error.message}): {gold_sql}")
+    pred = executor.run(pred_sql)
+    return compare(pred, gold, ordered=has_top_level_order_by(gold_sql))
+
+
+def compare(pred: QueryResult, gold: QueryResult, ordered: bool) -> Verdict:
+    if not pred.ok:
+        return Verdict(ERROR, f"{pred.error.kind}: {pred.error.message}")
+    if pred.truncated:
+        return Verdict(WRONG, "returned more rows than the row limit")
+    if pred.columns and gold.columns and len(pred.columns) != len(gold.columns):
+        return Verdict(WRONG, f"{len(pred.columns)} columns, expected {len(gold.columns)}")
+    if len(pred.rows) != len(gold.rows):
+        return Verdict(WRONG, f"{len(pred.rows)} rows, expected {len(gold.rows)}")
+    a, b = pred.rows, gold.rows
+    if not ordered:
+        a, b = sorted(a, key=_row_key), sorted(b, key=_row_key)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if not _rows_equal(x, y):
+            where = f"row {i + 1}" if ordered else "rows"
+            return Verdict(WRONG, f"{where} differ: got {x!r}, expected {y!r}")
+    return Verdict(CORRECT, f"{len(gold.rows)} rows match")
+
+
+def has_top_level_order_by(sql: str) -> bool:
+    """True when ORDER BY applies to the whole result, not only inside a subquery."""
+    depth, upper = 0, sql.upper()
+    for i, ch in enumerate(upper):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and upper.startswith("ORDER BY", i):
+            return True
+    return False
+
+
+def _value_key(v: object) -> tuple:
+    if v is None:
+        return (0, 0.0, "")
+    if isinstance(v, (int, float)):
+        return (1, round(float(v), 6), "")
+    return (2, 0.0, str(v))
+
+
+def _row_key(row: tuple) -> tuple:
+    return tuple(_value_key(v) for v in row)
+
+
+def _values_equal(x: object, y: object) -> bool:
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+        return math.isclose(float(x), float(y), rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
+    return x == y
+
+
+def _rows_equal(x: tuple, y: tuple) -> bool:
+    return len(x) == len(y) and all(_values_equal(a, b) for a, b in zip(x, y))

@@ -1,0 +1,107 @@
+"""The one read-only SQL executor, shared by the world's checker and the chat assistant.
+
+Three independent guards, because a model's SQL is untrusted: the file is opened read-only
+(`mode=ro`), an authorizer refuses anything but reads, and a progress handler aborts a query
+that runs past its time limit. A row limit keeps a huge result from filling memory.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptlab.errors import UserError
+
+# Actions a read-only query needs. RECURSIVE is a read too; the time limit is what stops a
+# recursive CTE that never ends.
+_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                    getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+# PRAGMAs that only describe the schema (their argument is a table name); every other PRAGMA
+# is refused, since most of them can also change settings (`PRAGMA journal_mode = WAL`).
+_READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info",
+                 "foreign_key_list"}
+_PROGRESS_EVERY = 1000  # SQLite virtual-machine instructions between deadline checks
+
+
+@dataclass(frozen=True)
+class ExecError:
+    """Why a query gave no result: kind is syntax / forbidden / timeout / runtime."""
+    kind: str
+    message: str
+
+
+@dataclass
+class QueryResult:
+    columns: list[str] = field(default_factory=list)
+    rows: list[tuple] = field(default_factory=list)
+    truncated: bool = False  # more rows existed than the row limit
+    error: ExecError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class SqlExecutor:
+    """Run one SELECT at a time against a SQLite file, read-only, with time and row limits."""
+
+    def __init__(self, db_path: str | Path, time_limit_s: float = 1.0, max_rows: int = 1000):
+        self.db_path = Path(db_path)
+        if not self.db_path.is_file():
+            raise UserError("database file not found", path=self.db_path)
+        self.time_limit_s, self.max_rows = time_limit_s, max_rows
+        uri = self.db_path.resolve().as_uri() + "?mode=ro"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._conn.set_authorizer(_authorize)
+        self._lock = threading.Lock()  # one connection, so one query at a time
+        self._deadline = 0.0
+        self._conn.set_progress_handler(self._past_deadline, _PROGRESS_EVERY)
+
+    def _past_deadline(self) -> int:
+        return 1 if time.monotonic() > self._deadline else 0
+
+    def run(self, sql: str) -> QueryResult:
+        with self._lock:
+            self._deadline = time.monotonic() + self.time_limit_s
+            try:
+                cur = self._conn.execute(sql)
+                rows = cur.fetchmany(self.max_rows + 1)
+                columns = [d[0] for d in cur.description or ()]
+                cur.close()
+            except sqlite3.Error as e:
+                return QueryResult(error=_classify(e))
+            except (ValueError, OverflowError) as e:  # e.g. a NUL character in the text
+                return QueryResult(error=ExecError("syntax", str(e)))
+        truncated = len(rows) > self.max_rows
+        return QueryResult(columns=columns, rows=rows[: self.max_rows], truncated=truncated)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "SqlExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
+               trigger: str | None) -> int:
+    if action in _ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def _classify(e: sqlite3.Error) -> ExecError:
+    msg = str(e)
+    if "interrupted" in msg:
+        return ExecError("timeout", "query stopped: it ran past the time limit")
+    if "not authorized" in msg or "readonly" in msg:
+        return ExecError("forbidden", "only read-only SELECT queries are allowed")
+    if "syntax error" in msg or "incomplete input" in msg or "one statement" in msg:
+        return ExecError("syntax", msg)
+    return ExecError("runtime", msg)

@@ -1,0 +1,288 @@
+"""The database world: database, questions and splits, dialogs, corpus, export and the CLI."""
+import hashlib
+import json
+import re
+import sqlite3
+
+import pytest
+
+from gptlab.cli import main
+from gptlab.errors import UserError
+from gptlab.world import build_world, load_world, make_schema
+from gptlab.world.database import CITIES
+from gptlab.world.intents import INTENTS
+
+SMALL = dict(n_train=300, n_validation=60, n_test=120, n_dialogs=40, corpus_chars=30_000)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+@pytest.fixture(scope="module")
+def varied():
+    return build_world(3, vary_schema=True, **SMALL)
+
+
+def _rows(world, sql):
+    result = world.executor().run(sql)
+    assert result.ok, (sql, result.error)
+    return result.rows
+
+
+# --- database and schema ------------------------------------------------------------------
+
+def test_default_schema_renders_one_line_per_table():
+    assert make_schema().lines() == [
+        "departments(id, name, city, budget)",
+        "employees(id, name, dept_id, city, salary, hire_year)",
+        "projects(id, name, dept_id, budget)",
+        "assignments(employee_id, project_id, role, hours)"]
+
+
+def test_database_has_a_few_hundred_rows_with_cities_salaries_years_budgets(world):
+    counts = {t: _rows(world, f"SELECT COUNT(*) FROM {t}")[0][0]
+              for t in ("departments", "employees", "projects", "assignments")}
+    assert counts["departments"] == 8 and counts["employees"] == 200 and counts["projects"] == 30
+    assert 200 <= counts["assignments"] <= 600
+    cities = {r[0] for r in _rows(world, "SELECT DISTINCT city FROM employees")}
+    assert {"Lyon", "Paris", "Berlin"} <= cities <= set(CITIES)
+    salaries = [r[0] for r in _rows(world, "SELECT salary FROM employees")]
+    assert len(set(salaries)) == 200 and 28_000 <= min(salaries) and max(salaries) <= 140_000
+    years = [r[0] for r in _rows(world, "SELECT hire_year FROM employees")]
+    assert 2005 <= min(years) and max(years) <= 2023
+    assert _rows(world, "SELECT COUNT(*) FROM projects WHERE budget > 0")[0][0] == 30
+    # every foreign key points at a row
+    assert _rows(world, "SELECT COUNT(*) FROM employees WHERE dept_id NOT IN "
+                        "(SELECT id FROM departments)")[0][0] == 0
+
+
+def test_varied_schema_renames_tables_and_columns_in_db_and_gold_sql(varied):
+    names = set(re.findall(r"\w+", varied.schema.render()))
+    assert names != set(re.findall(r"\w+", make_schema().render()))
+    conn = sqlite3.connect(varied.db_path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    assert tables == set(varied.schema.tables.values())
+    for q in varied.test[:100]:
+        assert _rows(varied, q.sql), q.sql  # the renamed gold runs on the renamed database
+    assert all(varied.schema.table("emp") in q.sql or varied.schema.table("proj") in q.sql
+               or varied.schema.table("dept") in q.sql or varied.schema.table("asg") in q.sql
+               for q in varied.train)
+    assert varied.record(varied.test[0])["prompt"].startswith(varied.schema.render())
+
+
+# --- intents, phrasings, splits -------------------------------------------------------------
+
+def test_at_least_20_intents_with_3_seen_phrasings_each_covering_sql_features():
+    assert len(INTENTS) >= 20
+    for intent in INTENTS:
+        assert len(intent.seen_phrasings) >= 3 and len(set(intent.phrasings)) == len(intent.phrasings)
+    sqls = " || ".join(i.sql for i in INTENTS)
+    for feature in ("WHERE", "COUNT(*)", "AVG(", "SUM(", "MIN(", "MAX(", "GROUP BY", "HAVING",
+                    "ORDER BY", "LIMIT", "JOIN", "BETWEEN", "DISTINCT", "(SELECT"):
+        assert feature in sqls, feature
+    assert any(i.sql.count("JOIN") == 2 for i in INTENTS)  # a three-table join
+    assert {i.kind for i in INTENTS} >= {"selection", "filter", "count", "aggregate", "group",
+                                         "order", "join", "nested"}
+
+
+def test_split_sizes_and_every_intent_is_tested_with_an_unseen_phrasing(world):
+    assert (len(world.train), len(world.validation), len(world.test)) == (3500, 300, 600)
+    assert len({q.text for q in world.train}) == 3500  # the default asks no repeats
+    unseen = [q for q in world.test if q.unseen_phrasing]
+    assert 0.15 * 600 <= len(unseen) <= 0.4 * 600
+    assert {q.intent for q in unseen} == {i.name for i in INTENTS}
+    assert {q.intent for q in world.test} == {i.name for i in INTENTS}
+    assert len({q.id for s in world.splits.values() for q in s}) == 4400
+
+
+def test_test_questions_and_value_combos_never_appear_in_training(world):
+    train_texts = {q.text for q in world.train}
+    val_texts = {q.text for q in world.validation}
+    combo = lambda q: (q.intent, tuple(sorted(q.values.items())))  # noqa: E731
+    train_combos = {combo(q) for q in world.train}
+    assert not {q.text for q in world.test} & (train_texts | val_texts)
+    assert not {combo(q) for q in world.test} & train_combos
+    assert not {combo(q) for q in world.validation} & train_combos
+    assert not {combo(q) for q in world.test} & {combo(q) for q in world.validation}
+    # the gold SQL of a held-out combo is never taught through dialogs either
+    held_out_sql = {q.sql for q in world.test + world.validation}
+    assert not held_out_sql & {s for d in world.dialogs for s in d.sqls}
+    assert not held_out_sql & {q.sql for q in world.train}
+
+
+def _literal_chunks(template):
+    """The fixed text of a phrasing between its slots, e.g. 'Who is on the payroll in '."""
+    return [c for c in re.split(r"\{\w+\}", template) if len(c.strip(" ?.,")) >= 8]
+
+
+def test_reserved_phrasings_appear_only_in_test(world):
+    reserved = {i.name: len(i.phrasings) - 1 for i in INTENTS}
+    assert all(q.phrasing != reserved[q.intent] for q in world.train + world.validation)
+    assert all(q.unseen_phrasing == (q.phrasing == reserved[q.intent]) for q in world.test)
+    training_text = "\n".join([world.corpus()] + [q.text for q in world.train + world.validation]
+                              + [m["content"] for d in world.dialogs for m in d.messages])
+    for intent in INTENTS:
+        chunks = _literal_chunks(intent.reserved_phrasing)
+        assert chunks, intent.name
+        for chunk in chunks:
+            assert chunk not in training_text, (intent.name, chunk)
+
+
+def test_gold_sql_is_canonical_and_returns_non_empty_results(world):
+    questions = world.train[:600] + world.validation + world.test
+    non_empty = sum(bool(_rows(world, q.sql)) for q in questions)
+    assert non_empty / len(questions) >= 0.95
+    for q in questions:
+        assert "  " not in q.sql and q.sql == q.sql.strip() and not q.sql.endswith(";")
+        code = re.sub(r"'[^']*'", "''", q.sql)  # keywords are checked outside string literals
+        for kw in ("select", "from", "where", "and", "group by", "having", "order by", "limit",
+                   "join", "as", "on", "in", "between", "desc", "asc", "count", "avg", "sum"):
+            assert not re.search(rf"\b{kw}\b", code), (kw, q.sql)
+
+
+def test_prompt_is_schema_question_cue_and_fits_the_context(world):
+    rec = world.record(world.test[0])
+    assert rec["prompt"] == world.prompt(world.test[0].text)
+    assert rec["prompt"] == world.prompt(world.test[0].text, world.schema.render())
+    assert rec["prompt"].startswith(world.schema.render() + "\nQuestion: ")
+    assert rec["prompt"].endswith("\nSQL:") and rec["completion"].startswith(" SELECT ")
+    longest = max(len(world.prompt(q.text)) + len(q.sql) + 1
+                  for q in world.train + world.validation + world.test)
+    assert longest <= 600  # < 200 tokens at ~3.5 characters per token (384-token context)
+
+
+def test_gold_is_kept_by_id_for_questions_and_dialog_turns(world):
+    q = world.test[7]
+    assert world.gold(q.id) == q.sql and world.question(q.id) is q
+    d = world.dialogs[0]
+    assert [world.gold(f"{d.id}/{t}") for t in range(1, len(d.sqls) + 1)] == d.sqls
+    with pytest.raises(UserError, match="no question"):
+        world.gold("nope")
+
+
+# --- dialogs and corpus ----------------------------------------------------------------------
+
+def test_dialogs_refine_the_previous_question_with_sql_per_turn(world):
+    assert len(world.dialogs) == 600
+    texts = [m["content"] for d in world.dialogs for m in d.messages if m["role"] == "user"]
+    for cue in ("Only those in", "Sort them by salary", "How many is that?", "Just the top"):
+        assert any(t.startswith(cue) for t in texts), cue
+    for d in world.dialogs[:150]:
+        roles = [m["role"] for m in d.messages]
+        assert roles[0] == "system" and d.messages[0]["content"] == world.schema.render()
+        assert roles[1:] == ["user", "assistant"] * (len(roles[1:]) // 2) and len(roles) >= 5
+        assert [m["content"] for m in d.messages if m["role"] == "assistant"] == d.sqls
+        for sql in d.sqls:
+            assert _rows(world, sql) not in ([], [(0,)])
+    # a follow-up refines the previous query: "only those in X" keeps every earlier condition
+    refined = 0
+    for d in world.dialogs:
+        users = [m["content"] for m in d.messages if m["role"] == "user"]
+        for prev, user, sql in zip(d.sqls, users[1:], d.sqls[1:]):
+            m = re.match(r"Only those in (\w+)\.", user)
+            if m and not prev.startswith("SELECT COUNT"):
+                conditions = re.split(r" ORDER BY | LIMIT ", prev.split(" WHERE ")[1])[0]
+                assert f"city = '{m.group(1)}'" in sql
+                assert all(c in sql for c in conditions.split(" AND ")), (prev, sql)
+                refined += 1
+    assert refined > 10
+
+
+def test_corpus_has_facts_questions_results_and_no_test_material(world):
+    corpus = world.corpus()
+    assert abs(len(corpus) - world.options.corpus_chars) < 2_000
+    assert re.search(r"\w+ \w+ works in \w+ in (Lyon|Paris|Berlin|\w+) and earns [\d,]+\.", corpus)
+    assert "\nSQL: SELECT" in corpus and "Result (" in corpus
+    assert sum(q.text in corpus for q in world.train[:200]) > 50
+    docs = set(corpus.split("\n\n"))
+    for q in world.test + world.validation:
+        assert f"Question: {q.text}\n" not in corpus
+        assert f"SQL: {q.sql}\nResult" not in corpus
+    assert len(docs) > 1000
+
+
+def test_corpus_size_is_configurable():
+    small = build_world(1, n_train=100, n_validation=20, n_test=40, n_dialogs=5,
+                        corpus_chars=5_000)
+    assert 5_000 <= len(small.corpus()) < 6_000
+
+
+# --- export, load, determinism, CLI -----------------------------------------------------------
+
+def _digests(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_export_writes_all_files_and_load_world_round_trips(tmp_path):
+    world = build_world(5, **SMALL)
+    paths = world.export(tmp_path / "w")
+    names = {"corpus.txt", "sft.jsonl", "validation.jsonl", "test.jsonl", "dialogs.jsonl",
+             "prompts.jsonl", "company.sqlite", "world.json"}
+    assert {p.name for p in (tmp_path / "w").iterdir()} == names == set(paths)
+    sft = [json.loads(line) for line in open(paths["sft.jsonl"])]
+    test = [json.loads(line) for line in open(paths["test.jsonl"])]
+    dialogs = [json.loads(line) for line in open(paths["dialogs.jsonl"])]
+    prompts = [json.loads(line) for line in open(paths["prompts.jsonl"])]
+    assert len(sft) == 300 and len(test) == 120 and len(dialogs) == 40 and len(prompts) == 300
+    assert {"id", "prompt", "completion", "intent", "values"} <= set(sft[0])
+    assert {"id", "prompt", "completion", "unseen_phrasing"} <= set(test[0])
+    assert set(dialogs[0]) == {"id", "messages"} and {"id", "prompt"} <= set(prompts[0])
+    assert [p["id"] for p in prompts] == [r["id"] for r in sft]
+
+    loaded = load_world(tmp_path / "w")
+    assert loaded.db_path == tmp_path / "w" / "company.sqlite"
+    for rec in sft[:50] + test:
+        assert " " + loaded.gold(rec["id"]) == rec["completion"]
+    assert loaded.check(test[0]["id"], test[0]["completion"]).kind == "correct"
+    assert loaded.fingerprint() == world.fingerprint()
+
+
+def test_load_world_refuses_missing_or_tampered_directories(tmp_path):
+    with pytest.raises(UserError, match="world.json"):
+        load_world(tmp_path)
+    world = build_world(5, **SMALL)
+    world.export(tmp_path / "w")
+    manifest = json.loads((tmp_path / "w" / "world.json").read_text())
+    manifest["options"]["seed"] = 6
+    (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="fingerprint"):
+        load_world(tmp_path / "w")
+    manifest["options"]["colour"] = 1
+    (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="options"):
+        load_world(tmp_path / "w")
+
+
+def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
+    build_world(2, **SMALL, db_path=tmp_path / "a.sqlite").export(tmp_path / "a")
+    build_world(2, **SMALL, db_path=tmp_path / "b.sqlite").export(tmp_path / "b")
+    build_world(4, **SMALL, db_path=tmp_path / "c.sqlite").export(tmp_path / "c")
+    a, b, c = _digests(tmp_path / "a"), _digests(tmp_path / "b"), _digests(tmp_path / "c")
+    assert a == b and len(a) == 8
+    assert all(a[name] != c[name] for name in a)
+
+
+def test_cli_export_then_check_and_bad_out_exits_2(tmp_path, capsys):
+    out = tmp_path / "world"
+    argv = ["world", "export", "--out", str(out), "--seed", "1", "--train", "200",
+            "--validation", "40", "--test", "80", "--dialogs", "10", "--corpus-chars", "8000"]
+    assert main(argv) == 0
+    assert "wrote 8 files" in capsys.readouterr().out
+    test = [json.loads(line) for line in open(out / "test.jsonl")]
+    assert len(test) == 80
+    assert main(["world", "check", "--world", str(out), "--id", test[0]["id"],
+                 test[0]["completion"].strip()]) == 0
+    assert capsys.readouterr().out.startswith("correct")
+    assert main(["world", "export", "--out", str(out), "--vary-schema", "--train", "50",
+                 "--corpus-chars", "2000"]) == 0
+    schema = json.loads((out / "world.json").read_text())["schema"]
+    assert schema != make_schema().to_json()
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["world", "export", "--out", str(a_file)]) == 2
+    assert "existing file" in capsys.readouterr().err
+    assert main(["world", "check", "--world", str(tmp_path / "none"), "--id", "x", "SELECT 1"]) == 2

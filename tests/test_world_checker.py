@@ -1,0 +1,124 @@
+"""The read-only executor and the execution checker."""
+import hashlib
+
+import pytest
+
+from gptlab.errors import UserError
+from gptlab.world import SqlExecutor, build_world, check
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "company.sqlite"
+    return build_world(0, n_train=100, n_validation=20, n_test=40, n_dialogs=5,
+                       corpus_chars=1000, db_path=path)
+
+
+@pytest.fixture()
+def ex(world):
+    with SqlExecutor(world.db_path, time_limit_s=0.3, max_rows=50) as executor:
+        yield executor
+
+
+GOLD_LYON = "SELECT name FROM employees WHERE city = 'Lyon'"
+
+
+def test_executor_returns_columns_and_rows(ex):
+    r = ex.run("SELECT name, salary FROM employees WHERE city = 'Lyon' ORDER BY salary DESC LIMIT 3")
+    assert r.ok and r.columns == ["name", "salary"] and len(r.rows) == 3
+    assert r.rows[0][1] > r.rows[1][1] > r.rows[2][1]
+
+
+def test_executor_row_limit_truncates(ex):
+    r = ex.run("SELECT * FROM assignments")
+    assert r.ok and r.truncated and len(r.rows) == 50
+
+
+def test_executor_refuses_writes_attach_and_pragma_writes_and_leaves_the_file_alone(ex, world):
+    before = hashlib.sha256(world.db_path.read_bytes()).hexdigest()
+    for sql in ("DROP TABLE employees", "INSERT INTO departments VALUES (99, 'X', 'Lyon', 1)",
+                "UPDATE employees SET salary = 0", "DELETE FROM projects",
+                "CREATE TABLE t (x INTEGER)", "ATTACH DATABASE ':memory:' AS other",
+                "PRAGMA user_version = 5", "PRAGMA journal_mode = WAL"):
+        r = ex.run(sql)
+        assert not r.ok and r.error.kind == "forbidden", (sql, r.error)
+    assert hashlib.sha256(world.db_path.read_bytes()).hexdigest() == before
+    assert ex.run("SELECT COUNT(*) FROM employees").rows == [(200,)]
+    info = ex.run("PRAGMA table_info(employees)")  # describing the schema is a read
+    assert info.ok and [row[1] for row in info.rows][:3] == ["id", "name", "dept_id"]
+
+
+def test_executor_stops_runaway_queries_at_the_time_limit(ex):
+    recursive = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT MAX(x) FROM c"
+    cross = ("SELECT COUNT(*) FROM assignments a, assignments b, assignments c, assignments d")
+    for sql in (recursive, cross):
+        r = ex.run(sql)
+        assert not r.ok and r.error.kind == "timeout", sql
+    assert ex.run("SELECT 1").rows == [(1,)]  # the connection is usable afterwards
+
+
+def test_executor_reports_syntax_and_runtime_errors(ex):
+    assert ex.run("SELEC name FROM employees").error.kind == "syntax"
+    assert ex.run("SELECT name FROM").error.kind == "syntax"
+    assert ex.run("SELECT 1; SELECT 2").error.kind == "syntax"
+    assert ex.run("SELECT nope FROM employees").error.kind == "runtime"
+
+
+def test_executor_needs_an_existing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        SqlExecutor(tmp_path / "missing.sqlite")
+
+
+def test_check_correct_even_with_other_column_names_and_row_order(ex):
+    assert check("SELECT name AS who FROM employees WHERE city = 'Lyon' ORDER BY name DESC",
+                 GOLD_LYON, ex).kind == "correct"
+    assert check("SELECT COUNT(id) AS n FROM employees WHERE city = 'Lyon';",
+                 "SELECT COUNT(*) FROM employees WHERE city = 'Lyon'", ex).kind == "correct"
+
+
+def test_check_float_tolerance(ex):
+    gold = "SELECT AVG(salary) FROM employees WHERE city = 'Paris'"
+    assert check("SELECT SUM(salary) * 1.0 / COUNT(*) FROM employees WHERE city = 'Paris'",
+                 gold, ex).kind == "correct"
+    assert check("SELECT AVG(salary) + 0.5 FROM employees WHERE city = 'Paris'",
+                 gold, ex).kind == "wrong"
+
+
+def test_check_wrong_results(ex):
+    v = check("SELECT name FROM employees WHERE city = 'Paris'", GOLD_LYON, ex)
+    assert v.kind == "wrong" and "rows" in v.detail
+    assert check("SELECT name, city FROM employees WHERE city = 'Lyon'", GOLD_LYON,
+                 ex).kind == "wrong"
+    assert check("SELECT * FROM assignments", GOLD_LYON, ex).kind == "wrong"  # truncated
+
+
+def test_check_ordered_only_when_gold_orders(ex):
+    gold = "SELECT name FROM employees ORDER BY salary DESC LIMIT 5"
+    assert check("SELECT name FROM employees ORDER BY salary DESC LIMIT 5", gold, ex).correct
+    v = check("SELECT name FROM (SELECT name, salary FROM employees ORDER BY salary DESC LIMIT 5) "
+              "ORDER BY salary ASC", gold, ex)
+    assert v.kind == "wrong" and "row 1" in v.detail
+    # ORDER BY inside a subquery of the gold does not make the comparison ordered
+    nested = "SELECT name FROM employees WHERE id IN (SELECT id FROM employees ORDER BY salary LIMIT 3)"
+    assert check("SELECT name FROM employees WHERE id IN "
+                 "(SELECT id FROM employees ORDER BY salary LIMIT 3) ORDER BY name DESC",
+                 nested, ex).correct
+
+
+def test_check_errors_syntax_timeout_and_writes(ex):
+    assert check("SELEC name FROM employees", GOLD_LYON, ex).kind == "error"
+    v = check("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c "
+              "WHERE x < 0", GOLD_LYON, ex)
+    assert v.kind == "error" and "timeout" in v.detail
+    for sql in ("DROP TABLE employees", "INSERT INTO departments VALUES (9, 'X', 'Lyon', 1)"):
+        v = check(sql, GOLD_LYON, ex)
+        assert v.kind == "error" and "forbidden" in v.detail
+    with pytest.raises(UserError, match="gold SQL"):
+        check("SELECT 1", "SELECT nope FROM employees", ex)
+
+
+def test_world_check_uses_gold_by_id(world):
+    q = world.test[0]
+    assert world.check(q.id, q.sql).correct
+    assert world.check(q.id, "SELECT 1").kind == "wrong"
+    assert world.check(q.id, "DROP TABLE employees").kind == "error"
