@@ -1,0 +1,303 @@
+"""Corpus -> one memory-mapped token file -> packed blocks -> resumable shuffled batches.
+
+1. `tokenize_corpus` encodes every document once, with EOS after each, into a flat file of
+   token ids (uint16 when the vocabulary fits, else uint32) under the token cache:
+   `$GPTLAB_CACHE/tokens/` (default `~/.cache/gptlab/tokens/`, or the `cache_dir` argument).
+   The file is named by a key: sha256 of every source file's absolute path, size and mtime
+   plus the tokenizer's own JSON, so a second run over the same files with the same tokenizer
+   reuses it, and editing a file or changing the tokenizer makes a new one. `KEY.bin` is
+   written under a temporary name and renamed; `KEY.json` (counts, dtype) is written after it,
+   so a cache entry without its `.json` is never read, and an error leaves nothing behind.
+2. The token stream is cut into blocks of `block_size + 1` tokens with stride `block_size`:
+   block i is tokens[i*T : i*T + T + 1], inputs are its first T tokens and targets its last T,
+   so every token is a target exactly once.
+3. `split_blocks` holds out a seeded random `val_fraction` of the blocks for validation.
+4. `EpochSampler` walks a fresh seeded permutation each epoch; its whole state is
+   (epoch, index), which a checkpoint stores so a resumed run draws the same next batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from gptlab.errors import UserError
+from gptlab.io import atomic_path, write_json_atomic
+
+TOKENS_FORMAT = "gptlab-tokens/1"
+_ENCODE_CHUNK = 512  # documents encoded per batch call
+
+
+def default_cache_dir() -> Path:
+    """`$GPTLAB_CACHE/tokens`, or `~/.cache/gptlab/tokens`."""
+    root = os.environ.get("GPTLAB_CACHE") or Path.home() / ".cache" / "gptlab"
+    return Path(root) / "tokens"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def _source_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files a corpus path list reads (a directory stands for its corpus files)."""
+    from gptlab.data.corpus import CORPUS_SUFFIXES
+
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file()
+                            and f.suffix.lower() in CORPUS_SUFFIXES)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError("corpus file not found", path=p)
+    return files
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's serialized form (vocabulary, merges, special tokens)."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is not None and hasattr(hf, "to_str"):
+        text = hf.to_str()
+    else:  # any tokenizer that can save itself
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            tokenizer.save(d)
+            text = (Path(d) / "tokenizer.json").read_text(encoding="utf-8")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
+    """Key of a token file: the sources' paths, sizes and mtimes, and the tokenizer."""
+    h = hashlib.sha256(TOKENS_FORMAT.encode())
+    for f in _source_files(paths):
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class TokenFile:
+    """A tokenized corpus on disk: `tokens` is a read-only memmap of the whole stream."""
+    path: Path
+    key: str
+    n_tokens: int
+    n_documents: int
+    dtype: str
+    reused: bool  # True when it came from the cache rather than being tokenized now
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+
+def _read_cached(bin_path: Path, meta_path: Path, key: str) -> TokenFile | None:
+    if not (bin_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        if meta.get("format") != TOKENS_FORMAT or bin_path.stat().st_size != meta["n_tokens"] * itemsize:
+            return None
+    except (json.JSONDecodeError, KeyError, TypeError, OSError):
+        return None  # a damaged entry is rebuilt, not trusted
+    return TokenFile(bin_path, key, int(meta["n_tokens"]), int(meta["n_documents"]),
+                     meta["dtype"], reused=True)
+
+
+def _chunks(docs: Iterable[str], n: int) -> Iterable[list[str]]:
+    chunk: list[str] = []
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
+                    cache_dir: str | Path | None = None, min_tokens: int = 1,
+                    progress: bool = False) -> TokenFile:
+    """Tokenize the corpus at `paths` once (EOS after every document), or reuse the cache.
+
+    A corpus of fewer than `min_tokens` tokens is a UserError, and is not cached.
+    """
+    from gptlab.data.corpus import iter_documents
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise UserError("no corpus files given", field="data")
+    key = cache_key(paths, tokenizer)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
+    cached = _read_cached(bin_path, meta_path, key)
+    if cached is None:
+        dtype = token_dtype(tokenizer.vocab_size)
+        eos = tokenizer.eos_id
+        n_tokens = n_docs = 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(desc="tokenizing", unit="doc", leave=False)
+        with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
+            for docs in _chunks(iter_documents(paths), _ENCODE_CHUNK):
+                ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
+                    else [tokenizer.encode(d) for d in docs]
+                for row in ids:
+                    arr = np.asarray(row + [eos], dtype=dtype)
+                    f.write(arr.tobytes())
+                    n_tokens += arr.size
+                n_docs += len(docs)
+                if bar is not None:
+                    bar.update(len(docs))
+            if bar is not None:
+                bar.close()
+            if n_tokens < min_tokens:
+                _too_small(paths, n_tokens, min_tokens)  # raises; atomic_path drops the file
+        write_json_atomic(meta_path, {"format": TOKENS_FORMAT, "dtype": dtype.name,
+                                      "n_tokens": n_tokens, "n_documents": n_docs,
+                                      "eos_id": eos, "sources": paths})
+        cached = TokenFile(bin_path, key, n_tokens, n_docs, dtype.name, reused=False)
+    elif cached.n_tokens < min_tokens:
+        _too_small(paths, cached.n_tokens, min_tokens)
+    return cached
+
+
+def _too_small(paths: Sequence[str], n_tokens: int, min_tokens: int) -> None:
+    raise UserError(f"the corpus has {n_tokens} tokens, fewer than one training block of "
+                    f"{min_tokens} (block_size + 1); add text or lower block_size",
+                    path=", ".join(paths), field="data")
+
+
+# --- blocks and the split ----------------------------------------------------------------------
+
+def n_blocks(n_tokens: int, block_size: int) -> int:
+    """How many blocks of block_size + 1 tokens, stride block_size, fit in n_tokens."""
+    return max(0, (n_tokens - 1) // block_size)
+
+
+def split_blocks(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train block ids, validation block ids): a seeded random `val_fraction` of the blocks
+    (at least one when there are two or more blocks and val_fraction > 0) goes to validation."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"must be in [0, 1), got {val_fraction}", field="val_fraction")
+    n_val = 0 if n < 2 or val_fraction == 0 else max(1, int(round(n * val_fraction)))
+    n_val = min(n_val, n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def gather_blocks(tokens: np.ndarray, block_size: int, ids: np.ndarray) -> torch.Tensor:
+    """(len(ids), block_size + 1) int64 tensor of the given blocks."""
+    T = block_size
+    rows = np.stack([tokens[i * T:i * T + T + 1] for i in ids]).astype(np.int64)
+    return torch.from_numpy(rows)
+
+
+class EpochSampler:
+    """Batches of indices into range(n): a new seeded permutation each epoch, no index repeated
+    within an epoch; a batch that runs past the end of an epoch continues into the next.
+
+    Its state is (epoch, index) only: the permutation of epoch e is derived from (seed, e)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        if n < 1:
+            raise ValueError("nothing to sample from")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = -1, np.arange(n)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                           if self.shuffle else np.arange(self.n))
+            self._order_epoch = epoch
+        return self._order
+
+    def next_indices(self) -> np.ndarray:
+        out = []
+        while len(out) < self.batch_size:
+            take = self.order(self.epoch)[self.index:self.index + self.batch_size - len(out)]
+            out.extend(take.tolist())
+            self.index += len(take)
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.asarray(out, dtype=np.int64)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    @property
+    def epochs(self) -> float:
+        """Epochs completed so far, fractional."""
+        return self.epoch + self.index / self.n
+
+
+class BlockBatches:
+    """An endless, resumable stream of (batch_size, block_size + 1) token blocks for training."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, block_ids: np.ndarray,
+                 batch_size: int, seed: int):
+        self.tokens, self.block_size, self.block_ids = tokens, block_size, block_ids
+        self.sampler = EpochSampler(len(block_ids), batch_size, seed)
+
+    def __iter__(self) -> "BlockBatches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return gather_blocks(self.tokens, self.block_size, self.block_ids[self.sampler.next_indices()])
+
+    def state(self) -> dict:
+        return self.sampler.state()
+
+    def load_state(self, state: dict) -> None:
+        self.sampler.load_state(state)
+
+
+def fixed_batches(tokens: np.ndarray, block_size: int, block_ids: np.ndarray, batch_size: int,
+                  max_batches: int) -> list[torch.Tensor]:
+    """The first `max_batches` batches of `block_ids` in order: the same validation set every
+    time, so validation losses are comparable across steps and runs."""
+    ids = block_ids[:max_batches * batch_size]
+    return [gather_blocks(tokens, block_size, ids[i:i + batch_size])
+            for i in range(0, len(ids), batch_size)]
+
+
+@dataclass
+class TokenData:
+    """A tokenized corpus, cut into blocks and split into training and validation."""
+    file: TokenFile
+    block_size: int
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+
+    def train_batches(self, batch_size: int, seed: int) -> BlockBatches:
+        return BlockBatches(self.file.tokens, self.block_size, self.train_ids, batch_size, seed)
+
+    def val_batches(self, batch_size: int, max_batches: int) -> list[torch.Tensor]:
+        return fixed_batches(self.file.tokens, self.block_size, self.val_ids, batch_size,
+                             max_batches)
+
+
+def load_token_data(paths: Sequence[str | Path], tokenizer: Any, block_size: int,
+                    val_fraction: float = 0.05, seed: int = 0,
+                    cache_dir: str | Path | None = None, progress: bool = False) -> TokenData:
+    """Tokenize (or reuse) the corpus and split its blocks; fewer tokens than one block of
+    `block_size + 1` is a UserError."""
+    if block_size < 1:
+        raise UserError(f"must be at least 1, got {block_size}", field="block_size")
+    tf = tokenize_corpus(paths, tokenizer, cache_dir, min_tokens=block_size + 1,
+                         progress=progress)
+    train_ids, val_ids = split_blocks(n_blocks(tf.n_tokens, block_size), val_fraction, seed)
+    return TokenData(tf, block_size, train_ids, val_ids)

@@ -1,0 +1,504 @@
+"""The training pieces every stage shares, and the common loop simple stages hand their batches to.
+
+Pieces (each usable alone; PPO builds its own loop from them):
+
+    select_device(name)                         "auto" -> cuda, mps or cpu
+    make_optimizer(model, lr, wd, betas)        AdamW with decay on weight matrices only
+    lr_at(step, warmup, total, peak, min_ratio) linear warmup, then cosine down to peak*min_ratio
+    set_lr(optimizer, lr)
+    autocast(device, bf16)                      bf16 autocast on CUDA, a no-op elsewhere
+    accumulate_gradients(model, micro, loss_fn) backward over micro-batches, mean loss
+    clip_gradients(model, max_norm)             the global grad norm (before clipping)
+    evaluate(model, batches, loss_fn)           mean loss, no grad, dropout off
+    rng_state() / set_rng_state(s), preserved_rng()
+    MetricsLog(path, tensorboard_dir)           metrics.jsonl, one flushed JSON object per line
+    steps_for_budget(...)                       --max-minutes -> a step count
+
+The common loop, `train(model, batches, loss_fn, cfg, out_dir, ...)`: a stage gives it
+
+    batches   an endless iterator of batches with `state() -> dict` and `load_state(dict)`
+              (its data position; see gptlab.data.tokens.BlockBatches / EpochSampler)
+    loss_fn   loss_fn(model, batch) -> scalar loss tensor (the batch already on the device)
+    val_batches  a list of batches (or a function returning an iterable) for validation
+
+and the loop does the rest: schedule, accumulation, clipping, evaluation (loss and perplexity,
+plus an optional `on_eval(model, step) -> dict` such as a generated sample), checkpoints with
+optimizer, data position and RNG states, metrics.jsonl, progress bar, exact resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gptlab.checkpoint import Checkpointer
+from gptlab.errors import UserError
+from gptlab.io import write_json_atomic, write_jsonl_atomic
+
+DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor max_minutes is given
+MEASURE_STEPS = 3         # steps timed (after the first, which pays for warm-up) for max_minutes
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4                  # peak learning rate
+    min_lr_ratio: float = 0.1         # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int | None = None      # optimizer updates; None: from max_minutes, else 1000
+    max_minutes: float | None = None  # a time budget, turned into max_steps after a few steps
+    batch_size: int = 8               # sequences per micro-batch
+    grad_accum: int = 1               # micro-batches per update (effective batch = product)
+    clip: float = 1.0                 # max global grad norm; 0 disables clipping
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eval_every: int = 100             # steps between validations; 0: only at the end
+    eval_batches: int = 10            # validation batches per evaluation
+    save_every: int = 500             # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10               # steps between training-loss rows in metrics.jsonl
+    seed: int = 0
+    compile: bool = False             # torch.compile the model for the forward pass
+    bf16: bool = True                 # bf16 autocast (CUDA only; CPU always runs float32)
+    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
+    tensorboard: bool = False         # also write OUT/tensorboard/ (needs `tensorboard`)
+    progress: bool = True             # tqdm progress bar
+
+    def check(self) -> None:
+        """Raise a UserError naming the first field with an impossible value."""
+        rules = [
+            ("lr", self.lr > 0, "must be > 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
+            ("max_minutes", self.max_minutes is None or self.max_minutes > 0, "must be > 0"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("clip", self.clip >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("eval_every", self.eval_every >= 0, "must be >= 0"),
+            ("eval_batches", self.eval_batches >= 0, "must be >= 0"),
+            ("save_every", self.save_every >= 0, "must be >= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+            ("log_every", self.log_every >= 1, "must be >= 1"),
+        ]
+        for name, ok, expected in rules:
+            if not ok:
+                raise UserError(f"{expected}, got {getattr(self, name)}", field=name)
+
+
+# --- small pieces ------------------------------------------------------------------------------
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then the CPU; a named device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)",
+                        field="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but is not available here", field="device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("MPS was asked for but is not available here", field="device")
+    return dev
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay on weight matrices (2-D and up) of every layer but
+    the embeddings; none on biases, norm gains and embedding tables (a tied output head shares
+    the embedding's tensor, so it is not decayed either). Decaying embeddings only shrinks the
+    rows of rare tokens, which get few gradient updates to push back."""
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                        for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters yields a shared tensor once
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if all(p.is_cuda for p in decay + no_decay) and decay else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
+
+
+def lr_at(step: int, warmup: int, total: int, peak: float, min_ratio: float) -> float:
+    """Learning rate of update `step` (0-based): linear warmup to `peak` over `warmup` updates,
+    then a cosine to `peak * min_ratio` reached at the last update (step = total - 1)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (weights and optimizer stay float32); CPU runs plain float32, which
+    keeps CPU runs bit-reproducible."""
+    if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (a tensor, or a dict / list / tuple of them) to `device`."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: Iterable[Any], loss_fn: LossFn,
+                         device: torch.device | None = None, bf16: bool = True) -> float:
+    """Backward each micro-batch's loss / n; the gradients equal those of the mean loss over
+    all of them (exactly the big batch's when micro-batches hold equal token counts).
+    Returns the mean loss."""
+    micro = list(micro_batches)
+    device = device or next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    for batch in micro:
+        with autocast(device, bf16):
+            loss = loss_fn(model, to_device(batch, device))
+        (loss / len(micro)).backward()
+        total += loss.detach().float()
+    return (total / len(micro)).item()
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (0: no clipping); return the norm before."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm()
+                                                       for p in params])))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
+             device: torch.device | None = None, bf16: bool = True) -> float:
+    """Mean of `loss_fn` over `batches` in eval mode (dropout off); nan when there are none."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    for batch in batches:
+        with autocast(device, bf16):
+            losses.append(float(loss_fn(model, to_device(batch, device))))
+    model.train(was_training)
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states, for a checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (an evaluation, a sample) without moving the training RNG streams, so that
+    how often one evaluates does not change the training run."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, flushed per line (a crash loses nothing
+    written); optionally mirrored to TensorBoard."""
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                print("note: TensorBoard logging is off: the `tensorboard` package is not "
+                      "installed (pip install tensorboard); metrics still go to "
+                      f"{self.path}", file=sys.stderr)
+
+    def log(self, row: dict) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if self._tb is not None and "step" in row:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, row["step"])
+                elif isinstance(v, str):
+                    self._tb.add_text(k, v, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    @staticmethod
+    def truncate_after(path: str | Path, step: int) -> None:
+        """Drop rows logged after `step` (by a run that died after its last checkpoint), so a
+        resumed run's curve continues exactly where the checkpoint left it."""
+        path = Path(path)
+        if not path.exists():
+            return
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        write_jsonl_atomic(path, [r for r in rows if r.get("step", 0) <= step])
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def steps_for_budget(minutes: float, elapsed_s: float, done_steps: int, sec_per_step: float,
+                     eval_every: int = 0, eval_s: float = 0.0, cap: int | None = None) -> int:
+    """The total step count that fits `minutes` of training: the steps done, plus the remaining
+    time over the time per step (evaluation time spread over its interval)."""
+    per_step = sec_per_step + (eval_s / eval_every if eval_every else 0.0)
+    remaining = max(0.0, minutes * 60 - elapsed_s)
+    total = max(done_steps, 1, done_steps + int(remaining / max(per_step, 1e-9)))
+    return min(total, cap) if cap is not None else total
+
+
+def annotate_run(out_dir: str | Path, **fields: Any) -> None:
+    """Add fields to OUT/run.json (written by gptlab.provenance.record_run), if there is one."""
+    path = Path(out_dir) / "run.json"
+    if path.exists():
+        info = json.loads(path.read_text())
+        info.update(fields)
+        write_json_atomic(path, info)
+
+
+def count_tokens(batch: Any) -> int:
+    """Tokens in a batch: a tensor's elements, or the attention mask's ones, or input_ids'."""
+    if isinstance(batch, Tensor):
+        return batch.numel()
+    if isinstance(batch, dict):
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return count_tokens(batch.get("input_ids", next(iter(batch.values()))))
+    if isinstance(batch, (list, tuple)) and batch:
+        return count_tokens(batch[0])
+    return 0
+
+
+# --- the common loop ---------------------------------------------------------------------------
+
+class Batches(Protocol):
+    """What `train` needs from a data stream: endless batches and a resumable position."""
+
+    def __next__(self) -> Any: ...
+    def state(self) -> dict: ...
+    def load_state(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    total_steps: int
+    loss: float | None         # training loss of the last step (of this session)
+    val_loss: float | None     # the last validation loss
+    tokens: int                # tokens trained on, over the whole run
+    tokens_per_s: float        # throughput of this session, evaluation excluded
+    elapsed_s: float           # training time over the whole run
+    checkpoint: Path | None
+
+
+def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
+          out_dir: str | Path, *, val_batches: list | Callable[[], Iterable] | None = None,
+          tokenizer: Any = None, on_eval: Callable[[nn.Module, int], dict | None] | None = None,
+          tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
+          extra: dict | None = None) -> TrainResult:
+    """Train `model` in place on `batches` with `loss_fn`; checkpoints go to OUT/checkpoints/,
+    metrics to OUT/metrics.jsonl. With `resume`, continue from the latest checkpoint in OUT
+    (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly.
+    Ctrl-C saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt."""
+    cfg.check()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = select_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
+    metrics_path = out / "metrics.jsonl"
+
+    # Run state that survives a resume; everything else is rebuilt from cfg.
+    step, tokens, elapsed = 0, 0, 0.0
+    budget_pending = cfg.max_minutes is not None
+    total = cfg.max_steps or (None if budget_pending else DEFAULT_MAX_STEPS)
+    if resume:
+        path = ckpt.latest()
+        if path is None:
+            raise UserError("nothing to resume: no checkpoint in this run directory",
+                            path=ckpt.dir)
+        state = ckpt.load(path, model, optimizer)
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        total, budget_pending = state["total_steps"], state["budget_pending"]
+        batches.load_state(state["data"])
+        set_rng_state(state["rng"])
+        if not budget_pending and cfg.max_minutes is None and cfg.max_steps \
+                and cfg.max_steps != total:
+            print(f"note: max_steps changed from {total} to {cfg.max_steps}; the cosine "
+                  f"schedule is stretched from here on", file=sys.stderr)
+            total = cfg.max_steps
+        MetricsLog.truncate_after(metrics_path, step)
+        print(f"resuming from {path} (step {step} of {total or '?'})", file=sys.stderr)
+    else:
+        seed_everything(cfg.seed)
+        metrics_path.unlink(missing_ok=True)
+    # Until max_minutes is resolved, the cap (or a large number) stands in for the schedule's
+    # length; only updates past the warmup would notice, and the first few are in the warmup.
+    schedule_total = total or cfg.max_steps or 10**9
+
+    metrics = MetricsLog(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
+    fwd_model = torch.compile(model) if cfg.compile else model
+    val = (lambda: val_batches() if callable(val_batches) else val_batches)
+    has_val = val_batches is not None and cfg.eval_batches > 0
+
+    def run_eval(at: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        with preserved_rng():
+            loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16)
+            row = {"step": at, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+            if on_eval is not None:
+                row.update(on_eval(model, at) or {})
+        metrics.log(row)
+        bar.write(f"step {at}: val_loss {loss:.4f} (ppl {row['val_ppl']:.2f})"
+                  + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
+        return loss, time.perf_counter() - t0
+
+    def snapshot() -> dict:
+        return {"step": step, "tokens": tokens, "elapsed_s": elapsed, "total_steps": total,
+                "budget_pending": budget_pending, "data": batches.state(), "rng": rng_state()}
+
+    def save(state: dict) -> Path:
+        return ckpt.save(state["step"], model, tokenizer, optimizer, state, extra)
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+               disable=not cfg.progress, file=sys.stderr)
+    last_loss: float | None = None
+    val_loss: float | None = None
+    eval_s = 0.0
+    session_tokens, session_time = 0, 0.0
+    measured: list[float] = []
+    saved_step = step if resume else -1
+    good = snapshot()  # the state after the last finished step, for Ctrl-C
+    updating = False
+    try:
+        if not resume and has_val:
+            val_loss, eval_s = run_eval(0)
+        while total is None or step < total:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
+            set_lr(optimizer, lr)
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16)
+            grad_norm = clip_gradients(model, cfg.clip)
+            updating = True
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            updating = False
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            n_tok = sum(tokens_in(b) for b in micro)
+            tokens += n_tok
+            elapsed += dt
+            session_tokens += n_tok
+            session_time += dt
+            good = snapshot()
+
+            if budget_pending:
+                measured.append(dt)
+                if len(measured) == MEASURE_STEPS + 1:
+                    sec_per_step = sum(measured[1:]) / MEASURE_STEPS
+                    total = steps_for_budget(cfg.max_minutes, elapsed + eval_s, step, sec_per_step,
+                                             cfg.eval_every, eval_s if has_val else 0.0,
+                                             cfg.max_steps)
+                    budget_pending = False
+                    budget = {"max_minutes": cfg.max_minutes, "sec_per_step": sec_per_step,
+                              "eval_s": eval_s, "total_steps": total}
+                    metrics.log({"step": step, "event": "budget", **budget})
+                    annotate_run(out, budget=budget)
+                    bar.total = total
+                    bar.refresh()
+                    good = snapshot()
+            is_last = total is not None and step >= total
+            if step % cfg.log_every == 0 or is_last:
+                metrics.log({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens": tokens, "tokens_per_s": session_tokens / session_time,
+                             "elapsed_s": round(elapsed, 3)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{session_tokens / session_time:.0f}")
+            if has_val and (is_last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                val_loss, _ = run_eval(step)
+            if is_last or (cfg.save_every and step % cfg.save_every == 0):
+                save(good)
+                saved_step = step
+    except KeyboardInterrupt:
+        bar.close()
+        if not updating and good["step"] > saved_step and good["step"] > 0:
+            path = save(good)
+            print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        metrics.close()
+    return TrainResult(step=step, total_steps=total or step, loss=last_loss, val_loss=val_loss,
+                       tokens=tokens, tokens_per_s=session_tokens / max(session_time, 1e-9),
+                       elapsed_s=elapsed, checkpoint=ckpt.latest())

@@ -1,0 +1,182 @@
+"""Generative pretraining (GPT-1 stage one): next-token prediction on unlabeled text.
+
+    tokenizer  the one given, the one of the model being continued, or a BPE trained here on
+               the corpus with the preset's vocabulary size
+    data       the corpus tokenized once into a cached memmap, cut into blocks of context + 1
+               tokens, a seeded slice of them held out for validation
+    loss       L1 = -sum_t log P(u_t | u_<t): cross-entropy of each block's tokens against the
+               same tokens shifted by one
+    loop       gptlab.train.loop.train: AdamW, warmup + cosine, accumulation, clipping,
+               validation loss / perplexity and a sample, checkpoints, exact resume
+
+The run directory ends as a model directory (config.json, model.safetensors, tokenizer) that
+every later stage and `gptlab generate` read, plus checkpoints/, metrics.jsonl and run.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gptlab.checkpoint import Checkpointer, build_from_meta, is_gptlab_dir, load_model, \
+    read_meta, save_model
+from gptlab.errors import UserError
+from gptlab.provenance import record_run
+from gptlab.train.loop import TrainConfig, annotate_run, train
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data: list[str] = field(default_factory=list,
+                            metadata={"help": "corpus files or directories (.txt/.jsonl/.parquet)"})
+    model: str = field(default="demo", metadata={"help": "a preset name, or a gptlab model "
+                                                         "directory to continue training"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer directory (default: the model's, else train one on the data)"})
+    out: str = field(default="runs/pretrain", metadata={"help": "run / model directory"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
+    block_size: int | None = field(default=None, metadata={
+        "help": "tokens per training sequence (default: the model's context)"})
+    val_fraction: float = 0.05        # share of blocks held out for validation
+    cache_dir: str | None = None      # token cache (default $GPTLAB_CACHE/tokens or ~/.cache/gptlab/tokens)
+    sample_prompt: str = ""           # text the validation sample continues (after an EOS)
+    sample_tokens: int = 48           # tokens sampled at each evaluation; 0: no sample
+    # Pretraining defaults for small models on small corpora.
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    eval_every: int = 50
+    save_every: int = 200
+
+
+def lm_loss(model: nn.Module, block: Tensor) -> Tensor:
+    """Next-token cross-entropy of a (B, T + 1) block: inputs block[:, :-1], targets block[:, 1:]."""
+    return model(block[:, :-1], labels=block[:, 1:])
+
+
+def _tokenizer_for(cfg: PretrainConfig, model_dir: Path | None, vocab_size: int) -> Any:
+    from gptlab.tokenizer import load_tokenizer, train_tokenizer
+    if cfg.tokenizer:
+        if not Path(cfg.tokenizer).exists():
+            raise UserError("tokenizer not found", path=cfg.tokenizer, field="tokenizer")
+        return load_tokenizer(cfg.tokenizer)
+    if model_dir is not None and (model_dir / "tokenizer.json").exists():
+        return load_tokenizer(model_dir)
+    print(f"training a BPE tokenizer ({vocab_size} tokens) on the data", file=sys.stderr)
+    return train_tokenizer([Path(p) for p in cfg.data], vocab_size=vocab_size)
+
+
+def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): from the checkpoint to resume, a model directory, or a preset."""
+    from gptlab.model.presets import PRESETS, build_model, get_preset
+    from gptlab.tokenizer import load_tokenizer
+
+    torch.manual_seed(cfg.seed)  # the initial weights follow the seed
+    if resume_from is not None:
+        meta = read_meta(resume_from)
+        model = build_from_meta(meta, resume_from / "config.json")
+        return model, load_tokenizer(resume_from)
+    model_path = Path(cfg.model)
+    if model_path.is_dir():
+        if not is_gptlab_dir(model_path):
+            raise UserError("not a gptlab model directory (config.json with format gptlab/1); "
+                            "import other models with `gptlab convert` first", path=model_path,
+                            field="model")
+        model, tok, _ = load_model(model_path)
+        tok = _tokenizer_for(cfg, model_path, model.config.vocab_size) if cfg.tokenizer or \
+            tok is None else tok
+        if tok.vocab_size > model.config.vocab_size:
+            raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's "
+                            f"embedding has {model.config.vocab_size} rows", field="tokenizer")
+        return model.train(), tok
+    if cfg.model not in PRESETS and ("/" in cfg.model or model_path.suffix):
+        raise UserError("model directory not found", path=model_path, field="model")
+    config = get_preset(cfg.model)
+    if not hasattr(config, "vocab_size") or not hasattr(config, "context"):
+        raise UserError(f"preset '{cfg.model}' is not a decoder-only GPT", field="model")
+    tok = _tokenizer_for(cfg, None, config.vocab_size)
+    if tok.vocab_size > config.vocab_size:  # a bigger given tokenizer widens the embedding
+        config = dataclasses.replace(config, vocab_size=tok.vocab_size)
+    torch.manual_seed(cfg.seed)  # tokenizer training must not shift the initial weights
+    return build_model(config), tok
+
+
+def _sampler(tok: Any, cfg: PretrainConfig):
+    """An `on_eval` callback: continue sample_prompt (after an EOS, i.e. a new document)."""
+    from gptlab.engine import SamplingParams, generate
+
+    prompt = [tok.eos_id] + tok.encode(cfg.sample_prompt)
+
+    def sample(model: nn.Module, step: int) -> dict:
+        params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50,
+                                stop_ids=(tok.eos_id,))
+        gen = generate(model, [prompt], params, seed=cfg.seed, pad_id=tok.pad_id)
+        return {"sample": cfg.sample_prompt + tok.decode(gen.tokens[0])}
+
+    return sample
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Pretrain (or continue) a GPT on `cfg.data`; returns the model directory `cfg.out`."""
+    from gptlab.data.tokens import load_token_data
+
+    if not cfg.data:
+        raise UserError("no training data: pass --data FILE...", field="data")
+    for path in cfg.data:
+        if not Path(path).exists():
+            raise UserError("corpus file not found", path=path, field="data")
+    cfg.check()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a directory", path=out, field="out")
+    latest = Checkpointer(out).latest()
+    if cfg.resume and latest is None:
+        raise UserError("nothing to resume: no checkpoint in this run directory",
+                        path=out / "checkpoints", field="resume")
+    if not cfg.resume and latest is not None:
+        raise UserError("already holds a training run; pass --resume to continue it, or choose "
+                        "another --out", path=out, field="out")
+
+    # Everything that can fail on bad input happens before OUT is created.
+    model, tok = _build(cfg, latest if cfg.resume else None)
+    context = model.config.context
+    block = cfg.block_size or context
+    if block > context:
+        raise UserError(f"{block} exceeds the model's context of {context}", field="block_size")
+    data = load_token_data(cfg.data, tok, block, cfg.val_fraction, cfg.seed, cfg.cache_dir,
+                           progress=cfg.progress)
+    if len(data.val_ids) == 0 and cfg.val_fraction > 0:
+        print("note: the corpus has a single block; no validation", file=sys.stderr)
+    print(f"{data.file.n_tokens:,} tokens in {data.file.n_documents:,} documents "
+          f"({'cached' if data.file.reused else 'tokenized'}: {data.file.path}); "
+          f"{len(data.train_ids)} training / {len(data.val_ids)} validation blocks of {block}; "
+          f"model {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
+
+    if cfg.resume and read_meta(latest).get("data_key") != data.file.key:
+        print("warning: the corpus or tokenizer changed since the checkpoint; the data "
+              "position now points into different blocks", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        annotate_run(out, resumed_from=latest.name)
+    else:
+        record_run(out, cfg)
+    annotate_run(out, data={"tokens": data.file.n_tokens, "documents": data.file.n_documents,
+                            "cache": str(data.file.path), "block_size": block,
+                            "train_blocks": len(data.train_ids), "val_blocks": len(data.val_ids)})
+
+    batches = data.train_batches(cfg.batch_size, cfg.seed)
+    val = data.val_batches(cfg.batch_size, cfg.eval_batches) if len(data.val_ids) else None
+    result = train(model, batches, lm_loss, cfg, out, val_batches=val, tokenizer=tok,
+                   on_eval=_sampler(tok, cfg) if cfg.sample_tokens > 0 else None,
+                   tokens_in=lambda b: b.shape[0] * (b.shape[1] - 1), resume=cfg.resume,
+                   extra={"stage": "pretrain", "data_key": data.file.key})
+    save_model(out, model, tok, extra={"stage": "pretrain", "step": result.step,
+                                       "val_loss": result.val_loss, "tokens": result.tokens})
+    print(f"pretrained {result.step} steps, {result.tokens:,} tokens "
+          f"({result.tokens_per_s:,.0f} tokens/s); val_loss {result.val_loss}; "
+          f"model saved to {out}", file=sys.stderr)
+    return out

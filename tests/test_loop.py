@@ -1,0 +1,247 @@
+"""The shared training pieces: schedule, optimizer groups, accumulation, clipping, sampler, and
+the common loop (overfitting, exact resume after an interrupt, time budget)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.checkpoint import Checkpointer
+from gptlab.data.tokens import BlockBatches, EpochSampler, fixed_batches
+from gptlab.errors import UserError
+from gptlab.model.gpt import GPT
+from gptlab.model.presets import get_preset
+from gptlab.train.loop import (MetricsLog, TrainConfig, accumulate_gradients, clip_gradients,
+                               lr_at, make_optimizer, read_metrics, select_device,
+                               steps_for_budget, train)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two pytest workers on two cores: one thread each avoids oversubscription.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lm_loss(model, block):
+    return model(block[:, :-1], labels=block[:, 1:])
+
+
+def tiny(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(get_preset("tiny", **overrides))
+
+
+# --- schedule and optimizer ---------------------------------------------------------------------
+
+def test_lr_warmup_then_cosine_to_min():
+    peak, lo = 1.0, 0.1
+    assert lr_at(0, 10, 110, peak, lo) == pytest.approx(0.1)
+    assert lr_at(4, 10, 110, peak, lo) == pytest.approx(0.5)
+    assert lr_at(9, 10, 110, peak, lo) == pytest.approx(1.0)
+    assert lr_at(10, 10, 110, peak, lo) == pytest.approx(1.0)    # cosine starts at the peak
+    assert lr_at(109, 10, 110, peak, lo) == pytest.approx(0.1)   # the last update is at the floor
+    assert lr_at(500, 10, 110, peak, lo) == pytest.approx(0.1)   # and stays there
+    # Halfway through the cosine: min + (peak - min) / 2.
+    assert lr_at(50, 0, 101, 2.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(25, 0, 101, 1.0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    vals = [lr_at(s, 10, 110, peak, lo) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_adamw_groups_decay_matrices_only():
+    model = tiny()
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    kept = sorted(names[id(p)] for p in no_decay["params"])
+    # 2 layers x (q, k, v, o, gate, up, down); the tied head is the embedding: no decay.
+    assert len(decayed) == 14 and all(n.startswith("blocks.") for n in decayed)
+    assert kept == sorted(["tok_emb.weight", "final_norm.weight"]
+                          + [f"blocks.{i}.{k}.weight" for i in range(2)
+                             for k in ("attn_norm", "mlp_norm")])
+    # Every trainable tensor is in exactly one group (the tied head is not counted twice).
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+
+
+def test_adamw_groups_with_biases_and_learned_positions():
+    model = tiny(positions="learned", norm="layernorm", bias=True, activation="gelu",
+                 tie_embeddings=False)
+    decay, no_decay = make_optimizer(model, 1e-3, 0.1).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "pos_emb.weight" in kept and "tok_emb.weight" in kept
+    assert all(n.endswith(".bias") or "norm" in n or "emb" in n for n in kept)
+    assert "lm_head.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_grad_accumulation_equals_the_big_batch():
+    torch.manual_seed(1)
+    data = torch.randint(0, 512, (8, 17))
+    a = tiny(3).double()
+    b = copy.deepcopy(a)
+    opt_a, opt_b = make_optimizer(a, 1e-2, 0.1), make_optimizer(b, 1e-2, 0.1)
+    loss_a = accumulate_gradients(a, [data], lm_loss)                     # one batch of 8
+    loss_b = accumulate_gradients(b, [data[:4], data[4:]], lm_loss)       # 2 x 4, accumulated
+    assert loss_a == pytest.approx(loss_b, abs=1e-12)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=0, atol=1e-13)
+    opt_a.step()
+    opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-12)
+
+
+def test_clip_returns_the_norm_before_clipping():
+    model = tiny()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    n = sum(p.numel() for p in model.parameters())
+    norm = clip_gradients(model, 1.0)
+    assert norm == pytest.approx(0.5 * math.sqrt(n), rel=1e-5)
+    after = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    assert float(after) == pytest.approx(1.0, rel=1e-4)
+    assert clip_gradients(model, 0) == pytest.approx(1.0, rel=1e-4)  # 0: measure only
+
+
+def test_steps_for_budget():
+    # 2 minutes, 10 s spent, 4 steps done at 0.5 s a step, no evaluation: 4 + 110 / 0.5.
+    assert steps_for_budget(2, 10.0, 4, 0.5) == 224
+    # An evaluation of 5 s every 10 steps adds 0.5 s to each step.
+    assert steps_for_budget(2, 10.0, 4, 0.5, eval_every=10, eval_s=5.0) == 114
+    assert steps_for_budget(2, 10.0, 4, 0.5, cap=50) == 50
+    assert steps_for_budget(0.01, 60.0, 4, 0.5) == 4   # over budget already: stop now
+
+
+def test_config_and_device_errors_name_the_field():
+    with pytest.raises(UserError, match="grad_accum"):
+        TrainConfig(grad_accum=0).check()
+    with pytest.raises(UserError, match="device"):
+        select_device("tpu")
+    assert select_device("cpu").type == "cpu"
+
+
+# --- sampler ------------------------------------------------------------------------------------
+
+def test_epoch_sampler_permutes_each_epoch_and_resumes():
+    s = EpochSampler(10, 4, seed=7)
+    drawn = np.concatenate([s.next_indices() for _ in range(5)])  # 20 = two epochs exactly
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert list(drawn[:10]) != list(drawn[10:])        # a fresh order each epoch
+    assert s.state() == {"epoch": 2, "index": 0}
+    a = EpochSampler(10, 4, seed=7)
+    for _ in range(3):
+        a.next_indices()
+    b = EpochSampler(10, 4, seed=7)
+    b.load_state(a.state())
+    assert [list(a.next_indices()) for _ in range(4)] == [list(b.next_indices()) for _ in range(4)]
+
+
+# --- the common loop ----------------------------------------------------------------------------
+
+def _stream(seed: int = 0, n: int = 600, vocab: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n).astype(np.uint16)
+
+
+def test_tiny_gpt_overfits_a_short_text(tmp_path):
+    tokens = _stream(n=129)                       # 4 blocks of 32 (+1) random tokens to memorize
+    ids = np.arange(4)
+    batches = BlockBatches(tokens, 32, ids, batch_size=4, seed=0)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=10, max_steps=80, min_lr_ratio=0.1,
+                      weight_decay=0.0, eval_every=40, eval_batches=1, save_every=0,
+                      log_every=10, progress=False, device="cpu")
+    model = tiny()
+    result = train(model, batches, lm_loss, cfg, tmp_path,
+                   val_batches=fixed_batches(tokens, 32, ids, 4, 1))
+    assert result.step == 80
+    assert result.loss < 0.1 and result.val_loss < 0.1
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in rows] == [0, 40, 80]
+    assert rows[0]["val_loss"] > 6.0 > 0.1 > rows[-1]["val_loss"]   # from ~log(512) to near 0
+
+
+class _Interrupting:
+    """A batch stream that raises KeyboardInterrupt (as Ctrl-C would) before batch `at`."""
+
+    def __init__(self, inner: BlockBatches, at: int):
+        self.inner, self.at, self.n = inner, at, 0
+
+    def __next__(self):
+        if self.n == self.at:
+            raise KeyboardInterrupt
+        self.n += 1
+        return next(self.inner)
+
+    def state(self):
+        return self.inner.state()
+
+    def load_state(self, state):
+        self.inner.load_state(state)
+
+
+def _curve(path):
+    return [(r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss"))
+            for r in read_metrics(path) if "event" not in r]
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
+    tokens = _stream(1, n=2000)
+    ids = np.arange(60)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=4, max_steps=16, grad_accum=2, batch_size=4,
+                      eval_every=4, eval_batches=2, save_every=100, log_every=1,
+                      progress=False, device="cpu", seed=3)
+    val = fixed_batches(tokens, 16, np.arange(60, 70), 4, 2)
+    make = lambda: tiny(5, dropout=0.1)  # dropout: the torch RNG must be restored too  # noqa: E731
+
+    full = make()
+    train(full, BlockBatches(tokens, 16, ids, 4, seed=3), lm_loss, cfg, tmp_path / "a",
+          val_batches=val)
+
+    first = make()
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C during step 8's batches
+        train(first, _Interrupting(BlockBatches(tokens, 16, ids, 4, seed=3), at=15), lm_loss,
+              cfg, tmp_path / "b", val_batches=val)
+    assert Checkpointer(tmp_path / "b").latest().name == "step-7"
+    second = tiny(99, dropout=0.1)           # different initial weights: all come from the checkpoint
+    result = train(second, BlockBatches(tokens, 16, ids, 4, seed=3), lm_loss, cfg,
+                   tmp_path / "b", val_batches=val, resume=True)
+    assert result.step == 16
+    assert _curve(tmp_path / "a" / "metrics.jsonl") == _curve(tmp_path / "b" / "metrics.jsonl")
+    for pa, pb in zip(full.parameters(), second.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_max_minutes_becomes_a_recorded_step_count(tmp_path):
+    tokens = _stream(2, n=1000)
+    cfg = TrainConfig(max_minutes=0.02, max_steps=40, warmup_steps=5, eval_every=0,
+                      eval_batches=1, save_every=0, progress=False, device="cpu")
+    result = train(tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss, cfg, tmp_path,
+                   val_batches=fixed_batches(tokens, 16, np.arange(50, 60), 4, 1))
+    budget = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "budget"]
+    assert len(budget) == 1 and budget[0]["step"] == 4      # resolved after 1 + 3 timed steps
+    assert 4 <= budget[0]["total_steps"] <= 40              # capped by max_steps
+    assert result.step == result.total_steps == budget[0]["total_steps"]
+    state = torch.load(Checkpointer(tmp_path).latest() / "trainer.pt", weights_only=False)
+    assert state["total_steps"] == result.total_steps and not state["budget_pending"]
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny(), BlockBatches(_stream(), 16, np.arange(10), 2, 0), lm_loss,
+              TrainConfig(max_steps=2, progress=False, device="cpu"), tmp_path, resume=True)
+
+
+def test_metrics_truncate_after(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for s in (0, 5, 10, 15):
+        log.log({"step": s, "loss": float(s)})
+    log.close()
+    MetricsLog.truncate_after(tmp_path / "m.jsonl", 10)
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [0, 5, 10]

@@ -1,0 +1,250 @@
+"""Token files (cache, dtype, split) and the `pretrain` stage end to end through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.checkpoint import Checkpointer, load_model
+from gptlab.cli import main
+from gptlab.data.tokens import (load_token_data, n_blocks, split_blocks, token_dtype,
+                                tokenize_corpus)
+from gptlab.tokenizer import train_tokenizer
+from gptlab.train.loop import read_metrics
+
+WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def documents(n: int = 120, seed: int = 0) -> list[str]:
+    """A learnable corpus: short sentences over a tiny vocabulary."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) + "."
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = documents()
+    (d / "a.txt").write_text("\n\n".join(docs) + "\n")
+    tok = train_tokenizer(docs, vocab_size=300)
+    tok.save(d / "tok")
+    return d, docs, tok
+
+
+def run(*args: str) -> int:
+    return main(["pretrain", "--model", "tiny", "--no-progress", "--sample-tokens", "0",
+                 *args])
+
+
+# --- token files --------------------------------------------------------------------------------
+
+def test_tokens_are_documents_with_eos_between(corpus, tmp_path):
+    d, docs, tok = corpus
+    tf = tokenize_corpus([d / "a.txt"], tok, tmp_path)
+    expected = [i for doc in docs for i in tok.encode(doc) + [tok.eos_id]]
+    assert tf.dtype == "uint16" and tf.n_documents == len(docs)
+    assert tf.tokens.tolist() == expected
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_token_cache_is_reused_and_keyed_on_the_files(corpus, tmp_path):
+    d, docs, tok = corpus
+    src = tmp_path / "c.txt"
+    shutil.copy(d / "a.txt", src)
+    first = tokenize_corpus([src], tok, tmp_path / "cache")
+    stat = os.stat(first.path)
+    second = tokenize_corpus([src], tok, tmp_path / "cache")
+    assert not first.reused and second.reused and second.path == first.path
+    assert os.stat(second.path).st_ino == stat.st_ino
+    assert os.stat(second.path).st_mtime_ns == stat.st_mtime_ns
+    src.write_text("a different corpus entirely\n")      # new size and mtime: a new entry
+    third = tokenize_corpus([src], tok, tmp_path / "cache")
+    assert not third.reused and third.key != first.key
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".bin", ".bin",
+                                                                        ".json", ".json"]
+
+
+def test_jsonl_and_parquet_give_the_same_tokens_as_text(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d, docs, tok = corpus
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for doc in docs[:60]:
+            f.write(json.dumps({"text": doc}) + "\n")
+    pq.write_table(pa.table({"text": docs[60:]}), tmp_path / "c.parquet")
+    mixed = tokenize_corpus([tmp_path / "c.jsonl", tmp_path / "c.parquet"], tok, tmp_path / "x")
+    text = tokenize_corpus([d / "a.txt"], tok, tmp_path / "y")
+    assert mixed.tokens.tolist() == text.tokens.tolist()
+
+
+def test_split_is_seeded_and_disjoint():
+    train, val = split_blocks(100, 0.1, seed=3)
+    assert len(val) == 10 and len(train) == 90
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(100))
+    again = split_blocks(100, 0.1, seed=3)
+    assert train.tolist() == again[0].tolist() and val.tolist() == again[1].tolist()
+    assert split_blocks(100, 0.1, seed=4)[1].tolist() != val.tolist()
+    assert len(split_blocks(1, 0.1, 0)[1]) == 0            # a single block stays for training
+    assert n_blocks(33, 32) == 1 and n_blocks(32, 32) == 0 and n_blocks(65, 32) == 2
+
+
+def test_blocks_are_context_plus_one_with_shared_boundaries(corpus, tmp_path):
+    d, _, tok = corpus
+    data = load_token_data([d / "a.txt"], tok, 16, val_fraction=0.0, cache_dir=tmp_path)
+    batch = next(data.train_batches(batch_size=3, seed=0))
+    assert batch.shape == (3, 17) and batch.dtype == torch.int64
+    stream = data.file.tokens
+    first = data.train_batches(1, 0).sampler.next_indices()[0]
+    assert torch.equal(next(data.train_batches(1, 0))[0],
+                       torch.from_numpy(stream[first * 16:first * 16 + 17].astype(np.int64)))
+
+
+# --- the stage through the CLI ------------------------------------------------------------------
+
+def test_pretrain_learns_and_writes_a_model_directory(corpus, tmp_path):
+    d, _, tok = corpus
+    out = tmp_path / "run"
+    rc = run("--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--out", str(out),
+             "--max-steps", "60", "--block-size", "32", "--batch-size", "8", "--eval-every", "20",
+             "--cache-dir", str(tmp_path / "cache"), "lr=3e-3", "warmup_steps=10")
+    assert rc == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl",
+                 "run.json"):
+        assert (out / name).exists(), name
+    assert Checkpointer(out).latest().name == "step-60"
+    val = [r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    assert len(val) == 4                                   # steps 0, 20, 40, 60
+    assert all(a > b for a, b in zip(val, val[1:]))        # every validation improves
+    assert val[0] > 5.0 and val[-1] < 3.0
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["config"]["lr"] == 3e-3 and run_info["data"]["block_size"] == 32
+    model, loaded_tok, meta = load_model(out)
+    assert meta["stage"] == "pretrain" and meta["step"] == 60
+    assert loaded_tok.encode("the cat") == tok.encode("the cat")
+    # `gptlab generate` reads the directory.
+    assert main(["generate", "--model", str(out), "--prompt", "the cat", "--greedy",
+                 "--max-new-tokens", "5"]) == 0
+
+
+def test_resume_after_a_crash_gives_the_same_curve(corpus, tmp_path):
+    d, _, _ = corpus
+    common = ["--data", str(d / "a.txt"), "--max-steps", "12", "--block-size", "16",
+              "--batch-size", "4", "--eval-every", "3", "--save-every", "6", "--log-every", "1",
+              "--cache-dir", str(tmp_path / "cache"), "seed=1"]
+    # No --tokenizer: one is trained on the data, saved with the run and reused on resume.
+    assert run(*common, "--out", str(tmp_path / "a")) == 0
+    assert run(*common, "--out", str(tmp_path / "b")) == 0
+    # Simulate a crash after the step-6 checkpoint: drop step 12, point `latest` back.
+    ckpts = tmp_path / "b" / "checkpoints"
+    shutil.rmtree(ckpts / "step-12")
+    (ckpts / "latest").write_text("step-6\n")
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "b" / name).unlink()
+    assert run(*common, "--out", str(tmp_path / "b")) == 2     # a run is there: needs --resume
+    assert run(*common, "--out", str(tmp_path / "b"), "--resume") == 0
+
+    def curve(p):
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("val_loss"))
+                for r in read_metrics(p / "metrics.jsonl")]
+    a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert len(a) == 12 + 5 and a == b                     # 12 loss rows + 5 validations, equal
+    wa = load_model(tmp_path / "a")[0].state_dict()
+    wb = load_model(tmp_path / "b")[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["resumed_from"] == "step-6"
+
+
+def test_pretrain_reads_jsonl_and_parquet(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d, docs, _ = corpus
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:60]))
+    pq.write_table(pa.table({"text": docs[60:]}), tmp_path / "c.parquet")
+    out = tmp_path / "run"
+    assert run("--data", str(tmp_path / "c.jsonl"), str(tmp_path / "c.parquet"),
+               "--tokenizer", str(d / "tok"), "--out", str(out), "--max-steps", "3",
+               "--block-size", "16", "--cache-dir", str(tmp_path / "cache")) == 0
+    info = json.loads((out / "run.json").read_text())["data"]
+    assert info["documents"] == len(docs)
+
+
+def test_continue_training_a_model_directory(corpus, tmp_path):
+    d, _, tok = corpus
+    base = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "2",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run(*base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "one")) == 0
+    assert main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress",
+                 "--sample-tokens", "0", *base, "--out", str(tmp_path / "two")]) == 0
+    start = load_model(tmp_path / "one")[0].state_dict()
+    _, tok_two, _ = load_model(tmp_path / "two")
+    assert tok_two.encode("the red ball") == tok.encode("the red ball")   # the model's tokenizer
+    first = read_metrics(tmp_path / "two" / "metrics.jsonl")[0]
+    last = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "val_loss" in r][-1]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], abs=1e-5)
+    assert start.keys() == load_model(tmp_path / "two")[0].state_dict().keys()
+
+
+# --- bad input: exit code 2, a message naming the problem, nothing left behind ------------------
+
+def _nothing_left(tmp_path, out):
+    assert not out.exists()
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_missing_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("--data", str(tmp_path / "nope.txt"), "--out", str(out),
+               "--cache-dir", str(tmp_path / "cache")) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    _nothing_left(tmp_path, out)
+
+
+def test_broken_jsonl_line_names_file_and_line(corpus, tmp_path, capsys):
+    _, _, _ = corpus
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n')
+    out = tmp_path / "run"
+    assert run("--data", str(bad), "--tokenizer", str(corpus[0] / "tok"), "--out", str(out),
+               "--cache-dir", str(tmp_path / "cache")) == 2
+    assert f"{bad}:3" in capsys.readouterr().err
+    _nothing_left(tmp_path, out)
+
+
+def test_corpus_smaller_than_one_block(corpus, tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("the cat sat.\n")
+    out = tmp_path / "run"
+    assert run("--data", str(small), "--tokenizer", str(corpus[0] / "tok"), "--out", str(out),
+               "--cache-dir", str(tmp_path / "cache")) == 2
+    err = capsys.readouterr().err
+    assert "fewer than one training block of 129" in err and "small.txt" in err
+    _nothing_left(tmp_path, out)
+
+
+def test_bad_config_values_name_the_field(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("--data", str(corpus[0] / "a.txt"), "--out", str(out), "batch_size=0") == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert run("--data", str(corpus[0] / "a.txt"), "--out", str(out), "bacth_size=4") == 2
+    assert "did you mean 'batch_size'" in capsys.readouterr().err
+    assert run("--data", str(corpus[0] / "a.txt"), "--out", str(out), "--block-size", "4096",
+               "--tokenizer", str(corpus[0] / "tok")) == 2
+    assert "context of 128" in capsys.readouterr().err
+    assert not out.exists()
