@@ -150,11 +150,39 @@ def _verb_world():
     return "the built-in company database world: export its data, check a query", add, run
 
 
+def _verb_convert():
+    def add(p: argparse.ArgumentParser) -> None:
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--from", dest="source", nargs=2, metavar=("hf|gguf", "PATH"),
+                         help="import a Hugging Face directory or a .gguf file")
+        src.add_argument("--to", dest="target", nargs=2, metavar=("hf", "DIR"),
+                         help="export a gptlab model directory to Hugging Face")
+        p.add_argument("--out", required=True, help="output directory")
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab import interop
+        if args.source:
+            kind, path = args.source
+            if kind not in ("hf", "gguf"):
+                raise UserError(f"--from expects 'hf' or 'gguf', not '{kind}'", field="--from")
+            out = interop.convert_to_gptlab(path, args.out, source=kind)
+            print(f"wrote gptlab model directory {out}")
+        else:
+            kind, path = args.target
+            if kind != "hf":
+                raise UserError(f"--to expects 'hf', not '{kind}'", field="--to")
+            out = interop.convert_to_hf(path, args.out)
+            print(f"wrote Hugging Face model directory {out}")
+
+    return "import Hugging Face / GGUF models, or export to Hugging Face", add, run
+
+
 VERBS: dict[str, Callable] = {
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
     "pretrain": _verb_pretrain,
     "world": _verb_world,
+    "convert": _verb_convert,
 }
 
 

@@ -1,0 +1,56 @@
+"""Pretrained models in and out: Hugging Face directories and GGUF files become gptlab `GPT`
+models with the exact same function; gptlab models export to Hugging Face directories.
+
+    model, tokenizer = load_pretrained("path/to/hf-dir-or-file.gguf")
+    export_hf(model, tokenizer, "out/hf")
+
+HF directories need only safetensors and tokenizers; GGUF needs the `gguf` package
+(`pip install gptlab[hf]`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab.errors import UserError
+from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
+from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
+from gptlab.model.gpt import GPT
+
+__all__ = ["load_pretrained", "export_hf", "convert_to_gptlab", "convert_to_hf", "SUPPORTED_HF",
+           "SUPPORTED_GGUF"]
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
+    """(GPT in eval mode, Tokenizer or None) from a Hugging Face directory or a .gguf file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError("model not found", path=p)
+    if p.is_file() and p.suffix == ".gguf":
+        return load_gguf(p, dtype)
+    if p.is_dir():
+        return load_hf(p, dtype)
+    raise UserError("expected a Hugging Face model directory or a .gguf file", path=p)
+
+
+def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None = None) -> Path:
+    """Import `src` (source 'hf', 'gguf' or None to detect) and write a gptlab model directory."""
+    from gptlab.checkpoint import save_model
+
+    p = Path(src)
+    if source == "gguf" and not (p.is_file() and p.suffix == ".gguf"):
+        raise UserError("--from gguf expects a .gguf file", path=p)
+    if source == "hf" and not p.is_dir():
+        raise UserError("--from hf expects a Hugging Face model directory", path=p)
+    model, tokenizer = load_pretrained(p)
+    return save_model(out_dir, model, tokenizer, extra={"source": str(p)})
+
+
+def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
+    """Export a gptlab model directory (or anything `load_model` reads) to Hugging Face."""
+    from gptlab.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(src)
+    return export_hf(model, tokenizer, out_dir)

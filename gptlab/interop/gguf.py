@@ -1,0 +1,213 @@
+"""GGUF files (llama.cpp) in: hyperparameters and tokenizer from the metadata, tensors
+dequantized to float, llama.cpp's Q/K row permutation undone.
+
+Supported: architectures `llama` (Llama, Mistral, SmolLM) and `qwen2`, with a byte-level BPE
+("gpt2") tokenizer. Everything else is refused with a UserError that says what and why.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptlab.errors import UserError
+from gptlab.interop.hf import Named, assemble
+from gptlab.model.gpt import GPT, GPTConfig
+
+SUPPORTED_GGUF = ("llama", "qwen2")
+
+# How each `tokenizer.ggml.pre` splits text before BPE (llama.cpp's pre-tokenizer regexes).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_SPLITS = {"gpt-2": None, "default": None, "smollm": "digits",
+               "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+               "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _require_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("reading .gguf files needs the gguf package: install gptlab[hf]") from None
+    return gguf
+
+
+class _Meta:
+    """Typed access to a GGUF file's key-value metadata."""
+
+    def __init__(self, reader: Any, path: Path):
+        self.fields, self.path = reader.fields, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        f = self.fields.get(key)
+        return default if f is None else f.contents()
+
+    def need(self, key: str) -> Any:
+        v = self.get(key)
+        if v is None:
+            raise UserError("required metadata key is missing", path=self.path, field=key)
+        return v
+
+
+def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -> GPTConfig:
+    a = arch + "."
+    scaling = meta.get(a + "rope.scaling.type")
+    if (scaling not in (None, "none") or meta.get(a + "rope.scaling.factor", 1.0) != 1.0
+            or "rope_freqs.weight" in tensor_names):
+        raise UserError(f"rope scaling ('{scaling or 'rope_freqs'}') is not supported",
+                        path=meta.path, field=a + "rope.scaling.type")
+    if meta.get(a + "attention.sliding_window") is not None:
+        raise UserError("sliding-window attention is not supported", path=meta.path,
+                        field=a + "attention.sliding_window")
+    if meta.get(a + "expert_count", 0):
+        raise UserError("mixture-of-experts models are not supported", path=meta.path,
+                        field=a + "expert_count")
+    d, h = int(meta.need(a + "embedding_length")), int(meta.need(a + "attention.head_count"))
+    head_dim = int(meta.get(a + "attention.key_length", d // h))
+    if int(meta.get(a + "rope.dimension_count", head_dim)) != head_dim:
+        raise UserError("partial rotary embeddings are not supported", path=meta.path,
+                        field=a + "rope.dimension_count")
+    has_bias = "blk.0.attn_q.bias" in tensor_names
+    return GPTConfig(vocab_size=int(meta.get(a + "vocab_size", n_vocab)),
+                     context=int(meta.need(a + "context_length")),
+                     n_layers=int(meta.need(a + "block_count")), n_heads=h,
+                     n_kv_heads=int(meta.get(a + "attention.head_count_kv", h)), d_model=d,
+                     d_ff=int(meta.need(a + "feed_forward_length")),
+                     head_dim=None if head_dim * h == d else head_dim, positions="rotary",
+                     rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)), norm="rmsnorm",
+                     norm_eps=float(meta.need(a + "attention.layer_norm_rms_epsilon")),
+                     prenorm=True, activation="swiglu", bias=False,
+                     qkv_bias=True if has_bias else None,
+                     tie_embeddings="output.weight" not in tensor_names)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp interleaves each head's rotary halves (rows i, i + D/2 -> 2i, 2i + 1) to suit
+    its rope kernel; gptlab rotates halves, as Hugging Face does. Invert that row order."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+_NAMES = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "final_norm.weight",
+          "output.weight": "lm_head.weight"}
+_BLOCK = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj",
+          "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
+          "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+
+
+def _our_name(name: str) -> str | None:
+    if name in _NAMES:
+        return _NAMES[name]
+    parts = name.split(".")  # blk.{i}.{kind}.{weight|bias}
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK:
+        return f"blocks.{parts[1]}.{_BLOCK[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path) -> tuple[Named, list[str]]:
+    named: Named = {}
+    unused: list[str] = []
+    for t in reader.tensors:
+        ours = _our_name(t.name)
+        if ours is None:
+            unused.append(t.name)
+            continue
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, KeyError, ValueError) as e:
+            kind = getattr(t.tensor_type, "name", t.tensor_type)
+            raise UserError(f"tensor {t.name}: quantization type {kind} is not supported "
+                            f"({e})", path=path) from None
+        w = np.asarray(w, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = _unpermute(w, cfg.n_heads)
+        elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = _unpermute(w, cfg.kv_heads)
+        if not w.flags.writeable:  # unquantized tensors come back as views of the mmap
+            w = w.copy()
+        named[ours] = (t.name, torch.from_numpy(np.ascontiguousarray(w)))
+    return named, unused
+
+
+def _gguf_tokenizer(meta: _Meta) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` from the metadata, wrapped in gptlab's Tokenizer."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from gptlab.tokenizer import Tokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind != "gpt2":
+        raise UserError(f"tokenizer model '{kind}' is not supported (only byte-level BPE, "
+                        f"'gpt2'; SentencePiece-style 'llama' tokenizers are refused)",
+                        path=meta.path, field="tokenizer.ggml.model")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_SPLITS:
+        raise UserError(f"pre-tokenizer '{pre}' is not supported (supported: "
+                        f"{', '.join(_PRE_SPLITS)})", path=meta.path, field="tokenizer.ggml.pre")
+    tokens: list[str] = meta.need("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                fuse_unk=False))
+    split = _PRE_SPLITS[pre]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    if split == "digits":  # SmolLM: every digit on its own, then GPT-2's split
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif split is not None:
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    else:
+        hf.pre_tokenizer = byte_level
+    hf.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>) must never be split, and decode away with skip_special.
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty == _CONTROL])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        i = meta.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    # gptlab prepends `bos_token` whenever it has one: keep it only if the model expects it.
+    adds_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    return Tokenizer(hf, bos_token=token("tokenizer.ggml.bos_token_id") if adds_bos else None,
+                     eos_token=token("tokenizer.ggml.eos_token_id"),
+                     pad_token=token("tokenizer.ggml.padding_token_id"),
+                     chat_template=meta.get("tokenizer.chat_template"))
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
+    """(GPT, Tokenizer) from a .gguf file."""
+    gguf = _require_gguf()
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("GGUF file not found", path=p)
+    try:
+        reader = gguf.GGUFReader(str(p))
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"not a readable GGUF file ({e})", path=p) from None
+    meta = _Meta(reader, p)
+    arch = meta.need("general.architecture")
+    if arch not in SUPPORTED_GGUF:
+        raise UserError(f"architecture '{arch}' is not supported (supported: "
+                        f"{', '.join(SUPPORTED_GGUF)})", path=p, field="general.architecture")
+    tokenizer = _gguf_tokenizer(meta)
+    n_vocab = len(meta.get("tokenizer.ggml.tokens") or [])
+    cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors}, n_vocab)
+    named, unused = _tensors(reader, gguf, cfg, arch, p)
+    if cfg.tie_embeddings:
+        named.pop("lm_head.weight", None)
+    return assemble(cfg, named, unused, p, dtype), tokenizer

