@@ -48,7 +48,7 @@ class PretrainConfig(TrainConfig):
     sample_tokens: int = 48           # tokens sampled at each evaluation; 0: no sample
     # Pretraining defaults for small models on small corpora.
     lr: float = 1e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 20          # short: CPU runs are a few hundred steps
     eval_every: int = 50
     save_every: int = 200
 
