@@ -87,6 +87,33 @@ def _verb_generate():
     return "continue raw text with a model", add, run
 
 
+def _verb_convert():
+    def add(p: argparse.ArgumentParser) -> None:
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--from", dest="source", nargs=2, metavar=("hf|gguf", "PATH"),
+                         help="import a Hugging Face directory or a .gguf file")
+        src.add_argument("--to", dest="target", nargs=2, metavar=("hf", "DIR"),
+                         help="export a gptlab model directory to Hugging Face")
+        p.add_argument("--out", required=True, help="output directory")
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab import interop
+        if args.source:
+            kind, path = args.source
+            if kind not in ("hf", "gguf"):
+                raise UserError(f"--from expects 'hf' or 'gguf', not '{kind}'", field="--from")
+            out = interop.convert_to_gptlab(path, args.out, source=kind)
+            print(f"wrote gptlab model directory {out}")
+        else:
+            kind, path = args.target
+            if kind != "hf":
+                raise UserError(f"--to expects 'hf', not '{kind}'", field="--to")
+            out = interop.convert_to_hf(path, args.out)
+            print(f"wrote Hugging Face model directory {out}")
+
+    return "import Hugging Face / GGUF models, or export to Hugging Face", add, run
+
+
 def _verb_pretrain():
     from gptlab.train.pretrain import PretrainConfig
 
@@ -150,39 +177,98 @@ def _verb_world():
     return "the built-in company database world: export its data, check a query", add, run
 
 
-def _verb_convert():
+def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tuple = ()):
+    """A verb whose flags are the fields of a dataclass config (plus --config and key=value)."""
+    import importlib
+
+    def load(path: str):
+        mod, name = path.rsplit(".", 1)
+        return getattr(importlib.import_module(mod), name)
+
+    def make():
+        cls = load(config_path)
+
+        def add(p: argparse.ArgumentParser) -> None:
+            from gptlab.config import add_config_flags
+            add_config_flags(p, cls)
+            _add_common(p)
+
+        def run(args: argparse.Namespace) -> None:
+            import dataclasses
+
+            from gptlab.config import config_from_args
+            # `--data a.txt lr=1e-3`: argparse gives the override to a list flag; hand it back.
+            names = {f.name for f in dataclasses.fields(cls)}
+            for flag in list_fields:
+                values = getattr(args, flag, None)
+                if values:
+                    moved = [d for d in values if "=" in d and d.split("=", 1)[0] in names]
+                    setattr(args, flag, [d for d in values if d not in moved] or None)
+                    args.overrides = moved + list(args.overrides or [])
+            out = load(fn_path)(config_from_args(cls, args))
+            if out is not None:
+                print(out)
+
+        return help_text, add, run
+    return make
+
+
+def _verb_sample():
     def add(p: argparse.ArgumentParser) -> None:
-        src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--from", dest="source", nargs=2, metavar=("hf|gguf", "PATH"),
-                         help="import a Hugging Face directory or a .gguf file")
-        src.add_argument("--to", dest="target", nargs=2, metavar=("hf", "DIR"),
-                         help="export a gptlab model directory to Hugging Face")
-        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--model", required=True)
+        p.add_argument("--prompts", required=True, help="JSONL with prompt or messages")
+        p.add_argument("--k", type=int, default=4, help="responses per prompt")
+        p.add_argument("--out", required=True, help="samples JSONL")
+        p.add_argument("--greedy", action="store_true")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--max-new-tokens", type=int, default=96)
+        p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> None:
-        from gptlab import interop
-        if args.source:
-            kind, path = args.source
-            if kind not in ("hf", "gguf"):
-                raise UserError(f"--from expects 'hf' or 'gguf', not '{kind}'", field="--from")
-            out = interop.convert_to_gptlab(path, args.out, source=kind)
-            print(f"wrote gptlab model directory {out}")
-        else:
-            kind, path = args.target
-            if kind != "hf":
-                raise UserError(f"--to expects 'hf', not '{kind}'", field="--to")
-            out = interop.convert_to_hf(path, args.out)
-            print(f"wrote Hugging Face model directory {out}")
+        from gptlab.feedback import sample_file
+        n = sample_file(args.model, args.prompts, args.out, args.k, args.greedy,
+                        args.temperature, args.top_p, args.max_new_tokens, args.seed)
+        print(f"wrote {n} prompts x {args.k} responses to {args.out}")
 
-    return "import Hugging Face / GGUF models, or export to Hugging Face", add, run
+    return "sample K responses per prompt (what labelers rank)", add, run
+
+
+def _verb_label():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--labeler", default="sqlworld", help="the simulated labeler (sqlworld)")
+        p.add_argument("--in", dest="samples", required=True, help="samples JSONL")
+        p.add_argument("--out", required=True, help="rankings JSONL")
+        p.add_argument("--world", default=None, help="world directory (default: built-in world)")
+        p.add_argument("--disagreement", type=float, default=0.1,
+                       help="share of response pairs a labeler flips (0: noise-free)")
+        p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab.feedback import label_file
+        n = label_file(args.samples, args.out, args.labeler, args.world, args.disagreement,
+                       args.seed)
+        print(f"wrote {n} rankings to {args.out}")
+
+    return "rank sampled responses with a simulated labeler", add, run
 
 
 VERBS: dict[str, Callable] = {
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
     "pretrain": _verb_pretrain,
-    "world": _verb_world,
+    "sft": _config_verb("gptlab.train.sft.SFTConfig", "gptlab.train.sft.sft",
+                        "supervised fine-tuning on demonstrations (InstructGPT step 1)"),
+    "sample": _verb_sample,
+    "label": _verb_label,
+    "reward": _config_verb("gptlab.train.reward.RewardConfig",
+                           "gptlab.train.reward.train_reward_model",
+                           "train a reward model on rankings (InstructGPT step 2)"),
+    "ppo": _config_verb("gptlab.train.ppo.PPOConfig", "gptlab.train.ppo.ppo",
+                        "PPO against a reward model with a KL penalty (InstructGPT step 3)",
+                        list_fields=("ptx_data",)),
     "convert": _verb_convert,
+    "world": _verb_world,
 }
 
 

@@ -1,0 +1,165 @@
+"""The InstructGPT data formats: demonstrations, prompts, samples and rankings.
+
+- demonstrations (SFT): `{"prompt": ..., "completion": ...}` or `{"messages": [...]}`
+- prompts (sample, PPO): `{"prompt": ...}` or `{"messages": [...]}` ending on a user turn
+- samples: `{"id": ..., "prompt": ..., "responses": [...]}` (other prompt fields carried along)
+- rankings: `{"prompt": ..., "ranked": [best, ..., worst]}` with K ≥ 2 distinct responses,
+  or `{"prompt": ..., "chosen": ..., "rejected": ...}` (K = 2)
+
+A prompt is tokenized on its own and a response after it, exactly as generation sees them, so
+the tokens trained on are the tokens sampled. A plain-text response ends with EOS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import UserError
+from gptlab.io import read_jsonl
+
+
+@dataclass
+class Example:
+    """Token ids and a 0/1 mask of the tokens the loss is taken on."""
+    ids: list[int]
+    loss_mask: list[int]
+    id: Any = None
+
+
+@dataclass
+class Ranking:
+    prompt: Any                    # text or a list of chat messages
+    ranked: list[str]              # best first
+    id: Any = None
+    line: int | None = None
+
+
+@dataclass
+class SkipCounter:
+    """Records dropped inside a stage are counted and reported, never silently lost."""
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self, what: str) -> str:
+        if not self.counts:
+            return ""
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+        return f"skipped {self.total} {what}: {parts}"
+
+
+def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> Any:
+    """The prompt of a record: its `prompt` text or its `messages` up to the last user turn."""
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str) or not record["prompt"]:
+            raise UserError("must be a non-empty string", path=path, line=line, field="prompt")
+        return record["prompt"]
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError("must be a non-empty list of messages", path=path, line=line,
+                            field="messages")
+        return msgs
+    raise UserError("needs a 'prompt' or a 'messages' field", path=path, line=line)
+
+
+def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
+    """Tokens of a prompt, ready for the response to follow."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
+    ids, _ = tokenizer.render_chat(prompt, add_generation_prompt=True)
+    return ids
+
+
+def encode_response(tokenizer: Any, response: str, prompt: Any) -> list[int]:
+    """Tokens of a response, closed by EOS (the chat template's end of turn for chat prompts)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(response) + [tokenizer.eos_id]
+    full, mask = tokenizer.render_chat(list(prompt) + [{"role": "assistant", "content": response}])
+    start = len(encode_prompt(tokenizer, prompt))
+    return [t for t, m in zip(full[start:], mask[start:]) if m]
+
+
+def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
+                  line: int | None = None) -> Example:
+    """Tokens of one SFT record with the loss on the assistant's tokens only."""
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not any(
+                isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+            raise UserError("needs at least one assistant message", path=path, line=line,
+                            field="messages")
+        ids, mask = tokenizer.render_chat(msgs)
+        return Example(ids, list(mask), record.get("id"))
+    if "prompt" not in record or "completion" not in record:
+        raise UserError("needs 'prompt' and 'completion' fields, or 'messages'", path=path,
+                        line=line)
+    if not isinstance(record["completion"], str):
+        raise UserError("must be a string", path=path, line=line, field="completion")
+    p = encode_prompt(tokenizer, prompt_of(record, path, line))
+    c = encode_response(tokenizer, record["completion"], record["prompt"])
+    return Example(p + c, [0] * len(p) + [1] * len(c), record.get("id"))
+
+
+def read_demonstrations(path: str | Path, tokenizer: Any, context: int,
+                        skips: SkipCounter | None = None) -> list[Example]:
+    """SFT examples from JSONL; records longer than the context are skipped and counted."""
+    skips = skips if skips is not None else SkipCounter()
+    out = []
+    for row in read_jsonl(path):
+        ex = demonstration(tokenizer, row, path, row.get("_line"))
+        if len(ex.ids) > context:
+            skips.add(f"longer than the context of {context}")
+            continue
+        out.append(ex)
+    if not out:
+        raise UserError("no usable demonstrations" + (f" ({skips.report('records')})"
+                                                      if skips.total else ""), path=path)
+    return out
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Prompt records (every field kept); each needs `prompt` or `messages`."""
+    rows = read_jsonl(path)
+    for row in rows:
+        prompt_of(row, path, row.get("_line"))
+    if not rows:
+        raise UserError("no prompts in the file", path=path)
+    return rows
+
+
+def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ranking:
+    """Validate one rankings line: K ≥ 2 distinct, non-empty responses."""
+    prompt = prompt_of(row, path, line)
+    if "ranked" in row:
+        ranked = row["ranked"]
+        fname = "ranked"
+    elif "chosen" in row and "rejected" in row:
+        ranked, fname = [row["chosen"], row["rejected"]], "chosen/rejected"
+    else:
+        raise UserError("needs 'ranked' (best first) or 'chosen' and 'rejected'", path=path,
+                        line=line)
+    if not isinstance(ranked, list) or not all(isinstance(r, str) for r in ranked):
+        raise UserError("must be a list of response strings", path=path, line=line, field=fname)
+    if len(ranked) < 2:
+        raise UserError(f"needs at least 2 responses, got {len(ranked)}", path=path, line=line,
+                        field=fname)
+    if any(not r.strip() for r in ranked):
+        raise UserError("a response is empty", path=path, line=line, field=fname)
+    if len(set(ranked)) != len(ranked):
+        raise UserError("has duplicate responses (merge them before ranking)", path=path,
+                        line=line, field=fname)
+    return Ranking(prompt, list(ranked), row.get("id"), line)
+
+
+def read_rankings(path: str | Path) -> list[Ranking]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError("no rankings in the file", path=path)
+    return [ranking_of(r, path, r.get("_line")) for r in rows]

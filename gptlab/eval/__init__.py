@@ -1,0 +1,1 @@
+"""Evaluation: execution accuracy on the built-in world, in-context learning, the report."""

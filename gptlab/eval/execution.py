@@ -1,0 +1,59 @@
+"""Execution accuracy: answer each question greedily, run the SQL, compare with the gold result."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gptlab.data.instruct import SkipCounter
+from gptlab.engine import SamplingParams
+from gptlab.errors import UserError
+
+
+def open_world(spec: str | Path | Any) -> Any:
+    """A world object, a world directory (from `gptlab world export`), or "builtin"."""
+    from gptlab.world import build_world, load_world
+    if not isinstance(spec, (str, Path)):
+        return spec
+    if str(spec) == "builtin":
+        return build_world()
+    if not Path(spec).is_dir():
+        raise UserError("world directory not found (make one with `gptlab world export`)",
+                        path=spec, field="world")
+    return load_world(spec)
+
+
+@torch.no_grad()
+def answer(model: torch.nn.Module, tokenizer: Any, records: list[dict], max_new_tokens: int = 96,
+           batch_size: int = 64) -> list[str]:
+    """Greedy responses to prompt records (the fixed evaluation decoding)."""
+    from gptlab.feedback import sample_responses
+    skips = SkipCounter()
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    rows = sample_responses(model, tokenizer, records, 1, params, batch_size=batch_size,
+                            skips=skips)
+    if skips.total:
+        raise UserError("some evaluation prompts do not fit the context: "
+                        + skips.report("prompts"), field="prompt")
+    return [r["responses"][0] for r in rows]
+
+
+def exec_correct(world: Any, records: list[dict], responses: list[str]) -> list[int]:
+    """1 where the response's SQL returns the gold result, else 0 (per record)."""
+    return [int(world.check(r["id"], resp.strip()).correct) for r, resp in zip(records, responses)]
+
+
+def world_exec_evaluator(world_spec: Any, tokenizer: Any, records: list[dict],
+                         max_new_tokens: int = 96) -> Callable[[torch.nn.Module], float]:
+    """A function model -> execution accuracy on `records` (which carry world ids)."""
+    world = open_world(world_spec)
+    records = [r for r in records if "id" in r]
+    if not records:
+        raise UserError("no records with an 'id' to evaluate execution accuracy on", field="id")
+
+    def evaluate(model: torch.nn.Module) -> float:
+        responses = answer(model, tokenizer, records, max_new_tokens)
+        hits = exec_correct(world, records, responses)
+        return sum(hits) / len(hits)
+    return evaluate

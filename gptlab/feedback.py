@@ -1,0 +1,129 @@
+"""Collecting feedback: sample K responses per prompt, then have labelers rank them.
+
+The rankings file is the interface for human feedback: people can write it by hand, and the
+built-in world's simulated labelers write the same format.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
+from gptlab.engine import SamplingParams, generate
+from gptlab.errors import UserError
+from gptlab.io import read_jsonl, write_jsonl_atomic
+
+RankFn = Callable[[dict, list[str]], list[str]]
+
+
+def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
+                     params: SamplingParams, seed: int = 0, batch_size: int = 64,
+                     skips: SkipCounter | None = None) -> list[dict]:
+    """K responses per prompt record: `{**record, "responses": [...]}`.
+
+    Each prompt is repeated K times in the batch; rows differ by the sampler's random stream.
+    """
+    skips = skips if skips is not None else SkipCounter()
+    params.stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
+    room = model.config.context - params.max_new_tokens
+    jobs = []
+    for rec in records:
+        ids = encode_prompt(tokenizer, prompt_of(rec, "", rec.get("_line")))
+        if len(ids) > room:
+            skips.add("prompts longer than the context minus max_new_tokens")
+            continue
+        jobs.append((rec, ids))
+    out = []
+    per_batch = max(1, batch_size // k)
+    for b in range(0, len(jobs), per_batch):
+        chunk = jobs[b:b + per_batch]
+        prompts = [ids for _, ids in chunk for _ in range(k)]
+        gen = generate(model, prompts, params, seed=seed * 1_000_003 + b, pad_id=tokenizer.pad_id)
+        for j, (rec, _) in enumerate(chunk):
+            responses = [tokenizer.decode(t) for t in gen.tokens[j * k:(j + 1) * k]]
+            row = {key: v for key, v in rec.items() if key != "_line"}
+            out.append({**row, "responses": responses})
+    return out
+
+
+def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k: int,
+                greedy: bool = False, temperature: float = 1.0, top_p: float | None = None,
+                max_new_tokens: int = 64, seed: int = 0) -> int:
+    """`gptlab sample`: write K responses per prompt to `out` (JSONL). Returns rows written."""
+    from gptlab.api import load
+    if k < 1:
+        raise UserError("must be at least 1", field="k")
+    model, tok = load(model_path)
+    skips = SkipCounter()
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
+                            temperature=temperature, top_p=top_p)
+    rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips)
+    n = write_jsonl_atomic(out, rows)
+    if skips.total:
+        print(skips.report("prompts"), file=sys.stderr)
+    return n
+
+
+def distinct(responses: Iterable[str]) -> list[str]:
+    """Responses with exact duplicates merged (first occurrence kept)."""
+    seen: dict[str, None] = {}
+    for r in responses:
+        seen.setdefault(r, None)
+    return list(seen)
+
+
+def label_samples(samples: list[dict], rank: RankFn,
+                  skips: SkipCounter | None = None) -> list[dict]:
+    """Rankings `{"prompt"/"messages", "ranked": [best...worst], other fields}` from samples.
+
+    Identical responses are merged first; a prompt left with fewer than 2 distinct (non-empty)
+    responses is skipped and counted.
+    """
+    skips = skips if skips is not None else SkipCounter()
+    rankings = []
+    for s in samples:
+        responses = [r for r in distinct(s.get("responses", [])) if r.strip()]
+        if len(responses) < 2:
+            skips.add("prompts with fewer than 2 distinct responses")
+            continue
+        ranked = rank(s, responses)
+        if sorted(ranked) != sorted(responses):
+            raise UserError("the labeler must return a permutation of the responses",
+                            field="ranked")
+        row = {k: v for k, v in s.items() if k not in ("responses", "_line")}
+        rankings.append({**row, "ranked": ranked})
+    return rankings
+
+
+def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0.1,
+                    seed: int = 0) -> RankFn:
+    """The built-in world's simulated labeler as a RankFn (records need the world's `id`)."""
+    from gptlab.eval.execution import open_world
+    world = open_world(world_dir or "builtin")
+    labeler = world.labeler(disagreement=disagreement, seed=seed)
+
+    def rank(record: dict, responses: list[str]) -> list[str]:
+        if "id" not in record:
+            raise UserError("the sqlworld labeler needs each sample's 'id'", field="id")
+        return labeler.rank(record["id"], responses).ranked()
+    return rank
+
+
+def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlworld",
+               world: str | Path | None = None, disagreement: float = 0.1, seed: int = 0) -> int:
+    """`gptlab label`: rank a samples file into a rankings file. Returns rankings written."""
+    if labeler != "sqlworld":
+        raise UserError(f"unknown labeler '{labeler}' (available: sqlworld); for your own data "
+                        f"write the rankings file yourself or call label_samples()",
+                        field="labeler")
+    samples = read_jsonl(samples_path, required=("responses",))
+    skips = SkipCounter()
+    rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed), skips)
+    n = write_jsonl_atomic(out, rankings)
+    if skips.total:
+        print(skips.report("prompts"), file=sys.stderr)
+    print(f"ranked {n} prompts", file=sys.stderr)
+    return n

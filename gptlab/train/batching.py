@@ -1,0 +1,58 @@
+"""Batches of variable-length examples for the common loop: right-padded, resumable."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from gptlab.data.instruct import Example
+from gptlab.data.tokens import EpochSampler
+
+
+def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. labels[t] is the token at t + 1 where the loss is
+    taken on it, else -100; attention_mask marks real tokens."""
+    T = max(len(e.ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        row = torch.tensor(e.ids, dtype=torch.long)
+        ids[i, :n], mask[i, :n] = row, 1
+        target_on = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
+        labels[i, :n - 1] = torch.where(target_on, row[1:], torch.full_like(row[1:], -100))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class ListBatches:
+    """An endless, resumable stream of collated batches over a list of items, reshuffled each
+    epoch from the seed (the common loop's `Batches`)."""
+
+    def __init__(self, items: Sequence[Any], batch_size: int, seed: int,
+                 collate: Callable[[list[Any]], Any]):
+        self.items, self.collate = items, collate
+        self.sampler = EpochSampler(len(items), batch_size, seed)
+
+    def __iter__(self) -> "ListBatches":
+        return self
+
+    def __next__(self) -> Any:
+        return self.collate([self.items[i] for i in self.sampler.next_indices()])
+
+    def state(self) -> dict:
+        return self.sampler.state()
+
+    def load_state(self, state: dict) -> None:
+        self.sampler.load_state(state)
+
+    @property
+    def epochs(self) -> float:
+        return self.sampler.epochs
+
+
+def fixed_list_batches(items: Sequence[Any], batch_size: int,
+                       collate: Callable[[list[Any]], Any]) -> list[Any]:
+    """Every item once, in order: a validation set that is the same at each evaluation."""
+    return [collate(list(items[i:i + batch_size])) for i in range(0, len(items), batch_size)]

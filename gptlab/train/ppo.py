@@ -1,0 +1,373 @@
+"""InstructGPT step 3: PPO against a reward model, with a per-token KL penalty to the SFT model
+and, optionally, the pretraining mix (PPO-ptx).
+
+One iteration reads as the algorithm:
+  1. rollout   — sample responses to a batch of prompts with the KV-cache engine
+  2. score     — reward model (or a reward function) at the end of each response
+  3. rewards   — r_t = −β · KL_t per token, plus the score on the last token
+  4. GAE       — advantages and returns from the value model
+  5. update    — several epochs of clipped policy and value losses over minibatches,
+                 plus ptx_coef · LM loss on pretraining text
+PPO owns this loop; it borrows only the shared pieces (optimizer, schedule, checkpoints, logs).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from gptlab.checkpoint import load_model, save_model
+from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
+from gptlab.engine import SamplingParams, generate
+from gptlab.errors import UserError
+from gptlab.model.gpt import GPT
+from gptlab.model.heads import ScalarHeadModel
+from gptlab.provenance import record_run
+from gptlab.train.loop import clip_gradients, lr_at, make_optimizer, set_lr
+from gptlab.train.rl_math import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss,
+                                  entropy_from_logits, gae, kl_per_token, masked_mean,
+                                  token_logprobs, whiten)
+
+
+@dataclass
+class PPOConfig:
+    policy: str = ""                 # SFT model directory (the policy starts here)
+    prompts: str = ""                # JSONL prompts
+    out: str = ""
+    reward: str | None = None        # reward model directory
+    reward_fn: str | None = None     # or "module:function" scoring (prompts, responses, records)
+    reference: str | None = None     # the KL anchor; default: the initial policy
+    value: str | None = None         # value model init; default: the reward model
+    steps: int = 50                  # rollout → update iterations
+    batch_size: int = 32             # prompts per rollout
+    minibatch_size: int = 8
+    ppo_epochs: int = 2
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kl_coef: float = 0.02            # β of the per-token KL penalty
+    kl_estimator: str = "k1"         # k1 | k3
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    clip: float = 0.2                # policy ratio clip ε
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
+    whiten_advantages: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int = 64
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
+    ptx_data: list[str] = field(default_factory=list)  # pretraining text for PPO-ptx
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 8
+    save_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """`module:function`; the function takes (prompts, responses, records) -> list of floats."""
+    if ":" not in spec:
+        raise UserError("should look like module:function", field="reward_fn")
+    mod, name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot load '{spec}': {e}", field="reward_fn") from None
+    return fn
+
+
+@dataclass
+class Rollout:
+    """One batch of prompts and sampled responses, laid out as prompt (left-padded, P tokens)
+    then response (right-padded, R tokens)."""
+    ids: Tensor            # (B, P + R)
+    attention_mask: Tensor  # (B, P + R)
+    response_mask: Tensor  # (B, R)
+    P: int
+    records: list[dict]
+    responses: list[list[int]]
+    finished: Tensor       # (B,) bool: ended with a stop token
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.ids[:, self.P:]
+
+
+def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+           device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
+    P = max(len(p) for p in prompts)
+    R = max(len(r) for r in responses)
+    B = len(prompts)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, P - len(p):P + len(r)] = 1
+    return ids.to(device), mask.to(device), mask[:, P:].to(device), P
+
+
+def response_logprobs(model: GPT, ro: Rollout, temperature: float,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
+    exactly as in the rollout. (B, R)."""
+    logits = model(ro.ids, attention_mask=ro.attention_mask)[:, ro.P - 1:-1].float() / temperature
+    lp = token_logprobs(logits, ro.response_ids)
+    return lp, entropy_from_logits(logits) if with_entropy else None
+
+
+def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
+    """V(s_t) at the position that predicts response token t. (B, R)."""
+    return value_model.values(ro.ids, ro.attention_mask)[:, ro.P - 1:-1]
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig):
+        if not cfg.policy or not cfg.prompts or not cfg.out:
+            raise UserError("ppo needs --policy, --prompts and --out")
+        if (cfg.reward is None) == (cfg.reward_fn is None):
+            raise UserError("give exactly one of --reward (a reward model) or --reward-fn",
+                            field="reward")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.policy, self.tok, _ = load_model(cfg.policy, self.device)
+        if not isinstance(self.policy, GPT) or self.tok is None:
+            raise UserError("the policy must be a GPT model directory with a tokenizer",
+                            path=cfg.policy)
+        ref_path = cfg.reference or cfg.policy
+        self.reference = load_model(ref_path, self.device)[0] if cfg.reference \
+            else copy.deepcopy(self.policy)
+        self.reference.requires_grad_(False)
+        self.reward_model: ScalarHeadModel | None = None
+        self.reward_fn: Callable | None = None
+        if cfg.reward:
+            self.reward_model = load_model(cfg.reward, self.device)[0]
+            if not isinstance(self.reward_model, ScalarHeadModel):
+                raise UserError("not a reward model (expected a scalar-head model)",
+                                path=cfg.reward)
+            self.reward_model.requires_grad_(False)
+        else:
+            self.reward_fn = load_reward_fn(cfg.reward_fn)
+        self.value_model = self._init_value_model()
+        # Dropout off during RL: the rollout and the update must see the same network.
+        for m in (self.policy, self.reference, self.value_model, self.reward_model):
+            if m is not None:
+                m.eval()
+        # One optimizer over both networks: the loss is pg_loss + vf_coef * vf_loss (+ ptx).
+        self.trained = torch.nn.ModuleList([self.policy, self.value_model])
+        self.optimizer = make_optimizer(self.trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) \
+            if cfg.adaptive_kl else None
+        self.records = read_prompts(cfg.prompts)
+        self.skips = SkipCounter()
+        self.rng = random.Random(cfg.seed)
+        self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
+        self.out = Path(cfg.out)
+
+    def _init_value_model(self) -> ScalarHeadModel:
+        if self.cfg.value:
+            vm = load_model(self.cfg.value, self.device)[0]
+        elif self.reward_model is not None:
+            vm = copy.deepcopy(self.reward_model)
+        else:  # a reward function: start the value model from the policy, head at its init
+            vm = ScalarHeadModel.from_gpt(self.policy)
+        if not isinstance(vm, ScalarHeadModel):
+            raise UserError("the value model must be a scalar-head model", path=self.cfg.value)
+        vm.requires_grad_(True)
+        return vm
+
+    def _ptx_batches(self) -> Iterator[Tensor]:
+        """Endless random blocks of the pretraining text, tokenized with the policy's tokenizer."""
+        if not self.cfg.ptx_data:
+            raise UserError("ptx_coef > 0 needs --ptx-data (pretraining text)", field="ptx_data")
+        from gptlab.data.corpus import iter_documents
+        ids: list[int] = []
+        for doc in iter_documents(self.cfg.ptx_data):
+            ids += self.tok.encode(doc) + [self.tok.eos_id]
+        block = min(self.policy.config.context, 128)
+        data = torch.tensor(ids, dtype=torch.long)
+        if len(data) <= block + 1:
+            raise UserError(f"pretraining text has {len(data)} tokens, fewer than one block of "
+                            f"{block + 1}", field="ptx_data")
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        while True:
+            starts = torch.randint(0, len(data) - block - 1, (self.cfg.ptx_batch_size,),
+                                   generator=g)
+            yield torch.stack([data[s:s + block + 1] for s in starts.tolist()]).to(self.device)
+
+    # --- 1. rollout ---------------------------------------------------------------------------
+    def rollout(self, step: int) -> Rollout | None:
+        cfg = self.cfg
+        room = self.policy.config.context - cfg.max_new_tokens
+        prompts, records = [], []
+        for rec in self.rng.sample(self.records, min(cfg.batch_size, len(self.records))):
+            ids = encode_prompt(self.tok, prompt_of(rec, cfg.prompts, rec.get("_line")))
+            if len(ids) > room:
+                self.skips.add("prompts longer than the context minus max_new_tokens")
+                continue
+            prompts.append(ids)
+            records.append(rec)
+        if not prompts:
+            return None
+        gen = generate(self.policy, prompts, SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, stop_ids=tuple(sorted(self.tok.stop_ids))),
+            seed=cfg.seed * 100_003 + step, pad_id=self.tok.pad_id)
+        ids, mask, rmask, P = layout(prompts, gen.tokens, self.tok.pad_id, self.device)
+        return Rollout(ids, mask, rmask, P, records, gen.tokens,
+                       torch.tensor(gen.finished, device=self.device))
+
+    # --- 2. score -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, ro: Rollout) -> Tensor:
+        if self.reward_model is not None:
+            scores = self.reward_model(ro.ids, ro.attention_mask).float()
+        else:
+            texts = [self.tok.decode(r) for r in ro.responses]
+            prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
+            try:
+                values = list(self.reward_fn(prompts, texts, ro.records))
+            except Exception as e:  # the user's function: report it, never a silent zero
+                raise UserError(f"the reward function raised {type(e).__name__}: {e}",
+                                field="reward_fn") from e
+            if len(values) != len(texts):
+                raise UserError(f"the reward function returned {len(values)} scores for "
+                                f"{len(texts)} responses", field="reward_fn")
+            bad = [i for i, v in enumerate(values)
+                   if not isinstance(v, (int, float)) or not math.isfinite(v)]
+            if bad:
+                raise UserError(f"the reward function returned a non-finite score "
+                                f"({values[bad[0]]!r}) for prompt id "
+                                f"{ro.records[bad[0]].get('id', bad[0])}", field="reward_fn")
+            scores = torch.tensor(values, dtype=torch.float32, device=self.device)
+        # A response that never ended is penalised by a fixed amount.
+        return scores - self.cfg.missing_eos_penalty * (~ro.finished).float()
+
+    # --- 3 + 4. rewards with KL, then GAE ------------------------------------------------------
+    @torch.no_grad()
+    def advantages(self, ro: Rollout, scores: Tensor) -> dict[str, Tensor]:
+        cfg = self.cfg
+        old_logp, _ = response_logprobs(self.policy, ro, cfg.temperature)
+        ref_logp, _ = response_logprobs(self.reference, ro, cfg.temperature)
+        old_values = response_values(self.value_model, ro)
+        m = ro.response_mask.float()
+        kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * m
+        beta = self.kl_ctl.value if self.kl_ctl else cfg.kl_coef
+        # r_t = −β KL_t, and the score is paid on the last real token.
+        rewards = -beta * kl
+        last = m.sum(1).long() - 1
+        rewards[torch.arange(len(last)), last] += scores
+        adv, returns = gae(rewards, old_values * m, m, cfg.gae_gamma, cfg.gae_lambda)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, m)
+        return {"old_logp": old_logp, "old_values": old_values, "advantages": adv,
+                "returns": returns, "kl": kl, "beta": torch.tensor(beta)}
+
+    # --- 5. clipped updates -------------------------------------------------------------------
+    def update(self, ro: Rollout, batch: dict[str, Tensor], lr: float) -> dict[str, float]:
+        cfg = self.cfg
+        set_lr(self.optimizer, lr)
+        B = ro.ids.shape[0]
+        stats: dict[str, list[float]] = {}
+        g = torch.Generator().manual_seed(cfg.seed + B)
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(B, generator=g).split(cfg.minibatch_size):
+                idx = idx.to(self.device)
+                mb = Rollout(ro.ids[idx], ro.attention_mask[idx], ro.response_mask[idx], ro.P,
+                             [], [], ro.finished[idx])
+                m = mb.response_mask.float()
+                logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, True)
+                pg_loss, pg = clipped_policy_loss(logp, batch["old_logp"][idx],
+                                                  batch["advantages"][idx], m, cfg.clip)
+                values = response_values(self.value_model, mb)
+                vf_loss, vf_clipfrac = clipped_value_loss(values, batch["old_values"][idx],
+                                                          batch["returns"][idx], m,
+                                                          cfg.value_clip)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if self.ptx is not None:
+                    block = next(self.ptx)
+                    ptx_loss = self.policy(block[:, :-1], labels=block[:, 1:])
+                    loss = loss + cfg.ptx_coef * ptx_loss
+                    stats.setdefault("ptx_loss", []).append(ptx_loss.item())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_gradients(self.trained, cfg.grad_clip)
+                self.optimizer.step()
+                for k, v in (("pg_loss", pg_loss), ("value_loss", vf_loss),
+                             ("clipfrac", pg["clipfrac"]), ("approx_kl", pg["approx_kl"]),
+                             ("value_clipfrac", vf_clipfrac),
+                             ("entropy", masked_mean(entropy, m))):
+                    stats.setdefault(k, []).append(float(v.detach()))
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        record_run(self.out, cfg)
+        metrics_path = self.out / "metrics.jsonl"
+        start = time.time()
+        with open(metrics_path, "w", encoding="utf-8") as log:
+            for step in range(1, cfg.steps + 1):
+                ro = self.rollout(step)
+                if ro is None:
+                    raise UserError("no prompt fits the context: "
+                                    + self.skips.report("prompts"), path=cfg.prompts)
+                scores = self.score(ro)
+                batch = self.advantages(ro, scores)
+                lr = lr_at(step - 1, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
+                stats = self.update(ro, batch, lr)
+                kl_seq = batch["kl"].sum(1).mean().item()
+                if self.kl_ctl:
+                    self.kl_ctl.update(kl_seq, len(ro.records))
+                row = {"step": step, "reward": scores.mean().item(),
+                       "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                       "kl": kl_seq, "kl_coef": float(batch["beta"]),
+                       "response_length": ro.response_mask.sum(1).float().mean().item(),
+                       "eos_fraction": ro.finished.float().mean().item(), "lr": lr,
+                       "elapsed_s": round(time.time() - start, 2), **stats}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                print(f"ppo step {step}/{cfg.steps} reward {row['reward']:+.3f} "
+                      f"kl {row['kl']:.3f} len {row['response_length']:.1f} "
+                      f"clip {row['clipfrac']:.3f} vloss {row['value_loss']:.3f}",
+                      file=sys.stderr)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    self.save(self.out / "checkpoints" / f"step-{step}")
+        if self.skips.total:
+            print(self.skips.report("prompts"), file=sys.stderr)
+        return self.save(self.out)
+
+    def save(self, path: Path) -> Path:
+        save_model(path / "value", self.value_model, None)
+        save_model(path, self.policy, self.tok,
+                   extra={"stage": "ppo", "ppo_steps": self.cfg.steps,
+                          "skipped": self.skips.counts})
+        return path
+
+
+def ppo(cfg: PPOConfig) -> Path:
+    """Run PPO and write the policy (a model directory) to `cfg.out`."""
+    return PPOTrainer(cfg).train()

@@ -1,0 +1,206 @@
+"""InstructGPT step 2: a reward model from K-wise rankings.
+
+The model is the SFT model with a scalar head reading the last real token. For a prompt with K
+ranked responses the loss is −1/C(K,2) Σ_{i<j} log σ(r(x, y_i) − r(x, y_j)) (y_i ranked above
+y_j); all C(K,2) pairs of a prompt share one batch element, so each prompt is one gradient
+contribution however large K is. After training, a bias and a scale are set so that the
+policy's samples for the training prompts score mean 0, std 1.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gptlab.checkpoint import load_model, save_model
+from gptlab.data.instruct import Ranking, SkipCounter, encode_prompt, encode_response, read_rankings
+from gptlab.errors import UserError
+from gptlab.model.gpt import GPT
+from gptlab.model.heads import ScalarHeadModel
+from gptlab.provenance import record_run
+from gptlab.train.batching import ListBatches, fixed_list_batches
+from gptlab.train.loop import TrainConfig, annotate_run, train
+from gptlab.train.rl_math import kwise_ranking_loss
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    model: str = field(default="", metadata={"help": "the SFT model the reward model starts from"})
+    data: str = field(default="", metadata={"help": "rankings JSONL (ranked, or chosen/rejected)"})
+    out: str = field(default="runs/reward", metadata={"help": "output model directory"})
+    val_data: str | None = field(default=None, metadata={
+        "help": "held-out rankings (default: a slice of --data)"})
+    val_fraction: float = 0.1
+    epochs: float = 2.0
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    batch_size: int = 8               # prompts (rankings) per batch, all their pairs inside
+    eval_every: int = 50
+    save_every: int = 0
+    resume: bool = False
+
+
+@dataclass
+class EncodedRanking:
+    """The K responses of one prompt as full token sequences, best first."""
+    seqs: list[list[int]]
+    id: Any = None
+
+
+def encode_ranking(tokenizer: Any, r: Ranking, context: int) -> EncodedRanking | None:
+    """None when a response does not fit the context with its prompt (counted by the caller)."""
+    p = encode_prompt(tokenizer, r.prompt)
+    seqs = [p + encode_response(tokenizer, resp, r.prompt) for resp in r.ranked]
+    if max(len(s) for s in seqs) > context:
+        return None
+    return EncodedRanking(seqs, r.id)
+
+
+def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
+    """All responses of the batch, flattened to (N, T) right-padded rows; `k` per prompt."""
+    seqs = [s for it in items for s in it.seqs]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "k": torch.tensor([len(it.seqs) for it in items])}
+
+
+def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
+    """Scores laid out (B, Kmax) best first, padded with 0 past each prompt's K."""
+    flat = model(batch["input_ids"], batch["attention_mask"])
+    k = batch["k"]
+    out = torch.zeros(len(k), int(k.max()), dtype=flat.dtype, device=flat.device)
+    rows = torch.repeat_interleave(torch.arange(len(k), device=flat.device), k.to(flat.device))
+    starts = torch.cumsum(k, 0) - k
+    cols = torch.arange(len(flat), device=flat.device) - starts.to(flat.device)[rows]
+    out[rows, cols] = flat
+    return out
+
+
+def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return kwise_ranking_loss(ranked_scores(model, batch), batch["k"].to(batch["input_ids"].device))
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) -> float:
+    """Share of ranked pairs (i above j) that the model scores r_i > r_j (ties count half)."""
+    right, total = 0.0, 0
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        s = ranked_scores(model, b)
+        for row, k in zip(s, b["k"].tolist()):
+            for i in range(k):
+                for j in range(i + 1, k):
+                    right += 1.0 if row[i] > row[j] else 0.5 if row[i] == row[j] else 0.0
+                    total += 1
+    model.train(was)
+    return right / max(total, 1)
+
+
+@torch.no_grad()
+def normalize_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_id: int,
+                     batch_size: int = 32) -> tuple[float, float]:
+    """Set bias and scale so the given sequences score mean 0, std 1; return (mean, std) raw."""
+    model.score_bias.zero_()
+    model.score_scale.fill_(1.0)
+    device = next(model.parameters()).device
+    scores = []
+    for i in range(0, len(sequences), batch_size):
+        b = collate_rankings([EncodedRanking(sequences[i:i + batch_size])], pad_id)
+        scores.append(model(b["input_ids"].to(device), b["attention_mask"].to(device)))
+    s = torch.cat(scores)
+    mean, std = s.mean().item(), (s.std().item() if len(s) > 1 else 1.0)
+    model.score_bias.fill_(mean)
+    model.score_scale.fill_(1.0 / max(std, 1e-6))
+    return mean, std
+
+
+def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(items) * fraction))
+    val = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [items[i] for i in sorted(val)]
+
+
+def train_reward_model(cfg: RewardConfig) -> Path:
+    """Train a reward model; OUT is a scalar-head model directory."""
+    if not cfg.model or not cfg.data:
+        raise UserError("reward needs --model and --data")
+    cfg.check()
+    base, tok, _ = load_model(cfg.model)
+    if tok is None:
+        raise UserError("the model has no tokenizer", path=cfg.model)
+    if isinstance(base, ScalarHeadModel):
+        model = base  # continue training a reward model (a new round of rankings)
+    elif isinstance(base, GPT):
+        torch.manual_seed(cfg.seed)
+        model = ScalarHeadModel.from_gpt(base)
+    else:
+        raise UserError("the reward model must start from a GPT model", path=cfg.model)
+    context = model.config.context
+    rankings = read_rankings(cfg.data)
+    if cfg.val_data:
+        train_r, val_r = rankings, read_rankings(cfg.val_data)
+    else:
+        train_r, val_r = split_rankings(rankings, cfg.val_fraction, cfg.seed)
+    skips = SkipCounter()
+
+    def enc(rs: list[Ranking]) -> list[EncodedRanking]:
+        out = []
+        for r in rs:
+            e = encode_ranking(tok, r, context)
+            if e is None:
+                skips.add(f"rankings longer than the context of {context}")
+            else:
+                out.append(e)
+        return out
+    train_e, val_e = enc(train_r), enc(val_r)
+    if skips.total:
+        print(skips.report("rankings"), file=sys.stderr)
+    if not train_e:
+        raise UserError("no rankings left to train on", path=cfg.data)
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_run(out, cfg)
+    collate = lambda b: collate_rankings(b, tok.pad_id)  # noqa: E731
+    val_batches = fixed_list_batches(val_e, cfg.batch_size, collate) if val_e else None
+
+    def on_eval(m: nn.Module, step: int) -> dict:
+        return {"pairwise_acc": pairwise_accuracy(m, val_batches)} if val_batches else {}
+
+    result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
+                   cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
+                   tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
+                   extra={"stage": "reward"})
+    model.eval()
+    acc = pairwise_accuracy(model, val_batches) if val_batches else None
+    # The training rankings hold the policy's samples for the training prompts.
+    samples = {tuple(s) for e in train_e for s in e.seqs}
+    mean, std = normalize_scores(model, sorted(samples), tok.pad_id)
+    save_model(out, model, tok, extra={"stage": "reward", "step": result.step,
+                                       "heldout_pairwise_acc": acc, "val_loss": result.val_loss,
+                                       "raw_score_mean": mean, "raw_score_std": std,
+                                       "train_rankings": len(train_e),
+                                       "heldout_rankings": len(val_e),
+                                       "skipped": skips.counts})
+    annotate_run(out, heldout_pairwise_acc=acc)
+    print(f"reward model: {result.step} steps; held-out pairwise accuracy "
+          f"{'n/a' if acc is None else f'{acc:.3f}'} on {len(val_e)} rankings; scores "
+          f"normalised on {len(samples)} samples (raw mean {mean:.3f}, std {std:.3f})",
+          file=sys.stderr)
+    return out

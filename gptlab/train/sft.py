@@ -1,0 +1,150 @@
+"""InstructGPT step 1: supervised fine-tuning on demonstrations.
+
+Demonstrations are `prompt`/`completion` or `messages` records; the loss is the next-token
+cross-entropy on the assistant's tokens only (the prompt, the user's turns and the template's
+role markers are context, not targets). Training runs in the common loop; each evaluation
+measures validation loss and, on the built-in world, execution accuracy, and the best
+evaluation's weights are what OUT holds at the end ("train to the validation optimum").
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptlab.checkpoint import load_model, save_model
+from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
+from gptlab.errors import UserError
+from gptlab.io import read_jsonl
+from gptlab.provenance import record_run
+from gptlab.train.batching import ListBatches, fixed_list_batches, pad_examples
+from gptlab.train.loop import TrainConfig, annotate_run, train
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    model: str = field(default="", metadata={"help": "pretrained model (gptlab dir, HF dir, .gguf)"})
+    data: str = field(default="", metadata={"help": "demonstrations JSONL"})
+    out: str = field(default="runs/sft", metadata={"help": "output model directory"})
+    val_data: str | None = field(default=None, metadata={
+        "help": "held-out demonstrations (default: a slice of --data)"})
+    val_fraction: float = 0.05
+    epochs: float = 3.0               # sets max_steps when neither max_steps nor max_minutes is
+    world: str | None = field(default=None, metadata={
+        "help": "built-in world directory: also measure execution accuracy ('builtin' = default world)"})
+    exec_eval: int = 200              # validation questions for execution accuracy (0: off)
+    max_new_tokens: int = 96
+    select_best: bool = True          # keep the weights of the best evaluation
+    resume: bool = False
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    save_every: int = 0
+    batch_size: int = 16
+
+
+def sft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    # Right padding: the causal fast path is exact for real tokens; padding carries -100.
+    return model(batch["input_ids"], labels=batch["labels"])
+
+
+def split_examples(examples: list[Example], fraction: float,
+                   seed: int) -> tuple[list[Example], list[Example]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(len(examples) * fraction)) if len(examples) > 1 else 0
+    val = [examples[i] for i in sorted(order[:n_val])]
+    return [examples[i] for i in sorted(order[n_val:])], val
+
+
+class BestKeeper:
+    """An `on_eval` callback: scores the model (execution accuracy when a world is given, else
+    −validation loss) and saves the best weights to OUT/best."""
+
+    def __init__(self, out: Path, tokenizer: Any, exec_eval: Any = None):
+        self.dir, self.tok, self.exec_eval = out / "best", tokenizer, exec_eval
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def __call__(self, model: nn.Module, step: int, val_loss: float | None = None) -> dict:
+        row: dict = {}
+        if self.exec_eval is not None:
+            row["exec_acc"] = self.exec_eval(model)
+            score = row["exec_acc"]
+        else:
+            score = -val_loss if val_loss is not None else None
+        if score is not None and (self.best is None or score > self.best):
+            self.best, self.best_step = score, step
+            save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
+        return row
+
+
+def sft(cfg: SFTConfig) -> Path:
+    """Fine-tune `cfg.model` on `cfg.data`; returns the model directory `cfg.out`."""
+    from gptlab.eval.execution import world_exec_evaluator
+
+    if not cfg.model or not cfg.data:
+        raise UserError("sft needs --model and --data")
+    cfg.check()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a directory", path=out, field="out")
+    model, tok, _ = load_model(cfg.model)
+    if tok is None:
+        raise UserError("the model has no tokenizer", path=cfg.model)
+    torch.manual_seed(cfg.seed)
+    skips = SkipCounter()
+    context = model.config.context
+    examples = read_demonstrations(cfg.data, tok, context, skips)
+    if cfg.val_data:
+        train_ex, val_ex = examples, read_demonstrations(cfg.val_data, tok, context, skips)
+    else:
+        train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
+    if skips.total:
+        print(skips.report("demonstrations"), file=sys.stderr)
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        cfg.max_steps = max(1, int(cfg.epochs * len(train_ex) / (cfg.batch_size * cfg.grad_accum)))
+
+    exec_eval = None
+    if cfg.world and cfg.exec_eval > 0:
+        val_records = read_jsonl(cfg.val_data) if cfg.val_data else read_jsonl(cfg.data)
+        exec_eval = world_exec_evaluator(cfg.world, tok, val_records[:cfg.exec_eval],
+                                         cfg.max_new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    record_run(out, cfg)
+    annotate_run(out, data={"train": len(train_ex), "validation": len(val_ex),
+                            "skipped": skips.counts})
+    keeper = BestKeeper(out, tok, exec_eval)
+    last_val: dict = {}
+
+    def on_eval(m: nn.Module, step: int) -> dict:
+        from gptlab.train.loop import evaluate
+        val = fixed_list_batches(val_ex, cfg.batch_size, lambda b: pad_examples(b, tok.pad_id))
+        loss = evaluate(m, val, sft_loss) if val_ex else None
+        last_val["loss"] = loss
+        return keeper(m, step, loss)
+
+    collate = lambda b: pad_examples(b, tok.pad_id)  # noqa: E731
+    result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
+                   cfg, out, val_batches=fixed_list_batches(val_ex, cfg.batch_size, collate)
+                   if val_ex else None, tokenizer=tok,
+                   on_eval=on_eval if (val_ex or exec_eval) else None,
+                   tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume, extra={"stage": "sft"})
+    if cfg.select_best and keeper.best is not None:
+        best, _, _ = load_model(keeper.dir)
+        model = best
+    save_model(out, model, tok, extra={"stage": "sft", "step": result.step,
+                                       "best_step": keeper.best_step, "best_score": keeper.best,
+                                       "val_loss": result.val_loss})
+    shutil.rmtree(keeper.dir, ignore_errors=True)
+    print(f"SFT: {result.step} steps; best evaluation at step {keeper.best_step} "
+          f"({'exec_acc' if exec_eval else '-val_loss'} {keeper.best}); saved to {out}",
+          file=sys.stderr)
+    return out

@@ -1,0 +1,176 @@
+"""InstructGPT on a task of our own (not the built-in world): sft -> sample -> rank with our own
+Python function -> reward model -> PPO, through the command line, checking that reward goes up."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from gptlab.checkpoint import load_model, save_model
+from gptlab.cli import main
+from gptlab.data.instruct import demonstration, read_rankings
+from gptlab.errors import UserError
+from gptlab.feedback import label_samples
+from gptlab.io import read_jsonl, write_jsonl_atomic
+from gptlab.model import GPT, get_preset
+from gptlab.tokenizer import train_tokenizer
+from gptlab.train.ppo import PPOConfig, PPOTrainer
+from gptlab.train.reward import split_rankings
+
+import instruct_task as task
+
+QUIET = ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("instruct")
+    paths = task.write_task(d)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    save_model(d / "base", GPT(cfg), tok)
+    assert main(["sft", "--model", str(d / "base"), "--data", str(paths["sft"]),
+                 "--out", str(d / "sft"), "--max-steps", "120", "--batch-size", "16",
+                 "--lr", "3e-3", "--eval-every", "40", *QUIET]) == 0
+    assert main(["sample", "--model", str(d / "sft"), "--prompts", str(paths["prompts"]),
+                 "--k", "4", "--out", str(d / "samples.jsonl"), "--max-new-tokens", "8"]) == 0
+    rankings = label_samples(read_jsonl(d / "samples.jsonl"), task.rank)
+    write_jsonl_atomic(d / "rankings.jsonl", rankings)
+    assert main(["reward", "--model", str(d / "sft"), "--data", str(d / "rankings.jsonl"),
+                 "--out", str(d / "rm"), "--max-steps", "80", "--lr", "2e-3",
+                 "--batch-size", "8", "--eval-every", "40", *QUIET]) == 0
+    return d, paths
+
+
+def test_sft_loss_is_on_the_completion_only(run):
+    d, paths = run
+    _, tok, _ = load_model(d / "sft")
+    ex = demonstration(tok, {"prompt": "Is the cat happy?", "completion": " yes no"})
+    prompt_len = len(tok.encode("Is the cat happy?", bos=True))
+    assert ex.loss_mask == [0] * prompt_len + [1] * (len(ex.ids) - prompt_len)
+    assert ex.ids[-1] == tok.eos_id  # the model learns to stop
+    metrics = [json.loads(line) for line in (d / "sft" / "metrics.jsonl").open()]
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert val[-1] < val[0] - 1.0
+
+
+def test_samples_carry_ids_and_k_responses(run):
+    d, _ = run
+    rows = read_jsonl(d / "samples.jsonl")
+    assert len(rows) == 64 and all(len(r["responses"]) == 4 for r in rows)
+    assert rows[0]["id"] == "t0"
+
+
+def test_reward_model_learns_the_preference_and_is_normalised(run):
+    d, _ = run
+    meta = json.loads((d / "rm" / "config.json").read_text())
+    assert meta["arch"] == "scalar"
+    assert meta["heldout_pairwise_acc"] >= 0.7
+    rm, tok, _ = load_model(d / "rm")
+    # Normalised: the policy's samples (the training rankings' responses) score mean 0, std 1.
+    seqs = []
+    train_rankings, _ = split_rankings(read_rankings(d / "rankings.jsonl"), 0.1, 0)
+    for r in train_rankings:
+        for resp in r.ranked:
+            seqs.append(tok.encode(r.prompt, bos=True) + tok.encode(resp) + [tok.eos_id])
+    seqs = sorted({tuple(s) for s in seqs})
+    scores = torch.cat([rm(torch.tensor([s])) for s in seqs])
+    assert abs(scores.mean().item()) < 1e-3 and abs(scores.std().item() - 1) < 1e-3
+
+
+def test_value_model_equals_reward_model_at_start(run):
+    d, paths = run
+    t = PPOTrainer(PPOConfig(policy=str(d / "sft"), reward=str(d / "rm"),
+                             prompts=str(paths["prompts"]), out=str(d / "unused")))
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(t.value_model.values(ids), t.reward_model.values(ids))
+    assert t.value_model is not t.reward_model
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_ppo_with_the_reward_model_raises_reward(run):
+    d, paths = run
+    assert main(["ppo", "--policy", str(d / "sft"), "--reward", str(d / "rm"),
+                 "--prompts", str(paths["prompts"]), "--out", str(d / "ppo"), "--steps", "16",
+                 "--batch-size", "32", "--minibatch-size", "16", "--lr", "3e-4",
+                 "--max-new-tokens", "8", "--kl-coef", "0.02"]) == 0
+    rows = [json.loads(line) for line in (d / "ppo" / "metrics.jsonl").open()]
+    assert len(rows) == 16
+    for key in ("reward", "kl", "entropy", "response_length", "clipfrac", "value_loss",
+                "approx_kl"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert mean([r["reward"] for r in rows[-4:]]) > mean([r["reward"] for r in rows[:4]]) + 0.3
+    # The true preference (not the reward model's view of it) improved too.
+    def true_score(model_dir):
+        out = d / f"{model_dir}.samples.jsonl"
+        main(["sample", "--model", str(d / model_dir), "--prompts", str(paths["prompts"]),
+              "--k", "4", "--out", str(out), "--max-new-tokens", "8", "--seed", "9"])
+        return mean([task.preference(x) for r in read_jsonl(out) for x in r["responses"]])
+    assert true_score("ppo") > true_score("sft") + 0.3
+
+
+def test_ppo_with_a_reward_function_and_ptx(run):
+    d, paths = run
+    assert main(["ppo", "--policy", str(d / "sft"), "--reward-fn", "instruct_task:reward_fn",
+                 "--prompts", str(paths["prompts"]), "--out", str(d / "ppo_fn"), "--steps", "12",
+                 "--batch-size", "32", "--minibatch-size", "16", "--lr", "3e-4",
+                 "--max-new-tokens", "8", "--ptx-data", str(paths["corpus"]),
+                 "--ptx-coef", "0.5"]) == 0
+    rows = [json.loads(line) for line in (d / "ppo_fn" / "metrics.jsonl").open()]
+    assert all("ptx_loss" in r and r["ptx_loss"] > 0 for r in rows)
+    assert mean([r["reward"] for r in rows[-3:]]) > mean([r["reward"] for r in rows[:3]])
+
+
+@pytest.mark.parametrize("fn,message", [("instruct_task:raising_reward_fn", "raised RuntimeError"),
+                                        ("instruct_task:nan_reward_fn", "non-finite"),
+                                        ("instruct_task:missing", "cannot load")])
+def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
+    d, paths = run
+    code = main(["ppo", "--policy", str(d / "sft"), "--reward-fn", fn,
+                 "--prompts", str(paths["prompts"]), "--out", str(d / "ppo_bad"), "--steps", "1",
+                 "--batch-size", "4", "--max-new-tokens", "4"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"prompt": "p", "ranked": ["only one"]}, "at least 2"),
+    ({"prompt": "p", "ranked": ["a", "a"]}, "duplicate"),
+    ({"prompt": "p", "ranked": ["a", " "]}, "empty"),
+    ({"prompt": "p", "chosen": "a"}, "needs 'ranked'"),
+])
+def test_bad_rankings_lines_name_file_and_line(run, tmp_path, capsys, line, message):
+    d, _ = run
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}) + "\n"
+                 + json.dumps(line) + "\n")
+    code = main(["reward", "--model", str(d / "sft"), "--data", str(f),
+                 "--out", str(tmp_path / "rm"), "--max-steps", "1", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{f}:2" in err and message in err
+
+
+def test_identical_responses_are_merged_and_short_prompts_skipped():
+    samples = [{"id": 1, "prompt": "p", "responses": ["yes", "yes", "no"]},
+               {"id": 2, "prompt": "q", "responses": ["ok", "ok", "ok"]}]
+    from gptlab.data.instruct import SkipCounter
+    skips = SkipCounter()
+    out = label_samples(samples, task.rank, skips)
+    assert out == [{"id": 1, "prompt": "p", "ranked": ["yes", "no"]}]
+    assert skips.total == 1
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(run, tmp_path, capsys):
+    d, _ = run
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"id": 1, "prompt": "Is the cat happy?"}) + "\n"
+                 + json.dumps({"id": 2, "prompt": "cat " * 200}) + "\n")
+    assert main(["sample", "--model", str(d / "sft"), "--prompts", str(f), "--k", "2",
+                 "--out", str(tmp_path / "s.jsonl"), "--max-new-tokens", "4"]) == 0
+    assert len(read_jsonl(tmp_path / "s.jsonl")) == 1
+    assert "skipped 1 prompts" in capsys.readouterr().err
