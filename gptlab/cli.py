@@ -267,6 +267,9 @@ VERBS: dict[str, Callable] = {
     "ppo": _config_verb("gptlab.train.ppo.PPOConfig", "gptlab.train.ppo.ppo",
                         "PPO against a reward model with a KL penalty (InstructGPT step 3)",
                         list_fields=("ptx_data",)),
+    "pipeline": _config_verb("gptlab.train.pipeline.PipelineConfig",
+                             "gptlab.train.pipeline.pipeline",
+                             "the whole recipe on the built-in world, with a report"),
     "convert": _verb_convert,
     "world": _verb_world,
 }

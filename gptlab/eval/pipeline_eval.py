@@ -1,0 +1,136 @@
+"""The pipeline's fixed evaluation, so numbers compare across runs: greedy decoding on the whole
+held-out test split, the noise-free labeler, paired intervals, win rate, KL and the ptx check."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab.checkpoint import load_model
+from gptlab.engine import SamplingParams, generate
+from gptlab.eval.execution import answer, exec_correct
+from gptlab.eval.stats import paired_delta
+from gptlab.io import read_jsonl, write_jsonl_atomic
+
+
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def win_rate(world: Any, records: list[dict], a: list[str], b: list[str]) -> float:
+    """Share of questions where the noise-free labeler prefers a's answer; ties count half."""
+    labeler = world.labeler(disagreement=0.0)
+    wins = 0.0
+    for rec, x, y in zip(records, a, b):
+        if x.strip() == y.strip():
+            wins += 0.5
+        else:
+            wins += 1.0 if labeler.rank(rec["id"], [x, y]).order[0] == 0 else 0.0
+    return wins / len(records)
+
+
+@torch.no_grad()
+def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
+                records: list[dict], max_new_tokens: int, seed: int = 0,
+                batch_size: int = 64) -> float:
+    """Mean over prompts of Σ_t log π(y_t)/π_ref(y_t) (k1) for responses sampled from π."""
+    from gptlab.data.instruct import encode_prompt
+    total, n = 0.0, 0
+    for b in range(0, len(records), batch_size):
+        prompts = [encode_prompt(tok, r["prompt"]) for r in records[b:b + batch_size]]
+        gen = generate(policy, prompts, SamplingParams(max_new_tokens=max_new_tokens,
+                                                       stop_ids=tuple(sorted(tok.stop_ids))),
+                       seed=seed + b, pad_id=tok.pad_id)
+        for p, resp, lp in zip(prompts, gen.tokens, gen.logprobs):
+            ids = torch.tensor([p + resp])
+            ref = reference(ids)[0, len(p) - 1:-1].float().log_softmax(-1)
+            ref_lp = ref.gather(-1, torch.tensor(resp)[:, None])[:, 0]
+            total += float(sum(lp) - ref_lp.sum())
+            n += 1
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    losses = [float(model(b[:, :-1], labels=b[:, 1:])) for b in batches]
+    return math.exp(sum(losses) / len(losses))
+
+
+def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir: Path) -> dict:
+    cfg, out, world = pipe.cfg, pipe.out, pipe.world
+    test = read_jsonl(pipe.world_dir / "test.jsonl")
+    if cfg.eval_limit:
+        test = test[:cfg.eval_limit]
+    unseen = [i for i, r in enumerate(test) if r.get("unseen_phrasing")]
+    models = {"pretrained": pretrain_dir, "sft": sft_dir, "sft_continued": control_dir}
+    for rnd in range(1, cfg.rounds + 1):
+        models[f"ppo_round_{rnd}"] = out / f"round-{rnd}" / "ppo"
+    final = f"ppo_round_{cfg.rounds}"
+
+    answers: dict[str, list[str]] = {}
+    correct: dict[str, list[int]] = {}
+    for name, path in models.items():
+        model, tok, _ = load_model(path)
+        answers[name] = answer(model, tok, test, cfg.max_new_tokens)
+        correct[name] = exec_correct(world, test, answers[name])
+        print(f"  {name}: exec_acc {mean(correct[name]):.3f}", flush=True)
+    write_jsonl_atomic(out / "eval" / "answers.jsonl", (
+        {"id": r["id"], "question": r.get("question"), "gold": r["completion"].strip(),
+         **{f"{n}": answers[n][i] for n in models}, **{f"{n}_correct": bool(correct[n][i])
+                                                        for n in models}}
+        for i, r in enumerate(test)))
+
+    def acc(name: str, idx: list[int] | None = None) -> float | None:
+        hits = correct[name] if idx is None else [correct[name][i] for i in idx]
+        return mean(hits)
+
+    exec_acc = {n: acc(n) for n in models}
+    exec_acc["ppo"] = exec_acc[final]
+    exec_unseen = {n: acc(n, unseen) for n in models}
+    exec_unseen["ppo"] = exec_unseen[final]
+
+    rm_acc = []
+    for rnd in range(1, cfg.rounds + 1):
+        meta = read_meta_json(out / f"round-{rnd}" / "reward" / "config.json")
+        rm_acc.append(meta.get("heldout_pairwise_acc"))
+
+    policy, tok, _ = load_model(models[final])
+    sft_model, _, _ = load_model(sft_dir)
+    kl = sequence_kl(policy, sft_model, tok, test, cfg.max_new_tokens, seed=cfg.seed)
+    from gptlab.data.tokens import load_token_data
+    data = load_token_data([pipe.world_dir / "corpus.txt"], tok, sft_model.config.context,
+                           0.05, cfg.seed, out / "cache")
+    val = data.val_batches(8, 8)
+
+    samples = []
+    for i, r in enumerate(test):
+        if len(samples) >= 10:
+            break
+        if answers["sft"][i] != answers[final][i] or i < 3:
+            samples.append({"id": r["id"], "question": r.get("question"),
+                            "gold": r["completion"].strip(), "sft": answers["sft"][i].strip(),
+                            "ppo": answers[final][i].strip(),
+                            "sft_correct": bool(correct["sft"][i]),
+                            "ppo_correct": bool(correct[final][i])})
+    return {
+        "exec_acc": exec_acc,
+        "exec_acc_unseen_phrasing": exec_unseen,
+        "delta_ppo_vs_sft": paired_delta(correct[final], correct["sft"]),
+        "delta_ppo_vs_sft_continued": paired_delta(correct[final], correct["sft_continued"]),
+        "rm_pairwise_acc": rm_acc[-1],
+        "rm_pairwise_acc_per_round": rm_acc,
+        "win_rate_ppo_vs_sft": win_rate(world, test, answers[final], answers["sft"]),
+        "kl_ppo_vs_sft": kl,
+        "ptx": {"corpus_ppl_sft": corpus_perplexity(sft_model, val),
+                "corpus_ppl_ppo": corpus_perplexity(policy, val)},
+        "n_test": len(test),
+        "n_unseen_phrasing": len(unseen),
+        "samples": samples,
+    }
+
+
+def read_meta_json(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text()) if path.exists() else {}

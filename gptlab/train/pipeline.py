@@ -1,0 +1,252 @@
+"""The whole recipe on the built-in world, start to report:
+
+    world → tokenizer + pretraining → SFT → round 1: sample → label → reward model → PPO
+    → rounds 2..R: sample from the current policy → label → retrain the reward model → more PPO
+    → the control (SFT trained further for as many optimizer steps as PPO took) → evaluation
+
+Every stage writes its own model directory under OUT, so each can be inspected, reused or
+rerun with its own verb. A stage whose output is complete is not run again: rerunning the
+same pipeline into the same OUT continues where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gptlab.checkpoint import is_gptlab_dir, load_model
+from gptlab.errors import UserError
+from gptlab.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = field(default="demo", metadata={"help": "model preset to pretrain"})
+    out: str = field(default="runs/demo", metadata={"help": "run directory"})
+    rounds: int = field(default=2, metadata={"help": "rounds of sample → label → RM → PPO"})
+    seed: int = 0
+    world: str | None = field(default=None, metadata={
+        "help": "an exported world directory (default: export the built-in world into OUT)"})
+    world_seed: int = 0
+    threads: int | None = None        # torch CPU threads (default: torch's choice)
+    # pretraining
+    pretrain_steps: int = 150
+    pretrain_batch: int = 8
+    pretrain_lr: float = 1e-3
+    # SFT, to its validation optimum
+    sft_steps: int = 300
+    sft_batch: int = 16
+    sft_lr: float = 5e-4
+    sft_eval_every: int = 50
+    sft_exec_eval: int = 150          # validation questions for execution accuracy
+    # feedback
+    sample_prompts: int = 256         # training prompts sampled per round
+    k: int = 4                        # responses per prompt
+    sample_temperature: float = 1.0
+    disagreement: float = 0.1         # the simulated labelers' noise
+    # reward model
+    reward_epochs: float = 2.0
+    reward_batch: int = 8
+    reward_lr: float = 1e-4
+    # PPO
+    ppo_steps: int = 20               # per round
+    ppo_batch: int = 32
+    ppo_minibatch: int = 16
+    ppo_epochs: int = 2
+    ppo_lr: float = 3e-5
+    kl_coef: float = 0.02
+    ptx_coef: float = 0.5
+    max_new_tokens: int = 80
+    # evaluation
+    eval_limit: int | None = None     # test questions (default: the whole test split)
+    progress: bool = False
+
+
+def stage_done(path: Path) -> bool:
+    return is_gptlab_dir(path)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.minutes: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.time()
+        print(f"== {name}", file=sys.stderr)
+        out = fn()
+        self.minutes[name] = self.minutes.get(name, 0.0) + (time.time() - t0) / 60
+        return out
+
+
+def _ppo_optimizer_steps(cfg: PipelineConfig) -> int:
+    per_step = cfg.ppo_epochs * math.ceil(cfg.ppo_batch / cfg.ppo_minibatch)
+    return cfg.rounds * cfg.ppo_steps * per_step
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig):
+        if cfg.rounds < 1:
+            raise UserError(f"must be at least 1, got {cfg.rounds}", field="rounds")
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.timer = Timer()
+        self.world_dir = Path(cfg.world) if cfg.world else self.out / "world"
+
+    # --- stages --------------------------------------------------------------------------------
+    def export_world(self) -> None:
+        from gptlab.world import build_world, load_world
+        if (self.world_dir / "world.json").exists():
+            self.world = load_world(self.world_dir)
+            return
+        if self.cfg.world:
+            raise UserError("not an exported world (no world.json)", path=self.world_dir,
+                            field="world")
+        build_world(seed=self.cfg.world_seed).export(self.world_dir)
+        self.world = load_world(self.world_dir)
+
+    def pretrain(self) -> Path:
+        from gptlab.train.pretrain import PretrainConfig, pretrain
+        out = self.out / "pretrain"
+        if not stage_done(out):
+            pretrain(PretrainConfig(
+                data=[str(self.world_dir / "corpus.txt")], model=self.cfg.preset, out=str(out),
+                max_steps=self.cfg.pretrain_steps, batch_size=self.cfg.pretrain_batch,
+                lr=self.cfg.pretrain_lr, eval_every=50, eval_batches=4, save_every=0,
+                seed=self.cfg.seed, progress=self.cfg.progress,
+                cache_dir=str(self.out / "cache"), resume=(out / "checkpoints").exists()))
+        return out
+
+    def sft(self, model: Path) -> Path:
+        from gptlab.train.sft import SFTConfig, sft
+        out = self.out / "sft"
+        if not stage_done(out):
+            sft(SFTConfig(model=str(model), data=str(self.world_dir / "sft.jsonl"),
+                          val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
+                          world=str(self.world_dir), exec_eval=self.cfg.sft_exec_eval,
+                          max_new_tokens=self.cfg.max_new_tokens, max_steps=self.cfg.sft_steps,
+                          batch_size=self.cfg.sft_batch, lr=self.cfg.sft_lr,
+                          eval_every=self.cfg.sft_eval_every, eval_batches=8,
+                          seed=self.cfg.seed, progress=self.cfg.progress))
+        return out
+
+    def feedback(self, policy: Path, rnd: int) -> Path:
+        """Sample K responses for this round's prompts from the current policy; rank them."""
+        from gptlab.engine import SamplingParams
+        from gptlab.feedback import label_samples, sample_responses, sqlworld_ranker
+        d = self.out / f"round-{rnd}"
+        rankings = d / "rankings.jsonl"
+        if rankings.exists():
+            return rankings
+        prompts = read_jsonl(self.world_dir / "prompts.jsonl")
+        chosen = random.Random(self.cfg.seed * 1000 + rnd).sample(
+            prompts, min(self.cfg.sample_prompts, len(prompts)))
+        model, tok, _ = load_model(policy)
+        params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens,
+                                temperature=self.cfg.sample_temperature)
+        samples = self.timer.run(f"round {rnd}: sample", lambda: sample_responses(
+            model, tok, chosen, self.cfg.k, params, seed=self.cfg.seed * 1000 + rnd))
+        write_jsonl_atomic(d / "samples.jsonl", samples)
+        rank = sqlworld_ranker(self.world, self.cfg.disagreement, self.cfg.seed + rnd)
+        ranked = self.timer.run(f"round {rnd}: label", lambda: label_samples(samples, rank))
+        write_jsonl_atomic(rankings, ranked)
+        return rankings
+
+    def reward(self, sft_dir: Path, rnd: int) -> Path:
+        """A reward model retrained from SFT on every round's rankings so far."""
+        from gptlab.train.reward import RewardConfig, train_reward_model
+        d = self.out / f"round-{rnd}"
+        out = d / "reward"
+        if stage_done(out):
+            return out
+        rows = [r for i in range(1, rnd + 1)
+                for r in read_jsonl(self.out / f"round-{i}" / "rankings.jsonl")]
+        data = d / "rankings_all.jsonl"
+        write_jsonl_atomic(data, ({k: v for k, v in r.items() if k != "_line"} for r in rows))
+        train_reward_model(RewardConfig(
+            model=str(sft_dir), data=str(data), out=str(out), epochs=self.cfg.reward_epochs,
+            batch_size=self.cfg.reward_batch, lr=self.cfg.reward_lr, eval_every=0,
+            eval_batches=1000, seed=self.cfg.seed + rnd, progress=self.cfg.progress))
+        return out
+
+    def ppo(self, policy: Path, sft_dir: Path, rm: Path, rnd: int) -> Path:
+        from gptlab.train.ppo import PPOConfig, ppo
+        out = self.out / f"round-{rnd}" / "ppo"
+        if not stage_done(out):
+            ppo(PPOConfig(policy=str(policy), reference=str(sft_dir), reward=str(rm),
+                          prompts=str(self.world_dir / "prompts.jsonl"), out=str(out),
+                          steps=self.cfg.ppo_steps, batch_size=self.cfg.ppo_batch,
+                          minibatch_size=self.cfg.ppo_minibatch, ppo_epochs=self.cfg.ppo_epochs,
+                          lr=self.cfg.ppo_lr, kl_coef=self.cfg.kl_coef,
+                          max_new_tokens=self.cfg.max_new_tokens,
+                          ptx_data=[str(self.world_dir / "corpus.txt")] if self.cfg.ptx_coef else [],
+                          ptx_coef=self.cfg.ptx_coef, seed=self.cfg.seed + rnd))
+        return out
+
+    def sft_continued(self, sft_dir: Path) -> Path:
+        """The control: SFT trained further for as many optimizer steps as PPO took."""
+        from gptlab.train.sft import SFTConfig, sft
+        out = self.out / "sft_continued"
+        if not stage_done(out):
+            sft(SFTConfig(model=str(sft_dir), data=str(self.world_dir / "sft.jsonl"),
+                          val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
+                          max_steps=_ppo_optimizer_steps(self.cfg), batch_size=self.cfg.sft_batch,
+                          lr=self.cfg.sft_lr, warmup_steps=0, select_best=False, exec_eval=0,
+                          eval_every=0, eval_batches=4, seed=self.cfg.seed + 7,
+                          progress=self.cfg.progress))
+        return out
+
+    # --- the run -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_same_run()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        start = time.time()
+        t = self.timer
+        t.run("world", self.export_world)
+        pre = t.run("pretrain", self.pretrain)
+        sft_dir = t.run("sft", lambda: self.sft(pre))
+        policy = sft_dir
+        for rnd in range(1, cfg.rounds + 1):
+            self.feedback(policy, rnd)
+            rm = t.run(f"round {rnd}: reward model", lambda: self.reward(sft_dir, rnd))
+            policy = t.run(f"round {rnd}: ppo", lambda: self.ppo(policy, sft_dir, rm, rnd))
+        control = t.run("sft_continued", lambda: self.sft_continued(sft_dir))
+        from gptlab.eval.pipeline_eval import evaluate_pipeline
+        results = t.run("evaluation", lambda: evaluate_pipeline(self, pre, sft_dir, control))
+        results["minutes"] = (time.time() - start) / 60
+        results["stage_minutes"] = {k: round(v, 2) for k, v in t.minutes.items()}
+        results["config"] = dataclasses.asdict(cfg)
+        from gptlab.eval.report import write_report
+        write_report(self.out, results)
+        print(f"report: {self.out / 'report.md'} ({results['minutes']:.1f} minutes)",
+              file=sys.stderr)
+        return results
+
+    def _check_same_run(self) -> None:
+        """Refuse to mix two different pipelines in one OUT (stages would be silently reused)."""
+        path = self.out / "pipeline.json"
+        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items()
+                if k not in ("progress", "threads", "out")}
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            if theirs != mine:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise UserError(f"holds a pipeline run with other settings ({', '.join(diff)}); "
+                                f"choose another --out or remove it", path=self.out, field="out")
+        else:
+            write_json_atomic(path, mine)
+
+
+def pipeline(cfg: PipelineConfig) -> Path:
+    Pipeline(cfg).run()
+    return Path(cfg.out) / "report.md"
