@@ -1,0 +1,480 @@
+"""The report of `gptlab pipeline`: report.json, plots/*.png, report.md and report.html.
+
+`write_report(run_dir, results)` reads the stages' metrics.jsonl files under the run directory
+(pretrain/, round-{r}/reward/, round-{r}/ppo/) for the curves and `results` for the numbers.
+Both documents are rendered from one `ReportContent`, so the Markdown and the HTML page always
+say the same thing. Any result may be None (a stage that did not run) and reads "n/a"; a plot
+whose data is missing is left out.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from gptlab.io import atomic_path, write_json_atomic, write_text_atomic
+
+NA = "n/a"
+MAX_SAMPLES = 10
+DPI = 100
+PLOT_NAMES = ("pretrain_loss", "rm_accuracy", "ppo_reward_kl", "exec_accuracy")
+
+
+# ---------------------------------------------------------------------------- reading metrics
+
+def read_metric_rows(path: Path) -> list[dict]:
+    """The JSON-object rows of a metrics.jsonl; [] when absent. Broken lines are skipped: the
+    report may be made while a stage is still writing its last line."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def as_number(value: Any) -> float | None:
+    """A finite float, or None for anything else (None, bools, strings, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that have a numeric `step` and a numeric `key`."""
+    xs, ys = [], []
+    for row in rows:
+        x, y = as_number(row.get("step")), as_number(row.get(key))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """The `round-{r}` directories, in round order (round-10 after round-9)."""
+    found = []
+    for p in run_dir.glob("round-*"):
+        m = re.fullmatch(r"round-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------- plots
+
+def new_figure(height: float = 3.2, panels: int = 1) -> tuple[Figure, list[Any]]:
+    # A bare Figure on an Agg canvas: no pyplot state, whatever backend the process has.
+    fig = Figure(figsize=(6.4, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
+    return fig, axes
+
+
+def plot_pretrain_loss(run_dir: Path) -> Figure | None:
+    rows = read_metric_rows(run_dir / "pretrain" / "metrics.jsonl")
+    train_xy, val_xy = series(rows, "loss"), series(rows, "val_loss")
+    if not train_xy[0] and not val_xy[0]:
+        return None
+    fig, (ax,) = new_figure()
+    if train_xy[0]:
+        ax.plot(*train_xy, label="training loss", lw=1.2)
+    if val_xy[0]:
+        ax.plot(*val_xy, "o-", label="validation loss", ms=3)
+    ax.set(title="Pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
+    per_round = [(r, as_number(a)) for r, a in
+                 enumerate(results.get("rm_pairwise_acc_per_round") or [], 1)]
+    per_round = [(r, a) for r, a in per_round if a is not None]
+    curves = [(r, series(read_metric_rows(d / "reward" / "metrics.jsonl"), "pairwise_acc"))
+              for r, d in round_dirs(run_dir)]
+    curves = [(r, xy) for r, xy in curves if xy[0]]
+    if not per_round and not curves:
+        return None
+    fig, axes = new_figure(5.6 if per_round and curves else 3.2,
+                           int(bool(per_round)) + int(bool(curves)))
+    if per_round:
+        ax = axes[0]
+        rounds, accs = zip(*per_round)
+        ax.plot(rounds, accs, "o-")
+        ax.set(title="Reward model: held-out pairwise accuracy per round", xlabel="round",
+               ylabel="pairwise accuracy", xticks=list(rounds))
+        ax.axhline(0.5, color="grey", ls=":", lw=1)  # chance for a pair
+        ax.grid(alpha=0.3)
+    if curves:
+        ax = axes[-1]
+        for r, xy in curves:
+            ax.plot(*xy, "o-", ms=3, label=f"round {r}")
+        ax.set(title="Reward model: pairwise accuracy during training", xlabel="step",
+               ylabel="pairwise accuracy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_ppo(run_dir: Path) -> Figure | None:
+    """Reward and KL per PPO step, the rounds one after another on a global step axis."""
+    fig, (ax_r, ax_kl) = new_figure(5.6, panels=2)
+    offset, plotted = 0.0, False
+    for r, d in round_dirs(run_dir):
+        rows = read_metric_rows(d / "ppo" / "metrics.jsonl")
+        (rx, ry), (kx, ky) = series(rows, "reward"), series(rows, "kl")
+        if not rx and not kx:
+            continue
+        if plotted:
+            for ax in (ax_r, ax_kl):
+                ax.axvline(offset + 0.5, color="grey", ls=":", lw=1)
+        ax_r.plot([offset + x for x in rx], ry, label=f"round {r}")
+        ax_kl.plot([offset + x for x in kx], ky, label=f"round {r}")
+        offset += max(rx + kx)
+        plotted = True
+    if not plotted:
+        return None
+    ax_r.set(title="PPO: mean reward per step", ylabel="reward")
+    ax_kl.set(title="PPO: KL(policy ‖ SFT) per response", xlabel="step (all rounds)",
+              ylabel="KL (nats)")
+    for ax in (ax_r, ax_kl):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_exec_acc(results: dict) -> Figure | None:
+    overall = results.get("exec_acc") or {}
+    unseen = results.get("exec_acc_unseen_phrasing") or {}
+    names = model_names(results)
+    if not any(as_number(overall.get(n)) is not None or as_number(unseen.get(n)) is not None
+               for n in names):
+        return None
+    fig, (ax,) = new_figure(3.6)
+    xs = range(len(names))
+    width = 0.4
+    # A missing value is a gap (NaN), not a zero that would look like a measured failure.
+    for shift, values, label in ((-width / 2, overall, "all questions"),
+                                 (width / 2, unseen, "unseen phrasing")):
+        heights = [as_number(values.get(n)) for n in names]
+        ax.bar([x + shift for x in xs], [math.nan if h is None else h for h in heights],
+               width, label=label)
+    ax.set_xticks(list(xs), names, rotation=20, ha="right")
+    ax.set(title="Execution accuracy by model", ylabel="fraction correct", ylim=(0, 1))
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+
+
+def write_plots(run_dir: Path, results: dict) -> dict[str, Path]:
+    """Write the plots that have data; remove stale ones from an earlier report of this run."""
+    figures = {"pretrain_loss": plot_pretrain_loss(run_dir),
+               "rm_accuracy": plot_rm_accuracy(run_dir, results),
+               "ppo_reward_kl": plot_ppo(run_dir),
+               "exec_accuracy": plot_exec_acc(results)}
+    written = {}
+    for name in PLOT_NAMES:
+        path = run_dir / "plots" / f"{name}.png"
+        if figures[name] is None:
+            path.unlink(missing_ok=True)
+            continue
+        save_png(figures[name], path)
+        written[name] = path
+    return written
+
+
+# ---------------------------------------------------------------------------- content
+
+def fmt(value: Any, digits: int = 3, sign: bool = False) -> str:
+    x = as_number(value)
+    if x is None:
+        return NA
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def model_names(results: dict) -> list[str]:
+    """Models in the order the pipeline reported them, overall first, then unseen-only ones."""
+    names: list[str] = []
+    for key in ("exec_acc", "exec_acc_unseen_phrasing"):
+        for name in (results.get(key) or {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def describe_delta(delta: Any) -> str:
+    """'+0.034, 95% CI [+0.010, +0.058]: the interval excludes 0' (or n/a)."""
+    if not isinstance(delta, dict) or as_number(delta.get("mean")) is None:
+        return NA
+    text = fmt(delta["mean"], sign=True)
+    ci = delta.get("ci95")
+    bounds = [as_number(b) for b in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else []
+    if len(bounds) != 2 or None in bounds:
+        return text + " (no confidence interval)"
+    lo, hi = bounds
+    verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+    return f"{text}, 95% CI [{fmt(lo, sign=True)}, {fmt(hi, sign=True)}]: the interval {verdict}"
+
+
+def describe_config(config: Any) -> str:
+    if not isinstance(config, dict) or not config:
+        return "Pipeline settings: n/a."
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, dict):  # e.g. steps per stage
+            inner = ", ".join(f"{k} {v if v is not None else NA}" for k, v in value.items())
+            parts.append(f"{key}: {inner or NA}")
+        else:
+            parts.append(f"{key} {value if value is not None else NA}")
+    return "Pipeline settings: " + "; ".join(parts) + "."
+
+
+def describe_time(results: dict) -> str:
+    text = f"Total wall time: {fmt(results.get('minutes'), 1)} min"
+    stages = results.get("stage_minutes")
+    if isinstance(stages, dict) and stages:
+        text += " (" + ", ".join(f"{k} {fmt(v, 1)}" for k, v in stages.items()) + ")"
+    return text + "."
+
+
+def describe_rounds(results: dict) -> str:
+    accs = results.get("rm_pairwise_acc_per_round")
+    if not isinstance(accs, list) or not accs:
+        return NA
+    return ", ".join(f"round {r}: {fmt(a)}" for r, a in enumerate(accs, 1))
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str
+    gold: str
+    sft: str
+    ppo: str
+    sft_correct: bool | None
+    ppo_correct: bool | None
+
+
+@dataclass
+class ReportContent:
+    """Everything both documents show, already formatted as plain text."""
+    title: str
+    summary: list[str]
+    exec_rows: list[tuple[str, str, str]]          # (model, overall, unseen phrasing)
+    headlines: list[tuple[str, str]]               # (what, value)
+    plots: list[tuple[str, Path]] = field(default_factory=list)  # (caption, path under run_dir)
+    samples: list[Sample] = field(default_factory=list)
+
+
+def text_or_na(value: Any) -> str:
+    return NA if value is None else str(value)
+
+
+def flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def collect_samples(results: dict) -> list[Sample]:
+    rows = results.get("samples")
+    if not isinstance(rows, list):
+        return []
+    return [Sample(text_or_na(s.get("id")), text_or_na(s.get("question")),
+                   text_or_na(s.get("gold")), text_or_na(s.get("sft")), text_or_na(s.get("ppo")),
+                   flag(s.get("sft_correct")), flag(s.get("ppo_correct")))
+            for s in rows[:MAX_SAMPLES] if isinstance(s, dict)]
+
+
+PLOT_CAPTIONS = {
+    "pretrain_loss": "Pretraining: training and validation loss",
+    "rm_accuracy": "Reward model: held-out pairwise accuracy",
+    "ppo_reward_kl": "PPO: reward and KL to the SFT model per step",
+    "exec_accuracy": "Execution accuracy by model (all questions and unseen phrasing)",
+}
+
+
+def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> ReportContent:
+    overall = results.get("exec_acc") or {}
+    unseen = results.get("exec_acc_unseen_phrasing") or {}
+    ptx = results.get("ptx") if isinstance(results.get("ptx"), dict) else {}
+    summary = [describe_config(results.get("config")), describe_time(results)]
+    headlines = [
+        ("Execution accuracy, PPO − SFT", describe_delta(results.get("delta_ppo_vs_sft"))),
+        ("Execution accuracy, PPO − SFT continued",
+         describe_delta(results.get("delta_ppo_vs_sft_continued"))),
+        ("Reward model held-out pairwise accuracy", fmt(results.get("rm_pairwise_acc"))),
+        ("Reward model pairwise accuracy per round", describe_rounds(results)),
+        ("Win rate of PPO over SFT", fmt(results.get("win_rate_ppo_vs_sft"))),
+        ("KL(PPO ‖ SFT) per response (nats)", fmt(results.get("kl_ppo_vs_sft"), 4)),
+        ("Pretraining-corpus perplexity, SFT", fmt(ptx.get("corpus_ppl_sft"), 2)),
+        ("Pretraining-corpus perplexity, PPO", fmt(ptx.get("corpus_ppl_ppo"), 2)),
+    ]
+    return ReportContent(
+        title=f"gptlab pipeline report: {run_dir.name}",
+        summary=summary,
+        exec_rows=[(n, fmt(overall.get(n)), fmt(unseen.get(n))) for n in model_names(results)],
+        headlines=headlines,
+        plots=[(PLOT_CAPTIONS[name], path.relative_to(run_dir)) for name, path in plots.items()],
+        samples=collect_samples(results))
+
+
+# ---------------------------------------------------------------------------- Markdown
+
+def md_cell(text: str) -> str:
+    # A table row is one line, and `|` would end the cell (even inside a code span in GFM).
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def md_code(text: str) -> str:
+    """A code span whose fence is longer than any run of backticks inside (CommonMark)."""
+    if text == NA:
+        return NA
+    text = " ".join(text.split())
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return md_cell(f"{fence}{pad}{text}{pad}{fence}")
+
+
+def mark(correct: bool | None) -> str:
+    return {True: "✓", False: "✗", None: "?"}[correct]
+
+
+def render_markdown(c: ReportContent) -> str:
+    lines = [f"# {c.title}", "", " ".join(c.summary), "", "## Execution accuracy", ""]
+    if c.exec_rows:
+        lines += ["| model | all questions | unseen phrasing |", "|---|---:|---:|"]
+        lines += [f"| {md_cell(n)} | {a} | {u} |" for n, a, u in c.exec_rows]
+    else:
+        lines.append(NA)
+    lines += ["", "## Headline numbers", ""]
+    lines += [f"- {what}: {value}" for what, value in c.headlines]
+    if c.plots:
+        lines += ["", "## Plots"]
+        for caption, rel in c.plots:
+            lines += ["", f"![{caption}]({rel.as_posix()})"]
+    lines += ["", "## Sample answers", ""]
+    if c.samples:
+        lines += ["| id | question | gold | SFT | PPO |", "|---|---|---|---|---|"]
+        for s in c.samples:
+            lines.append(f"| {md_cell(s.id)} | {md_cell(s.question)} | {md_code(s.gold)} | "
+                         f"{mark(s.sft_correct)} {md_code(s.sft)} | "
+                         f"{mark(s.ppo_correct)} {md_code(s.ppo)} |")
+    else:
+        lines.append(NA)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------- HTML
+
+HTML_TEMPLATE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{{ c.title }}</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+       color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 1rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; vertical-align: top; }
+th { background: #f2f2f2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code { font-size: 0.9em; background: #f6f6f6; padding: 0 0.2rem; }
+.ok { color: #1a7f37; } .bad { color: #b42318; }
+figure { margin: 1rem 0; } img { max-width: 100%; }
+</style>
+</head>
+<body>
+<h1>{{ c.title }}</h1>
+<p>{{ c.summary | join(" ") }}</p>
+<h2>Execution accuracy</h2>
+{% if c.exec_rows %}
+<table>
+<tr><th>model</th><th>all questions</th><th>unseen phrasing</th></tr>
+{% for name, overall, unseen in c.exec_rows %}
+<tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ unseen }}</td></tr>
+{% endfor %}
+</table>
+{% else %}<p>n/a</p>{% endif %}
+<h2>Headline numbers</h2>
+<ul>
+{% for what, value in c.headlines %}<li>{{ what }}: {{ value }}</li>
+{% endfor %}
+</ul>
+{% if images %}
+<h2>Plots</h2>
+{% for caption, uri in images %}
+<figure><img src="{{ uri }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>
+{% endfor %}
+{% endif %}
+<h2>Sample answers</h2>
+{% if c.samples %}
+<table>
+<tr><th>id</th><th>question</th><th>gold</th><th>SFT</th><th>PPO</th></tr>
+{% for s in c.samples %}
+<tr><td>{{ s.id }}</td><td>{{ s.question }}</td><td><code>{{ s.gold }}</code></td>
+<td>{{ verdict(s.sft_correct) }} <code>{{ s.sft }}</code></td>
+<td>{{ verdict(s.ppo_correct) }} <code>{{ s.ppo }}</code></td></tr>
+{% endfor %}
+</table>
+{% else %}<p>n/a</p>{% endif %}
+</body>
+</html>
+"""
+
+
+def data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def html_verdict(correct: bool | None) -> Markup:
+    cls = {True: "ok", False: "bad", None: ""}[correct]
+    return Markup(f'<span class="{cls}">{mark(correct)}</span>')
+
+
+def render_html(c: ReportContent, run_dir: Path) -> str:
+    # Autoescape: questions and model answers are text from the world and the model, not HTML.
+    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(HTML_TEMPLATE)
+    images = [(caption, data_uri(run_dir / rel)) for caption, rel in c.plots]
+    return template.render(c=c, images=images, verdict=html_verdict)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
+    """Write report.json, plots/*.png, report.md and report.html into `run_dir`.
+
+    Returns the written files by their path relative to `run_dir`
+    ("report.json", "plots/ppo_reward_kl.png", ...).
+    """
+    run_dir = Path(run_dir)
+    # The numbers first: if anything below fails, the run's results are still on disk.
+    write_json_atomic(run_dir / "report.json", results)
+    plots = write_plots(run_dir, results)
+    content = build_content(run_dir, results, plots)
+    write_text_atomic(run_dir / "report.md", render_markdown(content))
+    write_text_atomic(run_dir / "report.html", render_html(content, run_dir))
+    written = {"report.json": run_dir / "report.json", "report.md": run_dir / "report.md",
+               "report.html": run_dir / "report.html"}
+    written.update({f"plots/{path.name}": path for path in plots.values()})
+    return written

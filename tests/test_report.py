@@ -1,0 +1,187 @@
+"""The pipeline report: report.json round-trips, the Markdown and HTML show the numbers, plots
+are real PNGs, user text is escaped, and a run with nothing in it still gets a report."""
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from gptlab.eval.report import describe_delta, md_code, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def fake_run(run_dir: Path) -> None:
+    write_rows(run_dir / "pretrain" / "metrics.jsonl", [
+        {"step": 0, "val_loss": 5.0, "val_ppl": 148.4},
+        {"step": 2, "event": "budget", "total_steps": 20},   # neither loss: skipped
+        {"step": 10, "loss": 4.0, "lr": 1e-3},
+        {"step": 20, "loss": 3.0, "lr": 1e-3},
+        {"step": 20, "val_loss": 3.2, "val_ppl": 24.5},
+    ])
+    for r in (1, 2):
+        write_rows(run_dir / f"round-{r}" / "reward" / "metrics.jsonl", [
+            {"step": 0, "val_loss": 0.69, "pairwise_acc": 0.5},
+            {"step": 5, "loss": 0.6},
+            {"step": 10, "val_loss": 0.5, "pairwise_acc": 0.6 + 0.1 * r},
+        ])
+        write_rows(run_dir / f"round-{r}" / "ppo" / "metrics.jsonl",
+                   [{"step": s, "reward": 0.1 * s * r, "kl": 0.01 * s} for s in range(1, 6)])
+    # a stage still writing: a half line at the end must not break the report
+    with open(run_dir / "round-2" / "ppo" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "rew')
+
+
+def full_results() -> dict:
+    names = ["pretrained", "sft", "sft_continued", "ppo_round_1", "ppo_round_2", "ppo"]
+    return {
+        "config": {"preset": "tiny", "seed": 7, "rounds": 2,
+                   "steps": {"pretrain": 20, "sft": 10, "reward": 10, "ppo": 5}},
+        "minutes": 12.34,
+        "stage_minutes": {"pretrain": 5.0, "sft": 2.0, "reward": 1.5, "ppo": 3.84},
+        "exec_acc": dict(zip(names, [0.05, 0.512, 0.53, 0.6, 0.625, 0.625])),
+        "exec_acc_unseen_phrasing": dict(zip(names, [0.0, 0.4, 0.41, 0.45, 0.5, None])),
+        "delta_ppo_vs_sft": {"mean": 0.113, "ci95": [0.051, 0.175]},
+        "delta_ppo_vs_sft_continued": {"mean": 0.095, "ci95": [-0.02, 0.21]},
+        "rm_pairwise_acc": 0.8,
+        "rm_pairwise_acc_per_round": [0.7, 0.8],
+        "win_rate_ppo_vs_sft": 0.64,
+        "kl_ppo_vs_sft": 1.2345,
+        "ptx": {"corpus_ppl_sft": 21.456, "corpus_ppl_ppo": 22.5},
+        "samples": [
+            {"id": "q1", "question": "How many employees earn less than 50000?",
+             "gold": "SELECT COUNT(*) FROM employees WHERE salary < 50000",
+             "sft": "SELECT COUNT(*) FROM employees", "ppo":
+             "SELECT COUNT(*) FROM employees WHERE salary < 50000",
+             "sft_correct": False, "ppo_correct": True},
+            {"id": "q2", "question": "Names joined with a pipe?",
+             "gold": "SELECT first || ' ' || last FROM employees",
+             "sft": "<script>alert(1)</script>", "ppo": "SELECT `name` FROM employees",
+             "sft_correct": False, "ppo_correct": False},
+        ] + [{"id": f"q{i}", "question": f"question {i}", "gold": "SELECT 1", "sft": "SELECT 1",
+              "ppo": "SELECT 1", "sft_correct": True, "ppo_correct": True}
+             for i in range(3, 15)],
+    }
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    run_dir = tmp_path_factory.mktemp("run")
+    fake_run(run_dir)
+    results = full_results()
+    return run_dir, results, write_report(run_dir, results)
+
+
+def test_report_json_round_trips(full_report):
+    run_dir, results, written = full_report
+    assert json.loads((run_dir / "report.json").read_text()) == results
+    assert written["report.json"] == run_dir / "report.json"
+
+
+def test_all_four_plots_are_png_files(full_report):
+    run_dir, _, written = full_report
+    plots = sorted(k for k in written if k.startswith("plots/"))
+    assert plots == ["plots/exec_accuracy.png", "plots/ppo_reward_kl.png",
+                     "plots/pretrain_loss.png", "plots/rm_accuracy.png"]
+    for key in plots:
+        assert written[key].read_bytes()[:8] == PNG_SIGNATURE
+    assert not list((run_dir / "plots").glob(".*.tmp"))  # no temp files left behind
+
+
+def test_markdown_exec_table_and_deltas(full_report):
+    run_dir, _, _ = full_report
+    md = (run_dir / "report.md").read_text()
+    assert md.startswith("# gptlab pipeline report")
+    assert "| model | all questions | unseen phrasing |" in md
+    assert "| sft | 0.512 | 0.400 |" in md
+    assert "| ppo | 0.625 | n/a |" in md
+    assert "| pretrained | 0.050 | 0.000 |" in md
+    assert "+0.113, 95% CI [+0.051, +0.175]: the interval excludes 0" in md
+    assert "+0.095, 95% CI [-0.020, +0.210]: the interval includes 0" in md
+    assert "Win rate of PPO over SFT: 0.640" in md
+    assert "(nats): 1.2345" in md
+    assert "perplexity, SFT: 21.46" in md and "perplexity, PPO: 22.50" in md
+    assert "round 1: 0.700, round 2: 0.800" in md
+    assert "preset tiny; seed 7; rounds 2; steps: pretrain 20, sft 10, reward 10, ppo 5" in md
+    assert "Total wall time: 12.3 min (pretrain 5.0, sft 2.0, reward 1.5, ppo 3.8)" in md
+
+
+def test_markdown_embeds_existing_plots(full_report):
+    run_dir, _, _ = full_report
+    md = (run_dir / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) == 4
+    for rel in images:
+        assert rel.startswith("plots/")
+        assert (run_dir / rel).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_markdown_sample_table(full_report):
+    run_dir, _, _ = full_report
+    md = (run_dir / "report.md").read_text()
+    assert "| id | question | gold | SFT | PPO |" in md
+    rows = [line for line in md.splitlines() if re.match(r"\| q\d+ \|", line)]
+    assert len(rows) == 10  # at most ten samples
+    assert rows[0] == ("| q1 | How many employees earn less than 50000? | "
+                       "`SELECT COUNT(*) FROM employees WHERE salary < 50000` | "
+                       "✗ `SELECT COUNT(*) FROM employees` | "
+                       "✓ `SELECT COUNT(*) FROM employees WHERE salary < 50000` |")
+    # pipes escaped so the row keeps its five cells; a backtick inside gets a longer fence
+    assert r"`SELECT first \|\| ' ' \|\| last FROM employees`" in rows[1]
+    assert "``SELECT `name` FROM employees``" in rows[1]
+    assert len(re.split(r"(?<!\\)\|", rows[1])) == 7
+
+
+def test_html_is_self_contained_and_escaped(full_report):
+    run_dir, _, _ = full_report
+    html = (run_dir / "report.html").read_text()
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == 4
+    assert all(base64.b64decode(u)[:8] == PNG_SIGNATURE for u in uris)
+    assert "plots/" not in html  # nothing linked from outside the page
+    assert "WHERE salary &lt; 50000" in html and "salary < 50000" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
+    assert "<td class=\"num\">0.512</td>" in html
+    assert "the interval excludes 0" in html
+
+
+def test_minimal_results_still_write_everything(tmp_path):
+    results = {"config": None, "minutes": None, "stage_minutes": None, "exec_acc": None,
+               "exec_acc_unseen_phrasing": None, "delta_ppo_vs_sft": None,
+               "delta_ppo_vs_sft_continued": None, "rm_pairwise_acc": None,
+               "rm_pairwise_acc_per_round": None, "win_rate_ppo_vs_sft": None,
+               "kl_ppo_vs_sft": None, "ptx": None, "samples": None}
+    written = write_report(tmp_path, results)
+    assert sorted(written) == ["report.html", "report.json", "report.md"]
+    assert json.loads((tmp_path / "report.json").read_text()) == results
+    md = (tmp_path / "report.md").read_text()
+    assert "Win rate of PPO over SFT: n/a" in md
+    assert "PPO − SFT: n/a" in md
+    assert "![" not in md
+    assert "data:image/png" not in (tmp_path / "report.html").read_text()
+    assert write_report(tmp_path, {})["report.md"].exists()  # no keys at all
+
+
+def test_stale_plot_removed_when_its_data_is_gone(tmp_path):
+    fake_run(tmp_path)
+    assert "plots/ppo_reward_kl.png" in write_report(tmp_path, full_results())
+    for r in (1, 2):
+        (tmp_path / f"round-{r}" / "ppo" / "metrics.jsonl").unlink()
+    written = write_report(tmp_path, full_results())
+    assert "plots/ppo_reward_kl.png" not in written
+    assert not (tmp_path / "plots" / "ppo_reward_kl.png").exists()
+    assert "plots/ppo_reward_kl.png" not in (tmp_path / "report.md").read_text()
+
+
+def test_delta_and_code_span_edge_cases():
+    assert describe_delta({"mean": -0.1, "ci95": [-0.2, -0.05]}).endswith("excludes 0")
+    assert describe_delta({"mean": 0.1, "ci95": None}) == "+0.100 (no confidence interval)"
+    assert describe_delta({"mean": None, "ci95": [0, 1]}) == "n/a"
+    assert md_code("`x`") == "`` `x` ``"
+    assert md_code("a\nb") == "`a b`"
