@@ -282,13 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
         help_text, add, run = make()
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
-        p.set_defaults(_run=run)
+        p.set_defaults(_run=run, _parser=p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # let the verb's own parser report them, with its flags as suggestions
+        (getattr(args, "_parser", None) or parser).error(
+            "unrecognized arguments: " + " ".join(unknown))
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -286,9 +286,14 @@ def _jinja_env() -> Any:
 def _is_path_like(item: Any) -> bool:
     if isinstance(item, Path):
         return True
-    return (isinstance(item, str) and item.strip() != "" and "\n" not in item and len(item) < 4096
-            and (Path(item).suffix.lower() in (".txt", ".jsonl", ".parquet")
-                 or Path(item).exists()))
+    if not (isinstance(item, str) and item.strip() != "" and "\n" not in item and len(item) < 4096):
+        return False
+    if Path(item).suffix.lower() in (".txt", ".jsonl", ".parquet"):
+        return True
+    try:
+        return Path(item).exists()
+    except OSError:  # a long text is not a file name (ENAMETOOLONG)
+        return False
 
 
 def train_tokenizer(paths_or_texts: str | Path | Iterable[str | Path], vocab_size: int,
