@@ -22,7 +22,7 @@ The common loop, `train(model, batches, loss_fn, cfg, out_dir, ...)`: a stage gi
     val_batches  a list of batches (or a function returning an iterable) for validation
 
 and the loop does the rest: schedule, accumulation, clipping, evaluation (loss and perplexity,
-plus an optional `on_eval(model, step) -> dict` such as a generated sample), checkpoints with
+plus an optional `on_eval(model, step, val_loss) -> dict` such as a generated sample), checkpoints with
 optimizer, data position and RNG states, metrics.jsonl, progress bar, exact resume.
 """
 from __future__ import annotations
@@ -356,7 +356,7 @@ class TrainResult:
 
 def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
           out_dir: str | Path, *, val_batches: list | Callable[[], Iterable] | None = None,
-          tokenizer: Any = None, on_eval: Callable[[nn.Module, int], dict | None] | None = None,
+          tokenizer: Any = None, on_eval: Callable[[nn.Module, int, float], dict | None] | None = None,
           tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
           extra: dict | None = None) -> TrainResult:
     """Train `model` in place on `batches` with `loss_fn`; checkpoints go to OUT/checkpoints/,
@@ -414,7 +414,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16)
             row = {"step": at, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
             if on_eval is not None:
-                row.update(on_eval(model, at) or {})
+                row.update(on_eval(model, at, loss) or {})
         metrics.log(row)
         bar.write(f"step {at}: val_loss {loss:.4f} (ppl {row['val_ppl']:.2f})"
                   + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))

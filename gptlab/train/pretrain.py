@@ -111,7 +111,7 @@ def _sampler(tok: Any, cfg: PretrainConfig):
 
     prompt = [tok.eos_id] + tok.encode(cfg.sample_prompt)
 
-    def sample(model: nn.Module, step: int) -> dict:
+    def sample(model: nn.Module, step: int, val_loss: float) -> dict:
         params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50,
                                 stop_ids=(tok.eos_id,))
         gen = generate(model, [prompt], params, seed=cfg.seed, pad_id=tok.pad_id)

@@ -180,7 +180,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     collate = lambda b: collate_rankings(b, tok.pad_id)  # noqa: E731
     val_batches = fixed_list_batches(val_e, cfg.batch_size, collate) if val_e else None
 
-    def on_eval(m: nn.Module, step: int) -> dict:
+    def on_eval(m: nn.Module, step: int, val_loss: float) -> dict:
         return {"pairwise_acc": pairwise_accuracy(m, val_batches)} if val_batches else {}
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,

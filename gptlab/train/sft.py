@@ -73,7 +73,7 @@ class BestKeeper:
         self.best: float | None = None
         self.best_step: int | None = None
 
-    def __call__(self, model: nn.Module, step: int, val_loss: float | None = None) -> dict:
+    def __call__(self, model: nn.Module, step: int, val_loss: float | None) -> dict:
         row: dict = {}
         if self.exec_eval is not None:
             row["exec_acc"] = self.exec_eval(model)
@@ -122,20 +122,12 @@ def sft(cfg: SFTConfig) -> Path:
     annotate_run(out, data={"train": len(train_ex), "validation": len(val_ex),
                             "skipped": skips.counts})
     keeper = BestKeeper(out, tok, exec_eval)
-    last_val: dict = {}
-
-    def on_eval(m: nn.Module, step: int) -> dict:
-        from gptlab.train.loop import evaluate
-        val = fixed_list_batches(val_ex, cfg.batch_size, lambda b: pad_examples(b, tok.pad_id))
-        loss = evaluate(m, val, sft_loss) if val_ex else None
-        last_val["loss"] = loss
-        return keeper(m, step, loss)
 
     collate = lambda b: pad_examples(b, tok.pad_id)  # noqa: E731
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
                    cfg, out, val_batches=fixed_list_batches(val_ex, cfg.batch_size, collate)
                    if val_ex else None, tokenizer=tok,
-                   on_eval=on_eval if (val_ex or exec_eval) else None,
+                   on_eval=keeper if (val_ex or exec_eval) else None,
                    tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume, extra={"stage": "sft"})
     if cfg.select_best and keeper.best is not None:
         best, _, _ = load_model(keeper.dir)

@@ -1,0 +1,61 @@
+"""Context management for multi-turn chat: the conversation as a stack of turns.
+
+A conversation is an optional system message, then turns: a user message and the assistant's
+reply. When the rendered conversation no longer fits the model's context (minus the room kept
+for the reply), the oldest turns are popped off the bottom of the stack until it fits. The
+system message (the instructions) and the latest user message (the question being answered)
+are never dropped; if those two alone do not fit, no amount of forgetting helps, and that is
+an error the caller reports.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from gptlab.errors import UserError
+
+CountTokens = Callable[[list[dict]], int]
+
+
+class TurnTooLong(UserError):
+    """The system message plus the latest user message alone exceed the budget."""
+
+
+def split_turns(messages: Sequence[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """(leading system messages, turns): each turn is a user message and what follows it up to
+    the next user message (normally one assistant reply)."""
+    head: list[dict] = []
+    turns: list[list[dict]] = []
+    for m in messages:
+        if m.get("role") == "user":
+            turns.append([m])
+        elif turns:  # replies (or a system message mid-conversation) belong to their turn
+            turns[-1].append(m)
+        else:
+            head.append(m)
+    return head, turns
+
+
+def fit_messages(messages: Sequence[dict], count_tokens: CountTokens,
+                 budget: int) -> tuple[list[dict], int]:
+    """Drop the oldest user/assistant turns until `count_tokens(kept) <= budget`.
+
+    `count_tokens` measures a message list as the model will see it (rendered with the chat
+    template and its generation prompt); `budget` is the context minus the tokens reserved for
+    the reply. Returns (kept messages, number of turns dropped). Raises `TurnTooLong` when the
+    system message and the last turn alone are over budget.
+    """
+    head, turns = split_turns(messages)
+    if not turns:
+        raise UserError("the conversation has no user message to answer", field="messages")
+    dropped = 0
+    while True:
+        kept = head + [m for turn in turns[dropped:] for m in turn]
+        n = count_tokens(kept)
+        if n <= budget:
+            return kept, dropped
+        if dropped == len(turns) - 1:
+            raise TurnTooLong(f"the message needs {n} tokens with the system prompt and the "
+                              f"chat template, but only {budget} fit (the context minus the "
+                              f"tokens kept for the reply); shorten it, or lower "
+                              f"--max-new-tokens", field="message")
+        dropped += 1

@@ -1,0 +1,147 @@
+"""`gptlab chat`: talk to a model in the terminal, one line per user turn.
+
+The conversation is kept as messages and rendered with the tokenizer's chat template before
+every reply, so the model sees the whole (fitted) history each turn. Lines starting with "/"
+are commands: "/reset" forgets the history (the system prompt stays), "/exit" quits, as does
+end of input. Replies go to stdout; notes (dropped turns, a turn that cannot fit) go to stderr,
+so `printf 'question\\n' | gptlab chat --model M --greedy` prints just the answer.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from gptlab.chat.context import TurnTooLong, fit_messages
+from gptlab.checkpoint import load_model
+from gptlab.engine import SamplingParams, generate
+from gptlab.errors import UserError
+
+COMMANDS = {"/exit": "quit (end of input does too)", "/reset": "forget the conversation",
+            "/help": "list these commands"}
+
+
+@dataclass
+class ChatConfig:
+    model: str = ""
+    system: str | None = None          # the system message, kept through every context trim
+    max_new_tokens: int = 256
+    greedy: bool = False
+    temperature: float = 0.7
+    top_p: float | None = None
+    max_context_tokens: int | None = None  # below the model's context, to bound memory or time
+    seed: int = 0
+
+
+class ChatSession:
+    """A conversation with one model: messages in, replies out, history fitted to the context."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: ChatConfig):
+        if cfg.max_new_tokens < 1:
+            raise UserError("must be at least 1", field="max_new_tokens")
+        if not cfg.greedy and cfg.temperature <= 0:
+            raise UserError("must be > 0 (or use --greedy)", field="temperature")
+        if cfg.max_context_tokens is not None and cfg.max_context_tokens < 1:
+            raise UserError("must be at least 1", field="max_context_tokens")
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.context = min(model.config.context, cfg.max_context_tokens or model.config.context)
+        self.budget = self.context - cfg.max_new_tokens
+        if self.budget < 1:
+            raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the "
+                            f"conversation in a context of {self.context} tokens",
+                            field="max_new_tokens")
+        self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
+                                     temperature=cfg.temperature, top_p=cfg.top_p,
+                                     stop_ids=tuple(sorted(tokenizer.stop_ids)))
+        self.turns = 0
+        self.reset()
+        # Fail at start, not at the first question, when the template cannot render a chat.
+        self.count_tokens(self.messages + [{"role": "user", "content": "hi"}])
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []
+        if self.cfg.system:
+            self.messages.append({"role": "system", "content": self.cfg.system})
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.tok.render_chat(messages, add_generation_prompt=True)[0])
+
+    def reply(self, text: str, stderr: TextIO = sys.stderr) -> str:
+        """Answer one user message; the history keeps the turn. A message that cannot fit even
+        alone raises `TurnTooLong` and leaves the history as it was."""
+        kept, dropped = fit_messages(self.messages + [{"role": "user", "content": text}],
+                                     self.count_tokens, self.budget)
+        if dropped:
+            print(f"note: the conversation outgrew the context of {self.context} tokens: "
+                  f"dropped the oldest {dropped} turn{'s' if dropped > 1 else ''}", file=stderr)
+        ids, _ = self.tok.render_chat(kept, add_generation_prompt=True)
+        # A new seed per turn: a seeded session is reproducible, yet turns are not correlated.
+        gen = generate(self.model, [ids], self.params, seed=self.cfg.seed + self.turns,
+                       pad_id=self.tok.pad_id)
+        tokens = gen.tokens[0]
+        if gen.finished[0]:
+            tokens = tokens[:-1]  # the end-of-turn token; the template writes its own
+        else:
+            print(f"note: the reply was cut at --max-new-tokens {self.cfg.max_new_tokens}",
+                  file=stderr)
+        answer = self.tok.decode(tokens).strip()
+        # The dropped turns are gone for good: they are reported once, not at every turn.
+        self.messages = kept + [{"role": "assistant", "content": answer}]
+        self.turns += 1
+        return answer
+
+
+def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+             stderr: TextIO = sys.stderr) -> int:
+    """Read user lines until end of input or /exit; returns the number of turns answered."""
+    interactive = stdin.isatty()
+    if interactive:
+        print("(" + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()) + ")", file=stderr)
+    answered = 0
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            session.reset()
+            print("note: the conversation was reset", file=stderr)
+            continue
+        if command == "/help":
+            print("\n".join(f"{c}  {h}" for c, h in COMMANDS.items()), file=stderr)
+            continue
+        if not command:
+            continue
+        try:
+            answer = session.reply(text, stderr)
+        except TurnTooLong as e:
+            print(f"error: {e}; this message was skipped", file=stderr)
+            continue
+        print(answer, file=stdout, flush=True)
+        answered += 1
+    return answered
+
+
+def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+         stderr: TextIO = sys.stderr) -> int:
+    """`gptlab chat`: load `cfg.model` and talk until end of input; returns turns answered."""
+    from gptlab.model.gpt import GPT
+
+    if not cfg.model:
+        raise UserError("chat needs --model")
+    model, tok, _ = load_model(Path(cfg.model))
+    if not isinstance(model, GPT):
+        raise UserError("not a language model (a reward or value model has no text to say)",
+                        path=cfg.model)
+    if tok is None:
+        raise UserError("the model has no tokenizer", path=cfg.model)
+    return run_chat(ChatSession(model, tok, cfg), stdin, stdout, stderr)
