@@ -87,6 +87,28 @@ def _verb_generate():
     return "continue raw text with a model", add, run
 
 
+def _verb_chat():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="model directory, HF directory or .gguf")
+        p.add_argument("--system", default=None, help="system message (kept in every turn)")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--temperature", type=float, default=0.7)
+        how.add_argument("--greedy", action="store_true")
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--max-context-tokens", type=int, default=None,
+                       help="fit the conversation in fewer tokens than the model's context")
+        p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab.chat import ChatConfig, chat
+        chat(ChatConfig(model=args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+                        greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                        max_context_tokens=args.max_context_tokens, seed=args.seed))
+
+    return "chat with a model in the terminal (multi-turn, chat template)", add, run
+
+
 def _verb_convert():
     def add(p: argparse.ArgumentParser) -> None:
         src = p.add_mutually_exclusive_group(required=True)
@@ -256,6 +278,7 @@ def _verb_label():
 VERBS: dict[str, Callable] = {
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
+    "chat": _verb_chat,
     "pretrain": _verb_pretrain,
     "sft": _config_verb("gptlab.train.sft.SFTConfig", "gptlab.train.sft.sft",
                         "supervised fine-tuning on demonstrations (InstructGPT step 1)"),

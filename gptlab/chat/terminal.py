@@ -69,9 +69,10 @@ class ChatSession:
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.tok.render_chat(messages, add_generation_prompt=True)[0])
 
-    def reply(self, text: str, stderr: TextIO = sys.stderr) -> str:
+    def reply(self, text: str, stderr: TextIO | None = None) -> str:
         """Answer one user message; the history keeps the turn. A message that cannot fit even
         alone raises `TurnTooLong` and leaves the history as it was."""
+        stderr = stderr or sys.stderr
         kept, dropped = fit_messages(self.messages + [{"role": "user", "content": text}],
                                      self.count_tokens, self.budget)
         if dropped:
@@ -94,9 +95,12 @@ class ChatSession:
         return answer
 
 
-def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-             stderr: TextIO = sys.stderr) -> int:
-    """Read user lines until end of input or /exit; returns the number of turns answered."""
+def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
+             stderr: TextIO | None = None) -> int:
+    """Read user lines until end of input or /exit; returns the number of turns answered.
+    The streams default to sys.stdin / stdout / stderr as they are at call time."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    stderr = stderr or sys.stderr
     interactive = stdin.isatty()
     if interactive:
         print("(" + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()) + ")", file=stderr)
@@ -131,8 +135,8 @@ def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
     return answered
 
 
-def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-         stderr: TextIO = sys.stderr) -> int:
+def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
     """`gptlab chat`: load `cfg.model` and talk until end of input; returns turns answered."""
     from gptlab.model.gpt import GPT
 

