@@ -330,7 +330,11 @@ def train_tokenizer(paths_or_texts: str | Path | Iterable[str | Path], vocab_siz
 
     hf = tokenizers.Tokenizer(models.BPE())
     # No prefix space and no regex surprises: decode(encode(s)) == s for every string.
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits are split one by one (as Llama and SmolLM do): a number the model has never seen
+    # is still made of known tokens, and copying it from a question into SQL is digit by digit.
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -1,0 +1,72 @@
+"""The whole recipe end to end at toy sizes: every stage runs, the report has every number,
+and rerunning the same command reuses the finished stages."""
+import json
+
+import pytest
+
+from gptlab.cli import main
+from gptlab.eval.stats import excludes_zero, paired_delta
+
+ARGS = ["--pretrain-steps", "4", "--pretrain-batch", "4", "--sft-steps", "4",
+        "--sft-eval-every", "2", "--sft-exec-eval", "8", "--sample-prompts", "12", "--k", "3",
+        "--reward-epochs", "1", "--ppo-steps", "2", "--ppo-batch", "8", "--ppo-minibatch", "4",
+        "--max-new-tokens", "24", "--eval-limit", "24", "--rounds", "2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "demo"
+    assert main(["pipeline", "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_every_stage_leaves_its_directory(run):
+    for stage in ("world/world.json", "pretrain/model.safetensors", "sft/model.safetensors",
+                  "round-1/samples.jsonl", "round-1/rankings.jsonl",
+                  "round-1/reward/model.safetensors", "round-1/ppo/model.safetensors",
+                  "round-2/rankings_all.jsonl", "round-2/ppo/value/model.safetensors",
+                  "sft_continued/model.safetensors", "eval/answers.jsonl",
+                  "report.md", "report.html", "report.json"):
+        assert (run / stage).exists(), stage
+    # Round 2's reward model is trained on both rounds' rankings.
+    n1 = sum(1 for _ in open(run / "round-1" / "rankings.jsonl"))
+    n2 = sum(1 for _ in open(run / "round-2" / "rankings_all.jsonl"))
+    assert n2 > n1
+
+
+def test_report_has_every_number(run):
+    r = json.loads((run / "report.json").read_text())
+    for key in ("sft", "sft_continued", "ppo", "ppo_round_1", "ppo_round_2", "pretrained"):
+        assert 0.0 <= r["exec_acc"][key] <= 1.0
+        assert key in r["exec_acc_unseen_phrasing"]
+    for key in ("delta_ppo_vs_sft", "delta_ppo_vs_sft_continued"):
+        lo, hi = r[key]["ci95"]
+        assert lo <= r[key]["mean"] <= hi
+    assert 0.0 <= r["rm_pairwise_acc"] <= 1.0 and len(r["rm_pairwise_acc_per_round"]) == 2
+    assert 0.0 <= r["win_rate_ppo_vs_sft"] <= 1.0
+    assert r["kl_ppo_vs_sft"] == r["kl_ppo_vs_sft"]  # finite, not NaN
+    assert r["ptx"]["corpus_ppl_sft"] > 1 and r["ptx"]["corpus_ppl_ppo"] > 1
+    assert r["n_test"] == 24 and r["minutes"] > 0
+
+
+def test_the_control_took_as_many_optimizer_steps_as_ppo(run):
+    meta = json.loads((run / "sft_continued" / "config.json").read_text())
+    # 2 rounds x 2 PPO steps x 2 epochs x (8 / 4) minibatches
+    assert meta["step"] == 16
+
+
+def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys):
+    before = (run / "sft" / "model.safetensors").stat().st_mtime_ns
+    assert main(["pipeline", "--out", str(run), *ARGS]) == 0
+    assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
+    assert main(["pipeline", "--out", str(run), *ARGS, "--seed", "5"]) == 2
+    assert "other settings (seed)" in capsys.readouterr().err
+
+
+def test_paired_delta_by_hand():
+    d = paired_delta([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
+    assert d["mean"] == 0.5
+    # sd of (1,0,0,1) = sqrt(1/3); half-width 1.96 * sqrt(1/3) / 2
+    assert d["ci95"][1] - 0.5 == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)
+    assert not excludes_zero(d)
+    assert excludes_zero(paired_delta([1] * 30 + [0] * 2, [0] * 32))
