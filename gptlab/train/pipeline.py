@@ -40,12 +40,13 @@ class PipelineConfig:
     # pretraining
     pretrain_steps: int = 150
     pretrain_batch: int = 8
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 2e-3
     # SFT, to its validation optimum
-    sft_steps: int = 300
+    sft_examples: int | None = 1500   # demonstrations used (None: all); PPO sees every prompt
+    sft_steps: int = 700
     sft_batch: int = 16
-    sft_lr: float = 5e-4
-    sft_eval_every: int = 50
+    sft_lr: float = 2e-3
+    sft_eval_every: int = 100
     sft_exec_eval: int = 150          # validation questions for execution accuracy
     # feedback
     sample_prompts: int = 256         # training prompts sampled per round
@@ -55,13 +56,13 @@ class PipelineConfig:
     # reward model
     reward_epochs: float = 2.0
     reward_batch: int = 8
-    reward_lr: float = 1e-4
+    reward_lr: float = 2e-4
     # PPO
     ppo_steps: int = 20               # per round
     ppo_batch: int = 32
     ppo_minibatch: int = 16
     ppo_epochs: int = 2
-    ppo_lr: float = 3e-5
+    ppo_lr: float = 5e-5
     kl_coef: float = 0.02
     ptx_coef: float = 0.5
     max_new_tokens: int = 80
@@ -128,7 +129,7 @@ class Pipeline:
         from gptlab.train.sft import SFTConfig, sft
         out = self.out / "sft"
         if not stage_done(out):
-            sft(SFTConfig(model=str(model), data=str(self.world_dir / "sft.jsonl"),
+            sft(SFTConfig(model=str(model), data=str(self.demonstrations()),
                           val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
                           world=str(self.world_dir), exec_eval=self.cfg.sft_exec_eval,
                           max_new_tokens=self.cfg.max_new_tokens, max_steps=self.cfg.sft_steps,
@@ -136,6 +137,21 @@ class Pipeline:
                           eval_every=self.cfg.sft_eval_every, eval_batches=8,
                           seed=self.cfg.seed, progress=self.cfg.progress))
         return out
+
+    def demonstrations(self) -> Path:
+        """The SFT data: the world's demonstrations, or the first `sft_examples` of them.
+
+        InstructGPT had fewer demonstrations than PPO prompts (13k vs 31k); `sft_examples`
+        reproduces that: SFT learns from a subset, PPO from every training prompt."""
+        full = self.world_dir / "sft.jsonl"
+        if not self.cfg.sft_examples:
+            return full
+        subset = self.out / "sft_data.jsonl"
+        if not subset.exists():
+            rows = read_jsonl(full)[:self.cfg.sft_examples]
+            write_jsonl_atomic(subset, ({k: v for k, v in r.items() if k != "_line"}
+                                        for r in rows))
+        return subset
 
     def feedback(self, policy: Path, rnd: int) -> Path:
         """Sample K responses for this round's prompts from the current policy; rank them."""
@@ -187,7 +203,8 @@ class Pipeline:
                           lr=self.cfg.ppo_lr, kl_coef=self.cfg.kl_coef,
                           max_new_tokens=self.cfg.max_new_tokens,
                           ptx_data=[str(self.world_dir / "corpus.txt")] if self.cfg.ptx_coef else [],
-                          ptx_coef=self.cfg.ptx_coef, seed=self.cfg.seed + rnd))
+                          ptx_coef=self.cfg.ptx_coef, cache_dir=str(self.out / "cache"),
+                          seed=self.cfg.seed + rnd))
         return out
 
     def sft_continued(self, sft_dir: Path) -> Path:
@@ -195,10 +212,12 @@ class Pipeline:
         from gptlab.train.sft import SFTConfig, sft
         out = self.out / "sft_continued"
         if not stage_done(out):
-            sft(SFTConfig(model=str(sft_dir), data=str(self.world_dir / "sft.jsonl"),
+            sft(SFTConfig(model=str(sft_dir), data=str(self.demonstrations()),
                           val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
                           max_steps=_ppo_optimizer_steps(self.cfg), batch_size=self.cfg.sft_batch,
-                          lr=self.cfg.sft_lr, warmup_steps=0, select_best=False, exec_eval=0,
+                          # Continue, not restart: SFT's final learning rate, held constant.
+                          lr=self.cfg.sft_lr * 0.1, min_lr_ratio=1.0, warmup_steps=0,
+                          select_best=False, exec_eval=0,
                           eval_every=0, eval_batches=4, seed=self.cfg.seed + 7,
                           progress=self.cfg.progress))
         return out

@@ -75,6 +75,8 @@ class PPOConfig:
     ptx_data: list[str] = field(default_factory=list)  # pretraining text for PPO-ptx
     ptx_coef: float = 0.0
     ptx_batch_size: int = 8
+    ptx_block_size: int = 128
+    cache_dir: str | None = None      # token cache for ptx_data (default: gptlab's cache)
     save_every: int = 0
     seed: int = 0
     device: str = "auto"
@@ -200,23 +202,17 @@ class PPOTrainer:
         return vm
 
     def _ptx_batches(self) -> Iterator[Tensor]:
-        """Endless random blocks of the pretraining text, tokenized with the policy's tokenizer."""
+        """Endless random blocks of the pretraining text (tokenized once, cached), with the
+        policy's tokenizer."""
+        from gptlab.data.tokens import load_token_data
         if not self.cfg.ptx_data:
             raise UserError("ptx_coef > 0 needs --ptx-data (pretraining text)", field="ptx_data")
-        from gptlab.data.corpus import iter_documents
-        ids: list[int] = []
-        for doc in iter_documents(self.cfg.ptx_data):
-            ids += self.tok.encode(doc) + [self.tok.eos_id]
-        block = min(self.policy.config.context, 128)
-        data = torch.tensor(ids, dtype=torch.long)
-        if len(data) <= block + 1:
-            raise UserError(f"pretraining text has {len(data)} tokens, fewer than one block of "
-                            f"{block + 1}", field="ptx_data")
-        g = torch.Generator().manual_seed(self.cfg.seed)
+        block = min(self.policy.config.context, self.cfg.ptx_block_size)
+        data = load_token_data(self.cfg.ptx_data, self.tok, block, val_fraction=0.0,
+                               seed=self.cfg.seed, cache_dir=self.cfg.cache_dir)
+        batches = data.train_batches(self.cfg.ptx_batch_size, self.cfg.seed)
         while True:
-            starts = torch.randint(0, len(data) - block - 1, (self.cfg.ptx_batch_size,),
-                                   generator=g)
-            yield torch.stack([data[s:s + block + 1] for s in starts.tolist()]).to(self.device)
+            yield next(batches).to(self.device)
 
     # --- 1. rollout ---------------------------------------------------------------------------
     def rollout(self, step: int) -> Rollout | None:
