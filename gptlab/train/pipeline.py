@@ -49,12 +49,12 @@ class PipelineConfig:
     sft_eval_every: int = 100
     sft_exec_eval: int = 150          # validation questions for execution accuracy
     # feedback
-    sample_prompts: int = 256         # training prompts sampled per round
+    sample_prompts: int = 512         # training prompts sampled per round
     k: int = 4                        # responses per prompt
     sample_temperature: float = 1.0
     disagreement: float = 0.1         # the simulated labelers' noise
     # reward model
-    reward_epochs: float = 2.0
+    reward_epochs: float = 3.0
     reward_batch: int = 8
     reward_lr: float = 2e-4
     # PPO
@@ -63,8 +63,8 @@ class PipelineConfig:
     ppo_minibatch: int = 16
     ppo_epochs: int = 2
     ppo_lr: float = 5e-5
-    kl_coef: float = 0.02
-    ptx_coef: float = 0.5
+    kl_coef: float = 0.05
+    ptx_coef: float = 0.05
     max_new_tokens: int = 80
     # evaluation
     eval_limit: int | None = None     # test questions (default: the whole test split)
