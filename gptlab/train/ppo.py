@@ -33,7 +33,7 @@ from gptlab.errors import UserError
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
-from gptlab.train.loop import clip_gradients, lr_at, make_optimizer, set_lr
+from gptlab.train.loop import clip_gradients, lr_at, make_optimizer, select_device, set_lr
 from gptlab.train.rl_math import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss,
                                   entropy_from_logits, gae, kl_per_token, masked_mean,
                                   token_logprobs, whiten)
@@ -80,12 +80,6 @@ class PPOConfig:
     save_every: int = 0
     seed: int = 0
     device: str = "auto"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -153,7 +147,7 @@ class PPOTrainer:
             raise UserError("give exactly one of --reward (a reward model) or --reward-fn",
                             field="reward")
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.policy, self.tok, _ = load_model(cfg.policy, self.device)
         if not isinstance(self.policy, GPT) or self.tok is None:
