@@ -248,3 +248,18 @@ def test_bad_config_values_name_the_field(corpus, tmp_path, capsys):
                "--tokenizer", str(corpus[0] / "tok")) == 2
     assert "context of 128" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_hub_dataset_name_is_passed_to_datasets_and_fails_clearly_offline(tmp_path):
+    """`user/name` goes to the Hugging Face Hub (no network here): a clear exit 2, no output."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "gptlab", "pretrain", "--data", "someuser/corpus",
+                        "--model", "tiny", "--out", str(tmp_path / "out"), "--max-steps", "1",
+                        "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    assert "someuser/corpus" in r.stderr and "Hugging Face Hub dataset" in r.stderr
+    assert not (tmp_path / "out").exists()

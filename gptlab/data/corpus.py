@@ -54,6 +54,12 @@ def read_documents(paths: str | Path | Iterable[str | Path]) -> list[str]:
     return list(iter_documents(paths))
 
 
+def is_hub_name(path: str | Path) -> bool:
+    """A `user/name` that is no local path: read as a Hugging Face Hub dataset."""
+    p = Path(path)
+    return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
+
+
 def _iter_path(path: str | Path) -> Iterator[str]:
     p = Path(path)
     if p.is_dir():
@@ -65,7 +71,7 @@ def _iter_path(path: str | Path) -> Iterator[str]:
             yield from _iter_file(f)
     elif p.exists():
         yield from _iter_file(p)
-    elif _HUB_NAME.match(str(path)) and not p.suffix:
+    elif is_hub_name(path):
         yield from _iter_hub(str(path))
     else:
         raise UserError("corpus file not found", path=p)

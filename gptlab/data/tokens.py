@@ -46,7 +46,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _source_files(paths: Sequence[str | Path]) -> list[Path]:
     """The files a corpus path list reads (a directory stands for its corpus files)."""
-    from gptlab.data.corpus import CORPUS_SUFFIXES
+    from gptlab.data.corpus import CORPUS_SUFFIXES, is_hub_name
 
     files = []
     for p in map(Path, paths):
@@ -55,7 +55,7 @@ def _source_files(paths: Sequence[str | Path]) -> list[Path]:
                             and f.suffix.lower() in CORPUS_SUFFIXES)
         elif p.exists():
             files.append(p)
-        else:
+        elif not is_hub_name(p):
             raise UserError("corpus file not found", path=p)
     return files
 
@@ -76,9 +76,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
     """Key of a token file: the sources' paths, sizes and mtimes, and the tokenizer."""
     h = hashlib.sha256(TOKENS_FORMAT.encode())
+    from gptlab.data.corpus import is_hub_name
     for f in _source_files(paths):
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for name in (str(p) for p in paths if is_hub_name(p)):
+        h.update(f"hub:{name}\n".encode())  # a Hub dataset is keyed by its name
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:32]
 

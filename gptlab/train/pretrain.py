@@ -126,8 +126,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     if not cfg.data:
         raise UserError("no training data: pass --data FILE...", field="data")
+    from gptlab.data.corpus import is_hub_name
     for path in cfg.data:
-        if not Path(path).exists():
+        if not Path(path).exists() and not is_hub_name(path):
             raise UserError("corpus file not found", path=path, field="data")
     cfg.check()
     out = Path(cfg.out)
