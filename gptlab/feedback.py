@@ -20,7 +20,7 @@ RankFn = Callable[[dict, list[str]], list[str]]
 
 
 def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
-                     params: SamplingParams, seed: int = 0, batch_size: int = 64,
+                     params: SamplingParams, seed: int = 0, batch_size: int = 256,
                      skips: SkipCounter | None = None) -> list[dict]:
     """K responses per prompt record: `{**record, "responses": [...]}`.
 

@@ -1,7 +1,7 @@
 """The generation engine: equal to naive decoding, padding-invariant, seeded, stops correctly."""
 import torch
 
-from gptlab.engine import SamplingParams, filter_logits, generate
+from gptlab.engine import SamplingParams, filter_logits, generate, sample_from
 from gptlab.model import GPT, GPTConfig
 
 
@@ -40,6 +40,31 @@ def test_logprobs_are_those_of_the_chosen_tokens():
         logp = (net(torch.tensor([ids]))[0] / 0.7).log_softmax(-1)
     expected = [logp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(out.tokens[0])]
     assert max(abs(a - b) for a, b in zip(expected, out.logprobs[0])) < 1e-4
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_independently():
+    """K copies of a prompt are encoded once; each copy still samples its own continuation,
+    and every logprob is that of a full forward pass over the finished sequence."""
+    net = model()
+    prompts = [[3, 4, 5], [6, 7], [3, 4, 5], [3, 4, 5]]
+    greedy = generate(net, prompts, SamplingParams(max_new_tokens=8, greedy=True))
+    assert greedy.tokens[0] == greedy.tokens[2] == greedy.tokens[3] == naive_greedy(net, [3, 4, 5], 8)
+    assert greedy.tokens[1] == naive_greedy(net, [6, 7], 8)
+    out = generate(net, prompts, SamplingParams(max_new_tokens=8, temperature=2.0), seed=3)
+    assert len({tuple(out.tokens[i]) for i in (0, 2, 3)}) > 1
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+        with torch.no_grad():
+            logp = (net(torch.tensor([p + toks]))[0] / 2.0).log_softmax(-1)
+        expected = [logp[len(p) - 1 + t, tok].item() for t, tok in enumerate(toks)]
+        assert max(abs(a - b) for a, b in zip(expected, lps)) < 1e-4
+
+
+def test_sample_from_draws_the_distribution_and_never_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_from(probs, gen), minlength=5).float() / 20000
+    assert counts[1] == 0 and counts[4] == 0
+    assert (counts - probs[0]).abs().max() < 0.015  # 3 standard errors at n = 20000
 
 
 def test_seeded_sampling_is_deterministic_and_seed_dependent():
