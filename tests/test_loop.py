@@ -245,3 +245,34 @@ def test_metrics_truncate_after(tmp_path):
     log.close()
     MetricsLog.truncate_after(tmp_path / "m.jsonl", 10)
     assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [0, 5, 10]
+
+
+def test_on_eval_can_stop_training_early_and_the_stop_is_saved(tmp_path):
+    tokens = _stream(3, n=1000)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=30, eval_every=5, eval_batches=1,
+                      save_every=0, progress=False, device="cpu")
+    seen = []
+
+    def on_eval(model, step, val_loss):
+        seen.append(step)
+        return {"stop": step >= 10}
+
+    result = train(tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss, cfg, tmp_path,
+                   val_batches=fixed_batches(tokens, 16, np.arange(50, 60), 4, 1), on_eval=on_eval)
+    assert seen == [0, 5, 10] and result.step == result.total_steps == 10
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"step": 10, "event": "early_stop"} in rows
+    assert all("stop" not in r for r in rows)
+    assert Checkpointer(tmp_path).latest().name == "step-10"
+
+
+def test_sft_best_keeper_stops_after_patience_evaluations_without_progress(tmp_path, monkeypatch):
+    import gptlab.train.sft as sft_module
+    saved = []
+    monkeypatch.setattr(sft_module, "save_model", lambda d, m, t, extra: saved.append(extra["step"]))
+    scores = iter([0.1, 0.5, 0.4, 0.5, 0.45, 0.6])
+    keeper = sft_module.BestKeeper(tmp_path, None, exec_eval=lambda m: next(scores), patience=3)
+    stops = [keeper(None, step, 0.0).get("stop", False) for step in range(0, 500, 100)]
+    # 0.5 at step 100 is the best; 0.4, 0.5 (not better), 0.45 are three without progress.
+    assert stops == [False, False, False, False, True]
+    assert saved == [0, 100] and keeper.best == 0.5 and keeper.best_step == 100

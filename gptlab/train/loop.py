@@ -22,7 +22,8 @@ The common loop, `train(model, batches, loss_fn, cfg, out_dir, ...)`: a stage gi
     val_batches  a list of batches (or a function returning an iterable) for validation
 
 and the loop does the rest: schedule, accumulation, clipping, evaluation (loss and perplexity,
-plus an optional `on_eval(model, step, val_loss) -> dict` such as a generated sample), checkpoints with
+plus an optional `on_eval(model, step, val_loss) -> dict` such as a generated sample; a row with
+`"stop": True` ends training there: early stopping), checkpoints with
 optimizer, data position and RNG states, metrics.jsonl, progress bar, exact resume.
 """
 from __future__ import annotations
@@ -415,10 +416,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             row = {"step": at, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
             if on_eval is not None:
                 row.update(on_eval(model, at, loss) or {})
+        stop = bool(row.pop("stop", False))  # on_eval may end training (early stopping)
         metrics.log(row)
         bar.write(f"step {at}: val_loss {loss:.4f} (ppl {row['val_ppl']:.2f})"
                   + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
-        return loss, time.perf_counter() - t0
+        return loss, time.perf_counter() - t0, stop
 
     def snapshot() -> dict:
         return {"step": step, "tokens": tokens, "elapsed_s": elapsed, "total_steps": total,
@@ -440,7 +442,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     updating = False
     try:
         if not resume and has_val:
-            val_loss, eval_s = run_eval(0)
+            val_loss, eval_s, _ = run_eval(0)
         while total is None or step < total:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
@@ -486,7 +488,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{session_tokens / session_time:.0f}")
             if has_val and (is_last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                val_loss, _ = run_eval(step)
+                val_loss, _, stop = run_eval(step)
+                if stop and not is_last:
+                    metrics.log({"step": step, "event": "early_stop"})
+                    total, is_last = step, True
+                    good = snapshot()
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
                 save(good)
                 saved_step = step

@@ -41,6 +41,8 @@ class SFTConfig(TrainConfig):
     exec_eval: int = 200              # validation questions for execution accuracy (0: off)
     max_new_tokens: int = 96
     select_best: bool = True          # keep the weights of the best evaluation
+    patience: int = field(default=0, metadata={
+        "help": "stop after this many evaluations without a better score (0: run every step)"})
     resume: bool = False
     lr: float = 3e-4
     warmup_steps: int = 20
@@ -68,10 +70,11 @@ class BestKeeper:
     """An `on_eval` callback: scores the model (execution accuracy when a world is given, else
     −validation loss) and saves the best weights to OUT/best."""
 
-    def __init__(self, out: Path, tokenizer: Any, exec_eval: Any = None):
+    def __init__(self, out: Path, tokenizer: Any, exec_eval: Any = None, patience: int = 0):
         self.dir, self.tok, self.exec_eval = out / "best", tokenizer, exec_eval
         self.best: float | None = None
         self.best_step: int | None = None
+        self.patience, self.since_best = patience, 0
 
     def __call__(self, model: nn.Module, step: int, val_loss: float | None) -> dict:
         row: dict = {}
@@ -81,8 +84,12 @@ class BestKeeper:
         else:
             score = -val_loss if val_loss is not None else None
         if score is not None and (self.best is None or score > self.best):
-            self.best, self.best_step = score, step
+            self.best, self.best_step, self.since_best = score, step, 0
             save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
+        elif score is not None:
+            self.since_best += 1
+            if self.patience and self.since_best >= self.patience:
+                row["stop"] = True  # the validation optimum is behind us
         return row
 
 
@@ -121,7 +128,7 @@ def sft(cfg: SFTConfig) -> Path:
     record_run(out, cfg)
     annotate_run(out, data={"train": len(train_ex), "validation": len(val_ex),
                             "skipped": skips.counts})
-    keeper = BestKeeper(out, tok, exec_eval)
+    keeper = BestKeeper(out, tok, exec_eval, cfg.patience)
 
     collate = lambda b: pad_examples(b, tok.pad_id)  # noqa: E731
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
