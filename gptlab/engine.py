@@ -113,6 +113,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
         cache.select(rows)
         logits, mask = logits[rows], mask[rows]
     n = 0
+    live = torch.arange(B, device=device)  # rows still decoding; finished ones are dropped
     for t in range(steps):
         temperature = 1.0 if params.greedy else params.temperature
         logprobs = (logits / temperature).log_softmax(-1)
@@ -121,18 +122,22 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
         else:
             probs = filter_logits(logits / temperature, params.top_k, params.top_p).softmax(-1)
             tok = sample_from(probs, gen)
-        out_tokens[:, t] = tok
-        out_logprobs[:, t] = logprobs.gather(-1, tok[:, None])[:, 0]
+        out_tokens[live, t] = tok
+        out_logprobs[live, t] = logprobs.gather(-1, tok[:, None])[:, 0]
         n = t + 1
         if stop.numel():
-            hit = torch.isin(tok, stop) & ~done
-            lengths = torch.where(hit, t + 1, lengths)
-            done |= hit
+            hit = torch.isin(tok, stop) & ~done[live]
+            lengths[live[hit]] = t + 1
+            done[live[hit]] = True
             if bool(done.all()):
                 break
         if t + 1 == steps:
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        keep = ~done[live]
+        if int(keep.sum()) <= 0.75 * len(live):  # compact: stop paying for finished rows
+            cache.select(keep.nonzero()[:, 0])
+            live, mask, tok = live[keep], mask[keep], tok[keep]
+        mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)
         logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1].float()
 
     model.train(was_training)
