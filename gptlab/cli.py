@@ -263,13 +263,17 @@ def _verb_label():
         p.add_argument("--out", required=True, help="rankings JSONL")
         p.add_argument("--world", default=None, help="world directory (default: built-in world)")
         p.add_argument("--disagreement", type=float, default=0.1,
-                       help="share of response pairs a labeler flips (0: noise-free)")
+                       help="share of response pairs (across tiers) a labeler flips "
+                            "(0: noise-free)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--ties", action=argparse.BooleanOptionalAction, default=True,
+                       help="tie the answers of one verdict tier (correct > wrong > error); "
+                            "--no-ties: a strict order, shorter SQL first")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.feedback import label_file
         n = label_file(args.samples, args.out, args.labeler, args.world, args.disagreement,
-                       args.seed)
+                       args.seed, args.ties)
         print(f"wrote {n} rankings to {args.out}")
 
     return "rank sampled responses with a simulated labeler", add, run

@@ -16,7 +16,8 @@ from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl, write_jsonl_atomic
 
-RankFn = Callable[[dict, list[str]], list[str]]
+# (record, distinct responses) -> best first, an item a response or a list of tied responses
+RankFn = Callable[[dict, list[str]], list[str | list[str]]]
 
 
 def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
@@ -80,7 +81,8 @@ def label_samples(samples: list[dict], rank: RankFn,
     """Rankings `{"prompt"/"messages", "ranked": [best...worst], other fields}` from samples.
 
     Identical responses are merged first; a prompt left with fewer than 2 distinct (non-empty)
-    responses is skipped and counted.
+    responses is skipped and counted, and so is one whose responses the labeler ties all
+    together (no preference to learn from). Tied groups of one are written as plain strings.
     """
     skips = skips if skips is not None else SkipCounter()
     rankings = []
@@ -89,31 +91,39 @@ def label_samples(samples: list[dict], rank: RankFn,
         if len(responses) < 2:
             skips.add("prompts with fewer than 2 distinct responses")
             continue
-        ranked = rank(s, responses)
-        if sorted(ranked) != sorted(responses):
-            raise UserError("the labeler must return a permutation of the responses",
-                            field="ranked")
+        levels = [item if isinstance(item, list) else [item] for item in rank(s, responses)]
+        flat = [r for level in levels for r in level]
+        if not all(levels) or sorted(flat) != sorted(responses):
+            raise UserError("the labeler must return a permutation of the responses (tied "
+                            "ones as non-empty lists)", field="ranked")
+        if len(levels) < 2:
+            skips.add("prompts whose responses are all tied")
+            continue
         row = {k: v for k, v in s.items() if k not in ("responses", "_line")}
-        rankings.append({**row, "ranked": ranked})
+        rankings.append({**row, "ranked": [lv[0] if len(lv) == 1 else lv for lv in levels]})
     return rankings
 
 
 def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0.1,
-                    seed: int = 0) -> RankFn:
-    """The built-in world's simulated labeler as a RankFn (records need the world's `id`)."""
+                    seed: int = 0, ties: bool = True) -> RankFn:
+    """The built-in world's simulated labeler as a RankFn (records need the world's `id`).
+
+    ties=True: correct > wrong > error with the answers of one tier tied; False: a strict order.
+    """
     from gptlab.eval.execution import open_world
     world = open_world(world_dir or "builtin")
-    labeler = world.labeler(disagreement=disagreement, seed=seed)
+    labeler = world.labeler(disagreement=disagreement, seed=seed, ties=ties)
 
-    def rank(record: dict, responses: list[str]) -> list[str]:
+    def rank(record: dict, responses: list[str]) -> list[str | list[str]]:
         if "id" not in record:
             raise UserError("the sqlworld labeler needs each sample's 'id'", field="id")
-        return labeler.rank(record["id"], responses).ranked()
+        return labeler.rank(record["id"], responses).ranked_json()
     return rank
 
 
 def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlworld",
-               world: str | Path | None = None, disagreement: float = 0.1, seed: int = 0) -> int:
+               world: str | Path | None = None, disagreement: float = 0.1, seed: int = 0,
+               ties: bool = True) -> int:
     """`gptlab label`: rank a samples file into a rankings file. Returns rankings written."""
     if labeler != "sqlworld":
         raise UserError(f"unknown labeler '{labeler}' (available: sqlworld); for your own data "
@@ -121,7 +131,7 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
                         field="labeler")
     samples = read_jsonl(samples_path, required=("responses",))
     skips = SkipCounter()
-    rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed), skips)
+    rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips)
     n = write_jsonl_atomic(out, rankings)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)

@@ -165,6 +165,62 @@ def test_identical_responses_are_merged_and_short_prompts_skipped():
     assert skips.total == 1
 
 
+def test_tied_responses_share_a_level_and_plain_strings_are_levels_of_one(tmp_path):
+    f = tmp_path / "r.jsonl"
+    rows = [{"prompt": "p", "ranked": ["SELECT a", ["SELECT b", "SELECT c"], "SELECT d"]},
+            {"prompt": "q", "ranked": [["x"], "y"]},
+            {"prompt": "r", "chosen": "x", "rejected": "y"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tied, single, pair = read_rankings(f)
+    assert tied.ranked == ["SELECT a", "SELECT b", "SELECT c", "SELECT d"]
+    assert tied.groups == [0, 1, 1, 2]
+    assert single.ranked == pair.ranked == ["x", "y"] and single.groups == pair.groups == [0, 1]
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"prompt": "p", "ranked": ["a", [], "b"]}, "item 2 is an empty list of tied responses"),
+    ({"prompt": "p", "ranked": ["a", ["b", 3]]}, "item 2 must be a response string"),
+    ({"prompt": "p", "ranked": ["a", ["b", ["c"]]]}, "item 2 must be a response string"),
+    ({"prompt": "p", "ranked": ["a", ["b", " "]]}, "a response is empty"),
+    ({"prompt": "p", "ranked": ["a", ["b", "a"]]}, "duplicate"),
+    ({"prompt": "p", "ranked": [["a", "b"]]}, "at least 2 levels of preference; all responses"),
+    ({"prompt": "p", "ranked": [["a"]]}, "at least 2 responses, got 1"),
+    ({"prompt": "p", "ranked": "a"}, "must be a list"),
+])
+def test_bad_tied_rankings_name_file_line_and_field(tmp_path, line, message):
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "ranked": ["x", "y"]}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(UserError) as err:
+        read_rankings(f)
+    assert f"{f}:2" in str(err.value) and "field 'ranked'" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_chosen_and_rejected_cannot_be_tied_groups(tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "chosen": ["a", "b"], "rejected": "c"}) + "\n")
+    with pytest.raises(UserError, match=r"r.jsonl:1, field 'chosen/rejected': must be response"):
+        read_rankings(f)
+
+
+def test_a_labeler_may_tie_and_prompts_it_ties_all_together_are_skipped():
+    def rank(record, responses):  # longer is better; equal lengths tie
+        by_length: dict[int, list[str]] = {}
+        for r in responses:
+            by_length.setdefault(len(r), []).append(r)
+        return [by_length[n] for n in sorted(by_length, reverse=True)]
+    from gptlab.data.instruct import SkipCounter, ranking_of
+    samples = [{"id": 1, "prompt": "p", "responses": ["aa", "b", "c", "b"]},
+               {"id": 2, "prompt": "q", "responses": ["x", "y"]}]
+    skips = SkipCounter()
+    out = label_samples(samples, rank, skips)
+    assert out == [{"id": 1, "prompt": "p", "ranked": ["aa", ["b", "c"]]}]
+    assert skips.counts == {"prompts whose responses are all tied": 1}
+    assert ranking_of(out[0]).groups == [0, 1, 1]
+    with pytest.raises(UserError, match="permutation"):
+        label_samples(samples[:1], lambda record, responses: [["aa"], [], ["b", "c"]])
+
+
 def test_prompts_longer_than_the_context_are_skipped_and_counted(run, tmp_path, capsys):
     d, _ = run
     f = tmp_path / "p.jsonl"

@@ -32,6 +32,22 @@ def test_kwise_loss_ignores_padding_and_averages_per_prompt():
     assert loss.item() == pytest.approx((first + second) / 2, abs=1e-6)
 
 
+def test_kwise_loss_counts_only_pairs_with_a_real_preference():
+    s = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.3, 0.1, -0.2, 7.0]])
+    k = torch.tensor([4, 3])
+    # Row 0: [a, [b, c], d] -> pairs a>b, a>c, a>d, b>d, c>d (b, c tied: no pair).
+    # Row 1: [[x, y], z] -> pairs x>z, y>z; the padded 4th place is ignored.
+    groups = torch.tensor([[0, 1, 1, 2], [0, 0, 1, 0]])
+    loss = kwise_ranking_loss(s, k, groups)
+    first = -(logsig(1.5) + logsig(3.0) + logsig(2.0) + logsig(0.5) + logsig(-1.0)) / 5
+    second = -(logsig(0.5) + logsig(0.3)) / 2
+    assert loss.item() == pytest.approx((first + second) / 2, abs=1e-6)
+    # One level per response is exactly the untied loss.
+    untied = kwise_ranking_loss(s, k, torch.arange(4).expand(2, 4))
+    assert untied.item() == pytest.approx(kwise_ranking_loss(s, k).item(), abs=1e-7)
+    assert untied.item() != pytest.approx(loss.item(), abs=1e-3)
+
+
 def test_gae_on_a_hand_worked_example():
     # One response of 3 tokens, reward only at the end, γ = 1, λ = 0.5.
     r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])

@@ -27,13 +27,22 @@ def test_careful_ranking_on_a_hand_made_example(world):
         "SELECT COUNT(*) FROM employees",                                       # 4 wrong, short
         "DROP TABLE employees",                                                 # 5 error (refused)
     ]
-    ranking = world.labeler(disagreement=0.0).rank(q.id, responses)
-    assert ranking.order == (3, 2, 4, 1, 5, 0)
+    ranking = world.labeler(disagreement=0.0, ties=False).rank(q.id, responses)
+    assert ranking.order == (3, 2, 4, 1, 5, 0) and ranking.groups == (0, 1, 2, 3, 4, 5)
     assert [v.kind for v in ranking.verdicts] == ["error", "wrong", "correct", "correct",
                                                  "wrong", "error"]
     assert ranking.id == q.id and ranking.ranked()[0] == q.sql
+    assert ranking.ranked_json() == ranking.ranked()
     assert ranking.to_json()["id"] == q.id and ranking.to_json()["verdicts"][0] == "correct"
     assert normalize_sql(" SELECT  1 ;\n") == "SELECT 1"
+    # With ties (the default) each verdict tier is one level, no length tie-break.
+    tied = world.labeler(disagreement=0.0).rank(q.id, responses)
+    assert tied.order == (2, 3, 1, 4, 0, 5) and tied.groups == (0, 0, 1, 1, 2, 2)
+    r = responses
+    assert tied.ranked_json() == [[r[2], r[3]], [r[1], r[4]], [r[0], r[5]]]
+    assert tied.ranked() == [r[2], r[3], r[1], r[4], r[0], r[5]]
+    one_wrong = world.labeler().rank(q.id, [r[4], r[3], r[2]])
+    assert one_wrong.ranked_json() == [[r[3], r[2]], r[4]]
 
 
 def test_mallows_dispersion_is_calibrated_to_the_disagreement():
@@ -52,14 +61,52 @@ def _items(world, n):
 
 def test_measured_disagreement_matches_the_configured_rate(world):
     items = _items(world, 600)
+    careful = world.labeler(disagreement=0.0, ties=False)
+    for p in (0.1, 0.25):
+        noisy = SqlLabeler(world, disagreement=p, seed=7, ties=False)
+        assert abs((1 - agreement(careful, noisy, items)) - p) <= 0.03, p
+    assert agreement(careful, world.labeler(0.0, seed=99, ties=False), items) == 1.0
+    # two independent noisy labelers disagree more than either does with the truth
+    a, b = SqlLabeler(world, 0.1, seed=1, ties=False), SqlLabeler(world, 0.1, seed=2, ties=False)
+    assert 0.75 <= agreement(a, b, items[:300]) <= 0.87
+
+
+def test_with_ties_noise_flips_the_configured_share_of_cross_tier_pairs(world):
+    items = _items(world, 600)  # correct, correct or wrong, wrong, error: 2-3 tiers each
     careful = world.labeler(disagreement=0.0)
+    levels = [len(careful.rank(*it).tied_groups()) for it in items]
+    assert min(levels) >= 2 and levels.count(3) > 500
     for p in (0.1, 0.25):
         noisy = SqlLabeler(world, disagreement=p, seed=7)
         assert abs((1 - agreement(careful, noisy, items)) - p) <= 0.03, p
+        # Noise reorders whole tiers: a tied group is never split.
+        for it in items[:50]:
+            kinds = [{v.kind for v in r} for r in _verdict_groups(noisy.rank(*it))]
+            assert all(len(k) == 1 for k in kinds) and len(kinds) == len(set(map(min, kinds)))
     assert agreement(careful, world.labeler(0.0, seed=99), items) == 1.0
-    # two independent noisy labelers disagree more than either does with the truth
-    a, b = SqlLabeler(world, 0.1, seed=1), SqlLabeler(world, 0.1, seed=2)
-    assert 0.75 <= agreement(a, b, items[:300]) <= 0.87
+
+
+def _verdict_groups(ranking):
+    out = {}
+    for i, level in zip(ranking.order, ranking.groups):
+        out.setdefault(level, []).append(ranking.verdicts[i])
+    return [out[level] for level in sorted(out)]
+
+
+def test_the_sqlworld_ranker_writes_tied_tiers_and_skips_all_tied_prompts(world):
+    from gptlab.data.instruct import SkipCounter, ranking_of
+    from gptlab.feedback import label_samples, sqlworld_ranker
+    q = world.test[0]
+    samples = [{"id": q.id, "prompt": "p", "responses": [q.sql, "SELEC x", q.sql + " ;"]},
+               {"id": q.id, "prompt": "p", "responses": ["SELEC x", "SELEC y"]}]
+    skips = SkipCounter()
+    tied = label_samples(samples, sqlworld_ranker(world, disagreement=0.0), skips)
+    assert [r["ranked"] for r in tied] == [[[q.sql, q.sql + " ;"], "SELEC x"]]
+    assert skips.counts == {"prompts whose responses are all tied": 1}
+    assert ranking_of(tied[0]).groups == [0, 0, 1]
+    strict = label_samples(samples, sqlworld_ranker(world, 0.0, ties=False))
+    assert [r["ranked"] for r in strict] == [[q.sql, q.sql + " ;", "SELEC x"],
+                                             ["SELEC x", "SELEC y"]]
 
 
 def test_rankings_are_reproducible_per_item_and_seed(world):
@@ -74,3 +121,20 @@ def test_labeler_rejects_a_disagreement_outside_its_range(world):
         SqlLabeler(world, disagreement=0.7)
     with pytest.raises(UserError, match="agreement needs"):
         agreement(world.labeler(), world.labeler(), [])
+    with pytest.raises(UserError, match="agreement needs"):  # all tied: no pair to agree on
+        agreement(world.labeler(), world.labeler(), [(world.test[0].id, ["SELEC x", "SELEC y"])])
+
+
+def test_the_label_verb_ties_by_default_and_not_with_no_ties(world, tmp_path):
+    from gptlab.cli import main
+    from gptlab.io import read_jsonl, write_jsonl_atomic
+    world.export(tmp_path / "w")
+    q = world.test[0]
+    write_jsonl_atomic(tmp_path / "s.jsonl", [
+        {"id": q.id, "prompt": "p", "responses": [q.sql + " ;", q.sql, "SELEC x"]}])
+    for flags, ranked in (([], [[q.sql + " ;", q.sql], "SELEC x"]),
+                          (["--no-ties"], [q.sql + " ;", q.sql, "SELEC x"])):
+        out = tmp_path / "r.jsonl"
+        assert main(["label", "--world", str(tmp_path / "w"), "--in", str(tmp_path / "s.jsonl"),
+                     "--out", str(out), "--disagreement", "0", *flags]) == 0
+        assert read_jsonl(out)[0]["ranked"] == ranked

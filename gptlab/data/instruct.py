@@ -4,6 +4,7 @@
 - prompts (sample, PPO): `{"prompt": ...}` or `{"messages": [...]}` ending on a user turn
 - samples: `{"id": ..., "prompt": ..., "responses": [...]}` (other prompt fields carried along)
 - rankings: `{"prompt": ..., "ranked": [best, ..., worst]}` with K ≥ 2 distinct responses,
+  an item being a response or a list of responses tied with each other (at least 2 levels),
   or `{"prompt": ..., "chosen": ..., "rejected": ...}` (K = 2)
 
 A prompt is tokenized on its own and a response after it, exactly as generation sees them, so
@@ -30,9 +31,14 @@ class Example:
 @dataclass
 class Ranking:
     prompt: Any                    # text or a list of chat messages
-    ranked: list[str]              # best first
+    ranked: list[str]              # best first, tied responses next to each other
     id: Any = None
     line: int | None = None
+    groups: list[int] | None = None  # per response its level (0 = best, equal = tied)
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = list(range(len(self.ranked)))
 
 
 @dataclass
@@ -135,18 +141,36 @@ def read_prompts(path: str | Path) -> list[dict]:
 
 
 def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ranking:
-    """Validate one rankings line: K ≥ 2 distinct, non-empty responses."""
+    """Validate one rankings line: K ≥ 2 distinct, non-empty responses in ≥ 2 levels.
+
+    An item of `ranked` is a response or a list of responses that are equally good (tied).
+    """
     prompt = prompt_of(row, path, line)
     if "ranked" in row:
-        ranked = row["ranked"]
-        fname = "ranked"
+        items, fname = row["ranked"], "ranked"
+        expected = "a list, best first, of responses or lists of tied responses"
     elif "chosen" in row and "rejected" in row:
-        ranked, fname = [row["chosen"], row["rejected"]], "chosen/rejected"
+        items, fname = [row["chosen"], row["rejected"]], "chosen/rejected"
+        expected = "response strings"
+        if not all(isinstance(r, str) for r in items):
+            raise UserError(f"must be {expected}", path=path, line=line, field=fname)
     else:
         raise UserError("needs 'ranked' (best first) or 'chosen' and 'rejected'", path=path,
                         line=line)
-    if not isinstance(ranked, list) or not all(isinstance(r, str) for r in ranked):
-        raise UserError("must be a list of response strings", path=path, line=line, field=fname)
+    if not isinstance(items, list):
+        raise UserError(f"must be {expected}", path=path, line=line, field=fname)
+    ranked: list[str] = []
+    groups: list[int] = []
+    for level, item in enumerate(items):
+        group = item if isinstance(item, list) else [item]
+        if not group:
+            raise UserError(f"item {level + 1} is an empty list of tied responses", path=path,
+                            line=line, field=fname)
+        if not all(isinstance(r, str) for r in group):
+            raise UserError(f"item {level + 1} must be a response string or a list of "
+                            f"tied response strings", path=path, line=line, field=fname)
+        ranked += group
+        groups += [level] * len(group)
     if len(ranked) < 2:
         raise UserError(f"needs at least 2 responses, got {len(ranked)}", path=path, line=line,
                         field=fname)
@@ -155,7 +179,10 @@ def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ran
     if len(set(ranked)) != len(ranked):
         raise UserError("has duplicate responses (merge them before ranking)", path=path,
                         line=line, field=fname)
-    return Ranking(prompt, list(ranked), row.get("id"), line)
+    if len(items) < 2:
+        raise UserError("needs at least 2 levels of preference; all responses are tied",
+                        path=path, line=line, field=fname)
+    return Ranking(prompt, ranked, row.get("id"), line, groups)
 
 
 def read_rankings(path: str | Path) -> list[Ranking]:

@@ -2,9 +2,10 @@
 
 The model is the SFT model with a scalar head reading the last real token. For a prompt with K
 ranked responses the loss is −1/C(K,2) Σ_{i<j} log σ(r(x, y_i) − r(x, y_j)) (y_i ranked above
-y_j); all C(K,2) pairs of a prompt share one batch element, so each prompt is one gradient
-contribution however large K is. After training, a bias and a scale are set so that the
-policy's samples for the training prompts score mean 0, std 1.
+y_j); all pairs of a prompt share one batch element, so each prompt is one gradient
+contribution however large K is. Tied responses form no pair: the loss and the pairwise
+accuracy are taken over the pairs with a real preference only. After training, a bias and a
+scale are set so that the policy's samples for the training prompts score mean 0, std 1.
 """
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ class EncodedRanking:
     """The K responses of one prompt as full token sequences, best first."""
     seqs: list[list[int]]
     id: Any = None
+    groups: list[int] | None = None  # per sequence its level (0 = best, equal = tied)
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = list(range(len(self.seqs)))
 
 
 def encode_ranking(tokenizer: Any, r: Ranking, context: int) -> EncodedRanking | None:
@@ -59,19 +65,23 @@ def encode_ranking(tokenizer: Any, r: Ranking, context: int) -> EncodedRanking |
     seqs = [p + encode_response(tokenizer, resp, r.prompt) for resp in r.ranked]
     if max(len(s) for s in seqs) > context:
         return None
-    return EncodedRanking(seqs, r.id)
+    return EncodedRanking(seqs, r.id, list(r.groups))
 
 
 def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
-    """All responses of the batch, flattened to (N, T) right-padded rows; `k` per prompt."""
+    """All responses of the batch, flattened to (N, T) right-padded rows; `k` per prompt and
+    `groups` (B, Kmax), each response's level, padded past k."""
     seqs = [s for it in items for s in it.seqs]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "k": torch.tensor([len(it.seqs) for it in items])}
+    k = torch.tensor([len(it.seqs) for it in items])
+    groups = torch.zeros((len(items), int(k.max())), dtype=torch.long)
+    for b, it in enumerate(items):
+        groups[b, :len(it.groups)] = torch.tensor(it.groups)
+    return {"input_ids": ids, "attention_mask": mask, "k": k, "groups": groups}
 
 
 def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
@@ -87,12 +97,15 @@ def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
 
 
 def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return kwise_ranking_loss(ranked_scores(model, batch), batch["k"].to(batch["input_ids"].device))
+    device = batch["input_ids"].device
+    return kwise_ranking_loss(ranked_scores(model, batch), batch["k"].to(device),
+                              batch["groups"].to(device))
 
 
 @torch.no_grad()
 def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) -> float:
-    """Share of ranked pairs (i above j) that the model scores r_i > r_j (ties count half)."""
+    """Share of pairs with a real preference (i above j, not tied) that the model scores
+    r_i > r_j (equal scores count half)."""
     right, total = 0.0, 0
     was = model.training
     model.eval()
@@ -100,11 +113,12 @@ def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) 
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         s = ranked_scores(model, b)
-        for row, k in zip(s, b["k"].tolist()):
+        for row, level, k in zip(s.tolist(), b["groups"].tolist(), b["k"].tolist()):
             for i in range(k):
-                for j in range(i + 1, k):
-                    right += 1.0 if row[i] > row[j] else 0.5 if row[i] == row[j] else 0.0
-                    total += 1
+                for j in range(k):
+                    if level[i] < level[j]:
+                        right += 1.0 if row[i] > row[j] else 0.5 if row[i] == row[j] else 0.0
+                        total += 1
     model.train(was)
     return right / max(total, 1)
 

@@ -31,18 +31,24 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     return out * mask
 
 
-def kwise_ranking_loss(scores: Tensor, k: Tensor) -> Tensor:
+def kwise_ranking_loss(scores: Tensor, k: Tensor, groups: Tensor | None = None) -> Tensor:
     """InstructGPT's reward-model loss for a batch of rankings.
 
     scores (B, Kmax): each row holds r(x, y_1) ... r(x, y_K) for responses ranked best first,
-    padded past `k[b]`. Per prompt: -1/C(K,2) Σ_{i<j} log σ(r_i - r_j); then the batch mean.
-    All C(K,2) pairs of a prompt stay in one batch element (the paper: separating them over-fits).
+    padded past `k[b]`. groups (B, Kmax): each response's level (0 = best, equal = tied); None
+    means every response is its own level. A pair (i, j) counts when y_i is strictly preferred
+    (groups[i] < groups[j]). Per prompt: -1/|P| Σ_{(i,j)∈P} log σ(r_i - r_j), then the batch
+    mean; without ties |P| = C(K,2). All pairs of a prompt stay in one batch element (the
+    paper: separating them over-fits).
     """
     B, K = scores.shape
     i = torch.arange(K, device=scores.device)
-    better_first = i[:, None] < i[None, :]  # pair (i, j) with i ranked above j
+    if groups is None:
+        better_first = (i[:, None] < i[None, :])[None]  # pair (i, j) with i ranked above j
+    else:
+        better_first = groups[:, :, None] < groups[:, None, :]  # (B, K, K); ties are no pair
     valid = (i[None, :, None] < k[:, None, None]) & (i[None, None, :] < k[:, None, None])
-    pairs = better_first[None] & valid  # (B, K, K)
+    pairs = better_first & valid  # (B, K, K)
     diff = scores[:, :, None] - scores[:, None, :]
     per_pair = -F.logsigmoid(diff.float())
     per_prompt = (per_pair * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)

@@ -118,8 +118,8 @@ class World:
                             f"({gold.error.message}); was the database replaced?", field="id")
         return compare(self.executor().run(pred_sql), gold, has_top_level_order_by(gold_sql))
 
-    def labeler(self, disagreement: float = 0.0, seed: int = 0) -> SqlLabeler:
-        return SqlLabeler(self, disagreement=disagreement, seed=seed)
+    def labeler(self, disagreement: float = 0.0, seed: int = 0, ties: bool = True) -> SqlLabeler:
+        return SqlLabeler(self, disagreement=disagreement, seed=seed, ties=ties)
 
     # --- text and records -----------------------------------------------------------------
     def corpus(self) -> str:

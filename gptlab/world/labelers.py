@@ -1,11 +1,15 @@
 """Simulated labelers: rank K SQL responses to a question the way a careful person would.
 
 The careful order: a correct result beats a query that runs but answers wrongly, which beats a
-query that fails; among equals the shorter normalized SQL (whitespace collapsed, no trailing
-semicolon) wins, then the earlier response. Real labelers disagree (InstructGPT reports about
-73% agreement), so a labeler perturbs that order with Mallows noise calibrated so that, in
-expectation, a fraction `disagreement` of all response pairs comes out flipped; `agreement`
-measures it between two labelers.
+query that fails. With ties (the default) the answers of one tier are tied: equally good, so the
+reward model learns no preference between them. Without ties, among equals the shorter
+normalized SQL (whitespace collapsed, no trailing semicolon) wins, then the earlier response.
+Real labelers disagree (InstructGPT reports about 73% agreement), so a labeler perturbs the
+order of its levels (tiers, or single responses without ties) with Mallows noise calibrated so
+that, in expectation, a fraction `disagreement` of all pairs of levels comes out flipped;
+`agreement` measures it between two labelers. (Counted over pairs of responses in different
+tiers, that is exact when each tier holds one response; Mallows flips neighbouring levels more
+often than distant ones, so unequal tiers move it a little: 0.094 to 0.113 for 0.1 on 3 tiers.)
 """
 from __future__ import annotations
 
@@ -33,38 +37,74 @@ def normalize_sql(sql: str) -> str:
 class Ranking:
     id: str  # the question id, carried along so rankings join back to prompts and gold SQL
     responses: tuple[str, ...]  # as given
-    order: tuple[int, ...]  # indices into `responses`, best first
+    order: tuple[int, ...]  # indices into `responses`, best first, tied ones side by side
     verdicts: tuple[Verdict, ...]  # per response, as given
+    groups: tuple[int, ...]  # the level of each place of `order` (0 = best, equal = tied)
 
     def ranked(self) -> list[str]:
+        """The responses best first, tied groups flattened."""
         return [self.responses[i] for i in self.order]
+
+    def tied_groups(self) -> list[list[str]]:
+        """The responses as levels, best first; each level a list of tied responses."""
+        out: list[list[str]] = [[] for _ in range(len(set(self.groups)))]
+        for i, level in zip(self.order, self.groups):
+            out[level].append(self.responses[i])
+        return out
+
+    def ranked_json(self) -> list[str | list[str]]:
+        """The rankings file's `ranked` value: a response, or a list of tied responses."""
+        return [g[0] if len(g) == 1 else g for g in self.tied_groups()]
+
+    def levels(self) -> dict[int, int]:
+        """Response index -> its level."""
+        return dict(zip(self.order, self.groups))
 
     def to_json(self) -> dict:
         return {"id": self.id, "responses": self.ranked(), "order": list(self.order),
+                "groups": list(self.groups),
                 "verdicts": [self.verdicts[i].kind for i in self.order]}
 
 
 class SqlLabeler:
-    """`rank(id, responses)`; the same labeler gives the same ranking for the same item."""
+    """`rank(id, responses)`; the same labeler gives the same ranking for the same item.
 
-    def __init__(self, world: "World", disagreement: float = 0.0, seed: int = 0):
+    ties=True: one level per verdict tier present (correct > wrong > error), its responses tied.
+    ties=False: a strict order, shorter SQL first within a tier.
+    """
+
+    def __init__(self, world: "World", disagreement: float = 0.0, seed: int = 0,
+                 ties: bool = True):
         if not 0.0 <= disagreement <= 0.5:
             raise UserError(f"disagreement must be in [0, 0.5] (0.5 is a random ranking), "
                             f"got {disagreement}", field="disagreement")
-        self.world, self.disagreement, self.seed = world, disagreement, seed
+        self.world, self.disagreement, self.seed, self.ties = world, disagreement, seed, ties
 
     def careful_order(self, verdicts: list[Verdict], responses: list[str]) -> list[int]:
         return sorted(range(len(responses)), key=lambda i: (
             _TIER.get(verdicts[i].kind, 2), len(normalize_sql(responses[i])), i))
 
+    def careful_levels(self, verdicts: list[Verdict], responses: list[str]) -> list[list[int]]:
+        """The noise-free ranking as levels of response indices, best first."""
+        if not self.ties:
+            return [[i] for i in self.careful_order(verdicts, responses)]
+        tiers: dict[int, list[int]] = {}
+        for i, v in enumerate(verdicts):
+            tiers.setdefault(_TIER.get(v.kind, 2), []).append(i)
+        return [tiers[t] for t in sorted(tiers)]
+
     def rank(self, qid: str, responses: list[str]) -> Ranking:
         verdicts = [self.world.check(qid, r) for r in responses]
-        order = self.careful_order(verdicts, responses)
-        if self.disagreement > 0 and len(order) > 1:
+        levels = self.careful_levels(verdicts, responses)
+        if self.disagreement > 0 and len(levels) > 1:
             # Seeded by the item, not by call order, so rankings are reproducible one by one.
             rng = random.Random(f"{self.seed}|{qid}|" + "\x1f".join(responses))
-            order = mallows_perturb(order, _dispersion(len(order), self.disagreement), rng)
-        return Ranking(qid, tuple(responses), tuple(order), tuple(verdicts))
+            perm = mallows_perturb(list(range(len(levels))),
+                                   _dispersion(len(levels), self.disagreement), rng)
+            levels = [levels[g] for g in perm]
+        order = tuple(i for level in levels for i in level)
+        groups = tuple(n for n, level in enumerate(levels) for _ in level)
+        return Ranking(qid, tuple(responses), order, tuple(verdicts), groups)
 
 
 def mallows_perturb(order: list[int], phi: float, rng: random.Random) -> list[int]:
@@ -99,18 +139,21 @@ def _dispersion(k: int, disagreement: float) -> float:
 
 def agreement(labeler_a: SqlLabeler, labeler_b: SqlLabeler,
               items: Iterable[tuple[str, list[str]]]) -> float:
-    """Fraction of response pairs (over all items) that both labelers order the same way."""
+    """Fraction of response pairs (over all items) that both labelers order the same way.
+
+    A pair either labeler ties has no order to agree on and is left out: with tier ties this is
+    the fraction of cross-tier pairs; without ties, of all pairs.
+    """
     same = total = 0
     for qid, responses in items:
-        pos_a = _positions(labeler_a.rank(qid, responses).order)
-        pos_b = _positions(labeler_b.rank(qid, responses).order)
+        level_a = labeler_a.rank(qid, responses).levels()
+        level_b = labeler_b.rank(qid, responses).levels()
         for i, j in itertools.combinations(range(len(responses)), 2):
-            same += (pos_a[i] < pos_a[j]) == (pos_b[i] < pos_b[j])
+            if level_a[i] == level_a[j] or level_b[i] == level_b[j]:
+                continue
+            same += (level_a[i] < level_a[j]) == (level_b[i] < level_b[j])
             total += 1
     if total == 0:
-        raise UserError("agreement needs at least one item with two or more responses")
+        raise UserError("agreement needs at least one pair of responses that both labelers "
+                        "rank apart (an item with two or more responses, not all tied)")
     return same / total
-
-
-def _positions(order: tuple[int, ...]) -> dict[int, int]:
-    return {item: pos for pos, item in enumerate(order)}
