@@ -270,9 +270,11 @@ def test_sft_best_keeper_stops_after_patience_evaluations_without_progress(tmp_p
     import gptlab.train.sft as sft_module
     saved = []
     monkeypatch.setattr(sft_module, "save_model", lambda d, m, t, extra: saved.append(extra["step"]))
-    scores = iter([0.1, 0.5, 0.4, 0.5, 0.45, 0.6])
-    keeper = sft_module.BestKeeper(tmp_path, None, exec_eval=lambda m: next(scores), patience=3)
-    stops = [keeper(None, step, 0.0).get("stop", False) for step in range(0, 500, 100)]
-    # 0.5 at step 100 is the best; 0.4, 0.5 (not better), 0.45 are three without progress.
-    assert stops == [False, False, False, False, True]
-    assert saved == [0, 100] and keeper.best == 0.5 and keeper.best_step == 100
+    scores = iter([0.1, 0.5, 0.4, 0.5, 0.45, 0.45, 0.6])
+    losses = [1.0, 0.8, 0.9, 0.9, 0.7, 0.75, 0.75]
+    keeper = sft_module.BestKeeper(tmp_path, None, exec_eval=lambda m: next(scores), patience=2)
+    stops = [keeper(None, 100 * i, loss).get("stop", False) for i, loss in enumerate(losses)]
+    # Steps 200 and 300 improve neither score nor loss: stop at 300 (patience 2). Step 400's
+    # lower loss resets the count, 500 is one without progress, 600's score is a new best.
+    assert stops == [False, False, False, True, False, False, False]
+    assert saved == [0, 100, 600] and keeper.best == 0.6 and keeper.best_step == 600

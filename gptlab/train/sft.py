@@ -42,7 +42,8 @@ class SFTConfig(TrainConfig):
     max_new_tokens: int = 96
     select_best: bool = True          # keep the weights of the best evaluation
     patience: int = field(default=0, metadata={
-        "help": "stop after this many evaluations without a better score (0: run every step)"})
+        "help": "stop after this many evaluations in which neither the score nor the validation "
+                "loss improved (0: run every step)"})
     resume: bool = False
     lr: float = 3e-4
     warmup_steps: int = 20
@@ -75,6 +76,7 @@ class BestKeeper:
         self.best: float | None = None
         self.best_step: int | None = None
         self.patience, self.since_best = patience, 0
+        self.best_loss: float | None = None
 
     def __call__(self, model: nn.Module, step: int, val_loss: float | None) -> dict:
         row: dict = {}
@@ -83,13 +85,17 @@ class BestKeeper:
             score = row["exec_acc"]
         else:
             score = -val_loss if val_loss is not None else None
+        improved = False
         if score is not None and (self.best is None or score > self.best):
-            self.best, self.best_step, self.since_best = score, step, 0
+            self.best, self.best_step, improved = score, step, True
             save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
-        elif score is not None:
-            self.since_best += 1
-            if self.patience and self.since_best >= self.patience:
-                row["stop"] = True  # the validation optimum is behind us
+        if val_loss is not None and (self.best_loss is None or val_loss < self.best_loss):
+            # A falling validation loss is progress too: execution accuracy can sit flat for a
+            # while before the model learns to copy values, and must not end training there.
+            self.best_loss, improved = val_loss, True
+        self.since_best = 0 if improved else self.since_best + 1
+        if self.patience and self.since_best >= self.patience:
+            row["stop"] = True  # the validation optimum is behind us
         return row
 
 
