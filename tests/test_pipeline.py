@@ -10,7 +10,8 @@ from gptlab.eval.stats import excludes_zero, paired_delta
 ARGS = ["--pretrain-steps", "4", "--pretrain-batch", "4", "--sft-steps", "4",
         "--sft-eval-every", "2", "--sft-exec-eval", "8", "--sample-prompts", "12", "--k", "3",
         "--reward-epochs", "1", "--ppo-steps", "2", "--ppo-batch", "8", "--ppo-minibatch", "4",
-        "--max-new-tokens", "24", "--eval-limit", "24", "--rounds", "2"]
+        "--max-new-tokens", "24", "--eval-limit", "24", "--rounds", "2",
+        "--no-ties"]  # 4 SFT steps answer with errors only: tied, nothing would be ranked
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,13 @@ def test_paired_delta_by_hand():
     assert d["ci95"][1] - 0.5 == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)
     assert not excludes_zero(d)
     assert excludes_zero(paired_delta([1] * 30 + [0] * 2, [0] * 32))
+
+
+def test_a_round_with_nothing_ranked_stops_with_a_clear_error(tmp_path, capsys):
+    # With ties on, a 4-step SFT model's answers (all errors) are all tied: nothing to rank.
+    args = [a for a in ARGS if a != "--no-ties"]
+    assert main(["pipeline", "--out", str(tmp_path / "demo"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "round 1: the labelers ranked none of 12 prompts" in err
+    assert "whose responses are all tied" in err or "all tied" in err
+    assert not (tmp_path / "demo" / "round-1" / "rankings.jsonl").exists()

@@ -43,7 +43,8 @@ class PipelineConfig:
     pretrain_lr: float = 2e-3
     # SFT, to its validation optimum
     sft_examples: int | None = 1500   # demonstrations used (None: all); PPO sees every prompt
-    sft_steps: int = 700
+    sft_steps: int = 1200             # the cap; SFT stops earlier once validation stops improving
+    sft_patience: int = 3             # evaluations without a better execution accuracy
     sft_batch: int = 16
     sft_lr: float = 2e-3
     sft_eval_every: int = 100
@@ -53,6 +54,8 @@ class PipelineConfig:
     k: int = 4                        # responses per prompt
     sample_temperature: float = 1.0
     disagreement: float = 0.1         # the simulated labelers' noise
+    ties: bool = field(default=True, metadata={
+        "help": "labelers tie answers of one verdict tier (correct / wrong / error)"})
     # reward model
     reward_epochs: float = 3.0
     reward_batch: int = 8
@@ -135,6 +138,7 @@ class Pipeline:
                           max_new_tokens=self.cfg.max_new_tokens, max_steps=self.cfg.sft_steps,
                           batch_size=self.cfg.sft_batch, lr=self.cfg.sft_lr,
                           eval_every=self.cfg.sft_eval_every, eval_batches=8,
+                          patience=self.cfg.sft_patience,
                           seed=self.cfg.seed, progress=self.cfg.progress))
         return out
 
@@ -156,6 +160,7 @@ class Pipeline:
     def feedback(self, policy: Path, rnd: int) -> Path:
         """Sample K responses for this round's prompts from the current policy; rank them."""
         from gptlab.engine import SamplingParams
+        from gptlab.data.instruct import SkipCounter
         from gptlab.feedback import label_samples, sample_responses, sqlworld_ranker
         d = self.out / f"round-{rnd}"
         rankings = d / "rankings.jsonl"
@@ -170,8 +175,18 @@ class Pipeline:
         samples = self.timer.run(f"round {rnd}: sample", lambda: sample_responses(
             model, tok, chosen, self.cfg.k, params, seed=self.cfg.seed * 1000 + rnd))
         write_jsonl_atomic(d / "samples.jsonl", samples)
-        rank = sqlworld_ranker(self.world, self.cfg.disagreement, self.cfg.seed + rnd)
-        ranked = self.timer.run(f"round {rnd}: label", lambda: label_samples(samples, rank))
+        rank = sqlworld_ranker(self.world, self.cfg.disagreement, self.cfg.seed + rnd,
+                               self.cfg.ties)
+        skips = SkipCounter()
+        ranked = self.timer.run(f"round {rnd}: label",
+                                lambda: label_samples(samples, rank, skips))
+        print(f"round {rnd}: {len(ranked)} of {len(samples)} prompts ranked"
+              + (f"; {skips.report('prompts')}" if skips.total else ""), file=sys.stderr)
+        if not ranked:
+            raise UserError(
+                f"round {rnd}: the labelers ranked none of {len(samples)} prompts "
+                f"({skips.report('prompts')}); train SFT longer, sample more prompts or a "
+                f"larger --k, or use --no-ties", path=d / "samples.jsonl")
         write_jsonl_atomic(rankings, ranked)
         return rankings
 
