@@ -51,3 +51,30 @@ def test_a_tied_pair_is_neither_trained_on_nor_counted_by_accuracy():
         return -math.log1p(math.exp(-x))
     assert reward_loss(model, tied).item() == pytest.approx(-(logsig(4) + logsig(-4)) / 2,
                                                            abs=1e-5)
+
+
+def test_shared_prompt_scoring_equals_scoring_each_sequence_whole():
+    """A prompt encoded once for its K responses gives the scores and gradients of K whole
+    sequences (prompts of different lengths: left padding on the prompt side)."""
+    from gptlab.model import GPT, GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=40, context=32, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32,
+                    positions="rotary", norm="rmsnorm", activation="swiglu", bias=False)
+    model = ScalarHeadModel.from_gpt(GPT(cfg))
+    items = [EncodedRanking([[3, 4, 5, 6, 7], [3, 4, 5, 9], [3, 4, 5, 11, 12, 13]], prompt_len=3),
+             EncodedRanking([[8, 9, 10, 11, 12, 2, 2], [8, 9, 10, 11, 12, 1]], groups=[0, 0],
+                            prompt_len=5)]
+    shared = collate_rankings(items, pad_id=0)
+    assert shared["rows"].tolist() == [0, 0, 0, 1, 1]
+    assert shared["prompt_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    whole = {k: shared[k] for k in ("input_ids", "attention_mask", "k", "groups")}
+    from gptlab.train.reward import ranked_scores
+    a, b = ranked_scores(model, shared), ranked_scores(model, whole)
+    assert (a - b).abs().max().item() < 1e-5
+    reward_loss(model, shared).backward()
+    ga = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reward_loss(model, whole).backward()
+    for g, p in zip(ga, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5)

@@ -43,6 +43,32 @@ class KVCache:
         self.cross = {i: (k[rows], v[rows]) for i, (k, v) in self.cross.items()}
 
 
+class PrefixKV:
+    """The keys and values of prompts shared by several continuations, kept out of place so
+    gradients flow through them (KVCache writes in place and serves inference only).
+
+    Encode the prompts with an empty PrefixKV (it records each layer's K/V), then `expand(rows)`
+    gives the cache the continuations read: one row per continuation, `rows[i]` its prompt.
+    A reward model scores K responses of one prompt for the price of one prompt.
+    """
+
+    def __init__(self, k: list[Tensor] | None = None, v: list[Tensor] | None = None,
+                 length: int = 0):
+        self.k, self.v = k or [], v or []
+        self.length = length
+        self.cross: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.length == 0:  # encoding the prompts: record
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        return torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+
+    def expand(self, rows: Tensor) -> "PrefixKV":
+        return PrefixKV([k[rows] for k in self.k], [v[rows] for v in self.v], self.length)
+
+
 def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                    is_causal: bool = False, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
     """Explicit softmax(QKᵀ/√d)V. q (B,H,T,D), k/v (B,H,S,D), mask broadcastable to (B,H,T,S),

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from gptlab.model.attention import PrefixKV
 from gptlab.model.gpt import GPT, GPTConfig
 
 
@@ -49,4 +50,19 @@ class ScalarHeadModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         v = self.values(input_ids, attention_mask)
         raw = v.gather(1, last_real_index(attention_mask)[:, None])[:, 0]
+        return (raw - self.score_bias) * self.score_scale
+
+    def score_continuations(self, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor,
+                            cont_ids: Tensor, cont_mask: Tensor) -> Tensor:
+        """Scores (N,) of N continuations of B shared prompts, each prompt encoded once.
+
+        prompt_ids/mask (B, P) left-padded; rows (N,) the prompt of each continuation;
+        cont_ids/mask (N, R) right-padded, every row at least one real token. Equal to
+        `forward` on the concatenated sequences (up to float rounding)."""
+        prefix = PrefixKV()
+        self.backbone.hidden_states(prompt_ids, prompt_mask, cache=prefix)
+        mask = torch.cat([prompt_mask[rows], cont_mask], 1)
+        h, _ = self.backbone.hidden_states(cont_ids, mask, cache=prefix.expand(rows))
+        raw = self.head(h).squeeze(-1).float()
+        raw = raw.gather(1, last_real_index(cont_mask)[:, None])[:, 0]
         return (raw - self.score_bias) * self.score_scale

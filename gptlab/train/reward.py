@@ -53,6 +53,7 @@ class EncodedRanking:
     seqs: list[list[int]]
     id: Any = None
     groups: list[int] | None = None  # per sequence its level (0 = best, equal = tied)
+    prompt_len: int | None = None    # the shared prompt's length: scored once for all K
 
     def __post_init__(self) -> None:
         if self.groups is None:
@@ -65,7 +66,7 @@ def encode_ranking(tokenizer: Any, r: Ranking, context: int) -> EncodedRanking |
     seqs = [p + encode_response(tokenizer, resp, r.prompt) for resp in r.ranked]
     if max(len(s) for s in seqs) > context:
         return None
-    return EncodedRanking(seqs, r.id, list(r.groups))
+    return EncodedRanking(seqs, r.id, list(r.groups), len(p))
 
 
 def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
@@ -81,12 +82,38 @@ def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tens
     groups = torch.zeros((len(items), int(k.max())), dtype=torch.long)
     for b, it in enumerate(items):
         groups[b, :len(it.groups)] = torch.tensor(it.groups)
-    return {"input_ids": ids, "attention_mask": mask, "k": k, "groups": groups}
+    batch = {"input_ids": ids, "attention_mask": mask, "k": k, "groups": groups}
+    if all(it.prompt_len for it in items):
+        batch.update(_shared_prompts(items, pad_id))
+    return batch
+
+
+def _shared_prompts(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
+    """The same batch as prompts (B, P) left-padded plus responses (N, R) right-padded, so a
+    prompt is encoded once for its K responses (see ScalarHeadModel.score_continuations)."""
+    prompts = [it.seqs[0][:it.prompt_len] for it in items]
+    conts = [s[it.prompt_len:] for it in items for s in it.seqs]
+    P, R = max(map(len, prompts)), max(map(len, conts))
+    p_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        p_ids[i, P - len(p):], p_mask[i, P - len(p):] = torch.tensor(p), 1
+    c_ids = torch.full((len(conts), R), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(conts), R), dtype=torch.long)
+    for i, c in enumerate(conts):
+        c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c), 1
+    rows = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(it.seqs) for it in items]))
+    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "rows": rows,
+            "cont_ids": c_ids, "cont_mask": c_mask}
 
 
 def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
     """Scores laid out (B, Kmax) best first, padded with 0 past each prompt's K."""
-    flat = model(batch["input_ids"], batch["attention_mask"])
+    if "prompt_ids" in batch:
+        flat = model.score_continuations(batch["prompt_ids"], batch["prompt_mask"], batch["rows"],
+                                         batch["cont_ids"], batch["cont_mask"])
+    else:
+        flat = model(batch["input_ids"], batch["attention_mask"])
     k = batch["k"]
     out = torch.zeros(len(k), int(k.max()), dtype=flat.dtype, device=flat.device)
     rows = torch.repeat_interleave(torch.arange(len(k), device=flat.device), k.to(flat.device))
