@@ -43,30 +43,33 @@ class PipelineConfig:
     pretrain_lr: float = 2e-3
     # SFT, to its validation optimum
     sft_examples: int | None = 1500   # demonstrations used (None: all); PPO sees every prompt
-    sft_steps: int = 1200             # the cap; SFT stops earlier once validation stops improving
+    sft_steps: int = 1000             # the cap; SFT stops earlier once validation stops improving
     sft_patience: int = 3             # evaluations without a better execution accuracy
     sft_batch: int = 16
-    sft_lr: float = 2e-3
+    sft_lr: float = 1e-3
     sft_eval_every: int = 100
     sft_exec_eval: int = 150          # validation questions for execution accuracy
     # feedback
     sample_prompts: int = 512         # training prompts sampled per round
-    k: int = 4                        # responses per prompt
-    sample_temperature: float = 1.0
+    k: int = 8                        # responses per prompt
+    # SFT on the demonstrations is confident: at T = 1 nearly all K answers of a prompt are the
+    # same, which leaves nothing to rank and nothing for PPO to explore; 1.5 gives both.
+    sample_temperature: float = 1.5
     disagreement: float = 0.1         # the simulated labelers' noise
     ties: bool = field(default=True, metadata={
         "help": "labelers tie answers of one verdict tier (correct / wrong / error)"})
     # reward model
-    reward_epochs: float = 3.0
+    reward_epochs: float = 2.0
     reward_batch: int = 8
     reward_lr: float = 2e-4
     # PPO
-    ppo_steps: int = 20               # per round
+    ppo_steps: int = 15               # per round
     ppo_batch: int = 32
     ppo_minibatch: int = 16
     ppo_epochs: int = 2
-    ppo_lr: float = 5e-5
+    ppo_lr: float = 1e-4
     kl_coef: float = 0.05
+    ppo_temperature: float = 1.5      # rollouts and updates alike (the labelers saw these too)
     ptx_coef: float = 0.05
     max_new_tokens: int = 80
     # evaluation
@@ -216,6 +219,7 @@ class Pipeline:
                           steps=self.cfg.ppo_steps, batch_size=self.cfg.ppo_batch,
                           minibatch_size=self.cfg.ppo_minibatch, ppo_epochs=self.cfg.ppo_epochs,
                           lr=self.cfg.ppo_lr, kl_coef=self.cfg.kl_coef,
+                          temperature=self.cfg.ppo_temperature,
                           max_new_tokens=self.cfg.max_new_tokens,
                           ptx_data=[str(self.world_dir / "corpus.txt")] if self.cfg.ptx_coef else [],
                           ptx_coef=self.cfg.ptx_coef, cache_dir=str(self.out / "cache"),
