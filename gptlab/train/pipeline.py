@@ -63,11 +63,11 @@ class PipelineConfig:
     reward_batch: int = 8
     reward_lr: float = 2e-4
     # PPO
-    ppo_steps: int = 15               # per round
+    ppo_steps: int = 20               # per round
     ppo_batch: int = 32
     ppo_minibatch: int = 16
     ppo_epochs: int = 2
-    ppo_lr: float = 1e-4
+    ppo_lr: float = 5e-5
     kl_coef: float = 0.05
     ppo_temperature: float = 1.5      # rollouts and updates alike (the labelers saw these too)
     ptx_coef: float = 0.05
