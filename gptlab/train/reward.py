@@ -26,7 +26,7 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, fixed_list_batches
 from gptlab.train.loop import TrainConfig, annotate_run, train
-from gptlab.train.rl_math import kwise_ranking_loss
+from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
 
 @dataclass
@@ -140,12 +140,10 @@ def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) 
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         s = ranked_scores(model, b)
-        for row, level, k in zip(s.tolist(), b["groups"].tolist(), b["k"].tolist()):
-            for i in range(k):
-                for j in range(k):
-                    if level[i] < level[j]:
-                        right += 1.0 if row[i] > row[j] else 0.5 if row[i] == row[j] else 0.0
-                        total += 1
+        pairs = preference_pairs(b["k"], s.shape[1], b["groups"])
+        diff = (s[:, :, None] - s[:, None, :])[pairs]
+        right += float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
+        total += int(pairs.sum())
     model.train(was)
     return right / max(total, 1)
 

@@ -31,6 +31,18 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     return out * mask
 
 
+def preference_pairs(k: Tensor, K: int, groups: Tensor | None = None) -> Tensor:
+    """(B, K, K) bool: pair (i, j) is True when response i is strictly preferred to j (both
+    within the prompt's `k`; by position best first, or by `groups` level where ties are no pair)."""
+    i = torch.arange(K, device=k.device)
+    if groups is None:
+        better_first = (i[:, None] < i[None, :])[None]
+    else:
+        better_first = groups[:, :, None] < groups[:, None, :]
+    valid = (i[None, :, None] < k[:, None, None]) & (i[None, None, :] < k[:, None, None])
+    return better_first & valid
+
+
 def kwise_ranking_loss(scores: Tensor, k: Tensor, groups: Tensor | None = None) -> Tensor:
     """InstructGPT's reward-model loss for a batch of rankings.
 
@@ -41,14 +53,7 @@ def kwise_ranking_loss(scores: Tensor, k: Tensor, groups: Tensor | None = None) 
     mean; without ties |P| = C(K,2). All pairs of a prompt stay in one batch element (the
     paper: separating them over-fits).
     """
-    B, K = scores.shape
-    i = torch.arange(K, device=scores.device)
-    if groups is None:
-        better_first = (i[:, None] < i[None, :])[None]  # pair (i, j) with i ranked above j
-    else:
-        better_first = groups[:, :, None] < groups[:, None, :]  # (B, K, K); ties are no pair
-    valid = (i[None, :, None] < k[:, None, None]) & (i[None, None, :] < k[:, None, None])
-    pairs = better_first & valid  # (B, K, K)
+    pairs = preference_pairs(k, scores.shape[1], groups)
     diff = scores[:, :, None] - scores[:, None, :]
     per_pair = -F.logsigmoid(diff.float())
     per_prompt = (per_pair * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
