@@ -138,6 +138,18 @@ def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
     assert message in capsys.readouterr().err
 
 
+def test_ppo_takes_exactly_one_reward_source(run):
+    d, paths = run
+    cfg = PPOConfig(policy=str(d / "sft"), prompts=str(paths["prompts"]), out=str(d / "x"),
+                    reward=str(d / "rm"))
+    with pytest.raises(UserError, match="exactly one"):
+        PPOTrainer(cfg, reward_fn=task.reward_fn)
+    with pytest.raises(UserError, match="exactly one"):
+        PPOTrainer(dataclasses.replace(cfg, reward=None))
+    trainer = PPOTrainer(dataclasses.replace(cfg, reward=None), reward_fn=task.reward_fn)
+    assert trainer.reward_fn is task.reward_fn and trainer.reward_model is None
+
+
 @pytest.mark.parametrize("line,message", [
     ({"prompt": "p", "ranked": ["only one"]}, "at least 2"),
     ({"prompt": "p", "ranked": ["a", "a"]}, "duplicate"),

@@ -81,3 +81,20 @@ def test_a_round_with_nothing_ranked_stops_with_a_clear_error(tmp_path, capsys):
     assert "round 1: the labelers ranked none of 12 prompts" in err
     assert "whose responses are all tied" in err or "all tied" in err
     assert not (tmp_path / "demo" / "round-1" / "rankings.jsonl").exists()
+
+
+def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run):
+    before = (run / "round-2" / "ppo" / "model.safetensors").stat().st_mtime_ns
+    assert main(["pipeline", "--out", str(run), *ARGS, "--headroom", "--headroom-k", "2"]) == 0
+    assert (run / "round-2" / "ppo" / "model.safetensors").stat().st_mtime_ns == before
+    meta = json.loads((run / "ppo_execution_reward" / "config.json").read_text())
+    assert meta["ppo_steps"] == 4  # 2 rounds x 2 PPO steps
+    r = json.loads((run / "report.json").read_text())
+    assert 0.0 <= r["exec_acc"]["ppo_execution_reward"] <= 1.0
+    h = r["headroom"]
+    assert h["k"] == 2 and h["sft_greedy"] == r["exec_acc"]["sft"]
+    assert h["sample_mean"] <= h["pass_at_k"] and h["rm_best_of_k"] <= h["pass_at_k"] <= 1.0
+    d = r["delta_ppo_execution_reward_vs_sft"]
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    md = (run / "report.md").read_text()
+    assert "PPO on the execution reward − SFT" in md and "Best of K = 2" in md

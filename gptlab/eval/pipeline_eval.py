@@ -70,6 +70,8 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     for rnd in range(1, cfg.rounds + 1):
         models[f"ppo_round_{rnd}"] = out / f"round-{rnd}" / "ppo"
     final = f"ppo_round_{cfg.rounds}"
+    if cfg.headroom:
+        models["ppo_execution_reward"] = out / "ppo_execution_reward"
 
     answers: dict[str, list[str]] = {}
     correct: dict[str, list[int]] = {}
@@ -116,7 +118,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
                             "ppo": answers[final][i].strip(),
                             "sft_correct": bool(correct["sft"][i]),
                             "ppo_correct": bool(correct[final][i])})
-    return {
+    results = {
         "exec_acc": exec_acc,
         "exec_acc_unseen_phrasing": exec_unseen,
         "delta_ppo_vs_sft": paired_delta(correct[final], correct["sft"]),
@@ -131,6 +133,15 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "n_unseen_phrasing": len(unseen),
         "samples": samples,
     }
+    if cfg.headroom:
+        from gptlab.eval.headroom import best_of_k
+        rm = load_model(out / f"round-{cfg.rounds}" / "reward")[0]
+        results["headroom"] = best_of_k(sft_model, tok, rm, world, test, cfg.headroom_k,
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        results["headroom"]["sft_greedy"] = exec_acc["sft"]
+        results["delta_ppo_execution_reward_vs_sft"] = paired_delta(
+            correct["ppo_execution_reward"], correct["sft"])
+    return results
 
 
 def read_meta_json(path: Path) -> dict:

@@ -257,6 +257,14 @@ def describe_time(results: dict) -> str:
     return text + "."
 
 
+def describe_headroom(h: dict) -> tuple[str, str]:
+    """Best-of-K from SFT: what a perfect judge / the reward model would pick out of K samples."""
+    what = (f"Best of K = {h.get('k', NA)} SFT samples at T = {h.get('temperature', NA)}: "
+            "some answer correct / the reward model's pick correct / one sample correct")
+    value = " / ".join(fmt(h.get(key)) for key in ("pass_at_k", "rm_best_of_k", "sample_mean"))
+    return what, value + f" (greedy SFT {fmt(h.get('sft_greedy'))})"
+
+
 def describe_rounds(results: dict) -> str:
     accs = results.get("rm_pairwise_acc_per_round")
     if not isinstance(accs, list) or not accs:
@@ -328,6 +336,11 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
         ("Pretraining-corpus perplexity, SFT", fmt(ptx.get("corpus_ppl_sft"), 2)),
         ("Pretraining-corpus perplexity, PPO", fmt(ptx.get("corpus_ppl_ppo"), 2)),
     ]
+    if "delta_ppo_execution_reward_vs_sft" in results:
+        headlines.append(("Execution accuracy, PPO on the execution reward − SFT",
+                          describe_delta(results["delta_ppo_execution_reward_vs_sft"])))
+    if isinstance(results.get("headroom"), dict):
+        headlines.append(describe_headroom(results["headroom"]))
     return ReportContent(
         title=f"gptlab pipeline report: {run_dir.name}",
         summary=summary,

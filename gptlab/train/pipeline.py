@@ -18,13 +18,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from gptlab.checkpoint import is_gptlab_dir, load_model
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+
+if TYPE_CHECKING:
+    from gptlab.train.ppo import PPOConfig
 
 
 @dataclass
@@ -74,7 +77,15 @@ class PipelineConfig:
     max_new_tokens: int = 80
     # evaluation
     eval_limit: int | None = None     # test questions (default: the whole test split)
+    headroom: bool = field(default=False, metadata={
+        "help": "also measure what feedback could gain: best-of-K from SFT, and PPO on the "
+                "execution reward (a perfect reward model) for as many steps as the rounds"})
+    headroom_k: int = 8
     progress: bool = False
+
+
+# Settings that add work without changing a finished stage: a rerun may change them.
+ADDITIVE = ("progress", "threads", "out", "headroom", "headroom_k")
 
 
 def stage_done(path: Path) -> bool:
@@ -210,20 +221,37 @@ class Pipeline:
             eval_batches=1000, seed=self.cfg.seed + rnd, progress=self.cfg.progress))
         return out
 
+    def ppo_config(self, policy: Path, sft_dir: Path, out: Path, steps: int, seed: int,
+                   reward: Path | None = None) -> PPOConfig:
+        from gptlab.train.ppo import PPOConfig
+        c = self.cfg
+        return PPOConfig(policy=str(policy), reference=str(sft_dir),
+                         reward=str(reward) if reward else None,
+                         prompts=str(self.world_dir / "prompts.jsonl"), out=str(out),
+                         steps=steps, batch_size=c.ppo_batch, minibatch_size=c.ppo_minibatch,
+                         ppo_epochs=c.ppo_epochs, lr=c.ppo_lr, kl_coef=c.kl_coef,
+                         temperature=c.ppo_temperature, max_new_tokens=c.max_new_tokens,
+                         ptx_data=[str(self.world_dir / "corpus.txt")] if c.ptx_coef else [],
+                         ptx_coef=c.ptx_coef, cache_dir=str(self.out / "cache"), seed=seed)
+
     def ppo(self, policy: Path, sft_dir: Path, rm: Path, rnd: int) -> Path:
-        from gptlab.train.ppo import PPOConfig, ppo
+        from gptlab.train.ppo import ppo
         out = self.out / f"round-{rnd}" / "ppo"
         if not stage_done(out):
-            ppo(PPOConfig(policy=str(policy), reference=str(sft_dir), reward=str(rm),
-                          prompts=str(self.world_dir / "prompts.jsonl"), out=str(out),
-                          steps=self.cfg.ppo_steps, batch_size=self.cfg.ppo_batch,
-                          minibatch_size=self.cfg.ppo_minibatch, ppo_epochs=self.cfg.ppo_epochs,
-                          lr=self.cfg.ppo_lr, kl_coef=self.cfg.kl_coef,
-                          temperature=self.cfg.ppo_temperature,
-                          max_new_tokens=self.cfg.max_new_tokens,
-                          ptx_data=[str(self.world_dir / "corpus.txt")] if self.cfg.ptx_coef else [],
-                          ptx_coef=self.cfg.ptx_coef, cache_dir=str(self.out / "cache"),
-                          seed=self.cfg.seed + rnd))
+            ppo(self.ppo_config(policy, sft_dir, out, self.cfg.ppo_steps, self.cfg.seed + rnd,
+                                reward=rm))
+        return out
+
+    def ppo_execution_reward(self, sft_dir: Path) -> Path:
+        """The upper-bound control: PPO from SFT with execution itself as the reward (a
+        perfect reward model), for as many steps as all rounds of PPO took, the rest the same."""
+        from gptlab.train.ppo import ppo
+        from gptlab.world.rewards import execution_reward
+        out = self.out / "ppo_execution_reward"
+        if not stage_done(out):
+            ppo(self.ppo_config(sft_dir, sft_dir, out, self.cfg.rounds * self.cfg.ppo_steps,
+                                self.cfg.seed + 100),
+                reward_fn=execution_reward(self.world))
         return out
 
     def sft_continued(self, sft_dir: Path) -> Path:
@@ -259,6 +287,8 @@ class Pipeline:
             rm = t.run(f"round {rnd}: reward model", lambda: self.reward(sft_dir, rnd))
             policy = t.run(f"round {rnd}: ppo", lambda: self.ppo(policy, sft_dir, rm, rnd))
         control = t.run("sft_continued", lambda: self.sft_continued(sft_dir))
+        if cfg.headroom:
+            t.run("ppo on the execution reward", lambda: self.ppo_execution_reward(sft_dir))
         from gptlab.eval.pipeline_eval import evaluate_pipeline
         results = t.run("evaluation", lambda: evaluate_pipeline(self, pre, sft_dir, control))
         results["minutes"] = (time.time() - start) / 60
@@ -273,10 +303,10 @@ class Pipeline:
     def _check_same_run(self) -> None:
         """Refuse to mix two different pipelines in one OUT (stages would be silently reused)."""
         path = self.out / "pipeline.json"
-        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items()
-                if k not in ("progress", "threads", "out")}
+        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ADDITIVE}
         if path.exists():
-            theirs = json.loads(path.read_text())
+            theirs = {k: v for k, v in json.loads(path.read_text()).items()
+                      if k not in ADDITIVE}
             if theirs != mine:
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
                 raise UserError(f"holds a pipeline run with other settings ({', '.join(diff)}); "

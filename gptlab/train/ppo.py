@@ -140,10 +140,14 @@ def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig):
+    """`reward_fn`, a function instead of `cfg.reward_fn`'s `module:function`, is for callers
+    that build their reward in Python (the pipeline's execution-reward control)."""
+
+    def __init__(self, cfg: PPOConfig, reward_fn: Callable | None = None):
         if not cfg.policy or not cfg.prompts or not cfg.out:
             raise UserError("ppo needs --policy, --prompts and --out")
-        if (cfg.reward is None) == (cfg.reward_fn is None):
+        given = [x for x in (cfg.reward, cfg.reward_fn, reward_fn) if x is not None]
+        if len(given) != 1:
             raise UserError("give exactly one of --reward (a reward model) or --reward-fn",
                             field="reward")
         self.cfg = cfg
@@ -166,7 +170,7 @@ class PPOTrainer:
                                 path=cfg.reward)
             self.reward_model.requires_grad_(False)
         else:
-            self.reward_fn = load_reward_fn(cfg.reward_fn)
+            self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
         self.value_model = self._init_value_model()
         # Dropout off during RL: the rollout and the update must see the same network.
         for m in (self.policy, self.reference, self.value_model, self.reward_model):
@@ -358,6 +362,6 @@ class PPOTrainer:
         return path
 
 
-def ppo(cfg: PPOConfig) -> Path:
+def ppo(cfg: PPOConfig, reward_fn: Callable | None = None) -> Path:
     """Run PPO and write the policy (a model directory) to `cfg.out`."""
-    return PPOTrainer(cfg).train()
+    return PPOTrainer(cfg, reward_fn).train()

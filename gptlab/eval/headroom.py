@@ -1,0 +1,66 @@
+"""How much could feedback gain? Best-of-K from the SFT model on the test questions.
+
+RL can only make a policy prefer answers it can already produce. Sampling K answers per
+question shows how far that goes: `pass_at_k` is the share of questions with at least one
+correct answer among the K (a perfect judge picking the best), `rm_best_of_k` the share where
+the reward model's favourite is correct, `sample_mean` a single sample's accuracy. With the
+pipeline's PPO on the execution reward (`--headroom`) these bound what a reward model could add.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gptlab.data.instruct import encode_prompt
+from gptlab.engine import SamplingParams, generate, left_pad
+from gptlab.model.heads import ScalarHeadModel
+
+
+def pick_stats(correct: list[list[int]], scores: list[list[float]]) -> dict[str, float]:
+    """Per question, K verdicts (1 correct) and K reward-model scores → the three shares."""
+    n = len(correct)
+    if n == 0:
+        raise ValueError("no questions")
+    best = [c[max(range(len(s)), key=s.__getitem__)] for c, s in zip(correct, scores)]
+    return {"pass_at_k": sum(max(c) for c in correct) / n,
+            "rm_best_of_k": sum(best) / n,
+            "sample_mean": sum(sum(c) / len(c) for c in correct) / n}
+
+
+@torch.no_grad()
+def score_responses(reward_model: ScalarHeadModel, prompts: list[list[int]], k: int,
+                    responses: list[list[int]], pad_id: int) -> list[float]:
+    """Reward-model scores of K responses per prompt (responses grouped by prompt), each prompt
+    encoded once."""
+    responses = [r or [pad_id] for r in responses]  # an empty answer still gets a score
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    cont_ids, cont_mask = left_pad([r[::-1] for r in responses], pad_id)
+    cont_ids, cont_mask = cont_ids.flip(1), cont_mask.flip(1)  # (N, R) right-padded
+    rows = torch.arange(len(prompts)).repeat_interleave(k)
+    return reward_model.score_continuations(prompt_ids, prompt_mask, rows, cont_ids,
+                                            cont_mask).tolist()
+
+
+@torch.no_grad()
+def best_of_k(policy: torch.nn.Module, tok: Any, reward_model: ScalarHeadModel, world: Any,
+              records: list[dict], k: int = 8, temperature: float = 1.0,
+              max_new_tokens: int = 80, seed: int = 0, prompts_per_batch: int = 32
+              ) -> dict[str, float]:
+    """Sample K answers per record (records carry the world's `id` and a `prompt`), check each
+    by execution and score each with the reward model; returns `pick_stats` plus k and T."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            stop_ids=tuple(sorted(tok.stop_ids)))
+    correct: list[list[int]] = []
+    scores: list[list[float]] = []
+    for b in range(0, len(records), prompts_per_batch):
+        chunk = records[b:b + prompts_per_batch]
+        prompts = [encode_prompt(tok, r["prompt"]) for r in chunk]
+        gen = generate(policy, [p for p in prompts for _ in range(k)], params,
+                       seed=seed * 1_000_003 + b, pad_id=tok.pad_id)
+        s = score_responses(reward_model, prompts, k, gen.tokens, tok.pad_id)
+        for j, r in enumerate(chunk):
+            texts = [tok.decode(t) for t in gen.tokens[j * k:(j + 1) * k]]
+            correct.append([int(world.check(r["id"], t.strip()).correct) for t in texts])
+            scores.append(s[j * k:(j + 1) * k])
+    return {**pick_stats(correct, scores), "k": k, "temperature": temperature}

@@ -1,0 +1,48 @@
+"""Execution as a reward: the world's checker scores a response directly, no reward model.
+
+InstructGPT learns its reward from human rankings. On the built-in world the execution that the
+simulated labelers rank by can also score a response itself: correct 1, wrong 0, error −1. PPO
+with this reward is what a perfect reward model would give, so the pipeline trains it as an
+upper bound (`gptlab pipeline --headroom`); users can train with it too:
+
+    gptlab ppo --policy SFT --reward-fn gptlab.world.rewards:execution --prompts FILE --out DIR
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from gptlab.errors import UserError
+from gptlab.world.checker import CORRECT, ERROR, WRONG
+
+SCORES = {CORRECT: 1.0, WRONG: 0.0, ERROR: -1.0}
+
+# (prompts, responses, records) -> one score per response: the `--reward-fn` signature
+RewardFn = Callable[[list[Any], list[str], list[dict]], list[float]]
+
+
+def execution_reward(world: Any) -> RewardFn:
+    """A reward function scoring each response by executing it against `world`'s database;
+    records carry the world's question `id` (as the world's prompts.jsonl does)."""
+    def reward(prompts: list[Any], responses: list[str], records: list[dict]) -> list[float]:
+        scores = []
+        for response, record in zip(responses, records):
+            if "id" not in record:
+                raise UserError("the execution reward needs each prompt record's world 'id'",
+                                field="id")
+            scores.append(SCORES[world.check(record["id"], response.strip()).kind])
+        return scores
+    return reward
+
+
+_from_env: dict[str, RewardFn] = {}
+
+
+def execution(prompts: list[Any], responses: list[str], records: list[dict]) -> list[float]:
+    """`--reward-fn gptlab.world.rewards:execution`: the world exported to $GPTLAB_WORLD (a
+    directory from `gptlab world export`), or the built-in world when that is unset."""
+    from gptlab.eval.execution import open_world
+    spec = os.environ.get("GPTLAB_WORLD", "builtin")
+    if spec not in _from_env:
+        _from_env[spec] = execution_reward(open_world(spec))
+    return _from_env[spec](prompts, responses, records)
