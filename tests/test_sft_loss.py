@@ -1,0 +1,57 @@
+"""SFT's loss with a shared prompt prefix encoded once equals the plain forward, gradients too."""
+import random
+
+import pytest
+import torch
+
+from gptlab.data.instruct import Example
+from gptlab.model.gpt import GPT, GPTConfig
+from gptlab.train.batching import pad_examples
+from gptlab.train.sft import MIN_SHARED_PREFIX, shared_prefix, sft_loss
+
+
+def examples(prefix_len: int, seed: int = 0) -> list[Example]:
+    """Rows = a common prefix, a prompt tail of their own, then a completion with loss."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(1, 60) for _ in range(prefix_len)]
+    out = []
+    for _ in range(5):
+        tail = [rng.randrange(1, 60) for _ in range(rng.randrange(1, 6))]
+        completion = [rng.randrange(1, 60) for _ in range(rng.randrange(2, 9))]
+        ids = prefix + tail + completion
+        out.append(Example(ids, [0] * (len(prefix) + len(tail)) + [1] * len(completion)))
+    return out
+
+
+def plain_loss(model, batch):
+    return model(batch["input_ids"], labels=batch["labels"])
+
+
+@pytest.mark.parametrize("positions,kv", [("learned", None), ("rotary", 2)])
+def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(positions, kv):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, n_kv_heads=kv,
+                          d_model=32, positions=positions))
+    batch = pad_examples(examples(20), pad_id=0)
+    assert shared_prefix(batch) >= 20
+    grads = []
+    for fn in (sft_loss, plain_loss):
+        model.zero_grad()
+        loss = fn(model, batch)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert a == pytest.approx(b, abs=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
+
+
+def test_shared_prefix_stops_at_the_first_target_and_the_shortest_row():
+    batch = pad_examples(examples(30), pad_id=0)
+    n = shared_prefix(batch)
+    assert (batch["labels"][:, :n] == -100).all()
+    # A target inside the common tokens ends the prefix there.
+    batch["labels"][2, 9] = 5
+    assert shared_prefix(batch) == 9
+    # No common tokens: nothing shared, and sft_loss takes the plain path.
+    rows = [Example([1, 2, 3], [0, 1, 1]), Example([4, 2, 3], [0, 1, 1])]
+    assert shared_prefix(pad_examples(rows, pad_id=0)) == 0 < MIN_SHARED_PREFIX
