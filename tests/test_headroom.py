@@ -67,7 +67,7 @@ def test_scores_of_shared_prompts_equal_whole_sequences(models):
                  tok.encode(" a"), tok.encode(" WHERE city = 'Rome'"), tok.encode(" b c")]
     got = score_responses(rm, prompts, 3, responses, tok.pad_id)
     full = [p for p in prompts for _ in range(3)]
-    ids, mask, _, _ = layout(full, [r or [tok.pad_id] for r in responses], tok.pad_id, "cpu")
+    ids, mask, _, _, _ = layout(full, [r or [tok.pad_id] for r in responses], tok.pad_id, "cpu")
     want = rm(ids, mask).tolist()
     assert got == pytest.approx(want, abs=1e-5)
     assert len(set(round(x, 4) for x in got)) > 1

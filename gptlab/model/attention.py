@@ -43,6 +43,20 @@ class KVCache:
         self.cross = {i: (k[rows], v[rows]) for i, (k, v) in self.cross.items()}
 
 
+# Below this many shared tokens, encoding a prefix apart costs more than sharing it saves.
+MIN_SHARED_PREFIX = 16
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Tokens all sequences start with, leaving each at least one of its own; 0 when fewer than
+    MIN_SHARED_PREFIX (not worth sharing)."""
+    n, first = 0, seqs[0]
+    limit = min(len(s) for s in seqs) - 1
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 class PrefixKV:
     """The keys and values of prompts shared by several continuations, kept out of place so
     gradients flow through them (KVCache writes in place and serves inference only).

@@ -39,17 +39,21 @@ class ScalarHeadModel(nn.Module):
         model.backbone.load_state_dict(gpt.state_dict())
         return model.to(next(gpt.parameters()).device)
 
-    def values(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """One raw scalar per position (B, T): the value model's V(s_t)."""
-        h, _ = self.backbone.hidden_states(input_ids, attention_mask)
+    def values(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               cache: PrefixKV | None = None) -> Tensor:
+        """One raw scalar per position (B, T): the value model's V(s_t). With `cache`, the
+        positions follow an encoded prefix (`attention_mask` then covers both)."""
+        h, _ = self.backbone.hidden_states(input_ids, attention_mask, cache=cache)
         return self.head(h).squeeze(-1).float()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                cache: PrefixKV | None = None) -> Tensor:
         """The normalised score (B,) of each sequence, read at its last real token."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        v = self.values(input_ids, attention_mask)
-        raw = v.gather(1, last_real_index(attention_mask)[:, None])[:, 0]
+        v = self.values(input_ids, attention_mask, cache)
+        last = last_real_index(attention_mask[:, -input_ids.shape[1]:])
+        raw = v.gather(1, last[:, None])[:, 0]
         return (raw - self.score_bias) * self.score_scale
 
     def score_continuations(self, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor,

@@ -30,6 +30,7 @@ from gptlab.checkpoint import load_model, save_model
 from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
+from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
@@ -97,46 +98,71 @@ def load_reward_fn(spec: str) -> Callable:
 @dataclass
 class Rollout:
     """One batch of prompts and sampled responses, laid out as prompt (left-padded, P tokens)
-    then response (right-padded, R tokens)."""
+    then response (right-padded, R tokens). When every prompt starts with the same tokens (a
+    system prompt, the world's schema), those are `prefix`, kept out of `ids` and encoded once
+    per forward; `attention_mask` then covers prefix + ids."""
     ids: Tensor            # (B, P + R)
-    attention_mask: Tensor  # (B, P + R)
+    attention_mask: Tensor  # (B, [n +] P + R)
     response_mask: Tensor  # (B, R)
     P: int
     records: list[dict]
     responses: list[list[int]]
     finished: Tensor       # (B,) bool: ended with a stop token
+    prefix: Tensor | None = None  # (1, n) the shared start of every prompt
 
     @property
     def response_ids(self) -> Tensor:
         return self.ids[:, self.P:]
 
+    def rows(self, idx: Tensor) -> "Rollout":
+        """A minibatch: these rows, the same prefix."""
+        return Rollout(self.ids[idx], self.attention_mask[idx], self.response_mask[idx], self.P,
+                       [], [], self.finished[idx], self.prefix)
+
 
 def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-           device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
+           device: torch.device | str, shared: int = 0
+           ) -> tuple[Tensor, Tensor, Tensor, int, Tensor | None]:
+    """(ids, attention_mask, response_mask, P, prefix): the first `shared` tokens of every
+    prompt become the prefix (None when 0), the rest is laid out as in `Rollout`."""
+    prefix = torch.tensor([prompts[0][:shared]], device=device) if shared else None
+    prompts = [p[shared:] for p in prompts]
     P = max(len(p) for p in prompts)
     R = max(len(r) for r in responses)
     B = len(prompts)
     ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     mask = torch.zeros((B, P + R), dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P] = torch.tensor(p)
+        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
         ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, P - len(p):P + len(r)] = 1
-    return ids.to(device), mask.to(device), mask[:, P:].to(device), P
+    full_mask = torch.cat([torch.ones((B, shared), dtype=torch.long), mask], 1)
+    return ids.to(device), full_mask.to(device), mask[:, P:].to(device), P, prefix
+
+
+def prefix_cache(backbone: GPT, ro: Rollout) -> PrefixKV | None:
+    """The shared prefix encoded once, its keys/values read by every row (gradients flow)."""
+    if ro.prefix is None:
+        return None
+    cache = PrefixKV()
+    backbone.hidden_states(ro.prefix, cache=cache)
+    return cache.expand(torch.zeros(ro.ids.shape[0], dtype=torch.long, device=ro.ids.device))
 
 
 def response_logprobs(model: GPT, ro: Rollout, temperature: float,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
     exactly as in the rollout. (B, R)."""
-    logits = model(ro.ids, attention_mask=ro.attention_mask)[:, ro.P - 1:-1].float() / temperature
+    logits = model(ro.ids, attention_mask=ro.attention_mask, cache=prefix_cache(model, ro))
+    logits = logits[:, ro.P - 1:-1].float() / temperature
     lp = token_logprobs(logits, ro.response_ids)
     return lp, entropy_from_logits(logits) if with_entropy else None
 
 
 def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
     """V(s_t) at the position that predicts response token t. (B, R)."""
-    return value_model.values(ro.ids, ro.attention_mask)[:, ro.P - 1:-1]
+    cache = prefix_cache(value_model.backbone, ro)
+    return value_model.values(ro.ids, ro.attention_mask, cache)[:, ro.P - 1:-1]
 
 
 class PPOTrainer:
@@ -230,15 +256,17 @@ class PPOTrainer:
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
             top_p=cfg.top_p, stop_ids=tuple(sorted(self.tok.stop_ids))),
             seed=cfg.seed * 100_003 + step, pad_id=self.tok.pad_id)
-        ids, mask, rmask, P = layout(prompts, gen.tokens, self.tok.pad_id, self.device)
+        ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
+                                             shared=common_prefix_length(prompts))
         return Rollout(ids, mask, rmask, P, records, gen.tokens,
-                       torch.tensor(gen.finished, device=self.device))
+                       torch.tensor(gen.finished, device=self.device), prefix)
 
     # --- 2. score -----------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, ro: Rollout) -> Tensor:
         if self.reward_model is not None:
-            scores = self.reward_model(ro.ids, ro.attention_mask).float()
+            scores = self.reward_model(ro.ids, ro.attention_mask,
+                                       prefix_cache(self.reward_model.backbone, ro)).float()
         else:
             texts = [self.tok.decode(r) for r in ro.responses]
             prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
@@ -290,8 +318,7 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(B, generator=g).split(cfg.minibatch_size):
                 idx = idx.to(self.device)
-                mb = Rollout(ro.ids[idx], ro.attention_mask[idx], ro.response_mask[idx], ro.P,
-                             [], [], ro.finished[idx])
+                mb = ro.rows(idx)
                 m = mb.response_mask.float()
                 logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, True)
                 pg_loss, pg = clipped_policy_loss(logp, batch["old_logp"][idx],

@@ -23,7 +23,7 @@ from gptlab.checkpoint import load_model, save_model
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
-from gptlab.model.attention import PrefixKV
+from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, fixed_list_batches, pad_examples
@@ -54,10 +54,6 @@ class SFTConfig(TrainConfig):
     eval_every: int = 100
     save_every: int = 0
     batch_size: int = 16
-
-
-# Below this many shared tokens, a second forward call costs more than the prefix saves.
-MIN_SHARED_PREFIX = 16
 
 
 def shared_prefix(batch: dict) -> int:
