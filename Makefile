@@ -23,8 +23,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
-bench: $(STAMP)
-	$(PY) bench/run.py
+bench: $(STAMP)  # after `make demo`: the benchmarks read its models
+	$(PY) bench/sampling.py
+	$(PY) bench/sft_step.py
 
 clean:
 	rm -rf runs .pytest_cache
