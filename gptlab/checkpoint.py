@@ -128,7 +128,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                                                 and (p / "config.json").exists()):
         from gptlab.interop import load_pretrained
         model, tok = load_pretrained(p)
-        meta = {"format": "imported", "source": str(p), "arch": "gpt",
+        meta = {"format": "imported", "source": str(p), "arch": _arch_of(model),
                 "model": dataclasses.asdict(model.config)}
     else:
         meta = read_meta(p)

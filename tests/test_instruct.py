@@ -138,6 +138,27 @@ def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
     assert message in capsys.readouterr().err
 
 
+def test_ppo_with_a_hugging_face_sequence_classifier_as_reward_model(run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")  # an extra: gptlab[hf] installs it
+    from gptlab.interop import export_hf
+    d, paths = run
+    model, tok, _ = load_model(d / "sft")
+    export_hf(model, tok, tmp_path / "hf")
+    clf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "hf", num_labels=1, dtype=torch.float32)
+    clf.save_pretrained(tmp_path / "rm")  # weights and config only, no tokenizer
+    args = ["ppo", "--policy", str(d / "sft"), "--reward", str(tmp_path / "rm"),
+            "--prompts", str(paths["prompts"]), "--steps", "2", "--batch-size", "8",
+            "--minibatch-size", "4", "--max-new-tokens", "8"]
+    assert main([*args, "--out", str(tmp_path / "ppo")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
+    assert len(rows) == 2 and all(r["reward"] == r["reward"] for r in rows)
+    # A reward model with another tokenizer would read the policy's ids as other tokens.
+    train_tokenizer(["completely different text " * 50], vocab_size=280).save(tmp_path / "rm")
+    assert main([*args, "--out", str(tmp_path / "ppo2")]) == 2
+    assert "tokenizer is not the policy's" in capsys.readouterr().err
+
+
 def test_ppo_takes_exactly_one_reward_source(run):
     d, paths = run
     cfg = PPOConfig(policy=str(d / "sft"), prompts=str(paths["prompts"]), out=str(d / "x"),

@@ -415,3 +415,32 @@ def test_convert_from_gguf_writes_gptlab_directory(tmp_path):
     model, tok, _ = load_model(tmp_path / "ours")
     assert tok is not None and "<|im_end|>" in tok.chat_template
     assert_same_logits(model, theirs, PROMPTS)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
+    from gptlab.checkpoint import load_model
+    from gptlab.model.heads import ScalarHeadModel
+    causal = _hf_model(family, pad_token_id=0)
+    cls = {"gpt2": transformers.GPT2ForSequenceClassification,
+           "llama": transformers.LlamaForSequenceClassification,
+           "qwen2": transformers.Qwen2ForSequenceClassification}[family]
+    cfg = causal.config
+    cfg.num_labels = 1
+    theirs = _randomize(cls(cfg), 1)
+    theirs.save_pretrained(tmp_path / "rm")
+    rm, tok, meta = load_model(tmp_path / "rm")
+    assert isinstance(rm, ScalarHeadModel) and tok is None and meta["arch"] == "scalar"
+    rows = [[5, 17, 42, 3, 88, 1, 60], [7, 9], list(range(10, 40))]  # right-padded with 0
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask).logits[:, 0]
+        got = rm(ids, mask)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    # Two labels are a classifier, not a reward.
+    cfg.num_labels = 2
+    cls(cfg).save_pretrained(tmp_path / "two")
+    with pytest.raises(UserError, match="1 label, this classifier has 2"):
+        load_model(tmp_path / "two")

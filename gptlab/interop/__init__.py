@@ -17,14 +17,15 @@ import torch
 from gptlab.errors import UserError
 from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
 from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
-from gptlab.model.gpt import GPT
 
 __all__ = ["load_pretrained", "export_hf", "convert_to_gptlab", "convert_to_hf", "SUPPORTED_HF",
            "SUPPORTED_GGUF"]
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
-    """(GPT in eval mode, Tokenizer or None) from a Hugging Face directory or a .gguf file."""
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, Tokenizer or None) from a Hugging Face directory or a .gguf file:
+    a GPT, or a reward model (ScalarHeadModel) from a one-label sequence classifier."""
     p = Path(path)
     if not p.exists():
         raise UserError("model not found", path=p)

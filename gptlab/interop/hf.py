@@ -4,10 +4,12 @@ Qwen2, SmolLM).
 Import needs only safetensors and tokenizers (core dependencies): a directory is config.json,
 one or more *.safetensors files (sharded ones listed in model.safetensors.index.json),
 tokenizer.json and tokenizer_config.json. Export writes the same layout, which
-`transformers.AutoModelForCausalLM.from_pretrained` loads.
+`transformers.AutoModelForCausalLM.from_pretrained` loads. A one-label
+`*ForSequenceClassification` directory imports as a reward model (ScalarHeadModel).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from torch import Tensor
 from gptlab.errors import UserError
 from gptlab.io import atomic_path, write_json_atomic
 from gptlab.model.gpt import GPT, GPTConfig
+from gptlab.model.heads import ScalarHeadModel
 
 SUPPORTED_HF = ("gpt2", "llama", "mistral", "qwen2")
 # Source name -> tensor, with the source name kept for error messages.
@@ -280,8 +283,37 @@ def load_hf_tokenizer(d: Path) -> Any:
     return tok
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
-    """(GPT, Tokenizer or None) from a Hugging Face model directory."""
+def is_sequence_classifier(raw: dict) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or [])
+
+
+def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
+                  dtype: torch.dtype) -> ScalarHeadModel:
+    """A `*ForSequenceClassification` checkpoint with one label as a reward model: the base
+    model's weights, and its `score` layer as the scalar head (read at the last real token,
+    as transformers pools)."""
+    labels = len(raw.get("id2label") or {}) or 2  # transformers' default is 2 labels
+    if labels != 1:
+        raise UserError(f"a reward model has 1 label, this classifier has {labels}",
+                        path=d / "config.json", field="num_labels")
+    if "score.weight" not in sd:
+        raise UserError("no 'score.weight': not a sequence-classification checkpoint", path=d)
+    cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no LM head here; the RM needs none
+    named, used = (_gpt2_weights if raw["model_type"] == "gpt2" else _llama_weights)(sd, cfg)
+    used |= {"score.weight", "score.bias"}
+    gpt = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
+    rm = ScalarHeadModel.from_gpt(gpt)
+    with torch.no_grad():
+        rm.head.weight.copy_(sd["score.weight"].to(dtype).reshape(1, -1))
+        rm.head.bias.copy_(sd["score.bias"].to(dtype).reshape(1) if "score.bias" in sd
+                           else torch.zeros(1))
+    return rm.eval()
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
+            ) -> tuple[GPT | ScalarHeadModel, Any]:
+    """(model, Tokenizer or None) from a Hugging Face model directory: a GPT from a causal LM,
+    a ScalarHeadModel (a reward model) from a one-label sequence classifier."""
     d = Path(path)
     cfg_path = d / "config.json"
     if not cfg_path.exists():
@@ -292,6 +324,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, 
         raise UserError(f"not valid JSON ({e.msg})", path=cfg_path, line=e.lineno) from None
     cfg = hf_config_to_gpt(raw, cfg_path)
     sd = read_safetensors_dir(d)
+    if is_sequence_classifier(raw):
+        return _reward_model(raw, cfg, sd, d, dtype), load_hf_tokenizer(d)
     named, used = (_gpt2_weights if raw["model_type"] == "gpt2" else _llama_weights)(sd, cfg)
     model = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
     return model, load_hf_tokenizer(d)

@@ -190,10 +190,11 @@ class PPOTrainer:
         self.reward_model: ScalarHeadModel | None = None
         self.reward_fn: Callable | None = None
         if cfg.reward:
-            self.reward_model = load_model(cfg.reward, self.device)[0]
+            self.reward_model, rm_tok, _ = load_model(cfg.reward, self.device)
             if not isinstance(self.reward_model, ScalarHeadModel):
-                raise UserError("not a reward model (expected a scalar-head model)",
-                                path=cfg.reward)
+                raise UserError("not a reward model (expected a scalar-head model or a "
+                                "one-label sequence classifier)", path=cfg.reward)
+            self._check_reward_vocabulary(rm_tok)
             self.reward_model.requires_grad_(False)
         else:
             self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
@@ -212,6 +213,16 @@ class PPOTrainer:
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         self.out = Path(cfg.out)
+
+    def _check_reward_vocabulary(self, rm_tok: Any) -> None:
+        """The reward model reads the policy's token ids: their vocabularies must agree."""
+        if rm_tok is not None and rm_tok.hf.get_vocab() != self.tok.hf.get_vocab():
+            raise UserError("the reward model's tokenizer is not the policy's (it would read "
+                            "the policy's token ids as other tokens)", path=self.cfg.reward)
+        if self.reward_model.config.vocab_size < self.tok.vocab_size:
+            raise UserError(f"the reward model has {self.reward_model.config.vocab_size} "
+                            f"embeddings, the policy's tokenizer {self.tok.vocab_size} tokens",
+                            path=self.cfg.reward, field="vocab_size")
 
     def _init_value_model(self) -> ScalarHeadModel:
         if self.cfg.value:
