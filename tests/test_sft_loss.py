@@ -55,3 +55,16 @@ def test_shared_prefix_stops_at_the_first_target_and_the_shortest_row():
     # No common tokens: nothing shared, and sft_loss takes the plain path.
     rows = [Example([1, 2, 3], [0, 1, 1]), Example([4, 2, 3], [0, 1, 1])]
     assert shared_prefix(pad_examples(rows, pad_id=0)) == 0 < MIN_SHARED_PREFIX
+
+
+@pytest.mark.parametrize("rows", [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0], [1, 0, 2, 0]])
+def test_take_rows_equals_indexing_values_and_gradients(rows):
+    from gptlab.model.attention import take_rows
+    rows = torch.tensor(rows)
+    t = torch.randn(3, 2, 4, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w = torch.randn(len(rows), 2, 4, 5, generator=torch.Generator().manual_seed(1))
+    got = take_rows(t, rows)
+    (g1,) = torch.autograd.grad((got * w).sum(), t)
+    want = t[rows]
+    (g2,) = torch.autograd.grad((want * w).sum(), t)
+    assert torch.equal(got, want) and torch.allclose(g1, g2, atol=1e-6)

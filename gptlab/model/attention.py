@@ -80,7 +80,21 @@ class PrefixKV:
         return torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
 
     def expand(self, rows: Tensor) -> "PrefixKV":
-        return PrefixKV([k[rows] for k in self.k], [v[rows] for v in self.v], self.length)
+        return PrefixKV([take_rows(k, rows) for k in self.k], [take_rows(v, rows) for v in self.v],
+                        self.length)
+
+
+def take_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """t[rows] along dim 0. When rows come in sorted runs (each prompt's continuations together,
+    as every caller lays them out) it is built from broadcast copies, whose backward is a plain
+    sum: indexing's backward scatter-adds in an order that varies between runs on CPU threads,
+    which made training runs differ in the last bits and then in their results."""
+    counts = torch.bincount(rows, minlength=t.shape[0])
+    runs = torch.repeat_interleave(torch.arange(t.shape[0], device=rows.device), counts)
+    if not torch.equal(rows, runs):
+        return t[rows]
+    return torch.cat([t[i:i + 1].expand(c, *t.shape[1:])
+                      for i, c in enumerate(counts.tolist()) if c])
 
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
