@@ -44,6 +44,7 @@ def test_report_has_every_number(run):
         lo, hi = r[key]["ci95"]
         assert lo <= r[key]["mean"] <= hi
     assert 0.0 <= r["rm_pairwise_acc"] <= 1.0 and len(r["rm_pairwise_acc_per_round"]) == 2
+    assert all(isinstance(n, int) and n >= 1 for n in r["rm_heldout_rankings_per_round"])
     assert 0.0 <= r["win_rate_ppo_vs_sft"] <= 1.0
     assert r["kl_ppo_vs_sft"] == r["kl_ppo_vs_sft"]  # finite, not NaN
     assert r["ptx"]["corpus_ppl_sft"] > 1 and r["ptx"]["corpus_ppl_ppo"] > 1

@@ -95,10 +95,11 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     exec_unseen = {n: acc(n, unseen) for n in models}
     exec_unseen["ppo"] = exec_unseen[final]
 
-    rm_acc = []
+    rm_acc, rm_heldout = [], []
     for rnd in range(1, cfg.rounds + 1):
         meta = read_meta_json(out / f"round-{rnd}" / "reward" / "config.json")
         rm_acc.append(meta.get("heldout_pairwise_acc"))
+        rm_heldout.append(meta.get("heldout_rankings"))
 
     policy, tok, _ = load_model(models[final])
     sft_model, _, _ = load_model(sft_dir)
@@ -125,6 +126,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "delta_ppo_vs_sft_continued": paired_delta(correct[final], correct["sft_continued"]),
         "rm_pairwise_acc": rm_acc[-1],
         "rm_pairwise_acc_per_round": rm_acc,
+        "rm_heldout_rankings_per_round": rm_heldout,
         "win_rate_ppo_vs_sft": win_rate(world, test, answers[final], answers["sft"]),
         "kl_ppo_vs_sft": kl,
         "ptx": {"corpus_ppl_sft": corpus_perplexity(sft_model, val),

@@ -266,10 +266,15 @@ def describe_headroom(h: dict) -> tuple[str, str]:
 
 
 def describe_rounds(results: dict) -> str:
+    """'round 1: 0.708 (28 held-out rankings), round 2: …' (counts where the run has them)."""
     accs = results.get("rm_pairwise_acc_per_round")
     if not isinstance(accs, list) or not accs:
         return NA
-    return ", ".join(f"round {r}: {fmt(a)}" for r, a in enumerate(accs, 1))
+    counts = results.get("rm_heldout_rankings_per_round")
+    counts = counts if isinstance(counts, list) and len(counts) == len(accs) else [None] * len(accs)
+    return ", ".join(f"round {r}: {fmt(a)}"
+                     + (f" ({n} held-out rankings)" if isinstance(n, int) else "")
+                     for r, (a, n) in enumerate(zip(accs, counts), 1))
 
 
 @dataclass
