@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from gptlab.data.instruct import encode_prompt
-from gptlab.engine import SamplingParams, generate, left_pad
+from gptlab.engine import SamplingParams, generate
 from gptlab.model.heads import ScalarHeadModel
+from gptlab.train.reward import EncodedRanking, shared_prompt_batch
 
 
 def pick_stats(correct: list[list[int]], scores: list[list[float]]) -> dict[str, float]:
@@ -33,13 +34,12 @@ def score_responses(reward_model: ScalarHeadModel, prompts: list[list[int]], k: 
                     responses: list[list[int]], pad_id: int) -> list[float]:
     """Reward-model scores of K responses per prompt (responses grouped by prompt), each prompt
     encoded once."""
-    responses = [r or [pad_id] for r in responses]  # an empty answer still gets a score
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    cont_ids, cont_mask = left_pad([r[::-1] for r in responses], pad_id)
-    cont_ids, cont_mask = cont_ids.flip(1), cont_mask.flip(1)  # (N, R) right-padded
-    rows = torch.arange(len(prompts)).repeat_interleave(k)
-    return reward_model.score_continuations(prompt_ids, prompt_mask, rows, cont_ids,
-                                            cont_mask).tolist()
+    items = [EncodedRanking([p + (r or [pad_id]) for r in responses[i * k:(i + 1) * k]],
+                            prompt_len=len(p))  # an empty answer still gets a score
+             for i, p in enumerate(prompts)]
+    b = shared_prompt_batch(items, pad_id)
+    return reward_model.score_continuations(b["prompt_ids"], b["prompt_mask"], b["rows"],
+                                            b["cont_ids"], b["cont_mask"]).tolist()
 
 
 @torch.no_grad()

@@ -84,11 +84,11 @@ def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tens
         groups[b, :len(it.groups)] = torch.tensor(it.groups)
     batch = {"input_ids": ids, "attention_mask": mask, "k": k, "groups": groups}
     if all(it.prompt_len for it in items):
-        batch.update(_shared_prompts(items, pad_id))
+        batch.update(shared_prompt_batch(items, pad_id))
     return batch
 
 
-def _shared_prompts(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
+def shared_prompt_batch(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
     """The same batch as prompts (B, P) left-padded plus responses (N, R) right-padded, so a
     prompt is encoded once for its K responses (see ScalarHeadModel.score_continuations)."""
     prompts = [it.seqs[0][:it.prompt_len] for it in items]
