@@ -1,13 +1,21 @@
-"""Upper bounds on what feedback can add: the execution reward and best-of-K."""
+"""Upper bounds on what feedback can add (the execution reward and best-of-K), and the reward
+model judged by the noise-free labeler."""
 import pytest
 import torch
 
+from gptlab.checkpoint import save_model
+from gptlab.data.instruct import encode_prompt, encode_response, read_rankings
 from gptlab.errors import UserError
 from gptlab.eval.headroom import best_of_k, pick_stats, score_responses
+from gptlab.eval.pipeline_eval import rm_accuracy_noise_free
+from gptlab.io import write_jsonl_atomic
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.tokenizer import train_tokenizer
+from gptlab.provenance import record_run
 from gptlab.train.ppo import layout
+from gptlab.train.reward import (RewardConfig, collate_rankings, encode_ranking,
+                                 pairwise_accuracy)
 from gptlab.world import build_world, rewards
 from gptlab.world.rewards import execution_reward
 
@@ -91,3 +99,32 @@ def test_best_of_k_bounds(models):
     assert s["sample_mean"] <= s["pass_at_k"] and s["rm_best_of_k"] <= s["pass_at_k"]
     one = best_of_k(policy, tok, rm, EvenLengthWorld(), records, k=1, max_new_tokens=6)
     assert one["pass_at_k"] == one["rm_best_of_k"] == one["sample_mean"]
+
+
+def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models, tmp_path):
+    tok, _, rm = models
+    wrong, error = "SELECT name FROM employees", "SELEC nothing"
+    qs = [q for q in world.test if world.check(q.id, wrong).kind == "wrong"][:6]
+    assert len(qs) == 6
+    # Labelers who got every ranking backwards: the error first, the correct answer last.
+    rows = [{"id": q.id, "prompt": world.prompt(q.text), "ranked": [error, wrong, q.sql]}
+            for q in qs]
+    write_jsonl_atomic(tmp_path / "held.jsonl", rows)
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
+                                             val_data=str(tmp_path / "held.jsonl")))
+    acc, n = rm_accuracy_noise_free(world, tmp_path / "rm")
+    # By hand: the truth is correct > wrong > error; count the pairs the scores order so.
+    right = 0
+    for q in qs:
+        prompt = world.prompt(q.text)
+        p = encode_prompt(tok, prompt)
+        with torch.no_grad():
+            s = [float(rm(torch.tensor([p + encode_response(tok, r, prompt)]))[0])
+                 for r in (q.sql, wrong, error)]
+        right += (s[0] > s[1]) + (s[0] > s[2]) + (s[1] > s[2])
+    assert n == 6 and acc == pytest.approx(right / 18)
+    assert 0 < right < 18  # the random head orders some pairs each way
+    # Against the labelers' own (reversed) rankings the same scores get the complement.
+    held = [encode_ranking(tok, r, 256) for r in read_rankings(tmp_path / "held.jsonl")]
+    assert pairwise_accuracy(rm, [collate_rankings(held, tok.pad_id)]) == pytest.approx(1 - acc)

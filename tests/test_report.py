@@ -52,6 +52,7 @@ def full_results() -> dict:
         "rm_pairwise_acc": 0.8,
         "rm_pairwise_acc_per_round": [0.7, 0.8],
         "rm_heldout_rankings_per_round": [28, 66],
+        "rm_pairwise_acc_labelers_per_round": [0.65, None],
         "win_rate_ppo_vs_sft": 0.64,
         "kl_ppo_vs_sft": 1.2345,
         "ptx": {"corpus_ppl_sft": 21.456, "corpus_ppl_ppo": 22.5},
@@ -108,8 +109,9 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert "Win rate of PPO over SFT: 0.640" in md
     assert "(nats): 1.2345" in md
     assert "perplexity, SFT: 21.46" in md and "perplexity, PPO: 22.50" in md
-    assert ("round 1: 0.700 (28 held-out rankings), round 2: 0.800 (66 held-out rankings)"
-            in md)
+    assert ("round 1: 0.700 (28 held-out rankings; 0.650 by the labelers' rankings), "
+            "round 2: 0.800 (66 held-out rankings)" in md)
+    assert "Reward model held-out pairwise accuracy (noise-free labeler): 0.800" in md
     assert "preset tiny; seed 7; rounds 2; steps: pretrain 20, sft 10, reward 10, ppo 5" in md
     assert "Total wall time: 12.3 min (pretrain 5.0, sft 2.0, reward 1.5, ppo 3.8)" in md
 

@@ -33,6 +33,39 @@ def win_rate(world: Any, records: list[dict], a: list[str], b: list[str]) -> flo
     return wins / len(records)
 
 
+def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True
+                           ) -> tuple[float | None, int]:
+    """A reward model's pairwise accuracy on its held-out rankings, judged by the noise-free
+    labeler: the same held-out prompts and responses the training run set aside, re-ranked
+    without the labelers' disagreement, so the number is the reward model's agreement with the
+    truth rather than with one noisy labeler. Returns (accuracy, rankings with a preference)."""
+    from gptlab.data.instruct import Ranking, read_rankings
+    from gptlab.provenance import load_run
+    from gptlab.train.reward import (collate_rankings, encode_ranking, pairwise_accuracy,
+                                     split_rankings)
+    rc = load_run(reward_dir)["config"]
+    if rc.get("val_data"):
+        held = read_rankings(rc["val_data"])
+    else:
+        held = split_rankings(read_rankings(rc["data"]), rc["val_fraction"], rc["seed"])[1]
+    labeler = world.labeler(disagreement=0.0, ties=ties)
+    model, tok, _ = load_model(reward_dir)
+    encoded = []
+    for r in held:
+        levels = labeler.careful_levels([world.check(r.id, x) for x in r.ranked], r.ranked)
+        if len(levels) < 2:
+            continue  # every response equally good: no pair to judge
+        truth = Ranking(r.prompt, [r.ranked[i] for level in levels for i in level], r.id,
+                        groups=[n for n, level in enumerate(levels) for _ in level])
+        e = encode_ranking(tok, truth, model.config.context)
+        if e is not None:
+            encoded.append(e)
+    if not encoded:
+        return None, 0
+    batches = [collate_rankings(encoded[i:i + 8], tok.pad_id) for i in range(0, len(encoded), 8)]
+    return pairwise_accuracy(model, batches), len(encoded)
+
+
 @torch.no_grad()
 def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
                 records: list[dict], max_new_tokens: int, seed: int = 0,
@@ -95,11 +128,17 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     exec_unseen = {n: acc(n, unseen) for n in models}
     exec_unseen["ppo"] = exec_unseen[final]
 
-    rm_acc, rm_heldout = [], []
+    # Reward-model accuracy on each round's held-out rankings: against the noise-free labeler
+    # (the evaluation's judge, as for the win rate), and against the noisy labelers who made
+    # the rankings (what `gptlab reward` reports, bounded by their disagreement).
+    rm_acc, rm_acc_labelers, rm_heldout = [], [], []
     for rnd in range(1, cfg.rounds + 1):
-        meta = read_meta_json(out / f"round-{rnd}" / "reward" / "config.json")
-        rm_acc.append(meta.get("heldout_pairwise_acc"))
-        rm_heldout.append(meta.get("heldout_rankings"))
+        rm_dir = out / f"round-{rnd}" / "reward"
+        meta = read_meta_json(rm_dir / "config.json")
+        acc_true, n_true = rm_accuracy_noise_free(world, rm_dir, cfg.ties)
+        rm_acc.append(acc_true)
+        rm_acc_labelers.append(meta.get("heldout_pairwise_acc"))
+        rm_heldout.append(n_true)
 
     policy, tok, _ = load_model(models[final])
     sft_model, _, _ = load_model(sft_dir)
@@ -126,6 +165,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "delta_ppo_vs_sft_continued": paired_delta(correct[final], correct["sft_continued"]),
         "rm_pairwise_acc": rm_acc[-1],
         "rm_pairwise_acc_per_round": rm_acc,
+        "rm_pairwise_acc_labelers_per_round": rm_acc_labelers,
         "rm_heldout_rankings_per_round": rm_heldout,
         "win_rate_ppo_vs_sft": win_rate(world, test, answers[final], answers["sft"]),
         "kl_ppo_vs_sft": kl,

@@ -115,7 +115,13 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
     if per_round:
         ax = axes[0]
         rounds, accs = zip(*per_round)
-        ax.plot(rounds, accs, "o-")
+        ax.plot(rounds, accs, "o-", label="judged by the noise-free labeler")
+        labelers = [(r, as_number(a)) for r, a in
+                    enumerate(results.get("rm_pairwise_acc_labelers_per_round") or [], 1)]
+        labelers = [(r, a) for r, a in labelers if a is not None]
+        if labelers:
+            ax.plot(*zip(*labelers), "s--", label="judged by the labelers' own rankings")
+            ax.legend()
         ax.set(title="Reward model: held-out pairwise accuracy per round", xlabel="round",
                ylabel="pairwise accuracy", xticks=list(rounds))
         ax.axhline(0.5, color="grey", ls=":", lw=1)  # chance for a pair
@@ -266,15 +272,23 @@ def describe_headroom(h: dict) -> tuple[str, str]:
 
 
 def describe_rounds(results: dict) -> str:
-    """'round 1: 0.708 (28 held-out rankings), round 2: …' (counts where the run has them)."""
+    """'round 1: 0.831 (28 held-out rankings; 0.708 by the labelers' rankings), round 2: …'
+    (counts and the labelers' figure where the run has them)."""
     accs = results.get("rm_pairwise_acc_per_round")
     if not isinstance(accs, list) or not accs:
         return NA
-    counts = results.get("rm_heldout_rankings_per_round")
-    counts = counts if isinstance(counts, list) and len(counts) == len(accs) else [None] * len(accs)
-    return ", ".join(f"round {r}: {fmt(a)}"
-                     + (f" ({n} held-out rankings)" if isinstance(n, int) else "")
-                     for r, (a, n) in enumerate(zip(accs, counts), 1))
+
+    def per_round(key: str) -> list:
+        xs = results.get(key)
+        return xs if isinstance(xs, list) and len(xs) == len(accs) else [None] * len(accs)
+
+    parts = []
+    for r, (a, n, lab) in enumerate(zip(accs, per_round("rm_heldout_rankings_per_round"),
+                                        per_round("rm_pairwise_acc_labelers_per_round")), 1):
+        notes = ([f"{n} held-out rankings"] if isinstance(n, int) else []) + (
+            [f"{fmt(lab)} by the labelers' rankings"] if as_number(lab) is not None else [])
+        parts.append(f"round {r}: {fmt(a)}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return ", ".join(parts)
 
 
 @dataclass
@@ -334,7 +348,8 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
         ("Execution accuracy, PPO − SFT", describe_delta(results.get("delta_ppo_vs_sft"))),
         ("Execution accuracy, PPO − SFT continued",
          describe_delta(results.get("delta_ppo_vs_sft_continued"))),
-        ("Reward model held-out pairwise accuracy", fmt(results.get("rm_pairwise_acc"))),
+        ("Reward model held-out pairwise accuracy (noise-free labeler)",
+         fmt(results.get("rm_pairwise_acc"))),
         ("Reward model pairwise accuracy per round", describe_rounds(results)),
         ("Win rate of PPO over SFT", fmt(results.get("win_rate_ppo_vs_sft"))),
         ("KL(PPO ‖ SFT) per response (nats)", fmt(results.get("kl_ppo_vs_sft"), 4)),
