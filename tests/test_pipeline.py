@@ -45,6 +45,7 @@ def test_report_has_every_number(run):
         assert lo <= r[key]["mean"] <= hi
     assert 0.0 <= r["rm_pairwise_acc"] <= 1.0 and len(r["rm_pairwise_acc_per_round"]) == 2
     assert all(isinstance(n, int) and n >= 1 for n in r["rm_heldout_rankings_per_round"])
+    assert all(0.0 <= a <= 1.0 for a in r["rm_pairwise_acc_labelers_per_round"])
     assert 0.0 <= r["win_rate_ppo_vs_sft"] <= 1.0
     assert r["kl_ppo_vs_sft"] == r["kl_ppo_vs_sft"]  # finite, not NaN
     assert r["ptx"]["corpus_ppl_sft"] > 1 and r["ptx"]["corpus_ppl_ppo"] > 1
@@ -59,8 +60,15 @@ def test_the_control_took_as_many_optimizer_steps_as_ppo(run):
 
 def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys):
     before = (run / "sft" / "model.safetensors").stat().st_mtime_ns
+    first = json.loads((run / "report.json").read_text())
     assert main(["pipeline", "--out", str(run), *ARGS]) == 0
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
+    # The reused stages report the minutes they took when they ran, and so does the total.
+    again = json.loads((run / "report.json").read_text())
+    reused = {k: v for k, v in first["stage_minutes"].items() if k != "evaluation"}
+    assert {k: again["stage_minutes"][k] for k in reused} == reused
+    assert "round 2: sample" in reused and reused["sft"] > 0 and reused["sft_continued"] > 0
+    assert again["minutes"] >= sum(reused.values())
     assert main(["pipeline", "--out", str(run), *ARGS, "--seed", "5"]) == 2
     assert "other settings (seed)" in capsys.readouterr().err
 

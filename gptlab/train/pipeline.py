@@ -93,15 +93,46 @@ def stage_done(path: Path) -> bool:
 
 
 class Timer:
-    def __init__(self) -> None:
-        self.minutes: dict[str, float] = {}
+    """Minutes per stage, kept in OUT/stage_minutes.json as each stage ends. A stage that a rerun
+    finds finished keeps the minutes it took when it ran, so adding `--headroom` to a finished
+    run (or resuming one) still reports what every stage cost."""
 
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    def __init__(self, record: Path | None = None) -> None:
+        self.record = record
+        self.minutes: dict[str, float] = {}
+        self.earlier: dict[str, float] = {}
+        if record is not None and record.exists():
+            self.earlier = json.loads(record.read_text())
+        elif record is not None and (record.parent / "report.json").exists():
+            # Runs made before stage_minutes.json: their report has the same figures.
+            report = json.loads((record.parent / "report.json").read_text())
+            self.earlier = dict(report.get("stage_minutes") or {})
+        self.saved = 0.0  # minutes the reused stages took when they ran, beyond this run's
+
+    def run(self, name: str, fn: Callable[[], Any], done: bool = False) -> Any:
+        """Time `fn`; with `done` (its output was already complete) keep the earlier minutes."""
         t0 = time.time()
-        print(f"== {name}", file=sys.stderr)
+        print(f"== {name}" + (" (done)" if done else ""), file=sys.stderr)
         out = fn()
-        self.minutes[name] = self.minutes.get(name, 0.0) + (time.time() - t0) / 60
+        took = (time.time() - t0) / 60
+        if done and name in self.earlier:
+            self.saved += self.earlier[name] - took
+            took = self.earlier[name]
+        self.minutes[name] = self.minutes.get(name, 0.0) + took
+        self.keep()
         return out
+
+    def reuse(self, *names: str) -> None:
+        """Stages found finished without being run at all."""
+        for name in names:
+            if name in self.earlier and name not in self.minutes:
+                self.minutes[name] = self.earlier[name]
+                self.saved += self.earlier[name]
+        self.keep()
+
+    def keep(self) -> None:
+        if self.record is not None:
+            write_json_atomic(self.record, {**self.earlier, **self.minutes})
 
 
 def _ppo_optimizer_steps(cfg: PipelineConfig) -> int:
@@ -115,7 +146,7 @@ class Pipeline:
             raise UserError(f"must be at least 1, got {cfg.rounds}", field="rounds")
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.timer = Timer()
+        self.timer = Timer(self.out / "stage_minutes.json")
         self.world_dir = Path(cfg.world) if cfg.world else self.out / "world"
 
     # --- stages --------------------------------------------------------------------------------
@@ -179,6 +210,7 @@ class Pipeline:
         d = self.out / f"round-{rnd}"
         rankings = d / "rankings.jsonl"
         if rankings.exists():
+            self.timer.reuse(f"round {rnd}: sample", f"round {rnd}: label")
             return rankings
         prompts = read_jsonl(self.world_dir / "prompts.jsonl")
         chosen = random.Random(self.cfg.seed * 1000 + rnd).sample(
@@ -278,20 +310,27 @@ class Pipeline:
             torch.set_num_threads(cfg.threads)
         start = time.time()
         t = self.timer
-        t.run("world", self.export_world)
-        pre = t.run("pretrain", self.pretrain)
-        sft_dir = t.run("sft", lambda: self.sft(pre))
+        out = self.out
+        t.run("world", self.export_world, done=(self.world_dir / "world.json").exists())
+        pre = t.run("pretrain", self.pretrain, done=stage_done(out / "pretrain"))
+        sft_dir = t.run("sft", lambda: self.sft(pre), done=stage_done(out / "sft"))
         policy = sft_dir
         for rnd in range(1, cfg.rounds + 1):
+            d = out / f"round-{rnd}"
             self.feedback(policy, rnd)
-            rm = t.run(f"round {rnd}: reward model", lambda: self.reward(sft_dir, rnd))
-            policy = t.run(f"round {rnd}: ppo", lambda: self.ppo(policy, sft_dir, rm, rnd))
-        control = t.run("sft_continued", lambda: self.sft_continued(sft_dir))
+            rm = t.run(f"round {rnd}: reward model", lambda: self.reward(sft_dir, rnd),
+                       done=stage_done(d / "reward"))
+            policy = t.run(f"round {rnd}: ppo", lambda: self.ppo(policy, sft_dir, rm, rnd),
+                           done=stage_done(d / "ppo"))
+        control = t.run("sft_continued", lambda: self.sft_continued(sft_dir),
+                        done=stage_done(out / "sft_continued"))
         if cfg.headroom:
-            t.run("ppo on the execution reward", lambda: self.ppo_execution_reward(sft_dir))
+            t.run("ppo on the execution reward", lambda: self.ppo_execution_reward(sft_dir),
+                  done=stage_done(out / "ppo_execution_reward"))
         from gptlab.eval.pipeline_eval import evaluate_pipeline
         results = t.run("evaluation", lambda: evaluate_pipeline(self, pre, sft_dir, control))
-        results["minutes"] = (time.time() - start) / 60
+        # This invocation's wall time, plus what the stages it reused took when they ran.
+        results["minutes"] = (time.time() - start) / 60 + t.saved
         results["stage_minutes"] = {k: round(v, 2) for k, v in t.minutes.items()}
         results["config"] = dataclasses.asdict(cfg)
         from gptlab.eval.report import write_report
