@@ -24,8 +24,10 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)  # after `make demo`: the benchmarks read its models
+	$(PIP) install -q "$(TORCH)" -e ".[bench]"
 	$(PY) bench/sampling.py
 	$(PY) bench/sft_step.py
+	$(PY) bench/reward_step.py
 
 clean:
 	rm -rf runs .pytest_cache
