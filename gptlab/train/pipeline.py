@@ -52,6 +52,10 @@ class PipelineConfig:
     sft_lr: float = 1e-3
     sft_eval_every: int = 100
     sft_exec_eval: int = 150          # validation questions for execution accuracy
+    demonstrator_flaw: str | None = field(default=None, metadata={
+        "help": "a careless demonstrator's habit in part of SFT's data, which execution-based "
+                "rankings reveal: order (ORDER BY direction reversed) or inclusive (>= for >)"})
+    demonstrator_flaw_rate: float = 0.8  # the share of the demonstrations it applies to
     # feedback
     sample_prompts: int = 512         # training prompts sampled per round
     k: int = 8                        # responses per prompt
@@ -188,18 +192,26 @@ class Pipeline:
         return out
 
     def demonstrations(self) -> Path:
-        """The SFT data: the world's demonstrations, or the first `sft_examples` of them.
+        """The SFT data: the world's demonstrations, or the first `sft_examples` of them, with
+        a careless demonstrator's mistake in part of them if `demonstrator_flaw` is set.
 
         InstructGPT had fewer demonstrations than PPO prompts (13k vs 31k); `sft_examples`
         reproduces that: SFT learns from a subset, PPO from every training prompt."""
+        c = self.cfg
         full = self.world_dir / "sft.jsonl"
-        if not self.cfg.sft_examples:
+        if not c.sft_examples and not c.demonstrator_flaw:
             return full
         subset = self.out / "sft_data.jsonl"
         if not subset.exists():
-            rows = read_jsonl(full)[:self.cfg.sft_examples]
-            write_jsonl_atomic(subset, ({k: v for k, v in r.items() if k != "_line"}
-                                        for r in rows))
+            rows = [{k: v for k, v in r.items() if k != "_line"} for r in read_jsonl(full)]
+            rows = rows[:c.sft_examples] if c.sft_examples else rows
+            if c.demonstrator_flaw:
+                from gptlab.world.demonstrators import flaw_demonstrations
+                rows, n = flaw_demonstrations(rows, c.demonstrator_flaw, c.demonstrator_flaw_rate,
+                                              c.seed)
+                print(f"demonstrations: {n} of {len(rows)} written with the flaw "
+                      f"'{c.demonstrator_flaw}'", file=sys.stderr)
+            write_jsonl_atomic(subset, rows)
         return subset
 
     def feedback(self, policy: Path, rnd: int) -> Path:
@@ -344,7 +356,10 @@ class Pipeline:
         path = self.out / "pipeline.json"
         mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ADDITIVE}
         if path.exists():
-            theirs = {k: v for k, v in json.loads(path.read_text()).items()
+            # A setting newer than the run was at its default there.
+            defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)
+                        if f.default is not dataclasses.MISSING}
+            theirs = {k: v for k, v in {**defaults, **json.loads(path.read_text())}.items()
                       if k not in ADDITIVE}
             if theirs != mine:
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
