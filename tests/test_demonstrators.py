@@ -67,6 +67,15 @@ def test_the_pipeline_trains_sft_on_the_flawed_demonstrations(world_dir, tmp_pat
     assert all(b["completion"] == reverse_order(a["completion"]) for a, b in changed)
 
 
+def test_a_bad_flaw_stops_the_pipeline_before_any_stage(tmp_path):
+    with pytest.raises(UserError, match="unknown flaw"):
+        Pipeline(PipelineConfig(out=str(tmp_path / "run"), demonstrator_flaw="typo"))
+    with pytest.raises(UserError, match="demonstrator_flaw_rate"):
+        Pipeline(PipelineConfig(out=str(tmp_path / "run"), demonstrator_flaw="order",
+                                demonstrator_flaw_rate=-0.1))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_made_before_a_setting_existed_is_still_the_same_run(tmp_path):
     cfg = PipelineConfig(out=str(tmp_path))
     Pipeline(cfg)._check_same_run()
