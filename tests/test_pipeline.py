@@ -105,5 +105,16 @@ def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run):
     assert h["sample_mean"] <= h["pass_at_k"] and h["rm_best_of_k"] <= h["pass_at_k"] <= 1.0
     d = r["delta_ppo_execution_reward_vs_sft"]
     assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    # The ceiling trained on the test questions' own prompts, and only on those.
+    ceiling = run / "ppo_execution_reward_on_test"
+    meta = json.loads((ceiling / "config.json").read_text())
+    assert meta["ppo_steps"] == 4
+    assert json.loads((ceiling / "run.json").read_text())["config"]["prompts"] == str(
+        run / "world" / "test.jsonl")
+    c = r["delta_ppo_execution_reward_on_test_vs_sft"]
+    assert c["ci95"][0] <= c["mean"] <= c["ci95"][1]
+    assert c["mean"] == pytest.approx(
+        r["exec_acc"]["ppo_execution_reward_on_test"] - r["exec_acc"]["sft"])
     md = (run / "report.md").read_text()
     assert "PPO on the execution reward − SFT" in md and "Best of K = 2" in md
+    assert "Ceiling: PPO on the execution reward, trained on the test prompts" in md

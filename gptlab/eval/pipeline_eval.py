@@ -105,6 +105,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     final = f"ppo_round_{cfg.rounds}"
     if cfg.headroom:
         models["ppo_execution_reward"] = out / "ppo_execution_reward"
+        models["ppo_execution_reward_on_test"] = out / "ppo_execution_reward_on_test"
 
     answers: dict[str, list[str]] = {}
     correct: dict[str, list[int]] = {}
@@ -183,6 +184,8 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         results["headroom"]["sft_greedy"] = exec_acc["sft"]
         results["delta_ppo_execution_reward_vs_sft"] = paired_delta(
             correct["ppo_execution_reward"], correct["sft"])
+        results["delta_ppo_execution_reward_on_test_vs_sft"] = paired_delta(
+            correct["ppo_execution_reward_on_test"], correct["sft"])
     return results
 
 

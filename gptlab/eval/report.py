@@ -359,6 +359,10 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
     if "delta_ppo_execution_reward_vs_sft" in results:
         headlines.append(("Execution accuracy, PPO on the execution reward − SFT",
                           describe_delta(results["delta_ppo_execution_reward_vs_sft"])))
+    ceiling = results.get("delta_ppo_execution_reward_on_test_vs_sft")
+    if ceiling is not None:
+        headlines.append(("Ceiling: PPO on the execution reward, trained on the test prompts, "
+                          "− SFT", describe_delta(ceiling)))
     if isinstance(results.get("headroom"), dict):
         headlines.append(describe_headroom(results["headroom"]))
     return ReportContent(

@@ -83,7 +83,8 @@ class PipelineConfig:
     eval_limit: int | None = None     # test questions (default: the whole test split)
     headroom: bool = field(default=False, metadata={
         "help": "also measure what feedback could gain: best-of-K from SFT, and PPO on the "
-                "execution reward (a perfect reward model) for as many steps as the rounds"})
+                "execution reward (a perfect reward model) for as many steps as the rounds, on "
+                "the training prompts and, as a ceiling, on the test's own prompts"})
     headroom_k: int = 8
     progress: bool = False
 
@@ -289,16 +290,22 @@ class Pipeline:
                                 reward=rm))
         return out
 
-    def ppo_execution_reward(self, sft_dir: Path) -> Path:
+    def ppo_execution_reward(self, sft_dir: Path, on_test: bool = False) -> Path:
         """The upper-bound control: PPO from SFT with execution itself as the reward (a
-        perfect reward model), for as many steps as all rounds of PPO took, the rest the same."""
+        perfect reward model), for as many steps as all rounds of PPO took, the rest the same.
+
+        `on_test` is the ceiling: the same, trained on the test questions' own prompts. It is a
+        leak on purpose, never a model to use: what PPO could do if neither the reward nor the
+        prompts stood in its way."""
         from gptlab.train.ppo import ppo
         from gptlab.world.rewards import execution_reward
-        out = self.out / "ppo_execution_reward"
+        out = self.out / ("ppo_execution_reward_on_test" if on_test else "ppo_execution_reward")
         if not stage_done(out):
-            ppo(self.ppo_config(sft_dir, sft_dir, out, self.cfg.rounds * self.cfg.ppo_steps,
-                                self.cfg.seed + 100),
-                reward_fn=execution_reward(self.world))
+            cfg = self.ppo_config(sft_dir, sft_dir, out, self.cfg.rounds * self.cfg.ppo_steps,
+                                  self.cfg.seed + 100)
+            if on_test:
+                cfg.prompts = str(self.world_dir / "test.jsonl")
+            ppo(cfg, reward_fn=execution_reward(self.world))
         return out
 
     def sft_continued(self, sft_dir: Path) -> Path:
@@ -342,6 +349,9 @@ class Pipeline:
         if cfg.headroom:
             t.run("ppo on the execution reward", lambda: self.ppo_execution_reward(sft_dir),
                   done=stage_done(out / "ppo_execution_reward"))
+            t.run("ppo on the execution reward, test prompts",
+                  lambda: self.ppo_execution_reward(sft_dir, on_test=True),
+                  done=stage_done(out / "ppo_execution_reward_on_test"))
         from gptlab.eval.pipeline_eval import evaluate_pipeline
         results = t.run("evaluation", lambda: evaluate_pipeline(self, pre, sft_dir, control))
         # This invocation's wall time, plus what the stages it reused took when they ran.
