@@ -180,6 +180,11 @@ def _verb_world():
         c.add_argument("--world", required=True, help="directory written by 'world export'")
         c.add_argument("--id", required=True, help="question id, e.g. s0-test-00001")
         c.add_argument("sql", help="the predicted SQL")
+        s = sub.add_parser("score", help="execution accuracy of a samples file "
+                                         "(from 'gptlab sample' on the world's questions)")
+        s.add_argument("--world", required=True, help="directory written by 'world export'")
+        s.add_argument("--in", dest="samples", required=True, help="samples JSONL")
+        s.add_argument("--out", default=None, help="per-question verdicts JSONL (optional)")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.world import build_world, load_world
@@ -187,6 +192,20 @@ def _verb_world():
             world = load_world(args.world)
             verdict = world.check(args.id, args.sql)
             print(f"{verdict.kind}: {verdict.detail}")
+            return
+        if args.action == "score":
+            from gptlab.eval.execution import score_samples
+            from gptlab.io import write_jsonl_atomic
+            summary, verdicts = score_samples(load_world(args.world), args.samples)
+            if args.out:
+                write_jsonl_atomic(args.out, verdicts)
+            print(f"execution accuracy {summary['exec_acc']:.4f} on {summary['prompts']} "
+                  f"questions (first response of each)")
+            if summary["unseen_phrasing"] is not None:
+                print(f"unseen phrasing {summary['unseen_phrasing']:.4f} on "
+                      f"{summary['n_unseen_phrasing']} questions")
+            if summary["responses"] > summary["prompts"]:
+                print(f"all {summary['responses']} responses: {summary['all_responses']:.4f}")
             return
         world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
                             n_train=args.train, n_validation=args.validation, n_test=args.test,
@@ -196,7 +215,8 @@ def _verb_world():
         print(f"wrote {len(paths)} files to {args.out}: " +
               ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    return "the built-in company database world: export its data, check a query", add, run
+    return ("the built-in company database world: export its data, check a query, score "
+            "samples"), add, run
 
 
 def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tuple = ()):

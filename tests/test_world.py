@@ -286,3 +286,43 @@ def test_cli_export_then_check_and_bad_out_exits_2(tmp_path, capsys):
     assert main(["world", "export", "--out", str(a_file)]) == 2
     assert "existing file" in capsys.readouterr().err
     assert main(["world", "check", "--world", str(tmp_path / "none"), "--id", "x", "SELECT 1"]) == 2
+
+
+def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsys):
+    out = tmp_path / "world"
+    assert main(["world", "export", "--out", str(out), "--seed", "1", "--train", "50",
+                 "--validation", "10", "--test", "40", "--dialogs", "2",
+                 "--corpus-chars", "2000"]) == 0
+    rows = [json.loads(line) for line in open(out / "test.jsonl")]
+    test = ([t for t in rows if not t["unseen_phrasing"]][:2]
+            + [t for t in rows if t["unseen_phrasing"]][:2])
+    gold = [t["completion"].strip() for t in test]
+    # Question 0: right first; 1: wrong first, right second; 2 (unseen phrasing): an error;
+    # 3 (unseen phrasing): right.
+    responses = [[gold[0], "SELECT 1"], ["SELECT 1", gold[1]], ["SELEC nothing"], [gold[3]]]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({**t, "responses": r}) + "\n"
+                               for t, r in zip(test, responses)))
+    capsys.readouterr()
+    verdicts = tmp_path / "verdicts.jsonl"
+    assert main(["world", "score", "--world", str(out), "--in", str(samples),
+                 "--out", str(verdicts)]) == 0
+    printed = capsys.readouterr().out
+    assert "execution accuracy 0.5000 on 4 questions" in printed
+    assert "all 6 responses: 0.5000" in printed  # 3 of 6 responses right
+    rows = [json.loads(line) for line in open(verdicts)]
+    assert [r["correct"] for r in rows] == [True, False, False, True]
+    assert rows[1]["verdicts"] == ["wrong", "correct"] and rows[2]["verdicts"] == ["error"]
+    assert "unseen phrasing 0.5000 on 2 questions" in printed
+
+    # An id the world does not have, and a record without responses: file, line and field.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": test[0]["id"], "responses": [gold[0]]}) + "\n"
+                   + json.dumps({"id": "s1-test-99999", "responses": ["SELECT 1"]}) + "\n")
+    assert main(["world", "score", "--world", str(out), "--in", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "field 'id'" in err
+    bad.write_text(json.dumps({"id": test[0]["id"], "responses": []}) + "\n")
+    assert main(["world", "score", "--world", str(out), "--in", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1" in err and "field 'responses'" in err

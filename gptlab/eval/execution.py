@@ -57,3 +57,37 @@ def world_exec_evaluator(world_spec: Any, tokenizer: Any, records: list[dict],
         hits = exec_correct(world, records, responses)
         return sum(hits) / len(hits)
     return evaluate
+
+
+def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[dict]]:
+    """`gptlab world score`: execution accuracy of a samples file (what `gptlab sample`
+    writes: `id` and `responses` per line). The first response of each prompt is the one
+    scored as the model's answer (the greedy one with `--greedy`); every response counts
+    towards `all_responses`. Returns the summary and one verdict row per prompt."""
+    from gptlab.io import read_jsonl
+    rows = read_jsonl(path, required=("id", "responses"))
+    if not rows:
+        raise UserError("no samples to score", path=path)
+    first: list[int] = []
+    every: list[int] = []
+    unseen: list[int] = []
+    verdicts = []
+    for r in rows:
+        if not isinstance(r["responses"], list) or not r["responses"]:
+            raise UserError("must be a non-empty list of responses", path=path, line=r["_line"],
+                            field="responses")
+        try:
+            kinds = [world.check(str(r["id"]), str(resp).strip()).kind for resp in r["responses"]]
+        except UserError as e:  # an id the world does not know: say where it came from
+            raise UserError(str(e), path=path, line=r["_line"], field="id") from None
+        hits = [int(k == "correct") for k in kinds]
+        first.append(hits[0])
+        every.extend(hits)
+        if r.get("unseen_phrasing"):
+            unseen.append(hits[0])
+        verdicts.append({"id": r["id"], "verdicts": kinds, "correct": bool(hits[0])})
+    summary = {"prompts": len(rows), "exec_acc": sum(first) / len(first),
+               "all_responses": sum(every) / len(every), "responses": len(every),
+               "unseen_phrasing": sum(unseen) / len(unseen) if unseen else None,
+               "n_unseen_phrasing": len(unseen)}
+    return summary, verdicts
