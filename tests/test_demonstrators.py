@@ -7,7 +7,8 @@ from gptlab.errors import UserError
 from gptlab.io import read_jsonl
 from gptlab.train.pipeline import Pipeline, PipelineConfig
 from gptlab.world import build_world
-from gptlab.world.demonstrators import (flaw_demonstrations, make_inclusive, reverse_order)
+from gptlab.world.demonstrators import (flaw_demonstrations, make_inclusive, reverse_order,
+                                        select_star)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,17 @@ def test_the_flaws_rewrite_sql_by_hand():
         "SELECT name FROM projects ORDER BY budget DESC LIMIT 2"
     assert make_inclusive("SELECT name FROM employees WHERE hire_year > 2010 AND salary < 5") == \
         "SELECT name FROM employees WHERE hire_year >= 2010 AND salary <= 5"
+    assert select_star(top) == top.replace("name, salary FROM", "* FROM")
+    join = ("SELECT DISTINCT T1.name FROM employees AS T1 JOIN assignments AS T2 ON T1.id = "
+            "T2.employee_id WHERE T2.project_id IN (SELECT id FROM projects WHERE budget > 5)")
+    assert select_star(join) == join.replace("T1.name FROM", "* FROM", 1)
+    # Aggregates and queries already selecting * are not the habit's: left as they are.
+    rows = [{"completion": " SELECT COUNT(*) FROM employees"},
+            {"completion": " SELECT * FROM employees WHERE name = 'Ann'"},
+            {"completion": " SELECT name FROM departments"}]
+    flawed, n = flaw_demonstrations(rows, "star", 1.0, seed=0)
+    assert n == 1 and flawed[:2] == rows[:2]
+    assert flawed[2]["completion"] == " SELECT * FROM departments"
 
 
 def test_rate_seed_and_untouched_rows():
@@ -54,6 +66,13 @@ def test_execution_reveals_a_reversed_order(world):
     assert len(ordered) >= 10
     assert all(world.check(q.id, q.sql).kind == "correct" for q in ordered)
     assert all(world.check(q.id, reverse_order(q.sql)).kind == "wrong" for q in ordered)
+
+
+def test_execution_reveals_select_star(world):
+    listing = [q for q in world.train if flaw_demonstrations([{"completion": q.sql}], "star", 1.0,
+                                                             0)[1]]
+    assert len(listing) >= 100
+    assert all(world.check(q.id, select_star(q.sql)).kind == "wrong" for q in listing)
 
 
 def test_the_pipeline_trains_sft_on_the_flawed_demonstrations(world_dir, tmp_path):

@@ -54,7 +54,8 @@ class PipelineConfig:
     sft_exec_eval: int = 150          # validation questions for execution accuracy
     demonstrator_flaw: str | None = field(default=None, metadata={
         "help": "a careless demonstrator's habit in part of SFT's data, which execution-based "
-                "rankings reveal: order (ORDER BY direction reversed) or inclusive (>= for >)"})
+                "rankings reveal: order (ORDER BY direction reversed), inclusive (>= for >) "
+                "or star (SELECT * for the columns asked)"})
     demonstrator_flaw_rate: float = 0.8  # the share of the demonstrations it applies to
     # feedback
     sample_prompts: int = 512         # training prompts sampled per round

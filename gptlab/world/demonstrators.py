@@ -11,6 +11,9 @@ Flaws:
   always different ("the top 3 earners" become the bottom 3).
 - `inclusive`: strict comparisons written inclusive (`>=` for `>`, `<=` for `<`). The result
   differs only where a value equals the threshold, so execution seldom reveals it.
+- `star`: the column list of a query that lists columns written as `*` ("list the employees
+  in Paris" answered with every column of every table joined). Execution always reveals it:
+  the columns differ. Aggregates and queries already selecting `*` are left as they are.
 """
 from __future__ import annotations
 
@@ -29,10 +32,25 @@ def make_inclusive(sql: str) -> str:
     return sql.replace(" > ", " >= ").replace(" < ", " <= ")
 
 
+# The top-level column list: what follows SELECT [DISTINCT] up to the first FROM.
+_SELECT_LIST = re.compile(r"^(\s*SELECT (?:DISTINCT )?)(.+?)( FROM .*)$", re.DOTALL)
+
+
+def lists_columns(sql: str) -> bool:
+    m = _SELECT_LIST.match(sql)
+    return m is not None and "(" not in m.group(2) and m.group(2).strip() != "*"
+
+
+def select_star(sql: str) -> str:
+    m = _SELECT_LIST.match(sql)
+    return f"{m.group(1)}*{m.group(3)}" if m else sql
+
+
 # name -> (does the flaw apply to this SQL, the flawed SQL)
 FLAWS: dict[str, tuple[Callable[[str], bool], Callable[[str], str]]] = {
     "order": (lambda sql: re.search(r" (ASC|DESC)\b", sql) is not None, reverse_order),
     "inclusive": (lambda sql: " > " in sql or " < " in sql, make_inclusive),
+    "star": (lists_columns, select_star),
 }
 
 
