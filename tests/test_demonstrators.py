@@ -7,8 +7,8 @@ from gptlab.errors import UserError
 from gptlab.io import read_jsonl
 from gptlab.train.pipeline import Pipeline, PipelineConfig
 from gptlab.world import build_world
-from gptlab.world.demonstrators import (flaw_demonstrations, make_inclusive, reverse_order,
-                                        select_star)
+from gptlab.world.demonstrators import (flaw_demonstrations, lists_columns, make_inclusive,
+                                        reverse_order, select_star)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,7 @@ def test_execution_reveals_a_reversed_order(world):
 
 
 def test_execution_reveals_select_star(world):
-    listing = [q for q in world.train if flaw_demonstrations([{"completion": q.sql}], "star", 1.0,
-                                                             0)[1]]
+    listing = [q for q in world.train if lists_columns(q.sql)]
     assert len(listing) >= 100
     assert all(world.check(q.id, select_star(q.sql)).kind == "wrong" for q in listing)
 

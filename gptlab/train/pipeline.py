@@ -151,8 +151,8 @@ class Pipeline:
         if cfg.rounds < 1:
             raise UserError(f"must be at least 1, got {cfg.rounds}", field="rounds")
         if cfg.demonstrator_flaw:  # checked before any stage runs
-            from gptlab.world.demonstrators import flaw_demonstrations
-            flaw_demonstrations([], cfg.demonstrator_flaw, cfg.demonstrator_flaw_rate, cfg.seed)
+            from gptlab.world.demonstrators import check_flaw
+            check_flaw(cfg.demonstrator_flaw, cfg.demonstrator_flaw_rate)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.timer = Timer(self.out / "stage_minutes.json")

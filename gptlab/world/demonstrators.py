@@ -54,15 +54,20 @@ FLAWS: dict[str, tuple[Callable[[str], bool], Callable[[str], str]]] = {
 }
 
 
-def flaw_demonstrations(rows: list[dict], flaw: str, rate: float, seed: int
-                        ) -> tuple[list[dict], int]:
-    """Rewrite the `completion` of each demonstration the flaw applies to with probability
-    `rate` (seeded, in file order). Returns the new rows and how many were rewritten."""
+def check_flaw(flaw: str, rate: float) -> None:
+    """A UserError unless `flaw` is one of FLAWS and `rate` a share in [0, 1]."""
     if flaw not in FLAWS:
         raise UserError(f"unknown flaw {flaw!r}; choose one of {', '.join(sorted(FLAWS))}",
                         field="demonstrator_flaw")
     if not 0.0 <= rate <= 1.0:
         raise UserError(f"must be in [0, 1], got {rate}", field="demonstrator_flaw_rate")
+
+
+def flaw_demonstrations(rows: list[dict], flaw: str, rate: float, seed: int
+                        ) -> tuple[list[dict], int]:
+    """Rewrite the `completion` of each demonstration the flaw applies to with probability
+    `rate` (seeded, in file order). Returns the new rows and how many were rewritten."""
+    check_flaw(flaw, rate)
     applies, rewrite = FLAWS[flaw]
     rng = random.Random(seed)
     out, n = [], 0
