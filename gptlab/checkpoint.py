@@ -160,25 +160,31 @@ def _sha256(path: Path) -> str:
 
 
 class Checkpointer:
-    """`RUN/checkpoints/step-N/` directories, the `latest` pointer, and the last `keep` kept."""
+    """`RUN/checkpoints/step-N/` directories, the `latest` pointer, and the last `keep` kept
+    (all of them when `keep` is None)."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 2):
+    def __init__(self, run_dir: str | Path, keep: int | None = 2):
         self.dir = Path(run_dir) / "checkpoints"
-        self.keep = max(1, keep)
+        self.keep = None if keep is None else max(1, keep)
 
     def save(self, step: int, model: torch.nn.Module, tokenizer: Any = None,
              optimizer: torch.optim.Optimizer | None = None, state: dict | None = None,
-             extra: dict | None = None) -> Path:
-        """Write checkpoint `step`; `state` is any picklable trainer state (RNG, data position)."""
+             extra: dict | None = None, models: dict[str, torch.nn.Module] | None = None
+             ) -> Path:
+        """Write checkpoint `step`; `state` is any picklable trainer state (RNG, data position);
+        `models` are more model directories inside it, by name (PPO's value model: `value/`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
         tmp = self.dir / f".step-{step}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(tmp, model, tokenizer, extra)
+        for name, other in (models or {}).items():
+            save_model(tmp / name, other)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(state or {}, tmp / "trainer.pt")
-        manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        manifest = {f.relative_to(tmp).as_posix(): _sha256(f) for f in sorted(tmp.rglob("*"))
+                    if f.is_file()}
         write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
         if final.exists():
             shutil.rmtree(final)
@@ -188,6 +194,8 @@ class Checkpointer:
         return final
 
     def _prune(self, newest: Path) -> None:
+        if self.keep is None:
+            return
         steps = sorted((p for p in self.dir.glob("step-*") if p.is_dir()),
                        key=lambda p: int(p.name.split("-")[1]))
         for old in steps[:-self.keep]:
@@ -214,11 +222,15 @@ class Checkpointer:
                 raise UserError("checkpoint file is missing or corrupt", path=f)
 
     def load(self, path: str | Path, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Restore weights (and optimizer) in place; return the trainer state."""
+             optimizer: torch.optim.Optimizer | None = None,
+             models: dict[str, torch.nn.Module] | None = None) -> dict:
+        """Restore weights (those of `models` too, by name, and the optimizer) in place;
+        return the trainer state."""
         path = Path(path)
         self.verify(path)
         load_weights(model, path / MODEL_FILE)
+        for name, other in (models or {}).items():
+            load_weights(other, path / name / MODEL_FILE)
         if optimizer is not None and (path / "optimizer.pt").exists():
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         return torch.load(path / "trainer.pt", weights_only=False)

@@ -11,6 +11,7 @@ Pieces (each usable alone; PPO builds its own loop from them):
     clip_gradients(model, max_norm)             the global grad norm (before clipping)
     evaluate(model, batches, loss_fn)           mean loss, no grad, dropout off
     rng_state() / set_rng_state(s), preserved_rng()
+    held_interrupt()                            Ctrl-C inside a block takes effect at its end
     MetricsLog(path, tensorboard_dir)           metrics.jsonl, one flushed JSON object per line
     steps_for_budget(...)                       --max-minutes -> a step count
 
@@ -32,7 +33,9 @@ import contextlib
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +252,34 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         set_rng_state(state)
+
+
+@contextlib.contextmanager
+def held_interrupt(note: str = "finishing this step to save it") -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block until the block has finished, then raise
+    KeyboardInterrupt; a second Ctrl-C raises at once. For work that a checkpoint needs whole
+    or not at all (PPO's update is many optimizer steps). Only where Python's own SIGINT
+    handler is in place, in the main thread; elsewhere the block runs as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pressed = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        print(f"\ninterrupt: {note} (Ctrl-C again to stop now, without saving)",
+              file=sys.stderr)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 class MetricsLog:

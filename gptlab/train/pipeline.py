@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gptlab.checkpoint import is_gptlab_dir, load_model
+from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
@@ -281,7 +281,9 @@ class Pipeline:
                          ppo_epochs=c.ppo_epochs, lr=c.ppo_lr, kl_coef=c.kl_coef,
                          temperature=c.ppo_temperature, max_new_tokens=c.max_new_tokens,
                          ptx_data=[str(self.world_dir / "corpus.txt")] if c.ptx_coef else [],
-                         ptx_coef=c.ptx_coef, cache_dir=str(self.out / "cache"), seed=seed)
+                         ptx_coef=c.ptx_coef, cache_dir=str(self.out / "cache"), seed=seed,
+                         # A stage that a Ctrl-C stopped continues from its checkpoint.
+                         resume=Checkpointer(out).latest() is not None)
 
     def ppo(self, policy: Path, sft_dir: Path, rm: Path, rnd: int) -> Path:
         from gptlab.train.ppo import ppo

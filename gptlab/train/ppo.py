@@ -9,24 +9,29 @@ One iteration reads as the algorithm:
   5. update    — several epochs of clipped policy and value losses over minibatches,
                  plus ptx_coef · LM loss on pretraining text
 PPO owns this loop; it borrows only the shared pieces (optimizer, schedule, checkpoints, logs).
+
+Every `save_every` steps, at the end (when save_every is set) and on Ctrl-C, OUT/checkpoints/
+step-N holds the policy (a model directory), `value/`, the optimizer and what else the next step
+depends on: the prompt sampler's state, the adaptive β, the ptx data position, the RNG states.
+`resume` continues from the latest one exactly: the same rows, the same weights.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
-import json
 import math
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
 
-from gptlab.checkpoint import load_model, save_model
+from gptlab.checkpoint import Checkpointer, load_model, save_model
 from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
@@ -34,10 +39,14 @@ from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
-from gptlab.train.loop import clip_gradients, lr_at, make_optimizer, select_device, set_lr
+from gptlab.train.loop import (MetricsLog, annotate_run, clip_gradients, held_interrupt, lr_at,
+                               make_optimizer, rng_state, select_device, set_lr, set_rng_state)
 from gptlab.train.rl_math import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss,
                                   entropy_from_logits, gae, kl_per_token, masked_mean,
                                   token_logprobs, whiten)
+
+if TYPE_CHECKING:
+    from gptlab.data.tokens import BlockBatches
 
 
 @dataclass
@@ -78,9 +87,15 @@ class PPOConfig:
     ptx_batch_size: int = 8
     ptx_block_size: int = 128
     cache_dir: str | None = None      # token cache for ptx_data (default: gptlab's cache)
-    save_every: int = 0
+    save_every: int = 0              # steps between checkpoints (all kept); 0: only on Ctrl-C
+    resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
     seed: int = 0
     device: str = "auto"
+
+
+# Settings a resumed run may change: none of them alters the steps taken or the next ones (the
+# learning rate after warmup is constant, so `steps` only says where to stop).
+RESUMABLE = ("steps", "save_every", "resume", "out", "device", "cache_dir")
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -177,6 +192,14 @@ class PPOTrainer:
             raise UserError("give exactly one of --reward (a reward model) or --reward-fn",
                             field="reward")
         self.cfg = cfg
+        self.out = Path(cfg.out)
+        latest = Checkpointer(self.out).latest()
+        if cfg.resume and latest is None:
+            raise UserError("nothing to resume: no checkpoint in this run directory",
+                            path=self.out / "checkpoints", field="resume")
+        if not cfg.resume and latest is not None:
+            raise UserError("already holds a PPO run; pass --resume to continue it, or choose "
+                            "another --out", path=self.out, field="out")
         self.device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.policy, self.tok, _ = load_model(cfg.policy, self.device)
@@ -212,7 +235,10 @@ class PPOTrainer:
         self.skips = SkipCounter()
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
-        self.out = Path(cfg.out)
+        self.step, self.elapsed = 0, 0.0  # steps done, and the seconds they took
+        self.resumed_from = latest if cfg.resume else None
+        if self.resumed_from is not None:
+            self._restore(self.resumed_from)
 
     def _check_reward_vocabulary(self, rm_tok: Any) -> None:
         """The reward model reads the policy's token ids: their vocabularies must agree."""
@@ -236,18 +262,64 @@ class PPOTrainer:
         vm.requires_grad_(True)
         return vm
 
-    def _ptx_batches(self) -> Iterator[Tensor]:
+    def _ptx_batches(self) -> BlockBatches:
         """Endless random blocks of the pretraining text (tokenized once, cached), with the
-        policy's tokenizer."""
+        policy's tokenizer; its position is `state()`, for checkpoints."""
         from gptlab.data.tokens import load_token_data
         if not self.cfg.ptx_data:
             raise UserError("ptx_coef > 0 needs --ptx-data (pretraining text)", field="ptx_data")
         block = min(self.policy.config.context, self.cfg.ptx_block_size)
         data = load_token_data(self.cfg.ptx_data, self.tok, block, val_fraction=0.0,
                                seed=self.cfg.seed, cache_dir=self.cfg.cache_dir)
-        batches = data.train_batches(self.cfg.ptx_batch_size, self.cfg.seed)
-        while True:
-            yield next(batches).to(self.device)
+        return data.train_batches(self.cfg.ptx_batch_size, self.cfg.seed)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """What the next step depends on besides the weights and the optimizer. Nothing in a
+        step draws from the global RNGs (the sampler and the minibatch order have their own
+        seeded generators); their states are kept so that nothing that does later breaks
+        exactness."""
+        return {"step": self.step, "elapsed_s": self.elapsed, "prompt_rng": self.rng.getstate(),
+                "kl_coef": self.kl_ctl.value if self.kl_ctl else None,
+                "ptx": self.ptx.state() if self.ptx is not None else None, "rng": rng_state(),
+                "skipped": dict(self.skips.counts), "config": dataclasses.asdict(self.cfg)}
+
+    def checkpoint(self, state: dict) -> Path:
+        """OUT/checkpoints/step-N: the policy as a model directory (every verb reads it),
+        `value/`, the optimizer (one over both) and `state`. All are kept: each is a policy."""
+        return Checkpointer(self.out, keep=None).save(
+            state["step"], self.policy, self.tok, self.optimizer, state,
+            extra={"stage": "ppo", "step": state["step"], "ppo_steps": self.cfg.steps,
+                   "skipped": state["skipped"]},
+            models={"value": self.value_model})
+
+    def _restore(self, path: Path) -> None:
+        """Continue from checkpoint `path`: its policy and value weights, optimizer and state.
+        The reference stays the initial policy (cfg.reference or cfg.policy)."""
+        state = Checkpointer(self.out).load(path, self.policy, self.optimizer,
+                                            models={"value": self.value_model})
+        self._check_settings(state["config"], path)
+        self.step, self.elapsed = state["step"], state["elapsed_s"]
+        self.rng.setstate(state["prompt_rng"])
+        if self.kl_ctl is not None:
+            self.kl_ctl.value = state["kl_coef"]
+        if self.ptx is not None:
+            self.ptx.load_state(state["ptx"])
+        set_rng_state(state["rng"])
+        self.skips.counts = dict(state["skipped"])
+
+    def _check_settings(self, theirs: dict, path: Path) -> None:
+        """Refuse to continue a run with settings that change its steps (see RESUMABLE)."""
+        # A setting newer than the checkpoint was at its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)
+                    if f.default is not dataclasses.MISSING}
+        theirs = {**defaults, **theirs}
+        mine = dataclasses.asdict(self.cfg)
+        diff = [k for k in mine if k not in RESUMABLE and theirs.get(k) != mine[k]]
+        if diff:
+            raise UserError("was written with other settings (" + ", ".join(
+                f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in diff) + "); resume "
+                "with the same settings, or choose another --out", path=path, field=diff[0])
 
     # --- 1. rollout ---------------------------------------------------------------------------
     def rollout(self, step: int) -> Rollout | None:
@@ -340,7 +412,7 @@ class PPOTrainer:
                                                           cfg.value_clip)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if self.ptx is not None:
-                    block = next(self.ptx)
+                    block = next(self.ptx).to(self.device)
                     ptx_loss = self.policy(block[:, :-1], labels=block[:, 1:])
                     loss = loss + cfg.ptx_coef * ptx_loss
                     stats.setdefault("ptx_loss", []).append(ptx_loss.item())
@@ -356,13 +428,27 @@ class PPOTrainer:
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def train(self) -> Path:
+        """Run the steps left to `cfg.steps`; Ctrl-C saves a checkpoint of the last finished
+        step, then re-raises KeyboardInterrupt."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        record_run(self.out, cfg)
         metrics_path = self.out / "metrics.jsonl"
-        start = time.time()
-        with open(metrics_path, "w", encoding="utf-8") as log:
-            for step in range(1, cfg.steps + 1):
+        if self.resumed_from is not None:
+            MetricsLog.truncate_after(metrics_path, self.step)
+            annotate_run(self.out, resumed_from=self.resumed_from.name)
+            print(f"resuming from {self.resumed_from} (step {self.step} of {cfg.steps})",
+                  file=sys.stderr)
+        else:
+            record_run(self.out, cfg)
+            metrics_path.unlink(missing_ok=True)
+        log = MetricsLog(metrics_path)
+        start = time.time() - self.elapsed
+        saved = self.step  # the step of the latest checkpoint (0: none)
+        good = self.snapshot()  # the state after the last finished step, for Ctrl-C
+        updating = False
+        try:
+            while self.step < cfg.steps:
+                step = self.step + 1
                 ro = self.rollout(step)
                 if ro is None:
                     raise UserError("no prompt fits the context: "
@@ -370,24 +456,39 @@ class PPOTrainer:
                 scores = self.score(ro)
                 batch = self.advantages(ro, scores)
                 lr = lr_at(step - 1, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
-                stats = self.update(ro, batch, lr)
-                kl_seq = batch["kl"].sum(1).mean().item()
-                if self.kl_ctl:
-                    self.kl_ctl.update(kl_seq, len(ro.records))
-                row = {"step": step, "reward": scores.mean().item(),
-                       "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-                       "kl": kl_seq, "kl_coef": float(batch["beta"]),
-                       "response_length": ro.response_mask.sum(1).float().mean().item(),
-                       "eos_fraction": ro.finished.float().mean().item(), "lr": lr,
-                       "elapsed_s": round(time.time() - start, 2), **stats}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                print(f"ppo step {step}/{cfg.steps} reward {row['reward']:+.3f} "
-                      f"kl {row['kl']:.3f} len {row['response_length']:.1f} "
-                      f"clip {row['clipfrac']:.3f} vloss {row['value_loss']:.3f}",
-                      file=sys.stderr)
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    self.save(self.out / "checkpoints" / f"step-{step}")
+                # Up to here a step changed only what `good` holds; from here on, a Ctrl-C
+                # waits for the step to finish, so that a checkpoint holds all of it.
+                with held_interrupt("finishing this PPO update to save it"):
+                    updating = True
+                    stats = self.update(ro, batch, lr)
+                    kl_seq = batch["kl"].sum(1).mean().item()
+                    if self.kl_ctl:
+                        self.kl_ctl.update(kl_seq, len(ro.records))
+                    self.step, self.elapsed = step, time.time() - start
+                    row = {"step": step, "reward": scores.mean().item(),
+                           "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                           "kl": kl_seq, "kl_coef": float(batch["beta"]),
+                           "response_length": ro.response_mask.sum(1).float().mean().item(),
+                           "eos_fraction": ro.finished.float().mean().item(), "lr": lr,
+                           "elapsed_s": round(self.elapsed, 2), **stats}
+                    log.log(row)
+                    good = self.snapshot()
+                    updating = False
+                    print(f"ppo step {step}/{cfg.steps} reward {row['reward']:+.3f} "
+                          f"kl {row['kl']:.3f} len {row['response_length']:.1f} "
+                          f"clip {row['clipfrac']:.3f} vloss {row['value_loss']:.3f}",
+                          file=sys.stderr)
+                    if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+                        self.checkpoint(good)
+                        saved = step
+        except KeyboardInterrupt:
+            if not updating and good["step"] > 0:
+                path = self.checkpoint(good) if good["step"] > saved \
+                    else Checkpointer(self.out).latest()
+                print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+            raise
+        finally:
+            log.close()
         if self.skips.total:
             print(self.skips.report("prompts"), file=sys.stderr)
         return self.save(self.out)

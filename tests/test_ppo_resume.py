@@ -1,0 +1,199 @@
+"""PPO's checkpoints and --resume: a run stopped after its checkpoint, or by Ctrl-C, and resumed,
+ends with the same weights and the same metrics rows as a run that never stopped (adaptive β
+and PPO-ptx included)."""
+import dataclasses
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+
+from gptlab.checkpoint import Checkpointer, load_model, save_model
+from gptlab.cli import main
+from gptlab.errors import UserError
+from gptlab.model import GPT, get_preset
+from gptlab.tokenizer import train_tokenizer
+from gptlab.train import ppo as ppo_module
+from gptlab.train.loop import read_metrics
+from gptlab.train.pipeline import Pipeline, PipelineConfig
+from gptlab.train.ppo import PPOConfig, ppo
+
+import instruct_task as task
+
+STEPS = 4
+STOP = {"at": None, "calls": 0}  # stopping_reward raises KeyboardInterrupt on call number `at`
+
+
+def varied_reward(prompts, responses, records):
+    """Distinct characters: a random policy's responses get different scores."""
+    return [len(set(r)) / 8 for r in responses]
+
+
+def stopping_reward(prompts, responses, records):
+    STOP["calls"] += 1
+    if STOP["calls"] == STOP["at"]:
+        raise KeyboardInterrupt  # as Ctrl-C would, while step `at` is being scored
+    return varied_reward(prompts, responses, records)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random tiny policy (no SFT: these tests are about the bookkeeping, not learning), and
+    the settings of every run: adaptive β that moves every step, and the pretraining mix."""
+    d = tmp_path_factory.mktemp("ppo_resume")
+    paths = task.write_task(d, n=200)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    save_model(d / "policy", GPT(cfg), tok)
+    args = ["--policy", str(d / "policy"), "--prompts", str(paths["prompts"]),
+            "--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2",
+            "--max-new-tokens", "6", "--lr", "1e-3", "--adaptive-kl", "--target-kl", "0.5",
+            "--kl-horizon", "50", "--ptx-data", str(paths["corpus"]), "--ptx-coef", "0.1",
+            "--ptx-batch-size", "4", "--ptx-block-size", "32", "--cache-dir", str(d / "cache"),
+            "--device", "cpu", "--seed", "3"]
+    straight = d / "straight"
+    assert main(["ppo", *args, "--reward-fn", f"{__name__}:varied_reward",
+                 "--steps", str(STEPS), "--save-every", "2", "--out", str(straight)]) == 0
+    return d, args, straight
+
+
+def rows(run):
+    """metrics.jsonl without the wall-clock column."""
+    return [{k: v for k, v in r.items() if k != "elapsed_s"}
+            for r in read_metrics(run / "metrics.jsonl")]
+
+
+def assert_same_run(a, b):
+    assert rows(a) == rows(b) and len(rows(a)) == STEPS
+    for sub in ("", "value"):
+        wa = load_model(a / sub)[0].state_dict()
+        wb = load_model(b / sub)[0].state_dict()
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), sub
+
+
+def test_the_straight_run_moves_beta_mixes_ptx_and_keeps_every_checkpoint(setup):
+    _, _, straight = setup
+    got = rows(straight)
+    assert len({r["kl_coef"] for r in got}) == STEPS  # β adapted at every step
+    assert all(r["ptx_loss"] > 0 for r in got)
+    ckpts = straight / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-2", "step-4"]
+    # A checkpoint is a policy any verb reads, with its value model and trainer state.
+    assert isinstance(load_model(ckpts / "step-2")[0], GPT)
+    Checkpointer.verify(ckpts / "step-2")
+    manifest = json.loads((ckpts / "step-2" / "manifest.json").read_text())["sha256"]
+    assert {"value/model.safetensors", "optimizer.pt", "trainer.pt"} <= manifest.keys()
+    state = torch.load(ckpts / "step-2" / "trainer.pt", weights_only=False)
+    assert state["step"] == 2 and state["ptx"] != {"epoch": 0, "index": 0}
+    # The β the checkpoint holds is the one step 3 used (metrics log it as a float32).
+    assert torch.tensor(state["kl_coef"]).item() == got[2]["kl_coef"]
+
+
+def test_resume_from_a_checkpoint_continues_exactly(setup):
+    d, args, straight = setup
+    out = d / "split"
+    common = ["ppo", *args, "--reward-fn", f"{__name__}:varied_reward", "--save-every", "2",
+              "--out", str(out)]
+    assert main([*common, "--steps", "2"]) == 0
+    assert main([*common, "--steps", str(STEPS)]) == 2   # a run is there: needs --resume
+    assert main([*common, "--steps", str(STEPS), "--resume"]) == 0
+    assert_same_run(straight, out)
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == "step-2"
+
+
+def test_rows_after_the_checkpoint_are_dropped_on_resume(setup):
+    d, args, straight = setup
+    out = d / "crashed"
+    common = ["ppo", *args, "--reward-fn", f"{__name__}:varied_reward", "--save-every", "2",
+              "--out", str(out)]
+    assert main([*common, "--steps", "3"]) == 0
+    # A crash after step 3: its row is in metrics.jsonl, its state only in memory.
+    ckpts = out / "checkpoints"
+    for name in ("step-3", "step-2"):
+        assert (ckpts / name).is_dir()
+    shutil.rmtree(ckpts / "step-3")
+    (ckpts / "latest").write_text("step-2\n")
+    assert len(rows(out)) == 3
+    assert main([*common, "--steps", str(STEPS), "--resume"]) == 0
+    assert_same_run(straight, out)
+
+
+def test_ctrl_c_saves_the_last_finished_step_and_resume_finishes_the_run(setup, capsys):
+    d, args, straight = setup
+    out = d / "interrupted"
+    common = ["ppo", *args, "--reward-fn", f"{__name__}:stopping_reward", "--save-every", "100",
+              "--steps", str(STEPS), "--out", str(out)]
+    STOP.update(at=3, calls=0)
+    try:
+        assert main(common) == 130          # the CLI's exit code for KeyboardInterrupt
+    finally:
+        STOP.update(at=None)
+    err = capsys.readouterr().err
+    ckpt = out / "checkpoints" / "step-2"
+    assert f"interrupted: saved {ckpt}; continue with --resume" in err
+    assert Checkpointer(out).latest() == ckpt and not (out / "config.json").exists()
+    assert len(rows(out)) == 2
+    assert main([*common, "--resume"]) == 0
+    assert_same_run(straight, out)
+
+
+def test_ctrl_c_during_an_update_finishes_that_step_first(setup, capsys, monkeypatch):
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    d, args, straight = setup
+    out = d / "interrupted_in_update"
+    real_clip, calls = ppo_module.clip_gradients, [0]
+
+    def clip_then_ctrl_c(*a, **kw):   # 4 optimizer steps per PPO step: call 9 is in step 3
+        calls[0] += 1
+        if calls[0] == 9:
+            signal.raise_signal(signal.SIGINT)
+        return real_clip(*a, **kw)
+
+    monkeypatch.setattr(ppo_module, "clip_gradients", clip_then_ctrl_c)
+    cfg = PPOConfig(policy=str(d / "policy"), prompts=str(d / "prompts.jsonl"), out=str(out),
+                    steps=STEPS, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6,
+                    lr=1e-3, adaptive_kl=True, target_kl=0.5, kl_horizon=50,
+                    ptx_data=[str(d / "corpus.txt")], ptx_coef=0.1, ptx_batch_size=4,
+                    ptx_block_size=32, cache_dir=str(d / "cache"), device="cpu", seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        ppo(cfg, reward_fn=varied_reward)
+    err = capsys.readouterr().err
+    assert "finishing this PPO update" in err
+    assert f"interrupted: saved {out / 'checkpoints' / 'step-3'}" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    monkeypatch.setattr(ppo_module, "clip_gradients", real_clip)
+    ppo(dataclasses.replace(cfg, resume=True), reward_fn=varied_reward)
+    assert_same_run(straight, out)
+
+
+def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path):
+    d, _, _ = setup
+    cfg = PPOConfig(policy=str(d / "policy"), prompts=str(d / "prompts.jsonl"),
+                    out=str(tmp_path / "run"), steps=1, batch_size=4, minibatch_size=4,
+                    ppo_epochs=1, max_new_tokens=4, save_every=1, device="cpu")
+    with pytest.raises(UserError, match="nothing to resume") as err:
+        ppo(dataclasses.replace(cfg, resume=True), reward_fn=varied_reward)
+    assert str(tmp_path / "run" / "checkpoints") in str(err.value)
+    ppo(cfg, reward_fn=varied_reward)
+    with pytest.raises(UserError, match="field 'batch_size': was written with other settings "
+                                        r"\(batch_size: 4 there, 8 now\)"):
+        ppo(dataclasses.replace(cfg, resume=True, steps=2, batch_size=8), reward_fn=varied_reward)
+    with pytest.raises(UserError, match="field 'policy'"):
+        ppo(dataclasses.replace(cfg, resume=True, policy=str(tmp_path / "run")),
+            reward_fn=varied_reward)
+    # Where to stop, how often to save and the device may change.
+    ppo(dataclasses.replace(cfg, resume=True, steps=2, save_every=0), reward_fn=varied_reward)
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
+
+
+def test_the_pipeline_resumes_a_ppo_stage_with_a_checkpoint(tmp_path):
+    pipe = Pipeline(PipelineConfig(out=str(tmp_path)))
+    out = tmp_path / "round-1" / "ppo"
+    args = (tmp_path / "sft", tmp_path / "sft", out, 2, 0)
+    assert not pipe.ppo_config(*args).resume
+    torch.manual_seed(0)
+    Checkpointer(out).save(1, GPT(get_preset("tiny")))
+    assert pipe.ppo_config(*args).resume
