@@ -54,9 +54,14 @@ def setup(tmp_path_factory):
             "--ptx-batch-size", "4", "--ptx-block-size", "32", "--cache-dir", str(d / "cache"),
             "--device", "cpu", "--seed", "3"]
     straight = d / "straight"
-    assert main(["ppo", *args, "--reward-fn", f"{__name__}:varied_reward",
-                 "--steps", str(STEPS), "--save-every", "2", "--out", str(straight)]) == 0
+    assert main([*ppo_cli(args, straight), "--steps", str(STEPS)]) == 0
     return d, args, straight
+
+
+def ppo_cli(args, out, reward="varied_reward", save_every=2):
+    """`gptlab ppo` arguments for a run of this file's setup into `out`."""
+    return ["ppo", *args, "--reward-fn", f"{__name__}:{reward}", "--save-every", str(save_every),
+            "--out", str(out)]
 
 
 def rows(run):
@@ -94,8 +99,7 @@ def test_the_straight_run_moves_beta_mixes_ptx_and_keeps_every_checkpoint(setup)
 def test_resume_from_a_checkpoint_continues_exactly(setup):
     d, args, straight = setup
     out = d / "split"
-    common = ["ppo", *args, "--reward-fn", f"{__name__}:varied_reward", "--save-every", "2",
-              "--out", str(out)]
+    common = ppo_cli(args, out)
     assert main([*common, "--steps", "2"]) == 0
     assert main([*common, "--steps", str(STEPS)]) == 2   # a run is there: needs --resume
     assert main([*common, "--steps", str(STEPS), "--resume"]) == 0
@@ -106,8 +110,7 @@ def test_resume_from_a_checkpoint_continues_exactly(setup):
 def test_rows_after_the_checkpoint_are_dropped_on_resume(setup):
     d, args, straight = setup
     out = d / "crashed"
-    common = ["ppo", *args, "--reward-fn", f"{__name__}:varied_reward", "--save-every", "2",
-              "--out", str(out)]
+    common = ppo_cli(args, out)
     assert main([*common, "--steps", "3"]) == 0
     # A crash after step 3: its row is in metrics.jsonl, its state only in memory.
     ckpts = out / "checkpoints"
@@ -123,8 +126,7 @@ def test_rows_after_the_checkpoint_are_dropped_on_resume(setup):
 def test_ctrl_c_saves_the_last_finished_step_and_resume_finishes_the_run(setup, capsys):
     d, args, straight = setup
     out = d / "interrupted"
-    common = ["ppo", *args, "--reward-fn", f"{__name__}:stopping_reward", "--save-every", "100",
-              "--steps", str(STEPS), "--out", str(out)]
+    common = [*ppo_cli(args, out, "stopping_reward", save_every=100), "--steps", str(STEPS)]
     STOP.update(at=3, calls=0)
     try:
         assert main(common) == 130          # the CLI's exit code for KeyboardInterrupt
