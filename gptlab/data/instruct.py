@@ -18,6 +18,7 @@ from typing import Any
 
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
+from gptlab.tokenizer import _check_messages
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Example:
     ids: list[int]
     loss_mask: list[int]
     id: Any = None
+    line: int | None = None        # the record's line in its file
 
 
 @dataclass
@@ -60,8 +62,26 @@ class SkipCounter:
         return f"skipped {self.total} {what}: {parts}"
 
 
+def _at_record(err: UserError, path: str | Path, line: int | None) -> UserError:
+    """`err`, raised about a record without saying where it is, naming its file and line."""
+    if err.path is not None or not path:
+        return err
+    bare = str(err).removeprefix(str(UserError("", field=err.field)))
+    return UserError(bare, path=path, line=line, field=err.field)
+
+
+def _checked_messages(msgs: list, path: str | Path, line: int | None) -> list:
+    """`msgs` if every message has a known role and string content (the chat template's own
+    check, here naming the file and line)."""
+    try:
+        _check_messages(msgs)
+    except UserError as e:
+        raise _at_record(e, path, line) from None
+    return msgs
+
+
 def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> Any:
-    """The prompt of a record: its `prompt` text or its `messages` up to the last user turn."""
+    """The prompt of a record: its `prompt` text or its `messages`, which end on a user turn."""
     if "prompt" in record:
         if not isinstance(record["prompt"], str) or not record["prompt"]:
             raise UserError("must be a non-empty string", path=path, line=line, field="prompt")
@@ -71,6 +91,12 @@ def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> A
         if not isinstance(msgs, list) or not msgs:
             raise UserError("must be a non-empty list of messages", path=path, line=line,
                             field="messages")
+        _checked_messages(msgs, path, line)
+        if msgs[-1]["role"] != "user":
+            # Rendered for generation, a final assistant turn would be part of the prompt: the
+            # model would be shown the answer it is asked for.
+            raise UserError(f"must end on a user turn, not {msgs[-1]['role']!r}", path=path,
+                            line=line, field="messages")
         return msgs
     raise UserError("needs a 'prompt' or a 'messages' field", path=path, line=line)
 
@@ -97,12 +123,16 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
     """Tokens of one SFT record with the loss on the assistant's tokens only."""
     if "messages" in record:
         msgs = record["messages"]
-        if not isinstance(msgs, list) or not any(
-                isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+        if not isinstance(msgs, list):
+            raise UserError("must be a list of messages", path=path, line=line, field="messages")
+        if not any(m["role"] == "assistant" for m in _checked_messages(msgs, path, line)):
             raise UserError("needs at least one assistant message", path=path, line=line,
                             field="messages")
-        ids, mask = tokenizer.render_chat(msgs)
-        return Example(ids, list(mask), record.get("id"))
+        try:
+            ids, mask = tokenizer.render_chat(msgs)
+        except UserError as e:  # the template may refuse a conversation (roles must alternate)
+            raise _at_record(e, path, line) from None
+        return Example(ids, list(mask), record.get("id"), line)
     if "prompt" not in record or "completion" not in record:
         raise UserError("needs 'prompt' and 'completion' fields, or 'messages'", path=path,
                         line=line)
@@ -110,7 +140,7 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
         raise UserError("must be a string", path=path, line=line, field="completion")
     p = encode_prompt(tokenizer, prompt_of(record, path, line))
     c = encode_response(tokenizer, record["completion"], record["prompt"])
-    return Example(p + c, [0] * len(p) + [1] * len(c), record.get("id"))
+    return Example(p + c, [0] * len(p) + [1] * len(c), record.get("id"), line)
 
 
 def read_demonstrations(path: str | Path, tokenizer: Any, context: int,
