@@ -153,7 +153,11 @@ def sft(cfg: SFTConfig) -> Path:
 
     exec_eval = None
     if cfg.world and cfg.exec_eval > 0:
-        val_records = read_jsonl(cfg.val_data) if cfg.val_data else read_jsonl(cfg.data)
+        if cfg.val_data:
+            val_records = read_jsonl(cfg.val_data)
+        else:  # the held-out records of --data, never ones trained on
+            held_out = {ex.line for ex in val_ex}
+            val_records = [r for r in read_jsonl(cfg.data) if r["_line"] in held_out]
         exec_eval = world_exec_evaluator(cfg.world, tok, val_records[:cfg.exec_eval],
                                          cfg.max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
