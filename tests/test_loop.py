@@ -218,6 +218,25 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(pa, pb)
 
 
+def test_ctrl_c_between_an_update_and_its_bookkeeping_saves_nothing(tmp_path):
+    calls = []
+
+    def tokens_in(batch):  # counted after step 3's update, before the loop records step 3
+        calls.append(batch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return batch.numel()
+
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, eval_every=0, save_every=0,
+                      progress=False, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), BlockBatches(_stream(4, n=1000), 16, np.arange(50), 4, 0), lm_loss, cfg,
+              tmp_path, tokens_in=tokens_in)
+    # The weights and optimizer are step 3's, the data position and RNG still step 2's: saved
+    # together as step 2, a resumed run would train on step 3's batch twice.
+    assert Checkpointer(tmp_path).latest() is None
+
+
 def test_max_minutes_becomes_a_recorded_step_count(tmp_path):
     tokens = _stream(2, n=1000)
     cfg = TrainConfig(max_minutes=0.02, max_steps=40, warmup_steps=5, eval_every=0,

@@ -481,10 +481,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16)
             grad_norm = clip_gradients(model, cfg.clip)
+            # From the update until `good` records its step, the weights and optimizer are a
+            # step ahead of `good`: a Ctrl-C in between saves nothing.
             updating = True
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            updating = False
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -495,6 +496,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             session_tokens += n_tok
             session_time += dt
             good = snapshot()
+            updating = False
 
             if budget_pending:
                 measured.append(dt)
