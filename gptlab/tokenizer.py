@@ -62,14 +62,19 @@ class Tokenizer:
 
     `pad_token` may be None or equal to EOS (imported tokenizers): `pad_id` then falls back to
     `eos_id`. Nothing downstream finds padding by id; it uses the attention mask.
+
+    `add_bos` (HF's `add_bos_token`): whether the model was trained with BOS first. Without it
+    `bos_id` is None, so nothing prepends BOS, but the chat template still gets `bos_token`,
+    as in HF, and writes it where the template says.
     """
 
     def __init__(self, hf: tokenizers.Tokenizer, bos_token: str | None, eos_token: str,
-                 pad_token: str | None, chat_template: str | None = None):
+                 pad_token: str | None, chat_template: str | None = None, add_bos: bool = True):
         self.hf = hf
         if eos_token is None:
             raise UserError("a tokenizer needs an end-of-sequence token", field="eos_token")
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.add_bos = add_bos
         for field, token in (("bos_token", bos_token), ("eos_token", eos_token),
                              ("pad_token", pad_token)):
             if token is not None and hf.token_to_id(token) is None:
@@ -83,7 +88,10 @@ class Tokenizer:
     # --- ids ---------------------------------------------------------------------------------
     @property
     def bos_id(self) -> int | None:
-        return None if self.bos_token is None else self.hf.token_to_id(self.bos_token)
+        """The BOS that starts a sequence: None when there is none or `add_bos` is off."""
+        if self.bos_token is None or not self.add_bos:
+            return None
+        return self.hf.token_to_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
@@ -131,7 +139,8 @@ class Tokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        # A tokenizer without BOS (many imported ones) just has nothing to prepend.
+        # A tokenizer without BOS, or whose model was trained without it first (many imported
+        # ones), prepends nothing.
         if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if eos:
@@ -219,6 +228,9 @@ class Tokenizer:
         write_json_atomic(d / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
+            # gptlab's HF reader goes by it (transformers 5 by tokenizer.json's post-processor,
+            # which `export_hf` adds).
+            "add_bos_token": self.bos_id is not None,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "chat_template": self.chat_template,
@@ -409,6 +421,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         bos = _token_str(config["bos_token"])
     else:
         bos = BOS if hf.token_to_id(BOS) is not None else None
+    # Directories gptlab saved before it wrote add_bos_token prepended BOS whenever they had one.
+    add_bos = bool(config.get("add_bos_token", True))
     if "pad_token" in config:
         pad = _token_str(config["pad_token"])
     else:
@@ -417,4 +431,5 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if token is not None and hf.token_to_id(token) is None:
             raise UserError(f"token {token!r} is not in the vocabulary of {file.name}",
                             path=config_file, field=field)
-    return Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template)
+    return Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
+                     add_bos=add_bos)

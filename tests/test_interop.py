@@ -305,6 +305,79 @@ def test_export_refuses_what_does_not_map(fields, message, tmp_path):
         export_hf(_random_gpt(0, **fields), None, tmp_path)
 
 
+# --- a gptlab-trained tokenizer (with BOS) through Hugging Face ---------------------------------
+
+TOKENIZER_CORPUS = ["Is the cat happy? Yes, the cat is happy.",
+                    "SELECT name FROM users WHERE age > 30;"] * 20
+TEXTS = ["Is the cat happy?", "SELECT name FROM users;", "naïve café <|bos|>"]
+CHAT = [{"role": "system", "content": "You answer in SQL."},
+        {"role": "user", "content": "Who is older than 30?"},
+        {"role": "assistant", "content": "SELECT name FROM users WHERE age > 30;"},
+        {"role": "user", "content": "Is the cat happy?"}]
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+    """A gptlab-trained tokenizer (BOS first, no post-processor) and a model, exported to HF."""
+    from gptlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context=64, n_layers=1, n_heads=2,
+                          d_model=16, positions="rotary", norm="rmsnorm", activation="swiglu",
+                          bias=False))
+    out = export_hf(model, tok, tmp_path_factory.mktemp("trained") / "hf")
+    return tok, out
+
+
+def test_gptlab_tokenizer_keeps_bos_through_hf(trained_export, tmp_path):
+    """`convert --to hf`, then read back directly or through `convert --from hf`: the same ids
+    for a prompt (BOS first, as in SFT) and for a chat, and transformers agrees."""
+    from gptlab.checkpoint import load_model
+
+    tok, out = trained_export
+    assert tok.bos_id == 0
+    convert_to_gptlab(out, tmp_path / "ours")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for back in (load_pretrained(out)[1], load_model(tmp_path / "ours")[1]):
+        assert (back.bos_id, back.eos_id, back.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+        for text in TEXTS:
+            assert back.encode(text, bos=True) == tok.encode(text, bos=True)
+        for n, gen in ((3, False), (4, True)):
+            assert back.render_chat(CHAT[:n], gen) == tok.render_chat(CHAT[:n], gen)
+    for text in TEXTS[:2]:  # the third types <|bos|>, which HF parses and gptlab does not
+        assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True)
+    ids = hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    assert ids == tok.render_chat(CHAT, True)[0] and ids[0] == tok.bos_id  # one BOS, not two
+
+
+def test_hf_bos_not_prepended_still_renders_in_the_chat_template(trained_export, tmp_path):
+    """add_bos_token false (a model trained without BOS first): no BOS before a prompt, but a
+    chat template that writes bos_token still gets it, as in transformers."""
+    tok, out = trained_export
+    (tmp_path / "hf").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (tmp_path / "hf" / name).write_bytes((out / name).read_bytes())
+    tok.hf.save(str(tmp_path / "hf" / "tokenizer.json"))  # without export's post-processor
+    _edit_tokenizer_config(tmp_path / "hf", add_bos_token=False)
+    _, back = load_pretrained(tmp_path / "hf")
+    assert back.bos_id is None and back.bos_token == tok.bos_token
+    assert back.encode("Is the cat", bos=True) == tok.encode("Is the cat")
+    ids, _ = back.render_chat(CHAT, True)
+    assert ids == tok.render_chat(CHAT, True)[0] and ids[0] == tok.hf.token_to_id(tok.bos_token)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok("Is the cat")["input_ids"] == tok.encode("Is the cat")
+    assert hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"] == ids
+
+
+def _edit_tokenizer_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(changes)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
 # --- GGUF files written here --------------------------------------------------------------------
 
 def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -253,8 +253,8 @@ def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
 # --- tokenizer -------------------------------------------------------------------------------
 
 def _adds_bos(d: Path, bos: str | None) -> bool:
-    """Whether the model was trained with BOS first: tokenizer_config's add_bos_token, or a
-    post-processor that inserts it (Llama 3 style)."""
+    """Whether the model was trained with BOS first: tokenizer_config's add_bos_token (which
+    gptlab's own export writes), or a post-processor that inserts it (Llama 3 style)."""
     if bos is None:
         return False
     tcfg_path = d / "tokenizer_config.json"
@@ -270,16 +270,15 @@ def _adds_bos(d: Path, bos: str | None) -> bool:
 def load_hf_tokenizer(d: Path) -> Any:
     """gptlab's Tokenizer from tokenizer.json + tokenizer_config.json; None without them.
 
-    gptlab prepends `bos_token` whenever it has one, so a model that was not trained with BOS
-    first (GPT-2, Qwen2, SmolLM) gets none.
+    A model that was not trained with BOS first (GPT-2, Qwen2, SmolLM) keeps its `bos_token`
+    for the chat template, but `encode(bos=True)` prepends none.
     """
     from gptlab.tokenizer import load_tokenizer
 
     if not (d / "tokenizer.json").exists():
         return None
     tok = load_tokenizer(d)
-    if not _adds_bos(d, tok.bos_token):
-        tok.bos_token = None
+    tok.add_bos = _adds_bos(d, tok.bos_token)
     return tok
 
 
@@ -420,9 +419,31 @@ def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _prepend_bos_in_tokenizer_json(path: Path, tokenizer: Any) -> None:
+    """Give tokenizer.json a post-processor that prepends BOS, where the model was trained with
+    BOS first and it has no post-processor yet: transformers 5 ignores add_bos_token when a
+    tokenizer.json exists, so without one `tokenizer(text)` there would start without BOS."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    bos_id = getattr(tokenizer, "bos_id", None)
+    if bos_id is None:
+        return
+    hf = HFTokenizer.from_file(str(path))
+    if hf.post_processor is not None:
+        return
+    bos = tokenizer.bos_token
+    hf.post_processor = TemplateProcessing(single=f"{bos}:0 $A:0",
+                                           pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                           special_tokens=[(bos, bos_id)])
+    with atomic_path(path) as tmp:
+        hf.save(str(tmp))
+
+
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
     """Write a Hugging Face directory (GPT2, Llama or Qwen2) that transformers loads, with
-    tokenizer.json and a tokenizer_config.json carrying the chat template."""
+    tokenizer.json and a tokenizer_config.json carrying the chat template; a tokenizer that
+    starts sequences with BOS keeps doing so there (add_bos_token, and a post-processor)."""
     from safetensors.torch import save_file
 
     if not isinstance(model, GPT):
@@ -436,6 +457,7 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
     dtype = model.tok_emb.weight.dtype
     if tokenizer is not None:
         tokenizer.save(out)  # tokenizer.json + tokenizer_config.json with the chat template
+        _prepend_bos_in_tokenizer_json(out / "tokenizer.json", tokenizer)
         tcfg_path = out / "tokenizer_config.json"
         tcfg = json.loads(tcfg_path.read_text())
         tcfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
