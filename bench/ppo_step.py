@@ -150,7 +150,7 @@ def time_gptlab(ours: Any, steps: int) -> tuple[list[float], PhaseClock, list[tu
         t1 = time.perf_counter()
         batch = ours.advantages(ro, ours.score(ro))
         t2 = time.perf_counter()
-        ours.update(ro, batch, ours.cfg.lr)
+        ours.update(ro, batch, ours.cfg.lr, step)
         t3 = time.perf_counter()
         if step == 1:
             continue

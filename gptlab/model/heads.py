@@ -39,6 +39,16 @@ class ScalarHeadModel(nn.Module):
         model.backbone.load_state_dict(gpt.state_dict())
         return model.to(next(gpt.parameters()).device)
 
+    @torch.no_grad()
+    def fold_normalisation(self) -> None:
+        """Fold `score_bias` / `score_scale` into the head, so that `values` reads on the
+        normalised scale too (the PPO value model, copied from the reward model, must predict
+        the rewards PPO is paid in); `forward` is unchanged."""
+        self.head.weight.mul_(self.score_scale)
+        self.head.bias.sub_(self.score_bias).mul_(self.score_scale)
+        self.score_bias.zero_()
+        self.score_scale.fill_(1.0)
+
     def values(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                cache: PrefixKV | None = None) -> Tensor:
         """One raw scalar per position (B, T): the value model's V(s_t). With `cache`, the

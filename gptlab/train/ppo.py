@@ -180,6 +180,22 @@ def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
     return value_model.values(ro.ids, ro.attention_mask, cache)[:, ro.P - 1:-1]
 
 
+def reward_number(v: Any, prompt_id: Any) -> float:
+    """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor),
+    never a bool, a string or a non-finite value."""
+    try:
+        if isinstance(v, (bool, str, bytes)):
+            raise TypeError
+        x = float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"the reward function returned a {type(v).__name__} ({v!r}) for prompt "
+                        f"id {prompt_id}; a score must be a real number", field="reward_fn")
+    if not math.isfinite(x):
+        raise UserError(f"the reward function returned a non-finite score ({x}) for prompt id "
+                        f"{prompt_id}", field="reward_fn")
+    return x
+
+
 class PPOTrainer:
     """`reward_fn`, a function instead of `cfg.reward_fn`'s `module:function`, is for callers
     that build their reward in Python (the pipeline's execution-reward control)."""
@@ -259,6 +275,7 @@ class PPOTrainer:
             vm = ScalarHeadModel.from_gpt(self.policy)
         if not isinstance(vm, ScalarHeadModel):
             raise UserError("the value model must be a scalar-head model", path=self.cfg.value)
+        vm.fold_normalisation()  # from a reward model: V(s_T) on the scale PPO's rewards use
         vm.requires_grad_(True)
         return vm
 
@@ -361,13 +378,9 @@ class PPOTrainer:
             if len(values) != len(texts):
                 raise UserError(f"the reward function returned {len(values)} scores for "
                                 f"{len(texts)} responses", field="reward_fn")
-            bad = [i for i, v in enumerate(values)
-                   if not isinstance(v, (int, float)) or not math.isfinite(v)]
-            if bad:
-                raise UserError(f"the reward function returned a non-finite score "
-                                f"({values[bad[0]]!r}) for prompt id "
-                                f"{ro.records[bad[0]].get('id', bad[0])}", field="reward_fn")
-            scores = torch.tensor(values, dtype=torch.float32, device=self.device)
+            scores = torch.tensor([reward_number(v, ro.records[i].get("id", i))
+                                   for i, v in enumerate(values)],
+                                  dtype=torch.float32, device=self.device)
         # A response that never ended is penalised by a fixed amount.
         return scores - self.cfg.missing_eos_penalty * (~ro.finished).float()
 
@@ -392,12 +405,13 @@ class PPOTrainer:
                 "returns": returns, "kl": kl, "beta": torch.tensor(beta)}
 
     # --- 5. clipped updates -------------------------------------------------------------------
-    def update(self, ro: Rollout, batch: dict[str, Tensor], lr: float) -> dict[str, float]:
+    def update(self, ro: Rollout, batch: dict[str, Tensor], lr: float, step: int
+               ) -> dict[str, float]:
         cfg = self.cfg
         set_lr(self.optimizer, lr)
         B = ro.ids.shape[0]
         stats: dict[str, list[float]] = {}
-        g = torch.Generator().manual_seed(cfg.seed + B)
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # a new order each step
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(B, generator=g).split(cfg.minibatch_size):
                 idx = idx.to(self.device)
@@ -460,7 +474,7 @@ class PPOTrainer:
                 # waits for the step to finish, so that a checkpoint holds all of it.
                 with held_interrupt("finishing this PPO update to save it"):
                     updating = True
-                    stats = self.update(ro, batch, lr)
+                    stats = self.update(ro, batch, lr, step)
                     kl_seq = batch["kl"].sum(1).mean().item()
                     if self.kl_ctl:
                         self.kl_ctl.update(kl_seq, len(ro.records))
