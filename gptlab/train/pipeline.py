@@ -265,7 +265,9 @@ class Pipeline:
         data = d / "rankings_all.jsonl"
         write_jsonl_atomic(data, ({k: v for k, v in r.items() if k != "_line"} for r in rows))
         train_reward_model(RewardConfig(
-            model=str(sft_dir), data=str(data), out=str(out), epochs=self.cfg.reward_epochs,
+            model=str(sft_dir), data=str(data), out=str(out),
+            # Every round's reward model scores SFT's samples mean 0, std 1: one scale for all.
+            samples=str(self.out / "round-1" / "samples.jsonl"), epochs=self.cfg.reward_epochs,
             batch_size=self.cfg.reward_batch, lr=self.cfg.reward_lr, eval_every=0,
             eval_batches=1000, seed=self.cfg.seed + rnd, progress=self.cfg.progress))
         return out

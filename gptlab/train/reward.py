@@ -5,7 +5,8 @@ ranked responses the loss is −1/C(K,2) Σ_{i<j} log σ(r(x, y_i) − r(x, y_j)
 y_j); all pairs of a prompt share one batch element, so each prompt is one gradient
 contribution however large K is. Tied responses form no pair: the loss and the pairwise
 accuracy are taken over the pairs with a real preference only. After training, a bias and a
-scale are set so that the policy's samples for the training prompts score mean 0, std 1.
+scale are set so that the policy's samples for the training prompts (a samples file, or else
+the training rankings' responses) score mean 0, std 1.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from gptlab.checkpoint import load_model, save_model
-from gptlab.data.instruct import Ranking, SkipCounter, encode_prompt, encode_response, read_rankings
+from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
+                                  prompt_of, read_rankings)
 from gptlab.errors import UserError
+from gptlab.io import read_jsonl
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
@@ -37,6 +40,10 @@ class RewardConfig(TrainConfig):
     val_data: str | None = field(default=None, metadata={
         "help": "held-out rankings (default: a slice of --data)"})
     val_fraction: float = 0.1
+    samples: str | None = field(default=None, metadata={
+        "help": "samples JSONL (`gptlab sample` output, e.g. the SFT model's) whose responses, "
+                "duplicates included, score mean 0, std 1 (default: the training rankings' "
+                "responses)"})
     epochs: float = 2.0
     lr: float = 5e-5
     warmup_steps: int = 10
@@ -166,6 +173,22 @@ def normalize_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_id:
     return mean, std
 
 
+def sample_sequences(tokenizer: Any, path: str | Path, context: int) -> list[list[int]]:
+    """Prompt + response token ids of every response of a samples file, duplicates included
+    (they weigh as the policy samples them); those longer than the context are left out."""
+    seqs = []
+    for rec in read_jsonl(path, required=("responses",)):
+        responses = rec["responses"]
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise UserError("must be a list of strings", path=path, line=rec["_line"],
+                            field="responses")
+        prompt = prompt_of(rec, path, rec["_line"])
+        p = encode_prompt(tokenizer, prompt)
+        seqs += [s for s in (p + encode_response(tokenizer, r, prompt) for r in responses)
+                 if len(s) <= context]
+    return seqs
+
+
 def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -211,6 +234,14 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         print(skips.report("rankings"), file=sys.stderr)
     if not train_e:
         raise UserError("no rankings left to train on", path=cfg.data)
+    # What the scores are normalised on, read before training so a bad file fails fast.
+    if cfg.samples:
+        samples = sample_sequences(tok, cfg.samples, context)
+    else:  # the training rankings hold the policy's samples, duplicates merged
+        samples = [list(s) for s in sorted({tuple(s) for e in train_e for s in e.seqs})]
+    if not samples:
+        raise UserError("no sample fits the context to normalise the scores on",
+                        path=cfg.samples, field="samples")
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
     out = Path(cfg.out)
@@ -228,9 +259,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                    extra={"stage": "reward"})
     model.eval()
     acc = pairwise_accuracy(model, val_batches) if val_batches else None
-    # The training rankings hold the policy's samples for the training prompts.
-    samples = {tuple(s) for e in train_e for s in e.seqs}
-    mean, std = normalize_scores(model, sorted(samples), tok.pad_id)
+    mean, std = normalize_scores(model, samples, tok.pad_id)
     save_model(out, model, tok, extra={"stage": "reward", "step": result.step,
                                        "heldout_pairwise_acc": acc, "val_loss": result.val_loss,
                                        "raw_score_mean": mean, "raw_score_std": std,
