@@ -52,10 +52,11 @@ def run(*args: str) -> int:
 
 # --- token files --------------------------------------------------------------------------------
 
-def test_tokens_are_documents_with_eos_between(corpus, tmp_path):
+def test_tokens_are_documents_between_bos_and_eos(corpus, tmp_path):
     d, docs, tok = corpus
     tf = tokenize_corpus([d / "a.txt"], tok, tmp_path)
-    expected = [i for doc in docs for i in tok.encode(doc) + [tok.eos_id]]
+    assert tok.bos_id is not None and tok.bos_id != tok.eos_id
+    expected = [i for doc in docs for i in [tok.bos_id] + tok.encode(doc) + [tok.eos_id]]
     assert tf.dtype == "uint16" and tf.n_documents == len(docs)
     assert tf.tokens.tolist() == expected
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32

@@ -1,7 +1,8 @@
 """Corpus -> one memory-mapped token file -> packed blocks -> resumable shuffled batches.
 
-1. `tokenize_corpus` encodes every document once, with EOS after each, into a flat file of
-   token ids (uint16 when the vocabulary fits, else uint32) under the token cache:
+1. `tokenize_corpus` encodes every document once, as BOS + text + EOS, into a flat file of
+   token ids (uint16 when the vocabulary fits, else uint32) under the token cache (no BOS
+   where the tokenizer has none, or where it is EOS itself, as GPT-2's is):
    `$GPTLAB_CACHE/tokens/` (default `~/.cache/gptlab/tokens/`, or the `cache_dir` argument).
    The file is named by a key: sha256 of every source file's absolute path, size and mtime
    plus the tokenizer's own JSON, so a second run over the same files with the same tokenizer
@@ -30,7 +31,7 @@ import torch
 from gptlab.errors import UserError
 from gptlab.io import atomic_path, write_json_atomic
 
-TOKENS_FORMAT = "gptlab-tokens/1"
+TOKENS_FORMAT = "gptlab-tokens/2"  # /2: BOS at the start of every document
 _ENCODE_CHUNK = 512  # documents encoded per batch call
 
 
@@ -126,10 +127,18 @@ def _chunks(docs: Iterable[str], n: int) -> Iterable[list[str]]:
         yield chunk
 
 
+def document_start(tokenizer: Any) -> list[int]:
+    """What every pretraining document starts with: [BOS], so that a prompt that starts with
+    BOS (as SFT examples and `generate` do) is what pretraining saw; [] where BOS is EOS or
+    missing (the EOS before a document already marks its start)."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return [] if bos is None or bos == tokenizer.eos_id else [bos]
+
+
 def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
                     cache_dir: str | Path | None = None, min_tokens: int = 1,
                     progress: bool = False) -> TokenFile:
-    """Tokenize the corpus at `paths` once (EOS after every document), or reuse the cache.
+    """Tokenize the corpus at `paths` once (each document BOS + text + EOS), or reuse the cache.
 
     A corpus of fewer than `min_tokens` tokens is a UserError, and is not cached.
     """
@@ -144,7 +153,7 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
     cached = _read_cached(bin_path, meta_path, key)
     if cached is None:
         dtype = token_dtype(tokenizer.vocab_size)
-        eos = tokenizer.eos_id
+        eos, start = tokenizer.eos_id, document_start(tokenizer)
         n_tokens = n_docs = 0
         bar = None
         if progress:
@@ -155,7 +164,7 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
                 ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
                     else [tokenizer.encode(d) for d in docs]
                 for row in ids:
-                    arr = np.asarray(row + [eos], dtype=dtype)
+                    arr = np.asarray(start + row + [eos], dtype=dtype)
                     f.write(arr.tobytes())
                     n_tokens += arr.size
                 n_docs += len(docs)

@@ -106,10 +106,11 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
 
 
 def _sampler(tok: Any, cfg: PretrainConfig):
-    """An `on_eval` callback: continue sample_prompt (after an EOS, i.e. a new document)."""
+    """An `on_eval` callback: continue sample_prompt as the start of a new document."""
+    from gptlab.data.tokens import document_start
     from gptlab.engine import SamplingParams, generate
 
-    prompt = [tok.eos_id] + tok.encode(cfg.sample_prompt)
+    prompt = [tok.eos_id] + document_start(tok) + tok.encode(cfg.sample_prompt)
 
     def sample(model: nn.Module, step: int, val_loss: float) -> dict:
         params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50,
