@@ -31,6 +31,15 @@ def nan_reward_fn(prompts, responses, records):
     return [float("nan")] * len(responses)
 
 
+def text_reward_fn(prompts, responses, records):
+    return ["1.0"] * len(responses)
+
+
+def numpy_reward_fn(prompts, responses, records):
+    import numpy as np
+    return [np.float32(preference(r)) for r in responses]
+
+
 def rank(record: dict, responses: list[str]) -> list[str]:
     return sorted(responses, key=lambda r: (-preference(r), len(r)))
 

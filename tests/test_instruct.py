@@ -79,13 +79,47 @@ def test_reward_model_learns_the_preference_and_is_normalised(run):
     assert abs(scores.mean().item()) < 1e-3 and abs(scores.std().item() - 1) < 1e-3
 
 
+def test_reward_model_normalised_on_a_samples_file(run, tmp_path):
+    d, _ = run
+    assert main(["reward", "--model", str(d / "sft"), "--data", str(d / "rankings.jsonl"),
+                 "--samples", str(d / "samples.jsonl"), "--out", str(tmp_path / "rm"),
+                 "--max-steps", "2", "--batch-size", "8", *QUIET]) == 0
+    rm, tok, _ = load_model(tmp_path / "rm")
+    # Every response of the samples file, duplicates included (64 prompts x 4), scores
+    # mean 0, std 1; the distinct ranked responses alone do not.
+    seqs = [tok.encode(r["prompt"], bos=True) + tok.encode(x) + [tok.eos_id]
+            for r in read_jsonl(d / "samples.jsonl") for x in r["responses"]]
+    assert len(seqs) == 256 and len(set(map(tuple, seqs))) < 256
+    with torch.no_grad():
+        scores = torch.cat([rm(torch.tensor([s])) for s in seqs])
+        distinct = torch.cat([rm(torch.tensor([s])) for s in sorted(set(map(tuple, seqs)))])
+    assert abs(scores.mean().item()) < 1e-3 and abs(scores.std().item() - 1) < 1e-3
+    assert abs(distinct.mean().item()) > 0.01
+
+
+def test_a_bad_samples_file_for_normalisation_fails_before_training(run, tmp_path, capsys):
+    d, _ = run
+    bad = tmp_path / "samples.jsonl"
+    bad.write_text('{"prompt": "Is it?", "responses": ["yes"]}\n'
+                   '{"prompt": "Is it?", "responses": "yes"}\n')
+    assert main(["reward", "--model", str(d / "sft"), "--data", str(d / "rankings.jsonl"),
+                 "--samples", str(bad), "--out", str(tmp_path / "rm"), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert "samples.jsonl:2, field 'responses'" in err
+    assert not (tmp_path / "rm").exists()
+
+
 def test_value_model_equals_reward_model_at_start(run):
     d, paths = run
     t = PPOTrainer(PPOConfig(policy=str(d / "sft"), reward=str(d / "rm"),
                              prompts=str(paths["prompts"]), out=str(d / "unused")))
+    rm = t.reward_model
+    assert abs(rm.score_bias.item()) > 0.01 and abs(rm.score_scale.item() - 1) > 0.01
     ids = torch.randint(0, 200, (2, 12))
     with torch.no_grad():
-        assert torch.equal(t.value_model.values(ids), t.reward_model.values(ids))
+        # V at the last token is the reward model's normalised score: the scale of the rewards
+        torch.testing.assert_close(t.value_model.values(ids)[:, -1], rm(ids))
+        torch.testing.assert_close(t.value_model(ids), rm(ids))
     assert t.value_model is not t.reward_model
 
 
@@ -127,7 +161,8 @@ def test_ppo_with_a_reward_function_and_ptx(run):
 
 
 @pytest.mark.parametrize("fn,message", [("instruct_task:raising_reward_fn", "raised RuntimeError"),
-                                        ("instruct_task:nan_reward_fn", "non-finite"),
+                                        ("instruct_task:nan_reward_fn", "non-finite score (nan)"),
+                                        ("instruct_task:text_reward_fn", "returned a str ('1.0')"),
                                         ("instruct_task:missing", "cannot load")])
 def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
     d, paths = run
@@ -136,6 +171,15 @@ def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
                  "--batch-size", "4", "--max-new-tokens", "4"])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_reward_function_may_return_numpy_numbers(run):
+    d, paths = run
+    assert main(["ppo", "--policy", str(d / "sft"), "--reward-fn", "instruct_task:numpy_reward_fn",
+                 "--prompts", str(paths["prompts"]), "--out", str(d / "ppo_np"), "--steps", "1",
+                 "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+    row = json.loads((d / "ppo_np" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and row["reward"] >= 0
 
 
 def test_ppo_with_a_hugging_face_sequence_classifier_as_reward_model(run, tmp_path, capsys):
