@@ -387,7 +387,9 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = "gpt2",
-                extra: dict | None = None, raw: dict | None = None) -> Path:
+                extra: dict | None = None, raw: dict | None = None,
+                template: str = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+                ) -> Path:
     """A GGUF of a transformers Llama/Qwen2 model, laid out as llama.cpp's converter does."""
     from tokenizers import pre_tokenizers
 
@@ -413,9 +415,10 @@ def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = 
     w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
     w.add_token_merges([])
     w.add_eos_token_id(len(tokens) - 1)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    w.add_chat_template(template)
     for key, value in (extra or {}).items():
-        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
+        add = {str: w.add_string, bool: w.add_bool}.get(type(value), w.add_uint32)
+        add(key, value)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
              "lm_head": "output", "input_layernorm": "attn_norm",
              "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -477,6 +480,22 @@ def test_gguf_without_gguf_package_says_how_to_install(monkeypatch, tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(UserError, match=r"install gptlab\[hf\]"):
         load_pretrained(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_gguf_bos_before_prompts_only_if_the_model_adds_it_but_always_in_the_template(
+        adds_bos, tmp_path):
+    theirs = _hf_model("llama", seed=6)
+    bos = theirs.config.vocab_size - 2  # <|endoftext|>
+    path = _write_gguf(tmp_path / "m.gguf", theirs,
+                       extra={"tokenizer.ggml.bos_token_id": bos,
+                              "tokenizer.ggml.add_bos_token": adds_bos},
+                       template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+                                "<|im_end|>{% endfor %}")
+    _, tok = load_pretrained(path)
+    assert tok.bos_token == "<|endoftext|>" and tok.bos_id == (bos if adds_bos else None)
+    assert tok.encode("hi", bos=True) == [bos] * adds_bos + tok.encode("hi")
+    assert tok.render_chat([{"role": "user", "content": "hi"}])[0][0] == bos
 
 
 def test_convert_from_gguf_writes_gptlab_directory(tmp_path):

@@ -181,12 +181,12 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
         i = meta.get(key)
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    # gptlab prepends `bos_token` whenever it has one: keep it only if the model expects it.
-    adds_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    return Tokenizer(hf, bos_token=token("tokenizer.ggml.bos_token_id") if adds_bos else None,
+    # BOS goes before a prompt only if the model was trained so; the chat template gets it anyway.
+    return Tokenizer(hf, bos_token=token("tokenizer.ggml.bos_token_id"),
                      eos_token=token("tokenizer.ggml.eos_token_id"),
                      pad_token=token("tokenizer.ggml.padding_token_id"),
-                     chat_template=meta.get("tokenizer.chat_template"))
+                     chat_template=meta.get("tokenizer.chat_template"),
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
