@@ -158,7 +158,7 @@ class Tokenizer:
         if self.chat_template is None:
             raise UserError("this tokenizer has no chat template and no gptlab role tokens",
                             field="chat_template")
-        _check_messages(messages)
+        check_messages(messages)
         ids: list[int] = []
         mask: list[int] = []
         pieces, strip = self._template_pieces(messages, add_generation_prompt)
@@ -257,7 +257,7 @@ def _without_markup_parsing(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return plain
 
 
-def _check_messages(messages: Sequence[dict]) -> None:
+def check_messages(messages: Sequence[dict]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise UserError(f"message {i} must be a mapping with 'role' and 'content'",

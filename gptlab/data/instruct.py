@@ -18,7 +18,7 @@ from typing import Any
 
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
-from gptlab.tokenizer import _check_messages
+from gptlab.tokenizer import check_messages
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _checked_messages(msgs: list, path: str | Path, line: int | None) -> list:
     """`msgs` if every message has a known role and string content (the chat template's own
     check, here naming the file and line)."""
     try:
-        _check_messages(msgs)
+        check_messages(msgs)
     except UserError as e:
         raise _at_record(e, path, line) from None
     return msgs

@@ -67,7 +67,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eval_every: int = 100             # steps between validations; 0: only at the end
-    eval_batches: int = 10            # validation batches per evaluation
+    eval_batches: int = 10            # validation batches per evaluation in pretraining (SFT and
+                                      # reward evaluate their whole held-out set); 0: no validation
     save_every: int = 500             # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10               # steps between training-loss rows in metrics.jsonl

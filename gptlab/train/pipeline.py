@@ -191,7 +191,7 @@ class Pipeline:
                           world=str(self.world_dir), exec_eval=self.cfg.sft_exec_eval,
                           max_new_tokens=self.cfg.max_new_tokens, max_steps=self.cfg.sft_steps,
                           batch_size=self.cfg.sft_batch, lr=self.cfg.sft_lr,
-                          eval_every=self.cfg.sft_eval_every, eval_batches=8,
+                          eval_every=self.cfg.sft_eval_every,
                           patience=self.cfg.sft_patience,
                           seed=self.cfg.seed, progress=self.cfg.progress))
         return out
@@ -269,7 +269,7 @@ class Pipeline:
             # Every round's reward model scores SFT's samples mean 0, std 1: one scale for all.
             samples=str(self.out / "round-1" / "samples.jsonl"), epochs=self.cfg.reward_epochs,
             batch_size=self.cfg.reward_batch, lr=self.cfg.reward_lr, eval_every=0,
-            eval_batches=1000, seed=self.cfg.seed + rnd, progress=self.cfg.progress))
+            seed=self.cfg.seed + rnd, progress=self.cfg.progress))
         return out
 
     def ppo_config(self, policy: Path, sft_dir: Path, out: Path, steps: int, seed: int,
@@ -324,7 +324,7 @@ class Pipeline:
                           # Continue, not restart: SFT's final learning rate, held constant.
                           lr=self.cfg.sft_lr * 0.1, min_lr_ratio=1.0, warmup_steps=0,
                           select_best=False, exec_eval=0,
-                          eval_every=0, eval_batches=4, seed=self.cfg.seed + 7,
+                          eval_every=0, seed=self.cfg.seed + 7,
                           progress=self.cfg.progress))
         return out
 
