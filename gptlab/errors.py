@@ -13,7 +13,7 @@ class UserError(Exception):
 
     def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None,
                  field: str | None = None):
-        self.path, self.line, self.field = path, line, field
+        self.message, self.path, self.line, self.field = message, path, line, field
         where = []
         if path is not None:
             where.append(str(path) + (f":{line}" if line is not None else ""))
@@ -21,6 +21,12 @@ class UserError(Exception):
             where.append(f"field '{field}'")
         prefix = (", ".join(where) + ": ") if where else ""
         super().__init__(prefix + message)
+
+    def at(self, path: str | Path, line: int | None = None) -> "UserError":
+        """The same error located in `path` (and `line`), unless it already names a file."""
+        if self.path is not None:
+            return self
+        return UserError(self.message, path=path, line=line, field=self.field)
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:

@@ -62,21 +62,13 @@ class SkipCounter:
         return f"skipped {self.total} {what}: {parts}"
 
 
-def _at_record(err: UserError, path: str | Path, line: int | None) -> UserError:
-    """`err`, raised about a record without saying where it is, naming its file and line."""
-    if err.path is not None or not path:
-        return err
-    bare = str(err).removeprefix(str(UserError("", field=err.field)))
-    return UserError(bare, path=path, line=line, field=err.field)
-
-
 def _checked_messages(msgs: list, path: str | Path, line: int | None) -> list:
     """`msgs` if every message has a known role and string content (the chat template's own
     check, here naming the file and line)."""
     try:
         check_messages(msgs)
     except UserError as e:
-        raise _at_record(e, path, line) from None
+        raise (e.at(path, line) if path else e) from None
     return msgs
 
 
@@ -131,7 +123,7 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
         try:
             ids, mask = tokenizer.render_chat(msgs)
         except UserError as e:  # the template may refuse a conversation (roles must alternate)
-            raise _at_record(e, path, line) from None
+            raise (e.at(path, line) if path else e) from None
         return Example(ids, list(mask), record.get("id"), line)
     if "prompt" not in record or "completion" not in record:
         raise UserError("needs 'prompt' and 'completion' fields, or 'messages'", path=path,
