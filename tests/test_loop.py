@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -235,6 +236,32 @@ def test_ctrl_c_between_an_update_and_its_bookkeeping_saves_nothing(tmp_path):
     # The weights and optimizer are step 3's, the data position and RNG still step 2's: saved
     # together as step 2, a resumed run would train on step 3's batch twice.
     assert Checkpointer(tmp_path).latest() is None
+
+
+def test_a_real_ctrl_c_during_an_update_waits_for_it_then_saves_it(tmp_path):
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    calls = []
+
+    def tokens_in(batch):  # the same moment as above, now a real Ctrl-C (SIGINT)
+        calls.append(batch)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return batch.numel()
+
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, eval_every=0, save_every=0,
+                      progress=False, device="cpu")
+    batches = lambda: BlockBatches(_stream(4, n=1000), 16, np.arange(50), 4, 0)  # noqa: E731
+    full = tiny()
+    train(full, batches(), lm_loss, cfg, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), batches(), lm_loss, cfg, tmp_path / "b", tokens_in=tokens_in)
+    assert Checkpointer(tmp_path / "b").latest().name == "step-3"  # the update it waited for
+    resumed = tiny(99)
+    assert train(resumed, batches(), lm_loss, cfg, tmp_path / "b", resume=True).step == 6
+    for pa, pb in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_max_minutes_becomes_a_recorded_step_count(tmp_path):

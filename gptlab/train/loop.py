@@ -483,21 +483,23 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16)
             grad_norm = clip_gradients(model, cfg.clip)
             # From the update until `good` records its step, the weights and optimizer are a
-            # step ahead of `good`: a Ctrl-C in between saves nothing.
-            updating = True
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            step += 1
-            n_tok = sum(tokens_in(b) for b in micro)
-            tokens += n_tok
-            elapsed += dt
-            session_tokens += n_tok
-            session_time += dt
-            good = snapshot()
-            updating = False
+            # step ahead of `good`: a Ctrl-C waits for the step to be recorded; one that
+            # cannot wait (a second Ctrl-C) saves nothing.
+            with held_interrupt():
+                updating = True
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                step += 1
+                n_tok = sum(tokens_in(b) for b in micro)
+                tokens += n_tok
+                elapsed += dt
+                session_tokens += n_tok
+                session_time += dt
+                good = snapshot()
+                updating = False
 
             if budget_pending:
                 measured.append(dt)
