@@ -5,8 +5,8 @@ The policy is the demo's SFT model; the reward model is the demo's round-2 rewar
 value model starts from it on both sides. TRL gets them as Hugging Face Llama models: the policy
 a causal LM, the reward and value models one-label sequence classifiers whose score head is a
 linear layer with a bias. gptlab's reward is normalised after its head, (head(h) − score_bias) ·
-score_scale; that is folded into the reward model's score weight and bias, so both sides score
-a response alike; the value model keeps the raw head, as gptlab's does. TRL 1.16 no longer has
+score_scale; that is folded into the score weight and bias of the reward model and of the value
+model, as gptlab folds it into its value model's head, so both sides score a response alike. TRL 1.16 no longer has
 PPO: this needs trl 1.12, the last release with it (`trl.experimental.ppo`), which the `bench`
 extra pins.
 
@@ -98,9 +98,8 @@ def hf_models(ours: Any, reward_dir: str, work: Path) -> tuple[Any, Any, Any, An
     policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=torch.float32)
     reward, value = (AutoModelForSequenceClassification.from_pretrained(
         work / "reward", num_labels=1, dtype=torch.float32) for _ in range(2))
-    reward.score = scalar_head(rm.head.weight * rm.score_scale,
-                               (rm.head.bias - rm.score_bias) * rm.score_scale)
-    value.score = scalar_head(rm.head.weight, rm.head.bias)
+    rm.fold_normalisation()
+    reward.score, value.score = (scalar_head(rm.head.weight, rm.head.bias) for _ in range(2))
     reward.requires_grad_(False)
     for m in (policy, reward, value):
         m.config.pad_token_id = tok.pad_id
