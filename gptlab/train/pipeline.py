@@ -46,7 +46,7 @@ class PipelineConfig:
     pretrain_lr: float = 2e-3
     # SFT, to its validation optimum
     sft_examples: int | None = 1500   # demonstrations used (None: all); PPO sees every prompt
-    sft_steps: int = 1600             # the cap; SFT stops earlier once validation stops improving
+    sft_steps: int = 2000             # the cap; SFT stops earlier once validation stops improving
     sft_patience: int = 3             # evaluations without a better execution accuracy
     sft_batch: int = 16
     sft_lr: float = 1e-3
