@@ -184,10 +184,10 @@ def reward_number(v: Any, prompt_id: Any) -> float:
     """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor),
     never a bool, a string or a non-finite value."""
     try:
-        if isinstance(v, (bool, str, bytes)):
-            raise TypeError
-        x = float(v)
+        x = None if isinstance(v, (bool, str, bytes)) else float(v)
     except (TypeError, ValueError):
+        x = None
+    if x is None:
         raise UserError(f"the reward function returned a {type(v).__name__} ({v!r}) for prompt "
                         f"id {prompt_id}; a score must be a real number", field="reward_fn")
     if not math.isfinite(x):
