@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from gptlab.errors import UserError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -47,28 +49,54 @@ def write_jsonl_atomic(path: str | Path, rows: Any) -> int:
     return n
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file; a broken line or a missing field is a UserError naming file and line."""
-    from gptlab.errors import UserError
+def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its newline), failing on the first byte that is not UTF-8.
 
+    A UTF-8 byte-order mark at the start of the file is not text and is dropped; CRLF endings
+    are read as LF."""
     path = Path(path)
     if not path.exists():
         raise UserError("file not found", path=path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    if path.is_dir():
+        raise UserError("is a directory, not a file", path=path)
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"not valid JSON ({e.msg} at column {e.colno})", path=path,
-                                line=lineno) from None
-            if not isinstance(row, dict):
-                raise UserError("each line must be a JSON object", path=path, line=lineno)
-            for key in required:
-                if key not in row:
-                    raise UserError("missing required field", path=path, line=lineno, field=key)
-            row.setdefault("_line", lineno)
-            rows.append(row)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
+                                f"{offset + e.start} cannot be decoded; save the file as UTF-8",
+                                path=path, line=lineno) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            offset += len(raw)
+            yield lineno, line.rstrip("\r\n")
+
+
+def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; anything else on a line
+    is a UserError naming file and line (`what` says what a line must be)."""
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"not valid JSON ({e.msg} at column {e.colno})", path=path,
+                            line=lineno) from None
+        if not isinstance(row, dict):
+            raise UserError(f"each line must be {what}", path=path, line=lineno)
+        yield lineno, row
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file; a broken line or a missing field is a UserError naming file and line."""
+    rows = []
+    for lineno, row in json_objects(path):
+        for key in required:
+            if key not in row:
+                raise UserError("missing required field", path=path, line=lineno, field=key)
+        row.setdefault("_line", lineno)
+        rows.append(row)
     return rows

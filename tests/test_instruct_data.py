@@ -63,3 +63,16 @@ def test_a_chat_template_refusing_a_demonstration_names_file_and_line(tok, tmp_p
         read_demonstrations(f, strict, 64)
     assert str(err.value) == (f"{f}:2, field 'chat_template': the chat template failed: "
                               "roles must alternate user/assistant")
+
+
+def test_prompts_files_read_as_utf8_with_bom_and_crlf_and_refuse_other_bytes(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "caf\xc3\xa9?"}\r\n\r\n{"id": 2, "prompt": "b"}\r\n')
+    assert [r["prompt"] for r in read_prompts(f)] == ["café?", "b"]
+    f.write_bytes(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "caf\xe9?"}\n')  # Latin-1
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    assert str(err.value) == (f"{f}:2: not UTF-8 text: byte 0xe9 at byte offset 49 cannot be "
+                              "decoded; save the file as UTF-8")
+    with pytest.raises(UserError, match="is a directory, not a file"):
+        read_prompts(tmp_path)

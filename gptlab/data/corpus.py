@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from gptlab.errors import UserError
+from gptlab.io import json_objects, utf8_lines
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
@@ -87,26 +87,9 @@ def _iter_file(p: Path) -> Iterator[str]:
         yield from _iter_text(p)
 
 
-def _utf8_lines(p: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline), failing on the first byte that is not UTF-8."""
-    offset = 0
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
-                                f"{offset + e.start} cannot be decoded; save the file as UTF-8",
-                                path=p, line=lineno) from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
-            offset += len(raw)
-            yield lineno, line.rstrip("\r\n")
-
-
 def _iter_text(p: Path) -> Iterator[str]:
     doc: list[str] = []
-    for _, line in _utf8_lines(p):
+    for _, line in utf8_lines(p):
         if line.strip():
             doc.append(line)
         elif doc:
@@ -119,17 +102,7 @@ def _iter_text(p: Path) -> Iterator[str]:
 def _iter_jsonl(p: Path) -> Iterator[str]:
     # Read here, not by `datasets`: its JSON loader fails on valid files that mix blank lines
     # with fields of varying type, and an error must name the line.
-    for lineno, line in _utf8_lines(p):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"not valid JSON ({e.msg} at column {e.colno})", path=p,
-                            line=lineno) from None
-        if not isinstance(row, dict):
-            raise UserError("each line must be a JSON object with a 'text' field", path=p,
-                            line=lineno)
+    for lineno, row in json_objects(p, "a JSON object with a 'text' field"):
         if TEXT_FIELD not in row:
             raise UserError("missing the document text", path=p, line=lineno, field=TEXT_FIELD)
         if not isinstance(row[TEXT_FIELD], str):
