@@ -217,6 +217,18 @@ def test_missing_file(tmp_path, capsys):
     _nothing_left(tmp_path, out)
 
 
+def test_a_model_file_is_refused_as_not_a_gptlab_directory(corpus, tmp_path, capsys):
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF")
+    out = tmp_path / "run"
+    for model, why in ((weights, "not a gptlab model directory"),
+                       (tmp_path / "nope.gguf", "model directory not found")):
+        assert run("--data", str(corpus[0] / "a.txt"), "--model", str(model), "--out",
+                   str(out), "--cache-dir", str(tmp_path / "cache")) == 2
+        assert f"{model}, field 'model': {why}" in capsys.readouterr().err
+    _nothing_left(tmp_path, out)
+
+
 def test_broken_jsonl_line_names_file_and_line(corpus, tmp_path, capsys):
     _, _, _ = corpus
     bad = tmp_path / "bad.jsonl"

@@ -321,7 +321,8 @@ def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsy
                    + json.dumps({"id": "s1-test-99999", "responses": ["SELECT 1"]}) + "\n")
     assert main(["world", "score", "--world", str(out), "--in", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}:2" in err and "field 'id'" in err
+    assert err.endswith(f"error: {bad}:2, field 'id': no question with id 's1-test-99999' in "
+                        "this world\n")
     bad.write_text(json.dumps({"id": test[0]["id"], "responses": []}) + "\n")
     assert main(["world", "score", "--world", str(out), "--in", str(bad)]) == 2
     err = capsys.readouterr().err

@@ -79,7 +79,7 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
         try:
             kinds = [world.check(str(r["id"]), str(resp).strip()).kind for resp in r["responses"]]
         except UserError as e:  # an id the world does not know: say where it came from
-            raise UserError(str(e), path=path, line=r["_line"], field="id") from None
+            raise e.at(path, r["_line"]) from None
         hits = [int(k == "correct") for k in kinds]
         first.append(hits[0])
         every.extend(hits)

@@ -94,6 +94,10 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
                             f"embedding has {model.config.vocab_size} rows", field="tokenizer")
         return model.train(), tok
     if cfg.model not in PRESETS and ("/" in cfg.model or model_path.suffix):
+        if model_path.exists():
+            raise UserError("not a gptlab model directory; pretraining continues only those: "
+                            "import other models with `gptlab convert` first", path=model_path,
+                            field="model")
         raise UserError("model directory not found", path=model_path, field="model")
     config = get_preset(cfg.model)
     if not hasattr(config, "vocab_size") or not hasattr(config, "context"):
