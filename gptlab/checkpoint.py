@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model, save_model as st_save_model
 
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, write_json_atomic, write_text_atomic
+from gptlab.io import atomic_path, ensure_dir, write_json_atomic, write_text_atomic
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -48,10 +49,7 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
                extra: dict | None = None) -> Path:
     """Write a model directory. Every file is written atomically; config.json goes last, so a
     directory with a config.json has its weights in place."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a directory", path=out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     if tokenizer is not None:
         tokenizer.save(out)
     with atomic_path(out / MODEL_FILE) as tmp:
@@ -67,39 +65,132 @@ def read_meta(path: str | Path) -> dict:
     if not cfg.exists():
         raise UserError("not a model directory (config.json is missing)", path=path)
     try:
-        meta = json.loads(cfg.read_text())
+        meta = json.loads(cfg.read_text(encoding="utf-8"), parse_constant=_non_finite)
     except json.JSONDecodeError as e:
         raise UserError(f"config.json is not valid JSON ({e.msg})", path=cfg, line=e.lineno) from None
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", path=cfg) from None
+    if not isinstance(meta, dict):
+        raise UserError("expected a JSON object", path=cfg)
     return meta
 
 
-def is_gptlab_dir(path: str | Path) -> bool:
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        return False
+def _non_finite(name: str) -> float:
+    # Python writes and reads NaN and Infinity, which JSON lacks; they are kept here so that
+    # the field holding one is named by `check_config`.
+    return float(name)
+
+
+def _config_format(path: Path) -> Any:
+    """The `format` field of `path`/config.json, or None (no such file, not a JSON object)."""
     try:
-        return json.loads((p / "config.json").read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, OSError):
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
+def is_gptlab_dir(path: str | Path) -> bool:
+    return _config_format(Path(path)) == FORMAT
+
+
+_REQUIRED = {"vocab_size", "context", "n_layers", "n_heads", "d_model", "n_encoder_layers",
+             "n_decoder_layers"}
+# Config fields that count things: each must be at least 1.
+_COUNTS = {"vocab_size", "context", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff",
+           "head_dim", "n_encoder_layers", "n_decoder_layers"}
+# Float fields with a range: (what the message says, the test).
+_RANGES = {"norm_eps": ("> 0", lambda v: v > 0), "rope_theta": ("> 0", lambda v: v > 0),
+           "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+           "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1)}
+_KIND_NAMES = {"None": "null", "int": "an integer", "float": "a number", "bool": "true or false",
+               "str": "a string"}
+
+
+def _has_type(v: Any, kind: str) -> bool:
+    """Whether JSON value `v` is of annotation `kind` (JSON's true is no integer here)."""
+    if kind == "bool":
+        return isinstance(v, bool)
+    if isinstance(v, bool):
         return False
+    return {"int": isinstance(v, int), "float": isinstance(v, (int, float)),
+            "str": isinstance(v, str), "None": v is None}.get(kind, False)
+
+
+def check_config(cfg: Any, path: str | Path | None = None, prefix: str = "") -> None:
+    """A UserError naming the first field of a model config (a dataclass instance) whose value
+    has the wrong type or lies out of range; its field is `prefix` + the field's name."""
+    for f in dataclasses.fields(cfg):
+        v, name = getattr(cfg, f.name), prefix + f.name
+        kinds = [t.strip() for t in str(f.type).split("|")]  # "int | None" -> ["int", "None"]
+        if not any(_has_type(v, k) for k in kinds):
+            expected = " or ".join(_KIND_NAMES.get(k, k) for k in kinds)
+            raise UserError(f"must be {expected}, got {v!r}", path=path, field=name)
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"must be a finite number, got {v!r}", path=path, field=name)
+        if f.name in _COUNTS and v < 1:
+            raise UserError(f"must be at least 1, got {v!r}", path=path, field=name)
+        if f.name in _RANGES and not _RANGES[f.name][1](v):
+            raise UserError(f"must be {_RANGES[f.name][0]}, got {v!r}", path=path, field=name)
 
 
 def build_from_meta(meta: dict, path: str | Path = "config.json") -> torch.nn.Module:
+    """The (untrained) model a config.json describes, its config checked field by field."""
     registry = _arch_registry()
     arch = meta.get("arch")
-    if arch not in registry:
-        raise UserError(f"unknown arch '{arch}' (known: {', '.join(registry)})", path=path,
+    if not isinstance(arch, str) or arch not in registry:
+        raise UserError(f"unknown arch {arch!r} (known: {', '.join(registry)})", path=path,
                         field="arch")
     model_cls, cfg_cls = registry[arch]
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    fields = meta.get("model", {})
-    unknown = set(fields) - names
+    if "model" not in meta:
+        raise UserError("missing: the model's configuration (its sizes and options)",
+                        path=path, field="model")
+    fields = meta["model"]
+    if not isinstance(fields, dict):
+        raise UserError("expected an object of model config fields", path=path, field="model")
+    names = [f.name for f in dataclasses.fields(cfg_cls)]
+    unknown = set(fields) - set(names)
     if unknown:
         raise UserError(f"unknown model config keys {sorted(unknown)}", path=path, field="model")
+    # The sizes are required: a default in their place builds a model of another shape. Other
+    # fields (added in later versions) may be absent and take their defaults.
+    missing = [n for n in names if n in _REQUIRED and n not in fields]
+    if missing:
+        raise UserError(f"missing model config keys {missing}", path=path, field="model")
+    cfg = _make_config(cfg_cls, fields, path)
     try:
-        cfg = cfg_cls(**fields)
+        return model_cls(cfg)
     except (TypeError, ValueError) as e:
         raise UserError(str(e), path=path, field="model") from None
-    return model_cls(cfg)
+
+
+def _make_config(cfg_cls: type, fields: dict, path: str | Path) -> Any:
+    # Filled in without __init__ first, so that every type is checked before __post_init__
+    # does arithmetic with the values.
+    unchecked = cfg_cls.__new__(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        object.__setattr__(unchecked, f.name, fields.get(f.name, f.default))
+    check_config(unchecked, path, prefix="model.")
+    try:
+        return cfg_cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e), path=path, field="model") from None
+
+
+def _shape_mismatches(model: torch.nn.Module, file: Path) -> list[str]:
+    """One line for each tensor of `file` whose shape differs from the model's."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = []
+    with safe_open(str(file), framework="pt") as f:
+        for name in f.keys():
+            found = tuple(f.get_slice(name).get_shape())
+            if name in expected and expected[name] != found:
+                out.append(f"{name} is {found} in the file, the config implies {expected[name]}")
+    return out
 
 
 def load_weights(model: torch.nn.Module, file: str | Path) -> None:
@@ -107,12 +198,26 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
     if not file.exists():
         raise UserError("model weights are missing", path=file)
     try:
+        wrong = _shape_mismatches(model, file)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read weights (truncated or corrupt file?): {e}",
+                        path=file) from None
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise UserError(f"weights do not fit the model's config.json: {wrong[0]}{more}",
+                        path=file)
+    try:
         missing, unexpected = st_load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"cannot read weights (truncated or corrupt file?): {e}", path=file) from None
     if missing or unexpected:
-        raise UserError(f"weights do not fit the model: missing {sorted(missing)[:5]}, "
-                        f"unexpected {sorted(unexpected)[:5]}", path=file)
+        parts = [f"{len(names)} tensor(s) {what} ({', '.join(sorted(names)[:3])}"
+                 f"{', ...' if len(names) > 3 else ''})"
+                 for names, what in ((missing, "the config implies are not in the file"),
+                                     (unexpected, "in the file are not in the model"))
+                 if names]
+        raise UserError(f"weights do not fit the model's config.json: {'; '.join(parts)}",
+                        path=file)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
@@ -124,7 +229,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     p = Path(path)
     if not p.exists():
         raise UserError("model not found", path=p)
-    if p.is_file() and p.suffix == ".gguf" or (p.is_dir() and not is_gptlab_dir(p)
+    # A config.json with a "format" of gptlab's (any version) is gptlab's, even one this
+    # version cannot read; any other is a Hugging Face model's.
+    fmt = _config_format(p) if p.is_dir() else None
+    ours = isinstance(fmt, str) and fmt.startswith("gptlab/")
+    if p.is_file() and p.suffix == ".gguf" or (p.is_dir() and not ours
                                                 and (p / "config.json").exists()):
         from gptlab.interop import load_pretrained
         model, tok = load_pretrained(p)
@@ -208,6 +317,11 @@ class Checkpointer:
             return None
         path = self.dir / pointer.read_text().strip()
         return path if (path / "manifest.json").exists() else None
+
+    @staticmethod
+    def step_of(path: str | Path) -> int:
+        """The training step a checkpoint was saved at."""
+        return int(json.loads((Path(path) / "manifest.json").read_text())["step"])
 
     @staticmethod
     def verify(path: str | Path) -> None:

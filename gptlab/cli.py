@@ -51,6 +51,9 @@ def _verb_tokenizer():
         from gptlab import tokenizer as tk
         if args.action == "train":
             from pathlib import Path
+
+            from gptlab.io import check_dir_out
+            check_dir_out(args.out)  # before training, not after
             # Paths, not strings: a missing file must be an error, never a one-line "document".
             tok = tk.train_tokenizer([Path(p) for p in args.data], vocab_size=args.vocab_size)
             tok.save(args.out)
@@ -78,6 +81,13 @@ def _verb_generate():
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.api import generate_text
+        from gptlab.engine import SamplingParams
+        from gptlab.tokenizer import check_text
+        # The flags and prompts are checked before the model loads.
+        SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        for text in args.prompt:
+            check_text(text, field="prompt")
         outs = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
                              greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed, truncate=args.truncate)
@@ -195,10 +205,12 @@ def _verb_world():
             return
         if args.action == "score":
             from gptlab.eval.execution import score_samples
-            from gptlab.io import write_jsonl_atomic
+            from gptlab.io import check_file_out, write_jsonl_atomic
+            if args.out:
+                check_file_out(args.out)
             summary, verdicts = score_samples(load_world(args.world), args.samples)
             if args.out:
-                write_jsonl_atomic(args.out, verdicts)
+                write_jsonl_atomic(args.out, verdicts, allow_nan=False)
             print(f"execution accuracy {summary['exec_acc']:.4f} on {summary['prompts']} "
                   f"questions (first response of each)")
             if summary["unseen_phrasing"] is not None:

@@ -6,20 +6,50 @@ Each step is one batched forward of one token per row: no Python work per row.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from gptlab.errors import UserError
+
 
 @dataclass
 class SamplingParams:
+    """How to pick tokens. `greedy` takes the most likely one (the temperature is then unused;
+    a temperature of 0 is not a way to ask for greedy decoding). Checked when made: a bad value
+    is a UserError naming its field (the CLI flag of the same name)."""
     max_new_tokens: int = 64
     greedy: bool = False
     temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    top_k: int | None = None    # None: no top-k filter
+    top_p: float | None = None  # None (or 1): no nucleus filter
     stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise UserError(f"must be an integer of at least 1, got {self.max_new_tokens!r}",
+                            field="max_new_tokens")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature):
+            raise UserError(f"must be a finite number, got {self.temperature!r}",
+                            field="temperature")
+        if not self.greedy and self.temperature <= 0:
+            raise UserError(f"must be > 0, got {self.temperature!r} (for greedy decoding use "
+                            f"--greedy)", field="temperature")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise UserError(f"must be an integer of at least 1, got {self.top_k!r}",
+                            field="top_k")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise UserError(f"must be in (0, 1], got {self.top_p!r}", field="top_p")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass

@@ -11,10 +11,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
+from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_prompts,
+                                  responses_of)
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
-from gptlab.io import read_jsonl, write_jsonl_atomic
+from gptlab.io import check_file_out, read_jsonl, write_jsonl_atomic
 
 # (record, distinct responses) -> best first, an item a response or a list of tied responses
 RankFn = Callable[[dict, list[str]], list[str | list[str]]]
@@ -57,12 +58,18 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     from gptlab.api import load
     if k < 1:
         raise UserError("must be at least 1", field="k")
-    model, tok = load(model_path)
-    skips = SkipCounter()
+    # Flags and the output path are checked before the model loads.
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_p=top_p)
+    check_file_out(out)
+    model, tok = load(model_path)
+    skips = SkipCounter()
     rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips)
-    n = write_jsonl_atomic(out, rows)
+    if not rows:
+        raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
+                        f"context is {model.config.context} tokens, --max-new-tokens "
+                        f"{max_new_tokens}", path=prompts)
+    n = write_jsonl_atomic(out, rows, allow_nan=False)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)
     return n
@@ -76,22 +83,28 @@ def distinct(responses: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-def label_samples(samples: list[dict], rank: RankFn,
-                  skips: SkipCounter | None = None) -> list[dict]:
+def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None = None,
+                  source: str | Path = "") -> list[dict]:
     """Rankings `{"prompt"/"messages", "ranked": [best...worst], other fields}` from samples.
 
     Identical responses are merged first; a prompt left with fewer than 2 distinct (non-empty)
     responses is skipped and counted, and so is one whose responses the labeler ties all
     together (no preference to learn from). Tied groups of one are written as plain strings.
+    An error names `source` (the samples file) and the sample's `_line`, when they are known.
     """
     skips = skips if skips is not None else SkipCounter()
     rankings = []
     for s in samples:
-        responses = [r for r in distinct(s.get("responses", [])) if r.strip()]
+        line = s.get("_line")
+        responses = [r for r in distinct(responses_of(s, source, line)) if r.strip()]
         if len(responses) < 2:
             skips.add("prompts with fewer than 2 distinct responses")
             continue
-        levels = [item if isinstance(item, list) else [item] for item in rank(s, responses)]
+        try:
+            ranked = rank(s, responses)
+        except UserError as e:
+            raise (e.at(source, line) if source else e) from None
+        levels = [item if isinstance(item, list) else [item] for item in ranked]
         flat = [r for level in levels for r in level]
         if not all(levels) or sorted(flat) != sorted(responses):
             raise UserError("the labeler must return a permutation of the responses (tied "
@@ -129,10 +142,12 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
         raise UserError(f"unknown labeler '{labeler}' (available: sqlworld); for your own data "
                         f"write the rankings file yourself or call label_samples()",
                         field="labeler")
-    samples = read_jsonl(samples_path, required=("responses",))
+    check_file_out(out)
+    samples = read_jsonl(samples_path)
     skips = SkipCounter()
-    rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips)
-    n = write_jsonl_atomic(out, rankings)
+    rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips,
+                             samples_path)
+    n = write_jsonl_atomic(out, rankings, allow_nan=False)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)
     print(f"ranked {n} prompts", file=sys.stderr)

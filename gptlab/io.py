@@ -11,10 +11,46 @@ from typing import Any, Iterator
 from gptlab.errors import UserError
 
 
+def _file_under(path: Path) -> Path | None:
+    """The first ancestor of `path` that exists and is not a directory, if any."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
+def check_dir_out(path: str | Path) -> Path:
+    """`path` as a Path if a directory can be made there (nothing is created), else a
+    UserError naming it: it is a file, or a file stands where a parent directory should."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError("is a file, not a directory", path=path)
+    blocker = _file_under(path)
+    if blocker is not None:
+        raise UserError(f"parent is a file: {blocker} is not a directory", path=path)
+    return path
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create directory `path` (and its parents) after `check_dir_out`."""
+    path = check_dir_out(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_file_out(path: str | Path) -> Path:
+    """`path` as a Path if a file can be written there (nothing is created), else a UserError
+    naming it: it is a directory, or a file stands where a parent directory should."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError("is a directory; give a file name", path=path)
+    blocker = _file_under(path)
+    if blocker is not None:
+        raise UserError(f"parent is a file: {blocker} is not a directory", path=path)
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
-    path = Path(path)
+    path = check_file_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -40,11 +76,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def write_jsonl_atomic(path: str | Path, rows: Any) -> int:
+def write_jsonl_atomic(path: str | Path, rows: Any, allow_nan: bool = True) -> int:
+    """Write one JSON object per line; with allow_nan=False a NaN or infinity (which is not
+    JSON) raises ValueError instead of being written as the bare token `NaN`."""
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=allow_nan) + "\n")
             n += 1
     return n
 
@@ -74,6 +112,16 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             yield lineno, line.rstrip("\r\n")
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not have; they would come back
+    # out as tokens other readers reject.
+    raise _NonFinite(name)
+
+
 def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; anything else on a line
     is a UserError naming file and line (`what` says what a line must be)."""
@@ -81,10 +129,13 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:
             raise UserError(f"not valid JSON ({e.msg} at column {e.colno})", path=path,
                             line=lineno) from None
+        except _NonFinite as e:
+            raise UserError(f"not valid JSON ({e.args[0]} is not a JSON number; write null or "
+                            f"a finite number)", path=path, line=lineno) from None
         if not isinstance(row, dict):
             raise UserError(f"each line must be {what}", path=path, line=lineno)
         yield lineno, row

@@ -35,7 +35,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, write_json_atomic
+from gptlab.io import atomic_path, ensure_dir, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -127,7 +127,7 @@ class Tokenizer:
     # --- text <-> ids ------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`; special tokens typed in the text are ordinary text."""
-        ids = self._plain.encode(text, add_special_tokens=False).ids
+        ids = self._plain.encode(check_text(text), add_special_tokens=False).ids
         return self._wrap(ids, bos, eos)
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False,
@@ -221,8 +221,7 @@ class Tokenizer:
     # --- files -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Write `tokenizer.json` and an HF-compatible `tokenizer_config.json`, atomically."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        d = ensure_dir(directory)
         with atomic_path(d / "tokenizer.json") as tmp:
             self.hf.save(str(tmp))
         write_json_atomic(d / "tokenizer_config.json", {
@@ -255,6 +254,22 @@ def _without_markup_parsing(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
                                   for t in markup])
     plain.encode_special_tokens = True
     return plain
+
+
+def check_text(text: str, field: str | None = None) -> str:
+    """`text` if it is a string of valid Unicode, else a UserError. Bytes that are not UTF-8
+    reach Python as lone surrogates (in command-line arguments, and in stdin under a C locale);
+    no tokenizer can encode them."""
+    if not isinstance(text, str):
+        raise UserError(f"expected text, got {type(text).__name__}", field=field)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        what = f"byte 0x{ch - 0xdc00:02x}" if 0xdc80 <= ch <= 0xdcff else f"U+{ch:04X}"
+        raise UserError(f"not UTF-8 text: {what} at character {e.start + 1} cannot be decoded",
+                        field=field) from None
+    return text
 
 
 def check_messages(messages: Sequence[dict]) -> None:

@@ -177,6 +177,24 @@ def test_cli_pipes_and_checks_flags(tiny_dir, monkeypatch, capsys):
     assert e.value.code == 2
 
 
+def test_cli_refuses_a_line_that_is_not_utf8_and_bad_sampling_flags(tiny_dir, monkeypatch,
+                                                                     capsys):
+    # Under a C locale stdin decodes bad bytes to lone surrogates; under UTF-8 it raises.
+    for stdin in (io.StringIO("the cat sat\nh\udcffi\n"),
+                  io.TextIOWrapper(io.BytesIO(b"the cat sat\nh\xffi\n"), encoding="utf-8")):
+        monkeypatch.setattr("sys.stdin", stdin)
+        assert main(["chat", "--model", str(tiny_dir), "--greedy",
+                     "--max-new-tokens", "4"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out.count("\n") == 1  # the first line was answered
+        assert captured.err.endswith("gptlab chat: error: <stdin>:2: not UTF-8 text: byte 0xff "
+                                     "at character 2 cannot be decoded\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", "--model", str(tiny_dir), "--top-p", "5"]) == 2
+    assert capsys.readouterr().err == ("gptlab chat: error: field 'top_p': must be in (0, 1], "
+                                       "got 5.0\n")
+
+
 # --- SmolLM2 -----------------------------------------------------------------------------------
 
 def smollm2_path() -> Path | None:

@@ -65,6 +65,65 @@ def test_weights_of_another_shape_are_rejected(tmp_path):
         ck.load_model(tmp_path)
 
 
+def _edited(tmp_path, edit) -> None:
+    """A saved tiny model whose config.json `edit` (a function of the parsed JSON) rewrites."""
+    ck.save_model(tmp_path, tiny())
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(edit(meta)))
+
+
+def _set(key, value):
+    def edit(meta):
+        meta["model"][key] = value
+        return meta
+    return edit
+
+
+@pytest.mark.parametrize("edit, file, message", [
+    (_set("n_layers", "two"), "config.json",
+     "field 'model.n_layers': must be an integer, got 'two'"),
+    (_set("n_layers", -1), "config.json", "field 'model.n_layers': must be at least 1, got -1"),
+    (_set("context", 0), "config.json", "field 'model.context': must be at least 1, got 0"),
+    (_set("norm_eps", float("nan")), "config.json",
+     "field 'model.norm_eps': must be a finite number, got nan"),
+    (_set("dropout", 1.0), "config.json", "field 'model.dropout': must be in [0, 1), got 1.0"),
+    (_set("bias", 1), "config.json", "field 'model.bias': must be true or false, got 1"),
+    (_set("head_dim", "8"), "config.json",
+     "field 'model.head_dim': must be an integer or null, got '8'"),
+    (_set("n_kv_heads", 3), "config.json",
+     "field 'model': n_heads (4) must be a multiple of n_kv_heads (3)"),
+    (lambda m: [], "config.json", "expected a JSON object"),
+    (lambda m: {k: v for k, v in m.items() if k != "model"}, "config.json",
+     "field 'model': missing: the model's configuration (its sizes and options)"),
+    (lambda m: {**m, "model": {k: v for k, v in m["model"].items() if k != "d_model"}},
+     "config.json", "field 'model': missing model config keys ['d_model']"),
+    (lambda m: {**m, "format": "gptlab/9"}, "config.json",
+     "field 'format': config.json has format 'gptlab/9', expected 'gptlab/1'"),
+    # The config is valid but is not the one the weights were trained with: the first tensor
+    # that differs is named with both shapes, in one line.
+    (_set("vocab_size", 600), "model.safetensors",
+     "weights do not fit the model's config.json: lm_head.weight is (512, 64) in the file, the "
+     "config implies (600, 64)"),
+    (_set("d_model", 32), "model.safetensors",
+     "weights do not fit the model's config.json: blocks.0.attn.k_proj.weight is (64, 64) in the "
+     "file, the config implies (32, 32) (and 19 more)"),
+    (_set("n_layers", 1), "model.safetensors",
+     "weights do not fit the model's config.json: 9 tensor(s) in the file are not in the model "
+     "(blocks.1.attn.k_proj.weight, blocks.1.attn.o_proj.weight, blocks.1.attn.q_proj.weight, "
+     "...)"),
+])
+def test_a_bad_config_json_names_the_file_and_field(tmp_path, edit, file, message, capsys):
+    from gptlab.cli import main
+    _edited(tmp_path, edit)
+    with pytest.raises(UserError) as e:
+        ck.load_model(tmp_path)
+    assert str(e.value) == f"{tmp_path / file}: {message}" or \
+        str(e.value) == f"{tmp_path / file}, {message}"
+    out = tmp_path / "hf"
+    assert main(["convert", "--to", "hf", str(tmp_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+
+
 def test_checkpointer_keeps_last_k_and_points_to_latest(tmp_path):
     net = tiny()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)

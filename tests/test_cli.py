@@ -9,6 +9,7 @@ from gptlab.checkpoint import save_model
 from gptlab.cli import VERBS, main
 from gptlab.config import load_config
 from gptlab.errors import UserError
+from gptlab.io import write_jsonl_atomic
 from gptlab.model import GPT, get_preset
 from gptlab.provenance import record_run
 from gptlab.tokenizer import train_tokenizer
@@ -95,3 +96,103 @@ def test_run_directory_records_config_versions_and_command(tmp_path):
     assert info["config"]["steps"] == 3
     assert info["versions"]["torch"] == torch.__version__.split("+")[0] or info["versions"]["torch"]
     assert "command" in info and "git_commit" in info
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "-1"],
+     "field 'max_new_tokens': must be an integer of at least 1, got -1"),
+    (["--temperature", "nan"], "field 'temperature': must be a finite number, got nan"),
+    (["--temperature", "0"], "field 'temperature': must be > 0"),
+    (["--top-k", "-3"], "field 'top_k': must be an integer of at least 1, got -3"),
+    (["--top-p", "1.5"], "field 'top_p': must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "field 'top_p': must be in (0, 1], got 0.0"),
+])
+def test_generate_refuses_bad_sampling_flags(tiny_model, flags, message, capsys):
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "hello", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptlab generate: error: ") and message in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "-1"],
+     "field 'max_new_tokens': must be an integer of at least 1, got -1"),
+    (["--temperature", "-1"], "field 'temperature': must be > 0, got -1.0 (for greedy decoding "
+                              "use --greedy)"),
+    (["--temperature", "0"], "field 'temperature': must be > 0, got 0.0"),
+    (["--top-p", "2"], "field 'top_p': must be in (0, 1], got 2.0"),
+])
+def test_sample_refuses_bad_sampling_flags_like_generate(tiny_model, tmp_path, flags, message,
+                                                          capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [prompts]
+
+
+def test_a_prompt_that_is_not_utf8_is_refused(tiny_model, capsys):
+    # A byte that is not UTF-8 in argv reaches Python as a lone surrogate.
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "h\udcffi"]) == 2
+    assert capsys.readouterr().err == ("gptlab generate: error: field 'prompt': not UTF-8 "
+                                       "text: byte 0xff at character 2 cannot be decoded\n")
+
+
+def test_sample_writes_nothing_when_no_prompt_fits(tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "world"}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(out), "--max-new-tokens", "1000"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab sample: error: {prompts}: no prompt could be sampled (skipped 2 prompts: 2 "
+        f"prompts longer than the context minus max_new_tokens); the model's context is 32 "
+        f"tokens, --max-new-tokens 1000\n")
+    assert not out.exists()
+
+
+def test_nan_in_a_jsonl_line_is_refused_and_never_written(tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "world", "weight": NaN}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(out), "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2: not valid JSON (NaN "
+                                       f"is not a JSON number; write null or a finite number)\n")
+    assert not out.exists()
+    prompts.write_text('{"prompt": "hello", "weight": -Infinity}\n')
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(out), "--max-new-tokens", "2"]) == 2
+    assert "-Infinity is not a JSON number" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        write_jsonl_atomic(out, [{"x": float("nan")}], allow_nan=False)
+    assert not out.exists()
+
+
+def test_outputs_in_the_place_of_a_directory_or_under_a_file_are_refused(tiny_model, tmp_path,
+                                                                         capsys):
+    a_file, a_dir = tmp_path / "afile", tmp_path / "adir"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, the quick brown fox\n" * 20)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    sample = ["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+              "--max-new-tokens", "2", "--out"]
+    for argv, message in (
+            (["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out",
+              str(a_file)], f"{a_file}: is a file, not a directory"),
+            (["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out",
+              str(a_file / "sub")], f"{a_file / 'sub'}: parent is a file: {a_file} is not a "
+                                    f"directory"),
+            (sample + [str(a_dir)], f"{a_dir}: is a directory; give a file name"),
+            (sample + [str(a_file / "x.jsonl")],
+             f"{a_file / 'x.jsonl'}: parent is a file: {a_file} is not a directory")):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"gptlab {argv[0]}: error: {message}\n"
+    assert a_file.read_text() == "x" and list(a_dir.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "c.txt", "p.jsonl"]
+    with pytest.raises(UserError, match="is a directory"):
+        write_jsonl_atomic(a_dir, [{"x": 1}])

@@ -6,6 +6,7 @@ import pytest
 
 from gptlab.data.corpus import iter_documents, read_documents
 from gptlab.errors import UserError
+from gptlab.tokenizer import train_tokenizer
 
 
 def test_txt_documents_are_separated_by_blank_lines(tmp_path):
@@ -111,3 +112,14 @@ def test_reading_leaves_no_datasets_cache(tmp_path, monkeypatch):
     assert list(iter_documents(f)) == ["a"]
     leftovers = list((tmp_path / "hf").rglob("*")) if (tmp_path / "hf").exists() else []
     assert [p for p in leftovers if p.is_file()] == []
+
+
+def test_a_parquet_file_without_rows_has_no_documents(tmp_path):
+    empty = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    full = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"text": ["one", "two"]}), full)
+    assert read_documents([empty, full]) == ["one", "two"]
+    with pytest.raises(UserError, match=f"the corpus is empty: no non-empty document in "
+                                        f"{empty}"):
+        train_tokenizer([empty], vocab_size=300)

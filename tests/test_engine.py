@@ -1,7 +1,9 @@
 """The generation engine: equal to naive decoding, padding-invariant, seeded, stops correctly."""
+import pytest
 import torch
 
 from gptlab.engine import SamplingParams, filter_logits, generate, sample_from
+from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig
 
 
@@ -101,3 +103,31 @@ def test_top_k_and_top_p_filters():
     nucleus = filter_logits(logits, None, float(p[0] + p[1]) - 1e-3)
     assert torch.isfinite(nucleus[0, :2]).all() and torch.isinf(nucleus[0, 2:]).all()
     assert torch.isfinite(filter_logits(logits, None, 0.01)[0, 0])  # the top token always stays
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens", "must be an integer of at least 1, got -1"),
+    (dict(max_new_tokens=0), "max_new_tokens", "must be an integer of at least 1, got 0"),
+    (dict(temperature=float("nan")), "temperature", "must be a finite number, got nan"),
+    (dict(temperature=float("inf"), greedy=True), "temperature",
+     "must be a finite number, got inf"),
+    (dict(temperature=0.0), "temperature",
+     "must be > 0, got 0.0 (for greedy decoding use --greedy)"),
+    (dict(temperature=-1.0), "temperature",
+     "must be > 0, got -1.0 (for greedy decoding use --greedy)"),
+    (dict(top_k=-3), "top_k", "must be an integer of at least 1, got -3"),
+    (dict(top_k=0), "top_k", "must be an integer of at least 1, got 0"),
+    (dict(top_p=1.5), "top_p", "must be in (0, 1], got 1.5"),
+    (dict(top_p=-0.2), "top_p", "must be in (0, 1], got -0.2"),
+    (dict(top_p=0.0), "top_p", "must be in (0, 1], got 0.0"),
+    (dict(top_p=float("nan")), "top_p", "must be in (0, 1], got nan"),
+])
+def test_sampling_params_refuse_values_that_cannot_sample(fields, field, message):
+    with pytest.raises(UserError) as e:
+        SamplingParams(**fields)
+    assert (e.value.field, e.value.message) == (field, message)
+
+
+def test_sampling_params_accept_the_edges():
+    SamplingParams(max_new_tokens=1, temperature=1e-3, top_k=1, top_p=1.0)
+    SamplingParams(greedy=True, temperature=0.0)  # the temperature is unused when greedy

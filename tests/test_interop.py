@@ -252,6 +252,71 @@ def test_unsupported_hf_configs_are_refused(changes, message, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def _drop(*keys):
+    return lambda cfg: {k: v for k, v in cfg.items() if k not in keys}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda cfg: [], "expected a JSON object"),
+    (lambda cfg: {**cfg, "num_hidden_layers": "2"},
+     "field 'num_hidden_layers': must be a positive integer, got '2'"),
+    (lambda cfg: {**_drop("head_dim", "num_key_value_heads")(cfg), "num_attention_heads": 5},
+     "field 'num_attention_heads': hidden_size 64 is not divisible by num_attention_heads 5"),
+    (lambda cfg: {**cfg, "num_key_value_heads": 3},
+     "field 'num_key_value_heads': num_attention_heads 4 is not a multiple of "
+     "num_key_value_heads 3"),
+    (lambda cfg: {**cfg, "rms_norm_eps": float("nan")},
+     "field 'rms_norm_eps': must be a finite positive number, got nan"),
+    (lambda cfg: {**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+     "field 'rope_parameters.rope_theta': must be a finite positive number, got -1.0"),
+    (lambda cfg: {**cfg, "tie_word_embeddings": "no"},
+     "field 'tie_word_embeddings': must be true or false, got 'no'"),
+    (_drop("hidden_size"), "field 'hidden_size': required field is missing"),
+])
+def test_bad_hf_config_values_name_the_field_and_write_nothing(edit, message, tmp_path, capsys):
+    src = tmp_path / "src"
+    _hf_model("llama").save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(edit(cfg)))
+    with pytest.raises(UserError) as e:
+        load_pretrained(src)
+    where = f"{src / 'config.json'}"
+    assert str(e.value) in (f"{where}: {message}", f"{where}, {message}")
+    capsys.readouterr()
+    assert main(["convert", "--from", "hf", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_convert_refuses_an_out_that_is_the_source_or_inside_or_around_it(tmp_path, capsys):
+    src, ours = tmp_path / "src", tmp_path / "ours"
+    _hf_model("gpt2").save_pretrained(src)
+    assert main(["convert", "--from", "hf", str(src), "--out", str(ours)]) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for argv, out, where in (
+            (["--to", "hf", str(ours)], ours, "is"),
+            (["--from", "hf", str(src)], src, "is"),
+            (["--from", "hf", str(src)], src / "sub", "is inside"),
+            (["--to", "hf", str(ours)], tmp_path, "contains")):
+        capsys.readouterr()
+        assert main(["convert", *argv, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"gptlab convert: error: {out}, field 'out': the output directory {where} the model "
+            f"being converted ({argv[2]}); choose another --out\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_convert_from_hf_without_a_tokenizer_warns(tmp_path, capsys):
+    _hf_model("gpt2").save_pretrained(tmp_path / "src")
+    capsys.readouterr()
+    assert main(["convert", "--from", "hf", str(tmp_path / "src"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path / 'src'} has no tokenizer (tokenizer.json): the converted model has "
+        f"none; copy tokenizer.json and tokenizer_config.json into it before generating or "
+        f"training\n")
+    assert not (tmp_path / "ours" / "tokenizer.json").exists()
+
+
 def test_convert_cli_round_trip(tmp_path):
     """HF -> gptlab directory -> HF, through the CLI; logits unchanged at every step."""
     from gptlab.checkpoint import load_model

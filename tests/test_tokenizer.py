@@ -294,3 +294,23 @@ def test_saved_tokenizer_renders_the_same_chat_in_transformers(tok, tmp_path):
     out = hf.apply_chat_template(CONVERSATION[:3], tokenize=True, add_generation_prompt=False)
     hf_ids = out["input_ids"] if hasattr(out, "keys") else out
     assert hf_ids == tok.render_chat(CONVERSATION[:3])[0]
+
+
+def test_text_that_is_not_utf8_is_refused(tok):
+    with pytest.raises(UserError) as e:
+        tok.encode("h\udcffi")  # how a byte that is not UTF-8 reaches Python from argv
+    assert e.value.message == "not UTF-8 text: byte 0xff at character 2 cannot be decoded"
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        tok.render_chat([{"role": "user", "content": "\udcc3"}], add_generation_prompt=True)
+
+
+def test_save_refuses_a_file_in_the_place_of_the_directory(tok, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError) as e:
+        tok.save(tmp_path / "afile")
+    assert str(e.value) == f"{tmp_path / 'afile'}: is a file, not a directory"
+    with pytest.raises(UserError) as e:
+        tok.save(tmp_path / "afile" / "sub")
+    assert str(e.value) == (f"{tmp_path / 'afile' / 'sub'}: parent is a file: "
+                            f"{tmp_path / 'afile'} is not a directory")
+    assert (tmp_path / "afile").read_text() == "x"

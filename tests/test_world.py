@@ -327,3 +327,56 @@ def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsy
     assert main(["world", "score", "--world", str(out), "--in", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:1" in err and "field 'responses'" in err
+
+
+def test_a_world_without_training_questions_exports_and_loads(tmp_path):
+    out = tmp_path / "w"
+    assert main(["world", "export", "--out", str(out), "--train", "0", "--validation", "5",
+                 "--test", "5", "--dialogs", "2", "--corpus-chars", "3000"]) == 0
+    assert (out / "sft.jsonl").read_text() == "" and len((out / "corpus.txt").read_text()) > 3000
+    test = json.loads((out / "test.jsonl").read_text().splitlines()[0])
+    assert load_world(out).check(test["id"], test["completion"]).kind == "correct"
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ([1], "expected a JSON object (the world's manifest)"),
+    ({"format": "gptlab-world/1", "options": {"n_train": "x"}},
+     "field 'options.n_train': must be an integer, got 'x'"),
+])
+def test_load_world_refuses_a_manifest_of_the_wrong_shape(tmp_path, manifest, message, capsys):
+    (tmp_path / "world.json").write_text(json.dumps(manifest))
+    assert main(["world", "check", "--world", str(tmp_path), "--id", "x", "SELECT 1"]) == 2
+    where = tmp_path / "world.json"
+    assert capsys.readouterr().err in (f"gptlab world: error: {where}: {message}\n",
+                                       f"gptlab world: error: {where}, {message}\n")
+
+
+def test_cli_score_refuses_non_string_responses_and_repeated_ids(tmp_path, capsys):
+    out = tmp_path / "world"
+    build_world(1, n_train=20, n_validation=5, n_test=5, n_dialogs=1,
+                corpus_chars=500, db_path=tmp_path / "c.sqlite").export(out)
+    qid, other = [json.loads(line)["id"]
+                  for line in (out / "test.jsonl").read_text().splitlines()[:2]]
+    bad = tmp_path / "bad.jsonl"
+    verdicts = tmp_path / "v.jsonl"
+    for lines, message in (
+            ([{"id": qid, "responses": [None]}],
+             f"{bad}:1, field 'responses': item 1 must be a response string, got null"),
+            ([{"id": qid, "responses": ["SELECT 1", 1]}],
+             f"{bad}:1, field 'responses': item 2 must be a response string, got a number"),
+            ([{"id": qid, "responses": "SELECT 1"}],
+             f"{bad}:1, field 'responses': must be a non-empty list of response strings, got a "
+             f"string"),
+            ([{"id": qid, "responses": ["SELECT 1"]}, {"id": other, "responses": ["SELECT 1"]},
+              {"id": qid, "responses": ["SELECT 2"]}],
+             f"{bad}:3, field 'id': id '{qid}' is repeated (first on line 1); score each "
+             f"question once, with all its responses on one line")):
+        bad.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        assert main(["world", "score", "--world", str(out), "--in", str(bad),
+                     "--out", str(verdicts)]) == 2
+        assert capsys.readouterr().err == f"gptlab world: error: {message}\n"
+        assert not verdicts.exists()
+    assert main(["world", "score", "--world", str(out), "--in", str(bad),
+                 "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"gptlab world: error: {tmp_path}: is a directory; give a " \
+                                      f"file name\n"

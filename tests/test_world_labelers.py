@@ -1,4 +1,6 @@
 """Simulated labelers: the careful order, calibrated disagreement, agreement between labelers."""
+import json
+
 import pytest
 
 from gptlab.errors import UserError
@@ -138,3 +140,27 @@ def test_the_label_verb_ties_by_default_and_not_with_no_ties(world, tmp_path):
         assert main(["label", "--world", str(tmp_path / "w"), "--in", str(tmp_path / "s.jsonl"),
                      "--out", str(out), "--disagreement", "0", *flags]) == 0
         assert read_jsonl(out)[0]["ranked"] == ranked
+
+
+def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path, capsys):
+    from gptlab.cli import main
+    world.export(tmp_path / "w")
+    good = {"id": world.test[0].id, "responses": ["SELECT 1", "SELECT name FROM employees"]}
+    samples, out = tmp_path / "s.jsonl", tmp_path / "r.jsonl"
+    for bad, message in (
+            ({"id": world.test[0].id, "responses": "SELECT 1"},
+             "field 'responses': must be a non-empty list of response strings, got a string"),
+            ({"id": world.test[0].id, "responses": [None, "SELECT 1"]},
+             "field 'responses': item 1 must be a response string, got null"),
+            ({"id": world.test[0].id, "responses": [1, 2]},
+             "field 'responses': item 1 must be a response string, got a number"),
+            ({"id": world.test[0].id}, "field 'responses': missing required field"),
+            ({"id": "s0-train-99999", "responses": ["SELECT 1", "SELECT 2"]},
+             "field 'id': no question with id 's0-train-99999' in this world"),
+            ({"responses": ["SELECT 1", "SELECT 2"]},
+             "field 'id': the sqlworld labeler needs each sample's 'id'")):
+        samples.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
+                     "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"gptlab label: error: {samples}:2, {message}\n"
+        assert not out.exists()

@@ -3,11 +3,14 @@
 The conversation is kept as messages and rendered with the tokenizer's chat template before
 every reply, so the model sees the whole (fitted) history each turn. Lines starting with "/"
 are commands: "/reset" forgets the history (the system prompt stays), "/exit" quits, as does
-end of input. Replies go to stdout; notes (dropped turns, a turn that cannot fit) go to stderr,
-so `printf 'question\\n' | gptlab chat --model M --greedy` prints just the answer.
+end of input. A line that is not UTF-8 text is an error (exit code 2) naming the line, rather
+than text the model would see as replacement characters. Replies go to stdout; notes (dropped
+turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' | gptlab chat --model M
+--greedy` prints just the answer.
 """
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ from gptlab.chat.context import TurnTooLong, fit_messages
 from gptlab.checkpoint import load_model
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
+from gptlab.tokenizer import check_text
 
 COMMANDS = {"/exit": "quit (end of input does too)", "/reset": "forget the conversation",
             "/help": "list these commands"}
@@ -104,15 +108,28 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
     interactive = stdin.isatty()
     if interactive:
         print("(" + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()) + ")", file=stderr)
+    if isinstance(stdin, io.TextIOWrapper):
+        # Bytes that are not UTF-8 then arrive as lone surrogates in their own line, which
+        # check_text names, instead of failing a read that may span many lines.
+        stdin.reconfigure(errors="surrogateescape")
     answered = 0
+    lineno = 0
     while True:
         if interactive:
             stdout.write("> ")
             stdout.flush()
-        line = stdin.readline()
+        lineno += 1
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError as e:
+            raise UserError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} cannot be decoded",
+                            path="<stdin>") from None
         if not line:  # end of input
             break
-        text = line.rstrip("\r\n")
+        try:
+            text = check_text(line.rstrip("\r\n"))
+        except UserError as e:
+            raise e.at("<stdin>", lineno) from None
         command = text.strip()
         if command == "/exit":
             break
@@ -142,6 +159,9 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
 
     if not cfg.model:
         raise UserError("chat needs --model")
+    # The sampling flags are checked before the model loads.
+    SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
+                   temperature=cfg.temperature, top_p=cfg.top_p)
     model, tok, _ = load_model(Path(cfg.model))
     if not isinstance(model, GPT):
         raise UserError("not a language model (a reward or value model has no text to say)",

@@ -137,6 +137,7 @@ def _iter_parquet(p: Path) -> Iterator[str]:
 
     try:
         schema = pq.read_schema(p)
+        rows = pq.read_metadata(p).num_rows
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"not a readable Parquet file ({e})", path=p) from None
     if TEXT_FIELD not in schema.names:
@@ -145,6 +146,8 @@ def _iter_parquet(p: Path) -> Iterator[str]:
     kind = schema.field(TEXT_FIELD).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"expected a string column, got {kind}", path=p, field=TEXT_FIELD)
+    if rows == 0:  # no documents (and `datasets` cannot stream a file without rows)
+        return
     with _quiet_datasets() as cache_dir:
         ds = datasets.load_dataset("parquet", data_files=glob.escape(str(p.resolve())),
                                    split="train", streaming=True, columns=[TEXT_FIELD],

@@ -2,7 +2,8 @@
 
 - demonstrations (SFT): `{"prompt": ..., "completion": ...}` or `{"messages": [...]}`
 - prompts (sample, PPO): `{"prompt": ...}` or `{"messages": [...]}` ending on a user turn
-- samples: `{"id": ..., "prompt": ..., "responses": [...]}` (other prompt fields carried along)
+- samples: `{"id": ..., "prompt": ..., "responses": [...]}` (other prompt fields carried along),
+  `responses` a non-empty list of strings
 - rankings: `{"prompt": ..., "ranked": [best, ..., worst]}` with K ≥ 2 distinct responses,
   an item being a response or a list of responses tied with each other (at least 2 levels),
   or `{"prompt": ..., "chosen": ..., "rejected": ...}` (K = 2)
@@ -160,6 +161,38 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not rows:
         raise UserError("no prompts in the file", path=path)
     return rows
+
+
+def responses_of(row: dict, path: str | Path = "", line: int | None = None) -> list[str]:
+    """The `responses` of a samples line: a non-empty list of strings."""
+    if "responses" not in row:
+        raise UserError("missing required field", path=path or None, line=line,
+                        field="responses")
+    responses = row["responses"]
+    if not isinstance(responses, list) or not responses:
+        raise UserError(f"must be a non-empty list of response strings, got "
+                        f"{_json_kind(responses)}", path=path or None, line=line,
+                        field="responses")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise UserError(f"item {i + 1} must be a response string, got {_json_kind(r)}",
+                            path=path or None, line=line, field="responses")
+    return responses
+
+
+def _json_kind(v: Any) -> str:
+    """How JSON names the type of `v` (for messages about a file's content)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string" if v else "an empty string"
+    if isinstance(v, list):
+        return "a list" if v else "an empty list"
+    return "an object"
 
 
 def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ranking:

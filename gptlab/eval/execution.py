@@ -64,6 +64,7 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
     writes: `id` and `responses` per line). The first response of each prompt is the one
     scored as the model's answer (the greedy one with `--greedy`); every response counts
     towards `all_responses`. Returns the summary and one verdict row per prompt."""
+    from gptlab.data.instruct import responses_of
     from gptlab.io import read_jsonl
     rows = read_jsonl(path, required=("id", "responses"))
     if not rows:
@@ -72,12 +73,17 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
     every: list[int] = []
     unseen: list[int] = []
     verdicts = []
+    line_of: dict[str, int] = {}
     for r in rows:
-        if not isinstance(r["responses"], list) or not r["responses"]:
-            raise UserError("must be a non-empty list of responses", path=path, line=r["_line"],
-                            field="responses")
+        responses = responses_of(r, path, r["_line"])
+        # A question counted twice would weigh twice in the accuracy.
+        seen = line_of.setdefault(str(r["id"]), r["_line"])
+        if seen != r["_line"]:
+            raise UserError(f"id {r['id']!r} is repeated (first on line {seen}); score each "
+                            f"question once, with all its responses on one line", path=path,
+                            line=r["_line"], field="id")
         try:
-            kinds = [world.check(str(r["id"]), str(resp).strip()).kind for resp in r["responses"]]
+            kinds = [world.check(str(r["id"]), resp.strip()).kind for resp in responses]
         except UserError as e:  # an id the world does not know: say where it came from
             raise e.at(path, r["_line"]) from None
         hits = [int(k == "correct") for k in kinds]

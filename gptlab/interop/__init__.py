@@ -9,12 +9,14 @@ HF directories need only safetensors and tokenizers; GGUF needs the `gguf` packa
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gptlab.errors import UserError
+from gptlab.io import check_dir_out
 from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
 from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
 
@@ -36,16 +38,35 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32
     raise UserError("expected a Hugging Face model directory or a .gguf file", path=p)
 
 
+def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, unless it is `src`, inside it or contains it: a conversion would
+    then overwrite (or mix its files into) the model it reads."""
+    out = Path(out_dir)
+    a, b = Path(src).resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        where = "is" if a == b else "is inside" if a in b.parents else "contains"
+        raise UserError(f"the output directory {where} the model being converted ({src}); "
+                        f"choose another --out", path=out, field="out")
+    check_dir_out(out)
+    return out
+
+
 def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None = None) -> Path:
-    """Import `src` (source 'hf', 'gguf' or None to detect) and write a gptlab model directory."""
+    """Import `src` (source 'hf', 'gguf' or None to detect) and write a gptlab model directory.
+    Without tokenizer files in `src` the directory has none either: a warning says so."""
     from gptlab.checkpoint import save_model
 
     p = Path(src)
+    check_out_apart(p, out_dir)
     if source == "gguf" and not (p.is_file() and p.suffix == ".gguf"):
         raise UserError("--from gguf expects a .gguf file", path=p)
     if source == "hf" and not p.is_dir():
         raise UserError("--from hf expects a Hugging Face model directory", path=p)
     model, tokenizer = load_pretrained(p)
+    if tokenizer is None:
+        print(f"warning: {p} has no tokenizer (tokenizer.json): the converted model has none; "
+              f"copy tokenizer.json and tokenizer_config.json into it before generating or "
+              f"training", file=sys.stderr)
     return save_model(out_dir, model, tokenizer, extra={"source": str(p)})
 
 
@@ -53,5 +74,6 @@ def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
     """Export a gptlab model directory (or anything `load_model` reads) to Hugging Face."""
     from gptlab.checkpoint import load_model
 
+    check_out_apart(src, out_dir)
     model, tokenizer, _ = load_model(src)
     return export_hf(model, tokenizer, out_dir)

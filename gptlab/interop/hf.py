@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gptlab.checkpoint import check_config
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, write_json_atomic
+from gptlab.io import atomic_path, ensure_dir, write_json_atomic
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 
@@ -29,17 +31,71 @@ Named = dict[str, tuple[str, Tensor]]
 
 # --- config ----------------------------------------------------------------------------------
 
+_MISSING = object()
+
+
+def _value(cfg: dict, key: str, path: Path, default: Any) -> Any:
+    if key in cfg:
+        return cfg[key]
+    if default is _MISSING:
+        raise UserError("required field is missing", path=path, field=key)
+    return default
+
+
+def _count(cfg: dict, key: str, path: Path, default: Any = _MISSING) -> Any:
+    """A positive integer field (None allowed only where `default` is None)."""
+    v = _value(cfg, key, path, default)
+    if v is None and default is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise UserError(f"must be a positive integer, got {v!r}", path=path, field=key)
+    return v
+
+
+def _positive(cfg: dict, key: str, path: Path, default: Any = _MISSING) -> float:
+    """A finite positive number field (epsilons, rope theta)."""
+    v = _value(cfg, key, path, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise UserError(f"must be a finite positive number, got {v!r}", path=path, field=key)
+    return float(v)
+
+
+def _flag(cfg: dict, key: str, path: Path, default: bool) -> bool:
+    v = _value(cfg, key, path, default)
+    if not isinstance(v, bool):
+        raise UserError(f"must be true or false, got {v!r}", path=path, field=key)
+    return v
+
+
+def _heads_fit(d: int, h: int, kv: int, head_dim_set: bool, path: Path,
+               keys: tuple[str, str, str]) -> None:
+    """Refuse a width that the heads do not split (without an explicit head_dim) and
+    key/value heads that do not divide the query heads; `keys` name width, heads, kv heads."""
+    width, heads, kv_heads = keys
+    if not head_dim_set and d % h:
+        raise UserError(f"{width} {d} is not divisible by {heads} {h}", path=path, field=heads)
+    if h % kv:
+        raise UserError(f"{heads} {h} is not a multiple of {kv_heads} {kv}", path=path,
+                        field=kv_heads)
+
 def _rope_theta(cfg: dict, path: Path) -> float:
     """rope theta from either layout (transformers 4: rope_theta + rope_scaling; 5:
     rope_parameters); any scaling changes the rotation, so it is refused."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    for d in (params, scaling):
+    for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(d, dict):
+            raise UserError(f"expected an object, got {d!r}", path=path, field=key)
         kind = d.get("rope_type", d.get("type", "default"))
         if kind not in (None, "default"):
             raise UserError(f"rope scaling '{kind}' is not supported (only plain rotary "
                             f"positions map to gptlab)", path=path, field="rope_scaling")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if "rope_theta" in params:
+        try:
+            return _positive(params, "rope_theta", path)
+        except UserError as e:
+            raise UserError(e.message, path=path, field="rope_parameters.rope_theta") from None
+    return _positive(cfg, "rope_theta", path, 10000.0)
 
 
 def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
@@ -54,12 +110,15 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
         if cfg.get(key, ok) != ok:
             raise UserError(f"{key}={cfg[key]} changes the attention and does not map to "
                             f"gptlab", path=path, field=key)
-    return GPTConfig(vocab_size=cfg["vocab_size"], context=cfg.get("n_positions", 1024),
-                     n_layers=cfg["n_layer"], n_heads=cfg["n_head"], d_model=cfg["n_embd"],
-                     d_ff=cfg.get("n_inner"), positions="learned", norm="layernorm",
-                     norm_eps=cfg.get("layer_norm_epsilon", 1e-5), prenorm=True,
-                     activation=acts[act], bias=True,
-                     tie_embeddings=cfg.get("tie_word_embeddings", True))
+    d, h = _count(cfg, "n_embd", path), _count(cfg, "n_head", path)
+    _heads_fit(d, h, h, False, path, ("n_embd", "n_head", "n_head"))
+    return GPTConfig(vocab_size=_count(cfg, "vocab_size", path),
+                     context=_count(cfg, "n_positions", path, 1024),
+                     n_layers=_count(cfg, "n_layer", path), n_heads=h, d_model=d,
+                     d_ff=_count(cfg, "n_inner", path, None), positions="learned",
+                     norm="layernorm", norm_eps=_positive(cfg, "layer_norm_epsilon", path, 1e-5),
+                     prenorm=True, activation=acts[act], bias=True,
+                     tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True))
 
 
 def _llama_config(cfg: dict, path: Path) -> GPTConfig:
@@ -67,10 +126,13 @@ def _llama_config(cfg: dict, path: Path) -> GPTConfig:
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (the Llama family "
                         f"maps to SwiGLU, which needs silu)", path=path, field="hidden_act")
-    n_pos = cfg.get("max_position_embeddings", 2048)
+    n_pos = _count(cfg, "max_position_embeddings", path, 2048)
     window = cfg.get("sliding_window")
     if mtype == "qwen2" and not cfg.get("use_sliding_window", False):
         window = None
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+        raise UserError(f"must be an integer or null, got {window!r}", path=path,
+                        field="sliding_window")
     if window is not None and window < n_pos:
         raise UserError(f"sliding-window attention (window {window} < context {n_pos}) is not "
                         f"supported", path=path, field="sliding_window")
@@ -80,36 +142,42 @@ def _llama_config(cfg: dict, path: Path) -> GPTConfig:
     if mtype == "qwen2":
         bias, qkv_bias = False, True  # Qwen2: biases on Q, K, V only
     else:
-        attn_bias, mlp_bias = cfg.get("attention_bias", False), cfg.get("mlp_bias", False)
+        attn_bias = _flag(cfg, "attention_bias", path, False)
+        mlp_bias = _flag(cfg, "mlp_bias", path, False)
         if attn_bias != mlp_bias:
             raise UserError(f"attention_bias={attn_bias} with mlp_bias={mlp_bias} does not map "
                             f"(gptlab puts biases on all linear layers or on none)", path=path,
                             field="attention_bias")
         bias, qkv_bias = attn_bias, None
-    d, h = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or d // h
-    return GPTConfig(vocab_size=cfg["vocab_size"], context=n_pos,
-                     n_layers=cfg["num_hidden_layers"], n_heads=h,
-                     n_kv_heads=cfg.get("num_key_value_heads") or h, d_model=d,
-                     d_ff=cfg["intermediate_size"],
+    d, h = _count(cfg, "hidden_size", path), _count(cfg, "num_attention_heads", path)
+    kv = _count(cfg, "num_key_value_heads", path, None) or h
+    explicit_head_dim = _count(cfg, "head_dim", path, None)
+    _heads_fit(d, h, kv, explicit_head_dim is not None, path,
+               ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    head_dim = explicit_head_dim or d // h
+    return GPTConfig(vocab_size=_count(cfg, "vocab_size", path), context=n_pos,
+                     n_layers=_count(cfg, "num_hidden_layers", path), n_heads=h,
+                     n_kv_heads=kv, d_model=d, d_ff=_count(cfg, "intermediate_size", path),
                      head_dim=None if head_dim * h == d else head_dim,
                      positions="rotary", rope_theta=_rope_theta(cfg, path), norm="rmsnorm",
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), prenorm=True, activation="swiglu",
-                     bias=bias, qkv_bias=qkv_bias,
-                     tie_embeddings=cfg.get("tie_word_embeddings", False))
+                     norm_eps=_positive(cfg, "rms_norm_eps", path, 1e-6), prenorm=True,
+                     activation="swiglu", bias=bias, qkv_bias=qkv_bias,
+                     tie_embeddings=_flag(cfg, "tie_word_embeddings", path, False))
 
 
 def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
     """The GPTConfig of a Hugging Face config.json, or a UserError naming what does not map."""
     mtype = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"expected a list of class names, got {archs!r}", path=path,
+                        field="architectures")
     if mtype not in SUPPORTED_HF:
-        raise UserError(f"architecture '{mtype}' ({', '.join(cfg.get('architectures') or [])}) "
-                        f"is not supported (supported: {', '.join(SUPPORTED_HF)})", path=path,
-                        field="model_type")
-    try:
-        return _gpt2_config(cfg, path) if mtype == "gpt2" else _llama_config(cfg, path)
-    except KeyError as e:
-        raise UserError("required field is missing", path=path, field=e.args[0]) from None
+        raise UserError(f"architecture {mtype!r} ({', '.join(archs)}) is not supported "
+                        f"(supported: {', '.join(SUPPORTED_HF)})", path=path, field="model_type")
+    out = _gpt2_config(cfg, path) if mtype == "gpt2" else _llama_config(cfg, path)
+    check_config(out, path)  # what the fields above do not cover, by gptlab's names
+    return out
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -318,9 +386,16 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
     if not cfg_path.exists():
         raise UserError("not a Hugging Face model directory (config.json is missing)", path=d)
     try:
-        raw = json.loads(cfg_path.read_text())
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", path=cfg_path, line=e.lineno) from None
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", path=cfg_path) from None
+    if not isinstance(raw, dict):
+        raise UserError("expected a JSON object", path=cfg_path)
+    if str(raw.get("format", "")).startswith("gptlab/"):
+        raise UserError(f"a gptlab model directory (format {raw['format']!r}), not a Hugging "
+                        f"Face one", path=cfg_path, field="format")
     cfg = hf_config_to_gpt(raw, cfg_path)
     sd = read_safetensors_dir(d)
     if is_sequence_classifier(raw):
@@ -450,10 +525,7 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
         raise UserError(f"only decoder-only GPT models export to Hugging Face, not "
                         f"{type(model).__name__}")
     family = _export_family(model.config)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a directory", path=out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     dtype = model.tok_emb.weight.dtype
     if tokenizer is not None:
         tokenizer.save(out)  # tokenizer.json + tokenizer_config.json with the chat template

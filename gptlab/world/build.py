@@ -45,8 +45,14 @@ class WorldOptions:
     corpus_chars: int = 1_000_000
 
     def validate(self) -> None:
-        for f in ("n_train", "n_validation", "n_test", "n_dialogs", "corpus_chars"):
-            if getattr(self, f) < 0:
+        for f in ("seed", "schema_seed", "n_train", "n_validation", "n_test", "n_dialogs",
+                  "corpus_chars"):
+            v = getattr(self, f)
+            if v is None and f == "schema_seed":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise UserError(f"must be an integer, got {v!r}", field=f)
+            if v < 0 and f not in ("seed", "schema_seed"):
                 raise UserError(f"must be >= 0, got {getattr(self, f)}", field=f)
 
 
@@ -236,6 +242,10 @@ def load_world(directory: str | Path) -> World:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", path=manifest_path, line=e.lineno) from None
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", path=manifest_path) from None
+    if not isinstance(manifest, dict):
+        raise UserError("expected a JSON object (the world's manifest)", path=manifest_path)
     if manifest.get("format") != FORMAT:
         raise UserError(f"expected format '{FORMAT}', got {manifest.get('format')!r}",
                         path=manifest_path, field="format")
@@ -244,10 +254,15 @@ def load_world(directory: str | Path) -> World:
     if not isinstance(raw, dict) or set(raw) - known:
         raise UserError(f"expected an object with fields {sorted(known)}", path=manifest_path,
                         field="options")
+    options = WorldOptions(**raw)
+    try:
+        options.validate()
+    except UserError as e:
+        raise UserError(e.message, path=manifest_path, field=f"options.{e.field}") from None
     db_path = directory / str(manifest.get("database", "company.sqlite"))
     if not db_path.is_file():
         raise UserError("database file not found", path=db_path)
-    world = _build(WorldOptions(**raw), db_path, write_db=False)
+    world = _build(options, db_path, write_db=False)
     if manifest.get("fingerprint") != world.fingerprint():
         raise UserError("this world was exported by a different version of gptlab: its gold "
                         "SQL cannot be rebuilt; export it again", path=manifest_path,

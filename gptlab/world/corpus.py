@@ -48,10 +48,13 @@ def build_corpus(company: Company, schema: Schema, train: list[Question],
         (0.15, lambda: _result_doc(rng.choice(train_combos))),
         (0.05, lambda: _schema_doc(schema)),
     ]
+    # Without training questions (or without facts) the documents made of them are left out.
+    makers = [(w, m) for (w, m), source in zip(makers, (facts, train, train_combos, [schema]))
+              if source]
     weights = [w for w, _ in makers]
     docs: list[str] = []
     size = 0
-    while size < target_chars and (train or facts):
+    while size < target_chars:
         make = rng.choices([m for _, m in makers], weights)[0]
         doc = make()
         docs.append(doc)
