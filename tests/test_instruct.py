@@ -112,7 +112,8 @@ def test_a_bad_samples_file_for_normalisation_fails_before_training(run, tmp_pat
 def test_value_model_equals_reward_model_at_start(run):
     d, paths = run
     t = PPOTrainer(PPOConfig(policy=str(d / "sft"), reward=str(d / "rm"),
-                             prompts=str(paths["prompts"]), out=str(d / "unused")))
+                             prompts=str(paths["prompts"]), out=str(d / "unused"),
+                             max_new_tokens=8))
     rm = t.reward_model
     assert abs(rm.score_bias.item()) > 0.01 and abs(rm.score_scale.item() - 1) > 0.01
     ids = torch.randint(0, 200, (2, 12))
@@ -160,24 +161,30 @@ def test_ppo_with_a_reward_function_and_ptx(run):
     assert mean([r["reward"] for r in rows[-3:]]) > mean([r["reward"] for r in rows[:3]])
 
 
-@pytest.mark.parametrize("fn,message", [("instruct_task:raising_reward_fn", "raised RuntimeError"),
-                                        ("instruct_task:nan_reward_fn", "non-finite score (nan)"),
-                                        ("instruct_task:text_reward_fn", "returned a str ('1.0')"),
-                                        ("instruct_task:missing", "cannot load")])
+@pytest.mark.parametrize("fn,message", [
+    ("instruct_task:raising_reward_fn", "the reward function instruct_task:raising_reward_fn "
+                                        "raised RuntimeError: scorer crashed"),
+    ("instruct_task:nan_reward_fn", "the reward function instruct_task:nan_reward_fn returned "
+                                    "a non-finite score (nan) for prompt id t"),
+    ("instruct_task:text_reward_fn", "the reward function instruct_task:text_reward_fn "
+                                     "returned a str ('1.0') for prompt id t"),
+    ("instruct_task:missing", "cannot load 'instruct_task:missing': module instruct_task has no "
+                              "'missing'")])
 def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
     d, paths = run
     code = main(["ppo", "--policy", str(d / "sft"), "--reward-fn", fn,
                  "--prompts", str(paths["prompts"]), "--out", str(d / "ppo_bad"), "--steps", "1",
-                 "--batch-size", "4", "--max-new-tokens", "4"])
+                 "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "4"])
     assert code == 2
-    assert message in capsys.readouterr().err
+    assert f"field 'reward_fn': {message}" in capsys.readouterr().err
+    assert not (d / "ppo_bad").exists()   # it failed before its first step: nothing written
 
 
 def test_a_reward_function_may_return_numpy_numbers(run):
     d, paths = run
     assert main(["ppo", "--policy", str(d / "sft"), "--reward-fn", "instruct_task:numpy_reward_fn",
                  "--prompts", str(paths["prompts"]), "--out", str(d / "ppo_np"), "--steps", "1",
-                 "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+                 "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "4"]) == 0
     row = json.loads((d / "ppo_np" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["step"] == 1 and row["reward"] >= 0
 
@@ -206,7 +213,7 @@ def test_ppo_with_a_hugging_face_sequence_classifier_as_reward_model(run, tmp_pa
 def test_ppo_takes_exactly_one_reward_source(run):
     d, paths = run
     cfg = PPOConfig(policy=str(d / "sft"), prompts=str(paths["prompts"]), out=str(d / "x"),
-                    reward=str(d / "rm"))
+                    reward=str(d / "rm"), max_new_tokens=8)
     with pytest.raises(UserError, match="exactly one"):
         PPOTrainer(cfg, reward_fn=task.reward_fn)
     with pytest.raises(UserError, match="exactly one"):

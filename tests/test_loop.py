@@ -15,9 +15,9 @@ from gptlab.data.tokens import BlockBatches, EpochSampler, fixed_batches
 from gptlab.errors import UserError
 from gptlab.model.gpt import GPT
 from gptlab.model.presets import get_preset
-from gptlab.train.loop import (MetricsLog, TrainConfig, accumulate_gradients, clip_gradients,
-                               lr_at, make_optimizer, read_metrics, select_device,
-                               steps_for_budget, train)
+from gptlab.train.loop import (MetricsLog, TrainConfig, accumulate_gradients, check_run_dir,
+                               clip_gradients, lr_at, make_optimizer, read_metrics,
+                               select_device, steps_for_budget, train)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -127,6 +127,61 @@ def test_config_and_device_errors_name_the_field():
     with pytest.raises(UserError, match="device"):
         select_device("tpu")
     assert select_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"beta1": 2.0}, "field 'beta1': must be in [0, 1), got 2.0"),
+    ({"beta2": -1.0}, "field 'beta2': must be in [0, 1), got -1.0"),
+    ({"lr": math.inf}, "field 'lr': must be a finite number, got inf"),
+    ({"weight_decay": math.nan}, "field 'weight_decay': must be a finite number, got nan"),
+    ({"weight_decay": -0.1}, "field 'weight_decay': must be >= 0, got -0.1"),
+    ({"max_minutes": math.inf}, "field 'max_minutes': must be a finite number, got inf"),
+    ({"clip": -1.0}, "field 'clip': must be >= 0, got -1.0"),
+    ({"device": "nope"}, "field 'device': unknown device 'nope'"),
+])
+def test_impossible_training_settings_name_the_field(values, message):
+    with pytest.raises(UserError) as err:
+        TrainConfig(**values).check()
+    assert str(err.value).startswith(message)
+
+
+def _model_dir(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("out,model,message", [
+    ("m", "m", "field 'out': is the input model (--model); training would overwrite it; "
+               "choose another --out"),
+    ("m/run", "m", "field 'out': is inside the input model {model} (--model); choose another "
+                   "--out"),
+    (".", "m", "field 'out': holds the input model {model} (--model); choose another --out"),
+])
+def test_a_run_directory_may_not_overlap_an_input_model(tmp_path, out, model, message):
+    model = _model_dir(tmp_path / model)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(UserError) as err:
+        check_run_dir(tmp_path / out, False, {"model": str(model), "value": None})
+    assert str(err.value) == f"{tmp_path / out}, " + message.format(model=model)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_run_directory_with_a_run_or_a_model_needs_resume(tmp_path):
+    out = tmp_path / "run"
+    assert check_run_dir(out, False) is None and not out.exists()
+    with pytest.raises(UserError, match="field 'resume': nothing to resume"):
+        check_run_dir(out, True)
+    _model_dir(out)
+    with pytest.raises(UserError) as err:
+        check_run_dir(out, False)
+    assert str(err.value) == (f"{out}, field 'out': already holds a finished model and no "
+                              "checkpoint to continue from; choose another --out (a run saved "
+                              "with --save-every continues with --resume)")
+    path = Checkpointer(out).save(1, tiny())
+    with pytest.raises(UserError, match="already holds a training run; pass --resume"):
+        check_run_dir(out, False)
+    assert check_run_dir(out, True) == path
 
 
 # --- sampler ------------------------------------------------------------------------------------

@@ -118,3 +118,70 @@ def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run):
     md = (run / "report.md").read_text()
     assert "PPO on the execution reward − SFT" in md and "Best of K = 2" in md
     assert "Ceiling: PPO on the execution reward, trained on the test prompts" in md
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "nope"], "field 'preset': unknown preset 'nope'"),
+    (["--preset", "transformer-base"], "field 'preset': preset 'transformer-base' is not a "
+                                       "decoder-only GPT"),
+    (["--rounds", "0"], "field 'rounds': must be >= 1, got 0"),
+    (["--threads", "0"], "field 'threads': must be >= 1, got 0"),
+    (["--pretrain-lr", "inf"], "field 'pretrain_lr': must be a finite number, got inf"),
+    (["--sft-steps", "0"], "field 'sft_steps': must be >= 1, got 0"),
+    (["--sft-examples", "-1"], "field 'sft_examples': must be >= 1, got -1"),
+    (["--disagreement", "3"], "field 'disagreement': must be in [0, 0.5] (0.5 is a random "
+                              "ranking), got 3.0"),
+    (["--k", "0"], "field 'k': must be >= 2 (responses to rank per prompt), got 0"),
+    (["--k", "1"], "field 'k': must be >= 2 (responses to rank per prompt), got 1"),
+    (["--sample-temperature", "-1"], "field 'sample_temperature': must be > 0, got -1.0"),
+    (["--reward-epochs", "0"], "field 'reward_epochs': must be > 0, got 0.0"),
+    (["--ppo-steps", "-1"], "field 'ppo_steps': must be >= 1, got -1"),
+    (["--ppo-minibatch", "64"], "field 'ppo_minibatch': must be in [1, ppo_batch (32)], got 64"),
+    (["--kl-coef", "-1"], "field 'kl_coef': must be >= 0, got -1.0"),
+    (["--ppo-temperature", "nan"], "field 'ppo_temperature': must be a finite number, got nan"),
+    (["--max-new-tokens", "384"], "field 'max_new_tokens': must be in [1, 384) (the preset's "
+                                  "context is 384), got 384"),
+    (["--eval-limit", "-1"], "field 'eval_limit': must be >= 1, got -1"),
+    (["--demonstrator-flaw", "order", "--demonstrator-flaw-rate", "2"],
+     "field 'demonstrator_flaw_rate': must be in [0, 1], got 2.0"),
+    (["--world", "nowhere"], "nowhere, field 'world': not an exported world (no world.json)"),
+])
+def test_bad_options_fail_before_any_stage_runs(tmp_path, capsys, args, message):
+    out = tmp_path / "demo"
+    assert main(["pipeline", "--out", str(out), *args]) == 2
+    assert f"gptlab pipeline: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_stage_settings_name_the_pipeline_option(monkeypatch, tmp_path):
+    """A stage's own check, run before any stage, names the option that set the value."""
+    from gptlab.errors import UserError
+    from gptlab.train import ppo
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+
+    def check(self):
+        raise UserError("must be > 0, got 5e-05", field="lr")
+    monkeypatch.setattr(ppo.PPOConfig, "check", check)
+    with pytest.raises(UserError) as err:
+        Pipeline(PipelineConfig(out=str(tmp_path / "demo")))
+    assert str(err.value) == ("field 'ppo_lr': gives the ppo stage an impossible lr: must be > 0, "
+                              "got 5e-05")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_stage_stopped_after_a_checkpoint_is_resumed(tmp_path):
+    import torch
+    from gptlab.checkpoint import Checkpointer
+    from gptlab.model import GPT, get_preset
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    pipe = Pipeline(PipelineConfig(out=str(tmp_path)))
+    configs = {"pretrain": pipe.pretrain_config,
+               "sft": lambda: pipe.sft_config(tmp_path / "m", tmp_path / "d"),
+               "round-1/reward": lambda: pipe.reward_config(tmp_path / "m", tmp_path / "d", 1),
+               "sft_continued": lambda: pipe.sft_continued_config(tmp_path / "m", tmp_path / "d")}
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny"))
+    for stage, config in configs.items():
+        assert not config().resume, stage
+        Checkpointer(tmp_path / stage).save(1, model)
+        assert config().resume, stage

@@ -183,9 +183,8 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path):
     with pytest.raises(UserError, match="field 'batch_size': was written with other settings "
                                         r"\(batch_size: 4 there, 8 now\)"):
         ppo(dataclasses.replace(cfg, resume=True, steps=2, batch_size=8), reward_fn=varied_reward)
-    with pytest.raises(UserError, match="field 'policy'"):
-        ppo(dataclasses.replace(cfg, resume=True, policy=str(tmp_path / "run")),
-            reward_fn=varied_reward)
+    with pytest.raises(UserError, match="field 'seed'"):
+        ppo(dataclasses.replace(cfg, resume=True, seed=1), reward_fn=varied_reward)
     # Where to stop, how often to save and the device may change.
     ppo(dataclasses.replace(cfg, resume=True, steps=2, save_every=0), reward_fn=varied_reward)
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
@@ -199,3 +198,123 @@ def test_the_pipeline_resumes_a_ppo_stage_with_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     Checkpointer(out).save(1, GPT(get_preset("tiny")))
     assert pipe.ppo_config(*args).resume
+
+
+# --- bad input: exit code 2, a message naming the field, nothing new in --out -------------------
+
+def raising_reward(prompts, responses, records):
+    raise RuntimeError("boom from reward fn")
+
+
+def ppo_args(d, out, *args):
+    return ["ppo", "--policy", str(d / "policy"), "--prompts", str(d / "prompts.jsonl"),
+            "--reward-fn", f"{__name__}:varied_reward", "--steps", "1", "--batch-size", "2",
+            "--minibatch-size", "2", "--max-new-tokens", "4", "--device", "cpu", "--out",
+            str(out), *args]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "field 'steps': must be >= 1, got 0"),
+    (["--steps", "-1"], "field 'steps': must be >= 1, got -1"),
+    (["--batch-size", "0"], "field 'batch_size': must be >= 1, got 0"),
+    (["--minibatch-size", "0"], "field 'minibatch_size': must be >= 1, got 0"),
+    (["--minibatch-size", "4"], "field 'minibatch_size': must be <= batch_size (2), got 4"),
+    (["--ppo-epochs", "0"], "field 'ppo_epochs': must be >= 1, got 0"),
+    (["--lr", "-1"], "field 'lr': must be > 0, got -1.0"),
+    (["--lr", "inf"], "field 'lr': must be a finite number, got inf"),
+    (["--warmup-steps", "-1"], "field 'warmup_steps': must be >= 0, got -1"),
+    (["--weight-decay", "-1"], "field 'weight_decay': must be >= 0, got -1.0"),
+    (["--grad-clip", "-1"], "field 'grad_clip': must be >= 0 (0: no clipping), got -1.0"),
+    (["--kl-coef", "-1"], "field 'kl_coef': must be >= 0, got -1.0"),
+    (["--kl-estimator", "k9"], "field 'kl_estimator': must be one of k1, k3, got k9"),
+    (["--adaptive-kl", "--target-kl", "0"], "field 'target_kl': must be > 0 with adaptive_kl, "
+                                            "got 0.0"),
+    (["--kl-horizon", "0"], "field 'kl_horizon': must be >= 1, got 0"),
+    (["--clip", "0"], "field 'clip': must be > 0, got 0.0"),
+    (["--value-clip", "-0.2"], "field 'value_clip': must be > 0, got -0.2"),
+    (["--vf-coef", "-1"], "field 'vf_coef': must be >= 0, got -1.0"),
+    (["--gae-gamma", "1.5"], "field 'gae_gamma': must be in [0, 1], got 1.5"),
+    (["--gae-lambda", "-0.1"], "field 'gae_lambda': must be in [0, 1], got -0.1"),
+    (["--temperature", "0"], "field 'temperature': must be > 0, got 0.0"),
+    (["--temperature", "nan"], "field 'temperature': must be a finite number, got nan"),
+    (["--top-k", "0"], "field 'top_k': must be >= 1, got 0"),
+    (["--top-p", "0"], "field 'top_p': must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "field 'top_p': must be in (0, 1], got 1.5"),
+    (["--max-new-tokens", "0"], "field 'max_new_tokens': must be >= 1, got 0"),
+    (["--max-new-tokens", "-2"], "field 'max_new_tokens': must be >= 1, got -2"),
+    (["--max-new-tokens", "64"], "field 'max_new_tokens': must be below the policy's context "
+                                 "of 64, got 64"),
+    (["--missing-eos-penalty", "inf"], "field 'missing_eos_penalty': must be a finite number, "
+                                       "got inf"),
+    (["--ptx-coef", "-0.1"], "field 'ptx_coef': must be >= 0, got -0.1"),
+    (["--ptx-batch-size", "0"], "field 'ptx_batch_size': must be >= 1, got 0"),
+    (["--ptx-block-size", "0"], "field 'ptx_block_size': must be >= 1, got 0"),
+    (["--save-every", "-1"], "field 'save_every': must be >= 0, got -1"),
+    (["--device", "nope"], "field 'device': unknown device 'nope'"),
+    (["--reward-fn", "syntaxmod:f"], "field 'reward_fn': cannot load 'syntaxmod:f': importing "
+                                     "syntaxmod failed with SyntaxError: invalid syntax"),
+    (["--reward-fn", ":f"], "field 'reward_fn': ':f' should look like module:function"),
+    (["--reward-fn", "varied_reward"], "field 'reward_fn': 'varied_reward' should look like "
+                                       "module:function"),
+    (["--reward-fn", "syntaxfree:nope"], "field 'reward_fn': cannot load 'syntaxfree:nope': "
+                                         "module syntaxfree has no 'nope'"),
+    (["--reward-fn", "syntaxfree:x"], "field 'reward_fn': cannot load 'syntaxfree:x': x is not "
+                                      "callable"),
+    (["--reward-fn", "syntaxfree:boom"], "field 'reward_fn': the reward function "
+                                         "syntaxfree:boom raised RuntimeError: boom from reward fn"),
+    (["--reward-fn", "syntaxfree:short"], "field 'reward_fn': the reward function "
+                                          "syntaxfree:short returned 1 scores for 2 responses"),
+])
+def test_impossible_settings_fail_before_anything_is_written(setup, tmp_path, monkeypatch,
+                                                             capsys, args, message):
+    d, _, _ = setup
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "syntaxmod.py").write_text("def f(:\n")
+    (mods / "syntaxfree.py").write_text(
+        "def boom(p, r, rec):\n    raise RuntimeError('boom from reward fn')\n\n"
+        "def short(p, r, rec):\n    return [1.0]\n\nx = 3\n")
+    monkeypatch.syspath_prepend(str(mods))
+    out = tmp_path / "run"
+    assert main(ppo_args(d, out, *args)) == 2
+    assert f"gptlab ppo: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_no_prompt_that_fits_is_a_clear_error_that_leaves_nothing(setup, tmp_path, capsys):
+    d, _, _ = setup
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"prompt": "cat " * 80}) + "\n")
+    out = tmp_path / "run"
+    args = ppo_args(d, out)
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert main(args) == 2
+    assert (f"{prompts}: none of the 1 prompts drawn for step 1 fits the policy's context of 64 "
+            "tokens with max_new_tokens 4; use shorter prompts or a smaller --max-new-tokens"
+            in capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, capsys):
+    d, _, _ = setup
+    out = tmp_path / "run"
+    assert main(ppo_args(d, out)) == 0                     # save_every 0: no checkpoint
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(ppo_args(d, out)) == 2
+    assert (f"{out}, field 'out': already holds a finished model and no checkpoint to continue "
+            "from; choose another --out (a run saved with --save-every continues with --resume)"
+            in capsys.readouterr().err)
+    assert main(ppo_args(d, out, "--resume")) == 2
+    assert "field 'resume': nothing to resume" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+    policy, other = d / "policy", tmp_path / "other"
+    shutil.copytree(policy, other)
+    before = {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]}
+    assert main(ppo_args(d, policy / "ppo")) == 2
+    assert (f"{policy / 'ppo'}, field 'out': is inside the input model {policy} (--policy); "
+            "choose another --out") in capsys.readouterr().err
+    for flag in ("--reference", "--value"):
+        assert main([*ppo_args(d, other), flag, str(other)]) == 2
+        assert (f"{other}, field 'out': is the input model ({flag}); training would overwrite "
+                "it; choose another --out") in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]} == before

@@ -276,3 +276,34 @@ def test_a_hub_dataset_name_is_passed_to_datasets_and_fails_clearly_offline(tmp_
     assert r.returncode == 2
     assert "someuser/corpus" in r.stderr and "Hugging Face Hub dataset" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--beta1", "2"], "field 'beta1': must be in [0, 1), got 2.0"),
+    (["--lr", "inf"], "field 'lr': must be a finite number, got inf"),
+    (["--lr", "nan"], "field 'lr': must be a finite number, got nan"),
+    (["--sample-tokens", "-1"], "field 'sample_tokens': must be >= 0, got -1"),
+    (["--val-fraction", "1"], "field 'val_fraction': must be in [0, 1), got 1.0"),
+    (["--device", "nope"], "field 'device': unknown device 'nope'"),
+])
+def test_impossible_settings_fail_before_anything_is_written(corpus, tmp_path, capsys, args,
+                                                             message):
+    out = tmp_path / "run"
+    assert run("--data", str(corpus[0] / "a.txt"), "--tokenizer", str(corpus[0] / "tok"),
+               "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *args) == 2
+    assert f"gptlab pretrain: error: {message}" in capsys.readouterr().err
+    _nothing_left(tmp_path, out)
+
+
+def test_continuing_a_model_directory_into_itself_is_refused(corpus, tmp_path, capsys):
+    d, _, _ = corpus
+    base = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    one = tmp_path / "one"
+    assert run(*base, "--tokenizer", str(d / "tok"), "--out", str(one)) == 0
+    files = {p: p.stat().st_mtime_ns for p in one.rglob("*")}
+    for out, why in ((one, "is the input model (--model); training would overwrite it"),
+                     (one / "more", f"is inside the input model {one} (--model)")):
+        assert run(*base, "--model", str(one), "--out", str(out)) == 2
+        assert f"{out}, field 'out': {why}; choose another --out" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in one.rglob("*")} == files

@@ -1,4 +1,6 @@
-"""The reward model's batches, loss and accuracy with tied responses."""
+"""The reward model's batches, loss and accuracy with tied responses; bad settings."""
+import dataclasses
+import json
 import math
 
 import pytest
@@ -78,3 +80,73 @@ def test_shared_prompt_scoring_equals_scoring_each_sequence_whole():
     reward_loss(model, whole).backward()
     for g, p in zip(ga, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+# --- bad input: exit code 2, a message naming the field, nothing new in --out -------------------
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny model directory (the reward model's start) and chosen/rejected rankings."""
+    import instruct_task as task
+    from gptlab.checkpoint import save_model
+    from gptlab.model import GPT, get_preset
+    from gptlab.tokenizer import train_tokenizer
+    d = tmp_path_factory.mktemp("reward_cli")
+    paths = task.write_task(d, n=20)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    save_model(d / "sft", GPT(config), tok)
+    rankings = d / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"Is the cat happy? {i}",
+                                            "chosen": " yes", "rejected": " no"}) + "\n"
+                                for i in range(12)))
+    return d, rankings
+
+
+def run_reward(base, out, *args):
+    from gptlab.cli import main
+    d, rankings = base
+    return main(["reward", "--model", str(d / "sft"), "--data", str(rankings), "--out",
+                 str(out), "--max-steps", "1", "--batch-size", "4", "--no-progress",
+                 "--device", "cpu", *args])
+
+
+def snapshot(path):
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")} if path.exists() else None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0", "max_steps=null"], "field 'epochs': must be > 0, got 0.0"),
+    (["--val-fraction", "-1"], "field 'val_fraction': must be in [0, 1), got -1.0"),
+    (["--val-fraction", "1"], "field 'val_fraction': must be in [0, 1), got 1.0"),
+    (["--beta1", "1"], "field 'beta1': must be in [0, 1), got 1.0"),
+    (["--weight-decay", "nan"], "field 'weight_decay': must be a finite number, got nan"),
+    (["--resume"], "checkpoints, field 'resume': nothing to resume: no checkpoint in this run "
+                   "directory"),
+])
+def test_impossible_settings_fail_before_anything_is_written(base, tmp_path, capsys, args,
+                                                             message):
+    out = tmp_path / "rm"
+    assert run_reward(base, out, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, capsys):
+    d, _ = base
+    out = tmp_path / "rm"
+    assert run_reward(base, out) == 0
+    files = snapshot(out)
+    assert run_reward(base, out) == 2
+    assert (f"{out}, field 'out': already holds a training run; pass --resume to continue it, "
+            "or choose another --out") in capsys.readouterr().err
+    assert snapshot(out) == files
+    before = snapshot(d)
+    for target, why in ((d / "sft", "is the input model (--model); training would overwrite it"),
+                        (d, f"holds the input model {d / 'sft'} (--model)")):
+        assert run_reward(base, target) == 2
+        assert f"{target}, field 'out': {why}; choose another --out" in capsys.readouterr().err
+    assert snapshot(d) == before
+    assert run_reward(base, out, "--resume", "--max-steps", "2") == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 2

@@ -72,3 +72,103 @@ def test_execution_accuracy_with_val_data_is_on_its_first_records(setup, tmp_pat
         sft(dataclasses.replace(cfg, val_data=str(val), exec_eval=5))
     assert seen["exec"] == read_jsonl(val)[:5]
     assert len(seen["train"]) == 60                        # all of --data is trained on
+
+
+# --- bad input: exit code 2, a message naming the field, nothing new in --out -------------------
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny model directory and demonstrations that fit its context."""
+    d = tmp_path_factory.mktemp("sft_cli")
+    paths = task.write_task(d, n=40)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    save_model(d / "base", GPT(config), tok)
+    return d, paths
+
+
+def run_sft(base, out, *args):
+    from gptlab.cli import main
+    d, paths = base
+    return main(["sft", "--model", str(d / "base"), "--data", str(paths["sft"]), "--out",
+                 str(out), "--max-steps", "1", "--batch-size", "4", "--no-progress",
+                 "--device", "cpu", *args])
+
+
+def snapshot(path):
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")} if path.exists() else None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--beta2", "-1"], "field 'beta2': must be in [0, 1), got -1.0"),
+    (["--val-fraction", "1"], "field 'val_fraction': must be in [0, 1), got 1.0"),
+    (["--val-fraction", "-0.5"], "field 'val_fraction': must be in [0, 1), got -0.5"),
+    (["--epochs", "0", "max_steps=null"], "field 'epochs': must be > 0, got 0.0"),
+    (["--epochs", "-1", "max_steps=null"], "field 'epochs': must be > 0, got -1.0"),
+    (["--patience", "-1"], "field 'patience': must be >= 0, got -1"),
+    (["--exec-eval", "-1"], "field 'exec_eval': must be >= 0, got -1"),
+    (["--lr", "inf"], "field 'lr': must be a finite number, got inf"),
+    (["--resume"], "checkpoints, field 'resume': nothing to resume: no checkpoint in this run "
+                   "directory"),
+])
+def test_impossible_settings_fail_before_anything_is_written(base, tmp_path, capsys, args,
+                                                             message):
+    out = tmp_path / "sft"
+    assert run_sft(base, out, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, capsys):
+    d, _ = base
+    out = tmp_path / "sft"
+    assert run_sft(base, out) == 0
+    files = snapshot(out)
+    assert run_sft(base, out) == 2
+    assert (f"{out}, field 'out': already holds a training run; pass --resume to continue it, "
+            "or choose another --out") in capsys.readouterr().err
+    assert snapshot(out) == files
+    model = d / "base"
+    before = snapshot(model)
+    assert run_sft(base, model) == 2
+    assert (f"{model}, field 'out': is the input model (--model); training would overwrite "
+            "it; choose another --out") in capsys.readouterr().err
+    assert snapshot(model) == before
+    # --resume continues the finished run to a later step.
+    assert run_sft(base, out, "--resume", "--max-steps", "2") == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+
+
+def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, monkeypatch):
+    """A learning rate this large makes every evaluation after the first worse: a run stopped
+    at step 3 and resumed must still end on the first evaluation's weights, exactly as the
+    straight run does; so must a finished run continued to more steps."""
+    from safetensors.torch import load_file
+    args = ("--lr", "0.3", "--warmup-steps", "0", "--eval-every", "1", "--save-every", "2",
+            "--val-fraction", "0.25", "--max-steps", "4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_sft(base, straight, *args) == 0
+    evaluate = sft_module.BestKeeper.__call__
+
+    def interrupted(self, model, step, val_loss):
+        if step == 3:
+            raise KeyboardInterrupt  # Ctrl-C: the loop saves step 3, then stops
+        return evaluate(self, model, step, val_loss)
+
+    monkeypatch.setattr(sft_module.BestKeeper, "__call__", interrupted)
+    assert run_sft(base, resumed, *args) == 130
+    monkeypatch.setattr(sft_module.BestKeeper, "__call__", evaluate)
+    assert (resumed / "best").is_dir() and not (resumed / "model.safetensors").exists()
+    assert run_sft(base, resumed, *args, "--resume") == 0
+    meta = [json.loads((d / "config.json").read_text()) for d in (straight, resumed)]
+    assert meta[0]["best_step"] < 3 and meta[0]["step"] == 4
+    assert [m["best_step"] for m in meta] == [meta[0]["best_step"]] * 2
+    assert [m["best_score"] for m in meta] == [meta[0]["best_score"]] * 2
+    a, b = (load_file(d / "model.safetensors") for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run has no OUT/best: continuing it to more steps still keeps its best.
+    assert run_sft(base, straight, *args[:-1], "6", "--resume") == 0
+    assert json.loads((straight / "config.json").read_text())["best_step"] == meta[0]["best_step"]
+    c = load_file(straight / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)

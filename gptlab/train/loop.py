@@ -2,6 +2,8 @@
 
 Pieces (each usable alone; PPO builds its own loop from them):
 
+    check_fields(cfg, rules)                    a UserError naming the first bad field
+    check_run_dir(out, resume, inputs)          OUT checked before a stage writes to it
     select_device(name)                         "auto" -> cuda, mps or cpu
     make_optimizer(model, lr, wd, betas)        AdamW with decay on weight matrices only
     lr_at(step, warmup, total, peak, min_ratio) linear warmup, then cosine down to peak*min_ratio
@@ -30,6 +32,7 @@ optimizer, data position and RNG states, metrics.jsonl, progress bar, exact resu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -81,7 +84,12 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""
-        rules = [
+        check_fields(self, self.rules())
+        select_device(self.device)
+
+    def rules(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, what is expected); a stage's config adds its own."""
+        return [
             ("lr", self.lr > 0, "must be > 0"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
@@ -91,15 +99,64 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
             ("clip", self.clip >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
             ("eval_batches", self.eval_batches >= 0, "must be >= 0"),
             ("save_every", self.save_every >= 0, "must be >= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("log_every", self.log_every >= 1, "must be >= 1"),
         ]
-        for name, ok, expected in rules:
-            if not ok:
-                raise UserError(f"{expected}, got {getattr(self, name)}", field=name)
+
+
+def check_fields(cfg: Any, rules: list[tuple[str, bool, str]]) -> None:
+    """Raise a UserError naming the first field of the dataclass `cfg` that holds a non-finite
+    number (nan, inf), or else the first rule that does not hold."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"must be a finite number, got {value}", field=f.name)
+    for name, ok, expected in rules:
+        if not ok:
+            raise UserError(f"{expected}, got {getattr(cfg, name)}", field=name)
+
+
+def check_run_dir(out: str | Path, resume: bool,
+                  inputs: dict[str, str | Path | None] | None = None) -> Path | None:
+    """Check a stage's OUT before anything is written; return the checkpoint to resume from.
+
+    OUT must not be, hold or sit inside an input model (`inputs`: field -> path), which the
+    run would overwrite. Without `resume` it must hold no run (checkpoints) and no model;
+    with `resume` it must hold a checkpoint."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a directory", path=out, field="out")
+    where = out.resolve()
+    for name, given in (inputs or {}).items():
+        if not given or not Path(given).exists():
+            continue
+        model, flag = Path(given).resolve(), "--" + name.replace("_", "-")
+        if model == where:
+            why = f"is the input model ({flag}); training would overwrite it"
+        elif model in where.parents:
+            why = f"is inside the input model {given} ({flag})"
+        elif where in model.parents:
+            why = f"holds the input model {given} ({flag})"
+        else:
+            continue
+        raise UserError(why + "; choose another --out", path=out, field="out")
+    latest = Checkpointer(out).latest()
+    if resume and latest is None:
+        raise UserError("nothing to resume: no checkpoint in this run directory",
+                        path=out / "checkpoints", field="resume")
+    if not resume and latest is not None:
+        raise UserError("already holds a training run; pass --resume to continue it, or choose "
+                        "another --out", path=out, field="out")
+    if not resume and any((out / name).exists() for name in ("config.json", "model.safetensors")):
+        raise UserError("already holds a finished model and no checkpoint to continue from; "
+                        "choose another --out (a run saved with --save-every continues with "
+                        "--resume)", path=out, field="out")
+    return latest
 
 
 # --- small pieces ------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ from gptlab.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 if TYPE_CHECKING:
     from gptlab.train.ppo import PPOConfig
+    from gptlab.train.pretrain import PretrainConfig
+    from gptlab.train.reward import RewardConfig
+    from gptlab.train.sft import SFTConfig
 
 
 @dataclass
@@ -89,6 +92,67 @@ class PipelineConfig:
     headroom_k: int = 8
     progress: bool = False
 
+    def check(self) -> None:
+        """Raise a UserError naming the first option with an impossible value (before any
+        stage runs)."""
+        from gptlab.model.gpt import GPTConfig
+        from gptlab.model.presets import get_preset
+        from gptlab.train.loop import check_fields
+        try:
+            model = get_preset(self.preset)
+        except UserError as e:
+            raise UserError(e.message, field="preset") from None
+        if not isinstance(model, GPTConfig):
+            raise UserError(f"preset '{self.preset}' is not a decoder-only GPT", field="preset")
+        context = model.context
+        check_fields(self, [
+            ("rounds", self.rounds >= 1, "must be >= 1"),
+            ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
+            ("pretrain_steps", self.pretrain_steps >= 1, "must be >= 1"),
+            ("pretrain_batch", self.pretrain_batch >= 1, "must be >= 1"),
+            ("pretrain_lr", self.pretrain_lr > 0, "must be > 0"),
+            ("sft_examples", self.sft_examples is None or self.sft_examples >= 1,
+             "must be >= 1"),
+            ("sft_steps", self.sft_steps >= 1, "must be >= 1"),
+            ("sft_patience", self.sft_patience >= 0, "must be >= 0"),
+            ("sft_batch", self.sft_batch >= 1, "must be >= 1"),
+            ("sft_lr", self.sft_lr > 0, "must be > 0"),
+            ("sft_eval_every", self.sft_eval_every >= 0, "must be >= 0"),
+            ("sft_exec_eval", self.sft_exec_eval >= 0, "must be >= 0"),
+            ("demonstrator_flaw_rate", 0 <= self.demonstrator_flaw_rate <= 1,
+             "must be in [0, 1]"),
+            ("sample_prompts", self.sample_prompts >= 1, "must be >= 1"),
+            ("k", self.k >= 2, "must be >= 2 (responses to rank per prompt)"),
+            ("sample_temperature", self.sample_temperature > 0, "must be > 0"),
+            ("disagreement", 0 <= self.disagreement <= 0.5,
+             "must be in [0, 0.5] (0.5 is a random ranking)"),
+            ("reward_epochs", self.reward_epochs > 0, "must be > 0"),
+            ("reward_batch", self.reward_batch >= 1, "must be >= 1"),
+            ("reward_lr", self.reward_lr > 0, "must be > 0"),
+            ("ppo_steps", self.ppo_steps >= 1, "must be >= 1"),
+            ("ppo_batch", self.ppo_batch >= 1, "must be >= 1"),
+            ("ppo_minibatch", 1 <= self.ppo_minibatch <= self.ppo_batch,
+             f"must be in [1, ppo_batch ({self.ppo_batch})]"),
+            ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+            ("ppo_lr", self.ppo_lr > 0, "must be > 0"),
+            ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+            ("ppo_temperature", self.ppo_temperature > 0, "must be > 0"),
+            ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
+            ("max_new_tokens", 1 <= self.max_new_tokens < context,
+             f"must be in [1, {context}) (the preset's context is {context})"),
+            ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, "must be >= 1"),
+            ("headroom_k", self.headroom_k >= 1, "must be >= 1"),
+        ])
+        if self.demonstrator_flaw:
+            from gptlab.world.demonstrators import check_flaw
+            check_flaw(self.demonstrator_flaw, self.demonstrator_flaw_rate)
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise UserError("exists and is not a directory", path=out, field="out")
+        if self.world and not (Path(self.world) / "world.json").exists():
+            raise UserError("not an exported world (no world.json)", path=self.world,
+                            field="world")
+
 
 # Settings that add work without changing a finished stage: a rerun may change them.
 ADDITIVE = ("progress", "threads", "out", "headroom", "headroom_k")
@@ -96,6 +160,11 @@ ADDITIVE = ("progress", "threads", "out", "headroom", "headroom_k")
 
 def stage_done(path: Path) -> bool:
     return is_gptlab_dir(path)
+
+
+def _interrupted(out: Path) -> bool:
+    """A stage stopped (by Ctrl-C) after a checkpoint: rerunning continues from it."""
+    return Checkpointer(out).latest() is not None
 
 
 class Timer:
@@ -146,17 +215,50 @@ def _ppo_optimizer_steps(cfg: PipelineConfig) -> int:
     return cfg.rounds * cfg.ppo_steps * per_step
 
 
+# Which pipeline option sets each stage setting it checks (the rest are fixed by the pipeline).
+STAGE_OPTIONS = {
+    "pretrain": {"max_steps": "pretrain_steps", "batch_size": "pretrain_batch",
+                 "lr": "pretrain_lr", "model": "preset"},
+    "sft": {"max_steps": "sft_steps", "batch_size": "sft_batch", "lr": "sft_lr",
+            "eval_every": "sft_eval_every", "exec_eval": "sft_exec_eval",
+            "patience": "sft_patience", "max_new_tokens": "max_new_tokens"},
+    "reward": {"epochs": "reward_epochs", "batch_size": "reward_batch", "lr": "reward_lr"},
+    "ppo": {"steps": "ppo_steps", "batch_size": "ppo_batch", "minibatch_size": "ppo_minibatch",
+            "ppo_epochs": "ppo_epochs", "lr": "ppo_lr", "kl_coef": "kl_coef",
+            "temperature": "ppo_temperature", "max_new_tokens": "max_new_tokens",
+            "ptx_coef": "ptx_coef"},
+    "sft_continued": {"max_steps": "ppo_steps", "batch_size": "sft_batch", "lr": "sft_lr"},
+}
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig):
-        if cfg.rounds < 1:
-            raise UserError(f"must be at least 1, got {cfg.rounds}", field="rounds")
-        if cfg.demonstrator_flaw:  # checked before any stage runs
-            from gptlab.world.demonstrators import check_flaw
-            check_flaw(cfg.demonstrator_flaw, cfg.demonstrator_flaw_rate)
+        cfg.check()
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.timer = Timer(self.out / "stage_minutes.json")
         self.world_dir = Path(cfg.world) if cfg.world else self.out / "world"
+        self._check_stage_configs()
+
+    def _check_stage_configs(self) -> None:
+        """Every stage's config as the run will build it, checked before any stage runs; an
+        impossible value names the pipeline option that set it."""
+        placeholder = self.out / "model"
+        configs = {"pretrain": self.pretrain_config(),
+                   "sft": self.sft_config(placeholder, placeholder),
+                   "reward": self.reward_config(placeholder, placeholder, 1),
+                   "ppo": self.ppo_config(placeholder, placeholder, self.out / "ppo",
+                                          self.cfg.ppo_steps, self.cfg.seed, reward=placeholder),
+                   "sft_continued": self.sft_continued_config(placeholder, placeholder)}
+        for stage, config in configs.items():
+            try:
+                config.check()
+            except UserError as e:
+                option = STAGE_OPTIONS[stage].get(e.field or "")
+                if option is None:
+                    raise
+                raise UserError(f"gives the {stage} stage an impossible {e.field}: {e.message}",
+                                field=option) from None
 
     # --- stages --------------------------------------------------------------------------------
     def export_world(self) -> None:
@@ -164,37 +266,43 @@ class Pipeline:
         if (self.world_dir / "world.json").exists():
             self.world = load_world(self.world_dir)
             return
-        if self.cfg.world:
-            raise UserError("not an exported world (no world.json)", path=self.world_dir,
-                            field="world")
         build_world(seed=self.cfg.world_seed).export(self.world_dir)
         self.world = load_world(self.world_dir)
 
+    def pretrain_config(self) -> PretrainConfig:
+        from gptlab.train.pretrain import PretrainConfig
+        out = self.out / "pretrain"
+        return PretrainConfig(
+            data=[str(self.world_dir / "corpus.txt")], model=self.cfg.preset, out=str(out),
+            max_steps=self.cfg.pretrain_steps, batch_size=self.cfg.pretrain_batch,
+            lr=self.cfg.pretrain_lr, eval_every=50, eval_batches=4, save_every=0,
+            seed=self.cfg.seed, progress=self.cfg.progress, cache_dir=str(self.out / "cache"),
+            resume=_interrupted(out))
+
     def pretrain(self) -> Path:
-        from gptlab.train.pretrain import PretrainConfig, pretrain
+        from gptlab.train.pretrain import pretrain
         out = self.out / "pretrain"
         if not stage_done(out):
-            pretrain(PretrainConfig(
-                data=[str(self.world_dir / "corpus.txt")], model=self.cfg.preset, out=str(out),
-                max_steps=self.cfg.pretrain_steps, batch_size=self.cfg.pretrain_batch,
-                lr=self.cfg.pretrain_lr, eval_every=50, eval_batches=4, save_every=0,
-                seed=self.cfg.seed, progress=self.cfg.progress,
-                cache_dir=str(self.out / "cache"), resume=(out / "checkpoints").exists()))
+            pretrain(self.pretrain_config())
         return out
 
-    def sft(self, model: Path) -> Path:
-        from gptlab.train.sft import SFTConfig, sft
+    def sft_config(self, model: Path, data: Path) -> SFTConfig:
+        from gptlab.train.sft import SFTConfig
         out = self.out / "sft"
-        if not stage_done(out):
-            sft(SFTConfig(model=str(model), data=str(self.demonstrations()),
-                          val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
-                          world=str(self.world_dir), exec_eval=self.cfg.sft_exec_eval,
-                          max_new_tokens=self.cfg.max_new_tokens, max_steps=self.cfg.sft_steps,
-                          batch_size=self.cfg.sft_batch, lr=self.cfg.sft_lr,
-                          eval_every=self.cfg.sft_eval_every,
-                          patience=self.cfg.sft_patience,
-                          seed=self.cfg.seed, progress=self.cfg.progress))
-        return out
+        return SFTConfig(model=str(model), data=str(data),
+                         val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
+                         world=str(self.world_dir), exec_eval=self.cfg.sft_exec_eval,
+                         max_new_tokens=self.cfg.max_new_tokens, max_steps=self.cfg.sft_steps,
+                         batch_size=self.cfg.sft_batch, lr=self.cfg.sft_lr,
+                         eval_every=self.cfg.sft_eval_every, patience=self.cfg.sft_patience,
+                         seed=self.cfg.seed, progress=self.cfg.progress,
+                         resume=_interrupted(out))
+
+    def sft(self, model: Path) -> Path:
+        from gptlab.train.sft import sft
+        if not stage_done(self.out / "sft"):
+            sft(self.sft_config(model, self.demonstrations()))
+        return self.out / "sft"
 
     def demonstrations(self) -> Path:
         """The SFT data: the world's demonstrations, or the first `sft_examples` of them, with
@@ -255,7 +363,7 @@ class Pipeline:
 
     def reward(self, sft_dir: Path, rnd: int) -> Path:
         """A reward model retrained from SFT on every round's rankings so far."""
-        from gptlab.train.reward import RewardConfig, train_reward_model
+        from gptlab.train.reward import train_reward_model
         d = self.out / f"round-{rnd}"
         out = d / "reward"
         if stage_done(out):
@@ -264,13 +372,18 @@ class Pipeline:
                 for r in read_jsonl(self.out / f"round-{i}" / "rankings.jsonl")]
         data = d / "rankings_all.jsonl"
         write_jsonl_atomic(data, ({k: v for k, v in r.items() if k != "_line"} for r in rows))
-        train_reward_model(RewardConfig(
+        train_reward_model(self.reward_config(sft_dir, data, rnd))
+        return out
+
+    def reward_config(self, sft_dir: Path, data: Path, rnd: int) -> RewardConfig:
+        from gptlab.train.reward import RewardConfig
+        out = self.out / f"round-{rnd}" / "reward"
+        return RewardConfig(
             model=str(sft_dir), data=str(data), out=str(out),
             # Every round's reward model scores SFT's samples mean 0, std 1: one scale for all.
             samples=str(self.out / "round-1" / "samples.jsonl"), epochs=self.cfg.reward_epochs,
             batch_size=self.cfg.reward_batch, lr=self.cfg.reward_lr, eval_every=0,
-            seed=self.cfg.seed + rnd, progress=self.cfg.progress))
-        return out
+            seed=self.cfg.seed + rnd, progress=self.cfg.progress, resume=_interrupted(out))
 
     def ppo_config(self, policy: Path, sft_dir: Path, out: Path, steps: int, seed: int,
                    reward: Path | None = None) -> PPOConfig:
@@ -285,7 +398,7 @@ class Pipeline:
                          ptx_data=[str(self.world_dir / "corpus.txt")] if c.ptx_coef else [],
                          ptx_coef=c.ptx_coef, cache_dir=str(self.out / "cache"), seed=seed,
                          # A stage that a Ctrl-C stopped continues from its checkpoint.
-                         resume=Checkpointer(out).latest() is not None)
+                         resume=_interrupted(out))
 
     def ppo(self, policy: Path, sft_dir: Path, rm: Path, rnd: int) -> Path:
         from gptlab.train.ppo import ppo
@@ -315,18 +428,22 @@ class Pipeline:
 
     def sft_continued(self, sft_dir: Path) -> Path:
         """The control: SFT trained further for as many optimizer steps as PPO took."""
-        from gptlab.train.sft import SFTConfig, sft
+        from gptlab.train.sft import sft
         out = self.out / "sft_continued"
         if not stage_done(out):
-            sft(SFTConfig(model=str(sft_dir), data=str(self.demonstrations()),
-                          val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
-                          max_steps=_ppo_optimizer_steps(self.cfg), batch_size=self.cfg.sft_batch,
-                          # Continue, not restart: SFT's final learning rate, held constant.
-                          lr=self.cfg.sft_lr * 0.1, min_lr_ratio=1.0, warmup_steps=0,
-                          select_best=False, exec_eval=0,
-                          eval_every=0, seed=self.cfg.seed + 7,
-                          progress=self.cfg.progress))
+            sft(self.sft_continued_config(sft_dir, self.demonstrations()))
         return out
+
+    def sft_continued_config(self, sft_dir: Path, data: Path) -> SFTConfig:
+        from gptlab.train.sft import SFTConfig
+        out = self.out / "sft_continued"
+        return SFTConfig(model=str(sft_dir), data=str(data),
+                         val_data=str(self.world_dir / "validation.jsonl"), out=str(out),
+                         max_steps=_ppo_optimizer_steps(self.cfg), batch_size=self.cfg.sft_batch,
+                         # Continue, not restart: SFT's final learning rate, held constant.
+                         lr=self.cfg.sft_lr * 0.1, min_lr_ratio=1.0, warmup_steps=0,
+                         select_best=False, exec_eval=0, eval_every=0, seed=self.cfg.seed + 7,
+                         progress=self.cfg.progress, resume=_interrupted(out))
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:

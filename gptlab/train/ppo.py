@@ -39,11 +39,12 @@ from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
-from gptlab.train.loop import (MetricsLog, annotate_run, clip_gradients, held_interrupt, lr_at,
-                               make_optimizer, rng_state, select_device, set_lr, set_rng_state)
-from gptlab.train.rl_math import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss,
-                                  entropy_from_logits, gae, kl_per_token, masked_mean,
-                                  token_logprobs, whiten)
+from gptlab.train.loop import (MetricsLog, annotate_run, check_fields, check_run_dir,
+                               clip_gradients, held_interrupt, lr_at, make_optimizer, rng_state,
+                               select_device, set_lr, set_rng_state)
+from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
+                                  clipped_value_loss, entropy_from_logits, gae, kl_per_token,
+                                  masked_mean, token_logprobs, whiten)
 
 if TYPE_CHECKING:
     from gptlab.data.tokens import BlockBatches
@@ -92,6 +93,41 @@ class PPOConfig:
     seed: int = 0
     device: str = "auto"
 
+    def check(self) -> None:
+        """Raise a UserError naming the first field with an impossible value."""
+        check_fields(self, [
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("minibatch_size", self.minibatch_size >= 1, "must be >= 1"),
+            ("minibatch_size", self.minibatch_size <= self.batch_size,
+             f"must be <= batch_size ({self.batch_size})"),
+            ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
+            ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+            ("kl_estimator", self.kl_estimator in KL_ESTIMATORS,
+             f"must be one of {', '.join(KL_ESTIMATORS)}"),
+            ("target_kl", not self.adaptive_kl or self.target_kl > 0,
+             "must be > 0 with adaptive_kl"),
+            ("kl_horizon", self.kl_horizon >= 1, "must be >= 1"),
+            ("clip", self.clip > 0, "must be > 0"),
+            ("value_clip", self.value_clip > 0, "must be > 0"),
+            ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
+            ("gae_gamma", 0 <= self.gae_gamma <= 1, "must be in [0, 1]"),
+            ("gae_lambda", 0 <= self.gae_lambda <= 1, "must be in [0, 1]"),
+            ("temperature", self.temperature > 0, "must be > 0"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
+            ("ptx_batch_size", self.ptx_batch_size >= 1, "must be >= 1"),
+            ("ptx_block_size", self.ptx_block_size >= 1, "must be >= 1"),
+            ("save_every", self.save_every >= 0, "must be >= 0"),
+        ])
+        select_device(self.device)
+
 
 # Settings a resumed run may change: none of them alters the steps taken or the next ones (the
 # learning rate after warmup is constant, so `steps` only says where to stop).
@@ -100,14 +136,26 @@ RESUMABLE = ("steps", "save_every", "resume", "out", "device", "cache_dir")
 
 def load_reward_fn(spec: str) -> Callable:
     """`module:function`; the function takes (prompts, responses, records) -> list of floats."""
-    if ":" not in spec:
-        raise UserError("should look like module:function", field="reward_fn")
-    mod, name = spec.split(":", 1)
+    mod, _, name = spec.partition(":")
+    if not mod or not name:
+        raise UserError(f"'{spec}' should look like module:function", field="reward_fn")
     try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"cannot load '{spec}': {e}", field="reward_fn") from None
+        module = importlib.import_module(mod)
+    except Exception as e:  # not found, a syntax error, or anything its import raised
+        raise UserError(f"cannot load '{spec}': importing {mod} failed with "
+                        f"{type(e).__name__}: {e}", field="reward_fn") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise UserError(f"cannot load '{spec}': module {mod} has no '{name}'",
+                        field="reward_fn")
+    if not callable(fn):
+        raise UserError(f"cannot load '{spec}': {name} is not callable", field="reward_fn")
     return fn
+
+
+def reward_fn_name(fn: Callable) -> str:
+    """`module:function` of a reward function given as a Python object."""
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 @dataclass
@@ -180,19 +228,20 @@ def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
     return value_model.values(ro.ids, ro.attention_mask, cache)[:, ro.P - 1:-1]
 
 
-def reward_number(v: Any, prompt_id: Any) -> float:
+def reward_number(v: Any, prompt_id: Any, name: str = "") -> float:
     """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor),
-    never a bool, a string or a non-finite value."""
+    never a bool, a string or a non-finite value. `name` is the function's module:function."""
+    fn = f"the reward function {name}" if name else "the reward function"
     try:
         x = None if isinstance(v, (bool, str, bytes)) else float(v)
     except (TypeError, ValueError):
         x = None
     if x is None:
-        raise UserError(f"the reward function returned a {type(v).__name__} ({v!r}) for prompt "
-                        f"id {prompt_id}; a score must be a real number", field="reward_fn")
+        raise UserError(f"{fn} returned a {type(v).__name__} ({v!r}) for prompt id "
+                        f"{prompt_id}; a score must be a real number", field="reward_fn")
     if not math.isfinite(x):
-        raise UserError(f"the reward function returned a non-finite score ({x}) for prompt id "
-                        f"{prompt_id}", field="reward_fn")
+        raise UserError(f"{fn} returned a non-finite score ({x}) for prompt id {prompt_id}",
+                        field="reward_fn")
     return x
 
 
@@ -207,21 +256,22 @@ class PPOTrainer:
         if len(given) != 1:
             raise UserError("give exactly one of --reward (a reward model) or --reward-fn",
                             field="reward")
+        cfg.check()
         self.cfg = cfg
         self.out = Path(cfg.out)
-        latest = Checkpointer(self.out).latest()
-        if cfg.resume and latest is None:
-            raise UserError("nothing to resume: no checkpoint in this run directory",
-                            path=self.out / "checkpoints", field="resume")
-        if not cfg.resume and latest is not None:
-            raise UserError("already holds a PPO run; pass --resume to continue it, or choose "
-                            "another --out", path=self.out, field="out")
+        latest = check_run_dir(self.out, cfg.resume, {
+            "policy": cfg.policy, "reference": cfg.reference, "reward": cfg.reward,
+            "value": cfg.value})
         self.device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.policy, self.tok, _ = load_model(cfg.policy, self.device)
         if not isinstance(self.policy, GPT) or self.tok is None:
             raise UserError("the policy must be a GPT model directory with a tokenizer",
                             path=cfg.policy)
+        if cfg.max_new_tokens >= self.policy.config.context:
+            raise UserError(f"must be below the policy's context of "
+                            f"{self.policy.config.context}, got {cfg.max_new_tokens}",
+                            field="max_new_tokens")
         ref_path = cfg.reference or cfg.policy
         self.reference = load_model(ref_path, self.device)[0] if cfg.reference \
             else copy.deepcopy(self.policy)
@@ -237,6 +287,7 @@ class PPOTrainer:
             self.reward_model.requires_grad_(False)
         else:
             self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
+            self.reward_fn_name = cfg.reward_fn or reward_fn_name(reward_fn)
         self.value_model = self._init_value_model()
         # Dropout off during RL: the rollout and the update must see the same network.
         for m in (self.policy, self.reference, self.value_model, self.reward_model):
@@ -370,15 +421,16 @@ class PPOTrainer:
         else:
             texts = [self.tok.decode(r) for r in ro.responses]
             prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
+            name = self.reward_fn_name
             try:
                 values = list(self.reward_fn(prompts, texts, ro.records))
             except Exception as e:  # the user's function: report it, never a silent zero
-                raise UserError(f"the reward function raised {type(e).__name__}: {e}",
+                raise UserError(f"the reward function {name} raised {type(e).__name__}: {e}",
                                 field="reward_fn") from e
             if len(values) != len(texts):
-                raise UserError(f"the reward function returned {len(values)} scores for "
+                raise UserError(f"the reward function {name} returned {len(values)} scores for "
                                 f"{len(texts)} responses", field="reward_fn")
-            scores = torch.tensor([reward_number(v, ro.records[i].get("id", i))
+            scores = torch.tensor([reward_number(v, ro.records[i].get("id", i), name)
                                    for i, v in enumerate(values)],
                                   dtype=torch.float32, device=self.device)
         # A response that never ended is penalised by a fixed amount.
@@ -445,17 +497,14 @@ class PPOTrainer:
         """Run the steps left to `cfg.steps`; Ctrl-C saves a checkpoint of the last finished
         step, then re-raises KeyboardInterrupt."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
+        log: MetricsLog | None = None
         if self.resumed_from is not None:
             MetricsLog.truncate_after(metrics_path, self.step)
             annotate_run(self.out, resumed_from=self.resumed_from.name)
+            log = MetricsLog(metrics_path)
             print(f"resuming from {self.resumed_from} (step {self.step} of {cfg.steps})",
                   file=sys.stderr)
-        else:
-            record_run(self.out, cfg)
-            metrics_path.unlink(missing_ok=True)
-        log = MetricsLog(metrics_path)
         start = time.time() - self.elapsed
         saved = self.step  # the step of the latest checkpoint (0: none)
         good = self.snapshot()  # the state after the last finished step, for Ctrl-C
@@ -465,8 +514,12 @@ class PPOTrainer:
                 step = self.step + 1
                 ro = self.rollout(step)
                 if ro is None:
-                    raise UserError("no prompt fits the context: "
-                                    + self.skips.report("prompts"), path=cfg.prompts)
+                    raise UserError(
+                        f"none of the {min(cfg.batch_size, len(self.records))} prompts drawn "
+                        f"for step {step} fits the policy's context of "
+                        f"{self.policy.config.context} tokens with max_new_tokens "
+                        f"{cfg.max_new_tokens}; use shorter prompts or a smaller "
+                        f"--max-new-tokens", path=cfg.prompts)
                 scores = self.score(ro)
                 batch = self.advantages(ro, scores)
                 lr = lr_at(step - 1, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
@@ -485,6 +538,8 @@ class PPOTrainer:
                            "response_length": ro.response_mask.sum(1).float().mean().item(),
                            "eos_fraction": ro.finished.float().mean().item(), "lr": lr,
                            "elapsed_s": round(self.elapsed, 2), **stats}
+                    if log is None:  # a new run: OUT gets its first files once a step is done
+                        log = self._start_run(metrics_path)
                     log.log(row)
                     good = self.snapshot()
                     updating = False
@@ -502,10 +557,20 @@ class PPOTrainer:
                 print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
             raise
         finally:
-            log.close()
+            if log is not None:
+                log.close()
         if self.skips.total:
             print(self.skips.report("prompts"), file=sys.stderr)
         return self.save(self.out)
+
+    def _start_run(self, metrics_path: Path) -> MetricsLog:
+        """run.json and a fresh metrics.jsonl, written only once the first step is done, so
+        that a run failing before it (a reward function that raises, no prompt that fits)
+        leaves nothing behind."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        record_run(self.out, self.cfg)
+        metrics_path.unlink(missing_ok=True)
+        return MetricsLog(metrics_path)
 
     def save(self, path: Path) -> Path:
         save_model(path / "value", self.value_model, None)

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import Checkpointer, build_from_meta, is_gptlab_dir, load_model, \
+from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_model, \
     read_meta, save_model
 from gptlab.errors import UserError
+from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
-from gptlab.train.loop import TrainConfig, annotate_run, train
+from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, train
 
 
 @dataclass
@@ -51,6 +52,13 @@ class PretrainConfig(TrainConfig):
     warmup_steps: int = 20          # short: CPU runs are a few hundred steps
     eval_every: int = 50
     save_every: int = 200
+
+    def rules(self) -> list[tuple[str, bool, str]]:
+        return super().rules() + [
+            ("block_size", self.block_size is None or self.block_size >= 1, "must be >= 1"),
+            ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
+            ("sample_tokens", self.sample_tokens >= 0, "must be >= 0"),
+        ]
 
 
 def lm_loss(model: nn.Module, block: Tensor) -> Tensor:
@@ -100,7 +108,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
                             field="model")
         raise UserError("model directory not found", path=model_path, field="model")
     config = get_preset(cfg.model)
-    if not hasattr(config, "vocab_size") or not hasattr(config, "context"):
+    if not isinstance(config, GPTConfig):
         raise UserError(f"preset '{cfg.model}' is not a decoder-only GPT", field="model")
     tok = _tokenizer_for(cfg, None, config.vocab_size)
     if tok.vocab_size > config.vocab_size:  # a bigger given tokenizer widens the embedding
@@ -137,15 +145,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             raise UserError("corpus file not found", path=path, field="data")
     cfg.check()
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a directory", path=out, field="out")
-    latest = Checkpointer(out).latest()
-    if cfg.resume and latest is None:
-        raise UserError("nothing to resume: no checkpoint in this run directory",
-                        path=out / "checkpoints", field="resume")
-    if not cfg.resume and latest is not None:
-        raise UserError("already holds a training run; pass --resume to continue it, or choose "
-                        "another --out", path=out, field="out")
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
 
     # Everything that can fail on bad input happens before OUT is created.
     model, tok = _build(cfg, latest if cfg.resume else None)

@@ -28,7 +28,7 @@ from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, fixed_list_batches
-from gptlab.train.loop import TrainConfig, annotate_run, train
+from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, train
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
 
@@ -52,6 +52,12 @@ class RewardConfig(TrainConfig):
     eval_every: int = 50
     save_every: int = 0
     resume: bool = False
+
+    def rules(self) -> list[tuple[str, bool, str]]:
+        return super().rules() + [
+            ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
+            ("epochs", self.epochs > 0, "must be > 0"),
+        ]
 
 
 @dataclass
@@ -202,6 +208,8 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     if not cfg.model or not cfg.data:
         raise UserError("reward needs --model and --data")
     cfg.check()
+    out = Path(cfg.out)
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
     base, tok, _ = load_model(cfg.model)
     if tok is None:
         raise UserError("the model has no tokenizer", path=cfg.model)
@@ -244,9 +252,11 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                         path=cfg.samples, field="samples")
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    record_run(out, cfg)
+    if cfg.resume:
+        annotate_run(out, resumed_from=latest.name)
+    else:
+        record_run(out, cfg)
     collate = lambda b: collate_rankings(b, tok.pad_id)  # noqa: E731
     val_batches = fixed_list_batches(val_e, cfg.batch_size, collate) if val_e else None
 

@@ -60,6 +60,9 @@ def kwise_ranking_loss(scores: Tensor, k: Tensor, groups: Tensor | None = None) 
     return per_prompt.mean()
 
 
+KL_ESTIMATORS = ("k1", "k3")
+
+
 def kl_per_token(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
     """Per-token estimate of KL(π || π_ref) from tokens sampled from π.
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.checkpoint import load_model, save_model
+from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model, read_meta, save_model
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
@@ -27,7 +27,7 @@ from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, fixed_list_batches, pad_examples
-from gptlab.train.loop import TrainConfig, annotate_run, train
+from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, read_metrics, train
 
 
 @dataclass
@@ -54,6 +54,15 @@ class SFTConfig(TrainConfig):
     eval_every: int = 100
     save_every: int = 0
     batch_size: int = 16
+
+    def rules(self) -> list[tuple[str, bool, str]]:
+        return super().rules() + [
+            ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
+            ("epochs", self.epochs > 0, "must be > 0"),
+            ("exec_eval", self.exec_eval >= 0, "must be >= 0"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("patience", self.patience >= 0, "must be >= 0"),
+        ]
 
 
 def shared_prefix(batch: dict) -> int:
@@ -108,21 +117,42 @@ class BestKeeper:
         row: dict = {}
         if self.exec_eval is not None:
             row["exec_acc"] = self.exec_eval(model)
-            score = row["exec_acc"]
-        else:
-            score = -val_loss if val_loss is not None else None
-        improved = False
-        if score is not None and (self.best is None or score > self.best):
-            self.best, self.best_step, improved = score, step, True
+        if self._record(step, row.get("exec_acc"), val_loss):
             save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
+        if self.patience and self.since_best >= self.patience:
+            row["stop"] = True  # the validation optimum is behind us
+        return row
+
+    def _record(self, step: int, exec_acc: float | None, val_loss: float | None) -> bool:
+        """Take one evaluation into account; True when its score is the best so far."""
+        score = exec_acc if self.exec_eval is not None else (
+            -val_loss if val_loss is not None else None)
+        best = improved = False
+        if score is not None and (self.best is None or score > self.best):
+            self.best, self.best_step, best = score, step, True
         if val_loss is not None and (self.best_loss is None or val_loss < self.best_loss):
             # A falling validation loss is progress too: execution accuracy can sit flat for a
             # while before the model learns to copy values, and must not end training there.
             self.best_loss, improved = val_loss, True
-        self.since_best = 0 if improved else self.since_best + 1
-        if self.patience and self.since_best >= self.patience:
-            row["stop"] = True  # the validation optimum is behind us
-        return row
+        self.since_best = 0 if best or improved else self.since_best + 1
+        return best
+
+    def restore(self, metrics: list[dict], upto: int) -> None:
+        """On resume: replay the evaluations of the run so far (up to its checkpoint's step),
+        so a later, worse evaluation does not replace the best weights saved in OUT/best."""
+        for row in metrics:
+            if row["step"] <= upto and "val_loss" in row:
+                self._record(row["step"], row.get("exec_acc"), row["val_loss"])
+        if self.best is None or is_gptlab_dir(self.dir):
+            return
+        out = self.dir.parent  # a finished run: OUT holds its best weights, OUT/best is gone
+        if is_gptlab_dir(out) and read_meta(out).get("best_step") == self.best_step:
+            model, _, _ = load_model(out)
+            save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
+        else:
+            print(f"note: {self.dir} is missing; the best evaluation so far (step "
+                  f"{self.best_step}) can no longer be selected", file=sys.stderr)
+            self.best = self.best_step = None
 
 
 def sft(cfg: SFTConfig) -> Path:
@@ -133,8 +163,7 @@ def sft(cfg: SFTConfig) -> Path:
         raise UserError("sft needs --model and --data")
     cfg.check()
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a directory", path=out, field="out")
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
     model, tok, _ = load_model(cfg.model)
     if tok is None:
         raise UserError("the model has no tokenizer", path=cfg.model)
@@ -148,6 +177,8 @@ def sft(cfg: SFTConfig) -> Path:
         train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
     if skips.total:
         print(skips.report("demonstrations"), file=sys.stderr)
+    if not train_ex:
+        raise UserError("no demonstrations left to train on", path=cfg.data)
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_ex) / (cfg.batch_size * cfg.grad_accum)))
 
@@ -161,17 +192,23 @@ def sft(cfg: SFTConfig) -> Path:
         exec_eval = world_exec_evaluator(cfg.world, tok, val_records[:cfg.exec_eval],
                                          cfg.max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    record_run(out, cfg)
+    if cfg.resume:
+        annotate_run(out, resumed_from=latest.name)
+    else:
+        record_run(out, cfg)
     annotate_run(out, data={"train": len(train_ex), "validation": len(val_ex),
                             "skipped": skips.counts})
     keeper = BestKeeper(out, tok, exec_eval, cfg.patience)
+    if cfg.resume:
+        keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest))
 
     collate = lambda b: pad_examples(b, tok.pad_id)  # noqa: E731
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
                    cfg, out, val_batches=fixed_list_batches(val_ex, cfg.batch_size, collate)
                    if val_ex else None, tokenizer=tok,
                    on_eval=keeper if (val_ex or exec_eval) else None,
-                   tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume, extra={"stage": "sft"})
+                   tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
+                   extra={"stage": "sft"})
     if cfg.select_best and keeper.best is not None:
         best, _, _ = load_model(keeper.dir)
         model = best
