@@ -57,16 +57,14 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
                   top_p: float | None = None, seed: int | None = 0,
                   truncate: bool = False) -> list[str]:
     """Continue each raw text prompt; returns the continuations (without the prompt)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
     net, tok = load(model) if not isinstance(model, tuple) else model
-    if greedy is False and temperature <= 0:
-        raise UserError("temperature must be > 0 (or use --greedy)", field="temperature")
     encoded = []
     for text in prompts:
         ids = tok.encode(text, bos=tok.bos_id is not None)
         if not ids:
             raise UserError("the prompt is empty", field="prompt")
         encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate)[0])
-    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
-                            temperature=temperature, top_k=top_k, top_p=top_p)
     out = generate_ids(net, tok, encoded, params, seed)
     return [tok.decode(t) for t in out.tokens]

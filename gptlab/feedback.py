@@ -147,6 +147,10 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
     skips = SkipCounter()
     rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips,
                              samples_path)
+    if not rankings:  # an empty rankings file would only fail later, in `gptlab reward`
+        raise UserError(f"ranked none of {len(samples)} prompts: "
+                        f"{skips.report('prompts') if skips.total else 'no samples'}",
+                        path=samples_path)
     n = write_jsonl_atomic(out, rankings, allow_nan=False)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)

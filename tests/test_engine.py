@@ -131,3 +131,10 @@ def test_sampling_params_refuse_values_that_cannot_sample(fields, field, message
 def test_sampling_params_accept_the_edges():
     SamplingParams(max_new_tokens=1, temperature=1e-3, top_k=1, top_p=1.0)
     SamplingParams(greedy=True, temperature=0.0)  # the temperature is unused when greedy
+
+
+def test_the_python_api_checks_sampling_settings_before_loading_the_model(tmp_path):
+    from gptlab.api import generate_text
+    with pytest.raises(UserError) as e:  # the model does not exist: it was never opened
+        generate_text(tmp_path / "no-model", ["hi"], temperature=0.0)
+    assert e.value.field == "temperature"

@@ -100,13 +100,15 @@ def test_reward_model_normalised_on_a_samples_file(run, tmp_path):
 def test_a_bad_samples_file_for_normalisation_fails_before_training(run, tmp_path, capsys):
     d, _ = run
     bad = tmp_path / "samples.jsonl"
-    bad.write_text('{"prompt": "Is it?", "responses": ["yes"]}\n'
-                   '{"prompt": "Is it?", "responses": "yes"}\n')
-    assert main(["reward", "--model", str(d / "sft"), "--data", str(d / "rankings.jsonl"),
-                 "--samples", str(bad), "--out", str(tmp_path / "rm"), *QUIET]) == 2
-    err = capsys.readouterr().err
-    assert "samples.jsonl:2, field 'responses'" in err
-    assert not (tmp_path / "rm").exists()
+    for second, why in (('"yes"', "must be a non-empty list of response strings, got a string"),
+                        ("[]", "must be a non-empty list of response strings, got an empty list"),
+                        ('["no", null]', "item 2 must be a response string, got null")):
+        bad.write_text('{"prompt": "Is it?", "responses": ["yes"]}\n'
+                       f'{{"prompt": "Is it?", "responses": {second}}}\n')
+        assert main(["reward", "--model", str(d / "sft"), "--data", str(d / "rankings.jsonl"),
+                     "--samples", str(bad), "--out", str(tmp_path / "rm"), *QUIET]) == 2
+        assert f"samples.jsonl:2, field 'responses': {why}" in capsys.readouterr().err
+        assert not (tmp_path / "rm").exists()
 
 
 def test_value_model_equals_reward_model_at_start(run):

@@ -164,3 +164,17 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
                      "--out", str(out)]) == 2
         assert capsys.readouterr().err == f"gptlab label: error: {samples}:2, {message}\n"
         assert not out.exists()
+
+
+def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_path, capsys):
+    from gptlab.cli import main
+    world.export(tmp_path / "w")
+    q = world.test[0]
+    samples, out = tmp_path / "s.jsonl", tmp_path / "r.jsonl"
+    samples.write_text(json.dumps({"id": q.id, "responses": [q.sql, q.sql]}) + "\n")
+    assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"gptlab label: error: {samples}: ranked none of 1 "
+                                       "prompts: skipped 1 prompts: 1 prompts with fewer than 2 "
+                                       "distinct responses\n")
+    assert not out.exists()

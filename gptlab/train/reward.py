@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import load_model, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
-                                  prompt_of, read_rankings)
+                                  prompt_of, read_rankings, responses_of)
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
 from gptlab.model.gpt import GPT
@@ -183,11 +183,8 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int) -> list[lis
     """Prompt + response token ids of every response of a samples file, duplicates included
     (they weigh as the policy samples them); those longer than the context are left out."""
     seqs = []
-    for rec in read_jsonl(path, required=("responses",)):
-        responses = rec["responses"]
-        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-            raise UserError("must be a list of strings", path=path, line=rec["_line"],
-                            field="responses")
+    for rec in read_jsonl(path):
+        responses = responses_of(rec, path, rec["_line"])
         prompt = prompt_of(rec, path, rec["_line"])
         p = encode_prompt(tokenizer, prompt)
         seqs += [s for s in (p + encode_response(tokenizer, r, prompt) for r in responses)
