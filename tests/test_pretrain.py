@@ -140,6 +140,13 @@ def test_pretrain_learns_and_writes_a_model_directory(corpus, tmp_path):
     # `gptlab generate` reads the directory.
     assert main(["generate", "--model", str(out), "--prompt", "the cat", "--greedy",
                  "--max-new-tokens", "5"]) == 0
+    # Resuming the finished run trains nothing and keeps its last validation loss.
+    assert run("--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--out", str(out),
+               "--max-steps", "60", "--block-size", "32", "--batch-size", "8", "--eval-every",
+               "20", "--cache-dir", str(tmp_path / "cache"), "lr=3e-3", "warmup_steps=10",
+               "--resume") == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert (meta["step"], meta["val_loss"]) == (60, val[-1])
 
 
 def test_resume_after_a_crash_gives_the_same_curve(corpus, tmp_path):

@@ -522,7 +522,10 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                disable=not cfg.progress, file=sys.stderr)
     last_loss: float | None = None
-    val_loss: float | None = None
+    # On resume, the last validation loss the run recorded until a new evaluation replaces it.
+    earlier = read_metrics(metrics_path) if resume and metrics_path.exists() else []
+    val_loss: float | None = next((r["val_loss"] for r in reversed(earlier)
+                                   if r.get("val_loss") is not None), None)
     eval_s = 0.0
     session_tokens, session_time = 0, 0.0
     measured: list[float] = []

@@ -182,7 +182,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                    extra={"stage": "pretrain", "data_key": data.file.key})
     save_model(out, model, tok, extra={"stage": "pretrain", "step": result.step,
                                        "val_loss": result.val_loss, "tokens": result.tokens})
-    print(f"pretrained {result.step} steps, {result.tokens:,} tokens "
-          f"({result.tokens_per_s:,.0f} tokens/s); val_loss {result.val_loss}; "
-          f"model saved to {out}", file=sys.stderr)
+    speed = (f"{result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s
+             else "no step left to train")
+    print(f"pretrained {result.step} steps, {result.tokens:,} tokens ({speed}); "
+          f"val_loss {result.val_loss}; model saved to {out}", file=sys.stderr)
     return out
