@@ -16,15 +16,17 @@ def _file_under(path: Path) -> Path | None:
     return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
 
 
-def check_dir_out(path: str | Path) -> Path:
+def check_dir_out(path: str | Path, field: str | None = None) -> Path:
     """`path` as a Path if a directory can be made there (nothing is created), else a
-    UserError naming it: it is a file, or a file stands where a parent directory should."""
+    UserError naming it (and `field`): it is a file, or a file stands where a parent directory
+    should."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError("is a file, not a directory", path=path)
+        raise UserError("is a file, not a directory", path=path, field=field)
     blocker = _file_under(path)
     if blocker is not None:
-        raise UserError(f"parent is a file: {blocker} is not a directory", path=path)
+        raise UserError(f"parent is a file: {blocker} is not a directory", path=path,
+                        field=field)
     return path
 
 

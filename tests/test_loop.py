@@ -167,6 +167,17 @@ def test_a_run_directory_may_not_overlap_an_input_model(tmp_path, out, model, me
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_run_directory_in_the_place_of_a_file_is_refused(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for out, message in ((a_file, "is a file, not a directory"),
+                         (a_file / "run", f"parent is a file: {a_file} is not a directory")):
+        with pytest.raises(UserError) as err:
+            check_run_dir(out, False)
+        assert str(err.value) == f"{out}, field 'out': {message}"
+    assert a_file.read_text() == "x"
+
+
 def test_a_run_directory_with_a_run_or_a_model_needs_resume(tmp_path):
     out = tmp_path / "run"
     assert check_run_dir(out, False) is None and not out.exists()

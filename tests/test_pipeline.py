@@ -153,6 +153,14 @@ def test_bad_options_fail_before_any_stage_runs(tmp_path, capsys, args, message)
     assert not out.exists()
 
 
+def test_an_out_under_a_file_fails_before_any_stage_runs(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    assert main(["pipeline", "--out", str(a_file / "demo")]) == 2
+    assert (f"gptlab pipeline: error: {a_file / 'demo'}, field 'out': parent is a file: "
+            f"{a_file} is not a directory") in capsys.readouterr().err
+
+
 def test_stage_settings_name_the_pipeline_option(monkeypatch, tmp_path):
     """A stage's own check, run before any stage, names the option that set the value."""
     from gptlab.errors import UserError

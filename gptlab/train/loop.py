@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import Checkpointer
 from gptlab.errors import UserError
-from gptlab.io import write_json_atomic, write_jsonl_atomic
+from gptlab.io import check_dir_out, write_json_atomic, write_jsonl_atomic
 
 DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor max_minutes is given
 MEASURE_STEPS = 3         # steps timed (after the first, which pays for warm-up) for max_minutes
@@ -128,9 +128,7 @@ def check_run_dir(out: str | Path, resume: bool,
     OUT must not be, hold or sit inside an input model (`inputs`: field -> path), which the
     run would overwrite. Without `resume` it must hold no run (checkpoints) and no model;
     with `resume` it must hold a checkpoint."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a directory", path=out, field="out")
+    out = check_dir_out(out, field="out")
     where = out.resolve()
     for name, given in (inputs or {}).items():
         if not given or not Path(given).exists():

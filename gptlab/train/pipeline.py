@@ -24,7 +24,7 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError
-from gptlab.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from gptlab.io import check_dir_out, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 if TYPE_CHECKING:
     from gptlab.train.ppo import PPOConfig
@@ -146,9 +146,7 @@ class PipelineConfig:
         if self.demonstrator_flaw:
             from gptlab.world.demonstrators import check_flaw
             check_flaw(self.demonstrator_flaw, self.demonstrator_flaw_rate)
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise UserError("exists and is not a directory", path=out, field="out")
+        check_dir_out(self.out, field="out")
         if self.world and not (Path(self.world) / "world.json").exists():
             raise UserError("not an exported world (no world.json)", path=self.world,
                             field="world")
