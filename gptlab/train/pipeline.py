@@ -81,7 +81,7 @@ class PipelineConfig:
     ppo_lr: float = 5e-5
     kl_coef: float = 0.05
     ppo_temperature: float = 1.5      # rollouts and updates alike (the labelers saw these too)
-    ptx_coef: float = 0.01
+    ptx_coef: float = 0.002          # chosen on validation (README, "Defaults worth knowing")
     max_new_tokens: int = 80
     # evaluation
     eval_limit: int | None = None     # test questions (default: the whole test split)
