@@ -213,6 +213,8 @@ def _verb_world():
                 write_jsonl_atomic(args.out, verdicts, allow_nan=False)
             print(f"execution accuracy {summary['exec_acc']:.4f} on {summary['prompts']} "
                   f"questions (first response of each)")
+            print(f"does not run {summary['exec_error_rate']:.4f} "
+                  f"({summary['exec_errors']} of {summary['prompts']})")
             if summary["unseen_phrasing"] is not None:
                 print(f"unseen phrasing {summary['unseen_phrasing']:.4f} on "
                       f"{summary['n_unseen_phrasing']} questions")

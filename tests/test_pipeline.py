@@ -52,6 +52,20 @@ def test_report_has_every_number(run):
     assert r["n_test"] == 24 and r["minutes"] > 0
 
 
+def test_report_counts_answers_that_do_not_run(run):
+    """exec_error_rate: the share of each model's answers the checker says do not run,
+    recomputed here from the answers the evaluation wrote."""
+    from gptlab.world import load_world
+    r = json.loads((run / "report.json").read_text())
+    world = load_world(run / "world")
+    answers = [json.loads(line) for line in open(run / "eval" / "answers.jsonl")]
+    for name in ("pretrained", "sft", "sft_continued", "ppo_round_1", "ppo_round_2"):
+        kinds = [world.check(a["id"], a[name].strip()).kind for a in answers]
+        assert r["exec_error_rate"][name] == pytest.approx(kinds.count("error") / len(kinds))
+        assert r["exec_error_rate"][name] + r["exec_acc"][name] <= 1.0
+    assert r["exec_error_rate"]["ppo"] == r["exec_error_rate"]["ppo_round_2"]
+
+
 def test_the_control_took_as_many_optimizer_steps_as_ppo(run):
     meta = json.loads((run / "sft_continued" / "config.json").read_text())
     # 2 rounds x 2 PPO steps x 2 epochs x (8 / 4) minibatches

@@ -309,6 +309,7 @@ def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsy
                  "--out", str(verdicts)]) == 0
     printed = capsys.readouterr().out
     assert "execution accuracy 0.5000 on 4 questions" in printed
+    assert "does not run 0.2500 (1 of 4)" in printed  # question 2's only response
     assert "all 6 responses: 0.5000" in printed  # 3 of 6 responses right
     rows = [json.loads(line) for line in open(verdicts)]
     assert [r["correct"] for r in rows] == [True, False, False, True]

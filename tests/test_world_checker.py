@@ -122,3 +122,13 @@ def test_world_check_uses_gold_by_id(world):
     assert world.check(q.id, q.sql).correct
     assert world.check(q.id, "SELECT 1").kind == "wrong"
     assert world.check(q.id, "DROP TABLE employees").kind == "error"
+
+
+def test_exec_verdicts_and_accuracy_count_each_kind(world):
+    """What the pipeline's evaluation counts: correct, wrong (runs, other result), error."""
+    from gptlab.eval.execution import exec_correct, exec_verdicts
+    records = [world.record(q) for q in world.test[:4]]
+    gold = [r["completion"] for r in records]
+    responses = [gold[0], "SELECT 1", "SELEC name FROM employees", " " + gold[3] + "  "]
+    assert exec_verdicts(world, records, responses) == ["correct", "wrong", "error", "correct"]
+    assert exec_correct(world, records, responses) == [1, 0, 0, 1]

@@ -39,9 +39,15 @@ def answer(model: torch.nn.Module, tokenizer: Any, records: list[dict], max_new_
     return [r["responses"][0] for r in rows]
 
 
+def exec_verdicts(world: Any, records: list[dict], responses: list[str]) -> list[str]:
+    """The checker's verdict per record: "correct", "wrong" (runs, other result) or "error"
+    (does not run: a syntax error, an unknown column, the time limit)."""
+    return [world.check(r["id"], resp.strip()).kind for r, resp in zip(records, responses)]
+
+
 def exec_correct(world: Any, records: list[dict], responses: list[str]) -> list[int]:
     """1 where the response's SQL returns the gold result, else 0 (per record)."""
-    return [int(world.check(r["id"], resp.strip()).correct) for r, resp in zip(records, responses)]
+    return [int(kind == "correct") for kind in exec_verdicts(world, records, responses)]
 
 
 def world_exec_evaluator(world_spec: Any, tokenizer: Any, records: list[dict],
@@ -70,6 +76,7 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
     if not rows:
         raise UserError("no samples to score", path=path)
     first: list[int] = []
+    errors = 0  # first responses that do not run
     every: list[int] = []
     unseen: list[int] = []
     verdicts = []
@@ -88,11 +95,13 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
             raise e.at(path, r["_line"]) from None
         hits = [int(k == "correct") for k in kinds]
         first.append(hits[0])
+        errors += kinds[0] == "error"
         every.extend(hits)
         if r.get("unseen_phrasing"):
             unseen.append(hits[0])
         verdicts.append({"id": r["id"], "verdicts": kinds, "correct": bool(hits[0])})
     summary = {"prompts": len(rows), "exec_acc": sum(first) / len(first),
+               "exec_errors": errors, "exec_error_rate": errors / len(first),
                "all_responses": sum(every) / len(every), "responses": len(every),
                "unseen_phrasing": sum(unseen) / len(unseen) if unseen else None,
                "n_unseen_phrasing": len(unseen)}

@@ -10,7 +10,7 @@ import torch
 
 from gptlab.checkpoint import load_model
 from gptlab.engine import SamplingParams, generate
-from gptlab.eval.execution import answer, exec_correct
+from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
 from gptlab.io import read_jsonl, write_jsonl_atomic
 
@@ -109,10 +109,13 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
 
     answers: dict[str, list[str]] = {}
     correct: dict[str, list[int]] = {}
+    errors: dict[str, list[int]] = {}  # 1 where the answer's SQL does not run
     for name, path in models.items():
         model, tok, _ = load_model(path)
         answers[name] = answer(model, tok, test, cfg.max_new_tokens)
-        correct[name] = exec_correct(world, test, answers[name])
+        kinds = exec_verdicts(world, test, answers[name])
+        correct[name] = [int(k == "correct") for k in kinds]
+        errors[name] = [int(k == "error") for k in kinds]
         print(f"  {name}: exec_acc {mean(correct[name]):.3f}", flush=True)
     write_jsonl_atomic(out / "eval" / "answers.jsonl", (
         {"id": r["id"], "question": r.get("question"), "gold": r["completion"].strip(),
@@ -128,6 +131,8 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     exec_acc["ppo"] = exec_acc[final]
     exec_unseen = {n: acc(n, unseen) for n in models}
     exec_unseen["ppo"] = exec_unseen[final]
+    exec_error = {n: mean(errors[n]) for n in models}
+    exec_error["ppo"] = exec_error[final]
 
     # Reward-model accuracy on each round's held-out rankings: against the noise-free labeler
     # (the evaluation's judge, as for the win rate), and against the noisy labelers who made
@@ -162,6 +167,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     results = {
         "exec_acc": exec_acc,
         "exec_acc_unseen_phrasing": exec_unseen,
+        "exec_error_rate": exec_error,
         "delta_ppo_vs_sft": paired_delta(correct[final], correct["sft"]),
         "delta_ppo_vs_sft_continued": paired_delta(correct[final], correct["sft_continued"]),
         "rm_pairwise_acc": rm_acc[-1],

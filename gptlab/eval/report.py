@@ -307,7 +307,7 @@ class ReportContent:
     """Everything both documents show, already formatted as plain text."""
     title: str
     summary: list[str]
-    exec_rows: list[tuple[str, str, str]]          # (model, overall, unseen phrasing)
+    exec_rows: list[tuple[str, str, str, str]]     # (model, overall, unseen, does not run)
     headlines: list[tuple[str, str]]               # (what, value)
     plots: list[tuple[str, Path]] = field(default_factory=list)  # (caption, path under run_dir)
     samples: list[Sample] = field(default_factory=list)
@@ -342,6 +342,7 @@ PLOT_CAPTIONS = {
 def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> ReportContent:
     overall = results.get("exec_acc") or {}
     unseen = results.get("exec_acc_unseen_phrasing") or {}
+    errors = results.get("exec_error_rate") or {}  # absent from reports made before it
     ptx = results.get("ptx") if isinstance(results.get("ptx"), dict) else {}
     summary = [describe_config(results.get("config")), describe_time(results)]
     headlines = [
@@ -368,7 +369,8 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
     return ReportContent(
         title=f"gptlab pipeline report: {run_dir.name}",
         summary=summary,
-        exec_rows=[(n, fmt(overall.get(n)), fmt(unseen.get(n))) for n in model_names(results)],
+        exec_rows=[(n, fmt(overall.get(n)), fmt(unseen.get(n)), fmt(errors.get(n)))
+                   for n in model_names(results)],
         headlines=headlines,
         plots=[(PLOT_CAPTIONS[name], path.relative_to(run_dir)) for name, path in plots.items()],
         samples=collect_samples(results))
@@ -399,8 +401,9 @@ def mark(correct: bool | None) -> str:
 def render_markdown(c: ReportContent) -> str:
     lines = [f"# {c.title}", "", " ".join(c.summary), "", "## Execution accuracy", ""]
     if c.exec_rows:
-        lines += ["| model | all questions | unseen phrasing |", "|---|---:|---:|"]
-        lines += [f"| {md_cell(n)} | {a} | {u} |" for n, a, u in c.exec_rows]
+        lines += ["| model | all questions | unseen phrasing | does not run |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {md_cell(n)} | {a} | {u} | {e} |" for n, a, u, e in c.exec_rows]
     else:
         lines.append(NA)
     lines += ["", "## Headline numbers", ""]
@@ -446,9 +449,9 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 <h2>Execution accuracy</h2>
 {% if c.exec_rows %}
 <table>
-<tr><th>model</th><th>all questions</th><th>unseen phrasing</th></tr>
-{% for name, overall, unseen in c.exec_rows %}
-<tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ unseen }}</td></tr>
+<tr><th>model</th><th>all questions</th><th>unseen phrasing</th><th>does not run</th></tr>
+{% for name, overall, unseen, errors in c.exec_rows %}
+<tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ unseen }}</td><td class="num">{{ errors }}</td></tr>
 {% endfor %}
 </table>
 {% else %}<p>n/a</p>{% endif %}
