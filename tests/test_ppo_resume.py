@@ -229,6 +229,8 @@ def ppo_args(d, out, *args):
     (["--kl-estimator", "k9"], "field 'kl_estimator': must be one of k1, k3, got k9"),
     (["--adaptive-kl", "--target-kl", "0"], "field 'target_kl': must be > 0 with adaptive_kl, "
                                             "got 0.0"),
+    (["--adaptive-kl", "--kl-coef", "0"], "field 'kl_coef': must be > 0 with adaptive_kl (the "
+                                          "controller scales it), got 0.0"),
     (["--kl-horizon", "0"], "field 'kl_horizon': must be >= 1, got 0"),
     (["--clip", "0"], "field 'clip': must be > 0, got 0.0"),
     (["--value-clip", "-0.2"], "field 'value_clip': must be > 0, got -0.2"),
@@ -237,9 +239,6 @@ def ppo_args(d, out, *args):
     (["--gae-lambda", "-0.1"], "field 'gae_lambda': must be in [0, 1], got -0.1"),
     (["--temperature", "0"], "field 'temperature': must be > 0, got 0.0"),
     (["--temperature", "nan"], "field 'temperature': must be a finite number, got nan"),
-    (["--top-k", "0"], "field 'top_k': must be >= 1, got 0"),
-    (["--top-p", "0"], "field 'top_p': must be in (0, 1], got 0.0"),
-    (["--top-p", "1.5"], "field 'top_p': must be in (0, 1], got 1.5"),
     (["--max-new-tokens", "0"], "field 'max_new_tokens': must be >= 1, got 0"),
     (["--max-new-tokens", "-2"], "field 'max_new_tokens': must be >= 1, got -2"),
     (["--max-new-tokens", "64"], "field 'max_new_tokens': must be below the policy's context "

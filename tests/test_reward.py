@@ -82,6 +82,29 @@ def test_shared_prompt_scoring_equals_scoring_each_sequence_whole():
         assert torch.allclose(g, p.grad, atol=1e-5)
 
 
+
+def test_shared_prompt_scoring_falls_back_when_the_padded_layout_overflows_the_context():
+    """A long prompt with short answers next to a short prompt with a long answer: each
+    sequence fits the context of 32, but the longest prompt (24) plus the longest answer (20)
+    would not. The scores are still those of the sequences scored one by one."""
+    from gptlab.model import GPT, GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    from gptlab.train.reward import ranked_scores
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=40, context=32, n_layers=2, n_heads=4, d_model=32,
+                    positions="learned", bias=False)
+    model = ScalarHeadModel.from_gpt(GPT(cfg))
+    long_prompt, short_prompt = list(range(1, 25)), [5, 6, 7]
+    items = [EncodedRanking([long_prompt + [30, 31], long_prompt + [32]], prompt_len=24),
+             EncodedRanking([short_prompt + [9] * 20, short_prompt + [8, 8]], prompt_len=3)]
+    batch = collate_rankings(items, pad_id=0)
+    assert batch["prompt_ids"].shape[1] + batch["cont_ids"].shape[1] == 44
+    scores = ranked_scores(model, batch)
+    with torch.no_grad():
+        alone = torch.tensor([[model(torch.tensor([s])).item() for s in it.seqs] for it in items])
+    assert (scores - alone).abs().max().item() < 1e-5
+
+
 # --- bad input: exit code 2, a message naming the field, nothing new in --out -------------------
 
 @pytest.fixture(scope="module")

@@ -178,3 +178,26 @@ def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_p
                                        "prompts: skipped 1 prompts: 1 prompts with fewer than 2 "
                                        "distinct responses\n")
     assert not out.exists()
+
+
+def test_win_rate_is_symmetric_and_ties_what_the_labeler_cannot_tell_apart(world):
+    from gptlab.eval.pipeline_eval import win_rate
+    q = _q(world, "count_employees_city")
+    city = q.values["city"]
+    other = next(c for c in ("Paris", "Berlin", "London", "Madrid") if c != city and
+                 len(c) != len(city))
+    records = [{"id": q.id}] * 6
+    a = [q.sql + ";",                        # the same SQL after normalising: a tie
+         "SELECT  " + q.sql[len("SELECT "):],  # a doubled space: a tie
+         "SELEC x", q.sql,                   # an error against a correct answer: b wins
+         f"SELECT COUNT(*) FROM employees WHERE city = '{other}'",  # wrong vs correct: b wins
+         "SELEC y"]                           # two errors of one length: a tie
+    b = [q.sql, q.sql, q.sql, "SELEC z",      # a correct answer against an error: a wins
+         q.sql, "SELEC w"]
+    # ties 0.5 + 0.5 + 0.5, a wins 1, b wins twice: (1.5 + 1) / 6
+    assert win_rate(world, records, a, b) == pytest.approx(2.5 / 6)
+    assert win_rate(world, records, b, a) == pytest.approx(1 - 2.5 / 6)
+    # Among answers of one verdict the shorter wins, whichever side it is on.
+    longer = q.sql + " AND 1 = 1"
+    assert win_rate(world, records[:1], [q.sql], [longer]) == 1.0
+    assert win_rate(world, records[:1], [longer], [q.sql]) == 0.0

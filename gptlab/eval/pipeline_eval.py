@@ -20,16 +20,18 @@ def mean(xs: list[float]) -> float | None:
 
 
 def win_rate(world: Any, records: list[dict], a: list[str], b: list[str]) -> float:
-    """Share of questions where the noise-free labeler prefers a's answer; ties count half."""
-    # The strict order (shorter SQL first among equals), so two answers are never tied and the
-    # number compares with runs made before the labeler had ties.
-    labeler = world.labeler(disagreement=0.0, ties=False)
+    """Share of questions where the noise-free labeler prefers a's answer; ties count half.
+
+    Its strict preference: a correct answer over a wrong one over one that does not run, and
+    among equals the shorter SQL (as the labelers rank). Answers it cannot tell apart (the same
+    verdict and length, identical answers among them) are ties, so swapping a and b gives
+    1 minus the rate."""
+    labeler = world.labeler(disagreement=0.0)
     wins = 0.0
     for rec, x, y in zip(records, a, b):
-        if x.strip() == y.strip():
-            wins += 0.5
-        else:
-            wins += 1.0 if labeler.rank(rec["id"], [x, y]).order[0] == 0 else 0.0
+        kx = labeler.careful_key(world.check(rec["id"], x.strip()), x)
+        ky = labeler.careful_key(world.check(rec["id"], y.strip()), y)
+        wins += 0.5 if kx == ky else float(kx < ky)
     return wins / len(records)
 
 

@@ -73,6 +73,17 @@ class ScalarHeadModel(nn.Module):
         prompt_ids/mask (B, P) left-padded; rows (N,) the prompt of each continuation;
         cont_ids/mask (N, R) right-padded, every row at least one real token. Equal to
         `forward` on the concatenated sequences (up to float rounding)."""
+        if prompt_ids.shape[1] + cont_ids.shape[1] > self.config.context:
+            # The longest prompt plus the longest continuation overflow the context, though
+            # every real sequence fits: score the sequences themselves, right-padded.
+            seqs = [torch.cat([prompt_ids[r][prompt_mask[r].bool()], c[m.bool()]])
+                    for r, c, m in zip(rows.tolist(), cont_ids, cont_mask)]
+            T = max(len(x) for x in seqs)
+            ids = prompt_ids.new_zeros((len(seqs), T))
+            mask = prompt_mask.new_zeros((len(seqs), T))
+            for i, x in enumerate(seqs):
+                ids[i, :len(x)], mask[i, :len(x)] = x, 1
+            return self(ids, mask)
         prefix = PrefixKV()
         self.backbone.hidden_states(prompt_ids, prompt_mask, cache=prefix)
         mask = torch.cat([prompt_mask[rows], cont_mask], 1)

@@ -78,9 +78,9 @@ class PPOConfig:
     gae_gamma: float = 1.0
     gae_lambda: float = 0.95
     whiten_advantages: bool = True
+    # The full softmax at this temperature, in rollouts and updates alike: the ratio and the KL
+    # need the distribution the tokens were sampled from, so there is no top-k / top-p here.
     temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
     max_new_tokens: int = 64
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
     ptx_data: list[str] = field(default_factory=list)  # pretraining text for PPO-ptx
@@ -111,6 +111,9 @@ class PPOConfig:
              f"must be one of {', '.join(KL_ESTIMATORS)}"),
             ("target_kl", not self.adaptive_kl or self.target_kl > 0,
              "must be > 0 with adaptive_kl"),
+            # The controller multiplies β, so a β of 0 would stay 0.
+            ("kl_coef", not self.adaptive_kl or self.kl_coef > 0,
+             "must be > 0 with adaptive_kl (the controller scales it)"),
             ("kl_horizon", self.kl_horizon >= 1, "must be >= 1"),
             ("clip", self.clip > 0, "must be > 0"),
             ("value_clip", self.value_clip > 0, "must be > 0"),
@@ -118,8 +121,6 @@ class PPOConfig:
             ("gae_gamma", 0 <= self.gae_gamma <= 1, "must be in [0, 1]"),
             ("gae_lambda", 0 <= self.gae_lambda <= 1, "must be in [0, 1]"),
             ("temperature", self.temperature > 0, "must be > 0"),
-            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1"),
-            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
             ("ptx_batch_size", self.ptx_batch_size >= 1, "must be >= 1"),
@@ -404,8 +405,8 @@ class PPOTrainer:
         if not prompts:
             return None
         gen = generate(self.policy, prompts, SamplingParams(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, stop_ids=tuple(sorted(self.tok.stop_ids))),
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            stop_ids=tuple(sorted(self.tok.stop_ids))),
             seed=cfg.seed * 100_003 + step, pad_id=self.tok.pad_id)
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
                                              shared=common_prefix_length(prompts))

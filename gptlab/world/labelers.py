@@ -80,9 +80,16 @@ class SqlLabeler:
                             f"got {disagreement}", field="disagreement")
         self.world, self.disagreement, self.seed, self.ties = world, disagreement, seed, ties
 
+    @staticmethod
+    def careful_key(verdict: Verdict, response: str) -> tuple[int, int]:
+        """What the careful labeler prefers, smallest first: correct, then wrong, then answers
+        that do not run; among equals, the shorter SQL. Equal keys are equally good."""
+        return _TIER.get(verdict.kind, 2), len(normalize_sql(response))
+
     def careful_order(self, verdicts: list[Verdict], responses: list[str]) -> list[int]:
-        return sorted(range(len(responses)), key=lambda i: (
-            _TIER.get(verdicts[i].kind, 2), len(normalize_sql(responses[i])), i))
+        # The index breaks ties between equal keys: a strict order, first given first.
+        return sorted(range(len(responses)),
+                      key=lambda i: (*self.careful_key(verdicts[i], responses[i]), i))
 
     def careful_levels(self, verdicts: list[Verdict], responses: list[str]) -> list[list[int]]:
         """The noise-free ranking as levels of response indices, best first."""
