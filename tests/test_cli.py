@@ -183,10 +183,10 @@ def test_outputs_in_the_place_of_a_directory_or_under_a_file_are_refused(tiny_mo
               "--max-new-tokens", "2", "--out"]
     for argv, message in (
             (["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out",
-              str(a_file)], f"{a_file}: is a file, not a directory"),
+              str(a_file)], f"{a_file}, field 'out': is a file, not a directory"),
             (["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out",
-              str(a_file / "sub")], f"{a_file / 'sub'}: parent is a file: {a_file} is not a "
-                                    f"directory"),
+              str(a_file / "sub")], f"{a_file / 'sub'}, field 'out': parent is a file: {a_file} "
+                                    f"is not a directory"),
             (sample + [str(a_dir)], f"{a_dir}: is a directory; give a file name"),
             (sample + [str(a_file / "x.jsonl")],
              f"{a_file / 'x.jsonl'}: parent is a file: {a_file} is not a directory")):

@@ -263,12 +263,20 @@ def test_cli_train_in_process(tmp_path, capsys):
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
                      "--out", str(out)]) == 0
     assert load_tokenizer(out).vocab_size == 300
-    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "100",
+    # A tokenizer (or a model's, beside its weights) is never replaced.
+    before = (out / "tokenizer.json").read_bytes()
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "400",
                      "--out", str(out)]) == 2
+    assert (f"{out}, field 'out': already holds tokenizer.json; choose another --out or remove it"
+            in capsys.readouterr().err)
+    assert (out / "tokenizer.json").read_bytes() == before
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "100",
+                     "--out", str(tmp_path / "tok100")]) == 2
     assert "vocab_size" in capsys.readouterr().err
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café\n".encode("latin-1"))
-    assert cli.main(["tokenizer", "train", "--data", str(bad), "--out", str(out)]) == 2
+    assert cli.main(["tokenizer", "train", "--data", str(bad), "--out",
+                     str(tmp_path / "tok-bad")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:1: not UTF-8" in err and "byte offset 3" in err
 

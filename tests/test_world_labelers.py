@@ -145,24 +145,28 @@ def test_the_label_verb_ties_by_default_and_not_with_no_ties(world, tmp_path):
 def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path, capsys):
     from gptlab.cli import main
     world.export(tmp_path / "w")
-    good = {"id": world.test[0].id, "responses": ["SELECT 1", "SELECT name FROM employees"]}
+    q = world.test[0]
+    good = {"id": q.id, "prompt": q.text, "responses": ["SELECT 1", "SELECT name FROM employees"]}
     samples, out = tmp_path / "s.jsonl", tmp_path / "r.jsonl"
     for bad, message in (
-            ({"id": world.test[0].id, "responses": "SELECT 1"},
-             "field 'responses': must be a non-empty list of response strings, got a string"),
-            ({"id": world.test[0].id, "responses": [None, "SELECT 1"]},
-             "field 'responses': item 1 must be a response string, got null"),
-            ({"id": world.test[0].id, "responses": [1, 2]},
-             "field 'responses': item 1 must be a response string, got a number"),
-            ({"id": world.test[0].id}, "field 'responses': missing required field"),
-            ({"id": "s0-train-99999", "responses": ["SELECT 1", "SELECT 2"]},
-             "field 'id': no question with id 's0-train-99999' in this world"),
-            ({"responses": ["SELECT 1", "SELECT 2"]},
-             "field 'id': the sqlworld labeler needs each sample's 'id'")):
+            ({"id": q.id, "prompt": q.text, "responses": "SELECT 1"},
+             ", field 'responses': must be a non-empty list of response strings, got a string"),
+            ({"id": q.id, "prompt": q.text, "responses": [None, "SELECT 1"]},
+             ", field 'responses': item 1 must be a response string, got null"),
+            ({"id": q.id, "prompt": q.text, "responses": [1, 2]},
+             ", field 'responses': item 1 must be a response string, got a number"),
+            ({"id": q.id, "prompt": q.text}, ", field 'responses': missing required field"),
+            ({"id": "s0-train-99999", "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
+             ", field 'id': no question with id 's0-train-99999' in this world"),
+            ({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
+             ", field 'id': the sqlworld labeler needs each sample's 'id'"),
+            # the rankings would need it: refused here, not later by `gptlab reward`
+            ({"id": q.id, "responses": ["SELECT 1", "SELECT 2"]},
+             ": needs a 'prompt' or a 'messages' field")):
         samples.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
                      "--out", str(out)]) == 2
-        assert capsys.readouterr().err == f"gptlab label: error: {samples}:2, {message}\n"
+        assert capsys.readouterr().err == f"gptlab label: error: {samples}:2{message}\n"
         assert not out.exists()
 
 
@@ -171,12 +175,14 @@ def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_p
     world.export(tmp_path / "w")
     q = world.test[0]
     samples, out = tmp_path / "s.jsonl", tmp_path / "r.jsonl"
-    samples.write_text(json.dumps({"id": q.id, "responses": [q.sql, q.sql]}) + "\n")
+    samples.write_text(json.dumps({"id": q.id, "prompt": q.text,
+                                   "responses": [q.sql, q.sql, "", " "]}) + "\n")
     assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
                  "--out", str(out)]) == 2
     assert capsys.readouterr().err == (f"gptlab label: error: {samples}: ranked none of 1 "
-                                       "prompts: skipped 1 prompts: 1 prompts with fewer than 2 "
-                                       "distinct responses\n")
+                                       "prompts: skipped 3 items: 2 empty responses left out of "
+                                       "rankings, 1 prompts with fewer than 2 distinct "
+                                       "responses\n")
     assert not out.exists()
 
 

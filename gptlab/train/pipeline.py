@@ -350,11 +350,11 @@ class Pipeline:
         ranked = self.timer.run(f"round {rnd}: label",
                                 lambda: label_samples(samples, rank, skips))
         print(f"round {rnd}: {len(ranked)} of {len(samples)} prompts ranked"
-              + (f"; {skips.report('prompts')}" if skips.total else ""), file=sys.stderr)
+              + (f"; {skips.report('items')}" if skips.total else ""), file=sys.stderr)
         if not ranked:
             raise UserError(
                 f"round {rnd}: the labelers ranked none of {len(samples)} prompts "
-                f"({skips.report('prompts')}); train SFT longer, sample more prompts or a "
+                f"({skips.report('items')}); train SFT longer, sample more prompts or a "
                 f"larger --k, or use --no-ties", path=d / "samples.jsonl")
         write_jsonl_atomic(rankings, ranked)
         return rankings
