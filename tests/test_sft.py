@@ -35,7 +35,7 @@ def setup(tmp_path, monkeypatch):
     save_model(tmp_path / "base", GPT(config), tok)
     seen = {}
 
-    def evaluator(world, tokenizer, records, max_new_tokens=96):
+    def evaluator(world, tokenizer, records, max_new_tokens=96, path=None, context=None):
         seen["exec"] = records
         return lambda model: 0.0
 
@@ -117,6 +117,33 @@ def test_impossible_settings_fail_before_anything_is_written(base, tmp_path, cap
     out = tmp_path / "sft"
     assert run_sft(base, out, *args) == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unknown_world_id_in_val_data_fails_before_training_naming_its_line(base, tmp_path,
+                                                                            capsys):
+    from gptlab.world import build_world
+    world = build_world(0, n_train=20, n_validation=5, n_test=5, n_dialogs=1, corpus_chars=500,
+                        db_path=tmp_path / "db.sqlite")
+    world.export(tmp_path / "w")
+    q = world.validation[0]
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"id": q.id, "prompt": "Is the owl happy?", "completion": " no"})
+                   + "\n" + json.dumps({"id": "s0-train-99999", "prompt": "Is the cat happy?",
+                                       "completion": " yes"}) + "\n")
+    out = tmp_path / "sft"
+    assert run_sft(base, out, "--world", str(tmp_path / "w"), "--val-data", str(val),
+                   "--max-new-tokens", "8") == 2
+    assert (f"{val}:2, field 'id': no question with id 's0-train-99999' in this world"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    # The answers must fit the context (64) too: checked before training, not at evaluation.
+    val.write_text(val.read_text().splitlines()[0] + "\n")
+    assert run_sft(base, out, "--world", str(tmp_path / "w"), "--val-data", str(val),
+                   "--max-new-tokens", "60") == 2
+    err = capsys.readouterr().err
+    assert (f"{val}:1, field 'prompt': the prompt's " in err and "tokens leave no room for "
+            "max_new_tokens 60 in the model's context of 64" in err)
     assert not out.exists()
 
 

@@ -51,12 +51,27 @@ def exec_correct(world: Any, records: list[dict], responses: list[str]) -> list[
 
 
 def world_exec_evaluator(world_spec: Any, tokenizer: Any, records: list[dict],
-                         max_new_tokens: int = 96) -> Callable[[torch.nn.Module], float]:
-    """A function model -> execution accuracy on `records` (which carry world ids)."""
+                         max_new_tokens: int = 96, path: str | Path | None = None,
+                         context: int | None = None) -> Callable[[torch.nn.Module], float]:
+    """A function model -> execution accuracy on `records` (which carry world ids). Checked
+    here, before any training: every id is the world's and, given the model's `context`,
+    every prompt leaves room for `max_new_tokens`; errors name `path` and the record's line."""
+    from gptlab.data.instruct import encode_prompt, prompt_of
     world = open_world(world_spec)
     records = [r for r in records if "id" in r]
     if not records:
-        raise UserError("no records with an 'id' to evaluate execution accuracy on", field="id")
+        raise UserError("no records with an 'id' to evaluate execution accuracy on", path=path,
+                        field="id")
+    for r in records:
+        try:
+            world.gold(str(r["id"]))
+            n = len(encode_prompt(tokenizer, prompt_of(r))) if context else 0
+            if n > (context or 0) - max_new_tokens:
+                raise UserError(f"the prompt's {n} tokens leave no room for max_new_tokens "
+                                f"{max_new_tokens} in the model's context of {context}; use a "
+                                f"smaller --max-new-tokens", field="prompt")
+        except UserError as e:
+            raise (e.at(path, r.get("_line")) if path else e) from None
 
     def evaluate(model: torch.nn.Module) -> float:
         responses = answer(model, tokenizer, records, max_new_tokens)

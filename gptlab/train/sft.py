@@ -190,7 +190,7 @@ def sft(cfg: SFTConfig) -> Path:
             held_out = {ex.line for ex in val_ex}
             val_records = [r for r in read_jsonl(cfg.data) if r["_line"] in held_out]
         exec_eval = world_exec_evaluator(cfg.world, tok, val_records[:cfg.exec_eval],
-                                         cfg.max_new_tokens)
+                                         cfg.max_new_tokens, cfg.val_data or cfg.data, context)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         annotate_run(out, resumed_from=latest.name)
