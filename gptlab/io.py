@@ -124,9 +124,34 @@ def _refuse_constant(name: str) -> Any:
     raise _NonFinite(name)
 
 
+def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, row as a dict) for each row of a Parquet file: its columns are the
+    fields a JSONL line would have (lists and structs arrive as lists and dicts). A null is an
+    absent field, as it is for a JSONL line that lacks it: a file mixing `prompt` rows and
+    `messages` rows has both columns, each null where the other is set."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = Path(path)
+    if not path.exists():
+        raise UserError("file not found", path=path)
+    try:
+        batches = pq.ParquetFile(path).iter_batches()
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                yield n, {k: v for k, v in row.items() if v is not None}
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+
+
 def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; anything else on a line
-    is a UserError naming file and line (`what` says what a line must be)."""
+    is a UserError naming file and line (`what` says what a line must be). A `.parquet` file
+    gives its rows instead, numbered as lines."""
+    if Path(path).suffix.lower() == ".parquet":
+        yield from parquet_objects(path)
+        return
     for lineno, line in utf8_lines(path):
         if not line.strip():
             continue

@@ -76,3 +76,35 @@ def test_prompts_files_read_as_utf8_with_bom_and_crlf_and_refuse_other_bytes(tmp
                               "decoded; save the file as UTF-8")
     with pytest.raises(UserError, match="is a directory, not a file"):
         read_prompts(tmp_path)
+
+
+def test_parquet_files_read_as_their_jsonl_twins_and_name_the_bad_row(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from gptlab.data.instruct import read_rankings
+
+    def table(rows):  # columns inferred from every row, as pandas and datasets write them
+        return pa.Table.from_struct_array(pa.array(rows))
+    rows = [{"id": "a", "prompt": "Is the dog happy?", "completion": " no"},
+            {"id": "b", "messages": [USER, ASSISTANT]}]
+    # One table for both kinds of record: each row's other columns are null.
+    pq.write_table(table(rows), tmp_path / "d.parquet")
+    twin = write(tmp_path / "d.jsonl", *rows)
+    from_parquet = read_demonstrations(tmp_path / "d.parquet", tok, 64)
+    assert [(e.ids, e.loss_mask, e.line) for e in from_parquet] == \
+        [(e.ids, e.loss_mask, e.line) for e in read_demonstrations(twin, tok, 64)]
+    prompts = [{"id": 1, "prompt": "Is the cat happy?"}, {"id": 2, "messages": [USER]}]
+    pq.write_table(table(prompts), tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet") == read_prompts(write(tmp_path / "p.jsonl",
+                                                                      *prompts))
+    pairs = [{"prompt": "Is the cat happy?", "chosen": "yes", "rejected": "no"}]
+    pq.write_table(table(pairs), tmp_path / "r.parquet")
+    assert read_rankings(tmp_path / "r.parquet")[0].ranked == ["yes", "no"]
+    # Errors name the file and the row (counted from 1, as lines are).
+    pq.write_table(table([rows[0], {"id": "c", "prompt": "Is it?"}]), tmp_path / "bad.parquet")
+    with pytest.raises(UserError) as err:
+        read_demonstrations(tmp_path / "bad.parquet", tok, 64)
+    assert (err.value.path, err.value.line) == (tmp_path / "bad.parquet", 2)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match="broken.parquet: not a readable Parquet file"):
+        read_prompts(tmp_path / "broken.parquet")
