@@ -312,11 +312,17 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
+        """The checkpoint `latest` names; if it names none that is complete (a crash between
+        a checkpoint's rename and the pointer's, a pointer edited by hand), the complete
+        checkpoint of the highest step, so a run never loses one it has."""
         pointer = self.dir / "latest"
-        if not pointer.exists():
-            return None
-        path = self.dir / pointer.read_text().strip()
-        return path if (path / "manifest.json").exists() else None
+        if pointer.exists():
+            path = self.dir / pointer.read_text().strip()
+            if (path / "manifest.json").exists():
+                return path
+        complete = [p for p in self.dir.glob("step-*")
+                    if p.name[5:].isdigit() and (p / "manifest.json").exists()]
+        return max(complete, key=lambda p: int(p.name[5:])) if complete else None
 
     @staticmethod
     def step_of(path: str | Path) -> int:

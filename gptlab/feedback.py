@@ -15,7 +15,7 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_pr
                                   responses_of)
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
-from gptlab.io import check_file_out, read_jsonl, write_jsonl_atomic
+from gptlab.io import check_file_out, check_not_input, read_jsonl, write_jsonl_atomic
 
 # (record, distinct responses) -> best first, an item a response or a list of tied responses
 RankFn = Callable[[dict, list[str]], list[str | list[str]]]
@@ -62,6 +62,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_p=top_p)
     check_file_out(out)
+    check_not_input(out, {"--prompts": prompts})
     model, tok = load(model_path)
     skips = SkipCounter()
     rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips)
@@ -148,6 +149,7 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
                         f"write the rankings file yourself or call label_samples()",
                         field="labeler")
     check_file_out(out)
+    check_not_input(out, {"--in": samples_path})
     samples = read_jsonl(samples_path)
     skips = SkipCounter()
     rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips,

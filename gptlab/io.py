@@ -49,6 +49,14 @@ def check_file_out(path: str | Path) -> Path:
     return path
 
 
+def check_not_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
+    """Refuse an output file that is one of the inputs (flag -> path): it would be replaced."""
+    for flag, given in inputs.items():
+        if Path(given).exists() and Path(out).resolve() == Path(given).resolve():
+            raise UserError(f"is the input file ({flag}); writing would replace it, choose "
+                            f"another --out", path=out, field="out")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""

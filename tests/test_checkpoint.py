@@ -137,6 +137,23 @@ def test_checkpointer_keeps_last_k_and_points_to_latest(tmp_path):
     assert c.load(latest, tiny(), torch.optim.AdamW(net.parameters()))["step"] == 30
 
 
+def test_a_broken_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    net = tiny()
+    c = ck.Checkpointer(tmp_path, keep=3)
+    for step in (2, 10):
+        c.save(step, net, state={"step": step})
+    pointer = tmp_path / "checkpoints" / "latest"
+    (tmp_path / "checkpoints" / "step-11").mkdir()  # no manifest: never finished
+    for broken in ("step-99\n", ""):
+        pointer.write_text(broken)
+        assert c.latest().name == "step-10"  # step 10 > step 2, by number not by name
+    pointer.unlink()
+    assert c.load(c.latest(), tiny())["step"] == 10
+    for p in (tmp_path / "checkpoints").glob("step-*"):
+        (p / "manifest.json").unlink(missing_ok=True)
+    assert c.latest() is None
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
     net = tiny()
     c = ck.Checkpointer(tmp_path, keep=3)

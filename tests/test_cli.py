@@ -152,6 +152,22 @@ def test_sample_writes_nothing_when_no_prompt_fits(tiny_model, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_sample_and_label_never_write_over_their_input(tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    before = prompts.read_bytes()
+    (tmp_path / "sub").mkdir()
+    same = tmp_path / "sub" / ".." / "p.jsonl"  # the same file, spelled otherwise
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(same)]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab sample: error: {same}, field 'out': is the input file (--prompts); writing "
+        f"would replace it, choose another --out\n")
+    assert main(["label", "--in", str(prompts), "--out", str(prompts)]) == 2
+    assert "field 'out': is the input file (--in)" in capsys.readouterr().err
+    assert prompts.read_bytes() == before
+
+
 def test_nan_in_a_jsonl_line_is_refused_and_never_written(tiny_model, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n{"prompt": "world", "weight": NaN}\n')

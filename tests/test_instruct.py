@@ -229,6 +229,8 @@ def test_ppo_takes_exactly_one_reward_source(run):
     ({"prompt": "p", "ranked": ["a", "a"]}, "duplicate"),
     ({"prompt": "p", "ranked": ["a", " "]}, "empty"),
     ({"prompt": "p", "chosen": "a"}, "needs 'ranked'"),
+    ({"prompt": "p", "ranked": ["a", "b"], "chosen": "b", "rejected": "a"},
+     "field 'ranked': has both 'ranked' and 'chosen'/'rejected'; give one of them"),
 ])
 def test_bad_rankings_lines_name_file_and_line(run, tmp_path, capsys, line, message):
     d, _ = run

@@ -201,6 +201,9 @@ def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ran
     An item of `ranked` is a response or a list of responses that are equally good (tied).
     """
     prompt = prompt_of(row, path, line)
+    if "ranked" in row and ("chosen" in row or "rejected" in row):
+        raise UserError("has both 'ranked' and 'chosen'/'rejected'; give one of them", path=path,
+                        line=line, field="ranked")
     if "ranked" in row:
         items, fname = row["ranked"], "ranked"
         expected = "a list, best first, of responses or lists of tied responses"
