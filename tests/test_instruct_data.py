@@ -51,6 +51,15 @@ def test_a_bad_message_names_file_line_and_field(tok, tmp_path, reader, message,
     assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
 
 
+@pytest.mark.parametrize("completion", ["", "  ", 3])
+def test_a_completion_must_be_a_non_empty_string(tok, tmp_path, completion):
+    f = write(tmp_path / "d.jsonl", {"prompt": "Is the dog happy?", "completion": " no"},
+              {"prompt": "Is the cat happy?", "completion": completion})
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == f"{f}:2, field 'completion': must be a non-empty string"
+
+
 def test_a_chat_template_refusing_a_demonstration_names_file_and_line(tok, tmp_path):
     alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"

@@ -129,8 +129,9 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
     if "prompt" not in record or "completion" not in record:
         raise UserError("needs 'prompt' and 'completion' fields, or 'messages'", path=path,
                         line=line)
-    if not isinstance(record["completion"], str):
-        raise UserError("must be a string", path=path, line=line, field="completion")
+    if not isinstance(record["completion"], str) or not record["completion"].strip():
+        # An empty one would teach the model to answer with nothing but EOS.
+        raise UserError("must be a non-empty string", path=path, line=line, field="completion")
     p = encode_prompt(tokenizer, prompt_of(record, path, line))
     c = encode_response(tokenizer, record["completion"], record["prompt"])
     return Example(p + c, [0] * len(p) + [1] * len(c), record.get("id"), line)
