@@ -160,18 +160,20 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
             from tqdm import tqdm
             bar = tqdm(desc="tokenizing", unit="doc", leave=False)
         with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
-            for docs in _chunks(iter_documents(paths), _ENCODE_CHUNK):
-                ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
-                    else [tokenizer.encode(d) for d in docs]
-                for row in ids:
-                    arr = np.asarray(start + row + [eos], dtype=dtype)
-                    f.write(arr.tobytes())
-                    n_tokens += arr.size
-                n_docs += len(docs)
+            try:
+                for docs in _chunks(iter_documents(paths), _ENCODE_CHUNK):
+                    ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
+                        else [tokenizer.encode(d) for d in docs]
+                    for row in ids:
+                        arr = np.asarray(start + row + [eos], dtype=dtype)
+                        f.write(arr.tobytes())
+                        n_tokens += arr.size
+                    n_docs += len(docs)
+                    if bar is not None:
+                        bar.update(len(docs))
+            finally:  # a bad document's error must not be printed on the bar's line
                 if bar is not None:
-                    bar.update(len(docs))
-            if bar is not None:
-                bar.close()
+                    bar.close()
             if n_tokens < min_tokens:
                 _too_small(paths, n_tokens, min_tokens)  # raises; atomic_path drops the file
         write_json_atomic(meta_path, {"format": TOKENS_FORMAT, "dtype": dtype.name,
