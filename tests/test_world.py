@@ -3,6 +3,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import tempfile
 
 import pytest
 
@@ -254,6 +255,28 @@ def test_load_world_refuses_missing_or_tampered_directories(tmp_path):
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="options"):
         load_world(tmp_path / "w")
+
+
+def test_a_database_edited_after_export_or_in_the_cache_is_never_trusted(tmp_path, monkeypatch):
+    world = build_world(5, **SMALL)
+    world.export(tmp_path / "w")
+    q = next(q for q in world.test if q.intent == "salary_of_employee")
+    db = tmp_path / "w" / "company.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE employees SET salary = 1")
+    with pytest.raises(UserError) as err:
+        load_world(tmp_path / "w")
+    assert str(err.value) == (f"{db}: the database's contents differ from the world's (was it "
+                              "edited?); export the world again")
+    # The build cache under the temp directory is checked too, and rebuilt.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    cache = build_world(5, **SMALL).db_path
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE employees SET salary = 1")
+    rebuilt = build_world(5, **SMALL)
+    assert rebuilt.db_path == cache
+    assert rebuilt.check(q.id, "SELECT 1").kind == "wrong"
+    assert rebuilt.check(q.id, q.sql).kind == "correct"
 
 
 def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):

@@ -64,6 +64,18 @@ def test_executor_reports_syntax_and_runtime_errors(ex):
     assert ex.run("SELECT nope FROM employees").error.kind == "runtime"
 
 
+def test_executor_refuses_no_statement_and_values_too_long_to_hold(ex):
+    for sql in ("", "   ", "-- nothing", "/* a comment */"):
+        r = ex.run(sql)
+        assert not r.ok and r.error.kind == "syntax" and "no SQL statement" in r.error.message
+    # One value built in one step: the deadline cannot stop it, the length limit does.
+    for sql in ("SELECT zeroblob(50000000) FROM employees LIMIT 10",
+                "SELECT length(randomblob(400000000))"):
+        r = ex.run(sql)
+        assert not r.ok and r.error.kind == "runtime" and "too big" in r.error.message, sql
+    assert ex.run("SELECT length(zeroblob(1000))").rows == [(1000,)]
+
+
 def test_executor_needs_an_existing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         SqlExecutor(tmp_path / "missing.sqlite")
@@ -82,6 +94,22 @@ def test_check_float_tolerance(ex):
                  gold, ex).kind == "correct"
     assert check("SELECT AVG(salary) + 0.5 FROM employees WHERE city = 'Paris'",
                  gold, ex).kind == "wrong"
+    # A truncated or rounded average is another answer, even where it is off by only 6e-7 of
+    # itself (Rome's, 59814.035).
+    rome = "SELECT AVG(salary) FROM employees WHERE city = 'Rome'"
+    assert ex.run(rome).rows[0][0] == pytest.approx(59814.035, abs=1e-3)
+    for sql in ("SELECT SUM(salary) / COUNT(*) FROM employees WHERE city = 'Rome'",
+                "SELECT ROUND(AVG(salary)) FROM employees WHERE city = 'Rome'"):
+        assert check(sql, rome, ex).kind == "wrong", sql
+    # Integers compare exactly: 10 off a sum of millions is wrong.
+    total = "SELECT SUM(salary) FROM employees"
+    assert check("SELECT SUM(salary) + 10 FROM employees", total, ex).kind == "wrong"
+    assert check("SELECT TOTAL(salary) FROM employees", total, ex).kind == "correct"  # 1.0 == 1
+
+
+def test_an_empty_answer_is_an_error_not_a_wrong_one(ex):
+    for sql in ("", "-- SELECT name FROM employees"):
+        assert check(sql, GOLD_LYON, ex).kind == "error"
 
 
 def test_check_wrong_results(ex):
@@ -103,6 +131,21 @@ def test_check_ordered_only_when_gold_orders(ex):
     assert check("SELECT name FROM employees WHERE id IN "
                  "(SELECT id FROM employees ORDER BY salary LIMIT 3) ORDER BY name DESC",
                  nested, ex).correct
+
+
+@pytest.mark.parametrize("sql,ordered", [
+    ("SELECT a FROM t ORDER BY a", True),
+    ("SELECT a FROM t\nORDER\n  BY a", True),                      # any whitespace between
+    ("SELECT a FROM t WHERE n <> ')' ORDER BY a", True),            # a bracket in a string
+    ("SELECT a FROM t WHERE n = 'it''s (' ORDER BY a", True),       # an escaped quote too
+    ("SELECT a FROM (SELECT a FROM t ORDER BY a)", False),
+    ("SELECT 'ORDER BY' FROM t", False),                            # words in a string
+    ('SELECT "order by" FROM t', False),                            # or in a quoted name
+    ("SELECT reorder BYx FROM t", False),
+])
+def test_top_level_order_by_ignores_strings_and_subqueries(sql, ordered):
+    from gptlab.world.checker import has_top_level_order_by
+    assert has_top_level_order_by(sql) is ordered
 
 
 def test_check_errors_syntax_timeout_and_writes(ex):

@@ -20,7 +20,8 @@ from gptlab.errors import UserError
 from gptlab.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
 from gptlab.world.corpus import build_corpus
-from gptlab.world.database import Company, generate_company, memory_database, write_database
+from gptlab.world.database import (Company, contents_digest, generate_company,
+                                   memory_database, write_database)
 from gptlab.world.dialogs import Dialog, build_dialogs
 from gptlab.world.executor import QueryResult, SqlExecutor
 from gptlab.world.labelers import SqlLabeler
@@ -207,7 +208,8 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
     company = generate_company(options.seed)
     schema = make_schema(options.vary_schema, options.seed if options.schema_seed is None
                          else options.schema_seed)
-    if db_path is None:
+    cached = db_path is None
+    if cached:
         key = hashlib.sha256((company.fingerprint() + json.dumps(schema.to_json(), sort_keys=True))
                              .encode()).hexdigest()[:16]
         db_path = Path(tempfile.gettempdir()) / "gptlab-world" / f"company-{key}.sqlite"
@@ -216,6 +218,10 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
         write_database(company, schema, db_path)
     conn = memory_database(company, schema)
     try:
+        # The checker runs gold SQL on the file: a cache must hold what the world is built
+        # from (`load_world` checks an exported file the same way).
+        if cached and database_digest(db_path) != contents_digest(conn):
+            write_database(company, schema, db_path)  # stale or tampered: rebuilt
         rng = random.Random(f"questions-{options.seed}")
         prefix = f"s{options.seed}" + (f"v{schema_seed_of(options)}" if options.vary_schema else "")
         sizes = SplitSizes(options.n_train, options.n_validation, options.n_test)
@@ -226,6 +232,18 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
     finally:
         conn.close()
     return World(options, company, schema, db_path, splits, combos, dialogs)
+
+
+def database_digest(path: Path) -> str:
+    """`contents_digest` of a database file, opened read-only."""
+    import sqlite3
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        return contents_digest(conn)
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"not a readable SQLite database ({e})", path=path) from None
+    finally:
+        conn.close()
 
 
 def schema_seed_of(options: WorldOptions) -> int:
@@ -267,4 +285,11 @@ def load_world(directory: str | Path) -> World:
         raise UserError("this world was exported by a different version of gptlab: its gold "
                         "SQL cannot be rebuilt; export it again", path=manifest_path,
                         field="fingerprint")
+    conn = memory_database(world.company, world.schema)
+    try:
+        if database_digest(db_path) != contents_digest(conn):
+            raise UserError("the database's contents differ from the world's (was it edited?); "
+                            "export the world again", path=db_path)
+    finally:
+        conn.close()
     return world

@@ -1,19 +1,21 @@
 """Execution checking: a predicted query is correct when it returns the gold query's result.
 
-Rows are compared as a multiset unless the gold query orders its output (top-level ORDER BY),
-numbers within a relative tolerance (AVG computed two ways differs in the last bits), and column
-names are ignored (`COUNT(*)` and `COUNT(id) AS n` are the same answer).
+Rows are compared as a multiset unless the gold query orders its output (top-level ORDER BY);
+integers exactly, other numbers within a relative 1e-9 (AVG computed two ways differs in the
+last bits; a truncated or rounded average does not pass); column names are ignored (`COUNT(*)`
+and `COUNT(id) AS n` are the same answer).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from gptlab.errors import UserError
 from gptlab.world.executor import QueryResult, SqlExecutor
 
 CORRECT, WRONG, ERROR = "correct", "wrong", "error"
-_REL_TOL, _ABS_TOL = 1e-6, 1e-6
+_REL_TOL, _ABS_TOL = 1e-9, 1e-12
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,19 @@ def compare(pred: QueryResult, gold: QueryResult, ordered: bool) -> Verdict:
     return Verdict(CORRECT, f"{len(gold.rows)} rows match")
 
 
+_STRING_OR_NAME = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+_ORDER_BY = re.compile(r"\bORDER\s+BY\b", re.IGNORECASE)
+
+
 def has_top_level_order_by(sql: str) -> bool:
-    """True when ORDER BY applies to the whole result, not only inside a subquery."""
-    depth, upper = 0, sql.upper()
-    for i, ch in enumerate(upper):
+    """True when ORDER BY applies to the whole result, not only inside a subquery (brackets
+    and words inside string literals and quoted names do not count)."""
+    depth = 0
+    text = _STRING_OR_NAME.sub("''", sql)
+    order_at = {m.start() for m in _ORDER_BY.finditer(text)}
+    for i, ch in enumerate(text):
         depth += (ch == "(") - (ch == ")")
-        if depth == 0 and upper.startswith("ORDER BY", i):
+        if depth == 0 and i in order_at:
             return True
     return False
 
@@ -78,6 +87,8 @@ def _row_key(row: tuple) -> tuple:
 
 
 def _values_equal(x: object, y: object) -> bool:
+    if isinstance(x, int) and isinstance(y, int):
+        return x == y
     if isinstance(x, (int, float)) and isinstance(y, (int, float)):
         return math.isclose(float(x), float(y), rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
     return x == y

@@ -103,6 +103,18 @@ def create_tables(conn: sqlite3.Connection, company: Company, schema: Schema) ->
     conn.commit()
 
 
+def contents_digest(conn: sqlite3.Connection) -> str:
+    """A hash of every table's name, columns and rows (in any order): two databases with the
+    same digest answer every query alike."""
+    h = hashlib.sha256()
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    for t in tables:
+        cur = conn.execute(f'SELECT * FROM "{t}"')
+        h.update(repr((t, [d[0] for d in cur.description], sorted(map(repr, cur)))).encode())
+    return h.hexdigest()[:16]
+
+
 def memory_database(company: Company, schema: Schema) -> sqlite3.Connection:
     conn = sqlite3.connect(":memory:")
     create_tables(conn, company, schema)

@@ -2,7 +2,8 @@
 
 Three independent guards, because a model's SQL is untrusted: the file is opened read-only
 (`mode=ro`), an authorizer refuses anything but reads, and a progress handler aborts a query
-that runs past its time limit. A row limit keeps a huge result from filling memory.
+that runs past its time limit. A row limit and a limit on the length of any one value keep a
+huge result (many rows, or `zeroblob(10**9)`) from filling memory.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_F
 _READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info",
                  "foreign_key_list"}
 _PROGRESS_EVERY = 1000  # SQLite virtual-machine instructions between deadline checks
+# The longest string or blob a query may make, in bytes. One value can be built in a single
+# instruction, which the deadline never interrupts; this bounds it (the world's longest is
+# a few dozen bytes).
+MAX_VALUE_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class SqlExecutor:
         self.time_limit_s, self.max_rows = time_limit_s, max_rows
         uri = self.db_path.resolve().as_uri() + "?mode=ro"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
         self._conn.set_authorizer(_authorize)
         self._lock = threading.Lock()  # one connection, so one query at a time
         self._deadline = 0.0
@@ -67,8 +73,11 @@ class SqlExecutor:
             self._deadline = time.monotonic() + self.time_limit_s
             try:
                 cur = self._conn.execute(sql)
+                if cur.description is None:  # empty text or only a comment: no query at all
+                    cur.close()
+                    return QueryResult(error=ExecError("syntax", "no SQL statement to run"))
                 rows = cur.fetchmany(self.max_rows + 1)
-                columns = [d[0] for d in cur.description or ()]
+                columns = [d[0] for d in cur.description]
                 cur.close()
             except sqlite3.Error as e:
                 return QueryResult(error=_classify(e))
@@ -102,6 +111,8 @@ def _classify(e: sqlite3.Error) -> ExecError:
         return ExecError("timeout", "query stopped: it ran past the time limit")
     if "not authorized" in msg or "readonly" in msg:
         return ExecError("forbidden", "only read-only SELECT queries are allowed")
+    if "too big" in msg:
+        return ExecError("runtime", f"a value longer than {MAX_VALUE_BYTES} bytes: {msg}")
     if "syntax error" in msg or "incomplete input" in msg or "one statement" in msg:
         return ExecError("syntax", msg)
     return ExecError("runtime", msg)
