@@ -3,6 +3,7 @@ the common loop (overfitting, exact resume after an interrupt, time budget)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 
@@ -390,3 +391,68 @@ def test_sft_best_keeper_stops_after_patience_evaluations_without_progress(tmp_p
     # lower loss resets the count, 500 is one without progress, 600's score is a new best.
     assert stops == [False, False, False, True, False, False, False]
     assert saved == [0, 100, 600] and keeper.best == 0.6 and keeper.best_step == 600
+
+
+def test_sft_best_keeper_breaks_ties_by_validation_loss(tmp_path, monkeypatch):
+    import gptlab.train.sft as sft_module
+    saved = []
+    monkeypatch.setattr(sft_module, "save_model", lambda d, m, t, extra: saved.append(extra["step"]))
+    keeper = sft_module.BestKeeper(tmp_path, None, exec_eval=lambda m: 0.0)
+    for i, loss in enumerate([5.9, 5.0, 4.8, 4.9]):  # no SQL runs yet, but the loss falls
+        keeper(None, 100 * i, loss)
+    assert saved == [0, 100, 200] and keeper.best_step == 200 and keeper.best_val_loss == 4.8
+
+
+class _InterruptedEval:
+    """on_eval that raises KeyboardInterrupt (as Ctrl-C would) the first time it sees `at`."""
+
+    def __init__(self, at: int):
+        self.at, self.fired = at, False
+
+    def __call__(self, model, step, val_loss):
+        if step == self.at and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return {}
+
+
+def test_a_ctrl_c_during_an_evaluation_is_made_good_on_resume(tmp_path):
+    tokens = _stream(2, n=2000)
+    ids = np.arange(60)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=12, batch_size=4, eval_every=4,
+                      eval_batches=2, save_every=100, log_every=1, progress=False, device="cpu")
+    val = fixed_batches(tokens, 16, np.arange(60, 70), 4, 2)
+    full = tiny(1)
+    train(full, BlockBatches(tokens, 16, ids, 4, seed=0), lm_loss, cfg, tmp_path / "a",
+          val_batches=val, on_eval=lambda m, s, v: {})
+    first = tiny(1)
+    with pytest.raises(KeyboardInterrupt):  # step 8 is trained and logged, its evaluation cut
+        train(first, BlockBatches(tokens, 16, ids, 4, seed=0), lm_loss, cfg, tmp_path / "b",
+              val_batches=val, on_eval=_InterruptedEval(8))
+    assert Checkpointer(tmp_path / "b").latest().name == "step-8"
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")
+            if "val_loss" in r] == [0, 4]
+    second = tiny(7)
+    train(second, BlockBatches(tokens, 16, ids, 4, seed=0), lm_loss, cfg, tmp_path / "b",
+          val_batches=val, on_eval=lambda m, s, v: {}, resume=True)
+    assert _curve(tmp_path / "a" / "metrics.jsonl") == _curve(tmp_path / "b" / "metrics.jsonl")
+    for pa, pb in zip(full.parameters(), second.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_resume_keeps_an_early_stop_and_refuses_another_split(tmp_path):
+    tokens = _stream(3, n=1000)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=30, eval_every=5, eval_batches=1,
+                      save_every=0, progress=False, device="cpu")
+    run = lambda c, **kw: train(  # noqa: E731
+        tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss, c, tmp_path,
+        val_batches=fixed_batches(tokens, 16, np.arange(50, 60), 4, 1),
+        on_eval=lambda m, s, v: {"stop": s >= 10}, **kw)
+    assert run(cfg).step == 10
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    again = run(cfg, resume=True)  # the same command: the run is finished, not stretched to 30
+    assert again.step == again.total_steps == 10
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows
+    with pytest.raises(UserError) as err:
+        run(dataclasses.replace(cfg, seed=1), resume=True)
+    assert err.value.field == "seed" and "seed: 0 there, 1 now" in str(err.value)

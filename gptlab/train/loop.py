@@ -53,6 +53,8 @@ from gptlab.errors import UserError
 from gptlab.io import check_dir_out, write_json_atomic, write_jsonl_atomic
 
 DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor max_minutes is given
+# Settings that decide which rows are trained on and which are held out: a resume must keep them.
+SPLIT_SETTINGS = ("seed", "val_fraction", "block_size", "batch_size", "grad_accum")
 MEASURE_STEPS = 3         # steps timed (after the first, which pays for warm-up) for max_minutes
 
 
@@ -383,6 +385,16 @@ class MetricsLog:
         write_jsonl_atomic(path, [r for r in rows if r.get("step", 0) <= step])
 
 
+def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
+    """Refuse to resume with a setting that moves rows between training and validation or
+    changes the batches (a checkpoint from before these were recorded passes)."""
+    diff = [k for k, v in theirs.items() if hasattr(cfg, k) and getattr(cfg, k) != v]
+    if diff:
+        raise UserError("was written with other settings (" + ", ".join(
+            f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + "); resume "
+            "with the same settings, or choose another --out", path=path, field=diff[0])
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -473,12 +485,15 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             raise UserError("nothing to resume: no checkpoint in this run directory",
                             path=ckpt.dir)
         state = ckpt.load(path, model, optimizer)
+        _check_split_settings(cfg, state.get("settings", {}), path)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         total, budget_pending = state["total_steps"], state["budget_pending"]
         batches.load_state(state["data"])
         set_rng_state(state["rng"])
+        # An early-stopped run asked for the same length again is finished, not to be stretched.
+        finished_early = state.get("stopped_early") and cfg.max_steps == state.get("cap")
         if not budget_pending and cfg.max_minutes is None and cfg.max_steps \
-                and cfg.max_steps != total:
+                and cfg.max_steps != total and not finished_early:
             print(f"note: max_steps changed from {total} to {cfg.max_steps}; the cosine "
                   f"schedule is stretched from here on", file=sys.stderr)
             total = cfg.max_steps
@@ -510,8 +525,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         return loss, time.perf_counter() - t0, stop
 
     def snapshot() -> dict:
+        # `row`: the step's training row, so a resume can log it if a Ctrl-C came first.
         return {"step": step, "tokens": tokens, "elapsed_s": elapsed, "total_steps": total,
-                "budget_pending": budget_pending, "data": batches.state(), "rng": rng_state()}
+                "budget_pending": budget_pending, "data": batches.state(), "rng": rng_state(),
+                "eval_s": eval_s, "row": last_row, "stopped_early": stopped_early, "cap": cap,
+                "settings": {k: getattr(cfg, k) for k in SPLIT_SETTINGS if hasattr(cfg, k)}}
 
     def save(state: dict) -> Path:
         return ckpt.save(state["step"], model, tokenizer, optimizer, state, extra)
@@ -524,7 +542,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     earlier = read_metrics(metrics_path) if resume and metrics_path.exists() else []
     val_loss: float | None = next((r["val_loss"] for r in reversed(earlier)
                                    if r.get("val_loss") is not None), None)
-    eval_s = 0.0
+    # The step-0 evaluation's time, which a time budget counts in (kept across a resume).
+    eval_s = state.get("eval_s", 0.0) if resume else 0.0
+    last_row: dict | None = None
+    stopped_early = bool(state.get("stopped_early")) if resume else False
+    cap = state.get("cap", total) if resume else total  # the length before an early stop
     session_tokens, session_time = 0, 0.0
     measured: list[float] = []
     saved_step = step if resume else -1
@@ -533,6 +555,20 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     try:
         if not resume and has_val:
             val_loss, eval_s, _ = run_eval(0)
+        if resume and step > 0:
+            # A Ctrl-C between a step's update and its row or evaluation saved the step without
+            # them: do them now, or they would never be done.
+            done = [r for r in read_metrics(metrics_path) if r.get("step") == step]
+            is_last = total is not None and step >= total
+            if state.get("row") and (step % cfg.log_every == 0 or is_last) \
+                    and not any("loss" in r for r in done):
+                metrics.log(state["row"])
+            if has_val and (is_last or (cfg.eval_every and step % cfg.eval_every == 0)) \
+                    and not any("val_loss" in r for r in done):
+                val_loss, _, stop = run_eval(step)
+                if stop and not is_last:
+                    metrics.log({"step": step, "event": "early_stop"})
+                    total, stopped_early = step, True
         while total is None or step < total:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
@@ -556,6 +592,9 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 elapsed += dt
                 session_tokens += n_tok
                 session_time += dt
+                last_row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                            "tokens": tokens, "tokens_per_s": session_tokens / session_time,
+                            "elapsed_s": round(elapsed, 3)}
                 good = snapshot()
                 updating = False
 
@@ -576,16 +615,14 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                     good = snapshot()
             is_last = total is not None and step >= total
             if step % cfg.log_every == 0 or is_last:
-                metrics.log({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens": tokens, "tokens_per_s": session_tokens / session_time,
-                             "elapsed_s": round(elapsed, 3)})
+                metrics.log(last_row)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{session_tokens / session_time:.0f}")
             if has_val and (is_last or (cfg.eval_every and step % cfg.eval_every == 0)):
                 val_loss, _, stop = run_eval(step)
                 if stop and not is_last:
                     metrics.log({"step": step, "event": "early_stop"})
-                    total, is_last = step, True
+                    total, is_last, stopped_early = step, True, True
                     good = snapshot()
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
                 save(good)

@@ -8,6 +8,7 @@ evaluation's weights are what OUT holds at the end ("train to the validation opt
 """
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import sys
@@ -110,6 +111,8 @@ class BestKeeper:
         self.dir, self.tok, self.exec_eval = out / "best", tokenizer, exec_eval
         self.best: float | None = None
         self.best_step: int | None = None
+        self.best_val_loss: float | None = None  # of the best evaluation
+        self._best_key: tuple[float, float] | None = None
         self.patience, self.since_best = patience, 0
         self.best_loss: float | None = None
 
@@ -128,8 +131,13 @@ class BestKeeper:
         score = exec_acc if self.exec_eval is not None else (
             -val_loss if val_loss is not None else None)
         best = improved = False
-        if score is not None and (self.best is None or score > self.best):
-            self.best, self.best_step, best = score, step, True
+        # Equal execution accuracy (0 before the model writes any SQL that runs) goes to the
+        # lower validation loss, so a trained model is never passed over for the untrained one.
+        key = None if score is None else (
+            score, -val_loss if val_loss is not None else -math.inf)
+        if key is not None and (self._best_key is None or key > self._best_key):
+            self.best, self.best_step, self._best_key, best = score, step, key, True
+            self.best_val_loss = val_loss
         if val_loss is not None and (self.best_loss is None or val_loss < self.best_loss):
             # A falling validation loss is progress too: execution accuracy can sit flat for a
             # while before the model learns to copy values, and must not end training there.
@@ -152,7 +160,7 @@ class BestKeeper:
         else:
             print(f"note: {self.dir} is missing; the best evaluation so far (step "
                   f"{self.best_step}) can no longer be selected", file=sys.stderr)
-            self.best = self.best_step = None
+            self.best = self.best_step = self._best_key = self.best_val_loss = None
 
 
 def sft(cfg: SFTConfig) -> Path:
@@ -209,12 +217,13 @@ def sft(cfg: SFTConfig) -> Path:
                    on_eval=keeper if (val_ex or exec_eval) else None,
                    tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
                    extra={"stage": "sft"})
+    val_loss = result.val_loss
     if cfg.select_best and keeper.best is not None:
         best, _, _ = load_model(keeper.dir)
-        model = best
+        model, val_loss = best, keeper.best_val_loss  # the saved weights' own loss
     save_model(out, model, tok, extra={"stage": "sft", "step": result.step,
                                        "best_step": keeper.best_step, "best_score": keeper.best,
-                                       "val_loss": result.val_loss})
+                                       "val_loss": val_loss})
     shutil.rmtree(keeper.dir, ignore_errors=True)
     print(f"SFT: {result.step} steps; best evaluation at step {keeper.best_step} "
           f"({'exec_acc' if exec_eval else '-val_loss'} {keeper.best}); saved to {out}",
