@@ -11,14 +11,16 @@ template (`GPTLAB_CHAT_TEMPLATE`) writes `<|bos|>`, then each turn as `<|role|>`
 template (e.g. ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n`).
 
 How `render_chat` stays exact: it renders the conversation once with each message's content
-replaced by a unique marker, which splits the output into template text and message contents.
-Template text is tokenized with special-token parsing on (it holds the role markers); message
-content with parsing off, so a user who types "<|eos|>" gets ordinary tokens. Pieces are
-tokenized separately, so no BPE merge crosses a content boundary and the assistant mask is
-exact: 1 on each assistant message's content tokens and on the template tokens after it up to
-and including the first special token (the end-of-turn token: `<|eos|>`, `<|im_end|>`, ...),
-0 everywhere else. The template must write message content verbatim (or stripped, as Llama 3's
-`| trim` does); one that rewrites it is a UserError.
+replaced by a unique marker, which splits the output into template text and message contents,
+then tokenizes the whole text at once, as transformers does (so a template's "[INST] " and the
+content's "What" become one " What"), and reads from each token's character offsets whose it
+is. The assistant mask is 1 on the tokens of each assistant message's content (a token that
+straddles its edge included) and on the template tokens after it up to and including the first
+special token (the end-of-turn token: `<|eos|>`, `<|im_end|>`, ...), 0 everywhere else. A user
+who types "<|eos|>" must get ordinary tokens, not the special one: when special-token text
+appears inside a message, template text and contents are tokenized apart instead, contents with
+special-token parsing off. The template must write message content verbatim (or stripped, as
+Llama 3's `| trim` does); one that rewrites it is a UserError.
 """
 from __future__ import annotations
 
@@ -159,9 +161,41 @@ class Tokenizer:
             raise UserError("this tokenizer has no chat template and no gptlab role tokens",
                             field="chat_template")
         check_messages(messages)
+        pieces, strip = self._template_pieces(messages, add_generation_prompt)
+        # Whole, as transformers tokenizes the rendered text: BPE may merge across a content
+        # boundary ("[INST] " + "What" is " What"). Offsets say which tokens are whose.
+        text, spans = "", []  # (start, end, role) of each message's content in `text`
+        for piece in pieces:
+            part = piece if isinstance(piece, str) else check_text(
+                _content_of(messages, piece, strip))
+            if not isinstance(piece, str):
+                spans.append((len(text), len(text) + len(part), messages[piece]["role"]))
+            text += part
+        enc = self.hf.encode(text, add_special_tokens=False)
+        inside = lambda a, b: next((r for s, e, r in spans if s < b and a < e), None)  # noqa: E731
+        if any(t in self._markup_ids and inside(a, b) for t, (a, b) in zip(enc.ids, enc.offsets)):
+            # A user typed a special token: it must stay text, so the content is tokenized
+            # apart, with parsing off.
+            return self._render_chat_piecewise(messages, pieces, strip)
+        ends = sorted(e for s, e, r in spans if r == "assistant")
+        mask, closing, j = [], False, 0
+        for t, (a, b) in zip(enc.ids, enc.offsets):
+            while j < len(ends) and ends[j] <= a:  # an assistant message ended before this
+                closing, j = True, j + 1
+            role = inside(a, b)
+            if role is not None:
+                mask.append(int(role == "assistant"))
+                closing = False
+            else:  # template text: after an assistant message, through its end-of-turn token
+                mask.append(int(closing))
+                closing = closing and t not in self._special_ids
+        return list(enc.ids), mask
+
+    def _render_chat_piecewise(self, messages: Sequence[dict], pieces: list[str | int],
+                               strip: bool) -> tuple[list[int], list[int]]:
+        """Template text and message contents tokenized apart (no merge across them)."""
         ids: list[int] = []
         mask: list[int] = []
-        pieces, strip = self._template_pieces(messages, add_generation_prompt)
         closing = False  # the template text right after an assistant message
         for piece in pieces:
             if isinstance(piece, int):
@@ -185,6 +219,12 @@ class Tokenizer:
     @cached_property
     def _special_ids(self) -> set[int]:
         return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    @cached_property
+    def _markup_ids(self) -> set[int]:
+        """Added tokens that `encode` reads as plain text (see `_without_markup_parsing`)."""
+        return {i for i, t in self.hf.get_added_tokens_decoder().items()
+                if t.special or re.fullmatch(r"<\S+>", t.content)}
 
     @cached_property
     def _compiled_template(self) -> Any:

@@ -146,6 +146,26 @@ def test_chatml_template_mask_and_stop_ids(chatml):
     assert chatml.decode(prompt, skip_special=False).endswith("<|im_start|>assistant\n")
 
 
+def test_chat_ids_are_those_of_the_whole_rendered_text_across_content_edges(tok):
+    """A template whose text runs into the content ("[INST] " + "What") and content that starts
+    with two spaces: BPE merges across the edge, as transformers does on the rendered text."""
+    inst = Tokenizer(tok.hf, BOS, EOS, PAD, chat_template=(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+        "' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"))
+    chat = [{"role": "user", "content": "What is the salary?"},
+            {"role": "assistant", "content": "SELECT salary"},
+            {"role": "user", "content": "  indented"}, {"role": "assistant", "content": "the"}]
+    for t in (inst, tok):
+        ids, mask = t.render_chat(chat)
+        assert ids == t.hf.encode(t._render(chat, False), add_special_tokens=False).ids
+        # The mask still holds each answer and its end of turn ("SELECT" took the template's
+        # space with it: " SELECT").
+        assert masked_text(t, ids, mask).replace(" ", "") == "SELECTsalary<|eos|>the<|eos|>"
+    # Tokenized apart, the pieces would give other ids: the merges did cross the edges.
+    ids, _ = inst.render_chat(chat)
+    assert ids != inst._render_chat_piecewise(chat, *inst._template_pieces(chat, False))[0]
+
+
 def test_markup_looking_added_tokens_are_text_in_user_content(chatml):
     assert chatml.hf.encode("<tool>").ids == [chatml.hf.token_to_id("<tool>")]
     ids = chatml.encode("<tool><|im_end|>")
