@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ def load(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
 
 
 def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool,
-               what: str = "prompt") -> tuple[list[int], int]:
+               what: str = "prompt", bos_id: int | None = None) -> tuple[list[int], int]:
     """Make room for generation: with `truncate`, drop the oldest tokens (and say so on
-    stderr); without it, a prompt that does not fit is a UserError. Returns (ids, dropped)."""
+    stderr), keeping a leading `bos_id` (the model was trained with BOS first); without it, a
+    prompt that does not fit is a UserError. Returns (ids, dropped)."""
     room = context - max_new_tokens
     if len(ids) <= room:
         return ids, 0
@@ -37,18 +39,20 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
                         f"max_new_tokens {max_new_tokens} leaves room for {room}; shorten it, "
                         f"lower --max-new-tokens, or pass --truncate to drop the oldest tokens",
                         field="prompt")
-    if room < 1:
+    keep = ids[:1] if bos_id is not None and ids[0] == bos_id else []
+    if room < len(keep) + 1:
         raise UserError(f"max_new_tokens {max_new_tokens} leaves no room in the context of "
                         f"{context}", field="max_new_tokens")
     dropped = len(ids) - room
-    print(f"note: {what} truncated: dropped its first {dropped} of {len(ids)} tokens",
-          file=sys.stderr)
-    return ids[dropped:], dropped
+    print(f"note: {what} truncated: dropped its first {dropped} of {len(ids)} tokens"
+          + (" after BOS" if keep else ""), file=sys.stderr)
+    return keep + ids[len(keep) + dropped:], dropped
 
 
 def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
                  params: SamplingParams, seed: int | None = 0) -> Generation:
-    params.stop_ids = tuple(params.stop_ids) or tuple(sorted(tokenizer.stop_ids))
+    params = dataclasses.replace(  # the caller's params stay as they were
+        params, stop_ids=tuple(params.stop_ids) or tuple(sorted(tokenizer.stop_ids)))
     return generate(model, prompts, params, seed=seed, pad_id=tokenizer.pad_id)
 
 
@@ -65,6 +69,7 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
         ids = tok.encode(text, bos=tok.bos_id is not None)
         if not ids:
             raise UserError("the prompt is empty", field="prompt")
-        encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate)[0])
+        encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate,
+                                  bos_id=tok.bos_id)[0])
     out = generate_ids(net, tok, encoded, params, seed)
     return [tok.decode(t) for t in out.tokens]

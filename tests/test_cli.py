@@ -85,6 +85,16 @@ def test_a_prompt_longer_than_the_context_is_an_error_or_reported_truncation(tin
     assert "truncated: dropped its first" in capsys.readouterr().err
 
 
+def test_truncation_keeps_the_bos_a_model_was_trained_with(capsys):
+    from gptlab.api import fit_prompt
+    ids = [0, 5, 6, 7, 8, 9]  # BOS (id 0), then five tokens; room for 4 with context 5
+    assert fit_prompt(ids, 5, 1, True, bos_id=0) == ([0, 7, 8, 9], 2)
+    assert "dropped its first 2 of 6 tokens after BOS" in capsys.readouterr().err
+    assert fit_prompt(ids, 5, 1, True) == ([6, 7, 8, 9], 2)  # no BOS to keep
+    with pytest.raises(UserError, match="leaves no room"):
+        fit_prompt(ids, 5, 4, True, bos_id=0)  # room 1: BOS alone, nothing of the prompt
+
+
 def test_generate_on_a_missing_model_exits_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "model not found" in capsys.readouterr().err
