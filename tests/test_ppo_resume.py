@@ -186,8 +186,12 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path):
     with pytest.raises(UserError, match="field 'seed'"):
         ppo(dataclasses.replace(cfg, resume=True, seed=1), reward_fn=varied_reward)
     # Where to stop, how often to save and the device may change.
-    ppo(dataclasses.replace(cfg, resume=True, steps=2, save_every=0), reward_fn=varied_reward)
+    ppo(dataclasses.replace(cfg, resume=True, steps=2, save_every=1), reward_fn=varied_reward)
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
+    # ... but not to before the run's own step.
+    with pytest.raises(UserError, match="field 'steps': the run is at step 2 already; give "
+                                        "--steps of at least that to continue it"):
+        ppo(dataclasses.replace(cfg, resume=True, steps=1), reward_fn=varied_reward)
 
 
 def test_the_pipeline_resumes_a_ppo_stage_with_a_checkpoint(tmp_path):

@@ -368,6 +368,9 @@ class PPOTrainer:
         state = Checkpointer(self.out).load(path, self.policy, self.optimizer,
                                             models={"value": self.value_model})
         self._check_settings(state["config"], path)
+        if state["step"] > self.cfg.steps:
+            raise UserError(f"the run is at step {state['step']} already; give --steps of at "
+                            f"least that to continue it", path=path, field="steps")
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self.rng.setstate(state["prompt_rng"])
         if self.kl_ctl is not None:
