@@ -456,3 +456,24 @@ def test_resume_keeps_an_early_stop_and_refuses_another_split(tmp_path):
     with pytest.raises(UserError) as err:
         run(dataclasses.replace(cfg, seed=1), resume=True)
     assert err.value.field == "seed" and "seed: 0 there, 1 now" in str(err.value)
+
+
+def test_an_early_stop_decided_by_a_resumed_evaluation_is_kept(tmp_path):
+    tokens = _stream(5, n=2000)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=12, batch_size=4, eval_every=4,
+                      eval_batches=1, save_every=100, progress=False, device="cpu")
+    cut = _InterruptedEval(8)
+
+    def on_eval(model, step, val_loss):  # cut short at step 8 once; on resume, stop there
+        return {**(cut(model, step, val_loss) or {}), "stop": step == 8}
+
+    run = lambda **kw: train(  # noqa: E731
+        tiny(), BlockBatches(tokens, 16, np.arange(60), 4, 0), lm_loss, cfg, tmp_path,
+        val_batches=fixed_batches(tokens, 16, np.arange(60, 70), 4, 1), on_eval=on_eval, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert run(resume=True).step == 8
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"step": 8, "event": "early_stop"} in rows
+    again = run(resume=True)
+    assert again.step == again.total_steps == 8 and read_metrics(tmp_path / "metrics.jsonl") == rows

@@ -569,6 +569,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 if stop and not is_last:
                     metrics.log({"step": step, "event": "early_stop"})
                     total, stopped_early = step, True
+                    good = snapshot()
+                    save(good)
         while total is None or step < total:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
