@@ -97,6 +97,20 @@ def test_left_padded_batch_equals_each_prompt_alone(variant):
             assert (batched[i, T - len(r):] - alone[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("variant", ["learned", "rotary-gqa"])
+def test_padding_inside_a_row_is_masked_whatever_the_rest_of_the_batch(variant):
+    """A row with a gap of padding ([1, 1, 0, 0, 1, 1, 1]) alone in its batch: its real tokens
+    give the logits of those tokens without the gap (right padding alone takes a fast path)."""
+    model = small_gpt(**VARIANTS[variant])
+    ids = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1]])
+    real = mask[0].bool()
+    with torch.no_grad():
+        gapped = model(ids, attention_mask=mask)[0, real]
+        alone = model(ids[:, real])[0]
+    assert (gapped - alone).abs().max().item() <= 1e-5
+
+
 def test_left_padded_cached_decoding_equals_alone():
     model = small_gpt(**VARIANTS["rotary-gqa"])
     rows = [[5, 6, 7, 8, 9, 10], [3, 4]]
@@ -225,6 +239,8 @@ def test_every_preset_builds_on_meta():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="divisible"):  # it built 28-wide attention before
+        TransformerConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="positions"):
         GPTConfig(positions="alibi")
     with pytest.raises(ValueError, match="multiple"):

@@ -166,9 +166,11 @@ class GPT(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = None
-        if attention_mask is not None and cache is None and bool(attention_mask[:, 0].all()):
-            # Right padding only: under causal attention real tokens never see the padding
-            # after them, so the fast causal path gives the same outputs for them.
+        if attention_mask is not None and cache is None and bool(attention_mask[:, 0].all()) \
+                and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            # Right padding only (each row real tokens, then padding): under causal attention
+            # real tokens never see the padding after them, so the fast causal path gives the
+            # same outputs for them. A gap of padding inside a row needs the mask.
             attention_mask = None
         if attention_mask is not None:
             mask = padded_causal_mask(attention_mask, T)

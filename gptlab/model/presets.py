@@ -21,10 +21,10 @@ PRESETS: dict[str, GPTConfig | TransformerConfig] = {
     # Vaswani et al. 2017, Table 3.
     "transformer-base": TransformerConfig(),
     "transformer-big": TransformerConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
-    # Radford et al. 2018: 12 layers, 768 wide, 12 heads, 3072 FFN, post-norm, GELU,
-    # learned positions, 512 tokens, 40,478-token BPE vocabulary.
+    # Radford et al. 2018: 12 layers, 768 wide, 12 heads, 3072 FFN, post-norm, GELU (the tanh
+    # form of OpenAI's code), learned positions, 512 tokens, 40,478-token BPE vocabulary.
     "gpt1": GPTConfig(vocab_size=40478, context=512, n_layers=12, n_heads=12, d_model=768,
-                      positions="learned", prenorm=False, activation="gelu", dropout=0.1),
+                      positions="learned", prenorm=False, activation="gelu_tanh", dropout=0.1),
     "gpt2": GPTConfig(**_GPT2, n_layers=12, d_model=768, n_heads=12),
     "gpt2-medium": GPTConfig(**_GPT2, n_layers=24, d_model=1024, n_heads=16),
     "gpt2-large": GPTConfig(**_GPT2, n_layers=36, d_model=1280, n_heads=20),

@@ -34,6 +34,11 @@ class TransformerConfig:
     label_smoothing: float = 0.1
     tie_embeddings: bool = True     # encoder, decoder and output share one matrix
 
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
+                             f"({self.n_heads})")
+
 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
