@@ -57,6 +57,32 @@ def test_execution_reward_by_name_reads_the_world_from_the_environment(world, tm
         rewards.execution(["p"], [q.sql], [{"id": q.id}])
 
 
+def test_ppo_checks_every_prompt_id_of_the_execution_reward_before_training(world, models,
+                                                                           tmp_path, monkeypatch,
+                                                                           capsys):
+    import json
+    from gptlab.cli import main
+    tok, policy, _ = models
+    save_model(tmp_path / "policy", policy, tok)
+    world.export(tmp_path / "w")
+    monkeypatch.setenv("GPTLAB_WORLD", str(tmp_path / "w"))
+    q = world.test[0]
+    prompts = tmp_path / "p.jsonl"
+    for bad, message in (({"id": "s0-train-99999", "prompt": "x"},
+                          "field 'id': no question with id 's0-train-99999' in this world"),
+                         ({"prompt": "x"}, "field 'id': the execution reward needs each prompt "
+                                           "record's world 'id'")):
+        prompts.write_text(json.dumps({"id": q.id, "prompt": q.text}) + "\n"
+                           + json.dumps(bad) + "\n")
+        out = tmp_path / "run"
+        assert main(["ppo", "--policy", str(tmp_path / "policy"), "--reward-fn",
+                     "gptlab.world.rewards:execution", "--prompts", str(prompts), "--out",
+                     str(out), "--steps", "1", "--batch-size", "2", "--minibatch-size", "2",
+                     "--max-new-tokens", "4", "--device", "cpu"]) == 2
+        assert f"{prompts}:2, {message}" in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_pick_stats_by_hand():
     # question 1: answer 2 is correct and the reward model's favourite;
     # question 2: nothing correct; question 3: one correct, the reward model picks a wrong one.

@@ -300,6 +300,9 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) \
             if cfg.adaptive_kl else None
         self.records = read_prompts(cfg.prompts)
+        check_records = getattr(self.reward_fn, "check_records", None)
+        if check_records is not None:  # a reward function may check every prompt up front
+            check_records(self.records, cfg.prompts)
         self.skips = SkipCounter()
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None

@@ -23,7 +23,9 @@ RewardFn = Callable[[list[Any], list[str], list[dict]], list[float]]
 
 def execution_reward(world: Any) -> RewardFn:
     """A reward function scoring each response by executing it against `world`'s database;
-    records carry the world's question `id` (as the world's prompts.jsonl does)."""
+    records carry the world's question `id` (as the world's prompts.jsonl does). Its
+    `check_records(records, path)`, which `gptlab ppo` calls before training, refuses a
+    record without an id the world knows, naming its file and line."""
     def reward(prompts: list[Any], responses: list[str], records: list[dict]) -> list[float]:
         scores = []
         for response, record in zip(responses, records):
@@ -32,17 +34,37 @@ def execution_reward(world: Any) -> RewardFn:
                                 field="id")
             scores.append(SCORES[world.check(record["id"], response.strip()).kind])
         return scores
+
+    def check_records(records: list[dict], path: Any = None) -> None:
+        for r in records:
+            try:
+                if "id" not in r:
+                    raise UserError("the execution reward needs each prompt record's world "
+                                    "'id'", field="id")
+                world.gold(str(r["id"]))
+            except UserError as e:
+                raise (e.at(path, r.get("_line")) if path else e) from None
+
+    reward.check_records = check_records  # type: ignore[attr-defined]
     return reward
 
 
 _from_env: dict[str, RewardFn] = {}
 
 
-def execution(prompts: list[Any], responses: list[str], records: list[dict]) -> list[float]:
-    """`--reward-fn gptlab.world.rewards:execution`: the world exported to $GPTLAB_WORLD (a
-    directory from `gptlab world export`), or the built-in world when that is unset."""
+def _env_reward() -> RewardFn:
     from gptlab.eval.execution import open_world
     spec = os.environ.get("GPTLAB_WORLD", "builtin")
     if spec not in _from_env:
         _from_env[spec] = execution_reward(open_world(spec))
-    return _from_env[spec](prompts, responses, records)
+    return _from_env[spec]
+
+
+def execution(prompts: list[Any], responses: list[str], records: list[dict]) -> list[float]:
+    """`--reward-fn gptlab.world.rewards:execution`: the world exported to $GPTLAB_WORLD (a
+    directory from `gptlab world export`), or the built-in world when that is unset."""
+    return _env_reward()(prompts, responses, records)
+
+
+execution.check_records = (  # type: ignore[attr-defined]
+    lambda records, path=None: _env_reward().check_records(records, path))
