@@ -106,6 +106,15 @@ def test_a_round_with_nothing_ranked_stops_with_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "demo" / "round-1" / "rankings.jsonl").exists()
 
 
+def test_test_prompts_without_room_to_answer_stop_the_run_before_sft(tmp_path, capsys):
+    args = [*ARGS, "--max-new-tokens", "320"]  # the last flag wins; the context is 384
+    assert main(["pipeline", "--out", str(tmp_path / "demo"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "test.jsonl, field 'max_new_tokens': the longest test prompt has " in err
+    assert "which leaves no room for 320 new ones in the context of 384" in err
+    assert (tmp_path / "demo" / "pretrain").exists() and not (tmp_path / "demo" / "sft").exists()
+
+
 def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run):
     before = (run / "round-2" / "ppo" / "model.safetensors").stat().st_mtime_ns
     assert main(["pipeline", "--out", str(run), *ARGS, "--headroom", "--headroom-k", "2"]) == 0

@@ -156,8 +156,8 @@ def plot_ppo(run_dir: Path) -> Figure | None:
     if not plotted:
         return None
     ax_r.set(title="PPO: mean reward per step", ylabel="reward")
-    ax_kl.set(title="PPO: KL(policy ‖ SFT) per response", xlabel="step (all rounds)",
-              ylabel="KL (nats)")
+    ax_kl.set(title="PPO: KL(policy ‖ SFT) per response, at PPO's temperature",
+              xlabel="step (all rounds)", ylabel="KL (nats)")
     for ax in (ax_r, ax_kl):
         ax.legend()
         ax.grid(alpha=0.3)
@@ -353,7 +353,8 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
          fmt(results.get("rm_pairwise_acc"))),
         ("Reward model pairwise accuracy per round", describe_rounds(results)),
         ("Win rate of PPO over SFT", fmt(results.get("win_rate_ppo_vs_sft"))),
-        ("KL(PPO ‖ SFT) per response (nats)", fmt(results.get("kl_ppo_vs_sft"), 4)),
+        ("KL(PPO ‖ SFT) per response (nats, sampled at T = 1)",
+         fmt(results.get("kl_ppo_vs_sft"), 4)),
         ("Pretraining-corpus perplexity, SFT", fmt(ptx.get("corpus_ppl_sft"), 2)),
         ("Pretraining-corpus perplexity, PPO", fmt(ptx.get("corpus_ppl_ppo"), 2)),
     ]

@@ -443,6 +443,22 @@ class Pipeline:
                          select_best=False, exec_eval=0, eval_every=0, seed=self.cfg.seed + 7,
                          progress=self.cfg.progress, resume=_interrupted(out))
 
+    def check_test_prompts_fit(self, pre: Path) -> None:
+        """The evaluation answers every test question: refuse now, not after every stage has
+        trained, when a prompt leaves no room for max_new_tokens (once the tokenizer exists)."""
+        from gptlab.data.instruct import encode_prompt
+        from gptlab.model.presets import get_preset
+        from gptlab.tokenizer import load_tokenizer
+        tok, context = load_tokenizer(pre), get_preset(self.cfg.preset).context
+        path = self.world_dir / "test.jsonl"
+        test = read_jsonl(path)[:self.cfg.eval_limit or None]
+        longest = max(len(encode_prompt(tok, r["prompt"])) for r in test)
+        if longest > context - self.cfg.max_new_tokens:
+            raise UserError(f"the longest test prompt has {longest} tokens, which leaves no "
+                            f"room for {self.cfg.max_new_tokens} new ones in the context of "
+                            f"{context}; lower --max-new-tokens", path=path,
+                            field="max_new_tokens")
+
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
@@ -455,6 +471,7 @@ class Pipeline:
         out = self.out
         t.run("world", self.export_world, done=(self.world_dir / "world.json").exists())
         pre = t.run("pretrain", self.pretrain, done=stage_done(out / "pretrain"))
+        self.check_test_prompts_fit(pre)
         sft_dir = t.run("sft", lambda: self.sft(pre), done=stage_done(out / "sft"))
         policy = sft_dir
         for rnd in range(1, cfg.rounds + 1):
