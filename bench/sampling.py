@@ -3,7 +3,9 @@
 The model is the demo's SFT model (or any gptlab model directory), exported to a Hugging Face
 Llama directory so both libraries run the same weights on the same prompts. Each side samples
 K answers for each of N prompts at temperature T (transformers: `num_return_sequences=K`),
-up to `--max-new-tokens`, stopping at EOS; we report answers per second and the ratio.
+up to `--max-new-tokens`, stopping at EOS. Each side first runs one untimed pass (warm-up),
+then the two sides alternate `--repeats` timed passes; we report each side's median answers
+per second, the new tokens each generated, and the ratio.
 
     .venv/bin/python bench/sampling.py --model runs/demo/sft --prompts runs/demo/world/prompts.jsonl
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 
@@ -27,6 +30,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.5)
     ap.add_argument("--max-new-tokens", type=int, default=80)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per side")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -46,18 +50,19 @@ def main() -> None:
         export_hf(model, tok, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
-    def ours() -> int:
-        n = 0
+    def ours() -> tuple[int, int]:
+        n = new = 0
         for b in range(0, len(prompts), a.batch_prompts):
             rows = [p for p in prompts[b:b + a.batch_prompts] for _ in range(a.k)]
             g = generate(model, rows, SamplingParams(max_new_tokens=a.max_new_tokens,
                                                      temperature=a.temperature, stop_ids=stop),
                          seed=b, pad_id=tok.pad_id)
             n += len(g.tokens)
-        return n
+            new += sum(map(len, g.tokens))
+        return n, new
 
-    def theirs() -> int:
-        n = 0
+    def theirs() -> tuple[int, int]:
+        n = new = 0
         for b in range(0, len(prompts), a.batch_prompts):
             chunk = prompts[b:b + a.batch_prompts]
             P = max(map(len, chunk))
@@ -70,20 +75,30 @@ def main() -> None:
                                   num_return_sequences=a.k, max_new_tokens=a.max_new_tokens,
                                   eos_token_id=list(stop), pad_token_id=tok.pad_id)
             n += out.shape[0]
-        return n
+            # New tokens up to and including the first stop token (the rest is padding).
+            for row in out[:, P:].tolist():
+                new += next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        return n, new
 
-    results = {}
-    for name, fn in (("gptlab", ours), ("transformers", theirs), ("gptlab", ours)):
-        t = time.perf_counter()
-        n = fn()
-        results[name] = n / (time.perf_counter() - t)  # the second gptlab pass: warm
+    sides = {"gptlab": ours, "transformers": theirs}
+    for fn in sides.values():
+        fn()  # warm-up, untimed
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    tokens: dict[str, int] = {}
+    for _ in range(a.repeats):
+        for name, fn in sides.items():
+            t = time.perf_counter()
+            n, tokens[name] = fn()
+            rates[name].append(n / (time.perf_counter() - t))
+    results = {name: statistics.median(r) for name, r in rates.items()}
     import transformers
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"{a.n} prompts x K={a.k}, T={a.temperature}, <= {a.max_new_tokens} new tokens, "
           f"{a.batch_prompts} prompts per batch")
+    print(f"warm-up pass each, then {a.repeats} timed passes each, alternating; medians")
     for name, v in results.items():
-        print(f"  {name:13s} {v:8.1f} answers/s")
+        print(f"  {name:13s} {v:8.1f} answers/s  ({tokens[name]} new tokens a pass)")
     print(f"  ratio gptlab / transformers: {results['gptlab'] / results['transformers']:.2f}x")
 
 

@@ -3,8 +3,10 @@
 The model is the demo's pretrained model (or any gptlab model directory), exported to a Hugging
 Face Llama directory. Both sides take the same batches of the world's demonstrations (prompt
 tokens masked out of the loss), forward, backward and an AdamW step; we check that the first
-losses agree and report steps per second and the ratio. gptlab encodes the prompt prefix the
-whole batch shares (the schema) once; transformers runs every row in full, as TRL's SFT does.
+losses agree, run one untimed pass a side (warm-up), then alternate `--repeats` timed passes,
+and report each side's median steps per second and the ratio. gptlab encodes the prompt prefix
+the whole batch shares (the schema) once; transformers runs every row in full, as TRL's SFT
+does.
 
     .venv/bin/python bench/sft_step.py --model runs/demo/pretrain --data runs/demo/sft_data.jsonl
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 
@@ -25,6 +28,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per side")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -65,16 +69,21 @@ def main() -> None:
             opt.step()
         return len(batches) / (time.perf_counter() - t)
 
-    results = {}
-    for name, m, fn in (("gptlab", model, sft_loss), ("transformers", hf, hf_loss),
-                        ("gptlab", model, sft_loss)):
-        results[name] = run(m, fn)  # the second gptlab pass is the one kept: warm
+    sides = {"gptlab": (model, sft_loss), "transformers": (hf, hf_loss)}
+    for m, fn in sides.values():
+        run(m, fn)  # warm-up, untimed
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(a.repeats):
+        for name, (m, fn) in sides.items():
+            rates[name].append(run(m, fn))
+    results = {name: statistics.median(r) for name, r in rates.items()}
     import transformers
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"{a.steps} steps of {a.batch_size} demonstrations ({tokens:.0f} real tokens a step); "
           f"first loss gptlab {first['gptlab']:.4f}, transformers {first['transformers']:.4f}")
+    print(f"warm-up pass each, then {a.repeats} timed passes each, alternating; medians")
     for name, v in results.items():
         print(f"  {name:13s} {v:8.2f} steps/s")
     print(f"  ratio gptlab / transformers: {results['gptlab'] / results['transformers']:.2f}x")
