@@ -108,7 +108,7 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert "+0.113, 95% CI [+0.051, +0.175]: the interval excludes 0" in md
     assert "+0.095, 95% CI [-0.020, +0.210]: the interval includes 0" in md
     assert "Win rate of PPO over SFT: 0.640" in md
-    assert "(nats): 1.2345" in md
+    assert "(nats, sampled at T = 1): 1.2345" in md
     assert "perplexity, SFT: 21.46" in md and "perplexity, PPO: 22.50" in md
     assert ("round 1: 0.700 (28 held-out rankings; 0.650 by the labelers' rankings), "
             "round 2: 0.800 (66 held-out rankings)" in md)
