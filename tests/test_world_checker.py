@@ -1,5 +1,6 @@
 """The read-only executor and the execution checker."""
 import hashlib
+import sys
 
 import pytest
 
@@ -64,10 +65,14 @@ def test_executor_reports_syntax_and_runtime_errors(ex):
     assert ex.run("SELECT nope FROM employees").error.kind == "runtime"
 
 
-def test_executor_refuses_no_statement_and_values_too_long_to_hold(ex):
+def test_executor_refuses_text_with_no_statement(ex):
     for sql in ("", "   ", "-- nothing", "/* a comment */"):
         r = ex.run(sql)
         assert not r.ok and r.error.kind == "syntax" and "no SQL statement" in r.error.message
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3's setlimit is Python 3.11+")
+def test_executor_refuses_values_too_long_to_hold(ex):
     # One value built in one step: the deadline cannot stop it, the length limit does.
     for sql in ("SELECT zeroblob(50000000) FROM employees LIMIT 10",
                 "SELECT length(randomblob(400000000))"):

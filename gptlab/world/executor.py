@@ -59,7 +59,8 @@ class SqlExecutor:
         self.time_limit_s, self.max_rows = time_limit_s, max_rows
         uri = self.db_path.resolve().as_uri() + "?mode=ro"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+        if hasattr(self._conn, "setlimit"):  # Python 3.11+; on 3.10 only the row limit holds
+            self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
         self._conn.set_authorizer(_authorize)
         self._lock = threading.Lock()  # one connection, so one query at a time
         self._deadline = 0.0
