@@ -198,7 +198,7 @@ def _verb_world():
         s = sub.add_parser("score", help="execution accuracy of a samples file "
                                          "(from 'gptlab sample' on the world's questions)")
         s.add_argument("--world", required=True, help="directory written by 'world export'")
-        s.add_argument("--in", dest="samples", required=True, help="samples JSONL")
+        s.add_argument("--in", dest="samples", required=True, help="samples (.jsonl or .parquet)")
         s.add_argument("--out", default=None, help="per-question verdicts JSONL (optional)")
 
     def run(args: argparse.Namespace) -> None:
@@ -277,7 +277,8 @@ def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tu
 def _verb_sample():
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True)
-        p.add_argument("--prompts", required=True, help="JSONL with prompt or messages")
+        p.add_argument("--prompts", required=True,
+                       help="prompts (.jsonl or .parquet) with prompt or messages")
         p.add_argument("--k", type=int, default=4, help="responses per prompt")
         p.add_argument("--out", required=True, help="samples JSONL")
         p.add_argument("--greedy", action="store_true")
@@ -298,11 +299,11 @@ def _verb_sample():
 def _verb_label():
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--labeler", default="sqlworld", help="the simulated labeler (sqlworld)")
-        p.add_argument("--in", dest="samples", required=True, help="samples JSONL")
+        p.add_argument("--in", dest="samples", required=True, help="samples (.jsonl or .parquet)")
         p.add_argument("--out", required=True, help="rankings JSONL")
         p.add_argument("--world", default=None, help="world directory (default: built-in world)")
         p.add_argument("--disagreement", type=float, default=0.1,
-                       help="share of response pairs (across tiers) a labeler flips "
+                       help="expected share of pairs of verdict tiers a labeler flips "
                             "(0: noise-free)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--ties", action=argparse.BooleanOptionalAction, default=True,

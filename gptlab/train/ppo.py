@@ -52,14 +52,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class PPOConfig:
-    policy: str = ""                 # SFT model directory (the policy starts here)
-    prompts: str = ""                # JSONL prompts
-    out: str = ""
-    reward: str | None = None        # reward model directory
-    reward_fn: str | None = None     # or "module:function" scoring (prompts, responses, records)
-    reference: str | None = None     # the KL anchor; default: the initial policy
-    value: str | None = None         # value model init; default: the reward model
-    steps: int = 50                  # rollout → update iterations
+    policy: str = field(default="", metadata={
+        "help": "SFT model directory (the policy starts here)"})
+    prompts: str = field(default="", metadata={
+        "help": "prompts, .jsonl or .parquet, each with prompt or messages"})
+    out: str = field(default="", metadata={"help": "run directory (the final policy, value/)"})
+    reward: str | None = field(default=None, metadata={"help": "reward model directory"})
+    reward_fn: str | None = field(default=None, metadata={
+        "help": "or module:function scoring (prompts, responses, records)"})
+    reference: str | None = field(default=None, metadata={
+        "help": "the KL anchor (default: the initial policy)"})
+    value: str | None = field(default=None, metadata={
+        "help": "value model init (default: the reward model)"})
+    steps: int = field(default=50, metadata={"help": "rollout → update iterations"})
     batch_size: int = 32             # prompts per rollout
     minibatch_size: int = 8
     ppo_epochs: int = 2

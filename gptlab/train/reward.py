@@ -35,13 +35,14 @@ from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 @dataclass
 class RewardConfig(TrainConfig):
     model: str = field(default="", metadata={"help": "the SFT model the reward model starts from"})
-    data: str = field(default="", metadata={"help": "rankings JSONL (ranked, or chosen/rejected)"})
+    data: str = field(default="", metadata={
+        "help": "rankings, .jsonl or .parquet (ranked, or chosen/rejected; ties: JSONL)"})
     out: str = field(default="runs/reward", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
-        "help": "held-out rankings (default: a slice of --data)"})
+        "help": "held-out rankings, .jsonl or .parquet (default: a slice of --data)"})
     val_fraction: float = 0.1
     samples: str | None = field(default=None, metadata={
-        "help": "samples JSONL (`gptlab sample` output, e.g. the SFT model's) whose responses, "
+        "help": "samples, .jsonl or .parquet (`gptlab sample` output, e.g. the SFT model's) whose responses, "
                 "duplicates included, score mean 0, std 1 (default: the training rankings' "
                 "responses)"})
     epochs: float = 2.0

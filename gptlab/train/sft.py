@@ -34,10 +34,10 @@ from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, read_met
 @dataclass
 class SFTConfig(TrainConfig):
     model: str = field(default="", metadata={"help": "pretrained model (gptlab dir, HF dir, .gguf)"})
-    data: str = field(default="", metadata={"help": "demonstrations JSONL"})
+    data: str = field(default="", metadata={"help": "demonstrations (.jsonl or .parquet)"})
     out: str = field(default="runs/sft", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
-        "help": "held-out demonstrations (default: a slice of --data)"})
+        "help": "held-out demonstrations, .jsonl or .parquet (default: a slice of --data)"})
     val_fraction: float = 0.05
     epochs: float = 3.0               # sets max_steps when neither max_steps nor max_minutes is
     world: str | None = field(default=None, metadata={
