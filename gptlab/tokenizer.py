@@ -162,34 +162,49 @@ class Tokenizer:
                             field="chat_template")
         check_messages(messages)
         pieces, strip = self._template_pieces(messages, add_generation_prompt)
+        contents = {i: check_text(_content_of(messages, i, strip)) for i in range(len(messages))}
+        if any(m in c for c in contents.values() for m in self._markup_strings):
+            # A message holds special-token text, which must stay text: contents are
+            # tokenized apart from the template, with special-token parsing off.
+            return self._render_chat_piecewise(messages, pieces, strip)
         # Whole, as transformers tokenizes the rendered text: BPE may merge across a content
         # boundary ("[INST] " + "What" is " What"). Offsets say which tokens are whose.
         text, spans = "", []  # (start, end, role) of each message's content in `text`
         for piece in pieces:
-            part = piece if isinstance(piece, str) else check_text(
-                _content_of(messages, piece, strip))
+            part = piece if isinstance(piece, str) else contents[piece]
             if not isinstance(piece, str):
                 spans.append((len(text), len(text) + len(part), messages[piece]["role"]))
             text += part
         enc = self.hf.encode(text, add_special_tokens=False)
-        inside = lambda a, b: next((r for s, e, r in spans if s < b and a < e), None)  # noqa: E731
-        if any(t in self._markup_ids and inside(a, b) for t, (a, b) in zip(enc.ids, enc.offsets)):
-            # A user typed a special token: it must stay text, so the content is tokenized
-            # apart, with parsing off.
-            return self._render_chat_piecewise(messages, pieces, strip)
-        ends = sorted(e for s, e, r in spans if r == "assistant")
-        mask, closing, j = [], False, 0
-        for t, (a, b) in zip(enc.ids, enc.offsets):
-            while j < len(ends) and ends[j] <= a:  # an assistant message ended before this
-                closing, j = True, j + 1
-            role = inside(a, b)
+        ids, mask = list(enc.ids), []
+        k = 0  # offsets only move forward: one pass over the spans
+        closing: list[int] | None = None  # template tokens after an assistant message so far
+        for t, (a, b) in zip(ids, enc.offsets):
+            if t in self._markup_len:  # a special token starts where its own text does, even
+                a = max(a, b - self._markup_len[t])  # when its lstrip took content's spaces
+            while k < len(spans) and spans[k][1] <= a:  # past a message (an empty one too)
+                for i in closing or ():  # no end-of-turn token came: nothing was closing
+                    mask[i] = 0
+                closing = [] if spans[k][2] == "assistant" else None  # its end-of-turn may follow
+                k += 1
+            # A special token is template text, never a message's.
+            role = spans[k][2] if k < len(spans) and spans[k][0] < b \
+                and t not in self._markup_len else None
             if role is not None:
+                for i in closing or ():  # no end-of-turn token before this message
+                    mask[i] = 0
+                closing = None
                 mask.append(int(role == "assistant"))
-                closing = False
-            else:  # template text: after an assistant message, through its end-of-turn token
-                mask.append(int(closing))
-                closing = closing and t not in self._special_ids
-        return list(enc.ids), mask
+            elif closing is not None:  # through the first special token after the answer
+                closing.append(len(mask))
+                mask.append(1)
+                if t in self._special_ids:
+                    closing = None
+            else:
+                mask.append(0)
+        for i in closing or ():  # the text ended with no end-of-turn token
+            mask[i] = 0
+        return ids, mask
 
     def _render_chat_piecewise(self, messages: Sequence[dict], pieces: list[str | int],
                                strip: bool) -> tuple[list[int], list[int]]:
@@ -219,6 +234,14 @@ class Tokenizer:
     @cached_property
     def _special_ids(self) -> set[int]:
         return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    @cached_property
+    def _markup_strings(self) -> list[str]:
+        return [self.hf.id_to_token(i) for i in self._markup_ids]
+
+    @cached_property
+    def _markup_len(self) -> dict[int, int]:
+        return {i: len(self.hf.id_to_token(i)) for i in self._markup_ids}
 
     @cached_property
     def _markup_ids(self) -> set[int]:

@@ -166,6 +166,32 @@ def test_chat_ids_are_those_of_the_whole_rendered_text_across_content_edges(tok)
     assert ids != inst._render_chat_piecewise(chat, *inst._template_pieces(chat, False))[0]
 
 
+def test_a_template_without_an_end_of_turn_token_masks_only_the_answers(tok):
+    plain = Tokenizer(tok.hf, BOS, EOS, PAD,
+                      chat_template="{% for m in messages %}{{ m['role'] + ': ' + m['content'] "
+                                    "+ '\n' }}{% endfor %}")
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "SELECT 1"},
+            {"role": "user", "content": ""}, {"role": "assistant", "content": ""},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "SELECT 2"}]
+    ids, mask = plain.render_chat(chat)
+    # Nothing of "\nuser: " is learned: without a special token there is no end of turn.
+    assert masked_text(plain, ids, mask).replace(" ", "") == "SELECT1SELECT2"
+    typed = [*chat[:4], {"role": "user", "content": "b <|eos|>"}, chat[5]]  # the piecewise path
+    ids, mask = plain.render_chat(typed)
+    assert masked_text(plain, ids, mask).replace(" ", "") == "SELECT1SELECT2"
+
+
+def test_an_lstrip_end_of_turn_token_is_template_not_typed_text(tok):
+    hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    hf.add_special_tokens([tokenizers.AddedToken("<|im_end|>", lstrip=True, special=True),
+                           "<|im_start|>"])
+    chatml = Tokenizer(hf, bos_token=None, eos_token=EOS, pad_token=None, chat_template=CHATML)
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "SELECT 1 "}]
+    ids, mask = chatml.render_chat(chat)
+    assert ids == hf.encode(chatml._render(chat, False), add_special_tokens=False).ids
+    assert masked_text(chatml, ids, mask) == "SELECT 1<|im_end|>"  # lstrip took the space
+
+
 def test_markup_looking_added_tokens_are_text_in_user_content(chatml):
     assert chatml.hf.encode("<tool>").ids == [chatml.hf.token_to_id("<tool>")]
     ids = chatml.encode("<tool><|im_end|>")
