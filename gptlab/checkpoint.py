@@ -312,9 +312,9 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
-        """The checkpoint `latest` names; if it names none that is complete (a crash between
-        a checkpoint's rename and the pointer's, a pointer edited by hand), the complete
-        checkpoint of the highest step, so a run never loses one it has."""
+        """The checkpoint `latest` names; if it names none that is complete (the pointer
+        removed, edited by hand, or naming a checkpoint since deleted), the complete checkpoint
+        of the highest step."""
         pointer = self.dir / "latest"
         if pointer.exists():
             path = self.dir / pointer.read_text().strip()

@@ -83,6 +83,16 @@ def test_ppo_checks_every_prompt_id_of_the_execution_reward_before_training(worl
         assert not out.exists()
 
 
+def test_an_execution_evaluator_without_a_context_checks_ids_only(world, models):
+    from gptlab.eval.execution import world_exec_evaluator
+    tok, policy, _ = models
+    q = world.test[0]
+    evaluate = world_exec_evaluator(world, tok, [{"id": q.id, "prompt": q.text}], 4)
+    assert evaluate(policy) == 0.0  # an untrained model: wrong, but measured
+    with pytest.raises(UserError, match="no question with id"):
+        world_exec_evaluator(world, tok, [{"id": "nope", "prompt": "x"}], 4)
+
+
 def test_pick_stats_by_hand():
     # question 1: answer 2 is correct and the reward model's favourite;
     # question 2: nothing correct; question 3: one correct, the reward model picks a wrong one.

@@ -456,6 +456,20 @@ def test_resume_keeps_an_early_stop_and_refuses_another_split(tmp_path):
     with pytest.raises(UserError) as err:
         run(dataclasses.replace(cfg, seed=1), resume=True)
     assert err.value.field == "seed" and "seed: 0 there, 1 now" in str(err.value)
+    # Asked for another length, it trains on; from then on that length is the run's own.
+    longer = dataclasses.replace(cfg, max_steps=40, save_every=4, keep_checkpoints=20)
+    on_eval = lambda m, s, v: {}  # noqa: E731  (no more early stops)
+    first = train(tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss, longer,
+                  tmp_path, val_batches=fixed_batches(tokens, 16, np.arange(50, 60), 4, 1),
+                  on_eval=on_eval, resume=True)
+    assert first.step == 40
+    ckpt = Checkpointer(tmp_path)
+    (ckpt.dir / "latest").write_text("step-16\n")  # as if stopped at step 16
+    again = train(tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss,
+                  dataclasses.replace(cfg, max_steps=30), tmp_path,
+                  val_batches=fixed_batches(tokens, 16, np.arange(50, 60), 4, 1),
+                  on_eval=on_eval, resume=True)
+    assert again.step == again.total_steps == 30  # not 40: the stop at 10 no longer holds
 
 
 def test_an_early_stop_decided_by_a_resumed_evaluation_is_kept(tmp_path):

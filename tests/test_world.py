@@ -277,6 +277,8 @@ def test_a_database_edited_after_export_or_in_the_cache_is_never_trusted(tmp_pat
     assert rebuilt.db_path == cache
     assert rebuilt.check(q.id, "SELECT 1").kind == "wrong"
     assert rebuilt.check(q.id, q.sql).kind == "correct"
+    cache.write_bytes(b"not a database")  # unreadable: rebuilt too
+    assert build_world(5, **SMALL).check(q.id, q.sql).kind == "correct"
 
 
 def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):

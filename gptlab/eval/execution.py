@@ -66,7 +66,7 @@ def world_exec_evaluator(world_spec: Any, tokenizer: Any, records: list[dict],
         try:
             world.gold(str(r["id"]))
             n = len(encode_prompt(tokenizer, prompt_of(r))) if context else 0
-            if n > (context or 0) - max_new_tokens:
+            if context is not None and n > context - max_new_tokens:
                 raise UserError(f"the prompt's {n} tokens leave no room for max_new_tokens "
                                 f"{max_new_tokens} in the model's context of {context}; use a "
                                 f"smaller --max-new-tokens", field="prompt")

@@ -497,6 +497,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             print(f"note: max_steps changed from {total} to {cfg.max_steps}; the cosine "
                   f"schedule is stretched from here on", file=sys.stderr)
             total = cfg.max_steps
+            state["stopped_early"], state["cap"] = False, total  # a new length, not a stop
         MetricsLog.truncate_after(metrics_path, step)
         print(f"resuming from {path} (step {step} of {total or '?'})", file=sys.stderr)
     else:

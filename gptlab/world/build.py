@@ -220,8 +220,8 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
     try:
         # The checker runs gold SQL on the file: a cache must hold what the world is built
         # from (`load_world` checks an exported file the same way).
-        if cached and database_digest(db_path) != contents_digest(conn):
-            write_database(company, schema, db_path)  # stale or tampered: rebuilt
+        if cached and _cache_digest(db_path) != contents_digest(conn):
+            write_database(company, schema, db_path)  # stale, tampered or unreadable: rebuilt
         rng = random.Random(f"questions-{options.seed}")
         prefix = f"s{options.seed}" + (f"v{schema_seed_of(options)}" if options.vary_schema else "")
         sizes = SplitSizes(options.n_train, options.n_validation, options.n_test)
@@ -244,6 +244,13 @@ def database_digest(path: Path) -> str:
         raise UserError(f"not a readable SQLite database ({e})", path=path) from None
     finally:
         conn.close()
+
+
+def _cache_digest(path: Path) -> str | None:
+    try:
+        return database_digest(path)
+    except UserError:  # not a database at all
+        return None
 
 
 def schema_seed_of(options: WorldOptions) -> int:
