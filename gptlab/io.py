@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -148,9 +149,26 @@ def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
         for batch in batches:
             for row in batch.to_pylist():
                 n += 1
-                yield n, {k: v for k, v in row.items() if v is not None}
+                yield n, {k: _json_value(v, path, n, k) for k, v in row.items() if v is not None}
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+
+
+def _json_value(v: Any, path: Path, row: int, field: str) -> Any:
+    """A Parquet value as JSON would hold it: nulls inside structs dropped (absent, as at the
+    top level); a NaN, an infinity or a type JSON lacks (dates, decimals, bytes) refused."""
+    if isinstance(v, dict):
+        return {k: _json_value(x, path, row, f"{field}.{k}") for k, x in v.items()
+                if x is not None}
+    if isinstance(v, list):
+        return [_json_value(x, path, row, f"{field}[{i}]") for i, x in enumerate(v)]
+    if isinstance(v, float) and not math.isfinite(v):
+        raise UserError(f"{v} is not a JSON number; write null or a finite number", path=path,
+                        line=row, field=field)
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return v
+    raise UserError(f"a {type(v).__name__} is not a JSON value; store it as text or a number",
+                    path=path, line=row, field=field)
 
 
 def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:

@@ -114,6 +114,19 @@ def test_parquet_files_read_as_their_jsonl_twins_and_name_the_bad_row(tok, tmp_p
     with pytest.raises(UserError) as err:
         read_demonstrations(tmp_path / "bad.parquet", tok, 64)
     assert (err.value.path, err.value.line) == (tmp_path / "bad.parquet", 2)
+    # A null inside a struct is absent too; what JSON cannot hold is refused, naming the field.
+    nested = [{"id": 1, "messages": [{"role": "user", "content": "hi", "name": None}]}]
+    pq.write_table(table(nested), tmp_path / "n.parquet")
+    assert read_prompts(tmp_path / "n.parquet")[0]["messages"] == [{"role": "user",
+                                                                    "content": "hi"}]
+    import datetime
+    for value, message in ((float("nan"), "nan is not a JSON number"),
+                           (datetime.date(2026, 1, 1), "a date is not a JSON value")):
+        pq.write_table(table([{"id": 1, "prompt": "p"}, {"id": 2, "prompt": "q", "x": value}]),
+                       tmp_path / "v.parquet")
+        with pytest.raises(UserError) as err:
+            read_prompts(tmp_path / "v.parquet")
+        assert str(err.value).startswith(f"{tmp_path / 'v.parquet'}:2, field 'x': {message}")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match="broken.parquet: not a readable Parquet file"):
         read_prompts(tmp_path / "broken.parquet")
