@@ -85,23 +85,24 @@ def distinct(responses: Iterable[str]) -> list[str]:
 
 
 def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None = None,
-                  source: str | Path = "") -> list[dict]:
+                  source: str | Path = "", dropped: SkipCounter | None = None) -> list[dict]:
     """Rankings `{"prompt"/"messages", "ranked": [best...worst], other fields}` from samples.
 
     Identical responses are merged first and empty ones dropped (a rankings file cannot hold
-    one), each counted; a prompt left with fewer than 2 distinct responses is skipped and
-    counted, and so is one whose responses the labeler ties all together (no preference to
-    learn from). Tied groups of one are written as plain strings. An error names `source` (the
+    one), counted in `dropped` (default: `skips`); a prompt left with fewer than 2 distinct
+    responses is skipped and counted in `skips`, and so is one whose responses the labeler
+    ties all together (no preference to learn from). Tied groups of one are written as plain strings. An error names `source` (the
     samples file) and the sample's `_line`, when they are known.
     """
     skips = skips if skips is not None else SkipCounter()
+    dropped = dropped if dropped is not None else skips
     rankings = []
     for s in samples:
         line = s.get("_line")
         prompt_of(s, source, line)  # a ranking needs its prompt: refuse here, not in `reward`
         responses = distinct(responses_of(s, source, line))
         for _ in range(sum(not r.strip() for r in responses)):
-            skips.add("empty responses left out of rankings")
+            dropped.add("empty responses left out of rankings")
         responses = [r for r in responses if r.strip()]
         if len(responses) < 2:
             skips.add("prompts with fewer than 2 distinct responses")
@@ -151,15 +152,17 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
     check_file_out(out)
     check_not_input(out, {"--in": samples_path})
     samples = read_jsonl(samples_path)
-    skips = SkipCounter()
+    skips, dropped = SkipCounter(), SkipCounter()
     rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips,
-                             samples_path)
+                             samples_path, dropped)
+    if dropped.total:
+        print(dropped.report("responses"), file=sys.stderr)
     if not rankings:  # an empty rankings file would only fail later, in `gptlab reward`
         raise UserError(f"ranked none of {len(samples)} prompts: "
-                        f"{skips.report('items') if skips.total else 'no samples'}",
+                        f"{skips.report('prompts') if skips.total else 'no samples'}",
                         path=samples_path)
     n = write_jsonl_atomic(out, rankings, allow_nan=False)
     if skips.total:
-        print(skips.report("items"), file=sys.stderr)
+        print(skips.report("prompts"), file=sys.stderr)
     print(f"ranked {n} prompts", file=sys.stderr)
     return n

@@ -179,10 +179,10 @@ def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_p
                                    "responses": [q.sql, q.sql, "", " "]}) + "\n")
     assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
                  "--out", str(out)]) == 2
-    assert capsys.readouterr().err == (f"gptlab label: error: {samples}: ranked none of 1 "
-                                       "prompts: skipped 3 items: 2 empty responses left out of "
-                                       "rankings, 1 prompts with fewer than 2 distinct "
-                                       "responses\n")
+    assert capsys.readouterr().err == (
+        "skipped 2 responses: 2 empty responses left out of rankings\n"
+        f"gptlab label: error: {samples}: ranked none of 1 prompts: skipped 1 prompts: 1 "
+        "prompts with fewer than 2 distinct responses\n")
     assert not out.exists()
 
 

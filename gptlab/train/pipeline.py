@@ -346,15 +346,16 @@ class Pipeline:
         write_jsonl_atomic(d / "samples.jsonl", samples)
         rank = sqlworld_ranker(self.world, self.cfg.disagreement, self.cfg.seed + rnd,
                                self.cfg.ties)
-        skips = SkipCounter()
+        skips, dropped = SkipCounter(), SkipCounter()
         ranked = self.timer.run(f"round {rnd}: label",
-                                lambda: label_samples(samples, rank, skips))
+                                lambda: label_samples(samples, rank, skips, dropped=dropped))
         print(f"round {rnd}: {len(ranked)} of {len(samples)} prompts ranked"
-              + (f"; {skips.report('items')}" if skips.total else ""), file=sys.stderr)
+              + (f"; {skips.report('prompts')}" if skips.total else "")
+              + (f"; {dropped.report('responses')}" if dropped.total else ""), file=sys.stderr)
         if not ranked:
             raise UserError(
                 f"round {rnd}: the labelers ranked none of {len(samples)} prompts "
-                f"({skips.report('items')}); train SFT longer, sample more prompts or a "
+                f"({skips.report('prompts')}); train SFT longer, sample more prompts or a "
                 f"larger --k, or use --no-ties", path=d / "samples.jsonl")
         write_jsonl_atomic(rankings, ranked)
         return rankings
