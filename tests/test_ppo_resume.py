@@ -267,6 +267,8 @@ def ppo_args(d, out, *args):
                                          "syntaxfree:boom raised RuntimeError: boom from reward fn"),
     (["--reward-fn", "syntaxfree:short"], "field 'reward_fn': the reward function "
                                           "syntaxfree:short returned 1 scores for 2 responses"),
+    (["--reward-fn", "syntaxfree:quits"], "field 'reward_fn': the reward function "
+                                          "syntaxfree:quits raised SystemExit: 0"),
 ])
 def test_impossible_settings_fail_before_anything_is_written(setup, tmp_path, monkeypatch,
                                                              capsys, args, message):
@@ -276,7 +278,8 @@ def test_impossible_settings_fail_before_anything_is_written(setup, tmp_path, mo
     (mods / "syntaxmod.py").write_text("def f(:\n")
     (mods / "syntaxfree.py").write_text(
         "def boom(p, r, rec):\n    raise RuntimeError('boom from reward fn')\n\n"
-        "def short(p, r, rec):\n    return [1.0]\n\nx = 3\n")
+        "def short(p, r, rec):\n    return [1.0]\n\n"
+        "def quits(p, r, rec):\n    raise SystemExit(0)\n\nx = 3\n")
     monkeypatch.syspath_prepend(str(mods))
     out = tmp_path / "run"
     assert main(ppo_args(d, out, *args)) == 2

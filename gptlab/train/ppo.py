@@ -436,7 +436,8 @@ class PPOTrainer:
             name = self.reward_fn_name
             try:
                 values = list(self.reward_fn(prompts, texts, ro.records))
-            except Exception as e:  # the user's function: report it, never a silent zero
+            except (Exception, SystemExit) as e:  # the user's function: report it, never a
+                # silent zero, nor a silent end (sys.exit(0) would exit with success)
                 raise UserError(f"the reward function {name} raised {type(e).__name__}: {e}",
                                 field="reward_fn") from e
             if len(values) != len(texts):
