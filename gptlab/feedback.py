@@ -91,8 +91,8 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
     Identical responses are merged first and empty ones dropped (a rankings file cannot hold
     one), counted in `dropped` (default: `skips`); a prompt left with fewer than 2 distinct
     responses is skipped and counted in `skips`, and so is one whose responses the labeler
-    ties all together (no preference to learn from). Tied groups of one are written as plain strings. An error names `source` (the
-    samples file) and the sample's `_line`, when they are known.
+    ties all together (no preference to learn from). Tied groups of one are written as plain
+    strings. An error names `source` (the samples file) and the sample's `_line`, when known.
     """
     skips = skips if skips is not None else SkipCounter()
     dropped = dropped if dropped is not None else skips

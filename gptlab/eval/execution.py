@@ -65,11 +65,12 @@ def world_exec_evaluator(world_spec: Any, tokenizer: Any, records: list[dict],
     for r in records:
         try:
             world.gold(str(r["id"]))
-            n = len(encode_prompt(tokenizer, prompt_of(r))) if context else 0
-            if context is not None and n > context - max_new_tokens:
-                raise UserError(f"the prompt's {n} tokens leave no room for max_new_tokens "
-                                f"{max_new_tokens} in the model's context of {context}; use a "
-                                f"smaller --max-new-tokens", field="prompt")
+            if context is not None:
+                n = len(encode_prompt(tokenizer, prompt_of(r)))
+                if n > context - max_new_tokens:
+                    raise UserError(f"the prompt's {n} tokens leave no room for max_new_tokens "
+                                    f"{max_new_tokens} in the model's context of {context}; use "
+                                    f"a smaller --max-new-tokens", field="prompt")
         except UserError as e:
             raise (e.at(path, r.get("_line")) if path else e) from None
 

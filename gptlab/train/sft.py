@@ -109,12 +109,16 @@ class BestKeeper:
 
     def __init__(self, out: Path, tokenizer: Any, exec_eval: Any = None, patience: int = 0):
         self.dir, self.tok, self.exec_eval = out / "best", tokenizer, exec_eval
-        self.best: float | None = None
         self.best_step: int | None = None
         self.best_val_loss: float | None = None  # of the best evaluation
-        self._best_key: tuple[float, float] | None = None
+        self._best_key: tuple[float, float] | None = None  # (score, -val_loss) of the best
         self.patience, self.since_best = patience, 0
         self.best_loss: float | None = None
+
+    @property
+    def best(self) -> float | None:
+        """The best evaluation's score."""
+        return self._best_key[0] if self._best_key is not None else None
 
     def __call__(self, model: nn.Module, step: int, val_loss: float | None) -> dict:
         row: dict = {}
@@ -136,8 +140,8 @@ class BestKeeper:
         key = None if score is None else (
             score, -val_loss if val_loss is not None else -math.inf)
         if key is not None and (self._best_key is None or key > self._best_key):
-            self.best, self.best_step, self._best_key, best = score, step, key, True
-            self.best_val_loss = val_loss
+            self.best_step, self._best_key, self.best_val_loss = step, key, val_loss
+            best = True
         if val_loss is not None and (self.best_loss is None or val_loss < self.best_loss):
             # A falling validation loss is progress too: execution accuracy can sit flat for a
             # while before the model learns to copy values, and must not end training there.
@@ -160,7 +164,7 @@ class BestKeeper:
         else:
             print(f"note: {self.dir} is missing; the best evaluation so far (step "
                   f"{self.best_step}) can no longer be selected", file=sys.stderr)
-            self.best = self.best_step = self._best_key = self.best_val_loss = None
+            self.best_step = self._best_key = self.best_val_loss = None
 
 
 def sft(cfg: SFTConfig) -> Path:

@@ -67,8 +67,9 @@ class World:
 
     def __init__(self, options: WorldOptions, company: Company, schema: Schema, db_path: Path,
                  splits: dict[str, list[Question]], combos: dict[str, list[Combo]],
-                 dialogs: list[Dialog]):
+                 dialogs: list[Dialog], db_digest: str = ""):
         self.options, self.company, self.schema, self.db_path = options, company, schema, db_path
+        self.db_digest = db_digest  # `contents_digest` of the database it was built from
         self.splits, self.combos, self.dialogs = splits, combos, dialogs
         self._questions = {q.id: q for qs in splits.values() for q in qs}
         self._gold = {q.id: q.sql for q in self._questions.values()}
@@ -220,7 +221,8 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
     try:
         # The checker runs gold SQL on the file: a cache must hold what the world is built
         # from (`load_world` checks an exported file the same way).
-        if cached and _cache_digest(db_path) != contents_digest(conn):
+        digest = contents_digest(conn)
+        if cached and _cache_digest(db_path) != digest:
             write_database(company, schema, db_path)  # stale, tampered or unreadable: rebuilt
         rng = random.Random(f"questions-{options.seed}")
         prefix = f"s{options.seed}" + (f"v{schema_seed_of(options)}" if options.vary_schema else "")
@@ -231,7 +233,7 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
                                 random.Random(f"dialogs-{options.seed}"), prefix)
     finally:
         conn.close()
-    return World(options, company, schema, db_path, splits, combos, dialogs)
+    return World(options, company, schema, db_path, splits, combos, dialogs, digest)
 
 
 def database_digest(path: Path) -> str:
@@ -292,11 +294,7 @@ def load_world(directory: str | Path) -> World:
         raise UserError("this world was exported by a different version of gptlab: its gold "
                         "SQL cannot be rebuilt; export it again", path=manifest_path,
                         field="fingerprint")
-    conn = memory_database(world.company, world.schema)
-    try:
-        if database_digest(db_path) != contents_digest(conn):
-            raise UserError("the database's contents differ from the world's (was it edited?); "
-                            "export the world again", path=db_path)
-    finally:
-        conn.close()
+    if database_digest(db_path) != world.db_digest:
+        raise UserError("the database's contents differ from the world's (was it edited?); "
+                        "export the world again", path=db_path)
     return world
