@@ -453,9 +453,11 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = "gpt2",
                 extra: dict | None = None, raw: dict | None = None,
-                template: str = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+                template: str = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}",
+                pre: str = "gpt-2", words: tuple[str, ...] = (), merges: tuple[str, ...] = ()
                 ) -> Path:
-    """A GGUF of a transformers Llama/Qwen2 model, laid out as llama.cpp's converter does."""
+    """A GGUF of a transformers Llama/Qwen2 model, laid out as llama.cpp's converter does.
+    The vocabulary is single bytes, the last of them replaced by `words`."""
     from tokenizers import pre_tokenizers
 
     c = theirs.config
@@ -473,12 +475,13 @@ def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = 
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     tokens = pre_tokenizers.ByteLevel.alphabet()
-    tokens = sorted(tokens)[:c.vocab_size - 2] + ["<|endoftext|>", "<|im_end|>"]
+    tokens = sorted(tokens)[:c.vocab_size - 2 - len(words)] + [*words, "<|endoftext|>",
+                                                                "<|im_end|>"]
     w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre("gpt-2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
-    w.add_token_merges([])
+    w.add_token_merges(list(merges))
     w.add_eos_token_id(len(tokens) - 1)
     w.add_chat_template(template)
     for key, value in (extra or {}).items():
@@ -561,6 +564,24 @@ def test_gguf_bos_before_prompts_only_if_the_model_adds_it_but_always_in_the_tem
     assert tok.bos_token == "<|endoftext|>" and tok.bos_id == (bos if adds_bos else None)
     assert tok.encode("hi", bos=True) == [bos] * adds_bos + tok.encode("hi")
     assert tok.render_chat([{"role": "user", "content": "hi"}])[0][0] == bos
+
+
+@pytest.mark.parametrize("pre, whole", [("gpt-2", False), ("llama-bpe", True), ("llama3", True)])
+def test_gguf_llama3_vocab_takes_whole_words_and_adds_bos_as_llama_cpp_does(pre, whole, tmp_path):
+    """llama.cpp gives Llama-3 vocabularies `ignore_merges` (a word that is a token is that
+    token, though no merge builds it) and BOS by default; the metadata's add_bos_token wins."""
+    theirs, bos = _hf_model("llama", seed=7), 94  # <|endoftext|>
+    kw = dict(pre=pre, words=("ab", "abc"), merges=("a b",))
+    _, tok = load_pretrained(_write_gguf(tmp_path / "m.gguf", theirs, **kw,
+                                         extra={"tokenizer.ggml.bos_token_id": bos}))
+    ab, abc = tok.encode("ab"), tok.encode("abc")
+    assert len(ab) == 1
+    assert abc == ([ab[0] + 1] if whole else [ab[0], tok.encode("c")[0]])
+    assert tok.bos_id == (bos if whole else None)
+    _, tok = load_pretrained(_write_gguf(
+        tmp_path / "n.gguf", theirs, **kw,
+        extra={"tokenizer.ggml.bos_token_id": bos, "tokenizer.ggml.add_bos_token": False}))
+    assert tok.bos_id is None and tok.encode("abc") == abc
 
 
 def test_convert_from_gguf_writes_gptlab_directory(tmp_path):

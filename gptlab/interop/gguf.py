@@ -26,6 +26,9 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _PRE_SPLITS = {"gpt-2": None, "default": None, "smollm": "digits",
                "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
                "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# llama.cpp's Llama-3 vocabularies take a word that is a whole token as that token, merges or
+# not (Hugging Face's `ignore_merges`), and add BOS unless the metadata says otherwise.
+_LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe")
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -157,8 +160,9 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     tokens: list[str] = meta.need("tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    llama3 = pre in _LLAMA3_PRES
     hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                fuse_unk=False))
+                                fuse_unk=False, ignore_merges=llama3))
     split = _PRE_SPLITS[pre]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
     if split == "digits":  # SmolLM: every digit on its own, then GPT-2's split
@@ -186,7 +190,7 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
                      eos_token=token("tokenizer.ggml.eos_token_id"),
                      pad_token=token("tokenizer.ggml.padding_token_id"),
                      chat_template=meta.get("tokenizer.chat_template"),
-                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)))
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
