@@ -560,10 +560,15 @@ def test_gguf_bos_before_prompts_only_if_the_model_adds_it_but_always_in_the_tem
                               "tokenizer.ggml.add_bos_token": adds_bos},
                        template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
                                 "<|im_end|>{% endfor %}")
-    _, tok = load_pretrained(path)
+    model, tok = load_pretrained(path)
     assert tok.bos_token == "<|endoftext|>" and tok.bos_id == (bos if adds_bos else None)
     assert tok.encode("hi", bos=True) == [bos] * adds_bos + tok.encode("hi")
     assert tok.render_chat([{"role": "user", "content": "hi"}])[0][0] == bos
+    # Exported, the config names the BOS either way (transformers would assume Llama's 1).
+    out = export_hf(model, tok, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == bos
+    assert transformers.AutoTokenizer.from_pretrained(out)("hi")["input_ids"] == tok.encode(
+        "hi", bos=True)
 
 
 @pytest.mark.parametrize("pre, whole", [("gpt-2", False), ("llama-bpe", True), ("llama3", True)])

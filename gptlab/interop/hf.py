@@ -435,11 +435,14 @@ def _export_family(cfg: GPTConfig) -> str:
 
 def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) -> dict:
     ids = {}
-    for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
-                      ("pad_token_id", "pad_id")):
-        v = getattr(tokenizer, attr, None) if tokenizer is not None else None
-        if v is not None:
-            ids[key] = v
+    if tokenizer is not None:
+        # The BOS token's id even where prompts do not start with it (add_bos off): left out,
+        # transformers would take its own default (1 for Llama) for the model's BOS.
+        bos = tokenizer.hf.token_to_id(tokenizer.bos_token) if tokenizer.bos_token else None
+        for key, v in (("bos_token_id", bos), ("eos_token_id", tokenizer.eos_id),
+                       ("pad_token_id", tokenizer.pad_id)):
+            if v is not None:
+                ids[key] = v
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
               "torch_dtype": str(dtype).removeprefix("torch."), **ids}
     if family == "gpt2":
