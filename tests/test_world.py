@@ -249,7 +249,11 @@ def test_load_world_refuses_missing_or_tampered_directories(tmp_path):
     manifest = json.loads((tmp_path / "w" / "world.json").read_text())
     manifest["options"]["seed"] = 6
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="fingerprint"):
+    with pytest.raises(UserError, match="different version"):
+        load_world(tmp_path / "w")
+    del manifest["fingerprint"]
+    (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="expected the world's fingerprint"):
         load_world(tmp_path / "w")
     manifest["options"]["colour"] = 1
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))

@@ -281,6 +281,9 @@ def load_world(directory: str | Path) -> World:
     if not isinstance(raw, dict) or set(raw) - known:
         raise UserError(f"expected an object with fields {sorted(known)}", path=manifest_path,
                         field="options")
+    if not isinstance(manifest.get("fingerprint"), str):
+        raise UserError("expected the world's fingerprint (a string); export the world again",
+                        path=manifest_path, field="fingerprint")
     options = WorldOptions(**raw)
     try:
         options.validate()
