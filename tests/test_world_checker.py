@@ -40,13 +40,20 @@ def test_executor_refuses_writes_attach_and_pragma_writes_and_leaves_the_file_al
     for sql in ("DROP TABLE employees", "INSERT INTO departments VALUES (99, 'X', 'Lyon', 1)",
                 "UPDATE employees SET salary = 0", "DELETE FROM projects",
                 "CREATE TABLE t (x INTEGER)", "ATTACH DATABASE ':memory:' AS other",
-                "PRAGMA user_version = 5", "PRAGMA journal_mode = WAL"):
+                "PRAGMA user_version = 5", "PRAGMA journal_mode = WAL",
+                f"VACUUM INTO '{world.db_path.parent / 'copy.sqlite'}'", "VACUUM",
+                "UPDATE sqlite_master SET sql = ''", "UPDATE sqlite_schema SET name = 'x'",
+                "PRAGMA writable_schema = ON", "SELECT * FROM pragma_writable_schema"):
         r = ex.run(sql)
         assert not r.ok and r.error.kind == "forbidden", (sql, r.error)
     assert hashlib.sha256(world.db_path.read_bytes()).hexdigest() == before
+    assert not (world.db_path.parent / "copy.sqlite").exists()
     assert ex.run("SELECT COUNT(*) FROM employees").rows == [(200,)]
-    info = ex.run("PRAGMA table_info(employees)")  # describing the schema is a read
-    assert info.ok and [row[1] for row in info.rows][:3] == ["id", "name", "dept_id"]
+    # Describing the schema is a read, as a statement or as a table.
+    for sql in ("PRAGMA table_info(employees)",
+                "SELECT cid, name FROM pragma_table_info('employees')"):
+        info = ex.run(sql)
+        assert info.ok and [row[1] for row in info.rows][:3] == ["id", "name", "dept_id"], sql
 
 
 def test_executor_stops_runaway_queries_at_the_time_limit(ex):
@@ -62,6 +69,7 @@ def test_executor_reports_syntax_and_runtime_errors(ex):
     assert ex.run("SELEC name FROM employees").error.kind == "syntax"
     assert ex.run("SELECT name FROM").error.kind == "syntax"
     assert ex.run("SELECT 1; SELECT 2").error.kind == "syntax"
+    assert ex.run("SELECT 1\x00").error.kind == "syntax"  # a NUL character in the text
     assert ex.run("SELECT nope FROM employees").error.kind == "runtime"
 
 

@@ -23,6 +23,11 @@ _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_F
 # is refused, since most of them can also change settings (`PRAGMA journal_mode = WAL`).
 _READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info",
                  "foreign_key_list"}
+# Reading a PRAGMA as a table (`SELECT name FROM pragma_table_info('employees')`) makes SQLite
+# ask, while it prepares the statement, to update the schema table's columns. Nothing is
+# written: the connection is read-only, and SQLite refuses a real UPDATE of the schema table
+# unless `PRAGMA writable_schema`, which is refused here.
+_SCHEMA_TABLES = {"sqlite_master", "sqlite_schema"}
 _PROGRESS_EVERY = 1000  # SQLite virtual-machine instructions between deadline checks
 # The longest string or blob a query may make, in bytes. One value can be built in a single
 # instruction, which the deadline never interrupts; this bounds it (the world's longest is
@@ -103,6 +108,8 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
         return sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS:
         return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_UPDATE and (arg1 or "").lower() in _SCHEMA_TABLES:
+        return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY
 
 
@@ -110,10 +117,12 @@ def _classify(e: sqlite3.Error) -> ExecError:
     msg = str(e)
     if "interrupted" in msg:
         return ExecError("timeout", "query stopped: it ran past the time limit")
-    if "not authorized" in msg or "readonly" in msg:
+    if ("not authorized" in msg or "authorization denied" in msg or "readonly" in msg
+            or "may not be modified" in msg):
         return ExecError("forbidden", "only read-only SELECT queries are allowed")
     if "too big" in msg:
         return ExecError("runtime", f"a value longer than {MAX_VALUE_BYTES} bytes: {msg}")
-    if "syntax error" in msg or "incomplete input" in msg or "one statement" in msg:
+    if ("syntax error" in msg or "incomplete input" in msg or "one statement" in msg
+            or "null character" in msg):
         return ExecError("syntax", msg)
     return ExecError("runtime", msg)
