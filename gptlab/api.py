@@ -19,10 +19,8 @@ from gptlab.errors import UserError
 
 def load(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a gptlab model directory, a Hugging Face directory or a .gguf."""
-    from gptlab.checkpoint import load_model
-    model, tok, _ = load_model(path, device=device)
-    if tok is None:
-        raise UserError("model directory has no tokenizer.json", path=path)
+    from gptlab.checkpoint import load_language_model
+    model, tok, _ = load_language_model(path, device=device)
     return model, tok
 
 

@@ -222,3 +222,38 @@ def test_outputs_in_the_place_of_a_directory_or_under_a_file_are_refused(tiny_mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "c.txt", "p.jsonl"]
     with pytest.raises(UserError, match="is a directory"):
         write_jsonl_atomic(a_dir, [{"x": 1}])
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tmp_path_factory, tiny_model):
+    from gptlab.checkpoint import load_model
+    from gptlab.model.heads import ScalarHeadModel
+
+    model, tok, _ = load_model(tiny_model)
+    d = tmp_path_factory.mktemp("rm")
+    save_model(d, ScalarHeadModel(model.config), tok)
+    return d
+
+
+@pytest.mark.parametrize("verb, args", [
+    ("generate", ["--model", "{rm}", "--prompt", "hello"]),
+    ("sample", ["--model", "{rm}", "--prompts", "{data}", "--k", "2", "--out", "{out}/s.jsonl"]),
+    ("sft", ["--model", "{rm}", "--data", "{data}", "--out", "{out}/run", "--max-steps", "1"]),
+    ("pretrain", ["--model", "{rm}", "--data", "{text}", "--out", "{out}/run",
+                  "--max-steps", "1"]),
+    ("chat", ["--model", "{rm}"]),
+    ("ppo", ["--policy", "{rm}", "--reward", "{rm}", "--prompts", "{data}", "--out", "{out}/run"]),
+])
+def test_a_reward_model_given_where_a_language_model_is_needed_is_refused(
+        verb, args, tiny_reward_model, tmp_path, capsys):
+    """A reward model's directory looks like any other model's; every verb that generates or
+    trains text says what it is (exit 2) and leaves nothing behind."""
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hello", "completion": " world"}\n')
+    (tmp_path / "t.txt").write_text("hello world, the quick brown fox " * 50)
+    (tmp_path / "out").mkdir()
+    fill = dict(rm=tiny_reward_model, data=tmp_path / "d.jsonl", text=tmp_path / "t.txt",
+                out=tmp_path / "out")
+    code = main([verb, *[a.format(**fill) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2 and "this is a reward or value model" in err and "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == []

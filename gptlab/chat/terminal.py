@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 
 from gptlab.chat.context import TurnTooLong, fit_messages
-from gptlab.checkpoint import load_model
+from gptlab.checkpoint import load_language_model
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
 from gptlab.tokenizer import check_text
@@ -155,17 +155,10 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
 def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """`gptlab chat`: load `cfg.model` and talk until end of input; returns turns answered."""
-    from gptlab.model.gpt import GPT
-
     if not cfg.model:
         raise UserError("chat needs --model")
     # The sampling flags are checked before the model loads.
     SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                    temperature=cfg.temperature, top_p=cfg.top_p)
-    model, tok, _ = load_model(Path(cfg.model))
-    if not isinstance(model, GPT):
-        raise UserError("not a language model (a reward or value model has no text to say)",
-                        path=cfg.model)
-    if tok is None:
-        raise UserError("the model has no tokenizer", path=cfg.model)
+    model, tok, _ = load_language_model(Path(cfg.model))
     return run_chat(ChatSession(model, tok, cfg), stdin, stdout, stderr)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from gptlab.checkpoint import Checkpointer, load_model, save_model
+from gptlab.checkpoint import Checkpointer, load_language_model, load_model, save_model
 from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
@@ -270,10 +270,7 @@ class PPOTrainer:
             "value": cfg.value})
         self.device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.policy, self.tok, _ = load_model(cfg.policy, self.device)
-        if not isinstance(self.policy, GPT) or self.tok is None:
-            raise UserError("the policy must be a GPT model directory with a tokenizer",
-                            path=cfg.policy)
+        self.policy, self.tok, _ = load_language_model(cfg.policy, self.device)
         if cfg.max_new_tokens >= self.policy.config.context:
             raise UserError(f"must be below the policy's context of "
                             f"{self.policy.config.context}, got {cfg.max_new_tokens}",

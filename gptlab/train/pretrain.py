@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_model, \
+from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_language_model, \
     read_meta, save_model
 from gptlab.errors import UserError
 from gptlab.model.gpt import GPTConfig
@@ -94,7 +94,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
             raise UserError("not a gptlab model directory (config.json with format gptlab/1); "
                             "import other models with `gptlab convert` first", path=model_path,
                             field="model")
-        model, tok, _ = load_model(model_path)
+        model, tok, _ = load_language_model(model_path, need_tokenizer=False)
         tok = _tokenizer_for(cfg, model_path, model.config.vocab_size) if cfg.tokenizer or \
             tok is None else tok
         if tok.vocab_size > model.config.vocab_size:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model, read_meta, save_model
+from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model, load_model,
+                               read_meta, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
@@ -176,9 +177,7 @@ def sft(cfg: SFTConfig) -> Path:
     cfg.check()
     out = Path(cfg.out)
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
-    model, tok, _ = load_model(cfg.model)
-    if tok is None:
-        raise UserError("the model has no tokenizer", path=cfg.model)
+    model, tok, _ = load_language_model(cfg.model)
     torch.manual_seed(cfg.seed)
     skips = SkipCounter()
     context = model.config.context
