@@ -2,6 +2,10 @@
 Python function -> reward model -> PPO, through the command line, checking that reward goes up."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +322,54 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted(run, tmp_path, 
                  "--out", str(tmp_path / "s.jsonl"), "--max-new-tokens", "4"]) == 0
     assert len(read_jsonl(tmp_path / "s.jsonl")) == 1
     assert "skipped 1 prompts" in capsys.readouterr().err
+
+
+MYRANK = '''
+def reward(prompts, responses, records):
+    from pathlib import Path
+
+    from mywords import score  # a neighbour imported at call time, as under python -m
+    Path("called").write_text(str(len(responses)))
+    return [score(r) for r in responses]
+'''
+
+
+def test_the_console_script_finds_a_reward_module_in_the_working_directory(tmp_path):
+    """`gptlab ppo --reward-fn myrank:reward` with myrank.py in the current directory: the
+    console script does not put the working directory on sys.path, `python -m gptlab` does."""
+    script = Path(sys.executable).parent / "gptlab"
+    if not script.exists():
+        pytest.skip("the gptlab console script is not installed next to this Python")
+    tok = train_tokenizer(["Is the cat happy? yes no maybe ok"] * 20, vocab_size=270)
+    torch.manual_seed(0)
+    save_model(tmp_path / "base", GPT(dataclasses.replace(
+        get_preset("tiny"), vocab_size=tok.vocab_size, context=32)), tok)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "t0", "prompt": "Is it?"}) + "\n")
+    (tmp_path / "myrank.py").write_text(MYRANK)
+    (tmp_path / "mywords.py").write_text("def score(r):\n    return float(len(r))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([str(script), "ppo", "--policy", "base", "--reward-fn", "myrank:reward",
+                        "--prompts", "prompts.jsonl", "--out", "out", "--steps", "1",
+                        "--batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "4"],
+                       cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int((tmp_path / "called").read_text()) >= 1
+    assert (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_load_reward_fn_imports_from_the_working_directory(tmp_path, monkeypatch):
+    from gptlab.train.ppo import load_reward_fn
+    (tmp_path / "cwd_reward_mod.py").write_text("def reward(p, r, rec):\n    return [1.0]\n")
+    monkeypatch.chdir(tmp_path)
+    cwd = os.getcwd()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path  # as the console script runs
+                                      if os.path.abspath(p) != cwd])
+    try:
+        fn = load_reward_fn("cwd_reward_mod:reward")
+        assert fn([], ["x"], [{}]) == [1.0]
+        assert sys.path[0] == cwd  # first, as python -m puts it
+        assert load_reward_fn("cwd_reward_mod:reward") is fn
+        assert sys.path.count(cwd) == 1
+    finally:
+        sys.modules.pop("cwd_reward_mod", None)

@@ -60,6 +60,23 @@ def test_a_completion_must_be_a_non_empty_string(tok, tmp_path, completion):
     assert str(err.value) == f"{f}:2, field 'completion': must be a non-empty string"
 
 
+@pytest.mark.parametrize("content", ["", " \n "])
+def test_an_assistant_message_must_be_a_non_empty_string(tok, tmp_path, content):
+    f = write(tmp_path / "d.jsonl", {"messages": [USER, ASSISTANT]},
+              {"messages": [USER, {"role": "assistant", "content": content}]},
+              {"messages": [USER, ASSISTANT, USER, {"role": "assistant", "content": content}]})
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == f"{f}:2, field 'messages[1].content': must be a non-empty string"
+    write(f, {"messages": [USER, ASSISTANT, USER, {"role": "assistant", "content": content}]})
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == f"{f}:1, field 'messages[3].content': must be a non-empty string"
+    # A prompt's assistant turns are context, not targets: an empty one stays allowed.
+    write(f, {"messages": [USER, {"role": "assistant", "content": content}, USER]})
+    assert len(read_prompts(f)) == 1
+
+
 def test_a_chat_template_refusing_a_demonstration_names_file_and_line(tok, tmp_path):
     alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"

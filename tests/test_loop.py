@@ -185,6 +185,12 @@ def test_a_run_directory_with_a_run_or_a_model_needs_resume(tmp_path):
     with pytest.raises(UserError, match="field 'resume': nothing to resume"):
         check_run_dir(out, True)
     _model_dir(out)
+    # A save killed between the weights and config.json (written last) finished nothing.
+    config = (out / "config.json").read_bytes()
+    (out / "config.json").unlink()
+    (out / "model.safetensors").write_bytes(b"weights")
+    assert check_run_dir(out, False) is None
+    (out / "config.json").write_bytes(config)
     with pytest.raises(UserError) as err:
         check_run_dir(out, False)
     assert str(err.value) == (f"{out}, field 'out': already holds a finished model and no "

@@ -1,10 +1,13 @@
 """The whole recipe end to end at toy sizes: every stage runs, the report has every number,
 and rerunning the same command reuses the finished stages."""
 import json
+import os
+import shutil
 
 import pytest
 
 from gptlab.cli import main
+from gptlab.errors import UserError
 from gptlab.eval.stats import excludes_zero, paired_delta
 
 ARGS = ["--pretrain-steps", "4", "--pretrain-batch", "4", "--sft-steps", "4",
@@ -16,9 +19,14 @@ ARGS = ["--pretrain-steps", "4", "--pretrain-batch", "4", "--sft-steps", "4",
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "demo"
-    assert main(["pipeline", "--out", str(out), *ARGS]) == 0
-    return out
+    """A run made as `make demo` makes one: --out relative to where it starts."""
+    base, here = tmp_path_factory.mktemp("pipeline"), os.getcwd()
+    os.chdir(base)
+    try:
+        assert main(["pipeline", "--out", "runs/demo", *ARGS, "--threads", "1"]) == 0
+    finally:
+        os.chdir(here)
+    return base / "runs" / "demo"
 
 
 def test_every_stage_leaves_its_directory(run):
@@ -72,10 +80,15 @@ def test_the_control_took_as_many_optimizer_steps_as_ppo(run):
     assert meta["step"] == 16
 
 
-def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys):
+def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys, monkeypatch,
+                                                                     tmp_path):
     before = (run / "sft" / "model.safetensors").stat().st_mtime_ns
     first = json.loads((run / "report.json").read_text())
-    assert main(["pipeline", "--out", str(run), *ARGS]) == 0
+    assert first["config"]["threads"] == 1  # every stage ran on one thread
+    # From another directory, OUT spelled another way: every stage recorded where its inputs
+    # are, not where they were from the directory the run started in.
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "--out", str(run), *ARGS, "--threads", "2"]) == 0
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
     # The reused stages report the minutes they took when they ran, and so does the total.
     again = json.loads((run / "report.json").read_text())
@@ -83,8 +96,68 @@ def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys
     assert {k: again["stage_minutes"][k] for k in reused} == reused
     assert "round 2: sample" in reused and reused["sft"] > 0 and reused["sft_continued"] > 0
     assert again["minutes"] >= sum(reused.values())
+    for key in ("exec_acc", "rm_pairwise_acc_per_round", "rm_heldout_rankings_per_round"):
+        assert again[key] == first[key], key
+    # Only the evaluation ran now, on two threads; the report says which stage ran on what.
+    assert again["config"]["threads"] == {**{k: 1 for k in reused}, "evaluation": 2}
     assert main(["pipeline", "--out", str(run), *ARGS, "--seed", "5"]) == 2
-    assert "other settings (seed)" in capsys.readouterr().err
+    assert "made with other settings (seed)" in capsys.readouterr().err
+
+
+def _check_settings(out, **options):
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    pipe = Pipeline(PipelineConfig(out=str(out), **options))
+    out.mkdir(exist_ok=True)
+    pipe._check_same_run()
+    return json.loads((out / "pipeline.json").read_text())
+
+
+def test_a_rerun_may_change_the_settings_of_stages_that_have_not_started(tmp_path, capsys):
+    """A run stopped with "lower --max-new-tokens" or "use --no-ties" can take that advice
+    without losing the stages before; a started stage's settings never change under it."""
+    out = tmp_path / "demo"
+    _check_settings(out)
+    (out / "pretrain").mkdir()  # pretraining done: the test prompts are found too long
+    assert _check_settings(out, max_new_tokens=40)["max_new_tokens"] == 40
+    assert "settings changed for stages that have not run yet: max_new_tokens" in \
+        capsys.readouterr().err
+    (out / "sft").mkdir()
+    with pytest.raises(UserError) as err:
+        _check_settings(out, max_new_tokens=60)
+    assert str(err.value) == (f"{out}, field 'out': holds a pipeline run whose sft was made with "
+                              f"other settings (max_new_tokens); choose another --out, or remove "
+                              f"it to redo it with the new settings")
+    (out / "round-1").mkdir()
+    (out / "round-1" / "samples.jsonl").write_text("")  # drawn again until ranked
+    _check_settings(out, max_new_tokens=40, ties=False)  # nothing ranked yet
+    (out / "round-1" / "rankings.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"whose round-1/rankings.jsonl was made with other "
+                                        r"settings \(ties\)"):
+        _check_settings(out, max_new_tokens=40)
+    with pytest.raises(UserError, match=r"whose pretrain, sft, round-1/rankings.jsonl were made "
+                                        r"with other settings \(seed\)"):
+        _check_settings(out, max_new_tokens=40, ties=False, seed=3)
+    # The evaluation always runs again; rounds beyond the last are new stages.
+    _check_settings(out, max_new_tokens=40, ties=False, eval_limit=10, rounds=3)
+    (out / "sft_continued").mkdir()  # the control takes as many steps as all rounds together
+    with pytest.raises(UserError, match=r"whose sft_continued was made with other settings "
+                                        r"\(rounds\)"):
+        _check_settings(out, max_new_tokens=40, ties=False, rounds=2)
+
+
+def test_a_world_exported_again_is_another_world_and_a_moved_one_the_same(tmp_path):
+    world, out = tmp_path / "w", tmp_path / "demo"
+    world.mkdir()
+    (world / "world.json").write_text('{"options": {"seed": 3}}')
+    _check_settings(out, world=str(world))
+    (out / "pretrain").mkdir()
+    (world / "world.json").write_text('{"options": {"seed": 5}}')  # exported again
+    with pytest.raises(UserError, match=r"whose pretrain was made with other settings "
+                                        r"\(world_digest\)"):
+        _check_settings(out, world=str(world))
+    (world / "world.json").write_text('{"options": {"seed": 3}}')
+    shutil.copytree(world, tmp_path / "moved")
+    assert _check_settings(out, world=str(tmp_path / "moved"))["world"] == str(tmp_path / "moved")
 
 
 def test_paired_delta_by_hand():

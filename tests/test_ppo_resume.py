@@ -171,7 +171,7 @@ def test_ctrl_c_during_an_update_finishes_that_step_first(setup, capsys, monkeyp
     assert_same_run(straight, out)
 
 
-def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path):
+def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path, monkeypatch):
     d, _, _ = setup
     cfg = PPOConfig(policy=str(d / "policy"), prompts=str(d / "prompts.jsonl"),
                     out=str(tmp_path / "run"), steps=1, batch_size=4, minibatch_size=4,
@@ -192,6 +192,16 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path):
     with pytest.raises(UserError, match="field 'steps': the run is at step 2 already; give "
                                         "--steps of at least that to continue it"):
         ppo(dataclasses.replace(cfg, resume=True, steps=1), reward_fn=varied_reward)
+    # The same files spelled another way, from where the resume runs, are the same settings.
+    monkeypatch.chdir(d)
+    ppo(dataclasses.replace(cfg, resume=True, steps=3, policy="policy", prompts="prompts.jsonl"),
+        reward_fn=varied_reward)
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2, 3]
+    # A run directory inside the pretraining text's directory would read itself as text.
+    with pytest.raises(UserError, match="field 'out': is inside the corpus directory"):
+        ppo(dataclasses.replace(cfg, out=str(d / "run"), ptx_data=[str(d)], ptx_coef=0.1),
+            reward_fn=varied_reward)
+    assert not (d / "run").exists()
 
 
 def test_the_pipeline_resumes_a_ppo_stage_with_a_checkpoint(tmp_path):

@@ -314,3 +314,42 @@ def test_continuing_a_model_directory_into_itself_is_refused(corpus, tmp_path, c
         assert run(*base, "--model", str(one), "--out", str(out)) == 2
         assert f"{out}, field 'out': {why}; choose another --out" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in one.rglob("*")} == files
+
+
+def test_a_preset_is_a_preset_though_a_directory_has_its_name(corpus, tmp_path, monkeypatch):
+    """`--model tiny --out tiny/run` (as `gptlab pipeline --out demo` runs it): the preset, not
+    the directory of that name, which is no input model to protect; a gptlab model directory
+    named like a preset is continued."""
+    d, _, _ = corpus
+    monkeypatch.chdir(tmp_path)
+    base = ["--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--block-size", "16",
+            "--max-steps", "1", "--cache-dir", str(tmp_path / "cache")]
+    (tmp_path / "tiny").mkdir()
+    assert run(*base, "--model", "tiny", "--out", "tiny/run") == 0
+    (tmp_path / "tiny").rename(tmp_path / "runs")
+    (tmp_path / "runs" / "run").rename(tmp_path / "tiny")  # now a model named like the preset
+    assert run(*base, "--model", "tiny", "--out", "more") == 0
+    last = [r for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "val_loss" in r][-1]
+    first = read_metrics(tmp_path / "more" / "metrics.jsonl")[0]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], abs=1e-5)
+
+
+def test_out_in_a_corpus_directory_is_refused(corpus, tmp_path, capsys):
+    """Every .txt/.jsonl under a --data directory is read: the run's metrics.jsonl would join
+    the corpus, and --resume would find another one."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    shutil.copy(corpus[0] / "a.txt", data / "a.txt")
+    base = ["--tokenizer", str(corpus[0] / "tok"), "--block-size", "16", "--max-steps", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    for out, why in ((data, "is the corpus directory (--data)"),
+                     (data / "run", f"is inside the corpus directory {data} (--data)"),
+                     (data / "runs" / "a", f"is inside the corpus directory {data} (--data)")):
+        assert run("--data", str(corpus[0] / "a.txt"), str(data), "--out", str(out),
+                   *base) == 2
+        assert (f"{out}, field 'out': {why}; the run's own files would become part of the "
+                "corpus; choose another --out") in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "corpus"]
+    # A directory beside it, or a --data file inside --out, is fine.
+    assert run("--data", str(data), "--out", str(tmp_path / "corpus-run"), *base) == 0
+    assert run("--data", str(data / "a.txt"), "--out", str(data), *base) == 0

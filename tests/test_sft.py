@@ -9,6 +9,7 @@ import gptlab.eval.execution as execution
 import gptlab.train.sft as sft_module
 from gptlab.checkpoint import save_model
 from gptlab.data.instruct import Example
+from gptlab.errors import UserError
 from gptlab.io import read_jsonl
 from gptlab.model import GPT, get_preset
 from gptlab.tokenizer import train_tokenizer
@@ -72,6 +73,29 @@ def test_execution_accuracy_with_val_data_is_on_its_first_records(setup, tmp_pat
         sft(dataclasses.replace(cfg, val_data=str(val), exec_eval=5))
     assert seen["exec"] == read_jsonl(val)[:5]
     assert len(seen["train"]) == 60                        # all of --data is trained on
+
+
+def test_each_files_skipped_records_are_counted_and_reported_on_that_file(setup, tmp_path,
+                                                                           capsys):
+    cfg, seen = setup  # --data has one demonstration too long for the context
+    long = json.dumps({"id": "v-long", "prompt": "owl " * 100, "completion": " no"}) + "\n"
+    val = tmp_path / "val_long.jsonl"
+    val.write_text(long)
+    with pytest.raises(UserError) as e:
+        sft(dataclasses.replace(cfg, val_data=str(val)))
+    assert str(e.value) == (f"{val}: no usable demonstrations (skipped 1 records: 1 longer "
+                            "than the context of 64)")
+    val.write_text(long + long + json.dumps({"id": "v0", "prompt": "Is the owl happy?",
+                                             "completion": " no"}) + "\n")
+    with pytest.raises(_Stop):
+        sft(dataclasses.replace(cfg, val_data=str(val)))
+    err = capsys.readouterr().err
+    assert (f"{cfg.data}: skipped 1 demonstrations: 1 longer than the context of 64\n"
+            f"{val}: skipped 2 demonstrations: 2 longer than the context of 64\n") in err
+    assert len(seen["train"]) == 60
+    data = json.loads((tmp_path / "sft" / "run.json").read_text())["data"]
+    assert data["skipped"] == {"longer than the context of 64": 1}
+    assert data["val_skipped"] == {"longer than the context of 64": 2}
 
 
 # --- bad input: exit code 2, a message naming the field, nothing new in --out -------------------

@@ -60,6 +60,26 @@ def is_hub_name(path: str | Path) -> bool:
     return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
 
 
+def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str = "--data",
+                        field: str = "out") -> None:
+    """Refuse a run directory that is, or is inside, a corpus directory: every .txt, .jsonl
+    and .parquet file under it is read, so the run's own files (metrics.jsonl, ...) would
+    become documents of the corpus, and a resumed run would read another corpus."""
+    where = Path(out).resolve()
+    for given in paths:
+        if not Path(given).is_dir():
+            continue
+        corpus = Path(given).resolve()
+        if corpus == where:
+            why = f"is the corpus directory ({flag})"
+        elif corpus in where.parents:
+            why = f"is inside the corpus directory {given} ({flag})"
+        else:
+            continue
+        raise UserError(why + "; the run's own files would become part of the corpus; choose "
+                        "another --out", path=out, field=field)
+
+
 def _iter_path(path: str | Path) -> Iterator[str]:
     p = Path(path)
     if p.is_dir():

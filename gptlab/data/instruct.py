@@ -121,6 +121,12 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
         if not any(m["role"] == "assistant" for m in _checked_messages(msgs, path, line)):
             raise UserError("needs at least one assistant message", path=path, line=line,
                             field="messages")
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and not m["content"].strip():
+                # Every assistant turn is trained on; an empty one, like an empty completion,
+                # would teach the model to answer with nothing but its end of turn.
+                raise UserError("must be a non-empty string", path=path, line=line,
+                                field=f"messages[{i}].content")
         try:
             ids, mask = tokenizer.render_chat(msgs)
         except UserError as e:  # the template may refuse a conversation (roles must alternate)

@@ -35,12 +35,14 @@ def win_rate(world: Any, records: list[dict], a: list[str], b: list[str]) -> flo
     return wins / len(records)
 
 
-def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True
-                           ) -> tuple[float | None, int]:
+def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
+                           data: Path | None = None) -> tuple[float | None, int]:
     """A reward model's pairwise accuracy on its held-out rankings, judged by the noise-free
     labeler: the same held-out prompts and responses the training run set aside, re-ranked
     without the labelers' disagreement, so the number is the reward model's agreement with the
-    truth rather than with one noisy labeler. Returns (accuracy, rankings with a preference)."""
+    truth rather than with one noisy labeler. `data`: the rankings it was trained on, where
+    they are now (its run.json has them as given, maybe relative to another directory).
+    Returns (accuracy, rankings with a preference)."""
     from gptlab.data.instruct import Ranking, read_rankings
     from gptlab.provenance import load_run
     from gptlab.train.reward import (collate_rankings, encode_ranking, pairwise_accuracy,
@@ -49,7 +51,8 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True
     if rc.get("val_data"):
         held = read_rankings(rc["val_data"])
     else:
-        held = split_rankings(read_rankings(rc["data"]), rc["val_fraction"], rc["seed"])[1]
+        held = split_rankings(read_rankings(data or rc["data"]), rc["val_fraction"],
+                              rc["seed"])[1]
     labeler = world.labeler(disagreement=0.0, ties=ties)
     model, tok, _ = load_model(reward_dir)
     encoded = []
@@ -143,7 +146,8 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     for rnd in range(1, cfg.rounds + 1):
         rm_dir = out / f"round-{rnd}" / "reward"
         meta = read_meta_json(rm_dir / "config.json")
-        acc_true, n_true = rm_accuracy_noise_free(world, rm_dir, cfg.ties)
+        acc_true, n_true = rm_accuracy_noise_free(world, rm_dir, cfg.ties,
+                                                  data=out / f"round-{rnd}" / "rankings_all.jsonl")
         rm_acc.append(acc_true)
         rm_acc_labelers.append(meta.get("heldout_pairwise_acc"))
         rm_heldout.append(n_true)

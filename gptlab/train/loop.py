@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -152,7 +153,8 @@ def check_run_dir(out: str | Path, resume: bool,
     if not resume and latest is not None:
         raise UserError("already holds a training run; pass --resume to continue it, or choose "
                         "another --out", path=out, field="out")
-    if not resume and any((out / name).exists() for name in ("config.json", "model.safetensors")):
+    # config.json is written last: weights without it are a save that never finished.
+    if not resume and (out / "config.json").exists():
         raise UserError("already holds a finished model and no checkpoint to continue from; "
                         "choose another --out (a run saved with --save-every continues with "
                         "--resume)", path=out, field="out")
@@ -393,6 +395,16 @@ def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
         raise UserError("was written with other settings (" + ", ".join(
             f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + "); resume "
             "with the same settings, or choose another --out", path=path, field=diff[0])
+
+
+def same_setting(theirs: Any, mine: Any) -> bool:
+    """Equal, or the same file spelled another way (`runs/x/sft` and `/home/me/runs/x/sft` run
+    from /home/me): a path recorded as typed is read from where the resume runs."""
+    if isinstance(theirs, list) and isinstance(mine, list):
+        return len(theirs) == len(mine) and all(map(same_setting, theirs, mine))
+    if isinstance(theirs, str) and isinstance(mine, str) and theirs != mine:
+        return os.path.abspath(theirs) == os.path.abspath(mine)
+    return theirs == mine
 
 
 def read_metrics(path: str | Path) -> list[dict]:

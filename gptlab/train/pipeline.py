@@ -11,8 +11,10 @@ same pipeline into the same OUT continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -155,6 +157,47 @@ class PipelineConfig:
 # Settings that add work without changing a finished stage: a rerun may change them.
 ADDITIVE = ("progress", "threads", "out", "headroom", "headroom_k")
 
+# The options each stage is made from, besides the stages before it ("world_digest" is the
+# world's own identity: a re-exported world with other options is another world). A rerun may
+# change an option that no started stage depends on; one that a started stage was made with is
+# refused, naming the stages (remove them to redo them with the new settings).
+WORLD_OPTIONS = ("world", "world_seed", "world_digest")
+PRETRAIN_OPTIONS = ("preset", "seed", "pretrain_steps", "pretrain_batch", "pretrain_lr")
+SFT_OPTIONS = ("sft_examples", "sft_steps", "sft_patience", "sft_batch", "sft_lr",
+               "sft_eval_every", "sft_exec_eval", "demonstrator_flaw", "demonstrator_flaw_rate",
+               "max_new_tokens")
+FEEDBACK_OPTIONS = ("sample_prompts", "k", "sample_temperature", "disagreement", "ties")
+REWARD_OPTIONS = ("reward_epochs", "reward_batch", "reward_lr")
+PPO_OPTIONS = ("ppo_steps", "ppo_batch", "ppo_minibatch", "ppo_epochs", "ppo_lr", "kl_coef",
+               "ppo_temperature", "ptx_coef")
+
+
+def stage_dependencies(rounds: int) -> list[tuple[str, set[str]]]:
+    """(a stage's path under OUT, every option it depends on), in the order the stages run."""
+    sft = set(WORLD_OPTIONS + PRETRAIN_OPTIONS + SFT_OPTIONS)
+    stages = [("world", set(WORLD_OPTIONS)), ("pretrain", set(WORLD_OPTIONS + PRETRAIN_OPTIONS)),
+              ("sft_data.jsonl", sft), ("sft", sft)]
+    before = sft
+    for rnd in range(1, rounds + 1):
+        feedback = before | set(FEEDBACK_OPTIONS)
+        reward = feedback | set(REWARD_OPTIONS)
+        before = reward | set(PPO_OPTIONS)
+        # (A round's samples are drawn again until its rankings are written.)
+        stages += [(f"round-{rnd}/rankings.jsonl", feedback), (f"round-{rnd}/reward", reward),
+                   (f"round-{rnd}/ppo", before)]
+    # The controls take as many steps as every round of PPO together.
+    steps = {"rounds", "ppo_steps", "ppo_batch", "ppo_minibatch", "ppo_epochs"}
+    stages += [("sft_continued", sft | steps),
+               ("ppo_execution_reward", sft | set(PPO_OPTIONS) | steps),
+               ("ppo_execution_reward_on_test", sft | set(PPO_OPTIONS) | steps)]
+    return stages
+
+
+def world_digest(world_dir: Path) -> str | None:
+    """The exported world's identity: its manifest (options, schema, gold-SQL fingerprint)."""
+    manifest = world_dir / "world.json"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
+
 
 def stage_done(path: Path) -> bool:
     return is_gptlab_dir(path)
@@ -168,12 +211,17 @@ def _interrupted(out: Path) -> bool:
 class Timer:
     """Minutes per stage, kept in OUT/stage_minutes.json as each stage ends. A stage that a rerun
     finds finished keeps the minutes it took when it ran, so adding `--headroom` to a finished
-    run (or resuming one) still reports what every stage cost."""
+    run (or resuming one) still reports what every stage cost. The CPU threads each stage ran
+    on are kept beside them (OUT/stage_threads.json): `--threads` may change on a rerun, and
+    sampling on another thread count can draw other samples."""
 
     def __init__(self, record: Path | None = None) -> None:
         self.record = record
         self.minutes: dict[str, float] = {}
         self.earlier: dict[str, float] = {}
+        self.threads: dict[str, int] = {}
+        if record is not None and record.with_name("stage_threads.json").exists():
+            self.threads = json.loads(record.with_name("stage_threads.json").read_text())
         if record is not None and record.exists():
             self.earlier = json.loads(record.read_text())
         elif record is not None and (record.parent / "report.json").exists():
@@ -186,6 +234,8 @@ class Timer:
         """Time `fn`; with `done` (its output was already complete) keep the earlier minutes."""
         t0 = time.time()
         print(f"== {name}" + (" (done)" if done else ""), file=sys.stderr)
+        if not done:
+            self.threads[name] = torch.get_num_threads()
         out = fn()
         took = (time.time() - t0) / 60
         if done and name in self.earlier:
@@ -206,6 +256,13 @@ class Timer:
     def keep(self) -> None:
         if self.record is not None:
             write_json_atomic(self.record, {**self.earlier, **self.minutes})
+            write_json_atomic(self.record.with_name("stage_threads.json"), self.threads)
+
+    def threads_used(self) -> int | dict[str, int]:
+        """The threads every stage of this run ran on, or each stage's where they differ."""
+        used = {k: v for k, v in self.threads.items() if k in self.minutes}
+        counts = set(used.values())
+        return counts.pop() if len(counts) == 1 else used
 
 
 def _ppo_optimizer_steps(cfg: PipelineConfig) -> int:
@@ -233,9 +290,11 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         cfg.check()
         self.cfg = cfg
-        self.out = Path(cfg.out)
+        # Absolute, so that every stage records paths that a rerun from another directory
+        # (with OUT spelled another way) still finds.
+        self.out = Path(os.path.abspath(cfg.out))
         self.timer = Timer(self.out / "stage_minutes.json")
-        self.world_dir = Path(cfg.world) if cfg.world else self.out / "world"
+        self.world_dir = Path(os.path.abspath(cfg.world)) if cfg.world else self.out / "world"
         self._check_stage_configs()
 
     def _check_stage_configs(self) -> None:
@@ -471,6 +530,7 @@ class Pipeline:
         t = self.timer
         out = self.out
         t.run("world", self.export_world, done=(self.world_dir / "world.json").exists())
+        self._record_world()
         pre = t.run("pretrain", self.pretrain, done=stage_done(out / "pretrain"))
         self.check_test_prompts_fit(pre)
         sft_dir = t.run("sft", lambda: self.sft(pre), done=stage_done(out / "sft"))
@@ -495,29 +555,64 @@ class Pipeline:
         # This invocation's wall time, plus what the stages it reused took when they ran.
         results["minutes"] = (time.time() - start) / 60 + t.saved
         results["stage_minutes"] = {k: round(v, 2) for k, v in t.minutes.items()}
-        results["config"] = dataclasses.asdict(cfg)
+        results["config"] = {**dataclasses.asdict(cfg), "threads": t.threads_used()}
         from gptlab.eval.report import write_report
         write_report(self.out, results)
         print(f"report: {self.out / 'report.md'} ({results['minutes']:.1f} minutes)",
               file=sys.stderr)
         return results
 
-    def _check_same_run(self) -> None:
-        """Refuse to mix two different pipelines in one OUT (stages would be silently reused)."""
-        path = self.out / "pipeline.json"
+    def _settings(self) -> dict:
         mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ADDITIVE}
+        # The world by where it is would miss a re-export; by its manifest it cannot.
+        mine["world"] = str(self.world_dir) if self.cfg.world else None
+        mine["world_digest"] = world_digest(self.world_dir)
+        return mine
+
+    def _check_same_run(self) -> None:
+        """Refuse to mix two pipelines' stages in one OUT: a rerun may change the settings of
+        stages that have not started, never those of a stage that has (it would be silently
+        reused, or continued with other settings)."""
+        path = self.out / "pipeline.json"
+        mine = self._settings()
         if path.exists():
-            # A setting newer than the run was at its default there.
+            # A setting newer than the run was at its default there; a world path recorded
+            # relative to where that run started, or a digest it did not record, is not compared.
             defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)
                         if f.default is not dataclasses.MISSING}
             theirs = {k: v for k, v in {**defaults, **json.loads(path.read_text())}.items()
                       if k not in ADDITIVE}
-            if theirs != mine:
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                raise UserError(f"holds a pipeline run with other settings ({', '.join(diff)}); "
-                                f"choose another --out or remove it", path=self.out, field="out")
-        else:
-            write_json_atomic(path, mine)
+            diff = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+            if theirs.get("world_digest") is None or mine["world_digest"] is None:
+                diff.discard("world_digest")
+            elif "world_digest" not in diff:
+                diff.discard("world")  # the same world, found at another path
+            if theirs.get("world") and os.path.abspath(theirs["world"]) == mine["world"]:
+                diff.discard("world")  # recorded as typed, by a run before paths were absolute
+            started = [(stage, sorted(diff & deps)) for stage, deps in
+                       stage_dependencies(max(self.cfg.rounds, theirs.get("rounds") or 1))
+                       if diff & deps and (self.out / stage).exists()]
+            if started:
+                names = sorted({k for _, keys in started for k in keys})
+                raise UserError(
+                    f"holds a pipeline run whose {', '.join(stage for stage, _ in started)} "
+                    f"{'was' if len(started) == 1 else 'were'} made with other settings "
+                    f"({', '.join(names)}); choose another --out, or remove "
+                    f"{'it' if len(started) == 1 else 'those'} to redo "
+                    f"{'it' if len(started) == 1 else 'them'} with the new settings",
+                    path=self.out, field="out")
+            if diff:
+                print(f"note: settings changed for stages that have not run yet: "
+                      f"{', '.join(sorted(diff))}", file=sys.stderr)
+        write_json_atomic(path, mine)
+
+    def _record_world(self) -> None:
+        """The world's digest, once it exists (the built-in world is exported by the run)."""
+        path = self.out / "pipeline.json"
+        settings = json.loads(path.read_text())
+        if settings.get("world_digest") is None:
+            settings["world_digest"] = world_digest(self.world_dir)
+            write_json_atomic(path, settings)
 
 
 def pipeline(cfg: PipelineConfig) -> Path:

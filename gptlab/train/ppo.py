@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import importlib
 import math
+import os
 import random
 import sys
 import time
@@ -41,7 +42,7 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, annotate_run, check_fields, check_run_dir,
                                clip_gradients, held_interrupt, lr_at, make_optimizer, rng_state,
-                               select_device, set_lr, set_rng_state)
+                               same_setting, select_device, set_lr, set_rng_state)
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,
                                   masked_mean, token_logprobs, whiten)
@@ -140,13 +141,23 @@ class PPOConfig:
 RESUMABLE = ("steps", "save_every", "resume", "out", "device", "cache_dir")
 
 
+def import_from_cwd(name: str) -> Any:
+    """Import module `name` as `python -m gptlab` would find it: the console script leaves the
+    working directory off sys.path, python -m puts it first. It stays there afterwards, as
+    under python -m, so the module's own later imports of its neighbours work too."""
+    cwd = os.getcwd()
+    if not any(isinstance(p, str) and os.path.abspath(p) == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
+    return importlib.import_module(name)
+
+
 def load_reward_fn(spec: str) -> Callable:
     """`module:function`; the function takes (prompts, responses, records) -> list of floats."""
     mod, _, name = spec.partition(":")
     if not mod or not name:
         raise UserError(f"'{spec}' should look like module:function", field="reward_fn")
     try:
-        module = importlib.import_module(mod)
+        module = import_from_cwd(mod)
     except Exception as e:  # not found, a syntax error, or anything its import raised
         raise UserError(f"cannot load '{spec}': importing {mod} failed with "
                         f"{type(e).__name__}: {e}", field="reward_fn") from None
@@ -265,6 +276,9 @@ class PPOTrainer:
         cfg.check()
         self.cfg = cfg
         self.out = Path(cfg.out)
+        if cfg.ptx_coef:
+            from gptlab.data.corpus import check_out_of_corpus
+            check_out_of_corpus(self.out, cfg.ptx_data, flag="--ptx-data")
         latest = check_run_dir(self.out, cfg.resume, {
             "policy": cfg.policy, "reference": cfg.reference, "reward": cfg.reward,
             "value": cfg.value})
@@ -392,7 +406,8 @@ class PPOTrainer:
                     if f.default is not dataclasses.MISSING}
         theirs = {**defaults, **theirs}
         mine = dataclasses.asdict(self.cfg)
-        diff = [k for k in mine if k not in RESUMABLE and theirs.get(k) != mine[k]]
+        diff = [k for k in mine
+                if k not in RESUMABLE and not same_setting(theirs.get(k), mine[k])]
         if diff:
             raise UserError("was written with other settings (" + ", ".join(
                 f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in diff) + "); resume "

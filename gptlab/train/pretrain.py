@@ -89,7 +89,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
         model = build_from_meta(meta, resume_from / "config.json")
         return model, load_tokenizer(resume_from)
     model_path = Path(cfg.model)
-    if model_path.is_dir():
+    if _continues_a_model(cfg.model):
         if not is_gptlab_dir(model_path):
             raise UserError("not a gptlab model directory (config.json with format gptlab/1); "
                             "import other models with `gptlab convert` first", path=model_path,
@@ -133,19 +133,29 @@ def _sampler(tok: Any, cfg: PretrainConfig):
     return sample
 
 
+def _continues_a_model(model: str) -> bool:
+    """--model names a directory to continue, not a preset: a preset's name is a preset unless
+    a gptlab model of that name is here (`--model demo --out demo` starts from the preset)."""
+    from gptlab.model.presets import PRESETS
+    path = Path(model)
+    return path.is_dir() and (model not in PRESETS or is_gptlab_dir(path))
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Pretrain (or continue) a GPT on `cfg.data`; returns the model directory `cfg.out`."""
     from gptlab.data.tokens import load_token_data
 
     if not cfg.data:
         raise UserError("no training data: pass --data FILE...", field="data")
-    from gptlab.data.corpus import is_hub_name
+    from gptlab.data.corpus import check_out_of_corpus, is_hub_name
     for path in cfg.data:
         if not Path(path).exists() and not is_hub_name(path):
             raise UserError("corpus file not found", path=path, field="data")
     cfg.check()
+    check_out_of_corpus(cfg.out, cfg.data)
     out = Path(cfg.out)
-    latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
+    latest = check_run_dir(out, cfg.resume,
+                           {"model": cfg.model if _continues_a_model(cfg.model) else None})
 
     # Everything that can fail on bad input happens before OUT is created.
     model, tok = _build(cfg, latest if cfg.resume else None)

@@ -179,15 +179,17 @@ def sft(cfg: SFTConfig) -> Path:
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
     model, tok, _ = load_language_model(cfg.model)
     torch.manual_seed(cfg.seed)
-    skips = SkipCounter()
     context = model.config.context
+    # One counter per file: each file's skips are reported (and blamed) on that file alone.
+    skips, val_skips = SkipCounter(), SkipCounter()
     examples = read_demonstrations(cfg.data, tok, context, skips)
     if cfg.val_data:
-        train_ex, val_ex = examples, read_demonstrations(cfg.val_data, tok, context, skips)
+        train_ex, val_ex = examples, read_demonstrations(cfg.val_data, tok, context, val_skips)
     else:
         train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
-    if skips.total:
-        print(skips.report("demonstrations"), file=sys.stderr)
+    for path, counter in ((cfg.data, skips), (cfg.val_data, val_skips)):
+        if counter.total:
+            print(f"{path}: {counter.report('demonstrations')}", file=sys.stderr)
     if not train_ex:
         raise UserError("no demonstrations left to train on", path=cfg.data)
     if cfg.max_steps is None and cfg.max_minutes is None:
@@ -208,7 +210,7 @@ def sft(cfg: SFTConfig) -> Path:
     else:
         record_run(out, cfg)
     annotate_run(out, data={"train": len(train_ex), "validation": len(val_ex),
-                            "skipped": skips.counts})
+                            "skipped": skips.counts, "val_skipped": val_skips.counts})
     keeper = BestKeeper(out, tok, exec_eval, cfg.patience)
     if cfg.resume:
         keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest))
