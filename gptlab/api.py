@@ -32,6 +32,10 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
     room = context - max_new_tokens
     if len(ids) <= room:
         return ids, 0
+    if room < 0 and not truncate:
+        raise UserError(f"max_new_tokens {max_new_tokens} alone exceeds the context of {context}; "
+                        f"lower --max-new-tokens to at most {context - 1}",
+                        field="max_new_tokens")
     if not truncate:
         raise UserError(f"{what} has {len(ids)} tokens, but the context of {context} minus "
                         f"max_new_tokens {max_new_tokens} leaves room for {room}; shorten it, "

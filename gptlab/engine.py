@@ -58,7 +58,8 @@ class Generation:
 
     `logprobs[i][t]` is log softmax(logits / temperature) of the chosen token (temperature 1
     when greedy), before any top-k / top-p truncation, so that a PPO update that recomputes
-    log-probabilities from logits / temperature gets the same numbers.
+    log-probabilities from logits / temperature gets the same numbers (`scale_logits` says what
+    a temperature too small for that division gives).
     """
     tokens: list[list[int]]
     logprobs: list[list[float]]
@@ -94,11 +95,46 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
     return logits
 
 
-def sample_from(probs: Tensor, gen: torch.Generator) -> Tensor:
+def scale_logits(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature, well defined at any temperature above 0.
+
+    A tiny temperature (1e-39) overflows the division to ±inf, and softmax to NaN. Such a row
+    is divided after subtracting its largest logit, which is set to 0 (below float32's range
+    the temperature itself rounds to 0, and 0 / 0 is NaN) while the others go to -inf: the row
+    samples as greedy decoding (exact ties share the draw) and log-probabilities stay finite.
+    Rows that do not overflow are divided as they are, bit for bit as before."""
+    scaled = logits / temperature
+    overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)  # (B, 1)
+    if bool(overflow.any()):
+        top = logits.amax(-1, keepdim=True)
+        shifted = ((logits - top) / temperature).masked_fill(logits == top, 0.0)
+        scaled = torch.where(overflow, shifted, scaled)
+    return scaled
+
+
+# Seeds the generator of the uniforms' low bits apart from the main one (a fixed odd mix).
+_FINE_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def fine_generator(gen: torch.Generator) -> torch.Generator:
+    """The generator `sample_from` refines `gen`'s uniforms with, seeded from `gen`'s seed."""
+    fine = torch.Generator(device=gen.device)
+    fine.manual_seed(gen.initial_seed() ^ _FINE_SEED_MIX)
+    return fine
+
+
+def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> Tensor:
     """One token per row drawn from `probs` (B, V) by inverting the CDF with one uniform each:
-    the same distribution as torch.multinomial at a fraction of its cost on CPU."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=gen, device=probs.device, dtype=cdf.dtype)
+    the same distribution as torch.multinomial at a fraction of its cost on CPU.
+
+    The CDF is summed and searched in float64: in float32 its steps near 1 are 6e-8 apart, so a
+    token of probability 1e-9 would get no interval (or one 60 times too wide). The uniform is
+    `gen`'s float32 draw (a multiple of 2^-24; seeded generations draw what they drew before)
+    plus a float64 draw from `fine` (see `fine_generator`) times 2^-24 for the bits below it."""
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    shape = (probs.shape[0], 1)
+    u = torch.rand(shape, generator=gen, device=probs.device, dtype=torch.float32).double()
+    u = u + torch.rand(shape, generator=fine, device=probs.device, dtype=torch.float64) * 2**-24
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     # Rounding can put u·total past the last nonzero entry; step back onto a token with mass.
     tok = tok.clamp(max=probs.shape[1] - 1)
@@ -124,6 +160,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     model.eval()
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
+    fine = fine_generator(gen)
 
     # Identical prompts (K samples of one prompt) are encoded once; their cache rows are copied.
     unique: dict[tuple[int, ...], int] = {}
@@ -145,13 +182,13 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     n = 0
     live = torch.arange(B, device=device)  # rows still decoding; finished ones are dropped
     for t in range(steps):
-        temperature = 1.0 if params.greedy else params.temperature
-        logprobs = (logits / temperature).log_softmax(-1)
+        scaled = scale_logits(logits, 1.0 if params.greedy else params.temperature)
+        logprobs = scaled.log_softmax(-1)
         if params.greedy:
             tok = logits.argmax(-1)
         else:
-            probs = filter_logits(logits / temperature, params.top_k, params.top_p).softmax(-1)
-            tok = sample_from(probs, gen)
+            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+            tok = sample_from(probs, gen, fine)
         out_tokens[live, t] = tok
         out_logprobs[live, t] = logprobs.gather(-1, tok[:, None])[:, 0]
         n = t + 1

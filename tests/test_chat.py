@@ -177,6 +177,22 @@ def test_cli_pipes_and_checks_flags(tiny_dir, monkeypatch, capsys):
     assert e.value.code == 2
 
 
+def test_an_empty_system_message_is_an_empty_system_turn(tiny_dir, spy, monkeypatch):
+    """`--system ""` is a system turn with no text (which replaces a template's default system
+    prompt); no --system (None) is no system turn. /reset keeps whichever was given."""
+    from gptlab.checkpoint import load_model
+    _, tok, _ = load_model(tiny_dir)
+    assert ChatConfig().system is None
+    for flags, head in (([], []), (["--system", ""], [sys_msg("")])):
+        spy.prompts.clear()
+        monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n/reset\nthe dog ran\n"))
+        assert main(["chat", "--model", str(tiny_dir), "--greedy", "--max-new-tokens", "4",
+                     *flags]) == 0
+        assert spy.prompts[1] == tok.render_chat(head + [user("the dog ran")],
+                                                 add_generation_prompt=True)[0]
+    assert tok.decode(spy.prompts[1], skip_special=False).startswith("<|bos|><|system|>\n<|eos|>")
+
+
 def test_cli_refuses_a_line_that_is_not_utf8_and_bad_sampling_flags(tiny_dir, monkeypatch,
                                                                      capsys):
     # Under a C locale stdin decodes bad bytes to lone surrogates; under UTF-8 it raises.
@@ -205,9 +221,9 @@ def smollm2_path() -> Path | None:
     return p if p.exists() else None
 
 
-@pytest.fixture(scope="module")
-def smol_chat(tmp_path_factory):
-    """One `gptlab chat --model X.gguf --greedy` run, two questions piped in."""
+def run_smollm2_chat(lines: str, *flags: str) -> tuple[int, list[str], str, list[str]]:
+    """`gptlab chat --model X.gguf --greedy FLAGS` with `lines` piped in: (exit code, replies,
+    stderr, the prompts the engine got, as text)."""
     pytest.importorskip("gguf")
     path = smollm2_path()
     if path is None:
@@ -231,14 +247,20 @@ def smol_chat(tmp_path_factory):
     mp.setattr(terminal.ChatSession, "__init__", init)
     out, err = io.StringIO(), io.StringIO()
     try:
-        mp.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"
-                                             "And what is the capital of Germany?\n"))
+        mp.setattr("sys.stdin", io.StringIO(lines))
         mp.setattr("sys.stdout", out)
         mp.setattr("sys.stderr", err)
-        rc = main(["chat", "--model", str(path), "--greedy", "--max-new-tokens", "32"])
+        rc = main(["chat", "--model", str(path), "--greedy", *flags])
     finally:
         mp.undo()
     return rc, out.getvalue().splitlines(), err.getvalue(), prompts
+
+
+@pytest.fixture(scope="module")
+def smol_chat():
+    """One `gptlab chat --model X.gguf --greedy` run, two questions piped in."""
+    return run_smollm2_chat("What is the capital of France?\n"
+                            "And what is the capital of Germany?\n", "--max-new-tokens", "32")
 
 
 def test_smollm2_answers_paris(smol_chat):
@@ -255,3 +277,13 @@ def test_smollm2_follow_up_sees_the_first_turn(smol_chat):
     assert prompts[1].endswith("And what is the capital of Germany?<|im_end|>\n"
                                "<|im_start|>assistant\n")
     assert "dropped" not in err
+
+
+def test_smollm2_empty_system_message_replaces_its_default():
+    """SmolLM2's template adds "You are a helpful AI assistant named SmolLM..." when the first
+    message is not a system message; `--system ""` renders an empty system block instead, as
+    transformers does for [{"role": "system", "content": ""}]."""
+    rc, replies, _, prompts = run_smollm2_chat("Hi\n", "--system", "", "--max-new-tokens", "2")
+    assert rc == 0 and len(replies) == 1
+    assert prompts[0].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
+    assert "SmolLM" not in prompts[0]

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from gptlab.engine import SamplingParams, filter_logits, generate, sample_from
+from gptlab.engine import (SamplingParams, filter_logits, fine_generator, generate,
+                           sample_from, scale_logits)
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig
 
@@ -64,9 +65,77 @@ def test_repeated_prompts_share_one_prefill_and_sample_independently():
 def test_sample_from_draws_the_distribution_and_never_a_zero():
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
     gen = torch.Generator().manual_seed(0)
-    counts = torch.bincount(sample_from(probs, gen), minlength=5).float() / 20000
+    counts = torch.bincount(sample_from(probs, gen, fine_generator(gen)), minlength=5).float()
+    counts /= 20000
     assert counts[1] == 0 and counts[4] == 0
     assert (counts - probs[0]).abs().max() < 0.015  # 3 standard errors at n = 20000
+
+
+def seeded_uniform(seed: int) -> float:
+    """The uniform `sample_from` inverts first with a generator seeded `seed`: the float32 draw
+    (a multiple of 2^-24) refined by the fine generator's float64 draw below 2^-24."""
+    coarse = torch.rand(1, generator=torch.Generator().manual_seed(seed))
+    fine = torch.rand(1, generator=fine_generator(torch.Generator().manual_seed(seed)),
+                      dtype=torch.float64)
+    return float(coarse) + float(fine) * 2**-24
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_token_of_probability_1e_9_among_50000_is_drawn_where_its_mass_lies(seed):
+    """The CDF is summed in float64: in float32, a token of mass 1e-9 after a running total of
+    ~0.5 adds less than half a step (3e-8) and gets no interval, so it could never be drawn."""
+    V, j, tiny, after = 50_000, 25_000, 1e-9, 1e-5
+    u = seeded_uniform(seed)
+    probs = torch.zeros(1, V)
+    probs[0, j] = tiny
+    probs[0, j + 1:] = after
+    tiny64, after64 = float(probs[0, j]), float(probs[0, j + 1:].double().sum())
+    # The mass before token j that puts the middle of its interval at u times the total.
+    before = (u * (tiny64 + after64) - tiny64 / 2) / (1 - u)
+    probs[0, :j - 1] = (before - 1e-4) / (j - 1)
+    probs[0, j - 1] = before - float(probs[0, :j - 1].double().sum())  # the last 1e-4, exactly
+    gen = torch.Generator().manual_seed(seed)
+    assert sample_from(probs, gen, fine_generator(gen)).tolist() == [j]
+
+
+def test_sample_from_draws_what_the_float32_sampler_drew_on_ordinary_distributions():
+    """Seeded samples stay those recorded before the CDF went float64: the coarse uniform is
+    the same float32 draw, and only a draw within ~1e-7 of a token's boundary could move."""
+    torch.manual_seed(0)
+    probs = (torch.randn(20000, 300) * 3).softmax(-1)
+    gen, before = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    cdf = probs.cumsum(-1)
+    u = torch.rand((20000, 1), generator=before)
+    float32_draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    assert torch.equal(sample_from(probs, gen, fine_generator(gen)), float32_draws)
+
+
+def test_a_tiny_temperature_samples_as_greedy_with_finite_logprobs():
+    """logits / 1e-39 overflows to ±inf and softmax to NaN; the overflowing row is scaled after
+    subtracting its top logit, so it samples its argmax (with log-probability 0)."""
+    net = model()
+    prompts = [[3, 4, 5], [6, 7]]
+    greedy = generate(net, prompts, SamplingParams(max_new_tokens=8, greedy=True))
+    for extra in (dict(), dict(top_k=5), dict(top_p=0.9)):
+        for t in (5e-324, 1e-300, 1e-39, 1e-30, 1e-6):  # 1e-300 is 0 in float32
+            out = generate(net, prompts, SamplingParams(max_new_tokens=8, temperature=t, **extra),
+                           seed=3)
+            assert out.tokens == greedy.tokens
+            assert all(lp == 0.0 for row in out.logprobs for lp in row)
+
+
+def test_scale_logits_is_plain_division_unless_it_overflows():
+    logits = torch.tensor([[2.0, 1.0, -3.5, 0.25], [1e-3, 5.0, 5.0, -2.0]])
+    for t in (1.0, 1.5, 0.7, 1e-3):
+        assert torch.equal(scale_logits(logits, t), logits / t)  # bit for bit
+    for t in (1e-39, 1e-300):  # both rows overflow
+        scaled = scale_logits(logits, t)
+        assert scaled[0].tolist() == [0.0] + [float("-inf")] * 3
+        assert scaled[1].tolist() == [float("-inf"), 0.0, 0.0, float("-inf")]  # a tie stays one
+        assert scaled.softmax(-1).tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]]
+    mixed = scale_logits(torch.tensor([[1e-30, 0.0], [1e30, 0.0]]), 1e-10)  # only row 1 overflows
+    assert mixed[0].tolist() == [float(torch.tensor(1e-30) / 1e-10), 0.0]
+    assert mixed[1].tolist() == [0.0, float("-inf")]
 
 
 def test_seeded_sampling_is_deterministic_and_seed_dependent():
@@ -138,3 +207,15 @@ def test_the_python_api_checks_sampling_settings_before_loading_the_model(tmp_pa
     with pytest.raises(UserError) as e:  # the model does not exist: it was never opened
         generate_text(tmp_path / "no-model", ["hi"], temperature=0.0)
     assert e.value.field == "temperature"
+
+
+def test_max_new_tokens_beyond_the_context_is_named_as_the_fault():
+    from gptlab.api import fit_prompt
+    with pytest.raises(UserError) as e:
+        fit_prompt([1, 2, 3], 32, 48, False)
+    assert e.value.field == "max_new_tokens"
+    assert e.value.message == ("max_new_tokens 48 alone exceeds the context of 32; lower "
+                               "--max-new-tokens to at most 31")
+    with pytest.raises(UserError) as e:  # within the context, the prompt is what is too long
+        fit_prompt([1] * 30, 32, 4, False)
+    assert e.value.field == "prompt" and "leaves room for 28" in e.value.message

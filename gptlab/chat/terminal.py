@@ -31,7 +31,9 @@ COMMANDS = {"/exit": "quit (end of input does too)", "/reset": "forget the conve
 @dataclass
 class ChatConfig:
     model: str = ""
-    system: str | None = None          # the system message, kept through every context trim
+    # The system message, kept through every context trim. None: the template's default (if
+    # any); "": an empty system message, which replaces that default.
+    system: str | None = None
     max_new_tokens: int = 256
     greedy: bool = False
     temperature: float = 0.7
@@ -67,7 +69,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages: list[dict] = []
-        if self.cfg.system:
+        if self.cfg.system is not None:
             self.messages.append({"role": "system", "content": self.cfg.system})
 
     def count_tokens(self, messages: list[dict]) -> int:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from gptlab.checkpoint import Checkpointer, load_language_model, load_model, save_model
 from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
-from gptlab.engine import SamplingParams, generate
+from gptlab.engine import SamplingParams, generate, scale_logits
 from gptlab.errors import UserError
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
@@ -234,7 +234,7 @@ def response_logprobs(model: GPT, ro: Rollout, temperature: float,
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
     exactly as in the rollout. (B, R)."""
     logits = model(ro.ids, attention_mask=ro.attention_mask, cache=prefix_cache(model, ro))
-    logits = logits[:, ro.P - 1:-1].float() / temperature
+    logits = scale_logits(logits[:, ro.P - 1:-1].float(), temperature)
     lp = token_logprobs(logits, ro.response_ids)
     return lp, entropy_from_logits(logits) if with_entropy else None
 
