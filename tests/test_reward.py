@@ -173,3 +173,16 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert snapshot(d) == before
     assert run_reward(base, out, "--resume", "--max-steps", "2") == 0
     assert json.loads((out / "config.json").read_text())["step"] == 2
+
+
+def test_each_files_skipped_rankings_are_reported_on_that_file(base, tmp_path, capsys):
+    d, rankings = base
+    val = tmp_path / "val.jsonl"
+    long = json.dumps({"prompt": "Is the cat happy? " * 40, "chosen": " yes", "rejected": " no"})
+    val.write_text(long + "\n" + rankings.read_text().splitlines()[0] + "\n")
+    out = tmp_path / "rm"
+    assert run_reward(base, out, "--val-data", str(val)) == 0
+    err = capsys.readouterr().err
+    assert f"{val}: skipped 1 rankings" in err and f"{rankings}:" not in err
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["skipped"] == {} and sum(meta["val_skipped"].values()) == 1

@@ -224,20 +224,23 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         train_r, val_r = rankings, read_rankings(cfg.val_data)
     else:
         train_r, val_r = split_rankings(rankings, cfg.val_fraction, cfg.seed)
+    # Skips are counted per file, so that each is reported on the file that holds them.
     skips = SkipCounter()
+    val_skips = SkipCounter() if cfg.val_data else skips
 
-    def enc(rs: list[Ranking]) -> list[EncodedRanking]:
+    def enc(rs: list[Ranking], counter: SkipCounter) -> list[EncodedRanking]:
         out = []
         for r in rs:
             e = encode_ranking(tok, r, context)
             if e is None:
-                skips.add(f"rankings longer than the context of {context}")
+                counter.add(f"rankings longer than the context of {context}")
             else:
                 out.append(e)
         return out
-    train_e, val_e = enc(train_r), enc(val_r)
-    if skips.total:
-        print(skips.report("rankings"), file=sys.stderr)
+    train_e, val_e = enc(train_r, skips), enc(val_r, val_skips)
+    for path, counter in ((cfg.data, skips), (cfg.val_data, val_skips)):
+        if path and counter.total:
+            print(f"{path}: {counter.report('rankings')}", file=sys.stderr)
     if not train_e:
         raise UserError("no rankings left to train on", path=cfg.data)
     # What the scores are normalised on, read before training so a bad file fails fast.
@@ -273,7 +276,9 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                                        "raw_score_mean": mean, "raw_score_std": std,
                                        "train_rankings": len(train_e),
                                        "heldout_rankings": len(val_e),
-                                       "skipped": skips.counts})
+                                       "skipped": skips.counts,
+                                       **({"val_skipped": val_skips.counts} if cfg.val_data
+                                          else {})})
     annotate_run(out, heldout_pairwise_acc=acc)
     print(f"reward model: {result.step} steps; held-out pairwise accuracy "
           f"{'n/a' if acc is None else f'{acc:.3f}'} on {len(val_e)} rankings; scores "
