@@ -100,6 +100,8 @@ def test_a_run_made_before_a_setting_existed_is_still_the_same_run(tmp_path):
     saved = json.loads((tmp_path / "pipeline.json").read_text())
     del saved["demonstrator_flaw"], saved["demonstrator_flaw_rate"]  # an older run's file
     (tmp_path / "pipeline.json").write_text(json.dumps(saved))
+    (tmp_path / "sft").mkdir()  # a stage made with those settings
     Pipeline(cfg)._check_same_run()  # the defaults it lacks are the run's settings
-    with pytest.raises(UserError, match=r"other settings \(demonstrator_flaw\)"):
+    (tmp_path / "pipeline.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"sft was made with other settings \(demonstrator_flaw\)"):
         Pipeline(PipelineConfig(out=str(tmp_path), demonstrator_flaw="order"))._check_same_run()

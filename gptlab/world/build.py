@@ -281,14 +281,14 @@ def load_world(directory: str | Path) -> World:
     if not isinstance(raw, dict) or set(raw) - known:
         raise UserError(f"expected an object with fields {sorted(known)}", path=manifest_path,
                         field="options")
-    if not isinstance(manifest.get("fingerprint"), str):
-        raise UserError("expected the world's fingerprint (a string); export the world again",
-                        path=manifest_path, field="fingerprint")
     options = WorldOptions(**raw)
     try:
         options.validate()
     except UserError as e:
         raise UserError(e.message, path=manifest_path, field=f"options.{e.field}") from None
+    if not isinstance(manifest.get("fingerprint"), str):
+        raise UserError("expected the world's fingerprint (a string); export the world again",
+                        path=manifest_path, field="fingerprint")
     db_path = directory / str(manifest.get("database", "company.sqlite"))
     if not db_path.is_file():
         raise UserError("database file not found", path=db_path)
