@@ -32,8 +32,8 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
     room = context - max_new_tokens
     if len(ids) <= room:
         return ids, 0
-    if room < 0 and not truncate:
-        raise UserError(f"max_new_tokens {max_new_tokens} alone exceeds the context of {context}; "
+    if room < 1 and not truncate:
+        raise UserError(f"max_new_tokens {max_new_tokens} alone fills the context of {context}; "
                         f"lower --max-new-tokens to at most {context - 1}",
                         field="max_new_tokens")
     if not truncate:

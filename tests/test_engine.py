@@ -214,8 +214,11 @@ def test_max_new_tokens_beyond_the_context_is_named_as_the_fault():
     with pytest.raises(UserError) as e:
         fit_prompt([1, 2, 3], 32, 48, False)
     assert e.value.field == "max_new_tokens"
-    assert e.value.message == ("max_new_tokens 48 alone exceeds the context of 32; lower "
+    assert e.value.message == ("max_new_tokens 48 alone fills the context of 32; lower "
                                "--max-new-tokens to at most 31")
+    with pytest.raises(UserError) as e:  # the whole context: no room for any prompt either
+        fit_prompt([1, 2, 3], 32, 32, False)
+    assert e.value.field == "max_new_tokens" and "at most 31" in e.value.message
     with pytest.raises(UserError) as e:  # within the context, the prompt is what is too long
         fit_prompt([1] * 30, 32, 4, False)
     assert e.value.field == "prompt" and "leaves room for 28" in e.value.message

@@ -2,6 +2,7 @@
 and rerunning the same command reuses the finished stages."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -121,6 +122,12 @@ def test_a_rerun_may_change_the_settings_of_stages_that_have_not_started(tmp_pat
     assert _check_settings(out, max_new_tokens=40)["max_new_tokens"] == 40
     assert "settings changed for stages that have not run yet: max_new_tokens" in \
         capsys.readouterr().err
+    (out / "sft_data.jsonl").write_text("")  # the demonstrations drawn: they need no SFT option
+    _check_settings(out, max_new_tokens=40, sft_lr=5e-4)
+    with pytest.raises(UserError, match=r"whose sft_data.jsonl was made with other settings "
+                                        r"\(sft_examples\)"):
+        _check_settings(out, max_new_tokens=40, sft_lr=5e-4, sft_examples=10)
+    _check_settings(out, max_new_tokens=40)  # and back: SFT has still not started
     (out / "sft").mkdir()
     with pytest.raises(UserError) as err:
         _check_settings(out, max_new_tokens=60)
@@ -134,8 +141,9 @@ def test_a_rerun_may_change_the_settings_of_stages_that_have_not_started(tmp_pat
     with pytest.raises(UserError, match=r"whose round-1/rankings.jsonl was made with other "
                                         r"settings \(ties\)"):
         _check_settings(out, max_new_tokens=40)
-    with pytest.raises(UserError, match=r"whose pretrain, sft, round-1/rankings.jsonl were made "
-                                        r"with other settings \(seed\)"):
+    with pytest.raises(UserError, match=r"whose pretrain, sft_data.jsonl, sft, "
+                                        r"round-1/rankings.jsonl were made with other settings "
+                                        r"\(seed\)"):
         _check_settings(out, max_new_tokens=40, ties=False, seed=3)
     # The evaluation always runs again; rounds beyond the last are new stages.
     _check_settings(out, max_new_tokens=40, ties=False, eval_limit=10, rounds=3)
@@ -158,6 +166,15 @@ def test_a_world_exported_again_is_another_world_and_a_moved_one_the_same(tmp_pa
     (world / "world.json").write_text('{"options": {"seed": 3}}')
     shutil.copytree(world, tmp_path / "moved")
     assert _check_settings(out, world=str(tmp_path / "moved"))["world"] == str(tmp_path / "moved")
+    # A PPO stage stopped after a checkpoint names the world's files by path: it cannot follow.
+    from gptlab.checkpoint import Checkpointer
+    from gptlab.model import GPT, get_preset
+    Checkpointer(out / "round-1" / "ppo").save(1, GPT(get_preset("tiny")))
+    moved = re.escape(f"moved (world from {tmp_path / 'moved'}) while round-1/ppo was stopped "
+                      f"after a checkpoint")
+    with pytest.raises(UserError, match=moved):
+        _check_settings(out, world=str(world))
+    _check_settings(out, world=str(tmp_path / "moved"))  # where it stopped: it continues
 
 
 def test_paired_delta_by_hand():
@@ -235,6 +252,7 @@ def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run):
     (["--ppo-minibatch", "64"], "field 'ppo_minibatch': must be in [1, ppo_batch (32)], got 64"),
     (["--kl-coef", "-1"], "field 'kl_coef': must be >= 0, got -1.0"),
     (["--ppo-temperature", "nan"], "field 'ppo_temperature': must be a finite number, got nan"),
+    (["--ppo-temperature", "1e-39"], "field 'ppo_temperature': must be >= 0.01, got 1e-39"),
     (["--max-new-tokens", "384"], "field 'max_new_tokens': must be in [1, 384) (the preset's "
                                   "context is 384), got 384"),
     (["--eval-limit", "-1"], "field 'eval_limit': must be >= 1, got -1"),

@@ -251,7 +251,9 @@ def ppo_args(d, out, *args):
     (["--vf-coef", "-1"], "field 'vf_coef': must be >= 0, got -1.0"),
     (["--gae-gamma", "1.5"], "field 'gae_gamma': must be in [0, 1], got 1.5"),
     (["--gae-lambda", "-0.1"], "field 'gae_lambda': must be in [0, 1], got -0.1"),
-    (["--temperature", "0"], "field 'temperature': must be > 0, got 0.0"),
+    (["--temperature", "0"], "field 'temperature': must be >= 0.01, got 0.0"),
+    # Below it logits / T overflows: NaN entropy, and a NaN gradient where T rounds to 0.
+    (["--temperature", "1e-50"], "field 'temperature': must be >= 0.01, got 1e-50"),
     (["--temperature", "nan"], "field 'temperature': must be a finite number, got nan"),
     (["--max-new-tokens", "0"], "field 'max_new_tokens': must be >= 1, got 0"),
     (["--max-new-tokens", "-2"], "field 'max_new_tokens': must be >= 1, got -2"),

@@ -332,6 +332,14 @@ def test_a_preset_is_a_preset_though_a_directory_has_its_name(corpus, tmp_path, 
     last = [r for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "val_loss" in r][-1]
     first = read_metrics(tmp_path / "more" / "metrics.jsonl")[0]
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], abs=1e-5)
+    # `--model tiny --out tiny` from the preset, then resumed: a resume never reads --model.
+    again = [a if a != "1" else "2" for a in base]  # --max-steps 2
+    assert run(*again, "--model", "tiny", "--out", "fresh/tiny", "--save-every", "1") == 0
+    monkeypatch.chdir(tmp_path / "fresh")
+    more = [a if a != "2" else "4" for a in again]  # --max-steps 4
+    assert run(*more, "--model", "tiny", "--out", "tiny", "--save-every", "1", "--resume") == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "fresh" / "tiny" / "metrics.jsonl")
+            if "loss" in r][-1] == 4
 
 
 def test_out_in_a_corpus_directory_is_refused(corpus, tmp_path, capsys):

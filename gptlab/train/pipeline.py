@@ -138,7 +138,7 @@ class PipelineConfig:
             ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
             ("ppo_lr", self.ppo_lr > 0, "must be > 0"),
             ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
-            ("ppo_temperature", self.ppo_temperature > 0, "must be > 0"),
+            ("ppo_temperature", self.ppo_temperature >= 0.01, "must be >= 0.01"),
             ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
             ("max_new_tokens", 1 <= self.max_new_tokens < context,
              f"must be in [1, {context}) (the preset's context is {context})"),
@@ -175,8 +175,10 @@ PPO_OPTIONS = ("ppo_steps", "ppo_batch", "ppo_minibatch", "ppo_epochs", "ppo_lr"
 def stage_dependencies(rounds: int) -> list[tuple[str, set[str]]]:
     """(a stage's path under OUT, every option it depends on), in the order the stages run."""
     sft = set(WORLD_OPTIONS + PRETRAIN_OPTIONS + SFT_OPTIONS)
+    subset = set(WORLD_OPTIONS) | {"seed", "sft_examples", "demonstrator_flaw",
+                                   "demonstrator_flaw_rate"}
     stages = [("world", set(WORLD_OPTIONS)), ("pretrain", set(WORLD_OPTIONS + PRETRAIN_OPTIONS)),
-              ("sft_data.jsonl", sft), ("sft", sft)]
+              ("sft_data.jsonl", subset), ("sft", sft)]
     before = sft
     for rnd in range(1, rounds + 1):
         feedback = before | set(FEEDBACK_OPTIONS)
@@ -575,13 +577,15 @@ class Pipeline:
         reused, or continued with other settings)."""
         path = self.out / "pipeline.json"
         mine = self._settings()
+        where = {"out": str(self.out), "world": str(self.world_dir)}
         if path.exists():
+            saved = json.loads(path.read_text())
+            self._check_not_moved_mid_stage(saved.pop("paths", None), where)
             # A setting newer than the run was at its default there; a world path recorded
             # relative to where that run started, or a digest it did not record, is not compared.
             defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)
                         if f.default is not dataclasses.MISSING}
-            theirs = {k: v for k, v in {**defaults, **json.loads(path.read_text())}.items()
-                      if k not in ADDITIVE}
+            theirs = {k: v for k, v in {**defaults, **saved}.items() if k not in ADDITIVE}
             diff = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
             if theirs.get("world_digest") is None or mine["world_digest"] is None:
                 diff.discard("world_digest")
@@ -604,7 +608,25 @@ class Pipeline:
             if diff:
                 print(f"note: settings changed for stages that have not run yet: "
                       f"{', '.join(sorted(diff))}", file=sys.stderr)
-        write_json_atomic(path, mine)
+        write_json_atomic(path, {**mine, "paths": where})
+
+    def _check_not_moved_mid_stage(self, before: dict | None, now: dict) -> None:
+        """A finished stage does not care where the run or its world are; a PPO stage stopped
+        after a checkpoint does: it continues only with the files it started with, by path."""
+        if before is None or before == now:
+            return
+        stuck = [stage for stage, _ in stage_dependencies(self.cfg.rounds)
+                 if "ppo" in stage and (self.out / stage).is_dir()
+                 and not stage_done(self.out / stage) and _interrupted(self.out / stage)]
+        if stuck:
+            moved = " and ".join(f"{k} from {before.get(k)}" for k in ("out", "world")
+                                 if before.get(k) != now[k])
+            one = len(stuck) == 1
+            raise UserError(
+                f"moved ({moved}) while {', '.join(stuck)} {'was' if one else 'were'} stopped "
+                f"after a checkpoint that names the old paths; move it back to finish "
+                f"{'it' if one else 'them'}, or remove {'it' if one else 'them'} to redo "
+                f"{'it' if one else 'them'}", path=self.out, field="out")
 
     def _record_world(self) -> None:
         """The world's digest, once it exists (the built-in world is exported by the run)."""

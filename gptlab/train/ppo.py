@@ -126,7 +126,9 @@ class PPOConfig:
             ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
             ("gae_gamma", 0 <= self.gae_gamma <= 1, "must be in [0, 1]"),
             ("gae_lambda", 0 <= self.gae_lambda <= 1, "must be in [0, 1]"),
-            ("temperature", self.temperature > 0, "must be > 0"),
+            # Below 0.01 the policy samples as greedy and logits / T can overflow: the entropy
+            # and, where T rounds to 0 in float32, the gradient are NaN.
+            ("temperature", self.temperature >= 0.01, "must be >= 0.01"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
             ("ptx_batch_size", self.ptx_batch_size >= 1, "must be >= 1"),

@@ -154,8 +154,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     cfg.check()
     check_out_of_corpus(cfg.out, cfg.data)
     out = Path(cfg.out)
-    latest = check_run_dir(out, cfg.resume,
-                           {"model": cfg.model if _continues_a_model(cfg.model) else None})
+    # A resume reads its checkpoint, never --model: OUT may be what --model names.
+    reads_model = _continues_a_model(cfg.model) and not cfg.resume
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model if reads_model else None})
 
     # Everything that can fail on bad input happens before OUT is created.
     model, tok = _build(cfg, latest if cfg.resume else None)
