@@ -354,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: a Ctrl-C here is common and as harmless
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # let the verb's own parser report them, with its flags as suggestions
         (getattr(args, "_parser", None) or parser).error(

@@ -283,10 +283,10 @@ class Tokenizer:
 
     # --- files -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Write `tokenizer.json` and an HF-compatible `tokenizer_config.json`, atomically."""
+        """Write an HF-compatible `tokenizer_config.json` and `tokenizer.json`, atomically, the
+        latter last: a directory with a tokenizer.json holds the whole tokenizer (a save stopped
+        between the two leaves none that could load with another BOS/EOS or be refused)."""
         d = ensure_dir(directory)
-        with atomic_path(d / "tokenizer.json") as tmp:
-            self.hf.save(str(tmp))
         write_json_atomic(d / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
@@ -298,6 +298,8 @@ class Tokenizer:
             "chat_template": self.chat_template,
             "clean_up_tokenization_spaces": False,
         })
+        with atomic_path(d / "tokenizer.json") as tmp:
+            self.hf.save(str(tmp))
 
 
 # --- helpers -----------------------------------------------------------------------------------

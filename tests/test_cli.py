@@ -257,3 +257,14 @@ def test_a_reward_model_given_where_a_language_model_is_needed_is_refused(
     err = capsys.readouterr().err
     assert code == 2 and "this is a reward or value model" in err and "Traceback" not in err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_ctrl_c_while_the_verbs_load_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Building the parser imports torch (seconds): a Ctrl-C then is no traceback."""
+    import gptlab.cli as cli
+
+    def slow_import():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "build_parser", slow_import)
+    assert cli.main(["sample", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -302,6 +302,26 @@ def test_training_input_errors(tmp_path):
 
 
 # --- CLI ----------------------------------------------------------------------------------------
+def test_a_save_stopped_between_its_two_files_leaves_no_tokenizer(tmp_path, monkeypatch):
+    """tokenizer.json is written last: stopped before it, the directory holds no tokenizer to
+    load with another BOS/EOS, and the same `tokenizer train` runs again."""
+    import gptlab.tokenizer as tk
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
+    args = ["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out",
+            str(tmp_path / "tok")]
+    real = tk.write_json_atomic
+
+    def killed(path, obj):
+        real(path, obj)
+        raise KeyboardInterrupt  # as if killed right after the first file
+    monkeypatch.setattr(tk, "write_json_atomic", killed)
+    assert cli.main(args) == 130
+    assert not (tmp_path / "tok" / "tokenizer.json").exists()
+    monkeypatch.setattr(tk, "write_json_atomic", real)
+    assert cli.main(args) == 0 and load_tokenizer(tmp_path / "tok").vocab_size == 300
+
+
 def test_cli_train_in_process(tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_text("\n\n".join(CORPUS), encoding="utf-8")

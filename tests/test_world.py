@@ -241,6 +241,26 @@ def test_export_writes_all_files_and_load_world_round_trips(tmp_path):
     assert loaded.fingerprint() == world.fingerprint()
 
 
+def test_a_world_exported_over_another_and_interrupted_is_no_world(tmp_path, monkeypatch):
+    """Each file is written atomically, but a world is all of them: an export over another
+    that stops half-way must not leave the old manifest over a mix of the two worlds."""
+    from gptlab.world import build as world_build
+    build_world(5, **SMALL).export(tmp_path / "w")
+    real, written = world_build.write_jsonl_atomic, []
+
+    def stop_after_two(path, rows):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, rows)
+    monkeypatch.setattr(world_build, "write_jsonl_atomic", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(6, **SMALL).export(tmp_path / "w")
+    assert not (tmp_path / "w" / "world.json").exists()
+    with pytest.raises(UserError, match="world.json not found"):
+        load_world(tmp_path / "w")
+
+
 def test_load_world_refuses_missing_or_tampered_directories(tmp_path):
     with pytest.raises(UserError, match="world.json"):
         load_world(tmp_path)

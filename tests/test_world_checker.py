@@ -1,6 +1,9 @@
 """The read-only executor and the execution checker."""
 import hashlib
+import os
+import signal
 import sys
+import threading
 
 import pytest
 
@@ -63,6 +66,23 @@ def test_executor_stops_runaway_queries_at_the_time_limit(ex):
         r = ex.run(sql)
         assert not r.ok and r.error.kind == "timeout", sql
     assert ex.run("SELECT 1").rows == [(1,)]  # the connection is usable afterwards
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="needs Python's own Ctrl-C handler (KeyboardInterrupt)")
+def test_a_ctrl_c_during_a_query_is_raised_not_reported_as_a_timeout(world):
+    """SQLite calls the time-limit check from inside the query; a Ctrl-C raised there used to
+    be swallowed, the query reported as timed out, and the command finished with that verdict."""
+    recursive = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT MAX(x) FROM c"
+    with SqlExecutor(world.db_path, time_limit_s=30.0) as executor:
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                executor.run(recursive)
+        finally:
+            timer.cancel()
+        assert executor.run("SELECT 1").rows == [(1,)]  # usable afterwards
 
 
 def test_executor_reports_syntax_and_runtime_errors(ex):

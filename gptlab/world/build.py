@@ -154,9 +154,12 @@ class World:
         return h.hexdigest()
 
     def export(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write every file of the world to `out_dir`, each atomically."""
+        """Write every file of the world to `out_dir`, each atomically, `world.json` last: a
+        world exported over another is not a world until it is whole (an interrupted export
+        leaves no manifest to mix the two)."""
         out = _prepare_out_dir(out_dir)
         paths = {name: out / name for name in FILES}
+        paths["world.json"].unlink(missing_ok=True)
         write_text_atomic(paths["corpus.txt"], self.corpus())
         write_jsonl_atomic(paths["sft.jsonl"], (self.record(q) for q in self.train))
         write_jsonl_atomic(paths["validation.jsonl"], (self.record(q) for q in self.validation))

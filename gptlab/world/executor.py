@@ -7,11 +7,14 @@ huge result (many rows, or `zeroblob(10**9)`) from filling memory.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from gptlab.errors import UserError
 
@@ -69,13 +72,36 @@ class SqlExecutor:
         self._conn.set_authorizer(_authorize)
         self._lock = threading.Lock()  # one connection, so one query at a time
         self._deadline = 0.0
+        self._interrupted = False
         self._conn.set_progress_handler(self._past_deadline, _PROGRESS_EVERY)
 
     def _past_deadline(self) -> int:
-        return 1 if time.monotonic() > self._deadline else 0
+        return 1 if self._interrupted or time.monotonic() > self._deadline else 0
+
+    @contextlib.contextmanager
+    def _ctrl_c_after_the_query(self) -> Iterator[None]:
+        """Python raises a Ctrl-C at the next Python code it runs, which during a query is this
+        progress handler, inside SQLite: the sqlite3 module swallows the exception there and
+        the query reads as timed out. So while a query runs (in the main thread, under
+        Python's own handler) a Ctrl-C only stops it, and is raised once SQLite has returned."""
+        self._interrupted = False
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            self._interrupted = True
+        signal.signal(signal.SIGINT, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self._interrupted:
+            raise KeyboardInterrupt
 
     def run(self, sql: str) -> QueryResult:
-        with self._lock:
+        with self._lock, self._ctrl_c_after_the_query():
             self._deadline = time.monotonic() + self.time_limit_s
             try:
                 cur = self._conn.execute(sql)
@@ -86,6 +112,8 @@ class SqlExecutor:
                 columns = [d[0] for d in cur.description]
                 cur.close()
             except sqlite3.Error as e:
+                if self._interrupted:  # stopped by a Ctrl-C, raised on the way out
+                    return QueryResult(error=ExecError("interrupted", str(e)))
                 return QueryResult(error=_classify(e))
             except (ValueError, OverflowError) as e:  # e.g. a NUL character in the text
                 return QueryResult(error=ExecError("syntax", str(e)))
