@@ -313,6 +313,35 @@ def test_no_prompt_that_fits_is_a_clear_error_that_leaves_nothing(setup, tmp_pat
     assert not out.exists()
 
 
+def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup, tmp_path,
+                                                                         capsys):
+    # The reward and value models read every prompt and response too: a reward model of 32
+    # positions under a policy of 64 failed mid-run with an error from inside the model.
+    from gptlab.model.heads import ScalarHeadModel
+    d, _, _ = setup
+    policy, tok, _ = load_model(d / "policy")
+    torch.manual_seed(0)
+    short = dataclasses.replace(policy.config, context=32)
+    save_model(tmp_path / "rm", ScalarHeadModel(short), tok)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "cat " * 36}) + "\n")
+    assert len(tok.encode("cat " * 36)) > 28  # fits the policy's 64, not the reward model's 32
+
+    def run(out, *extra):
+        args = ppo_args(d, out, *extra)
+        i = args.index("--reward-fn")
+        args[i:i + 2] = ["--reward", str(tmp_path / "rm")]
+        args[args.index("--prompts") + 1] = str(prompts)
+        return main(args)
+    assert run(tmp_path / "a", "--max-new-tokens", "40") == 2
+    assert ("field 'max_new_tokens': must be below the reward model's context of 32, got 40"
+            in capsys.readouterr().err)
+    assert run(tmp_path / "b") == 2
+    assert ("none of the 1 prompts drawn for step 1 fits the reward model's context of 32 tokens "
+            "with max_new_tokens 4" in capsys.readouterr().err)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, capsys):
     d, _, _ = setup
     out = tmp_path / "run"

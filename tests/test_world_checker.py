@@ -109,6 +109,17 @@ def test_executor_refuses_values_too_long_to_hold(ex):
     assert ex.run("SELECT length(zeroblob(1000))").rows == [(1000,)]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3's setlimit is Python 3.11+")
+def test_executor_bounds_values_that_take_long_to_build(ex):
+    # `replace` over ~1 MB strings takes seconds in one instruction, and once a row: with 1 MB
+    # values this query ran a minute past its 1 s limit and returned rows, scored as an answer.
+    sql = ("SELECT length(replace(hex(zeroblob(450000 + 0 * id)), "
+           "substr(hex(zeroblob(450000)), 1, 200000) || '1', 'x')) FROM employees LIMIT 3")
+    r = ex.run(sql)
+    assert not r.ok and r.error.kind == "runtime" and "too big" in r.error.message
+    assert ex.run("SELECT length(hex(zeroblob(40000)))").rows == [(80000,)]
+
+
 def test_executor_needs_an_existing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         SqlExecutor(tmp_path / "missing.sqlite")
@@ -119,6 +130,28 @@ def test_check_correct_even_with_other_column_names_and_row_order(ex):
                  GOLD_LYON, ex).kind == "correct"
     assert check("SELECT COUNT(id) AS n FROM employees WHERE city = 'Lyon';",
                  "SELECT COUNT(*) FROM employees WHERE city = 'Lyon'", ex).kind == "correct"
+
+
+def test_check_takes_the_columns_in_any_order_but_rows_as_they_pair(ex):
+    top = "SELECT name, salary FROM employees ORDER BY salary DESC LIMIT 3"
+    v = check("SELECT salary, name FROM employees ORDER BY salary DESC LIMIT 3", top, ex)
+    assert v.correct and "another order" in v.detail
+    assert check("SELECT salary, name FROM employees ORDER BY salary LIMIT 3", top, ex).kind == "wrong"
+    pairs = "SELECT name, salary FROM employees WHERE city = 'Lyon'"
+    assert check("SELECT salary, name FROM employees WHERE city = 'Lyon'", pairs, ex).correct
+    # Each column holds the gold's values, but names go with other people's salaries.
+    shifted = ("SELECT a.name, b.salary FROM (SELECT name, ROW_NUMBER() OVER (ORDER BY id) AS i "
+               "FROM employees WHERE city = 'Lyon') a JOIN (SELECT salary, ROW_NUMBER() OVER "
+               "(ORDER BY id) AS i FROM employees WHERE city = 'Lyon') b ON b.i = a.i % "
+               "(SELECT COUNT(*) FROM employees WHERE city = 'Lyon') + 1")
+    v = check(shifted, pairs, ex)
+    assert v.kind == "wrong" and "differ" in v.detail
+    # Columns of equal values allow many orders: a bounded number is tried.
+    same = ", ".join(["id"] * 8)
+    lyon = "FROM employees WHERE city = 'Lyon'"
+    assert check(f"SELECT {same} {lyon}", f"SELECT {same} {lyon}", ex).correct
+    assert check(f"SELECT {same} {lyon}",
+                 f"SELECT {', '.join(['id'] * 7)}, id + 1 {lyon}", ex).kind == "wrong"
 
 
 def test_check_float_tolerance(ex):

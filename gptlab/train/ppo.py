@@ -308,6 +308,15 @@ class PPOTrainer:
             self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
             self.reward_fn_name = cfg.reward_fn or reward_fn_name(reward_fn)
         self.value_model = self._init_value_model()
+        # Every sequence goes through the reward and value models too: the shortest context
+        # of the three bounds a prompt and its response.
+        self.context, self.context_of = min(
+            (m.config.context, name) for name, m in (
+                ("the policy's", self.policy), ("the reward model's", self.reward_model),
+                ("the value model's", self.value_model)) if m is not None)
+        if cfg.max_new_tokens >= self.context:
+            raise UserError(f"must be below {self.context_of} context of {self.context}, got "
+                            f"{cfg.max_new_tokens}", field="max_new_tokens")
         # Dropout off during RL: the rollout and the update must see the same network.
         for m in (self.policy, self.reference, self.value_model, self.reward_model):
             if m is not None:
@@ -418,7 +427,7 @@ class PPOTrainer:
     # --- 1. rollout ---------------------------------------------------------------------------
     def rollout(self, step: int) -> Rollout | None:
         cfg = self.cfg
-        room = self.policy.config.context - cfg.max_new_tokens
+        room = self.context - cfg.max_new_tokens
         prompts, records = [], []
         for rec in self.rng.sample(self.records, min(cfg.batch_size, len(self.records))):
             ids = encode_prompt(self.tok, prompt_of(rec, cfg.prompts, rec.get("_line")))
@@ -543,8 +552,8 @@ class PPOTrainer:
                 if ro is None:
                     raise UserError(
                         f"none of the {min(cfg.batch_size, len(self.records))} prompts drawn "
-                        f"for step {step} fits the policy's context of "
-                        f"{self.policy.config.context} tokens with max_new_tokens "
+                        f"for step {step} fits {self.context_of} context of "
+                        f"{self.context} tokens with max_new_tokens "
                         f"{cfg.max_new_tokens}; use shorter prompts or a smaller "
                         f"--max-new-tokens", path=cfg.prompts)
                 scores = self.score(ro)

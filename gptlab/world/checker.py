@@ -3,13 +3,17 @@
 Rows are compared as a multiset unless the gold query orders its output (top-level ORDER BY);
 integers exactly, other numbers within a relative 1e-9 (AVG computed two ways differs in the
 last bits; a truncated or rounded average does not pass); column names are ignored (`COUNT(*)`
-and `COUNT(id) AS n` are the same answer).
+and `COUNT(id) AS n` are the same answer), and so is the order of the columns: `SELECT salary,
+name` answers "the names and salaries" as well as `SELECT name, salary` (as in the test-suite
+evaluation of Spider, Zhong et al. 2020).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 from gptlab.errors import UserError
 from gptlab.world.executor import QueryResult, SqlExecutor
@@ -47,14 +51,60 @@ def compare(pred: QueryResult, gold: QueryResult, ordered: bool) -> Verdict:
         return Verdict(WRONG, f"{len(pred.columns)} columns, expected {len(gold.columns)}")
     if len(pred.rows) != len(gold.rows):
         return Verdict(WRONG, f"{len(pred.rows)} rows, expected {len(gold.rows)}")
-    a, b = pred.rows, gold.rows
+    difference = _difference(pred.rows, gold.rows, ordered)
+    if difference is None:
+        return Verdict(CORRECT, f"{len(gold.rows)} rows match")
+    for order in _other_column_orders(pred.rows, gold.rows):
+        if _difference([tuple(r[j] for j in order) for r in pred.rows], gold.rows,
+                       ordered) is None:
+            return Verdict(CORRECT, f"{len(gold.rows)} rows match, columns in another order")
+    return Verdict(WRONG, difference)
+
+
+def _difference(a: list[tuple], b: list[tuple], ordered: bool) -> str | None:
+    """None when the rows are equal, else where they first differ."""
     if not ordered:
         a, b = sorted(a, key=_row_key), sorted(b, key=_row_key)
     for i, (x, y) in enumerate(zip(a, b)):
         if not _rows_equal(x, y):
             where = f"row {i + 1}" if ordered else "rows"
-            return Verdict(WRONG, f"{where} differ: got {x!r}, expected {y!r}")
-    return Verdict(CORRECT, f"{len(gold.rows)} rows match")
+            return f"{where} differ: got {x!r}, expected {y!r}"
+    return None
+
+
+_MAX_PERMUTED_COLUMNS = 8
+
+
+def _other_column_orders(pred: list[tuple], gold: list[tuple]) -> list[tuple[int, ...]]:
+    """Orders of the predicted columns, other than their own, in which each column holds the
+    same values as the gold column at its place (as a multiset): the only orders in which the
+    rows can match, so few are tried even when many columns are."""
+    width = len(gold[0]) if gold else 0
+    if width < 2 or width > _MAX_PERMUTED_COLUMNS or not pred or len(pred[0]) != width:
+        return []
+
+    def values(rows: list[tuple], j: int) -> list:
+        return sorted((r[j] for r in rows), key=_value_key)
+
+    gold_cols = [values(gold, i) for i in range(width)]
+    pred_cols = [values(pred, j) for j in range(width)]
+    fits = [[j for j in range(width) if len(pred_cols[j]) == len(gold_cols[i])
+             and all(map(_values_equal, pred_cols[j], gold_cols[i]))] for i in range(width)]
+    identity = tuple(range(width))
+    return [order for order in itertools.islice(_assignments(fits, ()), _MAX_ORDERS)
+            if order != identity]
+
+
+_MAX_ORDERS = 1000  # eight columns with the same values have 8! orders; try the first 1,000
+
+
+def _assignments(fits: list[list[int]], chosen: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    if len(chosen) == len(fits):
+        yield chosen
+        return
+    for j in fits[len(chosen)]:
+        if j not in chosen:
+            yield from _assignments(fits, chosen + (j,))
 
 
 _STRING_OR_NAME = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")

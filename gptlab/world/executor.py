@@ -31,11 +31,15 @@ _READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index
 # written: the connection is read-only, and SQLite refuses a real UPDATE of the schema table
 # unless `PRAGMA writable_schema`, which is refused here.
 _SCHEMA_TABLES = {"sqlite_master", "sqlite_schema"}
-_PROGRESS_EVERY = 1000  # SQLite virtual-machine instructions between deadline checks
-# The longest string or blob a query may make, in bytes. One value can be built in a single
-# instruction, which the deadline never interrupts; this bounds it (the world's longest is
-# a few dozen bytes).
-MAX_VALUE_BYTES = 1_000_000
+_PROGRESS_EVERY = 100  # SQLite virtual-machine instructions between deadline checks
+# The longest string or blob a query may make or read, in bytes. One value can be built in a
+# single instruction, which the deadline never interrupts, and some functions take time
+# quadratic in their arguments' length (`replace`, `instr`): at this length one call takes
+# under 0.1 s, and a query built of such calls overran a 1 s limit by about 1 s on a loaded
+# 2-core machine (at 1 MB and 1,000 instructions between checks, one call took 5 s and a query
+# ran 55 s and returned rows). Checking every 100 instructions costs about a fifth more time
+# on a large join. The world's longest value is a few dozen bytes.
+MAX_VALUE_BYTES = 100_000
 
 
 @dataclass(frozen=True)
