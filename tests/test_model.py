@@ -165,6 +165,23 @@ def test_encoder_decoder_kv_cache_equals_full_forward_with_padding():
     assert (full[1] - alone[0]).abs().max().item() <= 1e-5
 
 
+def test_encoder_decoder_reads_a_left_padded_source_or_target_as_unpadded():
+    # Positions count real tokens: left padding used to shift them (logits off by 0.25).
+    model = small_transformer()
+    g = torch.Generator().manual_seed(7)
+    src, tgt = torch.randint(1, 50, (1, 5), generator=g), torch.randint(1, 50, (1, 6), generator=g)
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        alone = model(src, tgt)
+        left_src = model(torch.cat([pad, src], 1), tgt,
+                         src_mask=torch.tensor([[0] * 3 + [1] * 5]))
+        left_tgt = model(src, torch.cat([pad, tgt], 1),
+                         tgt_mask=torch.tensor([[0] * 3 + [1] * 6]))[:, 3:]
+    assert alone.abs().max().item() > 1.0
+    assert (left_src - alone).abs().max().item() <= 1e-5
+    assert (left_tgt - alone).abs().max().item() <= 1e-5
+
+
 def test_encoder_decoder_attention_weights():
     model = small_transformer()
     src = torch.randint(1, 50, (1, 5))

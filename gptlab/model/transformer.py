@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptlab.model.attention import Attention, KVCache
-from gptlab.model.gpt import padded_causal_mask
+from gptlab.model.gpt import padded_causal_mask, positions_from_mask
 from gptlab.model.layers import MLP, make_norm, sinusoidal_table
 
 
@@ -117,20 +117,23 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _embed(self, ids: Tensor, start: int = 0) -> Tensor:
-        # The paper multiplies embeddings by sqrt(d_model) before adding the positions.
+    def _embed(self, ids: Tensor, start: int = 0, mask: Tensor | None = None) -> Tensor:
+        """The paper multiplies embeddings by sqrt(d_model) before adding the positions. With
+        a padding mask, positions count real tokens, so a left-padded sequence reads as the
+        same sequence unpadded (as in GPT); otherwise they run from `start`."""
         T = ids.shape[1]
         if start + T > self.config.context:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of "
                              f"{self.config.context}")
-        x = self.embed(ids) * math.sqrt(self.config.d_model) + self.pos_table[start:start + T]
-        return self.drop(x)
+        pos = self.pos_table[start:start + T] if mask is None \
+            else self.pos_table[positions_from_mask(mask, T)]
+        return self.drop(self.embed(ids) * math.sqrt(self.config.d_model) + pos)
 
     def encode(self, src: Tensor, src_mask: Tensor | None = None,
                need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
         """Encoder output (B, S, d) and, if asked, each layer's attention weights."""
         mask = None if src_mask is None else src_mask.bool()[:, None, None, :]  # (B,1,1,S)
-        x, weights = self._embed(src), []
+        x, weights = self._embed(src, mask=src_mask), []
         for layer in self.encoder:
             x, w = layer(x, mask, need_weights)
             weights.append(w)
@@ -148,7 +151,7 @@ class Transformer(nn.Module):
             self_mask = padded_causal_mask(tgt_mask, T)
         elif past > 0 and T > 1:
             self_mask = padded_causal_mask(torch.ones(B, past + T, device=tgt.device), T)
-        x, weights = self._embed(tgt, past), []
+        x, weights = self._embed(tgt, past, tgt_mask if past == 0 else None), []
         for i, layer in enumerate(self.decoder):
             x, w = layer(x, memory, self_mask, self_mask is None and T > 1, memory_mask, cache, i,
                          need_weights)
