@@ -110,6 +110,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "") if f.metadata else ""
+        help_text = _with_default(help_text, f)
         if tp is bool and not is_list:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
@@ -118,6 +119,20 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
         else:
             parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str,
                                 default=None, help=help_text)
+
+
+def _with_default(help_text: str, f: dataclasses.Field) -> str:
+    """The field's default in its help (the flag itself defaults to None, see above)."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    else:
+        return (help_text + " " if help_text else "") + "(required)"
+    if default is None or default == "" or default == [] or default == ():
+        return help_text
+    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+    return (help_text + " " if help_text else "") + f"(default: {shown})".replace("%", "%%")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -36,6 +36,24 @@ def test_help_lists_every_verb(capsys):
     assert len(VERBS) >= 10
 
 
+@pytest.mark.parametrize("verb,flag,default", [
+    (["pipeline"], "--ptx-coef", "0.002"), (["pipeline"], "--seed", "0"),
+    (["ppo"], "--kl-coef", "0.02"), (["sft"], "--lr", None), (["tokenizer", "train"],
+    "--vocab-size", "4096"), (["chat"], "--max-new-tokens", "256"), (["chat"], "--seed", "0"),
+    (["label"], "--disagreement", "0.1"), (["world", "export"], "--test", "600")])
+def test_help_shows_each_flags_default(capsys, verb, flag, default):
+    # README sends users to --help for the defaults: they were not there.
+    from gptlab.train.sft import SFTConfig
+    if default is None:
+        default = str(SFTConfig.lr)
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    after = text.split(f" {flag} ", 1)[1]
+    assert after.split(" --", 1)[0].rstrip().endswith(f"(default: {default})"), after[:120]
+
+
 def test_unknown_flag_exits_2_with_the_closest_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["ppo", "--kl-coeff", "0.1"])
