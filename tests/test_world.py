@@ -364,6 +364,12 @@ def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsy
     assert [r["correct"] for r in rows] == [True, False, False, True]
     assert rows[1]["verdicts"] == ["wrong", "correct"] and rows[2]["verdicts"] == ["error"]
     assert "unseen phrasing 0.5000 on 2 questions" in printed
+    # Only `id` and `responses`, as a hand-made file has: the world knows which questions use
+    # the reserved phrasing (this line was missing).
+    samples.write_text("".join(json.dumps({"id": t["id"], "responses": r}) + "\n"
+                               for t, r in zip(test, responses)))
+    assert main(["world", "score", "--world", str(out), "--in", str(samples)]) == 0
+    assert "unseen phrasing 0.5000 on 2 questions" in capsys.readouterr().out
 
     # An id the world does not have, and a record without responses: file, line and field.
     bad = tmp_path / "bad.jsonl"
