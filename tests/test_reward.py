@@ -186,3 +186,15 @@ def test_each_files_skipped_rankings_are_reported_on_that_file(base, tmp_path, c
     assert f"{val}: skipped 1 rankings" in err and f"{rankings}:" not in err
     meta = json.loads((out / "config.json").read_text())
     assert meta["skipped"] == {} and sum(meta["val_skipped"].values()) == 1
+
+
+def test_evaluations_log_pairwise_accuracy_and_no_perplexity(base, tmp_path, capsys):
+    # A ranking loss has no perplexity: its exp was logged and printed as `ppl`.
+    out = tmp_path / "rm"
+    assert run_reward(base, out) == 0
+    cap = capsys.readouterr()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals and all("val_ppl" not in r and 0 <= r["pairwise_acc"] <= 1 for r in evals)
+    line = (cap.out + cap.err).split("step 0: val_loss", 1)[1].splitlines()[0]
+    assert "ppl" not in line and f"pairwise_acc {evals[0]['pairwise_acc']:.4f}" in line

@@ -223,3 +223,29 @@ def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, mo
     assert json.loads((straight / "config.json").read_text())["best_step"] == meta[0]["best_step"]
     c = load_file(straight / "model.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_each_evaluation_prints_execution_accuracy_and_a_starting_model_kept_is_named(
+        tmp_path, monkeypatch, capsys):
+    # The console showed only val_loss although execution accuracy picks the weights, and a
+    # run whose best evaluation was step 0 handed back the untrained model without a word.
+    paths = task.write_task(tmp_path, n=40)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    save_model(tmp_path / "base", GPT(config), tok)
+    scores = iter([0.5, 0.25, 0.25])
+
+    def evaluator(world, tokenizer, records, max_new_tokens=96, path=None, context=None):
+        return lambda model: next(scores)
+
+    monkeypatch.setattr(execution, "world_exec_evaluator", evaluator)
+    sft(SFTConfig(model=str(tmp_path / "base"), data=str(paths["sft"]), out=str(tmp_path / "sft"),
+                  world="builtin", val_fraction=0.2, progress=False, device="cpu",
+                  max_steps=4, eval_every=2, batch_size=4))
+    cap = capsys.readouterr()
+    err = cap.out + cap.err  # the evaluations' lines go to stdout, the summary to stderr
+    assert "exec_acc 0.5000" in err.split("step 0: val_loss", 1)[1].splitlines()[0]
+    assert "exec_acc 0.2500" in err.split("step 2: val_loss", 1)[1].splitlines()[0]
+    assert "SFT: 4 steps; best evaluation at step 0 (exec_acc 0.5000)" in err
+    assert "note: no evaluation after step 0 beat the starting model" in err

@@ -470,11 +470,13 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
           out_dir: str | Path, *, val_batches: list | Callable[[], Iterable] | None = None,
           tokenizer: Any = None, on_eval: Callable[[nn.Module, int, float], dict | None] | None = None,
           tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
-          extra: dict | None = None) -> TrainResult:
+          extra: dict | None = None, perplexity: bool = True) -> TrainResult:
     """Train `model` in place on `batches` with `loss_fn`; checkpoints go to OUT/checkpoints/,
     metrics to OUT/metrics.jsonl. With `resume`, continue from the latest checkpoint in OUT
     (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly.
-    Ctrl-C saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt."""
+    Ctrl-C saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
+    `perplexity`: the loss is a language model's (a reward model's is not), so its exp means
+    something and is logged as val_ppl."""
     cfg.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -528,12 +530,18 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         t0 = time.perf_counter()
         with preserved_rng():
             loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16)
-            row = {"step": at, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+            row = {"step": at, "val_loss": loss}
+            if perplexity:
+                row["val_ppl"] = math.exp(min(loss, 50))
             if on_eval is not None:
                 row.update(on_eval(model, at, loss) or {})
         stop = bool(row.pop("stop", False))  # on_eval may end training (early stopping)
         metrics.log(row)
-        bar.write(f"step {at}: val_loss {loss:.4f} (ppl {row['val_ppl']:.2f})"
+        # What on_eval measured too (execution accuracy, pairwise accuracy) is on the line.
+        measured = "".join(f", {k} {v:.4f}" for k, v in row.items()
+                           if k not in ("step", "val_loss", "val_ppl") and isinstance(v, float))
+        bar.write(f"step {at}: val_loss {loss:.4f}"
+                  + (f" (ppl {row['val_ppl']:.2f})" if perplexity else "") + measured
                   + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
         return loss, time.perf_counter() - t0, stop
 

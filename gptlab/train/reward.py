@@ -267,7 +267,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
                    tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
-                   extra={"stage": "reward"})
+                   extra={"stage": "reward"}, perplexity=False)
     model.eval()
     acc = pairwise_accuracy(model, val_batches) if val_batches else None
     mean, std = normalize_scores(model, samples, tok.pad_id)

@@ -230,7 +230,16 @@ def sft(cfg: SFTConfig) -> Path:
                                        "best_step": keeper.best_step, "best_score": keeper.best,
                                        "val_loss": val_loss})
     shutil.rmtree(keeper.dir, ignore_errors=True)
-    print(f"SFT: {result.step} steps; best evaluation at step {keeper.best_step} "
-          f"({'exec_acc' if exec_eval else '-val_loss'} {keeper.best}); saved to {out}",
-          file=sys.stderr)
+    if keeper.best is None:
+        kept = "no evaluation ran: the last weights"
+    else:
+        kept = (f"best evaluation at step {keeper.best_step} ("
+                + (f"exec_acc {keeper.best:.4f}" if exec_eval else f"val_loss {-keeper.best:.4f}")
+                + ")")
+    print(f"SFT: {result.step} steps; {kept}; saved to {out}", file=sys.stderr)
+    if cfg.select_best and keeper.best_step == 0 and result.step > 0:
+        print(f"note: no evaluation after step 0 beat the starting model "
+              f"({'on execution accuracy' if exec_eval else 'on validation loss'}), so {out} "
+              f"holds the starting weights; with --world, more --exec-eval questions measure "
+              f"finer, and --no-select-best keeps the last weights", file=sys.stderr)
     return out
