@@ -89,8 +89,13 @@ def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys
     # From another directory, OUT spelled another way: every stage recorded where its inputs
     # are, not where they were from the directory the run started in.
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
     assert main(["pipeline", "--out", str(run), *ARGS, "--threads", "2"]) == 0
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
+    # Every reused stage says so (the rounds' sample and label stages said nothing).
+    printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("== ")]
+    assert "== round 2: sample (done)" in printed and "== round 2: label (done)" in printed
+    assert [line for line in printed if not line.endswith("(done)")] == ["== evaluation"]
     # The reused stages report the minutes they took when they ran, and so does the total.
     again = json.loads((run / "report.json").read_text())
     reused = {k: v for k, v in first["stage_minutes"].items() if k != "evaluation"}

@@ -250,6 +250,7 @@ class Timer:
     def reuse(self, *names: str) -> None:
         """Stages found finished without being run at all."""
         for name in names:
+            print(f"== {name} (done)", file=sys.stderr)
             if name in self.earlier and name not in self.minutes:
                 self.minutes[name] = self.earlier[name]
                 self.saved += self.earlier[name]
