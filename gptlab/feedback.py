@@ -151,7 +151,8 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
                         field="labeler")
     check_file_out(out)
     check_not_input(out, {"--in": samples_path})
-    samples = read_jsonl(samples_path)
+    # Every line, also one that would be skipped (its responses all the same), needs its id.
+    samples = read_jsonl(samples_path, required=("id",))
     skips, dropped = SkipCounter(), SkipCounter()
     rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips,
                              samples_path, dropped)

@@ -159,7 +159,7 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
             ({"id": "s0-train-99999", "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
              ", field 'id': no question with id 's0-train-99999' in this world"),
             ({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
-             ", field 'id': the sqlworld labeler needs each sample's 'id'"),
+             ", field 'id': missing required field"),
             # the rankings would need it: refused here, not later by `gptlab reward`
             ({"id": q.id, "responses": ["SELECT 1", "SELECT 2"]},
              ": needs a 'prompt' or a 'messages' field")):
@@ -168,6 +168,14 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
                      "--out", str(out)]) == 2
         assert capsys.readouterr().err == f"gptlab label: error: {samples}:2{message}\n"
         assert not out.exists()
+    # A line that would be skipped (one distinct response) is no excuse: the first line
+    # without an id is named, not the next one that reached the labeler.
+    samples.write_text(json.dumps({"prompt": q.text, "responses": ["SELECT 1", "SELECT 1"]})
+                       + "\n" + json.dumps({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]})
+                       + "\n")
+    assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith(f"{samples}:1, field 'id': missing required field\n")
 
 
 def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_path, capsys):
