@@ -77,6 +77,18 @@ def test_an_assistant_message_must_be_a_non_empty_string(tok, tmp_path, content)
     assert len(read_prompts(f)) == 1
 
 
+@pytest.mark.parametrize("extra", [{"prompt": "Is the cat happy?", "completion": " yes"},
+                                   {"completion": " yes"}, {"prompt": "Is the cat happy?"}])
+def test_a_demonstration_with_both_messages_and_a_completion_is_refused(tok, tmp_path, extra):
+    # Which of the two was trained on was a guess (the messages, silently).
+    f = write(tmp_path / "d.jsonl", {"messages": [USER, ASSISTANT]},
+              {"messages": [USER, ASSISTANT], **extra})
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == (f"{f}:2: has both 'messages' and 'prompt'/'completion'; give one "
+                              "of them")
+
+
 def test_a_chat_template_refusing_a_demonstration_names_file_and_line(tok, tmp_path):
     alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"

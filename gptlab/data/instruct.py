@@ -114,6 +114,11 @@ def encode_response(tokenizer: Any, response: str, prompt: Any) -> list[int]:
 def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
                   line: int | None = None) -> Example:
     """Tokens of one SFT record with the loss on the assistant's tokens only."""
+    if "messages" in record and ("prompt" in record or "completion" in record):
+        # Which one would be trained on is a guess: refuse, as rankings refuse 'ranked' beside
+        # 'chosen'/'rejected'.
+        raise UserError("has both 'messages' and 'prompt'/'completion'; give one of them",
+                        path=path, line=line)
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list):
