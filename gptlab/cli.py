@@ -357,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _show_defaults(p: argparse.ArgumentParser) -> None:
     """Each flag's default in `--help` (config verbs' flags say theirs already)."""
     for action in p._actions:
-        if action.option_strings and action.default is not None and action.default is not False \
-                and action.default is not argparse.SUPPRESS and action.help is not argparse.SUPPRESS and "default" not in (action.help or ""):
+        shown = action.default is not None and action.default is not False \
+            and action.default is not argparse.SUPPRESS
+        if action.option_strings and shown and action.help is not argparse.SUPPRESS \
+                and "default" not in (action.help or ""):
             action.help = (f"{action.help} " if action.help else "") + "(default: %(default)s)"
     for sub in p._subparsers._group_actions if p._subparsers else ():
         for child in getattr(sub, "choices", {}).values():
