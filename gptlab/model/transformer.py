@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from gptlab.model.attention import Attention, KVCache
 from gptlab.model.gpt import padded_causal_mask, positions_from_mask
-from gptlab.model.layers import MLP, make_norm, sinusoidal_table
+from gptlab.model.layers import MLP, sinusoidal_table
 
 
 @dataclass
