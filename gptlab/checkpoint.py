@@ -286,6 +286,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _earlier(checkpoint: Path) -> str:
+    return f"; remove {checkpoint} to resume from the checkpoint before it, if there is one"
+
+
 class Checkpointer:
     """`RUN/checkpoints/step-N/` directories, the `latest` pointer, and the last `keep` kept
     (all of them when `keep` is None)."""
@@ -303,16 +307,23 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
         tmp = self.dir / f".step-{step}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(tmp, model, tokenizer, extra)
-        for name, other in (models or {}).items():
-            save_model(tmp / name, other)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(state or {}, tmp / "trainer.pt")
-        manifest = {f.relative_to(tmp).as_posix(): _sha256(f) for f in sorted(tmp.rglob("*"))
-                    if f.is_file()}
-        write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
+        # A save that was killed (or ran out of disk) left its copy here; one run writes a
+        # run directory at a time, so none of these is being written now.
+        for stale in self.dir.glob(".step-*.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            save_model(tmp, model, tokenizer, extra)
+            for name, other in (models or {}).items():
+                save_model(tmp / name, other)
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(state or {}, tmp / "trainer.pt")
+            manifest = {f.relative_to(tmp).as_posix(): _sha256(f)
+                        for f in sorted(tmp.rglob("*")) if f.is_file()}
+            write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -323,8 +334,9 @@ class Checkpointer:
     def _prune(self, newest: Path) -> None:
         if self.keep is None:
             return
-        steps = sorted((p for p in self.dir.glob("step-*") if p.is_dir()),
-                       key=lambda p: int(p.name.split("-")[1]))
+        # Only the directories a save names (`step-4-keep`, a user's copy, is left alone).
+        steps = sorted((p for p in self.dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                       key=lambda p: int(p.name[5:]))
         for old in steps[:-self.keep]:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)
@@ -334,30 +346,46 @@ class Checkpointer:
         removed, edited by hand, or naming a checkpoint since deleted), the complete checkpoint
         of the highest step."""
         pointer = self.dir / "latest"
-        if pointer.exists():
-            path = self.dir / pointer.read_text().strip()
-            if (path / "manifest.json").exists():
-                return path
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):  # missing, or not the text a save writes
+            name = ""
+        if name.startswith("step-") and name[5:].isdigit() \
+                and (self.dir / name / "manifest.json").is_file():
+            return self.dir / name
         complete = [p for p in self.dir.glob("step-*")
                     if p.name[5:].isdigit() and (p / "manifest.json").exists()]
         return max(complete, key=lambda p: int(p.name[5:])) if complete else None
 
     @staticmethod
-    def step_of(path: str | Path) -> int:
-        """The training step a checkpoint was saved at."""
-        return int(json.loads((Path(path) / "manifest.json").read_text())["step"])
-
-    @staticmethod
-    def verify(path: str | Path) -> None:
-        """Raise UserError if any file of the checkpoint is missing or differs from its sha256."""
-        path = Path(path)
+    def _manifest(path: Path) -> dict:
         mf = path / "manifest.json"
         if not mf.exists():
-            raise UserError("checkpoint is incomplete (no manifest.json)", path=path)
-        for name, digest in json.loads(mf.read_text())["sha256"].items():
+            raise UserError("checkpoint is incomplete (no manifest.json)" + _earlier(path),
+                            path=path)
+        try:
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+            step, files = int(manifest["step"]), manifest["sha256"]
+            if not isinstance(files, dict):
+                raise TypeError("sha256 is not an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise UserError(f"is damaged ({type(e).__name__}: {e})" + _earlier(path),
+                            path=mf) from None
+        return {"step": step, "sha256": files}
+
+    @classmethod
+    def step_of(cls, path: str | Path) -> int:
+        """The training step a checkpoint was saved at."""
+        return cls._manifest(Path(path))["step"]
+
+    @classmethod
+    def verify(cls, path: str | Path) -> None:
+        """Raise UserError if any file of the checkpoint is missing or differs from its sha256."""
+        path = Path(path)
+        for name, digest in cls._manifest(path)["sha256"].items():
             f = path / name
-            if not f.exists() or _sha256(f) != digest:
-                raise UserError("checkpoint file is missing or corrupt", path=f)
+            if not f.is_file() or _sha256(f) != digest:
+                raise UserError("checkpoint file is missing or corrupt" + _earlier(path), path=f)
 
     def load(self, path: str | Path, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None = None,

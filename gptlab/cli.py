@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import sys
 from typing import Callable, Sequence
 
@@ -388,4 +389,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # A full disk or a directory it may not write: the user's to fix, said in one line
+        # (what was half-written has been removed by the code that was writing it).
+        if e.errno not in _NO_ROOM_OR_NO_RIGHT:
+            raise
+        print(f"gptlab {args.verb}: error: {e.filename or 'a file'}: {e.strerror}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
+
+
+_NO_ROOM_OR_NO_RIGHT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

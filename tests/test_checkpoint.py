@@ -167,7 +167,51 @@ def test_a_failed_save_leaves_the_previous_checkpoint_usable(tmp_path, monkeypat
     monkeypatch.undo()
     assert c.latest().name == "step-1"
     assert not (tmp_path / "checkpoints" / "step-2").exists()
+    # Nor a hidden half-copy: on a full disk it kept the disk full for the rerun.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-1"]
     assert c.load(c.latest(), tiny())["step"] == 1
+
+
+def test_a_killed_saves_copy_is_removed_by_the_next_save(tmp_path):
+    c = ck.Checkpointer(tmp_path, keep=3)
+    c.save(1, tiny(), state={"step": 1})
+    stale = tmp_path / "checkpoints" / ".step-2.tmp99999"  # another process's, killed
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    c.save(2, tiny(), state={"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["latest", "step-1", "step-2"]
+
+
+def test_keeping_the_last_k_leaves_directories_it_did_not_write(tmp_path):
+    # `step-4.bak` crashed every save after it (int('4.bak')); `step-4-keep` was deleted.
+    c = ck.Checkpointer(tmp_path, keep=1)
+    c.save(4, tiny(), state={})
+    for name in ("step-4.bak", "step-4-keep"):
+        (tmp_path / "checkpoints" / name).mkdir()
+    c.save(5, tiny(), state={})
+    c.save(6, tiny(), state={})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["latest", "step-4-keep", "step-4.bak", "step-6"]
+
+
+def test_a_damaged_pointer_or_manifest_is_a_clear_error_or_a_fallback(tmp_path):
+    c = ck.Checkpointer(tmp_path, keep=3)
+    for step in (2, 10):
+        c.save(step, tiny(), state={"step": step})
+    pointer = tmp_path / "checkpoints" / "latest"
+    pointer.write_bytes(b"\xff\xfe\x00step")  # not the text a save writes
+    assert c.latest().name == "step-10"
+    pointer.unlink()
+    pointer.mkdir()
+    assert c.latest().name == "step-10"
+    manifest = tmp_path / "checkpoints" / "step-10" / "manifest.json"
+    for damaged in ("", "[1, 2]", '{"step": 10}', '{"step": 10, "sha256": [1]}'):
+        manifest.write_text(damaged)
+        with pytest.raises(UserError) as err:
+            c.load(c.latest(), tiny())
+        assert str(err.value).startswith(f"{manifest}: is damaged")
+        assert f"remove {manifest.parent} to resume from the checkpoint before it" in str(err.value)
 
 
 def test_a_corrupted_checkpoint_is_detected(tmp_path):

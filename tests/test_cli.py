@@ -286,3 +286,28 @@ def test_a_ctrl_c_while_the_verbs_load_is_one_line_and_exit_130(monkeypatch, cap
     monkeypatch.setattr(cli, "build_parser", slow_import)
     assert cli.main(["sample", "--help"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_full_disk_or_a_read_only_out_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    # It was a traceback and exit 1 (root ignores permission bits, so the error is simulated
+    # where the file is written).
+    import errno
+
+    from gptlab import tokenizer as tk
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+    out = tmp_path / "tok"
+
+    def full(self, directory):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "tokenizer.json"))
+    monkeypatch.setattr(tk.Tokenizer, "save", full)
+    assert main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gptlab tokenizer: error: {out / 'tokenizer.json'}: No space left on device\n"
+
+    def other(self, directory):  # not the user's to fix: stays an internal error
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(tk.Tokenizer, "save", other)
+    with pytest.raises(OSError):
+        main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300", "--out", str(out)])

@@ -364,6 +364,16 @@ def test_metrics_truncate_after(tmp_path):
     log.close()
     MetricsLog.truncate_after(tmp_path / "m.jsonl", 10)
     assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [0, 5, 10]
+    # A run that died while appending a row leaves it torn: resuming dropped dead on it.
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write('{"step": 11, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [0, 5, 10]
+    MetricsLog.truncate_after(tmp_path / "m.jsonl", 10)
+    assert (tmp_path / "m.jsonl").read_text().count("\n") == 3
+    # A bad row before the last is not a torn write: named, with its line.
+    (tmp_path / "m.jsonl").write_text('{"step": 0}\nnot json\n{"step": 5}\n')
+    with pytest.raises(UserError, match=r"m.jsonl:2: is not a metrics row"):
+        read_metrics(tmp_path / "m.jsonl")
 
 
 def test_on_eval_can_stop_training_early_and_the_stop_is_saved(tmp_path):

@@ -206,6 +206,14 @@ def test_continue_training_a_model_directory(corpus, tmp_path):
     last = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "val_loss" in r][-1]
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], abs=1e-5)
     assert start.keys() == load_model(tmp_path / "two")[0].state_dict().keys()
+    # Without its tokenizer.json the model is refused: a new tokenizer trained on the data
+    # would give its embeddings other meanings (it did, silently).
+    (tmp_path / "one" / "tokenizer.json").unlink()
+    assert main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress",
+                 *base, "--out", str(tmp_path / "three")]) == 2
+    assert not (tmp_path / "three").exists()
+    assert main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress", "--sample-tokens",
+                 "0", *base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "four")]) == 0
 
 
 # --- bad input: exit code 2, a message naming the problem, nothing left behind ------------------

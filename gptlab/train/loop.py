@@ -382,9 +382,7 @@ class MetricsLog:
         path = Path(path)
         if not path.exists():
             return
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-        write_jsonl_atomic(path, [r for r in rows if r.get("step", 0) <= step])
+        write_jsonl_atomic(path, [r for r in read_metrics(path) if r.get("step", 0) <= step])
 
 
 def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
@@ -408,8 +406,24 @@ def same_setting(theirs: Any, mine: Any) -> bool:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    """The rows of a metrics.jsonl. Rows are appended as they come, so a run that died while
+    writing one leaves it torn: a last line that does not parse is left out (a bad line before
+    it is an error naming it)."""
+    path = Path(path)
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace")
+                                               .splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if k == len(lines) - 1:
+                break
+            raise UserError(f"is not a metrics row ({e})", path=path, line=i) from None
+        rows.append(row)
+    return rows
 
 
 def steps_for_budget(minutes: float, elapsed_s: float, done_steps: int, sec_per_step: float,
@@ -426,7 +440,14 @@ def annotate_run(out_dir: str | Path, **fields: Any) -> None:
     """Add fields to OUT/run.json (written by gptlab.provenance.record_run), if there is one."""
     path = Path(out_dir) / "run.json"
     if path.exists():
-        info = json.loads(path.read_text())
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            # A record of how the run was made, nothing more: start it again rather than stop.
+            print(f"note: {path} is damaged ({e}); writing it anew", file=sys.stderr)
+            info = {}
         info.update(fields)
         write_json_atomic(path, info)
 

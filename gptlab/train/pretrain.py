@@ -95,8 +95,12 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
                             "import other models with `gptlab convert` first", path=model_path,
                             field="model")
         model, tok, _ = load_language_model(model_path, need_tokenizer=False)
-        tok = _tokenizer_for(cfg, model_path, model.config.vocab_size) if cfg.tokenizer or \
-            tok is None else tok
+        if tok is None and not cfg.tokenizer:
+            # Its embeddings are rows for some tokenizer's ids: a new tokenizer trained here
+            # would give them other meanings, silently.
+            raise UserError("has no tokenizer.json; pass the tokenizer its weights were made "
+                            "with as --tokenizer", path=model_path, field="model")
+        tok = _tokenizer_for(cfg, model_path, model.config.vocab_size) if cfg.tokenizer else tok
         if tok.vocab_size > model.config.vocab_size:
             raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's "
                             f"embedding has {model.config.vocab_size} rows", field="tokenizer")
