@@ -55,6 +55,7 @@ def full_results() -> dict:
         "rm_heldout_rankings_per_round": [28, 66],
         "rm_pairwise_acc_labelers_per_round": [0.65, None],
         "win_rate_ppo_vs_sft": 0.64,
+        "win_rate_ppo_vs_sft_by_verdict": 0.62,
         "kl_ppo_vs_sft": 1.2345,
         "ptx": {"corpus_ppl_sft": 21.456, "corpus_ppl_ppo": 22.5},
         "samples": [
@@ -107,7 +108,8 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert "| pretrained | 0.050 | 0.000 | 0.900 |" in md
     assert "+0.113, 95% CI [+0.051, +0.175]: the interval excludes 0" in md
     assert "+0.095, 95% CI [-0.020, +0.210]: the interval includes 0" in md
-    assert "Win rate of PPO over SFT: 0.640" in md
+    assert "Win rate of PPO over SFT (among answers of one verdict, the shorter wins): 0.640" in md
+    assert "Win rate of PPO over SFT by verdict alone (answers of one verdict tie): 0.620" in md
     assert "(nats, sampled at T = 1): 1.2345" in md
     assert "perplexity, SFT: 21.46" in md and "perplexity, PPO: 22.50" in md
     assert ("round 1: 0.700 (28 held-out rankings; 0.650 by the labelers' rankings), "
@@ -167,7 +169,7 @@ def test_minimal_results_still_write_everything(tmp_path):
     assert sorted(written) == ["report.html", "report.json", "report.md"]
     assert json.loads((tmp_path / "report.json").read_text()) == results
     md = (tmp_path / "report.md").read_text()
-    assert "Win rate of PPO over SFT: n/a" in md
+    assert "Win rate of PPO over SFT (among answers of one verdict, the shorter wins): n/a" in md
     assert "PPO − SFT: n/a" in md
     assert "![" not in md
     assert "data:image/png" not in (tmp_path / "report.html").read_text()
@@ -187,7 +189,25 @@ def test_stale_plot_removed_when_its_data_is_gone(tmp_path):
 
 def test_delta_and_code_span_edge_cases():
     assert describe_delta({"mean": -0.1, "ci95": [-0.2, -0.05]}).endswith("excludes 0")
+    # A bound on one side of 0 that rounds to 0.000 is shown to its first digit.
+    assert describe_delta({"mean": -0.017, "ci95": [-0.0333, -4.9e-5]}) == \
+        "-0.017, 95% CI [-0.033, -0.000049]: the interval excludes 0"
     assert describe_delta({"mean": 0.1, "ci95": None}) == "+0.100 (no confidence interval)"
     assert describe_delta({"mean": None, "ci95": [0, 1]}) == "n/a"
     assert md_code("`x`") == "`` `x` ``"
     assert md_code("a\nb") == "`a b`"
+
+
+def test_corpus_perplexity_weighs_each_batch_by_its_tokens():
+    # Five full batches at loss 1 and a last batch of one block at loss 5: per token the mean
+    # loss is (40 + 5) / 41 blocks' worth; averaging batches gave (5 + 5) / 6 (exp: 5.29).
+    import math
+
+    import torch
+
+    from gptlab.eval.pipeline_eval import corpus_perplexity
+
+    def model(x, labels):
+        return torch.tensor(5.0 if x.shape[0] == 1 else 1.0)
+    batches = [torch.zeros(8, 17, dtype=torch.long)] * 5 + [torch.zeros(1, 17, dtype=torch.long)]
+    assert corpus_perplexity(model, batches) == pytest.approx(math.exp(45 / 41))

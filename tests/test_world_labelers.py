@@ -215,3 +215,10 @@ def test_win_rate_is_symmetric_and_ties_what_the_labeler_cannot_tell_apart(world
     longer = q.sql + " AND 1 = 1"
     assert win_rate(world, records[:1], [q.sql], [longer]) == 1.0
     assert win_rate(world, records[:1], [longer], [q.sql]) == 0.0
+    # By verdict alone, as the default labelers rank, one verdict is a tie whatever the length;
+    # a different verdict still decides.
+    assert win_rate(world, records[:1], [q.sql], [longer], by_verdict=True) == 0.5
+    assert win_rate(world, records, a, b, by_verdict=True) == pytest.approx(2.5 / 6)
+    wrong_long = f"SELECT COUNT(*) FROM employees WHERE city = '{other}' AND 1 = 1"
+    assert win_rate(world, records[:2], [wrong_long, q.sql], ["SELEC x", longer],
+                    by_verdict=True) == pytest.approx(1.5 / 2)

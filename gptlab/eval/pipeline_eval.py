@@ -19,18 +19,22 @@ def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def win_rate(world: Any, records: list[dict], a: list[str], b: list[str]) -> float:
+def win_rate(world: Any, records: list[dict], a: list[str], b: list[str],
+             by_verdict: bool = False) -> float:
     """Share of questions where the noise-free labeler prefers a's answer; ties count half.
 
-    Its strict preference: a correct answer over a wrong one over one that does not run, and
-    among equals the shorter SQL (as the labelers rank). Answers it cannot tell apart (the same
-    verdict and length, identical answers among them) are ties, so swapping a and b gives
-    1 minus the rate."""
+    Its strict preference (the labelers' with `--no-ties`): a correct answer over a wrong one
+    over one that does not run, and among equals the shorter SQL; answers it cannot tell apart
+    (the same verdict and length, identical answers among them) are ties. `by_verdict`: as the
+    labelers rank by default, answers of one verdict are ties whatever their length. Either
+    way, swapping a and b gives 1 minus the rate."""
     labeler = world.labeler(disagreement=0.0)
     wins = 0.0
     for rec, x, y in zip(records, a, b):
         kx = labeler.careful_key(world.check(rec["id"], x.strip()), x)
         ky = labeler.careful_key(world.check(rec["id"], y.strip()), y)
+        if by_verdict:
+            kx, ky = kx[:1], ky[:1]
         wins += 0.5 if kx == ky else float(kx < ky)
     return wins / len(records)
 
@@ -94,8 +98,10 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
 
 @torch.no_grad()
 def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    losses = [float(model(b[:, :-1], labels=b[:, 1:])) for b in batches]
-    return math.exp(sum(losses) / len(losses))
+    """exp of the mean loss per token: each batch's mean loss weighted by its tokens, so a
+    short last batch counts for what it holds."""
+    total = sum(float(model(b[:, :-1], labels=b[:, 1:])) * b[:, 1:].numel() for b in batches)
+    return math.exp(total / sum(b[:, 1:].numel() for b in batches))
 
 
 def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir: Path) -> dict:
@@ -181,6 +187,8 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "rm_pairwise_acc_labelers_per_round": rm_acc_labelers,
         "rm_heldout_rankings_per_round": rm_heldout,
         "win_rate_ppo_vs_sft": win_rate(world, test, answers[final], answers["sft"]),
+        "win_rate_ppo_vs_sft_by_verdict": win_rate(world, test, answers[final], answers["sft"],
+                                                   by_verdict=True),
         "kl_ppo_vs_sft": kl,
         "ptx": {"corpus_ppl_sft": corpus_perplexity(sft_model, val),
                 "corpus_ppl_ppo": corpus_perplexity(policy, val)},

@@ -130,8 +130,8 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
         ax = axes[-1]
         for r, xy in curves:
             ax.plot(*xy, "o-", ms=3, label=f"round {r}")
-        ax.set(title="Reward model: pairwise accuracy during training", xlabel="step",
-               ylabel="pairwise accuracy")
+        ax.set(title="Reward model: pairwise accuracy at each evaluation (against the "
+                     "labelers' own held-out rankings)", xlabel="step", ylabel="pairwise accuracy")
         ax.legend()
         ax.grid(alpha=0.3)
     return fig
@@ -239,7 +239,12 @@ def describe_delta(delta: Any) -> str:
         return text + " (no confidence interval)"
     lo, hi = bounds
     verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
-    return f"{text}, 95% CI [{fmt(lo, sign=True)}, {fmt(hi, sign=True)}]: the interval {verdict}"
+    # A bound that rounds to ±0.000 but lies on one side of 0 is shown to its first digit,
+    # so that "[-0.033, -0.000]: excludes 0" does not read as a bound at 0.
+    digits = [3 if b == 0 or abs(b) >= 5e-4 else max(3, 1 - math.floor(math.log10(abs(b))))
+              for b in (lo, hi)]
+    return (f"{text}, 95% CI [{fmt(lo, digits[0], sign=True)}, {fmt(hi, digits[1], sign=True)}]"
+            f": the interval {verdict}")
 
 
 def describe_config(config: Any) -> str:
@@ -352,7 +357,10 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
         ("Reward model held-out pairwise accuracy (noise-free labeler)",
          fmt(results.get("rm_pairwise_acc"))),
         ("Reward model pairwise accuracy per round", describe_rounds(results)),
-        ("Win rate of PPO over SFT", fmt(results.get("win_rate_ppo_vs_sft"))),
+        ("Win rate of PPO over SFT (among answers of one verdict, the shorter wins)",
+         fmt(results.get("win_rate_ppo_vs_sft"))),
+        ("Win rate of PPO over SFT by verdict alone (answers of one verdict tie)",
+         fmt(results.get("win_rate_ppo_vs_sft_by_verdict"))),
         ("KL(PPO ‖ SFT) per response (nats, sampled at T = 1)",
          fmt(results.get("kl_ppo_vs_sft"), 4)),
         ("Pretraining-corpus perplexity, SFT", fmt(ptx.get("corpus_ppl_sft"), 2)),
