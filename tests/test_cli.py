@@ -311,3 +311,27 @@ def test_a_full_disk_or_a_read_only_out_is_one_line_and_exit_2(tmp_path, monkeyp
     monkeypatch.setattr(tk.Tokenizer, "save", other)
     with pytest.raises(OSError):
         main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300", "--out", str(out)])
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, capsys):
+    # Python's write() raises ENOSPC without a file name: the message said "a file".
+    import errno
+
+    from gptlab import tokenizer as tk
+    from gptlab.io import write_text_atomic
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+    out = tmp_path / "tok"
+
+    def full(self, directory):
+        write_text_atomic(out / "tokenizer.json", "{}")
+    monkeypatch.setattr(tk.Tokenizer, "save", full)
+
+    def no_room(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("pathlib.Path.write_text", no_room)
+    assert main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gptlab tokenizer: error: {out / 'tokenizer.json'}: No space left on device\n"
+    assert not list(out.iterdir())  # the temporary file is gone too

@@ -180,6 +180,15 @@ def test_encoder_decoder_reads_a_left_padded_source_or_target_as_unpadded():
     assert alone.abs().max().item() > 1.0
     assert (left_src - alone).abs().max().item() <= 1e-5
     assert (left_tgt - alone).abs().max().item() <= 1e-5
+    # Decoded with a cache, the mask growing with each token: the same logits.
+    tgt_pad, mask = torch.cat([pad, tgt], 1), torch.tensor([[0] * 3 + [1] * 6])
+    with torch.no_grad():
+        memory, _ = model.encode(src)
+        cache = model.new_cache(1, 9)
+        steps = [model.decode(tgt_pad[:, :5], memory, tgt_mask=mask[:, :5], cache=cache)[0]]
+        steps += [model.decode(tgt_pad[:, t:t + 1], memory, tgt_mask=mask[:, :t + 1],
+                               cache=cache)[0] for t in range(5, 9)]
+    assert (torch.cat(steps, 1)[:, 3:] - alone).abs().max().item() <= 1e-5
 
 
 def test_encoder_decoder_attention_weights():

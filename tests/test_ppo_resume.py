@@ -340,6 +340,14 @@ def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup,
     assert ("none of the 1 prompts drawn for step 1 fits the reward model's context of 32 tokens "
             "with max_new_tokens 4" in capsys.readouterr().err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # The reference reads them too (its crash was a ValueError from inside the model).
+    save_model(tmp_path / "ref", GPT(short), tok)
+    args = ppo_args(d, tmp_path / "c", "--reference", str(tmp_path / "ref"))
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert main(args) == 2
+    assert ("none of the 1 prompts drawn for step 1 fits the reference's context of 32 tokens"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, capsys):

@@ -370,6 +370,15 @@ def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsy
                                for t, r in zip(test, responses)))
     assert main(["world", "score", "--world", str(out), "--in", str(samples)]) == 0
     assert "unseen phrasing 0.5000 on 2 questions" in capsys.readouterr().out
+    # A dialog's turns are scored too (`{dialog id}/{turn}`), and are no test question.
+    dialog = json.loads((out / "dialogs.jsonl").read_text().splitlines()[0])
+    turns = [m["content"] for m in dialog["messages"] if m["role"] == "assistant"]
+    samples.write_text("".join(json.dumps({"id": f"{dialog['id']}/{t}", "responses": [sql]})
+                               + "\n" for t, sql in enumerate(turns, 1)))
+    assert main(["world", "score", "--world", str(out), "--in", str(samples)]) == 0
+    printed = capsys.readouterr().out
+    assert f"execution accuracy 1.0000 on {len(turns)} questions" in printed
+    assert "unseen phrasing" not in printed
 
     # An id the world does not have, and a record without responses: file, line and field.
     bad = tmp_path / "bad.jsonl"

@@ -139,8 +139,9 @@ def test_check_takes_the_columns_in_any_order_but_rows_as_they_pair(ex):
     assert check("SELECT salary, name FROM employees ORDER BY salary LIMIT 3", top, ex).kind == "wrong"
     pairs = "SELECT name, salary FROM employees WHERE city = 'Lyon'"
     assert check("SELECT salary, name FROM employees WHERE city = 'Lyon'", pairs, ex).correct
-    # Each column holds the gold's values, but names go with other people's salaries.
-    shifted = ("SELECT a.name, b.salary FROM (SELECT name, ROW_NUMBER() OVER (ORDER BY id) AS i "
+    # Each column holds the gold's values, in the other order, but names go with other
+    # people's salaries: no order of the columns pairs them as the gold does.
+    shifted = ("SELECT b.salary, a.name FROM (SELECT name, ROW_NUMBER() OVER (ORDER BY id) AS i "
                "FROM employees WHERE city = 'Lyon') a JOIN (SELECT salary, ROW_NUMBER() OVER "
                "(ORDER BY id) AS i FROM employees WHERE city = 'Lyon') b ON b.i = a.i % "
                "(SELECT COUNT(*) FROM employees WHERE city = 'Lyon') + 1")

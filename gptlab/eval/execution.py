@@ -113,7 +113,7 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
         first.append(hits[0])
         errors += kinds[0] == "error"
         every.extend(hits)
-        if world.question(str(r["id"])).unseen_phrasing:  # the world's mark, not the file's
+        if world.unseen_phrasing(str(r["id"])):  # the world's mark, not the file's
             unseen.append(hits[0])
         verdicts.append({"id": r["id"], "verdicts": kinds, "correct": bool(hits[0])})
     summary = {"prompts": len(rows), "exec_acc": sum(first) / len(first),

@@ -119,8 +119,9 @@ class Transformer(nn.Module):
 
     def _embed(self, ids: Tensor, start: int = 0, mask: Tensor | None = None) -> Tensor:
         """The paper multiplies embeddings by sqrt(d_model) before adding the positions. With
-        a padding mask, positions count real tokens, so a left-padded sequence reads as the
-        same sequence unpadded (as in GPT); otherwise they run from `start`."""
+        a padding mask (over every position up to these tokens, a cache's included), positions
+        count real tokens, so a left-padded sequence reads as the same sequence unpadded (as
+        in GPT); otherwise they run from `start`."""
         T = ids.shape[1]
         if start + T > self.config.context:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of "
@@ -151,7 +152,7 @@ class Transformer(nn.Module):
             self_mask = padded_causal_mask(tgt_mask, T)
         elif past > 0 and T > 1:
             self_mask = padded_causal_mask(torch.ones(B, past + T, device=tgt.device), T)
-        x, weights = self._embed(tgt, past, tgt_mask if past == 0 else None), []
+        x, weights = self._embed(tgt, past, tgt_mask), []
         for i, layer in enumerate(self.decoder):
             x, w = layer(x, memory, self_mask, self_mask is None and T > 1, memory_mask, cache, i,
                          need_weights)

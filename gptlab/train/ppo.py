@@ -308,11 +308,12 @@ class PPOTrainer:
             self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
             self.reward_fn_name = cfg.reward_fn or reward_fn_name(reward_fn)
         self.value_model = self._init_value_model()
-        # Every sequence goes through the reward and value models too: the shortest context
-        # of the three bounds a prompt and its response.
+        # Every sequence goes through the reference, reward and value models too: the shortest
+        # context of them all bounds a prompt and its response.
         self.context, self.context_of = min(
             (m.config.context, name) for name, m in (
-                ("the policy's", self.policy), ("the reward model's", self.reward_model),
+                ("the policy's", self.policy), ("the reference's", self.reference),
+                ("the reward model's", self.reward_model),
                 ("the value model's", self.value_model)) if m is not None)
         if cfg.max_new_tokens >= self.context:
             raise UserError(f"must be below {self.context_of} context of {self.context}, got "

@@ -38,7 +38,8 @@ class PretrainConfig(TrainConfig):
     model: str = field(default="demo", metadata={"help": "a preset name, or a gptlab model "
                                                          "directory to continue training"})
     tokenizer: str | None = field(default=None, metadata={
-        "help": "tokenizer directory (default: the model's, else train one on the data)"})
+        "help": "tokenizer directory (default: a model directory's own; with a preset, one "
+                "trained on the data)"})
     out: str = field(default="runs/pretrain", metadata={"help": "run / model directory"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
     block_size: int | None = field(default=None, metadata={

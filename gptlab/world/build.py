@@ -98,6 +98,12 @@ class World:
             raise UserError(f"no question with id '{qid}' in this world", field="id")
         return self._questions[qid]
 
+    def unseen_phrasing(self, qid: str) -> bool:
+        """Whether `qid` is a test question in the phrasing reserved for the test (a dialog
+        turn, `{dialog id}/{turn}`, never is)."""
+        q = self._questions.get(qid)
+        return q is not None and q.unseen_phrasing
+
     def gold(self, qid: str) -> str:
         """Gold SQL of a question id, or of a dialog turn `{dialog id}/{turn}` (1-based)."""
         if qid not in self._gold:
