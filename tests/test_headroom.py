@@ -149,7 +149,7 @@ def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models
     save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
     record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
                                              val_data=str(tmp_path / "held.jsonl")))
-    acc, n = rm_accuracy_noise_free(world, tmp_path / "rm")
+    acc, n, pairs = rm_accuracy_noise_free(world, tmp_path / "rm")
     # By hand: the truth is correct > wrong > error; count the pairs the scores order so.
     right = 0
     for q in qs:
@@ -159,7 +159,7 @@ def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models
             s = [float(rm(torch.tensor([p + encode_response(tok, r, prompt)]))[0])
                  for r in (q.sql, wrong, error)]
         right += (s[0] > s[1]) + (s[0] > s[2]) + (s[1] > s[2])
-    assert n == 6 and acc == pytest.approx(right / 18)
+    assert n == 6 and pairs == 18 and acc == pytest.approx(right / 18)
     assert 0 < right < 18  # the random head orders some pairs each way
     # Against the labelers' own (reversed) rankings the same scores get the complement.
     held = [encode_ranking(tok, r, 256) for r in read_rankings(tmp_path / "held.jsonl")]

@@ -40,13 +40,13 @@ def win_rate(world: Any, records: list[dict], a: list[str], b: list[str],
 
 
 def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
-                           data: Path | None = None) -> tuple[float | None, int]:
+                           data: Path | None = None) -> tuple[float | None, int, int]:
     """A reward model's pairwise accuracy on its held-out rankings, judged by the noise-free
     labeler: the same held-out prompts and responses the training run set aside, re-ranked
     without the labelers' disagreement, so the number is the reward model's agreement with the
     truth rather than with one noisy labeler. `data`: the rankings it was trained on, where
     they are now (its run.json has them as given, maybe relative to another directory).
-    Returns (accuracy, rankings with a preference)."""
+    Returns (accuracy, rankings with a preference, the pairs judged)."""
     from gptlab.data.instruct import Ranking, read_rankings
     from gptlab.provenance import load_run
     from gptlab.train.reward import (collate_rankings, encode_ranking, pairwise_accuracy,
@@ -59,7 +59,7 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
                               rc["seed"])[1]
     labeler = world.labeler(disagreement=0.0, ties=ties)
     model, tok, _ = load_model(reward_dir)
-    encoded = []
+    encoded, pairs = [], 0
     for r in held:
         levels = labeler.careful_levels([world.check(r.id, x) for x in r.ranked], r.ranked)
         if len(levels) < 2:
@@ -69,10 +69,11 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
         e = encode_ranking(tok, truth, model.config.context)
         if e is not None:
             encoded.append(e)
+            pairs += sum(len(a) * len(b) for i, a in enumerate(levels) for b in levels[i + 1:])
     if not encoded:
-        return None, 0
+        return None, 0, 0
     batches = [collate_rankings(encoded[i:i + 8], tok.pad_id) for i in range(0, len(encoded), 8)]
-    return pairwise_accuracy(model, batches), len(encoded)
+    return pairwise_accuracy(model, batches), len(encoded), pairs
 
 
 @torch.no_grad()
@@ -148,15 +149,16 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     # Reward-model accuracy on each round's held-out rankings: against the noise-free labeler
     # (the evaluation's judge, as for the win rate), and against the noisy labelers who made
     # the rankings (what `gptlab reward` reports, bounded by their disagreement).
-    rm_acc, rm_acc_labelers, rm_heldout = [], [], []
+    rm_acc, rm_acc_labelers, rm_heldout, rm_pairs = [], [], [], []
     for rnd in range(1, cfg.rounds + 1):
         rm_dir = out / f"round-{rnd}" / "reward"
         meta = read_meta_json(rm_dir / "config.json")
-        acc_true, n_true = rm_accuracy_noise_free(world, rm_dir, cfg.ties,
-                                                  data=out / f"round-{rnd}" / "rankings_all.jsonl")
+        acc_true, n_true, pairs = rm_accuracy_noise_free(
+            world, rm_dir, cfg.ties, data=out / f"round-{rnd}" / "rankings_all.jsonl")
         rm_acc.append(acc_true)
         rm_acc_labelers.append(meta.get("heldout_pairwise_acc"))
         rm_heldout.append(n_true)
+        rm_pairs.append(pairs)
 
     policy, tok, _ = load_model(models[final])
     sft_model, _, _ = load_model(sft_dir)
@@ -186,6 +188,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "rm_pairwise_acc_per_round": rm_acc,
         "rm_pairwise_acc_labelers_per_round": rm_acc_labelers,
         "rm_heldout_rankings_per_round": rm_heldout,
+        "rm_heldout_pairs_per_round": rm_pairs,
         "win_rate_ppo_vs_sft": win_rate(world, test, answers[final], answers["sft"]),
         "win_rate_ppo_vs_sft_by_verdict": win_rate(world, test, answers[final], answers["sft"],
                                                    by_verdict=True),

@@ -288,9 +288,12 @@ def describe_rounds(results: dict) -> str:
         return xs if isinstance(xs, list) and len(xs) == len(accs) else [None] * len(accs)
 
     parts = []
-    for r, (a, n, lab) in enumerate(zip(accs, per_round("rm_heldout_rankings_per_round"),
-                                        per_round("rm_pairwise_acc_labelers_per_round")), 1):
-        notes = ([f"{n} held-out rankings"] if isinstance(n, int) else []) + (
+    for r, (a, n, pairs, lab) in enumerate(zip(
+            accs, per_round("rm_heldout_rankings_per_round"),
+            per_round("rm_heldout_pairs_per_round"),
+            per_round("rm_pairwise_acc_labelers_per_round")), 1):
+        notes = ([f"{n} held-out rankings" + (f", {pairs} pairs" if isinstance(pairs, int) else "")]
+                 if isinstance(n, int) else []) + (
             [f"{fmt(lab)} by the labelers' rankings"] if as_number(lab) is not None else [])
         parts.append(f"round {r}: {fmt(a)}" + (f" ({'; '.join(notes)})" if notes else ""))
     return ", ".join(parts)
