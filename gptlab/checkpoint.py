@@ -286,6 +286,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _step_dirs(directory: Path) -> dict[int, Path]:
+    """The `step-N` directories a save names, by N (a user's `step-4-keep` is not one)."""
+    return {int(p.name[5:]): p for p in directory.glob("step-*")
+            if p.name[5:].isdigit() and p.is_dir()}
+
+
 def _earlier(checkpoint: Path) -> str:
     return f"; remove {checkpoint} to resume from the checkpoint before it, if there is one"
 
@@ -334,9 +340,7 @@ class Checkpointer:
     def _prune(self, newest: Path) -> None:
         if self.keep is None:
             return
-        # Only the directories a save names (`step-4-keep`, a user's copy, is left alone).
-        steps = sorted((p for p in self.dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
-                       key=lambda p: int(p.name[5:]))
+        steps = [p for _, p in sorted(_step_dirs(self.dir).items())]
         for old in steps[:-self.keep]:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)
@@ -350,12 +354,10 @@ class Checkpointer:
             name = pointer.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):  # missing, or not the text a save writes
             name = ""
-        if name.startswith("step-") and name[5:].isdigit() \
-                and (self.dir / name / "manifest.json").is_file():
-            return self.dir / name
-        complete = [p for p in self.dir.glob("step-*")
-                    if p.name[5:].isdigit() and (p / "manifest.json").exists()]
-        return max(complete, key=lambda p: int(p.name[5:])) if complete else None
+        complete = {n: p for n, p in _step_dirs(self.dir).items()
+                    if (p / "manifest.json").is_file()}
+        named = next((p for p in complete.values() if p.name == name), None)
+        return named or (complete[max(complete)] if complete else None)
 
     @staticmethod
     def _manifest(path: Path) -> dict:
