@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -380,6 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "unrecognized arguments: " + " ".join(unknown))
     if not getattr(args, "_run", None):
         parser.print_help()
+        return EXIT_BAD_INPUT
+    processes = os.environ.get("WORLD_SIZE", "1")
+    if processes.isdigit() and int(processes) > 1:
+        # Every process would run the whole stage and write the same --out: refuse, don't race.
+        print(f"gptlab {args.verb}: error: started as {processes} processes (WORLD_SIZE="
+              f"{processes}), but gptlab trains in one process: distributed training is not "
+              "built yet. Run it with `torchrun --nproc-per-node 1` or without torchrun.",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         args._run(args)

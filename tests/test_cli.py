@@ -118,6 +118,20 @@ def test_generate_on_a_missing_model_exits_2(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
+def test_torchrun_with_more_than_one_process_is_refused_before_anything_runs(
+        tiny_model, tmp_path, monkeypatch, capsys):
+    # Distributed training is not built: N processes would each train and write the same --out.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out, corpus = tmp_path / "pre", tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    assert main(["pretrain", "--data", str(corpus), "--model", "tiny", "--max-steps", "1",
+                 "--out", str(out)]) == 2
+    assert "WORLD_SIZE=2" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1 runs as usual
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "hello", "--greedy",
+                 "--max-new-tokens", "3"]) == 0
+
+
 def test_run_directory_records_config_versions_and_command(tmp_path):
     record_run(tmp_path, PPOConfig(steps=3))
     info = json.loads((tmp_path / "run.json").read_text())
