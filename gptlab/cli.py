@@ -212,6 +212,7 @@ def _verb_world():
             return
         if args.action == "score":
             from gptlab.eval.execution import score_samples
+            from gptlab.world.variants import VARIANTS
             from gptlab.io import check_file_out, write_jsonl_atomic
             if args.out:
                 check_file_out(args.out)
@@ -220,6 +221,8 @@ def _verb_world():
                 write_jsonl_atomic(args.out, verdicts, allow_nan=False)
             print(f"execution accuracy {summary['exec_acc']:.4f} on {summary['prompts']} "
                   f"questions (first response of each)")
+            print(f"on the test suite {summary['exec_acc_test_suite']:.4f} (right on the "
+                  f"company and on its {VARIANTS} variant databases)")
             print(f"does not run {summary['exec_error_rate']:.4f} "
                   f"({summary['exec_errors']} of {summary['prompts']})")
             if summary["unseen_phrasing"] is not None:

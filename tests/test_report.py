@@ -48,6 +48,8 @@ def full_results() -> dict:
         "exec_acc": dict(zip(names, [0.05, 0.512, 0.53, 0.6, 0.625, 0.625])),
         "exec_acc_unseen_phrasing": dict(zip(names, [0.0, 0.4, 0.41, 0.45, 0.5, None])),
         "exec_error_rate": dict(zip(names, [0.9, 0.04, 0.035, 0.05, 0.0417, 0.0417])),
+        "exec_acc_test_suite": dict(zip(names, [0.05, 0.5, 0.525, 0.6, 0.62, 0.62])),
+        "test_suite_variants": 16,
         "delta_ppo_vs_sft": {"mean": 0.113, "ci95": [0.051, 0.175]},
         "delta_ppo_vs_sft_continued": {"mean": 0.095, "ci95": [-0.02, 0.21]},
         "rm_pairwise_acc": 0.8,
@@ -103,10 +105,12 @@ def test_markdown_exec_table_and_deltas(full_report):
     run_dir, _, _ = full_report
     md = (run_dir / "report.md").read_text()
     assert md.startswith("# gptlab pipeline report")
-    assert "| model | all questions | unseen phrasing | does not run |" in md
-    assert "| sft | 0.512 | 0.400 | 0.040 |" in md
-    assert "| ppo | 0.625 | n/a | 0.042 |" in md
-    assert "| pretrained | 0.050 | 0.000 | 0.900 |" in md
+    assert ("| model | all questions | on the test suite | unseen phrasing | does not run |"
+            in md)
+    assert "| sft | 0.512 | 0.500 | 0.400 | 0.040 |" in md
+    assert "| ppo | 0.625 | 0.620 | n/a | 0.042 |" in md
+    assert "| pretrained | 0.050 | 0.050 | 0.000 | 0.900 |" in md
+    assert "and on each of 16 variant databases" in md
     assert "+0.113, 95% CI [+0.051, +0.175]: the interval excludes 0" in md
     assert "+0.095, 95% CI [-0.020, +0.210]: the interval includes 0" in md
     assert "Win rate of PPO over SFT (among answers of one verdict, the shorter wins): 0.640" in md
@@ -157,6 +161,7 @@ def test_html_is_self_contained_and_escaped(full_report):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
     assert "<td class=\"num\">0.512</td>" in html
     assert "<th>does not run</th>" in html and "<td class=\"num\">0.900</td>" in html
+    assert "<th>on the test suite</th>" in html and "each of 16 variant databases" in html
     assert "the interval excludes 0" in html
 
 

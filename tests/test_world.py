@@ -362,6 +362,8 @@ def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsy
     assert "all 6 responses: 0.5000" in printed  # 3 of 6 responses right
     rows = [json.loads(line) for line in open(verdicts)]
     assert [r["correct"] for r in rows] == [True, False, False, True]
+    assert [r["correct_on_test_suite"] for r in rows] == [True, False, False, True]
+    assert "on the test suite 0.5000" in printed  # the gold's own SQL is right everywhere
     assert rows[1]["verdicts"] == ["wrong", "correct"] and rows[2]["verdicts"] == ["error"]
     assert "unseen phrasing 0.5000 on 2 questions" in printed
     # Only `id` and `responses`, as a hand-made file has: the world knows which questions use

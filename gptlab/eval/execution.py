@@ -92,6 +92,7 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
     if not rows:
         raise UserError("no samples to score", path=path)
     first: list[int] = []
+    first_on_suite: list[int] = []  # first responses right on the variant databases too
     errors = 0  # first responses that do not run
     every: list[int] = []
     unseen: list[int] = []
@@ -111,12 +112,16 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
             raise e.at(path, r["_line"]) from None
         hits = [int(k == "correct") for k in kinds]
         first.append(hits[0])
+        first_on_suite.append(int(hits[0] and world.correct_on_test_suite(str(r["id"]),
+                                                                      responses[0].strip())))
         errors += kinds[0] == "error"
         every.extend(hits)
         if world.unseen_phrasing(str(r["id"])):  # the world's mark, not the file's
             unseen.append(hits[0])
-        verdicts.append({"id": r["id"], "verdicts": kinds, "correct": bool(hits[0])})
+        verdicts.append({"id": r["id"], "verdicts": kinds, "correct": bool(hits[0]),
+                         "correct_on_test_suite": bool(first_on_suite[-1])})
     summary = {"prompts": len(rows), "exec_acc": sum(first) / len(first),
+               "exec_acc_test_suite": sum(first_on_suite) / len(first),
                "exec_errors": errors, "exec_error_rate": errors / len(first),
                "all_responses": sum(every) / len(every), "responses": len(every),
                "unseen_phrasing": sum(unseen) / len(unseen) if unseen else None,

@@ -13,6 +13,7 @@ from gptlab.engine import SamplingParams, generate
 from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
 from gptlab.io import read_jsonl, write_jsonl_atomic
+from gptlab.world.variants import VARIANTS
 
 
 def mean(xs: list[float]) -> float | None:
@@ -122,17 +123,21 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     answers: dict[str, list[str]] = {}
     correct: dict[str, list[int]] = {}
     errors: dict[str, list[int]] = {}  # 1 where the answer's SQL does not run
+    on_suite: dict[str, list[int]] = {}  # 1 where it is also right on the variant databases
     for name, path in models.items():
         model, tok, _ = load_model(path)
         answers[name] = answer(model, tok, test, cfg.max_new_tokens)
         kinds = exec_verdicts(world, test, answers[name])
         correct[name] = [int(k == "correct") for k in kinds]
         errors[name] = [int(k == "error") for k in kinds]
+        on_suite[name] = [int(hit and world.correct_on_test_suite(r["id"], a.strip()))
+                          for hit, r, a in zip(correct[name], test, answers[name])]
         print(f"  {name}: exec_acc {mean(correct[name]):.3f}", flush=True)
     write_jsonl_atomic(out / "eval" / "answers.jsonl", (
         {"id": r["id"], "question": r.get("question"), "gold": r["completion"].strip(),
-         **{f"{n}": answers[n][i] for n in models}, **{f"{n}_correct": bool(correct[n][i])
-                                                        for n in models}}
+         **{f"{n}": answers[n][i] for n in models},
+         **{f"{n}_correct": bool(correct[n][i]) for n in models},
+         **{f"{n}_correct_on_test_suite": bool(on_suite[n][i]) for n in models}}
         for i, r in enumerate(test)))
 
     def acc(name: str, idx: list[int] | None = None) -> float | None:
@@ -145,6 +150,8 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     exec_unseen["ppo"] = exec_unseen[final]
     exec_error = {n: mean(errors[n]) for n in models}
     exec_error["ppo"] = exec_error[final]
+    exec_suite = {n: mean(on_suite[n]) for n in models}
+    exec_suite["ppo"] = exec_suite[final]
 
     # Reward-model accuracy on each round's held-out rankings: against the noise-free labeler
     # (the evaluation's judge, as for the win rate), and against the noisy labelers who made
@@ -182,6 +189,8 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "exec_acc": exec_acc,
         "exec_acc_unseen_phrasing": exec_unseen,
         "exec_error_rate": exec_error,
+        "exec_acc_test_suite": exec_suite,
+        "test_suite_variants": VARIANTS,
         "delta_ppo_vs_sft": paired_delta(correct[final], correct["sft"]),
         "delta_ppo_vs_sft_continued": paired_delta(correct[final], correct["sft_continued"]),
         "rm_pairwise_acc": rm_acc[-1],

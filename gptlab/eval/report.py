@@ -315,8 +315,10 @@ class ReportContent:
     """Everything both documents show, already formatted as plain text."""
     title: str
     summary: list[str]
-    exec_rows: list[tuple[str, str, str, str]]     # (model, overall, unseen, does not run)
+    exec_rows: list[tuple[str, str, str, str, str]]  # (model, overall, on the test suite,
+    #                                                   unseen, does not run)
     headlines: list[tuple[str, str]]               # (what, value)
+    exec_note: str = ""                            # what a column of the table means
     plots: list[tuple[str, Path]] = field(default_factory=list)  # (caption, path under run_dir)
     samples: list[Sample] = field(default_factory=list)
 
@@ -339,6 +341,12 @@ def collect_samples(results: dict) -> list[Sample]:
             for s in rows[:MAX_SAMPLES] if isinstance(s, dict)]
 
 
+SUITE_NOTE = ("On the test suite: the answer returns the gold's result on the company and on "
+              "each of {n} variant databases (same people, departments and projects, every "
+              "relation and number drawn again), which a wrong query that happens to return "
+              "the gold's rows on the company does not.")
+
+
 PLOT_CAPTIONS = {
     "pretrain_loss": "Pretraining: training and validation loss",
     "rm_accuracy": "Reward model: held-out pairwise accuracy",
@@ -351,6 +359,7 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
     overall = results.get("exec_acc") or {}
     unseen = results.get("exec_acc_unseen_phrasing") or {}
     errors = results.get("exec_error_rate") or {}  # absent from reports made before it
+    suite = results.get("exec_acc_test_suite") or {}  # so is this
     ptx = results.get("ptx") if isinstance(results.get("ptx"), dict) else {}
     summary = [describe_config(results.get("config")), describe_time(results)]
     headlines = [
@@ -381,9 +390,12 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
     return ReportContent(
         title=f"gptlab pipeline report: {run_dir.name}",
         summary=summary,
-        exec_rows=[(n, fmt(overall.get(n)), fmt(unseen.get(n)), fmt(errors.get(n)))
+        exec_rows=[(n, fmt(overall.get(n)), fmt(suite.get(n)), fmt(unseen.get(n)),
+                    fmt(errors.get(n)))
                    for n in model_names(results)],
         headlines=headlines,
+        exec_note=(SUITE_NOTE.format(n=results.get("test_suite_variants", NA))
+                   if suite else ""),
         plots=[(PLOT_CAPTIONS[name], path.relative_to(run_dir)) for name, path in plots.items()],
         samples=collect_samples(results))
 
@@ -413,9 +425,11 @@ def mark(correct: bool | None) -> str:
 def render_markdown(c: ReportContent) -> str:
     lines = [f"# {c.title}", "", " ".join(c.summary), "", "## Execution accuracy", ""]
     if c.exec_rows:
-        lines += ["| model | all questions | unseen phrasing | does not run |",
-                  "|---|---:|---:|---:|"]
-        lines += [f"| {md_cell(n)} | {a} | {u} | {e} |" for n, a, u, e in c.exec_rows]
+        lines += ["| model | all questions | on the test suite | unseen phrasing | does not run |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {md_cell(n)} | {a} | {t} | {u} | {e} |" for n, a, t, u, e in c.exec_rows]
+        if c.exec_note:
+            lines += ["", c.exec_note]
     else:
         lines.append(NA)
     lines += ["", "## Headline numbers", ""]
@@ -461,11 +475,12 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 <h2>Execution accuracy</h2>
 {% if c.exec_rows %}
 <table>
-<tr><th>model</th><th>all questions</th><th>unseen phrasing</th><th>does not run</th></tr>
-{% for name, overall, unseen, errors in c.exec_rows %}
-<tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ unseen }}</td><td class="num">{{ errors }}</td></tr>
+<tr><th>model</th><th>all questions</th><th>on the test suite</th><th>unseen phrasing</th><th>does not run</th></tr>
+{% for name, overall, suite, unseen, errors in c.exec_rows %}
+<tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ suite }}</td><td class="num">{{ unseen }}</td><td class="num">{{ errors }}</td></tr>
 {% endfor %}
 </table>
+{% if c.exec_note %}<p>{{ c.exec_note }}</p>{% endif %}
 {% else %}<p>n/a</p>{% endif %}
 <h2>Headline numbers</h2>
 <ul>

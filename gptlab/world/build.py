@@ -28,6 +28,7 @@ from gptlab.world.labelers import SqlLabeler
 from gptlab.world.questions import (Combo, Question, SplitSizes, build_questions,
                                     enumerate_combos)
 from gptlab.world.schema import Schema, make_schema
+from gptlab.world.variants import VariantDatabases
 
 FORMAT = "gptlab-world/1"
 FILES = ("corpus.txt", "sft.jsonl", "validation.jsonl", "test.jsonl", "dialogs.jsonl",
@@ -78,6 +79,7 @@ class World:
                 self._gold[f"{d.id}/{turn}"] = sql
         self._executor: SqlExecutor | None = None
         self._gold_results: dict[str, QueryResult] = {}
+        self._variants: VariantDatabases | None = None  # the test suite's, made on first use
         self._corpus: str | None = None
 
     # --- questions and gold --------------------------------------------------------------
@@ -131,6 +133,16 @@ class World:
             raise UserError(f"gold SQL of '{qid}' does not run on {self.db_path} "
                             f"({gold.error.message}); was the database replaced?", field="id")
         return compare(self.executor().run(pred_sql), gold, has_top_level_order_by(gold_sql))
+
+    def correct_on_test_suite(self, qid: str, pred_sql: str) -> bool:
+        """Whether `pred_sql` returns the gold's result on the company and on each of its
+        variant databases (see variants.py): stricter than `check`, which a wrong query passes
+        when it happens to return the gold's rows on this one database."""
+        if not self.check(qid, pred_sql).correct:
+            return False
+        if self._variants is None:
+            self._variants = VariantDatabases(self.company, self.schema)
+        return self._variants.agrees(pred_sql, self.gold(qid))
 
     def labeler(self, disagreement: float = 0.0, seed: int = 0, ties: bool = True) -> SqlLabeler:
         return SqlLabeler(self, disagreement=disagreement, seed=seed, ties=ties)

@@ -1,0 +1,102 @@
+"""The test suite's variant databases: what they keep, what they change, and the wrong queries
+that pass on the company but not on them."""
+import re
+
+import pytest
+
+from gptlab.world import build_world
+from gptlab.world.questions import slot_domains
+from gptlab.world.variants import variant_company
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "company.sqlite"
+    return build_world(0, n_train=100, n_validation=20, n_test=300, n_dialogs=5,
+                       corpus_chars=1000, db_path=path)
+
+
+def test_a_variant_keeps_ids_and_names_and_redraws_the_rest(world):
+    company = world.company
+    v = variant_company(company, 3)
+    assert v == variant_company(company, 3) and v != variant_company(company, 4)
+    for table, key in (("dept", (0, 1)), ("emp", (0, 1)), ("proj", (0, 1))):
+        assert ([tuple(r[i] for i in key) for r in v.rows[table]]
+                == [tuple(r[i] for i in key) for r in company.rows[table]])
+    emp, dept, proj = v.rows["emp"], v.rows["dept"], v.rows["proj"]
+    moved = sum(a[2] != b[2] for a, b in zip(emp, company.rows["emp"]))
+    assert moved > len(emp) / 2  # most people are in another department
+    # Unique salaries and project budgets: ORDER BY ... LIMIT keeps one answer.
+    assert len({r[4] for r in emp}) == len(emp) and len({r[3] for r in proj}) == len(proj)
+    ids = {r[0] for r in dept}
+    assert all(r[2] in ids for r in emp) and all(r[2] in ids for r in proj)
+    emp_ids, proj_ids = {r[0] for r in emp}, {r[0] for r in proj}
+    assert all(a[0] in emp_ids and a[1] in proj_ids for a in v.rows["asg"])
+
+
+def test_variants_hold_values_at_and_beside_the_questions_thresholds(world):
+    domains = slot_domains(world.company)
+    amounts = {d["amount"] for d in domains["amount"]}
+    budgets = {d["budget"] for d in domains["budget"]}
+    for k in range(4):
+        v = variant_company(world.company, k)
+        salaries = {r[4] for r in v.rows["emp"]}
+        assert len(salaries & amounts) >= 5  # `>=` and `>` differ on these
+        assert salaries & {a + 1 for a in amounts} and salaries & {a - 1 for a in amounts}
+        spent = {r[3] for r in v.rows["proj"]}
+        assert spent & budgets and len(spent & {b + d for b in budgets for d in (-1, 0, 1)}) >= 8
+
+
+def test_a_wrong_query_that_returns_the_gold_rows_on_the_company_fails_the_suite(world):
+    q = next(q for q in world.test if q.intent == "department_of_employee")
+    name = q.values["employee"]
+    # A colleague in the same department gives the same rows on the company.
+    dept = next(r[2] for r in world.company.rows["emp"] if r[1] == name)
+    colleague = next(r[1] for r in world.company.rows["emp"] if r[2] == dept and r[1] != name)
+    wrong = q.sql.replace(f"'{name}'", f"'{colleague}'")
+    assert world.check(q.id, wrong).correct
+    assert not world.correct_on_test_suite(q.id, wrong)
+    assert world.correct_on_test_suite(q.id, q.sql)
+
+
+@pytest.mark.parametrize("intent, rewrite", [
+    # Equivalent queries are right on every variant too.
+    ("count_employees_city", lambda s: s.replace("COUNT(*)", "COUNT(id)")),
+    ("employees_salary_above", lambda s: re.sub(r"salary > (\d+)", r"NOT salary <= \1", s)),
+    ("top_paid_employees_city", lambda s: s.replace("SELECT name, salary", "SELECT salary, name")),
+    ("department_of_employee", lambda s: (
+        "SELECT name FROM departments WHERE id = (SELECT dept_id FROM employees WHERE name = "
+        + s.split("T1.name = ")[1] + ")")),
+])
+def test_equivalent_queries_pass_the_suite(world, intent, rewrite):
+    q = next(q for q in world.test if q.intent == intent)
+    other = rewrite(q.sql)
+    assert other != q.sql
+    assert world.correct_on_test_suite(q.id, other)
+
+
+def wrong_neighbours(sql, domains):
+    """Queries a careless writer would produce: another value of the same kind in place of a
+    quoted one, `>=` for `>` (`<=` for `<`)."""
+    out = set()
+    for m in re.finditer(r"'((?:[^']|'')*)'", sql):
+        for kind in ("city", "department", "employee", "project", "role"):
+            values = [d[kind] for d in domains[kind]]
+            if m.group(1) in values:
+                out |= {sql[:m.start()] + "'" + v.replace("'", "''") + "'" + sql[m.end():]
+                        for v in values if v != m.group(1)}
+    for m in re.finditer(r"([<>]) (\d+)", sql):
+        out.add(sql[:m.start()] + m.group(1) + "= " + m.group(2) + sql[m.end():])
+    return out
+
+
+def test_the_suite_tells_apart_most_wrong_queries_the_company_cannot(world):
+    domains = slot_domains(world.company)
+    passed = caught = 0
+    for q in world.test[:150]:
+        for wrong in wrong_neighbours(q.sql, domains):
+            if world.check(q.id, wrong).correct:  # a wrong query the company cannot tell
+                passed += 1
+                caught += not world.correct_on_test_suite(q.id, wrong)
+    assert passed > 100
+    assert caught / passed >= 0.95, (caught, passed)
