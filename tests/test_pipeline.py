@@ -61,9 +61,9 @@ def test_report_has_every_number(run):
     assert r["n_test"] == 24 and r["minutes"] > 0
 
 
-def test_report_counts_answers_that_do_not_run(run):
-    """exec_error_rate: the share of each model's answers the checker says do not run,
-    recomputed here from the answers the evaluation wrote."""
+def test_report_counts_answers_that_do_not_run_and_those_right_on_the_test_suite(run):
+    """exec_error_rate: the share of each model's answers the checker says do not run, and
+    exec_acc_test_suite, recomputed here from the answers the evaluation wrote."""
     from gptlab.world import load_world
     r = json.loads((run / "report.json").read_text())
     world = load_world(run / "world")
@@ -72,7 +72,13 @@ def test_report_counts_answers_that_do_not_run(run):
         kinds = [world.check(a["id"], a[name].strip()).kind for a in answers]
         assert r["exec_error_rate"][name] == pytest.approx(kinds.count("error") / len(kinds))
         assert r["exec_error_rate"][name] + r["exec_acc"][name] <= 1.0
+        on_suite = [world.correct_on_test_suite(a["id"], a[name].strip()) for a in answers]
+        assert [a[f"{name}_correct_on_test_suite"] for a in answers] == on_suite
+        assert r["exec_acc_test_suite"][name] == pytest.approx(sum(on_suite) / len(on_suite))
+        assert r["exec_acc_test_suite"][name] <= r["exec_acc"][name]
     assert r["exec_error_rate"]["ppo"] == r["exec_error_rate"]["ppo_round_2"]
+    assert r["exec_acc_test_suite"]["ppo"] == r["exec_acc_test_suite"]["ppo_round_2"]
+    assert r["test_suite_variants"] == 16
 
 
 def test_the_control_took_as_many_optimizer_steps_as_ppo(run):
