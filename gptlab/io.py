@@ -152,11 +152,43 @@ def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
         batches = pq.ParquetFile(path).iter_batches()
         n = 0
         for batch in batches:
-            for row in batch.to_pylist():
+            try:
+                rows = batch.to_pylist()
+            except UnicodeDecodeError:
+                raise _not_utf8(batch, path, n) from None
+            for row in rows:
                 n += 1
                 yield n, {k: _json_value(v, path, n, k) for k, v in row.items() if v is not None}
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+
+
+def parquet_not_utf8(path: str | Path, columns: list[str] | None = None) -> UserError:
+    """The first value of a Parquet file (in `columns`) whose text is not UTF-8, as a
+    UserError naming its row and column: for a reader that met it without knowing where."""
+    import pyarrow.parquet as pq
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+        try:
+            batch.to_pylist()
+        except UnicodeDecodeError:
+            return _not_utf8(batch, path, n)
+        n += batch.num_rows
+    return UserError("not UTF-8 text", path=path)
+
+
+def _not_utf8(batch: Any, path: str | Path, rows_before: int) -> UserError:
+    """A UserError naming the first row and column of a Parquet batch that cannot be decoded
+    as UTF-8 (Parquet does not check the text it stores)."""
+    for i in range(batch.num_rows):
+        for name in batch.schema.names:
+            try:
+                batch.column(name).slice(i, 1).to_pylist()
+            except UnicodeDecodeError as e:
+                return UserError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at byte offset "
+                                 f"{e.start} of the value cannot be decoded; write the text as "
+                                 f"UTF-8", path=path, line=rows_before + i + 1, field=name)
+    return UserError("not UTF-8 text", path=path)
 
 
 def _json_value(v: Any, path: Path, row: int, field: str) -> Any:

@@ -134,7 +134,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False,
                      eos: bool = False) -> list[list[int]]:
-        encs = self._plain.encode_batch(list(texts), add_special_tokens=False)
+        encs = self._plain.encode_batch([check_text(t) for t in texts], add_special_tokens=False)
         return [self._wrap(e.ids, bos, eos) for e in encs]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
@@ -321,16 +321,21 @@ def _without_markup_parsing(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return plain
 
 
-def check_text(text: str, field: str | None = None) -> str:
+def check_text(text: str, field: str | None = None, from_json: bool = False) -> str:
     """`text` if it is a string of valid Unicode, else a UserError. Bytes that are not UTF-8
     reach Python as lone surrogates (in command-line arguments, and in stdin under a C locale);
-    no tokenizer can encode them."""
+    no tokenizer can encode them. In text read from JSON (`from_json`), whose bytes were
+    UTF-8, a lone surrogate is a `\\u` escape of half a UTF-16 pair, never a byte."""
     if not isinstance(text, str):
         raise UserError(f"expected text, got {type(text).__name__}", field=field)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         ch = ord(text[e.start])
+        if from_json:
+            raise UserError(f"not valid Unicode: \\u{ch:04x} at character {e.start + 1} is half "
+                            f"of a UTF-16 surrogate pair without its other half; write the "
+                            f"character itself or both halves", field=field) from None
         what = f"byte 0x{ch - 0xdc00:02x}" if 0xdc80 <= ch <= 0xdcff else f"U+{ch:04X}"
         raise UserError(f"not UTF-8 text: {what} at character {e.start + 1} cannot be decoded",
                         field=field) from None
@@ -442,6 +447,7 @@ def _nonempty_texts(texts: Iterable[Any]) -> Iterator[str]:
         if not isinstance(text, str):
             raise UserError(f"item {i} is a {type(text).__name__}, expected a string",
                             field="paths_or_texts")
+        check_text(text, field=f"paths_or_texts[{i}]")
         if text.strip():
             n += 1
             yield text

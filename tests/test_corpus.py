@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gptlab.data.corpus import iter_documents, read_documents
+from gptlab.data.tokens import tokenize_corpus
 from gptlab.errors import UserError
 from gptlab.tokenizer import train_tokenizer
 
@@ -123,3 +124,36 @@ def test_a_parquet_file_without_rows_has_no_documents(tmp_path):
     with pytest.raises(UserError, match=f"the corpus is empty: no non-empty document in "
                                         f"{empty}"):
         train_tokenizer([empty], vocab_size=300)
+
+
+def test_a_lone_surrogate_in_jsonl_names_file_line_and_field(tmp_path):
+    # `\ud800` alone is valid JSON but no text a tokenizer can encode: it crashed tokenizer
+    # training (UnicodeEncodeError) and pretraining's batch encoding (TypeError).
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "bad \\ud800"}\n', encoding="utf-8")
+    tok = train_tokenizer(["fine"], vocab_size=300)
+    for read in (read_documents, lambda p: train_tokenizer(p, vocab_size=300),
+                 lambda p: tokenize_corpus(p, tok, tmp_path / "cache")):
+        with pytest.raises(UserError) as e:
+            read([f])
+        assert (e.value.path, e.value.line, e.value.field) == (f, 2, "text")
+        assert str(e.value) == (f"{f}:2, field 'text': not valid Unicode: \\ud800 at character 5 "
+                                "is half of a UTF-16 surrogate pair without its other half; "
+                                "write the character itself or both halves")
+
+
+def test_parquet_text_that_is_not_utf8_names_file_row_and_field(tmp_path):
+    # Parquet stores any bytes in a string column; reading them crashed (UnicodeDecodeError).
+    f = tmp_path / "a.parquet"
+    raw = pa.array([b"fine", b"bad \xed\xa0\x80"], pa.binary()).cast(pa.string(), safe=False)
+    pq.write_table(pa.table({"text": raw}), f)
+    with pytest.raises(UserError) as e:
+        read_documents([f])
+    assert str(e.value) == (f"{f}:2, field 'text': not UTF-8 text: byte 0xed at byte offset 4 "
+                            "of the value cannot be decoded; write the text as UTF-8")
+
+
+def test_a_lone_surrogate_among_texts_to_train_on_names_the_item():
+    with pytest.raises(UserError) as e:
+        train_tokenizer(["fine", "bad \ud800"], vocab_size=300)
+    assert e.value.field == "paths_or_texts[1]" and "U+D800" in str(e.value)

@@ -159,3 +159,16 @@ def test_parquet_files_read_as_their_jsonl_twins_and_name_the_bad_row(tok, tmp_p
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match="broken.parquet: not a readable Parquet file"):
         read_prompts(tmp_path / "broken.parquet")
+
+
+def test_parquet_text_that_is_not_utf8_names_the_row_and_column(tmp_path):
+    # Parquet stores any bytes in a string column; reading them crashed (UnicodeDecodeError).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    raw = pa.array([b"Is it?", b"caf\xe9?"], pa.binary()).cast(pa.string(), safe=False)
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "prompt": raw}), f)
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    assert str(err.value) == (f"{f}:2, field 'prompt': not UTF-8 text: byte 0xe9 at byte offset "
+                              "3 of the value cannot be decoded; write the text as UTF-8")

@@ -89,6 +89,13 @@ def test_bos_eos_and_batch(tok):
     assert tok.decode([tok.bos_id, *ids], skip_special=False) == BOS + "Hello, world!"
 
 
+def test_encode_batch_refuses_text_that_is_not_unicode_as_encode_does(tok):
+    # It raised a TypeError from inside `tokenizers` (pretraining's corpus encoding).
+    for encode in (tok.encode, lambda t: tok.encode_batch(["fine", t])):
+        with pytest.raises(UserError, match="U\\+D800 at character 5"):
+            encode("bad \ud800")
+
+
 def test_pad_falls_back_to_eos(tok):
     t = Tokenizer(tok.hf, bos_token=None, eos_token=EOS, pad_token=None)
     assert t.pad_id == t.eos_id == 1 and t.bos_id is None

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from gptlab.errors import UserError
-from gptlab.io import json_objects, utf8_lines
+from gptlab.io import json_objects, parquet_not_utf8, utf8_lines
+from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
@@ -128,7 +129,11 @@ def _iter_jsonl(p: Path) -> Iterator[str]:
         if not isinstance(row[TEXT_FIELD], str):
             raise UserError(f"expected a string, got {type(row[TEXT_FIELD]).__name__}", path=p,
                             line=lineno, field=TEXT_FIELD)
-        yield row[TEXT_FIELD]
+        try:  # a \ud800 escape alone is valid JSON but no text a tokenizer can encode
+            text = check_text(row[TEXT_FIELD], field=TEXT_FIELD, from_json=True)
+        except UserError as e:
+            raise e.at(p, lineno) from None
+        yield text
 
 
 @contextlib.contextmanager
@@ -172,9 +177,12 @@ def _iter_parquet(p: Path) -> Iterator[str]:
         ds = datasets.load_dataset("parquet", data_files=glob.escape(str(p.resolve())),
                                    split="train", streaming=True, columns=[TEXT_FIELD],
                                    cache_dir=cache_dir)
-        for row in ds:
-            if row[TEXT_FIELD] is not None:
-                yield row[TEXT_FIELD]
+        try:
+            for row in ds:
+                if row[TEXT_FIELD] is not None:
+                    yield row[TEXT_FIELD]
+        except UnicodeDecodeError:  # Parquet stores any bytes as text: say which row
+            raise parquet_not_utf8(p, [TEXT_FIELD]) from None
 
 
 def _iter_hub(name: str) -> Iterator[str]:
