@@ -172,3 +172,47 @@ def test_parquet_text_that_is_not_utf8_names_the_row_and_column(tmp_path):
         read_prompts(f)
     assert str(err.value) == (f"{f}:2, field 'prompt': not UTF-8 text: byte 0xe9 at byte offset "
                               "3 of the value cannot be decoded; write the text as UTF-8")
+
+
+LONE = "half of a UTF-16 surrogate pair without its other half"
+
+
+@pytest.mark.parametrize("row,field,at", [
+    ({"prompt": "Is it \udc80?", "completion": " no"}, "prompt", 7),
+    ({"prompt": "Is it?", "completion": " n\udc80"}, "completion", 3),
+    ({"messages": [USER, {"role": "assistant", "content": "n\udc80"}]}, "messages[1].content", 2),
+])
+def test_a_lone_surrogate_in_a_demonstration_names_file_line_and_field(tok, tmp_path, row,
+                                                                        field, at):
+    # A JSON "\udc80" escape was reported as "byte 0x80", and a prompt's or completion's
+    # without the file, line or field.
+    f = write(tmp_path / "d.jsonl", {"prompt": "Is the dog happy?", "completion": " no"}, row)
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
+    assert f"\\udc80 at character {at} is {LONE}" in str(err.value)
+    assert "byte" not in str(err.value)
+
+
+def test_a_lone_surrogate_in_prompts_rankings_and_samples_names_file_line_and_field(tmp_path):
+    from gptlab.data.instruct import read_rankings, responses_of
+    f = write(tmp_path / "p.jsonl", {"prompt": "Is it?"}, {"prompt": "Is it \ud800?"})
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    assert str(err.value).startswith(f"{f}:2, field 'prompt': not valid Unicode: \\ud800 at "
+                                     f"character 7 is {LONE}")
+    write(f, {"messages": [{"role": "user", "content": "\ud800"}]})
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    assert (err.value.line, err.value.field) == (1, "messages[0].content")
+    for row, field in (({"prompt": "Is it?", "chosen": "yes", "rejected": "n\ud800"},
+                        "chosen/rejected"),
+                       ({"prompt": "Is it?", "ranked": ["yes", ["no", "n\ud800"]]}, "ranked")):
+        write(f, {"prompt": "Is it?", "chosen": "yes", "rejected": "no"}, row)
+        with pytest.raises(UserError) as err:
+            read_rankings(f)
+        assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
+        assert LONE in str(err.value)
+    with pytest.raises(UserError) as err:
+        responses_of({"responses": ["yes", "n\ud800"]}, f, 3)
+    assert (err.value.path, err.value.line, err.value.field) == (f, 3, "responses[1]")

@@ -19,7 +19,7 @@ from typing import Any
 
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
-from gptlab.tokenizer import check_messages
+from gptlab.tokenizer import check_messages, check_text
 
 
 @dataclass
@@ -64,13 +64,24 @@ class SkipCounter:
 
 
 def _checked_messages(msgs: list, path: str | Path, line: int | None) -> list:
-    """`msgs` if every message has a known role and string content (the chat template's own
-    check, here naming the file and line)."""
+    """`msgs` if every message has a known role and string content that a tokenizer can encode
+    (the chat template's own checks, here naming the file, line and field)."""
     try:
         check_messages(msgs)
     except UserError as e:
         raise (e.at(path, line) if path else e) from None
+    for i, m in enumerate(msgs):
+        _checked_text(m["content"], path, line, f"messages[{i}].content")
     return msgs
+
+
+def _checked_text(text: str, path: str | Path, line: int | None, field: str) -> str:
+    """`text` if a tokenizer can encode it, else a UserError naming file, line and field. Read
+    from a file, whose bytes were UTF-8, a lone surrogate came from a JSON `\\u` escape."""
+    try:
+        return check_text(text, field=field, from_json=bool(path))
+    except UserError as e:
+        raise UserError(e.message, path=path or None, line=line, field=field) from None
 
 
 def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> Any:
@@ -78,7 +89,7 @@ def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> A
     if "prompt" in record:
         if not isinstance(record["prompt"], str) or not record["prompt"]:
             raise UserError("must be a non-empty string", path=path, line=line, field="prompt")
-        return record["prompt"]
+        return _checked_text(record["prompt"], path, line, "prompt")
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -143,6 +154,7 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
     if not isinstance(record["completion"], str) or not record["completion"].strip():
         # An empty one would teach the model to answer with nothing but EOS.
         raise UserError("must be a non-empty string", path=path, line=line, field="completion")
+    _checked_text(record["completion"], path, line, "completion")
     p = encode_prompt(tokenizer, prompt_of(record, path, line))
     c = encode_response(tokenizer, record["completion"], record["prompt"])
     return Example(p + c, [0] * len(p) + [1] * len(c), record.get("id"), line)
@@ -189,6 +201,7 @@ def responses_of(row: dict, path: str | Path = "", line: int | None = None) -> l
         if not isinstance(r, str):
             raise UserError(f"item {i + 1} must be a response string, got {_json_kind(r)}",
                             path=path or None, line=line, field="responses")
+        _checked_text(r, path, line, f"responses[{i}]")
     return responses
 
 
@@ -246,6 +259,8 @@ def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ran
                         field=fname)
     if any(not r.strip() for r in ranked):
         raise UserError("a response is empty", path=path, line=line, field=fname)
+    for r in ranked:
+        _checked_text(r, path, line, fname)
     if len(set(ranked)) != len(ranked):
         raise UserError("has duplicate responses (merge them before ranking)", path=path,
                         line=line, field=fname)
