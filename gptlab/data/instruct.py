@@ -114,12 +114,30 @@ def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
 
 
 def encode_response(tokenizer: Any, response: str, prompt: Any) -> list[int]:
-    """Tokens of a response, closed by EOS (the chat template's end of turn for chat prompts)."""
+    """Tokens of a response, closed by EOS (the chat template's end of turn for chat prompts),
+    as the model writes them after the prompt's tokens."""
     if isinstance(prompt, str):
         return tokenizer.encode(response) + [tokenizer.eos_id]
+    start = encode_prompt(tokenizer, prompt)
+    answer = _assistant_tokens_after(tokenizer, prompt, response, start)
+    if answer is not None:
+        return answer
+    # BPE merged the generation prompt's last characters with the response's first ones (its
+    # "\n" and a response's "\n\n" are one token): the prompt's own tokens come first, so the
+    # response is tokens of its own, then the template's end of turn.
+    end = _assistant_tokens_after(tokenizer, prompt, "", start)
+    return tokenizer.encode(response) + (end if end is not None else [tokenizer.eos_id])
+
+
+def _assistant_tokens_after(tokenizer: Any, prompt: list, response: str,
+                            start: list[int]) -> list[int] | None:
+    """The assistant tokens (the response and its end of turn) of the conversation `prompt` +
+    `response` that follow the generation prompt's tokens `start`; None when its rendering
+    does not begin with `start`."""
     full, mask = tokenizer.render_chat(list(prompt) + [{"role": "assistant", "content": response}])
-    start = len(encode_prompt(tokenizer, prompt))
-    return [t for t, m in zip(full[start:], mask[start:]) if m]
+    if full[:len(start)] != start:
+        return None
+    return [t for t, m in zip(full[len(start):], mask[len(start):]) if m]
 
 
 def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
