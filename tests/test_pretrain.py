@@ -79,6 +79,23 @@ def test_token_cache_is_reused_and_keyed_on_the_files(corpus, tmp_path):
                                                                         ".json", ".json"]
 
 
+def test_token_cache_is_keyed_on_the_bos_and_eos_from_tokenizer_config(corpus, tmp_path):
+    # The key covered tokenizer.json only: a tokenizer with another eos_token (or add_bos) in
+    # its tokenizer_config.json reused a token file whose documents the other EOS separated.
+    from gptlab.tokenizer import Tokenizer
+    d, docs, tok = corpus
+    other_eos = Tokenizer(tok.hf, tok.bos_token, "<|pad|>", None)
+    no_bos = Tokenizer(tok.hf, tok.bos_token, tok.eos_token, tok.pad_token, add_bos=False)
+    first = tokenize_corpus([d / "a.txt"], tok, tmp_path)
+    for other in (other_eos, no_bos):
+        tf = tokenize_corpus([d / "a.txt"], other, tmp_path)
+        assert not tf.reused and tf.key != first.key
+        start = [] if other.bos_id is None else [other.bos_id]
+        assert tf.tokens.tolist() == [i for doc in docs
+                                      for i in start + tok.encode(doc) + [other.eos_id]]
+    assert tokenize_corpus([d / "a.txt"], tok, tmp_path).reused
+
+
 def test_jsonl_and_parquet_give_the_same_tokens_as_text(corpus, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -5,10 +5,11 @@
    where the tokenizer has none, or where it is EOS itself, as GPT-2's is):
    `$GPTLAB_CACHE/tokens/` (default `~/.cache/gptlab/tokens/`, or the `cache_dir` argument).
    The file is named by a key: sha256 of every source file's absolute path, size and mtime
-   plus the tokenizer's own JSON, so a second run over the same files with the same tokenizer
-   reuses it, and editing a file or changing the tokenizer makes a new one. `KEY.bin` is
-   written under a temporary name and renamed; `KEY.json` (counts, dtype) is written after it,
-   so a cache entry without its `.json` is never read, and an error leaves nothing behind.
+   plus the tokenizer's own JSON and the BOS and EOS ids it writes around each document, so a
+   second run over the same files with the same tokenizer reuses it, and editing a file or
+   changing the tokenizer makes a new one. `KEY.bin` is written under a temporary name and
+   renamed; `KEY.json` (counts, dtype) is written after it, so a cache entry without its
+   `.json` is never read, and an error leaves nothing behind.
 2. The token stream is cut into blocks of `block_size + 1` tokens with stride `block_size`:
    block i is tokens[i*T : i*T + T + 1], inputs are its first T tokens and targets its last T,
    so every token is a target exactly once.
@@ -75,7 +76,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
-    """Key of a token file: the sources' paths, sizes and mtimes, and the tokenizer."""
+    """Key of a token file: the sources' paths, sizes and mtimes, the tokenizer, and the ids
+    around each document."""
     h = hashlib.sha256(TOKENS_FORMAT.encode())
     from gptlab.data.corpus import is_hub_name
     for f in _source_files(paths):
@@ -84,6 +86,9 @@ def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
     for name in (str(p) for p in paths if is_hub_name(p)):
         h.update(f"hub:{name}\n".encode())  # a Hub dataset is keyed by its name
     h.update(tokenizer_fingerprint(tokenizer).encode())
+    # BOS, EOS and add_bos come from tokenizer_config.json, which the fingerprint does not see:
+    # tokenizers that differ only there write other ids between documents.
+    h.update(f"start:{document_start(tokenizer)}\0eos:{tokenizer.eos_id}\n".encode())
     return h.hexdigest()[:32]
 
 
