@@ -157,3 +157,26 @@ def test_a_lone_surrogate_among_texts_to_train_on_names_the_item():
     with pytest.raises(UserError) as e:
         train_tokenizer(["fine", "bad \ud800"], vocab_size=300)
     assert e.value.field == "paths_or_texts[1]" and "U+D800" in str(e.value)
+
+
+def test_a_file_given_twice_is_refused(tmp_path, monkeypatch):
+    # Read twice, its documents filled both training and validation blocks (28 of 30
+    # validation blocks of `pretrain --data c.txt c.txt` were training blocks too).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "c.txt").write_text("one doc\n\nanother doc\n", encoding="utf-8")
+    (tmp_path / "e.txt").write_text("a third doc\n", encoding="utf-8")
+    tok = train_tokenizer(["one doc"], vocab_size=300)
+    for paths, message in (
+            (["e.txt", "e.txt"], "e.txt, field 'data': is given twice: as e.txt and as e.txt"),
+            (["./e.txt", tmp_path / "e.txt"], f"{tmp_path / 'e.txt'}, field 'data': is given "
+                                              "twice: as e.txt and as"),
+            (["d", "e.txt", "d/c.txt"], "d/c.txt, field 'data': is given twice: as d/c.txt "
+                                        "(in d) and as d/c.txt;")):
+        for read in (read_documents, lambda p: train_tokenizer(p, vocab_size=300),
+                     lambda p: tokenize_corpus(p, tok, tmp_path / "cache")):
+            with pytest.raises(UserError) as e:
+                read(paths)
+            assert str(e.value).startswith(message), str(e.value)
+    assert not (tmp_path / "cache").exists()
+    assert read_documents(["d", "e.txt"]) == ["one doc", "another doc", "a third doc"]

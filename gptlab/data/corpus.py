@@ -21,7 +21,7 @@ import glob
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from gptlab.errors import UserError
 from gptlab.io import json_objects, parquet_not_utf8, utf8_lines
@@ -39,6 +39,7 @@ def iter_documents(paths: str | Path | Iterable[str | Path]) -> Iterator[str]:
     paths = list(paths)
     if not paths:
         raise UserError("no corpus files given")
+    corpus_files(paths)  # refuses a file given twice before reading any
     n = 0
     for path in paths:
         for doc in _iter_path(path):
@@ -53,6 +54,39 @@ def iter_documents(paths: str | Path | Iterable[str | Path]) -> Iterator[str]:
 def read_documents(paths: str | Path | Iterable[str | Path]) -> list[str]:
     """All documents of the corpus at `paths`, as a list."""
     return list(iter_documents(paths))
+
+
+def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The local files the corpus at `paths` reads, in order: a directory stands for its corpus
+    files, a Hub dataset for none. A file reached twice (the same path given twice, or a
+    directory and a file in it) is a UserError: read twice, its documents would fill both
+    training and validation blocks."""
+    files: list[Path] = []
+    reached: dict[Path, str] = {}  # resolved file -> how the corpus first reached it
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            found = _directory_files(p)
+        elif p.exists():
+            found = [p]
+        elif is_hub_name(given):
+            found = []
+        else:
+            raise UserError("corpus file not found", path=p)
+        for f in found:
+            how = str(f) if f == p else f"{f} (in {given})"
+            if f.resolve() in reached:
+                raise UserError(f"is given twice: as {reached[f.resolve()]} and as {how}; its "
+                                f"documents would be read twice, give each file once", path=f,
+                                field="data")
+            reached[f.resolve()] = how
+        files += found
+    return files
+
+
+def _directory_files(d: Path) -> list[Path]:
+    """Every corpus file under directory `d`, in sorted order."""
+    return sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in CORPUS_SUFFIXES)
 
 
 def is_hub_name(path: str | Path) -> bool:
@@ -84,8 +118,7 @@ def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str 
 def _iter_path(path: str | Path) -> Iterator[str]:
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*")
-                       if f.is_file() and f.suffix.lower() in CORPUS_SUFFIXES)
+        files = _directory_files(p)
         if not files:
             raise UserError(f"no {', '.join(CORPUS_SUFFIXES)} files in this directory", path=p)
         for f in files:

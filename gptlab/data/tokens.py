@@ -46,22 +46,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def _source_files(paths: Sequence[str | Path]) -> list[Path]:
-    """The files a corpus path list reads (a directory stands for its corpus files)."""
-    from gptlab.data.corpus import CORPUS_SUFFIXES, is_hub_name
-
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file()
-                            and f.suffix.lower() in CORPUS_SUFFIXES)
-        elif p.exists():
-            files.append(p)
-        elif not is_hub_name(p):
-            raise UserError("corpus file not found", path=p)
-    return files
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the tokenizer's serialized form (vocabulary, merges, special tokens)."""
     hf = getattr(tokenizer, "hf", None)
@@ -79,8 +63,8 @@ def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
     """Key of a token file: the sources' paths, sizes and mtimes, the tokenizer, and the ids
     around each document."""
     h = hashlib.sha256(TOKENS_FORMAT.encode())
-    from gptlab.data.corpus import is_hub_name
-    for f in _source_files(paths):
+    from gptlab.data.corpus import corpus_files, is_hub_name
+    for f in corpus_files(paths):
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     for name in (str(p) for p in paths if is_hub_name(p)):
