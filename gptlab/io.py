@@ -232,12 +232,14 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file; a broken line or a missing field is a UserError naming file and line."""
+    """Read a JSONL file; a broken line or a missing field is a UserError naming file and line.
+    Each row's `_line` is its line number, which errors name: a reserved field, replaced if a
+    line has its own (which would move the line an error names)."""
     rows = []
     for lineno, row in json_objects(path):
         for key in required:
             if key not in row:
                 raise UserError("missing required field", path=path, line=lineno, field=key)
-        row.setdefault("_line", lineno)
+        row["_line"] = lineno
         rows.append(row)
     return rows

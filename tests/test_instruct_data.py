@@ -253,3 +253,13 @@ def test_a_chat_response_is_what_follows_the_prompt_whitespace_first_included(wh
     assert full[:len(p)] == p
     assert encode_response(tok, "SELECT 1;", prompt) == \
         [t for t, m in zip(full[len(p):], mask[len(p):]) if m]
+
+
+def test_a_field_named_line_does_not_move_the_line_an_error_names(tok, tmp_path):
+    # `_line` is the reader's: a record's own `_line` field named line 99 in the error.
+    f = write(tmp_path / "d.jsonl", {"prompt": "Is it?", "completion": " no", "_line": 7},
+              {"prompt": "Is it?", "completion": "", "_line": 99})
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == f"{f}:2, field 'completion': must be a non-empty string"
+    assert [r["_line"] for r in read_prompts(f)] == [1, 2]
