@@ -373,3 +373,27 @@ def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, 
         assert (f"{other}, field 'out': is the input model ({flag}); training would overwrite "
                 "it; choose another --out") in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]} == before
+
+
+@pytest.mark.parametrize("flag", ["--reference", "--value"])
+@pytest.mark.parametrize("vocab", [300, 280])
+def test_a_reference_or_value_model_with_another_tokenizer_is_refused(setup, tmp_path, capsys,
+                                                                      flag, vocab):
+    # Like --reward: one the same size read the policy's ids as other tokens (KL 83, exit 0);
+    # a smaller one crashed with an IndexError inside the embedding.
+    from gptlab.model.heads import ScalarHeadModel
+    d, _, _ = setup
+    policy = load_model(d / "policy")[0]
+    words = [a + b + c for a in "qzxj" for b in "aeiou" for c in "vwkp"]
+    tok = train_tokenizer([" ".join(words * 20)], vocab_size=vocab)
+    assert tok.vocab_size == vocab
+    torch.manual_seed(0)
+    config = dataclasses.replace(policy.config, vocab_size=vocab)
+    model = GPT(config) if flag == "--reference" else ScalarHeadModel(config)
+    save_model(tmp_path / "other", model, tok)
+    out = tmp_path / "run"
+    assert main([*ppo_args(d, out), flag, str(tmp_path / "other")]) == 2
+    what = "reference" if flag == "--reference" else "value"
+    assert (f"{tmp_path / 'other'}, field '{flag[2:]}': the {what} model's tokenizer is not the "
+            f"policy's" in capsys.readouterr().err)
+    assert not out.exists()

@@ -291,9 +291,11 @@ class PPOTrainer:
             raise UserError(f"must be below the policy's context of "
                             f"{self.policy.config.context}, got {cfg.max_new_tokens}",
                             field="max_new_tokens")
-        ref_path = cfg.reference or cfg.policy
-        self.reference = load_model(ref_path, self.device)[0] if cfg.reference \
-            else copy.deepcopy(self.policy)
+        if cfg.reference:
+            self.reference, ref_tok, _ = load_model(cfg.reference, self.device)
+            self._check_vocabulary(self.reference, ref_tok, "reference", "the reference model")
+        else:
+            self.reference = copy.deepcopy(self.policy)
         self.reference.requires_grad_(False)
         self.reward_model: ScalarHeadModel | None = None
         self.reward_fn: Callable | None = None
@@ -302,7 +304,7 @@ class PPOTrainer:
             if not isinstance(self.reward_model, ScalarHeadModel):
                 raise UserError("not a reward model (expected a scalar-head model or a "
                                 "one-label sequence classifier)", path=cfg.reward)
-            self._check_reward_vocabulary(rm_tok)
+            self._check_vocabulary(self.reward_model, rm_tok, "reward", "the reward model")
             self.reward_model.requires_grad_(False)
         else:
             self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
@@ -339,25 +341,31 @@ class PPOTrainer:
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
 
-    def _check_reward_vocabulary(self, rm_tok: Any) -> None:
-        """The reward model reads the policy's token ids: their vocabularies must agree."""
-        if rm_tok is not None and rm_tok.hf.get_vocab() != self.tok.hf.get_vocab():
-            raise UserError("the reward model's tokenizer is not the policy's (it would read "
-                            "the policy's token ids as other tokens)", path=self.cfg.reward)
-        if self.reward_model.config.vocab_size < self.tok.vocab_size:
-            raise UserError(f"the reward model has {self.reward_model.config.vocab_size} "
-                            f"embeddings, the policy's tokenizer {self.tok.vocab_size} tokens",
-                            path=self.cfg.reward, field="vocab_size")
+    def _check_vocabulary(self, model: torch.nn.Module, tok: Any, field: str, what: str) -> None:
+        """A model given as --reward, --reference or --value reads the policy's token ids: its
+        tokenizer (when it has one) must be the policy's, and it needs an embedding row for
+        every id the policy can sample."""
+        flag = "--" + field
+        if tok is not None and tok.hf.get_vocab() != self.tok.hf.get_vocab():
+            raise UserError(f"{what}'s tokenizer is not the policy's (it would read the "
+                            f"policy's token ids as other tokens); give a {flag} made with the "
+                            f"policy's tokenizer", path=getattr(self.cfg, field), field=field)
+        if model.config.vocab_size < self.tok.vocab_size:
+            raise UserError(f"{what} has {model.config.vocab_size} embeddings, the policy's "
+                            f"tokenizer {self.tok.vocab_size} tokens; give a {flag} made with "
+                            f"the policy's tokenizer", path=getattr(self.cfg, field), field=field)
 
     def _init_value_model(self) -> ScalarHeadModel:
         if self.cfg.value:
-            vm = load_model(self.cfg.value, self.device)[0]
+            vm, vm_tok, _ = load_model(self.cfg.value, self.device)
         elif self.reward_model is not None:
             vm = copy.deepcopy(self.reward_model)
         else:  # a reward function: start the value model from the policy, head at its init
             vm = ScalarHeadModel.from_gpt(self.policy)
         if not isinstance(vm, ScalarHeadModel):
             raise UserError("the value model must be a scalar-head model", path=self.cfg.value)
+        if self.cfg.value:
+            self._check_vocabulary(vm, vm_tok, "value", "the value model")
         vm.fold_normalisation()  # from a reward model: V(s_T) on the scale PPO's rewards use
         vm.requires_grad_(True)
         return vm
