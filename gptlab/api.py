@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from gptlab.checkpoint import check_tokenizer_fits
 from gptlab.engine import Generation, SamplingParams, generate
 from gptlab.errors import UserError
 
@@ -66,6 +67,7 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p)
     net, tok = load(model) if not isinstance(model, tuple) else model
+    check_tokenizer_fits(net, tok)  # a (model, tokenizer) pair was never checked together
     encoded = []
     for text in prompts:
         ids = tok.encode(text, bos=tok.bos_id is not None)

@@ -220,6 +220,16 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
                         path=file)
 
 
+def check_tokenizer_fits(model: torch.nn.Module, tok: Any, path: str | Path | None = None
+                         ) -> None:
+    """Every id `tok` can give needs an embedding row, or the model fails with a bare
+    IndexError on the first such token."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tok is not None and vocab is not None and tok.vocab_size > vocab:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model's embedding has "
+                        f"{vocab} rows", path=path, field="vocab_size")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any, dict]:
     """Load a gptlab model directory, a Hugging Face directory or a .gguf file.
@@ -250,10 +260,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if (p / "tokenizer.json").exists():
             from gptlab.tokenizer import load_tokenizer
             tok = load_tokenizer(p)
-    vocab = getattr(model.config, "vocab_size", None)
-    if tok is not None and vocab is not None and tok.vocab_size > vocab:
-        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model's embedding has "
-                        f"{vocab} rows", path=p, field="vocab_size")
+    check_tokenizer_fits(model, tok, p)
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval(), tok, meta
 

@@ -222,3 +222,20 @@ def test_max_new_tokens_beyond_the_context_is_named_as_the_fault():
     with pytest.raises(UserError) as e:  # within the context, the prompt is what is too long
         fit_prompt([1] * 30, 32, 4, False)
     assert e.value.field == "prompt" and "leaves room for 28" in e.value.message
+
+
+def test_the_python_api_refuses_a_tokenizer_too_big_for_the_model():
+    # A (model, tokenizer) pair is not loaded from one directory, so nothing had checked that
+    # the tokenizer's ids have embedding rows: the first one beyond them was a bare IndexError.
+    from gptlab.api import generate_text
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer([" ".join(a + b + c for a in "qzxj" for b in "aeiou" for c in "vwkp")
+                           * 20], vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=270, context=16, n_layers=1, n_heads=2, d_model=8)).eval()
+    prompt = "qav zov"
+    assert max(tok.encode(prompt)) >= 270
+    with pytest.raises(UserError) as e:
+        generate_text((model, tok), [prompt], max_new_tokens=2)
+    assert e.value.field == "vocab_size"
+    assert e.value.message == (f"tokenizer has {tok.vocab_size} tokens but the model's "
+                               f"embedding has 270 rows")
