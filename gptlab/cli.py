@@ -281,15 +281,16 @@ def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tu
 
 def _verb_sample():
     def add(p: argparse.ArgumentParser) -> None:
+        from gptlab.feedback import SAMPLE_K, SAMPLE_MAX_NEW_TOKENS
         p.add_argument("--model", required=True)
         p.add_argument("--prompts", required=True,
                        help="prompts (.jsonl or .parquet) with prompt or messages")
-        p.add_argument("--k", type=int, default=4, help="responses per prompt")
+        p.add_argument("--k", type=int, default=SAMPLE_K, help="responses per prompt")
         p.add_argument("--out", required=True, help="samples JSONL")
         p.add_argument("--greedy", action="store_true")
         p.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--max-new-tokens", type=int, default=96)
+        p.add_argument("--max-new-tokens", type=int, default=SAMPLE_MAX_NEW_TOKENS)
         p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> None:

@@ -51,9 +51,14 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     return out
 
 
-def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k: int,
+# `gptlab sample`'s defaults: its flags read them from here, so the verb and the function agree.
+SAMPLE_K = 4
+SAMPLE_MAX_NEW_TOKENS = 96
+
+
+def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k: int = SAMPLE_K,
                 greedy: bool = False, temperature: float = 1.0, top_p: float | None = None,
-                max_new_tokens: int = 64, seed: int = 0) -> int:
+                max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS, seed: int = 0) -> int:
     """`gptlab sample`: write K responses per prompt to `out` (JSONL). Returns rows written."""
     from gptlab.api import load
     if k < 1:

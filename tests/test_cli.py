@@ -349,3 +349,17 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert err == f"gptlab tokenizer: error: {out / 'tokenizer.json'}: No space left on device\n"
     assert not list(out.iterdir())  # the temporary file is gone too
+
+
+def test_the_sample_function_has_the_verbs_defaults(tiny_model, tmp_path):
+    # sample_file sampled 64 new tokens where `gptlab sample` samples 96, and needed k.
+    from gptlab.feedback import sample_file
+    from gptlab.io import read_jsonl
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "verb.jsonl")]) == 2  # 96 new tokens fill the 32
+    with pytest.raises(UserError, match="--max-new-tokens 96"):
+        sample_file(tiny_model, prompts, tmp_path / "api.jsonl")
+    assert sample_file(tiny_model, prompts, tmp_path / "api.jsonl", max_new_tokens=4) == 1
+    assert len(read_jsonl(tmp_path / "api.jsonl")[0]["responses"]) == 4
