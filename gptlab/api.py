@@ -63,7 +63,9 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
                   greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = 0,
                   truncate: bool = False) -> list[str]:
-    """Continue each raw text prompt; returns the continuations (without the prompt)."""
+    """Continue each raw text prompt; returns the continuations (without the prompt), one per
+    prompt. `prompts` is a list: a single str is refused, not continued letter by letter."""
+    _check_prompts(prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p)
     net, tok = load(model) if not isinstance(model, tuple) else model
@@ -77,3 +79,17 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
                                   bos_id=tok.bos_id)[0])
     out = generate_ids(net, tok, encoded, params, seed)
     return [tok.decode(t) for t in out.tokens]
+
+
+def _check_prompts(prompts: Any) -> None:
+    """`prompts` must be a list of str: a str is itself a sequence (of its letters)."""
+    if isinstance(prompts, str):
+        raise UserError("must be a list of texts, got a single str; pass [text] to continue "
+                        "one text", field="prompts")
+    if not isinstance(prompts, (list, tuple)):
+        raise UserError(f"must be a list of texts, got the {type(prompts).__name__}",
+                        field="prompts")
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise UserError(f"item {i} must be a str, got the {type(text).__name__}",
+                            field="prompts")

@@ -239,3 +239,14 @@ def test_the_python_api_refuses_a_tokenizer_too_big_for_the_model():
     assert e.value.field == "vocab_size"
     assert e.value.message == (f"tokenizer has {tok.vocab_size} tokens but the model's "
                                f"embedding has 270 rows")
+
+
+def test_the_python_api_refuses_a_single_str_for_its_list_of_prompts(tmp_path):
+    # A str is a sequence of letters: "SELECT" gave six continuations, one per letter.
+    from gptlab.api import generate_text
+    with pytest.raises(UserError) as e:  # refused before the model is opened
+        generate_text(tmp_path / "no-model", "SELECT")
+    assert str(e.value) == ("field 'prompts': must be a list of texts, got a single str; pass "
+                            "[text] to continue one text")
+    with pytest.raises(UserError, match="item 1 must be a str, got the int"):
+        generate_text(tmp_path / "no-model", ["SELECT", 3])

@@ -146,6 +146,46 @@ def test_impossible_training_settings_name_the_field(values, message):
     assert str(err.value).startswith(message)
 
 
+def _stage_config(name):
+    from gptlab.train.pipeline import PipelineConfig
+    from gptlab.train.ppo import PPOConfig
+    from gptlab.train.pretrain import PretrainConfig
+    from gptlab.train.reward import RewardConfig
+    from gptlab.train.sft import SFTConfig
+    return {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+            "ppo": PPOConfig, "pipeline": PipelineConfig}[name]
+
+
+@pytest.mark.parametrize("stage,values,message", [
+    # A str where a list is meant was read letter by letter ("c, field 'data': not found").
+    ("pretrain", {"data": "corpus.txt"}, "field 'data': must be a list, got the single str "
+                                         "'corpus.txt'; pass a list: ['corpus.txt']"),
+    ("ppo", {"ptx_data": "corpus.txt"}, "field 'ptx_data': must be a list, got the single str "
+                                        "'corpus.txt'; pass a list: ['corpus.txt']"),
+    ("pretrain", {"data": ["a.txt", 3]}, "field 'data': item 1 must be a str, got the int 3"),
+    # Wrong scalars were a bare TypeError from a rule's comparison, naming no field.
+    ("pretrain", {"max_steps": "2"}, "field 'max_steps': must be an int or None, got the str "
+                                     "'2'"),
+    ("sft", {"lr": "1e-3"}, "field 'lr': must be a number, got the str '1e-3'"),
+    ("reward", {"epochs": None}, "field 'epochs': must be a number, got None"),
+    ("ppo", {"steps": 2.5}, "field 'steps': must be an int, got the float 2.5"),
+    ("ppo", {"adaptive_kl": "yes"}, "field 'adaptive_kl': must be true or false, got the str "
+                                    "'yes'"),
+    ("sft", {"batch_size": True}, "field 'batch_size': must be an int, got the bool True"),
+    ("pipeline", {"rounds": "2"}, "field 'rounds': must be an int, got the str '2'"),
+    ("pipeline", {"preset": 5}, "field 'preset': must be a str, got the int 5"),
+])
+def test_a_value_of_the_wrong_type_names_the_field_and_the_type(stage, values, message):
+    with pytest.raises(UserError) as err:
+        _stage_config(stage)(**values).check()
+    assert str(err.value) == message
+
+
+def test_an_int_is_a_float_and_a_path_is_a_str(tmp_path):
+    _stage_config("sft")(lr=1, epochs=2, out=tmp_path).check()
+    _stage_config("pretrain")(data=(tmp_path / "a.txt",), max_steps=np.int64(2)).check()
+
+
 def _model_dir(path):
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")

@@ -295,6 +295,18 @@ def test_bad_config_values_name_the_field(corpus, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_single_path_for_data_in_python_is_refused_as_a_str(corpus, tmp_path):
+    # It was read letter by letter: "c, field 'data': corpus file not found".
+    from gptlab.errors import UserError
+    from gptlab.train.pretrain import PretrainConfig, pretrain
+    path = str(corpus[0] / "a.txt")
+    with pytest.raises(UserError) as err:
+        pretrain(PretrainConfig(data=path, model="tiny", out=str(tmp_path / "run")))
+    assert str(err.value) == (f"field 'data': must be a list, got the single str {path!r}; "
+                              f"pass a list: [{path!r}]")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_hub_dataset_name_is_passed_to_datasets_and_fails_clearly_offline(tmp_path):
     """`user/name` goes to the Hugging Face Hub (no network here): a clear exit 2, no output."""
     import os

@@ -2,7 +2,8 @@
 
 Pieces (each usable alone; PPO builds its own loop from them):
 
-    check_fields(cfg, rules)                    a UserError naming the first bad field
+    check_fields(cfg, rules)                    a UserError naming the first bad field (its
+                                                type against its annotation, then the rules)
     check_run_dir(out, resume, inputs)          OUT checked before a stage writes to it
     select_device(name)                         "auto" -> cuda, mps or cpu
     make_optimizer(model, lr, wd, betas)        AdamW with decay on weight matrices only
@@ -35,12 +36,15 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import signal
 import sys
 import threading
 import time
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -87,7 +91,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""
-        check_fields(self, self.rules())
+        check_fields(self, self.rules)
         select_device(self.device)
 
     def rules(self) -> list[tuple[str, bool, str]]:
@@ -112,16 +116,73 @@ class TrainConfig:
         ]
 
 
-def check_fields(cfg: Any, rules: list[tuple[str, bool, str]]) -> None:
-    """Raise a UserError naming the first field of the dataclass `cfg` that holds a non-finite
-    number (nan, inf), or else the first rule that does not hold."""
+def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:
+    """Raise a UserError naming the first field of the dataclass `cfg` whose value is not of
+    its annotated type, or else holds a non-finite number (nan, inf), or else the first of
+    `rules()` that does not hold. `rules` is called only once the types are right: a rule such
+    as `max_steps >= 1` on the string "2" would be a bare TypeError naming no field."""
+    check_types(cfg)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"must be a finite number, got {value}", field=f.name)
-    for name, ok, expected in rules:
+    for name, ok, expected in rules():
         if not ok:
             raise UserError(f"{expected}, got {getattr(cfg, name)}", field=name)
+
+
+def check_types(cfg: Any) -> None:
+    """Raise a UserError naming the first field of the dataclass `cfg` whose value does not fit
+    its annotation. The command line and YAML convert their text to these types; a config built
+    in Python gets no conversion, and a str where a list is meant would be read letter by
+    letter. An int is a float; a path (os.PathLike) is a str."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        problem = _type_problem(getattr(cfg, f.name), hints.get(f.name))
+        if problem:
+            raise UserError(problem, field=f.name)
+
+
+_SCALARS: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    str: ("a str", lambda v: isinstance(v, (str, os.PathLike))),
+}
+
+
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """What is wrong with `value` as a value of `annotation`, or None (also for annotations
+    this check does not know)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) != 1:
+            return None
+        problem = _type_problem(value, others[0])
+        return problem and problem.replace(", got", " or None, got", 1)
+    if typing.get_origin(annotation) in (list, tuple):
+        if isinstance(value, (str, os.PathLike)):
+            return f"must be a list, got the single {type(value).__name__} {str(value)!r}; " \
+                   f"pass a list: [{str(value)!r}]"
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list, got {_shown(value)}"
+        element = args[0] if args else None
+        for i, item in enumerate(value):
+            problem = _type_problem(item, element)
+            if problem:
+                return problem.replace("must be", f"item {i} must be", 1)
+        return None
+    if annotation not in _SCALARS:
+        return None
+    name, fits = _SCALARS[annotation]
+    return None if fits(value) else f"must be {name}, got {_shown(value)}"
+
+
+def _shown(value: Any) -> str:
+    return "None" if value is None else f"the {type(value).__name__} {value!r}"
 
 
 def check_run_dir(out: str | Path, resume: bool,

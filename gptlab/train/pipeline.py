@@ -99,7 +99,8 @@ class PipelineConfig:
         stage runs)."""
         from gptlab.model.gpt import GPTConfig
         from gptlab.model.presets import get_preset
-        from gptlab.train.loop import check_fields
+        from gptlab.train.loop import check_fields, check_types
+        check_types(self)  # the preset is looked up by name before the rules run
         try:
             model = get_preset(self.preset)
         except UserError as e:
@@ -107,7 +108,7 @@ class PipelineConfig:
         if not isinstance(model, GPTConfig):
             raise UserError(f"preset '{self.preset}' is not a decoder-only GPT", field="preset")
         context = model.context
-        check_fields(self, [
+        check_fields(self, lambda: [
             ("rounds", self.rounds >= 1, "must be >= 1"),
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
             ("pretrain_steps", self.pretrain_steps >= 1, "must be >= 1"),

@@ -101,7 +101,7 @@ class PPOConfig:
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""
-        check_fields(self, [
+        check_fields(self, lambda: [
             ("steps", self.steps >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("minibatch_size", self.minibatch_size >= 1, "must be >= 1"),

@@ -150,13 +150,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Pretrain (or continue) a GPT on `cfg.data`; returns the model directory `cfg.out`."""
     from gptlab.data.tokens import load_token_data
 
+    cfg.check()  # first: a str given as `data` would be read below as paths of one letter
     if not cfg.data:
         raise UserError("no training data: pass --data FILE...", field="data")
     from gptlab.data.corpus import check_out_of_corpus, is_hub_name
     for path in cfg.data:
         if not Path(path).exists() and not is_hub_name(path):
             raise UserError("corpus file not found", path=path, field="data")
-    cfg.check()
     check_out_of_corpus(cfg.out, cfg.data)
     out = Path(cfg.out)
     # A resume reads its checkpoint, never --model: OUT may be what --model names.
