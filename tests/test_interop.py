@@ -627,3 +627,12 @@ def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
     cls(cfg).save_pretrained(tmp_path / "two")
     with pytest.raises(UserError, match="1 label, this classifier has 2"):
         load_model(tmp_path / "two")
+
+
+@pytest.mark.parametrize("kind,name", [("gguf", "nothere.gguf"), ("hf", "missingdir")])
+def test_convert_from_a_missing_source_says_not_found(tmp_path, capsys, kind, name):
+    # It said "--from gguf expects a .gguf file" of a name that ends in .gguf.
+    src = tmp_path / name
+    assert main(["convert", "--from", kind, str(src), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == f"gptlab convert: error: {src}: model not found\n"
+    assert not (tmp_path / "x").exists()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, require_file
 from gptlab.io import check_dir_out
 from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
 from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
@@ -56,7 +56,7 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
     Without tokenizer files in `src` the directory has none either: a warning says so."""
     from gptlab.checkpoint import save_model
 
-    p = Path(src)
+    p = require_file(src, "model")  # a missing file is not a file of the wrong kind
     check_out_apart(p, out_dir)
     if source == "gguf" and not (p.is_file() and p.suffix == ".gguf"):
         raise UserError("--from gguf expects a .gguf file", path=p)
