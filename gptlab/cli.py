@@ -54,13 +54,10 @@ def _verb_tokenizer():
         if args.action == "train":
             from pathlib import Path
 
-            from gptlab.errors import UserError
-            from gptlab.io import check_dir_out
+            from gptlab.io import check_dir_out, check_holds_none
             out = check_dir_out(args.out, field="out")  # before training, not after
-            held = [f for f in ("config.json", "tokenizer.json") if (out / f).exists()]
-            if held:  # a model's tokenizer replaced would make it read other tokens
-                raise UserError(f"already holds {' and '.join(held)}; choose another --out or "
-                                f"remove it", path=out, field="out")
+            # A model's tokenizer replaced would make it read other tokens.
+            check_holds_none(out, ("config.json", "tokenizer.json"))
             # Paths, not strings: a missing file must be an error, never a one-line "document".
             tok = tk.train_tokenizer([Path(p) for p in args.data], vocab_size=args.vocab_size)
             tok.save(args.out)

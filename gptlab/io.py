@@ -31,6 +31,16 @@ def check_dir_out(path: str | Path, field: str | None = None) -> Path:
     return path
 
 
+def check_holds_none(out: str | Path, names: tuple[str, ...], field: str = "out") -> None:
+    """Refuse a directory `out` that already holds any of `names` (a model's or a run's files):
+    writing there would mix its files with another model's."""
+    held = [name for name in names if (Path(out) / name).exists()]
+    if held:
+        listed = " and ".join([", ".join(held[:-1]), held[-1]] if len(held) > 1 else held)
+        raise UserError(f"already holds {listed}; choose another --out or remove it",
+                        path=out, field=field)
+
+
 def ensure_dir(path: str | Path) -> Path:
     """Create directory `path` (and its parents) after `check_dir_out`."""
     path = check_dir_out(path)

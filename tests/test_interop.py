@@ -636,3 +636,23 @@ def test_convert_from_a_missing_source_says_not_found(tmp_path, capsys, kind, na
     assert main(["convert", "--from", kind, str(src), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == f"gptlab convert: error: {src}: model not found\n"
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("held", [("config.json", "run.json", "checkpoints"), ("tokenizer.json",)])
+def test_convert_refuses_an_out_that_holds_another_model_or_run(tmp_path, capsys, held):
+    # It wrote its model into another training run's directory, leaving the two mixed.
+    src, out = tmp_path / "src", tmp_path / "run"
+    _hf_model("gpt2").save_pretrained(src)
+    out.mkdir()
+    for name in held:
+        (out / name).mkdir() if name == "checkpoints" else (out / name).write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    listed = {3: "config.json, run.json and checkpoints", 1: "tokenizer.json"}[len(held)]
+    for argv in (["--from", "hf", str(src)], ["--to", "hf", str(src)]):
+        capsys.readouterr()
+        assert main(["convert", *argv, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"gptlab convert: error: {out}, field 'out': already holds {listed}; choose another "
+            f"--out or remove it\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(held)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gptlab.errors import UserError, require_file
-from gptlab.io import check_dir_out
+from gptlab.io import check_dir_out, check_holds_none
 from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
 from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
 
@@ -38,9 +38,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32
     raise UserError("expected a Hugging Face model directory or a .gguf file", path=p)
 
 
+# What a model directory or a training run holds (both formats): another model's files.
+MODEL_OR_RUN = ("config.json", "model.safetensors", "tokenizer.json", "run.json", "checkpoints")
+
+
 def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
     """`out_dir` as a Path, unless it is `src`, inside it or contains it: a conversion would
-    then overwrite (or mix its files into) the model it reads."""
+    then overwrite (or mix its files into) the model it reads; or unless it holds another
+    model or a training run, whose files the conversion would mix with its own."""
     out = Path(out_dir)
     a, b = Path(src).resolve(), out.resolve()
     if a == b or a in b.parents or b in a.parents:
@@ -48,6 +53,7 @@ def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
         raise UserError(f"the output directory {where} the model being converted ({src}); "
                         f"choose another --out", path=out, field="out")
     check_dir_out(out)
+    check_holds_none(out, MODEL_OR_RUN)
     return out
 
 
