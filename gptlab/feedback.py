@@ -116,17 +116,31 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
             ranked = rank(s, responses)
         except UserError as e:
             raise (e.at(source, line) if source else e) from None
-        levels = [item if isinstance(item, list) else [item] for item in ranked]
-        flat = [r for level in levels for r in level]
-        if not all(levels) or sorted(flat) != sorted(responses):
-            raise UserError("the labeler must return a permutation of the responses (tied "
-                            "ones as non-empty lists)", field="ranked")
+        levels = _ranking_levels(ranked, responses)
+        if levels is None:
+            about = f"; it did not for id {s['id']!r}" if "id" in s else ""
+            e = UserError("the labeler must return a permutation of the responses (tied ones "
+                          f"as non-empty lists){about}", field="ranked")
+            raise (e.at(source, line) if source else e) from None
         if len(levels) < 2:
             skips.add("prompts whose responses are all tied")
             continue
         row = {k: v for k, v in s.items() if k not in ("responses", "_line")}
         rankings.append({**row, "ranked": [lv[0] if len(lv) == 1 else lv for lv in levels]})
     return rankings
+
+
+def _ranking_levels(ranked: Any, responses: list[str]) -> list[list[str]] | None:
+    """A labeler's answer as levels, best first (a plain string is a level of one), or None
+    unless it orders exactly `responses`, each once, in non-empty levels."""
+    if not isinstance(ranked, list):
+        return None
+    levels = [item if isinstance(item, list) else [item] for item in ranked]
+    flat = [r for level in levels for r in level]
+    if not all(levels) or not all(isinstance(r, str) for r in flat) \
+            or sorted(flat) != sorted(responses):
+        return None
+    return levels
 
 
 def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0.1,
