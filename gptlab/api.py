@@ -1,8 +1,8 @@
 """The Python API behind the verbs, for notebooks and scripts.
 
     from gptlab import api
-    model, tok = api.load("runs/demo/ppo")
-    print(api.generate_text("runs/demo/ppo", ["SELECT"], greedy=True))
+    model, tok = api.load("runs/demo/round-2/ppo")
+    print(api.generate_text((model, tok), ["SELECT"], greedy=True))
 """
 from __future__ import annotations
 

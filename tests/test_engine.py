@@ -250,3 +250,14 @@ def test_the_python_api_refuses_a_single_str_for_its_list_of_prompts(tmp_path):
                             "[text] to continue one text")
     with pytest.raises(UserError, match="item 1 must be a str, got the int"):
         generate_text(tmp_path / "no-model", ["SELECT", 3])
+
+
+def test_the_python_api_example_names_models_a_demo_run_has():
+    # It loaded "runs/demo/ppo"; `make demo` writes PPO's model to runs/demo/round-2/ppo.
+    import re
+
+    from gptlab import api
+    from gptlab.train.pipeline import PipelineConfig, stage_dependencies
+    stages = {path for path, _ in stage_dependencies(PipelineConfig().rounds)}
+    named = re.findall(r'"runs/demo/([^"]+)"', api.__doc__)
+    assert named and all(path in stages for path in named), named
