@@ -233,6 +233,40 @@ def test_continue_training_a_model_directory(corpus, tmp_path):
                  "0", *base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "four")]) == 0
 
 
+def test_a_given_tokenizer_sizes_a_presets_embedding(corpus, tmp_path):
+    # `tiny` kept its 512 rows for a 300-token tokenizer: ids 300-511 were sampled and dropped.
+    d, _, tok = corpus
+    assert run("--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--block-size", "16",
+               "--max-steps", "1", "--cache-dir", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "run")) == 0
+    assert tok.vocab_size == 300
+    assert load_model(tmp_path / "run")[0].config.vocab_size == 300
+
+
+def test_continuing_a_model_with_another_tokenizer_than_its_own_is_refused(corpus, tmp_path,
+                                                                          capsys):
+    d, docs, _ = corpus
+    base = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run(*base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "one")) == 0
+    train_tokenizer(list(reversed(docs)) + ["a dog, a cat"], vocab_size=300).save(
+        tmp_path / "other")
+
+    def cont(tokenizer, out):
+        return main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress",
+                     "--sample-tokens", "0", *base, "--tokenizer", str(tokenizer), "--out",
+                     str(out)])
+    capsys.readouterr()
+    assert cont(tmp_path / "other", tmp_path / "two") == 2
+    assert capsys.readouterr().err == (
+        f"gptlab pretrain: error: {tmp_path / 'one'}, field 'tokenizer': has its own "
+        f"tokenizer.json, which differs from --tokenizer: its embeddings are rows for its own "
+        f"tokens, and another tokenizer would give them other meanings; leave out --tokenizer "
+        f"to continue with its own\n")
+    assert not (tmp_path / "two").exists()
+    assert cont(d / "tok", tmp_path / "three") == 0  # its own tokenizer, given again
+
+
 # --- bad input: exit code 2, a message naming the problem, nothing left behind ------------------
 
 def _nothing_left(tmp_path, out):

@@ -79,6 +79,17 @@ def _tokenizer_for(cfg: PretrainConfig, model_dir: Path | None, vocab_size: int)
     return train_tokenizer([Path(p) for p in cfg.data], vocab_size=vocab_size)
 
 
+def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
+    """`given` (--tokenizer) to continue the model in `model_dir`, unless the model has a
+    tokenizer of its own that differs: its embeddings are rows for its own tokens' ids."""
+    if own is not None and own.hf.to_str() != given.hf.to_str():
+        raise UserError("has its own tokenizer.json, which differs from --tokenizer: its "
+                        "embeddings are rows for its own tokens, and another tokenizer would "
+                        "give them other meanings; leave out --tokenizer to continue with its "
+                        "own", path=model_dir, field="tokenizer")
+    return given
+
+
 def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, Any]:
     """(model, tokenizer): from the checkpoint to resume, a model directory, or a preset."""
     from gptlab.model.presets import PRESETS, build_model, get_preset
@@ -101,7 +112,9 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
             # would give them other meanings, silently.
             raise UserError("has no tokenizer.json; pass the tokenizer its weights were made "
                             "with as --tokenizer", path=model_path, field="model")
-        tok = _tokenizer_for(cfg, model_path, model.config.vocab_size) if cfg.tokenizer else tok
+        if cfg.tokenizer:
+            tok = _given_for(model_path, tok, _tokenizer_for(cfg, model_path,
+                                                              model.config.vocab_size))
         if tok.vocab_size > model.config.vocab_size:
             raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's "
                             f"embedding has {model.config.vocab_size} rows", field="tokenizer")
@@ -116,7 +129,11 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
     if not isinstance(config, GPTConfig):
         raise UserError(f"preset '{cfg.model}' is not a decoder-only GPT", field="model")
     tok = _tokenizer_for(cfg, None, config.vocab_size)
-    if tok.vocab_size > config.vocab_size:  # a bigger given tokenizer widens the embedding
+    if cfg.tokenizer:
+        # A given tokenizer sizes the embedding, larger or smaller than the preset's: a row past
+        # its last id would be sampled now and then and never decode. (One trained here was
+        # asked for the preset's size; on a small corpus it stops short, and the model keeps the
+        # preset's rows, as the demo's published runs did.)
         config = dataclasses.replace(config, vocab_size=tok.vocab_size)
     torch.manual_seed(cfg.seed)  # tokenizer training must not shift the initial weights
     return build_model(config), tok
