@@ -136,3 +136,60 @@ def test_adaptive_kl_controller_moves_towards_target():
     assert c.update(12.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     c = AdaptiveKLController(0.1, target=6.0, horizon=100)
     assert c.update(3.0, 10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+
+
+def test_gae_discounts_values_and_advantages_with_gamma():
+    # The hand-worked case above with γ = 0.9: γ scales V_{t+1} in δ_t and γλ carries A_{t+1}.
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    v = torch.tensor([[0.5, 0.2, 0.4, 9.0]])
+    m = torch.tensor([[1, 1, 1, 0]])
+    adv, ret = gae(r, v, m, gamma=0.9, lam=0.5)
+    d2 = 1.0 + 0.9 * 0 - 0.4    # 0.6
+    d1 = 0.0 + 0.9 * 0.4 - 0.2  # 0.16
+    d0 = 0.0 + 0.9 * 0.2 - 0.5  # -0.32
+    a2 = d2                     # 0.6
+    a1 = d1 + 0.45 * a2         # 0.43
+    a0 = d0 + 0.45 * a1         # -0.1265
+    assert adv[0].tolist() == pytest.approx([a0, a1, a2, 0.0], abs=1e-6)
+    assert ret[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.2, a2 + 0.4, 0.0], abs=1e-6)
+
+
+def test_clipped_policy_loss_clips_a_low_ratio_of_a_negative_advantage():
+    # A < 0 and ρ = 0.5 < 1 - ε: the clipped term (-A · 0.8 = 0.8) is the pessimistic one, so
+    # lowering π further earns nothing. ρ = 1.5 with A < 0 stays unclipped (1.5 > 1.2).
+    old = torch.zeros(1, 2)
+    logp = torch.log(torch.tensor([[0.5, 1.5]]))
+    adv = torch.tensor([[-1.0, -1.0]])
+    loss, stats = clipped_policy_loss(logp, old, adv, torch.ones(1, 2), clip=0.2)
+    assert loss.item() == pytest.approx((0.8 + 1.5) / 2, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    # approx KL = mean ½ (log ρ)²
+    expected_kl = 0.5 * (math.log(0.5) ** 2 + math.log(1.5) ** 2) / 2
+    assert stats["approx_kl"].item() == pytest.approx(expected_kl, abs=1e-6)
+
+
+def test_clipped_value_loss_clips_a_value_that_fell_below_the_old_one():
+    # V_old = 0, V = -1, R = -1: unclipped 0; clipped V is -0.2, (−0.2 + 1)² = 0.64 -> 0.64.
+    old, new, ret = torch.zeros(1, 2), torch.tensor([[-1.0, -0.1]]), torch.tensor([[-1.0, -1.0]])
+    loss, frac = clipped_value_loss(new, old, ret, torch.ones(1, 2), clip=0.2)
+    # token 1: -0.1 is inside the clip: (−0.1 + 1)² = 0.81 both ways
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2, abs=1e-6)
+    assert frac.item() == pytest.approx(0.5)
+
+
+def test_entropy_from_logits_by_hand():
+    from gptlab.train.rl_math import entropy_from_logits
+    # Uniform over 4 tokens: log 4; logits (0, log 3): probabilities 1/4, 3/4.
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0]], [[0.0, math.log(3.0), -50.0, -50.0]]])
+    h = entropy_from_logits(logits)
+    expected = [math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
+    assert h.shape == (2, 1)
+    assert h[:, 0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_adaptive_kl_controller_scales_with_the_relative_error_inside_the_clip():
+    # KL 7 against a target of 6: error 7/6 - 1 = 1/6, inside ±0.2, so β moves by 1/6 · n/horizon.
+    c = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert c.update(7.0, 10) == pytest.approx(0.1 * (1 + 0.1 / 6))
+    # KL 5.4: error -0.1; a second update compounds on the first.
+    assert c.update(5.4, 50) == pytest.approx(0.1 * (1 + 0.1 / 6) * (1 - 0.1 * 0.5))
