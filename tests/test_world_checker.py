@@ -242,3 +242,36 @@ def test_exec_verdicts_and_accuracy_count_each_kind(world):
     responses = [gold[0], "SELECT 1", "SELEC name FROM employees", " " + gold[3] + "  "]
     assert exec_verdicts(world, records, responses) == ["correct", "wrong", "error", "correct"]
     assert exec_correct(world, records, responses) == [1, 0, 0, 1]
+
+
+def test_a_result_of_exactly_the_row_limit_is_whole(ex):
+    """50 rows under a limit of 50 is the whole result; only a 51st row makes it truncated."""
+    exact = "SELECT * FROM assignments ORDER BY rowid LIMIT 50"
+    r = ex.run(exact)
+    assert r.ok and len(r.rows) == 50 and not r.truncated
+    r = ex.run("SELECT * FROM assignments ORDER BY rowid LIMIT 51")
+    assert r.ok and len(r.rows) == 50 and r.truncated
+    assert check(exact, exact, ex).correct
+
+
+def test_a_truncated_answer_is_wrong_even_where_its_first_rows_are_the_gold(ex):
+    # The executor keeps the first 50 rows, which are exactly the gold's 50.
+    gold = "SELECT * FROM assignments ORDER BY rowid LIMIT 50"
+    v = check("SELECT * FROM assignments ORDER BY rowid", gold, ex)
+    assert v.kind == "wrong" and v.detail == "returned more rows than the row limit"
+
+
+def test_extra_rows_after_the_gold_ones_are_wrong(ex):
+    # The first three rows are the gold's, in its order; the fourth is one too many.
+    gold = "SELECT name FROM employees ORDER BY salary DESC, id LIMIT 3"
+    v = check("SELECT name FROM employees ORDER BY salary DESC, id LIMIT 4", gold, ex)
+    assert v.kind == "wrong" and v.detail == "4 rows, expected 3"
+
+
+def test_integers_compare_exactly_even_within_the_float_tolerance(ex):
+    # 10^10 and 10^10 + 1 differ by 1e-10 of themselves, inside the relative 1e-9 for floats.
+    assert check("SELECT 10000000001", "SELECT 10000000000", ex).kind == "wrong"
+    assert check("SELECT 10000000000", "SELECT 10000000000", ex).correct
+    from gptlab.world.checker import _values_equal
+    assert not _values_equal(10**10 + 1, 10**10)
+    assert _values_equal(1e10 + 1, 1e10)  # floats keep the tolerance
