@@ -197,6 +197,14 @@ def test_paired_delta_by_hand():
     assert excludes_zero(paired_delta([1] * 30 + [0] * 2, [0] * 32))
 
 
+def test_identical_answers_give_an_interval_of_zero_that_does_not_exclude_it():
+    d = paired_delta([1, 0, 1], [1, 0, 1])  # every difference 0: the interval is [0, 0]
+    assert d["mean"] == 0 and d["ci95"] == [0.0, 0.0]
+    assert not excludes_zero(d)
+    assert excludes_zero(paired_delta([1, 1], [0, 0]))  # every difference 1: [1, 1]
+    assert excludes_zero(paired_delta([0, 0], [1, 1]))
+
+
 def test_a_round_with_nothing_ranked_stops_with_a_clear_error(tmp_path, capsys):
     # With ties on, a 4-step SFT model's answers (all errors) are all tied: nothing to rank.
     args = [a for a in ARGS if a != "--no-ties"]
