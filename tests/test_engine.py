@@ -45,6 +45,28 @@ def test_logprobs_are_those_of_the_chosen_tokens():
     assert max(abs(a - b) for a, b in zip(expected, out.logprobs[0])) < 1e-4
 
 
+@pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.5), (4, 0.7)])
+def test_logprobs_are_taken_before_top_k_and_top_p_truncation(top_k, top_p):
+    """Generation.logprobs: log softmax(logits / temperature) of the chosen token over the whole
+    vocabulary, not renormalised over the tokens the filters keep (a PPO update recomputes
+    them from logits / temperature alone)."""
+    net = model()
+    prompts = [[3, 4, 5], [6, 7]]
+    params = SamplingParams(max_new_tokens=6, temperature=2.0, top_k=top_k, top_p=top_p)
+    out = generate(net, prompts, params, seed=2)
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+        with torch.no_grad():
+            logits = net(torch.tensor([p + toks]))[0, len(p) - 1:-1] / 2.0
+        kept = torch.isfinite(filter_logits(logits, top_k, top_p))
+        assert all(kept[t, tok] for t, tok in enumerate(toks))  # drawn from the kept tokens
+        full = logits.log_softmax(-1)
+        expected = [full[t, tok].item() for t, tok in enumerate(toks)]
+        assert max(abs(a - b) for a, b in zip(expected, lps)) < 1e-4
+        # the mass the filters dropped is visible: below the renormalised log-probabilities
+        truncated = logits.masked_fill(~kept, float("-inf")).log_softmax(-1)
+        assert max(truncated[t, tok].item() - lp for t, (tok, lp) in enumerate(zip(toks, lps))) > 1e-2
+
+
 def test_repeated_prompts_share_one_prefill_and_sample_independently():
     """K copies of a prompt are encoded once; each copy still samples its own continuation,
     and every logprob is that of a full forward pass over the finished sequence."""
@@ -156,6 +178,20 @@ def test_stop_tokens_end_each_row_separately():
     assert out.tokens[0] == free.tokens[0][:free.tokens[0].index(stop) + 1]
     assert out.finished[0]
     assert len(out.logprobs[0]) == len(out.tokens[0])
+
+
+def test_a_finished_row_still_in_the_batch_stays_finished():
+    """One row of five stops: four live rows of five do not compact the batch, so the finished
+    row is still decoded and draws its stop token again; its generation ends at the first."""
+    net = model()
+    prompts = [[3, 4, 5], [20, 21], [30], [40, 41, 42], [50, 51]]
+    free = generate(net, prompts, SamplingParams(max_new_tokens=10, greedy=True))
+    stop = free.tokens[0][0]
+    assert free.tokens[0].count(stop) > 1 and all(stop not in toks for toks in free.tokens[1:])
+    out = generate(net, prompts, SamplingParams(max_new_tokens=10, greedy=True, stop_ids=(stop,)))
+    assert out.tokens[0] == [stop] and len(out.logprobs[0]) == 1
+    assert out.finished == [True, False, False, False, False]
+    assert out.tokens[1:] == free.tokens[1:]
 
 
 def test_generation_stops_at_the_context():
