@@ -137,6 +137,36 @@ def test_gpt_need_weights_path_equals_fast_path():
     assert (h_fast - h_slow).abs().max().item() <= 1e-5
 
 
+def test_padded_causal_mask_lets_a_padding_query_see_itself():
+    from gptlab.model.gpt import padded_causal_mask
+    mask = padded_causal_mask(torch.tensor([[0, 0, 1, 1]]), 4)[0, 0].int()
+    assert mask.tolist() == [[1, 0, 0, 0],   # padding: only itself, so its softmax has a term
+                             [0, 1, 0, 0],
+                             [0, 0, 1, 0],   # real tokens: the real ones up to themselves
+                             [0, 0, 1, 1]]
+    last = padded_causal_mask(torch.tensor([[0, 1, 1]]), 1)[0, 0].int()  # one cached step
+    assert last.tolist() == [[0, 1, 1]]
+
+
+def test_left_padded_batch_on_the_explicit_attention_path_equals_each_prompt_alone():
+    """need_weights takes attention_math, where a query that may see nothing gets NaN weights
+    (SDPA gives zeros): a padding query must see itself, or the NaN of its output reaches the
+    real tokens through the next layer's keys and values."""
+    model = small_gpt(**VARIANTS["rotary-gqa"])
+    rows = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 4)]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 9 - len(r):], mask[i, 9 - len(r):] = r, 1
+    with torch.no_grad():
+        h, weights = model.hidden_states(ids, attention_mask=mask, need_weights=True)
+        assert torch.isfinite(h).all() and all(torch.isfinite(w).all() for w in weights)
+        for i, r in enumerate(rows):
+            alone, _ = model.hidden_states(r[None])
+            assert (h[i, 9 - len(r):] - alone[0]).abs().max().item() <= 1e-5
+    assert weights[0][1, :, 5:, :5].abs().max() == 0  # real tokens give padding no weight
+
+
 def small_transformer() -> Transformer:
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=50, context=32, n_encoder_layers=2, n_decoder_layers=2,
