@@ -1,0 +1,178 @@
+"""One PPO step's numbers against hand computations on a tiny random policy: the per-token
+rewards (−β KL on response tokens, the score on each row's last real token), the missing-EOS
+penalty, the sampling temperature shared by rollout, reference and update, the update's total
+loss, and the logged KL."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from gptlab.checkpoint import save_model
+from gptlab.model import GPT, get_preset
+from gptlab.tokenizer import train_tokenizer
+from gptlab.train import ppo as ppo_module
+from gptlab.train.ppo import (PPOConfig, PPOTrainer, Rollout, layout, response_logprobs,
+                              response_values)
+from gptlab.train.rl_math import clipped_policy_loss, clipped_value_loss
+
+import instruct_task as task
+
+T = 1.5  # the pipeline's PPO temperature; at 1.0 a forgotten temperature would go unseen
+
+
+def record_score(prompts, responses, records):
+    """Each record's own `score`: a reward function whose opinions we choose."""
+    return [r.get("score", 0.0) for r in records]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random tiny policy, and another one of the same tokenizer to be its reference."""
+    d = tmp_path_factory.mktemp("ppo_step")
+    paths = task.write_task(d, n=40)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    for seed, name in ((0, "policy"), (1, "reference")):
+        torch.manual_seed(seed)
+        save_model(d / name, GPT(cfg), tok)
+    return d, paths
+
+
+def trainer(setup, out, **kw):
+    d, paths = setup
+    cfg = PPOConfig(policy=str(d / "policy"), prompts=str(paths["prompts"]), out=str(out),
+                    device="cpu", temperature=T, max_new_tokens=6, batch_size=4,
+                    minibatch_size=4, ppo_epochs=1, **kw)
+    return PPOTrainer(cfg, reward_fn=record_score)
+
+
+def hand_rollout(t, prompts, responses, finished):
+    ids, mask, rmask, P, prefix = layout(prompts, responses, t.tok.pad_id, "cpu")
+    return Rollout(ids, mask, rmask, P, [{"prompt": "p", "score": 0.0} for _ in prompts],
+                   responses, torch.tensor(finished), prefix)
+
+
+@torch.no_grad()
+def row_logprobs(model, prompt, response, temperature):
+    """log softmax(logits / T) of each response token, from one unpadded forward."""
+    logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1].float()
+    return (logits / temperature).log_softmax(-1).gather(
+        -1, torch.tensor(response)[:, None])[:, 0]
+
+
+# Rows of different response lengths: 3 and 1 are right-padded to 6.
+PROMPTS = [[20, 21, 22, 23], [30, 31], [40, 41, 42]]
+RESPONSES = [[50, 51, 52], [60, 61, 62, 63, 64, 65], [70]]
+
+
+def test_rewards_are_minus_beta_kl_on_response_tokens_and_the_score_on_the_last(setup,
+                                                                              tmp_path):
+    # γ = λ = 0: A_t = r_t − V_t, so the returns are the per-token rewards themselves.
+    beta = 0.5
+    t = trainer(setup, tmp_path / "run", reference=str(setup[0] / "reference"), kl_coef=beta,
+                gae_gamma=0.0, gae_lambda=0.0, whiten_advantages=False)
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    scores = torch.tensor([1.0, -2.0, 3.0])
+    batch = t.advantages(ro, scores)
+    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        n = len(r)
+        logp = row_logprobs(t.policy, p, r, T)
+        kl = logp - row_logprobs(t.reference, p, r, T)
+        assert kl.abs().max() > 0.05  # the two models disagree: the KL term is seen
+        rewards = -beta * kl
+        rewards[-1] += scores[i]
+        torch.testing.assert_close(batch["old_logp"][i, :n], logp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch["kl"][i, :n], kl, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch["returns"][i, :n], rewards, atol=1e-5, rtol=0)
+        # Padding carries no KL and no reward.
+        assert batch["kl"][i, n:].eq(0).all() and batch["returns"][i, n:].eq(0).all()
+
+
+def test_a_missing_eos_is_penalised_on_unfinished_responses_only(setup, tmp_path):
+    t = trainer(setup, tmp_path / "run", missing_eos_penalty=0.7)
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True, False, True])
+    ro.records = [{"prompt": "p", "score": s} for s in (1.0, 2.0, 3.0)]
+    torch.testing.assert_close(t.score(ro), torch.tensor([1.0, 1.3, 3.0]))
+
+
+def test_rollout_reference_and_update_use_the_sampling_temperature(setup, tmp_path,
+                                                                   monkeypatch):
+    gens, real = [], ppo_module.generate
+
+    def spy(*args, **kw):
+        gens.append(real(*args, **kw))
+        return gens[-1]
+    monkeypatch.setattr(ppo_module, "generate", spy)
+    t = trainer(setup, tmp_path / "run")  # the reference is the initial policy
+    ro = t.rollout(1)
+    batch = t.advantages(ro, t.score(ro))
+    m = ro.response_mask.bool()
+    # The engine's log-probs of the tokens it sampled are those the update's ratio starts from.
+    sampled = torch.tensor([x for row in gens[0].logprobs for x in row])
+    torch.testing.assert_close(batch["old_logp"][m], sampled, atol=1e-4, rtol=0)
+    at_one, _ = response_logprobs(t.policy, ro, 1.0)
+    assert (at_one - batch["old_logp"])[m].abs().max() > 0.01  # T matters for these numbers
+    # The reference is the policy at the same temperature: no KL at all.
+    assert batch["kl"].eq(0).all()
+    # One minibatch, before any optimizer step: the ratio is exactly 1.
+    stats = t.update(ro, batch, t.cfg.lr, 1)
+    assert stats["approx_kl"] == 0 and stats["clipfrac"] == 0
+
+
+def test_the_update_loss_is_pg_plus_vf_coef_vf_plus_ptx_coef_ptx(setup, tmp_path, monkeypatch):
+    d, paths = setup
+    vf_coef, ptx_coef = 0.3, 0.25
+    t = trainer(setup, tmp_path / "run", reference=str(d / "reference"), vf_coef=vf_coef,
+                ptx_coef=ptx_coef, ptx_data=[str(paths["corpus"])], ptx_batch_size=2,
+                ptx_block_size=16, cache_dir=str(tmp_path / "cache"))
+    ro = t.rollout(1)
+    for i, rec in enumerate(ro.records):
+        rec["score"] = float(i) - 1.5
+    batch = t.advantages(ro, t.score(ro))
+    # By hand on the whole batch (the update's one minibatch is the batch in another order).
+    state = t.ptx.state()
+    block = next(t.ptx)
+    t.ptx.load_state(state)
+    m = ro.response_mask.float()
+    logp, _ = response_logprobs(t.policy, ro, T)
+    pg, _ = clipped_policy_loss(logp, batch["old_logp"], batch["advantages"], m, t.cfg.clip)
+    vf, _ = clipped_value_loss(response_values(t.value_model, ro), batch["old_values"],
+                               batch["returns"], m, t.cfg.value_clip)
+    ptx = t.policy(block[:, :-1], labels=block[:, 1:])
+    t.optimizer.zero_grad(set_to_none=True)
+    (pg + vf_coef * vf + ptx_coef * ptx).backward()
+    want = [p.grad.clone() for p in t.trained.parameters() if p.grad is not None]
+    t.optimizer.zero_grad(set_to_none=True)
+
+    got = []
+    real = ppo_module.clip_gradients
+
+    def spy(model, max_norm):  # the gradients of the update's loss, before clipping
+        got.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        return real(model, max_norm)
+    monkeypatch.setattr(ppo_module, "clip_gradients", spy)
+    stats = t.update(ro, batch, t.cfg.lr, 1)
+    assert stats["pg_loss"] == pytest.approx(pg.item(), abs=1e-6)
+    assert stats["value_loss"] == pytest.approx(vf.item(), rel=1e-5)
+    assert stats["ptx_loss"] == pytest.approx(ptx.item(), rel=1e-5)
+    assert len(got) == 1 and len(got[0]) == len(want)
+    for g, w in zip(got[0], want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_the_logged_kl_is_the_per_sequence_sum_averaged_over_responses(setup, tmp_path):
+    t = trainer(setup, tmp_path / "run", reference=str(setup[0] / "reference"), steps=1)
+    batches = []
+    real = t.advantages
+
+    def spy(ro, scores):
+        batches.append(real(ro, scores))
+        return batches[-1]
+    t.advantages = spy
+    t.train()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    kl = batches[0]["kl"]
+    per_sequence = kl.sum(1).mean().item()
+    assert kl.mean().item() != pytest.approx(per_sequence, rel=0.5)  # the readings differ
+    assert row["kl"] == pytest.approx(per_sequence, rel=1e-6)
