@@ -55,6 +55,38 @@ def test_a_tied_pair_is_neither_trained_on_nor_counted_by_accuracy():
                                                            abs=1e-5)
 
 
+def test_equal_scores_count_half_a_pair():
+    # Best first: [5], [5], [1]. The first pair is scored equal (half right), the others right.
+    batch = collate_rankings([EncodedRanking([[5], [5], [1]])], pad_id=0)
+    assert pairwise_accuracy(FirstTokenScore(), [batch]) == pytest.approx(2.5 / 3)
+
+
+def test_normalisation_reads_raw_scores_even_of_a_normalised_reward_model():
+    """Continuing from a reward model (a new round of rankings): its old bias and scale do not
+    leak into the new normalisation, which starts from the raw scores."""
+    from gptlab.model import GPT, GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    from gptlab.train.reward import normalize_scores
+    torch.manual_seed(0)
+    model = ScalarHeadModel.from_gpt(GPT(GPTConfig(vocab_size=40, context=32, n_layers=1,
+                                                   n_heads=2, d_model=16)))
+    model.eval()
+    seqs = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14]]
+
+    def scores():
+        with torch.no_grad():
+            return torch.cat([model(torch.tensor([s])) for s in seqs])
+    raw = scores()
+    model.score_bias.fill_(5.0)     # an earlier round's normalisation
+    model.score_scale.fill_(2.0)
+    mean, std = normalize_scores(model, seqs, pad_id=0)
+    assert mean == pytest.approx(raw.mean().item(), abs=1e-6)
+    assert std == pytest.approx(raw.std().item(), rel=1e-5)
+    new = scores()
+    assert new.mean().item() == pytest.approx(0, abs=1e-5)
+    assert new.std().item() == pytest.approx(1, rel=1e-5)
+
+
 def test_shared_prompt_scoring_equals_scoring_each_sequence_whole():
     """A prompt encoded once for its K responses gives the scores and gradients of K whole
     sequences (prompts of different lengths: left padding on the prompt side)."""
