@@ -233,7 +233,7 @@ def test_continue_training_a_model_directory(corpus, tmp_path):
                  "0", *base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "four")]) == 0
 
 
-def test_a_given_tokenizer_sizes_a_presets_embedding(corpus, tmp_path):
+def test_the_tokenizer_sizes_a_presets_embedding(corpus, tmp_path):
     # `tiny` kept its 512 rows for a 300-token tokenizer: ids 300-511 were sampled and dropped.
     d, _, tok = corpus
     assert run("--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--block-size", "16",
@@ -241,6 +241,12 @@ def test_a_given_tokenizer_sizes_a_presets_embedding(corpus, tmp_path):
                "--out", str(tmp_path / "run")) == 0
     assert tok.vocab_size == 300
     assert load_model(tmp_path / "run")[0].config.vocab_size == 300
+    # One trained here, asked for the preset's 512, stops short on this small corpus: the
+    # embedding follows it too (the demo's kept 2,048 rows for 1,177 tokens).
+    assert run("--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "own")) == 0
+    model, own, _ = load_model(tmp_path / "own")
+    assert own.vocab_size < 512 and model.config.vocab_size == own.vocab_size
 
 
 def test_continuing_a_model_with_another_tokenizer_than_its_own_is_refused(corpus, tmp_path,
