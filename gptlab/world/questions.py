@@ -71,13 +71,14 @@ def enumerate_combos(company: Company, schema: Schema, conn: sqlite3.Connection)
             values = {k: v for part in parts for k, v in part.items()}
             sql = schema.fill(intent.sql, values)
             rows = tuple(conn.execute(sql).fetchall())
-            if _informative(rows):
+            if informative(rows):
                 combos.append(Combo(intent, tuple(sorted(values.items())), sql, rows))
     return combos
 
 
-def _informative(rows: tuple[tuple, ...]) -> bool:
-    return bool(rows) and rows not in (((None,),), ((0,),))
+def informative(rows: tuple[tuple, ...] | list[tuple]) -> bool:
+    """A result worth asking for: not empty, not a lone NULL, not a lone 0."""
+    return bool(rows) and tuple(rows) not in (((None,),), ((0,),))
 
 
 def phrase(template: str, values: dict) -> str:
