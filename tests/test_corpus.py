@@ -180,3 +180,8 @@ def test_a_file_given_twice_is_refused(tmp_path, monkeypatch):
             assert str(e.value).startswith(message), str(e.value)
     assert not (tmp_path / "cache").exists()
     assert read_documents(["d", "e.txt"]) == ["one doc", "another doc", "a third doc"]
+    # A link inside the directory reaches c.txt twice though the user gave only `d`: say so.
+    (tmp_path / "d" / "latest.txt").symlink_to(tmp_path / "d" / "c.txt")
+    with pytest.raises(UserError) as e:
+        read_documents(["d"])
+    assert "remove the link d/latest.txt or give the files one by one" in str(e.value)

@@ -184,6 +184,7 @@ def test_a_value_of_the_wrong_type_names_the_field_and_the_type(stage, values, m
 def test_an_int_is_a_float_and_a_path_is_a_str(tmp_path):
     _stage_config("sft")(lr=1, epochs=2, out=tmp_path).check()
     _stage_config("pretrain")(data=(tmp_path / "a.txt",), max_steps=np.int64(2)).check()
+    _stage_config("ppo")(adaptive_kl=np.bool_(True)).check()  # numpy's bool is a bool
 
 
 def _model_dir(path):

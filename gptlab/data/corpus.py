@@ -76,9 +76,11 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
         for f in found:
             how = str(f) if f == p else f"{f} (in {given})"
             if f.resolve() in reached:
+                # A link in a directory reaches its target a second time: the user gave it once.
+                fix = (f"remove the link {f} or give the files one by one" if f.is_symlink()
+                       else "give each file once")
                 raise UserError(f"is given twice: as {reached[f.resolve()]} and as {how}; its "
-                                f"documents would be read twice, give each file once", path=f,
-                                field="data")
+                                f"documents would be read twice: {fix}", path=f, field="data")
             reached[f.resolve()] = how
         files += found
     return files

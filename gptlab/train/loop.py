@@ -144,7 +144,7 @@ def check_types(cfg: Any) -> None:
 
 
 _SCALARS: dict[type, tuple[str, Callable[[Any], bool]]] = {
-    bool: ("true or false", lambda v: isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, (bool, np.bool_))),  # numpy's too
     int: ("an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
     float: ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
     str: ("a str", lambda v: isinstance(v, (str, os.PathLike))),
