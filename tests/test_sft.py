@@ -249,3 +249,66 @@ def test_each_evaluation_prints_execution_accuracy_and_a_starting_model_kept_is_
     assert "exec_acc 0.2500" in err.split("step 2: val_loss", 1)[1].splitlines()[0]
     assert "SFT: 4 steps; best evaluation at step 0 (exec_acc 0.5000)" in err
     assert "note: no evaluation after step 0 beat the starting model" in err
+
+
+def _keeper(tmp_path, monkeypatch, **kw):
+    saved = []
+    monkeypatch.setattr(sft_module, "save_model", lambda d, m, t, extra: saved.append(extra["step"]))
+    return sft_module.BestKeeper(tmp_path, None, **kw), saved
+
+
+def test_an_equal_evaluation_neither_replaces_the_best_nor_counts_as_progress(tmp_path,
+                                                                               monkeypatch):
+    # The untrained model's step 0 is kept when nothing after it does strictly better, and an
+    # evaluation that only matches the best loss so far is one without progress.
+    keeper, saved = _keeper(tmp_path, monkeypatch, exec_eval=lambda m: 0.5, patience=2)
+    stops = [keeper(None, 100 * i, 2.0).get("stop", False) for i in range(3)]
+    assert saved == [0] and keeper.best_step == 0 and keeper.best_val_loss == 2.0
+    assert stops == [False, False, True]
+
+
+def test_resuming_replays_the_evaluation_at_the_checkpoints_own_step(tmp_path, monkeypatch):
+    save_model(tmp_path / "best", GPT(get_preset("tiny")))  # OUT/best of the interrupted run
+    keeper, saved = _keeper(tmp_path, monkeypatch)
+    rows = [{"step": s, "val_loss": v} for s, v in ((0, 3.0), (100, 2.0), (200, 1.0), (300, 0.5))]
+    keeper.restore(rows, upto=200)  # step 300 came after the checkpoint: not counted
+    assert keeper.best_step == 200 and keeper.best == -1.0
+    keeper(None, 300, 1.5)  # worse than step 200's: OUT/best keeps step 200's weights
+    assert saved == [] and keeper.best_step == 200
+
+
+def test_a_small_data_set_still_holds_out_one_demonstration():
+    examples = [Example([1, 2, 3], [0, 1, 1], id=i, line=i + 1) for i in range(10)]
+    train, val = sft_module.split_examples(examples, 0.05, seed=0)
+    assert len(val) == 1 and len(train) == 9
+    assert sorted(e.id for e in train + val) == list(range(10))
+    assert sft_module.split_examples(examples[:1], 0.05, seed=0) == (examples[:1], [])
+
+
+@pytest.mark.parametrize("select_best", [True, False])
+def test_out_holds_the_best_or_the_last_weights_with_their_own_validation_loss(
+        base, tmp_path, monkeypatch, select_best):
+    from safetensors.torch import load_file
+    from gptlab.checkpoint import read_meta
+    from gptlab.train.loop import TrainResult
+
+    def train(model, batches, loss_fn, cfg, out, on_eval=None, **kwargs):
+        on_eval(model, 0, 2.0)                 # the best evaluation
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        on_eval(model, 1, 3.0)                 # a worse one, the last
+        return TrainResult(step=1, total_steps=1, loss=1.0, val_loss=3.0, tokens=0,
+                           tokens_per_s=0.0, elapsed_s=0.0, checkpoint=None)
+
+    monkeypatch.setattr(sft_module, "train", train)
+    d, paths = base
+    out = tmp_path / "sft"
+    sft(SFTConfig(model=str(d / "base"), data=str(paths["sft"]), out=str(out), val_fraction=0.2,
+                  select_best=select_best, progress=False, device="cpu"))
+    meta = read_meta(out)
+    assert meta["best_step"] == 0 and meta["best_score"] == -2.0
+    assert meta["val_loss"] == (2.0 if select_best else 3.0)
+    start, got = load_file(d / "base" / "model.safetensors"), load_file(out / "model.safetensors")
+    shift = 0.0 if select_best else 0.01
+    assert all(torch.allclose(got[k], start[k] + shift, atol=1e-6) for k in start)
