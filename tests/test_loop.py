@@ -548,3 +548,59 @@ def test_an_early_stop_decided_by_a_resumed_evaluation_is_kept(tmp_path):
     assert {"step": 8, "event": "early_stop"} in rows
     again = run(resume=True)
     assert again.step == again.total_steps == 8 and read_metrics(tmp_path / "metrics.jsonl") == rows
+
+
+def test_clip_zero_measures_and_leaves_the_gradients_as_they_are():
+    model = tiny()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    assert clip_gradients(model, 0) > 1.0
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+
+
+def test_the_loop_clips_each_update_and_counts_the_tokens_of_the_whole_run(tmp_path):
+    tokens = _stream(6, n=1000)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, max_steps=3, clip=1e-6, weight_decay=0.0,
+                      eval_every=0, save_every=0, log_every=1, progress=False, device="cpu")
+    batches = lambda: BlockBatches(tokens, 16, np.arange(50), 4, 0)  # noqa: E731
+    model = tiny(2)
+    clipped, unclipped = copy.deepcopy(model), copy.deepcopy(model)
+    result = train(model, batches(), lm_loss, cfg, tmp_path)
+    # By hand: the same batches, lr and AdamW, with and without clipping to norm 1e-6 (so small
+    # that AdamW's eps makes the clipped update far smaller than the unclipped one).
+    for m, clip in ((clipped, 1e-6), (unclipped, 0.0)):
+        opt, data = make_optimizer(m, 1e-2, 0.0, (0.9, 0.95)), batches()
+        for step in range(3):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, 0, 3, 1e-2, 0.1)
+            accumulate_gradients(m, [next(data)], lm_loss)
+            clip_gradients(m, clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, c, u in zip(model.parameters(), clipped.parameters(), unclipped.parameters()):
+        torch.testing.assert_close(p, c, rtol=0, atol=1e-6)
+    assert not all(torch.allclose(c, u, atol=1e-4)
+                   for c, u in zip(clipped.parameters(), unclipped.parameters()))
+    # Tokens add up over the run: 4 blocks of 17 tokens a step.
+    assert result.tokens == 3 * 4 * 17
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["tokens"] for r in rows] == [68, 136, 204]
+
+
+def test_how_often_one_evaluates_does_not_change_the_training_run(tmp_path):
+    tokens = _stream(7, n=2000)
+
+    def on_eval(model, step, val_loss):  # a sample drawn at each evaluation uses the RNG
+        return {"draw": float(torch.rand(()))}
+
+    def run(out, eval_every):
+        cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, eval_every=eval_every,
+                          eval_batches=1, save_every=0, log_every=1, progress=False, device="cpu")
+        model = tiny(3, dropout=0.2)  # dropout: training draws from the torch RNG
+        train(model, BlockBatches(tokens, 16, np.arange(60), 4, 0), lm_loss, cfg, out,
+              val_batches=fixed_batches(tokens, 16, np.arange(60, 70), 4, 1), on_eval=on_eval)
+        return model, [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+    (a, loss_a), (b, loss_b) = run(tmp_path / "a", 1), run(tmp_path / "b", 0)
+    assert loss_a == loss_b and len(loss_a) == 6
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
