@@ -12,8 +12,8 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, load_model
 from gptlab.cli import main
-from gptlab.data.tokens import (load_token_data, n_blocks, split_blocks, token_dtype,
-                                tokenize_corpus)
+from gptlab.data.tokens import (fixed_batches, load_token_data, n_blocks, split_blocks,
+                                token_dtype, tokenize_corpus)
 from gptlab.tokenizer import train_tokenizer
 from gptlab.train.loop import read_metrics
 
@@ -119,6 +119,22 @@ def test_split_is_seeded_and_disjoint():
     assert split_blocks(100, 0.1, seed=4)[1].tolist() != val.tolist()
     assert len(split_blocks(1, 0.1, 0)[1]) == 0            # a single block stays for training
     assert n_blocks(33, 32) == 1 and n_blocks(32, 32) == 0 and n_blocks(65, 32) == 2
+
+
+def test_a_split_holds_out_at_least_one_block_and_trains_on_at_least_one():
+    assert [len(x) for x in split_blocks(10, 0.01, seed=0)] == [9, 1]   # 0.1 rounds to 1, not 0
+    assert [len(x) for x in split_blocks(2, 0.9, seed=0)] == [1, 1]     # 1.8 rounds to 2: 1 left
+    assert [len(x) for x in split_blocks(10, 0.0, seed=0)] == [10, 0]
+
+
+def test_fixed_batches_are_the_first_max_batches_full_batches_of_the_ids():
+    tokens = np.arange(200, dtype=np.uint16)
+    ids = np.array([7, 3, 9, 1, 4, 8, 2, 0, 5])
+    batches = fixed_batches(tokens, 4, ids, batch_size=4, max_batches=2)
+    assert [b.shape for b in batches] == [(4, 5), (4, 5)]
+    assert [int(row[0]) // 4 for b in batches for row in b] == [7, 3, 9, 1, 4, 8, 2, 0]
+    assert batches[0][0].tolist() == [28, 29, 30, 31, 32]  # block 7: tokens 28..32
+    assert [b.shape[0] for b in fixed_batches(tokens, 4, ids, 4, 5)] == [4, 4, 1]
 
 
 def test_blocks_are_context_plus_one_with_shared_boundaries(corpus, tmp_path):
