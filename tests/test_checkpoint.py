@@ -220,3 +220,28 @@ def test_a_corrupted_checkpoint_is_detected(tmp_path):
     (path / "trainer.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="missing or corrupt"):
         c.load(path, tiny())
+
+
+def test_a_save_below_the_newest_step_is_kept_and_named_latest(tmp_path):
+    # Resuming from an earlier checkpoint (the pointer moved back by hand) saves a lower step
+    # than ones on disk: keeping the last K by number must not remove the save just made.
+    net = tiny()
+    c = ck.Checkpointer(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        c.save(step, net, state={"step": step})
+    c.save(15, net, state={"step": 15})
+    assert (tmp_path / "checkpoints" / "step-15").is_dir()
+    assert c.latest().name == "step-15" and c.load(c.latest(), tiny())["step"] == 15
+
+
+def test_the_manifest_covers_the_files_of_models_saved_inside_a_checkpoint(tmp_path):
+    c = ck.Checkpointer(tmp_path)
+    path = c.save(1, tiny(), models={"value": tiny()})
+    manifest = json.loads((path / "manifest.json").read_text())["sha256"]
+    assert "value/model.safetensors" in manifest
+    weights = path / "value" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit pattern changed, the size the same
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="missing or corrupt"):
+        c.verify(path)
