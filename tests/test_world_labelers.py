@@ -222,3 +222,15 @@ def test_win_rate_is_symmetric_and_ties_what_the_labeler_cannot_tell_apart(world
     wrong_long = f"SELECT COUNT(*) FROM employees WHERE city = '{other}' AND 1 = 1"
     assert win_rate(world, records[:2], [wrong_long, q.sql], ["SELEC x", longer],
                     by_verdict=True) == pytest.approx(1.5 / 2)
+
+
+def test_noise_also_flips_rankings_of_two_tiers(world):
+    # One correct and one wrong answer per question: two levels, the smallest noisy ranking.
+    careful = world.labeler(disagreement=0.0)
+    items = [it for it in ((q.id, [q.sql, "SELECT 1"]) for q in world.test)
+             if len(careful.rank(*it).tied_groups()) == 2]
+    assert len(items) > 500
+    noisy = SqlLabeler(world, disagreement=0.25, seed=7)
+    flipped = sum(noisy.rank(*it).order == (1, 0) for it in items) / len(items)
+    assert abs(flipped - 0.25) <= 0.04
+    assert flipped == pytest.approx(1 - agreement(careful, noisy, items))
