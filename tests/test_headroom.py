@@ -164,3 +164,55 @@ def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models
     # Against the labelers' own (reversed) rankings the same scores get the complement.
     held = [encode_ranking(tok, r, 256) for r in read_rankings(tmp_path / "held.jsonl")]
     assert pairwise_accuracy(rm, [collate_rankings(held, tok.pad_id)]) == pytest.approx(1 - acc)
+
+
+def test_the_reward_models_favourite_is_its_highest_score():
+    assert pick_stats([[0, 1, 0]], [[0.1, 0.9, 0.5]])["rm_best_of_k"] == 1.0
+    assert pick_stats([[0, 1, 0]], [[0.1, 0.5, 0.9]])["rm_best_of_k"] == 0.0
+
+
+def test_best_of_k_scores_each_answer_of_each_question(models, monkeypatch):
+    import gptlab.eval.headroom as headroom
+    tok, policy, rm = models
+    seen = {}
+    real_generate, real_pick = headroom.generate, headroom.pick_stats
+
+    def generate(*args, **kwargs):
+        seen["gen"] = real_generate(*args, **kwargs)
+        return seen["gen"]
+
+    def pick(correct, scores):
+        seen["scores"] = scores
+        return real_pick(correct, scores)
+
+    monkeypatch.setattr(headroom, "generate", generate)
+    monkeypatch.setattr(headroom, "pick_stats", pick)
+    records = [{"id": str(i), "prompt": f"Question {i}: who?"} for i in range(3)]
+    best_of_k(policy, tok, rm, EvenLengthWorld(), records, k=4, max_new_tokens=6)
+    prompts = [encode_prompt(tok, r["prompt"]) for r in records]
+    flat = score_responses(rm, prompts, 4, seen["gen"].tokens, tok.pad_id)
+    assert seen["scores"] == [flat[0:4], flat[4:8], flat[8:12]]
+
+
+def test_sequence_kl_by_hand(models):
+    from gptlab.engine import SamplingParams, generate
+    from gptlab.eval.pipeline_eval import sequence_kl
+    tok, policy, _ = models
+    torch.manual_seed(1)
+    reference = GPT(policy.config).eval()
+    records = [{"prompt": f"Question {i}: who earns most?"} for i in range(3)]
+    got = sequence_kl(policy, reference, tok, records, max_new_tokens=5, seed=4)
+    prompts = [encode_prompt(tok, r["prompt"]) for r in records]
+    gen = generate(policy, prompts, SamplingParams(max_new_tokens=5,
+                                                   stop_ids=tuple(sorted(tok.stop_ids))),
+                   seed=4, pad_id=tok.pad_id)
+    kls = []
+    with torch.no_grad():
+        for p, r in zip(prompts, gen.tokens):
+            ids = torch.tensor([p + r])
+            lp = [m(ids)[0].log_softmax(-1) for m in (policy, reference)]
+            kls.append(sum(float(lp[0][len(p) - 1 + t, y] - lp[1][len(p) - 1 + t, y])
+                           for t, y in enumerate(r)))
+    assert all(len(r) > 0 for r in gen.tokens) and abs(kls[0]) > 1e-3
+    assert got == pytest.approx(sum(kls) / 3, abs=1e-4)
+    assert sequence_kl(policy, policy, tok, records, max_new_tokens=5) == pytest.approx(0, abs=1e-4)
