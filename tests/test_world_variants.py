@@ -125,3 +125,27 @@ def test_the_suite_tells_apart_most_wrong_queries_the_company_cannot(world):
                 caught += not world.correct_on_test_suite(q.id, wrong)
     assert passed > 100
     assert caught / passed >= 0.95, (caught, passed)
+
+
+def _top_paid(world):
+    return next(q for q in world.test if q.intent == "top_paid_employees")
+
+
+def test_an_ordered_answer_in_another_order_is_wrong_on_the_variants(world):
+    q = _top_paid(world)  # ... ORDER BY salary DESC LIMIT n: the same rows, reversed
+    reversed_ = f"SELECT name FROM ({q.sql.replace('SELECT name', 'SELECT name, salary')}) " \
+                "AS g ORDER BY salary ASC"
+    world.correct_on_test_suite(q.id, q.sql)  # opens the variants
+    assert not world._variants.agrees(reversed_, q.sql)
+    assert world._variants.agrees(q.sql, q.sql)
+
+
+def test_an_answer_wrong_on_the_company_is_wrong_on_the_test_suite(world):
+    q = _top_paid(world)
+    top = max(r[4] for r in world.company.rows["emp"])
+    # Leaves out the company's top earner only: right on the variants, wrong on the company.
+    wrong = q.sql.replace("FROM employees", f"FROM employees WHERE salary <> {top}")
+    assert not world.check(q.id, wrong).correct
+    world.correct_on_test_suite(q.id, q.sql)
+    assert world._variants.agrees(wrong, q.sql)
+    assert not world.correct_on_test_suite(q.id, wrong)
