@@ -343,7 +343,8 @@ def collect_samples(results: dict) -> list[Sample]:
 
 SUITE_NOTE = ("On the test suite: the answer returns the gold's result on the company and on "
               "each of {n} variant databases (same people, departments and projects, every "
-              "relation and number drawn again), which a wrong query that happens to return "
+              "relation and number drawn again; one where the gold's result is empty, a lone "
+              "NULL or a lone 0 does not count), which a wrong query that happens to return "
               "the gold's rows on the company does not.")
 
 
