@@ -112,8 +112,8 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
             raise e.at(path, r["_line"]) from None
         hits = [int(k == "correct") for k in kinds]
         first.append(hits[0])
-        first_on_suite.append(int(hits[0] and world.correct_on_test_suite(str(r["id"]),
-                                                                      responses[0].strip())))
+        first_on_suite.append(int(hits[0] and world.agrees_on_variants(str(r["id"]),
+                                                                   responses[0].strip())))
         errors += kinds[0] == "error"
         every.extend(hits)
         if world.unseen_phrasing(str(r["id"])):  # the world's mark, not the file's

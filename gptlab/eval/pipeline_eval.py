@@ -130,7 +130,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         kinds = exec_verdicts(world, test, answers[name])
         correct[name] = [int(k == "correct") for k in kinds]
         errors[name] = [int(k == "error") for k in kinds]
-        on_suite[name] = [int(hit and world.correct_on_test_suite(r["id"], a.strip()))
+        on_suite[name] = [int(hit and world.agrees_on_variants(r["id"], a.strip()))
                           for hit, r, a in zip(correct[name], test, answers[name])]
         print(f"  {name}: exec_acc {mean(correct[name]):.3f}", flush=True)
     write_jsonl_atomic(out / "eval" / "answers.jsonl", (

@@ -138,8 +138,11 @@ class World:
         """Whether `pred_sql` returns the gold's result on the company and on each of its
         variant databases (see variants.py): stricter than `check`, which a wrong query passes
         when it happens to return the gold's rows on this one database."""
-        if not self.check(qid, pred_sql).correct:
-            return False
+        return self.check(qid, pred_sql).correct and self.agrees_on_variants(qid, pred_sql)
+
+    def agrees_on_variants(self, qid: str, pred_sql: str) -> bool:
+        """The variant half of `correct_on_test_suite`, for a caller that has `check`ed the
+        answer on the company already."""
         if self._variants is None:
             self._variants = VariantDatabases(self.company, self.schema)
         return self._variants.agrees(pred_sql, self.gold(qid))
