@@ -95,12 +95,13 @@ def test_a_chat_template_refusing_a_demonstration_names_file_and_line(tok, tmp_p
                    "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
     strict = Tokenizer(tok.hf, tok.bos_token, tok.eos_token, tok.pad_token,
                        chat_template=alternating)
-    f = write(tmp_path / "d.jsonl", {"messages": [USER, ASSISTANT]},
-              {"messages": [USER, ASSISTANT, ASSISTANT]})
-    with pytest.raises(UserError) as err:
-        read_demonstrations(f, strict, 64)
-    assert str(err.value) == (f"{f}:2, field 'chat_template': the chat template failed: "
-                              "roles must alternate user/assistant")
+    for bad in ({"messages": [USER, ASSISTANT, ASSISTANT]},
+                {"prompt": [USER, USER], "completion": [ASSISTANT]}):  # TRL's conversational form
+        f = write(tmp_path / "d.jsonl", {"messages": [USER, ASSISTANT]}, bad)
+        with pytest.raises(UserError) as err:
+            read_demonstrations(f, strict, 64)
+        assert str(err.value) == (f"{f}:2, field 'chat_template': the chat template failed: "
+                                  "roles must alternate user/assistant")
 
 
 def test_prompts_files_read_as_utf8_with_bom_and_crlf_and_refuse_other_bytes(tmp_path):
@@ -263,3 +264,208 @@ def test_a_field_named_line_does_not_move_the_line_an_error_names(tok, tmp_path)
         read_demonstrations(f, tok, 64)
     assert str(err.value) == f"{f}:2, field 'completion': must be a non-empty string"
     assert [r["_line"] for r in read_prompts(f)] == [1, 2]
+
+
+# --- TRL's dataset formats ----------------------------------------------------------------------
+# https://huggingface.co/docs/trl/dataset_formats: the conversational forms are read as their
+# `messages` twins (the same tokens through the chat template); the types a K-wise reward model
+# or SFT cannot learn from are refused, naming file, line and field and what to write instead.
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+USER2 = {"role": "user", "content": "And the dog?"}
+NO = {"role": "assistant", "content": "no"}
+
+
+def as_parquet(path, rows):
+    """`rows` written as TRL's datasets write them: one column per field, messages as structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_struct_array(pa.array(rows)), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_conversational_prompt_completion_trains_on_the_completion_as_messages_do(tok, tmp_path,
+                                                                                  suffix):
+    rows = [{"id": 1, "prompt": [USER], "completion": [ASSISTANT]},
+            {"id": 2, "prompt": [SYSTEM, USER, ASSISTANT, USER2], "completion": [NO]}]
+    f = tmp_path / f"d{suffix}"
+    write(f, *rows) if suffix == ".jsonl" else as_parquet(f, rows)
+    single, multi = read_demonstrations(f, tok, 64)
+    twins = read_demonstrations(write(tmp_path / "m.jsonl", {"messages": [USER, ASSISTANT]},
+                                      {"messages": [SYSTEM, USER, ASSISTANT, USER2, NO]}), tok, 64)
+    assert (single.ids, single.loss_mask) == (twins[0].ids, twins[0].loss_mask)
+    # A text answer to a conversation, as rankings may give one (a Parquet column holds one type).
+    text, = read_demonstrations(write(tmp_path / "t.jsonl", {"prompt": [USER],
+                                                              "completion": "yes"}), tok, 64)
+    assert (text.ids, text.loss_mask) == (twins[0].ids, twins[0].loss_mask)
+    # The whole conversation's tokens; the loss on the completion only (TRL's completion-only
+    # loss), not on the prompt's earlier assistant turn, which `messages` trains on.
+    assert multi.ids == twins[1].ids
+    last = len(multi.ids) - multi.loss_mask[::-1].index(0)
+    assert multi.loss_mask == [0] * last + [1] * (len(multi.ids) - last)
+    assert sum(twins[1].loss_mask) == sum(multi.loss_mask) + sum(single.loss_mask)
+    assert tok.decode([t for t, m in zip(multi.ids, multi.loss_mask) if m]) == "no"
+    assert [e.id for e in (single, multi)] == [1, 2]
+
+
+@pytest.mark.parametrize("row,field,message", [
+    ({"prompt": "Is the cat happy?", "completion": [ASSISTANT]}, "completion",
+     "is a list of messages but the prompt is text; write both as text or both as lists of "
+     "messages"),
+    ({"prompt": [USER], "completion": [ASSISTANT, USER2, NO]}, "completion",
+     "must be one assistant message"),
+    ({"prompt": [USER], "completion": [USER2]}, "completion", "must be one assistant message"),
+    ({"prompt": [USER], "completion": [{"role": "assistant", "content": " "}]},
+     "completion[0].content", "must be a non-empty string"),
+    ({"prompt": [USER], "completion": [{"role": "bot", "content": "yes"}]}, "completion[0].role",
+     "message 0 has role 'bot'"),
+    ({"prompt": [USER, ASSISTANT], "completion": [NO]}, "prompt",
+     "must end on a user turn, not 'assistant'"),
+    ({"prompt": [{"role": "user", "content": 3}], "completion": [NO]}, "prompt[0].content",
+     "message 0 content must be a string"),
+    ({"prompt": [], "completion": [NO]}, "prompt", "must be a non-empty list of messages"),
+    # TRL's types that are no demonstration
+    ({"text": "The sky is blue."}, "text", "is language-modeling text, which SFT does not train "
+     "on (its loss is on answers only): continue pretraining on it (gptlab pretrain --model DIR "
+     "--data FILE), or write 'prompt' and 'completion'"),
+    ({"prompt": "Is it?", "completion": " no", "label": False}, "label",
+     "is a preference label (TRL's unpaired preference): SFT trains on every completion; keep "
+     "the rows labeled true and drop 'label'"),
+    ({"prompt": "Is it?", "chosen": " yes", "rejected": " no"}, None,
+     "has 'chosen'/'rejected' (preference data): train a reward model on it (gptlab reward), or "
+     "write the chosen response as 'completion'"),
+])
+def test_a_bad_trl_demonstration_names_file_line_and_field(tok, tmp_path, row, field, message):
+    f = write(tmp_path / "d.jsonl", {"prompt": [USER], "completion": [ASSISTANT]}, row)
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
+    assert str(err.value).startswith(f"{f}:2" + (f", field '{field}'" if field else "")
+                                     + f": {message}")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_conversational_prompt_is_read_as_its_messages_twin(tok, tmp_path, suffix):
+    from gptlab.data.instruct import encode_prompt, prompt_of
+    rows = [{"id": 1, "prompt": [SYSTEM, USER]},
+            {"id": 2, "prompt": [USER], "completion": [ASSISTANT]}]  # prompt-completion too
+    f = tmp_path / f"p{suffix}"
+    write(f, *rows) if suffix == ".jsonl" else as_parquet(f, rows)
+    records = read_prompts(f)
+    assert [prompt_of(r) for r in records] == [[SYSTEM, USER], [USER]]
+    assert [encode_prompt(tok, prompt_of(r)) for r in records] == \
+        [encode_prompt(tok, prompt_of({"messages": m})) for m in ([SYSTEM, USER], [USER])]
+    f = write(tmp_path / "bad.jsonl", {"prompt": [USER, ASSISTANT]})
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    assert str(err.value) == f"{f}:1, field 'prompt': must end on a user turn, not 'assistant'"
+
+
+def rankings_of(tmp_path, suffix, *rows):
+    from gptlab.data.instruct import read_rankings
+    f = tmp_path / f"r{suffix}"
+    write(f, *rows) if suffix == ".jsonl" else as_parquet(f, list(rows))
+    return [(r.prompt, r.ranked, r.groups, r.id) for r in read_rankings(f)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_conversational_preference_explicit_or_implicit_reads_as_its_messages_twin(tmp_path,
+                                                                                    suffix):
+    history = [SYSTEM, USER, ASSISTANT, USER2]
+    got = rankings_of(tmp_path, suffix,
+                      {"id": 1, "prompt": [USER], "chosen": [ASSISTANT], "rejected": [NO]},
+                      {"id": 2, "chosen": [USER, ASSISTANT], "rejected": [USER, NO]},
+                      {"id": 3, "chosen": history + [NO], "rejected": history + [ASSISTANT]})
+    twins = rankings_of(tmp_path, ".jsonl",
+                        {"id": 1, "messages": [USER], "chosen": "yes", "rejected": "no"},
+                        {"id": 2, "messages": [USER], "chosen": "yes", "rejected": "no"},
+                        {"id": 3, "messages": history, "chosen": "no", "rejected": "yes"})
+    assert got == twins
+    assert got[2] == (history, ["no", "yes"], [0, 1], 3)
+
+
+@pytest.mark.parametrize("row,field,message", [
+    # TRL's implicit prompt from two texts: their common prefix may end inside a word
+    ({"chosen": "The sky is blue.", "rejected": "The sky is green."}, "prompt",
+     "is missing: write the prompt in 'prompt' and the two responses after it in 'chosen' and "
+     "'rejected', or write them as conversations (lists of messages) that share their prompt "
+     "turns"),
+    ({"chosen": [USER, ASSISTANT], "rejected": [USER2, NO]}, "prompt",
+     "is missing, and 'chosen' and 'rejected' share no first messages to take it from"),
+    ({"chosen": [USER, ASSISTANT, USER2, NO], "rejected": [USER, NO]}, "chosen",
+     "without a 'prompt', 'chosen' and 'rejected' must be the same conversation but for their "
+     "last message, an assistant turn; chosen has 3 messages after the 1 they share"),
+    ({"chosen": [USER, ASSISTANT], "rejected": [USER, ASSISTANT]}, "chosen/rejected",
+     "has duplicate responses"),
+    ({"chosen": [USER, ASSISTANT, USER2], "rejected": [USER, ASSISTANT, USER]}, "chosen[2].role",
+     "must be 'assistant': without a 'prompt', the last message of 'chosen' and of 'rejected' "
+     "is the response"),
+    ({"chosen": [SYSTEM, ASSISTANT], "rejected": [SYSTEM, NO]}, "chosen",
+     "must end on a user turn, not 'system'"),
+    ({"prompt": "Is the cat happy?", "chosen": [ASSISTANT], "rejected": [NO]}, "chosen",
+     "is a list of messages but the prompt is text"),
+    ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant",
+                                                             "content": ""}]},
+     "rejected[0].content", "must be a non-empty string"),
+    # TRL's types that label one response, which a K-wise reward model cannot learn from
+    ({"prompt": "Is it?", "completion": " yes", "label": True}, "label",
+     "labels one completion (TRL's unpaired preference); a reward model learns from responses "
+     "to one prompt ranked against each other: write 'chosen' and 'rejected' (a better and a "
+     "worse response to the prompt) or 'ranked' (best first)"),
+    ({"prompt": [USER], "completion": [ASSISTANT], "label": False}, "label",
+     "labels one completion (TRL's unpaired preference)"),
+    ({"prompt": "Is it?", "completions": [" yes", " no"], "labels": [True, False]}, "labels",
+     "labels the steps of one completion (TRL's stepwise supervision)"),
+])
+def test_a_bad_trl_preference_names_file_line_and_field(tmp_path, row, field, message):
+    from gptlab.data.instruct import read_rankings
+    f = write(tmp_path / "r.jsonl", {"chosen": [USER, ASSISTANT], "rejected": [USER, NO]}, row)
+    with pytest.raises(UserError) as err:
+        read_rankings(f)
+    assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
+    assert str(err.value).startswith(f"{f}:2, field '{field}': {message}")
+
+
+def test_the_verbs_take_trl_files_and_refuse_what_they_cannot_learn_from(tok, tmp_path, capsys):
+    import dataclasses
+
+    import torch
+
+    from gptlab.checkpoint import load_model, save_model
+    from gptlab.cli import main
+    from gptlab.io import read_jsonl
+    from gptlab.model import GPT, get_preset
+    torch.manual_seed(0)
+    save_model(tmp_path / "base", GPT(dataclasses.replace(get_preset("tiny"),
+                                                          vocab_size=tok.vocab_size,
+                                                          context=64)), tok)
+    quiet = ["--no-progress", "--max-steps", "2", "--batch-size", "2", "--eval-every", "2"]
+    sft_data = as_parquet(tmp_path / "sft.parquet",
+                          [{"prompt": [USER], "completion": [ASSISTANT]},
+                           {"prompt": [USER2], "completion": [NO]}] * 4)
+    assert main(["sft", "--model", str(tmp_path / "base"), "--data", str(sft_data),
+                 "--out", str(tmp_path / "sft"), *quiet]) == 0
+    prompts = write(tmp_path / "prompts.jsonl", {"id": 1, "prompt": [SYSTEM, USER]},
+                    {"id": 2, "prompt": [USER2]})
+    assert main(["sample", "--model", str(tmp_path / "sft"), "--prompts", str(prompts),
+                 "--k", "2", "--out", str(tmp_path / "samples.jsonl"),
+                 "--max-new-tokens", "4"]) == 0
+    assert [r["prompt"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [[SYSTEM, USER],
+                                                                             [USER2]]
+    pairs = as_parquet(tmp_path / "pairs.parquet",
+                       [{"chosen": [USER, ASSISTANT], "rejected": [USER, NO]},
+                        {"chosen": [USER2, NO], "rejected": [USER2, ASSISTANT]}] * 4)
+    assert main(["reward", "--model", str(tmp_path / "sft"), "--data", str(pairs),
+                 "--out", str(tmp_path / "rm"), *quiet]) == 0
+    assert load_model(tmp_path / "rm")[2]["arch"] == "scalar"
+    assert main(["ppo", "--policy", str(tmp_path / "sft"), "--reward", str(tmp_path / "rm"),
+                 "--prompts", str(prompts), "--out", str(tmp_path / "ppo"), "--steps", "1",
+                 "--batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    unpaired = write(tmp_path / "kto.jsonl", {"prompt": [USER], "completion": [ASSISTANT],
+                                              "label": True})
+    assert main(["reward", "--model", str(tmp_path / "sft"), "--data", str(unpaired),
+                 "--out", str(tmp_path / "rm2"), *quiet]) == 2
+    assert f"{unpaired}:1, field 'label': labels one completion" in capsys.readouterr().err
+    assert not (tmp_path / "rm2").exists()

@@ -8,6 +8,11 @@
   an item being a response or a list of responses tied with each other (at least 2 levels),
   or `{"prompt": ..., "chosen": ..., "rejected": ...}` (K = 2)
 
+TRL's conversational forms are read as they are: a `prompt` may be a list of messages, and then
+a `completion`, `chosen` or `rejected` a list holding one assistant message; `chosen` and
+`rejected` without a prompt may be whole conversations whose shared messages are the prompt
+(TRL's implicit prompt). TRL's other types are refused with what to write instead.
+
 A prompt is tokenized on its own and a response after it, exactly as generation sees them, so
 the tokens trained on are the tokens sampled. A plain-text response ends with EOS.
 """
@@ -63,16 +68,24 @@ class SkipCounter:
         return f"skipped {self.total} {what}: {parts}"
 
 
-def _checked_messages(msgs: list, path: str | Path, line: int | None) -> list:
+def _checked_messages(msgs: list, path: str | Path, line: int | None,
+                      field: str = "messages") -> list:
     """`msgs` if every message has a known role and string content that a tokenizer can encode
-    (the chat template's own checks, here naming the file, line and field)."""
+    (the chat template's own checks, here naming the file, line and field: `prompt[0].role`
+    for the messages of a `prompt`)."""
     try:
         check_messages(msgs)
     except UserError as e:
+        e = UserError(e.message, field=field + (e.field or "").removeprefix("messages"))
         raise (e.at(path, line) if path else e) from None
     for i, m in enumerate(msgs):
-        _checked_text(m["content"], path, line, f"messages[{i}].content")
+        _checked_text(m["content"], path, line, f"{field}[{i}].content")
     return msgs
+
+
+def _is_conversation(value: Any) -> bool:
+    """Whether `value` is written as chat messages (a non-empty list of objects)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
 def _checked_text(text: str, path: str | Path, line: int | None, field: str) -> str:
@@ -85,24 +98,83 @@ def _checked_text(text: str, path: str | Path, line: int | None, field: str) -> 
 
 
 def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> Any:
-    """The prompt of a record: its `prompt` text or its `messages`, which end on a user turn."""
+    """The prompt of a record: its `prompt` (text, or messages as TRL's conversational form
+    writes it) or its `messages`; messages end on a user turn."""
     if "prompt" in record:
+        if isinstance(record["prompt"], list):
+            return _prompt_messages(record["prompt"], path, line, "prompt")
         if not isinstance(record["prompt"], str) or not record["prompt"]:
             raise UserError("must be a non-empty string", path=path, line=line, field="prompt")
         return _checked_text(record["prompt"], path, line, "prompt")
     if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError("must be a non-empty list of messages", path=path, line=line,
-                            field="messages")
-        _checked_messages(msgs, path, line)
-        if msgs[-1]["role"] != "user":
-            # Rendered for generation, a final assistant turn would be part of the prompt: the
-            # model would be shown the answer it is asked for.
-            raise UserError(f"must end on a user turn, not {msgs[-1]['role']!r}", path=path,
-                            line=line, field="messages")
-        return msgs
+        return _prompt_messages(record["messages"], path, line, "messages")
     raise UserError("needs a 'prompt' or a 'messages' field", path=path, line=line)
+
+
+def _prompt_messages(msgs: Any, path: str | Path, line: int | None, field: str) -> list:
+    """`msgs` if they are a conversation to answer: checked messages ending on a user turn."""
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError("must be a non-empty list of messages", path=path, line=line,
+                        field=field)
+    _checked_messages(msgs, path, line, field)
+    if msgs[-1]["role"] != "user":
+        # Rendered for generation, a final assistant turn would be part of the prompt: the
+        # model would be shown the answer it is asked for.
+        raise UserError(f"must end on a user turn, not {msgs[-1]['role']!r}", path=path,
+                        line=line, field=field)
+    return msgs
+
+
+def _response_text(value: Any, prompt: Any, path: str | Path, line: int | None,
+                   field: str) -> str:
+    """A response (a `completion`, `chosen` or `rejected`) as text: a string, or after a
+    conversational prompt, TRL's list holding one assistant message."""
+    if isinstance(value, list) and isinstance(prompt, str):
+        raise UserError("is a list of messages but the prompt is text; write both as text or "
+                        "both as lists of messages", path=path, line=line, field=field)
+    if isinstance(value, list):
+        _checked_messages(value, path, line, field)
+        if len(value) != 1 or value[0]["role"] != "assistant":
+            raise UserError("must be one assistant message, [{\"role\": \"assistant\", "
+                            "\"content\": ...}] (a longer conversation goes in 'messages')",
+                            path=path, line=line, field=field)
+        value, field = value[0]["content"], f"{field}[0].content"
+    if not isinstance(value, str) or not value.strip():
+        # An empty one would teach the model to answer with nothing but its end of turn.
+        raise UserError("must be a non-empty string", path=path, line=line, field=field)
+    return _checked_text(value, path, line, field)
+
+
+def _implicit_prompt(chosen: list, rejected: list, path: str | Path,
+                     line: int | None) -> tuple[list, list, list]:
+    """TRL's implicit prompt: `chosen` and `rejected` are whole conversations that share every
+    message but their last; the shared messages are the prompt. (prompt, chosen's last message,
+    rejected's last message), each a list of messages."""
+    _checked_messages(chosen, path, line, "chosen")
+    _checked_messages(rejected, path, line, "rejected")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and \
+            (chosen[n]["role"], chosen[n]["content"]) == (rejected[n]["role"],
+                                                          rejected[n]["content"]):
+        n += 1
+    if n == len(chosen) == len(rejected):
+        n -= 1  # the same conversation twice: refused below as duplicate responses
+    if n == 0:
+        raise UserError("is missing, and 'chosen' and 'rejected' share no first messages to "
+                        "take it from: give it in 'prompt', or begin both conversations with "
+                        "the prompt's messages", path=path, line=line, field="prompt")
+    for name, conv in (("chosen", chosen), ("rejected", rejected)):
+        if len(conv) - n != 1:
+            raise UserError(f"without a 'prompt', 'chosen' and 'rejected' must be the same "
+                            f"conversation but for their last message, an assistant turn; "
+                            f"{name} has {len(conv) - n} messages after the {n} they share "
+                            f"(or give the prompt in 'prompt')", path=path, line=line,
+                            field=name)
+        if conv[-1]["role"] != "assistant":
+            raise UserError("must be 'assistant': without a 'prompt', the last message of "
+                            "'chosen' and of 'rejected' is the response", path=path, line=line,
+                            field=f"{name}[{len(conv) - 1}].role")
+    return _prompt_messages(chosen[:n], path, line, "chosen"), chosen[n:], rejected[n:]
 
 
 def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
@@ -167,15 +239,35 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
             raise (e.at(path, line) if path else e) from None
         return Example(ids, list(mask), record.get("id"), line)
     if "prompt" not in record or "completion" not in record:
-        raise UserError("needs 'prompt' and 'completion' fields, or 'messages'", path=path,
-                        line=line)
-    if not isinstance(record["completion"], str) or not record["completion"].strip():
-        # An empty one would teach the model to answer with nothing but EOS.
-        raise UserError("must be a non-empty string", path=path, line=line, field="completion")
-    _checked_text(record["completion"], path, line, "completion")
-    p = encode_prompt(tokenizer, prompt_of(record, path, line))
-    c = encode_response(tokenizer, record["completion"], record["prompt"])
+        raise _not_a_demonstration(record, path, line)
+    if isinstance(record.get("label"), bool):
+        # TRL's unpaired preference: SFT would train on the completions marked bad as well.
+        raise UserError("is a preference label (TRL's unpaired preference): SFT trains on every "
+                        "completion; keep the rows labeled true and drop 'label'", path=path,
+                        line=line, field="label")
+    prompt = prompt_of(record, path, line)
+    completion = _response_text(record["completion"], prompt, path, line, "completion")
+    try:
+        p = encode_prompt(tokenizer, prompt)
+        c = encode_response(tokenizer, completion, prompt)
+    except UserError as e:  # the template may refuse a conversation (roles must alternate)
+        raise (e.at(path, line) if path else e) from None
     return Example(p + c, [0] * len(p) + [1] * len(c), record.get("id"), line)
+
+
+def _not_a_demonstration(record: dict, path: str | Path, line: int | None) -> UserError:
+    """Why `record` is no demonstration, with what to do with TRL's other dataset types."""
+    if "text" in record:
+        return UserError("is language-modeling text, which SFT does not train on (its loss is "
+                         "on answers only): continue pretraining on it (gptlab pretrain "
+                         "--model DIR --data FILE), or write 'prompt' and 'completion'",
+                         path=path, line=line, field="text")
+    if "chosen" in record or "rejected" in record:
+        return UserError("has 'chosen'/'rejected' (preference data): train a reward model on it "
+                         "(gptlab reward), or write the chosen response as 'completion'",
+                         path=path, line=line)
+    return UserError("needs 'prompt' and 'completion' fields, or 'messages'", path=path,
+                     line=line)
 
 
 def read_demonstrations(path: str | Path, tokenizer: Any, context: int,
@@ -241,9 +333,12 @@ def _json_kind(v: Any) -> str:
 def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ranking:
     """Validate one rankings line: K ≥ 2 distinct, non-empty responses in ≥ 2 levels.
 
-    An item of `ranked` is a response or a list of responses that are equally good (tied).
+    An item of `ranked` is a response or a list of responses that are equally good (tied);
+    `chosen` and `rejected` may be TRL's conversational forms (see the module's docstring).
     """
-    prompt = prompt_of(row, path, line)
+    implicit = "prompt" not in row and "messages" not in row and "chosen" in row \
+        and "rejected" in row
+    prompt = None if implicit else prompt_of(row, path, line)
     if "ranked" in row and ("chosen" in row or "rejected" in row):
         raise UserError("has both 'ranked' and 'chosen'/'rejected'; give one of them", path=path,
                         line=line, field="ranked")
@@ -251,13 +346,25 @@ def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ran
         items, fname = row["ranked"], "ranked"
         expected = "a list, best first, of responses or lists of tied responses"
     elif "chosen" in row and "rejected" in row:
-        items, fname = [row["chosen"], row["rejected"]], "chosen/rejected"
+        pair, fname = {"chosen": row["chosen"], "rejected": row["rejected"]}, "chosen/rejected"
+        if not all(isinstance(r, str) or _is_conversation(r) for r in pair.values()):
+            raise UserError("must be response strings (or lists of chat messages)", path=path,
+                            line=line, field=fname)
+        if implicit and not all(_is_conversation(r) for r in pair.values()):
+            # A common prefix of two texts is no prompt: it may end inside a word.
+            raise UserError("is missing: write the prompt in 'prompt' and the two responses "
+                            "after it in 'chosen' and 'rejected', or write them as "
+                            "conversations (lists of messages) that share their prompt turns",
+                            path=path, line=line, field="prompt")
+        if implicit:
+            prompt, pair["chosen"], pair["rejected"] = _implicit_prompt(
+                pair["chosen"], pair["rejected"], path, line)
+        # Strings are checked below with the items of `ranked`; messages give their text.
+        items = [r if isinstance(r, str) else _response_text(r, prompt, path, line, name)
+                 for name, r in pair.items()]
         expected = "response strings"
-        if not all(isinstance(r, str) for r in items):
-            raise UserError(f"must be {expected}", path=path, line=line, field=fname)
     else:
-        raise UserError("needs 'ranked' (best first) or 'chosen' and 'rejected'", path=path,
-                        line=line)
+        raise _not_a_ranking(row, path, line)
     if not isinstance(items, list):
         raise UserError(f"must be {expected}", path=path, line=line, field=fname)
     ranked: list[str] = []
@@ -286,6 +393,21 @@ def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ran
         raise UserError("needs at least 2 levels of preference; all responses are tied",
                         path=path, line=line, field=fname)
     return Ranking(prompt, ranked, row.get("id"), line, groups)
+
+
+def _not_a_ranking(row: dict, path: str | Path, line: int | None) -> UserError:
+    """Why `row` is no ranking; TRL's per-response labels cannot train this reward model."""
+    rank_it = ("a reward model learns from responses to one prompt ranked against each other: "
+               "write 'chosen' and 'rejected' (a better and a worse response to the prompt) or "
+               "'ranked' (best first)")
+    if "completion" in row and "label" in row:
+        return UserError(f"labels one completion (TRL's unpaired preference); {rank_it}",
+                         path=path, line=line, field="label")
+    if "completions" in row and "labels" in row:
+        return UserError(f"labels the steps of one completion (TRL's stepwise supervision); "
+                         f"{rank_it}", path=path, line=line, field="labels")
+    return UserError("needs 'ranked' (best first) or 'chosen' and 'rejected'", path=path,
+                     line=line)
 
 
 def read_rankings(path: str | Path) -> list[Ranking]:
