@@ -469,3 +469,34 @@ def test_the_verbs_take_trl_files_and_refuse_what_they_cannot_learn_from(tok, tm
                  "--out", str(tmp_path / "rm2"), *quiet]) == 2
     assert f"{unpaired}:1, field 'label': labels one completion" in capsys.readouterr().err
     assert not (tmp_path / "rm2").exists()
+
+
+def test_a_chat_template_refusing_a_ranking_names_file_and_line(tok, tmp_path, capsys):
+    # `reward` met the refusal while encoding, past the reader: the error named no file.
+    import dataclasses
+
+    from gptlab.checkpoint import save_model
+    from gptlab.cli import main
+    from gptlab.model import GPT, get_preset
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                   "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    strict = Tokenizer(tok.hf, tok.bos_token, tok.eos_token, tok.pad_token,
+                       chat_template=alternating)
+    save_model(tmp_path / "base", GPT(dataclasses.replace(get_preset("tiny"),
+                                                          vocab_size=tok.vocab_size,
+                                                          context=64)), strict)
+    good = {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [NO]}
+    for name, data, val in (("train", [good, {**good, "prompt": [USER, USER2]}], [good]),
+                            ("val", [good], [good, {"messages": [USER, USER2], "chosen": "yes",
+                                                    "rejected": "no"}])):
+        f = write(tmp_path / f"{name}.jsonl", *data)
+        v = write(tmp_path / f"{name}-val.jsonl", *val)
+        bad = f if name == "train" else v
+        assert main(["reward", "--model", str(tmp_path / "base"), "--data", str(f),
+                     "--val-data", str(v), "--out", str(tmp_path / "rm"), "--no-progress",
+                     "--max-steps", "1"]) == 2
+        assert capsys.readouterr().err == (f"gptlab reward: error: {bad}:2, field "
+                                           "'chat_template': the chat template failed: roles "
+                                           "must alternate user/assistant\n")
+        assert not (tmp_path / "rm").exists()

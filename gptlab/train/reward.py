@@ -228,16 +228,20 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     skips = SkipCounter()
     val_skips = SkipCounter() if cfg.val_data else skips
 
-    def enc(rs: list[Ranking], counter: SkipCounter) -> list[EncodedRanking]:
+    def enc(rs: list[Ranking], counter: SkipCounter, path: str) -> list[EncodedRanking]:
         out = []
         for r in rs:
-            e = encode_ranking(tok, r, context)
+            try:
+                e = encode_ranking(tok, r, context)
+            except UserError as err:  # the chat template may refuse a conversation
+                raise err.at(path, r.line) from None
             if e is None:
                 counter.add(f"rankings longer than the context of {context}")
             else:
                 out.append(e)
         return out
-    train_e, val_e = enc(train_r, skips), enc(val_r, val_skips)
+    train_e, val_e = enc(train_r, skips, cfg.data), enc(val_r, val_skips,
+                                                        cfg.val_data or cfg.data)
     for path, counter in ((cfg.data, skips), (cfg.val_data, val_skips)):
         if path and counter.total:
             print(f"{path}: {counter.report('rankings')}", file=sys.stderr)
