@@ -56,8 +56,19 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
         st_save_model(model, str(tmp))
     meta = {"format": FORMAT, "arch": _arch_of(model),
             "model": dataclasses.asdict(model.config), **(extra or {})}
+    if getattr(model, "pad_token_id", None) is not None:  # a reward model's scoring position
+        meta["pad_token_id"] = model.pad_token_id
     write_json_atomic(out / "config.json", meta)
     return out
+
+
+def check_pad_token_id(value: Any, vocab_size: int, path: str | Path, field: str) -> int | None:
+    """A reward model's `pad_token_id` (the id its score is never read at): None or a token id."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value < vocab_size):
+        raise UserError(f"must be null or a token id in [0, {vocab_size}), got {value!r}",
+                        path=path, field=field)
+    return value
 
 
 def read_meta(path: str | Path) -> dict:
@@ -256,6 +267,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                             f"'{FORMAT}'", path=p / "config.json", field="format")
         model = build_from_meta(meta, p / "config.json")
         load_weights(model, p / MODEL_FILE)
+        if hasattr(model, "pad_token_id"):
+            model.pad_token_id = check_pad_token_id(meta.get("pad_token_id"),
+                                                    model.config.vocab_size,
+                                                    p / "config.json", "pad_token_id")
         tok = None
         if (p / "tokenizer.json").exists():
             from gptlab.tokenizer import load_tokenizer

@@ -629,6 +629,54 @@ def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
         load_model(tmp_path / "two")
 
 
+def test_hf_reward_model_whose_pad_is_its_eos_scores_where_transformers_does(tmp_path):
+    # SmolLM2's pad is its end of turn <|im_end|>, which closes every response gptlab scores:
+    # transformers pools at the last token that is not the pad, so the score is read at the
+    # token before it. gptlab read it at <|im_end|> itself, a position the model never scored.
+    from gptlab.checkpoint import load_model, save_model
+    from gptlab.model.heads import ScalarHeadModel
+    eos = 2
+    cfg = _hf_model("llama", pad_token_id=eos, eos_token_id=eos).config
+    cfg.num_labels = 1
+    theirs = _randomize(transformers.LlamaForSequenceClassification(cfg), 3)
+    theirs.save_pretrained(tmp_path / "rm")
+    rm, _, _ = load_model(tmp_path / "rm")
+    assert isinstance(rm, ScalarHeadModel)
+    rows = [[5, 17, 42, 3, 88, 1, 60, eos], [7, eos, 9, eos, eos], list(range(10, 40)) + [eos]]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [eos] * (T - len(r)) for r in rows])  # right-padded as gptlab pads
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask).logits[:, 0]
+        at_eos = theirs.score(theirs.model(input_ids=ids, attention_mask=mask)
+                              .last_hidden_state)[torch.arange(3), mask.sum(1) - 1, 0]
+        got = rm(ids, mask)
+        # The reward model's K responses of one prompt, the prompt encoded once.
+        shared = rm.score_continuations(torch.tensor([[5, 17, 42]]), torch.ones(1, 3).long(),
+                                        torch.tensor([0, 0]), torch.tensor([[3, 88, eos],
+                                                                            [1, eos, eos]]),
+                                        torch.tensor([[1, 1, 1], [1, 1, 0]]))
+        whole = theirs(input_ids=torch.tensor([[5, 17, 42, 3, 88, eos],
+                                               [5, 17, 42, 1, eos, eos]])).logits[:, 0]
+    assert not torch.allclose(at_eos, want, atol=1e-3)  # the two positions differ
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    assert torch.allclose(shared, whole, atol=1e-4), (shared, whole)
+    assert rm.pad_token_id == eos
+    # `gptlab reward --model` from it writes a gptlab directory that keeps reading there.
+    save_model(tmp_path / "ours", rm)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["pad_token_id"] == eos
+    again, _, _ = load_model(tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.allclose(again(ids, mask), want, atol=1e-4)
+    # A pad id outside the vocabulary is named, in either directory.
+    for d in (tmp_path / "rm", tmp_path / "ours"):
+        meta = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**meta, "pad_token_id": 96}))
+        with pytest.raises(UserError, match=r"field 'pad_token_id': must be null or a token id "
+                                            r"in \[0, 96\), got 96"):
+            load_model(d)
+
+
 @pytest.mark.parametrize("kind,name", [("gguf", "nothere.gguf"), ("hf", "missingdir")])
 def test_convert_from_a_missing_source_says_not_found(tmp_path, capsys, kind, name):
     # It said "--from gguf expects a .gguf file" of a name that ends in .gguf.

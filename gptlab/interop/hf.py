@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptlab.checkpoint import check_config
+from gptlab.checkpoint import check_config, check_pad_token_id
 from gptlab.errors import UserError
 from gptlab.io import atomic_path, ensure_dir, write_json_atomic
 from gptlab.model.gpt import GPT, GPTConfig
@@ -357,8 +357,8 @@ def is_sequence_classifier(raw: dict) -> bool:
 def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
                   dtype: torch.dtype) -> ScalarHeadModel:
     """A `*ForSequenceClassification` checkpoint with one label as a reward model: the base
-    model's weights, and its `score` layer as the scalar head (read at the last real token,
-    as transformers pools)."""
+    model's weights, and its `score` layer as the scalar head (read at the last real token
+    that is not the config's pad_token_id, as transformers pools)."""
     labels = len(raw.get("id2label") or {}) or 2  # transformers' default is 2 labels
     if labels != 1:
         raise UserError(f"a reward model has 1 label, this classifier has {labels}",
@@ -370,6 +370,10 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
     used |= {"score.weight", "score.bias"}
     gpt = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
     rm = ScalarHeadModel.from_gpt(gpt)
+    # transformers scores at the last token that is not the pad: where the pad is the end of
+    # turn (SmolLM2), at the token before it, which is what the model was trained on.
+    rm.pad_token_id = check_pad_token_id(raw.get("pad_token_id"), cfg.vocab_size,
+                                         d / "config.json", "pad_token_id")
     with torch.no_grad():
         rm.head.weight.copy_(sd["score.weight"].to(dtype).reshape(1, -1))
         rm.head.bias.copy_(sd["score.bias"].to(dtype).reshape(1) if "score.bias" in sd

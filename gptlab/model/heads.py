@@ -1,5 +1,10 @@
 """A GPT with a scalar head: the reward model (one score per sequence, read at the last real
-token) and the PPO value model (one value per position)."""
+token) and the PPO value model (one value per position).
+
+A reward model imported from a Hugging Face `*ForSequenceClassification` reads its score where
+transformers does: at the last token that is not its config's `pad_token_id` (`pad_token_id`
+here). Where the pad is also the end of turn (SmolLM2's `<|im_end|>`), that is the token before
+the end of turn that closes a response, the position such a model was trained to score."""
 from __future__ import annotations
 
 import math
@@ -17,6 +22,16 @@ def last_real_index(attention_mask: Tensor) -> Tensor:
     return T - 1 - attention_mask.long().flip(1).argmax(1)
 
 
+def last_scored_index(input_ids: Tensor, attention_mask: Tensor,
+                      pad_token_id: int | None) -> tuple[Tensor, Tensor]:
+    """(index (B,), found (B,)): the last real token of each row that is not `pad_token_id`
+    (any real token when it is None), and whether the row has one at all."""
+    ok = attention_mask.bool()
+    if pad_token_id is not None:
+        ok = ok & (input_ids != pad_token_id)
+    return last_real_index(ok), ok.any(1)
+
+
 class ScalarHeadModel(nn.Module):
     """`backbone` is a GPT (its LM head stays, unused, so SFT weights load as they are);
     `head` maps each final hidden state to one number. `score_bias` / `score_scale` normalise the
@@ -32,6 +47,9 @@ class ScalarHeadModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.register_buffer("score_bias", torch.zeros(()))
         self.register_buffer("score_scale", torch.ones(()))
+        # The token id the score is never read at (trailing pads, as transformers pools);
+        # None: the last real token. Saved in config.json.
+        self.pad_token_id: int | None = None
 
     @classmethod
     def from_gpt(cls, gpt: GPT) -> "ScalarHeadModel":
@@ -58,11 +76,14 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 cache: PrefixKV | None = None) -> Tensor:
-        """The normalised score (B,) of each sequence, read at its last real token."""
+        """The normalised score (B,) of each sequence, read at its last real token (that is
+        not `pad_token_id`; a row of nothing else is read at its last real token)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         v = self.values(input_ids, attention_mask, cache)
-        last = last_real_index(attention_mask[:, -input_ids.shape[1]:])
+        own = attention_mask[:, -input_ids.shape[1]:]
+        last, found = last_scored_index(input_ids, own, self.pad_token_id)
+        last = torch.where(found, last, last_real_index(own))
         raw = v.gather(1, last[:, None])[:, 0]
         return (raw - self.score_bias) * self.score_scale
 
@@ -73,9 +94,12 @@ class ScalarHeadModel(nn.Module):
         prompt_ids/mask (B, P) left-padded; rows (N,) the prompt of each continuation;
         cont_ids/mask (N, R) right-padded, every row at least one real token. Equal to
         `forward` on the concatenated sequences (up to float rounding)."""
-        if prompt_ids.shape[1] + cont_ids.shape[1] > self.config.context:
+        last, found = last_scored_index(cont_ids, cont_mask, self.pad_token_id)
+        if prompt_ids.shape[1] + cont_ids.shape[1] > self.config.context \
+                or not bool(found.all()):
             # The longest prompt plus the longest continuation overflow the context, though
-            # every real sequence fits: score the sequences themselves, right-padded.
+            # every real sequence fits, or a continuation is all pad tokens (its score is read
+            # in the prompt): score the sequences themselves, right-padded.
             seqs = [torch.cat([prompt_ids[r][prompt_mask[r].bool()], c[m.bool()]])
                     for r, c, m in zip(rows.tolist(), cont_ids, cont_mask)]
             T = max(len(x) for x in seqs)
@@ -89,5 +113,5 @@ class ScalarHeadModel(nn.Module):
         mask = torch.cat([prompt_mask[rows], cont_mask], 1)
         h, _ = self.backbone.hidden_states(cont_ids, mask, cache=prefix.expand(rows))
         raw = self.head(h).squeeze(-1).float()
-        raw = raw.gather(1, last_real_index(cont_mask)[:, None])[:, 0]
+        raw = raw.gather(1, last[:, None])[:, 0]
         return (raw - self.score_bias) * self.score_scale
