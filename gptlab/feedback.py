@@ -23,10 +23,13 @@ RankFn = Callable[[dict, list[str]], list[str | list[str]]]
 
 def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
                      params: SamplingParams, seed: int = 0, batch_size: int = 256,
-                     skips: SkipCounter | None = None) -> list[dict]:
+                     skips: SkipCounter | None = None, cut: list[int] | None = None
+                     ) -> list[dict]:
     """K responses per prompt record: `{**record, "responses": [...]}`.
 
     Each prompt is repeated K times in the batch; rows differ by the sampler's random stream.
+    `cut`, a list, gets the number of responses that `max_new_tokens` stopped before their EOS
+    (or end of turn) appended.
     """
     skips = skips if skips is not None else SkipCounter()
     params.stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
@@ -44,6 +47,8 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
         chunk = jobs[b:b + per_batch]
         prompts = [ids for _, ids in chunk for _ in range(k)]
         gen = generate(model, prompts, params, seed=seed * 1_000_003 + b, pad_id=tokenizer.pad_id)
+        if cut is not None:
+            cut.append(gen.finished.count(False))
         for j, (rec, _) in enumerate(chunk):
             responses = [tokenizer.decode(t) for t in gen.tokens[j * k:(j + 1) * k]]
             row = {key: v for key, v in rec.items() if key != "_line"}
@@ -69,8 +74,9 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     check_file_out(out)
     check_not_input(out, {"--prompts": prompts})
     model, tok = load(model_path)
-    skips = SkipCounter()
-    rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips)
+    skips, cut = SkipCounter(), []
+    rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips,
+                            cut=cut)
     if not rows:
         raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
                         f"context is {model.config.context} tokens, --max-new-tokens "
@@ -78,6 +84,12 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     n = write_jsonl_atomic(out, rows, allow_nan=False)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)
+    if sum(cut):
+        # Such a response is no finished answer, though a rankings file cannot tell: `reward`
+        # reads it closed by EOS (the end of turn) like any other.
+        print(f"note: {sum(cut)} of {len(rows) * k} responses reached --max-new-tokens "
+              f"{max_new_tokens} unfinished (no end of sequence or end of turn): they are "
+              f"written cut", file=sys.stderr)
     return n
 
 

@@ -194,6 +194,20 @@ def test_sample_writes_nothing_when_no_prompt_fits(tiny_model, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_sample_says_how_many_responses_max_new_tokens_cut(tiny_model, tmp_path, capsys):
+    # A response stopped by --max-new-tokens was written like a finished one, and nothing said
+    # so; ranked and trained on, it reads as an answer closed by EOS.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "the quick"}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--k", "3",
+                 "--max-new-tokens", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("note: 6 of 6 responses reached --max-new-tokens 2 unfinished (no "
+                            "end of sequence or end of turn): they are written cut\n")
+    assert captured.out == f"wrote 2 prompts x 3 responses to {out}\n"
+
+
 def test_sample_and_label_never_write_over_their_input(tiny_model, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
