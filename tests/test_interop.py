@@ -622,6 +622,13 @@ def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
         want = theirs(input_ids=ids, attention_mask=mask).logits[:, 0]
         got = rm(ids, mask)
     assert torch.allclose(got, want, atol=1e-4), (got, want)
+    # A config that says num_labels without id2label is read as transformers reads it.
+    raw = json.loads((tmp_path / "rm" / "config.json").read_text())
+    del raw["id2label"], raw["label2id"]
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({**raw, "num_labels": 1}))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "rm").num_labels == 1
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "rm")[0](ids, mask), want, atol=1e-4)
     # Two labels are a classifier, not a reward.
     cfg.num_labels = 2
     cls(cfg).save_pretrained(tmp_path / "two")

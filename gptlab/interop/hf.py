@@ -359,7 +359,8 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
     """A `*ForSequenceClassification` checkpoint with one label as a reward model: the base
     model's weights, and its `score` layer as the scalar head (read at the last real token
     that is not the config's pad_token_id, as transformers pools)."""
-    labels = len(raw.get("id2label") or {}) or 2  # transformers' default is 2 labels
+    # As transformers reads it: id2label, else num_labels, else its default of 2 labels.
+    labels = len(raw.get("id2label") or {}) or raw.get("num_labels", 2)
     if labels != 1:
         raise UserError(f"a reward model has 1 label, this classifier has {labels}",
                         path=d / "config.json", field="num_labels")
