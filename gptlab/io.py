@@ -165,7 +165,7 @@ def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 rows = batch.to_pylist()
             except UnicodeDecodeError:
-                raise _not_utf8(batch, path, n) from None
+                raise not_utf8_row(batch, path, n) from None
             for row in rows:
                 n += 1
                 yield n, {k: _json_value(v, path, n, k) for k, v in row.items() if v is not None}
@@ -182,14 +182,14 @@ def parquet_not_utf8(path: str | Path, columns: list[str] | None = None) -> User
         try:
             batch.to_pylist()
         except UnicodeDecodeError:
-            return _not_utf8(batch, path, n)
+            return not_utf8_row(batch, path, n)
         n += batch.num_rows
     return UserError("not UTF-8 text", path=path)
 
 
-def _not_utf8(batch: Any, path: str | Path, rows_before: int) -> UserError:
-    """A UserError naming the first row and column of a Parquet batch that cannot be decoded
-    as UTF-8 (Parquet does not check the text it stores)."""
+def not_utf8_row(batch: Any, path: str | Path, rows_before: int) -> UserError:
+    """A UserError naming the first row and column of an Arrow batch (or table) that cannot
+    be decoded as UTF-8 (Parquet does not check the text it stores)."""
     for i in range(batch.num_rows):
         for name in batch.schema.names:
             try:

@@ -185,3 +185,74 @@ def test_a_file_given_twice_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         read_documents(["d"])
     assert "remove the link d/latest.txt or give the files one by one" in str(e.value)
+
+
+def _hub_returns(monkeypatch, make):
+    """`datasets.load_dataset(name, ...)` (a Hub dataset; there is no network here) returns
+    `make()`; the name it was asked for is recorded."""
+    import datasets
+    asked = []
+
+    def load_dataset(name, **kwargs):
+        asked.append(name)
+        return make()
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return asked
+
+
+def test_hub_text_that_is_not_utf8_names_the_dataset_row_field_and_byte(tmp_path, monkeypatch):
+    # A Hub dataset's Parquet shards store any bytes as text: reading them failed with "not
+    # a local file, and not loadable as a Hugging Face Hub dataset (UnicodeDecodeError: ...)".
+    import datasets
+    real = datasets.load_dataset
+    f = tmp_path / "shard.parquet"
+    texts = [f"doc {i}".encode() for i in range(2500)]
+    texts[2344] = b"caf\xe9 au lait"  # row 2345, past the first Arrow batches
+    pq.write_table(pa.table({"id": list(range(2500)), "text": pa.array(texts, pa.binary())
+                             .cast(pa.string(), safe=False)}), f, row_group_size=700)
+    asked = _hub_returns(monkeypatch, lambda: real("parquet", data_files=str(f), split="train",
+                                                  streaming=True))
+    with pytest.raises(UserError) as e:
+        read_documents(["someuser/corpus"])
+    assert asked == ["someuser/corpus"]
+    assert (e.value.path, e.value.line, e.value.field) == ("someuser/corpus", 2345, "text")
+    assert str(e.value) == ("someuser/corpus:2345, field 'text': not UTF-8 text: byte 0xe9 at "
+                            "byte offset 3 of the value cannot be decoded; write the text as UTF-8")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "fine"}, {"text": 3}], "someuser/corpus:2, field 'text': expected a string, got int"),
+    ([{"text": None}, {"text": "bad \udce9"}],
+     "someuser/corpus:2, field 'text': not UTF-8 text: byte 0xe9 at character 5 cannot be "
+     "decoded"),
+    ([{"body": "x"}], "someuser/corpus, field 'text': Hub dataset has no 'text' column"),
+])
+def test_hub_rows_that_are_no_text_name_the_dataset_row_and_field(monkeypatch, rows, message):
+    # A number crashed iter_documents (AttributeError: 'int' object has no attribute 'strip').
+    _hub_returns(monkeypatch, lambda: iter(rows))
+    with pytest.raises(UserError) as e:
+        read_documents(["someuser/corpus"])
+    assert str(e.value) == message
+
+
+def test_a_hub_dataset_failing_midway_names_the_row_not_the_name(monkeypatch):
+    def rows():
+        yield {"text": "fine"}
+        raise ConnectionError("connection reset by peer")
+    _hub_returns(monkeypatch, rows)
+    with pytest.raises(UserError) as e:
+        read_documents(["someuser/corpus"])
+    assert str(e.value) == ("someuser/corpus: Hugging Face Hub dataset: reading row 2 failed "
+                            "(ConnectionError: connection reset by peer)")
+
+
+def test_pretrain_on_a_hub_dataset_with_bad_text_exits_2_and_writes_nothing(tmp_path,
+                                                                            monkeypatch, capsys):
+    from gptlab.cli import main
+    _hub_returns(monkeypatch, lambda: iter([{"text": "fine"}, {"text": 3.5}]))
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", "someuser/corpus", "--model", "tiny", "--out", str(out),
+                 "--max-steps", "1", "--no-progress", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "someuser/corpus:2, field 'text': expected a string, got float" in \
+        capsys.readouterr().err
+    assert not out.exists()

@@ -21,10 +21,10 @@ import glob
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import UserError
-from gptlab.io import json_objects, parquet_not_utf8, utf8_lines
+from gptlab.io import json_objects, not_utf8_row, parquet_not_utf8, utf8_lines
 from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -226,16 +226,56 @@ def _iter_hub(name: str) -> Iterator[str]:
     with _quiet_datasets() as cache_dir:
         try:
             ds = datasets.load_dataset(name, split="train", streaming=True, cache_dir=cache_dir)
-            for row in ds:
-                if TEXT_FIELD not in row:
-                    raise UserError(f"Hub dataset has no '{TEXT_FIELD}' column", path=name,
-                                    field=TEXT_FIELD)
-                if row[TEXT_FIELD] is not None:
-                    yield row[TEXT_FIELD]
-        except UserError:
-            raise
         except Exception as e:  # network, authentication, unknown name: the user's to fix
-            reason = str(e).splitlines()[0] if str(e) else ""
             raise UserError(f"not a local file, and not loadable as a Hugging Face Hub dataset "
-                            f"({type(e).__name__}: {reason})",
-                            path=name) from None
+                            f"({_reason(e)})", path=name) from None
+        n = 0  # rows read; errors name row n + 1 as a Parquet file's do
+        rows = iter(ds)
+        while True:
+            try:
+                row = next(rows, None)
+            except UnicodeDecodeError:  # its Parquet files store any bytes as text
+                raise _hub_not_utf8(ds, name, n) from None
+            except Exception as e:  # the connection lost midway, a shard that cannot be read
+                raise UserError(f"Hugging Face Hub dataset: reading row {n + 1} failed "
+                                f"({_reason(e)})", path=name) from None
+            if row is None:
+                return
+            n += 1
+            if TEXT_FIELD not in row:
+                raise UserError(f"Hub dataset has no '{TEXT_FIELD}' column", path=name,
+                                field=TEXT_FIELD)
+            text = row[TEXT_FIELD]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise UserError(f"expected a string, got {type(text).__name__}", path=name,
+                                line=n, field=TEXT_FIELD)
+            try:
+                yield check_text(text, field=TEXT_FIELD)
+            except UserError as e:
+                raise e.at(name, n) from None
+
+
+def _reason(e: BaseException) -> str:
+    """`e` in one line: its type and the first line of its message."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _hub_not_utf8(ds: Any, name: str, rows_before: int) -> UserError:
+    """The value a Hub dataset could not decode as UTF-8, found by reading its rows from
+    `rows_before` on as Arrow batches (which hold the raw bytes), named as a local Parquet
+    file's is: the row, the column and the byte offset."""
+    n = rows_before
+    try:
+        for batch in ds.skip(rows_before).with_format("arrow").iter(batch_size=1000):
+            try:
+                batch.to_pylist()
+            except UnicodeDecodeError:
+                return not_utf8_row(batch, name, n)
+            n += batch.num_rows
+    except Exception:  # noqa: S110 - the row stays unknown; the message below says so
+        pass
+    return UserError(f"not UTF-8 text in row {rows_before + 1} or a row soon after; write the "
+                     f"text as UTF-8", path=name, field=TEXT_FIELD)
