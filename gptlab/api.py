@@ -35,12 +35,13 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
         return ids, 0
     if room < 1 and not truncate:
         raise UserError(f"max_new_tokens {max_new_tokens} alone fills the context of {context}; "
-                        f"lower --max-new-tokens to at most {context - 1}",
+                        f"lower it (--max-new-tokens) to at most {context - 1}",
                         field="max_new_tokens")
     if not truncate:
         raise UserError(f"{what} has {len(ids)} tokens, but the context of {context} minus "
                         f"max_new_tokens {max_new_tokens} leaves room for {room}; shorten it, "
-                        f"lower --max-new-tokens, or pass --truncate to drop the oldest tokens",
+                        f"lower max_new_tokens (--max-new-tokens), or set truncate (--truncate) "
+                        f"to drop the oldest tokens",
                         field="prompt")
     keep = ids[:1] if bos_id is not None and ids[0] == bos_id else []
     if room < len(keep) + 1:

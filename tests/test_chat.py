@@ -287,3 +287,33 @@ def test_smollm2_empty_system_message_replaces_its_default():
     assert rc == 0 and len(replies) == 1
     assert prompts[0].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
     assert "SmolLM" not in prompts[0]
+
+
+def test_a_session_from_python_names_the_setting_not_only_the_flag(tiny_dir, monkeypatch):
+    # ChatSession is library code (gptlab.api users build one): its messages said
+    # "--max-new-tokens 96 leaves no room", "lower --max-new-tokens", "cut at --max-new-tokens 4",
+    # a flag a Python caller never typed.
+    from gptlab.chat.terminal import chat
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
+    model, tok, _ = load_model(tiny_dir)
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(max_new_tokens=96))
+    assert str(e.value) == ("field 'max_new_tokens': 96 leaves no room for the conversation in a "
+                            "context of 96 tokens; lower it (--max-new-tokens)")
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(temperature=0.0))
+    assert str(e.value) == "field 'temperature': must be > 0 (or set greedy, --greedy)"
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=40, greedy=True))
+    monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0:
+                        Generation([tok.encode("the mat")], [[0.0, 0.0]], [False]))
+    err = io.StringIO()
+    assert session.reply("the cat sat", err) == "the mat"
+    assert err.getvalue() == ("note: the reply was cut at 40 new tokens (max_new_tokens, "
+                              "--max-new-tokens)\n")
+    with pytest.raises(TurnTooLong) as e:
+        session.reply("the cat sat on the mat " * 20, err)
+    assert str(e.value).endswith("shorten it, or lower max_new_tokens (--max-new-tokens)")
+    with pytest.raises(UserError) as e:
+        chat(ChatConfig())
+    assert str(e.value) == "field 'model': chat needs a model to talk to (--model)"

@@ -159,7 +159,7 @@ def test_generate_refuses_bad_sampling_flags(tiny_model, flags, message, capsys)
     (["--max-new-tokens", "-1"],
      "field 'max_new_tokens': must be an integer of at least 1, got -1"),
     (["--temperature", "-1"], "field 'temperature': must be > 0, got -1.0 (for greedy decoding "
-                              "use --greedy)"),
+                              "set greedy, --greedy)"),
     (["--temperature", "0"], "field 'temperature': must be > 0, got 0.0"),
     (["--top-p", "2"], "field 'top_p': must be in (0, 1], got 2.0"),
 ])

@@ -217,9 +217,9 @@ def test_top_k_and_top_p_filters():
     (dict(temperature=float("inf"), greedy=True), "temperature",
      "must be a finite number, got inf"),
     (dict(temperature=0.0), "temperature",
-     "must be > 0, got 0.0 (for greedy decoding use --greedy)"),
+     "must be > 0, got 0.0 (for greedy decoding set greedy, --greedy)"),
     (dict(temperature=-1.0), "temperature",
-     "must be > 0, got -1.0 (for greedy decoding use --greedy)"),
+     "must be > 0, got -1.0 (for greedy decoding set greedy, --greedy)"),
     (dict(top_k=-3), "top_k", "must be an integer of at least 1, got -3"),
     (dict(top_k=0), "top_k", "must be an integer of at least 1, got 0"),
     (dict(top_p=1.5), "top_p", "must be in (0, 1], got 1.5"),
@@ -250,8 +250,8 @@ def test_max_new_tokens_beyond_the_context_is_named_as_the_fault():
     with pytest.raises(UserError) as e:
         fit_prompt([1, 2, 3], 32, 48, False)
     assert e.value.field == "max_new_tokens"
-    assert e.value.message == ("max_new_tokens 48 alone fills the context of 32; lower "
-                               "--max-new-tokens to at most 31")
+    assert e.value.message == ("max_new_tokens 48 alone fills the context of 32; lower it "
+                               "(--max-new-tokens) to at most 31")
     with pytest.raises(UserError) as e:  # the whole context: no room for any prompt either
         fit_prompt([1, 2, 3], 32, 32, False)
     assert e.value.field == "max_new_tokens" and "at most 31" in e.value.message

@@ -57,5 +57,5 @@ def fit_messages(messages: Sequence[dict], count_tokens: CountTokens,
             raise TurnTooLong(f"the message needs {n} tokens with the system prompt and the "
                               f"chat template, but only {budget} fit (the context minus the "
                               f"tokens kept for the reply); shorten it, or lower "
-                              f"--max-new-tokens", field="message")
+                              f"max_new_tokens (--max-new-tokens)", field="message")
         dropped += 1

@@ -49,15 +49,15 @@ class ChatSession:
         if cfg.max_new_tokens < 1:
             raise UserError("must be at least 1", field="max_new_tokens")
         if not cfg.greedy and cfg.temperature <= 0:
-            raise UserError("must be > 0 (or use --greedy)", field="temperature")
+            raise UserError("must be > 0 (or set greedy, --greedy)", field="temperature")
         if cfg.max_context_tokens is not None and cfg.max_context_tokens < 1:
             raise UserError("must be at least 1", field="max_context_tokens")
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.context = min(model.config.context, cfg.max_context_tokens or model.config.context)
         self.budget = self.context - cfg.max_new_tokens
         if self.budget < 1:
-            raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the "
-                            f"conversation in a context of {self.context} tokens",
+            raise UserError(f"{cfg.max_new_tokens} leaves no room for the conversation in a "
+                            f"context of {self.context} tokens; lower it (--max-new-tokens)",
                             field="max_new_tokens")
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                                      temperature=cfg.temperature, top_p=cfg.top_p,
@@ -92,8 +92,8 @@ class ChatSession:
         if gen.finished[0]:
             tokens = tokens[:-1]  # the end-of-turn token; the template writes its own
         else:
-            print(f"note: the reply was cut at --max-new-tokens {self.cfg.max_new_tokens}",
-                  file=stderr)
+            print(f"note: the reply was cut at {self.cfg.max_new_tokens} new tokens "
+                  f"(max_new_tokens, --max-new-tokens)", file=stderr)
         answer = self.tok.decode(tokens).strip()
         # The dropped turns are gone for good: they are reported once, not at every turn.
         self.messages = kept + [{"role": "assistant", "content": answer}]
@@ -158,7 +158,7 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
          stderr: TextIO | None = None) -> int:
     """`gptlab chat`: load `cfg.model` and talk until end of input; returns turns answered."""
     if not cfg.model:
-        raise UserError("chat needs --model")
+        raise UserError("chat needs a model to talk to (--model)", field="model")
     # The sampling flags are checked before the model loads.
     SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                    temperature=cfg.temperature, top_p=cfg.top_p)
