@@ -500,3 +500,45 @@ def test_a_chat_template_refusing_a_ranking_names_file_and_line(tok, tmp_path, c
                                            "'chat_template': the chat template failed: roles "
                                            "must alternate user/assistant\n")
         assert not (tmp_path / "rm").exists()
+
+
+@pytest.mark.parametrize("which", ["gptlab", "smollm2"])
+def test_a_messages_demonstration_trains_each_answer_as_the_model_writes_it_after_its_prompt(
+        which):
+    # The conversation was tokenized whole: BPE merged the template's "\n" with an answer's
+    # leading "\n\n" (or "  ") into one token, which the model never writes after the generation
+    # prompt's own "\n", and the loss covered that template "\n" too. Sampling, PPO and the
+    # reward model tokenize an answer after the prompt's tokens (encode_response): SFT now does.
+    from gptlab.data.instruct import demonstration, encode_prompt, encode_response
+    if which == "gptlab":
+        tok = train_tokenizer(["SELECT 1;\n\nSELECT  2;\n\n\n  x \n"] * 20, vocab_size=300)
+        end = "<|eos|>"
+    else:
+        tok = smollm2_tokenizer()
+        end = "<|im_end|>"
+    asked = [{"role": "system", "content": "Answer in SQL."}, {"role": "user", "content": "Who?"}]
+    for answer in ("\n\nSELECT 1;", "  x", "\nSELECT 1;", " x", "SELECT 1;", "x\n\n"):
+        ex = demonstration(tok, {"messages": asked + [{"role": "assistant", "content": answer}]})
+        p, a = encode_prompt(tok, asked), encode_response(tok, answer, asked)
+        assert ex.ids == p + a, answer
+        assert ex.loss_mask == [0] * len(p) + [1] * len(a), answer
+        assert tok.decode(a, skip_special=False) == answer + end
+    # Two turns: each answer follows its own prompt's tokens; the text is the conversation's.
+    msgs = asked + [{"role": "assistant", "content": "\n\nSELECT 1;"},
+                    {"role": "user", "content": "And?"}, {"role": "assistant", "content": "  x"}]
+    ex = demonstration(tok, {"messages": msgs})
+    # (ChatML's "\n" after the last end of turn holds nothing to learn: left out)
+    assert tok.decode(ex.ids, skip_special=False) == tok._render(msgs, False).rstrip("\n")
+    assert tok.decode([t for t, m in zip(ex.ids, ex.loss_mask) if m], skip_special=False) == \
+        "\n\nSELECT 1;" + end + "  x" + end
+    first = encode_prompt(tok, msgs[:2]) + encode_response(tok, "\n\nSELECT 1;", msgs[:2])
+    assert ex.ids[:len(first)] == first
+    last = encode_response(tok, "  x", msgs[:4])
+    assert ex.ids[-len(last):] == last and ex.loss_mask[-len(last) - 1:] == [0] + [1] * len(last)
+    # Where nothing merges, the tokens and the mask are the whole conversation's, as before.
+    plain = asked + [{"role": "assistant", "content": "SELECT 1;"},
+                     {"role": "user", "content": "And?"}, {"role": "assistant", "content": "x"}]
+    ex = demonstration(tok, {"messages": plain})
+    full, mask = tok.render_chat(plain)
+    n = len(mask) - mask[::-1].index(1)
+    assert (ex.ids, ex.loss_mask) == (full[:n], mask[:n])

@@ -190,7 +190,11 @@ def encode_response(tokenizer: Any, response: str, prompt: Any) -> list[int]:
     as the model writes them after the prompt's tokens."""
     if isinstance(prompt, str):
         return tokenizer.encode(response) + [tokenizer.eos_id]
-    start = encode_prompt(tokenizer, prompt)
+    return _response_after(tokenizer, prompt, response, encode_prompt(tokenizer, prompt))
+
+
+def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int]) -> list[int]:
+    """`encode_response` of a chat prompt whose tokens are `start`."""
     answer = _assistant_tokens_after(tokenizer, prompt, response, start)
     if answer is not None:
         return answer
@@ -210,6 +214,32 @@ def _assistant_tokens_after(tokenizer: Any, prompt: list, response: str,
     if full[:len(start)] != start:
         return None
     return [t for t, m in zip(full[len(start):], mask[len(start):]) if m]
+
+
+def chat_demonstration(tokenizer: Any, messages: list) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a conversation to fine-tune on. Each assistant turn is
+    tokenized as the model writes it when asked: after the tokens of the conversation before
+    it, rendered with the generation prompt (what `sample`, PPO and `chat` give the model), as
+    `encode_response` does; the loss is on the turn and its end of turn. Rendering the whole
+    conversation at once would let BPE merge the template's "\n" with a reply's leading
+    newline or spaces into a token the model never writes after the generation prompt's "\n".
+    Messages after the last assistant turn hold nothing to learn and are left out."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = messages[:i]
+        start, seen = tokenizer.render_chat(before, add_generation_prompt=True)
+        # The template text since the last assistant turn's end of turn (all of `start` before
+        # the first): the turns before it are in `ids` already, as the model wrote them.
+        since = len(seen) - seen[::-1].index(1) if 1 in seen else 0
+        ids += start[since:]
+        mask += [0] * (len(start) - since)
+        answer = _response_after(tokenizer, before, m["content"], start)
+        ids += answer
+        mask += [1] * len(answer)
+    return ids, mask
 
 
 def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
@@ -234,10 +264,10 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
                 raise UserError("must be a non-empty string", path=path, line=line,
                                 field=f"messages[{i}].content")
         try:
-            ids, mask = tokenizer.render_chat(msgs)
+            ids, mask = chat_demonstration(tokenizer, msgs)
         except UserError as e:  # the template may refuse a conversation (roles must alternate)
             raise (e.at(path, line) if path else e) from None
-        return Example(ids, list(mask), record.get("id"), line)
+        return Example(ids, mask, record.get("id"), line)
     if "prompt" not in record or "completion" not in record:
         raise _not_a_demonstration(record, path, line)
     if isinstance(record.get("label"), bool):
