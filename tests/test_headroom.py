@@ -190,7 +190,10 @@ def test_best_of_k_scores_each_answer_of_each_question(models, monkeypatch):
     records = [{"id": str(i), "prompt": f"Question {i}: who?"} for i in range(3)]
     best_of_k(policy, tok, rm, EvenLengthWorld(), records, k=4, max_new_tokens=6)
     prompts = [encode_prompt(tok, r["prompt"]) for r in records]
-    flat = score_responses(rm, prompts, 4, seen["gen"].tokens, tok.pad_id)
+    gen = seen["gen"]
+    assert not all(gen.finished)  # answers cut at max_new_tokens are read closed by EOS too
+    closed = [(t[:-1] if done else t) + [tok.eos_id] for t, done in zip(gen.tokens, gen.finished)]
+    flat = score_responses(rm, prompts, 4, closed, tok.pad_id)
     assert seen["scores"] == [flat[0:4], flat[4:8], flat[8:12]]
 
 

@@ -176,3 +176,60 @@ def test_the_logged_kl_is_the_per_sequence_sum_averaged_over_responses(setup, tm
     per_sequence = kl.sum(1).mean().item()
     assert kl.mean().item() != pytest.approx(per_sequence, rel=0.5)  # the readings differ
     assert row["kl"] == pytest.approx(per_sequence, rel=1e-6)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_reward_model_reads_a_rollout_as_it_read_its_rankings(setup, tmp_path, chat):
+    # The reward model learned on responses closed by EOS (or the end of turn), cut at
+    # max_new_tokens or not (`encode_response`); PPO fed it a cut response without one, so its
+    # score was read on another token than in training, of a sequence it had never seen.
+    from gptlab.data.instruct import Ranking, encode_prompt
+    from gptlab.model.attention import common_prefix_length
+    from gptlab.model.heads import ScalarHeadModel
+    from gptlab.train.reward import collate_rankings, encode_ranking, ranked_scores
+    d, paths = setup
+    policy, tok, _ = ppo_module.load_model(d / "policy")
+    torch.manual_seed(3)
+    rm = ScalarHeadModel.from_gpt(policy)
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # scores that differ between responses
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    t = PPOTrainer(PPOConfig(policy=str(d / "policy"), prompts=str(paths["prompts"]),
+                             out=str(tmp_path / "run"), reward=str(tmp_path / "rm"), device="cpu",
+                             max_new_tokens=6, batch_size=4, minibatch_size=4,
+                             missing_eos_penalty=0.0))
+    prompt = [{"role": "user", "content": "Is the cat happy?"}] if chat else "Is the cat happy?"
+    texts = ["yes", "no no maybe", "ok yes"]
+    # The first answer ended with its EOS; the other two were cut at max_new_tokens.
+    responses = [tok.encode(texts[0]) + [tok.eos_id], tok.encode(texts[1]), tok.encode(texts[2])]
+    finished = [True, False, False]
+    prompts = [encode_prompt(tok, prompt)] * 3
+    for shared in (0, common_prefix_length(prompts)):
+        ids, mask, rmask, P, prefix = layout(prompts, responses, tok.pad_id, "cpu", shared)
+        record = {"messages": prompt} if chat else {"prompt": prompt}
+        ro = Rollout(ids, mask, rmask, P, [record] * 3, responses, torch.tensor(finished),
+                     prefix)
+        got = t.score(ro)
+        # The reward stage's own path: the three as a ranking, encoded, batched and scored.
+        batch = collate_rankings([encode_ranking(tok, Ranking(prompt, texts), 64)], tok.pad_id)
+        want = ranked_scores(t.reward_model, batch)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert len(set(round(x, 3) for x in want.tolist())) == 3
+
+
+def test_a_cut_response_that_fills_the_context_gives_its_last_token_to_the_eos(setup,
+                                                                               tmp_path):
+    from gptlab.train.ppo import reward_model_scores
+    from gptlab.train.reward import scored_response
+    from gptlab.model.heads import ScalarHeadModel
+    d, _ = setup
+    policy, tok, _ = ppo_module.load_model(d / "policy")
+    torch.manual_seed(3)
+    rm = ScalarHeadModel.from_gpt(policy).eval()
+    prompts = [[20, 21, 22, 23] * 14, [30, 31]]  # 56 and 2 tokens; the context is 64
+    cut = [list(range(40, 48)), list(range(50, 58))]  # 8 tokens each, no EOS
+    closed = [scored_response(r, False, [tok.eos_id], 64 - len(p)) for p, r in zip(prompts, cut)]
+    assert closed == [cut[0][:7] + [tok.eos_id], cut[1] + [tok.eos_id]]
+    got = reward_model_scores(rm, prompts, closed, tok.pad_id, "cpu")  # 56 + 9 > 64: row by row
+    with torch.no_grad():
+        want = [float(rm(torch.tensor([p + r]))[0]) for p, r in zip(prompts, closed)]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)

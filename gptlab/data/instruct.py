@@ -193,6 +193,12 @@ def encode_response(tokenizer: Any, response: str, prompt: Any) -> list[int]:
     return _response_after(tokenizer, prompt, response, encode_prompt(tokenizer, prompt))
 
 
+def end_of_response(tokenizer: Any, prompt: Any) -> list[int]:
+    """The tokens `encode_response` closes a response to `prompt` with: EOS, or the chat
+    template's end of turn."""
+    return encode_response(tokenizer, "", prompt)
+
+
 def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int]) -> list[int]:
     """`encode_response` of a chat prompt whose tokens are `start`."""
     answer = _assistant_tokens_after(tokenizer, prompt, response, start)

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from gptlab.data.instruct import encode_prompt
+from gptlab.data.instruct import encode_prompt, end_of_response
 from gptlab.engine import SamplingParams, generate
 from gptlab.model.heads import ScalarHeadModel
-from gptlab.train.reward import EncodedRanking, shared_prompt_batch
+from gptlab.train.reward import EncodedRanking, scored_response, shared_prompt_batch
 
 
 def pick_stats(correct: list[list[int]], scores: list[list[float]]) -> dict[str, float]:
@@ -58,7 +58,13 @@ def best_of_k(policy: torch.nn.Module, tok: Any, reward_model: ScalarHeadModel, 
         prompts = [encode_prompt(tok, r["prompt"]) for r in chunk]
         gen = generate(policy, [p for p in prompts for _ in range(k)], params,
                        seed=seed * 1_000_003 + b, pad_id=tok.pad_id)
-        s = score_responses(reward_model, prompts, k, gen.tokens, tok.pad_id)
+        # Read as the reward model learned to read a response: closed by its end of turn, one
+        # cut at max_new_tokens included.
+        context = reward_model.config.context
+        closed = [scored_response(t, done, end_of_response(tok, chunk[i // k]["prompt"]),
+                                  context - len(prompts[i // k]))
+                  for i, (t, done) in enumerate(zip(gen.tokens, gen.finished))]
+        s = score_responses(reward_model, prompts, k, closed, tok.pad_id)
         for j, r in enumerate(chunk):
             texts = [tok.decode(t) for t in gen.tokens[j * k:(j + 1) * k]]
             correct.append([int(world.check(r["id"], t.strip()).correct) for t in texts])

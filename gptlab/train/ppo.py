@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from gptlab.checkpoint import Checkpointer, load_language_model, load_model, save_model
-from gptlab.data.instruct import SkipCounter, encode_prompt, prompt_of, read_prompts
+from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
+                                  read_prompts)
 from gptlab.engine import SamplingParams, generate, scale_logits
 from gptlab.errors import UserError
 from gptlab.model.attention import PrefixKV, common_prefix_length
@@ -231,6 +232,25 @@ def prefix_cache(backbone: GPT, ro: Rollout) -> PrefixKV | None:
     return cache.expand(torch.zeros(ro.ids.shape[0], dtype=torch.long, device=ro.ids.device))
 
 
+@torch.no_grad()
+def reward_model_scores(model: ScalarHeadModel, prompts: list[list[int]],
+                        responses: list[list[int]], pad_id: int, device: torch.device | str,
+                        shared: int = 0) -> Tensor:
+    """Scores (B,) of prompt + response rows, laid out as a rollout (the `shared` first tokens
+    encoded once); one row at a time where the longest prompt and the longest response, of
+    different rows, would overflow the context together."""
+    groups = [list(range(len(prompts)))]
+    if max(map(len, prompts)) + max(map(len, responses)) > model.config.context:
+        groups = [[i] for i in range(len(prompts))]
+    scores = []
+    for rows in groups:
+        ids, mask, rmask, P, prefix = layout([prompts[i] for i in rows],
+                                             [responses[i] for i in rows], pad_id, device, shared)
+        view = Rollout(ids, mask, rmask, P, [], [], rmask[:, 0].bool(), prefix)
+        scores.append(model(ids, mask, prefix_cache(model.backbone, view)))
+    return torch.cat(scores).float()
+
+
 def response_logprobs(model: GPT, ro: Rollout, temperature: float,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
@@ -334,6 +354,7 @@ class PPOTrainer:
         if check_records is not None:  # a reward function may check every prompt up front
             check_records(self.records, cfg.prompts)
         self.skips = SkipCounter()
+        self._ends: dict[int, tuple[dict, list[int]]] = {}
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         self.step, self.elapsed = 0, 0.0  # steps done, and the seconds they took
@@ -460,8 +481,7 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, ro: Rollout) -> Tensor:
         if self.reward_model is not None:
-            scores = self.reward_model(ro.ids, ro.attention_mask,
-                                       prefix_cache(self.reward_model.backbone, ro)).float()
+            scores = self._reward_model_scores(ro)
         else:
             texts = [self.tok.decode(r) for r in ro.responses]
             prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
@@ -480,6 +500,29 @@ class PPOTrainer:
                                   dtype=torch.float32, device=self.device)
         # A response that never ended is penalised by a fixed amount.
         return scores - self.cfg.missing_eos_penalty * (~ro.finished).float()
+
+    def _reward_model_scores(self, ro: Rollout) -> Tensor:
+        """The reward model reads each response as it learned to read one (`scored_response`):
+        closed by the end of turn, a response cut at max_new_tokens included."""
+        from gptlab.train.reward import scored_response
+        shared = 0 if ro.prefix is None else ro.prefix.shape[1]
+        head = [] if ro.prefix is None else ro.prefix[0].tolist()
+        prompts = [head + ro.ids[i, :ro.P][ro.attention_mask[i, shared:shared + ro.P].bool()]
+                   .tolist() for i in range(len(ro.responses))]
+        responses = [scored_response(r, done, self._end_of(rec), self.context - len(p))
+                     for r, done, rec, p in zip(ro.responses, ro.finished.tolist(), ro.records,
+                                                prompts)]
+        return reward_model_scores(self.reward_model, prompts, responses, self.tok.pad_id,
+                                   self.device, shared)
+
+    def _end_of(self, record: dict) -> list[int]:
+        """The end of turn that closes a response to this prompt record (kept per record)."""
+        kept = self._ends.get(id(record))
+        if kept is None or kept[0] is not record:  # (the record is kept: its id stays its own)
+            kept = record, end_of_response(
+                self.tok, prompt_of(record, self.cfg.prompts, record.get("_line")))
+            self._ends[id(record)] = kept
+        return kept[1]
 
     # --- 3 + 4. rewards with KL, then GAE ------------------------------------------------------
     @torch.no_grad()

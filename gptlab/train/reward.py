@@ -83,6 +83,16 @@ def encode_ranking(tokenizer: Any, r: Ranking, context: int) -> EncodedRanking |
     return EncodedRanking(seqs, r.id, list(r.groups), len(p))
 
 
+def scored_response(tokens: list[int], finished: bool, end: list[int], room: int) -> list[int]:
+    """A generated response as the reward model learned to read one (`encode_response`: the
+    response's own tokens, then its end of turn `end`): the stop token it wrote, or for a
+    response cut at max_new_tokens the end it never reached, becomes `end`, so that the score is
+    read on the same token, as in training. One that would overflow the `room` left after its
+    prompt gives its last tokens to the end."""
+    body = tokens[:-1] if finished else tokens
+    return body[:max(0, room - len(end))] + end
+
+
 def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
     """All responses of the batch, flattened to (N, T) right-padded rows; `k` per prompt and
     `groups` (B, Kmax), each response's level, padded past k."""
