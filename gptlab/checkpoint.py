@@ -5,7 +5,9 @@ Hugging Face directory) + `model.safetensors` + the tokenizer files. Training ch
 `RUN/checkpoints/step-N/`: each is written in full under a temporary name, its manifest (sha256
 of every file) last, then renamed into place; `checkpoints/latest` is replaced atomically after
 that. A reader therefore never sees a partial checkpoint, and the previous one stays usable
-until the new one is complete.
+until the new one is complete. The temporary copy (`.step-N.XXXXXXXX.tmp`, held by its writer as
+`gptlab.io`'s temporaries are) is no `step-N`: never a checkpoint; a killed save's is removed
+by the next save.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model, save_model as st_save_model
 
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, ensure_dir, write_json_atomic, write_text_atomic
+from gptlab.io import (atomic_path, ensure_dir, held_temp, new_temp_dir, remove_stale_temps,
+                       write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -334,27 +337,26 @@ class Checkpointer:
         `models` are more model directories inside it, by name (PPO's value model: `value/`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
-        tmp = self.dir / f".step-{step}.tmp{os.getpid()}"
-        # A save that was killed (or ran out of disk) left its copy here; one run writes a
-        # run directory at a time, so none of these is being written now.
-        for stale in self.dir.glob(".step-*.tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            save_model(tmp, model, tokenizer, extra)
-            for name, other in (models or {}).items():
-                save_model(tmp / name, other)
-            if optimizer is not None:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(state or {}, tmp / "trainer.pt")
-            manifest = {f.relative_to(tmp).as_posix(): _sha256(f)
-                        for f in sorted(tmp.rglob("*")) if f.is_file()}
-            write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # A save that was killed left its copy here (`.step-N.XXXXXXXX.tmp`); one being written
+        # by a live process is locked and stays.
+        remove_stale_temps(self.dir, ".step-*.tmp*")
+        with held_temp(lambda: new_temp_dir(final)) as tmp:
+            try:
+                save_model(tmp, model, tokenizer, extra)
+                for name, other in (models or {}).items():
+                    save_model(tmp / name, other)
+                if optimizer is not None:
+                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(state or {}, tmp / "trainer.pt")
+                manifest = {f.relative_to(tmp).as_posix(): _sha256(f)
+                            for f in sorted(tmp.rglob("*")) if f.is_file()}
+                write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
+                raise
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         write_text_atomic(self.dir / "latest", final.name + "\n")
         self._prune(final)
         return final

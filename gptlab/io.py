@@ -1,13 +1,28 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+A write goes to a file in a hidden temporary directory beside its target
+(`.NAME.XXXXXXXX.tmp/`, a name unique to the writer), then is renamed over the target. The
+writer holds an advisory lock (flock) on its temporary directory while it writes; a write killed
+midway (SIGKILL, a power cut) leaves it unlocked, and the next write of the same target removes
+it. A temporary whose writer is alive is locked and left alone, so two processes writing the
+same place never remove each other's. (Checkpoints are written the same way, whole directories.)
+"""
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; stale temporaries are then left in place
+    fcntl = None  # type: ignore[assignment]
 
 from gptlab.errors import UserError
 
@@ -69,28 +84,92 @@ def check_not_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
 
 
 @contextmanager
+def held_temp(make: Callable[[], str]) -> Iterator[Path]:
+    """The new temporary file or directory that `make()` creates (with a name no other writer
+    has) and returns, locked for this writer until the context ends: `remove_stale_temps` then
+    leaves it alone."""
+    while True:
+        tmp = make()
+        fd = os.open(tmp, os.O_RDONLY)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # another writer removed it as stale before the lock was ours: again
+    try:
+        yield Path(tmp)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: str | Path, pattern: str) -> list[Path]:
+    """Remove the temporaries in `directory` matching the glob `pattern` that no writer holds
+    (see `held_temp`): those left by a write that was killed. Returns what was removed."""
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    for stale in Path(directory).glob(pattern):
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its writer is alive
+            os.close(fd)
+            continue
+        try:  # removed while locked: a writer that made it meanwhile sees it gone, makes another
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def new_temp_dir(path: Path) -> str:
+    """A new directory `.NAME.XXXXXXXX.tmp` beside `path` (a name no other writer gets), with
+    the permissions a plain mkdir would give it (mkdtemp makes it owner-only)."""
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
+    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it.
+    The temporary is a file in a held temporary directory (libraries such as safetensors
+    replace the file they write, so the lock cannot be on the file); temporaries of `path`
+    that killed writes left are removed first."""
     path = check_file_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp makes the file owner-only; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except OSError as e:
-        tmp_path.unlink(missing_ok=True)
-        if e.filename is None:  # a failed write() names no file: name the one being written
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    remove_stale_temps(path.parent, glob.escape(f".{path.name}.") + "*.tmp")
+    with held_temp(lambda: new_temp_dir(path)) as tmp_dir:
+        tmp_path = tmp_dir / "file.tmp"
+        try:
+            tmp_path.touch()
+            yield tmp_path
+            # A writer may have replaced the file (with its own mode): give it the permissions
+            # a plain open() would.
+            os.chmod(tmp_path, 0o666 & ~_umask())
+            os.replace(tmp_path, path)
+        except OSError as e:
+            if e.filename is None:  # a failed write() names no file: name the one being written
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

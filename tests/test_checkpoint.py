@@ -245,3 +245,75 @@ def test_the_manifest_covers_the_files_of_models_saved_inside_a_checkpoint(tmp_p
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="missing or corrupt"):
         c.verify(path)
+
+
+def _killed_while(code: str, tmp_path) -> None:
+    """Run `code` in a Python that SIGKILLs itself inside it (`KILL()`), as `kill -9` would."""
+    import os
+    import subprocess
+    import sys
+    prelude = ("import os, signal, torch\n"
+               "from gptlab import checkpoint as ck\n"
+               "from gptlab.io import atomic_path\n"
+               "from gptlab.model import GPT, get_preset\n"
+               "def KILL(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -9
+
+
+def test_a_write_killed_midway_leaves_a_temp_the_next_write_of_that_file_removes(tmp_path):
+    # A killed write's hidden temporary (a model's weights: its whole size) stayed forever.
+    from gptlab.io import write_json_atomic
+    _killed_while("with atomic_path('out.json') as t:\n    t.write_bytes(b'x' * 1000)\n    KILL()",
+                  tmp_path)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.json.") and left[0].endswith(".tmp")
+    write_json_atomic(tmp_path / "out.json", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    assert json.loads((tmp_path / "out.json").read_text()) == {"a": 1}
+
+
+def test_a_killed_checkpoint_save_is_never_resumed_and_the_next_save_removes_it(tmp_path):
+    from gptlab.train.loop import check_run_dir
+    c = ck.Checkpointer(tmp_path, keep=3)
+    c.save(1, tiny(), state={"step": 1})
+    _killed_while("torch.save = KILL\n"
+                  "ck.Checkpointer('.', keep=3).save(2, GPT(get_preset('tiny')), state={})",
+                  tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names[:1][0].startswith(".step-2.") and names[1:] == ["latest", "step-1"]
+    # A stale copy, even a complete one with its manifest, is no checkpoint.
+    import shutil
+    shutil.copytree(tmp_path / "checkpoints" / "step-1", tmp_path / "checkpoints" / ".step-9.x.tmp")
+    assert c.latest().name == "step-1"
+    assert check_run_dir(tmp_path, resume=True).name == "step-1"
+    c.save(2, tiny(), state={"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["latest", "step-1", "step-2"]
+
+
+def test_two_writers_of_one_place_never_remove_or_share_each_others_temporaries(tmp_path,
+                                                                               monkeypatch):
+    # A save removed every `.step-*.tmp*` as stale, a live writer's too, and named its own by
+    # the process id, which two writers (a container each, or one process) can share: the
+    # first writer's save then failed on its vanished directory.
+    from gptlab.io import atomic_path, write_text_atomic
+    with atomic_path(tmp_path / "a.txt") as first:
+        first.write_text("first")
+        write_text_atomic(tmp_path / "a.txt", "second")  # another writer, while the first writes
+        assert first.read_text() == "first"
+    assert (tmp_path / "a.txt").read_text() == "first"
+    real_save, inner = ck.torch.save, []
+
+    def save_meanwhile(obj, f, *a, **k):
+        if not inner:  # another writer saves the same step while this one is writing
+            inner.append(None)
+            inner[0] = ck.Checkpointer(tmp_path, keep=3).save(3, tiny(), state={"by": "inner"})
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(ck.torch, "save", save_meanwhile)
+    c = ck.Checkpointer(tmp_path, keep=3)
+    path = c.save(3, tiny(), state={"by": "outer"})
+    monkeypatch.undo()
+    assert inner == [path] and c.load(path, tiny()) == {"by": "outer"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-3"]
