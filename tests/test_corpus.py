@@ -221,7 +221,8 @@ def test_hub_text_that_is_not_utf8_names_the_dataset_row_field_and_byte(tmp_path
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"text": "fine"}, {"text": 3}], "someuser/corpus:2, field 'text': expected a string, got int"),
+    ([{"text": "fine"}, {"text": 3}],
+     "someuser/corpus:2, field 'text': expected a string, got int"),
     ([{"text": None}, {"text": "bad \udce9"}],
      "someuser/corpus:2, field 'text': not UTF-8 text: byte 0xe9 at character 5 cannot be "
      "decoded"),

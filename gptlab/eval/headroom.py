@@ -60,9 +60,9 @@ def best_of_k(policy: torch.nn.Module, tok: Any, reward_model: ScalarHeadModel, 
                        seed=seed * 1_000_003 + b, pad_id=tok.pad_id)
         # Read as the reward model learned to read a response: closed by its end of turn, one
         # cut at max_new_tokens included.
-        context = reward_model.config.context
-        closed = [scored_response(t, done, end_of_response(tok, chunk[i // k]["prompt"]),
-                                  context - len(prompts[i // k]))
+        ends = [end_of_response(tok, r["prompt"]) for r in chunk]
+        room = [reward_model.config.context - len(p) for p in prompts]
+        closed = [scored_response(t, done, ends[i // k], room[i // k])
                   for i, (t, done) in enumerate(zip(gen.tokens, gen.finished))]
         s = score_responses(reward_model, prompts, k, closed, tok.pad_id)
         for j, r in enumerate(chunk):

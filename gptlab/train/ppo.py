@@ -44,6 +44,7 @@ from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, annotate_run, check_fields, check_run_dir,
                                clip_gradients, held_interrupt, lr_at, make_optimizer, rng_state,
                                same_setting, select_device, set_lr, set_rng_state)
+from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,
                                   masked_mean, token_logprobs, whiten)
@@ -504,7 +505,6 @@ class PPOTrainer:
     def _reward_model_scores(self, ro: Rollout) -> Tensor:
         """The reward model reads each response as it learned to read one (`scored_response`):
         closed by the end of turn, a response cut at max_new_tokens included."""
-        from gptlab.train.reward import scored_response
         shared = 0 if ro.prefix is None else ro.prefix.shape[1]
         head = [] if ro.prefix is None else ro.prefix[0].tolist()
         prompts = [head + ro.ids[i, :ro.P][ro.attention_mask[i, shared:shared + ro.P].bool()]
