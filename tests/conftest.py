@@ -1,12 +1,59 @@
-"""Shared test setup: one torch thread per test process.
+"""Shared test setup: one torch thread per test, and nothing written outside pytest's temp dirs.
 
 The suite runs as two pytest workers on two cores; letting each use two threads oversubscribes
-the cores and makes every test several times slower."""
-import os
-import tempfile
+the cores and makes every test several times slower. A test that changes the thread count
+(`gptlab pipeline --threads 2` does, for the rest of its process) gets one back afterwards.
 
+The caches gptlab and its libraries keep under $HOME or the system temp directory (gptlab's
+token cache, the built-in world's database, matplotlib's font list, Hugging Face's caches) go to
+throwaway directories, whatever the user's shell sets; so do a subprocess's. Variables of the
+user's shell that would change what a test sees (`GPTLAB_WORLD`, a torchrun's `WORLD_SIZE`)
+are cleared."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
-# Token caches of the tests go to a throwaway directory, not the user's ~/.cache.
-os.environ.setdefault("GPTLAB_CACHE", tempfile.mkdtemp(prefix="gptlab-test-cache-"))
+
+_CACHES = {"GPTLAB_CACHE": "gptlab", "MPLCONFIGDIR": "matplotlib", "HF_HOME": "huggingface",
+           "HF_DATASETS_CACHE": "huggingface/datasets", "XDG_CACHE_HOME": "xdg",
+           "TORCHINDUCTOR_CACHE_DIR": "torchinductor"}
+_CLEARED = ("GPTLAB_WORLD", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+_root: Path | None = None
+
+
+def pytest_configure(config):
+    """Before the test modules are imported: matplotlib reads MPLCONFIGDIR on import."""
+    global _root
+    _root = Path(tempfile.mkdtemp(prefix="gptlab-test-caches-"))
+    for name, sub in _CACHES.items():
+        os.environ[name] = str(_root / sub)
+    for name in _CLEARED:
+        os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config):
+    if _root is not None:
+        shutil.rmtree(_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_dir_under_pytests(tmp_path_factory):
+    """The system temp directory (the built-in world's database cache, `datasets`' throwaway
+    dirs) is one under pytest's own, which pytest prunes."""
+    tmp = tmp_path_factory.mktemp("system-tmp", numbered=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(tmp))
+        mp.setenv("TMPDIR", str(tmp))
+        yield tmp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
