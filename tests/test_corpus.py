@@ -108,9 +108,9 @@ def test_reading_leaves_no_datasets_cache(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
-    f = tmp_path / "a.jsonl"
-    f.write_text('{"text": "a"}\n', encoding="utf-8")
-    assert list(iter_documents(f)) == ["a"]
+    f = tmp_path / "a.parquet"  # read through `datasets` (a .jsonl file is read without it)
+    pq.write_table(pa.table({"text": ["a", "b"]}), f)
+    assert list(iter_documents(f)) == ["a", "b"]
     leftovers = list((tmp_path / "hf").rglob("*")) if (tmp_path / "hf").exists() else []
     assert [p for p in leftovers if p.is_file()] == []
 
