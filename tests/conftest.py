@@ -6,7 +6,8 @@ the cores and makes every test several times slower. A test that changes the thr
 
 The caches gptlab and its libraries keep under $HOME or the system temp directory (gptlab's
 token cache, the built-in world's database, matplotlib's font list, Hugging Face's caches) go to
-throwaway directories, whatever the user's shell sets; so do a subprocess's. Variables of the
+throwaway directories, whatever the user's shell sets; so do a subprocess's, and hypothesis's
+.hypothesis/ that it would make in the working directory. Variables of the
 user's shell that would change what a test sees (`GPTLAB_WORLD`, a torchrun's `WORLD_SIZE`)
 are cleared."""
 import os
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import hypothesis.configuration
 import pytest
 import torch
 
@@ -34,6 +36,7 @@ def pytest_configure(config):
         os.environ[name] = str(_root / sub)
     for name in _CLEARED:
         os.environ.pop(name, None)
+    hypothesis.configuration.set_hypothesis_home_dir(_root / "hypothesis")
 
 
 def pytest_unconfigure(config):
