@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -238,7 +239,10 @@ def test_test_prompts_without_room_to_answer_stop_the_run_before_sft(run, tmp_pa
     assert not (demo / "sft").exists()
 
 
-def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run):
+def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run, tmp_path):
+    # On a copy: the stages it adds would change what a rerun of `run` reports. Hard links
+    # suffice, as the pipeline replaces files (write, then rename) and never edits one in place.
+    run = Path(shutil.copytree(run, tmp_path / "demo", copy_function=os.link))
     before = (run / "round-2" / "ppo" / "model.safetensors").stat().st_mtime_ns
     assert main(["pipeline", "--out", str(run), *ARGS, "--headroom", "--headroom-k", "2"]) == 0
     assert (run / "round-2" / "ppo" / "model.safetensors").stat().st_mtime_ns == before
