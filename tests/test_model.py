@@ -250,7 +250,9 @@ def test_tiny_encoder_decoder_learns_to_reverse_sequences():
         labels = torch.cat([tgt, torch.full((n, 1), EOS)], 1)
         return src, dec_in, labels
 
-    for step in range(400):
+    # Seeds 0-4 all reverse every sequence by step 200 (one is at 0.08 at step 100): 200 is
+    # past the jump with room to spare.
+    for step in range(200):
         src, dec_in, labels = batch(64)
         loss = model(src, dec_in, labels=labels)
         opt.zero_grad()
