@@ -32,3 +32,9 @@ def test_the_caches_and_the_temp_dir_are_throwaway(tmp_path_factory):
                   Path(datasets.config.HF_DATASETS_CACHE), Path(os.environ["HF_HOME"])):
         assert not cache.is_relative_to(home), cache
     assert "GPTLAB_WORLD" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
+def test_hugging_face_runs_offline():
+    import huggingface_hub
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
