@@ -27,10 +27,12 @@ def test_the_caches_and_the_temp_dir_are_throwaway(tmp_path_factory):
     assert os.environ["TMPDIR"] == tempfile.gettempdir()  # a subprocess's too
     small = dict(n_train=20, n_validation=5, n_test=5, n_dialogs=2, corpus_chars=2000)
     assert build_world(0, **small).db_path.is_relative_to(base)  # the built-in world's cache
-    home = Path.home()
+    # The caches under $HOME by default are all in the one throwaway directory.
+    root = Path(os.environ["GPTLAB_CACHE"]).parent
+    assert root.name.startswith("gptlab-test-caches-")
     for cache in (default_cache_dir(), Path(matplotlib.get_cachedir()),
                   Path(datasets.config.HF_DATASETS_CACHE), Path(os.environ["HF_HOME"])):
-        assert not cache.is_relative_to(home), cache
+        assert cache.is_relative_to(root), cache
     assert "GPTLAB_WORLD" not in os.environ and "WORLD_SIZE" not in os.environ
 
 
