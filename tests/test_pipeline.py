@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptlab.cli import main
 from gptlab.errors import UserError
@@ -98,7 +99,9 @@ def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys
     # are, not where they were from the directory the run started in.
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
+    threads = torch.get_num_threads()
     assert main(["pipeline", "--out", str(run), *ARGS, "--threads", "2"]) == 0
+    assert torch.get_num_threads() == threads != 2  # the caller's setting is back
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
     # Every reused stage says so (the rounds' sample and label stages said nothing).
     printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("== ")]

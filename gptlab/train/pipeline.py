@@ -525,6 +525,15 @@ class Pipeline:
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
+        """Every stage, then the evaluation and the report. With `threads`, torch uses that many
+        threads meanwhile; the caller's setting is restored after."""
+        previous = torch.get_num_threads()
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(previous)
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_same_run()
