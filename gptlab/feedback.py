@@ -23,20 +23,24 @@ RankFn = Callable[[dict, list[str]], list[str | list[str]]]
 
 def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
                      params: SamplingParams, seed: int = 0, batch_size: int = 256,
-                     skips: SkipCounter | None = None, cut: list[int] | None = None
-                     ) -> list[dict]:
+                     skips: SkipCounter | None = None, cut: list[int] | None = None,
+                     path: str | Path = "") -> list[dict]:
     """K responses per prompt record: `{**record, "responses": [...]}`.
 
     Each prompt is repeated K times in the batch; rows differ by the sampler's random stream.
     `cut`, a list, gets the number of responses that `max_new_tokens` stopped before their EOS
-    (or end of turn) appended.
+    (or end of turn) appended. `path`, the file the records come from, is named with a record's
+    line when its prompt cannot be encoded (a conversation the chat template refuses).
     """
     skips = skips if skips is not None else SkipCounter()
     params.stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
     room = model.config.context - params.max_new_tokens
     jobs = []
     for rec in records:
-        ids = encode_prompt(tokenizer, prompt_of(rec, "", rec.get("_line")))
+        try:
+            ids = encode_prompt(tokenizer, prompt_of(rec, path, rec.get("_line")))
+        except UserError as e:
+            raise (e.at(path, rec.get("_line")) if path else e) from None
         if len(ids) > room:
             skips.add("prompts longer than the context minus max_new_tokens")
             continue
@@ -76,7 +80,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     model, tok = load(model_path)
     skips, cut = SkipCounter(), []
     rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips,
-                            cut=cut)
+                            cut=cut, path=prompts)
     if not rows:
         raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
                         f"context is {model.config.context} tokens, --max-new-tokens "

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from gptlab.data.instruct import read_demonstrations, read_prompts
 from gptlab.errors import UserError
@@ -500,6 +501,45 @@ def test_a_chat_template_refusing_a_ranking_names_file_and_line(tok, tmp_path, c
                                            "'chat_template': the chat template failed: roles "
                                            "must alternate user/assistant\n")
         assert not (tmp_path / "rm").exists()
+
+
+def test_a_chat_template_refusing_a_prompt_names_file_and_line_before_sampling(tok, tmp_path,
+                                                                              capsys, monkeypatch):
+    # `sample` met the refusal while encoding, and PPO at the step that first drew the prompt
+    # (after minutes of training): neither named a file. Both now check every prompt first.
+    import dataclasses
+
+    from gptlab.checkpoint import save_model
+    from gptlab.cli import main
+    from gptlab.model import GPT, get_preset
+    from gptlab.model.heads import ScalarHeadModel
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                   "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    strict = Tokenizer(tok.hf, tok.bos_token, tok.eos_token, tok.pad_token,
+                       chat_template=alternating)
+    torch.manual_seed(0)
+    gpt = GPT(dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64))
+    save_model(tmp_path / "base", gpt, strict)
+    save_model(tmp_path / "rm", ScalarHeadModel.from_gpt(gpt), strict)
+    # The bad prompt is the last of 40: PPO's first batch of 2 would not draw it.
+    f = write(tmp_path / "p.jsonl", *[{"id": i, "prompt": [USER]} for i in range(39)],
+              {"id": 39, "prompt": [USER, USER2]})
+    expected = (f"{f}:40, field 'chat_template': the chat template failed: roles must "
+                f"alternate user/assistant\n")
+    assert main(["sample", "--model", str(tmp_path / "base"), "--prompts", str(f), "--k", "2",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert capsys.readouterr().err == "gptlab sample: error: " + expected
+    (tmp_path / "refused_prompt_reward.py").write_text(
+        "def score(prompts, responses, records):\n    return [0.0] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    for reward in (["--reward", str(tmp_path / "rm")],
+                   ["--reward-fn", "refused_prompt_reward:score"]):
+        assert main(["ppo", "--policy", str(tmp_path / "base"), *reward, "--prompts", str(f),
+                     "--out", str(tmp_path / "ppo"), "--steps", "1", "--batch-size", "2",
+                     "--minibatch-size", "2", "--max-new-tokens", "4"]) == 2
+        assert capsys.readouterr().err == "gptlab ppo: error: " + expected
+    assert not (tmp_path / "s.jsonl").exists() and not (tmp_path / "ppo").exists()
 
 
 @pytest.mark.parametrize("which", ["gptlab", "smollm2"])

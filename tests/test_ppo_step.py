@@ -183,7 +183,7 @@ def test_the_reward_model_reads_a_rollout_as_it_read_its_rankings(setup, tmp_pat
     # The reward model learned on responses closed by EOS (or the end of turn), cut at
     # max_new_tokens or not (`encode_response`); PPO fed it a cut response without one, so its
     # score was read on another token than in training, of a sequence it had never seen.
-    from gptlab.data.instruct import Ranking, encode_prompt
+    from gptlab.data.instruct import Ranking, encode_prompt, end_of_response
     from gptlab.model.attention import common_prefix_length
     from gptlab.model.heads import ScalarHeadModel
     from gptlab.train.reward import collate_rankings, encode_ranking, ranked_scores
@@ -207,7 +207,7 @@ def test_the_reward_model_reads_a_rollout_as_it_read_its_rankings(setup, tmp_pat
         ids, mask, rmask, P, prefix = layout(prompts, responses, tok.pad_id, "cpu", shared)
         record = {"messages": prompt} if chat else {"prompt": prompt}
         ro = Rollout(ids, mask, rmask, P, [record] * 3, responses, torch.tensor(finished),
-                     prefix)
+                     prefix, [end_of_response(tok, prompt)] * 3)
         got = t.score(ro)
         # The reward stage's own path: the three as a ranking, encoded, batched and scored.
         batch = collate_rankings([encode_ranking(tok, Ranking(prompt, texts), 64)], tok.pad_id)

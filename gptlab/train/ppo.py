@@ -193,6 +193,7 @@ class Rollout:
     responses: list[list[int]]
     finished: Tensor       # (B,) bool: ended with a stop token
     prefix: Tensor | None = None  # (1, n) the shared start of every prompt
+    ends: list[list[int]] = field(default_factory=list)  # each prompt's end of turn
 
     @property
     def response_ids(self) -> Tensor:
@@ -354,8 +355,19 @@ class PPOTrainer:
         check_records = getattr(self.reward_fn, "check_records", None)
         if check_records is not None:  # a reward function may check every prompt up front
             check_records(self.records, cfg.prompts)
+        # Every prompt is encoded once, before the first step: one the chat template refuses
+        # stops the run here, naming its line, not at the step that first draws it. With a
+        # reward model, also the end of turn that closes a response to it (`scored_response`).
+        self.prompt_ids, self.prompt_ends = [], []
+        for rec in self.records:
+            prompt = prompt_of(rec, cfg.prompts, rec.get("_line"))
+            try:
+                self.prompt_ids.append(encode_prompt(self.tok, prompt))
+                if self.reward_model is not None:
+                    self.prompt_ends.append(end_of_response(self.tok, prompt))
+            except UserError as e:
+                raise e.at(cfg.prompts, rec.get("_line")) from None
         self.skips = SkipCounter()
-        self._ends: dict[int, tuple[dict, list[int]]] = {}
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         self.step, self.elapsed = 0, 0.0  # steps done, and the seconds they took
@@ -459,14 +471,16 @@ class PPOTrainer:
     def rollout(self, step: int) -> Rollout | None:
         cfg = self.cfg
         room = self.context - cfg.max_new_tokens
-        prompts, records = [], []
-        for rec in self.rng.sample(self.records, min(cfg.batch_size, len(self.records))):
-            ids = encode_prompt(self.tok, prompt_of(rec, cfg.prompts, rec.get("_line")))
-            if len(ids) > room:
+        prompts, records, ends = [], [], []
+        # (drawn by position: the same draws as sampling the records themselves)
+        for i in self.rng.sample(range(len(self.records)), min(cfg.batch_size,
+                                                               len(self.records))):
+            if len(self.prompt_ids[i]) > room:
                 self.skips.add("prompts longer than the context minus max_new_tokens")
                 continue
-            prompts.append(ids)
-            records.append(rec)
+            prompts.append(self.prompt_ids[i])
+            records.append(self.records[i])
+            ends.extend(self.prompt_ends[i:i + 1])
         if not prompts:
             return None
         gen = generate(self.policy, prompts, SamplingParams(
@@ -476,7 +490,7 @@ class PPOTrainer:
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
                                              shared=common_prefix_length(prompts))
         return Rollout(ids, mask, rmask, P, records, gen.tokens,
-                       torch.tensor(gen.finished, device=self.device), prefix)
+                       torch.tensor(gen.finished, device=self.device), prefix, ends)
 
     # --- 2. score -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -509,20 +523,11 @@ class PPOTrainer:
         head = [] if ro.prefix is None else ro.prefix[0].tolist()
         prompts = [head + ro.ids[i, :ro.P][ro.attention_mask[i, shared:shared + ro.P].bool()]
                    .tolist() for i in range(len(ro.responses))]
-        responses = [scored_response(r, done, self._end_of(rec), self.context - len(p))
-                     for r, done, rec, p in zip(ro.responses, ro.finished.tolist(), ro.records,
+        responses = [scored_response(r, done, end, self.context - len(p))
+                     for r, done, end, p in zip(ro.responses, ro.finished.tolist(), ro.ends,
                                                 prompts)]
         return reward_model_scores(self.reward_model, prompts, responses, self.tok.pad_id,
                                    self.device, shared)
-
-    def _end_of(self, record: dict) -> list[int]:
-        """The end of turn that closes a response to this prompt record (kept per record)."""
-        kept = self._ends.get(id(record))
-        if kept is None or kept[0] is not record:  # (the record is kept: its id stays its own)
-            kept = record, end_of_response(
-                self.tok, prompt_of(record, self.cfg.prompts, record.get("_line")))
-            self._ends[id(record)] = kept
-        return kept[1]
 
     # --- 3 + 4. rewards with KL, then GAE ------------------------------------------------------
     @torch.no_grad()
