@@ -230,3 +230,28 @@ def test_evaluations_log_pairwise_accuracy_and_no_perplexity(base, tmp_path, cap
     assert evals and all("val_ppl" not in r and 0 <= r["pairwise_acc"] <= 1 for r in evals)
     line = (cap.out + cap.err).split("step 0: val_loss", 1)[1].splitlines()[0]
     assert "ppl" not in line and f"pairwise_acc {evals[0]['pairwise_acc']:.4f}" in line
+
+
+def test_a_finished_response_is_scored_as_the_reward_stage_encoded_it_with_a_long_end_of_turn():
+    # Llama 2's template closes an answer with " " + EOS: an end of turn of two tokens. The
+    # stop token alone was replaced by the whole end, giving " ", " ", EOS: a sequence the
+    # reward model never read, its score read after a token it never saw there.
+    from gptlab.data.instruct import encode_response, end_of_response
+    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
+    from gptlab.train.reward import scored_response
+    base = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    llama2 = Tokenizer(base.hf, BOS, EOS, PAD, chat_template=(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+        "' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"))
+    prompt = [{"role": "user", "content": "the dog"}]
+    end = end_of_response(llama2, prompt)
+    assert len(end) == 2 and end[-1] == llama2.eos_id  # " ", EOS
+    written = encode_response(llama2, "the fox", prompt)  # as SFT taught the model to write it
+    assert written[-2:] == end
+    assert scored_response(written, True, end, 100) == written
+    # A response that stopped on EOS without the end's space is closed by the whole end, and
+    # a cut one gets it appended, as before.
+    assert scored_response(written[:-2] + [llama2.eos_id], True, end, 100) == written
+    assert scored_response(written[:-2], False, end, 100) == written
+    assert scored_response(written, True, end, 3) == written[:1] + end

@@ -89,7 +89,12 @@ def scored_response(tokens: list[int], finished: bool, end: list[int], room: int
     response cut at max_new_tokens the end it never reached, becomes `end`, so that the score is
     read on the same token, as in training. One that would overflow the `room` left after its
     prompt gives its last tokens to the end."""
-    body = tokens[:-1] if finished else tokens
+    if finished and len(end) > 1 and tokens[-len(end):] == end:
+        # An end of turn of several tokens (Llama 2's " </s>") written whole: the model stopped
+        # on its last token, and the tokens before it are the end's, not the response's.
+        body = tokens[:-len(end)]
+    else:
+        body = tokens[:-1] if finished else tokens
     return body[:max(0, room - len(end))] + end
 
 
