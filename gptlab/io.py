@@ -6,6 +6,8 @@ writer holds an advisory lock (flock) on its temporary directory while it writes
 midway (SIGKILL, a power cut) leaves it unlocked, and the next write of the same target removes
 it. A temporary whose writer is alive is locked and left alone, so two processes writing the
 same place never remove each other's. (Checkpoints are written the same way, whole directories.)
+Where there is no flock (Windows, a file system that refuses it), writes go unlocked and a killed
+write's temporary stays.
 """
 from __future__ import annotations
 
@@ -88,11 +90,22 @@ def held_temp(make: Callable[[], str]) -> Iterator[Path]:
     """The new temporary file or directory that `make()` creates (with a name no other writer
     has) and returns, locked for this writer until the context ends: `remove_stale_temps` then
     leaves it alone."""
+    if fcntl is None:  # Windows: nothing to lock with (nor can a directory be opened there)
+        yield Path(make())
+        return
     while True:
         tmp = make()
-        fd = os.open(tmp, os.O_RDONLY)
-        if fcntl is not None:
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:  # another writer removed it as stale before we opened it
+            continue
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            # A file system without flock (ENOLCK, EOPNOTSUPP; NFS refuses it on a file open
+            # read-only): write unlocked. `remove_stale_temps` cannot lock it either, and so
+            # never removes it; a killed write's temporary is then left in place.
+            break
         try:
             if os.path.samestat(os.fstat(fd), os.stat(tmp)):
                 break

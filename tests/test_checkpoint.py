@@ -317,3 +317,59 @@ def test_two_writers_of_one_place_never_remove_or_share_each_others_temporaries(
     monkeypatch.undo()
     assert inner == [path] and c.load(path, tiny()) == {"by": "outer"}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-3"]
+
+
+def test_writes_work_where_a_directory_cannot_be_locked(tmp_path, monkeypatch):
+    # The lock on each writer's temporary made every write fail where it cannot be taken:
+    # Windows (no fcntl, and os.open of a directory is refused), a file system without flock
+    # (ENOLCK; NFS refuses an exclusive flock on a file open read-only: EBADF).
+    import errno
+    import os
+    import sys
+    import types
+    from gptlab import io
+    stale = tmp_path / ".a.txt.killed.tmp"
+    stale.mkdir()
+    real_open = os.open
+
+    def windows_open(path, flags, *a, **k):  # (shutil.rmtree's own opens stay Linux's)
+        if os.path.isdir(path) and sys._getframe(1).f_globals["__name__"] == "gptlab.io":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(io, "fcntl", None)
+    monkeypatch.setattr(io.os, "open", windows_open)
+    io.write_text_atomic(tmp_path / "a.txt", "windows")
+    ck.Checkpointer(tmp_path, keep=3).save(1, tiny(), state={"on": "windows"})
+    monkeypatch.undo()
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(io, "fcntl", types.SimpleNamespace(flock=no_flock, LOCK_EX=2, LOCK_NB=4))
+    io.write_text_atomic(tmp_path / "a.txt", "nfs")
+    c = ck.Checkpointer(tmp_path, keep=3)
+    path = c.save(2, tiny(), state={"on": "nfs"})
+    monkeypatch.undo()
+    assert (tmp_path / "a.txt").read_text() == "nfs" and c.load(path, tiny()) == {"on": "nfs"}
+    # Unable to tell a killed write's temporary from a live one, no write removed it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.txt.killed.tmp", "a.txt",
+                                                          "checkpoints"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["latest", "step-1", "step-2"]
+
+
+def test_a_temporary_removed_as_stale_before_its_writer_opens_it_is_made_again(tmp_path):
+    # Another process's write of the same file can take a just-made temporary for a killed
+    # write's and remove it before its writer opened it to lock it: the write then failed
+    # with FileNotFoundError instead of making another.
+    import shutil
+    import tempfile
+    from gptlab.io import held_temp
+    made = []
+
+    def make():
+        made.append(tempfile.mkdtemp(prefix=".x.", suffix=".tmp", dir=tmp_path))
+        if len(made) == 1:
+            shutil.rmtree(made[0])  # the other process's remove_stale_temps, meanwhile
+        return made[-1]
+    with held_temp(make) as tmp:
+        assert str(tmp) == made[1] and tmp.is_dir()
