@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from gptlab.data.instruct import read_demonstrations, read_prompts
+from gptlab.data.instruct import read_demonstrations, read_prompts, read_rankings
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 
@@ -35,6 +35,18 @@ def test_prompt_messages_must_end_on_a_user_turn(tmp_path):
     assert str(err.value) == f"{f}:2, field 'messages': must end on a user turn, not 'assistant'"
     write(f, {"id": 1, "messages": [USER, ASSISTANT, {"role": "user", "content": "And the dog?"}]})
     assert len(read_prompts(f)) == 1
+
+
+def test_a_record_with_both_a_prompt_and_messages_is_refused(tmp_path):
+    # Prompts and rankings took `prompt` and silently ignored `messages` (SFT refused the pair).
+    both = {"prompt": "Is the cat happy?", "messages": [USER]}
+    f = write(tmp_path / "p.jsonl", {"id": 1, "prompt": "Is it?"}, {"id": 2, **both})
+    r = write(tmp_path / "r.jsonl", {**both, "chosen": "yes", "rejected": "no"})
+    for reader, path, line in ((read_prompts, f, 2), (read_rankings, r, 1)):
+        with pytest.raises(UserError) as err:
+            reader(path)
+        assert str(err.value) == (f"{path}:{line}, field 'messages': has both 'prompt' and "
+                                  f"'messages'; give one of them")
 
 
 @pytest.mark.parametrize("message,field,expected", [

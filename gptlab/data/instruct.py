@@ -100,6 +100,10 @@ def _checked_text(text: str, path: str | Path, line: int | None, field: str) -> 
 def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> Any:
     """The prompt of a record: its `prompt` (text, or messages as TRL's conversational form
     writes it) or its `messages`; messages end on a user turn."""
+    if "prompt" in record and "messages" in record:
+        # Which one is the prompt would be a guess: refuse, as SFT does.
+        raise UserError("has both 'prompt' and 'messages'; give one of them", path=path,
+                        line=line, field="messages")
     if "prompt" in record:
         if isinstance(record["prompt"], list):
             return _prompt_messages(record["prompt"], path, line, "prompt")
