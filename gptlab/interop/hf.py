@@ -361,6 +361,9 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
     that is not the config's pad_token_id, as transformers pools)."""
     # As transformers reads it: id2label, else num_labels, else its default of 2 labels.
     labels = len(raw.get("id2label") or {}) or raw.get("num_labels", 2)
+    if isinstance(labels, bool) or not isinstance(labels, int):
+        raise UserError(f"must be a number of labels (1 for a reward model), got {labels!r}",
+                        path=d / "config.json", field="num_labels")
     if labels != 1:
         raise UserError(f"a reward model has 1 label, this classifier has {labels}",
                         path=d / "config.json", field="num_labels")
