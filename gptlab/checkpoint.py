@@ -5,7 +5,7 @@ Hugging Face directory) + `model.safetensors` + the tokenizer files. Training ch
 `RUN/checkpoints/step-N/`: each is written in full under a temporary name, its manifest (sha256
 of every file) last, then renamed into place; `checkpoints/latest` is replaced atomically after
 that. A reader therefore never sees a partial checkpoint, and the previous one stays usable
-until the new one is complete. The temporary copy (`.step-N.XXXXXXXX.tmp`, held by its writer as
+until the new one is complete. The temporary copy (`.step-N.<random>.tmp`, held by its writer as
 `gptlab.io`'s temporaries are) is no `step-N`: never a checkpoint; a killed save's is removed
 by the next save.
 """
@@ -337,7 +337,7 @@ class Checkpointer:
         `models` are more model directories inside it, by name (PPO's value model: `value/`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
-        # A save that was killed left its copy here (`.step-N.XXXXXXXX.tmp`); one being written
+        # A save that was killed left its copy here (`.step-N.<random>.tmp`); one being written
         # by a live process is locked and stays.
         remove_stale_temps(self.dir, ".step-*.tmp*")
         with held_temp(lambda: new_temp_dir(final)) as tmp:

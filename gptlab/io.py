@@ -1,7 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one.
 
 A write goes to a file in a hidden temporary directory beside its target
-(`.NAME.XXXXXXXX.tmp/`, a name unique to the writer), then is renamed over the target. The
+(`.NAME.<random>.tmp/`, a name unique to the writer), then is renamed over the target. The
 writer holds an advisory lock (flock) on its temporary directory while it writes; a write killed
 midway (SIGKILL, a power cut) leaves it unlocked, and the next write of the same target removes
 it. A temporary whose writer is alive is locked and left alone, so two processes writing the
@@ -146,7 +146,7 @@ def remove_stale_temps(directory: str | Path, pattern: str) -> list[Path]:
 
 
 def new_temp_dir(path: Path) -> str:
-    """A new directory `.NAME.XXXXXXXX.tmp` beside `path` (a name no other writer gets), with
+    """A new directory `.NAME.<random>.tmp` beside `path` (a name no other writer gets), with
     the permissions a plain mkdir would give it (mkdtemp makes it owner-only)."""
     tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o777 & ~_umask())
