@@ -122,6 +122,12 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
 
+    def reset_buffers(self) -> None:
+        """Recompute the buffers no checkpoint holds (the sinusoidal table), for a model whose
+        weights were loaded onto the meta device's shapes."""
+        if "pos_table" in self._buffers:
+            self.pos_table = sinusoidal_table(self.config.context, self.config.d_model)
+
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -204,9 +210,19 @@ class GPT(nn.Module):
         `last_only` computes the head on the last position only (generation needs no more).
         """
         h, _ = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if labels is not None:
+            return self.lm_loss(h, labels)
         if last_only:
             h = h[:, -1:]
+        return self.lm_head(h)
+
+    def lm_loss(self, h: Tensor, labels: Tensor) -> Tensor:
+        """The mean cross-entropy of the head on final hidden states `h` (..., d) against
+        `labels` (...; -100 = ignore). The head runs only where there is a label: a prompt's
+        positions cost no vocabulary-wide logits (on a 49k-token vocabulary, most of a step's
+        activation memory)."""
+        keep = labels != -100
+        if not bool(keep.all()):
+            h, labels = h[keep], labels[keep]
         logits = self.lm_head(h)
-        if labels is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)

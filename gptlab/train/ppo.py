@@ -257,8 +257,8 @@ def response_logprobs(model: GPT, ro: Rollout, temperature: float,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
     exactly as in the rollout. (B, R)."""
-    logits = model(ro.ids, attention_mask=ro.attention_mask, cache=prefix_cache(model, ro))
-    logits = scale_logits(logits[:, ro.P - 1:-1].float(), temperature)
+    h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=prefix_cache(model, ro))
+    logits = scale_logits(model.lm_head(h[:, ro.P - 1:-1]).float(), temperature)
     lp = token_logprobs(logits, ro.response_ids)
     return lp, entropy_from_logits(logits) if with_entropy else None
 

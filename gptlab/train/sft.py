@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model, load_model,
@@ -90,9 +89,7 @@ def sft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     model.hidden_states(ids[:1, :n], cache=prefix)
     rows = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     h, _ = model.hidden_states(ids[:, n:], batch["attention_mask"], cache=prefix.expand(rows))
-    logits = model.lm_head(h)  # (B, T - n, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, n:].flatten(),
-                           ignore_index=-100)
+    return model.lm_loss(h, labels[:, n:])
 
 
 def split_examples(examples: list[Example], fraction: float,
