@@ -17,12 +17,13 @@ import json
 import math
 import os
 import shutil
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model as st_load_model, save_model as st_save_model
+from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
 from gptlab.errors import UserError
 from gptlab.io import (atomic_path, ensure_dir, held_temp, new_temp_dir, remove_stale_temps,
@@ -208,6 +209,8 @@ def _shape_mismatches(model: torch.nn.Module, file: Path) -> list[str]:
 
 
 def load_weights(model: torch.nn.Module, file: str | Path) -> None:
+    """Load `file` into `model`: in place, or, for a model built on the meta device (shapes
+    only, no random init to throw away), by taking the file's tensors as its weights."""
     file = Path(file)
     if not file.exists():
         raise UserError("model weights are missing", path=file)
@@ -221,7 +224,10 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
         raise UserError(f"weights do not fit the model's config.json: {wrong[0]}{more}",
                         path=file)
     try:
-        missing, unexpected = st_load_model(model, str(file), strict=False)
+        if any(t.is_meta for t in model.parameters()):
+            missing, unexpected = _assign_weights(model, load_file(str(file)))
+        else:
+            missing, unexpected = st_load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"cannot read weights (truncated or corrupt file?): {e}", path=file) from None
     if missing or unexpected:
@@ -232,6 +238,45 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
                  if names]
         raise UserError(f"weights do not fit the model's config.json: {'; '.join(parts)}",
                         path=file)
+
+
+def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
+                    ) -> tuple[list[str], list[str]]:
+    """Make `state`'s tensors the weights of a model built on the meta device, each in the
+    dtype the model declares; a tensor the model shares under several names (tied embeddings)
+    stays one tensor, found under any of them (safetensors keeps one). Buffers the file does not
+    hold (a sinusoidal table) are rebuilt by their module's `reset_buffers`. Returns the names
+    missing from the file and those in it the model lacks."""
+    saved = set(model.state_dict())
+    tied: dict[int, list[str]] = {}
+    for name, t in chain(model.named_parameters(remove_duplicate=False),
+                         model.named_buffers(remove_duplicate=False)):
+        if name in saved:
+            tied.setdefault(id(t), []).append(name)
+    missing = []
+    for names in tied.values():
+        found = [n for n in names if n in state]
+        if not found:
+            missing += names
+            continue
+        ref = _get(model, names[0])
+        value = state[found[0]].to(ref.dtype)
+        if isinstance(ref, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=ref.requires_grad)
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, value)
+    if not missing:
+        for module in model.modules():
+            if any(b is not None and b.is_meta for b in module._buffers.values()):
+                with torch.device("cpu"):
+                    module.reset_buffers()
+    return missing, [n for n in state if n not in saved]
+
+
+def _get(model: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
 
 
 def check_tokenizer_fits(model: torch.nn.Module, tok: Any, path: str | Path | None = None
@@ -268,7 +313,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if meta.get("format") != FORMAT:
             raise UserError(f"config.json has format {meta.get('format')!r}, expected "
                             f"'{FORMAT}'", path=p / "config.json", field="format")
-        model = build_from_meta(meta, p / "config.json")
+        with torch.device("meta"):  # shapes only: the weights come from the file
+            model = build_from_meta(meta, p / "config.json")
         load_weights(model, p / MODEL_FILE)
         if hasattr(model, "pad_token_id"):
             model.pad_token_id = check_pad_token_id(meta.get("pad_token_id"),

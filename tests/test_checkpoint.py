@@ -39,6 +39,38 @@ def test_encoder_decoder_round_trip(tmp_path):
     assert meta["arch"] == "transformer"
 
 
+@pytest.mark.parametrize("kind", ["gpt-sinusoidal", "gpt-untied", "reward", "transformer"])
+def test_loading_takes_the_files_weights_without_a_random_init(tmp_path, kind):
+    """The model is built on the meta device and given the file's tensors: no random numbers
+    drawn (the caller's generator is where it was), ties and buffers as built, every tensor
+    trainable and real."""
+    from gptlab.model.gpt import GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    torch.manual_seed(0)
+    if kind == "transformer":
+        net = Transformer(TransformerConfig(vocab_size=30, context=16, n_encoder_layers=1,
+                                            n_decoder_layers=1, d_model=16, n_heads=2, d_ff=32))
+        args = (torch.randint(0, 30, (1, 5)), torch.randint(0, 30, (1, 4)))
+    else:
+        cfg = GPTConfig(vocab_size=40, context=16, n_layers=2, n_heads=2, d_model=16,
+                        positions="sinusoidal" if kind == "gpt-sinusoidal" else "rotary",
+                        tie_embeddings=kind != "gpt-untied")
+        net = GPT(cfg) if kind.startswith("gpt") else ScalarHeadModel(cfg)
+        if kind == "reward":
+            net.score_bias.fill_(0.3)
+        args = (torch.randint(0, 40, (2, 7)),)
+    ck.save_model(tmp_path, net.eval())
+    before = torch.random.get_rng_state()
+    loaded, _, _ = ck.load_model(tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    with torch.no_grad():
+        assert torch.equal(net(*args), loaded(*args))
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert not any(t.is_meta for t in tensors)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in loaded.parameters())
+    assert len(list(loaded.parameters())) == len(list(net.parameters()))  # ties kept
+
+
 def test_truncated_weights_give_a_clear_error(tmp_path):
     ck.save_model(tmp_path, tiny())
     f = tmp_path / "model.safetensors"

@@ -114,6 +114,12 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def reset_buffers(self) -> None:
+        """Recompute the buffers no checkpoint holds (the sinusoidal table), for a model whose
+        weights were loaded onto the meta device's shapes."""
+        if "pos_table" in self._buffers:
+            self.pos_table = sinusoidal_table(self.config.context, self.config.d_model)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
