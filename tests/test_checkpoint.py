@@ -405,3 +405,92 @@ def test_a_temporary_removed_as_stale_before_its_writer_opens_it_is_made_again(t
         return made[-1]
     with held_temp(make) as tmp:
         assert str(tmp) == made[1] and tmp.is_dir()
+
+
+def test_a_reward_models_pad_token_id_must_be_null_or_a_token_id_not_a_boolean(tmp_path):
+    # `true` passed as an int (it is one in Python): the score would be read past token id 1.
+    from gptlab.model.gpt import GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    rm = ScalarHeadModel(GPTConfig(vocab_size=40, context=16, n_layers=1, n_heads=2, d_model=16))
+    rm.pad_token_id = 1
+    ck.save_model(tmp_path, rm)
+    assert ck.load_model(tmp_path)[0].pad_token_id == 1
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "pad_token_id": True}))
+    with pytest.raises(UserError) as e:
+        ck.load_model(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'config.json'}, field 'pad_token_id': must be null or "
+                            f"a token id in [0, 40), got True")
+
+
+def test_weights_saved_in_another_dtype_load_in_the_dtype_the_model_declares(tmp_path):
+    # Loading onto the meta device takes the file's tensors: taken as they are, bf16 weights
+    # made a float32 model bf16 (loading in place converts them, as it always did).
+    net = tiny().to(torch.bfloat16)
+    ck.save_model(tmp_path, net)
+    loaded, _, _ = ck.load_model(tmp_path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for (name, p), q in zip(net.named_parameters(), loaded.parameters()):
+        assert torch.equal(p.float(), q), name
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+
+
+def test_a_temporary_removed_as_stale_between_its_open_and_its_lock_is_made_again(tmp_path,
+                                                                                 monkeypatch):
+    # The other half of the race above: removed after its writer opened it but before the
+    # lock was taken, the directory the writer holds is gone; it must make another.
+    import os
+    import shutil
+    import tempfile
+    import types
+    from gptlab import io
+    made, real_flock = [], io.fcntl.flock
+
+    def make():
+        made.append(tempfile.mkdtemp(prefix=".x.", suffix=".tmp", dir=tmp_path))
+        return made[-1]
+
+    def flock(fd, op):
+        if len(made) == 1:
+            shutil.rmtree(made[0])  # the other process's remove_stale_temps, meanwhile
+        return real_flock(fd, op)
+    monkeypatch.setattr(io, "fcntl", types.SimpleNamespace(
+        flock=flock, LOCK_EX=io.fcntl.LOCK_EX, LOCK_NB=io.fcntl.LOCK_NB))
+    with io.held_temp(make) as tmp:
+        assert len(made) == 2 and str(tmp) == made[1] and tmp.is_dir()
+        assert os.listdir(tmp_path) == [tmp.name]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_written_files_and_checkpoints_get_the_permissions_a_plain_write_gives(tmp_path, umask):
+    # The temporaries are made owner-only (mkstemp's, mkdtemp's 0600 / 0700); renamed into
+    # place as they are, a checkpoint or a file that its writer replaced (safetensors does)
+    # would be unreadable to the group that may read everything else the run writes.
+    import os
+    import stat
+    import tempfile
+    from gptlab.io import atomic_path
+    old = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "w.bin") as t:
+            fd, other = tempfile.mkstemp(dir=t.parent)  # a writer that replaces the file
+            os.write(fd, b"x")
+            os.close(fd)
+            os.replace(other, t)
+        step = ck.Checkpointer(tmp_path, keep=3).save(1, tiny(), state={})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.bin").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(step.stat().st_mode) == 0o777 & ~umask
+    assert (tmp_path / "w.bin").read_bytes() == b"x"
+
+
+def test_a_write_removes_the_killed_temporaries_of_its_own_file_only(tmp_path):
+    # `.a.<random>.tmp` is a's; `.ab.<random>.tmp` is ab's, though it starts as a's do.
+    from gptlab.io import write_text_atomic
+    for name in (".a.killed.tmp", ".ab.killed.tmp"):
+        (tmp_path / name).mkdir()
+    write_text_atomic(tmp_path / "a", "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ab.killed.tmp", "a"]
+    write_text_atomic(tmp_path / "ab", "ab")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "ab"]
