@@ -634,12 +634,14 @@ def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
     cls(cfg).save_pretrained(tmp_path / "two")
     with pytest.raises(UserError, match="1 label, this classifier has 2"):
         load_model(tmp_path / "two")
-    # A null count (transformers raises a TypeError on it) is named, not counted as "None".
-    (tmp_path / "rm" / "config.json").write_text(json.dumps({**raw, "num_labels": None}))
-    with pytest.raises(UserError) as err:
-        load_model(tmp_path / "rm")
-    assert str(err.value) == (f"{tmp_path / 'rm' / 'config.json'}, field 'num_labels': must be "
-                              f"a number of labels (1 for a reward model), got None")
+    # A null count (transformers raises a TypeError on it) is named, not counted as "None";
+    # nor is `true` taken for the count 1.
+    for bad in (None, True):
+        (tmp_path / "rm" / "config.json").write_text(json.dumps({**raw, "num_labels": bad}))
+        with pytest.raises(UserError) as err:
+            load_model(tmp_path / "rm")
+        assert str(err.value) == (f"{tmp_path / 'rm' / 'config.json'}, field 'num_labels': must "
+                                  f"be a number of labels (1 for a reward model), got {bad}")
 
 
 def test_hf_reward_model_whose_pad_is_its_eos_scores_where_transformers_does(tmp_path):

@@ -137,6 +137,46 @@ def test_shared_prompt_scoring_falls_back_when_the_padded_layout_overflows_the_c
     assert (scores - alone).abs().max().item() < 1e-5
 
 
+def _pad_reading_model():
+    """A small reward model that never reads its score at token 2 (its pad, as a Hugging Face
+    classifier whose pad is its end of turn)."""
+    from gptlab.model import GPT, GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=40, context=32, n_layers=2, n_heads=4, d_model=32,
+                    positions="rotary", bias=False)
+    model = ScalarHeadModel.from_gpt(GPT(cfg)).eval()
+    model.pad_token_id = 2
+    return model
+
+
+def test_a_row_of_nothing_but_pad_tokens_is_read_at_its_last_real_token():
+    # With no token but the pad, the score is read at the row's last real token, not at the
+    # batch's last position, which for a right-padded row is padding.
+    model = _pad_reading_model()
+    ids = torch.tensor([[5, 6, 7, 2], [2, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        got = model(ids, mask)
+        alone = [model(torch.tensor([[5, 6, 7]]))[0], model(torch.tensor([[2, 2]]))[0]]
+    assert torch.allclose(got, torch.stack(alone), atol=1e-5), (got, alone)
+
+
+def test_a_continuation_of_nothing_but_pad_tokens_is_read_in_its_prompt():
+    # A response that is only the pad (an end of turn and nothing before it) is scored where the
+    # whole sequence is: at the prompt's last token, which the shared-prompt path cannot read.
+    model = _pad_reading_model()
+    with torch.no_grad():
+        got = model.score_continuations(torch.tensor([[5, 6, 7]]), torch.ones(1, 3).long(),
+                                        torch.tensor([0, 0]), torch.tensor([[8, 2], [2, 0]]),
+                                        torch.tensor([[1, 1], [1, 0]]))
+        whole = model(torch.tensor([[5, 6, 7, 8, 2], [5, 6, 7, 2, 2]]),
+                      torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]))
+        at_prompt = model(torch.tensor([[5, 6, 7]]))[0]
+    assert torch.allclose(got, whole, atol=1e-5), (got, whole)
+    assert torch.allclose(got[1], at_prompt, atol=1e-5)
+
+
 # --- bad input: exit code 2, a message naming the field, nothing new in --out -------------------
 
 @pytest.fixture(scope="module")
