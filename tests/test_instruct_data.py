@@ -418,6 +418,11 @@ def test_conversational_preference_explicit_or_implicit_reads_as_its_messages_tw
      "must end on a user turn, not 'system'"),
     ({"prompt": "Is the cat happy?", "chosen": [ASSISTANT], "rejected": [NO]}, "chosen",
      "is a list of messages but the prompt is text"),
+    # an empty list is no conversation: neither a response nor messages to read one from
+    ({"prompt": "Is the cat happy?", "chosen": [], "rejected": " no"}, "chosen/rejected",
+     "must be response strings (or lists of chat messages)"),
+    ({"chosen": [], "rejected": [USER, NO]}, "chosen/rejected",
+     "must be response strings (or lists of chat messages)"),
     ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant",
                                                              "content": ""}]},
      "rejected[0].content", "must be a non-empty string"),

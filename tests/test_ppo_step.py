@@ -233,3 +233,64 @@ def test_a_cut_response_that_fills_the_context_gives_its_last_token_to_the_eos(s
     with torch.no_grad():
         want = [float(rm(torch.tensor([p + r]))[0]) for p, r in zip(prompts, closed)]
     assert got.tolist() == pytest.approx(want, abs=1e-5)
+
+
+def _reward_trainer(d, prompts, out, tok=None):
+    """A trainer scoring with a random reward model built from the policy in `d`."""
+    from gptlab.model.heads import ScalarHeadModel
+    policy, policy_tok, _ = ppo_module.load_model(d / "policy")
+    torch.manual_seed(3)
+    rm = ScalarHeadModel.from_gpt(policy)
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # scores that differ between responses
+    save_model(out / "rm", rm, tok or policy_tok, extra={"stage": "reward"})
+    if tok is not None:
+        save_model(out / "policy", policy, tok)
+    return PPOTrainer(PPOConfig(policy=str(out / "policy" if tok else d / "policy"),
+                                prompts=str(prompts), out=str(out / "run"),
+                                reward=str(out / "rm"), device="cpu", max_new_tokens=6,
+                                batch_size=2, minibatch_size=2, missing_eos_penalty=0.0))
+
+
+def test_a_rollout_with_a_shared_prompt_prefix_is_scored_as_each_whole_sequence(setup, tmp_path):
+    # Prompts of different lengths that share their first 20 tokens: the prefix is encoded once
+    # and the rest left-padded. Each row is scored as its own prompt + response, the cut one
+    # closed by EOS within the context (its prompt fills all the room max_new_tokens leaves).
+    from gptlab.model.attention import common_prefix_length
+    d, paths = setup
+    t = _reward_trainer(d, paths["prompts"], tmp_path)
+    eos = t.tok.eos_id
+    head = list(range(10, 30))
+    prompts = [head + [40] * 38, head + [41, 42]]  # 58 (= 64 - max_new_tokens) and 22 tokens
+    responses = [list(range(50, 56)), [60, 61, eos]]  # cut at max_new_tokens; finished
+    shared = common_prefix_length(prompts)
+    assert shared == 20
+    ids, mask, rmask, P, prefix = layout(prompts, responses, t.tok.pad_id, "cpu", shared)
+    ro = Rollout(ids, mask, rmask, P, [{"prompt": "p"}] * 2, responses,
+                 torch.tensor([False, True]), prefix, [[eos], [eos]])
+    got = t.score(ro)
+    with torch.no_grad():
+        want = [float(t.reward_model(torch.tensor([p + r]))[0]) for p, r in
+                zip(prompts, [responses[0][:5] + [eos], responses[1]])]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_each_prompt_of_a_rollout_is_closed_by_its_own_end_of_turn(setup, tmp_path):
+    # A text prompt's response ends with EOS, a chat prompt's with the template's end of turn
+    # (Llama 2's " " + EOS): in one batch, each response is scored with the end of its prompt.
+    from gptlab.data.instruct import end_of_response, prompt_of
+    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer
+    d, paths = setup
+    base = ppo_module.load_model(d / "policy")[1]
+    llama2 = Tokenizer(base.hf, BOS, EOS, PAD, chat_template=(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+        "' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Is the cat happy?"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "Is the dog happy?"}]}) + "\n")
+    t = _reward_trainer(d, prompts, tmp_path, tok=llama2)
+    ends = [end_of_response(t.tok, prompt_of(r)) for r in t.records]
+    assert ends[0] == [t.tok.eos_id] and len(ends[1]) == 2
+    ro = t.rollout(0)
+    assert len(ro.records) == 2
+    assert ro.ends == [end_of_response(t.tok, prompt_of(r)) for r in ro.records]
