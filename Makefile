@@ -28,6 +28,7 @@ bench: $(STAMP)  # after `make demo`: the benchmarks read its models
 	$(PY) bench/sft_step.py
 	$(PY) bench/reward_step.py
 	$(PY) bench/ppo_step.py
+	$(PY) bench/sft_memory.py
 
 clean:
 	rm -rf runs .pytest_cache
