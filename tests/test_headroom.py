@@ -149,18 +149,22 @@ def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models
     save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
     record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
                                              val_data=str(tmp_path / "held.jsonl")))
-    acc, n, pairs = rm_accuracy_noise_free(world, tmp_path / "rm")
+    acc, n, pairs, ci = rm_accuracy_noise_free(world, tmp_path / "rm")
     # By hand: the truth is correct > wrong > error; count the pairs the scores order so.
-    right = 0
+    per_prompt = []
     for q in qs:
         prompt = world.prompt(q.text)
         p = encode_prompt(tok, prompt)
         with torch.no_grad():
             s = [float(rm(torch.tensor([p + encode_response(tok, r, prompt)]))[0])
                  for r in (q.sql, wrong, error)]
-        right += (s[0] > s[1]) + (s[0] > s[2]) + (s[1] > s[2])
+        per_prompt.append((s[0] > s[1]) + (s[0] > s[2]) + (s[1] > s[2]))
+    right = sum(per_prompt)
     assert n == 6 and pairs == 18 and acc == pytest.approx(right / 18)
     assert 0 < right < 18  # the random head orders some pairs each way
+    # The interval treats the 6 prompts as the draws: 6/5 · Σ (right_i − acc · 3)² / 18².
+    half = 1.96 * (6 / 5 * sum((r - acc * 3) ** 2 for r in per_prompt) / 18 ** 2) ** 0.5
+    assert ci == pytest.approx([max(0, acc - half), min(1, acc + half)])
     # Against the labelers' own (reversed) rankings the same scores get the complement.
     held = [encode_ranking(tok, r, 256) for r in read_rankings(tmp_path / "held.jsonl")]
     assert pairwise_accuracy(rm, [collate_rankings(held, tok.pad_id)]) == pytest.approx(1 - acc)

@@ -12,7 +12,7 @@ import torch
 
 from gptlab.cli import main
 from gptlab.errors import UserError
-from gptlab.eval.stats import excludes_zero, paired_delta
+from gptlab.eval.stats import clustered_rate, excludes_zero, paired_delta
 
 ARGS = ["--pretrain-steps", "4", "--pretrain-batch", "4", "--sft-steps", "4",
         "--sft-eval-every", "2", "--sft-exec-eval", "8", "--sample-prompts", "12", "--k", "3",
@@ -58,6 +58,9 @@ def test_report_has_every_number(run):
     assert 0.0 <= r["rm_pairwise_acc"] <= 1.0 and len(r["rm_pairwise_acc_per_round"]) == 2
     assert all(isinstance(n, int) and n >= 1 for n in r["rm_heldout_rankings_per_round"])
     assert all(0.0 <= a <= 1.0 for a in r["rm_pairwise_acc_labelers_per_round"])
+    for a, n, ci in zip(r["rm_pairwise_acc_per_round"], r["rm_heldout_rankings_per_round"],
+                        r["rm_pairwise_acc_ci95_per_round"]):
+        assert ci is None if n < 2 else 0.0 <= ci[0] <= a <= ci[1] <= 1.0
     assert 0.0 <= r["win_rate_ppo_vs_sft"] <= 1.0
     assert math.isfinite(r["kl_ppo_vs_sft"])
     assert r["ptx"]["corpus_ppl_sft"] > 1 and r["ptx"]["corpus_ppl_ppo"] > 1
@@ -200,6 +203,21 @@ def test_paired_delta_by_hand():
     assert d["ci95"][1] - 0.5 == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)
     assert not excludes_zero(d)
     assert excludes_zero(paired_delta([1] * 30 + [0] * 2, [0] * 32))
+
+
+def test_clustered_rate_by_hand():
+    # Three prompts: 2 of 3 pairs right, 1 of 1, 0.5 of 2 (a tie counts half); 3.5 of 6.
+    r = clustered_rate([(2, 3), (1, 1), (0.5, 2), (0, 0)])
+    assert r["mean"] == pytest.approx(3.5 / 6) and r["clusters"] == 3 and r["n"] == 6
+    # var = 3/2 · ((2 − 3.5/2)² + (1 − 3.5/6)² + (0.5 − 3.5/3)²) / 36
+    var = 1.5 * ((2 - 1.75) ** 2 + (1 - 3.5 / 6) ** 2 + (0.5 - 3.5 / 3) ** 2) / 36
+    assert r["ci95"] == pytest.approx([3.5 / 6 - 1.96 * var ** 0.5, 3.5 / 6 + 1.96 * var ** 0.5])
+    # Clipped to [0, 1]; one prompt gives no interval; no pairs give no rate.
+    assert clustered_rate([(3, 3), (2, 3)])["ci95"][1] == 1.0
+    assert clustered_rate([(2, 3)]) == {"mean": 2 / 3, "ci95": None, "clusters": 1, "n": 3}
+    assert clustered_rate([])["mean"] is None
+    # Every prompt at the same rate: no spread between prompts, an interval of zero width.
+    assert clustered_rate([(1, 2), (2, 4)])["ci95"] == pytest.approx([0.5, 0.5])
 
 
 def test_identical_answers_give_an_interval_of_zero_that_does_not_exclude_it():

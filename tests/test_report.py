@@ -54,6 +54,7 @@ def full_results() -> dict:
         "delta_ppo_vs_sft_continued": {"mean": 0.095, "ci95": [-0.02, 0.21]},
         "rm_pairwise_acc": 0.8,
         "rm_pairwise_acc_per_round": [0.7, 0.8],
+        "rm_pairwise_acc_ci95_per_round": [[0.55, 0.85], None],
         "rm_heldout_rankings_per_round": [28, 66],
         "rm_heldout_pairs_per_round": [40, 131],
         "rm_pairwise_acc_labelers_per_round": [0.65, None],
@@ -117,7 +118,8 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert "Win rate of PPO over SFT by verdict alone (answers of one verdict tie): 0.620" in md
     assert "(nats, sampled at T = 1): 1.2345" in md
     assert "perplexity, SFT: 21.46" in md and "perplexity, PPO: 22.50" in md
-    assert ("round 1: 0.700 (28 held-out rankings, 40 pairs; 0.650 by the labelers' rankings), "
+    assert ("round 1: 0.700 [0.550, 0.850] (28 held-out rankings, 40 pairs; 0.650 by the "
+            "labelers' rankings), "
             "round 2: 0.800 (66 held-out rankings, 131 pairs)" in md)
     assert "Reward model held-out pairwise accuracy (noise-free labeler): 0.800" in md
     assert "preset tiny; seed 7; rounds 2; steps: pretrain 20, sft 10, reward 10, ppo 5" in md

@@ -41,16 +41,19 @@ def win_rate(world: Any, records: list[dict], a: list[str], b: list[str],
 
 
 def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
-                           data: Path | None = None) -> tuple[float | None, int, int]:
+                           data: Path | None = None
+                           ) -> tuple[float | None, int, int, list[float] | None]:
     """A reward model's pairwise accuracy on its held-out rankings, judged by the noise-free
     labeler: the same held-out prompts and responses the training run set aside, re-ranked
     without the labelers' disagreement, so the number is the reward model's agreement with the
     truth rather than with one noisy labeler. `data`: the rankings it was trained on, where
     they are now (its run.json has them as given, maybe relative to another directory).
-    Returns (accuracy, rankings with a preference, the pairs judged)."""
+    Returns (accuracy, rankings with a preference, the pairs judged, its 95% interval with the
+    prompts as the independent draws: `stats.clustered_rate`)."""
     from gptlab.data.instruct import Ranking, read_rankings
     from gptlab.provenance import load_run
-    from gptlab.train.reward import (collate_rankings, encode_ranking, pairwise_accuracy,
+    from gptlab.eval.stats import clustered_rate
+    from gptlab.train.reward import (collate_rankings, encode_ranking, pairs_right_by_ranking,
                                      split_rankings)
     rc = load_run(reward_dir)["config"]
     if rc.get("val_data"):
@@ -72,9 +75,10 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
             encoded.append(e)
             pairs += sum(len(a) * len(b) for i, a in enumerate(levels) for b in levels[i + 1:])
     if not encoded:
-        return None, 0, 0
+        return None, 0, 0, None
     batches = [collate_rankings(encoded[i:i + 8], tok.pad_id) for i in range(0, len(encoded), 8)]
-    return pairwise_accuracy(model, batches), len(encoded), pairs
+    rate = clustered_rate(pairs_right_by_ranking(model, batches))
+    return rate["mean"], len(encoded), pairs, rate["ci95"]
 
 
 @torch.no_grad()
@@ -156,13 +160,14 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     # Reward-model accuracy on each round's held-out rankings: against the noise-free labeler
     # (the evaluation's judge, as for the win rate), and against the noisy labelers who made
     # the rankings (what `gptlab reward` reports, bounded by their disagreement).
-    rm_acc, rm_acc_labelers, rm_heldout, rm_pairs = [], [], [], []
+    rm_acc, rm_ci, rm_acc_labelers, rm_heldout, rm_pairs = [], [], [], [], []
     for rnd in range(1, cfg.rounds + 1):
         rm_dir = out / f"round-{rnd}" / "reward"
         meta = read_meta_json(rm_dir / "config.json")
-        acc_true, n_true, pairs = rm_accuracy_noise_free(
+        acc_true, n_true, pairs, ci = rm_accuracy_noise_free(
             world, rm_dir, cfg.ties, data=out / f"round-{rnd}" / "rankings_all.jsonl")
         rm_acc.append(acc_true)
+        rm_ci.append(ci)
         rm_acc_labelers.append(meta.get("heldout_pairwise_acc"))
         rm_heldout.append(n_true)
         rm_pairs.append(pairs)
@@ -195,6 +200,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "delta_ppo_vs_sft_continued": paired_delta(correct[final], correct["sft_continued"]),
         "rm_pairwise_acc": rm_acc[-1],
         "rm_pairwise_acc_per_round": rm_acc,
+        "rm_pairwise_acc_ci95_per_round": rm_ci,
         "rm_pairwise_acc_labelers_per_round": rm_acc_labelers,
         "rm_heldout_rankings_per_round": rm_heldout,
         "rm_heldout_pairs_per_round": rm_pairs,

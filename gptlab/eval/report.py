@@ -277,8 +277,9 @@ def describe_headroom(h: dict) -> tuple[str, str]:
 
 
 def describe_rounds(results: dict) -> str:
-    """'round 1: 0.831 (28 held-out rankings; 0.708 by the labelers' rankings), round 2: …'
-    (counts and the labelers' figure where the run has them)."""
+    """'round 1: 0.831 [0.702, 0.960] (28 held-out rankings; 0.708 by the labelers' rankings),
+    round 2: …' (the 95% interval, with the prompts as the draws, the counts and the labelers'
+    figure where the run has them)."""
     accs = results.get("rm_pairwise_acc_per_round")
     if not isinstance(accs, list) or not accs:
         return NA
@@ -288,14 +289,18 @@ def describe_rounds(results: dict) -> str:
         return xs if isinstance(xs, list) and len(xs) == len(accs) else [None] * len(accs)
 
     parts = []
-    for r, (a, n, pairs, lab) in enumerate(zip(
-            accs, per_round("rm_heldout_rankings_per_round"),
+    for r, (a, ci, n, pairs, lab) in enumerate(zip(
+            accs, per_round("rm_pairwise_acc_ci95_per_round"),
+            per_round("rm_heldout_rankings_per_round"),
             per_round("rm_heldout_pairs_per_round"),
             per_round("rm_pairwise_acc_labelers_per_round")), 1):
+        bounds = [as_number(b) for b in ci] if isinstance(ci, list) and len(ci) == 2 else []
+        interval = (f" [{fmt(bounds[0])}, {fmt(bounds[1])}]"
+                    if len(bounds) == 2 and None not in bounds else "")
         notes = ([f"{n} held-out rankings" + (f", {pairs} pairs" if isinstance(pairs, int) else "")]
                  if isinstance(n, int) else []) + (
             [f"{fmt(lab)} by the labelers' rankings"] if as_number(lab) is not None else [])
-        parts.append(f"round {r}: {fmt(a)}" + (f" ({'; '.join(notes)})" if notes else ""))
+        parts.append(f"round {r}: {fmt(a)}{interval}" + (f" ({'; '.join(notes)})" if notes else ""))
     return ", ".join(parts)
 
 

@@ -162,7 +162,16 @@ def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) -> float:
     """Share of pairs with a real preference (i above j, not tied) that the model scores
     r_i > r_j (equal scores count half)."""
-    right, total = 0.0, 0
+    counts = pairs_right_by_ranking(model, batches)
+    return sum(r for r, _ in counts) / max(sum(n for _, n in counts), 1)
+
+
+@torch.no_grad()
+def pairs_right_by_ranking(model: ScalarHeadModel, batches: list[dict[str, Tensor]]
+                           ) -> list[tuple[float, int]]:
+    """For each ranking, (pairs the model orders rightly, equal scores counting half; pairs
+    with a real preference)."""
+    out = []
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -170,11 +179,11 @@ def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) 
         b = {k: v.to(device) for k, v in b.items()}
         s = ranked_scores(model, b)
         pairs = preference_pairs(b["k"], s.shape[1], b["groups"])
-        diff = (s[:, :, None] - s[:, None, :])[pairs]
-        right += float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
-        total += int(pairs.sum())
+        diff = s[:, :, None] - s[:, None, :]
+        right = ((diff > 0) & pairs).sum((1, 2)) + 0.5 * ((diff == 0) & pairs).sum((1, 2))
+        out += [(float(r), int(n)) for r, n in zip(right, pairs.sum((1, 2)))]
     model.train(was)
-    return right / max(total, 1)
+    return out
 
 
 @torch.no_grad()
