@@ -83,6 +83,29 @@ def test_reward_model_learns_the_preference_and_is_normalised(run):
     assert abs(scores.mean().item()) < 1e-3 and abs(scores.std().item() - 1) < 1e-3
 
 
+def test_held_out_accuracy_and_its_interval_recomputed_by_hand(run):
+    d, _ = run
+    meta = json.loads((d / "rm" / "config.json").read_text())
+    rm, tok, _ = load_model(d / "rm")
+    _, held = split_rankings(read_rankings(d / "rankings.jsonl"), 0.1, 0)
+    per_prompt = []  # (pairs ordered rightly, pairs with a preference) of each held-out prompt
+    for r in held:
+        with torch.no_grad():
+            s = [rm(torch.tensor([tok.encode(r.prompt, bos=True) + tok.encode(x) + [tok.eos_id]]))
+                 .item() for x in r.ranked]
+        pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if r.groups[i] < r.groups[j]]
+        per_prompt.append((sum((s[i] > s[j]) + 0.5 * (s[i] == s[j]) for i, j in pairs),
+                           len(pairs)))
+    per_prompt = [(a, n) for a, n in per_prompt if n]
+    right, total, k = sum(a for a, _ in per_prompt), sum(n for _, n in per_prompt), len(per_prompt)
+    assert k >= 2 and meta["heldout_pairs"] == total
+    acc = right / total
+    assert meta["heldout_pairwise_acc"] == pytest.approx(acc)
+    half = 1.96 * (k / (k - 1) * sum((a - acc * n) ** 2 for a, n in per_prompt) / total ** 2) ** 0.5
+    assert meta["heldout_pairwise_acc_ci95"] == pytest.approx([max(0, acc - half),
+                                                              min(1, acc + half)], abs=1e-6)
+
+
 def test_reward_model_normalised_on_a_samples_file(run, tmp_path):
     d, _ = run
     assert main(["reward", "--model", str(d / "sft"), "--data", str(d / "rankings.jsonl"),

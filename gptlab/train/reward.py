@@ -29,6 +29,7 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, fixed_list_batches
 from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, train
+from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
 
@@ -297,10 +298,15 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                    tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
                    extra={"stage": "reward"}, perplexity=False)
     model.eval()
-    acc = pairwise_accuracy(model, val_batches) if val_batches else None
+    # The held-out accuracy with its interval, the prompts as the draws (their pairs share
+    # answers); none without a pair the held-out rankings prefer one way.
+    held = clustered_rate(pairs_right_by_ranking(model, val_batches) if val_batches else [])
+    acc = held["mean"]
     mean, std = normalize_scores(model, samples, tok.pad_id)
     save_model(out, model, tok, extra={"stage": "reward", "step": result.step,
-                                       "heldout_pairwise_acc": acc, "val_loss": result.val_loss,
+                                       "heldout_pairwise_acc": acc,
+                                       "heldout_pairwise_acc_ci95": held["ci95"],
+                                       "heldout_pairs": held["n"], "val_loss": result.val_loss,
                                        "raw_score_mean": mean, "raw_score_std": std,
                                        "train_rankings": len(train_e),
                                        "heldout_rankings": len(val_e),
@@ -308,8 +314,10 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                                        **({"val_skipped": val_skips.counts} if cfg.val_data
                                           else {})})
     annotate_run(out, heldout_pairwise_acc=acc)
+    interval = "" if held["ci95"] is None else " [{:.3f}, {:.3f}]".format(*held["ci95"])
     print(f"reward model: {result.step} steps; held-out pairwise accuracy "
-          f"{'n/a' if acc is None else f'{acc:.3f}'} on {len(val_e)} rankings; scores "
+          f"{'n/a' if acc is None else f'{acc:.3f}'}{interval} on {len(val_e)} rankings "
+          f"({held['n']} pairs); scores "
           f"normalised on {len(samples)} samples (raw mean {mean:.3f}, std {std:.3f})",
           file=sys.stderr)
     return out
