@@ -299,7 +299,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                    extra={"stage": "reward"}, perplexity=False)
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
-    # answers); none without a pair the held-out rankings prefer one way.
+    # answers); none without held-out rankings.
     held = clustered_rate(pairs_right_by_ranking(model, val_batches) if val_batches else [])
     acc = held["mean"]
     mean, std = normalize_scores(model, samples, tok.pad_id)
