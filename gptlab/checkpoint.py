@@ -248,18 +248,17 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
     hold (a sinusoidal table) are rebuilt by their module's `reset_buffers`. Returns the names
     missing from the file and those in it the model lacks."""
     saved = set(model.state_dict())
-    tied: dict[int, list[str]] = {}
+    tied: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, t in chain(model.named_parameters(remove_duplicate=False),
                          model.named_buffers(remove_duplicate=False)):
         if name in saved:
-            tied.setdefault(id(t), []).append(name)
+            tied.setdefault(id(t), (t, []))[1].append(name)
     missing = []
-    for names in tied.values():
+    for ref, names in tied.values():
         found = [n for n in names if n in state]
         if not found:
             missing += names
             continue
-        ref = _get(model, names[0])
         value = state[found[0]].to(ref.dtype)
         if isinstance(ref, torch.nn.Parameter):
             value = torch.nn.Parameter(value, requires_grad=ref.requires_grad)
@@ -272,11 +271,6 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
                 with torch.device("cpu"):
                     module.reset_buffers()
     return missing, [n for n in state if n not in saved]
-
-
-def _get(model: torch.nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(owner), attr)
 
 
 def check_tokenizer_fits(model: torch.nn.Module, tok: Any, path: str | Path | None = None
