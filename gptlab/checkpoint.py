@@ -463,6 +463,9 @@ class Checkpointer:
         load_weights(model, path / MODEL_FILE)
         for name, other in (models or {}).items():
             load_weights(other, path / name / MODEL_FILE)
+        # Read onto the CPU: a run saved on a GPU must resume on a machine without one (or
+        # on another GPU); load_state_dict moves the optimizer's state to its parameters.
         if optimizer is not None and (path / "optimizer.pt").exists():
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        return torch.load(path / "trainer.pt", weights_only=False)
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
+                                                 weights_only=False))
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)

@@ -494,3 +494,30 @@ def test_a_write_removes_the_killed_temporaries_of_its_own_file_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ab.killed.tmp", "a"]
     write_text_atomic(tmp_path / "ab", "ab")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "ab"]
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, monkeypatch):
+    """optimizer.pt and trainer.pt of a run on CUDA hold CUDA tensors (Adam's moments): they
+    are read onto the CPU, and the optimizer's state follows its parameters. The files are
+    written here as a GPU run writes them: every tensor tagged with the location cuda:0."""
+    import torch.serialization as ser
+
+    from gptlab.train.loop import make_optimizer
+    net = tiny().train()
+    opt = make_optimizer(net, lr=1e-3, weight_decay=0.1)
+    net(torch.randint(0, 512, (2, 9)), labels=torch.randint(0, 512, (2, 9))).backward()
+    opt.step()
+    on_gpu = [(0, lambda storage: "cuda:0", lambda obj, location: None)]
+    with monkeypatch.context() as m:
+        m.setattr(ser, "_package_registry", on_gpu + list(ser._package_registry))
+        path = ck.Checkpointer(tmp_path).save(1, net, optimizer=opt,
+                                              state={"step": 1, "noise": torch.ones(2)})
+    again = tiny().train()
+    opt2 = make_optimizer(again, lr=1e-3, weight_decay=0.1)
+    state = ck.Checkpointer(tmp_path).load(path, again, opt2)
+    assert state["step"] == 1 and state["noise"].device.type == "cpu"
+    moments = [s["exp_avg"] for s in opt2.state.values()]
+    assert len(moments) == len(list(net.parameters()))
+    assert all(t.device.type == "cpu" for t in moments)
+    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+               for a, b in zip(opt.state.values(), opt2.state.values()))
