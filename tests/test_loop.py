@@ -18,7 +18,8 @@ from gptlab.model.gpt import GPT
 from gptlab.model.presets import get_preset
 from gptlab.train.loop import (MetricsLog, TrainConfig, accumulate_gradients, check_run_dir,
                                clip_gradients, lr_at, make_optimizer, read_metrics,
-                               select_device, steps_for_budget, train)
+                               rng_state, select_device, set_rng_state, steps_for_budget,
+                               train)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -128,6 +129,44 @@ def test_config_and_device_errors_name_the_field():
     with pytest.raises(UserError, match="device"):
         select_device("tpu")
     assert select_device("cpu").type == "cpu"
+
+
+def test_a_gpu_the_machine_lacks_is_a_user_error(monkeypatch):
+    """`--device cuda:1` on a one-GPU machine: a UserError naming the field, before anything
+    is written (torch itself fails only at the first tensor moved there, with "CUDA error:
+    invalid device ordinal")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device("cuda:0") == torch.device("cuda:0")
+    assert select_device("cuda") == torch.device("cuda")
+    with pytest.raises(UserError, match=r"field 'device': there is no GPU 1 here: this "
+                                        r"machine has 1 \(cuda:0\)"):
+        select_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"has 2 \(cuda:0 to cuda:1\)"):
+        TrainConfig(device="cuda:2").check()
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_rng_of_those_here(
+        monkeypatch):
+    """A run saved on a node of 8 GPUs holds 8 CUDA RNG states; torch sets state i on GPU i,
+    and on a machine with one GPU GPU 1 does not exist (torch.cuda.default_generators[1]:
+    IndexError). The states of the GPUs present are restored."""
+    restored = []
+
+    def set_rng_state_all(states):
+        states = list(states)
+        if len(states) > torch.cuda.device_count():
+            raise IndexError("tuple index out of range")  # as torch.cuda.set_rng_state does
+        restored.extend(states)
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], state["cuda"][0])
 
 
 @pytest.mark.parametrize("values,message", [

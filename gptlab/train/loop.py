@@ -239,6 +239,10 @@ def select_device(name: str = "auto") -> torch.device:
                         field="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but is not available here", field="device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"there is no GPU {dev.index} here: this machine has {n} "
+                        f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})", field="device")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("MPS was asked for but is not available here", field="device")
     return dev
@@ -361,7 +365,9 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU of the machine that saved it (every one it had, though a run uses
+        # one); a machine with fewer GPUs restores the states of those it has.
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 @contextlib.contextmanager
