@@ -695,7 +695,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize(device)  # the run's GPU (cuda:1), not the current one
                 dt = time.perf_counter() - t0
                 step += 1
                 n_tok = sum(tokens_in(b) for b in micro)
