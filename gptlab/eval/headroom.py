@@ -37,7 +37,8 @@ def score_responses(reward_model: ScalarHeadModel, prompts: list[list[int]], k: 
     items = [EncodedRanking([p + (r or [pad_id]) for r in responses[i * k:(i + 1) * k]],
                             prompt_len=len(p))  # an empty answer still gets a score
              for i, p in enumerate(prompts)]
-    b = shared_prompt_batch(items, pad_id)
+    device = next(reward_model.parameters()).device
+    b = {k: v.to(device) for k, v in shared_prompt_batch(items, pad_id).items()}
     return reward_model.score_continuations(b["prompt_ids"], b["prompt_mask"], b["rows"],
                                             b["cont_ids"], b["cont_mask"]).tolist()
 

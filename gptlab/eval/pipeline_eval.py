@@ -88,15 +88,16 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
     """Mean over prompts of Σ_t log π(y_t)/π_ref(y_t) (k1) for responses sampled from π."""
     from gptlab.data.instruct import encode_prompt
     total, n = 0.0, 0
+    device = next(reference.parameters()).device
     for b in range(0, len(records), batch_size):
         prompts = [encode_prompt(tok, r["prompt"]) for r in records[b:b + batch_size]]
         gen = generate(policy, prompts, SamplingParams(max_new_tokens=max_new_tokens,
                                                        stop_ids=tuple(sorted(tok.stop_ids))),
                        seed=seed + b, pad_id=tok.pad_id)
         for p, resp, lp in zip(prompts, gen.tokens, gen.logprobs):
-            ids = torch.tensor([p + resp])
+            ids = torch.tensor([p + resp], device=device)
             ref = reference(ids)[0, len(p) - 1:-1].float().log_softmax(-1)
-            ref_lp = ref.gather(-1, torch.tensor(resp)[:, None])[:, 0]
+            ref_lp = ref.gather(-1, ids[0, len(p):, None])[:, 0]
             total += float(sum(lp) - ref_lp.sum())
             n += 1
     return total / max(n, 1)
@@ -106,7 +107,9 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
 def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     """exp of the mean loss per token: each batch's mean loss weighted by its tokens, so a
     short last batch counts for what it holds."""
-    total = sum(float(model(b[:, :-1], labels=b[:, 1:])) * b[:, 1:].numel() for b in batches)
+    device = next(model.parameters()).device
+    total = sum(float(model(b[:, :-1].to(device), labels=b[:, 1:].to(device)))
+                * b[:, 1:].numel() for b in batches)
     return math.exp(total / sum(b[:, 1:].numel() for b in batches))
 
 
