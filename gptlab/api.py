@@ -63,13 +63,15 @@ def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]
 def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_tokens: int = 64,
                   greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = 0,
-                  truncate: bool = False) -> list[str]:
+                  truncate: bool = False, device: str = "cpu") -> list[str]:
     """Continue each raw text prompt; returns the continuations (without the prompt), one per
-    prompt. `prompts` is a list: a single str is refused, not continued letter by letter."""
+    prompt. `prompts` is a list: a single str is refused, not continued letter by letter.
+    `device` is where a model loaded from a path runs (`auto`: CUDA where there is a GPU)."""
+    from gptlab.train.loop import select_device
     _check_prompts(prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p)
-    net, tok = load(model) if not isinstance(model, tuple) else model
+    net, tok = load(model, select_device(device)) if not isinstance(model, tuple) else model
     check_tokenizer_fits(net, tok)  # a (model, tokenizer) pair was never checked together
     encoded = []
     for text in prompts:

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 from gptlab.errors import UserError
 
+DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
@@ -82,6 +84,7 @@ def _verb_generate():
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--truncate", action="store_true",
                        help="drop the oldest prompt tokens when a prompt does not fit the context")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.api import generate_text
@@ -94,7 +97,8 @@ def _verb_generate():
             check_text(text, field="prompt")
         outs = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
                              greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed, truncate=args.truncate)
+                             top_p=args.top_p, seed=args.seed, truncate=args.truncate,
+                             device=args.device)
         for text in outs:
             print(text)
 
@@ -113,12 +117,14 @@ def _verb_chat():
         p.add_argument("--max-context-tokens", type=int, default=None,
                        help="fit the conversation in fewer tokens than the model's context")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.chat import ChatConfig, chat
         chat(ChatConfig(model=args.model, system=args.system, max_new_tokens=args.max_new_tokens,
                         greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
-                        max_context_tokens=args.max_context_tokens, seed=args.seed))
+                        max_context_tokens=args.max_context_tokens, seed=args.seed,
+                        device=args.device))
 
     return "chat with a model in the terminal (multi-turn, chat template)", add, run
 
@@ -289,11 +295,13 @@ def _verb_sample():
         p.add_argument("--top-p", type=float, default=None)
         p.add_argument("--max-new-tokens", type=int, default=SAMPLE_MAX_NEW_TOKENS)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.feedback import sample_file
         n = sample_file(args.model, args.prompts, args.out, args.k, args.greedy,
-                        args.temperature, args.top_p, args.max_new_tokens, args.seed)
+                        args.temperature, args.top_p, args.max_new_tokens, args.seed,
+                        args.device)
         print(f"wrote {n} prompts x {args.k} responses to {args.out}")
 
     return "sample K responses per prompt (what labelers rank)", add, run

@@ -130,7 +130,12 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
     The CDF is summed and searched in float64: in float32 its steps near 1 are 6e-8 apart, so a
     token of probability 1e-9 would get no interval (or one 60 times too wide). The uniform is
     `gen`'s float32 draw (a multiple of 2^-24; seeded generations draw what they drew before)
-    plus a float64 draw from `fine` (see `fine_generator`) times 2^-24 for the bits below it."""
+    plus a float64 draw from `fine` (see `fine_generator`) times 2^-24 for the bits below it.
+
+    The generators' device does the drawing: Apple's MPS has no float64, so `generate` keeps
+    an MPS model's generators on the CPU, and the probabilities go there to be drawn from."""
+    device = probs.device
+    probs = probs.to(gen.device)
     cdf = probs.double().cumsum(-1)  # (B, V)
     shape = (probs.shape[0], 1)
     u = torch.rand(shape, generator=gen, device=probs.device, dtype=torch.float32).double()
@@ -141,7 +146,7 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
     bad = probs.gather(-1, tok[:, None])[:, 0] <= 0
     if bool(bad.any()):
         tok[bad] = probs[bad].argmax(-1)
-    return tok
+    return tok.to(device)
 
 
 @torch.no_grad()
@@ -158,7 +163,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     steps = min(params.max_new_tokens, context - P)
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device="cpu" if device.type == "mps" else device)  # see sample_from
     gen.manual_seed(0 if seed is None else seed)
     fine = fine_generator(gen)
 

@@ -67,9 +67,12 @@ SAMPLE_MAX_NEW_TOKENS = 96
 
 def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k: int = SAMPLE_K,
                 greedy: bool = False, temperature: float = 1.0, top_p: float | None = None,
-                max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS, seed: int = 0) -> int:
-    """`gptlab sample`: write K responses per prompt to `out` (JSONL). Returns rows written."""
+                max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS, seed: int = 0,
+                device: str = "auto") -> int:
+    """`gptlab sample`: write K responses per prompt to `out` (JSONL), on `device` (`auto`:
+    CUDA where there is a GPU). Returns rows written."""
     from gptlab.api import load
+    from gptlab.train.loop import select_device
     if k < 1:
         raise UserError("must be at least 1", field="k")
     # Flags and the output path are checked before the model loads.
@@ -77,7 +80,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
                             temperature=temperature, top_p=top_p)
     check_file_out(out)
     check_not_input(out, {"--prompts": prompts})
-    model, tok = load(model_path)
+    model, tok = load(model_path, select_device(device))
     skips, cut = SkipCounter(), []
     rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips,
                             cut=cut, path=prompts)

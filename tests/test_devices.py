@@ -153,3 +153,75 @@ def test_a_ppo_run_on_the_device_saves_and_resumes_on_the_cpu(tmp_path, device):
     assert trainer.step == 2
     trainer.train()
     assert trainer.step == 3
+
+
+# --- the verbs that generate: --device -------------------------------------------------------
+
+class Loaded(Exception):
+    """Raised by a stand-in loader once it has recorded where it was asked to load."""
+
+
+@pytest.mark.parametrize("verb", ["sample", "generate", "chat"])
+def test_the_verbs_that_generate_load_the_model_on_the_device_asked(tmp_path, monkeypatch, verb):
+    """`auto` is a GPU where torch sees one (these verbs used to run on the CPU whatever the
+    machine had); a device named that the machine lacks is refused, naming the field, before
+    the model loads or anything is written."""
+    import gptlab.chat.terminal
+    import gptlab.checkpoint
+    from gptlab.cli import main
+    asked = []
+
+    def loader(path, device="cpu", *a, **kw):
+        asked.append(torch.device(device))
+        raise Loaded
+
+    monkeypatch.setattr(gptlab.checkpoint, "load_language_model", loader)
+    monkeypatch.setattr(gptlab.chat.terminal, "load_language_model", loader)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    out = tmp_path / "samples.jsonl"
+    args = {"sample": ["sample", "--model", "m", "--prompts", str(prompts), "--out", str(out)],
+            "generate": ["generate", "--model", "m", "--prompt", "hi"],
+            "chat": ["chat", "--model", "m"]}[verb]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for flags, want in (([], "cuda"), (["--device", "auto"], "cuda"),
+                        (["--device", "cuda:1"], "cuda:1"), (["--device", "cpu"], "cpu")):
+        with pytest.raises(Loaded):
+            main([*args, *flags])
+        assert asked.pop() == torch.device(want)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Loaded):
+        main(args)
+    assert asked.pop() == torch.device("cpu")
+    assert main([*args, "--device", "cuda"]) == 2  # a UserError: exit 2
+    assert asked == [] and not out.exists()
+
+
+def test_the_pipeline_samples_and_evaluates_where_its_stages_train(tmp_path, monkeypatch):
+    """The pipeline's feedback sampling and its evaluation load their models on `auto`'s
+    device, as its training stages do (they used to load them on the CPU)."""
+    from types import SimpleNamespace
+
+    from gptlab.eval import pipeline_eval
+    from gptlab.train import pipeline
+    asked = []
+
+    def loader(path, device="cpu", *a, **kw):
+        asked.append(torch.device(device))
+        raise Loaded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pipeline, "load_model", loader)
+    monkeypatch.setattr(pipeline_eval, "load_model", loader)
+    for name in ("prompts.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text('{"id": "q1", "prompt": "hi", "completion": " x"}\n')
+    pipe = SimpleNamespace(cfg=pipeline.PipelineConfig(), out=tmp_path, world=None,
+                           world_dir=tmp_path)
+    with pytest.raises(Loaded):
+        pipeline.Pipeline.feedback(pipe, tmp_path / "policy", 1)
+    with pytest.raises(Loaded):
+        pipeline_eval.evaluate_pipeline(pipe, tmp_path, tmp_path, tmp_path)
+    assert asked == [torch.device("cuda")] * 2

@@ -147,6 +147,21 @@ def test_a_gpu_the_machine_lacks_is_a_user_error(monkeypatch):
         TrainConfig(device="cuda:2").check()
 
 
+def test_auto_picks_cuda_where_there_is_one_and_never_mps(monkeypatch):
+    """`auto`: CUDA where torch sees a GPU, else the CPU, also on a Mac whose MPS is available
+    (no part of gptlab has run on MPS; its kernels lack the float64 sampling uses); `mps`
+    named is taken where it exists."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto") == torch.device("cpu")
+    assert select_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match="MPS was asked for but is not available"):
+        select_device("mps")
+
+
 def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_rng_of_those_here(
         monkeypatch):
     """A run saved on a node of 8 GPUs holds 8 CUDA RNG states; torch sets state i on GPU i,

@@ -23,6 +23,7 @@ from gptlab.checkpoint import load_language_model
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
 from gptlab.tokenizer import check_text
+from gptlab.train.loop import select_device
 
 COMMANDS = {"/exit": "quit (end of input does too)", "/reset": "forget the conversation",
             "/help": "list these commands"}
@@ -40,6 +41,7 @@ class ChatConfig:
     top_p: float | None = None
     max_context_tokens: int | None = None  # below the model's context, to bound memory or time
     seed: int = 0
+    device: str = "auto"  # auto (CUDA where there is a GPU, else the CPU) | cpu | cuda[:N] | mps
 
 
 class ChatSession:
@@ -162,5 +164,5 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     # The sampling flags are checked before the model loads.
     SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                    temperature=cfg.temperature, top_p=cfg.top_p)
-    model, tok, _ = load_language_model(Path(cfg.model))
+    model, tok, _ = load_language_model(Path(cfg.model), select_device(cfg.device))
     return run_chat(ChatSession(model, tok, cfg), stdin, stdout, stderr)

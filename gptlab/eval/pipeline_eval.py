@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from gptlab.checkpoint import load_model
+from gptlab.train.loop import select_device
 from gptlab.engine import SamplingParams, generate
 from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
@@ -41,7 +42,7 @@ def win_rate(world: Any, records: list[dict], a: list[str], b: list[str],
 
 
 def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
-                           data: Path | None = None
+                           data: Path | None = None, device: str | torch.device = "cpu"
                            ) -> tuple[float | None, int, int, list[float] | None]:
     """A reward model's pairwise accuracy on its held-out rankings, judged by the noise-free
     labeler: the same held-out prompts and responses the training run set aside, re-ranked
@@ -62,7 +63,7 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
         held = split_rankings(read_rankings(data or rc["data"]), rc["val_fraction"],
                               rc["seed"])[1]
     labeler = world.labeler(disagreement=0.0, ties=ties)
-    model, tok, _ = load_model(reward_dir)
+    model, tok, _ = load_model(reward_dir, device)
     encoded, pairs = [], 0
     for r in held:
         levels = labeler.careful_levels([world.check(r.id, x) for x in r.ranked], r.ranked)
@@ -115,6 +116,7 @@ def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> fl
 
 def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir: Path) -> dict:
     cfg, out, world = pipe.cfg, pipe.out, pipe.world
+    device = select_device("auto")  # where the stages trained: a GPU where there is one
     test = read_jsonl(pipe.world_dir / "test.jsonl")
     if cfg.eval_limit:
         test = test[:cfg.eval_limit]
@@ -132,7 +134,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     errors: dict[str, list[int]] = {}  # 1 where the answer's SQL does not run
     on_suite: dict[str, list[int]] = {}  # 1 where it is also right on the variant databases
     for name, path in models.items():
-        model, tok, _ = load_model(path)
+        model, tok, _ = load_model(path, device)
         answers[name] = answer(model, tok, test, cfg.max_new_tokens)
         kinds = exec_verdicts(world, test, answers[name])
         correct[name] = [int(k == "correct") for k in kinds]
@@ -168,15 +170,16 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         rm_dir = out / f"round-{rnd}" / "reward"
         meta = read_meta_json(rm_dir / "config.json")
         acc_true, n_true, pairs, ci = rm_accuracy_noise_free(
-            world, rm_dir, cfg.ties, data=out / f"round-{rnd}" / "rankings_all.jsonl")
+            world, rm_dir, cfg.ties, data=out / f"round-{rnd}" / "rankings_all.jsonl",
+            device=device)
         rm_acc.append(acc_true)
         rm_ci.append(ci)
         rm_acc_labelers.append(meta.get("heldout_pairwise_acc"))
         rm_heldout.append(n_true)
         rm_pairs.append(pairs)
 
-    policy, tok, _ = load_model(models[final])
-    sft_model, _, _ = load_model(sft_dir)
+    policy, tok, _ = load_model(models[final], device)
+    sft_model, _, _ = load_model(sft_dir, device)
     kl = sequence_kl(policy, sft_model, tok, test, cfg.max_new_tokens, seed=cfg.seed)
     from gptlab.data.tokens import load_token_data
     data = load_token_data([pipe.world_dir / "corpus.txt"], tok, sft_model.config.context,
@@ -219,7 +222,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     }
     if cfg.headroom:
         from gptlab.eval.headroom import best_of_k
-        rm = load_model(out / f"round-{cfg.rounds}" / "reward")[0]
+        rm = load_model(out / f"round-{cfg.rounds}" / "reward", device)[0]
         results["headroom"] = best_of_k(sft_model, tok, rm, world, test, cfg.headroom_k,
                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         results["headroom"]["sft_greedy"] = exec_acc["sft"]

@@ -5,7 +5,7 @@ Pieces (each usable alone; PPO builds its own loop from them):
     check_fields(cfg, rules)                    a UserError naming the first bad field (its
                                                 type against its annotation, then the rules)
     check_run_dir(out, resume, inputs)          OUT checked before a stage writes to it
-    select_device(name)                         "auto" -> cuda, mps or cpu
+    select_device(name)                         "auto" -> cuda or cpu
     make_optimizer(model, lr, wd, betas)        AdamW with decay on weight matrices only
     lr_at(step, warmup, total, peak, min_ratio) linear warmup, then cosine down to peak*min_ratio
     set_lr(optimizer, lr)
@@ -225,13 +225,10 @@ def check_run_dir(out: str | Path, resume: bool,
 # --- small pieces ------------------------------------------------------------------------------
 
 def select_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then the CPU; a named device must exist."""
+    """`auto` picks CUDA, else the CPU; a named device (Apple's `mps` too) must exist. MPS is
+    not picked by `auto`: no part of gptlab has run on it, and its kernels lack float64."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:

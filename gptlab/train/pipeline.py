@@ -27,6 +27,7 @@ import torch
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError
 from gptlab.io import check_dir_out, read_jsonl, write_json_atomic, write_jsonl_atomic
+from gptlab.train.loop import select_device
 
 if TYPE_CHECKING:
     from gptlab.train.ppo import PPOConfig
@@ -401,7 +402,7 @@ class Pipeline:
         prompts = read_jsonl(self.world_dir / "prompts.jsonl")
         chosen = random.Random(self.cfg.seed * 1000 + rnd).sample(
             prompts, min(self.cfg.sample_prompts, len(prompts)))
-        model, tok, _ = load_model(policy)
+        model, tok, _ = load_model(policy, select_device("auto"))  # where the stages train
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens,
                                 temperature=self.cfg.sample_temperature)
         samples = self.timer.run(f"round {rnd}: sample", lambda: sample_responses(
