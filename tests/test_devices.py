@@ -225,3 +225,36 @@ def test_the_pipeline_samples_and_evaluates_where_its_stages_train(tmp_path, mon
     with pytest.raises(Loaded):
         pipeline_eval.evaluate_pipeline(pipe, tmp_path, tmp_path, tmp_path)
     assert asked == [torch.device("cuda")] * 2
+
+
+def test_ppo_turns_tf32_on_as_the_training_loop_does(tmp_path, monkeypatch):
+    """PPO runs no autocast: on CUDA its float32 matrix products use TF32, as those of every
+    other training verb do (before, only a PPO run after a training stage in the same process,
+    the pipeline's, got TF32; `gptlab ppo` alone ran full float32)."""
+    import instruct_task as task
+    import gptlab.train.ppo as ppo_module
+    from gptlab.tokenizer import train_tokenizer
+    from gptlab.train.loop import allow_tf32
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        allow_tf32(torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32
+        allow_tf32(torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+    called = []
+    monkeypatch.setattr(ppo_module, "allow_tf32", called.append)
+    paths = task.write_task(tmp_path, n=8)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    torch.manual_seed(0)
+    save_model(tmp_path / "policy", GPT(dataclasses.replace(
+        get_preset("tiny"), vocab_size=tok.vocab_size, context=64)), tok)
+    ppo_module.PPOTrainer(ppo_module.PPOConfig(
+        policy=str(tmp_path / "policy"), prompts=str(paths["prompts"]), out=str(tmp_path / "run"),
+        device="cpu", max_new_tokens=6, batch_size=4, minibatch_size=2, steps=1),
+        reward_fn=lambda p, r, rec: [0.0] * len(r))
+    assert called == [torch.device("cpu")]

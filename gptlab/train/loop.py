@@ -10,6 +10,7 @@ Pieces (each usable alone; PPO builds its own loop from them):
     lr_at(step, warmup, total, peak, min_ratio) linear warmup, then cosine down to peak*min_ratio
     set_lr(optimizer, lr)
     autocast(device, bf16)                      bf16 autocast on CUDA, a no-op elsewhere
+    allow_tf32(device)                          TF32 float32 matmuls on CUDA
     accumulate_gradients(model, micro, loss_fn) backward over micro-batches, mean loss
     clip_gradients(model, max_norm)             the global grad norm (before clipping)
     evaluate(model, batches, loss_fn)           mean loss, no grad, dropout off
@@ -284,6 +285,14 @@ def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractCont
     if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, float32 matrix products outside autocast (PPO's, a reward model's scoring) run
+    on the tensor cores in TF32, as every training verb's do; the CPU is left as it is."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -566,9 +575,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)
     model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)

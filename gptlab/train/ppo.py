@@ -41,9 +41,10 @@ from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
-from gptlab.train.loop import (MetricsLog, annotate_run, check_fields, check_run_dir,
-                               clip_gradients, held_interrupt, lr_at, make_optimizer, rng_state,
-                               same_setting, select_device, set_lr, set_rng_state)
+from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_run, check_fields,
+                               check_run_dir, clip_gradients, held_interrupt, lr_at,
+                               make_optimizer, rng_state, same_setting, select_device, set_lr,
+                               set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,
@@ -307,6 +308,7 @@ class PPOTrainer:
             "policy": cfg.policy, "reference": cfg.reference, "reward": cfg.reward,
             "value": cfg.value})
         self.device = select_device(cfg.device)
+        allow_tf32(self.device)  # as in the other training verbs (PPO runs no autocast)
         torch.manual_seed(cfg.seed)
         self.policy, self.tok, _ = load_language_model(cfg.policy, self.device)
         if cfg.max_new_tokens >= self.policy.config.context:
