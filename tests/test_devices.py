@@ -258,3 +258,21 @@ def test_ppo_turns_tf32_on_as_the_training_loop_does(tmp_path, monkeypatch):
         device="cpu", max_new_tokens=6, batch_size=4, minibatch_size=2, steps=1),
         reward_fn=lambda p, r, rec: [0.0] * len(r))
     assert called == [torch.device("cpu")]
+
+
+def test_bf16_autocast_only_on_a_gpu_that_computes_in_bf16(monkeypatch):
+    """A V100 or T4 only emulates bf16 (torch's is_bf16_supported() says yes, counting the
+    emulation), far slower than float32 there: it trains in float32; an Ampere or later GPU
+    under bf16 autocast."""
+    import warnings
+
+    from gptlab.train.loop import autocast
+    cuda = torch.device("cuda")
+    for native, want in ((False, False), (True, True)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native: n or including_emulation)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.autocast warns where there is no CUDA
+            assert isinstance(autocast(cuda), torch.autocast) == want
+            assert not isinstance(autocast(cuda, bf16=False), torch.autocast)
+    assert not isinstance(autocast(torch.device("cpu")), torch.autocast)

@@ -279,10 +279,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _computes_in_bf16() -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.4 counts no emulation
+        return torch.cuda.is_bf16_supported()
+
+
 def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (weights and optimizer stay float32); CPU runs plain float32, which
-    keeps CPU runs bit-reproducible."""
-    if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast on a GPU that computes in bf16 (Ampere and later; weights and optimizer
+    stay float32); an older GPU, which would only emulate it, slowly, and the CPU, which stays
+    bit-reproducible, run plain float32."""
+    if bf16 and device.type == "cuda" and _computes_in_bf16():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
