@@ -19,9 +19,11 @@ from gptlab.errors import UserError
 
 
 def load(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a gptlab model directory, a Hugging Face directory or a .gguf."""
+    """(model, tokenizer) from a gptlab model directory, a Hugging Face directory or a .gguf,
+    on `device` (cpu, cuda, cuda:N, mps, or auto: a GPU where there is one)."""
     from gptlab.checkpoint import load_language_model
-    model, tok, _ = load_language_model(path, device=device)
+    from gptlab.train.loop import select_device
+    model, tok, _ = load_language_model(path, device=select_device(device))
     return model, tok
 
 
@@ -63,15 +65,14 @@ def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]
 def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_tokens: int = 64,
                   greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = 0,
-                  truncate: bool = False, device: str = "cpu") -> list[str]:
+                  truncate: bool = False, device: str = "auto") -> list[str]:
     """Continue each raw text prompt; returns the continuations (without the prompt), one per
     prompt. `prompts` is a list: a single str is refused, not continued letter by letter.
     `device` is where a model loaded from a path runs (`auto`: CUDA where there is a GPU)."""
-    from gptlab.train.loop import select_device
     _check_prompts(prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p)
-    net, tok = load(model, select_device(device)) if not isinstance(model, tuple) else model
+    net, tok = load(model, device) if not isinstance(model, tuple) else model
     check_tokenizer_fits(net, tok)  # a (model, tokenizer) pair was never checked together
     encoded = []
     for text in prompts:

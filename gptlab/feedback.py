@@ -72,7 +72,6 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     """`gptlab sample`: write K responses per prompt to `out` (JSONL), on `device` (`auto`:
     CUDA where there is a GPU). Returns rows written."""
     from gptlab.api import load
-    from gptlab.train.loop import select_device
     if k < 1:
         raise UserError("must be at least 1", field="k")
     # Flags and the output path are checked before the model loads.
@@ -80,7 +79,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
                             temperature=temperature, top_p=top_p)
     check_file_out(out)
     check_not_input(out, {"--prompts": prompts})
-    model, tok = load(model_path, select_device(device))
+    model, tok = load(model_path, device)
     skips, cut = SkipCounter(), []
     rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips,
                             cut=cut, path=prompts)
