@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -29,6 +29,9 @@ bench: $(STAMP)  # after `make demo`: the benchmarks read its models
 	$(PY) bench/reward_step.py
 	$(PY) bench/ppo_step.py
 	$(PY) bench/sft_memory.py
+
+gpu-wheels:  # the wheels bench/gpu.sh installs on a GPU machine without network (into .whl/)
+	bash bench/gpu_wheels.sh
 
 clean:
 	rm -rf runs .pytest_cache

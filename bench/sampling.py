@@ -5,7 +5,8 @@ Llama directory so both libraries run the same weights on the same prompts. Each
 K answers for each of N prompts at temperature T (transformers: `num_return_sequences=K`),
 up to `--max-new-tokens`, stopping at EOS. Each side first runs one untimed pass (warm-up),
 then the two sides alternate `--repeats` timed passes; we report each side's median answers
-per second, the new tokens each generated, and the ratio.
+per second, the new tokens each generated, and the ratio. `--device cuda` runs both sides
+there (float32; bench/gpu.sh does), the CPU otherwise.
 
     .venv/bin/python bench/sampling.py --model runs/demo/sft --prompts runs/demo/world/prompts.jsonl
 """
@@ -31,8 +32,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=80)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per side")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
 
     from transformers import AutoModelForCausalLM
 
@@ -42,13 +45,13 @@ def main() -> None:
     from gptlab.interop.hf import export_hf
     from gptlab.io import read_jsonl
 
-    model, tok, _ = load_model(a.model)
+    model, tok, _ = load_model(a.model, device=device)
     model.eval()
     prompts = [encode_prompt(tok, r["prompt"]) for r in read_jsonl(a.prompts)[:a.n]]
     stop = tuple(sorted(tok.stop_ids))
     with tempfile.TemporaryDirectory() as d:
         export_hf(model, tok, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
 
     def ours() -> tuple[int, int]:
         n = new = 0
@@ -66,8 +69,9 @@ def main() -> None:
         for b in range(0, len(prompts), a.batch_prompts):
             chunk = prompts[b:b + a.batch_prompts]
             P = max(map(len, chunk))
-            ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk],
+                                device=device)
             torch.manual_seed(b)
             with torch.no_grad():
                 out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True,
@@ -87,19 +91,33 @@ def main() -> None:
     tokens: dict[str, int] = {}
     for _ in range(a.repeats):
         for name, fn in sides.items():
+            sync(device)
             t = time.perf_counter()
             n, tokens[name] = fn()
+            sync(device)
             rates[name].append(n / (time.perf_counter() - t))
     results = {name: statistics.median(r) for name, r in rates.items()}
     import transformers
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
+          f"torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"device {device_name(device)}")
     print(f"{a.n} prompts x K={a.k}, T={a.temperature}, <= {a.max_new_tokens} new tokens, "
           f"{a.batch_prompts} prompts per batch")
     print(f"warm-up pass each, then {a.repeats} timed passes each, alternating; medians")
     for name, v in results.items():
         print(f"  {name:13s} {v:8.1f} answers/s  ({tokens[name]} new tokens a pass)")
     print(f"  ratio gptlab / transformers: {results['gptlab'] / results['transformers']:.2f}x")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads the work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" \
+        else str(device)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ tokens masked out of the loss), forward, backward and an AdamW step; we check th
 losses agree, run one untimed pass a side (warm-up), then alternate `--repeats` timed passes,
 and report each side's median steps per second and the ratio. gptlab encodes the prompt prefix
 the whole batch shares (the schema) once; transformers runs every row in full, as TRL's SFT
-does.
+does. `--device cuda` runs both sides there (float32, as on the CPU; bench/gpu.sh does).
 
     .venv/bin/python bench/sft_step.py --model runs/demo/pretrain --data runs/demo/sft_data.jsonl
 """
@@ -29,8 +29,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per side")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
 
     from transformers import AutoModelForCausalLM
 
@@ -43,10 +45,11 @@ def main() -> None:
     model, tok, _ = load_model(a.model)
     examples = read_demonstrations(a.data, tok, model.config.context, SkipCounter())
     stream = ListBatches(examples, a.batch_size, 0, lambda b: pad_examples(b, tok.pad_id))
-    batches = [next(stream) for _ in range(a.steps)]
+    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(a.steps)]
+    model.to(device)
     with tempfile.TemporaryDirectory() as d:
         export_hf(model, tok, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)
     model.train()
     hf.train()
 
@@ -62,11 +65,13 @@ def main() -> None:
 
     def run(m: torch.nn.Module, loss_fn) -> float:
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        sync(device)
         t = time.perf_counter()
         for b in batches:
             opt.zero_grad(set_to_none=True)
             loss_fn(m, b).backward()
             opt.step()
+        sync(device)
         return len(batches) / (time.perf_counter() - t)
 
     sides = {"gptlab": (model, sft_loss), "transformers": (hf, hf_loss)}
@@ -80,13 +85,25 @@ def main() -> None:
     import transformers
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
+          f"torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"device {device_name(device)}")
     print(f"{a.steps} steps of {a.batch_size} demonstrations ({tokens:.0f} real tokens a step); "
           f"first loss gptlab {first['gptlab']:.4f}, transformers {first['transformers']:.4f}")
     print(f"warm-up pass each, then {a.repeats} timed passes each, alternating; medians")
     for name, v in results.items():
         print(f"  {name:13s} {v:8.2f} steps/s")
     print(f"  ratio gptlab / transformers: {results['gptlab'] / results['transformers']:.2f}x")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads the work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" \
+        else str(device)
 
 
 if __name__ == "__main__":
