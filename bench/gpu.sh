@@ -20,7 +20,8 @@
 # A dry run on a CPU machine (tiny sizes, a few test files; OUT defaults to a temporary dir):
 #   GPTLAB_GPU_CHECK_DEVICE=cpu GPTLAB_GPU_CHECK_PYTHON=.venv/bin/python bash bench/gpu.sh
 # Other knobs: GPTLAB_GPU_CHECK_TESTS (pytest's arguments), GPTLAB_GPU_CHECK_WORKERS (xdist
-# workers), GPTLAB_GPU_CHECK_WORK (scratch dir, /tmp/gptlab_gpu_check).
+# workers), GPTLAB_GPU_CHECK_WORK (scratch dir, /tmp/gptlab_gpu_check), GPTLAB_GPU_CHECK_SITE
+# (where the wheels go, /tmp/site), GPTLAB_GPU_CHECK_WHEELS (where they are, .whl).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -35,8 +36,10 @@ else
     export BUDGET=${GPTLAB_GPU_CHECK_BUDGET:-480}
     export WORK=${GPTLAB_GPU_CHECK_WORK:-/tmp/gptlab_gpu_check}
     export SITE=${GPTLAB_GPU_CHECK_SITE:-/tmp/site}
+    export WHL=${GPTLAB_GPU_CHECK_WHEELS:-$ROOT/.whl}
     export OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gptlab-gpu-check.XXXXXX")}
     export PYTHONPATH=$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}
+    export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
     if [[ $DEVICE == cpu ]]; then
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} THREADS=1
         export TESTS=${GPTLAB_GPU_CHECK_TESTS:-tests/test_engine.py tests/test_sft_loss.py}
@@ -59,8 +62,8 @@ fi
 do_install() {
     # Only what the machine lacks: a wheel of a package already installed would shadow it.
     local missing=() w name
-    for w in .whl/*.whl; do
-        [[ -e $w ]] || { echo "no wheels in .whl/ (run make gpu-wheels where pip has PyPI)"; return 1; }
+    for w in "$WHL"/*.whl; do
+        [[ -e $w ]] || { echo "no wheels in $WHL (make gpu-wheels, where pip has PyPI)"; return 1; }
         name=$(basename "$w"); name=${name%%-*}
         if "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" \
                 2>/dev/null; then
@@ -75,17 +78,24 @@ sys; print(m.version(sys.argv[1]))" "$name")"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$SITE" "${missing[@]}"
     fi
-    if ! "$PY" -c "import datasets" 2>/dev/null && ls .whl/alt/datasets-*.whl >/dev/null 2>&1; then
-        echo "  datasets does not import; installing the alternative $(ls .whl/alt/datasets-*.whl)"
-        "$PY" -c "import datasets" 2>&1 | tail -3 || true
+    if ! "$PY" -c "import datasets" 2>/dev/null && ls "$WHL"/alt/datasets-*.whl >/dev/null 2>&1
+    then
+        "$PY" -c "import datasets" 2>&1 | tail -1 || true
+        echo "  datasets does not import; installing $(ls "$WHL"/alt/datasets-*.whl) instead"
+        rm -rf "$SITE"/datasets "$SITE"/datasets-*.dist-info
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$SITE" .whl/alt/datasets-*.whl
+            --target "$SITE" "$WHL"/alt/datasets-*.whl
     fi
-    "$PY" -c "
-import importlib, importlib.metadata as m
-for name in ('omegaconf', 'datasets', 'dill', 'multiprocess', 'gguf', 'gptlab'):
+    "$PY" - <<'PYEOF'
+import importlib, importlib.metadata
+for name in ("omegaconf", "datasets", "dill", "multiprocess", "gguf", "gptlab"):
     mod = importlib.import_module(name)
-    print(f'  import {name}: ok, {m.version(name) if name != \"gptlab\" else mod.__file__}')"
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(mod, "__version__", "?")
+    print(f"  import {name}: ok, {version} ({mod.__file__})")
+PYEOF
 }
 
 do_machine() {
@@ -205,34 +215,38 @@ step() {  # step NAME LIMIT: run do_NAME under a time limit, record ok / failed 
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$dt" "$note" >> "$WORK/steps.tsv"
 }
 
-echo "gptlab GPU check: device $DEVICE, budget ${BUDGET}s, OUT=$OUT, work in $WORK"
-echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status \
---porcelain 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
-step install 90
-step machine 60
-# The suite and the pipeline run side by side (the suite on WORKERS processes, the pipeline on
-# THREADS threads); the benchmarks wait for both, on a quiet machine.
-# The pipeline is the background job: a background job ignores SIGINT, and pytest needs it to
-# print its summary when its time is up.
-step pipeline 240 &
-PIPELINE_JOB=$!
-step tests 240
-wait "$PIPELINE_JOB" || true
-echo "--- the end of tests.log:"
-tail -n 40 "$OUT/tests.log" 2>/dev/null || echo "(no tests.log)"
-step sampling 75
-step sft_step 60
-step real_model 150
-"$PY" bench/gpu_check.py summary --steps "$WORK/steps.tsv" --work "$WORK" --out "$OUT" \
-    --device "$DEVICE" || echo "the summary failed"
-rc=0
-if grep -qv $'\tok\t' "$WORK/steps.tsv"; then
-    echo "gptlab GPU check: some steps did not pass (see summary.md); exit 1"
-    rc=1
-else
-    echo "gptlab GPU check: every step passed"
-fi
-echo "files in OUT ($OUT): $(cd "$OUT" && ls | tr '\n' ' ')"
-exec >&- 2>&-
-wait "$TEE_PID" 2>/dev/null || true
-exit "$rc"
+main() {  # a function, parsed whole before it runs: editing this file meanwhile is harmless
+    echo "gptlab GPU check: device $DEVICE, budget ${BUDGET}s, OUT=$OUT, work in $WORK"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status \
+    --porcelain 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+    step install 90
+    step machine 60
+    # The suite and the pipeline run side by side (the suite on WORKERS processes, the pipeline on
+    # THREADS threads); the benchmarks wait for both, on a quiet machine.
+    # The pipeline is the background job: a background job ignores SIGINT, and pytest needs it to
+    # print its summary when its time is up.
+    step pipeline 240 &
+    PIPELINE_JOB=$!
+    step tests 240
+    wait "$PIPELINE_JOB" || true
+    echo "--- the end of tests.log:"
+    tail -n 40 "$OUT/tests.log" 2>/dev/null || echo "(no tests.log)"
+    step sampling 75
+    step sft_step 60
+    step real_model 150
+    "$PY" bench/gpu_check.py summary --steps "$WORK/steps.tsv" --work "$WORK" --out "$OUT" \
+        --device "$DEVICE" || echo "the summary failed"
+    rc=0
+    if grep -qv $'\tok\t' "$WORK/steps.tsv"; then
+        echo "gptlab GPU check: some steps did not pass (see summary.md); exit 1"
+        rc=1
+    else
+        echo "gptlab GPU check: every step passed"
+    fi
+    echo "files in OUT ($OUT): $(cd "$OUT" && ls | tr '\n' ' ')"
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null || true
+    return "$rc"
+}
+
+main

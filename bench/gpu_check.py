@@ -10,7 +10,8 @@ answers per prompt, no stop token, so both sides draw the same number of tokens)
 step (forward, backward, AdamW) on rows that share a prefix, in float32 and under bf16 autocast
 (as gptlab trains on CUDA): median time of timed passes after a warm-up, alternating, and the
 step's own peak memory (torch.cuda.max_memory_allocated over the step less what was allocated
-before it: activations, gradients, logits). `--tiny` shrinks the model for a CPU dry run.
+before it: activations, gradients, logits). `--tiny` shrinks the model and the work for a CPU
+dry run; `--quick` keeps the real shape and shrinks the work only.
 
 `summary`: the steps' outcomes and every figure measured, as $OUT/summary.md, printed.
 
@@ -49,10 +50,11 @@ def real_model(a: argparse.Namespace) -> int:
     cuda = device.type == "cuda"
     shape = TINY if a.tiny else SMOLLM2_135M
     # Sizes of the timed work: what a GPU does in seconds; a CPU dry run only runs through.
-    n_prompts, k, prompt_len, new = (4, 2, 16, 16) if a.tiny else (16, 8, 64, 128)
-    rows, prefix_len, steps, repeats = (4, 16, 2, 1) if a.tiny else (16, 64, 10, 3)
+    small = a.tiny or a.quick
+    n_prompts, k, prompt_len, new = (4, 2, 16, 16) if small else (16, 8, 64, 128)
+    rows, prefix_len, steps, repeats = (4, 16, 2, 1) if small else (16, 64, 10, 3)
     greedy_new = 64
-    res: dict = {"device": str(device), "shape": shape, "tiny": a.tiny}
+    res: dict = {"device": str(device), "shape": shape, "tiny": a.tiny, "quick": a.quick}
     if cuda:
         res["device_name"] = torch.cuda.get_device_name(device)
     work = Path(a.work)
@@ -95,7 +97,7 @@ def real_model(a: argparse.Namespace) -> int:
     # (a) logits, float32 and bf16.
     g = torch.Generator().manual_seed(1)
     V = shape["vocab_size"]
-    ids = torch.randint(3, V, (4, 128 if not a.tiny else 32), generator=g).to(device)
+    ids = torch.randint(3, V, (4, 32 if small else 128), generator=g).to(device)
     with torch.no_grad():
         ref = ours(ids).float()
         hf32 = theirs(input_ids=ids).logits.float()
@@ -117,7 +119,7 @@ def real_model(a: argparse.Namespace) -> int:
         f"bf16 argmax agree on {lg['bf16_argmax_agree']:.1%} of positions")
 
     # (b) greedy generation, token for token (float32).
-    prompts = torch.randint(3, V, (4, 32 if not a.tiny else 8), generator=g)
+    prompts = torch.randint(3, V, (4, 8 if small else 32), generator=g)
     gen = generate(ours, prompts.tolist(), SamplingParams(max_new_tokens=greedy_new, greedy=True))
     with torch.no_grad():
         out = theirs.generate(input_ids=prompts.to(device),
@@ -350,6 +352,8 @@ def main() -> int:
     r.add_argument("--work", required=True, help="scratch directory (the two model dirs)")
     r.add_argument("--json", help="write the figures here")
     r.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU dry run")
+    r.add_argument("--quick", action="store_true",
+                   help="the real shape, but the timed work as small as --tiny's (a CPU check)")
     s = sub.add_parser("summary")
     s.add_argument("--steps", required=True)
     s.add_argument("--work", required=True)
