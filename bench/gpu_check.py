@@ -267,6 +267,9 @@ def report(title: str, r: dict, unit: str, say) -> None:
 def summary(a: argparse.Namespace) -> int:
     work, out = Path(a.work), Path(a.out)
     lines = [f"# gptlab GPU check ({a.device})", ""]
+    machine = work / "machine.txt"
+    if machine.exists():
+        lines += ["```", *machine.read_text(errors="replace").splitlines(), "```", ""]
     lines += ["| step | status | seconds | note |", "|---|---|---:|---|"]
     for row in Path(a.steps).read_text().splitlines():
         name, status, secs, note = (row.split("\t") + [""] * 4)[:4]
@@ -339,7 +342,7 @@ def summary(a: argparse.Namespace) -> int:
         lines += [""] + extra
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
-    print("\n" + text)
+    print(text)
     return 0
 
 
