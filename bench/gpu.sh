@@ -42,8 +42,8 @@ else
     export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
     if [[ $DEVICE == cpu ]]; then
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} THREADS=1
-        export TESTS=${GPTLAB_GPU_CHECK_TESTS:-tests/test_devices.py tests/test_engine.py tests/test_sft_loss.py \
-tests/test_corpus.py tests/test_interop.py}
+        export TESTS=${GPTLAB_GPU_CHECK_TESTS:-tests/test_devices.py tests/test_engine.py \
+tests/test_sft_loss.py tests/test_corpus.py tests/test_interop.py}
         export WORKERS=${GPTLAB_GPU_CHECK_WORKERS:-0}
     else
         export THREADS=6
