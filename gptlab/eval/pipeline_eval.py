@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from gptlab.checkpoint import load_model
-from gptlab.train.loop import select_device
 from gptlab.engine import SamplingParams, generate
 from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
 from gptlab.io import read_jsonl, write_jsonl_atomic
+from gptlab.train.loop import select_device
 from gptlab.world.variants import VARIANTS
 
 
