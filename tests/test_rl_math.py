@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from gptlab.model.heads import last_real_index
 from gptlab.train.rl_math import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss,
@@ -193,3 +195,108 @@ def test_adaptive_kl_controller_scales_with_the_relative_error_inside_the_clip()
     assert c.update(7.0, 10) == pytest.approx(0.1 * (1 + 0.1 / 6))
     # KL 5.4: error -0.1; a second update compounds on the first.
     assert c.update(5.4, 50) == pytest.approx(0.1 * (1 + 0.1 / 6) * (1 - 0.1 * 0.5))
+
+
+# --- the same functions on random batches, against a direct reading of their definitions ------
+
+def _right_padded(draw, B, T):
+    lengths = draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
+    return torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+
+
+@st.composite
+def _gae_case(draw):
+    B, T = draw(st.integers(1, 4)), draw(st.integers(1, 7))
+    floats = st.floats(-3, 3, allow_nan=False, width=32)
+    r = torch.tensor(draw(st.lists(st.lists(floats, min_size=T, max_size=T), min_size=B,
+                                   max_size=B)))
+    v = torch.tensor(draw(st.lists(st.lists(floats, min_size=T, max_size=T), min_size=B,
+                                   max_size=B)))
+    gamma, lam = draw(st.floats(0.5, 1.0)), draw(st.floats(0.0, 1.0))
+    return r, v, _right_padded(draw, B, T), gamma, lam
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(_gae_case())
+def test_gae_equals_the_discounted_sum_of_td_errors_on_any_padded_batch(case):
+    # A_t = Σ_l (γλ)^l δ_{t+l} over the real tokens, δ_t = r_t + γ V_{t+1} − V_t, V_L = 0;
+    # whatever sits on padding (rewards, values) must not leak in.
+    r, v, m, gamma, lam = case
+    adv, ret = gae(r, v, m, gamma, lam)
+    for b in range(r.shape[0]):
+        L = int(m[b].sum())
+        V = v[b, :L].tolist() + [0.0]
+        delta = [r[b, t].item() + gamma * V[t + 1] - V[t] for t in range(L)]
+        want = [sum((gamma * lam) ** (u - t) * delta[u] for u in range(t, L)) for t in range(L)]
+        assert adv[b, :L].tolist() == pytest.approx(want, abs=1e-4)
+        assert ret[b, :L].tolist() == pytest.approx([a + V[t] for t, a in enumerate(want)],
+                                                    abs=1e-4)
+        assert (adv[b, L:] == 0).all() and (ret[b, L:] == 0).all()
+
+
+@st.composite
+def _ranking_batch(draw):
+    B, K = draw(st.integers(1, 4)), draw(st.integers(2, 6))
+    k = draw(st.lists(st.integers(2, K), min_size=B, max_size=B))
+    # Levels best first, non-decreasing along the ranking, ties allowed, at least two levels.
+    groups = []
+    for n in k:
+        steps = draw(st.lists(st.integers(0, 1), min_size=n - 1, max_size=n - 1).filter(any))
+        levels = [0]
+        for s in steps:
+            levels.append(levels[-1] + s)
+        groups.append(levels + [0] * (K - n))
+    scores = draw(st.lists(st.lists(st.floats(-4, 4, width=32), min_size=K, max_size=K),
+                           min_size=B, max_size=B))
+    return torch.tensor(scores), torch.tensor(k), torch.tensor(groups)
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(_ranking_batch())
+def test_kwise_loss_is_the_mean_over_prompts_of_the_mean_over_their_strict_pairs(batch):
+    scores, k, groups = batch
+    per_prompt = []
+    for b in range(len(k)):
+        n = int(k[b])
+        pairs = [(i, j) for i in range(n) for j in range(n) if groups[b, i] < groups[b, j]]
+        per_prompt.append(-sum(logsig(scores[b, i].item() - scores[b, j].item())
+                               for i, j in pairs) / len(pairs))
+    want = sum(per_prompt) / len(per_prompt)
+    assert kwise_ranking_loss(scores, k, groups).item() == pytest.approx(want, abs=1e-4)
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(st.integers(1, 4), st.integers(2, 7), st.data())
+def test_whiten_standardises_the_real_tokens_whatever_their_scale_and_shift(B, T, data):
+    m = _right_padded(data.draw, B, T)
+    x = torch.tensor(data.draw(st.lists(st.lists(st.floats(-5, 5, width=32), min_size=T,
+                                                 max_size=T), min_size=B, max_size=B)))
+    real = m.bool()
+    # Real tokens spread enough to standardise (eps is 1e-8 of variance).
+    assume(real.sum() >= 2 and x[real].var(unbiased=False) > 1e-3)
+    a, c = data.draw(st.floats(0.1, 10)), data.draw(st.floats(-10, 10))
+    w = whiten(x, m)
+    assert w[real].mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert w[real].var(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    assert (w[~real] == 0).all()
+    assert torch.allclose(whiten(a * x + c, m), w, atol=1e-3)
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(st.integers(1, 12), st.data())
+def test_clipped_policy_loss_pushes_only_tokens_whose_ratio_is_not_past_the_clip(n, data):
+    # d loss / d log π_t = −A_t ρ_t / N where the unclipped term is the pessimistic one, and 0
+    # where the clip binds: ρ > 1+ε with A > 0, or ρ < 1−ε with A < 0.
+    ratios = data.draw(st.lists(st.floats(0.3, 2.0), min_size=n, max_size=n))
+    adv = torch.tensor(data.draw(st.lists(st.floats(-2, 2).filter(lambda a: abs(a) > 1e-3),
+                                          min_size=n, max_size=n)))
+    # Keep clear of the clip's edges, where the gradient jumps.
+    assume(all(abs(r - 0.8) > 1e-3 and abs(r - 1.2) > 1e-3 for r in ratios))
+    logp = torch.tensor(ratios).log().unsqueeze(0).requires_grad_()
+    loss, stats = clipped_policy_loss(logp, torch.zeros(1, n), adv[None], torch.ones(1, n), 0.2)
+    loss.backward()
+    rho = torch.tensor(ratios)
+    bound = ((rho > 1.2) & (adv > 0)) | ((rho < 0.8) & (adv < 0))
+    want = torch.where(bound, torch.zeros(n), -adv * rho / n)
+    assert torch.allclose(logp.grad[0], want, atol=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(bound.float().mean().item())
