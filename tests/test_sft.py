@@ -287,7 +287,7 @@ def test_a_small_data_set_still_holds_out_one_demonstration():
 
 @pytest.mark.parametrize("select_best", [True, False])
 def test_out_holds_the_best_or_the_last_weights_with_their_own_validation_loss(
-        base, tmp_path, monkeypatch, select_best):
+        base, tmp_path, monkeypatch, capsys, select_best):
     from safetensors.torch import load_file
     from gptlab.checkpoint import read_meta
     from gptlab.train.loop import TrainResult
@@ -312,3 +312,15 @@ def test_out_holds_the_best_or_the_last_weights_with_their_own_validation_loss(
     start, got = load_file(d / "base" / "model.safetensors"), load_file(out / "model.safetensors")
     shift = 0.0 if select_best else 0.01
     assert all(torch.allclose(got[k], start[k] + shift, atol=1e-6) for k in start)
+    # The summary says which weights OUT holds (the control's said "best evaluation at step 0").
+    err = capsys.readouterr().err
+    assert ("SFT: 1 steps; best evaluation at step 0 (val_loss 2.0000); saved" if select_best
+            else "SFT: 1 steps; the last weights, step 1 (best evaluation at step 0 (val_loss "
+            "2.0000), not selected); saved") in err
+
+
+def test_a_keeper_that_does_not_select_writes_no_weights(tmp_path, monkeypatch):
+    keeper, saved = _keeper(tmp_path, monkeypatch, keep_weights=False)
+    for step, loss in ((0, 2.0), (100, 1.0)):
+        keeper(None, step, loss)
+    assert saved == [] and keeper.best_step == 100

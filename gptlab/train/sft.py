@@ -103,10 +103,12 @@ def split_examples(examples: list[Example], fraction: float,
 
 class BestKeeper:
     """An `on_eval` callback: scores the model (execution accuracy when a world is given, else
-    −validation loss) and saves the best weights to OUT/best."""
+    −validation loss) and, with `keep_weights`, saves the best weights to OUT/best."""
 
-    def __init__(self, out: Path, tokenizer: Any, exec_eval: Any = None, patience: int = 0):
+    def __init__(self, out: Path, tokenizer: Any, exec_eval: Any = None, patience: int = 0,
+                 keep_weights: bool = True):
         self.dir, self.tok, self.exec_eval = out / "best", tokenizer, exec_eval
+        self.keep_weights = keep_weights
         self.best_step: int | None = None
         self.best_val_loss: float | None = None  # of the best evaluation
         self._best_key: tuple[float, float] | None = None  # (score, -val_loss) of the best
@@ -122,7 +124,7 @@ class BestKeeper:
         row: dict = {}
         if self.exec_eval is not None:
             row["exec_acc"] = self.exec_eval(model)
-        if self._record(step, row.get("exec_acc"), val_loss):
+        if self._record(step, row.get("exec_acc"), val_loss) and self.keep_weights:
             save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
         if self.patience and self.since_best >= self.patience:
             row["stop"] = True  # the validation optimum is behind us
@@ -153,7 +155,7 @@ class BestKeeper:
         for row in metrics:
             if row["step"] <= upto and "val_loss" in row:
                 self._record(row["step"], row.get("exec_acc"), row["val_loss"])
-        if self.best is None or is_gptlab_dir(self.dir):
+        if not self.keep_weights or self.best is None or is_gptlab_dir(self.dir):
             return
         out = self.dir.parent  # a finished run: OUT holds its best weights, OUT/best is gone
         if is_gptlab_dir(out) and read_meta(out).get("best_step") == self.best_step:
@@ -208,7 +210,7 @@ def sft(cfg: SFTConfig) -> Path:
         record_run(out, cfg)
     annotate_run(out, data={"train": len(train_ex), "validation": len(val_ex),
                             "skipped": skips.counts, "val_skipped": val_skips.counts})
-    keeper = BestKeeper(out, tok, exec_eval, cfg.patience)
+    keeper = BestKeeper(out, tok, exec_eval, cfg.patience, keep_weights=cfg.select_best)
     if cfg.resume:
         keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest))
 
@@ -233,6 +235,8 @@ def sft(cfg: SFTConfig) -> Path:
         kept = (f"best evaluation at step {keeper.best_step} ("
                 + (f"exec_acc {keeper.best:.4f}" if exec_eval else f"val_loss {-keeper.best:.4f}")
                 + ")")
+        if not cfg.select_best:
+            kept = f"the last weights, step {result.step} ({kept}, not selected)"
     print(f"SFT: {result.step} steps; {kept}; saved to {out}", file=sys.stderr)
     if cfg.select_best and keeper.best_step == 0 and result.step > 0:
         print(f"note: no evaluation after step 0 beat the starting model "
