@@ -199,6 +199,12 @@ def test_adaptive_kl_controller_scales_with_the_relative_error_inside_the_clip()
 
 # --- the same functions on random batches, against a direct reading of their definitions ------
 
+def _matrix(draw, B, T, bound):
+    """A (B, T) float tensor with entries in [-bound, bound]."""
+    row = st.lists(st.floats(-bound, bound, width=32), min_size=T, max_size=T)
+    return torch.tensor(draw(st.lists(row, min_size=B, max_size=B)))
+
+
 def _right_padded(draw, B, T):
     lengths = draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
     return torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
@@ -207,11 +213,7 @@ def _right_padded(draw, B, T):
 @st.composite
 def _gae_case(draw):
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 7))
-    floats = st.floats(-3, 3, allow_nan=False, width=32)
-    r = torch.tensor(draw(st.lists(st.lists(floats, min_size=T, max_size=T), min_size=B,
-                                   max_size=B)))
-    v = torch.tensor(draw(st.lists(st.lists(floats, min_size=T, max_size=T), min_size=B,
-                                   max_size=B)))
+    r, v = _matrix(draw, B, T, 3), _matrix(draw, B, T, 3)
     gamma, lam = draw(st.floats(0.5, 1.0)), draw(st.floats(0.0, 1.0))
     return r, v, _right_padded(draw, B, T), gamma, lam
 
@@ -246,9 +248,7 @@ def _ranking_batch(draw):
         for s in steps:
             levels.append(levels[-1] + s)
         groups.append(levels + [0] * (K - n))
-    scores = draw(st.lists(st.lists(st.floats(-4, 4, width=32), min_size=K, max_size=K),
-                           min_size=B, max_size=B))
-    return torch.tensor(scores), torch.tensor(k), torch.tensor(groups)
+    return _matrix(draw, B, K, 4), torch.tensor(k), torch.tensor(groups)
 
 
 @settings(deadline=None, derandomize=True, max_examples=200)
@@ -269,8 +269,7 @@ def test_kwise_loss_is_the_mean_over_prompts_of_the_mean_over_their_strict_pairs
 @given(st.integers(1, 4), st.integers(2, 7), st.data())
 def test_whiten_standardises_the_real_tokens_whatever_their_scale_and_shift(B, T, data):
     m = _right_padded(data.draw, B, T)
-    x = torch.tensor(data.draw(st.lists(st.lists(st.floats(-5, 5, width=32), min_size=T,
-                                                 max_size=T), min_size=B, max_size=B)))
+    x = _matrix(data.draw, B, T, 5)
     real = m.bool()
     # Real tokens spread enough to standardise (eps is 1e-8 of variance).
     assume(real.sum() >= 2 and x[real].var(unbiased=False) > 1e-3)
