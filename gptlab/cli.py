@@ -216,9 +216,14 @@ def _verb_world():
         if args.action == "score":
             from gptlab.eval.execution import score_samples
             from gptlab.world.variants import VARIANTS
-            from gptlab.io import check_file_out, write_jsonl_atomic
+            from gptlab.io import check_file_out, check_not_input, write_jsonl_atomic
+            from pathlib import Path
+            from gptlab.world.build import FILES
             if args.out:
                 check_file_out(args.out)
+                # The samples, or a file of the world, would be replaced by the verdicts.
+                check_not_input(args.out, {"--in": args.samples, **{
+                    f"{name} of --world": Path(args.world) / name for name in FILES}})
             summary, verdicts = score_samples(load_world(args.world), args.samples)
             if args.out:
                 write_jsonl_atomic(args.out, verdicts, allow_nan=False)

@@ -447,3 +447,25 @@ def test_cli_score_refuses_non_string_responses_and_repeated_ids(tmp_path, capsy
                  "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"gptlab world: error: {tmp_path}: is a directory; give a " \
                                       f"file name\n"
+
+
+def test_cli_score_never_writes_its_verdicts_over_the_samples_or_the_world(tmp_path, capsys):
+    out = tmp_path / "world"
+    build_world(1, n_train=20, n_validation=5, n_test=5, n_dialogs=1,
+                corpus_chars=500, db_path=tmp_path / "c.sqlite").export(out)
+    qid = json.loads((out / "test.jsonl").read_text().splitlines()[0])["id"]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"id": qid, "responses": ["SELECT 1"]}) + "\n")
+    before = {p.name: p.read_bytes() for p in [samples, *out.iterdir()]}
+    (tmp_path / "sub").mkdir()
+    for target, what in ((tmp_path / "sub" / ".." / "samples.jsonl", "--in"),
+                         (out / "test.jsonl", "test.jsonl of --world"),
+                         (out / "company.sqlite", "company.sqlite of --world")):
+        assert main(["world", "score", "--world", str(out), "--in", str(samples),
+                     "--out", str(target)]) == 2
+        assert capsys.readouterr().err == (
+            f"gptlab world: error: {target}, field 'out': is the input file ({what}); writing "
+            f"would replace it, choose another --out\n")
+    assert {p.name: p.read_bytes() for p in [samples, *out.iterdir()]} == before
+    assert main(["world", "score", "--world", str(out), "--in", str(samples),
+                 "--out", str(tmp_path / "verdicts.jsonl")]) == 0
