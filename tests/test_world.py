@@ -409,6 +409,9 @@ def test_a_world_without_training_questions_exports_and_loads(tmp_path):
     ([1], "expected a JSON object (the world's manifest)"),
     ({"format": "gptlab-world/1", "options": {"n_train": "x"}},
      "field 'options.n_train': must be an integer, got 'x'"),
+    # A string is truthy: "no" built a varied world, refused as "a different version of gptlab".
+    ({"format": "gptlab-world/1", "options": {"vary_schema": "no"}, "fingerprint": "f"},
+     "field 'options.vary_schema': must be true or false, got 'no'"),
 ])
 def test_load_world_refuses_a_manifest_of_the_wrong_shape(tmp_path, manifest, message, capsys):
     (tmp_path / "world.json").write_text(json.dumps(manifest))

@@ -47,6 +47,9 @@ class WorldOptions:
     corpus_chars: int = 1_000_000
 
     def validate(self) -> None:
+        if not isinstance(self.vary_schema, bool):  # "no" would be true: another world
+            raise UserError(f"must be true or false, got {self.vary_schema!r}",
+                            field="vary_schema")
         for f in ("seed", "schema_seed", "n_train", "n_validation", "n_test", "n_dialogs",
                   "corpus_chars"):
             v = getattr(self, f)
