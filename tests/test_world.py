@@ -1,9 +1,11 @@
 """The database world: database, questions and splits, dialogs, corpus, export and the CLI."""
 import hashlib
 import json
+import random
 import re
 import sqlite3
 import tempfile
+from dataclasses import replace
 
 import pytest
 
@@ -12,6 +14,7 @@ from gptlab.errors import UserError
 from gptlab.world import build_world, load_world, make_schema
 from gptlab.world.database import CITIES
 from gptlab.world.intents import INTENTS
+from gptlab.world.questions import Combo, SplitSizes, build_questions
 
 SMALL = dict(n_train=300, n_validation=60, n_test=120, n_dialogs=40, corpus_chars=30_000)
 
@@ -130,6 +133,20 @@ def test_reserved_phrasings_appear_only_in_test(world):
         assert chunks, intent.name
         for chunk in chunks:
             assert chunk not in training_text, (intent.name, chunk)
+
+
+def test_intents_with_more_or_fewer_phrasings_keep_their_own_reserved_one_for_the_test():
+    # The splits once counted the phrasings of the first intent for every intent.
+    three = replace(INTENTS[0], name="three", phrasings=("a {city}", "b {city}", "c {city}"))
+    five = replace(INTENTS[0], name="five", phrasings=tuple(f"{x} {{city}}" for x in "vwxyz"))
+    combos = [Combo(i, (("city", c),), f"SELECT {k}", ((k,),))
+              for i in (three, five) for k, c in enumerate(CITIES * 4)]
+    splits, _ = build_questions(combos, SplitSizes(train=60, validation=8, test=30),
+                                random.Random(0), "t")
+    for q in splits["train"] + splits["validation"]:
+        assert not q.unseen_phrasing and q.text.split()[0] in {"three": "ab", "five": "vwxy"}[q.intent]
+    reserved = {(q.intent, q.text.split()[0]) for q in splits["test"] if q.unseen_phrasing}
+    assert reserved == {("three", "c"), ("five", "z")}
 
 
 def test_gold_sql_is_canonical_and_returns_non_empty_results(world):

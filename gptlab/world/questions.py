@@ -102,7 +102,7 @@ def split_combos(combos: list[Combo], sizes: SplitSizes, rng: random.Random
     for c in combos:
         by_intent.setdefault(c.intent.name, []).append(c)
     total = len(combos)
-    phrasings = len(INTENTS[0].phrasings)
+    phrasings = sum(len(c.intent.phrasings) for c in combos) / total  # per combo, on average
     # A margin of 1.3 so that the balanced draw below still finds enough questions.
     test_frac = min(0.3, 1.3 * sizes.test / (phrasings * total))
     val_frac = min(0.2, 1.3 * sizes.validation / ((phrasings - 1) * total))
@@ -120,13 +120,13 @@ def split_combos(combos: list[Combo], sizes: SplitSizes, rng: random.Random
     return out
 
 
-def questions_for(combos: list[Combo], phrasing_ids: range | list[int] | None = None
+def questions_for(combos: list[Combo], reserved: bool = False
                   ) -> dict[str, list[tuple[Combo, int]]]:
-    """(combo, phrasing index) candidates grouped by intent; default: the seen phrasings."""
+    """(combo, phrasing index) candidates grouped by intent: the seen phrasings, and with
+    `reserved` the intent's reserved one too."""
     groups: dict[str, list[tuple[Combo, int]]] = {}
     for c in combos:
-        ids = phrasing_ids if phrasing_ids is not None else range(len(c.intent.seen_phrasings))
-        for p in ids:
+        for p in range(len(c.intent.phrasings if reserved else c.intent.seen_phrasings)):
             groups.setdefault(c.intent.name, []).append((c, p))
     return groups
 
@@ -162,11 +162,10 @@ def build_questions(combos: list[Combo], sizes: SplitSizes, rng: random.Random, 
                     ) -> tuple[dict[str, list[Question]], dict[str, list[Combo]]]:
     """The three splits of questions, ids `{prefix}-train-00001` and so on."""
     parts = split_combos(combos, sizes, rng)
-    all_phrasings = range(len(INTENTS[0].phrasings))
     picks = {
         "train": balanced_take(questions_for(parts["train"]), sizes.train, rng, repeat=True),
         "validation": balanced_take(questions_for(parts["validation"]), sizes.validation, rng),
-        "test": balanced_take(questions_for(parts["test"], all_phrasings), sizes.test, rng),
+        "test": balanced_take(questions_for(parts["test"], reserved=True), sizes.test, rng),
     }
     out = {}
     for split, chosen in picks.items():
