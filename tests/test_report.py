@@ -50,6 +50,8 @@ def full_results() -> dict:
         "exec_error_rate": dict(zip(names, [0.9, 0.04, 0.035, 0.05, 0.0417, 0.0417])),
         "exec_acc_test_suite": dict(zip(names, [0.05, 0.5, 0.525, 0.6, 0.62, 0.62])),
         "test_suite_variants": 16,
+        "n_test": 600,
+        "n_unseen_phrasing": 145,
         "delta_ppo_vs_sft": {"mean": 0.113, "ci95": [0.051, 0.175]},
         "delta_ppo_vs_sft_continued": {"mean": 0.095, "ci95": [-0.02, 0.21]},
         "rm_pairwise_acc": 0.8,
@@ -112,6 +114,9 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert "| ppo | 0.625 | 0.620 | n/a | 0.042 |" in md
     assert "| pretrained | 0.050 | 0.050 | 0.000 | 0.900 |" in md
     assert "and on each of 16 variant databases" in md
+    # the questions the table is over, so a reader sees it is the whole test split
+    assert ("Greedy answers to the 600 held-out test questions; 145 of them in the phrasing "
+            "kept for the test (the unseen-phrasing column)." in md)
     assert "+0.113, 95% CI [+0.051, +0.175]: the interval excludes 0" in md
     assert "+0.095, 95% CI [-0.020, +0.210]: the interval includes 0" in md
     assert "Win rate of PPO over SFT (among answers of one verdict, the shorter wins): 0.640" in md
@@ -164,6 +169,7 @@ def test_html_is_self_contained_and_escaped(full_report):
     assert "<td class=\"num\">0.512</td>" in html
     assert "<th>does not run</th>" in html and "<td class=\"num\">0.900</td>" in html
     assert "<th>on the test suite</th>" in html and "each of 16 variant databases" in html
+    assert "<p>Greedy answers to the 600 held-out test questions; 145 of them" in html
     assert "the interval excludes 0" in html
 
 
@@ -179,7 +185,7 @@ def test_minimal_results_still_write_everything(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "Win rate of PPO over SFT (among answers of one verdict, the shorter wins): n/a" in md
     assert "PPO − SFT: n/a" in md
-    assert "![" not in md
+    assert "![" not in md and "held-out test questions" not in md  # no count: no sentence
     assert "data:image/png" not in (tmp_path / "report.html").read_text()
     assert write_report(tmp_path, {})["report.md"].exists()  # no keys at all
 

@@ -324,6 +324,7 @@ class ReportContent:
     #                                                   unseen, does not run)
     headlines: list[tuple[str, str]]               # (what, value)
     exec_note: str = ""                            # what a column of the table means
+    exec_counts: str = ""                          # how many questions the table is over
     plots: list[tuple[str, Path]] = field(default_factory=list)  # (caption, path under run_dir)
     samples: list[Sample] = field(default_factory=list)
 
@@ -359,6 +360,19 @@ PLOT_CAPTIONS = {
     "ppo_reward_kl": "PPO: reward and KL to the SFT model per step",
     "exec_accuracy": "Execution accuracy by model (all questions and unseen phrasing)",
 }
+
+
+def describe_counts(results: dict) -> str:
+    """'Greedy answers to the 600 held-out test questions; 145 of them in the phrasing kept
+    for the test (the unseen-phrasing column).' Empty when the run has no count."""
+    n, unseen = results.get("n_test"), results.get("n_unseen_phrasing")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return ""
+    text = f"Greedy answers to the {n} held-out test questions"
+    if isinstance(unseen, int) and not isinstance(unseen, bool):
+        text += (f"; {unseen} of them in the phrasing kept for the test (the unseen-phrasing "
+                 "column)")
+    return text + "."
 
 
 def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> ReportContent:
@@ -400,6 +414,7 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
                     fmt(errors.get(n)))
                    for n in model_names(results)],
         headlines=headlines,
+        exec_counts=describe_counts(results),
         exec_note=(SUITE_NOTE.format(n=results.get("test_suite_variants", NA))
                    if suite else ""),
         plots=[(PLOT_CAPTIONS[name], path.relative_to(run_dir)) for name, path in plots.items()],
@@ -434,8 +449,9 @@ def render_markdown(c: ReportContent) -> str:
         lines += ["| model | all questions | on the test suite | unseen phrasing | does not run |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {md_cell(n)} | {a} | {t} | {u} | {e} |" for n, a, t, u, e in c.exec_rows]
-        if c.exec_note:
-            lines += ["", c.exec_note]
+        for note in (c.exec_counts, c.exec_note):
+            if note:
+                lines += ["", note]
     else:
         lines.append(NA)
     lines += ["", "## Headline numbers", ""]
@@ -486,6 +502,7 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 <tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ suite }}</td><td class="num">{{ unseen }}</td><td class="num">{{ errors }}</td></tr>
 {% endfor %}
 </table>
+{% if c.exec_counts %}<p>{{ c.exec_counts }}</p>{% endif %}
 {% if c.exec_note %}<p>{{ c.exec_note }}</p>{% endif %}
 {% else %}<p>n/a</p>{% endif %}
 <h2>Headline numbers</h2>
