@@ -65,6 +65,9 @@ def test_report_has_every_number(run):
     assert math.isfinite(r["kl_ppo_vs_sft"])
     assert r["ptx"]["corpus_ppl_sft"] > 1 and r["ptx"]["corpus_ppl_ppo"] > 1
     assert r["n_test"] == 24 and r["minutes"] > 0
+    # The stages' minutes as measured (kept in stage_minutes.json), not rounded before the
+    # report rounds them again.
+    assert r["stage_minutes"] == json.loads((run / "stage_minutes.json").read_text())
 
 
 def test_report_counts_answers_that_do_not_run_and_those_right_on_the_test_suite(run):
