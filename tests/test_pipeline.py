@@ -12,7 +12,7 @@ import torch
 
 from gptlab.cli import main
 from gptlab.errors import UserError
-from gptlab.eval.stats import clustered_rate, excludes_zero, paired_delta
+from gptlab.eval.stats import clustered_rate, excludes_zero, paired_delta, sign_test
 
 ARGS = ["--pretrain-steps", "4", "--pretrain-batch", "4", "--sft-steps", "4",
         "--sft-eval-every", "2", "--sft-exec-eval", "8", "--sample-prompts", "12", "--k", "3",
@@ -206,6 +206,20 @@ def test_paired_delta_by_hand():
     assert d["ci95"][1] - 0.5 == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)
     assert not excludes_zero(d)
     assert excludes_zero(paired_delta([1] * 30 + [0] * 2, [0] * 32))
+    assert (d["better"], d["worse"]) == (2, 0) and d["p_sign"] == 2 * 1 / 4  # 2 of 2, p = 2·¼
+
+
+def test_the_sign_test_stays_honest_where_the_normal_interval_does_not():
+    # 4 questions of 600 answered right by one model only: the interval excludes 0, yet a
+    # 4-0 split happens one time in eight with two equally good models.
+    d = paired_delta([1] * 4 + [0] * 596, [0] * 600)
+    assert excludes_zero(d) and (d["better"], d["worse"]) == (4, 0)
+    assert d["p_sign"] == 2 / 16
+    # 6 against 24: 2 · (C(30,0) + ... + C(30,6)) / 2^30
+    d = paired_delta([1] * 6 + [0] * 24 + [1] * 10, [0] * 6 + [1] * 24 + [1] * 10)
+    tail = sum(math.comb(30, i) for i in range(7))
+    assert (d["better"], d["worse"]) == (6, 24) and d["p_sign"] == pytest.approx(2 * tail / 2 ** 30)
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0 and sign_test(0, 1) == 1.0
 
 
 def test_clustered_rate_by_hand():

@@ -243,8 +243,12 @@ def describe_delta(delta: Any) -> str:
     # so that "[-0.033, -0.000]: excludes 0" does not read as a bound at 0.
     digits = [3 if b == 0 or abs(b) >= 5e-4 else max(3, 1 - math.floor(math.log10(abs(b))))
               for b in (lo, hi)]
-    return (f"{text}, 95% CI [{fmt(lo, digits[0], sign=True)}, {fmt(hi, digits[1], sign=True)}]"
+    text = (f"{text}, 95% CI [{fmt(lo, digits[0], sign=True)}, {fmt(hi, digits[1], sign=True)}]"
             f": the interval {verdict}")
+    better, worse, p = (delta.get(k) for k in ("better", "worse", "p_sign"))
+    if isinstance(better, int) and isinstance(worse, int) and as_number(p) is not None:
+        text += f" (better on {better} questions, worse on {worse}; sign test p = {p:.2g})"
+    return text
 
 
 def describe_config(config: Any) -> str:
