@@ -593,6 +593,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     step, tokens, elapsed = 0, 0, 0.0
     budget_pending = cfg.max_minutes is not None
     total = cfg.max_steps or (None if budget_pending else DEFAULT_MAX_STEPS)
+    eval_s = 0.0                       # the step-0 evaluation's time, which a time budget counts in
+    stopped_early, cap = False, total  # cap: the length before an early stop
     if resume:
         path = ckpt.latest()
         if path is None:
@@ -602,16 +604,18 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         _check_split_settings(cfg, state.get("settings", {}), path)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         total, budget_pending = state["total_steps"], state["budget_pending"]
+        eval_s = state.get("eval_s", 0.0)
+        stopped_early, cap = bool(state.get("stopped_early")), state.get("cap", total)
         batches.load_state(state["data"])
         set_rng_state(state["rng"])
         # An early-stopped run asked for the same length again is finished, not to be stretched.
-        finished_early = state.get("stopped_early") and cfg.max_steps == state.get("cap")
+        finished_early = stopped_early and cfg.max_steps == cap
         if not budget_pending and cfg.max_minutes is None and cfg.max_steps \
                 and cfg.max_steps != total and not finished_early:
             print(f"note: max_steps changed from {total} to {cfg.max_steps}; the cosine "
                   f"schedule is stretched from here on", file=sys.stderr)
             total = cfg.max_steps
-            state["stopped_early"], state["cap"] = False, total  # a new length, not a stop
+            stopped_early, cap = False, total  # a new length, not a stop
         MetricsLog.truncate_after(metrics_path, step)
         print(f"resuming from {path} (step {step} of {total or '?'})", file=sys.stderr)
     else:
@@ -626,7 +630,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     val = (lambda: val_batches() if callable(val_batches) else val_batches)
     has_val = val_batches is not None and cfg.eval_batches > 0
 
-    def run_eval(at: int) -> tuple[float, float]:
+    def run_eval(at: int) -> tuple[float, float, bool]:
         t0 = time.perf_counter()
         with preserved_rng():
             loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16)
@@ -663,11 +667,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     earlier = read_metrics(metrics_path) if resume and metrics_path.exists() else []
     val_loss: float | None = next((r["val_loss"] for r in reversed(earlier)
                                    if r.get("val_loss") is not None), None)
-    # The step-0 evaluation's time, which a time budget counts in (kept across a resume).
-    eval_s = state.get("eval_s", 0.0) if resume else 0.0
     last_row: dict | None = None
-    stopped_early = bool(state.get("stopped_early")) if resume else False
-    cap = state.get("cap", total) if resume else total  # the length before an early stop
     session_tokens, session_time = 0, 0.0
     measured: list[float] = []
     saved_step = step if resume else -1
