@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from gptlab.data.corpus import corpus_files, is_hub_name, iter_documents
 from gptlab.errors import UserError
 from gptlab.io import atomic_path, write_json_atomic
 
@@ -63,7 +64,6 @@ def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
     """Key of a token file: the sources' paths, sizes and mtimes, the tokenizer, and the ids
     around each document."""
     h = hashlib.sha256(TOKENS_FORMAT.encode())
-    from gptlab.data.corpus import corpus_files, is_hub_name
     for f in corpus_files(paths):
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -131,8 +131,6 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
 
     A corpus of fewer than `min_tokens` tokens is a UserError, and is not cached.
     """
-    from gptlab.data.corpus import iter_documents
-
     paths = [str(p) for p in paths]
     if not paths:
         raise UserError("no corpus files given", field="data")
@@ -140,44 +138,45 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
     cached = _read_cached(bin_path, meta_path, key)
-    if cached is None:
-        dtype = token_dtype(tokenizer.vocab_size)
-        eos, start = tokenizer.eos_id, document_start(tokenizer)
-        n_tokens = n_docs = 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(desc="tokenizing", unit="doc", leave=False)
-        with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
-            try:
-                for docs in _chunks(iter_documents(paths), _ENCODE_CHUNK):
-                    ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
-                        else [tokenizer.encode(d) for d in docs]
-                    for row in ids:
-                        arr = np.asarray(start + row + [eos], dtype=dtype)
-                        f.write(arr.tobytes())
-                        n_tokens += arr.size
-                    n_docs += len(docs)
-                    if bar is not None:
-                        bar.update(len(docs))
-            finally:  # a bad document's error must not be printed on the bar's line
+    if cached is not None:
+        if cached.n_tokens < min_tokens:
+            raise _too_small(paths, cached.n_tokens, min_tokens)
+        return cached
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos, start = tokenizer.eos_id, document_start(tokenizer)
+    n_tokens = n_docs = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="tokenizing", unit="doc", leave=False)
+    with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
+        try:
+            for docs in _chunks(iter_documents(paths), _ENCODE_CHUNK):
+                ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
+                    else [tokenizer.encode(d) for d in docs]
+                for row in ids:
+                    arr = np.asarray(start + row + [eos], dtype=dtype)
+                    f.write(arr.tobytes())
+                    n_tokens += arr.size
+                n_docs += len(docs)
                 if bar is not None:
-                    bar.close()
-            if n_tokens < min_tokens:
-                _too_small(paths, n_tokens, min_tokens)  # raises; atomic_path drops the file
-        write_json_atomic(meta_path, {"format": TOKENS_FORMAT, "dtype": dtype.name,
-                                      "n_tokens": n_tokens, "n_documents": n_docs,
-                                      "eos_id": eos, "sources": paths})
-        cached = TokenFile(bin_path, key, n_tokens, n_docs, dtype.name, reused=False)
-    elif cached.n_tokens < min_tokens:
-        _too_small(paths, cached.n_tokens, min_tokens)
-    return cached
+                    bar.update(len(docs))
+        finally:  # a bad document's error must not be printed on the bar's line
+            if bar is not None:
+                bar.close()
+        if n_tokens < min_tokens:
+            raise _too_small(paths, n_tokens, min_tokens)  # atomic_path drops the file
+    write_json_atomic(meta_path, {"format": TOKENS_FORMAT, "dtype": dtype.name,
+                                  "n_tokens": n_tokens, "n_documents": n_docs,
+                                  "eos_id": eos, "sources": paths})
+    return TokenFile(bin_path, key, n_tokens, n_docs, dtype.name, reused=False)
 
 
-def _too_small(paths: Sequence[str], n_tokens: int, min_tokens: int) -> None:
-    raise UserError(f"the corpus has {n_tokens} tokens, fewer than one training block of "
-                    f"{min_tokens} (block_size + 1); add text or lower block_size",
-                    path=", ".join(paths), field="data")
+def _too_small(paths: Sequence[str], n_tokens: int, min_tokens: int) -> UserError:
+    return UserError(f"the corpus has {n_tokens} tokens, fewer than one training block of "
+                     f"{min_tokens} (block_size + 1); add text or lower block_size",
+                     path=", ".join(paths), field="data")
 
 
 # --- blocks and the split ----------------------------------------------------------------------
