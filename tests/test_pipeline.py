@@ -350,6 +350,26 @@ def test_an_out_under_a_file_fails_before_any_stage_runs(tmp_path, capsys):
             f"{a_file} is not a directory") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, damage, says", [
+    ("pipeline.json", '{"seed": 0,', "it holds the settings the run's stages were made with"),
+    ("pipeline.json", "[]", "it holds the settings the run's stages were made with"),
+    ("stage_minutes.json", "3 minutes", "it only records what the stages took"),
+    ("stage_threads.json", b"\xff", "it only records what the stages took"),
+])
+def test_a_damaged_record_of_the_run_is_named_and_left_as_it_is(tmp_path, capsys, name, damage,
+                                                                  says):
+    out = tmp_path / "demo"
+    out.mkdir()
+    path = out / name
+    (path.write_bytes if isinstance(damage, bytes) else path.write_text)(damage)
+    assert main(["pipeline", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"gptlab pipeline: error: {path}: is not the JSON object the pipeline wrote" in err
+    assert says in err
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written, nothing run
+    assert (path.read_bytes() if isinstance(damage, bytes) else path.read_text()) == damage
+
+
 def test_stage_settings_name_the_pipeline_option(monkeypatch, tmp_path):
     """A stage's own check, run before any stage, names the option that set the value."""
     from gptlab.errors import UserError

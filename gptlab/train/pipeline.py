@@ -210,6 +210,24 @@ def stage_done(path: Path) -> bool:
     return is_gptlab_dir(path)
 
 
+def _read_record(path: Path, keeps: str) -> dict:
+    """The JSON object in `path`, a record the pipeline wrote (`keeps`: what it is for); one
+    edited by hand into something else is a UserError naming it."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"is not the JSON object the pipeline wrote ({e}); {keeps}",
+                        path=path) from None
+    if not isinstance(record, dict):
+        raise UserError(f"is not the JSON object the pipeline wrote; {keeps}", path=path)
+    return record
+
+
+_SETTINGS_RECORD = ("it holds the settings the run's stages were made with: put it back as it "
+                    "was, or choose another --out")
+_MINUTES_RECORD = "it only records what the stages took: remove it to start the record anew"
+
+
 def _interrupted(out: Path) -> bool:
     """A stage stopped (by Ctrl-C) after a checkpoint: rerunning continues from it."""
     return Checkpointer(out).latest() is not None
@@ -228,12 +246,12 @@ class Timer:
         self.earlier: dict[str, float] = {}
         self.threads: dict[str, int] = {}
         if record is not None and record.with_name("stage_threads.json").exists():
-            self.threads = json.loads(record.with_name("stage_threads.json").read_text())
+            self.threads = _read_record(record.with_name("stage_threads.json"), _MINUTES_RECORD)
         if record is not None and record.exists():
-            self.earlier = json.loads(record.read_text())
+            self.earlier = _read_record(record, _MINUTES_RECORD)
         elif record is not None and (record.parent / "report.json").exists():
             # Runs made before stage_minutes.json: their report has the same figures.
-            report = json.loads((record.parent / "report.json").read_text())
+            report = _read_record(record.parent / "report.json", _MINUTES_RECORD)
             self.earlier = dict(report.get("stage_minutes") or {})
         self.saved = 0.0  # minutes the reused stages took when they ran, beyond this run's
 
@@ -596,7 +614,7 @@ class Pipeline:
         mine = self._settings()
         where = {"out": str(self.out), "world": str(self.world_dir)}
         if path.exists():
-            saved = json.loads(path.read_text())
+            saved = _read_record(path, _SETTINGS_RECORD)
             self._check_not_moved_mid_stage(saved.pop("paths", None), where)
             # A setting newer than the run was at its default there; a world path recorded
             # relative to where that run started, or a digest it did not record, is not compared.
