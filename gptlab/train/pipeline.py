@@ -240,18 +240,18 @@ class Timer:
     on are kept beside them (OUT/stage_threads.json): `--threads` may change on a rerun, and
     sampling on another thread count can draw other samples."""
 
-    def __init__(self, record: Path | None = None) -> None:
-        self.record = record
+    def __init__(self, out: Path) -> None:
+        self.record, self.threads_record = out / "stage_minutes.json", out / "stage_threads.json"
         self.minutes: dict[str, float] = {}
         self.earlier: dict[str, float] = {}
         self.threads: dict[str, int] = {}
-        if record is not None and record.with_name("stage_threads.json").exists():
-            self.threads = _read_record(record.with_name("stage_threads.json"), _MINUTES_RECORD)
-        if record is not None and record.exists():
-            self.earlier = _read_record(record, _MINUTES_RECORD)
-        elif record is not None and (record.parent / "report.json").exists():
+        if self.threads_record.exists():
+            self.threads = _read_record(self.threads_record, _MINUTES_RECORD)
+        if self.record.exists():
+            self.earlier = _read_record(self.record, _MINUTES_RECORD)
+        elif (out / "report.json").exists():
             # Runs made before stage_minutes.json: their report has the same figures.
-            report = _read_record(record.parent / "report.json", _MINUTES_RECORD)
+            report = _read_record(out / "report.json", _MINUTES_RECORD)
             self.earlier = dict(report.get("stage_minutes") or {})
         self.saved = 0.0  # minutes the reused stages took when they ran, beyond this run's
 
@@ -280,9 +280,8 @@ class Timer:
         self.keep()
 
     def keep(self) -> None:
-        if self.record is not None:
-            write_json_atomic(self.record, {**self.earlier, **self.minutes})
-            write_json_atomic(self.record.with_name("stage_threads.json"), self.threads)
+        write_json_atomic(self.record, {**self.earlier, **self.minutes})
+        write_json_atomic(self.threads_record, self.threads)
 
     def threads_used(self) -> int | dict[str, int]:
         """The threads every stage of this run ran on, or each stage's where they differ."""
@@ -319,7 +318,7 @@ class Pipeline:
         # Absolute, so that every stage records paths that a rerun from another directory
         # (with OUT spelled another way) still finds.
         self.out = Path(os.path.abspath(cfg.out))
-        self.timer = Timer(self.out / "stage_minutes.json")
+        self.timer = Timer(self.out)
         self.world_dir = Path(os.path.abspath(cfg.world)) if cfg.world else self.out / "world"
         self._check_stage_configs()
 
@@ -346,10 +345,8 @@ class Pipeline:
     # --- stages --------------------------------------------------------------------------------
     def export_world(self) -> None:
         from gptlab.world import build_world, load_world
-        if (self.world_dir / "world.json").exists():
-            self.world = load_world(self.world_dir)
-            return
-        build_world(seed=self.cfg.world_seed).export(self.world_dir)
+        if not (self.world_dir / "world.json").exists():
+            build_world(seed=self.cfg.world_seed).export(self.world_dir)
         self.world = load_world(self.world_dir)
 
     def pretrain_config(self) -> PretrainConfig:
