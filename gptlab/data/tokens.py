@@ -240,11 +240,6 @@ class EpochSampler:
     def load_state(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
-    @property
-    def epochs(self) -> float:
-        """Epochs completed so far, fractional."""
-        return self.epoch + self.index / self.n
-
 
 class BlockBatches:
     """An endless, resumable stream of (batch_size, block_size + 1) token blocks for training."""

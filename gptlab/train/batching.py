@@ -47,10 +47,6 @@ class ListBatches:
     def load_state(self, state: dict) -> None:
         self.sampler.load_state(state)
 
-    @property
-    def epochs(self) -> float:
-        return self.sampler.epochs
-
 
 def fixed_list_batches(items: Sequence[Any], batch_size: int,
                        collate: Callable[[list[Any]], Any]) -> list[Any]:
