@@ -137,6 +137,20 @@ def test_fixed_batches_are_the_first_max_batches_full_batches_of_the_ids():
     assert [b.shape[0] for b in fixed_batches(tokens, 4, ids, 4, 5)] == [4, 4, 1]
 
 
+def test_validation_batches_sample_the_whole_held_out_set_not_its_start():
+    # 10,000 blocks, two files of 5,000; 500 held out, of which evaluation reads 10 batches of 8.
+    train, val = split_blocks(10_000, 0.05, seed=0)
+    assert train.tolist() == sorted(train.tolist())  # the training stream is unchanged
+    T = 4
+    tokens = np.arange(10_000 * T + 1, dtype=np.uint32)  # token i*T starts block i
+    read = [int(row[0]) // T for b in fixed_batches(tokens, T, val, 8, 10) for row in b]
+    assert len(read) == len(set(read)) == 80 and set(read) <= set(val.tolist())
+    # Once the first 80 held-out blocks by position: 36 to 1919, none from the second file.
+    second = sum(i >= 5_000 for i in read)
+    assert 25 <= second <= 55 and max(read) > 9_000 and min(read) < 1_000
+    assert split_blocks(10_000, 0.05, seed=0)[1].tolist() == val.tolist()  # seeded
+
+
 def test_blocks_are_context_plus_one_with_shared_boundaries(corpus, tmp_path):
     d, _, tok = corpus
     data = load_token_data([d / "a.txt"], tok, 16, val_fraction=0.0, cache_dir=tmp_path)

@@ -13,7 +13,8 @@
 2. The token stream is cut into blocks of `block_size + 1` tokens with stride `block_size`:
    block i is tokens[i*T : i*T + T + 1], inputs are its first T tokens and targets its last T,
    so every token is a target exactly once.
-3. `split_blocks` holds out a seeded random `val_fraction` of the blocks for validation.
+3. `split_blocks` holds out a seeded random `val_fraction` of the blocks for validation, in
+   a seeded random order: an evaluation that reads the first few samples the whole corpus.
 4. `EpochSampler` walks a fresh seeded permutation each epoch; its whole state is
    (epoch, index), which a checkpoint stores so a resumed run draws the same next batch.
 """
@@ -188,13 +189,16 @@ def n_blocks(n_tokens: int, block_size: int) -> int:
 
 def split_blocks(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train block ids, validation block ids): a seeded random `val_fraction` of the blocks
-    (at least one when there are two or more blocks and val_fraction > 0) goes to validation."""
+    (at least one when there are two or more blocks and val_fraction > 0) goes to validation.
+
+    The training ids are sorted; the validation ids keep their random order, so that the first
+    few (what an evaluation of `eval_batches` reads) sample the whole corpus, not its start."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"must be in [0, 1), got {val_fraction}", field="val_fraction")
     n_val = 0 if n < 2 or val_fraction == 0 else max(1, int(round(n * val_fraction)))
     n_val = min(n_val, n - 1)
     perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    return np.sort(perm[n_val:]), perm[:n_val]
 
 
 def gather_blocks(tokens: np.ndarray, block_size: int, ids: np.ndarray) -> torch.Tensor:
@@ -264,8 +268,8 @@ class BlockBatches:
 
 def fixed_batches(tokens: np.ndarray, block_size: int, block_ids: np.ndarray, batch_size: int,
                   max_batches: int) -> list[torch.Tensor]:
-    """The first `max_batches` batches of `block_ids` in order: the same validation set every
-    time, so validation losses are comparable across steps and runs."""
+    """The first `max_batches` batches of `block_ids` in their order: the same validation set
+    every time, so validation losses are comparable across steps and runs."""
     ids = block_ids[:max_batches * batch_size]
     return [gather_blocks(tokens, block_size, ids[i:i + batch_size])
             for i in range(0, len(ids), batch_size)]
