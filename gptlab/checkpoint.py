@@ -27,7 +27,7 @@ from safetensors.torch import load_file, load_model as st_load_model, save_model
 
 from gptlab.errors import UserError
 from gptlab.io import (atomic_path, ensure_dir, held_temp, new_temp_dir, remove_stale_temps,
-                       write_json_atomic, write_text_atomic)
+                       replace_dir, write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -394,9 +394,10 @@ class Checkpointer:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
                 raise
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if final.exists():  # the same step saved again: never a moment without it
+                replace_dir(tmp, final)
+            else:
+                os.replace(tmp, final)
         write_text_atomic(self.dir / "latest", final.name + "\n")
         self._prune(final)
         return final

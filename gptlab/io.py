@@ -145,6 +145,35 @@ def remove_stale_temps(directory: str | Path, pattern: str) -> list[Path]:
     return removed
 
 
+def replace_dir(new: Path, old: Path) -> None:
+    """Put directory `new` where directory `old` is, with no moment at which neither is there:
+    Linux swaps the two names in one step (renameat2's RENAME_EXCHANGE), then the old copy,
+    now under `new`'s name, is removed; where that is missing (another system, a file system
+    without it) the old copy is removed first, then `new` renamed."""
+    if _exchange(new, old):
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    shutil.rmtree(old)
+    os.replace(new, old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the system cannot."""
+    import ctypes
+    import errno
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a C library without it (glibc < 2.28)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def new_temp_dir(path: Path) -> str:
     """A new directory `.NAME.<random>.tmp` beside `path` (a name no other writer gets), with
     the permissions a plain mkdir would give it (mkdtemp makes it owner-only)."""

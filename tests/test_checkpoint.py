@@ -1,9 +1,13 @@
 """Model directories and training checkpoints: exact round trips, clear errors, atomicity."""
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import gptlab.io
 from gptlab import checkpoint as ck
 from gptlab.errors import UserError
 from gptlab.model import GPT, Transformer, TransformerConfig, get_preset
@@ -225,6 +229,36 @@ def test_keeping_the_last_k_leaves_directories_it_did_not_write(tmp_path):
     c.save(6, tiny(), state={})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
         ["latest", "step-4-keep", "step-4.bak", "step-6"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="an atomic swap of two directories is Linux's renameat2")
+def test_saving_a_step_again_never_leaves_a_moment_without_it(tmp_path, monkeypatch):
+    # A resumed run that stops early saves its step again. That save removed the step's
+    # checkpoint, then renamed the new one in: killed between the two, with keep=1, nothing
+    # was left to resume from. Here the kill comes right after the first removal.
+    c = ck.Checkpointer(tmp_path, keep=1)
+    c.save(7, tiny(), state={"copy": "old"})
+    real_rmtree = shutil.rmtree
+
+    def killed_after(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        if Path(path).parent.name == "checkpoints":  # a copy of the step, not a file's temp
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        c.save(7, tiny(), state={"copy": "new"})
+    monkeypatch.undo()
+    latest = c.latest()
+    assert latest is not None and latest.name == "step-7"
+    assert c.load(latest, tiny())["copy"] == "new"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-7"]
+    # Where the system cannot swap, the old copy goes first: the new one still lands.
+    monkeypatch.setattr(gptlab.io, "_exchange", lambda a, b: False)
+    c.save(7, tiny(), state={"copy": "newer"})
+    assert c.load(c.latest(), tiny())["copy"] == "newer"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-7"]
 
 
 def test_a_damaged_pointer_or_manifest_is_a_clear_error_or_a_fallback(tmp_path):
