@@ -275,6 +275,12 @@ def test_test_prompts_without_room_to_answer_stop_the_run_before_sft(run, tmp_pa
     assert "test.jsonl, field 'max_new_tokens': the longest test prompt has " in err
     assert "which leaves no room for 320 new ones in the context of 384" in err
     assert not (demo / "sft").exists()
+    (demo / "world" / "test.jsonl").write_text("")  # edited by hand: once a bare max() error
+    assert main(["pipeline", "--out", str(demo), *ARGS]) == 2
+    assert capsys.readouterr().err.endswith(
+        "test.jsonl: has no test questions for the evaluation to answer; export the world "
+        "again (gptlab world export)\n")
+    assert not (demo / "sft").exists()
 
 
 def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run, tmp_path):

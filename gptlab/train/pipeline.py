@@ -535,6 +535,9 @@ class Pipeline:
         tok, context = load_tokenizer(pre), get_preset(self.cfg.preset).context
         path = self.world_dir / "test.jsonl"
         test = read_jsonl(path)[:self.cfg.eval_limit or None]
+        if not test:
+            raise UserError("has no test questions for the evaluation to answer; export the "
+                            "world again (gptlab world export)", path=path)
         longest = max(len(encode_prompt(tok, r["prompt"])) for r in test)
         if longest > context - self.cfg.max_new_tokens:
             raise UserError(f"the longest test prompt has {longest} tokens, which leaves no "
