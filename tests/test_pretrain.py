@@ -409,6 +409,30 @@ def test_impossible_settings_fail_before_anything_is_written(corpus, tmp_path, c
     _nothing_left(tmp_path, out)
 
 
+def test_a_sample_prompt_that_fills_the_context_fails_before_anything_is_written(
+        corpus, tmp_path, capsys):
+    # The engine refused it at the first evaluation: a ValueError traceback (exit 1) after
+    # run.json and metrics.jsonl were written. A prompt one token shorter samples.
+    d, _, tok = corpus
+    out = tmp_path / "run"
+    words = "the cat sat on a mat " * 30
+    ids = tok.encode(words)
+    fits = tok.decode(ids[:128 - 3])  # EOS + BOS + 125 tokens: 127 of tiny's context of 128
+    too_long = tok.decode(ids[:128 - 2])
+    base = ["--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--cache-dir",
+            str(tmp_path / "cache"), "--block-size", "16", "--max-steps", "1",
+            "--sample-tokens", "4"]
+    assert run(*base, "--out", str(out), "--sample-prompt", too_long) == 2
+    assert ("gptlab pretrain: error: field 'sample_prompt': is 128 tokens as the start of a new "
+            "document, which leaves no room in the model's context of 128 for the sample; "
+            "shorten it, or set sample_tokens (--sample-tokens) to 0 for no sample"
+            ) in capsys.readouterr().err
+    _nothing_left(tmp_path, out)
+    assert run(*base, "--out", str(out), "--sample-prompt", fits) == 0
+    samples = [r["sample"] for r in read_metrics(out / "metrics.jsonl") if "sample" in r]
+    assert samples and all(s.startswith(fits) for s in samples)
+
+
 def test_continuing_a_model_directory_into_itself_is_refused(corpus, tmp_path, capsys):
     d, _, _ = corpus
     base = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",

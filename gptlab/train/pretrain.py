@@ -138,12 +138,19 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
     return build_model(config), tok
 
 
-def _sampler(tok: Any, cfg: PretrainConfig):
-    """An `on_eval` callback: continue sample_prompt as the start of a new document."""
+def _sampler(tok: Any, cfg: PretrainConfig, context: int):
+    """An `on_eval` callback: continue sample_prompt as the start of a new document. A prompt
+    that leaves no room in the context is a UserError here, before training (the engine's
+    error at the first evaluation was a traceback, with OUT already written)."""
     from gptlab.data.tokens import document_start
     from gptlab.engine import SamplingParams, generate
 
     prompt = [tok.eos_id] + document_start(tok) + tok.encode(cfg.sample_prompt)
+    if len(prompt) >= context:
+        raise UserError(f"is {len(prompt)} tokens as the start of a new document, which leaves "
+                        f"no room in the model's context of {context} for the sample; shorten "
+                        f"it, or set sample_tokens (--sample-tokens) to 0 for no sample",
+                        field="sample_prompt")
 
     def sample(model: nn.Module, step: int, val_loss: float) -> dict:
         params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50,
@@ -185,6 +192,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     block = cfg.block_size or context
     if block > context:
         raise UserError(f"{block} exceeds the model's context of {context}", field="block_size")
+    sample = _sampler(tok, cfg, context) if cfg.sample_tokens > 0 else None
     data = load_token_data(cfg.data, tok, block, cfg.val_fraction, cfg.seed, cfg.cache_dir,
                            progress=cfg.progress)
     if len(data.val_ids) == 0 and cfg.val_fraction > 0:
@@ -209,7 +217,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     batches = data.train_batches(cfg.batch_size, cfg.seed)
     val = data.val_batches(cfg.batch_size, cfg.eval_batches) if len(data.val_ids) else None
     result = train(model, batches, lm_loss, cfg, out, val_batches=val, tokenizer=tok,
-                   on_eval=_sampler(tok, cfg) if cfg.sample_tokens > 0 else None,
+                   on_eval=sample,
                    tokens_in=lambda b: b.shape[0] * (b.shape[1] - 1), resume=cfg.resume,
                    extra={"stage": "pretrain", "data_key": data.file.key})
     save_model(out, model, tok, extra={"stage": "pretrain", "step": result.step,
