@@ -317,3 +317,32 @@ def test_a_session_from_python_names_the_setting_not_only_the_flag(tiny_dir, mon
     with pytest.raises(UserError) as e:
         chat(ChatConfig())
     assert str(e.value) == "field 'model': chat needs a model to talk to (--model)"
+
+
+def test_a_system_message_that_leaves_no_room_for_a_question_fails_at_start(tiny_dir, monkeypatch,
+                                                                            capsys):
+    # Each message was skipped as too long, told to shorten itself, and the chat exited 0
+    # having answered nothing: the system message (or the template alone) was what did not fit.
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    system = "the cat sat on the mat " * 6
+    n = len(tok.render_chat([sys_msg(system), user("")], add_generation_prompt=True)[0])
+    assert 56 < n <= 86  # over the budget of 96 - 40, under that of 96 - 10
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=40))
+    assert str(e.value) == (f"field 'system': needs {n} tokens with the chat template before any "
+                            f"question, but only 56 fit (the context of 96 minus max_new_tokens "
+                            f"40); shorten it, or lower max_new_tokens (--max-new-tokens)")
+    ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=10))
+    template = len(tok.render_chat([user("")], add_generation_prompt=True)[0])
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(max_new_tokens=96 - template + 1))
+    assert str(e.value) == (f"field 'max_new_tokens': {96 - template + 1} leaves {template - 1} "
+                            f"tokens of the context of 96 for the conversation, but the chat "
+                            f"template alone needs {template}; lower it (--max-new-tokens)")
+    ChatSession(model, tok, ChatConfig(max_new_tokens=96 - template))
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--system", system, "--greedy",
+                 "--max-new-tokens", "40"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"field 'system': needs {n} tokens" in captured.err

@@ -66,8 +66,19 @@ class ChatSession:
                                      stop_ids=tuple(sorted(tokenizer.stop_ids)))
         self.turns = 0
         self.reset()
-        # Fail at start, not at the first question, when the template cannot render a chat.
-        self.count_tokens(self.messages + [{"role": "user", "content": "hi"}])
+        # Fail at start, not at the first question, when the template cannot render a chat,
+        # or when the system message (or the template alone) leaves no room for any question:
+        # every message would be skipped as too long, each told to shorten itself.
+        n = self.count_tokens(self.messages + [{"role": "user", "content": ""}])
+        if n > self.budget and self.messages:
+            raise UserError(f"needs {n} tokens with the chat template before any question, but "
+                            f"only {self.budget} fit (the context of {self.context} minus "
+                            f"max_new_tokens {cfg.max_new_tokens}); shorten it, or lower "
+                            f"max_new_tokens (--max-new-tokens)", field="system")
+        if n > self.budget:
+            raise UserError(f"{cfg.max_new_tokens} leaves {self.budget} tokens of the context of "
+                            f"{self.context} for the conversation, but the chat template alone "
+                            f"needs {n}; lower it (--max-new-tokens)", field="max_new_tokens")
 
     def reset(self) -> None:
         self.messages: list[dict] = []
