@@ -7,7 +7,9 @@ Each step is one batched forward of one token per row: no Python work per row.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -161,8 +163,24 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     if P >= context:
         raise ValueError(f"prompt of {P} tokens leaves no room in the context of {context}")
     steps = min(params.max_new_tokens, context - P)
+    with eval_mode(model):
+        return _generate(model, prompts, params, seed, pad_id, device, P, steps)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off inside; the model's own mode back after, also when the body raises."""
     was_training = model.training
     model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+              seed: int | None, pad_id: int, device: torch.device, P: int, steps: int
+              ) -> Generation:
     gen = torch.Generator(device="cpu" if device.type == "mps" else device)  # see sample_from
     gen.manual_seed(0 if seed is None else seed)
     fine = fine_generator(gen)
@@ -212,7 +230,6 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)
         logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1].float()
 
-    model.train(was_training)
     lengths = lengths.clamp(max=n).tolist()
     toks, lps = out_tokens.tolist(), out_logprobs.tolist()
     return Generation(tokens=[toks[i][:lengths[i]] for i in range(B)],

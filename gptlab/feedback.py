@@ -5,6 +5,7 @@ built-in world's simulated labelers write the same format.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -33,7 +34,8 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     line when its prompt cannot be encoded (a conversation the chat template refuses).
     """
     skips = skips if skips is not None else SkipCounter()
-    params.stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
+    stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
+    params = dataclasses.replace(params, stop_ids=stop_ids)  # the caller's stays as it was
     room = model.config.context - params.max_new_tokens
     jobs = []
     for rec in records:

@@ -297,3 +297,36 @@ def test_the_python_api_example_names_models_a_demo_run_has():
     stages = {path for path, _ in stage_dependencies(PipelineConfig().rounds)}
     named = re.findall(r'"runs/demo/([^"]+)"', api.__doc__)
     assert named and all(path in stages for path in named), named
+
+
+def test_generation_gives_the_model_its_mode_back_even_when_it_raises(monkeypatch):
+    net = model(dropout=0.1).train()
+    generate(net, [[1, 2, 3]], SamplingParams(max_new_tokens=4), seed=0)
+    assert net.training
+    calls = []
+
+    def interrupted(*args, **kwargs):  # a Ctrl-C in the chat stops an answer midway
+        calls.append(net.training)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(net, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(net, [[1, 2, 3]], SamplingParams(max_new_tokens=4), seed=0)
+    assert calls == [False] and net.training  # dropout off inside, the training mode after
+
+
+def test_sampling_responses_leaves_the_callers_settings_as_they_were():
+    from gptlab.feedback import sample_responses
+
+    class Tok:  # what sampling asks of a tokenizer
+        stop_ids, pad_id, bos_id = {5, 7}, 0, None
+
+        def encode(self, text, bos=False):
+            return [1 + len(text) % 9, 2, 3]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    params = SamplingParams(max_new_tokens=3)
+    rows = sample_responses(model(), Tok(), [{"prompt": "hi"}], 2, params, seed=0)
+    assert len(rows[0]["responses"]) == 2 and params.stop_ids == ()

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from gptlab.checkpoint import Checkpointer
+from gptlab.engine import eval_mode
 from gptlab.errors import UserError
 from gptlab.io import check_dir_out, write_json_atomic, write_jsonl_atomic
 
@@ -349,13 +350,11 @@ def evaluate(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
              device: torch.device | None = None, bf16: bool = True) -> float:
     """Mean of `loss_fn` over `batches` in eval mode (dropout off); nan when there are none."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     losses = []
-    for batch in batches:
-        with autocast(device, bf16):
-            losses.append(float(loss_fn(model, to_device(batch, device))))
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            with autocast(device, bf16):
+                losses.append(float(loss_fn(model, to_device(batch, device))))
     return sum(losses) / len(losses) if losses else float("nan")
 
 
