@@ -317,6 +317,11 @@ class PPOTrainer:
                             field="max_new_tokens")
         if cfg.reference:
             self.reference, ref_tok, _ = load_model(cfg.reference, self.device)
+            if not isinstance(self.reference, GPT):
+                raise UserError(f"is a {type(self.reference).__name__}, not a decoder-only "
+                                f"language model; the reference must be one (the KL is measured "
+                                f"against its log-probabilities)", path=cfg.reference,
+                                field="reference")
             self._check_vocabulary(self.reference, ref_tok, "reference", "the reference model")
         else:
             self.reference = copy.deepcopy(self.policy)
