@@ -120,6 +120,20 @@ def test_rollout_reference_and_update_use_the_sampling_temperature(setup, tmp_pa
     assert stats["approx_kl"] == 0 and stats["clipfrac"] == 0
 
 
+def test_the_logged_entropy_is_at_the_temperature_and_keeps_no_graph(setup, tmp_path):
+    # Only logged: its graph kept two (B, R, V) tensors alive through the update's backward and
+    # the next minibatch's forward.
+    t = trainer(setup, tmp_path / "run")
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    logp, entropy = response_logprobs(t.policy, ro, T, with_entropy=True)
+    assert logp.requires_grad and entropy.grad_fn is None and not entropy.requires_grad
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+            logits = t.policy(torch.tensor([p + r]))[0, len(p) - 1:-1].float() / T
+            want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            torch.testing.assert_close(entropy[i, :len(r)], want, atol=1e-5, rtol=0)
+
+
 def test_the_update_loss_is_pg_plus_vf_coef_vf_plus_ptx_coef_ptx(setup, tmp_path, monkeypatch):
     d, paths = setup
     vf_coef, ptx_coef = 0.3, 0.25

@@ -261,7 +261,9 @@ def response_logprobs(model: GPT, ro: Rollout, temperature: float,
     h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=prefix_cache(model, ro))
     logits = scale_logits(model.lm_head(h[:, ro.P - 1:-1]).float(), temperature)
     lp = token_logprobs(logits, ro.response_ids)
-    return lp, entropy_from_logits(logits) if with_entropy else None
+    # The entropy is only logged: with a graph, it would keep two (B, R, V) tensors alive
+    # through the backward and the next minibatch's forward.
+    return lp, entropy_from_logits(logits.detach()) if with_entropy else None
 
 
 def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
