@@ -399,16 +399,22 @@ def test_a_reference_or_value_model_with_another_tokenizer_is_refused(setup, tmp
     assert not out.exists()
 
 
-def test_a_reference_that_is_not_a_language_model_is_refused(setup, tmp_path, capsys):
+@pytest.mark.parametrize("flag,message", [
     # A reward model's directory as --reference ran a rollout and the reward function, then
     # crashed with an AttributeError inside the KL computation.
+    ("--reference", "is a ScalarHeadModel, not a decoder-only language model"),
+    ("--value", "the value model must be a scalar-head model"),
+])
+def test_a_reference_or_value_model_of_the_wrong_kind_is_refused(setup, tmp_path, capsys, flag,
+                                                                 message):
     from gptlab.model.heads import ScalarHeadModel
     d, _, _ = setup
     policy, tok, _ = load_model(d / "policy")
     torch.manual_seed(0)
-    save_model(tmp_path / "rm", ScalarHeadModel(policy.config), tok)
+    wrong = ScalarHeadModel(policy.config) if flag == "--reference" else policy
+    save_model(tmp_path / "wrong", wrong, tok)
     out = tmp_path / "run"
-    assert main(ppo_args(d, out, "--reference", str(tmp_path / "rm"))) == 2
-    assert (f"{tmp_path / 'rm'}, field 'reference': is a ScalarHeadModel, not a decoder-only "
-            "language model" in capsys.readouterr().err)
+    assert main(ppo_args(d, out, flag, str(tmp_path / "wrong"))) == 2
+    assert (f"{tmp_path / 'wrong'}, field '{flag[2:]}': {message}"
+            in capsys.readouterr().err)
     assert not out.exists()

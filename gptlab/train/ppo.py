@@ -401,14 +401,14 @@ class PPOTrainer:
     def _init_value_model(self) -> ScalarHeadModel:
         if self.cfg.value:
             vm, vm_tok, _ = load_model(self.cfg.value, self.device)
+            if not isinstance(vm, ScalarHeadModel):
+                raise UserError("the value model must be a scalar-head model",
+                                path=self.cfg.value, field="value")
+            self._check_vocabulary(vm, vm_tok, "value", "the value model")
         elif self.reward_model is not None:
             vm = copy.deepcopy(self.reward_model)
         else:  # a reward function: start the value model from the policy, head at its init
             vm = ScalarHeadModel.from_gpt(self.policy)
-        if not isinstance(vm, ScalarHeadModel):
-            raise UserError("the value model must be a scalar-head model", path=self.cfg.value)
-        if self.cfg.value:
-            self._check_vocabulary(vm, vm_tok, "value", "the value model")
         vm.fold_normalisation()  # from a reward model: V(s_T) on the scale PPO's rewards use
         vm.requires_grad_(True)
         return vm
