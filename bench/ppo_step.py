@@ -129,7 +129,7 @@ def start_gap(ours: Any, policy: Any, reward: Any, value: Any) -> dict[str, floa
     logits = forward(policy, full, pad).logits[:, ctx - 1:-1] / T
     gaps = {
         "reward": ours.reward_model(ro.ids, ro.attention_mask,
-                                    prefix_cache(ours.reward_model.backbone, ro))
+                                    prefix_cache(ours.reward_model.backbone, ro.prefix, B))
         - get_reward(reward, full, pad, ctx)[1],
         "policy log-prob": (response_logprobs(ours.policy, ro, T)[0]
                             - selective_log_softmax(logits, ro.response_ids))[real],

@@ -50,7 +50,8 @@ def test_shared_prefix_layout_equals_the_plain_one(positions):
         lp, ent = response_logprobs(policy, ro, temperature=1.5, with_entropy=True)
         m = ro.response_mask.bool()
         lp[m].sum().backward()
-        scores = value(ro.ids, ro.attention_mask, prefix_cache(value.backbone, ro))
+        cache = prefix_cache(value.backbone, ro.prefix, len(ro.ids))
+        scores = value(ro.ids, ro.attention_mask, cache)
         got.append((lp[m], ent[m], response_values(value, ro)[m], scores,
                     [p.grad.clone() for p in policy.parameters()]))
     (a, b) = got

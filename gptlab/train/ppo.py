@@ -226,13 +226,14 @@ def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
     return ids.to(device), full_mask.to(device), mask[:, P:].to(device), P, prefix
 
 
-def prefix_cache(backbone: GPT, ro: Rollout) -> PrefixKV | None:
-    """The shared prefix encoded once, its keys/values read by every row (gradients flow)."""
-    if ro.prefix is None:
+def prefix_cache(backbone: GPT, prefix: Tensor | None, rows: int) -> PrefixKV | None:
+    """The shared prefix (1, n) encoded once, its keys/values read by each of `rows` rows
+    (gradients flow)."""
+    if prefix is None:
         return None
     cache = PrefixKV()
-    backbone.hidden_states(ro.prefix, cache=cache)
-    return cache.expand(torch.zeros(ro.ids.shape[0], dtype=torch.long, device=ro.ids.device))
+    backbone.hidden_states(prefix, cache=cache)
+    return cache.expand(torch.zeros(rows, dtype=torch.long, device=prefix.device))
 
 
 @torch.no_grad()
@@ -247,10 +248,9 @@ def reward_model_scores(model: ScalarHeadModel, prompts: list[list[int]],
         groups = [[i] for i in range(len(prompts))]
     scores = []
     for rows in groups:
-        ids, mask, rmask, P, prefix = layout([prompts[i] for i in rows],
-                                             [responses[i] for i in rows], pad_id, device, shared)
-        view = Rollout(ids, mask, rmask, P, [], [], rmask[:, 0].bool(), prefix)
-        scores.append(model(ids, mask, prefix_cache(model.backbone, view)))
+        ids, mask, _, _, prefix = layout([prompts[i] for i in rows],
+                                         [responses[i] for i in rows], pad_id, device, shared)
+        scores.append(model(ids, mask, prefix_cache(model.backbone, prefix, len(ids))))
     return torch.cat(scores).float()
 
 
@@ -258,7 +258,8 @@ def response_logprobs(model: GPT, ro: Rollout, temperature: float,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
     exactly as in the rollout. (B, R)."""
-    h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=prefix_cache(model, ro))
+    cache = prefix_cache(model, ro.prefix, len(ro.ids))
+    h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=cache)
     logits = scale_logits(model.lm_head(h[:, ro.P - 1:-1]).float(), temperature)
     lp = token_logprobs(logits, ro.response_ids)
     # The entropy is only logged: with a graph, it would keep two (B, R, V) tensors alive
@@ -268,7 +269,7 @@ def response_logprobs(model: GPT, ro: Rollout, temperature: float,
 
 def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
     """V(s_t) at the position that predicts response token t. (B, R)."""
-    cache = prefix_cache(value_model.backbone, ro)
+    cache = prefix_cache(value_model.backbone, ro.prefix, len(ro.ids))
     return value_model.values(ro.ids, ro.attention_mask, cache)[:, ro.P - 1:-1]
 
 
