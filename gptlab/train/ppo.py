@@ -490,7 +490,8 @@ class PPOTrainer:
                 continue
             prompts.append(self.prompt_ids[i])
             records.append(self.records[i])
-            ends.extend(self.prompt_ends[i:i + 1])
+            if self.prompt_ends:  # with a reward model: the end of turn closing its response
+                ends.append(self.prompt_ends[i])
         if not prompts:
             return None
         gen = generate(self.policy, prompts, SamplingParams(
