@@ -112,8 +112,10 @@ class BestKeeper:
         self.best_step: int | None = None
         self.best_val_loss: float | None = None  # of the best evaluation
         self._best_key: tuple[float, float] | None = None  # (score, -val_loss) of the best
-        self.patience, self.since_best = patience, 0
-        self.best_loss: float | None = None
+        # For `patience`: evaluations since the last progress (a best score or a new lowest
+        # validation loss), and that lowest loss.
+        self.patience, self.since_progress = patience, 0
+        self.lowest_val_loss: float | None = None
 
     @property
     def best(self) -> float | None:
@@ -126,7 +128,7 @@ class BestKeeper:
             row["exec_acc"] = self.exec_eval(model)
         if self._record(step, row.get("exec_acc"), val_loss) and self.keep_weights:
             save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
-        if self.patience and self.since_best >= self.patience:
+        if self.patience and self.since_progress >= self.patience:
             row["stop"] = True  # the validation optimum is behind us
         return row
 
@@ -142,11 +144,12 @@ class BestKeeper:
         if key is not None and (self._best_key is None or key > self._best_key):
             self.best_step, self._best_key, self.best_val_loss = step, key, val_loss
             best = True
-        if val_loss is not None and (self.best_loss is None or val_loss < self.best_loss):
+        if val_loss is not None and (self.lowest_val_loss is None
+                                     or val_loss < self.lowest_val_loss):
             # A falling validation loss is progress too: execution accuracy can sit flat for a
             # while before the model learns to copy values, and must not end training there.
-            self.best_loss, improved = val_loss, True
-        self.since_best = 0 if best or improved else self.since_best + 1
+            self.lowest_val_loss, improved = val_loss, True
+        self.since_progress = 0 if best or improved else self.since_progress + 1
         return best
 
     def restore(self, metrics: list[dict], upto: int) -> None:
