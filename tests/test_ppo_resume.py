@@ -307,10 +307,27 @@ def test_no_prompt_that_fits_is_a_clear_error_that_leaves_nothing(setup, tmp_pat
     args = ppo_args(d, out)
     args[args.index("--prompts") + 1] = str(prompts)
     assert main(args) == 2
-    assert (f"{prompts}: none of the 1 prompts drawn for step 1 fits the policy's context of 64 "
+    assert (f"{prompts}: none of the 1 prompts fits the policy's context of 64 "
             "tokens with max_new_tokens 4; use shorter prompts or a smaller --max-new-tokens"
             in capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_a_step_that_draws_only_prompts_too_long_draws_again(setup, tmp_path, capsys):
+    # It stopped the run mid-way (exit 2), leaving run.json and metrics.jsonl but no model
+    # and no checkpoint.
+    d, _, _ = setup
+    prompts = tmp_path / "mixed.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
+                               for p in ["cat", "cat " * 80, "cat " * 80, "cat " * 80]))
+    out = tmp_path / "run"
+    args = ppo_args(d, out, "--steps", "6", "--batch-size", "1", "--minibatch-size", "1",
+                    "--seed", "2")  # steps 1 to 3 draw the short prompt, step 4 a long one
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert main(args) == 0
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    skipped = json.loads((out / "config.json").read_text())["skipped"]
+    assert skipped["prompts longer than the context minus max_new_tokens"] > 0
 
 
 def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup, tmp_path,
@@ -337,7 +354,7 @@ def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup,
     assert ("field 'max_new_tokens': must be below the reward model's context of 32, got 40"
             in capsys.readouterr().err)
     assert run(tmp_path / "b") == 2
-    assert ("none of the 1 prompts drawn for step 1 fits the reward model's context of 32 tokens "
+    assert ("none of the 1 prompts fits the reward model's context of 32 tokens "
             "with max_new_tokens 4" in capsys.readouterr().err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     # The reference reads them too (its crash was a ValueError from inside the model).
@@ -345,7 +362,7 @@ def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup,
     args = ppo_args(d, tmp_path / "c", "--reference", str(tmp_path / "ref"))
     args[args.index("--prompts") + 1] = str(prompts)
     assert main(args) == 2
-    assert ("none of the 1 prompts drawn for step 1 fits the reference's context of 32 tokens"
+    assert ("none of the 1 prompts fits the reference's context of 32 tokens"
             in capsys.readouterr().err)
     assert not (tmp_path / "c").exists()
 

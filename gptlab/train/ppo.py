@@ -377,6 +377,11 @@ class PPOTrainer:
                     self.prompt_ends.append(end_of_response(self.tok, prompt))
             except UserError as e:
                 raise e.at(cfg.prompts, rec.get("_line")) from None
+        if not any(len(p) <= self.context - cfg.max_new_tokens for p in self.prompt_ids):
+            raise UserError(f"none of the {len(self.prompt_ids)} prompts fits {self.context_of} "
+                            f"context of {self.context} tokens with max_new_tokens "
+                            f"{cfg.max_new_tokens}; use shorter prompts or a smaller "
+                            f"--max-new-tokens", path=cfg.prompts)
         self.skips = SkipCounter()
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
@@ -478,22 +483,22 @@ class PPOTrainer:
                 "with the same settings, or choose another --out", path=path, field=diff[0])
 
     # --- 1. rollout ---------------------------------------------------------------------------
-    def rollout(self, step: int) -> Rollout | None:
+    def rollout(self, step: int) -> Rollout:
         cfg = self.cfg
         room = self.context - cfg.max_new_tokens
         prompts, records, ends = [], [], []
-        # (drawn by position: the same draws as sampling the records themselves)
-        for i in self.rng.sample(range(len(self.records)), min(cfg.batch_size,
-                                                               len(self.records))):
-            if len(self.prompt_ids[i]) > room:
-                self.skips.add("prompts longer than the context minus max_new_tokens")
-                continue
-            prompts.append(self.prompt_ids[i])
-            records.append(self.records[i])
-            if self.prompt_ends:  # with a reward model: the end of turn closing its response
-                ends.append(self.prompt_ends[i])
-        if not prompts:
-            return None
+        # A draw with no prompt that fits is drawn again (one fits: __init__ checked).
+        while not prompts:
+            # (drawn by position: the same draws as sampling the records themselves)
+            for i in self.rng.sample(range(len(self.records)), min(cfg.batch_size,
+                                                                   len(self.records))):
+                if len(self.prompt_ids[i]) > room:
+                    self.skips.add("prompts longer than the context minus max_new_tokens")
+                    continue
+                prompts.append(self.prompt_ids[i])
+                records.append(self.records[i])
+                if self.prompt_ends:  # with a reward model: the end of turn closing its response
+                    ends.append(self.prompt_ends[i])
         gen = generate(self.policy, prompts, SamplingParams(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             stop_ids=tuple(sorted(self.tok.stop_ids))),
@@ -617,13 +622,6 @@ class PPOTrainer:
             while self.step < cfg.steps:
                 step = self.step + 1
                 ro = self.rollout(step)
-                if ro is None:
-                    raise UserError(
-                        f"none of the {min(cfg.batch_size, len(self.records))} prompts drawn "
-                        f"for step {step} fits {self.context_of} context of "
-                        f"{self.context} tokens with max_new_tokens "
-                        f"{cfg.max_new_tokens}; use shorter prompts or a smaller "
-                        f"--max-new-tokens", path=cfg.prompts)
                 scores = self.score(ro)
                 batch = self.advantages(ro, scores)
                 lr = lr_at(step - 1, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
