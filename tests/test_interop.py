@@ -359,6 +359,27 @@ def test_export_native_models(fields, arch, tmp_path):
     assert_same_logits(model, theirs, PROMPTS)
 
 
+@pytest.mark.parametrize("fields", [dict(), dict(positions="rotary", norm="rmsnorm",
+                                                  activation="swiglu", bias=False)])
+def test_export_writes_null_token_ids_where_there_are_none(fields, tmp_path):
+    # Left out, transformers took its own defaults: GPT-2's 50256 (outside a small vocabulary,
+    # with a warning at every load) and Llama's 1 and 2, for a model exported without a
+    # tokenizer; and Llama's BOS 1 for one whose tokenizer has no BOS (Qwen2's, say).
+    from gptlab.tokenizer import Tokenizer, train_tokenizer
+
+    model = GPT(GPTConfig(vocab_size=300, context=64, n_layers=1, n_heads=2, d_model=16,
+                          **fields))
+    export_hf(model, None, tmp_path / "bare")
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path / "bare")
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (None, None, None)
+    trained = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300)
+    no_bos = Tokenizer(trained.hf, None, trained.eos_token, None, trained.chat_template)
+    export_hf(model, no_bos, tmp_path / "no_bos")
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path / "no_bos")
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == \
+        (None, no_bos.eos_id, no_bos.eos_id)
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(prenorm=False, activation="gelu"), "prenorm=False"),
     (dict(positions="sinusoidal"), "positions='sinusoidal'"),

@@ -442,15 +442,14 @@ def _export_family(cfg: GPTConfig) -> str:
 
 
 def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) -> dict:
-    ids = {}
+    # Every id written, null where there is none (no tokenizer, or one without BOS): left
+    # out, transformers takes its own defaults (Llama's 1 and 2, GPT-2's 50256, outside a small
+    # vocabulary). The BOS token's id is written even where prompts do not start with it.
+    ids: dict[str, int | None] = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
     if tokenizer is not None:
-        # The BOS token's id even where prompts do not start with it (add_bos off): left out,
-        # transformers would take its own default (1 for Llama) for the model's BOS.
-        bos = tokenizer.hf.token_to_id(tokenizer.bos_token) if tokenizer.bos_token else None
-        for key, v in (("bos_token_id", bos), ("eos_token_id", tokenizer.eos_id),
-                       ("pad_token_id", tokenizer.pad_id)):
-            if v is not None:
-                ids[key] = v
+        ids.update(bos_token_id=tokenizer.hf.token_to_id(tokenizer.bos_token)
+                   if tokenizer.bos_token else None,
+                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
               "torch_dtype": str(dtype).removeprefix("torch."), **ids}
     if family == "gpt2":
