@@ -211,11 +211,33 @@ def test_sharded_checkpoint_loads_and_missing_shard_is_refused(tmp_path, capsys)
     model, _ = load_pretrained(tmp_path / "src")
     assert_same_logits(model, theirs, PROMPTS[:1])
     shards[1].unlink()
-    with pytest.raises(UserError, match=f"missing shard.*{shards[1].name}"):
+    with pytest.raises(UserError) as e:
         load_pretrained(tmp_path / "src")
+    assert str(e.value) == (f"{tmp_path / 'src' / 'model.safetensors.index.json'}, field "
+                            f"'weight_map': missing shard(s) {shards[1].name}: listed, but not "
+                            f"in {tmp_path / 'src'}")
     assert main(["convert", "--from", "hf", str(tmp_path / "src"),
                  "--out", str(tmp_path / "x")]) == 2
     assert shards[1].name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{oops", "model.safetensors.index.json:1: not valid JSON"),
+    ("[]", "model.safetensors.index.json, field 'weight_map': expected an object of tensor "
+           "name -> shard file name, got None"),
+    ('{"weight_map": ["a"]}', "field 'weight_map': expected an object .* got \\['a'\\]"),
+    ('{"weight_map": {"lm_head.weight": null}}', "field 'weight_map': .* got \\{'lm_head"),
+])
+def test_a_bad_shard_index_is_named_not_a_traceback(index, message, tmp_path, capsys):
+    # A weight_map that was not an object of file names raised AttributeError or TypeError.
+    src = tmp_path / "src"
+    _hf_model("llama", seed=1).save_pretrained(src, max_shard_size="40KB")
+    (src / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(UserError, match=message):
+        load_pretrained(src)
+    capsys.readouterr()
+    assert main(["convert", "--from", "hf", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
 def _edit_config(d: Path, **changes) -> None:

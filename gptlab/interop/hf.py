@@ -182,6 +182,22 @@ def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
 
 # --- weights -----------------------------------------------------------------------------------
 
+def _shards_of_index(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json lists in its weight_map."""
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg})", path=index, line=e.lineno) from None
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", path=index) from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(f, str) and f for f in weight_map.values()):
+        raise UserError(f"expected an object of tensor name -> shard file name, got "
+                        f"{weight_map!r:.60}", path=index, field="weight_map")
+    return sorted(set(weight_map.values()))
+
+
 def read_safetensors_dir(d: Path) -> dict[str, Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint."""
     from safetensors import SafetensorError
@@ -189,14 +205,11 @@ def read_safetensors_dir(d: Path) -> dict[str, Tensor]:
 
     index = d / "model.safetensors.index.json"
     if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"unreadable shard index ({e})", path=index) from None
+        shards = _shards_of_index(index)
         missing = [s for s in shards if not (d / s).exists()]
         if missing:
-            raise UserError(f"missing shard(s) {', '.join(missing)} listed in "
-                            f"model.safetensors.index.json", path=d)
+            raise UserError(f"missing shard(s) {', '.join(missing)}: listed, but not in {d}",
+                            path=index, field="weight_map")
     elif (d / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
