@@ -576,6 +576,15 @@ def test_gguf_import_matches_transformers(family, arch, tmp_path):
     (dict(raw={"blk.0.ffn_up.weight": (np.zeros((96, 80), np.uint8), None,
                                        gguf.GGMLQuantizationType.Q8_1)}),
      "blk.0.ffn_up.weight: quantization type Q8_1"),
+    # Metadata of the wrong type, or heads that do not split, raised a bare ValueError.
+    (dict(extra={"llama.context_length": "128k"}),
+     "field 'llama.context_length': must be a positive integer, got '128k'"),
+    (dict(extra={"llama.attention.layer_norm_rms_epsilon": "tiny"}),
+     "field 'llama.attention.layer_norm_rms_epsilon': must be a finite positive number"),
+    (dict(extra={"tokenizer.ggml.eos_token_id": "<eos>"}),
+     "field 'tokenizer.ggml.eos_token_id': must be a token id, got '<eos>'"),
+    (dict(extra={"llama.attention.head_count_kv": 3}),
+     "field 'llama.attention.head_count_kv': llama.attention.head_count 4 is not a multiple"),
 ])
 def test_unsupported_gguf_is_refused(kwargs, message, tmp_path, capsys):
     path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), **kwargs)

@@ -6,6 +6,7 @@ Supported: architectures `llama` (Llama, Mistral, SmolLM) and `qwen2`, with a by
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from gptlab.errors import UserError
-from gptlab.interop.hf import Named, assemble
+from gptlab.interop.hf import Named, _heads_fit, assemble
 from gptlab.model.gpt import GPT, GPTConfig
 
 SUPPORTED_GGUF = ("llama", "qwen2")
@@ -57,6 +58,22 @@ class _Meta:
             raise UserError("required metadata key is missing", path=self.path, field=key)
         return v
 
+    def count(self, key: str, default: int | None = None) -> int:
+        """A positive integer; without a default the key is required."""
+        v = self.need(key) if default is None else self.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"must be a positive integer, got {v!r}", path=self.path, field=key)
+        return v
+
+    def positive(self, key: str, default: float | None = None) -> float:
+        """A finite positive number (epsilon, rope base); without a default, required."""
+        v = self.need(key) if default is None else self.get(key, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                or v <= 0:
+            raise UserError(f"must be a finite positive number, got {v!r}", path=self.path,
+                            field=key)
+        return float(v)
+
 
 def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -> GPTConfig:
     a = arch + "."
@@ -71,20 +88,23 @@ def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -
     if meta.get(a + "expert_count", 0):
         raise UserError("mixture-of-experts models are not supported", path=meta.path,
                         field=a + "expert_count")
-    d, h = int(meta.need(a + "embedding_length")), int(meta.need(a + "attention.head_count"))
-    head_dim = int(meta.get(a + "attention.key_length", d // h))
-    if int(meta.get(a + "rope.dimension_count", head_dim)) != head_dim:
+    d, h = meta.count(a + "embedding_length"), meta.count(a + "attention.head_count")
+    kv = meta.count(a + "attention.head_count_kv", h)
+    explicit_head_dim = a + "attention.key_length" in meta.fields
+    _heads_fit(d, h, kv, explicit_head_dim, meta.path, (a + "embedding_length",
+               a + "attention.head_count", a + "attention.head_count_kv"))
+    head_dim = meta.count(a + "attention.key_length", d // h)
+    if meta.count(a + "rope.dimension_count", head_dim) != head_dim:
         raise UserError("partial rotary embeddings are not supported", path=meta.path,
                         field=a + "rope.dimension_count")
     has_bias = "blk.0.attn_q.bias" in tensor_names
-    return GPTConfig(vocab_size=int(meta.get(a + "vocab_size", n_vocab)),
-                     context=int(meta.need(a + "context_length")),
-                     n_layers=int(meta.need(a + "block_count")), n_heads=h,
-                     n_kv_heads=int(meta.get(a + "attention.head_count_kv", h)), d_model=d,
-                     d_ff=int(meta.need(a + "feed_forward_length")),
+    return GPTConfig(vocab_size=meta.count(a + "vocab_size", n_vocab or None),
+                     context=meta.count(a + "context_length"),
+                     n_layers=meta.count(a + "block_count"), n_heads=h,
+                     n_kv_heads=kv, d_model=d, d_ff=meta.count(a + "feed_forward_length"),
                      head_dim=None if head_dim * h == d else head_dim, positions="rotary",
-                     rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)), norm="rmsnorm",
-                     norm_eps=float(meta.need(a + "attention.layer_norm_rms_epsilon")),
+                     rope_theta=meta.positive(a + "rope.freq_base", 10000.0), norm="rmsnorm",
+                     norm_eps=meta.positive(a + "attention.layer_norm_rms_epsilon"),
                      prenorm=True, activation="swiglu", bias=False,
                      qkv_bias=True if has_bias else None,
                      tie_embeddings="output.weight" not in tensor_names)
@@ -183,7 +203,9 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
 
     def token(key: str) -> str | None:
         i = meta.get(key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        if i is not None and (not isinstance(i, int) or isinstance(i, bool)):
+            raise UserError(f"must be a token id, got {i!r}", path=meta.path, field=key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     # BOS goes before a prompt only if the model was trained so; the chat template gets it anyway.
     return Tokenizer(hf, bos_token=token("tokenizer.ggml.bos_token_id"),
