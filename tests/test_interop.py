@@ -264,9 +264,12 @@ def test_mismatched_shapes_are_refused(tmp_path):
     ({"model_type": "mistral", "sliding_window": 32}, "sliding-window"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
+    # A list (unhashable) raised a TypeError.
+    ({"model_type": "gpt2", "activation_function": ["gelu"]},
+     r"field 'activation_function': activation \['gelu'\] is not supported"),
 ])
 def test_unsupported_hf_configs_are_refused(changes, message, tmp_path, capsys):
-    _hf_model("llama").save_pretrained(tmp_path)
+    _hf_model("gpt2" if changes.get("model_type") == "gpt2" else "llama").save_pretrained(tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(UserError, match=message):
         load_pretrained(tmp_path)

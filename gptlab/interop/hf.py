@@ -102,8 +102,8 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
             "gelu": "gelu", "relu": "relu", "silu": "silu"}
     act = cfg.get("activation_function", "gelu_new")
-    if act not in acts:
-        raise UserError(f"activation '{act}' is not supported (supported: {sorted(acts)})",
+    if not isinstance(act, str) or act not in acts:
+        raise UserError(f"activation {act!r} is not supported (supported: {sorted(acts)})",
                         path=path, field="activation_function")
     for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
                     ("scale_attn_weights", True)):
