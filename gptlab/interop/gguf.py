@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gptlab.errors import UserError
-from gptlab.interop.hf import Named, _heads_fit, assemble
+from gptlab.interop.hf import Named, check_heads, assemble
 from gptlab.model.gpt import GPT, GPTConfig
 
 SUPPORTED_GGUF = ("llama", "qwen2")
@@ -91,8 +91,8 @@ def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -
     d, h = meta.count(a + "embedding_length"), meta.count(a + "attention.head_count")
     kv = meta.count(a + "attention.head_count_kv", h)
     explicit_head_dim = a + "attention.key_length" in meta.fields
-    _heads_fit(d, h, kv, explicit_head_dim, meta.path, (a + "embedding_length",
-               a + "attention.head_count", a + "attention.head_count_kv"))
+    check_heads(d, h, kv, explicit_head_dim, meta.path, (a + "embedding_length",
+                a + "attention.head_count", a + "attention.head_count_kv"))
     head_dim = meta.count(a + "attention.key_length", d // h)
     if meta.count(a + "rope.dimension_count", head_dim) != head_dim:
         raise UserError("partial rotary embeddings are not supported", path=meta.path,

@@ -67,8 +67,8 @@ def _flag(cfg: dict, key: str, path: Path, default: bool) -> bool:
     return v
 
 
-def _heads_fit(d: int, h: int, kv: int, head_dim_set: bool, path: Path,
-               keys: tuple[str, str, str]) -> None:
+def check_heads(d: int, h: int, kv: int, head_dim_set: bool, path: Path,
+                keys: tuple[str, str, str]) -> None:
     """Refuse a width that the heads do not split (without an explicit head_dim) and
     key/value heads that do not divide the query heads; `keys` name width, heads, kv heads."""
     width, heads, kv_heads = keys
@@ -111,7 +111,7 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
             raise UserError(f"{key}={cfg[key]} changes the attention and does not map to "
                             f"gptlab", path=path, field=key)
     d, h = _count(cfg, "n_embd", path), _count(cfg, "n_head", path)
-    _heads_fit(d, h, h, False, path, ("n_embd", "n_head", "n_head"))
+    check_heads(d, h, h, False, path, ("n_embd", "n_head", "n_head"))
     return GPTConfig(vocab_size=_count(cfg, "vocab_size", path),
                      context=_count(cfg, "n_positions", path, 1024),
                      n_layers=_count(cfg, "n_layer", path), n_heads=h, d_model=d,
@@ -152,8 +152,8 @@ def _llama_config(cfg: dict, path: Path) -> GPTConfig:
     d, h = _count(cfg, "hidden_size", path), _count(cfg, "num_attention_heads", path)
     kv = _count(cfg, "num_key_value_heads", path, None) or h
     explicit_head_dim = _count(cfg, "head_dim", path, None)
-    _heads_fit(d, h, kv, explicit_head_dim is not None, path,
-               ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    check_heads(d, h, kv, explicit_head_dim is not None, path,
+                ("hidden_size", "num_attention_heads", "num_key_value_heads"))
     head_dim = explicit_head_dim or d // h
     return GPTConfig(vocab_size=_count(cfg, "vocab_size", path), context=n_pos,
                      n_layers=_count(cfg, "num_hidden_layers", path), n_heads=h,
