@@ -362,6 +362,20 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
         yield lineno, row
 
 
+def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
+    """The JSON document in `path`; broken JSON or text that is not UTF-8 is a UserError naming
+    the file (and the line), and so is anything but an object unless `what` is None."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg})", path=path, line=e.lineno) from None
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", path=path) from None
+    if what is not None and not isinstance(doc, dict):
+        raise UserError(f"expected {what}", path=path)
+    return doc
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSONL file; a broken line or a missing field is a UserError naming file and line.
     Each row's `_line` is its line number, which errors name: a reserved field, replaced if a

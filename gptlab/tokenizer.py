@@ -37,7 +37,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, ensure_dir, write_json_atomic
+from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -480,14 +480,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     config: dict = {}
     config_file = file.parent / "tokenizer_config.json"
     if config_file.exists():
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"not valid JSON ({e.msg})", path=config_file, line=e.lineno) from None
-        except UnicodeDecodeError:
-            raise UserError("not UTF-8 text", path=config_file) from None
-        if not isinstance(config, dict):
-            raise UserError("expected a JSON object", path=config_file)
+        config = read_json(config_file)
 
     template = config.get("chat_template")
     if isinstance(template, list):  # HF's named templates: [{"name": ..., "template": ...}]

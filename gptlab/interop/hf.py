@@ -20,7 +20,7 @@ from torch import Tensor
 
 from gptlab.checkpoint import check_config, check_pad_token_id
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, ensure_dir, write_json_atomic
+from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 
@@ -184,12 +184,7 @@ def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
 
 def _shards_of_index(index: Path) -> list[str]:
     """The shard files a model.safetensors.index.json lists in its weight_map."""
-    try:
-        raw = json.loads(index.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"not valid JSON ({e.msg})", path=index, line=e.lineno) from None
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text", path=index) from None
+    raw = read_json(index, what=None)
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(f, str) and f for f in weight_map.values()):
@@ -406,14 +401,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
     cfg_path = d / "config.json"
     if not cfg_path.exists():
         raise UserError("not a Hugging Face model directory (config.json is missing)", path=d)
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"not valid JSON ({e.msg})", path=cfg_path, line=e.lineno) from None
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text", path=cfg_path) from None
-    if not isinstance(raw, dict):
-        raise UserError("expected a JSON object", path=cfg_path)
+    raw = read_json(cfg_path)
     if str(raw.get("format", "")).startswith("gptlab/"):
         raise UserError(f"a gptlab model directory (format {raw['format']!r}), not a Hugging "
                         f"Face one", path=cfg_path, field="format")

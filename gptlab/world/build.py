@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from gptlab.io import (atomic_path, read_json, write_json_atomic, write_jsonl_atomic,
+                       write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
 from gptlab.world.corpus import build_corpus
 from gptlab.world.database import (Company, contents_digest, generate_company,
@@ -292,14 +293,7 @@ def load_world(directory: str | Path) -> World:
     manifest_path = directory / "world.json"
     if not manifest_path.is_file():
         raise UserError("not a world directory (world.json not found)", path=manifest_path)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"not valid JSON ({e.msg})", path=manifest_path, line=e.lineno) from None
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text", path=manifest_path) from None
-    if not isinstance(manifest, dict):
-        raise UserError("expected a JSON object (the world's manifest)", path=manifest_path)
+    manifest = read_json(manifest_path, "a JSON object (the world's manifest)")
     if manifest.get("format") != FORMAT:
         raise UserError(f"expected format '{FORMAT}', got {manifest.get('format')!r}",
                         path=manifest_path, field="format")
