@@ -1,0 +1,83 @@
+"""The commands the documentation shows are commands gptlab accepts: every `gptlab ...` line
+of a shell block in README.md and docs/ parses with the verb's own flags."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from gptlab.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def shell_blocks(text: str) -> list[str]:
+    """The bodies of the fenced blocks marked bash, sh or console."""
+    blocks, body, lang = [], None, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if body is None:
+                body, lang = [], line[3:].strip()
+            else:
+                if lang in ("bash", "sh", "console"):
+                    blocks.append("\n".join(body))
+                body = None
+        elif body is not None:
+            body.append(line)
+    return blocks
+
+
+def gptlab_commands(text: str) -> list[list[str]]:
+    """The arguments of each `gptlab` command, continuation lines joined, with the shell's
+    comments, pipes, `&&`, redirections, `time` and leading VAR=value assignments left out."""
+    commands = []
+    for block in shell_blocks(text):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;()<>")
+            lexer.whitespace_split = True
+            words, parts, target = [], [], False
+            for token in lexer:  # operators (|, &&, ;, >) come as tokens of their own
+                if token[0] in "|&;()":
+                    parts.append(words)
+                    words = []
+                elif token[0] in "<>":
+                    target = True  # the file a redirection names is not an argument
+                elif target:
+                    target = False
+                else:
+                    words.append(token)
+            parts.append(words)
+            for words in parts:
+                while words and (re.match(r"^[A-Za-z_]\w*=", words[0]) or words[0] == "time"):
+                    words = words[1:]
+                if words[:1] == ["gptlab"]:
+                    commands.append(words[1:])
+    return commands
+
+
+COMMANDS = [(doc.name, args) for doc in DOCS for args in gptlab_commands(doc.read_text())]
+
+
+def test_the_documentation_shows_every_verb():
+    shown = {args[0] for _, args in COMMANDS}
+    verbs = set(build_parser()._subparsers._group_actions[0].choices)
+    assert verbs <= shown, sorted(verbs - shown)
+
+
+@pytest.mark.parametrize("doc,args", COMMANDS, ids=[f"{d}:{' '.join(a[:2])}" for d, a in COMMANDS])
+def test_a_documented_command_parses(doc, args):
+    build_parser().parse_args(args)
+
+
+def test_the_commands_are_read_as_a_shell_would_and_a_wrong_flag_is_caught(capsys):
+    text = ("```bash\n# a comment: gptlab sample\nGPTLAB_WORLD=w time gptlab world score "
+            "--world w \\\n  --in a.jsonl > out.txt | head -3 && gptlab sample --model m "
+            "--prompts p.jsonl --out s.jsonl --frobnicate 3  # a typo\n```\n")
+    score, sample = gptlab_commands(text)
+    assert score == ["world", "score", "--world", "w", "--in", "a.jsonl"]
+    build_parser().parse_args(score)
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(sample)
+    assert stop.value.code == 2 and "unrecognized arguments: --frobnicate 3" in \
+        capsys.readouterr().err
