@@ -1,5 +1,9 @@
-"""The commands the documentation shows are commands gptlab accepts: every `gptlab ...` line
-of a shell block in README.md and docs/ parses with the verb's own flags."""
+"""What the documentation shows is what gptlab has: every `gptlab ...` line of a shell block in
+README.md and docs/ parses with the verb's own flags, and every Python example compiles and
+imports names that exist."""
+import ast
+import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -12,15 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def shell_blocks(text: str) -> list[str]:
-    """The bodies of the fenced blocks marked bash, sh or console."""
+def fenced_blocks(text: str, langs: tuple[str, ...]) -> list[str]:
+    """The bodies of the fenced blocks marked with one of `langs`."""
     blocks, body, lang = [], None, ""
     for line in text.splitlines():
         if line.startswith("```"):
             if body is None:
                 body, lang = [], line[3:].strip()
             else:
-                if lang in ("bash", "sh", "console"):
+                if lang in langs:
                     blocks.append("\n".join(body))
                 body = None
         elif body is not None:
@@ -32,7 +36,7 @@ def gptlab_commands(text: str) -> list[list[str]]:
     """The arguments of each `gptlab` command, continuation lines joined, with the shell's
     comments, pipes, `&&`, redirections, `time` and leading VAR=value assignments left out."""
     commands = []
-    for block in shell_blocks(text):
+    for block in fenced_blocks(text, ("bash", "sh", "console")):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;()<>")
             lexer.whitespace_split = True
@@ -81,3 +85,23 @@ def test_the_commands_are_read_as_a_shell_would_and_a_wrong_flag_is_caught(capsy
         build_parser().parse_args(sample)
     assert stop.value.code == 2 and "unrecognized arguments: --frobnicate 3" in \
         capsys.readouterr().err
+
+
+
+PYTHON = [(doc.name, code) for doc in DOCS
+          for code in fenced_blocks(doc.read_text(), ("python",))]
+
+
+@pytest.mark.parametrize("doc,code", PYTHON, ids=[f"{d}:{i}" for i, (d, _) in enumerate(PYTHON)])
+def test_a_documented_python_example_compiles_and_imports_what_gptlab_has(doc, code):
+    tree = ast.parse(code, doc)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "gptlab":
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(
+                    f"{node.module}.{alias.name}"), f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "gptlab":
+                    importlib.import_module(alias.name)
