@@ -303,3 +303,21 @@ def test_bad_config_is_rejected():
         GPTConfig(positions="alibi")
     with pytest.raises(ValueError, match="multiple"):
         GPT(dataclasses.replace(get_preset("tiny"), n_kv_heads=3))
+
+
+def test_transformer_dropout_is_where_the_paper_puts_it_not_on_attention_weights():
+    """Vaswani et al. §5.4 (and tensor2tensor's transformer_base_v1 it ran): dropout on the sums
+    of embeddings and positions and on each sub-layer's output, none on the attention weights.
+    The encoder-decoder dropped attention weights too: in training their rows did not sum to 1."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=50, context=32, n_encoder_layers=1, n_decoder_layers=1,
+                            n_heads=4, d_model=32, d_ff=64, dropout=0.3)
+    model = Transformer(cfg).train()
+    src, tgt = torch.randint(1, 50, (2, 9)), torch.randint(1, 50, (2, 6))
+    memory, enc_w = model.encode(src, need_weights=True)
+    _, dec_w = model.decode(tgt, memory, need_weights=True)
+    for w in [enc_w[0], *dec_w[0]]:
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-5)
+    assert not torch.equal(model(src, tgt), model(src, tgt))  # residual dropout is still on
+    model.eval()
+    assert torch.equal(model(src, tgt), model(src, tgt))

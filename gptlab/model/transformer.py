@@ -3,6 +3,8 @@
 Encoder layer: self-attention, then FFN. Decoder layer: causal self-attention, then
 encoder–decoder attention (Q from the decoder, K and V from the encoder output), then FFN.
 Each sub-layer sits in a residual connection followed by layer norm (post-norm).
+Dropout goes where the paper's §5.4 puts it: on the sums of embeddings and positions, and on
+each sub-layer's output before the residual add; not on the attention weights.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.prenorm = cfg.prenorm
-        self.attn = Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout)
+        self.attn = Attention(cfg.d_model, cfg.n_heads)  # no dropout on attention weights
         self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation, True, cfg.dropout)
         self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -64,9 +66,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.prenorm = cfg.prenorm
-        self.self_attn = Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout)
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads)
         self.self_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.cross_attn = Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout)
+        self.cross_attn = Attention(cfg.d_model, cfg.n_heads)
         self.cross_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation, True, cfg.dropout)
         self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
