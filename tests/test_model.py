@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from gptlab.model import GPT, GPTConfig, Transformer, TransformerConfig, attention_math, get_preset
+from gptlab.model import (GPT, GPTConfig, Transformer, TransformerConfig, attention_math,
+                          build_model, get_preset)
 from gptlab.model.attention import Attention
 from gptlab.model.presets import PAPER_PARAMS, PRESETS
 
@@ -270,11 +271,85 @@ def test_gpt2_parameter_count_is_exact():
         assert GPT(get_preset("gpt2")).num_params() == 124_439_808
 
 
-@pytest.mark.parametrize("name", list(PAPER_PARAMS))
-def test_gpt3_table_parameter_counts_within_3_percent(name):
+# The papers' tables: layers, d_model, heads, d_head, d_ff, context, vocabulary, pre-norm.
+# Vaswani et al. 2017 Table 3 (6 encoder + 6 decoder layers); Radford et al. 2018; GPT-2's
+# released models; Brown et al. 2020 Table 2.1 (XL as 16 x 128, 13B as 5120 wide: n_heads x
+# d_head = d_model, as printed those two rows contradict themselves), GPT-2's BPE, d_ff = 4 d.
+PAPER_SHAPES = {
+    "transformer-base": (6, 512, 8, 64, 2048, 512, 37000, False),
+    "transformer-big": (6, 1024, 16, 64, 4096, 512, 37000, False),
+    "gpt1": (12, 768, 12, 64, 3072, 512, 40478, False),
+    "gpt2": (12, 768, 12, 64, 3072, 1024, 50257, True),
+    "gpt2-medium": (24, 1024, 16, 64, 4096, 1024, 50257, True),
+    "gpt2-large": (36, 1280, 20, 64, 5120, 1024, 50257, True),
+    "gpt2-xl": (48, 1600, 25, 64, 6400, 1024, 50257, True),
+    "gpt3-small": (12, 768, 12, 64, 3072, 2048, 50257, True),
+    "gpt3-medium": (24, 1024, 16, 64, 4096, 2048, 50257, True),
+    "gpt3-large": (24, 1536, 16, 96, 6144, 2048, 50257, True),
+    "gpt3-xl": (24, 2048, 16, 128, 8192, 2048, 50257, True),
+    "gpt3-2.7b": (32, 2560, 32, 80, 10240, 2048, 50257, True),
+    "gpt3-6.7b": (32, 4096, 32, 128, 16384, 2048, 50257, True),
+    "gpt3-13b": (40, 5120, 40, 128, 20480, 2048, 50257, True),
+    "gpt3-175b": (96, 12288, 96, 128, 49152, 2048, 50257, True),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_SHAPES))
+def test_preset_shapes_match_the_papers_tables(name):
+    c = get_preset(name)
+    if isinstance(c, TransformerConfig):
+        assert c.n_encoder_layers == c.n_decoder_layers
+        shape = (c.n_encoder_layers, c.d_model, c.n_heads, c.d_model // c.n_heads, c.d_ff,
+                 c.context, c.vocab_size, c.prenorm)
+    else:
+        shape = (c.n_layers, c.d_model, c.n_heads, c.dim_head, c.ff_dim, c.context,
+                 c.vocab_size, c.prenorm)
+        assert c.kv_heads == c.n_heads and c.tie_embeddings
+    assert shape == PAPER_SHAPES[name]
+
+
+def count(name: str, **overrides) -> int:
     with torch.device("meta"):
-        n = GPT(get_preset(name)).num_params()
-    assert abs(n / PAPER_PARAMS[name] - 1) < 0.03, (name, n)
+        return build_model(get_preset(name, **overrides)).num_params()
+
+
+# GPT-3 Table 2.1 as printed. Counting the tied token embedding once, the 2048 learned positions,
+# biases and norms, every row rounds to its figure at the precision printed, except Medium.
+GPT3_PRINTED = {"gpt3-small": "125M", "gpt3-large": "760M", "gpt3-xl": "1.3B",
+                "gpt3-2.7b": "2.7B", "gpt3-6.7b": "6.7B", "gpt3-13b": "13B", "gpt3-175b": "175B"}
+
+
+@pytest.mark.parametrize("name", list(GPT3_PRINTED))
+def test_gpt3_table_parameter_counts_round_to_the_printed_figures(name):
+    printed = GPT3_PRINTED[name]
+    unit = {"M": 1e6, "B": 1e9}[printed[-1]]
+    decimals = len(printed[:-1].partition(".")[2])
+    assert round(count(name) / unit, decimals) == float(printed[:-1])
+    assert abs(count(name) / PAPER_PARAMS[name] - 1) < 0.02
+
+
+def test_gpt3_medium_is_the_one_row_that_does_not_round_to_its_figure():
+    # 355.9M, printed as 350M (+1.7%). No embedding convention gives 350M at the precision of
+    # the other rows: 353.8M without the positions, 302.3M without any embedding, 407.3M with
+    # an untied output layer; the GPT-2 Medium of the same shape is 354.8M.
+    assert count("gpt3-medium") == 355_871_744
+    assert count("gpt3-medium", context=1024) == count("gpt2-medium") == 354_823_168
+
+
+def test_gpt2_and_gpt1_parameter_counts():
+    # The released models' sizes (124M, 355M, 774M, 1558M; GPT-1 117M), exactly.
+    assert [count(n) for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt1")] == \
+        [124_439_808, 354_823_168, 774_030_080, 1_557_611_200, 116_534_784]
+    # GPT-2's paper (Table 2) printed 117M, 345M, 762M, 1542M: the same shapes counted with
+    # GPT-1's 40,478-token vocabulary, to the million.
+    assert [round(count(n, vocab_size=40478) / 1e6)
+            for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")] == [117, 345, 762, 1542]
+
+
+def test_transformer_parameter_counts():
+    # Shared 37,000-token vocabulary (one matrix for both embeddings and the output layer).
+    # Table 3 says 65M and 213M; no one vocabulary size gives both (63.1M, 214.2M here).
+    assert (count("transformer-base"), count("transformer-big")) == (63_082_496, 214_245_376)
 
 
 def test_transformer_base_shape_matches_the_paper():
