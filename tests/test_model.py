@@ -396,3 +396,89 @@ def test_transformer_dropout_is_where_the_paper_puts_it_not_on_attention_weights
     assert not torch.equal(model(src, tgt), model(src, tgt))  # residual dropout is still on
     model.eval()
     assert torch.equal(model(src, tgt), model(src, tgt))
+
+
+def identity_attention(d: int) -> Attention:
+    attn = Attention(d, 1).eval()
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            proj.weight.copy_(torch.eye(d))
+            proj.bias.zero_()
+    return attn
+
+
+def test_attention_module_equals_a_hand_computed_example():
+    """Two tokens x1 = (1, 0, 1), x2 = (0, 2, 0), one head, identity projections: scores
+    x1·x1 = 2, x1·x2 = 0, x2·x2 = 4, divided by √3. Row 1: softmax(1.1547, 0) = (0.76037,
+    0.23963); row 2: softmax(0, 2.3094) = (0.09035, 0.90965); out = weights @ (x1; x2)."""
+    attn = identity_attention(3)
+    x = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]])
+    full = torch.tensor([[0.76037, 0.47926, 0.76037], [0.09035, 1.81930, 0.09035]])
+    causal = torch.tensor([[1.0, 0.0, 1.0], [0.09035, 1.81930, 0.09035]])  # x1 sees only itself
+    for need_weights in (False, True):
+        out, w = attn(x, need_weights=need_weights)
+        assert (out[0] - full).abs().max() < 1e-4
+        out, w = attn(x, is_causal=True, need_weights=need_weights)
+        assert (out[0] - causal).abs().max() < 1e-4
+    assert (w[0, 0] - torch.tensor([[1.0, 0.0], [0.09035, 0.90965]])).abs().max() < 1e-4
+    # A padding mask hiding x2 from both queries: each row reads x1 only.
+    out, _ = attn(x, mask=torch.tensor([True, False])[None, None, None])
+    assert (out[0] - x[0, 0]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_grouped_query_attention_shares_each_kv_head_with_consecutive_query_heads(need_weights):
+    """8 query heads on 2 key/value heads: query heads 0-3 read kv head 0, 4-7 kv head 1 (as
+    Llama's repeat_kv), under a causal and padding mask, against a head-by-head loop."""
+    from gptlab.model.gpt import padded_causal_mask
+    torch.manual_seed(2)
+    H, Hkv, D, T = 8, 2, 4, 6
+    attn = Attention(32, H, Hkv).eval()
+    x = torch.randn(2, T, 32)
+    pad = torch.ones(2, T, dtype=torch.bool)
+    pad[1, :2] = False
+    mask = padded_causal_mask(pad, T)
+    with torch.no_grad():
+        q = attn.q_proj(x).view(2, T, H, D)
+        k = attn.k_proj(x).view(2, T, Hkv, D)
+        v = attn.v_proj(x).view(2, T, Hkv, D)
+        heads = []
+        for h in range(H):
+            g = h // (H // Hkv)
+            s = q[:, :, h] @ k[:, :, g].transpose(1, 2) / math.sqrt(D)
+            s = s.masked_fill(~mask[:, 0], float("-inf"))
+            heads.append(s.softmax(-1) @ v[:, :, g])
+        naive = attn.o_proj(torch.cat(heads, -1))
+        out, _ = attn(x, mask=mask, need_weights=need_weights)
+        causal, _ = attn(x, is_causal=True, need_weights=need_weights)
+    assert (out - naive).abs().max() < 1e-5
+    assert (causal[0] - naive[0]).abs().max() < 1e-5  # row 0 has no padding: plain causal
+
+
+def test_sinusoidal_table_is_the_papers_formula():
+    from gptlab.model.layers import sinusoidal_table
+    for d in (8, 7):
+        table = sinusoidal_table(50, d)
+        for pos in (0, 1, 17, 49):
+            for j in range(d):
+                angle = pos / 10000 ** ((j - j % 2) / d)  # PE(pos, 2i) = sin, PE(pos, 2i+1) = cos
+                want = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+                assert abs(table[pos, j].item() - want) < 1e-5, (d, pos, j)
+
+
+def test_dropout_is_off_in_eval_mode():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=97, context=32, n_layers=2, n_heads=4, d_model=32,
+                        dropout=0.5))
+    plain = GPT(dataclasses.replace(gpt.config, dropout=0.0))
+    plain.load_state_dict(gpt.state_dict())
+    ids = torch.randint(0, 97, (2, 10))
+    assert not torch.equal(gpt.train()(ids), gpt(ids))
+    assert torch.equal(gpt.eval()(ids), plain.eval()(ids))
+    cfg = TransformerConfig(vocab_size=50, context=32, n_encoder_layers=1, n_decoder_layers=1,
+                            n_heads=4, d_model=32, d_ff=64, dropout=0.5)
+    t = Transformer(cfg)
+    t_plain = Transformer(dataclasses.replace(cfg, dropout=0.0))
+    t_plain.load_state_dict(t.state_dict())
+    src, tgt = torch.randint(1, 50, (2, 7)), torch.randint(1, 50, (2, 5))
+    assert torch.equal(t.eval()(src, tgt), t_plain.eval()(src, tgt))
