@@ -482,3 +482,24 @@ def test_dropout_is_off_in_eval_mode():
     t_plain.load_state_dict(t.state_dict())
     src, tgt = torch.randint(1, 50, (2, 7)), torch.randint(1, 50, (2, 5))
     assert torch.equal(t.eval()(src, tgt), t_plain.eval()(src, tgt))
+
+
+def test_transformer_shares_one_matrix_scales_embeddings_and_smooths_labels():
+    """§3.4: one matrix for both embeddings and the pre-softmax linear, embeddings times
+    √d_model plus the sinusoids; §5.4: label smoothing ε = 0.1, target (1 - ε) one-hot + ε / V."""
+    model = small_transformer()
+    assert model.lm_head.weight is model.embed.weight
+    ids = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = model.embed.weight[ids] * math.sqrt(32) + model.pos_table[:6]
+        assert (model._embed(ids) - want).abs().max() < 1e-6
+        smoothed = dataclasses.replace(model.config, label_smoothing=0.1)
+        model.config = smoothed
+        src, tgt = ids, ids.flip(1)
+        labels = tgt.clone()
+        labels[1, 4:] = -100
+        logp = model(src, tgt).log_softmax(-1)[labels != -100]
+        kept = labels[labels != -100]
+        nll = -logp.gather(1, kept[:, None])[:, 0]
+        want = (0.9 * nll - 0.1 * logp.mean(-1)).mean()
+        assert abs(model(src, tgt, labels=labels).item() - want.item()) < 1e-5
