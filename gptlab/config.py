@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gptlab.errors import UserError
+from gptlab.io import utf8_lines
 
 T = TypeVar("T")
 
@@ -54,8 +55,10 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         path = Path(yaml_path)
         if not path.exists():
             raise UserError("config file not found", path=path)
+        # utf8_lines refuses a directory, and a byte that is not UTF-8 by its line.
+        text = "\n".join(line for _, line in utf8_lines(path))
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise UserError(f"not valid YAML: {e}", path=path,
@@ -69,6 +72,12 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' should look like key=value", path="command line")
+        try:  # OmegaConf reads the value as YAML, and lets its errors through
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            raise UserError(f"override '{item}': the value is not valid YAML "
+                            f"({getattr(e, 'problem', None) or e})", path="command line",
+                            field=item.split("=", 1)[0]) from None
     try:
         if overrides:
             conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))

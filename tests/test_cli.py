@@ -80,6 +80,23 @@ def test_yaml_config_errors_name_file_and_key(tmp_path):
         load_config(PPOConfig, f)
 
 
+def test_a_config_that_cannot_be_read_or_an_override_that_cannot_be_parsed_exits_2(tmp_path,
+                                                                                  capsys):
+    # Each was a traceback and exit 1: IsADirectoryError, UnicodeDecodeError, yaml's ParserError.
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "latin1.yaml").write_bytes(b"steps: 10\nout: caf\xe9\n")
+    for argv, message in (
+            (["--config", str(tmp_path / "adir")],
+             f"{tmp_path / 'adir'}: is a directory, not a file"),
+            (["--config", str(tmp_path / "latin1.yaml")],
+             f"{tmp_path / 'latin1.yaml'}:2: not UTF-8 text: byte 0xe9 at byte offset 18 cannot be "
+             f"decoded; save the file as UTF-8"),
+            (["steps=[1"], "command line, field 'steps': override 'steps=[1': the value is not "
+                           "valid YAML (did not find expected ',' or ']')")):
+        assert main(["ppo", *argv]) == 2
+        assert capsys.readouterr().err == f"gptlab ppo: error: {message}\n"
+
+
 def test_yaml_then_overrides_then_flags(tmp_path):
     f = tmp_path / "ppo.yaml"
     f.write_text("steps: 10\nkl_coef: 0.05\nlr: 0.001\n")
