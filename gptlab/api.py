@@ -72,6 +72,8 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
     _check_prompts(prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p)
+    if not prompts:  # no continuation to make (the engine needs a batch of one or more)
+        return []
     net, tok = load(model, device) if not isinstance(model, tuple) else model
     check_tokenizer_fits(net, tok)  # a (model, tokenizer) pair was never checked together
     encoded = []

@@ -288,6 +288,17 @@ def test_the_python_api_refuses_a_single_str_for_its_list_of_prompts(tmp_path):
         generate_text(tmp_path / "no-model", ["SELECT", 3])
 
 
+def test_the_python_api_continues_no_prompts_into_no_continuations():
+    # One continuation per prompt: an empty list was a ValueError saying that "every prompt
+    # needs at least one token".
+    from gptlab.api import generate_text
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(["hello world " * 20], vocab_size=270)
+    net = GPT(GPTConfig(vocab_size=270, context=16, n_layers=1, n_heads=2, d_model=8)).eval()
+    assert generate_text((net, tok), [], max_new_tokens=2) == []
+    assert len(generate_text((net, tok), ["hello"], max_new_tokens=2)) == 1
+
+
 def test_the_python_api_example_names_models_a_demo_run_has():
     # It loaded "runs/demo/ppo"; `make demo` writes PPO's model to runs/demo/round-2/ppo.
     import re
