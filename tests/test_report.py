@@ -214,6 +214,7 @@ def test_delta_and_code_span_edge_cases():
     assert describe_delta({"mean": None, "ci95": [0, 1]}) == "n/a"
     assert md_code("`x`") == "`` `x` ``"
     assert md_code("a\nb") == "`a b`"
+    assert md_code("") == md_code(" \n ") == ""  # an empty answer, not "``" (two backticks)
 
 
 def test_corpus_perplexity_weighs_each_batch_by_its_tokens():

@@ -437,6 +437,8 @@ def md_code(text: str) -> str:
     if text == NA:
         return NA
     text = " ".join(text.split())
+    if not text:  # CommonMark has no empty code span: "``" shows as two backticks
+        return ""
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
