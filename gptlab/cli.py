@@ -156,30 +156,6 @@ def _verb_convert():
     return "import Hugging Face / GGUF models, or export to Hugging Face", add, run
 
 
-def _verb_pretrain():
-    from gptlab.train.pretrain import PretrainConfig
-
-    def add(p: argparse.ArgumentParser) -> None:
-        from gptlab.config import add_config_flags
-        add_config_flags(p, PretrainConfig)
-        _add_common(p)
-
-    def run(args: argparse.Namespace) -> None:
-        import dataclasses
-
-        from gptlab.config import config_from_args
-        from gptlab.train.pretrain import pretrain
-        # `--data a.txt lr=1e-3`: argparse gives the override to --data; hand it back.
-        names = {f.name for f in dataclasses.fields(PretrainConfig)}
-        if args.data:
-            moved = [d for d in args.data if "=" in d and d.split("=", 1)[0] in names]
-            args.data = [d for d in args.data if d not in moved] or None
-            args.overrides = moved + list(args.overrides or [])
-        pretrain(config_from_args(PretrainConfig, args))
-
-    return "pretrain a GPT on raw text (next-token prediction)", add, run
-
-
 def _verb_world():
     def add(p: argparse.ArgumentParser) -> None:
         sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -339,7 +315,10 @@ VERBS: dict[str, Callable] = {
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
     "chat": _verb_chat,
-    "pretrain": _verb_pretrain,
+    "pretrain": _config_verb("gptlab.train.pretrain.PretrainConfig",
+                             "gptlab.train.pretrain.pretrain",
+                             "pretrain a GPT on raw text (next-token prediction)",
+                             list_fields=("data",)),
     "sft": _config_verb("gptlab.train.sft.SFTConfig", "gptlab.train.sft.sft",
                         "supervised fine-tuning on demonstrations (InstructGPT step 1)"),
     "sample": _verb_sample,

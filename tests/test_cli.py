@@ -149,6 +149,18 @@ def test_torchrun_with_more_than_one_process_is_refused_before_anything_runs(
                  "--max-new-tokens", "3"]) == 0
 
 
+def test_pretrain_prints_its_model_directory_like_the_other_training_verbs(tmp_path, capsys):
+    # sft, reward, ppo and pipeline end their output with what they wrote; pretrain did not.
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "pre"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    # `--data FILE key=value`: argparse gives the override to --data; it is handed back.
+    assert main(["pretrain", "--model", "tiny", "--max-steps", "1", "--no-progress",
+                 "--sample-tokens", "0", "--out", str(out), "--data", str(corpus),
+                 "lr=0.002"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == str(out)
+    assert json.loads((out / "run.json").read_text())["config"]["lr"] == 0.002
+
+
 def test_run_directory_records_config_versions_and_command(tmp_path):
     record_run(tmp_path, PPOConfig(steps=3))
     info = json.loads((tmp_path / "run.json").read_text())
