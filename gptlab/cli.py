@@ -14,7 +14,7 @@ from gptlab.errors import UserError
 DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
+_NO_ROOM_OR_NO_RIGHT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,6 +400,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
-
-
-_NO_ROOM_OR_NO_RIGHT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
