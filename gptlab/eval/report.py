@@ -228,14 +228,21 @@ def model_names(results: dict) -> list[str]:
     return names
 
 
+def interval(ci: Any) -> tuple[float, float] | None:
+    """The two bounds of a 95% interval ([lo, hi]), or None where it has no two numbers."""
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return None
+    lo, hi = as_number(ci[0]), as_number(ci[1])
+    return None if lo is None or hi is None else (lo, hi)
+
+
 def describe_delta(delta: Any) -> str:
     """'+0.034, 95% CI [+0.010, +0.058]: the interval excludes 0' (or n/a)."""
     if not isinstance(delta, dict) or as_number(delta.get("mean")) is None:
         return NA
     text = fmt(delta["mean"], sign=True)
-    ci = delta.get("ci95")
-    bounds = [as_number(b) for b in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else []
-    if len(bounds) != 2 or None in bounds:
+    bounds = interval(delta.get("ci95"))
+    if bounds is None:
         return text + " (no confidence interval)"
     lo, hi = bounds
     verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
@@ -298,13 +305,12 @@ def describe_rounds(results: dict) -> str:
             per_round("rm_heldout_rankings_per_round"),
             per_round("rm_heldout_pairs_per_round"),
             per_round("rm_pairwise_acc_labelers_per_round")), 1):
-        bounds = [as_number(b) for b in ci] if isinstance(ci, list) and len(ci) == 2 else []
-        interval = (f" [{fmt(bounds[0])}, {fmt(bounds[1])}]"
-                    if len(bounds) == 2 and None not in bounds else "")
+        bounds = interval(ci)
+        shown = f" [{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else ""
         notes = ([f"{n} held-out rankings" + (f", {pairs} pairs" if isinstance(pairs, int) else "")]
                  if isinstance(n, int) else []) + (
             [f"{fmt(lab)} by the labelers' rankings"] if as_number(lab) is not None else [])
-        parts.append(f"round {r}: {fmt(a)}{interval}" + (f" ({'; '.join(notes)})" if notes else ""))
+        parts.append(f"round {r}: {fmt(a)}{shown}" + (f" ({'; '.join(notes)})" if notes else ""))
     return ", ".join(parts)
 
 
