@@ -101,10 +101,14 @@ def plot_pretrain_loss(run_dir: Path) -> Figure | None:
     return fig
 
 
+def numbers_per_round(results: dict, key: str) -> list[tuple[int, float]]:
+    """(round from 1, value) for each round of `results[key]` that has a number."""
+    pairs = [(r, as_number(x)) for r, x in enumerate(results.get(key) or [], 1)]
+    return [(r, x) for r, x in pairs if x is not None]
+
+
 def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
-    per_round = [(r, as_number(a)) for r, a in
-                 enumerate(results.get("rm_pairwise_acc_per_round") or [], 1)]
-    per_round = [(r, a) for r, a in per_round if a is not None]
+    per_round = numbers_per_round(results, "rm_pairwise_acc_per_round")
     curves = [(r, series(read_metric_rows(d / "reward" / "metrics.jsonl"), "pairwise_acc"))
               for r, d in round_dirs(run_dir)]
     curves = [(r, xy) for r, xy in curves if xy[0]]
@@ -116,9 +120,7 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
         ax = axes[0]
         rounds, accs = zip(*per_round)
         ax.plot(rounds, accs, "o-", label="judged by the noise-free labeler")
-        labelers = [(r, as_number(a)) for r, a in
-                    enumerate(results.get("rm_pairwise_acc_labelers_per_round") or [], 1)]
-        labelers = [(r, a) for r, a in labelers if a is not None]
+        labelers = numbers_per_round(results, "rm_pairwise_acc_labelers_per_round")
         if labelers:
             ax.plot(*zip(*labelers), "s--", label="judged by the labelers' own rankings")
             ax.legend()
