@@ -28,7 +28,7 @@ def load(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
 
 
 def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool,
-               what: str = "prompt", bos_id: int | None = None) -> tuple[list[int], int]:
+               bos_id: int | None = None) -> tuple[list[int], int]:
     """Make room for generation: with `truncate`, drop the oldest tokens (and say so on
     stderr), keeping a leading `bos_id` (the model was trained with BOS first); without it, a
     prompt that does not fit is a UserError. Returns (ids, dropped)."""
@@ -40,7 +40,7 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
                         f"lower it (--max-new-tokens) to at most {context - 1}",
                         field="max_new_tokens")
     if not truncate:
-        raise UserError(f"{what} has {len(ids)} tokens, but the context of {context} minus "
+        raise UserError(f"prompt has {len(ids)} tokens, but the context of {context} minus "
                         f"max_new_tokens {max_new_tokens} leaves room for {room}; shorten it, "
                         f"lower max_new_tokens (--max-new-tokens), or set truncate (--truncate) "
                         f"to drop the oldest tokens",
@@ -50,7 +50,7 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
         raise UserError(f"max_new_tokens {max_new_tokens} leaves no room in the context of "
                         f"{context}", field="max_new_tokens")
     dropped = len(ids) - room
-    print(f"note: {what} truncated: dropped its first {dropped} of {len(ids)} tokens"
+    print(f"note: prompt truncated: dropped its first {dropped} of {len(ids)} tokens"
           + (" after BOS" if keep else ""), file=sys.stderr)
     return keep + ids[len(keep) + dropped:], dropped
 
