@@ -7,7 +7,7 @@ import difflib
 import errno
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from gptlab.errors import UserError
 
@@ -344,9 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
         help_text, add, run = make()
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
-        _show_defaults(p)
-        p.set_defaults(_run=run, _parser=p)
+        p.set_defaults(_run=run)
+        for q in _with_actions(p):
+            _show_defaults(q)
+            # An unknown flag is reported by the parser that has the flags it could have meant.
+            q.set_defaults(_parser=q)
     return parser
+
+
+def _with_actions(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """`p` and its actions' parsers, as `world` and `world export`."""
+    yield p
+    for sub in p._subparsers._group_actions if p._subparsers else ():
+        for child in sub.choices.values():
+            yield from _with_actions(child)
 
 
 def _show_defaults(p: argparse.ArgumentParser) -> None:
@@ -357,9 +368,6 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
         if action.option_strings and shown and action.help is not argparse.SUPPRESS \
                 and "default" not in (action.help or ""):
             action.help = (f"{action.help} " if action.help else "") + "(default: %(default)s)"
-    for sub in p._subparsers._group_actions if p._subparsers else ():
-        for child in getattr(sub, "choices", {}).values():
-            _show_defaults(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,6 +61,21 @@ def test_unknown_flag_exits_2_with_the_closest_flag(capsys):
     assert "did you mean '--kl-coef'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["world", "export", "--out", "x", "--tain", "5"],
+     "gptlab world export: error: unrecognized arguments: --tain 5 (did you mean '--train'?)"),
+    (["tokenizer", "train", "--data", "a", "--out", "b", "--vocab-sise", "5"],
+     "gptlab tokenizer train: error: unrecognized arguments: --vocab-sise 5 (did you mean "
+     "'--vocab-size'?)")])
+def test_an_unknown_flag_of_a_verbs_action_is_answered_by_that_action(argv, said, capsys):
+    # `gptlab world` answered, with its own usage and no suggestion: it has no --train.
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: gptlab {argv[0]} {argv[1]} ") and err.endswith(said + "\n")
+
+
 def test_unknown_override_key_names_the_closest_key(tmp_path, capsys):
     code = main(["ppo", "--policy", "x", "--prompts", "y", "--out", str(tmp_path), "kl_coeff=0.1"])
     err = capsys.readouterr().err
