@@ -44,6 +44,24 @@ def _config_error(cls: type, err: OmegaConfBaseException, source: str) -> UserEr
     return UserError(msg, path=source, field=key or None)
 
 
+def _check_lists(cls: type, data: dict, source: str, fix: str) -> None:
+    """Refuse a value that is not a list for a list field, naming it and showing the list to
+    write: OmegaConf reports a single value there as an `AnyNode`, and a mapping
+    (`data: {train: corpus.txt}`) as a bare TypeError."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints or value is None or isinstance(value, list):
+            continue
+        if not _flag_type(hints[key])[1]:
+            continue
+        if isinstance(value, dict):
+            got, item = f"a mapping ({value})", "ITEM, ..."
+        else:
+            got, item = f"the single {type(value).__name__} {value!r}", value
+        raise UserError(f"must be a list, got {got}; write " + fix.format(key=key, item=item),
+                        path=source, field=key)
+
+
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
                 overrides: Sequence[str] = (), **values: Any) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`.
@@ -65,6 +83,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
                             line=None if line is None else line + 1) from None
         if not isinstance(data, dict):
             raise UserError("a config file must be a mapping of keys to values", path=path)
+        _check_lists(cls, data, str(path), "{key}: [{item}]")
         try:
             conf = OmegaConf.merge(conf, OmegaConf.create(data))
         except OmegaConfBaseException as e:
@@ -80,7 +99,9 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
                             field=item.split("=", 1)[0]) from None
     try:
         if overrides:
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            _check_lists(cls, OmegaConf.to_container(dotlist), "command line", "{key}=[{item}]")
+            conf = OmegaConf.merge(conf, dotlist)
         given = {k: v for k, v in values.items() if v is not None}
         if given:
             conf = OmegaConf.merge(conf, OmegaConf.create(given))

@@ -112,6 +112,32 @@ def test_a_config_that_cannot_be_read_or_an_override_that_cannot_be_parsed_exits
         assert capsys.readouterr().err == f"gptlab ppo: error: {message}\n"
 
 
+@pytest.mark.parametrize("yaml_text,override,got,item", [
+    ("ptx_data: corpus.txt\n", "ptx_data=corpus.txt", "the single str 'corpus.txt'",
+     "corpus.txt"),
+    # a mapping (the Hub's data_files habit) was a bare TypeError, exit 1
+    ("ptx_data:\n  train: corpus.txt\n", "ptx_data.train=corpus.txt",
+     "a mapping ({'train': 'corpus.txt'})", "ITEM, ..."),
+])
+def test_a_list_field_given_one_value_names_the_field_and_the_list_to_write(
+        tmp_path, capsys, yaml_text, override, got, item):
+    f = tmp_path / "ppo.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(UserError) as err:
+        load_config(PPOConfig, f)
+    assert str(err.value) == (f"{f}, field 'ptx_data': must be a list, got {got}; "
+                              f"write ptx_data: [{item}]")
+    with pytest.raises(UserError) as err:
+        load_config(PPOConfig, None, [override])
+    assert str(err.value) == (f"command line, field 'ptx_data': must be a list, got {got}; "
+                              f"write ptx_data=[{item}]")
+    assert main(["ppo", "--config", str(f), "--policy", "x", "--prompts", "y",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "field 'ptx_data': must be a list" in capsys.readouterr().err
+    assert load_config(PPOConfig, None, ["ptx_data=[a.txt,b.txt]"]).ptx_data == ["a.txt", "b.txt"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_yaml_then_overrides_then_flags(tmp_path):
     f = tmp_path / "ppo.yaml"
     f.write_text("steps: 10\nkl_coef: 0.05\nlr: 0.001\n")
