@@ -40,6 +40,19 @@ def numpy_reward_fn(prompts, responses, records):
     return [np.float32(preference(r)) for r in responses]
 
 
+def picky_reward_fn(prompts, responses, records):
+    return reward_fn(prompts, responses, records)
+
+
+def _refuse_t3(records, path):
+    for r in records:
+        if r["id"] == "t3":
+            raise ValueError(f"{path}:{r['_line']}: prompt t3 is not about an animal")
+
+
+picky_reward_fn.check_records = _refuse_t3
+
+
 def rank(record: dict, responses: list[str]) -> list[str]:
     return sorted(responses, key=lambda r: (-preference(r), len(r)))
 

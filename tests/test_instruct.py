@@ -198,13 +198,18 @@ def test_ppo_with_a_reward_function_and_ptx(run):
     ("instruct_task:text_reward_fn", "the reward function instruct_task:text_reward_fn "
                                      "returned a str ('1.0') for prompt id t"),
     ("instruct_task:missing", "cannot load 'instruct_task:missing': module instruct_task has no "
-                              "'missing'")])
+                              "'missing'"),
+    # its check_records raising a plain exception was a traceback, exit 1
+    ("instruct_task:picky_reward_fn", "the reward function instruct_task:picky_reward_fn: "
+                                      "check_records raised ValueError: {prompts}:4: prompt t3 "
+                                      "is not about an animal")])
 def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
     d, paths = run
     code = main(["ppo", "--policy", str(d / "sft"), "--reward-fn", fn,
                  "--prompts", str(paths["prompts"]), "--out", str(d / "ppo_bad"), "--steps", "1",
                  "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "4"])
     assert code == 2
+    message = message.format(prompts=paths["prompts"])
     assert f"field 'reward_fn': {message}" in capsys.readouterr().err
     assert not (d / "ppo_bad").exists()   # it failed before its first step: nothing written
 

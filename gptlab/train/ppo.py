@@ -364,7 +364,14 @@ class PPOTrainer:
         self.records = read_prompts(cfg.prompts)
         check_records = getattr(self.reward_fn, "check_records", None)
         if check_records is not None:  # a reward function may check every prompt up front
-            check_records(self.records, cfg.prompts)
+            try:
+                check_records(self.records, cfg.prompts)
+            except UserError:
+                raise
+            except (Exception, SystemExit) as e:  # the user's check, reported as its score is
+                raise UserError(f"the reward function {self.reward_fn_name}: check_records "
+                                f"raised {type(e).__name__}: {e}", path=cfg.prompts,
+                                field="reward_fn") from e
         # Every prompt is encoded once, before the first step: one the chat template refuses
         # stops the run here, naming its line, not at the step that first draws it. With a
         # reward model, also the end of turn that closes a response to it (`scored_response`).
