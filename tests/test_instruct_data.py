@@ -435,6 +435,12 @@ def test_conversational_preference_explicit_or_implicit_reads_as_its_messages_tw
      "labels one completion (TRL's unpaired preference)"),
     ({"prompt": "Is it?", "completions": [" yes", " no"], "labels": [True, False]}, "labels",
      "labels the steps of one completion (TRL's stepwise supervision)"),
+    # TRL's language modeling and prompt-completion: no ranking (a conversation ending on the
+    # assistant was told it "must end on a user turn")
+    ({"messages": [USER, ASSISTANT]}, None,
+     "needs 'ranked' (best first) or 'chosen' and 'rejected'"),
+    ({"prompt": [USER, ASSISTANT], "completion": [NO]}, None,
+     "needs 'ranked' (best first) or 'chosen' and 'rejected'"),
 ])
 def test_a_bad_trl_preference_names_file_line_and_field(tmp_path, row, field, message):
     from gptlab.data.instruct import read_rankings
@@ -442,7 +448,8 @@ def test_a_bad_trl_preference_names_file_line_and_field(tmp_path, row, field, me
     with pytest.raises(UserError) as err:
         read_rankings(f)
     assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
-    assert str(err.value).startswith(f"{f}:2, field '{field}': {message}")
+    assert str(err.value).startswith(f"{f}:2" + (f", field '{field}'" if field else "")
+                                     + f": {message}")
 
 
 def test_the_verbs_take_trl_files_and_refuse_what_they_cannot_learn_from(tok, tmp_path, capsys):

@@ -378,6 +378,11 @@ def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ran
     """
     implicit = "prompt" not in row and "messages" not in row and "chosen" in row \
         and "rejected" in row
+    if "ranked" not in row and not ("chosen" in row and "rejected" in row) \
+            and ("prompt" in row or "messages" in row):
+        # What such a line lacks is the ranking: a conversation to imitate (SFT's `messages`,
+        # ending on the assistant) is not to be told that it must end on a user turn.
+        raise _not_a_ranking(row, path, line)
     prompt = None if implicit else prompt_of(row, path, line)
     if "ranked" in row and ("chosen" in row or "rejected" in row):
         raise UserError("has both 'ranked' and 'chosen'/'rejected'; give one of them", path=path,
