@@ -35,6 +35,18 @@ def test_parquet_text_column_skips_nulls(tmp_path):
     assert read_documents([f]) == ["x y", "z"]
 
 
+def test_a_parquet_text_column_of_pandas_category_dtype_is_read_as_text(tmp_path):
+    # It was refused ("expected a string column, got dictionary<values=string, ...>"), while
+    # the SFT, prompts and rankings readers took the same column.
+    f = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": pa.array(["x y", None, "z", "x y"]).dictionary_encode()}), f)
+    assert pa.types.is_dictionary(pq.read_schema(f).field("text").type)
+    assert read_documents([f]) == ["x y", "z", "x y"]
+    pq.write_table(pa.table({"text": pa.array([1, 2]).dictionary_encode()}), f)
+    with pytest.raises(UserError, match="expected a string column, got int64"):
+        read_documents([f])
+
+
 def test_several_files_and_a_directory_in_order(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "b.txt").write_text("b1\n\nb2", encoding="utf-8")

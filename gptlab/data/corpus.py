@@ -204,6 +204,8 @@ def _iter_parquet(p: Path) -> Iterator[str]:
         raise UserError(f"no '{TEXT_FIELD}' column (columns: {', '.join(schema.names)})",
                         path=p, field=TEXT_FIELD)
     kind = schema.field(TEXT_FIELD).type
+    if pa.types.is_dictionary(kind):  # pandas' category dtype: each distinct text stored once
+        kind = kind.value_type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"expected a string column, got {kind}", path=p, field=TEXT_FIELD)
     if rows == 0:  # no documents (and `datasets` cannot stream a file without rows)
