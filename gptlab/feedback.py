@@ -109,9 +109,15 @@ def distinct(responses: Iterable[str]) -> list[str]:
     return list(seen)
 
 
+# Fields of a sample that its ranking leaves out: its responses (ranked now), its line, and
+# another ranking of the prompt.
+_NOT_CARRIED = ("responses", "_line", "chosen", "rejected")
+
+
 def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None = None,
                   source: str | Path = "", dropped: SkipCounter | None = None) -> list[dict]:
-    """Rankings `{"prompt"/"messages", "ranked": [best...worst], other fields}` from samples.
+    """Rankings `{"prompt"/"messages", "ranked": [best...worst], other fields}` from samples
+    (other than `chosen` and `rejected`, a preference file's own ranking of the prompt).
 
     Identical responses are merged first and empty ones dropped (a rankings file cannot hold
     one), counted in `dropped` (default: `skips`); a prompt left with fewer than 2 distinct
@@ -145,7 +151,9 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
         if len(levels) < 2:
             skips.add("prompts whose responses are all tied")
             continue
-        row = {k: v for k, v in s.items() if k not in ("responses", "_line")}
+        # A preference file sampled as prompts carries its own `chosen`/`rejected`: beside the
+        # new `ranked`, `gptlab reward` would refuse the line for holding two rankings.
+        row = {k: v for k, v in s.items() if k not in _NOT_CARRIED}
         rankings.append({**row, "ranked": [lv[0] if len(lv) == 1 else lv for lv in levels]})
     return rankings
 

@@ -285,6 +285,21 @@ def test_identical_responses_are_merged_and_short_prompts_skipped():
     assert skips.total == 1
 
 
+@pytest.mark.parametrize("prompt", ["p", [{"role": "user", "content": "p"}]])
+def test_a_preference_file_sampled_as_prompts_labels_into_rankings_reward_reads(tmp_path,
+                                                                                prompt):
+    # `sample` takes prompt + chosen + rejected as prompts and carries the other fields; its
+    # chosen/rejected then sat beside the new `ranked`, and `reward` refused the line.
+    samples = [{"id": 1, "prompt": prompt, "chosen": [{"role": "assistant", "content": "a"}]
+                if isinstance(prompt, list) else "a", "rejected": "b", "score": 2,
+                "responses": ["no", "yes no", "yes"]}]
+    f = tmp_path / "rankings.jsonl"
+    write_jsonl_atomic(f, label_samples(samples, task.rank))
+    assert read_jsonl(f) == [{"id": 1, "prompt": prompt, "score": 2,
+                              "ranked": ["yes", "yes no", "no"], "_line": 1}]
+    assert [(r.prompt, r.ranked) for r in read_rankings(f)] == [(prompt, ["yes", "yes no", "no"])]
+
+
 def test_tied_responses_share_a_level_and_plain_strings_are_levels_of_one(tmp_path):
     f = tmp_path / "r.jsonl"
     rows = [{"prompt": "p", "ranked": ["SELECT a", ["SELECT b", "SELECT c"], "SELECT d"]},
