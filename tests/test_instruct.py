@@ -412,6 +412,21 @@ def test_the_console_script_finds_a_reward_module_in_the_working_directory(tmp_p
     assert (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("spec,write", [
+    ("myreward.py:score", "write myreward:score"), ("./myreward.py:score", "write myreward:score"),
+    ("tasks/myreward:score", "write tasks.myreward:score"),
+    ("/abs/myreward.py:score", "put its directory on PYTHONPATH (or run from there) and write "
+                               "myreward:score")])
+def test_a_reward_function_given_as_a_file_says_the_module_to_write(spec, write):
+    # Python's own error was all there was: "No module named 'myreward.py'", or a TypeError
+    # about relative imports for ./myreward.py.
+    from gptlab.train.ppo import load_reward_fn
+    with pytest.raises(UserError) as err:
+        load_reward_fn(spec)
+    assert str(err.value) == (f"field 'reward_fn': '{spec}' names a file, where a module is "
+                              f"meant: {write}")
+
+
 def test_load_reward_fn_imports_from_the_working_directory(tmp_path, monkeypatch):
     from gptlab.train.ppo import load_reward_fn
     (tmp_path / "cwd_reward_mod.py").write_text("def reward(p, r, rec):\n    return [1.0]\n")

@@ -161,6 +161,9 @@ def load_reward_fn(spec: str) -> Callable:
     mod, _, name = spec.partition(":")
     if not mod or not name:
         raise UserError(f"'{spec}' should look like module:function", field="reward_fn")
+    if mod.endswith(".py") or "/" in mod or os.sep in mod:
+        raise UserError(f"'{spec}' names a file, where a module is meant: "
+                        f"{_as_module(mod, name)}", field="reward_fn")
     try:
         module = import_from_cwd(mod)
     except Exception as e:  # not found, a syntax error, or anything its import raised
@@ -173,6 +176,16 @@ def load_reward_fn(spec: str) -> Callable:
     if not callable(fn):
         raise UserError(f"cannot load '{spec}': {name} is not callable", field="reward_fn")
     return fn
+
+
+def _as_module(path: str, name: str) -> str:
+    """What to write in `--reward-fn` for function `name` of the file `path`: its dotted module
+    name where it lies under the working directory, else its name and where its directory goes."""
+    parts = [p for p in Path(path.removesuffix(".py")).parts if p != "."]
+    if parts and not Path(path).is_absolute() and all(p.isidentifier() for p in parts):
+        return "write " + ".".join(parts) + f":{name}"
+    stem = Path(path.removesuffix(".py")).name
+    return f"put its directory on PYTHONPATH (or run from there) and write {stem}:{name}"
 
 
 def reward_fn_name(fn: Callable) -> str:
