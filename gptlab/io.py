@@ -346,9 +346,17 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
     if Path(path).suffix.lower() == ".parquet":
         yield from parquet_objects(path)
         return
+    first = True
     for lineno, line in utf8_lines(path):
         if not line.strip():
             continue
+        if first and line.lstrip().startswith("["):
+            # A JSON array of records (Alpaca's .json, say), as a whole or pretty-printed, whose
+            # lines were reported as broken JSON or as no object.
+            raise UserError("starts a JSON array; write JSON Lines instead, one JSON object per "
+                            "line (jq -c '.[]' turns the array into them)", path=path,
+                            line=lineno)
+        first = False
         try:
             row = json.loads(line, parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:

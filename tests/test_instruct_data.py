@@ -130,6 +130,23 @@ def test_prompts_files_read_as_utf8_with_bom_and_crlf_and_refuse_other_bytes(tmp
         read_prompts(tmp_path)
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_of_records_is_told_to_be_json_lines(tok, tmp_path, indent):
+    # Alpaca's .json: pretty-printed it was "not valid JSON (Expecting value at column 2)",
+    # on one line "each line must be a JSON object".
+    rows = [{"prompt": "Is it?", "completion": " yes"}] * 2
+    f = tmp_path / "alpaca.json"
+    f.write_text("\n" + json.dumps(rows, indent=indent) + "\n")
+    for read in (lambda p: read_demonstrations(p, tok, 64), read_prompts, read_rankings):
+        with pytest.raises(UserError) as err:
+            read(f)
+        assert str(err.value) == (f"{f}:2: starts a JSON array; write JSON Lines instead, one "
+                                  "JSON object per line (jq -c '.[]' turns the array into them)")
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '["a list"]\n')
+    with pytest.raises(UserError, match=f"{f}:3: each line must be a JSON object"):
+        read_prompts(f)
+
+
 def test_parquet_files_read_as_their_jsonl_twins_and_name_the_bad_row(tok, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
