@@ -324,10 +324,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_language_model(path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, need_tokenizer: bool = True
-                        ) -> tuple[torch.nn.Module, Any, dict]:
+                        dtype: torch.dtype | None = None, need_tokenizer: bool = True,
+                        field: str = "model") -> tuple[torch.nn.Module, Any, dict]:
     """`load_model` for the verbs that generate or train text: the model must be a decoder-only
-    GPT with a tokenizer (a reward model's directory looks the same from outside)."""
+    GPT with a tokenizer (a reward model's directory looks the same from outside). Errors name
+    `field`, the setting that gave `path`."""
     from gptlab.model.gpt import GPT
 
     model, tok, meta = load_model(path, device, dtype)
@@ -335,9 +336,9 @@ def load_language_model(path: str | Path, device: str | torch.device = "cpu",
         kind = "a reward or value model" if _arch_of(model) == "scalar" else \
             f"an encoder-decoder {type(model).__name__}"
         raise UserError(f"not a decoder-only language model: this is {kind}, which has no text "
-                        f"to say", path=path, field="model")
+                        f"to say", path=path, field=field)
     if tok is None and need_tokenizer:
-        raise UserError("the model has no tokenizer (tokenizer.json)", path=path, field="model")
+        raise UserError("the model has no tokenizer (tokenizer.json)", path=path, field=field)
     return model, tok, meta
 
 

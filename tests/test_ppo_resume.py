@@ -416,6 +416,21 @@ def test_a_reference_or_value_model_with_another_tokenizer_is_refused(setup, tmp
     assert not out.exists()
 
 
+def test_a_reward_model_as_the_policy_names_the_policy(setup, tmp_path, capsys):
+    # The error named field 'model', which ppo has no flag for.
+    from gptlab.model.heads import ScalarHeadModel
+    d, _, _ = setup
+    policy, tok, _ = load_model(d / "policy")
+    save_model(tmp_path / "rm", ScalarHeadModel(policy.config), tok)
+    out = tmp_path / "run"
+    args = ppo_args(d, out)
+    args[args.index("--policy") + 1] = str(tmp_path / "rm")
+    assert main(args) == 2
+    assert (f"{tmp_path / 'rm'}, field 'policy': not a decoder-only language model: this is a "
+            f"reward or value model" in capsys.readouterr().err)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag,message", [
     # A reward model's directory as --reference ran a rollout and the reward function, then
     # crashed with an AttributeError inside the KL computation.

@@ -326,7 +326,8 @@ class PPOTrainer:
         self.device = select_device(cfg.device)
         allow_tf32(self.device)  # as in the other training verbs (PPO runs no autocast)
         torch.manual_seed(cfg.seed)
-        self.policy, self.tok, _ = load_language_model(cfg.policy, self.device)
+        self.policy, self.tok, _ = load_language_model(cfg.policy, self.device,
+                                                       field="policy")
         if cfg.max_new_tokens >= self.policy.config.context:
             raise UserError(f"must be below the policy's context of "
                             f"{self.policy.config.context}, got {cfg.max_new_tokens}",
