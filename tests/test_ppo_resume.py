@@ -416,8 +416,8 @@ def test_a_reference_or_value_model_with_another_tokenizer_is_refused(setup, tmp
     assert not out.exists()
 
 
-def test_a_reward_model_as_the_policy_names_the_policy(setup, tmp_path, capsys):
-    # The error named field 'model', which ppo has no flag for.
+def test_a_policy_or_reward_model_of_the_wrong_kind_names_its_flag(setup, tmp_path, capsys):
+    # The errors named field 'model', which ppo has no flag for, and no field at all.
     from gptlab.model.heads import ScalarHeadModel
     d, _, _ = setup
     policy, tok, _ = load_model(d / "policy")
@@ -428,6 +428,11 @@ def test_a_reward_model_as_the_policy_names_the_policy(setup, tmp_path, capsys):
     assert main(args) == 2
     assert (f"{tmp_path / 'rm'}, field 'policy': not a decoder-only language model: this is a "
             f"reward or value model" in capsys.readouterr().err)
+    args = ppo_args(d, out)
+    i = args.index("--reward-fn")
+    args[i:i + 2] = ["--reward", str(d / "policy")]
+    assert main(args) == 2
+    assert (f"{d / 'policy'}, field 'reward': not a reward model" in capsys.readouterr().err)
     assert not out.exists()
 
 

@@ -349,7 +349,7 @@ class PPOTrainer:
             self.reward_model, rm_tok, _ = load_model(cfg.reward, self.device)
             if not isinstance(self.reward_model, ScalarHeadModel):
                 raise UserError("not a reward model (expected a scalar-head model or a "
-                                "one-label sequence classifier)", path=cfg.reward)
+                                "one-label sequence classifier)", path=cfg.reward, field="reward")
             self._check_vocabulary(self.reward_model, rm_tok, "reward", "the reward model")
             self.reward_model.requires_grad_(False)
         else:
