@@ -295,3 +295,14 @@ def test_a_finished_response_is_scored_as_the_reward_stage_encoded_it_with_a_lon
     assert scored_response(written[:-2] + [llama2.eos_id], True, end, 100) == written
     assert scored_response(written[:-2], False, end, 100) == written
     assert scored_response(written, True, end, 3) == written[:1] + end
+
+
+def test_an_empty_samples_file_is_said_to_be_empty(tmp_path):
+    # It was "no sample fits the context to normalise the scores on".
+    from gptlab.errors import UserError
+    from gptlab.train.reward import sample_sequences
+    f = tmp_path / "samples.jsonl"
+    f.write_text("\n")
+    with pytest.raises(UserError) as err:
+        sample_sequences(CharTokenizer(), f, context=16)
+    assert str(err.value) == f"{f}, field 'samples': no samples in the file"

@@ -209,7 +209,10 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int) -> list[lis
     """Prompt + response token ids of every response of a samples file, duplicates included
     (they weigh as the policy samples them); those longer than the context are left out."""
     seqs = []
-    for rec in read_jsonl(path):
+    records = read_jsonl(path)
+    if not records:  # else reported as none fitting the context
+        raise UserError("no samples in the file", path=path, field="samples")
+    for rec in records:
         responses = responses_of(rec, path, rec["_line"])
         prompt = prompt_of(rec, path, rec["_line"])
         p = encode_prompt(tokenizer, prompt)
