@@ -436,6 +436,22 @@ def test_a_policy_or_reward_model_of_the_wrong_kind_names_its_flag(setup, tmp_pa
     assert not out.exists()
 
 
+def test_a_ptx_corpus_smaller_than_a_block_names_ptx_data_and_ptx_block_size(setup, tmp_path,
+                                                                              capsys):
+    # It named field 'data' and advised lowering block_size, which ppo has neither of.
+    d, _, _ = setup
+    small = tmp_path / "small.txt"
+    small.write_text("Is it? yes\n")
+    out = tmp_path / "run"
+    assert main(ppo_args(d, out, "--ptx-data", str(small), "--ptx-coef", "0.1",
+                         "--ptx-block-size", "16", "--cache-dir", str(tmp_path / "cache"))) == 2
+    err = capsys.readouterr().err
+    assert f"{small}, field 'ptx_data': the corpus has " in err
+    assert "fewer than one training block of 17 (ptx_block_size + 1); add text or lower " \
+           "ptx_block_size" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag,message", [
     # A reward model's directory as --reference ran a rollout and the reward function, then
     # crashed with an AttributeError inside the KL computation.

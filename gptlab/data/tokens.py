@@ -127,21 +127,24 @@ def document_start(tokenizer: Any) -> list[int]:
 
 def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
                     cache_dir: str | Path | None = None, min_tokens: int = 1,
-                    progress: bool = False) -> TokenFile:
+                    progress: bool = False, fields: tuple[str, str] = ("data", "block_size")
+                    ) -> TokenFile:
     """Tokenize the corpus at `paths` once (each document BOS + text + EOS), or reuse the cache.
 
-    A corpus of fewer than `min_tokens` tokens is a UserError, and is not cached.
+    A corpus of fewer than `min_tokens` tokens is a UserError, and is not cached. `fields` name
+    the settings that gave the corpus and the block size (PPO's are `ptx_data` and
+    `ptx_block_size`).
     """
     paths = [str(p) for p in paths]
     if not paths:
-        raise UserError("no corpus files given", field="data")
+        raise UserError("no corpus files given", field=fields[0])
     key = cache_key(paths, tokenizer)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
     cached = _read_cached(bin_path, meta_path, key)
     if cached is not None:
         if cached.n_tokens < min_tokens:
-            raise _too_small(paths, cached.n_tokens, min_tokens)
+            raise _too_small(paths, cached.n_tokens, min_tokens, fields)
         return cached
 
     dtype = token_dtype(tokenizer.vocab_size)
@@ -167,17 +170,19 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
             if bar is not None:
                 bar.close()
         if n_tokens < min_tokens:
-            raise _too_small(paths, n_tokens, min_tokens)  # atomic_path drops the file
+            raise _too_small(paths, n_tokens, min_tokens, fields)  # atomic_path drops the file
     write_json_atomic(meta_path, {"format": TOKENS_FORMAT, "dtype": dtype.name,
                                   "n_tokens": n_tokens, "n_documents": n_docs,
                                   "eos_id": eos, "sources": paths})
     return TokenFile(bin_path, key, n_tokens, n_docs, dtype.name, reused=False)
 
 
-def _too_small(paths: Sequence[str], n_tokens: int, min_tokens: int) -> UserError:
+def _too_small(paths: Sequence[str], n_tokens: int, min_tokens: int,
+               fields: tuple[str, str]) -> UserError:
+    data, block = fields
     return UserError(f"the corpus has {n_tokens} tokens, fewer than one training block of "
-                     f"{min_tokens} (block_size + 1); add text or lower block_size",
-                     path=", ".join(paths), field="data")
+                     f"{min_tokens} ({block} + 1); add text or lower {block}",
+                     path=", ".join(paths), field=data)
 
 
 # --- blocks and the split ----------------------------------------------------------------------
@@ -293,12 +298,13 @@ class TokenData:
 
 def load_token_data(paths: Sequence[str | Path], tokenizer: Any, block_size: int,
                     val_fraction: float = 0.05, seed: int = 0,
-                    cache_dir: str | Path | None = None, progress: bool = False) -> TokenData:
+                    cache_dir: str | Path | None = None, progress: bool = False,
+                    fields: tuple[str, str] = ("data", "block_size")) -> TokenData:
     """Tokenize (or reuse) the corpus and split its blocks; fewer tokens than one block of
-    `block_size + 1` is a UserError."""
+    `block_size + 1` is a UserError naming `fields` (see `tokenize_corpus`)."""
     if block_size < 1:
-        raise UserError(f"must be at least 1, got {block_size}", field="block_size")
+        raise UserError(f"must be at least 1, got {block_size}", field=fields[1])
     tf = tokenize_corpus(paths, tokenizer, cache_dir, min_tokens=block_size + 1,
-                         progress=progress)
+                         progress=progress, fields=fields)
     train_ids, val_ids = split_blocks(n_blocks(tf.n_tokens, block_size), val_fraction, seed)
     return TokenData(tf, block_size, train_ids, val_ids)

@@ -448,7 +448,8 @@ class PPOTrainer:
             raise UserError("ptx_coef > 0 needs --ptx-data (pretraining text)", field="ptx_data")
         block = min(self.policy.config.context, self.cfg.ptx_block_size)
         data = load_token_data(self.cfg.ptx_data, self.tok, block, val_fraction=0.0,
-                               seed=self.cfg.seed, cache_dir=self.cfg.cache_dir)
+                               seed=self.cfg.seed, cache_dir=self.cfg.cache_dir,
+                               fields=("ptx_data", "ptx_block_size"))
         return data.train_batches(self.cfg.ptx_batch_size, self.cfg.seed)
 
     # --- checkpoints --------------------------------------------------------------------------
