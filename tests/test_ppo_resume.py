@@ -452,6 +452,17 @@ def test_a_ptx_corpus_smaller_than_a_block_names_ptx_data_and_ptx_block_size(set
     assert not out.exists()
 
 
+def test_ptx_data_without_a_ptx_coef_says_it_is_unused(setup, tmp_path, capsys):
+    # Given alone, --ptx-data was silently left unused (ptx_coef defaults to 0).
+    d, _, _ = setup
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Is it? yes\n")
+    assert main(ppo_args(d, tmp_path / "run", "--ptx-data", str(corpus))) == 0
+    assert "note: --ptx-data is not used: --ptx-coef is 0" in capsys.readouterr().err
+    assert main(ppo_args(d, tmp_path / "run2")) == 0
+    assert "--ptx-data" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag,message", [
     # A reward model's directory as --reference ran a rollout and the reward function, then
     # crashed with an AttributeError inside the KL computation.

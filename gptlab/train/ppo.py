@@ -406,6 +406,9 @@ class PPOTrainer:
         self.skips = SkipCounter()
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
+        if cfg.ptx_data and not cfg.ptx_coef:
+            print("note: --ptx-data is not used: --ptx-coef is 0 (PPO-ptx needs a coefficient "
+                  "above 0, e.g. --ptx-coef 0.002)", file=sys.stderr)
         self.step, self.elapsed = 0, 0.0  # steps done, and the seconds they took
         self.resumed_from = latest if cfg.resume else None
         if self.resumed_from is not None:
