@@ -415,6 +415,15 @@ def test_conversational_preference_explicit_or_implicit_reads_as_its_messages_tw
     assert got[2] == (history, ["no", "yes"], [0, 1], 3)
 
 
+def test_tied_rankings_in_parquet_as_lists_read_as_their_jsonl_twins(tmp_path):
+    # What README tells Parquet writers to do with ties: every item a list.
+    assert rankings_of(tmp_path, ".parquet", {"id": 1, "prompt": "p",
+                                              "ranked": [["a"], ["b", "c"], ["d"]]}) == \
+        rankings_of(tmp_path, ".jsonl", {"id": 1, "prompt": "p", "ranked": ["a", ["b", "c"], "d"]})
+    assert rankings_of(tmp_path, ".jsonl", {"id": 1, "prompt": "p",
+                                            "ranked": ["a", ["b", "c"], "d"]})[0][2] == [0, 1, 1, 2]
+
+
 @pytest.mark.parametrize("row,field,message", [
     # TRL's implicit prompt from two texts: their common prefix may end inside a word
     ({"chosen": "The sky is blue.", "rejected": "The sky is green."}, "prompt",
