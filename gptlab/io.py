@@ -384,12 +384,24 @@ def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
     return doc
 
 
+def without_nulls(value: Any) -> Any:
+    """`value` with every null inside an object left out, as a field that is not there."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSONL file; a broken line or a missing field is a UserError naming file and line.
     Each row's `_line` is its line number, which errors name: a reserved field, replaced if a
-    line has its own (which would move the line an error names)."""
+    line has its own (which would move the line an error names). A null is a field left out,
+    as in a Parquet file: pandas and `datasets` write JSONL with a null for each field a row
+    lacks (a `prompt` row of a file that also has `messages` rows gets `"messages": null`)."""
     rows = []
     for lineno, row in json_objects(path):
+        row = without_nulls(row)
         for key in required:
             if key not in row:
                 raise UserError("missing required field", path=path, line=lineno, field=key)

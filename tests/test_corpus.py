@@ -29,6 +29,13 @@ def test_jsonl_text_field_and_blank_lines(tmp_path):
     assert read_documents([str(f)]) == ["alpha", "gamma\n\ndelta"]
 
 
+def test_jsonl_null_text_is_skipped_as_parquet_null_rows_are(tmp_path):
+    # pandas writes a missing text as null; it was "expected a string, got NoneType".
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "x y"}\n{"text": null}\n{"text": "z"}\n', encoding="utf-8")
+    assert read_documents([f]) == ["x y", "z"]
+
+
 def test_parquet_text_column_skips_nulls(tmp_path):
     f = tmp_path / "a[1].parquet"  # glob characters in the name must not matter
     pq.write_table(pa.table({"text": ["x y", None, "z"], "n": [1, 2, 3]}), f)

@@ -192,6 +192,31 @@ def test_parquet_files_read_as_their_jsonl_twins_and_name_the_bad_row(tok, tmp_p
         read_prompts(tmp_path / "broken.parquet")
 
 
+def test_a_null_in_a_jsonl_line_is_a_field_left_out_as_in_parquet(tok, tmp_path):
+    # pandas' to_json(orient="records", lines=True) and datasets' to_json write a null for each
+    # field a row lacks: every line of a mixed file "has both", and was refused.
+    rows = [{"id": "a", "prompt": "Is the dog happy?", "completion": " no", "messages": None},
+            {"id": "b", "prompt": None, "completion": None, "messages": [
+                USER, {**ASSISTANT, "tool_calls": None}]}]
+    plain = [{"id": "a", "prompt": "Is the dog happy?", "completion": " no"},
+             {"id": "b", "messages": [USER, ASSISTANT]}]
+    nulls, twin = write(tmp_path / "nulls.jsonl", *rows), write(tmp_path / "twin.jsonl", *plain)
+    assert [(e.ids, e.loss_mask, e.line) for e in read_demonstrations(nulls, tok, 64)] == \
+        [(e.ids, e.loss_mask, e.line) for e in read_demonstrations(twin, tok, 64)]
+    prompts = write(tmp_path / "p.jsonl", {"id": 1, "prompt": "Is it?", "messages": None},
+                    {"id": None, "prompt": None, "messages": [USER]})
+    assert read_prompts(prompts) == [{"id": 1, "prompt": "Is it?", "_line": 1},
+                                     {"messages": [USER], "_line": 2}]
+    ranks = write(tmp_path / "r.jsonl", {"prompt": "p", "ranked": None, "chosen": "a",
+                                         "rejected": "b"},
+                  {"prompt": "q", "ranked": ["a", "b"], "chosen": None, "rejected": None})
+    assert [r.ranked for r in read_rankings(ranks)] == [["a", "b"], ["a", "b"]]
+    # A null where a value is required is still refused, naming the field.
+    bad = write(tmp_path / "bad.jsonl", {"prompt": "p", "ranked": ["a", None]})
+    with pytest.raises(UserError, match="field 'ranked': item 2 must be a response string"):
+        read_rankings(bad)
+
+
 def test_parquet_text_that_is_not_utf8_names_the_row_and_column(tmp_path):
     # Parquet stores any bytes in a string column; reading them crashed (UnicodeDecodeError).
     import pyarrow as pa

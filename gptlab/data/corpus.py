@@ -161,6 +161,8 @@ def _iter_jsonl(p: Path) -> Iterator[str]:
     for lineno, row in json_objects(p, "a JSON object with a 'text' field"):
         if TEXT_FIELD not in row:
             raise UserError("missing the document text", path=p, line=lineno, field=TEXT_FIELD)
+        if row[TEXT_FIELD] is None:  # no document, as a Parquet file's null rows
+            continue
         if not isinstance(row[TEXT_FIELD], str):
             raise UserError(f"expected a string, got {type(row[TEXT_FIELD]).__name__}", path=p,
                             line=lineno, field=TEXT_FIELD)
