@@ -446,6 +446,25 @@ def test_max_minutes_becomes_a_recorded_step_count(tmp_path):
     assert state["total_steps"] == result.total_steps and not state["budget_pending"]
 
 
+def test_the_step_budget_is_recorded_in_run_json(tmp_path):
+    # README: run.json holds, with --max-minutes, the step budget (beside the config, versions,
+    # git commit and command line record_run writes).
+    import json
+
+    from gptlab.provenance import record_run
+    tokens = _stream(2, n=1000)
+    cfg = TrainConfig(max_minutes=0.02, max_steps=12, warmup_steps=2, eval_every=0,
+                      eval_batches=1, save_every=0, progress=False, device="cpu")
+    record_run(tmp_path, cfg)
+    train(tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss, cfg, tmp_path)
+    info = json.loads((tmp_path / "run.json").read_text())
+    row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "budget"][0]
+    assert info["budget"] == {k: row[k] for k in ("max_minutes", "sec_per_step", "eval_s",
+                                                  "total_steps")}
+    assert info["config"]["max_minutes"] == 0.02 and info["config"]["max_steps"] == 12
+    assert {"command", "versions", "git_commit", "host", "started"} <= set(info)
+
+
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         train(tiny(), BlockBatches(_stream(), 16, np.arange(10), 2, 0), lm_loss,
