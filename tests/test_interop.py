@@ -699,6 +699,22 @@ def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
                                   f"be a number of labels (1 for a reward model), got {bad}")
 
 
+def test_hf_reward_model_loads_in_the_dtype_asked_for(tmp_path):
+    # load_pretrained(dtype=) gave a GPT that dtype but a reward model float32 (from_gpt
+    # rebuilt it in float32), twice the memory asked for.
+    from gptlab.interop import load_pretrained
+    cfg = _hf_model("llama", pad_token_id=0).config
+    cfg.num_labels = 1
+    theirs = _randomize(transformers.LlamaForSequenceClassification(cfg), 2)
+    theirs.save_pretrained(tmp_path / "rm")
+    ids = torch.tensor([[5, 17, 42, 3, 88]])
+    want = theirs.to(torch.bfloat16)(input_ids=ids).logits[0, 0].float()
+    rm, _ = load_pretrained(tmp_path / "rm", dtype=torch.bfloat16)
+    assert {t.dtype for t in rm.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert abs(rm(ids)[0].item() - want.item()) < 0.05 * max(1.0, abs(want.item()))
+
+
 def test_hf_reward_model_whose_pad_is_its_eos_scores_where_transformers_does(tmp_path):
     # SmolLM2's pad is its end of turn <|im_end|>, which closes every response gptlab scores:
     # transformers pools at the last token that is not the pad, so the score is read at the

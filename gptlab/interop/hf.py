@@ -390,7 +390,8 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
         rm.head.weight.copy_(sd["score.weight"].to(dtype).reshape(1, -1))
         rm.head.bias.copy_(sd["score.bias"].to(dtype).reshape(1) if "score.bias" in sd
                            else torch.zeros(1))
-    return rm.eval()
+    # from_gpt builds in float32: give the reward model the dtype asked for, as a GPT gets.
+    return rm.to(dtype).eval()
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
