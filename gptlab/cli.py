@@ -190,11 +190,12 @@ def _verb_world():
             print(f"{verdict.kind}: {verdict.detail}")
             return
         if args.action == "score":
-            from gptlab.eval.execution import score_samples
-            from gptlab.world.variants import VARIANTS
-            from gptlab.io import check_file_out, check_not_input, write_jsonl_atomic
             from pathlib import Path
+
+            from gptlab.eval.execution import score_samples
+            from gptlab.io import check_file_out, check_not_input, write_jsonl_atomic
             from gptlab.world.build import FILES
+            from gptlab.world.variants import VARIANTS
             if args.out:
                 check_file_out(args.out)
                 # The samples, or a file of the world, would be replaced by the verdicts.
