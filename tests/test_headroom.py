@@ -170,6 +170,26 @@ def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models
     assert pairwise_accuracy(rm, [collate_rankings(held, tok.pad_id)]) == pytest.approx(1 - acc)
 
 
+def test_without_ties_two_answers_of_one_verdict_and_length_are_no_pair_to_judge(world, models,
+                                                                                   tmp_path):
+    # A strict labeler ranks them by position; the truth has them equally good. They were
+    # counted as a pair, the "right" order whichever the noisy labelers happened to give.
+    tok, _, rm = models
+    a, b = "SELECT name FROM employees", "SELECT city FROM employees"  # both wrong, 26 long
+    qs = [q for q in world.test if world.check(q.id, a).kind == world.check(q.id, b).kind
+          == "wrong"][:4]
+    assert len(qs) == 4
+    write_jsonl_atomic(tmp_path / "held.jsonl", [
+        {"id": q.id, "prompt": world.prompt(q.text), "ranked": [a, b, q.sql]} for q in qs])
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
+                                             val_data=str(tmp_path / "held.jsonl")))
+    _, n, pairs, _ = rm_accuracy_noise_free(world, tmp_path / "rm", ties=False)
+    assert n == 4 and pairs == 4 * 2  # the gold above each wrong answer; a and b not a pair
+    _, n, pairs, _ = rm_accuracy_noise_free(world, tmp_path / "rm", ties=True)
+    assert n == 4 and pairs == 4 * 2  # with ties the two wrong answers tie by verdict alone
+
+
 def test_the_reward_models_favourite_is_its_highest_score():
     assert pick_stats([[0, 1, 0]], [[0.1, 0.9, 0.5]])["rm_best_of_k"] == 1.0
     assert pick_stats([[0, 1, 0]], [[0.1, 0.5, 0.9]])["rm_best_of_k"] == 0.0

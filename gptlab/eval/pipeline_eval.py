@@ -66,7 +66,11 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
     model, tok, _ = load_model(reward_dir, device)
     encoded, pairs = [], 0
     for r in held:
-        levels = labeler.careful_levels([world.check(r.id, x) for x in r.ranked], r.ranked)
+        verdicts = [world.check(r.id, x) for x in r.ranked]
+        # Without ties the labelers' strict order puts answers of one verdict and length by
+        # position: the truth has them equally good, no pair to judge.
+        levels = (labeler.careful_levels if ties else labeler.equal_key_levels)(verdicts,
+                                                                                r.ranked)
         if len(levels) < 2:
             continue  # every response equally good: no pair to judge
         truth = Ranking(r.prompt, [r.ranked[i] for level in levels for i in level], r.id,

@@ -92,6 +92,19 @@ class SqlLabeler:
         return sorted(range(len(responses)),
                       key=lambda i: (*self.careful_key(verdicts[i], responses[i]), i))
 
+    def equal_key_levels(self, verdicts: list[Verdict], responses: list[str]
+                         ) -> list[list[int]]:
+        """The careful order with equal keys in one level: the truth a strict order's
+        position-broken ties would misstate (two answers of one verdict and length)."""
+        levels: list[list[int]] = []
+        keys = [self.careful_key(v, r) for v, r in zip(verdicts, responses)]
+        for i in self.careful_order(verdicts, responses):
+            if levels and keys[levels[-1][0]] == keys[i]:
+                levels[-1].append(i)
+            else:
+                levels.append([i])
+        return levels
+
     def careful_levels(self, verdicts: list[Verdict], responses: list[str]) -> list[list[int]]:
         """The noise-free ranking as levels of response indices, best first."""
         if not self.ties:
