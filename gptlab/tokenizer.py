@@ -44,6 +44,11 @@ SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 DEFAULT_SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT)
 ROLES = ("system", "user", "assistant")
 N_BYTES = 256
+# The largest vocabulary `train_tokenizer` takes. `tokenizers` reserves room for the whole
+# vocabulary before it reads the corpus: a mistyped size (2**31) aborted the process with an
+# allocation failure, and one past 2**64 raised an OverflowError. Real vocabularies stay far
+# below (GPT-2's 50,257; Gemma's 262,144).
+MAX_VOCAB_SIZE = 2**24
 
 GPTLAB_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -410,6 +415,9 @@ def train_tokenizer(paths_or_texts: str | Path | Iterable[str | Path], vocab_siz
     if vocab_size < minimum:
         raise UserError(f"{vocab_size} is too small: 256 byte tokens + {len(special_tokens)} "
                         f"special tokens need at least {minimum}", field="vocab_size")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"{vocab_size} is too large: at most {MAX_VOCAB_SIZE:,} tokens",
+                        field="vocab_size")
     if len(special_tokens) < 2:
         raise UserError("need at least BOS and EOS", field="special_tokens")
 

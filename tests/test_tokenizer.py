@@ -301,6 +301,32 @@ def test_vocab_size_too_small(tmp_path):
     assert train_tokenizer(CORPUS, vocab_size=262).vocab_size == 262
 
 
+def test_vocab_size_too_large_is_refused_before_training(tmp_path, capsys):
+    """A size past 2**24 is refused: `tokenizers` reserved room for it up front, so 2**31
+    aborted the process (allocation failure) and 2**64 raised an OverflowError."""
+    with pytest.raises(UserError, match="at most 16,777,216 tokens") as e:
+        train_tokenizer(CORPUS, vocab_size=2**24 + 1)
+    assert e.value.field == "vocab_size"
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", str(2**64),
+                     "--out", str(tmp_path / "tok")]) == 2
+    assert "field 'vocab_size': 18446744073709551616 is too large" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()
+
+
+def test_a_small_corpus_gives_fewer_tokens_than_asked(tmp_path, capsys):
+    """Training stops when no pair is left to merge; the command says the size obtained."""
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "5000",
+                     "--out", str(out)]) == 0
+    obtained = load_tokenizer(out).vocab_size
+    assert 262 < obtained < 5000
+    assert f"(vocabulary {obtained})" in capsys.readouterr().out
+
+
 def test_training_input_errors(tmp_path):
     with pytest.raises(UserError, match="corpus file not found"):
         train_tokenizer([tmp_path / "missing.txt"], vocab_size=300)
