@@ -41,6 +41,14 @@ def tok() -> Tokenizer:
     return train_tokenizer(CORPUS, vocab_size=400)
 
 
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """CORPUS as a text file, what `gptlab tokenizer train --data` reads."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(CORPUS), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def chatml(tok) -> Tokenizer:
     hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
@@ -301,24 +309,20 @@ def test_vocab_size_too_small(tmp_path):
     assert train_tokenizer(CORPUS, vocab_size=262).vocab_size == 262
 
 
-def test_vocab_size_too_large_is_refused_before_training(tmp_path, capsys):
+def test_vocab_size_too_large_is_refused_before_training(tmp_path, data, capsys):
     """A size past 2**24 is refused: `tokenizers` reserved room for it up front, so 2**31
     aborted the process (allocation failure) and 2**64 raised an OverflowError."""
     with pytest.raises(UserError, match="at most 16,777,216 tokens") as e:
         train_tokenizer(CORPUS, vocab_size=2**24 + 1)
     assert e.value.field == "vocab_size"
-    data = tmp_path / "corpus.txt"
-    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", str(2**64),
                      "--out", str(tmp_path / "tok")]) == 2
     assert "field 'vocab_size': 18446744073709551616 is too large" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
 
 
-def test_a_small_corpus_gives_fewer_tokens_than_asked(tmp_path, capsys):
+def test_a_small_corpus_gives_fewer_tokens_than_asked(tmp_path, data, capsys):
     """Training stops when no pair is left to merge; the command says the size obtained."""
-    data = tmp_path / "corpus.txt"
-    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
     out = tmp_path / "tok"
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "5000",
                      "--out", str(out)]) == 0
@@ -335,12 +339,10 @@ def test_training_input_errors(tmp_path):
 
 
 # --- CLI ----------------------------------------------------------------------------------------
-def test_a_save_stopped_between_its_two_files_leaves_no_tokenizer(tmp_path, monkeypatch):
+def test_a_save_stopped_between_its_two_files_leaves_no_tokenizer(tmp_path, data, monkeypatch):
     """tokenizer.json is written last: stopped before it, the directory holds no tokenizer to
     load with another BOS/EOS, and the same `tokenizer train` runs again."""
     import gptlab.tokenizer as tk
-    data = tmp_path / "corpus.txt"
-    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
     args = ["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out",
             str(tmp_path / "tok")]
     real = tk.write_json_atomic
@@ -355,9 +357,7 @@ def test_a_save_stopped_between_its_two_files_leaves_no_tokenizer(tmp_path, monk
     assert cli.main(args) == 0 and load_tokenizer(tmp_path / "tok").vocab_size == 300
 
 
-def test_cli_train_in_process(tmp_path, capsys):
-    data = tmp_path / "corpus.txt"
-    data.write_text("\n\n".join(CORPUS), encoding="utf-8")
+def test_cli_train_in_process(tmp_path, data, capsys):
     out = tmp_path / "tok"
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
                      "--out", str(out)]) == 0
