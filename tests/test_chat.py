@@ -346,3 +346,34 @@ def test_a_system_message_that_leaves_no_room_for_a_question_fails_at_start(tiny
                  "--max-new-tokens", "40"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and f"field 'system': needs {n} tokens" in captured.err
+
+
+class Terminal(io.StringIO):
+    """Typed lines, as stdin reads them from a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_slash_word_that_is_no_command_is_not_sent_to_the_model(tiny_dir, monkeypatch):
+    # "/quit" (a typo of /exit) went to the model as a question, was answered, and stayed in
+    # the history as a turn; and Ctrl-D left the shell's prompt after the chat's "> ".
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
+    model, tok, _ = load_model(tiny_dir)
+    prompts: list[list[int]] = []
+
+    def fixed_reply(model, ids, params, seed=None, pad_id=0):
+        prompts.append(list(ids[0]))
+        return Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0, 0.0, 0.0]], [True])
+    monkeypatch.setattr(terminal, "generate", fixed_reply)
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
+    out, err = io.StringIO(), io.StringIO()
+    stdin = Terminal("/quit\n /Exit \n/etc/hosts is a file\n")
+    assert run_chat(session, stdin, out, err) == 1
+    assert session.messages == [user("/etc/hosts is a file"), bot("the mat")]
+    assert len(prompts) == 1
+    notes = err.getvalue().splitlines()
+    assert notes[1:] == ["note: unknown command /quit (/help lists them); nothing was sent",
+                         "note: unknown command /Exit (/help lists them); nothing was sent"]
+    assert out.getvalue() == "> > > the mat\n> \n"  # end of input ends the line

@@ -3,7 +3,8 @@
 The conversation is kept as messages and rendered with the tokenizer's chat template before
 every reply, so the model sees the whole (fitted) history each turn. Lines starting with "/"
 are commands: "/reset" forgets the history (the system prompt stays), "/exit" quits, as does
-end of input. A line that is not UTF-8 text is an error (exit code 2) naming the line, rather
+end of input; a slash and a word that is no command ("/quit") is refused with a note rather
+than sent to the model as a question. A line that is not UTF-8 text is an error (exit code 2) naming the line, rather
 than text the model would see as replacement characters. Replies go to stdout; notes (dropped
 turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' | gptlab chat --model M
 --greedy` prints just the answer.
@@ -11,6 +12,7 @@ turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' | gptlab c
 from __future__ import annotations
 
 import io
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,9 @@ from gptlab.train.loop import select_device
 
 COMMANDS = {"/exit": "quit (end of input does too)", "/reset": "forget the conversation",
             "/help": "list these commands"}
+# What reads as a command: a typo of one ("/quit", "/Exit") must not become a question to the
+# model (and a turn of the history); a path such as "/etc/hosts ..." is still a message.
+_COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
 
 
 @dataclass
@@ -140,6 +145,9 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             raise UserError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} cannot be decoded",
                             path="<stdin>") from None
         if not line:  # end of input
+            if interactive:  # Ctrl-D: leave the terminal on a fresh line, not after "> "
+                stdout.write("\n")
+                stdout.flush()
             break
         try:
             text = check_text(line.rstrip("\r\n"))
@@ -154,6 +162,10 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             continue
         if command == "/help":
             print("\n".join(f"{c}  {h}" for c, h in COMMANDS.items()), file=stderr)
+            continue
+        if _COMMAND_LIKE.fullmatch(command):
+            print(f"note: unknown command {command} (/help lists them); nothing was sent",
+                  file=stderr)
             continue
         if not command:
             continue
