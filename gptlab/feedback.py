@@ -76,6 +76,12 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     from gptlab.api import load
     if k < 1:
         raise UserError("must be at least 1", field="k")
+    if greedy and k > 1:
+        # Greedy decoding has one answer per prompt: K copies of it cost K times the compute,
+        # and `label` would merge them and skip every prompt.
+        raise UserError(f"{k} greedy responses per prompt would be {k} copies of one; use "
+                        f"--k 1 with --greedy, or sample K different ones with a temperature",
+                        field="k")
     # Flags and the output path are checked before the model loads.
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_p=top_p)

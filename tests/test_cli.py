@@ -9,7 +9,7 @@ from gptlab.checkpoint import save_model
 from gptlab.cli import VERBS, main
 from gptlab.config import load_config
 from gptlab.errors import UserError
-from gptlab.io import write_jsonl_atomic
+from gptlab.io import read_jsonl, write_jsonl_atomic
 from gptlab.model import GPT, get_preset
 from gptlab.provenance import record_run
 from gptlab.tokenizer import train_tokenizer
@@ -264,6 +264,25 @@ def test_sample_writes_nothing_when_no_prompt_fits(tiny_model, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_sample_refuses_k_greedy_copies_of_one_response(tiny_model, tmp_path, capsys):
+    # `--greedy` with the default --k 4 wrote 4 identical responses per prompt, which `label`
+    # merges and then skips every prompt for.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "hello"}\n')
+    out = tmp_path / "s.jsonl"
+    for model in (tiny_model, tmp_path / "no-model"):  # refused before the model loads
+        assert main(["sample", "--model", str(model), "--prompts", str(prompts),
+                     "--out", str(out), "--max-new-tokens", "2", "--greedy"]) == 2
+        assert capsys.readouterr().err == (
+            "gptlab sample: error: field 'k': 4 greedy responses per prompt would be 4 copies "
+            "of one; use --k 1 with --greedy, or sample K different ones with a temperature\n")
+        assert not out.exists()
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(out), "--max-new-tokens", "2", "--greedy", "--k", "1"]) == 0
+    rows = read_jsonl(out)
+    assert [(r["id"], len(r["responses"])) for r in rows] == [(1, 1)]
+
+
 def test_sample_says_how_many_responses_max_new_tokens_cut(tiny_model, tmp_path, capsys):
     # A response stopped by --max-new-tokens was written like a finished one, and nothing said
     # so; ranked and trained on, it reads as an answer closed by EOS.
@@ -438,7 +457,6 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, cap
 def test_the_sample_function_has_the_verbs_defaults(tiny_model, tmp_path):
     # sample_file sampled 64 new tokens where `gptlab sample` samples 96, and needed k.
     from gptlab.feedback import sample_file
-    from gptlab.io import read_jsonl
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
