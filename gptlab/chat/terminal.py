@@ -53,10 +53,10 @@ class ChatSession:
     """A conversation with one model: messages in, replies out, history fitted to the context."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: ChatConfig):
-        if cfg.max_new_tokens < 1:
-            raise UserError("must be at least 1", field="max_new_tokens")
-        if not cfg.greedy and cfg.temperature <= 0:
-            raise UserError("must be > 0 (or set greedy, --greedy)", field="temperature")
+        # Checks the sampling settings as `generate` and `sample` do, with the same messages.
+        self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
+                                     temperature=cfg.temperature, top_p=cfg.top_p,
+                                     stop_ids=tuple(sorted(tokenizer.stop_ids)))
         if cfg.max_context_tokens is not None and cfg.max_context_tokens < 1:
             raise UserError("must be at least 1", field="max_context_tokens")
         self.model, self.tok, self.cfg = model, tokenizer, cfg
@@ -66,9 +66,6 @@ class ChatSession:
             raise UserError(f"{cfg.max_new_tokens} leaves no room for the conversation in a "
                             f"context of {self.context} tokens; lower it (--max-new-tokens)",
                             field="max_new_tokens")
-        self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
-                                     temperature=cfg.temperature, top_p=cfg.top_p,
-                                     stop_ids=tuple(sorted(tokenizer.stop_ids)))
         self.turns = 0
         self.reset()
         # Fail at start, not at the first question, when the template cannot render a chat,
