@@ -182,7 +182,9 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
               seed: int | None, pad_id: int, device: torch.device, P: int, steps: int
               ) -> Generation:
     gen = torch.Generator(device="cpu" if device.type == "mps" else device)  # see sample_from
-    gen.manual_seed(0 if seed is None else seed)
+    # torch takes seeds in [-2**63, 2**64) and reads a negative one modulo 2**64; any other
+    # integer (a large --seed, or `sample`'s seed * 1_000_003 + batch) is read the same way.
+    gen.manual_seed((0 if seed is None else seed) % 2**64)
     fine = fine_generator(gen)
 
     # Identical prompts (K samples of one prompt) are encoded once; their cache rows are copied.

@@ -283,6 +283,30 @@ def test_sample_refuses_k_greedy_copies_of_one_response(tiny_model, tmp_path, ca
     assert [(r["id"], len(r["responses"])) for r in rows] == [(1, 1)]
 
 
+def test_any_integer_seed_samples_and_the_seeds_torch_took_sample_as_before(tiny_model, tmp_path,
+                                                                           capsys):
+    # A --seed past torch's range [-2**63, 2**64) was a traceback (ValueError: Overflow when
+    # unpacking long long), for `sample` already from 10**13 (it seeds seed * 1_000_003 + batch).
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+
+    def sample(seed: int) -> list[str]:
+        out = tmp_path / f"s{seed}.jsonl"
+        assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--k", "2",
+                     "--max-new-tokens", "4", "--seed", str(seed), "--out", str(out)]) == 0
+        return read_jsonl(out)[0]["responses"]
+    assert sample(10**13) == sample(10**13)
+    capsys.readouterr()
+
+    def generate(seed: int) -> str:
+        assert main(["generate", "--model", str(tiny_model), "--prompt", "hello",
+                     "--max-new-tokens", "6", "--seed", str(seed)]) == 0
+        return capsys.readouterr().out
+    # modulo 2**64, as torch reads a negative seed: -1 is 2**64 - 1, as it was
+    assert generate(2**70 + 7) == generate(7) != generate(8)
+    assert generate(-1) == generate(2**64 - 1)
+
+
 def test_sample_says_how_many_responses_max_new_tokens_cut(tiny_model, tmp_path, capsys):
     # A response stopped by --max-new-tokens was written like a finished one, and nothing said
     # so; ranked and trained on, it reads as an answer closed by EOS.
