@@ -77,8 +77,9 @@ def _verb_generate():
         p.add_argument("--prompt", required=True, action="append",
                        help="text to continue (repeat for a batch)")
         p.add_argument("--max-new-tokens", type=int, default=64)
-        p.add_argument("--greedy", action="store_true")
-        p.add_argument("--temperature", type=float, default=1.0)
+        how = p.add_mutually_exclusive_group()  # greedy decoding has no temperature
+        how.add_argument("--greedy", action="store_true")
+        how.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--top-k", type=int, default=None)
         p.add_argument("--top-p", type=float, default=None)
         p.add_argument("--seed", type=int, default=0)
@@ -272,8 +273,9 @@ def _verb_sample():
                        help="prompts (.jsonl or .parquet) with prompt or messages")
         p.add_argument("--k", type=int, default=SAMPLE_K, help="responses per prompt")
         p.add_argument("--out", required=True, help="samples JSONL")
-        p.add_argument("--greedy", action="store_true")
-        p.add_argument("--temperature", type=float, default=1.0)
+        how = p.add_mutually_exclusive_group()  # greedy decoding has no temperature
+        how.add_argument("--greedy", action="store_true")
+        how.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--top-p", type=float, default=None)
         p.add_argument("--max-new-tokens", type=int, default=SAMPLE_MAX_NEW_TOKENS)
         p.add_argument("--seed", type=int, default=0)

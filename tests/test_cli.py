@@ -244,6 +244,24 @@ def test_sample_refuses_bad_sampling_flags_like_generate(tiny_model, tmp_path, f
     assert list(tmp_path.iterdir()) == [prompts]
 
 
+@pytest.mark.parametrize("verb", ["generate", "sample", "chat"])
+def test_greedy_and_a_temperature_exclude_each_other_in_every_verb(tiny_model, tmp_path, verb,
+                                                                    capsys):
+    # `chat` refused `--greedy --temperature 0.5`; `generate` and `sample` decoded greedily and
+    # dropped the temperature without a word.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    out = tmp_path / "s.jsonl"
+    args = {"generate": ["--prompt", "hello"], "chat": [],
+            "sample": ["--prompts", str(prompts), "--k", "1", "--out", str(out)]}[verb]
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--model", str(tiny_model), *args, "--max-new-tokens", "2", "--greedy",
+              "--temperature", "0.5"])
+    assert e.value.code == 2
+    assert "argument --temperature: not allowed with argument --greedy" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_prompt_that_is_not_utf8_is_refused(tiny_model, capsys):
     # A byte that is not UTF-8 in argv reaches Python as a lone surrogate.
     assert main(["generate", "--model", str(tiny_model), "--prompt", "h\udcffi"]) == 2
