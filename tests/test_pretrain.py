@@ -79,6 +79,45 @@ def test_token_cache_is_reused_and_keyed_on_the_files(corpus, tmp_path):
                                                                         ".json", ".json"]
 
 
+def test_token_cache_is_not_reused_for_new_content_of_the_same_size_and_mtime(corpus, tmp_path):
+    # The key was the path, size and mtime: a file rewritten with as many bytes and its mtime
+    # set back (`cp -p`, `rsync -t`, `tar x`, `touch -r`) reused the old file's tokens.
+    d, docs, tok = corpus
+    src = tmp_path / "c.txt"
+    src.write_text("aaaa bbbb\n")
+    first = tokenize_corpus([src], tok, tmp_path / "cache")
+    st = src.stat()
+    src.write_text("cccc dddd\n")
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (src.stat().st_size, src.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = tokenize_corpus([src], tok, tmp_path / "cache")
+    assert not second.reused and second.key != first.key
+    assert second.tokens.tolist() == [tok.bos_id] + tok.encode("cccc dddd") + [tok.eos_id]
+
+
+def test_token_cache_is_keyed_on_how_a_file_is_read_not_only_on_its_target(corpus, tmp_path):
+    # A link `b.txt -> b.jsonl` is read as text, its target as JSON lines; the key held the
+    # resolved path only, so the second reused the first's tokens.
+    d, docs, tok = corpus
+    (tmp_path / "b.jsonl").write_text('{"text": "the cat"}\n')
+    (tmp_path / "b.txt").symlink_to(tmp_path / "b.jsonl")
+    as_json = tokenize_corpus([tmp_path / "b.jsonl"], tok, tmp_path / "cache")
+    as_text = tokenize_corpus([tmp_path / "b.txt"], tok, tmp_path / "cache")
+    assert not as_text.reused and as_text.key != as_json.key
+    assert tok.decode(as_text.tokens.tolist()) == '{"text": "the cat"}'
+
+
+def test_token_cache_key_follows_the_order_of_hub_datasets_and_files(corpus, tmp_path):
+    # Local files were hashed first and Hub names after: [hub, file] and [file, hub], whose
+    # documents come in another order, shared one key.
+    from gptlab.data.tokens import cache_key
+    d, docs, tok = corpus
+    f = str(d / "a.txt")
+    assert cache_key(["user/ds", f], tok) != cache_key([f, "user/ds"], tok)
+    assert cache_key(["user/ds", "other/ds"], tok) != cache_key(["other/ds", "user/ds"], tok)
+    assert cache_key([f, "user/ds"], tok) == cache_key([f, "user/ds"], tok)
+
+
 def test_token_cache_is_keyed_on_the_bos_and_eos_from_tokenizer_config(corpus, tmp_path):
     # The key covered tokenizer.json only: a tokenizer with another eos_token (or add_bos) in
     # its tokenizer_config.json reused a token file whose documents the other EOS separated.

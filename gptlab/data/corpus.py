@@ -133,11 +133,18 @@ def _iter_path(path: str | Path) -> Iterator[str]:
         raise UserError("corpus file not found", path=p)
 
 
+def document_format(p: str | Path) -> str:
+    """How file `p` is read, by its own suffix (a link's, not its target's): `jsonl`,
+    `parquet` or `text`."""
+    suffix = Path(p).suffix.lower()
+    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
+
+
 def _iter_file(p: Path) -> Iterator[str]:
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
+    kind = document_format(p)
+    if kind == "jsonl":
         yield from _iter_jsonl(p)
-    elif suffix == ".parquet":
+    elif kind == "parquet":
         yield from _iter_parquet(p)
     else:
         yield from _iter_text(p)

@@ -4,10 +4,11 @@
    token ids (uint16 when the vocabulary fits, else uint32) under the token cache (no BOS
    where the tokenizer has none, or where it is EOS itself, as GPT-2's is):
    `$GPTLAB_CACHE/tokens/` (default `~/.cache/gptlab/tokens/`, or the `cache_dir` argument).
-   The file is named by a key: sha256 of every source file's absolute path, size and mtime
-   plus the tokenizer's own JSON and the BOS and EOS ids it writes around each document, so a
-   second run over the same files with the same tokenizer reuses it, and editing a file or
-   changing the tokenizer makes a new one. `KEY.bin` is written under a temporary name and
+   The file is named by a key: sha256 of the sources in their order (every file's format,
+   absolute path, size, mtime, ctime and inode; a Hub dataset's name) plus the tokenizer's
+   own JSON and the BOS and EOS ids it writes around each document, so a second run over
+   the same files with the same tokenizer reuses it, and editing a file or changing the
+   tokenizer makes a new one. `KEY.bin` is written under a temporary name and
    renamed; `KEY.json` (counts, dtype) is written after it, so a cache entry without its
    `.json` is never read, and an error leaves nothing behind.
 2. The token stream is cut into blocks of `block_size + 1` tokens with stride `block_size`:
@@ -30,7 +31,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from gptlab.data.corpus import corpus_files, is_hub_name, iter_documents
+from gptlab.data.corpus import (corpus_files, document_format, is_hub_name,
+                                iter_documents)
 from gptlab.errors import UserError
 from gptlab.io import atomic_path, write_json_atomic
 
@@ -62,14 +64,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
-    """Key of a token file: the sources' paths, sizes and mtimes, the tokenizer, and the ids
-    around each document."""
+    """Key of a token file: the sources in their order (each file's format, path, size, mtime,
+    ctime and inode; a Hub dataset's name), the tokenizer, and the ids around each document."""
+    corpus_files(paths)  # refuses a file reached twice
     h = hashlib.sha256(TOKENS_FORMAT.encode())
-    for f in corpus_files(paths):
-        st = f.stat()
-        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    for name in (str(p) for p in paths if is_hub_name(p)):
-        h.update(f"hub:{name}\n".encode())  # a Hub dataset is keyed by its name
+    for given in paths:
+        if is_hub_name(given):
+            h.update(f"hub:{given}\n".encode())  # a Hub dataset is keyed by its name
+            continue
+        for f in corpus_files([given]):
+            st = f.stat()
+            # ctime and inode too: a rewrite that keeps the size and sets the mtime back
+            # (`cp -p`, `rsync -t`, `touch -r`) changes them, and no user can set them back.
+            h.update(f"{document_format(f)}\0{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+                     f"\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     # BOS, EOS and add_bos come from tokenizer_config.json, which the fingerprint does not see:
     # tokenizers that differ only there write other ids between documents.
