@@ -115,6 +115,8 @@ class TrainConfig:
             ("save_every", self.save_every >= 0, "must be >= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("log_every", self.log_every >= 1, "must be >= 1"),
+            # numpy's generators take no negative seed, torch's none of 2**64 or more.
+            ("seed", 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
         ]
 
 
