@@ -27,24 +27,55 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                           timeout=5)
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
+def git_commit(package_dir: str | Path | None = None) -> str | None:
+    """The commit of the git checkout gptlab runs from, or None: not in a git checkout, or
+    `package_dir` (gptlab's own folder) is not tracked by the repository around it, as an
+    installed copy inside another project's repository (whose commit says nothing of it)."""
+    state = git_state(package_dir)
+    return state[0] if state else None
+
+
+def git_state(package_dir: str | Path | None) -> tuple[str, bool] | None:
+    """(commit, dirty: gptlab's files differ from it, edited, added or removed) or None."""
+    here = Path(package_dir) if package_dir else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                               timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout if r.returncode == 0 else None
+
+    if not (git("ls-files", "--", ".") or "").strip():  # no file of the package is tracked
         return None
+    commit = (git("rev-parse", "HEAD") or "").strip()
+    status = git("status", "--porcelain", "--", ".")
+    if not commit or status is None:
+        return None
+    return commit, bool(status.strip())
+
+
+def command_line() -> list[str]:
+    """The command that is running, as it can be typed again: `python -m gptlab` has
+    `.../gptlab/__main__.py` as sys.argv[0]."""
+    program = os.path.basename(sys.argv[0])
+    if program == "__main__.py":
+        return [os.path.basename(sys.executable) or "python", "-m",
+                Path(sys.argv[0]).resolve().parent.name] + sys.argv[1:]
+    return [program] + sys.argv[1:]
 
 
 def record_run(out_dir: str | Path, config: Any, name: str = "run.json") -> Path:
     """Write `out_dir/run.json` with the resolved config and where it came from."""
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    git = git_state(None)
     info = {
         "config": cfg,
-        "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
+        "command": command_line(),
         "versions": package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": git[0] if git else None,
+        "git_dirty": git[1] if git else None,  # the commit alone does not say what ran
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -207,7 +207,55 @@ def test_run_directory_records_config_versions_and_command(tmp_path):
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["config"]["steps"] == 3
     assert info["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert "command" in info and "git_commit" in info
+    assert "command" in info and "git_commit" in info and "git_dirty" in info
+
+
+def test_run_json_command_of_python_m_gptlab_can_be_typed_again(tmp_path, monkeypatch):
+    # It was ["__main__.py", "pretrain", ...]: no command of that name exists.
+    import os
+    import sys
+    import gptlab
+    main_py = os.path.join(os.path.dirname(gptlab.__file__), "__main__.py")
+    monkeypatch.setattr(sys, "argv", [main_py, "pretrain", "--data", "c.txt"])
+    record_run(tmp_path, PPOConfig(steps=3))
+    assert json.loads((tmp_path / "run.json").read_text())["command"] == [
+        os.path.basename(sys.executable), "-m", "gptlab", "pretrain", "--data", "c.txt"]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/gptlab", "sft", "--out", "x"])
+    record_run(tmp_path, PPOConfig(steps=3))
+    assert json.loads((tmp_path / "run.json").read_text())["command"] == [
+        "gptlab", "sft", "--out", "x"]
+
+
+def test_git_commit_is_gptlabs_own_and_says_when_its_files_differ(tmp_path):
+    # A copy of the package inside another project's repository, but not tracked by it (a
+    # virtual environment in the project), recorded that project's commit as gptlab's.
+    import shutil
+    import subprocess
+    from gptlab.provenance import git_state, git_commit
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "README").write_text("a project\n")
+    git("add", "README")
+    git("commit", "-q", "-m", "project")
+    pkg = tmp_path / "venv" / "gptlab"
+    pkg.mkdir(parents=True)
+    (pkg / "provenance.py").write_text("x = 1\n")
+    assert git_commit(pkg) is None and git_state(pkg) is None
+    git("add", "venv")
+    git("commit", "-q", "-m", "the package")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(pkg) == head and git_state(pkg) == (head, False)
+    (pkg / "provenance.py").write_text("x = 2\n")   # edited, not committed
+    assert git_state(pkg) == (head, True)
+    (tmp_path / "README").write_text("the project's own file, not gptlab's\n")
+    (pkg / "provenance.py").write_text("x = 1\n")
+    assert git_state(pkg) == (head, False)
 
 
 @pytest.mark.parametrize("flags, message", [
