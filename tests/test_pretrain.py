@@ -118,6 +118,21 @@ def test_token_cache_key_follows_the_order_of_hub_datasets_and_files(corpus, tmp
     assert cache_key([f, "user/ds"], tok) == cache_key([f, "user/ds"], tok)
 
 
+def test_a_killed_tokenization_of_another_corpus_leaves_no_temporary_behind(corpus, tmp_path):
+    # Only the temporaries of the key being written were removed: a run killed midway, whose
+    # corpus was then edited (a new key), left its partial token file in the cache for good.
+    d, docs, tok = corpus
+    cache = tmp_path / "cache"
+    stale = cache / f".{'0' * 32}.bin.k1ll3d.tmp"
+    stale.mkdir(parents=True)
+    (stale / "file.tmp").write_bytes(b"\0" * 1000)
+    (cache / f".{'1' * 32}.json.k1ll3d.tmp").mkdir()
+    (cache / ".notes.tmp").write_text("not gptlab's")
+    tf = tokenize_corpus([d / "a.txt"], tok, cache)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [".notes.tmp", f"{tf.key}.bin", f"{tf.key}.json"])
+
+
 def test_token_cache_is_keyed_on_the_bos_and_eos_from_tokenizer_config(corpus, tmp_path):
     # The key covered tokenizer.json only: a tokenizer with another eos_token (or add_bos) in
     # its tokenizer_config.json reused a token file whose documents the other EOS separated.

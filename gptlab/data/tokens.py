@@ -10,7 +10,8 @@
    the same files with the same tokenizer reuses it, and editing a file or changing the
    tokenizer makes a new one. `KEY.bin` is written under a temporary name and
    renamed; `KEY.json` (counts, dtype) is written after it, so a cache entry without its
-   `.json` is never read, and an error leaves nothing behind.
+   `.json` is never read, and an error leaves nothing behind (a killed run's temporary is
+   removed by the next run that tokenizes into the cache).
 2. The token stream is cut into blocks of `block_size + 1` tokens with stride `block_size`:
    block i is tokens[i*T : i*T + T + 1], inputs are its first T tokens and targets its last T,
    so every token is a target exactly once.
@@ -34,7 +35,7 @@ import torch
 from gptlab.data.corpus import (corpus_files, document_format, is_hub_name,
                                 iter_documents)
 from gptlab.errors import UserError
-from gptlab.io import atomic_path, write_json_atomic
+from gptlab.io import atomic_path, remove_stale_temps, write_json_atomic
 
 TOKENS_FORMAT = "gptlab-tokens/2"  # /2: BOS at the start of every document
 _ENCODE_CHUNK = 512  # documents encoded per batch call
@@ -155,6 +156,9 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
             raise _too_small(paths, cached.n_tokens, min_tokens, fields)
         return cached
 
+    if cache.is_dir():  # what killed runs left, of any key: a corpus since edited has another
+        for suffix in (".bin", ".json"):
+            remove_stale_temps(cache, "." + "[0-9a-f]" * 32 + suffix + ".*.tmp")
     dtype = token_dtype(tokenizer.vocab_size)
     eos, start = tokenizer.eos_id, document_start(tokenizer)
     n_tokens = n_docs = 0
