@@ -465,6 +465,30 @@ def test_the_step_budget_is_recorded_in_run_json(tmp_path):
     assert {"command", "versions", "git_commit", "host", "started"} <= set(info)
 
 
+def test_a_resume_is_recorded_in_run_json_with_the_config_it_changed(tmp_path, monkeypatch):
+    # run.json kept the first session's config and command only: a resume with another lr
+    # or max_steps left it saying what no longer ran.
+    import json
+    import sys
+
+    from gptlab.provenance import record_run
+    from gptlab.train.loop import annotate_resume
+    monkeypatch.setattr(sys, "argv", ["gptlab", "pretrain", "--max-steps", "10"])
+    record_run(tmp_path, TrainConfig(max_steps=10, lr=1e-3))
+    monkeypatch.setattr(sys, "argv", ["gptlab", "pretrain", "--max-steps", "20", "--resume"])
+    annotate_resume(tmp_path, TrainConfig(max_steps=20, lr=1e-3), "step-10")
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["config"]["max_steps"] == 10 and info["command"][-1] == "10"
+    assert info["resumed_from"] == "step-10"
+    [resume] = info["resumes"]
+    assert resume["from"] == "step-10" and resume["changed"] == {"max_steps": 20}
+    assert resume["command"] == ["gptlab", "pretrain", "--max-steps", "20", "--resume"]
+    assert {"started", "git_commit", "git_dirty"} <= set(resume)
+    annotate_resume(tmp_path, TrainConfig(max_steps=10, lr=2e-3), "step-20")
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert [r["changed"] for r in info["resumes"]] == [{"max_steps": 20}, {"lr": 2e-3}]
+
+
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         train(tiny(), BlockBatches(_stream(), 16, np.arange(10), 2, 0), lm_loss,

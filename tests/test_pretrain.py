@@ -275,7 +275,9 @@ def test_resume_after_a_crash_gives_the_same_curve(corpus, tmp_path):
     wa = load_model(tmp_path / "a")[0].state_dict()
     wb = load_model(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["resumed_from"] == "step-6"
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert info["resumed_from"] == "step-6"
+    assert [(r["from"], r["changed"]) for r in info["resumes"]] == [("step-6", {})]
 
 
 def test_pretrain_reads_jsonl_and_parquet(corpus, tmp_path):

@@ -520,6 +520,29 @@ def steps_for_budget(minutes: float, elapsed_s: float, done_steps: int, sec_per_
 
 def annotate_run(out_dir: str | Path, **fields: Any) -> None:
     """Add fields to OUT/run.json (written by gptlab.provenance.record_run), if there is one."""
+    _update_run(out_dir, lambda info: info.update(fields))
+
+
+def annotate_resume(out_dir: str | Path, config: Any, resumed_from: str) -> None:
+    """Add this resume to OUT/run.json's `resumes` (and set `resumed_from`): its command, start,
+    commit and the config fields it changed. `config` and `command` stay the first session's;
+    without this a resume with another --lr or --max-steps left them saying what no longer ran."""
+    from gptlab.provenance import command_line, git_state
+
+    def add(info: dict) -> None:
+        first = info.get("config") if isinstance(info.get("config"), dict) else {}
+        now = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+        git = git_state(None)
+        info["resumed_from"] = resumed_from
+        info.setdefault("resumes", []).append({
+            "from": resumed_from, "command": command_line(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": git[0] if git else None, "git_dirty": git[1] if git else None,
+            "changed": {k: v for k, v in now.items() if k != "resume" and first.get(k) != v}})
+    _update_run(out_dir, add)
+
+
+def _update_run(out_dir: str | Path, update: Callable[[dict], None]) -> None:
     path = Path(out_dir) / "run.json"
     if path.exists():
         try:
@@ -530,7 +553,7 @@ def annotate_run(out_dir: str | Path, **fields: Any) -> None:
             # A record of how the run was made, nothing more: start it again rather than stop.
             print(f"note: {path} is damaged ({e}); writing it anew", file=sys.stderr)
             info = {}
-        info.update(fields)
+        update(info)
         write_json_atomic(path, info)
 
 

@@ -41,8 +41,8 @@ from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
-from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_run, check_fields,
-                               check_run_dir, clip_gradients, held_interrupt, lr_at,
+from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
+                               check_fields, check_run_dir, clip_gradients, held_interrupt, lr_at,
                                make_optimizer, rng_state, same_setting, select_device, set_lr,
                                set_rng_state)
 from gptlab.train.reward import scored_response
@@ -635,7 +635,7 @@ class PPOTrainer:
         log: MetricsLog | None = None
         if self.resumed_from is not None:
             MetricsLog.truncate_after(metrics_path, self.step)
-            annotate_run(self.out, resumed_from=self.resumed_from.name)
+            annotate_resume(self.out, cfg, self.resumed_from.name)
             log = MetricsLog(metrics_path)
             print(f"resuming from {self.resumed_from} (step {self.step} of {cfg.steps})",
                   file=sys.stderr)

@@ -28,7 +28,8 @@ from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_language_mode
 from gptlab.errors import UserError
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
-from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, train
+from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
+                               train)
 
 
 @dataclass
@@ -207,7 +208,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
               "position now points into different blocks", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        annotate_run(out, resumed_from=latest.name)
+        annotate_resume(out, cfg, latest.name)
     else:
         record_run(out, cfg)
     annotate_run(out, data={"tokens": data.file.n_tokens, "documents": data.file.n_documents,

@@ -28,7 +28,8 @@ from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, fixed_list_batches
-from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, train
+from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
+                               train)
 from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
@@ -287,7 +288,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        annotate_run(out, resumed_from=latest.name)
+        annotate_resume(out, cfg, latest.name)
     else:
         record_run(out, cfg)
     collate = lambda b: collate_rankings(b, tok.pad_id)  # noqa: E731

@@ -28,7 +28,8 @@ from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, fixed_list_batches, pad_examples
-from gptlab.train.loop import TrainConfig, annotate_run, check_run_dir, read_metrics, train
+from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
+                               read_metrics, train)
 
 
 @dataclass
@@ -208,7 +209,7 @@ def sft(cfg: SFTConfig) -> Path:
                                          cfg.max_new_tokens, cfg.val_data or cfg.data, context)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        annotate_run(out, resumed_from=latest.name)
+        annotate_resume(out, cfg, latest.name)
     else:
         record_run(out, cfg)
     annotate_run(out, data={"train": len(train_ex), "validation": len(val_ex),
