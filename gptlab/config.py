@@ -62,6 +62,33 @@ def _check_lists(cls: type, data: dict, source: str, fix: str) -> None:
                         path=source, field=key)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    value, so `seed: 1` above a forgotten `seed: 2` would run with 2, silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<`: its values may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"the key '{key}' is given twice (lines {seen[key]} and "
+                                        f"{line}); keep one", line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
                 overrides: Sequence[str] = (), **values: Any) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`.
@@ -76,7 +103,9 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         # utf8_lines refuses a directory, and a byte that is not UTF-8 by its line.
         text = "\n".join(line for _, line in utf8_lines(path))
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a safe loader
+        except _DuplicateKey as e:
+            raise UserError(str(e), path=path, line=e.line) from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise UserError(f"not valid YAML: {e}", path=path,

@@ -95,6 +95,22 @@ def test_yaml_config_errors_name_file_and_key(tmp_path):
         load_config(PPOConfig, f)
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_both_lines(tmp_path):
+    # PyYAML keeps the last value: the run took kl_coef 0.5, silently.
+    f = tmp_path / "ppo.yaml"
+    f.write_text("kl_coef: 0.1\nsteps: 10\nkl_coef: 0.5\n")
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, f)
+    assert str(e.value) == f"{f}:3: the key 'kl_coef' is given twice (lines 1 and 3); keep one"
+    f.write_text('{"steps": 10, "steps": 20}')   # JSON too
+    with pytest.raises(UserError, match="'steps' is given twice"):
+        load_config(PPOConfig, f)
+    # A value a merge key (<<) brings may be overridden: that is no key given twice.
+    f.write_text("steps: 10\nkl_coef: 0.1\n<<: {steps: 3, grad_clip: 0.3}\n")
+    cfg = load_config(PPOConfig, f)
+    assert (cfg.steps, cfg.kl_coef, cfg.grad_clip) == (10, 0.1, 0.3)
+
+
 def test_a_config_that_cannot_be_read_or_an_override_that_cannot_be_parsed_exits_2(tmp_path,
                                                                                   capsys):
     # Each was a traceback and exit 1: IsADirectoryError, UnicodeDecodeError, yaml's ParserError.
