@@ -626,6 +626,28 @@ def test_resume_keeps_an_early_stop_and_refuses_another_split(tmp_path):
     assert again.step == again.total_steps == 30  # not 40: the stop at 10 no longer holds
 
 
+@pytest.mark.parametrize("change", [{"weight_decay": 0.5}, {"beta2": 0.99}, {"lr": 1e-3},
+                                    {"warmup_steps": 0}, {"clip": 0.5}])
+def test_resume_refuses_another_optimizer_setting(tmp_path, change):
+    """The optimizer's saved state holds its betas and weight decay: a resume with new ones
+    went on with the old, silently; another lr or warmup bent the schedule unannounced."""
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=4, eval_every=0, save_every=2,
+                      progress=False, device="cpu")
+    run = lambda c, **kw: train(  # noqa: E731
+        tiny(), BlockBatches(_stream(6, n=1000), 16, np.arange(50), 4, 0), lm_loss, c,
+        tmp_path, **kw)
+    run(cfg)
+    (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    with pytest.raises(UserError) as err:
+        run(dataclasses.replace(cfg, **change), resume=True)
+    [(field, value)] = change.items()
+    assert err.value.field == field
+    assert f"{field}: {getattr(cfg, field)!r} there, {value!r} now" in str(err.value)
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows  # nothing truncated or written
+    assert run(cfg, resume=True).step == 4  # the same settings continue
+
+
 def test_an_early_stop_decided_by_a_resumed_evaluation_is_kept(tmp_path):
     tokens = _stream(5, n=2000)
     cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=12, batch_size=4, eval_every=4,

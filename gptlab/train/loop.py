@@ -62,6 +62,11 @@ from gptlab.io import check_dir_out, write_json_atomic, write_jsonl_atomic
 DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor max_minutes is given
 # Settings that decide which rows are trained on and which are held out: a resume must keep them.
 SPLIT_SETTINGS = ("seed", "val_fraction", "block_size", "batch_size", "grad_accum")
+# Settings of the update and its schedule: a resume must keep them too. The optimizer's saved
+# state holds the betas and weight decay it was made with, and loading it would silently put
+# them back in place of new ones; another lr or warmup would bend the schedule mid-run.
+OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "clip", "weight_decay", "beta1",
+                      "beta2")
 MEASURE_STEPS = 3         # steps timed (after the first, which pays for warm-up) for max_minutes
 
 
@@ -468,8 +473,9 @@ class MetricsLog:
 
 
 def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
-    """Refuse to resume with a setting that moves rows between training and validation or
-    changes the batches (a checkpoint from before these were recorded passes)."""
+    """Refuse to resume with a setting that moves rows between training and validation,
+    changes the batches, or changes the update or its schedule (a checkpoint from before these
+    were recorded passes)."""
     diff = [k for k, v in theirs.items() if hasattr(cfg, k) and getattr(cfg, k) != v]
     if diff:
         raise UserError("was written with other settings (" + ", ".join(
@@ -678,7 +684,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         return {"step": step, "tokens": tokens, "elapsed_s": elapsed, "total_steps": total,
                 "budget_pending": budget_pending, "data": batches.state(), "rng": rng_state(),
                 "eval_s": eval_s, "row": last_row, "stopped_early": stopped_early, "cap": cap,
-                "settings": {k: getattr(cfg, k) for k in SPLIT_SETTINGS if hasattr(cfg, k)}}
+                "settings": {k: getattr(cfg, k) for k in SPLIT_SETTINGS + OPTIMIZER_SETTINGS
+                             if hasattr(cfg, k)}}
 
     def save(state: dict) -> Path:
         return ckpt.save(state["step"], model, tokenizer, optimizer, state, extra)
