@@ -225,6 +225,40 @@ def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, mo
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_a_later_best_left_by_a_crashed_run_is_not_taken_for_the_checkpoints(base, tmp_path,
+                                                                             monkeypatch):
+    """A run that died after its checkpoint (step 4) left OUT/best with step 6's weights. Resumed
+    to end at the checkpoint's step, it kept those weights under step 4's name and score: OUT
+    must hold the weights step 4's evaluation measured, the checkpoint's own."""
+    from safetensors.torch import load_file
+    args = ("--lr", "1e-3", "--warmup-steps", "0", "--eval-every", "1", "--save-every", "4",
+            "--val-fraction", "0.25")
+    out = tmp_path / "sft"
+    evaluate = sft_module.BestKeeper.__call__
+
+    def crashing(self, model, step, val_loss):
+        if step == 7:
+            raise _Crash  # the process dies: nothing is saved
+        return evaluate(self, model, step, val_loss)
+
+    monkeypatch.setattr(sft_module.BestKeeper, "__call__", crashing)
+    with pytest.raises(_Crash):
+        run_sft(base, out, *args, "--max-steps", "8")
+    monkeypatch.setattr(sft_module.BestKeeper, "__call__", evaluate)
+    assert json.loads((out / "best" / "config.json").read_text())["step"] == 6
+    assert json.loads((out / "checkpoints" / "latest").read_text().strip()[5:]) == 4
+    assert run_sft(base, out, *args, "--max-steps", "4", "--resume") == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert (meta["step"], meta["best_step"]) == (4, 4)
+    a = load_file(out / "model.safetensors")
+    b = load_file(out / "checkpoints" / "step-4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_each_evaluation_prints_execution_accuracy_and_a_starting_model_kept_is_named(
         tmp_path, monkeypatch, capsys):
     # The console showed only val_loss although execution accuracy picks the weights, and a
@@ -268,7 +302,8 @@ def test_an_equal_evaluation_neither_replaces_the_best_nor_counts_as_progress(tm
 
 
 def test_resuming_replays_the_evaluation_at_the_checkpoints_own_step(tmp_path, monkeypatch):
-    save_model(tmp_path / "best", GPT(get_preset("tiny")))  # OUT/best of the interrupted run
+    save_model(tmp_path / "best", GPT(get_preset("tiny")),  # OUT/best of the interrupted run
+               extra={"stage": "sft", "step": 200})
     keeper, saved = _keeper(tmp_path, monkeypatch)
     rows = [{"step": s, "val_loss": v} for s, v in ((0, 3.0), (100, 2.0), (200, 1.0), (300, 0.5))]
     keeper.restore(rows, upto=200)  # step 300 came after the checkpoint: not counted

@@ -153,22 +153,35 @@ class BestKeeper:
         self.since_progress = 0 if best or improved else self.since_progress + 1
         return best
 
-    def restore(self, metrics: list[dict], upto: int) -> None:
+    def restore(self, metrics: list[dict], upto: int, checkpoint: Path | None = None) -> None:
         """On resume: replay the evaluations of the run so far (up to its checkpoint's step),
-        so a later, worse evaluation does not replace the best weights saved in OUT/best."""
+        so a later, worse evaluation does not replace the best weights saved in OUT/best.
+        OUT/best must hold that best evaluation's weights: a run that died after its checkpoint
+        may have left a later evaluation's there, which this run has not made (yet)."""
         for row in metrics:
             if row["step"] <= upto and "val_loss" in row:
                 self._record(row["step"], row.get("exec_acc"), row["val_loss"])
-        if not self.keep_weights or self.best is None or is_gptlab_dir(self.dir):
+        if not self.keep_weights or self.best is None or \
+                _meta_of(self.dir).get("step") == self.best_step:
             return
-        out = self.dir.parent  # a finished run: OUT holds its best weights, OUT/best is gone
-        if is_gptlab_dir(out) and read_meta(out).get("best_step") == self.best_step:
-            model, _, _ = load_model(out)
-            save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
+        out = self.dir.parent
+        if checkpoint is not None and self.best_step == upto:
+            source = checkpoint  # the weights its own step's evaluation measured
+        elif _meta_of(out).get("best_step") == self.best_step:
+            source = out  # a finished run: OUT holds its best weights, OUT/best is gone
         else:
-            print(f"note: {self.dir} is missing; the best evaluation so far (step "
-                  f"{self.best_step}) can no longer be selected", file=sys.stderr)
+            print(f"note: {self.dir} is missing or holds another evaluation's weights; the "
+                  f"best evaluation so far (step {self.best_step}) can no longer be selected",
+                  file=sys.stderr)
             self.best_step = self._best_key = self.best_val_loss = None
+            return
+        model, _, _ = load_model(source)
+        save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
+
+
+def _meta_of(path: Path) -> dict:
+    """The config.json of the gptlab model directory `path`; {} if it is none."""
+    return read_meta(path) if is_gptlab_dir(path) else {}
 
 
 def sft(cfg: SFTConfig) -> Path:
@@ -216,7 +229,7 @@ def sft(cfg: SFTConfig) -> Path:
                             "skipped": skips.counts, "val_skipped": val_skips.counts})
     keeper = BestKeeper(out, tok, exec_eval, cfg.patience, keep_weights=cfg.select_best)
     if cfg.resume:
-        keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest))
+        keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest), latest)
 
     collate = lambda b: pad_examples(b, tok.pad_id)  # noqa: E731
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
