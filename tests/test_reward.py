@@ -247,6 +247,37 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert json.loads((out / "config.json").read_text())["step"] == 2
 
 
+def test_a_run_stopped_after_a_checkpoint_and_resumed_equals_one_that_never_stopped(
+        base, tmp_path):
+    import shutil
+    from gptlab.checkpoint import load_model
+    from gptlab.train.loop import read_metrics
+    args = ("--max-steps", "8", "--grad-accum", "2", "--eval-every", "2", "--save-every", "3",
+            "--log-every", "1", "--keep-checkpoints", "5", "--lr", "3e-3", "--seed", "4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_reward(base, straight, *args) == 0
+    assert run_reward(base, resumed, *args) == 0
+    # A crash after the step-3 checkpoint: later checkpoints, the model and rows 4.. remain.
+    ckpts = resumed / "checkpoints"
+    for step in (6, 8):
+        shutil.rmtree(ckpts / f"step-{step}")
+    for name in ("config.json", "model.safetensors"):
+        (resumed / name).unlink()
+    assert run_reward(base, resumed, *args, "--resume") == 0
+    assert json.loads((resumed / "run.json").read_text())["resumed_from"] == "step-3"
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
+                for r in read_metrics(run / "metrics.jsonl")]
+    assert rows(straight) == rows(resumed) and len(rows(straight)) == 8 + 5
+    a, b = (load_model(run)[0].state_dict() for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = (torch.load(run / "checkpoints" / "step-8" / "optimizer.pt", weights_only=False)
+              for run in (straight, resumed))
+    assert all(torch.equal(oa["state"][i][k], ob["state"][i][k])
+               for i in oa["state"] for k in oa["state"][i])
+
+
 def test_each_files_skipped_rankings_are_reported_on_that_file(base, tmp_path, capsys):
     d, rankings = base
     val = tmp_path / "val.jsonl"
