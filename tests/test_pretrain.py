@@ -280,6 +280,31 @@ def test_resume_after_a_crash_gives_the_same_curve(corpus, tmp_path):
     assert [(r["from"], r["changed"]) for r in info["resumes"]] == [("step-6", {})]
 
 
+def test_a_resume_refused_for_a_damaged_checkpoint_or_another_setting_writes_nothing(
+        corpus, tmp_path, capsys):
+    """The checkpoint was verified, and its settings compared, only once training loaded it:
+    the refused resume had already marked run.json `resumed_from` it."""
+    d, _, _ = corpus
+    out = tmp_path / "run"
+    common = ["--data", str(d / "a.txt"), "--max-steps", "4", "--block-size", "16",
+              "--batch-size", "4", "--eval-every", "0", "--save-every", "2",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert run(*common) == 0
+    ckpt = out / "checkpoints" / "step-4"
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert run(*common, "--resume", "--lr", "0.01") == 2
+    assert f"{ckpt}, field 'lr': was written with other settings (lr: 0.001 there, 0.01 now)" \
+        in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    state = ckpt / "trainer.pt"
+    state.write_bytes(state.read_bytes()[:-1])  # truncated
+    files[state] = state.read_bytes()
+    assert run(*common, "--resume") == 2
+    assert (f"{state}: checkpoint file is missing or corrupt; remove {ckpt} to resume from the "
+            "checkpoint before it") in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
 def test_pretrain_reads_jsonl_and_parquet(corpus, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -4,7 +4,8 @@ Pieces (each usable alone; PPO builds its own loop from them):
 
     check_fields(cfg, rules)                    a UserError naming the first bad field (its
                                                 type against its annotation, then the rules)
-    check_run_dir(out, resume, inputs)          OUT checked before a stage writes to it
+    check_run_dir(out, resume, inputs, cfg)     OUT (and the checkpoint to resume) checked
+                                                before a stage writes to it
     select_device(name)                         "auto" -> cuda or cpu
     make_optimizer(model, lr, wd, betas)        AdamW with decay on weight matrices only
     lr_at(step, warmup, total, peak, min_ratio) linear warmup, then cosine down to peak*min_ratio
@@ -195,12 +196,14 @@ def _shown(value: Any) -> str:
 
 
 def check_run_dir(out: str | Path, resume: bool,
-                  inputs: dict[str, str | Path | None] | None = None) -> Path | None:
+                  inputs: dict[str, str | Path | None] | None = None,
+                  cfg: Any = None) -> Path | None:
     """Check a stage's OUT before anything is written; return the checkpoint to resume from.
 
     OUT must not be, hold or sit inside an input model (`inputs`: field -> path), which the
     run would overwrite. Without `resume` it must hold no run (checkpoints) and no model;
-    with `resume` it must hold a checkpoint."""
+    with `resume` it must hold a checkpoint that is whole and, when the common loop's `cfg` is
+    given, was written with the settings a resume must keep (see `_check_split_settings`)."""
     out = check_dir_out(out, field="out")
     where = out.resolve()
     for name, given in (inputs or {}).items():
@@ -220,6 +223,12 @@ def check_run_dir(out: str | Path, resume: bool,
     if resume and latest is None:
         raise UserError("nothing to resume: no checkpoint in this run directory",
                         path=out / "checkpoints", field="resume")
+    if resume:
+        # Here, not only when training loads it: the stage writes run.json and OUT/best first.
+        Checkpointer.verify(latest)
+        if cfg is not None:
+            state = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=False)
+            _check_split_settings(cfg, state.get("settings", {}), latest)
     if not resume and latest is not None:
         raise UserError("already holds a training run; pass --resume to continue it, or choose "
                         "another --out", path=out, field="out")

@@ -185,7 +185,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     # A resume reads its checkpoint, never --model: OUT may be what --model names.
     reads_model = _continues_a_model(cfg.model) and not cfg.resume
-    latest = check_run_dir(out, cfg.resume, {"model": cfg.model if reads_model else None})
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model if reads_model else None},
+                           cfg)
 
     # Everything that can fail on bad input happens before OUT is created.
     model, tok = _build(cfg, latest if cfg.resume else None)

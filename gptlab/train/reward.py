@@ -236,7 +236,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         raise UserError("reward needs --model and --data")
     cfg.check()
     out = Path(cfg.out)
-    latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
     base, tok, _ = load_model(cfg.model)
     if tok is None:
         raise UserError("the model has no tokenizer", path=cfg.model)

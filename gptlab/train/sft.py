@@ -192,7 +192,7 @@ def sft(cfg: SFTConfig) -> Path:
         raise UserError("sft needs --model and --data")
     cfg.check()
     out = Path(cfg.out)
-    latest = check_run_dir(out, cfg.resume, {"model": cfg.model})
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
     model, tok, _ = load_language_model(cfg.model)
     torch.manual_seed(cfg.seed)
     context = model.config.context
