@@ -278,6 +278,20 @@ def test_a_run_stopped_after_a_checkpoint_and_resumed_equals_one_that_never_stop
                for i in oa["state"] for k in oa["state"][i])
 
 
+def test_a_resume_on_other_rankings_says_so(base, tmp_path, capsys):
+    _, rankings = base
+    out, data = tmp_path / "rm", tmp_path / "rankings.jsonl"
+    data.write_text(rankings.read_text())
+    resume = ("--save-every", "1", "--resume", "--max-steps")
+    assert run_reward(base, out, "--data", str(data), "--save-every", "1") == 0
+    assert run_reward(base, out, "--data", str(data), *resume, "2") == 0
+    assert "warning" not in capsys.readouterr().err
+    data.write_text(data.read_text().replace(" yes", " yes yes", 1))
+    assert run_reward(base, out, "--data", str(data), *resume, "3") == 0
+    assert ("warning: the rankings changed since the checkpoint; the data position now points "
+            "into other rankings") in capsys.readouterr().err
+
+
 def test_each_files_skipped_rankings_are_reported_on_that_file(base, tmp_path, capsys):
     d, rankings = base
     val = tmp_path / "val.jsonl"

@@ -225,6 +225,20 @@ def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, mo
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_resume_on_other_demonstrations_says_so(base, tmp_path, capsys):
+    d, paths = base
+    out, data = tmp_path / "sft", tmp_path / "sft.jsonl"
+    data.write_text(paths["sft"].read_text())
+    resume = ("--save-every", "1", "--resume", "--max-steps")
+    assert run_sft(base, out, "--data", str(data), "--save-every", "1") == 0
+    assert run_sft(base, out, "--data", str(data), *resume, "2") == 0
+    assert "warning" not in capsys.readouterr().err
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[1:]))
+    assert run_sft(base, out, "--data", str(data), *resume, "3") == 0
+    assert ("warning: the demonstrations changed since the checkpoint; the data position now "
+            "points into other demonstrations") in capsys.readouterr().err
+
+
 class _Crash(Exception):
     pass
 

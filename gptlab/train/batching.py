@@ -1,10 +1,15 @@
 """Batches of variable-length examples for the common loop: right-padded, resumable."""
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from gptlab.checkpoint import read_meta
 from gptlab.data.instruct import Example
 from gptlab.data.tokens import EpochSampler
 
@@ -52,3 +57,18 @@ def fixed_list_batches(items: Sequence[Any], batch_size: int,
                        collate: Callable[[list[Any]], Any]) -> list[Any]:
     """Every item once, in order: a validation set that is the same at each evaluation."""
     return [collate(list(items[i:i + batch_size])) for i in range(0, len(items), batch_size)]
+
+
+def data_key(rows: list) -> str:
+    """A digest of what a run trains on, in order (JSON-able rows of token ids): a checkpoint's
+    data position indexes those rows, so a resume compares the key with the checkpoint's."""
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def warn_if_data_changed(checkpoint: Path, key: str, what: str) -> None:
+    """On resume: say so when the data is not the checkpoint's (pretraining does for its
+    corpus); a checkpoint from before keys were recorded says nothing."""
+    saved = read_meta(checkpoint).get("data_key")
+    if saved is not None and saved != key:
+        print(f"warning: the {what} changed since the checkpoint; the data position now "
+              f"points into other {what}", file=sys.stderr)

@@ -27,7 +27,7 @@ from gptlab.io import read_jsonl
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
-from gptlab.train.batching import ListBatches, fixed_list_batches
+from gptlab.train.batching import ListBatches, data_key, fixed_list_batches, warn_if_data_changed
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
                                train)
 from gptlab.eval.stats import clustered_rate
@@ -286,6 +286,9 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                         path=cfg.samples, field="samples")
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
+    key = data_key([[e.seqs, e.groups] for e in train_e])
+    if cfg.resume:
+        warn_if_data_changed(latest, key, "rankings")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         annotate_resume(out, cfg, latest.name)
@@ -300,7 +303,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
                    tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
-                   extra={"stage": "reward"}, perplexity=False)
+                   extra={"stage": "reward", "data_key": key}, perplexity=False)
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
     # answers); none without held-out rankings.

@@ -27,7 +27,8 @@ from gptlab.io import read_jsonl
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
-from gptlab.train.batching import ListBatches, fixed_list_batches, pad_examples
+from gptlab.train.batching import (ListBatches, data_key, fixed_list_batches, pad_examples,
+                                   warn_if_data_changed)
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
                                read_metrics, train)
 
@@ -220,6 +221,9 @@ def sft(cfg: SFTConfig) -> Path:
             val_records = [r for r in read_jsonl(cfg.data) if r["_line"] in held_out]
         exec_eval = world_exec_evaluator(cfg.world, tok, val_records[:cfg.exec_eval],
                                          cfg.max_new_tokens, cfg.val_data or cfg.data, context)
+    key = data_key([[ex.ids, ex.loss_mask] for ex in train_ex])
+    if cfg.resume:
+        warn_if_data_changed(latest, key, "demonstrations")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         annotate_resume(out, cfg, latest.name)
@@ -237,7 +241,7 @@ def sft(cfg: SFTConfig) -> Path:
                    if val_ex else None, tokenizer=tok,
                    on_eval=keeper if (val_ex or exec_eval) else None,
                    tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
-                   extra={"stage": "sft"})
+                   extra={"stage": "sft", "data_key": key})
     val_loss = result.val_loss
     if cfg.select_best and keeper.best is not None:
         best, _, _ = load_model(keeper.dir)
