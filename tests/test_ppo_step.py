@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gptlab.checkpoint import save_model
+from gptlab.errors import UserError
 from gptlab.model import GPT, get_preset
 from gptlab.tokenizer import train_tokenizer
 from gptlab.train import ppo as ppo_module
@@ -308,3 +309,17 @@ def test_each_prompt_of_a_rollout_is_closed_by_its_own_end_of_turn(setup, tmp_pa
     ro = t.rollout(0)
     assert len(ro.records) == 2
     assert ro.ends == [end_of_response(t.tok, prompt_of(r)) for r in ro.records]
+
+
+def test_any_seed_in_torchs_range_runs_a_step_and_one_outside_is_refused(setup, tmp_path):
+    """Each step's seeds are derived from --seed (seed * 100_003 + step): a large seed must
+    not overflow torch's generator midway through the first update."""
+    for bad in (-1, 2**64):
+        with pytest.raises(UserError) as e:
+            trainer(setup, tmp_path / f"bad{bad}", seed=bad)
+        assert e.value.field == "seed"
+    t = trainer(setup, tmp_path / "big", seed=2**64 - 1)
+    ro = t.rollout(1)
+    batch = t.advantages(ro, t.score(ro))
+    stats = t.update(ro, batch, 1e-4, 1)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())

@@ -137,6 +137,9 @@ class PPOConfig:
             ("ptx_batch_size", self.ptx_batch_size >= 1, "must be >= 1"),
             ("ptx_block_size", self.ptx_block_size >= 1, "must be >= 1"),
             ("save_every", self.save_every >= 0, "must be >= 0"),
+            # torch's generators take seeds in [0, 2**64); each step's own seeds are derived
+            # from this one and read modulo 2**64.
+            ("seed", 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
         ])
         select_device(self.device)
 
@@ -597,7 +600,7 @@ class PPOTrainer:
         set_lr(self.optimizer, lr)
         B = ro.ids.shape[0]
         stats: dict[str, list[float]] = {}
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # a new order each step
+        g = torch.Generator().manual_seed((cfg.seed * 100_003 + step) % 2**64)  # new each step
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(B, generator=g).split(cfg.minibatch_size):
                 idx = idx.to(self.device)
