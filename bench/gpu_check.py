@@ -181,10 +181,11 @@ def real_model(a: argparse.Namespace) -> int:
         examples.append(Example(ids=prefix + own, loss_mask=[0] * (prefix_len + q) + [1] * ans))
     batch = {key: v.to(device) for key, v in pad_examples(examples, 0).items()}
 
-    def hf_loss(m, b):  # transformers shifts labels itself: its label at t + 1 is ours at t
+    def hf_loss(m, b):  # transformers shifts labels itself: its label at t + 1 is ours at t;
+        # no KV cache in training, as TRL's trainers pass (use_cache=True would build one)
         labels = torch.cat([torch.full_like(b["labels"][:, :1], -100), b["labels"][:, :-1]], 1)
         return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                 labels=labels).loss
+                 labels=labels, use_cache=False).loss
 
     ours.train()
     theirs.train()

@@ -48,10 +48,11 @@ def side(name: str, work: Path, threads: int) -> None:
         model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
 
         def loss_fn(m: torch.nn.Module, b: dict) -> torch.Tensor:
-            # transformers shifts labels itself: its label at t + 1 is ours at t.
+            # transformers shifts labels itself: its label at t + 1 is ours at t. No KV cache
+            # in training, as TRL's trainers pass (the config's use_cache=True builds one).
             labels = torch.cat([torch.full_like(b["labels"][:, :1], -100), b["labels"][:, :-1]], 1)
             return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     labels=labels).loss
+                     labels=labels, use_cache=False).loss
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 

@@ -54,9 +54,11 @@ def main() -> None:
     hf.train()
 
     def hf_loss(m: torch.nn.Module, b: dict) -> torch.Tensor:
-        # transformers shifts labels itself: its label at t + 1 is ours at t.
+        # transformers shifts labels itself: its label at t + 1 is ours at t. No KV cache in
+        # training, as TRL's trainers pass (the config's use_cache=True builds one).
         labels = torch.cat([torch.full_like(b["labels"][:, :1], -100), b["labels"][:, :-1]], 1)
-        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
+        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels,
+                 use_cache=False).loss
 
     first = {"gptlab": sft_loss(model, batches[0]).item(),
              "transformers": hf_loss(hf, batches[0]).item()}
