@@ -4,9 +4,10 @@ The model is the demo's SFT model (or any gptlab model directory), exported to a
 Llama directory so both libraries run the same weights on the same prompts. Each side samples
 K answers for each of N prompts at temperature T (transformers: `num_return_sequences=K`),
 up to `--max-new-tokens`, stopping at EOS. Each side first runs one untimed pass (warm-up),
-then the two sides alternate `--repeats` timed passes; we report each side's median answers
-per second, the new tokens each generated, and the ratio. `--device cuda` runs both sides
-there (float32; bench/gpu.sh does), the CPU otherwise.
+then the two sides alternate `--repeats` timed passes (the timer covers the sampling only:
+answers and tokens are counted after it); we report each side's median answers per second, the
+new tokens each generated and its median new tokens per second, and both ratios. `--device
+cuda` runs both sides there (float32; bench/gpu.sh does), the CPU otherwise.
 
     .venv/bin/python bench/sampling.py --model runs/demo/sft --prompts runs/demo/world/prompts.jsonl
 """
@@ -53,19 +54,21 @@ def main() -> None:
         export_hf(model, tok, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
 
-    def ours() -> tuple[int, int]:
-        n = new = 0
+    # Each side returns its raw outputs; answers and new tokens are counted after the timer.
+    def ours() -> list:
+        out = []
         for b in range(0, len(prompts), a.batch_prompts):
             rows = [p for p in prompts[b:b + a.batch_prompts] for _ in range(a.k)]
-            g = generate(model, rows, SamplingParams(max_new_tokens=a.max_new_tokens,
-                                                     temperature=a.temperature, stop_ids=stop),
-                         seed=b, pad_id=tok.pad_id)
-            n += len(g.tokens)
-            new += sum(map(len, g.tokens))
-        return n, new
+            out.append(generate(model, rows, SamplingParams(
+                max_new_tokens=a.max_new_tokens, temperature=a.temperature, stop_ids=stop),
+                seed=b, pad_id=tok.pad_id).tokens)
+        return out
 
-    def theirs() -> tuple[int, int]:
-        n = new = 0
+    def count_ours(out: list) -> tuple[int, int]:
+        return sum(map(len, out)), sum(len(row) for rows in out for row in rows)
+
+    def theirs() -> list:
+        outs = []
         for b in range(0, len(prompts), a.batch_prompts):
             chunk = prompts[b:b + a.batch_prompts]
             P = max(map(len, chunk))
@@ -78,25 +81,36 @@ def main() -> None:
                                   temperature=a.temperature, top_k=0, top_p=1.0,
                                   num_return_sequences=a.k, max_new_tokens=a.max_new_tokens,
                                   eos_token_id=list(stop), pad_token_id=tok.pad_id)
+            outs.append(out[:, P:])
+        return outs
+
+    def count_theirs(outs: list) -> tuple[int, int]:
+        n = new = 0
+        for out in outs:
             n += out.shape[0]
             # New tokens up to and including the first stop token (the rest is padding).
-            for row in out[:, P:].tolist():
+            for row in out.tolist():
                 new += next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
         return n, new
 
-    sides = {"gptlab": ours, "transformers": theirs}
-    for fn in sides.values():
+    sides = {"gptlab": (ours, count_ours), "transformers": (theirs, count_theirs)}
+    for fn, _ in sides.values():
         fn()  # warm-up, untimed
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    token_rates: dict[str, list[float]] = {name: [] for name in sides}
     tokens: dict[str, int] = {}
     for _ in range(a.repeats):
-        for name, fn in sides.items():
+        for name, (fn, count) in sides.items():
             sync(device)
             t = time.perf_counter()
-            n, tokens[name] = fn()
+            out = fn()
             sync(device)
-            rates[name].append(n / (time.perf_counter() - t))
+            seconds = time.perf_counter() - t
+            n, tokens[name] = count(out)
+            rates[name].append(n / seconds)
+            token_rates[name].append(tokens[name] / seconds)
     results = {name: statistics.median(r) for name, r in rates.items()}
+    per_token = {name: statistics.median(r) for name, r in token_rates.items()}
     import transformers
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}; "
@@ -105,8 +119,12 @@ def main() -> None:
           f"{a.batch_prompts} prompts per batch")
     print(f"warm-up pass each, then {a.repeats} timed passes each, alternating; medians")
     for name, v in results.items():
-        print(f"  {name:13s} {v:8.1f} answers/s  ({tokens[name]} new tokens a pass)")
+        print(f"  {name:13s} {v:8.1f} answers/s  ({tokens[name]} new tokens a pass, "
+              f"{per_token[name]:.0f} new tokens/s)")
     print(f"  ratio gptlab / transformers: {results['gptlab'] / results['transformers']:.2f}x")
+    # The two sides draw different random numbers, so their answers' lengths differ a little:
+    # the same ratio in new tokens a second.
+    print(f"  ratio in new tokens/s: {per_token['gptlab'] / per_token['transformers']:.2f}x")
 
 
 def sync(device: torch.device) -> None:
