@@ -7,8 +7,10 @@ batch element, the loss averaged over its C(K, 2) pairs with a preference, the p
 once. TRL's RewardTrainer takes chosen/rejected pairs, so each ranking is expanded into those
 same pairs (the same token ids, handed to TRL pre-tokenized), every pair encoding its prompt and
 both answers. Both sides make one pass over the same preferences with AdamW at the same
-learning rate; we check that the first losses agree on one pair and report the time of a pass
-(the training steps only, TRL's timed by a callback) and the ratio.
+learning rate; we check that the first losses agree on one pair, then the two sides alternate
+`--repeats` passes (each with a fresh AdamW; TRL a fresh RewardTrainer on the same model), and
+we report the median time of a pass (the training steps only, TRL's timed by a callback) and
+the ratio.
 
     .venv/bin/python bench/reward_step.py --model runs/demo/sft \
         --rankings runs/demo/round-2/rankings_all.jsonl
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
+import statistics
 import tempfile
 import time
 
@@ -32,13 +35,15 @@ def main() -> None:
     ap.add_argument("--batch-rankings", type=int, default=8, help="gptlab: rankings a step")
     ap.add_argument("--batch-pairs", type=int, default=16, help="TRL: pairs a step")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per side, alternating")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
     import datasets
     import transformers
     import trl
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback,
+                              TrainerCallback)
 
     from gptlab.checkpoint import load_model
     from gptlab.data.instruct import read_rankings
@@ -87,9 +92,15 @@ def main() -> None:
         def on_step_end(self, *_, **__):
             self.last = time.perf_counter()
 
-    timer = StepTimer()
-    trainer = trl.RewardTrainer(model=theirs, args=args, train_dataset=data,
-                                processing_class=hf_tok, callbacks=[timer])
+    def make_trainer() -> tuple[trl.RewardTrainer, StepTimer]:
+        """A fresh trainer (and so a fresh AdamW) on the model as it is: one pass of TRL."""
+        timer = StepTimer()
+        trainer = trl.RewardTrainer(model=theirs, args=args, train_dataset=data,
+                                    processing_class=hf_tok, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # its end-of-training line on stdout
+        return trainer, timer
+
+    trainer, timer = make_trainer()
 
     # The first pair, scored by both: TRL's loss and gptlab's K-wise loss at K = 2 are equal.
     # (Their backward passes warm both sides up before the timed passes.)
@@ -118,9 +129,18 @@ def main() -> None:
             opt.step()
         return time.perf_counter() - t
 
-    t_ours = gptlab_pass()
-    trainer.train()
-    t_trl = timer.last - timer.first
+    ready = [(trainer, timer)]  # the first pass uses the trainer built above
+
+    def trl_pass() -> float:
+        t, clock = ready.pop() if ready else make_trainer()
+        t.train()
+        return clock.last - clock.first
+
+    times: dict[str, list[float]] = {"gptlab": [], "trl": []}
+    for _ in range(a.repeats):
+        times["gptlab"].append(gptlab_pass())
+        times["trl"].append(trl_pass())
+    t_ours, t_trl = (statistics.median(times[k]) for k in ("gptlab", "trl"))
 
     seqs_ours = sum(len(e.seqs) for e in encoded)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, "
@@ -128,6 +148,9 @@ def main() -> None:
           f"trl {trl.__version__}")
     print(f"{len(encoded)} rankings, {seqs_ours} answers, {len(pairs)} preference pairs; "
           f"first loss gptlab {first['gptlab']:.4f}, trl {first['trl']:.4f}")
+    print(f"{a.repeats} timed passes each, alternating; medians (gptlab "
+          + " / ".join(f"{x:.2f}" for x in times["gptlab"]) + " s, trl "
+          + " / ".join(f"{x:.2f}" for x in times["trl"]) + " s)")
     print(f"  gptlab  {t_ours:7.2f} s a pass ({-(-len(encoded) // a.batch_rankings)} steps of "
           f"{a.batch_rankings} rankings; {seqs_ours} answers scored)")
     print(f"  trl     {t_trl:7.2f} s a pass ({steps} steps of {a.batch_pairs} pairs; "
