@@ -16,9 +16,10 @@ EOS; k1 KL penalty with β = 0.05; a missing EOS costs 1.0; GAE with γ = 1, λ 
 advantages whitened; 2 epochs over 2 minibatches of 16, policy clip 0.2, value clip 0.2,
 vf_coef 0.1; one AdamW (β = 0.9, 0.95, no weight decay, constant 5e-5) over policy and value;
 no ptx, no dropout, fp32. We check that both sides start from the same models (the reward,
-policy log-probs and values of one rollout agree to 1e-3), run a warm-up step on each side,
-then time `--steps` steps each and report seconds a step, split into sampling, the no-grad
-forwards, TRL's `gc.collect()` calls, and the rest (the update).
+policy log-probs and values of one rollout agree to 1e-3), run each side's own training loop
+(gptlab's `PPOTrainer.train`, TRL's `train`) for a warm-up step and `--steps` timed steps, step
+end to step end, and report seconds a step, split into sampling, the no-grad forwards, TRL's
+`gc.collect()` calls, and the rest (the update and each loop's bookkeeping).
 
 What differs, as far as TRL allows:
   - Sampling: gptlab's engine drops finished rows from the batch; TRL calls `generate`, which
@@ -140,23 +141,33 @@ def start_gap(ours: Any, policy: Any, reward: Any, value: Any) -> dict[str, floa
 
 
 def time_gptlab(ours: Any, steps: int) -> tuple[list[float], PhaseClock, list[tuple[int, float]]]:
-    """A warm-up step, then `steps` timed ones: (seconds of each, phases, (longest, mean)
-    response length of each)."""
-    clock, lengths, times = PhaseClock(), [], []
-    for step in range(1, steps + 2):
-        t0 = time.perf_counter()
-        ro = ours.rollout(step)
-        t1 = time.perf_counter()
-        batch = ours.advantages(ro, ours.score(ro))
-        t2 = time.perf_counter()
-        ours.update(ro, batch, ours.cfg.lr, step)
-        t3 = time.perf_counter()
-        if step == 1:
-            continue
-        clock.add("sampling", t1 - t0)
-        clock.add("no-grad forwards", t2 - t1)
+    """gptlab's own loop (`PPOTrainer.train`, its metrics line and stderr line included) for a
+    warm-up step and `steps` timed ones, step end to step end, as TRL's below: (seconds of each,
+    phases, (longest, mean) response length of each). A step ends where the loop takes its
+    snapshot for Ctrl-C, once the step is logged."""
+    clock, lengths, marks = PhaseClock(), [], []
+    rollout, snapshot = ours.rollout, ours.snapshot
+
+    def timed_rollout(step: int):
+        t = time.perf_counter()
+        ro = rollout(step)
+        clock.add("sampling", time.perf_counter() - t)
         lengths.append((ro.response_ids.shape[1], float(ro.response_mask.sum(1).float().mean())))
-        times.append(t3 - t0)
+        return ro
+
+    def marked_snapshot() -> dict:
+        state = snapshot()
+        marks.append(time.perf_counter())  # the first: before step 1; then each step's end
+        if len(marks) == 2:  # the warm-up step is over
+            clock.seconds.clear()
+            lengths.clear()
+        return state
+
+    ours.rollout, ours.snapshot = timed_rollout, marked_snapshot
+    ours.score = clock.wrap("no-grad forwards", ours.score)
+    ours.advantages = clock.wrap("no-grad forwards", ours.advantages)
+    ours.train()
+    times = [b - a for a, b in zip(marks, marks[1:])][1:]
     return times, clock, lengths
 
 
