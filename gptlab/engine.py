@@ -83,17 +83,20 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0,
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p."""
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p.
+
+    Each filter is a threshold on the logit, so a token tied with the last one kept stays too:
+    which of equal tokens survive never depends on the order a sort put them in."""
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_logits = torch.sort(logits, descending=True, dim=-1).values
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (the top token always stays).
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # Keep a token while the mass before it is below top_p (the top token always stays).
+        kept = probs.cumsum(-1) - probs < top_p
+        floor = sorted_logits.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
 
 

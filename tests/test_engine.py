@@ -210,6 +210,20 @@ def test_top_k_and_top_p_filters():
     assert torch.isfinite(filter_logits(logits, None, 0.01)[0, 0])  # the top token always stays
 
 
+def test_the_nucleus_keeps_every_token_tied_with_its_last_one_as_top_k_does():
+    """Which of equal tokens the nucleus kept depended on the sort's order: of 20 equal logits
+    top_p=0.5 kept 10 the sort put first, and tied top tokens under a tiny temperature stopped
+    sharing the draw."""
+    equal = torch.zeros(1, 20)
+    assert torch.isfinite(filter_logits(equal, None, 0.5)).all()
+    assert torch.isfinite(filter_logits(equal, 3, None)).all()
+    tied_top = scale_logits(torch.tensor([[3.0, 3.0, 1.0]]), 1e-39)  # [0, 0, -inf]
+    assert filter_logits(tied_top, None, 0.4).softmax(-1).tolist() == [[0.5, 0.5, 0.0]]
+    boundary = torch.tensor([[2.0, 1.0, 1.0, -1.0]])  # p ≈ [0.55, 0.20, 0.20, 0.03]
+    kept = torch.isfinite(filter_logits(boundary, None, 0.6))[0].tolist()
+    assert kept == [True, True, True, False]
+
+
 @pytest.mark.parametrize("fields, field, message", [
     (dict(max_new_tokens=-1), "max_new_tokens", "must be an integer of at least 1, got -1"),
     (dict(max_new_tokens=0), "max_new_tokens", "must be an integer of at least 1, got 0"),
