@@ -139,7 +139,7 @@ def test_gpt_need_weights_path_equals_fast_path():
 
 
 def test_padded_causal_mask_lets_a_padding_query_see_itself():
-    from gptlab.model.gpt import padded_causal_mask
+    from gptlab.model.attention import padded_causal_mask
     mask = padded_causal_mask(torch.tensor([[0, 0, 1, 1]]), 4)[0, 0].int()
     assert mask.tolist() == [[1, 0, 0, 0],   # padding: only itself, so its softmax has a term
                              [0, 1, 0, 0],
@@ -430,7 +430,7 @@ def test_attention_module_equals_a_hand_computed_example():
 def test_grouped_query_attention_shares_each_kv_head_with_consecutive_query_heads(need_weights):
     """8 query heads on 2 key/value heads: query heads 0-3 read kv head 0, 4-7 kv head 1 (as
     Llama's repeat_kv), under a causal and padding mask, against a head-by-head loop."""
-    from gptlab.model.gpt import padded_causal_mask
+    from gptlab.model.attention import padded_causal_mask
     torch.manual_seed(2)
     H, Hkv, D, T = 8, 2, 4, 6
     attn = Attention(32, H, Hkv).eval()

@@ -114,6 +114,33 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
     return weights @ v, weights
 
 
+def padded_causal_mask(attention_mask: Tensor, T: int) -> Tensor:
+    """(B, 1, T, S) bool mask for the last T of S positions: causal and not padding.
+
+    attention_mask (B, S): 1 for real tokens. Each query may also see itself, so a padding
+    query attends to something and its (ignored) output stays finite.
+    """
+    B, S = attention_mask.shape
+    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+    causal = k_pos <= q_pos  # (T, S)
+    mask = causal[None] & attention_mask[:, None, :].bool()
+    return (mask | (k_pos == q_pos)[None])[:, None]
+
+
+def self_attention_mask(attention_mask: Tensor | None, B: int, past: int, T: int,
+                        device: torch.device) -> Tensor | None:
+    """The bool mask (B, 1, T, past + T) of T new queries after `past` cached positions:
+    causal, and blind to the padding `attention_mask` (B, past + T) marks. None where none is
+    needed: without padding, a block with nothing cached before it (`is_causal` says it) or
+    a single query (it sees every key)."""
+    if attention_mask is not None:
+        return padded_causal_mask(attention_mask, T)
+    if past > 0 and T > 1:
+        return padded_causal_mask(torch.ones(B, past + T, device=device), T)
+    return None
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

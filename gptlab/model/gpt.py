@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.model.attention import Attention, KVCache, rotary_cos_sin
-from gptlab.model.layers import MLP, make_norm, sinusoidal_table
+from gptlab.model.attention import Attention, KVCache, rotary_cos_sin, self_attention_mask
+from gptlab.model.layers import MLP, make_norm, positions_from_mask, sinusoidal_table
 
 
 @dataclass
@@ -76,25 +76,6 @@ class Block(nn.Module):
         a, w = self.attn(x, layer=layer, **attn_kwargs)
         x = self.attn_norm(x + self.resid_dropout(a))
         return self.mlp_norm(x + self.mlp(x)), w
-
-
-def padded_causal_mask(attention_mask: Tensor, T: int) -> Tensor:
-    """(B, 1, T, S) bool mask for the last T of S positions: causal and not padding.
-
-    attention_mask (B, S): 1 for real tokens. Each query may also see itself, so a padding
-    query attends to something and its (ignored) output stays finite.
-    """
-    B, S = attention_mask.shape
-    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]
-    k_pos = torch.arange(S, device=attention_mask.device)[None, :]
-    causal = k_pos <= q_pos  # (T, S)
-    mask = causal[None] & attention_mask[:, None, :].bool()
-    return (mask | (k_pos == q_pos)[None])[:, None]
-
-
-def positions_from_mask(attention_mask: Tensor, T: int) -> Tensor:
-    """Position ids (B, T) of the last T tokens: real tokens count from 0 under left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
 
 
 class GPT(nn.Module):
@@ -171,17 +152,13 @@ class GPT(nn.Module):
                 position_ids = positions_from_mask(attention_mask, T)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = None
         if attention_mask is not None and cache is None and bool(attention_mask[:, 0].all()) \
                 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
             # Right padding only (each row real tokens, then padding): under causal attention
             # real tokens never see the padding after them, so the fast causal path gives the
             # same outputs for them. A gap of padding inside a row needs the mask.
             attention_mask = None
-        if attention_mask is not None:
-            mask = padded_causal_mask(attention_mask, T)
-        elif past > 0 and T > 1:
-            mask = padded_causal_mask(torch.ones(B, past + T, device=input_ids.device), T)
+        mask = self_attention_mask(attention_mask, B, past, T, input_ids.device)
         x = self.tok_emb(input_ids)
         rotary = None
         if self.config.positions == "learned":

@@ -55,3 +55,8 @@ def sinusoidal_table(n_positions: int, d: int) -> Tensor:
     table[:, 0::2] = torch.sin(pos * div)
     table[:, 1::2] = torch.cos(pos * div)[:, : d // 2]
     return table
+
+
+def positions_from_mask(attention_mask: Tensor, T: int) -> Tensor:
+    """Position ids (B, T) of the last T tokens: real tokens count from 0 under left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]

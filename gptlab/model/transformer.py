@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.model.attention import Attention, KVCache
-from gptlab.model.gpt import padded_causal_mask, positions_from_mask
-from gptlab.model.layers import MLP, sinusoidal_table
+from gptlab.model.attention import Attention, KVCache, self_attention_mask
+from gptlab.model.layers import MLP, positions_from_mask, sinusoidal_table
 
 
 @dataclass
@@ -155,11 +154,7 @@ class Transformer(nn.Module):
         B, T = tgt.shape
         past = cache.length if cache is not None else 0
         memory_mask = None if src_mask is None else src_mask.bool()[:, None, None, :]
-        self_mask = None
-        if tgt_mask is not None:
-            self_mask = padded_causal_mask(tgt_mask, T)
-        elif past > 0 and T > 1:
-            self_mask = padded_causal_mask(torch.ones(B, past + T, device=tgt.device), T)
+        self_mask = self_attention_mask(tgt_mask, B, past, T, tgt.device)
         x, weights = self._embed(tgt, past, tgt_mask), []
         for i, layer in enumerate(self.decoder):
             x, w = layer(x, memory, self_mask, self_mask is None and T > 1, memory_mask, cache, i,
