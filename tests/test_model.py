@@ -222,6 +222,28 @@ def test_encoder_decoder_reads_a_left_padded_source_or_target_as_unpadded():
     assert (torch.cat(steps, 1)[:, 3:] - alone).abs().max().item() <= 1e-5
 
 
+def test_encoder_decoder_refuses_a_mask_that_does_not_cover_its_positions():
+    """A target mask without the cached positions broadcast silently (each new token read at
+    position 0); GPT's attention_mask was already checked so."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=50, context=32, n_encoder_layers=1, n_decoder_layers=1,
+                            n_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    model = Transformer(cfg).eval()
+    src = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        memory, _ = model.encode(src)
+        cache = model.new_cache(2, 10)
+        model.decode(torch.randint(0, 50, (2, 3)), memory, cache=cache)
+        with pytest.raises(ValueError, match=r"tgt_mask covers 1 positions, expected cache "
+                                             r"length \+ T = 4"):
+            model.decode(torch.randint(0, 50, (2, 1)), memory, tgt_mask=torch.ones(2, 1),
+                         cache=cache)
+        with pytest.raises(ValueError, match="src_mask covers 1 positions, expected 5"):
+            model.encode(src, torch.ones(2, 1))
+        with pytest.raises(ValueError, match="src_mask covers 4 positions, expected 5"):
+            model.decode(src[:, :2], memory, src_mask=torch.ones(2, 4))
+
+
 def test_encoder_decoder_attention_weights():
     model = small_transformer()
     src = torch.randint(1, 50, (1, 5))

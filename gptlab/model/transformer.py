@@ -41,6 +41,13 @@ class TransformerConfig:
                              f"({self.n_heads})")
 
 
+def _check_mask(name: str, mask: Tensor | None, positions: int, what: str = "") -> None:
+    """A padding mask must cover every position its keys do: a shorter one broadcast silently
+    (a target's mask without the cached positions read each new token at position 0)."""
+    if mask is not None and mask.shape[-1] != positions:
+        raise ValueError(f"{name} covers {mask.shape[-1]} positions, expected {what}{positions}")
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -140,6 +147,7 @@ class Transformer(nn.Module):
     def encode(self, src: Tensor, src_mask: Tensor | None = None,
                need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
         """Encoder output (B, S, d) and, if asked, each layer's attention weights."""
+        _check_mask("src_mask", src_mask, src.shape[1])
         mask = None if src_mask is None else src_mask.bool()[:, None, None, :]  # (B,1,1,S)
         x, weights = self._embed(src, mask=src_mask), []
         for layer in self.encoder:
@@ -153,6 +161,8 @@ class Transformer(nn.Module):
         """Logits (B, T, V) for target tokens; with a cache, `tgt` continues what it holds."""
         B, T = tgt.shape
         past = cache.length if cache is not None else 0
+        _check_mask("src_mask", src_mask, memory.shape[1])
+        _check_mask("tgt_mask", tgt_mask, past + T, "cache length + T = ")
         memory_mask = None if src_mask is None else src_mask.bool()[:, None, None, :]
         self_mask = self_attention_mask(tgt_mask, B, past, T, tgt.device)
         x, weights = self._embed(tgt, past, tgt_mask), []
