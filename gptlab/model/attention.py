@@ -63,7 +63,8 @@ class PrefixKV:
 
     Encode the prompts with an empty PrefixKV (it records each layer's K/V), then `expand(rows)`
     gives the cache the continuations read: one row per continuation, `rows[i]` its prompt.
-    A reward model scores K responses of one prompt for the price of one prompt.
+    A reward model scores K responses of one prompt for the price of one prompt. An expanded
+    cache serves one forward of the continuations: their own keys and values are not kept.
     """
 
     def __init__(self, k: list[Tensor] | None = None, v: list[Tensor] | None = None,

@@ -118,11 +118,8 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and hasattr(self, "pos_emb"):
-            n -= self.pos_emb.weight.numel()
-        return n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         cfg = self.config
