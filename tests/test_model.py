@@ -8,7 +8,7 @@ import torch
 
 from gptlab.model import (GPT, GPTConfig, Transformer, TransformerConfig, attention_math,
                           build_model, get_preset)
-from gptlab.model.attention import Attention
+from gptlab.model.attention import Attention, KVCache
 from gptlab.model.presets import PAPER_PARAMS, PRESETS
 
 
@@ -66,6 +66,22 @@ def test_attention_module_fast_and_explicit_paths_agree(n_kv):
     assert none is None and w.shape == (2, 4, 9, 9)
     assert (fast - slow).abs().max() < 1e-5
     assert w[0, 0].triu(1).abs().max() == 0  # causal: nothing above the diagonal
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_attention_module_is_causal_after_a_cache_sees_the_cached_keys(n_kv, need_weights):
+    """A block of queries after cached keys is the last T of S: SDPA's own is_causal aligned it
+    with the first keys, so the fast path disagreed with the explicit one and the full pass."""
+    torch.manual_seed(1)
+    attn = Attention(32, 4, n_kv).eval()
+    x = torch.randn(2, 9, 32)
+    full, _ = attn(x, is_causal=True)
+    cache = KVCache(1, 2, n_kv, 9, 8)
+    first, _ = attn(x[:, :4], is_causal=True, cache=cache)
+    cache.length = 4
+    rest, _ = attn(x[:, 4:], is_causal=True, cache=cache, need_weights=need_weights)
+    assert (torch.cat([first, rest], 1) - full).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -208,15 +208,21 @@ class Attention(nn.Module):
                     k, v = cache.update(layer, k, v)
                 else:
                     cache.cross[layer] = (k, v)
+        S = k.shape[2]
+        if is_causal and mask is None and S != T:
+            # SDPA's is_causal aligns the first query with the first key; after cached keys the
+            # T queries are the last of S, which a mask says.
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        causal = is_causal and mask is None
         if self.n_kv_heads != self.n_heads and need_weights:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.dropout if self.training else 0.0
         if need_weights:
-            out, weights = attention_math(q, k, v, mask, is_causal and mask is None, p)
+            out, weights = attention_math(q, k, v, mask, causal, p)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None,
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                 enable_gqa=self.n_kv_heads != self.n_heads)
             weights = None
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
