@@ -158,13 +158,15 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
 def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
              seed: int | None = None, pad_id: int = 0) -> Generation:
     """Continue each prompt until a stop token or `max_new_tokens` (or the context) is reached."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    if not prompts:
+        raise ValueError("no prompts to continue")
     device = next(model.parameters()).device
     context = model.config.context
+    for i, p in enumerate(prompts):
+        if not 0 < len(p) < context:
+            raise ValueError(f"prompt {i} has {len(p)} tokens: every prompt needs at least one, "
+                             f"and room after it in the context of {context}")
     P = max(len(p) for p in prompts)
-    if P >= context:
-        raise ValueError(f"prompt of {P} tokens leaves no room in the context of {context}")
     steps = min(params.max_new_tokens, context - P)
     with eval_mode(model):
         return _generate(model, prompts, params, seed, pad_id, device, P, steps)

@@ -200,6 +200,18 @@ def test_generation_stops_at_the_context():
     assert len(out.tokens[0]) == 8 and not out.finished[0]
 
 
+def test_a_prompt_that_cannot_be_continued_is_named_by_its_index():
+    net = model()  # context 48
+    params = SamplingParams(max_new_tokens=4, greedy=True)
+    with pytest.raises(ValueError, match="prompt 1 has 0 tokens: every prompt needs at least one"):
+        generate(net, [[1, 2], [], [3]], params)
+    with pytest.raises(ValueError, match="prompt 2 has 48 tokens: .* room after it in the "
+                                         "context of 48"):
+        generate(net, [[1], [2], [3] * 48], params)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(net, [], params)
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     k2 = filter_logits(logits, 2, None)
