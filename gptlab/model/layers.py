@@ -17,7 +17,7 @@ def make_norm(kind: str, d: int, eps: float, bias: bool = True) -> nn.Module:
 
 
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
+    "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,

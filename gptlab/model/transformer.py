@@ -125,8 +125,7 @@ class Transformer(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the buffers no checkpoint holds (the sinusoidal table), for a model whose
         weights were loaded onto the meta device's shapes."""
-        if "pos_table" in self._buffers:
-            self.pos_table = sinusoidal_table(self.config.context, self.config.d_model)
+        self.pos_table = sinusoidal_table(self.config.context, self.config.d_model)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -196,7 +195,7 @@ class Transformer(nn.Module):
         """Autoregressive decoding: each produced token is fed back in. Returns (B, N) ids."""
         memory, _ = self.encode(src, src_mask)
         B = src.shape[0]
-        cache = self.new_cache(B, max_new_tokens + 1)
+        cache = self.new_cache(B, max_new_tokens)  # BOS, then every token but the last
         tok = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(B, dtype=torch.bool, device=src.device)
         out = []
