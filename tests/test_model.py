@@ -416,6 +416,12 @@ def test_bad_config_is_rejected():
         GPTConfig(positions="alibi")
     with pytest.raises(ValueError, match="multiple"):
         GPT(dataclasses.replace(get_preset("tiny"), n_kv_heads=3))
+    # An odd head dimension built, then failed its first forward with a broadcasting error.
+    with pytest.raises(ValueError, match=r"the head dimension \(15\) must be even"):
+        GPTConfig(d_model=30, n_heads=2, positions="rotary")
+    with pytest.raises(ValueError, match=r"the head dimension \(7\) must be even"):
+        GPTConfig(d_model=32, n_heads=4, head_dim=7, positions="rotary")
+    GPTConfig(d_model=30, n_heads=2, positions="learned")  # only rotation needs pairs
 
 
 def test_transformer_dropout_is_where_the_paper_puts_it_not_on_attention_weights():

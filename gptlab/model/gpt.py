@@ -41,6 +41,9 @@ class GPTConfig:
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
                              f"({self.n_heads}), or set head_dim")
+        if self.positions == "rotary" and self.dim_head % 2:
+            raise ValueError(f"rotary positions turn pairs of dimensions: the head dimension "
+                             f"({self.dim_head}) must be even")
 
     @property
     def kv_heads(self) -> int:
