@@ -163,7 +163,8 @@ def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float,
 
 
 class Attention(nn.Module):
-    """Multi-head attention with `n_kv_heads` ≤ `n_heads` key/value heads (grouped-query)."""
+    """Multi-head attention with `n_kv_heads` ≤ `n_heads` key/value heads (grouped-query):
+    query head h reads key/value head h // (n_heads / n_kv_heads), as Llama's layout has it."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
                  head_dim: int | None = None, bias: bool = True, qkv_bias: bool | None = None,
@@ -191,7 +192,9 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """x (B,T,d). `memory` (B,S,d) makes this cross-attention (K, V from the encoder).
-        `mask` (B or 1, 1, T, S) bool, True = may attend. Returns (out (B,T,d), weights)."""
+        `mask` (B or 1, 1, T, S) bool, True = may attend; without one, `is_causal` lets each
+        query see the keys up to its own position, the T queries being the last of the S keys.
+        Returns (out (B,T,d), weights (B,H,T,S) when `need_weights`, else None)."""
         B, T, _ = x.shape
         q = self._heads(self.q_proj(x), self.n_heads)
         if memory is not None and cache is not None and layer in cache.cross:
