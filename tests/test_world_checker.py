@@ -20,7 +20,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture()
 def ex(world):
-    with SqlExecutor(world.db_path, time_limit_s=0.3, max_rows=50) as executor:
+    with SqlExecutor(world.db_path, max_vm_steps=2_000_000, max_rows=50) as executor:
         yield executor
 
 
@@ -59,27 +59,86 @@ def test_executor_refuses_writes_attach_and_pragma_writes_and_leaves_the_file_al
         assert info.ok and [row[1] for row in info.rows][:3] == ["id", "name", "dept_id"], sql
 
 
-def test_executor_stops_runaway_queries_at_the_time_limit(ex):
-    recursive = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT MAX(x) FROM c"
-    cross = ("SELECT COUNT(*) FROM assignments a, assignments b, assignments c, assignments d")
-    for sql in (recursive, cross):
-        r = ex.run(sql)
-        assert not r.ok and r.error.kind == "timeout", sql
-    assert ex.run("SELECT 1").rows == [(1,)]  # the connection is usable afterwards
+RECURSIVE = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT MAX(x) FROM c"
+CROSS = "SELECT COUNT(*) FROM assignments a, assignments b, assignments c, assignments d"
+
+
+def test_executor_stops_runaway_queries_at_the_step_budget(world):
+    """The budget counts SQLite steps, not seconds: a runaway query stops at the same step on
+    every run, however loaded the machine (the backstop is out of reach here)."""
+    for sql in (RECURSIVE, CROSS):
+        stopped_at = set()
+        for _ in range(2):
+            with SqlExecutor(world.db_path, max_vm_steps=300_000, backstop_s=1e9) as executor:
+                for _ in range(2):  # the same text again on the same connection, too
+                    r = executor.run(sql)
+                    assert not r.ok and r.error.kind == "timeout", sql
+                    assert "budget of 300000 SQLite steps" in r.error.message
+                    stopped_at.add(r.steps)
+                assert executor.run("SELECT 1").rows == [(1,)]  # usable afterwards
+        assert stopped_at == {300_100}, sql  # the first count past the budget
+
+
+def test_a_query_counts_the_same_steps_every_time_it_runs(world):
+    """A cached statement carried its step count into its next run, which moved where the
+    handler was first called: the same text counted one call more the second time."""
+    sql = "SELECT city, COUNT(*), AVG(salary) FROM employees GROUP BY city ORDER BY 2 DESC"
+    with SqlExecutor(world.db_path) as executor:
+        counts = {executor.run(sql).steps for _ in range(3)}
+    assert len(counts) == 1 and 0 < counts.pop() < 10_000
+
+
+def test_every_gold_query_fits_the_step_budget_with_a_wide_margin(world):
+    """Every gold SQL the world can ask (each intent with each value) on the company and on
+    each variant database needs under a thousandth of the budget (at most 3,500 steps)."""
+    import sqlite3
+
+    from gptlab.world.executor import MAX_VM_STEPS
+    from gptlab.world.questions import enumerate_combos
+    from gptlab.world.variants import VariantDatabases
+    conn = sqlite3.connect(world.db_path)
+    golds = sorted({c.sql for c in enumerate_combos(world.company, world.schema, conn)}
+                   | {world.gold(q.id) for q in world.test})
+    conn.close()
+    variants = VariantDatabases(world.company, world.schema)
+    most = 0
+    for executor in [world.executor(), *variants.executors]:
+        for sql in golds:
+            r = executor.run(sql)
+            assert r.ok, (sql, r.error)
+            most = max(most, r.steps)
+    assert len(golds) > 1500 and 1000 <= most <= MAX_VM_STEPS // 1000
+
+
+def test_the_wall_clock_backstop_stops_a_query_whose_steps_are_slow(world):
+    # A backstop already passed stops the query at the handler's first call, whatever the
+    # budget left; it says which limit it was.
+    with SqlExecutor(world.db_path, max_vm_steps=10**12, backstop_s=0.0) as executor:
+        r = executor.run(CROSS)
+        assert not r.ok and r.error.kind == "timeout" and "backstop" in r.error.message
+        assert r.steps == 100
+
+
+def test_executor_settings_are_checked(world):
+    for kw in ({"max_vm_steps": 0}, {"max_vm_steps": 1.5}, {"max_rows": -1}):
+        with pytest.raises(UserError, match="positive integer"):
+            SqlExecutor(world.db_path, **kw)
+    for bad in (-1.0, float("nan"), "30"):
+        with pytest.raises(UserError, match="seconds"):
+            SqlExecutor(world.db_path, backstop_s=bad)
 
 
 @pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
                     reason="needs Python's own Ctrl-C handler (KeyboardInterrupt)")
 def test_a_ctrl_c_during_a_query_is_raised_not_reported_as_a_timeout(world):
-    """SQLite calls the time-limit check from inside the query; a Ctrl-C raised there used to
+    """SQLite calls the step-budget check from inside the query; a Ctrl-C raised there used to
     be swallowed, the query reported as timed out, and the command finished with that verdict."""
-    recursive = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT MAX(x) FROM c"
-    with SqlExecutor(world.db_path, time_limit_s=30.0) as executor:
+    with SqlExecutor(world.db_path, max_vm_steps=10**12) as executor:
         timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         try:
             with pytest.raises(KeyboardInterrupt):
-                executor.run(recursive)
+                executor.run(RECURSIVE)
         finally:
             timer.cancel()
         assert executor.run("SELECT 1").rows == [(1,)]  # usable afterwards
@@ -101,7 +160,7 @@ def test_executor_refuses_text_with_no_statement(ex):
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3's setlimit is Python 3.11+")
 def test_executor_refuses_values_too_long_to_hold(ex):
-    # One value built in one step: the deadline cannot stop it, the length limit does.
+    # One value built in one step: no handler call can stop it, the length limit does.
     for sql in ("SELECT zeroblob(50000000) FROM employees LIMIT 10",
                 "SELECT length(randomblob(400000000))"):
         r = ex.run(sql)

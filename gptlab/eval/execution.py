@@ -41,7 +41,7 @@ def answer(model: torch.nn.Module, tokenizer: Any, records: list[dict], max_new_
 
 def exec_verdicts(world: Any, records: list[dict], responses: list[str]) -> list[str]:
     """The checker's verdict per record: "correct", "wrong" (runs, other result) or "error"
-    (does not run: a syntax error, an unknown column, the time limit)."""
+    (does not run: a syntax error, an unknown column, the step budget)."""
     return [world.check(r["id"], resp.strip()).kind for r, resp in zip(records, responses)]
 
 

@@ -1,9 +1,16 @@
 """The one read-only SQL executor, shared by the world's checker and the chat assistant.
 
-Three independent guards, because a model's SQL is untrusted: the file is opened read-only
-(`mode=ro`), an authorizer refuses anything but reads, and a progress handler aborts a query
-that runs past its time limit. A row limit and a limit on the length of any one value keep a
-huge result (many rows, or `zeroblob(10**9)`) from filling memory.
+Independent guards, because a model's SQL is untrusted: the file is opened read-only
+(`mode=ro`), an authorizer refuses anything but reads, and a progress handler stops a query
+that runs past its budget of SQLite virtual-machine steps. A row limit and a limit on the
+length of any one value keep a huge result (many rows, or `zeroblob(10**9)`) from filling
+memory.
+
+The budget counts steps, not seconds, so that whether a slow query is stopped does not depend
+on the machine or its load: evaluation numbers and the labelers' rankings compare across runs
+and machines. A wall-clock backstop, far above the time the budget takes, stops a query whose
+every step is slow (each one building a 100 kB value), which the step budget would let run for
+many minutes.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from typing import Any, Iterator
 
 from gptlab.errors import UserError
 
-# Actions a read-only query needs. RECURSIVE is a read too; the time limit is what stops a
+# Actions a read-only query needs. RECURSIVE is a read too; the step budget is what stops a
 # recursive CTE that never ends.
 _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
                     getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
@@ -31,20 +38,38 @@ _READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index
 # written: the connection is read-only, and SQLite refuses a real UPDATE of the schema table
 # unless `PRAGMA writable_schema`, which is refused here.
 _SCHEMA_TABLES = {"sqlite_master", "sqlite_schema"}
-_PROGRESS_EVERY = 100  # SQLite virtual-machine instructions between deadline checks
+# The step budget: SQLite virtual-machine instructions one query may run (its preparation and
+# every row fetched), counted by the progress handler in its units of 100. Every gold SQL of
+# seed 0 (its 2,313 questions' and dialogs' queries, with and without a varied schema) needs at
+# most 3,500 on the company and on every variant database, and so did every answer in the demo
+# run: the budget leaves a margin of over 5,000x. A runaway query (a recursive CTE that never
+# ends, a cartesian join, a GROUP BY over one) stops after 0.25 to 1.3 s on a 2-core machine at
+# a load of 3 (16 to 80 million such steps a second), 0.3 to 2.3 s at a load of 5: about the
+# 1 s the limit used to be in time.
+MAX_VM_STEPS = 20_000_000
+# SQLite virtual-machine instructions between two calls of the handler: often, for the backstop's
+# sake (checking every 100 costs about a fifth more time on a large join than every 1,000).
+_PROGRESS_EVERY = 100
+# The wall-clock backstop, in seconds. A step may be slow: building a 100 kB value takes
+# thousands of times longer than adding two numbers, and a join of such values ran at 4,000
+# steps a second, where the budget would take over an hour. A query of ordinary steps reaches
+# the budget at least 13 times sooner than the backstop even at a load of 5 on 2 cores, so only
+# one whose average step is that much slower stops here: one that builds or searches values of
+# kilobytes in every step, which no answer over the world's values (a few dozen bytes) does.
+# The handler checks the clock between steps, so a single slow step is bounded by the value
+# length limit below, not by the backstop.
+BACKSTOP_S = 30.0
 # The longest string or blob a query may make or read, in bytes. One value can be built in a
-# single instruction, which the deadline never interrupts, and some functions take time
-# quadratic in their arguments' length (`replace`, `instr`): at this length one call takes
-# under 0.1 s, and a query built of such calls overran a 1 s limit by about 1 s on a loaded
-# 2-core machine (at 1 MB and 1,000 instructions between checks, one call took 5 s and a query
-# ran 55 s and returned rows). Checking every 100 instructions costs about a fifth more time
-# on a large join. The world's longest value is a few dozen bytes.
+# single instruction, which no handler interrupts, and some functions take time quadratic in
+# their arguments' length (`replace`, `instr`): at this length one call takes under 0.1 s (at
+# 1 MB, one call took 5 s). The world's longest value is a few dozen bytes.
 MAX_VALUE_BYTES = 100_000
 
 
 @dataclass(frozen=True)
 class ExecError:
-    """Why a query gave no result: kind is syntax / forbidden / timeout / runtime."""
+    """Why a query gave no result: kind is syntax / forbidden / timeout (past the step budget or
+    the wall-clock backstop) / runtime / interrupted (a Ctrl-C, raised once SQLite returns)."""
     kind: str
     message: str
 
@@ -55,6 +80,9 @@ class QueryResult:
     rows: list[tuple] = field(default_factory=list)
     truncated: bool = False  # more rows existed than the row limit
     error: ExecError | None = None
+    # Virtual-machine steps the query ran, in the handler's units (a multiple of 100, counted
+    # as the budget counts them): the same for the same query on the same database anywhere.
+    steps: int = 0
 
     @property
     def ok(self) -> bool:
@@ -62,25 +90,42 @@ class QueryResult:
 
 
 class SqlExecutor:
-    """Run one SELECT at a time against a SQLite file, read-only, with time and row limits."""
+    """Run one SELECT at a time against a SQLite file, read-only, within a budget of SQLite
+    virtual-machine steps (`max_vm_steps`), a wall-clock backstop (`backstop_s`) and a row
+    limit."""
 
-    def __init__(self, db_path: str | Path, time_limit_s: float = 1.0, max_rows: int = 1000):
+    def __init__(self, db_path: str | Path, max_vm_steps: int = MAX_VM_STEPS,
+                 max_rows: int = 1000, backstop_s: float = BACKSTOP_S):
         self.db_path = Path(db_path)
         if not self.db_path.is_file():
             raise UserError("database file not found", path=self.db_path)
-        self.time_limit_s, self.max_rows = time_limit_s, max_rows
+        for name, v in (("max_vm_steps", max_vm_steps), ("max_rows", max_rows)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"must be a positive integer, got {v!r}", field=name)
+        if (not isinstance(backstop_s, (int, float)) or isinstance(backstop_s, bool)
+                or not backstop_s >= 0):
+            raise UserError(f"must be a number of seconds >= 0, got {backstop_s!r}",
+                            field="backstop_s")
+        self.max_vm_steps, self.max_rows, self.backstop_s = max_vm_steps, max_rows, backstop_s
         uri = self.db_path.resolve().as_uri() + "?mode=ro"
-        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        # No statement cache: a cached statement carries its step count from one run into the
+        # next, which moves where the handler is first called, so the steps counted for the
+        # same text would depend on what ran before it.
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                     cached_statements=0)
         if hasattr(self._conn, "setlimit"):  # Python 3.11+; on 3.10 only the row limit holds
             self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
         self._conn.set_authorizer(_authorize)
         self._lock = threading.Lock()  # one connection, so one query at a time
-        self._deadline = 0.0
+        self._calls = 0  # progress-handler calls of the query running
+        self._deadline = 0.0  # the backstop's
         self._interrupted = False
-        self._conn.set_progress_handler(self._past_deadline, _PROGRESS_EVERY)
+        self._conn.set_progress_handler(self._past_budget, _PROGRESS_EVERY)
 
-    def _past_deadline(self) -> int:
-        return 1 if self._interrupted or time.monotonic() > self._deadline else 0
+    def _past_budget(self) -> int:
+        self._calls += 1
+        return 1 if (self._interrupted or self._calls * _PROGRESS_EVERY > self.max_vm_steps
+                     or time.monotonic() > self._deadline) else 0
 
     @contextlib.contextmanager
     def _ctrl_c_after_the_query(self) -> Iterator[None]:
@@ -106,7 +151,8 @@ class SqlExecutor:
 
     def run(self, sql: str) -> QueryResult:
         with self._lock, self._ctrl_c_after_the_query():
-            self._deadline = time.monotonic() + self.time_limit_s
+            self._calls = 0
+            self._deadline = time.monotonic() + self.backstop_s
             try:
                 cur = self._conn.execute(sql)
                 if cur.description is None:  # empty text or only a comment: no query at all
@@ -117,12 +163,26 @@ class SqlExecutor:
                 cur.close()
             except sqlite3.Error as e:
                 if self._interrupted:  # stopped by a Ctrl-C, raised on the way out
-                    return QueryResult(error=ExecError("interrupted", str(e)))
-                return QueryResult(error=_classify(e))
+                    return QueryResult(error=ExecError("interrupted", str(e)),
+                                       steps=self._steps())
+                return QueryResult(error=self._classify(e), steps=self._steps())
             except (ValueError, OverflowError) as e:  # e.g. a NUL character in the text
-                return QueryResult(error=ExecError("syntax", str(e)))
+                return QueryResult(error=ExecError("syntax", str(e)), steps=self._steps())
         truncated = len(rows) > self.max_rows
-        return QueryResult(columns=columns, rows=rows[: self.max_rows], truncated=truncated)
+        return QueryResult(columns=columns, rows=rows[: self.max_rows], truncated=truncated,
+                           steps=self._steps())
+
+    def _steps(self) -> int:
+        return self._calls * _PROGRESS_EVERY
+
+    def _classify(self, e: sqlite3.Error) -> ExecError:
+        if "interrupted" in str(e):
+            if self._calls * _PROGRESS_EVERY > self.max_vm_steps:
+                return ExecError("timeout", f"query stopped: it ran past the budget of "
+                                            f"{self.max_vm_steps} SQLite steps")
+            return ExecError("timeout", f"query stopped: it ran past the wall-clock backstop "
+                                        f"of {self.backstop_s:g} s")
+        return _classify(e)
 
     def close(self) -> None:
         self._conn.close()
@@ -147,8 +207,6 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
 
 def _classify(e: sqlite3.Error) -> ExecError:
     msg = str(e)
-    if "interrupted" in msg:
-        return ExecError("timeout", "query stopped: it ran past the time limit")
     if ("not authorized" in msg or "authorization denied" in msg or "readonly" in msg
             or "may not be modified" in msg):
         return ExecError("forbidden", "only read-only SELECT queries are allowed")
@@ -158,3 +216,4 @@ def _classify(e: sqlite3.Error) -> ExecError:
             or "null character" in msg):
         return ExecError("syntax", msg)
     return ExecError("runtime", msg)
+
