@@ -179,6 +179,43 @@ def test_executor_bounds_values_that_take_long_to_build(ex):
     assert ex.run("SELECT length(hex(zeroblob(40000)))").rows == [(80000,)]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3's setlimit is Python 3.11+")
+def test_executor_bounds_the_bytes_and_columns_of_a_result(ex):
+    # 12 values of 99 kB a row, each under the value limit: the 406 rows, 480 MB, were held
+    # in memory and returned as an answer.
+    wide = ", ".join(["zeroblob(99000)"] * 12)
+    r = ex.run(f"SELECT {wide} FROM assignments")
+    assert not r.ok and r.error.kind == "runtime" and "than 10000000 bytes" in r.error.message
+    r = ex.run("SELECT " + ", ".join(["zeroblob(99000)"] * 101))
+    assert not r.ok and r.error.kind == "runtime" and "too many columns" in r.error.message
+    assert ex.run("SELECT " + ", ".join(["id"] * 100) + " FROM employees LIMIT 2").ok
+    assert ex.run("SELECT * FROM employees, departments, projects, assignments LIMIT 3").ok
+
+
+def test_executor_refuses_temp_objects_files_and_extensions(ex, world, tmp_path):
+    db = tmp_path / "company.sqlite"
+    db.write_bytes(world.db_path.read_bytes())
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    new = tmp_path / "new.sqlite"
+    with SqlExecutor(db) as executor:
+        for sql in (f"ATTACH DATABASE '{new}' AS other", f"VACUUM INTO '{new}'",
+                    "CREATE TEMP TABLE t (x)", "CREATE TEMP VIEW v AS SELECT 1",
+                    "CREATE TEMP TRIGGER g AFTER INSERT ON employees BEGIN SELECT 1; END",
+                    "REPLACE INTO departments VALUES (1, 'X', 'Lyon', 1)",
+                    f"SELECT load_extension('{tmp_path / 'x.so'}')",
+                    "PRAGMA temp_store_directory = '/tmp'", "PRAGMA query_only = 0",
+                    "PRAGMA hard_heap_limit = 1", "PRAGMA mmap_size = 1000000"):
+            r = executor.run(sql)
+            assert not r.ok and r.error.kind == "forbidden", (sql, r.error)
+        for sql in (f"SELECT writefile('{new}', 'x')", "SELECT 1; DROP TABLE employees",
+                    "SELECT " + "(" * 5000 + "1" + ")" * 5000, "SELECT 1" + " + 1" * 200_000,
+                    "SELECT name FROM employees WHERE name LIKE '" + "%a" * 30_000 + "'"):
+            r = executor.run(sql)
+            assert not r.ok and r.error.kind in ("runtime", "syntax"), (sql[:60], r.error)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["company.sqlite"]
+
+
 def test_executor_needs_an_existing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         SqlExecutor(tmp_path / "missing.sqlite")

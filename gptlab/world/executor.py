@@ -2,9 +2,9 @@
 
 Independent guards, because a model's SQL is untrusted: the file is opened read-only
 (`mode=ro`), an authorizer refuses anything but reads, and a progress handler stops a query
-that runs past its budget of SQLite virtual-machine steps. A row limit and a limit on the
-length of any one value keep a huge result (many rows, or `zeroblob(10**9)`) from filling
-memory.
+that runs past its budget of SQLite virtual-machine steps. A row limit, a limit on the bytes of
+a whole result, and limits on the length of any one value and on the number of columns keep a
+huge result (many rows, or `zeroblob(10**9)`) from filling memory.
 
 The budget counts steps, not seconds, so that whether a slow query is stopped does not depend
 on the machine or its load: evaluation numbers and the labelers' rankings compare across runs
@@ -64,6 +64,12 @@ BACKSTOP_S = 30.0
 # their arguments' length (`replace`, `instr`): at this length one call takes under 0.1 s (at
 # 1 MB, one call took 5 s). The world's longest value is a few dozen bytes.
 MAX_VALUE_BYTES = 100_000
+# At most this many columns in a result (or a table, view or GROUP BY), and this many bytes in
+# the rows a query returns (text and blobs by their length, numbers 8 bytes): 1,000 rows of
+# 2,000 columns of 100 kB would have been 200 GB held in memory. A 4-table `SELECT *` of the
+# world has 18 columns, and its largest result a few dozen kB.
+MAX_COLUMNS = 100
+MAX_RESULT_BYTES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,9 @@ class SqlExecutor:
         # same text would depend on what ran before it.
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False,
                                      cached_statements=0)
-        if hasattr(self._conn, "setlimit"):  # Python 3.11+; on 3.10 only the row limit holds
+        if hasattr(self._conn, "setlimit"):  # Python 3.11+; on 3.10 only the row limits hold
             self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+            self._conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_COLUMNS)
         self._conn.set_authorizer(_authorize)
         self._lock = threading.Lock()  # one connection, so one query at a time
         self._calls = 0  # progress-handler calls of the query running
@@ -158,8 +165,18 @@ class SqlExecutor:
                 if cur.description is None:  # empty text or only a comment: no query at all
                     cur.close()
                     return QueryResult(error=ExecError("syntax", "no SQL statement to run"))
-                rows = cur.fetchmany(self.max_rows + 1)
                 columns = [d[0] for d in cur.description]
+                rows, size = [], 0
+                for row in cur:  # one at a time, to stop at the row or the byte limit
+                    size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+                    if size > MAX_RESULT_BYTES:
+                        cur.close()
+                        return QueryResult(error=ExecError(
+                            "runtime", f"the result is larger than {MAX_RESULT_BYTES} bytes"),
+                            steps=self._steps())
+                    rows.append(row)
+                    if len(rows) > self.max_rows:
+                        break
                 cur.close()
             except sqlite3.Error as e:
                 if self._interrupted:  # stopped by a Ctrl-C, raised on the way out
