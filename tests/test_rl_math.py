@@ -299,3 +299,17 @@ def test_clipped_policy_loss_pushes_only_tokens_whose_ratio_is_not_past_the_clip
     want = torch.where(bound, torch.zeros(n), -adv * rho / n)
     assert torch.allclose(logp.grad[0], want, atol=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(bound.float().mean().item())
+
+
+def test_masked_mean_averages_real_tokens_only_and_an_empty_mask_gives_zero():
+    from gptlab.train.rl_math import masked_mean
+    x = torch.tensor([[1.0, 3.0, 50.0], [4.0, 70.0, 80.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(x, m).item() == pytest.approx((1 + 3 + 4) / 3)
+    # Per row: (1 + 3) / 2 and 4 / 1; a row with no real token is 0, not 0 / 0.
+    rows = masked_mean(x, torch.tensor([[1, 1, 0], [0, 0, 0]]), dim=1)
+    assert rows.tolist() == pytest.approx([2.0, 0.0])
+    assert masked_mean(x, m, dim=1).tolist() == pytest.approx([2.0, 4.0])
+    assert masked_mean(x, torch.zeros(2, 3)).item() == 0.0
+    # So a batch that is all padding whitens to zeros, not NaN.
+    assert whiten(x, torch.zeros(2, 3)).tolist() == [[0.0] * 3] * 2
