@@ -234,3 +234,35 @@ def test_noise_also_flips_rankings_of_two_tiers(world):
     flipped = sum(noisy.rank(*it).order == (1, 0) for it in items) / len(items)
     assert abs(flipped - 0.25) <= 0.04
     assert flipped == pytest.approx(1 - agreement(careful, noisy, items))
+
+
+def test_equal_key_levels_put_answers_of_one_verdict_and_length_in_one_level(world):
+    from gptlab.world.checker import Verdict
+    labeler = world.labeler(disagreement=0.0, ties=False)
+    verdicts = [Verdict("wrong"), Verdict("correct"), Verdict("correct"), Verdict("correct"),
+                Verdict("error")]
+    responses = ["SELECT 1", "SELECT b", "SELECT a", "SELECT aa", "SELEC"]
+    # 1 and 2: correct, 8 characters each -> one level; 3 is correct but longer.
+    assert labeler.equal_key_levels(verdicts, responses) == [[1, 2], [3], [0], [4]]
+    assert labeler.careful_levels(verdicts, responses) == [[1], [2], [3], [0], [4]]
+
+
+def test_agreement_leaves_out_pairs_that_only_one_labeler_ties(world):
+    q = _q(world, "count_employees_city")
+    short, longer = q.sql, q.sql + " AND 1 = 1"
+    items = [(q.id, [short, longer, "SELECT 1"])]  # correct, correct, wrong
+    tied, strict = world.labeler(disagreement=0.0), world.labeler(disagreement=0.0, ties=False)
+    assert [v.kind for v in tied.rank(*items[0]).verdicts] == ["correct", "correct", "wrong"]
+    # The tied labeler has no order for (short, longer): only the two cross-tier pairs count,
+    # and both labelers order them alike.
+    assert agreement(tied, strict, items) == 1.0
+    assert agreement(strict, tied, items) == 1.0
+
+
+def test_a_disagreement_of_one_half_is_a_random_ranking_and_allowed(world):
+    assert SqlLabeler(world, disagreement=0.5).disagreement == 0.5
+    assert _dispersion(4, 0.5) == pytest.approx(1.0, abs=1e-9)  # every order equally likely
+    with pytest.raises(UserError, match="disagreement"):
+        SqlLabeler(world, disagreement=0.5001)
+    with pytest.raises(UserError, match="disagreement"):
+        SqlLabeler(world, disagreement=-0.01)
