@@ -302,6 +302,8 @@ def test_check_ordered_only_when_gold_orders(ex):
     ("SELECT a FROM t WHERE n <> ')' ORDER BY a", True),            # a bracket in a string
     ("SELECT a FROM t WHERE n = 'it''s (' ORDER BY a", True),       # an escaped quote too
     ("SELECT a FROM (SELECT a FROM t ORDER BY a)", False),
+    ("SELECT COUNT(*) FROM t GROUP BY b ORDER BY 1", True),          # after a closed bracket
+    ("SELECT a FROM t WHERE b IN (SELECT b FROM u) ORDER BY a", True),
     ("SELECT 'ORDER BY' FROM t", False),                            # words in a string
     ('SELECT "order by" FROM t', False),                            # or in a quoted name
     ("SELECT reorder BYx FROM t", False),
@@ -371,3 +373,66 @@ def test_integers_compare_exactly_even_within_the_float_tolerance(ex):
     from gptlab.world.checker import _values_equal
     assert not _values_equal(10**10 + 1, 10**10)
     assert _values_equal(1e10 + 1, 1e10)  # floats keep the tolerance
+
+
+def _result(rows, columns=None):
+    from gptlab.world.executor import QueryResult
+    width = len(rows[0]) if rows else 1
+    return QueryResult(columns=columns or [f"c{j}" for j in range(width)], rows=rows)
+
+
+def test_an_empty_answer_with_the_wrong_number_of_columns_is_wrong():
+    from gptlab.world.checker import compare
+    v = compare(_result([], ["name", "salary"]), _result([], ["name"]), ordered=False)
+    assert v.kind == "wrong" and v.detail == "2 columns, expected 1"
+    assert compare(_result([], ["n"]), _result([], ["name"]), ordered=False).correct
+
+
+def test_numbers_near_zero_are_compared_within_an_absolute_1e_12():
+    from gptlab.world.checker import compare
+    zero = _result([(0.0,)])
+    assert compare(_result([(1e-13,)]), zero, ordered=False).correct
+    assert compare(_result([(1e-7,)]), zero, ordered=False).kind == "wrong"
+
+
+def test_unordered_rows_pair_up_however_close_their_numbers():
+    from gptlab.world.checker import compare
+    # 1.02 and 1.04 sort apart (the sort key keeps 6 decimals), so the multisets match.
+    assert compare(_result([(1.02,), (1.04,)]), _result([(1.04,), (1.02,)]), ordered=False).correct
+    assert compare(_result([(1.02, "x"), (1.04, "x")]), _result([(1.04, "x"), (1.02, "x")]),
+                   ordered=False).correct
+
+
+def test_eight_columns_in_any_order_are_matched_nine_are_not_tried():
+    from gptlab.world.checker import compare
+    for width, kind in ((8, "correct"), (9, "wrong")):
+        gold = [tuple(10 * r + j for j in range(width)) for r in range(3)]
+        reversed_columns = [row[::-1] for row in gold]
+        assert compare(_result(reversed_columns), _result(gold), ordered=False).kind == kind, width
+
+
+def test_columns_of_equal_values_are_tried_in_their_other_order_too():
+    from gptlab.world.checker import compare
+    # Gold (a, b, c) with a and b both holding {1, 2}; the answer gives (c, b, a). The first
+    # order the values allow, (a <- 1, b <- 2, c <- 0), pairs the rows wrongly; the next is right.
+    gold = [(1, 2, "x"), (2, 1, "y")]
+    pred = [("x", 2, 1), ("y", 1, 2)]
+    v = compare(_result(pred), _result(gold), ordered=False)
+    assert v.correct and "another order" in v.detail
+
+
+def test_one_answer_column_cannot_stand_for_two_gold_columns():
+    from gptlab.world.checker import compare
+    gold = [(1, 1), (2, 2)]  # SELECT id, id
+    assert compare(_result([(1, 5), (2, 6)]), _result(gold), ordered=False).kind == "wrong"
+
+
+def test_the_authorizer_alone_refuses_writes_other_than_to_the_schema_table():
+    # The authorizer is one of three guards: it must refuse an UPDATE of a table by itself,
+    # whatever the read-only connection would say; only the schema table's (a PRAGMA read as
+    # a table asks for it) passes.
+    import sqlite3
+    from gptlab.world.executor import _authorize
+    assert _authorize(sqlite3.SQLITE_UPDATE, "employees", "salary", "main", None) == sqlite3.SQLITE_DENY
+    assert _authorize(sqlite3.SQLITE_UPDATE, "sqlite_master", "sql", "main", None) == sqlite3.SQLITE_OK
+    assert _authorize(sqlite3.SQLITE_READ, "employees", "salary", "main", None) == sqlite3.SQLITE_OK
