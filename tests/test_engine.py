@@ -220,6 +220,16 @@ def test_top_k_and_top_p_filters():
     nucleus = filter_logits(logits, None, float(p[0] + p[1]) - 1e-3)
     assert torch.isfinite(nucleus[0, :2]).all() and torch.isinf(nucleus[0, 2:]).all()
     assert torch.isfinite(filter_logits(logits, None, 0.01)[0, 0])  # the top token always stays
+    # top-k of 1 keeps the most likely token alone.
+    k1 = filter_logits(logits, 1, None)
+    assert torch.isfinite(k1[0, 0]) and torch.isinf(k1[0, 1:]).all()
+
+
+def test_the_nucleus_stops_at_the_token_whose_mass_reaches_top_p():
+    # Four tokens of 1/4 each (exact in float): two reach 0.5, so a third is not needed.
+    logits = torch.zeros(1, 4)
+    assert int(torch.isfinite(filter_logits(logits, None, 0.5)).sum()) == 2
+    assert int(torch.isfinite(filter_logits(logits, None, 0.5001)).sum()) == 3
 
 
 def test_the_nucleus_keeps_every_token_tied_with_its_last_one_as_top_k_does():
