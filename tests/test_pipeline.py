@@ -411,8 +411,9 @@ def test_a_stage_stopped_after_a_checkpoint_is_resumed(tmp_path):
 
 
 def test_clustered_rate_clips_its_interval_at_zero():
-    # 1 of 3 prompts right (one pair each): rate 1/3, var = 3/2 · (2 · (1/3)² + (2/3)²) / 9 = 1/9,
-    # half-width 1.96 / 3 > 1/3: the lower end is clipped to 0, the upper one is not.
+    # 1 of 3 prompts right (one pair each): rate 1/3,
+    # var = 3/2 · (2 · (1/3)² + (2/3)²) / 9 = 1/9, half-width 1.96 / 3 > 1/3: the lower end is
+    # clipped to 0, the upper one is not.
     r = clustered_rate([(0, 1), (0, 1), (1, 1)])
     assert r["mean"] == pytest.approx(1 / 3)
     assert r["ci95"] == pytest.approx([0.0, 1 / 3 + 1.96 / 3])

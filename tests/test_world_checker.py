@@ -433,6 +433,7 @@ def test_the_authorizer_alone_refuses_writes_other_than_to_the_schema_table():
     # a table asks for it) passes.
     import sqlite3
     from gptlab.world.executor import _authorize
-    assert _authorize(sqlite3.SQLITE_UPDATE, "employees", "salary", "main", None) == sqlite3.SQLITE_DENY
-    assert _authorize(sqlite3.SQLITE_UPDATE, "sqlite_master", "sql", "main", None) == sqlite3.SQLITE_OK
-    assert _authorize(sqlite3.SQLITE_READ, "employees", "salary", "main", None) == sqlite3.SQLITE_OK
+    update, read = sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_READ
+    assert _authorize(update, "employees", "salary", "main", None) == sqlite3.SQLITE_DENY
+    assert _authorize(update, "sqlite_master", "sql", "main", None) == sqlite3.SQLITE_OK
+    assert _authorize(read, "employees", "salary", "main", None) == sqlite3.SQLITE_OK
