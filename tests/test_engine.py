@@ -226,10 +226,15 @@ def test_top_k_and_top_p_filters():
 
 
 def test_the_nucleus_stops_at_the_token_whose_mass_reaches_top_p():
-    # Four tokens of 1/4 each (exact in float): two reach 0.5, so a third is not needed.
-    logits = torch.zeros(1, 4)
-    assert int(torch.isfinite(filter_logits(logits, None, 0.5)).sum()) == 2
-    assert int(torch.isfinite(filter_logits(logits, None, 0.5001)).sum()) == 3
+    # Distinct logits; top_p set to exactly the mass before the third token (in float32, as the
+    # filter computes it): the first two reach it, so the third is not needed; a top_p one
+    # float32 step above it needs the third.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = logits.softmax(-1)
+    before = (p.cumsum(-1) - p)[0, 2]
+    above = torch.nextafter(before, torch.tensor(1.0))
+    assert int(torch.isfinite(filter_logits(logits, None, before.item())).sum()) == 2
+    assert int(torch.isfinite(filter_logits(logits, None, above.item())).sum()) == 3
 
 
 def test_the_nucleus_keeps_every_token_tied_with_its_last_one_as_top_k_does():
