@@ -44,7 +44,9 @@ def _verb_tokenizer():
     def add(p: argparse.ArgumentParser) -> None:
         sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
         t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
-        t.add_argument("--data", nargs="+", required=True, help="text / .jsonl / .parquet files")
+        t.add_argument("--data", nargs="+", required=True,
+                       help="corpus files or directories (.txt/.jsonl/.parquet), or a Hub "
+                            "dataset user/name")
         t.add_argument("--vocab-size", type=int, default=4096)
         t.add_argument("--out", required=True, help="output directory (writes tokenizer.json)")
         e = sub.add_parser("encode", help="print the token ids of a text")

@@ -54,6 +54,17 @@ def test_help_shows_each_flags_default(capsys, verb, flag, default):
     assert after.split(" --", 1)[0].rstrip().endswith(f"(default: {default})"), after[:120]
 
 
+@pytest.mark.parametrize("verb", [["tokenizer", "train"], ["pretrain"]])
+def test_help_says_data_takes_what_the_readme_says_it_takes(capsys, verb):
+    # README: `--data` reads files, directories and Hub datasets; `tokenizer train --help` said
+    # "text / .jsonl / .parquet files", and neither verb's help named the other two.
+    with pytest.raises(SystemExit):
+        main([*verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    data = text.split("--data DATA [DATA ...] ", 1)[1].split(" --", 1)[0]
+    assert "directories" in data and ".jsonl" in data and "Hub dataset" in data, data
+
+
 def test_unknown_flag_exits_2_with_the_closest_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["ppo", "--kl-coeff", "0.1"])

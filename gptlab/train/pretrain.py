@@ -35,7 +35,8 @@ from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check
 @dataclass
 class PretrainConfig(TrainConfig):
     data: list[str] = field(default_factory=list,
-                            metadata={"help": "corpus files or directories (.txt/.jsonl/.parquet)"})
+                            metadata={"help": "corpus files or directories (.txt/.jsonl/.parquet), or a "
+                                              "Hub dataset user/name"})
     model: str = field(default="demo", metadata={"help": "a preset name, or a gptlab model "
                                                          "directory to continue training"})
     tokenizer: str | None = field(default=None, metadata={
@@ -46,7 +47,9 @@ class PretrainConfig(TrainConfig):
     block_size: int | None = field(default=None, metadata={
         "help": "tokens per training sequence (default: the model's context)"})
     val_fraction: float = 0.05        # share of blocks held out for validation
-    cache_dir: str | None = None      # token cache (default $GPTLAB_CACHE/tokens or ~/.cache/gptlab/tokens)
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "directory of the tokenized corpus cache (default: $GPTLAB_CACHE/tokens, "
+                "else ~/.cache/gptlab/tokens)"})
     sample_prompt: str = ""           # text the validation sample continues (after an EOS)
     sample_tokens: int = 48           # tokens sampled at each evaluation; 0: no sample
     # Pretraining defaults for small models on small corpora.
