@@ -14,6 +14,7 @@ from gptlab.errors import UserError
 DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
 
 EXIT_BAD_INPUT = 2
+EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
 _NO_ROOM_OR_NO_RIGHT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -398,6 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         args._run(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        # The reader stopped reading (`| head -1`): end quietly, as a process SIGPIPE killed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_READER_GONE
     except UserError as e:
         print(f"gptlab {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

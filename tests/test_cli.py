@@ -178,6 +178,28 @@ def test_generate_prints_a_continuation(tiny_model, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+def test_output_into_a_pipe_whose_reader_is_gone_ends_quietly_as_sigpipe_would(tiny_model):
+    # `gptlab world score ... | head -1` printed a BrokenPipeError traceback and exited 1, the
+    # internal-error code: a reader that stops reading is no error of gptlab's.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    try:
+        done = subprocess.run([sys.executable, "-m", "gptlab", "generate", "--model",
+                               str(tiny_model), "--prompt", "hello", "--prompt", "world",
+                               "--greedy", "--max-new-tokens", "5"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=300)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
+
+
 def test_a_prompt_longer_than_the_context_is_an_error_or_reported_truncation(tiny_model, capsys):
     long_prompt = "the quick brown fox " * 20
     assert main(["generate", "--model", str(tiny_model), "--prompt", long_prompt,
