@@ -105,3 +105,60 @@ def test_a_documented_python_example_compiles_and_imports_what_gptlab_has(doc, c
             for alias in node.names:
                 if alias.name.split(".")[0] == "gptlab":
                     importlib.import_module(alias.name)
+
+
+def gptlab_calls(code: str) -> list[tuple[str, object, ast.Call]]:
+    """Each call in `code` of a name imported from gptlab (`pretrain(...)`, `api.load(...)`),
+    with the object it names."""
+    tree = ast.parse(code)
+    names: dict[str, object] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "gptlab":
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                names[alias.asname or alias.name] = getattr(module, alias.name, None) or \
+                    importlib.import_module(f"{node.module}.{alias.name}")
+    calls = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func, attrs = node.func, []
+        while isinstance(func, ast.Attribute):
+            attrs.insert(0, func.attr)
+            func = func.value
+        if not isinstance(func, ast.Name) or func.id not in names:
+            continue
+        obj = names[func.id]
+        for attr in attrs:
+            obj = getattr(obj, attr, None)
+        if obj is not None and callable(obj):
+            calls.append((ast.unparse(node.func), obj, node))
+    return calls
+
+
+@pytest.mark.parametrize("doc,code", PYTHON, ids=[f"{d}:{i}" for i, (d, _) in enumerate(PYTHON)])
+def test_a_documented_python_call_passes_arguments_its_function_takes(doc, code):
+    # An example that imports real names can still call them with a keyword renamed since.
+    import inspect
+    for name, obj, call in gptlab_calls(code):
+        try:
+            signature = inspect.signature(obj)
+        except (TypeError, ValueError):
+            continue
+        if any(isinstance(a, ast.Starred) for a in call.args) or \
+                any(k.arg is None for k in call.keywords):
+            continue
+        try:
+            signature.bind(*range(len(call.args)), **{k.arg: None for k in call.keywords})
+        except TypeError as e:
+            raise AssertionError(f"{doc}: {ast.unparse(call)}: {e}") from None
+
+
+def test_a_documented_call_with_a_renamed_keyword_is_caught():
+    code = ("from gptlab.world import build_world\nfrom gptlab import api\n"
+            "build_world(seed=0, vary_schema=False)\napi.load('m', device='cpu')\n")
+    assert [name for name, _, _ in gptlab_calls(code)] == ["build_world", "api.load"]
+    test_a_documented_python_call_passes_arguments_its_function_takes("x.md", code)
+    with pytest.raises(AssertionError, match="build_world.*'vary_schemas'"):
+        test_a_documented_python_call_passes_arguments_its_function_takes(
+            "x.md", code.replace("vary_schema=", "vary_schemas="))
