@@ -32,6 +32,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with config values")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -208,8 +212,8 @@ def _verb_world():
             summary, verdicts = score_samples(load_world(args.world), args.samples)
             if args.out:
                 write_jsonl_atomic(args.out, verdicts, allow_nan=False)
-            print(f"execution accuracy {summary['exec_acc']:.4f} on {summary['prompts']} "
-                  f"questions (first response of each)")
+            print(f"execution accuracy {summary['exec_acc']:.4f} on "
+                  f"{_count(summary['prompts'], 'question')} (first response of each)")
             print(f"on the test suite {summary['exec_acc_test_suite']:.4f} (right on the "
                   f"company and on its {VARIANTS} variant databases)")
             print(f"does not run {summary['exec_error_rate']:.4f} "

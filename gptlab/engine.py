@@ -37,8 +37,8 @@ class SamplingParams:
             raise UserError(f"must be a finite number, got {self.temperature!r}",
                             field="temperature")
         if not self.greedy and self.temperature <= 0:
-            raise UserError(f"must be > 0, got {self.temperature!r} (for greedy decoding set "
-                            f"greedy, --greedy)", field="temperature")
+            raise UserError(f"must be > 0, got {self.temperature!r} (greedy decoding is "
+                            f"--greedy, greedy=True in Python)", field="temperature")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise UserError(f"must be an integer of at least 1, got {self.top_k!r}",
                             field="top_k")

@@ -303,8 +303,8 @@ def test_a_session_from_python_names_the_setting_not_only_the_flag(tiny_dir, mon
                             "context of 96 tokens; lower it (--max-new-tokens)")
     with pytest.raises(UserError) as e:
         ChatSession(model, tok, ChatConfig(temperature=0.0))
-    assert str(e.value) == ("field 'temperature': must be > 0, got 0.0 (for greedy decoding set "
-                            "greedy, --greedy)")  # as `generate` and `sample` say it
+    assert str(e.value) == ("field 'temperature': must be > 0, got 0.0 (greedy decoding is "
+                            "--greedy, greedy=True in Python)")  # as `generate` and `sample` say it
     session = ChatSession(model, tok, ChatConfig(max_new_tokens=40, greedy=True))
     monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0:
                         Generation([tok.encode("the mat")], [[0.0, 0.0]], [False]))

@@ -325,8 +325,8 @@ def test_generate_refuses_bad_sampling_flags(tiny_model, flags, message, capsys)
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "-1"],
      "field 'max_new_tokens': must be an integer of at least 1, got -1"),
-    (["--temperature", "-1"], "field 'temperature': must be > 0, got -1.0 (for greedy decoding "
-                              "set greedy, --greedy)"),
+    (["--temperature", "-1"], "field 'temperature': must be > 0, got -1.0 (greedy decoding is "
+                              "--greedy, greedy=True in Python)"),
     (["--temperature", "0"], "field 'temperature': must be > 0, got 0.0"),
     (["--top-p", "2"], "field 'top_p': must be in (0, 1], got 2.0"),
 ])

@@ -230,5 +230,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     speed = (f"{result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s
              else "no step left to train")
     print(f"pretrained {result.step} steps, {result.tokens:,} tokens ({speed}); "
-          f"val_loss {result.val_loss}; model saved to {out}", file=sys.stderr)
+          f"val_loss {'n/a' if result.val_loss is None else f'{result.val_loss:.4f}'}; model "
+          f"saved to {out}", file=sys.stderr)
     return out
