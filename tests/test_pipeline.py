@@ -417,3 +417,45 @@ def test_clustered_rate_clips_its_interval_at_zero():
     r = clustered_rate([(0, 1), (0, 1), (1, 1)])
     assert r["mean"] == pytest.approx(1 / 3)
     assert r["ci95"] == pytest.approx([0.0, 1 / 3 + 1.96 / 3])
+
+
+def _a_run_with_a_stage(tmp_path):
+    """A pipeline OUT as a run leaves it: pipeline.json, and a finished stage (a model)."""
+    run = tmp_path / "demo"
+    (run / "sft").mkdir(parents=True)
+    (run / "pipeline.json").write_text("{}")
+    (run / "sft" / "config.json").write_text('{"format": "gptlab/1"}')
+    return run
+
+
+@pytest.mark.parametrize("where, says", [
+    ("demo/sft", "{out}, field 'out': is inside the pipeline run {run}; choose an --out "
+                 "outside it"),
+    ("demo/sft/more", "{out}, field 'out': is inside the pipeline run {run}; choose an --out "
+                      "outside it"),
+    ("demo/round-9", "{out}, field 'out': is inside the pipeline run {run}; choose an --out "
+                     "outside it"),
+    ("model", "{out}, field 'out': already holds config.json and model.safetensors; choose "
+              "another --out or remove it"),
+    ("afile", "{out}, field 'out': is a file, not a directory"),
+])
+def test_an_out_in_another_run_or_at_a_model_or_a_file_is_refused(tmp_path, capsys, monkeypatch,
+                                                                   where, says):
+    """Another run's stage (or a folder beside its stages) is no OUT: the two runs' files would
+    mix. Nor is a model's directory or a file."""
+    from gptlab.train.pipeline import Pipeline
+
+    def export_world(self):
+        raise AssertionError("a stage ran")
+    monkeypatch.setattr(Pipeline, "export_world", export_world)
+    run = _a_run_with_a_stage(tmp_path)
+    (tmp_path / "model").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "model" / name).write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / where
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["pipeline", "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"gptlab pipeline: error: {says.format(run=run, out=out)}" in err
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written

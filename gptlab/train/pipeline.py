@@ -26,7 +26,8 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError
-from gptlab.io import check_dir_out, read_jsonl, write_json_atomic, write_jsonl_atomic
+from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, write_json_atomic,
+                       write_jsonl_atomic)
 from gptlab.train.loop import select_device
 
 if TYPE_CHECKING:
@@ -154,9 +155,29 @@ class PipelineConfig:
             from gptlab.world.demonstrators import check_flaw
             check_flaw(self.demonstrator_flaw, self.demonstrator_flaw_rate)
         check_dir_out(self.out, field="out")
+        check_out_is_its_own(Path(self.out))
         if self.world and not (Path(self.world) / "world.json").exists():
             raise UserError("not an exported world (no world.json)", path=self.world,
                             field="world")
+
+
+# What a model directory, a training run or an exported world holds: a pipeline's stage, or
+# another verb's output, never a pipeline's OUT.
+STAGE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "run.json", "checkpoints",
+               "world.json")
+
+
+def check_out_is_its_own(out: Path) -> None:
+    """Refuse an OUT inside another pipeline run (one of its stages, or beside them: the two
+    runs' files would mix, and removing a stage of one would remove the other) or one that
+    holds a model, a training run or a world rather than a pipeline run."""
+    where = out.resolve()
+    for parent in where.parents:
+        if (parent / "pipeline.json").is_file():
+            raise UserError(f"is inside the pipeline run {parent}; choose an --out outside it",
+                            path=out, field="out")
+    if where.is_dir() and not (where / "pipeline.json").exists():
+        check_holds_none(out, STAGE_FILES)
 
 
 # Settings that add work without changing a finished stage: a rerun may change them.
