@@ -419,6 +419,36 @@ def test_clustered_rate_clips_its_interval_at_zero():
     assert r["ci95"] == pytest.approx([0.0, 1 / 3 + 1.96 / 3])
 
 
+@pytest.mark.parametrize("damaged, stage", [
+    ("sft/model.safetensors", "sft"),
+    ("round-2/reward/tokenizer.json", "round-2/reward"),
+    ("round-1/rankings_all.jsonl", "round-1/reward"),  # the evaluation reads it
+    ("round-1/samples.jsonl", "round-1/rankings.jsonl"),  # every reward model's scale
+])
+def test_a_finished_stage_missing_a_file_is_refused_before_any_stage_runs(run, tmp_path, capsys,
+                                                                          damaged, stage):
+    """A stage is finished once its config.json (or rankings.jsonl) is written; one that lost
+    a file since was reused as it was and failed only when the evaluation read it."""
+    run = Path(shutil.copytree(run, tmp_path / "demo", copy_function=os.link))
+    (run / damaged).unlink()
+    capsys.readouterr()
+    assert main(["pipeline", "--out", str(run), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"gptlab pipeline: error: {run / damaged}: is missing, though {stage} "
+                        f"finished: it would be reused without it; remove {stage} to redo it\n")
+    assert "== " not in err  # refused before any stage ran, the world included
+
+
+def test_a_world_missing_a_file_is_refused_before_any_stage_runs(run, tmp_path, capsys):
+    run = Path(shutil.copytree(run, tmp_path / "demo", copy_function=os.link))
+    (run / "world" / "corpus.txt").unlink()
+    assert main(["pipeline", "--out", str(run), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {run / 'world' / 'corpus.txt'}: is missing from the world, whose world.json " \
+           f"says it is whole; remove {run / 'world'} to export it again" in err
+    assert "== " not in err
+
+
 def _a_run_with_a_stage(tmp_path):
     """A pipeline OUT as a run leaves it: pipeline.json, and a finished stage (a model)."""
     run = tmp_path / "demo"

@@ -231,6 +231,38 @@ def stage_done(path: Path) -> bool:
     return is_gptlab_dir(path)
 
 
+# A finished model stage (config.json is written last) holds these too; a later stage or the
+# evaluation reads them.
+MODEL_FILES = ("model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def missing_from_finished(out: Path, world_dir: Path,
+                          stages: list[str]) -> tuple[Path, Path] | None:
+    """(a finished stage, the first file it lacks), for the stages at `stages` under `out` and
+    the world: a finished stage is reused as it is, so one damaged or copied in part after it
+    finished would fail only when a later stage reads it, or be mixed with a redone part."""
+    from gptlab.world.build import FILES
+    if (world_dir / "world.json").exists():
+        for name in FILES:
+            if not (world_dir / name).exists():
+                return world_dir, world_dir / name
+    for stage in stages:
+        path = out / stage
+        needs: tuple[str, ...] = ()
+        if stage_done(path):
+            needs = MODEL_FILES
+        elif path.name == "rankings.jsonl" and path.exists():
+            needs = ("samples.jsonl",)  # round 1's scale every reward model's scores
+        for name in needs:
+            file = (path if stage_done(path) else path.parent) / name
+            if not file.exists():
+                return path, file
+        if stage.endswith("/reward") and stage_done(path) and \
+                not (path.parent / "rankings_all.jsonl").exists():
+            return path, path.parent / "rankings_all.jsonl"  # the evaluation reads it
+    return None
+
+
 def _read_record(path: Path, keeps: str) -> dict:
     """The JSON object in `path`, a record the pipeline wrote (`keeps`: what it is for); one
     edited by hand into something else is a UserError naming it."""
@@ -583,6 +615,7 @@ class Pipeline:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         start = time.time()
+        self._check_finished_stages_whole()
         t = self.timer
         out = self.out
         t.run("world", self.export_world, done=(self.world_dir / "world.json").exists())
@@ -665,6 +698,23 @@ class Pipeline:
                 print(f"note: settings changed for stages that have not run yet: "
                       f"{', '.join(sorted(diff))}", file=sys.stderr)
         write_json_atomic(path, {**mine, "paths": where})
+
+    def _check_finished_stages_whole(self) -> None:
+        """Refuse, before any stage runs, to reuse a finished stage that lacks a file."""
+        stages = [stage for stage, _ in stage_dependencies(self.cfg.rounds)
+                  if self.cfg.headroom or "execution_reward" not in stage]
+        found = missing_from_finished(self.out, self.world_dir, stages)
+        if found is None:
+            return
+        stage, file = found
+        if stage == self.world_dir:
+            todo = ("export it again (gptlab world export)" if self.cfg.world else
+                    f"remove {stage} to export it again")
+            raise UserError(f"is missing from the world, whose world.json says it is whole; "
+                            f"{todo}", path=file)
+        name = stage.relative_to(self.out)
+        raise UserError(f"is missing, though {name} finished: it would be reused without it; "
+                        f"remove {name} to redo it", path=file)
 
     def _check_not_moved_mid_stage(self, before: dict | None, now: dict) -> None:
         """A finished stage does not care where the run or its world are; a PPO stage stopped
