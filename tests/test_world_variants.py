@@ -149,3 +149,29 @@ def test_an_answer_wrong_on_the_company_is_wrong_on_the_test_suite(world):
     world.correct_on_test_suite(q.id, q.sql)
     assert world._variants.agrees(wrong, q.sql)
     assert not world.correct_on_test_suite(q.id, wrong)
+
+
+def test_a_verdict_is_kept_and_a_timeout_is_not(world):
+    q = _top_paid(world)
+    suite = VariantDatabases(world.company, world.schema)
+    runs = []
+    for ex in suite.executors:
+        ex.run = (lambda run: lambda sql: runs.append(sql) or run(sql))(ex.run)
+    wrong = f"SELECT name FROM ({q.sql.replace('SELECT name', 'SELECT name, salary')}) " \
+            "AS g ORDER BY salary ASC"
+    assert suite.agrees(q.sql, q.sql) and not suite.agrees(wrong, q.sql)
+    first = len(runs)
+    assert first > len(suite.executors)  # the gold's and the answers' runs
+    # Asked again (another model's same answer): the same verdicts, no query run.
+    assert suite.agrees(q.sql, q.sql) and not suite.agrees(wrong, q.sql)
+    assert len(runs) == first
+    # A verdict a timeout decided is not kept: with the budget back, the answer runs again.
+    same = q.sql + " "
+    budgets = [ex.max_vm_steps for ex in suite.executors]
+    for ex in suite.executors:
+        ex.max_vm_steps = 1
+    assert not suite.agrees(same, q.sql)
+    for ex, b in zip(suite.executors, budgets):
+        ex.max_vm_steps = b
+    before = len(runs)
+    assert suite.agrees(same, q.sql) and len(runs) == before + len(suite.executors)
