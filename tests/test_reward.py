@@ -351,3 +351,27 @@ def test_an_empty_samples_file_is_said_to_be_empty(tmp_path):
     with pytest.raises(UserError) as err:
         sample_sequences(CharTokenizer(), f, context=16)
     assert str(err.value) == f"{f}, field 'samples': no samples in the file"
+
+
+def test_the_held_out_accuracy_reuses_the_final_evaluation_and_scores_anew_on_a_resume(
+        base, tmp_path, monkeypatch):
+    # The final evaluation scored the held-out rankings with the final weights already: the
+    # accuracy saved with the model is its number, not another pass over them.
+    import gptlab.train.reward as reward
+    calls = []
+    real = reward.pairs_right_by_ranking
+    monkeypatch.setattr(reward, "pairs_right_by_ranking",
+                        lambda *a: calls.append(1) or real(*a))
+    out = tmp_path / "rm"
+    assert run_reward(base, out, "--val-fraction", "0.5", "--save-every", "1") == 0
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 1] and len(calls) == 2
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["heldout_pairwise_acc"] == evals[-1]["pairwise_acc"]
+    # Resumed at its last step, this session evaluates nothing: the accuracy is scored anew.
+    del calls[:]
+    assert run_reward(base, out, "--val-fraction", "0.5", "--resume") == 0
+    assert len(calls) == 1
+    assert json.loads((out / "config.json").read_text())["heldout_pairwise_acc"] == \
+        meta["heldout_pairwise_acc"]

@@ -164,7 +164,11 @@ def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) -> float:
     """Share of pairs with a real preference (i above j, not tied) that the model scores
     r_i > r_j (equal scores count half)."""
-    counts = pairs_right_by_ranking(model, batches)
+    return share_right(pairs_right_by_ranking(model, batches))
+
+
+def share_right(counts: list[tuple[float, int]]) -> float:
+    """Pairwise accuracy from `pairs_right_by_ranking`'s counts."""
     return sum(r for r, _ in counts) / max(sum(n for _, n in counts), 1)
 
 
@@ -297,8 +301,16 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     collate = lambda b: collate_rankings(b, tok.pad_id)  # noqa: E731
     val_batches = fixed_list_batches(val_e, cfg.batch_size, collate) if val_e else None
 
+    # The last evaluation's pair counts per held-out ranking: at the final step they are the
+    # trained model's, which the held-out accuracy below reports without scoring them again.
+    measured: dict[str, Any] = {}
+
     def on_eval(m: nn.Module, step: int, val_loss: float) -> dict:
-        return {"pairwise_acc": pairwise_accuracy(m, val_batches)} if val_batches else {}
+        if not val_batches:
+            return {}
+        counts = pairs_right_by_ranking(m, val_batches)
+        measured.update(step=step, counts=counts)
+        return {"pairwise_acc": share_right(counts)}
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
@@ -307,7 +319,13 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
     # answers); none without held-out rankings.
-    held = clustered_rate(pairs_right_by_ranking(model, val_batches) if val_batches else [])
+    if not val_batches:
+        counts = []
+    elif measured.get("step") == result.step:
+        counts = measured["counts"]  # this session evaluated the final weights
+    else:
+        counts = pairs_right_by_ranking(model, val_batches)
+    held = clustered_rate(counts)
     acc = held["mean"]
     mean, std = normalize_scores(model, samples, tok.pad_id)
     save_model(out, model, tok, extra={"stage": "reward", "step": result.step,
