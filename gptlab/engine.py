@@ -197,7 +197,8 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
     row_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
     ids, mask = left_pad([list(p) for p in unique], pad_id, device)
     B = len(prompts)
-    cache = model.new_cache(len(unique), P + steps)
+    cache = model.new_cache(B, P + steps)  # room for every row: the copies below stay in it
+    cache.use_rows(len(unique))
     stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=device)
     out_tokens = torch.zeros((B, steps), dtype=torch.long, device=device)
     out_logprobs = torch.zeros((B, steps), dtype=torch.float32, device=device)

@@ -547,3 +547,30 @@ def test_transformer_shares_one_matrix_scales_embeddings_and_smooths_labels():
         nll = -logp.gather(1, kept[:, None])[:, 0]
         want = (0.9 * nll - 0.1 * logp.mean(-1)).mean()
         assert abs(model(src, tgt, labels=labels).item() - want.item()) < 1e-5
+
+
+@pytest.mark.parametrize("rows,in_place", [
+    ([0, 2, 3], True),            # finished rows dropped: kept rows move down
+    ([0, 0, 0, 1, 1, 2], True),   # K copies of each distinct prompt's row (rows[i] <= i)
+    ([0, 1, 0, 0, 2, 1], True),   # copies of prompts that were not next to each other
+    ([2, 0, 1], False),           # any other order: a new cache
+])
+def test_selecting_rows_of_a_kv_cache_moves_them_within_its_buffers(rows, in_place):
+    # On CPU, gathering rows into a new cache cost ten times the copy (its fresh memory);
+    # the selections generation makes move rows within the buffers allocated for the batch.
+    torch.manual_seed(0)
+    cache = KVCache(2, 6, 2, 10, 4, rows=4)
+    k, v = torch.randn(2, 4, 2, 5, 4), torch.randn(2, 4, 2, 5, 4)
+    for layer in range(2):
+        cache.update(layer, k[layer], v[layer])
+    cache.length = 5
+    buffer = cache.k.data_ptr()
+    cache.select(torch.tensor(rows))
+    assert cache.k.shape[1] == cache.v.shape[1] == len(rows)
+    assert torch.equal(cache.k[:, :, :, :5], k[:, rows]) and torch.equal(cache.v[:, :, :, :5],
+                                                                        v[:, rows])
+    assert (cache.k.data_ptr() == buffer) == in_place
+    # Decoding goes on in the selected rows.
+    step = torch.randn(len(rows), 2, 1, 4)
+    got_k, _ = cache.update(1, step, step)
+    assert torch.equal(got_k, torch.cat([k[1][rows], step], 2))

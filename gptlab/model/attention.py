@@ -16,17 +16,32 @@ from torch import Tensor, nn
 class KVCache:
     """Preallocated keys and values for every layer, written in place as decoding advances.
 
-    Rows are left-padded, so one write position (`length`) serves the whole batch.
+    Rows are left-padded, so one write position (`length`) serves the whole batch. Positions
+    past `length` are never read (a step writes its own before attending over them), so the
+    buffers start uninitialised and `select` copies only the positions written so far.
+    `rows` (at most `batch`) is how many rows the batch has now: `select` moves rows within
+    the buffers allocated for `batch`, with no new allocation while they fit (on CPU a new
+    cache, its memory touched for the first time, cost ten times the copy).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 rows: int | None = None):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._k = torch.empty(shape, device=device, dtype=dtype)
+        self._v = torch.empty(shape, device=device, dtype=dtype)
+        self.k, self.v = self._k, self._v
+        if rows is not None:
+            self.use_rows(rows)
         self.max_len = max_len
         self.length = 0  # tokens written so far
         self.cross: dict[int, tuple[Tensor, Tensor]] = {}  # encoder K/V, computed once per layer
+
+    def use_rows(self, n: int) -> None:
+        """The batch has n rows now (at most those allocated), before anything is written."""
+        if not 0 <= n <= self._k.shape[1]:
+            raise ValueError(f"{n} rows do not fit a cache allocated for {self._k.shape[1]}")
+        self.k, self.v = self._k[:, :n], self._v[:, :n]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's k, v (B, Hkv, T, D) for `layer`; return all keys/values so far."""
@@ -38,9 +53,33 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def select(self, rows: Tensor) -> None:
-        """Keep only these batch rows (drop finished sequences)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        """Make row i of the batch the current row `rows[i]`: drop finished sequences (rows
+        kept in order, none twice), or repeat each of a few prompts' rows (rows[i] <= i, as
+        `generate` lays out K continuations of its distinct prompts). Those two move rows
+        within the buffers; any other selection copies into new ones."""
+        n, m = self.length, len(rows)
+        order = rows.tolist()
+        if not self.cross and m <= self._k.shape[1] and all(0 <= r < self.k.shape[1]
+                                                             for r in order):
+            if all(a < b for a, b in zip(order, order[1:])):  # r >= i: move down, first first
+                self._move(list(enumerate(order)), n)
+                self.use_rows(m)
+                return
+            if all(r <= i for i, r in enumerate(order)):  # r <= i: move up, last first
+                self.use_rows(m)
+                self._move(list(enumerate(order))[::-1], n)
+                return
+        self._k, self._v = self.k[:, rows], self.v[:, rows]
+        self.k, self.v = self._k, self._v
         self.cross = {i: (k[rows], v[rows]) for i, (k, v) in self.cross.items()}
+
+    def _move(self, pairs: list[tuple[int, int]], n: int) -> None:
+        """Copy row r to row i for each (i, r) in turn; each source is read before any write
+        reaches it (the caller orders the pairs so)."""
+        for i, r in pairs:
+            if r != i:
+                self._k[:, i, :, :n] = self._k[:, r, :, :n]
+                self._v[:, i, :, :n] = self._v[:, r, :, :n]
 
 
 # Below this many shared tokens, encoding a prefix apart costs more than sharing it saves.
