@@ -41,8 +41,10 @@ def git_state(package_dir: str | Path | None) -> tuple[str, bool] | None:
 
     def git(*args: str) -> str | None:
         try:
-            r = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
-                               timeout=5)
+            # --no-optional-locks: `status` would otherwise refresh and rewrite the index
+            # under index.lock, failing a git command the user runs there meanwhile.
+            r = subprocess.run(["git", "--no-optional-locks", *args], cwd=here,
+                               capture_output=True, text=True, timeout=5)
         except (OSError, subprocess.SubprocessError):
             return None
         return r.stdout if r.returncode == 0 else None

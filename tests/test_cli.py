@@ -604,3 +604,28 @@ def test_the_sample_function_has_the_verbs_defaults(tiny_model, tmp_path):
         sample_file(tiny_model, prompts, tmp_path / "api.jsonl")
     assert sample_file(tiny_model, prompts, tmp_path / "api.jsonl", max_new_tokens=4) == 1
     assert len(read_jsonl(tmp_path / "api.jsonl")[0]["responses"]) == 4
+
+
+def test_git_state_leaves_the_repository_index_alone(tmp_path):
+    # `git status` refreshes stale stat data and rewrites .git/index under index.lock, so a
+    # run starting while the user ran git there could make their command fail on the lock.
+    import os
+    import shutil
+    import subprocess
+    from gptlab.provenance import git_state
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    pkg = tmp_path / "gptlab"
+    pkg.mkdir()
+    (pkg / "provenance.py").write_text("x = 1\n")
+    git("add", "gptlab")
+    git("commit", "-q", "-m", "the package")
+    os.utime(pkg / "provenance.py", ns=(10**18, 10**18))  # same content, stale stat data
+    index = (tmp_path / ".git" / "index").read_bytes()
+    assert git_state(pkg)[1] is False
+    assert (tmp_path / ".git" / "index").read_bytes() == index
