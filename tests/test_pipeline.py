@@ -453,7 +453,7 @@ def _a_run_with_a_stage(tmp_path):
     """A pipeline OUT as a run leaves it: pipeline.json, and a finished stage (a model)."""
     run = tmp_path / "demo"
     (run / "sft").mkdir(parents=True)
-    (run / "pipeline.json").write_text("{}")
+    (run / "pipeline.json").write_text('{"preset": "demo", "rounds": 2}')
     (run / "sft" / "config.json").write_text('{"format": "gptlab/1"}')
     return run
 
@@ -489,3 +489,16 @@ def test_an_out_in_another_run_or_at_a_model_or_a_file_is_refused(tmp_path, caps
     err = capsys.readouterr().err
     assert f"gptlab pipeline: error: {says.format(run=run, out=out)}" in err
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_another_tools_pipeline_json_above_out_is_no_pipeline_run(tmp_path):
+    """A project folder may hold a pipeline.json of its own (a CI or data tool's): an OUT below
+    it is not inside a pipeline run."""
+    from gptlab.train.pipeline import check_out_is_its_own
+    (tmp_path / "pipeline.json").write_text('{"stages": ["build", "test"]}')
+    check_out_is_its_own(tmp_path / "runs" / "demo")
+    (tmp_path / "pipeline.json").write_text("not json")
+    check_out_is_its_own(tmp_path / "runs" / "demo")
+    (tmp_path / "pipeline.json").write_text('{"preset": "demo", "rounds": 2, "seed": 0}')
+    with pytest.raises(UserError, match="is inside the pipeline run"):
+        check_out_is_its_own(tmp_path / "runs" / "demo")

@@ -173,11 +173,23 @@ def check_out_is_its_own(out: Path) -> None:
     holds a model, a training run or a world rather than a pipeline run."""
     where = out.resolve()
     for parent in where.parents:
-        if (parent / "pipeline.json").is_file():
+        if _is_pipeline_record(parent / "pipeline.json"):
             raise UserError(f"is inside the pipeline run {parent}; choose an --out outside it",
                             path=out, field="out")
     if where.is_dir() and not (where / "pipeline.json").exists():
         check_holds_none(out, STAGE_FILES)
+
+
+def _is_pipeline_record(path: Path) -> bool:
+    """Whether `path` is the pipeline.json a pipeline run keeps (its settings), not another
+    tool's file of that common name in a folder above (a project's own pipeline.json)."""
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"preset", "rounds"} <= record.keys()
 
 
 # Settings that add work without changing a finished stage: a rerun may change them.
