@@ -5,7 +5,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -59,10 +59,15 @@ def fixed_list_batches(items: Sequence[Any], batch_size: int,
     return [collate(list(items[i:i + batch_size])) for i in range(0, len(items), batch_size)]
 
 
-def data_key(rows: list) -> str:
+def data_key(rows: Iterable[Any]) -> str:
     """A digest of what a run trains on, in order (JSON-able rows of token ids): a checkpoint's
-    data position indexes those rows, so a resume compares the key with the checkpoint's."""
-    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()[:32]
+    data position indexes those rows, so a resume compares the key with the checkpoint's.
+    Row by row, so that a large set is never one string in memory."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
 
 
 def warn_if_data_changed(checkpoint: Path, key: str, what: str) -> None:

@@ -290,7 +290,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                         path=cfg.samples, field="samples")
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
-    key = data_key([[e.seqs, e.groups] for e in train_e])
+    key = data_key([e.seqs, e.groups] for e in train_e)
     if cfg.resume:
         warn_if_data_changed(latest, key, "rankings")
     out.mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,7 @@ def sft(cfg: SFTConfig) -> Path:
             val_records = [r for r in read_jsonl(cfg.data) if r["_line"] in held_out]
         exec_eval = world_exec_evaluator(cfg.world, tok, val_records[:cfg.exec_eval],
                                          cfg.max_new_tokens, cfg.val_data or cfg.data, context)
-    key = data_key([[ex.ids, ex.loss_mask] for ex in train_ex])
+    key = data_key([ex.ids, ex.loss_mask] for ex in train_ex)
     if cfg.resume:
         warn_if_data_changed(latest, key, "demonstrations")
     out.mkdir(parents=True, exist_ok=True)
