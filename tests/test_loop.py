@@ -723,3 +723,74 @@ def test_how_often_one_evaluates_does_not_change_the_training_run(tmp_path):
     (a, loss_a), (b, loss_b) = run(tmp_path / "a", 1), run(tmp_path / "b", 0)
     assert loss_a == loss_b and len(loss_a) == 6
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+def _rewrite_trainer_state(checkpoint, change) -> None:
+    """Edit a checkpoint's trainer.pt (as an older gptlab would have written it), keeping its
+    manifest's sha256 in step."""
+    import hashlib
+    import json
+    path = checkpoint / "trainer.pt"
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["sha256"]["trainer.pt"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_resume_refuses_a_time_budget_the_run_was_not_started_with(tmp_path):
+    """A fixed-length run resumed with --max-minutes went on to its old length: the budget was
+    ignored without a word. A budget lays out the schedule when a run starts, so a resume
+    refuses a new or another one, naming the field, before anything is written."""
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=4, eval_every=0, save_every=2,
+                      progress=False, device="cpu")
+    run = lambda c, **kw: train(  # noqa: E731
+        tiny(), BlockBatches(_stream(6, n=1000), 16, np.arange(50), 4, 0), lm_loss, c,
+        tmp_path, **kw)
+    run(cfg)
+    step2 = tmp_path / "checkpoints" / "step-2"
+    (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    for check in (lambda c: check_run_dir(tmp_path, True, cfg=c),
+                  lambda c: run(c, resume=True)):
+        with pytest.raises(UserError) as err:
+            check(dataclasses.replace(cfg, max_minutes=10.0))
+        assert err.value.field == "max_minutes" and err.value.path == step2
+        assert ("is a fixed-length run (4 steps, 2 steps done in" in str(err.value)
+                and "max_minutes 10.0 now: resume without --max-minutes (or with the run's "
+                "own), and with --max-steps to change its length" in str(err.value))
+        assert read_metrics(tmp_path / "metrics.jsonl") == rows  # nothing truncated or written
+    assert run(cfg, resume=True).step == 4  # without it, the run continues
+
+    # A budget run: the same budget resumes, another is refused.
+    budget = dataclasses.replace(cfg, max_minutes=5.0, max_steps=6, save_every=5)
+    out = tmp_path / "budget"
+    train(tiny(), BlockBatches(_stream(6, n=1000), 16, np.arange(50), 4, 0), lm_loss, budget,
+          out)  # 5 minutes hold far more than 6 steps: capped at 6
+    (out / "checkpoints" / "latest").write_text("step-5\n")
+    with pytest.raises(UserError) as err:
+        check_run_dir(out, True, cfg=dataclasses.replace(budget, max_minutes=1.0))
+    assert err.value.field == "max_minutes"
+    assert "was started with max_minutes 5.0 (its step count, 6; 5 steps done" in str(err.value)
+    again = lambda c: train(  # noqa: E731
+        tiny(), BlockBatches(_stream(6, n=1000), 16, np.arange(50), 4, 0), lm_loss, c, out,
+        resume=True)
+    assert again(budget).step == 6
+    (out / "checkpoints" / "latest").write_text("step-5\n")
+    assert again(dataclasses.replace(budget, max_minutes=None)).step == 6
+
+    # A checkpoint from before the budget was recorded resumes as before...
+    _rewrite_trainer_state(step2, lambda s: s.pop("max_minutes"))
+    (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
+    assert run(dataclasses.replace(cfg, max_minutes=10.0), resume=True).step == 4
+    # ...and one saved while its budget was measured, resumed without it, is a clear error
+    # (it was a TypeError on None * 60).
+    def pending(state):
+        state.update(budget_pending=True, total_steps=None)
+    _rewrite_trainer_state(step2, pending)
+    (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
+    with pytest.raises(UserError) as err:
+        run(cfg, resume=True)
+    assert err.value.field == "max_minutes" and "resume with the run's --max-minutes" in str(
+        err.value)

@@ -68,6 +68,7 @@ SPLIT_SETTINGS = ("seed", "val_fraction", "block_size", "batch_size", "grad_accu
 # them back in place of new ones; another lr or warmup would bend the schedule mid-run.
 OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "clip", "weight_decay", "beta1",
                       "beta2")
+_UNRECORDED = object()    # a run's time budget, resumed from a checkpoint that did not record it
 MEASURE_STEPS = 3         # steps timed (after the first, which pays for warm-up) for max_minutes
 
 
@@ -229,6 +230,7 @@ def check_run_dir(out: str | Path, resume: bool,
         if cfg is not None:
             state = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=False)
             _check_split_settings(cfg, state.get("settings", {}), latest)
+            _check_budget(cfg, state, latest)
     if not resume and latest is not None:
         raise UserError("already holds a training run; pass --resume to continue it, or choose "
                         "another --out", path=out, field="out")
@@ -492,6 +494,36 @@ def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
             "with the same settings, or choose another --out", path=path, field=diff[0])
 
 
+def _check_budget(cfg: Any, state: dict, path: Path) -> None:
+    """Refuse a resume with a --max-minutes that is not the run's own. A time budget is turned
+    into the run's step count (and its cosine laid out) when the run starts; a new or another
+    budget on resume used to be ignored without a word. Leaving --max-minutes out, or giving the
+    same one, resumes; --max-steps changes the length. A checkpoint from before the budget was
+    recorded passes, unless its budget was still being measured and none is given."""
+    mine = getattr(cfg, "max_minutes", None)
+    if "max_minutes" not in state:
+        if state.get("budget_pending") and mine is None:
+            raise UserError("was saved while its time budget was still being measured, before "
+                            "the budget was recorded in checkpoints; resume with the run's "
+                            "--max-minutes", path=path, field="max_minutes")
+        return
+    theirs = state["max_minutes"]
+    if mine is None or mine == theirs:
+        return
+    done = f"{state['step']} steps done in {state['elapsed_s']:.0f} s of training"
+    if theirs is None:
+        why = (f"is a fixed-length run ({state['total_steps']} steps, {done}) and a time budget "
+               f"is set only when a run starts, which lays out its schedule; max_minutes "
+               f"{mine!r} now")
+    else:
+        length = ("its step count is still being measured" if state.get("budget_pending")
+                  else f"its step count, {state['total_steps']}")
+        why = (f"was started with max_minutes {theirs!r} ({length}; {done}); max_minutes "
+               f"{mine!r} now")
+    raise UserError(why + ": resume without --max-minutes (or with the run's own), and with "
+                    "--max-steps to change its length", path=path, field="max_minutes")
+
+
 def same_setting(theirs: Any, mine: Any) -> bool:
     """Equal, or the same file spelled another way (`runs/x/sft` and `/home/me/runs/x/sft` run
     from /home/me): a path recorded as typed is read from where the resume runs."""
@@ -630,6 +662,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
 
     # Run state that survives a resume; everything else is rebuilt from cfg.
     step, tokens, elapsed = 0, 0, 0.0
+    minutes = cfg.max_minutes          # the run's time budget (a resume keeps the first's)
     budget_pending = cfg.max_minutes is not None
     total = cfg.max_steps or (None if budget_pending else DEFAULT_MAX_STEPS)
     eval_s = 0.0                       # the step-0 evaluation's time, which a time budget counts in
@@ -641,6 +674,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                             path=ckpt.dir)
         state = ckpt.load(path, model, optimizer)
         _check_split_settings(cfg, state.get("settings", {}), path)
+        _check_budget(cfg, state, path)
+        # A checkpoint from before the budget was recorded: a pending one's is the one given
+        # (_check_budget saw to it); a resolved one's stays unknown, and unrecorded.
+        minutes = state["max_minutes"] if "max_minutes" in state else (
+            cfg.max_minutes if state["budget_pending"] else _UNRECORDED)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         total, budget_pending = state["total_steps"], state["budget_pending"]
         eval_s = state.get("eval_s", 0.0)
@@ -694,7 +732,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 "budget_pending": budget_pending, "data": batches.state(), "rng": rng_state(),
                 "eval_s": eval_s, "row": last_row, "stopped_early": stopped_early, "cap": cap,
                 "settings": {k: getattr(cfg, k) for k in SPLIT_SETTINGS + OPTIMIZER_SETTINGS
-                             if hasattr(cfg, k)}}
+                             if hasattr(cfg, k)},
+                **({} if minutes is _UNRECORDED else {"max_minutes": minutes})}
 
     def save(state: dict) -> Path:
         return ckpt.save(state["step"], model, tokenizer, optimizer, state, extra)
@@ -765,11 +804,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 measured.append(dt)
                 if len(measured) == MEASURE_STEPS + 1:
                     sec_per_step = sum(measured[1:]) / MEASURE_STEPS
-                    total = steps_for_budget(cfg.max_minutes, elapsed + eval_s, step, sec_per_step,
+                    total = steps_for_budget(minutes, elapsed + eval_s, step, sec_per_step,
                                              cfg.eval_every, eval_s if has_val else 0.0,
                                              cfg.max_steps)
                     budget_pending = False
-                    budget = {"max_minutes": cfg.max_minutes, "sec_per_step": sec_per_step,
+                    budget = {"max_minutes": minutes, "sec_per_step": sec_per_step,
                               "eval_s": eval_s, "total_steps": total}
                     metrics.log({"step": step, "event": "budget", **budget})
                     annotate_run(out, budget=budget)
