@@ -373,3 +373,82 @@ def test_a_keeper_that_does_not_select_writes_no_weights(tmp_path, monkeypatch):
     for step, loss in ((0, 2.0), (100, 1.0)):
         keeper(None, step, loss)
     assert saved == [] and keeper.best_step == 100
+
+
+def test_a_resume_refuses_what_evaluations_measure_and_notes_when_they_are_made(base, tmp_path,
+                                                                                 capsys):
+    """val_data, world (and, with a world, exec_eval and max_new_tokens) decide what an
+    evaluation measures: changed on resume, one best-step choice compared evaluations of two
+    kinds. They are refused, naming the field, before anything is written; eval_every, patience
+    and select_best decide when evaluations are made and what is done with them: allowed, with
+    a note."""
+    import hashlib
+    d, paths = base
+    out, val = tmp_path / "sft", tmp_path / "val.jsonl"
+    val.write_text("".join(paths["sft"].read_text().splitlines(keepends=True)[:5]))
+    keep = ("--save-every", "1", "--keep-checkpoints", "10")
+    first = (*keep, "--eval-every", "1", "--val-data", str(val))
+    assert run_sft(base, out, *first) == 0
+    (out / "checkpoints" / "latest").write_text("step-1\n")  # the first run's end, continued to 3
+    files = snapshot(out)
+    step1 = out / "checkpoints" / "step-1"
+    for args, field, shown in (
+            ([], "val_data", f"val_data: {str(val)!r} there, None now"),
+            (["--val-data", str(paths["sft"])], "val_data",
+             f"val_data: {str(val)!r} there, {str(paths['sft'])!r} now"),
+            (["--val-data", str(val), "--world", "builtin"], "world",
+             "world: None there, 'builtin' now")):
+        assert run_sft(base, out, "--resume", "--max-steps", "3", *keep,
+                       *args) == 2
+        err = capsys.readouterr().err
+        assert f"{step1}, field '{field}': was written with other settings ({shown}); they " \
+               f"decide what each evaluation measures" in err
+        assert snapshot(out) == files  # nothing written
+    # The same file spelled another way is the same setting; the others are noted.
+    rel = str(val.relative_to(tmp_path.parent))
+    import os
+    cwd = os.getcwd()
+    os.chdir(tmp_path.parent)
+    try:
+        assert run_sft(base, out, "--resume", "--max-steps", "3", *keep,
+                       "--val-data", rel, "--eval-every", "2", "--patience", "3",
+                       "--no-select-best") == 0
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert "note: eval_every changed from 1 to 2 on resume; the best step is chosen among " \
+           "evaluations at both intervals" in err
+    assert "note: patience changed from 0 to 3 on resume" in err
+    assert "note: select_best changed from True to False on resume" in err
+    assert json.loads((out / "config.json").read_text())["step"] == 3
+    # A checkpoint from before these settings were recorded resumes, on any.
+    config = step1 / "config.json"
+    meta = json.loads(config.read_text())
+    del meta["eval_settings"]
+    config.write_text(json.dumps(meta))
+    manifest = json.loads((step1 / "manifest.json").read_text())
+    manifest["sha256"]["config.json"] = hashlib.sha256(config.read_bytes()).hexdigest()
+    (step1 / "manifest.json").write_text(json.dumps(manifest))
+    (out / "checkpoints" / "latest").write_text("step-1\n")
+    assert run_sft(base, out, "--resume", "--max-steps", "2", *keep) == 0
+    assert "on resume;" not in capsys.readouterr().err
+
+
+def test_with_a_world_its_question_count_and_answer_length_are_kept_on_resume(tmp_path, capsys):
+    from gptlab.train.sft import check_resume_settings
+    settings = {"val_data": None, "world": "builtin", "exec_eval": 200, "max_new_tokens": 96,
+                "eval_every": 100, "patience": 0, "select_best": True}
+    (tmp_path / "config.json").write_text(json.dumps({"eval_settings": settings}))
+    cfg = SFTConfig(world="builtin")
+    check_resume_settings(cfg, tmp_path)
+    for change in ({"exec_eval": 50}, {"max_new_tokens": 32}):
+        with pytest.raises(UserError) as err:
+            check_resume_settings(dataclasses.replace(cfg, **change), tmp_path)
+        [(field, value)] = change.items()
+        assert err.value.field == field and f"{field}: {settings[field]} there, {value} now" \
+            in str(err.value)
+    # Without a world they measure nothing.
+    settings["world"] = None
+    (tmp_path / "config.json").write_text(json.dumps({"eval_settings": settings}))
+    check_resume_settings(SFTConfig(exec_eval=5, max_new_tokens=8), tmp_path)
+    assert capsys.readouterr().err == ""

@@ -30,7 +30,20 @@ from gptlab.provenance import record_run
 from gptlab.train.batching import (ListBatches, data_key, fixed_list_batches, pad_examples,
                                    warn_if_data_changed)
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               read_metrics, train)
+                               read_metrics, same_setting, train)
+
+# Settings that decide what an evaluation measures: the held-out demonstrations, the world whose
+# execution accuracy is the score and, with a world, how many questions and how long an answer.
+# A resume must keep them, or one best-step choice would compare evaluations of two kinds.
+MEASURE_SETTINGS = ("val_data", "world", "exec_eval", "max_new_tokens")
+# Settings that decide when evaluations are made and what is done with them, not what they
+# measure: a resume may change them, and stderr says what that means for the run.
+NOTED_SETTINGS = {
+    "eval_every": "the best step is chosen among evaluations at both intervals, and patience "
+                  "counts them all",
+    "patience": "counted over the run's evaluations so far too",
+    "select_best": "the choice is made at the end, among all the run's evaluations",
+}
 
 
 @dataclass
@@ -180,6 +193,27 @@ class BestKeeper:
         save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
 
 
+def check_resume_settings(cfg: SFTConfig, checkpoint: Path) -> None:
+    """Refuse to resume with another MEASURE_SETTINGS value (with a world: its question count
+    and answer length too), naming the first; note a changed NOTED_SETTINGS value. A checkpoint
+    from before these were recorded passes."""
+    theirs = read_meta(checkpoint).get("eval_settings")
+    if not isinstance(theirs, dict):
+        return
+    checked = MEASURE_SETTINGS if cfg.world else ("val_data", "world")
+    diff = [k for k in checked if k in theirs and not same_setting(theirs[k], getattr(cfg, k))]
+    if diff:
+        raise UserError("was written with other settings (" + ", ".join(
+            f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + "); they decide "
+            "what each evaluation measures, and the best step is chosen among all the run's "
+            "evaluations: resume with the same settings, or choose another --out",
+            path=checkpoint, field=diff[0])
+    for k, meaning in NOTED_SETTINGS.items():
+        if k in theirs and theirs[k] != getattr(cfg, k):
+            print(f"note: {k} changed from {theirs[k]!r} to {getattr(cfg, k)!r} on resume; "
+                  f"{meaning}", file=sys.stderr)
+
+
 def _meta_of(path: Path) -> dict:
     """The config.json of the gptlab model directory `path`; {} if it is none."""
     return read_meta(path) if is_gptlab_dir(path) else {}
@@ -194,6 +228,8 @@ def sft(cfg: SFTConfig) -> Path:
     cfg.check()
     out = Path(cfg.out)
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
+    if cfg.resume:
+        check_resume_settings(cfg, latest)
     model, tok, _ = load_language_model(cfg.model)
     torch.manual_seed(cfg.seed)
     context = model.config.context
@@ -241,7 +277,8 @@ def sft(cfg: SFTConfig) -> Path:
                    if val_ex else None, tokenizer=tok,
                    on_eval=keeper if (val_ex or exec_eval) else None,
                    tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
-                   extra={"stage": "sft", "data_key": key})
+                   extra={"stage": "sft", "data_key": key, "eval_settings": {
+                       k: getattr(cfg, k) for k in (*MEASURE_SETTINGS, *NOTED_SETTINGS)}})
     val_loss = result.val_loss
     if cfg.select_best and keeper.best is not None:
         best, _, _ = load_model(keeper.dir)
