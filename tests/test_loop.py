@@ -626,17 +626,25 @@ def test_resume_keeps_an_early_stop_and_refuses_another_split(tmp_path):
     assert again.step == again.total_steps == 30  # not 40: the stop at 10 no longer holds
 
 
+def _four_steps_saved_every_two(tmp_path):
+    """A finished 4-step run in tmp_path with checkpoints at steps 2 and 4, its config, and a
+    function that trains again into tmp_path with a config given."""
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=4, eval_every=0, save_every=2,
+                      progress=False, device="cpu")
+
+    def run(c, **kw):
+        return train(tiny(), BlockBatches(_stream(6, n=1000), 16, np.arange(50), 4, 0), lm_loss,
+                     c, tmp_path, **kw)
+    run(cfg)
+    return cfg, run
+
+
 @pytest.mark.parametrize("change", [{"weight_decay": 0.5}, {"beta2": 0.99}, {"lr": 1e-3},
                                     {"warmup_steps": 0}, {"clip": 0.5}])
 def test_resume_refuses_another_optimizer_setting(tmp_path, change):
     """The optimizer's saved state holds its betas and weight decay: a resume with new ones
     went on with the old, silently; another lr or warmup bent the schedule unannounced."""
-    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=4, eval_every=0, save_every=2,
-                      progress=False, device="cpu")
-    run = lambda c, **kw: train(  # noqa: E731
-        tiny(), BlockBatches(_stream(6, n=1000), 16, np.arange(50), 4, 0), lm_loss, c,
-        tmp_path, **kw)
-    run(cfg)
+    cfg, run = _four_steps_saved_every_two(tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
     rows = read_metrics(tmp_path / "metrics.jsonl")
     with pytest.raises(UserError) as err:
@@ -743,12 +751,7 @@ def test_a_resume_refuses_a_time_budget_the_run_was_not_started_with(tmp_path):
     """A fixed-length run resumed with --max-minutes went on to its old length: the budget was
     ignored without a word. A budget lays out the schedule when a run starts, so a resume
     refuses a new or another one, naming the field, before anything is written."""
-    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=4, eval_every=0, save_every=2,
-                      progress=False, device="cpu")
-    run = lambda c, **kw: train(  # noqa: E731
-        tiny(), BlockBatches(_stream(6, n=1000), 16, np.arange(50), 4, 0), lm_loss, c,
-        tmp_path, **kw)
-    run(cfg)
+    cfg, run = _four_steps_saved_every_two(tmp_path)
     step2 = tmp_path / "checkpoints" / "step-2"
     (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
     rows = read_metrics(tmp_path / "metrics.jsonl")
