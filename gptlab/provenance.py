@@ -27,16 +27,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def git_commit(package_dir: str | Path | None = None) -> str | None:
-    """The commit of the git checkout gptlab runs from, or None: not in a git checkout, or
+def git_state(package_dir: str | Path | None) -> tuple[str, bool] | None:
+    """(commit, dirty) of the git checkout gptlab runs from: dirty when gptlab's files differ
+    from the commit (edited, added or removed). None when not in a git checkout, or when
     `package_dir` (gptlab's own folder) is not tracked by the repository around it, as an
     installed copy inside another project's repository (whose commit says nothing of it)."""
-    state = git_state(package_dir)
-    return state[0] if state else None
-
-
-def git_state(package_dir: str | Path | None) -> tuple[str, bool] | None:
-    """(commit, dirty: gptlab's files differ from it, edited, added or removed) or None."""
     here = Path(package_dir) if package_dir else Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:

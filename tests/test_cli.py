@@ -280,7 +280,7 @@ def test_git_commit_is_gptlabs_own_and_says_when_its_files_differ(tmp_path):
     # virtual environment in the project), recorded that project's commit as gptlab's.
     import shutil
     import subprocess
-    from gptlab.provenance import git_state, git_commit
+    from gptlab.provenance import git_state
     if shutil.which("git") is None:
         pytest.skip("no git")
 
@@ -295,11 +295,11 @@ def test_git_commit_is_gptlabs_own_and_says_when_its_files_differ(tmp_path):
     pkg = tmp_path / "venv" / "gptlab"
     pkg.mkdir(parents=True)
     (pkg / "provenance.py").write_text("x = 1\n")
-    assert git_commit(pkg) is None and git_state(pkg) is None
+    assert git_state(pkg) is None
     git("add", "venv")
     git("commit", "-q", "-m", "the package")
     head = git("rev-parse", "HEAD")
-    assert git_commit(pkg) == head and git_state(pkg) == (head, False)
+    assert git_state(pkg) == (head, False)
     (pkg / "provenance.py").write_text("x = 2\n")   # edited, not committed
     assert git_state(pkg) == (head, True)
     (tmp_path / "README").write_text("the project's own file, not gptlab's\n")
