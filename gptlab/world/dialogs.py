@@ -13,12 +13,12 @@ import sqlite3
 from dataclasses import dataclass, field, replace
 
 from gptlab.world.database import CITIES
-from gptlab.world.intents import INTENTS_BY_NAME
-from gptlab.world.questions import Combo, phrase
+from gptlab.world.questions import Combo, informative, phrase
 from gptlab.world.schema import Schema, sql_literal
 
 # (logical column, operator), in the order filters are written in SQL.
 _FILTER_ORDER = (("city", "="), ("salary", ">"), ("hire_year", ">"))
+_FILTER_SLOT = {"city": "city", "salary": "amount", "hire_year": "year"}  # its `phrase` slot
 _OPENING_INTENTS = ("employees_in_city", "employees_salary_above", "employees_hired_after",
                     "employees_city_salary")
 _MAX_CHARS = 1000  # keeps schema + all turns well inside the demo model's 384-token context
@@ -81,10 +81,13 @@ def _opening_state(combo: Combo) -> QueryState:
 
 
 def _follow_up(state: QueryState, rng: random.Random) -> tuple[str, QueryState] | None:
-    """One refinement that makes sense after `state`, as (user text, new state)."""
+    """One refinement that makes sense after `state`, as (user text, new state); None after a
+    count, or when nothing is left to refine."""
+    if state.count:
+        return None
     have = {c for c, _ in state.filters}
-    options = [k for k in ("city", "salary", "hire_year") if k not in have]
-    if not state.show_salary and not state.count:
+    options = [c for c, _ in _FILTER_ORDER if c not in have]
+    if not state.show_salary:
         options.append("show_salary")
     if not state.order:
         options += ["sort_desc", "sort_asc"]
@@ -92,16 +95,14 @@ def _follow_up(state: QueryState, rng: random.Random) -> tuple[str, QueryState] 
         options.append("limit")
     if not state.limit:
         options.append("count")
-    if state.count or not options:
+    if not options:
         return None
     move = rng.choice(options)
     template = rng.choice(FOLLOW_UPS[move])
-    if move in ("city", "salary", "hire_year"):
-        value = {"city": lambda: rng.choice(CITIES),
-                 "salary": lambda: rng.randrange(40_000, 100_001, 5_000),
-                 "hire_year": lambda: rng.randint(2008, 2020)}[move]()
-        slot = {"city": "city", "salary": "amount", "hire_year": "year"}[move]
-        return phrase(template, {slot: value}), replace(state, filters=state.filters + ((move, value),))
+    if move in _FILTER_SLOT:
+        value = _filter_value(move, rng)
+        return (phrase(template, {_FILTER_SLOT[move]: value}),
+                replace(state, filters=state.filters + ((move, value),)))
     if move == "show_salary":
         return template, replace(state, show_salary=True)
     if move in ("sort_desc", "sort_asc"):
@@ -110,6 +111,15 @@ def _follow_up(state: QueryState, rng: random.Random) -> tuple[str, QueryState] 
         n = rng.randint(2, 5)
         return phrase(template, {"n": n}), replace(state, limit=n)
     return template, replace(state, count=True, order="", limit=0, show_salary=False)
+
+
+def _filter_value(column: str, rng: random.Random) -> str | int:
+    """A value for a follow-up's filter, within the question slots' domains."""
+    if column == "city":
+        return rng.choice(CITIES)
+    if column == "salary":
+        return rng.randrange(40_000, 100_001, 5_000)
+    return rng.randint(2008, 2020)  # hire_year
 
 
 def build_dialogs(train_combos: list[Combo], schema: Schema, conn: sqlite3.Connection,
@@ -122,8 +132,7 @@ def build_dialogs(train_combos: list[Combo], schema: Schema, conn: sqlite3.Conne
     while len(dialogs) < n and openers and attempts < 50 * n:
         attempts += 1
         combo = rng.choice(openers)
-        intent = INTENTS_BY_NAME[combo.intent.name]
-        first = phrase(rng.choice(intent.seen_phrasings), dict(combo.values))
+        first = phrase(rng.choice(combo.intent.seen_phrasings), dict(combo.values))
         turns = [(first, _opening_state(combo))]
         for _ in range(rng.randint(1, 3)):
             step = _follow_up(turns[-1][1], rng)
@@ -144,12 +153,7 @@ def build_dialogs(train_combos: list[Combo], schema: Schema, conn: sqlite3.Conne
 
 
 def _acceptable(sqls: list[str], conn: sqlite3.Connection, held_out_sql: set[str]) -> bool:
-    """Every turn answers something (no empty result, no zero count) and none is a held-out
-    gold query."""
-    for sql in sqls:
-        if sql in held_out_sql:
-            return False
-        rows = conn.execute(sql).fetchall()
-        if not rows or rows == [(0,)]:
-            return False
-    return True
+    """Every turn is informative as a question must be (no empty result, no zero count) and
+    none is a held-out gold query."""
+    return all(sql not in held_out_sql and informative(conn.execute(sql).fetchall())
+               for sql in sqls)

@@ -249,5 +249,3 @@ INTENTS: tuple[Intent, ...] = (
             "Show the employees of departments headquartered in {city}.",
             "Who reports into a {city}-based department?"), ("city",)),
 )
-
-INTENTS_BY_NAME: dict[str, Intent] = {i.name: i for i in INTENTS}
