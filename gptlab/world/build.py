@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ class WorldOptions:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise UserError(f"must be an integer, got {v!r}", field=f)
             if v < 0 and f not in ("seed", "schema_seed"):
-                raise UserError(f"must be >= 0, got {getattr(self, f)}", field=f)
+                raise UserError(f"must be >= 0, got {v}", field=f)
 
 
 def format_prompt(question: str, schema: str) -> str:
@@ -235,8 +236,7 @@ def build_world(seed: int = 0, vary_schema: bool = False, *, schema_seed: int | 
 def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World:
     options.validate()
     company = generate_company(options.seed)
-    schema = make_schema(options.vary_schema, options.seed if options.schema_seed is None
-                         else options.schema_seed)
+    schema = make_schema(options.vary_schema, schema_seed_of(options))
     cached = db_path is None
     if cached:
         key = hashlib.sha256((company.fingerprint() + json.dumps(schema.to_json(), sort_keys=True))
@@ -266,7 +266,6 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
 
 def database_digest(path: Path) -> str:
     """`contents_digest` of a database file, opened read-only."""
-    import sqlite3
     conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
     try:
         return contents_digest(conn)

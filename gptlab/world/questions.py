@@ -24,10 +24,6 @@ class Combo:
     sql: str
     rows: tuple[tuple, ...]  # the gold result, kept for the corpus's "SQL and result" text
 
-    @property
-    def key(self) -> tuple:
-        return (self.intent.name, self.values)
-
 
 @dataclass
 class Question:
