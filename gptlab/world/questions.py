@@ -93,7 +93,8 @@ class SplitSizes:
 def split_combos(combos: list[Combo], sizes: SplitSizes, rng: random.Random
                  ) -> dict[str, list[Combo]]:
     """Hold out whole combos per intent: enough for the test and validation sizes asked for,
-    at least one test combo per intent, and most combos kept for training."""
+    at least one test combo per intent of three or more combos (two from eight on), and most
+    combos kept for training."""
     by_intent: dict[str, list[Combo]] = {}
     for c in combos:
         by_intent.setdefault(c.intent.name, []).append(c)
