@@ -502,3 +502,17 @@ def test_another_tools_pipeline_json_above_out_is_no_pipeline_run(tmp_path):
     (tmp_path / "pipeline.json").write_text('{"preset": "demo", "rounds": 2, "seed": 0}')
     with pytest.raises(UserError, match="is inside the pipeline run"):
         check_out_is_its_own(tmp_path / "runs" / "demo")
+
+
+def test_a_world_from_another_version_of_gptlab_is_refused_saying_to_start_again(
+        run, tmp_path, capsys, monkeypatch):
+    # Exporting the world again (what load_world says) would make it another world than the
+    # one the run's stages were made from, and every stage would then be refused in turn.
+    from gptlab.world.build import World
+    run = Path(shutil.copytree(run, tmp_path / "demo", copy_function=os.link))
+    monkeypatch.setattr(World, "fingerprint", lambda self: "0" * 64)  # another version's gold SQL
+    assert main(["pipeline", "--out", str(run), *ARGS]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"gptlab pipeline: error: {run / 'world' / 'world.json'}, field 'fingerprint': this world "
+        f"was exported by a different version of gptlab, whose questions or dialogs differ; "
+        f"choose another --out, or remove this run to start again\n")

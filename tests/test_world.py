@@ -209,6 +209,23 @@ def test_dialogs_refine_the_previous_question_with_sql_per_turn(world):
     assert refined > 10
 
 
+def test_every_follow_up_answers_within_the_previous_turns_answer(world):
+    # "Only those in Lyon" after "just the top 3" lists some of those 3, never the top 3 of Lyon
+    for d in world.dialogs:
+        for prev, sql in zip(d.sqls, d.sqls[1:]):
+            if not sql.startswith("SELECT COUNT"):
+                earlier = {r[0] for r in _rows(world, prev)}
+                assert {r[0] for r in _rows(world, sql)} <= earlier, (d.id, prev, sql)
+
+
+def test_a_limit_after_an_ascending_sort_is_not_called_the_top(world):
+    for d in world.dialogs:
+        users = [m["content"] for m in d.messages if m["role"] == "user"]
+        for user, sql in zip(users[1:], d.sqls[1:]):
+            if user.startswith("Just the top"):
+                assert " ORDER BY salary DESC LIMIT " in sql, (d.id, user, sql)
+
+
 def test_corpus_has_facts_questions_results_and_no_test_material(world):
     corpus = world.corpus()
     assert abs(len(corpus) - world.options.corpus_chars) < 2_000

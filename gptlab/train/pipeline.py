@@ -412,7 +412,17 @@ class Pipeline:
         from gptlab.world import build_world, load_world
         if not (self.world_dir / "world.json").exists():
             build_world(seed=self.cfg.world_seed).export(self.world_dir)
-        self.world = load_world(self.world_dir)
+        try:
+            self.world = load_world(self.world_dir)
+        except UserError as e:
+            if e.field != "fingerprint":
+                raise
+            # Exported again, it would not be the world this run's stages were made from.
+            todo = ("export it again into a new directory and run the pipeline into another --out"
+                    if self.cfg.world else "choose another --out, or remove this run to start again")
+            raise UserError(f"this world was exported by a different version of gptlab, whose "
+                            f"questions or dialogs differ; {todo}",
+                            path=e.path, field=e.field) from None
 
     def pretrain_config(self) -> PretrainConfig:
         from gptlab.train.pretrain import PretrainConfig

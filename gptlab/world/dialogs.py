@@ -33,6 +33,7 @@ FOLLOW_UPS: dict[str, tuple[str, ...]] = {
     "sort_desc": ("Sort them by salary, highest first.", "Order them from the highest salary down."),
     "sort_asc": ("Sort them by salary.", "Order them by salary, lowest first."),
     "limit": ("Just the top {n}.", "Only the first {n}."),
+    "limit_asc": ("Just the lowest {n}.", "Only the first {n}."),  # "top" reads as highest paid
     "count": ("How many is that?", "How many are there?", "Count them."),
 }
 
@@ -85,8 +86,10 @@ def _follow_up(state: QueryState, rng: random.Random) -> tuple[str, QueryState] 
     count, or when nothing is left to refine."""
     if state.count:
         return None
+    # A filter after a LIMIT would filter before the LIMIT in SQL: "only those in Lyon" after
+    # "just the top 3" would give the top 3 of Lyon, people the last answer did not list.
     have = {c for c, _ in state.filters}
-    options = [c for c, _ in _FILTER_ORDER if c not in have]
+    options = [c for c, _ in _FILTER_ORDER if c not in have] if not state.limit else []
     if not state.show_salary:
         options.append("show_salary")
     if not state.order:
@@ -98,7 +101,8 @@ def _follow_up(state: QueryState, rng: random.Random) -> tuple[str, QueryState] 
     if not options:
         return None
     move = rng.choice(options)
-    template = rng.choice(FOLLOW_UPS[move])
+    template = rng.choice(FOLLOW_UPS["limit_asc" if move == "limit" and state.order == "ASC"
+                                     else move])
     if move in _FILTER_SLOT:
         value = _filter_value(move, rng)
         return (phrase(template, {_FILTER_SLOT[move]: value}),
