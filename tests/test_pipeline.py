@@ -516,3 +516,17 @@ def test_a_world_from_another_version_of_gptlab_is_refused_saying_to_start_again
         f"gptlab pipeline: error: {run / 'world' / 'world.json'}, field 'fingerprint': this world "
         f"was exported by a different version of gptlab, whose questions or dialogs differ; "
         f"choose another --out, or remove this run to start again\n")
+
+
+def test_stages_without_their_pipeline_json_are_refused_not_reused_unchecked(run, tmp_path,
+                                                                             capsys):
+    run = Path(shutil.copytree(run, tmp_path / "demo", copy_function=os.link))
+    (run / "pipeline.json").unlink()
+    assert main(["pipeline", "--out", str(run), *ARGS, "--ppo-lr", "1e-3"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"gptlab pipeline: error: {run}, field 'out': holds pipeline stages (world, pretrain, "
+        f"sft_data.jsonl, sft, round-1/rankings.jsonl, round-1/reward, round-1/ppo, "
+        f"round-2/rankings.jsonl, round-2/reward, round-2/ppo, sft_continued) but no "
+        f"pipeline.json, which records the settings they were made with; choose another --out, "
+        f"or remove them to redo them\n")
+    assert not (run / "pipeline.json").exists()

@@ -719,6 +719,18 @@ class Pipeline:
             if diff:
                 print(f"note: settings changed for stages that have not run yet: "
                       f"{', '.join(sorted(diff))}", file=sys.stderr)
+        else:
+            # pipeline.json is written before any stage starts: stages without it were made
+            # with settings nothing records, and would be reused unchecked.
+            rounds = max([self.cfg.rounds] + [int(d.name[6:]) for d in self.out.glob("round-*")
+                                              if d.name[6:].isdigit()])
+            found = [stage for stage, _ in stage_dependencies(rounds)
+                     if (self.out / stage).exists()]
+            if found:
+                raise UserError(
+                    f"holds pipeline stages ({', '.join(found)}) but no pipeline.json, which "
+                    f"records the settings they were made with; choose another --out, or "
+                    f"remove them to redo them", path=self.out, field="out")
         write_json_atomic(path, {**mine, "paths": where})
 
     def _check_finished_stages_whole(self) -> None:
