@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
 from gptlab.errors import UserError
-from gptlab.io import (atomic_path, ensure_dir, held_temp, new_temp_dir, remove_stale_temps,
-                       replace_dir, write_json_atomic, write_text_atomic)
+from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, new_temp_dir,
+                       remove_stale_temps, replace_dir, write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -389,8 +389,11 @@ class Checkpointer:
                 if optimizer is not None:
                     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(state or {}, tmp / "trainer.pt")
-                manifest = {f.relative_to(tmp).as_posix(): _sha256(f)
-                            for f in sorted(tmp.rglob("*")) if f.is_file()}
+                files = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+                for f in files:  # torch.save's files are not flushed to the disk otherwise
+                    fsync_path(f)
+                manifest = {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}
+                # Written (and flushed) last: the names of every file above are on the disk.
                 write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
@@ -399,6 +402,7 @@ class Checkpointer:
                 replace_dir(tmp, final)
             else:
                 os.replace(tmp, final)
+                fsync_path(self.dir)  # on the disk before `latest` names it, older ones pruned
         write_text_atomic(self.dir / "latest", final.name + "\n")
         self._prune(final)
         return final

@@ -7,10 +7,13 @@ midway (SIGKILL, a power cut) leaves it unlocked, and the next write of the same
 it. A temporary whose writer is alive is locked and left alone, so two processes writing the
 same place never remove each other's. (Checkpoints are written the same way, whole directories.)
 Where there is no flock (Windows, a file system that refuses it), writes go unlocked and a killed
-write's temporary stays.
+write's temporary stays. The new file's bytes are flushed to the disk before the rename and the
+rename after it (fsync): without that, a power cut soon after can leave the new name on an empty
+or partial file.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import math
@@ -145,22 +148,41 @@ def remove_stale_temps(directory: str | Path, pattern: str) -> list[Path]:
     return removed
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's bytes, or a directory's entries (a rename made in it), to the disk. Skipped
+    where the system cannot: Windows opens no directory, and some file systems refuse an fsync."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP):  # EIO: data was lost
+            raise
+    finally:
+        os.close(fd)
+
+
 def replace_dir(new: Path, old: Path) -> None:
     """Put directory `new` where directory `old` is, with no moment at which neither is there:
     Linux swaps the two names in one step (renameat2's RENAME_EXCHANGE), then the old copy,
     now under `new`'s name, is removed; where that is missing (another system, a file system
     without it) the old copy is removed first, then `new` renamed."""
     if _exchange(new, old):
+        fsync_path(old.parent)
         shutil.rmtree(new, ignore_errors=True)
         return
     shutil.rmtree(old)
     os.replace(new, old)
+    fsync_path(old.parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically; False where the system cannot."""
     import ctypes
-    import errno
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):  # not Linux, or a C library without it (glibc < 2.28)
@@ -205,7 +227,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             # A writer may have replaced the file (with its own mode): give it the permissions
             # a plain open() would.
             os.chmod(tmp_path, 0o666 & ~_umask())
+            fsync_path(tmp_path)  # the bytes on the disk before a name points at them
             os.replace(tmp_path, path)
+            fsync_path(path.parent)  # and the rename itself
         except OSError as e:
             if e.filename is None:  # a failed write() names no file: name the one being written
                 raise OSError(e.errno, e.strerror, str(path)) from e

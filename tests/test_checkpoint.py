@@ -555,3 +555,29 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, 
     assert all(t.device.type == "cpu" for t in moments)
     assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
                for a, b in zip(opt.state.values(), opt2.state.values()))
+
+
+def test_a_file_and_a_checkpoint_are_on_the_disk_before_a_name_points_at_them(tmp_path,
+                                                                              monkeypatch):
+    # Nothing was flushed (fsync): after a power cut the rename could be on the disk and the
+    # bytes not, `latest` naming a checkpoint of empty files and the older ones pruned.
+    import os
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)),
+                                                     real_replace(a, b))[1])
+    from gptlab.io import write_text_atomic
+    write_text_atomic(tmp_path / "a.txt", "text")
+    ino = lambda p: ("fsync", p.stat().st_ino)  # noqa: E731
+    assert events == [ino(tmp_path / "a.txt"), ("replace", "a.txt"), ino(tmp_path)]
+    events.clear()
+    path = ck.Checkpointer(tmp_path, keep=1).save(1, tiny(), optimizer=torch.optim.SGD(
+        tiny().parameters(), lr=0.1), state={"step": 1})
+    renamed = events.index(("replace", "step-1"))
+    flushed_before = set(events[:renamed])
+    assert {ino(f) for f in path.rglob("*")} | {ino(path)} <= flushed_before
+    assert {"optimizer.pt", "trainer.pt", "manifest.json"} <= {f.name for f in path.iterdir()}
+    assert events[renamed + 1] == ino(tmp_path / "checkpoints")
+    assert events.index(("replace", "latest")) > renamed + 1
