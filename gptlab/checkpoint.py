@@ -378,8 +378,9 @@ class Checkpointer:
         `models` are more model directories inside it, by name (PPO's value model: `value/`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
-        # A save that was killed left its copy here (`.step-N.<random>.tmp`); one being written
-        # by a live process is locked and stays.
+        # A save that was killed left its copy here (`.step-N.<random>.tmp`, or `.tmp.old`: the
+        # old copy of a step saved again, put aside); one being written by a live process is
+        # locked and stays.
         remove_stale_temps(self.dir, ".step-*.tmp*")
         with held_temp(lambda: new_temp_dir(final)) as tmp:
             try:

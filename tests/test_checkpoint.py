@@ -254,11 +254,36 @@ def test_saving_a_step_again_never_leaves_a_moment_without_it(tmp_path, monkeypa
     assert latest is not None and latest.name == "step-7"
     assert c.load(latest, tiny())["copy"] == "new"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-7"]
-    # Where the system cannot swap, the old copy goes first: the new one still lands.
+    # Where the system cannot swap, the old copy goes aside, the new one in, then the old is
+    # removed. It was removed first: interrupted there, neither was left.
     monkeypatch.setattr(gptlab.io, "_exchange", lambda a, b: False)
-    c.save(7, tiny(), state={"copy": "newer"})
+    monkeypatch.setattr(shutil, "rmtree", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        c.save(7, tiny(), state={"copy": "newer"})
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     assert c.load(c.latest(), tiny())["copy"] == "newer"
+    c.save(7, tiny(), state={"copy": "newest"})
+    assert c.load(c.latest(), tiny())["copy"] == "newest"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-7"]
+
+
+def test_without_a_swap_a_failed_rename_of_a_step_saved_again_keeps_the_old_copy(tmp_path,
+                                                                                 monkeypatch):
+    import os
+    c = ck.Checkpointer(tmp_path, keep=1)
+    c.save(7, tiny(), state={"copy": "old"})
+    monkeypatch.setattr(gptlab.io, "_exchange", lambda a, b: False)
+    real_replace = os.replace
+
+    def refused_in(a, b):
+        if Path(a).name.endswith(".tmp") and Path(b).name == "step-7":  # the new copy in
+            raise OSError("refused")
+        return real_replace(a, b)
+    monkeypatch.setattr(os, "replace", refused_in)
+    with pytest.raises(OSError, match="refused"):
+        c.save(7, tiny(), state={"copy": "new"})
+    monkeypatch.undo()
+    assert c.load(c.latest(), tiny())["copy"] == "old"
 
 
 def test_a_damaged_pointer_or_manifest_is_a_clear_error_or_a_fallback(tmp_path):
