@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
 from gptlab.errors import UserError
-from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, new_temp_dir,
+from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, new_temp_dir, read_json,
                        remove_stale_temps, replace_dir, write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
@@ -76,33 +76,21 @@ def check_pad_token_id(value: Any, vocab_size: int, path: str | Path, field: str
 
 
 def read_meta(path: str | Path) -> dict:
+    """The config.json of model directory `path`. A NaN or an infinity in it (Python writes
+    them, JSON lacks them) is read as a number, so that `check_config` names its field."""
     cfg = Path(path) / "config.json"
     if not cfg.exists():
         raise UserError("not a model directory (config.json is missing)", path=path)
-    try:
-        meta = json.loads(cfg.read_text(encoding="utf-8"), parse_constant=_non_finite)
-    except json.JSONDecodeError as e:
-        raise UserError(f"config.json is not valid JSON ({e.msg})", path=cfg, line=e.lineno) from None
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text", path=cfg) from None
-    if not isinstance(meta, dict):
-        raise UserError("expected a JSON object", path=cfg)
-    return meta
-
-
-def _non_finite(name: str) -> float:
-    # Python writes and reads NaN and Infinity, which JSON lacks; they are kept here so that
-    # the field holding one is named by `check_config`.
-    return float(name)
+    return read_json(cfg)
 
 
 def _config_format(path: Path) -> Any:
     """The `format` field of `path`/config.json, or None (no such file, not a JSON object)."""
     try:
-        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        meta = read_json(path / "config.json")
+    except (UserError, OSError):
         return None
-    return meta.get("format") if isinstance(meta, dict) else None
+    return meta.get("format")
 
 
 def is_gptlab_dir(path: str | Path) -> bool:

@@ -404,9 +404,10 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
 
 def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
     """The JSON document in `path`; broken JSON or text that is not UTF-8 is a UserError naming
-    the file (and the line), and so is anything but an object unless `what` is None."""
+    the file (and the line), and so is anything but an object unless `what` is None. A UTF-8
+    byte-order mark (Notepad's) is dropped, as `utf8_lines` drops it."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", path=path, line=e.lineno) from None
     except UnicodeDecodeError:

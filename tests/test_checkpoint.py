@@ -160,6 +160,21 @@ def test_a_bad_config_json_names_the_file_and_field(tmp_path, edit, file, messag
     assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
 
 
+def test_a_config_json_saved_with_a_byte_order_mark_is_still_gptlabs(tmp_path):
+    # Notepad's BOM made the directory read as a Hugging Face one, which then failed on it
+    # ("Unexpected UTF-8 BOM"); JSONL and YAML files already dropped it.
+    net = tiny()
+    ck.save_model(tmp_path, net)
+    cfg = tmp_path / "config.json"
+    cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes().replace(b"\n", b"\r\n"))
+    assert ck.is_gptlab_dir(tmp_path)
+    loaded, _, meta = ck.load_model(tmp_path)
+    assert meta["format"] == "gptlab/1"
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(net(ids), loaded(ids))
+
+
 def test_checkpointer_keeps_last_k_and_points_to_latest(tmp_path):
     net = tiny()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
