@@ -284,8 +284,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     # version cannot read; any other is a Hugging Face model's.
     fmt = _config_format(p) if p.is_dir() else None
     ours = isinstance(fmt, str) and fmt.startswith("gptlab/")
-    if p.is_file() and p.suffix == ".gguf" or (p.is_dir() and not ours
-                                                and (p / "config.json").exists()):
+    if (p.is_file() and p.suffix == ".gguf") or (p.is_dir() and not ours
+                                                  and (p / "config.json").exists()):
         from gptlab.interop import load_pretrained
         model, tok = load_pretrained(p)
         meta = {"format": "imported", "source": str(p), "arch": _arch_of(model),
@@ -307,7 +307,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             from gptlab.tokenizer import load_tokenizer
             tok = load_tokenizer(p)
     check_tokenizer_fits(model, tok, p)
-    model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    model.to(device=device, dtype=dtype)  # dtype None: each tensor keeps its own
     return model.eval(), tok, meta
 
 

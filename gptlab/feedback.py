@@ -109,10 +109,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
 
 def distinct(responses: Iterable[str]) -> list[str]:
     """Responses with exact duplicates merged (first occurrence kept)."""
-    seen: dict[str, None] = {}
-    for r in responses:
-        seen.setdefault(r, None)
-    return list(seen)
+    return list(dict.fromkeys(responses))
 
 
 # Fields of a sample that its ranking leaves out: its responses (ranked now), its line, and

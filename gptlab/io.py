@@ -56,7 +56,7 @@ def check_holds_none(out: str | Path, names: tuple[str, ...], field: str = "out"
     writing there would mix its files with another model's."""
     held = [name for name in names if (Path(out) / name).exists()]
     if held:
-        listed = " and ".join([", ".join(held[:-1]), held[-1]] if len(held) > 1 else held)
+        listed = held[0] if len(held) == 1 else ", ".join(held[:-1]) + " and " + held[-1]
         raise UserError(f"already holds {listed}; choose another --out or remove it",
                         path=out, field=field)
 
