@@ -82,15 +82,16 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
         raise UserError(f"{k} greedy responses per prompt would be {k} copies of one; use "
                         f"--k 1 with --greedy, or sample K different ones with a temperature",
                         field="k")
-    # Flags and the output path are checked before the model loads.
+    # Flags, the output path and the prompts are checked before the model loads.
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_p=top_p)
     check_file_out(out)
     check_not_input(out, {"--prompts": prompts})
+    records = read_prompts(prompts)
     model, tok = load(model_path, device)
     skips, cut = SkipCounter(), []
-    rows = sample_responses(model, tok, read_prompts(prompts), k, params, seed, skips=skips,
-                            cut=cut, path=prompts)
+    rows = sample_responses(model, tok, records, k, params, seed, skips=skips, cut=cut,
+                            path=prompts)
     if not rows:
         raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
                         f"context is {model.config.context} tokens, --max-new-tokens "

@@ -379,6 +379,19 @@ def test_sample_writes_nothing_when_no_prompt_fits(tiny_model, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_sample_names_a_bad_prompts_line_before_loading_the_model(tmp_path, capsys):
+    # The prompts were read after the model loaded: a broken line waited for it (minutes for a
+    # large model), and a missing model hid it.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"id": 2}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts),
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2: needs a 'prompt' "
+                                       f"or a 'messages' field\n")
+    assert not out.exists()
+
+
 def test_sample_refuses_k_greedy_copies_of_one_response(tiny_model, tmp_path, capsys):
     # `--greedy` with the default --k 4 wrote 4 identical responses per prompt, which `label`
     # merges and then skips every prompt for.
