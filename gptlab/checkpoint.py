@@ -342,8 +342,9 @@ def _sha256(path: Path) -> str:
 
 def _step_dirs(directory: Path) -> dict[int, Path]:
     """The `step-N` directories a save names, by N (a user's `step-4-keep` is not one)."""
+    # isdecimal, not isdigit: "²" is a digit that int() cannot read
     return {int(p.name[5:]): p for p in directory.glob("step-*")
-            if p.name[5:].isdigit() and p.is_dir()}
+            if p.name[5:].isdecimal() and p.is_dir()}
 
 
 def _earlier(checkpoint: Path) -> str:

@@ -238,12 +238,13 @@ def test_keeping_the_last_k_leaves_directories_it_did_not_write(tmp_path):
     # `step-4.bak` crashed every save after it (int('4.bak')); `step-4-keep` was deleted.
     c = ck.Checkpointer(tmp_path, keep=1)
     c.save(4, tiny(), state={})
-    for name in ("step-4.bak", "step-4-keep"):
+    for name in ("step-4.bak", "step-4-keep", "step-²"):  # "²".isdigit(), int("²") fails
         (tmp_path / "checkpoints" / name).mkdir()
     c.save(5, tiny(), state={})
     c.save(6, tiny(), state={})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
-        ["latest", "step-4-keep", "step-4.bak", "step-6"]
+        ["latest", "step-4-keep", "step-4.bak", "step-6", "step-²"]
+    assert c.latest().name == "step-6"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
