@@ -3,8 +3,8 @@
 A model directory is `config.json` (with `"format": "gptlab/1"`, so it is never mistaken for a
 Hugging Face directory) + `model.safetensors` + the tokenizer files. Training checkpoints live in
 `RUN/checkpoints/step-N/`: each is written in full under a temporary name, its manifest (sha256
-of every file) last, then renamed into place; `checkpoints/latest` is replaced atomically after
-that. A reader therefore never sees a partial checkpoint, and the previous one stays usable
+of every file) last, flushed to the disk, then renamed into place; `checkpoints/latest` is
+replaced atomically after that. A reader therefore never sees a partial checkpoint, and the previous one stays usable
 until the new one is complete. The temporary copy (`.step-N.<random>.tmp`, held by its writer as
 `gptlab.io`'s temporaries are) is no `step-N`: never a checkpoint; a killed save's is removed
 by the next save.
