@@ -4,10 +4,10 @@ A model directory is `config.json` (with `"format": "gptlab/1"`, so it is never 
 Hugging Face directory) + `model.safetensors` + the tokenizer files. Training checkpoints live in
 `RUN/checkpoints/step-N/`: each is written in full under a temporary name, its manifest (sha256
 of every file) last, flushed to the disk, then renamed into place; `checkpoints/latest` is
-replaced atomically after that. A reader therefore never sees a partial checkpoint, and the previous one stays usable
-until the new one is complete. The temporary copy (`.step-N.<random>.tmp`, held by its writer as
-`gptlab.io`'s temporaries are) is no `step-N`: never a checkpoint; a killed save's is removed
-by the next save.
+replaced atomically after that. A reader therefore never sees a partial checkpoint, and the
+previous one stays usable until the new one is complete. The temporary copy
+(`.step-N.<random>.tmp`, held by its writer as `gptlab.io`'s temporaries are) is no `step-N`:
+never a checkpoint; a killed save's is removed by the next save.
 """
 from __future__ import annotations
 
@@ -217,7 +217,8 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
         else:
             missing, unexpected = st_load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"cannot read weights (truncated or corrupt file?): {e}", path=file) from None
+        raise UserError(f"cannot read weights (truncated or corrupt file?): {e}",
+                        path=file) from None
     if missing or unexpected:
         parts = [f"{len(names)} tensor(s) {what} ({', '.join(sorted(names)[:3])}"
                  f"{', ...' if len(names) > 3 else ''})"
