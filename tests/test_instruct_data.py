@@ -657,3 +657,30 @@ def test_a_messages_demonstration_trains_each_answer_as_the_model_writes_it_afte
     full, mask = tok.render_chat(plain)
     n = len(mask) - mask[::-1].index(1)
     assert (ex.ids, ex.loss_mask) == (full[:n], mask[:n])
+
+
+def test_a_record_checked_without_its_file_is_located_by_who_read_it(tok):
+    # The readers' default path was "", which UserError printed as an empty location
+    # (", field 'messages': ...") and `at` would not replace: SFT's execution-accuracy check
+    # of a `messages` validation record named no file.
+    from gptlab.data.instruct import demonstration, prompt_of, ranking_of, responses_of
+    for check in (lambda: prompt_of({"messages": [USER, ASSISTANT]}),
+                  lambda: demonstration(tok, {"prompt": "Is it?", "completion": ""}),
+                  lambda: ranking_of({"prompt": "Is it?", "ranked": ["yes"]}),
+                  lambda: responses_of({"prompt": "Is it?"})):
+        with pytest.raises(UserError) as err:
+            check()
+        assert err.value.path is None and str(err.value).startswith("field '")
+        assert str(err.value.at("v.jsonl", 7)).startswith("v.jsonl:7, field '")
+
+
+def test_the_execution_check_of_a_messages_record_names_its_file_and_line(tok):
+    from gptlab.eval.execution import world_exec_evaluator
+    from gptlab.world import build_world
+    world = build_world()
+    record = {"id": world.record(world.validation[0])["id"], "messages": [USER, ASSISTANT],
+              "_line": 7}
+    with pytest.raises(UserError) as err:
+        world_exec_evaluator(world, tok, [record], 10, "val.jsonl", 512)
+    assert str(err.value) == ("val.jsonl:7, field 'messages': must end on a user turn, not "
+                              "'assistant'")

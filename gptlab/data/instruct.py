@@ -68,7 +68,7 @@ class SkipCounter:
         return f"skipped {self.total} {what}: {parts}"
 
 
-def _checked_messages(msgs: list, path: str | Path, line: int | None,
+def _checked_messages(msgs: list, path: str | Path | None, line: int | None,
                       field: str = "messages") -> list:
     """`msgs` if every message has a known role and string content that a tokenizer can encode
     (the chat template's own checks, here naming the file, line and field: `prompt[0].role`
@@ -88,16 +88,16 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
-def _checked_text(text: str, path: str | Path, line: int | None, field: str) -> str:
+def _checked_text(text: str, path: str | Path | None, line: int | None, field: str) -> str:
     """`text` if a tokenizer can encode it, else a UserError naming file, line and field. Read
     from a file, whose bytes were UTF-8, a lone surrogate came from a JSON `\\u` escape."""
     try:
         return check_text(text, field=field, from_json=bool(path))
     except UserError as e:
-        raise UserError(e.message, path=path or None, line=line, field=field) from None
+        raise UserError(e.message, path=path, line=line, field=field) from None
 
 
-def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> Any:
+def prompt_of(record: dict, path: str | Path | None = None, line: int | None = None) -> Any:
     """The prompt of a record: its `prompt` (text, or messages as TRL's conversational form
     writes it) or its `messages`; messages end on a user turn."""
     if "prompt" in record and "messages" in record:
@@ -115,7 +115,7 @@ def prompt_of(record: dict, path: str | Path = "", line: int | None = None) -> A
     raise UserError("needs a 'prompt' or a 'messages' field", path=path, line=line)
 
 
-def _prompt_messages(msgs: Any, path: str | Path, line: int | None, field: str) -> list:
+def _prompt_messages(msgs: Any, path: str | Path | None, line: int | None, field: str) -> list:
     """`msgs` if they are a conversation to answer: checked messages ending on a user turn."""
     if not isinstance(msgs, list) or not msgs:
         raise UserError("must be a non-empty list of messages", path=path, line=line,
@@ -129,7 +129,7 @@ def _prompt_messages(msgs: Any, path: str | Path, line: int | None, field: str) 
     return msgs
 
 
-def _response_text(value: Any, prompt: Any, path: str | Path, line: int | None,
+def _response_text(value: Any, prompt: Any, path: str | Path | None, line: int | None,
                    field: str) -> str:
     """A response (a `completion`, `chosen` or `rejected`) as text: a string, or after a
     conversational prompt, TRL's list holding one assistant message."""
@@ -149,7 +149,7 @@ def _response_text(value: Any, prompt: Any, path: str | Path, line: int | None,
     return _checked_text(value, path, line, field)
 
 
-def _implicit_prompt(chosen: list, rejected: list, path: str | Path,
+def _implicit_prompt(chosen: list, rejected: list, path: str | Path | None,
                      line: int | None) -> tuple[list, list, list]:
     """TRL's implicit prompt: `chosen` and `rejected` are whole conversations that share every
     message but their last; the shared messages are the prompt. (prompt, chosen's last message,
@@ -252,7 +252,7 @@ def chat_demonstration(tokenizer: Any, messages: list) -> tuple[list[int], list[
     return ids, mask
 
 
-def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
+def demonstration(tokenizer: Any, record: dict, path: str | Path | None = None,
                   line: int | None = None) -> Example:
     """Tokens of one SFT record with the loss on the assistant's tokens only."""
     if "messages" in record and ("prompt" in record or "completion" in record):
@@ -295,7 +295,7 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path = "",
     return Example(p + c, [0] * len(p) + [1] * len(c), record.get("id"), line)
 
 
-def _not_a_demonstration(record: dict, path: str | Path, line: int | None) -> UserError:
+def _not_a_demonstration(record: dict, path: str | Path | None, line: int | None) -> UserError:
     """Why `record` is no demonstration, with what to do with TRL's other dataset types."""
     if "text" in record:
         return UserError("is language-modeling text, which SFT does not train on (its loss is "
@@ -337,20 +337,20 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
-def responses_of(row: dict, path: str | Path = "", line: int | None = None) -> list[str]:
+def responses_of(row: dict, path: str | Path | None = None, line: int | None = None) -> list[str]:
     """The `responses` of a samples line: a non-empty list of strings."""
     if "responses" not in row:
-        raise UserError("missing required field", path=path or None, line=line,
+        raise UserError("missing required field", path=path, line=line,
                         field="responses")
     responses = row["responses"]
     if not isinstance(responses, list) or not responses:
         raise UserError(f"must be a non-empty list of response strings, got "
-                        f"{_json_kind(responses)}", path=path or None, line=line,
+                        f"{_json_kind(responses)}", path=path, line=line,
                         field="responses")
     for i, r in enumerate(responses):
         if not isinstance(r, str):
             raise UserError(f"item {i + 1} must be a response string, got {_json_kind(r)}",
-                            path=path or None, line=line, field="responses")
+                            path=path, line=line, field="responses")
         _checked_text(r, path, line, f"responses[{i}]")
     return responses
 
@@ -370,7 +370,7 @@ def _json_kind(v: Any) -> str:
     return "an object"
 
 
-def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ranking:
+def ranking_of(row: dict, path: str | Path | None = None, line: int | None = None) -> Ranking:
     """Validate one rankings line: K ≥ 2 distinct, non-empty responses in ≥ 2 levels.
 
     An item of `ranked` is a response or a list of responses that are equally good (tied);
@@ -440,7 +440,7 @@ def ranking_of(row: dict, path: str | Path = "", line: int | None = None) -> Ran
     return Ranking(prompt, ranked, row.get("id"), line, groups)
 
 
-def _not_a_ranking(row: dict, path: str | Path, line: int | None) -> UserError:
+def _not_a_ranking(row: dict, path: str | Path | None, line: int | None) -> UserError:
     """Why `row` is no ranking; TRL's per-response labels cannot train this reward model."""
     rank_it = ("a reward model learns from responses to one prompt ranked against each other: "
                "write 'chosen' and 'rejected' (a better and a worse response to the prompt) or "
