@@ -68,9 +68,9 @@ class SkipCounter:
         return f"skipped {self.total} {what}: {parts}"
 
 
-def _checked_messages(msgs: list, path: str | Path | None, line: int | None,
-                      field: str = "messages") -> list:
-    """`msgs` if every message has a known role and string content that a tokenizer can encode
+def _check_messages_at(msgs: list, path: str | Path | None, line: int | None,
+                       field: str = "messages") -> None:
+    """Refuse messages without a known role and string content that a tokenizer can encode
     (the chat template's own checks, here naming the file, line and field: `prompt[0].role`
     for the messages of a `prompt`)."""
     try:
@@ -80,7 +80,6 @@ def _checked_messages(msgs: list, path: str | Path | None, line: int | None,
         raise (e.at(path, line) if path else e) from None
     for i, m in enumerate(msgs):
         _checked_text(m["content"], path, line, f"{field}[{i}].content")
-    return msgs
 
 
 def _is_conversation(value: Any) -> bool:
@@ -120,7 +119,7 @@ def _prompt_messages(msgs: Any, path: str | Path | None, line: int | None, field
     if not isinstance(msgs, list) or not msgs:
         raise UserError("must be a non-empty list of messages", path=path, line=line,
                         field=field)
-    _checked_messages(msgs, path, line, field)
+    _check_messages_at(msgs, path, line, field)
     if msgs[-1]["role"] != "user":
         # Rendered for generation, a final assistant turn would be part of the prompt: the
         # model would be shown the answer it is asked for.
@@ -137,7 +136,7 @@ def _response_text(value: Any, prompt: Any, path: str | Path | None, line: int |
         raise UserError("is a list of messages but the prompt is text; write both as text or "
                         "both as lists of messages", path=path, line=line, field=field)
     if isinstance(value, list):
-        _checked_messages(value, path, line, field)
+        _check_messages_at(value, path, line, field)
         if len(value) != 1 or value[0]["role"] != "assistant":
             raise UserError("must be one assistant message, [{\"role\": \"assistant\", "
                             "\"content\": ...}] (a longer conversation goes in 'messages')",
@@ -154,8 +153,8 @@ def _implicit_prompt(chosen: list, rejected: list, path: str | Path | None,
     """TRL's implicit prompt: `chosen` and `rejected` are whole conversations that share every
     message but their last; the shared messages are the prompt. (prompt, chosen's last message,
     rejected's last message), each a list of messages."""
-    _checked_messages(chosen, path, line, "chosen")
-    _checked_messages(rejected, path, line, "rejected")
+    _check_messages_at(chosen, path, line, "chosen")
+    _check_messages_at(rejected, path, line, "rejected")
     n = 0
     while n < min(len(chosen), len(rejected)) and \
             (chosen[n]["role"], chosen[n]["content"]) == (rejected[n]["role"],
@@ -264,7 +263,8 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path | None = None,
         msgs = record["messages"]
         if not isinstance(msgs, list):
             raise UserError("must be a list of messages", path=path, line=line, field="messages")
-        if not any(m["role"] == "assistant" for m in _checked_messages(msgs, path, line)):
+        _check_messages_at(msgs, path, line)
+        if not any(m["role"] == "assistant" for m in msgs):
             raise UserError("needs at least one assistant message", path=path, line=line,
                             field="messages")
         for i, m in enumerate(msgs):
