@@ -42,6 +42,17 @@ def test_parquet_text_column_skips_nulls(tmp_path):
     assert read_documents([f]) == ["x y", "z"]
 
 
+def test_a_parquet_text_column_of_nulls_only_has_no_documents(tmp_path):
+    # pandas writes a column whose every value is None with Arrow's null type; it was refused
+    # ("expected a string column, got null") where the same rows among texts are skipped.
+    f = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": [None, None], "n": [1, 2]}), f)  # as pandas writes it
+    assert pa.types.is_null(pq.read_schema(f).field("text").type)
+    full = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"text": ["one"]}), full)
+    assert read_documents([f, full]) == ["one"]
+
+
 def test_a_parquet_text_column_of_pandas_category_dtype_is_read_as_text(tmp_path):
     # It was refused ("expected a string column, got dictionary<values=string, ...>"), while
     # the SFT, prompts and rankings readers took the same column.
