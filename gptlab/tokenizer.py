@@ -13,8 +13,8 @@ template (e.g. ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n`).
 How `render_chat` stays exact: it renders the conversation once with each message's content
 replaced by a unique marker, which splits the output into template text and message contents,
 then tokenizes the whole text at once, as transformers does (so a template's "[INST] " and the
-content's "What" become one " What"), and reads from each token's character offsets whose it
-is. The assistant mask is 1 on the tokens of each assistant message's content (a token that
+content's "What" become one " What"), and tells from each token's character offsets which
+message, if any, it belongs to. The assistant mask is 1 on the tokens of each assistant message's content (a token that
 straddles its edge included) and on the template tokens after it up to and including the first
 special token (the end-of-turn token: `<|eos|>`, `<|im_end|>`, ...), 0 everywhere else. A user
 who types "<|eos|>" must get ordinary tokens, not the special one: when special-token text
