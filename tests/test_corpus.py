@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -215,6 +216,19 @@ def test_a_file_given_twice_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         read_documents(["d"])
     assert "remove the link d/latest.txt or give the files one by one" in str(e.value)
+
+
+def test_a_hub_dataset_named_twice_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    # A file given twice was refused, a Hub dataset given twice was read twice.
+    monkeypatch.chdir(tmp_path)
+    tok = train_tokenizer(["one doc"], vocab_size=300)
+    for read in (read_documents, lambda p: train_tokenizer(p, vocab_size=300),
+                 lambda p: tokenize_corpus(p, tok, tmp_path / "cache")):
+        with pytest.raises(UserError) as e:  # Paths, as the CLI gives them
+            read([Path("someuser/corpus"), Path("someuser/corpus")])
+        assert str(e.value) == ("someuser/corpus, field 'data': is given twice; its documents "
+                                "would be read twice: give it once")
+    assert not (tmp_path / "cache").exists()
 
 
 def _hub_returns(monkeypatch, make):

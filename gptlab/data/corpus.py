@@ -59,10 +59,11 @@ def read_documents(paths: str | Path | Iterable[str | Path]) -> list[str]:
 def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
     """The local files the corpus at `paths` reads, in order: a directory stands for its corpus
     files, a Hub dataset for none. A file reached twice (the same path given twice, or a
-    directory and a file in it) is a UserError: read twice, its documents would fill both
-    training and validation blocks."""
+    directory and a file in it), or a Hub dataset named twice, is a UserError: read twice, its
+    documents would fill both training and validation blocks."""
     files: list[Path] = []
     reached: dict[Path, str] = {}  # resolved file -> how the corpus first reached it
+    hub_names: set[str] = set()
     for given in paths:
         p = Path(given)
         if p.is_dir():
@@ -70,6 +71,10 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
         elif p.exists():
             found = [p]
         elif is_hub_name(given):
+            if str(given) in hub_names:
+                raise UserError("is given twice; its documents would be read twice: give it "
+                                "once", path=str(given), field="data")
+            hub_names.add(str(given))
             found = []
         else:
             raise UserError("corpus file not found", path=p)
