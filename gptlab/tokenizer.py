@@ -211,6 +211,12 @@ class Tokenizer:
             mask[i] = 0
         return ids, mask
 
+    def content_as_written(self, messages: Sequence[dict], i: int) -> str:
+        """Message `i`'s content as the chat template writes it: verbatim, or stripped by a
+        template that trims it (Llama 3's `| trim`)."""
+        _, strip = self._template_pieces(messages, False)
+        return _content_of(messages, i, strip)
+
     def _render_chat_piecewise(self, messages: Sequence[dict], pieces: list[str | int],
                                strip: bool) -> tuple[list[int], list[int]]:
         """Template text and message contents tokenized apart (no merge across them)."""

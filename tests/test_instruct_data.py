@@ -311,6 +311,26 @@ def test_a_chat_response_is_what_follows_the_prompt_whitespace_first_included(wh
         [t for t, m in zip(full[len(p):], mask[len(p):]) if m]
 
 
+def test_a_response_a_trimming_template_writes_after_a_merged_generation_prompt_is_trimmed():
+    # A generation prompt ending "\n\n" is one token, which the conversation splits before a
+    # reply ("\n", "\nSELECT"): the response is then tokens of its own. Those were of the text
+    # as given, so a template that trims content had SFT train on whitespace it never writes.
+    from gptlab.data.instruct import encode_prompt, encode_response
+    base = train_tokenizer(["SELECT 1;\n\nSELECT  2;\n\n\n  x \n"] * 20, vocab_size=300)
+    trim = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n\n' + (m['content'] | trim) "
+            "+ eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n\n' }}"
+            "{% endif %}")
+    tok = Tokenizer(base.hf, base.bos_token, base.eos_token, base.pad_token, chat_template=trim)
+    prompt = [{"role": "user", "content": "Who?"}]
+    p = encode_prompt(tok, prompt)
+    for response in (" \n SELECT 1;", "SELECT 1;\n", "SELECT 1;"):
+        full, mask = tok.render_chat(prompt + [{"role": "assistant", "content": response}])
+        assert full[:len(p)] != p  # the merge: no cutting the response from the conversation
+        assert encode_response(tok, response, prompt) == tok.encode("SELECT 1;") + [tok.eos_id]
+        assert tok.content_as_written(prompt + [{"role": "assistant", "content": response}],
+                                      1) == "SELECT 1;"
+
+
 def test_a_field_named_line_does_not_move_the_line_an_error_names(tok, tmp_path):
     # `_line` is the reader's: a record's own `_line` field named line 99 in the error.
     f = write(tmp_path / "d.jsonl", {"prompt": "Is it?", "completion": " no", "_line": 7},

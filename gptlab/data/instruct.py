@@ -209,9 +209,12 @@ def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int
         return answer
     # BPE merged the generation prompt's last characters with the response's first ones (its
     # "\n" and a response's "\n\n" are one token): the prompt's own tokens come first, so the
-    # response is tokens of its own, then the template's end of turn.
+    # response is tokens of its own, as the template writes it (stripped, by one that trims),
+    # then the template's end of turn.
+    written = tokenizer.content_as_written(
+        list(prompt) + [{"role": "assistant", "content": response}], len(prompt))
     end = _assistant_tokens_after(tokenizer, prompt, "", start)
-    return tokenizer.encode(response) + (end if end is not None else [tokenizer.eos_id])
+    return tokenizer.encode(written) + (end if end is not None else [tokenizer.eos_id])
 
 
 def _assistant_tokens_after(tokenizer: Any, prompt: list, response: str,
