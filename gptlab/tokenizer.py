@@ -392,14 +392,16 @@ def _jinja_env() -> Any:
 
 # --- training ----------------------------------------------------------------------------------
 def _is_path_like(item: Any) -> bool:
+    from gptlab.data.corpus import CORPUS_SUFFIXES, is_hub_name
+
     if isinstance(item, Path):
         return True
     if not (isinstance(item, str) and item.strip() != "" and "\n" not in item and len(item) < 4096):
         return False
-    if Path(item).suffix.lower() in (".txt", ".jsonl", ".parquet"):
+    if Path(item).suffix.lower() in CORPUS_SUFFIXES:
         return True
     try:
-        return Path(item).exists()
+        return Path(item).exists() or is_hub_name(item)
     except OSError:  # a long text is not a file name (ENAMETOOLONG)
         return False
 
@@ -409,8 +411,9 @@ def train_tokenizer(paths_or_texts: str | Path | Iterable[str | Path], vocab_siz
     """Train a byte-level BPE tokenizer.
 
     `paths_or_texts` is a corpus path, a list of corpus paths (see `gptlab.data.corpus`), or an
-    iterable of document strings. A Path, or a string that names an existing file or ends in
-    .txt/.jsonl/.parquet, as the first item makes the whole list paths.
+    iterable of document strings. A Path, or a string that names an existing file, ends in
+    .txt/.jsonl/.parquet or is a Hub dataset's `user/name`, as the first item makes the whole
+    list paths.
     The first special token is BOS and the second EOS; PAD is `<|pad|>` when present.
     Deterministic: the same input gives the same tokenizer.
     """

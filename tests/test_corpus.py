@@ -244,6 +244,15 @@ def _hub_returns(monkeypatch, make):
     return asked
 
 
+def test_a_hub_name_among_strings_to_train_on_is_the_dataset_not_its_name(monkeypatch):
+    # `train_tokenizer("user/name")` read the Hub dataset, `train_tokenizer(["user/name"])`
+    # trained on the text "user/name": a tokenizer of the byte tokens and a few merges.
+    asked = _hub_returns(monkeypatch, lambda: [{"text": "the quick brown fox"}] * 20)
+    tok = train_tokenizer(["someuser/corpus"], vocab_size=300)
+    assert asked == ["someuser/corpus"]
+    assert tok.encode("the quick") == [tok.hf.token_to_id("the"), tok.hf.token_to_id("Ġquick")]
+
+
 def test_hub_text_that_is_not_utf8_names_the_dataset_row_field_and_byte(tmp_path, monkeypatch):
     # A Hub dataset's Parquet shards store any bytes as text: reading them failed with "not
     # a local file, and not loadable as a Hugging Face Hub dataset (UnicodeDecodeError: ...)".
