@@ -107,6 +107,28 @@ def test_smollm2_config_and_tokenizer(smol, smol_path):
     assert tok.decode(tok.encode("Hello, world!")) == "Hello, world!"
 
 
+@torch.no_grad()
+def test_smollm2_blank_space_before_a_digit_stays_one_token_as_the_model_learned(smol):
+    # SmolLM's pre-tokenizer (llama.cpp's "smollm") splits off every digit first, so the blank
+    # space before one is split on its own: "\n\n1." is "ĊĊ", "1", ".". transformers 5's GGUF
+    # loader leaves that step out and gives "Ċ", "Ċ", "1", "." (it agrees with us elsewhere,
+    # test above). The model scores our tokens far higher: they are the ones it was trained on.
+    model, tok = smol
+    text = "Steps:\n\n1. Mix the flour.\n\n2. Bake it."
+    ids = tok.encode(text)
+    assert [tok.hf.id_to_token(i) for i in ids] == [
+        "Steps", ":", "ĊĊ", "1", ".", "ĠMix", "Ġthe", "Ġflour", ".", "ĊĊ", "2", ".", "ĠBake",
+        "Ġit", "."]
+    nl, nlnl = tok.hf.token_to_id("Ċ"), tok.hf.token_to_id("ĊĊ")
+    one_newline_at_a_time = [t for i in ids for t in ([nl, nl] if i == nlnl else [i])]
+    assert tok.decode(one_newline_at_a_time) == text
+
+    def log_likelihood(ids: list[int]) -> float:
+        x = torch.tensor([[tok.eos_id] + ids])  # after an end of turn, as a text starts
+        return model(x)[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None]).sum().item()
+    assert log_likelihood(ids) > log_likelihood(one_newline_at_a_time) + 5  # 7.1 nats
+
+
 def test_smollm2_logits_match_transformers(smol, smol_hf):
     model, tok = smol
     prompts = [tok.encode(t) for t in ("The capital of France is",
