@@ -4,10 +4,10 @@ The conversation is kept as messages and rendered with the tokenizer's chat temp
 every reply, so the model sees the whole (fitted) history each turn. Lines starting with "/"
 are commands: "/reset" forgets the history (the system prompt stays), "/exit" quits, as does
 end of input; a slash and a word that is no command ("/quit") is refused with a note rather
-than sent to the model as a question. A line that is not UTF-8 text is an error (exit code 2) naming the line, rather
-than text the model would see as replacement characters. Replies go to stdout; notes (dropped
-turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' | gptlab chat --model M
---greedy` prints just the answer.
+than sent to the model as a question. A line that is not UTF-8 text is an error (exit code 2)
+naming the line, rather than text the model would see as replacement characters. Replies go to
+stdout; notes (dropped turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' |
+gptlab chat --model M --greedy` prints just the answer.
 """
 from __future__ import annotations
 

@@ -134,7 +134,9 @@ def _our_name(name: str) -> str | None:
     return None
 
 
-def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path) -> tuple[Named, list[str]]:
+def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path
+             ) -> tuple[Named, list[str]]:
+    """(gptlab name -> (GGUF name, float tensor), the GGUF tensors gptlab has no place for)."""
     named: Named = {}
     unused: list[str] = []
     for t in reader.tensors:

@@ -216,7 +216,8 @@ def read_safetensors_dir(d: Path) -> dict[str, Tensor]:
         try:
             state.update(load_file(str(d / s)))
         except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read weights (truncated or corrupt?): {e}", path=d / s) from None
+            raise UserError(f"cannot read weights (truncated or corrupt?): {e}",
+                            path=d / s) from None
     return state
 
 
