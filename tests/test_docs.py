@@ -17,18 +17,20 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def fenced_blocks(text: str, langs: tuple[str, ...]) -> list[str]:
-    """The bodies of the fenced blocks marked with one of `langs`."""
-    blocks, body, lang = [], None, ""
+    """The bodies of the fenced blocks marked with one of `langs`, those indented under a list
+    item too (their indent removed)."""
+    blocks, body, lang, indent = [], None, "", 0
     for line in text.splitlines():
-        if line.startswith("```"):
+        if line.lstrip().startswith("```"):
             if body is None:
-                body, lang = [], line[3:].strip()
+                body, lang = [], line.lstrip()[3:].strip()
+                indent = len(line) - len(line.lstrip())
             else:
                 if lang in langs:
                     blocks.append("\n".join(body))
                 body = None
         elif body is not None:
-            body.append(line)
+            body.append(line[indent:] if line[:indent].isspace() else line)
     return blocks
 
 
@@ -61,6 +63,11 @@ def gptlab_commands(text: str) -> list[list[str]]:
 
 
 COMMANDS = [(doc.name, args) for doc in DOCS for args in gptlab_commands(doc.read_text())]
+
+
+def test_a_block_indented_under_a_list_item_is_read_too():
+    text = "- a step:\n\n  ```bash\n  gptlab ppo --steps 4 \\\n    --resume\n  ```\n"
+    assert gptlab_commands(text) == [["ppo", "--steps", "4", "--resume"]]
 
 
 def test_the_documentation_shows_every_verb():
