@@ -704,3 +704,16 @@ def test_the_execution_check_of_a_messages_record_names_its_file_and_line(tok):
         world_exec_evaluator(world, tok, [record], 10, "val.jsonl", 512)
     assert str(err.value) == ("val.jsonl:7, field 'messages': must end on a user turn, not "
                               "'assistant'")
+
+
+def test_a_demonstration_exactly_as_long_as_the_context_is_kept_one_token_longer_is_skipped(
+        tmp_path, tok):
+    from gptlab.data.instruct import SkipCounter
+    f = write(tmp_path / "d.jsonl", {"prompt": "Is the cat happy?", "completion": "yes"})
+    n = len(read_demonstrations(f, tok, 10_000)[0].ids)
+    kept = read_demonstrations(f, tok, n)  # the model reads all n tokens, labels shifted inside
+    assert len(kept) == 1 and len(kept[0].ids) == n
+    skips = SkipCounter()
+    with pytest.raises(UserError, match="no usable demonstrations"):
+        read_demonstrations(f, tok, n - 1, skips)
+    assert skips.counts == {f"longer than the context of {n - 1}": 1}
