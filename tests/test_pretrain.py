@@ -79,6 +79,17 @@ def test_token_cache_is_reused_and_keyed_on_the_files(corpus, tmp_path):
                                                                         ".json", ".json"]
 
 
+def test_a_cache_entry_whose_token_file_lost_bytes_is_rebuilt_not_trusted(corpus, tmp_path):
+    d, docs, tok = corpus
+    first = tokenize_corpus([d / "a.txt"], tok, tmp_path)
+    want = first.tokens.tolist()
+    with open(first.path, "r+b") as f:  # a disk-full copy, or a file cut short by hand
+        f.truncate(first.path.stat().st_size - 2)
+    again = tokenize_corpus([d / "a.txt"], tok, tmp_path)
+    assert not again.reused and again.n_tokens == first.n_tokens
+    assert again.path.stat().st_size == 2 * first.n_tokens and again.tokens.tolist() == want
+
+
 def test_token_cache_is_not_reused_for_new_content_of_the_same_size_and_mtime(corpus, tmp_path):
     # The key was the path, size and mtime: a file rewritten with as many bytes and its mtime
     # set back (`cp -p`, `rsync -t`, `tar x`, `touch -r`) reused the old file's tokens.
