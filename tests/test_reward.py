@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gptlab.data.instruct import Ranking
+from gptlab.engine import left_pad
 from gptlab.train.reward import (EncodedRanking, collate_rankings, encode_ranking,
                                  pairwise_accuracy, reward_loss)
 
@@ -175,6 +176,49 @@ def test_a_continuation_of_nothing_but_pad_tokens_is_read_in_its_prompt():
         at_prompt = model(torch.tensor([[5, 6, 7]]))[0]
     assert torch.allclose(got, whole, atol=1e-5), (got, whole)
     assert torch.allclose(got[1], at_prompt, atol=1e-5)
+
+
+def _normalised_model():
+    """`_pad_reading_model` reading at the last real token, with a normalisation as `reward`
+    sets after training (bias 0.7, scale 2.5) and a head bias of its own."""
+    model = _pad_reading_model()
+    model.pad_token_id = None
+    with torch.no_grad():
+        model.head.bias.fill_(0.3)
+        model.score_bias.fill_(0.7)
+        model.score_scale.fill_(2.5)
+    return model
+
+
+@pytest.mark.parametrize("long_prompt", [False, True])
+def test_shared_prompt_scores_are_normalised_as_forwards_are(long_prompt):
+    # Both paths of score_continuations (the prompt encoded once; and, when the padded prompt
+    # and continuation overflow the context, the whole sequences) read on forward's scale.
+    model = _normalised_model()
+    prompts = [[5, 6, 7], [9] * (21 if long_prompt else 2)]
+    conts = [[12, 13, 14] * 4, [8, 11]] if long_prompt else [[8, 11], [12, 13, 14]]
+    p_ids, p_mask = left_pad(prompts)
+    R = max(map(len, conts))
+    c_ids = torch.tensor([c + [0] * (R - len(c)) for c in conts])
+    c_mask = torch.tensor([[1] * len(c) + [0] * (R - len(c)) for c in conts])
+    assert (p_ids.shape[1] + R > model.config.context) == long_prompt
+    with torch.no_grad():
+        got = model.score_continuations(p_ids, p_mask, torch.tensor([0, 1]), c_ids, c_mask)
+        raw = torch.stack([model.values(torch.tensor([p + c]))[0, -1] for p, c in zip(prompts,
+                                                                                     conts)])
+    assert torch.allclose(got, (raw - 0.7) * 2.5, atol=1e-5), (got, raw)
+
+
+def test_folding_the_normalisation_puts_values_on_the_scale_of_scores():
+    model = _normalised_model()
+    ids = torch.tensor([[5, 6, 7, 8, 11]])
+    with torch.no_grad():
+        raw, score = model.values(ids), model(ids)
+        model.fold_normalisation()
+        folded, score_after = model.values(ids), model(ids)
+    assert model.score_bias.item() == 0.0 and model.score_scale.item() == 1.0
+    assert torch.allclose(folded, (raw - 0.7) * 2.5, atol=1e-5), (folded, raw)
+    assert torch.allclose(score_after, score, atol=1e-5) and abs(score.item()) > 0.1
 
 
 # --- bad input: exit code 2, a message naming the field, nothing new in --out -------------------
