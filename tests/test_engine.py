@@ -194,6 +194,34 @@ def test_a_finished_row_still_in_the_batch_stays_finished():
     assert out.tokens[1:] == free.tokens[1:]
 
 
+def test_rows_left_after_a_batch_compacts_decode_as_each_prompt_alone():
+    """One row of four stops: three live rows of four compact the batch (the cache rows, the
+    masks and the last tokens move together); every row still decodes as its prompt alone."""
+    net = model()
+    prompts = [[3, 4, 5], [20, 21], [30], [40, 41, 42]]
+    free = generate(net, prompts, SamplingParams(max_new_tokens=10, greedy=True))
+    stop = free.tokens[0][1]
+    params = SamplingParams(max_new_tokens=10, greedy=True, stop_ids=(stop,))
+    out = generate(net, prompts, params)
+    alone = [generate(net, [p], params) for p in prompts]
+    first = len(out.tokens[0])
+    assert first <= 2 and sum(len(t) > first + 1 for t in out.tokens[1:]) >= 2, out.tokens
+    assert out.tokens == [a.tokens[0] for a in alone]
+    assert out.finished == [a.finished[0] for a in alone]
+    for got, a in zip(out.logprobs, alone):
+        assert got == pytest.approx(a.logprobs[0], abs=1e-4)
+
+
+def test_generation_leaves_a_model_in_eval_mode_in_eval_mode_and_builds_no_graph():
+    net = model(dropout=0.1).eval()
+    grads = []
+    net.register_forward_hook(lambda module, args, output: grads.append(output.requires_grad))
+    with torch.enable_grad():
+        generate(net, [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=4), seed=0)
+    assert not net.training  # not put in training mode (dropout on) for whoever scores next
+    assert len(grads) == 4 and not any(grads)  # no autograd graph kept across the steps
+
+
 def test_generation_stops_at_the_context():
     net = model()
     out = generate(net, [[1] * 40], SamplingParams(max_new_tokens=100, greedy=True))
