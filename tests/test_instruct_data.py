@@ -717,3 +717,13 @@ def test_a_demonstration_exactly_as_long_as_the_context_is_kept_one_token_longer
     with pytest.raises(UserError, match="no usable demonstrations"):
         read_demonstrations(f, tok, n - 1, skips)
     assert skips.counts == {f"longer than the context of {n - 1}": 1}
+
+
+def test_a_broken_json_line_names_its_line_and_the_column_counted_from_1(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "fine"}\n\n{"prompt": "x",}\n')
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    # The 16th character of line 3, the "}" after a trailing comma.
+    assert str(err.value) == (f"{f}:3: not valid JSON (Expecting property name enclosed in "
+                              f"double quotes at column 16)")
