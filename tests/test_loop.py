@@ -797,3 +797,32 @@ def test_a_resume_refuses_a_time_budget_the_run_was_not_started_with(tmp_path):
         run(cfg, resume=True)
     assert err.value.field == "max_minutes" and "resume with the run's --max-minutes" in str(
         err.value)
+
+
+def test_evaluate_turns_dropout_off_keeps_no_graph_and_gives_the_mode_back():
+    from gptlab.train.loop import evaluate
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    batches = [torch.ones(2, 4), torch.full((2, 4), 2.0)]
+    graphs = []
+
+    def loss_fn(m, b):
+        out = m(b).sum()
+        graphs.append(out.requires_grad)
+        return out
+
+    got = evaluate(net, batches, loss_fn, torch.device("cpu"))
+    with torch.no_grad():  # by hand: the linear layer alone (dropout is the identity in eval)
+        want = sum(float((x @ net[0].weight.T + net[0].bias).sum()) for x in batches) / 2
+    assert got == pytest.approx(want, rel=1e-6)
+    assert net.training and graphs == [False, False]
+
+
+def test_the_last_step_is_logged_though_log_every_does_not_divide_it(tmp_path):
+    tokens = _stream(3, n=400)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=5, log_every=2, eval_every=0,
+                      save_every=0, progress=False, device="cpu")
+    result = train(tiny(), BlockBatches(tokens, 16, np.arange(20), 2, 0), lm_loss, cfg,
+                   tmp_path)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4, 5] and rows[-1]["loss"] == result.loss
