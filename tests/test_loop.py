@@ -826,3 +826,11 @@ def test_the_last_step_is_logged_though_log_every_does_not_divide_it(tmp_path):
                    tmp_path)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 5] and rows[-1]["loss"] == result.loss
+
+
+def test_a_resume_with_two_other_settings_names_both_and_the_first_as_its_field(tmp_path):
+    cfg, run = _four_steps_saved_every_two(tmp_path)
+    with pytest.raises(UserError) as err:
+        run(dataclasses.replace(cfg, lr=1e-3, seed=5), resume=True)
+    assert err.value.field == "seed"  # the split's settings first, then the optimizer's
+    assert "seed: 0 there, 5 now, lr: 0.003 there, 0.001 now" in str(err.value)
