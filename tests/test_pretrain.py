@@ -12,6 +12,7 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, load_model
 from gptlab.cli import main
+from gptlab.errors import UserError
 from gptlab.data.tokens import (fixed_batches, load_token_data, n_blocks, split_blocks,
                                 token_dtype, tokenize_corpus)
 from gptlab.tokenizer import train_tokenizer
@@ -88,6 +89,22 @@ def test_a_cache_entry_whose_token_file_lost_bytes_is_rebuilt_not_trusted(corpus
     again = tokenize_corpus([d / "a.txt"], tok, tmp_path)
     assert not again.reused and again.n_tokens == first.n_tokens
     assert again.path.stat().st_size == 2 * first.n_tokens and again.tokens.tolist() == want
+
+
+def test_a_cached_corpus_too_small_for_a_larger_block_is_refused_as_a_fresh_one_is(corpus,
+                                                                                    tmp_path):
+    src, cache, tok = tmp_path / "small.txt", tmp_path / "cache", corpus[2]
+    src.write_text("the cat sat.\n")
+    n = len(tokenize_corpus([src], tok, tmp_path / "other").tokens)
+    errors = []
+    for _ in range(2):  # fresh (nothing is cached), then cached with no minimum, then reused
+        with pytest.raises(UserError) as err:
+            load_token_data([src], tok, n, cache_dir=cache)
+        errors.append((err.value.field, str(err.value)))
+        tokenize_corpus([src], tok, cache)
+    assert errors[0] == errors[1] and errors[0][0] == "data"
+    assert f"the corpus has {n} tokens, fewer than one training block of {n + 1}" in errors[0][1]
+    assert load_token_data([src], tok, n - 1, cache_dir=cache).file.reused
 
 
 def test_token_cache_is_not_reused_for_new_content_of_the_same_size_and_mtime(corpus, tmp_path):
