@@ -383,6 +383,11 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
                    tmp_path / "b", val_batches=val, resume=True)
     assert result.step == 16
     assert _curve(tmp_path / "a" / "metrics.jsonl") == _curve(tmp_path / "b" / "metrics.jsonl")
+    # Tokens count every micro-batch of every step of the whole run: 2 x 4 blocks of 17.
+    assert result.tokens == 16 * 2 * 4 * 17
+    for run in "ab":
+        rows = [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+        assert [r["tokens"] for r in rows] == [136 * step for step in range(1, 17)]
     for pa, pb in zip(full.parameters(), second.parameters()):
         assert torch.equal(pa, pb)
 
@@ -834,3 +839,18 @@ def test_a_resume_with_two_other_settings_names_both_and_the_first_as_its_field(
         run(dataclasses.replace(cfg, lr=1e-3, seed=5), resume=True)
     assert err.value.field == "seed"  # the split's settings first, then the optimizer's
     assert "seed: 0 there, 5 now, lr: 0.003 there, 0.001 now" in str(err.value)
+
+
+def test_elapsed_time_adds_up_the_steps_of_the_run(tmp_path, monkeypatch):
+    import time
+    import types
+    clock = iter(range(10**6))  # each reading 0.5 s after the last: every step takes 0.5 s
+    monkeypatch.setattr("gptlab.train.loop.time", types.SimpleNamespace(
+        perf_counter=lambda: next(clock) * 0.5, strftime=time.strftime))
+    cfg = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=4, log_every=1, eval_every=0,
+                      save_every=0, progress=False, device="cpu")
+    result = train(tiny(), BlockBatches(_stream(3, n=400), 16, np.arange(20), 2, 0), lm_loss,
+                   cfg, tmp_path)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["elapsed_s"] for r in rows] == [0.5, 1.0, 1.5, 2.0] and result.elapsed_s == 2.0
+    assert [r["tokens_per_s"] for r in rows] == [68.0] * 4  # 2 blocks of 17 per 0.5 s
