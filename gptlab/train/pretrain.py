@@ -71,14 +71,13 @@ def lm_loss(model: nn.Module, block: Tensor) -> Tensor:
     return model(block[:, :-1], labels=block[:, 1:])
 
 
-def _tokenizer_for(cfg: PretrainConfig, model_dir: Path | None, vocab_size: int) -> Any:
+def _tokenizer_for(cfg: PretrainConfig, vocab_size: int) -> Any:
+    """--tokenizer, or a BPE of `vocab_size` tokens trained on the data."""
     from gptlab.tokenizer import load_tokenizer, train_tokenizer
     if cfg.tokenizer:
         if not Path(cfg.tokenizer).exists():
             raise UserError("tokenizer not found", path=cfg.tokenizer, field="tokenizer")
         return load_tokenizer(cfg.tokenizer)
-    if model_dir is not None and (model_dir / "tokenizer.json").exists():
-        return load_tokenizer(model_dir)
     print(f"training a BPE tokenizer ({vocab_size} tokens) on the data", file=sys.stderr)
     return train_tokenizer([Path(p) for p in cfg.data], vocab_size=vocab_size)
 
@@ -117,8 +116,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
             raise UserError("has no tokenizer.json; pass the tokenizer its weights were made "
                             "with as --tokenizer", path=model_path, field="model")
         if cfg.tokenizer:
-            tok = _given_for(model_path, tok, _tokenizer_for(cfg, model_path,
-                                                              model.config.vocab_size))
+            tok = _given_for(model_path, tok, _tokenizer_for(cfg, model.config.vocab_size))
         if tok.vocab_size > model.config.vocab_size:
             raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's "
                             f"embedding has {model.config.vocab_size} rows", field="tokenizer")
@@ -132,7 +130,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
     config = get_preset(cfg.model)
     if not isinstance(config, GPTConfig):
         raise UserError(f"preset '{cfg.model}' is not a decoder-only GPT", field="model")
-    tok = _tokenizer_for(cfg, None, config.vocab_size)
+    tok = _tokenizer_for(cfg, config.vocab_size)
     # The tokenizer sizes the embedding, given or trained here (asked for the preset's size, BPE
     # stops short on a small corpus: 1,177 tokens for the demo's 2,048). A row past its last id
     # is never a target, yet is sampled now and then and decodes to nothing: with 2,048 rows
