@@ -98,7 +98,6 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
     from gptlab.model.presets import PRESETS, build_model, get_preset
     from gptlab.tokenizer import load_tokenizer
 
-    torch.manual_seed(cfg.seed)  # the initial weights follow the seed
     if resume_from is not None:
         meta = read_meta(resume_from)
         model = build_from_meta(meta, resume_from / "config.json")
@@ -136,7 +135,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
     # is never a target, yet is sampled now and then and decodes to nothing: with 2,048 rows
     # the demo's SFT model drew 3 such ids in 64 answers at T = 1.5.
     config = dataclasses.replace(config, vocab_size=tok.vocab_size)
-    torch.manual_seed(cfg.seed)  # tokenizer training must not shift the initial weights
+    torch.manual_seed(cfg.seed)  # the initial weights follow the seed, whatever ran before
     return build_model(config), tok
 
 
