@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gptlab.checkpoint import load_model
+from gptlab.checkpoint import load_model, read_meta
 from gptlab.engine import SamplingParams, generate
 from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
@@ -172,7 +172,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     rm_acc, rm_ci, rm_acc_labelers, rm_heldout, rm_pairs = [], [], [], [], []
     for rnd in range(1, cfg.rounds + 1):
         rm_dir = out / f"round-{rnd}" / "reward"
-        meta = read_meta_json(rm_dir / "config.json")
+        meta = read_meta(rm_dir)
         acc_true, n_true, pairs, ci = rm_accuracy_noise_free(
             world, rm_dir, cfg.ties, data=out / f"round-{rnd}" / "rankings_all.jsonl",
             device=device)
@@ -235,8 +235,3 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         results["delta_ppo_execution_reward_on_test_vs_sft"] = paired_delta(
             correct["ppo_execution_reward_on_test"], correct["sft"])
     return results
-
-
-def read_meta_json(path: Path) -> dict:
-    import json
-    return json.loads(path.read_text()) if path.exists() else {}
