@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gptlab.checkpoint import check_tokenizer_fits
-from gptlab.engine import Generation, SamplingParams, generate
+from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
 
 
@@ -55,13 +55,6 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
     return keep + ids[len(keep) + dropped:], dropped
 
 
-def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
-                 params: SamplingParams, seed: int | None = 0) -> Generation:
-    params = dataclasses.replace(  # the caller's params stay as they were
-        params, stop_ids=tuple(params.stop_ids) or tuple(sorted(tokenizer.stop_ids)))
-    return generate(model, prompts, params, seed=seed, pad_id=tokenizer.pad_id)
-
-
 def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_tokens: int = 64,
                   greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = 0,
@@ -83,7 +76,8 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
             raise UserError("the prompt is empty", field="prompt")
         encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate,
                                   bos_id=tok.bos_id)[0])
-    out = generate_ids(net, tok, encoded, params, seed)
+    params = dataclasses.replace(params, stop_ids=tuple(sorted(tok.stop_ids)))
+    out = generate(net, encoded, params, seed=seed, pad_id=tok.pad_id)
     return [tok.decode(t) for t in out.tokens]
 
 
