@@ -119,6 +119,8 @@ def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> fl
 
 
 def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir: Path) -> dict:
+    """The report's figures (README: "The whole recipe") for every model of the run; writes
+    each model's answers to eval/answers.jsonl."""
     cfg, out, world = pipe.cfg, pipe.out, pipe.world
     device = select_device("auto")  # where the stages trained: a GPU where there is one
     test = read_jsonl(pipe.world_dir / "test.jsonl")
@@ -148,23 +150,22 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         print(f"  {name}: exec_acc {mean(correct[name]):.3f}", flush=True)
     write_jsonl_atomic(out / "eval" / "answers.jsonl", (
         {"id": r["id"], "question": r.get("question"), "gold": r["completion"].strip(),
-         **{f"{n}": answers[n][i] for n in models},
+         **{n: answers[n][i] for n in models},
          **{f"{n}_correct": bool(correct[n][i]) for n in models},
          **{f"{n}_correct_on_test_suite": bool(on_suite[n][i]) for n in models}}
         for i, r in enumerate(test)))
 
-    def acc(name: str, idx: list[int] | None = None) -> float | None:
-        hits = correct[name] if idx is None else [correct[name][i] for i in idx]
-        return mean(hits)
+    def per_model(flags: dict[str, list[int]], idx: list[int] | None = None) -> dict:
+        """Each model's share of questions flagged 1 (of those at `idx`, else of all), and
+        "ppo": the last round's."""
+        means = {n: mean(flags[n] if idx is None else [flags[n][i] for i in idx])
+                 for n in models}
+        return {**means, "ppo": means[final]}
 
-    exec_acc = {n: acc(n) for n in models}
-    exec_acc["ppo"] = exec_acc[final]
-    exec_unseen = {n: acc(n, unseen) for n in models}
-    exec_unseen["ppo"] = exec_unseen[final]
-    exec_error = {n: mean(errors[n]) for n in models}
-    exec_error["ppo"] = exec_error[final]
-    exec_suite = {n: mean(on_suite[n]) for n in models}
-    exec_suite["ppo"] = exec_suite[final]
+    exec_acc = per_model(correct)
+    exec_unseen = per_model(correct, unseen)
+    exec_error = per_model(errors)
+    exec_suite = per_model(on_suite)
 
     # Reward-model accuracy on each round's held-out rankings: against the noise-free labeler
     # (the evaluation's judge, as for the win rate), and against the noisy labelers who made
