@@ -243,3 +243,16 @@ def test_sequence_kl_by_hand(models):
     assert all(len(r) > 0 for r in gen.tokens) and abs(kls[0]) > 1e-3
     assert got == pytest.approx(sum(kls) / 3, abs=1e-4)
     assert sequence_kl(policy, policy, tok, records, max_new_tokens=5) == pytest.approx(0, abs=1e-4)
+
+
+def test_sequence_kl_reads_a_conversation_prompt_as_the_answers_do(models):
+    """The evaluation's answers read a record's prompt with `prompt_of`, `messages` included;
+    the KL of the same records read only `prompt` (a KeyError on `messages`)."""
+    from gptlab.eval.pipeline_eval import sequence_kl
+    tok, policy, _ = models
+    torch.manual_seed(1)
+    reference = GPT(policy.config).eval()
+    messages = [{"role": "user", "content": "who earns most?"}]
+    got = sequence_kl(policy, reference, tok, [{"messages": messages}], max_new_tokens=5)
+    same = sequence_kl(policy, reference, tok, [{"prompt": messages}], max_new_tokens=5)
+    assert got == pytest.approx(same) and got != 0

@@ -91,11 +91,11 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
                 records: list[dict], max_new_tokens: int, seed: int = 0,
                 batch_size: int = 64) -> float:
     """Mean over prompts of Σ_t log π(y_t)/π_ref(y_t) (k1) for responses sampled from π."""
-    from gptlab.data.instruct import encode_prompt
+    from gptlab.data.instruct import encode_prompt, prompt_of
     total, n = 0.0, 0
     device = next(reference.parameters()).device
     for b in range(0, len(records), batch_size):
-        prompts = [encode_prompt(tok, r["prompt"]) for r in records[b:b + batch_size]]
+        prompts = [encode_prompt(tok, prompt_of(r)) for r in records[b:b + batch_size]]
         gen = generate(policy, prompts, SamplingParams(max_new_tokens=max_new_tokens,
                                                        stop_ids=tuple(sorted(tok.stop_ids))),
                        seed=seed + b, pad_id=tok.pad_id)
