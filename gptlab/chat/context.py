@@ -21,8 +21,9 @@ class TurnTooLong(UserError):
 
 
 def split_turns(messages: Sequence[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """(leading system messages, turns): each turn is a user message and what follows it up to
-    the next user message (normally one assistant reply)."""
+    """(head, turns): the head is what precedes the first user message (normally the system
+    message), never dropped; each turn is a user message and what follows it up to the next
+    user message (normally one assistant reply)."""
     head: list[dict] = []
     turns: list[list[dict]] = []
     for m in messages:
