@@ -34,9 +34,8 @@ from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    data: list[str] = field(default_factory=list,
-                            metadata={"help": "corpus files or directories (.txt/.jsonl/.parquet), or a "
-                                              "Hub dataset user/name"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "corpus files or directories (.txt/.jsonl/.parquet), or a Hub dataset user/name"})
     model: str = field(default="demo", metadata={"help": "a preset name, or a gptlab model "
                                                          "directory to continue training"})
     tokenizer: str | None = field(default=None, metadata={
@@ -67,7 +66,8 @@ class PretrainConfig(TrainConfig):
 
 
 def lm_loss(model: nn.Module, block: Tensor) -> Tensor:
-    """Next-token cross-entropy of a (B, T + 1) block: inputs block[:, :-1], targets block[:, 1:]."""
+    """Next-token cross-entropy of a (B, T + 1) block: inputs block[:, :-1], targets
+    block[:, 1:]."""
     return model(block[:, :-1], labels=block[:, 1:])
 
 
