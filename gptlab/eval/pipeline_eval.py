@@ -187,8 +187,9 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     sft_model, _, _ = load_model(sft_dir, device)
     kl = sequence_kl(policy, sft_model, tok, test, cfg.max_new_tokens, seed=cfg.seed)
     from gptlab.data.tokens import load_token_data
-    data = load_token_data([pipe.world_dir / "corpus.txt"], tok, sft_model.config.context,
-                           0.05, cfg.seed, out / "cache")
+    pc = pipe.pretrain_config()  # the pretraining run's validation blocks, split as it split them
+    data = load_token_data(pc.data, tok, pc.block_size or sft_model.config.context,
+                           pc.val_fraction, pc.seed, pc.cache_dir)
     val = data.val_batches(8, 8)
 
     samples = []
