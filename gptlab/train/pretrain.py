@@ -141,8 +141,8 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
 
 def _sampler(tok: Any, cfg: PretrainConfig, context: int):
     """An `on_eval` callback: continue sample_prompt as the start of a new document. A prompt
-    that leaves no room in the context is a UserError here, before training (the engine's
-    error at the first evaluation was a traceback, with OUT already written)."""
+    that leaves no room in the context is a UserError here, before OUT is written, rather than
+    the engine's error at the first evaluation."""
     from gptlab.data.tokens import document_start
     from gptlab.engine import SamplingParams, generate
 
