@@ -169,3 +169,25 @@ def test_a_documented_call_with_a_renamed_keyword_is_caught():
     with pytest.raises(AssertionError, match="build_world.*'vary_schemas'"):
         test_a_documented_python_call_passes_arguments_its_function_takes(
             "x.md", code.replace("vary_schema=", "vary_schemas="))
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lowercased, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_github_anchor_is_githubs():
+    assert github_anchor("InstructGPT: SFT → rankings → reward model → PPO") == \
+        "instructgpt-sft--rankings--reward-model--ppo"
+    assert github_anchor("The whole recipe: `gptlab pipeline` (what `make demo` runs)") == \
+        "the-whole-recipe-gptlab-pipeline-what-make-demo-runs"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_link_to_a_section_of_the_same_file_finds_it(doc):
+    text = doc.read_text()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    anchors = {github_anchor(m) for m in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", prose)
+    assert [link for link in links if link not in anchors] == []
