@@ -119,8 +119,8 @@ def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> fl
 
 
 def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir: Path) -> dict:
-    """The report's figures (README: "The whole recipe") for every model of the run; writes
-    each model's answers to eval/answers.jsonl."""
+    """The report's figures (README: "The evaluation and `report.json`") for every model of the
+    run; writes each model's answers to eval/answers.jsonl."""
     cfg, out, world = pipe.cfg, pipe.out, pipe.world
     device = select_device("auto")  # where the stages trained: a GPU where there is one
     test = read_jsonl(pipe.world_dir / "test.jsonl")
