@@ -1,5 +1,6 @@
 """The whole recipe end to end at toy sizes: every stage runs, the report has every number,
 and rerunning the same command reuses the finished stages."""
+import dataclasses
 import json
 import math
 import os
@@ -530,3 +531,33 @@ def test_stages_without_their_pipeline_json_are_refused_not_reused_unchecked(run
         f"pipeline.json, which records the settings they were made with; choose another --out, "
         f"or remove them to redo them\n")
     assert not (run / "pipeline.json").exists()
+
+
+def test_with_world_given_an_unrelated_world_dir_in_out_is_not_a_stage(tmp_path):
+    # With --world, OUT/world is none of the run's: it was refused as "stages without their
+    # pipeline.json" (world), which a run reading another world never made nor reads.
+    world = tmp_path / "w"
+    world.mkdir()
+    (world / "world.json").write_text("{}")
+    out = tmp_path / "demo"
+    (out / "world").mkdir(parents=True)
+    assert _check_settings(out, world=str(world))["world"] == str(world)
+    (out / "pipeline.json").unlink()
+    with pytest.raises(UserError, match=r"holds pipeline stages \(world\) but no pipeline.json"):
+        _check_settings(out)  # without --world, OUT/world is the run's world
+
+
+def test_a_world_json_without_its_fingerprint_says_so_not_another_version(tmp_path):
+    # The pipeline's "exported by a different version" caught every error about the field,
+    # also load_world's "expected the world's fingerprint (a string)" for a damaged world.json.
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    from gptlab.world.build import FORMAT, WorldOptions
+    world = tmp_path / "w"
+    world.mkdir()
+    (world / "world.json").write_text(json.dumps(
+        {"format": FORMAT, "options": dataclasses.asdict(WorldOptions())}))
+    pipe = Pipeline(PipelineConfig(out=str(tmp_path / "demo"), world=str(world)))
+    with pytest.raises(UserError) as e:
+        pipe.export_world()
+    assert str(e.value) == (f"{world / 'world.json'}, field 'fingerprint': expected the world's "
+                            f"fingerprint (a string); export the world again")

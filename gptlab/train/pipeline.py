@@ -26,7 +26,7 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError
-from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, write_json_atomic,
+from gptlab.io import (check_dir_out, check_holds_none, read_json, read_jsonl, write_json_atomic,
                        write_jsonl_atomic)
 from gptlab.train.loop import select_device
 
@@ -415,11 +415,13 @@ class Pipeline:
         try:
             self.world = load_world(self.world_dir)
         except UserError as e:
-            if e.field != "fingerprint":
-                raise
+            if e.field != "fingerprint" or not isinstance(
+                    read_json(self.world_dir / "world.json").get("fingerprint"), str):
+                raise  # not another version's world: world.json is broken (no fingerprint)
             # Exported again, it would not be the world this run's stages were made from.
-            todo = ("export it again into a new directory and run the pipeline into another --out"
-                    if self.cfg.world else "choose another --out, or remove this run to start again")
+            todo = ("export it again into a new directory and run the pipeline into another "
+                    "--out" if self.cfg.world else
+                    "choose another --out, or remove this run to start again")
             raise UserError(f"this world was exported by a different version of gptlab, whose "
                             f"questions or dialogs differ; {todo}",
                             path=e.path, field=e.field) from None
@@ -724,8 +726,9 @@ class Pipeline:
             # with settings nothing records, and would be reused unchecked.
             rounds = max([self.cfg.rounds] + [int(d.name[6:]) for d in self.out.glob("round-*")
                                               if d.name[6:].isdigit()])
+            # With --world, an OUT/world is none of this run's: it reads the world given.
             found = [stage for stage, _ in stage_dependencies(rounds)
-                     if (self.out / stage).exists()]
+                     if (self.out / stage).exists() and not (stage == "world" and self.cfg.world)]
             if found:
                 raise UserError(
                     f"holds pipeline stages ({', '.join(found)}) but no pipeline.json, which "
