@@ -54,6 +54,14 @@ def test_a_parquet_text_column_of_nulls_only_has_no_documents(tmp_path):
     assert read_documents([f, full]) == ["one"]
 
 
+def test_a_parquet_file_without_rows_is_still_refused_for_a_text_column_of_numbers(tmp_path):
+    # Letting a null-typed column through let every file without rows through as well.
+    f = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.int64())}), f)
+    with pytest.raises(UserError, match="expected a string column, got int64"):
+        read_documents([f])
+
+
 def test_a_parquet_text_column_of_pandas_category_dtype_is_read_as_text(tmp_path):
     # It was refused ("expected a string column, got dictionary<values=string, ...>"), while
     # the SFT, prompts and rankings readers took the same column.

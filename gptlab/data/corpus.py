@@ -220,12 +220,12 @@ def _iter_parquet(p: Path) -> Iterator[str]:
     kind = schema.field(TEXT_FIELD).type
     if pa.types.is_dictionary(kind):  # pandas' category dtype: each distinct text stored once
         kind = kind.value_type
-    if rows == 0 or pa.types.is_null(kind):
-        # No documents: no rows (which `datasets` cannot stream), or a column of nulls only,
-        # the type pandas gives a column whose every text is missing.
+    if pa.types.is_null(kind):  # no documents: pandas' type for a column of missing texts
         return
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"expected a string column, got {kind}", path=p, field=TEXT_FIELD)
+    if rows == 0:  # no documents (and `datasets` cannot stream a file without rows)
+        return
     with _quiet_datasets() as cache_dir:
         ds = datasets.load_dataset("parquet", data_files=glob.escape(str(p.resolve())),
                                    split="train", streaming=True, columns=[TEXT_FIELD],
