@@ -14,13 +14,14 @@ How `render_chat` stays exact: it renders the conversation once with each messag
 replaced by a unique marker, which splits the output into template text and message contents,
 then tokenizes the whole text at once, as transformers does (so a template's "[INST] " and the
 content's "What" become one " What"), and tells from each token's character offsets which
-message, if any, it belongs to. The assistant mask is 1 on the tokens of each assistant message's content (a token that
-straddles its edge included) and on the template tokens after it up to and including the first
-special token (the end-of-turn token: `<|eos|>`, `<|im_end|>`, ...), 0 everywhere else. A user
-who types "<|eos|>" must get ordinary tokens, not the special one: when special-token text
-appears inside a message, template text and contents are tokenized apart instead, contents with
-special-token parsing off. The template must write message content verbatim (or stripped, as
-Llama 3's `| trim` does); one that rewrites it is a UserError.
+message, if any, it belongs to. The assistant mask is 1 on the tokens of each assistant
+message's content (a token that straddles its edge included) and on the template tokens after
+it up to and including the first special token (the end-of-turn token: `<|eos|>`,
+`<|im_end|>`, ...), 0 everywhere else. A user who types "<|eos|>" must get ordinary tokens,
+not the special one: when special-token text appears inside a message, template text and
+contents are tokenized apart instead, contents with special-token parsing off. The template
+must write message content verbatim (or stripped, as Llama 3's `| trim` does); one that
+rewrites it is a UserError.
 """
 from __future__ import annotations
 
