@@ -151,16 +151,23 @@ def remove_stale_temps(directory: str | Path, pattern: str) -> list[Path]:
 def fsync_path(path: str | Path) -> None:
     """Flush a file's bytes, or a directory's entries (a rename made in it), to the disk. Skipped
     where the system cannot: Windows opens no directory, and some file systems refuse an fsync."""
+    is_dir = os.path.isdir(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # A file is opened for writing: Windows flushes no handle opened read-only (EBADF).
+        fd = os.open(path, os.O_RDONLY if is_dir else os.O_RDWR)
+    except PermissionError:
+        if is_dir:
+            return
+        fd = os.open(path, os.O_RDONLY)  # a read-only file: flushed where the system can
     except OSError:
-        if os.path.isdir(path):
+        if is_dir:
             return
         raise
     try:
         os.fsync(fd)
     except OSError as e:
-        if e.errno not in (errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP):  # EIO: data was lost
+        if e.errno not in (errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP,
+                           errno.ENOTSUP):  # macOS's is another number; EIO: data was lost
             raise
     finally:
         os.close(fd)

@@ -1,4 +1,5 @@
 """Model directories and training checkpoints: exact round trips, clear errors, atomicity."""
+import errno
 import json
 import shutil
 import sys
@@ -622,3 +623,35 @@ def test_a_file_and_a_checkpoint_are_on_the_disk_before_a_name_points_at_them(tm
     assert {"optimizer.pt", "trainer.pt", "manifest.json"} <= {f.name for f in path.iterdir()}
     assert events[renamed + 1] == ino(tmp_path / "checkpoints")
     assert events.index(("replace", "latest")) > renamed + 1
+
+
+def test_a_file_is_flushed_where_only_a_handle_open_for_writing_can_be(tmp_path, monkeypatch):
+    # Windows' fsync (_commit) refuses a handle opened read-only (EBADF), which was opened and
+    # the refusal ignored: there no file was ever flushed. As Windows does, here:
+    fcntl = pytest.importorskip("fcntl")
+    import os
+    import stat
+    flushed, real_fsync = [], os.fsync
+
+    def windows_fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == \
+                os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+        flushed.append(st.st_ino)
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    from gptlab.io import fsync_path, write_text_atomic
+    write_text_atomic(tmp_path / "a.txt", "text")
+    assert (tmp_path / "a.txt").stat().st_ino in flushed
+    # One that cannot be opened for writing (root may open any) is still flushed where it can.
+    ro, real_open = tmp_path / "ro.txt", os.open
+    ro.write_text("x")
+
+    def no_writing(path, flags, *args):
+        if Path(path) == ro and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", no_writing)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    fsync_path(ro)
