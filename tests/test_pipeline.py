@@ -561,3 +561,11 @@ def test_a_world_json_without_its_fingerprint_says_so_not_another_version(tmp_pa
         pipe.export_world()
     assert str(e.value) == (f"{world / 'world.json'}, field 'fingerprint': expected the world's "
                             f"fingerprint (a string); export the world again")
+
+
+def test_a_round_directory_named_with_a_superscript_is_no_round(tmp_path):
+    # "²".isdigit(), and int("²") failed: a traceback where the stages without pipeline.json
+    # are looked for (the same as checkpoints' step-²).
+    out = tmp_path / "demo"
+    (out / "round-²").mkdir(parents=True)
+    assert _check_settings(out)["rounds"] == 2

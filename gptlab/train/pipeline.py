@@ -725,7 +725,7 @@ class Pipeline:
             # pipeline.json is written before any stage starts: stages without it were made
             # with settings nothing records, and would be reused unchecked.
             rounds = max([self.cfg.rounds] + [int(d.name[6:]) for d in self.out.glob("round-*")
-                                              if d.name[6:].isdigit()])
+                                              if d.name[6:].isdecimal()])
             # With --world, an OUT/world is none of this run's: it reads the world given.
             found = [stage for stage, _ in stage_dependencies(rounds)
                      if (self.out / stage).exists() and not (stage == "world" and self.cfg.world)]
