@@ -419,3 +419,18 @@ def test_the_held_out_accuracy_reuses_the_final_evaluation_and_scores_anew_on_a_
     assert len(calls) == 1
     assert json.loads((out / "config.json").read_text())["heldout_pairwise_acc"] == \
         meta["heldout_pairwise_acc"]
+
+
+def test_a_resume_without_max_steps_keeps_the_runs_own_length_not_the_epochs(base, tmp_path):
+    """A time-budget run (capped at 6 steps) resumed without --max-minutes, as the refusal of
+    another budget advises: --epochs (here 22 steps) must not lengthen it."""
+    from gptlab.cli import main
+    d, rankings = base
+    out = tmp_path / "rm"
+    args = ["reward", "--model", str(d / "sft"), "--data", str(rankings), "--out", str(out),
+            "--batch-size", "1", "--warmup-steps", "0", "--eval-every", "0", "--no-progress",
+            "--device", "cpu"]
+    assert main(args + ["--max-minutes", "100", "--max-steps", "6"]) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 6
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 6

@@ -452,3 +452,16 @@ def test_with_a_world_its_question_count_and_answer_length_are_kept_on_resume(tm
     (tmp_path / "config.json").write_text(json.dumps({"eval_settings": settings}))
     check_resume_settings(SFTConfig(exec_eval=5, max_new_tokens=8), tmp_path)
     assert capsys.readouterr().err == ""
+
+
+def test_a_resume_without_max_steps_keeps_the_runs_own_length_not_the_epochs(base, tmp_path):
+    """A fixed-length run resumed with the same command less --max-steps continues to its own
+    length, as pretraining's does; --epochs (here 28 steps) sets only a new run's."""
+    from gptlab.cli import main
+    d, paths = base
+    out = tmp_path / "sft"
+    args = ["sft", "--model", str(d / "base"), "--data", str(paths["sft"]), "--out", str(out),
+            "--batch-size", "4", "--eval-every", "0", "--no-progress", "--device", "cpu"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 2

@@ -288,7 +288,9 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     if not samples:
         raise UserError("no sample fits the context to normalise the scores on",
                         path=cfg.samples, field="samples")
-    if cfg.max_steps is None and cfg.max_minutes is None:
+    # --epochs sets a new run's length; a resume without --max-steps keeps the run's own (a
+    # time budget's too), as the checkpoint recorded it.
+    if cfg.max_steps is None and cfg.max_minutes is None and not cfg.resume:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
     key = data_key([e.seqs, e.groups] for e in train_e)
     if cfg.resume:

@@ -245,7 +245,9 @@ def sft(cfg: SFTConfig) -> Path:
             print(f"{path}: {counter.report('demonstrations')}", file=sys.stderr)
     if not train_ex:
         raise UserError("no demonstrations left to train on", path=cfg.data)
-    if cfg.max_steps is None and cfg.max_minutes is None:
+    # --epochs sets a new run's length; a resume without --max-steps keeps the run's own (a
+    # time budget's too), as the checkpoint recorded it.
+    if cfg.max_steps is None and cfg.max_minutes is None and not cfg.resume:
         cfg.max_steps = max(1, int(cfg.epochs * len(train_ex) / (cfg.batch_size * cfg.grad_accum)))
 
     exec_eval = None
