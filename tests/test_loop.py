@@ -495,9 +495,11 @@ def test_a_resume_is_recorded_in_run_json_with_the_config_it_changed(tmp_path, m
 
 
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="nothing to resume"):
+    """Named as check_run_dir names it: the checkpoints directory and the field `resume`."""
+    with pytest.raises(UserError, match="nothing to resume") as err:
         train(tiny(), BlockBatches(_stream(), 16, np.arange(10), 2, 0), lm_loss,
               TrainConfig(max_steps=2, progress=False, device="cpu"), tmp_path, resume=True)
+    assert err.value.field == "resume" and err.value.path == tmp_path / "checkpoints"
 
 
 def test_metrics_truncate_after(tmp_path):

@@ -671,7 +671,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         path = ckpt.latest()
         if path is None:
             raise UserError("nothing to resume: no checkpoint in this run directory",
-                            path=ckpt.dir)
+                            path=ckpt.dir, field="resume")
         state = ckpt.load(path, model, optimizer)
         _check_split_settings(cfg, state.get("settings", {}), path)
         _check_budget(cfg, state, path)
