@@ -308,16 +308,13 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     measured: dict[str, Any] = {}
 
     def on_eval(m: nn.Module, step: int, val_loss: float) -> dict:
-        if not val_batches:
-            return {}
         counts = pairs_right_by_ranking(m, val_batches)
         measured.update(step=step, counts=counts)
         return {"pairwise_acc": share_right(counts)}
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
-                   tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
-                   extra={"stage": "reward", "data_key": key}, perplexity=False)
+                   resume=cfg.resume, extra={"stage": "reward", "data_key": key}, perplexity=False)
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
     # answers); none without held-out rankings.

@@ -274,12 +274,11 @@ def sft(cfg: SFTConfig) -> Path:
         keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest), latest)
 
     collate = lambda b: pad_examples(b, tok.pad_id)  # noqa: E731
+    # No held-out demonstration (a --data of one): no evaluation, so the keeper is never called.
+    val_batches = fixed_list_batches(val_ex, cfg.batch_size, collate) if val_ex else None
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
-                   cfg, out, val_batches=fixed_list_batches(val_ex, cfg.batch_size, collate)
-                   if val_ex else None, tokenizer=tok,
-                   on_eval=keeper if (val_ex or exec_eval) else None,
-                   tokens_in=lambda b: int(b["attention_mask"].sum()), resume=cfg.resume,
-                   extra={"stage": "sft", "data_key": key, "eval_settings": {
+                   cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=keeper,
+                   resume=cfg.resume, extra={"stage": "sft", "data_key": key, "eval_settings": {
                        k: getattr(cfg, k) for k in (*MEASURE_SETTINGS, *NOTED_SETTINGS)}})
     val_loss = result.val_loss
     if cfg.select_best and keeper.best is not None:
