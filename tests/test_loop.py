@@ -856,3 +856,20 @@ def test_elapsed_time_adds_up_the_steps_of_the_run(tmp_path, monkeypatch):
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["elapsed_s"] for r in rows] == [0.5, 1.0, 1.5, 2.0] and result.elapsed_s == 2.0
     assert [r["tokens_per_s"] for r in rows] == [68.0] * 4  # 2 blocks of 17 per 0.5 s
+
+
+def test_a_resume_asking_for_fewer_steps_than_done_ends_there_and_says_so(tmp_path, capsys):
+    """Not 'the cosine is stretched' and a length below the step reached: the run ends at
+    the step it has reached, which is its length."""
+    tokens = _stream(3, n=1000)
+    cfg = TrainConfig(warmup_steps=0, max_steps=4, eval_every=0, eval_batches=0,
+                      progress=False, device="cpu")
+    run = lambda c, **kw: train(  # noqa: E731
+        tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss, c, tmp_path, **kw)
+    assert run(cfg).step == 4
+    capsys.readouterr()
+    again = run(dataclasses.replace(cfg, max_steps=2), resume=True)
+    assert again.step == again.total_steps == 4
+    err = capsys.readouterr().err
+    assert "max_steps 2 is not past step 4, which the run has reached: it ends there" in err
+    assert "stretched" not in err and "(step 4 of 4)" in err

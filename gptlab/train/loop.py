@@ -689,9 +689,13 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         finished_early = stopped_early and cfg.max_steps == cap
         if not budget_pending and cfg.max_minutes is None and cfg.max_steps \
                 and cfg.max_steps != total and not finished_early:
-            print(f"note: max_steps changed from {total} to {cfg.max_steps}; the cosine "
-                  f"schedule is stretched from here on", file=sys.stderr)
-            total = cfg.max_steps
+            if cfg.max_steps > step:
+                print(f"note: max_steps changed from {total} to {cfg.max_steps}; the cosine "
+                      f"schedule is stretched from here on", file=sys.stderr)
+            else:
+                print(f"note: max_steps {cfg.max_steps} is not past step {step}, which the run "
+                      f"has reached: it ends there", file=sys.stderr)
+            total = max(cfg.max_steps, step)
             stopped_early, cap = False, total  # a new length, not a stop
         MetricsLog.truncate_after(metrics_path, step)
         print(f"resuming from {path} (step {step} of {total or '?'})", file=sys.stderr)
