@@ -85,6 +85,23 @@ def encode_ranking(tokenizer: Any, r: Ranking, context: int) -> EncodedRanking |
     return EncodedRanking(seqs, r.id, list(r.groups), len(p))
 
 
+def encode_rankings(tokenizer: Any, rankings: list[Ranking], context: int, skips: SkipCounter,
+                    path: str | Path) -> list[EncodedRanking]:
+    """The rankings of the file `path` that fit the context, encoded; the others are counted
+    in `skips`. An error (the chat template may refuse a conversation) names the line."""
+    out = []
+    for r in rankings:
+        try:
+            e = encode_ranking(tokenizer, r, context)
+        except UserError as err:
+            raise err.at(path, r.line) from None
+        if e is None:
+            skips.add(f"rankings longer than the context of {context}")
+        else:
+            out.append(e)
+    return out
+
+
 def scored_response(tokens: list[int], finished: bool, end: list[int], room: int) -> list[int]:
     """A generated response as the reward model learned to read one (`encode_response`: the
     response's own tokens, then its end of turn `end`): the stop token it wrote, or for a
@@ -260,21 +277,8 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     # Skips are counted per file, so that each is reported on the file that holds them.
     skips = SkipCounter()
     val_skips = SkipCounter() if cfg.val_data else skips
-
-    def enc(rs: list[Ranking], counter: SkipCounter, path: str) -> list[EncodedRanking]:
-        out = []
-        for r in rs:
-            try:
-                e = encode_ranking(tok, r, context)
-            except UserError as err:  # the chat template may refuse a conversation
-                raise err.at(path, r.line) from None
-            if e is None:
-                counter.add(f"rankings longer than the context of {context}")
-            else:
-                out.append(e)
-        return out
-    train_e, val_e = enc(train_r, skips, cfg.data), enc(val_r, val_skips,
-                                                        cfg.val_data or cfg.data)
+    train_e = encode_rankings(tok, train_r, context, skips, cfg.data)
+    val_e = encode_rankings(tok, val_r, context, val_skips, cfg.val_data or cfg.data)
     for path, counter in ((cfg.data, skips), (cfg.val_data, val_skips)):
         if path and counter.total:
             print(f"{path}: {counter.report('rankings')}", file=sys.stderr)
