@@ -730,6 +730,9 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                   + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
         return loss, time.perf_counter() - t0, stop
 
+    def eval_due(at: int, is_last: bool) -> bool:
+        return has_val and (is_last or bool(cfg.eval_every) and at % cfg.eval_every == 0)
+
     def snapshot() -> dict:
         # `row`: the step's training row, so a resume can log it if a Ctrl-C came first.
         return {"step": step, "tokens": tokens, "elapsed_s": elapsed, "total_steps": total,
@@ -767,8 +770,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             if state.get("row") and (step % cfg.log_every == 0 or is_last) \
                     and not any("loss" in r for r in done):
                 metrics.log(state["row"])
-            if has_val and (is_last or (cfg.eval_every and step % cfg.eval_every == 0)) \
-                    and not any("val_loss" in r for r in done):
+            if eval_due(step, is_last) and not any("val_loss" in r for r in done):
                 val_loss, _, stop = run_eval(step)
                 if stop and not is_last:
                     metrics.log({"step": step, "event": "early_stop"})
@@ -824,7 +826,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 metrics.log(last_row)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{session_tokens / session_time:.0f}")
-            if has_val and (is_last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            if eval_due(step, is_last):
                 val_loss, _, stop = run_eval(step)
                 if stop and not is_last:
                     metrics.log({"step": step, "event": "early_stop"})
