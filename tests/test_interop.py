@@ -277,6 +277,20 @@ def test_mismatched_shapes_are_refused(tmp_path):
     assert main(["convert", "--from", "hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_a_tensor_the_config_has_no_place_for_is_refused_not_dropped(tmp_path):
+    # A Llama whose o_proj has a bias its config does not declare: the bias was dropped without
+    # a word, and the model computed another function than the checkpoint's.
+    from safetensors.torch import load_file, save_file
+    _hf_model("llama").save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["model.layers.0.self_attn.o_proj.bias"] = torch.ones(64)
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError) as e:
+        load_pretrained(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: 1 tensor(s) have no place in the model the config "
+                            f"describes: model.layers.0.self_attn.o_proj.bias")
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]},
      "architecture 'falcon'.*supported: gpt2, llama, mistral, qwen2"),
@@ -617,6 +631,16 @@ def test_unsupported_gguf_is_refused(kwargs, message, tmp_path, capsys):
         load_pretrained(path)
     assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_gguf_with_biases_beyond_q_k_v_is_refused_not_dropped(tmp_path):
+    # A llama GGUF with every linear layer biased: Q/K/V's biases made it Qwen2-like and the
+    # output and MLP biases were dropped without a word.
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama", attention_bias=True,
+                                                      mlp_bias=True))
+    with pytest.raises(UserError, match=r"m\.gguf: 8 tensor\(s\) have no place in the model the "
+                                        r"config describes: blk\.0\.attn_output\.bias, "):
+        load_pretrained(path)
 
 
 def test_gguf_without_gguf_package_says_how_to_install(monkeypatch, tmp_path):

@@ -304,6 +304,13 @@ def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
     with torch.device("meta"):
         model = GPT(cfg)  # shapes only; the weights come from the checkpoint
     expected = model.state_dict()
+    # A tensor the config has no parameter for (o_proj's bias where only Q, K, V have one, a
+    # block past the last) would be dropped without a word, and the model computes another
+    # function: refuse it as an unmapped one.
+    extra = sorted({src for name, (src, _) in named.items() if name not in expected})
+    if extra:
+        raise UserError(f"{len(extra)} tensor(s) have no place in the model the config "
+                        f"describes: {', '.join(extra[:5])}", path=source)
     state: dict[str, Tensor] = {}
     for name, ref in expected.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
