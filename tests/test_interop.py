@@ -294,9 +294,11 @@ def test_a_tensor_the_config_has_no_place_for_is_refused_not_dropped(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]},
      "architecture 'falcon'.*supported: gpt2, llama, mistral, qwen2"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "field 'rope_scaling': rope scaling 'llama3'"),
+    # The field the config has: transformers 5 writes rope_parameters (it named rope_scaling).
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
-     "rope scaling 'yarn'"),
+     "field 'rope_parameters': rope scaling 'yarn'"),
     ({"model_type": "mistral", "sliding_window": 32}, "sliding-window"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),

@@ -89,7 +89,7 @@ def _rope_theta(cfg: dict, path: Path) -> float:
         kind = d.get("rope_type", d.get("type", "default"))
         if kind not in (None, "default"):
             raise UserError(f"rope scaling '{kind}' is not supported (only plain rotary "
-                            f"positions map to gptlab)", path=path, field="rope_scaling")
+                            f"positions map to gptlab)", path=path, field=key)
     if "rope_theta" in params:
         try:
             return _positive(params, "rope_theta", path)
