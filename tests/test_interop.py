@@ -291,6 +291,19 @@ def test_a_tensor_the_config_has_no_place_for_is_refused_not_dropped(tmp_path):
                             f"describes: model.layers.0.self_attn.o_proj.bias")
 
 
+def test_a_gpt2_fused_qkv_not_in_thirds_names_the_directory(tmp_path):
+    # The message named the tensor but not the directory it was in.
+    from safetensors.torch import load_file, save_file
+    _hf_model("gpt2").save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["transformer.h.0.attn.c_attn.weight"] = torch.zeros(48, 145)
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError) as e:
+        load_pretrained(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: tensor transformer.h.0.attn.c_attn.weight has shape "
+                            f"(48, 145): the fused Q/K/V dimension is not a multiple of 3")
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]},
      "architecture 'falcon'.*supported: gpt2, llama, mistral, qwen2"),

@@ -221,7 +221,8 @@ def read_safetensors_dir(d: Path) -> dict[str, Tensor]:
     return state
 
 
-def _gpt2_weights(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[Named, set[str]]:
+def _gpt2_weights(sd: dict[str, Tensor], cfg: GPTConfig, source: Path
+                  ) -> tuple[Named, set[str]]:
     """GPT-2 uses Conv1D, whose weight is (in, out): transpose; split the fused c_attn."""
     prefix = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
     out: Named = {}
@@ -255,7 +256,7 @@ def _gpt2_weights(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[Named, set[str
                 w = sd[fused].t() if s == "weight" else sd[fused]  # (3d, d) / (3d,)
                 if w.shape[0] % 3:
                     raise UserError(f"tensor {fused} has shape {tuple(sd[fused].shape)}: the "
-                                    f"fused Q/K/V dimension is not a multiple of 3")
+                                    f"fused Q/K/V dimension is not a multiple of 3", path=source)
                 for p, part in zip("qkv", w.chunk(3, dim=0)):
                     out[f"{b}attn.{p}_proj.{s}"] = (fused, part.clone())  # own storage
     # The causal-mask buffers some GPT-2 checkpoints carry are not weights.
@@ -291,6 +292,15 @@ def _llama_weights(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[Named, set[st
             if not (ours == "lm_head.weight" and cfg.tie_embeddings):
                 out[ours] = (theirs, sd[theirs])
     return out, used
+
+
+def _named_weights(model_type: str, sd: dict[str, Tensor], cfg: GPTConfig, source: Path
+                   ) -> tuple[Named, set[str]]:
+    """(gptlab name -> (source name, tensor), the source names taken) for a config.json's
+    model_type."""
+    if model_type == "gpt2":
+        return _gpt2_weights(sd, cfg, source)
+    return _llama_weights(sd, cfg)
 
 
 def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
@@ -386,7 +396,7 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
     if "score.weight" not in sd:
         raise UserError("no 'score.weight': not a sequence-classification checkpoint", path=d)
     cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no LM head here; the RM needs none
-    named, used = (_gpt2_weights if raw["model_type"] == "gpt2" else _llama_weights)(sd, cfg)
+    named, used = _named_weights(raw["model_type"], sd, cfg, d)
     used |= {"score.weight", "score.bias"}
     gpt = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
     rm = ScalarHeadModel.from_gpt(gpt)
@@ -418,7 +428,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
     sd = read_safetensors_dir(d)
     if is_sequence_classifier(raw):
         return _reward_model(raw, cfg, sd, d, dtype), load_hf_tokenizer(d)
-    named, used = (_gpt2_weights if raw["model_type"] == "gpt2" else _llama_weights)(sd, cfg)
+    named, used = _named_weights(raw["model_type"], sd, cfg, d)
     model = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
     return model, load_hf_tokenizer(d)
 
