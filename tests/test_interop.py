@@ -534,6 +534,20 @@ def test_hf_bos_not_prepended_still_renders_in_the_chat_template(trained_export,
                                       return_dict=True)["input_ids"] == ids
 
 
+def test_hf_tokenizer_config_with_a_byte_order_mark_loads(trained_export, tmp_path):
+    # The tokenizer read it (read_json drops a BOM), then the BOS check's json.loads raised
+    # "Unexpected UTF-8 BOM" as a traceback.
+    tok, out = trained_export
+    (tmp_path / "hf").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / "hf" / name).write_bytes((out / name).read_bytes())
+    (tmp_path / "hf" / "tokenizer_config.json").write_bytes(
+        b"\xef\xbb\xbf" + (out / "tokenizer_config.json").read_bytes())
+    _, back = load_pretrained(tmp_path / "hf")
+    assert back.encode("Is the cat", bos=True) == tok.encode("Is the cat", bos=True)
+    assert back.bos_id == tok.bos_id == 0
+
+
 def _edit_tokenizer_config(d: Path, **changes) -> None:
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg.update(changes)

@@ -352,10 +352,10 @@ def _adds_bos(d: Path, bos: str | None) -> bool:
     if bos is None:
         return False
     tcfg_path = d / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
+    tcfg = read_json(tcfg_path) if tcfg_path.exists() else {}
     if "add_bos_token" in tcfg:
         return bool(tcfg["add_bos_token"])
-    post = json.loads((d / "tokenizer.json").read_text()).get("post_processor") or {}
+    post = read_json(d / "tokenizer.json").get("post_processor") or {}
     posts = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
     return any(bos in json.dumps(p.get("single", [])) for p in posts
                if p.get("type") == "TemplateProcessing")
@@ -561,7 +561,7 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
         tokenizer.save(out)  # tokenizer.json + tokenizer_config.json with the chat template
         _prepend_bos_in_tokenizer_json(out / "tokenizer.json", tokenizer)
         tcfg_path = out / "tokenizer_config.json"
-        tcfg = json.loads(tcfg_path.read_text())
+        tcfg = read_json(tcfg_path)
         tcfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         tcfg["model_max_length"] = model.config.context
         write_json_atomic(tcfg_path, tcfg)
