@@ -186,9 +186,10 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                 fuse_unk=False, ignore_merges=llama3))
     split = _PRE_SPLITS[pre]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    # GPT-2's split is ByteLevel's own regex; a Llama-3 or Qwen2 split replaces it.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                          use_regex=split in (None, "digits"))
     if split == "digits":  # SmolLM: every digit on its own, then GPT-2's split
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif split is not None:
@@ -235,7 +236,5 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
     tokenizer = _gguf_tokenizer(meta)
     n_vocab = len(meta.get("tokenizer.ggml.tokens") or [])
     cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors}, n_vocab)
-    named, unused = _tensors(reader, gguf, cfg, arch, p)
-    if cfg.tie_embeddings:
-        named.pop("lm_head.weight", None)
+    named, unused = _tensors(reader, gguf, cfg, arch, p)  # tied: no output.weight to take
     return assemble(cfg, named, unused, p, dtype), tokenizer
