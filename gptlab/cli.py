@@ -180,7 +180,8 @@ def _verb_world():
         e.add_argument("--dialogs", type=int, default=600, help="multi-turn dialogs")
         e.add_argument("--corpus-chars", type=int, default=1_000_000,
                        help="size of the pretraining corpus in characters")
-        c = sub.add_parser("check", help="execute a query and compare it with a question's gold SQL")
+        c = sub.add_parser("check",
+                           help="execute a query and compare it with a question's gold SQL")
         c.add_argument("--world", required=True, help="directory written by 'world export'")
         c.add_argument("--id", required=True, help="question id, e.g. s0-test-00001")
         c.add_argument("sql", help="the predicted SQL")
@@ -198,31 +199,7 @@ def _verb_world():
             print(f"{verdict.kind}: {verdict.detail}")
             return
         if args.action == "score":
-            from pathlib import Path
-
-            from gptlab.eval.execution import score_samples
-            from gptlab.io import check_file_out, check_not_input, write_jsonl_atomic
-            from gptlab.world.build import FILES
-            from gptlab.world.variants import VARIANTS
-            if args.out:
-                check_file_out(args.out)
-                # The samples, or a file of the world, would be replaced by the verdicts.
-                check_not_input(args.out, {"--in": args.samples, **{
-                    f"{name} of --world": Path(args.world) / name for name in FILES}})
-            summary, verdicts = score_samples(load_world(args.world), args.samples)
-            if args.out:
-                write_jsonl_atomic(args.out, verdicts, allow_nan=False)
-            print(f"execution accuracy {summary['exec_acc']:.4f} on "
-                  f"{_count(summary['prompts'], 'question')} (first response of each)")
-            print(f"on the test suite {summary['exec_acc_test_suite']:.4f} (right on the "
-                  f"company and on its {VARIANTS} variant databases)")
-            print(f"does not run {summary['exec_error_rate']:.4f} "
-                  f"({summary['exec_errors']} of {summary['prompts']})")
-            if summary["unseen_phrasing"] is not None:
-                print(f"unseen phrasing {summary['unseen_phrasing']:.4f} on "
-                      f"{summary['n_unseen_phrasing']} questions")
-            if summary["responses"] > summary["prompts"]:
-                print(f"all {summary['responses']} responses: {summary['all_responses']:.4f}")
+            _world_score(args)
             return
         world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
                             n_train=args.train, n_validation=args.validation, n_test=args.test,
@@ -234,6 +211,36 @@ def _verb_world():
 
     return ("the built-in company database world: export its data, check a query, score "
             "samples"), add, run
+
+
+def _world_score(args: argparse.Namespace) -> None:
+    """`world score`: the samples' execution accuracy, printed; each verdict to --out."""
+    from pathlib import Path
+
+    from gptlab.eval.execution import score_samples
+    from gptlab.io import check_file_out, check_not_input, write_jsonl_atomic
+    from gptlab.world import load_world
+    from gptlab.world.build import FILES
+    from gptlab.world.variants import VARIANTS
+    if args.out:
+        check_file_out(args.out)
+        # The samples, or a file of the world, would be replaced by the verdicts.
+        check_not_input(args.out, {"--in": args.samples, **{
+            f"{name} of --world": Path(args.world) / name for name in FILES}})
+    summary, verdicts = score_samples(load_world(args.world), args.samples)
+    if args.out:
+        write_jsonl_atomic(args.out, verdicts, allow_nan=False)
+    print(f"execution accuracy {summary['exec_acc']:.4f} on "
+          f"{_count(summary['prompts'], 'question')} (first response of each)")
+    print(f"on the test suite {summary['exec_acc_test_suite']:.4f} (right on the "
+          f"company and on its {VARIANTS} variant databases)")
+    print(f"does not run {summary['exec_error_rate']:.4f} "
+          f"({summary['exec_errors']} of {summary['prompts']})")
+    if summary["unseen_phrasing"] is not None:
+        print(f"unseen phrasing {summary['unseen_phrasing']:.4f} on "
+              f"{summary['n_unseen_phrasing']} questions")
+    if summary["responses"] > summary["prompts"]:
+        print(f"all {summary['responses']} responses: {summary['all_responses']:.4f}")
 
 
 def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tuple = ()):
@@ -348,7 +355,8 @@ VERBS: dict[str, Callable] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gptlab", description="The recipe behind ChatGPT, from the Transformer up.")
+    parser = _Parser(prog="gptlab",
+                     description="The recipe behind ChatGPT, from the Transformer up.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for name, make in VERBS.items():
         help_text, add, run = make()
