@@ -238,7 +238,7 @@ def _world_score(args: argparse.Namespace) -> None:
           f"({summary['exec_errors']} of {summary['prompts']})")
     if summary["unseen_phrasing"] is not None:
         print(f"unseen phrasing {summary['unseen_phrasing']:.4f} on "
-              f"{summary['n_unseen_phrasing']} questions")
+              f"{_count(summary['n_unseen_phrasing'], 'question')}")
     if summary["responses"] > summary["prompts"]:
         print(f"all {summary['responses']} responses: {summary['all_responses']:.4f}")
 

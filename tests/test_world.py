@@ -406,6 +406,10 @@ def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsy
                                for t, r in zip(test, responses)))
     assert main(["world", "score", "--world", str(out), "--in", str(samples)]) == 0
     assert "unseen phrasing 0.5000 on 2 questions" in capsys.readouterr().out
+    samples.write_text("".join(json.dumps({"id": t["id"], "responses": r}) + "\n"
+                               for t, r in zip(test[:3], responses)))  # one unseen phrasing
+    assert main(["world", "score", "--world", str(out), "--in", str(samples)]) == 0
+    assert "unseen phrasing 0.0000 on 1 question\n" in capsys.readouterr().out  # not "questions"
     # A dialog's turns are scored too (`{dialog id}/{turn}`), and are no test question.
     dialog = json.loads((out / "dialogs.jsonl").read_text().splitlines()[0])
     turns = [m["content"] for m in dialog["messages"] if m["role"] == "assistant"]
