@@ -467,6 +467,19 @@ def test_export_refuses_what_does_not_map(fields, message, tmp_path):
         export_hf(_random_gpt(0, **fields), None, tmp_path)
 
 
+def test_convert_to_hf_names_the_model_that_does_not_map(tmp_path, capsys):
+    # The refusal named the settings but not the model directory they were read from.
+    from gptlab.checkpoint import save_model
+    save_model(tmp_path / "m", _random_gpt(0, prenorm=False), None)
+    capsys.readouterr()
+    assert main(["convert", "--to", "hf", str(tmp_path / "m"), "--out",
+                 str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab convert: error: {tmp_path / 'm'}: this model does not map to a Hugging Face "
+        f"architecture: prenorm=False (GPT2 needs True)\n")
+    assert not (tmp_path / "hf").exists()
+
+
 # --- a gptlab-trained tokenizer (with BOS) through Hugging Face ---------------------------------
 
 TOKENIZER_CORPUS = ["Is the cat happy? Yes, the cat is happy.",

@@ -82,4 +82,7 @@ def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
 
     check_out_apart(src, out_dir)
     model, tokenizer, _ = load_model(src)
-    return export_hf(model, tokenizer, out_dir)
+    try:
+        return export_hf(model, tokenizer, out_dir)
+    except UserError as e:  # a model that does not map: say which one
+        raise e.at(src) from None
