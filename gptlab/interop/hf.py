@@ -78,6 +78,7 @@ def check_heads(d: int, h: int, kv: int, head_dim_set: bool, path: Path,
         raise UserError(f"{heads} {h} is not a multiple of {kv_heads} {kv}", path=path,
                         field=kv_heads)
 
+
 def _rope_theta(cfg: dict, path: Path) -> float:
     """rope theta from either layout (transformers 4: rope_theta + rope_scaling; 5:
     rope_parameters); any scaling changes the rotation, so it is refused."""
@@ -121,34 +122,45 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True))
 
 
-def _llama_config(cfg: dict, path: Path) -> GPTConfig:
-    mtype = cfg["model_type"]
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (the Llama family "
-                        f"maps to SwiGLU, which needs silu)", path=path, field="hidden_act")
-    n_pos = _count(cfg, "max_position_embeddings", path, 2048)
+def _refuse_sliding_window(cfg: dict, context: int, path: Path) -> None:
+    """A window shorter than the context changes the attention; Qwen2 has one only with
+    use_sliding_window."""
     window = cfg.get("sliding_window")
-    if mtype == "qwen2" and not cfg.get("use_sliding_window", False):
+    if cfg["model_type"] == "qwen2" and not cfg.get("use_sliding_window", False):
         window = None
     if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
         raise UserError(f"must be an integer or null, got {window!r}", path=path,
                         field="sliding_window")
-    if window is not None and window < n_pos:
-        raise UserError(f"sliding-window attention (window {window} < context {n_pos}) is not "
-                        f"supported", path=path, field="sliding_window")
+    if window is not None and window < context:
+        raise UserError(f"sliding-window attention (window {window} < context {context}) is "
+                        f"not supported", path=path, field="sliding_window")
+
+
+def _llama_biases(cfg: dict, path: Path) -> tuple[bool, bool | None]:
+    """GPTConfig's (bias, qkv_bias): Qwen2 has biases on Q, K, V only; Llama and Mistral on
+    every linear layer or on none."""
+    if cfg["model_type"] == "qwen2":
+        return False, True
+    attn_bias = _flag(cfg, "attention_bias", path, False)
+    mlp_bias = _flag(cfg, "mlp_bias", path, False)
+    if attn_bias != mlp_bias:
+        raise UserError(f"attention_bias={attn_bias} with mlp_bias={mlp_bias} does not map "
+                        f"(gptlab puts biases on all linear layers or on none)", path=path,
+                        field="attention_bias")
+    return attn_bias, None
+
+
+def _llama_config(cfg: dict, path: Path) -> GPTConfig:
+    """Llama, Mistral and Qwen2: rotary positions, RMSNorm, SwiGLU, grouped-query attention."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (the Llama family "
+                        f"maps to SwiGLU, which needs silu)", path=path, field="hidden_act")
+    n_pos = _count(cfg, "max_position_embeddings", path, 2048)
+    _refuse_sliding_window(cfg, n_pos, path)
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError("partial rotary embeddings are not supported", path=path,
                         field="partial_rotary_factor")
-    if mtype == "qwen2":
-        bias, qkv_bias = False, True  # Qwen2: biases on Q, K, V only
-    else:
-        attn_bias = _flag(cfg, "attention_bias", path, False)
-        mlp_bias = _flag(cfg, "mlp_bias", path, False)
-        if attn_bias != mlp_bias:
-            raise UserError(f"attention_bias={attn_bias} with mlp_bias={mlp_bias} does not map "
-                            f"(gptlab puts biases on all linear layers or on none)", path=path,
-                            field="attention_bias")
-        bias, qkv_bias = attn_bias, None
+    bias, qkv_bias = _llama_biases(cfg, path)
     d, h = _count(cfg, "hidden_size", path), _count(cfg, "num_attention_heads", path)
     kv = _count(cfg, "num_key_value_heads", path, None) or h
     explicit_head_dim = _count(cfg, "head_dim", path, None)
