@@ -323,3 +323,23 @@ def test_any_seed_in_torchs_range_runs_a_step_and_one_outside_is_refused(setup, 
     batch = t.advantages(ro, t.score(ro))
     stats = t.update(ro, batch, 1e-4, 1)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_a_bad_score_names_the_prompts_file_and_line_of_its_prompt(setup, tmp_path):
+    """A prompt without an `id` was named by its position in the step's draw ('prompt id 1'),
+    which no file holds; the score's prompt is found by its file and line."""
+    t = trainer(setup, tmp_path / "run")
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    ro.records = [{"prompt": "p", "score": 1.0, "_line": 7},
+                  {"prompt": "p", "score": float("nan"), "_line": 3},
+                  {"prompt": "p", "score": "2", "_line": 5, "id": "q5"}]
+    with pytest.raises(UserError) as e:
+        t.score(ro)
+    assert str(e.value) == (f"{t.cfg.prompts}:3, field 'reward_fn': the reward function "
+                            f"{__name__}:record_score returned a non-finite score (nan)")
+    ro.records[1]["score"] = 0.0
+    with pytest.raises(UserError) as e:
+        t.score(ro)
+    assert str(e.value) == (f"{t.cfg.prompts}:5, field 'reward_fn': the reward function "
+                            f"{__name__}:record_score returned a str ('2') for prompt id q5; "
+                            f"a score must be a real number")

@@ -289,19 +289,20 @@ def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
     return value_model.values(ro.ids, ro.attention_mask, cache)[:, ro.P - 1:-1]
 
 
-def reward_number(v: Any, prompt_id: Any, name: str = "") -> float:
+def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
     """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor),
-    never a bool, a string or a non-finite value. `name` is the function's module:function."""
-    fn = f"the reward function {name}" if name else "the reward function"
+    never a bool, a string or a non-finite value. `name` is the function's module:function;
+    the error names the prompt's `id` when it has one (the caller adds its file and line)."""
+    of = "" if prompt_id is None else f" for prompt id {prompt_id}"
     try:
         x = None if isinstance(v, (bool, str, bytes)) else float(v)
     except (TypeError, ValueError):
         x = None
     if x is None:
-        raise UserError(f"{fn} returned a {type(v).__name__} ({v!r}) for prompt id "
-                        f"{prompt_id}; a score must be a real number", field="reward_fn")
+        raise UserError(f"the reward function {name} returned a {type(v).__name__} ({v!r})"
+                        f"{of}; a score must be a real number", field="reward_fn")
     if not math.isfinite(x):
-        raise UserError(f"{fn} returned a non-finite score ({x}) for prompt id {prompt_id}",
+        raise UserError(f"the reward function {name} returned a non-finite score ({x}){of}",
                         field="reward_fn")
     return x
 
@@ -554,9 +555,13 @@ class PPOTrainer:
             if len(values) != len(texts):
                 raise UserError(f"the reward function {name} returned {len(values)} scores for "
                                 f"{len(texts)} responses", field="reward_fn")
-            scores = torch.tensor([reward_number(v, ro.records[i].get("id", i), name)
-                                   for i, v in enumerate(values)],
-                                  dtype=torch.float32, device=self.device)
+            numbers = []
+            for v, rec in zip(values, ro.records):
+                try:
+                    numbers.append(reward_number(v, name, rec.get("id")))
+                except UserError as e:
+                    raise e.at(self.cfg.prompts, rec.get("_line")) from None
+            scores = torch.tensor(numbers, dtype=torch.float32, device=self.device)
         # A response that never ended is penalised by a fixed amount.
         return scores - self.cfg.missing_eos_penalty * (~ro.finished).float()
 
