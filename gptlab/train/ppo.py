@@ -511,6 +511,11 @@ class PPOTrainer:
                 f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in diff) + "); resume "
                 "with the same settings, or choose another --out", path=path, field=diff[0])
 
+    def step_seed(self, step: int) -> int:
+        """Step `step`'s own seed, for its rollout's sampling and its minibatch order: each
+        step draws afresh, the same on a resumed run."""
+        return (self.cfg.seed * 100_003 + step) % 2**64
+
     # --- 1. rollout ---------------------------------------------------------------------------
     def rollout(self, step: int) -> Rollout:
         cfg = self.cfg
@@ -531,7 +536,7 @@ class PPOTrainer:
         gen = generate(self.policy, prompts, SamplingParams(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             stop_ids=tuple(sorted(self.tok.stop_ids))),
-            seed=cfg.seed * 100_003 + step, pad_id=self.tok.pad_id)
+            seed=self.step_seed(step), pad_id=self.tok.pad_id)
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
                                              shared=common_prefix_length(prompts))
         return Rollout(ids, mask, rmask, P, records, gen.tokens,
@@ -605,7 +610,7 @@ class PPOTrainer:
         set_lr(self.optimizer, lr)
         B = ro.ids.shape[0]
         stats: dict[str, list[float]] = {}
-        g = torch.Generator().manual_seed((cfg.seed * 100_003 + step) % 2**64)  # new each step
+        g = torch.Generator().manual_seed(self.step_seed(step))
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(B, generator=g).split(cfg.minibatch_size):
                 idx = idx.to(self.device)
