@@ -336,29 +336,8 @@ class PPOTrainer:
             raise UserError(f"must be below the policy's context of "
                             f"{self.policy.config.context}, got {cfg.max_new_tokens}",
                             field="max_new_tokens")
-        if cfg.reference:
-            self.reference, ref_tok, _ = load_model(cfg.reference, self.device)
-            if not isinstance(self.reference, GPT):
-                raise UserError(f"is a {type(self.reference).__name__}, not a decoder-only "
-                                f"language model; the reference must be one (the KL is measured "
-                                f"against its log-probabilities)", path=cfg.reference,
-                                field="reference")
-            self._check_vocabulary(self.reference, ref_tok, "reference", "the reference model")
-        else:
-            self.reference = copy.deepcopy(self.policy)
-        self.reference.requires_grad_(False)
-        self.reward_model: ScalarHeadModel | None = None
-        self.reward_fn: Callable | None = None
-        if cfg.reward:
-            self.reward_model, rm_tok, _ = load_model(cfg.reward, self.device)
-            if not isinstance(self.reward_model, ScalarHeadModel):
-                raise UserError("not a reward model (expected a scalar-head model or a "
-                                "one-label sequence classifier)", path=cfg.reward, field="reward")
-            self._check_vocabulary(self.reward_model, rm_tok, "reward", "the reward model")
-            self.reward_model.requires_grad_(False)
-        else:
-            self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
-            self.reward_fn_name = cfg.reward_fn or reward_fn_name(reward_fn)
+        self.reference = self._load_reference()
+        self._load_reward(reward_fn)
         self.value_model = self._init_value_model()
         # Every sequence goes through the reference, reward and value models too: the shortest
         # context of them all bounds a prompt and its response.
@@ -380,28 +359,8 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) \
             if cfg.adaptive_kl else None
         self.records = read_prompts(cfg.prompts)
-        check_records = getattr(self.reward_fn, "check_records", None)
-        if check_records is not None:  # a reward function may check every prompt up front
-            try:
-                check_records(self.records, cfg.prompts)
-            except UserError:
-                raise
-            except (Exception, SystemExit) as e:  # the user's check, reported as its score is
-                raise UserError(f"the reward function {self.reward_fn_name}: check_records "
-                                f"raised {type(e).__name__}: {e}", path=cfg.prompts,
-                                field="reward_fn") from e
-        # Every prompt is encoded once, before the first step: one the chat template refuses
-        # stops the run here, naming its line, not at the step that first draws it. With a
-        # reward model, also the end of turn that closes a response to it (`scored_response`).
-        self.prompt_ids, self.prompt_ends = [], []
-        for rec in self.records:
-            prompt = prompt_of(rec, cfg.prompts, rec.get("_line"))
-            try:
-                self.prompt_ids.append(encode_prompt(self.tok, prompt))
-                if self.reward_model is not None:
-                    self.prompt_ends.append(end_of_response(self.tok, prompt))
-            except UserError as e:
-                raise e.at(cfg.prompts, rec.get("_line")) from None
+        self._check_records()
+        self.prompt_ids, self.prompt_ends = self._encode_prompts()
         if not any(len(p) <= self.context - cfg.max_new_tokens for p in self.prompt_ids):
             raise UserError(f"none of the {len(self.prompt_ids)} prompts fits {self.context_of} "
                             f"context of {self.context} tokens with max_new_tokens "
@@ -417,6 +376,70 @@ class PPOTrainer:
         self.resumed_from = latest if cfg.resume else None
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
+
+    def _load_reference(self) -> GPT:
+        """The frozen KL anchor: `cfg.reference`, or a copy of the initial policy."""
+        cfg = self.cfg
+        if cfg.reference:
+            reference, ref_tok, _ = load_model(cfg.reference, self.device)
+            if not isinstance(reference, GPT):
+                raise UserError(f"is a {type(reference).__name__}, not a decoder-only "
+                                f"language model; the reference must be one (the KL is measured "
+                                f"against its log-probabilities)", path=cfg.reference,
+                                field="reference")
+            self._check_vocabulary(reference, ref_tok, "reference", "the reference model")
+        else:
+            reference = copy.deepcopy(self.policy)
+        return reference.requires_grad_(False)
+
+    def _load_reward(self, reward_fn: Callable | None) -> None:
+        """Set `reward_model` (frozen, from `cfg.reward`), or `reward_fn` (given, or imported
+        from `cfg.reward_fn`) and its `reward_fn_name`; the others stay None."""
+        cfg = self.cfg
+        self.reward_model: ScalarHeadModel | None = None
+        self.reward_fn: Callable | None = None
+        self.reward_fn_name: str | None = None
+        if cfg.reward:
+            self.reward_model, rm_tok, _ = load_model(cfg.reward, self.device)
+            if not isinstance(self.reward_model, ScalarHeadModel):
+                raise UserError("not a reward model (expected a scalar-head model or a "
+                                "one-label sequence classifier)", path=cfg.reward, field="reward")
+            self._check_vocabulary(self.reward_model, rm_tok, "reward", "the reward model")
+            self.reward_model.requires_grad_(False)
+        else:
+            self.reward_fn = reward_fn or load_reward_fn(cfg.reward_fn)
+            self.reward_fn_name = cfg.reward_fn or reward_fn_name(reward_fn)
+
+    def _check_records(self) -> None:
+        """A reward function may check every prompt up front with its `check_records`."""
+        check_records = getattr(self.reward_fn, "check_records", None)
+        if check_records is None:
+            return
+        try:
+            check_records(self.records, self.cfg.prompts)
+        except UserError:
+            raise
+        except (Exception, SystemExit) as e:  # the user's check, reported as its score is
+            raise UserError(f"the reward function {self.reward_fn_name}: check_records "
+                            f"raised {type(e).__name__}: {e}", path=self.cfg.prompts,
+                            field="reward_fn") from e
+
+    def _encode_prompts(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Every prompt's token ids, encoded once, before the first step: one the chat template
+        refuses stops the run here, naming its line, not at the step that first draws it. With
+        a reward model, also the end of turn that closes a response to each (`scored_response`);
+        without one, that list is empty."""
+        path = self.cfg.prompts
+        ids, ends = [], []
+        for rec in self.records:
+            prompt = prompt_of(rec, path, rec.get("_line"))
+            try:
+                ids.append(encode_prompt(self.tok, prompt))
+                if self.reward_model is not None:
+                    ends.append(end_of_response(self.tok, prompt))
+            except UserError as e:
+                raise e.at(path, rec.get("_line")) from None
+        return ids, ends
 
     def _check_vocabulary(self, model: torch.nn.Module, tok: Any, field: str, what: str) -> None:
         """A model given as --reward, --reference or --value reads the policy's token ids: its
