@@ -691,16 +691,11 @@ class PPOTrainer:
                 with held_interrupt("finishing this PPO update to save it"):
                     updating = True
                     stats = self.update(ro, batch, lr, step)
-                    kl_seq = batch["kl"].sum(1).mean().item()
+                    row = self._rollout_metrics(step, ro, scores, batch, lr)
                     if self.kl_ctl:
-                        self.kl_ctl.update(kl_seq, len(ro.records))
+                        self.kl_ctl.update(row["kl"], len(ro.records))
                     self.step, self.elapsed = step, time.time() - start
-                    row = {"step": step, "reward": scores.mean().item(),
-                           "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-                           "kl": kl_seq, "kl_coef": float(batch["beta"]),
-                           "response_length": ro.response_mask.sum(1).float().mean().item(),
-                           "eos_fraction": ro.finished.float().mean().item(), "lr": lr,
-                           "elapsed_s": round(self.elapsed, 2), **stats}
+                    row = {**row, "elapsed_s": round(self.elapsed, 2), **stats}
                     if log is None:  # a new run: OUT gets its first files once a step is done
                         log = self._start_run(metrics_path)
                     log.log(row)
@@ -725,6 +720,17 @@ class PPOTrainer:
         if self.skips.total:
             print(self.skips.report("prompts"), file=sys.stderr)
         return self.save(self.out)
+
+    @staticmethod
+    def _rollout_metrics(step: int, ro: Rollout, scores: Tensor, batch: dict[str, Tensor],
+                         lr: float) -> dict[str, float]:
+        """Step `step`'s rollout as metrics.jsonl logs it; `kl` is a response's summed
+        per-token KL, averaged over responses: the scale of `target_kl`."""
+        return {"step": step, "reward": scores.mean().item(),
+                "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                "kl": batch["kl"].sum(1).mean().item(), "kl_coef": float(batch["beta"]),
+                "response_length": ro.response_mask.sum(1).float().mean().item(),
+                "eos_fraction": ro.finished.float().mean().item(), "lr": lr}
 
     def _start_run(self, metrics_path: Path) -> MetricsLog:
         """run.json and a fresh metrics.jsonl, written only once the first step is done, so
