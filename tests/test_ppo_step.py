@@ -193,6 +193,24 @@ def test_the_logged_kl_is_the_per_sequence_sum_averaged_over_responses(setup, tm
     assert row["kl"] == pytest.approx(per_sequence, rel=1e-6)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_logged_kl_coef_is_the_beta_of_the_step_as_given(setup, tmp_path, adaptive):
+    # It went through a float32 tensor: --kl-coef 0.02 was logged as 0.019999999552965164.
+    t = trainer(setup, tmp_path / "run", kl_coef=0.02, adaptive_kl=adaptive, steps=2)
+    betas = []
+    real = t.update
+
+    def spy(*args):
+        betas.append(t.kl_ctl.value if adaptive else 0.02)  # before this step's update
+        return real(*args)
+    t.update = spy
+    t.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["kl_coef"] for r in rows] == betas and betas[0] == 0.02
+    if adaptive:
+        assert betas[1] != 0.02  # the controller moved it
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_the_reward_model_reads_a_rollout_as_it_read_its_rankings(setup, tmp_path, chat):
     # The reward model learned on responses closed by EOS (or the end of turn), cut at

@@ -624,7 +624,7 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             adv = whiten(adv, m)
         return {"old_logp": old_logp, "old_values": old_values, "advantages": adv,
-                "returns": returns, "kl": kl, "beta": torch.tensor(beta)}
+                "returns": returns, "kl": kl, "beta": torch.tensor(beta, dtype=torch.float64)}
 
     # --- 5. clipped updates -------------------------------------------------------------------
     def update(self, ro: Rollout, batch: dict[str, Tensor], lr: float, step: int
