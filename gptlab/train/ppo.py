@@ -571,27 +571,32 @@ class PPOTrainer:
         if self.reward_model is not None:
             scores = self._reward_model_scores(ro)
         else:
-            texts = [self.tok.decode(r) for r in ro.responses]
-            prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
-            name = self.reward_fn_name
-            try:
-                values = list(self.reward_fn(prompts, texts, ro.records))
-            except (Exception, SystemExit) as e:  # the user's function: report it, never a
-                # silent zero, nor a silent end (sys.exit(0) would exit with success)
-                raise UserError(f"the reward function {name} raised {type(e).__name__}: {e}",
-                                field="reward_fn") from e
-            if len(values) != len(texts):
-                raise UserError(f"the reward function {name} returned {len(values)} scores for "
-                                f"{len(texts)} responses", field="reward_fn")
-            numbers = []
-            for v, rec in zip(values, ro.records):
-                try:
-                    numbers.append(reward_number(v, name, rec.get("id")))
-                except UserError as e:
-                    raise e.at(self.cfg.prompts, rec.get("_line")) from None
-            scores = torch.tensor(numbers, dtype=torch.float32, device=self.device)
+            scores = self._reward_fn_scores(ro)
         # A response that never ended is penalised by a fixed amount.
         return scores - self.cfg.missing_eos_penalty * (~ro.finished).float()
+
+    def _reward_fn_scores(self, ro: Rollout) -> Tensor:
+        """The reward function's scores of the decoded responses: one real number each, or
+        a UserError naming the function (and the prompt's line, for a bad score)."""
+        texts = [self.tok.decode(r) for r in ro.responses]
+        prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
+        name = self.reward_fn_name
+        try:
+            values = list(self.reward_fn(prompts, texts, ro.records))
+        except (Exception, SystemExit) as e:  # the user's function: report it, never a
+            # silent zero, nor a silent end (sys.exit(0) would exit with success)
+            raise UserError(f"the reward function {name} raised {type(e).__name__}: {e}",
+                            field="reward_fn") from e
+        if len(values) != len(texts):
+            raise UserError(f"the reward function {name} returned {len(values)} scores for "
+                            f"{len(texts)} responses", field="reward_fn")
+        numbers = []
+        for v, rec in zip(values, ro.records):
+            try:
+                numbers.append(reward_number(v, name, rec.get("id")))
+            except UserError as e:
+                raise e.at(self.cfg.prompts, rec.get("_line")) from None
+        return torch.tensor(numbers, dtype=torch.float32, device=self.device)
 
     def _reward_model_scores(self, ro: Rollout) -> Tensor:
         """The reward model reads each response as it learned to read one (`scored_response`):
