@@ -361,3 +361,15 @@ def test_a_bad_score_names_the_prompts_file_and_line_of_its_prompt(setup, tmp_pa
     assert str(e.value) == (f"{t.cfg.prompts}:5, field 'reward_fn': the reward function "
                             f"{__name__}:record_score returned a str ('2') for prompt id q5; "
                             f"a score must be a real number")
+
+
+@pytest.mark.parametrize("returned,what", [(None, "None"), (1.0, "a float")])
+def test_a_reward_function_that_returns_no_list_says_so(setup, tmp_path, returned, what):
+    """A function that forgot its `return` was reported as having raised ('raised TypeError:
+    'NoneType' object is not iterable'): the error was list()'s, not the function's."""
+    t = trainer(setup, tmp_path / "run")
+    t.reward_fn = lambda prompts, responses, records: returned
+    with pytest.raises(UserError) as e:
+        t.score(hand_rollout(t, PROMPTS, RESPONSES, [True] * 3))
+    assert str(e.value) == (f"field 'reward_fn': the reward function {__name__}:record_score "
+                            f"returned {what}, not a list of 3 scores (one per response)")

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -582,11 +582,16 @@ class PPOTrainer:
         prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
         name = self.reward_fn_name
         try:
-            values = list(self.reward_fn(prompts, texts, ro.records))
+            returned = self.reward_fn(prompts, texts, ro.records)
+            values = list(returned) if isinstance(returned, Iterable) else None
         except (Exception, SystemExit) as e:  # the user's function: report it, never a
             # silent zero, nor a silent end (sys.exit(0) would exit with success)
             raise UserError(f"the reward function {name} raised {type(e).__name__}: {e}",
                             field="reward_fn") from e
+        if values is None:  # a forgotten `return`, or one number for the whole batch
+            what = "None" if returned is None else f"a {type(returned).__name__}"
+            raise UserError(f"the reward function {name} returned {what}, not a list of "
+                            f"{len(texts)} scores (one per response)", field="reward_fn")
         if len(values) != len(texts):
             raise UserError(f"the reward function {name} returned {len(values)} scores for "
                             f"{len(texts)} responses", field="reward_fn")
