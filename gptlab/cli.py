@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     processes = os.environ.get("WORLD_SIZE", "1")
-    if processes.isdigit() and int(processes) > 1:
+    if processes.isdecimal() and int(processes) > 1:  # not isdigit: int("²") fails
         # Every process would run the whole stage and write the same --out: refuse, don't race.
         print(f"gptlab {args.verb}: error: started as {processes} processes (WORLD_SIZE="
               f"{processes}), but gptlab trains in one process: distributed training is not "

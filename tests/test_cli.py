@@ -234,9 +234,22 @@ def test_torchrun_with_more_than_one_process_is_refused_before_anything_runs(
     assert main(["pretrain", "--data", str(corpus), "--model", "tiny", "--max-steps", "1",
                  "--out", str(out)]) == 2
     assert "WORLD_SIZE=2" in capsys.readouterr().err and not out.exists()
-    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1 runs as usual
-    assert main(["generate", "--model", str(tiny_model), "--prompt", "hello", "--greedy",
-                 "--max-new-tokens", "3"]) == 0
+    for one in ("1", "²"):  # torchrun --nproc-per-node 1 runs as usual; "²" is no count
+        monkeypatch.setenv("WORLD_SIZE", one)
+        assert main(["generate", "--model", str(tiny_model), "--prompt", "hello", "--greedy",
+                     "--max-new-tokens", "3"]) == 0
+
+
+def test_sft_and_reward_without_model_or_data_name_the_missing_field():
+    from gptlab.train.reward import RewardConfig, train_reward_model
+    from gptlab.train.sft import SFTConfig, sft
+    for run, cfg, field in ((sft, SFTConfig(data="d.jsonl", out="o"), "model"),
+                            (sft, SFTConfig(model="m", out="o"), "data"),
+                            (train_reward_model, RewardConfig(data="r.jsonl", out="o"), "model"),
+                            (train_reward_model, RewardConfig(model="m", out="o"), "data")):
+        with pytest.raises(UserError) as err:
+            run(cfg)
+        assert err.value.field == field and "needs --model and --data" in str(err.value)
 
 
 def test_pretrain_prints_its_model_directory_like_the_other_training_verbs(tmp_path, capsys):

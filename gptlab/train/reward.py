@@ -254,7 +254,8 @@ def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]
 def train_reward_model(cfg: RewardConfig) -> Path:
     """Train a reward model; OUT is a scalar-head model directory."""
     if not cfg.model or not cfg.data:
-        raise UserError("reward needs --model and --data")
+        raise UserError("reward needs --model and --data",
+                        field="model" if not cfg.model else "data")
     cfg.check()
     out = Path(cfg.out)
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)

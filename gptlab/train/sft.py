@@ -224,7 +224,8 @@ def sft(cfg: SFTConfig) -> Path:
     from gptlab.eval.execution import world_exec_evaluator
 
     if not cfg.model or not cfg.data:
-        raise UserError("sft needs --model and --data")
+        raise UserError("sft needs --model and --data",
+                        field="model" if not cfg.model else "data")
     cfg.check()
     out = Path(cfg.out)
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
