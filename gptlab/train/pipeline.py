@@ -26,7 +26,7 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError
-from gptlab.io import (check_dir_out, check_holds_none, read_json, read_jsonl, write_json_atomic,
+from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, write_json_atomic,
                        write_jsonl_atomic)
 from gptlab.train.loop import select_device
 
@@ -410,14 +410,12 @@ class Pipeline:
     # --- stages --------------------------------------------------------------------------------
     def export_world(self) -> None:
         from gptlab.world import build_world, load_world
+        from gptlab.world.build import OtherVersionWorld
         if not (self.world_dir / "world.json").exists():
             build_world(seed=self.cfg.world_seed).export(self.world_dir)
         try:
             self.world = load_world(self.world_dir)
-        except UserError as e:
-            if e.field != "fingerprint" or not isinstance(
-                    read_json(self.world_dir / "world.json").get("fingerprint"), str):
-                raise  # not another version's world: world.json is broken (no fingerprint)
+        except OtherVersionWorld as e:
             # Exported again, it would not be the world this run's stages were made from.
             todo = ("export it again into a new directory and run the pipeline into another "
                     "--out" if self.cfg.world else

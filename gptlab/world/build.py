@@ -286,6 +286,10 @@ def schema_seed_of(options: WorldOptions) -> int:
     return options.seed if options.schema_seed is None else options.schema_seed
 
 
+class OtherVersionWorld(UserError):
+    """A whole world.json whose gold SQL this version of gptlab builds differently."""
+
+
 def load_world(directory: str | Path) -> World:
     """Rebuild an exported world from its `world.json`, using its `company.sqlite`."""
     directory = Path(directory)
@@ -314,9 +318,9 @@ def load_world(directory: str | Path) -> World:
         raise UserError("database file not found", path=db_path)
     world = _build(options, db_path, write_db=False)
     if manifest.get("fingerprint") != world.fingerprint():
-        raise UserError("this world was exported by a different version of gptlab: its gold "
-                        "SQL cannot be rebuilt; export it again", path=manifest_path,
-                        field="fingerprint")
+        raise OtherVersionWorld("this world was exported by a different version of gptlab: its "
+                                "gold SQL cannot be rebuilt; export it again",
+                                path=manifest_path, field="fingerprint")
     if database_digest(db_path) != world.db_digest:
         raise UserError("the database's contents differ from the world's (was it edited?); "
                         "export the world again", path=db_path)
