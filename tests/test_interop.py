@@ -225,6 +225,31 @@ def test_hf_import_and_export_match_transformers(family, tmp_path):
     assert_same_logits(model, back, PROMPTS)
 
 
+
+@pytest.mark.parametrize("with_layer_types", [True, False])
+def test_qwen2_window_applies_only_to_the_layers_it_names(with_layer_types, tmp_path):
+    # use_sliding_window with max_window_layers = num_hidden_layers slides on no layer: the
+    # model is full attention (it used to be refused), from layer_types or, without them,
+    # from max_window_layers; one sliding layer is refused.
+    theirs = _hf_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    theirs.save_pretrained(tmp_path / "full")
+    if not with_layer_types:
+        cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+        del cfg["layer_types"]
+        (tmp_path / "full" / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_pretrained(tmp_path / "full")
+    assert len(PROMPTS[2]) > 16
+    assert_same_logits(model, theirs, PROMPTS)
+    _hf_model("qwen2", use_sliding_window=True, sliding_window=16,
+              max_window_layers=1).save_pretrained(tmp_path / "slides")
+    if not with_layer_types:
+        cfg = json.loads((tmp_path / "slides" / "config.json").read_text())
+        del cfg["layer_types"]
+        (tmp_path / "slides" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"field 'sliding_window': sliding-window attention "
+                                        r"\(window 16 < context 128\)"):
+        load_pretrained(tmp_path / "slides")
+
 def test_sharded_checkpoint_loads_and_missing_shard_is_refused(tmp_path, capsys):
     theirs = _hf_model("llama", seed=1)
     theirs.save_pretrained(tmp_path / "src", max_shard_size="40KB")

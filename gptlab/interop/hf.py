@@ -122,11 +122,28 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True))
 
 
+def _qwen2_slides(cfg: dict, path: Path) -> bool:
+    """Whether any Qwen2 layer attends through its window: only with use_sliding_window, and
+    then only the layers layer_types marks "sliding_attention" (without layer_types, those
+    from max_window_layers on, transformers' default 28)."""
+    if not _flag(cfg, "use_sliding_window", path, False):
+        return False
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list):
+            raise UserError(f"must be a list, got {types!r}", path=path, field="layer_types")
+        return "sliding_attention" in types
+    first = _value(cfg, "max_window_layers", path, 28)
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise UserError(f"must be a non-negative integer, got {first!r}", path=path,
+                        field="max_window_layers")
+    return first < _count(cfg, "num_hidden_layers", path)
+
+
 def _refuse_sliding_window(cfg: dict, context: int, path: Path) -> None:
-    """A window shorter than the context changes the attention; Qwen2 has one only with
-    use_sliding_window."""
+    """A window shorter than the context changes the attention."""
     window = cfg.get("sliding_window")
-    if cfg["model_type"] == "qwen2" and not cfg.get("use_sliding_window", False):
+    if cfg["model_type"] == "qwen2" and not _qwen2_slides(cfg, path):
         window = None
     if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
         raise UserError(f"must be an integer or null, got {window!r}", path=path,
