@@ -336,6 +336,30 @@ def test_a_resume_on_other_rankings_says_so(base, tmp_path, capsys):
             "into other rankings") in capsys.readouterr().err
 
 
+def test_a_resume_with_other_held_out_rankings_is_refused(base, tmp_path, capsys):
+    """--val-data decides what each evaluation measures: changed on resume, the run's held-out
+    accuracies would be of two sets. Refused, as SFT refuses it, before anything is written."""
+    _, rankings = base
+    out, val, other = tmp_path / "rm", tmp_path / "val.jsonl", tmp_path / "other.jsonl"
+    lines = rankings.read_text().splitlines(keepends=True)
+    val.write_text("".join(lines[:4]))
+    other.write_text("".join(lines[4:8]))
+    keep = ("--save-every", "1", "--keep-checkpoints", "5")
+    assert run_reward(base, out, *keep, "--val-data", str(val)) == 0
+    files = snapshot(out)
+    step1 = out / "checkpoints" / "step-1"
+    for args, shown in (([], f"val_data: {str(val)!r} there, None now"),
+                        (["--val-data", str(other)],
+                         f"val_data: {str(val)!r} there, {str(other)!r} now")):
+        assert run_reward(base, out, "--resume", "--max-steps", "2", *keep, *args) == 2
+        assert (f"{step1}, field 'val_data': was written with other settings ({shown}); they "
+                f"decide what each evaluation measures") in capsys.readouterr().err
+        assert snapshot(out) == files  # nothing written
+    assert run_reward(base, out, "--resume", "--max-steps", "2", *keep,
+                      "--val-data", str(val)) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+
+
 def test_each_files_skipped_rankings_are_reported_on_that_file(base, tmp_path, capsys):
     d, rankings = base
     val = tmp_path / "val.jsonl"

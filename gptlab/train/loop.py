@@ -524,6 +524,17 @@ def _check_budget(cfg: Any, state: dict, path: Path) -> None:
                     "--max-steps to change its length", path=path, field="max_minutes")
 
 
+def refuse_other_settings(cfg: Any, theirs: dict, keys: Iterable[str], path: Path,
+                          why: str) -> None:
+    """Refuse a resume whose `keys` differ from the values checkpoint `path` recorded
+    (`theirs`; a key it did not record passes), naming the first; `why` says what they decide."""
+    diff = [k for k in keys if k in theirs and not same_setting(theirs[k], getattr(cfg, k))]
+    if diff:
+        raise UserError("was written with other settings (" + ", ".join(
+            f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + f"); {why}: "
+            "resume with the same settings, or choose another --out", path=path, field=diff[0])
+
+
 def same_setting(theirs: Any, mine: Any) -> bool:
     """Equal, or the same file spelled another way (`runs/x/sft` and `/home/me/runs/x/sft` run
     from /home/me): a path recorded as typed is read from where the resume runs."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import load_model, save_model
+from gptlab.checkpoint import load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of)
 from gptlab.errors import UserError
@@ -29,9 +29,15 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, data_key, fixed_list_batches, warn_if_data_changed
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               train)
+                               refuse_other_settings, train)
 from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
+
+
+# Settings that decide what an evaluation measures (the held-out rankings; without a file, the
+# split settings the common loop keeps): a resume must keep them, or the run's held-out
+# accuracies would be of two sets.
+MEASURE_SETTINGS = ("val_data",)
 
 
 @dataclass
@@ -251,6 +257,16 @@ def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]
     return [x for i, x in enumerate(items) if i not in val], [items[i] for i in sorted(val)]
 
 
+def check_resume_settings(cfg: RewardConfig, checkpoint: Path) -> None:
+    """Refuse to resume with another MEASURE_SETTINGS value, naming the first (a checkpoint
+    from before these were recorded passes)."""
+    theirs = read_meta(checkpoint).get("eval_settings")
+    if isinstance(theirs, dict):
+        refuse_other_settings(cfg, theirs, MEASURE_SETTINGS, checkpoint, "they decide what "
+                              "each evaluation measures, and the run's held-out accuracies "
+                              "would be of two sets")
+
+
 def train_reward_model(cfg: RewardConfig) -> Path:
     """Train a reward model; OUT is a scalar-head model directory."""
     if not cfg.model or not cfg.data:
@@ -259,6 +275,8 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     cfg.check()
     out = Path(cfg.out)
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
+    if cfg.resume:
+        check_resume_settings(cfg, latest)
     base, tok, _ = load_model(cfg.model)
     if tok is None:
         raise UserError("the model has no tokenizer", path=cfg.model)
@@ -319,7 +337,8 @@ def train_reward_model(cfg: RewardConfig) -> Path:
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
-                   resume=cfg.resume, extra={"stage": "reward", "data_key": key}, perplexity=False)
+                   resume=cfg.resume, extra={"stage": "reward", "data_key": key, "eval_settings": {
+                       k: getattr(cfg, k) for k in MEASURE_SETTINGS}}, perplexity=False)
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
     # answers); none without held-out rankings.

@@ -30,7 +30,7 @@ from gptlab.provenance import record_run
 from gptlab.train.batching import (ListBatches, data_key, fixed_list_batches, pad_examples,
                                    warn_if_data_changed)
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               read_metrics, same_setting, train)
+                               read_metrics, refuse_other_settings, train)
 
 # Settings that decide what an evaluation measures: the held-out demonstrations, the world whose
 # execution accuracy is the score and, with a world, how many questions and how long an answer.
@@ -201,13 +201,8 @@ def check_resume_settings(cfg: SFTConfig, checkpoint: Path) -> None:
     if not isinstance(theirs, dict):
         return
     checked = MEASURE_SETTINGS if cfg.world else ("val_data", "world")
-    diff = [k for k in checked if k in theirs and not same_setting(theirs[k], getattr(cfg, k))]
-    if diff:
-        raise UserError("was written with other settings (" + ", ".join(
-            f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + "); they decide "
-            "what each evaluation measures, and the best step is chosen among all the run's "
-            "evaluations: resume with the same settings, or choose another --out",
-            path=checkpoint, field=diff[0])
+    refuse_other_settings(cfg, theirs, checked, checkpoint, "they decide what each evaluation "
+                          "measures, and the best step is chosen among all the run's evaluations")
     for k, meaning in NOTED_SETTINGS.items():
         if k in theirs and theirs[k] != getattr(cfg, k):
             print(f"note: {k} changed from {theirs[k]!r} to {getattr(cfg, k)!r} on resume; "
