@@ -452,11 +452,13 @@ class Checkpointer:
 
     def load(self, path: str | Path, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None = None,
-             models: dict[str, torch.nn.Module] | None = None) -> dict:
+             models: dict[str, torch.nn.Module] | None = None, verify: bool = True) -> dict:
         """Restore weights (those of `models` too, by name, and the optimizer) in place;
-        return the trainer state."""
+        return the trainer state. `verify=False`: the caller has just verified `path`
+        (`check_run_dir` does), and its files are not hashed again."""
         path = Path(path)
-        self.verify(path)
+        if verify:
+            self.verify(path)
         load_weights(model, path / MODEL_FILE)
         for name, other in (models or {}).items():
             load_weights(other, path / name / MODEL_FILE)

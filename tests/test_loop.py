@@ -502,6 +502,34 @@ def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
     assert err.value.field == "resume" and err.value.path == tmp_path / "checkpoints"
 
 
+def test_a_resume_hashes_its_checkpoint_once_and_still_refuses_a_corrupted_one(tmp_path,
+                                                                                monkeypatch):
+    """check_run_dir verifies the checkpoint before the stage writes anything; the loop given
+    it as `verified` does not hash its files again. Called alone, the loop verifies."""
+    cfg = TrainConfig(max_steps=2, save_every=1, progress=False, device="cpu")
+    run = lambda **kw: train(tiny(), BlockBatches(_stream(), 16, np.arange(10), 2, 0),  # noqa: E731
+                             lm_loss, cfg, tmp_path, **kw)
+    run()
+    calls = []
+    verify = Checkpointer.verify.__func__
+    monkeypatch.setattr(Checkpointer, "verify",
+                        classmethod(lambda cls, path: (calls.append(path), verify(cls, path))))
+    latest = check_run_dir(tmp_path, True, cfg=cfg)
+    cfg.max_steps = 3
+    assert run(resume=True, verified=latest).step == 3
+    assert calls == [latest]
+    calls.clear()
+    cfg.max_steps = 4
+    assert run(resume=True).step == 4  # not verified before: the loop does it
+    assert len(calls) == 1
+    state = Checkpointer(tmp_path).latest() / "trainer.pt"
+    state.write_bytes(state.read_bytes()[:-1])  # truncated
+    for resume in (lambda: check_run_dir(tmp_path, True, cfg=cfg), lambda: run(resume=True)):
+        with pytest.raises(UserError, match="checkpoint file is missing or corrupt") as err:
+            resume()
+        assert err.value.path == state
+
+
 def test_metrics_truncate_after(tmp_path):
     log = MetricsLog(tmp_path / "m.jsonl")
     for s in (0, 5, 10, 15):

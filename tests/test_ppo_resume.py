@@ -96,13 +96,18 @@ def test_the_straight_run_moves_beta_mixes_ptx_and_keeps_every_checkpoint(setup)
     assert state["kl_coef"] == got[2]["kl_coef"]
 
 
-def test_resume_from_a_checkpoint_continues_exactly(setup):
+def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch):
     d, args, straight = setup
     out = d / "split"
     common = ppo_cli(args, out)
     assert main([*common, "--steps", "2"]) == 0
     assert main([*common, "--steps", str(STEPS)]) == 2   # a run is there: needs --resume
+    verified = []
+    verify = Checkpointer.verify.__func__
+    monkeypatch.setattr(Checkpointer, "verify",
+                        classmethod(lambda cls, path: (verified.append(path), verify(cls, path))))
     assert main([*common, "--steps", str(STEPS), "--resume"]) == 0
+    assert verified == [out / "checkpoints" / "step-2"]  # its files hashed once
     assert_same_run(straight, out)
     assert json.loads((out / "run.json").read_text())["resumed_from"] == "step-2"
 

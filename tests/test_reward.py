@@ -336,7 +336,8 @@ def test_a_resume_on_other_rankings_says_so(base, tmp_path, capsys):
             "into other rankings") in capsys.readouterr().err
 
 
-def test_a_resume_with_other_held_out_rankings_is_refused(base, tmp_path, capsys):
+def test_a_resume_with_other_held_out_rankings_is_refused(base, tmp_path, capsys,
+                                                          monkeypatch):
     """--val-data decides what each evaluation measures: changed on resume, the run's held-out
     accuracies would be of two sets. Refused, as SFT refuses it, before anything is written."""
     _, rankings = base
@@ -355,9 +356,15 @@ def test_a_resume_with_other_held_out_rankings_is_refused(base, tmp_path, capsys
         assert (f"{step1}, field 'val_data': was written with other settings ({shown}); they "
                 f"decide what each evaluation measures") in capsys.readouterr().err
         assert snapshot(out) == files  # nothing written
+    from gptlab.checkpoint import Checkpointer
+    verified = []
+    verify = Checkpointer.verify.__func__
+    monkeypatch.setattr(Checkpointer, "verify",
+                        classmethod(lambda cls, path: (verified.append(path), verify(cls, path))))
     assert run_reward(base, out, "--resume", "--max-steps", "2", *keep,
                       "--val-data", str(val)) == 0
     assert json.loads((out / "config.json").read_text())["step"] == 2
+    assert verified == [step1]  # its files hashed once, before anything was written
 
 
 def test_each_files_skipped_rankings_are_reported_on_that_file(base, tmp_path, capsys):

@@ -654,13 +654,15 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
           out_dir: str | Path, *, val_batches: list | Callable[[], Iterable] | None = None,
           tokenizer: Any = None, on_eval: Callable[[nn.Module, int, float], dict | None] | None = None,
           tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
-          extra: dict | None = None, perplexity: bool = True) -> TrainResult:
+          extra: dict | None = None, perplexity: bool = True,
+          verified: Path | None = None) -> TrainResult:
     """Train `model` in place on `batches` with `loss_fn`; checkpoints go to OUT/checkpoints/,
     metrics to OUT/metrics.jsonl. With `resume`, continue from the latest checkpoint in OUT
     (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly.
     Ctrl-C saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
     `perplexity`: the loss is a language model's (a reward model's is not), so its exp means
-    something and is logged as val_ppl."""
+    something and is logged as val_ppl. `verified`: the checkpoint `check_run_dir` returned,
+    verified there; resumed from, it is not hashed again."""
     cfg.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -683,7 +685,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         if path is None:
             raise UserError("nothing to resume: no checkpoint in this run directory",
                             path=ckpt.dir, field="resume")
-        state = ckpt.load(path, model, optimizer)
+        state = ckpt.load(path, model, optimizer, verify=verified is None
+                          or Path(verified).resolve() != path.resolve())
         _check_split_settings(cfg, state.get("settings", {}), path)
         _check_budget(cfg, state, path)
         # A checkpoint from before the budget was recorded: a pending one's is the one given

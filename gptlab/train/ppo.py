@@ -505,8 +505,9 @@ class PPOTrainer:
     def _restore(self, path: Path) -> None:
         """Continue from checkpoint `path`: its policy and value weights, optimizer and state.
         The reference stays the initial policy (cfg.reference or cfg.policy)."""
+        # check_run_dir verified it, before anything was written
         state = Checkpointer(self.out).load(path, self.policy, self.optimizer,
-                                            models={"value": self.value_model})
+                                            models={"value": self.value_model}, verify=False)
         self._check_settings(state["config"], path)
         if state["step"] > self.cfg.steps:
             raise UserError(f"the run is at step {state['step']} already; give --steps of at "

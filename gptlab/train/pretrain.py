@@ -221,7 +221,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     result = train(model, batches, lm_loss, cfg, out, val_batches=val, tokenizer=tok,
                    on_eval=sample,
                    tokens_in=lambda b: b.shape[0] * (b.shape[1] - 1), resume=cfg.resume,
-                   extra={"stage": "pretrain", "data_key": data.file.key})
+                   verified=latest, extra={"stage": "pretrain", "data_key": data.file.key})
     save_model(out, model, tok, extra={"stage": "pretrain", "step": result.step,
                                        "val_loss": result.val_loss, "tokens": result.tokens})
     speed = (f"{result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s

@@ -337,7 +337,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
-                   resume=cfg.resume, extra={"stage": "reward", "data_key": key, "eval_settings": {
+                   resume=cfg.resume, verified=latest, extra={"stage": "reward", "data_key": key, "eval_settings": {
                        k: getattr(cfg, k) for k in MEASURE_SETTINGS}}, perplexity=False)
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
