@@ -327,12 +327,18 @@ def test_a_step_that_draws_only_prompts_too_long_draws_again(setup, tmp_path, ca
                                for p in ["cat", "cat " * 80, "cat " * 80, "cat " * 80]))
     out = tmp_path / "run"
     args = ppo_args(d, out, "--steps", "6", "--batch-size", "1", "--minibatch-size", "1",
-                    "--seed", "2")  # steps 1 to 3 draw the short prompt, step 4 a long one
-    args[args.index("--prompts") + 1] = str(prompts)
+                    "--seed", "2", "--save-every", "3")  # steps 1 to 3 draw the short prompt,
+    args[args.index("--prompts") + 1] = str(prompts)       # step 4 a long one
     assert main(args) == 0
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    # The count is of prompts, each once, not of the draws that met them (there were more).
     skipped = json.loads((out / "config.json").read_text())["skipped"]
-    assert skipped["prompts longer than the context minus max_new_tokens"] > 0
+    assert skipped == {"prompts longer than the context minus max_new_tokens": 3}
+    assert ("skipped 3 prompts: 3 prompts longer than the context minus max_new_tokens"
+            in capsys.readouterr().err)
+    args[args.index("--steps") + 1] = "8"
+    assert main([*args, "--resume"]) == 0  # a resume counts them again, not on top
+    assert json.loads((out / "config.json").read_text())["skipped"] == skipped
 
 
 def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup, tmp_path,

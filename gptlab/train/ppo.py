@@ -366,7 +366,11 @@ class PPOTrainer:
                             f"context of {self.context} tokens with max_new_tokens "
                             f"{cfg.max_new_tokens}; use shorter prompts or a smaller "
                             f"--max-new-tokens", path=cfg.prompts)
+        # Counted once per prompt, here: a prompt too long is skipped every time it is drawn.
         self.skips = SkipCounter()
+        for p in self.prompt_ids:
+            if len(p) > self.context - cfg.max_new_tokens:
+                self.skips.add("prompts longer than the context minus max_new_tokens")
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         if cfg.ptx_data and not cfg.ptx_coef:
@@ -519,7 +523,6 @@ class PPOTrainer:
         if self.ptx is not None:
             self.ptx.load_state(state["ptx"])
         set_rng_state(state["rng"])
-        self.skips.counts = dict(state["skipped"])
 
     def _check_settings(self, theirs: dict, path: Path) -> None:
         """Refuse to continue a run with settings that change its steps (see RESUMABLE)."""
@@ -550,8 +553,7 @@ class PPOTrainer:
             # (drawn by position: the same draws as sampling the records themselves)
             for i in self.rng.sample(range(len(self.records)), min(cfg.batch_size,
                                                                    len(self.records))):
-                if len(self.prompt_ids[i]) > room:
-                    self.skips.add("prompts longer than the context minus max_new_tokens")
+                if len(self.prompt_ids[i]) > room:  # counted in __init__
                     continue
                 prompts.append(self.prompt_ids[i])
                 records.append(self.records[i])
