@@ -13,6 +13,7 @@ from gptlab.checkpoint import Checkpointer, load_model, save_model
 from gptlab.cli import main
 from gptlab.errors import UserError
 from gptlab.model import GPT, get_preset
+from gptlab.model.heads import ScalarHeadModel
 from gptlab.tokenizer import train_tokenizer
 from gptlab.train import ppo as ppo_module
 from gptlab.train.loop import read_metrics
@@ -96,12 +97,17 @@ def test_the_straight_run_moves_beta_mixes_ptx_and_keeps_every_checkpoint(setup)
     assert state["kl_coef"] == got[2]["kl_coef"]
 
 
-def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch):
+def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch, capsys):
     d, args, straight = setup
     out = d / "split"
     common = ppo_cli(args, out)
     assert main([*common, "--steps", "2"]) == 0
     assert main([*common, "--steps", str(STEPS)]) == 2   # a run is there: needs --resume
+    other = ppo_cli(args, out, reward="stopping_reward")  # another --reward-fn
+    assert main([*other, "--steps", str(STEPS), "--resume"]) == 2
+    assert (f"field 'reward_fn': was written with other settings (reward_fn: "
+            f"'{__name__}:varied_reward' there, '{__name__}:stopping_reward' now); resume with "
+            f"the same settings, or choose another --out") in capsys.readouterr().err
     verified = []
     verify = Checkpointer.verify.__func__
     monkeypatch.setattr(Checkpointer, "verify",
@@ -190,6 +196,17 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path, monkey
         ppo(dataclasses.replace(cfg, resume=True, steps=2, batch_size=8), reward_fn=varied_reward)
     with pytest.raises(UserError, match="field 'seed'"):
         ppo(dataclasses.replace(cfg, resume=True, seed=1), reward_fn=varied_reward)
+    # Another reward: a function given in Python is named; a reward model is a setting.
+    with pytest.raises(UserError, match="field 'reward_fn': was written with another reward "
+                                        f"function \\('{__name__}:varied_reward' there, "
+                                        f"'{__name__}:stopping_reward' now\\); resume with "
+                                        "the same one"):
+        ppo(dataclasses.replace(cfg, resume=True, steps=2), reward_fn=stopping_reward)
+    policy, tok, _ = load_model(d / "policy")
+    save_model(tmp_path / "rm", ScalarHeadModel.from_gpt(policy), tok)
+    with pytest.raises(UserError, match="field 'reward': was written with other settings "
+                                        r"\(reward: None there, "):
+        ppo(dataclasses.replace(cfg, resume=True, steps=2, reward=str(tmp_path / "rm")))
     # Where to stop, how often to save and the device may change.
     ppo(dataclasses.replace(cfg, resume=True, steps=2, save_every=1), reward_fn=varied_reward)
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]

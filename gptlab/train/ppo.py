@@ -495,7 +495,8 @@ class PPOTrainer:
         return {"step": self.step, "elapsed_s": self.elapsed, "prompt_rng": self.rng.getstate(),
                 "kl_coef": self.kl_ctl.value if self.kl_ctl else None,
                 "ptx": self.ptx.state() if self.ptx is not None else None, "rng": rng_state(),
-                "skipped": dict(self.skips.counts), "config": dataclasses.asdict(self.cfg)}
+                "skipped": dict(self.skips.counts), "config": dataclasses.asdict(self.cfg),
+                "reward_fn_name": self.reward_fn_name}
 
     def checkpoint(self, state: dict) -> Path:
         """OUT/checkpoints/step-N: the policy as a model directory (every verb reads it),
@@ -513,6 +514,13 @@ class PPOTrainer:
         state = Checkpointer(self.out).load(path, self.policy, self.optimizer,
                                             models={"value": self.value_model}, verify=False)
         self._check_settings(state["config"], path)
+        # A function given in Python (the pipeline's execution reward) is in no setting: its
+        # name is kept beside them (a checkpoint from before it was kept passes).
+        theirs = state.get("reward_fn_name")
+        if theirs is not None and theirs != self.reward_fn_name:
+            raise UserError(f"was written with another reward function ({theirs!r} there, "
+                            f"{self.reward_fn_name!r} now); resume with the same one, or choose "
+                            f"another --out", path=path, field="reward_fn")
         if state["step"] > self.cfg.steps:
             raise UserError(f"the run is at step {state['step']} already; give --steps of at "
                             f"least that to continue it", path=path, field="steps")
