@@ -78,7 +78,9 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
                                   bos_id=tok.bos_id)[0])
     params = dataclasses.replace(params, stop_ids=tuple(sorted(tok.stop_ids)))
     out = generate(net, encoded, params, seed=seed, pad_id=tok.pad_id)
-    return [tok.decode(t) for t in out.tokens]
+    # A continuation cut at max_new_tokens ends where it was cut, never in half a character.
+    return [tok.decode(t) if done else tok.decode_cut(t)
+            for t, done in zip(out.tokens, out.finished)]
 
 
 def _check_prompts(prompts: Any) -> None:

@@ -146,6 +146,37 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
+    def decode_cut(self, ids: Iterable[int]) -> str:
+        """`decode` of a response cut at max_new_tokens: a last character whose bytes the cut
+        split (byte-level tokens spell one byte by byte) is left out, not written as U+FFFD.
+        A U+FFFD for invalid bytes the model wrote before the end stays."""
+        ids = [int(i) for i in ids]
+        text = self.decode(ids)
+        if not text.endswith("\ufffd"):
+            return text
+        # The last U+FFFD is a split character if continuation bytes complete it: 0x80 or,
+        # after E0 and F0 (which need A0.. and 90..), 0xA0 first; then 0x80.
+        for first in (0x80, 0xA0):
+            tail = []
+            for byte in (first, 0x80, 0x80):
+                token = self._byte_token(byte)
+                if token is None:  # a tokenizer that cannot spell a lone byte
+                    return text
+                tail.append(token)
+                more = self.decode(ids + tail)
+                if more.startswith(text[:-1]) and "\ufffd" not in more[len(text) - 1:]:
+                    return text[:-1]
+        return text
+
+    def _byte_token(self, byte: int) -> int | None:
+        """The id of the token that is this one byte: byte-level BPE's (GPT-2's byte-to-
+        character map), or byte fallback's `<0xNN>` (Llama's); None when there is none."""
+        for name in (_BYTE_CHARS[byte], f"<0x{byte:02X}>"):
+            token = self.hf.token_to_id(name)
+            if token is not None:
+                return token
+        return None
+
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         # A tokenizer without BOS, or whose model was trained without it first (many imported
         # ones), prepends nothing.
@@ -315,6 +346,23 @@ class Tokenizer:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+def _byte_chars() -> list[str]:
+    """Byte-level BPE's character for each byte (GPT-2's `bytes_to_unicode`): printable bytes
+    are themselves, the others are shifted past 255 in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, shift = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shift))
+            shift += 1
+    return chars
+
+
+_BYTE_CHARS = _byte_chars()
+
+
 def _without_markup_parsing(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     """A copy of `hf` that reads special tokens in its input as plain text.
 

@@ -129,6 +129,36 @@ def test_three_turns_carry_the_conversation(tiny_dir, spy):
                                      if m["role"] == "assistant")
 
 
+def test_a_reply_cut_inside_a_character_ends_before_it(tiny_dir, monkeypatch):
+    """A reply cut at max_new_tokens between the byte-level tokens of one character ("€": three
+    bytes, over several tokens) ends before that character, not in U+FFFD; the API's
+    continuations too. A finished reply is decoded as it is."""
+    from gptlab.api import generate_text
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
+    model, tok, _ = load_model(tiny_dir)
+    ids = tok.encode("the cat €")
+    cut = ids[:-1]
+    assert tok.decode(cut) == "the cat \ufffd"
+    made = {"finished": False}
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        tokens = cut + ([tok.eos_id] if made["finished"] else [])
+        return Generation([tokens] * len(prompts), [[0.0] * len(tokens)] * len(prompts),
+                          [made["finished"]] * len(prompts))
+    monkeypatch.setattr(terminal, "generate", generate)
+    monkeypatch.setattr("gptlab.api.generate", generate)
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
+    err = io.StringIO()
+    assert session.reply("hi", stderr=err) == "the cat"
+    assert "note: the reply was cut at 8 new tokens" in err.getvalue()
+    assert session.messages[-1] == bot("the cat")
+    assert generate_text((model, tok), ["the"], max_new_tokens=8) == ["the cat "]
+    made["finished"] = True  # invalid bytes the model chose to end on are its reply
+    assert session.reply("hi", stderr=err) == "the cat \ufffd"
+    assert generate_text((model, tok), ["the"], max_new_tokens=8) == ["the cat \ufffd"]
+
+
 def test_reset_exit_and_overflow(tiny_dir, monkeypatch):
     from gptlab.checkpoint import load_model
     from gptlab.engine import Generation

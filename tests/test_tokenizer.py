@@ -81,6 +81,28 @@ def test_encode_decode_round_trips_any_text(tok, parts):
     assert not set(ids) & {tok.bos_id, tok.eos_id, tok.pad_id}
 
 
+def test_a_cut_decodes_without_half_a_character(tok):
+    """Cut after any token, a text of 2-, 3- and 4-byte characters (each spelled over several
+    byte-level tokens) decodes to its longest whole-character prefix: no U+FFFD at the cut."""
+    text = "a café € ࠀ 𝄞 ok 😀"
+    ids = tok.encode(text)
+    raw = text.encode("utf-8")
+    assert len(ids) < len(raw) < 2 * len(ids) + 12  # several characters span several tokens
+    cuts = [tok.decode_cut(ids[:k]) for k in range(len(ids) + 1)]
+    assert [tok.decode(ids[:k]).endswith("\ufffd") for k in range(len(ids) + 1)].count(True) >= 4
+    for k, got in enumerate(cuts):
+        assert "\ufffd" not in got and text.startswith(got)
+        # the bytes of the first k tokens, less the split character's: all that decodes
+        assert got == tok.decode(ids[:k]).rstrip("\ufffd")
+    assert cuts[-1] == text
+    # U+FFFD that is not a cut stays: invalid bytes before the end, or the character itself.
+    lone = tok._byte_token(0xFF)  # no UTF-8 text holds this byte
+    euro = tok.encode("€")
+    assert tok.decode_cut([lone, *euro[:-1]]) == "\ufffd"
+    assert tok.decode_cut([*tok.encode("x"), lone]) == "x\ufffd"
+    assert tok.decode_cut(tok.encode("x\ufffd")) == "x\ufffd"
+
+
 def test_typed_special_tokens_are_plain_text(tok):
     for typed in (EOS, ASSISTANT, BOS + "hi" + PAD):
         ids = tok.encode(typed)

@@ -105,11 +105,12 @@ class ChatSession:
                        pad_id=self.tok.pad_id)
         tokens = gen.tokens[0]
         if gen.finished[0]:
-            tokens = tokens[:-1]  # the end-of-turn token; the template writes its own
+            # the end-of-turn token; the template writes its own
+            answer = self.tok.decode(tokens[:-1]).strip()
         else:
             print(f"note: the reply was cut at {self.cfg.max_new_tokens} new tokens "
                   f"(max_new_tokens, --max-new-tokens)", file=stderr)
-        answer = self.tok.decode(tokens).strip()
+            answer = self.tok.decode_cut(tokens).strip()  # no half a character at the cut
         # The dropped turns are gone for good: they are reported once, not at every turn.
         self.messages = kept + [{"role": "assistant", "content": answer}]
         self.turns += 1
