@@ -337,8 +337,9 @@ def train_reward_model(cfg: RewardConfig) -> Path:
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
-                   resume=cfg.resume, verified=latest, extra={"stage": "reward", "data_key": key, "eval_settings": {
-                       k: getattr(cfg, k) for k in MEASURE_SETTINGS}}, perplexity=False)
+                   resume=cfg.resume, verified=latest, perplexity=False, extra={
+                       "stage": "reward", "data_key": key,
+                       "eval_settings": {k: getattr(cfg, k) for k in MEASURE_SETTINGS}})
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
     # answers); none without held-out rankings.
