@@ -274,8 +274,9 @@ def sft(cfg: SFTConfig) -> Path:
     val_batches = fixed_list_batches(val_ex, cfg.batch_size, collate) if val_ex else None
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=keeper,
-                   resume=cfg.resume, verified=latest, extra={"stage": "sft", "data_key": key, "eval_settings": {
-                       k: getattr(cfg, k) for k in (*MEASURE_SETTINGS, *NOTED_SETTINGS)}})
+                   resume=cfg.resume, verified=latest, extra={
+                       "stage": "sft", "data_key": key, "eval_settings": {
+                           k: getattr(cfg, k) for k in (*MEASURE_SETTINGS, *NOTED_SETTINGS)}})
     val_loss = result.val_loss
     if cfg.select_best and keeper.best is not None:
         best, _, _ = load_model(keeper.dir)
