@@ -574,3 +574,17 @@ def test_selecting_rows_of_a_kv_cache_moves_them_within_its_buffers(rows, in_pla
     step = torch.randn(len(rows), 2, 1, 4)
     got_k, _ = cache.update(1, step, step)
     assert torch.equal(got_k, torch.cat([k[1][rows], step], 2))
+
+
+def test_residual_projections_are_scaled_at_init_in_pre_norm_stacks_only():
+    """GPT-2 §2.3: the residual layers' weights start at 0.02 / √N, N = 2 per block, since a
+    pre-norm stream sums them unnormalised. GPT-1 §4.1 (post-norm, a norm after every add):
+    N(0, 0.02) for every weight, the residual projections too."""
+    def stds(name: str) -> list[float]:
+        torch.manual_seed(0)
+        model = GPT(get_preset(name, n_layers=8, vocab_size=100, context=16))
+        return [round(model.blocks[0].attn.o_proj.weight.std().item(), 4),
+                round(model.blocks[0].mlp.down.weight.std().item(), 4),
+                round(model.blocks[0].attn.q_proj.weight.std().item(), 4)]
+    assert stds("gpt2") == [0.005, 0.005, 0.02]  # 0.02 / √16
+    assert stds("gpt1") == [0.02, 0.02, 0.02]

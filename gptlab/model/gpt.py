@@ -100,11 +100,13 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init)
-        # GPT-2: scale residual projections by 1/sqrt(2 * n_layers) so the stream's variance
-        # does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down.weight")):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
+        # GPT-2: a pre-norm stream sums the residual projections unnormalised, so they start
+        # scaled by 1/sqrt(2 * n_layers) and its variance does not grow with depth. Post-norm
+        # (GPT-1) normalises after every add: N(0, 0.02) throughout, as its paper says.
+        if cfg.prenorm:
+            for name, p in self.named_parameters():
+                if name.endswith(("o_proj.weight", "down.weight")):
+                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
 
     def reset_buffers(self) -> None:
         """Recompute the buffers no checkpoint holds (the sinusoidal table), for a model whose
