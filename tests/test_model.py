@@ -588,3 +588,17 @@ def test_residual_projections_are_scaled_at_init_in_pre_norm_stacks_only():
                 round(model.blocks[0].attn.q_proj.weight.std().item(), 4)]
     assert stds("gpt2") == [0.005, 0.005, 0.02]  # 0.02 / √16
     assert stds("gpt1") == [0.02, 0.02, 0.02]
+
+
+def test_gpt_drops_attention_weights_as_openais_gpt_does():
+    """Unlike the 2017 Transformer, GPT-1/2 drop attention probabilities too (attn_pdrop): in
+    training a first query's one weight is dropped (0) or kept at 1 / (1 - p) = 2."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=50, context=16, n_layers=1, n_heads=2, d_model=16,
+                        dropout=0.5)).train()
+    ids = torch.randint(0, 50, (2, 8))
+    _, (w,) = gpt.hidden_states(ids, need_weights=True)
+    assert set(w[:, :, 0].sum(-1).flatten().tolist()) == {0.0, 2.0}
+    assert not torch.allclose(w.sum(-1), torch.ones(2, 2, 8))
+    _, (w,) = gpt.eval().hidden_states(ids, need_weights=True)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 2, 8), atol=1e-6)
