@@ -115,8 +115,11 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
-        self.enc_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.prenorm else nn.Identity()
-        self.dec_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.prenorm else nn.Identity()
+        # Post-norm stacks end on a norm already; pre-norm ones need one at the top.
+        self.enc_norm = (nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.prenorm
+                         else nn.Identity())
+        self.dec_norm = (nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.prenorm
+                         else nn.Identity())
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, 0.0, cfg.d_model ** -0.5)
         if cfg.tie_embeddings:
@@ -157,7 +160,8 @@ class Transformer(nn.Module):
     def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor | None = None,
                tgt_mask: Tensor | None = None, cache: KVCache | None = None,
                need_weights: bool = False) -> tuple[Tensor, list]:
-        """Logits (B, T, V) for target tokens; with a cache, `tgt` continues what it holds."""
+        """Logits (B, T, V) for target tokens, and each layer's (self, cross) attention
+        weights (None unless `need_weights`); with a cache, `tgt` continues what it holds."""
         B, T = tgt.shape
         past = cache.length if cache is not None else 0
         _check_mask("src_mask", src_mask, memory.shape[1])
