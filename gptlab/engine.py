@@ -157,7 +157,12 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
              seed: int | None = None, pad_id: int = 0) -> Generation:
-    """Continue each prompt until a stop token or `max_new_tokens` (or the context) is reached."""
+    """Continue each prompt until a stop token or `max_new_tokens` (or the context) is reached.
+
+    Left padding puts every row at the longest prompt's length, so the context allows every row
+    context - (longest prompt) new tokens: a short prompt beside a long one can stop before its
+    own context is full. Prompts that fit context - `max_new_tokens`, as the verbs, sampling for
+    the labelers and PPO keep theirs, never meet this."""
     if not prompts:
         raise ValueError("no prompts to continue")
     device = next(model.parameters()).device
