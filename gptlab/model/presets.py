@@ -22,7 +22,8 @@ PRESETS: dict[str, GPTConfig | TransformerConfig] = {
     "transformer-base": TransformerConfig(),
     "transformer-big": TransformerConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
     # Radford et al. 2018: 12 layers, 768 wide, 12 heads, 3072 FFN, post-norm, GELU (the tanh
-    # form of OpenAI's code), learned positions, 512 tokens, 40,478-token BPE vocabulary.
+    # form of OpenAI's code), learned positions, 512 tokens, a BPE vocabulary of 40,000 merges
+    # (40,478 tokens with the base symbols), dropout 0.1.
     "gpt1": GPTConfig(vocab_size=40478, context=512, n_layers=12, n_heads=12, d_model=768,
                       positions="learned", prenorm=False, activation="gelu_tanh", dropout=0.1),
     "gpt2": GPTConfig(**_GPT2, n_layers=12, d_model=768, n_heads=12),
