@@ -602,3 +602,16 @@ def test_gpt_drops_attention_weights_as_openais_gpt_does():
     assert not torch.allclose(w.sum(-1), torch.ones(2, 2, 8))
     _, (w,) = gpt.eval().hidden_states(ids, need_weights=True)
     assert torch.allclose(w.sum(-1), torch.ones(2, 2, 8), atol=1e-6)
+
+
+def test_greedy_decoding_stops_at_the_context():
+    """Asked for more tokens than the context holds, it decoded the context's worth and then
+    raised on the next position, the work thrown away; it stops there, as `generate` does."""
+    model = small_transformer()  # context 32
+    src = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(9))
+    out = model.greedy_decode(src, bos_id=1, eos_id=-1, max_new_tokens=40)  # -1: never drawn
+    assert out.shape == (2, 32)
+    assert torch.equal(out[:, :10], model.greedy_decode(src, 1, -1, max_new_tokens=10))
+    with torch.no_grad():  # the last token is the argmax after BOS and the 31 before it
+        dec_in = torch.cat([torch.ones(2, 1, dtype=torch.long), out[:, :31]], 1)
+        assert torch.equal(model(src, dec_in)[:, -1].argmax(-1), out[:, 31])

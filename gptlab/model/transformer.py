@@ -196,9 +196,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, bos_id: int, eos_id: int, max_new_tokens: int,
                       src_mask: Tensor | None = None) -> Tensor:
-        """Autoregressive decoding: each produced token is fed back in. Returns (B, N) ids."""
+        """Autoregressive decoding: each produced token is fed back in. Returns (B, N) ids,
+        N <= max_new_tokens: it stops when every row has produced EOS (rows done earlier are
+        padded with EOS) or when the target fills the context."""
         memory, _ = self.encode(src, src_mask)
         B = src.shape[0]
+        max_new_tokens = min(max_new_tokens, self.config.context)
         cache = self.new_cache(B, max_new_tokens)  # BOS, then every token but the last
         tok = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(B, dtype=torch.bool, device=src.device)
