@@ -15,7 +15,10 @@ DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N
 
 EXIT_BAD_INPUT = 2
 EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
-_NO_ROOM_OR_NO_RIGHT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# The user's to fix: no room, no right to write there, or a name longer than the file system
+# takes (a path pasted into --out twice, say).
+_USERS_TO_FIX = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.ENAMETOOLONG}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -423,9 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        # A full disk or a directory it may not write: the user's to fix, said in one line
-        # (what was half-written has been removed by the code that was writing it).
-        if e.errno not in _NO_ROOM_OR_NO_RIGHT:
+        # A full disk, a directory it may not write or a name too long: the user's to fix,
+        # said in one line (what was half-written has been removed by the code writing it).
+        if e.errno not in _USERS_TO_FIX:
             raise
         print(f"gptlab {args.verb}: error: {e.filename or 'a file'}: {e.strerror}",
               file=sys.stderr)

@@ -595,6 +595,15 @@ def test_a_full_disk_or_a_read_only_out_is_one_line_and_exit_2(tmp_path, monkeyp
         main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300", "--out", str(out)])
 
 
+def test_an_out_whose_name_is_too_long_is_one_line_and_exit_2(tmp_path, capsys):
+    # A name past the file system's 255 bytes was a traceback and exit 1 in every verb (Path's
+    # exists() raises ENAMETOOLONG), after the tokenizer had been trained.
+    out = tmp_path / ("a" * 300)
+    assert main(["world", "export", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"gptlab world: error: {out}: File name too long\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, capsys):
     # Python's write() raises ENOSPC without a file name: the message said "a file".
     import errno
