@@ -410,3 +410,18 @@ def test_sampling_responses_leaves_the_callers_settings_as_they_were():
     params = SamplingParams(max_new_tokens=3)
     rows = sample_responses(model(), Tok(), [{"prompt": "hi"}], 2, params, seed=0)
     assert len(rows[0]["responses"]) == 2 and params.stop_ids == ()
+
+
+def test_greedy_logprobs_are_at_temperature_one_whatever_the_temperature_given():
+    net = model()
+    prompt = [3, 4, 5]
+    plain = generate(net, [prompt], SamplingParams(max_new_tokens=5, greedy=True))
+    for t in (0.3, 2.0, 0.0):  # greedy leaves the temperature unused (0 is allowed there)
+        out = generate(net, [prompt], SamplingParams(max_new_tokens=5, greedy=True,
+                                                     temperature=t))
+        assert out.tokens == plain.tokens and out.logprobs == plain.logprobs
+    ids = torch.tensor([prompt + plain.tokens[0]])
+    with torch.no_grad():
+        want = net(ids)[0, len(prompt) - 1:-1].log_softmax(-1)
+    want = want.gather(-1, ids[0, len(prompt):, None])[:, 0]
+    assert plain.logprobs[0] == pytest.approx(want.tolist(), abs=1e-5)

@@ -465,3 +465,39 @@ def test_a_resume_without_max_steps_keeps_the_runs_own_length_not_the_epochs(bas
     assert json.loads((out / "config.json").read_text())["step"] == 6
     assert main(args + ["--resume"]) == 0
     assert json.loads((out / "config.json").read_text())["step"] == 6
+
+
+def test_scores_are_laid_out_per_prompt_when_prompts_have_different_numbers_of_responses():
+    from gptlab.train.reward import ranked_scores
+    batch = collate_rankings([EncodedRanking([[7], [3], [4]]), EncodedRanking([[9], [2]])],
+                             pad_id=0)
+    assert ranked_scores(FirstTokenScore(), batch).tolist() == [[7, 3, 4], [9, 2, 0]]
+
+
+def test_pairwise_accuracy_pools_the_pairs_of_every_ranking():
+    # One ranking of 1 pair, right; one of 3 pairs, all wrong: 1 of 4 pairs, not (1 + 0) / 2.
+    batch = collate_rankings([EncodedRanking([[5], [1]]), EncodedRanking([[1], [5], [9]])],
+                             pad_id=0)
+    assert pairwise_accuracy(FirstTokenScore(), [batch]) == pytest.approx(1 / 4)
+    apart = [collate_rankings([EncodedRanking([[5], [1]])], pad_id=0),
+             collate_rankings([EncodedRanking([[1], [5], [9]])], pad_id=0)]
+    assert pairwise_accuracy(FirstTokenScore(), apart) == pytest.approx(1 / 4)
+
+
+
+class ModeDependentScore(FirstTokenScore):
+    """Scores as FirstTokenScore in eval mode and reversed in training mode (as dropout would
+    make a real model's scores differ between the two)."""
+
+    def forward(self, input_ids, attention_mask):
+        s = super().forward(input_ids, attention_mask)
+        return -s if self.training else s
+
+
+def test_pairwise_accuracy_scores_in_eval_mode_and_restores_the_mode():
+    batch = collate_rankings([EncodedRanking([[5], [1], [3]])], pad_id=0)
+    model = ModeDependentScore().train()
+    assert pairwise_accuracy(model, [batch]) == pytest.approx(2 / 3)  # 5 > 1 and 5 > 3 right
+    assert model.training
+    assert pairwise_accuracy(model.eval(), [batch]) == pytest.approx(2 / 3)
+    assert not model.training

@@ -68,3 +68,52 @@ def test_take_rows_equals_indexing_values_and_gradients(rows):
     want = t[rows]
     (g2,) = torch.autograd.grad((want * w).sum(), t)
     assert torch.equal(got, want) and torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_labels_are_the_next_token_where_its_loss_mask_is_on():
+    # Prompt 10 11 12, completion 20 21 (loss on 20, 21): labels[t] is ids[t + 1] where the
+    # loss is taken on ids[t + 1], so the first target is the completion's first token.
+    b = pad_examples([Example([10, 11, 12, 20, 21], [0, 0, 0, 1, 1]),
+                      Example([10, 30, 31], [0, 1, 1])], pad_id=0)
+    assert b["labels"].tolist() == [[-100, -100, 20, 21, -100], [30, 31, -100, -100, -100]]
+    assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21], [10, 30, 31, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
+def test_a_shared_prefix_is_leading_only_and_leaves_each_row_a_token_of_its_own():
+    torch.manual_seed(0)
+    common = list(range(1, 21))  # rows agree on these 20, but only after they differ at 1
+    rows = [Example([7, 8] + common + [40, 41], [0] * 22 + [1, 1]),
+            Example([7, 9] + common + [50, 51, 52], [0] * 22 + [1, 1, 1])]
+    batch = pad_examples(rows, pad_id=0)
+    assert shared_prefix(batch) == 1
+    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32))
+    assert sft_loss(model, batch).item() == pytest.approx(plain_loss(model, batch).item(),
+                                                          abs=1e-5)
+    # A row with no target of its own (labels all -100) still keeps its last token unshared.
+    rows = [Example(common + [40, 41, 42], [0] * 21 + [1, 1]), Example(common, [0] * 20)]
+    assert shared_prefix(pad_examples(rows, pad_id=0)) == 19
+
+
+def test_a_long_shared_prefix_is_encoded_once():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32))
+    batch = pad_examples(examples(20), pad_id=0)
+    n = shared_prefix(batch)
+    seen = []
+    real = model.hidden_states
+
+    def spy(ids, *args, **kwargs):
+        seen.append(tuple(ids.shape))
+        return real(ids, *args, **kwargs)
+
+    model.hidden_states = spy
+    sft_loss(model, batch)
+    assert seen[0] == (1, n)  # the prefix, one row
+
+
+def test_a_validation_set_holds_every_item_once_in_order():
+    from gptlab.train.batching import fixed_list_batches
+    assert fixed_list_batches(list(range(5)), 2, list) == [[0, 1], [2, 3], [4]]
+    assert fixed_list_batches(list(range(4)), 2, list) == [[0, 1], [2, 3]]
+    assert fixed_list_batches([7], 3, list) == [[7]]
