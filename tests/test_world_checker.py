@@ -437,3 +437,16 @@ def test_the_authorizer_alone_refuses_writes_other_than_to_the_schema_table():
     assert _authorize(update, "employees", "salary", "main", None) == sqlite3.SQLITE_DENY
     assert _authorize(update, "sqlite_master", "sql", "main", None) == sqlite3.SQLITE_OK
     assert _authorize(read, "employees", "salary", "main", None) == sqlite3.SQLITE_OK
+
+
+def test_unordered_rows_pair_up_by_values_within_the_float_tolerance():
+    from gptlab.world.checker import compare
+    from gptlab.world.executor import QueryResult
+    # Two groups whose averages are equal, computed two ways (1e-12 apart, as AVG and
+    # SUM / COUNT differ in the last bits): the rows still pair up by their other column.
+    a = 2.5 + 1e-12
+    pred = QueryResult(["avg", "city"], [(a, "Lyon"), (2.5, "Rome")])
+    gold = QueryResult(["avg", "city"], [(2.5, "Lyon"), (a, "Rome")])
+    assert compare(pred, gold, ordered=False).kind == "correct"
+    assert compare(pred, QueryResult(["avg", "city"], [(2.5, "Lyon"), (2.6, "Rome")]),
+                   ordered=False).kind == "wrong"
