@@ -256,3 +256,50 @@ def test_sequence_kl_reads_a_conversation_prompt_as_the_answers_do(models):
     got = sequence_kl(policy, reference, tok, [{"messages": messages}], max_new_tokens=5)
     same = sequence_kl(policy, reference, tok, [{"prompt": messages}], max_new_tokens=5)
     assert got == pytest.approx(same) and got != 0
+
+
+def test_a_ranking_of_equally_good_answers_is_not_counted(world, models, tmp_path):
+    tok, _, rm = models
+    q1, q2 = world.test[:2]
+    # Two correct answers of one length (the ';' is no part of the normalised SQL): no pair.
+    write_jsonl_atomic(tmp_path / "held.jsonl", [
+        {"id": q1.id, "prompt": world.prompt(q1.text), "ranked": [q1.sql, "SELEC nothing"]},
+        {"id": q2.id, "prompt": world.prompt(q2.text), "ranked": [q2.sql, q2.sql + ";"]}])
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
+                                             val_data=str(tmp_path / "held.jsonl")))
+    for ties in (True, False):
+        _, n, pairs, ci = rm_accuracy_noise_free(world, tmp_path / "rm", ties=ties)
+        assert (n, pairs, ci) == (1, 1, None)  # one ranking, one pair: one cluster, no interval
+
+
+def test_sequence_kl_draws_each_batch_with_its_own_seed_and_averages_over_prompts(models):
+    from gptlab.engine import SamplingParams, generate
+    from gptlab.eval.pipeline_eval import sequence_kl
+    tok, policy, _ = models
+    torch.manual_seed(1)
+    reference = GPT(policy.config).eval()
+    prompts = [encode_prompt(tok, f"Question {i}: who earns most?") for i in range(3)]
+    records = [{"prompt": f"Question {i}: who earns most?"} for i in range(3)]
+
+    def by_hand(ps, seed):
+        gen = generate(policy, ps, SamplingParams(max_new_tokens=5,
+                                                  stop_ids=tuple(sorted(tok.stop_ids))),
+                       seed=seed, pad_id=tok.pad_id)
+        out = []
+        with torch.no_grad():
+            for p, r in zip(ps, gen.tokens):
+                ids = torch.tensor([p + r])
+                lp = [m(ids)[0].log_softmax(-1) for m in (policy, reference)]
+                out.append(sum(float(lp[0][len(p) - 1 + t, y] - lp[1][len(p) - 1 + t, y])
+                               for t, y in enumerate(r)))
+        return out
+
+    # Batches of 2: records 0-1 drawn with seed 4, record 2 with seed 4 + 2.
+    last = by_hand(prompts[2:], 6)
+    assert last != by_hand(prompts[2:], 4)
+    want = (sum(by_hand(prompts[:2], 4)) + sum(last)) / 3
+    got = sequence_kl(policy, reference, tok, records, max_new_tokens=5, seed=4, batch_size=2)
+    assert got == pytest.approx(want, abs=1e-4)
+    one = sequence_kl(policy, reference, tok, records[:1], max_new_tokens=5, seed=4)
+    assert one == pytest.approx(by_hand(prompts[:1], 4)[0], abs=1e-4) and abs(one) > 1e-3

@@ -201,6 +201,9 @@ def test_split_is_seeded_and_disjoint():
     assert split_blocks(100, 0.1, seed=4)[1].tolist() != val.tolist()
     assert len(split_blocks(1, 0.1, 0)[1]) == 0            # a single block stays for training
     assert n_blocks(33, 32) == 1 and n_blocks(32, 32) == 0 and n_blocks(65, 32) == 2
+    # The validation ids keep the permutation's order: an evaluation that reads the first few
+    # samples the whole corpus, not its first blocks.
+    assert val.tolist() != sorted(val.tolist())
 
 
 def test_a_split_holds_out_at_least_one_block_and_trains_on_at_least_one():
@@ -604,3 +607,11 @@ def test_out_in_a_corpus_directory_is_refused(corpus, tmp_path, capsys):
     # A directory beside it, or a --data file inside --out, is fine.
     assert run("--data", str(data), "--out", str(tmp_path / "corpus-run"), *base) == 0
     assert run("--data", str(data / "a.txt"), "--out", str(data), *base) == 0
+
+
+def test_a_document_starts_with_bos_only_where_bos_is_not_eos():
+    from types import SimpleNamespace
+    from gptlab.data.tokens import document_start
+    assert document_start(SimpleNamespace(bos_id=1, eos_id=2)) == [1]
+    assert document_start(SimpleNamespace(bos_id=5, eos_id=5)) == []  # GPT-2: <|endoftext|>
+    assert document_start(SimpleNamespace(bos_id=None, eos_id=2)) == []
