@@ -303,3 +303,20 @@ def test_sequence_kl_draws_each_batch_with_its_own_seed_and_averages_over_prompt
     assert got == pytest.approx(want, abs=1e-4)
     one = sequence_kl(policy, reference, tok, records[:1], max_new_tokens=5, seed=4)
     assert one == pytest.approx(by_hand(prompts[:1], 4)[0], abs=1e-4) and abs(one) > 1e-3
+
+
+def test_without_val_data_the_accuracy_is_on_the_rankings_the_run_held_out(world, models,
+                                                                            tmp_path):
+    from gptlab.train.reward import split_rankings
+    tok, _, rm = models
+    qs = world.test[:5]
+    write_jsonl_atomic(tmp_path / "all.jsonl", [
+        {"id": q.id, "prompt": world.prompt(q.text), "ranked": [q.sql, "SELEC nothing"]}
+        for q in qs])
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "all.jsonl"),
+                                             val_fraction=0.4, seed=3))
+    train, held = split_rankings(read_rankings(tmp_path / "all.jsonl"), 0.4, 3)
+    assert (len(train), len(held)) == (3, 2)
+    _, n, pairs, _ = rm_accuracy_noise_free(world, tmp_path / "rm")
+    assert (n, pairs) == (2, 2)
