@@ -901,3 +901,12 @@ def test_a_resume_asking_for_fewer_steps_than_done_ends_there_and_says_so(tmp_pa
     err = capsys.readouterr().err
     assert "max_steps 2 is not past step 4, which the run has reached: it ends there" in err
     assert "stretched" not in err and "(step 4 of 4)" in err
+
+
+def test_count_tokens_counts_real_tokens_not_padding():
+    from gptlab.train.loop import count_tokens
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    assert count_tokens(batch) == 8
+    assert count_tokens({"input_ids": torch.zeros(2, 5, dtype=torch.long)}) == 10
+    assert count_tokens(torch.zeros(3, 4)) == 12 and count_tokens([]) == 0

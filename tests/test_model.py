@@ -615,3 +615,16 @@ def test_greedy_decoding_stops_at_the_context():
     with torch.no_grad():  # the last token is the argmax after BOS and the 31 before it
         dec_in = torch.cat([torch.ones(2, 1, dtype=torch.long), out[:, :31]], 1)
         assert torch.equal(model(src, dec_in)[:, -1].argmax(-1), out[:, 31])
+
+
+def test_a_sequence_longer_than_the_context_is_refused_also_after_a_cache():
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(vocab_size=32, context=8, n_layers=1, n_heads=2, d_model=16,
+                        positions="rotary")).eval()
+    assert net(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 32)  # exactly the context
+    with pytest.raises(ValueError, match="sequence of 9 tokens exceeds the context of 8"):
+        net(torch.zeros(1, 9, dtype=torch.long))
+    cache = net.new_cache(1, 16)
+    net(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="sequence of 9 tokens exceeds the context of 8"):
+        net(torch.zeros(1, 3, dtype=torch.long), cache=cache)

@@ -207,6 +207,8 @@ def test_delta_and_code_span_edge_cases():
     assert describe_delta({"mean": -0.017, "ci95": [-0.0333, -4.9e-5]}) == \
         "-0.017, 95% CI [-0.033, -0.000049]: the interval excludes 0"
     assert describe_delta({"mean": 0.1, "ci95": None}) == "+0.100 (no confidence interval)"
+    for ci in ([0.1], [0.0, 0.1, 0.2], "0.1"):  # not two bounds: no interval, no crash
+        assert describe_delta({"mean": 0.1, "ci95": ci}) == "+0.100 (no confidence interval)"
     assert describe_delta({"mean": -0.03, "ci95": [-0.048, -0.012], "better": 6, "worse": 24,
                            "p_sign": 0.001431}) == (
         "-0.030, 95% CI [-0.048, -0.012]: the interval excludes 0 (better on 6 questions, worse "
