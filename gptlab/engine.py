@@ -44,6 +44,12 @@ class SamplingParams:
                             field="top_k")
         if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise UserError(f"must be in (0, 1], got {self.top_p!r}", field="top_p")
+        for name in ("top_k", "top_p"):
+            if self.greedy and getattr(self, name) is not None:
+                # Every filter keeps the most likely token: with greedy it would change nothing.
+                raise UserError(f"filters sampling, but greedy decoding takes the most likely "
+                                f"token, which {name} always keeps; drop one of them",
+                                field=name)
 
 
 def _is_int(v: object) -> bool:

@@ -664,3 +664,24 @@ def test_git_state_leaves_the_repository_index_alone(tmp_path):
     index = (tmp_path / ".git" / "index").read_bytes()
     assert git_state(pkg)[1] is False
     assert (tmp_path / ".git" / "index").read_bytes() == index
+
+
+@pytest.mark.parametrize("verb, flag, value", [
+    ("generate", "--top-p", "0.5"), ("sample", "--top-p", "0.5"), ("chat", "--top-p", "0.5"),
+    ("generate", "--top-k", "5"),  # only generate has --top-k
+])
+def test_greedy_with_a_top_k_or_top_p_filter_is_refused(tiny_model, tmp_path, verb, flag, value,
+                                                        capsys):
+    # The filters always keep the most likely token: with --greedy they were dropped silently.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    out = tmp_path / "s.jsonl"
+    args = {"generate": ["--prompt", "hello"], "chat": [],
+            "sample": ["--prompts", str(prompts), "--k", "1", "--out", str(out)]}[verb]
+    assert main([verb, "--model", str(tiny_model), *args, "--max-new-tokens", "2", "--greedy",
+                 flag, value]) == 2
+    name = flag[2:].replace("-", "_")
+    assert capsys.readouterr().err == (
+        f"gptlab {verb}: error: field '{name}': filters sampling, but greedy decoding takes the "
+        f"most likely token, which {name} always keeps; drop one of them\n")
+    assert not out.exists()
