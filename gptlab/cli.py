@@ -204,6 +204,10 @@ def _verb_world():
         if args.action == "score":
             _world_score(args)
             return
+        if args.schema_seed is not None and not args.vary_schema:
+            # Without renaming there is one schema: the seed would be recorded, and unused.
+            raise UserError("chooses a renaming of the schema, which only --vary-schema makes; "
+                            "add --vary-schema or drop --schema-seed", field="--schema-seed")
         world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
                             n_train=args.train, n_validation=args.validation, n_test=args.test,
                             n_dialogs=args.dialogs, corpus_chars=args.corpus_chars)

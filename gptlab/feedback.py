@@ -16,7 +16,8 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_pr
                                   responses_of)
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
-from gptlab.io import check_file_out, check_not_input, read_jsonl, write_jsonl_atomic
+from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
+                       write_jsonl_atomic)
 
 # (record, distinct responses) -> best first, an item a response or a list of tied responses
 RankFn = Callable[[dict, list[str]], list[str | list[str]]]
@@ -87,6 +88,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
                             temperature=temperature, top_p=top_p)
     check_file_out(out)
     check_not_input(out, {"--prompts": prompts})
+    check_not_inside(out, {"--model": model_path})  # `--out MODEL/config.json` ends the model
     records = read_prompts(prompts)
     model, tok = load(model_path, device)
     skips, cut = SkipCounter(), []
@@ -201,7 +203,10 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
                         f"write the rankings file yourself or call label_samples()",
                         field="labeler")
     check_file_out(out)
-    check_not_input(out, {"--in": samples_path})
+    # The samples, or a file of the world, would be replaced by the rankings.
+    from gptlab.world.build import FILES
+    check_not_input(out, {"--in": samples_path, **({} if world is None else {
+        f"{name} of --world": Path(world) / name for name in FILES})})
     # Every line, also one that would be skipped (its responses all the same), needs its id.
     samples = read_jsonl(samples_path, required=("id",))
     skips, dropped = SkipCounter(), SkipCounter()

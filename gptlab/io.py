@@ -88,6 +88,17 @@ def check_not_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
                             f"another --out", path=out, field="out")
 
 
+def check_not_inside(out: str | Path, dirs: dict[str, str | Path]) -> None:
+    """Refuse an output that is or lies inside one of the input directories (flag -> path): a
+    model directory's files would be replaced, or mixed with files that are not the model's."""
+    where = Path(out).resolve()
+    for flag, given in dirs.items():
+        d = Path(given).resolve()
+        if Path(given).is_dir() and (where == d or d in where.parents):
+            raise UserError(f"is inside the input {given} ({flag}); writing there could replace "
+                            f"its files, choose another --out", path=out, field="out")
+
+
 @contextmanager
 def held_temp(make: Callable[[], str]) -> Iterator[Path]:
     """The new temporary file or directory that `make()` creates (with a name no other writer

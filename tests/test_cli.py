@@ -685,3 +685,51 @@ def test_greedy_with_a_top_k_or_top_p_filter_is_refused(tiny_model, tmp_path, ve
         f"gptlab {verb}: error: field '{name}': filters sampling, but greedy decoding takes the "
         f"most likely token, which {name} always keeps; drop one of them\n")
     assert not out.exists()
+
+
+def test_sample_and_label_never_write_into_their_model_or_world(tiny_model, tmp_path, capsys):
+    # `sample --out MODEL/config.json` replaced the model's config with samples, and `label
+    # --out WORLD/world.json` the world's manifest with rankings; both exited 0.
+    from gptlab.world import build_world
+    world = tmp_path / "w"
+    build_world(n_train=4, n_validation=1, n_test=1, n_dialogs=1, corpus_chars=100).export(world)
+    model = tmp_path / "m"
+    save_model(model, GPT(dataclasses.replace(get_preset("tiny"), vocab_size=300, context=32)),
+               train_tokenizer(["hello world " * 20], vocab_size=300))
+    before = {p: p.read_bytes() for d in (model, world) for p in d.iterdir()}
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    for out in (model / "config.json", model / "s.jsonl"):
+        assert main(["sample", "--model", str(model), "--prompts", str(prompts),
+                     "--max-new-tokens", "2", "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"gptlab sample: error: {out}, field 'out': is inside the input {model} (--model); "
+            f"writing there could replace its files, choose another --out\n")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"id": "s0-train-00001", "prompt": "x",
+                                   "responses": [" SELECT 1", " nonsense ("]}) + "\n")
+    for name in ("world.json", "test.jsonl"):
+        assert main(["label", "--in", str(samples), "--world", str(world),
+                     "--out", str(world / name)]) == 2
+        assert capsys.readouterr().err == (
+            f"gptlab label: error: {world / name}, field 'out': is the input file ({name} of "
+            f"--world); writing would replace it, choose another --out\n")
+    assert {p: p.read_bytes() for d in (model, world) for p in d.iterdir()} == before
+
+
+def test_world_export_refuses_a_schema_seed_without_vary_schema_and_a_model_directory(
+        tiny_model, tmp_path, capsys):
+    # `--schema-seed 3` alone was recorded in world.json and changed nothing; `--out MODEL`
+    # wrote the world's eight files among the model's.
+    out = tmp_path / "w"
+    assert main(["world", "export", "--out", str(out), "--train", "2", "--schema-seed",
+                 "3"]) == 2
+    assert capsys.readouterr().err == (
+        "gptlab world: error: field '--schema-seed': chooses a renaming of the schema, which "
+        "only --vary-schema makes; add --vary-schema or drop --schema-seed\n")
+    before = sorted(p.name for p in tiny_model.iterdir())
+    assert main(["world", "export", "--out", str(tiny_model), "--train", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab world: error: {tiny_model}, field 'out': already holds config.json, "
+        f"model.safetensors and tokenizer.json; choose another --out or remove it\n")
+    assert sorted(p.name for p in tiny_model.iterdir()) == before and not out.exists()

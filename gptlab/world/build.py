@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import UserError
-from gptlab.io import (atomic_path, read_json, write_json_atomic, write_jsonl_atomic,
-                       write_text_atomic)
+from gptlab.io import (atomic_path, check_holds_none, read_json, write_json_atomic,
+                       write_jsonl_atomic, write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
 from gptlab.world.corpus import build_corpus
 from gptlab.world.database import (Company, contents_digest, generate_company,
@@ -210,10 +210,15 @@ class World:
                 "fingerprint": self.fingerprint()}
 
 
+# A model's or a training run's files: a world written among them would mix the two.
+MODEL_OR_RUN = ("config.json", "model.safetensors", "tokenizer.json", "run.json", "checkpoints")
+
+
 def _prepare_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError("--out must be a directory, but this is an existing file", path=out)
+    check_holds_none(out, MODEL_OR_RUN)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
