@@ -70,6 +70,8 @@ def _verb_tokenizer():
             out = check_dir_out(args.out, field="out")  # before training, not after
             # A model's tokenizer replaced would make it read other tokens.
             check_holds_none(out, ("config.json", "tokenizer.json"))
+            if any(not p.strip() for p in args.data):  # Path("") is the current directory
+                raise UserError("an empty path; name a corpus file or directory", field="data")
             # Paths, not strings: a missing file must be an error, never a one-line "document".
             tok = tk.train_tokenizer([Path(p) for p in args.data], vocab_size=args.vocab_size)
             tok.save(args.out)

@@ -202,6 +202,9 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
         raise UserError(f"unknown labeler '{labeler}' (available: sqlworld); for your own data "
                         f"write the rankings file yourself or call label_samples()",
                         field="labeler")
+    if world is not None and not str(world).strip():  # not the built-in world, silently
+        raise UserError("is empty; give a world directory, or leave --world out for the "
+                        "built-in world", field="world")
     check_file_out(out)
     # The samples, or a file of the world, would be replaced by the rankings.
     from gptlab.world.build import FILES

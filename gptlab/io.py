@@ -41,7 +41,7 @@ def check_dir_out(path: str | Path, field: str | None = None) -> Path:
     """`path` as a Path if a directory can be made there (nothing is created), else a
     UserError naming it (and `field`): it is a file, or a file stands where a parent directory
     should."""
-    path = Path(path)
+    path = _not_empty(path, field)
     if path.exists() and not path.is_dir():
         raise UserError("is a file, not a directory", path=path, field=field)
     blocker = _file_under(path)
@@ -49,6 +49,15 @@ def check_dir_out(path: str | Path, field: str | None = None) -> Path:
         raise UserError(f"parent is a file: {blocker} is not a directory", path=path,
                         field=field)
     return path
+
+
+def _not_empty(path: str | Path, field: str | None) -> Path:
+    """`path` as a Path, unless it is the empty string: Path("") is the current directory,
+    which a run, a model or a world would then fill without having been named."""
+    if not str(path).strip():
+        raise UserError("is empty; give a path (write . for the current directory)",
+                        field=field)
+    return Path(path)
 
 
 def check_holds_none(out: str | Path, names: tuple[str, ...], field: str = "out") -> None:
@@ -71,7 +80,7 @@ def ensure_dir(path: str | Path) -> Path:
 def check_file_out(path: str | Path) -> Path:
     """`path` as a Path if a file can be written there (nothing is created), else a UserError
     naming it: it is a directory, or a file stands where a parent directory should."""
-    path = Path(path)
+    path = _not_empty(path, "out")
     if path.is_dir():
         raise UserError("is a directory; give a file name", path=path)
     blocker = _file_under(path)

@@ -733,3 +733,52 @@ def test_world_export_refuses_a_schema_seed_without_vary_schema_and_a_model_dire
         f"gptlab world: error: {tiny_model}, field 'out': already holds config.json, "
         f"model.safetensors and tokenizer.json; choose another --out or remove it\n")
     assert sorted(p.name for p in tiny_model.iterdir()) == before and not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tokenizer", "train", "--data", "{corpus}", "--vocab-size", "300", "--out", ""],
+     "gptlab tokenizer: error: field 'out': is empty; give a path (write . for the current "
+     "directory)"),
+    (["pretrain", "--model", "tiny", "--data", "{corpus}", "--max-steps", "1", "--out", ""],
+     "gptlab pretrain: error: field 'out': is empty; give a path (write . for the current "
+     "directory)"),
+    (["sample", "--model", "{model}", "--prompts", "{prompts}", "--out", ""],
+     "gptlab sample: error: field 'out': is empty; give a path (write . for the current "
+     "directory)"),
+    (["world", "export", "--out", "", "--train", "2"],
+     "gptlab world: error: field 'out': is empty; give a directory (write . for the current "
+     "directory)"),
+    (["label", "--in", "{prompts}", "--out", "{tmp}/r.jsonl", "--world", ""],
+     "gptlab label: error: field 'world': is empty; give a world directory, or leave --world "
+     "out for the built-in world"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(
+        argv, message, tiny_model, tmp_path, monkeypatch, capsys):
+    # `--out ''` was Path(''), the current directory: a tokenizer, a trained model or a world
+    # was written there, over any file of the same name, and `label --world ''` fell back to
+    # the built-in world.
+    (tmp_path / "c.txt").write_text("hello world, the quick brown fox\n" * 20)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n')
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    fill = dict(corpus=tmp_path / "c.txt", model=tiny_model, prompts=tmp_path / "p.jsonl",
+                tmp=tmp_path)
+    assert main([a.format(**fill) for a in argv]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "tokenizer"])
+def test_an_empty_data_path_is_refused_not_read_as_the_whole_current_directory(
+        verb, tmp_path, monkeypatch, capsys):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "notes.txt").write_text("not meant as a corpus\n" * 50)
+    monkeypatch.chdir(cwd)
+    argv = {"pretrain": ["pretrain", "--model", "tiny", "--max-steps", "1"],
+            "tokenizer": ["tokenizer", "train", "--vocab-size", "300"]}[verb]
+    assert main([*argv, "--data", "", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"gptlab {verb}: error: field 'data': an empty path; "
+                                       f"name a corpus file or directory\n")
+    assert not (tmp_path / "out").exists()

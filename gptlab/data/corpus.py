@@ -123,6 +123,8 @@ def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str 
 
 
 def _iter_path(path: str | Path) -> Iterator[str]:
+    if not str(path).strip():  # Path("") is the current directory: all of it a corpus
+        raise UserError("an empty path; name a corpus file or directory", field="data")
     p = Path(path)
     if p.is_dir():
         files = _directory_files(p)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_language_model, \
     read_meta, save_model
 from gptlab.errors import UserError
+from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
@@ -179,10 +180,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         raise UserError("no training data: pass --data FILE...", field="data")
     from gptlab.data.corpus import check_out_of_corpus, is_hub_name
     for path in cfg.data:
+        if not str(path).strip():  # Path("") is the current directory: all of it a corpus
+            raise UserError("an empty path; name a corpus file or directory", field="data")
         if not Path(path).exists() and not is_hub_name(path):
             raise UserError("corpus file not found", path=path, field="data")
-    check_out_of_corpus(cfg.out, cfg.data)
-    out = Path(cfg.out)
+    out = check_dir_out(cfg.out, field="out")  # not "", the current directory
+    check_out_of_corpus(out, cfg.data)
     # A resume reads its checkpoint, never --model: OUT may be what --model names.
     reads_model = _continues_a_model(cfg.model) and not cfg.resume
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model if reads_model else None},

@@ -23,7 +23,7 @@ from gptlab.checkpoint import load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of)
 from gptlab.errors import UserError
-from gptlab.io import read_jsonl
+from gptlab.io import check_dir_out, read_jsonl
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
@@ -273,7 +273,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         raise UserError("reward needs --model and --data",
                         field="model" if not cfg.model else "data")
     cfg.check()
-    out = Path(cfg.out)
+    out = check_dir_out(cfg.out, field="out")  # not "", the current directory
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
     if cfg.resume:
         check_resume_settings(cfg, latest)

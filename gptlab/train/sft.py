@@ -23,7 +23,7 @@ from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model,
                                read_meta, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError
-from gptlab.io import read_jsonl
+from gptlab.io import check_dir_out, read_jsonl
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
@@ -222,7 +222,7 @@ def sft(cfg: SFTConfig) -> Path:
         raise UserError("sft needs --model and --data",
                         field="model" if not cfg.model else "data")
     cfg.check()
-    out = Path(cfg.out)
+    out = check_dir_out(cfg.out, field="out")  # not "", the current directory
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
     if cfg.resume:
         check_resume_settings(cfg, latest)

@@ -215,6 +215,9 @@ MODEL_OR_RUN = ("config.json", "model.safetensors", "tokenizer.json", "run.json"
 
 
 def _prepare_out_dir(out_dir: str | Path) -> Path:
+    if not str(out_dir).strip():  # Path("") is the current directory, never named
+        raise UserError("is empty; give a directory (write . for the current directory)",
+                        field="out")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError("--out must be a directory, but this is an existing file", path=out)
