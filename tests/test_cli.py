@@ -782,3 +782,28 @@ def test_an_empty_data_path_is_refused_not_read_as_the_whole_current_directory(
     assert capsys.readouterr().err == (f"gptlab {verb}: error: field 'data': an empty path; "
                                        f"name a corpus file or directory\n")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("verb, args", [
+    ("pretrain", ["--model", "tiny", "--data", "{text}", "--max-steps", "2", "--weight-decay",
+                  "1e30"]),
+    ("sft", ["--model", "{model}", "--data", "{sft}", "--max-steps", "2", "--weight-decay",
+             "1e30", "--lr", "1e-3"]),
+    ("ppo", ["--policy", "{model}", "--reward", "{model}", "--prompts", "{sft}",
+             "--weight-decay", "1e30", "--lr", "1e-3"]),
+])
+def test_a_weight_decay_that_would_zero_or_flip_the_weights_is_refused(verb, args, tiny_model,
+                                                                        tmp_path, capsys):
+    # `pretrain --weight-decay 1e30` trained to `val_loss nan`, saved that model and exited 0:
+    # AdamW multiplies the weights by 1 - lr x weight_decay each step.
+    (tmp_path / "t.txt").write_text("hello world, the quick brown fox " * 50)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hello", "completion": " world"}\n' * 4)
+    fill = dict(text=tmp_path / "t.txt", sft=tmp_path / "d.jsonl", model=tiny_model)
+    out = tmp_path / "out"
+    assert main([verb, *[a.format(**fill) for a in args], "--out", str(out),
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab {verb}: error: field 'weight_decay': must be below 1 / lr = 1000 (AdamW "
+        f"multiplies the weights by 1 - lr x weight_decay each step, which at 0.001 x 1e+30 "
+        f"zeroes or flips them), got 1e+30\n")
+    assert not out.exists()

@@ -115,6 +115,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
             ("clip", self.clip >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            decay_rule(self.lr, self.weight_decay),
             ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
             ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
@@ -125,6 +126,16 @@ class TrainConfig:
             # numpy's generators take no negative seed, torch's none of 2**64 or more.
             ("seed", 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
         ]
+
+
+def decay_rule(lr: float, weight_decay: float) -> tuple[str, bool, str]:
+    """AdamW multiplies the weights by 1 - lr * weight_decay each step: at a product of 1 or
+    more it zeroes or flips them, and the run trains to nan and saves that."""
+    # Built with the other rules, before the one that refuses an lr of 0 is read.
+    bound = 1 / lr if lr > 0 else math.inf
+    return ("weight_decay", lr * weight_decay < 1,
+            f"must be below 1 / lr = {bound:g} (AdamW multiplies the weights by 1 - lr x "
+            f"weight_decay each step, which at {lr:g} x {weight_decay:g} zeroes or flips them)")
 
 
 def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:

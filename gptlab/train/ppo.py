@@ -42,7 +42,8 @@ from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
-                               check_fields, check_run_dir, clip_gradients, held_interrupt, lr_at,
+                               check_fields, check_run_dir, clip_gradients, decay_rule,
+                               held_interrupt, lr_at,
                                make_optimizer, rng_state, same_setting, select_device, set_lr,
                                set_rng_state)
 from gptlab.train.reward import scored_response
@@ -114,6 +115,7 @@ class PPOConfig:
             ("lr", self.lr > 0, "must be > 0"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            decay_rule(self.lr, self.weight_decay),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
             ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
             ("kl_estimator", self.kl_estimator in KL_ESTIMATORS,
