@@ -393,6 +393,19 @@ def test_stage_settings_name_the_pipeline_option(monkeypatch, tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+def test_a_pretrain_lr_that_makes_the_weight_decay_zero_the_weights_names_pretrain_lr(tmp_path):
+    # Pretraining's weight decay (0.1) is no pipeline option: the lr is what makes it too large.
+    from gptlab.errors import UserError
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    with pytest.raises(UserError) as err:
+        Pipeline(PipelineConfig(out=str(tmp_path / "demo"), pretrain_lr=20.0))
+    assert str(err.value) == (
+        "field 'pretrain_lr': gives the pretrain stage an impossible weight_decay: must be below "
+        "1 / lr = 0.05 (AdamW multiplies the weights by 1 - lr x weight_decay each step, which "
+        "at 20 x 0.1 zeroes or flips them), got 0.1")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_a_stage_stopped_after_a_checkpoint_is_resumed(tmp_path):
     import torch
     from gptlab.checkpoint import Checkpointer

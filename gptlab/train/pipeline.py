@@ -363,7 +363,9 @@ def _ppo_optimizer_steps(cfg: PipelineConfig) -> int:
 # Which pipeline option sets each stage setting it checks (the rest are fixed by the pipeline).
 STAGE_OPTIONS = {
     "pretrain": {"max_steps": "pretrain_steps", "batch_size": "pretrain_batch",
-                 "lr": "pretrain_lr", "model": "preset"},
+                 "lr": "pretrain_lr", "model": "preset",
+                 # pretraining's weight decay is fixed here: only the lr can make it too large
+                 "weight_decay": "pretrain_lr"},
     "sft": {"max_steps": "sft_steps", "batch_size": "sft_batch", "lr": "sft_lr",
             "eval_every": "sft_eval_every", "exec_eval": "sft_exec_eval",
             "patience": "sft_patience", "max_new_tokens": "max_new_tokens"},
