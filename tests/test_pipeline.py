@@ -406,6 +406,23 @@ def test_a_pretrain_lr_that_makes_the_weight_decay_zero_the_weights_names_pretra
     assert not (tmp_path / "demo").exists()
 
 
+def test_threads_beyond_the_cores_are_refused_before_out_is_written(monkeypatch, tmp_path,
+                                                                    capsys):
+    # --threads 10**30 was a traceback (torch's overflow), --threads 100000 a crash of the
+    # tokenizer's thread pool, each after OUT/pipeline.json was written.
+    from gptlab.cli import main
+    from gptlab.train import pipeline
+    monkeypatch.setattr(pipeline, "usable_cpus", lambda: 4)
+    out = tmp_path / "demo"
+    for threads in ("5", "100000", str(10**30)):
+        assert main(["pipeline", "--out", str(out), "--threads", threads]) == 2
+        assert capsys.readouterr().err == (
+            f"gptlab pipeline: error: field 'threads': must be in [1, 4] (the CPU cores this "
+            f"process may use), got {threads}\n")
+    assert not out.exists()
+    pipeline.PipelineConfig(out=str(out), threads=4).check()
+
+
 def test_a_stage_stopped_after_a_checkpoint_is_resumed(tmp_path):
     import torch
     from gptlab.checkpoint import Checkpointer

@@ -115,7 +115,10 @@ class PipelineConfig:
         context = model.context
         check_fields(self, lambda: [
             ("rounds", self.rounds >= 1, "must be >= 1"),
-            ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
+            # More threads than cores only contend; 10**30 was an overflow in torch, 100000 a
+            # crash of the tokenizer's thread pool, both after OUT was written.
+            ("threads", self.threads is None or 1 <= self.threads <= usable_cpus(),
+             f"must be in [1, {usable_cpus()}] (the CPU cores this process may use)"),
             ("pretrain_steps", self.pretrain_steps >= 1, "must be >= 1"),
             ("pretrain_batch", self.pretrain_batch >= 1, "must be >= 1"),
             ("pretrain_lr", self.pretrain_lr > 0, "must be > 0"),
@@ -376,6 +379,13 @@ STAGE_OPTIONS = {
             "ptx_coef": "ptx_coef"},
     "sft_continued": {"max_steps": "ppo_steps", "batch_size": "sft_batch", "lr": "sft_lr"},
 }
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity where the system keeps one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class Pipeline:
