@@ -807,3 +807,24 @@ def test_a_weight_decay_that_would_zero_or_flip_the_weights_is_refused(verb, arg
         f"multiplies the weights by 1 - lr x weight_decay each step, which at 0.001 x 1e+30 "
         f"zeroes or flips them), got 1e+30\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("verb, data", [
+    ("sft", '{"prompt": "hello", "completion": " world"}\n'),
+    ("reward", '{"prompt": "hello", "chosen": " world", "rejected": " fox"}\n'),
+])
+def test_val_data_that_is_the_training_data_is_refused(verb, data, tiny_model, tmp_path,
+                                                       capsys):
+    # It trained, and validated (chose the best checkpoint, stopped early) on the training set.
+    (tmp_path / "sub").mkdir()
+    train = tmp_path / "d.jsonl"
+    train.write_text(data * 4)
+    out = tmp_path / "out"
+    assert main([verb, "--model", str(tiny_model), "--data", str(train), "--val-data",
+                 str(tmp_path / "sub" / ".." / "d.jsonl"), "--max-steps", "1", "--out", str(out),
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab {verb}: error: field 'val_data': is the training data (--data): validation "
+        f"would score what the model trains on; give held-out data, or leave --val-data out to "
+        f"hold out a slice of --data, got {tmp_path / 'sub' / '..' / 'd.jsonl'}\n")
+    assert not out.exists()

@@ -386,6 +386,8 @@ def test_a_resume_refuses_what_evaluations_measure_and_notes_when_they_are_made(
     d, paths = base
     out, val = tmp_path / "sft", tmp_path / "val.jsonl"
     val.write_text("".join(paths["sft"].read_text().splitlines(keepends=True)[:5]))
+    other = tmp_path / "other-val.jsonl"  # not --data itself, which is refused on any run
+    other.write_text("".join(paths["sft"].read_text().splitlines(keepends=True)[5:10]))
     keep = ("--save-every", "1", "--keep-checkpoints", "10")
     first = (*keep, "--eval-every", "1", "--val-data", str(val))
     assert run_sft(base, out, *first) == 0
@@ -394,8 +396,8 @@ def test_a_resume_refuses_what_evaluations_measure_and_notes_when_they_are_made(
     step1 = out / "checkpoints" / "step-1"
     for args, field, shown in (
             ([], "val_data", f"val_data: {str(val)!r} there, None now"),
-            (["--val-data", str(paths["sft"])], "val_data",
-             f"val_data: {str(val)!r} there, {str(paths['sft'])!r} now"),
+            (["--val-data", str(other)], "val_data",
+             f"val_data: {str(val)!r} there, {str(other)!r} now"),
             (["--val-data", str(val), "--world", "builtin"], "world",
              "world: None there, 'builtin' now")):
         assert run_sft(base, out, "--resume", "--max-steps", "3", *keep,

@@ -138,6 +138,15 @@ def decay_rule(lr: float, weight_decay: float) -> tuple[str, bool, str]:
             f"weight_decay each step, which at {lr:g} x {weight_decay:g} zeroes or flips them)")
 
 
+def held_out_rule(val_data: str | None, data: str | None) -> tuple[str, bool, str]:
+    """A --val-data that is the --data file: validation would score what the model trains on,
+    and best-checkpoint selection and early stopping would follow the training loss."""
+    same = bool(val_data and data) and Path(val_data).resolve() == Path(data).resolve()
+    return ("val_data", not same,
+            "is the training data (--data): validation would score what the model trains on; "
+            "give held-out data, or leave --val-data out to hold out a slice of --data")
+
+
 def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:
     """Raise a UserError naming the first field of the dataclass `cfg` whose value is not of
     its annotated type, or else holds a non-finite number (nan, inf), or else the first of

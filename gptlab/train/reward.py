@@ -29,7 +29,7 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, data_key, fixed_list_batches, warn_if_data_changed
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               refuse_other_settings, train)
+                               held_out_rule, refuse_other_settings, train)
 from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
@@ -65,6 +65,7 @@ class RewardConfig(TrainConfig):
     def rules(self) -> list[tuple[str, bool, str]]:
         return super().rules() + [
             ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
+            held_out_rule(self.val_data, self.data),
             ("epochs", self.epochs > 0, "must be > 0"),
         ]
 

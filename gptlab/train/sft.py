@@ -30,7 +30,7 @@ from gptlab.provenance import record_run
 from gptlab.train.batching import (ListBatches, data_key, fixed_list_batches, pad_examples,
                                    warn_if_data_changed)
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               read_metrics, refuse_other_settings, train)
+                               held_out_rule, read_metrics, refuse_other_settings, train)
 
 # Settings that decide what an evaluation measures: the held-out demonstrations, the world whose
 # execution accuracy is the score and, with a world, how many questions and how long an answer.
@@ -74,6 +74,7 @@ class SFTConfig(TrainConfig):
     def rules(self) -> list[tuple[str, bool, str]]:
         return super().rules() + [
             ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
+            held_out_rule(self.val_data, self.data),
             ("epochs", self.epochs > 0, "must be > 0"),
             ("exec_eval", self.exec_eval >= 0, "must be >= 0"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
