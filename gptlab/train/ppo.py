@@ -43,9 +43,8 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_gradients, decay_rule,
-                               held_interrupt, lr_at,
-                               make_optimizer, rng_state, same_setting, select_device, set_lr,
-                               set_rng_state)
+                               held_interrupt, lr_at, make_optimizer, rng_state, same_setting,
+                               select_device, set_lr, set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,
