@@ -828,3 +828,34 @@ def test_val_data_that_is_the_training_data_is_refused(verb, data, tiny_model, t
         f"would score what the model trains on; give held-out data, or leave --val-data out to "
         f"hold out a slice of --data, got {tmp_path / 'sub' / '..' / 'd.jsonl'}\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("verb, args, field", [
+    ("pretrain", ["--model", "tiny", "--data", "{text}", "--max-steps", "1", "--cache-dir", ""],
+     "cache_dir"),
+    ("pretrain", ["--model", "tiny", "--data", "{text}", "--max-steps", "1", "--tokenizer", ""],
+     "tokenizer"),
+    ("sft", ["--model", "{model}", "--data", "{sft}", "--max-steps", "1", "--val-data", ""],
+     "val_data"),
+    ("sft", ["--model", "{model}", "--data", "{sft}", "--max-steps", "1", "--world", ""],
+     "world"),
+    ("reward", ["--model", "{model}", "--data", "{rank}", "--max-steps", "1", "--samples", ""],
+     "samples"),
+    ("ppo", ["--policy", "{model}", "--reward", "{model}", "--prompts", "{sft}", "--reference",
+             ""], "reference"),
+    ("pipeline", ["--world", ""], "world"),
+])
+def test_an_optional_setting_given_empty_is_refused_not_read_as_its_default(
+        verb, args, field, tiny_model, tmp_path, capsys):
+    # `--val-data ''` (an unset `$VAL`) trained with a slice of --data held out, `--cache-dir ''`
+    # with the default cache, `--reference ''` against the initial policy: all without a word.
+    (tmp_path / "t.txt").write_text("hello world, the quick brown fox " * 50)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hello", "completion": " world"}\n' * 4)
+    (tmp_path / "r.jsonl").write_text('{"prompt": "hi", "chosen": " a", "rejected": " b"}\n' * 4)
+    fill = dict(text=tmp_path / "t.txt", sft=tmp_path / "d.jsonl", rank=tmp_path / "r.jsonl",
+                model=tiny_model)
+    out = tmp_path / "out"
+    assert main([verb, *[a.format(**fill) for a in args], "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"gptlab {verb}: error: field '{field}': is empty; give a "
+                                       f"value, or leave it out for its default\n")
+    assert not out.exists()

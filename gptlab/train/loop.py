@@ -153,10 +153,17 @@ def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> 
     `rules()` that does not hold. `rules` is called only once the types are right: a rule such
     as `max_steps >= 1` on the string "2" would be a bare TypeError naming no field."""
     check_types(cfg)
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"must be a finite number, got {value}", field=f.name)
+        # An optional setting given as "" (an unset shell variable, `--val-data "$VAL"`) read
+        # as not given would run silently with the default.
+        if isinstance(value, str) and not value.strip() and type(None) in typing.get_args(
+                hints.get(f.name)):
+            raise UserError("is empty; give a value, or leave it out for its default",
+                            field=f.name)
     for name, ok, expected in rules():
         if not ok:
             raise UserError(f"{expected}, got {getattr(cfg, name)}", field=name)
