@@ -117,8 +117,9 @@ class PipelineConfig:
             ("rounds", self.rounds >= 1, "must be >= 1"),
             # More threads than cores only contend; 10**30 was an overflow in torch, 100000 a
             # crash of the tokenizer's thread pool, both after OUT was written.
-            ("threads", self.threads is None or 1 <= self.threads <= usable_cpus(),
-             f"must be in [1, {usable_cpus()}] (the CPU cores this process may use)"),
+            ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
+            ("threads", self.threads is None or self.threads <= usable_cpus(),
+             f"must be at most {usable_cpus()}, the CPU cores this process may use"),
             ("pretrain_steps", self.pretrain_steps >= 1, "must be >= 1"),
             ("pretrain_batch", self.pretrain_batch >= 1, "must be >= 1"),
             ("pretrain_lr", self.pretrain_lr > 0, "must be > 0"),
