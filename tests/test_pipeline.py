@@ -107,6 +107,8 @@ def test_rerunning_reuses_finished_stages_and_refuses_other_settings(run, capsys
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     threads = torch.get_num_threads()
+    from gptlab.train import pipeline
+    monkeypatch.setattr(pipeline, "usable_cpus", lambda: 2)  # two threads on any machine
     assert main(["pipeline", "--out", str(run), *ARGS, "--threads", "2"]) == 0
     assert torch.get_num_threads() == threads != 2  # the caller's setting is back
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
