@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -328,6 +329,29 @@ def _refuse_constant(name: str) -> Any:
     raise _NonFinite(name)
 
 
+def _finite_float(text: str) -> float:
+    # A number too large for a float (1e999) is read as infinity: refused as Infinity is.
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+class _TooLong(ValueError):
+    pass
+
+
+def _readable_int(text: str) -> int:
+    # Python refuses to read an integer of more digits than its limit (4300) with a ValueError
+    # that names no file: say which line holds it.
+    digits = len(text.lstrip("-"))
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()  # Python < 3.10.7: no limit
+    if limit and digits > limit:
+        raise _TooLong(f"an integer of {digits} digits is more than the {limit} digits a number "
+                       f"may have here; write it as a string")
+    return int(text)
+
+
 def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(row number from 1, row as a dict) for each row of a Parquet file: its columns are the
     fields a JSONL line would have (lists and structs arrive as lists and dicts). A null is an
@@ -417,13 +441,18 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
                             line=lineno)
         first = False
         try:
-            row = json.loads(line, parse_constant=_refuse_constant)
+            row = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float,
+                             parse_int=_readable_int)
         except json.JSONDecodeError as e:
             raise UserError(f"not valid JSON ({e.msg} at column {e.colno})", path=path,
                             line=lineno) from None
         except _NonFinite as e:
-            raise UserError(f"not valid JSON ({e.args[0]} is not a JSON number; write null or "
-                            f"a finite number)", path=path, line=lineno) from None
+            what = "is not a JSON number" if e.args[0] in ("NaN", "Infinity", "-Infinity") \
+                else "is too large for a 64-bit float"
+            raise UserError(f"not valid JSON ({e.args[0]} {what}; write null or a finite "
+                            f"number)", path=path, line=lineno) from None
+        except _TooLong as e:
+            raise UserError(f"cannot be read: {e}", path=path, line=lineno) from None
         if not isinstance(row, dict):
             raise UserError(f"each line must be {what}", path=path, line=lineno)
         yield lineno, row
@@ -433,12 +462,16 @@ def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
     """The JSON document in `path`; broken JSON or text that is not UTF-8 is a UserError naming
     the file (and the line), and so is anything but an object unless `what` is None. A UTF-8
     byte-order mark (Notepad's) is dropped, as `utf8_lines` drops it."""
+    if Path(path).is_dir():
+        raise UserError("is a directory, not a file", path=path)
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"), parse_int=_readable_int)
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", path=path, line=e.lineno) from None
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", path=path) from None
+    except _TooLong as e:
+        raise UserError(f"cannot be read: {e}", path=path) from None
     if what is not None and not isinstance(doc, dict):
         raise UserError(f"expected {what}", path=path)
     return doc

@@ -1,6 +1,7 @@
 """The command line: verbs, config files and overrides, exit codes, run provenance."""
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -494,6 +495,38 @@ def test_nan_in_a_jsonl_line_is_refused_and_never_written(tiny_model, tmp_path, 
     with pytest.raises(ValueError):
         write_jsonl_atomic(out, [{"x": float("nan")}], allow_nan=False)
     assert not out.exists()
+
+
+def test_a_number_too_large_to_read_in_a_jsonl_line_is_refused_naming_its_line(
+        tiny_model, tmp_path, capsys):
+    # 1e999 was read as infinity, carried into the samples and refused by the writer after
+    # sampling (a ValueError traceback); 5,000 digits made json's int() raise one at once.
+    prompts = tmp_path / "p.jsonl"
+    out = tmp_path / "s.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "world", "weight": 1e999}\n')
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(out), "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2: not valid JSON (1e999 "
+                                       f"is too large for a 64-bit float; write null or a finite "
+                                       f"number)\n")
+    prompts.write_text('{"prompt": "hello"}\n\n{"prompt": "world", "weight": ' + "9" * 5000
+                       + '}\n')
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--out", str(out), "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab sample: error: {prompts}:3: cannot be read: an integer of 5000 digits is more "
+        f"than the 4300 digits a number may have here; write it as a string\n")
+    assert not out.exists()
+    prompts.write_text('{"prompt": "hello", "weight": 1e308, "n": -' + "9" * 4300 + '}\n')
+    assert read_jsonl(prompts)[0]["weight"] == 1e308     # the largest still read as they are
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    text = (model / "config.json").read_text()
+    (model / "config.json").write_text(text.replace("{", '{"x": ' + "9" * 5000 + ",", 1))
+    assert main(["generate", "--model", str(model), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab generate: error: {model / 'config.json'}: cannot be read: an integer of 5000 "
+        f"digits is more than the 4300 digits a number may have here; write it as a string\n")
 
 
 def test_outputs_in_the_place_of_a_directory_or_under_a_file_are_refused(tiny_model, tmp_path,
