@@ -91,6 +91,7 @@ class Tokenizer:
                                          for t in (SYSTEM, USER, ASSISTANT)):
             chat_template = GPTLAB_CHAT_TEMPLATE
         self.chat_template = chat_template
+        self.template_file: Path | None = None  # where `load_tokenizer` read the template
         self._plain = _without_markup_parsing(hf)
 
     # --- ids ---------------------------------------------------------------------------------
@@ -294,7 +295,16 @@ class Tokenizer:
 
     @cached_property
     def _compiled_template(self) -> Any:
-        return _jinja_env().from_string(self.chat_template)
+        import jinja2
+
+        try:
+            return _jinja_env().from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            # The template's own error, not a conversation's: name the file that holds it.
+            where = self.template_file
+            raise UserError(f"the chat template cannot be compiled: {e.message}", path=where,
+                            line=e.lineno if where and where.suffix == ".jinja" else None,
+                            field="chat_template") from None
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         import jinja2
@@ -522,11 +532,39 @@ def _nonempty_texts(texts: Iterable[Any]) -> Iterator[str]:
 
 
 # --- loading -----------------------------------------------------------------------------------
-def _token_str(value: Any) -> str | None:
-    """HF configs write a token as a string or as an AddedToken dict with "content"."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+def _token_str(value: Any, path: Path, field: str) -> str | None:
+    """HF configs write a token as a string or as an AddedToken dict with "content"; null is
+    no such token."""
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise UserError(f"must be a token string or an object with a 'content' string, got "
+                        f"{value!r}", path=path, field=field)
+    return content
+
+
+def _chat_template(config: dict, config_file: Path) -> tuple[str | None, Path]:
+    """The chat template of a tokenizer directory, and the file it was read from: the config's
+    `chat_template` (a string, or HF's named templates, the one named "default"), else
+    `chat_template.jinja` beside it (newer HF releases keep it apart)."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # HF's named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"must be a Jinja template string, got {template!r}", path=config_file,
+                        field="chat_template")
+    jinja_file = config_file.parent / "chat_template.jinja"
+    if template is not None or not jinja_file.exists():
+        return template, config_file
+    if jinja_file.is_dir():
+        raise UserError("is a directory, not a file", path=jinja_file)
+    raw = jinja_file.read_bytes()
+    try:
+        return raw.decode("utf-8"), jinja_file
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                        f"cannot be decoded; save the file as UTF-8", path=jinja_file,
+                        line=raw.count(b"\n", 0, e.start) + 1) from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -548,33 +586,34 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if config_file.exists():
         config = read_json(config_file)
 
-    template = config.get("chat_template")
-    if isinstance(template, list):  # HF's named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    jinja_file = file.parent / "chat_template.jinja"  # newer HF releases keep it apart
-    if template is None and jinja_file.exists():
-        template = jinja_file.read_text(encoding="utf-8")
-
-    eos = _token_str(config.get("eos_token"))
+    template, template_file = _chat_template(config, config_file)
+    eos = _token_str(config.get("eos_token"), config_file, "eos_token")
     if eos is None:
         eos = next((t for t in _KNOWN_EOS if hf.token_to_id(t) is not None), None)
         if eos is None:
             raise UserError("cannot tell the end-of-sequence token: add a tokenizer_config.json "
                             "with eos_token", path=config_file, field="eos_token")
     if "bos_token" in config:
-        bos = _token_str(config["bos_token"])
+        bos = _token_str(config["bos_token"], config_file, "bos_token")
     else:
         bos = BOS if hf.token_to_id(BOS) is not None else None
     # Directories gptlab saved before it wrote add_bos_token prepended BOS whenever they had one.
-    add_bos = bool(config.get("add_bos_token", True))
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+        add_bos = True
+    elif not isinstance(add_bos, bool):
+        raise UserError(f"must be true or false, got {add_bos!r}", path=config_file,
+                        field="add_bos_token")
     if "pad_token" in config:
-        pad = _token_str(config["pad_token"])
+        pad = _token_str(config["pad_token"], config_file, "pad_token")
     else:
         pad = PAD if hf.token_to_id(PAD) is not None else None
     for field, token in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)):
         if token is not None and hf.token_to_id(token) is None:
             raise UserError(f"token {token!r} is not in the vocabulary of {file.name}",
                             path=config_file, field=field)
-    return Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
-                     add_bos=add_bos)
+    tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
+                    add_bos=add_bos)
+    if template is not None:
+        tok.template_file = template_file
+    return tok

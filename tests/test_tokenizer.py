@@ -313,6 +313,58 @@ def test_load_errors(tok, tmp_path):
     assert e.value.field == "eos_token"
 
 
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eos_token", 5, "must be a token string or an object with a 'content' string, got 5"),
+    ("bos_token", ["<|bos|>"], "must be a token string or an object with a 'content' string, "
+                               "got ['<|bos|>']"),
+    ("pad_token", {"content": 5}, "must be a token string or an object with a 'content' "
+                                  "string, got {'content': 5}"),
+    ("add_bos_token", "false", "must be true or false, got 'false'"),
+    ("chat_template", 5, "must be a Jinja template string, got 5"),
+    ("chat_template", [{"name": "default", "template": True}],
+     "must be a Jinja template string, got True"),
+])
+def test_a_tokenizer_config_field_of_the_wrong_type_names_its_file_and_field(tok, tmp_path, key,
+                                                                              value, message):
+    # Each was a TypeError from the tokenizer library or from Jinja (add_bos_token "false"
+    # read as true).
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'tokenizer_config.json'}, field '{key}': {message}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": None}))
+    assert load_tokenizer(tmp_path).bos_id == tok.bos_id      # null: the default, as absent
+
+
+def test_a_chat_template_file_that_cannot_be_read_or_compiled_is_named(tok, tmp_path):
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    jinja = tmp_path / "chat_template.jinja"
+    jinja.write_bytes(b"{{ bos_token }}\n{% for m in messages %}\xff{% endfor %}")
+    with pytest.raises(UserError) as e:  # was a UnicodeDecodeError
+        load_tokenizer(tmp_path)
+    assert str(e.value) == (f"{jinja}:2: not UTF-8 text: byte 0xff at byte offset 39 cannot be "
+                            f"decoded; save the file as UTF-8")
+    jinja.unlink()
+    jinja.mkdir()
+    with pytest.raises(UserError) as e:  # was an IsADirectoryError
+        load_tokenizer(tmp_path)
+    assert str(e.value) == f"{jinja}: is a directory, not a file"
+    jinja.rmdir()
+    jinja.write_text("{% for m in messages %}\n{{ m['content'] }}\n{% for %}")
+    t = load_tokenizer(tmp_path)   # loads: generation and pretraining need no template
+    assert t.encode("cat") == tok.encode("cat")
+    with pytest.raises(UserError) as e:  # named no file: the data file's line was blamed
+        t.render_chat(CONVERSATION)
+    assert e.value.path == jinja and e.value.line == 3 and e.value.field == "chat_template"
+    assert "the chat template cannot be compiled" in str(e.value)
+
+
 # --- training -----------------------------------------------------------------------------------
 def test_training_is_deterministic_and_reads_files(tmp_path):
     (tmp_path / "a.txt").write_text("\n\n".join(CORPUS[:4]), encoding="utf-8")
