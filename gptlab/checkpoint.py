@@ -169,6 +169,28 @@ def build_from_meta(meta: dict, path: str | Path = "config.json") -> torch.nn.Mo
         raise UserError(str(e), path=path, field="model") from None
 
 
+def check_layer_counts(meta: dict, path: Path, weights: Path) -> None:
+    """Refuse a config.json whose layer count (`n_layers`, `n_encoder_layers`, ...) exceeds the
+    number of tensors in `weights`, each layer having tensors of its own: building its model
+    (10^30 layers, a typo's or a corrupt file's) would loop and fill the memory before the
+    weights could be compared with it. A file that cannot be read is left to `load_weights`."""
+    fields = meta.get("model")
+    if not isinstance(fields, dict) or not weights.is_file():
+        return
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = len(f.keys())
+    except (SafetensorError, OSError):
+        return
+    for name, value in fields.items():
+        if name.endswith("layers") and isinstance(value, int) and not isinstance(value, bool) \
+                and value > tensors:
+            raise UserError(f"is {value}, but {weights.name} holds {tensors} tensors, fewer than "
+                            f"one per layer: the config does not describe these weights",
+                            path=path, field=f"model.{name}")
+
+
 def _make_config(cfg_cls: type, fields: dict, path: str | Path) -> Any:
     # Filled in without __init__ first, so that every type is checked before __post_init__
     # does arithmetic with the values.
@@ -296,6 +318,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if meta.get("format") != FORMAT:
             raise UserError(f"config.json has format {meta.get('format')!r}, expected "
                             f"'{FORMAT}'", path=p / "config.json", field="format")
+        check_layer_counts(meta, p / "config.json", p / MODEL_FILE)
         with torch.device("meta"):  # shapes only: the weights come from the file
             model = build_from_meta(meta, p / "config.json")
         load_weights(model, p / MODEL_FILE)

@@ -144,6 +144,10 @@ def _set(key, value):
     (_set("d_model", 32), "model.safetensors",
      "weights do not fit the model's config.json: blocks.0.attn.k_proj.weight is (64, 64) in the "
      "file, the config implies (32, 32) (and 19 more)"),
+    # Building 10^30 layers on the meta device looped until the memory was gone.
+    (_set("n_layers", 10**30), "config.json",
+     "field 'model.n_layers': is 1000000000000000000000000000000, but model.safetensors holds 20 "
+     "tensors, fewer than one per layer: the config does not describe these weights"),
     (_set("n_layers", 1), "model.safetensors",
      "weights do not fit the model's config.json: 9 tensor(s) in the file are not in the model "
      "(blocks.1.attn.k_proj.weight, blocks.1.attn.o_proj.weight, blocks.1.attn.q_proj.weight, "
