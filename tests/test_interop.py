@@ -373,6 +373,13 @@ def _drop(*keys):
     (lambda cfg: {**cfg, "tie_word_embeddings": "no"},
      "field 'tie_word_embeddings': must be true or false, got 'no'"),
     (_drop("hidden_size"), "field 'hidden_size': required field is missing"),
+    # GPTConfig's own refusal was a ValueError traceback.
+    (lambda cfg: {**cfg, "head_dim": 1},
+     "rotary positions turn pairs of dimensions: the head dimension (1) must be even"),
+    # 10^30 layers were mapped and built, on the meta device, until the memory was gone.
+    (lambda cfg: {**cfg, "num_hidden_layers": 10**30},
+     "field 'num_hidden_layers': is 1000000000000000000000000000000, but the checkpoint holds 21 "
+     "tensors, fewer than one per layer: the config does not describe these weights"),
 ])
 def test_bad_hf_config_values_name_the_field_and_write_nothing(edit, message, tmp_path, capsys):
     src = tmp_path / "src"
@@ -386,6 +393,16 @@ def test_bad_hf_config_values_name_the_field_and_write_nothing(edit, message, tm
     capsys.readouterr()
     assert main(["convert", "--from", "hf", str(src), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_sizes_past_what_torch_can_address_are_refused_naming_the_model(tmp_path, capsys):
+    # torch's "Overflow when unpacking long long" came out as a TypeError traceback.
+    _hf_model("llama").save_pretrained(tmp_path)
+    _edit_config(tmp_path, hidden_size=10**30)
+    with pytest.raises(UserError) as e:
+        load_pretrained(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path}: the config describes a model that cannot be "
+                                   f"built (")
 
 
 def test_convert_refuses_an_out_that_is_the_source_or_inside_or_around_it(tmp_path, capsys):
@@ -691,6 +708,12 @@ def test_gguf_import_matches_transformers(family, arch, tmp_path):
      "field 'tokenizer.ggml.eos_token_id': must be a token id, got '<eos>'"),
     (dict(extra={"llama.attention.head_count_kv": 3}),
      "field 'llama.attention.head_count_kv': llama.attention.head_count 4 is not a multiple"),
+    # GPTConfig's own refusal was a ValueError traceback.
+    (dict(extra={"llama.attention.key_length": 3, "llama.rope.dimension_count": 3}),
+     r"the head dimension \(3\) must be even"),
+    # 10^30 blocks were built, on the meta device, until the memory was gone.
+    (dict(extra={"llama.block_count": 4_000_000_000}),
+     "the config has 4000000000 layers, but the checkpoint holds 21 tensors"),
 ])
 def test_unsupported_gguf_is_refused(kwargs, message, tmp_path, capsys):
     path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), **kwargs)

@@ -235,6 +235,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
                         f"{', '.join(SUPPORTED_GGUF)})", path=p, field="general.architecture")
     tokenizer = _gguf_tokenizer(meta)
     n_vocab = len(meta.get("tokenizer.ggml.tokens") or [])
-    cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors}, n_vocab)
+    try:
+        cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors}, n_vocab)
+    except (TypeError, ValueError) as e:  # GPTConfig's own checks (an odd rotary head_dim)
+        raise UserError(str(e), path=p) from None
     named, unused = _tensors(reader, gguf, cfg, arch, p)  # tied: no output.weight to take
     return assemble(cfg, named, unused, p, dtype), tokenizer

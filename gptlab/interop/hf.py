@@ -204,7 +204,10 @@ def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
     if mtype not in SUPPORTED_HF:
         raise UserError(f"architecture {mtype!r} ({', '.join(archs)}) is not supported "
                         f"(supported: {', '.join(SUPPORTED_HF)})", path=path, field="model_type")
-    out = _gpt2_config(cfg, path) if mtype == "gpt2" else _llama_config(cfg, path)
+    try:
+        out = _gpt2_config(cfg, path) if mtype == "gpt2" else _llama_config(cfg, path)
+    except (TypeError, ValueError) as e:  # GPTConfig's own checks (an odd rotary head_dim)
+        raise UserError(str(e), path=path) from None
     check_config(out, path)  # what the fields above do not cover, by gptlab's names
     return out
 
@@ -340,8 +343,17 @@ def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
         raise UserError(f"{len(unused)} tensor(s) do not map to gptlab's "
                         f"{'GPT-2' if cfg.positions == 'learned' else 'Llama'}-style model: "
                         f"{', '.join(sorted(unused)[:5])}", path=source)
-    with torch.device("meta"):
-        model = GPT(cfg)  # shapes only; the weights come from the checkpoint
+    if cfg.n_layers > len(named):
+        # Building 10^30 layers, even on the meta device, loops until the memory is gone.
+        raise UserError(f"the config has {cfg.n_layers} layers, but the checkpoint holds "
+                        f"{len(named)} tensors, fewer than one per layer: the config does not "
+                        f"describe these weights", path=source)
+    try:
+        with torch.device("meta"):
+            model = GPT(cfg)  # shapes only; the weights come from the checkpoint
+    except (TypeError, ValueError, RuntimeError) as e:  # sizes past what torch can address
+        raise UserError(f"the config describes a model that cannot be built "
+                        f"({str(e).splitlines()[0]})", path=source) from None
     expected = model.state_dict()
     # A tensor the config has no parameter for (o_proj's bias where only Q, K, V have one, a
     # block past the last) would be dropped without a word, and the model computes another
@@ -455,6 +467,12 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
                         f"Face one", path=cfg_path, field="format")
     cfg = hf_config_to_gpt(raw, cfg_path)
     sd = read_safetensors_dir(d)
+    if cfg.n_layers > len(sd):
+        # Mapping (and building) 10^30 layers loops until the memory is gone.
+        raise UserError(f"is {cfg.n_layers}, but the checkpoint holds {len(sd)} tensors, fewer "
+                        f"than one per layer: the config does not describe these weights",
+                        path=cfg_path, field="n_layer" if raw["model_type"] == "gpt2"
+                        else "num_hidden_layers")
     if is_sequence_classifier(raw):
         return _reward_model(raw, cfg, sd, d, dtype), load_hf_tokenizer(d)
     named, used = _named_weights(raw["model_type"], sd, cfg, d)
