@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -89,6 +90,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _unreadable(e: ValueError) -> str:
+    """Why YAML's constructors could not build a value: a date that does not exist (2024-13-01),
+    or an integer longer than Python reads (whose own message advises a Python call)."""
+    if "integer string conversion" in str(e):
+        return (f"an integer of more than {sys.get_int_max_str_digits()} digits; write it as a "
+                f"string")
+    return str(e)
+
+
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
                 overrides: Sequence[str] = (), **values: Any) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`.
@@ -110,6 +120,8 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise UserError(f"not valid YAML: {e}", path=path,
                             line=None if line is None else line + 1) from None
+        except ValueError as e:  # a value YAML parses but Python cannot build
+            raise UserError(f"a value cannot be read: {_unreadable(e)}", path=path) from None
         if not isinstance(data, dict):
             raise UserError("a config file must be a mapping of keys to values", path=path)
         _check_lists(cls, data, str(path), "{key}: [{item}]")
@@ -125,6 +137,10 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         except yaml.YAMLError as e:
             raise UserError(f"override '{item}': the value is not valid YAML "
                             f"({getattr(e, 'problem', None) or e})", path="command line",
+                            field=item.split("=", 1)[0]) from None
+        except ValueError as e:
+            raise UserError(f"override '{item[:60]}{'...' if len(item) > 60 else ''}': the value "
+                            f"cannot be read ({_unreadable(e)})", path="command line",
                             field=item.split("=", 1)[0]) from None
     try:
         if overrides:

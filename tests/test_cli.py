@@ -135,7 +135,18 @@ def test_a_config_that_cannot_be_read_or_an_override_that_cannot_be_parsed_exits
              f"{tmp_path / 'latin1.yaml'}:2: not UTF-8 text: byte 0xe9 at byte offset 18 cannot be "
              f"decoded; save the file as UTF-8"),
             (["steps=[1"], "command line, field 'steps': override 'steps=[1': the value is not "
-                           "valid YAML (did not find expected ',' or ']')")):
+                           "valid YAML (did not find expected ',' or ']')"),
+            # Values YAML parses but Python cannot build were ValueError tracebacks.
+            (["--config", str(tmp_path / "date.yaml")],
+             f"{tmp_path / 'date.yaml'}: a value cannot be read: month must be in 1..12"),
+            (["--config", str(tmp_path / "long.yaml")],
+             f"{tmp_path / 'long.yaml'}: a value cannot be read: an integer of more than 4300 "
+             f"digits; write it as a string"),
+            (["steps=" + "9" * 5000], "command line, field 'steps': override 'steps=" + "9" * 54
+             + "...': the value cannot be read (an integer of more than 4300 digits; write it "
+               "as a string)")):
+        (tmp_path / "date.yaml").write_text("steps: 10\nseed: 2024-13-01\n")
+        (tmp_path / "long.yaml").write_text("steps: " + "9" * 5000 + "\n")
         assert main(["ppo", *argv]) == 2
         assert capsys.readouterr().err == f"gptlab ppo: error: {message}\n"
 
