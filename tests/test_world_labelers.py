@@ -160,6 +160,12 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
              ", field 'id': no question with id 's0-train-99999' in this world"),
             ({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
              ", field 'id': missing required field"),
+            # A list or an object was a TypeError (unhashable) traceback; a number named no type.
+            ({"id": [q.id], "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
+             f", field 'id': must be a question id string, such as '{world.train[0].id}', got "
+             f"['{q.id}']"),
+            ({"id": 7, "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
+             f", field 'id': must be a question id string, such as '{world.train[0].id}', got 7"),
             # the rankings would need it: refused here, not later by `gptlab reward`
             ({"id": q.id, "responses": ["SELECT 1", "SELECT 2"]},
              ": needs a 'prompt' or a 'messages' field")):

@@ -113,6 +113,9 @@ class World:
 
     def gold(self, qid: str) -> str:
         """Gold SQL of a question id, or of a dialog turn `{dialog id}/{turn}` (1-based)."""
+        if not isinstance(qid, str):  # a list or an object is no key at all (TypeError)
+            raise UserError(f"must be a question id string, such as '{next(iter(self._gold))}', "
+                            f"got {qid!r}", field="id")
         if qid not in self._gold:
             raise UserError(f"no question with id '{qid}' in this world", field="id")
         return self._gold[qid]
