@@ -375,6 +375,13 @@ def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
                 yield n, {k: _json_value(v, path, n, k) for k, v in row.items() if v is not None}
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+    except UnicodeDecodeError:  # the values' are caught above: this is in the file's metadata
+        raise UserError(PARQUET_NAMES_NOT_UTF8, path=path) from None
+
+
+# A column name that is not UTF-8 comes from a corrupt footer (pyarrow cannot decode it).
+PARQUET_NAMES_NOT_UTF8 = ("not a readable Parquet file (a column name in its metadata is not "
+                          "UTF-8: is the file corrupt?)")
 
 
 def parquet_not_utf8(path: str | Path, columns: list[str] | None = None) -> UserError:

@@ -143,6 +143,34 @@ def test_parquet_without_text_column_and_corrupt_parquet(tmp_path):
         read_documents([f])
 
 
+def corrupt_parquet(path, column, where):
+    """A one-column Parquet file whose footer's column name (`where` "name") or first page
+    header (`where` "page") is corrupt: the footer, and so the schema, still reads for a page."""
+    pq.write_table(pa.table({column: ["the cat is happy"] * 3}), path, compression="none",
+                   store_schema=False)
+    b = bytearray(path.read_bytes())
+    if where == "name":
+        b[b.find(column.encode())] = 0xA0   # the schema's name: the first place it is written
+    else:
+        b[4:8] = b"\xff\xff\xff\xff"         # the page header, right after the magic PAR1
+    path.write_bytes(bytes(b))
+    return path
+
+
+@pytest.mark.parametrize("where, message", [
+    # pyarrow's UnicodeDecodeError, and a page's OSError met only while `datasets` read it,
+    # were tracebacks.
+    ("name", "not a readable Parquet file (a column name in its metadata is not UTF-8: is the "
+             "file corrupt?)"),
+    ("page", "not a readable Parquet file (Couldn't deserialize thrift: "),
+])
+def test_a_corrupt_parquet_corpus_is_refused_naming_the_file(tmp_path, where, message):
+    f = corrupt_parquet(tmp_path / "a.parquet", "text", where)
+    with pytest.raises(UserError) as e:
+        read_documents([f])
+    assert str(e.value).startswith(f"{f}: {message}")
+
+
 def test_reading_leaves_no_datasets_cache(tmp_path, monkeypatch):
     import datasets
 

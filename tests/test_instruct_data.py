@@ -727,3 +727,13 @@ def test_a_broken_json_line_names_its_line_and_the_column_counted_from_1(tmp_pat
     # The 16th character of line 3, the "}" after a trailing comma.
     assert str(err.value) == (f"{f}:3: not valid JSON (Expecting property name enclosed in "
                               f"double quotes at column 16)")
+
+
+def test_a_parquet_file_whose_column_names_are_not_utf8_is_refused_naming_it(tmp_path):
+    # pyarrow's UnicodeDecodeError from a corrupt footer was a traceback.
+    from test_corpus import corrupt_parquet
+    f = corrupt_parquet(tmp_path / "p.parquet", "prompt", "name")
+    with pytest.raises(UserError) as e:
+        read_prompts(f)
+    assert str(e.value) == (f"{f}: not a readable Parquet file (a column name in its metadata is "
+                            f"not UTF-8: is the file corrupt?)")
