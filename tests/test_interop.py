@@ -723,6 +723,32 @@ def test_unsupported_gguf_is_refused(kwargs, message, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_a_corrupt_gguf_is_refused_naming_the_file_and_field(tmp_path):
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"))
+    raw = path.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    # Cut inside the metadata: gguf's reader raised an IndexError, a traceback.
+    bad.write_bytes(raw[:24])
+    with pytest.raises(UserError) as e:
+        load_pretrained(bad)
+    assert str(e.value).startswith(f"{bad}: not a readable GGUF file (IndexError: ")
+    # A string value's bytes not UTF-8: gguf decodes it when it is read (UnicodeDecodeError).
+    at = raw.index(b"{% for m in messages %}")
+    bad.write_bytes(raw[:at] + b"\xff" + raw[at + 1:])
+    with pytest.raises(UserError) as e:
+        load_pretrained(bad)
+    assert str(e.value) == (f"{bad}, field 'tokenizer.chat_template': not UTF-8 text: byte 0xff "
+                            f"at byte offset 0 of the value cannot be decoded (is the file "
+                            f"corrupt?)")
+    # An EOS id past the vocabulary: the Tokenizer's error named no file.
+    bad = _write_gguf(tmp_path / "eos.gguf", _hf_model("llama"),
+                      extra={"tokenizer.ggml.eos_token_id": 100_000})
+    with pytest.raises(UserError) as e:
+        load_pretrained(bad)
+    assert str(e.value) == (f"{bad}, field 'tokenizer.ggml.eos_token_id': must be the id of a "
+                            f"token of the vocabulary (0 to 95), got 100000")
+
+
 def test_gguf_with_biases_beyond_q_k_v_is_refused_not_dropped(tmp_path):
     # A llama GGUF with every linear layer biased: Q/K/V's biases made it Qwen2-like and the
     # output and MLP biases were dropped without a word.

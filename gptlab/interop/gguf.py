@@ -50,7 +50,14 @@ class _Meta:
 
     def get(self, key: str, default: Any = None) -> Any:
         f = self.fields.get(key)
-        return default if f is None else f.contents()
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except UnicodeDecodeError as e:  # gguf decodes a string value only when it is read
+            raise UserError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at byte offset "
+                            f"{e.start} of the value cannot be decoded (is the file corrupt?)",
+                            path=self.path, field=key) from None
 
     def need(self, key: str) -> Any:
         v = self.get(key)
@@ -210,12 +217,22 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
             raise UserError(f"must be a token id, got {i!r}", path=meta.path, field=key)
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
+    eos = token("tokenizer.ggml.eos_token_id")
+    if eos is None:
+        raise UserError(f"must be the id of a token of the vocabulary (0 to {len(tokens) - 1}), "
+                        f"got {meta.get('tokenizer.ggml.eos_token_id')!r}", path=meta.path,
+                        field="tokenizer.ggml.eos_token_id")
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"must be a Jinja template string, got {template!r}", path=meta.path,
+                        field="tokenizer.chat_template")
     # BOS goes before a prompt only if the model was trained so; the chat template gets it anyway.
-    return Tokenizer(hf, bos_token=token("tokenizer.ggml.bos_token_id"),
-                     eos_token=token("tokenizer.ggml.eos_token_id"),
-                     pad_token=token("tokenizer.ggml.padding_token_id"),
-                     chat_template=meta.get("tokenizer.chat_template"),
-                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)))
+    tok = Tokenizer(hf, bos_token=token("tokenizer.ggml.bos_token_id"), eos_token=eos,
+                    pad_token=token("tokenizer.ggml.padding_token_id"), chat_template=template,
+                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)))
+    if template is not None:
+        tok.template_file = meta.path
+    return tok
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, Any]:
@@ -226,8 +243,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
         raise UserError("GGUF file not found", path=p)
     try:
         reader = gguf.GGUFReader(str(p))
-    except (ValueError, OSError, KeyError) as e:
-        raise UserError(f"not a readable GGUF file ({e})", path=p) from None
+    except (ValueError, OSError, KeyError, IndexError) as e:  # IndexError: a truncated file
+        raise UserError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=p) from None
     meta = _Meta(reader, p)
     arch = meta.need("general.architecture")
     if arch not in SUPPORTED_GGUF:
