@@ -346,3 +346,20 @@ def test_pretrain_on_a_hub_dataset_with_bad_text_exits_2_and_writes_nothing(tmp_
     assert "someuser/corpus:2, field 'text': expected a string, got float" in \
         capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda meta: {**meta, "n_documents": "many"},     # was int()'s ValueError, a traceback
+    lambda meta: b"\xff" + json.dumps(meta).encode(),  # was a UnicodeDecodeError
+])
+def test_a_damaged_token_cache_entry_is_rebuilt_not_a_traceback(tmp_path, damage):
+    f = tmp_path / "a.txt"
+    f.write_text("the cat is happy\n\nthe dog is sad\n", encoding="utf-8")
+    tok = train_tokenizer(["the cat is happy", "the dog is sad"], vocab_size=300)
+    first = tokenize_corpus([f], tok, tmp_path / "cache")
+    meta_path = first.path.with_suffix(".json")
+    broken = damage(json.loads(meta_path.read_text()))
+    meta_path.write_bytes(broken if isinstance(broken, bytes) else json.dumps(broken).encode())
+    again = tokenize_corpus([f], tok, tmp_path / "cache")
+    assert not again.reused and again.n_documents == first.n_documents == 2
+    assert again.tokens.tolist() == first.tokens.tolist()

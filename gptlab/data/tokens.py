@@ -105,14 +105,16 @@ def _read_cached(bin_path: Path, meta_path: Path, key: str) -> TokenFile | None:
     if not (bin_path.is_file() and meta_path.is_file()):
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         itemsize = np.dtype(meta["dtype"]).itemsize
         if meta.get("format") != TOKENS_FORMAT or bin_path.stat().st_size != meta["n_tokens"] * itemsize:
             return None
-    except (json.JSONDecodeError, KeyError, TypeError, OSError):
-        return None  # a damaged entry is rebuilt, not trusted
-    return TokenFile(bin_path, key, int(meta["n_tokens"]), int(meta["n_documents"]),
-                     meta["dtype"], reused=True)
+        return TokenFile(bin_path, key, int(meta["n_tokens"]), int(meta["n_documents"]),
+                         meta["dtype"], reused=True)
+    except (ValueError, KeyError, TypeError, OSError):
+        # A damaged entry (broken JSON, bytes not UTF-8, a count that is no number) is rebuilt,
+        # not trusted.
+        return None
 
 
 def _chunks(docs: Iterable[str], n: int) -> Iterable[list[str]]:
