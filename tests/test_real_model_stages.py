@@ -76,8 +76,10 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_dir(run_dir) -> Path:
     data = write_jsonl(run_dir / "demos.jsonl", DEMONSTRATIONS)
-    # The same two demonstrations every step, no evaluation: the loss must go down.
-    return sft(SFTConfig(model=str(GGUF), data=data, val_data=data, out=str(run_dir / "sft"),
+    # The same two demonstrations every step, no evaluation: the loss must go down. (The
+    # held-out file must be another file than --data, so a copy: no slice of two is held out.)
+    val = write_jsonl(run_dir / "demos_val.jsonl", DEMONSTRATIONS)
+    return sft(SFTConfig(model=str(GGUF), data=data, val_data=val, out=str(run_dir / "sft"),
                          batch_size=2, lr=1e-5, warmup_steps=0, max_steps=3, log_every=1,
                          eval_every=0, eval_batches=0, progress=False, device="cpu"))
 
@@ -85,8 +87,9 @@ def sft_dir(run_dir) -> Path:
 @pytest.fixture(scope="module")
 def rm_dir(run_dir, sft_dir) -> Path:
     data = write_jsonl(run_dir / "rankings.jsonl", RANKINGS)
+    val = write_jsonl(run_dir / "rankings_val.jsonl", RANKINGS)
     return train_reward_model(RewardConfig(
-        model=str(sft_dir), data=data, val_data=data, out=str(run_dir / "rm"), batch_size=2,
+        model=str(sft_dir), data=data, val_data=val, out=str(run_dir / "rm"), batch_size=2,
         lr=1e-5, warmup_steps=0, max_steps=2, log_every=1, eval_every=0, eval_batches=0,
         progress=False, device="cpu"))
 
