@@ -283,6 +283,8 @@ def ppo_args(d, out, *args):
                                  "of 64, got 64"),
     (["--missing-eos-penalty", "inf"], "field 'missing_eos_penalty': must be a finite number, "
                                        "got inf"),
+    # A negative penalty was taken: a bonus for the responses that never end.
+    (["--missing-eos-penalty", "-1"], "field 'missing_eos_penalty': must be >= 0, got -1.0"),
     (["--ptx-coef", "-0.1"], "field 'ptx_coef': must be >= 0, got -0.1"),
     (["--ptx-batch-size", "0"], "field 'ptx_batch_size': must be >= 1, got 0"),
     (["--ptx-block-size", "0"], "field 'ptx_block_size': must be >= 1, got 0"),

@@ -134,6 +134,8 @@ class PPOConfig:
             # and, where T rounds to 0 in float32, the gradient are NaN.
             ("temperature", self.temperature >= 0.01, "must be >= 0.01"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            # Negative, it would reward the responses that never end.
+            ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0"),
             ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
             ("ptx_batch_size", self.ptx_batch_size >= 1, "must be >= 1"),
             ("ptx_block_size", self.ptx_block_size >= 1, "must be >= 1"),
