@@ -628,3 +628,23 @@ def test_a_sequence_longer_than_the_context_is_refused_also_after_a_cache():
     net(torch.zeros(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="sequence of 9 tokens exceeds the context of 8"):
         net(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_a_padded_batch_longer_than_the_context_passes_while_each_row_fits_it():
+    """Positions count real tokens: left-padded rows of 8 and 3 real tokens in 10 positions
+    fit a context of 8, and each gets the logits it gets alone. A row of 9 is refused."""
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(vocab_size=32, context=8, n_layers=1, n_heads=2, d_model=16,
+                        positions="learned")).eval()
+    ids = torch.randint(1, 32, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    mask[0, 2:], mask[1, 7:] = 1, 1
+    with torch.no_grad():
+        logits = net(ids, attention_mask=mask)
+        assert torch.allclose(logits[0, 2:], net(ids[:1, 2:])[0], atol=1e-5)
+        assert torch.allclose(logits[1, 7:], net(ids[1:, 7:])[0], atol=1e-5)
+    mask[0, 1] = 1
+    with pytest.raises(ValueError, match="sequence of 9 tokens exceeds the context of 8"):
+        net(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="sequence of 10 tokens exceeds"):  # ids say positions
+        net(ids, attention_mask=mask, position_ids=torch.arange(10).expand(2, 10))

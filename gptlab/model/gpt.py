@@ -143,8 +143,14 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.config.context:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the context of "
+        longest = past + T
+        if longest > self.config.context and attention_mask is not None \
+                and position_ids is None:
+            # Positions count real tokens: a padded batch (generate's rows, each continued to
+            # its own limit) may be longer than the context while every row fits it.
+            longest = int(attention_mask.sum(-1).max())
+        if longest > self.config.context:
+            raise ValueError(f"sequence of {longest} tokens exceeds the context of "
                              f"{self.config.context}")
         if attention_mask is not None and attention_mask.shape[1] != past + T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, "
