@@ -165,10 +165,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
              seed: int | None = None, pad_id: int = 0) -> Generation:
     """Continue each prompt until a stop token or `max_new_tokens` (or the context) is reached.
 
-    Left padding puts every row at the longest prompt's length, so the context allows every row
-    context - (longest prompt) new tokens: a short prompt beside a long one can stop before its
-    own context is full. Prompts that fit context - `max_new_tokens`, as the verbs, sampling for
-    the labelers and PPO keep theirs, never meet this."""
+    Each row gets min(`max_new_tokens`, context - its own prompt's length) new tokens, as it
+    would alone: left padding makes the batch longer than a short row, but positions (and the
+    model's context check) count a row's real tokens. A row that fills the context leaves the
+    batch unfinished (`finished` is True only for a row ended by a stop token)."""
     if not prompts:
         raise ValueError("no prompts to continue")
     device = next(model.parameters()).device
@@ -177,10 +177,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
         if not 0 < len(p) < context:
             raise ValueError(f"prompt {i} has {len(p)} tokens: every prompt needs at least one, "
                              f"and room after it in the context of {context}")
-    P = max(len(p) for p in prompts)
-    steps = min(params.max_new_tokens, context - P)
+    limits = [min(params.max_new_tokens, context - len(p)) for p in prompts]
     with eval_mode(model):
-        return _generate(model, prompts, params, seed, pad_id, device, P, steps)
+        return _generate(model, prompts, params, seed, pad_id, device, limits)
 
 
 @contextmanager
@@ -195,7 +194,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
-              seed: int | None, pad_id: int, device: torch.device, P: int, steps: int
+              seed: int | None, pad_id: int, device: torch.device, limits: list[int]
               ) -> Generation:
     gen = torch.Generator(device="cpu" if device.type == "mps" else device)  # see sample_from
     # torch takes seeds in [-2**63, 2**64) and reads a negative one modulo 2**64; any other
@@ -207,14 +206,18 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
     unique: dict[tuple[int, ...], int] = {}
     row_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
     ids, mask = left_pad([list(p) for p in unique], pad_id, device)
-    B = len(prompts)
-    cache = model.new_cache(B, P + steps)  # room for every row: the copies below stay in it
+    B, P, steps = len(prompts), ids.shape[1], max(limits)
+    # Room for every row: the copies below stay in it. P + steps may pass the context when a
+    # short prompt sits beside a long one; each row's real tokens stay within it.
+    cache = model.new_cache(B, P + steps)
     cache.use_rows(len(unique))
     stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=device)
     out_tokens = torch.zeros((B, steps), dtype=torch.long, device=device)
     out_logprobs = torch.zeros((B, steps), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.full((B,), steps, dtype=torch.long, device=device)
+    limit = torch.tensor(limits, dtype=torch.long, device=device)
+    lengths = limit.clone()  # a row that reaches its limit ends there, unfinished
+    ragged = min(limits) < steps  # some rows fill the context before the last step
 
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
     if len(unique) < B:
@@ -243,7 +246,14 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
         if t + 1 == steps:
             break
         keep = ~done[live]
-        if int(keep.sum()) <= 0.75 * len(live):  # compact: stop paying for finished rows
+        must_leave = False
+        if ragged:  # a row at its limit has filled the context: it leaves before the next step
+            full = limit[live] <= t + 1
+            keep &= ~full
+            if not bool(keep.any()):
+                break
+            must_leave = bool(full.any())
+        if must_leave or int(keep.sum()) <= 0.75 * len(live):  # compact: stop paying for them
             cache.select(keep.nonzero()[:, 0])
             live, mask, tok = live[keep], mask[keep], tok[keep]
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)

@@ -425,3 +425,65 @@ def test_greedy_logprobs_are_at_temperature_one_whatever_the_temperature_given()
         want = net(ids)[0, len(prompt) - 1:-1].log_softmax(-1)
     want = want.gather(-1, ids[0, len(prompt):, None])[:, 0]
     assert plain.logprobs[0] == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def model_with(positions: str) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=61, context=48, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32,
+                    positions=positions, norm="rmsnorm", activation="swiglu", bias=False)
+    net = GPT(cfg).eval()
+    with torch.no_grad():
+        net.lm_head.weight.mul_(8)
+    return net
+
+
+LONG, MIDDLE, SHORT = [1 + i * 7 % 60 for i in range(40)], [2 + i % 50 for i in range(30)], \
+    [3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary", "sinusoidal"])
+def test_each_row_of_a_batch_near_the_context_gets_what_it_gets_alone(positions):
+    """A short prompt beside a long one got context - (longest prompt) new tokens: with a
+    context of 48 and 20 new tokens asked, prompts of 40 and 5 tokens both got 8. Each row now
+    gets min(20, 48 - its own length): 8, 18 and 20, the tokens it gets alone, and a row that
+    filled the context is not finished (no stop token ended it)."""
+    net = model_with(positions)
+    prompts = [LONG, SHORT, MIDDLE]
+    params = SamplingParams(max_new_tokens=20, greedy=True)
+    out = generate(net, prompts, params)
+    assert [len(t) for t in out.tokens] == [8, 20, 18]
+    assert out.finished == [False, False, False]
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+        alone = generate(net, [p], params)
+        assert toks == alone.tokens[0] == naive_greedy(net, p, len(toks))
+        assert lps == pytest.approx(alone.logprobs[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_a_row_that_stopped_leaves_the_batch_when_it_reaches_its_limit(positions):
+    """The long row draws a stop token first and stays in the batch (four live rows of five do
+    not compact it); at its own limit it must leave, finished, before its position passes the
+    context (a learned position table has no row 48). A row cut at its limit is not finished."""
+    net = model_with(positions)
+    prompts = [LONG, SHORT, [20, 21], [30], MIDDLE]
+    free = generate(net, prompts, SamplingParams(max_new_tokens=20, greedy=True))
+    stop = free.tokens[0][0]
+    assert all(stop not in toks for toks in free.tokens[1:])
+    out = generate(net, prompts, SamplingParams(max_new_tokens=20, greedy=True, stop_ids=(stop,)))
+    assert out.tokens[0] == [stop] and out.finished == [True, False, False, False, False]
+    assert out.tokens[1:] == free.tokens[1:]
+    assert [len(t) for t in out.tokens[1:]] == [20, 20, 20, 18]
+
+
+def test_a_sampled_batch_near_the_context_has_each_rows_logprobs_and_is_seeded():
+    net = model_with("learned")
+    prompts = [LONG, SHORT, LONG, MIDDLE]
+    params = SamplingParams(max_new_tokens=20, temperature=1.5)
+    out = generate(net, prompts, params, seed=4)
+    assert [len(t) for t in out.tokens] == [8, 20, 8, 18] and not any(out.finished)
+    assert generate(net, prompts, params, seed=4).tokens == out.tokens
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+        with torch.no_grad():
+            logp = (net(torch.tensor([p + toks]))[0] / 1.5).log_softmax(-1)
+        expected = [logp[len(p) - 1 + t, tok].item() for t, tok in enumerate(toks)]
+        assert lps == pytest.approx(expected, abs=1e-4)
