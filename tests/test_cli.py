@@ -789,6 +789,14 @@ def test_world_export_refuses_a_schema_seed_without_vary_schema_and_a_model_dire
     (["sample", "--model", "{model}", "--prompts", "{prompts}", "--out", ""],
      "gptlab sample: error: field 'out': is empty; give a path (write . for the current "
      "directory)"),
+    # convert read '' as Path('.') and found it apart from the model, then failed writing
+    # with no field named ('--to hf' named the model being converted instead).
+    (["convert", "--to", "hf", "{model}", "--out", ""],
+     "gptlab convert: error: field 'out': is empty; give a path (write . for the current "
+     "directory)"),
+    (["convert", "--from", "hf", "{model}", "--out", ""],
+     "gptlab convert: error: field 'out': is empty; give a path (write . for the current "
+     "directory)"),
     (["world", "export", "--out", "", "--train", "2"],
      "gptlab world: error: field 'out': is empty; give a directory (write . for the current "
      "directory)"),

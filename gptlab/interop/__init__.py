@@ -46,13 +46,12 @@ def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
     """`out_dir` as a Path, unless it is `src`, inside it or contains it: a conversion would
     then overwrite (or mix its files into) the model it reads; or unless it holds another
     model or a training run, whose files the conversion would mix with its own."""
-    out = Path(out_dir)
+    out = check_dir_out(out_dir, field="out")  # not "": Path("") is the current directory
     a, b = Path(src).resolve(), out.resolve()
     if a == b or a in b.parents or b in a.parents:
         where = "is" if a == b else "is inside" if a in b.parents else "contains"
         raise UserError(f"the output directory {where} the model being converted ({src}); "
                         f"choose another --out", path=out, field="out")
-    check_dir_out(out)
     check_holds_none(out, MODEL_OR_RUN)
     return out
 
