@@ -155,18 +155,24 @@ class Tokenizer:
         text = self.decode(ids)
         if not text.endswith("\ufffd"):
             return text
-        # The last U+FFFD is a split character if continuation bytes complete it: 0x80 or,
-        # after E0 and F0 (which need A0.. and 90..), 0xA0 first; then 0x80.
+        # The end is a split character if continuation bytes complete it (0x80 or, after E0
+        # and F0, which need A0.. and 90.., 0xA0 first; then 0x80): the completed character
+        # is then the last one, and what precedes it is the text before the cut. Byte-level
+        # BPE wrote one U+FFFD for the split character; byte fallback one for every byte of
+        # the run of byte tokens it ends, whole characters included.
         for first in (0x80, 0xA0):
-            tail = []
+            tail: list[int] = []
             for byte in (first, 0x80, 0x80):
                 token = self._byte_token(byte)
                 if token is None:  # a tokenizer that cannot spell a lone byte
                     return text
                 tail.append(token)
                 more = self.decode(ids + tail)
-                if more.startswith(text[:-1]) and "\ufffd" not in more[len(text) - 1:]:
-                    return text[:-1]
+                added = bytes([first, 0x80, 0x80][:len(tail)])
+                last = more[-1:].encode("utf-8")
+                if last != "\ufffd".encode("utf-8") and len(last) > len(added) \
+                        and last.endswith(added):
+                    return more[:-1]
         return text
 
     def _byte_token(self, byte: int) -> int | None:

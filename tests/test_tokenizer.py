@@ -103,6 +103,28 @@ def test_a_cut_decodes_without_half_a_character(tok):
     assert tok.decode_cut(tok.encode("x\ufffd")) == "x\ufffd"
 
 
+def test_a_cut_decodes_without_half_a_character_under_byte_fallback():
+    """Byte fallback (Llama's, Mistral's `<0xNN>` tokens) decodes a run of byte tokens that is
+    not whole UTF-8 as one U+FFFD per byte, the whole characters of the run too: a cut inside
+    a character ends before it as well (it ended in a U+FFFD for every byte of the run)."""
+    from tokenizers import decoders, models
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    vocab.update({"<unk>": 256, "</s>": 257, "a": 258})
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True,
+                                         unk_token="<unk>"))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(hf, bos_token=None, eos_token="</s>", pad_token=None)
+    text = "a é € 😀"
+    raw = text.encode("utf-8")
+    ids = [vocab["a"] if x == ord("a") else vocab[f"<0x{x:02X}>"] for x in raw]
+    assert tok.decode(ids) == text and tok.decode(ids[:-2]) == "a" + "\ufffd" * 10
+    for k in range(len(ids) + 1):
+        assert tok.decode_cut(ids[:k]) == raw[:k].decode("utf-8", errors="ignore")
+    # bytes that no continuation completes stay, one U+FFFD each
+    assert tok.decode_cut([vocab["a"], vocab["<0xFF>"], vocab["<0xE2>"]]) == "a\ufffd\ufffd"
+
+
 def test_typed_special_tokens_are_plain_text(tok):
     for typed in (EOS, ASSISTANT, BOS + "hi" + PAD):
         ids = tok.encode(typed)
