@@ -482,6 +482,21 @@ def test_a_ptx_corpus_smaller_than_a_block_names_ptx_data_and_ptx_block_size(set
     assert not out.exists()
 
 
+def test_an_empty_ptx_data_path_is_refused_naming_ptx_data(setup, tmp_path, monkeypatch,
+                                                            capsys):
+    # `--ptx-data ''` (an unset "$CORPUS") is Path(''), the current directory: with --out under
+    # it, it was "inside the corpus directory  (--ptx-data)"; elsewhere an empty path of
+    # field 'data', a flag ppo does not have.
+    d, _, _ = setup
+    for cwd, out in ((tmp_path, tmp_path / "run"), (tmp_path / "cwd", tmp_path / "run2")):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        assert main(ppo_args(d, out, "--ptx-data", "", "--ptx-coef", "0.1")) == 2
+        assert capsys.readouterr().err == ("gptlab ppo: error: field 'ptx_data': an empty path; "
+                                           "name a corpus file or directory\n")
+        assert not out.exists()
+
+
 def test_ptx_data_without_a_ptx_coef_says_it_is_unused(setup, tmp_path, capsys):
     # Given alone, --ptx-data was silently left unused (ptx_coef defaults to 0).
     d, _, _ = setup

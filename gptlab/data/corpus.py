@@ -110,6 +110,9 @@ def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str 
     become documents of the corpus, and a resumed run would read another corpus."""
     where = Path(out).resolve()
     for given in paths:
+        if not str(given).strip():  # Path("") is the current directory: all of it a corpus
+            raise UserError("an empty path; name a corpus file or directory",
+                            field=flag.lstrip("-").replace("-", "_"))
         if not Path(given).is_dir():
             continue
         corpus = Path(given).resolve()
