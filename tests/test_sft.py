@@ -467,3 +467,23 @@ def test_a_resume_without_max_steps_keeps_the_runs_own_length_not_the_epochs(bas
     assert main(args + ["--max-steps", "2"]) == 0
     assert main(args + ["--resume"]) == 0
     assert json.loads((out / "config.json").read_text())["step"] == 2
+
+
+def test_batch_size_times_grad_accum_trains_as_one_batch_of_them_all(base, tmp_path):
+    # The demonstrations' completions differ in length, so two micro-batches of 2 hold unequal
+    # numbers of target tokens: the loss is the per-token mean over all 4, as in a batch of 4.
+    from safetensors.torch import load_file
+    weights = []
+    for name, args in (("one", ["--batch-size", "4"]),
+                       ("accumulated", ["--batch-size", "2", "--grad-accum", "2"])):
+        assert run_sft(base, tmp_path / name, *args, "--max-steps", "3",
+                       "--no-select-best", "--lr", "1e-2", "--warmup-steps", "0") == 0
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    start = load_file(base[0] / "base" / "model.safetensors")
+    assert max(float((weights[0][k] - start[k]).abs().max()) for k in start) > 1e-3  # it trained
+    for k in start:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=0, atol=2e-5)
+    rows = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text()
+             .splitlines()] for n in ("one", "accumulated")]
+    losses = [[r["loss"] for r in rs if "loss" in r] for rs in rows]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

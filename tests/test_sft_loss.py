@@ -117,3 +117,42 @@ def test_a_validation_set_holds_every_item_once_in_order():
     assert fixed_list_batches(list(range(5)), 2, list) == [[0, 1], [2, 3], [4]]
     assert fixed_list_batches(list(range(4)), 2, list) == [[0, 1], [2, 3]]
     assert fixed_list_batches([7], 3, list) == [[7]]
+
+
+def _grads(model, micro, **kw):
+    from gptlab.train.loop import accumulate_gradients
+    model.zero_grad()
+    loss = accumulate_gradients(model, micro, sft_loss, **kw)
+    return loss, [p.grad.clone() for p in model.parameters()]
+
+
+def test_accumulated_micro_batches_of_unequal_targets_weigh_as_one_batch():
+    # Two rows with 2 target tokens, then two with 12: a mean of the two micro-batches' means
+    # gave each token of the first 3x the weight it has in the batch of four.
+    from gptlab.train.sft import target_tokens
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32)).double()
+    rng = random.Random(1)
+    rows = [Example([rng.randrange(1, 60) for _ in range(3 + c)], [0] * 3 + [1] * c)
+            for c in (2, 2, 12, 12)]
+    whole, halves = pad_examples(rows, 0), [pad_examples(rows[:2], 0), pad_examples(rows[2:], 0)]
+    assert [target_tokens(b) for b in halves] == [4, 24]
+    loss, grads = _grads(model, [whole], weight_of=target_tokens)
+    acc_loss, acc_grads = _grads(model, halves, weight_of=target_tokens)
+    assert acc_loss == pytest.approx(loss, abs=1e-12)
+    for a, b in zip(grads, acc_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # Unweighted, the micro-batches' means are averaged: the gradients are another batch's.
+    _, mean_of_means = _grads(model, halves)
+    assert max(float((a - b).abs().max()) for a, b in zip(grads, mean_of_means)) > 1e-3
+
+
+def test_a_single_micro_batch_is_the_same_update_bit_for_bit_with_or_without_weights():
+    # grad_accum = 1 (every stage of the demo pipeline): weighing changes nothing at all.
+    from gptlab.train.sft import target_tokens
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32))
+    batch = pad_examples(examples(4), pad_id=0)
+    loss, grads = _grads(model, [batch])
+    w_loss, w_grads = _grads(model, [batch], weight_of=target_tokens)
+    assert w_loss == loss and all(torch.equal(a, b) for a, b in zip(grads, w_grads))

@@ -12,7 +12,8 @@ Pieces (each usable alone; PPO builds its own loop from them):
     set_lr(optimizer, lr)
     autocast(device, bf16)                      bf16 autocast on CUDA, a no-op elsewhere
     allow_tf32(device)                          TF32 float32 matmuls on CUDA
-    accumulate_gradients(model, micro, loss_fn) backward over micro-batches, mean loss
+    accumulate_gradients(model, micro, loss_fn) backward over micro-batches, mean loss (per
+                                                micro-batch, or weighted: `weight_of`)
     clip_gradients(model, max_norm)             the global grad norm (before clipping)
     evaluate(model, batches, loss_fn)           mean loss, no grad, dropout off
     rng_state() / set_rng_state(s), preserved_rng()
@@ -364,19 +365,29 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: Iterable[Any], loss_fn: LossFn,
-                         device: torch.device | None = None, bf16: bool = True) -> float:
-    """Backward each micro-batch's loss / n; the gradients equal those of the mean loss over
-    all of them (exactly the big batch's when micro-batches hold equal token counts).
-    Returns the mean loss."""
+                         device: torch.device | None = None, bf16: bool = True,
+                         weight_of: Callable[[Any], float] | None = None) -> float:
+    """Backward each micro-batch's loss times its share of the update, and return the update's
+    loss, the same weighted mean. The shares are equal (1 / n) by default: the big batch's
+    gradients when micro-batches hold equal numbers of what the loss averages over (full
+    blocks). `weight_of(batch)`: that number when it varies, such as a mean over target
+    tokens (SFT): then the gradients are the big batch's per-token mean over the whole update,
+    not a mean of the micro-batches' means that weighs a token of a short micro-batch more."""
     micro = list(micro_batches)
+    n = len(micro)
+    weights = [float(weight_of(b)) for b in micro] if weight_of else [1.0] * n
+    whole = sum(weights)
+    # Each weight relative to their mean: exactly 1 without weight_of or with one micro-batch,
+    # where the update is the plain mean's bit for bit. Nothing to weigh by: equal shares.
+    rel = [w * n / whole for w in weights] if whole > 0 else [1.0] * n
     device = device or next(model.parameters()).device
     total = torch.zeros((), device=device)
-    for batch in micro:
+    for batch, r in zip(micro, rel):
         with autocast(device, bf16):
             loss = loss_fn(model, to_device(batch, device))
-        (loss / len(micro)).backward()
-        total += loss.detach().float()
-    return (total / len(micro)).item()
+        (loss * r / n).backward()
+        total += loss.detach().float() * r
+    return (total / n).item()
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
@@ -682,14 +693,17 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
           tokenizer: Any = None, on_eval: Callable[[nn.Module, int, float], dict | None] | None = None,
           tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
           extra: dict | None = None, perplexity: bool = True,
-          verified: Path | None = None) -> TrainResult:
+          verified: Path | None = None,
+          loss_weight: Callable[[Any], float] | None = None) -> TrainResult:
     """Train `model` in place on `batches` with `loss_fn`; checkpoints go to OUT/checkpoints/,
     metrics to OUT/metrics.jsonl. With `resume`, continue from the latest checkpoint in OUT
     (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly.
     Ctrl-C saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
     `perplexity`: the loss is a language model's (a reward model's is not), so its exp means
     something and is logged as val_ppl. `verified`: the checkpoint `check_run_dir` returned,
-    verified there; resumed from, it is not hashed again."""
+    verified there; resumed from, it is not hashed again. `loss_weight(batch)`: what
+    `loss_fn` averages over in a batch (SFT's target tokens), so that `grad_accum`
+    micro-batches weigh as one batch of them all (see `accumulate_gradients`)."""
     cfg.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -823,7 +837,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             lr = lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
             set_lr(optimizer, lr)
             micro = [next(batches) for _ in range(cfg.grad_accum)]
-            last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16)
+            last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16,
+                                             loss_weight)
             grad_norm = clip_gradients(model, cfg.clip)
             # From the update until `good` records its step, the weights and optimizer are a
             # step ahead of `good`: a Ctrl-C waits for the step to be recorded; one that

@@ -108,6 +108,12 @@ def sft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model.lm_loss(h, labels[:, n:])
 
 
+def target_tokens(batch: dict) -> int:
+    """The tokens `sft_loss` averages over: with --grad-accum, each micro-batch's loss weighs
+    by them, so the update is the per-token mean over all its micro-batches, as one batch."""
+    return int((batch["labels"] != -100).sum())
+
+
 def split_examples(examples: list[Example], fraction: float,
                    seed: int) -> tuple[list[Example], list[Example]]:
     order = list(range(len(examples)))
@@ -275,7 +281,7 @@ def sft(cfg: SFTConfig) -> Path:
     val_batches = fixed_list_batches(val_ex, cfg.batch_size, collate) if val_ex else None
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=keeper,
-                   resume=cfg.resume, verified=latest, extra={
+                   resume=cfg.resume, verified=latest, loss_weight=target_tokens, extra={
                        "stage": "sft", "data_key": key, "eval_settings": {
                            k: getattr(cfg, k) for k in (*MEASURE_SETTINGS, *NOTED_SETTINGS)}})
     val_loss = result.val_loss
