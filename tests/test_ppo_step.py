@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gptlab.checkpoint import save_model
+from gptlab.checkpoint import load_model, save_model
 from gptlab.errors import UserError
 from gptlab.model import GPT, get_preset
 from gptlab.tokenizer import train_tokenizer
@@ -119,6 +119,37 @@ def test_rollout_reference_and_update_use_the_sampling_temperature(setup, tmp_pa
     # One minibatch, before any optimizer step: the ratio is exactly 1.
     stats = t.update(ro, batch, t.cfg.lr, 1)
     assert stats["approx_kl"] == 0 and stats["clipfrac"] == 0
+
+
+def test_with_dropout_in_the_policy_rollout_and_update_see_one_network(setup, tmp_path,
+                                                                       monkeypatch):
+    # The setup's policy has no dropout, where a policy, reference or value model left in
+    # training mode would go unseen: here each of their forwards would draw its own mask.
+    d, paths = setup
+    _, tok, _ = load_model(d / "policy")
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64,
+                              dropout=0.3)
+    torch.manual_seed(0)
+    save_model(tmp_path / "policy", GPT(cfg), tok)
+    t = PPOTrainer(PPOConfig(policy=str(tmp_path / "policy"), prompts=str(paths["prompts"]),
+                             out=str(tmp_path / "run"), device="cpu", temperature=T,
+                             max_new_tokens=6, batch_size=8, minibatch_size=2, ppo_epochs=2),
+                   reward_fn=record_score)
+    ro = t.rollout(1)
+    batch = t.advantages(ro, t.score(ro))
+    assert batch["kl"].eq(0).all()  # the reference is the initial policy: the same network
+    kls = []
+    real = ppo_module.clipped_policy_loss
+
+    def spy(*args, **kw):
+        loss, stats = real(*args, **kw)
+        kls.append(float(stats["approx_kl"].detach()))
+        return loss, stats
+    monkeypatch.setattr(ppo_module, "clipped_policy_loss", spy)
+    t.update(ro, batch, t.cfg.lr, 1)
+    # The first minibatch, before any optimizer step, recomputes the rollout's log-probs: ratio 1.
+    assert len(kls) == 8 and kls[0] == 0
+    assert not any(m.training for m in (t.policy, t.reference, t.value_model))
 
 
 def test_the_logged_entropy_is_at_the_temperature_and_keeps_no_graph(setup, tmp_path):
