@@ -337,6 +337,9 @@ def test_a_gpt2_fused_qkv_not_in_thirds_names_the_directory(tmp_path):
     # The field the config has: transformers 5 writes rope_parameters (it named rope_scaling).
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
      "field 'rope_parameters': rope scaling 'yarn'"),
+    # Parameters per layer type: the theta inside was passed over for the default 10000.
+    ({"model_type": "qwen2", "rope_parameters": {"full_attention": {"rope_theta": 5e4}}},
+     r"field 'rope_parameters.full_attention': rope parameters per layer type"),
     ({"model_type": "mistral", "sliding_window": 32}, "sliding-window"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
@@ -351,6 +354,26 @@ def test_unsupported_hf_configs_are_refused(changes, message, tmp_path, capsys):
         load_pretrained(tmp_path)
     assert main(["convert", "--from", "hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes", [
+    # transformers 5 reads rope_scaling, where set, in place of rope_parameters: its rope_theta
+    # first, then the top-level one. gptlab took rope_parameters' theta, or the top-level one
+    # over rope_scaling's, and computed another rotation than transformers, without a word.
+    {"rope_scaling": {"type": "default"}, "rope_theta": 1e6,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 3.0}},
+    {"rope_scaling": {"type": "default", "rope_theta": 3.0}, "rope_theta": 1e6,
+     "rope_parameters": None},
+    {"rope_scaling": None, "rope_theta": 1e6,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 3.0}},
+    {"rope_theta": 3.0, "rope_parameters": {}},
+])
+def test_rope_theta_is_read_where_transformers_reads_it(changes, tmp_path):
+    _hf_model("llama").save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    model, _ = load_pretrained(tmp_path)
+    assert_same_logits(model, theirs.eval(), PROMPTS)
 
 
 def _drop(*keys):

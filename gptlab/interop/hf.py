@@ -80,22 +80,30 @@ def check_heads(d: int, h: int, kv: int, head_dim_set: bool, path: Path,
 
 
 def _rope_theta(cfg: dict, path: Path) -> float:
-    """rope theta from either layout (transformers 4: rope_theta + rope_scaling; 5:
-    rope_parameters); any scaling changes the rotation, so it is refused."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):
+    """rope theta as transformers 5 reads it: `rope_scaling` (transformers 4's name), where set,
+    stands for `rope_parameters`; that object's rope_theta comes first, then the top-level one,
+    then 10000. Any scaling changes the rotation, and so may parameters per layer type: both
+    are refused."""
+    for key in ("rope_parameters", "rope_scaling"):
+        d = cfg.get(key) or {}
         if not isinstance(d, dict):
             raise UserError(f"expected an object, got {d!r}", path=path, field=key)
         kind = d.get("rope_type", d.get("type", "default"))
         if kind not in (None, "default"):
             raise UserError(f"rope scaling '{kind}' is not supported (only plain rotary "
                             f"positions map to gptlab)", path=path, field=key)
+        nested = [k for k, v in d.items() if isinstance(v, dict)]
+        if nested:
+            raise UserError(f"rope parameters per layer type ({', '.join(nested)}) are not "
+                            f"supported (one rotation for every layer maps to gptlab)",
+                            path=path, field=f"{key}.{nested[0]}")
+    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    params = cfg.get(key) or {}
     if "rope_theta" in params:
         try:
             return _positive(params, "rope_theta", path)
         except UserError as e:
-            raise UserError(e.message, path=path, field="rope_parameters.rope_theta") from None
+            raise UserError(e.message, path=path, field=f"{key}.rope_theta") from None
     return _positive(cfg, "rope_theta", path, 10000.0)
 
 
