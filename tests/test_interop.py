@@ -376,6 +376,23 @@ def test_rope_theta_is_read_where_transformers_reads_it(changes, tmp_path):
     assert_same_logits(model, theirs.eval(), PROMPTS)
 
 
+@pytest.mark.parametrize("family, changes", [
+    # Fields transformers does not read for the family, or names it reads as the same function:
+    # each was refused, though transformers loads the model and computes what gptlab would.
+    ("mistral", {"attention_bias": True, "mlp_bias": True}),  # Mistral has no biases
+    ("llama", {"sliding_window": 4}),                         # Llama attends to everything
+    ("llama", {"hidden_act": "swish"}),                       # swish is SiLU
+    ("gpt2", {"activation_function": "swish"}),
+])
+def test_fields_transformers_ignores_or_aliases_load_as_it_loads_them(family, changes, tmp_path):
+    _hf_model(family).save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    model, _ = load_pretrained(tmp_path)
+    assert len(PROMPTS[2]) > 4  # longer than the window Llama does not read
+    assert_same_logits(model, theirs.eval(), PROMPTS)
+
+
 def _drop(*keys):
     return lambda cfg: {k: v for k, v in cfg.items() if k not in keys}
 

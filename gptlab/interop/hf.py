@@ -109,7 +109,7 @@ def _rope_theta(cfg: dict, path: Path) -> float:
 
 def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-            "gelu": "gelu", "relu": "relu", "silu": "silu"}
+            "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
     act = cfg.get("activation_function", "gelu_new")
     if not isinstance(act, str) or act not in acts:
         raise UserError(f"activation {act!r} is not supported (supported: {sorted(acts)})",
@@ -149,9 +149,10 @@ def _qwen2_slides(cfg: dict, path: Path) -> bool:
 
 
 def _refuse_sliding_window(cfg: dict, context: int, path: Path) -> None:
-    """A window shorter than the context changes the attention."""
-    window = cfg.get("sliding_window")
-    if cfg["model_type"] == "qwen2" and not _qwen2_slides(cfg, path):
+    """A window shorter than the context changes the attention (transformers' Llama reads no
+    window: it attends over the whole context whatever sliding_window says)."""
+    window, mtype = cfg.get("sliding_window"), cfg["model_type"]
+    if mtype == "llama" or mtype == "qwen2" and not _qwen2_slides(cfg, path):
         window = None
     if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
         raise UserError(f"must be an integer or null, got {window!r}", path=path,
@@ -162,10 +163,12 @@ def _refuse_sliding_window(cfg: dict, context: int, path: Path) -> None:
 
 
 def _llama_biases(cfg: dict, path: Path) -> tuple[bool, bool | None]:
-    """GPTConfig's (bias, qkv_bias): Qwen2 has biases on Q, K, V only; Llama and Mistral on
-    every linear layer or on none."""
+    """GPTConfig's (bias, qkv_bias): Qwen2 has biases on Q, K, V only, Mistral none (transformers
+    reads neither model's attention_bias or mlp_bias), Llama on every linear layer or on none."""
     if cfg["model_type"] == "qwen2":
         return False, True
+    if cfg["model_type"] == "mistral":
+        return False, None
     attn_bias = _flag(cfg, "attention_bias", path, False)
     mlp_bias = _flag(cfg, "mlp_bias", path, False)
     if attn_bias != mlp_bias:
@@ -177,7 +180,7 @@ def _llama_biases(cfg: dict, path: Path) -> tuple[bool, bool | None]:
 
 def _llama_config(cfg: dict, path: Path) -> GPTConfig:
     """Llama, Mistral and Qwen2: rotary positions, RMSNorm, SwiGLU, grouped-query attention."""
-    if cfg.get("hidden_act", "silu") != "silu":
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers: the same SiLU
         raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (the Llama family "
                         f"maps to SwiGLU, which needs silu)", path=path, field="hidden_act")
     n_pos = _count(cfg, "max_position_embeddings", path, 2048)
