@@ -508,6 +508,11 @@ def _random_gpt(seed: int, **fields) -> GPT:
     (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False, qkv_bias=True),
      "Qwen2ForCausalLM"),
     (dict(tie_embeddings=False, norm_eps=1e-6), "GPT2LMHeadModel"),
+    # GPT-2's other activations: refused (GPT2 needed gelu_tanh), so a GPT-2 imported with
+    # activation_function gelu, relu or silu could not be written back.
+    (dict(activation="gelu"), "GPT2LMHeadModel"),
+    (dict(activation="relu", d_ff=40), "GPT2LMHeadModel"),
+    (dict(activation="silu"), "GPT2LMHeadModel"),
 ])
 def test_export_native_models(fields, arch, tmp_path):
     model = _random_gpt(0, **fields)
@@ -543,6 +548,8 @@ def test_export_writes_null_token_ids_where_there_are_none(fields, tmp_path):
     (dict(positions="sinusoidal"), "positions='sinusoidal'"),
     (dict(positions="rotary", norm="rmsnorm", activation="gelu"), "activation='gelu'"),
     (dict(n_kv_heads=2), "grouped-query"),
+    (dict(activation="swiglu"),
+     r"activation='swiglu' \(GPT2 needs one of gelu_tanh, gelu, relu, silu\)"),
 ])
 def test_export_refuses_what_does_not_map(fields, message, tmp_path):
     with pytest.raises(UserError, match=message):

@@ -493,14 +493,20 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
 
 # --- export ------------------------------------------------------------------------------------
 
+# gptlab activation -> GPT-2's activation_function, for export.
+_GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
 def _export_family(cfg: GPTConfig) -> str:
     """'gpt2', 'llama' or 'qwen2', or a UserError naming every setting that does not map."""
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
     if cfg.positions == "learned" and cfg.norm == "layernorm":
         bad = [f"{k}={v!r} (GPT2 needs {want!r})" for k, v, want in (
-            ("activation", cfg.activation, "gelu_tanh"), ("prenorm", cfg.prenorm, True),
-            ("bias", cfg.bias, True), ("qkv_bias", qkv_bias, True))
-            if v != want]
+            ("prenorm", cfg.prenorm, True), ("bias", cfg.bias, True),
+            ("qkv_bias", qkv_bias, True)) if v != want]
+        if cfg.activation not in _GPT2_ACTIVATIONS:
+            bad.append(f"activation={cfg.activation!r} (GPT2 needs one of "
+                       f"{', '.join(_GPT2_ACTIVATIONS)})")
         if cfg.kv_heads != cfg.n_heads or cfg.dim_head * cfg.n_heads != cfg.d_model:
             bad.append("grouped-query attention or a custom head_dim (GPT2 has neither)")
         family = "gpt2"
@@ -533,7 +539,8 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
                 "n_positions": cfg.context, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
-                "n_head": cfg.n_heads, "n_inner": cfg.ff_dim, "activation_function": "gelu_new",
+                "n_head": cfg.n_heads, "n_inner": cfg.ff_dim,
+                "activation_function": _GPT2_ACTIVATIONS[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                 "attn_pdrop": 0.0}
     out = {"architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
