@@ -183,7 +183,7 @@ def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0
 
     ties=True: correct > wrong > error with the answers of one tier tied; False: a strict order.
     """
-    from gptlab.eval.execution import open_world
+    from gptlab.world.build import open_world
     world = open_world(world_dir or "builtin")
     labeler = world.labeler(disagreement=disagreement, seed=seed, ties=ties)
 

@@ -191,3 +191,182 @@ def test_every_link_to_a_section_of_the_same_file_finds_it(doc):
     anchors = {github_anchor(m) for m in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
     links = re.findall(r"\]\(#([^)]+)\)", prose)
     assert [link for link in links if link not in anchors] == []
+
+
+# --- docs/ARCHITECTURE.md: the tree it draws, the names it gives, the arrows it states ---------
+
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+
+
+def architecture_paths(text: str) -> list[str]:
+    """The files the tree block of ARCHITECTURE.md names, as paths from the repository root:
+    each entry (`cli.py, __main__.py`, `model/`), the `*.py` / `*.sh` files a folder's
+    description lists, or, where it lists bare module names after a colon (`world/`: `database,
+    schema (...), intents`), those as `NAME.py`."""
+    tree = fenced_blocks(text, ("",))[0]
+    entries: list[list[str]] = []  # [path, description], continuation lines joined
+    top = ""
+    for line in tree.splitlines():
+        indent = len(line) - len(line.lstrip())
+        name, _, description = line.strip().partition("  ")
+        if indent == 0:
+            top = name if name.endswith("/") else ""
+            entries.append([name, description])
+        elif indent == 2 and re.fullmatch(r"[\w.]+/?(, [\w.]+/?)*", name):
+            entries.append([", ".join(top + n for n in name.split(", ")), description])
+        else:
+            entries[-1][1] += " " + line.strip()
+    paths = []
+    for entry, description in entries:
+        paths += entry.split(", ")
+        folder = entry if entry.endswith("/") else entry.rpartition("/")[0] + "/"
+        files = re.findall(r"\b\w+\.(?:py|sh)\b", description)
+        prose = re.sub(r"\([^()]*\)", "", re.sub(r"`[^`]*`", "", description))
+        if not files and entry.endswith("/") and ":" in prose:
+            files = [f"{item.split()[0]}.py" for item in prose.split(":", 1)[1].split(",")
+                     if item.strip()]
+        paths += [folder + f for f in files]
+    return paths
+
+
+def test_every_file_the_architecture_tree_names_exists():
+    paths = architecture_paths(ARCHITECTURE.read_text())
+    for expected in ("gptlab/cli.py", "gptlab/model/heads.py", "gptlab/world/rewards.py",
+                     "gptlab/train/rl_math.py", "gptlab/eval/headroom.py", "bench/gpu.sh",
+                     "bench/sft_memory.py"):
+        assert expected in paths, expected  # the reader still finds what it should
+    assert [p for p in paths if not (ROOT / p).exists()] == []
+
+
+def test_a_file_the_tree_names_that_is_gone_is_caught():
+    text = ARCHITECTURE.read_text().replace("rewards (execution", "reward (execution")
+    assert "gptlab/world/reward.py" in architecture_paths(text)
+    assert not (ROOT / "gptlab/world/reward.py").exists()
+
+
+def dotted_names(text: str) -> list[str]:
+    """Each `gptlab.x.y` in backquotes, a call's arguments left out."""
+    return [m.split("(")[0] for m in re.findall(r"`(gptlab(?:\.\w+)+)[^`]*`", text)]
+
+
+def resolves(dotted: str) -> bool:
+    """A module, or an attribute of the longest module prefix."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("doc", DOCS + [ROOT / "BENCHMARKS.md"], ids=lambda p: p.name)
+def test_every_gptlab_name_in_backquotes_exists(doc):
+    names = dotted_names(doc.read_text())
+    assert [n for n in names if not resolves(n)] == []
+
+
+def test_a_name_that_is_gone_is_caught():
+    assert dotted_names("`gptlab.errors.UserError(msg, path=)` and `gptlab.io`") == \
+        ["gptlab.errors.UserError", "gptlab.io"]
+    assert resolves("gptlab.errors.UserError") and resolves("gptlab.world.checker")
+    assert not resolves("gptlab.errors.UserFault") and not resolves("gptlab.world.checkers")
+
+
+def gptlab_imports() -> dict[str, set[str]]:
+    """Each gptlab module and the gptlab modules it imports, at its top or inside a function
+    (a lazy import is still an arrow), each with the packages above it that importing runs."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "gptlab").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        graph[module] = names
+    modules = set(graph)
+    for module, names in graph.items():
+        found = {n for n in names if n in modules}
+        graph[module] = found | {".".join(n.split(".")[:i]) for n in found
+                                 for i in range(2, n.count(".") + 1)}
+    return graph
+
+
+def reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [m for m in graph if m == start or m.startswith(start + ".")]
+    while todo:
+        for name in graph.get(todo.pop(), ()):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
+def under(names: set[str], *packages: str) -> set[str]:
+    return {n for n in names if any(n == p or n.startswith(p + ".") for p in packages)}
+
+
+def test_the_arrows_point_one_way():
+    # ARCHITECTURE.md: the model knows no stage; the engine knows no text; the world knows no
+    # model. "Knows" counts every import on the way, lazy ones too.
+    graph = gptlab_imports()
+    assert under(reached(graph, "gptlab.model"), "gptlab") <= \
+        under(set(graph), "gptlab.model") | {"gptlab", "gptlab.errors"}
+    assert under(reached(graph, "gptlab.engine"), "gptlab.tokenizer", "gptlab.data",
+                 "gptlab.world", "gptlab.chat") == set()
+    assert under(reached(graph, "gptlab.world"), "gptlab.model", "gptlab.engine",
+                 "gptlab.checkpoint", "gptlab.train", "gptlab.eval") == set()
+
+
+def test_an_arrow_the_wrong_way_is_caught():
+    graph = gptlab_imports()
+    assert "gptlab.world.executor" in reached(graph, "gptlab.world.checker")
+    graph["gptlab.world.rewards"] = graph["gptlab.world.rewards"] | {"gptlab.eval.execution"}
+    assert "gptlab.model.gpt" in reached(graph, "gptlab.world")  # via feedback and checkpoint
+
+
+PATH_IN_PROSE = re.compile(r"(?<![\w./-])((?:[\w.-]+/)+[\w-]+\.(?:py|sh))\b")
+
+
+@pytest.mark.parametrize("doc", DOCS + [ROOT / "BENCHMARKS.md"], ids=lambda p: p.name)
+def test_every_source_path_a_document_names_exists(doc):
+    # `gptlab/train/ppo.py`, `train/pipeline.py` (under gptlab/), `bench/gpu.sh`
+    paths = set(PATH_IN_PROSE.findall(doc.read_text()))
+    assert [p for p in sorted(paths) if not (ROOT / p).exists()
+            and not (ROOT / "gptlab" / p).exists()] == []
+
+
+def bench_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(script, its arguments) of each `python bench/NAME.py ...` in `text`."""
+    found = re.findall(r"python (bench/\w+\.py)((?: --?[\w-]+(?: [^\s`-][^\s`]*)?)*)", text)
+    return [(script, shlex.split(args)) for script, args in found]
+
+
+def bench_flags(script: Path) -> set[str]:
+    return set(re.findall(r"add_argument\(\"(--[\w-]+)\"", script.read_text()))
+
+
+def test_every_benchmark_command_names_its_scripts_flags():
+    commands = bench_commands((ROOT / "BENCHMARKS.md").read_text())
+    assert {script for script, _ in commands} >= {
+        "bench/sampling.py", "bench/sft_step.py", "bench/reward_step.py", "bench/ppo_step.py",
+        "bench/sft_memory.py"}
+    for script, args in commands:
+        flags = {a.split("=")[0] for a in args if a.startswith("--")}
+        assert flags <= bench_flags(ROOT / script), (script, flags - bench_flags(ROOT / script))
+
+
+def test_a_benchmark_flag_that_is_gone_is_caught():
+    text = "`.venv/bin/python bench/sampling.py --model runs/demo/sft --prompt p.jsonl` (after"
+    assert bench_commands(text) == [("bench/sampling.py",
+                                     ["--model", "runs/demo/sft", "--prompt", "p.jsonl"])]
+    assert "--prompt" not in bench_flags(ROOT / "bench/sampling.py")

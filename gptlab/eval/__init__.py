@@ -1,1 +1,2 @@
-"""Evaluation: execution accuracy on the built-in world, in-context learning, the report."""
+"""Evaluation: execution accuracy on the built-in world, its statistics, best-of-K headroom,
+the pipeline's evaluation and its report."""

@@ -9,19 +9,7 @@ import torch
 from gptlab.data.instruct import SkipCounter
 from gptlab.engine import SamplingParams
 from gptlab.errors import UserError
-
-
-def open_world(spec: str | Path | Any) -> Any:
-    """A world object, a world directory (from `gptlab world export`), or "builtin"."""
-    from gptlab.world import build_world, load_world
-    if not isinstance(spec, (str, Path)):
-        return spec
-    if str(spec) == "builtin":
-        return build_world()
-    if not Path(spec).is_dir():
-        raise UserError("world directory not found (make one with `gptlab world export`)",
-                        path=spec, field="world")
-    return load_world(spec)
+from gptlab.world.build import open_world  # noqa: F401 - where callers have found it
 
 
 @torch.no_grad()

@@ -301,6 +301,18 @@ class OtherVersionWorld(UserError):
     """A whole world.json whose gold SQL this version of gptlab builds differently."""
 
 
+def open_world(spec: str | Path | World) -> World:
+    """A world object, a world directory (from `gptlab world export`), or "builtin"."""
+    if not isinstance(spec, (str, Path)):
+        return spec
+    if str(spec) == "builtin":
+        return build_world()
+    if not Path(spec).is_dir():
+        raise UserError("world directory not found (make one with `gptlab world export`)",
+                        path=spec, field="world")
+    return load_world(spec)
+
+
 def load_world(directory: str | Path) -> World:
     """Rebuild an exported world from its `world.json`, using its `company.sqlite`."""
     directory = Path(directory)

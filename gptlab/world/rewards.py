@@ -53,7 +53,7 @@ _from_env: dict[str, RewardFn] = {}
 
 
 def _env_reward() -> RewardFn:
-    from gptlab.eval.execution import open_world
+    from gptlab.world.build import open_world
     spec = os.environ.get("GPTLAB_WORLD", "builtin")
     if spec not in _from_env:
         _from_env[spec] = execution_reward(open_world(spec))
