@@ -321,8 +321,9 @@ def _verb_label():
         p.add_argument("--out", required=True, help="rankings JSONL")
         p.add_argument("--world", default=None, help="world directory (default: built-in world)")
         p.add_argument("--disagreement", type=float, default=0.1,
-                       help="expected share of pairs of verdict tiers a labeler flips "
-                            "(0: noise-free)")
+                       help="expected share of pairs of levels a labeler flips (verdict tiers; "
+                            "with --no-ties, single answers), in [0, 0.5] (0: noise-free, 0.5: "
+                            "a random ranking)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--ties", action=argparse.BooleanOptionalAction, default=True,
                        help="tie the answers of one verdict tier (correct > wrong > error); "

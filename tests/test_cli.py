@@ -66,6 +66,42 @@ def test_help_says_data_takes_what_the_readme_says_it_takes(capsys, verb):
     assert "directories" in data and ".jsonl" in data and "Hub dataset" in data, data
 
 
+def flag_help(capsys, verb: list[str], flag: str) -> str:
+    """A flag's entry in `--help`, its lines joined (the entry ends where the next flag's
+    starts, at an indent of two)."""
+    with pytest.raises(SystemExit):
+        main([*verb, "--help"])
+    lines = capsys.readouterr().out.split("options:", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {flag} "))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("  -")),
+               len(lines))
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+@pytest.mark.parametrize("verb", [["label"], ["pipeline"]])
+def test_help_states_the_disagreement_range_the_labeler_enforces(capsys, verb):
+    # `label --help` spoke of pairs of verdict tiers only (with --no-ties a level is one answer)
+    # and stated no range; the labeler refuses anything outside [0, 0.5].
+    import re
+
+    from gptlab.world.labelers import SqlLabeler
+    text = flag_help(capsys, verb, "--disagreement").replace("--no- ties", "--no-ties")
+    low, high = map(float, re.search(r"in \[([\d.]+), ([\d.]+)\]", text).groups())
+    assert "--no-ties" in text and (low, high) == (0.0, 0.5), text
+    SqlLabeler(None, disagreement=low)
+    SqlLabeler(None, disagreement=high)
+    for outside in (low - 0.01, high + 0.01):
+        with pytest.raises(UserError, match=r"\[0, 0.5\]"):
+            SqlLabeler(None, disagreement=outside)
+
+
+def test_help_says_where_ppos_value_model_starts_without_a_reward_model(capsys):
+    # `--value` said "(default: the reward model)"; with --reward-fn there is none, and the
+    # value model starts from the policy with a new head.
+    text = flag_help(capsys, ["ppo"], "--value")
+    assert "the reward model" in text and "--reward-fn, the policy" in text, text
+
+
 def test_unknown_flag_exits_2_with_the_closest_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["ppo", "--kl-coeff", "0.1"])

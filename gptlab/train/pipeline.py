@@ -73,7 +73,9 @@ class PipelineConfig:
     # SFT on the demonstrations is confident: at T = 1 nearly all K answers of a prompt are the
     # same, which leaves nothing to rank and nothing for PPO to explore; 1.5 gives both.
     sample_temperature: float = 1.5
-    disagreement: float = 0.1         # the simulated labelers' noise
+    disagreement: float = field(default=0.1, metadata={
+        "help": "the simulated labelers' noise: the expected share of pairs of levels they flip "
+                "(verdict tiers; with --no-ties, single answers), in [0, 0.5]"})
     ties: bool = field(default=True, metadata={
         "help": "labelers tie answers of one verdict tier (correct / wrong / error)"})
     # reward model

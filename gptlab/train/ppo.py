@@ -67,7 +67,8 @@ class PPOConfig:
     reference: str | None = field(default=None, metadata={
         "help": "the KL anchor (default: the initial policy)"})
     value: str | None = field(default=None, metadata={
-        "help": "value model init (default: the reward model)"})
+        "help": "value model init (default: the reward model; with --reward-fn, the policy with "
+                "a new scalar head)"})
     steps: int = field(default=50, metadata={"help": "rollout → update iterations"})
     batch_size: int = 32             # prompts per rollout
     minibatch_size: int = 8
