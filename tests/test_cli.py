@@ -102,6 +102,24 @@ def test_help_says_where_ppos_value_model_starts_without_a_reward_model(capsys):
     assert "the reward model" in text and "--reward-fn, the policy" in text, text
 
 
+@pytest.mark.parametrize("verb", [["generate"], ["chat"], ["pretrain"], ["sft"], ["sample"],
+                                  ["reward"], ["ppo"]])
+def test_every_device_flag_says_what_it_takes(capsys, verb):
+    # The training verbs' --device said only "(default: auto)"; `sample`'s named the choices.
+    text = flag_help(capsys, verb, "--device")
+    for choice in ("auto", "cpu", "cuda:N", "mps"):
+        assert choice in text, text
+
+
+@pytest.mark.parametrize("verb", [["sft"], ["reward"]])
+def test_help_says_sft_and_reward_validate_on_their_whole_held_out_set(capsys, verb):
+    # `--eval-batches (default: 10)` read as 10 batches a validation; only pretraining counts them.
+    assert "whole held-out set" in flag_help(capsys, verb, "--eval-batches")
+    text = flag_help(capsys, verb, "--max-steps")
+    assert "--epochs" in text and "--max-minutes" in text, text
+    assert "the CPU always trains in float32" in flag_help(capsys, verb, "--bf16,")
+
+
 def test_unknown_flag_exits_2_with_the_closest_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["ppo", "--kl-coeff", "0.1"])

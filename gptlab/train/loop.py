@@ -48,7 +48,7 @@ import threading
 import time
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
@@ -78,7 +78,9 @@ class TrainConfig:
     lr: float = 3e-4                  # peak learning rate
     min_lr_ratio: float = 0.1         # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 100
-    max_steps: int | None = None      # optimizer updates; None: from max_minutes, else 1000
+    max_steps: int | None = field(default=None, metadata={
+        "help": "optimizer updates (default: from --max-minutes when given; else sft and reward "
+                "count --epochs, pretrain takes 1000)"})
     max_minutes: float | None = None  # a time budget, turned into max_steps after a few steps
     batch_size: int = 8               # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per update (effective batch = product)
@@ -87,15 +89,18 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eval_every: int = 100             # steps between validations; 0: only at the end
-    eval_batches: int = 10            # validation batches per evaluation in pretraining (SFT and
-                                      # reward evaluate their whole held-out set); 0: no validation
+    eval_batches: int = field(default=10, metadata={
+        "help": "validation batches per evaluation in pretraining; sft and reward evaluate their "
+                "whole held-out set at any value above 0 (0: no validation)"})
     save_every: int = 500             # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10               # steps between training-loss rows in metrics.jsonl
     seed: int = 0
     compile: bool = False             # torch.compile the model for the forward pass
-    bf16: bool = True                 # bf16 autocast (CUDA only; CPU always runs float32)
-    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
+    bf16: bool = field(default=True, metadata={
+        "help": "bf16 autocast on CUDA (the CPU always trains in float32)"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"})
     tensorboard: bool = False         # also write OUT/tensorboard/ (needs `tensorboard`)
     progress: bool = True             # tqdm progress bar
 

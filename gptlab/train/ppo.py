@@ -101,7 +101,8 @@ class PPOConfig:
     save_every: int = 0              # steps between checkpoints (all kept); 0: only on Ctrl-C
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
     seed: int = 0
-    device: str = "auto"
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"})
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""
