@@ -450,3 +450,73 @@ def test_unordered_rows_pair_up_by_values_within_the_float_tolerance():
     assert compare(pred, gold, ordered=False).kind == "correct"
     assert compare(pred, QueryResult(["avg", "city"], [(2.5, "Lyon"), (2.6, "Rome")]),
                    ordered=False).kind == "wrong"
+
+
+# --- properties of the comparison, on random results -----------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# Near-equal numbers on purpose: 0.1234565 sits on a 6-decimal rounding boundary.
+_FLOATS = st.sampled_from([0.1234565, 0.1234566, 2.5, 1.0, -3.75, 0.0, 1e10])
+_VALUE = {"int": st.integers(-3, 3), "float": _FLOATS, "text": st.sampled_from(["a", "b", "c"]),
+          "mixed": st.one_of(st.none(), st.integers(0, 2), _FLOATS, st.just("a"))}
+
+
+@st.composite
+def _rows_and_noise(draw):
+    kinds = draw(st.lists(st.sampled_from(sorted(_VALUE)), min_size=1, max_size=3))
+    rows = draw(st.lists(st.tuples(*(_VALUE[k] for k in kinds)), min_size=1, max_size=7))
+    # Each float moved by less than a tenth of the relative tolerance (1e-9); integers exact.
+    noisy = [tuple(v * (1 + draw(st.integers(-3, 3)) * 1e-11) if isinstance(v, float) else v
+                   for v in row) for row in rows]
+    order = draw(st.permutations(range(len(rows))))
+    return rows, [noisy[i] for i in order]
+
+
+@settings(deadline=None, derandomize=True, max_examples=300)
+@given(_rows_and_noise())
+def test_unordered_rows_equal_within_the_tolerance_match_in_any_order(case):
+    from gptlab.world.checker import compare
+    gold, pred = case
+    assert compare(_result(pred), _result(gold), ordered=False).correct, (pred, gold)
+    assert compare(_result(gold), _result(pred), ordered=False).correct, (pred, gold)
+
+
+@settings(deadline=None, derandomize=True, max_examples=300)
+@given(_rows_and_noise(), _rows_and_noise(), st.booleans())
+def test_the_verdict_is_symmetric_and_blind_to_row_order_when_unordered(a, b, ordered):
+    from gptlab.world.checker import compare
+    (x, x_shuffled), (y, _) = a, b
+    if len(x[0]) != len(y[0]):
+        y = [tuple(row[0] for _ in x[0]) for row in y]
+    forward = compare(_result(x), _result(y), ordered).kind
+    assert compare(_result(y), _result(x), ordered).kind == forward
+    if not ordered:
+        # x_shuffled is x reordered, with its floats moved within the tolerance.
+        assert compare(_result(x_shuffled), _result(y), ordered).kind == forward
+
+
+def test_numbers_either_side_of_a_rounding_boundary_still_pair_up():
+    """The multiset order rounded numbers to 6 decimals: 0.1234565 - 1e-12 and + 1e-12, equal
+    within the tolerance, rounded to 0.123456 and 0.123457 and sorted apart from a third row
+    (0.1234566, rounded to 0.123457 too), so equal results were wrong."""
+    from gptlab.world.checker import compare
+    lo, hi = 0.1234565 - 1e-12, 0.1234565 + 1e-12
+    assert round(lo, 6) != round(hi, 6)
+    pred = _result([(lo, "z"), (0.1234566, "a")])
+    gold = _result([(hi, "z"), (0.1234566, "a")])
+    assert compare(pred, gold, ordered=False).correct
+    assert compare(gold, pred, ordered=False).correct
+    assert compare(pred, _result([(hi, "z"), (0.1234567, "a")]), ordered=False).kind == "wrong"
+
+
+def test_rows_of_two_near_equal_numbers_pair_up_whichever_sorts_first():
+    """Sorted by their exact values, (1, 2) and (1 + 1e-12, 1) pair with (1 + 1e-12, 2) and
+    (1, 1) crosswise: the side-by-side rows differ, yet each row has its equal."""
+    from gptlab.world.checker import compare
+    e = 1.0 + 1e-12
+    pred, gold = _result([(1.0, 2.0), (e, 1.0)]), _result([(1.0, 1.0), (e, 2.0)])
+    assert compare(pred, gold, ordered=False).correct
+    assert compare(pred, gold, ordered=True).kind == "wrong"
+    v = compare(pred, _result([(1.0, 1.5), (e, 2.0)]), ordered=False)
+    assert v.kind == "wrong" and v.detail.startswith("rows differ")

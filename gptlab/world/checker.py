@@ -9,6 +9,7 @@ evaluation of Spider, Zhong et al. 2020).
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import re
@@ -62,14 +63,85 @@ def compare(pred: QueryResult, gold: QueryResult, ordered: bool) -> Verdict:
 
 
 def _difference(a: list[tuple], b: list[tuple], ordered: bool) -> str | None:
-    """None when the rows are equal, else where they first differ."""
+    """None when the rows are equal (as a multiset unless `ordered`), else where they differ."""
     if not ordered:
         a, b = sorted(a, key=_row_key), sorted(b, key=_row_key)
     for i, (x, y) in enumerate(zip(a, b)):
         if not _rows_equal(x, y):
+            if not ordered and _pair_up(a, b):
+                return None
             where = f"row {i + 1}" if ordered else "rows"
             return f"{where} differ: got {x!r}, expected {y!r}"
     return None
+
+
+def _pair_up(a: list[tuple], b: list[tuple]) -> bool:
+    """Whether the rows of `a` pair one to one with equal rows of `b` (both sorted by _row_key,
+    as many of each): the sorted rows side by side need not be the pairs when numbers within
+    the tolerance sort apart (two columns of near-equal numbers, in other orders). Rows pair
+    only within a run of the same exact parts; there, each row of `a` is tried against the
+    rows of `b` whose first number is within reach, and pairs are found by augmenting paths."""
+    runs_a, runs_b = _runs(a), _runs(b)
+    if [(k, len(r)) for k, r in runs_a] != [(k, len(r)) for k, r in runs_b]:
+        return False
+    return all(_perfect_matching(ra, rb) for (_, ra), (_, rb) in zip(runs_a, runs_b))
+
+
+def _runs(rows: list[tuple]) -> list[tuple[tuple, list[tuple]]]:
+    out: list[tuple[tuple, list[tuple]]] = []
+    for row in rows:
+        key = _row_key(row)[0]
+        if out and out[-1][0] == key:
+            out[-1][1].append(row)
+        else:
+            out.append((key, [row]))
+    return out
+
+
+def _perfect_matching(a: list[tuple], b: list[tuple]) -> bool:
+    numbers = [j for j, v in enumerate(a[0]) if _is_number(v)]
+    if not numbers:  # the exact parts are the whole rows
+        return all(map(_rows_equal, a, b))
+    # Candidates by a window on the column of most distinct values (few candidates per row).
+    c = max(numbers, key=lambda j: len({r[j] for r in b}))
+    b = sorted(b, key=lambda r: r[c])
+    column = [float(r[c]) for r in b]
+    candidates = []
+    for row in a:
+        x = float(row[c])
+        reach = (abs(x) * _REL_TOL + _ABS_TOL) * 2 if math.isfinite(x) else 0.0
+        # `reach` is past any value within the tolerance of x
+        lo, hi = bisect.bisect_left(column, x - reach), bisect.bisect_right(column, x + reach)
+        candidates.append([j for j in range(lo, hi) if _rows_equal(row, b[j])])
+    owner = [-1] * len(b)  # owner[j]: the row of `a` paired with b[j]
+    for i in range(len(a)):
+        # Breadth-first search for an augmenting path from row i of `a`.
+        parent: dict[int, tuple[int, int]] = {}  # b index -> (a row, previous b index)
+        frontier, prev_of = [i], {i: -1}
+        end = -1
+        while frontier and end < 0:
+            nxt = []
+            for r in frontier:
+                for j in candidates[r]:
+                    if j in parent:
+                        continue
+                    parent[j] = (r, prev_of[r])
+                    if owner[j] < 0:
+                        end = j
+                        break
+                    prev_of[owner[j]] = j
+                    nxt.append(owner[j])
+                if end >= 0:
+                    break
+            frontier = nxt
+        if end < 0:
+            return False
+        j = end
+        while j >= 0:  # flip the path: each row takes the b row found for it
+            r, back = parent[j]
+            owner[j] = r
+            j = back
+    return True
 
 
 _MAX_PERMUTED_COLUMNS = 8
@@ -126,16 +198,26 @@ def has_top_level_order_by(sql: str) -> bool:
     return False
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float))
+
+
 def _value_key(v: object) -> tuple:
+    """Orders None, then numbers by their exact value (never rounded: a rounding boundary
+    would put two numbers within the tolerance far apart), then the rest by their text."""
     if v is None:
-        return (0, 0.0, "")
-    if isinstance(v, (int, float)):
-        return (1, round(float(v), 6), "")
-    return (2, 0.0, str(v))
+        return (0, 0, "")
+    if _is_number(v):
+        return (1, v, "")
+    return (2, 0, str(v))
 
 
 def _row_key(row: tuple) -> tuple:
-    return tuple(_value_key(v) for v in row)
+    """The exact parts of a row (each value's kind, and what is not a number) before its
+    numbers: rows that may be equal within the tolerance differ in their numbers only, so they
+    sort together whatever those numbers, and the rest orders them alike on both sides."""
+    keys = [_value_key(v) for v in row]
+    return tuple((k[0], k[2]) for k in keys), tuple(k[1] for k in keys)
 
 
 def _values_equal(x: object, y: object) -> bool:
