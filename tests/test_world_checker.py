@@ -520,3 +520,34 @@ def test_rows_of_two_near_equal_numbers_pair_up_whichever_sorts_first():
     assert compare(pred, gold, ordered=True).kind == "wrong"
     v = compare(pred, _result([(1.0, 1.5), (e, 2.0)]), ordered=False)
     assert v.kind == "wrong" and v.detail.startswith("rows differ")
+
+
+# Chains of numbers each within 1e-9 of the next but not of the one after: tolerance is not
+# transitive, so which row takes which decides whether all rows pair.
+_CHAIN = st.sampled_from([1.0, 1.0 + 0.8e-9, 1.0 + 1.6e-9, 2.0, 2.0 + 1.6e-9, 0.1234565])
+
+
+@settings(deadline=None, derandomize=True, max_examples=300)
+@given(st.integers(1, 2), st.data())
+def test_unordered_rows_match_exactly_when_some_pairing_of_them_does(width, data):
+    import itertools
+    from gptlab.world.checker import _difference, _rows_equal
+    row = st.tuples(*[st.one_of(_CHAIN, st.sampled_from(["a", "b"]))] * width)
+    a = data.draw(st.lists(row, min_size=1, max_size=6))
+    b = data.draw(st.lists(row, min_size=len(a), max_size=len(a)))
+    pairs = any(all(map(_rows_equal, a, p)) for p in itertools.permutations(b))
+    assert (_difference(a, b, ordered=False) is None) == pairs, (a, b)
+
+
+def test_many_equal_rows_are_paired_as_one_row_with_copies(monkeypatch):
+    """1,000 equal rows against 999 of them and another: the pairing counts copies (it was a
+    million row comparisons, over a second, for a wrong answer)."""
+    from gptlab.world import checker
+    compared = []
+    equal = checker._rows_equal
+    monkeypatch.setattr(checker, "_rows_equal", lambda x, y: compared.append(1) or equal(x, y))
+    many = [(1.0, 2.0)] * 1000
+    assert checker._difference(many, [(1.0, 2.0)] * 999 + [(1.0, 3.0)], False) is not None
+    assert checker._difference(many, [(1.0 + 1e-12, 2.0)] * 500 + [(1.0, 2.0)] * 500,
+                               False) is None
+    assert len(compared) < 5000

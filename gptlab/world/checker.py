@@ -13,6 +13,7 @@ import bisect
 import itertools
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -79,8 +80,8 @@ def _pair_up(a: list[tuple], b: list[tuple]) -> bool:
     """Whether the rows of `a` pair one to one with equal rows of `b` (both sorted by _row_key,
     as many of each): the sorted rows side by side need not be the pairs when numbers within
     the tolerance sort apart (two columns of near-equal numbers, in other orders). Rows pair
-    only within a run of the same exact parts; there, each row of `a` is tried against the
-    rows of `b` whose first number is within reach, and pairs are found by augmenting paths."""
+    only within a run of the same exact parts; there, by augmenting paths (see
+    `_perfect_matching`), so a pairing is found whenever one exists."""
     runs_a, runs_b = _runs(a), _runs(b)
     if [(k, len(r)) for k, r in runs_a] != [(k, len(r)) for k, r in runs_b]:
         return False
@@ -102,45 +103,66 @@ def _perfect_matching(a: list[tuple], b: list[tuple]) -> bool:
     numbers = [j for j, v in enumerate(a[0]) if _is_number(v)]
     if not numbers:  # the exact parts are the whole rows
         return all(map(_rows_equal, a, b))
+    # Repeated rows count once, with their number of copies (a result of 1,000 equal rows is
+    # one node, not a million candidate pairs): pairing is then a flow from the distinct rows
+    # of `a` (each sends its copies) to those of `b` (each takes its own), along equal pairs.
+    supply, room = Counter(a), Counter(b)
+    rows_a, rows_b = list(supply), list(room)
     # Candidates by a window on the column of most distinct values (few candidates per row).
-    c = max(numbers, key=lambda j: len({r[j] for r in b}))
-    b = sorted(b, key=lambda r: r[c])
-    column = [float(r[c]) for r in b]
+    c = max(numbers, key=lambda j: len({r[j] for r in rows_b}))
+    rows_b.sort(key=lambda r: r[c])
+    column = [float(r[c]) for r in rows_b]
     candidates = []
-    for row in a:
+    for row in rows_a:
         x = float(row[c])
         reach = (abs(x) * _REL_TOL + _ABS_TOL) * 2 if math.isfinite(x) else 0.0
         # `reach` is past any value within the tolerance of x
         lo, hi = bisect.bisect_left(column, x - reach), bisect.bisect_right(column, x + reach)
-        candidates.append([j for j in range(lo, hi) if _rows_equal(row, b[j])])
-    owner = [-1] * len(b)  # owner[j]: the row of `a` paired with b[j]
-    for i in range(len(a)):
-        # Breadth-first search for an augmenting path from row i of `a`.
-        parent: dict[int, tuple[int, int]] = {}  # b index -> (a row, previous b index)
-        frontier, prev_of = [i], {i: -1}
-        end = -1
+        candidates.append([j for j in range(lo, hi) if _rows_equal(row, rows_b[j])])
+    left = [supply[r] for r in rows_a]  # copies of each row of `a` not yet paired
+    free = [room[r] for r in rows_b]    # copies of each row of `b` not yet taken
+    flow: list[dict[int, int]] = [{} for _ in rows_b]  # flow[j][i]: copies of a[i] in b[j]
+    while any(left):
+        # Breadth-first search for a path: a row of `a` with copies left, to a row of `b`, back
+        # along a pairing already made to the row of `a` it took, ... to a row of `b` with room.
+        came: dict[int, int] = {}  # row of `b` -> the row of `a` it was reached from
+        via: dict[int, int] = {i: -1 for i, n in enumerate(left) if n}  # a -> the b it came by
+        frontier, end = list(via), -1
         while frontier and end < 0:
             nxt = []
-            for r in frontier:
-                for j in candidates[r]:
-                    if j in parent:
+            for i in frontier:
+                for j in candidates[i]:
+                    if j in came:
                         continue
-                    parent[j] = (r, prev_of[r])
-                    if owner[j] < 0:
+                    came[j] = i
+                    if free[j]:
                         end = j
                         break
-                    prev_of[owner[j]] = j
-                    nxt.append(owner[j])
+                    for k in flow[j]:
+                        if k not in via:
+                            via[k] = j
+                            nxt.append(k)
                 if end >= 0:
                     break
             frontier = nxt
         if end < 0:
             return False
-        j = end
-        while j >= 0:  # flip the path: each row takes the b row found for it
-            r, back = parent[j]
-            owner[j] = r
-            j = back
+        path, j = [], end  # (row of `a`, row of `b` it takes), from the end back to a source
+        while j >= 0:
+            i = came[j]
+            path.append((i, j))
+            j = via[i]
+        # Each row of `a` on the path but the source gives up the row of `b` it came by.
+        undone = [(i, j) for (i, _), (_, j) in zip(path, path[1:])]
+        amount = min(free[end], left[path[-1][0]], *(flow[j][i] for i, j in undone))
+        for i, j in path:
+            flow[j][i] = flow[j].get(i, 0) + amount
+        for i, j in undone:
+            flow[j][i] -= amount
+            if not flow[j][i]:
+                del flow[j][i]
+        free[end] -= amount
+        left[path[-1][0]] -= amount
     return True
 
 
