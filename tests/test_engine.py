@@ -487,3 +487,70 @@ def test_a_sampled_batch_near_the_context_has_each_rows_logprobs_and_is_seeded()
             logp = (net(torch.tensor([p + toks]))[0] / 1.5).log_softmax(-1)
         expected = [logp[len(p) - 1 + t, tok].item() for t, tok in enumerate(toks)]
         assert lps == pytest.approx(expected, abs=1e-4)
+
+
+# --- properties, on random batches ---------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NETS = {}
+
+
+def _net(positions: str) -> GPT:
+    if positions not in _NETS:
+        _NETS[positions] = model_with(positions)
+    return _NETS[positions]
+
+
+@st.composite
+def _greedy_batch(draw):
+    """Prompts of 1 to 47 tokens (context 48), some repeated, and settings that make rows stop
+    on their own: a few stop ids, a max_new_tokens that some rows' context cuts."""
+    lengths = draw(st.lists(st.sampled_from([1, 2, 5, 17, 30, 40, 44, 47]), min_size=1,
+                            max_size=5))
+    prompts = [draw(st.lists(st.integers(0, 60), min_size=n, max_size=n)) for n in lengths]
+    if len(prompts) > 1 and draw(st.booleans()):
+        prompts[-1] = list(prompts[0])  # a repeated prompt shares its prefill
+    stops = tuple(draw(st.lists(st.integers(0, 60), max_size=3)))
+    return (draw(st.sampled_from(["learned", "rotary", "sinusoidal"])), prompts,
+            draw(st.integers(1, 12)), stops, draw(st.sampled_from([0, 5])))
+
+
+@settings(deadline=None, derandomize=True, max_examples=100)
+@given(_greedy_batch())
+def test_any_greedy_batch_gives_each_row_what_it_gets_alone(case):
+    positions, prompts, max_new, stops, pad_id = case
+    net = _net(positions)
+    params = SamplingParams(max_new_tokens=max_new, greedy=True, stop_ids=stops)
+    out = generate(net, prompts, params, pad_id=pad_id)
+    assert out.prompt_lengths == [len(p) for p in prompts]
+    for p, toks, lps, fin in zip(prompts, out.tokens, out.logprobs, out.finished):
+        alone = generate(net, [p], params)
+        assert toks == alone.tokens[0] and fin == alone.finished[0]
+        assert lps == pytest.approx(alone.logprobs[0], abs=1e-4)
+        # Stops at its first stop token, else at min(max_new_tokens, context - its length).
+        free = naive_greedy(net, p, min(max_new, 48 - len(p)))
+        first_stop = next((t + 1 for t, tok in enumerate(free) if tok in stops), None)
+        assert toks == free[:first_stop]
+        assert fin == (first_stop is not None) and len(lps) == len(toks)
+
+
+@settings(deadline=None, derandomize=True, max_examples=60)
+@given(_greedy_batch(), st.integers(0, 2**32))
+def test_any_sampled_batch_is_seeded_and_logs_each_rows_own_logprobs(case, seed):
+    positions, prompts, max_new, stops, pad_id = case
+    net = _net(positions)
+    params = SamplingParams(max_new_tokens=max_new, temperature=1.3, top_k=7, stop_ids=stops)
+    out = generate(net, prompts, params, seed=seed, pad_id=pad_id)
+    assert generate(net, prompts, params, seed=seed, pad_id=pad_id).tokens == out.tokens
+    for p, toks, lps, fin in zip(prompts, out.tokens, out.logprobs, out.finished):
+        limit = min(max_new, 48 - len(p))
+        hits = [t for t, tok in enumerate(toks) if tok in stops]
+        assert hits == ([len(toks) - 1] if fin else [])  # ends at its first stop token only
+        assert fin or len(toks) == limit
+        with torch.no_grad():
+            logits = net(torch.tensor([p + toks]))[0, len(p) - 1:-1] / 1.3
+        # Every token drawn from the top 7 of its row's own logits, logprob before the filter.
+        assert all(int(logits[t].topk(7).indices.eq(tok).sum()) for t, tok in enumerate(toks))
+        want = logits.log_softmax(-1).gather(-1, torch.tensor(toks)[:, None])[:, 0]
+        assert lps == pytest.approx(want.tolist(), abs=1e-4)
