@@ -648,3 +648,56 @@ def test_a_padded_batch_longer_than_the_context_passes_while_each_row_fits_it():
         net(ids, attention_mask=mask)
     with pytest.raises(ValueError, match="sequence of 10 tokens exceeds"):  # ids say positions
         net(ids, attention_mask=mask, position_ids=torch.arange(10).expand(2, 10))
+
+
+# --- property: cached, padded decoding of any shape equals each row's full forward -----------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _decoding_case(draw):
+    n_heads = draw(st.sampled_from([1, 2, 4, 8]))
+    n_kv = draw(st.sampled_from([h for h in (1, 2, 4, 8) if n_heads % h == 0]))
+    positions = draw(st.sampled_from(["learned", "sinusoidal", "rotary"]))
+    cfg = dict(vocab_size=41, context=32, n_layers=draw(st.integers(1, 2)), n_heads=n_heads,
+               n_kv_heads=n_kv, d_model=8 * n_heads, positions=positions,
+               norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+               prenorm=draw(st.booleans()), activation=draw(st.sampled_from(["gelu", "swiglu"])))
+    lengths = draw(st.lists(st.integers(1, 12), min_size=1, max_size=4))
+    rows = [draw(st.lists(st.integers(0, 40), min_size=n, max_size=n)) for n in lengths]
+    # After the left-padded prompts, chunks of 1 to 3 new tokens per step, the same for all rows.
+    chunks = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4))
+    new = [[draw(st.lists(st.integers(0, 40), min_size=c, max_size=c)) for c in chunks]
+           for _ in rows]
+    return cfg, rows, new, draw(st.booleans()), draw(st.integers(0, 3))
+
+
+@settings(deadline=None, derandomize=True, max_examples=60)
+@given(_decoding_case())
+def test_cached_decoding_of_a_left_padded_batch_equals_each_row_alone(case):
+    cfg, rows, new, need_weights, seed = case
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg)).eval()
+    P = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (P - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+    steps = len(new[0])
+    total = P + sum(len(c) for c in new[0])
+    with torch.no_grad():
+        cache = model.new_cache(len(rows), total)
+        h, _ = model.hidden_states(ids, attention_mask=mask, cache=cache,
+                                   need_weights=need_weights)
+        outs = [h]
+        for s in range(steps):
+            chunk = torch.tensor([n[s] for n in new])
+            mask = torch.cat([mask, torch.ones_like(chunk)], 1)
+            h, _ = model.hidden_states(chunk, attention_mask=mask, cache=cache,
+                                       need_weights=need_weights)
+            outs.append(h)
+        batched = torch.cat(outs, 1)
+        for i, r in enumerate(rows):
+            seq = r + [t for c in new[i] for t in c]
+            alone, _ = model.hidden_states(torch.tensor([seq]))
+            got = batched[i, P - len(r):]
+            assert (got - alone[0]).abs().max().item() <= 1e-4, (i, cfg)
