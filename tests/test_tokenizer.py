@@ -103,10 +103,8 @@ def test_a_cut_decodes_without_half_a_character(tok):
     assert tok.decode_cut(tok.encode("x\ufffd")) == "x\ufffd"
 
 
-def test_a_cut_decodes_without_half_a_character_under_byte_fallback():
-    """Byte fallback (Llama's, Mistral's `<0xNN>` tokens) decodes a run of byte tokens that is
-    not whole UTF-8 as one U+FFFD per byte, the whole characters of the run too: a cut inside
-    a character ends before it as well (it ended in a U+FFFD for every byte of the run)."""
+def _byte_fallback_tokenizer() -> Tokenizer:
+    """Byte tokens `<0xNN>` and one merged token, "a", as Llama's tokenizer spells text."""
     from tokenizers import decoders, models
 
     vocab = {f"<0x{b:02X}>": b for b in range(256)}
@@ -114,7 +112,15 @@ def test_a_cut_decodes_without_half_a_character_under_byte_fallback():
     hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True,
                                          unk_token="<unk>"))
     hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    tok = Tokenizer(hf, bos_token=None, eos_token="</s>", pad_token=None)
+    return Tokenizer(hf, bos_token=None, eos_token="</s>", pad_token=None)
+
+
+def test_a_cut_decodes_without_half_a_character_under_byte_fallback():
+    """Byte fallback (Llama's, Mistral's `<0xNN>` tokens) decodes a run of byte tokens that is
+    not whole UTF-8 as one U+FFFD per byte, the whole characters of the run too: a cut inside
+    a character ends before it as well (it ended in a U+FFFD for every byte of the run)."""
+    tok = _byte_fallback_tokenizer()
+    vocab = tok.hf.get_vocab()
     text = "a é € 😀"
     raw = text.encode("utf-8")
     ids = [vocab["a"] if x == ord("a") else vocab[f"<0x{x:02X}>"] for x in raw]
@@ -517,3 +523,77 @@ def test_save_refuses_a_file_in_the_place_of_the_directory(tok, tmp_path):
     assert str(e.value) == (f"{tmp_path / 'afile' / 'sub'}: parent is a file: "
                             f"{tmp_path / 'afile'} is not a directory")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+# --- properties on random text and conversations ------------------------------------------------
+# Emoji (4 bytes), CJK (3), accents and combining marks (2), ZWJ sequences, NUL, CRLF, tabs.
+_PIECES = st.sampled_from(["a", "SELECT", " x", "é", "e\u0301", "学生", "🙂", "👩\u200d💻", "\x00",
+                           "\r\n", "\t", "  ", "€", "𝄞", "\U0010ffff", "ࠀ"])
+_TEXT = st.lists(st.one_of(_PIECES, st.text(max_size=4)), min_size=1, max_size=8).map("".join)
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(_TEXT)
+def test_any_cut_decodes_to_a_whole_character_prefix_of_the_text(tok, text):
+    ids = tok.encode(text)
+    cuts = [tok.decode_cut(ids[:k]) for k in range(len(ids) + 1)]
+    assert cuts[-1] == tok.decode(ids) == text
+    clean = "\ufffd" not in text
+    for k, got in enumerate(cuts):
+        assert text.startswith(got), (k, got)
+        assert not clean or "\ufffd" not in got
+        assert k == 0 or got.startswith(cuts[k - 1])  # a longer cut never takes text back
+        # every whole character of the first k tokens' bytes: only a split one is left out
+        assert got == raw(tok, ids[:k]).decode("utf-8", errors="ignore") or not clean
+
+
+def raw(tok: Tokenizer, ids: list[int]) -> bytes:
+    """The bytes byte-level BPE tokens spell (GPT-2's byte-to-character map, inverted)."""
+    from gptlab.tokenizer import _BYTE_CHARS
+    byte_of = {c: b for b, c in enumerate(_BYTE_CHARS)}
+    return bytes(byte_of[c] for i in ids for c in tok.hf.id_to_token(i))
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(_TEXT)
+def test_any_cut_under_byte_fallback_decodes_the_whole_characters_of_its_bytes(text):
+    tok = _byte_fallback_tokenizer()
+    data = text.encode("utf-8")
+    ids = [tok.hf.token_to_id(f"<0x{b:02X}>") if b != ord("a") else tok.hf.token_to_id("a")
+           for b in data]
+    assert tok.decode(ids) == text
+    for k in range(len(ids) + 1):
+        assert tok.decode_cut(ids[:k]) == data[:k].decode("utf-8", errors="ignore")
+
+
+_CONTENT = st.lists(st.one_of(_PIECES, st.sampled_from([EOS, ASSISTANT, "<|im_end|>", "\n",
+                                                         "SELECT name;", "?"])),
+                    max_size=5).map("".join)
+
+
+@st.composite
+def _conversation(draw):
+    turns = draw(st.integers(1, 3))
+    chat = [{"role": "system", "content": draw(_CONTENT)}] if draw(st.booleans()) else []
+    for _ in range(turns):
+        chat.append({"role": "user", "content": draw(_CONTENT)})
+        chat.append({"role": "assistant", "content": draw(_CONTENT)})
+    return chat
+
+
+@settings(deadline=None, derandomize=True, max_examples=150)
+@given(_conversation())
+def test_the_assistant_mask_covers_each_answer_and_its_end_of_turn_only(tok, chatml, chat):
+    for t, end in ((tok, EOS), (chatml, "<|im_end|>")):
+        ids, mask = t.render_chat(chat)
+        assert len(mask) == len(ids) and set(mask) <= {0, 1}
+        assert t.decode(ids, skip_special=False) == t._render(chat, False)
+        want = "".join(m["content"] + end for m in chat if m["role"] == "assistant")
+        got = masked_text(t, ids, mask)
+        # BPE may merge the template's whitespace with a content's edge (one token spans
+        # both), so only whitespace may differ.
+        assert "".join(got.split()) == "".join(want.split()), (chat, got, want)
+        # One end-of-turn token learned per answer: typed ones are text, others template's.
+        end_id = t.hf.token_to_id(end)
+        assert sum(m for i, m in zip(ids, mask) if i == end_id) == \
+            sum(m["role"] == "assistant" for m in chat)
