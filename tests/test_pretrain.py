@@ -615,3 +615,46 @@ def test_a_document_starts_with_bos_only_where_bos_is_not_eos():
     assert document_start(SimpleNamespace(bos_id=1, eos_id=2)) == [1]
     assert document_start(SimpleNamespace(bos_id=5, eos_id=5)) == []  # GPT-2: <|endoftext|>
     assert document_start(SimpleNamespace(bos_id=None, eos_id=2)) == []
+
+
+# --- properties of blocks, splits and the sampler ------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gptlab.data.tokens import EpochSampler, gather_blocks  # noqa: E402
+
+
+@settings(deadline=None, derandomize=True, max_examples=100)
+@given(st.integers(2, 300), st.integers(1, 40), st.floats(0, 0.9), st.integers(0, 9))
+def test_blocks_make_every_token_but_the_first_a_target_once_and_split_them_apart(
+        n_tokens, T, val_fraction, seed):
+    tokens = np.arange(n_tokens, dtype=np.uint16)
+    n = n_blocks(n_tokens, T)
+    assert n * T + 1 <= n_tokens < (n + 1) * T + 1  # as many blocks as fit, no more
+    if n == 0:
+        return
+    train, val = split_blocks(n, val_fraction, seed)
+    assert sorted(train.tolist() + val.tolist()) == list(range(n)) and len(train) >= 1
+    blocks = gather_blocks(tokens, T, np.arange(n))
+    assert blocks.shape == (n, T + 1)
+    assert blocks[:, 1:].flatten().tolist() == list(range(1, n * T + 1))  # each target once
+    assert (blocks[1:, 0] == blocks[:-1, -1]).all()  # a block's input starts at its last target
+
+
+@settings(deadline=None, derandomize=True, max_examples=100)
+@given(st.integers(1, 30), st.integers(1, 40), st.integers(0, 5), st.integers(1, 12),
+       st.booleans())
+def test_the_sampler_draws_each_index_once_per_epoch_and_resumes_where_it_stopped(
+        n, batch_size, seed, n_batches, shuffle):
+    s = EpochSampler(n, batch_size, seed, shuffle)
+    drawn = [s.next_indices().tolist() for _ in range(n_batches)]
+    assert all(len(b) == batch_size for b in drawn)
+    stream = [i for b in drawn for i in b]
+    for e in range(len(stream) // n):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    tail = stream[len(stream) // n * n:]
+    assert len(set(tail)) == len(tail)  # a part epoch repeats nothing either
+    resumed = EpochSampler(n, batch_size, seed, shuffle)
+    resumed.load_state(s.state())
+    assert [resumed.next_indices().tolist() for _ in range(3)] == \
+        [s.next_indices().tolist() for _ in range(3)]

@@ -156,3 +156,34 @@ def test_a_single_micro_batch_is_the_same_update_bit_for_bit_with_or_without_wei
     loss, grads = _grads(model, [batch])
     w_loss, w_grads = _grads(model, [batch], weight_of=target_tokens)
     assert w_loss == loss and all(torch.equal(a, b) for a, b in zip(grads, w_grads))
+
+
+# --- property: the padded batch says, per row, what each position predicts ------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _examples(draw):
+    out = []
+    for _ in range(draw(st.integers(1, 5))):
+        n = draw(st.integers(1, 9))
+        out.append(Example(draw(st.lists(st.integers(1, 50), min_size=n, max_size=n)),
+                           draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))))
+    return out
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(_examples())
+def test_a_padded_batch_targets_the_next_token_exactly_where_its_loss_is_taken(rows):
+    from gptlab.model.heads import last_real_index
+    batch = pad_examples(rows, pad_id=0)
+    T = max(len(e.ids) for e in rows)
+    assert batch["input_ids"].shape == batch["labels"].shape == (len(rows), T)
+    for i, e in enumerate(rows):
+        n = len(e.ids)
+        assert batch["input_ids"][i].tolist() == e.ids + [0] * (T - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (T - n)
+        want = [e.ids[t + 1] if t + 1 < n and e.loss_mask[t + 1] else -100 for t in range(T)]
+        assert batch["labels"][i].tolist() == want
+    assert last_real_index(batch["attention_mask"]).tolist() == [len(e.ids) - 1 for e in rows]
