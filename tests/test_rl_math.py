@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from gptlab.model.heads import last_real_index
 from gptlab.train.rl_math import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss,
-                                  gae, kl_per_token, kwise_ranking_loss, whiten)
+                                  gae, kl_per_token, kwise_ranking_loss, masked_mean, whiten)
 
 
 def logsig(x):
@@ -302,7 +302,6 @@ def test_clipped_policy_loss_pushes_only_tokens_whose_ratio_is_not_past_the_clip
 
 
 def test_masked_mean_averages_real_tokens_only_and_an_empty_mask_gives_zero():
-    from gptlab.train.rl_math import masked_mean
     x = torch.tensor([[1.0, 3.0, 50.0], [4.0, 70.0, 80.0]])
     m = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert masked_mean(x, m).item() == pytest.approx((1 + 3 + 4) / 3)
@@ -313,3 +312,26 @@ def test_masked_mean_averages_real_tokens_only_and_an_empty_mask_gives_zero():
     assert masked_mean(x, torch.zeros(2, 3)).item() == 0.0
     # So a batch that is all padding whitens to zeros, not NaN.
     assert whiten(x, torch.zeros(2, 3)).tolist() == [[0.0] * 3] * 2
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(st.integers(1, 4), st.integers(1, 7), st.booleans(), st.data())
+def test_last_real_index_is_the_last_real_token_under_left_or_right_padding(B, T, left, data):
+    lengths = data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
+    rows = [[0] * (T - n) + [1] * n if left else [1] * n + [0] * (T - n) for n in lengths]
+    want = [T - 1 if left else n - 1 for n in lengths]
+    assert last_real_index(torch.tensor(rows)).tolist() == want
+    assert last_real_index(torch.tensor(rows, dtype=torch.bool)).tolist() == want
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(st.integers(1, 4), st.integers(2, 7), st.data())
+def test_what_padding_holds_changes_no_masked_statistic(B, T, data):
+    # Any 0/1 mask (gaps too) and any finite values on its padding: the real tokens decide.
+    m = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 1), min_size=T, max_size=T),
+                                        min_size=B, max_size=B)), dtype=torch.float32)
+    x = _matrix(data.draw, B, T, 5)
+    junk = torch.where(m.bool(), x, _matrix(data.draw, B, T, 1e6))
+    assert torch.equal(masked_mean(junk, m), masked_mean(x, m))
+    assert torch.equal(masked_mean(junk, m, dim=1), masked_mean(x, m, dim=1))
+    assert torch.equal(whiten(junk, m), whiten(x, m))
