@@ -19,6 +19,9 @@ EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1
 # takes (a path pasted into --out twice, say).
 _USERS_TO_FIX = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
                  errno.ENAMETOOLONG}
+# Also the user's, when they befall a path the user gave: a directory that cannot be made there
+# (under /proc, a file system that has no such entries), a file where a directory should be.
+_USERS_WHERE_GIVEN = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -434,10 +437,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as e:
         # A full disk, a directory it may not write or a name too long: the user's to fix,
-        # said in one line (what was half-written has been removed by the code writing it).
-        if e.errno not in _USERS_TO_FIX:
+        # said in one line naming the flag (what was half-written has been removed by the code
+        # writing it).
+        flag = _flag_given(args, e.filename)
+        if e.errno not in _USERS_TO_FIX and not (flag and e.errno in _USERS_WHERE_GIVEN):
             raise
-        print(f"gptlab {args.verb}: error: {e.filename or 'a file'}: {e.strerror}",
+        print(f"gptlab {args.verb}: error: "
+              f"{UserError(e.strerror, path=e.filename or 'a file', field=flag)}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _flag_given(args: argparse.Namespace, filename: object) -> str | None:
+    """The flag whose path `filename` is, lies in, or is a parent of (made on the way to it);
+    None if no flag's. (A writer's temporary is reported as the file it writes: io.py.)"""
+    if not isinstance(filename, (str, os.PathLike)):
+        return None
+    failed = os.path.abspath(filename)
+    parser = getattr(args, "_parser", None)
+    flags = {a.dest: a.option_strings[0] for a in (parser._actions if parser else ())
+             if a.option_strings}
+    for dest, flag in flags.items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str) or not value.strip():
+                continue
+            given = os.path.abspath(value)
+            if (failed == given or failed.startswith(given.rstrip(os.sep) + os.sep)
+                    or given.startswith(failed.rstrip(os.sep) + os.sep)):
+                return flag
+    return None

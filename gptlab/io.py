@@ -235,7 +235,10 @@ def _exchange(a: Path, b: Path) -> bool:
 def new_temp_dir(path: Path) -> str:
     """A new directory `.NAME.<random>.tmp` beside `path` (a name no other writer gets), with
     the permissions a plain mkdir would give it (mkdtemp makes it owner-only)."""
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # the temporary's name means nothing to the user: name the target
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 

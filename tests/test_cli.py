@@ -1,6 +1,7 @@
 """The command line: verbs, config files and overrides, exit codes, run provenance."""
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -684,7 +685,8 @@ def test_a_full_disk_or_a_read_only_out_is_one_line_and_exit_2(tmp_path, monkeyp
     assert main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"gptlab tokenizer: error: {out / 'tokenizer.json'}: No space left on device\n"
+    assert err == (f"gptlab tokenizer: error: {out / 'tokenizer.json'}, field '--out': No space "
+                   f"left on device\n")
 
     def other(self, directory):  # not the user's to fix: stays an internal error
         raise OSError(errno.EIO, "Input/output error")
@@ -698,7 +700,8 @@ def test_an_out_whose_name_is_too_long_is_one_line_and_exit_2(tmp_path, capsys):
     # exists() raises ENAMETOOLONG), after the tokenizer had been trained.
     out = tmp_path / ("a" * 300)
     assert main(["world", "export", "--out", str(out)]) == 2
-    assert capsys.readouterr().err == f"gptlab world: error: {out}: File name too long\n"
+    assert capsys.readouterr().err == (f"gptlab world: error: {out}, field '--out': File name "
+                                       f"too long\n")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -722,8 +725,50 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, cap
     assert main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"gptlab tokenizer: error: {out / 'tokenizer.json'}: No space left on device\n"
+    assert err == (f"gptlab tokenizer: error: {out / 'tokenizer.json'}, field '--out': No space "
+                   f"left on device\n")
     assert not list(out.iterdir())  # the temporary file is gone too
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_out_that_cannot_be_made_is_one_line_naming_the_flag(tiny_model, tmp_path, capsys):
+    # /proc makes no new entries, not even for root (who passes every permission check): a
+    # directory or a file there was a traceback and exit 1 (ENOENT, and a temporary's name).
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    for argv, where in (
+            (["tokenizer", "train", "--data", str(text), "--vocab-size", "300", "--out",
+              "/proc/gptlab_x/tok"], "/proc/gptlab_x"),
+            (["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--k", "1",
+              "--max-new-tokens", "2", "--out", "/proc/gptlab_x.jsonl"], "/proc/gptlab_x.jsonl")):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (f"gptlab {argv[0]}: error: {where}, field '--out': "
+                                           f"No such file or directory\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "t.txt"]
+
+
+def test_a_missing_file_no_flag_named_stays_an_internal_error(tmp_path, monkeypatch):
+    # ENOENT or ENOTDIR on a path the user gave is theirs to fix; elsewhere it is a bug.
+    import errno
+
+    from gptlab import tokenizer as tk
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+
+    def lost(self, directory):
+        raise OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "elsewhere" / "x"))
+    monkeypatch.setattr(tk.Tokenizer, "save", lost)
+    with pytest.raises(NotADirectoryError):
+        main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
+              "--out", str(tmp_path / "tok")])
+
+    def under_out(self, directory):
+        raise OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "tok" / "x"))
+    monkeypatch.setattr(tk.Tokenizer, "save", under_out)
+    assert main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok")]) == 2
 
 
 def test_the_sample_function_has_the_verbs_defaults(tiny_model, tmp_path):
