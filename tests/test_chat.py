@@ -124,8 +124,9 @@ def test_three_turns_carry_the_conversation(tiny_dir, spy):
     assert spy.prompts[2][:len(expected_2)] == expected_2  # turn 3 extends turn 2's prompt
     assert len(spy.prompts[0]) < len(spy.prompts[1]) < len(spy.prompts[2])
     assert tok.decode(spy.prompts[1], skip_special=False).count("the cat sat") == 1
-    # Each reply printed is the one kept in the history (random weights: any text).
-    assert out.getvalue() == "".join(m["content"] + "\n" for m in session.messages
+    # Each reply printed is the one kept in the history (random weights: any text), as a pipe
+    # gets it: a block ended by an empty line.
+    assert out.getvalue() == "".join(terminal.reply_block(m["content"]) for m in session.messages
                                      if m["role"] == "assistant")
 
 
@@ -191,7 +192,37 @@ def test_reset_exit_and_overflow(tiny_dir, monkeypatch):
     assert "dropped the oldest 1 turn" in notes
     assert prompts[2] == tok.render_chat([user(third)], add_generation_prompt=True)[0]
     assert session.messages == [user(third), bot(reply.strip())]
-    assert out.getvalue().splitlines() == [reply.strip()] * 3
+    r = reply.strip()  # the skipped message's block is empty: blocks stay one per message
+    assert out.getvalue() == f"{r}\n\n{r}\n\n\n{r}\n\n"
+
+
+def blocks(piped: str) -> list[list[str]]:
+    """Piped chat output read as README says: lines up to an empty one are one reply."""
+    out, block = [], []
+    for line in piped.split("\n")[:-1]:
+        if line:
+            block.append(line)
+        else:
+            out.append(block)
+            block = []
+    return out
+
+
+def test_piped_replies_are_blocks_ended_by_an_empty_line(tiny_dir, monkeypatch):
+    # Piped, a reply of several lines ran into the next: a script could not tell them apart.
+    # Now each is its lines without empty ones, then an empty line; a terminal is unchanged.
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    replies = iter(["the cat\n\nsat on\n  \nthe mat", "the dog", "", "a bird\nsang"])
+    monkeypatch.setattr(ChatSession, "reply", lambda self, text, stderr=None: next(replies))
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(session, io.StringIO("one\ntwo\nthree\n"), out, err) == 3
+    assert out.getvalue() == "the cat\nsat on\nthe mat\n\nthe dog\n\n\n"
+    assert blocks(out.getvalue()) == [["the cat", "sat on", "the mat"], ["the dog"], []]
+    out = io.StringIO()
+    assert run_chat(session, Terminal("four\n"), out, io.StringIO()) == 1
+    assert out.getvalue() == "> a bird\nsang\n> \n"  # a terminal: as the reply was
 
 
 def test_cli_pipes_and_checks_flags(tiny_dir, monkeypatch, capsys):
@@ -232,7 +263,7 @@ def test_cli_refuses_a_line_that_is_not_utf8_and_bad_sampling_flags(tiny_dir, mo
         assert main(["chat", "--model", str(tiny_dir), "--greedy",
                      "--max-new-tokens", "4"]) == 2
         captured = capsys.readouterr()
-        assert captured.out.count("\n") == 1  # the first line was answered
+        assert captured.out.count("\n") == 1  # the first line was answered (an empty reply)
         assert captured.err.endswith("gptlab chat: error: <stdin>:2: not UTF-8 text: byte 0xff "
                                      "at character 2 cannot be decoded\n")
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
@@ -283,7 +314,7 @@ def run_smollm2_chat(lines: str, *flags: str) -> tuple[int, list[str], str, list
         rc = main(["chat", "--model", str(path), "--greedy", *flags])
     finally:
         mp.undo()
-    return rc, out.getvalue().splitlines(), err.getvalue(), prompts
+    return rc, ["\n".join(b) for b in blocks(out.getvalue())], err.getvalue(), prompts
 
 
 @pytest.fixture(scope="module")

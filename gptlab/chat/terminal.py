@@ -7,7 +7,8 @@ end of input; a slash and a word that is no command ("/quit") is refused with a 
 than sent to the model as a question. A line that is not UTF-8 text is an error (exit code 2)
 naming the line, rather than text the model would see as replacement characters. Replies go to
 stdout; notes (dropped turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' |
-gptlab chat --model M --greedy` prints just the answer.
+gptlab chat --model M --greedy` prints just the answer. From a pipe (stdin no terminal) each
+reply ends with an empty line, and has none inside (`reply_block`): a script tells replies apart.
 """
 from __future__ import annotations
 
@@ -171,10 +172,22 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             answer = session.reply(text, stderr)
         except TurnTooLong as e:
             print(f"error: {e}; this message was skipped", file=stderr)
+            if not interactive:
+                print(reply_block(""), end="", file=stdout, flush=True)
             continue
-        print(answer, file=stdout, flush=True)
+        if interactive:
+            print(answer, file=stdout, flush=True)
+        else:
+            print(reply_block(answer), end="", file=stdout, flush=True)
         answered += 1
     return answered
+
+
+def reply_block(answer: str) -> str:
+    """A reply as a pipe gets it: its lines without the empty ones, then one empty line, so a
+    script splits the output at empty lines into one block per message (a skipped message's
+    block is empty). The history keeps the reply as it was."""
+    return "".join(line + "\n" for line in answer.split("\n") if line.strip()) + "\n"
 
 
 def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
