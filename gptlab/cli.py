@@ -234,13 +234,13 @@ def _world_score(args: argparse.Namespace) -> None:
     from gptlab.world import load_world
     from gptlab.world.build import FILES
     from gptlab.world.variants import VARIANTS
-    if args.out:
+    if args.out is not None:  # '' is refused, not read as no --out
         check_file_out(args.out)
         # The samples, or a file of the world, would be replaced by the verdicts.
         check_not_input(args.out, {"--in": args.samples, **{
             f"{name} of --world": Path(args.world) / name for name in FILES}})
     summary, verdicts = score_samples(load_world(args.world), args.samples)
-    if args.out:
+    if args.out is not None:
         write_jsonl_atomic(args.out, verdicts, allow_nan=False)
     print(f"execution accuracy {summary['exec_acc']:.4f} on "
           f"{_count(summary['prompts'], 'question')} (first response of each)")
@@ -423,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        _check_paths_given(args)
         args._run(args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
     except BrokenPipeError:
@@ -447,6 +448,33 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+# Flags (by dest) that name a file or a directory to read: given empty, each would be read as the
+# current directory ("." is a directory, not a file). Every --out is checked where it is written,
+# and --data where the corpus is read.
+_PATH_FLAGS = {"model", "prompts", "samples", "world", "tokenizer", "config", "source", "target"}
+
+
+def _check_paths_given(args: argparse.Namespace) -> None:
+    """Refuse a required path flag (or --config) given as '' (an unset shell variable) before
+    anything runs, naming it as its field where the flag is the field's name, else as the flag.
+    An optional one, and a config verb's fields (which YAML and Python set too), are refused
+    where they are read, with what leaving them out would do."""
+    from gptlab.io import not_empty
+    parser = getattr(args, "_parser", None)
+    for action in parser._actions if parser else ():
+        if action.dest not in _PATH_FLAGS or not action.option_strings or not (
+                action.required or action.dest in ("config", "source", "target")):
+            continue
+        values = getattr(args, action.dest, None)
+        if action.dest in ("source", "target") and values:  # `--from hf PATH`: the PATH
+            values = values[1:]
+        flag = action.option_strings[0]
+        field = action.dest if flag == "--" + action.dest.replace("_", "-") else flag
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str):
+                not_empty(value, field)
 
 
 def _flag_given(args: argparse.Namespace, filename: object) -> str | None:

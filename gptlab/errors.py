@@ -35,3 +35,20 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     if not p.exists():
         raise UserError(f"{what} not found", path=p)
     return p
+
+
+def setting(name: str) -> str:
+    """A config field named as Python and as the command line write it, for a message that
+    either may read: `setting("kl_coef")` is "kl_coef (--kl-coef)"."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def check_given(cfg: object, names: tuple[str, ...], stage: str) -> None:
+    """Raise a UserError naming the first of the fields `names` of `cfg` that is unset or
+    empty: the paths a stage cannot run without ("" is the current directory, no file)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None or not str(value).strip():
+            listed = " and ".join(filter(None, [", ".join(map(setting, names[:-1])),
+                                                setting(names[-1])]))
+            raise UserError(f"is empty or not given; {stage} needs {listed}", field=name)

@@ -42,7 +42,7 @@ def check_dir_out(path: str | Path, field: str | None = None) -> Path:
     """`path` as a Path if a directory can be made there (nothing is created), else a
     UserError naming it (and `field`): it is a file, or a file stands where a parent directory
     should."""
-    path = _not_empty(path, field)
+    path = not_empty(path, field)
     if path.exists() and not path.is_dir():
         raise UserError("is a file, not a directory", path=path, field=field)
     blocker = _file_under(path)
@@ -52,7 +52,7 @@ def check_dir_out(path: str | Path, field: str | None = None) -> Path:
     return path
 
 
-def _not_empty(path: str | Path, field: str | None) -> Path:
+def not_empty(path: str | Path, field: str | None) -> Path:
     """`path` as a Path, unless it is the empty string: Path("") is the current directory,
     which a run, a model or a world would then fill without having been named."""
     if not str(path).strip():
@@ -67,7 +67,7 @@ def check_holds_none(out: str | Path, names: tuple[str, ...], field: str = "out"
     held = [name for name in names if (Path(out) / name).exists()]
     if held:
         listed = held[0] if len(held) == 1 else ", ".join(held[:-1]) + " and " + held[-1]
-        raise UserError(f"already holds {listed}; choose another --out or remove it",
+        raise UserError(f"already holds {listed}; choose another out (--out) or remove it",
                         path=out, field=field)
 
 
@@ -81,7 +81,7 @@ def ensure_dir(path: str | Path) -> Path:
 def check_file_out(path: str | Path) -> Path:
     """`path` as a Path if a file can be written there (nothing is created), else a UserError
     naming it: it is a directory, or a file stands where a parent directory should."""
-    path = _not_empty(path, "out")
+    path = not_empty(path, "out")
     if path.is_dir():
         raise UserError("is a directory; give a file name", path=path)
     blocker = _file_under(path)
@@ -95,7 +95,7 @@ def check_not_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
     for flag, given in inputs.items():
         if Path(given).exists() and Path(out).resolve() == Path(given).resolve():
             raise UserError(f"is the input file ({flag}); writing would replace it, choose "
-                            f"another --out", path=out, field="out")
+                            f"another out (--out)", path=out, field="out")
 
 
 def check_not_inside(out: str | Path, dirs: dict[str, str | Path]) -> None:
@@ -106,7 +106,7 @@ def check_not_inside(out: str | Path, dirs: dict[str, str | Path]) -> None:
         d = Path(given).resolve()
         if Path(given).is_dir() and (where == d or d in where.parents):
             raise UserError(f"is inside the input {given} ({flag}); writing there could replace "
-                            f"its files, choose another --out", path=out, field="out")
+                            f"its files, choose another out (--out)", path=out, field="out")
 
 
 @contextmanager

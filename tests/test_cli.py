@@ -316,7 +316,8 @@ def test_sft_and_reward_without_model_or_data_name_the_missing_field():
                             (train_reward_model, RewardConfig(model="m", out="o"), "data")):
         with pytest.raises(UserError) as err:
             run(cfg)
-        assert err.value.field == field and "needs --model and --data" in str(err.value)
+        assert err.value.field == field and "needs model (--model) and data (--data)" in str(
+            err.value)
 
 
 def test_pretrain_prints_its_model_directory_like_the_other_training_verbs(tmp_path, capsys):
@@ -539,7 +540,7 @@ def test_sample_and_label_never_write_over_their_input(tiny_model, tmp_path, cap
                  "--out", str(same)]) == 2
     assert capsys.readouterr().err == (
         f"gptlab sample: error: {same}, field 'out': is the input file (--prompts); writing "
-        f"would replace it, choose another --out\n")
+        f"would replace it, choose another out (--out)\n")
     assert main(["label", "--in", str(prompts), "--out", str(prompts)]) == 2
     assert "field 'out': is the input file (--in)" in capsys.readouterr().err
     assert prompts.read_bytes() == before
@@ -847,7 +848,7 @@ def test_sample_and_label_never_write_into_their_model_or_world(tiny_model, tmp_
                      "--max-new-tokens", "2", "--out", str(out)]) == 2
         assert capsys.readouterr().err == (
             f"gptlab sample: error: {out}, field 'out': is inside the input {model} (--model); "
-            f"writing there could replace its files, choose another --out\n")
+            f"writing there could replace its files, choose another out (--out)\n")
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps({"id": "s0-train-00001", "prompt": "x",
                                    "responses": [" SELECT 1", " nonsense ("]}) + "\n")
@@ -856,7 +857,7 @@ def test_sample_and_label_never_write_into_their_model_or_world(tiny_model, tmp_
                      "--out", str(world / name)]) == 2
         assert capsys.readouterr().err == (
             f"gptlab label: error: {world / name}, field 'out': is the input file ({name} of "
-            f"--world); writing would replace it, choose another --out\n")
+            f"--world); writing would replace it, choose another out (--out)\n")
     assert {p: p.read_bytes() for d in (model, world) for p in d.iterdir()} == before
 
 
@@ -874,7 +875,7 @@ def test_world_export_refuses_a_schema_seed_without_vary_schema_and_a_model_dire
     assert main(["world", "export", "--out", str(tiny_model), "--train", "2"]) == 2
     assert capsys.readouterr().err == (
         f"gptlab world: error: {tiny_model}, field 'out': already holds config.json, "
-        f"model.safetensors and tokenizer.json; choose another --out or remove it\n")
+        f"model.safetensors and tokenizer.json; choose another out (--out) or remove it\n")
     assert sorted(p.name for p in tiny_model.iterdir()) == before and not out.exists()
 
 
@@ -918,6 +919,79 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(
     assert main([a.format(**fill) for a in argv]) == 2
     assert capsys.readouterr().err == message + "\n"
     assert list(cwd.iterdir()) == [] and not (tmp_path / "r.jsonl").exists()
+
+
+EMPTY = "is empty; give a path (write . for the current directory)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    # Each was read as Path(''), the current directory: ".: is a directory, not a file", a
+    # model or world "not found" there, or (`world score --out ''`) no --out at all.
+    (["label", "--in", "", "--out", "r.jsonl"], f"field '--in': {EMPTY}"),
+    (["sample", "--model", "{model}", "--prompts", "", "--out", "s.jsonl"],
+     f"field 'prompts': {EMPTY}"),
+    (["sample", "--model", "", "--prompts", "{prompts}", "--out", "s.jsonl"],
+     f"field 'model': {EMPTY}"),
+    (["generate", "--model", "", "--prompt", "hello"], f"field 'model': {EMPTY}"),
+    (["convert", "--from", "hf", "", "--out", "m"], f"field '--from': {EMPTY}"),
+    (["world", "check", "--world", "", "--id", "q", "SELECT 1"], f"field 'world': {EMPTY}"),
+    (["world", "score", "--world", "w", "--in", ""], f"field '--in': {EMPTY}"),
+    (["world", "score", "--world", "w", "--in", "{prompts}", "--out", ""],
+     f"field 'out': {EMPTY}"),
+    (["tokenizer", "encode", "--tokenizer", "", "hello"], f"field 'tokenizer': {EMPTY}"),
+    (["sft", "--config", "", "--model", "{model}", "--data", "{prompts}"],
+     f"field 'config': {EMPTY}"),
+    (["ppo", "--policy", "", "--reward", "{model}", "--prompts", "{prompts}", "--out", "o"],
+     "field 'policy': is empty or not given; ppo needs policy (--policy), prompts (--prompts) "
+     "and out (--out)"),
+    (["pretrain", "--model", "", "--data", "{prompts}", "--out", "o"],
+     "field 'model': is empty or not given; pretrain needs model (--model)"),
+])
+def test_every_verbs_empty_input_path_is_refused_naming_its_field(
+        argv, message, tiny_model, tmp_path, monkeypatch, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n')
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    fill = dict(model=tiny_model, prompts=tmp_path / "p.jsonl")
+    assert main([a.format(**fill) for a in argv]) == 2
+    verb = argv[0]
+    assert capsys.readouterr().err == f"gptlab {verb}: error: {message}\n"
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_stage_names_a_setting_both_as_python_and_as_the_command_line_write_it(
+        tiny_model, tmp_path, capsys):
+    # Called from Python, messages named only flags ("ppo needs --policy, --prompts and --out",
+    # "sft needs --model and --data", "pass --resume"), which a Python caller never wrote; and
+    # `ppo` named no field at all. Each message now reads the same from both.
+    from gptlab.train.ppo import PPOConfig, ppo
+    from gptlab.train.sft import SFTConfig, sft
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hello", "completion": " world"}\n' * 4)
+    data, out = str(tmp_path / "d.jsonl"), tmp_path / "out"
+    cases = [
+        (ppo, PPOConfig(policy=str(tiny_model), reward=str(tiny_model), out=str(out)),
+         ["ppo", "--policy", str(tiny_model), "--reward", str(tiny_model), "--out", str(out)],
+         "field 'prompts': is empty or not given; ppo needs policy (--policy), prompts "
+         "(--prompts) and out (--out)"),
+        (ppo, PPOConfig(policy=str(tiny_model), prompts=data, out=str(out)),
+         ["ppo", "--policy", str(tiny_model), "--prompts", data, "--out", str(out)],
+         "field 'reward': give exactly one of reward (--reward), a reward model, or reward_fn "
+         "(--reward-fn)"),
+        (sft, SFTConfig(data=data, out=str(out)), ["sft", "--data", data, "--out", str(out)],
+         "field 'model': is empty or not given; sft needs model (--model) and data (--data)"),
+        (sft, SFTConfig(model=str(tiny_model), data=data, out=str(tiny_model / "run")),
+         ["sft", "--model", str(tiny_model), "--data", data, "--out", str(tiny_model / "run")],
+         f"{tiny_model / 'run'}, field 'out': is inside the input model {tiny_model} (model, "
+         f"--model); choose another out (--out)"),
+    ]
+    for run, cfg, argv, message in cases:
+        with pytest.raises(UserError) as err:
+            run(cfg)
+        assert str(err.value) == message
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"gptlab {argv[0]}: error: {message}\n"
+    assert not out.exists() and not (tiny_model / "run").exists()
 
 
 @pytest.mark.parametrize("verb", ["pretrain", "tokenizer"])
@@ -975,9 +1049,10 @@ def test_val_data_that_is_the_training_data_is_refused(verb, data, tiny_model, t
                  str(tmp_path / "sub" / ".." / "d.jsonl"), "--max-steps", "1", "--out", str(out),
                  "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
-        f"gptlab {verb}: error: field 'val_data': is the training data (--data): validation "
-        f"would score what the model trains on; give held-out data, or leave --val-data out to "
-        f"hold out a slice of --data, got {tmp_path / 'sub' / '..' / 'd.jsonl'}\n")
+        f"gptlab {verb}: error: field 'val_data': is the training data (data, --data): "
+        f"validation would score what the model trains on; give held-out data, or leave "
+        f"val_data (--val-data) out to hold out a slice of data, got "
+        f"{tmp_path / 'sub' / '..' / 'd.jsonl'}\n")
     assert not out.exists()
 
 

@@ -459,7 +459,7 @@ def test_convert_refuses_an_out_that_is_the_source_or_inside_or_around_it(tmp_pa
         assert main(["convert", *argv, "--out", str(out)]) == 2
         assert capsys.readouterr().err == (
             f"gptlab convert: error: {out}, field 'out': the output directory {where} the model "
-            f"being converted ({argv[2]}); choose another --out\n")
+            f"being converted ({argv[2]}); choose another out (--out)\n")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
@@ -996,6 +996,6 @@ def test_convert_refuses_an_out_that_holds_another_model_or_run(tmp_path, capsys
         assert main(["convert", *argv, "--out", str(out)]) == 2
         assert capsys.readouterr().err == (
             f"gptlab convert: error: {out}, field 'out': already holds {listed}; choose another "
-            f"--out or remove it\n")
+            f"out (--out) or remove it\n")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(held)

@@ -248,11 +248,12 @@ def _model_dir(path):
 
 
 @pytest.mark.parametrize("out,model,message", [
-    ("m", "m", "field 'out': is the input model (--model); training would overwrite it; "
-               "choose another --out"),
-    ("m/run", "m", "field 'out': is inside the input model {model} (--model); choose another "
-                   "--out"),
-    (".", "m", "field 'out': holds the input model {model} (--model); choose another --out"),
+    ("m", "m", "field 'out': is the input model (model, --model); training would overwrite "
+               "it; choose another out (--out)"),
+    ("m/run", "m", "field 'out': is inside the input model {model} (model, --model); choose "
+                   "another out (--out)"),
+    (".", "m", "field 'out': holds the input model {model} (model, --model); choose another "
+               "out (--out)"),
 ])
 def test_a_run_directory_may_not_overlap_an_input_model(tmp_path, out, model, message):
     model = _model_dir(tmp_path / model)
@@ -289,10 +290,10 @@ def test_a_run_directory_with_a_run_or_a_model_needs_resume(tmp_path):
     with pytest.raises(UserError) as err:
         check_run_dir(out, False)
     assert str(err.value) == (f"{out}, field 'out': already holds a finished model and no "
-                              "checkpoint to continue from; choose another --out (a run saved "
-                              "with --save-every continues with --resume)")
+                              "checkpoint to continue from; choose another out (--out); a run saved "
+                              "with save_every (--save-every) continues with resume (--resume)")
     path = Checkpointer(out).save(1, tiny())
-    with pytest.raises(UserError, match="already holds a training run; pass --resume"):
+    with pytest.raises(UserError, match="already holds a training run; pass resume"):
         check_run_dir(out, False)
     assert check_run_dir(out, True) == path
 
@@ -796,8 +797,8 @@ def test_a_resume_refuses_a_time_budget_the_run_was_not_started_with(tmp_path):
             check(dataclasses.replace(cfg, max_minutes=10.0))
         assert err.value.field == "max_minutes" and err.value.path == step2
         assert ("is a fixed-length run (4 steps, 2 steps done in" in str(err.value)
-                and "max_minutes 10.0 now: resume without --max-minutes (or with the run's "
-                "own), and with --max-steps to change its length" in str(err.value))
+                and "max_minutes 10.0 now: resume without max_minutes (--max-minutes), or with "
+                "the run's own, and with max_steps (--max-steps) to change its length" in str(err.value))
         assert read_metrics(tmp_path / "metrics.jsonl") == rows  # nothing truncated or written
     assert run(cfg, resume=True).step == 4  # without it, the run continues
 
@@ -830,7 +831,7 @@ def test_a_resume_refuses_a_time_budget_the_run_was_not_started_with(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
     with pytest.raises(UserError) as err:
         run(cfg, resume=True)
-    assert err.value.field == "max_minutes" and "resume with the run's --max-minutes" in str(
+    assert err.value.field == "max_minutes" and "resume with the run's max_minutes (--max-minutes)" in str(
         err.value)
 
 

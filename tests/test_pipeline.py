@@ -157,7 +157,7 @@ def test_a_rerun_may_change_the_settings_of_stages_that_have_not_started(tmp_pat
     with pytest.raises(UserError) as err:
         _check_settings(out, max_new_tokens=60)
     assert str(err.value) == (f"{out}, field 'out': holds a pipeline run whose sft was made with "
-                              f"other settings (max_new_tokens); choose another --out, or remove "
+                              f"other settings (max_new_tokens); choose another out (--out), or remove "
                               f"it to redo it with the new settings")
     (out / "round-1").mkdir()
     (out / "round-1" / "samples.jsonl").write_text("")  # drawn again until ranked
@@ -499,7 +499,7 @@ def _a_run_with_a_stage(tmp_path):
     ("demo/round-9", "{out}, field 'out': is inside the pipeline run {run}; choose an --out "
                      "outside it"),
     ("model", "{out}, field 'out': already holds config.json and model.safetensors; choose "
-              "another --out or remove it"),
+              "another out (--out) or remove it"),
     ("afile", "{out}, field 'out': is a file, not a directory"),
 ])
 def test_an_out_in_another_run_or_at_a_model_or_a_file_is_refused(tmp_path, capsys, monkeypatch,
@@ -548,7 +548,7 @@ def test_a_world_from_another_version_of_gptlab_is_refused_saying_to_start_again
     assert capsys.readouterr().err.endswith(
         f"gptlab pipeline: error: {run / 'world' / 'world.json'}, field 'fingerprint': this world "
         f"was exported by a different version of gptlab, whose questions or dialogs differ; "
-        f"choose another --out, or remove this run to start again\n")
+        f"choose another out (--out), or remove this run to start again\n")
 
 
 def test_stages_without_their_pipeline_json_are_refused_not_reused_unchecked(run, tmp_path,
@@ -560,7 +560,7 @@ def test_stages_without_their_pipeline_json_are_refused_not_reused_unchecked(run
         f"gptlab pipeline: error: {run}, field 'out': holds pipeline stages (world, pretrain, "
         f"sft_data.jsonl, sft, round-1/rankings.jsonl, round-1/reward, round-1/ppo, "
         f"round-2/rankings.jsonl, round-2/reward, round-2/ppo, sft_continued) but no "
-        f"pipeline.json, which records the settings they were made with; choose another --out, "
+        f"pipeline.json, which records the settings they were made with; choose another out (--out), "
         f"or remove them to redo them\n")
     assert not (run / "pipeline.json").exists()
 

@@ -107,7 +107,7 @@ def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch, capsys):
     assert main([*other, "--steps", str(STEPS), "--resume"]) == 2
     assert (f"field 'reward_fn': was written with other settings (reward_fn: "
             f"'{__name__}:varied_reward' there, '{__name__}:stopping_reward' now); resume with "
-            f"the same settings, or choose another --out") in capsys.readouterr().err
+            f"the same settings, or choose another out (--out)") in capsys.readouterr().err
     verified = []
     verify = Checkpointer.verify.__func__
     monkeypatch.setattr(Checkpointer, "verify",
@@ -212,7 +212,7 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path, monkey
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
     # ... but not to before the run's own step.
     with pytest.raises(UserError, match="field 'steps': the run is at step 2 already; give "
-                                        "--steps of at least that to continue it"):
+                                        "steps \\(--steps\\) of at least that to continue it"):
         ppo(dataclasses.replace(cfg, resume=True, steps=1), reward_fn=varied_reward)
     # The same files spelled another way, from where the resume runs, are the same settings.
     monkeypatch.chdir(d)
@@ -332,7 +332,7 @@ def test_no_prompt_that_fits_is_a_clear_error_that_leaves_nothing(setup, tmp_pat
     args[args.index("--prompts") + 1] = str(prompts)
     assert main(args) == 2
     assert (f"{prompts}: none of the 1 prompts fits the policy's context of 64 "
-            "tokens with max_new_tokens 4; use shorter prompts or a smaller --max-new-tokens"
+            "tokens with max_new_tokens 4; use shorter prompts or a smaller max_new_tokens (--max-new-tokens)"
             in capsys.readouterr().err)
     assert not out.exists()
 
@@ -404,7 +404,8 @@ def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, 
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main(ppo_args(d, out)) == 2
     assert (f"{out}, field 'out': already holds a finished model and no checkpoint to continue "
-            "from; choose another --out (a run saved with --save-every continues with --resume)"
+            "from; choose another out (--out); a run saved with save_every (--save-every) "
+            "continues with resume (--resume)"
             in capsys.readouterr().err)
     assert main(ppo_args(d, out, "--resume")) == 2
     assert "field 'resume': nothing to resume" in capsys.readouterr().err
@@ -413,12 +414,12 @@ def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, 
     shutil.copytree(policy, other)
     before = {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]}
     assert main(ppo_args(d, policy / "ppo")) == 2
-    assert (f"{policy / 'ppo'}, field 'out': is inside the input model {policy} (--policy); "
-            "choose another --out") in capsys.readouterr().err
+    assert (f"{policy / 'ppo'}, field 'out': is inside the input model {policy} (policy, --policy); "
+            "choose another out (--out)") in capsys.readouterr().err
     for flag in ("--reference", "--value"):
         assert main([*ppo_args(d, other), flag, str(other)]) == 2
-        assert (f"{other}, field 'out': is the input model ({flag}); training would overwrite "
-                "it; choose another --out") in capsys.readouterr().err
+        assert (f"{other}, field 'out': is the input model ({flag[2:]}, {flag}); training would "
+                "overwrite it; choose another out (--out)") in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]} == before
 
 

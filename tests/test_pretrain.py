@@ -408,9 +408,9 @@ def test_continuing_a_model_with_another_tokenizer_than_its_own_is_refused(corpu
     assert cont(tmp_path / "other", tmp_path / "two") == 2
     assert capsys.readouterr().err == (
         f"gptlab pretrain: error: {tmp_path / 'one'}, field 'tokenizer': has its own "
-        f"tokenizer.json, which differs from --tokenizer: its embeddings are rows for its own "
-        f"tokens, and another tokenizer would give them other meanings; leave out --tokenizer "
-        f"to continue with its own\n")
+        f"tokenizer.json, which differs from tokenizer (--tokenizer): its embeddings are rows "
+        f"for its own tokens, and another tokenizer would give them other meanings; leave out "
+        f"tokenizer (--tokenizer) to continue with its own\n")
     assert not (tmp_path / "two").exists()
     assert cont(d / "tok", tmp_path / "three") == 0  # its own tokenizer, given again
 
@@ -555,10 +555,10 @@ def test_continuing_a_model_directory_into_itself_is_refused(corpus, tmp_path, c
     one = tmp_path / "one"
     assert run(*base, "--tokenizer", str(d / "tok"), "--out", str(one)) == 0
     files = {p: p.stat().st_mtime_ns for p in one.rglob("*")}
-    for out, why in ((one, "is the input model (--model); training would overwrite it"),
-                     (one / "more", f"is inside the input model {one} (--model)")):
+    for out, why in ((one, "is the input model (model, --model); training would overwrite it"),
+                     (one / "more", f"is inside the input model {one} (model, --model)")):
         assert run(*base, "--model", str(one), "--out", str(out)) == 2
-        assert f"{out}, field 'out': {why}; choose another --out" in capsys.readouterr().err
+        assert f"{out}, field 'out': {why}; choose another out (--out)" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in one.rglob("*")} == files
 
 
@@ -596,13 +596,13 @@ def test_out_in_a_corpus_directory_is_refused(corpus, tmp_path, capsys):
     shutil.copy(corpus[0] / "a.txt", data / "a.txt")
     base = ["--tokenizer", str(corpus[0] / "tok"), "--block-size", "16", "--max-steps", "1",
             "--cache-dir", str(tmp_path / "cache")]
-    for out, why in ((data, "is the corpus directory (--data)"),
-                     (data / "run", f"is inside the corpus directory {data} (--data)"),
-                     (data / "runs" / "a", f"is inside the corpus directory {data} (--data)")):
+    for out, why in ((data, "is the corpus directory (data, --data)"),
+                     (data / "run", f"is inside the corpus directory {data} (data, --data)"),
+                     (data / "runs" / "a", f"is inside the corpus directory {data} (data, --data)")):
         assert run("--data", str(corpus[0] / "a.txt"), str(data), "--out", str(out),
                    *base) == 2
         assert (f"{out}, field 'out': {why}; the run's own files would become part of the "
-                "corpus; choose another --out") in capsys.readouterr().err
+                "corpus; choose another out (--out)") in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "corpus"]
     # A directory beside it, or a --data file inside --out, is fine.
     assert run("--data", str(data), "--out", str(tmp_path / "corpus-run"), *base) == 0

@@ -177,14 +177,14 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert run_sft(base, out) == 0
     files = snapshot(out)
     assert run_sft(base, out) == 2
-    assert (f"{out}, field 'out': already holds a training run; pass --resume to continue it, "
-            "or choose another --out") in capsys.readouterr().err
+    assert (f"{out}, field 'out': already holds a training run; pass resume (--resume) to continue it, "
+            "or choose another out (--out)") in capsys.readouterr().err
     assert snapshot(out) == files
     model = d / "base"
     before = snapshot(model)
     assert run_sft(base, model) == 2
-    assert (f"{model}, field 'out': is the input model (--model); training would overwrite "
-            "it; choose another --out") in capsys.readouterr().err
+    assert (f"{model}, field 'out': is the input model (model, --model); training would overwrite "
+            "it; choose another out (--out)") in capsys.readouterr().err
     assert snapshot(model) == before
     # --resume continues the finished run to a later step.
     assert run_sft(base, out, "--resume", "--max-steps", "2") == 0

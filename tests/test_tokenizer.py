@@ -468,7 +468,7 @@ def test_cli_train_in_process(tmp_path, data, capsys):
     before = (out / "tokenizer.json").read_bytes()
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "400",
                      "--out", str(out)]) == 2
-    assert (f"{out}, field 'out': already holds tokenizer.json; choose another --out or remove it"
+    assert (f"{out}, field 'out': already holds tokenizer.json; choose another out (--out) or remove it"
             in capsys.readouterr().err)
     assert (out / "tokenizer.json").read_bytes() == before
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "100",

@@ -506,7 +506,7 @@ def test_cli_score_never_writes_its_verdicts_over_the_samples_or_the_world(tmp_p
                      "--out", str(target)]) == 2
         assert capsys.readouterr().err == (
             f"gptlab world: error: {target}, field 'out': is the input file ({what}); writing "
-            f"would replace it, choose another --out\n")
+            f"would replace it, choose another out (--out)\n")
     assert {p.name: p.read_bytes() for p in [samples, *out.iterdir()]} == before
     assert main(["world", "score", "--world", str(out), "--in", str(samples),
                  "--out", str(tmp_path / "verdicts.jsonl")]) == 0

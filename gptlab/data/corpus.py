@@ -116,14 +116,15 @@ def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str 
         if not Path(given).is_dir():
             continue
         corpus = Path(given).resolve()
+        named = f'{flag.lstrip("-").replace("-", "_")}, {flag}'
         if corpus == where:
-            why = f"is the corpus directory ({flag})"
+            why = f"is the corpus directory ({named})"
         elif corpus in where.parents:
-            why = f"is inside the corpus directory {given} ({flag})"
+            why = f"is inside the corpus directory {given} ({named})"
         else:
             continue
         raise UserError(why + "; the run's own files would become part of the corpus; choose "
-                        "another --out", path=out, field=field)
+                        "another out (--out)", path=out, field=field)
 
 
 def _iter_path(path: str | Path) -> Iterator[str]:

@@ -51,7 +51,7 @@ def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
     if a == b or a in b.parents or b in a.parents:
         where = "is" if a == b else "is inside" if a in b.parents else "contains"
         raise UserError(f"the output directory {where} the model being converted ({src}); "
-                        f"choose another --out", path=out, field="out")
+                        f"choose another out (--out)", path=out, field="out")
     check_holds_none(out, MODEL_OR_RUN)
     return out
 

@@ -149,8 +149,9 @@ def held_out_rule(val_data: str | None, data: str | None) -> tuple[str, bool, st
     and best-checkpoint selection and early stopping would follow the training loss."""
     same = bool(val_data and data) and Path(val_data).resolve() == Path(data).resolve()
     return ("val_data", not same,
-            "is the training data (--data): validation would score what the model trains on; "
-            "give held-out data, or leave --val-data out to hold out a slice of --data")
+            "is the training data (data, --data): validation would score what the model trains "
+            "on; give held-out data, or leave val_data (--val-data) out to hold out a slice of "
+            "data")
 
 
 def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:
@@ -245,14 +246,14 @@ def check_run_dir(out: str | Path, resume: bool,
             continue
         model, flag = Path(given).resolve(), "--" + name.replace("_", "-")
         if model == where:
-            why = f"is the input model ({flag}); training would overwrite it"
+            why = f"is the input model ({name}, {flag}); training would overwrite it"
         elif model in where.parents:
-            why = f"is inside the input model {given} ({flag})"
+            why = f"is inside the input model {given} ({name}, {flag})"
         elif where in model.parents:
-            why = f"holds the input model {given} ({flag})"
+            why = f"holds the input model {given} ({name}, {flag})"
         else:
             continue
-        raise UserError(why + "; choose another --out", path=out, field="out")
+        raise UserError(why + "; choose another out (--out)", path=out, field="out")
     latest = Checkpointer(out).latest()
     if resume and latest is None:
         raise UserError("nothing to resume: no checkpoint in this run directory",
@@ -265,13 +266,13 @@ def check_run_dir(out: str | Path, resume: bool,
             _check_split_settings(cfg, state.get("settings", {}), latest)
             _check_budget(cfg, state, latest)
     if not resume and latest is not None:
-        raise UserError("already holds a training run; pass --resume to continue it, or choose "
-                        "another --out", path=out, field="out")
+        raise UserError("already holds a training run; pass resume (--resume) to continue it, or "
+                        "choose another out (--out)", path=out, field="out")
     # config.json is written last: weights without it are a save that never finished.
     if not resume and (out / "config.json").exists():
         raise UserError("already holds a finished model and no checkpoint to continue from; "
-                        "choose another --out (a run saved with --save-every continues with "
-                        "--resume)", path=out, field="out")
+                        "choose another out (--out); a run saved with save_every (--save-every) "
+                        "continues with resume (--resume)", path=out, field="out")
     return latest
 
 
@@ -534,7 +535,7 @@ def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
     if diff:
         raise UserError("was written with other settings (" + ", ".join(
             f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + "); resume "
-            "with the same settings, or choose another --out", path=path, field=diff[0])
+            "with the same settings, or choose another out (--out)", path=path, field=diff[0])
 
 
 def _check_budget(cfg: Any, state: dict, path: Path) -> None:
@@ -548,7 +549,7 @@ def _check_budget(cfg: Any, state: dict, path: Path) -> None:
         if state.get("budget_pending") and mine is None:
             raise UserError("was saved while its time budget was still being measured, before "
                             "the budget was recorded in checkpoints; resume with the run's "
-                            "--max-minutes", path=path, field="max_minutes")
+                            "max_minutes (--max-minutes)", path=path, field="max_minutes")
         return
     theirs = state["max_minutes"]
     if mine is None or mine == theirs:
@@ -563,8 +564,8 @@ def _check_budget(cfg: Any, state: dict, path: Path) -> None:
                   else f"its step count, {state['total_steps']}")
         why = (f"was started with max_minutes {theirs!r} ({length}; {done}); max_minutes "
                f"{mine!r} now")
-    raise UserError(why + ": resume without --max-minutes (or with the run's own), and with "
-                    "--max-steps to change its length", path=path, field="max_minutes")
+    raise UserError(why + ": resume without max_minutes (--max-minutes), or with the run's own, "
+                    "and with max_steps (--max-steps) to change its length", path=path, field="max_minutes")
 
 
 def refuse_other_settings(cfg: Any, theirs: dict, keys: Iterable[str], path: Path,
@@ -575,7 +576,7 @@ def refuse_other_settings(cfg: Any, theirs: dict, keys: Iterable[str], path: Pat
     if diff:
         raise UserError("was written with other settings (" + ", ".join(
             f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + f"); {why}: "
-            "resume with the same settings, or choose another --out", path=path, field=diff[0])
+            "resume with the same settings, or choose another out (--out)", path=path, field=diff[0])
 
 
 def same_setting(theirs: Any, mine: Any) -> bool:

@@ -180,7 +180,7 @@ def check_out_is_its_own(out: Path) -> None:
     where = out.resolve()
     for parent in where.parents:
         if _is_pipeline_record(parent / "pipeline.json"):
-            raise UserError(f"is inside the pipeline run {parent}; choose an --out outside it",
+            raise UserError(f"is inside the pipeline run {parent}; choose an out (--out) outside it",
                             path=out, field="out")
     if where.is_dir() and not (where / "pipeline.json").exists():
         check_holds_none(out, STAGE_FILES)
@@ -295,7 +295,7 @@ def _read_record(path: Path, keeps: str) -> dict:
 
 
 _SETTINGS_RECORD = ("it holds the settings the run's stages were made with: put it back as it "
-                    "was, or choose another --out")
+                    "was, or choose another out (--out)")
 _MINUTES_RECORD = "it only records what the stages took: remove it to start the record anew"
 
 
@@ -433,8 +433,8 @@ class Pipeline:
         except OtherVersionWorld as e:
             # Exported again, it would not be the world this run's stages were made from.
             todo = ("export it again into a new directory and run the pipeline into another "
-                    "--out" if self.cfg.world else
-                    "choose another --out, or remove this run to start again")
+                    "out (--out)" if self.cfg.world else
+                    "choose another out (--out), or remove this run to start again")
             raise UserError(f"this world was exported by a different version of gptlab, whose "
                             f"questions or dialogs differ; {todo}",
                             path=e.path, field=e.field) from None
@@ -528,7 +528,7 @@ class Pipeline:
             raise UserError(
                 f"round {rnd}: the labelers ranked none of {len(samples)} prompts "
                 f"({skips.report('prompts')}); train SFT longer, sample more prompts or a "
-                f"larger --k, or use --no-ties", path=d / "samples.jsonl")
+                f"larger k (--k), or use ties=False (--no-ties)", path=d / "samples.jsonl")
         write_jsonl_atomic(rankings, ranked)
         return rankings
 
@@ -632,7 +632,7 @@ class Pipeline:
         if longest > context - self.cfg.max_new_tokens:
             raise UserError(f"the longest test prompt has {longest} tokens, which leaves no "
                             f"room for {self.cfg.max_new_tokens} new ones in the context of "
-                            f"{context}; lower --max-new-tokens", path=path,
+                            f"{context}; lower max_new_tokens (--max-new-tokens)", path=path,
                             field="max_new_tokens")
 
     # --- the run -----------------------------------------------------------------------------
@@ -727,7 +727,7 @@ class Pipeline:
                 raise UserError(
                     f"holds a pipeline run whose {', '.join(stage for stage, _ in started)} "
                     f"{'was' if len(started) == 1 else 'were'} made with other settings "
-                    f"({', '.join(names)}); choose another --out, or remove "
+                    f"({', '.join(names)}); choose another out (--out), or remove "
                     f"{'it' if len(started) == 1 else 'those'} to redo "
                     f"{'it' if len(started) == 1 else 'them'} with the new settings",
                     path=self.out, field="out")
@@ -745,7 +745,7 @@ class Pipeline:
             if found:
                 raise UserError(
                     f"holds pipeline stages ({', '.join(found)}) but no pipeline.json, which "
-                    f"records the settings they were made with; choose another --out, or "
+                    f"records the settings they were made with; choose another out (--out), or "
                     f"remove them to redo them", path=self.out, field="out")
         write_json_atomic(path, {**mine, "paths": where})
 

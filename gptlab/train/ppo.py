@@ -36,7 +36,7 @@ from gptlab.checkpoint import Checkpointer, load_language_model, load_model, sav
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts)
 from gptlab.engine import SamplingParams, generate, scale_logits
-from gptlab.errors import UserError
+from gptlab.errors import UserError, check_given, setting
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -317,11 +317,11 @@ class PPOTrainer:
     that build their reward in Python (the pipeline's execution-reward control)."""
 
     def __init__(self, cfg: PPOConfig, reward_fn: Callable | None = None):
-        if not cfg.policy or not cfg.prompts or not cfg.out:
-            raise UserError("ppo needs --policy, --prompts and --out")
+        check_given(cfg, ("policy", "prompts", "out"), "ppo")
         given = [x for x in (cfg.reward, cfg.reward_fn, reward_fn) if x is not None]
         if len(given) != 1:
-            raise UserError("give exactly one of --reward (a reward model) or --reward-fn",
+            raise UserError(f"give exactly one of {setting('reward')}, a reward model, or "
+                            f"{setting('reward_fn')}",
                             field="reward")
         cfg.check()
         self.cfg = cfg
@@ -370,7 +370,7 @@ class PPOTrainer:
             raise UserError(f"none of the {len(self.prompt_ids)} prompts fits {self.context_of} "
                             f"context of {self.context} tokens with max_new_tokens "
                             f"{cfg.max_new_tokens}; use shorter prompts or a smaller "
-                            f"--max-new-tokens", path=cfg.prompts)
+                            f"{setting('max_new_tokens')}", path=cfg.prompts)
         # Counted once per prompt, here: a prompt too long is skipped every time it is drawn.
         self.skips = SkipCounter()
         for p in self.prompt_ids:
@@ -484,7 +484,7 @@ class PPOTrainer:
         policy's tokenizer; its position is `state()`, for checkpoints."""
         from gptlab.data.tokens import load_token_data
         if not self.cfg.ptx_data:
-            raise UserError("ptx_coef > 0 needs --ptx-data (pretraining text)", field="ptx_data")
+            raise UserError(f"{setting('ptx_coef')} > 0 needs {setting('ptx_data')}, pretraining text", field="ptx_data")
         block = min(self.policy.config.context, self.cfg.ptx_block_size)
         data = load_token_data(self.cfg.ptx_data, self.tok, block, val_fraction=0.0,
                                seed=self.cfg.seed, cache_dir=self.cfg.cache_dir,
@@ -525,9 +525,9 @@ class PPOTrainer:
         if theirs is not None and theirs != self.reward_fn_name:
             raise UserError(f"was written with another reward function ({theirs!r} there, "
                             f"{self.reward_fn_name!r} now); resume with the same one, or choose "
-                            f"another --out", path=path, field="reward_fn")
+                            f"another out (--out)", path=path, field="reward_fn")
         if state["step"] > self.cfg.steps:
-            raise UserError(f"the run is at step {state['step']} already; give --steps of at "
+            raise UserError(f"the run is at step {state['step']} already; give {setting('steps')} of at "
                             f"least that to continue it", path=path, field="steps")
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self.rng.setstate(state["prompt_rng"])
@@ -549,7 +549,7 @@ class PPOTrainer:
         if diff:
             raise UserError("was written with other settings (" + ", ".join(
                 f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in diff) + "); resume "
-                "with the same settings, or choose another --out", path=path, field=diff[0])
+                "with the same settings, or choose another out (--out)", path=path, field=diff[0])
 
     def step_seed(self, step: int) -> int:
         """Step `step`'s own seed, for its rollout's sampling and its minibatch order: each

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_language_model, \
     read_meta, save_model
-from gptlab.errors import UserError
+from gptlab.errors import UserError, check_given
 from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
@@ -87,9 +87,10 @@ def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
     """`given` (--tokenizer) to continue the model in `model_dir`, unless the model has a
     tokenizer of its own that differs: its embeddings are rows for its own tokens' ids."""
     if own is not None and own.hf.to_str() != given.hf.to_str():
-        raise UserError("has its own tokenizer.json, which differs from --tokenizer: its "
+        raise UserError("has its own tokenizer.json, which differs from tokenizer (--tokenizer): its "
                         "embeddings are rows for its own tokens, and another tokenizer would "
-                        "give them other meanings; leave out --tokenizer to continue with its "
+                        "give them other meanings; leave out tokenizer (--tokenizer) to continue with "
+                        "its "
                         "own", path=model_dir, field="tokenizer")
     return given
 
@@ -114,7 +115,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
             # Its embeddings are rows for some tokenizer's ids: a new tokenizer trained here
             # would give them other meanings, silently.
             raise UserError("has no tokenizer.json; pass the tokenizer its weights were made "
-                            "with as --tokenizer", path=model_path, field="model")
+                            "with as tokenizer (--tokenizer)", path=model_path, field="model")
         if cfg.tokenizer:
             tok = _given_for(model_path, tok, _tokenizer_for(cfg, model.config.vocab_size))
         if tok.vocab_size > model.config.vocab_size:
@@ -176,8 +177,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from gptlab.data.tokens import load_token_data
 
     cfg.check()  # first: a str given as `data` would be read below as paths of one letter
+    check_given(cfg, ("model",), "pretrain")  # a preset or a directory, not "" (the current one)
     if not cfg.data:
-        raise UserError("no training data: pass --data FILE...", field="data")
+        raise UserError("no training data: give data (--data FILE...)", field="data")
     from gptlab.data.corpus import check_out_of_corpus, is_hub_name
     for path in cfg.data:
         if not str(path).strip():  # Path("") is the current directory: all of it a corpus

@@ -22,7 +22,7 @@ from torch import nn
 from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model, load_model,
                                read_meta, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
-from gptlab.errors import UserError
+from gptlab.errors import UserError, check_given
 from gptlab.io import check_dir_out, read_jsonl
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
@@ -225,9 +225,7 @@ def sft(cfg: SFTConfig) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; returns the model directory `cfg.out`."""
     from gptlab.eval.execution import world_exec_evaluator
 
-    if not cfg.model or not cfg.data:
-        raise UserError("sft needs --model and --data",
-                        field="model" if not cfg.model else "data")
+    check_given(cfg, ("model", "data"), "sft")
     cfg.check()
     out = check_dir_out(cfg.out, field="out")  # not "", the current directory
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
