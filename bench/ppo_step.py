@@ -6,9 +6,9 @@ value model starts from it on both sides. TRL gets them as Hugging Face Llama mo
 a causal LM, the reward and value models one-label sequence classifiers whose score head is a
 linear layer with a bias. gptlab's reward is normalised after its head, (head(h) − score_bias) ·
 score_scale; that is folded into the score weight and bias of the reward model and of the value
-model, as gptlab folds it into its value model's head, so both sides score a response alike. TRL 1.16 no longer has
-PPO: this needs trl 1.12, the last release with it (`trl.experimental.ppo`), which the `bench`
-extra pins.
+model, as gptlab folds it into its value model's head, so both sides score a response alike.
+TRL 1.16 no longer has PPO: this needs trl 1.12, the last release with it
+(`trl.experimental.ppo`), which the `bench` extra pins.
 
 Each step on both sides: the same 32 prompts (the first 32 of the file), one response each at
 temperature 1.0 (the update divides the logits by it too), up to 80 new tokens, stopping at

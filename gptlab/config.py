@@ -211,7 +211,8 @@ def _with_default(help_text: str, f: dataclasses.Field) -> str:
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Build `cls` from parsed args: `--config FILE`, the dataclass flags, and `key=value` extras."""
+    """Build `cls` from parsed args: `--config FILE`, the dataclass flags, and `key=value`
+    extras."""
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
     return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or (),

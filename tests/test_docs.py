@@ -370,3 +370,13 @@ def test_a_benchmark_flag_that_is_gone_is_caught():
     assert bench_commands(text) == [("bench/sampling.py",
                                      ["--model", "runs/demo/sft", "--prompt", "p.jsonl"])]
     assert "--prompt" not in bench_flags(ROOT / "bench/sampling.py")
+
+
+def test_no_line_of_python_is_longer_than_100_characters():
+    # The house style: about 40 lines of gptlab/, tests/ and bench/ had grown past it.
+    long = [f"{path.relative_to(ROOT)}:{n} ({len(line)})"
+            for folder in ("gptlab", "tests", "bench")
+            for path in sorted((ROOT / folder).rglob("*.py"))
+            for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1)
+            if len(line) > 100]
+    assert long == []

@@ -64,7 +64,8 @@ def test_logprobs_are_taken_before_top_k_and_top_p_truncation(top_k, top_p):
         assert max(abs(a - b) for a, b in zip(expected, lps)) < 1e-4
         # the mass the filters dropped is visible: below the renormalised log-probabilities
         truncated = logits.masked_fill(~kept, float("-inf")).log_softmax(-1)
-        assert max(truncated[t, tok].item() - lp for t, (tok, lp) in enumerate(zip(toks, lps))) > 1e-2
+        assert max(truncated[t, tok].item() - lp
+                   for t, (tok, lp) in enumerate(zip(toks, lps))) > 1e-2
 
 
 def test_repeated_prompts_share_one_prefill_and_sample_independently():
@@ -73,7 +74,8 @@ def test_repeated_prompts_share_one_prefill_and_sample_independently():
     net = model()
     prompts = [[3, 4, 5], [6, 7], [3, 4, 5], [3, 4, 5]]
     greedy = generate(net, prompts, SamplingParams(max_new_tokens=8, greedy=True))
-    assert greedy.tokens[0] == greedy.tokens[2] == greedy.tokens[3] == naive_greedy(net, [3, 4, 5], 8)
+    assert (greedy.tokens[0] == greedy.tokens[2] == greedy.tokens[3]
+            == naive_greedy(net, [3, 4, 5], 8))
     assert greedy.tokens[1] == naive_greedy(net, [6, 7], 8)
     out = generate(net, prompts, SamplingParams(max_new_tokens=8, temperature=2.0), seed=3)
     assert len({tuple(out.tokens[i]) for i in (0, 2, 3)}) > 1

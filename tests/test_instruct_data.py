@@ -119,7 +119,8 @@ def test_a_chat_template_refusing_a_demonstration_names_file_and_line(tok, tmp_p
 
 def test_prompts_files_read_as_utf8_with_bom_and_crlf_and_refuse_other_bytes(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "caf\xc3\xa9?"}\r\n\r\n{"id": 2, "prompt": "b"}\r\n')
+    f.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "caf\xc3\xa9?"}\r\n\r\n'
+                  b'{"id": 2, "prompt": "b"}\r\n')
     assert [r["prompt"] for r in read_prompts(f)] == ["café?", "b"]
     f.write_bytes(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "caf\xe9?"}\n')  # Latin-1
     with pytest.raises(UserError) as err:

@@ -290,8 +290,9 @@ def test_a_run_directory_with_a_run_or_a_model_needs_resume(tmp_path):
     with pytest.raises(UserError) as err:
         check_run_dir(out, False)
     assert str(err.value) == (f"{out}, field 'out': already holds a finished model and no "
-                              "checkpoint to continue from; choose another out (--out); a run saved "
-                              "with save_every (--save-every) continues with resume (--resume)")
+                              "checkpoint to continue from; choose another out (--out); a run "
+                              "saved with save_every (--save-every) continues with resume "
+                              "(--resume)")
     path = Checkpointer(out).save(1, tiny())
     with pytest.raises(UserError, match="already holds a training run; pass resume"):
         check_run_dir(out, False)
@@ -379,7 +380,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
         train(first, _Interrupting(BlockBatches(tokens, 16, ids, 4, seed=3), at=15), lm_loss,
               cfg, tmp_path / "b", val_batches=val)
     assert Checkpointer(tmp_path / "b").latest().name == "step-7"
-    second = tiny(99, dropout=0.1)           # different initial weights: all come from the checkpoint
+    # Different initial weights: all come from the checkpoint.
+    second = tiny(99, dropout=0.1)
     result = train(second, BlockBatches(tokens, 16, ids, 4, seed=3), lm_loss, cfg,
                    tmp_path / "b", val_batches=val, resume=True)
     assert result.step == 16
@@ -572,7 +574,8 @@ def test_on_eval_can_stop_training_early_and_the_stop_is_saved(tmp_path):
 def test_sft_best_keeper_stops_after_patience_evaluations_without_progress(tmp_path, monkeypatch):
     import gptlab.train.sft as sft_module
     saved = []
-    monkeypatch.setattr(sft_module, "save_model", lambda d, m, t, extra: saved.append(extra["step"]))
+    monkeypatch.setattr(sft_module, "save_model",
+                        lambda d, m, t, extra: saved.append(extra["step"]))
     scores = iter([0.1, 0.5, 0.4, 0.5, 0.45, 0.45, 0.6])
     losses = [1.0, 0.8, 0.9, 0.9, 0.7, 0.75, 0.75]
     keeper = sft_module.BestKeeper(tmp_path, None, exec_eval=lambda m: next(scores), patience=2)
@@ -586,7 +589,8 @@ def test_sft_best_keeper_stops_after_patience_evaluations_without_progress(tmp_p
 def test_sft_best_keeper_breaks_ties_by_validation_loss(tmp_path, monkeypatch):
     import gptlab.train.sft as sft_module
     saved = []
-    monkeypatch.setattr(sft_module, "save_model", lambda d, m, t, extra: saved.append(extra["step"]))
+    monkeypatch.setattr(sft_module, "save_model",
+                        lambda d, m, t, extra: saved.append(extra["step"]))
     keeper = sft_module.BestKeeper(tmp_path, None, exec_eval=lambda m: 0.0)
     for i, loss in enumerate([5.9, 5.0, 4.8, 4.9]):  # no SQL runs yet, but the loss falls
         keeper(None, 100 * i, loss)
@@ -798,7 +802,8 @@ def test_a_resume_refuses_a_time_budget_the_run_was_not_started_with(tmp_path):
         assert err.value.field == "max_minutes" and err.value.path == step2
         assert ("is a fixed-length run (4 steps, 2 steps done in" in str(err.value)
                 and "max_minutes 10.0 now: resume without max_minutes (--max-minutes), or with "
-                "the run's own, and with max_steps (--max-steps) to change its length" in str(err.value))
+                "the run's own, and with max_steps (--max-steps) to change its length"
+                in str(err.value))
         assert read_metrics(tmp_path / "metrics.jsonl") == rows  # nothing truncated or written
     assert run(cfg, resume=True).step == 4  # without it, the run continues
 
@@ -831,8 +836,8 @@ def test_a_resume_refuses_a_time_budget_the_run_was_not_started_with(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step-2\n")
     with pytest.raises(UserError) as err:
         run(cfg, resume=True)
-    assert err.value.field == "max_minutes" and "resume with the run's max_minutes (--max-minutes)" in str(
-        err.value)
+    assert err.value.field == "max_minutes"
+    assert "resume with the run's max_minutes (--max-minutes)" in str(err.value)
 
 
 def test_evaluate_turns_dropout_off_keeps_no_graph_and_gives_the_mode_back():

@@ -157,8 +157,8 @@ def test_a_rerun_may_change_the_settings_of_stages_that_have_not_started(tmp_pat
     with pytest.raises(UserError) as err:
         _check_settings(out, max_new_tokens=60)
     assert str(err.value) == (f"{out}, field 'out': holds a pipeline run whose sft was made with "
-                              f"other settings (max_new_tokens); choose another out (--out), or remove "
-                              f"it to redo it with the new settings")
+                              f"other settings (max_new_tokens); choose another out (--out), or "
+                              f"remove it to redo it with the new settings")
     (out / "round-1").mkdir()
     (out / "round-1" / "samples.jsonl").write_text("")  # drawn again until ranked
     _check_settings(out, max_new_tokens=40, ties=False)  # nothing ranked yet
@@ -560,8 +560,8 @@ def test_stages_without_their_pipeline_json_are_refused_not_reused_unchecked(run
         f"gptlab pipeline: error: {run}, field 'out': holds pipeline stages (world, pretrain, "
         f"sft_data.jsonl, sft, round-1/rankings.jsonl, round-1/reward, round-1/ppo, "
         f"round-2/rankings.jsonl, round-2/reward, round-2/ppo, sft_continued) but no "
-        f"pipeline.json, which records the settings they were made with; choose another out (--out), "
-        f"or remove them to redo them\n")
+        f"pipeline.json, which records the settings they were made with; choose another out "
+        f"(--out), or remove them to redo them\n")
     assert not (run / "pipeline.json").exists()
 
 

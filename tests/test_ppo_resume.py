@@ -300,7 +300,8 @@ def ppo_args(d, out, *args):
     (["--reward-fn", "syntaxfree:x"], "field 'reward_fn': cannot load 'syntaxfree:x': x is not "
                                       "callable"),
     (["--reward-fn", "syntaxfree:boom"], "field 'reward_fn': the reward function "
-                                         "syntaxfree:boom raised RuntimeError: boom from reward fn"),
+                                         "syntaxfree:boom raised RuntimeError: boom from "
+                                         "reward fn"),
     (["--reward-fn", "syntaxfree:short"], "field 'reward_fn': the reward function "
                                           "syntaxfree:short returned 1 scores for 2 responses"),
     (["--reward-fn", "syntaxfree:quits"], "field 'reward_fn': the reward function "
@@ -332,8 +333,8 @@ def test_no_prompt_that_fits_is_a_clear_error_that_leaves_nothing(setup, tmp_pat
     args[args.index("--prompts") + 1] = str(prompts)
     assert main(args) == 2
     assert (f"{prompts}: none of the 1 prompts fits the policy's context of 64 "
-            "tokens with max_new_tokens 4; use shorter prompts or a smaller max_new_tokens (--max-new-tokens)"
-            in capsys.readouterr().err)
+            "tokens with max_new_tokens 4; use shorter prompts or a smaller max_new_tokens "
+            "(--max-new-tokens)" in capsys.readouterr().err)
     assert not out.exists()
 
 
@@ -414,8 +415,8 @@ def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, 
     shutil.copytree(policy, other)
     before = {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]}
     assert main(ppo_args(d, policy / "ppo")) == 2
-    assert (f"{policy / 'ppo'}, field 'out': is inside the input model {policy} (policy, --policy); "
-            "choose another out (--out)") in capsys.readouterr().err
+    assert (f"{policy / 'ppo'}, field 'out': is inside the input model {policy} (policy, "
+            "--policy); choose another out (--out)") in capsys.readouterr().err
     for flag in ("--reference", "--value"):
         assert main([*ppo_args(d, other), flag, str(other)]) == 2
         assert (f"{other}, field 'out': is the input model ({flag[2:]}, {flag}); training would "

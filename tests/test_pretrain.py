@@ -598,7 +598,8 @@ def test_out_in_a_corpus_directory_is_refused(corpus, tmp_path, capsys):
             "--cache-dir", str(tmp_path / "cache")]
     for out, why in ((data, "is the corpus directory (data, --data)"),
                      (data / "run", f"is inside the corpus directory {data} (data, --data)"),
-                     (data / "runs" / "a", f"is inside the corpus directory {data} (data, --data)")):
+                     (data / "runs" / "a",
+                      f"is inside the corpus directory {data} (data, --data)")):
         assert run("--data", str(corpus[0] / "a.txt"), str(data), "--out", str(out),
                    *base) == 2
         assert (f"{out}, field 'out': {why}; the run's own files would become part of the "

@@ -278,14 +278,16 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert run_reward(base, out) == 0
     files = snapshot(out)
     assert run_reward(base, out) == 2
-    assert (f"{out}, field 'out': already holds a training run; pass resume (--resume) to continue it, "
-            "or choose another out (--out)") in capsys.readouterr().err
+    assert (f"{out}, field 'out': already holds a training run; pass resume (--resume) to "
+            "continue it, or choose another out (--out)") in capsys.readouterr().err
     assert snapshot(out) == files
     before = snapshot(d)
-    for target, why in ((d / "sft", "is the input model (model, --model); training would overwrite it"),
+    for target, why in ((d / "sft",
+                         "is the input model (model, --model); training would overwrite it"),
                         (d, f"holds the input model {d / 'sft'} (model, --model)")):
         assert run_reward(base, target) == 2
-        assert f"{target}, field 'out': {why}; choose another out (--out)" in capsys.readouterr().err
+        assert (f"{target}, field 'out': {why}; choose another out (--out)"
+                in capsys.readouterr().err)
     assert snapshot(d) == before
     assert run_reward(base, out, "--resume", "--max-steps", "2") == 0
     assert json.loads((out / "config.json").read_text())["step"] == 2

@@ -110,8 +110,8 @@ def test_clipped_policy_loss_by_hand():
     adv = torch.tensor([[1.0, 1.0, -2.0]])
     m = torch.ones(1, 3)
     loss, stats = clipped_policy_loss(logp, old, adv, m, clip=0.2)
-    # per token: -min(ρA, clip(ρ)A): 1.5·1 -> clip 1.2 -> -1.2 ; 0.5·1 -> min(0.5, 0.8) = 0.5 -> -0.5 ;
-    # 1.1·(-2) = -2.2 vs 1.1·(-2) (inside the clip) -> 2.2
+    # per token: -min(ρA, clip(ρ)A): 1.5·1 -> clip 1.2 -> -1.2 ;
+    # 0.5·1 -> min(0.5, 0.8) = 0.5 -> -0.5 ; 1.1·(-2) = -2.2 vs 1.1·(-2) (inside the clip) -> 2.2
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, abs=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(1 / 3)
 

@@ -177,8 +177,8 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert run_sft(base, out) == 0
     files = snapshot(out)
     assert run_sft(base, out) == 2
-    assert (f"{out}, field 'out': already holds a training run; pass resume (--resume) to continue it, "
-            "or choose another out (--out)") in capsys.readouterr().err
+    assert (f"{out}, field 'out': already holds a training run; pass resume (--resume) to "
+            "continue it, or choose another out (--out)") in capsys.readouterr().err
     assert snapshot(out) == files
     model = d / "base"
     before = snapshot(model)
@@ -301,7 +301,8 @@ def test_each_evaluation_prints_execution_accuracy_and_a_starting_model_kept_is_
 
 def _keeper(tmp_path, monkeypatch, **kw):
     saved = []
-    monkeypatch.setattr(sft_module, "save_model", lambda d, m, t, extra: saved.append(extra["step"]))
+    monkeypatch.setattr(sft_module, "save_model",
+                        lambda d, m, t, extra: saved.append(extra["step"]))
     return sft_module.BestKeeper(tmp_path, None, **kw), saved
 
 

@@ -468,8 +468,8 @@ def test_cli_train_in_process(tmp_path, data, capsys):
     before = (out / "tokenizer.json").read_bytes()
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "400",
                      "--out", str(out)]) == 2
-    assert (f"{out}, field 'out': already holds tokenizer.json; choose another out (--out) or remove it"
-            in capsys.readouterr().err)
+    assert (f"{out}, field 'out': already holds tokenizer.json; choose another out (--out) or "
+            f"remove it" in capsys.readouterr().err)
     assert (out / "tokenizer.json").read_bytes() == before
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "100",
                      "--out", str(tmp_path / "tok100")]) == 2

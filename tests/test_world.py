@@ -82,7 +82,8 @@ def test_varied_schema_renames_tables_and_columns_in_db_and_gold_sql(varied):
 def test_at_least_20_intents_with_3_seen_phrasings_each_covering_sql_features():
     assert len(INTENTS) >= 20
     for intent in INTENTS:
-        assert len(intent.seen_phrasings) >= 3 and len(set(intent.phrasings)) == len(intent.phrasings)
+        assert len(intent.seen_phrasings) >= 3
+        assert len(set(intent.phrasings)) == len(intent.phrasings)
     sqls = " || ".join(i.sql for i in INTENTS)
     for feature in ("WHERE", "COUNT(*)", "AVG(", "SUM(", "MIN(", "MAX(", "GROUP BY", "HAVING",
                     "ORDER BY", "LIMIT", "JOIN", "BETWEEN", "DISTINCT", "(SELECT"):
@@ -144,7 +145,8 @@ def test_intents_with_more_or_fewer_phrasings_keep_their_own_reserved_one_for_th
     splits, _ = build_questions(combos, SplitSizes(train=60, validation=8, test=30),
                                 random.Random(0), "t")
     for q in splits["train"] + splits["validation"]:
-        assert not q.unseen_phrasing and q.text.split()[0] in {"three": "ab", "five": "vwxy"}[q.intent]
+        assert not q.unseen_phrasing
+        assert q.text.split()[0] in {"three": "ab", "five": "vwxy"}[q.intent]
     reserved = {(q.intent, q.text.split()[0]) for q in splits["test"] if q.unseen_phrasing}
     assert reserved == {("three", "c"), ("five", "z")}
 

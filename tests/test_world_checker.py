@@ -28,7 +28,8 @@ GOLD_LYON = "SELECT name FROM employees WHERE city = 'Lyon'"
 
 
 def test_executor_returns_columns_and_rows(ex):
-    r = ex.run("SELECT name, salary FROM employees WHERE city = 'Lyon' ORDER BY salary DESC LIMIT 3")
+    r = ex.run("SELECT name, salary FROM employees WHERE city = 'Lyon' "
+               "ORDER BY salary DESC LIMIT 3")
     assert r.ok and r.columns == ["name", "salary"] and len(r.rows) == 3
     assert r.rows[0][1] > r.rows[1][1] > r.rows[2][1]
 
@@ -232,7 +233,8 @@ def test_check_takes_the_columns_in_any_order_but_rows_as_they_pair(ex):
     top = "SELECT name, salary FROM employees ORDER BY salary DESC LIMIT 3"
     v = check("SELECT salary, name FROM employees ORDER BY salary DESC LIMIT 3", top, ex)
     assert v.correct and "another order" in v.detail
-    assert check("SELECT salary, name FROM employees ORDER BY salary LIMIT 3", top, ex).kind == "wrong"
+    assert check("SELECT salary, name FROM employees ORDER BY salary LIMIT 3", top,
+                 ex).kind == "wrong"
     pairs = "SELECT name, salary FROM employees WHERE city = 'Lyon'"
     assert check("SELECT salary, name FROM employees WHERE city = 'Lyon'", pairs, ex).correct
     # Each column holds the gold's values, in the other order, but names go with other
@@ -290,7 +292,8 @@ def test_check_ordered_only_when_gold_orders(ex):
               "ORDER BY salary ASC", gold, ex)
     assert v.kind == "wrong" and "row 1" in v.detail
     # ORDER BY inside a subquery of the gold does not make the comparison ordered
-    nested = "SELECT name FROM employees WHERE id IN (SELECT id FROM employees ORDER BY salary LIMIT 3)"
+    nested = ("SELECT name FROM employees WHERE id IN "
+              "(SELECT id FROM employees ORDER BY salary LIMIT 3)")
     assert check("SELECT name FROM employees WHERE id IN "
                  "(SELECT id FROM employees ORDER BY salary LIMIT 3) ORDER BY name DESC",
                  nested, ex).correct

@@ -177,7 +177,8 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
     # A line that would be skipped (one distinct response) is no excuse: the first line
     # without an id is named, not the next one that reached the labeler.
     samples.write_text(json.dumps({"prompt": q.text, "responses": ["SELECT 1", "SELECT 1"]})
-                       + "\n" + json.dumps({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]})
+                       + "\n"
+                       + json.dumps({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]})
                        + "\n")
     assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
                  "--out", str(out)]) == 2

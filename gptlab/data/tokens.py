@@ -107,7 +107,8 @@ def _read_cached(bin_path: Path, meta_path: Path, key: str) -> TokenFile | None:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         itemsize = np.dtype(meta["dtype"]).itemsize
-        if meta.get("format") != TOKENS_FORMAT or bin_path.stat().st_size != meta["n_tokens"] * itemsize:
+        if (meta.get("format") != TOKENS_FORMAT
+                or bin_path.stat().st_size != meta["n_tokens"] * itemsize):
             return None
         return TokenFile(bin_path, key, int(meta["n_tokens"]), int(meta["n_documents"]),
                          meta["dtype"], reused=True)
@@ -276,7 +277,8 @@ class BlockBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        return gather_blocks(self.tokens, self.block_size, self.block_ids[self.sampler.next_indices()])
+        return gather_blocks(self.tokens, self.block_size,
+                             self.block_ids[self.sampler.next_indices()])
 
     def state(self) -> dict:
         return self.sampler.state()

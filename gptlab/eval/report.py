@@ -491,7 +491,7 @@ def render_markdown(c: ReportContent) -> str:
 
 # ---------------------------------------------------------------------------- HTML
 
-HTML_TEMPLATE = """<!doctype html>
+HTML_TEMPLATE = ("""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -514,9 +514,11 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 <h2>Execution accuracy</h2>
 {% if c.exec_rows %}
 <table>
-<tr><th>model</th><th>all questions</th><th>on the test suite</th><th>unseen phrasing</th><th>does not run</th></tr>
+<tr><th>model</th><th>all questions</th><th>on the test suite</th>"""
+    """<th>unseen phrasing</th><th>does not run</th></tr>
 {% for name, overall, suite, unseen, errors in c.exec_rows %}
-<tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ suite }}</td><td class="num">{{ unseen }}</td><td class="num">{{ errors }}</td></tr>
+<tr><td>{{ name }}</td><td class="num">{{ overall }}</td><td class="num">{{ suite }}</td>"""
+    """<td class="num">{{ unseen }}</td><td class="num">{{ errors }}</td></tr>
 {% endfor %}
 </table>
 {% if c.exec_counts %}<p>{{ c.exec_counts }}</p>{% endif %}
@@ -546,7 +548,7 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 {% else %}<p>n/a</p>{% endif %}
 </body>
 </html>
-"""
+""")
 
 
 def data_uri(png: Path) -> str:

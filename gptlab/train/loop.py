@@ -565,7 +565,8 @@ def _check_budget(cfg: Any, state: dict, path: Path) -> None:
         why = (f"was started with max_minutes {theirs!r} ({length}; {done}); max_minutes "
                f"{mine!r} now")
     raise UserError(why + ": resume without max_minutes (--max-minutes), or with the run's own, "
-                    "and with max_steps (--max-steps) to change its length", path=path, field="max_minutes")
+                    "and with max_steps (--max-steps) to change its length", path=path,
+                    field="max_minutes")
 
 
 def refuse_other_settings(cfg: Any, theirs: dict, keys: Iterable[str], path: Path,
@@ -576,7 +577,8 @@ def refuse_other_settings(cfg: Any, theirs: dict, keys: Iterable[str], path: Pat
     if diff:
         raise UserError("was written with other settings (" + ", ".join(
             f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} now" for k in diff) + f"); {why}: "
-            "resume with the same settings, or choose another out (--out)", path=path, field=diff[0])
+            "resume with the same settings, or choose another out (--out)", path=path,
+            field=diff[0])
 
 
 def same_setting(theirs: Any, mine: Any) -> bool:
@@ -696,7 +698,8 @@ class TrainResult:
 
 def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
           out_dir: str | Path, *, val_batches: list | Callable[[], Iterable] | None = None,
-          tokenizer: Any = None, on_eval: Callable[[nn.Module, int, float], dict | None] | None = None,
+          tokenizer: Any = None,
+          on_eval: Callable[[nn.Module, int, float], dict | None] | None = None,
           tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
           extra: dict | None = None, perplexity: bool = True,
           verified: Path | None = None,

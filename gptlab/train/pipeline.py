@@ -180,7 +180,8 @@ def check_out_is_its_own(out: Path) -> None:
     where = out.resolve()
     for parent in where.parents:
         if _is_pipeline_record(parent / "pipeline.json"):
-            raise UserError(f"is inside the pipeline run {parent}; choose an out (--out) outside it",
+            raise UserError(f"is inside the pipeline run {parent}; choose an out (--out) "
+                            f"outside it",
                             path=out, field="out")
     if where.is_dir() and not (where / "pipeline.json").exists():
         check_holds_none(out, STAGE_FILES)

@@ -484,7 +484,8 @@ class PPOTrainer:
         policy's tokenizer; its position is `state()`, for checkpoints."""
         from gptlab.data.tokens import load_token_data
         if not self.cfg.ptx_data:
-            raise UserError(f"{setting('ptx_coef')} > 0 needs {setting('ptx_data')}, pretraining text", field="ptx_data")
+            raise UserError(f"{setting('ptx_coef')} > 0 needs {setting('ptx_data')}, "
+                            f"pretraining text", field="ptx_data")
         block = min(self.policy.config.context, self.cfg.ptx_block_size)
         data = load_token_data(self.cfg.ptx_data, self.tok, block, val_fraction=0.0,
                                seed=self.cfg.seed, cache_dir=self.cfg.cache_dir,
@@ -527,7 +528,8 @@ class PPOTrainer:
                             f"{self.reward_fn_name!r} now); resume with the same one, or choose "
                             f"another out (--out)", path=path, field="reward_fn")
         if state["step"] > self.cfg.steps:
-            raise UserError(f"the run is at step {state['step']} already; give {setting('steps')} of at "
+            raise UserError(f"the run is at step {state['step']} already; give "
+                            f"{setting('steps')} of at "
                             f"least that to continue it", path=path, field="steps")
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self.rng.setstate(state["prompt_rng"])

@@ -87,10 +87,10 @@ def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
     """`given` (--tokenizer) to continue the model in `model_dir`, unless the model has a
     tokenizer of its own that differs: its embeddings are rows for its own tokens' ids."""
     if own is not None and own.hf.to_str() != given.hf.to_str():
-        raise UserError("has its own tokenizer.json, which differs from tokenizer (--tokenizer): its "
-                        "embeddings are rows for its own tokens, and another tokenizer would "
-                        "give them other meanings; leave out tokenizer (--tokenizer) to continue with "
-                        "its "
+        raise UserError("has its own tokenizer.json, which differs from tokenizer "
+                        "(--tokenizer): its embeddings are rows for its own tokens, and another "
+                        "tokenizer would give them other meanings; leave out tokenizer "
+                        "(--tokenizer) to continue with its "
                         "own", path=model_dir, field="tokenizer")
     return given
 

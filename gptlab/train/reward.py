@@ -50,7 +50,8 @@ class RewardConfig(TrainConfig):
         "help": "held-out rankings, .jsonl or .parquet (default: a slice of --data)"})
     val_fraction: float = 0.1
     samples: str | None = field(default=None, metadata={
-        "help": "samples, .jsonl or .parquet (`gptlab sample` output, e.g. the SFT model's) whose responses, "
+        "help": "samples, .jsonl or .parquet (`gptlab sample` output, e.g. the SFT model's) "
+                "whose responses, "
                 "duplicates included, score mean 0, std 1 (default: the training rankings' "
                 "responses)"})
     epochs: float = 2.0
@@ -157,7 +158,8 @@ def shared_prompt_batch(items: list[EncodedRanking], pad_id: int) -> dict[str, T
     c_mask = torch.zeros((len(conts), R), dtype=torch.long)
     for i, c in enumerate(conts):
         c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c), 1
-    rows = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(it.seqs) for it in items]))
+    rows = torch.repeat_interleave(torch.arange(len(items)),
+                                   torch.tensor([len(it.seqs) for it in items]))
     return {"prompt_ids": p_ids, "prompt_mask": p_mask, "rows": rows,
             "cont_ids": c_ids, "cont_mask": c_mask}
 

@@ -30,7 +30,8 @@ def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 
 def preference_pairs(k: Tensor, K: int, groups: Tensor | None = None) -> Tensor:
     """(B, K, K) bool: pair (i, j) is True when response i is strictly preferred to j (both
-    within the prompt's `k`; by position best first, or by `groups` level where ties are no pair)."""
+    within the prompt's `k`; by position best first, or by `groups` level where ties are no
+    pair)."""
     i = torch.arange(K, device=k.device)
     if groups is None:
         better_first = (i[:, None] < i[None, :])[None]

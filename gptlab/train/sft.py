@@ -48,7 +48,8 @@ NOTED_SETTINGS = {
 
 @dataclass
 class SFTConfig(TrainConfig):
-    model: str = field(default="", metadata={"help": "pretrained model (gptlab dir, HF dir, .gguf)"})
+    model: str = field(default="", metadata={
+        "help": "pretrained model (gptlab dir, HF dir, .gguf)"})
     data: str = field(default="", metadata={"help": "demonstrations (.jsonl or .parquet)"})
     out: str = field(default="runs/sft", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
@@ -56,7 +57,8 @@ class SFTConfig(TrainConfig):
     val_fraction: float = 0.05
     epochs: float = 3.0               # sets max_steps when neither max_steps nor max_minutes is
     world: str | None = field(default=None, metadata={
-        "help": "built-in world directory: also measure execution accuracy ('builtin' = default world)"})
+        "help": "built-in world directory: also measure execution accuracy ('builtin' = "
+                "default world)"})
     exec_eval: int = 200              # validation questions for execution accuracy (0: off)
     max_new_tokens: int = 96
     select_best: bool = True          # keep the weights of the best evaluation

@@ -266,7 +266,8 @@ def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World
         rng = random.Random(f"questions-{options.seed}")
         prefix = f"s{options.seed}" + (f"v{schema_seed_of(options)}" if options.vary_schema else "")
         sizes = SplitSizes(options.n_train, options.n_validation, options.n_test)
-        splits, combos = build_questions(enumerate_combos(company, schema, conn), sizes, rng, prefix)
+        splits, combos = build_questions(enumerate_combos(company, schema, conn), sizes, rng,
+                                         prefix)
         held_out = {c.sql for c in combos["validation"] + combos["test"]}
         dialogs = build_dialogs(combos["train"], schema, conn, held_out, options.n_dialogs,
                                 random.Random(f"dialogs-{options.seed}"), prefix)

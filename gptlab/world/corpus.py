@@ -88,8 +88,10 @@ def _fact_makers(company: Company) -> list[Callable[[random.Random], str]]:
         v = dict(name=emp[r[0]][1], project=proj[r[1]][1], role=r[2], hours=r[3])
         return lambda rng: rng.choice(_ASSIGNMENT_FACTS).format(**v)
 
-    return ([employee(r) for r in company.rows["emp"]] + [department(r) for r in company.rows["dept"]]
-            + [project(r) for r in company.rows["proj"]] + [assignment(r) for r in company.rows["asg"]])
+    return ([employee(r) for r in company.rows["emp"]]
+            + [department(r) for r in company.rows["dept"]]
+            + [project(r) for r in company.rows["proj"]]
+            + [assignment(r) for r in company.rows["asg"]])
 
 
 def _question_doc(q: Question, schema: Schema, rng: random.Random,

@@ -30,7 +30,8 @@ FOLLOW_UPS: dict[str, tuple[str, ...]] = {
                "Restrict that to salaries above {amount}."),
     "hire_year": ("Only those hired after {year}.", "Just the ones who joined after {year}."),
     "show_salary": ("Show their salaries too.", "Include their salary as well."),
-    "sort_desc": ("Sort them by salary, highest first.", "Order them from the highest salary down."),
+    "sort_desc": ("Sort them by salary, highest first.",
+                  "Order them from the highest salary down."),
     "sort_asc": ("Sort them by salary.", "Order them by salary, lowest first."),
     "limit": ("Just the top {n}.", "Only the first {n}."),
     "limit_asc": ("Just the lowest {n}.", "Only the first {n}."),  # "top" reads as highest paid

@@ -122,13 +122,15 @@ INTENTS: tuple[Intent, ...] = (
             "Show the smallest salary for the {year} hires.",
             "Of the people who started in {year}, what is the least anyone earns?"), ("year",)),
     Intent("max_salary_department", "aggregate",
-           f"SELECT MAX(T1.{{emp.salary}}) FROM {_EMP_DEPT} WHERE T2.{{dept.name}} = {{department}}",
+           f"SELECT MAX(T1.{{emp.salary}}) FROM {_EMP_DEPT} "
+           f"WHERE T2.{{dept.name}} = {{department}}",
            ("What is the highest salary in the {department} department?",
             "Find the maximum salary of employees in {department}.",
             "Show the top salary paid in {department}.",
             "How much does the best-paid person in {department} make?"), ("department",)),
     Intent("total_project_budget_department", "aggregate",
-           f"SELECT SUM(T1.{{proj.budget}}) FROM {_PROJ_DEPT} WHERE T2.{{dept.name}} = {{department}}",
+           f"SELECT SUM(T1.{{proj.budget}}) FROM {_PROJ_DEPT} "
+           f"WHERE T2.{{dept.name}} = {{department}}",
            ("What is the total budget of the projects run by {department}?",
             "Sum the budgets of all {department} projects.",
             "Show the combined project budget for the {department} department.",

@@ -87,7 +87,8 @@ class Schema:
         return _PLACEHOLDER.sub(sub, template)
 
     def to_json(self) -> dict:
-        return {"tables": dict(self.tables), "columns": {k: dict(v) for k, v in self.columns.items()}}
+        return {"tables": dict(self.tables),
+                "columns": {k: dict(v) for k, v in self.columns.items()}}
 
 
 def sql_literal(value: object) -> str:

@@ -58,7 +58,8 @@ def variant_company(company: Company, k: int) -> Company:
 
 
 def _beside(thresholds: list[int]) -> list[int]:
-    """Each threshold and its neighbours: what tells `>` from `>=` and from a threshold off by one."""
+    """Each threshold and its neighbours: what tells `>` from `>=` and from a threshold off by
+    one."""
     return sorted({t + d for t in thresholds for d in (-1, 0, 1)})
 
 
