@@ -492,12 +492,12 @@ def _a_run_with_a_stage(tmp_path):
 
 
 @pytest.mark.parametrize("where, says", [
-    ("demo/sft", "{out}, field 'out': is inside the pipeline run {run}; choose an --out "
-                 "outside it"),
-    ("demo/sft/more", "{out}, field 'out': is inside the pipeline run {run}; choose an --out "
-                      "outside it"),
-    ("demo/round-9", "{out}, field 'out': is inside the pipeline run {run}; choose an --out "
-                     "outside it"),
+    ("demo/sft", "{out}, field 'out': is inside the pipeline run {run}; choose an "
+                 "out (--out) outside it"),
+    ("demo/sft/more", "{out}, field 'out': is inside the pipeline run {run}; choose an "
+                      "out (--out) outside it"),
+    ("demo/round-9", "{out}, field 'out': is inside the pipeline run {run}; choose an "
+                     "out (--out) outside it"),
     ("model", "{out}, field 'out': already holds config.json and model.safetensors; choose "
               "another out (--out) or remove it"),
     ("afile", "{out}, field 'out': is a file, not a directory"),
