@@ -190,6 +190,14 @@ def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0
     def rank(record: dict, responses: list[str]) -> list[str | list[str]]:
         if "id" not in record:
             raise UserError("the sqlworld labeler needs each sample's 'id'", field="id")
+        try:
+            if isinstance(record["id"], str):  # (another type gets the world's own message)
+                world.gold(record["id"])
+        except UserError as e:  # most often samples of one's own task, not the world's
+            raise UserError(f"{e.message}; the sqlworld labeler ranks only the built-in "
+                            f"world's questions: for your own data, rank with your own function "
+                            f"(label_samples) or write the rankings file yourself (README, "
+                            f"'Your own task')", field="id") from None
         return labeler.rank(record["id"], responses).ranked_json()
     return rank
 

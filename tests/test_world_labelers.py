@@ -142,6 +142,25 @@ def test_the_label_verb_ties_by_default_and_not_with_no_ties(world, tmp_path):
         assert read_jsonl(out)[0]["ranked"] == ranked
 
 
+def test_the_label_verb_on_samples_of_ones_own_task_says_what_to_do_instead(world, tmp_path,
+                                                                             capsys):
+    # A user with their own data reaches for `gptlab label` first; the world's own message
+    # ("no question with id 'p0' in this world") left them to guess what world was meant.
+    from gptlab.cli import main
+    world.export(tmp_path / "w")
+    samples, out = tmp_path / "s.jsonl", tmp_path / "r.jsonl"
+    samples.write_text(json.dumps({"id": "p0", "prompt": "Convert: March 3, 2021\nISO:",
+                                   "responses": [" 2021-03-03", " 2021-3-3"]}) + "\n")
+    assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab label: error: {samples}:1, field 'id': no question with id 'p0' in this "
+        "world; the sqlworld labeler ranks only the built-in world's questions: for your own "
+        "data, rank with your own function (label_samples) or write the rankings file yourself "
+        "(README, 'Your own task')\n")
+    assert not out.exists()
+
+
 def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path, capsys):
     from gptlab.cli import main
     world.export(tmp_path / "w")
@@ -157,7 +176,10 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
              ", field 'responses': item 1 must be a response string, got a number"),
             ({"id": q.id, "prompt": q.text}, ", field 'responses': missing required field"),
             ({"id": "s0-train-99999", "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
-             ", field 'id': no question with id 's0-train-99999' in this world"),
+             ", field 'id': no question with id 's0-train-99999' in this world; the sqlworld "
+             "labeler ranks only the built-in world's questions: for your own data, rank with "
+             "your own function (label_samples) or write the rankings file yourself (README, "
+             "'Your own task')"),
             ({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
              ", field 'id': missing required field"),
             # A list or an object was a TypeError (unhashable) traceback; a number named no type.
