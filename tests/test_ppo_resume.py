@@ -529,3 +529,30 @@ def test_a_reference_or_value_model_of_the_wrong_kind_is_refused(setup, tmp_path
     assert (f"{tmp_path / 'wrong'}, field '{flag[2:]}': {message}"
             in capsys.readouterr().err)
     assert not out.exists()
+
+
+SEEN = []  # counting_reward's batch sizes
+
+
+def counting_reward(prompts, responses, records):
+    SEEN.append(len(responses))
+    return varied_reward(prompts, responses, records)
+
+
+def test_a_batch_size_above_the_prompts_that_fit_is_said_not_silently_cut(setup, tmp_path,
+                                                                          capsys):
+    # A user's own small prompts file with the default --batch-size 32 gave rollouts of all its
+    # prompts, no more, without a word: the batch asked for was not the batch trained on.
+    d, _, _ = setup
+    prompts = tmp_path / "few.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
+                               for p in ["cat", "dog", "cat " * 80, "bird"]))
+    out = tmp_path / "run"
+    args = ppo_args(d, out, "--steps", "2", "--batch-size", "8")
+    args[args.index("--prompts") + 1] = str(prompts)
+    args[args.index("--reward-fn") + 1] = f"{__name__}:counting_reward"
+    SEEN.clear()
+    assert main(args) == 0
+    assert SEEN == [3, 3]
+    assert (f"note: {prompts} has 3 prompts that fit, fewer than --batch-size 8: every "
+            "rollout holds those 3" in capsys.readouterr().err)

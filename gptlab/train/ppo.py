@@ -376,6 +376,10 @@ class PPOTrainer:
         for p in self.prompt_ids:
             if len(p) > self.context - cfg.max_new_tokens:
                 self.skips.add("prompts longer than the context minus max_new_tokens")
+        fit = len(self.prompt_ids) - self.skips.total
+        if fit < cfg.batch_size:  # a prompt is drawn at most once a rollout
+            print(f"note: {cfg.prompts} has {fit} prompts that fit, fewer than --batch-size "
+                  f"{cfg.batch_size}: every rollout holds those {fit}", file=sys.stderr)
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         if cfg.ptx_data and not cfg.ptx_coef:
