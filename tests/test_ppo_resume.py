@@ -554,5 +554,5 @@ def test_a_batch_size_above_the_prompts_that_fit_is_said_not_silently_cut(setup,
     SEEN.clear()
     assert main(args) == 0
     assert SEEN == [3, 3]
-    assert (f"note: {prompts} has 3 prompts that fit, fewer than --batch-size 8: every "
-            "rollout holds those 3" in capsys.readouterr().err)
+    assert (f"note: {prompts} has 3 prompts that fit, fewer than --batch-size 8: a "
+            "rollout holds at most those 3" in capsys.readouterr().err)

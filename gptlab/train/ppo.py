@@ -379,7 +379,7 @@ class PPOTrainer:
         fit = len(self.prompt_ids) - self.skips.total
         if fit < cfg.batch_size:  # a prompt is drawn at most once a rollout
             print(f"note: {cfg.prompts} has {fit} prompts that fit, fewer than --batch-size "
-                  f"{cfg.batch_size}: every rollout holds those {fit}", file=sys.stderr)
+                  f"{cfg.batch_size}: a rollout holds at most those {fit}", file=sys.stderr)
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         if cfg.ptx_data and not cfg.ptx_coef:
