@@ -214,6 +214,25 @@ def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
     assert not (d / "ppo_bad").exists()   # it failed before its first step: nothing written
 
 
+def test_a_check_records_beside_the_reward_function_not_on_it_is_said(tmp_path, monkeypatch,
+                                                                    capsys):
+    # Written as a function of the module, the check was silently never called.
+    from gptlab.train.ppo import load_reward_fn
+    (tmp_path / "own_date_reward.py").write_text(
+        "def score(prompts, responses, records):\n    return [0.0 for r in responses]\n"
+        "def check_records(records, path):\n    raise ValueError('checked')\n"
+        "def checked(prompts, responses, records):\n    return [0.0 for r in responses]\n"
+        "checked.check_records = check_records\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_reward_fn("own_date_reward:score").__name__ == "score"
+    assert capsys.readouterr().err == (
+        "note: own_date_reward defines check_records, but own_date_reward:score has no "
+        "check_records attribute, so it is not called; to check the prompts first, set "
+        "score.check_records = check_records in own_date_reward\n")
+    assert load_reward_fn("own_date_reward:checked").__name__ == "checked"
+    assert capsys.readouterr().err == ""
+
+
 def test_a_reward_function_may_return_numpy_numbers(run):
     d, paths = run
     assert main(["ppo", "--policy", str(d / "sft"), "--reward-fn", "instruct_task:numpy_reward_fn",

@@ -183,6 +183,11 @@ def load_reward_fn(spec: str) -> Callable:
                         field="reward_fn")
     if not callable(fn):
         raise UserError(f"cannot load '{spec}': {name} is not callable", field="reward_fn")
+    if not hasattr(fn, "check_records") and callable(getattr(module, "check_records", None)):
+        # A check written beside the function, not on it, would never run, without a word.
+        print(f"note: {mod} defines check_records, but {spec} has no check_records attribute, "
+              f"so it is not called; to check the prompts first, set {name}.check_records = "
+              f"check_records in {mod}", file=sys.stderr)
     return fn
 
 
