@@ -97,6 +97,19 @@ def test_the_straight_run_moves_beta_mixes_ptx_and_keeps_every_checkpoint(setup)
     assert state["kl_coef"] == got[2]["kl_coef"]
 
 
+def test_each_step_prints_the_metrics_to_watch(setup, tmp_path, capsys):
+    # The list for the progress output: reward, KL, entropy, response length, clip
+    # fraction, value loss, approximate KL (entropy and approx_kl were only in metrics.jsonl).
+    _, args, _ = setup
+    assert main([*ppo_cli(args, tmp_path / "run", save_every=0), "--steps", "2"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("ppo step")]
+    for line, r in zip(lines, rows(tmp_path / "run"), strict=True):
+        assert line == (f"ppo step {r['step']}/2 reward {r['reward']:+.3f} kl {r['kl']:.3f} "
+                        f"entropy {r['entropy']:.3f} len {r['response_length']:.1f} "
+                        f"clip {r['clipfrac']:.3f} approx_kl {r['approx_kl']:.4f} "
+                        f"vloss {r['value_loss']:.3f}")
+
+
 def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch, capsys):
     d, args, straight = setup
     out = d / "split"

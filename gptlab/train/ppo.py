@@ -739,8 +739,9 @@ class PPOTrainer:
                     good = self.snapshot()
                     updating = False
                     print(f"ppo step {step}/{cfg.steps} reward {row['reward']:+.3f} "
-                          f"kl {row['kl']:.3f} len {row['response_length']:.1f} "
-                          f"clip {row['clipfrac']:.3f} vloss {row['value_loss']:.3f}",
+                          f"kl {row['kl']:.3f} entropy {row['entropy']:.3f} "
+                          f"len {row['response_length']:.1f} clip {row['clipfrac']:.3f} "
+                          f"approx_kl {row['approx_kl']:.4f} vloss {row['value_loss']:.3f}",
                           file=sys.stderr)
                     if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
                         self.checkpoint(good)
