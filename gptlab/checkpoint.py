@@ -26,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
 from gptlab.errors import UserError
-from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, new_temp_dir, read_json,
-                       remove_stale_temps, replace_dir, write_json_atomic, write_text_atomic)
+from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_error,
+                       new_temp_dir, read_json, remove_stale_temps, replace_dir,
+                       write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -356,6 +357,19 @@ def load_language_model(path: str | Path, device: str | torch.device = "cpu",
 
 # --- training checkpoints ----------------------------------------------------------------------
 
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk then stops the run as the OSError it is,
+    naming `path` (torch's own writer says `unexpected pos 832 vs 726`, naming no file)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except Exception as e:
+        named = named_os_error(e, path)
+        if named is e:
+            raise
+        raise named from e
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -401,8 +415,8 @@ class Checkpointer:
                 for name, other in (models or {}).items():
                     save_model(tmp / name, other)
                 if optimizer is not None:
-                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(state or {}, tmp / "trainer.pt")
+                    torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch_save(state or {}, tmp / "trainer.pt")
                 files = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
                 for f in files:  # torch.save's files are not flushed to the disk otherwise
                     fsync_path(f)

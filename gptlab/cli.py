@@ -17,7 +17,7 @@ EXIT_BAD_INPUT = 2
 EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
 # The user's to fix: no room, no right to write there, or a name longer than the file system
 # takes (a path pasted into --out twice, say).
-_USERS_TO_FIX = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+_USERS_TO_FIX = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
                  errno.ENAMETOOLONG}
 # Also the user's, when they befall a path the user gave: a directory that cannot be made there
 # (under /proc, a file system that has no such entries), a file where a directory should be.

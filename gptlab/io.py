@@ -18,6 +18,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -269,12 +270,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             fsync_path(tmp_path)  # the bytes on the disk before a name points at them
             os.replace(tmp_path, path)
             fsync_path(path.parent)  # and the rename itself
-        except OSError as e:
-            if e.filename is None:  # a failed write() names no file: name the one being written
-                raise OSError(e.errno, e.strerror, str(path)) from e
-            raise
+        except Exception as e:
+            named = named_os_error(e, path)
+            if named is e:
+                raise
+            raise named from e
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def named_os_error(e: BaseException, path: str | Path) -> BaseException:
+    """`e`, a failed write of `path`, as the OSError behind it naming `path`, so that the CLI
+    says it in one line (a full disk: exit 2). A failed write() names no file; safetensors and
+    tokenizers (Rust) report one as an error of their own ending `(os error 28)`; torch's writer
+    as a RuntimeError raised while the OSError of the Python file it wrote to was being
+    handled (see `gptlab.checkpoint.torch_save`). Anything else is returned as it is."""
+    if isinstance(e, OSError):
+        return e if e.filename is not None else OSError(e.errno, e.strerror, str(path))
+    if isinstance(e, UserError):
+        return e
+    if type(e) is RuntimeError and isinstance(e.__context__, OSError) and e.__context__.errno:
+        return OSError(e.__context__.errno, e.__context__.strerror, str(path))
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found:
+        return OSError(int(found[1]), os.strerror(int(found[1])), str(path))
+    return e
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

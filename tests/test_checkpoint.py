@@ -228,6 +228,35 @@ def test_a_failed_save_leaves_the_previous_checkpoint_usable(tmp_path, monkeypat
     assert c.load(c.latest(), tiny())["step"] == 1
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as on Linux")
+@pytest.mark.parametrize("limit_kb,file", [(256, "model.safetensors"), (800, "optimizer.pt")])
+def test_a_file_too_large_for_the_disk_inside_torch_or_safetensors_is_an_oserror_naming_it(
+        tmp_path, limit_kb, file):
+    """A real limit on the size of a file (as a full disk or FAT32's 4 GiB would be) met inside
+    safetensors or torch.save: each said it in an error of its own naming no file (a traceback
+    from the CLI); it is the OSError, naming the file, and the save leaves nothing behind."""
+    import resource
+    import signal
+    net = tiny()
+    optimizer = torch.optim.AdamW(net.parameters())
+    net(torch.tensor([[1, 2]])).sum().backward()
+    optimizer.step()  # optimizer.pt is twice the weights (0.56 MB): 800 KB is between
+    c = ck.Checkpointer(tmp_path)
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails, EFBIG, instead
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, before[1]))
+        with pytest.raises(OSError) as failed:
+            c.save(1, net, optimizer=optimizer, state={"step": 1})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert failed.value.errno == errno.EFBIG
+    assert Path(failed.value.filename).name == file
+    assert Path(failed.value.filename).parent.parent == tmp_path / "checkpoints"
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
 def test_a_killed_saves_copy_is_removed_by_the_next_save(tmp_path):
     c = ck.Checkpointer(tmp_path, keep=3)
     c.save(1, tiny(), state={"step": 1})

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -694,6 +695,41 @@ def test_a_full_disk_or_a_read_only_out_is_one_line_and_exit_2(tmp_path, monkeyp
     monkeypatch.setattr(tk.Tokenizer, "save", other)
     with pytest.raises(OSError):
         main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300", "--out", str(out)])
+
+
+@pytest.mark.parametrize("library", ["torch", "safetensors"])
+def test_a_full_disk_inside_torch_or_safetensors_is_one_line_and_exit_2(tmp_path, monkeypatch,
+                                                                         capsys, library):
+    # Their own errors (a RuntimeError naming no file; a SafetensorError) were a traceback and
+    # exit 1, at the largest files a run writes: the weights and the optimizer's state.
+    import errno
+
+    from safetensors import SafetensorError
+
+    from gptlab import checkpoint as ck
+
+    def torch_full(*a, **k):  # torch's writer, on the OSError of the file it writes to
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    def safetensors_full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    if library == "torch":
+        monkeypatch.setattr(ck.torch, "save", torch_full)
+    else:
+        monkeypatch.setattr(ck, "st_save_model", safetensors_full)
+    text, out = tmp_path / "t.txt", tmp_path / "run"
+    text.write_text("the cat sat on the mat\n" * 50)
+    assert main(["pretrain", "--data", str(text), "--model", "tiny", "--max-steps", "1",
+                 "--eval-every", "0", "--sample-tokens", "0", "--no-progress", "--device", "cpu",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    file = "optimizer.pt" if library == "torch" else "model.safetensors"
+    assert re.fullmatch(rf"gptlab pretrain: error: {re.escape(str(out))}/checkpoints/"
+                        rf"\.step-1\.\w+\.tmp/{file}: File too large", err), err
+    assert not (out / "checkpoints" / "step-1").exists()
 
 
 def test_an_out_whose_name_is_too_long_is_one_line_and_exit_2(tmp_path, capsys):

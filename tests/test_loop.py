@@ -3,6 +3,7 @@ the common loop (overfitting, exact resume after an interrupt, time budget)."""
 from __future__ import annotations
 
 import copy
+import errno
 import dataclasses
 import math
 import signal
@@ -916,3 +917,130 @@ def test_count_tokens_counts_real_tokens_not_padding():
     assert count_tokens(batch) == 8
     assert count_tokens({"input_ids": torch.zeros(2, 5, dtype=torch.long)}) == 10
     assert count_tokens(torch.zeros(3, 4)) == 12 and count_tokens([]) == 0
+
+
+# --- a full disk at every write of a run ---------------------------------------------------------
+
+def _torch_writer_full(*args, **kwargs):
+    """What torch.save does on a full disk: its writer raises a RuntimeError while the OSError of
+    the Python file it writes to is being handled (through a path, it names neither)."""
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726")
+
+
+def _safetensors_full(*args, **kwargs):
+    from safetensors import SafetensorError
+    raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                          "(os error 28)")
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _rename_full(src, dst, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+
+class _FullMetrics:
+    """metrics.jsonl's file, whose `at`-th row meets a full disk (write() names no file)."""
+
+    def __init__(self, f, at: int):
+        self.f, self.at, self.n = f, at, 0
+
+    def write(self, text):
+        self.n += 1
+        if self.n == self.at:
+            _disk_full()
+        return self.f.write(text)
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def _fail_at(n: int, real, fail):
+    """`real`, except that its call number `n` (from 1) runs `fail` instead."""
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return (fail if calls[0] == n else real)(*args, **kwargs)
+    return wrapper
+
+
+def _write_points():
+    import builtins
+    import os
+
+    import gptlab.checkpoint as ck
+    import gptlab.train.loop as loop_module
+    open_ = builtins.open
+    return {  # name: (object, attribute, the write as it is, n -> the write failing at call n)
+        "rename": (os, "replace", os.replace,
+                   lambda n: _fail_at(n, os.replace, _rename_full)),
+        "torch.save": (torch, "save", torch.save,
+                       lambda n: _fail_at(n, torch.save, _torch_writer_full)),
+        "safetensors": (ck, "st_save_model", ck.st_save_model,
+                        lambda n: _fail_at(n, ck.st_save_model, _safetensors_full)),
+        "metrics row": (loop_module, "open", open_,
+                        lambda n: lambda *a, **k: _FullMetrics(open_(*a, **k), n)),
+    }
+
+
+@pytest.mark.parametrize("point", ["rename", "torch.save", "safetensors", "metrics row"])
+def test_a_full_disk_at_any_write_of_a_run_names_the_file_and_a_rerun_ends_as_a_straight_run(
+        tmp_path, monkeypatch, point):
+    """Every write of a run (4 steps, a checkpoint every 2, an evaluation every 2) meets a full
+    disk in turn: the run stops with an OSError naming the file (the CLI's one line, exit 2),
+    what it leaves is whole (the latest checkpoint verifies, no temporary is left), and the same
+    run again (with --resume where a checkpoint is left) ends with the straight run's weights
+    and metrics rows, none twice and none missing."""
+    tokens = _stream(2, n=1200)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=1, max_steps=4, batch_size=2, eval_every=2,
+                      eval_batches=1, save_every=2, log_every=1, progress=False, device="cpu",
+                      seed=1)
+    val = fixed_batches(tokens, 16, np.arange(40, 44), 2, 1)
+
+    def run(out, resume=False):
+        model = tiny(7)
+        train(model, BlockBatches(tokens, 16, np.arange(40), 2, seed=1), lm_loss, cfg, out,
+              val_batches=val, resume=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    obj, name, real, failing = _write_points()[point]
+    calls = [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+    with monkeypatch.context() as m:
+        if point == "metrics row":  # rows, not opens, are the writes counted
+            m.setattr(obj, name, lambda *a, **k: _FullMetrics(real(*a, **k), 0), raising=False)
+            run(tmp_path / "count")
+            calls[0] = len(read_metrics(tmp_path / "count" / "metrics.jsonl"))
+        else:
+            m.setattr(obj, name, counted)
+            run(tmp_path / "count")
+    assert calls[0] >= 2
+    for n in range(1, calls[0] + 1):
+        out = tmp_path / f"{n}"
+        with monkeypatch.context() as m:
+            m.setattr(obj, name, failing(n), raising=False)
+            with pytest.raises(OSError) as failed:
+                run(out)
+        assert failed.value.errno == errno.ENOSPC, n
+        assert str(failed.value.filename).startswith(str(out)), n
+        latest = Checkpointer(out).latest()
+        if latest is not None:
+            Checkpointer.verify(latest)
+        resumed = run(out, resume=latest is not None)
+        assert all(torch.equal(a, b) for a, b in zip(straight.parameters(),
+                                                     resumed.parameters())), n
+        assert _curve(out / "metrics.jsonl") == _curve(tmp_path / "straight" / "metrics.jsonl"), n
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name], n

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import Checkpointer
 from gptlab.engine import eval_mode
 from gptlab.errors import UserError
-from gptlab.io import check_dir_out, write_json_atomic, write_jsonl_atomic
+from gptlab.io import check_dir_out, named_os_error, write_json_atomic, write_jsonl_atomic
 
 DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor max_minutes is given
 # Settings that decide which rows are trained on and which are held out: a resume must keep them.
@@ -503,8 +503,9 @@ class MetricsLog:
                       f"{self.path}", file=sys.stderr)
 
     def log(self, row: dict) -> None:
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
+        with self._named():
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._file.flush()
         if self._tb is not None and "step" in row:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -513,9 +514,20 @@ class MetricsLog:
                     self._tb.add_text(k, v, row["step"])
 
     def close(self) -> None:
-        self._file.close()
+        with self._named():  # what a full disk left unwritten is written again here
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """A failed write() names no file: name metrics.jsonl, so the CLI says which."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise named_os_error(e, self.path) from e
 
     @staticmethod
     def truncate_after(path: str | Path, step: int) -> None:
