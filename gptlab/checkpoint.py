@@ -12,6 +12,7 @@ never a checkpoint; a killed save's is removed by the next save.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -64,6 +65,29 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
     if getattr(model, "pad_token_id", None) is not None:  # a reward model's scoring position
         meta["pad_token_id"] = model.pad_token_id
     write_json_atomic(out / "config.json", meta)
+    return out
+
+
+def replace_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = None,
+                  extra: dict | None = None) -> Path:
+    """`save_model` for a directory saved over and over (SFT's OUT/best): written whole beside
+    it (`.NAME.<random>.tmp`), then swapped in for the old one. A save that fails or is killed
+    leaves the old one as it was; file by file, it left the new weights under the old
+    config.json, which a resume took for the old evaluation's."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, glob.escape(f".{out.name}.") + "*.tmp*")
+    with held_temp(lambda: new_temp_dir(out)) as tmp:
+        try:
+            save_model(tmp, model, tokenizer, extra)
+            if out.exists():
+                replace_dir(tmp, out)
+            else:
+                os.replace(tmp, out)
+                fsync_path(out.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 

@@ -299,9 +299,45 @@ def test_each_evaluation_prints_execution_accuracy_and_a_starting_model_kept_is_
     assert "note: no evaluation after step 0 beat the starting model" in err
 
 
+def test_a_full_disk_while_a_new_best_is_saved_leaves_the_old_best_whole(base, tmp_path,
+                                                                         monkeypatch, capsys):
+    """OUT/best was written file by file: a disk full at its config.json left step 5's weights
+    under step 4's config.json. Resumed to end at the checkpoint (step 4), the run took them for
+    step 4's evaluation and handed them out as its best. Now OUT/best is swapped in whole."""
+    import errno
+
+    from safetensors.torch import load_file
+
+    from gptlab import checkpoint as ck
+    args = ("--lr", "1e-3", "--warmup-steps", "0", "--eval-every", "1", "--save-every", "4",
+            "--val-fraction", "0.25")
+    out = tmp_path / "sft"
+    write_json = ck.write_json_atomic
+
+    def full_at_step_5(path, obj):
+        if obj.get("step") == 5 and "checkpoints" not in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_json(path, obj)
+    monkeypatch.setattr(ck, "write_json_atomic", full_at_step_5)
+    assert run_sft(base, out, *args, "--max-steps", "8") == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "config.json: No space left on device")
+    monkeypatch.undo()
+    step_4 = load_file(out / "checkpoints" / "step-4" / "model.safetensors")
+    best = load_file(out / "best" / "model.safetensors")
+    assert json.loads((out / "best" / "config.json").read_text())["step"] == 4
+    assert all(torch.equal(best[k], step_4[k]) for k in step_4)  # every evaluation improved
+    assert run_sft(base, out, *args, "--max-steps", "4", "--resume") == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert (meta["step"], meta["best_step"]) == (4, 4)
+    final = load_file(out / "model.safetensors")
+    assert final.keys() == step_4.keys() and all(torch.equal(final[k], step_4[k]) for k in final)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 def _keeper(tmp_path, monkeypatch, **kw):
     saved = []
-    monkeypatch.setattr(sft_module, "save_model",
+    monkeypatch.setattr(sft_module, "replace_model",
                         lambda d, m, t, extra: saved.append(extra["step"]))
     return sft_module.BestKeeper(tmp_path, None, **kw), saved
 

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model, load_model,
-                               read_meta, save_model)
+                               read_meta, replace_model, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError, check_given
-from gptlab.io import check_dir_out, read_jsonl
+from gptlab.io import check_dir_out, read_jsonl, remove_stale_temps
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
@@ -151,7 +151,7 @@ class BestKeeper:
         if self.exec_eval is not None:
             row["exec_acc"] = self.exec_eval(model)
         if self._record(step, row.get("exec_acc"), val_loss) and self.keep_weights:
-            save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
+            replace_model(self.dir, model, self.tok, extra={"stage": "sft", "step": step})
         if self.patience and self.since_progress >= self.patience:
             row["stop"] = True  # the validation optimum is behind us
         return row
@@ -199,7 +199,7 @@ class BestKeeper:
             self.best_step = self._best_key = self.best_val_loss = None
             return
         model, _, _ = load_model(source)
-        save_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
+        replace_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
 
 
 def check_resume_settings(cfg: SFTConfig, checkpoint: Path) -> None:
@@ -292,6 +292,7 @@ def sft(cfg: SFTConfig) -> Path:
                                        "best_step": keeper.best_step, "best_score": keeper.best,
                                        "val_loss": val_loss})
     shutil.rmtree(keeper.dir, ignore_errors=True)
+    remove_stale_temps(out, ".best.*.tmp*")  # a killed save's copy of OUT/best
     if keeper.best is None:
         kept = "no evaluation ran: the last weights"
     else:
