@@ -463,6 +463,43 @@ def test_convert_refuses_an_out_that_is_the_source_or_inside_or_around_it(tmp_pa
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("direction", ["from", "to"])
+def test_a_conversion_that_fails_at_the_weights_leaves_nothing_and_runs_again(
+        tmp_path, monkeypatch, capsys, direction):
+    # A full disk at model.safetensors left the tokenizer's files in --out, and the same command
+    # was then refused: "already holds tokenizer.json; choose another --out or remove it".
+    import errno
+
+    from gptlab.checkpoint import save_model
+    from gptlab.tokenizer import train_tokenizer
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+    tok = train_tokenizer([text], vocab_size=300)
+    save_model(tmp_path / "ours", GPT(GPTConfig(vocab_size=tok.vocab_size, context=64, n_layers=2,
+                                                n_heads=4, d_model=32)), tok)
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"),
+                 "--out", str(tmp_path / "hf")]) == 0
+    if direction == "from":
+        argv, failing = ["--from", "hf", str(tmp_path / "hf")], "gptlab.checkpoint.st_save_model"
+    else:
+        argv, failing = ["--to", "hf", str(tmp_path / "ours")], "safetensors.torch.save_file"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    (tmp_path / "kept").mkdir()  # an --out that was there, with a file of the user's
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    for out, left in ((tmp_path / "new", None), (tmp_path / "kept", ["notes.txt"])):
+        with monkeypatch.context() as m:
+            m.setattr(failing, full)
+            assert main(["convert", *argv, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"{out / 'model.safetensors'}: No space left on device\n")
+        assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == left
+        assert main(["convert", *argv, "--out", str(out)]) == 0
+        assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+
+
 def test_convert_from_hf_without_a_tokenizer_warns(tmp_path, capsys):
     _hf_model("gpt2").save_pretrained(tmp_path / "src")
     capsys.readouterr()

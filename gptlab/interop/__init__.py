@@ -10,8 +10,9 @@ HF directories need only safetensors and tokenizers; GGUF needs the `gguf` packa
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -56,6 +57,28 @@ def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+# The files a conversion writes, either way.
+WRITTEN = ("tokenizer_config.json", "tokenizer.json", "model.safetensors", "config.json")
+
+
+@contextmanager
+def _removed_if_failed(out: Path) -> Iterator[None]:
+    """A conversion that fails (a full disk at the weights) removes the files it wrote, and
+    `out` if it made it: left, its tokenizer.json made the same command refuse `out` as one
+    holding another model's files."""
+    made = not out.exists()
+    before = {name for name in WRITTEN if (out / name).exists()}
+    try:
+        yield
+    except BaseException:
+        for name in WRITTEN:
+            if name not in before:
+                (out / name).unlink(missing_ok=True)
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None = None) -> Path:
     """Import `src` (source 'hf', 'gguf' or None to detect) and write a gptlab model directory.
     Without tokenizer files in `src` the directory has none either: a warning says so."""
@@ -72,7 +95,8 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
         print(f"warning: {p} has no tokenizer (tokenizer.json): the converted model has none; "
               f"copy tokenizer.json and tokenizer_config.json into it before generating or "
               f"training", file=sys.stderr)
-    return save_model(out_dir, model, tokenizer, extra={"source": str(p)})
+    with _removed_if_failed(Path(out_dir)):
+        return save_model(out_dir, model, tokenizer, extra={"source": str(p)})
 
 
 def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
@@ -82,6 +106,7 @@ def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
     check_out_apart(src, out_dir)
     model, tokenizer, _ = load_model(src)
     try:
-        return export_hf(model, tokenizer, out_dir)
+        with _removed_if_failed(Path(out_dir)):
+            return export_hf(model, tokenizer, out_dir)
     except UserError as e:  # a model that does not map: say which one
         raise e.at(src) from None
