@@ -575,7 +575,7 @@ def test_on_eval_can_stop_training_early_and_the_stop_is_saved(tmp_path):
 def test_sft_best_keeper_stops_after_patience_evaluations_without_progress(tmp_path, monkeypatch):
     import gptlab.train.sft as sft_module
     saved = []
-    monkeypatch.setattr(sft_module, "save_model",
+    monkeypatch.setattr(sft_module, "replace_model",
                         lambda d, m, t, extra: saved.append(extra["step"]))
     scores = iter([0.1, 0.5, 0.4, 0.5, 0.45, 0.45, 0.6])
     losses = [1.0, 0.8, 0.9, 0.9, 0.7, 0.75, 0.75]
@@ -590,7 +590,7 @@ def test_sft_best_keeper_stops_after_patience_evaluations_without_progress(tmp_p
 def test_sft_best_keeper_breaks_ties_by_validation_loss(tmp_path, monkeypatch):
     import gptlab.train.sft as sft_module
     saved = []
-    monkeypatch.setattr(sft_module, "save_model",
+    monkeypatch.setattr(sft_module, "replace_model",
                         lambda d, m, t, extra: saved.append(extra["step"]))
     keeper = sft_module.BestKeeper(tmp_path, None, exec_eval=lambda m: 0.0)
     for i, loss in enumerate([5.9, 5.0, 4.8, 4.9]):  # no SQL runs yet, but the loss falls
