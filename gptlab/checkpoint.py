@@ -85,10 +85,19 @@ def replace_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = 
             else:
                 os.replace(tmp, out)
                 fsync_path(out.parent)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            raise_for_target(e, tmp, out)
     return out
+
+
+def raise_for_target(e: BaseException, tmp: Path, target: Path) -> None:
+    """Re-raise `e`, an error met writing the temporary directory `tmp` in place of `target`;
+    an OSError naming a file in `tmp` names that file in `target` instead (the temporary's
+    random name means nothing to the user, and is gone)."""
+    if isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(tmp):
+        raise OSError(e.errno, e.strerror, str(target / Path(e.filename).relative_to(tmp))) from e
+    raise e
 
 
 def check_pad_token_id(value: Any, vocab_size: int, path: str | Path, field: str) -> int | None:
@@ -447,9 +456,9 @@ class Checkpointer:
                 manifest = {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}
                 # Written (and flushed) last: the names of every file above are on the disk.
                 write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
-            except BaseException:
+            except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
-                raise
+                raise_for_target(e, tmp, final)
             if final.exists():  # the same step saved again: never a moment without it
                 replace_dir(tmp, final)
             else:

@@ -320,8 +320,9 @@ def test_a_full_disk_while_a_new_best_is_saved_leaves_the_old_best_whole(base, t
         write_json(path, obj)
     monkeypatch.setattr(ck, "write_json_atomic", full_at_step_5)
     assert run_sft(base, out, *args, "--max-steps", "8") == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "config.json: No space left on device")
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(f"gptlab sft: error: {out / 'best' / 'config.json'}, ")
+    assert error.endswith(": No space left on device")
     monkeypatch.undo()
     step_4 = load_file(out / "checkpoints" / "step-4" / "model.safetensors")
     best = load_file(out / "best" / "model.safetensors")
