@@ -494,7 +494,7 @@ def test_a_conversion_that_fails_at_the_weights_leaves_nothing_and_runs_again(
             m.setattr(failing, full)
             assert main(["convert", *argv, "--out", str(out)]) == 2
         assert capsys.readouterr().err.endswith(
-            f"{out / 'model.safetensors'}: No space left on device\n")
+            f"{out / 'model.safetensors'}, field '--out': No space left on device\n")
         assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == left
         assert main(["convert", *argv, "--out", str(out)]) == 0
         assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
