@@ -320,3 +320,36 @@ def test_without_val_data_the_accuracy_is_on_the_rankings_the_run_held_out(world
     assert (len(train), len(held)) == (3, 2)
     _, n, pairs, _ = rm_accuracy_noise_free(world, tmp_path / "rm")
     assert (n, pairs) == (2, 2)
+
+
+def test_best_of_k_checks_each_question_s_own_answers_stripped_with_a_seed_per_batch(
+        models, monkeypatch):
+    """Each of a question's K answers is checked against that question, as its stripped text;
+    each batch of prompts samples with its own seed; the result names the temperature."""
+    import gptlab.eval.headroom as headroom
+    tok, policy, rm = models
+    seeds, gens, checked = [], [], []
+    real_generate = headroom.generate
+
+    def generate(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        gens.append(real_generate(*args, **kwargs))
+        return gens[-1]
+
+    class RecordingWorld(EvenLengthWorld):
+        def check(self, qid, text):
+            checked.append((qid, text))
+            return super().check(qid, text)
+
+    monkeypatch.setattr(headroom, "generate", generate)
+    records = [{"id": f"q{i}", "prompt": f"Question {i}: who?"} for i in range(3)]
+    s = best_of_k(policy, tok, rm, RecordingWorld(), records, k=3, temperature=0.7,
+                  max_new_tokens=6, seed=5, prompts_per_batch=2)
+    assert seeds == [5 * 1_000_003 + 0, 5 * 1_000_003 + 2]  # one per batch of 2 prompts
+    want = [(r["id"], tok.decode(t).strip())
+            for gen, chunk in zip(gens, (records[:2], records[2:]))
+            for j, r in enumerate(chunk) for t in gen.tokens[j * 3:(j + 1) * 3]]
+    assert checked == want
+    assert any(text != tok.decode(t) for (_, text), t in
+               zip(checked, [t for g in gens for t in g.tokens]))  # something was stripped
+    assert s["k"] == 3 and s["temperature"] == 0.7
