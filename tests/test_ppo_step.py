@@ -404,3 +404,32 @@ def test_a_reward_function_that_returns_no_list_says_so(setup, tmp_path, returne
         t.score(hand_rollout(t, PROMPTS, RESPONSES, [True] * 3))
     assert str(e.value) == (f"field 'reward_fn': the reward function {__name__}:record_score "
                             f"returned {what}, not a list of 3 scores (one per response)")
+
+
+def test_the_rewards_take_the_adaptive_beta_and_the_controller_counts_the_batch(setup,
+                                                                               tmp_path):
+    # The penalty uses the controller's β of the step, not --kl-coef ...
+    t = trainer(setup, tmp_path / "a", reference=str(setup[0] / "reference"), kl_coef=0.5,
+                adaptive_kl=True, gae_gamma=0.0, gae_lambda=0.0, whiten_advantages=False)
+    t.kl_ctl.value = 2.0
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    batch = t.advantages(ro, torch.zeros(3))
+    m = ro.response_mask.float()
+    torch.testing.assert_close(batch["returns"], -2.0 * batch["kl"] * m, atol=1e-6, rtol=0)
+    assert float(batch["beta"]) == 2.0 and batch["kl"].abs().max() > 0.05
+    # ... and the controller moves β by the step's KL over as many samples as the batch held:
+    # β ← β · (1 + clip(KL / target − 1, ±0.2) · n / horizon), n = 4 prompts.
+    t = trainer(setup, tmp_path / "b", reference=str(setup[0] / "reference"), kl_coef=0.5,
+                adaptive_kl=True, target_kl=0.1, kl_horizon=20, steps=2)
+    t.train()
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    error = max(-0.2, min(0.2, rows[0]["kl"] / 0.1 - 1))
+    assert rows[1]["kl_coef"] == pytest.approx(0.5 * (1 + error * 4 / 20), rel=1e-9)
+    assert rows[1]["kl_coef"] != 0.5
+
+
+def test_the_learning_rate_warms_up_from_the_first_step(setup, tmp_path):
+    t = trainer(setup, tmp_path / "run", lr=1e-3, warmup_steps=2, steps=3)
+    t.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3], rel=1e-12)
