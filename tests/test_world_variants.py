@@ -175,3 +175,25 @@ def test_a_verdict_is_kept_and_a_timeout_is_not(world):
         ex.max_vm_steps = b
     before = len(runs)
     assert suite.agrees(same, q.sql) and len(runs) == before + len(suite.executors)
+
+
+def test_a_verdict_an_interrupted_query_decided_is_not_kept(world):
+    from gptlab.world.executor import ExecError, QueryResult
+    q = _top_paid(world)
+    suite = VariantDatabases(world.company, world.schema, variants=2)
+    ex = suite.executors[0]
+    real = ex.run
+    ex.run = lambda sql: (QueryResult(error=ExecError("interrupted", "Ctrl-C"))
+                          if sql != q.sql else real(sql))
+    same = q.sql + " "
+    assert not suite.agrees(same, q.sql)
+    ex.run = real  # the query runs again, not the interrupted verdict
+    assert suite.agrees(same, q.sql)
+
+
+def test_every_project_of_a_variant_may_be_assigned(world):
+    """Each employee works on 1-3 of all the projects, the last one included."""
+    company = world.company
+    proj_ids = {r[0] for r in company.rows["proj"]}
+    for k in range(3):
+        assert {a[1] for a in variant_company(company, k).rows["asg"]} == proj_ids
