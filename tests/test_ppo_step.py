@@ -433,3 +433,16 @@ def test_the_learning_rate_warms_up_from_the_first_step(setup, tmp_path):
     t.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3], rel=1e-12)
+
+
+def test_a_prompt_that_leaves_exactly_max_new_tokens_is_drawn_and_not_counted_skipped(
+        setup, tmp_path):
+    d, paths = setup
+    t = trainer(setup, tmp_path / "probe")
+    longest = max(len(p) for p in t.prompt_ids)
+    cfg = dataclasses.replace(t.cfg, out=str(tmp_path / "run"),
+                              max_new_tokens=t.context - longest, batch_size=40)
+    t = PPOTrainer(cfg, reward_fn=record_score)
+    assert len(t.records) == 40 and t.skips.total == 0
+    ro = t.rollout(1)
+    assert len(ro.records) == 40  # the longest prompts fill the context with their response
