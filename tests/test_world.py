@@ -14,7 +14,7 @@ from gptlab.errors import UserError
 from gptlab.world import build_world, load_world, make_schema
 from gptlab.world.database import CITIES
 from gptlab.world.intents import INTENTS
-from gptlab.world.questions import Combo, SplitSizes, build_questions
+from gptlab.world.questions import Combo, SplitSizes, build_questions, split_combos
 
 SMALL = dict(n_train=300, n_validation=60, n_test=120, n_dialogs=40, corpus_chars=30_000)
 
@@ -149,6 +149,34 @@ def test_intents_with_more_or_fewer_phrasings_keep_their_own_reserved_one_for_th
         assert q.text.split()[0] in {"three": "ab", "five": "vwxy"}[q.intent]
     reserved = {(q.intent, q.text.split()[0]) for q in splits["test"] if q.unseen_phrasing}
     assert reserved == {("three", "c"), ("five", "z")}
+
+
+
+def _split_counts(sizes_by_intent, sizes):
+    """(test, validation, train) combos per intent of `split_combos`, for intents of four
+    phrasings with these numbers of combos."""
+    combos = []
+    for name, n in sizes_by_intent.items():
+        intent = replace(INTENTS[0], name=name, phrasings=tuple(f"{x} {{city}}" for x in "abcd"))
+        combos += [Combo(intent, (("city", f"c{k}"),), f"SELECT {k}", ((k,),)) for k in range(n)]
+    parts = split_combos(combos, sizes, random.Random(0))
+    return {name: tuple(sum(c.intent.name == name for c in parts[s])
+                        for s in ("test", "validation", "train")) for name in sizes_by_intent}
+
+
+def test_split_combos_holds_out_per_intent_by_its_size():
+    # Sizes far above what there is: the held-out shares are capped at 30% test, 20% validation;
+    # 3 combos or more give a test combo, 4 or more a validation combo.
+    got = _split_counts({"n2": 2, "n3": 3, "n4": 4, "n10": 10},
+                        SplitSizes(train=10, validation=1000, test=1000))
+    assert got == {"n2": (0, 0, 2), "n3": (1, 0, 2), "n4": (1, 1, 2), "n10": (3, 2, 5)}
+    # Small sizes: test share 1.3 * 4 / (4 phrasings * 20 combos) = 0.065; from 8 combos on an
+    # intent still gets two test combos, and one validation combo from 4 on.
+    got = _split_counts({"n8": 8, "n12": 12}, SplitSizes(train=10, validation=0, test=4))
+    assert got == {"n8": (2, 1, 5), "n12": (2, 1, 9)}
+    # The margin of 1.3: test share 1.3 * 10 / (4 * 20) = 0.1625, 3 of 20 (without it, 2).
+    got = _split_counts({"n20": 20}, SplitSizes(train=10, validation=0, test=10))
+    assert got == {"n20": (3, 1, 16)}
 
 
 def test_gold_sql_is_canonical_and_returns_non_empty_results(world):
