@@ -446,3 +446,25 @@ def test_a_prompt_that_leaves_exactly_max_new_tokens_is_drawn_and_not_counted_sk
     assert len(t.records) == 40 and t.skips.total == 0
     ro = t.rollout(1)
     assert len(ro.records) == 40  # the longest prompts fill the context with their response
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_advantages_are_whitened_over_the_real_tokens_unless_asked_not_to(setup, tmp_path,
+                                                                          whiten):
+    from gptlab.train.rl_math import gae
+    t = trainer(setup, tmp_path / "run", reference=str(setup[0] / "reference"),
+                whiten_advantages=whiten)
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    batch = t.advantages(ro, torch.tensor([1.0, -2.0, 3.0]))
+    m = ro.response_mask.float()
+    rewards = -t.cfg.kl_coef * batch["kl"]
+    rewards[torch.arange(3), m.sum(1).long() - 1] += torch.tensor([1.0, -2.0, 3.0])
+    raw, _ = gae(rewards, batch["old_values"] * m, m, t.cfg.gae_gamma, t.cfg.gae_lambda)
+    real = batch["advantages"][m.bool()]
+    if whiten:
+        assert real.mean().item() == pytest.approx(0, abs=1e-5)
+        assert real.var(unbiased=False).item() == pytest.approx(1, abs=1e-4)
+        assert batch["advantages"][~m.bool()].eq(0).all()
+    else:
+        torch.testing.assert_close(batch["advantages"], raw, atol=1e-6, rtol=0)
+        assert abs(real.mean().item()) > 0.01
