@@ -14,7 +14,9 @@ from gptlab.errors import UserError
 from gptlab.world import build_world, load_world, make_schema
 from gptlab.world.database import CITIES
 from gptlab.world.intents import INTENTS
-from gptlab.world.questions import Combo, SplitSizes, build_questions, split_combos
+from gptlab.world.database import HIRE_YEARS
+from gptlab.world.questions import (Combo, SplitSizes, balanced_take, build_questions,
+                                     slot_domains, split_combos)
 
 SMALL = dict(n_train=300, n_validation=60, n_test=120, n_dialogs=40, corpus_chars=30_000)
 
@@ -177,6 +179,25 @@ def test_split_combos_holds_out_per_intent_by_its_size():
     # The margin of 1.3: test share 1.3 * 10 / (4 * 20) = 0.1625, 3 of 20 (without it, 2).
     got = _split_counts({"n20": 20}, SplitSizes(train=10, validation=0, test=10))
     assert got == {"n20": (3, 1, 16)}
+
+
+
+def test_balanced_take_goes_round_robin_and_repeats_only_when_asked():
+    groups = {"a": [1, 2, 3], "b": [4], "c": []}
+    assert sorted(balanced_take(groups, 2, random.Random(0))) in ([1, 4], [2, 4], [3, 4])
+    once = balanced_take(groups, 10, random.Random(0))
+    assert sorted(once) == [1, 2, 3, 4]  # the groups ran dry: no question asked twice
+    again = balanced_take(groups, 10, random.Random(0), repeat=True)
+    assert len(again) == 10 and set(again) == {1, 2, 3, 4}
+
+
+def test_year_slots_lie_inside_the_hire_years_and_spans_reach_the_last(world):
+    first, last = HIRE_YEARS
+    domains = slot_domains(world.company)
+    assert [d["year"] for d in domains["year"]] == list(range(first + 1, last))
+    spans = [(d["lo"], d["hi"]) for d in domains["span"]]
+    assert min(lo for lo, _ in spans) == first and max(hi for _, hi in spans) == last
+    assert all(hi - lo in (2, 3, 4, 5) for lo, hi in spans)
 
 
 def test_gold_sql_is_canonical_and_returns_non_empty_results(world):
