@@ -468,3 +468,42 @@ def test_advantages_are_whitened_over_the_real_tokens_unless_asked_not_to(setup,
     else:
         torch.testing.assert_close(batch["advantages"], raw, atol=1e-6, rtol=0)
         assert abs(real.mean().item()) > 0.01
+
+
+def test_each_step_samples_and_shuffles_its_minibatches_with_its_own_seed(setup, tmp_path):
+    t = trainer(setup, tmp_path / "probe")
+    cfg = dataclasses.replace(t.cfg, out=str(tmp_path / "run"), batch_size=8, minibatch_size=4,
+                              ppo_epochs=2, steps=2)
+    t = PPOTrainer(cfg, reward_fn=record_score)
+    orders, seeds = [], []
+    real_rows, real_generate = Rollout.rows, ppo_module.generate
+
+    def rows(self, idx):
+        orders[-1].append(idx.tolist())
+        return real_rows(self, idx)
+
+    def generate(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        orders.append([])
+        return real_generate(*args, **kwargs)
+
+    import unittest.mock as mock
+    with mock.patch.object(Rollout, "rows", rows), \
+            mock.patch.object(ppo_module, "generate", generate):
+        t.train()
+    assert seeds == [t.step_seed(1), t.step_seed(2)] and seeds[0] != seeds[1]
+    for step in orders:  # two epochs of two minibatches, each epoch all 8 rows
+        assert len(step) == 4
+        for epoch in (step[:2], step[2:]):
+            assert sorted(epoch[0] + epoch[1]) == list(range(8))
+    assert orders[0] != orders[1]  # another order each step
+    assert any(sum(step, []) != list(range(8)) * 2 for step in orders)  # shuffled
+
+
+def test_the_logged_reward_std_of_two_scores(setup, tmp_path):
+    t = trainer(setup, tmp_path / "run")
+    ro = hand_rollout(t, PROMPTS[:2], RESPONSES[:2], [True, False])
+    batch = {"kl": torch.zeros(2, 6), "beta": torch.tensor(0.1, dtype=torch.float64)}
+    row = PPOTrainer._rollout_metrics(1, ro, torch.tensor([1.0, 3.0]), batch, 1e-3)
+    assert row["reward"] == 2.0 and row["reward_std"] == pytest.approx(2 ** 0.5)
+    assert row["eos_fraction"] == 0.5 and row["response_length"] == 4.5
