@@ -15,7 +15,7 @@ from gptlab.world import build_world, load_world, make_schema
 from gptlab.world.database import CITIES
 from gptlab.world.intents import INTENTS
 from gptlab.world.database import HIRE_YEARS
-from gptlab.world.questions import (Combo, SplitSizes, balanced_take, build_questions,
+from gptlab.world.questions import (Combo, SplitSizes, balanced_take, build_questions, phrase,
                                      slot_domains, split_combos)
 
 SMALL = dict(n_train=300, n_validation=60, n_test=120, n_dialogs=40, corpus_chars=30_000)
@@ -198,6 +198,13 @@ def test_year_slots_lie_inside_the_hire_years_and_spans_reach_the_last(world):
     spans = [(d["lo"], d["hi"]) for d in domains["span"]]
     assert min(lo for lo, _ in spans) == first and max(hi for _, hi in spans) == last
     assert all(hi - lo in (2, 3, 4, 5) for lo, hi in spans)
+
+
+
+def test_money_reads_with_thousands_separators_and_other_values_as_they_are():
+    assert (phrase("{n} over {amount} or {budget} in {city} since {year}",
+                   {"n": 3, "amount": 60000, "budget": 1250000, "city": "Rome", "year": 2010})
+            == "3 over 60,000 or 1,250,000 in Rome since 2010")
 
 
 def test_gold_sql_is_canonical_and_returns_non_empty_results(world):
