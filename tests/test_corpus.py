@@ -363,3 +363,35 @@ def test_a_damaged_token_cache_entry_is_rebuilt_not_a_traceback(tmp_path, damage
     again = tokenize_corpus([f], tok, tmp_path / "cache")
     assert not again.reused and again.n_documents == first.n_documents == 2
     assert again.tokens.tolist() == first.tokens.tolist()
+
+
+def test_a_directory_reads_its_corpus_files_whatever_the_case_of_their_suffix(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.TXT").write_text("one\n\ntwo\n", encoding="utf-8")
+    (d / "b.JsonL").write_text(json.dumps({"text": "three"}) + "\n", encoding="utf-8")
+    (d / "c.md").write_text("not a corpus file\n", encoding="utf-8")
+    assert read_documents(d) == ["one", "two", "three"]
+
+
+def test_a_run_directory_in_or_at_a_corpus_directory_is_refused_but_one_above_it_is_not(
+        tmp_path):
+    from gptlab.data.corpus import check_out_of_corpus
+    corpus = tmp_path / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    with pytest.raises(UserError, match="is inside the corpus directory"):
+        check_out_of_corpus(corpus / "run", [corpus])
+    with pytest.raises(UserError, match="is the corpus directory"):
+        check_out_of_corpus(corpus, [corpus])
+    check_out_of_corpus(tmp_path / "data", [corpus])  # its parent: the run's files are not read
+    check_out_of_corpus(tmp_path / "run", [corpus, tmp_path / "file.txt"])
+
+
+def test_a_missing_path_with_a_suffix_is_a_missing_file_not_a_hub_dataset(tmp_path,
+                                                                           monkeypatch):
+    from gptlab.data.corpus import is_hub_name
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_name("user/dataset") and is_hub_name("user-1/data_set")
+    assert not is_hub_name("user/corpus.txt") and not is_hub_name("a/b/c")
+    with pytest.raises(UserError, match="corpus file not found"):
+        read_documents("user/corpus.txt")
