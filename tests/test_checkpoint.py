@@ -688,3 +688,13 @@ def test_a_file_is_flushed_where_only_a_handle_open_for_writing_can_be(tmp_path,
     monkeypatch.setattr(os, "open", no_writing)
     monkeypatch.setattr(os, "fsync", real_fsync)
     fsync_path(ro)
+
+
+def test_a_pad_token_id_must_be_an_id_of_the_vocabulary():
+    from gptlab.checkpoint import check_pad_token_id
+    assert check_pad_token_id(None, 10, "config.json", "pad_token_id") is None
+    assert check_pad_token_id(0, 10, "config.json", "pad_token_id") == 0
+    assert check_pad_token_id(9, 10, "config.json", "pad_token_id") == 9
+    for bad in (10, -1, True, 2.0, "3"):
+        with pytest.raises(UserError, match="pad_token_id"):
+            check_pad_token_id(bad, 10, "config.json", "pad_token_id")
