@@ -601,3 +601,57 @@ def test_a_round_directory_named_with_a_superscript_is_no_round(tmp_path):
     out = tmp_path / "demo"
     (out / "round-²").mkdir(parents=True)
     assert _check_settings(out)["rounds"] == 2
+
+
+def test_ppo_optimizer_steps_count_a_last_smaller_minibatch():
+    from gptlab.train.pipeline import PipelineConfig, _ppo_optimizer_steps
+    cfg = PipelineConfig(rounds=2, ppo_steps=3, ppo_batch=10, ppo_minibatch=4, ppo_epochs=2)
+    assert _ppo_optimizer_steps(cfg) == 2 * 3 * 2 * 3  # minibatches of 4, 4 and 2
+
+
+def test_each_round_s_stages_depend_on_every_earlier_round_s_options():
+    from gptlab.train.pipeline import (FEEDBACK_OPTIONS, PPO_OPTIONS, REWARD_OPTIONS,
+                                       stage_dependencies)
+    stages = dict(stage_dependencies(2))
+    assert list(stages) == [
+        "world", "pretrain", "sft_data.jsonl", "sft", "round-1/rankings.jsonl", "round-1/reward",
+        "round-1/ppo", "round-2/rankings.jsonl", "round-2/reward", "round-2/ppo",
+        "sft_continued", "ppo_execution_reward", "ppo_execution_reward_on_test"]
+    assert not stages["round-1/rankings.jsonl"] & set(REWARD_OPTIONS + PPO_OPTIONS)
+    assert set(FEEDBACK_OPTIONS) <= stages["round-1/rankings.jsonl"]
+    # Round 2 samples from round 1's policy: its rankings depend on round 1's PPO.
+    assert set(REWARD_OPTIONS + PPO_OPTIONS) <= stages["round-2/rankings.jsonl"]
+    assert "rounds" in stages["sft_continued"] and "rounds" not in stages["round-2/ppo"]
+
+
+def test_the_timer_keeps_a_reused_stage_s_earlier_minutes_and_counts_them_saved(tmp_path,
+                                                                             monkeypatch):
+    from gptlab.train import pipeline as pipeline_module
+    (tmp_path / "stage_minutes.json").write_text(json.dumps({"sft": 5.0, "pretrain": 2.0,
+                                                            "round 1: sample": 1.5}))
+    clock = iter([100.0, 106.0, 200.0, 200.0, 300.0, 312.0])
+    monkeypatch.setattr(pipeline_module.time, "time", lambda: next(clock))
+    t = pipeline_module.Timer(tmp_path)
+    t.run("sft", lambda: None, done=True)      # found finished: its 5 minutes, 4.9 saved
+    t.run("pretrain", lambda: None)             # run again: the 0 minutes it took now
+    t.run("eval", lambda: None)                 # a new stage: 0.2 minutes
+    t.reuse("round 1: sample")                  # not run at all: 1.5 saved
+    assert t.minutes == pytest.approx({"sft": 5.0, "pretrain": 0.0, "eval": 0.2,
+                                       "round 1: sample": 1.5})
+    assert t.saved == pytest.approx(5.0 - 0.1 + 1.5)
+    kept = json.loads((tmp_path / "stage_minutes.json").read_text())
+    assert kept == pytest.approx({"sft": 5.0, "pretrain": 0.0, "eval": 0.2,
+                                  "round 1: sample": 1.5})
+    threads = torch.get_num_threads()
+    assert t.threads_used() == threads  # the stages run here, on one thread count
+    t.threads["eval"] = threads + 1
+    assert t.threads_used() == {"pretrain": threads, "eval": threads + 1}
+
+
+def test_the_control_continues_sft_at_a_tenth_of_its_learning_rate(tmp_path):
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    p = Pipeline(PipelineConfig(out=str(tmp_path / "run"), sft_lr=1e-3, rounds=3, ppo_steps=2,
+                                ppo_batch=8, ppo_minibatch=4, ppo_epochs=2))
+    cfg = p.sft_continued_config(tmp_path / "sft", tmp_path / "data.jsonl")
+    assert cfg.lr == pytest.approx(1e-4) and cfg.min_lr_ratio == 1.0
+    assert cfg.max_steps == 3 * 2 * 2 * 2 and cfg.warmup_steps == 0
