@@ -738,3 +738,16 @@ def test_a_parquet_file_whose_column_names_are_not_utf8_is_refused_naming_it(tmp
         read_prompts(f)
     assert str(e.value) == (f"{f}: not a readable Parquet file (a column name in its metadata is "
                             f"not UTF-8: is the file corrupt?)")
+
+
+def test_an_integer_one_digit_past_pythons_limit_names_its_line(tmp_path):
+    import sys
+    from gptlab.io import read_jsonl
+    limit = sys.get_int_max_str_digits()
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"a": 1}\n{"a": ' + "9" * limit + '}\n', encoding="utf-8")
+    assert [len(str(r["a"])) for r in read_jsonl(f)] == [1, limit]  # at the limit: read
+    f.write_text('{"a": 1}\n{"a": ' + "9" * (limit + 1) + '}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=rf"rows.jsonl:2: cannot be read: an integer of "
+                                        rf"{limit + 1} digits"):
+        read_jsonl(f)
