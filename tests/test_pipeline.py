@@ -655,3 +655,86 @@ def test_the_control_continues_sft_at_a_tenth_of_its_learning_rate(tmp_path):
     cfg = p.sft_continued_config(tmp_path / "sft", tmp_path / "data.jsonl")
     assert cfg.lr == pytest.approx(1e-4) and cfg.min_lr_ratio == 1.0
     assert cfg.max_steps == 3 * 2 * 2 * 2 and cfg.warmup_steps == 0
+
+
+def _stub_pipeline(tmp_path, world=True, **kw):
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    p = Pipeline(PipelineConfig(out=str(tmp_path / "run"), seed=4, ppo_steps=3, **kw))
+    if world:
+        p.world_dir.mkdir(parents=True)
+    return p
+
+
+def test_each_round_samples_from_the_policy_the_last_round_trained(tmp_path, monkeypatch):
+    import gptlab.eval.pipeline_eval as pipeline_eval
+    import gptlab.eval.report as report
+    p = _stub_pipeline(tmp_path, world=False, rounds=3)
+    calls, sft = [], tmp_path / "sft"
+    p.export_world = lambda: None
+    p.pretrain = lambda: tmp_path / "pre"
+    p.check_test_prompts_fit = lambda pre: None
+    p.sft = lambda model: sft
+    p.feedback = lambda policy, rnd: calls.append(("feedback", policy.name, rnd))
+    p.reward = lambda sft_dir, rnd: calls.append(("reward", sft_dir.name, rnd)) or \
+        tmp_path / f"rm{rnd}"
+    p.ppo = lambda policy, sft_dir, rm, rnd: calls.append(("ppo", policy.name, rm.name, rnd)) \
+        or tmp_path / f"ppo{rnd}"
+    p.sft_continued = lambda sft_dir: tmp_path / "control"
+    monkeypatch.setattr(pipeline_eval, "evaluate_pipeline", lambda *a: {})
+    monkeypatch.setattr(report, "write_report", lambda *a: None)
+    p.run()
+    assert calls == [("feedback", "sft", 1), ("reward", "sft", 1), ("ppo", "sft", "rm1", 1),
+                     ("feedback", "ppo1", 2), ("reward", "sft", 2), ("ppo", "ppo1", "rm2", 2),
+                     ("feedback", "ppo2", 3), ("reward", "sft", 3), ("ppo", "ppo2", "rm3", 3)]
+
+
+def test_each_round_draws_its_own_prompts_and_seeds_and_its_reward_model_reads_every_round(
+        tmp_path, monkeypatch):
+    import random
+    import gptlab.feedback as feedback
+    import gptlab.train.ppo as ppo_module
+    import gptlab.train.reward as reward_module
+    from gptlab.io import read_jsonl, write_jsonl_atomic
+    from gptlab.train import pipeline as pipeline_module
+    p = _stub_pipeline(tmp_path, rounds=2, sample_prompts=5, k=2)
+    prompts = [{"id": f"p{i}", "prompt": f"question {i}"} for i in range(30)]
+    write_jsonl_atomic(p.world_dir / "prompts.jsonl", prompts)
+    p.world = None
+    drawn = {}
+    monkeypatch.setattr(pipeline_module, "load_model", lambda *a: (None, None, None))
+    monkeypatch.setattr(feedback, "sqlworld_ranker", lambda *a: None)
+    monkeypatch.setattr(feedback, "sample_responses", lambda model, tok, chosen, k, params, seed:
+                        drawn.setdefault(seed, [r["id"] for r in chosen]) and
+                        [{"prompt": r["prompt"], "responses": ["a", "b"]} for r in chosen])
+    monkeypatch.setattr(feedback, "label_samples",
+                        lambda samples, rank, skips, dropped: [{"prompt": s["prompt"],
+                                                                "ranked": ["a", "b"]}
+                                                               for s in samples])
+    for rnd in (1, 2):
+        p.feedback(tmp_path / "policy", rnd)
+    want = {4000 + rnd: [r["id"] for r in random.Random(4000 + rnd).sample(prompts, 5)]
+            for rnd in (1, 2)}
+    assert drawn == want and want[4001] != want[4002]
+    trained, ran = [], []
+    monkeypatch.setattr(reward_module, "train_reward_model", trained.append)
+    p.reward(tmp_path / "sft", 2)
+    assert len(read_jsonl(p.out / "round-2" / "rankings_all.jsonl")) == 10  # both rounds
+    assert trained[0].seed == 6 and trained[0].samples.endswith("round-1/samples.jsonl")
+    monkeypatch.setattr(ppo_module, "ppo", lambda cfg, reward_fn=None: ran.append(cfg))
+    p.ppo(tmp_path / "policy", tmp_path / "sft", tmp_path / "rm", 2)
+    assert (ran[-1].seed, ran[-1].steps) == (6, 3)
+    import gptlab.world.rewards as world_rewards
+    monkeypatch.setattr(world_rewards, "execution_reward", lambda world: "execution")
+    for on_test in (False, True):
+        p.ppo_execution_reward(tmp_path / "sft", on_test=on_test)
+    assert [(c.seed, c.steps) for c in ran[-2:]] == [(104, 6), (104, 6)]  # every round's steps
+    assert ran[-1].prompts.endswith("test.jsonl") and ran[-2].prompts.endswith("prompts.jsonl")
+
+
+def test_sft_learns_from_the_first_sft_examples_demonstrations(tmp_path):
+    from gptlab.io import read_jsonl, write_jsonl_atomic
+    p = _stub_pipeline(tmp_path, sft_examples=4)
+    write_jsonl_atomic(p.world_dir / "sft.jsonl",
+                       [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)])
+    rows = read_jsonl(p.demonstrations())
+    assert [r["prompt"] for r in rows] == ["q0", "q1", "q2", "q3"]
