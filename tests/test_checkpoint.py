@@ -698,3 +698,36 @@ def test_a_pad_token_id_must_be_an_id_of_the_vocabulary():
     for bad in (10, -1, True, 2.0, "3"):
         with pytest.raises(UserError, match="pad_token_id"):
             check_pad_token_id(bad, 10, "config.json", "pad_token_id")
+
+
+def test_a_layer_count_one_past_the_tensors_or_a_tokenizer_one_past_the_embedding_is_refused(
+        tmp_path):
+    """Both checks at their boundary: as many layers as tensors, and a tokenizer exactly as
+    large as the embedding, pass."""
+    import json
+    from safetensors import safe_open
+    from gptlab.checkpoint import check_layer_counts, check_tokenizer_fits
+    from gptlab.model import GPT
+    from gptlab.model.gpt import GPTConfig
+    model = GPT(GPTConfig(vocab_size=20, context=8, d_model=8, n_layers=1, n_heads=2))
+    ck.save_model(tmp_path / "m", model)
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
+        tensors = len(f.keys())
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    for n, refused in ((tensors, False), (tensors + 1, True)):
+        meta["model"]["n_layers"] = n
+        if refused:
+            with pytest.raises(UserError, match=f"is {n}, but model.safetensors holds "
+                                                f"{tensors} tensors"):
+                check_layer_counts(meta, tmp_path / "config.json",
+                                   tmp_path / "m" / "model.safetensors")
+        else:
+            check_layer_counts(meta, tmp_path / "config.json", tmp_path / "m" / "model.safetensors")
+
+    class Tok:
+        vocab_size = 20
+    check_tokenizer_fits(model, Tok())
+    Tok.vocab_size = 21
+    with pytest.raises(UserError, match="tokenizer has 21 tokens but the model's embedding has "
+                                        "20 rows"):
+        check_tokenizer_fits(model, Tok())
