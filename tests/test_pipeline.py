@@ -738,3 +738,13 @@ def test_sft_learns_from_the_first_sft_examples_demonstrations(tmp_path):
                        [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)])
     rows = read_jsonl(p.demonstrations())
     assert [r["prompt"] for r in rows] == ["q0", "q1", "q2", "q3"]
+
+
+def test_a_rerun_with_fewer_rounds_still_checks_the_stages_of_the_later_rounds(tmp_path):
+    out = tmp_path / "demo"
+    _check_settings(out, rounds=3)
+    (out / "round-3" / "ppo").mkdir(parents=True)  # only round 3's PPO has started
+    with pytest.raises(UserError, match=r"whose round-3/ppo was made with other settings "
+                                        r"\(ppo_lr\)"):
+        _check_settings(out, rounds=2, ppo_lr=1e-4)
+    _check_settings(out, rounds=2)  # fewer rounds alone change no started stage's settings
