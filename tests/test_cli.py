@@ -162,6 +162,19 @@ def test_yaml_config_errors_name_file_and_key(tmp_path):
         load_config(PPOConfig, f)
 
 
+def test_a_yaml_error_names_the_line_it_is_on(tmp_path):
+    f = tmp_path / "ppo.yaml"
+    f.write_text("steps: 10\nlr: 1\n  bad: 2\n")
+    with pytest.raises(UserError, match=r"ppo.yaml:3: not valid YAML: mapping values"):
+        load_config(PPOConfig, f)
+
+
+def test_a_flag_whose_default_is_empty_shows_no_default(capsys):
+    # --ptx-data defaults to no files: "(default: )" would read as a missing value.
+    text = flag_help(capsys, ["ppo"], "--ptx-data")
+    assert "default" not in text, text
+
+
 def test_a_key_given_twice_in_a_config_file_is_refused_naming_both_lines(tmp_path):
     # PyYAML keeps the last value: the run took kl_coef 0.5, silently.
     f = tmp_path / "ppo.yaml"
