@@ -1036,3 +1036,28 @@ def test_convert_refuses_an_out_that_holds_another_model_or_run(tmp_path, capsys
             f"out (--out) or remove it\n")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(held)
+
+
+def _llama_family(**fields):
+    return {"model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+            "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 32,
+            "max_position_embeddings": 64, **fields}
+
+
+def test_hf_config_defaults_and_boundaries_map_as_transformers_reads_them(tmp_path):
+    from gptlab.errors import UserError
+    from gptlab.interop.hf import hf_config_to_gpt
+    path = tmp_path / "config.json"
+    assert hf_config_to_gpt(_llama_family(), path).rope_theta == 10000.0  # transformers' default
+    # A window as long as the context never slides.
+    mistral = _llama_family(model_type="mistral", sliding_window=64)
+    assert hf_config_to_gpt(mistral, path).context == 64
+    with pytest.raises(UserError, match="sliding-window attention"):
+        hf_config_to_gpt({**mistral, "sliding_window": 63}, path)
+    # A count of 0 is refused by the name config.json gives it.
+    for key, value in (("num_hidden_layers", 0), ("num_attention_heads", 0)):
+        with pytest.raises(UserError, match=f"field '{key}': must be a positive integer"):
+            hf_config_to_gpt(_llama_family(**{key: value}), path)
+    gpt2 = {"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_head": 4, "n_layer": 0}
+    with pytest.raises(UserError, match="field 'n_layer': must be a positive integer"):
+        hf_config_to_gpt(gpt2, path)
