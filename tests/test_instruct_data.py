@@ -751,3 +751,13 @@ def test_an_integer_one_digit_past_pythons_limit_names_its_line(tmp_path):
     with pytest.raises(UserError, match=rf"rows.jsonl:2: cannot be read: an integer of "
                                         rf"{limit + 1} digits"):
         read_jsonl(f)
+
+
+def test_a_skip_counter_counts_records_not_reasons():
+    from gptlab.data.instruct import SkipCounter
+    skips = SkipCounter()
+    assert skips.total == 0 and skips.report("prompts") == ""
+    for reason in ("too long", "too long", "no answer"):
+        skips.add(reason)
+    assert skips.total == 3
+    assert skips.report("prompts") == "skipped 3 prompts: 1 no answer, 2 too long"
