@@ -1134,3 +1134,20 @@ def test_an_optional_setting_given_empty_is_refused_not_read_as_its_default(
     assert capsys.readouterr().err == (f"gptlab {verb}: error: field '{field}': is empty; give a "
                                        f"value, or leave it out for its default\n")
     assert not out.exists()
+
+
+def test_every_kind_of_config_flag_reaches_the_config():
+    import argparse
+    from gptlab.config import add_config_flags, config_from_args
+    from gptlab.train.pipeline import PipelineConfig
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, PPOConfig)
+    args = parser.parse_args(["--seed", "7", "--adaptive-kl", "--ptx-data", "a.txt", "b.txt",
+                              "--kl-coef", "0", "--reward", "rm", "--no-whiten-advantages"])
+    cfg = config_from_args(PPOConfig, args)
+    assert (cfg.seed, cfg.adaptive_kl, cfg.ptx_data, cfg.kl_coef, cfg.reward,
+            cfg.whiten_advantages) == (7, True, ["a.txt", "b.txt"], 0.0, "rm", False)
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, PipelineConfig)
+    cfg = config_from_args(PipelineConfig, parser.parse_args(["--eval-limit", "5"]))
+    assert cfg.eval_limit == 5 and cfg.rounds == PipelineConfig.rounds  # int | None: an int
