@@ -748,3 +748,38 @@ def test_a_rerun_with_fewer_rounds_still_checks_the_stages_of_the_later_rounds(t
                                         r"\(ppo_lr\)"):
         _check_settings(out, rounds=2, ppo_lr=1e-4)
     _check_settings(out, rounds=2)  # fewer rounds alone change no started stage's settings
+
+
+def test_a_finished_stage_lacking_a_file_is_found_and_the_headroom_stages_only_with_headroom(
+        tmp_path):
+    from gptlab.checkpoint import FORMAT
+    from gptlab.train.pipeline import missing_from_finished
+    p = _stub_pipeline(tmp_path, world=False)
+    out = p.out
+    (out / "round-1").mkdir(parents=True)
+    (out / "round-1" / "rankings.jsonl").write_text("")
+    assert missing_from_finished(out, p.world_dir, ["round-1/rankings.jsonl"]) == (
+        out / "round-1" / "rankings.jsonl", out / "round-1" / "samples.jsonl")
+    (out / "round-1" / "samples.jsonl").write_text("")
+    assert missing_from_finished(out, p.world_dir, ["round-1/rankings.jsonl"]) is None
+    stage = out / "ppo_execution_reward"
+    stage.mkdir()
+    (stage / "config.json").write_text(json.dumps({"format": FORMAT}))  # finished, no weights
+    p._check_finished_stages_whole()  # not a stage of this run: without --headroom, unread
+    p = _stub_pipeline(tmp_path, world=False, headroom=True)
+    with pytest.raises(UserError, match="model.safetensors.*is missing, though "
+                                        "ppo_execution_reward finished"):
+        p._check_finished_stages_whole()
+
+
+def test_the_world_s_digest_is_recorded_once_the_run_has_exported_it(tmp_path):
+    import hashlib
+    p = _stub_pipeline(tmp_path, world=False)
+    p.out.mkdir(parents=True)
+    p._check_same_run()
+    assert json.loads((p.out / "pipeline.json").read_text())["world_digest"] is None
+    p.world_dir.mkdir()
+    (p.world_dir / "world.json").write_text('{"seed": 0}')
+    p._record_world()
+    assert json.loads((p.out / "pipeline.json").read_text())["world_digest"] == \
+        hashlib.sha256(b'{"seed": 0}').hexdigest()
