@@ -783,3 +783,24 @@ def test_the_world_s_digest_is_recorded_once_the_run_has_exported_it(tmp_path):
     p._record_world()
     assert json.loads((p.out / "pipeline.json").read_text())["world_digest"] == \
         hashlib.sha256(b'{"seed": 0}').hexdigest()
+
+
+def test_the_longest_test_prompt_may_fill_the_context_less_max_new_tokens_exactly(tmp_path):
+    from gptlab.data.instruct import encode_prompt
+    from gptlab.io import write_jsonl_atomic
+    from gptlab.model.presets import get_preset
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(["which employees earn more than 60,000 in Paris?"] * 20,
+                          vocab_size=300)
+    tok.save(tmp_path / "pre")
+    prompts = ["which employees earn more?", "which employees earn more than 60,000 in Paris?"]
+    longest = max(len(encode_prompt(tok, p)) for p in prompts)
+    room = get_preset("demo").context - longest
+    for max_new, refused in ((room, False), (room + 1, True)):
+        p = _stub_pipeline(tmp_path / str(max_new), max_new_tokens=max_new)
+        write_jsonl_atomic(p.world_dir / "test.jsonl", [{"prompt": q} for q in prompts])
+        if refused:
+            with pytest.raises(UserError, match=f"the longest test prompt has {longest} tokens"):
+                p.check_test_prompts_fit(tmp_path / "pre")
+        else:
+            p.check_test_prompts_fit(tmp_path / "pre")
