@@ -1061,3 +1061,22 @@ def test_hf_config_defaults_and_boundaries_map_as_transformers_reads_them(tmp_pa
     gpt2 = {"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_head": 4, "n_layer": 0}
     with pytest.raises(UserError, match="field 'n_layer': must be a positive integer"):
         hf_config_to_gpt(gpt2, path)
+
+
+def test_a_gpt2_checkpoint_s_causal_mask_buffers_are_not_weights_and_export_keeps_the_context(
+        tmp_path):
+    from safetensors.torch import load_file, save_file
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(["the capital of France is Paris"] * 10, vocab_size=280)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context=16, d_model=16, n_layers=1,
+                          n_heads=2)).eval()
+    out = export_hf(model, tok, tmp_path / "hf")
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 16
+    sd = load_file(str(out / "model.safetensors"))
+    sd["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))  # transformers 4's
+    sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    back, _ = load_pretrained(out)
+    ids = torch.tensor([tok.encode("the capital")])
+    torch.testing.assert_close(back(ids), model(ids))
