@@ -1077,6 +1077,11 @@ def test_a_gpt2_checkpoint_s_causal_mask_buffers_are_not_weights_and_export_keep
     sd["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))  # transformers 4's
     sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # GPT-2 ties its embeddings unless config.json says otherwise (transformers' default).
+    config = json.loads((out / "config.json").read_text())
+    assert config.pop("tie_word_embeddings") is True
+    (out / "config.json").write_text(json.dumps(config))
     back, _ = load_pretrained(out)
+    assert back.config.tie_embeddings
     ids = torch.tensor([tok.encode("the capital")])
     torch.testing.assert_close(back(ids), model(ids))
