@@ -1,4 +1,5 @@
 """SFT's loss with a shared prompt prefix encoded once equals the plain forward, gradients too."""
+import math
 import random
 
 import pytest
@@ -187,3 +188,34 @@ def test_a_padded_batch_targets_the_next_token_exactly_where_its_loss_is_taken(r
         want = [e.ids[t + 1] if t + 1 < n and e.loss_mask[t + 1] else -100 for t in range(T)]
         assert batch["labels"][i].tolist() == want
     assert last_real_index(batch["attention_mask"]).tolist() == [len(e.ids) - 1 for e in rows]
+
+
+def test_a_micro_batch_without_targets_adds_nothing_to_the_update_or_its_loss():
+    # Weighted by its 0 target tokens it has no share; its loss, a mean over no tokens, is nan,
+    # and nan * 0 made the logged loss nan (and a loss written as sum / count, its gradients).
+    from gptlab.train.loop import accumulate_gradients
+    from gptlab.train.sft import target_tokens
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32)).double()
+    rng = random.Random(1)
+    rows = [Example([rng.randrange(1, 60) for _ in range(3 + c)], [0] * 3 + [1] * c)
+            for c in (2, 2, 5, 5)]
+    none = pad_examples([Example(r.ids, [0] * len(r.ids)) for r in rows[:2]], 0)
+    some = pad_examples(rows[2:], 0)
+    assert target_tokens(none) == 0
+    loss, grads = _grads(model, [some], weight_of=target_tokens)
+    acc_loss, acc_grads = _grads(model, [none, some], weight_of=target_tokens)
+    assert acc_loss == pytest.approx(loss, abs=1e-12)
+    for a, b in zip(grads, acc_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+    def sum_over_count(model, batch):  # the same mean, written by hand: 0 / 0 where none
+        keep = batch["labels"] != -100
+        logits = model(batch["input_ids"])
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                ignore_index=-100, reduction="none")
+        return nll.sum() / keep.sum()
+    model.zero_grad()
+    loss = accumulate_gradients(model, [none, some], sum_over_count, weight_of=target_tokens)
+    assert math.isfinite(loss)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())

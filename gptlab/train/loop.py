@@ -389,6 +389,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: Iterable[Any], loss_fn
     device = device or next(model.parameters()).device
     total = torch.zeros((), device=device)
     for batch, r in zip(micro, rel):
+        if r == 0:  # no share (no target tokens): its loss is a mean over nothing, nan
+            continue
         with autocast(device, bf16):
             loss = loss_fn(model, to_device(batch, device))
         (loss * r / n).backward()
