@@ -478,21 +478,36 @@ def _check_paths_given(args: argparse.Namespace) -> None:
 
 
 def _flag_given(args: argparse.Namespace, filename: object) -> str | None:
-    """The flag whose path `filename` is, lies in, or is a parent of (made on the way to it);
-    None if no flag's. (A writer's temporary is reported as the file it writes: io.py.)"""
+    """The flag whose path `filename` is, else the one whose path it lies deepest in, else one
+    whose path it is a parent of (made on the way to it, --out's first); None if no flag's.
+    (A writer's temporary is reported as the file it writes: io.py.) The current directory
+    and those above it are no flag's parent: every relative value, `--device cpu` too, lies
+    in them."""
     if not isinstance(filename, (str, os.PathLike)):
+        return None
+    try:
+        here = os.getcwd()
+    except OSError:  # the current directory was removed: no relative path is anywhere
         return None
     failed = os.path.abspath(filename)
     parser = getattr(args, "_parser", None)
     flags = {a.dest: a.option_strings[0] for a in (parser._actions if parser else ())
              if a.option_strings}
+    above_here = failed == here or here.startswith(failed.rstrip(os.sep) + os.sep)
+    inside, parent_of = [], []
     for dest, flag in flags.items():
         values = getattr(args, dest, None)
         for value in values if isinstance(values, list) else [values]:
             if not isinstance(value, str) or not value.strip():
                 continue
             given = os.path.abspath(value)
-            if (failed == given or failed.startswith(given.rstrip(os.sep) + os.sep)
-                    or given.startswith(failed.rstrip(os.sep) + os.sep)):
+            if failed == given:
                 return flag
-    return None
+            if failed.startswith(given.rstrip(os.sep) + os.sep):
+                inside.append((len(given), flag))
+            elif not above_here and given.startswith(failed.rstrip(os.sep) + os.sep):
+                parent_of.append(flag)
+    if inside:
+        return max(inside, key=lambda x: x[0])[1]  # the deepest: --out runs/a in --model runs
+    # Only a writer makes directories on the way: --out's, where another flag's is there too.
+    return min(parent_of, key=lambda flag: flag != "--out") if parent_of else None

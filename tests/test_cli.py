@@ -1151,3 +1151,33 @@ def test_every_kind_of_config_flag_reaches_the_config():
     add_config_flags(parser, PipelineConfig)
     cfg = config_from_args(PipelineConfig, parser.parse_args(["--eval-limit", "5"]))
     assert cfg.eval_limit == 5 and cfg.rounds == PipelineConfig.rounds  # int | None: an int
+
+
+def test_an_error_at_the_current_directory_names_no_flag(tmp_path, monkeypatch):
+    # Every relative value lies in the current directory (--data's, --out's, --device cpu):
+    # an EEXIST there (a bug making it again) was one line naming the first such flag.
+    import errno
+
+    from gptlab import tokenizer as tk
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\n" * 50)
+
+    def again(self, directory):
+        raise OSError(errno.EEXIST, "File exists", ".")
+    monkeypatch.setattr(tk.Tokenizer, "save", again)
+    with pytest.raises(FileExistsError):
+        main(["tokenizer", "train", "--data", "t.txt", "--vocab-size", "300", "--out", "tok"])
+
+
+def test_a_failed_path_names_the_flag_it_lies_deepest_in(tmp_path, monkeypatch):
+    from gptlab.cli import _flag_given, build_parser
+    monkeypatch.chdir(tmp_path)
+    args, _ = build_parser().parse_known_args(
+        ["sft", "--model", "runs", "--data", "d.jsonl", "--out", "runs/sft", "--device", "cpu"])
+    assert _flag_given(args, "runs/sft/best/config.json") == "--out"  # not --model, first
+    assert _flag_given(args, "runs/x") == "--model"
+    assert _flag_given(args, str(tmp_path)) is None  # not --device
+    assert _flag_given(args, "elsewhere/x") is None
+    args, _ = build_parser().parse_known_args(
+        ["sft", "--model", "/proc/gptlab_x/m", "--data", "d.jsonl", "--out", "/proc/gptlab_x/o"])
+    assert _flag_given(args, "/proc/gptlab_x") == "--out"  # made on the way to --out only
