@@ -435,16 +435,20 @@ def test_sample_refuses_bad_sampling_flags_like_generate(tiny_model, tmp_path, f
     assert list(tmp_path.iterdir()) == [prompts]
 
 
+def _one_prompt_args(verb, tmp_path):
+    """A decoding verb's arguments for one prompt, "hello", and the file sample would write."""
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "s.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    return {"generate": ["--prompt", "hello"], "chat": [],
+            "sample": ["--prompts", str(prompts), "--k", "1", "--out", str(out)]}[verb], out
+
+
 @pytest.mark.parametrize("verb", ["generate", "sample", "chat"])
 def test_greedy_and_a_temperature_exclude_each_other_in_every_verb(tiny_model, tmp_path, verb,
                                                                     capsys):
     # `chat` refused `--greedy --temperature 0.5`; `generate` and `sample` decoded greedily and
     # dropped the temperature without a word.
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "hello"}\n')
-    out = tmp_path / "s.jsonl"
-    args = {"generate": ["--prompt", "hello"], "chat": [],
-            "sample": ["--prompts", str(prompts), "--k", "1", "--out", str(out)]}[verb]
+    args, out = _one_prompt_args(verb, tmp_path)
     with pytest.raises(SystemExit) as e:
         main([verb, "--model", str(tiny_model), *args, "--max-new-tokens", "2", "--greedy",
               "--temperature", "0.5"])
@@ -866,11 +870,7 @@ def test_git_state_leaves_the_repository_index_alone(tmp_path):
 def test_greedy_with_a_top_k_or_top_p_filter_is_refused(tiny_model, tmp_path, verb, flag, value,
                                                         capsys):
     # The filters always keep the most likely token: with --greedy they were dropped silently.
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "hello"}\n')
-    out = tmp_path / "s.jsonl"
-    args = {"generate": ["--prompt", "hello"], "chat": [],
-            "sample": ["--prompts", str(prompts), "--k", "1", "--out", str(out)]}[verb]
+    args, out = _one_prompt_args(verb, tmp_path)
     assert main([verb, "--model", str(tiny_model), *args, "--max-new-tokens", "2", "--greedy",
                  flag, value]) == 2
     name = flag[2:].replace("-", "_")

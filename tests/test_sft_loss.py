@@ -127,15 +127,21 @@ def _grads(model, micro, **kw):
     return loss, [p.grad.clone() for p in model.parameters()]
 
 
+def _float64_model_and_rows(targets):
+    """A tiny float64 model, and a row for each count in `targets`: 3 prompt tokens, then that
+    many answer tokens with a loss."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32)).double()
+    rng = random.Random(1)
+    return model, [Example([rng.randrange(1, 60) for _ in range(3 + c)], [0] * 3 + [1] * c)
+                   for c in targets]
+
+
 def test_accumulated_micro_batches_of_unequal_targets_weigh_as_one_batch():
     # Two rows with 2 target tokens, then two with 12: a mean of the two micro-batches' means
     # gave each token of the first 3x the weight it has in the batch of four.
     from gptlab.train.sft import target_tokens
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32)).double()
-    rng = random.Random(1)
-    rows = [Example([rng.randrange(1, 60) for _ in range(3 + c)], [0] * 3 + [1] * c)
-            for c in (2, 2, 12, 12)]
+    model, rows = _float64_model_and_rows((2, 2, 12, 12))
     whole, halves = pad_examples(rows, 0), [pad_examples(rows[:2], 0), pad_examples(rows[2:], 0)]
     assert [target_tokens(b) for b in halves] == [4, 24]
     loss, grads = _grads(model, [whole], weight_of=target_tokens)
@@ -195,11 +201,7 @@ def test_a_micro_batch_without_targets_adds_nothing_to_the_update_or_its_loss():
     # and nan * 0 made the logged loss nan (and a loss written as sum / count, its gradients).
     from gptlab.train.loop import accumulate_gradients
     from gptlab.train.sft import target_tokens
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, context=64, n_layers=2, n_heads=4, d_model=32)).double()
-    rng = random.Random(1)
-    rows = [Example([rng.randrange(1, 60) for _ in range(3 + c)], [0] * 3 + [1] * c)
-            for c in (2, 2, 5, 5)]
+    model, rows = _float64_model_and_rows((2, 2, 5, 5))
     none = pad_examples([Example(r.ids, [0] * len(r.ids)) for r in rows[:2]], 0)
     some = pad_examples(rows[2:], 0)
     assert target_tokens(none) == 0
