@@ -525,3 +525,17 @@ def test_batch_size_times_grad_accum_trains_as_one_batch_of_them_all(base, tmp_p
              .splitlines()] for n in ("one", "accumulated")]
     losses = [[r["loss"] for r in rs if "loss" in r] for rs in rows]
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_the_validation_loss_does_not_depend_on_how_the_validation_set_is_batched(base, tmp_path):
+    # Completions differ in length: the step-0 validation loss is the per-token mean over the
+    # whole held-out set whatever the batch size (a mean of batch means was not).
+    losses = []
+    for size in ("1", "3", "64"):
+        assert run_sft(base, tmp_path / size, "--batch-size", size, "--val-fraction", "0.25",
+                       "--no-select-best") == 0
+        rows = [json.loads(line) for line in (tmp_path / size / "metrics.jsonl").read_text()
+                .splitlines()]
+        losses.append(next(r["val_loss"] for r in rows if r["step"] == 0 and "val_loss" in r))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert losses[2] == pytest.approx(losses[0], abs=1e-5)

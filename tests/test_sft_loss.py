@@ -154,6 +154,23 @@ def test_accumulated_micro_batches_of_unequal_targets_weigh_as_one_batch():
     assert max(float((a - b).abs().max()) for a, b in zip(grads, mean_of_means)) > 1e-3
 
 
+def test_the_validation_loss_is_the_mean_over_all_targets_not_a_mean_of_batch_means():
+    # The same rows as above in two validation batches: unweighted, a token of the short batch
+    # counted 3x; weighted, the loss is the one batch's, and a batch with no targets (its loss a
+    # mean over nothing, nan) is passed over.
+    from gptlab.train.loop import evaluate
+    from gptlab.train.sft import target_tokens
+    model, rows = _float64_model_and_rows((2, 2, 12, 12))
+    whole, halves = pad_examples(rows, 0), [pad_examples(rows[:2], 0), pad_examples(rows[2:], 0)]
+    none = pad_examples([Example(r.ids, [0] * len(r.ids)) for r in rows[:2]], 0)
+    cpu = torch.device("cpu")
+    want = evaluate(model, [whole], sft_loss, cpu)
+    got = evaluate(model, [halves[0], none, halves[1]], sft_loss, cpu, weight_of=target_tokens)
+    assert got == pytest.approx(want, abs=1e-6)  # sft_loss is float32
+    assert abs(evaluate(model, halves, sft_loss, cpu) - want) > 1e-3
+    assert math.isnan(evaluate(model, [none], sft_loss, cpu, weight_of=target_tokens))
+
+
 def test_a_single_micro_batch_is_the_same_update_bit_for_bit_with_or_without_weights():
     # grad_accum = 1 (every stage of the demo pipeline): weighing changes nothing at all.
     from gptlab.train.sft import target_tokens

@@ -15,7 +15,8 @@ Pieces (each usable alone; PPO builds its own loop from them):
     accumulate_gradients(model, micro, loss_fn) backward over micro-batches, mean loss (per
                                                 micro-batch, or weighted: `weight_of`)
     clip_gradients(model, max_norm)             the global grad norm (before clipping)
-    evaluate(model, batches, loss_fn)           mean loss, no grad, dropout off
+    evaluate(model, batches, loss_fn)           mean loss, no grad, dropout off (per batch, or
+                                                weighted: `weight_of`)
     rng_state() / set_rng_state(s), preserved_rng()
     held_interrupt()                            Ctrl-C inside a block takes effect at its end
     MetricsLog(path, tensorboard_dir)           metrics.jsonl, one flushed JSON object per line
@@ -411,15 +412,24 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
-             device: torch.device | None = None, bf16: bool = True) -> float:
-    """Mean of `loss_fn` over `batches` in eval mode (dropout off); nan when there are none."""
+             device: torch.device | None = None, bf16: bool = True,
+             weight_of: Callable[[Any], float] | None = None) -> float:
+    """Mean of `loss_fn` over `batches` in eval mode (dropout off); nan when there are none.
+    `weight_of(batch)`: what `loss_fn` averages over in a batch (SFT's target tokens), so that
+    the mean is over all of them, as in `accumulate_gradients`, not a mean of batch means; a
+    batch with nothing to weigh is passed over."""
     device = device or next(model.parameters()).device
-    losses = []
+    losses, weights = [], []
     with eval_mode(model):
         for batch in batches:
+            w = float(weight_of(batch)) if weight_of else 1.0
+            if w == 0:  # no target tokens: its loss is a mean over nothing, nan
+                continue
             with autocast(device, bf16):
                 losses.append(float(loss_fn(model, to_device(batch, device))))
-    return sum(losses) / len(losses) if losses else float("nan")
+            weights.append(w)
+    whole = sum(weights)
+    return sum(l * w for l, w in zip(losses, weights)) / whole if whole else float("nan")
 
 
 def seed_everything(seed: int) -> None:
@@ -726,7 +736,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     something and is logged as val_ppl. `verified`: the checkpoint `check_run_dir` returned,
     verified there; resumed from, it is not hashed again. `loss_weight(batch)`: what
     `loss_fn` averages over in a batch (SFT's target tokens), so that `grad_accum`
-    micro-batches weigh as one batch of them all (see `accumulate_gradients`)."""
+    micro-batches weigh as one batch of them all (see `accumulate_gradients`), and so that the
+    validation loss is the mean over all the validation set's targets (see `evaluate`)."""
     cfg.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -792,7 +803,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     def run_eval(at: int) -> tuple[float, float, bool]:
         t0 = time.perf_counter()
         with preserved_rng():
-            loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16)
+            loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16, loss_weight)
             row = {"step": at, "val_loss": loss}
             if perplexity:
                 row["val_ppl"] = math.exp(min(loss, 50))
