@@ -9,17 +9,22 @@ def paired_delta(a: Sequence[float], b: Sequence[float]) -> dict:
     """Mean of a_i − b_i with a normal-approximation 95% interval from the paired differences;
     with it how many pairs `a` wins and loses, and the exact two-sided sign test on those (on
     right/wrong answers, McNemar's exact test), which stays honest where few pairs differ and
-    the normal interval does not (4 wins, 0 losses of 600: the interval excludes 0, p = 0.125)."""
+    the normal interval does not (4 wins, 0 losses of 600: the interval excludes 0, p = 0.125).
+    One pair has no spread to estimate: its interval is None, not [d, d], which would exclude 0
+    whenever the two differ."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_delta needs two equally long, non-empty sequences")
     d = [x - y for x, y in zip(a, b)]
     n = len(d)
     mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
-    half = 1.96 * math.sqrt(var / n)
+    ci95 = None
+    if n > 1:
+        var = sum((x - mean) ** 2 for x in d) / (n - 1)
+        half = 1.96 * math.sqrt(var / n)
+        ci95 = [mean - half, mean + half]
     better, worse = sum(x > 0 for x in d), sum(x < 0 for x in d)
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "better": better,
-            "worse": worse, "p_sign": sign_test(better, worse)}
+    return {"mean": mean, "ci95": ci95, "n": n, "better": better, "worse": worse,
+            "p_sign": sign_test(better, worse)}
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -31,6 +36,9 @@ def sign_test(wins: int, losses: int) -> float:
 
 
 def excludes_zero(delta: dict) -> bool:
+    """Whether the 95% interval lies on one side of 0; no interval excludes nothing."""
+    if delta["ci95"] is None:
+        return False
     lo, hi = delta["ci95"]
     return lo > 0 or hi < 0
 

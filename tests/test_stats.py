@@ -1,0 +1,109 @@
+"""gptlab.eval.stats against references written independently with numpy (no scipy): the
+paired interval, the exact sign test and the clustered rate on random cases, and the edge
+cases a small or degenerate evaluation gives (one question, every pair tied, no spread)."""
+import math
+
+import numpy as np
+import pytest
+
+from gptlab.eval.report import describe_delta
+from gptlab.eval.stats import clustered_rate, excludes_zero, paired_delta, sign_test
+
+
+def reference_paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def reference_sign_test(wins: int, losses: int) -> float:
+    """2 · P(X <= min) for X ~ Binomial(n, ½), the pmf built by its recurrence in floats,
+    P(i + 1) = P(i) · (n − i) / (i + 1), from P(0) = 2^−n."""
+    n, k = wins + losses, min(wins, losses)
+    pmf = np.empty(n + 1)
+    pmf[0] = 0.5 ** n
+    for i in range(n):
+        pmf[i + 1] = pmf[i] * (n - i) / (i + 1)
+    return min(1.0, 2 * pmf[:k + 1].sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_paired_delta_equals_a_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 400))
+    a = rng.integers(0, 2, n).astype(float)
+    b = np.where(rng.random(n) < 0.8, a, 1 - a)  # paired: mostly the same verdict
+    d = paired_delta(a.tolist(), b.tolist())
+    mean, lo, hi = reference_paired(a, b)
+    assert d["n"] == n
+    assert d["mean"] == pytest.approx(mean, abs=1e-12)
+    assert d["ci95"] == pytest.approx([lo, hi], abs=1e-12)
+    assert (d["better"], d["worse"]) == (int((a > b).sum()), int((a < b).sum()))
+    assert d["p_sign"] == pytest.approx(reference_sign_test(d["better"], d["worse"]), rel=1e-9)
+
+
+def test_paired_delta_on_scores_not_only_right_or_wrong():
+    # d = (0.5, -0.25, 1, 0): mean 0.3125, sd by hand sqrt(Σ(d − 0.3125)² / 3).
+    d = paired_delta([1.0, 0.25, 1.0, 0.5], [0.5, 0.5, 0.0, 0.5])
+    sd = math.sqrt(((0.1875) ** 2 + (0.5625) ** 2 + (0.6875) ** 2 + (0.3125) ** 2) / 3)
+    assert d["mean"] == pytest.approx(0.3125)
+    assert d["ci95"] == pytest.approx([0.3125 - 1.96 * sd / 2, 0.3125 + 1.96 * sd / 2])
+    assert (d["better"], d["worse"], d["p_sign"]) == (2, 1, 1.0)  # a tie counts for neither
+
+
+@pytest.mark.parametrize("wins, losses", [(0, 0), (1, 0), (4, 0), (6, 24), (30, 3), (17, 17),
+                                          (50, 60), (0, 300), (280, 320)])
+def test_sign_test_equals_the_binomial_tail(wins, losses):
+    assert sign_test(wins, losses) == pytest.approx(reference_sign_test(wins, losses), rel=1e-9)
+    assert sign_test(wins, losses) == sign_test(losses, wins)  # two-sided: symmetric
+
+
+def test_sign_test_by_hand():
+    assert sign_test(4, 0) == 2 / 16
+    assert sign_test(5, 1) == 2 * (1 + 6) / 64
+    assert sign_test(2, 1) == 1.0  # 2 · (1 + 3) / 8 = 1, not above it
+
+
+def test_one_question_has_no_interval_and_excludes_nothing():
+    # One pair has no spread: [d, d] excluded 0 whenever the two models differed on it, and the
+    # report called the difference significant on a single question.
+    for a, b in (([1], [0]), ([0], [1]), ([1], [1])):
+        d = paired_delta(a, b)
+        assert d["ci95"] is None and d["n"] == 1
+        assert not excludes_zero(d)
+        assert describe_delta(d).startswith(f"{a[0] - b[0]:+.3f} (no confidence interval)")
+    assert paired_delta([1], [0])["p_sign"] == 1.0
+
+
+def test_all_ties_give_a_zero_interval_and_p_one():
+    d = paired_delta([1, 0, 0, 1, 1], [1, 0, 0, 1, 1])
+    assert d == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 5, "better": 0, "worse": 0,
+                 "p_sign": 1.0}
+    assert not excludes_zero(d)
+
+
+def test_unequal_or_empty_inputs_are_refused():
+    for a, b in (([], []), ([1], [1, 0])):
+        with pytest.raises(ValueError, match="equally long, non-empty"):
+            paired_delta(a, b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clustered_rate_equals_a_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 60))
+    total = rng.integers(1, 12, k)
+    right = np.array([rng.integers(0, 2 * t + 1) / 2 for t in total])  # ties count half
+    r = clustered_rate(list(zip(right.tolist(), total.tolist())))
+    rate = right.sum() / total.sum()
+    # the ratio estimator's variance: k/(k−1) · Σ (r_i − rate·n_i)² / (Σ n_i)²
+    var = k / (k - 1) * ((right - rate * total) ** 2).sum() / total.sum() ** 2
+    lo, hi = rate - 1.96 * math.sqrt(var), rate + 1.96 * math.sqrt(var)
+    assert r["mean"] == pytest.approx(rate, abs=1e-12)
+    assert r["ci95"] == pytest.approx([max(0.0, lo), min(1.0, hi)], abs=1e-12)
+    assert (r["clusters"], r["n"]) == (k, int(total.sum()))
+
+
+def test_clustered_rate_with_every_cluster_alike_has_no_spread():
+    assert clustered_rate([(1, 1)] * 7)["ci95"] == [1.0, 1.0]
+    assert clustered_rate([(0, 3), (0, 5)])["ci95"] == [0.0, 0.0]
