@@ -234,3 +234,28 @@ def test_corpus_perplexity_weighs_each_batch_by_its_tokens():
     model = Model(1, 1)
     batches = [torch.zeros(8, 17, dtype=torch.long)] * 5 + [torch.zeros(1, 17, dtype=torch.long)]
     assert corpus_perplexity(model, batches) == pytest.approx(math.exp(45 / 41))
+
+
+def test_a_round_beyond_the_results_leaves_no_curve(tmp_path):
+    # A run stopped in round 3 and finished with --rounds 2 keeps round-3/: its curves are none
+    # of the results', and the plots showed them as a third round.
+    clean, stale = tmp_path / "clean", tmp_path / "stale"
+    for run_dir in (clean, stale):
+        fake_run(run_dir)
+    write_rows(stale / "round-3" / "reward" / "metrics.jsonl", [{"step": 0, "pairwise_acc": 0.1}])
+    write_rows(stale / "round-3" / "ppo" / "metrics.jsonl", [{"step": 1, "reward": 9, "kl": 9}])
+    results = full_results()
+    for run_dir in (clean, stale):
+        write_report(run_dir, results)
+    for name in ("ppo_reward_kl", "rm_accuracy"):
+        assert (stale / "plots" / f"{name}.png").read_bytes() == \
+            (clean / "plots" / f"{name}.png").read_bytes()
+    from gptlab.eval.report import plot_ppo, plot_rm_accuracy, rounds_reported
+    assert rounds_reported(results) == 2
+    labels = plot_ppo(stale, rounds_reported(results)).axes[0].get_legend_handles_labels()[1]
+    assert labels == ["round 1", "round 2"]
+    assert plot_rm_accuracy(stale, results).axes[-1].get_legend_handles_labels()[1] == \
+        ["round 1", "round 2"]
+    # Without config.rounds, the rounds are those the reward-model accuracies are of.
+    assert rounds_reported({"rm_pairwise_acc_per_round": [0.7]}) == 1
+    assert rounds_reported({}) is None and rounds_reported({"config": {"rounds": True}}) is None

@@ -65,14 +65,27 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """The `round-{r}` directories, in round order (round-10 after round-9)."""
+def round_dirs(run_dir: Path, rounds: int | None = None) -> list[tuple[int, Path]]:
+    """The `round-{r}` directories, in round order (round-10 after round-9); with `rounds`, only
+    those up to it."""
     found = []
     for p in run_dir.glob("round-*"):
         m = re.fullmatch(r"round-(\d+)", p.name)
-        if m and p.is_dir():
+        if m and p.is_dir() and (rounds is None or int(m.group(1)) <= rounds):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def rounds_reported(results: dict) -> int | None:
+    """The rounds the results are of (`config.rounds`, else one per reward-model accuracy), or
+    None where they do not say. A run stopped in round 3 and finished with `--rounds 2` keeps its
+    round-3 directory, whose curves are none of these results'."""
+    config = results.get("config")
+    rounds = config.get("rounds") if isinstance(config, dict) else None
+    if isinstance(rounds, int) and not isinstance(rounds, bool):
+        return rounds
+    accs = results.get("rm_pairwise_acc_per_round")
+    return len(accs) if isinstance(accs, list) and accs else None
 
 
 # ---------------------------------------------------------------------------- plots
@@ -110,7 +123,7 @@ def numbers_per_round(results: dict, key: str) -> list[tuple[int, float]]:
 def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
     per_round = numbers_per_round(results, "rm_pairwise_acc_per_round")
     curves = [(r, series(read_metric_rows(d / "reward" / "metrics.jsonl"), "pairwise_acc"))
-              for r, d in round_dirs(run_dir)]
+              for r, d in round_dirs(run_dir, rounds_reported(results))]
     curves = [(r, xy) for r, xy in curves if xy[0]]
     if not per_round and not curves:
         return None
@@ -139,11 +152,12 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
     return fig
 
 
-def plot_ppo(run_dir: Path) -> Figure | None:
-    """Reward and KL per PPO step, the rounds one after another on a global step axis."""
+def plot_ppo(run_dir: Path, rounds: int | None = None) -> Figure | None:
+    """Reward and KL per PPO step, the rounds (up to `rounds`) one after another on a global
+    step axis."""
     fig, (ax_r, ax_kl) = new_figure(5.6, panels=2)
     offset, plotted = 0.0, False
-    for r, d in round_dirs(run_dir):
+    for r, d in round_dirs(run_dir, rounds):
         rows = read_metric_rows(d / "ppo" / "metrics.jsonl")
         (rx, ry), (kx, ky) = series(rows, "reward"), series(rows, "kl")
         if not rx and not kx:
@@ -198,7 +212,7 @@ def write_plots(run_dir: Path, results: dict) -> dict[str, Path]:
     """Write the plots that have data; remove stale ones from an earlier report of this run."""
     figures = {"pretrain_loss": plot_pretrain_loss(run_dir),
                "rm_accuracy": plot_rm_accuracy(run_dir, results),
-               "ppo_reward_kl": plot_ppo(run_dir),
+               "ppo_reward_kl": plot_ppo(run_dir, rounds_reported(results)),
                "exec_accuracy": plot_exec_acc(results)}
     written = {}
     for name in PLOT_NAMES:
