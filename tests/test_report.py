@@ -259,3 +259,33 @@ def test_a_round_beyond_the_results_leaves_no_curve(tmp_path):
     # Without config.rounds, the rounds are those the reward-model accuracies are of.
     assert rounds_reported({"rm_pairwise_acc_per_round": [0.7]}) == 1
     assert rounds_reported({}) is None and rounds_reported({"config": {"rounds": True}}) is None
+
+
+EVIL = "a <script>alert(1)</script> ![x](http://example.invalid/x.png) *b* _c_ R&amp;D ~~d~~ `e` #"
+
+
+def test_markdown_shows_user_text_as_text(tmp_path):
+    # A question, an id, a model's name and a path are text: in a Markdown cell `<script>` was
+    # raw HTML a viewer runs, `![x](url)` an image it fetches, `*b*` emphasis, `&amp;` an entity.
+    results = full_results()
+    results["samples"][0].update(id="<b>q1</b>", question=EVIL + "\nsecond line | cell")
+    results["exec_acc"]["<i>m</i>"] = 0.5
+    results["config"]["out"] = "/tmp/<img src=x>/my_run_"
+    run_dir = tmp_path / "run_#1"
+    write_report(run_dir, results)
+    md = (run_dir / "report.md").read_text()
+    assert md.startswith("# gptlab pipeline report: run\\_\\#1\n")
+    assert ("out /tmp/\\<img src=x>/my_run\\_." in md)  # the `_` inside my_run stays as it is
+    assert "| \\<i>m\\</i> | 0.500 |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| \\<b>q1"))
+    assert row.startswith(
+        "| \\<b>q1\\</b> | a \\<script>alert(1)\\</script> !\\[x\\](http://example.invalid/x.png) "
+        "\\*b\\* \\_c\\_ R\\&amp;D \\~\\~d\\~\\~ \\`e\\` \\# second line \\| cell | `SELECT")
+    assert len(re.split(r"(?<!\\)\|", row)) == 7  # still five cells
+    markdown_it = pytest.importorskip("markdown_it")
+    rendered = markdown_it.MarkdownIt("commonmark").enable("table").render(md)
+    for raw in ("<script>", "<img", "<b>", "<i>", "<em>", "<s>", "&amp;D"):
+        assert raw not in rendered.replace("<img src=\"plots/", "")  # the report's own plots
+    assert "a &lt;script&gt;alert(1)&lt;/script&gt; ![x](http://example.invalid/x.png) *b* _c_ " \
+        "R&amp;amp;D ~~d~~ `e` # second line | cell</td>" in rendered
+    assert "&lt;img src=x&gt;/my_run_." in rendered and "<td>&lt;i&gt;m&lt;/i&gt;</td>" in rendered

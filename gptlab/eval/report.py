@@ -457,6 +457,25 @@ def md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+MD_SPECIAL = re.compile(r"[\\`*\[\]<&|~#]")
+
+
+def md_intraword(text: str, start: int, end: int) -> bool:
+    return (start > 0 and text[start - 1].isalnum() and end < len(text)
+            and text[end].isalnum())
+
+
+def md_text(text: str) -> str:
+    """Plain text (a question, an id, a path) as Markdown that shows it as it is, on one line:
+    `<` would start raw HTML (a `<script>` a viewer runs) and `[`/`]` a link or an image it
+    fetches, `*`, `_`, `~` and backticks emphasis or code, `&` an entity, `|` a new table cell.
+    Each is escaped with a backslash, as CommonMark allows for any ASCII punctuation; a run of
+    `_` inside a word (`pretrain_steps`) cannot open or close emphasis and is left as it is."""
+    text = MD_SPECIAL.sub(lambda m: "\\" + m.group(), " ".join(text.split()))
+    return re.sub(r"_+", lambda m: m.group() if md_intraword(text, m.start(), m.end())
+                  else "\\_" * len(m.group()), text)
+
+
 def md_code(text: str) -> str:
     """A code span whose fence is longer than any run of backticks inside (CommonMark)."""
     if text == NA:
@@ -475,11 +494,12 @@ def mark(correct: bool | None) -> str:
 
 
 def render_markdown(c: ReportContent) -> str:
-    lines = [f"# {c.title}", "", " ".join(c.summary), "", "## Execution accuracy", ""]
+    lines = [f"# {md_text(c.title)}", "", md_text(" ".join(c.summary)), "",
+             "## Execution accuracy", ""]
     if c.exec_rows:
         lines += ["| model | all questions | on the test suite | unseen phrasing | does not run |",
                   "|---|---:|---:|---:|---:|"]
-        lines += [f"| {md_cell(n)} | {a} | {t} | {u} | {e} |" for n, a, t, u, e in c.exec_rows]
+        lines += [f"| {md_text(n)} | {a} | {t} | {u} | {e} |" for n, a, t, u, e in c.exec_rows]
         for note in (c.exec_counts, c.exec_note):
             if note:
                 lines += ["", note]
@@ -495,7 +515,7 @@ def render_markdown(c: ReportContent) -> str:
     if c.samples:
         lines += ["| id | question | gold | SFT | PPO |", "|---|---|---|---|---|"]
         for s in c.samples:
-            lines.append(f"| {md_cell(s.id)} | {md_cell(s.question)} | {md_code(s.gold)} | "
+            lines.append(f"| {md_text(s.id)} | {md_text(s.question)} | {md_code(s.gold)} | "
                          f"{mark(s.sft_correct)} {md_code(s.sft)} | "
                          f"{mark(s.ppo_correct)} {md_code(s.ppo)} |")
     else:
