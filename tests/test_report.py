@@ -289,3 +289,23 @@ def test_markdown_shows_user_text_as_text(tmp_path):
     assert "a &lt;script&gt;alert(1)&lt;/script&gt; ![x](http://example.invalid/x.png) *b* _c_ " \
         "R&amp;amp;D ~~d~~ `e` # second line | cell</td>" in rendered
     assert "&lt;img src=x&gt;/my_run_." in rendered and "<td>&lt;i&gt;m&lt;/i&gt;</td>" in rendered
+
+
+def test_every_plot_has_labelled_axes_and_titles_inside_the_figure(tmp_path):
+    # The reward-model plot's second title ran past both edges of the figure, cut off.
+    from gptlab.eval.report import plot_exec_acc, plot_ppo, plot_pretrain_loss, plot_rm_accuracy
+    fake_run(tmp_path)
+    results = full_results()
+    figures = [plot_pretrain_loss(tmp_path), plot_rm_accuracy(tmp_path, results),
+               plot_ppo(tmp_path), plot_exec_acc(results)]
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        width = fig.bbox.width
+        for ax in fig.axes:
+            assert ax.get_ylabel() and ax.get_title()
+            # the bar chart's x axis is the models, named at each tick
+            assert ax.get_xlabel() or [t.get_text() for t in ax.get_xticklabels()] == \
+                ["pretrained", "sft", "sft_continued", "ppo_round_1", "ppo_round_2", "ppo"]
+            box = ax.title.get_window_extent(renderer)
+            assert 0 <= box.x0 and box.x1 <= width, ax.get_title()

@@ -145,7 +145,7 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
         ax = axes[-1]
         for r, xy in curves:
             ax.plot(*xy, "o-", ms=3, label=f"round {r}")
-        ax.set(title="Reward model: pairwise accuracy at each evaluation (against the "
+        ax.set(title="Reward model: pairwise accuracy at each evaluation\n(against the "
                      "labelers' own held-out rankings)", xlabel="step", ylabel="pairwise accuracy")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -171,7 +171,7 @@ def plot_ppo(run_dir: Path, rounds: int | None = None) -> Figure | None:
         plotted = True
     if not plotted:
         return None
-    ax_r.set(title="PPO: mean reward per step", ylabel="reward")
+    ax_r.set(title="PPO: mean reward per step", xlabel="step (all rounds)", ylabel="reward")
     ax_kl.set(title="PPO: KL(policy ‖ SFT) per response, at PPO's temperature",
               xlabel="step (all rounds)", ylabel="KL (nats)")
     for ax in (ax_r, ax_kl):
