@@ -2,6 +2,7 @@
 are real PNGs, user text is escaped, and a run with nothing in it still gets a report."""
 import base64
 import json
+import math
 import re
 from pathlib import Path
 
@@ -309,3 +310,18 @@ def test_every_plot_has_labelled_axes_and_titles_inside_the_figure(tmp_path):
                 ["pretrained", "sft", "sft_continued", "ppo_round_1", "ppo_round_2", "ppo"]
             box = ax.title.get_window_extent(renderer)
             assert 0 <= box.x0 and box.x1 <= width, ax.get_title()
+
+
+def test_a_number_that_is_nan_or_infinite_is_shown_as_such_not_as_missing(tmp_path):
+    # report.json has NaN / Infinity; the report said n/a, as if the stage had not run.
+    results = full_results()
+    results["kl_ppo_vs_sft"] = math.nan
+    results["ptx"] = {"corpus_ppl_sft": 21.456, "corpus_ppl_ppo": math.inf}
+    results["exec_acc"]["sft"] = math.nan
+    write_report(tmp_path, results)
+    assert '"kl_ppo_vs_sft": NaN' in (tmp_path / "report.json").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "(nats, sampled at T = 1): nan" in md
+    assert "perplexity, PPO: inf" in md
+    assert "| sft | nan | 0.500 | 0.400 | 0.040 |" in md
+    assert "(nats, sampled at T = 1): nan" in (tmp_path / "report.html").read_text()

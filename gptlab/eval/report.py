@@ -228,7 +228,12 @@ def write_plots(run_dir: Path, results: dict) -> dict[str, Path]:
 # ---------------------------------------------------------------------------- content
 
 def fmt(value: Any, digits: int = 3, sign: bool = False) -> str:
+    """`value` to `digits` decimals; n/a where there is no number. A NaN or an infinity was
+    computed (a diverged model's KL, an overflowing perplexity) and reads nan / inf, as
+    report.json's NaN / Infinity, not n/a, which says the stage did not run."""
     x = as_number(value)
+    if x is None and isinstance(value, float):
+        x = value
     if x is None:
         return NA
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
