@@ -146,6 +146,12 @@ def test_markdown_sample_table(full_report):
     run_dir, _, _ = full_report
     md = (run_dir / "report.md").read_text()
     assert "| id | question | gold | SFT | PPO |" in md
+    # how the samples were picked and what the marks mean, above the table in both documents
+    note = ("The first three test questions, then the next ones where SFT and PPO (the last "
+            "round's) answer differently. ✓: the answer returns the gold's result on the company "
+            "database; ✗: it does not.")
+    assert f"## Sample answers\n\n{note}\n\n| id |" in md
+    assert f"<p>{note.replace(chr(39), '&#39;')}</p>" in (run_dir / "report.html").read_text()
     rows = [line for line in md.splitlines() if re.match(r"\| q\d+ \|", line)]
     assert len(rows) == 10  # at most ten samples
     assert rows[0] == ("| q1 | How many employees earn less than 50000? | "

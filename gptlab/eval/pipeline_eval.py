@@ -192,7 +192,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
                            pc.val_fraction, pc.seed, pc.cache_dir)
     val = data.val_batches(8, 8)
 
-    samples = []
+    samples = []  # as the report's SAMPLES_NOTE says: the first three, then where they differ
     for i, r in enumerate(test):
         if len(samples) >= 10:
             break

@@ -388,6 +388,12 @@ SUITE_NOTE = ("On the test suite: the answer returns the gold's result on the co
               "the gold's rows on the company does not.")
 
 
+# As evaluate_pipeline picks them (gptlab/eval/pipeline_eval.py).
+SAMPLES_NOTE = ("The first three test questions, then the next ones where SFT and PPO (the last "
+                "round's) answer differently. ✓: the answer returns the gold's result on the "
+                "company database; ✗: it does not.")
+
+
 PLOT_CAPTIONS = {
     "pretrain_loss": "Pretraining: training and validation loss",
     "rm_accuracy": "Reward model: held-out pairwise accuracy",
@@ -518,7 +524,7 @@ def render_markdown(c: ReportContent) -> str:
             lines += ["", f"![{caption}]({rel.as_posix()})"]
     lines += ["", "## Sample answers", ""]
     if c.samples:
-        lines += ["| id | question | gold | SFT | PPO |", "|---|---|---|---|---|"]
+        lines += [SAMPLES_NOTE, "", "| id | question | gold | SFT | PPO |", "|---|---|---|---|---|"]
         for s in c.samples:
             lines.append(f"| {md_text(s.id)} | {md_text(s.question)} | {md_code(s.gold)} | "
                          f"{mark(s.sft_correct)} {md_code(s.sft)} | "
@@ -576,6 +582,7 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 {% endif %}
 <h2>Sample answers</h2>
 {% if c.samples %}
+<p>{{ samples_note }}</p>
 <table>
 <tr><th>id</th><th>question</th><th>gold</th><th>SFT</th><th>PPO</th></tr>
 {% for s in c.samples %}
@@ -604,7 +611,7 @@ def render_html(c: ReportContent, run_dir: Path) -> str:
     env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     template = env.from_string(HTML_TEMPLATE)
     images = [(caption, data_uri(run_dir / rel)) for caption, rel in c.plots]
-    return template.render(c=c, images=images, verdict=html_verdict)
+    return template.render(c=c, images=images, verdict=html_verdict, samples_note=SAMPLES_NOTE)
 
 
 # ---------------------------------------------------------------------------- entry point
