@@ -124,7 +124,7 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert "Win rate of PPO over SFT by verdict alone (answers of one verdict tie): 0.620" in md
     assert "(nats, sampled at T = 1): 1.2345" in md
     assert "perplexity, SFT: 21.46" in md and "perplexity, PPO: 22.50" in md
-    assert ("round 1: 0.700 [0.550, 0.850] (28 held-out rankings, 40 pairs; 0.650 by the "
+    assert ("round 1: 0.700, 95% CI [0.550, 0.850] (28 held-out rankings, 40 pairs; 0.650 by the "
             "labelers' rankings), "
             "round 2: 0.800 (66 held-out rankings, 131 pairs)" in md)
     assert "Reward model held-out pairwise accuracy (noise-free labeler): 0.800" in md

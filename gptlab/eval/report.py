@@ -309,9 +309,9 @@ def describe_headroom(h: dict) -> tuple[str, str]:
 
 
 def describe_rounds(results: dict) -> str:
-    """'round 1: 0.831 [0.702, 0.960] (28 held-out rankings, 40 pairs; 0.708 by the labelers'
-    rankings), round 2: …' (the 95% interval, with the prompts as the draws, the counts and the
-    labelers' figure where the run has them)."""
+    """'round 1: 0.831, 95% CI [0.702, 0.960] (28 held-out rankings, 40 pairs; 0.708 by the
+    labelers' rankings), round 2: …' (the interval with the prompts as the draws, the counts
+    and the labelers' figure where the run has them)."""
     accs = results.get("rm_pairwise_acc_per_round")
     if not isinstance(accs, list) or not accs:
         return NA
@@ -327,7 +327,7 @@ def describe_rounds(results: dict) -> str:
             per_round("rm_heldout_pairs_per_round"),
             per_round("rm_pairwise_acc_labelers_per_round")), 1):
         bounds = interval(ci)
-        shown = f" [{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else ""
+        shown = f", 95% CI [{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else ""
         notes = []
         if isinstance(n, int):
             notes.append(f"{n} held-out rankings"
