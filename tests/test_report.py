@@ -331,3 +331,43 @@ def test_a_number_that_is_nan_or_infinite_is_shown_as_such_not_as_missing(tmp_pa
     assert "perplexity, PPO: inf" in md
     assert "| sft | nan | 0.500 | 0.400 | 0.040 |" in md
     assert "(nats, sampled at T = 1): nan" in (tmp_path / "report.html").read_text()
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and "metrics" not in p.name}
+
+
+def test_regenerating_from_report_json_is_deterministic(tmp_path):
+    # The report made again from its own report.json is the same file for file, byte for byte.
+    fake_run(tmp_path)
+    write_report(tmp_path, full_results())
+    first = snapshot(tmp_path)
+    write_report(tmp_path, json.loads((tmp_path / "report.json").read_text()))
+    assert snapshot(tmp_path) == first
+    assert sorted(first) == ["plots/exec_accuracy.png", "plots/ppo_reward_kl.png",
+                             "plots/pretrain_loss.png", "plots/rm_accuracy.png", "report.html",
+                             "report.json", "report.md"]
+
+
+def test_a_report_that_fails_to_render_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    # report.md and the plots were replaced before report.html was rendered: a failure there
+    # left the new Markdown and plots beside the old page.
+    from gptlab.eval import report
+    fake_run(tmp_path)
+    write_report(tmp_path, full_results())
+    before = snapshot(tmp_path)
+    for r in (1, 2):  # the PPO plot would go, and the numbers change
+        (tmp_path / f"round-{r}" / "ppo" / "metrics.jsonl").unlink()
+    changed = {**full_results(), "win_rate_ppo_vs_sft": 0.1}
+
+    def fail(*args):
+        raise RuntimeError("rendering failed")
+    monkeypatch.setattr(report, "render_html", fail)
+    with pytest.raises(RuntimeError, match="rendering failed"):
+        write_report(tmp_path, changed)
+    after = snapshot(tmp_path)
+    assert json.loads(after.pop("report.json")) == changed  # the numbers first, as before
+    before.pop("report.json")
+    assert after == before
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporaries

@@ -9,6 +9,7 @@ whose data is missing is left out.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import re
@@ -203,26 +204,34 @@ def plot_exec_acc(results: dict) -> Figure | None:
     return fig
 
 
-def save_png(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
 
 
-def write_plots(run_dir: Path, results: dict) -> dict[str, Path]:
-    """Write the plots that have data; remove stale ones from an earlier report of this run."""
+def render_plots(run_dir: Path, results: dict) -> dict[str, bytes]:
+    """The PNG of each plot that has data, by name, in PLOT_NAMES order."""
     figures = {"pretrain_loss": plot_pretrain_loss(run_dir),
                "rm_accuracy": plot_rm_accuracy(run_dir, results),
                "ppo_reward_kl": plot_ppo(run_dir, rounds_reported(results)),
                "exec_accuracy": plot_exec_acc(results)}
-    written = {}
+    return {name: png_bytes(figures[name]) for name in PLOT_NAMES if figures[name] is not None}
+
+
+def plot_path(run_dir: Path, name: str) -> Path:
+    return run_dir / "plots" / f"{name}.png"
+
+
+def write_plots(run_dir: Path, pngs: dict[str, bytes]) -> None:
+    """Write the plots that have data; remove stale ones from an earlier report of this run."""
     for name in PLOT_NAMES:
-        path = run_dir / "plots" / f"{name}.png"
-        if figures[name] is None:
+        path = plot_path(run_dir, name)
+        if name not in pngs:
             path.unlink(missing_ok=True)
             continue
-        save_png(figures[name], path)
-        written[name] = path
-    return written
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(pngs[name])
 
 
 # ---------------------------------------------------------------------------- content
@@ -597,8 +606,8 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 """)
 
 
-def data_uri(png: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def html_verdict(correct: bool | None) -> Markup:
@@ -606,11 +615,13 @@ def html_verdict(correct: bool | None) -> Markup:
     return Markup(f'<span class="{cls}">{mark(correct)}</span>')
 
 
-def render_html(c: ReportContent, run_dir: Path) -> str:
+def render_html(c: ReportContent, pngs: dict[Path, bytes]) -> str:
+    """The page, self-contained: each plot of `c` (by its path under the run directory, in
+    `pngs`) is embedded as a data URI, so viewing it fetches nothing."""
     # Autoescape: questions and model answers are text from the world and the model, not HTML.
     env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     template = env.from_string(HTML_TEMPLATE)
-    images = [(caption, data_uri(run_dir / rel)) for caption, rel in c.plots]
+    images = [(caption, data_uri(pngs[rel])) for caption, rel in c.plots]
     return template.render(c=c, images=images, verdict=html_verdict, samples_note=SAMPLES_NOTE)
 
 
@@ -625,10 +636,17 @@ def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
     run_dir = Path(run_dir)
     # The numbers first: if anything below fails, the run's results are still on disk.
     write_json_atomic(run_dir / "report.json", results)
-    plots = write_plots(run_dir, results)
+    # Everything rendered before any file of the earlier report is replaced: a failure leaves
+    # its plots, report.md and report.html as they were, one report, not half of two.
+    pngs = render_plots(run_dir, results)
+    plots = {name: plot_path(run_dir, name) for name in pngs}
     content = build_content(run_dir, results, plots)
-    write_text_atomic(run_dir / "report.md", render_markdown(content))
-    write_text_atomic(run_dir / "report.html", render_html(content, run_dir))
+    markdown = render_markdown(content)
+    html = render_html(content, {plots[name].relative_to(run_dir): png
+                                 for name, png in pngs.items()})
+    write_plots(run_dir, pngs)
+    write_text_atomic(run_dir / "report.md", markdown)
+    write_text_atomic(run_dir / "report.html", html)
     written = {"report.json": run_dir / "report.json", "report.md": run_dir / "report.md",
                "report.html": run_dir / "report.html"}
     written.update({f"plots/{path.name}": path for path in plots.values()})
