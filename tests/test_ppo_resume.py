@@ -110,6 +110,26 @@ def test_each_step_prints_the_metrics_to_watch(setup, tmp_path, capsys):
                         f"vloss {r['value_loss']:.3f}")
 
 
+def test_no_progress_silences_the_step_lines_not_metrics(setup, tmp_path, capsys):
+    # `--no-progress` (progress=False, what the pipeline passes unless --progress) prints no
+    # per-step line; metrics.jsonl is the same as with them, and a resume may change it.
+    _, args, _ = setup
+    loud, quiet = tmp_path / "loud", tmp_path / "quiet"
+    assert main([*ppo_cli(args, loud, save_every=1), "--steps", "2"]) == 0
+    assert capsys.readouterr().err.count("ppo step") == 2
+    assert main([*ppo_cli(args, quiet, save_every=1), "--steps", "1", "--no-progress"]) == 0
+    assert "ppo step" not in capsys.readouterr().err
+    assert main([*ppo_cli(args, quiet, save_every=1), "--steps", "2", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and err.count("ppo step") == 1  # step 2 of 2, loud again
+    assert rows(quiet) == rows(loud)
+    assert PPOConfig().progress
+    for progress in (False, True):
+        pipe = Pipeline(PipelineConfig(out=str(tmp_path / "pipe"), progress=progress))
+        cfg = pipe.ppo_config(tmp_path / "sft", tmp_path / "sft", tmp_path / "p", 2, 0)
+        assert cfg.progress is progress
+
+
 def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch, capsys):
     d, args, straight = setup
     out = d / "split"

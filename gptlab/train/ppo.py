@@ -103,6 +103,8 @@ class PPOConfig:
     seed: int = 0
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"})
+    progress: bool = field(default=True, metadata={
+        "help": "a line per step on stderr (metrics.jsonl is written either way)"})
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""
@@ -151,7 +153,7 @@ class PPOConfig:
 
 # Settings a resumed run may change: none of them alters the steps taken or the next ones (the
 # learning rate after warmup is constant, so `steps` only says where to stop).
-RESUMABLE = ("steps", "save_every", "resume", "out", "device", "cache_dir")
+RESUMABLE = ("steps", "save_every", "resume", "out", "device", "cache_dir", "progress")
 
 
 def import_from_cwd(name: str) -> Any:
@@ -738,11 +740,12 @@ class PPOTrainer:
                     log.log(row)
                     good = self.snapshot()
                     updating = False
-                    print(f"ppo step {step}/{cfg.steps} reward {row['reward']:+.3f} "
-                          f"kl {row['kl']:.3f} entropy {row['entropy']:.3f} "
-                          f"len {row['response_length']:.1f} clip {row['clipfrac']:.3f} "
-                          f"approx_kl {row['approx_kl']:.4f} vloss {row['value_loss']:.3f}",
-                          file=sys.stderr)
+                    if cfg.progress:
+                        print(f"ppo step {step}/{cfg.steps} reward {row['reward']:+.3f} "
+                              f"kl {row['kl']:.3f} entropy {row['entropy']:.3f} "
+                              f"len {row['response_length']:.1f} "
+                              f"clip {row['clipfrac']:.3f} approx_kl {row['approx_kl']:.4f} "
+                              f"vloss {row['value_loss']:.3f}", file=sys.stderr)
                     if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
                         self.checkpoint(good)
                         saved = step
