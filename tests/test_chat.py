@@ -193,36 +193,60 @@ def test_reset_exit_and_overflow(tiny_dir, monkeypatch):
     assert prompts[2] == tok.render_chat([user(third)], add_generation_prompt=True)[0]
     assert session.messages == [user(third), bot(reply.strip())]
     r = reply.strip()  # the skipped message's block is empty: blocks stay one per message
-    assert out.getvalue() == f"{r}\n\n{r}\n\n\n{r}\n\n"
+    assert out.getvalue() == f"{r}\n\n\n{r}\n\n\n\n\n{r}\n\n\n"
 
 
 def blocks(piped: str) -> list[list[str]]:
-    """Piped chat output read as README says: lines up to an empty one are one reply."""
+    """Piped chat output read as README says: lines up to two empty ones in a row are one
+    reply."""
     out, block = [], []
     for line in piped.split("\n")[:-1]:
-        if line:
-            block.append(line)
-        else:
-            out.append(block)
+        if not line and block[-1:] == [""]:  # the second empty line: the reply's end
+            out.append(block[:-1])
             block = []
+        else:
+            block.append(line)
+    assert not block  # the output ends with a reply's end
     return out
 
 
-def test_piped_replies_are_blocks_ended_by_an_empty_line(tiny_dir, monkeypatch):
+def test_piped_replies_are_blocks_ended_by_two_empty_lines(tiny_dir, monkeypatch):
     # Piped, a reply of several lines ran into the next: a script could not tell them apart.
-    # Now each is its lines without empty ones, then an empty line; a terminal is unchanged.
+    # Then each was its lines without empty ones, then an empty line: a reply's paragraphs
+    # were joined. Now a run of blank lines inside a reply is one empty line, and two end it;
+    # a terminal is unchanged.
     from gptlab.checkpoint import load_model
     model, tok, _ = load_model(tiny_dir)
-    replies = iter(["the cat\n\nsat on\n  \nthe mat", "the dog", "", "a bird\nsang"])
+    replies = iter(["the cat\n\nsat on\n  \n\n\t\nthe mat", "the dog", "", "\n a\n\n",
+                    "a bird\n\n\nsang"])
     monkeypatch.setattr(ChatSession, "reply", lambda self, text, stderr=None: next(replies))
     session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
     out, err = io.StringIO(), io.StringIO()
-    assert run_chat(session, io.StringIO("one\ntwo\nthree\n"), out, err) == 3
-    assert out.getvalue() == "the cat\nsat on\nthe mat\n\nthe dog\n\n\n"
-    assert blocks(out.getvalue()) == [["the cat", "sat on", "the mat"], ["the dog"], []]
+    assert run_chat(session, io.StringIO("one\ntwo\nthree\nfour\n"), out, err) == 4
+    assert out.getvalue() == "the cat\n\nsat on\n\nthe mat\n\n\nthe dog\n\n\n\n\n a\n\n\n"
+    assert blocks(out.getvalue()) == [["the cat", "", "sat on", "", "the mat"], ["the dog"], [],
+                                      [" a"]]
     out = io.StringIO()
-    assert run_chat(session, Terminal("four\n"), out, io.StringIO()) == 1
-    assert out.getvalue() == "> a bird\nsang\n> \n"  # a terminal: as the reply was
+    assert run_chat(session, Terminal("five\n"), out, io.StringIO()) == 1
+    assert out.getvalue() == "> a bird\n\n\nsang\n> \n"  # a terminal: as the reply was
+
+
+def test_blank_lines_are_not_messages(tiny_dir, spy):
+    # An empty or whitespace-only line is not sent (nor answered, nor kept as a turn), piped or
+    # at a terminal; a line with text around its spaces is a message.
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    for stdin in (io.StringIO(" \t \n\nthe cat\n\u00a0\r\n"),
+                  Terminal(" \t \n\nthe cat\n\u00a0\r\n")):
+        spy.prompts.clear()
+        session = ChatSession(model, tok, ChatConfig(max_new_tokens=4, greedy=True))
+        out = io.StringIO()
+        assert run_chat(session, stdin, out, io.StringIO()) == 1
+        assert [m["content"] for m in session.messages if m["role"] == "user"] == ["the cat"]
+        assert len(spy.prompts) == 1
+        answer = session.messages[-1]["content"]
+        assert out.getvalue() == (terminal.reply_block(answer) if not stdin.isatty()
+                                  else "> > > " + answer + "\n> > \n")
 
 
 def test_cli_pipes_and_checks_flags(tiny_dir, monkeypatch, capsys):
@@ -263,7 +287,7 @@ def test_cli_refuses_a_line_that_is_not_utf8_and_bad_sampling_flags(tiny_dir, mo
         assert main(["chat", "--model", str(tiny_dir), "--greedy",
                      "--max-new-tokens", "4"]) == 2
         captured = capsys.readouterr()
-        assert captured.out.count("\n") == 1  # the first line was answered (an empty reply)
+        assert captured.out == "\n\n"  # the first line was answered (an empty reply's block)
         assert captured.err.endswith("gptlab chat: error: <stdin>:2: not UTF-8 text: byte 0xff "
                                      "at character 2 cannot be decoded\n")
     monkeypatch.setattr("sys.stdin", io.StringIO(""))

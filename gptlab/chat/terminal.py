@@ -8,7 +8,8 @@ than sent to the model as a question. A line that is not UTF-8 text is an error 
 naming the line, rather than text the model would see as replacement characters. Replies go to
 stdout; notes (dropped turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' |
 gptlab chat --model M --greedy` prints just the answer. From a pipe (stdin no terminal) each
-reply ends with an empty line, and has none inside (`reply_block`): a script tells replies apart.
+reply ends with two empty lines, and has never two in a row inside (`reply_block`): a script
+tells replies apart. An empty or whitespace-only line is no message: it is not answered.
 """
 from __future__ import annotations
 
@@ -184,10 +185,19 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
 
 
 def reply_block(answer: str) -> str:
-    """A reply as a pipe gets it: its lines without the empty ones, then one empty line, so a
-    script splits the output at empty lines into one block per message (a skipped message's
-    block is empty). The history keeps the reply as it was."""
-    return "".join(line + "\n" for line in answer.split("\n") if line.strip()) + "\n"
+    """A reply as a pipe gets it: its lines, each run of blank (empty or whitespace-only) lines
+    inside it as one empty line and none at its start or end, then two empty lines. A script
+    reads lines up to two empty ones in a row as one block per message (a skipped message's
+    block is empty); a reply's paragraphs stay apart. The history keeps the reply as it was."""
+    lines: list[str] = []
+    for line in answer.split("\n"):
+        if line.strip():
+            lines.append(line)
+        elif lines and lines[-1]:
+            lines.append("")
+    if lines and not lines[-1]:
+        lines.pop()
+    return "".join(line + "\n" for line in lines) + "\n\n"
 
 
 def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
