@@ -90,6 +90,65 @@ def test_an_assistant_message_must_be_a_non_empty_string(tok, tmp_path, content)
     assert len(read_prompts(f)) == 1
 
 
+@pytest.mark.parametrize("blank", [" ", "\n\t "])
+def test_a_whitespace_only_prompt_names_file_line_and_field_in_every_reader(tok, tmp_path,
+                                                                           blank):
+    # It was taken (only "" was refused): sampled, ranked and trained on as a question.
+    answers = {"completion": " yes", "chosen": "yes", "rejected": "no"}
+    last_turn = "is empty or only whitespace; the last user turn must ask something"
+    for prompt, field, message in (
+            ({"prompt": blank}, "prompt", "is only whitespace; it must ask something"),
+            ({"prompt": [{"role": "user", "content": blank}]}, "prompt[0].content", last_turn),
+            ({"prompt": [USER, ASSISTANT, {"role": "user", "content": ""}]},
+             "prompt[2].content", last_turn),
+            ({"messages": [USER, ASSISTANT, {"role": "user", "content": blank}]},
+             "messages[2].content", last_turn)):
+        f = write(tmp_path / "f.jsonl", {"prompt": "Is the cat happy?", **answers},
+                  {**prompt, **answers})
+        readers = [read_prompts, read_rankings]
+        if "prompt" in prompt:  # SFT's `messages` are a conversation to learn, not a prompt
+            readers.append(lambda path: read_demonstrations(path, tok, 64))
+        for reader in readers:
+            with pytest.raises(UserError) as err:
+                reader(f)
+            assert str(err.value) == f"{f}:2, field '{field}': {message}"
+    # Text with whitespace around it, and a blank turn before the last, still ask something.
+    write(f, {"prompt": " hi \n"}, {"messages": [{"role": "user", "content": blank},
+                                                  ASSISTANT, USER]})
+    assert len(read_prompts(f)) == 2
+
+
+def test_sample_ppo_and_sft_refuse_a_whitespace_only_prompt_writing_nothing(tok, tmp_path,
+                                                                            capsys):
+    import dataclasses
+
+    from gptlab.checkpoint import save_model
+    from gptlab.cli import main
+    from gptlab.model import GPT, get_preset
+    from gptlab.model.heads import ScalarHeadModel
+    torch.manual_seed(0)
+    gpt = GPT(dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64))
+    save_model(tmp_path / "base", gpt, tok)
+    save_model(tmp_path / "rm", ScalarHeadModel.from_gpt(gpt), tok)
+    f = write(tmp_path / "p.jsonl", *[{"id": i, "prompt": "Is the cat happy?",
+                                       "completion": " yes"} for i in range(3)],
+              {"id": 3, "prompt": " \t ", "completion": " yes"})
+    expected = f"{f}:4, field 'prompt': is only whitespace; it must ask something\n"
+    base = str(tmp_path / "base")
+    for verb, args, out in (
+            ("sample", ["--model", base, "--prompts", str(f), "--k", "2",
+                        "--max-new-tokens", "4"], "s.jsonl"),
+            ("ppo", ["--policy", base, "--reward", str(tmp_path / "rm"), "--prompts", str(f),
+                     "--steps", "1", "--batch-size", "2", "--minibatch-size", "2",
+                     "--max-new-tokens", "4"],
+             "ppo"),
+            ("sft", ["--model", base, "--data", str(f), "--max-steps", "1", "--no-progress"],
+             "sft")):
+        assert main([verb, *args, "--out", str(tmp_path / out)]) == 2, verb
+        assert capsys.readouterr().err == f"gptlab {verb}: error: " + expected
+        assert not (tmp_path / out).exists()
+
+
 @pytest.mark.parametrize("extra", [{"prompt": "Is the cat happy?", "completion": " yes"},
                                    {"completion": " yes"}, {"prompt": "Is the cat happy?"}])
 def test_a_demonstration_with_both_messages_and_a_completion_is_refused(tok, tmp_path, extra):

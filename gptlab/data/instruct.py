@@ -108,6 +108,11 @@ def prompt_of(record: dict, path: str | Path | None = None, line: int | None = N
             return _prompt_messages(record["prompt"], path, line, "prompt")
         if not isinstance(record["prompt"], str) or not record["prompt"]:
             raise UserError("must be a non-empty string", path=path, line=line, field="prompt")
+        if not record["prompt"].strip():
+            # The model would be asked nothing: its answers (sampled, ranked, trained on)
+            # could only be noise.
+            raise UserError("is only whitespace; it must ask something", path=path, line=line,
+                            field="prompt")
         return _checked_text(record["prompt"], path, line, "prompt")
     if "messages" in record:
         return _prompt_messages(record["messages"], path, line, "messages")
@@ -125,6 +130,9 @@ def _prompt_messages(msgs: Any, path: str | Path | None, line: int | None, field
         # model would be shown the answer it is asked for.
         raise UserError(f"must end on a user turn, not {msgs[-1]['role']!r}", path=path,
                         line=line, field=field)
+    if not msgs[-1]["content"].strip():  # the question answered: as a text prompt, not blank
+        raise UserError("is empty or only whitespace; the last user turn must ask something",
+                        path=path, line=line, field=f"{field}[{len(msgs) - 1}].content")
     return msgs
 
 
