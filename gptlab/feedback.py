@@ -26,13 +26,16 @@ RankFn = Callable[[dict, list[str]], list[str | list[str]]]
 def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
                      params: SamplingParams, seed: int = 0, batch_size: int = 256,
                      skips: SkipCounter | None = None, cut: list[int] | None = None,
-                     path: str | Path = "") -> list[dict]:
+                     path: str | Path = "", mark_cut: bool = False) -> list[dict]:
     """K responses per prompt record: `{**record, "responses": [...]}`.
 
     Each prompt is repeated K times in the batch; rows differ by the sampler's random stream.
     `cut`, a list, gets the number of responses that `max_new_tokens` stopped before their EOS
     (or end of turn) appended. `path`, the file the records come from, is named with a record's
     line when its prompt cannot be encoded (a conversation the chat template refuses).
+    `mark_cut` (`gptlab sample`) adds `"finished": [...]`, per response whether it ended on its
+    own, and decodes a cut response without a last character the cut split (`decode_cut`: no
+    U+FFFD at the end); without it (the pipeline) every response is decoded plainly.
     """
     skips = skips if skips is not None else SkipCounter()
     stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
@@ -57,9 +60,15 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
         if cut is not None:
             cut.append(gen.finished.count(False))
         for j, (rec, _) in enumerate(chunk):
-            responses = [tokenizer.decode(t) for t in gen.tokens[j * k:(j + 1) * k]]
+            rows = range(j * k, (j + 1) * k)
             row = {key: v for key, v in rec.items() if key != "_line"}
-            out.append({**row, "responses": responses})
+            if not mark_cut:
+                out.append({**row, "responses": [tokenizer.decode(gen.tokens[i]) for i in rows]})
+                continue
+            responses = [tokenizer.decode(gen.tokens[i]) if gen.finished[i]
+                         else tokenizer.decode_cut(gen.tokens[i]) for i in rows]
+            out.append({**row, "responses": responses,
+                        "finished": [bool(gen.finished[i]) for i in rows]})
     return out
 
 
@@ -93,7 +102,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     model, tok = load(model_path, device)
     skips, cut = SkipCounter(), []
     rows = sample_responses(model, tok, records, k, params, seed, skips=skips, cut=cut,
-                            path=prompts)
+                            path=prompts, mark_cut=True)
     if not rows:
         raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
                         f"context is {model.config.context} tokens, --max-new-tokens "
@@ -106,7 +115,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
         # reads it closed by EOS (the end of turn) like any other.
         print(f"note: {sum(cut)} of {len(rows) * k} responses reached --max-new-tokens "
               f"{max_new_tokens} unfinished (no end of sequence or end of turn): they are "
-              f"written cut", file=sys.stderr)
+              f"written cut, false in their line's \"finished\"", file=sys.stderr)
     return n
 
 
@@ -115,9 +124,10 @@ def distinct(responses: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(responses))
 
 
-# Fields of a sample that its ranking leaves out: its responses (ranked now), its line, and
-# another ranking of the prompt.
-_NOT_CARRIED = ("responses", "_line", "chosen", "rejected")
+# Fields of a sample that its ranking leaves out: its responses (ranked now) and whether each
+# finished (in the responses' order, which the ranking changes), its line, and another ranking
+# of the prompt.
+_NOT_CARRIED = ("responses", "finished", "_line", "chosen", "rejected")
 
 
 def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None = None,

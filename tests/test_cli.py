@@ -543,8 +543,46 @@ def test_sample_says_how_many_responses_max_new_tokens_cut(tiny_model, tmp_path,
                  "--max-new-tokens", "2", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.err == ("note: 6 of 6 responses reached --max-new-tokens 2 unfinished (no "
-                            "end of sequence or end of turn): they are written cut\n")
+                            "end of sequence or end of turn): they are written cut, false in "
+                            "their line's \"finished\"\n")
     assert captured.out == f"wrote 2 prompts x 3 responses to {out}\n"
+    assert [r["finished"] for r in read_jsonl(out)] == [[False] * 3] * 2
+
+
+def test_sample_marks_each_cut_response_and_ends_it_before_a_split_character(tiny_model,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    # A response cut between the byte tokens of one character ("€", three bytes) ended in
+    # U+FFFD, and which responses were cut was nowhere in the file. Now a `finished` list per
+    # line says it, and a cut response ends before that character, as `chat` and `generate`
+    # cut; the pipeline's own sampling (no mark_cut) is as it was.
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation, SamplingParams
+    from gptlab.feedback import label_samples, sample_responses
+    model, tok, _ = load_model(tiny_model)
+    cut = tok.encode("the cat €")[:-1]
+    assert tok.decode(cut) == "the cat \ufffd"
+    done = tok.encode("the mat \ufffd") + [tok.eos_id]  # invalid bytes it chose to end on stay
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        tokens = [cut if i % 2 == 0 else done for i in range(len(prompts))]
+        return Generation(tokens, [[0.0] * len(t) for t in tokens],
+                          [i % 2 == 1 for i in range(len(prompts))])
+    monkeypatch.setattr("gptlab.feedback.generate", generate)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "hello"}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--k", "2",
+                 "--max-new-tokens", "8", "--out", str(out)]) == 0
+    rows = read_jsonl(out)
+    assert [{k: v for k, v in r.items() if k != "_line"} for r in rows] == [
+        {"id": 1, "prompt": "hello", "responses": ["the cat ", "the mat \ufffd"],
+         "finished": [False, True]}]
+    ranked = label_samples(rows, lambda rec, responses: sorted(responses))
+    assert ranked == [{"id": 1, "prompt": "hello", "ranked": ["the cat ", "the mat \ufffd"]}]
+    plain = sample_responses(model, tok, [{"prompt": "hello"}], 2,
+                             SamplingParams(max_new_tokens=8))
+    assert plain == [{"prompt": "hello", "responses": ["the cat \ufffd", "the mat \ufffd"]}]
 
 
 def test_sample_and_label_never_write_over_their_input(tiny_model, tmp_path, capsys):
