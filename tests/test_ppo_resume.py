@@ -111,7 +111,7 @@ def test_each_step_prints_the_metrics_to_watch(setup, tmp_path, capsys):
 
 
 def test_no_progress_silences_the_step_lines_not_metrics(setup, tmp_path, capsys):
-    # `--no-progress` (progress=False, what the pipeline passes unless --progress) prints no
+    # `--no-progress` (progress=False) prints no
     # per-step line; metrics.jsonl is the same as with them, and a resume may change it.
     _, args, _ = setup
     loud, quiet = tmp_path / "loud", tmp_path / "quiet"

@@ -569,7 +569,6 @@ class Pipeline:
                          temperature=c.ppo_temperature, max_new_tokens=c.max_new_tokens,
                          ptx_data=[str(self.world_dir / "corpus.txt")] if c.ptx_coef else [],
                          ptx_coef=c.ptx_coef, cache_dir=str(self.out / "cache"), seed=seed,
-                         progress=c.progress,
                          # A stage that a Ctrl-C stopped continues from its checkpoint.
                          resume=_interrupted(out))
 
