@@ -9,9 +9,10 @@ import argparse
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -147,7 +148,8 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             dotlist = OmegaConf.from_dotlist(list(overrides))
             _check_lists(cls, OmegaConf.to_container(dotlist), "command line", "{key}=[{item}]")
             conf = OmegaConf.merge(conf, dotlist)
-        given = {k: v for k, v in values.items() if v is not None}
+        # None is "not given"; NULL (`--max-steps null`) is None given, over the YAML's value.
+        given = {k: None if v is NULL else v for k, v in values.items() if v is not None}
         if given:
             conf = OmegaConf.merge(conf, OmegaConf.create(given))
         return OmegaConf.to_object(conf)  # type: ignore[return-value]
@@ -161,10 +163,11 @@ def to_dict(config: Any) -> dict:
 
 
 def _flag_type(tp: Any) -> tuple[Any, bool]:
-    """(element type, is_list) for a dataclass field annotation."""
+    """(element type, is_list) for a dataclass field annotation; `int | None` is int."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin is typing.Union and len(args) == 1:
+    # `int | None` is a types.UnionType, `Optional[int]` a typing.Union.
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _flag_type(args[0])
     if origin in (list, tuple, Sequence):
         return (args[0] if args else str), True
@@ -186,14 +189,42 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "") if f.metadata else ""
         help_text = _with_default(help_text, f)
+        scalar = tp if tp in (int, float) else str
         if tp is bool and not is_list:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         elif is_list:
             parser.add_argument(flag, dest=f.name, nargs="+", type=tp, default=None, help=help_text)
+        elif type(None) in typing.get_args(hints[f.name]):
+            parser.add_argument(flag, dest=f.name, type=_or_null(scalar), default=None,
+                                help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str,
-                                default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, type=scalar, default=None, help=help_text)
+
+
+class _Null:
+    """The value of `--field null`: None given, which the flag left out (None too) is not."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+_EXPECTED = {int: "an integer", float: "a number"}
+
+
+def _or_null(tp: type) -> Callable[[str], Any]:
+    """An optional field's flag type: `null` (as YAML and `key=null` write it) is NULL, anything
+    else a `tp`; argparse reports a bad value as `argument --flag: expected ...`, exit 2."""
+    def convert(text: str) -> Any:
+        if text in ("null", "Null", "NULL"):
+            return NULL
+        try:
+            return tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {_EXPECTED[tp]}, or null for none; got {text!r}") from None
+    return convert
 
 
 def _with_default(help_text: str, f: dataclasses.Field) -> str:

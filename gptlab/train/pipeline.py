@@ -52,7 +52,8 @@ class PipelineConfig:
     pretrain_batch: int = 8
     pretrain_lr: float = 2e-3
     # SFT, to its validation optimum
-    sft_examples: int | None = 1500   # demonstrations used (None: all); PPO sees every prompt
+    sft_examples: int | None = field(default=1500, metadata={  # PPO sees every prompt
+        "help": "demonstrations SFT trains on (null: all of them)"})
     sft_steps: int = 2000             # the cap; SFT stops earlier once validation stops improving
     sft_patience: int = 3             # evaluations without a better execution accuracy
     sft_batch: int = 16
