@@ -1143,6 +1143,43 @@ def test_val_data_that_is_the_training_data_is_refused(verb, data, tiny_model, t
     assert not out.exists()
 
 
+@pytest.mark.parametrize("verb, rows, same_rows, what", [
+    ("sft", [{"prompt": [{"role": "user", "content": f"q{i}"}],
+              "completion": [{"role": "assistant", "content": f"a{i}"}]} for i in range(4)],
+     # the same conversations as `messages`: the same tokens and loss mask
+     [{"messages": [{"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": f"a{i}"}]} for i in range(4)],
+     "demonstrations"),
+    ("reward", [{"prompt": f"q{i}", "chosen": f" a{i}", "rejected": " b"} for i in range(4)],
+     [{"prompt": f"q{i}", "ranked": [f" a{i}", " b"]} for i in range(4)], "rankings"),
+])
+def test_val_data_holding_the_training_records_in_another_file_or_format_is_refused(
+        verb, rows, same_rows, what, tiny_model, tmp_path, capsys):
+    # Only the --data path itself was refused: its rows as Parquet, reordered, or written in
+    # another of the formats read as the same tokens trained and validated on the training set.
+    import pandas as pd
+    train = tmp_path / "d.jsonl"
+    write_jsonl_atomic(train, rows)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    write_jsonl_atomic(tmp_path / "reordered.jsonl", rows[::-1])
+    write_jsonl_atomic(tmp_path / "other_format.jsonl", same_rows)
+    write_jsonl_atomic(tmp_path / "three.jsonl", rows[:3])  # held out from nothing, but fewer
+    out = tmp_path / "out"
+    run = [verb, "--model", str(tiny_model), "--data", str(train), "--max-steps", "1",
+           "--out", str(out), "--device", "cpu", "--no-progress"]
+    for name in ("d.parquet", "reordered.jsonl", "other_format.jsonl"):
+        assert main([*run, "--val-data", str(tmp_path / name)]) == 2, name
+        assert capsys.readouterr().err == (
+            f"gptlab {verb}: error: {tmp_path / name}, field 'val_data': holds the same 4 {what} "
+            f"as the training data (data, --data), in another file or format: validation would "
+            f"score what the model trains on; give held-out data, or leave val_data (--val-data) "
+            f"out to hold out a slice of data\n")
+        assert not out.exists()
+    # Records shared with --data, not all of them: the user's call.
+    assert main([*run, "--val-data", str(tmp_path / "three.jsonl")]) == 0
+    assert "holds the same" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("verb, args, field", [
     ("pretrain", ["--model", "tiny", "--data", "{text}", "--max-steps", "1", "--cache-dir", ""],
      "cache_dir"),

@@ -41,6 +41,11 @@ DEMONSTRATIONS = [{"messages": chat("Say hi.", "Hi there!")},
                   {"messages": chat("What is 2+2?", "2+2 is 4.")}]
 RANKINGS = [{"messages": chat("Say hi."), "ranked": ["Hi there!", "Go away."]},
             {"prompt": "The sky is", "chosen": " blue.", "rejected": " made of cheese."}]
+# Held out: of the same kinds, but not the training records (those are refused as --val-data).
+HELD_OUT_DEMONSTRATIONS = [{"messages": chat("Say bye.", "Bye now!")},
+                           {"messages": chat("What is 3+3?", "3+3 is 6.")}]
+HELD_OUT_RANKINGS = [{"messages": chat("Say bye."), "ranked": ["Bye now!", "Go away."]},
+                     {"prompt": "Grass is", "chosen": " green.", "rejected": " made of cheese."}]
 PROMPTS = [{"id": "p0", "messages": chat("Say hi.")}, {"id": "p1", "prompt": "Hello"}]
 
 
@@ -76,9 +81,9 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_dir(run_dir) -> Path:
     data = write_jsonl(run_dir / "demos.jsonl", DEMONSTRATIONS)
-    # The same two demonstrations every step, no evaluation: the loss must go down. (The
-    # held-out file must be another file than --data, so a copy: no slice of two is held out.)
-    val = write_jsonl(run_dir / "demos_val.jsonl", DEMONSTRATIONS)
+    # The same two demonstrations every step, no evaluation: the loss must go down. (A held-out
+    # file, since no slice of two is held out.)
+    val = write_jsonl(run_dir / "demos_val.jsonl", HELD_OUT_DEMONSTRATIONS)
     return sft(SFTConfig(model=str(GGUF), data=data, val_data=val, out=str(run_dir / "sft"),
                          batch_size=2, lr=1e-5, warmup_steps=0, max_steps=3, log_every=1,
                          eval_every=0, eval_batches=0, progress=False, device="cpu"))
@@ -87,7 +92,7 @@ def sft_dir(run_dir) -> Path:
 @pytest.fixture(scope="module")
 def rm_dir(run_dir, sft_dir) -> Path:
     data = write_jsonl(run_dir / "rankings.jsonl", RANKINGS)
-    val = write_jsonl(run_dir / "rankings_val.jsonl", RANKINGS)
+    val = write_jsonl(run_dir / "rankings_val.jsonl", HELD_OUT_RANKINGS)
     return train_reward_model(RewardConfig(
         model=str(sft_dir), data=data, val_data=val, out=str(run_dir / "rm"), batch_size=2,
         lr=1e-5, warmup_steps=0, max_steps=2, log_every=1, eval_every=0, eval_batches=0,

@@ -49,9 +49,10 @@ import threading
 import time
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -153,6 +154,21 @@ def held_out_rule(val_data: str | None, data: str | None) -> tuple[str, bool, st
             "is the training data (data, --data): validation would score what the model trains "
             "on; give held-out data, or leave val_data (--val-data) out to hold out a slice of "
             "data")
+
+
+def check_held_out(train: list, val: list, key: Callable[[Any], Hashable], val_path: str,
+                   what: str) -> None:
+    """Refuse a --val-data whose records, as encoded, are those of --data, in any order: the
+    same rows in another file or format (a .parquet of the .jsonl, `messages` for `prompt` and
+    `completion`), which `held_out_rule`, comparing paths, lets through. Validation would score
+    what the model trains on. A set that merely shares records with --data is the user's call
+    (the world's splits may share a question's wording)."""
+    if val and len(val) == len(train) and Counter(map(key, val)) == Counter(map(key, train)):
+        raise UserError(
+            f"holds the same {len(val)} {what} as the training data (data, --data), in another "
+            f"file or format: validation would score what the model trains on; give held-out "
+            f"data, or leave val_data (--val-data) out to hold out a slice of data",
+            path=val_path, field="val_data")
 
 
 def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:

@@ -28,8 +28,8 @@ from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, data_key, fixed_list_batches, warn_if_data_changed
-from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               held_out_rule, refuse_other_settings, train)
+from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_held_out,
+                               check_run_dir, held_out_rule, refuse_other_settings, train)
 from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
@@ -304,6 +304,9 @@ def train_reward_model(cfg: RewardConfig) -> Path:
             print(f"{path}: {counter.report('rankings')}", file=sys.stderr)
     if not train_e:
         raise UserError("no rankings left to train on", path=cfg.data)
+    if cfg.val_data:
+        check_held_out(train_e, val_e, lambda e: (tuple(map(tuple, e.seqs)), tuple(e.groups)),
+                       cfg.val_data, "rankings")
     # What the scores are normalised on, read before training so a bad file fails fast.
     if cfg.samples:
         samples = sample_sequences(tok, cfg.samples, context)

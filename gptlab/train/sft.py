@@ -29,8 +29,9 @@ from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
 from gptlab.train.batching import (ListBatches, data_key, fixed_list_batches, pad_examples,
                                    warn_if_data_changed)
-from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               held_out_rule, read_metrics, refuse_other_settings, train)
+from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_held_out,
+                               check_run_dir, held_out_rule, read_metrics, refuse_other_settings,
+                               train)
 
 # Settings that decide what an evaluation measures: the held-out demonstrations, the world whose
 # execution accuracy is the score and, with a world, how many questions and how long an answer.
@@ -248,6 +249,9 @@ def sft(cfg: SFTConfig) -> Path:
             print(f"{path}: {counter.report('demonstrations')}", file=sys.stderr)
     if not train_ex:
         raise UserError("no demonstrations left to train on", path=cfg.data)
+    if cfg.val_data:
+        check_held_out(train_ex, val_ex, lambda ex: (tuple(ex.ids), tuple(ex.loss_mask)),
+                       cfg.val_data, "demonstrations")
     # --epochs sets a new run's length; a resume without --max-steps keeps the run's own (a
     # time budget's too), as the checkpoint recorded it.
     if cfg.max_steps is None and cfg.max_minutes is None and not cfg.resume:
