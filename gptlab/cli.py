@@ -280,7 +280,7 @@ def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tu
             for flag in list_fields:
                 values = getattr(args, flag, None)
                 if values:
-                    moved = [d for d in values if "=" in d and d.split("=", 1)[0] in names]
+                    moved = [d for d in values if _is_override(d, names)]
                     setattr(args, flag, [d for d in values if d not in moved] or None)
                     args.overrides = moved + list(args.overrides or [])
             out = load(fn_path)(config_from_args(cls, args))
@@ -289,6 +289,17 @@ def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tu
 
         return help_text, add, run
     return make
+
+
+def _is_override(item: str, names: set[str]) -> bool:
+    """Whether a list flag's value is a `key=value` override argparse gave it: its key is a
+    field, or, with no such file, is close to one (`--data a.txt max_step=5` is an unknown key,
+    the field meant named, not a corpus file 'max_step=5' not found)."""
+    key = item.split("=", 1)[0]
+    if "=" not in item or not key:
+        return False
+    return key in names or (bool(difflib.get_close_matches(key, names, n=1))
+                            and not os.path.lexists(item))
 
 
 def _verb_sample():

@@ -114,3 +114,105 @@ def test_pipeline_sft_examples_null_uses_every_demonstration(captured):
     assert captured["pipeline"].sft_examples is None
     assert main(["pipeline"]) == 0
     assert captured["pipeline"].sft_examples == 1500
+
+
+def _layers(tp: type, is_list: bool, default) -> tuple:
+    """(YAML value, override text, flag arguments, flag value): each of a field's layers gives it
+    another value, so that which one won shows."""
+    if is_list:
+        return ["y1.txt", "y2.txt"], "[o1.txt,o2.txt]", ["f1.txt", "f2.txt"], ["f1.txt", "f2.txt"]
+    if tp is bool:  # YAML flips the default, the override flips it back, the flag (--x or
+        return not default, str(default).lower(), [], not default  # --no-x) flips it again
+    return {int: (11, "12", ["13"], 13), float: (0.25, "0.5", ["0.75"], 0.75),
+            str: ("yaml", "override", ["flag"], "flag")}[tp]
+
+
+def _fields(verb: str):
+    """(name, flag, type, is_list, default) of each field of the verb's config."""
+    cls = _load(CONFIG_VERBS[verb][0])
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, is_list = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield f.name, _flag(f.name), tp, is_list, default
+
+
+def _flag_args(name: str, tp: type, default, args: list) -> list[str]:
+    if tp is bool:  # the flag that sets what the YAML file set: not the default
+        return [_flag(name) if default is False else "--no-" + _flag(name)[2:]]
+    return [_flag(name), *args]
+
+
+@pytest.mark.parametrize("verb", CONFIG_VERBS)
+def test_later_layers_win_for_every_field_of_every_config_verb(verb, captured, tmp_path):
+    # README: "Later values win: defaults, then the YAML file, then key=value overrides, then
+    # flags" -- held for each field, scalar, optional, bool (--x / --no-x) and list alike.
+    import yaml
+    fields = list(_fields(verb))
+    layers = {name: _layers(tp, is_list, default) for name, _, tp, is_list, default in fields}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({name: layer[0] for name, layer in layers.items()}))
+    overrides = [f"{name}={layer[1]}" for name, layer in layers.items()]
+    # A list flag last: the overrides after it are argparse's values for it, handed back.
+    flags = [a for name, _, tp, _, default in sorted(fields, key=lambda f: f[3])
+             for a in _flag_args(name, tp, default, layers[name][2])]
+
+    assert main([verb]) == 0
+    assert {n: getattr(captured[verb], n) for n in layers} == {
+        name: default for name, _, _, _, default in fields}
+    assert main([verb, "--config", str(f)]) == 0
+    assert {n: getattr(captured[verb], n) for n in layers} == {
+        n: layer[0] for n, layer in layers.items()}
+    assert main([verb, "--config", str(f), *overrides]) == 0
+    got = {n: getattr(captured[verb], n) for n in layers}
+    for name, _, tp, is_list, default in fields:
+        expected = (["o1.txt", "o2.txt"] if is_list else default if tp is bool
+                    else tp(layers[name][1]))
+        assert got[name] == expected, name
+    # Flags win whichever side of the overrides they stand (a list flag's values end where an
+    # override starts: `--data a.txt lr=1e-3`).
+    for argv in ([*flags, *overrides], [*overrides, *flags]):
+        assert main([verb, "--config", str(f), *argv]) == 0
+        assert {n: getattr(captured[verb], n) for n in layers} == {
+            n: layer[3] for n, layer in layers.items()}, argv
+
+
+@pytest.mark.parametrize("verb", CONFIG_VERBS)
+def test_an_unknown_key_in_a_config_file_names_the_file_the_key_and_the_closest_key(
+        verb, captured, tmp_path, capsys):
+    name = [n for n, *_ in _fields(verb)][-1]
+    f = tmp_path / "c.yaml"
+    for key in (name + "x", name.replace("_", "-")):
+        if key == name:
+            continue
+        f.write_text(f"{key}: 1\n")
+        assert main([verb, "--config", str(f)]) == 2 and verb not in captured
+        assert capsys.readouterr().err == (f"gptlab {verb}: error: {f}, field '{key}': unknown "
+                                           f"key '{key}'; did you mean '{name}'?\n")
+    f.write_text("zzzzzz: 1\n")
+    assert main([verb, "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gptlab {verb}: error: {f}, field 'zzzzzz': unknown key 'zzzzzz'; "
+                          f"valid keys: ") and f" {name}\n" in err
+
+
+@pytest.mark.parametrize("verb, flag, typos", [
+    ("pretrain", "--data", ("max_step=5", "max-steps=5", "seeds=1")),
+    ("ppo", "--ptx-data", ("kl_coeff=0.1", "seeds=1"))])
+def test_a_misspelled_override_after_a_list_flag_is_an_unknown_key_not_a_file(
+        verb, flag, typos, captured, tmp_path, capsys, monkeypatch):
+    # `--data corpus.txt max_step=5` read max_step=5 as a corpus file: "max_step=5, field
+    # 'data': corpus file not found", the typo unnamed.
+    monkeypatch.chdir(tmp_path)
+    for typo in typos:
+        key = typo.split("=")[0]
+        assert main([verb, flag, "a.txt", typo]) == 2 and verb not in captured
+        err = capsys.readouterr().err
+        assert err.startswith(f"gptlab {verb}: error: command line, field '{key}': unknown key "
+                              f"'{key}'; did you mean '"), err
+    # A file of that name is a file; a name close to no field is one too.
+    (tmp_path / "seeds=1").write_text("x")
+    assert main([verb, flag, "a.txt", "seeds=1", "b=c.txt", "seed=3"]) == 0
+    cfg = captured[verb]
+    assert getattr(cfg, flag[2:].replace("-", "_")) == ["a.txt", "seeds=1", "b=c.txt"]
+    assert cfg.seed == 3
