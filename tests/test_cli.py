@@ -1256,3 +1256,66 @@ def test_a_failed_path_names_the_flag_it_lies_deepest_in(tmp_path, monkeypatch):
     args, _ = build_parser().parse_known_args(
         ["sft", "--model", "/proc/gptlab_x/m", "--data", "d.jsonl", "--out", "/proc/gptlab_x/o"])
     assert _flag_given(args, "/proc/gptlab_x") == "--out"  # made on the way to --out only
+
+
+def _help_entries(parser) -> dict[str, str]:
+    """Each flag's entry in a parser's --help as printed, its lines joined, by its first flag."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in parser.format_help().split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current:
+            entries[current] += " " + line
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
+
+
+def test_every_default_every_help_shows_is_the_real_default():
+    # A config verb's flag defaults to None ("not given") and its help writes the dataclass
+    # field's default by hand (config._with_default); every other verb's shows argparse's own.
+    import argparse
+    import re
+
+    from test_config import CONFIG_VERBS, _load
+
+    from gptlab.cli import _with_actions, build_parser
+    from gptlab.train.loop import DEFAULT_MAX_STEPS
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for verb, verb_parser in sub.choices.items():
+        fields = {}
+        if "--config" in verb_parser._option_string_actions:
+            cls = _load(CONFIG_VERBS[verb][0])
+            fields = {f.name: (f.default if f.default is not dataclasses.MISSING
+                               else f.default_factory()) for f in dataclasses.fields(cls)}
+        for parser in _with_actions(verb_parser):
+            entries = _help_entries(parser)
+            for action in parser._actions:
+                if not action.option_strings or argparse.SUPPRESS in (action.help,
+                                                                      action.default):
+                    continue  # --help
+                entry = entries[action.option_strings[0]]
+                real = fields[action.dest] if action.dest in fields else action.default
+                shown = re.findall(r"\(default: ([^()]*)\)", entry)
+                where = f"{parser.prog} {action.option_strings[0]}: {entry}"
+                if real is None:  # a description of what happens, never a value
+                    assert not shown or not re.fullmatch(r"[-\d.e]+|True|False", shown[-1]), where
+                    if action.dest == "max_steps":
+                        assert f"pretrain takes {DEFAULT_MAX_STEPS})" in entry, where
+                    continue
+                if real is False or real == [] or real == "":
+                    assert not shown or shown[-1] == "False", where
+                    continue
+                assert len(shown) == 1, where
+                text = shown[0]
+                if isinstance(real, bool):
+                    assert text == str(real), where
+                elif isinstance(real, (int, float)):
+                    assert type(real)(text) == real, where
+                elif isinstance(real, list):
+                    assert text.split() == [str(v) for v in real], where
+                else:
+                    assert text == real, where
+                checked += 1
+    assert checked > 150  # every verb's, the config verbs' ~140 among them

@@ -82,7 +82,7 @@ class TrainConfig:
     warmup_steps: int = 100
     max_steps: int | None = field(default=None, metadata={
         "help": "optimizer updates (default: from --max-minutes when given; else sft and reward "
-                "count --epochs, pretrain takes 1000)"})
+                f"count --epochs, pretrain takes {DEFAULT_MAX_STEPS})"})
     max_minutes: float | None = None  # a time budget, turned into max_steps after a few steps
     batch_size: int = 8               # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per update (effective batch = product)
