@@ -28,6 +28,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse that suggests the closest flag or verb and exits with code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("argument "):
+            # One flag's value (`argument --max-steps: expected an integer ...`): the line names
+            # the flag, and a config verb's usage, every flag of it, would bury it.
+            self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
         if "unrecognized arguments:" in message:
             known = [s for a in self._actions for s in a.option_strings]
             for word in message.split(":", 1)[1].split():

@@ -82,9 +82,23 @@ def test_a_bad_number_for_an_optional_field_is_one_line_naming_the_flag(verb, na
         main([verb, _flag(name), value])
     assert e.value.code == 2 and verb not in captured
     expected = "an integer" if tp is int else "a number"
-    assert capsys.readouterr().err.splitlines()[-1] == (
+    assert capsys.readouterr().err == (
         f"gptlab {verb}: error: argument {_flag(name)}: expected {expected}, or null for none; "
-        f"got {value!r}")
+        f"got {value!r}\n")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["generate", "--model", "m", "--prompt", "p", "--top-k", "1.5"],
+     "gptlab generate: error: argument --top-k: invalid int value: '1.5'"),
+    (["pipeline", "--rounds", "two"], "gptlab pipeline: error: argument --rounds: invalid int "
+                                      "value: 'two'"),
+    (["chat", "--model", "m", "--greedy", "--temperature", "1"],
+     "gptlab chat: error: argument --temperature: not allowed with argument --greedy")])
+def test_a_flags_bad_value_is_one_line_without_the_usage(argv, said, capsys):
+    # A config verb's usage, every flag of it, was 25 lines above the one that named the flag.
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == said + "\n"
 
 
 @pytest.mark.parametrize("verb, name, tp", OPTIONAL)
