@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
 import os
 import sys
 from typing import Callable, Iterator, Sequence
 
-from gptlab.errors import UserError
+from gptlab.errors import PathError, UserError, field_of_path, path_error
 
 DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
 
 EXIT_BAD_INPUT = 2
 EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
-# The user's to fix: no room, no right to write there, or a name longer than the file system
-# takes (a path pasted into --out twice, say).
-_USERS_TO_FIX = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                 errno.ENAMETOOLONG}
-# Also the user's, when they befall a path the user gave: a directory that cannot be made there
-# (under /proc, a file system that has no such entries), a file where a directory should be.
-_USERS_WHERE_GIVEN = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -446,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_READER_GONE
     except UserError as e:
+        if isinstance(e, PathError):  # named by the stage's field: name the flag given
+            e = path_error(e, _flags_given(args), writer="--out") or e
         print(f"gptlab {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -455,12 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A full disk, a directory it may not write or a name too long: the user's to fix,
         # said in one line naming the flag (what was half-written has been removed by the code
         # writing it).
-        flag = _flag_given(args, e.filename)
-        if e.errno not in _USERS_TO_FIX and not (flag and e.errno in _USERS_WHERE_GIVEN):
+        error = path_error(e, _flags_given(args), writer="--out")
+        if error is None:
             raise
-        print(f"gptlab {args.verb}: error: "
-              f"{UserError(e.strerror, path=e.filename or 'a file', field=flag)}",
-              file=sys.stderr)
+        print(f"gptlab {args.verb}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
@@ -492,37 +484,15 @@ def _check_paths_given(args: argparse.Namespace) -> None:
                 not_empty(value, field)
 
 
+def _flags_given(args: argparse.Namespace) -> dict[str, object]:
+    """Each flag of the verb (its first spelling) and the value it was given."""
+    parser = getattr(args, "_parser", None)
+    return {a.option_strings[0]: getattr(args, a.dest, None)
+            for a in (parser._actions if parser else ()) if a.option_strings}
+
+
 def _flag_given(args: argparse.Namespace, filename: object) -> str | None:
     """The flag whose path `filename` is, else the one whose path it lies deepest in, else one
-    whose path it is a parent of (made on the way to it, --out's first); None if no flag's.
-    (A writer's temporary is reported as the file it writes: io.py.) The current directory
-    and those above it are no flag's parent: every relative value, `--device cpu` too, lies
-    in them."""
-    if not isinstance(filename, (str, os.PathLike)):
-        return None
-    try:
-        here = os.getcwd()
-    except OSError:  # the current directory was removed: no relative path is anywhere
-        return None
-    failed = os.path.abspath(filename)
-    parser = getattr(args, "_parser", None)
-    flags = {a.dest: a.option_strings[0] for a in (parser._actions if parser else ())
-             if a.option_strings}
-    above_here = failed == here or here.startswith(failed.rstrip(os.sep) + os.sep)
-    inside, parent_of = [], []
-    for dest, flag in flags.items():
-        values = getattr(args, dest, None)
-        for value in values if isinstance(values, list) else [values]:
-            if not isinstance(value, str) or not value.strip():
-                continue
-            given = os.path.abspath(value)
-            if failed == given:
-                return flag
-            if failed.startswith(given.rstrip(os.sep) + os.sep):
-                inside.append((len(given), flag))
-            elif not above_here and given.startswith(failed.rstrip(os.sep) + os.sep):
-                parent_of.append(flag)
-    if inside:
-        return max(inside, key=lambda x: x[0])[1]  # the deepest: --out runs/a in --model runs
-    # Only a writer makes directories on the way: --out's, where another flag's is there too.
-    return min(parent_of, key=lambda flag: flag != "--out") if parent_of else None
+    whose path it is a parent of (made on the way to it, --out's first); None if no flag's
+    (`gptlab.errors.field_of_path`)."""
+    return field_of_path(filename, _flags_given(args), writer="--out")

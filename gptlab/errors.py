@@ -1,11 +1,30 @@
 """Errors a user can act on.
 
-`UserError` is bad input: the CLI prints it and exits with code 2. Anything else that escapes
-is an internal error (exit code 1, with a traceback).
+`UserError` is bad input: the CLI prints it and exits with code 2. `PathError`, a UserError and
+an OSError, is a file a stage could not write or make where the user pointed it (a full disk, no
+permission, a name too long). Anything else that escapes is an internal error (exit code 1, with
+a traceback).
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
+import functools
+import inspect
+import os
 from pathlib import Path
+from typing import Any, Callable, Mapping, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The user's to fix: no room, no right to write there, or a name longer than the file system
+# takes (a path pasted into --out twice, say).
+USERS_TO_FIX = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENAMETOOLONG}
+# Also the user's, when they befall a path the user gave: a directory that cannot be made there
+# (under /proc, a file system that has no such entries), a file where a directory should be.
+USERS_WHERE_GIVEN = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
 class UserError(Exception):
@@ -52,3 +71,84 @@ def check_given(cfg: object, names: tuple[str, ...], stage: str) -> None:
             listed = " and ".join(filter(None, [", ".join(map(setting, names[:-1])),
                                                 setting(names[-1])]))
             raise UserError(f"is empty or not given; {stage} needs {listed}", field=name)
+
+
+class PathError(UserError, OSError):
+    """An OSError the user can fix, met at a path they gave: `str()` names the file and the
+    field (or flag) it came from; `errno`, `strerror` and `filename` are the OSError's, so an
+    `except OSError` still catches it."""
+
+    def __init__(self, error: OSError, field: str | None):
+        super().__init__(error.strerror or str(error), path=error.filename or "a file",
+                         field=field)
+        self.errno, self.strerror = error.errno, error.strerror
+        self.filename, self.filename2 = error.filename, error.filename2
+
+    def __str__(self) -> str:  # UserError's line, not OSError's "[Errno 28] ..."
+        return self.args[0]
+
+
+def field_of_path(filename: object, given: Mapping[str, Any], writer: str) -> str | None:
+    """The name in `given` (name -> a path, a list of paths, or anything else) whose path
+    `filename` is, else the one whose path it lies deepest in, else one whose path it is a
+    parent of (made on the way to it, `writer`'s first); None if none. (A writer's temporary is
+    reported as the file it writes: io.py.) The current directory and those above it are no
+    name's parent: every relative value (`device="cpu"` too) lies in them."""
+    if not isinstance(filename, (str, os.PathLike)):
+        return None
+    try:
+        here = os.getcwd()
+    except OSError:  # the current directory was removed: no relative path is anywhere
+        return None
+    failed = os.path.abspath(filename)
+    above_here = failed == here or here.startswith(failed.rstrip(os.sep) + os.sep)
+    inside, parent_of = [], []
+    for name, values in given.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+                continue
+            path = os.path.abspath(value)
+            if failed == path:
+                return name
+            if failed.startswith(path.rstrip(os.sep) + os.sep):
+                inside.append((len(path), name))
+            elif not above_here and path.startswith(failed.rstrip(os.sep) + os.sep):
+                parent_of.append(name)
+    if inside:
+        return max(inside, key=lambda x: x[0])[1]  # the deepest: out runs/a in model runs
+    # Only a writer makes directories on the way: `writer`'s, where another's is there too.
+    return min(parent_of, key=lambda name: name != writer) if parent_of else None
+
+
+def path_error(error: OSError, given: Mapping[str, Any], writer: str = "out") -> PathError | None:
+    """`error` as a PathError naming the name in `given` its file came from (see
+    `field_of_path`), if it is the user's to fix; None if it is not (an internal error)."""
+    field = field_of_path(error.filename, given, writer)
+    if error.errno in USERS_TO_FIX or (field and error.errno in USERS_WHERE_GIVEN):
+        return PathError(error, field)
+    return None
+
+
+def reports_path_errors(stage: Callable[P, R]) -> Callable[P, R]:
+    """Make `stage` raise a PathError for an OSError the user can fix, naming the argument, or
+    the field of a config argument, whose path the failed file is (or lies in): what the
+    command line prints. Other OSErrors pass through unchanged."""
+    signature = inspect.signature(stage)
+
+    @functools.wraps(stage)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return stage(*args, **kwargs)
+        except OSError as e:
+            given: dict[str, Any] = {}
+            for name, value in signature.bind(*args, **kwargs).arguments.items():
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    given.update({f.name: getattr(value, f.name)
+                                  for f in dataclasses.fields(value)})
+                else:
+                    given[name] = value
+            error = path_error(e, given)
+            if error is None or (isinstance(e, PathError) and error.field is None):
+                raise  # not the user's, or named already by the stage this one called
+            raise error from e
+    return run

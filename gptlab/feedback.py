@@ -15,7 +15,7 @@ import torch
 from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_prompts,
                                   responses_of)
 from gptlab.engine import SamplingParams, generate
-from gptlab.errors import UserError
+from gptlab.errors import UserError, reports_path_errors
 from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
                        write_jsonl_atomic)
 
@@ -77,6 +77,7 @@ SAMPLE_K = 4
 SAMPLE_MAX_NEW_TOKENS = 96
 
 
+@reports_path_errors
 def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k: int = SAMPLE_K,
                 greedy: bool = False, temperature: float = 1.0, top_p: float | None = None,
                 max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS, seed: int = 0,
@@ -212,6 +213,7 @@ def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0
     return rank
 
 
+@reports_path_errors
 def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlworld",
                world: str | Path | None = None, disagreement: float = 0.1, seed: int = 0,
                ties: bool = True) -> int:

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, reports_path_errors
 from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -341,6 +341,7 @@ class Tokenizer:
                         "cannot be derived exactly", field="chat_template")
 
     # --- files -------------------------------------------------------------------------------
+    @reports_path_errors
     def save(self, directory: str | Path) -> None:
         """Write an HF-compatible `tokenizer_config.json` and `tokenizer.json`, atomically, the
         latter last: a directory with a tokenizer.json holds the whole tokenizer (a save stopped

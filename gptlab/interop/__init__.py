@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from gptlab.errors import UserError, require_file
+from gptlab.errors import UserError, reports_path_errors, require_file
 from gptlab.io import check_dir_out, check_holds_none
 from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
 from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
@@ -79,6 +79,7 @@ def _removed_if_failed(out: Path) -> Iterator[None]:
         raise
 
 
+@reports_path_errors
 def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None = None) -> Path:
     """Import `src` (source 'hf', 'gguf' or None to detect) and write a gptlab model directory.
     Without tokenizer files in `src` the directory has none either: a warning says so."""
@@ -99,6 +100,7 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
         return save_model(out_dir, model, tokenizer, extra={"source": str(p)})
 
 
+@reports_path_errors
 def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
     """Export a gptlab model directory (or anything `load_model` reads) to Hugging Face."""
     from gptlab.checkpoint import load_model

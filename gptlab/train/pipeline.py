@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
-from gptlab.errors import UserError
+from gptlab.errors import UserError, reports_path_errors
 from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, write_json_atomic,
                        write_jsonl_atomic)
 from gptlab.train.loop import select_device
@@ -795,6 +795,7 @@ class Pipeline:
             write_json_atomic(path, settings)
 
 
+@reports_path_errors
 def pipeline(cfg: PipelineConfig) -> Path:
     Pipeline(cfg).run()
     return Path(cfg.out) / "report.md"

@@ -36,7 +36,7 @@ from gptlab.checkpoint import Checkpointer, load_language_model, load_model, sav
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts)
 from gptlab.engine import SamplingParams, generate, scale_logits
-from gptlab.errors import UserError, check_given, setting
+from gptlab.errors import UserError, check_given, reports_path_errors, setting
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -790,6 +790,7 @@ class PPOTrainer:
         return path
 
 
+@reports_path_errors
 def ppo(cfg: PPOConfig, reward_fn: Callable | None = None) -> Path:
     """Run PPO and write the policy (a model directory) to `cfg.out`."""
     return PPOTrainer(cfg, reward_fn).train()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_language_model, \
     read_meta, save_model
-from gptlab.errors import UserError, check_given
+from gptlab.errors import UserError, check_given, reports_path_errors
 from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
@@ -172,6 +172,7 @@ def _continues_a_model(model: str) -> bool:
     return path.is_dir() and (model not in PRESETS or is_gptlab_dir(path))
 
 
+@reports_path_errors
 def pretrain(cfg: PretrainConfig) -> Path:
     """Pretrain (or continue) a GPT on `cfg.data`; returns the model directory `cfg.out`."""
     from gptlab.data.tokens import load_token_data

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of)
-from gptlab.errors import UserError, check_given
+from gptlab.errors import UserError, check_given, reports_path_errors
 from gptlab.io import check_dir_out, read_jsonl
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -270,6 +270,7 @@ def check_resume_settings(cfg: RewardConfig, checkpoint: Path) -> None:
                               "would be of two sets")
 
 
+@reports_path_errors
 def train_reward_model(cfg: RewardConfig) -> Path:
     """Train a reward model; OUT is a scalar-head model directory."""
     check_given(cfg, ("model", "data"), "reward")

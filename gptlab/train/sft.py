@@ -22,7 +22,7 @@ from torch import nn
 from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model, load_model,
                                read_meta, replace_model, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
-from gptlab.errors import UserError, check_given
+from gptlab.errors import UserError, check_given, reports_path_errors
 from gptlab.io import check_dir_out, read_jsonl, remove_stale_temps
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
@@ -224,6 +224,7 @@ def _meta_of(path: Path) -> dict:
     return read_meta(path) if is_gptlab_dir(path) else {}
 
 
+@reports_path_errors
 def sft(cfg: SFTConfig) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; returns the model directory `cfg.out`."""
     from gptlab.eval.execution import world_exec_evaluator

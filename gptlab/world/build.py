@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, reports_path_errors
 from gptlab.io import (atomic_path, check_holds_none, read_json, write_json_atomic,
                        write_jsonl_atomic, write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
@@ -182,6 +182,7 @@ class World:
             h.update(f"{qid}\t{self._gold[qid]}\n".encode())
         return h.hexdigest()
 
+    @reports_path_errors
     def export(self, out_dir: str | Path) -> dict[str, Path]:
         """Write every file of the world to `out_dir`, each atomically, `world.json` last: a
         world exported over another is not a world until it is whole (an interrupted export

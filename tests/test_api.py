@@ -1,0 +1,237 @@
+"""gptlab as a library: what `import gptlab` costs and does, and the errors a notebook gets from
+the stage functions (the same lines the command line prints, as exceptions)."""
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.checkpoint import save_model
+from gptlab.errors import PathError, UserError, reports_path_errors
+from gptlab.model import GPT, get_preset
+from gptlab.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny model directory and one small file of each kind a stage reads."""
+    d = tmp_path_factory.mktemp("inputs")
+    tok = train_tokenizer(["hello world, the quick brown fox " * 20], vocab_size=300)
+    torch.manual_seed(0)
+    save_model(d / "model", GPT(dataclasses.replace(get_preset("tiny"),
+                                                    vocab_size=tok.vocab_size, context=32)), tok)
+    (d / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    (d / "demos.jsonl").write_text("".join(json.dumps({"prompt": f"hello {i}",
+                                                       "completion": " world"}) + "\n"
+                                           for i in range(4)))
+    (d / "prompts.jsonl").write_text('{"id": "p1", "prompt": "hello"}\n')
+    (d / "rankings.jsonl").write_text("".join(json.dumps({"prompt": f"hello {i}",
+                                                          "ranked": [" world", " fox"]}) + "\n"
+                                              for i in range(4)))
+    (d / "samples.jsonl").write_text(json.dumps({"id": "s0-test-00001", "prompt": "Q",
+                                                 "responses": ["SELECT 1", "SELECT 2"]}) + "\n")
+    return d
+
+
+# --- import gptlab -----------------------------------------------------------------------------
+
+def test_import_gptlab_is_light_and_writes_nothing(tmp_path):
+    # A notebook's `import gptlab` (and of the stage modules) must not set torch's threads or
+    # TF32, write a file (to the working directory, $HOME or the temp directory) or load torch
+    # for the package alone.
+    home, work, tmp = tmp_path / "home", tmp_path / "work", tmp_path / "tmp"
+    for d in (home, work, tmp):
+        d.mkdir()
+    script = """
+import sys
+import gptlab
+light = sorted(m for m in ("torch", "numpy", "tokenizers") if m in sys.modules)
+import torch
+torch.set_num_threads(3)
+before = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32)
+import gptlab.api, gptlab.train.pretrain, gptlab.train.sft, gptlab.train.reward
+import gptlab.train.ppo, gptlab.train.pipeline, gptlab.world, gptlab.chat, gptlab.interop
+import gptlab.feedback, gptlab.tokenizer, gptlab.engine, gptlab.model
+after = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32)
+print(light, before == after, gptlab.__version__)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPTLAB_", "HF_", "XDG_"))}
+    env.update(HOME=str(home), TMPDIR=str(tmp), PYTHONPATH=str(ROOT),
+               PYTHONDONTWRITEBYTECODE="1")
+    run = subprocess.run([sys.executable, "-c", script], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[]", "True", "0.1.0"]
+    assert run.stderr == ""
+    assert [p for p in tmp_path.rglob("*") if p not in (home, work, tmp)] == []
+
+
+def test_the_package_names_its_python_api():
+    import gptlab
+    for name in ("api", "train", "world", "interop"):
+        assert f"gptlab.{name}" in gptlab.__doc__
+    assert gptlab.__version__ == "0.1.0"
+
+
+# --- an out that cannot be written, from Python ------------------------------------------------
+
+def _stages(inputs, out, **settings):
+    """Every stage function the verbs call, each writing to `out` (a directory, or a file where
+    the stage writes one), and the name of the argument or config field that `out` is; the
+    configs' other fields from `settings`."""
+    from gptlab import interop
+    from gptlab.feedback import label_file, sample_file
+    from gptlab.tokenizer import load_tokenizer
+    from gptlab.train.pipeline import PipelineConfig, pipeline
+    from gptlab.train.ppo import PPOConfig, ppo
+    from gptlab.train.pretrain import PretrainConfig, pretrain
+    from gptlab.train.reward import RewardConfig, train_reward_model
+    from gptlab.train.sft import SFTConfig, sft
+    from gptlab.world import build_world
+    d, cpu = inputs, {"device": "cpu", **settings}
+    return {
+        "pretrain": (lambda: pretrain(PretrainConfig(data=[str(d / "corpus.txt")], model="tiny",
+                                                     out=str(out), max_steps=1, **cpu)), "out"),
+        "sft": (lambda: sft(SFTConfig(model=str(d / "model"), data=str(d / "demos.jsonl"),
+                                      out=str(out), max_steps=1, **cpu)), "out"),
+        "reward": (lambda: train_reward_model(RewardConfig(
+            model=str(d / "model"), data=str(d / "rankings.jsonl"), out=str(out), max_steps=1,
+            **cpu)), "out"),
+        "ppo": (lambda: ppo(PPOConfig(policy=str(d / "model"), prompts=str(d / "prompts.jsonl"),
+                                      out=str(out), steps=1, **cpu),
+                            reward_fn=lambda prompts, responses, records: [0.0] * len(prompts)),
+                "out"),
+        "pipeline": (lambda: pipeline(PipelineConfig(out=str(out), **settings)), "out"),
+        "sample": (lambda: sample_file(d / "model", d / "prompts.jsonl", out, k=1,
+                                       max_new_tokens=2, device="cpu"), "out"),
+        "label": (lambda: label_file(d / "samples.jsonl", out), "out"),
+        "world export": (lambda: build_world(0, n_train=20, n_validation=5, n_test=5,
+                                             n_dialogs=5, corpus_chars=2000).export(out),
+                         "out_dir"),
+        "tokenizer save": (lambda: load_tokenizer(d / "model").save(out), "directory"),
+        "convert to hf": (lambda: interop.convert_to_hf(d / "model", out), "out_dir"),
+    }
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo", "pipeline", "sample",
+                                   "label", "world export", "tokenizer save", "convert to hf"])
+def test_an_out_whose_name_is_too_long_names_the_field_from_python(inputs, tmp_path, stage):
+    # It was a bare OSError ("[Errno 36] File name too long: ...") from Python, while the
+    # command line printed one line naming the path and the flag. Now it is the same line, as a
+    # PathError: a UserError, and still an OSError for `except OSError` callers.
+    out = tmp_path / ("a" * 300)
+    call, field = _stages(inputs, out)[stage]
+    with pytest.raises(PathError) as raised:
+        call()
+    e = raised.value
+    assert isinstance(e, UserError) and isinstance(e, OSError)
+    assert (e.errno, e.filename, e.field) == (errno.ENAMETOOLONG, str(out), field)
+    assert str(e) == f"{out}, field '{field}': File name too long"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_mid_run_names_the_file_and_field_from_python(inputs, tmp_path,
+                                                                  monkeypatch):
+    # A failed write of the weights (safetensors' own error) is the OSError of the file, raised
+    # from the stage as a PathError naming it and `out`; its partial checkpoint is removed.
+    from safetensors import SafetensorError
+
+    from gptlab import checkpoint as ck
+    from gptlab.train.pretrain import PretrainConfig, pretrain
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    monkeypatch.setattr(ck, "st_save_model", full)
+    out = tmp_path / "run"
+    with pytest.raises(PathError) as raised:
+        pretrain(PretrainConfig(data=[str(inputs / "corpus.txt")], model="tiny", out=str(out),
+                                max_steps=1, eval_every=0, sample_tokens=0, progress=False,
+                                device="cpu", cache_dir=str(tmp_path / "cache")))
+    weights = out / "checkpoints" / "step-1" / "model.safetensors"
+    assert (raised.value.errno, raised.value.field) == (errno.EFBIG, "out")
+    assert str(raised.value) == f"{weights}, field 'out': File too large"
+    assert not weights.parent.exists()
+
+
+def test_an_error_that_is_not_the_users_stays_the_oserror_it_was(tmp_path):
+    @reports_path_errors
+    def stage(out: str) -> None:
+        raise OSError(errno.EIO, "Input/output error", os.path.join(out, "f"))
+    with pytest.raises(OSError) as raised:
+        stage(str(tmp_path / "x"))
+    assert type(raised.value) is OSError and raised.value.errno == errno.EIO
+
+    @reports_path_errors
+    def reads(data: str) -> None:  # a missing file that no argument names: a bug, not input
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/elsewhere/f")
+    with pytest.raises(FileNotFoundError):
+        reads(str(tmp_path / "data.txt"))
+
+
+def test_a_stage_calling_another_names_its_own_field(tmp_path):
+    # The outer stage's caller gave its config, not the inner call's arguments: the field named
+    # is the outer one's (pipeline -> export of its world), where the file lies in one of them.
+    @dataclasses.dataclass
+    class Config:
+        world: str
+        out: str
+
+    @reports_path_errors
+    def export(out_dir: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(out_dir, "a.jsonl"))
+
+    @reports_path_errors
+    def run(cfg: Config) -> None:
+        export(os.path.join(cfg.out, "world"))
+    with pytest.raises(PathError) as raised:
+        run(Config(world=str(tmp_path / "w"), out=str(tmp_path / "run")))
+    assert raised.value.field == "out"
+    assert str(raised.value) == (f"{tmp_path / 'run' / 'world' / 'a.jsonl'}, field 'out': No "
+                                 f"space left on device")
+
+    @reports_path_errors
+    def elsewhere(cfg: Config) -> None:  # in none of the outer fields: the inner name stays
+        export(str(tmp_path / "scratch"))
+    with pytest.raises(PathError) as raised:
+        elsewhere(Config(world=str(tmp_path / "w"), out=str(tmp_path / "run")))
+    assert raised.value.field == "out_dir"
+
+
+# --- bad config values from Python -------------------------------------------------------------
+
+@pytest.mark.parametrize("stage,field,value,message", [
+    ("pretrain", "lr", -0.5, "field 'lr': must be > 0, got -0.5"),
+    ("sft", "lr", -0.5, "field 'lr': must be > 0, got -0.5"),
+    ("reward", "batch_size", 0, "field 'batch_size': must be >= 1, got 0"),
+    ("ppo", "kl_estimator", "k2", "field 'kl_estimator': must be one of k1, k3, got k2"),
+    ("pipeline", "seed", -1, "field 'seed': must be in [0, 2**64), got -1"),
+])
+def test_a_bad_config_value_from_python_is_the_clis_error(inputs, tmp_path, capsys, stage,
+                                                          field, value, message):
+    # The stage function refuses it before anything is written, with the line the command line
+    # prints after "gptlab VERB: error: ".
+    from gptlab.cli import main
+    out = tmp_path / "out"
+    call, _ = _stages(inputs, out, **{field: value})[stage]
+    with pytest.raises(UserError) as raised:
+        call()
+    assert str(raised.value) == message
+    assert not isinstance(raised.value, OSError)
+    assert not out.exists()
+    d = inputs
+    argv = {"pretrain": ["--data", str(d / "corpus.txt"), "--model", "tiny"],
+            "sft": ["--model", str(d / "model"), "--data", str(d / "demos.jsonl")],
+            "reward": ["--model", str(d / "model"), "--data", str(d / "rankings.jsonl")],
+            "ppo": ["--policy", str(d / "model"), "--prompts", str(d / "prompts.jsonl"),
+                    "--reward", str(d / "model")],
+            "pipeline": []}[stage]
+    assert main([stage, *argv, "--out", str(out), f"{field}={value}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"gptlab {stage}: error: {message}"
+    assert not out.exists()
