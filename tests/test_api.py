@@ -235,3 +235,29 @@ def test_a_bad_config_value_from_python_is_the_clis_error(inputs, tmp_path, caps
     assert main([stage, *argv, "--out", str(out), f"{field}={value}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"gptlab {stage}: error: {message}"
     assert not out.exists()
+
+
+# --- a config is the caller's ------------------------------------------------------------------
+
+def test_a_config_run_twice_sets_its_length_from_each_runs_data(inputs, tmp_path):
+    # SFT and the reward model set max_steps from epochs in the config they were given: run
+    # again (on other data) with the same config, a notebook's second run took the first run's
+    # length. (SFT holds one demonstration out even at val_fraction 0: 3 and 7 left.)
+    from gptlab.train.reward import RewardConfig, train_reward_model
+    from gptlab.train.sft import SFTConfig, sft
+    more = tmp_path / "more.jsonl"
+    more.write_text((inputs / "demos.jsonl").read_text() * 2)
+    more_rankings = tmp_path / "more_rankings.jsonl"
+    more_rankings.write_text((inputs / "rankings.jsonl").read_text() * 2)
+    common = dict(model=str(inputs / "model"), epochs=2.0, batch_size=2, val_fraction=0.0,
+                  eval_every=0, progress=False, device="cpu")
+    for stage, cfg, data in ((sft, SFTConfig(**common, data=str(inputs / "demos.jsonl")), more),
+                             (train_reward_model, RewardConfig(
+                                 **common, data=str(inputs / "rankings.jsonl")), more_rankings)):
+        steps = []
+        for n, path in enumerate((cfg.data, str(data))):
+            cfg.data, cfg.out = path, str(tmp_path / f"{stage.__name__}-{n}")
+            stage(cfg)
+            assert cfg.max_steps is None
+            steps.append(json.loads((Path(cfg.out) / "config.json").read_text())["step"])
+        assert steps == {"sft": [3, 7], "train_reward_model": [4, 8]}[stage.__name__]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,9 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     # --epochs sets a new run's length; a resume without --max-steps keeps the run's own (a
     # time budget's too), as the checkpoint recorded it.
     if cfg.max_steps is None and cfg.max_minutes is None and not cfg.resume:
-        cfg.max_steps = max(1, int(cfg.epochs * len(train_e) / (cfg.batch_size * cfg.grad_accum)))
+        # On a copy: the caller's config, run again on other data, must set its own length.
+        cfg = replace(cfg, max_steps=max(1, int(cfg.epochs * len(train_e)
+                                               / (cfg.batch_size * cfg.grad_accum))))
     key = data_key([e.seqs, e.groups] for e in train_e)
     if cfg.resume:
         warn_if_data_changed(latest, key, "rankings")

@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +256,9 @@ def sft(cfg: SFTConfig) -> Path:
     # --epochs sets a new run's length; a resume without --max-steps keeps the run's own (a
     # time budget's too), as the checkpoint recorded it.
     if cfg.max_steps is None and cfg.max_minutes is None and not cfg.resume:
-        cfg.max_steps = max(1, int(cfg.epochs * len(train_ex) / (cfg.batch_size * cfg.grad_accum)))
+        # On a copy: the caller's config, run again on other data, must set its own length.
+        cfg = replace(cfg, max_steps=max(1, int(cfg.epochs * len(train_ex)
+                                               / (cfg.batch_size * cfg.grad_accum))))
 
     exec_eval = None
     if cfg.world and cfg.exec_eval > 0:
