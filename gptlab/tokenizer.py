@@ -141,10 +141,12 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False,
                      eos: bool = False) -> list[list[int]]:
+        """`encode` of each text, in one call."""
         encs = self._plain.encode_batch([check_text(t) for t in texts], add_special_tokens=False)
         return [self._wrap(e.ids, bos, eos) for e in encs]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """The text of `ids`, special tokens left out unless `skip_special` is False."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def decode_cut(self, ids: Iterable[int]) -> str:

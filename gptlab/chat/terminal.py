@@ -38,6 +38,8 @@ _COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
 
 @dataclass
 class ChatConfig:
+    """Settings of `gptlab chat`: the model, the system message and the sampling."""
+
     model: str = ""
     # The system message, kept through every context trim. None: the template's default (if
     # any); "": an empty system message, which replaces that default.
@@ -85,11 +87,14 @@ class ChatSession:
                             f"needs {n}; lower it (--max-new-tokens)", field="max_new_tokens")
 
     def reset(self) -> None:
+        """Forget the conversation, keeping only the system message."""
         self.messages: list[dict] = []
         if self.cfg.system is not None:
             self.messages.append({"role": "system", "content": self.cfg.system})
 
     def count_tokens(self, messages: list[dict]) -> int:
+        """Tokens `messages` take rendered with the chat template and the assistant's
+        generation prompt."""
         return len(self.tok.render_chat(messages, add_generation_prompt=True)[0])
 
     def reply(self, text: str, stderr: TextIO | None = None) -> str:

@@ -15,6 +15,9 @@ from gptlab.model.layers import MLP, make_norm, positions_from_mask, sinusoidal_
 
 @dataclass
 class GPTConfig:
+    """The shape of a GPT (GPT-1/2/3 and Llama-style models): sizes, positions, norm,
+    activation, biases, tying and dropout; `gptlab.model.get_preset` gives the papers' ones."""
+
     vocab_size: int = 50257
     context: int = 1024             # the longest sequence the model takes (positions)
     n_layers: int = 12
@@ -82,6 +85,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Decoder-only Transformer: (B, T) token ids -> (B, T, vocab) logits; see `forward`."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -124,9 +129,12 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
     def num_params(self) -> int:
+        """Parameters in the model, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the context),
+        on the weights' device and dtype."""
         cfg = self.config
         p = self.tok_emb.weight
         return KVCache(cfg.n_layers, batch, cfg.kv_heads, max_len or cfg.context, cfg.dim_head,

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from gptlab.errors import UserError
 from gptlab.model.gpt import GPTConfig
 from gptlab.model.transformer import TransformerConfig
+
+if TYPE_CHECKING:
+    from gptlab.model.gpt import GPT
+    from gptlab.model.transformer import Transformer
 
 _GPT2 = dict(vocab_size=50257, context=1024, positions="learned", norm="layernorm",
              prenorm=True, activation="gelu_tanh", bias=True, tie_embeddings=True)
@@ -56,7 +61,7 @@ PAPER_PARAMS = {
 }
 
 
-def get_preset(name: str, **overrides) -> GPTConfig | TransformerConfig:
+def get_preset(name: str, **overrides: Any) -> GPTConfig | TransformerConfig:
     """A fresh copy of a preset's config, with fields replaced by `overrides`."""
     if name not in PRESETS:
         import difflib
@@ -67,7 +72,8 @@ def get_preset(name: str, **overrides) -> GPTConfig | TransformerConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def build_model(config: GPTConfig | TransformerConfig):
+def build_model(config: GPTConfig | TransformerConfig) -> GPT | Transformer:
+    """A freshly initialised GPT or Transformer of `config`'s shape."""
     from gptlab.model.gpt import GPT
     from gptlab.model.transformer import Transformer
     return GPT(config) if isinstance(config, GPTConfig) else Transformer(config)

@@ -21,6 +21,8 @@ from gptlab.model.layers import MLP, positions_from_mask, sinusoidal_table
 
 @dataclass
 class TransformerConfig:
+    """The shape of an encoder-decoder Transformer (Vaswani et al. 2017 by default)."""
+
     vocab_size: int = 37000         # one vocabulary shared by source and target
     context: int = 512
     n_encoder_layers: int = 6
@@ -131,6 +133,7 @@ class Transformer(nn.Module):
         self.pos_table = sinusoidal_table(self.config.context, self.config.d_model)
 
     def num_params(self) -> int:
+        """Parameters in the model, shared embeddings counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def _embed(self, ids: Tensor, start: int = 0, mask: Tensor | None = None) -> Tensor:
@@ -178,6 +181,8 @@ class Transformer(nn.Module):
         return self.lm_head(self.dec_norm(x)), weights
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache of the decoder's self-attention for `batch` rows of up to
+        `max_len` tokens (default: the context)."""
         cfg = self.config
         p = self.embed.weight
         return KVCache(cfg.n_decoder_layers, batch, cfg.n_heads, max_len or cfg.context,

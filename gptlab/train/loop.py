@@ -77,6 +77,9 @@ MEASURE_STEPS = 3         # steps timed (after the first, which pays for warm-up
 
 @dataclass
 class TrainConfig:
+    """Settings every training stage shares (optimizer, schedule, length, batches,
+    evaluation, checkpoints, device); each stage's config extends it."""
+
     lr: float = 3e-4                  # peak learning rate
     min_lr_ratio: float = 0.1         # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 100
@@ -726,6 +729,8 @@ class Batches(Protocol):
 
 @dataclass
 class TrainResult:
+    """What `train` returns: the last step, the losses, tokens, time and the last checkpoint."""
+
     step: int
     total_steps: int
     loss: float | None         # training loss of the last step (of this session)

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class PipelineConfig:
+    """Settings of `gptlab pipeline`: the whole recipe on the built-in world."""
+
     preset: str = field(default="demo", metadata={"help": "model preset to pretrain"})
     out: str = field(default="runs/demo", metadata={"help": "run directory"})
     rounds: int = field(default=2, metadata={"help": "rounds of sample → label → RM → PPO"})
@@ -797,5 +799,7 @@ class Pipeline:
 
 @reports_path_errors
 def pipeline(cfg: PipelineConfig) -> Path:
+    """Run every stage on the built-in world (reusing finished ones in `cfg.out`), evaluate
+    them and write the report; returns the path of report.md."""
     Pipeline(cfg).run()
     return Path(cfg.out) / "report.md"

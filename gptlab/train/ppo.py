@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class PPOConfig:
+    """Settings of PPO(-ptx): the policy, the reward, the prompts, and the algorithm's."""
+
     policy: str = field(default="", metadata={
         "help": "SFT model directory (the policy starts here)"})
     prompts: str = field(default="", metadata={

@@ -35,6 +35,9 @@ from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check
 
 @dataclass
 class PretrainConfig(TrainConfig):
+    """Settings of `gptlab pretrain`: the corpus, the model (a preset or a directory), the
+    tokenizer and the output, besides the shared training settings."""
+
     data: list[str] = field(default_factory=list, metadata={
         "help": "corpus files or directories (.txt/.jsonl/.parquet), or a Hub dataset user/name"})
     model: str = field(default="demo", metadata={"help": "a preset name, or a gptlab model "
@@ -59,6 +62,7 @@ class PretrainConfig(TrainConfig):
     save_every: int = 200
 
     def rules(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, what is expected): the shared rules and pretraining's."""
         return super().rules() + [
             ("block_size", self.block_size is None or self.block_size >= 1, "must be >= 1"),
             ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),

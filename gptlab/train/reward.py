@@ -42,6 +42,9 @@ MEASURE_SETTINGS = ("val_data",)
 
 @dataclass
 class RewardConfig(TrainConfig):
+    """Settings of `gptlab reward`: the SFT model, the rankings, the samples to normalise
+    on, besides the shared training settings."""
+
     model: str = field(default="", metadata={"help": "the SFT model the reward model starts from"})
     data: str = field(default="", metadata={
         "help": "rankings, .jsonl or .parquet (ranked, or chosen/rejected; ties: JSONL)"})
@@ -64,6 +67,7 @@ class RewardConfig(TrainConfig):
     resume: bool = False
 
     def rules(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, what is expected): the shared rules and the reward model's."""
         return super().rules() + [
             ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
             held_out_rule(self.val_data, self.data),

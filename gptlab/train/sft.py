@@ -49,6 +49,9 @@ NOTED_SETTINGS = {
 
 @dataclass
 class SFTConfig(TrainConfig):
+    """Settings of `gptlab sft`: the model, the demonstrations, the held-out ones, the world
+    to score on, besides the shared training settings."""
+
     model: str = field(default="", metadata={
         "help": "pretrained model (gptlab dir, HF dir, .gguf)"})
     data: str = field(default="", metadata={"help": "demonstrations (.jsonl or .parquet)"})
@@ -75,6 +78,7 @@ class SFTConfig(TrainConfig):
     batch_size: int = 16
 
     def rules(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, what is expected): the shared rules and SFT's."""
         return super().rules() + [
             ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
             held_out_rule(self.val_data, self.data),

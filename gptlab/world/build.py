@@ -39,6 +39,8 @@ FILES = ("corpus.txt", "sft.jsonl", "validation.jsonl", "test.jsonl", "dialogs.j
 
 @dataclass(frozen=True)
 class WorldOptions:
+    """What a world is built from: the seeds, the schema's renaming and the sizes."""
+
     seed: int = 0
     vary_schema: bool = False
     schema_seed: int | None = None  # which renaming; defaults to `seed`
@@ -49,6 +51,7 @@ class WorldOptions:
     corpus_chars: int = 1_000_000
 
     def validate(self) -> None:
+        """Raise a UserError naming the first option of the wrong type or out of range."""
         if not isinstance(self.vary_schema, bool):  # "no" would be true: another world
             raise UserError(f"must be true or false, got {self.vary_schema!r}",
                             field="vary_schema")
@@ -101,6 +104,7 @@ class World:
         return self.splits["test"]
 
     def question(self, qid: str) -> Question:
+        """The question with id `qid`; a UserError if this world has none."""
         if qid not in self._questions:
             raise UserError(f"no question with id '{qid}' in this world", field="id")
         return self._questions[qid]
@@ -127,6 +131,7 @@ class World:
 
     # --- execution -----------------------------------------------------------------------
     def executor(self) -> SqlExecutor:
+        """The read-only SQL executor on this world's database (one, made on first use)."""
         if self._executor is None:
             self._executor = SqlExecutor(self.db_path)
         return self._executor
@@ -156,10 +161,12 @@ class World:
         return self._variants.agrees(pred_sql, self.gold(qid))
 
     def labeler(self, disagreement: float = 0.0, seed: int = 0, ties: bool = True) -> SqlLabeler:
+        """A simulated labeler that ranks answers to this world's questions by execution."""
         return SqlLabeler(self, disagreement=disagreement, seed=seed, ties=ties)
 
     # --- text and records -----------------------------------------------------------------
     def corpus(self) -> str:
+        """The pretraining corpus: documents separated by a blank line (built once)."""
         if self._corpus is None:
             rng = random.Random(f"corpus-{self.options.seed}")
             self._corpus = build_corpus(self.company, self.schema, self.train,
@@ -168,6 +175,7 @@ class World:
         return self._corpus
 
     def record(self, q: Question) -> dict:
+        """The JSONL line of question `q` in sft.jsonl, validation.jsonl or test.jsonl."""
         rec = {"id": q.id, "prompt": self.prompt(q.text), "completion": " " + q.sql,
                "question": q.text, "intent": q.intent, "kind": q.kind, "values": q.values,
                "phrasing": q.phrasing}
@@ -205,6 +213,7 @@ class World:
         return paths
 
     def manifest(self) -> dict:
+        """world.json: the format, options, schema, counts and the fingerprint."""
         return {"format": FORMAT, "options": dataclasses.asdict(self.options),
                 "schema": self.schema.to_json(), "database": "company.sqlite",
                 "counts": {"train": len(self.train), "validation": len(self.validation),

@@ -27,6 +27,8 @@ _REL_TOL, _ABS_TOL = 1e-9, 1e-12
 
 @dataclass(frozen=True)
 class Verdict:
+    """An answer judged against the gold SQL: `kind` correct, wrong or error, and why."""
+
     kind: str  # correct / wrong / error
     detail: str = ""
 

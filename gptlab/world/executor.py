@@ -82,6 +82,8 @@ class ExecError:
 
 @dataclass
 class QueryResult:
+    """The columns and rows a query returned (at most the row limit), or its error."""
+
     columns: list[str] = field(default_factory=list)
     rows: list[tuple] = field(default_factory=list)
     truncated: bool = False  # more rows existed than the row limit
@@ -157,6 +159,8 @@ class SqlExecutor:
             raise KeyboardInterrupt
 
     def run(self, sql: str) -> QueryResult:
+        """Run one read-only statement under the time and row limits; errors are returned,
+        not raised."""
         with self._lock, self._ctrl_c_after_the_query():
             self._calls = 0
             self._deadline = time.monotonic() + self.backstop_s
@@ -202,6 +206,7 @@ class SqlExecutor:
         return _classify(e)
 
     def close(self) -> None:
+        """Close the database connection."""
         self._conn.close()
 
     def __enter__(self) -> "SqlExecutor":

@@ -36,6 +36,8 @@ def normalize_sql(sql: str) -> str:
 
 @dataclass(frozen=True)
 class Ranking:
+    """A labeler's ranking of the responses to one question: best first, with ties."""
+
     id: str  # the question id, carried along so rankings join back to prompts and gold SQL
     responses: tuple[str, ...]  # as given
     order: tuple[int, ...]  # indices into `responses`, best first, tied ones side by side
@@ -62,6 +64,7 @@ class Ranking:
         return dict(zip(self.order, self.groups))
 
     def to_json(self) -> dict:
+        """The ranking as a JSON object: responses best first, order, groups and verdicts."""
         return {"id": self.id, "responses": self.ranked(), "order": list(self.order),
                 "groups": list(self.groups),
                 "verdicts": [self.verdicts[i].kind for i in self.order]}
@@ -88,6 +91,7 @@ class SqlLabeler:
         return _TIER.get(verdict.kind, 2), len(normalize_sql(response))
 
     def careful_order(self, verdicts: list[Verdict], responses: list[str]) -> list[int]:
+        """The noise-free strict order of `responses` (indices, best first)."""
         # The index breaks ties between equal keys: a strict order, first given first.
         return sorted(range(len(responses)),
                       key=lambda i: (*self.careful_key(verdicts[i], responses[i]), i))
@@ -115,6 +119,8 @@ class SqlLabeler:
         return [tiers[t] for t in sorted(tiers)]
 
     def rank(self, qid: str, responses: list[str]) -> Ranking:
+        """Rank the `responses` to question `qid` by their verdicts, with the labeler's
+        disagreement (seeded by the item)."""
         verdicts = [self.world.check(qid, r) for r in responses]
         levels = self.careful_levels(verdicts, responses)
         if self.disagreement > 0 and len(levels) > 1:

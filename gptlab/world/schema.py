@@ -61,9 +61,11 @@ class Schema:
     columns: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def table(self, key: str) -> str:
+        """The physical name of table `key` (`emp` -> `employees`)."""
         return self.tables[key]
 
     def column(self, table_key: str, logical: str) -> str:
+        """The physical name of column `logical` of table `table_key`."""
         return self.columns[table_key][logical]
 
     def lines(self) -> list[str]:
@@ -72,6 +74,7 @@ class Schema:
                 for t, cols in LOGICAL_COLUMNS.items()]
 
     def render(self) -> str:
+        """The schema as the prompt shows it, one line per table."""
         return "\n".join(self.lines())
 
     def fill(self, template: str, values: dict | None = None) -> str:
@@ -87,6 +90,7 @@ class Schema:
         return _PLACEHOLDER.sub(sub, template)
 
     def to_json(self) -> dict:
+        """The physical table and column names, as world.json holds them."""
         return {"tables": dict(self.tables),
                 "columns": {k: dict(v) for k, v in self.columns.items()}}
 
