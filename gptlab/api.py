@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,19 +56,21 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
     return keep + ids[len(keep) + dropped:], dropped
 
 
-def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_tokens: int = 64,
-                  greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int | None = 0,
+def generate_text(model: str | Path | tuple[torch.nn.Module, Any], prompts: list[str], *,
+                  max_new_tokens: int = 64, greedy: bool = False, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
                   truncate: bool = False, device: str = "auto") -> list[str]:
     """Continue each raw text prompt; returns the continuations (without the prompt), one per
     prompt. `prompts` is a list: a single str is refused, not continued letter by letter.
-    `device` is where a model loaded from a path runs (`auto`: CUDA where there is a GPU)."""
+    `model` is a model path or the (model, tokenizer) pair `load` returns; `device` is where a
+    model loaded from a path runs (`auto`: CUDA where there is a GPU)."""
     _check_prompts(prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompts:  # no continuation to make (the engine needs a batch of one or more)
         return []
-    net, tok = load(model, device) if not isinstance(model, tuple) else model
+    path = isinstance(model, (str, os.PathLike))
+    net, tok = load(model, device) if path else _model_pair(model)
     check_tokenizer_fits(net, tok)  # a (model, tokenizer) pair was never checked together
     encoded = []
     for text in prompts:
@@ -81,6 +84,27 @@ def generate_text(model: str | Path | tuple, prompts: list[str], *, max_new_toke
     # A continuation cut at max_new_tokens ends where it was cut, never in half a character.
     return [tok.decode(t) if done else tok.decode_cut(t)
             for t, done in zip(out.tokens, out.finished)]
+
+
+def _model_pair(model: Any) -> tuple[torch.nn.Module, Any]:
+    """`model` as the (GPT, Tokenizer) pair `load` returns; a UserError naming what it is
+    instead (a bare model, a tokenizer of None, the two swapped)."""
+    from gptlab.model.gpt import GPT
+    from gptlab.tokenizer import Tokenizer
+    expected = "a model path, or the (model, tokenizer) pair api.load returns"
+    if not isinstance(model, tuple) or len(model) != 2:
+        got = f"a tuple of {len(model)}" if isinstance(model, tuple) else \
+            f"the {type(model).__name__}"
+        raise UserError(f"must be {expected}, got {got}", field="model")
+    net, tok = model
+    if not isinstance(net, GPT):
+        raise UserError(f"must be {expected}: its first item must be a decoder-only GPT, got "
+                        f"the {type(net).__name__}", field="model")
+    if not isinstance(tok, Tokenizer):
+        got = "None (the model has no tokenizer)" if tok is None else f"the {type(tok).__name__}"
+        raise UserError(f"must be {expected}: its second item must be a Tokenizer, got {got}",
+                        field="model")
+    return net, tok
 
 
 def _check_prompts(prompts: Any) -> None:

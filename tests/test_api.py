@@ -332,3 +332,28 @@ def test_a_config_run_twice_sets_its_length_from_each_runs_data(inputs, tmp_path
             assert cfg.max_steps is None
             steps.append(json.loads((Path(cfg.out) / "config.json").read_text())["step"])
         assert steps == {"sft": [3, 7], "train_reward_model": [4, 8]}[stage.__name__]
+
+
+# --- api.generate_text -------------------------------------------------------------------------
+
+def test_generate_text_names_a_model_that_is_no_path_nor_pair(inputs):
+    # A bare model, a pair without a tokenizer, or the two swapped were an AttributeError or a
+    # TypeError from deep inside ("'NoneType' object has no attribute 'encode'").
+    from gptlab import api
+    from gptlab.tokenizer import load_tokenizer
+    model, tok = api.load(inputs / "model")
+    start = "field 'model': must be a model path, or the (model, tokenizer) pair api.load returns"
+    for given, got in ((model, ", got the GPT"), ([model, tok], ", got the list"),
+                       ((model, tok, 1), ", got a tuple of 3"),
+                       ((model, None), ": its second item must be a Tokenizer, got None (the "
+                                       "model has no tokenizer)"),
+                       ((tok, model), ": its first item must be a decoder-only GPT, got the "
+                                      "Tokenizer")):
+        with pytest.raises(UserError) as raised:
+            api.generate_text(given, ["hello"])
+        assert str(raised.value) == start + got
+    by_pair = api.generate_text((model, load_tokenizer(inputs / "model")), ["hello"],
+                                greedy=True, max_new_tokens=4)
+    assert by_pair == api.generate_text(inputs / "model", ["hello"], greedy=True,
+                                        max_new_tokens=4, device="cpu")
+    assert len(by_pair) == 1
