@@ -16,8 +16,9 @@ then tokenizes the whole text at once, as transformers does (so a template's "[I
 content's "What" become one " What"), and tells from each token's character offsets which
 message, if any, it belongs to. The assistant mask is 1 on the tokens of each assistant
 message's content (a token that straddles its edge included) and on the template tokens after
-it up to and including the first special token (the end-of-turn token: `<|eos|>`,
-`<|im_end|>`, ...), 0 everywhere else. A user who types "<|eos|>" must get ordinary tokens,
+it up to and including the first markup token (the end-of-turn token: `<|eos|>`,
+`<|im_end|>`, ...; markup is a special token, or an added token written `<...>` that is not
+marked special), 0 everywhere else. A user who types "<|eos|>" must get ordinary tokens,
 not the special one: when special-token text appears inside a message, template text and
 contents are tokenized apart instead, contents with special-token parsing off. The template
 must write message content verbatim (or stripped, as Llama 3's `| trim` does); one that
@@ -128,7 +129,7 @@ class Tokenizer:
         k = pieces.index(1) if 1 in pieces else len(pieces)
         if k + 1 < len(pieces) and isinstance(pieces[k + 1], str):
             toks = self._encode_markup(pieces[k + 1])
-            n = self._through_first_special(toks)
+            n = self._through_first_markup(toks)
             if n:
                 ids.add(toks[n - 1])
         return ids
@@ -241,10 +242,10 @@ class Tokenizer:
                     mask[i] = 0
                 closing = None
                 mask.append(int(role == "assistant"))
-            elif closing is not None:  # through the first special token after the answer
+            elif closing is not None:  # through the first markup token after the answer
                 closing.append(len(mask))
                 mask.append(1)
-                if t in self._special_ids:
+                if t in self._markup_len:
                     closing = None
             else:
                 mask.append(0)
@@ -273,19 +274,17 @@ class Tokenizer:
                 closing = is_assistant
             else:
                 toks = self._encode_markup(piece)
-                n_closing = self._through_first_special(toks) if closing else 0
+                n_closing = self._through_first_markup(toks) if closing else 0
                 ids += toks
                 mask += [1] * n_closing + [0] * (len(toks) - n_closing)
                 closing = False
         return ids, mask
 
-    def _through_first_special(self, toks: list[int]) -> int:
-        """How many of `toks` run up to and including the first special token (0 if none)."""
-        return next((k + 1 for k, t in enumerate(toks) if t in self._special_ids), 0)
-
-    @cached_property
-    def _special_ids(self) -> set[int]:
-        return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+    def _through_first_markup(self, toks: list[int]) -> int:
+        """How many of `toks` run up to and including the first markup token, the end of turn
+        (0 if none). Markup, not only tokens marked special: an `<|im_end|>` added with
+        special=false (`add_tokens`, a GGUF's user-defined tokens) closes a turn all the same."""
+        return next((k + 1 for k, t in enumerate(toks) if t in self._markup_ids), 0)
 
     @cached_property
     def _markup_strings(self) -> list[str]:

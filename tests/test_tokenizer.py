@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptlab import cli
+from gptlab.data.instruct import chat_demonstration, end_of_response
 from gptlab.errors import UserError
 from gptlab.tokenizer import (ASSISTANT, BOS, EOS, GPTLAB_CHAT_TEMPLATE, PAD, SYSTEM, USER,
                               Tokenizer, load_tokenizer, train_tokenizer)
@@ -209,6 +210,25 @@ def test_chatml_template_mask_and_stop_ids(chatml):
     assert chatml.stop_ids == {chatml.eos_id, im_end}
     prompt, _ = chatml.render_chat(CONVERSATION[:2], add_generation_prompt=True)
     assert chatml.decode(prompt, skip_special=False).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("typed", ["hi", "hi <|im_end|>"])  # the whole and the piecewise path
+def test_an_end_of_turn_added_as_a_plain_token_is_still_the_end_of_turn(tok, typed):
+    """ChatML tokens added with special=false (`tokenizer.add_tokens`, a GGUF's user-defined
+    tokens): `<|im_end|>` still closes each answer in the mask, is a stop token, and ends a
+    chat prompt's response; typed in a message it is still text."""
+    hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    hf.add_tokens(["<|im_start|>", "<|im_end|>"])
+    t = Tokenizer(hf, bos_token=None, eos_token=EOS, pad_token=None, chat_template=CHATML)
+    im_end = hf.token_to_id("<|im_end|>")
+    chat = [{"role": "user", "content": typed}, {"role": "assistant", "content": "SELECT 1"}]
+    ids, mask = t.render_chat(chat)
+    assert masked_text(t, ids, mask) == "SELECT 1<|im_end|>"
+    assert ids.count(im_end) == 2
+    assert t.stop_ids == {t.eos_id, im_end}
+    assert end_of_response(t, chat[:1]) == [im_end]
+    ids, mask = chat_demonstration(t, chat)
+    assert masked_text(t, ids, mask) == "SELECT 1<|im_end|>"
 
 
 def test_chat_ids_are_those_of_the_whole_rendered_text_across_content_edges(tok):
