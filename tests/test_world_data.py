@@ -8,9 +8,11 @@ from collections import defaultdict
 
 import pytest
 
+from gptlab.tokenizer import train_tokenizer
 from gptlab.world import build_world, make_schema
 from gptlab.world.checker import has_top_level_order_by
 from gptlab.world.database import memory_database
+from gptlab.world.demonstrators import FLAWS, flaw_demonstrations
 from gptlab.world.intents import INTENTS
 from gptlab.world.questions import informative, phrase
 from gptlab.world.schema import COLUMN_SYNONYMS, TABLE_SYNONYMS
@@ -222,3 +224,31 @@ def test_a_varied_world_asks_the_same_questions_with_the_same_answers(world, sch
     for d in varied.dialogs:
         for sql in d.sqls:
             assert informative(_result(varied, sql).rows), sql
+
+
+# --- 3. special-token text -------------------------------------------------------------------
+
+def _world_texts(world) -> list[str]:
+    """Every text of a world the pipeline tokenizes: its corpus, each record's prompt and
+    completion (each careless demonstrator's too), and each dialog message."""
+    rows = [world.record(q) for split in world.splits.values() for q in split]
+    flawed = [r["completion"] for flaw in FLAWS for r in flaw_demonstrations(rows, flaw, 1.0, 0)[0]]
+    return [world.corpus(), *(r[k] for r in rows for k in ("prompt", "completion", "question")),
+            *flawed, *(m["content"] for d in world.dialogs for m in d.messages)]
+
+
+@pytest.mark.parametrize("schema_seed", [None, 175])
+def test_no_world_text_holds_special_token_text_so_it_tokenizes_as_if_parsed(world, schema_seed):
+    """Special-token text in data is encoded as ordinary text (never as the token); the built-in
+    world writes none, so that choice changes no token of the pipeline: its texts encode to the
+    same ids with special-token parsing on, and no message holds the text that would have its
+    chat tokenized piecewise."""
+    w = world if schema_seed is None else build_world(0, vary_schema=True,
+                                                      schema_seed=schema_seed, n_dialogs=100)
+    texts = _world_texts(w)
+    assert not [t for t in texts if "<|" in t or "|>" in t]
+    tok = train_tokenizer([w.corpus()[:100_000]], vocab_size=400)
+    assert tok._markup_strings and not [t for t in texts for s in tok._markup_strings if s in t]
+    sample = texts[:1] + texts[1::97]
+    assert tok.encode_batch(sample) == [e.ids for e in tok.hf.encode_batch(
+        sample, add_special_tokens=False)]
