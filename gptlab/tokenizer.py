@@ -147,8 +147,13 @@ class Tokenizer:
         return [self._wrap(e.ids, bos, eos) for e in encs]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        """The text of `ids`, special tokens left out unless `skip_special` is False."""
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        """The text of `ids`; `skip_special` leaves out special tokens, and, as transformers
+        does, the BOS, EOS and padding the config names and the end of turn, even when added
+        with special=false: a finished response's stop token is never part of its text."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i not in self._skipped_ids]
+        return self.hf.decode(ids, skip_special_tokens=skip_special)
 
     def decode_cut(self, ids: Iterable[int]) -> str:
         """`decode` of a response cut at max_new_tokens: a last character whose bytes the cut
@@ -285,6 +290,12 @@ class Tokenizer:
         (0 if none). Markup, not only tokens marked special: an `<|im_end|>` added with
         special=false (`add_tokens`, a GGUF's user-defined tokens) closes a turn all the same."""
         return next((k + 1 for k, t in enumerate(toks) if t in self._markup_ids), 0)
+
+    @cached_property
+    def _skipped_ids(self) -> set[int]:
+        named = {self.hf.token_to_id(t) for t in (self.bos_token, self.eos_token, self.pad_token)
+                 if t is not None}
+        return named | self.stop_ids
 
     @cached_property
     def _markup_strings(self) -> list[str]:

@@ -231,6 +231,29 @@ def test_an_end_of_turn_added_as_a_plain_token_is_still_the_end_of_turn(tok, typ
     assert masked_text(t, ids, mask) == "SELECT 1<|im_end|>"
 
 
+def test_decode_drops_a_named_or_end_of_turn_token_not_marked_special(tok, tmp_path):
+    """A tokenizer.json whose ChatML tokens and `<pad>` were added with special=false, its config
+    naming `<|im_end|>` EOS and `<pad>` padding: decoding a finished response dropped nothing, so
+    the samples, a reward function and `generate` got "...<|im_end|>" and a rankings file
+    trained the reward model on that text, closed by a second, real end. As transformers, which
+    treats the tokens a config names as special, `decode` drops them, and the end of turn."""
+    hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    hf.add_tokens(["<|im_start|>", "<|im_end|>", "<pad>", "<tool>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<pad>",
+        "chat_template": CHATML}))
+    t = load_tokenizer(tmp_path)
+    im_end, pad, tool = (hf.token_to_id(s) for s in ("<|im_end|>", "<pad>", "<tool>"))
+    assert t.stop_ids == {im_end}
+    answer = t.encode("SELECT 1")
+    assert t.decode(answer + [im_end]) == t.decode_cut(answer + [im_end]) == "SELECT 1"
+    assert t.decode([pad] + answer + [im_end, pad]) == "SELECT 1"
+    assert t.decode(answer + [im_end], skip_special=False) == "SELECT 1<|im_end|>"
+    # an added token that no config names and that ends no turn is text, as in transformers
+    assert t.decode(answer + [tool]) == "SELECT 1<tool>"
+
+
 def test_chat_ids_are_those_of_the_whole_rendered_text_across_content_edges(tok):
     """A template whose text runs into the content ("[INST] " + "What") and content that starts
     with two spaces: BPE merges across the edge, as transformers does on the rendered text."""

@@ -248,6 +248,8 @@ def test_no_world_text_holds_special_token_text_so_it_tokenizes_as_if_parsed(wor
     texts = _world_texts(w)
     assert not [t for t in texts if "<|" in t or "|>" in t]
     tok = train_tokenizer([w.corpus()[:100_000]], vocab_size=400)
+    # every added token is special: the end of turn and what decoding skips are as they were
+    assert all(t.special for t in tok.hf.get_added_tokens_decoder().values())
     assert tok._markup_strings and not [t for t in texts for s in tok._markup_strings if s in t]
     sample = texts[:1] + texts[1::97]
     assert tok.encode_batch(sample) == [e.ids for e in tok.hf.encode_batch(
