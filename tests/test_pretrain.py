@@ -63,6 +63,20 @@ def test_tokens_are_documents_between_bos_and_eos(corpus, tmp_path):
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
+def test_special_token_text_in_a_document_is_text_not_a_boundary(corpus, tmp_path):
+    """A document quoting "<|eos|>" (or separated by "<|endoftext|>", as GPT-2 dumps are) keeps
+    it as text: BOS and EOS come only at the documents' edges, the blank lines and rows."""
+    d, docs, tok = corpus
+    quoting = ["the cat <|eos|><|bos|> sat.", "a mat<|endoftext|>the dog ran."]
+    (tmp_path / "q.txt").write_text("\n\n".join(quoting) + "\n")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in quoting))
+    for name in ("q.txt", "q.jsonl"):
+        ids = tokenize_corpus([tmp_path / name], tok, tmp_path / "cache").tokens.tolist()
+        assert ids == [i for doc in quoting for i in [tok.bos_id] + tok.encode(doc) + [tok.eos_id]]
+        assert (ids.count(tok.bos_id), ids.count(tok.eos_id)) == (2, 2)
+        assert tok.decode(ids) == "".join(quoting)
+
+
 def test_token_cache_is_reused_and_keyed_on_the_files(corpus, tmp_path):
     d, docs, tok = corpus
     src = tmp_path / "c.txt"
