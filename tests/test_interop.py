@@ -704,10 +704,11 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = "gpt2",
                 extra: dict | None = None, raw: dict | None = None,
                 template: str = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}",
-                pre: str = "gpt-2", words: tuple[str, ...] = (), merges: tuple[str, ...] = ()
-                ) -> Path:
+                pre: str = "gpt-2", words: tuple[str, ...] = (), merges: tuple[str, ...] = (),
+                end_type: int = 3) -> Path:
     """A GGUF of a transformers Llama/Qwen2 model, laid out as llama.cpp's converter does.
-    The vocabulary is single bytes, the last of them replaced by `words`."""
+    The vocabulary is single bytes, the last of them replaced by `words`, then <|endoftext|>
+    and <|im_end|> (EOS) of token type `end_type` (3: control, 4: user-defined)."""
     from tokenizers import pre_tokenizers
 
     c = theirs.config
@@ -730,7 +731,7 @@ def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = 
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_types([1] * (len(tokens) - 2) + [end_type, end_type])
     w.add_token_merges(list(merges))
     w.add_eos_token_id(len(tokens) - 1)
     w.add_chat_template(template)
@@ -773,6 +774,20 @@ def test_gguf_import_matches_transformers(family, arch, tmp_path):
     assert_same_logits(model, theirs, PROMPTS)
     assert tok.eos_token == "<|im_end|>" and tok.render_chat(
         [{"role": "user", "content": "hi"}])[0][-1] == tok.eos_id
+
+
+def test_a_gguf_end_of_turn_of_user_defined_type_ends_turns_and_replies(tmp_path):
+    """llama.cpp writes a token that tokenizer.json added with special=false as user-defined:
+    such an <|im_end|> closed no assistant turn in the loss, and stayed in a reply's text."""
+    _, tok = load_pretrained(_write_gguf(tmp_path / "m.gguf", _hf_model("llama", seed=4),
+                                         end_type=4))
+    im_end = tok.eos_id
+    assert tok.eos_token == "<|im_end|>" and tok.stop_ids == {im_end}
+    ids, mask = tok.render_chat([{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "ok<|im_end|>"}])
+    assert [i for i, m in zip(ids, mask) if m][-1] == im_end and ids.count(im_end) == 2
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "ok<|im_end|>"  # typed: text
+    assert tok.decode(tok.encode("ok") + [im_end]) == "ok"  # a finished reply: its stop dropped
 
 
 @pytest.mark.parametrize("kwargs, message", [
