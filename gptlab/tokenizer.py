@@ -327,13 +327,17 @@ class Tokenizer:
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         import jinja2
 
+        template = self._compiled_template  # its own UserError, naming the file
         try:
-            return self._compiled_template.render(
+            return template.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token,
                 pad_token=self.pad_token or "", tools=None, documents=None)
         except jinja2.TemplateError as e:
             raise UserError(f"the chat template failed: {e}", field="chat_template") from None
+        except Exception as e:  # the template's own expressions: `content + 1` is a TypeError
+            raise UserError(f"the chat template failed: {type(e).__name__}: {e}",
+                            field="chat_template") from None
 
     def _template_pieces(self, messages: Sequence[dict],
                          add_generation_prompt: bool) -> tuple[list[str | int], bool]:

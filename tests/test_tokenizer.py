@@ -252,6 +252,14 @@ def test_decode_drops_a_named_or_end_of_turn_token_not_marked_special(tok, tmp_p
     assert t.decode(answer + [im_end], skip_special=False) == "SELECT 1<|im_end|>"
     # an added token that no config names and that ends no turn is text, as in transformers
     assert t.decode(answer + [tool]) == "SELECT 1<tool>"
+    # A template that fails in its own code (a TypeError, not a Jinja error) is a UserError
+    # naming it; decoding, which reads the end of turn from the template, still works.
+    broken = Tokenizer(hf, None, "<|im_end|>", "<pad>",
+                       chat_template="{{ messages[0]['content'] + 1 }}")
+    assert broken.decode(answer + [im_end]) == "SELECT 1" and broken.stop_ids == {im_end}
+    with pytest.raises(UserError, match="chat template failed: TypeError") as e:
+        broken.render_chat([{"role": "user", "content": "hi"}])
+    assert e.value.field == "chat_template"
 
 
 def test_chat_ids_are_those_of_the_whole_rendered_text_across_content_edges(tok):
