@@ -76,7 +76,7 @@ def check_given(cfg: object, names: tuple[str, ...], stage: str) -> None:
 class PathError(UserError, OSError):
     """An OSError the user can fix, met at a path they gave: `str()` names the file and the
     field (or flag) it came from; `errno`, `strerror` and `filename` are the OSError's, so an
-    `except OSError` still catches it."""
+    `except OSError` still catches it (`PathError.of`: an `except PermissionError` too)."""
 
     def __init__(self, error: OSError, field: str | None):
         super().__init__(error.strerror or str(error), path=error.filename or "a file",
@@ -84,8 +84,34 @@ class PathError(UserError, OSError):
         self.errno, self.strerror = error.errno, error.strerror
         self.filename, self.filename2 = error.filename, error.filename2
 
+    @staticmethod
+    def of(error: OSError, field: str | None) -> PathError:
+        """`error` as a PathError that is also the OSError subclass Python raises for its
+        errno (PermissionError, FileNotFoundError, ...), as `error` itself was."""
+        return _path_error_class(error.errno)(error, field)
+
     def __str__(self) -> str:  # UserError's line, not OSError's "[Errno 28] ..."
         return self.args[0]
+
+    def __reduce__(self) -> tuple:
+        # Rebuilt from the OSError's parts: the default, `cls(*args)`, would call
+        # `PathError(message)` (pickled across processes, copied).
+        return _rebuilt_path_error, (self.errno, self.strerror, self.filename, self.filename2,
+                                     self.field)
+
+
+@functools.cache
+def _path_error_class(code: int | None) -> type[PathError]:
+    kind = type(OSError(code, "")) if isinstance(code, int) else OSError
+    if kind is OSError:
+        return PathError
+    return type(PathError.__name__, (PathError, kind), {"__module__": __name__,
+                                                         "__qualname__": PathError.__qualname__})
+
+
+def _rebuilt_path_error(code: int | None, strerror: str | None, filename: Any,
+                        filename2: Any, field: str | None) -> PathError:
+    return PathError.of(OSError(code, strerror, filename, None, filename2), field)
 
 
 def field_of_path(filename: object, given: Mapping[str, Any], writer: str) -> str | None:
@@ -125,7 +151,7 @@ def path_error(error: OSError, given: Mapping[str, Any], writer: str = "out") ->
     `field_of_path`), if it is the user's to fix; None if it is not (an internal error)."""
     field = field_of_path(error.filename, given, writer)
     if error.errno in USERS_TO_FIX or (field and error.errno in USERS_WHERE_GIVEN):
-        return PathError(error, field)
+        return PathError.of(error, field)
     return None
 
 

@@ -1,9 +1,11 @@
 """gptlab as a library: what `import gptlab` costs and does, and the errors a notebook gets from
 the stage functions (the same lines the command line prints, as exceptions)."""
+import copy
 import dataclasses
 import errno
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +231,27 @@ def test_a_full_disk_mid_run_names_the_file_and_field_from_python(inputs, tmp_pa
     assert (raised.value.errno, raised.value.field) == (errno.EFBIG, "out")
     assert str(raised.value) == f"{weights}, field 'out': File too large"
     assert not weights.parent.exists()
+
+
+@pytest.mark.parametrize("code,kind", [(errno.EACCES, PermissionError),
+                                        (errno.ENOENT, FileNotFoundError),
+                                        (errno.ENOSPC, OSError)])
+def test_a_path_error_stays_the_oserror_subclass_it_was_and_pickles(tmp_path, code, kind):
+    # Before the stage functions named the field, a notebook's `except PermissionError` (or
+    # FileNotFoundError) around a stage caught these; it still does. An exception that crosses
+    # processes (multiprocessing, concurrent.futures) is pickled: PathError(error, field) could
+    # not be rebuilt from its message, and the parent got a TypeError in its place.
+    @reports_path_errors
+    def stage(out: str) -> None:
+        raise kind(code, os.strerror(code), os.path.join(out, "f"))
+    with pytest.raises(kind) as raised:
+        stage(str(tmp_path / "run"))
+    e = raised.value
+    assert isinstance(e, PathError) and isinstance(e, UserError) and e.field == "out"
+    for back in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
+        assert type(back) is type(e) and str(back) == str(e)
+        assert (back.errno, back.strerror, back.filename, back.field, back.path) == \
+            (code, os.strerror(code), str(tmp_path / "run" / "f"), "out", e.path)
 
 
 def test_an_error_that_is_not_the_users_stays_the_oserror_it_was(tmp_path):
