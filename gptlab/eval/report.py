@@ -205,6 +205,7 @@ def plot_exec_acc(results: dict) -> Figure | None:
 
 
 def png_bytes(fig: Figure) -> bytes:
+    """The figure as a PNG, in memory: nothing is written until the whole report renders."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
@@ -220,6 +221,7 @@ def render_plots(run_dir: Path, results: dict) -> dict[str, bytes]:
 
 
 def plot_path(run_dir: Path, name: str) -> Path:
+    """Where the plot `name` of a run is written (plots/NAME.png)."""
     return run_dir / "plots" / f"{name}.png"
 
 
@@ -481,6 +483,8 @@ MD_SPECIAL = re.compile(r"[\\`*\[\]<&|~#]")
 
 
 def md_intraword(text: str, start: int, end: int) -> bool:
+    """Whether `text[start:end]` has a letter or digit on both sides (CommonMark: a `_` run
+    there neither opens nor closes emphasis)."""
     return (start > 0 and text[start - 1].isalnum() and end < len(text)
             and text[end].isalnum())
 

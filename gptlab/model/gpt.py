@@ -130,7 +130,7 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         """Parameters in the model, a tied embedding counted once."""
-        return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
+        return sum(p.numel() for p in self.parameters())
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the context),
