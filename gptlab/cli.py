@@ -439,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_READER_GONE
     except UserError as e:
         if isinstance(e, PathError):  # named by the stage's field: name the flag given
-            e = path_error(e, _flags_given(args), writer="--out") or e
+            named = path_error(e, _flags_given(args), writer="--out")
+            # No flag gave the path (a --config file did): the stage's field stays.
+            e = named if named is not None and named.field is not None else e
         print(f"gptlab {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

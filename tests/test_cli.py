@@ -797,6 +797,21 @@ def test_an_out_whose_name_is_too_long_is_one_line_and_exit_2(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_from_the_config_file_is_named_by_its_field(tmp_path, capsys):
+    # No flag gave the path, so the line names the field the stage named (as from Python); it
+    # was dropped, leaving the path alone.
+    out = tmp_path / ("a" * 300)
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(f"out: {out}\nmodel: tiny\nmax_steps: 1\n")
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+    assert main(["pretrain", "--config", str(config), "--data", str(text), "--device", "cpu",
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err == (f"gptlab pretrain: error: {out}, field 'out': File name "
+                                       f"too long\n")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("aaa")]
+
+
 def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, capsys):
     # Python's write() raises ENOSPC without a file name: the message said "a file".
     import errno
