@@ -97,6 +97,9 @@ def _model_pair(model: Any) -> tuple[torch.nn.Module, Any]:
             f"the {type(model).__name__}"
         raise UserError(f"must be {expected}, got {got}", field="model")
     net, tok = model
+    # A torch.compile'd model wraps the GPT: generation runs the GPT itself (a KV-cache decode
+    # changes shape at every step, which a compiled graph would recompile for).
+    net = getattr(net, "_orig_mod", net)
     if not isinstance(net, GPT):
         raise UserError(f"must be {expected}: its first item must be a decoder-only GPT, got "
                         f"the {type(net).__name__}", field="model")

@@ -380,3 +380,14 @@ def test_generate_text_names_a_model_that_is_no_path_nor_pair(inputs):
     assert by_pair == api.generate_text(inputs / "model", ["hello"], greedy=True,
                                         max_new_tokens=4, device="cpu")
     assert len(by_pair) == 1
+
+
+def test_generate_text_takes_a_compiled_model_and_runs_the_model_it_wraps(inputs):
+    # torch.compile's wrapper is not a GPT; it was refused as 'the OptimizedModule'. Compiling
+    # is lazy: nothing is compiled here, the wrapped GPT decodes.
+    import torch
+    from gptlab import api
+    model, tok = api.load(inputs / "model")
+    compiled = torch.compile(model)
+    assert api.generate_text((compiled, tok), ["hello"], greedy=True, max_new_tokens=4) == \
+        api.generate_text((model, tok), ["hello"], greedy=True, max_new_tokens=4)
