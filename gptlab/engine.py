@@ -106,6 +106,15 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
     return logits
 
 
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution (B, V) a sampled token is drawn from: softmax of logits / temperature
+    after top-k, then top-p, as transformers' Temperature, TopK and TopP warpers give it (the
+    README's "Against transformers" says where the two part: ties at the nucleus's edge, a
+    top_p on it to float precision, a temperature that overflows the division)."""
+    scaled = scale_logits(logits, params.temperature)
+    return filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+
+
 def scale_logits(logits: Tensor, temperature: float) -> Tensor:
     """logits / temperature, well defined at any temperature above 0.
 
@@ -232,8 +241,7 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
         if params.greedy:
             tok = logits.argmax(-1)
         else:
-            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-            tok = sample_from(probs, gen, fine)
+            tok = sample_from(sampling_probs(logits, params), gen, fine)
         out_tokens[live, t] = tok
         out_logprobs[live, t] = logprobs.gather(-1, tok[:, None])[:, 0]
         n = t + 1

@@ -171,6 +171,22 @@ def test_seeded_sampling_is_deterministic_and_seed_dependent():
     assert a == b and a != c
 
 
+def test_default_sampling_draws_what_it_drew_before_sampling_probs_was_factored_out():
+    """Tokens drawn with seed 3 before the filtering moved into `sampling_probs`: temperature
+    only (the pipeline's sampling), and with top-k and top-p."""
+    net = model()
+    prompts = [[5, 17, 42, 3], [7], [11, 12, 13, 14, 15, 16]]
+    plain = generate(net, prompts, SamplingParams(max_new_tokens=12), seed=3).tokens
+    assert plain == [[0, 0, 41, 45, 20, 20, 37, 28, 15, 15, 15, 12],
+                     [7, 7, 7, 7, 7, 7, 28, 54, 54, 38, 38, 6],
+                     [16, 9, 9, 31, 11, 48, 48, 3, 3, 3, 3, 3]]
+    filtered = generate(net, prompts, SamplingParams(max_new_tokens=12, temperature=1.3,
+                                                     top_k=5, top_p=0.9), seed=3).tokens
+    assert filtered == [[3, 3, 3, 11, 11, 11, 11, 11, 11, 11, 11, 3],
+                        [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7],
+                        [16, 16, 16, 31, 11, 31, 31, 3, 3, 3, 3, 3]]
+
+
 def test_stop_tokens_end_each_row_separately():
     net = model()
     free = generate(net, [[3, 4, 5], [20, 21]], SamplingParams(max_new_tokens=10, greedy=True))
