@@ -177,7 +177,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     Each row gets min(`max_new_tokens`, context - its own prompt's length) new tokens, as it
     would alone: left padding makes the batch longer than a short row, but positions (and the
     model's context check) count a row's real tokens. A row that fills the context leaves the
-    batch unfinished (`finished` is True only for a row ended by a stop token)."""
+    batch unfinished (`finished` is True only for a row ended by a stop token). NaN logits
+    for a token a row draws are a UserError naming the row (field `model`)."""
     if not prompts:
         raise ValueError("no prompts to continue")
     device = next(model.parameters()).device
@@ -267,7 +268,16 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)
         logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1].float()
 
-    lengths = lengths.clamp(max=n).tolist()
+    lengths = lengths.clamp(max=n)
+    # A NaN logit makes its row's log-softmax NaN, and argmax or the CDF then pick a token
+    # that means nothing: refuse the generation rather than return it.
+    nan = out_logprobs.isnan() & (torch.arange(steps, device=device) < lengths[:, None])
+    if bool(nan.any()):
+        i, t = nan.nonzero()[0].tolist()
+        raise UserError(f"gave NaN logits for prompt {i} at new token {t + 1}: its weights hold "
+                        f"NaN or its activations overflow its dtype; no token can be drawn "
+                        f"from them", field="model")
+    lengths = lengths.tolist()
     toks, lps = out_tokens.tolist(), out_logprobs.tolist()
     return Generation(tokens=[toks[i][:lengths[i]] for i in range(B)],
                       logprobs=[lps[i][:lengths[i]] for i in range(B)],

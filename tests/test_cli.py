@@ -477,6 +477,26 @@ def test_sample_writes_nothing_when_no_prompt_fits(tiny_model, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_a_model_with_nan_logits_is_an_error_and_sample_writes_nothing(tiny_model, tmp_path,
+                                                                        capsys):
+    from gptlab.checkpoint import load_model
+    net, tok, _ = load_model(tiny_model)
+    with torch.no_grad():
+        net.lm_head.weight[3] = float("nan")
+    save_model(tmp_path / "nan", net, tok)
+    assert main(["generate", "--model", str(tmp_path / "nan"), "--prompt", "hello",
+                 "--max-new-tokens", "4"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "gptlab generate: error: field 'model': gave NaN logits for prompt 0 at new token 1: ")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tmp_path / "nan"), "--prompts", str(prompts),
+                 "--out", str(out), "--max-new-tokens", "4"]) == 2
+    assert "gave NaN logits" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan", "p.jsonl"]
+
+
 def test_sample_names_a_bad_prompts_line_before_loading_the_model(tmp_path, capsys):
     # The prompts were read after the model loaded: a broken line waited for it (minutes for a
     # large model), and a missing model hid it.

@@ -187,6 +187,35 @@ def test_default_sampling_draws_what_it_drew_before_sampling_probs_was_factored_
                         [16, 16, 16, 31, 11, 31, 31, 3, 3, 3, 3, 3]]
 
 
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=6, greedy=True),
+                                    SamplingParams(max_new_tokens=6, top_k=5, top_p=0.9)])
+def test_nan_logits_are_refused_naming_the_prompt_and_the_new_token(params):
+    """A NaN logit was drawn from silently: greedy took the NaN token, sampling the last one,
+    and the log-probabilities were NaN."""
+    net = model(tie_embeddings=False)
+    with torch.no_grad():
+        net.tok_emb.weight[45] = float("nan")  # any position at or after a 45 gives NaN
+    with pytest.raises(UserError) as e:
+        generate(net, [[3, 4], [5, 45, 6]], params)
+    assert e.value.field == "model"
+    assert e.value.message.startswith("gave NaN logits for prompt 1 at new token 1: ")
+
+
+def test_nan_logits_after_a_row_stopped_are_not_its_own():
+    """Row 0 draws 45 first, then NaN logits; with 45 a stop token, its generation ends before
+    them (the row stays in the batch of five, decoded on, and its NaN is no one's)."""
+    net = model(tie_embeddings=False)
+    prompts = [[3, 4, 5], [20, 21], [30], [40, 41, 42], [50, 51]]
+    free = generate(net, prompts, SamplingParams(max_new_tokens=6, greedy=True)).tokens
+    assert free[0][0] == 45 and all(45 not in row for row in free[1:])
+    with torch.no_grad():
+        net.tok_emb.weight[45] = float("nan")
+    with pytest.raises(UserError, match="for prompt 0 at new token 2: "):
+        generate(net, prompts, SamplingParams(max_new_tokens=6, greedy=True))
+    out = generate(net, prompts, SamplingParams(max_new_tokens=6, greedy=True, stop_ids=(45,)))
+    assert out.tokens == [[45]] + free[1:]
+
+
 def test_stop_tokens_end_each_row_separately():
     net = model()
     free = generate(net, [[3, 4, 5], [20, 21]], SamplingParams(max_new_tokens=10, greedy=True))
