@@ -40,8 +40,8 @@ class SamplingParams:
             raise UserError(f"must be > 0, got {self.temperature!r} (greedy decoding is "
                             f"--greedy, greedy=True in Python)", field="temperature")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise UserError(f"must be an integer of at least 1, got {self.top_k!r}",
-                            field="top_k")
+            raise UserError(f"must be an integer of at least 1, got {self.top_k!r} (no top-k "
+                            f"filter is no --top-k, top_k=None in Python)", field="top_k")
         if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise UserError(f"must be in (0, 1], got {self.top_p!r}", field="top_p")
         for name in ("top_k", "top_p"):

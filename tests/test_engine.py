@@ -336,8 +336,12 @@ def test_the_nucleus_keeps_every_token_tied_with_its_last_one_as_top_k_does():
      "must be > 0, got 0.0 (greedy decoding is --greedy, greedy=True in Python)"),
     (dict(temperature=-1.0), "temperature",
      "must be > 0, got -1.0 (greedy decoding is --greedy, greedy=True in Python)"),
-    (dict(top_k=-3), "top_k", "must be an integer of at least 1, got -3"),
-    (dict(top_k=0), "top_k", "must be an integer of at least 1, got 0"),
+    (dict(top_k=-3), "top_k",
+     "must be an integer of at least 1, got -3 (no top-k filter is no --top-k, top_k=None "
+     "in Python)"),
+    (dict(top_k=0), "top_k",
+     "must be an integer of at least 1, got 0 (no top-k filter is no --top-k, top_k=None "
+     "in Python)"),
     (dict(top_p=1.5), "top_p", "must be in (0, 1], got 1.5"),
     (dict(top_p=-0.2), "top_p", "must be in (0, 1], got -0.2"),
     (dict(top_p=0.0), "top_p", "must be in (0, 1], got 0.0"),
