@@ -598,3 +598,52 @@ def test_rows_of_odd_values_match_exactly_when_some_pairing_of_them_does(width, 
     b = data.draw(st.lists(row, min_size=len(a), max_size=len(a)))
     pairs = any(all(map(_rows_equal, a, p)) for p in itertools.permutations(b))
     assert (_difference(a, b, ordered=False) is None) == pairs, (a, b)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3's setlimit is Python 3.11+")
+def test_executor_refuses_a_printf_wider_than_the_value_limit_before_running_it(ex):
+    """SQLite's printf repeats `%c` `precision` times in one step, past the value limit: with
+    2**31 - 1 it ran 15 s, out of reach of the budget and the backstop, once per row, and read
+    as NULL. Its width and precision are now checked first, whichever way they are given."""
+    for sql in ("SELECT printf('%.*c', 2147483647, 'x') FROM employees",
+                "SELECT format('%.1000000000c', 'x')", "SELECT printf('%1000000000d', 1)",
+                "SELECT printf('%s %*.*f', 'a', 5, 200000, 1.0)",
+                "SELECT printf('%.*c', -9223372036854775808, 'x')",
+                "SELECT printf('%.' || hex(zeroblob(20)) || '1c', 'x')"):
+        r = ex.run(sql)
+        assert not r.ok and r.error.kind == "runtime", (sql, r.error)
+        assert "longer than 100000 bytes: a printf width or precision" in r.error.message
+    # Everything else is SQLite's own printf, as it was: %s's precision is a maximum.
+    r = ex.run("SELECT printf('%.*c|%d%%|%5.2f|%-4s|%.*s|%*d|%!.3f|%,d|%q', 3, 'x', 42, "
+               "3.14159, 'ab', 1000000000, 'xyz', 3, 7, 1.5, 1234567, 'it''s'), "
+               "format('%s', NULL), printf(NULL), length(printf('%.*c', 99999, 'x')), "
+               "printf('%.2f', AVG(salary)) = printf('%.2f', SUM(salary) * 1.0 / COUNT(*)) "
+               "FROM employees")
+    assert r.ok and r.rows == [("xxx|42%| 3.14|ab  |xyz|  7|1.5|1,234,567|it''s", "", None,
+                                99999, 1)]
+
+
+def test_executor_keeps_what_a_query_holds_in_memory_under_a_cap(ex):
+    """An ORDER BY, a DISTINCT or a recursive UNION keeps every row it has seen: with 40 to
+    90 kB values (each under the value limit) they filled temporary files, 7 GB in /tmp before
+    the backstop stopped the ORDER BY after 30 s. They are held in memory now, up to a cap."""
+    import sqlite3
+    for sql in ("SELECT COUNT(*) FROM (SELECT hex(randomblob(40000)) AS h "
+                "FROM assignments a, assignments b ORDER BY h)",
+                "SELECT COUNT(*) FROM (SELECT DISTINCT randomblob(90000) "
+                "FROM assignments a, assignments b)",
+                "WITH RECURSIVE c(x, y) AS (SELECT 1, randomblob(90000) UNION "
+                "SELECT x + 1, randomblob(90000) FROM c) SELECT COUNT(*) FROM c"):
+        r = ex.run(sql)
+        assert not r.ok and r.error.kind == "runtime", (sql, r.error)
+        assert r.error.message == "the query needs more than 256 MB of memory"
+        # Stopped well before the step budget, by what it held.
+        assert r.steps < ex.max_vm_steps // 10
+        assert ex.run("SELECT COUNT(*) FROM employees").rows == [(200,)]
+    # SQLite's heap limit is the process's.
+    assert 0 < sqlite3.connect(":memory:").execute("PRAGMA hard_heap_limit").fetchone()[0] \
+        <= 256 * 2**20
+    # Sorting what fits is an answer as before.
+    r = ex.run("SELECT COUNT(*) FROM (SELECT DISTINCT name, hex(randomblob(1000)) AS h "
+               "FROM employees ORDER BY h)")
+    assert r.ok and r.rows == [(200,)], r.error

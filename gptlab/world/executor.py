@@ -4,7 +4,9 @@ Independent guards, because a model's SQL is untrusted: the file is opened read-
 (`mode=ro`), an authorizer refuses anything but reads, and a progress handler stops a query
 that runs past its budget of SQLite virtual-machine steps. A row limit, a limit on the bytes of
 a whole result, and limits on the length of any one value and on the number of columns keep a
-huge result (many rows, or `zeroblob(10**9)`) from filling memory.
+huge result (many rows, or `zeroblob(10**9)`) from filling memory. What a query holds while it
+runs (the rows an ORDER BY, a DISTINCT or a UNION keeps) stays in memory, not in temporary
+files, under a cap on SQLite's heap, so it can fill neither the disk nor the memory.
 
 The budget counts steps, not seconds, so that whether a slow query is stopped does not depend
 on the machine or its load: evaluation numbers and the labelers' rankings compare across runs
@@ -15,6 +17,7 @@ many minutes.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sqlite3
 import threading
@@ -70,6 +73,20 @@ MAX_VALUE_BYTES = 100_000
 # world has 18 columns, and its largest result a few dozen kB.
 MAX_COLUMNS = 100
 MAX_RESULT_BYTES = 10_000_000
+# The most memory SQLite may hold at once, in bytes: the rows a query sorts, deduplicates or
+# keeps for a window or a recursive UNION (each under the value limit) live in SQLite's heap,
+# and past this the query stops as out of memory. Before, they went to temporary files: an
+# ORDER BY of 80 kB values wrote 7 GB to /tmp before the backstop stopped it. SQLite's heap
+# limit is one for the whole process (it can only be lowered), which the world's other
+# databases, a few MB, stay far below.
+MAX_HEAP_BYTES = 256 * 2**20
+# A printf conversion (`%c`, `%d`, `%f`, ...): its width and precision, each digits or `*` (the
+# next argument), then the conversion character. SQLite's `printf('%.*c', 2**31 - 1, 'x')`
+# repeats the character in one step, for 15 s, whatever the value limit (its result then reads
+# as NULL), so a width or a precision past the value limit is refused before SQLite sees it.
+_PRINTF_SPEC = re.compile(r"%[-+ #0!,]*(\*|\d*)(?:\.(\*|\d*))?l{0,2}(.)", re.DOTALL)
+# Conversions whose precision is a maximum (of characters taken), not a length to fill.
+_PRECISION_IS_A_MAXIMUM = set("sSzqQwT")
 
 
 @dataclass(frozen=True)
@@ -121,9 +138,18 @@ class SqlExecutor:
         # same text would depend on what ran before it.
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False,
                                      cached_statements=0)
-        if hasattr(self._conn, "setlimit"):  # Python 3.11+; on 3.10 only the row limits hold
-            self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
-            self._conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_COLUMNS)
+        # printf and format, with the width and precision checked, computed by SQLite's own
+        # printf on a second connection with the same value limit.
+        self._printf_conn = sqlite3.connect(":memory:", check_same_thread=False)
+        for conn in (self._conn, self._printf_conn):
+            if hasattr(conn, "setlimit"):  # Python 3.11+; on 3.10 only the row limits hold
+                conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+                conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_COLUMNS)
+        self._conn.execute("PRAGMA temp_store = MEMORY")
+        self._conn.execute(f"PRAGMA hard_heap_limit = {MAX_HEAP_BYTES}")
+        for name in ("printf", "format"):
+            self._conn.create_function(name, -1, self._printf, deterministic=True)
+        self._too_long = ""  # why a printf of the query running was refused
         self._conn.set_authorizer(_authorize)
         self._lock = threading.Lock()  # one connection, so one query at a time
         self._calls = 0  # progress-handler calls of the query running
@@ -158,11 +184,40 @@ class SqlExecutor:
         if self._interrupted:
             raise KeyboardInterrupt
 
+    def _printf(self, fmt: Any, *args: Any) -> str | None:
+        if fmt is None:
+            return None
+        text = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else str(fmt)
+        i = 0  # the next argument
+        for width, precision, conversion in _PRINTF_SPEC.findall(text):
+            sizes = []
+            for part in (width, precision):
+                if part == "*":
+                    sizes.append(abs(self._printf_conn.execute(  # as SQLite reads it
+                        "SELECT CAST(? AS INTEGER)", (args[i] if i < len(args) else 0,)
+                    ).fetchone()[0]))
+                    i += 1
+                elif part:
+                    sizes.append(int(part[:12]) if len(part) <= 12 else MAX_VALUE_BYTES + 1)
+                else:
+                    sizes.append(0)
+            if conversion in _PRECISION_IS_A_MAXIMUM:
+                sizes[1] = 0
+            if max(sizes) > MAX_VALUE_BYTES:
+                self._too_long = (f"a value longer than {MAX_VALUE_BYTES} bytes: a printf width "
+                                  f"or precision of {max(sizes)}")
+                raise OverflowError(self._too_long)
+            if conversion not in "%n":
+                i += 1
+        marks = ", ".join("?" * (1 + len(args)))
+        return self._printf_conn.execute(f"SELECT printf({marks})", (fmt, *args)).fetchone()[0]
+
     def run(self, sql: str) -> QueryResult:
         """Run one read-only statement under the time and row limits; errors are returned,
         not raised."""
         with self._lock, self._ctrl_c_after_the_query():
             self._calls = 0
+            self._too_long = ""
             self._deadline = time.monotonic() + self.backstop_s
             try:
                 cur = self._conn.execute(sql)
@@ -186,7 +241,14 @@ class SqlExecutor:
                 if self._interrupted:  # stopped by a Ctrl-C, raised on the way out
                     return QueryResult(error=ExecError("interrupted", str(e)),
                                        steps=self._steps())
+                if self._too_long:  # a printf refused, which SQLite reports as an exception
+                    return QueryResult(error=ExecError("runtime", self._too_long),
+                                       steps=self._steps())
                 return QueryResult(error=self._classify(e), steps=self._steps())
+            except MemoryError:  # past the heap limit: SQLite's "out of memory"
+                return QueryResult(error=ExecError(
+                    "runtime", f"the query needs more than {MAX_HEAP_BYTES // 2**20} MB of "
+                               f"memory"), steps=self._steps())
             except (ValueError, OverflowError) as e:  # e.g. a NUL character in the text
                 return QueryResult(error=ExecError("syntax", str(e)), steps=self._steps())
         truncated = len(rows) > self.max_rows
@@ -208,6 +270,7 @@ class SqlExecutor:
     def close(self) -> None:
         """Close the database connection."""
         self._conn.close()
+        self._printf_conn.close()
 
     def __enter__(self) -> "SqlExecutor":
         return self
