@@ -14,7 +14,7 @@ import torch
 
 from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_prompts,
                                   responses_of)
-from gptlab.engine import SamplingParams, generate
+from gptlab.engine import Generation, SamplingParams, generate
 from gptlab.errors import UserError, reports_path_errors
 from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
                        write_jsonl_atomic)
@@ -55,8 +55,18 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     per_batch = max(1, batch_size // k)
     for b in range(0, len(jobs), per_batch):
         chunk = jobs[b:b + per_batch]
-        prompts = [ids for _, ids in chunk for _ in range(k)]
-        gen = generate(model, prompts, params, seed=seed * 1_000_003 + b, pad_id=tokenizer.pad_id)
+        if k <= batch_size:
+            prompts = [ids for _, ids in chunk for _ in range(k)]
+            gen = generate(model, prompts, params, seed=seed * 1_000_003 + b,
+                           pad_id=tokenizer.pad_id)
+        else:
+            # K past the batch: the prompt's K rows in batches of at most `batch_size`, each
+            # with a seed of its own (the first one's as before), never one batch of K rows
+            # (--k 1000000 asked for a 50 GB cache at once).
+            gen = _concat([generate(model, [chunk[0][1]] * min(batch_size, k - start), params,
+                                    seed=seed * 1_000_003 + b + start // batch_size * len(jobs),
+                                    pad_id=tokenizer.pad_id)
+                           for start in range(0, k, batch_size)])
         if cut is not None:
             cut.append(gen.finished.count(False))
         for j, (rec, _) in enumerate(chunk):
@@ -70,6 +80,14 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
             out.append({**row, "responses": responses,
                         "finished": [bool(gen.finished[i]) for i in rows]})
     return out
+
+
+def _concat(gens: list[Generation]) -> Generation:
+    """One Generation of the rows of several, in order."""
+    return Generation(tokens=[t for g in gens for t in g.tokens],
+                      logprobs=[lp for g in gens for lp in g.logprobs],
+                      finished=[f for g in gens for f in g.finished],
+                      prompt_lengths=[n for g in gens for n in g.prompt_lengths])
 
 
 # `gptlab sample`'s defaults: its flags read them from here, so the verb and the function agree.

@@ -463,6 +463,42 @@ def test_sampling_responses_leaves_the_callers_settings_as_they_were():
     assert len(rows[0]["responses"]) == 2 and params.stop_ids == ()
 
 
+def test_sampling_more_responses_than_a_batch_holds_splits_them_over_batches(monkeypatch):
+    """`gptlab sample --k 1000000` put one prompt's K copies in one batch: its KV cache alone
+    was 50 GB, an allocator traceback. K past the batch size now runs in batches of at most
+    that size, each seeded apart, the first as before; K within it is unchanged."""
+    from gptlab import feedback
+
+    class Tok:
+        stop_ids, pad_id, bos_id = set(), 0, None
+
+        def encode(self, text, bos=False):
+            return [1 + len(text) % 9, 2, 3]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    sizes = []
+
+    def counted(net, prompts, params, seed=None, pad_id=0):
+        sizes.append(len(prompts))
+        return generate(net, prompts, params, seed=seed, pad_id=pad_id)
+
+    monkeypatch.setattr(feedback, "generate", counted)
+    net, params = model(), SamplingParams(max_new_tokens=6)
+    records = [{"prompt": "hi"}, {"prompt": "hello"}]
+    rows = feedback.sample_responses(net, Tok(), records, 10, params, seed=3, batch_size=4)
+    assert sizes == [4, 4, 2, 4, 4, 2]
+    assert [len(r["responses"]) for r in rows] == [10, 10]
+    for r in rows:  # no batch repeats another's draws
+        pieces = r["responses"][:4], r["responses"][4:8], r["responses"][8:]
+        assert pieces[0] != pieces[1] and pieces[0][:2] != pieces[2] != pieces[1][:2]
+    sizes.clear()
+    first = feedback.sample_responses(net, Tok(), records, 4, params, seed=3, batch_size=4)
+    assert sizes == [4, 4]
+    assert [r["responses"] for r in first] == [r["responses"][:4] for r in rows]
+
+
 def test_greedy_logprobs_are_at_temperature_one_whatever_the_temperature_given():
     net = model()
     prompt = [3, 4, 5]
