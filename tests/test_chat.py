@@ -489,3 +489,23 @@ def test_a_slash_word_that_is_no_command_is_not_sent_to_the_model(tiny_dir, monk
     assert notes[1:] == ["note: unknown command /quit (/help lists them); nothing was sent",
                          "note: unknown command /Exit (/help lists them); nothing was sent"]
     assert out.getvalue() == "> > > the mat\n> \n"  # end of input ends the line
+
+
+def test_a_context_setting_past_the_models_is_noted_not_silently_clamped(tiny_dir, capsys):
+    """--max-context-tokens 1000000000 on a model of 96 tokens chatted in 96 without a word;
+    and a --max-context-tokens that leaves no room named only --max-new-tokens."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, max_context_tokens=10**9))
+    assert session.context == 96 and session.budget == 88
+    assert capsys.readouterr().err == ("note: max_context_tokens (--max-context-tokens) "
+                                       "1000000000 is more than the model's context: the "
+                                       "conversation fits in its 96 tokens\n")
+    for n in (96, 50):  # the model's own context, or less: nothing to say
+        assert ChatSession(model, tok, ChatConfig(max_new_tokens=8, max_context_tokens=n))
+        assert capsys.readouterr().err == ""
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(max_new_tokens=8, max_context_tokens=8))
+    assert str(e.value) == ("field 'max_new_tokens': 8 leaves no room for the conversation in a "
+                            "context of 8 tokens (max_context_tokens, --max-context-tokens); "
+                            "lower it (--max-new-tokens)")

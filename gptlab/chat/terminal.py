@@ -65,11 +65,17 @@ class ChatSession:
             raise UserError("must be at least 1", field="max_context_tokens")
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.context = min(model.config.context, cfg.max_context_tokens or model.config.context)
+        if (cfg.max_context_tokens or 0) > model.config.context:
+            print(f"note: max_context_tokens (--max-context-tokens) {cfg.max_context_tokens} is "
+                  f"more than the model's context: the conversation fits in its "
+                  f"{model.config.context} tokens", file=sys.stderr)
         self.budget = self.context - cfg.max_new_tokens
         if self.budget < 1:
+            smaller = (" (max_context_tokens, --max-context-tokens)"
+                       if self.context < model.config.context else "")
             raise UserError(f"{cfg.max_new_tokens} leaves no room for the conversation in a "
-                            f"context of {self.context} tokens; lower it (--max-new-tokens)",
-                            field="max_new_tokens")
+                            f"context of {self.context} tokens{smaller}; lower it "
+                            f"(--max-new-tokens)", field="max_new_tokens")
         self.turns = 0
         self.reset()
         # Fail at start, not at the first question, when the template cannot render a chat,
