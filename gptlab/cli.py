@@ -214,6 +214,12 @@ def _verb_world():
                             n_dialogs=args.dialogs, corpus_chars=args.corpus_chars)
         paths = world.export(args.out)
         counts = world.manifest()["counts"]
+        for key, flag in (("train", "--train"), ("validation", "--validation"),
+                          ("test", "--test"), ("dialogs", "--dialogs")):
+            asked = getattr(args, key)
+            if counts[key] < asked:  # the held-out questions, or the dialogs found, ran out
+                print(f"note: {flag} {asked}: the world has only {counts[key]}; wrote those",
+                      file=sys.stderr)
         print(f"wrote {len(paths)} files to {args.out}: " +
               ", ".join(f"{k} {v}" for k, v in counts.items()))
 

@@ -1001,6 +1001,31 @@ def test_world_export_refuses_a_schema_seed_without_vary_schema_and_a_model_dire
     assert sorted(p.name for p in tiny_model.iterdir()) == before and not out.exists()
 
 
+def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fill(
+        tmp_path, capsys):
+    """`--train 1000000000` ran for hours, silent, growing toward an out-of-memory death; a
+    `--test` past the questions held out gave fewer, said only in the counts line."""
+    out = tmp_path / "w"
+    for flag, value, what in (("--train", "1000001", "1,000,000 questions"),
+                              ("--validation", "10000000", "1,000,000 questions"),
+                              ("--test", "1000001", "1,000,000 questions"),
+                              ("--dialogs", "1000000000", "1,000,000 dialogs"),
+                              ("--corpus-chars", "10000000000", "1,000,000,000 characters")):
+        assert main(["world", "export", "--out", str(out), flag, value]) == 2
+        field = {"--train": "n_train", "--validation": "n_validation", "--test": "n_test",
+                 "--dialogs": "n_dialogs", "--corpus-chars": "corpus_chars"}[flag]
+        assert capsys.readouterr().err == (
+            f"gptlab world: error: field '{field}': at most {what} ({flag}), got "
+            f"{int(value):,}: the export holds everything in memory until it writes\n")
+        assert not out.exists()
+    assert main(["world", "export", "--out", str(out), "--train", "10", "--validation", "5000",
+                 "--test", "100000", "--dialogs", "3", "--corpus-chars", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("note: --validation 5000: the world has only 918; wrote those\n"
+                            "note: --test 100000: the world has only 1840; wrote those\n")
+    assert "train 10, validation 918, test 1840, dialogs 3" in captured.out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["tokenizer", "train", "--data", "{corpus}", "--vocab-size", "300", "--out", ""],
      "gptlab tokenizer: error: field 'out': is empty; give a path (write . for the current "

@@ -242,6 +242,14 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+# The most one export makes, past which it takes many minutes and GBs of memory, all held
+# until the files are written: 300,000 training questions took 18 s and 420 MB, 100 million
+# corpus characters 11 s and 580 MB, 30,000 dialogs 11 s (2 cores at a load of 4).
+MAX_QUESTIONS = 1_000_000  # in each split
+MAX_DIALOGS = 1_000_000
+MAX_CORPUS_CHARS = 1_000_000_000
+
+
 def build_world(seed: int = 0, vary_schema: bool = False, *, schema_seed: int | None = None,
                 n_train: int = 3500, n_validation: int = 300, n_test: int = 600,
                 n_dialogs: int = 600, corpus_chars: int = 1_000_000,
@@ -251,6 +259,18 @@ def build_world(seed: int = 0, vary_schema: bool = False, *, schema_seed: int | 
     options = WorldOptions(seed=seed, vary_schema=vary_schema, schema_seed=schema_seed,
                            n_train=n_train, n_validation=n_validation, n_test=n_test,
                            n_dialogs=n_dialogs, corpus_chars=corpus_chars)
+    options.validate()
+    # Checked here, not in `validate`, which also reads the options of a world already written.
+    for name, flag, cap, what in (("n_train", "--train", MAX_QUESTIONS, "questions"),
+                                  ("n_validation", "--validation", MAX_QUESTIONS, "questions"),
+                                  ("n_test", "--test", MAX_QUESTIONS, "questions"),
+                                  ("n_dialogs", "--dialogs", MAX_DIALOGS, "dialogs"),
+                                  ("corpus_chars", "--corpus-chars", MAX_CORPUS_CHARS,
+                                   "characters")):
+        if getattr(options, name) > cap:
+            raise UserError(f"at most {cap:,} {what} ({flag}), got {getattr(options, name):,}: "
+                            f"the export holds everything in memory until it writes",
+                            field=name)
     return _build(options, Path(db_path) if db_path is not None else None, write_db=True)
 
 
