@@ -1044,3 +1044,44 @@ def test_a_full_disk_at_any_write_of_a_run_names_the_file_and_a_rerun_ends_as_a_
                                                      resumed.parameters())), n
         assert _curve(out / "metrics.jsonl") == _curve(tmp_path / "straight" / "metrics.jsonl"), n
         assert not [p for p in out.rglob("*") if ".tmp" in p.name], n
+
+
+def test_out_of_memory_in_a_step_or_an_evaluation_names_the_batch_size(tmp_path):
+    """`pretrain --batch-size 1000000` ended in the CPU allocator's traceback ("DefaultCPUAllocator:
+    can't allocate memory: you tried to allocate 32768000000 bytes"): now one line naming
+    batch_size. Another RuntimeError is left as it is."""
+    cpu = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+           "memory: you tried to allocate 32768000000 bytes. Error code 12 (Cannot allocate "
+           "memory)")
+    cuda = getattr(torch, "OutOfMemoryError", MemoryError)(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB")
+    cfg = TrainConfig(lr=1e-3, max_steps=2, eval_every=0, save_every=0, batch_size=4,
+                      progress=False, device="cpu")
+    batches = BlockBatches(_stream(n=600), 16, np.arange(30), 4, 0)
+    for error, asked in ((RuntimeError(cpu), "32768000000 bytes"), (cuda, "20.00 GiB"),
+                         (MemoryError(), None)):
+        def loss(model, block, error=error):
+            raise error
+        with pytest.raises(UserError) as e:
+            train(tiny(), batches, loss, cfg, tmp_path / "run")
+        assert str(e.value) == (
+            "field 'batch_size': out of memory on cpu in a training step with batch_size 4"
+            + (f" (an allocation of {asked})" if asked else "")
+            + "; lower it (--batch-size), and raise grad_accum (--grad-accum) to keep the "
+              "update's size")
+    calls = []
+
+    def oom_in_eval(model, block):
+        calls.append(model.training)
+        if not model.training:
+            raise RuntimeError(cpu)
+        return lm_loss(model, block)
+    with pytest.raises(UserError, match="out of memory on cpu in the validation loss with "
+                                        "batch_size 4 "):
+        train(tiny(), batches, oom_in_eval, dataclasses.replace(cfg, eval_batches=1),
+              tmp_path / "run2", val_batches=[next(batches)])
+
+    def other(model, block):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train(tiny(), batches, other, cfg, tmp_path / "run3")

@@ -43,6 +43,7 @@ import math
 import numbers
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -487,6 +488,30 @@ def preserved_rng() -> Iterator[None]:
         set_rng_state(state)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation the device could not make: CUDA's OutOfMemoryError, the CPU allocator's
+    or MPS's RuntimeError, or Python's MemoryError."""
+    oom = getattr(torch, "OutOfMemoryError", MemoryError)
+    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("can't allocate memory", "out of memory")))
+
+
+@contextlib.contextmanager
+def batch_memory_named(cfg: "TrainConfig", device: torch.device, what: str) -> Iterator[None]:
+    """An out-of-memory in `what` (a training step, an evaluation) becomes one line naming
+    batch_size, not an allocator's traceback: --batch-size 1000000 asked for 32 GB at once."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        asked = re.search(r"allocate (\d+ bytes|[\d.]+ [KMGT]i?B)", str(e))
+        raise UserError(f"out of memory on {device} in {what} with batch_size {cfg.batch_size}"
+                        + (f" (an allocation of {asked.group(1)})" if asked else "")
+                        + "; lower it (--batch-size), and raise grad_accum (--grad-accum) to "
+                          "keep the update's size", field="batch_size") from None
+
+
 @contextlib.contextmanager
 def held_interrupt(note: str = "finishing this step to save it") -> Iterator[None]:
     """Hold a Ctrl-C that arrives inside the block until the block has finished, then raise
@@ -823,7 +848,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
 
     def run_eval(at: int) -> tuple[float, float, bool]:
         t0 = time.perf_counter()
-        with preserved_rng():
+        with preserved_rng(), batch_memory_named(cfg, device, "the validation loss"):
             loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16, loss_weight)
             row = {"step": at, "val_loss": loss}
             if perplexity:
@@ -892,8 +917,9 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             lr = lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
             set_lr(optimizer, lr)
             micro = [next(batches) for _ in range(cfg.grad_accum)]
-            last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16,
-                                             loss_weight)
+            with batch_memory_named(cfg, device, "a training step"):
+                last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16,
+                                                 loss_weight)
             grad_norm = clip_gradients(model, cfg.clip)
             # From the update until `good` records its step, the weights and optimizer are a
             # step ahead of `good`: a Ctrl-C waits for the step to be recorded; one that
