@@ -26,7 +26,8 @@ RankFn = Callable[[dict, list[str]], list[str | list[str]]]
 def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
                      params: SamplingParams, seed: int = 0, batch_size: int = 256,
                      skips: SkipCounter | None = None, cut: list[int] | None = None,
-                     path: str | Path = "", mark_cut: bool = False) -> list[dict]:
+                     path: str | Path = "", mark_cut: bool = False,
+                     progress: bool = False) -> list[dict]:
     """K responses per prompt record: `{**record, "responses": [...]}`.
 
     Each prompt is repeated K times in the batch; rows differ by the sampler's random stream.
@@ -36,6 +37,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     `mark_cut` (`gptlab sample`) adds `"finished": [...]`, per response whether it ended on its
     own, and decodes a cut response without a last character the cut split (`decode_cut`: no
     U+FFFD at the end); without it (the pipeline) every response is decoded plainly.
+    `progress`: a bar of the responses made on stderr, when stderr is a terminal.
     """
     skips = skips if skips is not None else SkipCounter()
     stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
@@ -52,6 +54,9 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
             continue
         jobs.append((rec, ids))
     out = []
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs) * k, unit="response", leave=False, file=sys.stderr,
+               disable=None if progress else True)  # None: only on a terminal
     per_batch = max(1, batch_size // k)
     for b in range(0, len(jobs), per_batch):
         chunk = jobs[b:b + per_batch]
@@ -67,6 +72,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
                                     seed=seed * 1_000_003 + b + start // batch_size * len(jobs),
                                     pad_id=tokenizer.pad_id)
                            for start in range(0, k, batch_size)])
+        bar.update(len(gen.tokens))
         if cut is not None:
             cut.append(gen.finished.count(False))
         for j, (rec, _) in enumerate(chunk):
@@ -79,6 +85,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
                          else tokenizer.decode_cut(gen.tokens[i]) for i in rows]
             out.append({**row, "responses": responses,
                         "finished": [bool(gen.finished[i]) for i in rows]})
+    bar.close()
     return out
 
 
@@ -121,7 +128,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     model, tok = load(model_path, device)
     skips, cut = SkipCounter(), []
     rows = sample_responses(model, tok, records, k, params, seed, skips=skips, cut=cut,
-                            path=prompts, mark_cut=True)
+                            path=prompts, mark_cut=True, progress=True)
     if not rows:
         raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
                         f"context is {model.config.context} tokens, --max-new-tokens "

@@ -499,6 +499,35 @@ def test_sampling_more_responses_than_a_batch_holds_splits_them_over_batches(mon
     assert [r["responses"] for r in first] == [r["responses"][:4] for r in rows]
 
 
+def test_sampling_shows_its_progress_on_a_terminal_only(monkeypatch):
+    """`gptlab sample` over many prompts, or a large --k, ran silent for as long as it took."""
+    import io
+    import sys
+
+    from gptlab import feedback
+
+    class Tok:
+        stop_ids, pad_id, bos_id = set(), 0, None
+
+        def encode(self, text, bos=False):
+            return [1, 2, 3]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    params = SamplingParams(max_new_tokens=2)
+    for stream, progress, shown in ((Terminal(), True, True), (io.StringIO(), True, False),
+                                    (Terminal(), False, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        feedback.sample_responses(model(), Tok(), [{"prompt": "a"}] * 3, 5, params,
+                                  batch_size=4, progress=progress)
+        assert ("/15 [" in stream.getvalue() and "response/s" in stream.getvalue()) == shown
+        assert shown or stream.getvalue() == ""
+
+
 def test_greedy_logprobs_are_at_temperature_one_whatever_the_temperature_given():
     net = model()
     prompt = [3, 4, 5]
