@@ -185,6 +185,9 @@ class SqlExecutor:
             raise KeyboardInterrupt
 
     def _printf(self, fmt: Any, *args: Any) -> str | None:
+        """SQLite's printf(fmt, args...), refused (raising, which fails the query) when one
+        conversion's width or precision (digits, or `*` and its argument) passes the value
+        limit; the arguments are numbered as SQLite numbers them ('%%' and '%n' take none)."""
         if fmt is None:
             return None
         text = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else str(fmt)
