@@ -525,3 +525,28 @@ def test_ppo_steps_keep_no_tensors_from_step_to_step(setup, tmp_path):
     t.update = counted
     t.train()
     assert sorted(counts) == list(range(1, 9)) and counts[2] == counts[8], counts
+
+
+def test_out_of_memory_in_a_rollout_or_an_update_names_its_sizes(setup, tmp_path, monkeypatch):
+    """`ppo --ptx-batch-size 1000000` ended in the CPU allocator's traceback; now one line
+    naming what sizes the update (or the rollout), exit 2, and OUT left unwritten."""
+    cpu = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+           "memory: you tried to allocate 16384000000 bytes. Error code 12")
+    for part, message in (
+            ("update", "field 'minibatch_size': out of memory on cpu in a PPO update with "
+                       "minibatch_size 4 (an allocation of 16384000000 bytes); lower it "
+                       "(--minibatch-size)"),
+            ("rollout", "field 'batch_size': out of memory on cpu in a rollout with batch_size "
+                        "4 (an allocation of 16384000000 bytes); lower it (--batch-size)")):
+        out = tmp_path / part
+        t = trainer(setup, out, steps=2, save_every=0)
+
+        def oom(*args, **kwargs):
+            raise RuntimeError(cpu)
+        monkeypatch.setattr(t, part, oom)
+        with pytest.raises(UserError) as e:
+            t.train()
+        assert str(e.value) == message and not out.exists()
+    ptx = trainer(setup, tmp_path / "ptx", steps=1, ptx_data=[str(setup[1]["corpus"])],
+                  ptx_coef=0.1, ptx_batch_size=3, ptx_block_size=8)
+    assert ptx._update_sizes() == {"minibatch_size": 4, "ptx_batch_size": 3}

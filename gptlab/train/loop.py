@@ -497,19 +497,29 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def batch_memory_named(cfg: "TrainConfig", device: torch.device, what: str) -> Iterator[None]:
-    """An out-of-memory in `what` (a training step, an evaluation) becomes one line naming
-    batch_size, not an allocator's traceback: --batch-size 1000000 asked for 32 GB at once."""
+def memory_named(device: torch.device, what: str, sizes: dict[str, int], advice: str
+                 ) -> Iterator[None]:
+    """An out-of-memory in `what` (a training step, an evaluation, a rollout) becomes one line
+    naming the `sizes` that set its memory (the first as its field) and `advice`, not an
+    allocator's traceback: --batch-size 1000000 asked for 32 GB at once."""
     try:
         yield
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
         asked = re.search(r"allocate (\d+ bytes|[\d.]+ [KMGT]i?B)", str(e))
-        raise UserError(f"out of memory on {device} in {what} with batch_size {cfg.batch_size}"
+        raise UserError(f"out of memory on {device} in {what} with "
+                        + " and ".join(f"{k} {v}" for k, v in sizes.items())
                         + (f" (an allocation of {asked.group(1)})" if asked else "")
-                        + "; lower it (--batch-size), and raise grad_accum (--grad-accum) to "
-                          "keep the update's size", field="batch_size") from None
+                        + f"; {advice}", field=next(iter(sizes))) from None
+
+
+def batch_memory_named(cfg: "TrainConfig", device: torch.device,
+                       what: str) -> contextlib.AbstractContextManager[None]:
+    """`memory_named` for the common loop, whose memory batch_size sets."""
+    return memory_named(device, what, {"batch_size": cfg.batch_size},
+                        "lower it (--batch-size), and raise grad_accum (--grad-accum) to keep "
+                        "the update's size")
 
 
 @contextlib.contextmanager

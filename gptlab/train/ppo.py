@@ -43,8 +43,8 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_gradients, decay_rule,
-                               held_interrupt, lr_at, make_optimizer, rng_state, same_setting,
-                               select_device, set_lr, set_rng_state)
+                               held_interrupt, lr_at, make_optimizer, memory_named, rng_state,
+                               same_setting, select_device, set_lr, set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,
@@ -723,7 +723,9 @@ class PPOTrainer:
         try:
             while self.step < cfg.steps:
                 step = self.step + 1
-                ro = self.rollout(step)
+                with memory_named(self.device, "a rollout", {"batch_size": cfg.batch_size},
+                                  "lower it (--batch-size)"):
+                    ro = self.rollout(step)
                 scores = self.score(ro)
                 batch = self.advantages(ro, scores)
                 lr = lr_at(step - 1, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
@@ -731,7 +733,10 @@ class PPOTrainer:
                 # waits for the step to finish, so that a checkpoint holds all of it.
                 with held_interrupt("finishing this PPO update to save it"):
                     updating = True
-                    stats = self.update(ro, batch, lr, step)
+                    with memory_named(self.device, "a PPO update", self._update_sizes(),
+                                      "lower " + ("them (--minibatch-size, --ptx-batch-size)"
+                                                  if self.ptx else "it (--minibatch-size)")):
+                        stats = self.update(ro, batch, lr, step)
                     row = self._rollout_metrics(step, ro, scores, batch, lr)
                     if self.kl_ctl:
                         self.kl_ctl.update(row["kl"], len(ro.records))
@@ -763,6 +768,11 @@ class PPOTrainer:
         if self.skips.total:
             print(self.skips.report("prompts"), file=sys.stderr)
         return self.save(self.out)
+
+    def _update_sizes(self) -> dict[str, int]:
+        """The settings that size an update's memory, as an out-of-memory names them."""
+        return {"minibatch_size": self.cfg.minibatch_size,
+                **({"ptx_batch_size": self.cfg.ptx_batch_size} if self.ptx else {})}
 
     @staticmethod
     def _rollout_metrics(step: int, ro: Rollout, scores: Tensor, batch: dict[str, Tensor],
