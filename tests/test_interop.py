@@ -701,14 +701,28 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def _quantized(a: np.ndarray, qtype) -> np.ndarray:
+    """`a` in GGUF tensor type `qtype`; for a type gguf can read but not write (K-quants),
+    random blocks of the right size instead."""
+    try:
+        return gguf.quants.quantize(a, qtype)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rng = np.random.default_rng(a.size)
+        # Bit 6 clear in every byte keeps each float16 scale's exponent under 16: finite, < 2.
+        return rng.integers(0, 256, (a.shape[0], a.shape[1] // block * size),
+                            dtype=np.uint8) & 0xBF
+
+
 def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = "gpt2",
-                extra: dict | None = None, raw: dict | None = None,
+                extra: dict | None = None, raw: dict | None = None, qtype=None,
                 template: str = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}",
                 pre: str = "gpt-2", words: tuple[str, ...] = (), merges: tuple[str, ...] = (),
                 end_type: int = 3) -> Path:
     """A GGUF of a transformers Llama/Qwen2 model, laid out as llama.cpp's converter does.
     The vocabulary is single bytes, the last of them replaced by `words`, then <|endoftext|>
-    and <|im_end|> (EOS) of token type `end_type` (3: control, 4: user-defined)."""
+    and <|im_end|> (EOS) of token type `end_type` (3: control, 4: user-defined). Matrices are
+    written in tensor type `qtype` if given, vectors in F32, as llama.cpp does."""
     from tokenizers import pre_tokenizers
 
     c = theirs.config
@@ -758,6 +772,8 @@ def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = 
             a = _permute(a, c.num_attention_heads if "q_proj" in stem else c.num_key_value_heads)
         if raw and g in raw:
             w.add_tensor(g, *raw[g])
+        elif qtype is not None and a.ndim == 2:
+            w.add_tensor(g, _quantized(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(g, a)
     w.write_header_to_file()
@@ -774,6 +790,57 @@ def test_gguf_import_matches_transformers(family, arch, tmp_path):
     assert_same_logits(model, theirs, PROMPTS)
     assert tok.eos_token == "<|im_end|>" and tok.render_chat(
         [{"role": "user", "content": "hi"}])[0][-1] == tok.eos_id
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_tensor_types_load_as_gguf_dequantizes_them_and_as_transformers_does(kind, tmp_path):
+    from gptlab.interop.gguf import _our_name
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    # K-quants come in blocks of 256: every matrix's rows must be that long.
+    wide = dict(hidden_size=256, intermediate_size=256, head_dim=64) if "_K" in kind else {}
+    theirs = _hf_model("llama", seed=6, **wide)
+    path = _write_gguf(tmp_path / "m.gguf", theirs, qtype=qtype)
+    ours, _ = load_pretrained(path)
+    state = ours.state_dict()
+    for t in gguf.GGUFReader(str(path)).tensors:
+        assert t.tensor_type == (qtype if len(t.shape) == 2 else gguf.GGMLQuantizationType.F32)
+        mine = state[_our_name(t.name)].numpy()
+        if "attn_q" in t.name or "attn_k" in t.name:  # back to llama.cpp's row order
+            c = ours.config
+            mine = _permute(mine, c.n_heads if "attn_q" in t.name else c.kv_heads)
+        want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mine.shape)
+        assert np.isfinite(want).all() and np.array_equal(mine, want), t.name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
+                                                          dtype=torch.float32).eval()
+    assert_same_logits(ours, hf, PROMPTS)
+
+
+def test_gguf_loads_in_bfloat16_without_a_float32_copy_of_every_tensor(tmp_path, monkeypatch):
+    """Every tensor was dequantized to float32 and kept until the last was read, and only then
+    cast: loading in bfloat16 peaked at the whole model in float32 plus its bfloat16 copy."""
+    import tracemalloc
+
+    from gptlab.interop import gguf as gptlab_gguf
+
+    theirs = _hf_model("llama", seed=6)
+    path = _write_gguf(tmp_path / "m.gguf", theirs, qtype=gguf.GGMLQuantizationType.Q8_0)
+    read_tensors, peaks = gptlab_gguf._tensors, []
+
+    def traced(*args):
+        tracemalloc.start()  # numpy's buffers are traced; torch's own are not
+        try:
+            return read_tensors(*args)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(gptlab_gguf, "_tensors", traced)
+    model, _ = load_pretrained(path, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    float32_bytes = sum(t.numel() * 4 for t in theirs.state_dict().values())
+    assert peaks[0] < float32_bytes / 2  # was above float32_bytes
 
 
 def test_a_gguf_end_of_turn_of_user_defined_type_ends_turns_and_replies(tmp_path):

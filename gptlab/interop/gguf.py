@@ -141,9 +141,11 @@ def _our_name(name: str) -> str | None:
     return None
 
 
-def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path
+def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path, dtype: torch.dtype
              ) -> tuple[Named, list[str]]:
-    """(gptlab name -> (GGUF name, float tensor), the GGUF tensors gptlab has no place for)."""
+    """(gptlab name -> (GGUF name, tensor in `dtype`), the GGUF tensors gptlab has no place
+    for). Each tensor is cast as it is dequantized: the file stays memory-mapped, and only one
+    float32 tensor lives at a time beside the model's own."""
     named: Named = {}
     unused: list[str] = []
     for t in reader.tensors:
@@ -164,7 +166,7 @@ def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path
             w = _unpermute(w, cfg.kv_heads)
         if not w.flags.writeable:  # unquantized tensors come back as views of the mmap
             w = w.copy()
-        named[ours] = (t.name, torch.from_numpy(np.ascontiguousarray(w)))
+        named[ours] = (t.name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype))
     return named, unused
 
 
@@ -256,5 +258,5 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
         cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors}, n_vocab)
     except (TypeError, ValueError) as e:  # GPTConfig's own checks (an odd rotary head_dim)
         raise UserError(str(e), path=p) from None
-    named, unused = _tensors(reader, gguf, cfg, arch, p)  # tied: no output.weight to take
+    named, unused = _tensors(reader, gguf, cfg, arch, p, dtype)  # tied: no output.weight
     return assemble(cfg, named, unused, p, dtype), tokenizer
