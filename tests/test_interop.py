@@ -915,6 +915,78 @@ def test_a_corrupt_gguf_is_refused_naming_the_file_and_field(tmp_path):
                             f"token of the vocabulary (0 to 95), got 100000")
 
 
+_VOCAB_IDS = "must be the id of a token of the vocabulary (0 to 95), got"
+
+
+@pytest.mark.parametrize("kwargs, field, message", [
+    # An id past the vocabulary was taken as no token: a BOS the model was trained with was
+    # dropped from every prompt without a word.
+    (dict(extra={"tokenizer.ggml.bos_token_id": 500, "tokenizer.ggml.add_bos_token": True}),
+     "tokenizer.ggml.bos_token_id", f"{_VOCAB_IDS} 500"),
+    (dict(extra={"tokenizer.ggml.padding_token_id": 96}), "tokenizer.ggml.padding_token_id",
+     f"{_VOCAB_IDS} 96"),
+    (dict(extra={"tokenizer.ggml.add_bos_token": True}), "tokenizer.ggml.add_bos_token",
+     "is true, but there is no tokenizer.ggml.bos_token_id to add"),
+    (dict(extra={"tokenizer.ggml.add_bos_token": "no"}), "tokenizer.ggml.add_bos_token",
+     "must be true or false, got 'no'"),  # was read as true
+    # `tokenizers` refused these with a bare Exception (a traceback).
+    (dict(merges=("a b",)), "tokenizer.ggml.merges",
+     "entry 0 ('a b') needs the token 'ab', which tokenizer.ggml.tokens does not have"),
+    (dict(merges=("a b", "ab")), "tokenizer.ggml.merges",
+     "entry 1 ('ab') must be two tokens separated by a space"),
+])
+def test_bad_gguf_tokenizer_metadata_is_refused_naming_the_field(kwargs, field, message,
+                                                                 tmp_path, capsys):
+    words = ("ab",) if kwargs.get("merges") == ("a b", "ab") else ()
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), words=words, **kwargs)
+    with pytest.raises(UserError) as e:
+        load_pretrained(path)
+    assert str(e.value) == f"{path}, field '{field}': {message}"
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_gguf_without_eos_or_with_too_few_token_types_is_refused(tmp_path, monkeypatch):
+    theirs = _hf_model("llama")
+    monkeypatch.setattr(gguf.GGUFWriter, "add_eos_token_id", lambda self, i: None)
+    path = _write_gguf(tmp_path / "eos.gguf", theirs)
+    with pytest.raises(UserError) as e:
+        load_pretrained(path)
+    assert str(e.value) == (f"{path}, field 'tokenizer.ggml.eos_token_id': required metadata "
+                            f"key is missing")  # was "must be the id ..., got None"
+    monkeypatch.undo()
+    # The types were zipped with the tokens: the last tokens' went unread, and <|im_end|>, a
+    # control token, was split into pieces as plain text.
+    add_types = gguf.GGUFWriter.add_token_types
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_types",
+                        lambda self, types: add_types(self, types[:-1]))
+    path = _write_gguf(tmp_path / "types.gguf", theirs)
+    with pytest.raises(UserError) as e:
+        load_pretrained(path)
+    assert str(e.value) == (f"{path}, field 'tokenizer.ggml.token_type': has 95 entries, one "
+                            f"per token, but tokenizer.ggml.tokens has 96")
+
+
+def test_gguf_token_types_control_user_defined_unused_unknown(tmp_path, monkeypatch):
+    """Control: whole, and dropped from decoded text; user-defined: whole, kept as written;
+    unused and unknown: ordinary vocabulary entries, joined only by merges."""
+    words = ("<think>", "<tool>x", "<unused0>", "[UNK]", "<|im_start|>")
+    kinds = (4, 4, 5, 2, 3)
+    theirs = _hf_model("llama", vocab_size=256 + len(words) + 2)
+    add_types = gguf.GGUFWriter.add_token_types
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_types", lambda self, types: add_types(
+        self, types[:256] + list(kinds) + types[-2:]))
+    _, tok = load_pretrained(_write_gguf(tmp_path / "m.gguf", theirs, words=words))
+    think, tool, unused, unk, im_start = range(256, 261)
+    assert tok.encode("a<tool>xb") == [tok.encode("a")[0], tool, tok.encode("b")[0]]
+    assert think not in tok.encode("<think>") and unused not in tok.encode("<unused0>")
+    assert unk not in tok.encode("[UNK]")  # markup in a text is text (see Tokenizer)
+    assert tok.decode([think, tool, unused, unk, im_start, tok.eos_id]) == (
+        "<think><tool>x<unused0>[UNK]")
+    ids, _ = tok.render_chat([{"role": "user", "content": "<|im_start|>hi"}])
+    assert ids.count(im_start) == 0 and ids[-1] == tok.eos_id
+
+
 def test_gguf_with_biases_beyond_q_k_v_is_refused_not_dropped(tmp_path):
     # A llama GGUF with every linear layer biased: Q/K/V's biases made it Qwen2-like and the
     # output and MLP biases were dropped without a word.

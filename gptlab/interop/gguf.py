@@ -170,6 +170,21 @@ def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path, dtyp
     return named, unused
 
 
+def _merge(entry: Any, k: int, vocab: dict[str, int], meta: _Meta) -> tuple[str, str]:
+    """Merge `k` of tokenizer.ggml.merges, "left right", as a pair of tokens of the vocabulary;
+    `tokenizers` refused a bad one with a bare Exception."""
+    pair = tuple(entry.split(" ", 1)) if isinstance(entry, str) else ()
+    if len(pair) != 2:
+        raise UserError(f"entry {k} ({entry!r}) must be two tokens separated by a space",
+                        path=meta.path, field="tokenizer.ggml.merges")
+    for token in (*pair, "".join(pair)):
+        if token not in vocab:
+            raise UserError(f"entry {k} ({entry!r}) needs the token {token!r}, which "
+                            f"tokenizer.ggml.tokens does not have", path=meta.path,
+                            field="tokenizer.ggml.merges")
+    return pair  # type: ignore[return-value]
+
+
 def _gguf_tokenizer(meta: _Meta) -> Any:
     """A byte-level BPE `tokenizers.Tokenizer` from the metadata, wrapped in gptlab's Tokenizer."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -189,11 +204,15 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
         raise UserError(f"pre-tokenizer '{pre}' is not supported (supported: "
                         f"{', '.join(_PRE_SPLITS)})", path=meta.path, field="tokenizer.ggml.pre")
     tokens: list[str] = meta.need("tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [_merge(m, k, vocab, meta)
+              for k, m in enumerate(meta.get("tokenizer.ggml.merges") or [])]
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):  # zip() would leave the last tokens' types unread
+        raise UserError(f"has {len(types)} entries, one per token, but tokenizer.ggml.tokens has "
+                        f"{len(tokens)}", path=meta.path, field="tokenizer.ggml.token_type")
     llama3 = pre in _LLAMA3_PRES
-    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                fuse_unk=False, ignore_merges=llama3))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=llama3))
     split = _PRE_SPLITS[pre]
     # GPT-2's split is ByteLevel's own regex; a Llama-3 or Qwen2 split replaces it.
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
@@ -214,24 +233,35 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
 
     def token(key: str) -> str | None:
+        # llama.cpp's converter writes no id it has no token for: one past the vocabulary is a
+        # damaged file, and taken as "none" it silently dropped a BOS the model was trained with.
         i = meta.get(key)
-        if i is not None and (not isinstance(i, int) or isinstance(i, bool)):
+        if i is None:
+            return None
+        if not isinstance(i, int) or isinstance(i, bool):
             raise UserError(f"must be a token id, got {i!r}", path=meta.path, field=key)
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+        if not 0 <= i < len(tokens):
+            raise UserError(f"must be the id of a token of the vocabulary (0 to "
+                            f"{len(tokens) - 1}), got {i}", path=meta.path, field=key)
+        return tokens[i]
 
-    eos = token("tokenizer.ggml.eos_token_id")
-    if eos is None:
-        raise UserError(f"must be the id of a token of the vocabulary (0 to {len(tokens) - 1}), "
-                        f"got {meta.get('tokenizer.ggml.eos_token_id')!r}", path=meta.path,
-                        field="tokenizer.ggml.eos_token_id")
+    meta.need("tokenizer.ggml.eos_token_id")
+    eos, bos = token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.bos_token_id")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise UserError(f"must be true or false, got {add_bos!r}", path=meta.path,
+                        field="tokenizer.ggml.add_bos_token")
+    if add_bos and bos is None:
+        raise UserError("is true, but there is no tokenizer.ggml.bos_token_id to add",
+                        path=meta.path, field="tokenizer.ggml.add_bos_token")
     template = meta.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise UserError(f"must be a Jinja template string, got {template!r}", path=meta.path,
                         field="tokenizer.chat_template")
     # BOS goes before a prompt only if the model was trained so; the chat template gets it anyway.
-    tok = Tokenizer(hf, bos_token=token("tokenizer.ggml.bos_token_id"), eos_token=eos,
+    tok = Tokenizer(hf, bos_token=bos, eos_token=eos,
                     pad_token=token("tokenizer.ggml.padding_token_id"), chat_template=template,
-                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)))
+                    add_bos=llama3 if add_bos is None else add_bos)
     if template is not None:
         tok.template_file = meta.path
     return tok
