@@ -93,6 +93,7 @@ class Tokenizer:
             chat_template = GPTLAB_CHAT_TEMPLATE
         self.chat_template = chat_template
         self.template_file: Path | None = None  # where `load_tokenizer` read the template
+        self.template_field = "chat_template"  # its key there (a GGUF's: tokenizer.chat_template)
         self._plain = _without_markup_parsing(hf)
 
     # --- ids ---------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ class Tokenizer:
         """(token ids, assistant mask) of a conversation; see the module docstring."""
         if self.chat_template is None:
             raise UserError("this tokenizer has no chat template and no gptlab role tokens",
-                            field="chat_template")
+                            path=self.template_file, field=self.template_field)
         check_messages(messages)
         pieces, strip = self._template_pieces(messages, add_generation_prompt)
         contents = {i: check_text(_content_of(messages, i, strip)) for i in range(len(messages))}
@@ -322,7 +323,7 @@ class Tokenizer:
             where = self.template_file
             raise UserError(f"the chat template cannot be compiled: {e.message}", path=where,
                             line=e.lineno if where and where.suffix == ".jinja" else None,
-                            field="chat_template") from None
+                            field=self.template_field) from None
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         import jinja2
@@ -334,10 +335,11 @@ class Tokenizer:
                 bos_token=self.bos_token or "", eos_token=self.eos_token,
                 pad_token=self.pad_token or "", tools=None, documents=None)
         except jinja2.TemplateError as e:
-            raise UserError(f"the chat template failed: {e}", field="chat_template") from None
+            raise UserError(f"the chat template failed: {e}",
+                            field=self.template_field) from None
         except Exception as e:  # the template's own expressions: `content + 1` is a TypeError
             raise UserError(f"the chat template failed: {type(e).__name__}: {e}",
-                            field="chat_template") from None
+                            field=self.template_field) from None
 
     def _template_pieces(self, messages: Sequence[dict],
                          add_generation_prompt: bool) -> tuple[list[str | int], bool]:
@@ -354,7 +356,7 @@ class Tokenizer:
                                for p in pieces):
                 return pieces, strip
         raise UserError("the chat template rewrites message content, so the assistant mask "
-                        "cannot be derived exactly", field="chat_template")
+                        "cannot be derived exactly", field=self.template_field)
 
     # --- files -------------------------------------------------------------------------------
     @reports_path_errors

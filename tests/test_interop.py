@@ -967,6 +967,24 @@ def test_gguf_without_eos_or_with_too_few_token_types_is_refused(tmp_path, monke
                             f"per token, but tokenizer.ggml.tokens has 96")
 
 
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m['content'] }", "the chat template cannot be compiled: "
+                                                 "unexpected '}'"),
+    (None, "this tokenizer has no chat template and no gptlab role tokens"),
+])
+def test_a_gguf_chat_template_that_is_missing_or_malformed_is_named_by_its_key(
+        template, message, tmp_path, monkeypatch):
+    """The message named field 'chat_template', which a GGUF does not have (and, with no
+    template, no file at all)."""
+    if template is None:
+        monkeypatch.setattr(gguf.GGUFWriter, "add_chat_template", lambda self, t: None)
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), template=template)
+    _, tok = load_pretrained(path)  # the model loads; a conversation cannot be rendered
+    with pytest.raises(UserError) as e:
+        tok.render_chat([{"role": "user", "content": "hi"}])
+    assert str(e.value) == f"{path}, field 'tokenizer.chat_template': {message}"
+
+
 def test_gguf_token_types_control_user_defined_unused_unknown(tmp_path, monkeypatch):
     """Control: whole, and dropped from decoded text; user-defined: whole, kept as written;
     unused and unknown: ordinary vocabulary entries, joined only by merges."""

@@ -262,8 +262,9 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     tok = Tokenizer(hf, bos_token=bos, eos_token=eos,
                     pad_token=token("tokenizer.ggml.padding_token_id"), chat_template=template,
                     add_bos=llama3 if add_bos is None else add_bos)
-    if template is not None:
-        tok.template_file = meta.path
+    # A template that will not compile, or none, is reported when a conversation is rendered:
+    # by this file's key for it.
+    tok.template_file, tok.template_field = meta.path, "tokenizer.chat_template"
     return tok
 
 
