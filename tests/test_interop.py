@@ -985,6 +985,14 @@ def test_a_gguf_chat_template_that_is_missing_or_malformed_is_named_by_its_key(
     assert str(e.value) == f"{path}, field 'tokenizer.chat_template': {message}"
 
 
+def test_convert_of_a_gguf_without_tokenizer_warns_naming_its_key(tmp_path, monkeypatch, capsys):
+    # The warning sent the user looking for a tokenizer.json, which no GGUF has.
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tokenizer_model", lambda self, model: None)
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"))
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 0
+    assert f"warning: {path} has no tokenizer (tokenizer.ggml.model): " in capsys.readouterr().err
+
+
 def test_gguf_token_types_control_user_defined_unused_unknown(tmp_path, monkeypatch):
     """Control: whole, and dropped from decoded text; user-defined: whole, kept as written;
     unused and unknown: ordinary vocabulary entries, joined only by merges."""

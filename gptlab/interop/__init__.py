@@ -93,7 +93,8 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
         raise UserError("--from hf expects a Hugging Face model directory", path=p)
     model, tokenizer = load_pretrained(p)
     if tokenizer is None:
-        print(f"warning: {p} has no tokenizer (tokenizer.json): the converted model has none; "
+        where = "tokenizer.ggml.model" if p.suffix == ".gguf" else "tokenizer.json"
+        print(f"warning: {p} has no tokenizer ({where}): the converted model has none; "
               f"copy tokenizer.json and tokenizer_config.json into it before generating or "
               f"training", file=sys.stderr)
     with _removed_if_failed(Path(out_dir)):
