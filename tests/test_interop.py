@@ -1013,6 +1013,21 @@ def test_gguf_token_types_control_user_defined_unused_unknown(tmp_path, monkeypa
     assert ids.count(im_start) == 0 and ids[-1] == tok.eos_id
 
 
+def test_a_gguf_tensor_type_newer_than_the_gguf_package_is_named_as_such(tmp_path):
+    import struct
+
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"))
+    raw = bytearray(path.read_bytes())
+    # A tensor's info: name, n_dims (u32), the dims (u64 each), then its type (u32).
+    at = raw.index(b"blk.0.ffn_up.weight") + len(b"blk.0.ffn_up.weight")
+    struct.pack_into("<I", raw, at + 4 + 8 * struct.unpack_from("<I", raw, at)[0], 999)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError) as e:  # was "not a readable GGUF file (ValueError: ...)"
+        load_pretrained(path)
+    assert str(e.value).startswith(f"{path}: a tensor has type id 999, which the installed gguf "
+                                   f"package (")
+
+
 def test_gguf_with_biases_beyond_q_k_v_is_refused_not_dropped(tmp_path):
     # A llama GGUF with every linear layer biased: Q/K/V's biases made it Qwen2-like and the
     # output and MLP biases were dropped without a word.

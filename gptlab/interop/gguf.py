@@ -7,6 +7,8 @@ Supported: architectures `llama` (Llama, Mistral, SmolLM) and `qwen2`, with a by
 from __future__ import annotations
 
 import math
+import re
+from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +279,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
     try:
         reader = gguf.GGUFReader(str(p))
     except (ValueError, OSError, KeyError, IndexError) as e:  # IndexError: a truncated file
+        unknown = re.fullmatch(r"(?:np\.uint32\()?(\d+)\)? is not a valid GGMLQuantizationType",
+                               str(e))
+        if unknown:  # a tensor type newer than the gguf package, not a damaged file
+            raise UserError(f"a tensor has type id {unknown[1]}, which the installed gguf "
+                            f"package ({_version('gguf')}) does not know: upgrade it (pip install "
+                            f"-U gguf), or use a file quantized to a type it knows",
+                            path=p) from None
         raise UserError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=p) from None
     meta = _Meta(reader, p)
     arch = meta.need("general.architecture")
