@@ -865,6 +865,8 @@ def test_a_gguf_end_of_turn_of_user_defined_type_ends_turns_and_replies(tmp_path
     (dict(raw={"blk.0.ffn_up.weight": (np.zeros((96, 80), np.uint8), None,
                                        gguf.GGMLQuantizationType.Q8_1)}),
      "blk.0.ffn_up.weight: quantization type Q8_1"),
+    (dict(raw={"blk.0.ffn_up.weight": (np.zeros((96, 64), np.float64),)}),
+     "blk.0.ffn_up.weight: quantization type F64"),
     # Metadata of the wrong type, or heads that do not split, raised a bare ValueError.
     (dict(extra={"llama.context_length": "128k"}),
      "field 'llama.context_length': must be a positive integer, got '128k'"),
