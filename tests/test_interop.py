@@ -793,13 +793,15 @@ def test_gguf_import_matches_transformers(family, arch, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+                                  "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+                                  "IQ2_XXS"])
 def test_gguf_tensor_types_load_as_gguf_dequantizes_them_and_as_transformers_does(kind, tmp_path):
     from gptlab.interop.gguf import _our_name
 
     qtype = gguf.GGMLQuantizationType[kind]
-    # K-quants come in blocks of 256: every matrix's rows must be that long.
-    wide = dict(hidden_size=256, intermediate_size=256, head_dim=64) if "_K" in kind else {}
+    # K-quants and most IQ-quants come in blocks of 256: every matrix's rows must be that long.
+    wide = (dict(hidden_size=256, intermediate_size=256, head_dim=64)
+            if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else {})
     theirs = _hf_model("llama", seed=6, **wide)
     path = _write_gguf(tmp_path / "m.gguf", theirs, qtype=qtype)
     ours, _ = load_pretrained(path)
