@@ -175,16 +175,16 @@ def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path, dtyp
 def _merge(entry: Any, k: int, vocab: dict[str, int], meta: _Meta) -> tuple[str, str]:
     """Merge `k` of tokenizer.ggml.merges, "left right", as a pair of tokens of the vocabulary;
     `tokenizers` refused a bad one with a bare Exception."""
-    pair = tuple(entry.split(" ", 1)) if isinstance(entry, str) else ()
-    if len(pair) != 2:
+    left, _, right = entry.partition(" ") if isinstance(entry, str) else ("", "", "")
+    if not left or not right:
         raise UserError(f"entry {k} ({entry!r}) must be two tokens separated by a space",
                         path=meta.path, field="tokenizer.ggml.merges")
-    for token in (*pair, "".join(pair)):
+    for token in (left, right, left + right):
         if token not in vocab:
             raise UserError(f"entry {k} ({entry!r}) needs the token {token!r}, which "
                             f"tokenizer.ggml.tokens does not have", path=meta.path,
                             field="tokenizer.ggml.merges")
-    return pair  # type: ignore[return-value]
+    return left, right
 
 
 def _gguf_tokenizer(meta: _Meta) -> Any:
