@@ -927,8 +927,6 @@ _VOCAB_IDS = "must be the id of a token of the vocabulary (0 to 95), got"
     # dropped from every prompt without a word.
     (dict(extra={"tokenizer.ggml.bos_token_id": 500, "tokenizer.ggml.add_bos_token": True}),
      "tokenizer.ggml.bos_token_id", f"{_VOCAB_IDS} 500"),
-    (dict(extra={"tokenizer.ggml.padding_token_id": 96}), "tokenizer.ggml.padding_token_id",
-     f"{_VOCAB_IDS} 96"),
     (dict(extra={"tokenizer.ggml.add_bos_token": True}), "tokenizer.ggml.add_bos_token",
      "is true, but there is no tokenizer.ggml.bos_token_id to add"),
     (dict(extra={"tokenizer.ggml.add_bos_token": "no"}), "tokenizer.ggml.add_bos_token",
@@ -948,6 +946,17 @@ def test_bad_gguf_tokenizer_metadata_is_refused_naming_the_field(kwargs, field, 
     assert str(e.value) == f"{path}, field '{field}': {message}"
     assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_gguf_pad_id_outside_the_vocabulary_is_noted_and_padding_uses_eos(tmp_path, capsys):
+    # No prompt holds padding, so, as llama.cpp does, a bad pad id is a warning, not a refusal.
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"),
+                       extra={"tokenizer.ggml.padding_token_id": 96})
+    _, tok = load_pretrained(path)
+    assert tok.pad_token is None and tok.pad_id == tok.eos_id
+    assert capsys.readouterr().err == (f"note: {path}, field 'tokenizer.ggml.padding_token_id': "
+                                       f"{_VOCAB_IDS} 96; padding with the end-of-text token "
+                                       f"instead\n")
 
 
 def test_gguf_without_eos_or_with_too_few_token_types_is_refused(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
@@ -234,17 +235,23 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     hf.add_tokens([AddedToken(t, special=False, normalized=False)
                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
 
-    def token(key: str) -> str | None:
+    def token(key: str, lenient: bool = False) -> str | None:
         # llama.cpp's converter writes no id it has no token for: one past the vocabulary is a
         # damaged file, and taken as "none" it silently dropped a BOS the model was trained with.
+        # `lenient` (padding, which no prompt holds): a note, and no token, as llama.cpp warns.
         i = meta.get(key)
         if i is None:
             return None
         if not isinstance(i, int) or isinstance(i, bool):
             raise UserError(f"must be a token id, got {i!r}", path=meta.path, field=key)
         if not 0 <= i < len(tokens):
-            raise UserError(f"must be the id of a token of the vocabulary (0 to "
-                            f"{len(tokens) - 1}), got {i}", path=meta.path, field=key)
+            message = f"must be the id of a token of the vocabulary (0 to {len(tokens) - 1}), " \
+                      f"got {i}"
+            if not lenient:
+                raise UserError(message, path=meta.path, field=key)
+            print(f"note: {meta.path}, field '{key}': {message}; padding with the end-of-text "
+                  f"token instead", file=sys.stderr)
+            return None
         return tokens[i]
 
     meta.need("tokenizer.ggml.eos_token_id")
@@ -261,8 +268,8 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
         raise UserError(f"must be a Jinja template string, got {template!r}", path=meta.path,
                         field="tokenizer.chat_template")
     # BOS goes before a prompt only if the model was trained so; the chat template gets it anyway.
-    tok = Tokenizer(hf, bos_token=bos, eos_token=eos,
-                    pad_token=token("tokenizer.ggml.padding_token_id"), chat_template=template,
+    pad = token("tokenizer.ggml.padding_token_id", lenient=True)
+    tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
                     add_bos=llama3 if add_bos is None else add_bos)
     # A template that will not compile, or none, is reported when a conversation is rendered:
     # by this file's key for it.
