@@ -118,6 +118,19 @@ def test_a_whitespace_only_prompt_names_file_line_and_field_in_every_reader(tok,
     assert len(read_prompts(f)) == 2
 
 
+@pytest.mark.parametrize("blank", [" ", "\n\t "])
+def test_a_messages_demonstration_refuses_a_user_turn_that_asks_nothing(tok, tmp_path, blank):
+    # Each assistant turn is trained on as the answer to the user turn before it: a blank one
+    # taught the model to answer nothing (a prompt-completion demonstration's was refused).
+    for msgs, i in (([{"role": "user", "content": blank}, ASSISTANT], 0),
+                    ([USER, ASSISTANT, {"role": "user", "content": blank}, ASSISTANT], 2)):
+        f = write(tmp_path / "d.jsonl", {"messages": [USER, ASSISTANT]}, {"messages": msgs})
+        with pytest.raises(UserError) as err:
+            read_demonstrations(f, tok, 64)
+        assert str(err.value) == (f"{f}:2, field 'messages[{i}].content': is empty or only "
+                                  f"whitespace; a user turn must ask something")
+
+
 def test_sample_ppo_and_sft_refuse_a_whitespace_only_prompt_writing_nothing(tok, tmp_path,
                                                                             capsys):
     import dataclasses

@@ -284,6 +284,9 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path | None = None,
                 # would teach the model to answer with nothing but its end of turn.
                 raise UserError("must be a non-empty string", path=path, line=line,
                                 field=f"messages[{i}].content")
+            if m["role"] == "user" and not m["content"].strip():  # as a prompt's last turn
+                raise UserError("is empty or only whitespace; a user turn must ask something",
+                                path=path, line=line, field=f"messages[{i}].content")
         try:
             ids, mask = chat_demonstration(tokenizer, msgs)
         except UserError as e:  # the template may refuse a conversation (roles must alternate)
