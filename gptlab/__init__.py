@@ -13,7 +13,8 @@ from types import ModuleType
 __version__ = "0.1.0"
 
 _SUBMODULES = ("api", "chat", "checkpoint", "config", "data", "engine", "errors", "eval",
-               "feedback", "interop", "io", "model", "provenance", "tokenizer", "train", "world")
+               "feedback", "interop", "io", "model", "plugin", "provenance", "tokenizer", "train",
+               "world")
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import math
-import os
 import random
 import sys
 import time
@@ -40,6 +38,7 @@ from gptlab.errors import UserError, check_given, reports_path_errors, setting
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
+from gptlab.plugin import load_function
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_gradients, decay_rule,
@@ -158,51 +157,16 @@ class PPOConfig:
 RESUMABLE = ("steps", "save_every", "resume", "out", "device", "cache_dir", "progress")
 
 
-def import_from_cwd(name: str) -> Any:
-    """Import module `name` as `python -m gptlab` would find it: the console script leaves the
-    working directory off sys.path, python -m puts it first. It stays there afterwards, as
-    under python -m, so the module's own later imports of its neighbours work too."""
-    cwd = os.getcwd()
-    if not any(isinstance(p, str) and os.path.abspath(p) == cwd for p in sys.path):
-        sys.path.insert(0, cwd)
-    return importlib.import_module(name)
-
-
 def load_reward_fn(spec: str) -> Callable:
     """`module:function`; the function takes (prompts, responses, records) -> list of floats."""
+    module, fn = load_function(spec, "reward_fn")
     mod, _, name = spec.partition(":")
-    if not mod or not name:
-        raise UserError(f"'{spec}' should look like module:function", field="reward_fn")
-    if mod.endswith(".py") or "/" in mod or os.sep in mod:
-        raise UserError(f"'{spec}' names a file, where a module is meant: "
-                        f"{_as_module(mod, name)}", field="reward_fn")
-    try:
-        module = import_from_cwd(mod)
-    except Exception as e:  # not found, a syntax error, or anything its import raised
-        raise UserError(f"cannot load '{spec}': importing {mod} failed with "
-                        f"{type(e).__name__}: {e}", field="reward_fn") from None
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise UserError(f"cannot load '{spec}': module {mod} has no '{name}'",
-                        field="reward_fn")
-    if not callable(fn):
-        raise UserError(f"cannot load '{spec}': {name} is not callable", field="reward_fn")
     if not hasattr(fn, "check_records") and callable(getattr(module, "check_records", None)):
         # A check written beside the function, not on it, would never run, without a word.
         print(f"note: {mod} defines check_records, but {spec} has no check_records attribute, "
               f"so it is not called; to check the prompts first, set {name}.check_records = "
               f"check_records in {mod}", file=sys.stderr)
     return fn
-
-
-def _as_module(path: str, name: str) -> str:
-    """What to write in `--reward-fn` for function `name` of the file `path`: its dotted module
-    name where it lies under the working directory, else its name and where its directory goes."""
-    parts = [p for p in Path(path.removesuffix(".py")).parts if p != "."]
-    if parts and not Path(path).is_absolute() and all(p.isidentifier() for p in parts):
-        return "write " + ".".join(parts) + f":{name}"
-    stem = Path(path.removesuffix(".py")).name
-    return f"put its directory on PYTHONPATH (or run from there) and write {stem}:{name}"
 
 
 def reward_fn_name(fn: Callable) -> str:
