@@ -332,18 +332,25 @@ def _verb_sample():
 
 def _verb_label():
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--labeler", default="sqlworld", help="the simulated labeler (sqlworld)")
+        p.add_argument("--labeler", default="sqlworld",
+                       help="sqlworld (the built-in world's simulated labeler: --world, "
+                            "--disagreement, --seed and --ties are its settings) or "
+                            "module:function, a ranking function of your own: (record, "
+                            "responses) -> the responses best first (tied ones as lists) or one "
+                            "score per response (README, 'Your own task')")
         p.add_argument("--in", dest="samples", required=True, help="samples (.jsonl or .parquet)")
         p.add_argument("--out", required=True, help="rankings JSONL")
         p.add_argument("--world", default=None, help="world directory (default: built-in world)")
-        p.add_argument("--disagreement", type=float, default=0.1,
+        p.add_argument("--disagreement", type=float, default=None,
                        help="expected share of pairs of levels a labeler flips (verdict tiers; "
                             "with --no-ties, single answers), in [0, 0.5] (0: noise-free, 0.5: "
-                            "a random ranking)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--ties", action=argparse.BooleanOptionalAction, default=True,
+                            "a random ranking) (default: 0.1 with sqlworld)")
+        p.add_argument("--seed", type=int, default=None,
+                       help="seed of the labelers' disagreement (default: 0 with sqlworld)")
+        p.add_argument("--ties", action=argparse.BooleanOptionalAction, default=None,
                        help="tie the answers of one verdict tier (correct > wrong > error); "
-                            "--no-ties: a strict order, shorter SQL first")
+                            "--no-ties: a strict order, shorter SQL first (default: --ties with "
+                            "sqlworld)")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.feedback import label_file
@@ -351,7 +358,7 @@ def _verb_label():
                        args.seed, args.ties)
         print(f"wrote {n} rankings to {args.out}")
 
-    return "rank sampled responses with a simulated labeler", add, run
+    return "rank sampled responses with a simulated labeler or a function of your own", add, run
 
 
 VERBS: dict[str, Callable] = {

@@ -6,6 +6,8 @@ built-in world's simulated labelers write the same format.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -18,9 +20,11 @@ from gptlab.engine import Generation, SamplingParams, generate
 from gptlab.errors import UserError, reports_path_errors
 from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
                        write_jsonl_atomic)
+from gptlab.plugin import load_function
 
-# (record, distinct responses) -> best first, an item a response or a list of tied responses
-RankFn = Callable[[dict, list[str]], list[str | list[str]]]
+# (record, distinct responses) -> the responses best first, an item a response or a list of
+# tied responses; or one score per response, in their order (higher is better, equal ones tie)
+RankFn = Callable[[dict, list[str]], list[str | list[str]] | list[float]]
 
 
 def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict], k: int,
@@ -164,8 +168,10 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
     Identical responses are merged first and empty ones dropped (a rankings file cannot hold
     one), counted in `dropped` (default: `skips`); a prompt left with fewer than 2 distinct
     responses is skipped and counted in `skips`, and so is one whose responses the labeler
-    ties all together (no preference to learn from). Tied groups of one are written as plain
-    strings. An error names `source` (the samples file) and the sample's `_line`, when known.
+    ties all together (no preference to learn from). `rank` gets a copy of the sample and of
+    its distinct responses, and returns them best first or scores them (RankFn). Tied groups
+    of one are written as plain strings. An error names `source` (the samples file) and the
+    sample's `_line`, when known.
     """
     skips = skips if skips is not None else SkipCounter()
     dropped = dropped if dropped is not None else skips
@@ -181,14 +187,10 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
             skips.add("prompts with fewer than 2 distinct responses")
             continue
         try:
-            ranked = rank(s, responses)
+            # Copies: a labeler that sorts its list in place changes no sample, and its
+            # answer is checked against the responses it was given.
+            levels = _ranking_levels(rank(dict(s), list(responses)), responses, s.get("id"))
         except UserError as e:
-            raise (e.at(source, line) if source else e) from None
-        levels = _ranking_levels(ranked, responses)
-        if levels is None:
-            about = f"; it did not for id {s['id']!r}" if "id" in s else ""
-            e = UserError("the labeler must return a permutation of the responses (tied ones "
-                          f"as non-empty lists){about}", field="ranked")
             raise (e.at(source, line) if source else e) from None
         if len(levels) < 2:
             skips.add("prompts whose responses are all tied")
@@ -200,17 +202,44 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
     return rankings
 
 
-def _ranking_levels(ranked: Any, responses: list[str]) -> list[list[str]] | None:
-    """A labeler's answer as levels, best first (a plain string is a level of one), or None
-    unless it orders exactly `responses`, each once, in non-empty levels."""
-    if not isinstance(ranked, list):
-        return None
-    levels = [item if isinstance(item, list) else [item] for item in ranked]
+def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
+                   ) -> list[list[str]]:
+    """A labeler's answer (RankFn) as levels, best first: its order (a plain string is a level
+    of one), or its scores grouped, highest first, equal scores one level (in `responses`'
+    order). A UserError (field `ranked`, naming `sample_id` when given) unless the answer
+    orders exactly `responses`, each once, in non-empty levels, or gives each a real score."""
+    of_id = "" if sample_id is None else f" for id {sample_id!r}"
+    if not isinstance(answer, (list, tuple)):
+        what = "None" if answer is None else f"a {type(answer).__name__}"
+        raise UserError(f"the labeler returned {what}{of_id}, not a list: the responses best "
+                        f"first (tied ones as lists), or one score per response",
+                        field="ranked")
+    if answer and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in answer):
+        return _score_levels([float(x) for x in answer], responses, of_id)
+    levels = [item if isinstance(item, list) else [item] for item in answer]
     flat = [r for level in levels for r in level]
     if not all(levels) or not all(isinstance(r, str) for r in flat) \
             or sorted(flat) != sorted(responses):
-        return None
+        about = f"; it did not{of_id}" if of_id else ""
+        raise UserError("the labeler must return a permutation of the responses (tied ones as "
+                        f"non-empty lists), or one score per response{about}", field="ranked")
     return levels
+
+
+def _score_levels(scores: list[float], responses: list[str], of_id: str) -> list[list[str]]:
+    """`responses` grouped by their `scores`, highest first; equal scores are one level."""
+    if len(scores) != len(responses):
+        raise UserError(f"the labeler returned {len(scores)} scores{of_id}, for "
+                        f"{len(responses)} responses (one score per response, in their order)",
+                        field="ranked")
+    for i, x in enumerate(scores):
+        if not math.isfinite(x):  # NaN would compare unequal to itself and to everything
+            raise UserError(f"the labeler returned a non-finite score ({x}){of_id}, response "
+                            f"{i + 1} of {len(responses)}", field="ranked")
+    by_score: dict[float, list[str]] = {}
+    for x, r in zip(scores, responses):
+        by_score.setdefault(x, []).append(r)
+    return [by_score[x] for x in sorted(by_score, reverse=True)]
 
 
 def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0.1,
@@ -232,22 +261,54 @@ def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0
         except UserError as e:  # most often samples of one's own task, not the world's
             raise UserError(f"{e.message}; the sqlworld labeler ranks only the built-in "
                             f"world's questions: for your own data, rank with your own function "
-                            f"(label_samples) or write the rankings file yourself (README, "
-                            f"'Your own task')", field="id") from None
+                            f"(--labeler module:function) or write the rankings file yourself "
+                            f"(README, 'Your own task')", field="id") from None
         return labeler.rank(record["id"], responses).ranked_json()
+    return rank
+
+
+def own_ranker(spec: str) -> RankFn:
+    """`gptlab label --labeler module:function`: the user's RankFn, imported. Whatever it
+    raises stops the labeling as a UserError naming the function, the exception and the
+    sample's id (label_samples adds the samples file and line); its own UserError passes."""
+    _, fn = load_function(spec, "labeler")
+
+    def rank(record: dict, responses: list[str]) -> Any:
+        try:
+            return fn(record, responses)
+        except UserError:
+            raise
+        except (Exception, SystemExit) as e:  # the user's function: never a traceback, nor a
+            # silent end (sys.exit(0) would exit with success and no rankings)
+            of_id = f" for id {record['id']!r}" if "id" in record else ""
+            raise UserError(f"the labeler {spec} raised {type(e).__name__}: {e}{of_id}",
+                            field="labeler") from e
     return rank
 
 
 @reports_path_errors
 def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlworld",
-               world: str | Path | None = None, disagreement: float = 0.1, seed: int = 0,
-               ties: bool = True) -> int:
-    """`gptlab label`: rank a samples file into a rankings file. Returns rankings written."""
-    if labeler != "sqlworld":
-        raise UserError(f"unknown labeler '{labeler}' (available: sqlworld); for your own data "
-                        f"write the rankings file yourself or call label_samples()",
+               world: str | Path | None = None, disagreement: float | None = None,
+               seed: int | None = None, ties: bool | None = None) -> int:
+    """`gptlab label`: rank a samples file into a rankings file. Returns rankings written.
+
+    `labeler`: `sqlworld`, the built-in world's simulated labeler, whose settings are `world`,
+    `disagreement`, `seed` and `ties` (None: the built-in world, 0.1, 0, True); or
+    `module:function`, a RankFn of the user's, which takes none of them."""
+    given = {"world": world, "disagreement": disagreement, "seed": seed, "ties": ties}
+    if ":" in labeler:
+        for name, value in given.items():
+            if value is not None:  # silently ignored, the user would think it applied
+                flag = "--no-ties" if value is False else f"--{name}"
+                raise UserError(f"is a setting of the sqlworld labeler; {labeler}, a labeler "
+                                f"of your own, ranks as it likes: leave {flag} out",
+                                field=name)
+        rank = own_ranker(labeler)
+    elif labeler != "sqlworld":
+        raise UserError(f"unknown labeler '{labeler}' (available: sqlworld, or module:function "
+                        f"for a ranking function of your own; README, 'Your own task')",
                         field="labeler")
-    if world is not None and not str(world).strip():  # not the built-in world, silently
+    elif world is not None and not str(world).strip():  # not the built-in world, silently
         raise UserError("is empty; give a world directory, or leave --world out for the "
                         "built-in world", field="world")
     check_file_out(out)
@@ -255,11 +316,15 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
     from gptlab.world.build import FILES
     check_not_input(out, {"--in": samples_path, **({} if world is None else {
         f"{name} of --world": Path(world) / name for name in FILES})})
-    # Every line, also one that would be skipped (its responses all the same), needs its id.
-    samples = read_jsonl(samples_path, required=("id",))
+    if labeler == "sqlworld":
+        # Every line, also one that would be skipped (its responses all the same), needs its id.
+        samples = read_jsonl(samples_path, required=("id",))
+        rank = sqlworld_ranker(world, 0.1 if disagreement is None else disagreement,
+                               seed or 0, True if ties is None else ties)
+    else:
+        samples = read_jsonl(samples_path)
     skips, dropped = SkipCounter(), SkipCounter()
-    rankings = label_samples(samples, sqlworld_ranker(world, disagreement, seed, ties), skips,
-                             samples_path, dropped)
+    rankings = label_samples(samples, rank, skips, samples_path, dropped)
     if dropped.total:
         print(dropped.report("responses"), file=sys.stderr)
     if not rankings:  # an empty rankings file would only fail later, in `gptlab reward`

@@ -42,7 +42,7 @@ def test_help_lists_every_verb(capsys):
     (["pipeline"], "--ptx-coef", "0.002"), (["pipeline"], "--seed", "0"),
     (["ppo"], "--kl-coef", "0.02"), (["sft"], "--lr", None), (["tokenizer", "train"],
     "--vocab-size", "4096"), (["chat"], "--max-new-tokens", "256"), (["chat"], "--seed", "0"),
-    (["label"], "--disagreement", "0.1"), (["world", "export"], "--test", "600")])
+    (["label"], "--disagreement", "0.1 with sqlworld"), (["world", "export"], "--test", "600")])
 def test_help_shows_each_flags_default(capsys, verb, flag, default):
     # README sends users to --help for the defaults: they were not there.
     from gptlab.train.sft import SFTConfig

@@ -375,15 +375,21 @@ def test_a_labeler_may_tie_and_prompts_it_ties_all_together_are_skipped():
         label_samples(samples[:1], lambda record, responses: [["aa"], [], ["b", "c"]])
 
 
-@pytest.mark.parametrize("ranked", [["a"], ["a", "b", "b"], None, ["a", 2]])
-def test_a_labeler_that_returns_no_permutation_is_named_by_file_line_and_id(ranked):
+@pytest.mark.parametrize("ranked,message", [
+    (["a"], "the labeler must return a permutation of the responses (tied ones as non-empty "
+            "lists), or one score per response; it did not for id 't7'"),
+    (["a", "b", "b"], "the labeler must return a permutation of the responses (tied ones as "
+                      "non-empty lists), or one score per response; it did not for id 't7'"),
+    (["a", 2], "the labeler must return a permutation of the responses (tied ones as non-empty "
+               "lists), or one score per response; it did not for id 't7'"),
+    (None, "the labeler returned None for id 't7', not a list: the responses best first (tied "
+           "ones as lists), or one score per response")])
+def test_a_labeler_that_returns_no_permutation_is_named_by_file_line_and_id(ranked, message):
     # The docstring promised the samples file and line; the error named neither, nor the id.
     samples = [{"id": "t7", "prompt": "p", "responses": ["a", "b"], "_line": 3}]
     with pytest.raises(UserError) as e:
         label_samples(samples, lambda record, responses: ranked, source="samples.jsonl")
-    assert str(e.value) == ("samples.jsonl:3, field 'ranked': the labeler must return a "
-                            "permutation of the responses (tied ones as non-empty lists); it "
-                            "did not for id 't7'")
+    assert str(e.value) == f"samples.jsonl:3, field 'ranked': {message}"
 
 
 def test_prompts_longer_than_the_context_are_skipped_and_counted(run, tmp_path, capsys):

@@ -156,8 +156,8 @@ def test_the_label_verb_on_samples_of_ones_own_task_says_what_to_do_instead(worl
     assert capsys.readouterr().err == (
         f"gptlab label: error: {samples}:1, field 'id': no question with id 'p0' in this "
         "world; the sqlworld labeler ranks only the built-in world's questions: for your own "
-        "data, rank with your own function (label_samples) or write the rankings file yourself "
-        "(README, 'Your own task')\n")
+        "data, rank with your own function (--labeler module:function) or write the rankings file "
+        "yourself (README, 'Your own task')\n")
     assert not out.exists()
 
 
@@ -178,8 +178,8 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
             ({"id": "s0-train-99999", "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
              ", field 'id': no question with id 's0-train-99999' in this world; the sqlworld "
              "labeler ranks only the built-in world's questions: for your own data, rank with "
-             "your own function (label_samples) or write the rankings file yourself (README, "
-             "'Your own task')"),
+             "your own function (--labeler module:function) or write the rankings file yourself "
+             "(README, 'Your own task')"),
             ({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
              ", field 'id': missing required field"),
             # A list or an object was a TypeError (unhashable) traceback; a number named no type.
