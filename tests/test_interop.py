@@ -718,11 +718,12 @@ def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = 
                 extra: dict | None = None, raw: dict | None = None, qtype=None,
                 template: str = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}",
                 pre: str = "gpt-2", words: tuple[str, ...] = (), merges: tuple[str, ...] = (),
-                end_type: int = 3) -> Path:
+                end_type: int = 3, vocab: dict | None = None) -> Path:
     """A GGUF of a transformers Llama/Qwen2 model, laid out as llama.cpp's converter does.
     The vocabulary is single bytes, the last of them replaced by `words`, then <|endoftext|>
-    and <|im_end|> (EOS) of token type `end_type` (3: control, 4: user-defined). Matrices are
-    written in tensor type `qtype` if given, vectors in F32, as llama.cpp does."""
+    and <|im_end|> (EOS) of token type `end_type` (3: control, 4: user-defined); or, given
+    `vocab` (`_sentencepiece_vocab`), that SentencePiece one with <unk>, <s> and </s> first.
+    Matrices are written in tensor type `qtype` if given, vectors in F32, as llama.cpp does."""
     from tokenizers import pre_tokenizers
 
     c = theirs.config
@@ -739,15 +740,26 @@ def _write_gguf(path: Path, theirs, arch: str = "llama", tokenizer_model: str = 
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    tokens = pre_tokenizers.ByteLevel.alphabet()
-    tokens = sorted(tokens)[:c.vocab_size - 2 - len(words)] + [*words, "<|endoftext|>",
-                                                                "<|im_end|>"]
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 2) + [end_type, end_type])
-    w.add_token_merges(list(merges))
-    w.add_eos_token_id(len(tokens) - 1)
+    if vocab is not None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(vocab["tokens"])
+        w.add_token_scores(vocab["scores"])
+        w.add_token_types(vocab["types"])
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        if merges:
+            w.add_token_merges(list(merges))
+    else:
+        tokens = pre_tokenizers.ByteLevel.alphabet()
+        tokens = sorted(tokens)[:c.vocab_size - 2 - len(words)] + [*words, "<|endoftext|>",
+                                                                    "<|im_end|>"]
+        w.add_tokenizer_model(tokenizer_model)
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([1] * (len(tokens) - 2) + [end_type, end_type])
+        w.add_token_merges(list(merges))
+        w.add_eos_token_id(len(tokens) - 1)
     w.add_chat_template(template)
     for key, value in (extra or {}).items():
         add = {str: w.add_string, bool: w.add_bool}.get(type(value), w.add_uint32)
@@ -861,7 +873,8 @@ def test_a_gguf_end_of_turn_of_user_defined_type_ends_turns_and_replies(tmp_path
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(arch="phi2"), "architecture 'phi2'.*supported: llama, qwen2"),
-    (dict(tokenizer_model="llama"), "tokenizer model 'llama'.*SentencePiece"),
+    (dict(tokenizer_model="t5"), "tokenizer model 't5' is not supported \\(supported: 'gpt2', "
+                                 "byte-level BPE, and 'llama', SentencePiece BPE"),
     (dict(extra={"llama.rope.scaling.type": "yarn"}), "rope scaling"),
     (dict(extra={"llama.attention.sliding_window": 16}), "sliding-window"),
     (dict(raw={"blk.0.ffn_up.weight": (np.zeros((96, 80), np.uint8), None,
@@ -1107,6 +1120,190 @@ def test_convert_from_gguf_writes_gptlab_directory(tmp_path):
     model, tok, _ = load_model(tmp_path / "ours")
     assert tok is not None and "<|im_end|>" in tok.chat_template
     assert_same_logits(model, theirs, PROMPTS)
+
+
+# --- GGUF SentencePiece ("llama") tokenizers ----------------------------------------------------
+
+_SPM_LINES = ("select name from users where age is over thirty", "hello world, hello there",
+              "the users table holds the name and the age of each user",
+              "how many users are there? there are 12345 of them, and 678 orders",
+              "show the names of the users older than 30 ordered by name",
+              "which orders were placed in march? list their totals and the customers' cities",
+              "count the products whose price is below the average price of their category",
+              "join the employees with their departments and group them by the manager's name")
+
+
+def _sentencepiece_vocab() -> dict:
+    """A SentencePiece BPE vocabulary laid out as Llama's: <unk>, <s>, </s> (ids 0, 1, 2), the
+    256 byte tokens <0x00>..<0xFF>, then the pieces best first (score minus their rank), single
+    characters last; then a user-defined <sep> and an unused <unused0>. The pieces are BPE
+    learned here from a few lines, so "▁hello" is one and "☃", "\\n" and "é" are not."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(_SPM_LINES * 4, trainers.BpeTrainer(vocab_size=300,
+                                                                 show_progress=False))
+    learned = json.loads(bpe.to_str())["model"]
+    joined = list(dict.fromkeys("".join(m) for m in learned["merges"]))
+    chars = sorted(t for t in learned["vocab"] if len(t) == 1)
+    pieces = joined + chars
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces,
+              "<sep>", "<unused0>"]
+    scores = [0.0] * 259 + [-float(k) for k in range(len(pieces))] + [0.0, 0.0]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4, 5]
+    return dict(tokens=tokens, scores=scores, types=types)
+
+
+# Llama 2's chat format, as Meta's reference code writes it: [bos] + "[INST] q [/INST] a " + [eos].
+_LLAMA2_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' "
+                    "+ m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + "
+                    "eos_token }}{% endif %}{% endfor %}")
+_SPM_TEXTS = ("hello world", "select name from users where age > 30;", "trailing space ",
+              "a\nb\n\nc", "tab\there", "naïve café ☃ 日本", "12345 and 3.14", "", "\n",
+              " hello", "  two  spaces  ", " ")
+
+
+def _spm_gguf(path: Path, seed: int = 8, **kwargs) -> tuple:
+    vocab = _sentencepiece_vocab()
+    theirs = _hf_model("llama", seed=seed, vocab_size=len(vocab["tokens"]))
+    return _write_gguf(path, theirs, vocab=vocab, template=_LLAMA2_TEMPLATE, **kwargs), theirs
+
+
+def test_gguf_sentencepiece_tokenizer_encodes_as_transformers_but_keeps_a_leading_space(tmp_path):
+    """Ids equal transformers' GGUF loader's, but on text that starts with a space, where
+    SentencePiece and llama.cpp prepend one more "▁" (" hello" is "▁▁hello") and transformers'
+    Metaspace does not (it decodes " hello" back as "hello"); the Hugging Face directory gptlab
+    exports encodes every text as gptlab does."""
+    path, theirs = _spm_gguf(tmp_path / "m.gguf")
+    model, tok = load_pretrained(path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    export_hf(model, tok, tmp_path / "hf")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    space = tok.hf.token_to_id("\u2581")
+    assert (tok.bos_token, tok.eos_token, tok.bos_id, tok.eos_id) == ("<s>", "</s>", 1, 2)
+    for text in _SPM_TEXTS:
+        ours, want = tok.encode(text, bos=True), hf_tok(text)["input_ids"]
+        if text.startswith(" "):
+            assert ours == [1, space] + want[1:], text
+            assert hf_tok.decode(want, skip_special_tokens=True) == text[1:]
+        else:
+            assert ours == want, text
+        assert tok.decode(ours) == text and exported(text)["input_ids"] == ours, text
+    assert [tok.hf.id_to_token(i) for i in tok.encode(" hello")] == ["\u2581", "\u2581hello"]
+    # Characters the vocabulary lacks are spelled by their UTF-8 bytes.
+    assert [tok.hf.id_to_token(i) for i in tok.encode("\u2603\n")] == [
+        "\u2581", "<0xE2>", "<0x98>", "<0x83>", "<0x0A>"]
+    assert tok.encode("") == [] and tok.encode("", bos=True) == [1]
+
+
+def test_gguf_sentencepiece_chat_renders_as_llamas_reference_and_stops_at_eos(tmp_path):
+    # Meta's Llama 2 code tokenizes each turn apart, "▁[INST]" first: after a special token
+    # (here <s>) a "▁" starts the text again, as llama.cpp does it too.
+    _, tok = load_pretrained(_spm_gguf(tmp_path / "m.gguf")[0])
+    chat = [{"role": "user", "content": "how many users?"},
+            {"role": "assistant", "content": "12345"}]
+    ids, mask = tok.render_chat(chat)
+    answer = tok.encode("12345")  # "▁12", "345"
+    assert ids == [1] + tok.encode("[INST] how many users? [/INST] 12345 ") + [2]
+    assert [i for i, m in zip(ids, mask) if m] == answer + tok.encode(" ")[1:] + [2]
+    assert tok.stop_ids == {2} and tok.decode(answer + [2]) == "12345"
+    assert tok.decode(tok.encode("<s>[INST]")) == "<s>[INST]"  # typed, special text stays text
+    prompt, _ = tok.render_chat(chat[:1], add_generation_prompt=True)
+    assert prompt == [1] + tok.encode("[INST] how many users? [/INST]")
+
+
+def test_gguf_sentencepiece_token_types_and_merges(tmp_path):
+    """Control (<s>) and unknown (<unk>) tokens decode away, user-defined and unused ones as
+    written, byte tokens to their bytes; typed in a text, none is its token. Merges written in
+    the file are the ones used; without them, the pieces' scores rank them."""
+    vocab = _sentencepiece_vocab()
+    path, theirs = _spm_gguf(tmp_path / "m.gguf")
+    _, tok = load_pretrained(path)
+    sep, unused = len(vocab["tokens"]) - 2, len(vocab["tokens"]) - 1
+    byte = vocab["tokens"].index
+    assert tok.decode([1, 0, byte("<0xC3>"), byte("<0xA9>"), sep, unused, 2]) == (
+        "\u00e9<sep><unused0>")
+    typed = tok.encode("<s><unk><sep><unused0><0x41>")
+    assert not {0, 1, sep, unused, byte("<0x41>")} & set(typed)
+    assert tok.decode(typed) == "<s><unk><sep><unused0><0x41>"
+    assert [tok.hf.id_to_token(i) for i in tok.encode("the")] == ["\u2581the"]
+    path = _write_gguf(tmp_path / "merges.gguf", theirs, vocab=vocab, merges=("\u2581 t",))
+    _, tok = load_pretrained(path)
+    assert [tok.hf.id_to_token(i) for i in tok.encode("the")] == ["\u2581t", "h", "e"]
+
+
+def test_convert_from_a_sentencepiece_gguf_loads_generates_and_keeps_its_tokenizer(tmp_path,
+                                                                                   capsys):
+    from gptlab.checkpoint import load_model
+
+    path, theirs = _spm_gguf(tmp_path / "m.gguf")
+    _, from_gguf = load_pretrained(path)
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "ours")]) == 0
+    model, tok, _ = load_model(tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == (
+        "<s>", "</s>", True) and config["chat_template"] == _LLAMA2_TEMPLATE
+    for text in _SPM_TEXTS:
+        assert tok.encode(text, bos=True) == from_gguf.encode(text, bos=True), text
+    prompt = tok.encode("how many users are there?", bos=True)
+    assert_same_logits(model, theirs, [prompt])
+    assert our_greedy(model, prompt, 8) == hf_greedy(theirs, prompt, 8)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "ours"), "--prompt", "how many users",
+                 "--greedy", "--max-new-tokens", "6"]) == 0
+    ids = tok.encode("how many users", bos=True)
+    reply = generate(model, [ids], SamplingParams(greedy=True, max_new_tokens=6,
+                                                  stop_ids=(2,))).tokens[0]
+    assert capsys.readouterr().out == tok.decode(reply) + "\n"
+
+
+@pytest.mark.parametrize("change, field, message", [
+    (lambda v: v["scores"].pop(), "tokenizer.ggml.scores",
+     "has 485 entries, one per token, but tokenizer.ggml.tokens has 486"),
+    (lambda v: v["scores"].__setitem__(300, float("nan")), "tokenizer.ggml.scores",
+     "entry 300 is nan, not a finite number"),
+    (lambda v: v["types"].__setitem__(7, 9), "tokenizer.ggml.token_type",
+     "entry 7 is 9, not a token type (0 to 6: undefined, normal, unknown, control, "
+     "user-defined, unused, byte)"),
+    (lambda v: v["types"].pop(), "tokenizer.ggml.token_type",
+     "has 485 entries, one per token, but tokenizer.ggml.tokens has 486"),
+])
+def test_a_malformed_sentencepiece_gguf_tokenizer_is_refused_naming_the_key(
+        change, field, message, tmp_path, capsys):
+    vocab = _sentencepiece_vocab()
+    assert len(vocab["tokens"]) == 486
+    change(vocab)
+    theirs = _hf_model("llama", vocab_size=486)
+    path = _write_gguf(tmp_path / "m.gguf", theirs, vocab=vocab)
+    with pytest.raises(UserError) as e:
+        load_pretrained(path)
+    assert str(e.value) == f"{path}, field '{field}': {message}"
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_sentencepiece_gguf_flags_space_prefix_and_missing_scores(tmp_path, monkeypatch, capsys):
+    path, theirs = _spm_gguf(tmp_path / "m.gguf", extra={
+        "tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_eos_token": True})
+    _, tok = load_pretrained(path)
+    assert [tok.hf.id_to_token(i) for i in tok.encode("hello")][0] != "\\u2581hello"
+    assert tok.bos_id is None and tok.decode(tok.encode(" hi ")) == " hi "
+    assert capsys.readouterr().err.startswith(
+        f"note: {path}, field 'tokenizer.ggml.add_eos_token': true, but gptlab ends a sequence "
+        f"with EOS only where a stage needs one")
+    path, _ = _spm_gguf(tmp_path / "n.gguf", extra={"tokenizer.ggml.add_space_prefix": "yes"})
+    with pytest.raises(UserError, match="field 'tokenizer.ggml.add_space_prefix': must be true "
+                                        "or false, got 'yes'"):
+        load_pretrained(path)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_scores", lambda self, scores: None)
+    path, _ = _spm_gguf(tmp_path / "s.gguf")
+    with pytest.raises(UserError) as e:
+        load_pretrained(path)
+    assert str(e.value) == (f"{path}, field 'tokenizer.ggml.scores': required metadata key is "
+                            f"missing: a SentencePiece vocabulary without tokenizer.ggml.merges "
+                            f"is merged by its pieces' scores")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])

@@ -1,8 +1,11 @@
 """GGUF files (llama.cpp) in: hyperparameters and tokenizer from the metadata, tensors
 dequantized to float, llama.cpp's Q/K row permutation undone.
 
-Supported: architectures `llama` (Llama, Mistral, SmolLM) and `qwen2`, with a byte-level BPE
-("gpt2") tokenizer. Everything else is refused with a UserError that says what and why.
+Supported: architectures `llama` (Llama, Mistral, SmolLM, TinyLlama) and `qwen2`, with a
+byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2": GPT-2, Llama 3, Qwen2, SmolLM) or a
+SentencePiece BPE one with byte fallback ("llama": Llama 1 and 2, Mistral 7B v0.1, TinyLlama).
+Both become a Hugging Face `tokenizers.Tokenizer` that encodes as llama.cpp does. Everything else
+is refused with a UserError that says what and why.
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ _PRE_SPLITS = {"gpt-2": None, "default": None, "smollm": "digits",
 # not (Hugging Face's `ignore_merges`), and add BOS unless the metadata says otherwise.
 _LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe")
 
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+# llama.cpp's token types (tokenizer.ggml.token_type); 0 is "undefined", read as normal.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4  # 5: unused, 6: byte (<0x0A>)
+_TOKEN_TYPES = range(7)
+_SPACE = "\u2581"  # SentencePiece writes a space as "▁"
 
 
 def _require_gguf() -> Any:
@@ -188,34 +194,35 @@ def _merge(entry: Any, k: int, vocab: dict[str, int], meta: _Meta) -> tuple[str,
     return left, right
 
 
-def _gguf_tokenizer(meta: _Meta) -> Any:
-    """A byte-level BPE `tokenizers.Tokenizer` from the metadata, wrapped in gptlab's Tokenizer."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+def _token_types(meta: _Meta, n: int) -> list[int]:
+    """tokenizer.ggml.token_type, one llama.cpp type (0 to 6) per token; all normal if absent."""
+    key = "tokenizer.ggml.token_type"
+    types = meta.get(key) or [_NORMAL] * n
+    if len(types) != n:  # zip() would leave the last tokens' types unread
+        raise UserError(f"has {len(types)} entries, one per token, but tokenizer.ggml.tokens has "
+                        f"{n}", path=meta.path, field=key)
+    bad = next((k for k, ty in enumerate(types) if ty not in _TOKEN_TYPES), None)
+    if bad is not None:
+        raise UserError(f"entry {bad} is {types[bad]!r}, not a token type (0 to 6: undefined, "
+                        f"normal, unknown, control, user-defined, unused, byte)", path=meta.path,
+                        field=key)
+    return types
+
+
+def _byte_level_bpe(meta: _Meta, tokens: list[str]) -> Any:
+    """GPT-2's byte-level BPE, its text split first as `tokenizer.ggml.pre` says."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    from gptlab.tokenizer import Tokenizer
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        return None
-    if kind != "gpt2":
-        raise UserError(f"tokenizer model '{kind}' is not supported (only byte-level BPE, "
-                        f"'gpt2'; SentencePiece-style 'llama' tokenizers are refused)",
-                        path=meta.path, field="tokenizer.ggml.model")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE_SPLITS:
         raise UserError(f"pre-tokenizer '{pre}' is not supported (supported: "
                         f"{', '.join(_PRE_SPLITS)})", path=meta.path, field="tokenizer.ggml.pre")
-    tokens: list[str] = meta.need("tokenizer.ggml.tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [_merge(m, k, vocab, meta)
               for k, m in enumerate(meta.get("tokenizer.ggml.merges") or [])]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):  # zip() would leave the last tokens' types unread
-        raise UserError(f"has {len(types)} entries, one per token, but tokenizer.ggml.tokens has "
-                        f"{len(tokens)}", path=meta.path, field="tokenizer.ggml.token_type")
-    llama3 = pre in _LLAMA3_PRES
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=llama3))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                ignore_merges=pre in _LLAMA3_PRES))
     split = _PRE_SPLITS[pre]
     # GPT-2's split is ByteLevel's own regex; a Llama-3 or Qwen2 split replaces it.
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
@@ -229,11 +236,98 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     else:
         hf.pre_tokenizer = byte_level
     hf.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>) must never be split, and decode away with skip_special.
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t, ty in zip(tokens, types) if ty == _CONTROL])
-    hf.add_tokens([AddedToken(t, special=False, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    return hf
+
+
+def _flag(meta: _Meta, key: str) -> bool | None:
+    v = meta.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise UserError(f"must be true or false, got {v!r}", path=meta.path, field=key)
+    return v
+
+
+def _scores(meta: _Meta, n: int) -> list[float] | None:
+    """tokenizer.ggml.scores, one finite number per token (SentencePiece's log-probabilities,
+    by which its BPE ranks the pieces); None if absent."""
+    key = "tokenizer.ggml.scores"
+    scores = meta.get(key)
+    if scores is None:
+        return None
+    if len(scores) != n:
+        raise UserError(f"has {len(scores)} entries, one per token, but tokenizer.ggml.tokens "
+                        f"has {n}", path=meta.path, field=key)
+    bad = next((k for k, v in enumerate(scores) if not isinstance(v, (int, float))
+                or isinstance(v, bool) or not math.isfinite(v)), None)
+    if bad is not None:
+        raise UserError(f"entry {bad} is {scores[bad]!r}, not a finite number", path=meta.path,
+                        field=key)
+    return [float(v) for v in scores]
+
+
+def _merges_by_score(tokens: list[str], types: list[int], scores: list[float]
+                     ) -> list[tuple[str, str]]:
+    """SentencePiece BPE joins, of all adjacent pairs whose join is a piece, the one whose piece
+    scores highest: that is BPE whose merges are every split of every piece into two pieces,
+    ranked by the joined piece's score. Only normal and user-defined pieces take part, as in
+    SentencePiece: a control, unknown, unused or byte token is never the result of a merge."""
+    pieces = {t: i for i, t in enumerate(tokens) if types[i] in (0, _NORMAL, _USER_DEFINED)}
+    ranked = [(-scores[i], i, k) for piece, i in pieces.items() for k in range(1, len(piece))
+              if piece[:k] in pieces and piece[k:] in pieces]
+    ranked.sort()
+    return [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
+
+
+def _sentencepiece_bpe(meta: _Meta, tokens: list[str], types: list[int],
+                       unk: str | None) -> Any:
+    """SentencePiece BPE with byte fallback, run as SentencePiece and llama.cpp run it: a space
+    is "▁"; one "▁" starts the text and every run of text after a special token
+    (add_space_prefix, on unless the metadata says otherwise), so " hi" is "▁▁hi"; pieces merge
+    by the file's merges or else by their scores; a character the vocabulary lacks is spelled
+    by its UTF-8 bytes, <0xNN>. Decoding reverses all of it."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    scores = _scores(meta, len(tokens))
+    listed = meta.get("tokenizer.ggml.merges")
+    if listed:
+        merges = [_merge(m, k, vocab, meta) for k, m in enumerate(listed)]
+    elif scores is None:
+        raise UserError("required metadata key is missing: a SentencePiece vocabulary without "
+                        "tokenizer.ggml.merges is merged by its pieces' scores", path=meta.path,
+                        field="tokenizer.ggml.scores")
+    else:
+        merges = _merges_by_score(tokens, types, scores)
+    prefix = _flag(meta, "tokenizer.ggml.add_space_prefix")
+    prefix = True if prefix is None else prefix
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                byte_fallback=True))
+    # A normalizer, not a Metaspace pre-tokenizer: it runs on each stretch of text between
+    # added tokens, and Metaspace prepends no "▁" to text that starts with a space.
+    hf.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(_SPACE)] * prefix + [normalizers.Replace(" ", _SPACE)])
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        + [decoders.Strip(" ", 1, 0)] * prefix)
+    return hf
+
+
+def _gguf_tokenizer(meta: _Meta) -> Any:
+    """The tokenizer the metadata describes (see the module docstring), wrapped in gptlab's
+    Tokenizer; None if the file has none."""
+    from tokenizers import AddedToken
+
+    from gptlab.tokenizer import Tokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind not in ("gpt2", "llama"):
+        raise UserError(f"tokenizer model '{kind}' is not supported (supported: 'gpt2', "
+                        f"byte-level BPE, and 'llama', SentencePiece BPE with byte fallback)",
+                        path=meta.path, field="tokenizer.ggml.model")
+    tokens: list[str] = meta.need("tokenizer.ggml.tokens")
+    types = _token_types(meta, len(tokens))
 
     def token(key: str, lenient: bool = False) -> str | None:
         # llama.cpp's converter writes no id it has no token for: one past the vocabulary is a
@@ -254,15 +348,31 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
             return None
         return tokens[i]
 
+    if kind == "gpt2":
+        hf, unk = _byte_level_bpe(meta, tokens), None
+    else:  # SentencePiece's <unk>: what a character with no byte tokens becomes
+        unk = token("tokenizer.ggml.unknown_token_id") or next(
+            (t for t, ty in zip(tokens, types) if ty == _UNKNOWN), None)
+        hf = _sentencepiece_bpe(meta, tokens, types, unk)
+    # Control tokens (<|im_start|>, <s>) must never be split, and decode away with skip_special,
+    # as SentencePiece's <unk> does.
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty == _CONTROL or t == unk])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+
     meta.need("tokenizer.ggml.eos_token_id")
     eos, bos = token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.bos_token_id")
-    add_bos = meta.get("tokenizer.ggml.add_bos_token")
-    if add_bos is not None and not isinstance(add_bos, bool):
-        raise UserError(f"must be true or false, got {add_bos!r}", path=meta.path,
-                        field="tokenizer.ggml.add_bos_token")
+    add_bos = _flag(meta, "tokenizer.ggml.add_bos_token")
     if add_bos and bos is None:
         raise UserError("is true, but there is no tokenizer.ggml.bos_token_id to add",
                         path=meta.path, field="tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp adds BOS to Llama-3 and SentencePiece vocabularies
+        add_bos = kind == "llama" or meta.get("tokenizer.ggml.pre") in _LLAMA3_PRES
+    if _flag(meta, "tokenizer.ggml.add_eos_token"):
+        print(f"note: {meta.path}, field 'tokenizer.ggml.add_eos_token': true, but gptlab ends "
+              f"a sequence with EOS only where a stage needs one (a pretraining document, a chat "
+              f"turn by its template), not after every prompt", file=sys.stderr)
     template = meta.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise UserError(f"must be a Jinja template string, got {template!r}", path=meta.path,
@@ -270,7 +380,7 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     # BOS goes before a prompt only if the model was trained so; the chat template gets it anyway.
     pad = token("tokenizer.ggml.padding_token_id", lenient=True)
     tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
-                    add_bos=llama3 if add_bos is None else add_bos)
+                    add_bos=add_bos)
     # A template that will not compile, or none, is reported when a conversation is rendered:
     # by this file's key for it.
     tok.template_file, tok.template_field = meta.path, "tokenizer.chat_template"
