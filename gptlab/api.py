@@ -81,9 +81,10 @@ def generate_text(model: str | Path | tuple[torch.nn.Module, Any], prompts: list
                                   bos_id=tok.bos_id)[0])
     params = dataclasses.replace(params, stop_ids=tuple(sorted(tok.stop_ids)))
     out = generate(net, encoded, params, seed=seed, pad_id=tok.pad_id)
-    # A continuation cut at max_new_tokens ends where it was cut, never in half a character.
-    return [tok.decode(t) if done else tok.decode_cut(t)
-            for t, done in zip(out.tokens, out.finished)]
+    # Decoded after its prompt, a continuation keeps the space its first word's "▁" stands for
+    # (SentencePiece); one cut at max_new_tokens ends where it was cut, never in half a character.
+    return [tok.decode_continuation(ids, t, cut=not done)
+            for ids, t, done in zip(encoded, out.tokens, out.finished)]
 
 
 def _model_pair(model: Any) -> tuple[torch.nn.Module, Any]:

@@ -184,6 +184,19 @@ class Tokenizer:
                     return more[:-1]
         return text
 
+    def decode_continuation(self, prompt: Iterable[int], ids: Iterable[int],
+                            cut: bool = False) -> str:
+        """The text `ids` add after `prompt`: the two decoded together, less the prompt's text
+        (`cut`: as `decode_cut`). Decoded alone, a continuation can lose what its first token
+        means after the prompt: SentencePiece's decoder drops the space that a word's "▁"
+        stands for at the start of a text, so "Paris" would follow "The capital is" glued on.
+        Where the prompt's text is no prefix of the whole (a character split at the seam),
+        `ids` are decoded alone."""
+        prompt, ids = [int(i) for i in prompt], [int(i) for i in ids]
+        decode = self.decode_cut if cut else self.decode
+        whole, before = decode(prompt + ids), self.decode(prompt)
+        return whole[len(before):] if whole.startswith(before) else decode(ids)
+
     def _byte_token(self, byte: int) -> int | None:
         """The id of the token that is this one byte: byte-level BPE's (GPT-2's byte-to-
         character map), or byte fallback's `<0xNN>` (Llama's); None when there is none."""

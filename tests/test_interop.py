@@ -1255,7 +1255,28 @@ def test_convert_from_a_sentencepiece_gguf_loads_generates_and_keeps_its_tokeniz
     ids = tok.encode("how many users", bos=True)
     reply = generate(model, [ids], SamplingParams(greedy=True, max_new_tokens=6,
                                                   stop_ids=(2,))).tokens[0]
-    assert capsys.readouterr().out == tok.decode(reply) + "\n"
+    assert capsys.readouterr().out == tok.decode_continuation(ids, reply) + "\n"
+
+
+def test_a_sentencepiece_continuation_keeps_the_space_before_its_first_word(tmp_path):
+    """Decoded alone, "▁world" is "world" (SentencePiece drops a text's leading space); after
+    its prompt it is " world", so `generate` prints "hello world", not "helloworld"."""
+    from gptlab import api
+
+    model, tok = load_pretrained(_spm_gguf(tmp_path / "m.gguf")[0])
+    prompt, world = tok.encode("hello", bos=True), tok.encode("world")
+    assert tok.hf.id_to_token(world[0]).startswith("\u2581")
+    assert tok.decode(world) == "world"
+    assert tok.decode_continuation(prompt, world) == " world"
+    assert tok.decode_continuation(prompt, world + [2]) == " world"
+    # Byte fallback: a continuation cut inside a character ends before it.
+    snowman = tok.encode("\u2603")[1:]  # <0xE2> <0x98> <0x83>, after the "▁"
+    assert tok.decode_continuation(prompt, world + snowman[:2], cut=True) == " world"
+    reply = generate(model, [prompt], SamplingParams(greedy=True, max_new_tokens=6,
+                                                     stop_ids=(2,))).tokens[0]
+    text = api.generate_text((model, tok), ["hello"], greedy=True, max_new_tokens=6)[0]
+    whole = tok.decode(prompt + reply)
+    assert whole.startswith("hello") and text == whole[len("hello"):]
 
 
 @pytest.mark.parametrize("change, field, message", [

@@ -163,7 +163,7 @@ def _sampler(tok: Any, cfg: PretrainConfig, context: int):
         params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50,
                                 stop_ids=(tok.eos_id,))
         gen = generate(model, [prompt], params, seed=cfg.seed, pad_id=tok.pad_id)
-        return {"sample": cfg.sample_prompt + tok.decode(gen.tokens[0])}
+        return {"sample": cfg.sample_prompt + tok.decode_continuation(prompt, gen.tokens[0])}
 
     return sample
 
