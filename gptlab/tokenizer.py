@@ -30,6 +30,7 @@ import itertools
 import json
 import re
 import secrets
+import sys
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -75,26 +76,41 @@ class Tokenizer:
     `add_bos` (HF's `add_bos_token`): whether the model was trained with BOS first. Without it
     `bos_id` is None, so nothing prepends BOS, but the chat template still gets `bos_token`,
     as in HF, and writes it where the template says.
+
+    `extra_special_tokens` (HF's `additional_special_tokens`: chat-turn markers such as
+    `<|im_start|>`, `<|eot_id|>`) are special whatever tokenizer.json says: typed in text they
+    are text, and `decode` leaves them out. `end_ids` (generation_config.json's
+    `eos_token_id`, Llama 3's `<|eom_id|>`, Qwen2's `<|endoftext|>`) end a generation as EOS
+    does.
     """
 
     def __init__(self, hf: tokenizers.Tokenizer, bos_token: str | None, eos_token: str,
-                 pad_token: str | None, chat_template: str | None = None, add_bos: bool = True):
-        self.hf = hf
+                 pad_token: str | None, chat_template: str | None = None, add_bos: bool = True,
+                 extra_special_tokens: Sequence[str] = (), end_ids: Iterable[int] = ()):
         if eos_token is None:
             raise UserError("a tokenizer needs an end-of-sequence token", field="eos_token")
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.add_bos = add_bos
         for field, token in (("bos_token", bos_token), ("eos_token", eos_token),
-                             ("pad_token", pad_token)):
+                             ("pad_token", pad_token),
+                             *(("additional_special_tokens", t) for t in extra_special_tokens)):
             if token is not None and hf.token_to_id(token) is None:
                 raise UserError(f"token {token!r} is not in the vocabulary", field=field)
+        self.hf = _marked_special(hf, extra_special_tokens)
+        self.extra_special_tokens = tuple(dict.fromkeys(extra_special_tokens))
+        end_ids = list(end_ids)
+        for i in end_ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise UserError(f"{i!r} is not a token id of this vocabulary (0 to "
+                                f"{self.vocab_size - 1})", field="eos_token_id")
+        self.end_ids = tuple(i for i in dict.fromkeys(end_ids) if i != self.eos_id)
         if chat_template is None and all(hf.token_to_id(t) is not None
                                          for t in (SYSTEM, USER, ASSISTANT)):
             chat_template = GPTLAB_CHAT_TEMPLATE
         self.chat_template = chat_template
         self.template_file: Path | None = None  # where `load_tokenizer` read the template
         self.template_field = "chat_template"  # its key there (a GGUF's: tokenizer.chat_template)
-        self._plain = _without_markup_parsing(hf)
+        self._plain = _without_markup_parsing(self.hf)
 
     # --- ids ---------------------------------------------------------------------------------
     @property
@@ -118,8 +134,8 @@ class Tokenizer:
 
     @cached_property
     def stop_ids(self) -> set[int]:
-        """EOS, plus the chat template's end-of-turn token when it is another one."""
-        ids = {self.eos_id}
+        """EOS, the `end_ids`, and the chat template's end-of-turn token."""
+        ids = {self.eos_id, *self.end_ids}
         if self.chat_template is None:
             return ids
         try:
@@ -374,11 +390,12 @@ class Tokenizer:
     # --- files -------------------------------------------------------------------------------
     @reports_path_errors
     def save(self, directory: str | Path) -> None:
-        """Write an HF-compatible `tokenizer_config.json` and `tokenizer.json`, atomically, the
-        latter last: a directory with a tokenizer.json holds the whole tokenizer (a save stopped
-        between the two leaves none that could load with another BOS/EOS or be refused)."""
+        """Write an HF-compatible `tokenizer_config.json` (and `generation_config.json`, where
+        `end_ids` add ends of generation) and `tokenizer.json`, atomically, the latter last: a
+        directory with a tokenizer.json holds the whole tokenizer (a save stopped between them
+        leaves none that could load with another BOS/EOS or be refused)."""
         d = ensure_dir(directory)
-        write_json_atomic(d / "tokenizer_config.json", {
+        config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
             # gptlab's HF reader goes by it (transformers 5 by tokenizer.json's post-processor,
@@ -388,7 +405,14 @@ class Tokenizer:
             "pad_token": self.pad_token,
             "chat_template": self.chat_template,
             "clean_up_tokenization_spaces": False,
-        })
+        }
+        if self.extra_special_tokens:  # tokenizer.json marks them special too
+            config["additional_special_tokens"] = list(self.extra_special_tokens)
+        write_json_atomic(d / "tokenizer_config.json", config)
+        if self.end_ids:  # where transformers' generate reads them; the ids config.json names
+            write_json_atomic(d / "generation_config.json", {
+                "bos_token_id": self.hf.token_to_id(self.bos_token) if self.bos_token else None,
+                "eos_token_id": [self.eos_id, *self.end_ids], "pad_token_id": self.pad_id})
         with atomic_path(d / "tokenizer.json") as tmp:
             self.hf.save(str(tmp))
 
@@ -409,6 +433,25 @@ def _byte_chars() -> list[str]:
 
 
 _BYTE_CHARS = _byte_chars()
+
+
+def _marked_special(hf: tokenizers.Tokenizer, names: Iterable[str]) -> tokenizers.Tokenizer:
+    """`hf`, or a copy of it in which each of `names` (all in its vocabulary) is an added token
+    marked special, with the same id, as transformers adds a config's special tokens."""
+    added = {t.content: t for t in hf.get_added_tokens_decoder().values()}
+    todo = []
+    for name in dict.fromkeys(names):
+        t = added.get(name)
+        if t is None:  # a token of the model's vocabulary, not yet an added token
+            todo.append(AddedToken(name, special=True, normalized=False))
+        elif not t.special:
+            todo.append(AddedToken(name, single_word=t.single_word, lstrip=t.lstrip,
+                                   rstrip=t.rstrip, normalized=t.normalized, special=True))
+    if not todo:
+        return hf
+    marked = tokenizers.Tokenizer.from_str(hf.to_str())
+    marked.add_special_tokens(todo)
+    return marked
 
 
 def _without_markup_parsing(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
@@ -605,9 +648,82 @@ def _chat_template(config: dict, config_file: Path) -> tuple[str | None, Path]:
                         line=raw.count(b"\n", 0, e.start) + 1) from None
 
 
+def _special_names(value: Any, path: Path, field: str) -> list[tuple[str, str]]:
+    """(token, field) of each token an `additional_special_tokens` list names, as strings or
+    AddedToken objects; transformers 5's `extra_special_tokens` may be an object of name ->
+    token instead."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        entries = [(f"{field}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list):
+        entries = [(f"{field}[{k}]", v) for k, v in enumerate(value)]
+    else:
+        raise UserError(f"must be a list of token strings (or objects with a 'content' string), "
+                        f"got {value!r:.80}", path=path, field=field)
+    names = []
+    for where, v in entries:
+        token = _token_str(v, path, where)
+        if token is None:
+            raise UserError("must be a token string or an object with a 'content' string, got "
+                            "null", path=path, field=where)
+        names.append((token, where))
+    return names
+
+
+def _decoder_specials(value: Any, path: Path) -> list[tuple[str, str]]:
+    """(token, field) of each token that tokenizer_config.json's `added_tokens_decoder` (id ->
+    AddedToken object) marks `"special": true`."""
+    if not isinstance(value, dict):
+        raise UserError(f"must be an object of token id -> added token, got {value!r:.80}",
+                        path=path, field="added_tokens_decoder")
+    names = []
+    for key, entry in value.items():
+        where = f"added_tokens_decoder.{key}"
+        token = _token_str(entry, path, where) if isinstance(entry, dict) else None
+        if token is None:
+            raise UserError(f"must be an object with a 'content' string, got {entry!r:.80}",
+                            path=path, field=where)
+        special = entry.get("special", False)
+        if not isinstance(special, bool):
+            raise UserError(f"must be true or false, got {special!r}", path=path,
+                            field=f"{where}.special")
+        if special:
+            names.append((token, where))
+    return names
+
+
+def _generation_end_ids(path: Path) -> list[tuple[int, str]]:
+    """(id, field) of each end of generation generation_config.json's `eos_token_id` names: one
+    id or a list of them (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>); null is none."""
+    value = read_json(path).get("eos_token_id")
+    if value is None:
+        return []
+    listed = isinstance(value, list)
+    ids = []
+    for k, i in enumerate(value if listed else [value]):
+        where = f"eos_token_id[{k}]" if listed else "eos_token_id"
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise UserError(f"must be a token id (an integer) or a list of them, got {i!r}",
+                            path=path, field=where)
+        ids.append((i, where))
+    return ids
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a directory (tokenizer.json [+ tokenizer_config.json]) or a
-    tokenizer.json file."""
+    """Load a tokenizer from a directory (tokenizer.json [+ tokenizer_config.json,
+    special_tokens_map.json, generation_config.json]) or a tokenizer.json file (the others
+    beside it).
+
+    Special tokens, as transformers' AutoTokenizer reads them: tokenizer.json's, those
+    tokenizer_config.json's `added_tokens_decoder` marks special, and those its
+    `additional_special_tokens` (or `extra_special_tokens`) names. special_tokens_map.json is
+    read only where the config has no `added_tokens_decoder` (transformers reads it only
+    then): its BOS, EOS and pad replace the config's, its additional tokens join the config's.
+    A named token the vocabulary lacks is noted on stderr and stays text (transformers would
+    add it as a new token, which the model has no trained embedding for). generation_config
+    .json's `eos_token_id` (one id or a list) adds ends of generation.
+    """
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.exists():
@@ -623,17 +739,37 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     config_file = file.parent / "tokenizer_config.json"
     if config_file.exists():
         config = read_json(config_file)
+    map_file = file.parent / "special_tokens_map.json"
+    token_map: dict = {}
+    if "added_tokens_decoder" not in config and map_file.exists():
+        token_map = read_json(map_file)
+    gen_file = file.parent / "generation_config.json"
+    ends = _generation_end_ids(gen_file) if gen_file.exists() else []
+    vocab = hf.get_vocab_size(with_added_tokens=True)
+    for i, where in ends:
+        if not 0 <= i < vocab:
+            print(f"note: {gen_file}, field '{where}': {i} is not a token id of {file.name} "
+                  f"(0 to {vocab - 1}); generation does not stop at it", file=sys.stderr)
+    end_ids = [i for i, _ in ends if 0 <= i < vocab]
+
+    def named(key: str) -> tuple[bool, str | None, Path]:
+        """Whether a file names the token `key`, the token (None: none), and that file."""
+        for source, source_file in ((token_map, map_file), (config, config_file)):
+            if key in source:
+                return True, _token_str(source[key], source_file, key), source_file
+        return False, None, config_file
 
     template, template_file = _chat_template(config, config_file)
-    eos = _token_str(config.get("eos_token"), config_file, "eos_token")
+    _, eos, eos_file = named("eos_token")
     if eos is None:
-        eos = next((t for t in _KNOWN_EOS if hf.token_to_id(t) is not None), None)
+        # generation_config.json's first end, else a well-known name
+        known = [hf.id_to_token(end_ids[0])] if end_ids else []
+        eos = next((t for t in (*known, *_KNOWN_EOS) if hf.token_to_id(t) is not None), None)
         if eos is None:
             raise UserError("cannot tell the end-of-sequence token: add a tokenizer_config.json "
                             "with eos_token", path=config_file, field="eos_token")
-    if "bos_token" in config:
-        bos = _token_str(config["bos_token"], config_file, "bos_token")
-    else:
+    has_bos, bos, bos_file = named("bos_token")
+    if not has_bos:
         bos = BOS if hf.token_to_id(BOS) is not None else None
     # Directories gptlab saved before it wrote add_bos_token prepended BOS whenever they had one.
     add_bos = config.get("add_bos_token")
@@ -642,16 +778,32 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     elif not isinstance(add_bos, bool):
         raise UserError(f"must be true or false, got {add_bos!r}", path=config_file,
                         field="add_bos_token")
-    if "pad_token" in config:
-        pad = _token_str(config["pad_token"], config_file, "pad_token")
-    else:
+    has_pad, pad, pad_file = named("pad_token")
+    if not has_pad:
         pad = PAD if hf.token_to_id(PAD) is not None else None
-    for field, token in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)):
+    for field, token, where in (("bos_token", bos, bos_file), ("eos_token", eos, eos_file),
+                                ("pad_token", pad, pad_file)):
         if token is not None and hf.token_to_id(token) is None:
             raise UserError(f"token {token!r} is not in the vocabulary of {file.name}",
-                            path=config_file, field=field)
+                            path=where, field=field)
+
+    listed = [(t, source_file, where) for source, source_file in ((config, config_file),
+                                                                  (token_map, map_file))
+              for key in ("additional_special_tokens", "extra_special_tokens") if key in source
+              for t, where in _special_names(source[key], source_file, key)]
+    marked = [(t, config_file, where) for t, where in
+              _decoder_specials(config["added_tokens_decoder"], config_file)] \
+        if "added_tokens_decoder" in config else []
+    missing: set[str] = set()
+    for token, source_file, where in listed + marked:
+        if hf.token_to_id(token) is None and token not in missing:
+            missing.add(token)
+            print(f"note: {source_file}, field '{where}': {token!r} is not in the vocabulary of "
+                  f"{file.name}; it is read as text, not as a special token", file=sys.stderr)
+    hf = _marked_special(hf, [t for t, _, _ in marked if t not in missing])
     tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
-                    add_bos=add_bos)
+                    add_bos=add_bos, end_ids=end_ids,
+                    extra_special_tokens=[t for t, _, _ in listed if t not in missing])
     if template is not None:
         tok.template_file = template_file
     return tok

@@ -556,6 +556,254 @@ def test_saved_tokenizer_renders_the_same_chat_in_transformers(tok, tmp_path):
     assert hf_ids == tok.render_chat(CONVERSATION[:3])[0]
 
 
+# --- a Hugging Face directory's special tokens, as transformers reads them ----------------------
+HF_CHAT = [{"role": "system", "content": "You answer in SQL."},
+           {"role": "user", "content": "Who is older than 30?"},
+           {"role": "assistant", "content": "SELECT name FROM users WHERE age > 30;"}]
+
+
+@pytest.fixture(scope="module")
+def plain() -> Tokenizer:
+    """A byte-level BPE with only <s> and </s> special: no <|pad|>, no role tokens."""
+    return train_tokenizer(CORPUS, vocab_size=300, special_tokens=["<s>", "</s>"])
+
+
+def hf_dir(base: Tokenizer, path: Path, config: dict | None = None, *, in_vocab=(), added=(),
+           special_map: dict | None = None, generation: dict | None = None) -> Path:
+    """A tokenizer directory as a Hugging Face model ships one: `base`'s tokenizer.json with
+    `in_vocab` tokens as entries of the BPE vocabulary (not added tokens) and `added` ones as
+    added tokens (content, special), a ChatML tokenizer_config.json updated with `config`, and
+    special_tokens_map.json and generation_config.json where given."""
+    raw = json.loads(base.hf.to_str())
+    for k, token in enumerate(in_vocab):
+        raw["model"]["vocab"][token] = base.vocab_size + k
+    hf = tokenizers.Tokenizer.from_str(json.dumps(raw))
+    for content, special in added:
+        token = tokenizers.AddedToken(content, special=special, normalized=False)
+        (hf.add_special_tokens if special else hf.add_tokens)([token])
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save(str(path / "tokenizer.json"))
+    files = {"tokenizer_config.json": {"eos_token": "</s>", "chat_template": CHATML,
+                                       **(config or {})},
+             "special_tokens_map.json": special_map, "generation_config.json": generation}
+    for name, content in files.items():
+        if content is not None:
+            (path / name).write_text(json.dumps(content))
+    return path
+
+
+def assert_reads_as_transformers(ours: Tokenizer, theirs, typed: str) -> list[int]:
+    """The same chat ids as transformers' rendered template, the same ids for typed text (with
+    special tokens split, as gptlab reads text) and the same decoded text (special tokens
+    skipped). Returns the chat ids."""
+    ids, _ = ours.render_chat(HF_CHAT)
+    text = theirs.apply_chat_template(HF_CHAT, tokenize=False)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert ours.encode(typed) == theirs(typed, add_special_tokens=False,
+                                        split_special_tokens=True)["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    return ids
+
+
+@pytest.mark.parametrize("config, special_map", [
+    ({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, None),
+    ({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}, None),  # transformers 5 writes
+    ({"extra_special_tokens": {"start_token": "<|im_start|>", "end_token": "<|im_end|>"}}, None),
+    ({}, {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}),
+], ids=["additional", "extra", "extra-named", "special_tokens_map"])
+def test_additional_special_tokens_are_read_as_transformers_reads_them(plain, tmp_path, config,
+                                                                       special_map):
+    """ChatML markers that are entries of the BPE vocabulary, made special only by the config's
+    list: they were never read, so the template's <|im_end|> was spelled in pieces, ended no
+    turn, and decoded as text. Now: one id each, the end of turn, text when typed, and left
+    out of decoded text, as transformers does on the same directory."""
+    transformers = pytest.importorskip("transformers")
+    d = hf_dir(plain, tmp_path, config, in_vocab=["<|im_start|>", "<|im_end|>"],
+               special_map=special_map)
+    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    start, end = plain.vocab_size, plain.vocab_size + 1
+    assert theirs.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [start, end]
+    assert {start, end} <= set(theirs.all_special_ids)
+    assert ours.extra_special_tokens == ("<|im_start|>", "<|im_end|>")
+    assert ours.vocab_size == len(theirs) == plain.vocab_size + 2
+    ids = assert_reads_as_transformers(ours, theirs, "a <|im_end|> b <|im_start|>")
+    assert ids.count(start) == ids.count(end) == len(HF_CHAT)
+    assert ours.stop_ids == {ours.eos_id, end}
+    assert ours.decode(ids) == "system\nYou answer in SQL.\nuser\nWho is older than 30?\n" \
+                               "assistant\nSELECT name FROM users WHERE age > 30;\n"
+    # typed in a message, a marker is text: the user cannot end a turn
+    chat = [{"role": "user", "content": "x <|im_end|>"}, {"role": "assistant", "content": "y"}]
+    ids, mask = ours.render_chat(chat)
+    assert ids.count(end) == 2 and masked_text(ours, ids, mask) == "y<|im_end|>"
+
+
+def test_additional_special_tokens_as_objects_are_read(plain, tmp_path):
+    """The object form ({"content": ..., "special": true}) reads as the string form
+    (transformers 5 refuses it in the list with a TypeError)."""
+    transformers = pytest.importorskip("transformers")
+    obj = [{"content": t, "special": True, "lstrip": False, "rstrip": False,
+            "normalized": False, "single_word": False} for t in ("<|im_start|>", "<|im_end|>")]
+    for name, config, special_map in (("config", {"additional_special_tokens": obj}, None),
+                                      ("map", {}, {"additional_special_tokens": obj})):
+        d = hf_dir(plain, tmp_path / name, config, in_vocab=["<|im_start|>", "<|im_end|>"],
+                   special_map=special_map)
+        ours = load_tokenizer(d)
+        assert ours.extra_special_tokens == ("<|im_start|>", "<|im_end|>")
+        strings = hf_dir(plain, tmp_path / f"{name}-strings", in_vocab=["<|im_start|>",
+                                                                           "<|im_end|>"],
+                         config={"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        assert_reads_as_transformers(ours, transformers.AutoTokenizer.from_pretrained(
+            str(strings)), "a <|im_end|> b")
+
+
+def test_added_tokens_decoder_marks_tokens_special_as_in_transformers(plain, tmp_path):
+    """tokenizer.json added the ChatML markers and <tool> with special=false; the config's
+    added_tokens_decoder says special=true for the markers (transformers goes by it), and names
+    <|im_end|> in additional_special_tokens too. special_tokens_map.json, which transformers
+    does not read beside an added_tokens_decoder, is not read: its <tool> stays text."""
+    transformers = pytest.importorskip("transformers")
+    n = plain.vocab_size
+    entry = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    d = hf_dir(plain, tmp_path, {
+        "added_tokens_decoder": {str(n): {**entry, "content": "<|im_start|>", "special": True},
+                                 str(n + 1): {**entry, "content": "<|im_end|>", "special": True},
+                                 str(n + 2): {**entry, "content": "<tool>", "special": False}},
+        "additional_special_tokens": ["<|im_end|>"]},
+        added=[("<|im_start|>", False), ("<|im_end|>", False), ("<tool>", False)],
+        special_map={"additional_special_tokens": ["<tool>"], "eos_token": "<tool>"})
+    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    assert (ours.eos_token, theirs.eos_token) == ("</s>", "</s>")
+    assert ours.extra_special_tokens == ("<|im_end|>",)
+    # (typed <tool> is text in gptlab, markup-like; transformers parses it: README says so)
+    ids = assert_reads_as_transformers(ours, theirs, "a <|im_end|> b <|im_start|>")
+    assert n not in ours.stop_ids and ours.decode([n] + ids) == ours.decode(ids)  # dropped
+    assert ours.decode([n + 2]) == theirs.decode([n + 2], skip_special_tokens=True) == "<tool>"
+
+
+def test_special_tokens_map_names_bos_eos_and_pad_where_transformers_reads_it(plain, tmp_path):
+    """Without an added_tokens_decoder in the config (a directory from before transformers
+    4.34), transformers takes BOS, EOS and pad from special_tokens_map.json over the config's;
+    gptlab read only the config, so a model ended its replies at another token."""
+    transformers = pytest.importorskip("transformers")
+    d = hf_dir(plain, tmp_path, {"eos_token": "</s>"},
+               added=[("<|im_start|>", True), ("<|im_end|>", True)],
+               special_map={"eos_token": {"content": "<|im_end|>", "lstrip": False},
+                            "pad_token": "<|im_start|>"})
+    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (
+        theirs.bos_token, theirs.eos_token, theirs.pad_token) == (None, "<|im_end|>",
+                                                                   "<|im_start|>")
+    assert (ours.eos_id, ours.pad_id) == (theirs.eos_token_id, theirs.pad_token_id)
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(d)
+    assert str(e.value) == (f"{d / 'special_tokens_map.json'}, field 'eos_token': token "
+                            f"'<|eot_id|>' is not in the vocabulary of tokenizer.json")
+
+
+def test_a_special_token_the_vocabulary_lacks_is_noted_and_stays_text(plain, tmp_path, capsys):
+    """transformers adds it as a new token, past the embedding rows the model was trained with;
+    gptlab notes it on stderr, naming the file and field, and reads it as text."""
+    transformers = pytest.importorskip("transformers")
+    d = hf_dir(plain, tmp_path, {"additional_special_tokens": ["<|im_end|>", "<|eot_id|>"]},
+               added=[("<|im_start|>", True), ("<|im_end|>", True)])
+    capsys.readouterr()
+    ours = load_tokenizer(d)
+    assert capsys.readouterr().err == (
+        f"note: {d / 'tokenizer_config.json'}, field 'additional_special_tokens[1]': "
+        f"'<|eot_id|>' is not in the vocabulary of tokenizer.json; it is read as text, not as "
+        f"a special token\n")
+    assert ours.extra_special_tokens == ("<|im_end|>",)
+    assert ours.vocab_size == plain.vocab_size + 2
+    assert ours.decode(ours.encode("a<|eot_id|>b")) == "a<|eot_id|>b"
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    assert len(theirs) == ours.vocab_size + 1  # the one it added
+
+
+def test_generation_config_ends_generation_at_each_of_its_ids(plain, tmp_path, capsys):
+    """generation_config.json's eos_token_id list (Qwen2's <|im_end|> and <|endoftext|>,
+    Llama 3's three ends): generation stopped only at the tokenizer's EOS and the template's
+    end of turn, and ran on past <|endoftext|>; decoding wrote it."""
+    transformers = pytest.importorskip("transformers")
+    n = plain.vocab_size
+    d = hf_dir(plain, tmp_path / "src", {"eos_token": "<|im_end|>"},
+               added=[("<|im_start|>", True), ("<|im_end|>", True), ("<|endoftext|>", False)],
+               generation={"eos_token_id": [n + 1, n + 2]})
+    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    assert set(transformers.GenerationConfig.from_pretrained(str(d)).eos_token_id) == {n + 1,
+                                                                                      n + 2}
+    assert ours.stop_ids == {n + 1, n + 2} and ours.end_ids == (n + 2,)
+    answer = ours.encode("SELECT 1")
+    assert ours.decode(answer + [n + 2]) == ours.decode_cut(answer + [n + 2]) == "SELECT 1"
+    assert ours.pad_token is None and theirs.pad_token is None and ours.pad_id == n + 1
+    # one id, and no tokenizer_config.json: its EOS is the generation config's
+    (d / "tokenizer_config.json").unlink()
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": n + 2}))
+    assert (load_tokenizer(d).eos_token, load_tokenizer(d).stop_ids) == ("<|endoftext|>",
+                                                                       {n + 2})
+    # an id past the vocabulary is noted; a value that is not an id is refused
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [n + 2, 10**6]}))
+    capsys.readouterr()
+    assert load_tokenizer(d).stop_ids == {n + 2}
+    assert capsys.readouterr().err == (
+        f"note: {d / 'generation_config.json'}, field 'eos_token_id[1]': 1000000 is not a token "
+        f"id of tokenizer.json (0 to {n + 2}); generation does not stop at it\n")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [n + 2, "</s>"]}))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(d)
+    assert str(e.value) == (f"{d / 'generation_config.json'}, field 'eos_token_id[1]': must be "
+                            f"a token id (an integer) or a list of them, got '</s>'")
+
+
+@pytest.mark.parametrize("key, value, field, message", [
+    ("additional_special_tokens", "<|im_end|>", "additional_special_tokens",
+     "must be a list of token strings (or objects with a 'content' string), got '<|im_end|>'"),
+    ("additional_special_tokens", ["<|im_end|>", None], "additional_special_tokens[1]",
+     "must be a token string or an object with a 'content' string, got null"),
+    ("extra_special_tokens", {"end_token": 5}, "extra_special_tokens.end_token",
+     "must be a token string or an object with a 'content' string, got 5"),
+    ("added_tokens_decoder", {"300": "<|im_end|>"}, "added_tokens_decoder.300",
+     "must be an object with a 'content' string, got '<|im_end|>'"),
+    ("added_tokens_decoder", {"300": {"content": "<|im_end|>", "special": "yes"}},
+     "added_tokens_decoder.300.special", "must be true or false, got 'yes'"),
+])
+def test_a_malformed_special_token_list_names_its_file_and_field(plain, tmp_path, key, value,
+                                                                 field, message):
+    d = hf_dir(plain, tmp_path, {key: value}, added=[("<|im_end|>", False)])
+    with pytest.raises(UserError) as e:
+        load_tokenizer(d)
+    assert str(e.value) == f"{d / 'tokenizer_config.json'}, field '{field}': {message}"
+
+
+def test_special_tokens_and_ends_survive_a_save_and_transformers_agrees(plain, tmp_path):
+    """Saved (a converted model directory, SFT's output, an export all save so) and loaded
+    again: the same special tokens and ends of generation. tokenizer.json now marks the listed
+    tokens special, so transformers on the saved directory decodes as gptlab does."""
+    transformers = pytest.importorskip("transformers")
+    n = plain.vocab_size
+    src = hf_dir(plain, tmp_path / "src", {"additional_special_tokens": ["<|im_start|>",
+                                                                         "<|im_end|>"]},
+                 added=[("<|im_start|>", False), ("<|im_end|>", False), ("<|eom|>", True)],
+                 generation={"eos_token_id": [n + 2]})
+    ours = load_tokenizer(src)
+    ours.save(tmp_path / "saved")
+    back = load_tokenizer(tmp_path / "saved")
+    assert back.extra_special_tokens == ours.extra_special_tokens == ("<|im_start|>",
+                                                                      "<|im_end|>")
+    assert back.stop_ids == ours.stop_ids == {ours.eos_id, n + 1, n + 2}
+    chat_ids, _ = ours.render_chat(HF_CHAT)
+    assert back.render_chat(HF_CHAT) == ours.render_chat(HF_CHAT)
+    assert back.decode(chat_ids) == ours.decode(chat_ids)
+    assert "<|im_end|>" not in ours.decode(chat_ids)
+    assert json.loads((tmp_path / "saved" / "generation_config.json").read_text()) == {
+        "bos_token_id": None, "eos_token_id": [ours.eos_id, n + 2], "pad_token_id": ours.eos_id}
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert {n, n + 1} <= set(theirs.all_special_ids)
+    assert transformers.GenerationConfig.from_pretrained(
+        str(tmp_path / "saved")).eos_token_id == [ours.eos_id, n + 2]
+    assert_reads_as_transformers(back, theirs, "a <|im_end|> b <|eom|>")
+
+
 def test_text_that_is_not_utf8_is_refused(tok):
     with pytest.raises(UserError) as e:
         tok.encode("h\udcffi")  # how a byte that is not UTF-8 reaches Python from argv
