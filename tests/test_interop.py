@@ -693,6 +693,48 @@ def _edit_tokenizer_config(d: Path, **changes) -> None:
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
+def test_special_tokens_and_ends_of_generation_survive_convert_both_ways(tmp_path, capsys):
+    """A Llama directory whose tokenizer.json added the ChatML markers with special=false,
+    named in additional_special_tokens, with generation_config.json ending at <|im_end|> and
+    <|endoftext|>: `convert --from hf` and `--to hf` keep both, and transformers reads the
+    export's markers as special and its ends as its generate's. A conversion that fails leaves
+    no generation_config.json behind."""
+    import tokenizers
+
+    from gptlab.checkpoint import load_model
+    from gptlab.tokenizer import train_tokenizer
+
+    base = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300, special_tokens=["<s>", "</s>"])
+    hf = tokenizers.Tokenizer.from_str(base.hf.to_str())
+    hf.add_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    n = base.vocab_size  # <|im_start|> n, <|im_end|> n + 1, <|endoftext|> n + 2
+    _hf_model("llama", vocab_size=n + 3).save_pretrained(tmp_path / "src")
+    hf.save(str(tmp_path / "src" / "tokenizer.json"))
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "add_bos_token": False,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}))
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [n + 1, n + 2]}))
+    assert main(["convert", "--from", "hf", str(tmp_path / "src"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    tok = load_model(tmp_path / "ours")[1]
+    assert tok.extra_special_tokens == ("<|im_start|>", "<|im_end|>")
+    assert tok.stop_ids == {n + 1, n + 2}
+    assert tok.decode([n] + tok.encode("SELECT 1") + [n + 1]) == "SELECT 1"
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"),
+                 "--out", str(tmp_path / "back")]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert {n, n + 1} <= set(theirs.all_special_ids)
+    assert theirs.decode([n, 5, n + 1], skip_special_tokens=True) == tok.decode([n, 5, n + 1])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert model.generation_config.eos_token_id == [n + 1, n + 2]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("gptlab.checkpoint.st_save_model", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            convert_to_gptlab(tmp_path / "src", tmp_path / "failed")
+    assert not (tmp_path / "failed").exists()
+
+
 # --- GGUF files written here --------------------------------------------------------------------
 
 def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -58,7 +58,8 @@ def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
 
 
 # The files a conversion writes, either way.
-WRITTEN = ("tokenizer_config.json", "tokenizer.json", "model.safetensors", "config.json")
+WRITTEN = ("tokenizer_config.json", "generation_config.json", "tokenizer.json",
+           "model.safetensors", "config.json")
 
 
 @contextmanager

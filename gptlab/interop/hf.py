@@ -3,7 +3,8 @@ Qwen2, SmolLM).
 
 Import needs only safetensors and tokenizers (core dependencies): a directory is config.json,
 one or more *.safetensors files (sharded ones listed in model.safetensors.index.json),
-tokenizer.json and tokenizer_config.json. Export writes the same layout, which
+tokenizer.json and tokenizer_config.json (and special_tokens_map.json, generation_config.json:
+`gptlab.tokenizer.load_tokenizer` says what it reads). Export writes the same layout, which
 `transformers.AutoModelForCausalLM.from_pretrained` loads. A one-label
 `*ForSequenceClassification` directory imports as a reward model (ScalarHeadModel).
 """
