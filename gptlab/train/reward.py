@@ -291,6 +291,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     elif isinstance(base, GPT):
         torch.manual_seed(cfg.seed)
         model = ScalarHeadModel.from_gpt(base)
+        del base  # from_gpt copied its weights: held through training, it was one model more
     else:
         raise UserError("the reward model must start from a GPT model", path=cfg.model)
     context = model.config.context
