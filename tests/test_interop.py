@@ -606,6 +606,27 @@ def test_convert_to_hf_names_the_model_that_does_not_map(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
+def test_convert_to_hf_refuses_a_reward_model_saying_why(tmp_path, capsys):
+    # It read "only decoder-only GPT models export to Hugging Face, not ScalarHeadModel": a
+    # class name, and no reason. transformers' classifiers score with no bias, so the head's
+    # bias and normalisation cannot be written: the scores would differ.
+    from gptlab.checkpoint import save_model
+    from gptlab.model.heads import ScalarHeadModel
+    rm = ScalarHeadModel.from_gpt(_random_gpt(0))
+    small = transformers.LlamaConfig(hidden_size=8, num_attention_heads=2, num_labels=1)
+    assert transformers.LlamaForSequenceClassification(small).score.bias is None
+    save_model(tmp_path / "rm", rm, None)
+    capsys.readouterr()
+    assert main(["convert", "--to", "hf", str(tmp_path / "rm"), "--out",
+                 str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab convert: error: {tmp_path / 'rm'}: a reward or value model does not export to "
+        f"Hugging Face: the score layer of transformers' *ForSequenceClassification has no "
+        f"bias, so this model's head bias and score normalisation would be lost and its scores "
+        f"would differ; use the directory itself (gptlab ppo --reward DIR)\n")
+    assert not (tmp_path / "hf").exists()
+
+
 # --- a gptlab-trained tokenizer (with BOS) through Hugging Face ---------------------------------
 
 TOKENIZER_CORPUS = ["Is the cat happy? Yes, the cat is happy.",

@@ -617,6 +617,13 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
     starts sequences with BOS keeps doing so there (add_bos_token, and a post-processor)."""
     from safetensors.torch import save_file
 
+    if isinstance(model, ScalarHeadModel):
+        # transformers' *ForSequenceClassification scores with a linear layer without bias:
+        # the head's bias and the normalisation (score mean 0 on the SFT samples) have no place.
+        raise UserError("a reward or value model does not export to Hugging Face: the score "
+                        "layer of transformers' *ForSequenceClassification has no bias, so this "
+                        "model's head bias and score normalisation would be lost and its scores "
+                        "would differ; use the directory itself (gptlab ppo --reward DIR)")
     if not isinstance(model, GPT):
         raise UserError(f"only decoder-only GPT models export to Hugging Face, not "
                         f"{type(model).__name__}")
