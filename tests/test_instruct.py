@@ -263,6 +263,48 @@ def test_ppo_with_a_hugging_face_sequence_classifier_as_reward_model(run, tmp_pa
     assert "tokenizer is not the policy's" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("pad", ["pad", "eos"])
+def test_ppo_scores_with_a_hugging_face_classifier_as_transformers_does(run, tmp_path, pad):
+    # #4: a Llama sequence classifier saved by transformers (pad_token_id set: its own pad, or
+    # the EOS as SmolLM2's) scores PPO's rollouts as transformers scores the same sequences,
+    # right- or left-padded: at the last token that is not the pad.
+    transformers = pytest.importorskip("transformers")
+    from gptlab.data.instruct import encode_prompt, prompt_of
+    from gptlab.interop import export_hf, load_pretrained
+    from gptlab.train.reward import scored_response
+    d, paths = run
+    model, tok, _ = load_model(d / "sft")
+    export_hf(model, tok, tmp_path / "hf")
+    pad_id = tok.pad_id if pad == "pad" else tok.eos_id
+    clf = transformers.LlamaForSequenceClassification.from_pretrained(
+        tmp_path / "hf", num_labels=1, pad_token_id=pad_id, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        clf.score.weight.normal_()
+    clf.save_pretrained(tmp_path / "rm")
+    trainer = PPOTrainer(PPOConfig(policy=str(d / "sft"), reward=str(tmp_path / "rm"),
+                                   prompts=str(paths["prompts"]), out=str(tmp_path / "ppo"),
+                                   batch_size=8, max_new_tokens=8, missing_eos_penalty=0.0))
+    ro = trainer.rollout(1)
+    got = trainer.score(ro)
+    seqs = []
+    for rec, resp, done in zip(ro.records, ro.responses, ro.finished.tolist()):
+        prompt = encode_prompt(tok, prompt_of(rec))
+        seqs.append(prompt + scored_response(resp, done, [tok.eos_id],
+                                                  trainer.context - len(prompt)))
+    assert len({len(s) for s in seqs}) > 1  # rows of several lengths: padding is exercised
+    T = max(map(len, seqs))
+    right = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs])
+    left = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs])
+    real = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+    ours = load_pretrained(tmp_path / "rm")[0]
+    with torch.no_grad():
+        for ids, mask in ((right, real), (left, real.flip(1))):
+            want = clf(input_ids=ids, attention_mask=mask).logits[:, 0]
+            assert torch.allclose(got, want, atol=1e-4), (got, want)
+            assert torch.allclose(ours(ids, mask), want, atol=1e-4)
+
+
 def test_ppo_takes_exactly_one_reward_source(run):
     d, paths = run
     cfg = PPOConfig(policy=str(d / "sft"), prompts=str(paths["prompts"]), out=str(d / "x"),
