@@ -5,6 +5,7 @@ built-in world's simulated labelers write the same format.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -187,9 +188,10 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
             skips.add("prompts with fewer than 2 distinct responses")
             continue
         try:
-            # Copies: a labeler that sorts its list in place changes no sample, and its
-            # answer is checked against the responses it was given.
-            levels = _ranking_levels(rank(dict(s), list(responses)), responses, s.get("id"))
+            # Copies, deep: a labeler that sorts its list in place or edits a message changes
+            # no sample, and its answer is checked against the responses it was given.
+            levels = _ranking_levels(rank(copy.deepcopy(s), list(responses)), responses,
+                                     s.get("id"))
         except UserError as e:
             raise (e.at(source, line) if source else e) from None
         if len(levels) < 2:

@@ -210,3 +210,17 @@ def test_label_samples_takes_scores_and_gives_the_labeler_copies():
         {"id": 1, "prompt": "p", "ranked": ["w", "x", "y", "z"]}]
     with pytest.raises(UserError, match="permutation"):  # a bool is no score
         label_samples(samples, lambda record, responses: [True, False, False, False])
+
+
+def test_a_labeler_that_edits_a_message_changes_no_ranking():
+    """The copy the labeler gets is deep: editing a turn of `messages` in it leaves the prompt
+    that the ranking carries as the sample had it."""
+    def rank(record, responses):
+        record["messages"][0]["content"] = "edited"
+        record["meta"]["tags"].append("x")
+        return [1.0, 0.0]
+    samples = [{"id": 1, "messages": [{"role": "user", "content": "hi"}],
+                "meta": {"tags": []}, "responses": ["a", "b"], "_line": 1}]
+    assert label_samples(samples, rank) == [
+        {"id": 1, "messages": [{"role": "user", "content": "hi"}], "meta": {"tags": []},
+         "ranked": ["a", "b"]}]
