@@ -17,21 +17,62 @@ EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that suggests the closest flag or verb and exits with code 2."""
+    """argparse that takes flags only as written in full, names the flag meant for one it does
+    not know, and exits with code 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # No abbreviations: `--temp` would mean --temperature until the day a flag `--temp-x`
+        # came, and then be refused or mean another flag.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("argument "):
             # One flag's value (`argument --max-steps: expected an integer ...`): the line names
             # the flag, and a config verb's usage, every flag of it, would bury it.
             self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-        if "unrecognized arguments:" in message:
-            known = [s for a in self._actions for s in a.option_strings]
-            for word in message.split(":", 1)[1].split():
-                close = difflib.get_close_matches(word.split("=")[0], known, n=1)
-                if close:
-                    message += f" (did you mean '{close[0]}'?)"
+        if message.startswith("unrecognized arguments: "):
+            self.unrecognized(message.removeprefix("unrecognized arguments: ").split(" "))
         self.print_usage(sys.stderr)
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+    def unrecognized(self, words: Sequence[str]) -> None:
+        """Exit 2 with one line on the words no argument took: each unknown flag with the one it
+        may have meant (`--temp`: --temperature), else the values no argument takes."""
+        flags = [w.split("=", 1)[0] for w in words
+                 if w.startswith("-") and len(w) > 1 and not _is_number(w)]
+        if flags:
+            meant = {flag: self._meant(flag) for flag in dict.fromkeys(flags)}
+            if len(meant) == 1 and meant[flags[0]]:
+                said = f"unknown flag {flags[0]}; did you mean {meant[flags[0]]}?"
+            else:
+                said = ("unknown flag" + ("s " if len(meant) > 1 else " ") + ", ".join(
+                    flag + (f" (did you mean {m}?)" if m else "") for flag, m in meant.items())
+                    + f"; `{self.prog} --help` lists the flags")
+        else:
+            said = (f"unexpected argument{'s' if len(words) > 1 else ''} "
+                    f"{', '.join(map(repr, words))} (quote a value that holds spaces; "
+                    f"`{self.prog} --help` lists the arguments)")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {said}\n")
+
+    def _meant(self, flag: str) -> str:
+        """The flags `flag` begins (it was cut short), else the one closest to it; '' if none."""
+        known = [s for a in self._actions if not isinstance(a, argparse._HelpAction)
+                 for s in a.option_strings]
+        begun = [s for s in known if s.startswith(flag) and s.startswith("--")]
+        if 0 < len(begun) <= 4:
+            return " or ".join(filter(None, [", ".join(begun[:-1]), begun[-1]]))
+        close = difflib.get_close_matches(flag, begun or known, n=1)
+        return close[0] if close else ""
+
+
+def _is_number(word: str) -> bool:
+    """Whether `word` is a number (`-1`, `-1e-3`): a value, not a flag."""
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def _count(n: int, noun: str) -> str:
@@ -389,7 +430,9 @@ VERBS: dict[str, Callable] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptlab",
-                     description="The recipe behind ChatGPT, from the Transformer up.")
+                     description="The recipe behind ChatGPT, from the Transformer up.",
+                     epilog="`gptlab VERB --help` lists a verb's flags, each taken only as "
+                            "written in full (--temperature, not --temp).")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for name, make in VERBS.items():
         help_text, add, run = make()
@@ -429,8 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # let the verb's own parser report them, with its flags as suggestions
-        (getattr(args, "_parser", None) or parser).error(
-            "unrecognized arguments: " + " ".join(unknown))
+        (getattr(args, "_parser", None) or parser).unrecognized(unknown)
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_BAD_INPUT
