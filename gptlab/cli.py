@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Iterator, Sequence
 
-from gptlab.errors import PathError, UserError, field_of_path, path_error
+from gptlab.errors import PathError, UserError, counted, field_of_path, path_error
 
 DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
 
@@ -73,10 +73,6 @@ def _is_number(word: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -286,14 +282,14 @@ def _world_score(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_jsonl_atomic(args.out, verdicts, allow_nan=False)
     print(f"execution accuracy {summary['exec_acc']:.4f} on "
-          f"{_count(summary['prompts'], 'question')} (first response of each)")
+          f"{counted(summary['prompts'], 'question')} (first response of each)")
     print(f"on the test suite {summary['exec_acc_test_suite']:.4f} (right on the "
           f"company and on its {VARIANTS} variant databases)")
     print(f"does not run {summary['exec_error_rate']:.4f} "
           f"({summary['exec_errors']} of {summary['prompts']})")
     if summary["unseen_phrasing"] is not None:
         print(f"unseen phrasing {summary['unseen_phrasing']:.4f} on "
-              f"{_count(summary['n_unseen_phrasing'], 'question')}")
+              f"{counted(summary['n_unseen_phrasing'], 'question')}")
     if summary["responses"] > summary["prompts"]:
         print(f"all {summary['responses']} responses: {summary['all_responses']:.4f}")
 
@@ -366,7 +362,7 @@ def _verb_sample():
         n = sample_file(args.model, args.prompts, args.out, args.k, args.greedy,
                         args.temperature, args.top_p, args.max_new_tokens, args.seed,
                         args.device)
-        print(f"wrote {n} prompts x {args.k} responses to {args.out}")
+        print(f"wrote {counted(n, 'prompt')} x {counted(args.k, 'response')} to {args.out}")
 
     return "sample K responses per prompt (what labelers rank)", add, run
 
@@ -397,7 +393,7 @@ def _verb_label():
         from gptlab.feedback import label_file
         n = label_file(args.samples, args.out, args.labeler, args.world, args.disagreement,
                        args.seed, args.ties)
-        print(f"wrote {n} rankings to {args.out}")
+        print(f"wrote {counted(n, 'ranking')} to {args.out}")
 
     return "rank sampled responses with a simulated labeler or a function of your own", add, run
 

@@ -62,6 +62,12 @@ def setting(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` and `noun` agreeing in number, for a message: "1 prompt", "2 prompts" (`noun` the
+    singular, whose plural adds an s)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def check_given(cfg: object, names: tuple[str, ...], stage: str) -> None:
     """Raise a UserError naming the first of the fields `names` of `cfg` that is unset or
     empty: the paths a stage cannot run without ("" is the current directory, no file)."""

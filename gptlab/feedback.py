@@ -18,7 +18,7 @@ import torch
 from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_prompts,
                                   responses_of)
 from gptlab.engine import Generation, SamplingParams, generate
-from gptlab.errors import UserError, reports_path_errors
+from gptlab.errors import UserError, counted, reports_path_errors
 from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
                        write_jsonl_atomic)
 from gptlab.plugin import load_function
@@ -144,9 +144,11 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     if sum(cut):
         # Such a response is no finished answer, though a rankings file cannot tell: `reward`
         # reads it closed by EOS (the end of turn) like any other.
-        print(f"note: {sum(cut)} of {len(rows) * k} responses reached --max-new-tokens "
-              f"{max_new_tokens} unfinished (no end of sequence or end of turn): they are "
-              f"written cut, false in their line's \"finished\"", file=sys.stderr)
+        they = ("it is", "its") if sum(cut) == 1 else ("they are", "their")
+        print(f"note: {sum(cut)} of {counted(len(rows) * k, 'response')} reached "
+              f"--max-new-tokens {max_new_tokens} unfinished (no end of sequence or end of "
+              f"turn): {they[0]} written cut, false in {they[1]} line's \"finished\"",
+              file=sys.stderr)
     return n
 
 
@@ -330,11 +332,11 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
     if dropped.total:
         print(dropped.report("responses"), file=sys.stderr)
     if not rankings:  # an empty rankings file would only fail later, in `gptlab reward`
-        raise UserError(f"ranked none of {len(samples)} prompts: "
+        raise UserError(f"ranked none of {counted(len(samples), 'prompt')}: "
                         f"{skips.report('prompts') if skips.total else 'no samples'}",
                         path=samples_path)
     n = write_jsonl_atomic(out, rankings, allow_nan=False)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)
-    print(f"ranked {n} prompts", file=sys.stderr)
+    print(f"ranked {counted(n, 'prompt')}", file=sys.stderr)
     return n

@@ -615,6 +615,16 @@ def test_sample_says_how_many_responses_max_new_tokens_cut(tiny_model, tmp_path,
     assert captured.out == f"wrote 2 prompts x 3 responses to {out}\n"
     assert [r["finished"] for r in read_jsonl(out)] == [[False] * 3] * 2
 
+    # One prompt, one response: "1 of 1 responses ... they are", "wrote 1 prompts x 1 responses".
+    prompts.write_text('{"prompt": "hello"}\n')
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--k", "1",
+                 "--max-new-tokens", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("note: 1 of 1 response reached --max-new-tokens 2 unfinished (no "
+                            "end of sequence or end of turn): it is written cut, false in "
+                            "its line's \"finished\"\n")
+    assert captured.out == f"wrote 1 prompt x 1 response to {out}\n"
+
 
 def test_sample_marks_each_cut_response_and_ends_it_before_a_split_character(tiny_model,
                                                                              tmp_path,

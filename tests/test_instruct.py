@@ -442,7 +442,8 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted(run, tmp_path, 
     assert main(["sample", "--model", str(d / "sft"), "--prompts", str(f), "--k", "2",
                  "--out", str(tmp_path / "s.jsonl"), "--max-new-tokens", "4"]) == 0
     assert len(read_jsonl(tmp_path / "s.jsonl")) == 1
-    assert "skipped 1 prompts" in capsys.readouterr().err
+    assert ("skipped 1 prompt: 1 prompt longer than the context minus max_new_tokens\n"
+            in capsys.readouterr().err)
 
 
 MYRANK = '''

@@ -835,6 +835,34 @@ def test_a_skip_counter_counts_records_not_reasons():
     assert skips.report("prompts") == "skipped 3 prompts: 1 no answer, 2 too long"
 
 
+def test_a_skip_counters_report_agrees_in_number_with_each_count():
+    # "skipped 1 prompts: 1 prompts longer than ..." was printed by sample, label and PPO.
+    from gptlab.data.instruct import SkipCounter
+    skips = SkipCounter()
+    skips.add("prompts longer than the context minus max_new_tokens")
+    assert skips.report("prompts") == ("skipped 1 prompt: 1 prompt longer than the context "
+                                       "minus max_new_tokens")
+    skips.add("prompts whose responses are all tied")
+    skips.add("prompts whose responses are all tied")
+    assert skips.report("prompts") == ("skipped 3 prompts: 1 prompt longer than the context "
+                                       "minus max_new_tokens, 2 prompts whose responses are all "
+                                       "tied")
+    dropped = SkipCounter()
+    dropped.add("empty responses left out of rankings")
+    assert dropped.report("responses") == ("skipped 1 response: 1 empty response left out of "
+                                           "rankings")
+    dropped.add("empty responses left out of rankings")
+    assert dropped.report("responses") == ("skipped 2 responses: 2 empty responses left out of "
+                                           "rankings")
+    # The counts a run records (config.json's "skipped") keep their reasons as written.
+    assert dropped.counts == {"empty responses left out of rankings": 2}
+
+
+def test_counted_agrees_in_number():
+    from gptlab.errors import counted
+    assert [counted(n, "prompt") for n in (0, 1, 2)] == ["0 prompts", "1 prompt", "2 prompts"]
+
+
 @pytest.mark.parametrize("which", ["gptlab", "smollm2"])
 def test_special_token_text_in_every_file_is_text_and_forges_no_boundary(which, tmp_path):
     """A demonstration, prompt or ranking holding special-token text (the model's own role

@@ -336,7 +336,7 @@ def ppo_args(d, out, *args):
                                          "syntaxfree:boom raised RuntimeError: boom from "
                                          "reward fn"),
     (["--reward-fn", "syntaxfree:short"], "field 'reward_fn': the reward function "
-                                          "syntaxfree:short returned 1 scores for 2 responses"),
+                                          "syntaxfree:short returned 1 score for 2 responses"),
     (["--reward-fn", "syntaxfree:quits"], "field 'reward_fn': the reward function "
                                           "syntaxfree:quits raised SystemExit: 0"),
 ])
@@ -365,7 +365,7 @@ def test_no_prompt_that_fits_is_a_clear_error_that_leaves_nothing(setup, tmp_pat
     args = ppo_args(d, out)
     args[args.index("--prompts") + 1] = str(prompts)
     assert main(args) == 2
-    assert (f"{prompts}: none of the 1 prompts fits the policy's context of 64 "
+    assert (f"{prompts}: the prompt does not fit the policy's context of 64 "
             "tokens with max_new_tokens 4; use shorter prompts or a smaller max_new_tokens "
             "(--max-new-tokens)" in capsys.readouterr().err)
     assert not out.exists()
@@ -418,7 +418,7 @@ def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup,
     assert ("field 'max_new_tokens': must be below the reward model's context of 32, got 40"
             in capsys.readouterr().err)
     assert run(tmp_path / "b") == 2
-    assert ("none of the 1 prompts fits the reward model's context of 32 tokens "
+    assert ("the prompt does not fit the reward model's context of 32 tokens "
             "with max_new_tokens 4" in capsys.readouterr().err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     # The reference reads them too (its crash was a ValueError from inside the model).
@@ -426,7 +426,7 @@ def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup,
     args = ppo_args(d, tmp_path / "c", "--reference", str(tmp_path / "ref"))
     args[args.index("--prompts") + 1] = str(prompts)
     assert main(args) == 2
-    assert ("none of the 1 prompts fits the reference's context of 32 tokens"
+    assert ("the prompt does not fit the reference's context of 32 tokens"
             in capsys.readouterr().err)
     assert not (tmp_path / "c").exists()
 

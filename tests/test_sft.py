@@ -83,14 +83,14 @@ def test_each_files_skipped_records_are_counted_and_reported_on_that_file(setup,
     val.write_text(long)
     with pytest.raises(UserError) as e:
         sft(dataclasses.replace(cfg, val_data=str(val)))
-    assert str(e.value) == (f"{val}: no usable demonstrations (skipped 1 records: 1 longer "
+    assert str(e.value) == (f"{val}: no usable demonstrations (skipped 1 record: 1 longer "
                             "than the context of 64)")
     val.write_text(long + long + json.dumps({"id": "v0", "prompt": "Is the owl happy?",
                                              "completion": " no"}) + "\n")
     with pytest.raises(_Stop):
         sft(dataclasses.replace(cfg, val_data=str(val)))
     err = capsys.readouterr().err
-    assert (f"{cfg.data}: skipped 1 demonstrations: 1 longer than the context of 64\n"
+    assert (f"{cfg.data}: skipped 1 demonstration: 1 longer than the context of 64\n"
             f"{val}: skipped 2 demonstrations: 2 longer than the context of 64\n") in err
     assert len(seen["train"]) == 60
     data = json.loads((tmp_path / "sft" / "run.json").read_text())["data"]
@@ -401,8 +401,8 @@ def test_out_holds_the_best_or_the_last_weights_with_their_own_validation_loss(
     assert all(torch.allclose(got[k], start[k] + shift, atol=1e-6) for k in start)
     # The summary says which weights OUT holds (the control's said "best evaluation at step 0").
     err = capsys.readouterr().err
-    assert ("SFT: 1 steps; best evaluation at step 0 (val_loss 2.0000); saved" if select_best
-            else "SFT: 1 steps; the last weights, step 1 (best evaluation at step 0 (val_loss "
+    assert ("SFT: 1 step; best evaluation at step 0 (val_loss 2.0000); saved" if select_best
+            else "SFT: 1 step; the last weights, step 1 (best evaluation at step 0 (val_loss "
             "2.0000), not selected); saved") in err
 
 

@@ -647,3 +647,16 @@ def test_executor_keeps_what_a_query_holds_in_memory_under_a_cap(ex):
     r = ex.run("SELECT COUNT(*) FROM (SELECT DISTINCT name, hex(randomblob(1000)) AS h "
                "FROM employees ORDER BY h)")
     assert r.ok and r.rows == [(200,)], r.error
+
+
+def test_a_verdicts_row_count_agrees_in_number(ex):
+    # `world check` printed "correct: 1 rows match" and "wrong: 1 rows, expected 2".
+    one = "SELECT COUNT(*) FROM employees"
+    assert check(one, one, ex).detail == "1 row matches"
+    two = "SELECT name FROM employees ORDER BY id LIMIT 2"
+    assert check(two, two, ex).detail == "2 rows match"
+    assert check("SELECT name FROM employees ORDER BY id LIMIT 1", two, ex).detail == \
+        "1 row, expected 2"
+    swapped = "SELECT id, name FROM employees ORDER BY id LIMIT 1"
+    assert check(swapped, "SELECT name, id FROM employees ORDER BY id LIMIT 1", ex).detail == \
+        "1 row matches, columns in another order"

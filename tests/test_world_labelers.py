@@ -218,9 +218,22 @@ def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_p
                  "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
         "skipped 2 responses: 2 empty responses left out of rankings\n"
-        f"gptlab label: error: {samples}: ranked none of 1 prompts: skipped 1 prompts: 1 "
-        "prompts with fewer than 2 distinct responses\n")
+        f"gptlab label: error: {samples}: ranked none of 1 prompt: skipped 1 prompt: 1 "
+        "prompt with fewer than 2 distinct responses\n")
     assert not out.exists()
+    # One prompt ranked: "ranked 1 prompts", "wrote 1 rankings" (a response and a prompt
+    # skipped, besides).
+    q2 = world.test[1]
+    samples.write_text(json.dumps({"id": q.id, "prompt": q.text, "responses": [q.sql, q.sql]})
+                       + "\n" + json.dumps({"id": q2.id, "prompt": q2.text,
+                                            "responses": [q2.sql, "SELECT 1", ""]}) + "\n")
+    assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
+                 "--out", str(out), "--disagreement", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("skipped 1 response: 1 empty response left out of rankings\n"
+                            "skipped 1 prompt: 1 prompt with fewer than 2 distinct responses\n"
+                            "ranked 1 prompt\n")
+    assert captured.out == f"wrote 1 ranking to {out}\n"
 
 
 def test_win_rate_is_symmetric_and_ties_what_the_labeler_cannot_tell_apart(world):

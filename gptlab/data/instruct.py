@@ -18,11 +18,12 @@ the tokens trained on are the tokens sampled. A plain-text response ends with EO
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, counted
 from gptlab.io import read_jsonl
 from gptlab.tokenizer import check_messages, check_text
 
@@ -62,10 +63,22 @@ class SkipCounter:
         return sum(self.counts.values())
 
     def report(self, what: str) -> str:
+        """`skipped 3 prompts: 1 prompt too long, 2 prompts ...`: `what` is the plural of the
+        thing counted, and where a reason names it (reasons are written plural, as `counts`
+        keeps them), it agrees in number with its count too."""
         if not self.counts:
             return ""
-        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-        return f"skipped {self.total} {what}: {parts}"
+        parts = ", ".join(f"{n} {_in_number(reason, what, n)}"
+                          for reason, n in sorted(self.counts.items()))
+        return f"skipped {counted(self.total, what.removesuffix('s'))}: {parts}"
+
+
+def _in_number(phrase: str, plural: str, n: int) -> str:
+    """`phrase` with its first word `plural` in the singular if `n` is 1: "prompts longer than
+    the context" is "prompt longer than the context" after a 1."""
+    if n != 1:
+        return phrase
+    return re.sub(rf"\b{re.escape(plural)}\b", plural.removesuffix("s"), phrase, count=1)
 
 
 def _check_messages_at(msgs: list, path: str | Path | None, line: int | None,

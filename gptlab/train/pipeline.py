@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
-from gptlab.errors import UserError, reports_path_errors
+from gptlab.errors import UserError, counted, reports_path_errors
 from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, write_json_atomic,
                        write_jsonl_atomic)
 from gptlab.train.loop import select_device
@@ -525,12 +525,12 @@ class Pipeline:
         skips, dropped = SkipCounter(), SkipCounter()
         ranked = self.timer.run(f"round {rnd}: label",
                                 lambda: label_samples(samples, rank, skips, dropped=dropped))
-        print(f"round {rnd}: {len(ranked)} of {len(samples)} prompts ranked"
+        print(f"round {rnd}: {len(ranked)} of {counted(len(samples), 'prompt')} ranked"
               + (f"; {skips.report('prompts')}" if skips.total else "")
               + (f"; {dropped.report('responses')}" if dropped.total else ""), file=sys.stderr)
         if not ranked:
             raise UserError(
-                f"round {rnd}: the labelers ranked none of {len(samples)} prompts "
+                f"round {rnd}: the labelers ranked none of {counted(len(samples), 'prompt')} "
                 f"({skips.report('prompts')}); train SFT longer, sample more prompts or a "
                 f"larger k (--k), or use ties=False (--no-ties)", path=d / "samples.jsonl")
         write_jsonl_atomic(rankings, ranked)

@@ -34,7 +34,7 @@ from gptlab.checkpoint import Checkpointer, load_language_model, load_model, sav
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts)
 from gptlab.engine import SamplingParams, generate, scale_logits
-from gptlab.errors import UserError, check_given, reports_path_errors, setting
+from gptlab.errors import UserError, check_given, counted, reports_path_errors, setting
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -340,8 +340,10 @@ class PPOTrainer:
         self._check_records()
         self.prompt_ids, self.prompt_ends = self._encode_prompts()
         if not any(len(p) <= self.context - cfg.max_new_tokens for p in self.prompt_ids):
-            raise UserError(f"none of the {len(self.prompt_ids)} prompts fits {self.context_of} "
-                            f"context of {self.context} tokens with max_new_tokens "
+            n = len(self.prompt_ids)
+            which = f"none of the {n} prompts fits" if n != 1 else "the prompt does not fit"
+            raise UserError(f"{which} {self.context_of} context of {self.context} tokens with "
+                            f"max_new_tokens "
                             f"{cfg.max_new_tokens}; use shorter prompts or a smaller "
                             f"{setting('max_new_tokens')}", path=cfg.prompts)
         # Counted once per prompt, here: a prompt too long is skipped every time it is drawn.
@@ -351,8 +353,10 @@ class PPOTrainer:
                 self.skips.add("prompts longer than the context minus max_new_tokens")
         fit = len(self.prompt_ids) - self.skips.total
         if fit < cfg.batch_size:  # a prompt is drawn at most once a rollout
-            print(f"note: {cfg.prompts} has {fit} prompts that fit, fewer than --batch-size "
-                  f"{cfg.batch_size}: a rollout holds at most those {fit}", file=sys.stderr)
+            print(f"note: {cfg.prompts} has {counted(fit, 'prompt')} that "
+                  f"{'fits' if fit == 1 else 'fit'}, fewer than --batch-size "
+                  f"{cfg.batch_size}: a rollout holds at most "
+                  f"{'that one' if fit == 1 else f'those {fit}'}", file=sys.stderr)
         self.rng = random.Random(cfg.seed)
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         if cfg.ptx_data and not cfg.ptx_coef:
@@ -588,8 +592,9 @@ class PPOTrainer:
             raise UserError(f"the reward function {name} returned {what}, not a list of "
                             f"{len(texts)} scores (one per response)", field="reward_fn")
         if len(values) != len(texts):
-            raise UserError(f"the reward function {name} returned {len(values)} scores for "
-                            f"{len(texts)} responses", field="reward_fn")
+            raise UserError(f"the reward function {name} returned "
+                            f"{counted(len(values), 'score')} for "
+                            f"{counted(len(texts), 'response')}", field="reward_fn")
         numbers = []
         for v, rec in zip(values, ro.records):
             try:

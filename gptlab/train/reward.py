@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of)
-from gptlab.errors import UserError, check_given, reports_path_errors
+from gptlab.errors import UserError, check_given, counted, reports_path_errors
 from gptlab.io import check_dir_out, read_jsonl
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -376,9 +376,10 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                                           else {})})
     annotate_run(out, heldout_pairwise_acc=acc)
     interval = "" if held["ci95"] is None else " [{:.3f}, {:.3f}]".format(*held["ci95"])
-    print(f"reward model: {result.step} steps; held-out pairwise accuracy "
-          f"{'n/a' if acc is None else f'{acc:.3f}'}{interval} on {len(val_e)} rankings "
-          f"({held['n']} pairs); scores "
-          f"normalised on {len(samples)} samples (raw mean {mean:.3f}, std {std:.3f})",
+    print(f"reward model: {counted(result.step, 'step')}; held-out pairwise accuracy "
+          f"{'n/a' if acc is None else f'{acc:.3f}'}{interval} on "
+          f"{counted(len(val_e), 'ranking')} ({counted(held['n'], 'pair')}); scores "
+          f"normalised on {counted(len(samples), 'sample')} (raw mean {mean:.3f}, std "
+          f"{std:.3f})",
           file=sys.stderr)
     return out

@@ -22,7 +22,7 @@ from torch import nn
 from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model, load_model,
                                read_meta, replace_model, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
-from gptlab.errors import UserError, check_given, reports_path_errors
+from gptlab.errors import UserError, check_given, counted, reports_path_errors
 from gptlab.io import check_dir_out, read_jsonl, remove_stale_temps
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
@@ -312,7 +312,7 @@ def sft(cfg: SFTConfig) -> Path:
                 + ")")
         if not cfg.select_best:
             kept = f"the last weights, step {result.step} ({kept}, not selected)"
-    print(f"SFT: {result.step} steps; {kept}; saved to {out}", file=sys.stderr)
+    print(f"SFT: {counted(result.step, 'step')}; {kept}; saved to {out}", file=sys.stderr)
     if cfg.select_best and keeper.best_step == 0 and result.step > 0:
         print(f"note: no evaluation after step 0 beat the starting model "
               f"({'on execution accuracy' if exec_eval else 'on validation loss'}), so {out} "

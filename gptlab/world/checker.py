@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, counted
 from gptlab.world.executor import QueryResult, SqlExecutor
 
 CORRECT, WRONG, ERROR = "correct", "wrong", "error"
@@ -55,14 +55,17 @@ def compare(pred: QueryResult, gold: QueryResult, ordered: bool) -> Verdict:
     if pred.columns and gold.columns and len(pred.columns) != len(gold.columns):
         return Verdict(WRONG, f"{len(pred.columns)} columns, expected {len(gold.columns)}")
     if len(pred.rows) != len(gold.rows):
-        return Verdict(WRONG, f"{len(pred.rows)} rows, expected {len(gold.rows)}")
+        return Verdict(WRONG, f"{counted(len(pred.rows), 'row')}, expected {len(gold.rows)}")
     difference = _difference(pred.rows, gold.rows, ordered)
     if difference is None:
-        return Verdict(CORRECT, f"{len(gold.rows)} rows match")
+        return Verdict(CORRECT, f"{counted(len(gold.rows), 'row')} "
+                                f"{'matches' if len(gold.rows) == 1 else 'match'}")
     for order in _other_column_orders(pred.rows, gold.rows):
         if _difference([tuple(r[j] for j in order) for r in pred.rows], gold.rows,
                        ordered) is None:
-            return Verdict(CORRECT, f"{len(gold.rows)} rows match, columns in another order")
+            return Verdict(CORRECT, f"{counted(len(gold.rows), 'row')} "
+                                    f"{'matches' if len(gold.rows) == 1 else 'match'}, columns "
+                                    f"in another order")
     return Verdict(WRONG, difference)
 
 
