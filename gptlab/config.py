@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -16,7 +17,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
 from gptlab.errors import UserError
 from gptlab.io import utf8_lines
@@ -34,7 +35,11 @@ def _valid_keys(cls: type, path: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
-def _config_error(cls: type, err: OmegaConfBaseException, source: str) -> UserError:
+def _config_error(cls: type, err: OmegaConfBaseException, source: str | Path,
+                  data: dict | None = None, lines: dict[str, int] | None = None) -> UserError:
+    """OmegaConf's error as one line naming `source` (the file, at the key's line in `lines`,
+    or "command line") and the key; a wrong type says what the field takes and what it got
+    from `data` (OmegaConf's "Value 'x' of type 'str' could not be converted to Integer")."""
     key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
     msg = str(getattr(err, "msg", err)).splitlines()[0]
     if "not in" in msg and key:
@@ -43,25 +48,128 @@ def _config_error(cls: type, err: OmegaConfBaseException, source: str) -> UserEr
         valid = _valid_keys(cls, key)
         if not close and valid:
             msg += f"; valid keys: {', '.join(valid)}"
-    return UserError(msg, path=source, field=key or None)
+    elif isinstance(err, ValidationError):
+        top = re.split(r"[.\[]", key, maxsplit=1)[0]
+        expected = _expected(typing.get_type_hints(cls).get(top))
+        if expected and isinstance(err, InterpolationResolutionError):
+            written = (data or {}).get(top)
+            msg = f"{written!r} gives {_shown(err.value)}; expected {expected}"
+        elif expected:
+            msg = f"expected {expected}, got {_shown(err.value)}"
+    line = (lines or {}).get(key) or (lines or {}).get(key.split("[")[0])
+    return UserError(msg, path=source, line=line, field=key or None)
 
 
-def _check_lists(cls: type, data: dict, source: str, fix: str) -> None:
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _expected(hint: Any) -> str | None:
+    """What a field of type `hint` takes, in words: "an integer, or null"; None if unknown."""
+    if hint is None:
+        return None
+    tp, is_list = _flag_type(hint)
+    if tp not in _NAMES:
+        return None
+    what = f"a list of {_NAMES[tp].split(' ', 1)[1]}s" if is_list and tp is not bool else \
+        _NAMES[tp]
+    return what + (", or null" if type(None) in typing.get_args(hint) else "")
+
+
+def _shown(value: Any) -> str:
+    """A YAML value as a message names it: null, true, 'text', a list [1, 2], a mapping {...}."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = repr(value) if isinstance(value, (str, list, dict)) else str(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"a list {text}" if isinstance(value, list) else \
+        f"a mapping {text}" if isinstance(value, dict) else text
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of each key of a YAML mapping, nested keys dotted (`a.b`); a key brought by a
+    merge (`<<`) has none."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    lines.setdefault(prefix + key.value, key.start_mark.line + 1)
+                    walk(value, prefix + key.value + ".")
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return lines
+
+
+def _syntax_error(e: yaml.YAMLError, text: str, path: Path) -> UserError:
+    """PyYAML's error (five lines, of "<unicode string>") as one naming the file, the line and
+    the column, and the key on that line: `c.yaml:2:7, field 'lr': not valid YAML: expected ','
+    or ']', but got '<stream end>' (in a flow sequence from line 2, column 5)`."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+    if isinstance(e, yaml.reader.ReaderError):  # a control character, by its offset
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        return UserError(f"not valid YAML: character #x{e.character:04x}: {e.reason}",
+                         path=path, line=line, column=column)
+    if mark is None or problem is None:
+        return UserError(f"not valid YAML: {' '.join(str(e).split())}", path=path)
+    said = problem
+    if context and problem.startswith("but "):  # "expected a single document ..., but found"
+        said = f"{context}, {problem}"
+    elif context:
+        start = getattr(e, "context_mark", None)
+        where = "" if start is None or (start.line, start.column) == (mark.line, mark.column) \
+            else f" at line {start.line + 1}, column {start.column + 1}"
+        said += f" ({context}{where})"
+    lines = text.split("\n")
+    on_line = re.match(r"\s*(?:-\s+)*([A-Za-z_][\w.-]*)\s*:(\s|$)",
+                       lines[mark.line] if mark.line < len(lines) else "")
+    return UserError(f"not valid YAML: {said}", path=path, line=mark.line + 1,
+                     column=mark.column + 1, field=on_line.group(1) if on_line else None)
+
+
+def _unreadable_at(text: str) -> tuple[str | None, int | None]:
+    """The key and line of the first top-level value YAML parses but Python cannot build."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    for key, value in root.value if isinstance(root, yaml.MappingNode) else ():
+        try:
+            yaml.SafeLoader("").construct_document(value)
+        except ValueError:
+            return (key.value if isinstance(key, yaml.ScalarNode) else None,
+                    value.start_mark.line + 1)
+        except yaml.YAMLError:
+            continue
+    return None, None
+
+
+def _check_lists(cls: type, data: dict, source: str, fix: str,
+                 lines: dict[str, int] | None = None) -> None:
     """Refuse a value that is not a list for a list field, naming it and showing the list to
     write: OmegaConf reports a single value there as an `AnyNode`, and a mapping
-    (`data: {train: corpus.txt}`) as a bare TypeError."""
+    (`data: {train: corpus.txt}`) as a bare TypeError. Refuse an item that is no single value
+    too, which OmegaConf lets through (`data: [a.txt, [b.txt]]`)."""
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
-        if key not in hints or value is None or isinstance(value, list):
+        if key not in hints or value is None or not _flag_type(hints[key])[1]:
             continue
-        if not _flag_type(hints[key])[1]:
+        line = (lines or {}).get(key)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if item is None or isinstance(item, (list, dict)):
+                    raise UserError(f"item {i} is {_shown(item)}; expected "
+                                    f"{_NAMES.get(_flag_type(hints[key])[0], 'a value')}",
+                                    path=source, line=line, field=key)
             continue
         if isinstance(value, dict):
             got, item = f"a mapping ({value})", "ITEM, ..."
         else:
             got, item = f"the single {type(value).__name__} {value!r}", value
         raise UserError(f"must be a list, got {got}; write " + fix.format(key=key, item=item),
-                        path=source, field=key)
+                        path=source, line=line, field=key)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -107,6 +215,8 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
     `values` are explicit command-line flags; a value of None means "not given".
     """
     conf = OmegaConf.structured(cls)
+    data: dict = {}
+    lines: dict[str, int] = {}
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.exists():
@@ -118,18 +228,19 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         except _DuplicateKey as e:
             raise UserError(str(e), path=path, line=e.line) from None
         except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise UserError(f"not valid YAML: {e}", path=path,
-                            line=None if line is None else line + 1) from None
+            raise _syntax_error(e, text, path) from None
         except ValueError as e:  # a value YAML parses but Python cannot build
-            raise UserError(f"a value cannot be read: {_unreadable(e)}", path=path) from None
+            key, line = _unreadable_at(text)
+            raise UserError(f"a value cannot be read: {_unreadable(e)}", path=path, line=line,
+                            field=key) from None
         if not isinstance(data, dict):
             raise UserError("a config file must be a mapping of keys to values", path=path)
-        _check_lists(cls, data, str(path), "{key}: [{item}]")
+        lines = _key_lines(text)
+        _check_lists(cls, data, str(path), "{key}: [{item}]", lines)
         try:
             conf = OmegaConf.merge(conf, OmegaConf.create(data))
         except OmegaConfBaseException as e:
-            raise _config_error(cls, e, str(path)) from None
+            raise _config_error(cls, e, path, data, lines) from None
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' should look like key=value", path="command line")
@@ -143,18 +254,26 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             raise UserError(f"override '{item[:60]}{'...' if len(item) > 60 else ''}': the value "
                             f"cannot be read ({_unreadable(e)})", path="command line",
                             field=item.split("=", 1)[0]) from None
+    # None is "not given"; NULL (`--max-steps null`) is None given, over the YAML's value.
+    given = {k: None if v is NULL else v for k, v in values.items() if v is not None}
+    typed: dict = {}
     try:
         if overrides:
             dotlist = OmegaConf.from_dotlist(list(overrides))
-            _check_lists(cls, OmegaConf.to_container(dotlist), "command line", "{key}=[{item}]")
+            typed = OmegaConf.to_container(dotlist)  # type: ignore[assignment]
+            _check_lists(cls, typed, "command line", "{key}=[{item}]")
             conf = OmegaConf.merge(conf, dotlist)
-        # None is "not given"; NULL (`--max-steps null`) is None given, over the YAML's value.
-        given = {k: None if v is NULL else v for k, v in values.items() if v is not None}
         if given:
             conf = OmegaConf.merge(conf, OmegaConf.create(given))
+    except OmegaConfBaseException as e:
+        raise _config_error(cls, e, "command line", {**typed, **given}) from None
+    try:  # interpolations (`${lr}`) are resolved here: blame the layer that wrote the key
         return OmegaConf.to_object(conf)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        raise _config_error(cls, e, "command line") from None
+        key = str(getattr(e, "full_key", "") or "").split(".")[0].split("[")[0]
+        if yaml_path is not None and key in data and key not in typed and key not in given:
+            raise _config_error(cls, e, Path(yaml_path), data, lines) from None
+        raise _config_error(cls, e, "command line", {**typed, **given}) from None
 
 
 def to_dict(config: Any) -> dict:

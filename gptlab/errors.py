@@ -28,14 +28,16 @@ USERS_WHERE_GIVEN = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
 class UserError(Exception):
-    """Bad input from the user: a file, a line, a field, and what was expected."""
+    """Bad input from the user: a file, a line (and column), a field, and what was expected."""
 
     def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None,
-                 field: str | None = None):
+                 field: str | None = None, column: int | None = None):
         self.message, self.path, self.line, self.field = message, path, line, field
+        self.column = column
         where = []
         if path is not None:
-            where.append(str(path) + (f":{line}" if line is not None else ""))
+            where.append(str(path) + (f":{line}" if line is not None else "")
+                         + (f":{column}" if line is not None and column is not None else ""))
         if field is not None:
             where.append(f"field '{field}'")
         prefix = (", ".join(where) + ": ") if where else ""

@@ -212,8 +212,64 @@ def test_yaml_config_errors_name_file_and_key(tmp_path):
 def test_a_yaml_error_names_the_line_it_is_on(tmp_path):
     f = tmp_path / "ppo.yaml"
     f.write_text("steps: 10\nlr: 1\n  bad: 2\n")
-    with pytest.raises(UserError, match=r"ppo.yaml:3: not valid YAML: mapping values"):
+    with pytest.raises(UserError) as e:
         load_config(PPOConfig, f)
+    assert str(e.value) == (f"{f}:3:6, field 'bad': not valid YAML: mapping values are not "
+                            "allowed here")
+
+
+@pytest.mark.parametrize("text, said", [
+    # Each was five lines or more: PyYAML's own, of '"<unicode string>", line 2, column 7'.
+    ("steps: 10\nlr: [1\n", ":2:7, field 'lr': not valid YAML: expected ',' or ']', but got "
+                            "'<stream end>' (while parsing a flow sequence at line 2, column 5)"),
+    ('steps: "a\n', ":1:10, field 'steps': not valid YAML: found unexpected end of stream (while "
+                   "scanning a quoted scalar at line 1, column 8)"),
+    ("seed: 1\nsteps:\t10\n", ":2:7, field 'steps': not valid YAML: found character '\\t' that "
+                            "cannot start any token (while scanning for the next token)"),
+    ("steps: 10\n---\nsteps: 3\n", ":2:1: not valid YAML: expected a single document in the "
+                                  "stream, but found another document"),
+    ("steps: 1\nlr: *b\n", ":2:5, field 'lr': not valid YAML: found undefined alias 'b'"),
+    ("steps: 1\nseed: \x07\n", ":2:7: not valid YAML: character #x0007: special characters are "
+                              "not allowed"),
+    # Wrong types were OmegaConf's "Value 'lots' of type 'str' could not be converted to Float",
+    # with no line.
+    ("steps: 10\nkl_coef: lots\n", ":2, field 'kl_coef': expected a number, got 'lots'"),
+    ("\nsteps: [1, 2]\n", ":2, field 'steps': expected an integer, got a list [1, 2]"),
+    ("steps:\n  a: 1\n", ":1, field 'steps': expected an integer, got a mapping {'a': 1}"),
+    ("steps: 1.5\n", ":1, field 'steps': expected an integer, got 1.5"),
+    ("steps: null\n", ":1, field 'steps': expected an integer, got null"),
+    ("adaptive_kl: maybe\n", ":1, field 'adaptive_kl': expected true or false, got 'maybe'"),
+    ("policy: [a, b]\n", ":1, field 'policy': expected a string, got a list ['a', 'b']"),
+    ("steps: 1\nclip_range: 0.2\n", ":2, field 'clip_range': unknown key 'clip_range'; valid "
+                                   "keys: "),
+    # A list item that is a list or a mapping was let through, to fail as a path later.
+    ("seed: 1\nptx_data: [a.txt, [b.txt]]\n", ":2, field 'ptx_data': item 1 is a list ['b.txt']; "
+                                            "expected a string"),
+    ("ptx_data:\n  - a.txt\n  - null\n", ":1, field 'ptx_data': item 1 is null; expected a "
+                                        "string"),
+    # A value YAML reads but Python cannot build had no line nor key.
+    ("steps: 1\nseed: 2024-13-01\n", ":2, field 'seed': a value cannot be read: month must be "
+                                    "in 1..12"),
+    # An interpolation that gave a wrong type was blamed on the command line.
+    ("lr: 0.5\nsteps: ${lr}\n", ":2, field 'steps': '${lr}' gives 0.5; expected an integer"),
+])
+def test_a_config_files_error_is_one_line_naming_file_line_and_key(text, said, tmp_path, capsys):
+    f = tmp_path / "ppo.yaml"
+    f.write_text(text)
+    assert main(["ppo", "--config", str(f), "--policy", "p", "--prompts", "q",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gptlab ppo: error: {f}{said}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, said", [
+    ("steps=lots", "field 'steps': expected an integer, got 'lots'"),
+    ("kl_coef=[1]", "field 'kl_coef': expected a number, got a list [1]"),
+    ("ptx_data=[a,[b]]", "field 'ptx_data': item 1 is a list ['b']; expected a string")])
+def test_an_overrides_wrong_type_names_the_command_line_and_the_key(override, said, capsys):
+    assert main(["ppo", "--policy", "p", "--prompts", "q", "--out", "o", override]) == 2
+    assert capsys.readouterr().err == f"gptlab ppo: error: command line, {said}\n"
 
 
 def test_a_flag_whose_default_is_empty_shows_no_default(capsys):
@@ -253,10 +309,11 @@ def test_a_config_that_cannot_be_read_or_an_override_that_cannot_be_parsed_exits
                            "valid YAML (did not find expected ',' or ']')"),
             # Values YAML parses but Python cannot build were ValueError tracebacks.
             (["--config", str(tmp_path / "date.yaml")],
-             f"{tmp_path / 'date.yaml'}: a value cannot be read: month must be in 1..12"),
+             f"{tmp_path / 'date.yaml'}:2, field 'seed': a value cannot be read: month must be "
+             f"in 1..12"),
             (["--config", str(tmp_path / "long.yaml")],
-             f"{tmp_path / 'long.yaml'}: a value cannot be read: an integer of more than 4300 "
-             f"digits; write it as a string"),
+             f"{tmp_path / 'long.yaml'}:1, field 'steps': a value cannot be read: an integer of "
+             f"more than 4300 digits; write it as a string"),
             (["steps=" + "9" * 5000], "command line, field 'steps': override 'steps=" + "9" * 54
              + "...': the value cannot be read (an integer of more than 4300 digits; write it "
                "as a string)")):
@@ -279,7 +336,7 @@ def test_a_list_field_given_one_value_names_the_field_and_the_list_to_write(
     f.write_text(yaml_text)
     with pytest.raises(UserError) as err:
         load_config(PPOConfig, f)
-    assert str(err.value) == (f"{f}, field 'ptx_data': must be a list, got {got}; "
+    assert str(err.value) == (f"{f}:1, field 'ptx_data': must be a list, got {got}; "
                               f"write ptx_data: [{item}]")
     with pytest.raises(UserError) as err:
         load_config(PPOConfig, None, [override])

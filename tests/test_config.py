@@ -201,12 +201,12 @@ def test_an_unknown_key_in_a_config_file_names_the_file_the_key_and_the_closest_
             continue
         f.write_text(f"{key}: 1\n")
         assert main([verb, "--config", str(f)]) == 2 and verb not in captured
-        assert capsys.readouterr().err == (f"gptlab {verb}: error: {f}, field '{key}': unknown "
+        assert capsys.readouterr().err == (f"gptlab {verb}: error: {f}:1, field '{key}': unknown "
                                            f"key '{key}'; did you mean '{name}'?\n")
     f.write_text("zzzzzz: 1\n")
     assert main([verb, "--config", str(f)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"gptlab {verb}: error: {f}, field 'zzzzzz': unknown key 'zzzzzz'; "
+    assert err.startswith(f"gptlab {verb}: error: {f}:1, field 'zzzzzz': unknown key 'zzzzzz'; "
                           f"valid keys: ") and f" {name}\n" in err
 
 
