@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 from typing import Callable, Iterator, Sequence
 
@@ -30,6 +31,11 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("argument "):
             # One flag's value (`argument --max-steps: expected an integer ...`): the line names
             # the flag, and a config verb's usage, every flag of it, would bury it.
+            chosen = re.search(r"invalid choice: '(.*)' \(choose from (.*)\)$", message)
+            close = chosen and difflib.get_close_matches(
+                chosen.group(1), re.findall(r"'([^']*)'", chosen.group(2)), n=1)
+            if close:  # `gptlab sfx`: the verb meant
+                message += f"; did you mean '{close[0]}'?"
             self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
         if message.startswith("unrecognized arguments: "):
             self.unrecognized(message.removeprefix("unrecognized arguments: ").split(" "))
@@ -192,13 +198,13 @@ def _verb_convert():
         if args.source:
             kind, path = args.source
             if kind not in ("hf", "gguf"):
-                raise UserError(f"--from expects 'hf' or 'gguf', not '{kind}'", field="--from")
+                raise UserError(f"expects 'hf' or 'gguf', not '{kind}'", field="--from")
             out = interop.convert_to_gptlab(path, args.out, source=kind)
             print(f"wrote gptlab model directory {out}")
         else:
             kind, path = args.target
             if kind != "hf":
-                raise UserError(f"--to expects 'hf', not '{kind}'", field="--to")
+                raise UserError(f"expects 'hf', not '{kind}'", field="--to")
             out = interop.convert_to_hf(path, args.out)
             print(f"wrote Hugging Face model directory {out}")
 

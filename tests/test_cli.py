@@ -173,6 +173,25 @@ def test_a_flag_cut_short_is_refused_in_one_line_naming_the_flag_meant(argv, sai
     assert e.value.code == 2 and capsys.readouterr().err == said + "\n"
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["sfx"], "gptlab: error: argument VERB: invalid choice: 'sfx' (choose from 'tokenizer', "
+              "'generate', 'chat', 'pretrain', 'sft', 'sample', 'label', 'reward', 'ppo', "
+              "'pipeline', 'convert', 'world'); did you mean 'sft'?"),
+    (["world", "exprt"], "gptlab world: error: argument action: invalid choice: 'exprt' (choose "
+                         "from 'export', 'check', 'score'); did you mean 'export'?"),
+    (["tokenizer", "zzz"], "gptlab tokenizer: error: argument action: invalid choice: 'zzz' "
+                           "(choose from 'train', 'encode')"),
+    # The flag was named twice: "field '--from': --from expects ...".
+    (["convert", "--from", "xx", "p", "--out", "o"],
+     "gptlab convert: error: field '--from': expects 'hf' or 'gguf', not 'xx'")])
+def test_a_mistyped_verb_or_action_names_the_one_meant(argv, said, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and capsys.readouterr().err == said + "\n"
+
+
 def test_flags_written_in_full_config_files_and_overrides_still_parse(tmp_path):
     from gptlab.cli import build_parser
     f = tmp_path / "sft.yaml"
