@@ -86,10 +86,11 @@ def test_label_ranks_with_the_users_function_into_rankings_reward_reads(own_modu
     assert [{k: v for k, v in r.items() if k != "_line"} for r in rows] == ranked
     out, err = capsys.readouterr()
     assert out == f"wrote {len(ranked)} rankings to rankings.jsonl\n"
-    tied = "1 prompts whose responses are all tied, " if source == SCORES else ""
-    assert err == ("skipped 1 responses: 1 empty responses left out of rankings\n"
-                   f"skipped {3 - len(ranked) + 1} prompts: {tied}1 prompts with fewer than 2 "
-                   f"distinct responses\n"
+    tied = "1 prompt whose responses are all tied, " if source == SCORES else ""
+    skipped = 3 - len(ranked) + 1
+    assert err == ("skipped 1 response: 1 empty response left out of rankings\n"
+                   f"skipped {skipped} prompt{'s' * (skipped > 1)}: {tied}1 prompt with fewer "
+                   f"than 2 distinct responses\n"
                    f"ranked {len(ranked)} prompts\n")
     # `gptlab reward` takes the file as it is.
     tok = train_tokenizer([" ".join(json.dumps(r) for r in SAMPLES)] * 20, vocab_size=300)

@@ -516,11 +516,16 @@ def test_training_holds_one_copy_of_the_weights_not_the_sft_model_beside_it(base
     from gptlab.model import GPT
     seen = []
     real = reward.train
+    # Models that other tests of this process still hold are not this run's: held here, none
+    # of them can die and leave its id to a model of this run.
+    gc.collect()
+    before = [o for o in gc.get_objects() if isinstance(o, GPT)]
+    known = {id(o) for o in before}
 
     def counting_train(model, *args, **kwargs):
         gc.collect()
         seen.append([o for o in gc.get_objects() if isinstance(o, GPT)
-                     and o is not model.backbone])
+                     and o is not model.backbone and id(o) not in known])
         return real(model, *args, **kwargs)
     monkeypatch.setattr(reward, "train", counting_train)
     assert run_reward(base, tmp_path / "rm") == 0
