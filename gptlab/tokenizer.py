@@ -671,15 +671,20 @@ def _special_names(value: Any, path: Path, field: str) -> list[tuple[str, str]]:
     return names
 
 
-def _decoder_specials(value: Any, path: Path) -> list[tuple[str, str]]:
-    """(token, field) of each token that tokenizer_config.json's `added_tokens_decoder` (id ->
-    AddedToken object) marks `"special": true`."""
+def _decoder_entries(value: Any, path: Path) -> list[tuple[int, str, bool, str]]:
+    """(id, token, special, field) of each entry of tokenizer_config.json's
+    `added_tokens_decoder` (id -> AddedToken object)."""
     if not isinstance(value, dict):
         raise UserError(f"must be an object of token id -> added token, got {value!r:.80}",
                         path=path, field="added_tokens_decoder")
-    names = []
+    entries = []
     for key, entry in value.items():
         where = f"added_tokens_decoder.{key}"
+        try:
+            i = int(key)  # as transformers reads the key; it refuses one that is not a number
+        except ValueError:
+            raise UserError(f"the key must be a token id (an integer), got {key!r}", path=path,
+                            field=where) from None
         token = _token_str(entry, path, where) if isinstance(entry, dict) else None
         if token is None:
             raise UserError(f"must be an object with a 'content' string, got {entry!r:.80}",
@@ -688,9 +693,8 @@ def _decoder_specials(value: Any, path: Path) -> list[tuple[str, str]]:
         if not isinstance(special, bool):
             raise UserError(f"must be true or false, got {special!r}", path=path,
                             field=f"{where}.special")
-        if special:
-            names.append((token, where))
-    return names
+        entries.append((i, token, special, where))
+    return entries
 
 
 def _generation_end_ids(path: Path) -> list[tuple[int, str]]:
@@ -791,9 +795,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                                                                   (token_map, map_file))
               for key in ("additional_special_tokens", "extra_special_tokens") if key in source
               for t, where in _special_names(source[key], source_file, key)]
-    marked = [(t, config_file, where) for t, where in
-              _decoder_specials(config["added_tokens_decoder"], config_file)] \
+    decoder = _decoder_entries(config["added_tokens_decoder"], config_file) \
         if "added_tokens_decoder" in config else []
+    for i, token, _, where in decoder:
+        # transformers goes by the content and keeps tokenizer.json's id, without a word
+        actual = hf.token_to_id(token)
+        if actual is not None and actual != i:
+            print(f"note: {config_file}, field '{where}': {token!r} is token {actual} of "
+                  f"{file.name}, not {i}; it is read by its content, as id {actual}",
+                  file=sys.stderr)
+    marked = [(t, config_file, where) for _, t, special, where in decoder if special]
     missing: set[str] = set()
     for token, source_file, where in listed + marked:
         if hf.token_to_id(token) is None and token not in missing:

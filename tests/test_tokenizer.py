@@ -766,6 +766,9 @@ def test_generation_config_ends_generation_at_each_of_its_ids(plain, tmp_path, c
      "must be an object with a 'content' string, got '<|im_end|>'"),
     ("added_tokens_decoder", {"300": {"content": "<|im_end|>", "special": "yes"}},
      "added_tokens_decoder.300.special", "must be true or false, got 'yes'"),
+    # transformers refuses it too (int() of the key: a ValueError)
+    ("added_tokens_decoder", {"im_end": {"content": "<|im_end|>", "special": True}},
+     "added_tokens_decoder.im_end", "the key must be a token id (an integer), got 'im_end'"),
 ])
 def test_a_malformed_special_token_list_names_its_file_and_field(plain, tmp_path, key, value,
                                                                  field, message):
@@ -773,6 +776,33 @@ def test_a_malformed_special_token_list_names_its_file_and_field(plain, tmp_path
     with pytest.raises(UserError) as e:
         load_tokenizer(d)
     assert str(e.value) == f"{d / 'tokenizer_config.json'}, field '{field}': {message}"
+
+
+def test_an_added_tokens_decoder_id_that_is_not_the_token_s_is_noted(plain, tmp_path, capsys):
+    """An entry keyed by another id than tokenizer.json gives its content: transformers goes by
+    the content and keeps tokenizer.json's id without a word, and so does gptlab, but it says
+    so (it went unreported: a directory edited by hand, or a config from another tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    n = plain.vocab_size  # <|im_start|> n, <|im_end|> n + 1
+    entry = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+             "special": True}
+    d = hf_dir(plain, tmp_path, {"added_tokens_decoder": {
+        str(n): {**entry, "content": "<|im_end|>"},
+        str(n + 1): {**entry, "content": "<|im_start|>"},
+        "1": {**entry, "content": "</s>"}}},
+        added=[("<|im_start|>", False), ("<|im_end|>", False)])
+    capsys.readouterr()
+    ours = load_tokenizer(d)
+    config = d / "tokenizer_config.json"
+    assert capsys.readouterr().err == (
+        f"note: {config}, field 'added_tokens_decoder.{n}': '<|im_end|>' is token {n + 1} of "
+        f"tokenizer.json, not {n}; it is read by its content, as id {n + 1}\n"
+        f"note: {config}, field 'added_tokens_decoder.{n + 1}': '<|im_start|>' is token {n} of "
+        f"tokenizer.json, not {n + 1}; it is read by its content, as id {n}\n")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    assert theirs.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [n, n + 1]
+    assert ours.hf.token_to_id("<|im_end|>") == n + 1 and ours.stop_ids == {1, n + 1}
+    assert_reads_as_transformers(ours, theirs, "a <|im_end|> b")
 
 
 def test_special_tokens_and_ends_survive_a_save_and_transformers_agrees(plain, tmp_path):
