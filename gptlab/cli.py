@@ -98,7 +98,9 @@ def _verb_tokenizer():
                        help="corpus files or directories (.txt/.jsonl/.parquet), or a Hub "
                             "dataset user/name")
         t.add_argument("--vocab-size", type=int, default=4096)
-        t.add_argument("--out", required=True, help="output directory (writes tokenizer.json)")
+        t.add_argument("--out", required=True,
+                       help="output directory (writes tokenizer.json and tokenizer_config.json; "
+                            "an earlier model's generation_config.json there is removed)")
         e = sub.add_parser("encode", help="print the token ids of a text")
         e.add_argument("--tokenizer", required=True)
         e.add_argument("text")

@@ -393,7 +393,9 @@ class Tokenizer:
         """Write an HF-compatible `tokenizer_config.json` (and `generation_config.json`, where
         `end_ids` add ends of generation) and `tokenizer.json`, atomically, the latter last: a
         directory with a tokenizer.json holds the whole tokenizer (a save stopped between them
-        leaves none that could load with another BOS/EOS or be refused)."""
+        leaves none that could load with another BOS/EOS or be refused). Without `end_ids`, a
+        generation_config.json already there (an earlier model's) is removed, as the other two
+        files are replaced: `load_tokenizer` would read its ids as this tokenizer's ends."""
         d = ensure_dir(directory)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -413,6 +415,8 @@ class Tokenizer:
             write_json_atomic(d / "generation_config.json", {
                 "bos_token_id": self.hf.token_to_id(self.bos_token) if self.bos_token else None,
                 "eos_token_id": [self.eos_id, *self.end_ids], "pad_token_id": self.pad_id})
+        else:
+            (d / "generation_config.json").unlink(missing_ok=True)
         with atomic_path(d / "tokenizer.json") as tmp:
             self.hf.save(str(tmp))
 

@@ -533,6 +533,29 @@ def test_cli_train_in_process(tmp_path, data, capsys):
     assert f"{bad}:1: not UTF-8" in err and "byte offset 3" in err
 
 
+def test_a_stale_generation_config_does_not_change_a_new_tokenizer(tmp_path, data, plain):
+    """`tokenizer train --out DIR` refuses a DIR with a model's config.json or tokenizer.json,
+    but a generation_config.json left there by an earlier model stayed, and was read back as
+    the new tokenizer's ends: token 7 stopped every generation and vanished from decoded text.
+    A save without ends now removes it, as it replaces the other two files."""
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
+                     "--out", str(out)]) == 0
+    tok = load_tokenizer(out)
+    assert tok.end_ids == () and tok.stop_ids == {tok.eos_id}
+    assert not (out / "generation_config.json").exists()
+    assert tok.decode([7]) == tok.hf.id_to_token(7)  # a byte, no longer a stop token
+    # Saved over a tokenizer with ends, a tokenizer without them loads without them.
+    with_ends = Tokenizer(plain.hf, bos_token="<s>", eos_token="</s>", pad_token=None,
+                          end_ids=[7])
+    with_ends.save(tmp_path / "d")
+    assert load_tokenizer(tmp_path / "d").stop_ids == {1, 7}
+    plain.save(tmp_path / "d")
+    assert load_tokenizer(tmp_path / "d").stop_ids == {1}
+
+
 def test_cli_train_subprocess(tmp_path):
     data = tmp_path / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS), encoding="utf-8")
