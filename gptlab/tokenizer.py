@@ -16,13 +16,13 @@ then tokenizes the whole text at once, as transformers does (so a template's "[I
 content's "What" become one " What"), and tells from each token's character offsets which
 message, if any, it belongs to. The assistant mask is 1 on the tokens of each assistant
 message's content (a token that straddles its edge included) and on the template tokens after
-it up to and including the first markup token (the end-of-turn token: `<|eos|>`,
-`<|im_end|>`, ...; markup is a special token, or an added token written `<...>` that is not
-marked special), 0 everywhere else. A user who types "<|eos|>" must get ordinary tokens,
-not the special one: when special-token text appears inside a message, template text and
-contents are tokenized apart instead, contents with special-token parsing off. The template
-must write message content verbatim (or stripped, as Llama 3's `| trim` does); one that
-rewrites it is a UserError.
+it up to and including the first end-of-turn token (`<|eos|>`, `<|im_end|>`, ...: a markup
+token, that is a special token or an added token written `<...>` that is not marked special,
+or EOS or another of the `end_ids`), 0 everywhere else. A user who types "<|eos|>" must get
+ordinary tokens, not the special one: when special-token text appears inside a message,
+template text and contents are tokenized apart instead, contents with special-token parsing
+off. The template must write message content verbatim (or stripped, as Llama 3's `| trim`
+does); one that rewrites it is a UserError.
 """
 from __future__ import annotations
 
@@ -277,10 +277,10 @@ class Tokenizer:
                     mask[i] = 0
                 closing = None
                 mask.append(int(role == "assistant"))
-            elif closing is not None:  # through the first markup token after the answer
+            elif closing is not None:  # through the first end of turn after the answer
                 closing.append(len(mask))
                 mask.append(1)
-                if t in self._markup_len:
+                if t in self._turn_ends:
                     closing = None
             else:
                 mask.append(0)
@@ -316,10 +316,16 @@ class Tokenizer:
         return ids, mask
 
     def _through_first_markup(self, toks: list[int]) -> int:
-        """How many of `toks` run up to and including the first markup token, the end of turn
-        (0 if none). Markup, not only tokens marked special: an `<|im_end|>` added with
-        special=false (`add_tokens`, a GGUF's user-defined tokens) closes a turn all the same."""
-        return next((k + 1 for k, t in enumerate(toks) if t in self._markup_ids), 0)
+        """How many of `toks` run up to and including the first end of turn (0 if none): a
+        markup token, not only one marked special (an `<|im_end|>` added with special=false by
+        `add_tokens`, a GGUF's user-defined tokens), or EOS or another end of generation."""
+        return next((k + 1 for k, t in enumerate(toks) if t in self._turn_ends), 0)
+
+    @cached_property
+    def _turn_ends(self) -> set[int]:
+        """Tokens that close an assistant turn: markup, and the ends of generation, which need
+        not be markup (a GGUF's normal-type end of turn; a generation_config.json end)."""
+        return self._markup_ids | {self.eos_id, *self.end_ids}
 
     @cached_property
     def _skipped_ids(self) -> set[int]:

@@ -262,6 +262,21 @@ def test_decode_drops_a_named_or_end_of_turn_token_not_marked_special(tok, tmp_p
     assert e.value.field == "chat_template"
 
 
+def test_an_end_of_generation_that_is_no_markup_closes_an_assistant_turn(plain):
+    """An end of generation (a GGUF's end of turn of normal type, a generation_config.json
+    end) that the template writes after an answer is its end of turn: the turn ran on to the
+    next markup token, and, with none, the mask dropped the end of turn from the loss."""
+    newline = plain.encode("\n")[0]  # a byte token, no markup
+    tok = Tokenizer(plain.hf, bos_token=None, eos_token="</s>", pad_token=None,
+                    chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+                    end_ids=[newline])
+    ids, mask = tok.render_chat([{"role": "user", "content": "Who?"},
+                                 {"role": "assistant", "content": "SELECT 1"},
+                                 {"role": "user", "content": "And?"}])
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode("SELECT 1") + [newline]
+    assert tok.stop_ids == {tok.eos_id, newline}
+
+
 def test_chat_ids_are_those_of_the_whole_rendered_text_across_content_edges(tok):
     """A template whose text runs into the content ("[INST] " + "What") and content that starts
     with two spaces: BPE merges across the edge, as transformers does on the rendered text."""
