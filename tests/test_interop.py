@@ -934,6 +934,45 @@ def test_a_gguf_end_of_turn_of_user_defined_type_ends_turns_and_replies(tmp_path
     assert tok.decode(tok.encode("ok") + [im_end]) == "ok"  # a finished reply: its stop dropped
 
 
+def test_gguf_end_of_turn_and_end_of_message_ids_end_generation_and_are_kept(tmp_path, capsys):
+    """tokenizer.ggml.eot_token_id and eom_token_id were not read: generation ran on past the
+    end of turn, which decoded as text, and an end of turn that is no special token (here a
+    normal " END") closed no assistant turn, so it was left out of the loss. Now both end
+    generation as llama.cpp's do, the end of turn closes a turn, and `convert` keeps them
+    (generation_config.json) both ways; transformers' own GGUF loader reads only the EOS."""
+    from gptlab.checkpoint import load_model
+
+    theirs = _hf_model("llama", seed=4)
+    end, eom, eos = 93, 94, 95  # " END" (normal), <|endoftext|> (control), <|im_end|>
+    path = _write_gguf(tmp_path / "m.gguf", theirs, pre="llama-bpe", words=("\u0120END",),
+                       template="{% for m in messages %}{{ m['content'] }} END!{% endfor %}",
+                       extra={"tokenizer.ggml.eot_token_id": end,
+                              "tokenizer.ggml.eom_token_id": eom})
+    _, tok = load_pretrained(path)
+    assert tok.stop_ids == {end, eom, eos} and tok.end_ids == (end, eom)
+    ids, mask = tok.render_chat([{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "ok"}])
+    assert ids == tok.encode("hi") + [end] + tok.encode("!ok") + [end] + tok.encode("!")
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode("ok") + [end]
+    assert tok.decode(tok.encode("ok") + [end]) == tok.decode(tok.encode("ok") + [eom]) == "ok"
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "ours")]) == 0
+    assert json.loads((tmp_path / "ours" / "generation_config.json").read_text())[
+        "eos_token_id"] == [eos, end, eom]
+    assert load_model(tmp_path / "ours")[1].stop_ids == {end, eom, eos}
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"),
+                 "--out", str(tmp_path / "hf")]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.generation_config.eos_token_id == [eos, end, eom]
+    direct = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert direct.generation_config.eos_token_id == eos
+    # Out of the vocabulary: noted, as llama.cpp warns, and left out, as generation_config.json's
+    path = _write_gguf(tmp_path / "n.gguf", theirs, extra={"tokenizer.ggml.eot_token_id": 96})
+    capsys.readouterr()
+    assert load_pretrained(path)[1].stop_ids == {eos}
+    assert capsys.readouterr().err == (f"note: {path}, field 'tokenizer.ggml.eot_token_id': "
+                                       f"{_VOCAB_IDS} 96; generation does not stop at it\n")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(arch="phi2"), "architecture 'phi2'.*supported: llama, qwen2"),
     (dict(tokenizer_model="t5"), "tokenizer model 't5' is not supported \\(supported: 'gpt2', "
@@ -952,6 +991,8 @@ def test_a_gguf_end_of_turn_of_user_defined_type_ends_turns_and_replies(tmp_path
      "field 'llama.attention.layer_norm_rms_epsilon': must be a finite positive number"),
     (dict(extra={"tokenizer.ggml.eos_token_id": "<eos>"}),
      "field 'tokenizer.ggml.eos_token_id': must be a token id, got '<eos>'"),
+    (dict(extra={"tokenizer.ggml.eot_token_id": "<|eot_id|>"}),
+     "field 'tokenizer.ggml.eot_token_id': must be a token id, got '<|eot_id|>'"),
     (dict(extra={"llama.attention.head_count_kv": 3}),
      "field 'llama.attention.head_count_kv': llama.attention.head_count 4 is not a multiple"),
     # GPTConfig's own refusal was a ValueError traceback.

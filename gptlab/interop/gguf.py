@@ -329,10 +329,12 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     tokens: list[str] = meta.need("tokenizer.ggml.tokens")
     types = _token_types(meta, len(tokens))
 
-    def token(key: str, lenient: bool = False) -> str | None:
+    def token_id(key: str, lenient: str | None = None) -> int | None:
         # llama.cpp's converter writes no id it has no token for: one past the vocabulary is a
         # damaged file, and taken as "none" it silently dropped a BOS the model was trained with.
-        # `lenient` (padding, which no prompt holds): a note, and no token, as llama.cpp warns.
+        # `lenient` (padding, which no prompt holds; an end of generation besides EOS, without
+        # which EOS and the template's end of turn still stop): a note saying what happens
+        # instead, and no token, as llama.cpp warns.
         i = meta.get(key)
         if i is None:
             return None
@@ -341,12 +343,15 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
         if not 0 <= i < len(tokens):
             message = f"must be the id of a token of the vocabulary (0 to {len(tokens) - 1}), " \
                       f"got {i}"
-            if not lenient:
+            if lenient is None:
                 raise UserError(message, path=meta.path, field=key)
-            print(f"note: {meta.path}, field '{key}': {message}; padding with the end-of-text "
-                  f"token instead", file=sys.stderr)
+            print(f"note: {meta.path}, field '{key}': {message}; {lenient}", file=sys.stderr)
             return None
-        return tokens[i]
+        return i
+
+    def token(key: str, lenient: str | None = None) -> str | None:
+        i = token_id(key, lenient)
+        return None if i is None else tokens[i]
 
     if kind == "gpt2":
         hf, unk = _byte_level_bpe(meta, tokens), None
@@ -378,9 +383,14 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
         raise UserError(f"must be a Jinja template string, got {template!r}", path=meta.path,
                         field="tokenizer.chat_template")
     # BOS goes before a prompt only if the model was trained so; the chat template gets it anyway.
-    pad = token("tokenizer.ggml.padding_token_id", lenient=True)
+    pad = token("tokenizer.ggml.padding_token_id",
+                lenient="padding with the end-of-text token instead")
+    # Ends of generation besides EOS, as llama.cpp's: the end of turn (Llama 3's <|eot_id|>,
+    # Gemma's <end_of_turn>) and of a tool-call message (<|eom_id|>).
+    ends = [token_id(key, lenient="generation does not stop at it")
+            for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
     tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
-                    add_bos=add_bos)
+                    add_bos=add_bos, end_ids=[i for i in ends if i is not None])
     # A template that will not compile, or none, is reported when a conversation is rendered:
     # by this file's key for it.
     tok.template_file, tok.template_field = meta.path, "tokenizer.chat_template"
