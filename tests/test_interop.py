@@ -1383,6 +1383,31 @@ def test_a_sentencepiece_continuation_keeps_the_space_before_its_first_word(tmp_
     assert whole.startswith("hello") and text == whole[len("hello"):]
 
 
+def test_a_sentencepiece_gguf_without_bos_and_eos_ids_takes_llama_cpp_s_1_and_2(
+        tmp_path, monkeypatch, capsys):
+    """llama.cpp takes BOS 1 and EOS 2 for a SentencePiece vocabulary that names neither (old
+    conversions of Llama's <unk>, <s>, </s>); gptlab refused the file for its missing EOS, and
+    without a BOS id prepended none. Now both are read as llama.cpp reads them, and said so.
+    transformers' own GGUF loader takes neither: it adds no BOS."""
+    with_ids, _ = _spm_gguf(tmp_path / "ids.gguf")
+    monkeypatch.setattr(gguf.GGUFWriter, "add_bos_token_id", lambda self, i: None)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_eos_token_id", lambda self, i: None)
+    path, _ = _spm_gguf(tmp_path / "m.gguf")
+    capsys.readouterr()
+    _, tok = load_pretrained(path)
+    assert capsys.readouterr().err == "".join(
+        f"note: {path}: no tokenizer.ggml.{key}_token_id; token {i} ('{t}') is taken for it, "
+        f"as llama.cpp takes it for a SentencePiece ('llama') vocabulary\n"
+        for key, i, t in (("eos", 2, "</s>"), ("bos", 1, "<s>")))
+    _, want = load_pretrained(with_ids)
+    assert (tok.bos_token, tok.eos_token, tok.bos_id, tok.eos_id) == ("<s>", "</s>", 1, 2)
+    assert tok.stop_ids == want.stop_ids == {2}
+    for text in _SPM_TEXTS:
+        assert tok.encode(text, bos=True) == want.encode(text, bos=True), text
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert hf_tok.bos_token is None and hf_tok("hello")["input_ids"] == tok.encode("hello")
+
+
 @pytest.mark.parametrize("change, field, message", [
     (lambda v: v["scores"].pop(), "tokenizer.ggml.scores",
      "has 485 entries, one per token, but tokenizer.ggml.tokens has 486"),

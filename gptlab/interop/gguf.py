@@ -329,15 +329,22 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     tokens: list[str] = meta.need("tokenizer.ggml.tokens")
     types = _token_types(meta, len(tokens))
 
-    def token_id(key: str, lenient: str | None = None) -> int | None:
+    def token_id(key: str, lenient: str | None = None, default: int | None = None
+                 ) -> int | None:
         # llama.cpp's converter writes no id it has no token for: one past the vocabulary is a
         # damaged file, and taken as "none" it silently dropped a BOS the model was trained with.
         # `lenient` (padding, which no prompt holds; an end of generation besides EOS, without
         # which EOS and the template's end of turn still stop): a note saying what happens
         # instead, and no token, as llama.cpp warns.
+        # `default`: the id llama.cpp assumes where the file names none.
         i = meta.get(key)
         if i is None:
-            return None
+            if default is None or default >= len(tokens):
+                return None
+            print(f"note: {meta.path}: no {key}; token {default} ({tokens[default]!r}) is taken "
+                  f"for it, as llama.cpp takes it for a SentencePiece ('llama') vocabulary",
+                  file=sys.stderr)
+            return default
         if not isinstance(i, int) or isinstance(i, bool):
             raise UserError(f"must be a token id, got {i!r}", path=meta.path, field=key)
         if not 0 <= i < len(tokens):
@@ -349,8 +356,8 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
             return None
         return i
 
-    def token(key: str, lenient: str | None = None) -> str | None:
-        i = token_id(key, lenient)
+    def token(key: str, lenient: str | None = None, default: int | None = None) -> str | None:
+        i = token_id(key, lenient, default)
         return None if i is None else tokens[i]
 
     if kind == "gpt2":
@@ -366,8 +373,13 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     hf.add_tokens([AddedToken(t, special=False, normalized=False)
                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
 
-    meta.need("tokenizer.ggml.eos_token_id")
-    eos, bos = token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.bos_token_id")
+    # llama.cpp takes BOS 1 and EOS 2 for a SentencePiece vocabulary that names neither (as in
+    # Llama's own <unk>, <s>, </s>); a byte-level one has no such convention.
+    spm = kind == "llama"
+    eos = token("tokenizer.ggml.eos_token_id", default=2 if spm else None)
+    if eos is None:
+        meta.need("tokenizer.ggml.eos_token_id")
+    bos = token("tokenizer.ggml.bos_token_id", default=1 if spm else None)
     add_bos = _flag(meta, "tokenizer.ggml.add_bos_token")
     if add_bos and bos is None:
         raise UserError("is true, but there is no tokenizer.ggml.bos_token_id to add",
