@@ -64,6 +64,8 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
             "model": dataclasses.asdict(model.config), **(extra or {})}
     if getattr(model, "pad_token_id", None) is not None:  # a reward model's scoring position
         meta["pad_token_id"] = model.pad_token_id
+    if getattr(model, "reads_template_tail", False):  # scored as whole conversations
+        meta["reads_template_tail"] = True
     write_json_atomic(out / "config.json", meta)
     return out
 
@@ -360,6 +362,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             model.pad_token_id = check_pad_token_id(meta.get("pad_token_id"),
                                                     model.config.vocab_size,
                                                     p / "config.json", "pad_token_id")
+        if hasattr(model, "reads_template_tail"):
+            tail = meta.get("reads_template_tail", False)
+            if not isinstance(tail, bool):
+                raise UserError(f"must be true or false, got {tail!r}", path=p / "config.json",
+                                field="reads_template_tail")
+            model.reads_template_tail = tail
         tok = None
         if (p / "tokenizer.json").exists():
             from gptlab.tokenizer import load_tokenizer

@@ -1564,6 +1564,111 @@ def test_hf_reward_model_whose_pad_is_its_eos_scores_where_transformers_does(tmp
             load_model(d)
 
 
+SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's chat template (ChatML, a default system prompt)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _chatml_reward_model(d: Path, pad: str) -> tuple:
+    """A Llama classifier with a ChatML tokenizer whose EOS is <|im_end|> and whose pad is
+    `pad`, as TRL's RewardTrainer saves one (from SmolLM2-Instruct: <|im_end|>); and a policy
+    with its tokenizer."""
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300,
+                          special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
+    im_end = tok.hf.token_to_id("<|im_end|>")
+    for name in ("rm", "policy"):
+        tok.save(d / name)
+        _edit_tokenizer_config(d / name, chat_template=SMOLLM2_TEMPLATE, bos_token=None,
+                               eos_token="<|im_end|>", pad_token=pad)
+    cfg = _hf_model("llama", vocab_size=tok.vocab_size, pad_token_id=tok.hf.token_to_id(pad),
+                    eos_token_id=im_end).config
+    cfg.num_labels = 1
+    theirs = _randomize(transformers.LlamaForSequenceClassification(cfg), 4)
+    theirs.save_pretrained(d / "rm")
+    _hf_model("llama", vocab_size=tok.vocab_size, eos_token_id=im_end).save_pretrained(
+        d / "policy")
+    return theirs, transformers.AutoTokenizer.from_pretrained(d / "rm")
+
+
+@pytest.mark.parametrize("pad", ["<|im_end|>", "<|endoftext|>"])
+def test_a_trl_reward_model_is_scored_where_trl_trained_it(tmp_path, pad):
+    """TRL's RewardTrainer (checked in trl 1.12.0: `RewardTrainer._prepare_dataset`'s
+    `tokenize_fn`, `trl.data_utils._tokenize`, `DataCollatorForPreference`) tokenizes a
+    conversational preference as `apply_chat_template(prompt + chosen, tokenize=True,
+    return_dict=True)`, with no generation prompt and no EOS added: for ChatML the ids end
+    `<|im_end|>` "\\n". It pads with the tokenizer's pad (its EOS where it has none) and sets
+    the config's pad_token_id to it; transformers then pools the last token that is not the
+    pad: the "\\n" after the end of turn, whether the pad is <|im_end|> (SmolLM2's) or a
+    token of its own. gptlab scored PPO's responses closed by <|im_end|> alone, so it read the
+    token before it (or the <|im_end|>): another position, another score (a real 5-step TRL
+    run: 0.405 by TRL, 0.254 by gptlab)."""
+    from gptlab.checkpoint import load_model, save_model
+    from gptlab.data.instruct import Ranking, encode_prompt, end_of_response, template_tail
+    from gptlab.model.attention import common_prefix_length
+    from gptlab.train.ppo import PPOConfig, PPOTrainer, Rollout, layout
+    from gptlab.train.reward import collate_rankings, encode_ranking, ranked_scores
+    theirs, hf_tok = _chatml_reward_model(tmp_path, pad)
+    prompt = [{"role": "user", "content": "Is the cat happy?"}]
+    answers = ["Yes, the cat is happy.", "SELECT name FROM users;", "No"]
+    # As TRL tokenizes and collates them: right-padded with the pad, scored by transformers.
+    rows = [hf_tok.apply_chat_template(prompt + [{"role": "assistant", "content": a}],
+                                       tokenize=True, return_dict=True)["input_ids"]
+            for a in answers]
+    pad_id, im_end = theirs.config.pad_token_id, hf_tok.convert_tokens_to_ids("<|im_end|>")
+    assert pad_id == hf_tok.pad_token_id == hf_tok.convert_tokens_to_ids(pad)
+    assert all(r[-2:] == [im_end, hf_tok.convert_tokens_to_ids("\u010a")] for r in rows)
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask).logits[:, 0]
+        at_end = theirs(input_ids=torch.tensor([rows[0][:-1]])).logits[0, 0]
+    assert abs(at_end - want[0]) > 1e-2  # without the "\\n", another position, another score
+
+    # PPO: the policy's responses stop at <|im_end|>; the last was cut at max_new_tokens.
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    t = PPOTrainer(PPOConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"),
+                             prompts=str(tmp_path / "prompts.jsonl"), out=str(tmp_path / "ppo"),
+                             device="cpu", max_new_tokens=8, batch_size=1, minibatch_size=1,
+                             missing_eos_penalty=0.0))
+    tok = t.tok
+    assert tok.vocab_size == len(hf_tok)
+    responses = [tok.encode(a) + [im_end] for a in answers[:2]] + [tok.encode(answers[2])]
+    prompts = [encode_prompt(tok, prompt)] * 3
+    assert prompts[0] == rows[0][:len(prompts[0])]
+    for shared in (0, common_prefix_length(prompts)):
+        lay_ids, lay_mask, rmask, P, prefix = layout(prompts, responses, tok.pad_id, "cpu",
+                                                     shared)
+        ro = Rollout(lay_ids, lay_mask, rmask, P, [{"prompt": prompt}] * 3, responses,
+                     torch.tensor([True, True, False]), prefix,
+                     [t.prompt_ends[0]] * 3, [t.prompt_tails[0]] * 3)  # as `rollout` has them
+        torch.testing.assert_close(t.score(ro), want, atol=1e-4, rtol=0)
+    assert t.prompt_ends == [end_of_response(tok, prompt)] == [[im_end]]
+    assert t.rollout(1).tails == t.prompt_tails == [template_tail(tok, prompt)] == [rows[0][-1:]]
+
+    # `gptlab reward --model` continuing it trains on the same sequences and keeps the flag.
+    rm, _, _ = load_model(tmp_path / "rm")
+    enc = encode_ranking(tok, Ranking(prompt, answers), 256, rm.reads_template_tail)
+    assert enc.seqs == rows
+    with torch.no_grad():
+        scores = ranked_scores(rm, collate_rankings([enc], tok.pad_id))[0]
+    torch.testing.assert_close(scores, want, atol=1e-4, rtol=0)
+    save_model(tmp_path / "ours", rm)
+    meta = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert meta["reads_template_tail"] is True and load_model(tmp_path / "ours")[0] \
+        .reads_template_tail
+    (tmp_path / "ours" / "config.json").write_text(json.dumps({**meta,
+                                                               "reads_template_tail": "yes"}))
+    with pytest.raises(UserError) as err:
+        load_model(tmp_path / "ours")
+    assert str(err.value) == (f"{tmp_path / 'ours' / 'config.json'}, field "
+                              f"'reads_template_tail': must be true or false, got 'yes'")
+
+
 @pytest.mark.parametrize("kind,name", [("gguf", "nothere.gguf"), ("hf", "missingdir")])
 def test_convert_from_a_missing_source_says_not_found(tmp_path, capsys, kind, name):
     # It said "--from gguf expects a .gguf file" of a name that ends in .gguf.

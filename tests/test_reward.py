@@ -419,6 +419,39 @@ def test_a_finished_response_is_scored_as_the_reward_stage_encoded_it_with_a_lon
     assert scored_response(written, True, end, 3) == written[:1] + end
 
 
+def test_the_template_tail_is_what_a_whole_conversation_ends_with_after_the_end_of_turn():
+    # A Hugging Face reward model reads a response as TRL renders the whole conversation:
+    # end of turn, then the template's text after it (ChatML's "\n"), none for a template
+    # that stops at its end of turn or a plain prompt. A cut response that would overflow its
+    # room gives its last tokens to both.
+    from gptlab.data.instruct import encode_prompt, end_of_response, template_tail
+    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
+    from gptlab.train.reward import scored_response
+    base = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300,
+                           special_tokens=[BOS, EOS, PAD, "<|im_start|>", "<|im_end|>"])
+    chatml = Tokenizer(base.hf, None, "<|im_end|>", PAD, chat_template=(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
+    im_end, newline = base.hf.token_to_id("<|im_end|>"), chatml.encode("\n")
+    assert len(newline) == 1
+    chat = [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": "the fox"},
+            {"role": "user", "content": "the lazy dog"}]
+    for prompt in (chat[:1], chat):  # an earlier answer's end of turn is not this one's
+        assert end_of_response(chatml, prompt) == [im_end]
+        assert template_tail(chatml, prompt) == newline
+        whole, _ = chatml.render_chat(prompt + [{"role": "assistant", "content": "the cat"}])
+        assert whole == (encode_prompt(chatml, prompt) + chatml.encode("the cat") + [im_end]
+                         + newline)
+    assert template_tail(chatml, "the dog") == []
+    own = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    assert template_tail(own, chat[:1]) == []  # gptlab's template stops at its EOS
+    cut = chatml.encode("the quick brown fox jumps")
+    assert scored_response(cut, False, [im_end], 4, newline) == cut[:2] + [im_end] + newline
+    assert scored_response(cut + [im_end], True, [im_end], 100, newline) == \
+        cut + [im_end] + newline
+
+
 def test_an_empty_samples_file_is_said_to_be_empty(tmp_path):
     # It was "no sample fits the context to normalise the scores on".
     from gptlab.errors import UserError

@@ -223,6 +223,21 @@ def end_of_response(tokenizer: Any, prompt: Any) -> list[int]:
     return encode_response(tokenizer, "", prompt)
 
 
+def template_tail(tokenizer: Any, prompt: Any) -> list[int]:
+    """The tokens the chat template writes after the end of turn that closes a response to
+    `prompt`, where the conversation rendered whole ends (ChatML's "\\n" after `<|im_end|>`);
+    none for a plain-text prompt, or a template that stops at the end of turn (gptlab's own,
+    Llama 3's). A Hugging Face reward model reads them: it was trained on, and scores, whole
+    conversations (see ScalarHeadModel.reads_template_tail)."""
+    if isinstance(prompt, str):
+        return []
+    full, mask = tokenizer.render_chat(list(prompt) + [{"role": "assistant", "content": ""}])
+    closed = [i for i, m in enumerate(mask) if m]  # the empty answer's end of turn, last
+    if not closed or closed[-1] < len(encode_prompt(tokenizer, prompt)):
+        return []  # no end of turn closes the answer: nothing to read after it
+    return full[closed[-1] + 1:]
+
+
 def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int]) -> list[int]:
     """`encode_response` of a chat prompt whose tokens are `start`."""
     answer = _assistant_tokens_after(tokenizer, prompt, response, start)

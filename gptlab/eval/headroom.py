@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gptlab.data.instruct import encode_prompt, end_of_response
+from gptlab.data.instruct import encode_prompt, end_of_response, template_tail
 from gptlab.engine import SamplingParams, generate
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.train.reward import EncodedRanking, scored_response, shared_prompt_batch
@@ -62,8 +62,10 @@ def best_of_k(policy: torch.nn.Module, tok: Any, reward_model: ScalarHeadModel, 
         # Read as the reward model learned to read a response: closed by its end of turn, one
         # cut at max_new_tokens included.
         ends = [end_of_response(tok, r["prompt"]) for r in chunk]
+        tails = [template_tail(tok, r["prompt"]) if reward_model.reads_template_tail else []
+                 for r in chunk]
         room = [reward_model.config.context - len(p) for p in prompts]
-        closed = [scored_response(t, done, ends[i // k], room[i // k])
+        closed = [scored_response(t, done, ends[i // k], room[i // k], tails[i // k])
                   for i, (t, done) in enumerate(zip(gen.tokens, gen.finished))]
         s = score_responses(reward_model, prompts, k, closed, tok.pad_id)
         for j, r in enumerate(chunk):

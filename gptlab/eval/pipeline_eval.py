@@ -75,7 +75,7 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
             continue  # every response equally good: no pair to judge
         truth = Ranking(r.prompt, [r.ranked[i] for level in levels for i in level], r.id,
                         groups=[n for n, level in enumerate(levels) for _ in level])
-        e = encode_ranking(tok, truth, model.config.context)
+        e = encode_ranking(tok, truth, model.config.context, model.reads_template_tail)
         if e is not None:
             encoded.append(e)
             pairs += sum(len(a) * len(b) for i, a in enumerate(levels) for b in levels[i + 1:])

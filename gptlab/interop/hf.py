@@ -453,10 +453,13 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
     used |= {"score.weight", "score.bias"}
     gpt = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
     rm = ScalarHeadModel.from_gpt(gpt)
-    # transformers scores at the last token that is not the pad: where the pad is the end of
-    # turn (SmolLM2), at the token before it, which is what the model was trained on.
+    # transformers scores at the last token that is not the pad (a pad that is the end of turn,
+    # SmolLM2's, is never read).
     rm.pad_token_id = check_pad_token_id(raw.get("pad_token_id"), cfg.vocab_size,
                                          d / "config.json", "pad_token_id")
+    # Such a model scores whole conversations (TRL's RewardTrainer renders prompt + answer with
+    # the chat template): read each response with the template's text after its end of turn.
+    rm.reads_template_tail = True
     with torch.no_grad():
         rm.head.weight.copy_(sd["score.weight"].to(dtype).reshape(1, -1))
         rm.head.bias.copy_(sd["score.bias"].to(dtype).reshape(1) if "score.bias" in sd

@@ -3,8 +3,11 @@ token) and the PPO value model (one value per position).
 
 A reward model imported from a Hugging Face `*ForSequenceClassification` reads its score where
 transformers does: at the last token that is not its config's `pad_token_id` (`pad_token_id`
-here). Where the pad is also the end of turn (SmolLM2's `<|im_end|>`), that is the token before
-the end of turn that closes a response, the position such a model was trained to score."""
+here), of the conversation as the chat template renders it whole (`reads_template_tail`: the
+response, its end of turn, then the template's text after it, ChatML's "\\n"). That is how TRL's
+RewardTrainer tokenizes a conversational preference (`apply_chat_template` of prompt + answer,
+checked in trl 1.12.0): a ChatML model was trained to score the "\\n" after the `<|im_end|>` that
+closes the response, whether its pad is that `<|im_end|>` (SmolLM2) or a token of its own."""
 from __future__ import annotations
 
 import math
@@ -50,6 +53,9 @@ class ScalarHeadModel(nn.Module):
         # The token id the score is never read at (trailing pads, as transformers pools);
         # None: the last real token. Saved in config.json.
         self.pad_token_id: int | None = None
+        # Whether a response is scored with the chat template's text after its end of turn
+        # (`template_tail`), as whole conversations are (a Hugging Face classifier's). Saved.
+        self.reads_template_tail = False
 
     @classmethod
     def from_gpt(cls, gpt: GPT) -> "ScalarHeadModel":

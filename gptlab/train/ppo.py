@@ -32,7 +32,7 @@ from torch import Tensor
 
 from gptlab.checkpoint import Checkpointer, load_language_model, load_model, save_model
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
-                                  read_prompts)
+                                  read_prompts, template_tail)
 from gptlab.engine import SamplingParams, generate, scale_logits
 from gptlab.errors import UserError, check_given, counted, reports_path_errors, setting
 from gptlab.model.attention import PrefixKV, common_prefix_length
@@ -189,6 +189,7 @@ class Rollout:
     finished: Tensor       # (B,) bool: ended with a stop token
     prefix: Tensor | None = None  # (1, n) the shared start of every prompt
     ends: list[list[int]] = field(default_factory=list)  # each prompt's end of turn
+    tails: list[list[int]] = field(default_factory=list)  # what the reward model reads after it
 
     @property
     def response_ids(self) -> Tensor:
@@ -338,7 +339,7 @@ class PPOTrainer:
             if cfg.adaptive_kl else None
         self.records = read_prompts(cfg.prompts)
         self._check_records()
-        self.prompt_ids, self.prompt_ends = self._encode_prompts()
+        self.prompt_ids, self.prompt_ends, self.prompt_tails = self._encode_prompts()
         if not any(len(p) <= self.context - cfg.max_new_tokens for p in self.prompt_ids):
             n = len(self.prompt_ids)
             which = f"none of the {n} prompts fits" if n != 1 else "the prompt does not fit"
@@ -414,22 +415,26 @@ class PPOTrainer:
                             f"raised {type(e).__name__}: {e}", path=self.cfg.prompts,
                             field="reward_fn") from e
 
-    def _encode_prompts(self) -> tuple[list[list[int]], list[list[int]]]:
+    def _encode_prompts(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
         """Every prompt's token ids, encoded once, before the first step: one the chat template
         refuses stops the run here, naming its line, not at the step that first draws it. With
-        a reward model, also the end of turn that closes a response to each (`scored_response`);
-        without one, that list is empty."""
+        a reward model, also the end of turn that closes a response to each (`scored_response`),
+        and the chat template's text after it where the reward model reads that too
+        (`reads_template_tail`); without one, those lists are empty."""
         path = self.cfg.prompts
-        ids, ends = [], []
+        ids, ends, tails = [], [], []
+        rm = self.reward_model
         for rec in self.records:
             prompt = prompt_of(rec, path, rec.get("_line"))
             try:
                 ids.append(encode_prompt(self.tok, prompt))
-                if self.reward_model is not None:
+                if rm is not None:
                     ends.append(end_of_response(self.tok, prompt))
+                    tails.append(template_tail(self.tok, prompt) if rm.reads_template_tail
+                                 else [])
             except UserError as e:
                 raise e.at(path, rec.get("_line")) from None
-        return ids, ends
+        return ids, ends, tails
 
     def _check_vocabulary(self, model: torch.nn.Module, tok: Any, field: str, what: str) -> None:
         """A model given as --reward, --reference or --value reads the policy's token ids: its
@@ -543,7 +548,7 @@ class PPOTrainer:
     def rollout(self, step: int) -> Rollout:
         cfg = self.cfg
         room = self.context - cfg.max_new_tokens
-        prompts, records, ends = [], [], []
+        prompts, records, ends, tails = [], [], [], []
         # A draw with no prompt that fits is drawn again (one fits: __init__ checked).
         while not prompts:
             # (drawn by position: the same draws as sampling the records themselves)
@@ -555,6 +560,7 @@ class PPOTrainer:
                 records.append(self.records[i])
                 if self.prompt_ends:  # with a reward model: the end of turn closing its response
                     ends.append(self.prompt_ends[i])
+                    tails.append(self.prompt_tails[i])
         gen = generate(self.policy, prompts, SamplingParams(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             stop_ids=tuple(sorted(self.tok.stop_ids))),
@@ -562,7 +568,7 @@ class PPOTrainer:
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
                                              shared=common_prefix_length(prompts))
         return Rollout(ids, mask, rmask, P, records, gen.tokens,
-                       torch.tensor(gen.finished, device=self.device), prefix, ends)
+                       torch.tensor(gen.finished, device=self.device), prefix, ends, tails)
 
     # --- 2. score -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -605,14 +611,16 @@ class PPOTrainer:
 
     def _reward_model_scores(self, ro: Rollout) -> Tensor:
         """The reward model reads each response as it learned to read one (`scored_response`):
-        closed by the end of turn, a response cut at max_new_tokens included."""
+        closed by the end of turn, a response cut at max_new_tokens included, then the
+        template's text after it for one that reads whole conversations."""
         shared = 0 if ro.prefix is None else ro.prefix.shape[1]
         head = [] if ro.prefix is None else ro.prefix[0].tolist()
         prompts = [head + ro.ids[i, :ro.P][ro.attention_mask[i, shared:shared + ro.P].bool()]
                    .tolist() for i in range(len(ro.responses))]
-        responses = [scored_response(r, done, end, self.context - len(p))
-                     for r, done, end, p in zip(ro.responses, ro.finished.tolist(), ro.ends,
-                                                prompts)]
+        tails = ro.tails or [[]] * len(prompts)
+        responses = [scored_response(r, done, end, self.context - len(p), tail)
+                     for r, done, end, p, tail in zip(ro.responses, ro.finished.tolist(),
+                                                      ro.ends, prompts, tails)]
         return reward_model_scores(self.reward_model, prompts, responses, self.tok.pad_id,
                                    self.device, shared)
 

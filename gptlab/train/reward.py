@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
-                                  prompt_of, read_rankings, responses_of)
+                                  prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
 from gptlab.io import check_dir_out, read_jsonl
 from gptlab.model.gpt import GPT
@@ -88,23 +88,27 @@ class EncodedRanking:
             self.groups = list(range(len(self.seqs)))
 
 
-def encode_ranking(tokenizer: Any, r: Ranking, context: int) -> EncodedRanking | None:
-    """None when a response does not fit the context with its prompt (counted by the caller)."""
+def encode_ranking(tokenizer: Any, r: Ranking, context: int,
+                   tail: bool = False) -> EncodedRanking | None:
+    """None when a response does not fit the context with its prompt (counted by the caller).
+    `tail`: each response is followed by the chat template's text after its end of turn, as a
+    reward model that `reads_template_tail` reads it."""
     p = encode_prompt(tokenizer, r.prompt)
-    seqs = [p + encode_response(tokenizer, resp, r.prompt) for resp in r.ranked]
+    after = template_tail(tokenizer, r.prompt) if tail else []
+    seqs = [p + encode_response(tokenizer, resp, r.prompt) + after for resp in r.ranked]
     if max(len(s) for s in seqs) > context:
         return None
     return EncodedRanking(seqs, r.id, list(r.groups), len(p))
 
 
 def encode_rankings(tokenizer: Any, rankings: list[Ranking], context: int, skips: SkipCounter,
-                    path: str | Path) -> list[EncodedRanking]:
+                    path: str | Path, tail: bool = False) -> list[EncodedRanking]:
     """The rankings of the file `path` that fit the context, encoded; the others are counted
     in `skips`. An error (the chat template may refuse a conversation) names the line."""
     out = []
     for r in rankings:
         try:
-            e = encode_ranking(tokenizer, r, context)
+            e = encode_ranking(tokenizer, r, context, tail)
         except UserError as err:
             raise err.at(path, r.line) from None
         if e is None:
@@ -114,19 +118,22 @@ def encode_rankings(tokenizer: Any, rankings: list[Ranking], context: int, skips
     return out
 
 
-def scored_response(tokens: list[int], finished: bool, end: list[int], room: int) -> list[int]:
+def scored_response(tokens: list[int], finished: bool, end: list[int], room: int,
+                    tail: list[int] | None = None) -> list[int]:
     """A generated response as the reward model learned to read one (`encode_response`: the
-    response's own tokens, then its end of turn `end`): the stop token it wrote, or for a
+    response's own tokens, then its end of turn `end`, then `tail`, the template's text after
+    it, for a reward model that `reads_template_tail`): the stop token it wrote, or for a
     response cut at max_new_tokens the end it never reached, becomes `end`, so that the score is
     read on the same token, as in training. One that would overflow the `room` left after its
-    prompt gives its last tokens to the end."""
+    prompt gives its last tokens to the end and the tail."""
+    tail = tail or []
     if finished and len(end) > 1 and tokens[-len(end):] == end:
         # An end of turn of several tokens (Llama 2's " </s>") written whole: the model stopped
         # on its last token, and the tokens before it are the end's, not the response's.
         body = tokens[:-len(end)]
     else:
         body = tokens[:-1] if finished else tokens
-    return body[:max(0, room - len(end))] + end
+    return body[:max(0, room - len(end) - len(tail))] + end + tail
 
 
 def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
@@ -240,9 +247,11 @@ def normalize_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_id:
     return mean, std
 
 
-def sample_sequences(tokenizer: Any, path: str | Path, context: int) -> list[list[int]]:
+def sample_sequences(tokenizer: Any, path: str | Path, context: int,
+                     tail: bool = False) -> list[list[int]]:
     """Prompt + response token ids of every response of a samples file, duplicates included
-    (they weigh as the policy samples them); those longer than the context are left out."""
+    (they weigh as the policy samples them); those longer than the context are left out.
+    `tail`: as `encode_ranking`'s."""
     seqs = []
     records = read_jsonl(path)
     if not records:  # else reported as none fitting the context
@@ -251,7 +260,9 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int) -> list[lis
         responses = responses_of(rec, path, rec["_line"])
         prompt = prompt_of(rec, path, rec["_line"])
         p = encode_prompt(tokenizer, prompt)
-        seqs += [s for s in (p + encode_response(tokenizer, r, prompt) for r in responses)
+        after = template_tail(tokenizer, prompt) if tail else []
+        seqs += [s for s in (p + encode_response(tokenizer, r, prompt) + after
+                             for r in responses)
                  if len(s) <= context]
     return seqs
 
@@ -303,8 +314,10 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     # Skips are counted per file, so that each is reported on the file that holds them.
     skips = SkipCounter()
     val_skips = SkipCounter() if cfg.val_data else skips
-    train_e = encode_rankings(tok, train_r, context, skips, cfg.data)
-    val_e = encode_rankings(tok, val_r, context, val_skips, cfg.val_data or cfg.data)
+    # A Hugging Face classifier continued here keeps reading where it was trained to.
+    tail = model.reads_template_tail
+    train_e = encode_rankings(tok, train_r, context, skips, cfg.data, tail)
+    val_e = encode_rankings(tok, val_r, context, val_skips, cfg.val_data or cfg.data, tail)
     for path, counter in ((cfg.data, skips), (cfg.val_data, val_skips)):
         if path and counter.total:
             print(f"{path}: {counter.report('rankings')}", file=sys.stderr)
@@ -315,7 +328,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                        cfg.val_data, "rankings")
     # What the scores are normalised on, read before training so a bad file fails fast.
     if cfg.samples:
-        samples = sample_sequences(tok, cfg.samples, context)
+        samples = sample_sequences(tok, cfg.samples, context, tail)
     else:  # the training rankings hold the policy's samples, duplicates merged
         samples = [list(s) for s in sorted({tuple(s) for e in train_e for s in e.seqs})]
     if not samples:
