@@ -1,7 +1,7 @@
 """Typed configs: dataclasses, loaded from YAML and overridden from the command line.
 
 OmegaConf does the merging and the type checks; this module turns its errors into `UserError`s
-that name the file, the key path and the closest valid key.
+that name the file, the key path and the keys meant.
 """
 from __future__ import annotations
 
@@ -35,19 +35,52 @@ def _valid_keys(cls: type, path: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
+def _keys_meant(key: str, valid: Sequence[str]) -> list[str]:
+    """The valid keys an unknown `key` may have meant: the one it misspells (`max-steps`,
+    `kl_coeff`), else those it begins or shares a word with (`clip`: `grad_clip`, `value_clip`),
+    the closest first, else the few closest to it; at most four."""
+    written = key.replace("-", "_").lower()
+    typo = difflib.get_close_matches(written, valid, n=1, cutoff=0.8)
+    if typo:
+        return typo
+    words = set(written.split("_")) - {""}
+    related = [k for k in valid if k.startswith(written) or words & set(k.split("_"))]
+    if related:
+        def closeness(k: str) -> tuple[bool, float]:
+            return not k.startswith(written), -difflib.SequenceMatcher(None, written, k).ratio()
+        return sorted(related, key=closeness)[:4]  # sorted() keeps the fields' order in ties
+    return difflib.get_close_matches(written, valid, n=3)
+
+
+def _unknown_key(key: str, valid: Sequence[str], keys_help: str) -> str:
+    """`unknown key 'clip_range'; did you mean 'clip', 'grad_clip' or 'value_clip'? (...)`: the
+    keys meant, and where all are listed unless one alone is meant (not all ~40 on the line)."""
+    meant = [f"'{k}'" for k in _keys_meant(key.split(".")[-1], valid)]
+    said = f"unknown key '{key}'"
+    if len(meant) == 1:
+        return f"{said}; did you mean {meant[0]}?"
+    if meant:
+        return f"{said}; did you mean {', '.join(meant[:-1])} or {meant[-1]}? ({keys_help})"
+    return f"{said}; {keys_help}"
+
+
+def _keys_help(cls: type, command: str | None) -> str:
+    """Where the keys of `cls` are listed: the verb's --help, or the dataclass itself."""
+    return f"`{command} --help` lists the keys" if command else \
+        f"the fields of {cls.__name__} are the keys"
+
+
 def _config_error(cls: type, err: OmegaConfBaseException, source: str | Path,
-                  data: dict | None = None, lines: dict[str, int] | None = None) -> UserError:
+                  data: dict | None = None, lines: dict[str, int] | None = None,
+                  command: str | None = None) -> UserError:
     """OmegaConf's error as one line naming `source` (the file, at the key's line in `lines`,
-    or "command line") and the key; a wrong type says what the field takes and what it got
-    from `data` (OmegaConf's "Value 'x' of type 'str' could not be converted to Integer")."""
+    or "command line") and the key; an unknown key names the keys meant (`command`'s --help
+    lists them all), a wrong type says what the field takes and what it got from `data`
+    (OmegaConf's "Value 'x' of type 'str' could not be converted to Integer")."""
     key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
     msg = str(getattr(err, "msg", err)).splitlines()[0]
     if "not in" in msg and key:
-        close = difflib.get_close_matches(key.split(".")[-1], _valid_keys(cls, key), n=1)
-        msg = f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
-        valid = _valid_keys(cls, key)
-        if not close and valid:
-            msg += f"; valid keys: {', '.join(valid)}"
+        msg = _unknown_key(key, _valid_keys(cls, key), _keys_help(cls, command))
     elif isinstance(err, ValidationError):
         top = re.split(r"[.\[]", key, maxsplit=1)[0]
         expected = _expected(typing.get_type_hints(cls).get(top))
@@ -209,10 +242,11 @@ def _unreadable(e: ValueError) -> str:
 
 
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
-                overrides: Sequence[str] = (), **values: Any) -> T:
+                overrides: Sequence[str] = (), command: str | None = None, **values: Any) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`.
 
-    `values` are explicit command-line flags; a value of None means "not given".
+    `values` are explicit command-line flags; a value of None means "not given". `command`
+    (`gptlab ppo`) is the one whose --help an error points to.
     """
     conf = OmegaConf.structured(cls)
     data: dict = {}
@@ -240,7 +274,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         try:
             conf = OmegaConf.merge(conf, OmegaConf.create(data))
         except OmegaConfBaseException as e:
-            raise _config_error(cls, e, path, data, lines) from None
+            raise _config_error(cls, e, path, data, lines, command) from None
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' should look like key=value", path="command line")
@@ -266,14 +300,16 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         if given:
             conf = OmegaConf.merge(conf, OmegaConf.create(given))
     except OmegaConfBaseException as e:
-        raise _config_error(cls, e, "command line", {**typed, **given}) from None
+        raise _config_error(cls, e, "command line", {**typed, **given}, command=command) \
+            from None
     try:  # interpolations (`${lr}`) are resolved here: blame the layer that wrote the key
         return OmegaConf.to_object(conf)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = str(getattr(e, "full_key", "") or "").split(".")[0].split("[")[0]
         if yaml_path is not None and key in data and key not in typed and key not in given:
-            raise _config_error(cls, e, Path(yaml_path), data, lines) from None
-        raise _config_error(cls, e, "command line", {**typed, **given}) from None
+            raise _config_error(cls, e, Path(yaml_path), data, lines, command) from None
+        raise _config_error(cls, e, "command line", {**typed, **given}, command=command) \
+            from None
 
 
 def to_dict(config: Any) -> dict:
@@ -365,5 +401,6 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     extras."""
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    verb = getattr(args, "verb", None)
     return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or (),
-                       **values)
+                       f"gptlab {verb}" if verb else None, **values)

@@ -259,8 +259,9 @@ def test_a_yaml_error_names_the_line_it_is_on(tmp_path):
     ("steps: null\n", ":1, field 'steps': expected an integer, got null"),
     ("adaptive_kl: maybe\n", ":1, field 'adaptive_kl': expected true or false, got 'maybe'"),
     ("policy: [a, b]\n", ":1, field 'policy': expected a string, got a list ['a', 'b']"),
-    ("steps: 1\nclip_range: 0.2\n", ":2, field 'clip_range': unknown key 'clip_range'; valid "
-                                   "keys: "),
+    ("steps: 1\nclip_range: 0.2\n", ":2, field 'clip_range': unknown key 'clip_range'; did you "
+                                   "mean 'clip', 'grad_clip' or 'value_clip'? (`gptlab ppo "
+                                   "--help` lists the keys)"),
     # A list item that is a list or a mapping was let through, to fail as a path later.
     ("seed: 1\nptx_data: [a.txt, [b.txt]]\n", ":2, field 'ptx_data': item 1 is a list ['b.txt']; "
                                             "expected a string"),
