@@ -205,6 +205,34 @@ def _check_lists(cls: type, data: dict, source: str, fix: str,
                         path=source, line=line, field=key)
 
 
+def _missing_at(data: Any, prefix: str = "") -> str | None:
+    """The key (`policy`, `data[1]`) of the first value `???` in `data`: OmegaConf's mark of a
+    mandatory value not given yet, which a merge passes over, leaving the default in place."""
+    items = enumerate(data) if isinstance(data, list) else \
+        data.items() if isinstance(data, dict) else ()
+    for k, value in items:
+        key = f"{prefix}[{k}]" if isinstance(data, list) else f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(value, str) and value == "???":
+            return key
+        found = _missing_at(value, key)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_missing(data: Any, source: str | Path, lines: dict[str, int] | None = None,
+                   flags: bool = False) -> None:
+    """Refuse a value `???` in `data` (of the file `source`, of overrides, or of `flags`),
+    naming its key and the line that wrote it."""
+    key = _missing_at(data)
+    if key is not None:
+        line = (lines or {}).get(key) or (lines or {}).get(key.split("[")[0])
+        what = "the item" if key.endswith("]") else \
+            "--" + key.replace("_", "-") if flags else "the key"
+        raise UserError(f"??? is OmegaConf's missing value; give a value or leave {what} out",
+                        path=source, line=line, field=key)
+
+
 class _DuplicateKey(yaml.YAMLError):
     def __init__(self, message: str, line: int):
         super().__init__(message)
@@ -275,6 +303,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             conf = OmegaConf.merge(conf, OmegaConf.create(data))
         except OmegaConfBaseException as e:
             raise _config_error(cls, e, path, data, lines, command) from None
+        _check_missing(data, path, lines)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' should look like key=value", path="command line")
@@ -297,7 +326,9 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             typed = OmegaConf.to_container(dotlist)  # type: ignore[assignment]
             _check_lists(cls, typed, "command line", "{key}=[{item}]")
             conf = OmegaConf.merge(conf, dotlist)
+            _check_missing(typed, "command line")
         if given:
+            _check_missing(given, "command line", flags=True)
             conf = OmegaConf.merge(conf, OmegaConf.create(given))
     except OmegaConfBaseException as e:
         raise _config_error(cls, e, "command line", {**typed, **given}, command=command) \

@@ -272,3 +272,35 @@ def test_a_misspelled_override_after_a_list_flag_is_an_unknown_key_not_a_file(
     cfg = captured[verb]
     assert getattr(cfg, flag[2:].replace("-", "_")) == ["a.txt", "seeds=1", "b=c.txt"]
     assert cfg.seed == 3
+
+
+@pytest.mark.parametrize("text, argv, said", [
+    ("seed: 1\npolicy: ???\n", [], "{f}:2, field 'policy': ??? is OmegaConf's missing value; "
+                                   "give a value or leave the key out"),
+    ("seed: '???'\n", [], "{f}:1, field 'seed': ??? is OmegaConf's missing value; give a value "
+                          "or leave the key out"),
+    ("ptx_data:\n  - a.txt\n  - ???\n", [], "{f}:1, field 'ptx_data[1]': ??? is OmegaConf's "
+                                            "missing value; give a value or leave the item out"),
+    ("", ["policy=???"], "command line, field 'policy': ??? is OmegaConf's missing value; give a "
+                         "value or leave the key out"),
+    ("", ["seed=???"], "command line, field 'seed': ??? is OmegaConf's missing value; give a "
+                       "value or leave the key out"),
+    ("", ["--reward-fn", "???"], "command line, field 'reward_fn': ??? is OmegaConf's missing "
+                                 "value; give a value or leave --reward-fn out"),
+    ("", ["--ptx-data", "a.txt", "???"], "command line, field 'ptx_data[1]': ??? is OmegaConf's "
+                                         "missing value; give a value or leave the item out")])
+def test_omegaconfs_missing_value_is_refused_not_the_default_kept(text, argv, said, captured,
+                                                                  tmp_path, capsys):
+    # `policy: ???` left the default in place: OmegaConf's merge passes over a missing value.
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    assert main(["ppo", "--config", str(f), "seed=2", *argv]) == 2 and "ppo" not in captured
+    assert capsys.readouterr().err == "gptlab ppo: error: " + said.format(f=f) + "\n"
+
+
+def test_three_question_marks_inside_a_value_are_text(captured, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("sample_prompt: what ??? now\n")
+    assert main(["pretrain", "--config", str(f), "--out", "???x"]) == 0
+    assert (captured["pretrain"].sample_prompt, captured["pretrain"].out) == ("what ??? now",
+                                                                             "???x")
