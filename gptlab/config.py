@@ -305,8 +305,10 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             raise _config_error(cls, e, path, data, lines, command) from None
         _check_missing(data, path, lines)
     for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override '{item}' should look like key=value", path="command line")
+        if "=" not in item:  # a stray word: of a value that holds spaces, or of a flag
+            listed = f"; `{command} --help` lists the keys" if command else ""
+            raise UserError(f"override '{item}' should look like key=value (quote a value that "
+                            f"holds spaces; flags start with --{listed})", path="command line")
         try:  # OmegaConf reads the value as YAML, and lets its errors through
             OmegaConf.from_dotlist([item])
         except yaml.YAMLError as e:

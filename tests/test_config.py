@@ -304,3 +304,24 @@ def test_three_question_marks_inside_a_value_are_text(captured, tmp_path):
     assert main(["pretrain", "--config", str(f), "--out", "???x"]) == 0
     assert (captured["pretrain"].sample_prompt, captured["pretrain"].out) == ("what ??? now",
                                                                              "???x")
+
+
+@pytest.mark.parametrize("verb, argv, word", [
+    ("sft", ["foo"], "foo"),
+    ("pretrain", ["--sample-prompt", "Hello", "world"], "world"),  # a value with a space
+    ("ppo", ["seed", "3"], "seed")])
+def test_a_stray_word_is_one_line_with_the_hint_other_verbs_give(verb, argv, word, captured,
+                                                                 capsys):
+    # It said only "override 'foo' should look like key=value".
+    assert main([verb, *argv]) == 2 and verb not in captured
+    assert capsys.readouterr().err == (
+        f"gptlab {verb}: error: command line: override '{word}' should look like key=value "
+        f"(quote a value that holds spaces; flags start with --; `gptlab {verb} --help` lists "
+        f"the keys)\n")
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+    from gptlab.train.sft import SFTConfig
+    with pytest.raises(UserError) as e:  # from Python, no command to point to
+        load_config(SFTConfig, None, [word])
+    assert str(e.value) == (f"command line: override '{word}' should look like key=value (quote "
+                            f"a value that holds spaces; flags start with --)")
