@@ -26,6 +26,11 @@ class _Parser(argparse.ArgumentParser):
         # came, and then be refused or mean another flag.
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # A negative number is a value, in every form Python reads: argparse's own pattern
+        # takes only `-1` and `-0.5`, and read `--lr -1e-3` or `--temperature -.5e-1` as a flag
+        # left without its value ("argument --lr: expected one argument"). No flag of gptlab
+        # looks like a number, which would make argparse read numbers as flags instead.
+        self._negative_number_matcher = _NegativeNumber()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("argument "):
@@ -70,6 +75,14 @@ class _Parser(argparse.ArgumentParser):
             return " or ".join(filter(None, [", ".join(begun[:-1]), begun[-1]]))
         close = difflib.get_close_matches(flag, begun or known, n=1)
         return close[0] if close else ""
+
+
+class _NegativeNumber:
+    """argparse's test of whether a word is a negative number (its `.match`), as Python reads
+    one: `-1e-3`, `-1.`, `-1_000` too."""
+
+    def match(self, word: str) -> bool:
+        return word.startswith("-") and _is_number(word)
 
 
 def _is_number(word: str) -> bool:

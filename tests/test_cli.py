@@ -1513,3 +1513,56 @@ def test_every_default_every_help_shows_is_the_real_default():
                     assert text == real, where
                 checked += 1
     assert checked > 150  # every verb's, the config verbs' ~140 among them
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["sft", "--seed", "-1"], "seed", -1),
+    (["sft", "--lr", "-0.5"], "lr", -0.5),
+    # argparse's own pattern of a negative number is `-1` or `-0.5`: these were flags left
+    # without a value ("argument --lr: expected one argument").
+    (["sft", "--lr", "-1e-3"], "lr", -1e-3),
+    (["sft", "--lr", "-1."], "lr", -1.0),
+    (["ppo", "--temperature", "-.5E-1"], "temperature", -0.05),
+    (["ppo", "--missing-eos-penalty", "-2e0"], "missing_eos_penalty", -2.0),
+    (["sft", "--seed", "-1_000"], "seed", -1000),
+    (["generate", "--model", "m", "--prompt", "-1e3", "--temperature", "-1e-3"], "temperature",
+     -1e-3)])
+def test_a_negative_number_after_a_flag_is_its_value(argv, field, value):
+    from gptlab.cli import build_parser
+    assert getattr(build_parser().parse_args(argv), field) == value
+
+
+def test_a_negative_value_reaches_the_check_that_refuses_it_in_one_line(capsys):
+    from gptlab.cli import build_parser
+    from gptlab.config import config_from_args
+    from gptlab.train.sft import SFTConfig
+    cfg = config_from_args(SFTConfig, build_parser().parse_args(["sft", "--seed", "-1"]))
+    with pytest.raises(UserError) as e:
+        cfg.check()
+    assert str(e.value) == "field 'seed': must be in [0, 2**64), got -1"
+    for t in ("-0.5", "-1e-3"):
+        assert main(["generate", "--model", "m", "--prompt", "p", "--temperature", t]) == 2
+        assert capsys.readouterr().err == (
+            f"gptlab generate: error: field 'temperature': must be > 0, got {float(t)} (greedy "
+            f"decoding is --greedy, greedy=True in Python)\n")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["sft", "-x"], "unknown flag -x; `gptlab sft --help` lists the flags"),
+    (["generate", "--model", "m", "--prompt", "p", "-x"],
+     "unknown flag -x; `gptlab generate --help` lists the flags"),
+    # -1 was a stray override and -1e3 an unexpected argument: both are stray words now.
+    (["sft", "-1"], "command line: override '-1' should look like key=value (quote a value that "
+                    "holds spaces; flags start with --; `gptlab sft --help` lists the keys)"),
+    (["sft", "-1e3"], "command line: override '-1e3' should look like key=value (quote a value "
+                      "that holds spaces; flags start with --; `gptlab sft --help` lists the "
+                      "keys)"),
+    (["generate", "--model", "m", "--prompt", "p", "-1e3"],
+     "unexpected argument '-1e3' (quote a value that holds spaces; `gptlab generate --help` "
+     "lists the arguments)")])
+def test_a_stray_dash_word_is_refused_in_one_line(argv, said, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and capsys.readouterr().err == f"gptlab {argv[0]}: error: {said}\n"
