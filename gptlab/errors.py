@@ -70,6 +70,12 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def exception_line(e: BaseException) -> str:
+    """`e` as one line of a message, its type and its text: "ValueError: no reference answer".
+    The text of a user's exception may hold line breaks; the line would stop at the first."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def check_given(cfg: object, names: tuple[str, ...], stage: str) -> None:
     """Raise a UserError naming the first of the fields `names` of `cfg` that is unset or
     empty: the paths a stage cannot run without ("" is the current directory, no file)."""

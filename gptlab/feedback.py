@@ -18,7 +18,7 @@ import torch
 from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_prompts,
                                   responses_of)
 from gptlab.engine import Generation, SamplingParams, generate
-from gptlab.errors import UserError, counted, reports_path_errors
+from gptlab.errors import UserError, counted, exception_line, reports_path_errors
 from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
                        write_jsonl_atomic)
 from gptlab.plugin import load_function
@@ -285,7 +285,7 @@ def own_ranker(spec: str) -> RankFn:
         except (Exception, SystemExit) as e:  # the user's function: never a traceback, nor a
             # silent end (sys.exit(0) would exit with success and no rankings)
             of_id = f" for id {record['id']!r}" if "id" in record else ""
-            raise UserError(f"the labeler {spec} raised {type(e).__name__}: {e}{of_id}",
+            raise UserError(f"the labeler {spec} raised {exception_line(e)}{of_id}",
                             field="labeler") from e
     return rank
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, exception_line
 
 
 def import_from_cwd(name: str) -> Any:
@@ -35,7 +35,7 @@ def load_function(spec: str, field: str) -> tuple[Any, Callable]:
         module = import_from_cwd(mod)
     except Exception as e:  # not found, a syntax error, or anything its import raised
         raise UserError(f"cannot load '{spec}': importing {mod} failed with "
-                        f"{type(e).__name__}: {e}", field=field) from None
+                        f"{exception_line(e)}", field=field) from None
     fn = getattr(module, name, None)
     if fn is None:
         raise UserError(f"cannot load '{spec}': module {mod} has no '{name}'", field=field)

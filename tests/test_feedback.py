@@ -177,6 +177,28 @@ def test_a_broken_ranking_function_is_named_with_file_line_and_field(own_module,
     assert not (tmp_path / "r.jsonl").exists()
 
 
+@pytest.mark.parametrize("source,message", [
+    (rank_for_t2("raise ValueError('no reference answer\\n  in the record')"),
+     "{samples}:2, field 'labeler': the labeler broken:rank raised ValueError: no reference "
+     "answer in the record for id 't2'"),
+    ("raise RuntimeError('cannot reach the scorer:\\n  connection refused')\n",
+     "field 'labeler': cannot load 'broken:rank': importing broken failed with RuntimeError: "
+     "cannot reach the scorer: connection refused")])
+def test_a_ranking_functions_exception_is_one_line(own_module, tmp_path, capsys, source,
+                                                   message):
+    """An exception whose text holds a line break (raised by the function, or by its module's
+    import) is reported on one line: the message broke in two, its id on the second."""
+    own_module("broken", source)
+    samples = write_samples(tmp_path / "samples.jsonl", [
+        {"id": "t1", "prompt": "p", "responses": ["a", "b"]},
+        {"id": "t2", "prompt": "q", "responses": ["a", "b", "c"]}])
+    assert main(["label", "--labeler", "broken:rank", "--in", str(samples),
+                 "--out", "r.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gptlab label: error: {message.format(samples=samples)}\n"
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 @pytest.mark.parametrize("flags,field,flag", [
     (["--world", "data/world"], "world", "--world"), (["--no-ties"], "ties", "--no-ties"),
     (["--ties"], "ties", "--ties"), (["--disagreement", "0"], "disagreement", "--disagreement"),
