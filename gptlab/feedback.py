@@ -219,7 +219,7 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
                         f"first (tied ones as lists), or one score per response",
                         field="ranked")
     if answer and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in answer):
-        return _score_levels([float(x) for x in answer], responses, of_id)
+        return _score_levels(list(answer), responses, of_id)
     levels = [item if isinstance(item, list) else [item] for item in answer]
     flat = [r for level in levels for r in level]
     if not all(levels) or not all(isinstance(r, str) for r in flat) \
@@ -230,18 +230,27 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
     return levels
 
 
-def _score_levels(scores: list[float], responses: list[str], of_id: str) -> list[list[str]]:
-    """`responses` grouped by their `scores`, highest first; equal scores are one level."""
+def _score_levels(scores: list[numbers.Real], responses: list[str], of_id: str
+                  ) -> list[list[str]]:
+    """`responses` grouped by their `scores` (as floats), highest first; equal scores are one
+    level."""
     if len(scores) != len(responses):
         raise UserError(f"the labeler returned {len(scores)} scores{of_id}, for "
                         f"{len(responses)} responses (one score per response, in their order)",
                         field="ranked")
+    floats = []
     for i, x in enumerate(scores):
-        if not math.isfinite(x):  # NaN would compare unequal to itself and to everything
-            raise UserError(f"the labeler returned a non-finite score ({x}){of_id}, response "
-                            f"{i + 1} of {len(responses)}", field="ranked")
+        try:
+            floats.append(float(x))
+        except OverflowError:  # an integer such as 10 ** 400: no float holds it
+            raise UserError(f"the labeler returned a score out of a float's range (beyond "
+                            f"±1.8e308){of_id}, response {i + 1} of {len(responses)}",
+                            field="ranked") from None
+        if not math.isfinite(floats[-1]):  # NaN would compare unequal to itself and to all
+            raise UserError(f"the labeler returned a non-finite score ({floats[-1]}){of_id}, "
+                            f"response {i + 1} of {len(responses)}", field="ranked")
     by_score: dict[float, list[str]] = {}
-    for x, r in zip(scores, responses):
+    for x, r in zip(floats, responses):
         by_score.setdefault(x, []).append(r)
     return [by_score[x] for x in sorted(by_score, reverse=True)]
 

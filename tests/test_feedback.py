@@ -152,6 +152,10 @@ BAD_LINE = "{samples}:2, field 'ranked': the labeler "
      BAD_LINE + "returned a non-finite score (nan) for id 't2', response 2 of 3"),
     (rank_for_t2("return [1.0, float('inf'), 0.0]"), "broken:rank",
      BAD_LINE + "returned a non-finite score (inf) for id 't2', response 2 of 3"),
+    # an integer no float holds was an OverflowError: a traceback, exit 1
+    (rank_for_t2("return [1, -10 ** 400, 0]"), "broken:rank",
+     BAD_LINE + "returned a score out of a float's range (beyond ±1.8e308) for id 't2', "
+                "response 2 of 3"),
     (rank_for_t2("return responses[:2]"), "broken:rank",
      BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
                 "one score per response; it did not for id 't2'"),
