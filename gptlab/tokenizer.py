@@ -397,11 +397,12 @@ class Tokenizer:
     @reports_path_errors
     def save(self, directory: str | Path) -> None:
         """Write an HF-compatible `tokenizer_config.json` (and `generation_config.json`, where
-        `end_ids` add ends of generation) and `tokenizer.json`, atomically, the latter last: a
-        directory with a tokenizer.json holds the whole tokenizer (a save stopped between them
-        leaves none that could load with another BOS/EOS or be refused). Without `end_ids`, a
-        generation_config.json already there (an earlier model's) is removed, as the other two
-        files are replaced: `load_tokenizer` would read its ids as this tokenizer's ends."""
+        there are stop ids besides EOS: the `end_ids`, the template's end of turn) and
+        `tokenizer.json`, atomically, the latter last: a directory with a tokenizer.json holds
+        the whole tokenizer (a save stopped between them leaves none that could load with
+        another BOS/EOS or be refused). Without such ids, a generation_config.json already
+        there (an earlier model's) is removed, as the other two files are replaced:
+        `load_tokenizer` would read its ids as this tokenizer's ends."""
         d = ensure_dir(directory)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -417,10 +418,14 @@ class Tokenizer:
         if self.extra_special_tokens:  # tokenizer.json marks them special too
             config["additional_special_tokens"] = list(self.extra_special_tokens)
         write_json_atomic(d / "tokenizer_config.json", config)
-        if self.end_ids:  # where transformers' generate reads them; the ids config.json names
+        # Every stop id, where transformers' generate reads them: a ChatML end of turn that is
+        # not EOS (<|im_end|> after Qwen2's <|endoftext|>) would not stop it otherwise.
+        ends = [i for i in dict.fromkeys([*self.end_ids, *sorted(self.stop_ids)])
+                if i != self.eos_id]
+        if ends:  # with the ids config.json names
             write_json_atomic(d / "generation_config.json", {
                 "bos_token_id": self.hf.token_to_id(self.bos_token) if self.bos_token else None,
-                "eos_token_id": [self.eos_id, *self.end_ids], "pad_token_id": self.pad_id})
+                "eos_token_id": [self.eos_id, *ends], "pad_token_id": self.pad_id})
         else:
             (d / "generation_config.json").unlink(missing_ok=True)
         with atomic_path(d / "tokenizer.json") as tmp:

@@ -756,6 +756,43 @@ def test_special_tokens_and_ends_of_generation_survive_convert_both_ways(tmp_pat
     assert not (tmp_path / "failed").exists()
 
 
+def test_the_templates_end_of_turn_stops_transformers_generate_after_export(tmp_path):
+    """A base model's tokenizer as Qwen2.5's: EOS <|endoftext|>, a ChatML template whose end of
+    turn <|im_end|> gptlab stops at, and a generation_config.json naming EOS only. Trained on
+    its template, such a model exported without a generation_config.json, and transformers'
+    generate ran past every <|im_end|> to <|endoftext|>. Now the export lists both; loaded
+    back, the stop ids and the assistant mask are the same."""
+    import tokenizers
+
+    from gptlab.checkpoint import load_model
+    from gptlab.tokenizer import load_tokenizer, train_tokenizer
+
+    base = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300, special_tokens=["<s>", "</s>"])
+    hf = tokenizers.Tokenizer.from_str(base.hf.to_str())
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    n = base.vocab_size  # <|im_start|> n, <|im_end|> n + 1, <|endoftext|> n + 2
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+              "<|im_end|>\n{% endfor %}")
+    _hf_model("llama", vocab_size=n + 3).save_pretrained(tmp_path / "src")
+    hf.save(str(tmp_path / "src" / "tokenizer.json"))
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "add_bos_token": False, "chat_template": chatml}))
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": n + 2}))  # as Qwen2.5's base models ship it
+    assert main(["convert", "--from", "hf", str(tmp_path / "src"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    tok = load_model(tmp_path / "ours")[1]
+    assert tok.eos_id == n + 2 and tok.stop_ids == {n + 1, n + 2}
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"),
+                 "--out", str(tmp_path / "back")]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert model.generation_config.eos_token_id == [n + 2, n + 1]
+    again = load_tokenizer(tmp_path / "back")
+    assert again.stop_ids == tok.stop_ids
+    chat = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "SELECT 1"}]
+    assert again.render_chat(chat) == tok.render_chat(chat)
+
+
 # --- GGUF files written here --------------------------------------------------------------------
 
 def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -864,11 +864,12 @@ def test_special_tokens_and_ends_survive_a_save_and_transformers_agrees(plain, t
     assert back.decode(chat_ids) == ours.decode(chat_ids)
     assert "<|im_end|>" not in ours.decode(chat_ids)
     assert json.loads((tmp_path / "saved" / "generation_config.json").read_text()) == {
-        "bos_token_id": None, "eos_token_id": [ours.eos_id, n + 2], "pad_token_id": ours.eos_id}
+        "bos_token_id": None, "eos_token_id": [ours.eos_id, n + 2, n + 1],  # <|im_end|> too
+        "pad_token_id": ours.eos_id}
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
     assert {n, n + 1} <= set(theirs.all_special_ids)
     assert transformers.GenerationConfig.from_pretrained(
-        str(tmp_path / "saved")).eos_token_id == [ours.eos_id, n + 2]
+        str(tmp_path / "saved")).eos_token_id == [ours.eos_id, n + 2, n + 1]
     assert_reads_as_transformers(back, theirs, "a <|im_end|> b <|eom|>")
 
 
