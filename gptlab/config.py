@@ -140,7 +140,7 @@ def _key_lines(text: str) -> dict[str, int]:
 def _syntax_error(e: yaml.YAMLError, text: str, path: Path) -> UserError:
     """PyYAML's error (five lines, of "<unicode string>") as one naming the file, the line and
     the column, and the key on that line: `c.yaml:2:7, field 'lr': not valid YAML: expected ','
-    or ']', but got '<stream end>' (in a flow sequence from line 2, column 5)`."""
+    or ']', but got '<stream end>' (while parsing a flow sequence at line 2, column 5)`."""
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem, context = getattr(e, "problem", None), getattr(e, "context", None)
     if isinstance(e, yaml.reader.ReaderError):  # a control character, by its offset
