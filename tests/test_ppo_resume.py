@@ -3,6 +3,7 @@ ends with the same weights and the same metrics rows as a run that never stopped
 and PPO-ptx included)."""
 import dataclasses
 import json
+import re
 import shutil
 import signal
 
@@ -339,6 +340,10 @@ def ppo_args(d, out, *args):
                                           "syntaxfree:short returned 1 score for 2 responses"),
     (["--reward-fn", "syntaxfree:quits"], "field 'reward_fn': the reward function "
                                           "syntaxfree:quits raised SystemExit: 0"),
+    # A message of several lines is one line of the error (it split the error's line).
+    (["--reward-fn", "syntaxfree:lines"], "field 'reward_fn': the reward function "
+                                          "syntaxfree:lines raised ValueError: no answer for "
+                                          "the question\n"),
 ])
 def test_impossible_settings_fail_before_anything_is_written(setup, tmp_path, monkeypatch,
                                                              capsys, args, message):
@@ -349,11 +354,28 @@ def test_impossible_settings_fail_before_anything_is_written(setup, tmp_path, mo
     (mods / "syntaxfree.py").write_text(
         "def boom(p, r, rec):\n    raise RuntimeError('boom from reward fn')\n\n"
         "def short(p, r, rec):\n    return [1.0]\n\n"
-        "def quits(p, r, rec):\n    raise SystemExit(0)\n\nx = 3\n")
+        "def quits(p, r, rec):\n    raise SystemExit(0)\n\n"
+        "def lines(p, r, rec):\n    raise ValueError('no answer\\nfor the question')\n\n"
+        "def huge(p, r, rec):\n    return [10 ** 400] * len(r)\n\nx = 3\n")
     monkeypatch.syspath_prepend(str(mods))
     out = tmp_path / "run"
     assert main(ppo_args(d, out, *args)) == 2
     assert f"gptlab ppo: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_reward_no_float_holds_is_a_clear_error(setup, tmp_path, monkeypatch, capsys):
+    """An integer score past float's range (10 ** 400) was an OverflowError traceback, exit 1."""
+    d, _, _ = setup
+    (tmp_path / "hugemod.py").write_text("def huge(p, r, rec):\n    return [10 ** 400] * len(r)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(ppo_args(d, out, "--reward-fn", "hugemod:huge")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptlab ppo: error: ") and err.count("\n") == 1
+    assert re.search(r"prompts\.jsonl:\d+, field 'reward_fn': the reward function hugemod:huge "
+                     r"returned an integer of 401 digits for prompt id \S+, too large for a "
+                     r"score \(a float\)\n$", err), err
     assert not out.exists()
 
 

@@ -34,7 +34,8 @@ from gptlab.checkpoint import Checkpointer, load_language_model, load_model, sav
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
 from gptlab.engine import SamplingParams, generate, scale_logits
-from gptlab.errors import UserError, check_given, counted, reports_path_errors, setting
+from gptlab.errors import (UserError, check_given, counted, exception_line,
+                           reports_path_errors, setting)
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -277,6 +278,9 @@ def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
         x = None if isinstance(v, (bool, str, bytes)) else float(v)
     except (TypeError, ValueError):
         x = None
+    except OverflowError:  # an integer no float holds (10 ** 400)
+        raise UserError(f"the reward function {name} returned an integer of {len(str(abs(v)))} "
+                        f"digits{of}, too large for a score (a float)", field="reward_fn") from None
     if x is None:
         raise UserError(f"the reward function {name} returned a {type(v).__name__} ({v!r})"
                         f"{of}; a score must be a real number", field="reward_fn")
@@ -412,7 +416,7 @@ class PPOTrainer:
             raise
         except (Exception, SystemExit) as e:  # the user's check, reported as its score is
             raise UserError(f"the reward function {self.reward_fn_name}: check_records "
-                            f"raised {type(e).__name__}: {e}", path=self.cfg.prompts,
+                            f"raised {exception_line(e)}", path=self.cfg.prompts,
                             field="reward_fn") from e
 
     def _encode_prompts(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -591,7 +595,7 @@ class PPOTrainer:
             values = list(returned) if isinstance(returned, Iterable) else None
         except (Exception, SystemExit) as e:  # the user's function: report it, never a
             # silent zero, nor a silent end (sys.exit(0) would exit with success)
-            raise UserError(f"the reward function {name} raised {type(e).__name__}: {e}",
+            raise UserError(f"the reward function {name} raised {exception_line(e)}",
                             field="reward_fn") from e
         if values is None:  # a forgotten `return`, or one number for the whole batch
             what = "None" if returned is None else f"a {type(returned).__name__}"
