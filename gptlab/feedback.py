@@ -213,8 +213,11 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
     order). A UserError (field `ranked`, naming `sample_id` when given) unless the answer
     orders exactly `responses`, each once, in non-empty levels, or gives each a real score."""
     of_id = "" if sample_id is None else f" for id {sample_id!r}"
+    if hasattr(answer, "tolist") and not isinstance(answer, (list, tuple)):
+        answer = answer.tolist()  # scores as a NumPy array or a tensor, as PPO's reward takes
     if not isinstance(answer, (list, tuple)):
-        what = "None" if answer is None else f"a {type(answer).__name__}"
+        kind = type(answer).__name__
+        what = "None" if answer is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         raise UserError(f"the labeler returned {what}{of_id}, not a list: the responses best "
                         f"first (tied ones as lists), or one score per response",
                         field="ranked")

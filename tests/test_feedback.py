@@ -5,6 +5,7 @@ import dataclasses
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,6 +238,19 @@ def test_label_samples_takes_scores_and_gives_the_labeler_copies():
         {"id": 1, "prompt": "p", "ranked": ["w", "x", "y", "z"]}]
     with pytest.raises(UserError, match="permutation"):  # a bool is no score
         label_samples(samples, lambda record, responses: [True, False, False, False])
+
+
+def test_a_labeler_may_score_with_an_array_or_a_tensor():
+    """As PPO's reward function may: a 1-D NumPy array or tensor of scores is read as a list;
+    a 0-d one is one number for every response, refused naming what it is."""
+    samples = [{"id": 1, "prompt": "p", "responses": ["a", "b", "c"], "_line": 1}]
+    want = [{"id": 1, "prompt": "p", "ranked": ["b", ["a", "c"]]}]
+    assert label_samples(samples, lambda rec, rs: np.array([0.5, 2.0, 0.5])) == want
+    assert label_samples(samples, lambda rec, rs: torch.tensor([0.5, 2.0, 0.5])) == want
+    with pytest.raises(UserError, match=r"returned a float for id 1, not a list"):
+        label_samples(samples, lambda rec, rs: np.float64(1.0))
+    with pytest.raises(UserError, match=r"returned an int for id 1, not a list"):
+        label_samples(samples, lambda rec, rs: 3)
 
 
 def test_a_labeler_that_edits_a_message_changes_no_ranking():
