@@ -550,3 +550,48 @@ def test_out_of_memory_in_a_rollout_or_an_update_names_its_sizes(setup, tmp_path
     ptx = trainer(setup, tmp_path / "ptx", steps=1, ptx_data=[str(setup[1]["corpus"])],
                   ptx_coef=0.1, ptx_batch_size=3, ptx_block_size=8)
     assert ptx._update_sizes() == {"minibatch_size": 4, "ptx_batch_size": 3}
+
+
+OWN_TURNS = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, differs", [
+    # a default system prompt, as SmolLM2's template writes one
+    ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}{{ '<|system|>\\nBe brief.' + "
+     "eos_token }}{% endif %}" + OWN_TURNS, "token 1 of a user-assistant exchange is "
+     "'<|system|>' in its rendering, '<|user|>' in the policy's"),
+    # text after each end of turn, as ChatML's "\n" after <|im_end|>
+    ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + "
+     "eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
+     "{% endif %}", "is '\\n' in its rendering, '<|assistant|>' in the policy's"),
+    ("{{ bos_token }}" + OWN_TURNS, None),  # the policy's template, written otherwise
+], ids=["system-prompt", "text-after-end-of-turn", "same"])
+def test_a_model_with_another_chat_template_is_noted_once_naming_both(setup, tmp_path, capsys,
+                                                                      template, differs):
+    # Only the vocabulary was checked: a reward model trained with another template (another
+    # default system prompt, another end of turn) scored the policy's conversations without a
+    # word. Noted, not refused: one trained on the same base with a plainer one may be meant.
+    from gptlab.model.heads import ScalarHeadModel
+    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer
+    d, paths = setup
+    policy, tok, _ = ppo_module.load_model(d / "policy")
+    other = Tokenizer(tok.hf, BOS, EOS, PAD, chat_template=template)
+    save_model(tmp_path / "rm", ScalarHeadModel.from_gpt(policy), other,
+               extra={"stage": "reward"})
+    capsys.readouterr()
+    # the same directory as the value model's start too: one note
+    PPOTrainer(PPOConfig(policy=str(d / "policy"), prompts=str(paths["prompts"]),
+                         out=str(tmp_path / "run"), reward=str(tmp_path / "rm"),
+                         value=str(tmp_path / "rm"), device="cpu", max_new_tokens=6,
+                         batch_size=2, minibatch_size=2))
+    notes = capsys.readouterr().err.splitlines()
+    if differs is None:
+        assert notes == []
+        return
+    assert len(notes) == 1, notes
+    assert notes[0].startswith(
+        f"note: --reward {tmp_path / 'rm'}: its chat template writes a conversation otherwise "
+        f"than the policy's (--policy {d / 'policy'}): token ")
+    assert notes[0].endswith(f"{differs}; PPO gives the reward model conversations as the "
+                             f"policy's template writes them")

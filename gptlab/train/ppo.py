@@ -290,6 +290,42 @@ def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
     return x
 
 
+# A user-assistant exchange: two chat templates that render it to the same ids write PPO's
+# conversations alike (the system prompt a template adds by default, the turns, the end of turn
+# and what follows it are all in it).
+TEMPLATE_PROBE = ({"role": "user", "content": "Is the cat happy?"},
+                  {"role": "assistant", "content": "Yes, it is."})
+
+
+def template_difference(ours: Any, theirs: Any) -> str | None:
+    """Where tokenizer `theirs` (of the same vocabulary) renders TEMPLATE_PROBE otherwise than
+    `ours`: its first differing token, decoded, in words; None where both render it alike, or
+    where `ours` cannot render it (no template: the prompts are text; or one that refuses the
+    exchange: nothing to compare)."""
+    if ours.chat_template is None:
+        return None
+    try:
+        mine, _ = ours.render_chat(list(TEMPLATE_PROBE))
+    except UserError:
+        return None
+    if theirs.chat_template is None:
+        return "it has none"
+    try:
+        other, _ = theirs.render_chat(list(TEMPLATE_PROBE))
+    except UserError as e:
+        return f"it cannot render a user-assistant exchange ({e})"
+    if other == mine:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine),
+                                                                             len(other)))
+
+    def token(tok: Any, ids: list[int]) -> str:
+        return repr(tok.decode([ids[k]], skip_special=False)) if k < len(ids) else "its end"
+
+    return (f"token {k} of a user-assistant exchange is {token(theirs, other)} in its "
+            f"rendering, {token(ours, mine)} in the policy's")
+
+
 class PPOTrainer:
     """`reward_fn`, a function instead of `cfg.reward_fn`'s `module:function`, is for callers
     that build their reward in Python (the pipeline's execution-reward control)."""
@@ -319,6 +355,7 @@ class PPOTrainer:
             raise UserError(f"must be below the policy's context of "
                             f"{self.policy.config.context}, got {cfg.max_new_tokens}",
                             field="max_new_tokens")
+        self._noted_templates: set[Path] = set()  # directories whose template was noted
         self.reference = self._load_reference()
         self._load_reward(reward_fn)
         self.value_model = self._init_value_model()
@@ -443,7 +480,8 @@ class PPOTrainer:
     def _check_vocabulary(self, model: torch.nn.Module, tok: Any, field: str, what: str) -> None:
         """A model given as --reward, --reference or --value reads the policy's token ids: its
         tokenizer (when it has one) must be the policy's, and it needs an embedding row for
-        every id the policy can sample."""
+        every id the policy can sample. Another chat template is only noted
+        (`_note_other_template`)."""
         flag = "--" + field
         if tok is not None and tok.hf.get_vocab() != self.tok.hf.get_vocab():
             raise UserError(f"{what}'s tokenizer is not the policy's (it would read the "
@@ -453,6 +491,23 @@ class PPOTrainer:
             raise UserError(f"{what} has {model.config.vocab_size} embeddings, the policy's "
                             f"tokenizer {self.tok.vocab_size} tokens; give a {flag} made with "
                             f"the policy's tokenizer", path=getattr(self.cfg, field), field=field)
+        if tok is not None:
+            self._note_other_template(tok, field, what)
+
+    def _note_other_template(self, tok: Any, field: str, what: str) -> None:
+        """Every model reads conversations as the policy's chat template writes them: one
+        whose own template writes them otherwise (another default system prompt, another end
+        of turn) is noted on stderr, once per directory. Not refused: a reward model trained
+        on the same base with a plainer template may be meant."""
+        difference = template_difference(self.tok, tok)
+        where = Path(getattr(self.cfg, field)).resolve()
+        if difference is None or where in self._noted_templates:
+            return
+        self._noted_templates.add(where)
+        print(f"note: --{field} {getattr(self.cfg, field)}: its chat template writes a "
+              f"conversation otherwise than the policy's (--policy {self.cfg.policy}): "
+              f"{difference}; PPO gives {what} conversations as the policy's template writes "
+              f"them", file=sys.stderr)
 
     def _init_value_model(self) -> ScalarHeadModel:
         if self.cfg.value:
