@@ -1686,6 +1686,11 @@ def test_a_trl_reward_model_is_scored_where_trl_trained_it(tmp_path, pad):
         torch.testing.assert_close(t.score(ro), want, atol=1e-4, rtol=0)
     assert t.prompt_ends == [end_of_response(tok, prompt)] == [[im_end]]
     assert t.rollout(1).tails == t.prompt_tails == [template_tail(tok, prompt)] == [rows[0][-1:]]
+    # The value model starts as the reward model: its value on the "\n" after <|im_end|> is the
+    # score, on the <|im_end|> that ends the rollout another number (README: GAE reads neither).
+    with torch.no_grad():
+        v = t.value_model.values(torch.tensor([rows[0]]))[0]
+    assert abs(v[-1] - want[0]) < 1e-4 and abs(v[-2] - want[0]) > 1e-2
 
     # `gptlab reward --model` continuing it trains on the same sequences and keeps the flag.
     rm, _, _ = load_model(tmp_path / "rm")
