@@ -729,6 +729,20 @@ def _generation_end_ids(path: Path) -> list[tuple[int, str]]:
     return ids
 
 
+# The notes `load_tokenizer` printed: (file, text). A process loads one tokenizer several
+# times (the pipeline's stages; PPO's policy, reference and value model), and a note that
+# came once per load buried the rest of stderr.
+_NOTED: set[tuple[Path, str]] = set()
+
+
+def _note_once(path: Path, text: str) -> None:
+    """`note: PATH, TEXT` on stderr, the first time this process meets it in this file."""
+    key = (path.resolve(), text)
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(f"note: {path}, {text}", file=sys.stderr)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a directory (tokenizer.json [+ tokenizer_config.json,
     special_tokens_map.json, generation_config.json]) or a tokenizer.json file (the others
@@ -741,7 +755,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     then): its BOS, EOS and pad replace the config's, its additional tokens join the config's.
     A named token the vocabulary lacks is noted on stderr and stays text (transformers would
     add it as a new token, which the model has no trained embedding for). generation_config
-    .json's `eos_token_id` (one id or a list) adds ends of generation.
+    .json's `eos_token_id` (one id or a list) adds ends of generation. Each note is printed
+    once per process (`_note_once`), however often the directory is loaded.
     """
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
@@ -767,8 +782,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     vocab = hf.get_vocab_size(with_added_tokens=True)
     for i, where in ends:
         if not 0 <= i < vocab:
-            print(f"note: {gen_file}, field '{where}': {i} is not a token id of {file.name} "
-                  f"(0 to {vocab - 1}); generation does not stop at it", file=sys.stderr)
+            _note_once(gen_file, f"field '{where}': {i} is not a token id of {file.name} "
+                                 f"(0 to {vocab - 1}); generation does not stop at it")
     end_ids = [i for i, _ in ends if 0 <= i < vocab]
 
     def named(key: str) -> tuple[bool, str | None, Path]:
@@ -816,16 +831,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         # transformers goes by the content and keeps tokenizer.json's id, without a word
         actual = hf.token_to_id(token)
         if actual is not None and actual != i:
-            print(f"note: {config_file}, field '{where}': {token!r} is token {actual} of "
-                  f"{file.name}, not {i}; it is read by its content, as id {actual}",
-                  file=sys.stderr)
+            _note_once(config_file, f"field '{where}': {token!r} is token {actual} of "
+                                    f"{file.name}, not {i}; it is read by its content, as id "
+                                    f"{actual}")
     marked = [(t, config_file, where) for _, t, special, where in decoder if special]
     missing: set[str] = set()
     for token, source_file, where in listed + marked:
         if hf.token_to_id(token) is None and token not in missing:
             missing.add(token)
-            print(f"note: {source_file}, field '{where}': {token!r} is not in the vocabulary of "
-                  f"{file.name}; it is read as text, not as a special token", file=sys.stderr)
+            _note_once(source_file, f"field '{where}': {token!r} is not in the vocabulary of "
+                                    f"{file.name}; it is read as text, not as a special token")
     hf = _marked_special(hf, [t for t, _, _ in marked if t not in missing])
     tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
                     add_bos=add_bos, end_ids=end_ids,

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -791,6 +792,36 @@ def test_generation_config_ends_generation_at_each_of_its_ids(plain, tmp_path, c
         load_tokenizer(d)
     assert str(e.value) == (f"{d / 'generation_config.json'}, field 'eos_token_id[1]': must be "
                             f"a token id (an integer) or a list of them, got '</s>'")
+
+
+def test_a_tokenizer_s_notes_are_printed_once_per_process_per_file(plain, tmp_path, capsys):
+    """The pipeline loads a model's tokenizer at each stage, PPO for the policy, the reference
+    and the value model: generation_config.json's end id outside the vocabulary (and the other
+    notes of a load) came once per load, the same line over and over on stderr."""
+    n = plain.vocab_size
+    d = hf_dir(plain, tmp_path / "a", {"additional_special_tokens": ["<|eot_id|>"]},
+               added=[("<|im_start|>", True), ("<|im_end|>", True)],
+               generation={"eos_token_id": [n + 1, 10**6]})
+    notes = [f"note: {d / 'generation_config.json'}, field 'eos_token_id[1]': 1000000 is not a "
+             f"token id of tokenizer.json (0 to {n + 1}); generation does not stop at it",
+             f"note: {d / 'tokenizer_config.json'}, field 'additional_special_tokens[0]': "
+             f"'<|eot_id|>' is not in the vocabulary of tokenizer.json; it is read as text, not "
+             f"as a special token"]
+    capsys.readouterr()
+    for _ in range(3):
+        assert load_tokenizer(d).stop_ids == {1, n + 1}  # </s> and <|im_end|>
+    assert capsys.readouterr().err.splitlines() == notes
+    load_tokenizer(d / "tokenizer.json")  # the same files, named otherwise
+    assert capsys.readouterr().err == ""
+    # another directory's files are noted, and so is another id in the same file
+    shutil.copytree(d, tmp_path / "b")
+    load_tokenizer(tmp_path / "b")
+    assert capsys.readouterr().err.splitlines() == [x.replace(str(d), str(tmp_path / "b"))
+                                                    for x in notes]
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [n + 1, -1]}))
+    load_tokenizer(d)
+    load_tokenizer(d)
+    assert capsys.readouterr().err == notes[0].replace("1000000", "-1") + "\n"
 
 
 @pytest.mark.parametrize("key, value, field, message", [
