@@ -381,15 +381,22 @@ class Tokenizer:
         """The rendered conversation as template strings and message indices (content slots),
         and whether the template strips message content."""
         nonce = secrets.token_hex(8)
-        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
-        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked, add_generation_prompt))
-        pieces: list[str | int] = [int(p) if k % 2 else p for k, p in enumerate(parts)
-                                   if k % 2 or p]
         real = self._render(messages, add_generation_prompt)
-        for strip in (False, True):
-            if real == "".join(p if isinstance(p, str) else _content_of(messages, p, strip)
-                               for p in pieces):
-                return pieces, strip
+        # Every content marked; failing that, the empty ones left empty: Llama 2's template
+        # strips the system message and the first user message joined, so after an empty user
+        # message (`chat`'s probe of the room a question has) the "\n\n" it writes between
+        # them goes too, which a marker in its place would keep.
+        for mark_empty in (True, False):
+            marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"}
+                      if mark_empty or m["content"] else m for i, m in enumerate(messages)]
+            parts = re.split(f"\ue000{nonce}:(\\d+)\ue001",
+                             self._render(marked, add_generation_prompt))
+            pieces: list[str | int] = [int(p) if k % 2 else p for k, p in enumerate(parts)
+                                       if k % 2 or p]
+            for strip in (False, True):
+                if real == "".join(p if isinstance(p, str) else _content_of(messages, p, strip)
+                                   for p in pieces):
+                    return pieces, strip
         raise UserError("the chat template rewrites message content, so the assistant mask "
                         "cannot be derived exactly", field=self.template_field)
 

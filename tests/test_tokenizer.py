@@ -298,6 +298,40 @@ def test_chat_ids_are_those_of_the_whole_rendered_text_across_content_edges(tok)
     assert ids != inst._render_chat_piecewise(chat, *inst._template_pieces(chat, False))[0]
 
 
+# Llama 2's chat template as meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json holds it.
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def test_llama2_template_renders_a_system_message_before_an_empty_question(tok):
+    """Llama 2's template strips the system message and the first question joined, so with an
+    empty question (how `gptlab chat` measures the room its system message leaves) the
+    "\\n\\n" between them goes too: that was 'the chat template rewrites message content',
+    and `gptlab chat --system` refused to start on every Llama 2 chat model."""
+    llama2 = Tokenizer(tok.hf, BOS, EOS, PAD, chat_template=LLAMA2_CHAT)
+    system = {"role": "system", "content": "Be brief."}
+    for question in ("", "Who?"):
+        chat = [system, {"role": "user", "content": question}]
+        text = llama2._render(chat, True)
+        assert text.endswith("Be brief.\n<</SYS>>" + ("\n\nWho?" if question else "") + " [/INST]")
+        ids, mask = llama2.render_chat(chat, add_generation_prompt=True)
+        assert ids == tok.hf.encode(text, add_special_tokens=False).ids and set(mask) == {0}
+    ids, mask = llama2.render_chat([system, {"role": "user", "content": "Who?"},
+                                    {"role": "assistant", "content": "SELECT 1"}])
+    assert masked_text(llama2, ids, mask) == "SELECT 1 <|eos|>"
+
+
 def test_a_template_without_an_end_of_turn_token_masks_only_the_answers(tok):
     plain = Tokenizer(tok.hf, BOS, EOS, PAD,
                       chat_template="{% for m in messages %}{{ m['role'] + ': ' + m['content'] "
