@@ -422,6 +422,11 @@ class Tokenizer:
             "chat_template": self.chat_template,
             "clean_up_tokenization_spaces": False,
         }
+        unk = getattr(self.hf.model, "unk_token", None)
+        if unk is not None and self.hf.token_to_id(unk) is not None:
+            # SentencePiece's <unk> (Llama's, Mistral's): without it transformers' unk_token is
+            # None, and a script that pads with it (Llama 2's usual pad) pads with nothing.
+            config["unk_token"] = unk
         if self.extra_special_tokens:  # tokenizer.json marks them special too
             config["additional_special_tokens"] = list(self.extra_special_tokens)
         write_json_atomic(d / "tokenizer_config.json", config)

@@ -1322,6 +1322,8 @@ def test_gguf_sentencepiece_tokenizer_encodes_as_transformers_but_keeps_a_leadin
     export_hf(model, tok, tmp_path / "hf")
     exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     space = tok.hf.token_to_id("\u2581")
+    # SentencePiece's <unk> is named, as a Llama directory names it (it was None there).
+    assert (exported.unk_token, exported.unk_token_id) == ("<unk>", 0)
     assert (tok.bos_token, tok.eos_token, tok.bos_id, tok.eos_id) == ("<s>", "</s>", 1, 2)
     for text in _SPM_TEXTS:
         ours, want = tok.encode(text, bos=True), hf_tok(text)["input_ids"]
