@@ -1789,3 +1789,203 @@ def test_a_gpt2_checkpoint_s_causal_mask_buffers_are_not_weights_and_export_keep
     assert back.config.tie_embeddings
     ids = torch.tensor([tok.encode("the capital")])
     torch.testing.assert_close(back(ids), model(ids))
+
+
+# --- a Llama 2 model end to end through the command line ---------------------------------------
+
+# meta-llama/Llama-2-7b-chat-hf's chat template (system message inside the first question).
+_LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+_ANSWERS = {"is the cat happy?": "yes it is", "is the dog sad?": "no",
+            "how many users are there?": "there are 12345 users", "hello world": "hello",
+            "what is the capital of france?": "paris"}
+
+
+def _llama2_hf_dir(d: Path) -> tuple[Path, Path]:
+    """A tiny Llama 2 as its Hugging Face directory is laid out: tokenizer.json a SentencePiece
+    BPE (byte fallback, "▁" prepended and for spaces by the normalizer, <unk> <s> </s>),
+    tokenizer_config.json naming LlamaTokenizer with Llama 2's chat template, saved by
+    transformers; and the same model and vocabulary as a GGUF (pieces scored by merge rank)."""
+    from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,
+                            pre_tokenizers, processors, trainers)
+
+    lines = [*_ANSWERS, *_ANSWERS.values(), "select name from users;", "the answer is yes"]
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace()
+    learner.train_from_iterator(lines * 4, trainers.BpeTrainer(vocab_size=200,
+                                                               show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    merges = [tuple(m) for m in learned["merges"]]
+    pieces = sorted(t for t in learned["vocab"] if len(t) == 1) + list(
+        dict.fromkeys("".join(m) for m in merges))
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                              unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                          normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in ("<unk>", "<s>", "</s>")])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128,
+                                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                                   tie_word_embeddings=False)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    for name, model in (("hf", llama), ("rm-llama", transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(**{**cfg.to_dict(), "id2label": {0: "LABEL_0"},
+                                        "label2id": {"LABEL_0": 0}, "pad_token_id": 0})))):
+        model.save_pretrained(d / name)
+        fast.save_pretrained(d / name)
+        config = json.loads((d / name / "tokenizer_config.json").read_text())
+        config.update(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+                      legacy=False, chat_template=_LLAMA2_CHAT)
+        (d / name / "tokenizer_config.json").write_text(json.dumps(config))
+        (d / name / "chat_template.jinja").unlink(missing_ok=True)
+    llama.generation_config.save_pretrained(d / "hf")
+    rank = {p: k for k, p in reversed(list(enumerate("".join(m) for m in merges)))}
+    scores = [0.0] * 259 + [-float(rank.get(t, len(merges))) for t in pieces]
+    vocab = dict(tokens=tokens, scores=scores, types=[2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    return d / "hf", _write_gguf(d / "m.gguf", llama, vocab=vocab, template=_LLAMA2_CHAT)
+
+
+def test_a_llama2_model_runs_the_whole_recipe_from_the_command_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    """convert (from hf and gguf) -> sft on messages -> sample -> label with a function of our
+    own -> reward -> ppo -> chat -> generate -> convert --to hf, on a tiny Llama 2 with a
+    SentencePiece tokenizer; transformers reads the export with our ids, logits and stop."""
+    import io
+
+    from gptlab.checkpoint import load_model
+    from gptlab.data.instruct import demonstration
+    from gptlab.io import read_jsonl
+
+    hf_dir, gguf_file = _llama2_hf_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymod.py").write_text(
+        "def rank(record, responses):\n"
+        "    return [r.split().count('yes') - len(r) // 4 for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    questions = list(_ANSWERS)
+    with open("sft.jsonl", "w") as f:
+        for i in range(20):
+            q = questions[i % 5]
+            chat = [{"role": "user", "content": q}, {"role": "assistant", "content": _ANSWERS[q]}]
+            system = [{"role": "system", "content": "answer briefly"}] if i % 4 == 0 else []
+            more = [{"role": "user", "content": "yes?"},
+                    {"role": "assistant", "content": "yes"}] if i % 5 == 1 else []
+            f.write(json.dumps({"messages": system + chat + more}) + "\n")
+    with open("prompts.jsonl", "w") as f:
+        for i, q in enumerate(questions):
+            f.write(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": q}]})
+                    + "\n")
+
+    def cli(*args: str) -> str:
+        capsys.readouterr()
+        assert main([*args]) == 0
+        return capsys.readouterr().out
+
+    cli("convert", "--from", "hf", str(hf_dir), "--out", "conv")
+    cli("convert", "--from", "gguf", str(gguf_file), "--out", "convg")
+    model, tok, _ = load_model(tmp_path / "conv")
+    gmodel, gtok, _ = load_model(tmp_path / "convg")
+    texts = ["hello world", " hello", "how many users are there?", "naïve ☃", "a\nb", "",
+             "  two  spaces", "yes </s> no"]
+    ours = [tok.encode(t, bos=True) for t in texts]
+    # tokenizer.json read as written: as transformers' PreTrainedTokenizerFast and the GGUF;
+    # transformers 5's LlamaTokenizer class rebuilds it with one "▁" less before a leading space.
+    plain = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    auto = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert ours[1] == [1, tok.hf.token_to_id("\u2581"), tok.hf.token_to_id("\u2581hello")]
+    for text, ids in zip(texts, ours):
+        assert gtok.encode(text, bos=True) == ids, text
+        if "</s>" not in text:  # special-token text stays text here, transformers parses it
+            assert plain(text)["input_ids"] == ids, text
+            assert auto(text)["input_ids"] == (ids[:1] + ids[2:] if text[:1] == " " else ids)
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids) == (1, 2, {2}) and gtok.stop_ids == {2}
+    assert_same_logits(gmodel, transformers.LlamaForCausalLM.from_pretrained(hf_dir), ours[:3])
+    assert_same_logits(model, transformers.LlamaForCausalLM.from_pretrained(hf_dir), ours[:3])
+
+    cli("sft", "--model", "conv", "--data", "sft.jsonl", "--out", "sft", "--max-steps", "30",
+        "--batch-size", "4", "--lr", "3e-3", "--eval-every", "15", "--no-progress")
+    space = tok.hf.token_to_id("\u2581")
+    for rec in read_jsonl("sft.jsonl"):  # each answer, then Llama 2's " " and </s>
+        ex = demonstration(tok, rec)
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        assert [t for t, m in zip(ex.ids, ex.loss_mask) if m] == [
+            t for a in answers for t in tok.encode(a) + [space, 2]]
+
+    cli("sample", "--model", "sft", "--prompts", "prompts.jsonl", "--k", "4", "--out",
+        "samples.jsonl", "--max-new-tokens", "6", "--temperature", "1.5")
+    cli("label", "--labeler", "mymod:rank", "--in", "samples.jsonl", "--out", "rankings.jsonl")
+    import mymod
+    samples, rankings = read_jsonl("samples.jsonl"), read_jsonl("rankings.jsonl")
+    assert [len(s["responses"]) for s in samples] == [4] * 5 and len(rankings) >= 3
+    by_id = {s["id"]: s for s in samples}
+    for r in rankings:
+        distinct = list(dict.fromkeys(x for x in by_id[r["id"]]["responses"] if x))
+        scores = dict(zip(distinct, mymod.rank(r, distinct)))
+        levels = [[x] if isinstance(x, str) else x for x in r["ranked"]]
+        assert sorted(x for level in levels for x in level) == sorted(distinct)
+        assert [{scores[x] for x in level} for level in levels] == [
+            {s} for s in sorted(set(scores.values()), reverse=True)]
+
+    cli("reward", "--model", "sft", "--data", "rankings.jsonl", "--samples", "samples.jsonl",
+        "--out", "rm", "--max-steps", "4", "--batch-size", "2", "--no-progress")
+    cli("ppo", "--policy", "sft", "--reward", "rm", "--prompts", "prompts.jsonl", "--out", "ppo",
+        "--steps", "2", "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "6",
+        "--no-progress")
+    metrics = read_jsonl("ppo/metrics.jsonl")
+    assert len(metrics) == 2 and all(np.isfinite(m["reward"]) for m in metrics)
+    # A Llama classifier from Hugging Face: trained on, and rewarding PPO.
+    cli("reward", "--model", "rm-llama", "--data", "rankings.jsonl", "--out",
+        "rm-hf", "--max-steps", "2", "--batch-size", "2", "--no-progress")
+    cli("ppo", "--policy", "sft", "--reward", "rm-llama", "--prompts", "prompts.jsonl",
+        "--out", "ppo-hf", "--steps", "1", "--batch-size", "4", "--minibatch-size", "4",
+        "--max-new-tokens", "6", "--no-progress")
+    assert np.isfinite(read_jsonl("ppo-hf/metrics.jsonl")[0]["reward"])
+
+    ppo_model, ppo_tok, _ = load_model(tmp_path / "ppo")
+    chat = [{"role": "system", "content": "answer briefly"},
+            {"role": "user", "content": "is the cat happy?"}]
+    prompt, _ = ppo_tok.render_chat(chat, add_generation_prompt=True)
+    reply = our_greedy(ppo_model, prompt, 12)
+    answer = reply[:reply.index(2)]  # it stops at </s>
+    monkeypatch.setattr("sys.stdin", io.StringIO("is the cat happy?\n"))
+    assert cli("chat", "--model", "ppo", "--system", "answer briefly", "--greedy",
+               "--max-new-tokens", "12") == ppo_tok.decode(answer).strip() + "\n\n\n"
+    ids = ppo_tok.encode("is the cat happy?", bos=True)
+    cont = generate(ppo_model, [ids], SamplingParams(greedy=True, max_new_tokens=8,
+                                                     stop_ids=(2,))).tokens[0]
+    assert cli("generate", "--model", "ppo", "--prompt", "is the cat happy?", "--greedy",
+               "--max-new-tokens", "8") == ppo_tok.decode_continuation(ids, cont) + "\n"
+
+    cli("convert", "--to", "hf", "ppo", "--out", "exported")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    their_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert (their_tok.bos_token_id, their_tok.eos_token_id, their_tok.unk_token_id) == (1, 2, 0)
+    for text, want in zip(texts, ours):
+        if "</s>" not in text:
+            assert their_tok(text)["input_ids"] == want, text
+    rendered = their_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    assert list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered) == prompt
+    assert_same_logits(ppo_model, theirs, [prompt, *ours[:3]])
+    out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    assert out[0, len(prompt):].tolist() == answer + [2]
