@@ -741,13 +741,13 @@ def _generation_end_ids(path: Path) -> list[tuple[int, str]]:
     return ids
 
 
-# The notes `load_tokenizer` printed: (file, text). A process loads one tokenizer several
-# times (the pipeline's stages; PPO's policy, reference and value model), and a note that
-# came once per load buried the rest of stderr.
+# The notes `load_tokenizer` and a GGUF's tokenizer printed: (file, text). A process loads one
+# tokenizer several times (the pipeline's stages; PPO's policy, reference and value model),
+# and a note that came once per load buried the rest of stderr.
 _NOTED: set[tuple[Path, str]] = set()
 
 
-def _note_once(path: Path, text: str) -> None:
+def note_once(path: Path, text: str) -> None:
     """`note: PATH, TEXT` on stderr, the first time this process meets it in this file."""
     key = (path.resolve(), text)
     if key not in _NOTED:
@@ -768,7 +768,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     A named token the vocabulary lacks is noted on stderr and stays text (transformers would
     add it as a new token, which the model has no trained embedding for). generation_config
     .json's `eos_token_id` (one id or a list) adds ends of generation. Each note is printed
-    once per process (`_note_once`), however often the directory is loaded.
+    once per process (`note_once`), however often the directory is loaded.
     """
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
@@ -794,7 +794,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     vocab = hf.get_vocab_size(with_added_tokens=True)
     for i, where in ends:
         if not 0 <= i < vocab:
-            _note_once(gen_file, f"field '{where}': {i} is not a token id of {file.name} "
+            note_once(gen_file, f"field '{where}': {i} is not a token id of {file.name} "
                                  f"(0 to {vocab - 1}); generation does not stop at it")
     end_ids = [i for i, _ in ends if 0 <= i < vocab]
 
@@ -843,7 +843,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         # transformers goes by the content and keeps tokenizer.json's id, without a word
         actual = hf.token_to_id(token)
         if actual is not None and actual != i:
-            _note_once(config_file, f"field '{where}': {token!r} is token {actual} of "
+            note_once(config_file, f"field '{where}': {token!r} is token {actual} of "
                                     f"{file.name}, not {i}; it is read by its content, as id "
                                     f"{actual}")
     marked = [(t, config_file, where) for _, t, special, where in decoder if special]
@@ -851,7 +851,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     for token, source_file, where in listed + marked:
         if hf.token_to_id(token) is None and token not in missing:
             missing.add(token)
-            _note_once(source_file, f"field '{where}': {token!r} is not in the vocabulary of "
+            note_once(source_file, f"field '{where}': {token!r} is not in the vocabulary of "
                                     f"{file.name}; it is read as text, not as a special token")
     hf = _marked_special(hf, [t for t, _, _ in marked if t not in missing])
     tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,

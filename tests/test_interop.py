@@ -1435,8 +1435,8 @@ def test_a_sentencepiece_gguf_without_bos_and_eos_ids_takes_llama_cpp_s_1_and_2(
     capsys.readouterr()
     _, tok = load_pretrained(path)
     assert capsys.readouterr().err == "".join(
-        f"note: {path}: no tokenizer.ggml.{key}_token_id; token {i} ('{t}') is taken for it, "
-        f"as llama.cpp takes it for a SentencePiece ('llama') vocabulary\n"
+        f"note: {path}, field 'tokenizer.ggml.{key}_token_id' is missing; token {i} ('{t}') is "
+        f"taken for it, as llama.cpp takes it for a SentencePiece ('llama') vocabulary\n"
         for key, i, t in (("eos", 2, "</s>"), ("bos", 1, "<s>")))
     _, want = load_pretrained(with_ids)
     assert (tok.bos_token, tok.eos_token, tok.bos_id, tok.eos_id) == ("<s>", "</s>", 1, 2)
@@ -1470,6 +1470,31 @@ def test_a_malformed_sentencepiece_gguf_tokenizer_is_refused_naming_the_key(
     assert str(e.value) == f"{path}, field '{field}': {message}"
     assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_gguf_tokenizer_notes_are_printed_once_per_process_per_file(tmp_path, monkeypatch,
+                                                                   capsys):
+    """The pipeline's stages and PPO's policy, reference and value model each load the GGUF:
+    its notes (a default BOS and EOS, a pad id outside the vocabulary, add_eos_token) came
+    once per load, as a Hugging Face directory's did before `note_once`; now once per file."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_bos_token_id", lambda self, i: None)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_eos_token_id", lambda self, i: None)
+    path, _ = _spm_gguf(tmp_path / "m.gguf", extra={"tokenizer.ggml.add_eos_token": True,
+                                                    "tokenizer.ggml.padding_token_id": 10**6})
+    capsys.readouterr()
+    load_pretrained(path)
+    notes = capsys.readouterr().err.splitlines()
+    assert [n.split("'")[1] for n in notes] == [
+        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.add_eos_token", "tokenizer.ggml.padding_token_id"]
+    assert all(n.startswith(f"note: {path}, field ") for n in notes)
+    _, tok = load_pretrained(path)
+    assert capsys.readouterr().err == "" and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(path.read_bytes())
+    load_pretrained(copy)
+    assert capsys.readouterr().err.splitlines() == [n.replace(str(path), str(copy), 1)
+                                                    for n in notes]
 
 
 def test_sentencepiece_gguf_flags_space_prefix_and_missing_scores(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
@@ -317,7 +316,7 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     Tokenizer; None if the file has none."""
     from tokenizers import AddedToken
 
-    from gptlab.tokenizer import Tokenizer
+    from gptlab.tokenizer import Tokenizer, note_once
 
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
@@ -337,13 +336,15 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
         # which EOS and the template's end of turn still stop): a note saying what happens
         # instead, and no token, as llama.cpp warns.
         # `default`: the id llama.cpp assumes where the file names none.
+        # Notes are printed once per process per file (`note_once`), as a Hugging Face
+        # directory's: the pipeline's stages and PPO's three models each load the file.
         i = meta.get(key)
         if i is None:
             if default is None or default >= len(tokens):
                 return None
-            print(f"note: {meta.path}: no {key}; token {default} ({tokens[default]!r}) is taken "
-                  f"for it, as llama.cpp takes it for a SentencePiece ('llama') vocabulary",
-                  file=sys.stderr)
+            note_once(meta.path, f"field '{key}' is missing; token {default} "
+                                 f"({tokens[default]!r}) is taken for it, as llama.cpp takes it "
+                                 f"for a SentencePiece ('llama') vocabulary")
             return default
         if not isinstance(i, int) or isinstance(i, bool):
             raise UserError(f"must be a token id, got {i!r}", path=meta.path, field=key)
@@ -352,7 +353,7 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
                       f"got {i}"
             if lenient is None:
                 raise UserError(message, path=meta.path, field=key)
-            print(f"note: {meta.path}, field '{key}': {message}; {lenient}", file=sys.stderr)
+            note_once(meta.path, f"field '{key}': {message}; {lenient}")
             return None
         return i
 
@@ -387,9 +388,9 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     if add_bos is None:  # llama.cpp adds BOS to Llama-3 and SentencePiece vocabularies
         add_bos = kind == "llama" or meta.get("tokenizer.ggml.pre") in _LLAMA3_PRES
     if _flag(meta, "tokenizer.ggml.add_eos_token"):
-        print(f"note: {meta.path}, field 'tokenizer.ggml.add_eos_token': true, but gptlab ends "
-              f"a sequence with EOS only where a stage needs one (a pretraining document, a chat "
-              f"turn by its template), not after every prompt", file=sys.stderr)
+        note_once(meta.path, "field 'tokenizer.ggml.add_eos_token': true, but gptlab ends a "
+                             "sequence with EOS only where a stage needs one (a pretraining "
+                             "document, a chat turn by its template), not after every prompt")
     template = meta.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise UserError(f"must be a Jinja template string, got {template!r}", path=meta.path,
