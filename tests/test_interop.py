@@ -1447,6 +1447,38 @@ def test_a_sentencepiece_gguf_without_bos_and_eos_ids_takes_llama_cpp_s_1_and_2(
     assert hf_tok.bos_token is None and hf_tok("hello")["input_ids"] == tok.encode("hello")
 
 
+def test_a_sentencepiece_gguf_without_an_unknown_token_takes_token_0_as_llama_cpp_does(
+        tmp_path, monkeypatch, capsys):
+    """No unknown_token_id and no token of type unknown (an old conversion, its <unk> of normal
+    type): llama.cpp takes token 0, and so does gptlab now, with a note. A character whose
+    bytes have no <0xNN> token becomes <unk>, as SentencePiece makes it; it was dropped from the
+    ids unseen, and the exported directory named no unk_token."""
+    vocab = _sentencepiece_vocab()
+    vocab["types"][0] = 1
+    e2 = vocab["tokens"].index("<0xE2>")  # "\u2603" is E2 98 83
+    vocab["tokens"][e2], vocab["types"][e2] = "<unused1>", 5
+    monkeypatch.setattr(gguf.GGUFWriter, "add_unk_token_id", lambda self, i: None)
+    theirs = _hf_model("llama", vocab_size=len(vocab["tokens"]))
+    path = _write_gguf(tmp_path / "m.gguf", theirs, vocab=vocab, template=_LLAMA2_TEMPLATE)
+    capsys.readouterr()
+    model, tok = load_pretrained(path)
+    assert capsys.readouterr().err == (
+        f"note: {path}, field 'tokenizer.ggml.unknown_token_id' is missing; token 0 ('<unk>') "
+        f"is taken for it, as llama.cpp takes it for a SentencePiece ('llama') vocabulary\n")
+    ids = tok.encode("the \u2603 hello")
+    assert ids == tok.encode("the ") + [0] + tok.encode("hello")
+    assert tok.decode(ids) == "the  hello" and tok.encode("<unk>") != [0]
+    export_hf(model, tok, tmp_path / "hf")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (exported.unk_token, exported.unk_token_id) == ("<unk>", 0)
+    assert exported("the \u2603 hello")["input_ids"] == [1] + ids
+    # A token of type unknown is taken before token 0, silently (llama.cpp types it so too).
+    vocab["types"][0], vocab["types"][-1] = 3, 2  # <unused0>, the last token, is unknown
+    path = _write_gguf(tmp_path / "typed.gguf", theirs, vocab=vocab)
+    _, tok = load_pretrained(path)
+    assert capsys.readouterr().err == "" and tok.encode("\u2603")[1:] == [len(vocab["tokens"]) - 1]
+
+
 @pytest.mark.parametrize("change, field, message", [
     (lambda v: v["scores"].pop(), "tokenizer.ggml.scores",
      "has 485 entries, one per token, but tokenizer.ggml.tokens has 486"),

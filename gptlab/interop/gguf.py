@@ -364,8 +364,11 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
     if kind == "gpt2":
         hf, unk = _byte_level_bpe(meta, tokens), None
     else:  # SentencePiece's <unk>: what a character with no byte tokens becomes
-        unk = token("tokenizer.ggml.unknown_token_id") or next(
-            (t for t, ty in zip(tokens, types) if ty == _UNKNOWN), None)
+        # The file's id, else its token of type unknown, else token 0, as llama.cpp takes it
+        # (Llama's layout); without one such a character was dropped from the text unseen.
+        typed = next((t for t, ty in zip(tokens, types) if ty == _UNKNOWN), None)
+        unk = token("tokenizer.ggml.unknown_token_id",
+                    default=0 if typed is None else None) or typed
         hf = _sentencepiece_bpe(meta, tokens, types, unk)
     # Control tokens (<|im_start|>, <s>) must never be split, and decode away with skip_special,
     # as SentencePiece's <unk> does.
