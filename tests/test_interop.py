@@ -1376,6 +1376,41 @@ def test_gguf_sentencepiece_token_types_and_merges(tmp_path):
     assert [tok.hf.id_to_token(i) for i in tok.encode("the")] == ["\u2581t", "h", "e"]
 
 
+# A SentencePiece BPE vocabulary (Llama's layout) whose pieces "ab" and "ba" share a score, and
+# the ids SentencePiece 0.2.3 gives it (byte_fallback, identity normalizer, dummy prefix).
+_TIED_PIECES = [("ab", -1.0), ("ba", -1.0), ("\u2581", -2.0), ("a", -3.0), ("b", -4.0)]
+_TIED_SENTENCEPIECE_IDS = {  # ab 259, ba 260, ▁ 261, a 262, b 263
+    "aba": [261, 259, 262], "abab": [261, 259, 259], "b ab": [261, 263, 261, 259],
+    "ab ba": [261, 259, 261, 260], "bba": [261, 263, 260], "aab": [261, 262, 259],
+    "ab\u2603ba": [261, 259, 229, 155, 134, 260],
+    "bab": [261, 260, 263], "baba": [261, 260, 260]}
+
+
+def test_sentencepiece_gguf_pieces_of_equal_score_join_by_token_id_and_are_noted(tmp_path,
+                                                                                 capsys):
+    """SentencePiece and llama.cpp join, of equal-score pairs, the leftmost in the text; the
+    merges `tokenizers` runs are ranked apart, and no ranking is leftmost on "aba" (ab first)
+    and on "bab" (ba first). gptlab ranks ties by token id: its ids are SentencePiece's except
+    where two tied pairs overlap with the higher id to the left, and a note says so."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)),
+              *(p for p, _ in _TIED_PIECES)]
+    vocab = dict(tokens=tokens, scores=[0.0] * 259 + [s for _, s in _TIED_PIECES],
+                 types=[2, 3, 3] + [6] * 256 + [1] * len(_TIED_PIECES))
+    theirs = _hf_model("llama", vocab_size=len(tokens))
+    path = _write_gguf(tmp_path / "m.gguf", theirs, vocab=vocab, template=_LLAMA2_TEMPLATE)
+    capsys.readouterr()
+    _, tok = load_pretrained(path)
+    assert capsys.readouterr().err == (
+        f"note: {path}, field 'tokenizer.ggml.scores': 2 pieces share their score with another "
+        f"('ab' and 'ba': -1); llama.cpp joins the leftmost of equal-score pairs, gptlab the one "
+        f"of lower token id, so where two such pairs overlap the ids can differ from "
+        f"llama.cpp's\n")
+    ours = {text: tok.encode(text) for text in _TIED_SENTENCEPIECE_IDS}
+    assert ours == {**_TIED_SENTENCEPIECE_IDS,
+                    "bab": [261, 263, 259], "baba": [261, 263, 259, 262]}  # b ab, b ab a
+    assert all(tok.decode(ids) == text for text, ids in ours.items())
+
+
 def test_convert_from_a_sentencepiece_gguf_loads_generates_and_keeps_its_tokenizer(tmp_path,
                                                                                    capsys):
     from gptlab.checkpoint import load_model

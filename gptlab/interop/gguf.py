@@ -268,12 +268,25 @@ def _merges_by_score(tokens: list[str], types: list[int], scores: list[float]
     """SentencePiece BPE joins, of all adjacent pairs whose join is a piece, the one whose piece
     scores highest: that is BPE whose merges are every split of every piece into two pieces,
     ranked by the joined piece's score. Only normal and user-defined pieces take part, as in
-    SentencePiece: a control, unknown, unused or byte token is never the result of a merge."""
+    SentencePiece: a control, unknown, unused or byte token is never the result of a merge.
+    Equal scores are ranked by token id: see `_tied_pieces`."""
     pieces = {t: i for i, t in enumerate(tokens) if types[i] in (0, _NORMAL, _USER_DEFINED)}
     ranked = [(-scores[i], i, k) for piece, i in pieces.items() for k in range(1, len(piece))
               if piece[:k] in pieces and piece[k:] in pieces]
     ranked.sort()
     return [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
+
+
+def _tied_pieces(merges: list[tuple[str, str]], vocab: dict[str, int], scores: list[float]
+                 ) -> list[list[int]]:
+    """The pieces merges make that share a score, in groups of equal score. Of equal-score pairs
+    SentencePiece and llama.cpp join the leftmost in the text; `tokenizers` ranks every merge
+    apart, and no ranking says "leftmost": with "ab" and "ba" tied, "aba" needs ab first and
+    "bab" ba first. Ranked by token id, such pairs where they overlap can join otherwise."""
+    by_score: dict[float, list[int]] = {}
+    for i in dict.fromkeys(vocab[left + right] for left, right in merges):
+        by_score.setdefault(scores[i], []).append(i)
+    return [ids for ids in by_score.values() if len(ids) > 1]
 
 
 def _sentencepiece_bpe(meta: _Meta, tokens: list[str], types: list[int],
@@ -286,6 +299,8 @@ def _sentencepiece_bpe(meta: _Meta, tokens: list[str], types: list[int],
     from tokenizers import decoders, models, normalizers
     from tokenizers import Tokenizer as HFTokenizer
 
+    from gptlab.tokenizer import note_once
+
     vocab = {t: i for i, t in enumerate(tokens)}
     scores = _scores(meta, len(tokens))
     listed = meta.get("tokenizer.ggml.merges")
@@ -297,6 +312,15 @@ def _sentencepiece_bpe(meta: _Meta, tokens: list[str], types: list[int],
                         field="tokenizer.ggml.scores")
     else:
         merges = _merges_by_score(tokens, types, scores)
+        tied = _tied_pieces(merges, vocab, scores)
+        if tied:
+            a, b = tied[0][:2]
+            note_once(meta.path, f"field 'tokenizer.ggml.scores': {sum(map(len, tied))} pieces "
+                                 f"share their score with another ({tokens[a]!r} and "
+                                 f"{tokens[b]!r}: {scores[a]:g}); llama.cpp joins the leftmost "
+                                 f"of equal-score pairs, gptlab the one of lower token id, so "
+                                 f"where two such pairs overlap the ids can differ from "
+                                 f"llama.cpp's")
     prefix = _flag(meta, "tokenizer.ggml.add_space_prefix")
     prefix = True if prefix is None else prefix
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
