@@ -124,6 +124,9 @@ BAD_LINE = "{samples}:2, field 'ranked': the labeler "
      "field 'labeler': cannot load 'broken:rank': importing broken failed with SyntaxError: "),
     ("def score(record, responses):\n    return []\n", "broken:rank",
      "field 'labeler': cannot load 'broken:rank': module broken has no 'rank'"),
+    # the module ends at the first colon: not an import of 'broken:rank'
+    ("def rank(record, responses):\n    return []\n", "broken:rank:x",
+     "field 'labeler': cannot load 'broken:rank:x': module broken has no 'rank:x'"),
     ("rank = [3, 2, 1]\n", "broken:rank",
      "field 'labeler': cannot load 'broken:rank': rank is not callable"),
     ("", "broken.py:rank",
@@ -149,6 +152,10 @@ BAD_LINE = "{samples}:2, field 'ranked': the labeler "
     (rank_for_t2("return [1.0, 2.0]"), "broken:rank",
      BAD_LINE + "returned 2 scores for id 't2', for 3 responses (one score per response, in "
                 "their order)"),
+    # one score too many was cut off by zip, the labeler's mistake unseen
+    (rank_for_t2("return [1.0, 2.0, 3.0, 4.0]"), "broken:rank",
+     BAD_LINE + "returned 4 scores for id 't2', for 3 responses (one score per response, in "
+                "their order)"),
     (rank_for_t2("return [1.0, float('nan'), 0.0]"), "broken:rank",
      BAD_LINE + "returned a non-finite score (nan) for id 't2', response 2 of 3"),
     (rank_for_t2("return [1.0, float('inf'), 0.0]"), "broken:rank",
@@ -161,6 +168,18 @@ BAD_LINE = "{samples}:2, field 'ranked': the labeler "
      BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
                 "one score per response; it did not for id 't2'"),
     (rank_for_t2("return [responses[0], responses[0], responses[1]]"), "broken:rank",
+     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
+                "one score per response; it did not for id 't2'"),
+    # every response there, one of them twice: a set would have taken it
+    (rank_for_t2("return [*responses, responses[0]]"), "broken:rank",
+     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
+                "one score per response; it did not for id 't2'"),
+    # an empty level would have been written as a rank of its own
+    (rank_for_t2("return [[], *responses]"), "broken:rank",
+     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
+                "one score per response; it did not for id 't2'"),
+    # an empty list is neither an order nor scores ("0 scores" would blame the wrong mistake)
+    (rank_for_t2("return []"), "broken:rank",
      BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
                 "one score per response; it did not for id 't2'"),
     (rank_for_t2("return [responses[0], 'something else', responses[2]]"), "broken:rank",

@@ -483,6 +483,9 @@ def test_the_console_script_finds_a_reward_module_in_the_working_directory(tmp_p
 @pytest.mark.parametrize("spec,write", [
     ("myreward.py:score", "write myreward:score"), ("./myreward.py:score", "write myreward:score"),
     ("tasks/myreward:score", "write tasks.myreward:score"),
+    # a directory no module name can hold: no 'write my-tasks.myreward:score'
+    ("my-tasks/myreward.py:score", "put its directory on PYTHONPATH (or run from there) and "
+                                   "write myreward:score"),
     ("/abs/myreward.py:score", "put its directory on PYTHONPATH (or run from there) and write "
                                "myreward:score")])
 def test_a_reward_function_given_as_a_file_says_the_module_to_write(spec, write):
