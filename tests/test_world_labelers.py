@@ -142,6 +142,28 @@ def test_the_label_verb_ties_by_default_and_not_with_no_ties(world, tmp_path):
         assert read_jsonl(out)[0]["ranked"] == ranked
 
 
+def test_the_label_verb_fills_in_the_sqlworld_labelers_documented_defaults(world, tmp_path):
+    """label_file takes None for a setting not given (so that a labeler of one's own can refuse
+    it); what it fills in is --disagreement 0.1, --seed 0, --ties, and an explicit 0 stays 0."""
+    from gptlab.feedback import label_file
+    from gptlab.io import read_jsonl, write_jsonl_atomic
+    world.export(tmp_path / "w")
+    samples = tmp_path / "s.jsonl"
+    write_jsonl_atomic(samples, [{"id": q.id, "prompt": "p", "responses": [
+        "SELEC x", "SELECT 'no such answer'", q.sql]} for q in world.test[:40]])
+
+    def ranked(out, **settings):
+        label_file(samples, tmp_path / out, world=tmp_path / "w", **settings)
+        return [r["ranked"] for r in read_jsonl(tmp_path / out)]
+    default = ranked("default.jsonl")
+    assert default == ranked("explicit.jsonl", disagreement=0.1, seed=0, ties=True)
+    assert default != ranked("seed1.jsonl", seed=1)  # the seed matters to these samples
+    careful = [world.labeler(disagreement=0.0).rank(q.id, ["SELEC x", "SELECT 'no such answer'",
+                                                         q.sql]).ranked_json()
+               for q in world.test[:40]]
+    assert ranked("noise_free.jsonl", disagreement=0) == careful != default
+
+
 def test_the_label_verb_on_samples_of_ones_own_task_says_what_to_do_instead(world, tmp_path,
                                                                              capsys):
     # A user with their own data reaches for `gptlab label` first; the world's own message
