@@ -1587,6 +1587,69 @@ def test_sentencepiece_gguf_flags_space_prefix_and_missing_scores(tmp_path, monk
                             f"is merged by its pieces' scores")
 
 
+def _tokenizer_of_metadata(**keys):
+    """gptlab's tokenizer of a SentencePiece ('llama') GGUF whose metadata is `keys` (after
+    "tokenizer.ggml."), read without writing a file or a model."""
+    from types import SimpleNamespace
+
+    from gptlab.interop.gguf import _gguf_tokenizer, _Meta
+
+    class Field:
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value
+    fields = {f"tokenizer.ggml.{k}": Field(v) for k, v in {"model": "llama", **keys}.items()}
+    return _gguf_tokenizer(_Meta(SimpleNamespace(fields=fields), Path("t.gguf")))
+
+
+_TINY_SPM = dict(tokens=["<unk>", "<s>", "</s>", "a", "b", "c", "ab", "abc", "\u2581"],
+                 scores=[0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -0.5],
+                 token_type=[2, 3, 3, 1, 1, 1, 1, 1, 1], eos_token_id=2, bos_token_id=1)
+
+
+def test_a_sentencepiece_gguf_merges_only_pieces_text_may_spell(capsys):
+    """Merges ranked by score join normal and user-defined pieces only: a control token is
+    never the result of a merge (typed text could otherwise spell it), and an empty
+    tokenizer.ggml.merges is no merges list: the scores rank them, as when it is absent."""
+    def pieces(text, **keys):
+        tok = _tokenizer_of_metadata(**{**_TINY_SPM, "add_space_prefix": False, **keys})
+        return [tok.hf.id_to_token(i) for i in tok.encode(text)]
+    assert pieces("abc") == pieces("abc", merges=[]) == ["abc"]
+    assert pieces("ab", token_type=[2, 3, 3, 1, 1, 1, 3, 1, 1]) == ["a", "b"]  # "ab": control
+    # A user-defined piece that only normalization spells ("▁▁", two spaces) is merged, as
+    # SentencePiece matches it in the normalized text.
+    assert [t for t in pieces("a  b", add_space_prefix=True, tokens=[
+        "<unk>", "<s>", "</s>", "a", "b", "\u2581", "\u2581a", "\u2581\u2581"],
+        scores=[0.0] * 3 + [-3.0, -4.0, -5.0, -1.0, -2.0], token_type=[2, 3, 3, 1, 1, 1, 1, 4])
+        ] == ["\u2581a", "\u2581\u2581", "b"]
+
+
+def test_a_sentencepiece_gguf_unknown_token_is_found_and_a_run_of_unknowns_is_one(capsys):
+    """Without byte tokens, a character the vocabulary lacks is <unk>, and a run of them one
+    <unk>, as SentencePiece fuses them; <unk> is tokenizer.ggml.unknown_token_id, else the
+    token of unknown type (not the first control token), and the id alone suffices."""
+    tok = _tokenizer_of_metadata(**_TINY_SPM)
+    assert tok.encode("a\u2603\u2603b") == [8, 3, 0, 4] and tok.encode("\u2603") == [8, 0]
+    no_types = {k: v for k, v in _TINY_SPM.items() if k != "token_type"}
+    assert _tokenizer_of_metadata(**no_types, unknown_token_id=0).encode("a\u2603b") == [
+        8, 3, 0, 4]
+
+
+@pytest.mark.parametrize("keys, field, message", [
+    (dict(tokens=["<unk>", "<s>"], scores=[0.0, 0.0]), "tokenizer.ggml.eos_token_id",
+     "required metadata key is missing"),  # no token 2 to take for EOS: an IndexError
+    (dict(_TINY_SPM, scores=[True] + _TINY_SPM["scores"][1:]), "tokenizer.ggml.scores",
+     "entry 0 is True, not a finite number"),
+    (dict(_TINY_SPM, token_type=_TINY_SPM["token_type"] + [1]), "tokenizer.ggml.token_type",
+     "has 10 entries, one per token, but tokenizer.ggml.tokens has 9")])
+def test_sentencepiece_gguf_metadata_that_does_not_fit_is_refused(keys, field, message, capsys):
+    with pytest.raises(UserError) as e:
+        _tokenizer_of_metadata(**keys)
+    assert str(e.value) == f"t.gguf, field '{field}': {message}"
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
     from gptlab.checkpoint import load_model
