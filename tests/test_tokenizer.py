@@ -1030,3 +1030,85 @@ def test_the_assistant_mask_covers_each_answer_and_its_end_of_turn_only(tok, cha
         end_id = t.hf.token_to_id(end)
         assert sum(m for i, m in zip(ids, mask) if i == end_id) == \
             sum(m["role"] == "assistant" for m in chat)
+
+
+def test_a_continuation_whose_seam_splits_a_character_is_decoded_alone(tok):
+    """Where the prompt ends inside a character (its first byte), the prompt's text is no
+    prefix of the whole: the continuation is decoded alone, its own half of the character a
+    U+FFFD, not the whole's text less as many characters as the prompt's (which lost it)."""
+    prompt = tok.encode("hi") + [tok._byte_token(0xC3)]
+    ids = [tok._byte_token(0xA9)] + tok.encode(" there")
+    assert tok.decode(prompt + ids) == "hi\u00e9 there"
+    assert tok.decode_continuation(prompt, ids) == tok.decode(ids) == "\ufffd there"
+    assert tok.decode_continuation(tok.encode("hi"), tok.encode(" there")) == " there"
+
+
+def test_a_save_names_the_unknown_token_only_where_the_vocabulary_has_it(tmp_path):
+    from tokenizers import models
+
+    spm = _byte_fallback_tokenizer()  # BPE's unk_token "<unk>", token 256
+    spm.save(tmp_path / "spm")
+    config = json.loads((tmp_path / "spm" / "tokenizer_config.json").read_text())
+    assert config["unk_token"] == "<unk>" and load_tokenizer(tmp_path / "spm").vocab_size == 259
+    # a BPE that names an <unk> it lacks: transformers would add it as a new token
+    hf = tokenizers.Tokenizer(models.BPE(vocab={"a": 0, "</s>": 1}, merges=[],
+                                         unk_token="<unk>"))
+    Tokenizer(hf, bos_token=None, eos_token="</s>", pad_token=None).save(tmp_path / "bpe")
+    assert "unk_token" not in json.loads((tmp_path / "bpe" / "tokenizer_config.json").read_text())
+
+
+def test_a_saved_generation_config_names_the_ids_config_json_names(tok, tmp_path):
+    """bos_token_id is the BOS token's id though the model is trained without BOS first (as
+    export_hf's config.json writes it), pad_token_id the pad token's, not EOS."""
+    end = tok.hf.token_to_id(USER)
+    ours = Tokenizer(tok.hf, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                     chat_template=GPTLAB_CHAT_TEMPLATE, add_bos=False, end_ids=[end])
+    ours.save(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "generation_config.json").read_text()) == {
+        "bos_token_id": tok.hf.token_to_id(BOS), "eos_token_id": [tok.eos_id, end],
+        "pad_token_id": tok.hf.token_to_id(PAD)}
+    assert len({tok.hf.token_to_id(t) for t in (BOS, EOS, PAD, USER)}) == 4
+    with pytest.raises(UserError) as e:  # one past the vocabulary: no id of it
+        Tokenizer(tok.hf, bos_token=BOS, eos_token=EOS, pad_token=PAD, end_ids=[tok.vocab_size])
+    assert str(e.value) == (f"field 'eos_token_id': {tok.vocab_size} is not a token id of this "
+                            f"vocabulary (0 to {tok.vocab_size - 1})")
+
+
+def test_generation_config_ends_at_the_edges(plain, tmp_path, capsys):
+    """Its one end is the EOS where no config names one, even a name gptlab does not know as an
+    end; the id one past the vocabulary is noted, not a load that fails; true is no id."""
+    n = plain.vocab_size  # <|im_start|> n, <|stop|> n + 1
+    d = hf_dir(plain, tmp_path, added=[("<|im_start|>", True), ("<|stop|>", False)],
+               generation={"eos_token_id": n + 1})
+    (d / "tokenizer_config.json").unlink()
+    assert (load_tokenizer(d).eos_token, load_tokenizer(d).stop_ids) == ("<|stop|>", {n + 1})
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [n + 1, n + 2]}))
+    capsys.readouterr()
+    assert load_tokenizer(d).stop_ids == {n + 1}
+    assert capsys.readouterr().err == (
+        f"note: {d / 'generation_config.json'}, field 'eos_token_id[1]': {n + 2} is not a token "
+        f"id of tokenizer.json (0 to {n + 1}); generation does not stop at it\n")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": True}))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(d)
+    assert str(e.value) == (f"{d / 'generation_config.json'}, field 'eos_token_id': must be a "
+                            f"token id (an integer) or a list of them, got True")
+
+
+def test_added_tokens_decoder_entries_that_name_no_special_token(plain, tmp_path, capsys):
+    """An entry without "special" is not special (transformers' AddedToken default): <tool>
+    decodes as written. A special entry the vocabulary lacks is noted once (here it is in
+    additional_special_tokens too) and added to nothing: the vocabulary keeps its size."""
+    n = plain.vocab_size  # <tool> n
+    d = hf_dir(plain, tmp_path, {
+        "added_tokens_decoder": {str(n): {"content": "<tool>"},
+                                 str(n + 1): {"content": "<|eot_id|>", "special": True}},
+        "additional_special_tokens": ["<|eot_id|>"]}, added=[("<tool>", False)])
+    capsys.readouterr()
+    ours = load_tokenizer(d)
+    assert capsys.readouterr().err == (
+        f"note: {d / 'tokenizer_config.json'}, field 'additional_special_tokens[0]': "
+        f"'<|eot_id|>' is not in the vocabulary of tokenizer.json; it is read as text, not as "
+        f"a special token\n")
+    assert ours.vocab_size == n + 1 and ours.decode([n]) == "<tool>"
+    assert ours.decode(ours.encode("a<|eot_id|>b")) == "a<|eot_id|>b"
