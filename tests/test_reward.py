@@ -1,5 +1,6 @@
 """The reward model's batches, loss and accuracy with tied responses; bad settings."""
 import dataclasses
+import inspect
 import json
 import math
 
@@ -563,3 +564,89 @@ def test_training_holds_one_copy_of_the_weights_not_the_sft_model_beside_it(base
     monkeypatch.setattr(reward, "train", counting_train)
     assert run_reward(base, tmp_path / "rm") == 0
     assert [len(s) for s in seen] == [0]
+
+
+def _chatml_tokenizer():
+    """A ChatML tokenizer whose template writes "\\n" after each <|im_end|>: (tokenizer, the
+    <|im_end|> id, the "\\n" ids)."""
+    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
+    base = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300,
+                           special_tokens=[BOS, EOS, PAD, "<|im_start|>", "<|im_end|>"])
+    chatml = Tokenizer(base.hf, None, "<|im_end|>", PAD, chat_template=(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
+    return chatml, base.hf.token_to_id("<|im_end|>"), chatml.encode("\n")
+
+
+def test_rankings_and_samples_read_the_template_tail_only_when_asked(tmp_path):
+    """encode_ranking, encode_rankings and sample_sequences add the tail after each response's
+    end of turn with tail=True (a Hugging Face classifier's reading), never without (gptlab's
+    own reward model); the context counts it."""
+    from gptlab.data.instruct import SkipCounter, encode_prompt
+    from gptlab.train.reward import encode_rankings, sample_sequences
+    chatml, im_end, newline = _chatml_tokenizer()
+    prompt = [{"role": "user", "content": "the dog"}]
+    r = Ranking(prompt, ["the fox", "the lazy cat"])
+    p = encode_prompt(chatml, prompt)
+    closed = [p + chatml.encode(a) + [im_end] for a in r.ranked]
+    whole = [s + newline for s in closed]
+    assert encode_ranking(chatml, r, 64).seqs == closed
+    assert encode_ranking(chatml, r, 64, tail=True).seqs == whole
+    assert encode_rankings(chatml, [r], 64, SkipCounter(), "r.jsonl")[0].seqs == closed
+    assert encode_rankings(chatml, [r], 64, SkipCounter(), "r.jsonl", tail=True)[0].seqs == whole
+    room = max(map(len, closed))  # the longest fits closed, not with its tail
+    assert encode_ranking(chatml, r, room) is not None
+    assert encode_ranking(chatml, r, room, tail=True) is None
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": prompt, "responses": r.ranked}) + "\n")
+    assert sample_sequences(chatml, samples, 64) == closed
+    assert sample_sequences(chatml, samples, 64, tail=True) == whole
+
+
+def test_no_template_tail_where_no_end_of_turn_closes_the_answer():
+    """A template without an end-of-turn token masks only an answer's text: the empty answer
+    has no closing token, and an earlier answer's last token is no end of this one's (its
+    "tail" was the rest of the conversation). A closing that overflows the room is whole."""
+    from gptlab.data.instruct import template_tail
+    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer
+    from gptlab.train.reward import scored_response
+    chatml, im_end, newline = _chatml_tokenizer()
+    plain = Tokenizer(chatml.hf, BOS, EOS, PAD, chat_template=(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"))
+    chat = [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": "the fox"},
+            {"role": "user", "content": "the lazy dog"}]
+    assert template_tail(plain, chat[:1]) == template_tail(plain, chat) == []
+    cut = chatml.encode("the quick brown fox")
+    assert scored_response(cut, False, [im_end], 1, newline) == [im_end] + newline
+
+
+def test_a_reward_model_that_reads_the_template_tail_trains_and_evaluates_on_it(
+        base, tmp_path, monkeypatch):
+    """`gptlab reward --model` continuing a Hugging Face classifier (reads_template_tail)
+    encodes its training and held-out rankings and its normalisation samples with the tail."""
+    import gptlab.train.reward as reward
+    from gptlab.checkpoint import load_model, save_model
+    from gptlab.model.heads import ScalarHeadModel
+    d, rankings = base
+    model, tok, _ = load_model(d / "sft")
+    torch.manual_seed(0)
+    rm = ScalarHeadModel.from_gpt(model)
+    rm.reads_template_tail = True
+    save_model(tmp_path / "rm0", rm, tok)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": "Is the cat happy?", "responses": [" yes"]}) + "\n")
+    tails = []
+    for name in ("encode_rankings", "sample_sequences"):
+        def spy(*args, _real=getattr(reward, name), _name=name, **kwargs):
+            call = inspect.signature(_real).bind(*args, **kwargs)
+            call.apply_defaults()
+            tails.append((_name, call.arguments["tail"]))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(reward, name, spy)
+    from gptlab.cli import main
+    assert main(["reward", "--model", str(tmp_path / "rm0"), "--data", str(rankings),
+                 "--samples", str(samples), "--out", str(tmp_path / "rm"), "--max-steps", "1",
+                 "--batch-size", "4", "--no-progress", "--device", "cpu"]) == 0
+    assert tails == [("encode_rankings", True), ("encode_rankings", True),
+                     ("sample_sequences", True)]
