@@ -1949,19 +1949,8 @@ def test_a_gpt2_checkpoint_s_causal_mask_buffers_are_not_weights_and_export_keep
 # --- a Llama 2 model end to end through the command line ---------------------------------------
 
 # meta-llama/Llama-2-7b-chat-hf's chat template (system message inside the first question).
-_LLAMA2_CHAT = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}"
-    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
-    "{% endif %}{% endfor %}")
+from test_tokenizer import LLAMA2_CHAT as _LLAMA2_CHAT  # noqa: E402
+
 _ANSWERS = {"is the cat happy?": "yes it is", "is the dog sad?": "no",
             "how many users are there?": "there are 12345 users", "hello world": "hello",
             "what is the capital of france?": "paris"}

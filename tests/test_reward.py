@@ -426,15 +426,9 @@ def test_the_template_tail_is_what_a_whole_conversation_ends_with_after_the_end_
     # that stops at its end of turn or a plain prompt. A cut response that would overflow its
     # room gives its last tokens to both.
     from gptlab.data.instruct import encode_prompt, end_of_response, template_tail
-    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
+    from gptlab.tokenizer import train_tokenizer
     from gptlab.train.reward import scored_response
-    base = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300,
-                           special_tokens=[BOS, EOS, PAD, "<|im_start|>", "<|im_end|>"])
-    chatml = Tokenizer(base.hf, None, "<|im_end|>", PAD, chat_template=(
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-        "'<|im_end|>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
-    im_end, newline = base.hf.token_to_id("<|im_end|>"), chatml.encode("\n")
+    chatml, im_end, newline = _chatml_tokenizer()
     assert len(newline) == 1
     chat = [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": "the fox"},
             {"role": "user", "content": "the lazy dog"}]
