@@ -267,6 +267,13 @@ def test_a_yaml_error_names_the_line_it_is_on(tmp_path):
                                             "expected a string"),
     ("ptx_data:\n  - a.txt\n  - null\n", ":1, field 'ptx_data': item 1 is null; expected a "
                                         "string"),
+    ("steps: 1\nptx_data: [a.txt, {b: c}]\n", ":2, field 'ptx_data': item 1 is a mapping "
+                                              "{'b': 'c'}; expected a string"),
+    # a field that may be null says so; YAML's words for a value, a long one cut
+    ("reward: [a]\n", ":1, field 'reward': expected a string, or null, got a list ['a']"),
+    ("seed: true\n", ":1, field 'seed': expected an integer, got true"),
+    ("seed: " + "x" * 100 + "\n", ":1, field 'seed': expected an integer, got '" + "x" * 56
+     + "..."),
     # A value YAML reads but Python cannot build had no line nor key.
     ("steps: 1\nseed: 2024-13-01\n", ":2, field 'seed': a value cannot be read: month must be "
                                     "in 1..12"),
@@ -290,6 +297,16 @@ def test_a_config_files_error_is_one_line_naming_file_line_and_key(text, said, t
 def test_an_overrides_wrong_type_names_the_command_line_and_the_key(override, said, capsys):
     assert main(["ppo", "--policy", "p", "--prompts", "q", "--out", "o", override]) == 2
     assert capsys.readouterr().err == f"gptlab ppo: error: command line, {said}\n"
+
+
+def test_an_override_of_a_files_key_is_blamed_for_its_interpolation(tmp_path, capsys):
+    # The file wrote steps too, but the value that failed is the override's.
+    f = tmp_path / "ppo.yaml"
+    f.write_text("lr: 0.5\nsteps: 3\n")
+    assert main(["ppo", "--config", str(f), "--policy", "p", "--prompts", "q", "--out", "o",
+                 "steps=${lr}"]) == 2
+    assert capsys.readouterr().err == ("gptlab ppo: error: command line, field 'steps': "
+                                       "'${lr}' gives 0.5; expected an integer\n")
 
 
 def test_a_flag_whose_default_is_empty_shows_no_default(capsys):

@@ -222,6 +222,9 @@ def test_an_unknown_key_in_a_config_file_names_the_file_the_key_and_the_closest_
     ("pretrain", "lr_min", "did you mean 'lr' or 'min_lr_ratio'? (`gptlab pretrain --help` "
                            "lists the keys)"),
     ("ppo", "gamma", "did you mean 'gae_gamma'?"),
+    ("ppo", "clip-range", "did you mean 'clip', 'grad_clip' or 'value_clip'? (`gptlab ppo "
+                          "--help` lists the keys)"),  # its words are split at the dash too
+    ("ppo", "temp", "did you mean 'temperature'?"),  # begins it, shares no word
     ("ppo", "Seed", "did you mean 'seed'?"),
     ("sft", "max_step", "did you mean 'max_steps'?"),
     ("pipeline", "clip", "`gptlab pipeline --help` lists the keys")])
