@@ -114,6 +114,8 @@ def rank_for_t2(misbehaviour: str) -> str:
 
 
 BAD_LINE = "{samples}:2, field 'ranked': the labeler "
+NOT_AN_ORDER = (BAD_LINE + "must return a permutation of the responses (tied ones as non-empty "
+                "lists), or one score per response; it did not for id 't2'")
 
 
 @pytest.mark.parametrize("source,spec,message", [
@@ -165,29 +167,22 @@ BAD_LINE = "{samples}:2, field 'ranked': the labeler "
      BAD_LINE + "returned a score out of a float's range (beyond ±1.8e308) for id 't2', "
                 "response 2 of 3"),
     (rank_for_t2("return responses[:2]"), "broken:rank",
-     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
-                "one score per response; it did not for id 't2'"),
+     NOT_AN_ORDER),
     (rank_for_t2("return [responses[0], responses[0], responses[1]]"), "broken:rank",
-     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
-                "one score per response; it did not for id 't2'"),
+     NOT_AN_ORDER),
     # every response there, one of them twice: a set would have taken it
     (rank_for_t2("return [*responses, responses[0]]"), "broken:rank",
-     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
-                "one score per response; it did not for id 't2'"),
+     NOT_AN_ORDER),
     # an empty level would have been written as a rank of its own
     (rank_for_t2("return [[], *responses]"), "broken:rank",
-     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
-                "one score per response; it did not for id 't2'"),
+     NOT_AN_ORDER),
     # an empty list is neither an order nor scores ("0 scores" would blame the wrong mistake)
     (rank_for_t2("return []"), "broken:rank",
-     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
-                "one score per response; it did not for id 't2'"),
+     NOT_AN_ORDER),
     (rank_for_t2("return [responses[0], 'something else', responses[2]]"), "broken:rank",
-     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
-                "one score per response; it did not for id 't2'"),
+     NOT_AN_ORDER),
     (rank_for_t2("return [responses[0], 1.0, responses[2]]"), "broken:rank",
-     BAD_LINE + "must return a permutation of the responses (tied ones as non-empty lists), or "
-                "one score per response; it did not for id 't2'")])
+     NOT_AN_ORDER)])
 def test_a_broken_ranking_function_is_named_with_file_line_and_field(own_module, tmp_path,
                                                                      capsys, source, spec,
                                                                      message):
