@@ -353,3 +353,72 @@ def test_best_of_k_checks_each_question_s_own_answers_stripped_with_a_seed_per_b
     assert any(text != tok.decode(t) for (_, text), t in
                zip(checked, [t for g in gens for t in g.tokens]))  # something was stripped
     assert s["k"] == 3 and s["temperature"] == 0.7
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_best_of_k_gives_the_template_tail_only_to_a_reward_model_that_reads_it(monkeypatch,
+                                                                               tail):
+    """With a ChatML policy, best-of-K scores each answer closed by <|im_end|> and, for a
+    reward model that reads_template_tail (a Hugging Face classifier's), the "\\n" after it;
+    gptlab's own reward model reads the answer closed by <|im_end|> alone."""
+    import gptlab.eval.headroom as headroom
+    from test_reward import chatml_models
+    tok, im_end, newline, policy, rm = chatml_models(tail)
+    seen = {}
+    real_generate, real_pick = headroom.generate, headroom.pick_stats
+
+    def generate(*args, **kwargs):
+        seen["gen"] = real_generate(*args, **kwargs)
+        return seen["gen"]
+
+    def pick(correct, scores):
+        seen["scores"] = scores
+        return real_pick(correct, scores)
+
+    monkeypatch.setattr(headroom, "generate", generate)
+    monkeypatch.setattr(headroom, "pick_stats", pick)
+    records = [{"id": str(i), "prompt": [{"role": "user", "content": text}]}
+               for i, text in enumerate(["the dog", "the lazy fox"])]
+    best_of_k(policy, tok, rm, EvenLengthWorld(), records, k=3, max_new_tokens=6)
+    gen = seen["gen"]
+    read, other = [], []
+    with torch.no_grad():
+        for i, (t, done) in enumerate(zip(gen.tokens, gen.finished)):
+            closed = (encode_prompt(tok, records[i // 3]["prompt"]) + (t[:-1] if done else t)
+                      + [im_end])
+            read.append(float(rm(torch.tensor([closed + (newline if tail else [])]))[0]))
+            other.append(float(rm(torch.tensor([closed + ([] if tail else newline)]))[0]))
+    assert [s for scores in seen["scores"] for s in scores] == pytest.approx(read, abs=1e-5)
+    assert all(abs(a - b) > 1e-2 for a, b in zip(read, other))  # the "\n" moves every score
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_the_noise_free_accuracy_reads_the_template_tail_only_where_the_reward_model_does(
+        world, tmp_path, tail):
+    """rm_accuracy_noise_free encodes the held-out rankings as the reward model reads them:
+    with the chat template's "\\n" after each answer's <|im_end|> for one that
+    reads_template_tail, without it for gptlab's own."""
+    from test_reward import chatml_models
+    tok, _, newline, _, rm = chatml_models(tail, tmp_path, context=256)
+    wrong, error = "SELECT name FROM employees", "SELEC nothing"
+    qs = [q for q in world.test if world.check(q.id, wrong).kind == "wrong"][:6]
+    prompts = [[{"role": "user", "content": q.text}] for q in qs]
+    write_jsonl_atomic(tmp_path / "held.jsonl", [
+        {"id": q.id, "prompt": p, "ranked": [error, wrong, q.sql]} for q, p in zip(qs, prompts)])
+    record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
+                                             val_data=str(tmp_path / "held.jsonl")))
+    acc, n, pairs, _ = rm_accuracy_noise_free(world, tmp_path / "rm")
+
+    def pairs_right(after):  # the truth: correct > wrong > error
+        right = 0
+        for q, prompt in zip(qs, prompts):
+            p = encode_prompt(tok, prompt)
+            with torch.no_grad():
+                s = [float(rm(torch.tensor([p + encode_response(tok, r, prompt) + after]))[0])
+                     for r in (q.sql, wrong, error)]
+            right += (s[0] > s[1]) + (s[0] > s[2]) + (s[1] > s[2])
+        return right
+
+    read, other = (newline, []) if tail else ([], newline)
+    assert (n, pairs) == (6, 18) and acc == pytest.approx(pairs_right(read) / 18)
+    assert pairs_right(read) != pairs_right(other)

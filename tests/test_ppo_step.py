@@ -595,3 +595,35 @@ def test_a_model_with_another_chat_template_is_noted_once_naming_both(setup, tmp
         f"than the policy's (--policy {d / 'policy'}): token ")
     assert notes[0].endswith(f"{differs}; PPO gives the reward model conversations as the "
                              f"policy's template writes them")
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_ppo_gives_the_template_tail_only_to_a_reward_model_that_reads_it(tmp_path, tail):
+    """With a ChatML policy, PPO closes each response with <|im_end|> and, for a reward model
+    that reads_template_tail (a Hugging Face classifier's), the "\\n" after it: the score is
+    its reading of prompt + response + <|im_end|> + "\\n". gptlab's own reward model, trained
+    without that "\\n", reads the response closed by <|im_end|> alone, as it was trained."""
+    from gptlab.data.instruct import encode_prompt
+    from test_reward import chatml_models
+    tok, im_end, newline, _, rm = chatml_models(tail, tmp_path)
+    chats = [[{"role": "user", "content": "the dog"}],
+             [{"role": "user", "content": "the lazy fox"}]]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": c}) + "\n"
+                                                    for c in chats))
+    t = PPOTrainer(PPOConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"),
+                             prompts=str(tmp_path / "prompts.jsonl"), out=str(tmp_path / "run"),
+                             device="cpu", max_new_tokens=6, batch_size=2, minibatch_size=2,
+                             missing_eos_penalty=0.0))
+    assert t.prompt_ends == [[im_end], [im_end]]
+    assert t.prompt_tails == ([newline, newline] if tail else [[], []])
+    ro = t.rollout(0)
+    assert ro.tails == t.prompt_tails
+    got = t.score(ro).tolist()
+    read, other = [], []
+    with torch.no_grad():
+        for rec, r, done in zip(ro.records, ro.responses, ro.finished.tolist()):
+            closed = encode_prompt(tok, rec["prompt"]) + (r[:-1] if done else r) + [im_end]
+            read.append(float(rm(torch.tensor([closed + (newline if tail else [])]))[0]))
+            other.append(float(rm(torch.tensor([closed + ([] if tail else newline)]))[0]))
+    assert got == pytest.approx(read, abs=1e-5)
+    assert all(abs(a - b) > 1e-2 for a, b in zip(read, other))  # the "\n" moves every score

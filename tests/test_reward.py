@@ -573,6 +573,27 @@ def _chatml_tokenizer():
     return chatml, base.hf.token_to_id("<|im_end|>"), chatml.encode("\n")
 
 
+def chatml_models(tail, d=None, seed=0, context=64):
+    """A random tiny policy on `_chatml_tokenizer`'s tokenizer, and a random reward model
+    from it that reads the template's tail (as a Hugging Face classifier does) or not (as
+    gptlab's own); saved as `d`/policy and `d`/rm when `d` is given. Returns (tokenizer,
+    <|im_end|> id, "\\n" ids, policy, reward model)."""
+    from gptlab.checkpoint import save_model
+    from gptlab.model import GPT, get_preset
+    from gptlab.model.heads import ScalarHeadModel
+    tok, im_end, newline = _chatml_tokenizer()
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=context)
+    policy = GPT(cfg).eval()
+    rm = ScalarHeadModel.from_gpt(policy).eval()
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # scores that differ between positions
+    rm.reads_template_tail = tail
+    if d is not None:
+        save_model(d / "policy", policy, tok)
+        save_model(d / "rm", rm, tok, extra={"stage": "reward"})
+    return tok, im_end, newline, policy, rm
+
+
 def test_rankings_and_samples_read_the_template_tail_only_when_asked(tmp_path):
     """encode_ranking, encode_rankings and sample_sequences add the tail after each response's
     end of turn with tail=True (a Hugging Face classifier's reading), never without (gptlab's
