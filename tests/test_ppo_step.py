@@ -627,3 +627,68 @@ def test_ppo_gives_the_template_tail_only_to_a_reward_model_that_reads_it(tmp_pa
             other.append(float(rm(torch.tensor([closed + ([] if tail else newline)]))[0]))
     assert got == pytest.approx(read, abs=1e-5)
     assert all(abs(a - b) > 1e-2 for a, b in zip(read, other))  # the "\n" moves every score
+
+
+def test_a_saved_value_model_reads_as_its_reward_model_and_its_settings_mislead_no_loader(
+        tmp_path):
+    """PPO's value model starts as a copy of the reward model, the normalisation folded into
+    its head, and its directories (checkpoints/step-N/value, OUT/value) carry the reward
+    model's pad_token_id and reads_template_tail. Those say where `forward` reads a sequence's
+    score, which the fold leaves as the reward model's: loaded, the untrained copy scores as
+    the reward model does, a row closed by <|im_end|> (the pad) read before it. `values`, all
+    that PPO reads of a value model, is per position whatever they say: a --value start and a
+    resume get the saved values exactly, the fold not applied twice."""
+    import copy
+    from gptlab.data.instruct import encode_prompt
+    from test_reward import chatml_models
+    tok, im_end, newline, _, rm = chatml_models(True, tmp_path)
+    rm.pad_token_id = im_end  # SmolLM2's: its end of turn
+    rm.score_bias.fill_(0.3)
+    rm.score_scale.fill_(2.0)
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    chat = [{"role": "user", "content": "the dog"}]
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": chat}) + "\n")
+    cfg = PPOConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"),
+                    prompts=str(tmp_path / "prompts.jsonl"), out=str(tmp_path / "run"),
+                    device="cpu", max_new_tokens=6, batch_size=1, minibatch_size=1, steps=1,
+                    save_every=1, progress=False)
+    t = PPOTrainer(cfg)
+    closed = encode_prompt(tok, chat) + tok.encode("the fox") + [im_end]
+    rows = [torch.tensor([closed + newline]), torch.tensor([closed])]
+
+    def scores(model):
+        with torch.no_grad():
+            return [float(model(r)[0]) for r in rows]
+
+    want = scores(rm)
+    unpadded = copy.deepcopy(rm)
+    unpadded.pad_token_id = None
+    assert abs(scores(unpadded)[1] - want[1]) > 1e-2  # the pad moves the second reading
+    vm = t.value_model
+    assert (float(vm.score_bias), float(vm.score_scale)) == (0.0, 1.0)
+    assert scores(vm) == pytest.approx(want, abs=1e-5)
+    save_model(tmp_path / "value0", vm)
+    assert scores(load_model(tmp_path / "value0")[0]) == pytest.approx(want, abs=1e-5)
+
+    ids = rows[0]
+    with torch.no_grad():
+        before = vm.values(ids)
+    t.train()
+    with torch.no_grad():
+        trained = vm.values(ids)
+    assert not torch.equal(before, trained)  # the step moved it
+    run = tmp_path / "run"
+    for d in (run / "value", run / "checkpoints" / "step-1" / "value"):
+        meta = json.loads((d / "config.json").read_text())
+        assert (meta["pad_token_id"], meta["reads_template_tail"]) == (im_end, True)
+        saved = load_model(d)[0]
+        assert (float(saved.score_bias), float(saved.score_scale)) == (0.0, 1.0)
+        with torch.no_grad():
+            assert torch.equal(saved.values(ids), trained)
+    started = PPOTrainer(dataclasses.replace(cfg, out=str(tmp_path / "run2"),
+                                             value=str(run / "value")))
+    resumed = PPOTrainer(dataclasses.replace(cfg, steps=2, resume=True))
+    assert resumed.resumed_from == run / "checkpoints" / "step-1"
+    with torch.no_grad():
+        for other in (started, resumed):
+            assert torch.equal(other.value_model.values(ids), trained)
