@@ -627,7 +627,6 @@ def test_executor_keeps_what_a_query_holds_in_memory_under_a_cap(ex):
     """An ORDER BY, a DISTINCT or a recursive UNION keeps every row it has seen: with 40 to
     90 kB values (each under the value limit) they filled temporary files, 7 GB in /tmp before
     the backstop stopped the ORDER BY after 30 s. They are held in memory now, up to a cap."""
-    import sqlite3
     for sql in ("SELECT COUNT(*) FROM (SELECT hex(randomblob(40000)) AS h "
                 "FROM assignments a, assignments b ORDER BY h)",
                 "SELECT COUNT(*) FROM (SELECT DISTINCT randomblob(90000) "
@@ -640,13 +639,68 @@ def test_executor_keeps_what_a_query_holds_in_memory_under_a_cap(ex):
         # Stopped well before the step budget, by what it held.
         assert r.steps < ex.max_vm_steps // 10
         assert ex.run("SELECT COUNT(*) FROM employees").rows == [(200,)]
-    # SQLite's heap limit is the process's.
-    assert 0 < sqlite3.connect(":memory:").execute("PRAGMA hard_heap_limit").fetchone()[0] \
-        <= 256 * 2**20
     # Sorting what fits is an answer as before.
     r = ex.run("SELECT COUNT(*) FROM (SELECT DISTINCT name, hex(randomblob(1000)) AS h "
                "FROM employees ORDER BY h)")
     assert r.ok and r.rows == [(200,)], r.error
+
+
+HEAP_LIMITS = ("hard_heap_limit", "soft_heap_limit")
+BIG_BLOB = "SELECT length(CAST(zeroblob(48000000) || x'01' AS BLOB))"  # 48 MB held at once
+
+
+def test_the_heap_limit_holds_only_while_the_executor_runs_a_query(world, monkeypatch):
+    """SQLite's heap limit is one for the whole process, and making an executor lowered it for
+    good: a program's own SQLite databases, beside the world's, could never again hold more
+    than the executor's cap. It is set while a query runs and put back as it was."""
+    import sqlite3
+
+    from gptlab.world import executor as executor_module
+    monkeypatch.setattr(executor_module, "MAX_HEAP_BYTES", 32 * 2**20)
+    mine = sqlite3.connect(":memory:")
+    before = [mine.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
+    assert mine.execute(BIG_BLOB).fetchone() == (48_000_001,)
+    with SqlExecutor(world.db_path) as executor:
+        r = executor.run("SELECT COUNT(*) FROM (SELECT DISTINCT randomblob(90000) "
+                         "FROM assignments a, assignments b)")
+        assert not r.ok and r.error.message == "the query needs more than 32 MB of memory"
+        # Between the executor's queries and after them, another connection is unaffected.
+        assert [mine.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS] == before
+        assert mine.execute(BIG_BLOB).fetchone() == (48_000_001,)
+        assert executor.run("SELECT COUNT(*) FROM employees").rows == [(200,)]
+    assert [sqlite3.connect(":memory:").execute(f"PRAGMA {p}").fetchone()[0]
+            for p in HEAP_LIMITS] == before
+    assert mine.execute(BIG_BLOB).fetchone() == (48_000_001,)
+
+
+def test_overlapping_queries_share_the_heap_limit_and_a_lower_one_is_kept():
+    """Two executors' queries in two threads overlap: the limit is put back only when the last
+    one ends. A lower limit the program has set is kept while they run, and after."""
+    import sqlite3
+
+    from gptlab.world.executor import _HEAP_LIMIT
+    if not _HEAP_LIMIT.scoped:
+        pytest.skip("ctypes cannot reach this SQLite's sqlite3_hard_heap_limit64")
+
+    def limits() -> list[int]:
+        conn = sqlite3.connect(":memory:")
+        return [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
+    before = limits()
+    with _HEAP_LIMIT.held() as one:
+        with _HEAP_LIMIT.held() as two:
+            assert one == two == 256 * 2**20 and limits() == [one, one]
+        assert limits() == [one, one]  # the first query still runs
+    assert limits() == before
+    try:
+        _HEAP_LIMIT._hard(100 * 2**20)
+        _HEAP_LIMIT._soft(50 * 2**20)
+        with _HEAP_LIMIT.held() as limit:
+            assert limit == 100 * 2**20 and limits() == [limit, 50 * 2**20]
+        assert limits() == [100 * 2**20, 50 * 2**20]
+    finally:
+        _HEAP_LIMIT._hard(before[0])
+        _HEAP_LIMIT._soft(before[1])
+    assert limits() == before
 
 
 def test_a_verdicts_row_count_agrees_in_number(ex):

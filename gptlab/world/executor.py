@@ -6,7 +6,9 @@ that runs past its budget of SQLite virtual-machine steps. A row limit, a limit 
 a whole result, and limits on the length of any one value and on the number of columns keep a
 huge result (many rows, or `zeroblob(10**9)`) from filling memory. What a query holds while it
 runs (the rows an ORDER BY, a DISTINCT or a UNION keeps) stays in memory, not in temporary
-files, under a cap on SQLite's heap, so it can fill neither the disk nor the memory.
+files, under a cap on SQLite's heap, so it can fill neither the disk nor the memory. That cap
+is SQLite's for the whole process: it is set while a query runs and put back as it was, so the
+program's other SQLite connections are held to it only meanwhile.
 
 The budget counts steps, not seconds, so that whether a slow query is stopped does not depend
 on the machine or its load: evaluation numbers and the labelers' rankings compare across runs
@@ -17,6 +19,8 @@ many minutes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import re
 import signal
 import sqlite3
@@ -77,8 +81,7 @@ MAX_RESULT_BYTES = 10_000_000
 # keeps for a window or a recursive UNION (each under the value limit) live in SQLite's heap,
 # and past this the query stops as out of memory. Before, they went to temporary files: an
 # ORDER BY of 80 kB values wrote 7 GB to /tmp before the backstop stopped it. SQLite's heap
-# limit is one for the whole process (it can only be lowered), which the world's other
-# databases, a few MB, stay far below.
+# limit is one for the whole process, so it holds only while a query runs (see `_HeapLimit`).
 MAX_HEAP_BYTES = 256 * 2**20
 # A printf conversion (`%c`, `%d`, `%f`, ...): its width and precision, each digits or `*` (the
 # next argument), then the conversion character. SQLite's `printf('%.*c', 2**31 - 1, 'x')`
@@ -146,7 +149,8 @@ class SqlExecutor:
                 conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
                 conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_COLUMNS)
         self._conn.execute("PRAGMA temp_store = MEMORY")
-        self._conn.execute(f"PRAGMA hard_heap_limit = {MAX_HEAP_BYTES}")
+        if not _HEAP_LIMIT.scoped:  # only a PRAGMA reaches the limit: lowered for good
+            self._conn.execute(f"PRAGMA hard_heap_limit = {MAX_HEAP_BYTES}")
         for name in ("printf", "format"):
             self._conn.create_function(name, -1, self._printf, deterministic=True)
         self._too_long = ""  # why a printf of the query running was refused
@@ -218,7 +222,7 @@ class SqlExecutor:
     def run(self, sql: str) -> QueryResult:
         """Run one read-only statement under the time and row limits; errors are returned,
         not raised."""
-        with self._lock, self._ctrl_c_after_the_query():
+        with self._lock, self._ctrl_c_after_the_query(), _HEAP_LIMIT.held() as heap_limit:
             self._calls = 0
             self._too_long = ""
             self._deadline = time.monotonic() + self.backstop_s
@@ -250,7 +254,7 @@ class SqlExecutor:
                 return QueryResult(error=self._classify(e), steps=self._steps())
             except MemoryError:  # past the heap limit: SQLite's "out of memory"
                 return QueryResult(error=ExecError(
-                    "runtime", f"the query needs more than {MAX_HEAP_BYTES // 2**20} MB of "
+                    "runtime", f"the query needs more than {_megabytes(heap_limit)} of "
                                f"memory"), steps=self._steps())
             except (ValueError, OverflowError) as e:  # e.g. a NUL character in the text
                 return QueryResult(error=ExecError("syntax", str(e)), steps=self._steps())
@@ -280,6 +284,82 @@ class SqlExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _megabytes(n: int) -> str:
+    return f"{n // 2**20} MB" if n >= 2**20 else f"{n} bytes"
+
+
+class _HeapLimit:
+    """SQLite's hard heap limit, which is one for the whole process, held at `MAX_HEAP_BYTES`
+    (or below, where the program has set a lower one) only while some executor runs a query,
+    then put back as it was, with the soft heap limit that setting it lowers too. A PRAGMA can
+    only lower the limit; putting it back takes SQLite's own `sqlite3_hard_heap_limit64`,
+    reached with ctypes in the library the sqlite3 module runs on. Where that cannot be reached
+    (`scoped` false), each executor lowers it with the PRAGMA, for the rest of the process."""
+
+    def __init__(self) -> None:
+        self._hard, self._soft = _heap_limit_functions()
+        self.scoped = self._hard is not None
+        self._lock = threading.Lock()
+        self._queries = 0  # running now, in every executor of the process
+        self._saved = (0, 0)  # the hard and soft limits before the first of them
+        self._limit = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[int]:
+        """Hold the limit while the block runs (and any other executor's query that overlaps
+        it); yields the limit in bytes."""
+        if not self.scoped:
+            yield MAX_HEAP_BYTES
+            return
+        with self._lock:
+            if self._queries == 0:
+                self._saved = (self._hard(-1), self._soft(-1))  # -1 reads, changing nothing
+                hard = self._saved[0]
+                self._limit = min(hard, MAX_HEAP_BYTES) if hard > 0 else MAX_HEAP_BYTES
+                self._hard(self._limit)
+            self._queries += 1
+            limit = self._limit
+        try:
+            yield limit
+        finally:
+            with self._lock:
+                self._queries -= 1
+                if self._queries == 0:
+                    self._hard(self._saved[0])  # first: it would lower the soft limit again
+                    self._soft(self._saved[1])
+
+
+def _heap_limit_functions() -> tuple[Any, Any]:
+    """`sqlite3_hard_heap_limit64` and `sqlite3_soft_heap_limit64` of the SQLite library the
+    sqlite3 module uses (checked: what the one sets, that module's PRAGMA reads), or Nones."""
+    import _sqlite3
+    names = [getattr(_sqlite3, "__file__", None), ctypes.util.find_library("sqlite3")]
+    for name in filter(None, names):
+        try:
+            lib = ctypes.CDLL(name)
+            hard, soft = lib.sqlite3_hard_heap_limit64, lib.sqlite3_soft_heap_limit64
+        except (OSError, AttributeError):
+            continue
+        for f in (hard, soft):
+            f.restype, f.argtypes = ctypes.c_int64, [ctypes.c_int64]
+        probe = sqlite3.connect(":memory:")
+        try:
+            saved = (hard(-1), soft(-1))
+            trial = saved[0] - 1 if saved[0] > 1 else 2**62
+            hard(trial)
+            same = probe.execute("PRAGMA hard_heap_limit").fetchone()[0] == trial
+            hard(saved[0])
+            soft(saved[1])
+        finally:
+            probe.close()
+        if same:
+            return hard, soft
+    return None, None
+
+
+_HEAP_LIMIT = _HeapLimit()
 
 
 def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
