@@ -80,6 +80,36 @@ def test_executor_stops_runaway_queries_at_the_step_budget(world):
         assert stopped_at == {300_100}, sql  # the first count past the budget
 
 
+def test_a_runaway_answer_is_an_error_naming_the_budget_wherever_a_models_sql_runs(world):
+    """The labelers, the evaluation and PPO's execution reward all run a model's SQL through
+    the world's one executor: a cartesian join or a correlated subquery over one stops at the
+    step budget (the same step on every run) and is an error, ranked and scored below a wrong
+    answer, never a wait."""
+    from gptlab.eval.execution import exec_verdicts
+    from gptlab.world.rewards import execution_reward
+    q = next(q for q in world.test if q.intent == "employees_in_city")
+    runaway = ("SELECT e.name FROM employees e WHERE e.salary > (SELECT AVG(b.hours) FROM "
+               "assignments a, assignments b, assignments c WHERE c.employee_id = e.id)", CROSS)
+    executor = world.executor()
+    saved = executor.max_vm_steps
+    executor.max_vm_steps = 300_000
+    try:
+        for sql in runaway:
+            assert executor.run(sql).steps == 300_100
+            v = world.check(q.id, sql)
+            assert (v.kind, v.detail) == ("error", "timeout: query stopped: it ran past the "
+                                                   "budget of 300000 SQLite steps")
+            assert exec_verdicts(world, [world.record(q)], [sql]) == ["error"]
+            answers = [sql, "SELECT name FROM employees", q.sql]
+            assert execution_reward(world)([q.text] * 3, answers, [{"id": q.id}] * 3) == \
+                [-1.0, 0.0, 1.0]
+            ranking = world.labeler(ties=False).rank(q.id, answers)
+            assert ranking.order == (2, 1, 0)
+            assert not world.correct_on_test_suite(q.id, sql)
+    finally:
+        executor.max_vm_steps = saved
+
+
 def test_a_query_counts_the_same_steps_every_time_it_runs(world):
     """A cached statement carried its step count into its next run, which moved where the
     handler was first called: the same text counted one call more the second time."""
