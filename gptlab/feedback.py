@@ -41,7 +41,9 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     line when its prompt cannot be encoded (a conversation the chat template refuses).
     `mark_cut` (`gptlab sample`) adds `"finished": [...]`, per response whether it ended on its
     own, and decodes a cut response without a last character the cut split (`decode_cut`: no
-    U+FFFD at the end); without it (the pipeline) every response is decoded plainly.
+    U+FFFD at the end); without it (the pipeline) every response is decoded whole. Each is
+    decoded as the response to its prompt (`Tokenizer.decode_response`): the text that
+    encodes back to the tokens sampled.
     `progress`: a bar of the responses made on stderr, when stderr is a terminal.
     """
     skips = skips if skips is not None else SkipCounter()
@@ -51,13 +53,14 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     jobs = []
     for rec in records:
         try:
-            ids = encode_prompt(tokenizer, prompt_of(rec, path, rec.get("_line")))
+            prompt = prompt_of(rec, path, rec.get("_line"))
+            ids = encode_prompt(tokenizer, prompt)
         except UserError as e:
             raise (e.at(path, rec.get("_line")) if path else e) from None
         if len(ids) > room:
             skips.add("prompts longer than the context minus max_new_tokens")
             continue
-        jobs.append((rec, ids))
+        jobs.append((rec, prompt, ids))
     out = []
     from tqdm import tqdm
     bar = tqdm(total=len(jobs) * k, unit="response", leave=False, file=sys.stderr,
@@ -66,28 +69,29 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     for b in range(0, len(jobs), per_batch):
         chunk = jobs[b:b + per_batch]
         if k <= batch_size:
-            prompts = [ids for _, ids in chunk for _ in range(k)]
+            prompts = [ids for _, _, ids in chunk for _ in range(k)]
             gen = generate(model, prompts, params, seed=seed * 1_000_003 + b,
                            pad_id=tokenizer.pad_id)
         else:
             # K past the batch: the prompt's K rows in batches of at most `batch_size`, each
             # with a seed of its own (the first one's as before), never one batch of K rows
             # (--k 1000000 asked for a 50 GB cache at once).
-            gen = _concat([generate(model, [chunk[0][1]] * min(batch_size, k - start), params,
+            gen = _concat([generate(model, [chunk[0][2]] * min(batch_size, k - start), params,
                                     seed=seed * 1_000_003 + b + start // batch_size * len(jobs),
                                     pad_id=tokenizer.pad_id)
                            for start in range(0, k, batch_size)])
         bar.update(len(gen.tokens))
         if cut is not None:
             cut.append(gen.finished.count(False))
-        for j, (rec, _) in enumerate(chunk):
+        for j, (rec, prompt, ids) in enumerate(chunk):
             rows = range(j * k, (j + 1) * k)
             row = {key: v for key, v in rec.items() if key != "_line"}
+            responses = [tokenizer.decode_response(prompt, ids, gen.tokens[i],
+                                                   cut=mark_cut and not gen.finished[i])
+                         for i in rows]
             if not mark_cut:
-                out.append({**row, "responses": [tokenizer.decode(gen.tokens[i]) for i in rows]})
+                out.append({**row, "responses": responses})
                 continue
-            responses = [tokenizer.decode(gen.tokens[i]) if gen.finished[i]
-                         else tokenizer.decode_cut(gen.tokens[i]) for i in rows]
             out.append({**row, "responses": responses,
                         "finished": [bool(gen.finished[i]) for i in rows]})
     bar.close()

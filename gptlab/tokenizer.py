@@ -213,6 +213,43 @@ class Tokenizer:
         whole, before = decode(prompt + ids), self.decode(prompt)
         return whole[len(before):] if whole.startswith(before) else decode(ids)
 
+    def decode_response(self, prompt: str | Sequence[dict], prompt_ids: Iterable[int],
+                        ids: Iterable[int], cut: bool = False) -> str:
+        """The text of `ids`, a response sampled after `prompt_ids`, the tokens of `prompt` (a
+        text, or messages rendered with the generation prompt): the text that, written as the
+        response to `prompt` in a samples or rankings file, encodes back to `ids` (`cut`: as
+        `decode_cut`). After a text prompt, `ids` decoded alone, as a completion is encoded
+        alone: a SentencePiece tokenizer's "▁" before the first word is the space it puts
+        between prompt and completion ("▁Paris" is "Paris", which encodes as "▁Paris").
+        After a chat template's generation prompt, what `ids` add to the prompt's text
+        (`decode_continuation`), less the text the template writes between its assistant
+        header and an answer (`_answer_lead`: Llama 2's " " after "[/INST]"): "▁Paris" after
+        ChatML's "assistant\\n" is " Paris", as the template renders it back, where decoded
+        alone it lost its space. gptlab's and ChatML's templates write nothing there: a
+        byte-level BPE tokenizer's response is then its `decode` (or `decode_cut`) either way."""
+        if isinstance(prompt, str):
+            return self.decode_cut(ids) if cut else self.decode(ids)
+        text = self.decode_continuation(prompt_ids, ids, cut=cut)
+        lead = self._answer_lead(prompt)
+        return text[len(lead):] if lead and text.startswith(lead) else text
+
+    def _answer_lead(self, messages: Sequence[dict]) -> str:
+        """The template's text between `messages` rendered with the generation prompt and the
+        content of an assistant answer to them, rendered whole ("" for gptlab's and ChatML's
+        templates; Llama 2's, which has no generation prompt, writes " " before the answer);
+        "" where the conversation with an answer does not begin with the generation prompt."""
+        answered = [*messages, {"role": "assistant", "content": "x"}]
+        try:
+            prompt = self._render(messages, True)
+            pieces, strip = self._template_pieces(answered, False)
+        except UserError:  # a template that renders no answer after these messages
+            return ""
+        if len(messages) not in pieces:
+            return ""
+        before = "".join(p if isinstance(p, str) else _content_of(answered, p, strip)
+                         for p in pieces[:pieces.index(len(messages))])
+        return before[len(prompt):] if before.startswith(prompt) else ""
+
     def _byte_token(self, byte: int) -> int | None:
         """The id of the token that is this one byte: byte-level BPE's (GPT-2's byte-to-
         character map), or byte fallback's `<0xNN>` (Llama's); None when there is none."""

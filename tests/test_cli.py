@@ -756,6 +756,52 @@ def test_sample_marks_each_cut_response_and_ends_it_before_a_split_character(tin
     assert plain == [{"prompt": "hello", "responses": ["the cat \ufffd", "the mat \ufffd"]}]
 
 
+def sentencepiece_model(d, template):
+    """A tiny random GPT with `test_tokenizer`'s SentencePiece tokenizer and `template`."""
+    from test_tokenizer import sentencepiece_tokenizer
+    tok = sentencepiece_tokenizer(template)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    save_model(d, GPT(cfg), tok)
+    return tok
+
+
+def answering(ids):
+    """An engine that answers every prompt with `ids`, which end it."""
+    from gptlab.engine import Generation
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        return Generation([list(ids) for _ in prompts], [[0.0] * len(ids) for _ in prompts],
+                          [True] * len(prompts))
+    return generate
+
+
+@pytest.mark.parametrize("template, chat_text", [("ZEPHYR_CHAT", " yes it is"),
+                                                 ("LLAMA2_CHAT", "yes it is")])
+def test_sample_writes_a_sentencepiece_response_as_its_prompt_reads_it_back(
+        tmp_path, monkeypatch, template, chat_text):
+    # "▁yes ▁it ▁is" after Zephyr's "<|assistant|>\n" is " yes it is": the template writes
+    # nothing before an answer, so the space is the model's (the file said "yes it is", which
+    # renders back as "yes", no "▁"). After Llama 2's "[/INST]" the template's own " " comes
+    # first: no space. After a text prompt the response is encoded alone, "▁" prepended.
+    import test_tokenizer
+    from gptlab.data.instruct import encode_response
+    tok = sentencepiece_model(tmp_path / "m", getattr(test_tokenizer, template))
+    said = [tok.hf.token_to_id(p) for p in ("\u2581yes", "\u2581it", "\u2581is")] + [tok.eos_id]
+    monkeypatch.setattr("gptlab.feedback.generate", answering(said))
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    prompts = tmp_path / "p.jsonl"
+    write_jsonl_atomic(prompts, [{"id": 1, "messages": chat}, {"id": 2, "prompt": "is it?"}])
+    assert main(["sample", "--model", str(tmp_path / "m"), "--prompts", str(prompts), "--k", "1",
+                 "--max-new-tokens", "8", "--out", str(tmp_path / "s.jsonl")]) == 0
+    rows = read_jsonl(tmp_path / "s.jsonl")
+    assert [r["responses"] for r in rows] == [[chat_text], ["yes it is"]]
+    for r, prompt in zip(rows, (chat, "is it?")):  # as `reward` and `sft` read them
+        tail = [tok.hf.token_to_id("\u2581")] if template == "LLAMA2_CHAT" and r["id"] == 1 \
+            else []  # Llama 2's " " before </s>
+        assert encode_response(tok, r["responses"][0], prompt) == said[:-1] + tail + said[-1:]
+
+
 def test_sample_and_label_never_write_over_their_input(tiny_model, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')

@@ -455,7 +455,7 @@ def test_sampling_responses_leaves_the_callers_settings_as_they_were():
         def encode(self, text, bos=False):
             return [1 + len(text) % 9, 2, 3]
 
-        def decode(self, ids):
+        def decode_response(self, prompt, prompt_ids, ids, cut=False):
             return " ".join(map(str, ids))
 
     params = SamplingParams(max_new_tokens=3)
@@ -475,7 +475,7 @@ def test_sampling_more_responses_than_a_batch_holds_splits_them_over_batches(mon
         def encode(self, text, bos=False):
             return [1 + len(text) % 9, 2, 3]
 
-        def decode(self, ids):
+        def decode_response(self, prompt, prompt_ids, ids, cut=False):
             return " ".join(map(str, ids))
 
     sizes = []
@@ -512,7 +512,7 @@ def test_sampling_shows_its_progress_on_a_terminal_only(monkeypatch):
         def encode(self, text, bos=False):
             return [1, 2, 3]
 
-        def decode(self, ids):
+        def decode_response(self, prompt, prompt_ids, ids, cut=False):
             return " ".join(map(str, ids))
 
     class Terminal(io.StringIO):

@@ -692,3 +692,35 @@ def test_a_saved_value_model_reads_as_its_reward_model_and_its_settings_mislead_
     with torch.no_grad():
         for other in (started, resumed):
             assert torch.equal(other.value_model.values(ids), trained)
+
+
+def test_a_reward_function_reads_each_response_as_sample_writes_it(tmp_path, monkeypatch):
+    """PPO gave a `--reward-fn` each response decoded alone: after Zephyr's
+    "<|assistant|>\\n" a SentencePiece "▁yes" lost the space that `sample` writes."""
+    from gptlab.engine import SamplingParams
+    from gptlab.feedback import sample_responses
+    from gptlab.io import write_jsonl_atomic
+    from test_cli import answering, sentencepiece_model
+    from test_tokenizer import ZEPHYR_CHAT
+
+    tok = sentencepiece_model(tmp_path / "policy", ZEPHYR_CHAT)
+    said = [tok.hf.token_to_id(p) for p in ("\u2581yes", "\u2581it")] + [tok.eos_id]
+    records = [{"id": 1, "messages": [{"role": "user", "content": "is the cat happy?"}]},
+               {"id": 2, "prompt": "is it?"}]
+    write_jsonl_atomic(tmp_path / "p.jsonl", records)
+    monkeypatch.setattr("gptlab.feedback.generate", answering(said))
+    monkeypatch.setattr(ppo_module, "generate", answering(said))
+    seen = {}
+
+    def reward(prompts, responses, recs):
+        seen.update((r["id"], text) for r, text in zip(recs, responses))
+        return [0.0] * len(responses)
+
+    cfg = PPOConfig(policy=str(tmp_path / "policy"), prompts=str(tmp_path / "p.jsonl"),
+                    out=str(tmp_path / "out"), device="cpu", max_new_tokens=4, batch_size=2,
+                    minibatch_size=2, ppo_epochs=1)
+    t = PPOTrainer(cfg, reward_fn=reward)
+    t.score(t.rollout(0))
+    sampled = sample_responses(t.policy, t.tok, records, 1, SamplingParams(max_new_tokens=4),
+                               mark_cut=True)
+    assert seen == {r["id"]: r["responses"][0] for r in sampled} == {1: " yes it", 2: "yes it"}

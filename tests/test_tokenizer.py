@@ -1043,6 +1043,88 @@ def test_a_continuation_whose_seam_splits_a_character_is_decoded_alone(tok):
     assert tok.decode_continuation(tok.encode("hi"), tok.encode(" there")) == " there"
 
 
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(st.one_of(_TEXT, _conversation().map(lambda chat: chat[:-1])),
+       st.lists(st.integers(0, 10**6), max_size=12), st.booleans())
+def test_a_byte_level_response_is_its_plain_decode_after_any_prompt(tok, chatml, prompt, draws,
+                                                                     cut):
+    """gptlab's byte-level BPE (what the demo samples with) and ChatML write nothing between
+    the generation prompt and an answer, and a byte-level decode does not depend on the text
+    before it: a response decoded after its prompt is the bytes `decode` (or `decode_cut`)
+    wrote before, random ids and special tokens included."""
+    from gptlab.data.instruct import encode_prompt
+
+    for t in (tok, chatml):
+        ids = [d % t.vocab_size for d in draws]
+        plain = t.decode_cut(ids) if cut else t.decode(ids)
+        assert t.decode_response(prompt, encode_prompt(t, prompt), ids, cut=cut) == plain
+
+
+_SPM_LINES = ["the capital is paris", "yes it is", "is the cat happy?", "no it is not"]
+# Zephyr's (TinyLlama's) layout: the answer right after "<|assistant|>\n", no space between.
+ZEPHYR_CHAT = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token "
+               "+ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+               "{% endif %}")
+
+
+def sentencepiece_tokenizer(chat_template: str | None = None) -> Tokenizer:
+    """Llama 2's tokenizer.json in small: byte-fallback BPE over <unk> <s> </s> and the 256
+    byte tokens, "▁" prepended and standing for spaces (the normalizer), a decoder that drops
+    the text's first space; pieces learned from a few lines ("▁yes", "▁paris" are one each)."""
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+
+    learner = tokenizers.Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace()
+    learner.train_from_iterator(_SPM_LINES * 4, trainers.BpeTrainer(vocab_size=120,
+                                                                    show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    merges = [tuple(m) for m in learned["merges"]]
+    pieces = sorted(t for t in learned["vocab"] if len(t) == 1) + list(
+        dict.fromkeys("".join(m) for m in merges))
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                         merges=merges, unk_token="<unk>", fuse_unk=True,
+                                         byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                          normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in ("<unk>", "<s>", "</s>")])
+    return Tokenizer(hf, "<s>", "</s>", None, chat_template=chat_template)
+
+
+def test_a_sentencepiece_response_decodes_to_the_text_that_encodes_back_to_it():
+    """Decoded alone, SentencePiece drops the space its first "▁" stands for (as
+    transformers' LlamaTokenizer decodes it). After a text prompt that is the text: a
+    completion is encoded alone, "▁" prepended. After Llama 2's "[/INST]" too: its template
+    writes " " before the answer. After Zephyr's "<|assistant|>\n", where the template writes
+    nothing, the space is the model's: decoded alone, "yes" would render back as "yes"."""
+    from gptlab.data.instruct import encode_prompt, encode_response
+
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    for template, prompt, answer, want in (
+            (None, "the capital is", "paris", "paris"),
+            (LLAMA2_CHAT, chat, "yes it is", "yes it is "),  # its " " before </s> stays
+            (ZEPHYR_CHAT, chat, " yes it is", " yes it is")):
+        t = sentencepiece_tokenizer(template)
+        start = encode_prompt(t, prompt)
+        ids = encode_response(t, answer, prompt)
+        assert t.hf.id_to_token(ids[0]) in ("\u2581paris", "\u2581yes")
+        text = t.decode_response(prompt, start, ids)
+        assert text == want and encode_response(t, text, prompt) == ids
+        # cut at max_new_tokens inside a character: no U+FFFD for its first byte
+        assert t.decode_response(prompt, start, ids[:-1] + [t._byte_token(0xE2)],
+                                 cut=True) == want
+    # A text prompt's response written as the whole text's continuation, " paris", would be
+    # read back as "▁", "▁paris": tokens the model did not sample.
+    t = sentencepiece_tokenizer()
+    assert [t.hf.id_to_token(i) for i in encode_response(t, " paris", "the capital is")] == [
+        "\u2581", "\u2581paris", "</s>"]
+    assert sentencepiece_tokenizer(ZEPHYR_CHAT).decode(ids) == "yes it is"
+    assert sentencepiece_tokenizer(LLAMA2_CHAT)._answer_lead(chat) == " "
+
+
 def test_a_save_names_the_unknown_token_only_where_the_vocabulary_has_it(tmp_path):
     from tokenizers import models
 

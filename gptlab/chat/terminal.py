@@ -119,11 +119,12 @@ class ChatSession:
         tokens = gen.tokens[0]
         if gen.finished[0]:
             # the end-of-turn token; the template writes its own
-            answer = self.tok.decode(tokens[:-1]).strip()
+            answer = self.tok.decode_response(kept, ids, tokens[:-1]).strip()
         else:
             print(f"note: the reply was cut at {self.cfg.max_new_tokens} new tokens "
                   f"(max_new_tokens, --max-new-tokens)", file=stderr)
-            answer = self.tok.decode_cut(tokens).strip()  # no half a character at the cut
+            # no half a character at the cut
+            answer = self.tok.decode_response(kept, ids, tokens, cut=True).strip()
         # The dropped turns are gone for good: they are reported once, not at every turn.
         self.messages = kept + [{"role": "assistant", "content": answer}]
         self.turns += 1

@@ -642,8 +642,10 @@ class PPOTrainer:
     def _reward_fn_scores(self, ro: Rollout) -> Tensor:
         """The reward function's scores of the decoded responses: one real number each, or
         a UserError naming the function (and the prompt's line, for a bad score)."""
-        texts = [self.tok.decode(r) for r in ro.responses]
         prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
+        # As the pipeline's sampling writes them (cut ones whole: `sample_responses`).
+        texts = [self.tok.decode_response(prompt_of(rec), ids, r)
+                 for rec, ids, r in zip(ro.records, self._prompt_ids(ro), ro.responses)]
         name = self.reward_fn_name
         try:
             returned = self.reward_fn(prompts, texts, ro.records)
@@ -673,15 +675,21 @@ class PPOTrainer:
         closed by the end of turn, a response cut at max_new_tokens included, then the
         template's text after it for one that reads whole conversations."""
         shared = 0 if ro.prefix is None else ro.prefix.shape[1]
-        head = [] if ro.prefix is None else ro.prefix[0].tolist()
-        prompts = [head + ro.ids[i, :ro.P][ro.attention_mask[i, shared:shared + ro.P].bool()]
-                   .tolist() for i in range(len(ro.responses))]
+        prompts = self._prompt_ids(ro)
         tails = ro.tails or [[]] * len(prompts)
         responses = [scored_response(r, done, end, self.context - len(p), tail)
                      for r, done, end, p, tail in zip(ro.responses, ro.finished.tolist(),
                                                       ro.ends, prompts, tails)]
         return reward_model_scores(self.reward_model, prompts, responses, self.tok.pad_id,
                                    self.device, shared)
+
+    @staticmethod
+    def _prompt_ids(ro: Rollout) -> list[list[int]]:
+        """Each row's prompt tokens: the shared prefix, then its own, without padding."""
+        shared = 0 if ro.prefix is None else ro.prefix.shape[1]
+        head = [] if ro.prefix is None else ro.prefix[0].tolist()
+        return [head + ro.ids[i, :ro.P][ro.attention_mask[i, shared:shared + ro.P].bool()]
+                .tolist() for i in range(len(ro.responses))]
 
     # --- 3 + 4. rewards with KL, then GAE ------------------------------------------------------
     @torch.no_grad()
