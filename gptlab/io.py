@@ -317,16 +317,59 @@ def write_jsonl_atomic(path: str | Path, rows: Any, allow_nan: bool = True) -> i
     return n
 
 
+# What a file that is no text starts with: compressed files and archives, whose first bytes
+# would be reported as a byte that is not UTF-8 (or, for a zip, read as a line of text).
+_COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -k {})"),
+               (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k {})"),
+               (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd {})"),
+               (b"BZh", "bzip2-compressed", "decompress it first (bunzip2 -k {})"),
+               (b"PK\x03\x04", "a zip archive", "extract its files first (unzip {})"))
+PARQUET_MAGIC = b"PAR1"
+
+
+def other_format(path: str | Path, read_as: str = "text") -> str | None:
+    """Why file `path` cannot be read as `read_as` ("text" or "Parquet"), said for an error,
+    if its first bytes show it to be compressed, a zip archive, Parquet (PAR1 at both ends,
+    read as text) or UTF-16 text; None for anything else (what it should be, bytes of no kind
+    known here, or no regular file: a pipe's bytes would be used up)."""
+    if not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        head = f.read(10)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - 8, 0))
+        tail = f.read()
+    name = Path(path).name
+    for magic, kind, advice in _COMPRESSED:
+        # bzip2's "BZh" is text too: its block size digit and block magic follow it.
+        if head.startswith(magic) and (magic != b"BZh" or re.match(rb"BZh[1-9]1AY&SY", head)):
+            return f"is {kind}, not {read_as}; {advice.format(name)} and give what it holds"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return ("is UTF-16 text (it starts with a UTF-16 byte-order mark, as Windows "
+                "PowerShell's > writes it); save the file as UTF-8")
+    # Parquet ends with its footer's length (4 bytes, little-endian) and PAR1: in a text that
+    # starts and ends with PAR1, those 4 bytes are characters, a length past the file's end.
+    if (read_as == "text" and head.startswith(PARQUET_MAGIC) and tail.endswith(PARQUET_MAGIC)
+            and size >= 12 and int.from_bytes(tail[:4], "little") <= size - 12):
+        return ("is a Parquet file, but only a name ending .parquet is read as Parquet: "
+                "rename it to end .parquet")
+    return None
+
+
 def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, line without its newline), failing on the first byte that is not UTF-8.
 
     A UTF-8 byte-order mark at the start of the file is not text and is dropped; CRLF endings
-    are read as LF."""
+    are read as LF. A compressed file, a zip archive, a Parquet file or UTF-16 text is refused
+    as such (`other_format`), not by its first byte that is not UTF-8."""
     path = Path(path)
     if not path.exists():
         raise UserError("file not found", path=path)
     if path.is_dir():
         raise UserError("is a directory, not a file", path=path)
+    other = other_format(path)
+    if other is not None:
+        raise UserError(other, path=path)
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -397,9 +440,48 @@ def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
                 n += 1
                 yield n, {k: _json_value(v, path, n, k) for k, v in row.items() if v is not None}
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+        raise unreadable_parquet(path, e) from None
     except UnicodeDecodeError:  # the values' are caught above: this is in the file's metadata
         raise UserError(PARQUET_NAMES_NOT_UTF8, path=path) from None
+
+
+def unreadable_parquet(path: str | Path, e: BaseException) -> UserError:
+    """Parquet file `path`, which pyarrow failed to read with `e`, as a UserError saying what
+    it holds instead where its first bytes show it (text, a compressed file, nothing), else
+    pyarrow's reason in one line."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        return UserError("is empty (0 bytes), not a Parquet file", path=path)
+    other = other_format(path, read_as="Parquet")
+    if other is not None:
+        return UserError(other, path=path)
+    begins = _text_start(path)
+    if begins is not None:
+        return UserError(f"is text, not Parquet (it begins {begins!r}); only a Parquet file is "
+                         f"read by a name ending .parquet: name it as what it holds (.jsonl "
+                         f"for JSON Lines, .txt for plain text)", path=path)
+    return UserError(f"not a readable Parquet file ({' '.join(str(e).split())})", path=path)
+
+
+def _text_start(path: Path) -> str | None:
+    """The first line of file `path` (at most 40 characters) if its first bytes are UTF-8 text
+    (no control characters but tabs and line ends) and not Parquet's magic; else None."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        head = f.read(200)
+    if head.startswith(PARQUET_MAGIC):
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":  # only a character cut at byte 200 is text
+            return None
+        text = head[:e.start].decode("utf-8")
+    text = text.removeprefix("\ufeff")
+    if not text.strip() or any(c < " " and c not in "\t\r\n" for c in text):
+        return None
+    return text.strip().splitlines()[0][:40]
 
 
 # A column name that is not UTF-8 comes from a corrupt footer (pyarrow cannot decode it).

@@ -67,6 +67,22 @@ def test_help_says_data_takes_what_the_readme_says_it_takes(capsys, verb):
     assert "directories" in data and ".jsonl" in data and "Hub dataset" in data, data
 
 
+@pytest.mark.parametrize("verb", [["tokenizer", "train", "--data", "{f}", "--out", "{out}"],
+                                  ["sample", "--model", "{model}", "--prompts", "{f}", "--out",
+                                   "{out}/s.jsonl"]])
+def test_a_gzipped_jsonl_exits_2_saying_so_and_writes_nothing(verb, tiny_model, tmp_path,
+                                                              capsys):
+    import gzip
+    f = tmp_path / "d.jsonl.gz"
+    f.write_bytes(gzip.compress(b'{"prompt": "hello", "text": "hello world"}\n', mtime=0))
+    fill = dict(f=f, out=tmp_path / "out", model=tiny_model)
+    assert main([a.format(**fill) for a in verb]) == 2
+    assert capsys.readouterr().err == (f"gptlab {verb[0]}: error: {f}: is gzip-compressed, not "
+                                       f"text; decompress it first (gunzip -k d.jsonl.gz) and "
+                                       f"give what it holds\n")
+    assert not (tmp_path / "out").exists()
+
+
 def flag_help(capsys, verb: list[str], flag: str) -> str:
     """A flag's entry in `--help`, its lines joined (the entry ends where the next flag's
     starts, at an indent of two)."""

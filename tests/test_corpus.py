@@ -138,7 +138,7 @@ def test_parquet_without_text_column_and_corrupt_parquet(tmp_path):
     with pytest.raises(UserError, match="no 'text' column") as e:
         read_documents([f])
     assert e.value.field == "text"
-    f.write_bytes(b"not parquet at all")
+    f.write_bytes(b"\x00not parquet at all")
     with pytest.raises(UserError, match="not a readable Parquet file"):
         read_documents([f])
 

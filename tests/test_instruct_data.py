@@ -203,6 +203,85 @@ def test_prompts_files_read_as_utf8_with_bom_and_crlf_and_refuse_other_bytes(tmp
         read_prompts(tmp_path)
 
 
+def compressed(kind, data):
+    import bz2
+    import gzip
+    import io
+    import lzma
+    import zipfile
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("p.jsonl", data)
+        return buf.getvalue()
+    return {"gz": lambda b: gzip.compress(b, mtime=0), "bz2": bz2.compress,
+            "xz": lzma.compress}[kind](data)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("gz", "is gzip-compressed, not text; decompress it first (gunzip -k p.jsonl.gz) and give "
+           "what it holds"),
+    ("bz2", "is bzip2-compressed, not text; decompress it first (bunzip2 -k p.jsonl.bz2) and "
+            "give what it holds"),
+    ("xz", "is xz-compressed, not text; decompress it first (unxz -k p.jsonl.xz) and give what "
+           "it holds"),
+    ("zip", "is a zip archive, not text; extract its files first (unzip p.jsonl.zip) and give "
+            "what it holds"),
+    ("utf16", "is UTF-16 text (it starts with a UTF-16 byte-order mark, as Windows PowerShell's "
+              "> writes it); save the file as UTF-8"),
+    ("parquet", "is a Parquet file, but only a name ending .parquet is read as Parquet: rename "
+                "it to end .parquet"),
+])
+def test_a_compressed_utf16_or_parquet_file_read_as_text_says_what_it_is(tmp_path, kind,
+                                                                          message):
+    # They were "not UTF-8 text: byte 0x8b at byte offset 1" (gzip), "not valid JSON (Expecting
+    # value at column 1)" (a Parquet file named .jsonl), or read as a line of text (a zip).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from gptlab.data.corpus import read_documents
+    rows = b'{"id": 1, "prompt": "hi", "text": "a document"}\n'
+    f = tmp_path / ("p.jsonl" if kind in ("utf16", "parquet") else f"p.jsonl.{kind}")
+    if kind == "parquet":
+        pq.write_table(pa.Table.from_pylist([json.loads(rows)]), f)
+    else:
+        f.write_bytes(rows.decode().encode("utf-16") if kind == "utf16"
+                      else compressed(kind, rows))
+    for read in (read_prompts, read_rankings, read_documents):  # JSON Lines, and a corpus
+        with pytest.raises(UserError) as err:
+            read(f)
+        assert str(err.value) == f"{f}: {message}"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty (0 bytes), not a Parquet file"),
+    (b'\xef\xbb\xbf{"prompt": "hi"}\n{"prompt": "yo"}\n',
+     "is text, not Parquet (it begins '{\"prompt\": \"hi\"}'); only a Parquet file is read by "
+     "a name ending .parquet: name it as what it holds (.jsonl for JSON Lines, .txt for plain "
+     "text)"),
+    (compressed("gz", b"x"), "is gzip-compressed, not Parquet; decompress it first (gunzip -k "
+                             "p.parquet) and give what it holds"),
+    (b"\x00\x01 no format", "not a readable Parquet file (Parquet magic bytes not found in "
+                            "footer. Either the file is corrupted or this is not a parquet "
+                            "file.)"),
+], ids=["empty", "jsonl", "gzip", "other"])
+def test_a_parquet_name_on_what_is_not_parquet_says_what_it_is(tmp_path, content, message):
+    from gptlab.data.corpus import read_documents
+    f = tmp_path / "p.parquet"
+    f.write_bytes(content)
+    for read in (read_prompts, read_documents):
+        with pytest.raises(UserError) as err:
+            read(f)
+        assert str(err.value) == f"{f}: {message}"
+
+
+def test_a_text_starting_with_a_format_s_magic_is_still_text(tmp_path):
+    from gptlab.data.corpus import read_documents
+    for text in ("BZh9 is how bzip2 starts", "PAR1 is how Parquet starts and ends: PAR1"):
+        f = tmp_path / "c.txt"
+        f.write_text(text)
+        assert read_documents([f]) == [text]
+
+
 @pytest.mark.parametrize("indent", [None, 2])
 def test_a_json_array_of_records_is_told_to_be_json_lines(tok, tmp_path, indent):
     # Alpaca's .json: pretty-printed it was "not valid JSON (Expecting value at column 2)",

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import UserError
 from gptlab.io import (PARQUET_NAMES_NOT_UTF8, json_objects, not_utf8_row, parquet_not_utf8,
-                       utf8_lines)
+                       unreadable_parquet, utf8_lines)
 from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -220,7 +220,7 @@ def _iter_parquet(p: Path) -> Iterator[str]:
         schema = pq.read_schema(p)
         rows = pq.read_metadata(p).num_rows
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"not a readable Parquet file ({e})", path=p) from None
+        raise unreadable_parquet(p, e) from None
     except UnicodeDecodeError:
         raise UserError(PARQUET_NAMES_NOT_UTF8, path=p) from None
     if TEXT_FIELD not in schema.names:
@@ -246,8 +246,7 @@ def _iter_parquet(p: Path) -> Iterator[str]:
         except UnicodeDecodeError:  # Parquet stores any bytes as text: say which row
             raise parquet_not_utf8(p, [TEXT_FIELD]) from None
         except (pa.ArrowException, OSError) as e:  # a corrupt page, found only when it is read
-            raise UserError(f"not a readable Parquet file ({' '.join(str(e).split())})",
-                            path=p) from None
+            raise unreadable_parquet(p, e) from None
 
 
 def _iter_hub(name: str) -> Iterator[str]:
