@@ -556,7 +556,11 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
             row = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float,
                              parse_int=_readable_int)
         except json.JSONDecodeError as e:
-            raise UserError(f"not valid JSON ({e.msg} at column {e.colno})", path=path,
+            # A pretty-printed object breaks off at its line's end ("{" alone on line 1).
+            cut = ("; the line ends inside a JSON value: JSON Lines holds each object whole on "
+                   "one line (jq -c . writes a pretty-printed file so)"
+                   if e.pos >= len(line.rstrip()) else "")
+            raise UserError(f"not valid JSON ({e.msg} at column {e.colno}){cut}", path=path,
                             line=lineno) from None
         except _NonFinite as e:
             what = "is not a JSON number" if e.args[0] in ("NaN", "Infinity", "-Infinity") \

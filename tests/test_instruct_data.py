@@ -881,6 +881,27 @@ def test_a_broken_json_line_names_its_line_and_the_column_counted_from_1(tmp_pat
                               f"double quotes at column 16)")
 
 
+@pytest.mark.parametrize("text, line, column, error", [
+    (json.dumps({"prompt": "Is it?"}, indent=2), 1, 2,
+     "Expecting property name enclosed in double quotes"),
+    ('{"prompt": "fine"}\n{"prompt": "cut off",\n', 2, 22,
+     "Expecting property name enclosed in double quotes"),
+    ('{"prompt": "fine"}\r\n{"prompt": "no brace"  \r\n', 2, 24, "Expecting ',' delimiter"),
+], ids=["pretty-printed", "cut after a comma", "no closing brace"])
+def test_a_json_line_that_ends_inside_its_object_says_json_lines_hold_it_on_one(tmp_path, text,
+                                                                                  line, column,
+                                                                                  error):
+    # A pretty-printed object (a .json file of one record) was "not valid JSON (Expecting
+    # property name enclosed in double quotes at column 2)", with no word of where it went on.
+    f = tmp_path / "p.json"
+    f.write_text(text)
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    assert str(err.value) == (f"{f}:{line}: not valid JSON ({error} at column {column}); the "
+                              f"line ends inside a JSON value: JSON Lines holds each object "
+                              f"whole on one line (jq -c . writes a pretty-printed file so)")
+
+
 def test_a_parquet_file_whose_column_names_are_not_utf8_is_refused_naming_it(tmp_path):
     # pyarrow's UnicodeDecodeError from a corrupt footer was a traceback.
     from test_corpus import corrupt_parquet
