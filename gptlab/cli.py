@@ -108,7 +108,7 @@ def _verb_tokenizer():
         sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
         t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
         t.add_argument("--data", nargs="+", required=True,
-                       help="corpus files or directories (.txt/.jsonl/.parquet), or a Hub "
+                       help="corpus files (.txt/.jsonl/.json/.parquet) or directories, or a Hub "
                             "dataset user/name")
         t.add_argument("--vocab-size", type=int, default=4096)
         t.add_argument("--out", required=True,

@@ -30,6 +30,27 @@ def test_jsonl_text_field_and_blank_lines(tmp_path):
     assert read_documents([str(f)]) == ["alpha", "gamma\n\ndelta"]
 
 
+def test_a_json_file_is_read_as_json_lines_not_as_text_and_no_directory_reads_one(tmp_path):
+    # `datasets`' to_json("c.json") writes JSON Lines: pretraining on it trained on the
+    # JSON syntax, '{"text": "alpha"}' as a document, and Alpaca's array too, without a word.
+    f = tmp_path / "d" / "c.json"
+    f.parent.mkdir()
+    f.write_text('{"text": "alpha"}\n{"text": "beta", "meta": 1}\n', encoding="utf-8")
+    assert read_documents([f]) == ["alpha", "beta"]
+    with pytest.raises(UserError, match="corpus file not found"):  # a name, not a document
+        train_tokenizer([str(tmp_path / "missing.json")], vocab_size=270)
+    (tmp_path / "d" / "b.txt").write_text("only this", encoding="utf-8")
+    assert read_documents([tmp_path / "d"]) == ["only this"]  # a run's config.json is no corpus
+    f.write_text('{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_documents([f])
+    assert str(e.value) == (f"{f}:1, field 'text': missing the document text; a .json file is "
+                            f"read as JSON Lines: name it .txt to train on its text as it is")
+    f.write_text(json.dumps([{"text": "alpha"}], indent=2), encoding="utf-8")
+    with pytest.raises(UserError, match=r"c.json:1: starts a JSON array; write JSON Lines"):
+        read_documents([f])
+
+
 def test_jsonl_null_text_is_skipped_as_parquet_null_rows_are(tmp_path):
     # pandas writes a missing text as null; it was "expected a string, got NoneType".
     f = tmp_path / "a.jsonl"

@@ -2,10 +2,12 @@
 
 A corpus is a list of paths. Each path is read by its suffix:
 
-- `.jsonl`: one JSON object per line, the document in its `text` field;
+- `.jsonl`, and a `.json` file named on its own: one JSON object per line, the document in its
+  `text` field (`datasets`' `to_json` writes JSON Lines under either name);
 - `.parquet`: the document in the `text` column (null rows are skipped);
 - anything else: UTF-8 text whose documents are separated by one or more blank lines;
-- a directory: every `.txt`, `.jsonl` and `.parquet` file under it, in sorted order;
+- a directory: every `.txt`, `.jsonl` and `.parquet` file under it, in sorted order (not a
+  `.json`: a run directory's `config.json` is no corpus);
 - a name such as `user/dataset` that is not a local path: a Hugging Face Hub dataset (streamed,
   `train` split, `text` column).
 
@@ -146,10 +148,10 @@ def _iter_path(path: str | Path) -> Iterator[str]:
 
 
 def document_format(p: str | Path) -> str:
-    """How file `p` is read, by its own suffix (a link's, not its target's): `jsonl`,
-    `parquet` or `text`."""
+    """How file `p` is read, by its own suffix (a link's, not its target's): `jsonl` (`.json`
+    too: read as text, its records' JSON syntax would be trained on), `parquet` or `text`."""
     suffix = Path(p).suffix.lower()
-    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
+    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
 
 
 def _iter_file(p: Path) -> Iterator[str]:
@@ -177,9 +179,13 @@ def _iter_text(p: Path) -> Iterator[str]:
 def _iter_jsonl(p: Path) -> Iterator[str]:
     # Read here, not by `datasets`: its JSON loader fails on valid files that mix blank lines
     # with fields of varying type, and an error must name the line.
-    for lineno, row in json_objects(p, "a JSON object with a 'text' field"):
+    # A .json file is JSON Lines here, as every other reader takes it; say so where it is not.
+    hint = ("; a .json file is read as JSON Lines: name it .txt to train on its text as it is"
+            if p.suffix.lower() == ".json" else "")
+    for lineno, row in json_objects(p, "a JSON object with a 'text' field" + hint):
         if TEXT_FIELD not in row:
-            raise UserError("missing the document text", path=p, line=lineno, field=TEXT_FIELD)
+            raise UserError("missing the document text" + hint, path=p, line=lineno,
+                            field=TEXT_FIELD)
         if row[TEXT_FIELD] is None:  # no document, as a Parquet file's null rows
             continue
         if not isinstance(row[TEXT_FIELD], str):
