@@ -562,12 +562,14 @@ def check_messages(messages: Sequence[dict]) -> None:
         if not isinstance(m, dict):
             raise UserError(f"message {i} must be a mapping with 'role' and 'content'",
                             field=f"messages[{i}]")
+        # A null is a field left out (a Parquet struct column's missing key reads as one).
         if m.get("role") not in ROLES:
-            raise UserError(f"message {i} has role {m.get('role')!r}; expected one of "
-                            f"{', '.join(ROLES)}", field=f"messages[{i}].role")
+            has = f"has role {m['role']!r}" if "role" in m else "has no 'role'"
+            raise UserError(f"message {i} {has}; expected one of {', '.join(ROLES)}",
+                            field=f"messages[{i}].role")
         if not isinstance(m.get("content"), str):
-            raise UserError(f"message {i} content must be a string",
-                            field=f"messages[{i}].content")
+            has = "content must be a string" if "content" in m else "has no 'content'"
+            raise UserError(f"message {i} {has}", field=f"messages[{i}].content")
 
 
 def _content_of(messages: Sequence[dict], i: int, strip: bool) -> str:

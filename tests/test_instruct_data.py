@@ -64,6 +64,22 @@ def test_a_bad_message_names_file_line_and_field(tok, tmp_path, reader, message,
     assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
 
 
+@pytest.mark.parametrize("missing", ["role", "content"])
+def test_a_parquet_message_without_a_role_or_content_says_it_has_none(tmp_path, missing):
+    # pyarrow fills a struct's key that a message lacks with null, which reads as left out: it
+    # was "message 1 has role None".
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    said = {k: v for k, v in {"role": "user", "content": "And the dog?"}.items() if k != missing}
+    pq.write_table(pa.table({"messages": [[USER], [ASSISTANT, said]]}), tmp_path / "p.parquet")
+    with pytest.raises(UserError) as err:
+        read_prompts(tmp_path / "p.parquet")
+    expected = ("has no 'role'; expected one of system, user, assistant" if missing == "role"
+                else "has no 'content'")
+    assert str(err.value) == (f"{tmp_path / 'p.parquet'}:2, field 'messages[1].{missing}': "
+                              f"message 1 {expected}")
+
+
 @pytest.mark.parametrize("completion", ["", "  ", 3])
 def test_a_completion_must_be_a_non_empty_string(tok, tmp_path, completion):
     f = write(tmp_path / "d.jsonl", {"prompt": "Is the dog happy?", "completion": " no"},
