@@ -33,6 +33,9 @@ from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
+# config.json's "stage" of PPO's value model (OUT/value, checkpoints/step-N/value): a scalar-head
+# model like a reward model, but once trained it predicts returns, not rewards.
+VALUE_STAGE = "value"
 
 
 def _arch_registry() -> dict[str, tuple[type, type]]:
@@ -396,6 +399,45 @@ def load_language_model(path: str | Path, device: str | torch.device = "cpu",
     return model, tok, meta
 
 
+def _stage(path: Path) -> Any:
+    """The `stage` field of `path`/config.json, or None (no such file, not a JSON object)."""
+    try:
+        meta = read_json(path / "config.json")
+    except (UserError, OSError):
+        return None
+    return meta.get("stage") if isinstance(meta, dict) else None
+
+
+def is_value_model(path: str | Path) -> bool:
+    """Whether `path` is PPO's value model: its config.json's stage says so, or, written before
+    that was recorded, it is a `value/` directory without a stage beside a PPO policy (OUT/value,
+    checkpoints/step-N/value), the only place PPO writes one."""
+    p = Path(path).absolute()
+    stage = _stage(p)
+    if stage == VALUE_STAGE:
+        return True
+    return stage is None and p.name == "value" and _stage(p.parent) == "ppo"
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None, field: str | None = "reward",
+                      instead: str = "give the reward model's directory (the pipeline's "
+                                     "round-N/reward)") -> tuple[torch.nn.Module, Any, dict]:
+    """`load_model` where a reward model is expected: a scalar-head model (or a one-label
+    classifier) that is not PPO's value model, which reads the same from outside but, trained,
+    predicts returns rather than scores. Errors name `field` and end with `instead`."""
+    from gptlab.model.heads import ScalarHeadModel
+
+    if is_value_model(path):
+        raise UserError(f"is PPO's value model, not a reward model: trained, it predicts "
+                        f"returns, not rewards; {instead}", path=path, field=field)
+    model, tok, meta = load_model(path, device, dtype)
+    if not isinstance(model, ScalarHeadModel):
+        raise UserError("not a reward model (expected a scalar-head model or a one-label "
+                        "sequence classifier)", path=path, field=field)
+    return model, tok, meta
+
+
 # --- training checkpoints ----------------------------------------------------------------------
 
 def torch_save(obj: Any, path: Path) -> None:
@@ -440,10 +482,11 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, tokenizer: Any = None,
              optimizer: torch.optim.Optimizer | None = None, state: dict | None = None,
-             extra: dict | None = None, models: dict[str, torch.nn.Module] | None = None
-             ) -> Path:
+             extra: dict | None = None, models: dict[str, torch.nn.Module] | None = None,
+             models_extra: dict[str, dict] | None = None) -> Path:
         """Write checkpoint `step`; `state` is any picklable trainer state (RNG, data position);
-        `models` are more model directories inside it, by name (PPO's value model: `value/`)."""
+        `models` are more model directories inside it, by name (PPO's value model: `value/`),
+        `models_extra` their config.json fields besides the model's, by the same names."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
         # A save that was killed left its copy here (`.step-N.<random>.tmp`, or `.tmp.old`: the
@@ -454,7 +497,7 @@ class Checkpointer:
             try:
                 save_model(tmp, model, tokenizer, extra)
                 for name, other in (models or {}).items():
-                    save_model(tmp / name, other)
+                    save_model(tmp / name, other, extra=(models_extra or {}).get(name))
                 if optimizer is not None:
                     torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch_save(state or {}, tmp / "trainer.pt")

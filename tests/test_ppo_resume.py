@@ -2,6 +2,7 @@
 ends with the same weights and the same metrics rows as a run that never stopped (adaptive β
 and PPO-ptx included)."""
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -611,3 +612,85 @@ def test_a_batch_size_above_the_prompts_that_fit_is_said_not_silently_cut(setup,
     assert SEEN == [3, 3]
     assert (f"note: {prompts} has 3 prompts that fit, fewer than --batch-size 8: a "
             "rollout holds at most those 3" in capsys.readouterr().err)
+
+
+# --- PPO's value model: a scalar head as a reward model's, never taken for one ------------------
+
+def strip_value_marks(run):
+    """`run` as PPO wrote it before value/ said `"stage": "value"`: each value/config.json
+    without it, each checkpoint's manifest matching (an old run's checkpoints verify)."""
+    for cfg in run.rglob("config.json"):
+        meta = json.loads(cfg.read_text())
+        if meta.get("stage") != "value":
+            continue
+        del meta["stage"]
+        cfg.write_text(json.dumps(meta))
+        manifest = cfg.parent.parent / "manifest.json"
+        if manifest.exists():
+            m = json.loads(manifest.read_text())
+            m["sha256"]["value/config.json"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+            manifest.write_text(json.dumps(m))
+    return run
+
+
+def reward_args(d, out, reward, *args):
+    """ppo_args with `--reward reward` in place of the reward function."""
+    argv = ppo_args(d, out, *args)
+    i = argv.index("--reward-fn")
+    argv[i:i + 2] = ["--reward", str(reward)]
+    return argv
+
+
+@pytest.mark.parametrize("where", ["value", "checkpoints/step-2/value", "old/value",
+                                   "old/checkpoints/step-2/value"])
+def test_a_ppo_value_model_given_as_the_reward_model_is_refused(setup, tmp_path, capsys, where):
+    # It was taken without a word: at step 0 a copy of the reward model, once trained it
+    # predicts returns. "old/": a run written before value/ was marked, its value/ found as
+    # PPO writes it, beside a PPO policy.
+    d, _, straight = setup
+    if where.startswith("old/"):
+        strip_value_marks(shutil.copytree(straight, tmp_path / "old"))
+        value = tmp_path / where
+        assert "stage" not in json.loads((value / "config.json").read_text())
+    else:
+        value = straight / where
+        assert json.loads((value / "config.json").read_text())["stage"] == "value"
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(reward_args(d, out, value)) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab ppo: error: {value}, field 'reward': is PPO's value model, not a reward model: "
+        f"trained, it predicts returns, not rewards; give the reward model's directory (the "
+        f"pipeline's round-N/reward), and this one as --value to start the value model from "
+        f"it\n")
+    assert not out.exists()
+
+
+def test_an_old_value_model_moved_away_from_its_run_is_taken_as_a_reward_model(setup, tmp_path):
+    # Without the mark and outside PPO's layout nothing tells it from a reward model: it is
+    # taken, as it always was.
+    d, _, straight = setup
+    old = strip_value_marks(shutil.copytree(straight / "value", tmp_path / "scorer"))
+    assert "stage" not in json.loads((old / "config.json").read_text())
+    assert main(reward_args(d, tmp_path / "run", old)) == 0
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_value_and_resume_still_take_a_value_model_marked_or_not(setup, tmp_path, marked):
+    d, args, straight = setup
+    run = shutil.copytree(straight, tmp_path / "run")
+    if not marked:
+        strip_value_marks(run)
+        assert not any("stage" in json.loads(p.read_text())
+                       for p in run.rglob("value/config.json"))
+    saved = load_model(straight / "value")[0].state_dict()
+    cfg = PPOConfig(policy=str(d / "policy"), prompts=str(d / "prompts.jsonl"),
+                    out=str(tmp_path / "started"), reward_fn=f"{__name__}:varied_reward",
+                    value=str(run / "value"), device="cpu", max_new_tokens=4)
+    started = ppo_module.PPOTrainer(cfg).value_model.state_dict()
+    assert all(torch.equal(started[k], saved[k]) for k in saved)
+    # The run resumed from its step-2 (step-4 lost), the value model's weights read from it.
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    assert main([*ppo_cli(args, run), "--steps", str(STEPS), "--resume"]) == 0
+    assert_same_run(straight, run)
+    assert json.loads((run / "value" / "config.json").read_text())["stage"] == "value"

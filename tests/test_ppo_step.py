@@ -724,3 +724,24 @@ def test_a_reward_function_reads_each_response_as_sample_writes_it(tmp_path, mon
     sampled = sample_responses(t.policy, t.tok, records, 1, SamplingParams(max_new_tokens=4),
                                mark_cut=True)
     assert seen == {r["id"]: r["responses"][0] for r in sampled} == {1: " yes it", 2: "yes it"}
+
+
+def test_the_value_models_mark_changes_its_config_json_and_nothing_else(setup, tmp_path):
+    """OUT/value and checkpoints/step-N/value say `"stage": "value"` in config.json; the
+    weights file is the one PPO wrote without it, byte for byte (the demo's published
+    SHA-256), and the directory loads to the same scores and values."""
+    t = trainer(setup, tmp_path / "run", steps=1, save_every=1)
+    t.train()
+    plain = save_model(tmp_path / "plain", t.value_model)  # as OUT/value was written before
+    want = json.loads((plain / "config.json").read_text())
+    ids = torch.tensor([PROMPTS[0] + RESPONSES[0]])
+    for d in (tmp_path / "run" / "value", tmp_path / "run" / "checkpoints" / "step-1" / "value"):
+        assert json.loads((d / "config.json").read_text()) == {**want, "stage": "value"}
+        assert (d / "model.safetensors").read_bytes() == \
+            (plain / "model.safetensors").read_bytes()
+        loaded, ours = load_model(d)[0], load_model(plain)[0]
+        trained = t.value_model.state_dict()
+        assert all(torch.equal(w, trained[k]) for k, w in loaded.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), ours(ids))
+            assert torch.equal(loaded.values(ids), ours.values(ids))

@@ -294,6 +294,25 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert json.loads((out / "config.json").read_text())["step"] == 2
 
 
+def test_a_ppo_value_model_is_no_reward_model_to_continue(base, tmp_path, capsys):
+    # It was continued as a reward model: a scalar head on the scale of PPO's returns.
+    from gptlab.checkpoint import load_model, save_model
+    from gptlab.cli import main
+    from gptlab.model.heads import ScalarHeadModel
+    d, rankings = base
+    gpt, tok, _ = load_model(d / "sft")
+    value = tmp_path / "value"
+    save_model(value, ScalarHeadModel.from_gpt(gpt), tok, extra={"stage": "value"})
+    out = tmp_path / "rm"
+    assert main(["reward", "--model", str(value), "--data", str(rankings), "--out", str(out),
+                 "--max-steps", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab reward: error: {value}, field 'model': is PPO's value model, not a reward "
+        f"model: trained, it predicts returns, not rewards; start from the SFT model, or "
+        f"continue a reward model (the pipeline's round-N/reward)\n")
+    assert not out.exists()
+
+
 def test_a_run_stopped_after_a_checkpoint_and_resumed_equals_one_that_never_stopped(
         base, tmp_path):
     import shutil

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gptlab.checkpoint import load_model, read_meta
+from gptlab.checkpoint import load_model, load_reward_model, read_meta
 from gptlab.engine import SamplingParams, generate
 from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
@@ -63,7 +63,7 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
         held = split_rankings(read_rankings(data or rc["data"]), rc["val_fraction"],
                               rc["seed"])[1]
     labeler = world.labeler(disagreement=0.0, ties=ties)
-    model, tok, _ = load_model(reward_dir, device)
+    model, tok, _ = load_reward_model(reward_dir, device, field=None)
     encoded, pairs = [], 0
     for r in held:
         verdicts = [world.check(r.id, x) for x in r.ranked]
@@ -228,7 +228,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     }
     if cfg.headroom:
         from gptlab.eval.headroom import best_of_k
-        rm = load_model(out / f"round-{cfg.rounds}" / "reward", device)[0]
+        rm = load_reward_model(out / f"round-{cfg.rounds}" / "reward", device, field=None)[0]
         results["headroom"] = best_of_k(sft_model, tok, rm, world, test, cfg.headroom_k,
                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         results["headroom"]["sft_greedy"] = exec_acc["sft"]

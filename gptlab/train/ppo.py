@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from gptlab.checkpoint import Checkpointer, load_language_model, load_model, save_model
+from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, load_language_model, load_model,
+                               load_reward_model, save_model)
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
 from gptlab.engine import SamplingParams, generate, scale_logits
@@ -63,14 +64,15 @@ class PPOConfig:
     prompts: str = field(default="", metadata={
         "help": "prompts, .jsonl or .parquet, each with prompt or messages"})
     out: str = field(default="", metadata={"help": "run directory (the final policy, value/)"})
-    reward: str | None = field(default=None, metadata={"help": "reward model directory"})
+    reward: str | None = field(default=None, metadata={
+        "help": "reward model directory (not a PPO run's value/: that is a --value)"})
     reward_fn: str | None = field(default=None, metadata={
         "help": "or module:function scoring (prompts, responses, records)"})
     reference: str | None = field(default=None, metadata={
         "help": "the KL anchor (default: the initial policy)"})
     value: str | None = field(default=None, metadata={
-        "help": "value model init (default: the reward model; with --reward-fn, the policy with "
-                "a new scalar head)"})
+        "help": "value model init, e.g. a PPO run's value/ (default: the reward model; with "
+                "--reward-fn, the policy with a new scalar head)"})
     steps: int = field(default=50, metadata={"help": "rollout → update iterations"})
     batch_size: int = 32             # prompts per rollout
     minibatch_size: int = 8
@@ -432,10 +434,10 @@ class PPOTrainer:
         self.reward_fn: Callable | None = None
         self.reward_fn_name: str | None = None
         if cfg.reward:
-            self.reward_model, rm_tok, _ = load_model(cfg.reward, self.device)
-            if not isinstance(self.reward_model, ScalarHeadModel):
-                raise UserError("not a reward model (expected a scalar-head model or a "
-                                "one-label sequence classifier)", path=cfg.reward, field="reward")
+            self.reward_model, rm_tok, _ = load_reward_model(
+                cfg.reward, self.device, instead="give the reward model's directory (the "
+                "pipeline's round-N/reward), and this one as --value to start the value model "
+                "from it")
             self._check_vocabulary(self.reward_model, rm_tok, "reward", "the reward model")
             self.reward_model.requires_grad_(False)
         else:
@@ -556,7 +558,7 @@ class PPOTrainer:
             state["step"], self.policy, self.tok, self.optimizer, state,
             extra={"stage": "ppo", "step": state["step"], "ppo_steps": self.cfg.steps,
                    "skipped": state["skipped"]},
-            models={"value": self.value_model})
+            models={"value": self.value_model}, models_extra={"value": {"stage": VALUE_STAGE}})
 
     def _restore(self, path: Path) -> None:
         """Continue from checkpoint `path`: its policy and value weights, optimizer and state.
@@ -839,7 +841,7 @@ class PPOTrainer:
         return MetricsLog(metrics_path)
 
     def save(self, path: Path) -> Path:
-        save_model(path / "value", self.value_model, None)
+        save_model(path / "value", self.value_model, None, extra={"stage": VALUE_STAGE})
         save_model(path, self.policy, self.tok,
                    extra={"stage": "ppo", "ppo_steps": self.cfg.steps,
                           "skipped": self.skips.counts})

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import load_model, read_meta, save_model
+from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
@@ -294,6 +294,10 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
     if cfg.resume:
         check_resume_settings(cfg, latest)
+    if is_value_model(cfg.model):  # a scalar head too, but on the scale of PPO's returns
+        raise UserError("is PPO's value model, not a reward model: trained, it predicts returns, "
+                        "not rewards; start from the SFT model, or continue a reward model "
+                        "(the pipeline's round-N/reward)", path=cfg.model, field="model")
     base, tok, _ = load_model(cfg.model)
     if tok is None:
         raise UserError("the model has no tokenizer", path=cfg.model)
