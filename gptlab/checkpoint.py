@@ -390,8 +390,8 @@ def load_language_model(path: str | Path, device: str | torch.device = "cpu",
 
     model, tok, meta = load_model(path, device, dtype)
     if not isinstance(model, GPT):
-        kind = "a reward or value model" if _arch_of(model) == "scalar" else \
-            f"an encoder-decoder {type(model).__name__}"
+        kind = (("PPO's value model" if is_value_model(path) else "a reward or value model")
+                if _arch_of(model) == "scalar" else f"an encoder-decoder {type(model).__name__}")
         raise UserError(f"not a decoder-only language model: this is {kind}, which has no text "
                         f"to say", path=path, field=field)
     if tok is None and need_tokenizer:

@@ -947,6 +947,19 @@ def test_a_reward_model_given_where_a_language_model_is_needed_is_refused(
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_ppo_value_model_given_where_a_language_model_is_needed_is_named_so(
+        tiny_reward_model, tmp_path, capsys):
+    """PPO's value/ (its config.json's stage "value") is named as what it is."""
+    import shutil
+    value = shutil.copytree(tiny_reward_model, tmp_path / "run" / "value")
+    meta = json.loads((value / "config.json").read_text())
+    (value / "config.json").write_text(json.dumps({**meta, "stage": "value"}))
+    assert main(["generate", "--model", str(value), "--prompt", "hello"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab generate: error: {value}, field 'model': not a decoder-only language model: "
+        f"this is PPO's value model, which has no text to say\n")
+
+
 def test_a_ctrl_c_while_the_verbs_load_is_one_line_and_exit_130(monkeypatch, capsys):
     """Building the parser imports torch (seconds): a Ctrl-C then is no traceback."""
     import gptlab.cli as cli

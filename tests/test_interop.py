@@ -627,6 +627,28 @@ def test_convert_to_hf_refuses_a_reward_model_saying_why(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("marked", [True, False])
+def test_convert_to_hf_refuses_a_ppo_value_model_naming_it_and_its_flag(tmp_path, capsys,
+                                                                        marked):
+    # It said "a reward or value model ...; use the directory itself (gptlab ppo --reward
+    # DIR)": the flag that takes a value model is --value. Unmarked: a run written before
+    # value/ said "stage": "value", its value/ beside its PPO policy.
+    from gptlab.checkpoint import save_model
+    from gptlab.model.heads import ScalarHeadModel
+    save_model(tmp_path / "run", _random_gpt(0), None, extra={"stage": "ppo"})
+    value = tmp_path / "run" / "value"
+    save_model(value, ScalarHeadModel.from_gpt(_random_gpt(0)), None,
+               extra={"stage": "value"} if marked else None)
+    capsys.readouterr()
+    assert main(["convert", "--to", "hf", str(value), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab convert: error: {value}: PPO's value model does not export to Hugging Face: "
+        f"the score layer of transformers' *ForSequenceClassification has no bias, so this "
+        f"model's head bias would be lost and its values would differ; use the directory "
+        f"itself (gptlab ppo --value DIR)\n")
+    assert not (tmp_path / "hf").exists()
+
+
 # --- a gptlab-trained tokenizer (with BOS) through Hugging Face ---------------------------------
 
 TOKENIZER_CORPUS = ["Is the cat happy? Yes, the cat is happy.",

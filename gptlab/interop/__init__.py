@@ -105,9 +105,14 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
 @reports_path_errors
 def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
     """Export a gptlab model directory (or anything `load_model` reads) to Hugging Face."""
-    from gptlab.checkpoint import load_model
+    from gptlab.checkpoint import is_value_model, load_model
 
     check_out_apart(src, out_dir)
+    if is_value_model(src):  # export_hf's reason, and the flag that reads it
+        raise UserError("PPO's value model does not export to Hugging Face: the score layer of "
+                        "transformers' *ForSequenceClassification has no bias, so this model's "
+                        "head bias would be lost and its values would differ; use the directory "
+                        "itself (gptlab ppo --value DIR)", path=src)
     model, tokenizer, _ = load_model(src)
     try:
         with _removed_if_failed(Path(out_dir)):
