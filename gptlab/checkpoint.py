@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, check_bool
 from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_error,
                        new_temp_dir, read_json, remove_stale_temps, replace_dir,
                        write_json_atomic, write_text_atomic)
@@ -366,11 +366,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                                                     model.config.vocab_size,
                                                     p / "config.json", "pad_token_id")
         if hasattr(model, "reads_template_tail"):
-            tail = meta.get("reads_template_tail", False)
-            if not isinstance(tail, bool):
-                raise UserError(f"must be true or false, got {tail!r}", path=p / "config.json",
-                                field="reads_template_tail")
-            model.reads_template_tail = tail
+            model.reads_template_tail = check_bool(meta.get("reads_template_tail", False),
+                                                   "reads_template_tail", p / "config.json")
         tok = None
         if (p / "tokenizer.json").exists():
             from gptlab.tokenizer import load_tokenizer

@@ -76,6 +76,14 @@ def exception_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
+def check_bool(value: Any, field: str, path: str | Path | None = None) -> bool:
+    """`value` if it is true or false, else a UserError naming `path` and `field`: a string
+    ("no", "false") is truthy, and would be read as true."""
+    if not isinstance(value, bool):
+        raise UserError(f"must be true or false, got {value!r}", path=path, field=field)
+    return value
+
+
 def check_given(cfg: object, names: tuple[str, ...], stage: str) -> None:
     """Raise a UserError naming the first of the fields `names` of `cfg` that is unset or
     empty: the paths a stage cannot run without ("" is the current directory, no file)."""

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-from gptlab.errors import UserError, reports_path_errors
+from gptlab.errors import UserError, check_bool, reports_path_errors
 from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -755,10 +755,7 @@ def _decoder_entries(value: Any, path: Path) -> list[tuple[int, str, bool, str]]
         if token is None:
             raise UserError(f"must be an object with a 'content' string, got {entry!r:.80}",
                             path=path, field=where)
-        special = entry.get("special", False)
-        if not isinstance(special, bool):
-            raise UserError(f"must be true or false, got {special!r}", path=path,
-                            field=f"{where}.special")
+        special = check_bool(entry.get("special", False), f"{where}.special", path)
         entries.append((i, token, special, where))
     return entries
 
@@ -858,11 +855,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         bos = BOS if hf.token_to_id(BOS) is not None else None
     # Directories gptlab saved before it wrote add_bos_token prepended BOS whenever they had one.
     add_bos = config.get("add_bos_token")
-    if add_bos is None:
-        add_bos = True
-    elif not isinstance(add_bos, bool):
-        raise UserError(f"must be true or false, got {add_bos!r}", path=config_file,
-                        field="add_bos_token")
+    add_bos = True if add_bos is None else check_bool(add_bos, "add_bos_token", config_file)
     has_pad, pad, pad_file = named("pad_token")
     if not has_pad:
         pad = PAD if hf.token_to_id(PAD) is not None else None

@@ -532,6 +532,26 @@ def test_a_reward_models_pad_token_id_must_be_null_or_a_token_id_not_a_boolean(t
                             f"a token id in [0, 40), got True")
 
 
+@pytest.mark.parametrize("tail", ["yes", 1, None])
+def test_a_reward_models_reads_template_tail_must_be_true_or_false(tmp_path, tail):
+    # "yes" is truthy: the model would be scored after a template tail it was not trained on.
+    from gptlab.model.gpt import GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    rm = ScalarHeadModel(GPTConfig(vocab_size=40, context=16, n_layers=1, n_heads=2, d_model=16))
+    rm.reads_template_tail = True
+    ck.save_model(tmp_path, rm)
+    assert ck.load_model(tmp_path)[0].reads_template_tail is True
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "reads_template_tail": tail}))
+    with pytest.raises(UserError) as e:
+        ck.load_model(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'config.json'}, field 'reads_template_tail': must be "
+                            f"true or false, got {tail!r}")
+    del meta["reads_template_tail"]  # absent: a model scored at its end of turn
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    assert ck.load_model(tmp_path)[0].reads_template_tail is False
+
+
 def test_weights_saved_in_another_dtype_load_in_the_dtype_the_model_declares(tmp_path):
     # Loading onto the meta device takes the file's tensors: taken as they are, bf16 weights
     # made a float32 model bf16 (loading in place converts them, as it always did).

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, check_bool
 from gptlab.interop.hf import Named, check_heads, assemble
 from gptlab.model.gpt import GPT, GPTConfig
 
@@ -240,9 +240,7 @@ def _byte_level_bpe(meta: _Meta, tokens: list[str]) -> Any:
 
 def _flag(meta: _Meta, key: str) -> bool | None:
     v = meta.get(key)
-    if v is not None and not isinstance(v, bool):
-        raise UserError(f"must be true or false, got {v!r}", path=meta.path, field=key)
-    return v
+    return None if v is None else check_bool(v, key, meta.path)
 
 
 def _scores(meta: _Meta, n: int) -> list[float] | None:

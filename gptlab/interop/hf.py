@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gptlab.checkpoint import check_config, check_pad_token_id
-from gptlab.errors import UserError
+from gptlab.errors import UserError, check_bool
 from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
@@ -62,10 +62,7 @@ def _positive(cfg: dict, key: str, path: Path, default: Any = _MISSING) -> float
 
 
 def _flag(cfg: dict, key: str, path: Path, default: bool) -> bool:
-    v = _value(cfg, key, path, default)
-    if not isinstance(v, bool):
-        raise UserError(f"must be true or false, got {v!r}", path=path, field=key)
-    return v
+    return check_bool(_value(cfg, key, path, default), key, path)
 
 
 def check_heads(d: int, h: int, kv: int, head_dim_set: bool, path: Path,

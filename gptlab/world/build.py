@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.errors import UserError, reports_path_errors
+from gptlab.errors import UserError, check_bool, reports_path_errors
 from gptlab.io import (atomic_path, check_holds_none, read_json, write_json_atomic,
                        write_jsonl_atomic, write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
@@ -52,9 +52,7 @@ class WorldOptions:
 
     def validate(self) -> None:
         """Raise a UserError naming the first option of the wrong type or out of range."""
-        if not isinstance(self.vary_schema, bool):  # "no" would be true: another world
-            raise UserError(f"must be true or false, got {self.vary_schema!r}",
-                            field="vary_schema")
+        check_bool(self.vary_schema, "vary_schema")  # "no" would be true: another world
         for f in ("seed", "schema_seed", "n_train", "n_validation", "n_test", "n_dialogs",
                   "corpus_chars"):
             v = getattr(self, f)
