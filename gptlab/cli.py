@@ -32,7 +32,15 @@ class _Parser(argparse.ArgumentParser):
         # looks like a number, which would make argparse read numbers as flags instead.
         self._negative_number_matcher = _NegativeNumber()
 
+    def parse_known_args(  # type: ignore[override]
+            self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # The words, kept for `error` to name the one that stood where a flag's value belonged.
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = self._value_missing(message) or self._dash_positional(message) or message
         if message.startswith("argument "):
             # One flag's value (`argument --max-steps: expected an integer ...`): the line names
             # the flag, and a config verb's usage, every flag of it, would bury it.
@@ -46,6 +54,73 @@ class _Parser(argparse.ArgumentParser):
             self.unrecognized(message.removeprefix("unrecognized arguments: ").split(" "))
         self.print_usage(sys.stderr)
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+    def _reads_as_flag(self, word: str) -> bool:
+        """Whether argparse reads `word` as a flag, not a value: it begins with '-' and is
+        neither '-' (standard input), a negative number nor a word with a space in it, unless
+        it is a flag of this parser (`--seed`, `--seed=1`). '--' counts: it ends the flags."""
+        if not word.startswith("-") or word == "-":
+            return False
+        if word.split("=", 1)[0] in self._option_string_actions:
+            return True
+        return not self._negative_number_matcher.match(word) and " " not in word
+
+    def _value_missing(self, message: str) -> str | None:
+        """argparse's `argument --out: expected one argument` said of what stood where the value
+        belonged: nothing (the flag ended the line), another flag, or a value that begins with
+        '-', which argparse reads as a flag: `--out=-x` gives it (a path: `./-x`). None if
+        `message` is not that error."""
+        said = re.fullmatch(r"argument (\S+): (expected (?:one argument|at least one argument|"
+                            r"(\d+) arguments))", message)
+        action = said and next((a for a in self._actions
+                                if "/".join(a.option_strings) == said.group(1)), None)
+        if not action or not action.option_strings:
+            return None
+        words, n = getattr(self, "_words", []), int(said.group(3) or 1)
+        for i, word in enumerate(words):
+            flag, eq, _ = word.partition("=")
+            if flag not in action.option_strings:
+                continue
+            if eq and n > 1:  # `--from=hf PATH`: '=' gives one value
+                names = action.metavar if isinstance(action.metavar, tuple) else ["VALUE"] * n
+                return (f"{message}: '=' gives a flag one value; write the {n} after a space "
+                        f"({flag} {' '.join(names)})")
+            if eq:
+                continue
+            taken = words[i + 1:i + 1 + n]
+            stop = next((w for w in taken if self._reads_as_flag(w)), None)
+            if stop is None and len(taken) == n:
+                continue  # this one had its values: the error is another's
+            got = "none" if not taken or taken[0] == stop else \
+                f"only {taken.index(stop) if stop else len(taken)}"
+            if stop is None:
+                return f"{message}, got {got} before the end of the command line"
+            if stop == "--" or stop.split("=", 1)[0] in self._option_string_actions:
+                return f"{message}, got {got} before {stop}"
+            literal = f"write {flag}={stop} for it to be the value" if n == 1 else \
+                f"write a path that begins with '-' as ./{stop}"
+            if action.nargs in ("+", "*"):  # `--data=-x` is a list of that one value
+                literal = f"write {flag}={stop} for it to be the value (one value; a path may " \
+                          f"be written ./{stop})"
+            return (f"{message}, got {got} before '{stop}', which begins with '-' and is read "
+                    f"as a flag; {literal}")
+        return None
+
+    def _dash_positional(self, message: str) -> str | None:
+        """argparse's `the following arguments are required: text` where a word that begins
+        with '-' (`-x`) was read as a flag: after `--` it is the argument. None otherwise."""
+        said = re.fullmatch(r"the following arguments are required: (.*)", message)
+        missing = said.group(1).split(", ") if said else []
+        positional = [a for a in self._actions if not a.option_strings
+                      and (a.metavar or a.dest) in missing]
+        words = getattr(self, "_words", [])
+        dashed = words[:words.index("--")] if "--" in words else words
+        stray = next((w for w in dashed if self._reads_as_flag(w)
+                      and w.split("=", 1)[0] not in self._option_string_actions), None)
+        if not positional or stray is None:
+            return None
+        return (f"{message} ('{stray}' begins with '-' and is read as a flag; write -- {stray} "
+                f"for it to be the {positional[0].metavar or positional[0].dest})")
 
     def unrecognized(self, words: Sequence[str]) -> None:
         """Exit 2 with one line on the words no argument took: each unknown flag with the one it
@@ -449,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptlab",
                      description="The recipe behind ChatGPT, from the Transformer up.",
                      epilog="`gptlab VERB --help` lists a verb's flags, each taken only as "
-                            "written in full (--temperature, not --temp).")
+                            "written in full (--temperature, not --temp). A value that begins "
+                            "with '-' follows an '=' (--out=-x); a negative number may follow "
+                            "a space (--seed -1).")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for name, make in VERBS.items():
         help_text, add, run = make()

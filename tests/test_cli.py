@@ -1658,3 +1658,61 @@ def test_a_stray_dash_word_is_refused_in_one_line(argv, said, capsys):
     except SystemExit as e:
         code = e.code
     assert code == 2 and capsys.readouterr().err == f"gptlab {argv[0]}: error: {said}\n"
+
+
+@pytest.mark.parametrize("argv, said", [
+    # argparse said `argument --out: expected one argument` for each, the word at fault unnamed.
+    (["sample", "--model", "m", "--prompts", "p", "--out", "-x"],
+     "argument --out: expected one argument, got none before '-x', which begins with '-' and is "
+     "read as a flag; write --out=-x for it to be the value"),
+    (["generate", "--model", "m", "--prompt", "-x"],
+     "argument --prompt: expected one argument, got none before '-x', which begins with '-' and "
+     "is read as a flag; write --prompt=-x for it to be the value"),
+    (["sft", "--out", "o", "--out", "--x"],  # the second --out is the one without its value
+     "argument --out: expected one argument, got none before '--x', which begins with '-' and "
+     "is read as a flag; write --out=--x for it to be the value"),
+    (["pretrain", "--data", "-x.txt"],
+     "argument --data: expected at least one argument, got none before '-x.txt', which begins "
+     "with '-' and is read as a flag; write --data=-x.txt for it to be the value (one value; a "
+     "path may be written ./-x.txt)"),
+    (["convert", "--from", "hf", "-m", "--out", "o"],
+     "argument --from: expected 2 arguments, got only 1 before '-m', which begins with '-' and "
+     "is read as a flag; write a path that begins with '-' as ./-m"),
+    # A value left out: the flag that followed, or the end of the line.
+    (["generate", "--model", "m", "--prompt", "p", "--top-k", "--seed", "1"],
+     "argument --top-k: expected one argument, got none before --seed"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-k", "--seed=1"],
+     "argument --top-k: expected one argument, got none before --seed=1"),
+    (["generate", "--model", "m", "--prompt", "--"],
+     "argument --prompt: expected one argument, got none before --"),
+    (["sft", "--lr"], "argument --lr: expected one argument, got none before the end of the "
+                      "command line"),
+    (["convert", "--out", "o", "--from", "hf"],
+     "argument --from: expected 2 arguments, got only 1 before the end of the command line"),
+    (["convert", "--from=hf", "m", "--out", "o"],
+     "argument --from: expected 2 arguments: '=' gives a flag one value; write the 2 after a "
+     "space (--from hf|gguf PATH)"),
+    # Not a flag's value: the message is argparse's.
+    (["generate", "--model", "m", "--prompt", "p", "--top-k", "x"],
+     "argument --top-k: invalid int value: 'x'")])
+def test_a_missing_value_or_one_that_begins_with_a_dash_says_which_and_how_to_write_it(
+        argv, said, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == f"gptlab {argv[0]}: error: {said}\n"
+
+
+def test_a_value_that_begins_with_a_dash_is_taken_after_an_equals_sign(capsys):
+    from gptlab.cli import build_parser
+    args = build_parser().parse_args(["generate", "--model=-m", "--prompt=-x", "--prompt",
+                                      "-- hello", "--temperature=-1"])
+    assert (args.model, args.prompt, args.temperature) == ("-m", ["-x", "-- hello"], -1.0)
+    args = build_parser().parse_args(["pretrain", "--data=-x.txt", "--out=-o"])
+    assert (args.data, args.out) == (["-x.txt"], "-o")
+    args = build_parser().parse_args(["tokenizer", "encode", "--tokenizer", "t", "--", "-x"])
+    assert args.text == "-x"
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "encode", "--tokenizer", "t", "-x"])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        "gptlab tokenizer encode: error: the following arguments are required: text ('-x' "
+        "begins with '-' and is read as a flag; write -- -x for it to be the text)")
