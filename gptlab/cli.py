@@ -428,13 +428,17 @@ def _config_verb(config_path: str, fn_path: str, help_text: str, list_fields: tu
 
 def _is_override(item: str, names: set[str]) -> bool:
     """Whether a list flag's value is a `key=value` override argparse gave it: its key is a
-    field, or, with no such file, is close to one (`--data a.txt max_step=5` is an unknown key,
-    the field meant named, not a corpus file 'max_step=5' not found)."""
-    key = item.split("=", 1)[0]
-    if "=" not in item or not key:
+    field's (`model.n_layers=2` is `model`'s, `sample_prompt=a=b` sets 'a=b'), or, with no such
+    file, is close to one (`--data a.txt max_step=5` is an unknown key, the field meant named,
+    not a corpus file 'max_step=5' not found). A key no field has the form of is a path's
+    (`runs/seed=1`)."""
+    from gptlab.config import override_field
+    field = override_field(item)
+    if field is None:
         return False
-    return key in names or (bool(difflib.get_close_matches(key, names, n=1))
-                            and not os.path.lexists(item))
+    written = field.replace("-", "_").lower()  # as the unknown-key hint compares them
+    return field in names or (bool(difflib.get_close_matches(written, names, n=1))
+                              and not os.path.lexists(item))
 
 
 def _verb_sample():

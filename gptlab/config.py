@@ -64,6 +64,36 @@ def _unknown_key(key: str, valid: Sequence[str], keys_help: str) -> str:
     return f"{said}; {keys_help}"
 
 
+# A key as an override writes it: a field's name, then a nested one's (`model.n_layers`) or an
+# item's (`data[0]`); dashes too (`max-steps`), which the unknown-key hint corrects.
+_KEY = re.compile(r"[A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*")
+
+
+def override_field(item: str) -> str | None:
+    """The field a `key=value` override sets (`model` of `model.n_layers=2`, the value may hold
+    '=' too); None if `item` is no override: no '=', or a key no field has the form of
+    (`runs/seed=1`, `./x=1`: a path)."""
+    key, eq, _ = item.partition("=")
+    return re.split(r"[.\[]", key, maxsplit=1)[0] if eq and _KEY.fullmatch(key) else None
+
+
+def _check_override_key(cls: type, item: str, command: str | None) -> None:
+    """Refuse an override whose key no field can have (OmegaConf said `Key '' not in
+    'PretrainConfig'` of `./seed=1`), or that sets a key inside a field of one value
+    (`lr.x=1`, `model.n_layers=2`: OmegaConf said the field got a mapping)."""
+    key = item.split("=", 1)[0]
+    field = override_field(item)
+    if field is None:
+        raise UserError(f"override '{item}': '{key}' is not a key; a key is a field's name "
+                        f"({_keys_help(cls, command)})", path="command line")
+    hint = typing.get_type_hints(cls).get(field)
+    tp, is_list = _flag_type(hint) if hint is not None else (None, False)
+    if key != field and hint is not None and not is_list and not dataclasses.is_dataclass(tp):
+        takes = f" ({_expected(hint)})" if _expected(hint) else ""
+        raise UserError(f"unknown key '{key}': '{field}' is one value{takes}, not a group of "
+                        f"keys; write {field}=VALUE", path="command line", field=key)
+
+
 def _keys_help(cls: type, command: str | None) -> str:
     """Where the keys of `cls` are listed: the verb's --help, or the dataclass itself."""
     return f"`{command} --help` lists the keys" if command else \
@@ -309,6 +339,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             listed = f"; `{command} --help` lists the keys" if command else ""
             raise UserError(f"override '{item}' should look like key=value (quote a value that "
                             f"holds spaces; flags start with --{listed})", path="command line")
+        _check_override_key(cls, item, command)
         try:  # OmegaConf reads the value as YAML, and lets its errors through
             OmegaConf.from_dotlist([item])
         except yaml.YAMLError as e:

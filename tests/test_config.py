@@ -277,6 +277,57 @@ def test_a_misspelled_override_after_a_list_flag_is_an_unknown_key_not_a_file(
     assert cfg.seed == 3
 
 
+def test_a_list_flags_value_is_an_override_by_its_keys_field(captured, tmp_path, capsys,
+                                                              monkeypatch):
+    # A path holding '=' is a file though its name ends close to a field's ("unknown key
+    # 'runs/seed'; did you mean 'seed'?", "Key '' not in 'PretrainConfig'" of ./seed=1); a value
+    # holding '=' is the override's.
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--data", "a.txt", "runs/seed=1", "./seed=1", "sample_prompt=a=b",
+                 "Seed=3"]) == 2
+    assert capsys.readouterr().err == ("gptlab pretrain: error: command line, field 'Seed': "
+                                       "unknown key 'Seed'; did you mean 'seed'?\n")
+    assert main(["pretrain", "--data", "a.txt", "runs/seed=1", "./seed=1", "sample_prompt=a=b",
+                 "seed=3"]) == 0
+    cfg = captured["pretrain"]
+    assert (cfg.data, cfg.sample_prompt, cfg.seed) == (["a.txt", "runs/seed=1", "./seed=1"],
+                                                       "a=b", 3)
+    # A key inside a field is that field's override, refused for what it is, not a file.
+    assert main(["pretrain", "--data", "a.txt", "model.n_layers=2"]) == 2
+    assert capsys.readouterr().err == (
+        "gptlab pretrain: error: command line, field 'model.n_layers': unknown key "
+        "'model.n_layers': 'model' is one value (a string), not a group of keys; write "
+        "model=VALUE\n")
+
+
+@pytest.mark.parametrize("override, said", [
+    # OmegaConf's "Key '' not in 'PPOConfig'" for each of the first three
+    ("./seed=1", "command line: override './seed=1': './seed' is not a key; a key is a field's "
+                 "name (the fields of PPOConfig are the keys)"),
+    ("=5", "command line: override '=5': '' is not a key; a key is a field's name (the fields "
+           "of PPOConfig are the keys)"),
+    ("seed.=1", "command line: override 'seed.=1': 'seed.' is not a key; a key is a field's name "
+                "(the fields of PPOConfig are the keys)"),
+    # "field 'lr': expected a number, got a mapping {'x': 1}"
+    ("lr.x=1", "command line, field 'lr.x': unknown key 'lr.x': 'lr' is one value (a number), "
+               "not a group of keys; write lr=VALUE"),
+    ("reward.path=x", "command line, field 'reward.path': unknown key 'reward.path': 'reward' is "
+                      "one value (a string, or null), not a group of keys; write reward=VALUE"),
+    ("seed[0]=1", "command line, field 'seed[0]': unknown key 'seed[0]': 'seed' is one value (an "
+                  "integer), not a group of keys; write seed=VALUE"),
+    # unchanged: a misspelled group names the field meant; a list's item is refused as before
+    ("sed.x=1", "command line, field 'sed': unknown key 'sed'; did you mean 'seed'?"),
+    ("ptx_data.0=a", "command line, field 'ptx_data': must be a list, got a mapping ({'0': "
+                     "'a'}); write ptx_data=[ITEM, ...]")])
+def test_an_override_key_that_is_no_key_or_sets_a_key_inside_a_value_says_so(override, said):
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+    from gptlab.train.ppo import PPOConfig
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, None, [override])
+    assert str(e.value) == said
+
+
 @pytest.mark.parametrize("text, argv, said", [
     ("seed: 1\npolicy: ???\n", [], "{f}:2, field 'policy': ??? is OmegaConf's missing value; "
                                    "give a value or leave the key out"),
