@@ -153,16 +153,22 @@ def _shown(value: Any) -> str:
 
 
 def _key_lines(text: str) -> dict[str, int]:
-    """The line of each key of a YAML mapping, nested keys dotted (`a.b`); a key brought by a
-    merge (`<<`) has none."""
+    """The line of each key of a YAML mapping, nested keys dotted (`a.b`), and of each item of
+    a list, by its index (`data[1]`), as OmegaConf names them; a key brought by a merge (`<<`)
+    has none."""
     lines: dict[str, int] = {}
 
-    def walk(node: yaml.Node, prefix: str) -> None:
+    def walk(node: yaml.Node, path: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    lines.setdefault(prefix + key.value, key.start_mark.line + 1)
-                    walk(value, prefix + key.value + ".")
+                    at = f"{path}.{key.value}" if path else key.value
+                    lines.setdefault(at, key.start_mark.line + 1)
+                    walk(value, at)
+        elif isinstance(node, yaml.SequenceNode) and path:
+            for i, item in enumerate(node.value):
+                lines.setdefault(f"{path}[{i}]", item.start_mark.line + 1)
+                walk(item, f"{path}[{i}]")
     walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
     return lines
 
@@ -225,7 +231,8 @@ def _check_lists(cls: type, data: dict, source: str, fix: str,
                 if item is None or isinstance(item, (list, dict)):
                     raise UserError(f"item {i} is {_shown(item)}; expected "
                                     f"{_NAMES.get(_flag_type(hints[key])[0], 'a value')}",
-                                    path=source, line=line, field=key)
+                                    path=source, line=(lines or {}).get(f"{key}[{i}]", line),
+                                    field=key)
             continue
         if isinstance(value, dict):
             got, item = f"a mapping ({value})", "ITEM, ..."

@@ -281,7 +281,8 @@ def test_a_yaml_error_names_the_line_it_is_on(tmp_path):
     # A list item that is a list or a mapping was let through, to fail as a path later.
     ("seed: 1\nptx_data: [a.txt, [b.txt]]\n", ":2, field 'ptx_data': item 1 is a list ['b.txt']; "
                                             "expected a string"),
-    ("ptx_data:\n  - a.txt\n  - null\n", ":1, field 'ptx_data': item 1 is null; expected a "
+    # at the item's line, not the key's
+    ("ptx_data:\n  - a.txt\n  - null\n", ":3, field 'ptx_data': item 1 is null; expected a "
                                         "string"),
     ("steps: 1\nptx_data: [a.txt, {b: c}]\n", ":2, field 'ptx_data': item 1 is a mapping "
                                               "{'b': 'c'}; expected a string"),

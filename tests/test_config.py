@@ -333,8 +333,12 @@ def test_an_override_key_that_is_no_key_or_sets_a_key_inside_a_value_says_so(ove
                                    "give a value or leave the key out"),
     ("seed: '???'\n", [], "{f}:1, field 'seed': ??? is OmegaConf's missing value; give a value "
                           "or leave the key out"),
-    ("ptx_data:\n  - a.txt\n  - ???\n", [], "{f}:1, field 'ptx_data[1]': ??? is OmegaConf's "
-                                            "missing value; give a value or leave the item out"),
+    # at the item's line: it was the key's (1)
+    ("ptx_data:\n  - a.txt\n\n  - ???\n", [], "{f}:4, field 'ptx_data[1]': ??? is OmegaConf's "
+                                              "missing value; give a value or leave the item out"),
+    ("seed: 1\nptx_data: [a.txt,\n  b.txt, '???']\n", [], "{f}:3, field 'ptx_data[2]': ??? is "
+                                                       "OmegaConf's missing value; give a value "
+                                                       "or leave the item out"),
     ("", ["policy=???"], "command line, field 'policy': ??? is OmegaConf's missing value; give a "
                          "value or leave the key out"),
     ("", ["seed=???"], "command line, field 'seed': ??? is OmegaConf's missing value; give a "
