@@ -29,7 +29,7 @@ from safetensors.torch import load_file, load_model as st_load_model, save_model
 from gptlab.errors import UserError, check_bool
 from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_error,
                        new_temp_dir, read_json, remove_stale_temps, replace_dir,
-                       write_json_atomic, write_text_atomic)
+                       restore_non_finite, write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -69,7 +69,7 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
         meta["pad_token_id"] = model.pad_token_id
     if getattr(model, "reads_template_tail", False):  # scored as whole conversations
         meta["reads_template_tail"] = True
-    write_json_atomic(out / "config.json", meta)
+    write_json_atomic(out / "config.json", meta, non_finite="null")
     return out
 
 
@@ -115,12 +115,13 @@ def check_pad_token_id(value: Any, vocab_size: int, path: str | Path, field: str
 
 
 def read_meta(path: str | Path) -> dict:
-    """The config.json of model directory `path`. A NaN or an infinity in it (Python writes
-    them, JSON lacks them) is read as a number, so that `check_config` names its field."""
+    """The config.json of model directory `path`. A NaN or an infinity in it (a null its
+    `non_finite` field names, or the bare token an earlier version wrote) is read as a number,
+    so that `check_config` names its field."""
     cfg = Path(path) / "config.json"
     if not cfg.exists():
         raise UserError("not a model directory (config.json is missing)", path=path)
-    return read_json(cfg)
+    return restore_non_finite(read_json(cfg))
 
 
 def _config_format(path: Path) -> Any:

@@ -376,7 +376,7 @@ def _world_score(args: argparse.Namespace) -> None:
             f"{name} of --world": Path(args.world) / name for name in FILES}})
     summary, verdicts = score_samples(load_world(args.world), args.samples)
     if args.out is not None:
-        write_jsonl_atomic(args.out, verdicts, allow_nan=False)
+        write_jsonl_atomic(args.out, verdicts)
     print(f"execution accuracy {summary['exec_acc']:.4f} on "
           f"{counted(summary['prompts'], 'question')} (first response of each)")
     print(f"on the test suite {summary['exec_acc_test_suite']:.4f} (right on the "

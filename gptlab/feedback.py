@@ -142,7 +142,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
         raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
                         f"context is {model.config.context} tokens, --max-new-tokens "
                         f"{max_new_tokens}", path=prompts)
-    n = write_jsonl_atomic(out, rows, allow_nan=False)
+    n = write_jsonl_atomic(out, rows)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)
     if sum(cut):
@@ -351,7 +351,7 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
         raise UserError(f"ranked none of {counted(len(samples), 'prompt')}: "
                         f"{skips.report('prompts') if skips.total else 'no samples'}",
                         path=samples_path)
-    n = write_jsonl_atomic(out, rankings, allow_nan=False)
+    n = write_jsonl_atomic(out, rankings)
     if skips.total:
         print(skips.report("prompts"), file=sys.stderr)
     print(f"ranked {counted(n, 'prompt')}", file=sys.stderr)

@@ -302,17 +302,101 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+# The field of a record that names its non-finite numbers, each written as null: JSON has no
+# NaN or Infinity, and Python's json writes them as bare tokens that jq, JSON.parse and most
+# readers refuse.
+NON_FINITE = "non_finite"
+_SPELLED = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
-def write_jsonl_atomic(path: str | Path, rows: Any, allow_nan: bool = True) -> int:
-    """Write one JSON object per line; with allow_nan=False a NaN or infinity (which is not
-    JSON) raises ValueError instead of being written as the bare token `NaN`."""
+def _pointer_token(key: Any) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")  # RFC 6901
+
+
+def _nulled(value: Any, pointer: str, name: str, found: dict[str, tuple[str, str]]) -> Any:
+    """`value` with each NaN or infinity inside it null, noted in `found`: its JSON Pointer ->
+    ("NaN", "Infinity" or "-Infinity"; its name as errors write a field, `scores[1]`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[pointer] = (_SPELLED[repr(float(value))], name)
+        return None
+    if isinstance(value, dict):
+        return {k: _nulled(v, f"{pointer}/{_pointer_token(k)}", f"{name}.{k}" if name else str(k),
+                           found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulled(v, f"{pointer}/{i}", f"{name}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def strict_json(obj: Any, *, non_finite: str = "refuse", path: str | Path | None = None,
+                line: int | None = None, **options: Any) -> str:
+    """`obj` as JSON text that every JSON reader takes: never the tokens NaN or Infinity.
+
+    A NaN or an infinity inside `obj` is, with non_finite="null" (a record that a computation
+    wrote, such as a metrics row or report.json), null, with the record's `non_finite` field
+    naming each by its JSON Pointer: {"loss": null, "non_finite": {"/loss": "NaN"}}
+    (`restore_non_finite` reads it back). With non_finite="refuse" (data a later stage or
+    another tool reads) it is a UserError naming `path`, `line` and the field: the caller
+    writes nothing. `options` are json.dumps's (indent, ensure_ascii, default)."""
+    if non_finite not in ("null", "refuse"):
+        raise ValueError(f"non_finite must be 'null' or 'refuse', not {non_finite!r}")
+    found: dict[str, tuple[str, str]] = {}
+    value = _nulled(obj, "", "", found)
+    if found:
+        spelled, name = next(iter(found.values()))
+        if non_finite == "refuse" or not isinstance(value, dict):
+            raise UserError(f"is {spelled}, which JSON has no number for; nothing was written",
+                            path=path, line=line, field=name or None)
+        earlier = value.get(NON_FINITE)
+        value[NON_FINITE] = {**(earlier if isinstance(earlier, dict) else {}),
+                             **{pointer: spelled for pointer, (spelled, _) in found.items()}}
+    return json.dumps(value, allow_nan=False, **options)
+
+
+def restore_non_finite(value: Any) -> Any:
+    """A record read back as `strict_json(..., non_finite="null")` was given it: each null its
+    `non_finite` field names is the float again (NaN, inf, -inf), and the field is dropped.
+    Anything else, an earlier version's file holding bare NaN among them, is returned as it
+    is."""
+    if not isinstance(value, dict) or not isinstance(value.get(NON_FINITE), dict):
+        return value
+    for pointer, spelled in value.pop(NON_FINITE).items():
+        if spelled not in _SPELLED.values() or not isinstance(pointer, str) \
+                or not pointer.startswith("/"):
+            continue
+        *parents, last = [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
+        holder: Any = value
+        for token in parents:
+            holder = _child(holder, token)
+        if isinstance(holder, dict) and holder.get(last, 0) is None:
+            holder[last] = float(spelled)
+        elif isinstance(holder, list) and last.isdecimal() and int(last) < len(holder) \
+                and holder[int(last)] is None:
+            holder[int(last)] = float(spelled)
+    return value
+
+
+def _child(holder: Any, token: str) -> Any:
+    if isinstance(holder, dict):
+        return holder.get(token)
+    if isinstance(holder, list) and token.isdecimal() and int(token) < len(holder):
+        return holder[int(token)]
+    return None
+
+
+def write_json_atomic(path: str | Path, obj: Any, non_finite: str = "refuse") -> None:
+    """Write `obj` as indented JSON; a NaN or an infinity in it as `strict_json` says."""
+    write_text_atomic(path, strict_json(obj, non_finite=non_finite, path=path, indent=2,
+                                        default=str) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Any, non_finite: str = "refuse") -> int:
+    """Write one JSON object per line; a NaN or an infinity in a row as `strict_json` says
+    (refused: nothing is written)."""
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, allow_nan=allow_nan) + "\n")
+            f.write(strict_json(row, non_finite=non_finite, path=path, line=n + 1,
+                                ensure_ascii=False) + "\n")
             n += 1
     return n
 

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gptlab.io import write_json_atomic
+from gptlab.io import restore_non_finite, write_json_atomic
 
 _PACKAGES = ("gptlab", "torch", "tokenizers", "safetensors", "datasets", "transformers", "gguf")
 
@@ -77,9 +77,9 @@ def record_run(out_dir: str | Path, config: Any, name: str = "run.json") -> Path
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = Path(out_dir) / name
-    write_json_atomic(path, info)
+    write_json_atomic(path, info, non_finite="null")
     return path
 
 
 def load_run(out_dir: str | Path, name: str = "run.json") -> dict:
-    return json.loads((Path(out_dir) / name).read_text())
+    return restore_non_finite(json.loads((Path(out_dir) / name).read_text()))

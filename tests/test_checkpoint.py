@@ -93,6 +93,26 @@ def test_missing_files_give_clear_errors(tmp_path):
         ck.load_model(tmp_path / "nope")
 
 
+def test_a_model_directory_s_nan_is_strict_json_and_reads_back(tmp_path):
+    # A diverged run's val_loss was written as the bare token NaN: config.json was no JSON.
+    import math
+
+    from test_io import strict_loads
+    ck.save_model(tmp_path / "m", tiny(), extra={"stage": "sft", "val_loss": math.nan})
+    meta = strict_loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["val_loss"] is None and meta["non_finite"] == {"/val_loss": "NaN"}
+    read = ck.read_meta(tmp_path / "m")
+    assert math.isnan(read["val_loss"]) and "non_finite" not in read
+    ck.load_model(tmp_path / "m")  # the model loads as before
+    # A model config of a non-finite number saves as strict JSON and is still named on load.
+    net = tiny()
+    net.config.norm_eps = math.inf
+    ck.save_model(tmp_path / "n", net)
+    assert strict_loads((tmp_path / "n" / "config.json").read_text())["model"]["norm_eps"] is None
+    with pytest.raises(UserError, match="field 'model.norm_eps': must be a finite number, got inf"):
+        ck.load_model(tmp_path / "n")
+
+
 def test_weights_of_another_shape_are_rejected(tmp_path):
     ck.save_model(tmp_path, tiny())
     meta = json.loads((tmp_path / "config.json").read_text())

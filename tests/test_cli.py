@@ -848,8 +848,8 @@ def test_nan_in_a_jsonl_line_is_refused_and_never_written(tiny_model, tmp_path, 
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
                  "--out", str(out), "--max-new-tokens", "2"]) == 2
     assert "-Infinity is not a JSON number" in capsys.readouterr().err
-    with pytest.raises(ValueError):
-        write_jsonl_atomic(out, [{"x": float("nan")}], allow_nan=False)
+    with pytest.raises(UserError, match=r"s.jsonl:1, field 'x': is NaN, which JSON has no "):
+        write_jsonl_atomic(out, [{"x": float("nan")}])
     assert not out.exists()
 
 

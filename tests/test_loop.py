@@ -498,6 +498,20 @@ def test_a_resume_is_recorded_in_run_json_with_the_config_it_changed(tmp_path, m
     assert [r["changed"] for r in info["resumes"]] == [{"max_steps": 20}, {"lr": 2e-3}]
 
 
+def test_run_json_holds_a_non_finite_number_as_strict_json_and_keeps_it_when_annotated(tmp_path):
+    # A dict config (the pipeline's records, a script's) with NaN made run.json no JSON.
+    from gptlab.provenance import load_run, record_run
+    from gptlab.train.loop import annotate_run
+    from test_io import strict_loads
+    record_run(tmp_path, {"lr": 1e-3, "clip": math.inf})
+    annotate_run(tmp_path, budget=math.nan, steps=4)
+    info = strict_loads((tmp_path / "run.json").read_text())
+    assert info["config"] == {"lr": 1e-3, "clip": None} and info["budget"] is None
+    assert info["non_finite"] == {"/config/clip": "Infinity", "/budget": "NaN"}
+    run = load_run(tmp_path)
+    assert run["config"]["clip"] == math.inf and math.isnan(run["budget"]) and run["steps"] == 4
+
+
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
     """Named as check_run_dir names it: the checkpoints directory and the field `resume`."""
     with pytest.raises(UserError, match="nothing to resume") as err:
@@ -551,6 +565,53 @@ def test_metrics_truncate_after(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"step": 0}\nnot json\n{"step": 5}\n')
     with pytest.raises(UserError, match=r"m.jsonl:2: is not a metrics row"):
         read_metrics(tmp_path / "m.jsonl")
+
+
+def test_a_nan_loss_is_logged_as_strict_json_and_a_resume_reads_it_back(tmp_path):
+    # Python's json wrote the bare token NaN: jq and JSON.parse refused the whole metrics.jsonl
+    # of a run whose loss diverged, the one a user most needs to read.
+    from test_io import strict_loads
+    tokens = _stream(n=300)
+    ids = np.arange(8)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=2, eval_every=2, eval_batches=1,
+                      save_every=2, log_every=1, progress=False, device="cpu")
+    diverged = lambda model, block: lm_loss(model, block) * math.nan  # noqa: E731
+    val = fixed_batches(tokens, 16, ids, 4, 1)
+    train(tiny(), BlockBatches(tokens, 16, ids, 4, seed=0), diverged, cfg, tmp_path,
+          val_batches=val)
+    resumed = dataclasses.replace(cfg, max_steps=3)
+    train(tiny(), BlockBatches(tokens, 16, ids, 4, seed=0), diverged, resumed, tmp_path,
+          val_batches=val, resume=True)  # rewrites the rows up to its checkpoint, read back
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [strict_loads(line) for line in lines]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]  # every step kept, its loss null
+    assert all(r["loss"] is None and r["non_finite"]["/loss"] == "NaN" for r in train_rows)
+    assert all(r["grad_norm"] is None and r["lr"] > 0 for r in train_rows)
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val_rows] == [0, 2, 3]
+    assert all(r["non_finite"] == {"/val_loss": "NaN", "/val_ppl": "NaN"} for r in val_rows)
+    read = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(math.isnan(r["loss"]) and "non_finite" not in r for r in read if "loss" in r)
+    assert all(math.isnan(r["val_loss"]) for r in read if "val_loss" in r)
+
+
+def test_an_earlier_metrics_file_with_bare_nan_is_read_and_rewritten_strict(tmp_path):
+    from test_io import strict_loads
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": NaN, "grad_norm": Infinity}\n{"step": 2, "loss": 1.5}\n')
+    rows = read_metrics(path)
+    assert math.isnan(rows[0]["loss"]) and rows[0]["grad_norm"] == math.inf
+    MetricsLog.truncate_after(path, 1)
+    assert [strict_loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": None, "grad_norm": None,
+         "non_finite": {"/loss": "NaN", "/grad_norm": "Infinity"}}]
+    log = MetricsLog(path)  # a resumed run appends to it
+    log.log({"step": 2, "loss": -math.inf, "sample": "é"})
+    log.close()
+    assert strict_loads(path.read_text().splitlines()[1]) == {
+        "step": 2, "loss": None, "sample": "é", "non_finite": {"/loss": "-Infinity"}}
+    assert read_metrics(path)[1]["loss"] == -math.inf
 
 
 def test_on_eval_can_stop_training_early_and_the_stop_is_saved(tmp_path):

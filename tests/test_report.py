@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gptlab.eval.report import describe_delta, md_code, write_report
+from gptlab.eval.report import describe_delta, md_code, read_report, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -325,12 +325,39 @@ def test_a_number_that_is_nan_or_infinite_is_shown_as_such_not_as_missing(tmp_pa
     results["ptx"] = {"corpus_ppl_sft": 21.456, "corpus_ppl_ppo": math.inf}
     results["exec_acc"]["sft"] = math.nan
     write_report(tmp_path, results)
-    assert '"kl_ppo_vs_sft": NaN' in (tmp_path / "report.json").read_text()
     md = (tmp_path / "report.md").read_text()
     assert "(nats, sampled at T = 1): nan" in md
     assert "perplexity, PPO: inf" in md
     assert "| sft | nan | 0.500 | 0.400 | 0.040 |" in md
     assert "(nats, sampled at T = 1): nan" in (tmp_path / "report.html").read_text()
+
+
+def test_report_json_is_strict_json_and_reads_back_its_nan_and_infinity(tmp_path):
+    # Python's json wrote the bare tokens NaN and Infinity: jq and JSON.parse refused the file.
+    from test_io import same, strict_loads
+    results = full_results()
+    results["kl_ppo_vs_sft"] = math.nan
+    results["ptx"] = {"corpus_ppl_sft": 21.456, "corpus_ppl_ppo": math.inf}
+    results["exec_acc"]["sft"] = math.nan
+    write_report(tmp_path, results)
+    doc = strict_loads((tmp_path / "report.json").read_text())
+    assert doc["kl_ppo_vs_sft"] is None and doc["ptx"]["corpus_ppl_ppo"] is None
+    assert doc["exec_acc"]["sft"] is None and doc["exec_acc"]["ppo"] == 0.625
+    assert doc["non_finite"] == {"/exec_acc/sft": "NaN", "/kl_ppo_vs_sft": "NaN",
+                                 "/ptx/corpus_ppl_ppo": "Infinity"}
+    assert same(read_report(tmp_path / "report.json"), results)
+    # Made again from its report.json, the report still says nan and inf, not n/a.
+    first = snapshot(tmp_path)
+    write_report(tmp_path, read_report(tmp_path / "report.json"))
+    assert snapshot(tmp_path) == first
+
+
+def test_an_earlier_report_json_with_bare_nan_still_reads(tmp_path):
+    (tmp_path / "report.json").write_text('{"kl_ppo_vs_sft": NaN, "ptx": {"corpus_ppl_ppo": '
+                                          'Infinity}, "minutes": 3.5}\n')
+    got = read_report(tmp_path / "report.json")
+    assert math.isnan(got["kl_ppo_vs_sft"]) and got["ptx"]["corpus_ppl_ppo"] == math.inf
+    assert got["minutes"] == 3.5
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:

@@ -314,10 +314,10 @@ def test_a_full_disk_while_a_new_best_is_saved_leaves_the_old_best_whole(base, t
     out = tmp_path / "sft"
     write_json = ck.write_json_atomic
 
-    def full_at_step_5(path, obj):
+    def full_at_step_5(path, obj, **options):
         if obj.get("step") == 5 and "checkpoints" not in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        write_json(path, obj)
+        write_json(path, obj, **options)
     monkeypatch.setattr(ck, "write_json_atomic", full_at_step_5)
     assert run_sft(base, out, *args, "--max-steps", "8") == 2
     error = capsys.readouterr().err.splitlines()[-1]

@@ -22,7 +22,8 @@ from markupsafe import Markup
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gptlab.io import atomic_path, write_json_atomic, write_text_atomic
+from gptlab.io import (atomic_path, read_json, restore_non_finite, write_json_atomic,
+                       write_text_atomic)
 
 NA = "n/a"
 MAX_SAMPLES = 10
@@ -40,12 +41,19 @@ def read_metric_rows(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            row = json.loads(line)
+            row = restore_non_finite(json.loads(line))
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def read_report(path: str | Path) -> dict:
+    """A report.json as `write_report` was given it: a NaN or an infinity, written as null and
+    named in its `non_finite` field (JSON has no such numbers), is the float again. A
+    report.json of an earlier version, which held the bare tokens NaN and Infinity, reads too."""
+    return restore_non_finite(read_json(path, "a JSON object (the pipeline's report)"))
 
 
 def as_number(value: Any) -> float | None:
@@ -241,7 +249,7 @@ def write_plots(run_dir: Path, pngs: dict[str, bytes]) -> None:
 def fmt(value: Any, digits: int = 3, sign: bool = False) -> str:
     """`value` to `digits` decimals; n/a where there is no number. A NaN or an infinity was
     computed (a diverged model's KL, an overflowing perplexity) and reads nan / inf, as
-    report.json's NaN / Infinity, not n/a, which says the stage did not run."""
+    report.json's `non_finite` field names it, not n/a, which says the stage did not run."""
     x = as_number(value)
     if x is None and isinstance(value, float):
         x = value
@@ -639,7 +647,7 @@ def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
     """
     run_dir = Path(run_dir)
     # The numbers first: if anything below fails, the run's results are still on disk.
-    write_json_atomic(run_dir / "report.json", results)
+    write_json_atomic(run_dir / "report.json", results, non_finite="null")
     # Everything rendered before any file of the earlier report is replaced: a failure leaves
     # its plots, report.md and report.html as they were, one report, not half of two.
     pngs = render_plots(run_dir, results)

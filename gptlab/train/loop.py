@@ -62,7 +62,8 @@ from torch import Tensor, nn
 from gptlab.checkpoint import Checkpointer
 from gptlab.engine import eval_mode
 from gptlab.errors import UserError
-from gptlab.io import check_dir_out, named_os_error, write_json_atomic, write_jsonl_atomic
+from gptlab.io import (check_dir_out, named_os_error, restore_non_finite, strict_json,
+                       write_json_atomic, write_jsonl_atomic)
 
 DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor max_minutes is given
 # Settings that decide which rows are trained on and which are held out: a resume must keep them.
@@ -570,7 +571,7 @@ class MetricsLog:
 
     def log(self, row: dict) -> None:
         with self._named():
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._file.write(strict_json(row, non_finite="null", ensure_ascii=False) + "\n")
             self._file.flush()
         if self._tb is not None and "step" in row:
             for k, v in row.items():
@@ -602,7 +603,8 @@ class MetricsLog:
         path = Path(path)
         if not path.exists():
             return
-        write_jsonl_atomic(path, [r for r in read_metrics(path) if r.get("step", 0) <= step])
+        write_jsonl_atomic(path, [r for r in read_metrics(path) if r.get("step", 0) <= step],
+                           non_finite="null")
 
 
 def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
@@ -679,7 +681,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     rows = []
     for k, (i, line) in enumerate(lines):
         try:
-            row = json.loads(line)
+            row = restore_non_finite(json.loads(line))
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
@@ -728,7 +730,7 @@ def _update_run(out_dir: str | Path, update: Callable[[dict], None]) -> None:
     path = Path(out_dir) / "run.json"
     if path.exists():
         try:
-            info = json.loads(path.read_text(encoding="utf-8"))
+            info = restore_non_finite(json.loads(path.read_text(encoding="utf-8")))
             if not isinstance(info, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:
@@ -736,7 +738,7 @@ def _update_run(out_dir: str | Path, update: Callable[[dict], None]) -> None:
             print(f"note: {path} is damaged ({e}); writing it anew", file=sys.stderr)
             info = {}
         update(info)
-        write_json_atomic(path, info)
+        write_json_atomic(path, info, non_finite="null")
 
 
 def count_tokens(batch: Any) -> int:

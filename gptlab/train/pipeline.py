@@ -26,8 +26,8 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError, counted, reports_path_errors
-from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, write_json_atomic,
-                       write_jsonl_atomic)
+from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, restore_non_finite,
+                       write_json_atomic, write_jsonl_atomic)
 from gptlab.train.loop import select_device
 
 if TYPE_CHECKING:
@@ -289,7 +289,7 @@ def _read_record(path: Path, keeps: str) -> dict:
     """The JSON object in `path`, a record the pipeline wrote (`keeps`: what it is for); one
     edited by hand into something else is a UserError naming it."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = restore_non_finite(json.loads(path.read_text(encoding="utf-8")))
     except ValueError as e:  # not JSON, or not UTF-8
         raise UserError(f"is not the JSON object the pipeline wrote ({e}); {keeps}",
                         path=path) from None
