@@ -559,6 +559,18 @@ def test_export_native_models(fields, arch, tmp_path):
     assert_same_logits(model, theirs, PROMPTS)
 
 
+def test_an_export_whose_config_json_would_hold_infinity_is_refused_before_any_file(tmp_path):
+    # Written after the weights as the bare token Infinity, which no JSON reader but Python's
+    # takes: a directory that looked exported.
+    model = GPT(GPTConfig(vocab_size=300, context=64, n_layers=1, n_heads=2, d_model=16,
+                          positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
+                          rope_theta=float("inf")))
+    with pytest.raises(UserError, match=r"hf/config.json, field 'rope_theta': is Infinity, "
+                                        r"which JSON has no number for; nothing was written"):
+        export_hf(model, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("fields", [dict(), dict(positions="rotary", norm="rmsnorm",
                                                   activation="swiglu", bias=False)])
 def test_export_writes_null_token_ids_where_there_are_none(fields, tmp_path):

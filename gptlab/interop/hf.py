@@ -21,7 +21,8 @@ from torch import Tensor
 
 from gptlab.checkpoint import check_config, check_pad_token_id
 from gptlab.errors import UserError, check_bool
-from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
+from gptlab.io import (atomic_path, ensure_dir, read_json, strict_json, write_json_atomic,
+                       write_text_atomic)
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 
@@ -628,8 +629,12 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
         raise UserError(f"only decoder-only GPT models export to Hugging Face, not "
                         f"{type(model).__name__}")
     family = _export_family(model.config)
-    out = ensure_dir(out_dir)
     dtype = model.tok_emb.weight.dtype
+    # Made first: a number JSON cannot hold (an infinite rope_theta) is refused before any
+    # file is written, not after the weights.
+    config = strict_json(_hf_config(model.config, family, tokenizer, dtype),
+                         path=Path(out_dir) / "config.json", indent=2)
+    out = ensure_dir(out_dir)
     if tokenizer is not None:
         tokenizer.save(out)  # tokenizer.json + tokenizer_config.json with the chat template
         _prepend_bos_in_tokenizer_json(out / "tokenizer.json", tokenizer)
@@ -641,5 +646,5 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(_hf_state(model, family), str(tmp), metadata={"format": "pt"})
     # config.json last: a directory with one has its weights in place.
-    write_json_atomic(out / "config.json", _hf_config(model.config, family, tokenizer, dtype))
+    write_text_atomic(out / "config.json", config + "\n")
     return out
