@@ -219,7 +219,8 @@ def real_model(a: argparse.Namespace) -> int:
     say(f"first SFT losses: gptlab {first['gptlab']:.4f}, transformers "
         f"{first['transformers']:.4f}")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+        from gptlab.io import strict_json  # a NaN (a bf16 overflow) as null, named
+        Path(a.json).write_text(strict_json(res, non_finite="null", indent=1) + "\n")
     return 0
 
 
@@ -311,7 +312,8 @@ def summary(a: argparse.Namespace) -> int:
                         f"{unit} | {ratio.group(1)} | |")
     real = out / "real_model.json"
     if real.exists():
-        r = json.loads(real.read_text())
+        from gptlab.io import restore_non_finite  # real-model's run imported gptlab too
+        r = restore_non_finite(json.loads(real.read_text()))
         for key, label, unit in (("sampling", "sampling", "tokens"),
                                  ("sft_step_fp32", "SFT step, fp32", "steps"),
                                  ("sft_step_bf16_autocast", "SFT step, bf16 autocast", "steps")):
