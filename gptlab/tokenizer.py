@@ -61,6 +61,8 @@ GPTLAB_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+_SPACE = "\u2581"  # SentencePiece writes a space as "▁"
+
 # Names of end-of-sequence tokens in tokenizers imported without a tokenizer_config.json.
 _KNOWN_EOS = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 
@@ -163,6 +165,45 @@ class Tokenizer:
         encs = self._plain.encode_batch([check_text(t) for t in texts], add_special_tokens=False)
         return [self._wrap(e.ids, bos, eos) for e in encs]
 
+    @property
+    def prefixes_space(self) -> bool:
+        """Whether `encode` starts a text with SentencePiece's "▁", the space before its first
+        word ("Paris" is "▁Paris"), as Llama 2's, Mistral's and a llama GGUF's tokenizers do.
+        Byte-level BPE (gptlab's, GPT-2's, SmolLM2's) encodes a text as it is written."""
+        return self._unprefixed is not None
+
+    def encode_completion(self, prompt: str, completion: str) -> list[int]:
+        """Tokens of `completion` written after the text `prompt`, as the model writes them
+        after the prompt's tokens; `decode_response` reads them back. Where `encode` prefixes a
+        space, TRL's rule: what `encode(prompt + completion)` holds after the prompt's tokens,
+        so " Paris" after "The capital is" is "▁Paris" (encoded alone it was "▁", "▁Paris", a
+        lone "▁" no text of the model holds, and "Paris" was "▁Paris" too). Where the prompt's
+        tokens do not begin that (its last characters merge with the completion's first into
+        one token; TRL warns, then trains on the merged tokens with the prompt's length
+        masked), the model, given the prompt's own tokens, can only go on after them: the
+        completion is its tokens with no "▁" put before it, which read back as prompt +
+        completion all the same. Byte-level BPE: `encode(completion)`, as in every earlier
+        version (a record's tokens are unchanged)."""
+        if self._unprefixed is None:
+            return self.encode(completion)
+        start, whole = self.encode_batch([prompt, prompt + completion])
+        if whole[:len(start)] == start:
+            return whole[len(start):]
+        return self._unprefixed.encode(check_text(completion), add_special_tokens=False).ids
+
+    @cached_property
+    def _unprefixed(self) -> tokenizers.Tokenizer | None:
+        """A copy of `_plain` that puts no "▁" before a text; None where `_plain` puts none (or
+        puts one in a way other than a `Prepend("▁")` normalizer or a `Metaspace`)."""
+        if not _prefixes_space(self._plain):
+            return None
+        config = json.loads(self._plain.to_str())
+        for key in ("normalizer", "pre_tokenizer"):
+            config[key] = _without_space_prefix(config.get(key))
+        unprefixed = tokenizers.Tokenizer.from_str(json.dumps(config))
+        unprefixed.encode_special_tokens = True  # as `_plain`: not saved in its JSON
+        return None if _prefixes_space(unprefixed) else unprefixed
+
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """The text of `ids`; `skip_special` leaves out special tokens, and, as transformers
         does, the BOS, EOS and padding the config names and the end of turn, even when added
@@ -218,18 +259,21 @@ class Tokenizer:
         """The text of `ids`, a response sampled after `prompt_ids`, the tokens of `prompt` (a
         text, or messages rendered with the generation prompt): the text that, written as the
         response to `prompt` in a samples or rankings file, encodes back to `ids` (`cut`: as
-        `decode_cut`). After a text prompt, `ids` decoded alone, as a completion is encoded
-        alone: a SentencePiece tokenizer's "▁" before the first word is the space it puts
-        between prompt and completion ("▁Paris" is "Paris", which encodes as "▁Paris").
-        After a chat template's generation prompt, what `ids` add to the prompt's text
-        (`decode_continuation`), less the text the template writes between its assistant
-        header and an answer (`_answer_lead`: Llama 2's " " after "[/INST]"): "▁Paris" after
-        ChatML's "assistant\\n" is " Paris", as the template renders it back, where decoded
-        alone it lost its space. gptlab's and ChatML's templates write nothing there: a
-        byte-level BPE tokenizer's response is then its `decode` (or `decode_cut`) either way."""
-        if isinstance(prompt, str):
+        `decode_cut`). After a text prompt, where the tokenizer `prefixes_space`, what `ids` add
+        to the prompt's text (`decode_continuation`), as `encode_completion` encodes a
+        completion: "▁Paris" after "The capital is" is " Paris"; byte-level BPE: `ids` decoded
+        alone, as always. After a chat template's generation prompt, what `ids` add to the
+        prompt's text (`decode_continuation`), less the text the template writes between its
+        assistant header and an answer (`_answer_lead`: Llama 2's " " after "[/INST]"):
+        "▁Paris" after ChatML's "assistant\\n" is " Paris", as the template renders it back,
+        where decoded alone it lost its space. gptlab's and ChatML's templates write nothing
+        there: a byte-level BPE tokenizer's response is then its `decode` (or `decode_cut`)
+        either way."""
+        if isinstance(prompt, str) and self._unprefixed is None:
             return self.decode_cut(ids) if cut else self.decode(ids)
         text = self.decode_continuation(prompt_ids, ids, cut=cut)
+        if isinstance(prompt, str):
+            return text
         lead = self._answer_lead(prompt)
         return text[len(lead):] if lead and text.startswith(lead) else text
 
@@ -534,6 +578,35 @@ def _without_markup_parsing(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
                                   for t in markup])
     plain.encode_special_tokens = True
     return plain
+
+
+def _prefixes_space(hf: tokenizers.Tokenizer) -> bool:
+    """Whether `hf`'s normalizer and pre-tokenizer put "▁" before a text ("a" is "▁a")."""
+    text = "a"
+    if hf.normalizer is not None:
+        text = hf.normalizer.normalize_str(text)
+    if hf.pre_tokenizer is not None:
+        text = "".join(piece for piece, _ in hf.pre_tokenizer.pre_tokenize_str(text))
+    return text.startswith(_SPACE)
+
+
+def _without_space_prefix(node: Any) -> Any:
+    """A normalizer's or pre-tokenizer's JSON that puts no "▁" before a text: without
+    `Prepend("▁")` (Llama 2's tokenizer.json, a llama GGUF), with a `Metaspace` that prepends
+    never (Mistral's, Llama's with legacy off); None where nothing is left."""
+    if not isinstance(node, dict):
+        return node
+    kind = node.get("type")
+    if kind == "Sequence":
+        key = "normalizers" if "normalizers" in node else "pretokenizers"
+        parts = [_without_space_prefix(n) for n in node.get(key) or []]
+        return {**node, key: [n for n in parts if n is not None]}
+    if kind == "Prepend" and node.get("prepend") == _SPACE:
+        return None
+    if kind == "Metaspace":
+        node = {k: v for k, v in node.items() if k != "add_prefix_space"}  # the older spelling
+        return {**node, "prepend_scheme": "never"}
+    return node
 
 
 def check_text(text: str, field: str | None = None, from_json: bool = False) -> str:

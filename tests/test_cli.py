@@ -800,7 +800,9 @@ def test_sample_writes_a_sentencepiece_response_as_its_prompt_reads_it_back(
     # "▁yes ▁it ▁is" after Zephyr's "<|assistant|>\n" is " yes it is": the template writes
     # nothing before an answer, so the space is the model's (the file said "yes it is", which
     # renders back as "yes", no "▁"). After Llama 2's "[/INST]" the template's own " " comes
-    # first: no space. After a text prompt the response is encoded alone, "▁" prepended.
+    # first: no space. After a text prompt the space is the model's too: " yes it is" is the
+    # continuation of "is it?", as `reward` and `sft` encode a completion ("yes it is" would
+    # read back glued on to the "?", no "▁").
     import test_tokenizer
     from gptlab.data.instruct import encode_response
     tok = sentencepiece_model(tmp_path / "m", getattr(test_tokenizer, template))
@@ -812,11 +814,46 @@ def test_sample_writes_a_sentencepiece_response_as_its_prompt_reads_it_back(
     assert main(["sample", "--model", str(tmp_path / "m"), "--prompts", str(prompts), "--k", "1",
                  "--max-new-tokens", "8", "--out", str(tmp_path / "s.jsonl")]) == 0
     rows = read_jsonl(tmp_path / "s.jsonl")
-    assert [r["responses"] for r in rows] == [[chat_text], ["yes it is"]]
+    assert [r["responses"] for r in rows] == [[chat_text], [" yes it is"]]
     for r, prompt in zip(rows, (chat, "is it?")):  # as `reward` and `sft` read them
         tail = [tok.hf.token_to_id("\u2581")] if template == "LLAMA2_CHAT" and r["id"] == 1 \
             else []  # Llama 2's " " before </s>
         assert encode_response(tok, r["responses"][0], prompt) == said[:-1] + tail + said[-1:]
+
+
+@pytest.mark.parametrize("said", [["\u2581paris"], ["par", "is"], ["s", "\u2581paris"],
+                                  ["\u2581", "\u2581paris"], ["<0x0A>", "\u2581yes", "\u2581it"]])
+def test_a_sentencepiece_sample_after_a_text_prompt_reads_back_as_the_tokens_sampled(
+        tmp_path, monkeypatch, said):
+    """`sample` wrote a text prompt's response decoded alone, and `reward` and `sft` encoded it
+    alone: "▁paris" after "the capital is" came back "▁paris" only by luck of the "▁" that
+    encoding puts first; "par", "is" came back "▁paris", and "▁", "▁paris" as "▁paris". Now the
+    response is the continuation of the prompt's text, and reads back as what was sampled,
+    finished or cut."""
+    from gptlab.data.instruct import encode_response
+    tok = sentencepiece_model(tmp_path / "m", None)
+    ids = [tok.hf.token_to_id(p) for p in said]
+    prompts = tmp_path / "p.jsonl"
+    texts = ["the capital is", "the capital i", "is the cat happy?", "yes it is "]
+    write_jsonl_atomic(prompts, [{"id": i, "prompt": t} for i, t in enumerate(texts)])
+    for finished in (True, False):
+        monkeypatch.setattr("gptlab.feedback.generate",
+                            answering(ids + [tok.eos_id]) if finished else cut_at(ids))
+        assert main(["sample", "--model", str(tmp_path / "m"), "--prompts", str(prompts),
+                     "--k", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "s.jsonl")]) == 0
+        for row, prompt in zip(read_jsonl(tmp_path / "s.jsonl"), texts):
+            assert row["finished"] == [finished]
+            assert encode_response(tok, row["responses"][0], prompt) == ids + [tok.eos_id]
+
+
+def cut_at(ids):
+    """An engine that answers every prompt with `ids`, cut at max_new_tokens."""
+    from gptlab.engine import Generation
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        return Generation([list(ids) for _ in prompts], [[0.0] * len(ids) for _ in prompts],
+                          [False] * len(prompts))
+    return generate
 
 
 def test_sample_and_label_never_write_over_their_input(tiny_model, tmp_path, capsys):

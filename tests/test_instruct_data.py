@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptlab.data.instruct import read_demonstrations, read_prompts, read_rankings
 from gptlab.errors import UserError
@@ -1032,3 +1034,88 @@ def test_special_token_text_in_every_file_is_text_and_forges_no_boundary(which, 
         closing = tok.eos_token if isinstance(r.prompt, str) else end
         assert tok.decode(enc.seqs[0][n:], skip_special=False) == answer + closing
         assert specials(enc.seqs[0][n:]) == [tok.hf.token_to_id(closing)]
+
+
+# --- a completion after a text prompt ------------------------------------------------------------
+
+def test_sft_and_rankings_train_a_sentencepiece_completion_as_its_prompt_continues():
+    """TRL's {"prompt": "the capital is", "completion": " paris"} trained "▁", "▁paris": the
+    completion was encoded alone, its "▁" prepended. SFT's mask now covers exactly the tokens
+    the prompt and completion written as one text hold after the prompt's; rankings and
+    samples read a response the same way."""
+    from gptlab.data.instruct import Ranking, demonstration, encode_prompt
+    from gptlab.train.reward import encode_ranking
+    from test_tokenizer import sentencepiece_tokenizer
+    t = sentencepiece_tokenizer()
+    ex = demonstration(t, {"prompt": "the capital is", "completion": " paris"})
+    whole = t.encode("the capital is paris", bos=True) + [t.eos_id]
+    assert ex.ids == whole
+    assert ex.loss_mask == [0] * len(encode_prompt(t, "the capital is")) + [1, 1]
+    assert [t.hf.id_to_token(i) for i, m in zip(ex.ids, ex.loss_mask) if m] == [
+        "\u2581paris", "</s>"]
+    ranked = encode_ranking(t, Ranking("the capital is", [" paris", " yes it is"]), 64)
+    assert ranked.seqs == [whole, t.encode("the capital is yes it is", bos=True) + [t.eos_id]]
+    assert ranked.prompt_len == len(encode_prompt(t, "the capital is"))
+
+
+def test_sentencepiece_sample_sequences_read_a_response_as_its_prompt_continues(tmp_path):
+    """A samples file's response, as `reward --samples` reads it: " paris" is "▁paris" after
+    "the capital is", and "paris", glued on, its own pieces (both were "▁paris")."""
+    from gptlab.train.reward import sample_sequences
+    from test_tokenizer import sentencepiece_tokenizer
+    t = sentencepiece_tokenizer()
+    write(tmp_path / "s.jsonl", {"prompt": "the capital is", "responses": [" paris", "paris"]})
+    p = t.encode("the capital is", bos=True)
+    assert sample_sequences(t, tmp_path / "s.jsonl", 64) == [
+        t.encode("the capital is paris", bos=True) + [t.eos_id],
+        p + [t.hf.token_to_id("par"), t.hf.token_to_id("is"), t.eos_id]]
+
+
+@pytest.mark.parametrize("template", ["ZEPHYR_CHAT", "LLAMA2_CHAT"])
+def test_a_sentencepiece_chat_prompt_s_response_is_still_cut_from_the_conversation(template):
+    """Only a text prompt's completion changed: after a chat template's generation prompt a
+    response is, as before, what the whole conversation holds after the prompt's tokens."""
+    import test_tokenizer
+    from gptlab.data.instruct import demonstration, encode_prompt, encode_response
+    t = test_tokenizer.sentencepiece_tokenizer(getattr(test_tokenizer, template))
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    p = encode_prompt(t, chat)
+    for answer in (" yes it is", "yes it is", "paris"):
+        full, mask = t.render_chat(chat + [{"role": "assistant", "content": answer}])
+        assert full[:len(p)] == p
+        cut = [i for i, m in zip(full[len(p):], mask[len(p):]) if m]
+        assert encode_response(t, answer, chat) == cut
+        ex = demonstration(t, {"prompt": chat,
+                               "completion": [{"role": "assistant", "content": answer}]})
+        assert ex.ids == p + cut and ex.loss_mask == [0] * len(p) + [1] * len(cut)
+
+
+@pytest.fixture(scope="module", params=["gptlab", "smollm2"])
+def byte_level(request, tok):
+    return tok if request.param == "gptlab" else smollm2_tokenizer()
+
+
+_TEXT = st.text(st.one_of(st.sampled_from(list(" \n\t.?:'\u2581")),
+                          st.characters(blacklist_categories=("Cs",))), max_size=12)
+
+
+@settings(deadline=None, derandomize=True, max_examples=150)
+@given(prompt=_TEXT.filter(str.strip), completion=_TEXT.filter(str.strip))
+def test_byte_level_bpe_encodes_and_decodes_a_completion_as_before(byte_level, prompt,
+                                                                   completion):
+    """gptlab's own tokenizer and SmolLM2's (GPT-2's byte-level BPE) put no "▁" before a text:
+    a completion is its own tokens and EOS, and a response is decoded alone, as in every
+    earlier version, byte for byte (the demo's figures depend on it)."""
+    from gptlab.data.instruct import Ranking, encode_prompt, encode_response
+    from gptlab.train.reward import encode_ranking
+    t = byte_level
+    assert not t.prefixes_space
+    ids = encode_response(t, completion, prompt)
+    assert ids == t.encode(completion) + [t.eos_id]
+    assert t.decode_response(prompt, encode_prompt(t, prompt), ids) == t.decode(ids)
+    assert t.decode_response(prompt, encode_prompt(t, prompt), ids[:-1],
+                             cut=True) == t.decode_cut(ids[:-1])
+    if completion != prompt:
+        seqs = encode_ranking(t, Ranking(prompt, [completion, prompt]), 10_000).seqs
+        assert seqs == [t.encode(prompt, bos=t.bos_id is not None) + t.encode(r) + [t.eos_id]
+                        for r in (completion, prompt)]

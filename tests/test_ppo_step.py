@@ -723,7 +723,7 @@ def test_a_reward_function_reads_each_response_as_sample_writes_it(tmp_path, mon
     t.score(t.rollout(0))
     sampled = sample_responses(t.policy, t.tok, records, 1, SamplingParams(max_new_tokens=4),
                                mark_cut=True)
-    assert seen == {r["id"]: r["responses"][0] for r in sampled} == {1: " yes it", 2: "yes it"}
+    assert seen == {r["id"]: r["responses"][0] for r in sampled} == {1: " yes it", 2: " yes it"}
 
 
 def test_the_value_models_mark_changes_its_config_json_and_nothing_else(setup, tmp_path):

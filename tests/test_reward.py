@@ -31,6 +31,9 @@ class CharTokenizer:
     def encode(self, text, bos=False):
         return [ord(c) for c in text]
 
+    def encode_completion(self, prompt, completion):  # no "▁" before a text: on its own
+        return self.encode(completion)
+
 
 def test_groups_travel_from_the_ranking_into_a_padded_batch():
     r = Ranking("p", ["a", "b", "c"], groups=[0, 1, 1])

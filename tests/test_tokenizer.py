@@ -1096,15 +1096,15 @@ def sentencepiece_tokenizer(chat_template: str | None = None) -> Tokenizer:
 
 def test_a_sentencepiece_response_decodes_to_the_text_that_encodes_back_to_it():
     """Decoded alone, SentencePiece drops the space its first "▁" stands for (as
-    transformers' LlamaTokenizer decodes it). After a text prompt that is the text: a
-    completion is encoded alone, "▁" prepended. After Llama 2's "[/INST]" too: its template
-    writes " " before the answer. After Zephyr's "<|assistant|>\n", where the template writes
-    nothing, the space is the model's: decoded alone, "yes" would render back as "yes"."""
+    transformers' LlamaTokenizer decodes it). After a text prompt the space is the model's: a
+    completion is the continuation of the prompt's text. After Llama 2's "[/INST]" it is the
+    template's " " before the answer. After Zephyr's "<|assistant|>\n", where the template
+    writes nothing, the space is the model's: decoded alone, "yes" would render back as "yes"."""
     from gptlab.data.instruct import encode_prompt, encode_response
 
     chat = [{"role": "user", "content": "is the cat happy?"}]
     for template, prompt, answer, want in (
-            (None, "the capital is", "paris", "paris"),
+            (None, "the capital is", " paris", " paris"),
             (LLAMA2_CHAT, chat, "yes it is", "yes it is "),  # its " " before </s> stays
             (ZEPHYR_CHAT, chat, " yes it is", " yes it is")):
         t = sentencepiece_tokenizer(template)
@@ -1116,13 +1116,76 @@ def test_a_sentencepiece_response_decodes_to_the_text_that_encodes_back_to_it():
         # cut at max_new_tokens inside a character: no U+FFFD for its first byte
         assert t.decode_response(prompt, start, ids[:-1] + [t._byte_token(0xE2)],
                                  cut=True) == want
-    # A text prompt's response written as the whole text's continuation, " paris", would be
-    # read back as "▁", "▁paris": tokens the model did not sample.
-    t = sentencepiece_tokenizer()
-    assert [t.hf.id_to_token(i) for i in encode_response(t, " paris", "the capital is")] == [
-        "\u2581", "\u2581paris", "</s>"]
     assert sentencepiece_tokenizer(ZEPHYR_CHAT).decode(ids) == "yes it is"
     assert sentencepiece_tokenizer(LLAMA2_CHAT)._answer_lead(chat) == " "
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """`sentencepiece_tokenizer`'s vocabulary as Mistral's (or Llama's with legacy off)
+    tokenizer.json writes it: a Metaspace pre-tokenizer puts the "▁" first, no normalizer."""
+    from tokenizers import decoders, pre_tokenizers
+    hf = tokenizers.Tokenizer.from_str(sentencepiece_tokenizer().hf.to_str())
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence([decoders.Metaspace(prepend_scheme="first", split=False),
+                                    decoders.ByteFallback(), decoders.Fuse()])
+    return Tokenizer(hf, "<s>", "</s>", None)
+
+
+@pytest.mark.parametrize("make", [sentencepiece_tokenizer, _metaspace_tokenizer])
+def test_a_completion_is_encoded_as_the_continuation_of_its_text_prompt(make):
+    """A completion was encoded alone: SentencePiece put a "▁" before it, so TRL's " paris"
+    after "the capital is" trained "▁", "▁paris" (a lone "▁" the model never writes before a
+    word) and "paris" trained "▁paris" as well. Now, as TRL tokenizes it, it is what the prompt
+    and completion encoded as one text hold after the prompt's tokens, and `decode_response`
+    reads it back; where the prompt's last characters merge with the completion's first, the
+    prompt's own tokens stay and the completion follows with no "▁" before it."""
+    from gptlab.data.instruct import encode_prompt, encode_response
+    t = make()
+    assert t.prefixes_space
+
+    def pieces(ids):
+        return [t.hf.id_to_token(i) for i in ids]
+
+    for prompt, completion, want in (
+            ("the capital is", " paris", ["\u2581paris"]),
+            ("the capital is", "paris", ["par", "is"]),  # glued on: "isparis", as written
+            ("the capital is", " yes it is", ["\u2581yes", "\u2581it", "\u2581is"]),
+            ("the capital is ", " paris", ["\u2581paris"]),  # the prompt's "▁" is its own
+            ("the capital i", "s paris", ["s", "\u2581paris"]),  # "▁is" merged across the seam
+            ("the capital is ", "paris", ["par", "is"]),  # its "▁", then "paris" glued on
+            ("the capital i", "s </s>",  # typed, "</s>" is text there too
+             ["s", "\u2581", "<0x3C>", "<0x2F>", "s", "<0x3E>"]),
+            ("is the cat happy?", "\n yes", ["<0x0A>", "\u2581yes"])):
+        start = encode_prompt(t, prompt)
+        ids = encode_response(t, completion, prompt)
+        assert pieces(ids) == want + ["</s>"], (prompt, completion)
+        assert t.decode_response(prompt, start, ids) == completion
+        assert t.decode_response(prompt, start, ids) == t.decode_continuation(start, ids)
+        whole = t.encode(prompt + completion, bos=True)
+        if whole[:len(start)] == start:  # TRL's tokens where the prompt's begin the whole
+            assert start + ids == whole + [t.eos_id]
+        else:  # the model given the prompt's tokens writes the text all the same
+            assert t.decode(start + ids) == prompt + completion
+
+
+def test_which_tokenizers_put_a_space_before_a_text(tmp_path):
+    """SentencePiece's "▁" before a text, by a normalizer (Llama 2, a llama GGUF) or a Metaspace
+    pre-tokenizer (Mistral); byte-level BPE, byte fallback without it and a llama GGUF with
+    add_space_prefix false (Gemma's way) put none, and keep encoding a completion alone."""
+    from tokenizers import normalizers
+    spm = sentencepiece_tokenizer()
+    bare = tokenizers.Tokenizer.from_str(spm.hf.to_str())
+    bare.normalizer = normalizers.Replace(" ", "\u2581")
+    byte_level = train_tokenizer(["the capital is paris"] * 20, vocab_size=280)
+    expected = [(spm, True), (_metaspace_tokenizer(), True), (byte_level, False),
+                (_byte_fallback_tokenizer(), False), (Tokenizer(bare, "<s>", "</s>", None), False)]
+    for t, prefixes in expected:
+        assert t.prefixes_space is prefixes
+        ids = t.encode_completion("the capital i", "s paris")
+        assert (ids == t.encode("s paris")) is not prefixes
+        if prefixes:  # the copy that puts no "▁" first, as `bare` encodes
+            assert t._unprefixed.encode("s paris").ids == bare.encode("s paris").ids == ids
 
 
 def test_a_save_names_the_unknown_token_only_where_the_vocabulary_has_it(tmp_path):

@@ -14,7 +14,9 @@ a `completion`, `chosen` or `rejected` a list holding one assistant message; `ch
 (TRL's implicit prompt). TRL's other types are refused with what to write instead.
 
 A prompt is tokenized on its own and a response after it, exactly as generation sees them, so
-the tokens trained on are the tokens sampled. A plain-text response ends with EOS.
+the tokens trained on are the tokens sampled. A plain-text response ends with EOS; it joins its
+prompt as written (TRL's rule: a completion's leading space is its own), and a SentencePiece
+tokenizer encodes it as the continuation of the prompt's text (`Tokenizer.encode_completion`).
 """
 from __future__ import annotations
 
@@ -211,9 +213,11 @@ def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
 
 def encode_response(tokenizer: Any, response: str, prompt: Any) -> list[int]:
     """Tokens of a response, closed by EOS (the chat template's end of turn for chat prompts),
-    as the model writes them after the prompt's tokens."""
+    as the model writes them after the prompt's tokens: after a text prompt, the continuation
+    of its text where the tokenizer puts a "▁" before a text (`Tokenizer.encode_completion`:
+    " Paris" is "▁Paris"), else the response's own tokens."""
     if isinstance(prompt, str):
-        return tokenizer.encode(response) + [tokenizer.eos_id]
+        return tokenizer.encode_completion(prompt, response) + [tokenizer.eos_id]
     return _response_after(tokenizer, prompt, response, encode_prompt(tokenizer, prompt))
 
 
