@@ -12,6 +12,11 @@ from typing import Callable, Iterator, Sequence
 from gptlab.errors import PathError, UserError, counted, field_of_path, path_error
 
 DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
+GREEDY_HELP = "always take the most likely token (no sampling)"
+TEMPERATURE_HELP = "sampling temperature: below 1 surer, above 1 more varied"
+TOP_P_HELP = "sample from the smallest set of likeliest tokens holding this probability " \
+             "(default: all)"
+SEED_HELP = "seed of the sampling"
 
 EXIT_BAD_INPUT = 2
 EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
@@ -180,18 +185,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _verb_tokenizer():
     def add(p: argparse.ArgumentParser) -> None:
-        sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+        sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser,
+                               help="train a tokenizer, or encode a text with one")
         t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
         t.add_argument("--data", nargs="+", required=True,
                        help="corpus files (.txt/.jsonl/.json/.parquet) or directories, or a Hub "
                             "dataset user/name")
-        t.add_argument("--vocab-size", type=int, default=4096)
+        t.add_argument("--vocab-size", type=int, default=4096,
+                       help="tokens in the vocabulary (the 256 bytes, merges, special tokens)")
         t.add_argument("--out", required=True,
                        help="output directory (writes tokenizer.json and tokenizer_config.json; "
                             "an earlier model's generation_config.json there is removed)")
         e = sub.add_parser("encode", help="print the token ids of a text")
-        e.add_argument("--tokenizer", required=True)
-        e.add_argument("text")
+        e.add_argument("--tokenizer", required=True,
+                       help="tokenizer or model directory (its tokenizer.json)")
+        e.add_argument("text", help="the text to encode")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab import tokenizer as tk
@@ -220,13 +228,15 @@ def _verb_generate():
         p.add_argument("--model", required=True, help="model directory, HF directory or .gguf")
         p.add_argument("--prompt", required=True, action="append",
                        help="text to continue (repeat for a batch)")
-        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--max-new-tokens", type=int, default=64,
+                       help="longest continuation, in tokens")
         how = p.add_mutually_exclusive_group()  # greedy decoding has no temperature
-        how.add_argument("--greedy", action="store_true")
-        how.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--seed", type=int, default=0)
+        how.add_argument("--greedy", action="store_true", help=GREEDY_HELP)
+        how.add_argument("--temperature", type=float, default=1.0, help=TEMPERATURE_HELP)
+        p.add_argument("--top-k", type=int, default=None,
+                       help="sample from the k most likely tokens only (default: all)")
+        p.add_argument("--top-p", type=float, default=None, help=TOP_P_HELP)
+        p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--truncate", action="store_true",
                        help="drop the oldest prompt tokens when a prompt does not fit the context")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -256,12 +266,12 @@ def _verb_chat():
         p.add_argument("--system", default=None, help="system message (kept in every turn)")
         p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
         how = p.add_mutually_exclusive_group()
-        how.add_argument("--temperature", type=float, default=0.7)
-        how.add_argument("--greedy", action="store_true")
-        p.add_argument("--top-p", type=float, default=None)
+        how.add_argument("--temperature", type=float, default=0.7, help=TEMPERATURE_HELP)
+        how.add_argument("--greedy", action="store_true", help=GREEDY_HELP)
+        p.add_argument("--top-p", type=float, default=None, help=TOP_P_HELP)
         p.add_argument("--max-context-tokens", type=int, default=None,
                        help="fit the conversation in fewer tokens than the model's context")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     def run(args: argparse.Namespace) -> None:
@@ -303,10 +313,12 @@ def _verb_convert():
 
 def _verb_world():
     def add(p: argparse.ArgumentParser) -> None:
-        sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+        sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser,
+                               help="export the built-in world, check a query, score samples")
         e = sub.add_parser("export", help="write the database, questions, dialogs and corpus")
         e.add_argument("--out", required=True, help="output directory (e.g. data/world)")
-        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--seed", type=int, default=0,
+                       help="seed of the database, the questions, the dialogs and the corpus")
         e.add_argument("--vary-schema", action="store_true",
                        help="rename tables and columns from synonym lists (seeded)")
         e.add_argument("--schema-seed", type=int, default=None,
@@ -444,17 +456,19 @@ def _is_override(item: str, names: set[str]) -> bool:
 def _verb_sample():
     def add(p: argparse.ArgumentParser) -> None:
         from gptlab.feedback import SAMPLE_K, SAMPLE_MAX_NEW_TOKENS
-        p.add_argument("--model", required=True)
+        p.add_argument("--model", required=True,
+                       help="the model to sample (gptlab dir, HF dir or .gguf)")
         p.add_argument("--prompts", required=True,
                        help="prompts (.jsonl or .parquet) with prompt or messages")
         p.add_argument("--k", type=int, default=SAMPLE_K, help="responses per prompt")
         p.add_argument("--out", required=True, help="samples JSONL")
         how = p.add_mutually_exclusive_group()  # greedy decoding has no temperature
-        how.add_argument("--greedy", action="store_true")
-        how.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--max-new-tokens", type=int, default=SAMPLE_MAX_NEW_TOKENS)
-        p.add_argument("--seed", type=int, default=0)
+        how.add_argument("--greedy", action="store_true", help=GREEDY_HELP)
+        how.add_argument("--temperature", type=float, default=1.0, help=TEMPERATURE_HELP)
+        p.add_argument("--top-p", type=float, default=None, help=TOP_P_HELP)
+        p.add_argument("--max-new-tokens", type=int, default=SAMPLE_MAX_NEW_TOKENS,
+                       help="longest response, in tokens")
+        p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     def run(args: argparse.Namespace) -> None:
@@ -531,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "written in full (--temperature, not --temp). A value that begins "
                             "with '-' follows an '=' (--out=-x); a negative number may follow "
                             "a space (--seed -1).")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser,
+                                help="a stage of the recipe, or a tool around it:")
     for name, make in VERBS.items():
         help_text, add, run = make()
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -413,8 +413,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
         if dataclasses.is_dataclass(tp):
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") if f.metadata else ""
-        help_text = _with_default(help_text, f)
+        help_text = _with_default(_field_help(cls, f.name), f)
         scalar = tp if tp in (int, float) else str
         if tp is bool and not is_list:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -426,6 +425,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
                                 help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=scalar, default=None, help=help_text)
+
+
+def _field_help(cls: type, name: str) -> str:
+    """The help of field `name` of dataclass `cls`: its own, else that of the first base class
+    giving one (a stage that only changes a shared setting's default, SFT's lr, keeps its help)."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return f.metadata["help"]
+    return ""
 
 
 class _Null:

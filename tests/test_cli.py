@@ -1754,3 +1754,33 @@ def test_a_value_that_begins_with_a_dash_is_taken_after_an_equals_sign(capsys):
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
         "gptlab tokenizer encode: error: the following arguments are required: text ('-x' "
         "begins with '-' and is read as a flag; write -- -x for it to be the text)")
+
+
+def _parsers(parser, prog=("gptlab",)):
+    """(command words, parser) of `parser` and of every verb and action under it."""
+    import argparse
+    yield prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*prog, name))
+
+
+def test_every_flag_of_every_verb_says_what_it_is():
+    # `ppo --help` showed --ptx-data with no text at all, and some 130 flags (--lr, --ptx-coef,
+    # --batch-size, tokenizer encode's --tokenizer) only with their default.
+    import argparse
+    import re
+
+    from gptlab.cli import build_parser
+    bare = []
+    for words, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if action.help is argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            text = (action.help or "").replace("%(default)s", str(action.default))
+            said = re.sub(r"\((default: .*|required)\)$", "", text).strip()
+            if not said:
+                bare.append(" ".join(words[1:]) + " " + "/".join(action.option_strings
+                                                                  or [action.dest]))
+    assert bare == [], f"{len(bare)} without help: {', '.join(bare)}"

@@ -82,34 +82,43 @@ class TrainConfig:
     """Settings every training stage shares (optimizer, schedule, length, batches,
     evaluation, checkpoints, device); each stage's config extends it."""
 
-    lr: float = 3e-4                  # peak learning rate
-    min_lr_ratio: float = 0.1         # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 100
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={
+        "help": "the cosine schedule ends at lr * min_lr_ratio"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup to lr"})
     max_steps: int | None = field(default=None, metadata={
         "help": "optimizer updates (default: from --max-minutes when given; else sft and reward "
                 f"count --epochs, pretrain takes {DEFAULT_MAX_STEPS})"})
-    max_minutes: float | None = None  # a time budget, turned into max_steps after a few steps
-    batch_size: int = 8               # sequences per micro-batch
-    grad_accum: int = 1               # micro-batches per update (effective batch = product)
-    clip: float = 1.0                 # max global grad norm; 0 disables clipping
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eval_every: int = 100             # steps between validations; 0: only at the end
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "a time budget in minutes, turned into max_steps after a few steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per update (effective batch: batch_size * grad_accum)"})
+    clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0: no clipping)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    eval_every: int = field(default=100, metadata={
+        "help": "steps between validations (0: only at the end)"})
     eval_batches: int = field(default=10, metadata={
         "help": "validation batches per evaluation in pretraining; sft and reward evaluate their "
                 "whole held-out set at any value above 0 (0: no validation)"})
-    save_every: int = 500             # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10               # steps between training-loss rows in metrics.jsonl
-    seed: int = 0
-    compile: bool = False             # torch.compile the model for the forward pass
+    save_every: int = field(default=500, metadata={
+        "help": "steps between checkpoints (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept in OUT/checkpoints (the oldest are removed)"})
+    log_every: int = field(default=10, metadata={
+        "help": "steps between training-loss rows in metrics.jsonl"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model for the forward pass"})
     bf16: bool = field(default=True, metadata={
         "help": "bf16 autocast on CUDA (the CPU always trains in float32)"})
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"})
-    tensorboard: bool = False         # also write OUT/tensorboard/ (needs `tensorboard`)
-    progress: bool = True             # tqdm progress bar
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also write OUT/tensorboard/ (needs the tensorboard package)"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar on stderr"})
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""

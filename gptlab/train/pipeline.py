@@ -44,65 +44,79 @@ class PipelineConfig:
     preset: str = field(default="demo", metadata={"help": "model preset to pretrain"})
     out: str = field(default="runs/demo", metadata={"help": "run directory"})
     rounds: int = field(default=2, metadata={"help": "rounds of sample → label → RM → PPO"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed of every stage"})
     world: str | None = field(default=None, metadata={
         "help": "an exported world directory (default: export the built-in world into OUT)"})
-    world_seed: int = 0
-    threads: int | None = None        # torch CPU threads (default: torch's choice)
+    world_seed: int = field(default=0, metadata={
+        "help": "seed of the built-in world exported into OUT"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: torch's choice)"})
     # pretraining
-    pretrain_steps: int = 150
-    pretrain_batch: int = 8
-    pretrain_lr: float = 2e-3
+    pretrain_steps: int = field(default=150, metadata={"help": "pretraining steps"})
+    pretrain_batch: int = field(default=8, metadata={"help": "pretraining batch size"})
+    pretrain_lr: float = field(default=2e-3, metadata={"help": "pretraining learning rate"})
     # SFT, to its validation optimum
     sft_examples: int | None = field(default=1500, metadata={  # PPO sees every prompt
         "help": "demonstrations SFT trains on (null: all of them)"})
-    sft_steps: int = 2000             # the cap; SFT stops earlier once validation stops improving
-    sft_patience: int = 3             # evaluations without a better execution accuracy
-    sft_batch: int = 16
-    sft_lr: float = 1e-3
-    sft_eval_every: int = 100
-    sft_exec_eval: int = 150          # validation questions for execution accuracy
+    sft_steps: int = field(default=2000, metadata={
+        "help": "SFT's step cap; it stops earlier once validation stops improving"})
+    sft_patience: int = field(default=3, metadata={
+        "help": "SFT evaluations without a better execution accuracy before it stops"})
+    sft_batch: int = field(default=16, metadata={"help": "SFT batch size"})
+    sft_lr: float = field(default=1e-3, metadata={"help": "SFT learning rate"})
+    sft_eval_every: int = field(default=100, metadata={"help": "SFT steps between evaluations"})
+    sft_exec_eval: int = field(default=150, metadata={
+        "help": "validation questions SFT scores by execution accuracy"})
     demonstrator_flaw: str | None = field(default=None, metadata={
         "help": "a careless demonstrator's habit in part of SFT's data, which execution-based "
                 "rankings reveal: order (ORDER BY direction reversed), inclusive (>= for >) "
                 "or star (SELECT * for the columns asked)"})
-    demonstrator_flaw_rate: float = 0.8  # the share of the demonstrations it applies to
+    demonstrator_flaw_rate: float = field(default=0.8, metadata={
+        "help": "share of the demonstrations --demonstrator-flaw applies to"})
     # feedback
     # Training prompts sampled per round. Most of SFT's K answers to a prompt are the same, so
     # a fifth to a half of them can be ranked: 1,024 give the reward model 210-580 rankings a
     # round (512 gave 100-320, and reward models below 0.80 on their held-out pairs).
-    sample_prompts: int = 1024
-    k: int = 8                        # responses per prompt
+    sample_prompts: int = field(default=1024, metadata={
+        "help": "training prompts sampled per round"})
+    k: int = field(default=8, metadata={"help": "responses per prompt"})
     # SFT on the demonstrations is confident: at T = 1 nearly all K answers of a prompt are the
     # same, which leaves nothing to rank and nothing for PPO to explore; 1.5 gives both.
-    sample_temperature: float = 1.5
+    sample_temperature: float = field(default=1.5, metadata={
+        "help": "temperature of the samples the labelers rank"})
     disagreement: float = field(default=0.1, metadata={
         "help": "the simulated labelers' noise: the expected share of pairs of levels they flip "
                 "(verdict tiers; with --no-ties, single answers), in [0, 0.5]"})
     ties: bool = field(default=True, metadata={
         "help": "labelers tie answers of one verdict tier (correct / wrong / error)"})
     # reward model
-    reward_epochs: float = 2.0
-    reward_batch: int = 8
-    reward_lr: float = 2e-4
+    reward_epochs: float = field(default=2.0, metadata={"help": "reward model epochs per round"})
+    reward_batch: int = field(default=8, metadata={"help": "rankings per reward model batch"})
+    reward_lr: float = field(default=2e-4, metadata={"help": "reward model learning rate"})
     # PPO
-    ppo_steps: int = 20               # per round
-    ppo_batch: int = 32
-    ppo_minibatch: int = 16
-    ppo_epochs: int = 2
-    ppo_lr: float = 5e-5
-    kl_coef: float = 0.05
-    ppo_temperature: float = 1.5      # rollouts and updates alike (the labelers saw these too)
-    ptx_coef: float = 0.002          # chosen on validation (README, "Defaults worth knowing")
-    max_new_tokens: int = 80
+    ppo_steps: int = field(default=20, metadata={"help": "PPO steps per round"})
+    ppo_batch: int = field(default=32, metadata={"help": "prompts per PPO rollout"})
+    ppo_minibatch: int = field(default=16, metadata={"help": "rollouts per PPO update"})
+    ppo_epochs: int = field(default=2, metadata={"help": "PPO epochs over each rollout batch"})
+    ppo_lr: float = field(default=5e-5, metadata={"help": "PPO learning rate"})
+    kl_coef: float = field(default=0.05, metadata={"help": "beta of PPO's per-token KL penalty"})
+    # As sample_temperature: the labelers saw such samples too.
+    ppo_temperature: float = field(default=1.5, metadata={
+        "help": "PPO's temperature, in rollouts and updates alike"})
+    # Chosen on validation (README, "Defaults worth knowing").
+    ptx_coef: float = field(default=0.002, metadata={
+        "help": "weight of PPO's language-model loss on the world's corpus (PPO-ptx)"})
+    max_new_tokens: int = field(default=80, metadata={
+        "help": "longest response sampled (SFT's evaluation, samples, PPO, the test)"})
     # evaluation
-    eval_limit: int | None = None     # test questions (default: the whole test split)
+    eval_limit: int | None = field(default=None, metadata={
+        "help": "test questions evaluated (default: the whole test split)"})
     headroom: bool = field(default=False, metadata={
         "help": "also measure what feedback could gain: best-of-K from SFT, and PPO on the "
                 "execution reward (a perfect reward model) for as many steps as the rounds, on "
                 "the training prompts and, as a ceiling, on the test's own prompts"})
-    headroom_k: int = 8
-    progress: bool = False
+    headroom_k: int = field(default=8, metadata={"help": "K of --headroom's best-of-K"})
+    progress: bool = field(default=False, metadata={"help": "progress bars on stderr"})
 
     def check(self) -> None:
         """Raise a UserError naming the first option with an impossible value (before any

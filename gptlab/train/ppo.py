@@ -74,37 +74,58 @@ class PPOConfig:
         "help": "value model init, e.g. a PPO run's value/ (default: the reward model; with "
                 "--reward-fn, the policy with a new scalar head)"})
     steps: int = field(default=50, metadata={"help": "rollout → update iterations"})
-    batch_size: int = 32             # prompts per rollout
-    minibatch_size: int = 8
-    ppo_epochs: int = 2
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kl_coef: float = 0.02            # β of the per-token KL penalty
-    kl_estimator: str = "k1"         # k1 | k3
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    clip: float = 0.2                # policy ratio clip ε
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    gae_gamma: float = 1.0
-    gae_lambda: float = 0.95
-    whiten_advantages: bool = True
+    batch_size: int = field(default=32, metadata={"help": "prompts per rollout"})
+    minibatch_size: int = field(default=8, metadata={
+        "help": "rollouts (prompt and response) per update, in each PPO epoch"})
+    ppo_epochs: int = field(default=2, metadata={
+        "help": "passes of clipped updates over each rollout batch"})
+    lr: float = field(default=1e-5, metadata={
+        "help": "peak learning rate of the policy and the value model"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warmup to lr"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "max global gradient norm (0: no clipping)"})
+    kl_coef: float = field(default=0.02, metadata={
+        "help": "beta of the per-token KL penalty to the reference"})
+    kl_estimator: str = field(default="k1", metadata={
+        "help": "the per-token KL estimate: k1 (log ratio) or k3"})
+    adaptive_kl: bool = field(default=False, metadata={
+        "help": "adapt kl_coef so that the KL tracks target_kl (Ziegler et al.)"})
+    target_kl: float = field(default=6.0, metadata={
+        "help": "the KL the adaptive controller aims at"})
+    kl_horizon: int = field(default=10000, metadata={
+        "help": "the adaptive controller's horizon, in samples"})
+    clip: float = field(default=0.2, metadata={"help": "policy ratio clip epsilon"})
+    value_clip: float = field(default=0.2, metadata={
+        "help": "value clip around the rollout's values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    gae_gamma: float = field(default=1.0, metadata={"help": "GAE discount gamma"})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_advantages: bool = field(default=True, metadata={
+        "help": "normalise the advantages of a batch to mean 0, std 1"})
     # The full softmax at this temperature, in rollouts and updates alike: the ratio and the KL
     # need the distribution the tokens were sampled from, so there is no top-k / top-p here.
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
-    ptx_data: list[str] = field(default_factory=list)  # pretraining text for PPO-ptx
-    ptx_coef: float = 0.0
-    ptx_batch_size: int = 8
-    ptx_block_size: int = 128
-    cache_dir: str | None = None      # token cache for ptx_data (default: gptlab's cache)
-    save_every: int = 0              # steps between checkpoints (all kept); 0: only on Ctrl-C
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature of rollouts and updates (the full softmax: no top-k, "
+                "top-p)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest response a rollout samples"})
+    missing_eos_penalty: float = field(default=1.0, metadata={
+        "help": "subtracted from the score of a response without EOS"})
+    ptx_data: list[str] = field(default_factory=list, metadata={
+        "help": "pretraining text for PPO-ptx, read as pretrain --data reads it: files "
+                "(.txt/.jsonl/.json/.parquet), directories or a Hub dataset user/name (used "
+                "when ptx_coef > 0)"})
+    ptx_coef: float = field(default=0.0, metadata={
+        "help": "weight of the language-model loss on ptx_data (PPO-ptx; 0: off)"})
+    ptx_batch_size: int = field(default=8, metadata={"help": "ptx_data blocks per update"})
+    ptx_block_size: int = field(default=128, metadata={"help": "tokens per ptx_data block"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "token cache for ptx_data (default: $GPTLAB_CACHE/tokens, else "
+                "~/.cache/gptlab/tokens)"})
+    save_every: int = field(default=0, metadata={
+        "help": "steps between checkpoints, all kept (0: only on Ctrl-C)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"})
     progress: bool = field(default=True, metadata={

@@ -50,12 +50,15 @@ class PretrainConfig(TrainConfig):
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
     block_size: int | None = field(default=None, metadata={
         "help": "tokens per training sequence (default: the model's context)"})
-    val_fraction: float = 0.05        # share of blocks held out for validation
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "share of blocks held out for validation"})
     cache_dir: str | None = field(default=None, metadata={
         "help": "directory of the tokenized corpus cache (default: $GPTLAB_CACHE/tokens, "
                 "else ~/.cache/gptlab/tokens)"})
-    sample_prompt: str = ""           # text the validation sample continues (after an EOS)
-    sample_tokens: int = 48           # tokens sampled at each evaluation; 0: no sample
+    sample_prompt: str = field(default="", metadata={
+        "help": "text the sample at each evaluation continues (after an EOS)"})
+    sample_tokens: int = field(default=48, metadata={
+        "help": "tokens sampled at each evaluation (0: no sample)"})
     # Pretraining defaults for small models on small corpora.
     lr: float = 1e-3
     warmup_steps: int = 20          # short: CPU runs are a few hundred steps

@@ -51,20 +51,24 @@ class RewardConfig(TrainConfig):
     out: str = field(default="runs/reward", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
         "help": "held-out rankings, .jsonl or .parquet (default: a slice of --data)"})
-    val_fraction: float = 0.1
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "share of --data held out for validation when --val-data is not given"})
     samples: str | None = field(default=None, metadata={
         "help": "samples, .jsonl or .parquet (`gptlab sample` output, e.g. the SFT model's) "
                 "whose responses, "
                 "duplicates included, score mean 0, std 1 (default: the training rankings' "
                 "responses)"})
-    epochs: float = 2.0
+    epochs: float = field(default=2.0, metadata={
+        "help": "passes over the rankings: sets max_steps when neither max_steps nor "
+                "max_minutes is given"})
     lr: float = 5e-5
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    batch_size: int = 8               # prompts (rankings) per batch, all their pairs inside
+    batch_size: int = field(default=8, metadata={
+        "help": "prompts (rankings) per batch, all their pairs inside"})
     eval_every: int = 50
     save_every: int = 0
-    resume: bool = False
+    resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
 
     def rules(self) -> list[tuple[str, bool, str]]:
         """(field, holds, what is expected): the shared rules and the reward model's."""

@@ -58,18 +58,24 @@ class SFTConfig(TrainConfig):
     out: str = field(default="runs/sft", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
         "help": "held-out demonstrations, .jsonl or .parquet (default: a slice of --data)"})
-    val_fraction: float = 0.05
-    epochs: float = 3.0               # sets max_steps when neither max_steps nor max_minutes is
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "share of --data held out for validation when --val-data is not given"})
+    epochs: float = field(default=3.0, metadata={
+        "help": "passes over the data: sets max_steps when neither max_steps nor max_minutes "
+                "is given"})
     world: str | None = field(default=None, metadata={
         "help": "built-in world directory: also measure execution accuracy ('builtin' = "
                 "default world)"})
-    exec_eval: int = 200              # validation questions for execution accuracy (0: off)
-    max_new_tokens: int = 96
-    select_best: bool = True          # keep the weights of the best evaluation
+    exec_eval: int = field(default=200, metadata={
+        "help": "validation questions scored by execution accuracy with --world (0: off)"})
+    max_new_tokens: int = field(default=96, metadata={
+        "help": "longest answer generated for the execution accuracy"})
+    select_best: bool = field(default=True, metadata={
+        "help": "keep the weights of the best evaluation"})
     patience: int = field(default=0, metadata={
         "help": "stop after this many evaluations in which neither the score nor the validation "
                 "loss improved (0: run every step)"})
-    resume: bool = False
+    resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
     lr: float = 3e-4
     warmup_steps: int = 20
     weight_decay: float = 0.0
