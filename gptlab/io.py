@@ -411,6 +411,48 @@ _COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -k 
 PARQUET_MAGIC = b"PAR1"
 
 
+def _compression(head: bytes, name: str) -> tuple[str, str] | None:
+    """(what it is, how to undo it) for a file named `name` whose first bytes are `head`, if
+    they are a compressed file's or an archive's; else None."""
+    for magic, kind, advice in _COMPRESSED:
+        # bzip2's "BZh" is text too: its block size digit and block magic follow it.
+        if head.startswith(magic) and (magic != b"BZh" or re.match(rb"BZh[1-9]1AY&SY", head)):
+            return kind, advice.format(name)
+    return None
+
+
+def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Every file under `directory` whose suffix is one of `suffixes`, in sorted order; none
+    is a UserError naming the suffixes, and any compressed files it skipped (a `.jsonl.gz`),
+    which no verb reads."""
+    d = Path(directory)
+    files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+    if not files:
+        raise UserError(f"no {', '.join(suffixes)} files in this directory"
+                        + _compressed_note(d), path=d)
+    return files
+
+
+def _compressed_note(d: Path) -> str:
+    """What a message about directory `d` adds about the compressed files under it: how many,
+    the first, and how to decompress it; "" if there are none."""
+    found = []
+    for f in sorted(d.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                kind = _compression(fh.read(10), f.name)
+            if kind is not None:
+                found.append((f, kind))
+    if not found:
+        return ""
+    (first, (kind, advice)), n = found[0], len(found)
+    if n == 1:
+        return (f"; it holds 1 compressed file, which no verb reads ({first.relative_to(d)}, "
+                f"{kind}): {advice}")
+    return (f"; it holds {n} compressed files, which no verb reads (the first: "
+            f"{first.relative_to(d)}, {kind}): {advice}, and the others likewise")
+
+
 def other_format(path: str | Path, read_as: str = "text") -> str | None:
     """Why file `path` cannot be read as `read_as` ("text" or "Parquet"), said for an error,
     if its first bytes show it to be compressed, a zip archive, Parquet (PAR1 at both ends,
@@ -423,11 +465,9 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(size - 8, 0))
         tail = f.read()
-    name = Path(path).name
-    for magic, kind, advice in _COMPRESSED:
-        # bzip2's "BZh" is text too: its block size digit and block magic follow it.
-        if head.startswith(magic) and (magic != b"BZh" or re.match(rb"BZh[1-9]1AY&SY", head)):
-            return f"is {kind}, not {read_as}; {advice.format(name)} and give what it holds"
+    compressed = _compression(head, Path(path).name)
+    if compressed is not None:
+        return f"is {compressed[0]}, not {read_as}; {compressed[1]} and give what it holds"
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return ("is UTF-16 text (it starts with a UTF-16 byte-order mark, as Windows "
                 "PowerShell's > writes it); save the file as UTF-8")

@@ -395,6 +395,34 @@ def test_a_directory_reads_its_corpus_files_whatever_the_case_of_their_suffix(tm
     assert read_documents(d) == ["one", "two", "three"]
 
 
+def test_a_directory_of_compressed_files_only_names_them_and_how_to_read_them(tmp_path):
+    # It said only "no .txt, .jsonl, .parquet files in this directory", of a directory full of
+    # data: the compressed shards it had skipped went unnamed.
+    import bz2
+    import gzip
+    d = tmp_path / "corpus"
+    (d / "part").mkdir(parents=True)
+    (d / "part" / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "one"}\n'))
+    (d / "c.txt.bz2").write_bytes(bz2.compress(b"two\n"))
+    (d / "notes.md").write_text("not a corpus file\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_documents(d)
+    assert str(e.value) == (
+        f"{d}: no .txt, .jsonl, .parquet files in this directory; it holds 2 compressed files, "
+        f"which no verb reads (the first: c.txt.bz2, bzip2-compressed): decompress it first "
+        f"(bunzip2 -k c.txt.bz2), and the others likewise")
+    (d / "c.txt.bz2").unlink()
+    with pytest.raises(UserError) as e:
+        read_documents(d)
+    assert e.value.message.endswith(
+        "; it holds 1 compressed file, which no verb reads (part/b.jsonl.gz, gzip-compressed): "
+        "decompress it first (gunzip -k b.jsonl.gz)")
+    (d / "part" / "b.jsonl.gz").unlink()
+    with pytest.raises(UserError) as e:  # nothing compressed: nothing more to say
+        read_documents(d)
+    assert e.value.message == "no .txt, .jsonl, .parquet files in this directory"
+
+
 def test_a_run_directory_in_or_at_a_corpus_directory_is_refused_but_one_above_it_is_not(
         tmp_path):
     from gptlab.data.corpus import check_out_of_corpus

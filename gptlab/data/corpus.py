@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import UserError
-from gptlab.io import (PARQUET_NAMES_NOT_UTF8, json_objects, not_utf8_row, parquet_not_utf8,
-                       unreadable_parquet, utf8_lines)
+from gptlab.io import (PARQUET_NAMES_NOT_UTF8, files_in, json_objects, not_utf8_row,
+                       parquet_not_utf8, unreadable_parquet, utf8_lines)
 from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -70,7 +70,7 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
     for given in paths:
         p = Path(given)
         if p.is_dir():
-            found = _directory_files(p)
+            found = files_in(p, CORPUS_SUFFIXES)  # none is refused
         elif p.exists():
             found = [p]
         elif is_hub_name(given):
@@ -92,11 +92,6 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
             reached[f.resolve()] = how
         files += found
     return files
-
-
-def _directory_files(d: Path) -> list[Path]:
-    """Every corpus file under directory `d`, in sorted order."""
-    return sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in CORPUS_SUFFIXES)
 
 
 def is_hub_name(path: str | Path) -> bool:
@@ -134,10 +129,7 @@ def _iter_path(path: str | Path) -> Iterator[str]:
         raise UserError("an empty path; name a corpus file or directory", field="data")
     p = Path(path)
     if p.is_dir():
-        files = _directory_files(p)
-        if not files:
-            raise UserError(f"no {', '.join(CORPUS_SUFFIXES)} files in this directory", path=p)
-        for f in files:
+        for f in files_in(p, CORPUS_SUFFIXES):
             yield from _iter_file(f)
     elif p.exists():
         yield from _iter_file(p)
