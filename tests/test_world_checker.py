@@ -110,6 +110,28 @@ def test_a_runaway_answer_is_an_error_naming_the_budget_wherever_a_models_sql_ru
         executor.max_vm_steps = saved
 
 
+def test_a_gold_query_stopped_by_a_lowered_budget_names_the_budget_not_the_database(world):
+    """A budget lowered below what a gold query needs said "does not run on DB (...); was the
+    database replaced?", pointing at the file; and the failed gold result was kept, so that
+    raising the budget again changed nothing."""
+    executor = world.executor()
+    q = max(world.test, key=lambda q: executor.run(q.sql).steps)
+    needs = executor.run(q.sql).steps
+    assert needs >= 300
+    saved, world._gold_results = executor.max_vm_steps, {}
+    executor.max_vm_steps = 100
+    try:
+        with pytest.raises(UserError) as e:
+            world.check(q.id, q.sql)
+        assert str(e.value) == (
+            f"field 'max_vm_steps': gold SQL of '{q.id}' ran past the executor's step budget of "
+            f"100 SQLite steps: the budget is below what the world's own queries need (at most "
+            f"about 3,500 steps); raise it (World.executor().max_vm_steps, default 20000000)")
+    finally:
+        executor.max_vm_steps = saved
+    assert world.check(q.id, q.sql).correct  # the budget raised, the gold runs again
+
+
 def test_a_query_counts_the_same_steps_every_time_it_runs(world):
     """A cached statement carried its step count into its next run, which moved where the
     handler was first called: the same text counted one call more the second time."""

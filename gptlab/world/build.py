@@ -25,7 +25,7 @@ from gptlab.world.corpus import build_corpus
 from gptlab.world.database import (Company, contents_digest, generate_company,
                                    memory_database, write_database)
 from gptlab.world.dialogs import Dialog, build_dialogs
-from gptlab.world.executor import QueryResult, SqlExecutor
+from gptlab.world.executor import BACKSTOP_S, MAX_VM_STEPS, QueryResult, SqlExecutor
 from gptlab.world.labelers import SqlLabeler
 from gptlab.world.questions import (Combo, Question, SplitSizes, build_questions,
                                     enumerate_combos)
@@ -138,12 +138,29 @@ class World:
         """Execute `pred_sql` and compare its result with the gold answer of `qid`."""
         gold_sql = self.gold(qid)
         if gold_sql not in self._gold_results:
-            self._gold_results[gold_sql] = self.executor().run(gold_sql)
+            gold = self.executor().run(gold_sql)
+            if not gold.ok:  # not kept: with a budget raised, the next check runs it again
+                raise self._gold_failed(qid, gold)
+            self._gold_results[gold_sql] = gold
         gold = self._gold_results[gold_sql]
-        if not gold.ok:
-            raise UserError(f"gold SQL of '{qid}' does not run on {self.db_path} "
-                            f"({gold.error.message}); was the database replaced?", field="id")
         return compare(self.executor().run(pred_sql), gold, has_top_level_order_by(gold_sql))
+
+    def _gold_failed(self, qid: str, gold: QueryResult) -> UserError:
+        """Why the gold SQL of `qid` gave no result: a limit of the executor set lower than
+        the world's own queries need, or else a database that is not this world's."""
+        ex = self.executor()
+        if gold.error.kind == "timeout" and gold.steps > ex.max_vm_steps:
+            return UserError(f"gold SQL of '{qid}' ran past the executor's step budget of "
+                             f"{ex.max_vm_steps} SQLite steps: the budget is below what the "
+                             f"world's own queries need (at most about 3,500 steps); raise it "
+                             f"(World.executor().max_vm_steps, default {MAX_VM_STEPS})",
+                             field="max_vm_steps")
+        if gold.error.kind == "timeout":
+            return UserError(f"gold SQL of '{qid}' ran past the executor's wall-clock backstop "
+                             f"of {ex.backstop_s:g} s; raise it (World.executor().backstop_s, "
+                             f"default {BACKSTOP_S:g})", field="backstop_s")
+        return UserError(f"gold SQL of '{qid}' does not run on {self.db_path} "
+                         f"({gold.error.message}); was the database replaced?", field="id")
 
     def correct_on_test_suite(self, qid: str, pred_sql: str) -> bool:
         """Whether `pred_sql` returns the gold's result on the company and on each of its
