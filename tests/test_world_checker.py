@@ -739,20 +739,52 @@ def test_overlapping_queries_share_the_heap_limit_and_a_lower_one_is_kept():
         return [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
     before = limits()
     with _HEAP_LIMIT.held() as one:
+        set_at = limits()
         with _HEAP_LIMIT.held() as two:
-            assert one == two == 256 * 2**20 and limits() == [one, one]
-        assert limits() == [one, one]  # the first query still runs
+            assert one == two == 256 * 2**20 and limits() == set_at
+        assert limits() == set_at  # the first query still runs
+    # 256 MB above what SQLite's heap held as the first query began.
+    assert set_at[0] == set_at[1] and 0 < set_at[0] - one < 64 * 2**20
     assert limits() == before
     try:
         _HEAP_LIMIT._hard(100 * 2**20)
         _HEAP_LIMIT._soft(50 * 2**20)
-        with _HEAP_LIMIT.held() as limit:
-            assert limit == 100 * 2**20 and limits() == [limit, 50 * 2**20]
+        with _HEAP_LIMIT.held() as room:
+            assert limits() == [100 * 2**20, 50 * 2**20]
+            assert 100 * 2**20 - 64 * 2**20 < room < 100 * 2**20
         assert limits() == [100 * 2**20, 50 * 2**20]
     finally:
         _HEAP_LIMIT._hard(before[0])
         _HEAP_LIMIT._soft(before[1])
     assert limits() == before
+
+
+def test_memory_a_program_holds_in_its_own_sqlite_databases_leaves_the_query_its_cap(
+        world, monkeypatch):
+    """The cap counted all of SQLite's heap in the process: a program holding more than it in
+    its own databases made every query of every executor fail as out of memory. It is on top
+    of what the heap holds when the query begins now, and still stops a query past it."""
+    import sqlite3
+
+    from gptlab.world import executor as executor_module
+    if not executor_module._HEAP_LIMIT.scoped:
+        pytest.skip("ctypes cannot reach this SQLite's sqlite3_hard_heap_limit64")
+    monkeypatch.setattr(executor_module, "MAX_HEAP_BYTES", 8 * 2**20)
+    mine = sqlite3.connect(":memory:")  # its pages live in SQLite's heap: 24 MB held
+    mine.executescript("CREATE TABLE t(b); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+                       "SELECT x + 1 FROM c WHERE x < 24) INSERT INTO t SELECT "
+                       "randomblob(1000000) FROM c;")
+    try:
+        with SqlExecutor(world.db_path) as executor:
+            r = executor.run("SELECT COUNT(*) FROM employees")
+            assert r.ok and r.rows == [(200,)], r.error
+            r = executor.run("SELECT COUNT(*) FROM (SELECT DISTINCT randomblob(90000) "
+                             "FROM assignments a, assignments b)")
+            assert not r.ok and r.error.message == "the query needs more than 8 MB of memory"
+        assert mine.execute("SELECT COUNT(*), SUM(length(b)) FROM t").fetchone() == \
+            (24, 24_000_000)
+    finally:
+        mine.close()
 
 
 def test_a_verdicts_row_count_agrees_in_number(ex):

@@ -78,11 +78,12 @@ MAX_VALUE_BYTES = 100_000
 # world has 18 columns, and its largest result a few dozen kB.
 MAX_COLUMNS = 100
 MAX_RESULT_BYTES = 10_000_000
-# The most memory SQLite may hold at once, in bytes: the rows a query sorts, deduplicates or
-# keeps for a window or a recursive UNION (each under the value limit) live in SQLite's heap,
-# and past this the query stops as out of memory. Before, they went to temporary files: an
-# ORDER BY of 80 kB values wrote 7 GB to /tmp before the backstop stopped it. SQLite's heap
-# limit is one for the whole process, so it holds only while a query runs (see `_HeapLimit`).
+# The most memory a query may take in SQLite's heap, in bytes, above what the heap held when
+# it began: the rows a query sorts, deduplicates or keeps for a window or a recursive UNION
+# (each under the value limit) live there, and past this the query stops as out of memory.
+# Before, they went to temporary files: an ORDER BY of 80 kB values wrote 7 GB to /tmp before
+# the backstop stopped it. SQLite's heap limit is one for the whole process, so it holds only
+# while a query runs, and on top of what the program's own databases hold (see `_HeapLimit`).
 MAX_HEAP_BYTES = 256 * 2**20
 # A printf conversion (`%c`, `%d`, `%f`, ...): its width and precision, each digits or `*` (the
 # next argument), then the conversion character. SQLite's `printf('%.*c', 2**31 - 1, 'x')`
@@ -223,7 +224,7 @@ class SqlExecutor:
     def run(self, sql: str) -> QueryResult:
         """Run one read-only statement under the time and row limits; errors are returned,
         not raised."""
-        with self._lock, self._ctrl_c_after_the_query(), _HEAP_LIMIT.held() as heap_limit:
+        with self._lock, self._ctrl_c_after_the_query(), _HEAP_LIMIT.held() as heap_room:
             self._calls = 0
             self._too_long = ""
             self._deadline = time.monotonic() + self.backstop_s
@@ -255,7 +256,7 @@ class SqlExecutor:
                 return QueryResult(error=self._classify(e), steps=self._steps())
             except MemoryError:  # past the heap limit: SQLite's "out of memory"
                 return QueryResult(error=ExecError(
-                    "runtime", f"the query needs more than {_megabytes(heap_limit)} of "
+                    "runtime", f"the query needs more than {_megabytes(heap_room)} of "
                                f"memory"), steps=self._steps())
             except (ValueError, OverflowError) as e:  # e.g. a NUL character in the text
                 return QueryResult(error=ExecError("syntax", str(e)), steps=self._steps())
@@ -292,25 +293,28 @@ def _megabytes(n: int) -> str:
 
 
 class _HeapLimit:
-    """SQLite's hard heap limit, which is one for the whole process, held at `MAX_HEAP_BYTES`
-    (or below, where the program has set a lower one) only while some executor runs a query,
-    then put back as it was, with the soft heap limit that setting it lowers too. A PRAGMA can
-    only lower the limit; putting it back takes SQLite's own `sqlite3_hard_heap_limit64`,
-    reached with ctypes in the library the sqlite3 module runs on. Where that cannot be reached
-    (`scoped` false), each executor lowers it with the PRAGMA, for the rest of the process."""
+    """SQLite's hard heap limit, which is one for the whole process, held `MAX_HEAP_BYTES`
+    above what SQLite's heap held when the query began (`sqlite3_memory_used`: the program's
+    own databases, whose memory is not the query's), or at a lower limit the program has set,
+    only while some executor runs a query, then put back as it was, with the soft heap limit
+    that setting it lowers too. A PRAGMA can only lower the limit; putting it back takes
+    SQLite's own `sqlite3_hard_heap_limit64`, reached with ctypes in the library the sqlite3
+    module runs on. Where that cannot be reached (`scoped` false), each executor lowers it to
+    `MAX_HEAP_BYTES` with the PRAGMA, for the rest of the process, counting all of it."""
 
     def __init__(self) -> None:
-        self._hard, self._soft = _heap_limit_functions()
+        self._hard, self._soft, self._used = _heap_limit_functions()
         self.scoped = self._hard is not None
         self._lock = threading.Lock()
         self._queries = 0  # running now, in every executor of the process
         self._saved = (0, 0)  # the hard and soft limits before the first of them
         self._limit = 0
+        self._room = 0  # what the queries may hold together under the limit
 
     @contextlib.contextmanager
     def held(self) -> Iterator[int]:
         """Hold the limit while the block runs (and any other executor's query that overlaps
-        it); yields the limit in bytes."""
+        it); yields the bytes the queries may hold under it."""
         if not self.scoped:
             yield MAX_HEAP_BYTES
             return
@@ -318,12 +322,15 @@ class _HeapLimit:
             if self._queries == 0:
                 self._saved = (self._hard(-1), self._soft(-1))  # -1 reads, changing nothing
                 hard = self._saved[0]
-                self._limit = min(hard, MAX_HEAP_BYTES) if hard > 0 else MAX_HEAP_BYTES
+                used = self._used()
+                self._limit = min(hard, used + MAX_HEAP_BYTES) if hard > 0 \
+                    else used + MAX_HEAP_BYTES
+                self._room = max(self._limit - used, 0)
                 self._hard(self._limit)
             self._queries += 1
-            limit = self._limit
+            room = self._room
         try:
-            yield limit
+            yield room
         finally:
             with self._lock:
                 self._queries -= 1
@@ -332,19 +339,22 @@ class _HeapLimit:
                     self._soft(self._saved[1])
 
 
-def _heap_limit_functions() -> tuple[Any, Any]:
-    """`sqlite3_hard_heap_limit64` and `sqlite3_soft_heap_limit64` of the SQLite library the
-    sqlite3 module uses (checked: what the one sets, that module's PRAGMA reads), or Nones."""
+def _heap_limit_functions() -> tuple[Any, Any, Any]:
+    """`sqlite3_hard_heap_limit64`, `sqlite3_soft_heap_limit64` and `sqlite3_memory_used` of
+    the SQLite library the sqlite3 module uses (checked: what the first sets, that module's
+    PRAGMA reads), or Nones."""
     import _sqlite3
     names = [getattr(_sqlite3, "__file__", None), ctypes.util.find_library("sqlite3")]
     for name in filter(None, names):
         try:
             lib = ctypes.CDLL(name)
             hard, soft = lib.sqlite3_hard_heap_limit64, lib.sqlite3_soft_heap_limit64
+            used = lib.sqlite3_memory_used
         except (OSError, AttributeError):
             continue
         for f in (hard, soft):
             f.restype, f.argtypes = ctypes.c_int64, [ctypes.c_int64]
+        used.restype, used.argtypes = ctypes.c_int64, []
         probe = sqlite3.connect(":memory:")
         try:
             saved = (hard(-1), soft(-1))
@@ -356,8 +366,8 @@ def _heap_limit_functions() -> tuple[Any, Any]:
         finally:
             probe.close()
         if same:
-            return hard, soft
-    return None, None
+            return hard, soft, used
+    return None, None, None
 
 
 _HEAP_LIMIT = _HeapLimit()
