@@ -337,7 +337,8 @@ def _verb_world():
         s = sub.add_parser("score", help="execution accuracy of a samples file "
                                          "(from 'gptlab sample' on the world's questions)")
         s.add_argument("--world", required=True, help="directory written by 'world export'")
-        s.add_argument("--in", dest="samples", required=True, help="samples (.jsonl or .parquet)")
+        s.add_argument("--in", dest="samples", required=True,
+                       help="samples (.jsonl, .parquet or a directory of them)")
         s.add_argument("--out", default=None, help="per-question verdicts JSONL (optional)")
 
     def run(args: argparse.Namespace) -> None:
@@ -459,7 +460,8 @@ def _verb_sample():
         p.add_argument("--model", required=True,
                        help="the model to sample (gptlab dir, HF dir or .gguf)")
         p.add_argument("--prompts", required=True,
-                       help="prompts (.jsonl or .parquet) with prompt or messages")
+                       help="prompts (.jsonl, .parquet or a directory of them) with prompt or "
+                            "messages")
         p.add_argument("--k", type=int, default=SAMPLE_K, help="responses per prompt")
         p.add_argument("--out", required=True, help="samples JSONL")
         how = p.add_mutually_exclusive_group()  # greedy decoding has no temperature
@@ -489,7 +491,8 @@ def _verb_label():
                             "module:function, a ranking function of your own: (record, "
                             "responses) -> the responses best first (tied ones as lists) or one "
                             "score per response (README, 'Your own task')")
-        p.add_argument("--in", dest="samples", required=True, help="samples (.jsonl or .parquet)")
+        p.add_argument("--in", dest="samples", required=True,
+                       help="samples (.jsonl, .parquet or a directory of them)")
         p.add_argument("--out", required=True, help="rankings JSONL")
         p.add_argument("--world", default=None, help="world directory (default: built-in world)")
         p.add_argument("--disagreement", type=float, default=None,

@@ -20,7 +20,7 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_pr
 from gptlab.engine import Generation, SamplingParams, generate
 from gptlab.errors import UserError, counted, exception_line, reports_path_errors
 from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
-                       write_jsonl_atomic)
+                       record_file, write_jsonl_atomic)
 from gptlab.plugin import load_function
 
 # (record, distinct responses) -> the responses best first, an item a response or a list of
@@ -53,10 +53,10 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     jobs = []
     for rec in records:
         try:
-            prompt = prompt_of(rec, path, rec.get("_line"))
+            prompt = prompt_of(rec, path and record_file(rec, path), rec.get("_line"))
             ids = encode_prompt(tokenizer, prompt)
         except UserError as e:
-            raise (e.at(path, rec.get("_line")) if path else e) from None
+            raise (e.at(record_file(rec, path), rec.get("_line")) if path else e) from None
         if len(ids) > room:
             skips.add("prompts longer than the context minus max_new_tokens")
             continue
@@ -85,7 +85,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
             cut.append(gen.finished.count(False))
         for j, (rec, prompt, ids) in enumerate(chunk):
             rows = range(j * k, (j + 1) * k)
-            row = {key: v for key, v in rec.items() if key != "_line"}
+            row = {key: v for key, v in rec.items() if key not in ("_line", "_file")}
             responses = [tokenizer.decode_response(prompt, ids, gen.tokens[i],
                                                    cut=mark_cut and not gen.finished[i])
                          for i in rows]
@@ -164,7 +164,7 @@ def distinct(responses: Iterable[str]) -> list[str]:
 # Fields of a sample that its ranking leaves out: its responses (ranked now) and whether each
 # finished (in the responses' order, which the ranking changes), its line, and another ranking
 # of the prompt.
-_NOT_CARRIED = ("responses", "finished", "_line", "chosen", "rejected")
+_NOT_CARRIED = ("responses", "finished", "_line", "_file", "chosen", "rejected")
 
 
 def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None = None,
@@ -184,9 +184,9 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
     dropped = dropped if dropped is not None else skips
     rankings = []
     for s in samples:
-        line = s.get("_line")
-        prompt_of(s, source, line)  # a ranking needs its prompt: refuse here, not in `reward`
-        responses = distinct(responses_of(s, source, line))
+        line, where = s.get("_line"), record_file(s, source)
+        prompt_of(s, where, line)  # a ranking needs its prompt: refuse here, not in `reward`
+        responses = distinct(responses_of(s, where, line))
         for _ in range(sum(not r.strip() for r in responses)):
             dropped.add("empty responses left out of rankings")
         responses = [r for r in responses if r.strip()]
@@ -199,7 +199,7 @@ def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None =
             levels = _ranking_levels(rank(copy.deepcopy(s), list(responses)), responses,
                                      s.get("id"))
         except UserError as e:
-            raise (e.at(source, line) if source else e) from None
+            raise (e.at(where, line) if where else e) from None
         if len(levels) < 2:
             skips.add("prompts whose responses are all tied")
             continue

@@ -92,11 +92,17 @@ def check_file_out(path: str | Path) -> Path:
 
 
 def check_not_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
-    """Refuse an output file that is one of the inputs (flag -> path): it would be replaced."""
+    """Refuse an output file that is one of the inputs (flag -> path): it would be replaced; or
+    that lies in an input directory of shards: it would be read with them the next time."""
     for flag, given in inputs.items():
         if Path(given).exists() and Path(out).resolve() == Path(given).resolve():
             raise UserError(f"is the input file ({flag}); writing would replace it, choose "
                             f"another out (--out)", path=out, field="out")
+        if Path(given).is_dir() and Path(given).resolve() in Path(out).resolve().parents:
+            raise UserError(f"is inside the input directory {given} ({flag}), whose every "
+                            f"{' and '.join(RECORD_SUFFIXES)} file is read as one file: the next "
+                            f"read would take this one too; choose another out (--out)",
+                            path=out, field="out")
 
 
 def check_not_inside(out: str | Path, dirs: dict[str, str | Path]) -> None:
@@ -726,18 +732,54 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
+# What a directory of records is read from: its JSON Lines and Parquet shards (not a `.json`,
+# as a corpus directory reads none: a run directory's `config.json` is no data).
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+# A shard as `datasets` and the Hugging Face Hub name one: `train-00000-of-00002.parquet`.
+_SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+\.[^.]+$")
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSONL file; a broken line or a missing field is a UserError naming file and line.
     Each row's `_line` is its line number, which errors name: a reserved field, replaced if a
     line has its own (which would move the line an error names). A null is a field left out,
     as in a Parquet file: pandas and `datasets` write JSONL with a null for each field a row
-    lacks (a `prompt` row of a file that also has `messages` rows gets `"messages": null`)."""
+    lacks (a `prompt` row of a file that also has `messages` rows gets `"messages": null`).
+
+    A directory is read as one file: its `.jsonl` and `.parquet` shards, under it in sorted
+    order (`datasets`' `data/train-00000-of-00002.parquet`, ...); each row's `_file` is its
+    shard (reserved too: `record_file`), so that an error names the shard and its line."""
+    p = Path(path)
+    shards = record_shards(p) if p.is_dir() else None
     rows = []
-    for lineno, row in json_objects(path):
-        row = without_nulls(row)
-        for key in required:
-            if key not in row:
-                raise UserError("missing required field", path=path, line=lineno, field=key)
-        row["_line"] = lineno
-        rows.append(row)
+    for f in shards or [p]:
+        for lineno, row in json_objects(f):
+            row = without_nulls(row)
+            row.pop("_file", None)
+            for key in required:
+                if key not in row:
+                    raise UserError("missing required field", path=f, line=lineno, field=key)
+            row["_line"] = lineno
+            if shards is not None:
+                row["_file"] = str(f)
+            rows.append(row)
     return rows
+
+
+def record_shards(directory: Path) -> list[Path]:
+    """The shards of a directory of records, in sorted order; the shards of two splits
+    (`train-00000-of-00001.parquet` beside `test-00000-of-00001.parquet`) are refused: read as
+    one file, a test split would be trained on."""
+    shards = files_in(directory, RECORD_SUFFIXES)
+    splits = sorted({m[1] for f in shards if (m := _SPLIT_SHARD.match(f.name))})
+    if len(splits) > 1:
+        raise UserError(f"holds the shards of {len(splits)} splits ({', '.join(splits)}), which "
+                        f"would be read as one file; give a directory holding one split's "
+                        f"shards", path=directory)
+    return shards
+
+
+def record_file(record: dict, path: str | Path) -> str | Path:
+    """The file `record` of `read_jsonl(path)` came from, for an error to name with its
+    `_line`: its shard where `path` is a directory, else `path`."""
+    return record.get("_file", path)

@@ -217,8 +217,9 @@ def test_prompts_files_read_as_utf8_with_bom_and_crlf_and_refuse_other_bytes(tmp
         read_prompts(f)
     assert str(err.value) == (f"{f}:2: not UTF-8 text: byte 0xe9 at byte offset 49 cannot be "
                               "decoded; save the file as UTF-8")
-    with pytest.raises(UserError, match="is a directory, not a file"):
+    with pytest.raises(UserError) as err:  # a directory is read as its shards: this one
         read_prompts(tmp_path)
+    assert (err.value.path, err.value.line) == (f, 2)
 
 
 def compressed(kind, data):
@@ -1119,3 +1120,111 @@ def test_byte_level_bpe_encodes_and_decodes_a_completion_as_before(byte_level, p
         seqs = encode_ranking(t, Ranking(prompt, [completion, prompt]), 10_000).seqs
         assert seqs == [t.encode(prompt, bos=t.bos_id is not None) + t.encode(r) + [t.eos_id]
                         for r in (completion, prompt)]
+
+
+def shards(directory, *parts):
+    """A directory of shards as `datasets` writes them, `data/train-0000N-of-0000M`: each part
+    a list of rows, written as Parquet, or as JSON Lines where its first row says so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = directory / "data"
+    d.mkdir(parents=True)
+    for i, rows in enumerate(parts):
+        name = f"train-{i:05d}-of-{len(parts):05d}"
+        if rows and rows[0].pop("_as_jsonl", False):
+            write(d / f"{name}.jsonl", *rows)
+        else:
+            pq.write_table(pa.Table.from_struct_array(pa.array(rows)), d / f"{name}.parquet")
+    return directory
+
+
+def test_a_directory_of_shards_is_read_as_one_file_naming_the_shard_in_errors(tok, tmp_path):
+    # sft, sample, label, reward and ppo --prompts read one file each: a directory of Parquet
+    # shards, as `datasets` saves them, was "is a directory, not a file".
+    from gptlab.io import read_jsonl
+    demos = [{"id": i, "prompt": f"Is {w} happy?", "completion": " yes"}
+             for i, w in enumerate(["the cat", "the dog", "it", "he"])]
+    d = shards(tmp_path / "demos", demos[:3], [{"_as_jsonl": True, **demos[3]}])
+    whole = write(tmp_path / "demos.jsonl", *demos)
+    assert [(e.ids, e.loss_mask, e.id) for e in read_demonstrations(d, tok, 64)] == \
+        [(e.ids, e.loss_mask, e.id) for e in read_demonstrations(whole, tok, 64)]
+    assert [(e.file, e.line) for e in read_demonstrations(d, tok, 64)] == [
+        (str(d / "data/train-00000-of-00002.parquet"), 1),
+        (str(d / "data/train-00000-of-00002.parquet"), 2),
+        (str(d / "data/train-00000-of-00002.parquet"), 3),
+        (str(d / "data/train-00001-of-00002.jsonl"), 1)]
+    prompts = [{k: v for k, v in r.items() if k != "completion"} for r in demos]
+    assert [(r["id"], r["prompt"]) for r in read_prompts(d)] == \
+        [(r["id"], r["prompt"]) for r in prompts]
+    pairs = [{"prompt": "Is the cat happy?", "chosen": "yes", "rejected": "no"},
+             {"prompt": "Is the dog happy?", "ranked": [["yes", "maybe"], "no"]}]
+    r = shards(tmp_path / "rankings", pairs[:1], [{"_as_jsonl": True, **pairs[1]}])
+    assert [(x.ranked, x.groups) for x in read_rankings(r)] == [(["yes", "no"], [0, 1]),
+                                                               (["yes", "maybe", "no"], [0, 0, 1])]
+    # A user's own _file is no location: a single file's rows have none.
+    assert "_file" not in read_jsonl(write(tmp_path / "f.jsonl", {"prompt": "p", "_file": "x"}))[0]
+    # Each error names the shard and its row or line.
+    bad = shards(tmp_path / "bad", prompts[:2], [prompts[2], {"id": 9, "prompt": " "}])
+    for read in (read_prompts, lambda p: read_demonstrations(p, tok, 64), read_rankings):
+        with pytest.raises(UserError) as err:
+            read(bad)
+        assert (err.value.path, err.value.line) in {
+            (str(bad / "data/train-00000-of-00002.parquet"), 1),  # no completion, no ranking
+            (str(bad / "data/train-00001-of-00002.parquet"), 2)}, str(err.value)
+    assert str(pytest.raises(UserError, read_prompts, bad).value) == (
+        f"{bad / 'data/train-00001-of-00002.parquet'}:2, field 'prompt': is only whitespace; "
+        f"it must ask something")
+    with pytest.raises(UserError) as err:
+        read_jsonl(bad, required=("completion",))
+    assert str(err.value) == (f"{bad / 'data/train-00000-of-00002.parquet'}:1, field "
+                              f"'completion': missing required field")
+
+
+def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
+    from gptlab.io import read_jsonl
+    d = shards(tmp_path / "ds", [{"prompt": "a"}])
+    write(d / "data" / "test-00000-of-00001.jsonl", {"prompt": "b"})
+    with pytest.raises(UserError) as err:
+        read_prompts(d)
+    assert str(err.value) == (f"{d}: holds the shards of 2 splits (test, train), which would be "
+                              f"read as one file; give a directory holding one split's shards")
+    assert read_prompts(d / "data" / "test-00000-of-00001.jsonl")[0]["prompt"] == "b"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(UserError) as err:
+        read_jsonl(empty)
+    assert str(err.value) == f"{empty}: no .jsonl, .parquet files in this directory"
+
+
+def test_sample_and_sft_read_a_directory_of_shards_and_refuse_an_out_or_val_data_in_it(
+        tok, tmp_path, capsys):
+    import dataclasses
+
+    from gptlab.checkpoint import save_model
+    from gptlab.cli import main
+    from gptlab.io import read_jsonl
+    from gptlab.model import GPT, get_preset
+    torch.manual_seed(0)
+    gpt = GPT(dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64))
+    save_model(tmp_path / "base", gpt, tok)
+    base = str(tmp_path / "base")
+    rows = [{"id": i, "prompt": "Is the cat happy?", "completion": " yes"} for i in range(4)]
+    d = shards(tmp_path / "ds", rows[:2], [{"_as_jsonl": True, **rows[2]}, rows[3]])
+    assert main(["sample", "--model", base, "--prompts", str(d), "--k", "2",
+                 "--max-new-tokens", "3", "--out", str(tmp_path / "s.jsonl")]) == 0
+    samples = read_jsonl(tmp_path / "s.jsonl")
+    assert [s["id"] for s in samples] == [0, 1, 2, 3]
+    assert not any("_file" in s for s in samples)  # where it was read is no field to carry
+    assert main(["sft", "--model", base, "--data", str(d), "--max-steps", "1", "--no-progress",
+                 "--val-fraction", "0.5", "--out", str(tmp_path / "sft")]) == 0
+    capsys.readouterr()
+    # Written inside it, the samples would be read as a shard the next time.
+    assert main(["sample", "--model", base, "--prompts", str(d), "--k", "2",
+                 "--out", str(d / "data" / "s.jsonl")]) == 2
+    assert "is inside the input directory" in capsys.readouterr().err
+    assert not (d / "data" / "s.jsonl").exists()
+    assert main(["sft", "--model", base, "--data", str(d), "--val-data",
+                 str(d / "data" / "train-00000-of-00002.parquet"), "--max-steps", "1",
+                 "--out", str(tmp_path / "sft2")]) == 2
+    assert "lies in the training data" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UserError, counted
-from gptlab.io import read_jsonl
+from gptlab.io import read_jsonl, record_file
 from gptlab.tokenizer import check_messages, check_text
 
 
@@ -37,6 +37,7 @@ class Example:
     loss_mask: list[int]
     id: Any = None
     line: int | None = None        # the record's line in its file
+    file: str | None = None        # its shard, where a directory was read as one file
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Ranking:
     id: Any = None
     line: int | None = None
     groups: list[int] | None = None  # per response its level (0 = best, equal = tied)
+    file: str | None = None        # as Example's
 
     def __post_init__(self) -> None:
         if self.groups is None:
@@ -362,7 +364,8 @@ def read_demonstrations(path: str | Path, tokenizer: Any, context: int,
     skips = skips if skips is not None else SkipCounter()
     out = []
     for row in read_jsonl(path):
-        ex = demonstration(tokenizer, row, path, row.get("_line"))
+        ex = demonstration(tokenizer, row, record_file(row, path), row.get("_line"))
+        ex.file = row.get("_file")
         if len(ex.ids) > context:
             skips.add(f"longer than the context of {context}")
             continue
@@ -377,7 +380,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     """Prompt records (every field kept); each needs `prompt` or `messages`."""
     rows = read_jsonl(path)
     for row in rows:
-        prompt_of(row, path, row.get("_line"))
+        prompt_of(row, record_file(row, path), row.get("_line"))
     if not rows:
         raise UserError("no prompts in the file", path=path)
     return rows
@@ -505,4 +508,8 @@ def read_rankings(path: str | Path) -> list[Ranking]:
     rows = read_jsonl(path)
     if not rows:
         raise UserError("no rankings in the file", path=path)
-    return [ranking_of(r, path, r.get("_line")) for r in rows]
+    rankings = []
+    for r in rows:
+        rankings.append(ranking_of(r, record_file(r, path), r.get("_line")))
+        rankings[-1].file = r.get("_file")
+    return rankings

@@ -9,6 +9,7 @@ import torch
 from gptlab.data.instruct import SkipCounter
 from gptlab.engine import SamplingParams
 from gptlab.errors import UserError
+from gptlab.io import record_file
 from gptlab.world.build import open_world  # noqa: F401 - where callers have found it
 
 
@@ -60,7 +61,7 @@ def world_exec_evaluator(world_spec: Any, tokenizer: Any, records: list[dict],
                                     f"{max_new_tokens} in the model's context of {context}; use "
                                     f"a smaller --max-new-tokens", field="prompt")
         except UserError as e:
-            raise (e.at(path, r.get("_line")) if path else e) from None
+            raise (e.at(record_file(r, path), r.get("_line")) if path else e) from None
 
     def evaluate(model: torch.nn.Module) -> float:
         responses = answer(model, tokenizer, records, max_new_tokens)
@@ -85,19 +86,21 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
     every: list[int] = []
     unseen: list[int] = []
     verdicts = []
-    line_of: dict[str, int] = {}
+    line_of: dict[str, tuple[str | Path, int]] = {}
     for r in rows:
-        responses = responses_of(r, path, r["_line"])
+        where = record_file(r, path)
+        responses = responses_of(r, where, r["_line"])
         # A question counted twice would weigh twice in the accuracy.
-        seen = line_of.setdefault(str(r["id"]), r["_line"])
-        if seen != r["_line"]:
-            raise UserError(f"id {r['id']!r} is repeated (first on line {seen}); score each "
-                            f"question once, with all its responses on one line", path=path,
+        seen = line_of.setdefault(str(r["id"]), (where, r["_line"]))
+        if seen != (where, r["_line"]):
+            first = f"line {seen[1]}" + ("" if seen[0] == where else f" of {seen[0]}")
+            raise UserError(f"id {r['id']!r} is repeated (first on {first}); score each "
+                            f"question once, with all its responses on one line", path=where,
                             line=r["_line"], field="id")
         try:
             kinds = [world.check(str(r["id"]), resp.strip()).kind for resp in responses]
         except UserError as e:  # an id the world does not know: say where it came from
-            raise e.at(path, r["_line"]) from None
+            raise e.at(where, r["_line"]) from None
         hits = [int(k == "correct") for k in kinds]
         first.append(hits[0])
         first_on_suite.append(int(hits[0] and world.agrees_on_variants(str(r["id"]),

@@ -161,13 +161,18 @@ def decay_rule(lr: float, weight_decay: float) -> tuple[str, bool, str]:
 
 
 def held_out_rule(val_data: str | None, data: str | None) -> tuple[str, bool, str]:
-    """A --val-data that is the --data file: validation would score what the model trains on,
-    and best-checkpoint selection and early stopping would follow the training loss."""
-    same = bool(val_data and data) and Path(val_data).resolve() == Path(data).resolve()
-    return ("val_data", not same,
-            "is the training data (data, --data): validation would score what the model trains "
-            "on; give held-out data, or leave val_data (--val-data) out to hold out a slice of "
-            "data")
+    """A --val-data that is the --data file, or holds it or lies in it (a directory of shards
+    is read as one file): validation would score what the model trains on, and best-checkpoint
+    selection and early stopping would follow the training loss."""
+    how = None
+    if val_data and data:
+        v, d = Path(val_data).resolve(), Path(data).resolve()
+        how = "is" if v == d else "lies in" if d in v.parents else "holds" if v in d.parents \
+            else None
+    return ("val_data", how is None,
+            f"{how} the training data (data, --data): validation would score what the model "
+            f"trains on; give held-out data, or leave val_data (--val-data) out to hold out a "
+            f"slice of data")
 
 
 def check_held_out(train: list, val: list, key: Callable[[Any], Hashable], val_path: str,

@@ -37,6 +37,7 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, p
 from gptlab.engine import SamplingParams, generate, scale_logits
 from gptlab.errors import (UserError, check_given, counted, exception_line,
                            reports_path_errors, setting)
+from gptlab.io import record_file
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -62,7 +63,8 @@ class PPOConfig:
     policy: str = field(default="", metadata={
         "help": "SFT model directory (the policy starts here)"})
     prompts: str = field(default="", metadata={
-        "help": "prompts, .jsonl or .parquet, each with prompt or messages"})
+        "help": "prompts, .jsonl, .parquet or a directory of them, each with prompt or "
+                "messages"})
     out: str = field(default="", metadata={"help": "run directory (the final policy, value/)"})
     reward: str | None = field(default=None, metadata={
         "help": "reward model directory (not a PPO run's value/: that is a --value)"})
@@ -489,7 +491,7 @@ class PPOTrainer:
         ids, ends, tails = [], [], []
         rm = self.reward_model
         for rec in self.records:
-            prompt = prompt_of(rec, path, rec.get("_line"))
+            prompt = prompt_of(rec, record_file(rec, path), rec.get("_line"))
             try:
                 ids.append(encode_prompt(self.tok, prompt))
                 if rm is not None:
@@ -497,7 +499,7 @@ class PPOTrainer:
                     tails.append(template_tail(self.tok, prompt) if rm.reads_template_tail
                                  else [])
             except UserError as e:
-                raise e.at(path, rec.get("_line")) from None
+                raise e.at(record_file(rec, path), rec.get("_line")) from None
         return ids, ends, tails
 
     def _check_vocabulary(self, model: torch.nn.Module, tok: Any, field: str, what: str) -> None:
@@ -690,7 +692,7 @@ class PPOTrainer:
             try:
                 numbers.append(reward_number(v, name, rec.get("id")))
             except UserError as e:
-                raise e.at(self.cfg.prompts, rec.get("_line")) from None
+                raise e.at(record_file(rec, self.cfg.prompts), rec.get("_line")) from None
         return torch.tensor(numbers, dtype=torch.float32, device=self.device)
 
     def _reward_model_scores(self, ro: Rollout) -> Tensor:

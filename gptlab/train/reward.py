@@ -23,7 +23,7 @@ from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
-from gptlab.io import check_dir_out, read_jsonl
+from gptlab.io import check_dir_out, read_jsonl, record_file
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
@@ -47,17 +47,18 @@ class RewardConfig(TrainConfig):
 
     model: str = field(default="", metadata={"help": "the SFT model the reward model starts from"})
     data: str = field(default="", metadata={
-        "help": "rankings, .jsonl or .parquet (ranked, or chosen/rejected; ties: JSONL)"})
+        "help": "rankings, .jsonl, .parquet or a directory of them (ranked, or chosen/rejected; "
+                "ties: JSONL)"})
     out: str = field(default="runs/reward", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
-        "help": "held-out rankings, .jsonl or .parquet (default: a slice of --data)"})
+        "help": "held-out rankings, .jsonl, .parquet or a directory of them (default: a slice "
+                "of --data)"})
     val_fraction: float = field(default=0.1, metadata={
         "help": "share of --data held out for validation when --val-data is not given"})
     samples: str | None = field(default=None, metadata={
-        "help": "samples, .jsonl or .parquet (`gptlab sample` output, e.g. the SFT model's) "
-                "whose responses, "
-                "duplicates included, score mean 0, std 1 (default: the training rankings' "
-                "responses)"})
+        "help": "samples, .jsonl, .parquet or a directory of them (`gptlab sample` output, "
+                "e.g. the SFT model's) whose responses, duplicates included, score mean 0, "
+                "std 1 (default: the training rankings' responses)"})
     epochs: float = field(default=2.0, metadata={
         "help": "passes over the rankings: sets max_steps when neither max_steps nor "
                 "max_minutes is given"})
@@ -114,7 +115,7 @@ def encode_rankings(tokenizer: Any, rankings: list[Ranking], context: int, skips
         try:
             e = encode_ranking(tokenizer, r, context, tail)
         except UserError as err:
-            raise err.at(path, r.line) from None
+            raise err.at(r.file or path, r.line) from None
         if e is None:
             skips.add(f"rankings longer than the context of {context}")
         else:
@@ -261,8 +262,8 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int,
     if not records:  # else reported as none fitting the context
         raise UserError("no samples in the file", path=path, field="samples")
     for rec in records:
-        responses = responses_of(rec, path, rec["_line"])
-        prompt = prompt_of(rec, path, rec["_line"])
+        responses = responses_of(rec, record_file(rec, path), rec["_line"])
+        prompt = prompt_of(rec, record_file(rec, path), rec["_line"])
         p = encode_prompt(tokenizer, prompt)
         after = template_tail(tokenizer, prompt) if tail else []
         seqs += [s for s in (p + encode_response(tokenizer, r, prompt) + after

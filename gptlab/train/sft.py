@@ -54,10 +54,12 @@ class SFTConfig(TrainConfig):
 
     model: str = field(default="", metadata={
         "help": "pretrained model (gptlab dir, HF dir, .gguf)"})
-    data: str = field(default="", metadata={"help": "demonstrations (.jsonl or .parquet)"})
+    data: str = field(default="", metadata={
+        "help": "demonstrations (.jsonl, .parquet or a directory of them)"})
     out: str = field(default="runs/sft", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
-        "help": "held-out demonstrations, .jsonl or .parquet (default: a slice of --data)"})
+        "help": "held-out demonstrations, .jsonl, .parquet or a directory of them (default: a "
+                "slice of --data)"})
     val_fraction: float = field(default=0.05, metadata={
         "help": "share of --data held out for validation when --val-data is not given"})
     epochs: float = field(default=3.0, metadata={
@@ -275,8 +277,9 @@ def sft(cfg: SFTConfig) -> Path:
         if cfg.val_data:
             val_records = read_jsonl(cfg.val_data)
         else:  # the held-out records of --data, never ones trained on
-            held_out = {ex.line for ex in val_ex}
-            val_records = [r for r in read_jsonl(cfg.data) if r["_line"] in held_out]
+            held_out = {(ex.file, ex.line) for ex in val_ex}
+            val_records = [r for r in read_jsonl(cfg.data)
+                           if (r.get("_file"), r["_line"]) in held_out]
         exec_eval = world_exec_evaluator(cfg.world, tok, val_records[:cfg.exec_eval],
                                          cfg.max_new_tokens, cfg.val_data or cfg.data, context)
     key = data_key([ex.ids, ex.loss_mask] for ex in train_ex)

@@ -13,6 +13,7 @@ import os
 from typing import Any, Callable
 
 from gptlab.errors import UserError
+from gptlab.io import record_file
 from gptlab.world.checker import CORRECT, ERROR, WRONG
 
 SCORES = {CORRECT: 1.0, WRONG: 0.0, ERROR: -1.0}
@@ -43,7 +44,7 @@ def execution_reward(world: Any) -> RewardFn:
                                     "'id'", field="id")
                 world.gold(str(r["id"]))
             except UserError as e:
-                raise (e.at(path, r.get("_line")) if path else e) from None
+                raise (e.at(record_file(r, path), r.get("_line")) if path else e) from None
 
     reward.check_records = check_records  # type: ignore[attr-defined]
     return reward
