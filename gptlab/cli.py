@@ -378,7 +378,8 @@ def _world_score(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from gptlab.eval.execution import score_samples
-    from gptlab.io import check_file_out, check_not_input, write_jsonl_atomic
+    from gptlab.io import (check_file_out, check_not_input, check_out_of_read_dirs,
+                           write_jsonl_atomic)
     from gptlab.world import load_world
     from gptlab.world.build import FILES
     from gptlab.world.variants import VARIANTS
@@ -387,6 +388,8 @@ def _world_score(args: argparse.Namespace) -> None:
         # The samples, or a file of the world, would be replaced by the verdicts.
         check_not_input(args.out, {"--in": args.samples, **{
             f"{name} of --world": Path(args.world) / name for name in FILES}})
+        check_out_of_read_dirs(args.out, {"--in": args.samples}, "samples",
+                               writes="the verdicts")
     summary, verdicts = score_samples(load_world(args.world), args.samples)
     if args.out is not None:
         write_jsonl_atomic(args.out, verdicts)

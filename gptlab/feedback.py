@@ -19,8 +19,8 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_pr
                                   responses_of)
 from gptlab.engine import Generation, SamplingParams, generate
 from gptlab.errors import UserError, counted, exception_line, reports_path_errors
-from gptlab.io import (check_file_out, check_not_input, check_not_inside, read_jsonl,
-                       record_file, write_jsonl_atomic)
+from gptlab.io import (check_file_out, check_not_input, check_not_inside,
+                       check_out_of_read_dirs, read_jsonl, record_file, write_jsonl_atomic)
 from gptlab.plugin import load_function
 
 # (record, distinct responses) -> the responses best first, an item a response or a list of
@@ -132,6 +132,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
                             temperature=temperature, top_p=top_p)
     check_file_out(out)
     check_not_input(out, {"--prompts": prompts})
+    check_out_of_read_dirs(out, {"--prompts": prompts}, "prompts", writes="the samples")
     check_not_inside(out, {"--model": model_path})  # `--out MODEL/config.json` ends the model
     records = read_prompts(prompts)
     model, tok = load(model_path, device)
@@ -336,6 +337,7 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
     from gptlab.world.build import FILES
     check_not_input(out, {"--in": samples_path, **({} if world is None else {
         f"{name} of --world": Path(world) / name for name in FILES})})
+    check_out_of_read_dirs(out, {"--in": samples_path}, "samples", writes="the rankings")
     if labeler == "sqlworld":
         # Every line, also one that would be skipped (its responses all the same), needs its id.
         samples = read_jsonl(samples_path, required=("id",))

@@ -92,17 +92,35 @@ def check_file_out(path: str | Path) -> Path:
 
 
 def check_not_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
-    """Refuse an output file that is one of the inputs (flag -> path): it would be replaced; or
-    that lies in an input directory of shards: it would be read with them the next time."""
+    """Refuse an output file that is one of the inputs (flag -> path): it would be replaced."""
     for flag, given in inputs.items():
         if Path(given).exists() and Path(out).resolve() == Path(given).resolve():
             raise UserError(f"is the input file ({flag}); writing would replace it, choose "
                             f"another out (--out)", path=out, field="out")
-        if Path(given).is_dir() and Path(given).resolve() in Path(out).resolve().parents:
-            raise UserError(f"is inside the input directory {given} ({flag}), whose every "
-                            f"{' and '.join(RECORD_SUFFIXES)} file is read as one file: the next "
-                            f"read would take this one too; choose another out (--out)",
-                            path=out, field="out")
+
+
+def check_out_of_read_dirs(out: str | Path, inputs: dict[str, Any], what: str,
+                           writes: str = "the run's own files") -> None:
+    """Refuse an output that is, or lies inside, an input directory read whole (a corpus
+    directory, a directory of shards: every file of a kind under it is read): what is written
+    there (`writes`: a run's metrics.jsonl, samples) would be read as part of `what` ("corpus",
+    "prompts") by a resume or the next run. `inputs`: how a message names each input
+    ("data, --data"; "--in") -> its path, a list of paths, or None (not given)."""
+    where = Path(out).resolve()
+    for named, given in inputs.items():
+        paths = [] if given is None else [given] if isinstance(given, (str, Path)) else given
+        for path in paths:
+            if not str(path).strip() or not Path(path).is_dir():  # "": the caller's to refuse
+                continue
+            d = Path(path).resolve()
+            if d == where:
+                why = f"is the {what} directory ({named})"
+            elif d in where.parents:
+                why = f"is inside the {what} directory {path} ({named})"
+            else:
+                continue
+            raise UserError(f"{why}; {writes} would become part of the {what}; choose another "
+                            f"out (--out)", path=out, field="out")
 
 
 def check_not_inside(out: str | Path, dirs: dict[str, str | Path]) -> None:

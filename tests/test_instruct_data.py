@@ -1222,9 +1222,56 @@ def test_sample_and_sft_read_a_directory_of_shards_and_refuse_an_out_or_val_data
     # Written inside it, the samples would be read as a shard the next time.
     assert main(["sample", "--model", base, "--prompts", str(d), "--k", "2",
                  "--out", str(d / "data" / "s.jsonl")]) == 2
-    assert "is inside the input directory" in capsys.readouterr().err
+    assert "is inside the prompts directory" in capsys.readouterr().err
     assert not (d / "data" / "s.jsonl").exists()
     assert main(["sft", "--model", base, "--data", str(d), "--val-data",
                  str(d / "data" / "train-00000-of-00002.parquet"), "--max-steps", "1",
                  "--out", str(tmp_path / "sft2")]) == 2
     assert "lies in the training data" in capsys.readouterr().err
+
+
+def test_every_verb_refuses_an_out_inside_a_directory_it_reads_writing_nothing(tok, tmp_path,
+                                                                               capsys):
+    # sft --data DIR --out DIR/run, reward and ppo likewise, were run: the run's metrics.jsonl
+    # (and samples) would be read as a shard by a resume or the next run.
+    import dataclasses
+
+    from gptlab.checkpoint import save_model
+    from gptlab.cli import main
+    from gptlab.model import GPT, get_preset
+    torch.manual_seed(0)
+    gpt = GPT(dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64))
+    save_model(tmp_path / "base", gpt, tok)
+    base = str(tmp_path / "base")
+    d = shards(tmp_path / "ds", [{"prompt": "Is the cat happy?", "completion": " yes"}])
+    one = str(write(tmp_path / "one.jsonl", {"prompt": "Is it?", "completion": " no"}))
+    cases = [
+        (["sft", "--model", base, "--data", str(d)], d / "run", f"is inside the demonstrations "
+         f"directory {d} (data, --data); the run's own files would become part of the "
+         f"demonstrations"),
+        (["sft", "--model", base, "--data", one], d, "is the demonstrations directory "
+         "(val_data, --val-data); the run's own files would become part of the demonstrations",
+         "--val-data", str(d)),
+        (["reward", "--model", base, "--data", str(d)], d / "data" / "rm", f"is inside the "
+         f"rankings directory {d} (data, --data); the run's own files would become part of the "
+         f"rankings"),
+        (["reward", "--model", base, "--data", one, "--samples", str(d)], d / "rm", f"is inside "
+         f"the samples directory {d} (samples, --samples); the run's own files would become "
+         f"part of the samples"),
+        (["ppo", "--policy", base, "--prompts", str(d), "--reward-fn", "m:f"], d / "ppo",
+         f"is inside the prompts directory {d} (prompts, --prompts); the run's own files would "
+         f"become part of the prompts"),
+        (["sample", "--model", base, "--prompts", str(d)], d / "s.jsonl", f"is inside the "
+         f"prompts directory {d} (--prompts); the samples would become part of the prompts"),
+        (["label", "--in", str(d)], d / "r.jsonl", f"is inside the samples directory {d} "
+         f"(--in); the rankings would become part of the samples"),
+        (["world", "score", "--world", str(tmp_path / "w"), "--in", str(d)], d / "v.jsonl",
+         f"is inside the samples directory {d} (--in); the verdicts would become part of the "
+         f"samples"),
+    ]
+    before = sorted(tmp_path.rglob("*"))
+    for args, out, why, *more in cases:
+        assert main([*args, *more, "--out", str(out)]) == 2, args
+        assert capsys.readouterr().err == (f"gptlab {args[0]}: error: {out}, field 'out': "
+                                           f"{why}; choose another out (--out)\n")
+    assert sorted(tmp_path.rglob("*")) == before

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import UserError
-from gptlab.io import (PARQUET_NAMES_NOT_UTF8, files_in, json_objects, not_utf8_row,
-                       parquet_not_utf8, unreadable_parquet, utf8_lines)
+from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_out_of_read_dirs, files_in, json_objects,
+                       not_utf8_row, parquet_not_utf8, unreadable_parquet, utf8_lines)
 from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -100,28 +100,16 @@ def is_hub_name(path: str | Path) -> bool:
     return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
 
 
-def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str = "--data",
-                        field: str = "out") -> None:
+def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str = "--data"
+                        ) -> None:
     """Refuse a run directory that is, or is inside, a corpus directory: every .txt, .jsonl
     and .parquet file under it is read, so the run's own files (metrics.jsonl, ...) would
     become documents of the corpus, and a resumed run would read another corpus."""
-    where = Path(out).resolve()
-    for given in paths:
-        if not str(given).strip():  # Path("") is the current directory: all of it a corpus
-            raise UserError("an empty path; name a corpus file or directory",
-                            field=flag.lstrip("-").replace("-", "_"))
-        if not Path(given).is_dir():
-            continue
-        corpus = Path(given).resolve()
-        named = f'{flag.lstrip("-").replace("-", "_")}, {flag}'
-        if corpus == where:
-            why = f"is the corpus directory ({named})"
-        elif corpus in where.parents:
-            why = f"is inside the corpus directory {given} ({named})"
-        else:
-            continue
-        raise UserError(why + "; the run's own files would become part of the corpus; choose "
-                        "another out (--out)", path=out, field=field)
+    name = flag.lstrip("-").replace("-", "_")
+    paths = list(paths)
+    if any(not str(given).strip() for given in paths):  # Path(""): all of the current directory
+        raise UserError("an empty path; name a corpus file or directory", field=name)
+    check_out_of_read_dirs(out, {f"{name}, {flag}": paths}, "corpus")
 
 
 def _iter_path(path: str | Path) -> Iterator[str]:

@@ -37,7 +37,7 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, p
 from gptlab.engine import SamplingParams, generate, scale_logits
 from gptlab.errors import (UserError, check_given, counted, exception_line,
                            reports_path_errors, setting)
-from gptlab.io import record_file
+from gptlab.io import check_out_of_read_dirs, record_file
 from gptlab.model.attention import PrefixKV, common_prefix_length
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -365,6 +365,7 @@ class PPOTrainer:
         cfg.check()
         self.cfg = cfg
         self.out = Path(cfg.out)
+        check_out_of_read_dirs(self.out, {"prompts, --prompts": cfg.prompts}, "prompts")
         if cfg.ptx_coef:
             from gptlab.data.corpus import check_out_of_corpus
             check_out_of_corpus(self.out, cfg.ptx_data, flag="--ptx-data")

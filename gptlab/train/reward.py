@@ -23,7 +23,7 @@ from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
-from gptlab.io import check_dir_out, read_jsonl, record_file
+from gptlab.io import check_dir_out, check_out_of_read_dirs, read_jsonl, record_file
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
@@ -296,6 +296,9 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     check_given(cfg, ("model", "data"), "reward")
     cfg.check()
     out = check_dir_out(cfg.out, field="out")  # not "", the current directory
+    check_out_of_read_dirs(out, {"data, --data": cfg.data, "val_data, --val-data": cfg.val_data},
+                           "rankings")
+    check_out_of_read_dirs(out, {"samples, --samples": cfg.samples}, "samples")
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
     if cfg.resume:
         check_resume_settings(cfg, latest)

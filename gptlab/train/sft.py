@@ -23,7 +23,7 @@ from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model,
                                read_meta, replace_model, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
-from gptlab.io import check_dir_out, read_jsonl, remove_stale_temps
+from gptlab.io import check_dir_out, check_out_of_read_dirs, read_jsonl, remove_stale_temps
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
@@ -244,6 +244,8 @@ def sft(cfg: SFTConfig) -> Path:
     check_given(cfg, ("model", "data"), "sft")
     cfg.check()
     out = check_dir_out(cfg.out, field="out")  # not "", the current directory
+    check_out_of_read_dirs(out, {"data, --data": cfg.data, "val_data, --val-data": cfg.val_data},
+                           "demonstrations")
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
     if cfg.resume:
         check_resume_settings(cfg, latest)
