@@ -446,27 +446,48 @@ def _compression(head: bytes, name: str) -> tuple[str, str] | None:
 
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Every file under `directory` whose suffix is one of `suffixes`, in sorted order; none
-    is a UserError naming the suffixes, and any compressed files it skipped (a `.jsonl.gz`),
-    which no verb reads."""
+    """Every file under `directory` whose suffix is one of `suffixes`, in sorted order: what a
+    verb reads of a directory. A UserError where that would not be the data the directory
+    holds: no such file (naming any compressed files it skipped, which no verb reads); a
+    compressed file that would be one of them decompressed (`a.jsonl.gz`), left out without a
+    word."""
     d = Path(directory)
     files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
     if not files:
         raise UserError(f"no {', '.join(suffixes)} files in this directory"
                         + _compressed_note(d), path=d)
+    left_out = _compressed_under(d, lambda f: f.suffix.lower() not in suffixes
+                                 and Path(f.stem).suffix.lower() in suffixes)
+    if left_out:
+        (first, (kind, advice)), n = left_out[0], len(left_out)
+        listed = (f"1 compressed file ({first.relative_to(d)}, {kind})" if n == 1 else
+                  f"{n} compressed files (the first: {first.relative_to(d)}, {kind})")
+        them = "it" if n == 1 else "them"
+        others = "" if n == 1 else ", and the others likewise"
+        raise UserError(f"holds {listed}, which no verb reads, beside the {', '.join(suffixes)} "
+                        f"files it reads: left out, part of the data would go unread; "
+                        f"{advice}{others}, or move {them} out of the directory", path=d)
     return files
+
+
+def _compressed_under(d: Path, name_ok: Callable[[Path], bool] = lambda f: True
+                      ) -> list[tuple[Path, tuple[str, str]]]:
+    """The compressed files under `d` (of those `name_ok` takes), each with what it is and how
+    to decompress it, in sorted order."""
+    found = []
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and name_ok(f):
+            with open(f, "rb") as fh:
+                kind = _compression(fh.read(10), f.name)
+            if kind is not None:
+                found.append((f, kind))
+    return found
 
 
 def _compressed_note(d: Path) -> str:
     """What a message about directory `d` adds about the compressed files under it: how many,
     the first, and how to decompress it; "" if there are none."""
-    found = []
-    for f in sorted(d.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                kind = _compression(fh.read(10), f.name)
-            if kind is not None:
-                found.append((f, kind))
+    found = _compressed_under(d)
     if not found:
         return ""
     (first, (kind, advice)), n = found[0], len(found)

@@ -423,6 +423,41 @@ def test_a_directory_of_compressed_files_only_names_them_and_how_to_read_them(tm
     assert e.value.message == "no .txt, .jsonl, .parquet files in this directory"
 
 
+
+def test_a_directory_holding_compressed_files_beside_read_ones_is_refused_naming_them(tmp_path):
+    # The compressed ones were skipped without a word: a user who gzipped half the shards
+    # trained on half the corpus.
+    import gzip
+    import lzma
+
+    from gptlab.data.corpus import corpus_files
+    d = tmp_path / "corpus"
+    (d / "part").mkdir(parents=True)
+    (d / "a.txt").write_text("one\n", encoding="utf-8")
+    (d / "part" / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "two"}\n'))
+    (d / "part" / "c.txt.xz").write_bytes(lzma.compress(b"three\n"))
+    for read in (read_documents, lambda p: corpus_files([p])):
+        with pytest.raises(UserError) as e:
+            read(d)
+        assert str(e.value) == (
+            f"{d}: holds 2 compressed files (the first: part/b.jsonl.gz, gzip-compressed), which "
+            f"no verb reads, beside the .txt, .jsonl, .parquet files it reads: left out, part of "
+            f"the data would go unread; decompress it first (gunzip -k b.jsonl.gz), and the "
+            f"others likewise, or move them out of the directory")
+    (d / "part" / "b.jsonl.gz").unlink()
+    with pytest.raises(UserError) as e:
+        read_documents(d)
+    assert e.value.message == (
+        "holds 1 compressed file (part/c.txt.xz, xz-compressed), which no verb reads, beside the "
+        ".txt, .jsonl, .parquet files it reads: left out, part of the data would go unread; "
+        "decompress it first (unxz -k c.txt.xz), or move it out of the directory")
+    # A compressed file that no verb would read decompressed either (a .tar.gz, a .json.gz:
+    # a corpus directory reads no .json) is no part of the corpus, as a .md is not.
+    (d / "part" / "c.txt.xz").rename(d / "part" / "c.tar.xz")
+    (d / "d.json.gz").write_bytes(gzip.compress(b'{"text": "four"}\n'))
+    assert read_documents(d) == ["one"]
+
+
 def test_a_run_directory_in_or_at_a_corpus_directory_is_refused_but_one_above_it_is_not(
         tmp_path):
     from gptlab.data.corpus import check_out_of_corpus

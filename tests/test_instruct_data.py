@@ -1275,3 +1275,24 @@ def test_every_verb_refuses_an_out_inside_a_directory_it_reads_writing_nothing(t
         assert capsys.readouterr().err == (f"gptlab {args[0]}: error: {out}, field 'out': "
                                            f"{why}; choose another out (--out)\n")
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_directory_of_shards_some_compressed_is_refused_naming_them(tok, tmp_path):
+    # A shard gzipped (`gzip data/train-00001-of-00002.jsonl`) was skipped without a word: half
+    # the data read, and trained on, as if it were all of it.
+    import gzip
+    d = shards(tmp_path / "ds", [{"prompt": "Is the cat happy?", "completion": " yes",
+                                  "chosen": "yes", "rejected": "no"}])
+    shard = d / "data" / "train-00001-of-00002.jsonl.gz"
+    shard.write_bytes(gzip.compress(b'{"prompt": "Is it?", "completion": " no"}\n'))
+    for read in (read_prompts, lambda p: read_demonstrations(p, tok, 64), read_rankings):
+        with pytest.raises(UserError) as err:
+            read(d)
+        assert str(err.value) == (
+            f"{d}: holds 1 compressed file (data/train-00001-of-00002.jsonl.gz, "
+            f"gzip-compressed), which no verb reads, beside the .jsonl, .parquet files it "
+            f"reads: left out, part of the data would go unread; decompress it first (gunzip -k "
+            f"train-00001-of-00002.jsonl.gz), or move it out of the directory")
+    shard.write_bytes(gzip.decompress(shard.read_bytes()))
+    shard.rename(d / "data" / "train-00001-of-00002.jsonl")
+    assert [r["prompt"] for r in read_prompts(d)] == ["Is the cat happy?", "Is it?"]
