@@ -445,12 +445,17 @@ def _compression(head: bytes, name: str) -> tuple[str, str] | None:
     return None
 
 
+# A shard as `datasets` and the Hugging Face Hub name one: `train-00000-of-00002.parquet`.
+_SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+\.[^.]+$")
+
+
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Every file under `directory` whose suffix is one of `suffixes`, in sorted order: what a
     verb reads of a directory. A UserError where that would not be the data the directory
     holds: no such file (naming any compressed files it skipped, which no verb reads); a
     compressed file that would be one of them decompressed (`a.jsonl.gz`), left out without a
-    word."""
+    word; the shards of two splits (`train-00000-of-00001.parquet` beside
+    `test-00000-of-00001.parquet`), a test split read, and trained on, with the other."""
     d = Path(directory)
     files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
     if not files:
@@ -467,6 +472,11 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
         raise UserError(f"holds {listed}, which no verb reads, beside the {', '.join(suffixes)} "
                         f"files it reads: left out, part of the data would go unread; "
                         f"{advice}{others}, or move {them} out of the directory", path=d)
+    splits = sorted({m[1] for f in files if (m := _SPLIT_SHARD.match(f.name))})
+    if len(splits) > 1:
+        raise UserError(f"holds the shards of {len(splits)} splits ({', '.join(splits)}), which "
+                        f"would be read as one; give a directory holding one split's shards",
+                        path=d)
     return files
 
 
@@ -774,8 +784,6 @@ def without_nulls(value: Any) -> Any:
 # What a directory of records is read from: its JSON Lines and Parquet shards (not a `.json`,
 # as a corpus directory reads none: a run directory's `config.json` is no data).
 RECORD_SUFFIXES = (".jsonl", ".parquet")
-# A shard as `datasets` and the Hugging Face Hub name one: `train-00000-of-00002.parquet`.
-_SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+\.[^.]+$")
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -789,7 +797,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     order (`datasets`' `data/train-00000-of-00002.parquet`, ...); each row's `_file` is its
     shard (reserved too: `record_file`), so that an error names the shard and its line."""
     p = Path(path)
-    shards = record_shards(p) if p.is_dir() else None
+    shards = files_in(p, RECORD_SUFFIXES) if p.is_dir() else None
     rows = []
     for f in shards or [p]:
         for lineno, row in json_objects(f):
@@ -803,19 +811,6 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
                 row["_file"] = str(f)
             rows.append(row)
     return rows
-
-
-def record_shards(directory: Path) -> list[Path]:
-    """The shards of a directory of records, in sorted order; the shards of two splits
-    (`train-00000-of-00001.parquet` beside `test-00000-of-00001.parquet`) are refused: read as
-    one file, a test split would be trained on."""
-    shards = files_in(directory, RECORD_SUFFIXES)
-    splits = sorted({m[1] for f in shards if (m := _SPLIT_SHARD.match(f.name))})
-    if len(splits) > 1:
-        raise UserError(f"holds the shards of {len(splits)} splits ({', '.join(splits)}), which "
-                        f"would be read as one file; give a directory holding one split's "
-                        f"shards", path=directory)
-    return shards
 
 
 def record_file(record: dict, path: str | Path) -> str | Path:

@@ -458,6 +458,25 @@ def test_a_directory_holding_compressed_files_beside_read_ones_is_refused_naming
     assert read_documents(d) == ["one"]
 
 
+
+def test_a_corpus_directory_of_two_splits_shards_is_refused_as_a_record_directory_is(tmp_path):
+    # `train-*` beside `test-*` were read as one corpus without a word (the record verbs refuse
+    # it): the test split pretrained on.
+    from gptlab.data.corpus import corpus_files
+    d = tmp_path / "wiki"
+    (d / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["one", "two"]}), d / "data" / "train-00000-of-00001.parquet")
+    (d / "data" / "validation-00000-of-00001.txt").write_text("three\n", encoding="utf-8")
+    for read in (read_documents, lambda p: corpus_files([p])):
+        with pytest.raises(UserError) as e:
+            read(d)
+        assert str(e.value) == (f"{d}: holds the shards of 2 splits (train, validation), which "
+                                f"would be read as one; give a directory holding one split's "
+                                f"shards")
+    (d / "data" / "validation-00000-of-00001.txt").rename(d / "data" / "train-notes.txt")
+    assert read_documents(d) == ["one", "two", "three"]  # one split's shards, and other files
+
+
 def test_a_run_directory_in_or_at_a_corpus_directory_is_refused_but_one_above_it_is_not(
         tmp_path):
     from gptlab.data.corpus import check_out_of_corpus

@@ -1187,7 +1187,7 @@ def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
     with pytest.raises(UserError) as err:
         read_prompts(d)
     assert str(err.value) == (f"{d}: holds the shards of 2 splits (test, train), which would be "
-                              f"read as one file; give a directory holding one split's shards")
+                              f"read as one; give a directory holding one split's shards")
     assert read_prompts(d / "data" / "test-00000-of-00001.jsonl")[0]["prompt"] == "b"
     empty = tmp_path / "empty"
     empty.mkdir()
