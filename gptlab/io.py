@@ -445,8 +445,10 @@ def _compression(head: bytes, name: str) -> tuple[str, str] | None:
     return None
 
 
-# A shard as `datasets` and the Hugging Face Hub name one: `train-00000-of-00002.parquet`.
-_SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+\.[^.]+$")
+# A shard as `datasets` and the Hugging Face Hub name one: `train-00000-of-00002.parquet`, or
+# with a fingerprint after it, as `datasets` before 2.15 pushed them
+# (`train-00000-of-00002-5f1e2d3c4b5a6978.parquet`; its pattern is `{split}-...-of-...*.*`).
+_SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+(?:-[^.]*)?\.[^.]+$")
 
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -1189,6 +1189,13 @@ def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
     assert str(err.value) == (f"{d}: holds the shards of 2 splits (test, train), which would be "
                               f"read as one; give a directory holding one split's shards")
     assert read_prompts(d / "data" / "test-00000-of-00001.jsonl")[0]["prompt"] == "b"
+    # Named with a fingerprint, as `datasets` before 2.15 pushed shards to the Hub: they were
+    # read as one file without a word.
+    (d / "data" / "test-00000-of-00001.jsonl").rename(
+        d / "data" / "test-00000-of-00001-5f1e2d3c4b5a6978.jsonl")
+    with pytest.raises(UserError) as err:
+        read_prompts(d)
+    assert err.value.message.startswith("holds the shards of 2 splits (test, train)")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
