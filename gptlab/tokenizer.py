@@ -189,7 +189,16 @@ class Tokenizer:
         start, whole = self.encode_batch([prompt, prompt + completion])
         if whole[:len(start)] == start:
             return whole[len(start):]
-        return self._unprefixed.encode(check_text(completion), add_special_tokens=False).ids
+        return self.encode_continuation(completion)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of `text` written right after other tokens, not as a text of its own:
+        `encode` with no "▁" put before it where the tokenizer `prefixes_space` ("paris" is
+        "par", "is", which read back glued on to what came before, as written). Byte-level BPE
+        puts none: `encode(text)`."""
+        if self._unprefixed is None:
+            return self.encode(text)
+        return self._unprefixed.encode(check_text(text), add_special_tokens=False).ids
 
     @cached_property
     def _unprefixed(self) -> tokenizers.Tokenizer | None:

@@ -1303,3 +1303,57 @@ def test_a_directory_of_shards_some_compressed_is_refused_naming_them(tok, tmp_p
     shard.write_bytes(gzip.decompress(shard.read_bytes()))
     shard.rename(d / "data" / "train-00001-of-00002.jsonl")
     assert [r["prompt"] for r in read_prompts(d)] == ["Is the cat happy?", "Is it?"]
+
+
+# A Vicuna-like template whose generation prompt ends in a space: under SentencePiece its "▁"
+# merges with an answer's first word ("▁yes"), so the prompt's tokens do not begin the
+# conversation's and a response is tokens of its own.
+SPACE_ENDED_CHAT = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token + ' ' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}")
+
+
+def test_a_sentencepiece_response_after_a_merged_generation_prompt_has_no_space_of_its_own():
+    """The prompt's tokens end "▁" (its space): the response after them was `encode`d, which
+    put a "▁" of its own before it ("▁yes"), so the model was trained to write a second space
+    ("ASSISTANT:  yes it is") and `decode_response` read it back " yes it is". It goes on after
+    the prompt's text, as a text prompt's completion does at the seam: "yes", "▁it", "▁is"."""
+    from gptlab.data.instruct import demonstration, encode_prompt, encode_response
+    from test_tokenizer import sentencepiece_tokenizer
+    t = sentencepiece_tokenizer(SPACE_ENDED_CHAT)
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    p = encode_prompt(t, chat)
+    assert t.hf.id_to_token(p[-1]) == "\u2581"
+    for answer, want in (("yes it is", ["yes", "\u2581it", "\u2581is"]),
+                         ("paris", ["par", "is"])):
+        full, _ = t.render_chat(chat + [{"role": "assistant", "content": answer}])
+        assert full[:len(p)] != p  # "▁" and "yes" merged: the response is tokens of its own
+        ids = encode_response(t, answer, chat)
+        assert [t.hf.id_to_token(i) for i in ids] == want + ["</s>"]
+        assert t.decode(p + ids) == "USER: is the cat happy? ASSISTANT: " + answer
+        assert t.decode_response(chat, p, ids) == answer
+        ex = demonstration(t, {"messages": chat + [{"role": "assistant", "content": answer}]})
+        assert ex.ids == p + ids and ex.loss_mask == [0] * len(p) + [1] * len(ids)
+
+
+@settings(deadline=None, derandomize=True, max_examples=100)
+@given(text=_TEXT)
+def test_byte_level_bpe_encodes_a_continuation_as_a_text_of_its_own(byte_level, text):
+    """A response after a generation prompt it merges with is `encode_continuation`'s: for
+    gptlab's and SmolLM2's tokenizers exactly `encode`, the tokens every earlier version
+    trained on (the demo's figures depend on them)."""
+    assert byte_level.encode_continuation(text) == byte_level.encode(text)
+
+
+def test_a_byte_level_response_after_a_merged_generation_prompt_keeps_its_tokens():
+    """gptlab's "\\n" after <|assistant|> merges with a response's "\\n\\n": the response is
+    `encode(response)` and the end of turn, as before."""
+    from gptlab.data.instruct import encode_prompt, encode_response
+    tok = train_tokenizer(["SELECT 1;\n\nSELECT  2;\n\n\n  x \n"] * 20, vocab_size=300)
+    prompt = [{"role": "user", "content": "Who?"}]
+    p = encode_prompt(tok, prompt)
+    for response in ("\n\nSELECT 1;", "  x"):
+        full, _ = tok.render_chat(prompt + [{"role": "assistant", "content": response}])
+        assert full[:len(p)] != p
+        assert encode_response(tok, response, prompt) == tok.encode(response) + [tok.eos_id]

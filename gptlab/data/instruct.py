@@ -250,13 +250,15 @@ def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int
     if answer is not None:
         return answer
     # BPE merged the generation prompt's last characters with the response's first ones (its
-    # "\n" and a response's "\n\n" are one token): the prompt's own tokens come first, so the
-    # response is tokens of its own, as the template writes it (stripped, by one that trims),
-    # then the template's end of turn.
+    # "\n" and a response's "\n\n" are one token; a SentencePiece "▁" after "ASSISTANT:"
+    # and "▁yes"): the prompt's own tokens come first, so the response is tokens of its own, as
+    # the template writes it (stripped, by one that trims), with no "▁" put before it (it goes
+    # on after the prompt's text, as `encode_completion`'s seam), then the end of turn.
     written = tokenizer.content_as_written(
         list(prompt) + [{"role": "assistant", "content": response}], len(prompt))
     end = _assistant_tokens_after(tokenizer, prompt, "", start)
-    return tokenizer.encode(written) + (end if end is not None else [tokenizer.eos_id])
+    return tokenizer.encode_continuation(written) + (end if end is not None
+                                                     else [tokenizer.eos_id])
 
 
 def _assistant_tokens_after(tokenizer: Any, prompt: list, response: str,
