@@ -380,21 +380,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def load_language_model(path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, need_tokenizer: bool = True,
-                        field: str = "model") -> tuple[torch.nn.Module, Any, dict]:
+                        field: str = "model", instead: str | None = None,
+                        ) -> tuple[torch.nn.Module, Any, dict]:
     """`load_model` for the verbs that generate or train text: the model must be a decoder-only
     GPT with a tokenizer (a reward model's directory looks the same from outside). Errors name
-    `field`, the setting that gave `path`."""
+    `field`, the setting that gave `path`; `instead` ends the refusal of a reward or value
+    model (what to give, and where that one goes)."""
     from gptlab.model.gpt import GPT
 
     model, tok, meta = load_model(path, device, dtype)
     if not isinstance(model, GPT):
-        kind = (("PPO's value model" if is_value_model(path) else "a reward or value model")
-                if _arch_of(model) == "scalar" else f"an encoder-decoder {type(model).__name__}")
-        raise UserError(f"not a decoder-only language model: this is {kind}, which has no text "
-                        f"to say", path=path, field=field)
+        said = f"; {instead}" if instead and _arch_of(model) == "scalar" else ""
+        raise UserError(f"not a decoder-only language model: this is "
+                        f"{model_kind(model, path)}, which has no text to say{said}",
+                        path=path, field=field)
     if tok is None and need_tokenizer:
         raise UserError("the model has no tokenizer (tokenizer.json)", path=path, field=field)
     return model, tok, meta
+
+
+def model_kind(model: torch.nn.Module, path: str | Path) -> str:
+    """What `model`, read from `path`, is, in words, where a decoder-only language model was
+    expected: PPO's value model (`is_value_model`), a reward or value model (another scalar
+    head), or an encoder-decoder."""
+    if _arch_of(model) != "scalar":
+        return f"an encoder-decoder {type(model).__name__}"
+    return "PPO's value model" if is_value_model(path) else "a reward or value model"
 
 
 def _stage(path: Path) -> Any:

@@ -514,8 +514,11 @@ def test_a_policy_or_reward_model_of_the_wrong_kind_names_its_flag(setup, tmp_pa
     args = ppo_args(d, out)
     args[args.index("--policy") + 1] = str(tmp_path / "rm")
     assert main(args) == 2
-    assert (f"{tmp_path / 'rm'}, field 'policy': not a decoder-only language model: this is a "
-            f"reward or value model" in capsys.readouterr().err)
+    assert capsys.readouterr().err == (
+        f"gptlab ppo: error: {tmp_path / 'rm'}, field 'policy': not a decoder-only language "
+        f"model: this is a reward or value model, which has no text to say; give the SFT model "
+        f"the policy starts from (the pipeline's round-N/sft), and this one as --reward (a value "
+        f"model as --value)\n")
     args = ppo_args(d, out)
     i = args.index("--reward-fn")
     args[i:i + 2] = ["--reward", str(d / "policy")]
@@ -569,7 +572,11 @@ def test_ptx_data_without_a_ptx_coef_says_it_is_unused(setup, tmp_path, capsys):
 @pytest.mark.parametrize("flag,message", [
     # A reward model's directory as --reference ran a rollout and the reward function, then
     # crashed with an AttributeError inside the KL computation.
-    ("--reference", "is a ScalarHeadModel, not a decoder-only language model"),
+    ("--reference", "not a decoder-only language model: this is a reward or value model; the "
+                    "reference must be one (the KL is measured against its log-probabilities): "
+                    "give the SFT model the policy started from (the pipeline's round-N/sft; "
+                    "without --reference, a copy of --policy is the reference), and this one as "
+                    "--reward (a value model as --value)\n"),
     ("--value", "the value model must be a scalar-head model"),
 ])
 def test_a_reference_or_value_model_of_the_wrong_kind_is_refused(setup, tmp_path, capsys, flag,
@@ -673,6 +680,37 @@ def test_an_old_value_model_moved_away_from_its_run_is_taken_as_a_reward_model(s
     old = strip_value_marks(shutil.copytree(straight / "value", tmp_path / "scorer"))
     assert "stage" not in json.loads((old / "config.json").read_text())
     assert main(reward_args(d, tmp_path / "run", old)) == 0
+
+
+@pytest.mark.parametrize("flag", ["--reference", "--policy"])
+@pytest.mark.parametrize("where", ["value", "old/checkpoints/step-2/value"])
+def test_a_ppo_value_model_given_as_reference_or_policy_is_named_with_its_flag(
+        setup, tmp_path, capsys, flag, where):
+    # --reference said "is a ScalarHeadModel, not a decoder-only language model", naming a class
+    # and no flag; --policy named what it is but not what to give instead. "old/": a run
+    # written before value/ was marked.
+    d, _, straight = setup
+    if where.startswith("old/"):
+        strip_value_marks(shutil.copytree(straight, tmp_path / "old"))
+    value = (tmp_path if where.startswith("old/") else straight) / where
+    out = tmp_path / "run"
+    args = ppo_args(d, out)
+    if flag == "--policy":
+        args[args.index("--policy") + 1] = str(value)
+        said = (", which has no text to say; give the SFT model the policy starts from (the "
+                "pipeline's round-N/sft)")
+    else:
+        args += ["--reference", str(value)]
+        said = ("; the reference must be one (the KL is measured against its log-probabilities): "
+                "give the SFT model the policy started from (the pipeline's round-N/sft; without "
+                "--reference, a copy of --policy is the reference)")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab ppo: error: {value}, field '{flag[2:]}': not a decoder-only language model: "
+        f"this is PPO's value model{said}, and this one as --value to start the value model "
+        f"from it\n")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("marked", [True, False])

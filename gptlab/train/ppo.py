@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, load_language_model, load_model,
-                               load_reward_model, save_model)
+from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, is_value_model, load_language_model,
+                               load_model, load_reward_model, model_kind, save_model)
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
 from gptlab.engine import SamplingParams, generate, scale_logits
@@ -71,7 +71,8 @@ class PPOConfig:
     reward_fn: str | None = field(default=None, metadata={
         "help": "or module:function scoring (prompts, responses, records)"})
     reference: str | None = field(default=None, metadata={
-        "help": "the KL anchor (default: the initial policy)"})
+        "help": "the KL anchor, a language model such as the SFT model (default: the "
+                "initial policy)"})
     value: str | None = field(default=None, metadata={
         "help": "value model init, e.g. a PPO run's value/ (default: the reward model; with "
                 "--reward-fn, the policy with a new scalar head)"})
@@ -193,6 +194,14 @@ def load_reward_fn(spec: str) -> Callable:
               f"so it is not called; to check the prompts first, set {name}.check_records = "
               f"check_records in {mod}", file=sys.stderr)
     return fn
+
+
+def _scalar_model_instead(path: str, wanted: str) -> str:
+    """What to give in place of the reward or value model at `path`, given where a language
+    model belongs (`wanted`), and the flag that takes that one."""
+    this = "this one as --value to start the value model from it" if is_value_model(path) \
+        else "this one as --reward (a value model as --value)"
+    return f"give {wanted}, and {this}"
 
 
 def reward_fn_name(fn: Callable) -> str:
@@ -375,8 +384,10 @@ class PPOTrainer:
         self.device = select_device(cfg.device)
         allow_tf32(self.device)  # as in the other training verbs (PPO runs no autocast)
         torch.manual_seed(cfg.seed)
-        self.policy, self.tok, _ = load_language_model(cfg.policy, self.device,
-                                                       field="policy")
+        self.policy, self.tok, _ = load_language_model(
+            cfg.policy, self.device, field="policy",
+            instead=_scalar_model_instead(cfg.policy, "the SFT model the policy starts from (the "
+                                                       "pipeline's round-N/sft)"))
         if cfg.max_new_tokens >= self.policy.config.context:
             raise UserError(f"must be below the policy's context of "
                             f"{self.policy.config.context}, got {cfg.max_new_tokens}",
@@ -441,9 +452,14 @@ class PPOTrainer:
         if cfg.reference:
             reference, ref_tok, _ = load_model(cfg.reference, self.device)
             if not isinstance(reference, GPT):
-                raise UserError(f"is a {type(reference).__name__}, not a decoder-only "
-                                f"language model; the reference must be one (the KL is measured "
-                                f"against its log-probabilities)", path=cfg.reference,
+                instead = _scalar_model_instead(
+                    cfg.reference, "the SFT model the policy started from (the pipeline's "
+                    "round-N/sft; without --reference, a copy of --policy is the reference)"
+                ) if isinstance(reference, ScalarHeadModel) else ""
+                raise UserError(f"not a decoder-only language model: this is "
+                                f"{model_kind(reference, cfg.reference)}; the reference must be "
+                                f"one (the KL is measured against its log-probabilities)"
+                                f"{': ' + instead if instead else ''}", path=cfg.reference,
                                 field="reference")
             self._check_vocabulary(reference, ref_tok, "reference", "the reference model")
         else:
