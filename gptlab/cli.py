@@ -45,7 +45,8 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        message = self._value_missing(message) or self._dash_positional(message) or message
+        message = self._value_missing(message) or self._dash_positional(message) or \
+            self._switch_given_value(message) or message
         if message.startswith("argument "):
             # One flag's value (`argument --max-steps: expected an integer ...`): the line names
             # the flag, and a config verb's usage, every flag of it, would bury it.
@@ -110,6 +111,31 @@ class _Parser(argparse.ArgumentParser):
             return (f"{message}, got {got} before '{stop}', which begins with '-' and is read "
                     f"as a flag; {literal}")
         return None
+
+    def _switch_given_value(self, message: str) -> str | None:
+        """argparse's `argument --greedy: ignored explicit argument 'yes'`, said of a switch (a
+        flag that takes no value) written with one (`--greedy=yes`): that it takes none, and how
+        it is turned on and off. None if `message` is not that error."""
+        said = re.fullmatch(r"argument (\S+): ignored explicit argument (.*)", message)
+        action = said and next((a for a in self._actions
+                                if "/".join(a.option_strings) == said.group(1)), None)
+        if not action:
+            return None
+        word = next((w for w in getattr(self, "_words", [])
+                     if "=" in w and w.split("=", 1)[0] in action.option_strings), None)
+        got = repr(word) if word else f"the value {said.group(2)}"
+        flags = [f for f in action.option_strings if f.startswith("--")] or action.option_strings
+        if isinstance(action, argparse.BooleanOptionalAction):
+            on = [f for f in flags if not f.startswith("--no-")]
+            off = [f for f in flags if f.startswith("--no-")]
+            how = f"write {on[0]} to turn it on, {off[0]} to turn it off"
+        elif isinstance(action, argparse._StoreTrueAction):
+            how = f"write {flags[0]} to turn it on, and leave it out to leave it off"
+        elif isinstance(action, argparse._StoreFalseAction):
+            how = f"write {flags[0]} to turn it off, and leave it out to leave it on"
+        else:
+            how = f"write {flags[0]} alone"
+        return f"argument {said.group(1)}: takes no value, got {got}; {how}"
 
     def _dash_positional(self, message: str) -> str | None:
         """argparse's `the following arguments are required: text` where a word that begins
@@ -550,7 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="`gptlab VERB --help` lists a verb's flags, each taken only as "
                             "written in full (--temperature, not --temp). A value that begins "
                             "with '-' follows an '=' (--out=-x); a negative number may follow "
-                            "a space (--seed -1).")
+                            "a space (--seed -1). A switch takes no value: written, it is on "
+                            "(--greedy); its --no- form, where it has one, turns it off "
+                            "(--no-compile).")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser,
                                 help="a stage of the recipe, or a tool around it:")
     for name, make in VERBS.items():

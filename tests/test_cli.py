@@ -1784,3 +1784,39 @@ def test_every_flag_of_every_verb_says_what_it_is():
                 bare.append(" ".join(words[1:]) + " " + "/".join(action.option_strings
                                                                   or [action.dest]))
     assert bare == [], f"{len(bare)} without help: {', '.join(bare)}"
+
+
+def _switches():
+    """(command words, flag spellings, action kind) of every flag of every verb that takes no
+    value (--help aside): store_true and --x/--no-x flags, new ones included."""
+    import argparse
+
+    from gptlab.cli import build_parser
+    for words, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if action.nargs == 0 and not isinstance(action, argparse._HelpAction):
+                kind = "both" if isinstance(action, argparse.BooleanOptionalAction) else "on"
+                for flag in action.option_strings:
+                    yield pytest.param(list(words[1:]), flag, kind, action.option_strings,
+                                       id=" ".join([*words[1:], flag]))
+
+
+@pytest.mark.parametrize("words,flag,kind,spellings", list(_switches()))
+def test_a_switch_given_a_value_says_it_takes_none_and_how_to_turn_it_on_and_off(
+        capsys, words, flag, kind, spellings):
+    # `--greedy=yes` said argparse's "argument --greedy: ignored explicit argument 'yes'".
+    with pytest.raises(SystemExit) as e:
+        main([*words, f"{flag}=yes"])
+    name = "/".join(spellings)
+    how = (f"write {spellings[0]} to turn it on, {spellings[1]} to turn it off" if kind == "both"
+           else f"write {flag} to turn it on, and leave it out to leave it off")
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"gptlab {' '.join(words)}: error: argument {name}: takes no value, got "
+        f"'{flag}=yes'; {how}\n")
+
+
+def test_switches_are_found_in_every_kind_of_verb():
+    # The parametrization above covers a plain verb's, an action's and a config verb's switches.
+    found = {p.id for p in _switches()}
+    assert {"generate --greedy", "world export --vary-schema", "label --no-ties",
+            "sft --compile", "ppo --no-adaptive-kl", "pipeline --no-headroom"} <= found
