@@ -787,6 +787,52 @@ def test_memory_a_program_holds_in_its_own_sqlite_databases_leaves_the_query_its
         mine.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_process_forked_while_another_thread_runs_a_query_has_the_limit_put_back():
+    """A fork copies the heap limit a query of another thread set, its count of running
+    queries and its lock, but not the thread: the child's limit stayed lowered for good (no
+    query of its own ever put it back) and, forked while that thread held the lock, its first
+    query waited forever. The child starts as if no query ran."""
+    import sqlite3
+
+    from gptlab.world.executor import _HEAP_LIMIT
+    if not _HEAP_LIMIT.scoped:
+        pytest.skip("ctypes cannot reach this SQLite's sqlite3_hard_heap_limit64")
+
+    def limits() -> list[int]:
+        conn = sqlite3.connect(":memory:")
+        return [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
+    before = limits()
+    inside, done = threading.Event(), threading.Event()
+
+    def query() -> None:  # a query that runs, caught at the moment it takes the lock
+        with _HEAP_LIMIT.held(), _HEAP_LIMIT._lock:
+            inside.set()
+            done.wait(30)
+    t = threading.Thread(target=query)
+    t.start()
+    try:
+        assert inside.wait(30) and limits() != before
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit code, never return into pytest
+            code = 3
+            try:
+                signal.alarm(20)  # a lock left held would wait forever
+                code = 1
+                if limits() == before:
+                    code = 2
+                    with _HEAP_LIMIT.held():
+                        lowered = limits() != before
+                    code = 0 if lowered and limits() == before else 2
+            finally:
+                os._exit(code)
+    finally:
+        done.set()
+        t.join()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert limits() == before
+
+
 def test_a_verdicts_row_count_agrees_in_number(ex):
     # `world check` printed "correct: 1 rows match" and "wrong: 1 rows, expected 2".
     one = "SELECT COUNT(*) FROM employees"

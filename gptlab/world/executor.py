@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import re
 import signal
 import sqlite3
@@ -310,6 +311,19 @@ class _HeapLimit:
         self._saved = (0, 0)  # the hard and soft limits before the first of them
         self._limit = 0
         self._room = 0  # what the queries may hold together under the limit
+        if self.scoped and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """In a child process only the thread that forked runs: the queries other threads
+        were running are not, so the limit they set is put back (no query of the child's
+        would ever do it), and a lock one of them held, which no thread would release, is a
+        new one."""
+        self._lock = threading.Lock()
+        if self._queries:
+            self._queries = 0
+            self._hard(self._saved[0])
+            self._soft(self._saved[1])
 
     @contextlib.contextmanager
     def held(self) -> Iterator[int]:
