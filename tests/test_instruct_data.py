@@ -1222,7 +1222,10 @@ def test_sample_and_sft_read_a_directory_of_shards_and_refuse_an_out_or_val_data
                  "--max-new-tokens", "3", "--out", str(tmp_path / "s.jsonl")]) == 0
     samples = read_jsonl(tmp_path / "s.jsonl")
     assert [s["id"] for s in samples] == [0, 1, 2, 3]
-    assert not any("_file" in s for s in samples)  # where it was read is no field to carry
+    # Where it was read is no field to carry (the file as written: read_jsonl drops `_file`).
+    written = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [sorted(s) for s in written] == [["completion", "finished", "id", "prompt",
+                                             "responses"]] * 4
     assert main(["sft", "--model", base, "--data", str(d), "--max-steps", "1", "--no-progress",
                  "--val-fraction", "0.5", "--out", str(tmp_path / "sft")]) == 0
     capsys.readouterr()
@@ -1357,3 +1360,27 @@ def test_a_byte_level_response_after_a_merged_generation_prompt_keeps_its_tokens
         full, _ = tok.render_chat(prompt + [{"role": "assistant", "content": response}])
         assert full[:len(p)] != p
         assert encode_response(tok, response, prompt) == tok.encode(response) + [tok.eos_id]
+
+
+def test_rankings_of_a_directory_of_samples_carry_no_location_and_name_the_shard(tmp_path):
+    """The labeler gets each sample's `_line` and `_file` (README, 'Your own task'); the
+    rankings written carry neither, and an error names the shard and its line."""
+    from gptlab.feedback import label_samples
+    from gptlab.io import read_jsonl
+    samples = [{"id": i, "prompt": "Is the cat happy?", "responses": ["yes", "no"]}
+               for i in range(3)]
+    d = shards(tmp_path / "samples", samples[:2], [{"_as_jsonl": True, **samples[2]}])
+    seen = []
+
+    def rank(record, responses):
+        seen.append((record["_file"], record["_line"]))
+        return [1.0, 0.0]
+    rankings = label_samples(read_jsonl(d), rank, source=d)
+    first, second = (str(d / f"data/train-0000{i}-of-00002.{s}")
+                     for i, s in ((0, "parquet"), (1, "jsonl")))
+    assert seen == [(first, 1), (first, 2), (second, 1)]
+    assert rankings == [{"id": i, "prompt": "Is the cat happy?", "ranked": ["yes", "no"]}
+                        for i in range(3)]
+    with pytest.raises(UserError) as err:
+        label_samples(read_jsonl(d), lambda record, responses: [1.0], source=d)
+    assert (err.value.path, err.value.line, err.value.field) == (first, 1, "ranked")

@@ -64,6 +64,25 @@ def test_execution_accuracy_without_val_data_is_on_the_held_out_records(setup):
     assert all(isinstance(ex, Example) and ex.line is not None for ex in seen["train"])
 
 
+def test_execution_accuracy_of_a_directory_of_shards_is_on_its_held_out_records(setup, tmp_path):
+    # Each shard numbers its lines from 1: a held-out record is its shard's line, not the line
+    # alone, which every shard has (line 5 held out in one was measured in both).
+    cfg, seen = setup
+    rows = [{k: v for k, v in r.items() if k != "_line"} for r in read_jsonl(cfg.data)]
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i, part in enumerate((rows[:31], rows[31:])):
+        (d / f"train-{i:05d}-of-00002.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in part))
+    with pytest.raises(_Stop):
+        sft(dataclasses.replace(cfg, data=str(d)))
+    trained = {ex.id for ex in seen["train"]}
+    measured = [r["id"] for r in seen["exec"]]
+    assert len(trained) == 48 and len(measured) == 12
+    assert not trained & set(measured)
+    assert measured == [r["id"] for r in rows if r["id"] not in trained | {"long"}]
+
+
 def test_execution_accuracy_with_val_data_is_on_its_first_records(setup, tmp_path):
     cfg, seen = setup
     val = tmp_path / "val.jsonl"
