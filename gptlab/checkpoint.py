@@ -1,13 +1,20 @@
 """The model directory and training checkpoints.
 
 A model directory is `config.json` (with `"format": "gptlab/1"`, so it is never mistaken for a
-Hugging Face directory) + `model.safetensors` + the tokenizer files. Training checkpoints live in
+Hugging Face directory; a NaN or an infinity in it is null, named in its `non_finite` field) +
+`model.safetensors` + the tokenizer files. Training checkpoints live in
 `RUN/checkpoints/step-N/`: each is written in full under a temporary name, its manifest (sha256
 of every file) last, flushed to the disk, then renamed into place; `checkpoints/latest` is
 replaced atomically after that. A reader therefore never sees a partial checkpoint, and the
 previous one stays usable until the new one is complete. The temporary copy
 (`.step-N.<random>.tmp`, held by its writer as `gptlab.io`'s temporaries are) is no `step-N`:
 never a checkpoint; a killed save's is removed by the next save.
+
+A training stage's model says which in config.json's `stage`: `pretrain`, `sft`, `reward`, `ppo`,
+or `value`, PPO's value model, a scalar head like a reward model's that predicts returns once
+trained. `load_language_model` and `load_reward_model` refuse a model of another kind, naming it
+(`model_kind`; `is_value_model` knows a value model written before that mark by its place, a
+`value/` beside a PPO policy).
 """
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ EXIT_READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1
 
 class _Parser(argparse.ArgumentParser):
     """argparse that takes flags only as written in full, names the flag meant for one it does
-    not know, and exits with code 2."""
+    not know, takes a negative number for a value, says what stood where a flag's value belonged
+    (a flag, the line's end, a word beginning with '-' and how to write it) and that a switch
+    given a value takes none, and exits with code 2."""
 
     def __init__(self, *args, **kwargs) -> None:
         # No abbreviations: `--temp` would mean --temperature until the day a flag `--temp-x`

@@ -1,7 +1,10 @@
 """Typed configs: dataclasses, loaded from YAML and overridden from the command line.
 
 OmegaConf does the merging and the type checks; this module turns its errors into `UserError`s
-that name the file, the key path and the keys meant.
+that name the file, the line (a list item's own), the key path and the keys meant. An override's
+key is checked before OmegaConf reads it: its field is its first part (`model` of
+`model.n_layers=2`, `override_field`), and a key no field could have (`./seed=1`) is refused as
+such; after a list flag the CLI reads that word as a path (`--data runs/seed=1`).
 """
 from __future__ import annotations
 

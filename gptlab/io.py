@@ -1,4 +1,7 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""Files in and out: atomic writes, strict JSON, the checks of an output path, and the readers
+of JSON Lines, Parquet and directories of their shards.
+
+Atomic writes: a reader sees the old file or the new one, never half of one.
 
 A write goes to a file in a hidden temporary directory beside its target
 (`.NAME.<random>.tmp/`, a name unique to the writer), then is renamed over the target. The
@@ -10,6 +13,23 @@ Where there is no flock (Windows, a file system that refuses it), writes go unlo
 write's temporary stays. The new file's bytes are flushed to the disk before the rename and the
 rename after it (fsync): without that, a power cut soon after can leave the new name on an empty
 or partial file.
+
+Strict JSON (`strict_json`): JSON has no NaN or Infinity, and Python's json writes them as bare
+tokens other readers refuse. A record a computation wrote (metrics.jsonl, run.json, a model's
+config.json, report.json) gets null for each, named in its `non_finite` field, which
+`restore_non_finite` turns back into the float; any other file is refused, naming file, line and
+field, before anything is written.
+
+Output paths: `check_file_out` / `check_dir_out`, `check_not_input` (not an input file),
+`check_not_inside` (not inside an input model) and `check_out_of_read_dirs` (not inside a
+directory an input is read from, whose next reading would take the output for input).
+
+Reading: `json_objects` and `read_jsonl` read JSON Lines, or a `.parquet` file's rows numbered as
+lines, each error naming file, line and field; `read_jsonl` reads a directory as one file, its
+`.jsonl` and `.parquet` shards in sorted order (`files_in`, which refuses two splits' shards or a
+compressed file among them), each row carrying its shard in `_file` for an error to name
+(`record_file`). A compressed file, a zip archive, Parquet or UTF-16 text read as text is refused
+as what it is, with the fix (`other_format`).
 """
 from __future__ import annotations
 

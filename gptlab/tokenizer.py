@@ -23,6 +23,15 @@ ordinary tokens, not the special one: when special-token text appears inside a m
 template text and contents are tokenized apart instead, contents with special-token parsing
 off. The template must write message content verbatim (or stripped, as Llama 3's `| trim`
 does); one that rewrites it is a UserError.
+
+A response after its prompt. An imported SentencePiece tokenizer (Llama 2's, Mistral's, a llama
+GGUF's) puts "▁", a space, before a text (`prefixes_space`), so a response encoded alone starts
+with a "▁" the model does not write after its prompt. A text completion is encoded as TRL does,
+the tokens of prompt + completion after the prompt's (`encode_completion`); a response whose
+first characters merge with the prompt's last ones across the seam gets no "▁" of its own
+(`encode_continuation`); a sampled response is decoded as its prompt's continuation
+(`decode_response`), the text that encodes back to its tokens. Byte-level BPE writes a text as
+it is: for it these are `encode` and `decode`.
 """
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ a `completion`, `chosen` or `rejected` a list holding one assistant message; `ch
 `rejected` without a prompt may be whole conversations whose shared messages are the prompt
 (TRL's implicit prompt). TRL's other types are refused with what to write instead.
 
+Each is read from JSON Lines, a `.parquet` file or a directory of their shards as one file
+(`gptlab.io.read_jsonl`); an error names a record's shard and line, which `Example` and
+`Ranking` keep (`file`, `line`).
+
 A prompt is tokenized on its own and a response after it, exactly as generation sees them, so
 the tokens trained on are the tokens sampled. A plain-text response ends with EOS; it joins its
 prompt as written (TRL's rule: a completion's leading space is its own), and a SentencePiece

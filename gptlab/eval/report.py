@@ -4,7 +4,9 @@
 (pretrain/, round-{r}/reward/, round-{r}/ppo/) for the curves and `results` for the numbers.
 Both documents are rendered from one `ReportContent`, so the Markdown and the HTML page always
 say the same thing. Any result may be None (a stage that did not run) and reads "n/a"; a plot
-whose data is missing is left out.
+whose data is missing is left out. A NaN or an infinity (a diverged model's KL) reads nan or inf;
+report.json, strict JSON, holds it as null named in its `non_finite` field, which `read_report`
+(and `read_metric_rows`, for metrics.jsonl) turns back into the float.
 """
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ Pieces (each usable alone; PPO builds its own loop from them):
     rng_state() / set_rng_state(s), preserved_rng()
     held_interrupt()                            Ctrl-C inside a block takes effect at its end
     MetricsLog(path, tensorboard_dir)           metrics.jsonl, one flushed JSON object per line
+                                                (a NaN loss null, named in `non_finite`;
+                                                `read_metrics` gives the float back)
     steps_for_budget(...)                       --max-minutes -> a step count
 
 The common loop, `train(model, batches, loss_fn, cfg, out_dir, ...)`: a stage gives it

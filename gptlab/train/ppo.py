@@ -11,8 +11,10 @@ One iteration reads as the algorithm:
 PPO owns this loop; it borrows only the shared pieces (optimizer, schedule, checkpoints, logs).
 
 Every `save_every` steps, at the end (when save_every is set) and on Ctrl-C, OUT/checkpoints/
-step-N holds the policy (a model directory), `value/`, the optimizer and what else the next step
-depends on: the prompt sampler's state, the adaptive β, the ptx data position, the RNG states.
+step-N holds the policy (a model directory), `value/` (its config.json's stage "value", as
+OUT/value's, so that no verb takes it for a reward model), the optimizer and what else the next
+step depends on: the prompt sampler's state, the adaptive β, the ptx data position, the RNG
+states.
 `resume` continues from the latest one exactly: the same rows, the same weights.
 """
 from __future__ import annotations

@@ -7,8 +7,11 @@ a whole result, and limits on the length of any one value and on the number of c
 huge result (many rows, or `zeroblob(10**9)`) from filling memory. What a query holds while it
 runs (the rows an ORDER BY, a DISTINCT or a UNION keeps) stays in memory, not in temporary
 files, under a cap on SQLite's heap, so it can fill neither the disk nor the memory. That cap
-is SQLite's for the whole process: it is set while a query runs and put back as it was, so the
-program's other SQLite connections are held to it only meanwhile.
+is SQLite's for the whole process: it is set while a query runs, `MAX_HEAP_BYTES` above what the
+heap holds as the query begins (the program's own databases are not the query's), and put back
+as it was after, also in a child process forked meanwhile (`_HeapLimit`, which reaches SQLite's
+`sqlite3_hard_heap_limit64` through ctypes), so the program's other SQLite connections are held
+to it only meanwhile. Where ctypes cannot reach it, a PRAGMA lowers the limit for good.
 
 The budget counts steps, not seconds, so that whether a slow query is stopped does not depend
 on the machine or its load: evaluation numbers and the labelers' rankings compare across runs
