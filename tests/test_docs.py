@@ -1,6 +1,7 @@
 """What the documentation shows is what gptlab has: every `gptlab ...` line of a shell block in
 README.md and docs/ parses with the verb's own flags, and every Python example compiles and
 imports names that exist."""
+import argparse
 import ast
 import importlib
 import importlib.util
@@ -191,6 +192,107 @@ def test_every_link_to_a_section_of_the_same_file_finds_it(doc):
     anchors = {github_anchor(m) for m in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
     links = re.findall(r"\]\(#([^)]+)\)", prose)
     assert [link for link in links if link not in anchors] == []
+
+
+def prose_of(text: str) -> str:
+    """`text` without its fenced blocks, those indented under a list item too."""
+    return re.sub(r"^[ \t]*```.*?^[ \t]*```", "", text, flags=re.S | re.M)
+
+
+def contents_gaps(text: str) -> list[str]:
+    """The `## ` sections after README's `## Contents` that its list links to none of."""
+    _, _, after = prose_of(text).partition("\n## Contents\n")
+    listed, _, rest = after.partition("\n## ")
+    linked = set(re.findall(r"\]\(#([^)]+)\)", listed))
+    sections = re.findall(r"^## (.+)$", "## " + rest, flags=re.M)
+    return [s for s in sections if github_anchor(s) not in linked]
+
+
+def test_the_readme_contents_list_every_section():
+    assert contents_gaps((ROOT / "README.md").read_text()) == []
+
+
+def test_a_section_the_contents_miss_is_caught():
+    text = ("# t\n## Contents\n\n- [A](#a)\n\n## A\n```bash\n## not a heading\n```\n"
+            "### A sub-section\n## B: `gptlab b`\n")
+    assert contents_gaps(text) == ["B: `gptlab b`"]
+
+
+def verb_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Each verb's parser, and each action's as `VERB ACTION` (`world score`)."""
+    parsers = {}
+    for verb, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        parsers[verb] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.update({f"{verb} {name}": p for name, p in action.choices.items()})
+    return parsers
+
+
+def code_spans(text: str) -> list[str]:
+    """The text of each backquoted span, as Markdown pairs them: a run of backquotes closes at
+    the next run as long (``a `b` c`` is one span), within a paragraph."""
+    return [m[1] for m in re.findall(r"(?<!`)(`+)(?!`)((?:(?!\n\n).)+?)(?<!`)\1(?!`)", text,
+                                     flags=re.S)]
+
+
+def flags_shown_with_a_verb(text: str, verbs: set[str]) -> list[tuple[str, str]]:
+    """(verb, flag) of each flag in a backquoted span of prose that begins with a verb, after
+    `gptlab` or not (`gptlab ppo --kl-coef 0.1`, `world score --in`, `label --no-ties`)."""
+    shown = []
+    for span in code_spans(prose_of(text)):
+        words = [w.strip("[](){},;") for w in span.split()]
+        words = words[1:] if words[:1] == ["gptlab"] else words
+        words = words[:words.index("--")] if "--" in words else words  # then arguments only
+        two = " ".join(words[:2])
+        verb = two if two in verbs else words[0] if words and words[0] in verbs else None
+        if verb is not None:
+            shown += [(verb, w.split("=")[0]) for w in words if w.startswith("--")]
+    return shown
+
+
+def test_every_flag_the_prose_shows_after_a_verb_is_that_verbs():
+    # The shell blocks are parsed whole above; prose names flags in spans such as `sft --data`.
+    parsers = verb_parsers()
+    shown = [(doc.name, verb, flag) for doc in DOCS
+             for verb, flag in flags_shown_with_a_verb(doc.read_text(), set(parsers))]
+    assert ("README.md", "world score", "--in") in shown and len(shown) > 50
+    assert [s for s in shown if s[2] not in parsers[s[1]]._option_string_actions] == []
+
+
+def test_a_flag_shown_with_the_wrong_verb_is_caught():
+    text = ("`gptlab sample --k 1 [--greedy]`, `world score --in` and\n`reward --samples`;\n"
+            "```bash\n`sft --in`\n```\n`gptlab --help`, `--seed`, `gptlab sfx --x`, "
+            "``said `sft --in` `` and `label\n--in -- --x`")
+    verbs = set(verb_parsers())
+    assert flags_shown_with_a_verb(text, verbs) == [
+        ("sample", "--k"), ("sample", "--greedy"), ("world score", "--in"),
+        ("reward", "--samples"), ("label", "--in")]
+    assert "--samples" not in verb_parsers()["sft"]._option_string_actions
+
+
+# Flags the documents show only to say they are refused: cut short (`--temp`), or a prefix.
+NOT_FLAGS = {"--temp", "--max-step", "--no-tie", "--no-"}
+
+
+def backquoted_flags(text: str) -> set[str]:
+    """Each `--flag` that begins a backquoted span (`--kl-coef`, `--out=-x`, `--top-k 5`)."""
+    return {m for span in code_spans(prose_of(text))
+            for m in re.findall(r"^\s*(--\w[\w-]*)", span)}
+
+
+def test_every_flag_the_documents_name_is_a_flag_of_some_verb():
+    known = {flag for parser in verb_parsers().values() for flag in parser._option_string_actions}
+    named = set().union(*(backquoted_flags(doc.read_text()) for doc in DOCS))
+    assert {"--kl-coef", "--ptx-data", "--no-ties", "--vary-schema"} <= named
+    assert sorted(named - known - NOT_FLAGS) == []
+
+
+def test_a_flag_no_verb_has_is_caught():
+    assert backquoted_flags("`--kl-coef 0.1`, `--out=-x`, `-- -x` and ``--kl-coeff``") == \
+        {"--kl-coef", "--out", "--kl-coeff"}
+    assert "--kl-coeff" not in {f for p in verb_parsers().values()
+                                for f in p._option_string_actions}
 
 
 # --- docs/ARCHITECTURE.md: the tree it draws, the names it gives, the arrows it states ---------
