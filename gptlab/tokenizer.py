@@ -21,8 +21,10 @@ token, that is a special token or an added token written `<...>` that is not mar
 or EOS or another of the `end_ids`), 0 everywhere else. A user who types "<|eos|>" must get
 ordinary tokens, not the special one: when special-token text appears inside a message,
 template text and contents are tokenized apart instead, contents with special-token parsing
-off. The template must write message content verbatim (or stripped, as Llama 3's `| trim`
-does); one that rewrites it is a UserError.
+off (under a SentencePiece tokenizer that puts "▁" before a text, each run of text between the
+template's special tokens is tokenized whole, as transformers splits the text there). The
+template must write message content verbatim (or stripped, as Llama 3's `| trim` does); one
+that rewrites it is a UserError.
 
 A response after its prompt. An imported SentencePiece tokenizer (Llama 2's, Mistral's, a llama
 GGUF's) puts "▁", a space, before a text (`prefixes_space`), so a response encoded alone starts
@@ -346,31 +348,35 @@ class Tokenizer:
         contents = {i: check_text(_content_of(messages, i, strip)) for i in range(len(messages))}
         if any(m in c for c in contents.values() for m in self._markup_strings):
             # A message holds special-token text, which must stay text: contents are
-            # tokenized apart from the template, with special-token parsing off.
+            # tokenized with special-token parsing off.
+            if self._unprefixed is not None:
+                return self._render_chat_in_runs(messages, pieces, contents)
             return self._render_chat_piecewise(messages, pieces, strip)
         # Whole, as transformers tokenizes the rendered text: BPE may merge across a content
         # boundary ("[INST] " + "What" is " What"). Offsets say which tokens are whose.
-        text, spans = "", []  # (start, end, role) of each message's content in `text`
-        for piece in pieces:
-            part = piece if isinstance(piece, str) else contents[piece]
-            if not isinstance(piece, str):
-                spans.append((len(text), len(text) + len(part), messages[piece]["role"]))
-            text += part
+        text, spans = _joined(messages, pieces, contents)
         enc = self.hf.encode(text, add_special_tokens=False)
-        ids, mask = list(enc.ids), []
+        markup = [t in self._markup_len for t in enc.ids]
+        return list(enc.ids), self._assistant_mask(enc.ids, enc.offsets, markup, spans)
+
+    def _assistant_mask(self, ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                        markup: Sequence[bool], spans: list[tuple[int, int, str]]) -> list[int]:
+        """The assistant mask of `ids`, the tokens of a rendered conversation, from their
+        character `offsets` in it and the (start, end, role) `spans` of the messages' contents;
+        `markup`: which tokens are the template's markup tokens, never a message's."""
+        mask: list[int] = []
         k = 0  # offsets only move forward: one pass over the spans
         closing: list[int] | None = None  # template tokens after an assistant message so far
-        for t, (a, b) in zip(ids, enc.offsets):
-            if t in self._markup_len:  # a special token starts where its own text does, even
-                a = max(a, b - self._markup_len[t])  # when its lstrip took content's spaces
+        for t, (a, b), is_markup in zip(ids, offsets, markup):
+            if is_markup:  # a special token starts where its own text does, even when its
+                a = max(a, b - self._markup_len[t])  # lstrip took content's spaces
             while k < len(spans) and spans[k][1] <= a:  # past a message (an empty one too)
                 for i in closing or ():  # no end-of-turn token came: nothing was closing
                     mask[i] = 0
                 closing = [] if spans[k][2] == "assistant" else None  # its end-of-turn may follow
                 k += 1
             # A special token is template text, never a message's.
-            role = spans[k][2] if k < len(spans) and spans[k][0] < b \
-                and t not in self._markup_len else None
+            role = spans[k][2] if k < len(spans) and spans[k][0] < b and not is_markup else None
             if role is not None:
                 for i in closing or ():  # no end-of-turn token before this message
                     mask[i] = 0
@@ -385,13 +391,63 @@ class Tokenizer:
                 mask.append(0)
         for i in closing or ():  # the text ended with no end-of-turn token
             mask[i] = 0
-        return ids, mask
+        return mask
 
     def content_as_written(self, messages: Sequence[dict], i: int) -> str:
         """Message `i`'s content as the chat template writes it: verbatim, or stripped by a
         template that trims it (Llama 3's `| trim`)."""
         _, strip = self._template_pieces(messages, False)
         return _content_of(messages, i, strip)
+
+    def _render_chat_in_runs(self, messages: Sequence[dict], pieces: list[str | int],
+                             contents: dict[int, str]) -> tuple[list[int], list[int]]:
+        """Where the tokenizer `prefixes_space` (SentencePiece) and a message holds special-token
+        text: the rendered text split at the template's markup tokens only, as transformers
+        splits it at special tokens, and each run of text between them encoded whole with
+        special-token parsing off, so BPE merges across content edges as in the whole text
+        ("[INST] " + "is" is "▁is"). A run gets the "▁" that the tokenizer puts before text
+        that follows a special token (Llama 2's normalizer: each; a Metaspace that prepends
+        first, Mistral's: none but a run that starts the text). Typed special-token text is
+        text within its run: no "▁" after it, where transformers, which splits there, starts
+        a new run. Tokenized apart, each content had a "▁" of its own ("▁", "▁is")."""
+        text, spans = _joined(messages, pieces, contents)
+        enc = self.hf.encode(text, add_special_tokens=False)
+        cuts = []  # (token, start, end) of each markup token the template wrote
+        for t, (a, b) in zip(enc.ids, enc.offsets):
+            if t in self._markup_len:
+                own = max(a, b - self._markup_len[t])  # its text, without what it stripped
+                if not any(s < b and own < e for s, e, _ in spans):  # not typed in a content
+                    cuts.append((t, a, b))
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        markup: list[bool] = []
+        at = 0
+        for t, a, b in [*cuts, (None, len(text), len(text))]:
+            if at < a:
+                plain = self._plain if at == 0 or self._prefixes_after_markup \
+                    else self._unprefixed
+                run = plain.encode(text[at:a], add_special_tokens=False)
+                ids += run.ids
+                offsets += [(at + x, at + y) for x, y in run.offsets]
+                markup += [False] * len(run.ids)
+            if t is not None:
+                ids.append(t)
+                offsets.append((a, b))
+                markup.append(True)
+            at = b
+        return ids, self._assistant_mask(ids, offsets, markup, spans)
+
+    @cached_property
+    def _prefixes_after_markup(self) -> bool:
+        """Whether `hf` puts a "▁" before text that follows a special token ("</s>a" is "</s>",
+        "▁a"), as it does before a text (Llama 2's normalizer); a Metaspace that prepends
+        first (Mistral's) puts none there."""
+        first = self._plain.encode("a", add_special_tokens=False).ids
+        for i in sorted(self._markup_ids):
+            ids = self.hf.encode(self.hf.id_to_token(i) + "a", add_special_tokens=False).ids
+            if ids[:1] == [i]:
+                return ids[1:] == first
+        return True
 
     def _render_chat_piecewise(self, messages: Sequence[dict], pieces: list[str | int],
                                strip: bool) -> tuple[list[int], list[int]]:
@@ -666,6 +722,19 @@ def check_messages(messages: Sequence[dict]) -> None:
 def _content_of(messages: Sequence[dict], i: int, strip: bool) -> str:
     content = messages[i]["content"]
     return content.strip() if strip else content
+
+
+def _joined(messages: Sequence[dict], pieces: list[str | int],
+            contents: dict[int, str]) -> tuple[str, list[tuple[int, int, str]]]:
+    """The rendered text of `pieces` and the (start, end, role) of each message's content in
+    it."""
+    text, spans = "", []
+    for piece in pieces:
+        part = piece if isinstance(piece, str) else contents[piece]
+        if not isinstance(piece, str):
+            spans.append((len(text), len(text) + len(part), messages[piece]["role"]))
+        text += part
+    return text, spans
 
 
 def _jinja_env() -> Any:

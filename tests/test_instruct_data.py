@@ -1349,6 +1349,40 @@ def test_byte_level_bpe_encodes_a_continuation_as_a_text_of_its_own(byte_level, 
     assert byte_level.encode_continuation(text) == byte_level.encode(text)
 
 
+# sha256 of the ids and masks `render_chat` gave the 300 conversations below, before
+# SentencePiece tokenizers' conversations holding special-token text were encoded in runs.
+_BYTE_LEVEL_CHAT_DIGESTS = {"gptlab": "c43e10fc1256da46", "smollm2": "904a7d8fa36425c9"}
+
+
+def test_byte_level_chat_tokens_and_masks_are_as_before(byte_level, request):
+    """gptlab's byte-level BPE (the demo's) and SmolLM2's put no "▁" before a text: a
+    conversation holding special-token text is tokenized as before, template text and contents
+    apart (the template's pieces with special tokens parsed, contents `encode`d), any other as
+    its whole rendered text; the ids and masks of 300 seeded conversations are those the
+    version before gave, byte for byte (the demo's figures depend on them)."""
+    import hashlib
+    import random
+
+    from test_tokenizer import _random_chats
+    t, which = byte_level, request.node.callspec.params["byte_level"]
+    assert not t.prefixes_space
+    digest = hashlib.sha256()
+    for chat in _random_chats(random.Random(0), sorted(t._markup_strings), 300):
+        gen = chat[-1]["role"] != "assistant"
+        ids, mask = t.render_chat(chat, add_generation_prompt=gen)
+        pieces, strip = t._template_pieces(chat, gen)
+        parts = [p if isinstance(p, str) else chat[p]["content"].strip() if strip
+                 else chat[p]["content"] for p in pieces]
+        if any(m in message["content"] for message in chat for m in t._markup_strings):
+            assert ids == [i for p, part in zip(pieces, parts) for i in (
+                t.hf.encode(part, add_special_tokens=False).ids if isinstance(p, str)
+                else t.encode(part))]
+        else:
+            assert ids == t.hf.encode("".join(parts), add_special_tokens=False).ids
+        digest.update(json.dumps([ids, mask]).encode())
+    assert digest.hexdigest()[:16] == _BYTE_LEVEL_CHAT_DIGESTS[which]
+
+
 def test_a_byte_level_response_after_a_merged_generation_prompt_keeps_its_tokens():
     """gptlab's "\\n" after <|assistant|> merges with a response's "\\n\\n": the response is
     `encode(response)` and the end of turn, as before."""

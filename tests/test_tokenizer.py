@@ -1188,6 +1188,73 @@ def test_which_tokenizers_put_a_space_before_a_text(tmp_path):
             assert t._unprefixed.encode("s paris").ids == bare.encode("s paris").ids == ids
 
 
+# A message holding special-token text: "<tool>" is a special token of `ours`, no token of the
+# directory transformers reads, where it is text as it is in gptlab.
+_TYPED_CHATS = [
+    [{"role": "user", "content": "is the <tool> cat happy?"},
+     {"role": "assistant", "content": "yes <tool>it is"}],
+    [{"role": "system", "content": "the cat"}, {"role": "user", "content": "<tool>is it happy?"},
+     {"role": "assistant", "content": "<tool> yes"}, {"role": "user", "content": "no it is<tool>"}],
+    [{"role": "user", "content": "is the cat happy?"},
+     {"role": "assistant", "content": "yes it is"}, {"role": "user", "content": "<tool>"}],
+]
+
+
+@pytest.mark.parametrize("make", [sentencepiece_tokenizer, _metaspace_tokenizer])
+@pytest.mark.parametrize("template", [LLAMA2_CHAT, ZEPHYR_CHAT], ids=["llama2", "zephyr"])
+def test_a_sentencepiece_chat_holding_special_token_text_has_transformers_tokens(make, template,
+                                                                                 tmp_path):
+    """transformers renders the template and encodes the text once, split at special tokens:
+    each run between them gets the "▁" the tokenizer puts after a special token (Llama 2's
+    normalizer: one each; a Metaspace that prepends first: only at the text's start), and BPE
+    merges across content edges ("[INST] " + "is" is "▁is"). gptlab tokenized such a
+    conversation's contents apart, each with a "▁" of its own ("▁", "▁is"; "▁", "▁", "[/INST]"
+    after it). Now its tokens and mask are transformers' where the typed text is no special
+    token; where transformers parses it, gptlab keeps it text, with no "▁" after it."""
+    transformers = pytest.importorskip("transformers")
+    base = Tokenizer(make().hf, "<s>", "</s>", None, chat_template=template)
+    base.save(tmp_path / "text")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "text"))
+    hf = tokenizers.Tokenizer.from_str(base.hf.to_str())
+    hf.add_special_tokens([tokenizers.AddedToken("<tool>", special=True, normalized=False)])
+    ours = Tokenizer(hf, "<s>", "</s>", None, chat_template=template)
+    ours.save(tmp_path / "special")
+    parsing = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "special"))
+    tool = hf.token_to_id("<tool>")
+    for chat in _TYPED_CHATS:
+        for gen in (False, True):
+            want = theirs.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen,
+                                              return_dict=False)
+            ids, mask = ours.render_chat(chat, add_generation_prompt=gen)
+            assert ids == list(want), (chat, gen)
+            assert (ids, mask) == base.render_chat(chat, add_generation_prompt=gen)
+            assert tool in parsing.apply_chat_template(chat, tokenize=True, return_dict=False)
+    # The template's own end of turn typed: text, and the words after it go on with no "▁"
+    # ("it", where transformers starts a new run after its "</s>": "▁it" or, Mistral's, "it").
+    chat = [{"role": "user", "content": "is the cat happy?"},
+            {"role": "assistant", "content": "yes </s>it is"}]
+    ids, mask = ours.render_chat(chat)
+    answer = [hf.id_to_token(i) for i, m in zip(ids, mask) if m]
+    typed = ["<0x3C>", "<0x2F>", "s", "<0x3E>"]
+    assert answer == ["\u2581yes" if template == LLAMA2_CHAT else "yes", "\u2581", *typed, "it",
+                      "\u2581is", *(["\u2581"] if template == LLAMA2_CHAT else []), "</s>"]
+
+
+def _random_chats(rng, markup: list[str], n: int) -> list[list[dict]]:
+    """`n` conversations whose contents mix text, whitespace and special-token text."""
+    text = ["a", "SELECT", " x", "name;", "?", "\n", "\n\n", " ", "  ", "\t", "é", "学生", "🙂"]
+
+    def content() -> str:
+        return "".join(rng.choice(markup if rng.random() < 0.08 else text)
+                       for _ in range(rng.randint(0, 5)))
+    chats = []
+    for _ in range(n):
+        roles = ["system"] * (rng.random() < 0.3) + ["user", "assistant"] * rng.randint(1, 3)
+        chats.append([{"role": r, "content": content()}
+                      for r in roles[:len(roles) - (rng.random() < 0.3)]])
+    return chats
+
+
 def test_a_save_names_the_unknown_token_only_where_the_vocabulary_has_it(tmp_path):
     from tokenizers import models
 
