@@ -446,22 +446,26 @@ def write_jsonl_atomic(path: str | Path, rows: Any, non_finite: str = "refuse") 
 
 
 # What a file that is no text starts with: compressed files and archives, whose first bytes
-# would be reported as a byte that is not UTF-8 (or, for a zip, read as a line of text).
-_COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -k {})"),
-               (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k {})"),
-               (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd {})"),
-               (b"BZh", "bzip2-compressed", "decompress it first (bunzip2 -k {})"),
-               (b"PK\x03\x04", "a zip archive", "extract its files first (unzip {})"))
+# would be reported as a byte that is not UTF-8 (or, for a zip, read as a line of text). An empty
+# zip archive is its end record alone (PK\5\6), an empty bzip2 stream its end-of-stream magic.
+_COMPRESSED = (((b"\x1f\x8b",), "gzip-compressed", "decompress it first (gunzip -k {})"),
+               ((b"\xfd7zXZ\x00",), "xz-compressed", "decompress it first (unxz -k {})"),
+               ((b"\x28\xb5\x2f\xfd",), "zstd-compressed", "decompress it first (unzstd {})"),
+               ((b"BZh",), "bzip2-compressed", "decompress it first (bunzip2 -k {})"),
+               ((b"PK\x03\x04", b"PK\x05\x06"), "a zip archive",
+                "extract its files first (unzip {})"))
 PARQUET_MAGIC = b"PAR1"
 
 
-def _compression(head: bytes, name: str) -> tuple[str, str] | None:
-    """(what it is, how to undo it) for a file named `name` whose first bytes are `head`, if
-    they are a compressed file's or an archive's; else None."""
-    for magic, kind, advice in _COMPRESSED:
-        # bzip2's "BZh" is text too: its block size digit and block magic follow it.
-        if head.startswith(magic) and (magic != b"BZh" or re.match(rb"BZh[1-9]1AY&SY", head)):
-            return kind, advice.format(name)
+def _compression(head: bytes, path: str | Path) -> tuple[str, str] | None:
+    """(what it is, how to undo it) for file `path` whose first bytes are `head`, if they are a
+    compressed file's or an archive's; else None."""
+    for magics, kind, advice in _COMPRESSED:
+        # bzip2's "BZh" is text too: its block size digit and a block's (or the end's) magic
+        # follow it.
+        if head.startswith(magics) and (magics != (b"BZh",) or re.match(
+                rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)", head)):
+            return kind, advice.format(Path(path).name)
     return None
 
 
@@ -510,7 +514,7 @@ def _compressed_under(d: Path, name_ok: Callable[[Path], bool] = lambda f: True
     for f in sorted(d.rglob("*")):
         if f.is_file() and name_ok(f):
             with open(f, "rb") as fh:
-                kind = _compression(fh.read(10), f.name)
+                kind = _compression(fh.read(10), f)
             if kind is not None:
                 found.append((f, kind))
     return found
@@ -542,7 +546,7 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(size - 8, 0))
         tail = f.read()
-    compressed = _compression(head, Path(path).name)
+    compressed = _compression(head, path)
     if compressed is not None:
         return f"is {compressed[0]}, not {read_as}; {compressed[1]} and give what it holds"
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):

@@ -301,6 +301,36 @@ def test_a_text_starting_with_a_format_s_magic_is_still_text(tmp_path):
         assert read_documents([f]) == [text]
 
 
+def test_an_empty_bzip2_stream_or_zip_archive_is_known_as_compressed(tmp_path):
+    # An empty bzip2 stream has no block magic after 'BZh9' (its end-of-stream magic follows)
+    # and an empty zip archive is its end record alone (PK\5\6): the first was 'not UTF-8
+    # text', the second read as a line of text; beside a shard, each was skipped unnamed.
+    import bz2
+    import zipfile
+    from gptlab.data.corpus import read_documents
+    f = tmp_path / "p.jsonl.bz2"
+    f.write_bytes(bz2.compress(b""))
+    z = tmp_path / "p.jsonl.zip"
+    zipfile.ZipFile(z, "w").close()
+    assert z.read_bytes()[:4] == b"PK\x05\x06"
+    for path, message in ((f, "is bzip2-compressed, not text; decompress it first (bunzip2 -k "
+                              "p.jsonl.bz2) and give what it holds"),
+                          (z, "is a zip archive, not text; extract its files first (unzip "
+                              "p.jsonl.zip) and give what it holds")):
+        for read in (read_prompts, read_documents):
+            with pytest.raises(UserError) as err:
+                read(path)
+            assert str(err.value) == f"{path}: {message}"
+        d = tmp_path / path.suffix.lstrip(".")
+        d.mkdir()
+        (d / "a.jsonl").write_text('{"prompt": "hi", "text": "hi"}\n')
+        path.rename(d / path.name)
+        for read in (read_prompts, read_documents):
+            with pytest.raises(UserError) as err:
+                read(d)
+            assert err.value.message.startswith(f"holds 1 compressed file ({path.name}, ")
+
+
 @pytest.mark.parametrize("indent", [None, 2])
 def test_a_json_array_of_records_is_told_to_be_json_lines(tok, tmp_path, indent):
     # Alpaca's .json: pretty-printed it was "not valid JSON (Expecting value at column 2)",
