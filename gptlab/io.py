@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -459,13 +460,14 @@ PARQUET_MAGIC = b"PAR1"
 
 def _compression(head: bytes, path: str | Path) -> tuple[str, str] | None:
     """(what it is, how to undo it) for file `path` whose first bytes are `head`, if they are a
-    compressed file's or an archive's; else None."""
+    compressed file's or an archive's; else None. The advice names `path` as given (inside a
+    directory, joined to it), so that it runs from where the user stands."""
     for magics, kind, advice in _COMPRESSED:
         # bzip2's "BZh" is text too: its block size digit and a block's (or the end's) magic
         # follow it.
         if head.startswith(magics) and (magics != (b"BZh",) or re.match(
                 rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)", head)):
-            return kind, advice.format(Path(path).name)
+            return kind, advice.format(shlex.quote(str(path)))
     return None
 
 

@@ -78,7 +78,7 @@ def test_a_gzipped_jsonl_exits_2_saying_so_and_writes_nothing(verb, tiny_model, 
     fill = dict(f=f, out=tmp_path / "out", model=tiny_model)
     assert main([a.format(**fill) for a in verb]) == 2
     assert capsys.readouterr().err == (f"gptlab {verb[0]}: error: {f}: is gzip-compressed, not "
-                                       f"text; decompress it first (gunzip -k d.jsonl.gz) and "
+                                       f"text; decompress it first (gunzip -k {f}) and "
                                        f"give what it holds\n")
     assert not (tmp_path / "out").exists()
 

@@ -410,13 +410,13 @@ def test_a_directory_of_compressed_files_only_names_them_and_how_to_read_them(tm
     assert str(e.value) == (
         f"{d}: no .txt, .jsonl, .parquet files in this directory; it holds 2 compressed files, "
         f"which no verb reads (the first: c.txt.bz2, bzip2-compressed): decompress it first "
-        f"(bunzip2 -k c.txt.bz2), and the others likewise")
+        f"(bunzip2 -k {d}/c.txt.bz2), and the others likewise")
     (d / "c.txt.bz2").unlink()
     with pytest.raises(UserError) as e:
         read_documents(d)
     assert e.value.message.endswith(
-        "; it holds 1 compressed file, which no verb reads (part/b.jsonl.gz, gzip-compressed): "
-        "decompress it first (gunzip -k b.jsonl.gz)")
+        f"; it holds 1 compressed file, which no verb reads (part/b.jsonl.gz, gzip-compressed): "
+        f"decompress it first (gunzip -k {d}/part/b.jsonl.gz)")
     (d / "part" / "b.jsonl.gz").unlink()
     with pytest.raises(UserError) as e:  # nothing compressed: nothing more to say
         read_documents(d)
@@ -442,21 +442,43 @@ def test_a_directory_holding_compressed_files_beside_read_ones_is_refused_naming
         assert str(e.value) == (
             f"{d}: holds 2 compressed files (the first: part/b.jsonl.gz, gzip-compressed), which "
             f"no verb reads, beside the .txt, .jsonl, .parquet files it reads: left out, part of "
-            f"the data would go unread; decompress it first (gunzip -k b.jsonl.gz), and the "
-            f"others likewise, or move them out of the directory")
+            f"the data would go unread; decompress it first (gunzip -k {d}/part/b.jsonl.gz), and "
+            f"the others likewise, or move them out of the directory")
     (d / "part" / "b.jsonl.gz").unlink()
     with pytest.raises(UserError) as e:
         read_documents(d)
     assert e.value.message == (
-        "holds 1 compressed file (part/c.txt.xz, xz-compressed), which no verb reads, beside the "
-        ".txt, .jsonl, .parquet files it reads: left out, part of the data would go unread; "
-        "decompress it first (unxz -k c.txt.xz), or move it out of the directory")
+        f"holds 1 compressed file (part/c.txt.xz, xz-compressed), which no verb reads, beside the "
+        f".txt, .jsonl, .parquet files it reads: left out, part of the data would go unread; "
+        f"decompress it first (unxz -k {d}/part/c.txt.xz), or move it out of the directory")
     # A compressed file that no verb would read decompressed either (a .tar.gz, a .json.gz:
     # a corpus directory reads no .json) is no part of the corpus, as a .md is not.
     (d / "part" / "c.txt.xz").rename(d / "part" / "c.tar.xz")
     (d / "d.json.gz").write_bytes(gzip.compress(b'{"text": "four"}\n'))
     assert read_documents(d) == ["one"]
 
+
+
+def test_the_decompress_advice_names_the_file_from_where_the_user_stands(tmp_path, monkeypatch):
+    # It named the file alone (gunzip -k b.txt.gz), which run where the user stands finds no
+    # file: the path is the one given, joined to the file's place in the directory (and quoted
+    # for the shell where it must be).
+    import gzip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my corpus" / "part").mkdir(parents=True)
+    (tmp_path / "my corpus" / "a.txt").write_text("one\n", encoding="utf-8")
+    (tmp_path / "my corpus" / "part" / "b.txt.gz").write_bytes(gzip.compress(b"two\n"))
+    with pytest.raises(UserError) as e:
+        read_documents("my corpus")
+    assert ("; decompress it first (gunzip -k 'my corpus/part/b.txt.gz'), or move it"
+            in str(e.value))
+    (tmp_path / "my corpus" / "a.txt").unlink()
+    with pytest.raises(UserError) as e:
+        read_documents("my corpus")
+    assert str(e.value).endswith("(gunzip -k 'my corpus/part/b.txt.gz')")
+    with pytest.raises(UserError) as e:  # a file given on its own: named as given
+        read_documents("my corpus/part/b.txt.gz")
+    assert "(gunzip -k 'my corpus/part/b.txt.gz')" in str(e.value)
 
 
 def test_a_corpus_directory_of_two_splits_shards_is_refused_as_a_record_directory_is(tmp_path):
