@@ -515,8 +515,13 @@ def _compressed_under(d: Path, name_ok: Callable[[Path], bool] = lambda f: True
     found = []
     for f in sorted(d.rglob("*")):
         if f.is_file() and name_ok(f):
-            with open(f, "rb") as fh:
-                kind = _compression(fh.read(10), f)
+            try:
+                with open(f, "rb") as fh:
+                    kind = _compression(fh.read(10), f)
+            except OSError as e:  # no right to read it, say: the user's to fix, named
+                raise UserError(f"cannot be read ({e.strerror or e}) to learn whether it is "
+                                f"compressed; make it readable or move it out of the directory",
+                                path=f) from None
             if kind is not None:
                 found.append((f, kind))
     return found

@@ -459,6 +459,35 @@ def test_a_directory_holding_compressed_files_beside_read_ones_is_refused_naming
 
 
 
+def test_an_unreadable_file_in_a_corpus_directory_is_named(tmp_path, monkeypatch):
+    # Looking for compressed files opened every file under the directory: one it could not
+    # read escaped as a bare PermissionError (a traceback, exit 1). The test runs as root too,
+    # whom no mode keeps from reading, so the refusal is made by a stand-in for open.
+    import builtins
+
+    import gptlab.io
+    d = tmp_path / "corpus"
+    (d / "part").mkdir(parents=True)
+    (d / "notes.md").write_text("not a corpus file\n", encoding="utf-8")
+    locked = d / "part" / "b.jsonl.gz"
+    locked.write_bytes(b"\x1f\x8b")
+
+    def refusing_open(file, *args, **kwargs):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+    monkeypatch.setattr(gptlab.io, "open", refusing_open, raising=False)
+    message = (f"{locked}: cannot be read (Permission denied) to learn whether it is "
+               f"compressed; make it readable or move it out of the directory")
+    with pytest.raises(UserError) as e:  # nothing read: the note on compressed files
+        read_documents(d)
+    assert str(e.value) == message
+    (d / "a.txt").write_text("one\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:  # beside what is read: the check of .jsonl.gz names
+        read_documents(d)
+    assert str(e.value) == message
+
+
 def test_the_decompress_advice_names_the_file_from_where_the_user_stands(tmp_path, monkeypatch):
     # It named the file alone (gunzip -k b.txt.gz), which run where the user stands finds no
     # file: the path is the one given, joined to the file's place in the directory (and quoted
