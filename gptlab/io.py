@@ -479,13 +479,14 @@ _SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+(?:-[^.]*)?\.[^.]+$")
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Every file under `directory` whose suffix is one of `suffixes`, in sorted order: what a
-    verb reads of a directory. A UserError where that would not be the data the directory
+    verb reads of a directory, leaving out hidden files and folders as `datasets` does
+    (`_files_under`). A UserError where that would not be the data the directory
     holds: no such file (naming any compressed files it skipped, which no verb reads); a
     compressed file that would be one of them decompressed (`a.jsonl.gz`), left out without a
     word; the shards of two splits (`train-00000-of-00001.parquet` beside
     `test-00000-of-00001.parquet`), a test split read, and trained on, with the other."""
     d = Path(directory)
-    files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+    files = [f for f in _files_under(d) if f.suffix.lower() in suffixes]
     if not files:
         raise UserError(f"no {', '.join(suffixes)} files in this directory"
                         + _compressed_note(d), path=d)
@@ -508,13 +509,24 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
+def _files_under(d: Path) -> list[Path]:
+    """The files under directory `d`, in sorted order, but for those `datasets` leaves out of a
+    dataset's directory: hidden ones and those in hidden folders (a name beginning with ".":
+    `.ipynb_checkpoints/`, `.git/`, a write's temporary `.NAME.<random>.tmp/`) and those in
+    folders whose name begins with "__" (`__pycache__/`)."""
+    def hidden(f: Path) -> bool:
+        *folders, name = f.relative_to(d).parts
+        return name.startswith(".") or any(p.startswith((".", "__")) for p in folders)
+    return sorted(f for f in d.rglob("*") if f.is_file() and not hidden(f))
+
+
 def _compressed_under(d: Path, name_ok: Callable[[Path], bool] = lambda f: True
                       ) -> list[tuple[Path, tuple[str, str]]]:
     """The compressed files under `d` (of those `name_ok` takes), each with what it is and how
     to decompress it, in sorted order."""
     found = []
-    for f in sorted(d.rglob("*")):
-        if f.is_file() and name_ok(f):
+    for f in _files_under(d):
+        if name_ok(f):
             try:
                 with open(f, "rb") as fh:
                     kind = _compression(fh.read(10), f)

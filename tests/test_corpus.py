@@ -459,6 +459,25 @@ def test_a_directory_holding_compressed_files_beside_read_ones_is_refused_naming
 
 
 
+def test_hidden_files_and_folders_of_a_corpus_directory_are_no_documents(tmp_path):
+    # They were read as documents: a notebook's checkpoint copy pretrained on twice, a .git
+    # folder's files and __pycache__'s as text.
+    d = tmp_path / "corpus"
+    for rel, text in (("a.txt", "one"), (".ipynb_checkpoints/a-checkpoint.txt", "one"),
+                      (".git/info/exclude.txt", "git"), ("__pycache__/c.txt", "cache"),
+                      (".notes.txt", "hidden"), ("part/.b.txt", "hidden"), ("part/b.txt", "two")):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(text + "\n", encoding="utf-8")
+    (d / ".git" / "x.txt.gz").write_bytes(b"\x1f\x8b")  # nor refused as a compressed one
+    assert read_documents(d) == ["one", "two"]
+    only_hidden = tmp_path / "hidden"
+    (only_hidden / ".ipynb_checkpoints").mkdir(parents=True)
+    (only_hidden / ".ipynb_checkpoints" / "a.txt").write_text("one\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_documents(only_hidden)
+    assert e.value.message == "no .txt, .jsonl, .parquet files in this directory"
+
+
 def test_an_unreadable_file_in_a_corpus_directory_is_named(tmp_path, monkeypatch):
     # Looking for compressed files opened every file under the directory: one it could not
     # read escaped as a bare PermissionError (a traceback, exit 1). The test runs as root too,

@@ -1234,6 +1234,23 @@ def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
     assert str(err.value) == f"{empty}: no .jsonl, .parquet files in this directory"
 
 
+def test_hidden_files_and_folders_of_a_directory_are_no_records(tmp_path):
+    # Jupyter's copy of a shard (.ipynb_checkpoints/x-checkpoint.jsonl), a .git folder's files
+    # and __pycache__'s were read as records of the directory: each prompt twice, or a stranger.
+    # `datasets` leaves out names beginning with "." and folders beginning with "__".
+    d = tmp_path / "prompts"
+    for folder in (".ipynb_checkpoints", ".git/lfs", "__pycache__"):
+        (d / folder).mkdir(parents=True)
+    write(d / "x.jsonl", {"prompt": "a"})
+    write(d / ".ipynb_checkpoints" / "x-checkpoint.jsonl", {"prompt": "a"})
+    write(d / ".git" / "lfs" / "y.jsonl", {"prompt": "old"})
+    write(d / "__pycache__" / "z.jsonl", {"prompt": "cached"})
+    write(d / ".x.jsonl", {"prompt": "hidden"})
+    (d / ".ipynb_checkpoints" / "w.jsonl.gz").write_bytes(compressed("gz", b"{}"))  # unread
+    write(d / "__init__.jsonl", {"prompt": "b"})  # a file's "__" hides nothing, as in datasets
+    assert [r["prompt"] for r in read_prompts(d)] == ["b", "a"]
+
+
 def test_sample_and_sft_read_a_directory_of_shards_and_refuse_an_out_or_val_data_in_it(
         tok, tmp_path, capsys):
     import dataclasses
