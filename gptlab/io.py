@@ -471,20 +471,84 @@ def _compression(head: bytes, path: str | Path) -> tuple[str, str] | None:
     return None
 
 
-# A shard as `datasets` and the Hugging Face Hub name one: `train-00000-of-00002.parquet`, or
-# with a fingerprint after it, as `datasets` before 2.15 pushed them
-# (`train-00000-of-00002-5f1e2d3c4b5a6978.parquet`; its pattern is `{split}-...-of-...*.*`).
+# How `datasets` tells a directory's splits by their names (datasets.data_files), which
+# `files_in` follows to refuse a directory of two. A shard as `datasets` and the Hub name one:
+# `train-00000-of-00002.parquet`, or with a fingerprint after it, as `datasets` before 2.15
+# pushed them (`train-00000-of-00002-5f1e2d3c4b5a6978.parquet`; its pattern is
+# `{split}-...-of-...*.*`), of any split name.
 _SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+(?:-[^.]*)?\.[^.]+$")
+# Else a split word, as a whole part of a folder's name (`train/`, `default/test/`, `dev_set/`)
+# or of a file's (`train.jsonl`, `my_test_file.csv`, `validation1.parquet`): between the name's
+# start or a separator (`-._ ` or a digit) and a separator, or a folder name's end. `contest`,
+# `devices` and `TRAIN` name none.
+_SPLIT_WORDS = {"train": ("train", "training"),
+                "validation": ("validation", "valid", "dev", "val"),
+                "test": ("test", "testing", "eval", "evaluation")}
+_SEPARATOR = "[-._ 0-9]"
+_SPLIT_IN_FOLDER = {split: re.compile(rf"(?:^|{_SEPARATOR})(?:{'|'.join(words)})"
+                                      rf"(?:{_SEPARATOR}|$)")
+                    for split, words in _SPLIT_WORDS.items()}
+_SPLIT_IN_NAME = {split: re.compile(rf"(?:^|{_SEPARATOR})(?:{'|'.join(words)}){_SEPARATOR}")
+                  for split, words in _SPLIT_WORDS.items()}
+
+
+def _split_of(rel: Path) -> tuple[str, Path | None] | None:
+    """The split file `rel` (a path inside the directory read) belongs to by `datasets`' names,
+    with the folder that names it (None where its own name does); None if no name says. The
+    first folder naming one decides, then the file's name: a shard's, then a split word.
+    (`datasets` tries shard names under `data/` first: a shard in a split's folder, which it
+    would not look at there, is that folder's split here.)"""
+    *folders, name = rel.parts
+    for i, folder in enumerate(folders):
+        for split, pattern in _SPLIT_IN_FOLDER.items():
+            if pattern.search(folder):
+                return split, Path(*folders[:i + 1])
+    shard = _SPLIT_SHARD.match(name)
+    if shard:
+        return shard[1], None
+    for split, pattern in _SPLIT_IN_NAME.items():
+        if pattern.search(name):
+            return split, None
+    return None
+
+
+def _check_one_split(d: Path, files: list[Path]) -> None:
+    """Refuse directory `d` if its `files` belong to two or more splits (`_split_of`): read as
+    one, a split held out for evaluation (test.jsonl beside train.jsonl) would be trained on."""
+    splits: dict[str, list[tuple[Path, Path | None]]] = {}
+    for f in files:
+        found = _split_of(f.relative_to(d))
+        if found is not None:
+            splits.setdefault(found[0], []).append((f, found[1]))
+    if len(splits) < 2:
+        return
+    names = ([s for s in _SPLIT_WORDS if s in splits]
+             + sorted(s for s in splits if s not in _SPLIT_WORDS))
+    first = splits[names[0]]
+    a, b = first[0][0], splits[names[1]][0][0]
+    folders = {folder for _, folder in first}
+    if len(folders) == 1 and None not in folders:
+        pick = f"give one split's folder instead ({d / folders.pop()})"
+    elif len(first) == 1:
+        pick = f"give one split's file instead ({a})"
+    else:
+        pick = (f"move one split's files into a folder of their own and give that (the "
+                f"{names[0]} split's {len(first)}, {a.relative_to(d)} ...)")
+    raise UserError(f"holds the files of {len(names)} splits ({', '.join(names)}), as datasets "
+                    f"names them: {a.relative_to(d)} is {names[0]}'s, {b.relative_to(d)} "
+                    f"{names[1]}'s; read as one, a split held out for evaluation would be read "
+                    f"with the others: {pick}", path=d)
 
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Every file under `directory` whose suffix is one of `suffixes`, in sorted order: what a
     verb reads of a directory, leaving out hidden files and folders as `datasets` does
-    (`_files_under`). A UserError where that would not be the data the directory
-    holds: no such file (naming any compressed files it skipped, which no verb reads); a
-    compressed file that would be one of them decompressed (`a.jsonl.gz`), left out without a
-    word; the shards of two splits (`train-00000-of-00001.parquet` beside
-    `test-00000-of-00001.parquet`), a test split read, and trained on, with the other."""
+    (`_files_under`). A UserError where that would not be the data the directory holds: no
+    such file (naming any compressed files it skipped, which no verb reads); a compressed file
+    that would be one of them decompressed (`a.jsonl.gz`), left out without a word; the files
+    of two splits as `datasets` names them (`train.jsonl` beside `test.jsonl`, `train/` beside
+    `test/`, `train-00000-of-00001.parquet` beside `test-00000-of-00001.parquet`), a test split
+    read, and trained on, with the other."""
     d = Path(directory)
     files = [f for f in _files_under(d) if f.suffix.lower() in suffixes]
     if not files:
@@ -501,11 +565,7 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
         raise UserError(f"holds {listed}, which no verb reads, beside the {', '.join(suffixes)} "
                         f"files it reads: left out, part of the data would go unread; "
                         f"{advice}{others}, or move {them} out of the directory", path=d)
-    splits = sorted({m[1] for f in files if (m := _SPLIT_SHARD.match(f.name))})
-    if len(splits) > 1:
-        raise UserError(f"holds the shards of {len(splits)} splits ({', '.join(splits)}), which "
-                        f"would be read as one; give a directory holding one split's shards",
-                        path=d)
+    _check_one_split(d, files)
     return files
 
 

@@ -540,11 +540,43 @@ def test_a_corpus_directory_of_two_splits_shards_is_refused_as_a_record_director
     for read in (read_documents, lambda p: corpus_files([p])):
         with pytest.raises(UserError) as e:
             read(d)
-        assert str(e.value) == (f"{d}: holds the shards of 2 splits (train, validation), which "
-                                f"would be read as one; give a directory holding one split's "
-                                f"shards")
+        assert str(e.value) == (
+            f"{d}: holds the files of 2 splits (train, validation), as datasets names them: "
+            f"data/train-00000-of-00001.parquet is train's, data/validation-00000-of-00001.txt "
+            f"validation's; read as one, a split held out for evaluation would be read with the "
+            f"others: give one split's file instead ({d}/data/train-00000-of-00001.parquet)")
     (d / "data" / "validation-00000-of-00001.txt").rename(d / "data" / "train-notes.txt")
     assert read_documents(d) == ["one", "two", "three"]  # one split's shards, and other files
+
+
+def test_a_corpus_directory_of_two_splits_by_file_or_folder_name_is_refused(tmp_path):
+    # Only `train-00000-of-00001.*` names counted: train.txt beside test.txt, or the Hub's
+    # parquet conversion (default/train/0000.parquet beside default/test/0000.parquet), were
+    # read as one corpus, the test split pretrained on.
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "train.txt").write_text("one\n", encoding="utf-8")
+    (d / "eval.txt").write_text("two\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_documents(d)
+    assert e.value.message.startswith("holds the files of 2 splits (train, test), as datasets "
+                                      "names them: train.txt is train's, eval.txt test's; ")
+    assert e.value.message.endswith(f": give one split's file instead ({d}/train.txt)")
+    assert read_documents(d / "train.txt") == ["one"]
+    hub = tmp_path / "hub"
+    for split, text in (("train", "one"), ("test", "two")):
+        (hub / "default" / split).mkdir(parents=True)
+        pq.write_table(pa.table({"text": [text]}), hub / "default" / split / "0000.parquet")
+    with pytest.raises(UserError) as e:
+        read_documents(hub)
+    assert e.value.message.endswith(f"give one split's folder instead ({hub}/default/train)")
+    assert read_documents(hub / "default" / "train") == ["one"]
+    # A split word inside a word, in capitals, or in a folder above the one given names none.
+    plain = tmp_path / "test" / "books"
+    plain.mkdir(parents=True)
+    for name in ("contest.txt", "devices.txt", "TRAIN.txt", "retrain.txt", "interval.txt"):
+        (plain / name).write_text(name + "\n", encoding="utf-8")
+    assert len(read_documents(plain)) == 5
 
 
 def test_a_run_directory_in_or_at_a_corpus_directory_is_refused_but_one_above_it_is_not(

@@ -1216,8 +1216,11 @@ def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
     write(d / "data" / "test-00000-of-00001.jsonl", {"prompt": "b"})
     with pytest.raises(UserError) as err:
         read_prompts(d)
-    assert str(err.value) == (f"{d}: holds the shards of 2 splits (test, train), which would be "
-                              f"read as one; give a directory holding one split's shards")
+    assert str(err.value) == (
+        f"{d}: holds the files of 2 splits (train, test), as datasets names them: "
+        f"data/train-00000-of-00001.parquet is train's, data/test-00000-of-00001.jsonl test's; "
+        f"read as one, a split held out for evaluation would be read with the others: give one "
+        f"split's file instead ({d}/data/train-00000-of-00001.parquet)")
     assert read_prompts(d / "data" / "test-00000-of-00001.jsonl")[0]["prompt"] == "b"
     # Named with a fingerprint, as `datasets` before 2.15 pushed shards to the Hub: they were
     # read as one file without a word.
@@ -1225,13 +1228,67 @@ def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
         d / "data" / "test-00000-of-00001-5f1e2d3c4b5a6978.jsonl")
     with pytest.raises(UserError) as err:
         read_prompts(d)
-    assert err.value.message.startswith("holds the shards of 2 splits (test, train)")
+    assert err.value.message.startswith("holds the files of 2 splits (train, test)")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     with pytest.raises(UserError) as err:
         read_jsonl(empty)
     assert str(err.value) == f"{empty}: no .jsonl, .parquet files in this directory"
+
+
+@pytest.mark.parametrize("held_out", ["test", "validation", "valid", "val", "dev", "eval",
+                                      "testing", "evaluation"])
+def test_a_directory_of_two_splits_by_file_name_is_refused(tmp_path, held_out):
+    # Only `train-00000-of-00001.*` names counted: train.jsonl beside test.jsonl (or another of
+    # `datasets`' split words) was read as one file, the held-out split trained on.
+    d = tmp_path / "ds"
+    d.mkdir()
+    write(d / "train.jsonl", {"prompt": "a"})
+    write(d / f"{held_out}.jsonl", {"prompt": "b"})
+    split = "test" if held_out in ("test", "eval", "testing", "evaluation") else "validation"
+    with pytest.raises(UserError) as err:
+        read_prompts(d)
+    assert str(err.value) == (
+        f"{d}: holds the files of 2 splits (train, {split}), as datasets names them: train.jsonl "
+        f"is train's, {held_out}.jsonl {split}'s; read as one, a split held out for evaluation "
+        f"would be read with the others: give one split's file instead ({d}/train.jsonl)")
+
+
+def test_a_directory_of_two_splits_by_folder_or_shard_name_is_refused_saying_what_to_give(
+        tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    # The Hub's parquet conversion (refs/convert/parquet): each split a folder of its own.
+    d = tmp_path / "hub"
+    for split in ("train", "test"):
+        (d / "default" / split).mkdir(parents=True)
+        pq.write_table(pa.table({"prompt": [split]}), d / "default" / split / "0000.parquet")
+    with pytest.raises(UserError) as err:
+        read_prompts(d)
+    assert str(err.value) == (
+        f"{d}: holds the files of 2 splits (train, test), as datasets names them: "
+        f"default/train/0000.parquet is train's, default/test/0000.parquet test's; read as one, "
+        f"a split held out for evaluation would be read with the others: give one split's "
+        f"folder instead ({d}/default/train)")
+    assert [r["prompt"] for r in read_prompts(d / "default" / "train")] == ["train"]
+    # The folder decides, as in `datasets`: a file named for another split in it is its.
+    write(d / "default" / "train" / "test_cases.jsonl", {"prompt": "t"})
+    assert len(read_prompts(d / "default" / "train")) == 2
+    # Two shards of a split beside another's: no one file or folder to give.
+    s = shards(tmp_path / "sharded", [{"prompt": "a"}], [{"prompt": "b"}])
+    write(s / "data" / "validation-00000-of-00001.jsonl", {"prompt": "c"})
+    with pytest.raises(UserError) as err:
+        read_prompts(s)
+    assert err.value.message.endswith(
+        ": move one split's files into a folder of their own and give that (the train split's "
+        "2, data/train-00000-of-00002.parquet ...)")
+    # Names holding no split word whole, and one split's files beside unnamed ones, are read.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("contest", "devices", "TRAIN", "retrain", "interval", "train", "notes"):
+        write(plain / f"{name}.jsonl", {"prompt": name})
+    assert len(read_prompts(plain)) == 7
 
 
 def test_hidden_files_and_folders_of_a_directory_are_no_records(tmp_path):

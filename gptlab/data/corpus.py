@@ -8,8 +8,9 @@ A corpus is a list of paths. Each path is read by its suffix:
 - anything else: UTF-8 text whose documents are separated by one or more blank lines;
 - a directory: every `.txt`, `.jsonl` and `.parquet` file under it, in sorted order (not a
   `.json`: a run directory's `config.json` is no corpus; not a hidden one, `.*` or in a `__*`
-  folder, as `datasets` reads none); the shards of two splits, or a
-  compressed file among them (`b.txt.gz`), are refused (`gptlab.io.files_in`);
+  folder, as `datasets` reads none); the files of two splits as `datasets` names them
+  (`train.txt` beside `test.txt`), or a compressed file among them (`b.txt.gz`), are refused
+  (`gptlab.io.files_in`);
 - a name such as `user/dataset` that is not a local path: a Hugging Face Hub dataset (streamed,
   `train` split, `text` column).
 
