@@ -918,6 +918,19 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     return rows
 
 
+def no_records(path: str | Path, what: str, field: str | None = None) -> UserError:
+    """The error for `path`, read by `read_jsonl`, that holds no record (`what`: "prompts"): a
+    file, or a directory, naming its shards, each of them empty."""
+    p = Path(path)
+    if not p.is_dir():
+        return UserError(f"no {what} in the file", path=p, field=field)
+    shards = [str(f.relative_to(p)) for f in files_in(p, RECORD_SUFFIXES)]
+    n = len(shards)
+    listed = ", ".join(shards[:3]) + (f" and {n - 3} more" if n > 3 else "")
+    held = f"its shard ({listed}) holds" if n == 1 else f"its {n} shards ({listed}) hold"
+    return UserError(f"no {what} in this directory: {held} no record", path=p, field=field)
+
+
 def record_file(record: dict, path: str | Path) -> str | Path:
     """The file `record` of `read_jsonl(path)` came from, for an error to name with its
     `_line`: its shard where `path` is a directory, else `path`."""

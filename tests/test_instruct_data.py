@@ -1291,6 +1291,28 @@ def test_a_directory_of_two_splits_by_folder_or_shard_name_is_refused_saying_wha
     assert len(read_prompts(plain)) == 7
 
 
+def test_a_directory_of_empty_shards_is_said_to_be_one(tmp_path):
+    # It was "no prompts in the file", of a directory: the user looked for a file.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = tmp_path / "ds"
+    (d / "data").mkdir(parents=True)
+    for i in range(4):
+        (d / "data" / f"train-0000{i}-of-00005.jsonl").write_text("\n")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}),
+                   d / "data" / "train-00004-of-00005.parquet")
+    for read, what in ((read_prompts, "prompts"), (read_rankings, "rankings")):
+        with pytest.raises(UserError) as err:
+            read(d)
+        assert str(err.value) == (
+            f"{d}: no {what} in this directory: its 5 shards (data/train-00000-of-00005.jsonl, "
+            f"data/train-00001-of-00005.jsonl, data/train-00002-of-00005.jsonl and 2 more) hold "
+            f"no record")
+    with pytest.raises(UserError) as err:
+        read_prompts(d / "data" / "train-00000-of-00005.jsonl")
+    assert err.value.message == "no prompts in the file"
+
+
 def test_hidden_files_and_folders_of_a_directory_are_no_records(tmp_path):
     # Jupyter's copy of a shard (.ipynb_checkpoints/x-checkpoint.jsonl), a .git folder's files
     # and __pycache__'s were read as records of the directory: each prompt twice, or a stranger.

@@ -478,6 +478,13 @@ def test_an_empty_samples_file_is_said_to_be_empty(tmp_path):
     with pytest.raises(UserError) as err:
         sample_sequences(CharTokenizer(), f, context=16)
     assert str(err.value) == f"{f}, field 'samples': no samples in the file"
+    d = tmp_path / "samples"  # a directory of empty shards: not "in the file"
+    d.mkdir()
+    f.rename(d / "samples.jsonl")
+    with pytest.raises(UserError) as err:
+        sample_sequences(CharTokenizer(), d, context=16)
+    assert str(err.value) == (f"{d}, field 'samples': no samples in this directory: its shard "
+                              f"(samples.jsonl) holds no record")
 
 
 def test_the_held_out_accuracy_reuses_the_final_evaluation_and_scores_anew_on_a_resume(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UserError, counted
-from gptlab.io import read_jsonl, record_file
+from gptlab.io import no_records, read_jsonl, record_file
 from gptlab.tokenizer import check_messages, check_text
 
 
@@ -388,7 +388,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     for row in rows:
         prompt_of(row, record_file(row, path), row.get("_line"))
     if not rows:
-        raise UserError("no prompts in the file", path=path)
+        raise no_records(path, "prompts")
     return rows
 
 
@@ -513,7 +513,7 @@ def _not_a_ranking(row: dict, path: str | Path | None, line: int | None) -> User
 def read_rankings(path: str | Path) -> list[Ranking]:
     rows = read_jsonl(path)
     if not rows:
-        raise UserError("no rankings in the file", path=path)
+        raise no_records(path, "rankings")
     rankings = []
     for r in rows:
         rankings.append(ranking_of(r, record_file(r, path), r.get("_line")))

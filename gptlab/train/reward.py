@@ -23,7 +23,8 @@ from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
-from gptlab.io import check_dir_out, check_out_of_read_dirs, read_jsonl, record_file
+from gptlab.io import (check_dir_out, check_out_of_read_dirs, no_records, read_jsonl,
+                       record_file)
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.provenance import record_run
@@ -260,7 +261,7 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int,
     seqs = []
     records = read_jsonl(path)
     if not records:  # else reported as none fitting the context
-        raise UserError("no samples in the file", path=path, field="samples")
+        raise no_records(path, "samples", field="samples")
     for rec in records:
         responses = responses_of(rec, record_file(rec, path), rec["_line"])
         prompt = prompt_of(rec, record_file(rec, path), rec["_line"])
