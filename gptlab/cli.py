@@ -222,8 +222,9 @@ def _verb_tokenizer():
         t.add_argument("--vocab-size", type=int, default=4096,
                        help="tokens in the vocabulary (the 256 bytes, merges, special tokens)")
         t.add_argument("--out", required=True,
-                       help="output directory (writes tokenizer.json and tokenizer_config.json; "
-                            "an earlier model's generation_config.json there is removed)")
+                       help="output directory, not in a --data directory (writes "
+                            "tokenizer.json and tokenizer_config.json; an earlier model's "
+                            "generation_config.json there is removed)")
         e = sub.add_parser("encode", help="print the token ids of a text")
         e.add_argument("--tokenizer", required=True,
                        help="tokenizer or model directory (its tokenizer.json)")
@@ -234,12 +235,14 @@ def _verb_tokenizer():
         if args.action == "train":
             from pathlib import Path
 
+            from gptlab.data.corpus import check_out_of_corpus
             from gptlab.io import check_dir_out, check_holds_none
             out = check_dir_out(args.out, field="out")  # before training, not after
             # A model's tokenizer replaced would make it read other tokens.
             check_holds_none(out, ("config.json", "tokenizer.json"))
-            if any(not p.strip() for p in args.data):  # Path("") is the current directory
-                raise UserError("an empty path; name a corpus file or directory", field="data")
+            # Refuses an empty path too (Path("") is the current directory), and an --out in a
+            # corpus directory, as every verb refuses its output among what it reads.
+            check_out_of_corpus(out, args.data, writes="the tokenizer's directory")
             # Paths, not strings: a missing file must be an error, never a one-line "document".
             tok = tk.train_tokenizer([Path(p) for p in args.data], vocab_size=args.vocab_size)
             tok.save(args.out)

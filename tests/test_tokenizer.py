@@ -542,6 +542,23 @@ def test_training_input_errors(tmp_path):
 
 
 # --- CLI ----------------------------------------------------------------------------------------
+def test_tokenizer_train_refuses_an_out_in_its_corpus_directory(tmp_path, data, capsys):
+    # Every other verb refuses an --out in a directory it reads whole (pretrain --data DIR
+    # --out DIR/run); `tokenizer train` wrote its tokenizer there.
+    d = data.parent
+    for out in (d / "tok", d):
+        assert cli.main(["tokenizer", "train", "--data", str(d), "--vocab-size", "300",
+                         "--out", str(out)]) == 2
+        why = (f"is inside the corpus directory {d} (data, --data)" if out != d
+               else "is the corpus directory (data, --data)")
+        assert capsys.readouterr().err == (
+            f"gptlab tokenizer: error: {out}, field 'out': {why}; the tokenizer's directory "
+            f"would become part of the corpus; choose another out (--out)\n")
+    assert sorted(p.name for p in d.iterdir()) == ["corpus.txt"]
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
+                     "--out", str(d / "tok")]) == 0  # a file named is no directory read whole
+
+
 def test_a_save_stopped_between_its_two_files_leaves_no_tokenizer(tmp_path, data, monkeypatch):
     """tokenizer.json is written last: stopped before it, the directory holds no tokenizer to
     load with another BOS/EOS, and the same `tokenizer train` runs again."""

@@ -103,16 +103,17 @@ def is_hub_name(path: str | Path) -> bool:
     return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
 
 
-def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str = "--data"
-                        ) -> None:
+def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str = "--data",
+                        writes: str = "the run's own files") -> None:
     """Refuse a run directory that is, or is inside, a corpus directory: every .txt, .jsonl
     and .parquet file under it is read, so the run's own files (metrics.jsonl, ...) would
-    become documents of the corpus, and a resumed run would read another corpus."""
+    become documents of the corpus, and a resumed run would read another corpus. `writes`:
+    what the message says would become part of it."""
     name = flag.lstrip("-").replace("-", "_")
     paths = list(paths)
     if any(not str(given).strip() for given in paths):  # Path(""): all of the current directory
         raise UserError("an empty path; name a corpus file or directory", field=name)
-    check_out_of_read_dirs(out, {f"{name}, {flag}": paths}, "corpus")
+    check_out_of_read_dirs(out, {f"{name}, {flag}": paths}, "corpus", writes)
 
 
 def _iter_path(path: str | Path) -> Iterator[str]:
