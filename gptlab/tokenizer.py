@@ -951,6 +951,69 @@ def note_once(path: Path, text: str) -> None:
         print(f"note: {path}, {text}", file=sys.stderr)
 
 
+# The classes transformers 5 builds from tokenizer.json's vocabulary and merges alone, with a
+# Metaspace pre-tokenizer of its own in place of the file's normalizer and pre-tokenizer, where
+# config.json's model_type is llama or there is none (for mistral it reads tokenizer.json).
+_REBUILT_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+_REBUILT_MODEL_TYPES = (None, "llama")
+# Where a SentencePiece "▁" may differ between the two pipelines: what each probe shows.
+_SPACE_PROBES = (
+    ("{special}a", "after a special token (Llama 2's chat \"<s>[INST]\": \"<s>\", \"[\", not "
+                   "\"<s>\", \"▁[\")"),
+    (" a", "before a text that starts with a space (one \"▁\" less)"),
+    ("a", "before the first word of a text"))
+
+
+def _note_transformers5_rebuild(hf: tokenizers.Tokenizer, config: dict, config_file: Path,
+                                file: Path, eos: str) -> None:
+    """Note where transformers 5 would give other ids than `hf`, tokenizer.json as written: for a
+    `tokenizer_class` of LlamaTokenizer (a SentencePiece tokenizer.json, a Llama or no model
+    config beside it) it keeps the file's vocabulary and merges but puts a "▁" before text by a
+    Metaspace of its own, prepend_scheme "first" unless `legacy` is true ("always") or
+    `add_prefix_space` false ("never"). Llama 2's tokenizer.json (a Prepend("▁") normalizer, on
+    each stretch of text between special tokens) encodes as SentencePiece did for Meta's code,
+    and as transformers 4 and llama.cpp do; gptlab keeps it."""
+    cls = config.get("tokenizer_class")
+    if cls not in _REBUILT_CLASSES:
+        return
+    written = hf.to_str()
+    if '"ByteLevel"' in written:  # transformers 5 reads it as written, whatever its class
+        return
+    try:
+        model_type = json.loads((file.parent / "config.json").read_text("utf-8")).get("model_type")
+    except FileNotFoundError:
+        model_type = None
+    except (OSError, ValueError, AttributeError):  # the model's loader names what is wrong
+        return
+    if model_type not in _REBUILT_MODEL_TYPES:
+        return
+    prefix, legacy = config.get("add_prefix_space"), config.get("legacy")
+    # transformers' own truth tests (its `_get_prepend_scheme`); a missing `legacy` is false
+    if prefix is not None and not prefix:
+        scheme, why = "never", "add_prefix_space false"
+    elif legacy:
+        scheme, why = "always", "legacy true"
+    else:
+        scheme, why = "first", "legacy false" if "legacy" in config else \
+            "no legacy, which transformers 5 takes as false"
+    theirs = tokenizers.Tokenizer.from_str(written)
+    theirs.normalizer = None
+    theirs.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=False)
+    where = [what for text, what in _SPACE_PROBES
+             if hf.encode(text.format(special=eos), add_special_tokens=False).ids
+             != theirs.encode(text.format(special=eos), add_special_tokens=False).ids]
+    if where:
+        note_once(config_file, f"field 'tokenizer_class': {cls} ({why}): transformers 5 builds "
+                               f"this class from the vocabulary of {file.name} with a Metaspace "
+                               f"of its own (prepend_scheme {scheme!r}), not the file's "
+                               f"normalizer, so its ids differ from gptlab's "
+                               f"{' and '.join(where)}. gptlab encodes as {file.name} is written, "
+                               f"as transformers 4, llama.cpp and Meta's Llama 2 code "
+                               f"(SentencePiece) do; for transformers 5's ids, copy the "
+                               f"{file.name} that transformers 5's save_pretrained writes over "
+                               f"this one")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a directory (tokenizer.json [+ tokenizer_config.json,
     special_tokens_map.json, generation_config.json]) or a tokenizer.json file (the others
@@ -963,8 +1026,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     then): its BOS, EOS and pad replace the config's, its additional tokens join the config's.
     A named token the vocabulary lacks is noted on stderr and stays text (transformers would
     add it as a new token, which the model has no trained embedding for). generation_config
-    .json's `eos_token_id` (one id or a list) adds ends of generation. Each note is printed
-    once per process (`note_once`), however often the directory is loaded.
+    .json's `eos_token_id` (one id or a list) adds ends of generation. tokenizer.json is read
+    as written; where transformers 5 would not read it so (a `tokenizer_class` of
+    LlamaTokenizer), where its ids would differ is noted. Each note is printed once per process
+    (`note_once`), however often the directory is loaded.
     """
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
@@ -1046,6 +1111,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             note_once(source_file, f"field '{where}': {token!r} is not in the vocabulary of "
                                     f"{file.name}; it is read as text, not as a special token")
     hf = _marked_special(hf, [t for t, _, _ in marked if t not in missing])
+    _note_transformers5_rebuild(hf, config, config_file, file, eos)
     tok = Tokenizer(hf, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template,
                     add_bos=add_bos, end_ids=end_ids,
                     extra_special_tokens=[t for t, _, _ in listed if t not in missing])

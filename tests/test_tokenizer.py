@@ -1257,6 +1257,93 @@ def test_a_sentencepiece_chat_holding_special_token_text_has_transformers_tokens
                       "\u2581is", *(["\u2581"] if template == LLAMA2_CHAT else []), "</s>"]
 
 
+# A tokenizer_config.json naming LlamaTokenizer: where transformers 5's ids differ from
+# tokenizer.json's as written (which gptlab reads), by its legacy and add_prefix_space.
+_T5_CASES = [  # (tokenizer.json, config fields, model type, where the ids differ)
+    (sentencepiece_tokenizer, {"legacy": False}, None, {"special", "space"}),  # Llama 2's own
+    (sentencepiece_tokenizer, {}, None, {"special", "space"}),  # no legacy: taken as false
+    (sentencepiece_tokenizer, {"legacy": False}, "llama", {"special", "space"}),
+    (sentencepiece_tokenizer, {"legacy": True}, None, {"space"}),
+    (sentencepiece_tokenizer, {"add_prefix_space": False}, None, {"special", "space", "first"}),
+    (sentencepiece_tokenizer, {"legacy": False}, "mistral", set()),  # read as written there
+    (_metaspace_tokenizer, {"legacy": False}, None, set()),  # Mistral's, a transformers 5 save
+    (_metaspace_tokenizer, {"legacy": True}, None, {"special"}),
+]
+_T5_PROBES = {"special": "</s>yes", "space": " yes", "first": "yes"}
+
+
+@pytest.mark.parametrize("make,fields,model_type,differ", _T5_CASES)
+def test_a_llama_tokenizer_class_notes_where_transformers_5_encodes_it_otherwise(
+        make, fields, model_type, differ, tmp_path, capsys):
+    """transformers 5 builds a LlamaTokenizer from tokenizer.json's vocabulary with a Metaspace of
+    its own (legacy false or absent: no "▁" after a special token, Llama 2's "<s>[INST]" is "<s>",
+    "["; and none added before a leading space), not the file's normalizer, which gptlab and
+    transformers 4 read. gptlab keeps the file's tokens and said nothing; now it notes, once,
+    where transformers 5's ids differ from its own, exactly where they do."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "tok"
+    Tokenizer(make().hf, "<s>", "</s>", None, chat_template=LLAMA2_CHAT).save(d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "tokenizer_class": "LlamaTokenizer", **fields}))
+    if model_type:
+        (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    capsys.readouterr()
+    ours = load_tokenizer(d)
+    err = capsys.readouterr().err
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    measured = {k for k, text in _T5_PROBES.items()
+                if ours._encode_markup(text) != theirs(text, add_special_tokens=False)["input_ids"]}
+    assert measured == differ
+    assert ("note:" in err) is bool(differ)
+    for k, phrase in (("special", "after a special token"), ("space", "starts with a space"),
+                      ("first", "first word")):
+        assert (phrase in err) is (k in differ), (k, err)
+    if differ:
+        assert f"{d / 'tokenizer_config.json'}, field 'tokenizer_class'" in err
+    chats = [[{"role": "user", "content": "is the cat happy?"}],
+             [{"role": "system", "content": "the cat"}, {"role": "user", "content": "is it?"},
+              {"role": "assistant", "content": "yes it is"}, {"role": "user", "content": "no"}]]
+    rendered = [(ours.render_chat(c, add_generation_prompt=True)[0],
+                 list(theirs.apply_chat_template(c, tokenize=True, add_generation_prompt=True,
+                                                 return_dict=False))) for c in chats]
+    # Llama 2's template puts text after <s> only: its ids differ where text after a special
+    # token does.
+    assert all(a == b for a, b in rendered) is ("special" not in differ and "first" not in differ)
+    load_tokenizer(d)
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_a_llama_tokenizer_saved_by_transformers_5_encodes_as_transformers_5(tmp_path, capsys):
+    """How README says to get transformers 5's ids for Llama 2's tokenizer.json with legacy false:
+    save it with transformers 5 and copy the tokenizer.json it writes, which holds its Metaspace,
+    over the directory's; gptlab reads that as written, with no note, and its ids and chats are
+    transformers 5's (<s>, "[" in a chat)."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "llama2"
+    Tokenizer(sentencepiece_tokenizer().hf, "<s>", "</s>", None,
+              chat_template=LLAMA2_CHAT).save(d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "tokenizer_class": "LlamaTokenizer", "legacy": False}))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    theirs.save_pretrained(str(tmp_path / "saved"))
+    shutil.copy(tmp_path / "saved" / "tokenizer.json", d / "tokenizer.json")
+    capsys.readouterr()
+    ours = load_tokenizer(d)
+    assert capsys.readouterr().err == ""
+    again = transformers.AutoTokenizer.from_pretrained(str(d))  # the same ids from it
+    for text in ["yes it is", " yes", "  two  spaces", "a\nb", ""]:
+        want = theirs(text, add_special_tokens=False)["input_ids"]
+        assert ours.encode(text) == want == again(text, add_special_tokens=False)["input_ids"]
+    chat = [{"role": "system", "content": "the cat"}, {"role": "user", "content": "is it?"},
+            {"role": "assistant", "content": "yes it is"}, {"role": "user", "content": "no"}]
+    ids, _ = ours.render_chat(chat, add_generation_prompt=True)
+    assert ids == list(theirs.apply_chat_template(chat, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=False))
+    assert ours.hf.id_to_token(ids[1]) == "<0x5B>"  # "[" right after <s>, no "▁" before it
+
+
 def _random_chats(rng, markup: list[str], n: int) -> list[list[dict]]:
     """`n` conversations whose contents mix text, whitespace and special-token text."""
     text = ["a", "SELECT", " x", "name;", "?", "\n", "\n\n", " ", "  ", "\t", "é", "学生", "🙂"]
