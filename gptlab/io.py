@@ -542,19 +542,30 @@ def _check_one_split(d: Path, files: list[Path]) -> None:
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Every file under `directory` whose suffix is one of `suffixes`, in sorted order: what a
-    verb reads of a directory, leaving out hidden files and folders as `datasets` does
-    (`_files_under`). A UserError where that would not be the data the directory holds: no
-    such file (naming any compressed files it skipped, which no verb reads); a compressed file
-    that would be one of them decompressed (`a.jsonl.gz`), left out without a word; the files
-    of two splits as `datasets` names them (`train.jsonl` beside `test.jsonl`, `train/` beside
-    `test/`, `train-00000-of-00001.parquet` beside `test-00000-of-00001.parquet`), a test split
-    read, and trained on, with the other."""
+    verb reads of a directory, leaving out hidden files and folders as `datasets` does and
+    following linked folders (`_files_under`). A UserError where that would not be the data the
+    directory holds: no such file (naming any compressed files it skipped, which no verb
+    reads); a link to no file (`b.jsonl` whose target was moved), or a folder that cannot be
+    read, whose data would go unread; a compressed file that would be one of them decompressed
+    (`a.jsonl.gz`), left out without a word; the files of two splits as `datasets` names them
+    (`train.jsonl` beside `test.jsonl`, `train/` beside `test/`,
+    `train-00000-of-00001.parquet` beside `test-00000-of-00001.parquet`), a test split read,
+    and trained on, with the other."""
     d = Path(directory)
-    files = [f for f in _files_under(d) if f.suffix.lower() in suffixes]
+    under = _files_under(d)
+    files = []
+    for f in under:
+        if f.suffix.lower() in suffixes:
+            if not f.exists():
+                raise UserError(f"is a link to {os.readlink(f)}, which is not there: its data "
+                                f"would go unread; link it to the file again or remove the "
+                                f"link", path=f)
+            if f.is_file():  # not a pipe, whose reading would wait
+                files.append(f)
     if not files:
         raise UserError(f"no {', '.join(suffixes)} files in this directory"
-                        + _compressed_note(d), path=d)
-    left_out = _compressed_under(d, lambda f: f.suffix.lower() not in suffixes
+                        + _compressed_note(d, under), path=d)
+    left_out = _compressed_under(d, under, lambda f: f.suffix.lower() not in suffixes
                                  and Path(f.stem).suffix.lower() in suffixes)
     if left_out:
         (first, (kind, advice)), n = left_out[0], len(left_out)
@@ -570,23 +581,42 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _files_under(d: Path) -> list[Path]:
-    """The files under directory `d`, in sorted order, but for those `datasets` leaves out of a
-    dataset's directory: hidden ones and those in hidden folders (a name beginning with ".":
-    `.ipynb_checkpoints/`, `.git/`, a write's temporary `.NAME.<random>.tmp/`) and those in
-    folders whose name begins with "__" (`__pycache__/`)."""
-    def hidden(f: Path) -> bool:
-        *folders, name = f.relative_to(d).parts
-        return name.startswith(".") or any(p.startswith((".", "__")) for p in folders)
-    return sorted(f for f in d.rglob("*") if f.is_file() and not hidden(f))
+    """The files under directory `d` (and links to no file), in sorted order, but for those
+    `datasets` leaves out of a dataset's directory: hidden ones and those in hidden folders (a
+    name beginning with ".": `.ipynb_checkpoints/`, `.git/`, a write's temporary
+    `.NAME.<random>.tmp/`) and those in folders whose name begins with "__" (`__pycache__/`).
+    A linked folder is followed as a linked file is (a folder of shards linked in from another
+    disk is read, not left out without a word), but not into a folder it lies inside (a link
+    to `..`, which would go round for ever). A folder that cannot be read is a UserError
+    naming it: its files would go unread without a word."""
+    def unreadable(e: OSError) -> None:
+        raise UserError(f"cannot be read ({e.strerror or e}) to list its files; make it "
+                        f"readable or move it out of the directory", path=e.filename) from None
 
-
-def _compressed_under(d: Path, name_ok: Callable[[Path], bool] = lambda f: True
-                      ) -> list[tuple[Path, tuple[str, str]]]:
-    """The compressed files under `d` (of those `name_ok` takes), each with what it is and how
-    to decompress it, in sorted order."""
     found = []
-    for f in _files_under(d):
-        if name_ok(f):
+    inside = {os.fspath(d): (os.path.realpath(d),)}  # a folder -> the real folders it lies in
+    for root, folders, names in os.walk(d, onerror=unreadable, followlinks=True):
+        chain = inside.pop(root)
+        kept = []
+        for name in folders:
+            sub = os.path.join(root, name)
+            real = os.path.realpath(sub)
+            if not name.startswith((".", "__")) and real not in chain:
+                inside[sub] = (*chain, real)
+                kept.append(name)
+        folders[:] = kept
+        found += [Path(root, name) for name in names if not name.startswith(".")]
+    return sorted(found)
+
+
+def _compressed_under(d: Path, under: list[Path],
+                      name_ok: Callable[[Path], bool] = lambda f: True
+                      ) -> list[tuple[Path, tuple[str, str]]]:
+    """The compressed files of `under` (the files under `d`; of those `name_ok` takes), each
+    with what it is and how to decompress it, in sorted order."""
+    found = []
+    for f in under:
+        if name_ok(f) and f.is_file():
             try:
                 with open(f, "rb") as fh:
                     kind = _compression(fh.read(10), f)
@@ -599,10 +629,10 @@ def _compressed_under(d: Path, name_ok: Callable[[Path], bool] = lambda f: True
     return found
 
 
-def _compressed_note(d: Path) -> str:
-    """What a message about directory `d` adds about the compressed files under it: how many,
-    the first, and how to decompress it; "" if there are none."""
-    found = _compressed_under(d)
+def _compressed_note(d: Path, under: list[Path]) -> str:
+    """What a message about directory `d` adds about the compressed files of `under` (the
+    files under it): how many, the first, and how to decompress it; "" if there are none."""
+    found = _compressed_under(d, under)
     if not found:
         return ""
     (first, (kind, advice)), n = found[0], len(found)

@@ -1330,6 +1330,44 @@ def test_hidden_files_and_folders_of_a_directory_are_no_records(tmp_path):
     assert [r["prompt"] for r in read_prompts(d)] == ["b", "a"]
 
 
+def test_a_linked_folder_of_shards_is_read_and_a_broken_link_or_unreadable_folder_refused(
+        tmp_path, monkeypatch):
+    # A folder of shards linked in from another disk was left out without a word (pathlib's
+    # rglob follows no linked folder, though a linked shard was read); a link to a shard that
+    # was moved, and a folder it could not list, were skipped alike: part of the data went
+    # unread.
+    import os
+    d, elsewhere = tmp_path / "prompts", tmp_path / "disk2" / "more"
+    (d / "part").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    write(d / "part" / "a.jsonl", {"prompt": "a"})
+    write(elsewhere / "b.jsonl", {"prompt": "b"})
+    (d / "linked").symlink_to(elsewhere)
+    (d / "part" / "up").symlink_to(d)  # a link to a folder it lies in: not gone round for ever
+    assert [r["prompt"] for r in read_prompts(d)] == ["b", "a"]
+    assert [r["_file"] for r in read_prompts(d)] == [str(d / "linked" / "b.jsonl"),
+                                                     str(d / "part" / "a.jsonl")]
+    (d / "part" / "c.jsonl").symlink_to(tmp_path / "moved.jsonl")
+    with pytest.raises(UserError) as e:
+        read_prompts(d)
+    assert str(e.value) == (f"{d / 'part' / 'c.jsonl'}: is a link to {tmp_path / 'moved.jsonl'}, "
+                            f"which is not there: its data would go unread; link it to the file "
+                            f"again or remove the link")
+    (d / "part" / "c.jsonl").unlink()
+    # As root no mode keeps a folder from being listed: a stand-in for scandir refuses it.
+    scandir = os.scandir
+
+    def refusing_scandir(path="."):
+        if os.fspath(path) == os.fspath(d / "part"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    with pytest.raises(UserError) as e:
+        read_prompts(d)
+    assert str(e.value) == (f"{d / 'part'}: cannot be read (Permission denied) to list its "
+                            f"files; make it readable or move it out of the directory")
+
+
 def test_sample_and_sft_read_a_directory_of_shards_and_refuse_an_out_or_val_data_in_it(
         tok, tmp_path, capsys):
     import dataclasses
