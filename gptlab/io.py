@@ -550,7 +550,8 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     (`a.jsonl.gz`), left out without a word; the files of two splits as `datasets` names them
     (`train.jsonl` beside `test.jsonl`, `train/` beside `test/`,
     `train-00000-of-00001.parquet` beside `test-00000-of-00001.parquet`), a test split read,
-    and trained on, with the other."""
+    and trained on, with the other; a Hugging Face Hub cache folder holding two revisions of
+    a dataset (`snapshots/REV/`), each read."""
     d = Path(directory)
     under = _files_under(d)
     files = []
@@ -576,8 +577,31 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
         raise UserError(f"holds {listed}, which no verb reads, beside the {', '.join(suffixes)} "
                         f"files it reads: left out, part of the data would go unread; "
                         f"{advice}{others}, or move {them} out of the directory", path=d)
+    _check_one_revision(d, files)
     _check_one_split(d, files)
     return files
+
+
+def _check_one_revision(d: Path, files: list[Path]) -> None:
+    """Refuse directory `d` if it is a Hugging Face Hub cache folder (`blobs/`, `refs/`,
+    `snapshots/`, as `huggingface_hub` keeps a dataset) whose `files` lie in two or more
+    revisions' folders (`snapshots/REV/`): each revision would be read, its records twice."""
+    if not all((d / sub).is_dir() for sub in ("blobs", "refs", "snapshots")):
+        return
+    revisions = sorted({f.relative_to(d).parts[1] for f in files
+                        if f.relative_to(d).parts[0] == "snapshots"
+                        and len(f.relative_to(d).parts) > 2})
+    if len(revisions) < 2:
+        return
+    try:
+        main = (d / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        main = ""
+    latest = (f"; refs/main names {d / 'snapshots' / main}" if main in revisions else "")
+    raise UserError(f"is a Hugging Face Hub cache folder holding {len(revisions)} revisions of "
+                    f"a dataset ({', '.join('snapshots/' + r for r in revisions)}); read as "
+                    f"one, its records would be read once per revision: give one revision's "
+                    f"folder{latest}", path=d)
 
 
 def _files_under(d: Path) -> list[Path]:

@@ -1368,6 +1368,32 @@ def test_a_linked_folder_of_shards_is_read_and_a_broken_link_or_unreadable_folde
                             f"files; make it readable or move it out of the directory")
 
 
+def test_a_hub_cache_folder_of_two_revisions_is_refused_naming_them(tmp_path):
+    # huggingface_hub keeps a dataset as blobs/, refs/main and one snapshots/REV/ per revision
+    # downloaded, its files links to blobs: the folder given whole read each revision's
+    # records, a record kept by both twice, without a word.
+    d = tmp_path / "datasets--someone--prompts"
+    for sub in ("blobs", "refs"):
+        (d / sub).mkdir(parents=True)
+    write(d / "blobs" / "1f2e", {"prompt": "a"})
+    write(d / "blobs" / "3c4d", {"prompt": "b"})
+    (d / "refs" / "main").write_text("bbbb2222", encoding="utf-8")
+    for rev, blob in (("aaaa1111", "1f2e"), ("bbbb2222", "1f2e"), ("bbbb2222", "3c4d")):
+        (d / "snapshots" / rev / "data").mkdir(parents=True, exist_ok=True)
+        (d / "snapshots" / rev / "data" / f"train-{blob}.jsonl").symlink_to(d / "blobs" / blob)
+    with pytest.raises(UserError) as e:
+        read_prompts(d)
+    assert str(e.value) == (
+        f"{d}: is a Hugging Face Hub cache folder holding 2 revisions of a dataset "
+        f"(snapshots/aaaa1111, snapshots/bbbb2222); read as one, its records would be read "
+        f"once per revision: give one revision's folder; refs/main names "
+        f"{d / 'snapshots' / 'bbbb2222'}")
+    assert [r["prompt"] for r in read_prompts(d / "snapshots" / "bbbb2222")] == ["a", "b"]
+    for f in (d / "snapshots" / "aaaa1111" / "data").iterdir():
+        f.unlink()
+    assert [r["prompt"] for r in read_prompts(d)] == ["a", "b"]  # one revision: read
+
+
 def test_sample_and_sft_read_a_directory_of_shards_and_refuse_an_out_or_val_data_in_it(
         tok, tmp_path, capsys):
     import dataclasses
