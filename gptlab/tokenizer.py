@@ -965,7 +965,7 @@ _SPACE_PROBES = (
 
 
 def _note_transformers5_rebuild(hf: tokenizers.Tokenizer, config: dict, config_file: Path,
-                                file: Path, eos: str) -> None:
+                                file: Path, eos: str | None) -> None:
     """Note where transformers 5 would give other ids than `hf`, tokenizer.json as written: for a
     `tokenizer_class` of LlamaTokenizer (a SentencePiece tokenizer.json, a Llama or no model
     config beside it) it keeps the file's vocabulary and merges but puts a "▁" before text by a
@@ -1000,7 +1000,8 @@ def _note_transformers5_rebuild(hf: tokenizers.Tokenizer, config: dict, config_f
     theirs.normalizer = None
     theirs.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=False)
     where = [what for text, what in _SPACE_PROBES
-             if hf.encode(text.format(special=eos), add_special_tokens=False).ids
+             if (eos is not None or "{special}" not in text)  # no special token to probe after
+             and hf.encode(text.format(special=eos), add_special_tokens=False).ids
              != theirs.encode(text.format(special=eos), add_special_tokens=False).ids]
     if where:
         note_once(config_file, f"field 'tokenizer_class': {cls} ({why}): transformers 5 builds "

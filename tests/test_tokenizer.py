@@ -1428,3 +1428,19 @@ def test_added_tokens_decoder_entries_that_name_no_special_token(plain, tmp_path
         f"a special token\n")
     assert ours.vocab_size == n + 1 and ours.decode([n]) == "<tool>"
     assert ours.decode(ours.encode("a<|eot_id|>b")) == "a<|eot_id|>b"
+
+
+def test_a_llama_tokenizer_without_eos_is_not_said_to_differ_after_a_special_token(tmp_path,
+                                                                                  capsys):
+    """With no EOS named, the probe "after a special token" was the text "Nonea": under
+    add_prefix_space false it differed as any first word does, and the note claimed a
+    difference after a special token it had not looked at. Only the probes it can make count."""
+    from gptlab.tokenizer import _note_transformers5_rebuild
+    config_file = tmp_path / "tokenizer_config.json"
+    capsys.readouterr()
+    _note_transformers5_rebuild(sentencepiece_tokenizer().hf,
+                                {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False},
+                                config_file, tmp_path / "tokenizer.json", None)
+    err = capsys.readouterr().err
+    assert f"{config_file}, field 'tokenizer_class'" in err and "first word" in err
+    assert "after a special token" not in err
