@@ -195,9 +195,9 @@ def test_the_reward_models_favourite_is_its_highest_score():
     assert pick_stats([[0, 1, 0]], [[0.1, 0.5, 0.9]])["rm_best_of_k"] == 0.0
 
 
-def test_best_of_k_scores_each_answer_of_each_question(models, monkeypatch):
+def spy_on_best_of_k(monkeypatch) -> dict:
+    """What best-of-K generates ("gen") and the scores it picks from ("scores"), as it runs."""
     import gptlab.eval.headroom as headroom
-    tok, policy, rm = models
     seen = {}
     real_generate, real_pick = headroom.generate, headroom.pick_stats
 
@@ -211,6 +211,12 @@ def test_best_of_k_scores_each_answer_of_each_question(models, monkeypatch):
 
     monkeypatch.setattr(headroom, "generate", generate)
     monkeypatch.setattr(headroom, "pick_stats", pick)
+    return seen
+
+
+def test_best_of_k_scores_each_answer_of_each_question(models, monkeypatch):
+    tok, policy, rm = models
+    seen = spy_on_best_of_k(monkeypatch)
     records = [{"id": str(i), "prompt": f"Question {i}: who?"} for i in range(3)]
     best_of_k(policy, tok, rm, EvenLengthWorld(), records, k=4, max_new_tokens=6)
     prompts = [encode_prompt(tok, r["prompt"]) for r in records]
@@ -361,22 +367,9 @@ def test_best_of_k_gives_the_template_tail_only_to_a_reward_model_that_reads_it(
     """With a ChatML policy, best-of-K scores each answer closed by <|im_end|> and, for a
     reward model that reads_template_tail (a Hugging Face classifier's), the "\\n" after it;
     gptlab's own reward model reads the answer closed by <|im_end|> alone."""
-    import gptlab.eval.headroom as headroom
     from test_reward import chatml_models
     tok, im_end, newline, policy, rm = chatml_models(tail)
-    seen = {}
-    real_generate, real_pick = headroom.generate, headroom.pick_stats
-
-    def generate(*args, **kwargs):
-        seen["gen"] = real_generate(*args, **kwargs)
-        return seen["gen"]
-
-    def pick(correct, scores):
-        seen["scores"] = scores
-        return real_pick(correct, scores)
-
-    monkeypatch.setattr(headroom, "generate", generate)
-    monkeypatch.setattr(headroom, "pick_stats", pick)
+    seen = spy_on_best_of_k(monkeypatch)
     records = [{"id": str(i), "prompt": [{"role": "user", "content": text}]}
                for i, text in enumerate(["the dog", "the lazy fox"])]
     best_of_k(policy, tok, rm, EvenLengthWorld(), records, k=3, max_new_tokens=6)

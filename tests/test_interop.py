@@ -1995,27 +1995,14 @@ def _llama2_hf_dir(d: Path) -> tuple[Path, Path]:
     BPE (byte fallback, "▁" prepended and for spaces by the normalizer, <unk> <s> </s>),
     tokenizer_config.json naming LlamaTokenizer with Llama 2's chat template, saved by
     transformers; and the same model and vocabulary as a GGUF (pieces scored by merge rank)."""
-    from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,
-                            pre_tokenizers, processors, trainers)
+    from tokenizers import processors
 
+    from test_tokenizer import llama2_style_bpe
     lines = [*_ANSWERS, *_ANSWERS.values(), "select name from users;", "the answer is yes"]
-    learner = Tokenizer(models.BPE())
-    learner.pre_tokenizer = pre_tokenizers.Metaspace()
-    learner.train_from_iterator(lines * 4, trainers.BpeTrainer(vocab_size=200,
-                                                               show_progress=False))
-    learned = json.loads(learner.to_str())["model"]
-    merges = [tuple(m) for m in learned["merges"]]
-    pieces = sorted(t for t in learned["vocab"] if len(t) == 1) + list(
-        dict.fromkeys("".join(m) for m in merges))
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
-    hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                              unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
-                                          normalizers.Replace(" ", "\u2581")])
-    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t in ("<unk>", "<s>", "</s>")])
+    hf, merges = llama2_style_bpe(lines, 200)
+    vocab = hf.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    pieces = tokens[259:]
     hf.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                       special_tokens=[("<s>", 1)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>",

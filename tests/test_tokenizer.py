@@ -1084,16 +1084,16 @@ ZEPHYR_CHAT = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content
                "{% endif %}")
 
 
-def sentencepiece_tokenizer(chat_template: str | None = None) -> Tokenizer:
-    """Llama 2's tokenizer.json in small: byte-fallback BPE over <unk> <s> </s> and the 256
-    byte tokens, "▁" prepended and standing for spaces (the normalizer), a decoder that drops
-    the text's first space; pieces learned from a few lines ("▁yes", "▁paris" are one each)."""
+def llama2_style_bpe(lines, vocab_size: int) -> tuple[tokenizers.Tokenizer, list[tuple]]:
+    """Llama 2's tokenizer.json in small, and its merges: byte-fallback BPE over <unk> <s> </s>
+    and the 256 byte tokens, "▁" prepended and standing for spaces (the normalizer), a decoder
+    that drops the text's first space; pieces learned from `lines`."""
     from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 
     learner = tokenizers.Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.Metaspace()
-    learner.train_from_iterator(_SPM_LINES * 4, trainers.BpeTrainer(vocab_size=120,
-                                                                    show_progress=False))
+    learner.train_from_iterator(list(lines) * 4, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                                     show_progress=False))
     learned = json.loads(learner.to_str())["model"]
     merges = [tuple(m) for m in learned["merges"]]
     pieces = sorted(t for t in learned["vocab"] if len(t) == 1) + list(
@@ -1108,6 +1108,13 @@ def sentencepiece_tokenizer(chat_template: str | None = None) -> Tokenizer:
                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t in ("<unk>", "<s>", "</s>")])
+    return hf, merges
+
+
+def sentencepiece_tokenizer(chat_template: str | None = None) -> Tokenizer:
+    """A tiny Llama 2 tokenizer (`llama2_style_bpe`) whose pieces come from a few lines
+    ("▁yes", "▁paris" are one each)."""
+    hf, _ = llama2_style_bpe(_SPM_LINES, 120)
     return Tokenizer(hf, "<s>", "</s>", None, chat_template=chat_template)
 
 
