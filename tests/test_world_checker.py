@@ -698,6 +698,15 @@ def test_executor_keeps_what_a_query_holds_in_memory_under_a_cap(ex):
 
 
 HEAP_LIMITS = ("hard_heap_limit", "soft_heap_limit")
+
+
+def limits() -> list[int]:
+    """SQLite's hard and soft heap limits (one each for the whole process), read by PRAGMA."""
+    import sqlite3
+    conn = sqlite3.connect(":memory:")
+    return [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
+
+
 BIG_BLOB = "SELECT length(CAST(zeroblob(48000000) || x'01' AS BLOB))"  # 48 MB held at once
 
 
@@ -728,15 +737,10 @@ def test_the_heap_limit_holds_only_while_the_executor_runs_a_query(world, monkey
 def test_overlapping_queries_share_the_heap_limit_and_a_lower_one_is_kept():
     """Two executors' queries in two threads overlap: the limit is put back only when the last
     one ends. A lower limit the program has set is kept while they run, and after."""
-    import sqlite3
-
     from gptlab.world.executor import _HEAP_LIMIT
     if not _HEAP_LIMIT.scoped:
         pytest.skip("ctypes cannot reach this SQLite's sqlite3_hard_heap_limit64")
 
-    def limits() -> list[int]:
-        conn = sqlite3.connect(":memory:")
-        return [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
     before = limits()
     with _HEAP_LIMIT.held() as one:
         set_at = limits()
@@ -793,15 +797,10 @@ def test_a_process_forked_while_another_thread_runs_a_query_has_the_limit_put_ba
     queries and its lock, but not the thread: the child's limit stayed lowered for good (no
     query of its own ever put it back) and, forked while that thread held the lock, its first
     query waited forever. The child starts as if no query ran."""
-    import sqlite3
-
     from gptlab.world.executor import _HEAP_LIMIT
     if not _HEAP_LIMIT.scoped:
         pytest.skip("ctypes cannot reach this SQLite's sqlite3_hard_heap_limit64")
 
-    def limits() -> list[int]:
-        conn = sqlite3.connect(":memory:")
-        return [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
     before = limits()
     inside, done = threading.Event(), threading.Event()
 
