@@ -1451,3 +1451,106 @@ def test_a_llama_tokenizer_without_eos_is_not_said_to_differ_after_a_special_tok
     err = capsys.readouterr().err
     assert f"{config_file}, field 'tokenizer_class'" in err and "first word" in err
     assert "after a special token" not in err
+
+
+def test_a_continuation_gets_no_bos_from_a_post_processor_that_adds_one():
+    # Llama 2's tokenizer.json adds "<s>" in its post-processor; a continuation, like `encode`,
+    # holds only the text's tokens.
+    from tokenizers import processors
+    hf = sentencepiece_tokenizer().hf
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                      special_tokens=[("<s>", 1)])
+    t = Tokenizer(hf, "<s>", "</s>", None)
+    assert [t.hf.id_to_token(i) for i in t.encode_continuation("paris")] == ["par", "is"]
+    assert [t.hf.id_to_token(i) for i in t.encode_completion("the capital i", "s paris")] == \
+        ["s", "\u2581paris"]
+
+
+def test_a_response_keeps_its_text_where_it_does_not_begin_with_the_template_s_lead():
+    # Llama 2's template writes " " after "[/INST]": a response that starts without it ("yes"
+    # glued on) loses no character of its own; a byte-level tokenizer with that template has
+    # the lead taken off as SentencePiece's has.
+    from gptlab.data.instruct import encode_prompt, encode_response
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    t = sentencepiece_tokenizer(LLAMA2_CHAT)
+    start = encode_prompt(t, chat)
+    assert t.decode_response(chat, start, t.encode_continuation("yes it is")) == "yes it is"
+    byte_level = Tokenizer(train_tokenizer(["the capital is paris, yes it is"] * 20,
+                                           vocab_size=300).hf, BOS, EOS, None,
+                           chat_template=LLAMA2_CHAT)
+    ids = encode_response(byte_level, "yes it is", chat)
+    assert byte_level.decode(ids) == " yes it is "
+    assert byte_level.decode_response(chat, encode_prompt(byte_level, chat), ids) == "yes it is "
+
+
+def test_no_answer_lead_where_the_answered_conversation_does_not_begin_with_the_prompt():
+    # The generation prompt ("A:") is not what the template writes before an answer
+    # ("ASSISTANT: "), or the template writes no answer at all: no text is the lead.
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    users = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + "
+             "'\\n' }}")
+    other_header = (users + "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}")
+    no_answer = (users + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ 'ASSISTANT: ' }}{% endif %}")
+    for template in (other_header, no_answer):
+        assert sentencepiece_tokenizer(template)._answer_lead(chat) == ""
+
+
+def test_an_lstrip_end_of_turn_that_took_a_content_s_space_is_the_template_s_in_runs():
+    # An lstrip "</s>" after "yes it is " takes the answer's last space into its offsets: it is
+    # still the template's end of turn, one token, not special-token text typed in the answer.
+    hf = tokenizers.Tokenizer.from_str(sentencepiece_tokenizer().hf.to_str())
+    hf.add_special_tokens([tokenizers.AddedToken("</s>", special=True, normalized=False,
+                                                 lstrip=True),
+                           tokenizers.AddedToken("<tool>", special=True, normalized=False)])
+    t = Tokenizer(hf, "<s>", "</s>", None, chat_template=ZEPHYR_CHAT)
+    chat = [{"role": "user", "content": "is the <tool> cat happy?"},
+            {"role": "assistant", "content": "yes it is "}]
+    ids, mask = t.render_chat(chat)
+    assert [hf.id_to_token(i) for i, m in zip(ids, mask) if m] == \
+        ["yes", "\u2581it", "\u2581is", "</s>"]
+    assert ids.count(hf.token_to_id("</s>")) == 2
+
+
+def test_a_byte_level_tokenizer_named_llama_tokenizer_gets_no_transformers_5_note(tmp_path,
+                                                                                  capsys):
+    # transformers 5 reads a ByteLevel tokenizer.json as written, whatever class it is given.
+    d = tmp_path / "tok"
+    train_tokenizer(["the capital is paris, yes it is"] * 20, vocab_size=300).save(d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "tokenizer_class": "LlamaTokenizer", "legacy": False}))
+    capsys.readouterr()
+    load_tokenizer(d)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("cls, fields, why", [
+    ("LlamaTokenizerFast", {"legacy": False}, "legacy false"),
+    ("LlamaTokenizer", {}, "no legacy, which transformers 5 takes as false")])
+def test_the_note_names_the_class_and_why_its_space_rule_is_transformers_5_s(cls, fields, why,
+                                                                             tmp_path, capsys):
+    d = tmp_path / "tok"
+    Tokenizer(sentencepiece_tokenizer().hf, "<s>", "</s>", None).save(d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.pop("legacy", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "tokenizer_class": cls, **fields}))
+    capsys.readouterr()
+    load_tokenizer(d)
+    assert (f"note: {d / 'tokenizer_config.json'}, field 'tokenizer_class': {cls} ({why}): "
+            f"transformers 5 builds this class") in capsys.readouterr().err
+
+
+def test_a_model_config_that_cannot_be_read_leaves_the_note_to_the_model_s_loader(tmp_path,
+                                                                                    capsys):
+    d = tmp_path / "tok"
+    Tokenizer(sentencepiece_tokenizer().hf, "<s>", "</s>", None).save(d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "tokenizer_class": "LlamaTokenizer", "legacy": False}))
+    (d / "config.json").write_text("{not json")
+    capsys.readouterr()
+    load_tokenizer(d)
+    assert capsys.readouterr().err == ""
