@@ -843,3 +843,78 @@ def test_a_verdicts_row_count_agrees_in_number(ex):
     swapped = "SELECT id, name FROM employees ORDER BY id LIMIT 1"
     assert check(swapped, "SELECT name, id FROM employees ORDER BY id LIMIT 1", ex).detail == \
         "1 row matches, columns in another order"
+
+
+def _heap_limits() -> list[int]:
+    import sqlite3
+    conn = sqlite3.connect(":memory:")
+    return [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in HEAP_LIMITS]
+
+
+def test_a_soft_limit_alone_is_put_back_after_a_query_after_a_fork_and_after_the_probe():
+    """A program's soft heap limit without a hard one (3 GiB: past what 32 bits hold) is
+    back after a query, in a child as after a fork, and after the probe for SQLite's functions:
+    setting the hard limit to none (0) takes the soft one to none too, so the hard one is put
+    back first, then the soft one."""
+    from gptlab.world import executor as executor_module
+    limit = executor_module._HEAP_LIMIT
+    if not limit.scoped:
+        pytest.skip("ctypes cannot reach this SQLite's sqlite3_hard_heap_limit64")
+    before = _heap_limits()
+    soft = 3 * 2**30
+    try:
+        limit._hard(0)
+        limit._soft(soft)
+        assert _heap_limits() == [0, soft]
+        with limit.held() as room:
+            hard = _heap_limits()[0]
+            assert _heap_limits() == [hard, hard] and 0 < hard - room < 64 * 2**20
+        assert _heap_limits() == [0, soft]
+        child = executor_module._HeapLimit()  # a fresh one: its count is then left at -1
+        with child.held():
+            child._after_fork()  # as in a child forked while this query ran
+            assert _heap_limits() == [0, soft] and child._queries == 0
+        assert _heap_limits() == [0, soft]
+        assert executor_module._heap_limit_functions()[0] is not None
+        assert _heap_limits() == [0, soft]
+    finally:
+        limit._hard(before[0])
+        limit._soft(before[1])
+
+
+def test_where_the_heap_limit_cannot_be_scoped_a_query_has_the_whole_cap():
+    from gptlab.world import executor as executor_module
+    unscoped = executor_module._HeapLimit()
+    unscoped.scoped = False
+    before = _heap_limits()
+    with unscoped.held() as room:
+        assert room == executor_module.MAX_HEAP_BYTES == 256 * 2**20
+        assert _heap_limits() == before  # nothing set: each executor's PRAGMA lowers it
+
+
+def test_heap_functions_of_a_library_the_sqlite3_module_does_not_use_are_not_taken(
+        monkeypatch):
+    """A SQLite library ctypes finds that is not the one the sqlite3 module runs on (its limit
+    is not what the module's PRAGMA reads): setting its limit would hold nothing."""
+    import ctypes
+
+    from gptlab.world import executor as executor_module
+
+    class OtherSqlite:
+        def __init__(self, name):
+            self.limits = [0, 0]
+            self.sqlite3_hard_heap_limit64 = self._setter(0)
+            self.sqlite3_soft_heap_limit64 = self._setter(1)
+            self.sqlite3_memory_used = lambda: 0
+
+        def _setter(self, i):
+            def f(n):
+                old = self.limits[i]
+                if n >= 0:
+                    self.limits[i] = n
+                return old
+            return f
+    monkeypatch.setattr(ctypes, "CDLL", OtherSqlite)
+    before = _heap_limits()
+    assert executor_module._heap_limit_functions() == (None, None, None)
+    assert _heap_limits() == before
