@@ -771,3 +771,48 @@ def test_a_layer_count_one_past_the_tensors_or_a_tokenizer_one_past_the_embeddin
     with pytest.raises(UserError, match="tokenizer has 21 tokens but the model's embedding has "
                                         "20 rows"):
         check_tokenizer_fits(model, Tok())
+
+
+def test_a_value_model_is_known_by_its_stage_or_by_its_place_in_a_ppo_run(tmp_path,
+                                                                          monkeypatch):
+    from gptlab.checkpoint import VALUE_STAGE, is_value_model
+
+    def model(d, stage=None):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps({} if stage is None else {"stage": stage}))
+        return d
+    run = model(tmp_path / "run", "ppo")
+    assert is_value_model(model(tmp_path / "marked", VALUE_STAGE))
+    assert is_value_model(model(run / "value"))  # written before the stage was recorded
+    assert not is_value_model(model(run / "scorer"))  # PPO writes none but value/
+    assert not is_value_model(model(tmp_path / "sft" / "value"))  # not beside a PPO policy
+    model(tmp_path / "sft", "sft")
+    assert not is_value_model(tmp_path / "sft" / "value")
+    assert not is_value_model(model(tmp_path / "r" / "value", "reward"))  # its stage says
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"stage": "ppo"}))
+    assert not is_value_model(tmp_path / "r" / "value")
+    # A path written from where the user stands: "." in the value directory itself.
+    monkeypatch.chdir(run / "value")
+    assert is_value_model(".")
+    # Not a model directory: a file (a GGUF), or a directory without config.json.
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "empty").mkdir()
+    assert not is_value_model(tmp_path / "m.gguf") and not is_value_model(tmp_path / "empty")
+
+
+def test_a_language_model_given_as_a_reward_model_and_the_reverse_say_what_it_is(tmp_path):
+    ck.save_model(tmp_path / "gpt", tiny())
+    with pytest.raises(UserError) as e:
+        ck.load_reward_model(tmp_path / "gpt")
+    assert str(e.value) == (f"{tmp_path / 'gpt'}, field 'reward': not a reward model (expected "
+                            f"a scalar-head model or a one-label sequence classifier)")
+    torch.manual_seed(0)
+    ck.save_model(tmp_path / "t5", Transformer(TransformerConfig(
+        vocab_size=30, context=16, n_encoder_layers=1, n_decoder_layers=1, d_model=16,
+        n_heads=2, d_ff=32)))
+    # `instead` tells what to give in place of a scalar head: of another model it says nothing.
+    with pytest.raises(UserError) as e:
+        ck.load_language_model(tmp_path / "t5", instead="give the SFT model")
+    assert str(e.value) == (f"{tmp_path / 't5'}, field 'model': not a decoder-only language "
+                            f"model: this is an encoder-decoder Transformer, which has no text to "
+                            f"say")
