@@ -1820,3 +1820,42 @@ def test_switches_are_found_in_every_kind_of_verb():
     found = {p.id for p in _switches()}
     assert {"generate --greedy", "world export --vary-schema", "label --no-ties",
             "sft --compile", "ppo --no-adaptive-kl", "pipeline --no-headroom"} <= found
+
+
+def test_a_switch_given_a_value_is_named_by_its_own_word_among_others_with_values(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model=m", "--prompt=p", "--greedy=yes"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "gptlab generate: error: argument --greedy: takes no value, got '--greedy=yes'; write "
+        "--greedy to turn it on, and leave it out to leave it off\n")
+
+
+@pytest.mark.parametrize("add, said", [
+    (dict(action="store_false"), "write --quiet to turn it off, and leave it out to leave it on"),
+    (dict(action="store_const", const=3), "write --quiet alone")])
+def test_a_switch_of_another_kind_given_a_value_says_how_it_is_written(add, said, capsys):
+    # No verb has these kinds yet: a parser of gptlab's kind with one of them.
+    from gptlab.cli import _Parser
+    parser = _Parser(prog="p")
+    parser.add_argument("-q", "--quiet", "--silent", **add)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--quiet=no"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"p: error: argument -q/--quiet/--silent: takes no value, got '--quiet=no'; {said}\n")
+
+
+@pytest.mark.parametrize("argv, said", [
+    # "-" (standard input) and a word with a space are values, as argparse reads them: the
+    # flag that stopped --from is --out.
+    (["convert", "--from", "-", "--out", "o"],
+     "argument --from: expected 2 arguments, got only 1 before --out"),
+    (["convert", "--from", "-m x", "--out", "o"],
+     "argument --from: expected 2 arguments, got only 1 before --out"),
+    # An earlier --out=o had its value: the --out at the end is the one without.
+    (["sft", "--out=o", "--out"],
+     "argument --out: expected one argument, got none before the end of the command line")])
+def test_the_word_that_stopped_a_flag_s_values_is_one_argparse_reads_as_a_flag(argv, said,
+                                                                               capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == f"gptlab {argv[0]}: error: {said}\n"
