@@ -96,3 +96,92 @@ def test_a_record_written_again_keeps_the_marks_it_was_read_with():
     again = strict_loads(strict_json({**first, "b": math.inf}, non_finite="null"))
     assert again["non_finite"] == {"/a": "NaN", "/b": "Infinity"}
     assert same(restore_non_finite(again), {"a": math.nan, "b": math.inf})
+
+
+def test_a_refusal_names_the_first_non_finite_number_and_a_bare_one_no_field():
+    # Of two, the first in the record's order is named; a bare NaN is the whole value, no field.
+    with pytest.raises(UserError) as e:
+        strict_json({"a": [1.0, math.inf], "b": math.nan}, path="r.jsonl", line=4)
+    assert str(e.value) == ("r.jsonl:4, field 'a[1]': is Infinity, which JSON has no number "
+                            "for; nothing was written")
+    with pytest.raises(UserError) as e:
+        strict_json(math.nan, non_finite="null", path="x.json")
+    assert str(e.value) == "x.json: is NaN, which JSON has no number for; nothing was written"
+
+
+def test_a_marker_restores_only_a_null_it_names_by_a_pointer():
+    # A key that is no JSON Pointer ("xloss"), a field that is not there, and an index one past
+    # a list's end, at the end of the pointer or inside it, change nothing (and raise nothing);
+    # the marker is dropped all the same.
+    doc = restore_non_finite({"loss": None, "x": [None], "non_finite": {
+        "xloss": "NaN", "/absent": "Infinity", "/x/1": "-Infinity", "/x/1/y": "NaN"}})
+    assert doc == {"loss": None, "x": [None]}
+
+
+def test_a_key_holding_tilde_and_slash_is_read_back_by_its_escaped_pointer():
+    # RFC 6901: "~1" is "/", "~0" is "~", unescaped in that order: "~01" is the key "~1".
+    for key in ("~1", "~0", "a/b", "~/"):
+        doc = strict_loads(strict_json({key: math.nan}, non_finite="null"))
+        assert doc[key] is None and same(restore_non_finite(doc), {key: math.nan}), key
+
+
+def test_a_zstd_file_read_as_text_is_named_with_its_fix(tmp_path):
+    from gptlab.io import other_format
+    f = tmp_path / "a b.jsonl"
+    f.write_bytes(b"\x28\xb5\x2f\xfd\x20\x05\x29\x00\x00hello")
+    assert other_format(f) == (f"is zstd-compressed, not text; decompress it first (unzstd "
+                               f"'{f}') and give what it holds")
+
+
+def test_a_split_word_ends_at_a_digit_as_datasets_reads_it(tmp_path):
+    # `datasets`' split patterns take a digit as a separator: test1.jsonl is the test split's.
+    from gptlab.io import files_in
+    (tmp_path / "train.jsonl").write_text('{"a": 1}\n')
+    (tmp_path / "test1.jsonl").write_text('{"a": 2}\n')
+    with pytest.raises(UserError) as e:
+        files_in(tmp_path, (".jsonl",))
+    assert e.value.message.startswith("holds the files of 2 splits (train, test), as datasets "
+                                      "names them: train.jsonl is train's, test1.jsonl test's")
+
+
+def test_shards_of_two_splits_of_any_name_are_refused(tmp_path):
+    # `datasets` names a shard `{split}-00000-of-00001.*` whatever the split is called.
+    from gptlab.io import files_in
+    # named in order, not as found; with a fingerprint, as datasets before 2.15 pushed them
+    for folder, shard in (("x", "zeta-00000-of-00001"), ("y", "alpha-00000-of-00001-5f1e2d3c")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{shard}.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(UserError) as e:
+        files_in(tmp_path, (".jsonl",))
+    assert e.value.message.startswith("holds the files of 2 splits (alpha, zeta), as datasets "
+                                      "names them: y/alpha-00000-of-00001-5f1e2d3c.jsonl is alpha's, "
+                                      "x/zeta-00000-of-00001.jsonl zeta's")
+
+
+def test_an_out_in_a_read_directory_is_refused_by_any_path_to_it(tmp_path, monkeypatch):
+    # A Path as a str, an out reached through a link; "" is no directory here (the caller's to
+    # refuse), not the current one.
+    from gptlab.io import check_out_of_read_dirs
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (tmp_path / "link").symlink_to(data)
+    for inputs, out in (({"--in": data}, data / "run"),
+                        ({"--in": [str(data)]}, tmp_path / "link" / "run")):
+        with pytest.raises(UserError) as e:
+            check_out_of_read_dirs(out, inputs, "prompts", "the samples")
+        assert str(e.value) == (f"{out}, field 'out': is inside the prompts directory {data} "
+                                f"(--in); the samples would become part of the prompts; choose "
+                                f"another out (--out)")
+    monkeypatch.chdir(tmp_path)
+    check_out_of_read_dirs(tmp_path / "run", {"--in": ""}, "prompts")
+
+
+def test_no_records_names_a_lone_shard_in_the_singular_and_the_field_of_a_file(tmp_path):
+    from gptlab.io import no_records
+    (tmp_path / "d" / "data").mkdir(parents=True)
+    (tmp_path / "d" / "data" / "train.jsonl").write_text("")
+    assert str(no_records(tmp_path / "d", "samples", field="samples")) == (
+        f"{tmp_path / 'd'}, field 'samples': no samples in this directory: its shard "
+        f"(data/train.jsonl) holds no record")
+    assert str(no_records(tmp_path / "d" / "data" / "train.jsonl", "samples", field="samples")) \
+        == f"{tmp_path / 'd' / 'data' / 'train.jsonl'}, field 'samples': no samples in the file"
