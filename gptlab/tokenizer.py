@@ -179,8 +179,11 @@ class Tokenizer:
     @property
     def prefixes_space(self) -> bool:
         """Whether `encode` starts a text with SentencePiece's "▁", the space before its first
-        word ("Paris" is "▁Paris"), as Llama 2's, Mistral's and a llama GGUF's tokenizers do.
-        Byte-level BPE (gptlab's, GPT-2's, SmolLM2's) encodes a text as it is written."""
+        word ("Paris" is "▁Paris"), as Llama 2's, Mistral's and a llama GGUF's tokenizers do:
+        by a `Prepend("▁")` normalizer or a Metaspace pre-tokenizer that prepends, the two
+        ways known (one that puts "▁" first some other way, a `Replace` of "^", reads False,
+        and its completions are encoded alone). Byte-level BPE (gptlab's, GPT-2's, SmolLM2's)
+        encodes a text as it is written."""
         return self._unprefixed is not None
 
     def encode_completion(self, prompt: str, completion: str) -> list[int]:
