@@ -153,9 +153,9 @@ def test_shards_of_two_splits_of_any_name_are_refused(tmp_path):
         (tmp_path / folder / f"{shard}.jsonl").write_text('{"a": 1}\n')
     with pytest.raises(UserError) as e:
         files_in(tmp_path, (".jsonl",))
-    assert e.value.message.startswith("holds the files of 2 splits (alpha, zeta), as datasets "
-                                      "names them: y/alpha-00000-of-00001-5f1e2d3c.jsonl is alpha's, "
-                                      "x/zeta-00000-of-00001.jsonl zeta's")
+    assert e.value.message.startswith(
+        "holds the files of 2 splits (alpha, zeta), as datasets names them: "
+        "y/alpha-00000-of-00001-5f1e2d3c.jsonl is alpha's, x/zeta-00000-of-00001.jsonl zeta's")
 
 
 def test_an_out_in_a_read_directory_is_refused_by_any_path_to_it(tmp_path, monkeypatch):
