@@ -57,6 +57,14 @@ def rank(record: dict, responses: list[str]) -> list[str]:
     return sorted(responses, key=lambda r: (-preference(r), len(r)))
 
 
+def score(record: dict, responses: list[str]) -> list[float]:
+    """The preference alone, equal responses tied: what a reward model for PPO learns from.
+    `rank` also orders ties by length, shortest first; a reward model learns that too and
+    scores the empty response, which no rankings file holds, among the best, and PPO then
+    learns to answer nothing (on CPU with model seeds 3 and 4, and on CUDA with seed 0)."""
+    return [preference(r) for r in responses]
+
+
 def write_task(d: Path, n: int = 400, seed: int = 0) -> dict[str, Path]:
     rng = random.Random(seed)
     d.mkdir(parents=True, exist_ok=True)

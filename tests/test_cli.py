@@ -425,7 +425,10 @@ def test_output_into_a_pipe_whose_reader_is_gone_ends_quietly_as_sigpipe_would(t
     from pathlib import Path
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before anything is written
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    # The checkout first, then whatever PYTHONPATH already holds (a GPU machine keeps the
+    # packages it lacks there).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])))
     try:
         done = subprocess.run([sys.executable, "-m", "gptlab", "generate", "--model",
                                str(tiny_model), "--prompt", "hello", "--prompt", "world",

@@ -39,7 +39,7 @@ def run(tmp_path_factory):
                  "--lr", "3e-3", "--eval-every", "40", *QUIET]) == 0
     assert main(["sample", "--model", str(d / "sft"), "--prompts", str(paths["prompts"]),
                  "--k", "4", "--out", str(d / "samples.jsonl"), "--max-new-tokens", "8"]) == 0
-    rankings = label_samples(read_jsonl(d / "samples.jsonl"), task.rank)
+    rankings = label_samples(read_jsonl(d / "samples.jsonl"), task.score)
     write_jsonl_atomic(d / "rankings.jsonl", rankings)
     assert main(["reward", "--model", str(d / "sft"), "--data", str(d / "rankings.jsonl"),
                  "--out", str(d / "rm"), "--max-steps", "80", "--lr", "2e-3",
@@ -145,7 +145,7 @@ def test_value_model_equals_reward_model_at_start(run):
                              max_new_tokens=8))
     rm = t.reward_model
     assert abs(rm.score_bias.item()) > 0.01 and abs(rm.score_scale.item() - 1) > 0.01
-    ids = torch.randint(0, 200, (2, 12))
+    ids = torch.randint(0, 200, (2, 12)).to(t.device)  # where the trainer put its models
     with torch.no_grad():
         # V at the last token is the reward model's normalised score: the scale of the rewards
         torch.testing.assert_close(t.value_model.values(ids)[:, -1], rm(ids))
@@ -286,7 +286,7 @@ def test_ppo_scores_with_a_hugging_face_classifier_as_transformers_does(run, tmp
                                    prompts=str(paths["prompts"]), out=str(tmp_path / "ppo"),
                                    batch_size=8, max_new_tokens=8, missing_eos_penalty=0.0))
     ro = trainer.rollout(1)
-    got = trainer.score(ro)
+    got = trainer.score(ro).cpu()  # the trainer scores on its device; transformers, here on the CPU
     seqs = []
     for rec, resp, done in zip(ro.records, ro.responses, ro.finished.tolist()):
         prompt = encode_prompt(tok, prompt_of(rec))

@@ -60,15 +60,38 @@ def test_shared_prefix_stops_at_the_first_target_and_the_shortest_row():
 
 @pytest.mark.parametrize("rows", [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0], [1, 0, 2, 0]])
 def test_take_rows_equals_indexing_values_and_gradients(rows):
-    from gptlab.model.attention import take_rows
+    from gptlab.model.attention import row_runs, take_rows
     rows = torch.tensor(rows)
     t = torch.randn(3, 2, 4, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
     w = torch.randn(len(rows), 2, 4, 5, generator=torch.Generator().manual_seed(1))
-    got = take_rows(t, rows)
+    got = take_rows(t, rows, row_runs(rows, 3))
     (g1,) = torch.autograd.grad((got * w).sum(), t)
     want = t[rows]
     (g2,) = torch.autograd.grad((want * w).sum(), t)
     assert torch.equal(got, want) and torch.allclose(g1, g2, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, runs", [([0, 0, 0, 1, 1, 2], [3, 2, 1]), ([0, 0, 0, 0], [4, 0, 0]),
+                                        ([1, 1, 2], [0, 2, 1]), ([1, 0, 2, 0], None),
+                                        ([0, 3], None), ([-1, 0], None)])
+def test_row_runs_counts_sorted_runs_and_refuses_the_rest(rows, runs):
+    from gptlab.model.attention import row_runs
+    assert row_runs(torch.tensor(rows), 3) == runs
+
+
+def test_expanding_a_prefix_reads_the_rows_once_for_all_layers(monkeypatch):
+    # Each read of `rows` waits for a GPU: once a layer made a 30-layer SFT step wait 60 times.
+    from gptlab.model import attention
+    seen = []
+    real = attention.row_runs
+    monkeypatch.setattr(attention, "row_runs", lambda rows, n: seen.append(n) or real(rows, n))
+    layers = 4
+    prefix = attention.PrefixKV([torch.randn(1, 2, 5, 3) for _ in range(layers)],
+                                [torch.randn(1, 2, 5, 3) for _ in range(layers)], 5)
+    out = prefix.expand(torch.zeros(6, dtype=torch.long))
+    assert seen == [1]
+    assert len(out.k) == len(out.v) == layers and all(k.shape == (6, 2, 5, 3) for k in out.k)
+    assert all(torch.equal(k, pk.expand(6, -1, -1, -1)) for k, pk in zip(out.k, prefix.k))
 
 
 def test_labels_are_the_next_token_where_its_loss_mask_is_on():
