@@ -301,7 +301,9 @@ def test_ppo_scores_with_a_hugging_face_classifier_as_transformers_does(run, tmp
     with torch.no_grad():
         for ids, mask in ((right, real), (left, real.flip(1))):
             want = clf(input_ids=ids, attention_mask=mask).logits[:, 0]
-            assert torch.allclose(got, want, atol=1e-4), (got, want)
+            # On CUDA the trainer scores in TF32, as it trains: about 1e-3 of the score
+            assert torch.allclose(got, want, atol=1e-4 if trainer.device.type == "cpu" else 5e-3,
+                                  rtol=0 if trainer.device.type == "cpu" else 1e-3), (got, want)
             assert torch.allclose(ours(ids, mask), want, atol=1e-4)
 
 
