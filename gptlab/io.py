@@ -471,16 +471,19 @@ def _compression(head: bytes, path: str | Path) -> tuple[str, str] | None:
     return None
 
 
-# How `datasets` tells a directory's splits by their names (datasets.data_files), which
-# `files_in` follows to refuse a directory of two. A shard as `datasets` and the Hub name one:
-# `train-00000-of-00002.parquet`, or with a fingerprint after it, as `datasets` before 2.15
-# pushed them (`train-00000-of-00002-5f1e2d3c4b5a6978.parquet`; its pattern is
-# `{split}-...-of-...*.*`), of any split name.
-_SPLIT_SHARD = re.compile(r"^(.+)-\d+-of-\d+(?:-[^.]*)?\.[^.]+$")
-# Else a split word, as a whole part of a folder's name (`train/`, `default/test/`, `dev_set/`)
-# or of a file's (`train.jsonl`, `my_test_file.csv`, `validation1.parquet`): between the name's
-# start or a separator (`-._ ` or a digit) and a separator, or a folder name's end. `contest`,
-# `devices` and `TRAIN` name none.
+# How `datasets` tells a directory's splits by their names (`datasets.data_files.
+# get_data_patterns`), which `files_in` follows to refuse a directory of two. The first of three
+# rules that some file meets decides, and the others are not looked at:
+# 1. a shard right in the directory's `data/` folder: `data/{split}-00000-of-00002.parquet`, five
+#    digits each, maybe a fingerprint after (`...-of-00002-5f1e2d3c.parquet`, as `datasets`
+#    before 2.15 pushed them), of any split name. Elsewhere a shard's name names no split:
+#    `wiki-00000-of-00002.txt` beside `books-00000-of-00001.txt` is one split.
+# 2. a split word in a folder's name, at any depth (`train/`, `default/test/`, `dev_set/`);
+# 3. a split word in the file's name (`train.jsonl`, `my_test_file.csv`, `validation1.parquet`).
+# A split word is a whole part of the name: after its start or a separator (`-._ ` or a digit),
+# before a separator or a folder name's end. `contest`, `pretrain` and `TRAIN` name none. A file
+# whose name holds two (`train/test/a.jsonl`, `train_test.jsonl`) is in both splits.
+_SHARD_IN_DATA = re.compile(r"(.+)-[0-9]{5}-of-[0-9]{5}.*\..*", re.S)
 _SPLIT_WORDS = {"train": ("train", "training"),
                 "validation": ("validation", "valid", "dev", "val"),
                 "test": ("test", "testing", "eval", "evaluation")}
@@ -492,40 +495,52 @@ _SPLIT_IN_NAME = {split: re.compile(rf"(?:^|{_SEPARATOR})(?:{'|'.join(words)}){_
                   for split, words in _SPLIT_WORDS.items()}
 
 
-def _split_of(rel: Path) -> tuple[str, Path | None] | None:
-    """The split file `rel` (a path inside the directory read) belongs to by `datasets`' names,
-    with the folder that names it (None where its own name does); None if no name says. The
-    first folder naming one decides, then the file's name: a shard's, then a split word.
-    (`datasets` tries shard names under `data/` first: a shard in a split's folder, which it
-    would not look at there, is that folder's split here.)"""
-    *folders, name = rel.parts
-    for i, folder in enumerate(folders):
+def _splits(d: Path, files: list[Path]) -> dict[str, list[tuple[Path, Path | None]]]:
+    """The splits `datasets` would make of directory `d`'s `files` by the first of the rules
+    above that one of them meets: each split's files, with the folder (inside `d`) that names
+    it, None where the file's own name does. {} where no rule is met: one split of them all."""
+    rels = [(f, f.relative_to(d)) for f in files]
+    shards: dict[str, list[tuple[Path, Path | None]]] = {}
+    for f, rel in rels:
+        shard = _SHARD_IN_DATA.fullmatch(rel.name) if rel.parent == Path("data") else None
+        if shard:
+            shards.setdefault(shard[1], []).append((f, None))
+    if shards:
+        return shards
+    in_folders: dict[str, list[tuple[Path, Path | None]]] = {}
+    for f, rel in rels:
+        folders = rel.parts[:-1]
         for split, pattern in _SPLIT_IN_FOLDER.items():
-            if pattern.search(folder):
-                return split, Path(*folders[:i + 1])
-    shard = _SPLIT_SHARD.match(name)
-    if shard:
-        return shard[1], None
-    for split, pattern in _SPLIT_IN_NAME.items():
-        if pattern.search(name):
-            return split, None
-    return None
+            named = [i for i, folder in enumerate(folders) if pattern.search(folder)]
+            if named:
+                in_folders.setdefault(split, []).append((f, Path(*folders[:named[0] + 1])))
+    if in_folders:
+        return in_folders
+    in_names: dict[str, list[tuple[Path, Path | None]]] = {}
+    for f, rel in rels:
+        for split, pattern in _SPLIT_IN_NAME.items():
+            if pattern.search(rel.name):
+                in_names.setdefault(split, []).append((f, None))
+    return in_names
 
 
 def _check_one_split(d: Path, files: list[Path]) -> None:
-    """Refuse directory `d` if its `files` belong to two or more splits (`_split_of`): read as
-    one, a split held out for evaluation (test.jsonl beside train.jsonl) would be trained on."""
-    splits: dict[str, list[tuple[Path, Path | None]]] = {}
-    for f in files:
-        found = _split_of(f.relative_to(d))
-        if found is not None:
-            splits.setdefault(found[0], []).append((f, found[1]))
+    """Refuse directory `d` if its `files` belong to two or more splits (`_splits`): read as
+    one, a split held out for evaluation (test.jsonl beside train.jsonl) would be trained on.
+    Only the files a verb reads count: a `.csv` beside them, which `datasets` would count too,
+    is read by none."""
+    splits = _splits(d, files)
     if len(splits) < 2:
         return
     names = ([s for s in _SPLIT_WORDS if s in splits]
              + sorted(s for s in splits if s not in _SPLIT_WORDS))
     first = splits[names[0]]
-    a, b = first[0][0], splits[names[1]][0][0]
+    a = first[0][0]
+    # A file of the second split's that is not the first's too, if it has one.
+    firsts = {f for f, _ in first}
+    b = next((f for f, _ in splits[names[1]] if f not in firsts), a)
+    which = (f"{a.relative_to(d)} is {names[0]}'s, {b.relative_to(d)} {names[1]}'s" if b != a
+             else f"{a.relative_to(d)} is {names[0]}'s and {names[1]}'s")
     folders = {folder for _, folder in first}
     if len(folders) == 1 and None not in folders:
         pick = f"give one split's folder instead ({d / folders.pop()})"
@@ -535,9 +550,8 @@ def _check_one_split(d: Path, files: list[Path]) -> None:
         pick = (f"move one split's files into a folder of their own and give that (the "
                 f"{names[0]} split's {len(first)}, {a.relative_to(d)} ...)")
     raise UserError(f"holds the files of {len(names)} splits ({', '.join(names)}), as datasets "
-                    f"names them: {a.relative_to(d)} is {names[0]}'s, {b.relative_to(d)} "
-                    f"{names[1]}'s; read as one, a split held out for evaluation would be read "
-                    f"with the others: {pick}", path=d)
+                    f"names them: {which}; read as one, a split held out for evaluation would "
+                    f"be read with the others: {pick}", path=d)
 
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -549,9 +563,9 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     read, whose data would go unread; a compressed file that would be one of them decompressed
     (`a.jsonl.gz`), left out without a word; the files of two splits as `datasets` names them
     (`train.jsonl` beside `test.jsonl`, `train/` beside `test/`,
-    `train-00000-of-00001.parquet` beside `test-00000-of-00001.parquet`), a test split read,
-    and trained on, with the other; a Hugging Face Hub cache folder holding two revisions of
-    a dataset (`snapshots/REV/`), each read."""
+    `data/train-00000-of-00001.parquet` beside `data/test-00000-of-00001.parquet`: `_splits`),
+    a test split read, and trained on, with the other; a Hugging Face Hub cache folder holding
+    two revisions of a dataset (`snapshots/REV/`), each read."""
     d = Path(directory)
     under = _files_under(d)
     files = []

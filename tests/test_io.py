@@ -144,18 +144,104 @@ def test_a_split_word_ends_at_a_digit_as_datasets_reads_it(tmp_path):
                                       "names them: train.jsonl is train's, test1.jsonl test's")
 
 
-def test_shards_of_two_splits_of_any_name_are_refused(tmp_path):
-    # `datasets` names a shard `{split}-00000-of-00001.*` whatever the split is called.
+def test_shards_of_two_splits_of_any_name_in_data_are_refused_and_elsewhere_read(tmp_path):
+    # `datasets` names a shard `data/{split}-00000-of-00001.*` whatever the split is called,
+    # with a fingerprint too, as datasets before 2.15 pushed them; outside `data/` such a name
+    # is no split's: wiki-* beside books-* in a pretraining folder were refused as two.
     from gptlab.io import files_in
-    # named in order, not as found; with a fingerprint, as datasets before 2.15 pushed them
-    for folder, shard in (("x", "zeta-00000-of-00001"), ("y", "alpha-00000-of-00001-5f1e2d3c")):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / f"{shard}.jsonl").write_text('{"a": 1}\n')
+    (tmp_path / "data").mkdir()
+    for shard in ("zeta-00000-of-00001", "alpha-00000-of-00001-5f1e2d3c"):
+        (tmp_path / "data" / f"{shard}.jsonl").write_text('{"a": 1}\n')
     with pytest.raises(UserError) as e:
         files_in(tmp_path, (".jsonl",))
     assert e.value.message.startswith(
         "holds the files of 2 splits (alpha, zeta), as datasets names them: "
-        "y/alpha-00000-of-00001-5f1e2d3c.jsonl is alpha's, x/zeta-00000-of-00001.jsonl zeta's")
+        "data/alpha-00000-of-00001-5f1e2d3c.jsonl is alpha's, data/zeta-00000-of-00001.jsonl "
+        "zeta's; ")
+    (tmp_path / "data").rename(tmp_path / "wiki")
+    assert len(files_in(tmp_path, (".jsonl",))) == 2
+
+
+def test_a_file_named_for_two_splits_is_refused_as_both(tmp_path):
+    # `datasets` puts train/test/a.jsonl (and train_test.jsonl) in both splits.
+    from gptlab.io import files_in
+    (tmp_path / "train" / "test").mkdir(parents=True)
+    (tmp_path / "train" / "test" / "a.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(UserError) as e:
+        files_in(tmp_path, (".jsonl",))
+    assert str(e.value) == (
+        f"{tmp_path}: holds the files of 2 splits (train, test), as datasets names them: "
+        f"train/test/a.jsonl is train's and test's; read as one, a split held out for "
+        f"evaluation would be read with the others: give one split's folder instead "
+        f"({tmp_path}/train)")
+    assert len(files_in(tmp_path / "train", (".jsonl",))) == 1
+
+
+# Layouts of a data directory and the splits `datasets.get_data_patterns` makes of them ("train"
+# where no name says: all files one split).
+SPLIT_LAYOUTS = [
+    (("wiki-00000-of-00002.jsonl", "wiki-00001-of-00002.jsonl", "books-00000-of-00001.jsonl"),
+     ("train",)),
+    (("data/wiki-00000-of-00002.jsonl", "data/wiki-00001-of-00002.jsonl",
+      "data/books-00000-of-00001.jsonl"), ("books", "wiki")),
+    (("x/wiki-00000-of-00001.jsonl", "y/books-00000-of-00001.jsonl"), ("train",)),
+    (("corpus/data/wiki-00000-of-00001.jsonl", "corpus/data/books-00000-of-00001.jsonl"),
+     ("train",)),
+    (("Data/wiki-00000-of-00001.jsonl", "Data/books-00000-of-00001.jsonl"), ("train",)),
+    (("data/wiki-0-of-2.jsonl", "data/books-0-of-1.jsonl"), ("train",)),
+    (("data/wiki-00000-of-00001.jsonl", "data/sub/books-00000-of-00001.jsonl"), ("wiki",)),
+    (("data/train-00000-of-00002-5f1e2d3c4b5a6978.jsonl",
+      "data/test-00000-of-00001-0a1b2c3d4e5f6789.jsonl"), ("train", "test")),
+    (("data/train-00000-of-00001.jsonl", "data/validation-00000-of-00001.jsonl",
+      "data/extra-00000-of-00001.jsonl"), ("train", "validation", "extra")),
+    (("data/train-00000-of-00001.jsonl", "test.jsonl", "data/test.jsonl"), ("train",)),
+    (("data/my-wiki-00000-of-00001.jsonl", "data/my-books-00000-of-00001.jsonl"),
+     ("my-books", "my-wiki")),
+    (("train.jsonl", "test.jsonl"), ("train", "test")),
+    (("train.jsonl", "notes.jsonl"), ("train",)),
+    (("train_0.jsonl", "train_1.jsonl", "test_0.jsonl"), ("train", "test")),
+    (("train.jsonl", "my_test_file.jsonl", "validation1.jsonl"), ("train", "validation", "test")),
+    (("train.jsonl", "test1.jsonl"), ("train", "test")),
+    (("train.jsonl", "testing.jsonl"), ("train", "test")),
+    (("train.jsonl", "contest.jsonl", "devices.jsonl", "interval.jsonl"), ("train",)),
+    (("pretrain.jsonl", "test.jsonl"), ("test",)),
+    (("TRAIN.jsonl", "TEST.jsonl"), ("train",)),
+    (("train_test.jsonl",), ("train", "test")),
+    (("train/a.jsonl", "test/b.jsonl"), ("train", "test")),
+    (("default/train/0000.jsonl", "default/test/0000.jsonl"), ("train", "test")),
+    (("x/y/train/a.jsonl", "x/z/validation/b.jsonl"), ("train", "validation")),
+    (("dev_set/a.jsonl", "training-2/b.jsonl"), ("train", "validation")),
+    (("train/a.jsonl", "test.jsonl"), ("train",)),
+    (("train/test/a.jsonl",), ("train", "test")),
+    (("a/train.x/b.jsonl", "test.jsonl"), ("train",)),
+    (("pretrain/a.jsonl", "contest/b.jsonl", "tests/c.jsonl", "trainings/d.jsonl"), ("train",)),
+    (("train.jsonl", ".ipynb_checkpoints/test-checkpoint.jsonl", "__pycache__/dev.jsonl"),
+     ("train",)),
+]
+
+
+@pytest.mark.parametrize("layout, held", SPLIT_LAYOUTS,
+                         ids=[",".join(layout) for layout, _ in SPLIT_LAYOUTS])
+def test_a_directory_is_refused_exactly_where_datasets_reads_two_splits(tmp_path, layout, held):
+    import ast
+    import re
+    from datasets.data_files import get_data_patterns
+    from gptlab.io import files_in
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('{"a": 1}\n')
+    try:
+        by_datasets = tuple(map(str, get_data_patterns(str(tmp_path))))
+    except ValueError as e:  # a split name it does not take, which it names
+        by_datasets = tuple(sorted(ast.literal_eval(str(e).rsplit(" but got ", 1)[1][1:-2])))
+    assert by_datasets == held
+    try:
+        files_in(tmp_path, (".jsonl",))
+        refused: tuple[str, ...] = ()
+    except UserError as e:
+        refused = tuple(re.match(r"holds the files of \d+ splits \((.*?)\)", e.message)[1]
+                        .split(", "))
+    assert refused == (held if len(held) > 1 else ())
 
 
 def test_an_out_in_a_read_directory_is_refused_by_any_path_to_it(tmp_path, monkeypatch):
