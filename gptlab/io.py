@@ -495,33 +495,48 @@ _SPLIT_IN_NAME = {split: re.compile(rf"(?:^|{_SEPARATOR})(?:{'|'.join(words)}){_
                   for split, words in _SPLIT_WORDS.items()}
 
 
-def _splits(d: Path, files: list[Path]) -> dict[str, list[tuple[Path, Path | None]]]:
-    """The splits `datasets` would make of directory `d`'s `files` by the first of the rules
-    above that one of them meets: each split's files, with the folder (inside `d`) that names
-    it, None where the file's own name does. {} where no rule is met: one split of them all."""
+Splits = dict[str, list[tuple[Path, Path | None]]]
+
+
+def _split_rules(d: Path, files: list[Path]) -> list[Splits]:
+    """What each of the three rules above makes of directory `d`'s `files`: each split's files,
+    with the folder (inside `d`) that names it, None where the file's own name does."""
     rels = [(f, f.relative_to(d)) for f in files]
-    shards: dict[str, list[tuple[Path, Path | None]]] = {}
+    shards: Splits = {}
+    in_folders: Splits = {}
+    in_names: Splits = {}
     for f, rel in rels:
         shard = _SHARD_IN_DATA.fullmatch(rel.name) if rel.parent == Path("data") else None
         if shard:
             shards.setdefault(shard[1], []).append((f, None))
-    if shards:
-        return shards
-    in_folders: dict[str, list[tuple[Path, Path | None]]] = {}
-    for f, rel in rels:
         folders = rel.parts[:-1]
         for split, pattern in _SPLIT_IN_FOLDER.items():
             named = [i for i, folder in enumerate(folders) if pattern.search(folder)]
             if named:
                 in_folders.setdefault(split, []).append((f, Path(*folders[:named[0] + 1])))
-    if in_folders:
-        return in_folders
-    in_names: dict[str, list[tuple[Path, Path | None]]] = {}
-    for f, rel in rels:
         for split, pattern in _SPLIT_IN_NAME.items():
             if pattern.search(rel.name):
                 in_names.setdefault(split, []).append((f, None))
-    return in_names
+    return [shards, in_folders, in_names]
+
+
+def _splits(d: Path, files: list[Path]) -> Splits:
+    """The splits of directory `d`'s `files` that a verb would read as one: those `datasets`
+    makes by the first rule above that one of them meets ({} where none is: one split of them
+    all), and, where that makes one split, the files it leaves out that a later rule names for
+    another split. `datasets` leaves `test.jsonl` beside `train/` out of every split; a verb
+    reads every file, and would train on it."""
+    rules = _split_rules(d, files)
+    first = next((i for i, rule in enumerate(rules) if rule), len(rules))
+    splits = dict(rules[first]) if first < len(rules) else {}
+    if len(splits) == 1:
+        taken = {f for f, _ in next(iter(splits.values()))}
+        for rule in rules[first + 1:]:
+            for split, named in rule.items():
+                strays = [(f, folder) for f, folder in named if f not in taken]
+                if strays and split not in splits:
+                    splits[split] = strays
+    return splits
 
 
 def _check_one_split(d: Path, files: list[Path]) -> None:

@@ -178,7 +178,9 @@ def test_a_file_named_for_two_splits_is_refused_as_both(tmp_path):
 
 
 # Layouts of a data directory and the splits `datasets.get_data_patterns` makes of them ("train"
-# where no name says: all files one split).
+# where no name says: all files one split); a third item where gptlab refuses more: where
+# `datasets` leaves out of its one split a file that a later rule names for another (test.jsonl
+# beside train/), which a verb, reading every file, would train on.
 SPLIT_LAYOUTS = [
     (("wiki-00000-of-00002.jsonl", "wiki-00001-of-00002.jsonl", "books-00000-of-00001.jsonl"),
      ("train",)),
@@ -194,7 +196,8 @@ SPLIT_LAYOUTS = [
       "data/test-00000-of-00001-0a1b2c3d4e5f6789.jsonl"), ("train", "test")),
     (("data/train-00000-of-00001.jsonl", "data/validation-00000-of-00001.jsonl",
       "data/extra-00000-of-00001.jsonl"), ("train", "validation", "extra")),
-    (("data/train-00000-of-00001.jsonl", "test.jsonl", "data/test.jsonl"), ("train",)),
+    (("data/train-00000-of-00001.jsonl", "test.jsonl", "data/test.jsonl"), ("train",),
+     ("train", "test")),
     (("data/my-wiki-00000-of-00001.jsonl", "data/my-books-00000-of-00001.jsonl"),
      ("my-books", "my-wiki")),
     (("train.jsonl", "test.jsonl"), ("train", "test")),
@@ -211,18 +214,19 @@ SPLIT_LAYOUTS = [
     (("default/train/0000.jsonl", "default/test/0000.jsonl"), ("train", "test")),
     (("x/y/train/a.jsonl", "x/z/validation/b.jsonl"), ("train", "validation")),
     (("dev_set/a.jsonl", "training-2/b.jsonl"), ("train", "validation")),
-    (("train/a.jsonl", "test.jsonl"), ("train",)),
+    (("train/a.jsonl", "test.jsonl"), ("train",), ("train", "test")),
     (("train/test/a.jsonl",), ("train", "test")),
-    (("a/train.x/b.jsonl", "test.jsonl"), ("train",)),
+    (("a/train.x/b.jsonl", "test.jsonl"), ("train",), ("train", "test")),
     (("pretrain/a.jsonl", "contest/b.jsonl", "tests/c.jsonl", "trainings/d.jsonl"), ("train",)),
     (("train.jsonl", ".ipynb_checkpoints/test-checkpoint.jsonl", "__pycache__/dev.jsonl"),
      ("train",)),
 ]
 
 
-@pytest.mark.parametrize("layout, held", SPLIT_LAYOUTS,
-                         ids=[",".join(layout) for layout, _ in SPLIT_LAYOUTS])
-def test_a_directory_is_refused_exactly_where_datasets_reads_two_splits(tmp_path, layout, held):
+@pytest.mark.parametrize("layout, held, more", [(*case, None)[:3] for case in SPLIT_LAYOUTS],
+                         ids=[",".join(case[0]) for case in SPLIT_LAYOUTS])
+def test_a_directory_is_refused_where_datasets_reads_two_splits_or_leaves_one_out(
+        tmp_path, layout, held, more):
     import ast
     import re
     from datasets.data_files import get_data_patterns
@@ -241,7 +245,7 @@ def test_a_directory_is_refused_exactly_where_datasets_reads_two_splits(tmp_path
     except UserError as e:
         refused = tuple(re.match(r"holds the files of \d+ splits \((.*?)\)", e.message)[1]
                         .split(", "))
-    assert refused == (held if len(held) > 1 else ())
+    assert refused == (more or (held if len(held) > 1 else ()))
 
 
 def test_an_out_in_a_read_directory_is_refused_by_any_path_to_it(tmp_path, monkeypatch):
