@@ -40,12 +40,12 @@ def setup(tmp_path_factory):
     return d, paths
 
 
-def trainer(setup, out, **kw):
+def trainer(setup, out, reward_fn=record_score, **kw):
     d, paths = setup
     cfg = PPOConfig(policy=str(d / "policy"), prompts=str(paths["prompts"]), out=str(out),
                     device="cpu", temperature=T, max_new_tokens=6, batch_size=4,
                     minibatch_size=4, ppo_epochs=1, **kw)
-    return PPOTrainer(cfg, reward_fn=record_score)
+    return PPOTrainer(cfg, reward_fn=reward_fn)
 
 
 def hand_rollout(t, prompts, responses, finished):
@@ -745,3 +745,29 @@ def test_the_value_models_mark_changes_its_config_json_and_nothing_else(setup, t
         with torch.no_grad():
             assert torch.equal(loaded(ids), ours(ids))
             assert torch.equal(loaded.values(ids), ours.values(ids))
+
+
+def test_a_reward_function_reads_a_response_cut_inside_a_character_as_sample_writes_it(
+        setup, tmp_path, monkeypatch):
+    """A response cut at max_new_tokens between the byte tokens of "€" reached a `--reward-fn`
+    whole, ending in U+FFFD, where `sample` writes it without the split character; one that
+    ended on its own keeps the U+FFFD the model chose to end on."""
+    from gptlab.engine import Generation
+    tok = load_model(setup[0] / "policy")[1]
+    said = tok.encode("ok €")
+    assert len(tok.encode("€")) > 1 and tok.decode(said[:-1]) == "ok \ufffd"
+    rows = [said[:-1], said[:-1] + [tok.eos_id]] * 2  # cut, finished, cut, finished
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        return Generation([list(r) for r in rows], [[0.0] * len(r) for r in rows],
+                          [len(r) == len(said) for r in rows])
+    monkeypatch.setattr(ppo_module, "generate", generate)
+    seen = []
+
+    def reward(prompts, responses, recs):
+        seen.extend(responses)
+        return [0.0] * len(responses)
+
+    t = trainer(setup, tmp_path / "out", reward_fn=reward)
+    t.score(t.rollout(0))
+    assert seen == ["ok ", "ok \ufffd", "ok ", "ok \ufffd"]

@@ -687,9 +687,10 @@ class PPOTrainer:
         """The reward function's scores of the decoded responses: one real number each, or
         a UserError naming the function (and the prompt's line, for a bad score)."""
         prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
-        # As the pipeline's sampling writes them (cut ones whole: `sample_responses`).
-        texts = [self.tok.decode_response(prompt_of(rec), ids, r)
-                 for rec, ids, r in zip(ro.records, self._prompt_ids(ro), ro.responses)]
+        # As `gptlab sample` writes them: a cut response without the character its cut split.
+        texts = [self.tok.decode_response(prompt_of(rec), ids, r, cut=not done)
+                 for rec, ids, r, done in zip(ro.records, self._prompt_ids(ro), ro.responses,
+                                              ro.finished.tolist())]
         name = self.reward_fn_name
         try:
             returned = self.reward_fn(prompts, texts, ro.records)
