@@ -352,12 +352,13 @@ def test_best_of_k_checks_each_question_s_own_answers_stripped_with_a_seed_per_b
     s = best_of_k(policy, tok, rm, RecordingWorld(), records, k=3, temperature=0.7,
                   max_new_tokens=6, seed=5, prompts_per_batch=2)
     assert seeds == [5 * 1_000_003 + 0, 5 * 1_000_003 + 2]  # one per batch of 2 prompts
-    want = [(r["id"], tok.decode(t).strip())
-            for gen, chunk in zip(gens, (records[:2], records[2:]))
-            for j, r in enumerate(chunk) for t in gen.tokens[j * 3:(j + 1) * 3]]
+    texts = [tok.decode(t) if done else tok.decode_cut(t)
+             for g in gens for t, done in zip(g.tokens, g.finished)]
+    # (the batches' rows in order are the records', 3 each; a cut answer as `sample` writes it)
+    want = [(r["id"], text.strip())
+            for r, text in zip([r for r in records for _ in range(3)], texts)]
     assert checked == want
-    assert any(text != tok.decode(t) for (_, text), t in
-               zip(checked, [t for g in gens for t in g.tokens]))  # something was stripped
+    assert any(text != whole for (_, text), whole in zip(checked, texts))  # something stripped
     assert s["k"] == 3 and s["temperature"] == 0.7
 
 
@@ -415,3 +416,34 @@ def test_the_noise_free_accuracy_reads_the_template_tail_only_where_the_reward_m
     read, other = (newline, []) if tail else ([], newline)
     assert (n, pairs) == (6, 18) and acc == pytest.approx(pairs_right(read) / 18)
     assert pairs_right(read) != pairs_right(other)
+
+
+def test_best_of_k_checks_an_answer_cut_inside_a_character_as_sample_writes_it(models,
+                                                                                monkeypatch):
+    """An answer cut at max_new_tokens between the byte tokens of "€" was checked whole, ending
+    in U+FFFD, where `gptlab sample` (and so `world score`) reads it without the split
+    character; an answer that ended on its own keeps the U+FFFD it chose to end on."""
+    import gptlab.eval.headroom as headroom
+    from gptlab.engine import Generation
+    tok, policy, rm = models
+    said = tok.encode("SELECT€")
+    assert len(tok.encode("€")) > 1 and tok.decode(said[:-1]) == "SELECT\ufffd"
+    rows = [said[:-1], said[:-1] + [tok.eos_id]]  # cut, finished
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        assert len(prompts) == 2
+        return Generation([list(r) for r in rows], [[0.0] * len(r) for r in rows],
+                          [False, True])
+
+    checked = []
+
+    class RecordingWorld(EvenLengthWorld):
+        def check(self, qid, text):
+            checked.append(text)
+            return super().check(qid, text)
+
+    monkeypatch.setattr(headroom, "generate", generate)
+    s = best_of_k(policy, tok, rm, RecordingWorld(), [{"id": "q", "prompt": "who?"}], k=2,
+                  max_new_tokens=len(said) - 1)
+    assert checked == ["SELECT", "SELECT\ufffd"]
+    assert s["pass_at_k"] == 1.0 and s["sample_mean"] == 0.5  # 6 characters even, 7 odd

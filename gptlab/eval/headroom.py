@@ -69,8 +69,11 @@ def best_of_k(policy: torch.nn.Module, tok: Any, reward_model: ScalarHeadModel, 
                   for i, (t, done) in enumerate(zip(gen.tokens, gen.finished))]
         s = score_responses(reward_model, prompts, k, closed, tok.pad_id)
         for j, r in enumerate(chunk):
-            texts = [tok.decode_response(r["prompt"], prompts[j], t)
-                     for t in gen.tokens[j * k:(j + 1) * k]]
+            # Checked as `gptlab sample` writes them: a cut answer without the character its
+            # cut split (`world score` of sampled answers agrees).
+            rows = range(j * k, (j + 1) * k)
+            texts = [tok.decode_response(r["prompt"], prompts[j], gen.tokens[i],
+                                         cut=not gen.finished[i]) for i in rows]
             correct.append([int(world.check(r["id"], t.strip()).correct) for t in texts])
             scores.append(s[j * k:(j + 1) * k])
     return {**pick_stats(correct, scores), "k": k, "temperature": temperature}
