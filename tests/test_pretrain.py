@@ -673,3 +673,25 @@ def test_the_sampler_draws_each_index_once_per_epoch_and_resumes_where_it_stoppe
     resumed.load_state(s.state())
     assert [resumed.next_indices().tolist() for _ in range(3)] == \
         [s.next_indices().tolist() for _ in range(3)]
+
+
+def test_a_sample_cut_inside_a_character_ends_before_it(corpus, monkeypatch):
+    """The sample logged at each evaluation, cut at sample_tokens between the byte tokens of
+    "€", ended in U+FFFD; it ends before the split character, as `gptlab sample` writes a cut
+    response. A sample that ended on its own keeps the U+FFFD it chose to end on."""
+    import gptlab.engine
+    from gptlab.engine import Generation
+    from gptlab.train.pretrain import PretrainConfig, _sampler
+    _, _, tok = corpus
+    said = tok.encode(" ran €")
+    assert len(tok.encode("€")) > 1 and tok.decode(said[:-1]) == " ran \ufffd"
+    made = {"finished": False}
+
+    def generate(model, prompts, params, seed=None, pad_id=0):
+        tokens = said[:-1] + ([tok.eos_id] if made["finished"] else [])
+        return Generation([tokens], [[0.0] * len(tokens)], [made["finished"]])
+    monkeypatch.setattr(gptlab.engine, "generate", generate)
+    sample = _sampler(tok, PretrainConfig(sample_prompt="the dog", sample_tokens=4), 128)
+    assert sample(None, 1, 0.0) == {"sample": "the dog ran "}
+    made["finished"] = True
+    assert sample(None, 1, 0.0) == {"sample": "the dog ran \ufffd"}

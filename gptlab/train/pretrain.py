@@ -58,7 +58,8 @@ class PretrainConfig(TrainConfig):
     sample_prompt: str = field(default="", metadata={
         "help": "text the sample at each evaluation continues (after an EOS)"})
     sample_tokens: int = field(default=48, metadata={
-        "help": "tokens sampled at each evaluation (0: no sample)"})
+        "help": "tokens sampled at each evaluation (0: no sample); a sample cut there ends "
+                "before a character the cut split"})
     # Pretraining defaults for small models on small corpora.
     lr: float = 1e-3
     warmup_steps: int = 20          # short: CPU runs are a few hundred steps
@@ -167,7 +168,9 @@ def _sampler(tok: Any, cfg: PretrainConfig, context: int):
         params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50,
                                 stop_ids=(tok.eos_id,))
         gen = generate(model, [prompt], params, seed=cfg.seed, pad_id=tok.pad_id)
-        return {"sample": cfg.sample_prompt + tok.decode_continuation(prompt, gen.tokens[0])}
+        # cut at sample_tokens: no half a character at its end, as `gptlab sample` writes one
+        return {"sample": cfg.sample_prompt + tok.decode_continuation(
+            prompt, gen.tokens[0], cut=not gen.finished[0])}
 
     return sample
 
