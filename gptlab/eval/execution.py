@@ -17,6 +17,9 @@ from gptlab.world.build import open_world  # noqa: F401 - where callers have fou
 def answer(model: torch.nn.Module, tokenizer: Any, records: list[dict], max_new_tokens: int = 96,
            batch_size: int = 64) -> list[str]:
     """Greedy responses to prompt records (the fixed evaluation decoding)."""
+    # Decoded as the pipeline's samples are, a cut one whole (no mark_cut), unlike `gptlab
+    # sample`: SFT keeps the weights of its best execution accuracy on these answers, and the
+    # demo's published weights and eval/answers.jsonl are these bytes.
     from gptlab.feedback import sample_responses
     skips = SkipCounter()
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)

@@ -531,6 +531,9 @@ class Pipeline:
         model, tok, _ = load_model(policy, select_device("auto"))  # where the stages train
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens,
                                 temperature=self.cfg.sample_temperature)
+        # No mark_cut: a cut response is decoded whole, a split last character as U+FFFD,
+        # unlike `gptlab sample`, because the demo's published samples and rankings (and all
+        # trained on them) are these bytes.
         samples = self.timer.run(f"round {rnd}: sample", lambda: sample_responses(
             model, tok, chosen, self.cfg.k, params, seed=self.cfg.seed * 1000 + rnd))
         write_jsonl_atomic(d / "samples.jsonl", samples)
