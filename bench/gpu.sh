@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gptlab on a GPU, in one command: what a session lent the project's GPU machine runs (the
-# device tool: `run` with command "bash bench/gpu.sh", carry [".whl"], timeout_s 540; fetch the
+# device tool: `run` with command "bash bench/gpu.sh", carry [".whl"], timeout_s 600; fetch the
 # wheels first, here: `make gpu-wheels`). BENCHMARKS.md, "On a GPU", says what each step does.
 #
 #   1 install  the wheels in .whl/ that the machine lacks, into $SITE (no network there)
@@ -12,8 +12,10 @@
 #     bench/gpu_check.py real-model: a random-weight Llama of SmolLM2-135M's shape, converted by
 #     `gptlab convert`, against transformers (logits fp32 / bf16, greedy tokens, sampling and an
 #     SFT step's speed and peak memory) -> $OUT/real_model.json
-#   6 summary  -> $OUT/summary.md, printed last
-# Every step runs under a time limit inside one budget (GPTLAB_GPU_CHECK_BUDGET seconds, 420);
+#   6 sft_profile  bench/gpu_check.py sft-profile: where an SFT step's time goes on that shape
+#     (gptlab's shared prefix, gptlab's whole rows, transformers) -> $OUT/sft_profile.txt
+#   7 summary  -> $OUT/summary.md, printed last
+# Every step runs under a time limit inside one budget (GPTLAB_GPU_CHECK_BUDGET seconds, 540);
 # a step that fails or runs out of time is logged and the next one runs; the script exits 1 at
 # the end if any step failed. The whole console output is also $OUT/gpu.log.
 #
@@ -33,7 +35,7 @@ else
     STEP=
     export PY=${GPTLAB_GPU_CHECK_PYTHON:-python3}
     export DEVICE=${GPTLAB_GPU_CHECK_DEVICE:-cuda}
-    export BUDGET=${GPTLAB_GPU_CHECK_BUDGET:-420}
+    export BUDGET=${GPTLAB_GPU_CHECK_BUDGET:-540}
     export WORK=${GPTLAB_GPU_CHECK_WORK:-/tmp/gptlab_gpu_check}
     export SITE=${GPTLAB_GPU_CHECK_SITE:-/tmp/site}
     export WHL=${GPTLAB_GPU_CHECK_WHEELS:-$ROOT/.whl}
@@ -191,6 +193,13 @@ do_real_model() {
         --work "$WORK/real" --json "$OUT/real_model.json"
 }
 
+do_sft_profile() {
+    local size=()
+    [[ $DEVICE == cpu ]] && size=(--tiny)
+    "$PY" bench/gpu_check.py sft-profile --device "$DEVICE" --threads "$THREADS" "${size[@]}" \
+        --work "$WORK/real" 2>&1 | tee "$OUT/sft_profile.txt"
+}
+
 if [[ -n $STEP ]]; then
     set -o pipefail
     "do_$STEP"
@@ -240,6 +249,7 @@ main() {  # a function, parsed whole before it runs: editing this file meanwhile
     step sampling 75
     step sft_step 60
     step real_model 150
+    step sft_profile 90
     "$PY" bench/gpu_check.py summary --steps "$WORK/steps.tsv" --work "$WORK" --out "$OUT" \
         --device "$DEVICE" > /dev/null || echo "the summary failed"
     rc=0

@@ -13,9 +13,17 @@ step's own peak memory (torch.cuda.max_memory_allocated over the step less what 
 before it: activations, gradients, logits). `--tiny` shrinks the model and the work for a CPU
 dry run; `--quick` keeps the real shape and shrinks the work only.
 
+`sft-profile`: where an SFT step's time goes, on the same model shape and batch: gptlab's step
+as it trains (the shared prefix encoded once, the rows against its keys and values), gptlab's
+plain forward over whole rows, and transformers', in float32 and under bf16 autocast. For each:
+wall time a step, the forward, backward and AdamW parts (each waited for), the GPU's busy time
+and its kernel launches a step (torch.profiler), and how often the host waited for the device.
+A step whose wall time is far above its GPU time is bound by launches, not arithmetic.
+
 `summary`: the steps' outcomes and every figure measured, as $OUT/summary.md, printed.
 
     python3 bench/gpu_check.py real-model --device cuda --work /tmp/real --json OUT/real_model.json
+    python3 bench/gpu_check.py sft-profile --device cuda --work /tmp/real > OUT/sft_profile.txt
     python3 bench/gpu_check.py summary --steps WORK/steps.tsv --work WORK --out OUT
 """
 from __future__ import annotations
@@ -224,6 +232,106 @@ def real_model(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- sft-profile --------------------------------------------------------------------------------
+
+def sft_profile(a: argparse.Namespace) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptlab.data.instruct import Example
+    from gptlab.interop import load_pretrained
+    from gptlab.train.batching import pad_examples
+    from gptlab.train.sft import sft_loss
+
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    shape = TINY if a.tiny else SMOLLM2_135M
+    rows, prefix_len, steps = (4, 16, 2) if a.tiny else (16, 64, 15)
+    hf_dir = Path(a.work) / "hf-profile"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**shape, hidden_act="silu", tie_word_embeddings=True,
+                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                     ).save_pretrained(hf_dir)
+    ours = load_pretrained(hf_dir)[0].to(device).train()
+    theirs = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).train()
+    g = torch.Generator().manual_seed(1)
+    V = shape["vocab_size"]
+    prefix = torch.randint(3, V, (prefix_len,), generator=g).tolist()
+    examples = []
+    for _ in range(rows):  # as real-model's SFT step: a shared prefix, then a prompt and answer
+        q = int(torch.randint(prefix_len // 4, prefix_len // 2 + 1, (1,), generator=g))
+        ans = int(torch.randint(prefix_len // 2, prefix_len + 1, (1,), generator=g))
+        own = torch.randint(3, V, (q + ans,), generator=g).tolist()
+        examples.append(Example(ids=prefix + own, loss_mask=[0] * (prefix_len + q) + [1] * ans))
+    batch = {key: v.to(device) for key, v in pad_examples(examples, 0).items()}
+
+    def hf_loss(m, b):
+        labels = torch.cat([torch.full_like(b["labels"][:, :1], -100), b["labels"][:, :-1]], 1)
+        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels,
+                 use_cache=False).loss
+
+    def plain_loss(m, b):
+        return m(b["input_ids"], labels=b["labels"])
+
+    sides = [("gptlab, shared prefix (as it trains)", ours, sft_loss),
+             ("gptlab, whole rows", ours, plain_loss), ("transformers", theirs, hf_loss)]
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def step(m, loss_fn, bf16: bool, parts: dict | None = None) -> None:
+        opt = opts[id(m)]
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(m, batch)
+        for part, work in (("forward", None), ("backward", loss.backward), ("adamw", opt.step)):
+            if work is not None:
+                work()
+            if parts is not None:
+                sync()
+                parts[part] += (time.perf_counter() - t) * 1e3 / steps
+                t = time.perf_counter()
+
+    print(f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {rows} rows, a "
+          f"{prefix_len}-token shared prefix, {int(batch['attention_mask'].sum())} tokens; "
+          f"device {torch.cuda.get_device_name(device) if cuda else device}; {steps} steps each")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    gpu_type = torch.autograd.DeviceType.CUDA
+    for bf16 in ((False, True) if cuda else (False,)):
+        for name, m, loss_fn in sides:
+            for _ in range(3):
+                step(m, loss_fn, bf16)
+            sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(m, loss_fn, bf16)
+            sync()
+            wall = (time.perf_counter() - t) * 1e3 / steps
+            parts = dict.fromkeys(("forward", "backward", "adamw"), 0.0)
+            for _ in range(steps):
+                step(m, loss_fn, bf16, parts)
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(3):
+                    step(m, loss_fn, bf16)
+                sync()
+            events = prof.key_averages()
+            kernels = sum(e.count for e in events if e.device_type == gpu_type) / 3
+            busy = sum(e.self_device_time_total for e in events
+                       if e.device_type == gpu_type) / 3e3
+            waits = sum(e.count for e in events if e.key == "cudaStreamSynchronize") / 3
+            print(f"{name}, {'bf16 autocast' if bf16 else 'fp32'}: {wall:.1f} ms a step "
+                  f"(forward {parts['forward']:.1f}, backward {parts['backward']:.1f}, AdamW "
+                  f"{parts['adamw']:.1f} ms, each waited for); GPU busy {busy:.1f} ms, "
+                  f"{kernels:.0f} kernels, {waits:.0f} waits for the device a step")
+    return 0
+
+
 def timed(sides: dict, repeats: int, sync, cuda: bool, device, unit: str) -> dict:
     """Warm each side up, then `repeats` timed passes alternating: the median rate, and the
     pass's own peak memory on CUDA (max allocated during it less allocated before it)."""
@@ -360,13 +468,18 @@ def main() -> int:
     r.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU dry run")
     r.add_argument("--quick", action="store_true",
                    help="the real shape, but the timed work as small as --tiny's (a CPU check)")
+    p = sub.add_parser("sft-profile")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--work", required=True, help="scratch directory (the model)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU dry run")
     s = sub.add_parser("summary")
     s.add_argument("--steps", required=True)
     s.add_argument("--work", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    return real_model(a) if a.cmd == "real-model" else summary(a)
+    return {"real-model": real_model, "sft-profile": sft_profile, "summary": summary}[a.cmd](a)
 
 
 if __name__ == "__main__":
