@@ -213,9 +213,12 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
 def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, monkeypatch):
     """A learning rate this large makes every evaluation after the first worse: a run stopped
     at step 3 and resumed must still end on the first evaluation's weights, exactly as the
-    straight run does; so must a finished run continued to more steps."""
+    straight run does; so must a finished run continued to more steps. At 0.3 the first was
+    the best for model seed 0 alone, and the test passed on 3 of 8 seeds: a diverging run
+    there can come back below its start (seed 3: 5.50 at step 0, 3.66 at step 4). At 3, every
+    later evaluation of the 8 seeds, to step 6, is 26 or more, against 5.5 at the start."""
     from safetensors.torch import load_file
-    args = ("--lr", "0.3", "--warmup-steps", "0", "--eval-every", "1", "--save-every", "2",
+    args = ("--lr", "3", "--warmup-steps", "0", "--eval-every", "1", "--save-every", "2",
             "--val-fraction", "0.25", "--max-steps", "4")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_sft(base, straight, *args) == 0
@@ -232,7 +235,7 @@ def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, mo
     assert (resumed / "best").is_dir() and not (resumed / "model.safetensors").exists()
     assert run_sft(base, resumed, *args, "--resume") == 0
     meta = [json.loads((d / "config.json").read_text()) for d in (straight, resumed)]
-    assert meta[0]["best_step"] < 3 and meta[0]["step"] == 4
+    assert meta[0]["best_step"] == 0 and meta[0]["step"] == 4
     assert [m["best_step"] for m in meta] == [meta[0]["best_step"]] * 2
     assert [m["best_score"] for m in meta] == [meta[0]["best_score"]] * 2
     a, b = (load_file(d / "model.safetensors") for d in (straight, resumed))
