@@ -170,6 +170,39 @@ def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models
     assert pairwise_accuracy(rm, [collate_rankings(held, tok.pad_id)]) == pytest.approx(1 - acc)
 
 
+def test_a_prompt_ranked_in_two_rounds_is_one_draw_of_the_interval(world, models, tmp_path):
+    # Round 2's reward model is judged on rankings of both rounds, where one prompt can be
+    # ranked twice (other samples): its pairs share the prompt, and the interval counted the
+    # two rankings as two independent draws.
+    tok, _, rm = models
+    wrong, error = "SELECT name FROM employees", "SELEC nothing"
+    qs = [q for q in world.test if world.check(q.id, wrong).kind == "wrong"][:4]
+    assert len(qs) == 4
+    answers = {q.id: (q.sql, wrong, error) for q in qs}
+    rows = [{"id": q.id, "prompt": world.prompt(q.text), "ranked": list(answers[q.id])}
+            for q in qs]
+    rows.insert(1, {"id": qs[0].id, "prompt": world.prompt(qs[0].text), "ranked": [wrong, error]})
+    write_jsonl_atomic(tmp_path / "held.jsonl", rows)
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
+                                             val_data=str(tmp_path / "held.jsonl")))
+    acc, n, pairs, ci = rm_accuracy_noise_free(world, tmp_path / "rm")
+    right = {}  # per prompt (id): (pairs the scores order as the truth, pairs)
+    for row in rows:
+        prompt = row["prompt"]
+        p = encode_prompt(tok, prompt)
+        with torch.no_grad():
+            s = [float(rm(torch.tensor([p + encode_response(tok, r, prompt)]))[0])
+                 for r in row["ranked"]]  # each ranking already best first: correct, wrong, error
+        got = sum(s[i] > s[j] for i in range(len(s)) for j in range(i + 1, len(s)))
+        r0, n0 = right.get(row["id"], (0, 0))
+        right[row["id"]] = (r0 + got, n0 + len(s) * (len(s) - 1) // 2)
+    assert (n, pairs) == (5, 3 + 1 + 3 + 3 + 3) and len(right) == 4
+    assert acc == pytest.approx(sum(r for r, _ in right.values()) / 13)
+    half = 1.96 * (4 / 3 * sum((r - acc * m) ** 2 for r, m in right.values()) / 13 ** 2) ** 0.5
+    assert ci == pytest.approx([max(0, acc - half), min(1, acc + half)])
+
+
 def test_without_ties_two_answers_of_one_verdict_and_length_are_no_pair_to_judge(world, models,
                                                                                    tmp_path):
     # A strict labeler ranks them by position; the truth has them equally good. They were

@@ -511,6 +511,26 @@ def test_the_held_out_accuracy_reuses_the_final_evaluation_and_scores_anew_on_a_
         meta["heldout_pairwise_acc"]
 
 
+def test_the_held_out_interval_takes_the_rankings_of_one_prompt_as_one_draw(base, tmp_path,
+                                                                             monkeypatch):
+    # Held-out rankings P, P, Q, Q, R, S, T, U (P and Q ranked twice, other answers), one pair
+    # each, right on P's, R's and T's: by prompt (2, 2), (0, 2), (1, 1), (0, 1), (1, 1), (0, 1),
+    # var = 6/5 · 3 / 8²; eight draws of their own claimed var = 8/7 · 2 / 8².
+    import gptlab.train.reward as reward
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": f"Is the dog happy? {p}", "chosen": f" yes {i}",
+                                       "rejected": " no"}) + "\n"
+                           for i, p in enumerate("PPQQRSTU")))
+    right = [(1.0, 1), (1.0, 1), (0.0, 1), (0.0, 1), (1.0, 1), (0.0, 1), (1.0, 1), (0.0, 1)]
+    monkeypatch.setattr(reward, "pairs_right_by_ranking", lambda *a: list(right))
+    out = tmp_path / "rm"
+    assert run_reward(base, out, "--val-data", str(val)) == 0
+    meta = json.loads((out / "config.json").read_text())
+    half = 1.96 * (6 / 5 * 3 / 64) ** 0.5
+    assert (meta["heldout_pairwise_acc"], meta["heldout_pairs"]) == (0.5, 8)
+    assert meta["heldout_pairwise_acc_ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+
+
 def test_a_resume_without_max_steps_keeps_the_runs_own_length_not_the_epochs(base, tmp_path):
     """A time-budget run (capped at 6 steps) resumed without --max-minutes, as the refusal of
     another budget advises: --epochs (here 22 steps) must not lengthen it."""

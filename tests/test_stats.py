@@ -107,3 +107,21 @@ def test_clustered_rate_equals_a_numpy_reference(seed):
 def test_clustered_rate_with_every_cluster_alike_has_no_spread():
     assert clustered_rate([(1, 1)] * 7)["ci95"] == [1.0, 1.0]
     assert clustered_rate([(0, 3), (0, 5)])["ci95"] == [0.0, 0.0]
+
+
+def test_clustered_rate_sums_the_counts_of_one_cluster_into_one_draw():
+    # Eight rankings of six prompts (P and Q ranked in two rounds), one pair each. By prompt:
+    # P (2, 2), Q (0, 2), R (1, 1), S (0, 1), T (1, 1), U (0, 1); rate 4/8, residuals right_i −
+    # rate·total_i = 1, −1, ½, −½, ½, −½: var = 6/5 · 3 / 8² = 0.05625.
+    counts = [(1, 1), (1, 1), (0, 1), (0, 1), (1, 1), (0, 1), (1, 1), (0, 1)]
+    r = clustered_rate(counts, list("PPQQRSTU"))
+    half = 1.96 * math.sqrt(6 / 5 * 3 / 64)
+    assert (r["mean"], r["clusters"], r["n"]) == (0.5, 6, 8)
+    assert r["ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-12)
+    # Eight draws of their own had claimed a narrower interval: var = 8/7 · 8 · ¼ / 8².
+    alone = clustered_rate(counts)
+    assert alone["clusters"] == 8
+    assert alone["ci95"][1] - 0.5 == pytest.approx(1.96 * math.sqrt(8 / 7 * 2 / 64))
+    assert clustered_rate(counts, list("PQRSTUVW")) == alone  # distinct clusters: unchanged
+    with pytest.raises(ValueError, match="one cluster per count"):
+        clustered_rate(counts, list("PQ"))

@@ -50,12 +50,13 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
     truth rather than with one noisy labeler. `data`: the rankings it was trained on, where
     they are now (its run.json has them as given, maybe relative to another directory).
     Returns (accuracy, rankings with a preference, the pairs judged, its 95% interval with the
-    prompts as the independent draws: `stats.clustered_rate`)."""
+    prompts as the independent draws, a prompt ranked in two rounds one draw:
+    `stats.clustered_rate`)."""
     from gptlab.data.instruct import Ranking, read_rankings
     from gptlab.provenance import load_run
     from gptlab.eval.stats import clustered_rate
     from gptlab.train.reward import (collate_rankings, encode_ranking, pairs_right_by_ranking,
-                                     split_rankings)
+                                     prompt_clusters, split_rankings)
     rc = load_run(reward_dir)["config"]
     if rc.get("val_data"):
         held = read_rankings(rc["val_data"])
@@ -82,7 +83,7 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
     if not encoded:
         return None, 0, 0, None
     batches = [collate_rankings(encoded[i:i + 8], tok.pad_id) for i in range(0, len(encoded), 8)]
-    rate = clustered_rate(pairs_right_by_ranking(model, batches))
+    rate = clustered_rate(pairs_right_by_ranking(model, batches), prompt_clusters(encoded))
     return rate["mean"], len(encoded), pairs, rate["ci95"]
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Hashable, Sequence
 
 
 def paired_delta(a: Sequence[float], b: Sequence[float]) -> dict:
@@ -43,12 +43,23 @@ def excludes_zero(delta: dict) -> bool:
     return lo > 0 or hi < 0
 
 
-def clustered_rate(counts: Sequence[tuple[float, int]]) -> dict:
+def clustered_rate(counts: Sequence[tuple[float, int]],
+                   clusters: Sequence[Hashable] | None = None) -> dict:
     """A rate summed over clusters, Σ right / Σ total (a reward model's pairwise accuracy, the
     pairs of one prompt a cluster), with a normal-approximation 95% interval that treats the
     clusters, not the pairs, as the independent draws (the pairs of one prompt share its
     responses), clipped to [0, 1]: var = k/(k−1) · Σ (right_i − rate·total_i)² / (Σ total)².
-    Fewer than two clusters give no interval."""
+    `clusters`: each count's cluster where several counts may share one (one prompt ranked in
+    two rounds: two rankings, one draw), summed into one before the interval; None: each count
+    its own. Fewer than two clusters give no interval."""
+    if clusters is not None:
+        if len(clusters) != len(counts):
+            raise ValueError("clustered_rate needs one cluster per count")
+        merged: dict[Hashable, tuple[float, int]] = {}
+        for key, (r, n) in zip(clusters, counts):
+            r0, n0 = merged.get(key, (0, 0))
+            merged[key] = (r0 + r, n0 + n)
+        counts = list(merged.values())
     counts = [(r, n) for r, n in counts if n > 0]
     total = sum(n for _, n in counts)
     if not total:

@@ -273,6 +273,14 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int,
     return seqs
 
 
+def prompt_clusters(items: list[EncodedRanking]) -> list[Any]:
+    """Each ranking's prompt, as its tokens: the held-out accuracy's independent draws, so that
+    two rankings of one prompt (ranked in two rounds) are one draw. A ranking encoded without
+    its prompt's length is a draw of its own."""
+    return [tuple(e.seqs[0][:e.prompt_len]) if e.prompt_len else ("ranking", i)
+            for i, e in enumerate(items)]
+
+
 def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -380,14 +388,14 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                        "eval_settings": {k: getattr(cfg, k) for k in MEASURE_SETTINGS}})
     model.eval()
     # The held-out accuracy with its interval, the prompts as the draws (their pairs share
-    # answers); none without held-out rankings.
+    # answers), rankings of one prompt one draw; none without held-out rankings.
     if not val_batches:
         counts = []
     elif measured.get("step") == result.step:
         counts = measured["counts"]  # this session evaluated the final weights
     else:
         counts = pairs_right_by_ranking(model, val_batches)
-    held = clustered_rate(counts)
+    held = clustered_rate(counts, prompt_clusters(val_e) if counts else None)
     acc = held["mean"]
     mean, std = normalize_scores(model, samples, tok.pad_id)
     save_model(out, model, tok, extra={"stage": "reward", "step": result.step,
