@@ -55,7 +55,8 @@ class RewardConfig(TrainConfig):
         "help": "held-out rankings, .jsonl, .parquet or a directory of them (default: a slice "
                 "of --data)"})
     val_fraction: float = field(default=0.1, metadata={
-        "help": "share of --data held out for validation when --val-data is not given"})
+        "help": "share of --data's rankings held out for validation when --val-data is not "
+                "given (drawn by ranking: a prompt ranked twice may fall on both sides)"})
     samples: str | None = field(default=None, metadata={
         "help": "samples, .jsonl, .parquet or a directory of them (`gptlab sample` output, "
                 "e.g. the SFT model's) whose responses, duplicates included, score mean 0, "
