@@ -115,17 +115,22 @@ def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
 
 
-def scale_logits(logits: Tensor, temperature: float) -> Tensor:
+def scale_logits(logits: Tensor, temperature: float, read_overflow: bool = True) -> Tensor:
     """logits / temperature, well defined at any temperature above 0.
 
     A tiny temperature (1e-39) overflows the division to ±inf, and softmax to NaN. Such a row
     is divided after subtracting its largest logit, which is set to 0 (below float32's range
     the temperature itself rounds to 0, and 0 / 0 is NaN) while the others go to -inf: the row
     samples as greedy decoding (exact ties share the draw) and log-probabilities stay finite.
-    Rows that do not overflow are divided as they are, bit for bit as before."""
+    Rows that do not overflow are divided as they are, bit for bit as before.
+
+    Whether a row overflowed is read on the host, and the shifted rows made only then:
+    on a GPU the read waits for the device. `read_overflow=False` makes them always and reads
+    nothing, the same values: cheaper for the engine's (B, V) logits of one token, dearer for
+    a training forward's (B, T, V)."""
     scaled = logits / temperature
     overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)  # (B, 1)
-    if bool(overflow.any()):
+    if not read_overflow or bool(overflow.any()):
         top = logits.amax(-1, keepdim=True)
         shifted = ((logits - top) / temperature).masked_fill(logits == top, 0.0)
         scaled = torch.where(overflow, shifted, scaled)
@@ -164,9 +169,8 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
     # Rounding can put u·total past the last nonzero entry; step back onto a token with mass.
     tok = tok.clamp(max=probs.shape[1] - 1)
     bad = probs.gather(-1, tok[:, None])[:, 0] <= 0
-    if bool(bad.any()):
-        tok[bad] = probs[bad].argmax(-1)
-    return tok.to(device)
+    # A where, not tok[bad] = ...: asking whether any row is bad waits for a GPU every token.
+    return torch.where(bad, probs.argmax(-1), tok).to(device)
 
 
 @torch.no_grad()
@@ -235,36 +239,47 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
         cache.select(rows)
         logits, mask = logits[rows], mask[rows]
     n = 0
-    live = torch.arange(B, device=device)  # rows still decoding; finished ones are dropped
+    # Rows still decoding (finished ones are dropped), and the host's copy: on a GPU each read
+    # of a tensor waits for the device, so a token reads one number at most (how many rows go
+    # on, with stop tokens) and the rows themselves only when the batch compacts.
+    live = torch.arange(B, device=device)
+    live_rows = list(range(B))
     for t in range(steps):
-        scaled = scale_logits(logits, 1.0 if params.greedy else params.temperature)
+        # Scaled once for the log-probabilities and the draw (sampling_probs' steps).
+        scaled = scale_logits(logits, 1.0 if params.greedy else params.temperature,
+                              read_overflow=False)
         logprobs = scaled.log_softmax(-1)
         if params.greedy:
             tok = logits.argmax(-1)
         else:
-            tok = sample_from(sampling_probs(logits, params), gen, fine)
+            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+            tok = sample_from(probs, gen, fine)
         out_tokens[live, t] = tok
         out_logprobs[live, t] = logprobs.gather(-1, tok[:, None])[:, 0]
         n = t + 1
         if stop.numel():
             hit = torch.isin(tok, stop) & ~done[live]
-            lengths[live[hit]] = t + 1
-            done[live[hit]] = True
-            if bool(done.all()):
-                break
+            stopped = torch.zeros_like(done).scatter(0, live, hit)  # (B,) the rows ended now
+            lengths.masked_fill_(stopped, t + 1)
+            done |= stopped
         if t + 1 == steps:
             break
         keep = ~done[live]
-        must_leave = False
+        full = [False] * len(live_rows)
         if ragged:  # a row at its limit has filled the context: it leaves before the next step
-            full = limit[live] <= t + 1
-            keep &= ~full
-            if not bool(keep.any()):
-                break
-            must_leave = bool(full.any())
-        if must_leave or int(keep.sum()) <= 0.75 * len(live):  # compact: stop paying for them
-            cache.select(keep.nonzero()[:, 0])
-            live, mask, tok = live[keep], mask[keep], tok[keep]
+            full = [limits[r] <= t + 1 for r in live_rows]
+            keep &= ~(limit[live] <= t + 1)
+        # Every row done is none left to go on: the early exit.
+        going_on = int(keep.sum()) if stop.numel() else full.count(False)
+        if going_on == 0:
+            break
+        if any(full) or going_on <= 0.75 * len(live_rows):  # compact: stop paying for them
+            kept = [i for i, k in enumerate(keep.tolist() if stop.numel()
+                                            else [not f for f in full]) if k]
+            cache.select(kept)
+            idx = torch.tensor(kept, device=device)
+            live, mask, tok = live[idx], mask[idx], tok[idx]
+            live_rows = [live_rows[i] for i in kept]
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)
         logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1].float()
 

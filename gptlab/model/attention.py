@@ -52,13 +52,16 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def select(self, rows: Tensor) -> None:
+    def select(self, rows: Tensor | list[int]) -> None:
         """Make row i of the batch the current row `rows[i]`: drop finished sequences (rows
         kept in order, none twice), or repeat each of a few prompts' rows (rows[i] <= i, as
         `generate` lays out K continuations of its distinct prompts). Those two move rows
-        within the buffers; any other selection copies into new ones."""
+        within the buffers; any other selection copies into new ones. Rows given as a list
+        are not read from a device (a wait for a GPU)."""
         n, m = self.length, len(rows)
-        order = rows.tolist()
+        order = list(rows) if isinstance(rows, list) else rows.tolist()
+        if isinstance(rows, list):
+            rows = torch.tensor(order, dtype=torch.long, device=self._k.device)
         if not self.cross and m <= self._k.shape[1] and all(0 <= r < self.k.shape[1]
                                                              for r in order):
             if all(a < b for a, b in zip(order, order[1:])):  # r >= i: move down, first first
@@ -119,18 +122,22 @@ class PrefixKV:
             return k, v
         return torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
 
-    def expand(self, rows: Tensor) -> "PrefixKV":
+    def expand(self, rows: Tensor | list[int]) -> "PrefixKV":
         # The rows' layout is read once for all layers: on a GPU each read waits for the
-        # device, and one a layer made a 30-layer SFT step wait 60 times.
+        # device, and one a layer made a 30-layer SFT step wait 60 times. Rows given as a list
+        # are not read from a device at all.
         runs = row_runs(rows, self.k[0].shape[0]) if self.k else None
+        if isinstance(rows, list):
+            rows = torch.tensor(rows, dtype=torch.long, device=self.k[0].device if self.k
+                                else None)
         return PrefixKV([take_rows(k, rows, runs) for k in self.k],
                         [take_rows(v, rows, runs) for v in self.v], self.length)
 
 
-def row_runs(rows: Tensor, n: int) -> list[int] | None:
+def row_runs(rows: Tensor | list[int], n: int) -> list[int] | None:
     """How many times each of 0..n-1 comes in `rows` when rows run through them in order (each
     prompt's continuations together, as every caller lays them out), else None."""
-    order = rows.tolist()
+    order = list(rows) if isinstance(rows, list) else rows.tolist()
     if any(r < 0 or r >= n for r in order) or any(a > b for a, b in zip(order, order[1:])):
         return None
     counts = [0] * n
