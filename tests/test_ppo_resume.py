@@ -192,7 +192,7 @@ def test_ctrl_c_during_an_update_finishes_that_step_first(setup, capsys, monkeyp
         pytest.skip("SIGINT is not Python's default handler here")
     d, args, straight = setup
     out = d / "interrupted_in_update"
-    real_clip, calls = ppo_module.clip_gradients, [0]
+    real_clip, calls = ppo_module.clip_grad_norm, [0]
 
     def clip_then_ctrl_c(*a, **kw):   # 4 optimizer steps per PPO step: call 9 is in step 3
         calls[0] += 1
@@ -200,7 +200,7 @@ def test_ctrl_c_during_an_update_finishes_that_step_first(setup, capsys, monkeyp
             signal.raise_signal(signal.SIGINT)
         return real_clip(*a, **kw)
 
-    monkeypatch.setattr(ppo_module, "clip_gradients", clip_then_ctrl_c)
+    monkeypatch.setattr(ppo_module, "clip_grad_norm", clip_then_ctrl_c)
     cfg = PPOConfig(policy=str(d / "policy"), prompts=str(d / "prompts.jsonl"), out=str(out),
                     steps=STEPS, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6,
                     lr=1e-3, adaptive_kl=True, target_kl=0.5, kl_horizon=50,
@@ -212,7 +212,7 @@ def test_ctrl_c_during_an_update_finishes_that_step_first(setup, capsys, monkeyp
     assert "finishing this PPO update" in err
     assert f"interrupted: saved {out / 'checkpoints' / 'step-3'}" in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-    monkeypatch.setattr(ppo_module, "clip_gradients", real_clip)
+    monkeypatch.setattr(ppo_module, "clip_grad_norm", real_clip)
     ppo(dataclasses.replace(cfg, resume=True), reward_fn=varied_reward)
     assert_same_run(straight, out)
 

@@ -192,12 +192,12 @@ def test_the_update_loss_is_pg_plus_vf_coef_vf_plus_ptx_coef_ptx(setup, tmp_path
     t.optimizer.zero_grad(set_to_none=True)
 
     got = []
-    real = ppo_module.clip_gradients
+    real = ppo_module.clip_grad_norm
 
     def spy(model, max_norm):  # the gradients of the update's loss, before clipping
         got.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         return real(model, max_norm)
-    monkeypatch.setattr(ppo_module, "clip_gradients", spy)
+    monkeypatch.setattr(ppo_module, "clip_grad_norm", spy)
     stats = t.update(ro, batch, t.cfg.lr, 1)
     assert stats["pg_loss"] == pytest.approx(pg.item(), abs=1e-6)
     assert stats["value_loss"] == pytest.approx(vf.item(), rel=1e-5)

@@ -197,25 +197,37 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: KVCache | None = None,
-                labels: Tensor | None = None, last_only: bool = False) -> Tensor:
-        """Logits (B, T, V), or the mean cross-entropy against `labels` (-100 = ignore).
+                labels: Tensor | None = None, last_only: bool = False,
+                all_targets: bool = False) -> Tensor:
+        """Logits (B, T, V), or the mean cross-entropy against `labels` (-100 = ignore;
+        `all_targets`: the caller knows there is none, see `lm_loss`).
 
         `last_only` computes the head on the last position only (generation needs no more).
         """
         h, _ = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if labels is not None:
-            return self.lm_loss(h, labels)
+            return self.lm_loss(h, labels, all_targets=all_targets)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def lm_loss(self, h: Tensor, labels: Tensor) -> Tensor:
+    def lm_loss(self, h: Tensor, labels: Tensor, targets: Tensor | None = None,
+                all_targets: bool = False) -> Tensor:
         """The mean cross-entropy of the head on final hidden states `h` (..., d) against
         `labels` (...; -100 = ignore). The head runs only where there is a label: a prompt's
         positions cost no vocabulary-wide logits (on a 49k-token vocabulary, most of a step's
-        activation memory)."""
-        keep = labels != -100
-        if not bool(keep.all()):
-            h, labels = h[keep], labels[keep]
+        activation memory).
+
+        Finding those positions reads `labels` on the host, and on a GPU each read waits for
+        the device (three, with the backward's). A caller that knows them says so: `targets`,
+        their flat indices in `labels` (found on the CPU, where the batch was built), or
+        `all_targets`, every position has one (pretraining's blocks). The loss and gradients
+        are the same bit for bit."""
+        if targets is not None:
+            h, labels = h.flatten(0, -2).index_select(0, targets), labels.flatten()[targets]
+        elif not all_targets:
+            keep = labels != -100
+            if not bool(keep.all()):
+                h, labels = h[keep], labels[keep]
         logits = self.lm_head(h)
         return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)

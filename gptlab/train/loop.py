@@ -14,6 +14,7 @@ Pieces (each usable alone; PPO builds its own loop from them):
     allow_tf32(device)                          TF32 float32 matmuls on CUDA
     accumulate_gradients(model, micro, loss_fn) backward over micro-batches, mean loss (per
                                                 micro-batch, or weighted: `weight_of`)
+    backward_micro_batches, clip_grad_norm      the same, their results left on the device
     clip_gradients(model, max_norm)             the global grad norm (before clipping)
     evaluate(model, batches, loss_fn)           mean loss, no grad, dropout off (per batch, or
                                                 weighted: `weight_of`)
@@ -418,12 +419,27 @@ def accumulate_gradients(model: nn.Module, micro_batches: Iterable[Any], loss_fn
     tokens (SFT): then the gradients are the big batch's per-token mean over the whole update,
     not a mean of the micro-batches' means that weighs a token of a short micro-batch more."""
     micro = list(micro_batches)
+    return backward_micro_batches(model, micro, micro_batch_shares(micro, weight_of), loss_fn,
+                                  device, bf16).item()
+
+
+def micro_batch_shares(micro: list[Any], weight_of: Callable[[Any], float] | None
+                       ) -> list[float]:
+    """Each micro-batch's weight relative to their mean: exactly 1 without `weight_of` or with
+    one micro-batch, where the update is the plain mean's bit for bit. Nothing to weigh by:
+    equal shares."""
     n = len(micro)
     weights = [float(weight_of(b)) for b in micro] if weight_of else [1.0] * n
     whole = sum(weights)
-    # Each weight relative to their mean: exactly 1 without weight_of or with one micro-batch,
-    # where the update is the plain mean's bit for bit. Nothing to weigh by: equal shares.
-    rel = [w * n / whole for w in weights] if whole > 0 else [1.0] * n
+    return [w * n / whole for w in weights] if whole > 0 else [1.0] * n
+
+
+def backward_micro_batches(model: nn.Module, micro: list[Any], rel: list[float],
+                           loss_fn: LossFn, device: torch.device | None = None,
+                           bf16: bool = True) -> Tensor:
+    """`accumulate_gradients`' backward, each micro-batch's loss weighed by `rel` (relative to
+    their mean); the weighted mean loss stays on the device (reading it waits for a GPU)."""
+    n = len(micro)
     device = device or next(model.parameters()).device
     total = torch.zeros((), device=device)
     for batch, r in zip(micro, rel):
@@ -433,18 +449,24 @@ def accumulate_gradients(model: nn.Module, micro_batches: Iterable[Any], loss_fn
             loss = loss_fn(model, to_device(batch, device))
         (loss * r / n).backward()
         total += loss.detach().float() * r
-    return (total / n).item()
+    return total / n
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
     """Clip the global gradient norm to `max_norm` (0: no clipping); return the norm before."""
+    return float(clip_grad_norm(model, max_norm))
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> Tensor:
+    """`clip_gradients` with the norm left on the device: reading it waits for a GPU, and PPO
+    never reads it."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm()
-                                                       for p in params])))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm()
+                                                 for p in params]))
 
 
 @torch.no_grad()
@@ -946,9 +968,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             set_lr(optimizer, lr)
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             with batch_memory_named(cfg, device, "a training step"):
-                last_loss = accumulate_gradients(fwd_model, micro, loss_fn, device, cfg.bf16,
-                                                 loss_weight)
-            grad_norm = clip_gradients(model, cfg.clip)
+                # The loss and the norm stay on the device until the update is queued.
+                loss_t = backward_micro_batches(fwd_model, micro,
+                                                micro_batch_shares(micro, loss_weight),
+                                                loss_fn, device, cfg.bf16)
+            norm_t = clip_grad_norm(model, cfg.clip)
             # From the update until `good` records its step, the weights and optimizer are a
             # step ahead of `good`: a Ctrl-C waits for the step to be recorded; one that
             # cannot wait (a second Ctrl-C) saves nothing.
@@ -958,6 +982,9 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the run's GPU (cuda:1), not the current one
+                # Read once, after the update: read apart, before it, each waited for the GPU.
+                last_loss, grad_norm = torch.stack([loss_t.float(),
+                                                    norm_t.float().to(loss_t.device)]).tolist()
                 dt = time.perf_counter() - t0
                 step += 1
                 n_tok = sum(tokens_in(b) for b in micro)

@@ -46,7 +46,7 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.plugin import load_function
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
-                               check_fields, check_run_dir, clip_gradients, decay_rule,
+                               check_fields, check_run_dir, clip_grad_norm, decay_rule,
                                held_interrupt, lr_at, make_optimizer, memory_named, rng_state,
                                same_setting, select_device, set_lr, set_rng_state)
 from gptlab.train.reward import scored_response
@@ -227,6 +227,10 @@ class Rollout:
     prefix: Tensor | None = None  # (1, n) the shared start of every prompt
     ends: list[list[int]] = field(default_factory=list)  # each prompt's end of turn
     tails: list[list[int]] = field(default_factory=list)  # what the reward model reads after it
+    # The host's copies of each row's prompt tokens and of `finished` (empty: read from the
+    # tensors, which on a GPU waits for the device, twice a row for the prompts).
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    finished_list: list[bool] = field(default_factory=list)
 
     @property
     def response_ids(self) -> Tensor:
@@ -265,7 +269,8 @@ def prefix_cache(backbone: GPT, prefix: Tensor | None, rows: int) -> PrefixKV | 
         return None
     cache = PrefixKV()
     backbone.hidden_states(prefix, cache=cache)
-    return cache.expand(torch.zeros(rows, dtype=torch.long, device=prefix.device))
+    # A list: expanding reads the rows, which on a GPU would wait for the device.
+    return cache.expand([0] * rows)
 
 
 @torch.no_grad()
@@ -671,7 +676,8 @@ class PPOTrainer:
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
                                              shared=common_prefix_length(prompts))
         return Rollout(ids, mask, rmask, P, records, gen.tokens,
-                       torch.tensor(gen.finished, device=self.device), prefix, ends, tails)
+                       torch.tensor(gen.finished, device=self.device), prefix, ends, tails,
+                       prompts, gen.finished)
 
     # --- 2. score -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -690,7 +696,7 @@ class PPOTrainer:
         # As `gptlab sample` writes them: a cut response without the character its cut split.
         texts = [self.tok.decode_response(prompt_of(rec), ids, r, cut=not done)
                  for rec, ids, r, done in zip(ro.records, self._prompt_ids(ro), ro.responses,
-                                              ro.finished.tolist())]
+                                              self._finished(ro))]
         name = self.reward_fn_name
         try:
             returned = self.reward_fn(prompts, texts, ro.records)
@@ -723,7 +729,7 @@ class PPOTrainer:
         prompts = self._prompt_ids(ro)
         tails = ro.tails or [[]] * len(prompts)
         responses = [scored_response(r, done, end, self.context - len(p), tail)
-                     for r, done, end, p, tail in zip(ro.responses, ro.finished.tolist(),
+                     for r, done, end, p, tail in zip(ro.responses, self._finished(ro),
                                                       ro.ends, prompts, tails)]
         return reward_model_scores(self.reward_model, prompts, responses, self.tok.pad_id,
                                    self.device, shared)
@@ -731,10 +737,16 @@ class PPOTrainer:
     @staticmethod
     def _prompt_ids(ro: Rollout) -> list[list[int]]:
         """Each row's prompt tokens: the shared prefix, then its own, without padding."""
+        if ro.prompt_ids:
+            return ro.prompt_ids
         shared = 0 if ro.prefix is None else ro.prefix.shape[1]
         head = [] if ro.prefix is None else ro.prefix[0].tolist()
         return [head + ro.ids[i, :ro.P][ro.attention_mask[i, shared:shared + ro.P].bool()]
                 .tolist() for i in range(len(ro.responses))]
+
+    @staticmethod
+    def _finished(ro: Rollout) -> list[bool]:
+        return ro.finished_list or ro.finished.tolist()
 
     # --- 3 + 4. rewards with KL, then GAE ------------------------------------------------------
     @torch.no_grad()
@@ -749,7 +761,7 @@ class PPOTrainer:
         # r_t = −β KL_t, and the score is paid on the last real token.
         rewards = -beta * kl
         last = m.sum(1).long() - 1
-        rewards[torch.arange(len(last)), last] += scores
+        rewards[torch.arange(len(last), device=last.device), last] += scores
         adv, returns = gae(rewards, old_values * m, m, cfg.gae_gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
             adv = whiten(adv, m)
@@ -762,11 +774,14 @@ class PPOTrainer:
         cfg = self.cfg
         set_lr(self.optimizer, lr)
         B = ro.ids.shape[0]
-        stats: dict[str, list[float]] = {}
+        names = ["ptx_loss"] * (self.ptx is not None) + [
+            "pg_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "entropy"]
+        rows: list[Tensor] = []  # each minibatch's statistics, in the order of `names`
         g = torch.Generator().manual_seed(self.step_seed(step))
         for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(B, generator=g).split(cfg.minibatch_size):
-                idx = idx.to(self.device)
+            # Moved once an epoch: a copy to the GPU waits for the work queued before it.
+            order = torch.randperm(B, generator=g).to(self.device, non_blocking=True)
+            for idx in order.split(cfg.minibatch_size):
                 mb = ro.rows(idx)
                 m = mb.response_mask.float()
                 logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, True)
@@ -777,21 +792,23 @@ class PPOTrainer:
                                                           batch["returns"][idx], m,
                                                           cfg.value_clip)
                 loss = pg_loss + cfg.vf_coef * vf_loss
+                ptx = []
                 if self.ptx is not None:
                     block = next(self.ptx).to(self.device)
-                    ptx_loss = self.policy(block[:, :-1], labels=block[:, 1:])
+                    ptx_loss = self.policy(block[:, :-1], labels=block[:, 1:],
+                                           all_targets=True)
                     loss = loss + cfg.ptx_coef * ptx_loss
-                    stats.setdefault("ptx_loss", []).append(ptx_loss.item())
+                    ptx = [ptx_loss]
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                clip_gradients(self.trained, cfg.grad_clip)
+                clip_grad_norm(self.trained, cfg.grad_clip)  # the norm is not read: no wait
                 self.optimizer.step()
-                for k, v in (("pg_loss", pg_loss), ("value_loss", vf_loss),
-                             ("clipfrac", pg["clipfrac"]), ("approx_kl", pg["approx_kl"]),
-                             ("value_clipfrac", vf_clipfrac),
-                             ("entropy", masked_mean(entropy, m))):
-                    stats.setdefault(k, []).append(float(v.detach()))
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+                rows.append(torch.stack([v.detach().float() for v in (
+                    *ptx, pg_loss, vf_loss, pg["clipfrac"], pg["approx_kl"], vf_clipfrac,
+                    masked_mean(entropy, m))]))
+        # Read once for the whole update: read one by one, each value waited for the GPU.
+        table = torch.stack(rows).tolist()
+        return {k: sum(r[i] for r in table) / len(table) for i, k in enumerate(names)}
 
     def train(self) -> Path:
         """Run the steps left to `cfg.steps`; Ctrl-C saves a checkpoint of the last finished
@@ -868,11 +885,14 @@ class PPOTrainer:
                          lr: float) -> dict[str, float]:
         """Step `step`'s rollout as metrics.jsonl logs it; `kl` is a response's summed
         per-token KL, averaged over responses: the scale of `target_kl`."""
-        return {"step": step, "reward": scores.mean().item(),
-                "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-                "kl": batch["kl"].sum(1).mean().item(), "kl_coef": float(batch["beta"]),
-                "response_length": ro.response_mask.sum(1).float().mean().item(),
-                "eos_fraction": ro.finished.float().mean().item(), "lr": lr}
+        # Read at once: read one by one, each waited for the GPU.
+        reward, std, kl, length, eos = torch.stack([v.float() for v in (
+            scores.mean(), scores.std() if len(scores) > 1 else scores.new_zeros(()),
+            batch["kl"].sum(1).mean(), ro.response_mask.sum(1).float().mean(),
+            ro.finished.float().mean())]).tolist()
+        return {"step": step, "reward": reward, "reward_std": std, "kl": kl,
+                "kl_coef": float(batch["beta"]), "response_length": length,
+                "eos_fraction": eos, "lr": lr}
 
     def _start_run(self, metrics_path: Path) -> MetricsLog:
         """run.json and a fresh metrics.jsonl, written only once the first step is done, so

@@ -77,8 +77,9 @@ class PretrainConfig(TrainConfig):
 
 def lm_loss(model: nn.Module, block: Tensor) -> Tensor:
     """Next-token cross-entropy of a (B, T + 1) block: inputs block[:, :-1], targets
-    block[:, 1:]."""
-    return model(block[:, :-1], labels=block[:, 1:])
+    block[:, 1:]. Every position has a target: the head need not look for -100 labels (a wait
+    for the GPU each step)."""
+    return model(block[:, :-1], labels=block[:, 1:], all_targets=True)
 
 
 def _tokenizer_for(cfg: PretrainConfig, vocab_size: int) -> Any:

@@ -190,8 +190,12 @@ def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
     else:
         flat = model(batch["input_ids"], batch["attention_mask"])
     k = batch["k"]
-    out = torch.zeros(len(k), int(k.max()), dtype=flat.dtype, device=flat.device)
-    rows = torch.repeat_interleave(torch.arange(len(k), device=flat.device), k.to(flat.device))
+    # The widest ranking is the width of `groups` (collate_rankings pads it so): read on the
+    # device, k.max() would make the host wait for a GPU, as would rows of unknown number.
+    K = batch["groups"].shape[1] if "groups" in batch else int(k.max())
+    out = torch.zeros(len(k), K, dtype=flat.dtype, device=flat.device)
+    rows = torch.repeat_interleave(torch.arange(len(k), device=flat.device), k.to(flat.device),
+                                   output_size=len(flat))
     starts = torch.cumsum(k, 0) - k
     cols = torch.arange(len(flat), device=flat.device) - starts.to(flat.device)[rows]
     out[rows, cols] = flat

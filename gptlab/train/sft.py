@@ -107,20 +107,37 @@ def shared_prefix(batch: dict) -> int:
     return min(int(same.sum()), first_target, int(mask.sum(1).min()) - 1)
 
 
+def plan_batch(batch: dict) -> dict:
+    """The batch with what `sft_loss` decides from its values: `shared_prefix`, the tokens
+    encoded once (0: none), and `targets`, the flat indices of the labelled positions after
+    them. Decided here, on the CPU where the batch is built; decided by `sft_loss` on a GPU,
+    each read of a value waits for the device (eight waits a step)."""
+    n = shared_prefix(batch)
+    n = n if n >= MIN_SHARED_PREFIX else 0
+    targets = (batch["labels"][:, n:] != -100).flatten().nonzero()[:, 0]
+    return {**batch, "shared_prefix": n, "targets": targets}
+
+
 def sft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Cross-entropy on the target tokens. Right padding: the causal fast path is exact for real
     tokens, padding carries -100. A prefix shared by all rows (the world's schema is 60% of each
     example) is encoded once and its keys/values shared, gradients flowing through them; the
-    loss equals the plain forward's (a test checks, with gradients) at about half the compute."""
-    ids, labels = batch["input_ids"], batch["labels"]
-    n = shared_prefix(batch) if isinstance(model, GPT) else 0
-    if n < MIN_SHARED_PREFIX:
-        return model(ids, labels=labels)
+    loss equals the plain forward's (a test checks, with gradients) at about half the compute.
+    A batch from `plan_batch` brings its prefix and targets; another one is planned here."""
+    if not isinstance(model, GPT):
+        return model(batch["input_ids"], labels=batch["labels"])
+    if "targets" not in batch:
+        batch = plan_batch(batch)
+    ids, labels, n = batch["input_ids"], batch["labels"], batch["shared_prefix"]
+    if n == 0:
+        h, _ = model.hidden_states(ids)
+        return model.lm_loss(h, labels, batch["targets"])
     prefix = PrefixKV()
     model.hidden_states(ids[:1, :n], cache=prefix)
-    rows = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    # A list: expanding reads the rows, which on a GPU would wait for the device.
+    rows = [0] * ids.shape[0]
     h, _ = model.hidden_states(ids[:, n:], batch["attention_mask"], cache=prefix.expand(rows))
-    return model.lm_loss(h, labels[:, n:])
+    return model.lm_loss(h, labels[:, n:], batch["targets"])
 
 
 def target_tokens(batch: dict) -> int:
@@ -298,7 +315,7 @@ def sft(cfg: SFTConfig) -> Path:
     if cfg.resume:
         keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest), latest)
 
-    collate = lambda b: pad_examples(b, tok.pad_id)  # noqa: E731
+    collate = lambda b: plan_batch(pad_examples(b, tok.pad_id))  # noqa: E731
     # No held-out demonstration (a --data of one): no evaluation, so the keeper is never called.
     val_batches = fixed_list_batches(val_ex, cfg.batch_size, collate) if val_ex else None
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
