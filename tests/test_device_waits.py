@@ -1,0 +1,259 @@
+"""How many times one step of each training verb makes the host wait for a GPU, counted on the
+CPU (see device_waits): at most what was measured, and no more with 4 layers than with 2.
+
+The first GPU run found SFT steps bound by launches and waits, 68 of them a step where one a
+layer had crept in. The 4-layer models here are the 2-layer ones with two more layers whose
+outputs are zero (their output projections are), so they compute the same numbers and take the
+same data-dependent branches: only the layers' count differs."""
+import json
+import random
+
+import pytest
+import torch
+
+from device_waits import count_waits
+from gptlab.checkpoint import save_model
+from gptlab.data.instruct import Example
+from gptlab.model.gpt import GPT, GPTConfig
+from gptlab.model.heads import ScalarHeadModel
+from gptlab.tokenizer import train_tokenizer
+from gptlab.train.batching import ListBatches, pad_examples
+from gptlab.train.loop import TrainConfig, count_tokens, train
+from gptlab.train.pretrain import lm_loss
+from gptlab.train.ppo import PPOConfig, PPOTrainer
+from gptlab.train.reward import EncodedRanking, collate_rankings, reward_loss
+from gptlab.train.sft import plan_batch, sft_loss, target_tokens
+
+import instruct_task as task
+
+
+def test_the_counter_counts_each_kind_of_wait_and_nothing_else():
+    x = torch.arange(6.0)
+    with count_waits() as c:
+        y = (x * 2).exp().sum(0)
+        x[torch.tensor([0, 2])]
+    assert c.total == 0
+    with count_waits() as c:
+        x.sum().item(), x.tolist(), bool(x.any()), int(x[0]), float(x[1]), range(int(x[2]))
+        x[x > 2], (x > 2).nonzero(), torch.equal(x, y), x.masked_select(x > 1)
+        z = x.clone()
+        z[z > 3] = 0.0
+        torch.repeat_interleave(torch.tensor([1, 2]))
+    assert c.total == 12
+    assert [n for site, n in c.sites.items() if site.startswith("tolist tests/")] == [1]
+
+
+def widened(model: GPT, layers: int) -> GPT:
+    """`model` with `layers` layers: the added ones copies of its last, their outputs zero."""
+    cfg = GPTConfig(**{**model.config.__dict__, "n_layers": layers})
+    wide = GPT(cfg)
+    state = model.state_dict()
+    for i in range(model.config.n_layers, layers):
+        last = model.config.n_layers - 1
+        state.update({k.replace(f"blocks.{last}.", f"blocks.{i}."): v.clone()
+                      for k, v in model.state_dict().items() if k.startswith(f"blocks.{last}.")})
+    wide.load_state_dict(state)
+    with torch.no_grad():
+        for block in wide.blocks[model.config.n_layers:]:
+            block.attn.o_proj.weight.zero_()
+            block.mlp.down.weight.zero_()
+    return wide
+
+
+def tiny(layers: int, vocab: int = 64) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=vocab, context=96, n_layers=2, n_heads=4, d_model=32,
+                    positions="rotary", bias=False)
+    return widened(GPT(cfg), layers)
+
+
+def test_a_widened_model_computes_what_the_narrow_one_does():
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny(2)(ids), tiny(4)(ids))
+
+
+def step_waits(model, items, collate, loss_fn, tmp_path, **kw) -> int:
+    """The waits of one step of the common loop: a run of 2 steps less a run of 1 (what they
+    share, the start and the final save, cancels). The optimizer is AdamW as on a GPU, fused:
+    the CPU's per-parameter one reads each step count, which no GPU run does."""
+    counts = []
+    for steps in (1, 2):
+        m = type(model)(model.config) if isinstance(model, GPT) else model
+        m.load_state_dict(model.state_dict())
+        cfg = TrainConfig(max_steps=steps, batch_size=2, eval_every=0, eval_batches=0,
+                          save_every=0, log_every=1, progress=False, device="cpu", lr=1e-3)
+        # The batches are built, weighed and counted on the CPU, before they move.
+        with count_waits(cpu_side=(ListBatches.__next__, target_tokens, count_tokens)) as c:
+            train(m, ListBatches(items, 2, 0, collate), loss_fn, cfg, tmp_path / f"run{steps}",
+                  **kw)
+        counts.append(c.total)
+    return counts[1] - counts[0]
+
+
+@pytest.fixture(autouse=True)
+def fused_adamw(monkeypatch):
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: real(*a, **{**kw, "fused": True}))
+
+
+# Measured after the waits that bought nothing were taken out (before: 3, 12 and 6; for PPO's
+# phases see below). Each names what is left.
+PRETRAIN_WAITS = 1  # the loss and the gradient norm, read together after the update
+SFT_WAITS = 1       # the same; the prefix and the targets are found on the CPU
+REWARD_WAITS = 3    # the same; whether a response is all pad tokens, the prefix's rows
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_a_pretraining_step_waits_once_at_any_depth(layers, tmp_path):
+    blocks = [torch.randint(0, 64, (17,), generator=torch.Generator().manual_seed(i))
+              for i in range(8)]
+    waits = step_waits(tiny(layers), blocks, torch.stack, lm_loss, tmp_path)
+    assert waits <= PRETRAIN_WAITS
+
+
+def sft_examples(prefix_len: int) -> list[Example]:
+    rng = random.Random(0)
+    prefix = [rng.randrange(1, 60) for _ in range(prefix_len)]
+    out = []
+    for _ in range(6):
+        tail = [rng.randrange(1, 60) for _ in range(rng.randrange(1, 6))]
+        completion = [rng.randrange(1, 60) for _ in range(rng.randrange(2, 9))]
+        out.append(Example(prefix + tail + completion,
+                           [0] * (prefix_len + len(tail)) + [1] * len(completion)))
+    return out
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("prefix_len", [20, 0])
+def test_an_sft_step_waits_once_at_any_depth(layers, prefix_len, tmp_path):
+    waits = step_waits(tiny(layers), sft_examples(prefix_len),
+                       lambda b: plan_batch(pad_examples(b, 0)), sft_loss, tmp_path,
+                       loss_weight=target_tokens)
+    assert waits <= SFT_WAITS
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_a_reward_model_step_waits_three_times_at_any_depth(layers, tmp_path):
+    rng = random.Random(0)
+    items = []
+    for _ in range(4):
+        p = [rng.randrange(1, 60) for _ in range(rng.randrange(3, 9))]
+        items.append(EncodedRanking([p + [rng.randrange(1, 60) for _ in range(rng.randint(1, 5))]
+                                     for _ in range(3)], prompt_len=len(p)))
+    rm = ScalarHeadModel(tiny(2).config)
+    rm.backbone = tiny(layers)
+    rm.config = rm.backbone.config
+    waits = step_waits(rm, items, lambda b: collate_rankings(b, 0), reward_loss, tmp_path,
+                       perplexity=False)
+    assert waits <= REWARD_WAITS
+
+
+def test_the_loss_and_gradients_of_each_step_are_those_of_the_plain_reads():
+    # sft_loss's targets found on the CPU and indexed, against the head's own search.
+    for prefix_len in (20, 0):
+        model = tiny(2)
+        batch = pad_examples(sft_examples(prefix_len), 0)
+        grads = []
+        for fn in (lambda: sft_loss(model, plan_batch(batch)), lambda: reference_sft(model, batch)):
+            model.zero_grad()
+            loss = fn()
+            loss.backward()
+            grads.append((loss, [p.grad.clone() for p in model.parameters()]))
+        (a, ga), (b, gb) = grads
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    # pretraining's every-position loss, against the search that finds no -100
+    model, block = tiny(2), torch.randint(0, 64, (3, 17))
+    out = []
+    for fn in (lambda: lm_loss(model, block), lambda: model(block[:, :-1], labels=block[:, 1:])):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        out.append((loss, [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(x, y) for x, y in zip(out[0][1], out[1][1]))
+
+
+def reference_sft(model: GPT, batch: dict) -> torch.Tensor:
+    """sft_loss as it was: the prefix and the targets found on the batch's device."""
+    from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
+    from gptlab.train.sft import shared_prefix
+    ids, labels = batch["input_ids"], batch["labels"]
+    n = shared_prefix(batch)
+    if n < MIN_SHARED_PREFIX:
+        return model(ids, labels=labels)
+    prefix = PrefixKV()
+    model.hidden_states(ids[:1, :n], cache=prefix)
+    rows = torch.zeros(ids.shape[0], dtype=torch.long)
+    h, _ = model.hidden_states(ids[:, n:], batch["attention_mask"], cache=prefix.expand(rows))
+    return model.lm_loss(h, labels[:, n:])
+
+
+# --- PPO: rollout, score, advantages (rewards with KL and GAE), update ----------------------
+
+@pytest.fixture(scope="module")
+def ppo_dirs(tmp_path_factory):
+    """A tokenizer, prompts sharing a long start (as the world's schema), and for 2 and 4
+    layers a policy and a reward model that compute the same numbers."""
+    d = tmp_path_factory.mktemp("ppo_waits")
+    paths = task.write_task(d, n=40)
+    records = [json.loads(line) for line in paths["prompts"].read_text().splitlines()]
+    shared = d / "shared.jsonl"
+    shared.write_text("".join(json.dumps({
+        "id": r["id"], "prompt": "You answer questions about the animals of the farm, in a "
+        "few words and nothing more. " + r["prompt"]}) + "\n" for r in records))
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    for layers in (2, 4):
+        policy = tiny(layers, tok.vocab_size)
+        save_model(d / f"policy{layers}", policy, tok)
+        rm = ScalarHeadModel(policy.config)
+        rm.backbone.load_state_dict(policy.state_dict())
+        torch.manual_seed(1)
+        torch.nn.init.normal_(rm.head.weight)
+        save_model(d / f"rm{layers}", rm, tok, extra={"stage": "reward"})
+    return d, {"plain": paths["prompts"], "shared": shared}
+
+
+def ppo_waits(ppo_dirs, layers: int, prompts: str, max_new_tokens: int = 8,
+              batch_size: int = 6) -> dict[str, int]:
+    d, files = ppo_dirs
+    t = PPOTrainer(PPOConfig(policy=str(d / f"policy{layers}"), prompts=str(files[prompts]),
+                             out=str(d / "out"), reward=str(d / f"rm{layers}"), device="cpu",
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             minibatch_size=3, ppo_epochs=2, progress=False))
+    counts = {}
+    with count_waits() as c:
+        ro = t.rollout(1)
+    counts["rollout"] = c.total
+    with count_waits() as c:
+        scores = t.score(ro)
+    counts["score"] = c.total
+    with count_waits() as c:
+        batch = t.advantages(ro, scores)
+    counts["advantages"] = c.total
+    with count_waits() as c:
+        t.update(ro, batch, 1e-3, 1)
+        t._rollout_metrics(1, ro, scores, batch, 1e-3)
+    counts["update"] = c.total
+    counts["new_tokens"] = ro.response_mask.shape[1]
+    return counts
+
+
+# Measured, whatever the depth (before: a rollout waited about 7 times a token, the update 7
+# times a minibatch, scoring twice a row). The rollout: one a token (how many rows go on, the
+# early exit), 5 at its start and end, one a compaction of the batch. A forward without a shared
+# prefix asks whether its mask is right padding (1); the policy's whether logits / T
+# overflowed (1). The update: those for each of its 4 minibatches, one read of their
+# statistics, one of the step's metrics, and the KL coefficient (a CPU tensor).
+@pytest.mark.parametrize("prompts", ["plain", "shared"])
+def test_each_phase_of_a_ppo_step_waits_as_often_at_any_depth(ppo_dirs, prompts):
+    two, four = ppo_waits(ppo_dirs, 2, prompts), ppo_waits(ppo_dirs, 4, prompts)
+    assert two == four
+    assert two["rollout"] <= two["new_tokens"] + 5
+    assert two["score"] <= 1
+    assert two["advantages"] <= 5
+    assert two["update"] <= 4 * 3 + 3
+
+
+def test_a_rollout_waits_once_a_token(ppo_dirs):
+    short, long = (ppo_waits(ppo_dirs, 2, "plain", max_new_tokens=n) for n in (4, 12))
+    assert long["rollout"] - short["rollout"] <= long["new_tokens"] - short["new_tokens"] + 2
