@@ -714,3 +714,26 @@ def test_a_reward_model_that_reads_the_template_tail_trains_and_evaluates_on_it(
                  "--batch-size", "4", "--no-progress", "--device", "cpu"]) == 0
     assert tails == [("encode_rankings", True), ("encode_rankings", True),
                      ("sample_sequences", True)]
+
+
+def test_the_held_out_rankings_are_drawn_by_prompt():
+    # Round 2's reward model reads both rounds' rankings, and a prompt ranked in both was held
+    # out on one side and trained on on the other: 8 of seed 0's 70 held-out rankings, at 0.889
+    # against 0.797 for the rest.
+    import random as rnd
+    from gptlab.data.instruct import Ranking
+    from gptlab.train.reward import split_rankings
+    rng = rnd.Random(5)
+    prompts = [f"q{i}" for i in range(40)] + [[{"role": "user", "content": "hi"}]]
+    items = [Ranking(prompt=rng.choice(prompts), ranked=["a", "b"], id=i) for i in range(120)]
+    train, held = split_rankings(items, 0.1, 0)
+    assert sorted(r.id for r in train + held) == list(range(120))
+    key = lambda r: json.dumps(r.prompt)  # noqa: E731
+    assert {key(r) for r in train}.isdisjoint({key(r) for r in held})
+    assert 12 <= len(held) < 12 + max(sum(key(r) == key(x) for x in items) for r in items)
+    # Each prompt ranked once: the rankings a draw of single rankings holds out (the published
+    # round-1 reward models keep their held-out set).
+    once = [Ranking(prompt=f"q{i}", ranked=["a", "b"], id=i) for i in range(70)]
+    order = list(range(70))
+    rnd.Random(3).shuffle(order)
+    assert [r.id for r in split_rankings(once, 0.1, 3)[1]] == sorted(order[:7])

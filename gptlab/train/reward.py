@@ -10,6 +10,7 @@ the training rankings' responses) score mean 0, std 1.
 """
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import dataclass, field, replace
@@ -56,7 +57,7 @@ class RewardConfig(TrainConfig):
                 "of --data)"})
     val_fraction: float = field(default=0.1, metadata={
         "help": "share of --data's rankings held out for validation when --val-data is not "
-                "given (drawn by ranking: a prompt ranked twice may fall on both sides)"})
+                "given (drawn by prompt: a prompt's rankings are all held out or all trained on)"})
     samples: str | None = field(default=None, metadata={
         "help": "samples, .jsonl, .parquet or a directory of them (`gptlab sample` output, "
                 "e.g. the SFT model's) whose responses, duplicates included, score mean 0, "
@@ -287,10 +288,25 @@ def prompt_clusters(items: list[EncodedRanking]) -> list[Any]:
 
 
 def split_rankings(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    order = list(range(len(items)))
+    """(training, held-out) rankings: about `fraction` of them held out, by prompt. All the
+    rankings of one prompt (ranked in two rounds, or twice in a hand-made file) fall on the
+    same side: a held-out ranking whose prompt the model trained on is judged by a model that
+    has seen other answers to it ranked. Prompts are drawn in a shuffled order until
+    round(len(items) * fraction) rankings are held out; where every prompt is ranked once, this
+    holds out exactly those rankings that a draw of single rankings would."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, x in enumerate(items):
+        key = json.dumps(x.prompt, sort_keys=True) if isinstance(x, Ranking) else str(i)
+        by_prompt.setdefault(key, []).append(i)
+    groups = list(by_prompt.values())
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     n_val = int(round(len(items) * fraction))
-    val = set(order[:n_val])
+    val: set[int] = set()
+    for g in order:
+        if len(val) >= n_val:
+            break
+        val.update(groups[g])
     return [x for i, x in enumerate(items) if i not in val], [items[i] for i in sorted(val)]
 
 
