@@ -636,9 +636,9 @@ def test_cli_train_subprocess(tmp_path):
 
 
 def test_saved_tokenizer_renders_the_same_chat_in_transformers(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     tok.save(tmp_path)
-    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    hf = auto_tokenizer(tmp_path)
     assert (hf.bos_token, hf.eos_token, hf.pad_token) == (BOS, EOS, PAD)
     # CONVERSATION[:3]: no typed special tokens, which HF would parse and gptlab does not.
     out = hf.apply_chat_template(CONVERSATION[:3], tokenize=True, add_generation_prompt=False)
@@ -656,6 +656,22 @@ HF_CHAT = [{"role": "system", "content": "You answer in SQL."},
 def plain() -> Tokenizer:
     """A byte-level BPE with only <s> and </s> special: no <|pad|>, no role tokens."""
     return train_tokenizer(CORPUS, vocab_size=300, special_tokens=["<s>", "</s>"])
+
+
+def transformers_major() -> int:
+    return int(pytest.importorskip("transformers").__version__.split(".")[0])
+
+
+def auto_tokenizer(path: Path):
+    """transformers' AutoTokenizer on `path`. Given a tokenizer_config.json that names no
+    tokenizer_class and no config.json, transformers 5 builds a PreTrainedTokenizerFast;
+    transformers 4 refuses the directory for the model_type it lacks, so it gets that class."""
+    transformers = pytest.importorskip("transformers")
+    config = path / "tokenizer_config.json"
+    unnamed = not config.exists() or "tokenizer_class" not in json.loads(config.read_text())
+    if transformers_major() < 5 and unnamed and not (path / "config.json").exists():
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+    return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
 def hf_dir(base: Tokenizer, path: Path, config: dict | None = None, *, in_vocab=(), added=(),
@@ -707,10 +723,16 @@ def test_additional_special_tokens_are_read_as_transformers_reads_them(plain, tm
     list: they were never read, so the template's <|im_end|> was spelled in pieces, ended no
     turn, and decoded as text. Now: one id each, the end of turn, text when typed, and left
     out of decoded text, as transformers does on the same directory."""
-    transformers = pytest.importorskip("transformers")
     d = hf_dir(plain, tmp_path, config, in_vocab=["<|im_start|>", "<|im_end|>"],
                special_map=special_map)
-    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    ours, theirs_dir = load_tokenizer(d), d
+    if transformers_major() < 5 and isinstance(config.get("extra_special_tokens"), list):
+        # transformers 5 writes the list; 4.57 reads only an object of names there (an
+        # AttributeError on a list), and the list as additional_special_tokens.
+        theirs_dir = hf_dir(plain, tmp_path / "as4", {
+            "additional_special_tokens": config["extra_special_tokens"]},
+            in_vocab=["<|im_start|>", "<|im_end|>"], special_map=special_map)
+    theirs = auto_tokenizer(theirs_dir)
     start, end = plain.vocab_size, plain.vocab_size + 1
     assert theirs.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [start, end]
     assert {start, end} <= set(theirs.all_special_ids)
@@ -730,7 +752,7 @@ def test_additional_special_tokens_are_read_as_transformers_reads_them(plain, tm
 def test_additional_special_tokens_as_objects_are_read(plain, tmp_path):
     """The object form ({"content": ..., "special": true}) reads as the string form
     (transformers 5 refuses it in the list with a TypeError)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     obj = [{"content": t, "special": True, "lstrip": False, "rstrip": False,
             "normalized": False, "single_word": False} for t in ("<|im_start|>", "<|im_end|>")]
     for name, config, special_map in (("config", {"additional_special_tokens": obj}, None),
@@ -742,8 +764,7 @@ def test_additional_special_tokens_as_objects_are_read(plain, tmp_path):
         strings = hf_dir(plain, tmp_path / f"{name}-strings", in_vocab=["<|im_start|>",
                                                                            "<|im_end|>"],
                          config={"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        assert_reads_as_transformers(ours, transformers.AutoTokenizer.from_pretrained(
-            str(strings)), "a <|im_end|> b")
+        assert_reads_as_transformers(ours, auto_tokenizer(strings), "a <|im_end|> b")
 
 
 def test_added_tokens_decoder_marks_tokens_special_as_in_transformers(plain, tmp_path):
@@ -751,7 +772,7 @@ def test_added_tokens_decoder_marks_tokens_special_as_in_transformers(plain, tmp
     added_tokens_decoder says special=true for the markers (transformers goes by it), and names
     <|im_end|> in additional_special_tokens too. special_tokens_map.json, which transformers
     does not read beside an added_tokens_decoder, is not read: its <tool> stays text."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     n = plain.vocab_size
     entry = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
     d = hf_dir(plain, tmp_path, {
@@ -761,7 +782,7 @@ def test_added_tokens_decoder_marks_tokens_special_as_in_transformers(plain, tmp
         "additional_special_tokens": ["<|im_end|>"]},
         added=[("<|im_start|>", False), ("<|im_end|>", False), ("<tool>", False)],
         special_map={"additional_special_tokens": ["<tool>"], "eos_token": "<tool>"})
-    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    ours, theirs = load_tokenizer(d), auto_tokenizer(d)
     assert (ours.eos_token, theirs.eos_token) == ("</s>", "</s>")
     assert ours.extra_special_tokens == ("<|im_end|>",)
     # (typed <tool> is text in gptlab, markup-like; transformers parses it: README says so)
@@ -774,12 +795,12 @@ def test_special_tokens_map_names_bos_eos_and_pad_where_transformers_reads_it(pl
     """Without an added_tokens_decoder in the config (a directory from before transformers
     4.34), transformers takes BOS, EOS and pad from special_tokens_map.json over the config's;
     gptlab read only the config, so a model ended its replies at another token."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     d = hf_dir(plain, tmp_path, {"eos_token": "</s>"},
                added=[("<|im_start|>", True), ("<|im_end|>", True)],
                special_map={"eos_token": {"content": "<|im_end|>", "lstrip": False},
                             "pad_token": "<|im_start|>"})
-    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    ours, theirs = load_tokenizer(d), auto_tokenizer(d)
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (
         theirs.bos_token, theirs.eos_token, theirs.pad_token) == (None, "<|im_end|>",
                                                                    "<|im_start|>")
@@ -794,7 +815,7 @@ def test_special_tokens_map_names_bos_eos_and_pad_where_transformers_reads_it(pl
 def test_a_special_token_the_vocabulary_lacks_is_noted_and_stays_text(plain, tmp_path, capsys):
     """transformers adds it as a new token, past the embedding rows the model was trained with;
     gptlab notes it on stderr, naming the file and field, and reads it as text."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     d = hf_dir(plain, tmp_path, {"additional_special_tokens": ["<|im_end|>", "<|eot_id|>"]},
                added=[("<|im_start|>", True), ("<|im_end|>", True)])
     capsys.readouterr()
@@ -806,7 +827,7 @@ def test_a_special_token_the_vocabulary_lacks_is_noted_and_stays_text(plain, tmp
     assert ours.extra_special_tokens == ("<|im_end|>",)
     assert ours.vocab_size == plain.vocab_size + 2
     assert ours.decode(ours.encode("a<|eot_id|>b")) == "a<|eot_id|>b"
-    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    theirs = auto_tokenizer(d)
     assert len(theirs) == ours.vocab_size + 1  # the one it added
 
 
@@ -819,7 +840,7 @@ def test_generation_config_ends_generation_at_each_of_its_ids(plain, tmp_path, c
     d = hf_dir(plain, tmp_path / "src", {"eos_token": "<|im_end|>"},
                added=[("<|im_start|>", True), ("<|im_end|>", True), ("<|endoftext|>", False)],
                generation={"eos_token_id": [n + 1, n + 2]})
-    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    ours, theirs = load_tokenizer(d), auto_tokenizer(d)
     assert set(transformers.GenerationConfig.from_pretrained(str(d)).eos_token_id) == {n + 1,
                                                                                       n + 2}
     assert ours.stop_ids == {n + 1, n + 2} and ours.end_ids == (n + 2,)
@@ -902,7 +923,7 @@ def test_an_added_tokens_decoder_id_that_is_not_the_token_s_is_noted(plain, tmp_
     """An entry keyed by another id than tokenizer.json gives its content: transformers goes by
     the content and keeps tokenizer.json's id without a word, and so does gptlab, but it says
     so (it went unreported: a directory edited by hand, or a config from another tokenizer)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     n = plain.vocab_size  # <|im_start|> n, <|im_end|> n + 1
     entry = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
              "special": True}
@@ -919,7 +940,7 @@ def test_an_added_tokens_decoder_id_that_is_not_the_token_s_is_noted(plain, tmp_
         f"tokenizer.json, not {n}; it is read by its content, as id {n + 1}\n"
         f"note: {config}, field 'added_tokens_decoder.{n + 1}': '<|im_start|>' is token {n} of "
         f"tokenizer.json, not {n + 1}; it is read by its content, as id {n}\n")
-    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    theirs = auto_tokenizer(d)
     assert theirs.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [n, n + 1]
     assert ours.hf.token_to_id("<|im_end|>") == n + 1 and ours.stop_ids == {1, n + 1}
     assert_reads_as_transformers(ours, theirs, "a <|im_end|> b")
@@ -948,7 +969,7 @@ def test_special_tokens_and_ends_survive_a_save_and_transformers_agrees(plain, t
     assert json.loads((tmp_path / "saved" / "generation_config.json").read_text()) == {
         "bos_token_id": None, "eos_token_id": [ours.eos_id, n + 2, n + 1],  # <|im_end|> too
         "pad_token_id": ours.eos_id}
-    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    theirs = auto_tokenizer(tmp_path / "saved")
     assert {n, n + 1} <= set(theirs.all_special_ids)
     assert transformers.GenerationConfig.from_pretrained(
         str(tmp_path / "saved")).eos_token_id == [ours.eos_id, n + 2, n + 1]
@@ -1235,15 +1256,15 @@ def test_a_sentencepiece_chat_holding_special_token_text_has_transformers_tokens
     conversation's contents apart, each with a "▁" of its own ("▁", "▁is"; "▁", "▁", "[/INST]"
     after it). Now its tokens and mask are transformers' where the typed text is no special
     token; where transformers parses it, gptlab keeps it text, with no "▁" after it."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     base = Tokenizer(make().hf, "<s>", "</s>", None, chat_template=template)
     base.save(tmp_path / "text")
-    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "text"))
+    theirs = auto_tokenizer(tmp_path / "text")
     hf = tokenizers.Tokenizer.from_str(base.hf.to_str())
     hf.add_special_tokens([tokenizers.AddedToken("<tool>", special=True, normalized=False)])
     ours = Tokenizer(hf, "<s>", "</s>", None, chat_template=template)
     ours.save(tmp_path / "special")
-    parsing = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "special"))
+    parsing = auto_tokenizer(tmp_path / "special")
     tool = hf.token_to_id("<tool>")
     for chat in _TYPED_CHATS:
         for gen in (False, True):
@@ -1287,7 +1308,7 @@ def test_a_llama_tokenizer_class_notes_where_transformers_5_encodes_it_otherwise
     "["; and none added before a leading space), not the file's normalizer, which gptlab and
     transformers 4 read. gptlab keeps the file's tokens and said nothing; now it notes, once,
     where transformers 5's ids differ from its own, exactly where they do."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     d = tmp_path / "tok"
     Tokenizer(make().hf, "<s>", "</s>", None, chat_template=LLAMA2_CHAT).save(d)
     config = json.loads((d / "tokenizer_config.json").read_text())
@@ -1298,16 +1319,27 @@ def test_a_llama_tokenizer_class_notes_where_transformers_5_encodes_it_otherwise
     capsys.readouterr()
     ours = load_tokenizer(d)
     err = capsys.readouterr().err
-    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
-    measured = {k for k, text in _T5_PROBES.items()
-                if ours._encode_markup(text) != theirs(text, add_special_tokens=False)["input_ids"]}
-    assert measured == differ
     assert ("note:" in err) is bool(differ)
     for k, phrase in (("special", "after a special token"), ("space", "starts with a space"),
                       ("first", "first word")):
         assert (phrase in err) is (k in differ), (k, err)
     if differ:
         assert f"{d / 'tokenizer_config.json'}, field 'tokenizer_class'" in err
+    if transformers_major() < 5:
+        # transformers 4 reads tokenizer.json as written, as gptlab does (the note is about 5),
+        # but builds a LlamaTokenizer given add_prefix_space from a tokenizer.model, which
+        # this directory has not (4.57: a ValueError, "Cannot instantiate ... from a slow").
+        if "add_prefix_space" in fields:
+            with pytest.raises((ValueError, ImportError)):  # ImportError without protobuf
+                auto_tokenizer(d)
+            load_tokenizer(d)
+            assert capsys.readouterr().err == ""
+            return
+        differ = set()
+    theirs = auto_tokenizer(d)
+    measured = {k for k, text in _T5_PROBES.items()
+                if ours._encode_markup(text) != theirs(text, add_special_tokens=False)["input_ids"]}
+    assert measured == differ
     chats = [[{"role": "user", "content": "is the cat happy?"}],
              [{"role": "system", "content": "the cat"}, {"role": "user", "content": "is it?"},
               {"role": "assistant", "content": "yes it is"}, {"role": "user", "content": "no"}]]
@@ -1326,20 +1358,21 @@ def test_a_llama_tokenizer_saved_by_transformers_5_encodes_as_transformers_5(tmp
     save it with transformers 5 and copy the tokenizer.json it writes, which holds its Metaspace,
     over the directory's; gptlab reads that as written, with no note, and its ids and chats are
     transformers 5's (<s>, "[" in a chat)."""
-    transformers = pytest.importorskip("transformers")
+    if transformers_major() < 5:
+        pytest.skip("transformers 4 saves tokenizer.json as it read it, with no Metaspace of 5's")
     d = tmp_path / "llama2"
     Tokenizer(sentencepiece_tokenizer().hf, "<s>", "</s>", None,
               chat_template=LLAMA2_CHAT).save(d)
     config = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps(
         {**config, "tokenizer_class": "LlamaTokenizer", "legacy": False}))
-    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    theirs = auto_tokenizer(d)
     theirs.save_pretrained(str(tmp_path / "saved"))
     shutil.copy(tmp_path / "saved" / "tokenizer.json", d / "tokenizer.json")
     capsys.readouterr()
     ours = load_tokenizer(d)
     assert capsys.readouterr().err == ""
-    again = transformers.AutoTokenizer.from_pretrained(str(d))  # the same ids from it
+    again = auto_tokenizer(d)  # the same ids from it
     for text in ["yes it is", " yes", "  two  spaces", "a\nb", ""]:
         want = theirs(text, add_special_tokens=False)["input_ids"]
         assert ours.encode(text) == want == again(text, add_special_tokens=False)["input_ids"]
