@@ -242,6 +242,12 @@ def test_a_reward_function_may_return_numpy_numbers(run):
     assert row["step"] == 1 and row["reward"] >= 0
 
 
+def float32(transformers) -> dict:
+    """from_pretrained's float32: `dtype` in transformers 5, `torch_dtype` in 4."""
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype" if major >= 5 else "torch_dtype": torch.float32}
+
+
 def test_ppo_with_a_hugging_face_sequence_classifier_as_reward_model(run, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")  # an extra: gptlab[hf] installs it
     from gptlab.interop import export_hf
@@ -249,7 +255,7 @@ def test_ppo_with_a_hugging_face_sequence_classifier_as_reward_model(run, tmp_pa
     model, tok, _ = load_model(d / "sft")
     export_hf(model, tok, tmp_path / "hf")
     clf = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "hf", num_labels=1, dtype=torch.float32)
+        tmp_path / "hf", num_labels=1, **float32(transformers))
     clf.save_pretrained(tmp_path / "rm")  # weights and config only, no tokenizer
     args = ["ppo", "--policy", str(d / "sft"), "--reward", str(tmp_path / "rm"),
             "--prompts", str(paths["prompts"]), "--steps", "2", "--batch-size", "8",
@@ -277,7 +283,7 @@ def test_ppo_scores_with_a_hugging_face_classifier_as_transformers_does(run, tmp
     export_hf(model, tok, tmp_path / "hf")
     pad_id = tok.pad_id if pad == "pad" else tok.eos_id
     clf = transformers.LlamaForSequenceClassification.from_pretrained(
-        tmp_path / "hf", num_labels=1, pad_token_id=pad_id, dtype=torch.float32).eval()
+        tmp_path / "hf", num_labels=1, pad_token_id=pad_id, **float32(transformers)).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         clf.score.weight.normal_()
