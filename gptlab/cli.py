@@ -217,8 +217,8 @@ def _verb_tokenizer():
                                help="train a tokenizer, or encode a text with one")
         t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
         t.add_argument("--data", nargs="+", required=True,
-                       help="corpus files (.txt/.jsonl/.json/.parquet) or directories, or a Hub "
-                            "dataset user/name")
+                       help="corpus files (.txt/.jsonl/.json/.parquet) or directories, of one "
+                            "split (not train.txt with test.txt), or a Hub dataset user/name")
         t.add_argument("--vocab-size", type=int, default=4096,
                        help="tokens in the vocabulary (the 256 bytes, merges, special tokens)")
         t.add_argument("--out", required=True,

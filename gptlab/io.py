@@ -569,6 +569,33 @@ def _check_one_split(d: Path, files: list[Path]) -> None:
                     f"be read with the others: {pick}", path=d)
 
 
+def check_one_split_given(paths: list[Path], reached: list[tuple[Path, str]],
+                          field: str) -> None:
+    """Refuse the files of several `paths` read as one (`--data train.txt test.txt`, `--data
+    corpus/train corpus/test`) if they belong to two or more splits, named by `_splits` as if
+    the paths' deepest common folder had been given: giving a directory's files one by one is
+    no way around the refusal of the directory. `reached`: each file the paths read, and how
+    the user gave it ("b.txt", "b.txt (in corpus)"), for the message to name."""
+    if len(paths) < 2:  # one path: a directory's splits are `files_in`'s to refuse
+        return
+    # Absolute, not resolved: a link's own name is the one the user sees.
+    common = Path(os.path.commonpath([os.path.abspath(p) for p in paths]))
+    given = {Path(os.path.abspath(f)): how for f, how in reached}
+    splits = _splits(common, list(given))
+    if len(splits) < 2:
+        return
+    names = ([s for s in _SPLIT_WORDS if s in splits]
+             + sorted(s for s in splits if s not in _SPLIT_WORDS))
+    firsts = {f for f, _ in splits[names[0]]}
+    a = splits[names[0]][0][0]
+    b = next((f for f, _ in splits[names[1]] if f not in firsts), a)
+    which = (f"{given[a]} is {names[0]}'s, {given[b]} {names[1]}'s" if b != a
+             else f"{given[a]} is {names[0]}'s and {names[1]}'s")
+    raise UserError(f"gives the files of {len(names)} splits ({', '.join(names)}), as datasets "
+                    f"names them: {which}; read as one, a split held out for evaluation would "
+                    f"be trained on: give one split's files", field=field)
+
+
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Every file under `directory` whose suffix is one of `suffixes`, in sorted order: what a
     verb reads of a directory, leaving out hidden files and folders as `datasets` does and

@@ -83,6 +83,21 @@ def test_a_gzipped_jsonl_exits_2_saying_so_and_writes_nothing(verb, tiny_model, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("verb", [["tokenizer", "train"], ["pretrain", "max_steps=1"]])
+def test_data_of_two_splits_exits_2_naming_the_files_and_writes_nothing(verb, tmp_path, capsys,
+                                                                       monkeypatch):
+    # `--data train.txt test.txt` pretrained on the test split; the directory of both was refused.
+    monkeypatch.chdir(tmp_path)
+    for name, text in (("train.txt", "one doc\n"), ("test.txt", "another doc\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    assert main([*verb, "--data", "train.txt", "test.txt", "--out", "out"]) == 2
+    assert capsys.readouterr().err.endswith(  # after pretrain's "training a BPE tokenizer"
+        f"gptlab {verb[0]}: error: field 'data': gives the files of 2 splits (train, test), as "
+        f"datasets names them: train.txt is train's, test.txt test's; read as one, a split held "
+        f"out for evaluation would be trained on: give one split's files\n")
+    assert not (tmp_path / "out").exists()
+
+
 def flag_help(capsys, verb: list[str], flag: str) -> str:
     """A flag's entry in `--help`, its lines joined (the entry ends where the next flag's
     starts, at an indent of two)."""

@@ -275,6 +275,38 @@ def test_a_file_given_twice_is_refused(tmp_path, monkeypatch):
     assert "remove the link d/latest.txt or give the files one by one" in str(e.value)
 
 
+def test_files_of_two_splits_given_one_by_one_are_refused_as_their_directory_is(
+        tmp_path, monkeypatch):
+    # `--data d` of train.txt and test.txt was refused, `--data d/train.txt d/test.txt` read as
+    # one corpus: the test split pretrained on (and among the validation blocks).
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.txt", "test.txt", "notes.txt", "dev/a.txt", "train/b.txt",
+                 "test/books/c.txt", "test/books/d.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name + "\n", encoding="utf-8")
+    tok = train_tokenizer(["one doc"], vocab_size=300)
+    for paths, message in (
+            (["train.txt", "test.txt"], "train.txt is train's, test.txt test's"),
+            (["notes.txt", "test.txt", "dev"], "dev/a.txt (in dev) is validation's, test.txt "
+                                               "test's"),
+            (["train", "test/books"], "train/b.txt (in train) is train's, test/books/c.txt (in "
+                                      "test/books) test's")):
+        for read in (read_documents, lambda p: train_tokenizer(p, vocab_size=300),
+                     lambda p: tokenize_corpus(p, tok, tmp_path / "cache")):
+            with pytest.raises(UserError) as e:
+                read(paths)
+            assert str(e.value).startswith("field 'data': gives the files of 2 splits ("), \
+                str(e.value)
+            assert f"as datasets names them: {message}; read as one, a split held out for " \
+                   "evaluation would be trained on: give one split's files" in str(e.value)
+    assert not (tmp_path / "cache").exists()
+    # One split, or a split word only in a folder above the paths given, names no mix.
+    assert read_documents(["train.txt", "notes.txt", "train"]) == ["train.txt", "notes.txt",
+                                                                    "train/b.txt"]
+    assert len(read_documents(["test/books/c.txt", "test/books/d.txt"])) == 2
+    assert read_documents(["test.txt"]) == ["test.txt"]
+
+
 def test_a_hub_dataset_named_twice_is_refused_before_it_is_read(tmp_path, monkeypatch):
     # A file given twice was refused, a Hub dataset given twice was read twice.
     monkeypatch.chdir(tmp_path)

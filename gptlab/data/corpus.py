@@ -10,7 +10,8 @@ A corpus is a list of paths. Each path is read by its suffix:
   `.json`: a run directory's `config.json` is no corpus; not a hidden one, `.*` or in a `__*`
   folder, as `datasets` reads none); the files of two splits as `datasets` names them
   (`train.txt` beside `test.txt`), or a compressed file among them (`b.txt.gz`), are refused
-  (`gptlab.io.files_in`);
+  (`gptlab.io.files_in`), as are the files of two splits given as several paths
+  (`train.txt test.txt`);
 - a name such as `user/dataset` that is not a local path: a Hugging Face Hub dataset (streamed,
   `train` split, `text` column).
 
@@ -29,8 +30,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import UserError
-from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_out_of_read_dirs, files_in, json_objects,
-                       not_utf8_row, parquet_not_utf8, unreadable_parquet, utf8_lines)
+from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_one_split_given, check_out_of_read_dirs,
+                       files_in, json_objects, not_utf8_row, parquet_not_utf8,
+                       unreadable_parquet, utf8_lines)
 from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -66,8 +68,12 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
     """The local files the corpus at `paths` reads, in order: a directory stands for its corpus
     files, a Hub dataset for none. A file reached twice (the same path given twice, or a
     directory and a file in it), or a Hub dataset named twice, is a UserError: read twice, its
-    documents would fill both training and validation blocks."""
+    documents would fill both training and validation blocks. So are files of two splits as
+    `datasets` names them (`train.txt` and `test.txt`, `train/` and `test/`), given one by one
+    as a directory of them is refused (`gptlab.io.check_one_split_given`): the held-out split
+    would be trained on."""
     files: list[Path] = []
+    hows: list[tuple[Path, str]] = []
     reached: dict[Path, str] = {}  # resolved file -> how the corpus first reached it
     hub_names: set[str] = set()
     for given in paths:
@@ -93,7 +99,9 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
                 raise UserError(f"is given twice: as {reached[f.resolve()]} and as {how}; its "
                                 f"documents would be read twice: {fix}", path=f, field="data")
             reached[f.resolve()] = how
+            hows.append((f, how))
         files += found
+    check_one_split_given([Path(p) for p in paths if not is_hub_name(p)], hows, "data")
     return files
 
 

@@ -118,8 +118,8 @@ class PPOConfig:
         "help": "subtracted from the score of a response without EOS"})
     ptx_data: list[str] = field(default_factory=list, metadata={
         "help": "pretraining text for PPO-ptx, read as pretrain --data reads it: files "
-                "(.txt/.jsonl/.json/.parquet), directories or a Hub dataset user/name (used "
-                "when ptx_coef > 0)"})
+                "(.txt/.jsonl/.json/.parquet) or directories of one split, or a Hub dataset "
+                "user/name (used when ptx_coef > 0)"})
     ptx_coef: float = field(default=0.0, metadata={
         "help": "weight of the language-model loss on ptx_data (PPO-ptx; 0: off)"})
     ptx_batch_size: int = field(default=8, metadata={"help": "ptx_data blocks per update"})

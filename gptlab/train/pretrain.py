@@ -39,8 +39,8 @@ class PretrainConfig(TrainConfig):
     tokenizer and the output, besides the shared training settings."""
 
     data: list[str] = field(default_factory=list, metadata={
-        "help": "corpus files (.txt/.jsonl/.json/.parquet) or directories, or a Hub dataset "
-                "user/name"})
+        "help": "corpus files (.txt/.jsonl/.json/.parquet) or directories, of one split (not "
+                "train.txt with test.txt), or a Hub dataset user/name"})
     model: str = field(default="demo", metadata={"help": "a preset name, or a gptlab model "
                                                          "directory to continue training"})
     tokenizer: str | None = field(default=None, metadata={
