@@ -1495,7 +1495,7 @@ def test_val_data_that_is_the_training_data_is_refused(verb, data, tiny_model, t
     ("reward", [{"prompt": f"q{i}", "chosen": f" a{i}", "rejected": " b"} for i in range(4)],
      [{"prompt": f"q{i}", "ranked": [f" a{i}", " b"]} for i in range(4)], "rankings"),
 ])
-def test_val_data_holding_the_training_records_in_another_file_or_format_is_refused(
+def test_val_data_holding_the_training_records_in_another_file_or_format_is_refused_some_warned(
         verb, rows, same_rows, what, tiny_model, tmp_path, capsys):
     # Only the --data path itself was refused: its rows as Parquet, reordered, or written in
     # another of the formats read as the same tokens trained and validated on the training set.
@@ -1517,9 +1517,26 @@ def test_val_data_holding_the_training_records_in_another_file_or_format_is_refu
             f"score what the model trains on; give held-out data, or leave val_data (--val-data) "
             f"out to hold out a slice of data\n")
         assert not out.exists()
-    # Records shared with --data, not all of them: the user's call.
+    # Records shared with --data, not all of them: the user's call, said in a warning naming the
+    # first in each file (it was silent: the held-out figures scored 3 records trained on).
+    write_jsonl_atomic(tmp_path / "three.jsonl", [rows[3], rows[0], rows[2]])
     assert main([*run, "--val-data", str(tmp_path / "three.jsonl")]) == 0
-    assert "holds the same" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds the same" not in err
+    assert (f"warning: {tmp_path / 'three.jsonl'}:1: 3 of 3 held-out {what} (val_data, "
+            f"--val-data) are training {what} too (data, --data), the first this one, at "
+            f"{train}:4: validation scores them as trained on; remove them from one of the "
+            f"files\n") in err
+    shutil.rmtree(out)
+    unseen = json.loads(json.dumps(rows[0]).replace("q0", "unseen"))
+    write_jsonl_atomic(tmp_path / "held_out.jsonl", same_rows[1:][::-1] + [unseen])
+    assert main([*run, "--val-data", str(tmp_path / "held_out.jsonl")]) == 0
+    assert "warning: " + str(tmp_path / "held_out.jsonl") + ":1: 3 of 4 held-out" in \
+        capsys.readouterr().err
+    shutil.rmtree(out)
+    write_jsonl_atomic(tmp_path / "unseen.jsonl", [unseen])
+    assert main([*run, "--val-data", str(tmp_path / "unseen.jsonl")]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("verb, args, field", [

@@ -179,18 +179,38 @@ def held_out_rule(val_data: str | None, data: str | None) -> tuple[str, bool, st
 
 
 def check_held_out(train: list, val: list, key: Callable[[Any], Hashable], val_path: str,
-                   what: str) -> None:
+                   what: str, data_path: str) -> None:
     """Refuse a --val-data whose records, as encoded, are those of --data, in any order: the
     same rows in another file or format (a .parquet of the .jsonl, `messages` for `prompt` and
     `completion`), which `held_out_rule`, comparing paths, lets through. Validation would score
-    what the model trains on. A set that merely shares records with --data is the user's call
-    (the world's splits may share a question's wording)."""
+    what the model trains on. A set that merely shares records with --data is the user's call,
+    said in a warning naming the first shared record in each file (`warn_shared_held_out`)."""
     if val and len(val) == len(train) and Counter(map(key, val)) == Counter(map(key, train)):
         raise UserError(
             f"holds the same {len(val)} {what} as the training data (data, --data), in another "
             f"file or format: validation would score what the model trains on; give held-out "
             f"data, or leave val_data (--val-data) out to hold out a slice of data",
             path=val_path, field="val_data")
+    warn_shared_held_out(train, val, key, val_path, what, data_path)
+
+
+def warn_shared_held_out(train: list, val: list, key: Callable[[Any], Hashable], val_path: str,
+                         what: str, data_path: str) -> None:
+    """Warn, on stderr, where some of --val-data's records, as encoded, are records of --data
+    too: their validation loss and score are those of examples trained on, so the held-out
+    figures, the best checkpoint and early stopping lean towards memorising. `train` and `val`
+    hold records with `line` and `file` (their shard, None for a file given as such)."""
+    first_in_train: dict[Hashable, Any] = {}
+    for t in train:
+        first_in_train.setdefault(key(t), t)
+    shared = [v for v in val if key(v) in first_in_train]
+    if not shared:
+        return
+    v, t = shared[0], first_in_train[key(shared[0])]
+    print(f"warning: {v.file or val_path}:{v.line}: {len(shared)} of {len(val)} held-out {what} "
+          f"(val_data, --val-data) are training {what} too (data, --data), the first this one, "
+          f"at {t.file or data_path}:{t.line}: validation scores them as trained on; remove them "
+          f"from one of the files", file=sys.stderr)
 
 
 def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:

@@ -90,6 +90,8 @@ class EncodedRanking:
     id: Any = None
     groups: list[int] | None = None  # per sequence its level (0 = best, equal = tied)
     prompt_len: int | None = None    # the shared prompt's length: scored once for all K
+    line: int | None = None          # the ranking's line in its file, for a message
+    file: str | None = None          # its shard, where a directory was read as one file
 
     def __post_init__(self) -> None:
         if self.groups is None:
@@ -106,7 +108,7 @@ def encode_ranking(tokenizer: Any, r: Ranking, context: int,
     seqs = [p + encode_response(tokenizer, resp, r.prompt) + after for resp in r.ranked]
     if max(len(s) for s in seqs) > context:
         return None
-    return EncodedRanking(seqs, r.id, list(r.groups), len(p))
+    return EncodedRanking(seqs, r.id, list(r.groups), len(p), r.line, r.file)
 
 
 def encode_rankings(tokenizer: Any, rankings: list[Ranking], context: int, skips: SkipCounter,
@@ -367,7 +369,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         raise UserError("no rankings left to train on", path=cfg.data)
     if cfg.val_data:
         check_held_out(train_e, val_e, lambda e: (tuple(map(tuple, e.seqs)), tuple(e.groups)),
-                       cfg.val_data, "rankings")
+                       cfg.val_data, "rankings", cfg.data)
     # What the scores are normalised on, read before training so a bad file fails fast.
     if cfg.samples:
         samples = sample_sequences(tok, cfg.samples, context, tail)

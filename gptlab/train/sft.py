@@ -283,7 +283,7 @@ def sft(cfg: SFTConfig) -> Path:
         raise UserError("no demonstrations left to train on", path=cfg.data)
     if cfg.val_data:
         check_held_out(train_ex, val_ex, lambda ex: (tuple(ex.ids), tuple(ex.loss_mask)),
-                       cfg.val_data, "demonstrations")
+                       cfg.val_data, "demonstrations", cfg.data)
     # --epochs sets a new run's length; a resume without --max-steps keeps the run's own (a
     # time budget's too), as the checkpoint recorded it.
     if cfg.max_steps is None and cfg.max_minutes is None and not cfg.resume:
