@@ -412,6 +412,34 @@ def test_rope_theta_is_read_where_transformers_reads_it(changes, theta, tmp_path
     assert_same_logits(model, theirs.eval(), PROMPTS)
 
 
+@pytest.mark.parametrize("changes, note", [
+    # transformers 5 rotates with rope_parameters' theta, 4 with the top-level one: the same
+    # config.json computed two functions, and gptlab took 5's without a word.
+    ({"rope_theta": 1e6, "rope_parameters": {"rope_type": "default", "rope_theta": 3.0}},
+     "field 'rope_parameters.rope_theta': 3.0, but rope_theta is 1000000.0; gptlab rotates with "
+     "3.0"),
+    ({"rope_scaling": {"type": "default"}, "rope_theta": 1e6,
+      "rope_parameters": {"rope_type": "default", "rope_theta": 3.0}},
+     "field 'rope_theta': 1000000.0, but rope_parameters.rope_theta is 3.0; gptlab rotates with "
+     "1000000.0"),
+    ({"rope_theta": 3.0, "rope_parameters": {"rope_type": "default", "rope_theta": 3}}, None),
+])
+def test_rope_thetas_that_disagree_are_noted_with_the_one_used(changes, note, tmp_path, capsys):
+    _hf_model("llama").save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    capsys.readouterr()
+    model, _ = load_pretrained(tmp_path)
+    err = capsys.readouterr().err
+    if note is None:
+        assert "rope" not in err
+        return
+    assert f"note: {tmp_path / 'config.json'}, {note}, as transformers 5 does (transformers 4 " \
+           f"reads the top-level rope_theta alone)\n" in err
+    assert model.config.rope_theta == float(note.rsplit(" ", 1)[1])
+    load_pretrained(tmp_path)
+    assert "rope" not in capsys.readouterr().err  # once per process
+
+
 @pytest.mark.parametrize("family, changes", [
     # Fields transformers does not read for the family, or names it reads as the same function:
     # each was refused, though transformers loads the model and computes what gptlab would.

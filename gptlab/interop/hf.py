@@ -99,11 +99,32 @@ def _rope_theta(cfg: dict, path: Path) -> float:
     key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     params = cfg.get(key) or {}
     if "rope_theta" in params:
+        used = f"{key}.rope_theta"
         try:
-            return _positive(params, "rope_theta", path)
+            theta = _positive(params, "rope_theta", path)
         except UserError as e:
-            raise UserError(e.message, path=path, field=f"{key}.rope_theta") from None
-    return _positive(cfg, "rope_theta", path, 10000.0)
+            raise UserError(e.message, path=path, field=used) from None
+    else:
+        used, theta = "rope_theta", _positive(cfg, "rope_theta", path, 10000.0)
+    _note_other_thetas(cfg, path, used, theta)
+    return theta
+
+
+def _note_other_thetas(cfg: dict, path: Path, used: str, theta: float) -> None:
+    """A config may give rope theta in two or three places; transformers 4 reads the top-level
+    one alone, 5 the one `_rope_theta` takes. Where they disagree the two compute different
+    rotations from the same file: say which value gptlab took."""
+    from gptlab.tokenizer import note_once
+
+    given = {"rope_theta": cfg.get("rope_theta")}
+    for key in ("rope_parameters", "rope_scaling"):
+        given[f"{key}.rope_theta"] = (cfg.get(key) or {}).get("rope_theta")
+    others = [f"{field} is {v!r}" for field, v in given.items()
+              if field != used and v is not None and v != theta]
+    if others:
+        note_once(path, f"field '{used}': {theta!r}, but {' and '.join(others)}; gptlab rotates "
+                        f"with {theta!r}, as transformers 5 does (transformers 4 reads the "
+                        f"top-level rope_theta alone)")
 
 
 def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
