@@ -1201,6 +1201,20 @@ def test_bad_gguf_tokenizer_metadata_is_refused_naming_the_field(kwargs, field, 
     assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_a_gguf_merge_listed_twice_keeps_its_first_rank_as_llama_cpp_does(tmp_path, capsys):
+    """llama.cpp ranks the merges with `emplace`: a pair listed again keeps its first rank.
+    `tokenizers` took the last, so "a b" (rank 0, again at 2) lost to "b c" (rank 1) on "abc"."""
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), words=("ab", "bc"),
+                       merges=("a b", "b c", "a b"))
+    capsys.readouterr()
+    _, tok = load_pretrained(path)
+    assert [tok.hf.id_to_token(i) for i in tok.encode("abc")] == ["ab", "c"]
+    assert capsys.readouterr().err == (
+        f"note: {path}, field 'tokenizer.ggml.merges': 1 entry repeats an earlier one (the "
+        f"first: entry 2, 'a b', is entry 0); each merge keeps its first rank, as llama.cpp "
+        f"ranks it (transformers' GGUF loader takes the last)\n")
+
+
 def test_a_gguf_pad_id_outside_the_vocabulary_is_noted_and_padding_uses_eos(tmp_path, capsys):
     # No prompt holds padding, so, as llama.cpp does, a bad pad id is a warning, not a refusal.
     path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"),

@@ -193,6 +193,30 @@ def _merge(entry: Any, k: int, vocab: dict[str, int], meta: _Meta) -> tuple[str,
     return left, right
 
 
+def _listed_merges(meta: _Meta, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """tokenizer.ggml.merges, each checked by `_merge`, in rank order. A merge listed again keeps
+    its first rank, as llama.cpp ranks it; `tokenizers` would move it to its last (transformers'
+    GGUF loader does), and join other pairs first. The repeats are noted."""
+    from gptlab.tokenizer import note_once
+
+    first: dict[tuple[str, str], int] = {}
+    repeats: list[tuple[int, int, str]] = []
+    for k, entry in enumerate(meta.get("tokenizer.ggml.merges") or []):
+        pair = _merge(entry, k, vocab, meta)
+        if pair in first:
+            repeats.append((k, first[pair], entry))
+        else:
+            first[pair] = k
+    if repeats:
+        k, j, entry = repeats[0]
+        note_once(meta.path, f"field 'tokenizer.ggml.merges': {len(repeats)} "
+                             f"{'entry repeats' if len(repeats) == 1 else 'entries repeat'} an "
+                             f"earlier one (the first: entry {k}, {entry!r}, "
+                             f"is entry {j}); each merge keeps its first rank, as llama.cpp ranks "
+                             f"it (transformers' GGUF loader takes the last)")
+    return list(first)
+
+
 def _token_types(meta: _Meta, n: int) -> list[int]:
     """tokenizer.ggml.token_type, one llama.cpp type (0 to 6) per token; all normal if absent."""
     key = "tokenizer.ggml.token_type"
@@ -218,8 +242,7 @@ def _byte_level_bpe(meta: _Meta, tokens: list[str]) -> Any:
         raise UserError(f"pre-tokenizer '{pre}' is not supported (supported: "
                         f"{', '.join(_PRE_SPLITS)})", path=meta.path, field="tokenizer.ggml.pre")
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [_merge(m, k, vocab, meta)
-              for k, m in enumerate(meta.get("tokenizer.ggml.merges") or [])]
+    merges = _listed_merges(meta, vocab)
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                                 ignore_merges=pre in _LLAMA3_PRES))
     split = _PRE_SPLITS[pre]
@@ -303,7 +326,7 @@ def _sentencepiece_bpe(meta: _Meta, tokens: list[str], types: list[int],
     scores = _scores(meta, len(tokens))
     listed = meta.get("tokenizer.ggml.merges")
     if listed:
-        merges = [_merge(m, k, vocab, meta) for k, m in enumerate(listed)]
+        merges = _listed_merges(meta, vocab)
     elif scores is None:
         raise UserError("required metadata key is missing: a SentencePiece vocabulary without "
                         "tokenizer.ggml.merges is merged by its pieces' scores", path=meta.path,
