@@ -1531,6 +1531,41 @@ def test_sentencepiece_gguf_pieces_of_equal_score_join_by_token_id_and_are_noted
     assert all(tok.decode(ids) == text for text, ids in ours.items())
 
 
+def test_a_converted_bpe_vocabulary_of_tied_scores_keeps_its_own_merges(tmp_path):
+    """llama.cpp's converter gives every piece of a Hugging Face BPE tokenizer without
+    tokenizer.model the score -1000, its ids in the order the merges were learned. gptlab ranks
+    equal scores by token id, and so encodes as the tokenizer the model was trained with, on
+    every string; transformers' GGUF loader (5.24), the other reference, ranks them by the
+    longer left part first, and gives other ids for some: on ties the two cannot both be
+    matched, and the model's own tokenizer decides."""
+    import random
+
+    from test_tokenizer import llama2_style_bpe
+
+    rng = random.Random(0)
+    words = ("the cat sat on a mat and then the dog ran to the big red barn where users live "
+             "select name from users where city is lyon paris banana bandana aaa aba").split()
+    hf, _ = llama2_style_bpe([" ".join(rng.choices(words, k=8)) for _ in range(80)], 300)
+    vocab = hf.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    n = len(tokens) - 259
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama", vocab_size=len(tokens)),
+                       vocab=dict(tokens=tokens, scores=[0.0] * 259 + [-1000.0] * n,
+                                  types=[2, 3, 3] + [6] * 256 + [1] * n),
+                       template=_LLAMA2_TEMPLATE)
+    _, tok = load_pretrained(path)
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 6))) if k % 2 else
+             "".join(rng.choices("abcdeilnoprstuy \u00e9\u2603", k=rng.randint(1, 12))).lstrip()
+             or "a" for k in range(200)]
+    assert [tok.encode(t) for t in texts] == [hf.encode(t, add_special_tokens=False).ids
+                                              for t in texts]
+    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 24):
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+        other = [t for t in texts if theirs(t, add_special_tokens=False)["input_ids"]
+                 != hf.encode(t, add_special_tokens=False).ids]
+        assert other and len(other) < len(texts) // 10
+
+
 def test_convert_from_a_sentencepiece_gguf_loads_generates_and_keeps_its_tokenizer(tmp_path,
                                                                                    capsys):
     from gptlab.checkpoint import load_model
