@@ -967,6 +967,74 @@ _SPACE_PROBES = (
     ("a", "before the first word of a text"))
 
 
+# Byte-level classes transformers 5 also builds from tokenizer.json's vocabulary and merges
+# alone, with a normalizer and pre-tokenizer of their own: GPT2Tokenizer (GPT-2's split, no
+# normalizer: SmolLM's directories name it, whose tokenizer.json splits every digit off first)
+# and Qwen2Tokenizer (NFC, Qwen2's split), which it takes for every model_type qwen2, whatever
+# class the directory names. transformers 4 reads tokenizer.json as written, as gptlab does.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_BYTE_LEVEL_PROBES = ("\n\n1. first", " 2024", "12345", "caf\u00e9 cafe\u0301", " it's",
+                      "hello world")
+
+
+def _byte_level_rebuild(cls: str | None, model_type: str | None) -> str | None:
+    """The byte-level class transformers 5's AutoTokenizer builds anew for this directory, if
+    any (its `tokenization_auto`: a model_type qwen2 always gets Qwen2Tokenizer, a gpt2 one
+    GPT2Tokenizer where it names no class; mistral and others read the file as written)."""
+    if model_type == "qwen2":
+        return "Qwen2Tokenizer"
+    if model_type not in (None, "llama", "gpt2"):
+        return None
+    name = cls if isinstance(cls, str) else "GPT2Tokenizer" if model_type == "gpt2" else ""
+    name = name.removesuffix("Fast")
+    return name if name in ("GPT2Tokenizer", "Qwen2Tokenizer") else None
+
+
+def _note_byte_level_rebuild(hf: tokenizers.Tokenizer, built: str, cls: str | None,
+                             model_type: str | None, config: dict, config_file: Path,
+                             file: Path) -> None:
+    """Note where transformers 5's `built` (GPT2Tokenizer or Qwen2Tokenizer) encodes otherwise
+    than `hf`, tokenizer.json as written: it keeps the file's vocabulary and merges (a BPE
+    without ignore_merges) and puts its own normalizer and pre-tokenizer before them."""
+    from tokenizers import Regex, normalizers
+
+    data = json.loads(hf.to_str())
+    if (data.get("model") or {}).get("type") != "BPE":
+        return
+    data["model"].update(dropout=None, unk_token=None, continuing_subword_prefix="",
+                         end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
+                         ignore_merges=False)
+    theirs = tokenizers.Tokenizer.from_str(json.dumps(data))
+    prefix = bool(config.get("add_prefix_space"))
+    if built == "GPT2Tokenizer":
+        theirs.normalizer = None
+        theirs.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+        own = "GPT-2's byte-level split and no normalizer"
+    else:
+        theirs.normalizer = normalizers.NFC()
+        theirs.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)])
+        own = "an NFC normalizer and Qwen2's split"
+    differ = [text for text in _BYTE_LEVEL_PROBES
+              if hf.encode(text, add_special_tokens=False).ids
+              != theirs.encode(text, add_special_tokens=False).ids]
+    if not differ:
+        return
+    if model_type == "qwen2" and (cls or "").removesuffix("Fast") != built:
+        named = f"tokenizer_class {cls!r} in {config_file.name}" if cls else "no tokenizer_class"
+        where, what = file.parent / "config.json", f"field 'model_type': qwen2 ({named})"
+    else:
+        where, what = config_file, f"field 'tokenizer_class': {cls}"
+    note_once(where, f"{what}: transformers 5 builds {built} from the vocabulary and merges of "
+                     f"{file.name} with {own}, not the file's normalizer and pre-tokenizer, so "
+                     f"its ids differ from gptlab's (on {', '.join(map(repr, differ))}). gptlab "
+                     f"encodes as {file.name} is written, as transformers 4 does; for "
+                     f"transformers 5's ids, copy the {file.name} that transformers 5's "
+                     f"save_pretrained writes over this one")
+
+
 def _note_transformers5_rebuild(hf: tokenizers.Tokenizer, config: dict, config_file: Path,
                                 file: Path, eos: str | None) -> None:
     """Note where transformers 5 would give other ids than `hf`, tokenizer.json as written: for a
@@ -977,16 +1045,20 @@ def _note_transformers5_rebuild(hf: tokenizers.Tokenizer, config: dict, config_f
     each stretch of text between special tokens) encodes as SentencePiece did for Meta's code,
     and as transformers 4 and llama.cpp do; gptlab keeps it."""
     cls = config.get("tokenizer_class")
-    if cls not in _REBUILT_CLASSES:
-        return
-    written = hf.to_str()
-    if '"ByteLevel"' in written:  # transformers 5 reads it as written, whatever its class
-        return
     try:
         model_type = json.loads((file.parent / "config.json").read_text("utf-8")).get("model_type")
     except FileNotFoundError:
         model_type = None
     except (OSError, ValueError, AttributeError):  # the model's loader names what is wrong
+        return
+    written = hf.to_str()
+    built = _byte_level_rebuild(cls, model_type)
+    if built is not None:
+        _note_byte_level_rebuild(hf, built, cls, model_type, config, config_file, file)
+        return
+    if cls not in _REBUILT_CLASSES:
+        return
+    if '"ByteLevel"' in written:  # transformers 5 reads it as written, whatever its class
         return
     if model_type not in _REBUILT_MODEL_TYPES:
         return

@@ -1587,3 +1587,78 @@ def test_a_model_config_that_cannot_be_read_leaves_the_note_to_the_model_s_loade
     capsys.readouterr()
     load_tokenizer(d)
     assert capsys.readouterr().err == ""
+
+
+def _byte_level_bpe(pipeline: str) -> tokenizers.Tokenizer:
+    """A byte-level BPE learned as GPT-2's, SmolLM's (every digit split off first), Qwen2's
+    (NFC, its split) or Llama 3's (its split, ignore_merges) tokenizer.json are."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from gptlab.tokenizer import _QWEN2_SPLIT
+    llama3 = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = {"gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+             "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+             "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT),
+                                                                    "isolated"), byte_level]),
+             "llama3": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), "isolated"),
+                                                byte_level])}[pipeline]
+    hf = tokenizers.Tokenizer(models.BPE(ignore_merges=pipeline == "llama3"))
+    hf.pre_tokenizer = split
+    if pipeline == "qwen2":
+        hf.normalizer = normalizers.NFC()
+    hf.decoder = decoders.ByteLevel()
+    lines = ["hello world 12345 and 2024\n\n1. first", "le caf\u00e9 cafe\u0301 na\u00efve",
+             "it's the   answer 42", "select name from users;", "\n\n2. second item"] * 20
+    hf.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return hf
+
+
+@pytest.mark.parametrize("pipeline, model_type, cls, noted", [
+    # SmolLM's directories: transformers 5 drops the digit split ("\n\n1." is "\n", "\n", ...).
+    ("smollm", "llama", "GPT2Tokenizer", "tokenizer_config.json"),
+    ("qwen2", None, "GPT2TokenizerFast", "tokenizer_config.json"),
+    # A qwen2 model gets Qwen2's pipeline whatever class it names (gptlab's own export names
+    # PreTrainedTokenizerFast).
+    ("gpt2", "qwen2", "PreTrainedTokenizerFast", "config.json"),
+    ("llama3", "qwen2", None, "config.json"),
+    # Read as written: the file is the class's own pipeline, or the class is read as written.
+    ("gpt2", "gpt2", "GPT2Tokenizer", None),
+    ("gpt2", "gpt2", None, None),
+    ("qwen2", "qwen2", "Qwen2Tokenizer", None),
+    ("llama3", "llama", "PreTrainedTokenizerFast", None),
+    ("smollm", "mistral", "GPT2Tokenizer", None),
+])
+def test_byte_level_classes_transformers_5_rebuilds_are_noted_where_its_ids_differ(
+        pipeline, model_type, cls, noted, tmp_path, capsys):
+    """transformers 5 builds GPT2Tokenizer and Qwen2Tokenizer (every model_type qwen2's) from
+    tokenizer.json's vocabulary and merges with its own normalizer and pre-tokenizer; gptlab
+    reads the file as written, as transformers 4 does, and said nothing where 5's ids differ.
+    The note names the probes where they differ, exactly those where transformers 5's do."""
+    from gptlab.tokenizer import _BYTE_LEVEL_PROBES
+    d = tmp_path / "tok"
+    Tokenizer(_byte_level_bpe(pipeline), None, "<|endoftext|>", None).save(d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.pop("tokenizer_class", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {**config, **({"tokenizer_class": cls} if cls else {})}))
+    if model_type:
+        (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    capsys.readouterr()
+    ours = load_tokenizer(d)
+    err = capsys.readouterr().err
+    assert ("note:" in err) is (noted is not None), err
+    if noted:
+        assert err.startswith(f"note: {d / noted}, field "
+                              f"'{'model_type' if noted == 'config.json' else 'tokenizer_class'}'")
+    if transformers_major() >= 5:
+        theirs = auto_tokenizer(d)
+        measured = {text for text in _BYTE_LEVEL_PROBES
+                    if ours.encode(text) != theirs(text, add_special_tokens=False)["input_ids"]}
+        assert measured == {text for text in _BYTE_LEVEL_PROBES if repr(text) in err}
+        assert bool(measured) is (noted is not None)
+    load_tokenizer(d)
+    assert capsys.readouterr().err == ""  # once per process
