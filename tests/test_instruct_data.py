@@ -1121,6 +1121,29 @@ def test_a_sentencepiece_chat_prompt_s_response_is_still_cut_from_the_conversati
         assert ex.ids == p + cut and ex.loss_mask == [0] * len(p) + [1] * len(cut)
 
 
+def test_llama2_s_space_before_an_answer_is_the_assistant_s_to_write_and_is_trained_on():
+    """Llama 2's template has no generation prompt and writes " " between "[/INST]" and the
+    answer. Before "yes" it is in "▁yes"; before "(yes)" it is a "▁" token of its own, which
+    the answer's tokens left out: SFT trained the model to write "(" right after "[/INST]", a
+    text the template never renders, while "▁yes" kept its space. Everything the model writes
+    after the generation prompt is its own (transformers' `{% generation %}` spans it), so the
+    "▁" is the answer's first token, trained on, and reads back as the answer's text."""
+    import test_tokenizer
+    from gptlab.data.instruct import chat_demonstration, encode_prompt, encode_response
+    t = test_tokenizer.sentencepiece_tokenizer(test_tokenizer.LLAMA2_CHAT)
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    p = encode_prompt(t, chat)
+    for answer, tokens in (("(yes)", ["\u2581", "<0x28>", "yes", "<0x29>", "\u2581", "</s>"]),
+                           ("yes", ["\u2581yes", "\u2581", "</s>"])):
+        full, _ = t.render_chat(chat + [{"role": "assistant", "content": answer}])
+        ids = encode_response(t, answer, chat)
+        assert [t.hf.id_to_token(i) for i in ids] == tokens
+        assert p + ids == full  # the conversation as the template renders it, whole
+        assert chat_demonstration(t, chat + [{"role": "assistant", "content": answer}]) == (
+            p + ids, [0] * len(p) + [1] * len(ids))
+        assert t.decode_response(chat, p, ids[:-1]) == answer + " "
+
+
 @pytest.fixture(scope="module", params=["gptlab", "smollm2"])
 def byte_level(request, tok):
     return tok if request.param == "gptlab" else smollm2_tokenizer()

@@ -267,13 +267,16 @@ def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int
 
 def _assistant_tokens_after(tokenizer: Any, prompt: list, response: str,
                             start: list[int]) -> list[int] | None:
-    """The assistant tokens (the response and its end of turn) of the conversation `prompt` +
-    `response` that follow the generation prompt's tokens `start`; None when its rendering
-    does not begin with `start`."""
+    """The tokens the model writes after the generation prompt's tokens `start` in the
+    conversation `prompt` + `response`: through the response's end of turn, with any template
+    text between the two (Llama 2's " " after "[/INST]", which has no generation prompt: a
+    "▁" token of its own before "(yes)"), as transformers' `{% generation %}` spans everything
+    the model generates; None when the rendering does not begin with `start`."""
     full, mask = tokenizer.render_chat(list(prompt) + [{"role": "assistant", "content": response}])
     if full[:len(start)] != start:
         return None
-    return [t for t, m in zip(full[len(start):], mask[len(start):]) if m]
+    ends = [k for k, m in enumerate(mask) if m and k >= len(start)]
+    return full[len(start):ends[-1] + 1] if ends else []
 
 
 def chat_demonstration(tokenizer: Any, messages: list) -> tuple[list[int], list[int]]:
