@@ -13,6 +13,7 @@ import torch
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
 from gptlab.data.instruct import demonstration, read_rankings
+from gptlab.eval.stats import t_975
 from gptlab.errors import UserError
 from gptlab.feedback import label_samples
 from gptlab.io import read_jsonl, write_jsonl_atomic
@@ -101,7 +102,8 @@ def test_held_out_accuracy_and_its_interval_recomputed_by_hand(run):
     assert k >= 2 and meta["heldout_pairs"] == total
     acc = right / total
     assert meta["heldout_pairwise_acc"] == pytest.approx(acc)
-    half = 1.96 * (k / (k - 1) * sum((a - acc * n) ** 2 for a, n in per_prompt) / total ** 2) ** 0.5
+    var = k / (k - 1) * sum((a - acc * n) ** 2 for a, n in per_prompt) / total ** 2
+    half = t_975(k - 1) * var ** 0.5  # the prompts the draws: k − 1 degrees of freedom
     assert meta["heldout_pairwise_acc_ci95"] == pytest.approx([max(0, acc - half),
                                                               min(1, acc + half)], abs=1e-6)
 

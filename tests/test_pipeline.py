@@ -13,7 +13,7 @@ import torch
 
 from gptlab.cli import main
 from gptlab.errors import UserError
-from gptlab.eval.stats import clustered_rate, excludes_zero, paired_delta, sign_test
+from gptlab.eval.stats import clustered_rate, excludes_zero, paired_delta, sign_test, t_975
 
 ARGS = ["--pretrain-steps", "4", "--pretrain-batch", "4", "--sft-steps", "4",
         "--sft-eval-every", "2", "--sft-exec-eval", "8", "--sample-prompts", "12", "--k", "3",
@@ -205,8 +205,8 @@ def test_a_world_exported_again_is_another_world_and_a_moved_one_the_same(tmp_pa
 def test_paired_delta_by_hand():
     d = paired_delta([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
     assert d["mean"] == 0.5
-    # sd of (1,0,0,1) = sqrt(1/3); half-width 1.96 * sqrt(1/3) / 2
-    assert d["ci95"][1] - 0.5 == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)
+    # sd of (1,0,0,1) = sqrt(1/3); half-width t(3) · sqrt(1/3) / 2, t(3) = 3.182
+    assert d["ci95"][1] - 0.5 == pytest.approx(3.182 * (1 / 3) ** 0.5 / 2, abs=1e-3)
     assert not excludes_zero(d)
     assert excludes_zero(paired_delta([1] * 30 + [0] * 2, [0] * 32))
     assert (d["better"], d["worse"]) == (2, 0) and d["p_sign"] == 2 * 1 / 4  # 2 of 2, p = 2·¼
@@ -231,7 +231,8 @@ def test_clustered_rate_by_hand():
     assert r["mean"] == pytest.approx(3.5 / 6) and r["clusters"] == 3 and r["n"] == 6
     # var = 3/2 · ((2 − 3.5/2)² + (1 − 3.5/6)² + (0.5 − 3.5/3)²) / 36
     var = 1.5 * ((2 - 1.75) ** 2 + (1 - 3.5 / 6) ** 2 + (0.5 - 3.5 / 3) ** 2) / 36
-    assert r["ci95"] == pytest.approx([3.5 / 6 - 1.96 * var ** 0.5, 3.5 / 6 + 1.96 * var ** 0.5])
+    half = 4.303 * var ** 0.5  # t for two degrees of freedom: three prompts
+    assert half > 3.5 / 6 and r["ci95"] == [0.0, 1.0]  # three prompts say little
     # Clipped to [0, 1]; one prompt gives no interval; no pairs give no rate.
     assert clustered_rate([(3, 3), (2, 3)])["ci95"][1] == 1.0
     assert clustered_rate([(2, 3)]) == {"mean": 2 / 3, "ci95": None, "clusters": 1, "n": 3}
@@ -444,12 +445,13 @@ def test_a_stage_stopped_after_a_checkpoint_is_resumed(tmp_path):
 
 
 def test_clustered_rate_clips_its_interval_at_zero():
-    # 1 of 3 prompts right (one pair each): rate 1/3,
-    # var = 3/2 · (2 · (1/3)² + (2/3)²) / 9 = 1/9, half-width 1.96 / 3 > 1/3: the lower end is
-    # clipped to 0, the upper one is not.
-    r = clustered_rate([(0, 1), (0, 1), (1, 1)])
-    assert r["mean"] == pytest.approx(1 / 3)
-    assert r["ci95"] == pytest.approx([0.0, 1 / 3 + 1.96 / 3])
+    # 1 of 6 prompts right (one pair each): rate 1/6,
+    # var = 6/5 · (5 · (1/6)² + (5/6)²) / 36 = 1/36, half-width t(5) / 6 = 2.571 / 6 > 1/6: the
+    # lower end is clipped to 0, the upper one is not.
+    r = clustered_rate([(0, 1)] * 5 + [(1, 1)])
+    assert r["mean"] == pytest.approx(1 / 6)
+    assert r["ci95"] == pytest.approx([0.0, 1 / 6 + t_975(5) / 6])
+    assert r["ci95"][1] == pytest.approx(1 / 6 + 2.571 / 6, abs=1e-3)
 
 
 @pytest.mark.parametrize("damaged, stage", [

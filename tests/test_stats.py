@@ -1,18 +1,26 @@
 """gptlab.eval.stats against references written independently with numpy (no scipy): the
-paired interval, the exact sign test and the clustered rate on random cases, and the edge
-cases a small or degenerate evaluation gives (one question, every pair tied, no spread)."""
+paired interval, the exact sign test and the clustered rate on random cases, Student's t
+quantile against its printed table, and the edge cases a small or degenerate evaluation gives
+(one question, every pair tied, no spread)."""
 import math
 
 import numpy as np
 import pytest
 
 from gptlab.eval.report import describe_delta
-from gptlab.eval.stats import clustered_rate, excludes_zero, paired_delta, sign_test
+from gptlab.eval.stats import (clustered_rate, excludes_zero, paired_delta, sign_test, t_975,
+                               t_within)
+
+
+# The 0.975 quantile of Student's t by degrees of freedom, as printed in t tables (Fisher and
+# Yates; NIST/SEMATECH e-Handbook 1.3.6.7.2), to the digits printed there.
+T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 29: 2.045, 30: 2.042,
+           100: 1.984, 599: 1.964}
 
 
 def reference_paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     d = a - b
-    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    half = t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
     return d.mean(), d.mean() - half, d.mean() + half
 
 
@@ -47,7 +55,8 @@ def test_paired_delta_on_scores_not_only_right_or_wrong():
     d = paired_delta([1.0, 0.25, 1.0, 0.5], [0.5, 0.5, 0.0, 0.5])
     sd = math.sqrt(((0.1875) ** 2 + (0.5625) ** 2 + (0.6875) ** 2 + (0.3125) ** 2) / 3)
     assert d["mean"] == pytest.approx(0.3125)
-    assert d["ci95"] == pytest.approx([0.3125 - 1.96 * sd / 2, 0.3125 + 1.96 * sd / 2])
+    t = T_TABLE[3]  # 3.182: four questions, three degrees of freedom
+    assert d["ci95"] == pytest.approx([0.3125 - t * sd / 2, 0.3125 + t * sd / 2], abs=1e-3)
     assert (d["better"], d["worse"], d["p_sign"]) == (2, 1, 1.0)  # a tie counts for neither
 
 
@@ -98,7 +107,7 @@ def test_clustered_rate_equals_a_numpy_reference(seed):
     rate = right.sum() / total.sum()
     # the ratio estimator's variance: k/(k−1) · Σ (r_i − rate·n_i)² / (Σ n_i)²
     var = k / (k - 1) * ((right - rate * total) ** 2).sum() / total.sum() ** 2
-    lo, hi = rate - 1.96 * math.sqrt(var), rate + 1.96 * math.sqrt(var)
+    lo, hi = rate - t_975(k - 1) * math.sqrt(var), rate + t_975(k - 1) * math.sqrt(var)
     assert r["mean"] == pytest.approx(rate, abs=1e-12)
     assert r["ci95"] == pytest.approx([max(0.0, lo), min(1.0, hi)], abs=1e-12)
     assert (r["clusters"], r["n"]) == (k, int(total.sum()))
@@ -115,13 +124,57 @@ def test_clustered_rate_sums_the_counts_of_one_cluster_into_one_draw():
     # rate·total_i = 1, −1, ½, −½, ½, −½: var = 6/5 · 3 / 8² = 0.05625.
     counts = [(1, 1), (1, 1), (0, 1), (0, 1), (1, 1), (0, 1), (1, 1), (0, 1)]
     r = clustered_rate(counts, list("PPQQRSTU"))
-    half = 1.96 * math.sqrt(6 / 5 * 3 / 64)
+    # Six prompts, five degrees of freedom: half-width 2.571 · √var = 0.61, clipped both ways.
     assert (r["mean"], r["clusters"], r["n"]) == (0.5, 6, 8)
-    assert r["ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-12)
-    # Eight draws of their own had claimed a narrower interval: var = 8/7 · 8 · ¼ / 8².
+    assert T_TABLE[5] * math.sqrt(6 / 5 * 3 / 64) > 0.5 and r["ci95"] == [0.0, 1.0]
+    # Eight draws of their own had claimed a narrower interval: var = 8/7 · 8 · ¼ / 8², t for
+    # seven degrees of freedom (2.365): [0.053, 0.947].
     alone = clustered_rate(counts)
     assert alone["clusters"] == 8
-    assert alone["ci95"][1] - 0.5 == pytest.approx(1.96 * math.sqrt(8 / 7 * 2 / 64))
+    assert alone["ci95"] == pytest.approx([0.053, 0.947], abs=1e-3)
     assert clustered_rate(counts, list("PQRSTUVW")) == alone  # distinct clusters: unchanged
     with pytest.raises(ValueError, match="one cluster per count"):
         clustered_rate(counts, list("PQ"))
+
+
+@pytest.mark.parametrize("df, printed", sorted(T_TABLE.items()))
+def test_t_975_equals_the_printed_table(df, printed):
+    assert round(t_975(df), 3) == printed
+    assert t_within(t_975(df), df) == pytest.approx(0.95, abs=1e-12)
+
+
+def test_t_975_in_closed_form_and_towards_the_normal():
+    # df 1 is Cauchy: tan(0.475 π); df 2: P(|T| <= t) = t / √(2 + t²) = 0.95.
+    assert t_975(1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-12)
+    assert t_975(2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95 ** 2)), rel=1e-12)
+    # The series beyond 1,000 degrees continues the exact sum: no step at the switch.
+    assert t_975(1001) == pytest.approx(t_within_inverse(1001), abs=1e-12)
+    values = [t_975(df) for df in (1, 2, 5, 30, 599, 1000, 1001, 10 ** 4, 10 ** 6)]
+    assert values == sorted(values, reverse=True)
+    assert values[-1] == pytest.approx(1.959964, abs=1e-5)  # the normal's quantile
+    with pytest.raises(ValueError, match="degree of freedom"):
+        t_975(0)
+
+
+def t_within_inverse(df: int) -> float:
+    """t_975 by bisection on t itself, with the exact sum however long."""
+    lo, hi = 1.0, 20.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_within(mid, df) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_a_handful_of_questions_get_the_t_interval_not_the_normal_one():
+    # Three questions, differences (1, 1, 0) (as with --eval-limit 3): mean 2/3, sd 1/√3; the
+    # normal's 1.96 gave [0.013, 1.320], excluding 0 on three questions, t for two degrees of
+    # freedom (4.303) gives [−0.768, 2.101].
+    d = paired_delta([1, 1, 0], [0, 0, 0])
+    sd = math.sqrt(1 / 3)
+    assert d["ci95"] == pytest.approx([2 / 3 - 4.303 * sd / math.sqrt(3),
+                                       2 / 3 + 4.303 * sd / math.sqrt(3)], abs=1e-3)
+    assert not excludes_zero(d)
+    # The reward model's interval by prompt, three prompts: t for two degrees of freedom.
+    r = clustered_rate([(2, 2), (2, 2), (1, 2)])
+    var = 3 / 2 * (2 * (2 - 5 / 6 * 2) ** 2 + (1 - 5 / 6 * 2) ** 2) / 36
+    assert r["ci95"] == pytest.approx([5 / 6 - 4.303 * math.sqrt(var), 1.0], abs=1e-3)
