@@ -245,8 +245,10 @@ def test_identical_answers_give_an_interval_of_zero_that_does_not_exclude_it():
     d = paired_delta([1, 0, 1], [1, 0, 1])  # every difference 0: the interval is [0, 0]
     assert d["mean"] == 0 and d["ci95"] == [0.0, 0.0]
     assert not excludes_zero(d)
-    assert excludes_zero(paired_delta([1, 1], [0, 0]))  # every difference 1: [1, 1]
-    assert excludes_zero(paired_delta([0, 0], [1, 1]))
+    # Every difference 1 (or −1): no spread, no interval ([1, 1] excluded 0 on two questions).
+    assert paired_delta([1, 1], [0, 0])["ci95"] is None
+    assert not excludes_zero(paired_delta([1, 1], [0, 0]))
+    assert not excludes_zero(paired_delta([0, 0], [1, 1]))
 
 
 def _run_up_to(run, stages, out):

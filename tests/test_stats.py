@@ -80,7 +80,7 @@ def test_one_question_has_no_interval_and_excludes_nothing():
         d = paired_delta(a, b)
         assert d["ci95"] is None and d["n"] == 1
         assert not excludes_zero(d)
-        assert describe_delta(d).startswith(f"{a[0] - b[0]:+.3f} (no confidence interval)")
+        assert describe_delta(d).startswith(f"{a[0] - b[0]:+.3f} (no confidence interval;")
     assert paired_delta([1], [0])["p_sign"] == 1.0
 
 
@@ -89,6 +89,26 @@ def test_all_ties_give_a_zero_interval_and_p_one():
     assert d == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 5, "better": 0, "worse": 0,
                  "p_sign": 1.0}
     assert not excludes_zero(d)
+
+
+def test_every_question_differing_alike_gives_no_interval_and_the_sign_test_decides():
+    # Right against wrong on each of 3 questions: sd 0 made the interval [1, 1], which "excluded
+    # 0" on 3 questions as on 3,000; the sign test gives 3 of 3 p = 0.25.
+    for a, b, mean in (([1, 1, 1], [0, 0, 0], 1.0), ([0, 0], [1, 1], -1.0),
+                       ([0.75] * 4, [0.5] * 4, 0.25)):
+        d = paired_delta(a, b)
+        assert d["mean"] == mean and d["ci95"] is None and not excludes_zero(d)
+    d = paired_delta([1, 1, 1], [0, 0, 0])
+    assert (d["better"], d["worse"], d["p_sign"]) == (3, 0, 0.25)
+    assert describe_delta(d) == ("+1.000 (no confidence interval; better on 3 questions, worse "
+                                 "on 0; sign test p = 0.25)")
+    # On 600 questions the sign test says what the interval cannot: no chance split.
+    d = paired_delta([1] * 600, [0] * 600)
+    assert d["ci95"] is None and d["p_sign"] == 2 / 2 ** 600
+    assert "sign test p = 4.8e-181" in describe_delta(d)
+    # One question differing among equal ones has spread again: an interval, and it includes 0.
+    d = paired_delta([1, 1, 1], [0, 0, 1])
+    assert d["ci95"] is not None and not excludes_zero(d)
 
 
 def test_unequal_or_empty_inputs_are_refused():

@@ -279,13 +279,20 @@ def interval(ci: Any) -> tuple[float, float] | None:
 
 
 def describe_delta(delta: Any) -> str:
-    """'+0.034, 95% CI [+0.010, +0.058]: the interval excludes 0' (or n/a)."""
+    """'+0.034, 95% CI [+0.010, +0.058]: the interval excludes 0' (or n/a), with the sign test
+    where `delta` has it; without an interval (one question, or every question differing by
+    the same amount) the sign test is the only verdict."""
     if not isinstance(delta, dict) or as_number(delta.get("mean")) is None:
         return NA
     text = fmt(delta["mean"], sign=True)
+    better, worse, p = (delta.get(k) for k in ("better", "worse", "p_sign"))
+    sign = (f"better on {better} questions, worse on {worse}; sign test p = {p:.2g}"
+            if isinstance(better, int) and isinstance(worse, int) and as_number(p) is not None
+            else None)
     bounds = interval(delta.get("ci95"))
     if bounds is None:
-        return text + " (no confidence interval)"
+        return text + (f" (no confidence interval; {sign})" if sign else
+                       " (no confidence interval)")
     lo, hi = bounds
     verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
     # A bound that rounds to ±0.000 but lies on one side of 0 is shown to its first digit,
@@ -294,10 +301,7 @@ def describe_delta(delta: Any) -> str:
               for b in (lo, hi)]
     text = (f"{text}, 95% CI [{fmt(lo, digits[0], sign=True)}, {fmt(hi, digits[1], sign=True)}]"
             f": the interval {verdict}")
-    better, worse, p = (delta.get(k) for k in ("better", "worse", "p_sign"))
-    if isinstance(better, int) and isinstance(worse, int) and as_number(p) is not None:
-        text += f" (better on {better} questions, worse on {worse}; sign test p = {p:.2g})"
-    return text
+    return text + (f" ({sign})" if sign else "")
 
 
 def describe_config(config: Any) -> str:

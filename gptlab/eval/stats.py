@@ -64,7 +64,10 @@ def paired_delta(a: Sequence[float], b: Sequence[float]) -> dict:
     McNemar's exact test), which stays honest where few pairs differ and the interval, an
     approximation, does not (4 wins, 0 losses of 600: the interval excludes 0, p = 0.125).
     One pair has no spread to estimate: its interval is None, not [d, d], which would exclude 0
-    whenever the two differ."""
+    whenever the two differ. Nor have pairs that all differ by one nonzero amount (right
+    against wrong on each of 3 questions): sd 0 gave [d, d], "excluding 0" on two questions as
+    on two thousand; their interval is None too, and the sign test, exact, is the verdict
+    (p = 0.25 on 3 of 3). Pairs all tied keep [0, 0], which includes 0 and claims nothing."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_delta needs two equally long, non-empty sequences")
     d = [x - y for x, y in zip(a, b)]
@@ -73,8 +76,9 @@ def paired_delta(a: Sequence[float], b: Sequence[float]) -> dict:
     ci95 = None
     if n > 1:
         var = sum((x - mean) ** 2 for x in d) / (n - 1)
-        half = t_975(n - 1) * math.sqrt(var / n)
-        ci95 = [mean - half, mean + half]
+        if var > 0 or mean == 0:
+            half = t_975(n - 1) * math.sqrt(var / n)
+            ci95 = [mean - half, mean + half]
     better, worse = sum(x > 0 for x in d), sum(x < 0 for x in d)
     return {"mean": mean, "ci95": ci95, "n": n, "better": better, "worse": worse,
             "p_sign": sign_test(better, worse)}
