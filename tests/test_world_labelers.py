@@ -258,6 +258,16 @@ def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_p
     assert captured.out == f"wrote 1 ranking to {out}\n"
 
 
+def test_win_rate_refuses_no_records_and_answers_that_do_not_pair_up(world):
+    # No records divided by zero; one answer short dropped a record from the rate unnoticed.
+    from gptlab.eval.pipeline_eval import win_rate
+    records = [{"id": q.id} for q in world.test[:2]]
+    for recs, a, b in (([], [], []), (records, ["SELECT 1"] * 2, ["SELECT 1"]),
+                       (records[:1], ["SELECT 1"] * 2, ["SELECT 1"] * 2)):
+        with pytest.raises(ValueError, match="at least one record, got"):
+            win_rate(world, recs, a, b)
+
+
 def test_win_rate_is_symmetric_and_ties_what_the_labeler_cannot_tell_apart(world):
     from gptlab.eval.pipeline_eval import win_rate
     q = _q(world, "count_employees_city")

@@ -29,7 +29,12 @@ def win_rate(world: Any, records: list[dict], a: list[str], b: list[str],
     over one that does not run, and among equals the shorter SQL; answers it cannot tell apart
     (the same verdict and length, identical answers among them) are ties. `by_verdict`: as the
     labelers rank by default, answers of one verdict are ties whatever their length. Either
-    way, swapping a and b gives 1 minus the rate."""
+    way, swapping a and b gives 1 minus the rate. No records have no rate (it divided by 0),
+    and answers not one of each per record would be paired with the wrong questions (zip
+    dropped the extra ones): both are refused, as `paired_delta` refuses them."""
+    if not records or not len(records) == len(a) == len(b):
+        raise ValueError(f"win_rate needs one answer of a and one of b for each of at least one "
+                         f"record, got {len(records)} records, {len(a)} and {len(b)} answers")
     labeler = world.labeler(disagreement=0.0)
     wins = 0.0
     for rec, x, y in zip(records, a, b):
