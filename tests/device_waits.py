@@ -4,11 +4,20 @@ On CUDA, reading a tensor's value on the host (`.item()`, `.tolist()`, `bool()`,
 `float()`, a tensor used as a Python index), or an op whose output size depends on the values
 (`nonzero`, `masked_select`, indexing with a boolean mask, `repeat_interleave` without its
 output size, `unique`), or `torch.equal`, waits until every kernel queued before it has run.
+So does a copy between the host and the GPU that is not `non_blocking` (`x.to(device)`,
+`torch.tensor(list, device=device)`): it synchronizes the stream after queueing the copy.
 A training step that does so once a layer or once a token spends its time waiting on the
 launches, not on the arithmetic. The CPU runs the same ops, so `count_waits` counts them here,
 where there is no GPU: every such call inside the block, on any tensor. Here every tensor is on
 the CPU, so the functions that a GPU run too runs on the CPU (building a batch before it
-moves) are named as `cpu_side`, and what they call is not counted."""
+moves) are named as `cpu_side`, and what they call is not counted.
+
+Copies are counted when asked for (`copies=True`), where gptlab's code asks for one: a `.to`
+that names a device (or a tensor) without `non_blocking=True`, and `torch.tensor` /
+`torch.as_tensor` given a device. Here that device is the CPU and nothing is copied, so the
+counter cannot tell a copy from a move to where a tensor is already (the engine's draws move
+to their generator's device, a no-op but on Apple's MPS): a block that counts them should make
+no such move."""
 from __future__ import annotations
 
 import contextlib
@@ -89,20 +98,58 @@ class _Mode(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def count_waits(cpu_side: Iterable[Callable] = ()) -> Iterator[WaitCount]:
+def count_waits(cpu_side: Iterable[Callable] = (), copies: bool = False
+                ) -> Iterator[WaitCount]:
     """Count, inside the block, the calls that would wait for a GPU (see the module's doc),
-    but for those made inside the functions `cpu_side`. `.tolist()` reaches no op on the CPU,
-    so it is counted where Python calls it."""
+    but for those made inside the functions `cpu_side`; `copies`: blocking copies too.
+    `.tolist()` reaches no op on the CPU, so it is counted where Python calls it, as copies
+    are."""
     count = WaitCount(cpu_side)
-    tolist = torch.Tensor.tolist
+    tolist, to, tensor, as_tensor = torch.Tensor.tolist, torch.Tensor.to, torch.tensor, \
+        torch.as_tensor
 
     def counted_tolist(self):
         count.add("tolist")
         return tolist(self)
 
-    torch.Tensor.tolist = counted_tolist
+    def counted_to(self, *args, **kwargs):
+        if copies and _names_device(args, kwargs) and not _non_blocking(args, kwargs) \
+                and _ours():
+            count.add("copy")
+        return to(self, *args, **kwargs)
+
+    def counted(make):
+        def made(*args, **kwargs):
+            if copies and kwargs.get("device") is not None and _ours():
+                count.add("copy")
+            return make(*args, **kwargs)
+        return made
+
+    torch.Tensor.tolist, torch.Tensor.to = counted_tolist, counted_to
+    torch.tensor, torch.as_tensor = counted(tensor), counted(as_tensor)
     try:
         with _Mode(count):
             yield count
     finally:
-        torch.Tensor.tolist = tolist
+        torch.Tensor.tolist, torch.Tensor.to = tolist, to
+        torch.tensor, torch.as_tensor = tensor, as_tensor
+
+
+def _ours() -> bool:
+    """Whether the copy was asked for by gptlab's code or a test's, not by torch's: its
+    `clip_grad_norm_` and `Module.to` move each tensor to the device it is on, which copies
+    nothing on a GPU either."""
+    path = Path(sys._getframe(2).f_code.co_filename)
+    return path.is_relative_to(_ROOT / "gptlab") or path.is_relative_to(_ROOT / "tests")
+
+
+def _names_device(args: tuple, kwargs: dict) -> bool:
+    """Whether `Tensor.to(*args, **kwargs)` names a device: a device, its name or a tensor (not
+    a dtype alone)."""
+    return kwargs.get("device") is not None or kwargs.get("other") is not None or bool(
+        args and isinstance(args[0], (str, torch.device, torch.Tensor, int))
+        and not isinstance(args[0], bool))
+
+
+def _non_blocking(args: tuple, kwargs: dict) -> bool:
+    return bool(kwargs.get("non_blocking")) or any(a is True for a in args)

@@ -41,6 +41,13 @@ def test_the_counter_counts_each_kind_of_wait_and_nothing_else():
         torch.repeat_interleave(torch.tensor([1, 2]))
     assert c.total == 12
     assert [n for site, n in c.sites.items() if site.startswith("tolist tests/")] == [1]
+    # copies, when asked for: those that name a device and block, not a change of dtype
+    for copies, expected in ((False, 0), (True, 5)):
+        with count_waits(copies=copies) as c:
+            x.to("cpu"), x.to(torch.device("cpu"), torch.float64), x.to(x)
+            x.to(torch.float64), x.to("cpu", non_blocking=True), torch.tensor([1.0])
+            torch.tensor([1.0], device="cpu"), torch.as_tensor([1.0], device="cpu")
+        assert c.total == expected
 
 
 def widened(model: GPT, layers: int) -> GPT:
