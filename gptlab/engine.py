@@ -115,7 +115,8 @@ def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
 
 
-def scale_logits(logits: Tensor, temperature: float, read_overflow: bool = True) -> Tensor:
+def scale_logits(logits: Tensor, temperature: float, read_overflow: bool | None = None
+                 ) -> Tensor:
     """logits / temperature, well defined at any temperature above 0.
 
     A tiny temperature (1e-39) overflows the division to ±inf, and softmax to NaN. Such a row
@@ -124,17 +125,28 @@ def scale_logits(logits: Tensor, temperature: float, read_overflow: bool = True)
     samples as greedy decoding (exact ties share the draw) and log-probabilities stay finite.
     Rows that do not overflow are divided as they are, bit for bit as before.
 
-    Whether a row overflowed is read on the host, and the shifted rows made only then:
-    on a GPU the read waits for the device. `read_overflow=False` makes them always and reads
-    nothing, the same values: cheaper for the engine's (B, V) logits of one token, dearer for
-    a training forward's (B, T, V)."""
+    `read_overflow`: whether a row overflowed is read on the host, and the shifted rows made
+    only then (on a GPU the read waits for the device); else they are made always, the same
+    values. None: read only where autograd records a graph of `logits`, whose shifted rows'
+    backward would keep the logits and a (B, T, V) mask of their maxima alive (amax's and
+    masked_fill's), for rows whose gradient depends on which entries tie the maximum. Without
+    a graph the shifted rows are made in the division's own buffer: nothing kept, and no more
+    memory than the division alone."""
     scaled = logits / temperature
     overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)  # (B, 1)
-    if not read_overflow or bool(overflow.any()):
-        top = logits.amax(-1, keepdim=True)
+    graph = torch.is_grad_enabled() and logits.requires_grad
+    if read_overflow is None:
+        read_overflow = graph
+    if read_overflow and not bool(overflow.any()):
+        return scaled
+    top = logits.amax(-1, keepdim=True)
+    if graph:
         shifted = ((logits - top) / temperature).masked_fill(logits == top, 0.0)
-        scaled = torch.where(overflow, shifted, scaled)
-    return scaled
+        return torch.where(overflow, shifted, scaled)
+    del scaled
+    # A row that does not overflow subtracts +0.0, which leaves every float as it is.
+    out = (logits - torch.where(overflow, top, 0.0)).div_(temperature)
+    return out.masked_fill_((logits == top) & overflow, 0.0)
 
 
 # Seeds the generator of the uniforms' low bits apart from the main one (a fixed odd mix).

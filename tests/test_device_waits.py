@@ -14,6 +14,7 @@ import torch
 from device_waits import count_waits
 from gptlab.checkpoint import save_model
 from gptlab.data.instruct import Example
+from gptlab.engine import scale_logits
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.tokenizer import train_tokenizer
@@ -153,6 +154,26 @@ def test_a_reward_model_step_waits_three_times_at_any_depth(layers, tmp_path):
     waits = step_waits(rm, items, lambda b: collate_rankings(b, 0), reward_loss, tmp_path,
                        perplexity=False)
     assert waits <= REWARD_WAITS
+
+
+def test_logits_scaled_without_a_graph_read_nothing_and_are_the_read_ones_bit_for_bit():
+    logits = torch.tensor([[1e-30, -0.0, 3.0, 3.0], [1e30, 1e30, -2.0, 0.0],
+                           [float("inf"), 1.0, 0.0, -0.0], [-0.0, 0.0, -1.0, 2.5],
+                           [-3e38, 1e-45, 7.0, -7.0]])
+    for t in (1e-39, 1e-10, 0.01, 0.7, 1.0, 3.0):
+        scaled = logits / t  # scale_logits as it was: the rows read, the overflowed shifted
+        overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)
+        top = logits.amax(-1, keepdim=True)
+        shifted = ((logits - top) / t).masked_fill(logits == top, 0.0)
+        expected = torch.where(overflow, shifted, scaled) if overflow.any() else scaled
+        with count_waits() as c:
+            got = [scale_logits(logits, t), scale_logits(logits, t, read_overflow=False)]
+        assert c.total == 0
+        for g in got:  # the same bits, signs of zero included
+            assert torch.equal(g.view(torch.int32), expected.view(torch.int32))
+        with count_waits() as c:  # with a graph: read
+            scale_logits(logits.clone().requires_grad_(), t)
+        assert c.total == 1
 
 
 def test_the_loss_and_gradients_of_each_step_are_those_of_the_plain_reads():
