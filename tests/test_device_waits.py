@@ -16,13 +16,14 @@ from gptlab.checkpoint import save_model
 from gptlab.data.instruct import Example
 from gptlab.engine import scale_logits
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.model.heads import ScalarHeadModel
+from gptlab.model.attention import is_right_padded
+from gptlab.model.heads import ScalarHeadModel, has_scored_token
 from gptlab.tokenizer import train_tokenizer
 from gptlab.train.batching import ListBatches, pad_examples
-from gptlab.train.loop import TrainConfig, count_tokens, train
+from gptlab.train.loop import TrainConfig, count_tokens, queued_copy, train
 from gptlab.train.pretrain import lm_loss
-from gptlab.train.ppo import PPOConfig, PPOTrainer
-from gptlab.train.reward import EncodedRanking, collate_rankings, reward_loss
+from gptlab.train.ppo import PPOConfig, PPOTrainer, layout, minibatches, right_padded_rows
+from gptlab.train.reward import EncodedRanking, collate_rankings, ranked_scores, reward_loss
 from gptlab.train.sft import plan_batch, sft_loss, target_tokens
 
 import instruct_task as task
@@ -108,7 +109,8 @@ def fused_adamw(monkeypatch):
 # phases see below). Each names what is left.
 PRETRAIN_WAITS = 1  # the loss and the gradient norm, read together after the update
 SFT_WAITS = 1       # the same; the prefix and the targets are found on the CPU
-REWARD_WAITS = 3    # the same; whether a response is all pad tokens, the prefix's rows
+REWARD_WAITS = 1    # the same; the batch says which prompt each response continues, and
+                    # whether each has a token to score at (before: 3)
 
 
 @pytest.mark.parametrize("layers", [2, 4])
@@ -141,7 +143,7 @@ def test_an_sft_step_waits_once_at_any_depth(layers, prefix_len, tmp_path):
 
 
 @pytest.mark.parametrize("layers", [2, 4])
-def test_a_reward_model_step_waits_three_times_at_any_depth(layers, tmp_path):
+def test_a_reward_model_step_waits_once_at_any_depth(layers, tmp_path):
     rng = random.Random(0)
     items = []
     for _ in range(4):
@@ -154,6 +156,58 @@ def test_a_reward_model_step_waits_three_times_at_any_depth(layers, tmp_path):
     waits = step_waits(rm, items, lambda b: collate_rankings(b, 0), reward_loss, tmp_path,
                        perplexity=False)
     assert waits <= REWARD_WAITS
+
+
+def test_a_forward_told_its_padding_reads_no_mask_and_computes_the_same():
+    model = tiny(2)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    right = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 7 + [0] * 2])
+    left = right.flip(1)
+    for mask, told in ((right, True), (left, False)):
+        with count_waits() as c:
+            asked = model(ids, mask)
+        assert c.total >= 1  # the mask read: 2 for right padding, 1 for left
+        with count_waits() as c:
+            given = model(ids, mask, right_padded=told)
+        assert c.total == 0
+        assert torch.equal(asked, given)
+
+
+def test_a_rollouts_rows_know_their_padding_as_the_mask_says():
+    rng = random.Random(0)
+    for _ in range(200):
+        B, shared = rng.randint(1, 4), rng.choice([0, 0, 2])
+        head = [7] * shared
+        prompts = [head + [rng.randrange(1, 9) for _ in range(rng.choice([0, 3, 3, 5]))]
+                   for _ in range(B)]
+        responses = [[rng.randrange(1, 9) for _ in range(rng.choice([0, 1, 4]))]
+                     for _ in range(B)]
+        if max(len(p) for p in prompts) + max(len(r) for r in responses) == 0:
+            continue
+        _, mask, _, _, _ = layout(prompts, responses, 0, "cpu", shared)
+        assert right_padded_rows(prompts, responses, shared) == [
+            is_right_padded(mask[i:i + 1]) for i in range(B)]
+
+
+def test_a_reward_batch_says_on_the_host_what_scoring_it_would_read():
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(tiny(2).config)
+    items = [EncodedRanking([[5, 6, 7, 8, 9], [5, 6, 7, 3]], prompt_len=3),
+             EncodedRanking([[4, 5, 9, 9], [4, 5, 1, 2, 3], [4, 5, 6]], prompt_len=2)]
+    # pad 9: a response of nothing else is scored in its prompt, by the sequences themselves
+    for pad, scored in ((None, True), (8, True), (9, False), (3, False)):
+        rm.pad_token_id = pad
+        batch = collate_rankings(items, 0)
+        plain = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        assert scored == all(has_scored_token(t, pad) for t in batch["cont_tokens"])
+        with count_waits() as c:
+            told = ranked_scores(rm, batch)
+        if scored:
+            assert c.total == 0
+        with count_waits() as c:
+            read = ranked_scores(rm, plain)
+        assert c.total >= 2  # the rows' layout, and whether each has a token to score
+        assert torch.equal(told, read)
 
 
 def test_logits_scaled_without_a_graph_read_nothing_and_are_the_read_ones_bit_for_bit():
@@ -242,23 +296,26 @@ def ppo_dirs(tmp_path_factory):
 
 
 def ppo_waits(ppo_dirs, layers: int, prompts: str, max_new_tokens: int = 8,
-              batch_size: int = 6) -> dict[str, int]:
+              batch_size: int = 6, **kw) -> dict[str, int]:
+    """The waits of each phase of a PPO step; past the rollout, blocking copies too (the
+    engine's draws move to their generator's device, which copies nothing but on MPS)."""
     d, files = ppo_dirs
     t = PPOTrainer(PPOConfig(policy=str(d / f"policy{layers}"), prompts=str(files[prompts]),
                              out=str(d / "out"), reward=str(d / f"rm{layers}"), device="cpu",
                              max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             minibatch_size=3, ppo_epochs=2, progress=False))
+                             minibatch_size=3, ppo_epochs=2, progress=False, **kw))
     counts = {}
     with count_waits() as c:
         ro = t.rollout(1)
     counts["rollout"] = c.total
-    with count_waits() as c:
+    with count_waits(copies=True) as c:
         scores = t.score(ro)
     counts["score"] = c.total
-    with count_waits() as c:
+    with count_waits(copies=True) as c:
         batch = t.advantages(ro, scores)
     counts["advantages"] = c.total
-    with count_waits() as c:
+    # The minibatches' order is drawn and listed on the CPU.
+    with count_waits(cpu_side=(minibatches,), copies=True) as c:
         t.update(ro, batch, 1e-3, 1)
         t._rollout_metrics(1, ro, scores, batch, 1e-3)
     counts["update"] = c.total
@@ -268,18 +325,42 @@ def ppo_waits(ppo_dirs, layers: int, prompts: str, max_new_tokens: int = 8,
 
 # Measured, whatever the depth (before: a rollout waited about 7 times a token, the update 7
 # times a minibatch, scoring twice a row). The rollout: one a token (how many rows go on, the
-# early exit), 5 at its start and end, one a compaction of the batch. A forward without a shared
-# prefix asks whether its mask is right padding (1); the policy's whether logits / T
-# overflowed (1). The update: those for each of its 4 minibatches, one read of their
-# statistics, one of the step's metrics, and the KL coefficient (a CPU tensor).
+# early exit), 5 at its start and end, one a compaction of the batch. Scoring and the
+# advantages none: the rollout's rows say whether their mask is right padding, a forward without
+# a graph makes logits / T's overflowed rows without asking, and the layout's copies and the
+# shared prefix's rows do not block (before: 1 and 5, 5 and 5 with a shared prefix). The
+# update: for each of its 4 minibatches whether the policy's logits / T overflowed (before:
+# 3, or 2 and 2 copies), one read of their statistics, one of the step's metrics, and the KL
+# coefficient (a CPU tensor).
 @pytest.mark.parametrize("prompts", ["plain", "shared"])
 def test_each_phase_of_a_ppo_step_waits_as_often_at_any_depth(ppo_dirs, prompts):
     two, four = ppo_waits(ppo_dirs, 2, prompts), ppo_waits(ppo_dirs, 4, prompts)
     assert two == four
     assert two["rollout"] <= two["new_tokens"] + 5
-    assert two["score"] <= 1
-    assert two["advantages"] <= 5
-    assert two["update"] <= 4 * 3 + 3
+    assert two["score"] == 0
+    assert two["advantages"] == 0
+    assert two["update"] <= 4 * 1 + 3
+
+
+def test_a_ppo_ptx_update_moves_its_text_without_waiting(ppo_dirs):
+    d, _ = ppo_dirs
+    ptx = dict(ptx_coef=0.1, ptx_data=[str(d / "corpus.txt")], ptx_batch_size=2,
+               ptx_block_size=16, cache_dir=str(d / "cache"))
+    assert ppo_waits(ppo_dirs, 2, "plain", **ptx)["update"] == ppo_waits(
+        ppo_dirs, 2, "plain")["update"]
+
+
+def test_a_queued_copy_to_a_gpu_goes_through_pinned_memory(monkeypatch):
+    # No GPU here: what it asks of torch, recorded.
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda t, *a, **kw: calls.append(("to", *map(str, a), kw)) or t)
+    x = torch.arange(3)
+    queued_copy(x, "cuda")
+    assert calls == ["pin", ("to", "cuda", {"non_blocking": True})]
+    calls.clear()
+    assert queued_copy(x, "cpu") is x and calls == []  # there already
 
 
 def test_a_rollout_waits_once_a_token(ppo_dirs):

@@ -63,6 +63,7 @@ def test_shared_prefix_forward_equals_the_plain_one_under_the_training_autocast(
     """SFT's and the reward model's shared prefixes (index tensors, PrefixKV copies) on the
     device, in the autocast the common loop trains under."""
     from gptlab.train.reward import EncodedRanking, collate_rankings
+    from gptlab.train.loop import to_device
     from gptlab.train.sft import sft_loss
     dev = torch.device(device)
     model = tiny().to(dev).train()
@@ -83,7 +84,7 @@ def test_shared_prefix_forward_equals_the_plain_one_under_the_training_autocast(
     rm = ScalarHeadModel.from_gpt(model).to(dev).eval()
     b = collate_rankings([EncodedRanking(seqs[:2], prompt_len=20),
                           EncodedRanking(seqs[2:], prompt_len=20)], 0)
-    b = {k: v.to(dev) for k, v in b.items()}
+    b = to_device(b, dev)  # its host lists stay
     with torch.no_grad(), autocast(dev):
         once = rm.score_continuations(b["prompt_ids"], b["prompt_mask"], b["rows"],
                                       b["cont_ids"], b["cont_mask"])

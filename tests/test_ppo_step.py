@@ -478,9 +478,10 @@ def test_each_step_samples_and_shuffles_its_minibatches_with_its_own_seed(setup,
     orders, seeds = [], []
     real_rows, real_generate = Rollout.rows, ppo_module.generate
 
-    def rows(self, idx):
+    def rows(self, idx, at=None):
         orders[-1].append(idx.tolist())
-        return real_rows(self, idx)
+        assert at == orders[-1][-1]  # the host's copy of the rows
+        return real_rows(self, idx, at)
 
     def generate(*args, **kwargs):
         seeds.append(kwargs["seed"])

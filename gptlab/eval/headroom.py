@@ -38,7 +38,8 @@ def score_responses(reward_model: ScalarHeadModel, prompts: list[list[int]], k: 
                             prompt_len=len(p))  # an empty answer still gets a score
              for i, p in enumerate(prompts)]
     device = next(reward_model.parameters()).device
-    b = {k: v.to(device) for k, v in shared_prompt_batch(items, pad_id).items()}
+    b = {k: v.to(device) for k, v in shared_prompt_batch(items, pad_id).items()
+         if isinstance(v, torch.Tensor)}
     return reward_model.score_continuations(b["prompt_ids"], b["prompt_mask"], b["rows"],
                                             b["cont_ids"], b["cont_mask"]).tolist()
 

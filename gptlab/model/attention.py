@@ -127,7 +127,8 @@ class PrefixKV:
         # device, and one a layer made a 30-layer SFT step wait 60 times. Rows given as a list
         # are not read from a device at all.
         runs = row_runs(rows, self.k[0].shape[0]) if self.k else None
-        if isinstance(rows, list):
+        if isinstance(rows, list) and runs is None:
+            # Only then indexed by them: a list copied to a GPU waits for the device.
             rows = torch.tensor(rows, dtype=torch.long, device=self.k[0].device if self.k
                                 else None)
         return PrefixKV([take_rows(k, rows, runs) for k in self.k],
@@ -146,7 +147,7 @@ def row_runs(rows: Tensor | list[int], n: int) -> list[int] | None:
     return counts
 
 
-def take_rows(t: Tensor, rows: Tensor, runs: list[int] | None) -> Tensor:
+def take_rows(t: Tensor, rows: Tensor | list[int], runs: list[int] | None) -> Tensor:
     """t[rows] along dim 0. When rows come in sorted runs (`runs`: row_runs(rows, len(t))) it
     is built from broadcast copies, whose backward is a plain sum: indexing's backward
     scatter-adds in an order that varies between runs on CPU threads, which made training runs
@@ -185,6 +186,21 @@ def padded_causal_mask(attention_mask: Tensor, T: int) -> Tensor:
     causal = k_pos <= q_pos  # (T, S)
     mask = causal[None] & attention_mask[:, None, :].bool()
     return (mask | (k_pos == q_pos)[None])[:, None]
+
+
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """Whether each row of the mask (B, S) is right padding only: real tokens from its first
+    position, then padding. Read on the host: on a GPU it waits for the device (twice)."""
+    return bool(attention_mask[:, 0].all()) \
+        and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def row_is_right_padded(real: list[tuple[int, int]]) -> bool:
+    """`is_right_padded` of one row from its spans of real tokens (start, end), in order,
+    known on the host where the row was laid out: no read of a device."""
+    real = [(a, b) for a, b in real if b > a]
+    return bool(real) and real[0][0] == 0 and all(b == c for (_, b), (c, _) in
+                                                  zip(real, real[1:]))
 
 
 def self_attention_mask(attention_mask: Tensor | None, B: int, past: int, T: int,

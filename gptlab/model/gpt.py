@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.model.attention import Attention, KVCache, rotary_cos_sin, self_attention_mask
+from gptlab.model.attention import (Attention, KVCache, is_right_padded, rotary_cos_sin,
+                                    self_attention_mask)
 from gptlab.model.layers import MLP, make_norm, positions_from_mask, sinusoidal_table
 
 
@@ -142,12 +143,17 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, cache: KVCache | None = None,
-                      need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
+                      need_weights: bool = False, right_padded: bool | None = None
+                      ) -> tuple[Tensor, list[Tensor]]:
         """Final hidden states (B, T, d) and, if asked, each layer's attention weights.
 
         attention_mask (B, S) marks real tokens (1) over every position the keys cover, cached
         ones included (S = cache.length + T). Without it and without a cache, attention is
         plain causal.
+
+        `right_padded`: whether the caller knows the mask to be right padding only (see
+        `is_right_padded`), as where the batch was laid out from lengths on the host; None:
+        the mask is read, which on a GPU waits for the device. Used without a cache only.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -168,11 +174,11 @@ class GPT(nn.Module):
                 position_ids = positions_from_mask(attention_mask, T)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        if attention_mask is not None and cache is None and bool(attention_mask[:, 0].all()) \
-                and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-            # Right padding only (each row real tokens, then padding): under causal attention
-            # real tokens never see the padding after them, so the fast causal path gives the
-            # same outputs for them. A gap of padding inside a row needs the mask.
+        if attention_mask is not None and cache is None and (
+                is_right_padded(attention_mask) if right_padded is None else right_padded):
+            # Under causal attention real tokens never see the padding after them, so the fast
+            # causal path gives the same outputs for them. A gap of padding inside a row needs
+            # the mask.
             attention_mask = None
         mask = self_attention_mask(attention_mask, B, past, T, input_ids.device)
         x = self.tok_emb(input_ids)
@@ -198,13 +204,15 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: KVCache | None = None,
                 labels: Tensor | None = None, last_only: bool = False,
-                all_targets: bool = False) -> Tensor:
+                all_targets: bool = False, right_padded: bool | None = None) -> Tensor:
         """Logits (B, T, V), or the mean cross-entropy against `labels` (-100 = ignore;
         `all_targets`: the caller knows there is none, see `lm_loss`).
 
-        `last_only` computes the head on the last position only (generation needs no more).
+        `last_only` computes the head on the last position only (generation needs no more);
+        `right_padded` as in `hidden_states`.
         """
-        h, _ = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        h, _ = self.hidden_states(input_ids, attention_mask, position_ids, cache,
+                                  right_padded=right_padded)
         if labels is not None:
             return self.lm_loss(h, labels, all_targets=all_targets)
         if last_only:

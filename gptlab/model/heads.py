@@ -11,6 +11,7 @@ closes the response, whether its pad is that `<|im_end|>` (SmolLM2) or a token o
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,12 @@ def last_scored_index(input_ids: Tensor, attention_mask: Tensor,
     if pad_token_id is not None:
         ok = ok & (input_ids != pad_token_id)
     return last_real_index(ok), ok.any(1)
+
+
+def has_scored_token(tokens: Iterable[int], pad_token_id: int | None) -> bool:
+    """`last_scored_index`'s `found` for one row, from its real tokens on the host: whether it
+    has one that is not `pad_token_id` (any, when it is None)."""
+    return any(t != pad_token_id for t in tokens)
 
 
 class ScalarHeadModel(nn.Module):
@@ -74,19 +81,21 @@ class ScalarHeadModel(nn.Module):
         self.score_scale.fill_(1.0)
 
     def values(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-               cache: PrefixKV | None = None) -> Tensor:
+               cache: PrefixKV | None = None, right_padded: bool | None = None) -> Tensor:
         """One raw scalar per position (B, T): the value model's V(s_t). With `cache`, the
-        positions follow an encoded prefix (`attention_mask` then covers both)."""
-        h, _ = self.backbone.hidden_states(input_ids, attention_mask, cache=cache)
+        positions follow an encoded prefix (`attention_mask` then covers both).
+        `right_padded` as in `GPT.hidden_states`."""
+        h, _ = self.backbone.hidden_states(input_ids, attention_mask, cache=cache,
+                                           right_padded=right_padded)
         return self.head(h).squeeze(-1).float()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                cache: PrefixKV | None = None) -> Tensor:
+                cache: PrefixKV | None = None, right_padded: bool | None = None) -> Tensor:
         """The normalised score (B,) of each sequence, read at its last real token (that is
         not `pad_token_id`; a row of nothing else is read at its last real token)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        v = self.values(input_ids, attention_mask, cache)
+        v = self.values(input_ids, attention_mask, cache, right_padded)
         own = attention_mask[:, -input_ids.shape[1]:]
         last, found = last_scored_index(input_ids, own, self.pad_token_id)
         last = torch.where(found, last, last_real_index(own))
@@ -94,20 +103,27 @@ class ScalarHeadModel(nn.Module):
         return (raw - self.score_bias) * self.score_scale
 
     def score_continuations(self, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor,
-                            cont_ids: Tensor, cont_mask: Tensor) -> Tensor:
+                            cont_ids: Tensor, cont_mask: Tensor, rows_host: list[int] | None = None,
+                            scored: bool | None = None) -> Tensor:
         """Scores (N,) of N continuations of B shared prompts, each prompt encoded once.
 
         prompt_ids/mask (B, P) left-padded; rows (N,) the prompt of each continuation;
         cont_ids/mask (N, R) right-padded, every row at least one real token. Equal to
-        `forward` on the concatenated sequences (up to float rounding)."""
+        `forward` on the concatenated sequences (up to float rounding).
+
+        What the caller knows on the host, where it built the batch, spares a read of the
+        device (on a GPU, a wait): `rows_host`, `rows` as a list; `scored`, whether every
+        continuation has a token to read its score at (`has_scored_token`)."""
         last, found = last_scored_index(cont_ids, cont_mask, self.pad_token_id)
-        if prompt_ids.shape[1] + cont_ids.shape[1] > self.config.context \
-                or not bool(found.all()):
+        if scored is None:
+            scored = bool(found.all())
+        if prompt_ids.shape[1] + cont_ids.shape[1] > self.config.context or not scored:
             # The longest prompt plus the longest continuation overflow the context, though
             # every real sequence fits, or a continuation is all pad tokens (its score is read
             # in the prompt): score the sequences themselves, right-padded.
+            rows_host = rows.tolist() if rows_host is None else rows_host
             seqs = [torch.cat([prompt_ids[r][prompt_mask[r].bool()], c[m.bool()]])
-                    for r, c, m in zip(rows.tolist(), cont_ids, cont_mask)]
+                    for r, c, m in zip(rows_host, cont_ids, cont_mask)]
             T = max(len(x) for x in seqs)
             ids = prompt_ids.new_zeros((len(seqs), T))
             mask = prompt_mask.new_zeros((len(seqs), T))
@@ -117,7 +133,8 @@ class ScalarHeadModel(nn.Module):
         prefix = PrefixKV()
         self.backbone.hidden_states(prompt_ids, prompt_mask, cache=prefix)
         mask = torch.cat([prompt_mask[rows], cont_mask], 1)
-        h, _ = self.backbone.hidden_states(cont_ids, mask, cache=prefix.expand(rows))
+        h, _ = self.backbone.hidden_states(cont_ids, mask, cache=prefix.expand(
+            rows if rows_host is None else rows_host))
         raw = self.head(h).squeeze(-1).float()
         raw = raw.gather(1, last[:, None])[:, 0]
         return (raw - self.score_bias) * self.score_scale

@@ -426,6 +426,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def queued_copy(t: Tensor, device: torch.device | str) -> Tensor:
+    """A host tensor on `device`, the host not waiting: on CUDA the copy goes through pinned
+    memory, queued behind the stream's work (a plain copy waits for that work to finish, and
+    a non-blocking one is safe only from pinned memory); elsewhere a plain copy."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 

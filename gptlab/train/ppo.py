@@ -40,15 +40,16 @@ from gptlab.engine import SamplingParams, generate, scale_logits
 from gptlab.errors import (UserError, check_given, counted, exception_line,
                            reports_path_errors, setting)
 from gptlab.io import check_out_of_read_dirs, record_file
-from gptlab.model.attention import PrefixKV, common_prefix_length
+from gptlab.model.attention import PrefixKV, common_prefix_length, row_is_right_padded
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.plugin import load_function
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
-                               held_interrupt, lr_at, make_optimizer, memory_named, rng_state,
-                               same_setting, select_device, set_lr, set_rng_state)
+                               held_interrupt, lr_at, make_optimizer, memory_named,
+                               queued_copy, rng_state, same_setting, select_device, set_lr,
+                               set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,
@@ -231,15 +232,24 @@ class Rollout:
     # tensors, which on a GPU waits for the device, twice a row for the prompts).
     prompt_ids: list[list[int]] = field(default_factory=list)
     finished_list: list[bool] = field(default_factory=list)
+    # Whether each row's attention_mask is right padding only (`right_padded_rows`; empty:
+    # unknown, and a forward without the prefix reads the mask, a wait on a GPU).
+    right_padded: list[bool] = field(default_factory=list)
 
     @property
     def response_ids(self) -> Tensor:
         return self.ids[:, self.P:]
 
-    def rows(self, idx: Tensor) -> "Rollout":
-        """A minibatch: these rows, the same prefix."""
+    @property
+    def all_right_padded(self) -> bool | None:
+        """`right_padded` for a forward of all the rows (None: unknown)."""
+        return all(self.right_padded) if self.right_padded else None
+
+    def rows(self, idx: Tensor, at: list[int] | None = None) -> "Rollout":
+        """A minibatch: these rows (`at`: the same on the host), the same prefix."""
         return Rollout(self.ids[idx], self.attention_mask[idx], self.response_mask[idx], self.P,
-                       [], [], self.finished[idx], self.prefix)
+                       [], [], self.finished[idx], self.prefix, right_padded=[
+                           self.right_padded[i] for i in at] if at and self.right_padded else [])
 
 
 def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
@@ -247,7 +257,7 @@ def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
            ) -> tuple[Tensor, Tensor, Tensor, int, Tensor | None]:
     """(ids, attention_mask, response_mask, P, prefix): the first `shared` tokens of every
     prompt become the prefix (None when 0), the rest is laid out as in `Rollout`."""
-    prefix = torch.tensor([prompts[0][:shared]], device=device) if shared else None
+    prefix = queued_copy(torch.tensor([prompts[0][:shared]]), device) if shared else None
     prompts = [p[shared:] for p in prompts]
     P = max(len(p) for p in prompts)
     R = max(len(r) for r in responses)
@@ -259,7 +269,30 @@ def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
         ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, P - len(p):P + len(r)] = 1
     full_mask = torch.cat([torch.ones((B, shared), dtype=torch.long), mask], 1)
-    return ids.to(device), full_mask.to(device), mask[:, P:].to(device), P, prefix
+    return (queued_copy(ids, device), queued_copy(full_mask, device),
+            queued_copy(mask[:, P:], device), P, prefix)
+
+
+def right_padded_rows(prompts: list[list[int]], responses: list[list[int]],
+                      shared: int = 0) -> list[bool]:
+    """For each row `layout` makes of these, whether its attention mask is right padding only,
+    from the lengths: its prompt fills the P columns (or the prefix starts it and nothing
+    follows)."""
+    P = max(len(p) - shared for p in prompts)
+    return [row_is_right_padded([(0, shared), (shared + P - (len(p) - shared),
+                                               shared + P + len(r))])
+            for p, r in zip(prompts, responses)]
+
+
+def minibatches(order: Tensor, size: int, device: torch.device | str
+                ) -> list[tuple[Tensor, list[int]]]:
+    """An epoch's minibatches of rollout rows, `order` (a permutation on the CPU) cut in
+    `size`s: each as indices on `device` (moved at once, the host not waiting) and as a list
+    on the host (read from the CPU: no wait)."""
+    moved = queued_copy(order, device)
+    host = order.tolist()
+    return [(idx, host[i:i + size]) for i, idx in zip(range(0, len(host), size),
+                                                      moved.split(size))]
 
 
 def prefix_cache(backbone: GPT, prefix: Tensor | None, rows: int) -> PrefixKV | None:
@@ -285,9 +318,10 @@ def reward_model_scores(model: ScalarHeadModel, prompts: list[list[int]],
         groups = [[i] for i in range(len(prompts))]
     scores = []
     for rows in groups:
-        ids, mask, _, _, prefix = layout([prompts[i] for i in rows],
-                                         [responses[i] for i in rows], pad_id, device, shared)
-        scores.append(model(ids, mask, prefix_cache(model.backbone, prefix, len(ids))))
+        ps, rs = [prompts[i] for i in rows], [responses[i] for i in rows]
+        ids, mask, _, _, prefix = layout(ps, rs, pad_id, device, shared)
+        scores.append(model(ids, mask, prefix_cache(model.backbone, prefix, len(ids)),
+                            all(right_padded_rows(ps, rs, shared))))
     return torch.cat(scores).float()
 
 
@@ -296,7 +330,8 @@ def response_logprobs(model: GPT, ro: Rollout, temperature: float,
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
     exactly as in the rollout. (B, R)."""
     cache = prefix_cache(model, ro.prefix, len(ro.ids))
-    h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=cache)
+    h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=cache,
+                               right_padded=ro.all_right_padded)
     logits = scale_logits(model.lm_head(h[:, ro.P - 1:-1]).float(), temperature)
     lp = token_logprobs(logits, ro.response_ids)
     # The entropy is only logged: with a graph, it would keep two (B, R, V) tensors alive
@@ -307,7 +342,8 @@ def response_logprobs(model: GPT, ro: Rollout, temperature: float,
 def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
     """V(s_t) at the position that predicts response token t. (B, R)."""
     cache = prefix_cache(value_model.backbone, ro.prefix, len(ro.ids))
-    return value_model.values(ro.ids, ro.attention_mask, cache)[:, ro.P - 1:-1]
+    return value_model.values(ro.ids, ro.attention_mask, cache,
+                              ro.all_right_padded)[:, ro.P - 1:-1]
 
 
 def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
@@ -673,11 +709,12 @@ class PPOTrainer:
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             stop_ids=tuple(sorted(self.tok.stop_ids))),
             seed=self.step_seed(step), pad_id=self.tok.pad_id)
+        shared = common_prefix_length(prompts)
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
-                                             shared=common_prefix_length(prompts))
+                                             shared)
         return Rollout(ids, mask, rmask, P, records, gen.tokens,
-                       torch.tensor(gen.finished, device=self.device), prefix, ends, tails,
-                       prompts, gen.finished)
+                       queued_copy(torch.tensor(gen.finished), self.device), prefix, ends, tails,
+                       prompts, gen.finished, right_padded_rows(prompts, gen.tokens, shared))
 
     # --- 2. score -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -719,7 +756,7 @@ class PPOTrainer:
                 numbers.append(reward_number(v, name, rec.get("id")))
             except UserError as e:
                 raise e.at(record_file(rec, self.cfg.prompts), rec.get("_line")) from None
-        return torch.tensor(numbers, dtype=torch.float32, device=self.device)
+        return queued_copy(torch.tensor(numbers, dtype=torch.float32), self.device)
 
     def _reward_model_scores(self, ro: Rollout) -> Tensor:
         """The reward model reads each response as it learned to read one (`scored_response`):
@@ -779,10 +816,9 @@ class PPOTrainer:
         rows: list[Tensor] = []  # each minibatch's statistics, in the order of `names`
         g = torch.Generator().manual_seed(self.step_seed(step))
         for _ in range(cfg.ppo_epochs):
-            # Moved once an epoch: a copy to the GPU waits for the work queued before it.
-            order = torch.randperm(B, generator=g).to(self.device, non_blocking=True)
-            for idx in order.split(cfg.minibatch_size):
-                mb = ro.rows(idx)
+            for idx, at in minibatches(torch.randperm(B, generator=g), cfg.minibatch_size,
+                                       self.device):
+                mb = ro.rows(idx, at)
                 m = mb.response_mask.float()
                 logp, entropy = response_logprobs(self.policy, mb, cfg.temperature, True)
                 pg_loss, pg = clipped_policy_loss(logp, batch["old_logp"][idx],
@@ -794,7 +830,7 @@ class PPOTrainer:
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 ptx = []
                 if self.ptx is not None:
-                    block = next(self.ptx).to(self.device)
+                    block = queued_copy(next(self.ptx), self.device)
                     ptx_loss = self.policy(block[:, :-1], labels=block[:, 1:],
                                            all_targets=True)
                     loss = loss + cfg.ptx_coef * ptx_loss

@@ -27,11 +27,12 @@ from gptlab.errors import UserError, check_given, counted, reports_path_errors
 from gptlab.io import (check_dir_out, check_out_of_read_dirs, no_records, read_jsonl,
                        record_file)
 from gptlab.model.gpt import GPT
-from gptlab.model.heads import ScalarHeadModel
+from gptlab.model.heads import ScalarHeadModel, has_scored_token
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, data_key, fixed_list_batches, warn_if_data_changed
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_held_out,
-                               check_run_dir, held_out_rule, refuse_other_settings, train)
+                               check_run_dir, held_out_rule, refuse_other_settings, to_device,
+                               train)
 from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
@@ -167,7 +168,9 @@ def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tens
 
 def shared_prompt_batch(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
     """The same batch as prompts (B, P) left-padded plus responses (N, R) right-padded, so a
-    prompt is encoded once for its K responses (see ScalarHeadModel.score_continuations)."""
+    prompt is encoded once for its K responses (see ScalarHeadModel.score_continuations);
+    on the host, lists: `prompt_of`, each response's prompt (`rows`), and `cont_tokens`, each
+    response's distinct tokens."""
     prompts = [it.seqs[0][:it.prompt_len] for it in items]
     conts = [s[it.prompt_len:] for it in items for s in it.seqs]
     P, R = max(map(len, prompts)), max(map(len, conts))
@@ -181,15 +184,23 @@ def shared_prompt_batch(items: list[EncodedRanking], pad_id: int) -> dict[str, T
         c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c), 1
     rows = torch.repeat_interleave(torch.arange(len(items)),
                                    torch.tensor([len(it.seqs) for it in items]))
-    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "rows": rows,
-            "cont_ids": c_ids, "cont_mask": c_mask}
+    # Known here, on the host; read from the device, each would wait for a GPU every step.
+    prompt_of = [b for b, it in enumerate(items) for _ in it.seqs]
+    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "rows": rows, "prompt_of": prompt_of,
+            "cont_ids": c_ids, "cont_mask": c_mask,
+            "cont_tokens": [frozenset(c) for c in conts]}
 
 
 def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
     """Scores laid out (B, Kmax) best first, padded with 0 past each prompt's K."""
     if "prompt_ids" in batch:
+        # Each continuation's distinct tokens say whether it has one to score (not the model's
+        # pad) without reading the device.
+        scored = None if "cont_tokens" not in batch else all(
+            has_scored_token(t, model.pad_token_id) for t in batch["cont_tokens"])
         flat = model.score_continuations(batch["prompt_ids"], batch["prompt_mask"], batch["rows"],
-                                         batch["cont_ids"], batch["cont_mask"])
+                                         batch["cont_ids"], batch["cont_mask"],
+                                         batch.get("prompt_of"), scored)
     else:
         flat = model(batch["input_ids"], batch["attention_mask"])
     k = batch["k"]
@@ -233,7 +244,7 @@ def pairs_right_by_ranking(model: ScalarHeadModel, batches: list[dict[str, Tenso
     model.eval()
     device = next(model.parameters()).device
     for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
+        b = to_device(b, device)
         s = ranked_scores(model, b)
         pairs = preference_pairs(b["k"], s.shape[1], b["groups"])
         diff = s[:, :, None] - s[:, None, :]
