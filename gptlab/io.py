@@ -33,6 +33,7 @@ as what it is, with the fix (`other_format`).
 """
 from __future__ import annotations
 
+import difflib
 import errno
 import glob
 import json
@@ -1020,12 +1021,39 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
             row.pop("_file", None)
             for key in required:
                 if key not in row:
-                    raise UserError("missing required field", path=f, line=lineno, field=key)
+                    raise UserError("missing required field" + fields_instead(row, (key,)),
+                                    path=f, line=lineno, field=key)
             row["_line"] = lineno
             if shards is not None:
                 row["_file"] = str(f)
             rows.append(row)
     return rows
+
+
+# The fields some record of gptlab's formats reads: one of them is never taken for a misspelling
+# of another (TRL's `completions` is stepwise supervision, not a `completion` mistyped).
+RECORD_FIELDS = frozenset({"id", "prompt", "completion", "messages", "responses", "finished",
+                           "ranked", "chosen", "rejected", "text", "label", "completions",
+                           "labels"})
+
+
+def fields_instead(record: dict, wanted: tuple[str, ...]) -> str:
+    """The end of the error for a record that lacks the fields `wanted`: what the line has
+    instead (`; the line has 'id', 'prompt' and 'response'`), and the field to rename where one
+    of them is a misspelling of a field wanted (`: rename 'response' to 'responses'`), so that
+    a file written with another tool's field names says which ones."""
+    have = [k for k in record if k not in ("_line", "_file")]
+    if not have:
+        return "; the line is an empty object"
+    names = [f"'{k}'" for k in have[:6]] + ([f"{len(have) - 6} more"] if len(have) > 6 else [])
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    note = f"; the line has {listed}"
+    for key in wanted:
+        others = {k.lower(): k for k in have if k not in RECORD_FIELDS}
+        close = difflib.get_close_matches(key, list(others), n=1, cutoff=0.75)
+        if close:
+            return f"{note}: rename '{others[close[0]]}' to '{key}'"
+    return note
 
 
 def no_records(path: str | Path, what: str, field: str | None = None) -> UserError:

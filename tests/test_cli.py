@@ -682,7 +682,7 @@ def test_sample_names_a_bad_prompts_line_before_loading_the_model(tmp_path, caps
     assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts),
                  "--out", str(out)]) == 2
     assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2: needs a 'prompt' "
-                                       f"or a 'messages' field\n")
+                                       f"or a 'messages' field; the line has 'id'\n")
     assert not out.exists()
 
 
@@ -1894,3 +1894,4 @@ def test_the_word_that_stopped_a_flag_s_values_is_one_argparse_reads_as_a_flag(a
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and capsys.readouterr().err == f"gptlab {argv[0]}: error: {said}\n"
+

@@ -44,7 +44,8 @@ def test_a_json_file_is_read_as_json_lines_not_as_text_and_no_directory_reads_on
     f.write_text('{"body": "no text"}\n', encoding="utf-8")
     with pytest.raises(UserError) as e:
         read_documents([f])
-    assert str(e.value) == (f"{f}:1, field 'text': missing the document text; a .json file is "
+    assert str(e.value) == (f"{f}:1, field 'text': missing the document text; the line has "
+                            f"'body'; a .json file is "
                             f"read as JSON Lines: name it .txt to train on its text as it is")
     f.write_text(json.dumps([{"text": "alpha"}], indent=2), encoding="utf-8")
     with pytest.raises(UserError, match=r"c.json:1: starts a JSON array; write JSON Lines"):

@@ -1230,7 +1230,8 @@ def test_a_directory_of_shards_is_read_as_one_file_naming_the_shard_in_errors(to
     with pytest.raises(UserError) as err:
         read_jsonl(bad, required=("completion",))
     assert str(err.value) == (f"{bad / 'data/train-00000-of-00002.parquet'}:1, field "
-                              f"'completion': missing required field")
+                              f"'completion': missing required field; the line has 'id' and "
+                              f"'prompt'")
 
 
 def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
@@ -1631,3 +1632,79 @@ def test_rankings_of_a_directory_of_samples_carry_no_location_and_name_the_shard
     with pytest.raises(UserError) as err:
         label_samples(read_jsonl(d), lambda record, responses: [1.0], source=d)
     assert (err.value.path, err.value.line, err.value.field) == (first, 1, "ranked")
+
+
+# --- a line written with other field names: the error says which, and what to rename ----------
+
+@pytest.mark.parametrize("reader,row,expected", [
+    # A misspelled field is named with the field meant, the missing half of a pair as the field.
+    ("demonstrations", {"prompt": "Q", "compleiton": "A"},
+     ":1, field 'completion': needs 'prompt' and 'completion' fields, or 'messages'; the line "
+     "has 'prompt' and 'compleiton': rename 'compleiton' to 'completion'"),
+    ("demonstrations", {"prompt": "Q", "answer": "A"},
+     ":1, field 'completion': needs 'prompt' and 'completion' fields, or 'messages'; the line "
+     "has 'prompt' and 'answer'"),
+    ("demonstrations", {"Prompt": "Q", "completion": "A"},
+     ":1, field 'prompt': needs 'prompt' and 'completion' fields, or 'messages'; the line has "
+     "'Prompt' and 'completion': rename 'Prompt' to 'prompt'"),
+    ("demonstrations", {"instruction": "Q", "output": "A"},
+     ":1: needs 'prompt' and 'completion' fields, or 'messages'; the line has 'instruction' and "
+     "'output'"),
+    ("demonstrations", {"message": [{"role": "user", "content": "Q"}]},
+     ":1: needs 'prompt' and 'completion' fields, or 'messages'; the line has 'message': rename "
+     "'message' to 'messages'"),
+    ("prompts", {"id": 1, "question": "Q"},
+     ":1: needs a 'prompt' or a 'messages' field; the line has 'id' and 'question'"),
+    ("prompts", {"id": 1, "prompts": "Q"},
+     ":1: needs a 'prompt' or a 'messages' field; the line has 'id' and 'prompts': rename "
+     "'prompts' to 'prompt'"),
+    ("prompts", {}, ":1: needs a 'prompt' or a 'messages' field; the line is an empty object"),
+    ("rankings", {"prompt": "Q", "chosen": "a", "reject": "b"},
+     ":1, field 'rejected': needs 'ranked' (best first) or 'chosen' and 'rejected'; the line has "
+     "'prompt', 'chosen' and 'reject': rename 'reject' to 'rejected'"),
+    ("rankings", {"prompt": "Q", "chosen": "a"},
+     ":1, field 'rejected': needs 'ranked' (best first) or 'chosen' and 'rejected'; the line has "
+     "'prompt' and 'chosen'"),
+    ("rankings", {"prompt": "Q", "rank": ["a", "b"]},
+     ":1: needs 'ranked' (best first) or 'chosen' and 'rejected'; the line has 'prompt' and "
+     "'rank': rename 'rank' to 'ranked'"),
+])
+def test_a_line_with_other_field_names_says_which_to_rename(tok, tmp_path, reader, row,
+                                                           expected):
+    # It said "needs 'prompt' and 'completion' fields, or 'messages'" of a line that had them
+    # but for one letter, naming no field: the user had to find the typo by eye.
+    read = {"demonstrations": lambda p: read_demonstrations(p, tok, 64),
+            "prompts": read_prompts, "rankings": read_rankings}[reader]
+    f = write(tmp_path / "d.jsonl", row)
+    with pytest.raises(UserError) as err:
+        read(f)
+    assert str(err.value) == f"{f}{expected}"
+
+
+def test_a_field_of_another_format_is_listed_not_taken_for_a_typo(tok, tmp_path):
+    # TRL's stepwise supervision has `completions`, a list: not a misspelt `completion`.
+    f = write(tmp_path / "d.jsonl", {"prompt": "Q", "completions": ["A"], "labels": [True]})
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == (f"{f}:1, field 'completion': needs 'prompt' and 'completion' "
+                              f"fields, or 'messages'; the line has 'prompt', 'completions' and "
+                              f"'labels'")
+
+
+def test_a_samples_line_without_responses_names_what_it_has(tmp_path):
+    from gptlab.io import read_jsonl
+    f = write(tmp_path / "s.jsonl", {"id": "q", "prompt": "Q", "response": ["a"], "_line": 9})
+    with pytest.raises(UserError) as err:
+        read_jsonl(f, required=("responses",))
+    assert str(err.value) == (f"{f}:1, field 'responses': missing required field; the line has "
+                              f"'id', 'prompt' and 'response': rename 'response' to "
+                              f"'responses'")
+
+
+def test_an_empty_demonstrations_file_says_it_holds_none(tok, tmp_path):
+    # "no usable demonstrations", as if each had been skipped; the other readers say this.
+    f = tmp_path / "d.jsonl"
+    f.write_text("")
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == f"{f}: no demonstrations in the file"

@@ -211,14 +211,15 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
              ", field 'responses': item 1 must be a response string, got null"),
             ({"id": q.id, "prompt": q.text, "responses": [1, 2]},
              ", field 'responses': item 1 must be a response string, got a number"),
-            ({"id": q.id, "prompt": q.text}, ", field 'responses': missing required field"),
+            ({"id": q.id, "prompt": q.text}, ", field 'responses': missing required field; "
+             "the line has 'id' and 'prompt'"),
             ({"id": "s0-train-99999", "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
              ", field 'id': no question with id 's0-train-99999' in this world; the sqlworld "
              "labeler ranks only the built-in world's questions: for your own data, rank with "
              "your own function (--labeler module:function) or write the rankings file yourself "
              "(README, 'Your own task')"),
             ({"prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
-             ", field 'id': missing required field"),
+             ", field 'id': missing required field; the line has 'prompt' and 'responses'"),
             # A list or an object was a TypeError (unhashable) traceback; a number named no type.
             ({"id": [q.id], "prompt": q.text, "responses": ["SELECT 1", "SELECT 2"]},
              f", field 'id': must be a question id string, such as '{world.train[0].id}', got "
@@ -227,7 +228,7 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
              f", field 'id': must be a question id string, such as '{world.train[0].id}', got 7"),
             # the rankings would need it: refused here, not later by `gptlab reward`
             ({"id": q.id, "responses": ["SELECT 1", "SELECT 2"]},
-             ": needs a 'prompt' or a 'messages' field")):
+             ": needs a 'prompt' or a 'messages' field; the line has 'id' and 'responses'")):
         samples.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
                      "--out", str(out)]) == 2
@@ -241,7 +242,8 @@ def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path
                        + "\n")
     assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
                  "--out", str(out)]) == 2
-    assert capsys.readouterr().err.endswith(f"{samples}:1, field 'id': missing required field\n")
+    assert capsys.readouterr().err.endswith(f"{samples}:1, field 'id': missing required field; "
+                                             f"the line has 'prompt' and 'responses'\n")
 
 
 def test_the_label_verb_writes_nothing_when_every_prompt_is_skipped(world, tmp_path, capsys):

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import UserError
 from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_one_split_given, check_out_of_read_dirs,
-                       files_in, json_objects, not_utf8_row, parquet_not_utf8,
+                       fields_instead, files_in, json_objects, not_utf8_row, parquet_not_utf8,
                        unreadable_parquet, utf8_lines)
 from gptlab.tokenizer import check_text
 
@@ -176,8 +176,8 @@ def _iter_jsonl(p: Path) -> Iterator[str]:
             if p.suffix.lower() == ".json" else "")
     for lineno, row in json_objects(p, "a JSON object with a 'text' field" + hint):
         if TEXT_FIELD not in row:
-            raise UserError("missing the document text" + hint, path=p, line=lineno,
-                            field=TEXT_FIELD)
+            raise UserError("missing the document text" + fields_instead(row, (TEXT_FIELD,))
+                            + hint, path=p, line=lineno, field=TEXT_FIELD)
         if row[TEXT_FIELD] is None:  # no document, as a Parquet file's null rows
             continue
         if not isinstance(row[TEXT_FIELD], str):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UserError, counted
-from gptlab.io import no_records, read_jsonl, record_file
+from gptlab.io import fields_instead, no_records, read_jsonl, record_file
 from gptlab.tokenizer import check_messages, check_text
 
 
@@ -137,7 +137,8 @@ def prompt_of(record: dict, path: str | Path | None = None, line: int | None = N
         return _checked_text(record["prompt"], path, line, "prompt")
     if "messages" in record:
         return _prompt_messages(record["messages"], path, line, "messages")
-    raise UserError("needs a 'prompt' or a 'messages' field", path=path, line=line)
+    raise UserError("needs a 'prompt' or a 'messages' field"
+                    + fields_instead(record, ("prompt", "messages")), path=path, line=line)
 
 
 def _prompt_messages(msgs: Any, path: str | Path | None, line: int | None, field: str) -> list:
@@ -363,8 +364,12 @@ def _not_a_demonstration(record: dict, path: str | Path | None, line: int | None
         return UserError("has 'chosen'/'rejected' (preference data): train a reward model on it "
                          "(gptlab reward), or write the chosen response as 'completion'",
                          path=path, line=line)
-    return UserError("needs 'prompt' and 'completion' fields, or 'messages'", path=path,
-                     line=line)
+    # Name the half of a prompt-completion pair that is missing, where the other half is there.
+    missing = [k for k in ("prompt", "completion") if k not in record]
+    field = missing[0] if len(missing) == 1 else None
+    return UserError("needs 'prompt' and 'completion' fields, or 'messages'"
+                     + fields_instead(record, tuple(missing) + ("messages",)), path=path,
+                     line=line, field=field)
 
 
 def read_demonstrations(path: str | Path, tokenizer: Any, context: int,
@@ -372,7 +377,10 @@ def read_demonstrations(path: str | Path, tokenizer: Any, context: int,
     """SFT examples from JSONL; records longer than the context are skipped and counted."""
     skips = skips if skips is not None else SkipCounter()
     out = []
-    for row in read_jsonl(path):
+    rows = read_jsonl(path)
+    if not rows:  # said as the other readers say it, not as demonstrations all skipped
+        raise no_records(path, "demonstrations")
+    for row in rows:
         ex = demonstration(tokenizer, row, record_file(row, path), row.get("_line"))
         ex.file = row.get("_file")
         if len(ex.ids) > context:
@@ -398,8 +406,8 @@ def read_prompts(path: str | Path) -> list[dict]:
 def responses_of(row: dict, path: str | Path | None = None, line: int | None = None) -> list[str]:
     """The `responses` of a samples line: a non-empty list of strings."""
     if "responses" not in row:
-        raise UserError("missing required field", path=path, line=line,
-                        field="responses")
+        raise UserError("missing required field" + fields_instead(row, ("responses",)),
+                        path=path, line=line, field="responses")
     responses = row["responses"]
     if not isinstance(responses, list) or not responses:
         raise UserError(f"must be a non-empty list of response strings, got "
@@ -509,8 +517,12 @@ def _not_a_ranking(row: dict, path: str | Path | None, line: int | None) -> User
     if "completions" in row and "labels" in row:
         return UserError(f"labels the steps of one completion (TRL's stepwise supervision); "
                          f"{rank_it}", path=path, line=line, field="labels")
-    return UserError("needs 'ranked' (best first) or 'chosen' and 'rejected'", path=path,
-                     line=line)
+    # Name the half of a chosen/rejected pair that is missing, where the other half is there.
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    field = missing[0] if len(missing) == 1 else None
+    return UserError("needs 'ranked' (best first) or 'chosen' and 'rejected'"
+                     + fields_instead(row, ("ranked", *missing)), path=path, line=line,
+                     field=field)
 
 
 def read_rankings(path: str | Path) -> list[Ranking]:
