@@ -373,9 +373,9 @@ def _verb_world():
         s.add_argument("--out", default=None, help="per-question verdicts JSONL (optional)")
 
     def run(args: argparse.Namespace) -> None:
-        from gptlab.world import build_world, load_world
+        from gptlab.world import build_world
         if args.action == "check":
-            world = load_world(args.world)
+            world = _exported_world(args.world)
             verdict = world.check(args.id, args.sql)
             print(f"{verdict.kind}: {verdict.detail}")
             return
@@ -404,6 +404,18 @@ def _verb_world():
             "samples"), add, run
 
 
+def _exported_world(path: str) -> object:
+    """The world `world check` and `world score` read from --world; one not there is named as
+    `label --world` and `sft --world` name it, not by the world.json it would hold."""
+    from pathlib import Path
+
+    from gptlab.world import load_world
+    if not Path(path).is_dir():
+        raise UserError("world directory not found (make one with `gptlab world export`)",
+                        path=path, field="world")
+    return load_world(path)
+
+
 def _world_score(args: argparse.Namespace) -> None:
     """`world score`: the samples' execution accuracy, printed; each verdict to --out."""
     from pathlib import Path
@@ -411,7 +423,6 @@ def _world_score(args: argparse.Namespace) -> None:
     from gptlab.eval.execution import score_samples
     from gptlab.io import (check_file_out, check_not_input, check_out_of_read_dirs,
                            write_jsonl_atomic)
-    from gptlab.world import load_world
     from gptlab.world.build import FILES
     from gptlab.world.variants import VARIANTS
     if args.out is not None:  # '' is refused, not read as no --out
@@ -421,7 +432,7 @@ def _world_score(args: argparse.Namespace) -> None:
             f"{name} of --world": Path(args.world) / name for name in FILES}})
         check_out_of_read_dirs(args.out, {"--in": args.samples}, "samples",
                                writes="the verdicts")
-    summary, verdicts = score_samples(load_world(args.world), args.samples)
+    summary, verdicts = score_samples(_exported_world(args.world), args.samples)
     if args.out is not None:
         write_jsonl_atomic(args.out, verdicts)
     print(f"execution accuracy {summary['exec_acc']:.4f} on "
@@ -649,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             named = path_error(e, _flags_given(args), writer="--out")
             # No flag gave the path (a --config file did): the stage's field stays.
             e = named if named is not None and named.field is not None else e
+        elif e.field is None and e.line is None and e.message.endswith("not found"):
+            e = _with_flag(e, args)
         print(f"gptlab {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -691,6 +704,19 @@ def _check_paths_given(args: argparse.Namespace) -> None:
         for value in values if isinstance(values, list) else [values]:
             if isinstance(value, str):
                 not_empty(value, field)
+
+
+def _with_flag(error: UserError, args: argparse.Namespace) -> UserError:
+    """`error` (a file not found) naming the flag that gave its path, where one gave it as
+    written: which of `--data`, `--val-data` and `--samples` was mistyped."""
+    if error.path is None:
+        return error
+    failed = os.path.abspath(error.path)
+    for flag, values in _flags_given(args).items():
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and value.strip() and os.path.abspath(value) == failed:
+                return UserError(error.message, path=error.path, field=flag)
+    return error
 
 
 def _flags_given(args: argparse.Namespace) -> dict[str, object]:

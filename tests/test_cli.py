@@ -1895,3 +1895,35 @@ def test_the_word_that_stopped_a_flag_s_values_is_one_argparse_reads_as_a_flag(a
         main(argv)
     assert e.value.code == 2 and capsys.readouterr().err == f"gptlab {argv[0]}: error: {said}\n"
 
+
+@pytest.mark.parametrize("args,flag", [
+    (["sft", "--model", "{m}", "--data", "{ok}", "--val-data", "{gone}", "--out", "{out}"],
+     "--val-data"),
+    (["reward", "--model", "{m}", "--data", "{ok}", "--samples", "{gone}", "--out", "{out}"],
+     "--samples"),
+    (["label", "--labeler", "json:dumps", "--in", "{gone}", "--out", "{out}"], "--in"),
+    (["tokenizer", "train", "--data", "{ok}", "{gone}", "--out", "{out}"], "--data"),
+])
+def test_a_missing_input_file_names_the_flag_that_gave_it(tmp_path, tiny_model, capsys, args,
+                                                          flag):
+    # "nope.jsonl: file not found" left the user to work out which of --data, --val-data and
+    # --samples was mistyped.
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"prompt": "a", "completion": " b", "chosen": " b", "rejected": " c",
+                              "text": "c"}) + "\n")
+    gone, out = tmp_path / "gone.jsonl", tmp_path / "out"
+    assert main([a.format(m=tiny_model, ok=ok, gone=gone, out=out) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert f": error: {gone}, field '{flag}': " in err and err.endswith("not found\n"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("action", [["check", "--id", "s0-test-00001", "SELECT 1"],
+                                    ["score", "--in", "s.jsonl"]])
+def test_world_check_and_score_name_a_missing_world_as_label_does(tmp_path, capsys, action):
+    # It named "nope/world.json: not a world directory", a file the user never typed.
+    world = tmp_path / "nope"
+    assert main(["world", action[0], "--world", str(world), *action[1:]]) == 2
+    assert capsys.readouterr().err == (f"gptlab world: error: {world}, field 'world': world "
+                                       f"directory not found (make one with `gptlab world "
+                                       f"export`)\n")

@@ -2034,7 +2034,8 @@ def test_convert_from_a_missing_source_says_not_found(tmp_path, capsys, kind, na
     # It said "--from gguf expects a .gguf file" of a name that ends in .gguf.
     src = tmp_path / name
     assert main(["convert", "--from", kind, str(src), "--out", str(tmp_path / "x")]) == 2
-    assert capsys.readouterr().err == f"gptlab convert: error: {src}: model not found\n"
+    assert capsys.readouterr().err == (f"gptlab convert: error: {src}, field '--from': "
+                                          f"model not found\n")
     assert not (tmp_path / "x").exists()
 
 
