@@ -482,3 +482,88 @@ def test_no_line_of_python_is_longer_than_100_characters():
             for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1)
             if len(line) > 100]
     assert long == []
+
+
+# --- the defaults README states beside a flag are the parser's ----------------------------------
+
+# Where README lists a verb's defaults: (the text that starts the list, the text after it, verb).
+DEFAULT_LISTS = [("**Export options**, with their defaults:", "\n\n###", "world export"),
+                 ("All are flags (`gptlab pipeline --help`).", "**Why `--ptx-coef", "pipeline"),
+                 ("| flag | default | |", "\n\n", "chat")]
+
+
+def stated_defaults(text: str) -> list[tuple[str, str, str]]:
+    """(verb, flag, value) of each default a list of DEFAULT_LISTS states: a table row
+    `| `--flag ARG` | VALUE |`, `--flag VALUE` (`--sft-lr 1e-3`) or `--flag` (VALUE) (`--seed`
+    (0)); a span that shows a command (`gptlab sample --k 1`) is an example, not a default."""
+    stated = []
+    for start, end, verb in DEFAULT_LISTS:
+        _, found, after = text.partition(start)
+        assert found, start  # the list is still where this test looks for it
+        block = after.split(end)[0]
+        rows = [line for line in block.splitlines() if line.startswith("| `--")]
+        for row in rows:
+            flag, value = re.match(r"\| `(--[\w-]+)[^|]*\| ([^|]+) \|", row).groups()
+            stated.append((verb, flag, value.strip()))
+        prose = "\n".join(line for line in block.splitlines() if not line.startswith("|"))
+        for span in code_spans(prose):
+            if re.fullmatch(r"--[\w-]+ [^\s]+", span):
+                stated.append((verb, *span.split()))
+        for flag, value in re.findall(r"`(--[\w-]+)` \(([\w.,]+)\)", prose):
+            stated.append((verb, flag, value))
+    return stated
+
+
+def shown_default(parser: argparse.ArgumentParser, action: argparse.Action) -> object:
+    """The default `--help` shows for `action` (a config verb's comes from its config, not
+    from argparse), else argparse's."""
+    shown = re.search(r"\(default: ([^()]*)\)$", parser._get_formatter()._expand_help(action)
+                      if action.help else "")
+    return shown[1] if shown else action.default
+
+
+def stated_value_is_default(value: str, parser: argparse.ArgumentParser,
+                            action: argparse.Action) -> bool:
+    """Whether README's `value` says what the default is: a number equal to the one `--help`
+    shows, `(required)`, or `none`/`off`/`the model's context` for no default value."""
+    if value == "(required)":
+        return action.required
+    if value in ("none", "off", "the model's context"):
+        return action.default is None and not action.required
+    default = shown_default(parser, action)
+    try:
+        return float(value.replace(",", "")) == float(default)
+    except (TypeError, ValueError):
+        return str(default) == value
+
+
+def test_every_default_the_readme_states_is_the_parsers():
+    parsers = verb_parsers()
+    stated = stated_defaults((ROOT / "README.md").read_text())
+    assert {("world export", "--train", "3500"), ("pipeline", "--sft-lr", "1e-3"),
+            ("chat", "--max-new-tokens", "256"), ("chat", "--model", "(required)"),
+            ("world export", "--seed", "0")} <= set(stated)
+    actions = {(verb, flag): (parsers[verb], parsers[verb]._option_string_actions[flag])
+               for verb, flag, _ in stated}
+    wrong = [(verb, flag, value, shown_default(*actions[verb, flag]))
+             for verb, flag, value in stated
+             if not stated_value_is_default(value, *actions[verb, flag])]
+    assert wrong == []
+
+
+def test_a_default_the_parser_no_longer_has_is_caught():
+    text = ("**Export options**, with their defaults:\n\n- `--seed` (1): which world.\n"
+            "- `--train 3500`\n\n### Next\n"
+            "All are flags (`gptlab pipeline --help`).\n- `--sft-lr 3e-4`, "
+            "`gptlab sample --k 1`\n**Why `--ptx-coef 0.002`.**\n"
+            "| flag | default | |\n|---|---|---|\n| `--seed N` | 0 | |\n"
+            "| `--temperature T` / `--greedy` | 1.0 | x |\n\n")
+    stated = stated_defaults(text)
+    assert stated == [("world export", "--train", "3500"), ("world export", "--seed", "1"),
+                      ("pipeline", "--sft-lr", "3e-4"), ("chat", "--seed", "0"),
+                      ("chat", "--temperature", "1.0")]
+    parsers = verb_parsers()
+    assert [s for s in stated if not stated_value_is_default(
+        s[2], parsers[s[0]], parsers[s[0]]._option_string_actions[s[1]])] == [
+        ("world export", "--seed", "1"), ("pipeline", "--sft-lr", "3e-4"),
+        ("chat", "--temperature", "1.0")]
