@@ -15,10 +15,12 @@ replaced by a unique marker, which splits the output into template text and mess
 then tokenizes the whole text at once, as transformers does (so a template's "[INST] " and the
 content's "What" become one " What"), and tells from each token's character offsets which
 message, if any, it belongs to. The assistant mask is 1 on the tokens of each assistant
-message's content (a token that straddles its edge included) and on the template tokens after
+message's content (a token that straddles its edge included), on the template tokens after
 it up to and including the first end-of-turn token (`<|eos|>`, `<|im_end|>`, ...: a markup
 token, that is a special token or an added token written `<...>` that is not marked special,
-or EOS or another of the `end_ids`), 0 everywhere else. A user who types "<|eos|>" must get
+or EOS or another of the `end_ids`), and on template text between the answer's generation
+prompt and its content, which the model writes (Llama 2's " " after "[/INST]": it has no
+generation prompt), 0 everywhere else: the tokens SFT trains on. A user who types "<|eos|>" must get
 ordinary tokens, not the special one: when special-token text appears inside a message,
 template text and contents are tokenized apart instead, contents with special-token parsing
 off (under a SentencePiece tokenizer that puts "▁" before a text, each run of text between the
@@ -287,7 +289,7 @@ class Tokenizer:
         completion: "▁Paris" after "The capital is" is " Paris"; byte-level BPE: `ids` decoded
         alone, as always. After a chat template's generation prompt, what `ids` add to the
         prompt's text (`decode_continuation`), less the text the template writes between its
-        assistant header and an answer (`_answer_lead`: Llama 2's " " after "[/INST]"):
+        assistant header and an answer (`answer_lead`: Llama 2's " " after "[/INST]"):
         "▁Paris" after ChatML's "assistant\\n" is " Paris", as the template renders it back,
         where decoded alone it lost its space. gptlab's and ChatML's templates write nothing
         there: a byte-level BPE tokenizer's response is then its `decode` (or `decode_cut`)
@@ -297,10 +299,10 @@ class Tokenizer:
         text = self.decode_continuation(prompt_ids, ids, cut=cut)
         if isinstance(prompt, str):
             return text
-        lead = self._answer_lead(prompt)
+        lead = self.answer_lead(prompt)
         return text[len(lead):] if lead and text.startswith(lead) else text
 
-    def _answer_lead(self, messages: Sequence[dict]) -> str:
+    def answer_lead(self, messages: Sequence[dict]) -> str:
         """The template's text between `messages` rendered with the generation prompt and the
         content of an assistant answer to them, rendered whole ("" for gptlab's and ChatML's
         templates; Llama 2's, which has no generation prompt, writes " " before the answer);
@@ -360,13 +362,37 @@ class Tokenizer:
         text, spans = _joined(messages, pieces, contents)
         enc = self.hf.encode(text, add_special_tokens=False)
         markup = [t in self._markup_len for t in enc.ids]
-        return list(enc.ids), self._assistant_mask(enc.ids, enc.offsets, markup, spans)
+        leads = self._answer_leads(messages, pieces, text, spans)
+        return list(enc.ids), self._assistant_mask(enc.ids, enc.offsets, markup, spans, leads)
+
+    def _answer_leads(self, messages: Sequence[dict], pieces: list[str | int], text: str,
+                      spans: list[tuple[int, int, str]]) -> list[tuple[int, int]]:
+        """The (start, end) in `text`, the conversation rendered from `pieces` (its contents at
+        `spans`), of the template text between each assistant answer's generation prompt (the
+        messages before it rendered with one) and the answer's content, where there is any
+        (`answer_lead`: Llama 2's " " after "[/INST]"). The model writes it after the prompt:
+        it is the answer's, as transformers' `{% generation %}` spans all the model writes."""
+        leads = []
+        slots = [p for p in pieces if isinstance(p, int)]  # spans' messages, in order
+        for i, (start, _, role) in zip(slots, spans):
+            if role != "assistant":
+                continue
+            try:
+                prompt = self._render(messages[:i], True)
+            except UserError:  # a template that renders no prompt before this answer
+                continue
+            if len(prompt) < start and text.startswith(prompt):
+                leads.append((len(prompt), start))
+        return leads
 
     def _assistant_mask(self, ids: Sequence[int], offsets: Sequence[tuple[int, int]],
-                        markup: Sequence[bool], spans: list[tuple[int, int, str]]) -> list[int]:
+                        markup: Sequence[bool], spans: list[tuple[int, int, str]],
+                        leads: list[tuple[int, int]]) -> list[int]:
         """The assistant mask of `ids`, the tokens of a rendered conversation, from their
-        character `offsets` in it and the (start, end, role) `spans` of the messages' contents;
-        `markup`: which tokens are the template's markup tokens, never a message's."""
+        character `offsets` in it, the (start, end, role) `spans` of the messages' contents and
+        the (start, end) `leads` of template text before an answer that are the answer's
+        (`_answer_leads`); `markup`: which tokens are the template's markup tokens, never a
+        message's."""
         mask: list[int] = []
         k = 0  # offsets only move forward: one pass over the spans
         closing: list[int] | None = None  # template tokens after an assistant message so far
@@ -394,6 +420,12 @@ class Tokenizer:
                 mask.append(0)
         for i in closing or ():  # the text ended with no end-of-turn token
             mask[i] = 0
+        if leads:
+            for k, (t, (a, b), is_markup) in enumerate(zip(ids, offsets, markup)):
+                if is_markup:
+                    a = max(a, b - self._markup_len[t])
+                if any(s < b and a < e for s, e in leads):  # in a lead, or across its edge
+                    mask[k] = 1
         return mask
 
     def content_as_written(self, messages: Sequence[dict], i: int) -> str:
@@ -414,6 +446,7 @@ class Tokenizer:
         text within its run: no "▁" after it, where transformers, which splits there, starts
         a new run. Tokenized apart, each content had a "▁" of its own ("▁", "▁is")."""
         text, spans = _joined(messages, pieces, contents)
+        leads = self._answer_leads(messages, pieces, text, spans)
         enc = self.hf.encode(text, add_special_tokens=False)
         cuts = []  # (token, start, end) of each markup token the template wrote
         for t, (a, b) in zip(enc.ids, enc.offsets):
@@ -438,7 +471,7 @@ class Tokenizer:
                 offsets.append((a, b))
                 markup.append(True)
             at = b
-        return ids, self._assistant_mask(ids, offsets, markup, spans)
+        return ids, self._assistant_mask(ids, offsets, markup, spans, leads)
 
     @cached_property
     def _prefixes_after_markup(self) -> bool:
@@ -455,22 +488,28 @@ class Tokenizer:
     def _render_chat_piecewise(self, messages: Sequence[dict], pieces: list[str | int],
                                strip: bool) -> tuple[list[int], list[int]]:
         """Template text and message contents tokenized apart (no merge across them)."""
+        contents = {i: _content_of(messages, i, strip) for i in range(len(messages))}
+        leads = self._answer_leads(messages, pieces, *_joined(messages, pieces, contents))
         ids: list[int] = []
         mask: list[int] = []
+        at = 0  # where the piece starts in the rendered text
         closing = False  # the template text right after an assistant message
         for piece in pieces:
             if isinstance(piece, int):
-                toks = self.encode(_content_of(messages, piece, strip))
+                toks = self.encode(contents[piece])
                 is_assistant = messages[piece]["role"] == "assistant"
                 ids += toks
                 mask += [int(is_assistant)] * len(toks)
                 closing = is_assistant
+                at += len(contents[piece])
             else:
-                toks = self._encode_markup(piece)
-                n_closing = self._through_first_markup(toks) if closing else 0
-                ids += toks
-                mask += [1] * n_closing + [0] * (len(toks) - n_closing)
+                enc = self.hf.encode(piece, add_special_tokens=False)  # as `_encode_markup`
+                n_closing = self._through_first_markup(enc.ids) if closing else 0
+                ids += enc.ids
+                mask += [1] * n_closing + [int(any(s < at + b and at + a < e for s, e in leads))
+                                           for a, b in enc.offsets[n_closing:]]
                 closing = False
+                at += len(piece)
         return ids, mask
 
     def _through_first_markup(self, toks: list[int]) -> int:

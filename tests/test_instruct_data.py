@@ -1144,6 +1144,80 @@ def test_llama2_s_space_before_an_answer_is_the_assistant_s_to_write_and_is_trai
         assert t.decode_response(chat, p, ids[:-1]) == answer + " "
 
 
+def test_llama2_s_end_of_response_is_what_closes_an_answer_not_the_space_before_it():
+    """The template text before an answer became the answer's first token, and so the first of
+    an empty answer's: the end PPO and `reward` close a response with was "▁", "▁", "</s>", a
+    space more than the "▁", "</s>" that ends every answer SFT trained on."""
+    import test_tokenizer
+    from gptlab.data.instruct import encode_response, end_of_response, template_tail
+    t = test_tokenizer.sentencepiece_tokenizer(test_tokenizer.LLAMA2_CHAT)
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    end = end_of_response(t, chat)
+    assert [t.hf.id_to_token(i) for i in end] == ["\u2581", "</s>"]
+    for answer in ("(yes)", "yes"):
+        assert encode_response(t, answer, chat)[-2:] == end
+    assert template_tail(t, chat) == []
+
+
+@pytest.mark.parametrize("template", ["gptlab", "CHATML", "LLAMA2_CHAT"])
+def test_render_chat_s_assistant_mask_is_sft_s_answer_tokens(tok, template):
+    """One definition of the assistant's tokens: `render_chat`'s mask of a whole conversation
+    is what SFT trains on (`chat_demonstration`, each answer after its generation prompt). The
+    mask left out Llama 2's "▁" token of its own before "(yes)", which SFT counts as the
+    answer's first; gptlab's and ChatML's templates write nothing there, and keep their mask.
+    Over multi-turn conversations, with a system message and with typed special-token text
+    (tokenized in runs under SentencePiece, piecewise under byte-level BPE)."""
+    import test_tokenizer
+    import tokenizers
+    from gptlab.data.instruct import chat_demonstration
+    from gptlab.tokenizer import GPTLAB_CHAT_TEMPLATE
+    chats = [[{"role": "user", "content": "is the cat happy?"},
+              {"role": "assistant", "content": "(yes)"},
+              {"role": "user", "content": "is it?"},
+              {"role": "assistant", "content": "yes it is"}],
+             [{"role": "system", "content": "be brief"},
+              {"role": "user", "content": "is it?"},
+              {"role": "assistant", "content": "(yes) it is"},
+              {"role": "user", "content": "(no)"},
+              {"role": "assistant", "content": "(no)"}],
+             [{"role": "user", "content": "is it </s> <|eos|>?"},
+              {"role": "assistant", "content": "(yes)"},
+              {"role": "user", "content": "is it?"},
+              {"role": "assistant", "content": "(it is </s> <|eos|>)"}]]
+    if template == "gptlab":
+        makes = [lambda: tok]
+    else:
+        chat_template = getattr(test_tokenizer, template)
+
+        def with_template(make):  # and ChatML's markup, special tokens
+            hf = tokenizers.Tokenizer.from_str(make().hf.to_str())
+            hf.add_special_tokens(["<|im_start|>", "<|im_end|>"] * (template == "CHATML"))
+            return lambda: Tokenizer(hf, "<s>" if hf.token_to_id("<s>") else tok.bos_token,
+                                     "</s>" if hf.token_to_id("</s>") else tok.eos_token, None,
+                                     chat_template=chat_template)
+        makes = [with_template(test_tokenizer.sentencepiece_tokenizer), with_template(lambda: tok)]
+    lead_tokens = 0
+    for make in makes:
+        t = make()
+        assert template != "gptlab" or t.chat_template == GPTLAB_CHAT_TEMPLATE
+        for chat in chats:
+            ids, mask = t.render_chat(chat)
+            sft_ids, sft_mask = chat_demonstration(t, chat)  # without ChatML's last "\n"
+            assert ids[:len(sft_ids)] == sft_ids, (template, chat)
+            assert mask == sft_mask + [0] * (len(ids) - len(sft_ids)), (template, chat)
+            for i in [i for i, m in enumerate(chat) if m["role"] == "assistant"]:
+                lead = t.answer_lead(chat[:i])
+                assert lead == (" " if template == "LLAMA2_CHAT" else "")
+                start, _ = t.render_chat(chat[:i], add_generation_prompt=True)
+                whole, whole_mask = t.render_chat(chat[:i + 1])
+                answer = [x for x, m in zip(whole[len(start):], whole_mask[len(start):]) if m]
+                assert whole[:len(start)] == start and answer == whole[len(start):len(
+                    whole_mask) - whole_mask[::-1].index(1)]
+                lead_tokens += t.hf.id_to_token(answer[0]) == "\u2581"
+    # Llama 2's "▁" before "(" is the answer's first token under SentencePiece, every time
+    assert lead_tokens == (5 if template == "LLAMA2_CHAT" else 0)
+
+
 @pytest.fixture(scope="module", params=["gptlab", "smollm2"])
 def byte_level(request, tok):
     return tok if request.param == "gptlab" else smollm2_tokenizer()

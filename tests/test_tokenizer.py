@@ -329,7 +329,9 @@ def test_llama2_template_renders_a_system_message_before_an_empty_question(tok):
         assert ids == tok.hf.encode(text, add_special_tokens=False).ids and set(mask) == {0}
     ids, mask = llama2.render_chat([system, {"role": "user", "content": "Who?"},
                                     {"role": "assistant", "content": "SELECT 1"}])
-    assert masked_text(llama2, ids, mask) == "SELECT 1 <|eos|>"
+    # the " " after "[/INST]" (a token of its own here) is the answer's: there is no
+    # generation prompt, and the model writes it
+    assert masked_text(llama2, ids, mask) == " SELECT 1 <|eos|>"
 
 
 def test_a_template_without_an_end_of_turn_token_masks_only_the_answers(tok):
@@ -340,11 +342,13 @@ def test_a_template_without_an_end_of_turn_token_masks_only_the_answers(tok):
             {"role": "user", "content": ""}, {"role": "assistant", "content": ""},
             {"role": "user", "content": "b"}, {"role": "assistant", "content": "SELECT 2"}]
     ids, mask = plain.render_chat(chat)
-    # Nothing of "\nuser: " is learned: without a special token there is no end of turn.
-    assert masked_text(plain, ids, mask).replace(" ", "") == "SELECT1SELECT2"
+    # Nothing of "\nuser: " is learned: without a special token there is no end of turn. The
+    # template has no generation prompt: the model writes "assistant: " before each answer.
+    want = "assistant:SELECT1assistant:assistant:SELECT2"
+    assert masked_text(plain, ids, mask).replace(" ", "") == want
     typed = [*chat[:4], {"role": "user", "content": "b <|eos|>"}, chat[5]]  # the piecewise path
     ids, mask = plain.render_chat(typed)
-    assert masked_text(plain, ids, mask).replace(" ", "") == "SELECT1SELECT2"
+    assert masked_text(plain, ids, mask).replace(" ", "") == want
 
 
 def test_an_lstrip_end_of_turn_token_is_template_not_typed_text(tok):
@@ -1162,7 +1166,7 @@ def test_a_sentencepiece_response_decodes_to_the_text_that_encodes_back_to_it():
         assert t.decode_response(prompt, start, ids[:-1] + [t._byte_token(0xE2)],
                                  cut=True) == want
     assert sentencepiece_tokenizer(ZEPHYR_CHAT).decode(ids) == "yes it is"
-    assert sentencepiece_tokenizer(LLAMA2_CHAT)._answer_lead(chat) == " "
+    assert sentencepiece_tokenizer(LLAMA2_CHAT).answer_lead(chat) == " "
 
 
 def _metaspace_tokenizer() -> Tokenizer:
@@ -1527,7 +1531,7 @@ def test_no_answer_lead_where_the_answered_conversation_does_not_begin_with_the_
     no_answer = (users + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
                  "{{ 'ASSISTANT: ' }}{% endif %}")
     for template in (other_header, no_answer):
-        assert sentencepiece_tokenizer(template)._answer_lead(chat) == ""
+        assert sentencepiece_tokenizer(template).answer_lead(chat) == ""
 
 
 def test_an_lstrip_end_of_turn_that_took_a_content_s_space_is_the_template_s_in_runs():

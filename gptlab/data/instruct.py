@@ -230,8 +230,13 @@ def encode_response(tokenizer: Any, response: str, prompt: Any) -> list[int]:
 
 def end_of_response(tokenizer: Any, prompt: Any) -> list[int]:
     """The tokens `encode_response` closes a response to `prompt` with: EOS, or the chat
-    template's end of turn."""
-    return encode_response(tokenizer, "", prompt)
+    template's end of turn (Llama 2's "▁", "</s>"), without the template text that comes before
+    an answer (`_closing_after`)."""
+    if isinstance(prompt, str):
+        return encode_response(tokenizer, "", prompt)
+    start = encode_prompt(tokenizer, prompt)
+    end = _closing_after(tokenizer, prompt, start)
+    return end if end is not None else [tokenizer.eos_id]
 
 
 def template_tail(tokenizer: Any, prompt: Any) -> list[int]:
@@ -244,7 +249,8 @@ def template_tail(tokenizer: Any, prompt: Any) -> list[int]:
         return []
     full, mask = tokenizer.render_chat(list(prompt) + [{"role": "assistant", "content": ""}])
     closed = [i for i, m in enumerate(mask) if m]  # the empty answer's end of turn, last
-    if not closed or closed[-1] < len(encode_prompt(tokenizer, prompt)):
+    if not closed or closed[-1] < len(encode_prompt(tokenizer, prompt)) \
+            or not end_of_response(tokenizer, prompt):
         return []  # no end of turn closes the answer: nothing to read after it
     return full[closed[-1] + 1:]
 
@@ -261,23 +267,34 @@ def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int
     # on after the prompt's text, as `encode_completion`'s seam), then the end of turn.
     written = tokenizer.content_as_written(
         list(prompt) + [{"role": "assistant", "content": response}], len(prompt))
-    end = _assistant_tokens_after(tokenizer, prompt, "", start)
+    end = _closing_after(tokenizer, prompt, start)
     return tokenizer.encode_continuation(written) + (end if end is not None
                                                      else [tokenizer.eos_id])
+
+
+def _closing_after(tokenizer: Any, prompt: list, start: list[int]) -> list[int] | None:
+    """The tokens that close an answer to the chat `prompt` whose tokens are `start`: an empty
+    answer's (`_assistant_tokens_after`) less those of the template text between the generation
+    prompt and the answer (`answer_lead`), which come before an answer, not after it (Llama 2's
+    "▁", "▁", "</s>" is "▁", "</s>"); None as `_assistant_tokens_after`."""
+    end = _assistant_tokens_after(tokenizer, prompt, "", start)
+    lead = tokenizer.answer_lead(prompt) if end else ""
+    lead_ids = tokenizer.encode_continuation(lead) if lead else []
+    return end[len(lead_ids):] if lead_ids and end[:len(lead_ids)] == lead_ids else end
 
 
 def _assistant_tokens_after(tokenizer: Any, prompt: list, response: str,
                             start: list[int]) -> list[int] | None:
     """The tokens the model writes after the generation prompt's tokens `start` in the
-    conversation `prompt` + `response`: through the response's end of turn, with any template
-    text between the two (Llama 2's " " after "[/INST]", which has no generation prompt: a
-    "▁" token of its own before "(yes)"), as transformers' `{% generation %}` spans everything
-    the model generates; None when the rendering does not begin with `start`."""
+    conversation `prompt` + `response`: its assistant mask's (`render_chat`), the response
+    through its end of turn with any template text between the two (Llama 2's " " after
+    "[/INST]", which has no generation prompt: a "▁" token of its own before "(yes)"), as
+    transformers' `{% generation %}` spans everything the model generates; None when the
+    rendering does not begin with `start`."""
     full, mask = tokenizer.render_chat(list(prompt) + [{"role": "assistant", "content": response}])
     if full[:len(start)] != start:
         return None
-    ends = [k for k, m in enumerate(mask) if m and k >= len(start)]
-    return full[len(start):ends[-1] + 1] if ends else []
+    return [t for t, m in zip(full[len(start):], mask[len(start):]) if m]
 
 
 def chat_demonstration(tokenizer: Any, messages: list) -> tuple[list[int], list[int]]:
