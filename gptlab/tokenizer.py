@@ -1030,17 +1030,17 @@ def _byte_level_rebuild(cls: str | None, model_type: str | None) -> str | None:
     return name if name in ("GPT2Tokenizer", "Qwen2Tokenizer") else None
 
 
-def _note_byte_level_rebuild(hf: tokenizers.Tokenizer, built: str, cls: str | None,
-                             model_type: str | None, config: dict, config_file: Path,
-                             file: Path) -> None:
-    """Note where transformers 5's `built` (GPT2Tokenizer or Qwen2Tokenizer) encodes otherwise
-    than `hf`, tokenizer.json as written: it keeps the file's vocabulary and merges (a BPE
-    without ignore_merges) and puts its own normalizer and pre-tokenizer before them."""
+def byte_level_rebuild_differs(hf: tokenizers.Tokenizer, built: str,
+                               config: dict) -> tuple[list[str], str]:
+    """(the probes on which transformers 5's `built` (GPT2Tokenizer or Qwen2Tokenizer) encodes
+    otherwise than `hf`, tokenizer.json as written, and its own pipeline in words): it keeps the
+    file's vocabulary and merges (a BPE without ignore_merges) and puts its own normalizer and
+    pre-tokenizer before them, with `config`'s (tokenizer_config.json's) add_prefix_space."""
     from tokenizers import Regex, normalizers
 
     data = json.loads(hf.to_str())
     if (data.get("model") or {}).get("type") != "BPE":
-        return
+        return [], ""
     data["model"].update(dropout=None, unk_token=None, continuing_subword_prefix="",
                          end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
                          ignore_merges=False)
@@ -1059,6 +1059,15 @@ def _note_byte_level_rebuild(hf: tokenizers.Tokenizer, built: str, cls: str | No
     differ = [text for text in _BYTE_LEVEL_PROBES
               if hf.encode(text, add_special_tokens=False).ids
               != theirs.encode(text, add_special_tokens=False).ids]
+    return differ, own
+
+
+def _note_byte_level_rebuild(hf: tokenizers.Tokenizer, built: str, cls: str | None,
+                             model_type: str | None, config: dict, config_file: Path,
+                             file: Path) -> None:
+    """Note where transformers 5's `built` encodes otherwise than `hf`, tokenizer.json as
+    written (`byte_level_rebuild_differs`)."""
+    differ, own = byte_level_rebuild_differs(hf, built, config)
     if not differ:
         return
     if model_type == "qwen2" and (cls or "").removesuffix("Fast") != built:

@@ -656,6 +656,42 @@ def test_export_writes_null_token_ids_where_there_are_none(fields, tmp_path):
         (None, no_bos.eos_id, no_bos.eos_id)
 
 
+@pytest.mark.parametrize("family, fields", [
+    ("qwen2", dict(qkv_bias=True)), ("llama", dict()), ("gpt2", dict(positions="learned",
+                                                                   norm="layernorm",
+                                                                   activation="gelu_tanh",
+                                                                   bias=True))])
+def test_an_export_whose_tokenizer_transformers_5_reads_otherwise_says_where(family, fields,
+                                                                           tmp_path, capsys):
+    """transformers 5 reads a qwen2 model's tokenizer as Qwen2Tokenizer (an NFC normalizer and
+    Qwen2's split before tokenizer.json's merges), whatever class the directory names, so a
+    tokenizer that splits otherwise (gptlab's own: digits kept together) gets other ids there.
+    The export said nothing; now it notes the probes where the ids differ, exactly those where
+    transformers 5's do, and for Llama and GPT2, which transformers reads as written, nothing."""
+    from gptlab.tokenizer import _BYTE_LEVEL_PROBES, train_tokenizer
+
+    tok = train_tokenizer(TOKENIZER_CORPUS + ["le caf\u00e9"] * 20, vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context=64, n_layers=1, n_heads=2,
+                          d_model=16, **{**dict(positions="rotary", norm="rmsnorm",
+                                                activation="swiglu", bias=False), **fields}))
+    capsys.readouterr()
+    out = export_hf(model, tok, tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    named = {text for text in _BYTE_LEVEL_PROBES if repr(text) in err}
+    if family != "qwen2":
+        assert err == ""
+        return
+    assert err.startswith(f"note: {out / 'config.json'}, field 'model_type': qwen2: "
+                          f"transformers 5 reads this model's tokenizer as Qwen2Tokenizer")
+    assert "caf\u00e9 cafe\u0301" in named and err.count("\n") == 1  # NFC joins the accent
+    if not TRANSFORMERS_4:
+        theirs = transformers.AutoTokenizer.from_pretrained(out)
+        assert type(theirs).__name__.startswith("Qwen2Tokenizer")
+        assert named == {text for text in _BYTE_LEVEL_PROBES
+                         if tok.encode(text) != theirs(text, add_special_tokens=False)["input_ids"]}
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(prenorm=False, activation="gelu"), "prenorm=False"),
     (dict(positions="sinusoidal"), "positions='sinusoidal'"),

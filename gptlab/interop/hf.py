@@ -668,4 +668,23 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
         save_file(_hf_state(model, family), str(tmp), metadata={"format": "pt"})
     # config.json last: a directory with one has its weights in place.
     write_text_atomic(out / "config.json", config + "\n")
+    if tokenizer is not None and family == "qwen2":
+        _note_qwen2_tokenizer(out, tokenizer, tcfg)
     return out
+
+
+def _note_qwen2_tokenizer(out: Path, tokenizer: Any, tcfg: dict) -> None:
+    """Note where transformers 5 reads the exported tokenizer otherwise than gptlab: for every
+    model_type qwen2 it builds Qwen2Tokenizer from tokenizer.json's vocabulary and merges with
+    Qwen2's own normalizer and split, whatever class the directory names (the check
+    `load_tokenizer` notes when it reads such a directory)."""
+    from gptlab.tokenizer import byte_level_rebuild_differs, note_once
+
+    differ, own = byte_level_rebuild_differs(tokenizer.hf, "Qwen2Tokenizer", tcfg)
+    if differ:
+        note_once(out / "config.json",
+                  f"field 'model_type': qwen2: transformers 5 reads this model's tokenizer as "
+                  f"Qwen2Tokenizer, built from the vocabulary and merges of tokenizer.json with "
+                  f"{own}, not the file's normalizer and pre-tokenizer, so its ids differ from "
+                  f"gptlab's (on {', '.join(map(repr, differ))}); transformers 4 reads "
+                  f"tokenizer.json as written, as gptlab does")
