@@ -558,6 +558,23 @@ def test_an_empty_ptx_data_path_is_refused_naming_ptx_data(setup, tmp_path, monk
         assert not out.exists()
 
 
+def test_a_ptx_corpus_given_twice_or_of_two_splits_names_ptx_data(setup, tmp_path, capsys):
+    # The corpus's own checks named field 'data', a setting ppo does not have.
+    d, _, _ = setup
+    for name in ("corpus.txt", "train.txt", "test.txt"):
+        (tmp_path / name).write_text("Is it? yes\n")
+    for given, says in (
+            (["corpus.txt", "corpus.txt"], "is given twice: as {0}corpus.txt and as "
+                                           "{0}corpus.txt; its documents would be read twice"),
+            (["train.txt", "test.txt"], "gives the files of 2 splits (train, test)")):
+        out = tmp_path / "run"
+        assert main(ppo_args(d, out, "--ptx-data", *[str(tmp_path / g) for g in given],
+                             "--ptx-coef", "0.1", "--cache-dir", str(tmp_path / "cache"))) == 2
+        err = capsys.readouterr().err
+        assert f"field 'ptx_data': {says.format(str(tmp_path) + '/')}" in err, err
+        assert "field 'data'" not in err and not out.exists()
+
+
 def test_ptx_data_without_a_ptx_coef_says_it_is_unused(setup, tmp_path, capsys):
     # Given alone, --ptx-data was silently left unused (ptx_coef defaults to 0).
     d, _, _ = setup

@@ -40,17 +40,19 @@ TEXT_FIELD = "text"
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def iter_documents(paths: str | Path | Iterable[str | Path]) -> Iterator[str]:
-    """Yield every non-empty document of the corpus at `paths`, file after file."""
+def iter_documents(paths: str | Path | Iterable[str | Path],
+                   field: str = "data") -> Iterator[str]:
+    """Yield every non-empty document of the corpus at `paths`, file after file; `field`: the
+    setting that gave the paths, which errors name (PPO's `ptx_data`)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise UserError("no corpus files given")
-    corpus_files(paths)  # refuses a file given twice before reading any
+    corpus_files(paths, field)  # refuses a file given twice before reading any
     n = 0
     for path in paths:
-        for doc in _iter_path(path):
+        for doc in _iter_path(path, field):
             if doc.strip():
                 n += 1
                 yield doc
@@ -64,14 +66,14 @@ def read_documents(paths: str | Path | Iterable[str | Path]) -> list[str]:
     return list(iter_documents(paths))
 
 
-def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
+def corpus_files(paths: Sequence[str | Path], field: str = "data") -> list[Path]:
     """The local files the corpus at `paths` reads, in order: a directory stands for its corpus
     files, a Hub dataset for none. A file reached twice (the same path given twice, or a
     directory and a file in it), or a Hub dataset named twice, is a UserError: read twice, its
     documents would fill both training and validation blocks. So are files of two splits as
     `datasets` names them (`train.txt` and `test.txt`, `train/` and `test/`), given one by one
     as a directory of them is refused (`gptlab.io.check_one_split_given`): the held-out split
-    would be trained on."""
+    would be trained on. `field`: the setting that gave the paths, which errors name."""
     files: list[Path] = []
     hows: list[tuple[Path, str]] = []
     reached: dict[Path, str] = {}  # resolved file -> how the corpus first reached it
@@ -85,7 +87,7 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
         elif is_hub_name(given):
             if str(given) in hub_names:
                 raise UserError("is given twice; its documents would be read twice: give it "
-                                "once", path=str(given), field="data")
+                                "once", path=str(given), field=field)
             hub_names.add(str(given))
             found = []
         else:
@@ -97,11 +99,11 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
                 fix = (f"remove the link {f} or give the files one by one" if f.is_symlink()
                        else "give each file once")
                 raise UserError(f"is given twice: as {reached[f.resolve()]} and as {how}; its "
-                                f"documents would be read twice: {fix}", path=f, field="data")
+                                f"documents would be read twice: {fix}", path=f, field=field)
             reached[f.resolve()] = how
             hows.append((f, how))
         files += found
-    check_one_split_given([Path(p) for p in paths if not is_hub_name(p)], hows, "data")
+    check_one_split_given([Path(p) for p in paths if not is_hub_name(p)], hows, field)
     return files
 
 
@@ -124,9 +126,9 @@ def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str 
     check_out_of_read_dirs(out, {f"{name}, {flag}": paths}, "corpus", writes)
 
 
-def _iter_path(path: str | Path) -> Iterator[str]:
+def _iter_path(path: str | Path, field: str) -> Iterator[str]:
     if not str(path).strip():  # Path("") is the current directory: all of it a corpus
-        raise UserError("an empty path; name a corpus file or directory", field="data")
+        raise UserError("an empty path; name a corpus file or directory", field=field)
     p = Path(path)
     if p.is_dir():
         for f in files_in(p, CORPUS_SUFFIXES):

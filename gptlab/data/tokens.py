@@ -64,16 +64,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_key(paths: Sequence[str | Path], tokenizer: Any) -> str:
+def cache_key(paths: Sequence[str | Path], tokenizer: Any, field: str = "data") -> str:
     """Key of a token file: the sources in their order (each file's format, path, size, mtime,
-    ctime and inode; a Hub dataset's name), the tokenizer, and the ids around each document."""
-    corpus_files(paths)  # refuses a file reached twice
+    ctime and inode; a Hub dataset's name), the tokenizer, and the ids around each document.
+    `field`: the setting that gave the paths, which errors name."""
+    corpus_files(paths, field)  # refuses a file reached twice
     h = hashlib.sha256(TOKENS_FORMAT.encode())
     for given in paths:
         if is_hub_name(given):
             h.update(f"hub:{given}\n".encode())  # a Hub dataset is keyed by its name
             continue
-        for f in corpus_files([given]):
+        for f in corpus_files([given], field):
             st = f.stat()
             # ctime and inode too: a rewrite that keeps the size and sets the mtime back
             # (`cp -p`, `rsync -t`, `touch -r`) changes them, and no user can set them back.
@@ -150,7 +151,7 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
     paths = [str(p) for p in paths]
     if not paths:
         raise UserError("no corpus files given", field=fields[0])
-    key = cache_key(paths, tokenizer)
+    key = cache_key(paths, tokenizer, fields[0])
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
     cached = _read_cached(bin_path, meta_path, key)
@@ -171,7 +172,7 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
         bar = tqdm(desc="tokenizing", unit="doc", leave=False)
     with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
         try:
-            for docs in _chunks(iter_documents(paths), _ENCODE_CHUNK):
+            for docs in _chunks(iter_documents(paths, fields[0]), _ENCODE_CHUNK):
                 ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
                     else [tokenizer.encode(d) for d in docs]
                 for row in ids:
