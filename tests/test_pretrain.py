@@ -51,6 +51,23 @@ def run(*args: str) -> int:
                  *args])
 
 
+def test_a_corpus_given_twice_or_of_two_splits_fails_before_any_output(tmp_path, capsys):
+    # The corpus was first read while the tokenizer trained on it, so stderr said "training a
+    # BPE tokenizer (...) on the data" before the error, as if the run had begun.
+    for name in ("a.txt", "train.txt", "test.txt"):
+        (tmp_path / name).write_text("one doc\n\nanother doc\n", encoding="utf-8")
+    a, train, test = (str(tmp_path / n) for n in ("a.txt", "train.txt", "test.txt"))
+    for data, says in (([a, a], f"{a}, field 'data': is given twice: as {a} and as {a}; "),
+                       ([train, test], "field 'data': gives the files of 2 splits (train, "
+                                       "test)")):
+        capsys.readouterr()
+        assert run("--data", *data, "--out", str(tmp_path / "out"), "--cache-dir",
+                   str(tmp_path / "cache")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"gptlab pretrain: error: {says}") and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 # --- token files --------------------------------------------------------------------------------
 
 def test_tokens_are_documents_between_bos_and_eos(corpus, tmp_path):

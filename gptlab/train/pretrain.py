@@ -193,12 +193,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     check_given(cfg, ("model",), "pretrain")  # a preset or a directory, not "" (the current one)
     if not cfg.data:
         raise UserError("no training data: give data (--data FILE...)", field="data")
-    from gptlab.data.corpus import check_out_of_corpus, is_hub_name
+    from gptlab.data.corpus import check_out_of_corpus, corpus_files, is_hub_name
     for path in cfg.data:
         if not str(path).strip():  # Path("") is the current directory: all of it a corpus
             raise UserError("an empty path; name a corpus file or directory", field="data")
         if not Path(path).exists() and not is_hub_name(path):
             raise UserError("corpus file not found", path=path, field="data")
+    # A file given twice, the files of two splits, a directory of none: refused before any
+    # output or work (the tokenizer trained on the data reads it first).
+    corpus_files(cfg.data)
     out = check_dir_out(cfg.out, field="out")  # not "", the current directory
     check_out_of_corpus(out, cfg.data)
     # A resume reads its checkpoint, never --model: OUT may be what --model names.
