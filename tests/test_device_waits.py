@@ -14,16 +14,18 @@ import torch
 from device_waits import count_waits
 from gptlab.checkpoint import save_model
 from gptlab.data.instruct import Example
+from gptlab.devices import queued_copy, to_device
 from gptlab.engine import scale_logits
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.attention import is_right_padded
 from gptlab.model.heads import ScalarHeadModel, has_scored_token
 from gptlab.tokenizer import train_tokenizer
 from gptlab.train.batching import ListBatches, pad_examples
-from gptlab.train.loop import TrainConfig, count_tokens, queued_copy, train
+from gptlab.train.loop import TrainConfig, count_tokens, train
 from gptlab.train.pretrain import lm_loss
 from gptlab.train.ppo import PPOConfig, PPOTrainer, layout, minibatches, right_padded_rows
-from gptlab.train.reward import EncodedRanking, collate_rankings, ranked_scores, reward_loss
+from gptlab.train.reward import (EncodedRanking, collate_rankings, normalize_scores,
+                                 ranked_scores, reward_loss)
 from gptlab.train.sft import plan_batch, sft_loss, target_tokens
 
 import instruct_task as task
@@ -82,9 +84,10 @@ def test_a_widened_model_computes_what_the_narrow_one_does():
 
 
 def step_waits(model, items, collate, loss_fn, tmp_path, **kw) -> int:
-    """The waits of one step of the common loop: a run of 2 steps less a run of 1 (what they
-    share, the start and the final save, cancels). The optimizer is AdamW as on a GPU, fused:
-    the CPU's per-parameter one reads each step count, which no GPU run does."""
+    """The waits of one step of the common loop, blocking copies included: a run of 2 steps
+    less a run of 1 (what they share, the start and the final save, cancels). The optimizer
+    is AdamW as on a GPU, fused: the CPU's per-parameter one reads each step count, which no
+    GPU run does."""
     counts = []
     for steps in (1, 2):
         m = type(model)(model.config) if isinstance(model, GPT) else model
@@ -92,7 +95,8 @@ def step_waits(model, items, collate, loss_fn, tmp_path, **kw) -> int:
         cfg = TrainConfig(max_steps=steps, batch_size=2, eval_every=0, eval_batches=0,
                           save_every=0, log_every=1, progress=False, device="cpu", lr=1e-3)
         # The batches are built, weighed and counted on the CPU, before they move.
-        with count_waits(cpu_side=(ListBatches.__next__, target_tokens, count_tokens)) as c:
+        with count_waits(cpu_side=(ListBatches.__next__, target_tokens, count_tokens),
+                         copies=True) as c:
             train(m, ListBatches(items, 2, 0, collate), loss_fn, cfg, tmp_path / f"run{steps}",
                   **kw)
         counts.append(c.total)
@@ -106,7 +110,8 @@ def fused_adamw(monkeypatch):
 
 
 # Measured after the waits that bought nothing were taken out (before: 3, 12 and 6; for PPO's
-# phases see below). Each names what is left.
+# phases see below), and the blocking copies (before: 1, 1 and 5: the gradient norm moved to
+# the loss's device, the reward model's k and groups each step). Each names what is left.
 PRETRAIN_WAITS = 1  # the loss and the gradient norm, read together after the update
 SFT_WAITS = 1       # the same; the prefix and the targets are found on the CPU
 REWARD_WAITS = 1    # the same; the batch says which prompt each response continues, and
@@ -361,8 +366,30 @@ def test_a_queued_copy_to_a_gpu_goes_through_pinned_memory(monkeypatch):
     assert calls == ["pin", ("to", "cuda", {"non_blocking": True})]
     calls.clear()
     assert queued_copy(x, "cpu") is x and calls == []  # there already
+    queued_copy(torch.empty(3, device="meta"), "cuda")  # not on the host: nothing to pin
+    assert calls == [("to", "cuda", {})]
+
+
+def test_the_common_loops_batches_go_to_a_gpu_through_pinned_memory(monkeypatch):
+    # Each tensor of every verb's batches, pinned afresh (nothing writes it while it is read).
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda t, *a, **kw: calls.append(("to", *map(str, a), kw)) or t)
+    batch = {"ids": torch.arange(3), "pair": (torch.arange(2), [5]), "prompt_of": [0, 0]}
+    moved = to_device(batch, torch.device("cuda"))
+    assert calls == ["pin", ("to", "cuda", {"non_blocking": True})] * 2
+    assert moved["pair"][1] == [5] and moved["prompt_of"] == [0, 0]
 
 
 def test_a_rollout_waits_once_a_token(ppo_dirs):
     short, long = (ppo_waits(ppo_dirs, 2, "plain", max_new_tokens=n) for n in (4, 12))
     assert long["rollout"] - short["rollout"] <= long["new_tokens"] - short["new_tokens"] + 2
+
+
+def test_normalizing_a_reward_models_scores_copies_its_batches_queued():
+    rm = ScalarHeadModel(tiny(2).config)
+    seqs = [list(range(1, n)) for n in (4, 6, 9)]
+    with count_waits(copies=True) as c:
+        normalize_scores(rm, seqs, 0, batch_size=2)
+    assert not any(site.startswith("copy") for site in c.sites), c

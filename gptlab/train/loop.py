@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from gptlab.checkpoint import Checkpointer
+from gptlab.devices import queued_copy, to_device
 from gptlab.engine import eval_mode
 from gptlab.errors import UserError
 from gptlab.io import (check_dir_out, named_os_error, restore_non_finite, strict_json,
@@ -413,29 +414,6 @@ def allow_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a batch (a tensor, or a dict / list / tuple of them) to `device`."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def queued_copy(t: Tensor, device: torch.device | str) -> Tensor:
-    """A host tensor on `device`, the host not waiting: on CUDA the copy goes through pinned
-    memory, queued behind the stream's work (a plain copy waits for that work to finish, and
-    a non-blocking one is safe only from pinned memory); elsewhere a plain copy."""
-    device = torch.device(device)
-    if t.device == device:
-        return t
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -1015,8 +993,9 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the run's GPU (cuda:1), not the current one
                 # Read once, after the update: read apart, before it, each waited for the GPU.
-                last_loss, grad_norm = torch.stack([loss_t.float(),
-                                                    norm_t.float().to(loss_t.device)]).tolist()
+                # (A norm of no gradients is a CPU zero; any other is on the device already.)
+                last_loss, grad_norm = torch.stack(
+                    [loss_t.float(), queued_copy(norm_t.float(), loss_t.device)]).tolist()
                 dt = time.perf_counter() - t0
                 step += 1
                 n_tok = sum(tokens_in(b) for b in micro)

@@ -36,6 +36,7 @@ from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, is_value_model, load_l
                                load_model, load_reward_model, model_kind, save_model)
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
+from gptlab.devices import queued_copy
 from gptlab.engine import SamplingParams, generate, scale_logits
 from gptlab.errors import (UserError, check_given, counted, exception_line,
                            reports_path_errors, setting)
@@ -48,8 +49,7 @@ from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
                                held_interrupt, lr_at, make_optimizer, memory_named,
-                               queued_copy, rng_state, same_setting, select_device, set_lr,
-                               set_rng_state)
+                               rng_state, same_setting, select_device, set_lr, set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,

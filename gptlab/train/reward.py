@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
+from gptlab.devices import queued_copy, to_device
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
 from gptlab.io import (check_dir_out, check_out_of_read_dirs, no_records, read_jsonl,
                        record_file)
@@ -31,8 +32,7 @@ from gptlab.model.heads import ScalarHeadModel, has_scored_token
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, data_key, fixed_list_batches, warn_if_data_changed
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_held_out,
-                               check_run_dir, held_out_rule, refuse_other_settings, to_device,
-                               train)
+                               check_run_dir, held_out_rule, refuse_other_settings, train)
 from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
@@ -207,19 +207,21 @@ def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
     # The widest ranking is the width of `groups` (collate_rankings pads it so): read on the
     # device, k.max() would make the host wait for a GPU, as would rows of unknown number.
     K = batch["groups"].shape[1] if "groups" in batch else int(k.max())
+    # `k` is where the scores are (the common loop moved the batch), else copied there queued.
+    k = queued_copy(k, flat.device)
     out = torch.zeros(len(k), K, dtype=flat.dtype, device=flat.device)
-    rows = torch.repeat_interleave(torch.arange(len(k), device=flat.device), k.to(flat.device),
+    rows = torch.repeat_interleave(torch.arange(len(k), device=flat.device), k,
                                    output_size=len(flat))
     starts = torch.cumsum(k, 0) - k
-    cols = torch.arange(len(flat), device=flat.device) - starts.to(flat.device)[rows]
+    cols = torch.arange(len(flat), device=flat.device) - starts[rows]
     out[rows, cols] = flat
     return out
 
 
 def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     device = batch["input_ids"].device
-    return kwise_ranking_loss(ranked_scores(model, batch), batch["k"].to(device),
-                              batch["groups"].to(device))
+    return kwise_ranking_loss(ranked_scores(model, batch), queued_copy(batch["k"], device),
+                              queued_copy(batch["groups"], device))
 
 
 @torch.no_grad()
@@ -264,7 +266,8 @@ def normalize_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_id:
     scores = []
     for i in range(0, len(sequences), batch_size):
         b = collate_rankings([EncodedRanking(sequences[i:i + batch_size])], pad_id)
-        scores.append(model(b["input_ids"].to(device), b["attention_mask"].to(device)))
+        scores.append(model(queued_copy(b["input_ids"], device),
+                            queued_copy(b["attention_mask"], device)))
     s = torch.cat(scores)
     mean, std = s.mean().item(), (s.std().item() if len(s) > 1 else 1.0)
     model.score_bias.fill_(mean)
