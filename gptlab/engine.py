@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from gptlab.devices import queued_copy
 from gptlab.errors import UserError
 
 
@@ -77,7 +78,8 @@ class Generation:
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0,
              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """(ids (B, P), attention mask (B, P)) with each prompt right-aligned."""
+    """(ids (B, P), attention mask (B, P)) with each prompt right-aligned, built on the host
+    and copied to `device` queued (see `queued_copy`)."""
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
@@ -85,7 +87,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0,
         if p:
             ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, P - len(p):] = 1
-    return ids.to(device), mask.to(device)
+    return queued_copy(ids, device), queued_copy(mask, device)
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -172,7 +174,8 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
     The generators' device does the drawing: Apple's MPS has no float64, so `generate` keeps
     an MPS model's generators on the CPU, and the probabilities go there to be drawn from."""
     device = probs.device
-    probs = probs.to(gen.device)
+    if gen.device != device:  # MPS: drawn on the CPU
+        probs = probs.to(gen.device)
     cdf = probs.double().cumsum(-1)  # (B, V)
     shape = (probs.shape[0], 1)
     u = torch.rand(shape, generator=gen, device=probs.device, dtype=torch.float32).double()
@@ -182,7 +185,8 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
     tok = tok.clamp(max=probs.shape[1] - 1)
     bad = probs.gather(-1, tok[:, None])[:, 0] <= 0
     # A where, not tok[bad] = ...: asking whether any row is bad waits for a GPU every token.
-    return torch.where(bad, probs.argmax(-1), tok).to(device)
+    tok = torch.where(bad, probs.argmax(-1), tok)
+    return tok if tok.device == device else tok.to(device)
 
 
 @torch.no_grad()
@@ -237,18 +241,19 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
     # short prompt sits beside a long one; each row's real tokens stay within it.
     cache = model.new_cache(B, P + steps)
     cache.use_rows(len(unique))
-    stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=device)
+    # What the host knows goes to the device queued: a plain copy waits for the GPU's queue.
+    stop = queued_copy(torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long), device)
     out_tokens = torch.zeros((B, steps), dtype=torch.long, device=device)
     out_logprobs = torch.zeros((B, steps), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    limit = torch.tensor(limits, dtype=torch.long, device=device)
+    limit = queued_copy(torch.tensor(limits, dtype=torch.long), device)
     lengths = limit.clone()  # a row that reaches its limit ends there, unfinished
     ragged = min(limits) < steps  # some rows fill the context before the last step
 
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
     if len(unique) < B:
-        rows = torch.tensor(row_of, device=device)
-        cache.select(rows)
+        cache.select(row_of)  # a list: the cache moves its rows without reading them
+        rows = queued_copy(torch.tensor(row_of), device)
         logits, mask = logits[rows], mask[rows]
     n = 0
     # Rows still decoding (finished ones are dropped), and the host's copy: on a GPU each read
@@ -289,7 +294,7 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
             kept = [i for i, k in enumerate(keep.tolist() if stop.numel()
                                             else [not f for f in full]) if k]
             cache.select(kept)
-            idx = torch.tensor(kept, device=device)
+            idx = queued_copy(torch.tensor(kept), device)
             live, mask, tok = live[idx], mask[idx], tok[idx]
             live_rows = [live_rows[i] for i in kept]
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptlab.devices import queued_copy
+
 
 class KVCache:
     """Preallocated keys and values for every layer, written in place as decoding advances.
@@ -60,8 +62,6 @@ class KVCache:
         are not read from a device (a wait for a GPU)."""
         n, m = self.length, len(rows)
         order = list(rows) if isinstance(rows, list) else rows.tolist()
-        if isinstance(rows, list):
-            rows = torch.tensor(order, dtype=torch.long, device=self._k.device)
         if not self.cross and m <= self._k.shape[1] and all(0 <= r < self.k.shape[1]
                                                              for r in order):
             if all(a < b for a, b in zip(order, order[1:])):  # r >= i: move down, first first
@@ -72,6 +72,8 @@ class KVCache:
                 self.use_rows(m)
                 self._move(list(enumerate(order))[::-1], n)
                 return
+        if isinstance(rows, list):  # only now indexed by them, copied queued
+            rows = queued_copy(torch.tensor(order, dtype=torch.long), self._k.device)
         self._k, self._v = self.k[:, rows], self.v[:, rows]
         self.k, self.v = self._k, self._v
         self.cross = {i: (k[rows], v[rows]) for i, (k, v) in self.cross.items()}
@@ -127,10 +129,9 @@ class PrefixKV:
         # device, and one a layer made a 30-layer SFT step wait 60 times. Rows given as a list
         # are not read from a device at all.
         runs = row_runs(rows, self.k[0].shape[0]) if self.k else None
-        if isinstance(rows, list) and runs is None:
-            # Only then indexed by them: a list copied to a GPU waits for the device.
-            rows = torch.tensor(rows, dtype=torch.long, device=self.k[0].device if self.k
-                                else None)
+        if isinstance(rows, list) and runs is None and self.k:
+            # Only then indexed by them, copied queued (a plain copy waits for the device).
+            rows = queued_copy(torch.tensor(rows, dtype=torch.long), self.k[0].device)
         return PrefixKV([take_rows(k, rows, runs) for k in self.k],
                         [take_rows(v, rows, runs) for v in self.v], self.length)
 
