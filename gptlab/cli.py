@@ -642,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     processes = os.environ.get("WORLD_SIZE", "1")
     if processes.isdecimal() and int(processes) > 1:  # not isdigit: int("²") fails
         # Every process would run the whole stage and write the same --out: refuse, don't race.
-        print(f"gptlab {args.verb}: error: started as {processes} processes (WORLD_SIZE="
+        print(f"{_command(args)}: error: started as {processes} processes (WORLD_SIZE="
               f"{processes}), but gptlab trains in one process: distributed training is not "
               "built yet. Run it with `torchrun --nproc-per-node 1` or without torchrun.",
               file=sys.stderr)
@@ -662,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             e = named if named is not None and named.field is not None else e
         elif e.field is None and e.line is None and e.message.endswith("not found"):
             e = _with_flag(e, args)
-        print(f"gptlab {args.verb}: error: {e}", file=sys.stderr)
+        print(f"{_command(args)}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -674,9 +674,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = path_error(e, _flags_given(args), writer="--out")
         if error is None:
             raise
-        print(f"gptlab {args.verb}: error: {error}", file=sys.stderr)
+        print(f"{_command(args)}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that ran, as its errors name it: `gptlab sft`, and a verb's action in full,
+    `gptlab world check`, as argparse names it in an error of that action's flags."""
+    parser = getattr(args, "_parser", None)
+    return parser.prog if parser else f"gptlab {args.verb}"
 
 
 # Flags (by dest) that name a file or a directory to read: given empty, each would be read as the

@@ -28,6 +28,11 @@ def tiny_model(tmp_path_factory):
     return d
 
 
+def command(argv: list[str]) -> str:
+    """The command `argv` runs, as its errors begin: `gptlab sft`, `gptlab world check`."""
+    return "gptlab " + " ".join(argv[:2] if argv[0] in ("tokenizer", "world") else argv[:1])
+
+
 def test_help_lists_every_verb(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -77,7 +82,7 @@ def test_a_gzipped_jsonl_exits_2_saying_so_and_writes_nothing(verb, tiny_model, 
     f.write_bytes(gzip.compress(b'{"prompt": "hello", "text": "hello world"}\n', mtime=0))
     fill = dict(f=f, out=tmp_path / "out", model=tiny_model)
     assert main([a.format(**fill) for a in verb]) == 2
-    assert capsys.readouterr().err == (f"gptlab {verb[0]}: error: {f}: is gzip-compressed, not "
+    assert capsys.readouterr().err == (f"{command(verb)}: error: {f}: is gzip-compressed, not "
                                        f"text; decompress it first (gunzip -k {f}) and "
                                        f"give what it holds\n")
     assert not (tmp_path / "out").exists()
@@ -92,7 +97,7 @@ def test_data_of_two_splits_exits_2_naming_the_files_and_writes_nothing(verb, tm
         (tmp_path / name).write_text(text, encoding="utf-8")
     assert main([*verb, "--data", "train.txt", "test.txt", "--out", "out"]) == 2
     assert capsys.readouterr().err.endswith(  # after pretrain's "training a BPE tokenizer"
-        f"gptlab {verb[0]}: error: field 'data': gives the files of 2 splits (train, test), as "
+        f"{command(verb)}: error: field 'data': gives the files of 2 splits (train, test), as "
         f"datasets names them: train.txt is train's, test.txt test's; read as one, a split held "
         f"out for evaluation would be trained on: give one split's files\n")
     assert not (tmp_path / "out").exists()
@@ -221,6 +226,31 @@ def test_a_mistyped_verb_or_action_names_the_one_meant(argv, said, capsys):
     except SystemExit as e:
         code = e.code
     assert code == 2 and capsys.readouterr().err == said + "\n"
+
+
+def test_an_action_s_error_names_the_verb_and_the_action_as_its_flag_errors_do(
+        tmp_path, monkeypatch, capsys):
+    # Its own errors began `gptlab world: error:` where argparse's, for a flag of the same
+    # action, began `gptlab world check: error:`.
+    corpus = tmp_path / "gone.txt"
+    world = ["world", "check", "--world", str(tmp_path / "nope"), "--id", "x", "SELECT 1"]
+    for argv, begins in (
+            (world, "gptlab world check: error: "),
+            (["world", "score", "--world", str(tmp_path / "nope"), "--in", "s.jsonl"],
+             "gptlab world score: error: "),
+            (["tokenizer", "train", "--data", str(corpus), "--out", str(tmp_path / "t")],
+             "gptlab tokenizer train: error: "),
+            (["tokenizer", "encode", "--tokenizer", str(tmp_path / "nope"), "hi"],
+             "gptlab tokenizer encode: error: "),
+            (["sft", "--model", ""], "gptlab sft: error: ")):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(begins), argv
+    with pytest.raises(SystemExit):
+        main([*world, "--idd", "x"])
+    assert capsys.readouterr().err.startswith("gptlab world check: error: unknown flag --idd")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(world) == 2
+    assert capsys.readouterr().err.startswith("gptlab world check: error: started as 2 ")
 
 
 def test_flags_written_in_full_config_files_and_overrides_still_parse(tmp_path):
@@ -961,7 +991,7 @@ def test_outputs_in_the_place_of_a_directory_or_under_a_file_are_refused(tiny_mo
             (sample + [str(a_file / "x.jsonl")],
              f"{a_file / 'x.jsonl'}: parent is a file: {a_file} is not a directory")):
         assert main(argv) == 2
-        assert capsys.readouterr().err == f"gptlab {argv[0]}: error: {message}\n"
+        assert capsys.readouterr().err == f"{command(argv)}: error: {message}\n"
     assert a_file.read_text() == "x" and list(a_dir.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "c.txt", "p.jsonl"]
     with pytest.raises(UserError, match="is a directory"):
@@ -1043,8 +1073,8 @@ def test_a_full_disk_or_a_read_only_out_is_one_line_and_exit_2(tmp_path, monkeyp
     assert main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"gptlab tokenizer: error: {out / 'tokenizer.json'}, field '--out': No space "
-                   f"left on device\n")
+    assert err == (f"gptlab tokenizer train: error: {out / 'tokenizer.json'}, field '--out': "
+                   f"No space left on device\n")
 
     def other(self, directory):  # not the user's to fix: stays an internal error
         raise OSError(errno.EIO, "Input/output error")
@@ -1094,8 +1124,8 @@ def test_an_out_whose_name_is_too_long_is_one_line_and_exit_2(tmp_path, capsys):
     # exists() raises ENAMETOOLONG), after the tokenizer had been trained.
     out = tmp_path / ("a" * 300)
     assert main(["world", "export", "--out", str(out)]) == 2
-    assert capsys.readouterr().err == (f"gptlab world: error: {out}, field '--out': File name "
-                                       f"too long\n")
+    assert capsys.readouterr().err == (f"gptlab world export: error: {out}, field '--out': "
+                                       f"File name too long\n")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1134,8 +1164,8 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, cap
     assert main(["tokenizer", "train", "--data", str(text), "--vocab-size", "300",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"gptlab tokenizer: error: {out / 'tokenizer.json'}, field '--out': No space "
-                   f"left on device\n")
+    assert err == (f"gptlab tokenizer train: error: {out / 'tokenizer.json'}, field '--out': "
+                   f"No space left on device\n")
     assert not list(out.iterdir())  # the temporary file is gone too
 
 
@@ -1153,7 +1183,7 @@ def test_an_out_that_cannot_be_made_is_one_line_naming_the_flag(tiny_model, tmp_
             (["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--k", "1",
               "--max-new-tokens", "2", "--out", "/proc/gptlab_x.jsonl"], "/proc/gptlab_x.jsonl")):
         assert main(argv) == 2
-        assert capsys.readouterr().err == (f"gptlab {argv[0]}: error: {where}, field '--out': "
+        assert capsys.readouterr().err == (f"{command(argv)}: error: {where}, field '--out': "
                                            f"No such file or directory\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "t.txt"]
 
@@ -1273,12 +1303,12 @@ def test_world_export_refuses_a_schema_seed_without_vary_schema_and_a_model_dire
     assert main(["world", "export", "--out", str(out), "--train", "2", "--schema-seed",
                  "3"]) == 2
     assert capsys.readouterr().err == (
-        "gptlab world: error: field '--schema-seed': chooses a renaming of the schema, which "
-        "only --vary-schema makes; add --vary-schema or drop --schema-seed\n")
+        "gptlab world export: error: field '--schema-seed': chooses a renaming of the schema, "
+        "which only --vary-schema makes; add --vary-schema or drop --schema-seed\n")
     before = sorted(p.name for p in tiny_model.iterdir())
     assert main(["world", "export", "--out", str(tiny_model), "--train", "2"]) == 2
     assert capsys.readouterr().err == (
-        f"gptlab world: error: {tiny_model}, field 'out': already holds config.json, "
+        f"gptlab world export: error: {tiny_model}, field 'out': already holds config.json, "
         f"model.safetensors and tokenizer.json; choose another out (--out) or remove it\n")
     assert sorted(p.name for p in tiny_model.iterdir()) == before and not out.exists()
 
@@ -1297,7 +1327,7 @@ def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fi
         field = {"--train": "n_train", "--validation": "n_validation", "--test": "n_test",
                  "--dialogs": "n_dialogs", "--corpus-chars": "corpus_chars"}[flag]
         assert capsys.readouterr().err == (
-            f"gptlab world: error: field '{field}': at most {what} ({flag}), got "
+            f"gptlab world export: error: field '{field}': at most {what} ({flag}), got "
             f"{int(value):,}: the export holds everything in memory until it writes\n")
         assert not out.exists()
     assert main(["world", "export", "--out", str(out), "--train", "10", "--validation", "5000",
@@ -1310,7 +1340,7 @@ def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fi
 
 @pytest.mark.parametrize("argv, message", [
     (["tokenizer", "train", "--data", "{corpus}", "--vocab-size", "300", "--out", ""],
-     "gptlab tokenizer: error: field 'out': is empty; give a path (write . for the current "
+     "gptlab tokenizer train: error: field 'out': is empty; give a path (write . for the current "
      "directory)"),
     (["pretrain", "--model", "tiny", "--data", "{corpus}", "--max-steps", "1", "--out", ""],
      "gptlab pretrain: error: field 'out': is empty; give a path (write . for the current "
@@ -1327,7 +1357,7 @@ def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fi
      "gptlab convert: error: field 'out': is empty; give a path (write . for the current "
      "directory)"),
     (["world", "export", "--out", "", "--train", "2"],
-     "gptlab world: error: field 'out': is empty; give a directory (write . for the current "
+     "gptlab world export: error: field 'out': is empty; give a directory (write . for the current "
      "directory)"),
     (["label", "--in", "{prompts}", "--out", "{tmp}/r.jsonl", "--world", ""],
      "gptlab label: error: field 'world': is empty; give a world directory, or leave --world "
@@ -1384,8 +1414,7 @@ def test_every_verbs_empty_input_path_is_refused_naming_its_field(
     monkeypatch.chdir(cwd)
     fill = dict(model=tiny_model, prompts=tmp_path / "p.jsonl")
     assert main([a.format(**fill) for a in argv]) == 2
-    verb = argv[0]
-    assert capsys.readouterr().err == f"gptlab {verb}: error: {message}\n"
+    assert capsys.readouterr().err == f"{command(argv)}: error: {message}\n"
     assert list(cwd.iterdir()) == []
 
 
@@ -1433,7 +1462,7 @@ def test_an_empty_data_path_is_refused_not_read_as_the_whole_current_directory(
     argv = {"pretrain": ["pretrain", "--model", "tiny", "--max-steps", "1"],
             "tokenizer": ["tokenizer", "train", "--vocab-size", "300"]}[verb]
     assert main([*argv, "--data", "", "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == (f"gptlab {verb}: error: field 'data': an empty path; "
+    assert capsys.readouterr().err == (f"{command(argv)}: error: field 'data': an empty path; "
                                        f"name a corpus file or directory\n")
     assert not (tmp_path / "out").exists()
 
@@ -1924,6 +1953,6 @@ def test_world_check_and_score_name_a_missing_world_as_label_does(tmp_path, caps
     # It named "nope/world.json: not a world directory", a file the user never typed.
     world = tmp_path / "nope"
     assert main(["world", action[0], "--world", str(world), *action[1:]]) == 2
-    assert capsys.readouterr().err == (f"gptlab world: error: {world}, field 'world': world "
-                                       f"directory not found (make one with `gptlab world "
-                                       f"export`)\n")
+    assert capsys.readouterr().err == (f"gptlab world {action[0]}: error: {world}, field "
+                                       f"'world': world directory not found (make one with "
+                                       f"`gptlab world export`)\n")

@@ -556,7 +556,7 @@ def test_tokenizer_train_refuses_an_out_in_its_corpus_directory(tmp_path, data, 
         why = (f"is inside the corpus directory {d} (data, --data)" if out != d
                else "is the corpus directory (data, --data)")
         assert capsys.readouterr().err == (
-            f"gptlab tokenizer: error: {out}, field 'out': {why}; the tokenizer's directory "
+            f"gptlab tokenizer train: error: {out}, field 'out': {why}; the tokenizer's directory "
             f"would become part of the corpus; choose another out (--out)\n")
     assert sorted(p.name for p in d.iterdir()) == ["corpus.txt"]
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",

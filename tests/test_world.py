@@ -513,8 +513,8 @@ def test_load_world_refuses_a_manifest_of_the_wrong_shape(tmp_path, manifest, me
     (tmp_path / "world.json").write_text(json.dumps(manifest))
     assert main(["world", "check", "--world", str(tmp_path), "--id", "x", "SELECT 1"]) == 2
     where = tmp_path / "world.json"
-    assert capsys.readouterr().err in (f"gptlab world: error: {where}: {message}\n",
-                                       f"gptlab world: error: {where}, {message}\n")
+    assert capsys.readouterr().err in (f"gptlab world check: error: {where}: {message}\n",
+                                       f"gptlab world check: error: {where}, {message}\n")
 
 
 def test_cli_score_refuses_non_string_responses_and_repeated_ids(tmp_path, capsys):
@@ -540,12 +540,12 @@ def test_cli_score_refuses_non_string_responses_and_repeated_ids(tmp_path, capsy
         bad.write_text("".join(json.dumps(r) + "\n" for r in lines))
         assert main(["world", "score", "--world", str(out), "--in", str(bad),
                      "--out", str(verdicts)]) == 2
-        assert capsys.readouterr().err == f"gptlab world: error: {message}\n"
+        assert capsys.readouterr().err == f"gptlab world score: error: {message}\n"
         assert not verdicts.exists()
     assert main(["world", "score", "--world", str(out), "--in", str(bad),
                  "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"gptlab world: error: {tmp_path}: is a directory; give a " \
-                                      f"file name\n"
+    assert capsys.readouterr().err == f"gptlab world score: error: {tmp_path}: is a directory; " \
+                                      f"give a file name\n"
 
 
 def test_cli_score_never_writes_its_verdicts_over_the_samples_or_the_world(tmp_path, capsys):
@@ -563,8 +563,8 @@ def test_cli_score_never_writes_its_verdicts_over_the_samples_or_the_world(tmp_p
         assert main(["world", "score", "--world", str(out), "--in", str(samples),
                      "--out", str(target)]) == 2
         assert capsys.readouterr().err == (
-            f"gptlab world: error: {target}, field 'out': is the input file ({what}); writing "
-            f"would replace it, choose another out (--out)\n")
+            f"gptlab world score: error: {target}, field 'out': is the input file ({what}); "
+            f"writing would replace it, choose another out (--out)\n")
     assert {p.name: p.read_bytes() for p in [samples, *out.iterdir()]} == before
     assert main(["world", "score", "--world", str(out), "--in", str(samples),
                  "--out", str(tmp_path / "verdicts.jsonl")]) == 0
