@@ -373,9 +373,9 @@ def _verb_world():
         s.add_argument("--out", default=None, help="per-question verdicts JSONL (optional)")
 
     def run(args: argparse.Namespace) -> None:
-        from gptlab.world import build_world
+        from gptlab.world import build_world, load_world
         if args.action == "check":
-            world = _exported_world(args.world)
+            world = load_world(args.world)
             verdict = world.check(args.id, args.sql)
             print(f"{verdict.kind}: {verdict.detail}")
             return
@@ -404,18 +404,6 @@ def _verb_world():
             "samples"), add, run
 
 
-def _exported_world(path: str) -> object:
-    """The world `world check` and `world score` read from --world; one not there is named as
-    `label --world` and `sft --world` name it, not by the world.json it would hold."""
-    from pathlib import Path
-
-    from gptlab.world import load_world
-    if not Path(path).is_dir():
-        raise UserError("world directory not found (make one with `gptlab world export`)",
-                        path=path, field="world")
-    return load_world(path)
-
-
 def _world_score(args: argparse.Namespace) -> None:
     """`world score`: the samples' execution accuracy, printed; each verdict to --out."""
     from pathlib import Path
@@ -423,7 +411,7 @@ def _world_score(args: argparse.Namespace) -> None:
     from gptlab.eval.execution import score_samples
     from gptlab.io import (check_file_out, check_not_input, check_out_of_read_dirs,
                            write_jsonl_atomic)
-    from gptlab.world.build import FILES
+    from gptlab.world.build import FILES, load_world
     from gptlab.world.variants import VARIANTS
     if args.out is not None:  # '' is refused, not read as no --out
         check_file_out(args.out)
@@ -432,7 +420,7 @@ def _world_score(args: argparse.Namespace) -> None:
             f"{name} of --world": Path(args.world) / name for name in FILES}})
         check_out_of_read_dirs(args.out, {"--in": args.samples}, "samples",
                                writes="the verdicts")
-    summary, verdicts = score_samples(_exported_world(args.world), args.samples)
+    summary, verdicts = score_samples(load_world(args.world), args.samples)
     if args.out is not None:
         write_jsonl_atomic(args.out, verdicts)
     print(f"execution accuracy {summary['exec_acc']:.4f} on "

@@ -181,14 +181,15 @@ def test_a_rerun_may_change_the_settings_of_stages_that_have_not_started(tmp_pat
 def test_a_world_exported_again_is_another_world_and_a_moved_one_the_same(tmp_path):
     world, out = tmp_path / "w", tmp_path / "demo"
     world.mkdir()
-    (world / "world.json").write_text('{"options": {"seed": 3}}')
+    (world / "world.json").write_text('{"format": "gptlab-world/1", "options": {"seed": 3}}')
     _check_settings(out, world=str(world))
     (out / "pretrain").mkdir()
-    (world / "world.json").write_text('{"options": {"seed": 5}}')  # exported again
+    # Exported again:
+    (world / "world.json").write_text('{"format": "gptlab-world/1", "options": {"seed": 5}}')
     with pytest.raises(UserError, match=r"whose pretrain was made with other settings "
                                         r"\(world_digest\)"):
         _check_settings(out, world=str(world))
-    (world / "world.json").write_text('{"options": {"seed": 3}}')
+    (world / "world.json").write_text('{"format": "gptlab-world/1", "options": {"seed": 3}}')
     shutil.copytree(world, tmp_path / "moved")
     assert _check_settings(out, world=str(tmp_path / "moved"))["world"] == str(tmp_path / "moved")
     # A PPO stage stopped after a checkpoint names the world's files by path: it cannot follow.
@@ -345,7 +346,8 @@ def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run, tmp_p
     (["--eval-limit", "-1"], "field 'eval_limit': must be >= 1, got -1"),
     (["--demonstrator-flaw", "order", "--demonstrator-flaw-rate", "2"],
      "field 'demonstrator_flaw_rate': must be in [0, 1], got 2.0"),
-    (["--world", "nowhere"], "nowhere, field 'world': not an exported world (no world.json)"),
+    (["--world", "nowhere"], "nowhere, field 'world': world directory not found (make one with "
+                             "`gptlab world export`)"),
 ])
 def test_bad_options_fail_before_any_stage_runs(tmp_path, capsys, args, message):
     out = tmp_path / "demo"
@@ -574,7 +576,7 @@ def test_with_world_given_an_unrelated_world_dir_in_out_is_not_a_stage(tmp_path)
     # pipeline.json" (world), which a run reading another world never made nor reads.
     world = tmp_path / "w"
     world.mkdir()
-    (world / "world.json").write_text("{}")
+    (world / "world.json").write_text('{"format": "gptlab-world/1"}')
     out = tmp_path / "demo"
     (out / "world").mkdir(parents=True)
     assert _check_settings(out, world=str(world))["world"] == str(world)

@@ -349,7 +349,7 @@ def test_a_world_exported_over_another_and_interrupted_is_no_world(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         build_world(6, **SMALL).export(tmp_path / "w")
     assert not (tmp_path / "w" / "world.json").exists()
-    with pytest.raises(UserError, match="world.json not found"):
+    with pytest.raises(UserError, match="holds no world.json"):
         load_world(tmp_path / "w")
 
 
@@ -502,7 +502,6 @@ def test_a_world_without_training_questions_exports_and_loads(tmp_path):
 
 
 @pytest.mark.parametrize("manifest, message", [
-    ([1], "expected a JSON object (the world's manifest)"),
     ({"format": "gptlab-world/1", "options": {"n_train": "x"}},
      "field 'options.n_train': must be an integer, got 'x'"),
     # A string is truthy: "no" built a varied world, refused as "a different version of gptlab".
@@ -515,6 +514,52 @@ def test_load_world_refuses_a_manifest_of_the_wrong_shape(tmp_path, manifest, me
     where = tmp_path / "world.json"
     assert capsys.readouterr().err in (f"gptlab world check: error: {where}: {message}\n",
                                        f"gptlab world check: error: {where}, {message}\n")
+
+
+MAKE_ONE = "(make one with `gptlab world export`)"
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda d: None, f"world directory not found {MAKE_ONE}"),
+    (lambda d: d.write_text("x"), f"is a file, not a world directory {MAKE_ONE}"),
+    (lambda d: d.mkdir(), "is not a world directory: it holds no world.json (make one with "
+                          "`gptlab world export`; an export stopped before its end leaves none: "
+                          "export it again)"),
+    (lambda d: (d.mkdir(), (d / "world.json").write_text('{"format":\n')),
+     "is not a world directory: its world.json is no world's manifest: not valid JSON "
+     "(Expecting value) on line 2; export the world again"),
+    (lambda d: (d.mkdir(), (d / "world.json").write_text("[1]")),
+     "is not a world directory: its world.json is no world's manifest: expected a JSON object; "
+     "export the world again"),
+    (lambda d: (d.mkdir(), (d / "world.json").write_text('{"format": "maps/2"}')),
+     "is not a world directory: its world.json is no world's manifest: its format is 'maps/2', "
+     "not 'gptlab-world/1'; export the world again"),
+], ids=["missing", "a-file", "no-manifest", "broken-json", "not-an-object", "other-format"])
+def test_every_reader_of_a_world_directory_says_alike_what_is_wrong_with_it(tmp_path, capsys,
+                                                                            make, says):
+    # The pipeline said "not an exported world (no world.json)", world check and label "world
+    # directory not found", and a directory without world.json "DIR/world.json: not a world
+    # directory", naming a file the user never typed and no field.
+    from gptlab.world.build import open_world
+    world = tmp_path / "w"
+    make(world)
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"id": "s0-test-00001", "prompt": "p",
+                                   "responses": ["SELECT 1", "SELECT 2"]}) + "\n")
+    for argv in (["world", "check", "--world", str(world), "--id", "x", "SELECT 1"],
+                 ["world", "score", "--world", str(world), "--in", str(samples)],
+                 ["label", "--world", str(world), "--in", str(samples), "--out",
+                  str(tmp_path / "r.jsonl")],
+                 ["pipeline", "--world", str(world), "--out", str(tmp_path / "run")]):
+        assert main(argv) == 2
+        command = " ".join(argv[:2] if argv[0] == "world" else argv[:1])
+        assert capsys.readouterr().err == f"gptlab {command}: error: {world}, field 'world': " \
+                                          f"{says}\n"
+    for read in (load_world, open_world):
+        with pytest.raises(UserError) as err:
+            read(world)
+        assert str(err.value) == f"{world}, field 'world': {says}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl", "w"][:1 + world.exists()]
 
 
 def test_cli_score_refuses_non_string_responses_and_repeated_ids(tmp_path, capsys):

@@ -179,9 +179,9 @@ class PipelineConfig:
             check_flaw(self.demonstrator_flaw, self.demonstrator_flaw_rate)
         check_dir_out(self.out, field="out")
         check_out_is_its_own(Path(self.out))
-        if self.world and not (Path(self.world) / "world.json").exists():
-            raise UserError("not an exported world (no world.json)", path=self.world,
-                            field="world")
+        if self.world:
+            from gptlab.world.build import world_manifest
+            world_manifest(self.world, field="world")
 
 
 # What a model directory, a training run or an exported world holds: a pipeline's stage, or

@@ -347,28 +347,54 @@ class OtherVersionWorld(UserError):
     """A whole world.json whose gold SQL this version of gptlab builds differently."""
 
 
-def open_world(spec: str | Path | World) -> World:
-    """A world object, a world directory (from `gptlab world export`), or "builtin"."""
+def open_world(spec: str | Path | World, field: str = "world") -> World:
+    """A world object, a world directory (from `gptlab world export`), or "builtin"; `field`
+    names the setting that gave a directory, as an error about it says."""
     if not isinstance(spec, (str, Path)):
         return spec
     if str(spec) == "builtin":
         return build_world()
-    if not Path(spec).is_dir():
-        raise UserError("world directory not found (make one with `gptlab world export`)",
-                        path=spec, field="world")
-    return load_world(spec)
+    return load_world(spec, field)
 
 
-def load_world(directory: str | Path) -> World:
-    """Rebuild an exported world from its `world.json`, using its `company.sqlite`."""
+MAKE_ONE = "make one with `gptlab world export`"
+
+
+def world_manifest(directory: str | Path, field: str = "world") -> dict:
+    """The manifest (`world.json`) of the world exported to `directory`, which the setting
+    `field` gave. Every reader of a world directory asks here, so that each says alike what is
+    wrong with one, naming the directory and `field`: it is not there (or is a file), it holds
+    no world.json (no world, or an export stopped before writing it, last), or its world.json
+    cannot be read or is not a gptlab world's."""
+    d = Path(directory)
+    if not d.exists():
+        raise UserError(f"world directory not found ({MAKE_ONE})", path=d, field=field)
+    if not d.is_dir():
+        raise UserError(f"is a file, not a world directory ({MAKE_ONE})", path=d, field=field)
+    if not (d / "world.json").exists():
+        raise UserError(f"is not a world directory: it holds no world.json ({MAKE_ONE}; an "
+                        f"export stopped before its end leaves none: export it again)",
+                        path=d, field=field)
+    try:
+        manifest = read_json(d / "world.json")
+    except UserError as e:
+        why = e.message + ("" if e.line is None else f" on line {e.line}")
+    except OSError as e:  # no permission to read it, say
+        why = f"cannot be read: {e.strerror or e}"
+    else:
+        if manifest.get("format") == FORMAT:
+            return manifest
+        why = f"its format is {manifest.get('format')!r}, not '{FORMAT}'"
+    raise UserError(f"is not a world directory: its world.json is no world's manifest: "
+                    f"{why}; export the world again", path=d, field=field)
+
+
+def load_world(directory: str | Path, field: str = "world") -> World:
+    """Rebuild an exported world from its `world.json`, using its `company.sqlite`; `field`
+    names the setting that gave `directory`, as `world_manifest` says."""
     directory = Path(directory)
     manifest_path = directory / "world.json"
-    if not manifest_path.is_file():
-        raise UserError("not a world directory (world.json not found)", path=manifest_path)
-    manifest = read_json(manifest_path, "a JSON object (the world's manifest)")
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"expected format '{FORMAT}', got {manifest.get('format')!r}",
-                        path=manifest_path, field="format")
+    manifest = world_manifest(directory, field)
     known = {f.name for f in dataclasses.fields(WorldOptions)}
     raw = manifest.get("options")
     if not isinstance(raw, dict) or set(raw) - known:
