@@ -739,3 +739,25 @@ def test_the_held_out_rankings_are_drawn_by_prompt():
     order = list(range(70))
     rnd.Random(3).shuffle(order)
     assert [r.id for r in split_rankings(once, 0.1, 3)[1]] == sorted(order[:7])
+
+
+def test_reward_help_says_parquet_holds_ties_when_every_item_is_a_list(tmp_path, capsys):
+    # `--help` said "ties: JSONL", where README says Parquet holds them too, every item of
+    # `ranked` a list; Parquet refuses only a column that mixes strings and lists.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gptlab.cli import main
+    from gptlab.data.instruct import read_rankings
+    with pytest.raises(SystemExit):
+        main(["reward", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    data = text.split("--data DATA ", 1)[1].split(" --out ", 1)[0]
+    assert "JSONL" not in data
+    assert 'in Parquet every item is then a list: [["a"], ["b", "c"]]' in data, data
+    pq.write_table(pa.table({"prompt": ["p"], "ranked": [[["a"], ["b", "c"], ["d"]]]}),
+                   tmp_path / "r.parquet")
+    [ranking] = read_rankings(tmp_path / "r.parquet")
+    assert (ranking.ranked, ranking.groups) == (["a", "b", "c", "d"], [0, 1, 1, 2])
+    with pytest.raises(pa.ArrowTypeError):  # a tie among plain strings: JSONL only
+        pa.table({"prompt": ["p"], "ranked": [["a", ["b", "c"], "d"]]})

@@ -50,8 +50,9 @@ class RewardConfig(TrainConfig):
 
     model: str = field(default="", metadata={"help": "the SFT model the reward model starts from"})
     data: str = field(default="", metadata={
-        "help": "rankings, .jsonl, .parquet or a directory of them (ranked, or chosen/rejected; "
-                "ties: JSONL)"})
+        "help": "rankings, .jsonl, .parquet or a directory of them (ranked, best first, or "
+                "chosen/rejected; tied responses are a list inside ranked, and in Parquet "
+                "every item is then a list: [[\"a\"], [\"b\", \"c\"]])"})
     out: str = field(default="runs/reward", metadata={"help": "output model directory"})
     val_data: str | None = field(default=None, metadata={
         "help": "held-out rankings, .jsonl, .parquet or a directory of them (default: a slice "
