@@ -112,6 +112,22 @@ def test_each_step_prints_the_metrics_to_watch(setup, tmp_path, capsys):
                         f"vloss {r['value_loss']:.3f}")
 
 
+def test_ppo_ends_on_a_line_of_its_last_step_as_sft_and_reward_end_on_theirs(setup, tmp_path,
+                                                                            capsys):
+    # It ended on the run directory alone, where sft and reward print what they did.
+    _, args, _ = setup
+    run = tmp_path / "run"
+    assert main([*ppo_cli(args, run, save_every=1), "--steps", "2", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    r = rows(run)[-1]
+    said = (f"PPO: 2 steps; last step: reward {r['reward']:+.3f}, kl {r['kl']:.3f}, response "
+            f"length {r['response_length']:.1f} tokens; saved to {run}")
+    assert err.splitlines()[-1] == said and out == f"{run}\n"
+    # Resumed with no step left, it says the same of the step metrics.jsonl holds.
+    assert main([*ppo_cli(args, run, save_every=1), "--steps", "2", "--resume"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == said
+
+
 def test_no_progress_silences_the_step_lines_not_metrics(setup, tmp_path, capsys):
     # `--no-progress` (progress=False) prints no
     # per-step line; metrics.jsonl is the same as with them, and a resume may change it.

@@ -49,7 +49,8 @@ from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
                                held_interrupt, lr_at, make_optimizer, memory_named,
-                               rng_state, same_setting, select_device, set_lr, set_rng_state)
+                               read_metrics, rng_state, same_setting, select_device, set_lr,
+                               set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logits, gae, kl_per_token,
@@ -862,6 +863,7 @@ class PPOTrainer:
         saved = self.step  # the step of the latest checkpoint (0: none)
         good = self.snapshot()  # the state after the last finished step, for Ctrl-C
         updating = False
+        last: dict | None = None  # the last step's metrics.jsonl row, for the summary
         try:
             while self.step < cfg.steps:
                 step = self.step + 1
@@ -887,6 +889,7 @@ class PPOTrainer:
                     if log is None:  # a new run: OUT gets its first files once a step is done
                         log = self._start_run(metrics_path)
                     log.log(row)
+                    last = row
                     good = self.snapshot()
                     updating = False
                     if cfg.progress:
@@ -909,7 +912,22 @@ class PPOTrainer:
                 log.close()
         if self.skips.total:
             print(self.skips.report("prompts"), file=sys.stderr)
-        return self.save(self.out)
+        out = self.save(self.out)
+        if last is None and self.step > 0:  # resumed at its last step: the row is logged
+            last = next((r for r in read_metrics(metrics_path) if r.get("step") == self.step),
+                        None)
+        print(self._summary(last), file=sys.stderr)
+        return out
+
+    def _summary(self, last: dict | None) -> str:
+        """The line `gptlab ppo` ends on, as `sft` and `reward` end on theirs: the steps, the
+        last step's mean reward, KL from the reference (summed over a response) and response
+        length, and where the policy is."""
+        said = ""
+        if last is not None and {"reward", "kl", "response_length"} <= last.keys():
+            said = (f"; last step: reward {last['reward']:+.3f}, kl {last['kl']:.3f}, response "
+                    f"length {last['response_length']:.1f} tokens")
+        return f"PPO: {counted(self.step, 'step')}{said}; saved to {self.out}"
 
     def _update_sizes(self) -> dict[str, int]:
         """The settings that size an update's memory, as an out-of-memory names them."""
