@@ -54,8 +54,9 @@ def test_execution_reward_by_name_reads_the_world_from_the_environment(world, tm
     q = world.test[0]
     assert rewards.execution(["p", "p"], [q.sql, "SELECT 1"], [{"id": q.id}] * 2) == [1.0, 0.0]
     monkeypatch.setenv("GPTLAB_WORLD", str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="world directory not found"):
+    with pytest.raises(UserError, match="world directory not found") as e:
         rewards.execution(["p"], [q.sql], [{"id": q.id}])
+    assert e.value.field == "GPTLAB_WORLD"  # the setting that named it: there is no --world
 
 
 def test_ppo_checks_every_prompt_id_of_the_execution_reward_before_training(world, models,

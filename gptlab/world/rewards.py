@@ -57,7 +57,7 @@ def _env_reward() -> RewardFn:
     from gptlab.world.build import open_world
     spec = os.environ.get("GPTLAB_WORLD", "builtin")
     if spec not in _from_env:
-        _from_env[spec] = execution_reward(open_world(spec))
+        _from_env[spec] = execution_reward(open_world(spec, "GPTLAB_WORLD"))
     return _from_env[spec]
 
 
