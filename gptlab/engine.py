@@ -261,6 +261,10 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
     # on, with stop tokens) and the rows themselves only when the batch compacts.
     live = torch.arange(B, device=device)
     live_rows = list(range(B))
+    # The longest live prompt: with the tokens drawn since, the most real tokens of a row,
+    # which the model would otherwise count on the device where the padded batch passes the
+    # context (a short prompt beside a long one).
+    longest_prompt = max(map(len, prompts))
     for t in range(steps):
         # Scaled once for the log-probabilities and the draw (sampling_probs' steps).
         scaled = scale_logits(logits, 1.0 if params.greedy else params.temperature,
@@ -297,8 +301,10 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
             idx = queued_copy(torch.tensor(kept), device)
             live, mask, tok = live[idx], mask[idx], tok[idx]
             live_rows = [live_rows[i] for i in kept]
+            longest_prompt = max(len(prompts[r]) for r in live_rows)
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)
-        logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1].float()
+        logits = model(tok[:, None], attention_mask=mask, cache=cache,
+                       longest_row=longest_prompt + t + 1)[:, -1].float()
 
     lengths = lengths.clamp(max=n)
     # A NaN logit makes its row's log-softmax NaN, and argmax or the CDF then pick a token

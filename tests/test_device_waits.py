@@ -407,10 +407,37 @@ def test_a_generation_moves_what_the_host_knows_without_waiting(monkeypatch):
     # the copies' rows, then 2 compactions (the full row and a stopped one leaving, then more)
     assert selects == [[0, 1, 2, 0, 0, 3], [0, 1, 2, 3], [0, 3]]
     assert not any(site.startswith("copy") for site in c.sites), c
-    # The model reads the mask each token where the padded batch passes the context (gpt.py).
+    # The padded batch passes the context (96) after 4 new tokens, while every row fits it:
+    # the engine tells the model its longest row, which read the mask each token (7 waits).
     engine = sum(n for site, n in c.sites.items() if "gptlab/engine.py" in site)
-    assert engine == max(map(len, gen.tokens)) - 1 + 2 + 5 and c.total == engine + sum(
-        n for site, n in c.sites.items() if "gptlab/model/gpt.py" in site)
+    assert engine == max(map(len, gen.tokens)) - 1 + 2 + 5 and c.total == engine, c
+
+
+def test_a_generation_past_the_context_in_padding_is_what_reading_the_mask_gave(monkeypatch):
+    """The longest row the engine counts on the host is the one the model read on the device:
+    the same tokens and log-probabilities as where the model reads the mask, and a model told
+    a row longer than its context refuses it as it did."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1, 64) for _ in range(n)] for n in (3, 90, 60, 3)]
+    params = SamplingParams(max_new_tokens=12, stop_ids=(5, 6))
+    told = generate(tiny(2), prompts, params, seed=2)
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, longest_row=None, **kw:
+                        forward(self, *a, **kw))
+    read = generate(tiny(2), prompts, params, seed=2)
+    assert told == read and max(map(len, told.tokens)) > 6  # past the 96 of the context
+    monkeypatch.undo()
+    # A batch of 97 positions whose rows hold 95 and 96 real tokens: told, the model computes
+    # what it computes reading the mask; told a row of 97, it refuses it.
+    model = tiny(2)
+    ids = torch.randint(1, 64, (2, 97), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = mask[1, :1] = 0
+    with count_waits() as c:
+        logits = model(ids, mask, longest_row=96)
+    assert torch.equal(logits, model(ids, mask)) and c.total == 1  # is_right_padded's read
+    with pytest.raises(ValueError, match="sequence of 97 tokens exceeds the context of 96"):
+        model(ids, mask, longest_row=97)
 
 
 def test_a_prefix_expanded_out_of_order_copies_its_rows_queued():

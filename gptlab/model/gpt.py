@@ -143,8 +143,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, cache: KVCache | None = None,
-                      need_weights: bool = False, right_padded: bool | None = None
-                      ) -> tuple[Tensor, list[Tensor]]:
+                      need_weights: bool = False, right_padded: bool | None = None,
+                      longest_row: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """Final hidden states (B, T, d) and, if asked, each layer's attention weights.
 
         attention_mask (B, S) marks real tokens (1) over every position the keys cover, cached
@@ -154,6 +154,10 @@ class GPT(nn.Module):
         `right_padded`: whether the caller knows the mask to be right padding only (see
         `is_right_padded`), as where the batch was laid out from lengths on the host; None:
         the mask is read, which on a GPU waits for the device. Used without a cache only.
+
+        `longest_row`: the most real tokens of any row, cached ones included, where the caller
+        knows it (the engine counts them on the host); the context check of a padded batch
+        longer than the context then reads no mask (on a GPU, a wait every token).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -162,7 +166,7 @@ class GPT(nn.Module):
                 and position_ids is None:
             # Positions count real tokens: a padded batch (generate's rows, each continued to
             # its own limit) may be longer than the context while every row fits it.
-            longest = int(attention_mask.sum(-1).max())
+            longest = int(attention_mask.sum(-1).max()) if longest_row is None else longest_row
         if longest > self.config.context:
             raise ValueError(f"sequence of {longest} tokens exceeds the context of "
                              f"{self.config.context}")
@@ -204,15 +208,16 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: KVCache | None = None,
                 labels: Tensor | None = None, last_only: bool = False,
-                all_targets: bool = False, right_padded: bool | None = None) -> Tensor:
+                all_targets: bool = False, right_padded: bool | None = None,
+                longest_row: int | None = None) -> Tensor:
         """Logits (B, T, V), or the mean cross-entropy against `labels` (-100 = ignore;
         `all_targets`: the caller knows there is none, see `lm_loss`).
 
         `last_only` computes the head on the last position only (generation needs no more);
-        `right_padded` as in `hidden_states`.
+        `right_padded` and `longest_row` as in `hidden_states`.
         """
         h, _ = self.hidden_states(input_ids, attention_mask, position_ids, cache,
-                                  right_padded=right_padded)
+                                  right_padded=right_padded, longest_row=longest_row)
         if labels is not None:
             return self.lm_loss(h, labels, all_targets=all_targets)
         if last_only:
