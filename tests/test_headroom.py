@@ -1,5 +1,7 @@
 """Upper bounds on what feedback can add (the execution reward and best-of-K), and the reward
 model judged by the noise-free labeler."""
+import math
+
 import pytest
 import torch
 
@@ -482,3 +484,77 @@ def test_best_of_k_checks_an_answer_cut_inside_a_character_as_sample_writes_it(m
                   max_new_tokens=len(said) - 1)
     assert checked == ["SELECT", "SELECT\ufffd"]
     assert s["pass_at_k"] == 1.0 and s["sample_mean"] == 0.5  # 6 characters even, 7 odd
+
+
+def test_evaluation_copies_nothing_plainly_and_reads_once(models):
+    """Scoring best-of-K's responses, the KL and the corpus perplexity move what the host built
+    queued (they made plain copies: on a GPU each waits for the device) and read once: the
+    scores, a batch's KLs, the losses (the KL read each record's, the perplexity each batch's,
+    and asked the device whether its labels were all targets). Scoring tells the reward model
+    each response's prompt and whether it has a token to score at, where it read them, also
+    where an empty answer (a pad) has none. The numbers are the same bit for bit."""
+    from device_waits import count_waits
+    from gptlab.engine import _generate
+    from gptlab.eval.pipeline_eval import corpus_perplexity, sequence_kl
+    from gptlab.train.reward import EncodedRanking, shared_prompt_batch
+    tok, policy, rm = models
+    prompts = [tok.encode("employees in Paris", bos=True), tok.encode("Question: x", bos=True)]
+    responses = [tok.encode(" SELECT"), tok.encode(" name FROM t"), [],
+                 tok.encode(" a"), tok.encode(" WHERE city = 'Rome'"), tok.encode(" b c")]
+    items = [EncodedRanking([p + (r or [tok.pad_id]) for r in responses[i * 3:(i + 1) * 3]],
+                            prompt_len=len(p)) for i, p in enumerate(prompts)]
+    b = shared_prompt_batch(items, tok.pad_id)
+    with count_waits(cpu_side=(shared_prompt_batch,), copies=True) as c:
+        got = score_responses(rm, prompts, 3, responses, tok.pad_id)
+    assert got == rm.score_continuations(b["prompt_ids"], b["prompt_mask"], b["rows"],
+                                         b["cont_ids"], b["cont_mask"]).tolist()
+    assert c.total == 1, c
+    # A reward model that never scores at the pad: the empty answer has no token to score at,
+    # and the sequences themselves are scored, right-padded, as they were (their lengths read
+    # once; each row's mask was read twice, the padding twice more).
+    seqs = [s for it in items for s in it.seqs]
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_id] * (T - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+    rm.pad_token_id = tok.pad_id
+    try:
+        with count_waits(cpu_side=(shared_prompt_batch,), copies=True) as c:
+            got = score_responses(rm, prompts, 3, responses, tok.pad_id)
+        assert got == rm(ids, mask).tolist() and c.total == 2, c
+    finally:
+        rm.pad_token_id = None
+
+    torch.manual_seed(1)
+    reference = GPT(policy.config).eval()
+    records = [{"prompt": f"Question {i}: who earns most?"} for i in range(3)]
+    with count_waits(cpu_side=(_generate,), copies=True) as c:
+        kl = sequence_kl(policy, reference, tok, records, max_new_tokens=5, seed=4, batch_size=2)
+    assert c.total == 2, c  # one a batch
+    gens = [generate_for(policy, tok, records[i:i + 2], seed=4 + i) for i in (0, 2)]
+    total = 0.0
+    with torch.no_grad():
+        for p, resp, lp in (x for g in gens for x in g):
+            ids = torch.tensor([p + resp])
+            ref = reference(ids)[0, len(p) - 1:-1].float().log_softmax(-1)
+            total += float(sum(lp) - ref.gather(-1, ids[0, len(p):, None])[:, 0].sum())
+    assert kl == total / 3
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, tok.vocab_size, (2, 9), generator=g),
+               torch.randint(0, tok.vocab_size, (1, 9), generator=g)]
+    with count_waits(copies=True) as c:
+        ppl = corpus_perplexity(policy, batches)
+    assert c.total == 1, c
+    with torch.no_grad():
+        total = sum(float(policy(b[:, :-1], labels=b[:, 1:])) * b[:, 1:].numel() for b in batches)
+    assert ppl == math.exp(total / 24)
+
+
+def generate_for(policy, tok, records, seed):
+    """(prompt, response, log-probabilities) of each record, as `sequence_kl` samples them."""
+    from gptlab.engine import SamplingParams, generate
+    prompts = [encode_prompt(tok, r["prompt"]) for r in records]
+    gen = generate(policy, prompts, SamplingParams(max_new_tokens=5,
+                                                   stop_ids=tuple(sorted(tok.stop_ids))),
+                   seed=seed, pad_id=tok.pad_id)
+    return list(zip(prompts, gen.tokens, gen.logprobs))

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from gptlab.data.instruct import encode_prompt, end_of_response, template_tail
+from gptlab.devices import to_device
 from gptlab.engine import SamplingParams, generate
-from gptlab.model.heads import ScalarHeadModel
+from gptlab.model.heads import ScalarHeadModel, has_scored_token
 from gptlab.train.reward import EncodedRanking, scored_response, shared_prompt_batch
 
 
@@ -33,15 +34,17 @@ def pick_stats(correct: list[list[int]], scores: list[list[float]]) -> dict[str,
 def score_responses(reward_model: ScalarHeadModel, prompts: list[list[int]], k: int,
                     responses: list[list[int]], pad_id: int) -> list[float]:
     """Reward-model scores of K responses per prompt (responses grouped by prompt), each prompt
-    encoded once."""
+    encoded once. The batch goes to the model's device queued, and what its layout holds on
+    the host (each response's prompt, whether each has a token to score at) is told, not read
+    back: on a GPU each would wait for the device."""
     items = [EncodedRanking([p + (r or [pad_id]) for r in responses[i * k:(i + 1) * k]],
                             prompt_len=len(p))  # an empty answer still gets a score
              for i, p in enumerate(prompts)]
-    device = next(reward_model.parameters()).device
-    b = {k: v.to(device) for k, v in shared_prompt_batch(items, pad_id).items()
-         if isinstance(v, torch.Tensor)}
+    b = to_device(shared_prompt_batch(items, pad_id), next(reward_model.parameters()).device)
+    scored = all(has_scored_token(t, reward_model.pad_token_id) for t in b["cont_tokens"])
     return reward_model.score_continuations(b["prompt_ids"], b["prompt_mask"], b["rows"],
-                                            b["cont_ids"], b["cont_mask"]).tolist()
+                                            b["cont_ids"], b["cont_mask"], b["prompt_of"],
+                                            scored).tolist()
 
 
 @torch.no_grad()

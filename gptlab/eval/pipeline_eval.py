@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from gptlab.checkpoint import load_model, load_reward_model, read_meta
+from gptlab.devices import queued_copy
 from gptlab.engine import SamplingParams, generate
 from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
@@ -96,7 +97,10 @@ def rm_accuracy_noise_free(world: Any, reward_dir: Path, ties: bool = True,
 def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
                 records: list[dict], max_new_tokens: int, seed: int = 0,
                 batch_size: int = 64) -> float:
-    """Mean over prompts of Σ_t log π(y_t)/π_ref(y_t) (k1) for responses sampled from π."""
+    """Mean over prompts of Σ_t log π(y_t)/π_ref(y_t) (k1) for responses sampled from π.
+
+    Each sequence goes to the reference's device queued and its KL stays there until the
+    batch's are read together: on a GPU each read or plain copy waits for the device."""
     from gptlab.data.instruct import encode_prompt, prompt_of
     total, n = 0.0, 0
     device = next(reference.parameters()).device
@@ -105,11 +109,14 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
         gen = generate(policy, prompts, SamplingParams(max_new_tokens=max_new_tokens,
                                                        stop_ids=tuple(sorted(tok.stop_ids))),
                        seed=seed + b, pad_id=tok.pad_id)
+        kls = []
         for p, resp, lp in zip(prompts, gen.tokens, gen.logprobs):
-            ids = torch.tensor([p + resp], device=device)
+            ids = queued_copy(torch.tensor([p + resp]), device)
             ref = reference(ids)[0, len(p) - 1:-1].float().log_softmax(-1)
             ref_lp = ref.gather(-1, ids[0, len(p):, None])[:, 0]
-            total += float(sum(lp) - ref_lp.sum())
+            kls.append(sum(lp) - ref_lp.sum())
+        for kl in torch.stack(kls).tolist():  # the same numbers, summed in the same order
+            total += kl
             n += 1
     return total / max(n, 1)
 
@@ -117,10 +124,14 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
 @torch.no_grad()
 def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     """exp of the mean loss per token: each batch's mean loss weighted by its tokens, so a
-    short last batch counts for what it holds."""
+    short last batch counts for what it holds. The batches go to the model's device queued,
+    every position of a block a target (`all_targets`: no read of the labels), and the
+    losses are read together at the end: on a GPU each read or plain copy waits."""
     device = next(model.parameters()).device
-    total = sum(float(model(b[:, :-1].to(device), labels=b[:, 1:].to(device)))
-                * b[:, 1:].numel() for b in batches)
+    losses = [model(queued_copy(b[:, :-1], device), labels=queued_copy(b[:, 1:], device),
+                    all_targets=True) for b in batches]
+    total = sum(loss * b[:, 1:].numel()
+                for loss, b in zip(torch.stack(losses).tolist() if losses else [], batches))
     return math.exp(total / sum(b[:, 1:].numel() for b in batches))
 
 

@@ -113,7 +113,8 @@ class ScalarHeadModel(nn.Module):
 
         What the caller knows on the host, where it built the batch, spares a read of the
         device (on a GPU, a wait): `rows_host`, `rows` as a list; `scored`, whether every
-        continuation has a token to read its score at (`has_scored_token`)."""
+        continuation has a token to read its score at (`has_scored_token`). Where the
+        sequences themselves are scored (see below), their lengths are read once."""
         last, found = last_scored_index(cont_ids, cont_mask, self.pad_token_id)
         if scored is None:
             scored = bool(found.all())
@@ -122,14 +123,19 @@ class ScalarHeadModel(nn.Module):
             # every real sequence fits, or a continuation is all pad tokens (its score is read
             # in the prompt): score the sequences themselves, right-padded.
             rows_host = rows.tolist() if rows_host is None else rows_host
-            seqs = [torch.cat([prompt_ids[r][prompt_mask[r].bool()], c[m.bool()]])
-                    for r, c, m in zip(rows_host, cont_ids, cont_mask)]
+            # A prompt's real tokens end its row, a continuation's start its own: their
+            # counts, read together once, place them (a row indexed by its mask read the
+            # device twice a sequence, and the built batch's padding twice more).
+            P, counts = prompt_ids.shape[1], torch.cat([prompt_mask.sum(1),
+                                                        cont_mask.sum(1)]).tolist()
+            seqs = [torch.cat([prompt_ids[r, P - counts[r]:], c[:n]])
+                    for r, c, n in zip(rows_host, cont_ids, counts[len(prompt_ids):])]
             T = max(len(x) for x in seqs)
             ids = prompt_ids.new_zeros((len(seqs), T))
             mask = prompt_mask.new_zeros((len(seqs), T))
             for i, x in enumerate(seqs):
                 ids[i, :len(x)], mask[i, :len(x)] = x, 1
-            return self(ids, mask)
+            return self(ids, mask, right_padded=True)
         prefix = PrefixKV()
         self.backbone.hidden_states(prompt_ids, prompt_mask, cache=prefix)
         mask = torch.cat([prompt_mask[rows], cont_mask], 1)
