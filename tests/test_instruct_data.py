@@ -1159,6 +1159,34 @@ def test_llama2_s_end_of_response_is_what_closes_an_answer_not_the_space_before_
     assert template_tail(t, chat) == []
 
 
+def test_llama2_s_end_of_response_leaves_out_the_lead_inside_a_double_space_token():
+    """Llama 2's vocabulary has "▁▁" (its first merge, id 259), so an empty answer's
+    "[/INST]  </s>" is "▁▁", "</s>": the template's " " before the answer and the " " that
+    closes it in one token. The end was found by dropping the lead's own tokens ("▁") where
+    they began the empty answer's, which they do not here: it stayed "▁▁", "</s>", a space
+    more than the "▁", "</s>" that ends every answer. Where the lead ends is read from the text
+    the tokens write."""
+    import json
+
+    import test_tokenizer
+    import tokenizers
+    from gptlab.data.instruct import encode_response, end_of_response, template_tail
+    hf, _ = test_tokenizer.llama2_style_bpe(test_tokenizer._SPM_LINES, 120)
+    data = json.loads(hf.to_str())
+    data["model"]["vocab"]["\u2581\u2581"] = len(data["model"]["vocab"])
+    data["model"]["merges"].insert(0, ["\u2581", "\u2581"])
+    t = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(data)), "<s>", "</s>", None,
+                  chat_template=test_tokenizer.LLAMA2_CHAT)
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    names = lambda ids: [t.hf.id_to_token(i) for i in ids]  # noqa: E731
+    assert names(encode_response(t, "", chat)) == ["\u2581\u2581", "</s>"]  # as rendered
+    end = end_of_response(t, chat)
+    assert names(end) == ["\u2581", "</s>"]
+    for answer in ("(yes)", "yes", "no it is not"):
+        assert encode_response(t, answer, chat)[-2:] == end
+    assert template_tail(t, chat) == []
+
+
 @pytest.mark.parametrize("template", ["gptlab", "CHATML", "LLAMA2_CHAT"])
 def test_render_chat_s_assistant_mask_is_sft_s_answer_tokens(tok, template):
     """One definition of the assistant's tokens: `render_chat`'s mask of a whole conversation

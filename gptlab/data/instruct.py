@@ -274,13 +274,26 @@ def _response_after(tokenizer: Any, prompt: list, response: str, start: list[int
 
 def _closing_after(tokenizer: Any, prompt: list, start: list[int]) -> list[int] | None:
     """The tokens that close an answer to the chat `prompt` whose tokens are `start`: an empty
-    answer's (`_assistant_tokens_after`) less those of the template text between the generation
-    prompt and the answer (`answer_lead`), which come before an answer, not after it (Llama 2's
-    "▁", "▁", "</s>" is "▁", "</s>"); None as `_assistant_tokens_after`."""
+    answer's (`_assistant_tokens_after`) less the template text between the generation prompt
+    and the answer (`answer_lead`), which comes before an answer, not after it (Llama 2's "▁",
+    "▁", "</s>" is "▁", "</s>"); None as `_assistant_tokens_after`.
+
+    The lead ends where the text the tokens add after `start` passes it, not where its own
+    tokens would: one token may hold the lead and the closing's first characters (Llama 2's
+    vocabulary has "▁▁", and its empty answer is "▁▁", "</s>"), whose rest is then encoded
+    as it goes on after an answer ("▁", "</s>")."""
     end = _assistant_tokens_after(tokenizer, prompt, "", start)
     lead = tokenizer.answer_lead(prompt) if end else ""
-    lead_ids = tokenizer.encode_continuation(lead) if lead else []
-    return end[len(lead_ids):] if lead_ids and end[:len(lead_ids)] == lead_ids else end
+    if not lead:
+        return end
+    for n in range(1, len(end) + 1):
+        text = tokenizer.decode_continuation(start, end[:n])
+        if len(text) >= len(lead):
+            if not text.startswith(lead):
+                return end  # the tokens do not write the lead first: nothing to leave out
+            rest = text[len(lead):]
+            return (tokenizer.encode_continuation(rest) if rest else []) + end[n:]
+    return end
 
 
 def _assistant_tokens_after(tokenizer: Any, prompt: list, response: str,
