@@ -1017,6 +1017,13 @@ _BYTE_LEVEL_PROBES = ("\n\n1. first", " 2024", "12345", "caf\u00e9 cafe\u0301", 
                       "hello world")
 
 
+def listed_probes(texts: Iterable[str]) -> str:
+    """Probe texts for a note, each as `ascii` writes it: by `repr`, the probe
+    "caf\\u00e9 cafe\\u0301" (an é, then an e and a combining accent) printed as two words
+    that look the same; `ascii` writes 'caf\\xe9 cafe\\u0301'."""
+    return ", ".join(map(ascii, texts))
+
+
 def _byte_level_rebuild(cls: str | None, model_type: str | None) -> str | None:
     """The byte-level class transformers 5's AutoTokenizer builds anew for this directory, if
     any (its `tokenization_auto`: a model_type qwen2 always gets Qwen2Tokenizer, a gpt2 one
@@ -1077,7 +1084,7 @@ def _note_byte_level_rebuild(hf: tokenizers.Tokenizer, built: str, cls: str | No
         where, what = config_file, f"field 'tokenizer_class': {cls}"
     note_once(where, f"{what}: transformers 5 builds {built} from the vocabulary and merges of "
                      f"{file.name} with {own}, not the file's normalizer and pre-tokenizer, so "
-                     f"its ids differ from gptlab's (on {', '.join(map(repr, differ))}). gptlab "
+                     f"its ids differ from gptlab's (on {listed_probes(differ)}). gptlab "
                      f"encodes as {file.name} is written, as transformers 4 does; for "
                      f"transformers 5's ids, copy the {file.name} that transformers 5's "
                      f"save_pretrained writes over this one")

@@ -1621,6 +1621,12 @@ def _byte_level_bpe(pipeline: str) -> tokenizers.Tokenizer:
     return hf
 
 
+def test_probe_texts_are_listed_so_that_texts_that_look_alike_differ():
+    from gptlab.tokenizer import listed_probes
+    assert listed_probes(["caf\u00e9 cafe\u0301", "\n\n1. first", " it's"]) == (
+        "'caf\\xe9 cafe\\u0301', '\\n\\n1. first', \" it's\"")
+
+
 @pytest.mark.parametrize("pipeline, model_type, cls, noted", [
     # SmolLM's directories: transformers 5 drops the digit split ("\n\n1." is "\n", "\n", ...).
     ("smollm", "llama", "GPT2Tokenizer", "tokenizer_config.json"),
@@ -1658,11 +1664,13 @@ def test_byte_level_classes_transformers_5_rebuilds_are_noted_where_its_ids_diff
     if noted:
         assert err.startswith(f"note: {d / noted}, field "
                               f"'{'model_type' if noted == 'config.json' else 'tokenizer_class'}'")
+        # The probes escaped: "caf\u00e9 cafe\u0301" printed by repr as two words alike.
+        assert err.isascii(), err
     if transformers_major() >= 5:
         theirs = auto_tokenizer(d)
         measured = {text for text in _BYTE_LEVEL_PROBES
                     if ours.encode(text) != theirs(text, add_special_tokens=False)["input_ids"]}
-        assert measured == {text for text in _BYTE_LEVEL_PROBES if repr(text) in err}
+        assert measured == {text for text in _BYTE_LEVEL_PROBES if ascii(text) in err}
         assert bool(measured) is (noted is not None)
     load_tokenizer(d)
     assert capsys.readouterr().err == ""  # once per process

@@ -678,7 +678,7 @@ def _note_qwen2_tokenizer(out: Path, tokenizer: Any, tcfg: dict) -> None:
     model_type qwen2 it builds Qwen2Tokenizer from tokenizer.json's vocabulary and merges with
     Qwen2's own normalizer and split, whatever class the directory names (the check
     `load_tokenizer` notes when it reads such a directory)."""
-    from gptlab.tokenizer import byte_level_rebuild_differs, note_once
+    from gptlab.tokenizer import byte_level_rebuild_differs, listed_probes, note_once
 
     differ, own = byte_level_rebuild_differs(tokenizer.hf, "Qwen2Tokenizer", tcfg)
     if differ:
@@ -686,5 +686,5 @@ def _note_qwen2_tokenizer(out: Path, tokenizer: Any, tcfg: dict) -> None:
                   f"field 'model_type': qwen2: transformers 5 reads this model's tokenizer as "
                   f"Qwen2Tokenizer, built from the vocabulary and merges of tokenizer.json with "
                   f"{own}, not the file's normalizer and pre-tokenizer, so its ids differ from "
-                  f"gptlab's (on {', '.join(map(repr, differ))}); transformers 4 reads "
+                  f"gptlab's (on {listed_probes(differ)}); transformers 4 reads "
                   f"tokenizer.json as written, as gptlab does")
