@@ -25,7 +25,7 @@ from gptlab.train.loop import TrainConfig, count_tokens, train
 from gptlab.train.pretrain import lm_loss
 from gptlab.train.ppo import PPOConfig, PPOTrainer, layout, minibatches, right_padded_rows
 from gptlab.train.reward import (EncodedRanking, collate_rankings, normalize_scores,
-                                 ranked_scores, reward_loss)
+                                 pairs_right_by_ranking, ranked_scores, reward_loss)
 from gptlab.train.sft import plan_batch, sft_loss, target_tokens
 
 import instruct_task as task
@@ -459,3 +459,21 @@ def test_normalizing_a_reward_models_scores_copies_its_batches_queued():
     with count_waits(copies=True) as c:
         normalize_scores(rm, seqs, 0, batch_size=2)
     assert not any(site.startswith("copy") for site in c.sites), c
+
+
+def test_held_out_accuracy_reads_each_batch_once():
+    """pairs_right_by_ranking, which the pipeline's noise-free check and `reward`'s held-out
+    accuracy run: one read a batch for its counts (two a ranking before), the same counts."""
+    rng = random.Random(1)
+    items = []
+    for _ in range(6):
+        p = [rng.randrange(1, 60) for _ in range(rng.randrange(3, 9))]
+        items.append(EncodedRanking([p + [rng.randrange(1, 60) for _ in range(rng.randint(1, 5))]
+                                     for _ in range(3)], prompt_len=len(p)))
+    rm = ScalarHeadModel(tiny(2).config)
+    batches = [collate_rankings(items[i:i + 3], 0) for i in (0, 3)]
+    with count_waits() as c:
+        got = pairs_right_by_ranking(rm, batches)
+    assert len(got) == 6 and all(n == 3 for _, n in got)
+    assert all(r in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0) for r, _ in got)
+    assert c.total <= len(batches), c  # one read a batch, of the counts

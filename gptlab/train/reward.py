@@ -252,7 +252,8 @@ def pairs_right_by_ranking(model: ScalarHeadModel, batches: list[dict[str, Tenso
         pairs = preference_pairs(b["k"], s.shape[1], b["groups"])
         diff = s[:, :, None] - s[:, None, :]
         right = ((diff > 0) & pairs).sum((1, 2)) + 0.5 * ((diff == 0) & pairs).sum((1, 2))
-        out += [(float(r), int(n)) for r, n in zip(right, pairs.sum((1, 2)))]
+        counts = torch.stack([right.float(), pairs.sum((1, 2)).float()], 1).tolist()
+        out += [(r, int(n)) for r, n in counts]  # one read a batch
     model.train(was)
     return out
 
