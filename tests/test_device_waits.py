@@ -147,14 +147,20 @@ def test_an_sft_step_waits_once_at_any_depth(layers, prefix_len, tmp_path):
     assert waits <= SFT_WAITS
 
 
-@pytest.mark.parametrize("layers", [2, 4])
-def test_a_reward_model_step_waits_once_at_any_depth(layers, tmp_path):
-    rng = random.Random(0)
+def random_rankings(seed: int, n: int) -> list[EncodedRanking]:
+    """n rankings of 3 responses, each a prompt of 3-8 tokens and 1-5 more, drawn from seed."""
+    rng = random.Random(seed)
     items = []
-    for _ in range(4):
+    for _ in range(n):
         p = [rng.randrange(1, 60) for _ in range(rng.randrange(3, 9))]
         items.append(EncodedRanking([p + [rng.randrange(1, 60) for _ in range(rng.randint(1, 5))]
                                      for _ in range(3)], prompt_len=len(p)))
+    return items
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_a_reward_model_step_waits_once_at_any_depth(layers, tmp_path):
+    items = random_rankings(0, 4)
     rm = ScalarHeadModel(tiny(2).config)
     rm.backbone = tiny(layers)
     rm.config = rm.backbone.config
@@ -464,12 +470,7 @@ def test_normalizing_a_reward_models_scores_copies_its_batches_queued():
 def test_held_out_accuracy_reads_each_batch_once():
     """pairs_right_by_ranking, which the pipeline's noise-free check and `reward`'s held-out
     accuracy run: one read a batch for its counts (two a ranking before), the same counts."""
-    rng = random.Random(1)
-    items = []
-    for _ in range(6):
-        p = [rng.randrange(1, 60) for _ in range(rng.randrange(3, 9))]
-        items.append(EncodedRanking([p + [rng.randrange(1, 60) for _ in range(rng.randint(1, 5))]
-                                     for _ in range(3)], prompt_len=len(p)))
+    items = random_rankings(1, 6)
     rm = ScalarHeadModel(tiny(2).config)
     batches = [collate_rankings(items[i:i + 3], 0) for i in (0, 3)]
     with count_waits() as c:
