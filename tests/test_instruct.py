@@ -89,23 +89,32 @@ def test_held_out_accuracy_and_its_interval_recomputed_by_hand(run):
     meta = json.loads((d / "rm" / "config.json").read_text())
     rm, tok, _ = load_model(d / "rm")
     _, held = split_rankings(read_rankings(d / "rankings.jsonl"), 0.1, 0)
-    per_prompt = []  # (pairs ordered rightly, pairs with a preference) of each held-out prompt
+    by_prompt = {}  # (pairs ordered rightly, pairs with a preference) of each held-out prompt
     for r in held:
         with torch.no_grad():
             s = [rm(torch.tensor([tok.encode(r.prompt, bos=True) + tok.encode(x) + [tok.eos_id]]))
                  .item() for x in r.ranked]
         pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if r.groups[i] < r.groups[j]]
-        per_prompt.append((sum((s[i] > s[j]) + 0.5 * (s[i] == s[j]) for i, j in pairs),
-                           len(pairs)))
-    per_prompt = [(a, n) for a, n in per_prompt if n]
+        a, n = by_prompt.get(r.prompt, (0, 0))  # one prompt ranked twice is one draw
+        by_prompt[r.prompt] = (a + sum((s[i] > s[j]) + 0.5 * (s[i] == s[j]) for i, j in pairs),
+                               n + len(pairs))
+    per_prompt = [(a, n) for a, n in by_prompt.values() if n]
     right, total, k = sum(a for a, _ in per_prompt), sum(n for _, n in per_prompt), len(per_prompt)
     assert k >= 2 and meta["heldout_pairs"] == total
     acc = right / total
     assert meta["heldout_pairwise_acc"] == pytest.approx(acc)
-    var = k / (k - 1) * sum((a - acc * n) ** 2 for a, n in per_prompt) / total ** 2
-    half = t_975(k - 1) * var ** 0.5  # the prompts the draws: k − 1 degrees of freedom
-    assert meta["heldout_pairwise_acc_ci95"] == pytest.approx([max(0, acc - half),
-                                                              min(1, acc + half)], abs=1e-6)
+    t = t_975(k - 1)  # the prompts the draws: k − 1 degrees of freedom
+    if len({a / n for a, n in per_prompt}) == 1:
+        # Every prompt at one rate (this model: right on both): no spread, Wilson's interval on
+        # k draws, at a rate of 1 [k / (k + t²), 1].
+        centre = acc + t * t / (2 * k)
+        spread = t * (acc * (1 - acc) / k + t * t / (4 * k * k)) ** 0.5
+        expected = [(centre - spread) / (1 + t * t / k), (centre + spread) / (1 + t * t / k)]
+    else:
+        half = t * (k / (k - 1) * sum((a - acc * n) ** 2 for a, n in per_prompt)) ** 0.5 / total
+        expected = [acc - half, acc + half]
+    assert meta["heldout_pairwise_acc_ci95"] == pytest.approx([max(0, expected[0]),
+                                                              min(1, expected[1])], abs=1e-6)
 
 
 def test_reward_model_normalised_on_a_samples_file(run, tmp_path):

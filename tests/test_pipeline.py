@@ -238,8 +238,13 @@ def test_clustered_rate_by_hand():
     assert clustered_rate([(3, 3), (2, 3)])["ci95"][1] == 1.0
     assert clustered_rate([(2, 3)]) == {"mean": 2 / 3, "ci95": None, "clusters": 1, "n": 3}
     assert clustered_rate([])["mean"] is None
-    # Every prompt at the same rate: no spread between prompts, an interval of zero width.
-    assert clustered_rate([(1, 2), (2, 4)])["ci95"] == pytest.approx([0.5, 0.5])
+    # Every prompt at the same rate: no spread between prompts, yet two prompts say little:
+    # Wilson's interval on two draws, t = 12.706, 0.5 ± t · √(1/8 + t²/16) / (1 + t²/2) =
+    # [0.003, 0.997], where it was [0.5, 0.5].
+    t = t_975(1)
+    half = t * (1 / 8 + t * t / 16) ** 0.5 / (1 + t * t / 2)
+    assert clustered_rate([(1, 2), (2, 4)])["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert round(half, 3) == 0.497
 
 
 def test_identical_answers_give_an_interval_of_zero_that_does_not_exclude_it():

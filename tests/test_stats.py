@@ -133,9 +133,46 @@ def test_clustered_rate_equals_a_numpy_reference(seed):
     assert (r["clusters"], r["n"]) == (k, int(total.sum()))
 
 
-def test_clustered_rate_with_every_cluster_alike_has_no_spread():
-    assert clustered_rate([(1, 1)] * 7)["ci95"] == [1.0, 1.0]
-    assert clustered_rate([(0, 3), (0, 5)])["ci95"] == [0.0, 0.0]
+def test_clustered_rate_right_on_every_cluster_stays_wide_on_few():
+    # Right on each of 7 prompts: no spread between them, and [1, 1] claimed certainty from 7
+    # draws. Wilson's interval on 7 draws with t for six degrees of freedom (2.447) gives
+    # [7 / (7 + 2.447²), 1] = [0.539, 1]; the exact binomial bound 0.025^(1/7) is 0.590.
+    r = clustered_rate([(1, 1)] * 7)
+    assert (r["mean"], r["clusters"], r["n"]) == (1.0, 7, 7)
+    assert r["ci95"][0] == pytest.approx(7 / (7 + 2.447 ** 2), abs=1e-4)
+    assert round(r["ci95"][0], 3) == 0.539 and r["ci95"][1] == 1.0
+    assert r["ci95"][0] < 0.025 ** (1 / 7)
+    # Prompts of many pairs each are still 7 draws: the same interval.
+    assert clustered_rate([(3, 3), (5, 5), (1, 1), (2, 2), (4, 4), (1, 1), (6, 6)]) == {
+        **r, "n": 22}
+
+
+def test_clustered_rate_wrong_on_every_cluster_stays_wide_on_few():
+    # Wrong on each of 5 prompts: [0, t²/(5 + t²)] with t = 2.776 (four degrees of freedom),
+    # [0, 0.607], where it was [0, 0]; on two prompts t = 12.706: [0, 0.988].
+    r = clustered_rate([(0, 1), (0, 2), (0, 1), (0, 4), (0, 1)])
+    assert (r["mean"], r["clusters"], r["n"]) == (0.0, 5, 9)
+    assert r["ci95"][0] == 0.0
+    assert r["ci95"][1] == pytest.approx(2.776 ** 2 / (5 + 2.776 ** 2), abs=1e-4)
+    assert round(r["ci95"][1], 3) == 0.607
+    two = clustered_rate([(0, 3), (0, 5)])["ci95"]
+    assert two[0] == 0.0 and two[1] == pytest.approx(12.706 ** 2 / (2 + 12.706 ** 2), abs=1e-5)
+
+
+def test_clustered_rate_with_every_cluster_at_one_rate_is_decided_exactly():
+    # 3 of 11 and 15 of 55: both 3/11, yet rounding left var at 1e−33 and an interval 1e−15
+    # wide. Wilson's on two draws (t = 12.706) instead: (3/11 + t²/4 ± t · √(3/11 · 8/11 / 2 +
+    # t²/16)) / (1 + t²/2) = [0.001, 0.994].
+    r = clustered_rate([(3, 11), (15, 55)])
+    t = t_975(1)
+    centre, spread = 3 / 11 + t * t / 4, t * math.sqrt(3 / 11 * 8 / 11 / 2 + t * t / 16)
+    assert r["ci95"] == pytest.approx([(centre - spread) / (1 + t * t / 2),
+                                       (centre + spread) / (1 + t * t / 2)], abs=1e-12)
+    assert [round(x, 3) for x in r["ci95"]] == [0.001, 0.994]
+    # One cluster off the common rate: the t interval as before, however narrow.
+    near = clustered_rate([(1, 1)] * 6 + [(9, 10)])
+    var = 7 / 6 * (6 * (1 - 15 / 16) ** 2 + (9 - 10 * 15 / 16) ** 2) / 16 ** 2
+    assert near["ci95"] == pytest.approx([15 / 16 - t_975(6) * math.sqrt(var), 1.0], abs=1e-12)
 
 
 def test_clustered_rate_sums_the_counts_of_one_cluster_into_one_draw():

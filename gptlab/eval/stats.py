@@ -109,7 +109,18 @@ def clustered_rate(counts: Sequence[tuple[float, int]],
     var = k/(k−1) · Σ (right_i − rate·total_i)² / (Σ total)².
     `clusters`: each count's cluster where several counts may share one (one prompt ranked in
     two rounds: two rankings, one draw), summed into one before the interval; None: each count
-    its own. Fewer than two clusters give no interval."""
+    its own. Fewer than two clusters give no interval.
+    Where every cluster has the overall rate (right on each of 7 prompts; a rate of 0 or 1 is
+    always one such case) var is 0, and rate ± t · √var was [rate, rate], certainty from 7
+    draws. There the interval is `wilson_interval` with the k clusters as the draws: a
+    cluster's rate lies in [0, 1], so its variance is at most rate·(1 − rate), a Bernoulli
+    draw's, the most the clusters could spread where the sample shows none. Its quantile is
+    the same t for k − 1 degrees of freedom: with it the bound at k of k, k/(k + t²), stays
+    below the exact binomial (Clopper–Pearson) bound 0.025^(1/k) (0.539 against 0.590 at 7 of
+    7; checked up to 2,000 clusters), which the normal's 1.96 passes up to 45 clusters (0.646
+    at 7). "Every cluster alike" is decided on the counts exactly (right_i · total_j = right_j ·
+    total_i), not on var, which rounding leaves at 1e−33 for 3 of 11 and 15 of 55 (an interval
+    1e−15 wide)."""
     if clusters is not None:
         if len(clusters) != len(counts):
             raise ValueError("clustered_rate needs one cluster per count")
@@ -126,7 +137,25 @@ def clustered_rate(counts: Sequence[tuple[float, int]],
     k = len(counts)
     if k < 2:
         return {"mean": rate, "ci95": None, "clusters": k, "n": total}
+    q = t_975(k - 1)
+    r0, n0 = counts[0]
+    if all(r * n0 == r0 * n for r, n in counts):
+        return {"mean": rate, "ci95": wilson_interval(rate, k, q), "clusters": k, "n": total}
     var = k / (k - 1) * sum((r - rate * n) ** 2 for r, n in counts) / total ** 2
-    half = t_975(k - 1) * math.sqrt(var)
+    half = q * math.sqrt(var)
     return {"mean": rate, "ci95": [max(0.0, rate - half), min(1.0, rate + half)], "clusters": k,
             "n": total}
+
+
+def wilson_interval(rate: float, n: int, q: float) -> list[float]:
+    """The Wilson score interval for a rate observed on `n` draws, with quantile `q`: the rates p
+    with |rate − p| <= q · √(p(1 − p) / n), (rate + q²/2n ± q · √(rate(1 − rate)/n + q²/4n²)) /
+    (1 + q²/n). Unlike rate ± q · √(rate(1 − rate)/n) it does not shrink to a point at a rate of
+    0 or 1: at n of n it is [n / (n + q²), 1]."""
+    q2 = q * q
+    centre = rate + q2 / (2 * n)
+    spread = q * math.sqrt(rate * (1 - rate) / n + q2 / (4 * n * n))
+    scale = 1 + q2 / n
+    lo = 0.0 if rate == 0 else max(0.0, (centre - spread) / scale)
+    hi = 1.0 if rate == 1 else min(1.0, (centre + spread) / scale)
+    return [lo, hi]
