@@ -236,7 +236,7 @@ def test_corpus_perplexity_weighs_each_batch_by_its_tokens():
     from gptlab.eval.pipeline_eval import corpus_perplexity
 
     class Model(torch.nn.Linear):  # a module: the batches go to its parameters' device
-        def forward(self, x, labels):
+        def forward(self, x, labels, all_targets=False):
             return torch.tensor(5.0 if x.shape[0] == 1 else 1.0)
     model = Model(1, 1)
     batches = [torch.zeros(8, 17, dtype=torch.long)] * 5 + [torch.zeros(1, 17, dtype=torch.long)]
