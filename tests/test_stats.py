@@ -106,6 +106,11 @@ def test_every_question_differing_alike_gives_no_interval_and_the_sign_test_deci
     d = paired_delta([1] * 600, [0] * 600)
     assert d["ci95"] is None and d["p_sign"] == 2 / 2 ** 600
     assert "sign test p = 4.8e-181" in describe_delta(d)
+    # Decided on the differences, not on their variance, which rounding left at 2e-33 for 0.1
+    # on each of 3 questions: an interval 1e-16 wide, "excluding 0".
+    for a, b in (([0.1] * 3, [0.0] * 3), ([0.7] * 10, [0.0] * 10)):
+        d = paired_delta(a, b)
+        assert d["ci95"] is None and not excludes_zero(d) and d["better"] == len(a)
     # One question differing among equal ones has spread again: an interval, and it includes 0.
     d = paired_delta([1, 1, 1], [0, 0, 1])
     assert d["ci95"] is not None and not excludes_zero(d)

@@ -67,7 +67,9 @@ def paired_delta(a: Sequence[float], b: Sequence[float]) -> dict:
     whenever the two differ. Nor have pairs that all differ by one nonzero amount (right
     against wrong on each of 3 questions): sd 0 gave [d, d], "excluding 0" on two questions as
     on two thousand; their interval is None too, and the sign test, exact, is the verdict
-    (p = 0.25 on 3 of 3). Pairs all tied keep [0, 0], which includes 0 and claims nothing."""
+    (p = 0.25 on 3 of 3). Pairs all tied keep [0, 0], which includes 0 and claims nothing.
+    "All alike" is decided on the differences exactly, not on the variance, which rounding
+    leaves above 0 for 0.1 on each of 3 (an interval 1e−16 wide that excludes 0)."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_delta needs two equally long, non-empty sequences")
     d = [x - y for x, y in zip(a, b)]
@@ -75,8 +77,8 @@ def paired_delta(a: Sequence[float], b: Sequence[float]) -> dict:
     mean = sum(d) / n
     ci95 = None
     if n > 1:
-        var = sum((x - mean) ** 2 for x in d) / (n - 1)
-        if var > 0 or mean == 0:
+        if any(x != d[0] for x in d) or d[0] == 0:
+            var = sum((x - mean) ** 2 for x in d) / (n - 1)
             half = t_975(n - 1) * math.sqrt(var / n)
             ci95 = [mean - half, mean + half]
     better, worse = sum(x > 0 for x in d), sum(x < 0 for x in d)
