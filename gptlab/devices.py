@@ -20,12 +20,14 @@ def queued_copy(t: Tensor, device: torch.device | str) -> Tensor:
     memory, queued behind the stream's work (a plain copy waits for that work to finish, and
     a non-blocking one is safe only from pinned memory); elsewhere a plain copy. The pinned
     buffer is a fresh copy of `t`, which nothing writes again (torch's pinned allocator hands
-    it out again only once the copy has run), so `t` may change at once."""
+    it out again only once the copy has run), so `t` may change at once. A `t` pinned already
+    is copied too: its `pin_memory` is `t` itself, which the queued copy would read after the
+    host had gone on to change it."""
     device = torch.device(device)
     if t.device == device:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
+        return (t.clone() if t.is_pinned() else t).pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 

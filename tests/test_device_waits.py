@@ -377,6 +377,17 @@ def test_a_queued_copy_to_a_gpu_goes_through_pinned_memory(monkeypatch):
     assert calls == [("to", "cuda", {})]
 
 
+def test_a_queued_copy_of_a_pinned_tensor_reads_a_copy_of_it(monkeypatch):
+    # pin_memory gives a pinned tensor itself: the queued copy read it after the host changed it.
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **kw: t)  # what the copy reads
+    x = torch.arange(3)
+    read = queued_copy(x, "cuda")
+    x += 10
+    assert read is not x and read.tolist() == [0, 1, 2]
+
+
 def test_the_common_loops_batches_go_to_a_gpu_through_pinned_memory(monkeypatch):
     # Each tensor of every verb's batches, pinned afresh (nothing writes it while it is read).
     calls = []
