@@ -548,13 +548,8 @@ def _check_one_split(d: Path, files: list[Path]) -> None:
     splits = _splits(d, files)
     if len(splits) < 2:
         return
-    names = ([s for s in _SPLIT_WORDS if s in splits]
-             + sorted(s for s in splits if s not in _SPLIT_WORDS))
+    names, a, b = _two_splits_named(splits)
     first = splits[names[0]]
-    a = first[0][0]
-    # A file of the second split's that is not the first's too, if it has one.
-    firsts = {f for f, _ in first}
-    b = next((f for f, _ in splits[names[1]] if f not in firsts), a)
     which = (f"{a.relative_to(d)} is {names[0]}'s, {b.relative_to(d)} {names[1]}'s" if b != a
              else f"{a.relative_to(d)} is {names[0]}'s and {names[1]}'s")
     folders = {folder for _, folder in first}
@@ -568,6 +563,17 @@ def _check_one_split(d: Path, files: list[Path]) -> None:
     raise UserError(f"holds the files of {len(names)} splits ({', '.join(names)}), as datasets "
                     f"names them: {which}; read as one, a split held out for evaluation would "
                     f"be read with the others: {pick}", path=d)
+
+
+def _two_splits_named(splits: Splits) -> tuple[list[str], Path, Path]:
+    """(the split names, train, validation and test first; a file of the first split; a file of
+    the second that is not the first's too, if it has one, else the same) for an error to name."""
+    names = ([s for s in _SPLIT_WORDS if s in splits]
+             + sorted(s for s in splits if s not in _SPLIT_WORDS))
+    a = splits[names[0]][0][0]
+    firsts = {f for f, _ in splits[names[0]]}
+    b = next((f for f, _ in splits[names[1]] if f not in firsts), a)
+    return names, a, b
 
 
 def check_one_split_given(paths: list[Path], reached: list[tuple[Path, str]],
@@ -585,11 +591,7 @@ def check_one_split_given(paths: list[Path], reached: list[tuple[Path, str]],
     splits = _splits(common, list(given))
     if len(splits) < 2:
         return
-    names = ([s for s in _SPLIT_WORDS if s in splits]
-             + sorted(s for s in splits if s not in _SPLIT_WORDS))
-    firsts = {f for f, _ in splits[names[0]]}
-    a = splits[names[0]][0][0]
-    b = next((f for f, _ in splits[names[1]] if f not in firsts), a)
+    names, a, b = _two_splits_named(splits)
     which = (f"{given[a]} is {names[0]}'s, {given[b]} {names[1]}'s" if b != a
              else f"{given[a]} is {names[0]}'s and {names[1]}'s")
     raise UserError(f"gives the files of {len(names)} splits ({', '.join(names)}), as datasets "
