@@ -20,7 +20,7 @@ from gptlab.tokenizer import train_tokenizer
 from gptlab.train import ppo as ppo_module
 from gptlab.train.loop import read_metrics
 from gptlab.train.pipeline import Pipeline, PipelineConfig
-from gptlab.train.ppo import PPOConfig, ppo
+from gptlab.train.ppo import PPOConfig, PPOTrainer, ppo
 
 import instruct_task as task
 
@@ -126,6 +126,16 @@ def test_ppo_ends_on_a_line_of_its_last_step_as_sft_and_reward_end_on_theirs(set
     # Resumed with no step left, it says the same of the step metrics.jsonl holds.
     assert main([*ppo_cli(args, run, save_every=1), "--steps", "2", "--resume"]) == 0
     assert capsys.readouterr().err.splitlines()[-1] == said
+
+
+def test_ppo_s_last_line_says_nan_of_a_value_metrics_jsonl_kept_as_null(tmp_path):
+    # A resume with no step left reads the row back, where a non-finite value is null: the
+    # line's format raised TypeError on None after the policy was saved.
+    trainer = PPOTrainer.__new__(PPOTrainer)
+    trainer.step, trainer.out = 3, tmp_path
+    line = trainer._summary({"reward": None, "kl": 0.25, "response_length": None})
+    assert line == (f"PPO: 3 steps; last step: reward nan, kl 0.250, response length nan "
+                    f"tokens; saved to {tmp_path}")
 
 
 def test_no_progress_silences_the_step_lines_not_metrics(setup, tmp_path, capsys):

@@ -923,10 +923,13 @@ class PPOTrainer:
         """The line `gptlab ppo` ends on, as `sft` and `reward` end on theirs: the steps, the
         last step's mean reward, KL from the reference (summed over a response) and response
         length, and where the policy is."""
+        def num(key: str, spec: str) -> str:  # metrics.jsonl stores a non-finite value as null
+            value = last[key]
+            return format(value, spec) if isinstance(value, (int, float)) else "nan"
         said = ""
         if last is not None and {"reward", "kl", "response_length"} <= last.keys():
-            said = (f"; last step: reward {last['reward']:+.3f}, kl {last['kl']:.3f}, response "
-                    f"length {last['response_length']:.1f} tokens")
+            said = (f"; last step: reward {num('reward', '+.3f')}, kl {num('kl', '.3f')}, "
+                    f"response length {num('response_length', '.1f')} tokens")
         return f"PPO: {counted(self.step, 'step')}{said}; saved to {self.out}"
 
     def _update_sizes(self) -> dict[str, int]:
