@@ -1553,7 +1553,7 @@ def test_val_data_holding_the_training_records_in_another_file_or_format_is_refu
     err = capsys.readouterr().err
     assert "holds the same" not in err
     assert (f"warning: {tmp_path / 'three.jsonl'}:1: 3 of 3 held-out {what} (val_data, "
-            f"--val-data) are training {what} too (data, --data), the first this one, at "
+            f"--val-data) are training {what} too (data, --data), the first of them at "
             f"{train}:4: validation scores them as trained on; remove them from one of the "
             f"files\n") in err
     shutil.rmtree(out)

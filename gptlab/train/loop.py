@@ -209,7 +209,7 @@ def warn_shared_held_out(train: list, val: list, key: Callable[[Any], Hashable],
         return
     v, t = shared[0], first_in_train[key(shared[0])]
     print(f"warning: {v.file or val_path}:{v.line}: {len(shared)} of {len(val)} held-out {what} "
-          f"(val_data, --val-data) are training {what} too (data, --data), the first this one, "
+          f"(val_data, --val-data) are training {what} too (data, --data), the first of them "
           f"at {t.file or data_path}:{t.line}: validation scores them as trained on; remove them "
           f"from one of the files", file=sys.stderr)
 
