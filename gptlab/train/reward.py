@@ -148,7 +148,12 @@ def scored_response(tokens: list[int], finished: bool, end: list[int], room: int
     return body[:max(0, room - len(end) - len(tail))] + end + tail
 
 
-def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
+# A collated batch of rankings: tensors, and with a shared prompt two host lists (`prompt_of`,
+# `cont_tokens`) that say what the device would otherwise be read for.
+RankingBatch = dict[str, Any]
+
+
+def collate_rankings(items: list[EncodedRanking], pad_id: int) -> RankingBatch:
     """All responses of the batch, flattened to (N, T) right-padded rows; `k` per prompt and
     `groups` (B, Kmax), each response's level, padded past k."""
     seqs = [s for it in items for s in it.seqs]
@@ -167,7 +172,7 @@ def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, Tens
     return batch
 
 
-def shared_prompt_batch(items: list[EncodedRanking], pad_id: int) -> dict[str, Tensor]:
+def shared_prompt_batch(items: list[EncodedRanking], pad_id: int) -> RankingBatch:
     """The same batch as prompts (B, P) left-padded plus responses (N, R) right-padded, so a
     prompt is encoded once for its K responses (see ScalarHeadModel.score_continuations);
     on the host, lists: `prompt_of`, each response's prompt (`rows`), and `cont_tokens`, each
@@ -192,7 +197,7 @@ def shared_prompt_batch(items: list[EncodedRanking], pad_id: int) -> dict[str, T
             "cont_tokens": [frozenset(c) for c in conts]}
 
 
-def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
+def ranked_scores(model: ScalarHeadModel, batch: RankingBatch) -> Tensor:
     """Scores laid out (B, Kmax) best first, padded with 0 past each prompt's K."""
     if "prompt_ids" in batch:
         # Each continuation's distinct tokens say whether it has one to score (not the model's
@@ -219,14 +224,14 @@ def ranked_scores(model: ScalarHeadModel, batch: dict[str, Tensor]) -> Tensor:
     return out
 
 
-def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def reward_loss(model: nn.Module, batch: RankingBatch) -> Tensor:
     device = batch["input_ids"].device
     return kwise_ranking_loss(ranked_scores(model, batch), queued_copy(batch["k"], device),
                               queued_copy(batch["groups"], device))
 
 
 @torch.no_grad()
-def pairwise_accuracy(model: ScalarHeadModel, batches: list[dict[str, Tensor]]) -> float:
+def pairwise_accuracy(model: ScalarHeadModel, batches: list[RankingBatch]) -> float:
     """Share of pairs with a real preference (i above j, not tied) that the model scores
     r_i > r_j (equal scores count half)."""
     return share_right(pairs_right_by_ranking(model, batches))
@@ -238,7 +243,7 @@ def share_right(counts: list[tuple[float, int]]) -> float:
 
 
 @torch.no_grad()
-def pairs_right_by_ranking(model: ScalarHeadModel, batches: list[dict[str, Tensor]]
+def pairs_right_by_ranking(model: ScalarHeadModel, batches: list[RankingBatch]
                            ) -> list[tuple[float, int]]:
     """For each ranking, (pairs the model orders rightly, equal scores counting half; pairs
     with a real preference)."""
