@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
-from gptlab.errors import UserError, check_bool
+from gptlab.errors import NotFound, UserError, check_bool
 from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_error,
                        new_temp_dir, read_json, remove_stale_temps, replace_dir,
                        restore_non_finite, write_json_atomic, write_text_atomic)
@@ -349,7 +349,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """
     p = Path(path)
     if not p.exists():
-        raise UserError("model not found", path=p)
+        raise NotFound("model not found", path=p)
     # A config.json with a "format" of gptlab's (any version) is gptlab's, even one this
     # version cannot read; any other is a Hugging Face model's.
     fmt = _config_format(p) if p.is_dir() else None

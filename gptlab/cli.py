@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Callable, Iterator, Sequence
 
-from gptlab.errors import PathError, UserError, counted, field_of_path, path_error
+from gptlab.errors import NotFound, PathError, UserError, counted, field_of_path, path_error
 
 DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
 GREEDY_HELP = "always take the most likely token (no sampling)"
@@ -648,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             named = path_error(e, _flags_given(args), writer="--out")
             # No flag gave the path (a --config file did): the stage's field stays.
             e = named if named is not None and named.field is not None else e
-        elif e.field is None and e.line is None and e.message.endswith("not found"):
+        elif isinstance(e, NotFound) and e.field is None and e.line is None:
             e = _with_flag(e, args)
         print(f"{_command(args)}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -22,7 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
-from gptlab.errors import UserError
+from gptlab.errors import NotFound, UserError
 from gptlab.io import utf8_lines
 
 T = TypeVar("T")
@@ -322,7 +322,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.exists():
-            raise UserError("config file not found", path=path)
+            raise NotFound("config file not found", path=path)
         # utf8_lines refuses a directory, and a byte that is not UTF-8 by its line.
         text = "\n".join(line for _, line in utf8_lines(path))
         try:

@@ -50,11 +50,15 @@ class UserError(Exception):
         return UserError(self.message, path=path, line=line, field=self.field)
 
 
+class NotFound(UserError):
+    """A path the user gave that does not exist: the command line names the flag that gave it."""
+
+
 def require_file(path: str | Path, what: str = "file") -> Path:
-    """Return `path` as a Path, or raise a UserError if it does not exist."""
+    """Return `path` as a Path, or raise NotFound if it does not exist."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{what} not found", path=p)
+        raise NotFound(f"{what} not found", path=p)
     return p
 
 

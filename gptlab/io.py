@@ -53,7 +53,7 @@ try:
 except ImportError:  # Windows: no flock; stale temporaries are then left in place
     fcntl = None  # type: ignore[assignment]
 
-from gptlab.errors import UserError
+from gptlab.errors import NotFound, UserError
 
 
 def _file_under(path: Path) -> Path | None:
@@ -761,7 +761,7 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     as such (`other_format`), not by its first byte that is not UTF-8."""
     path = Path(path)
     if not path.exists():
-        raise UserError("file not found", path=path)
+        raise NotFound("file not found", path=path)
     if path.is_dir():
         raise UserError("is a directory, not a file", path=path)
     other = other_format(path)
@@ -824,7 +824,7 @@ def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
     path = Path(path)
     if not path.exists():
-        raise UserError("file not found", path=path)
+        raise NotFound("file not found", path=path)
     try:
         batches = pq.ParquetFile(path).iter_batches()
         n = 0

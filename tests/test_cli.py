@@ -10,7 +10,7 @@ import torch
 from gptlab.checkpoint import save_model
 from gptlab.cli import VERBS, main
 from gptlab.config import load_config
-from gptlab.errors import UserError
+from gptlab.errors import NotFound, UserError
 from gptlab.io import read_jsonl, write_jsonl_atomic
 from gptlab.model import GPT, get_preset
 from gptlab.provenance import record_run
@@ -1945,6 +1945,23 @@ def test_a_missing_input_file_names_the_flag_that_gave_it(tmp_path, tiny_model, 
     err = capsys.readouterr().err
     assert f": error: {gone}, field '{flag}': " in err and err.endswith("not found\n"), err
     assert not out.exists()
+
+
+def test_only_a_path_not_found_is_renamed_for_its_flag_not_a_message_that_ends_alike(
+        tmp_path, capsys, monkeypatch):
+    # The flag was chosen by the message's last words ("not found"): any error about a path
+    # given that ended so was said to be that flag's missing file.
+    import gptlab.feedback as feedback
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    for error, said in ((NotFound("file not found", path=data), f"{data}, field '--in': "),
+                        (UserError("its id is not found", path=data), f"{data}: ")):
+        def fail(*_a, _error=error, **_k):
+            raise _error
+        monkeypatch.setattr(feedback, "label_file", fail)
+        assert main(["label", "--labeler", "json:dumps", "--in", str(data), "--out",
+                     str(tmp_path / "out.jsonl")]) == 2
+        assert f": error: {said}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("action", [["check", "--id", "s0-test-00001", "SELECT 1"],

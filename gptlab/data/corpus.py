@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from gptlab.errors import UserError
+from gptlab.errors import NotFound, UserError
 from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_one_split_given, check_out_of_read_dirs,
                        fields_instead, files_in, json_objects, not_utf8_row, parquet_not_utf8,
                        unreadable_parquet, utf8_lines)
@@ -91,7 +91,7 @@ def corpus_files(paths: Sequence[str | Path], field: str = "data") -> list[Path]
             hub_names.add(str(given))
             found = []
         else:
-            raise UserError("corpus file not found", path=p)
+            raise NotFound("corpus file not found", path=p)
         for f in found:
             how = str(f) if f == p else f"{f} (in {given})"
             if f.resolve() in reached:
@@ -138,7 +138,7 @@ def _iter_path(path: str | Path, field: str) -> Iterator[str]:
     elif is_hub_name(path):
         yield from _iter_hub(str(path))
     else:
-        raise UserError("corpus file not found", path=p)
+        raise NotFound("corpus file not found", path=p)
 
 
 def document_format(p: str | Path) -> str:

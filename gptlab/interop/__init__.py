@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from gptlab.errors import UserError, reports_path_errors, require_file
+from gptlab.errors import NotFound, UserError, reports_path_errors, require_file
 from gptlab.io import check_dir_out, check_holds_none
 from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
 from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
@@ -31,7 +31,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32
     a GPT, or a reward model (ScalarHeadModel) from a one-label sequence classifier."""
     p = Path(path)
     if not p.exists():
-        raise UserError("model not found", path=p)
+        raise NotFound("model not found", path=p)
     if p.is_file() and p.suffix == ".gguf":
         return load_gguf(p, dtype)
     if p.is_dir():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptlab.errors import UserError, check_bool
+from gptlab.errors import NotFound, UserError, check_bool
 from gptlab.interop.hf import Named, check_heads, assemble
 from gptlab.model.gpt import GPT, GPTConfig
 
@@ -463,7 +463,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
     gguf = _require_gguf()
     p = Path(path)
     if not p.is_file():
-        raise UserError("GGUF file not found", path=p)
+        raise NotFound("GGUF file not found", path=p)
     try:
         reader = gguf.GGUFReader(str(p))
     except (ValueError, OSError, KeyError, IndexError) as e:  # IndexError: a truncated file

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_language_model, \
     read_meta, save_model
-from gptlab.errors import UserError, check_given, reports_path_errors
+from gptlab.errors import NotFound, UserError, check_given, reports_path_errors
 from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
@@ -87,7 +87,7 @@ def _tokenizer_for(cfg: PretrainConfig, vocab_size: int) -> Any:
     from gptlab.tokenizer import load_tokenizer, train_tokenizer
     if cfg.tokenizer:
         if not Path(cfg.tokenizer).exists():
-            raise UserError("tokenizer not found", path=cfg.tokenizer, field="tokenizer")
+            raise NotFound("tokenizer not found", path=cfg.tokenizer, field="tokenizer")
         return load_tokenizer(cfg.tokenizer)
     print(f"training a BPE tokenizer ({vocab_size} tokens) on the data", file=sys.stderr)
     return train_tokenizer([Path(p) for p in cfg.data], vocab_size=vocab_size)
@@ -137,7 +137,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
             raise UserError("not a gptlab model directory; pretraining continues only those: "
                             "import other models with `gptlab convert` first", path=model_path,
                             field="model")
-        raise UserError("model directory not found", path=model_path, field="model")
+        raise NotFound("model directory not found", path=model_path, field="model")
     config = get_preset(cfg.model)
     if not isinstance(config, GPTConfig):
         raise UserError(f"preset '{cfg.model}' is not a decoder-only GPT", field="model")
@@ -198,7 +198,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if not str(path).strip():  # Path("") is the current directory: all of it a corpus
             raise UserError("an empty path; name a corpus file or directory", field="data")
         if not Path(path).exists() and not is_hub_name(path):
-            raise UserError("corpus file not found", path=path, field="data")
+            raise NotFound("corpus file not found", path=path, field="data")
     # A file given twice, the files of two splits, a directory of none: refused before any
     # output or work (the tokenizer trained on the data reads it first).
     corpus_files(cfg.data)

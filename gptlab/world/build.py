@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.errors import UserError, check_bool, reports_path_errors
+from gptlab.errors import NotFound, UserError, check_bool, reports_path_errors
 from gptlab.io import (atomic_path, check_holds_none, read_json, write_json_atomic,
                        write_jsonl_atomic, write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
@@ -410,7 +410,7 @@ def load_world(directory: str | Path, field: str = "world") -> World:
                         path=manifest_path, field="fingerprint")
     db_path = directory / str(manifest.get("database", "company.sqlite"))
     if not db_path.is_file():
-        raise UserError("database file not found", path=db_path)
+        raise NotFound("database file not found", path=db_path)
     world = _build(options, db_path, write_db=False)
     if manifest.get("fingerprint") != world.fingerprint():
         raise OtherVersionWorld("this world was exported by a different version of gptlab: its "

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from gptlab.errors import UserError
+from gptlab.errors import NotFound, UserError
 
 # Actions a read-only query needs. RECURSIVE is a read too; the step budget is what stops a
 # recursive CTE that never ends.
@@ -132,7 +132,7 @@ class SqlExecutor:
                  max_rows: int = 1000, backstop_s: float = BACKSTOP_S):
         self.db_path = Path(db_path)
         if not self.db_path.is_file():
-            raise UserError("database file not found", path=self.db_path)
+            raise NotFound("database file not found", path=self.db_path)
         for name, v in (("max_vm_steps", max_vm_steps), ("max_rows", max_rows)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"must be a positive integer, got {v!r}", field=name)
