@@ -617,6 +617,33 @@ def test_greedy_decoding_stops_at_the_context():
         assert torch.equal(model(src, dec_in)[:, -1].argmax(-1), out[:, 31])
 
 
+def test_greedy_decoding_stops_once_every_row_has_produced_eos():
+    """Rows that produced EOS go on as EOS; decoding ends when the last row produces it."""
+    torch.manual_seed(3)
+    cfg = TransformerConfig(vocab_size=12, context=32, n_encoder_layers=1, n_decoder_layers=1,
+                            n_heads=4, d_model=32, d_ff=64, dropout=0.0, tie_embeddings=False)
+    model = Transformer(cfg).eval()  # untied: at init a tied one repeats its input token
+    src = torch.randint(1, 12, (3, 6), generator=torch.Generator().manual_seed(10))
+    free = model.greedy_decode(src, bos_id=1, eos_id=-1, max_new_tokens=12)  # never stops
+    eos = int(free[1, 1])
+    first = [row.tolist().index(eos) for row in free]  # each row's first EOS
+    out = model.greedy_decode(src, bos_id=1, eos_id=eos, max_new_tokens=12)
+    assert first == [5, 1, 5] and out.shape == (3, 6)
+    for i, f in enumerate(first):
+        assert torch.equal(out[i, :f + 1], free[i, :f + 1])
+        assert (out[i, f + 1:] == eos).all()
+    assert (free[1, 2:6] != eos).any()  # row 1 would have gone on otherwise
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_greedy_decoding_refuses_fewer_than_one_token(n):
+    """0 ended in torch.cat() of an empty list; -1 in a KV cache of negative length."""
+    model = small_transformer()
+    with pytest.raises(ValueError, match=f"max_new_tokens must be an integer of at least 1, "
+                                         f"got {n}"):
+        model.greedy_decode(torch.ones(1, 3, dtype=torch.long), 1, 2, max_new_tokens=n)
+
+
 def test_a_sequence_longer_than_the_context_is_refused_also_after_a_cache():
     torch.manual_seed(0)
     net = GPT(GPTConfig(vocab_size=32, context=8, n_layers=1, n_heads=2, d_model=16,

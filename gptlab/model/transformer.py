@@ -204,6 +204,11 @@ class Transformer(nn.Module):
         """Autoregressive decoding: each produced token is fed back in. Returns (B, N) ids,
         N <= max_new_tokens: it stops when every row has produced EOS (rows done earlier are
         padded with EOS) or when the target fills the context."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            # 0 ended in torch.cat of no tokens, -1 in a cache of negative length.
+            raise ValueError(f"max_new_tokens must be an integer of at least 1, "
+                             f"got {max_new_tokens!r}")
         memory, _ = self.encode(src, src_mask)
         B = src.shape[0]
         max_new_tokens = min(max_new_tokens, self.config.context)
