@@ -304,51 +304,117 @@ def test_tiny_encoder_decoder_learns_to_reverse_sequences():
     assert exact >= 0.9, f"only {exact:.2f} of sequences reversed exactly"
 
 
-def test_gpt2_parameter_count_is_exact():
-    with torch.device("meta"):
-        assert GPT(get_preset("gpt2")).num_params() == 124_439_808
-
-
-# The papers' tables: layers, d_model, heads, d_head, d_ff, context, vocabulary, pre-norm.
-# Vaswani et al. 2017 Table 3 (6 encoder + 6 decoder layers); Radford et al. 2018; GPT-2's
-# released models; Brown et al. 2020 Table 2.1 (XL as 16 x 128, 13B as 5120 wide: n_heads x
-# d_head = d_model, as printed those two rows contradict themselves), GPT-2's BPE, d_ff = 4 d.
+# Every preset as the papers' tables give it (GPT-2's: the released models): the sizes (layers,
+# d_model, heads, key/value heads, d_head, d_ff, context, vocabulary), then the style (tied
+# embeddings, pre-norm, norm, activation, positions, biases, dropout), read off the model built.
+# Vaswani et al. 2017 Table 3: 6 encoder + 6 decoder layers, ReLU FFN, post-norm, sinusoids,
+# one matrix for both embeddings and the output layer, P_drop 0.1 / 0.3. Radford et al. 2018:
+# post-norm, GELU (the tanh form OpenAI's released code computes, which GPT-2 kept), learned
+# positions, dropout 0.1. GPT-2: pre-norm. Brown et al. 2020 Table 2.1: XL as 16 x 128 and 13B
+# as 5120 wide (n_heads x d_head = d_model; as printed those two rows contradict themselves),
+# GPT-2's BPE, d_ff = 4 d. Neither GPT-2's paper nor GPT-3's states a dropout: none here.
+VASWANI = (True, False, "layernorm", "relu", "sinusoidal", True)
+GPT1_STYLE = (True, False, "layernorm", "gelu_tanh", "learned", True, 0.1)
+GPT2_STYLE = (True, True, "layernorm", "gelu_tanh", "learned", True, 0.0)
+LLAMA_STYLE = (True, True, "rmsnorm", "swiglu", "rotary", False, 0.0)
 PAPER_SHAPES = {
-    "transformer-base": (6, 512, 8, 64, 2048, 512, 37000, False),
-    "transformer-big": (6, 1024, 16, 64, 4096, 512, 37000, False),
-    "gpt1": (12, 768, 12, 64, 3072, 512, 40478, False),
-    "gpt2": (12, 768, 12, 64, 3072, 1024, 50257, True),
-    "gpt2-medium": (24, 1024, 16, 64, 4096, 1024, 50257, True),
-    "gpt2-large": (36, 1280, 20, 64, 5120, 1024, 50257, True),
-    "gpt2-xl": (48, 1600, 25, 64, 6400, 1024, 50257, True),
-    "gpt3-small": (12, 768, 12, 64, 3072, 2048, 50257, True),
-    "gpt3-medium": (24, 1024, 16, 64, 4096, 2048, 50257, True),
-    "gpt3-large": (24, 1536, 16, 96, 6144, 2048, 50257, True),
-    "gpt3-xl": (24, 2048, 16, 128, 8192, 2048, 50257, True),
-    "gpt3-2.7b": (32, 2560, 32, 80, 10240, 2048, 50257, True),
-    "gpt3-6.7b": (32, 4096, 32, 128, 16384, 2048, 50257, True),
-    "gpt3-13b": (40, 5120, 40, 128, 20480, 2048, 50257, True),
-    "gpt3-175b": (96, 12288, 96, 128, 49152, 2048, 50257, True),
+    "transformer-base": (6, 512, 8, 8, 64, 2048, 512, 37000) + VASWANI + (0.1,),
+    "transformer-big": (6, 1024, 16, 16, 64, 4096, 512, 37000) + VASWANI + (0.3,),
+    "gpt1": (12, 768, 12, 12, 64, 3072, 512, 40478) + GPT1_STYLE,
+    "gpt2": (12, 768, 12, 12, 64, 3072, 1024, 50257) + GPT2_STYLE,
+    "gpt2-medium": (24, 1024, 16, 16, 64, 4096, 1024, 50257) + GPT2_STYLE,
+    "gpt2-large": (36, 1280, 20, 20, 64, 5120, 1024, 50257) + GPT2_STYLE,
+    "gpt2-xl": (48, 1600, 25, 25, 64, 6400, 1024, 50257) + GPT2_STYLE,
+    "gpt3-small": (12, 768, 12, 12, 64, 3072, 2048, 50257) + GPT2_STYLE,
+    "gpt3-medium": (24, 1024, 16, 16, 64, 4096, 2048, 50257) + GPT2_STYLE,
+    "gpt3-large": (24, 1536, 16, 16, 96, 6144, 2048, 50257) + GPT2_STYLE,
+    "gpt3-xl": (24, 2048, 16, 16, 128, 8192, 2048, 50257) + GPT2_STYLE,
+    "gpt3-2.7b": (32, 2560, 32, 32, 80, 10240, 2048, 50257) + GPT2_STYLE,
+    "gpt3-6.7b": (32, 4096, 32, 32, 128, 16384, 2048, 50257) + GPT2_STYLE,
+    "gpt3-13b": (40, 5120, 40, 40, 128, 20480, 2048, 50257) + GPT2_STYLE,
+    "gpt3-175b": (96, 12288, 96, 96, 128, 49152, 2048, 50257) + GPT2_STYLE,
+    # README: CPU sizes, Llama-style; the demo's 8 heads share 4 key/value heads.
+    "tiny": (2, 64, 4, 4, 16, 192, 128, 512) + LLAMA_STYLE,
+    "demo": (4, 256, 8, 4, 32, 704, 384, 2048) + LLAMA_STYLE,
 }
+
+
+def built_shape(cfg: GPTConfig | TransformerConfig) -> tuple:
+    """PAPER_SHAPES's columns of `cfg`: the sizes from the config, the style from the model it
+    builds on the meta device (its norm modules, position table, biases, shared matrix)."""
+    from torch import nn
+
+    from gptlab.model.layers import MLP
+    with torch.device("meta"):
+        model = build_model(cfg)
+    norms = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.LayerNorm,
+                                                                         nn.RMSNorm))}
+    acts = {m.activation for m in model.modules() if isinstance(m, MLP)}
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               and name != "lm_head"]
+    biases = {m.bias is not None for m in linears} | {
+        m.bias is not None for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    assert len(norms) == len(acts) == len(biases) == 1
+    positions = ("sinusoidal" if "pos_table" in dict(model.named_buffers())
+                 else "learned" if hasattr(model, "pos_emb") else "rotary")
+    embed = model.embed if isinstance(model, Transformer) else model.tok_emb
+    if isinstance(cfg, TransformerConfig):
+        assert cfg.n_encoder_layers == cfg.n_decoder_layers
+        sizes = (cfg.n_encoder_layers, cfg.d_model, cfg.n_heads, cfg.n_heads,
+                 cfg.d_model // cfg.n_heads, cfg.d_ff)
+    else:
+        sizes = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.ff_dim)
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    assert {(a.n_heads, a.n_kv_heads, a.head_dim) for a in attn} == {sizes[2:5]}
+    return sizes + (cfg.context, cfg.vocab_size, model.lm_head.weight is embed.weight,
+                    cfg.prenorm, {"LayerNorm": "layernorm", "RMSNorm": "rmsnorm"}[norms.pop()],
+                    acts.pop(), positions, biases.pop(), cfg.dropout)
+
+
+def test_the_shape_table_lists_every_preset():
+    assert list(PAPER_SHAPES) == list(PRESETS)
 
 
 @pytest.mark.parametrize("name", list(PAPER_SHAPES))
 def test_preset_shapes_match_the_papers_tables(name):
-    c = get_preset(name)
-    if isinstance(c, TransformerConfig):
-        assert c.n_encoder_layers == c.n_decoder_layers
-        shape = (c.n_encoder_layers, c.d_model, c.n_heads, c.d_model // c.n_heads, c.d_ff,
-                 c.context, c.vocab_size, c.prenorm)
-    else:
-        shape = (c.n_layers, c.d_model, c.n_heads, c.dim_head, c.ff_dim, c.context,
-                 c.vocab_size, c.prenorm)
-        assert c.kv_heads == c.n_heads and c.tie_embeddings
-    assert shape == PAPER_SHAPES[name]
+    assert built_shape(get_preset(name)) == PAPER_SHAPES[name]
+
+
+def test_the_transformer_presets_smooth_labels_by_a_tenth():
+    assert [get_preset(n).label_smoothing for n in ("transformer-base", "transformer-big")] == \
+        [0.1, 0.1]
 
 
 def count(name: str, **overrides) -> int:
     with torch.device("meta"):
         return build_model(get_preset(name, **overrides)).num_params()
+
+
+# Every preset's parameters, a tied matrix counted once: the figures README gives (63.1M /
+# 214.2M, 116.5M, GPT-2's released sizes, GPT-3's 125.2M ... 174.6B, the demo's 3.25M with the
+# built-in world's 1,177-token tokenizer).
+PARAMS = {
+    "transformer-base": 63_082_496, "transformer-big": 214_245_376, "gpt1": 116_534_784,
+    "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200, "gpt3-small": 125_226_240, "gpt3-medium": 355_871_744,
+    "gpt3-large": 760_300_032, "gpt3-xl": 1_315_723_264, "gpt3-2.7b": 2_651_553_280,
+    "gpt3-6.7b": 6_658_404_352, "gpt3-13b": 12_853_386_240, "gpt3-175b": 174_604_259_328,
+    "tiny": 139_584, "demo": 3_475_712,
+}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_every_presets_parameter_count(name):
+    assert count(name) == PARAMS[name]
+
+
+def test_the_count_table_lists_every_preset_and_the_papers_figures_only_the_papers_ones():
+    assert list(PARAMS) == list(PRESETS)
+    assert set(PAPER_PARAMS) == set(PRESETS) - {"tiny", "demo"}
+
+
+def test_the_demo_has_3_25m_parameters_with_the_built_in_worlds_tokenizer():
+    assert count("demo", vocab_size=1177) == 3_252_736
 
 
 # GPT-3 Table 2.1 as printed. Counting the tied token embedding once, the 2048 learned positions,
@@ -362,6 +428,7 @@ def test_gpt3_table_parameter_counts_round_to_the_printed_figures(name):
     printed = GPT3_PRINTED[name]
     unit = {"M": 1e6, "B": 1e9}[printed[-1]]
     decimals = len(printed[:-1].partition(".")[2])
+    assert float(printed[:-1]) * unit == PAPER_PARAMS[name]
     assert round(count(name) / unit, decimals) == float(printed[:-1])
     assert abs(count(name) / PAPER_PARAMS[name] - 1) < 0.02
 
@@ -370,41 +437,26 @@ def test_gpt3_medium_is_the_one_row_that_does_not_round_to_its_figure():
     # 355.9M, printed as 350M (+1.7%). No embedding convention gives 350M at the precision of
     # the other rows: 353.8M without the positions, 302.3M without any embedding, 407.3M with
     # an untied output layer; the GPT-2 Medium of the same shape is 354.8M.
-    assert count("gpt3-medium") == 355_871_744
+    assert PAPER_PARAMS["gpt3-medium"] == 350e6
+    assert round(count("gpt3-medium") / PAPER_PARAMS["gpt3-medium"] - 1, 3) == 0.017
     assert count("gpt3-medium", context=1024) == count("gpt2-medium") == 354_823_168
 
 
-def test_gpt2_and_gpt1_parameter_counts():
-    # The released models' sizes (124M, 355M, 774M, 1558M; GPT-1 117M), exactly.
-    assert [count(n) for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt1")] == \
-        [124_439_808, 354_823_168, 774_030_080, 1_557_611_200, 116_534_784]
+def test_gpt2_papers_counts_are_its_shapes_with_gpt1s_vocabulary():
     # GPT-2's paper (Table 2) printed 117M, 345M, 762M, 1542M: the same shapes counted with
-    # GPT-1's 40,478-token vocabulary, to the million.
-    assert [round(count(n, vocab_size=40478) / 1e6)
-            for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")] == [117, 345, 762, 1542]
+    # GPT-1's 40,478-token vocabulary, to the million. Its smallest "is equivalent to the
+    # original GPT": GPT-1's 116.5M rounds to it too.
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        assert round(count(name, vocab_size=40478) / 1e6) * 1e6 == PAPER_PARAMS[name], name
+        assert count(name) > PAPER_PARAMS[name]  # the released 50,257-token vocabulary
+    assert round(count("gpt1") / 1e6) * 1e6 == PAPER_PARAMS["gpt1"] == 117e6
 
 
-def test_transformer_parameter_counts():
+def test_transformer_parameter_counts_against_table_3():
     # Shared 37,000-token vocabulary (one matrix for both embeddings and the output layer).
-    # Table 3 says 65M and 213M; no one vocabulary size gives both (63.1M, 214.2M here).
-    assert (count("transformer-base"), count("transformer-big")) == (63_082_496, 214_245_376)
-
-
-def test_transformer_base_shape_matches_the_paper():
-    cfg = get_preset("transformer-base")
-    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_encoder_layers, cfg.n_decoder_layers) == \
-        (512, 8, 2048, 6, 6)
-    assert cfg.d_model // cfg.n_heads == 64
-    with torch.device("meta"):
-        # ~63M with a 37k shared vocabulary (the paper reports 65M).
-        assert 60e6 < Transformer(cfg).num_params() < 66e6
-
-
-def test_every_preset_builds_on_meta():
-    for name, cfg in PRESETS.items():
-        with torch.device("meta"):
-            model = GPT(cfg) if isinstance(cfg, GPTConfig) else Transformer(cfg)
-        assert model.num_params() > 0, name
+    # Table 3 says 65M and 213M; no one vocabulary size gives both: 3.0% under, 0.6% over.
+    assert [round(100 * (count(n) / PAPER_PARAMS[n] - 1), 1)
+            for n in ("transformer-base", "transformer-big")] == [-3.0, 0.6]
 
 
 def test_bad_config_is_rejected():

@@ -54,8 +54,12 @@ PRESETS: dict[str, GPTConfig | TransformerConfig] = {
                       activation="swiglu", bias=False, tie_embeddings=True),
 }
 
-# The parameter counts the papers state, for the tests.
+# The parameter counts the papers state, for the tests: Vaswani et al. Table 3; GPT-2's Table 2,
+# whose smallest model "is equivalent to the original GPT" (GPT-1's paper gives no count) and
+# whose four it counted with GPT-1's vocabulary; GPT-3's Table 2.1.
 PAPER_PARAMS = {
+    "transformer-base": 65e6, "transformer-big": 213e6, "gpt1": 117e6,
+    "gpt2": 117e6, "gpt2-medium": 345e6, "gpt2-large": 762e6, "gpt2-xl": 1542e6,
     "gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,
     "gpt3-2.7b": 2.7e9, "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9,
 }
