@@ -114,6 +114,29 @@ def test_left_padded_batch_equals_each_prompt_alone(variant):
             assert (batched[i, T - len(r):] - alone[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("hint", [None, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("variant", ["learned", "sinusoidal", "rotary-gqa", "gqa-1kv", "postnorm"])
+def test_right_padded_batch_equals_each_row_alone(variant, need_weights, hint):
+    """Right padding (scoring, SFT batches) takes the plain causal path, read from the mask or
+    told by the caller (`right_padded`): the real tokens' states are each row's alone."""
+    model = small_gpt(**VARIANTS[variant])
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, 97, (n,), generator=g) for n in (11, 5, 8)]
+    ids = torch.randint(1, 97, (3, 11), generator=g)  # padding that is not token 0
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    with torch.no_grad():
+        h, w = model.hidden_states(ids, attention_mask=mask, need_weights=need_weights,
+                                   right_padded=hint)
+        for i, r in enumerate(rows):
+            alone, _ = model.hidden_states(r[None])
+            assert (h[i, :len(r)] - alone[0]).abs().max().item() <= 1e-5
+    if need_weights:  # real queries give the padding after them no weight
+        assert all(x[1, :, :5, 5:].abs().max() == 0 for x in w)
+
+
 @pytest.mark.parametrize("variant", ["learned", "rotary-gqa"])
 def test_padding_inside_a_row_is_masked_whatever_the_rest_of_the_batch(variant):
     """A row with a gap of padding ([1, 1, 0, 0, 1, 1, 1]) alone in its batch: its real tokens
