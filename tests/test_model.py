@@ -651,6 +651,69 @@ def test_selecting_rows_of_a_kv_cache_moves_them_within_its_buffers(rows, in_pla
     assert torch.equal(got_k, torch.cat([k[1][rows], step], 2))
 
 
+def record(modules: dict) -> dict:
+    """Each named module's first input and output (the first of a tuple) at its next call."""
+    seen = {}
+    for key, m in modules.items():
+        m.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(
+            key, (args[0], out[0] if isinstance(out, tuple) else out)))
+    return seen
+
+
+@pytest.mark.parametrize("name", ["gpt1", "gpt2"])
+def test_gpt_norms_sit_where_the_papers_put_them(name):
+    """GPT-1, as the 2017 Transformer: x = norm(x + sublayer(x)), nothing after the last block.
+    GPT-2: x = x + sublayer(norm(x)), and a norm after the last block."""
+    torch.manual_seed(0)
+    model = GPT(get_preset(name, n_layers=2, vocab_size=100, context=16, d_model=32,
+                           n_heads=4, dropout=0.0)).eval()
+    b = model.blocks[1]
+    seen = record({"block": b, "attn_norm": b.attn_norm, "attn": b.attn,
+                   "mlp_norm": b.mlp_norm, "mlp": b.mlp})
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1)))
+    x, out = seen["block"]
+    attn, mlp = seen["attn"][1], seen["mlp"][1]
+    if name == "gpt1":
+        assert torch.allclose(seen["attn_norm"][0], x + attn)
+        assert torch.allclose(seen["mlp_norm"][0], seen["attn_norm"][1] + mlp)
+        assert torch.equal(out, seen["mlp_norm"][1])
+        assert isinstance(model.final_norm, torch.nn.Identity)
+    else:
+        assert torch.equal(seen["attn_norm"][0], x)
+        assert torch.allclose(seen["mlp_norm"][0], x + attn)
+        assert torch.allclose(out, x + attn + mlp)
+        assert isinstance(model.final_norm, torch.nn.LayerNorm)
+
+
+def test_transformer_norms_follow_each_residual_add():
+    """Vaswani et al. §3.1: each sub-layer's output is LayerNorm(x + Sublayer(x)), in the
+    encoder (self-attention, FFN) and the decoder (self-attention, cross attention, FFN)."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("transformer-base", n_encoder_layers=2, n_decoder_layers=2,
+                                   vocab_size=60, context=16, d_model=32, n_heads=4, d_ff=64,
+                                   dropout=0.0)).eval()
+    e, d = model.encoder[1], model.decoder[1]
+    seen = record({"enc": e, "e_attn": e.attn, "e_attn_norm": e.attn_norm, "e_mlp": e.mlp,
+                   "e_mlp_norm": e.mlp_norm, "dec": d, "self": d.self_attn,
+                   "self_norm": d.self_norm, "cross": d.cross_attn, "cross_norm": d.cross_norm,
+                   "d_mlp": d.mlp, "d_mlp_norm": d.mlp_norm})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model(torch.randint(0, 60, (2, 7), generator=g), torch.randint(0, 60, (2, 5), generator=g))
+    x, out = seen["enc"]
+    assert torch.allclose(seen["e_attn_norm"][0], x + seen["e_attn"][1])
+    assert torch.allclose(seen["e_mlp_norm"][0], seen["e_attn_norm"][1] + seen["e_mlp"][1])
+    assert torch.equal(out, seen["e_mlp_norm"][1])
+    y, out = seen["dec"]
+    assert torch.allclose(seen["self_norm"][0], y + seen["self"][1])
+    assert torch.allclose(seen["cross_norm"][0], seen["self_norm"][1] + seen["cross"][1])
+    assert torch.allclose(seen["d_mlp_norm"][0], seen["cross_norm"][1] + seen["d_mlp"][1])
+    assert torch.equal(out, seen["d_mlp_norm"][1])
+    assert torch.equal(seen["cross"][0], seen["self_norm"][1])  # Q from the decoder's stream
+    assert isinstance(model.enc_norm, torch.nn.Identity)
+
+
 def test_residual_projections_are_scaled_at_init_in_pre_norm_stacks_only():
     """GPT-2 §2.3: the residual layers' weights start at 0.02 / √N, N = 2 per block, since a
     pre-norm stream sums them unnormalised. GPT-1 §4.1 (post-norm, a norm after every add):
