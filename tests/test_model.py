@@ -482,6 +482,42 @@ def test_transformer_parameter_counts_against_table_3():
             for n in ("transformer-base", "transformer-big")] == [-3.0, 0.6]
 
 
+@pytest.mark.parametrize("bias,qkv_bias,norm", [(True, None, "layernorm"),
+                                                (False, None, "layernorm"),
+                                                (False, True, "rmsnorm")])
+def test_biases_on_off_or_on_qkv_only(bias, qkv_bias, norm):
+    """README: biases on or off (linear layers and LayerNorms), or on Q, K, V only (Qwen2)."""
+    model = small_gpt(bias=bias, qkv_bias=qkv_bias, norm=norm, n_layers=1)
+    names = sorted(n.removeprefix("blocks.0.") for n, _ in model.named_parameters()
+                   if n.endswith(".bias"))
+    on = {True: ["attn.k_proj.bias", "attn.o_proj.bias", "attn.q_proj.bias", "attn.v_proj.bias",
+                 "attn_norm.bias", "final_norm.bias", "mlp.down.bias", "mlp.up.bias",
+                 "mlp_norm.bias"],
+          False: [], "qkv": ["attn.k_proj.bias", "attn.q_proj.bias", "attn.v_proj.bias"]}
+    assert names == on["qkv" if qkv_bias else bias]
+
+
+def test_feed_forward_activations_are_the_named_functions():
+    """FFN(x) = down(act(up(x))): GELU exact (erf) or its tanh form, ReLU, SiLU; SwiGLU
+    down(silu(gate(x)) * up(x))."""
+    import torch.nn.functional as F
+
+    from gptlab.model.layers import MLP
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)) * 3
+    funcs = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+             "relu": F.relu, "silu": F.silu}
+    outs = {}
+    for act in [*funcs, "swiglu"]:
+        torch.manual_seed(0)
+        mlp = MLP(8, 16, act)
+        with torch.no_grad():
+            want = (mlp.down(F.silu(mlp.gate(x)) * mlp.up(x)) if act == "swiglu"
+                    else mlp.down(funcs[act](mlp.up(x))))
+            outs[act] = mlp(x)
+        assert torch.equal(outs[act], want), act
+    assert 1e-4 < (outs["gelu"] - outs["gelu_tanh"]).abs().max() < 1e-2  # close, not the same
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(d_model=30, n_heads=4)
