@@ -569,3 +569,31 @@ def test_a_default_the_parser_no_longer_has_is_caught():
         s[2], parsers[s[0]], parsers[s[0]]._option_string_actions[s[1]])] == [
         ("world export", "--seed", "1"), ("pipeline", "--sft-lr", "3e-4"),
         ("chat", "--temperature", "1.0")]
+
+
+# --- the presets README's Models section lists are gptlab's ------------------------------------
+
+def listed_presets(text: str, presets: list[str]) -> list[str]:
+    """The presets the first column of the Models section's table names, in order; a cell
+    `a` … `b` names the presets from a to b in `presets`' order."""
+    section = text.split("\n## Models\n", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cell = re.findall(r"`([^`]+)`", line.split("|")[1])
+        if "…" in line.split("|")[1]:
+            cell = presets[presets.index(cell[0]):presets.index(cell[-1]) + 1]
+        names += cell
+    return names
+
+
+def test_the_models_section_lists_every_preset_and_no_other():
+    from gptlab.model import PRESETS
+    assert listed_presets((ROOT / "README.md").read_text(), list(PRESETS)) == list(PRESETS)
+
+
+def test_a_preset_the_models_section_lists_that_is_gone_is_caught():
+    text = "\n## Models\n\n| preset | shape |\n|---|---|\n| `a`, `b` | x |\n| `c` … `e` | y |\n"
+    assert listed_presets(text, ["a", "b", "c", "d", "e"]) == ["a", "b", "c", "d", "e"]
+    assert listed_presets(text.replace("`b`", "`gone`"), list("abcde")) != list("abcde")
