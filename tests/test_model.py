@@ -189,9 +189,9 @@ def test_padded_causal_mask_lets_a_padding_query_see_itself():
 
 
 def test_left_padded_batch_on_the_explicit_attention_path_equals_each_prompt_alone():
-    """need_weights takes attention_math, where a query that may see nothing gets NaN weights
-    (SDPA gives zeros): a padding query must see itself, or the NaN of its output reaches the
-    real tokens through the next layer's keys and values."""
+    """need_weights takes attention_math, where a query that may see nothing got NaN weights
+    (SDPA gives zeros), whose NaN reached the real tokens through the next layer's keys and
+    values; a padding query sees itself, and one that sees nothing reads zeros, as in SDPA."""
     model = small_gpt(**VARIANTS["rotary-gqa"])
     rows = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 4)]
     ids = torch.zeros(2, 9, dtype=torch.long)
@@ -281,6 +281,31 @@ def test_encoder_decoder_refuses_a_mask_that_does_not_cover_its_positions():
             model.encode(src, torch.ones(2, 1))
         with pytest.raises(ValueError, match="src_mask covers 4 positions, expected 5"):
             model.decode(src[:, :2], memory, src_mask=torch.ones(2, 4))
+
+
+def test_a_source_of_padding_only_reads_the_same_on_both_attention_paths():
+    """A row whose source is all padding gives its queries no key to see: SDPA reads nothing
+    (zeros), the explicit path's softmax over nothing but -inf was NaN, in that row's encoder
+    output and decoder logits. Both read nothing now, the other row untouched."""
+    model = small_transformer()
+    g = torch.Generator().manual_seed(11)
+    src, tgt = torch.randint(1, 50, (2, 5), generator=g), torch.randint(1, 50, (2, 4), generator=g)
+    src_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        fast_mem, _ = model.encode(src, src_mask)
+        fast, _ = model.decode(tgt, fast_mem, src_mask)
+        mem, enc_w = model.encode(src, src_mask, need_weights=True)
+        slow, dec_w = model.decode(tgt, mem, src_mask, need_weights=True)
+        alone = model(src[:1], tgt[:1])
+    assert torch.isfinite(slow).all() and torch.isfinite(mem).all()
+    assert (slow - fast).abs().max().item() <= 1e-5 and (mem - fast_mem).abs().max() <= 1e-5
+    assert enc_w[0][1].abs().max() == 0 and dec_w[0][1][1].abs().max() == 0  # cross, row 1
+    assert (slow[0] - alone[0]).abs().max().item() <= 1e-5
+    q, kv = torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 4, 8, generator=g)
+    none = torch.zeros(1, 1, 3, 4, dtype=torch.bool)
+    out, w = attention_math(q, kv, kv, none)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=none)
+    assert torch.equal(out, torch.zeros(1, 2, 3, 8)) and torch.equal(sdpa, out)
 
 
 def test_encoder_decoder_attention_weights():

@@ -170,6 +170,10 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if mask is not None:
+        # A query that may see no key (a source of padding only) reads nothing, as SDPA has
+        # it: softmax over nothing but -inf is NaN.
+        weights = weights.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return weights @ v, weights
