@@ -435,24 +435,42 @@ def test_a_system_message_that_leaves_no_room_for_a_question_fails_at_start(tiny
                                                                             capsys):
     # Each message was skipped as too long, told to shorten itself, and the chat exited 0
     # having answered nothing: the system message (or the template alone) was what did not fit.
+    # Then the probe was an empty question, so a budget filled to its last token by the template
+    # and the system message passed, and every line was skipped all the same.
     from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
     model, tok, _ = load_model(tiny_dir)
     system = "the cat sat on the mat " * 6
-    n = len(tok.render_chat([sys_msg(system), user("")], add_generation_prompt=True)[0])
+    n = len(tok.render_chat([sys_msg(system), user("x")], add_generation_prompt=True)[0])
     assert 56 < n <= 86  # over the budget of 96 - 40, under that of 96 - 10
     with pytest.raises(UserError) as e:
         ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=40))
-    assert str(e.value) == (f"field 'system': needs {n} tokens with the chat template before any "
-                            f"question, but only 56 fit (the context of 96 minus max_new_tokens "
-                            f"40); shorten it, or lower max_new_tokens (--max-new-tokens)")
+    assert str(e.value) == (f"field 'system': needs {n} tokens with the chat template and a "
+                            f"question of one character, but only 56 fit (the context of 96 "
+                            f"minus max_new_tokens 40); shorten it, or lower max_new_tokens "
+                            f"(--max-new-tokens)")
     ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=10))
-    template = len(tok.render_chat([user("")], add_generation_prompt=True)[0])
-    with pytest.raises(UserError) as e:
-        ChatSession(model, tok, ChatConfig(max_new_tokens=96 - template + 1))
-    assert str(e.value) == (f"field 'max_new_tokens': {96 - template + 1} leaves {template - 1} "
-                            f"tokens of the context of 96 for the conversation, but the chat "
-                            f"template alone needs {template}; lower it (--max-new-tokens)")
-    ChatSession(model, tok, ChatConfig(max_new_tokens=96 - template))
+    template = len(tok.render_chat([user("x")], add_generation_prompt=True)[0])
+    empty = len(tok.render_chat([user("")], add_generation_prompt=True)[0])
+    assert empty == template - 1
+    for max_new_tokens in (96 - template + 1, 96 - empty):  # 96 - empty: no token for a question
+        with pytest.raises(UserError) as e:
+            ChatSession(model, tok, ChatConfig(max_new_tokens=max_new_tokens))
+        assert str(e.value) == (f"field 'max_new_tokens': {max_new_tokens} leaves "
+                                f"{96 - max_new_tokens} tokens of the context of 96 for the "
+                                f"conversation, but the chat template and a question of one "
+                                f"character need {template}; lower it (--max-new-tokens)")
+    # 0 tokens to spare: the one-character question is answered, its prompt the whole budget.
+    prompts: list[list[int]] = []
+
+    def fixed_reply(model, ids, params, seed=None, pad_id=0):
+        prompts.append(list(ids[0]))
+        return Generation([[tok.eos_id]], [[0.0]], [True])
+    monkeypatch.setattr(terminal, "generate", fixed_reply)
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=96 - template))
+    assert session.budget == template
+    assert run_chat(session, io.StringIO("x\nxx x\n"), io.StringIO(), io.StringIO()) == 1
+    assert [len(p) for p in prompts] == [template]
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n"))
     assert main(["chat", "--model", str(tiny_dir), "--system", system, "--greedy",
                  "--max-new-tokens", "40"]) == 2

@@ -80,17 +80,20 @@ class ChatSession:
         self.reset()
         # Fail at start, not at the first question, when the template cannot render a chat,
         # or when the system message (or the template alone) leaves no room for any question:
-        # every message would be skipped as too long, each told to shorten itself.
-        n = self.count_tokens(self.messages + [{"role": "user", "content": ""}])
+        # every message would be skipped as too long, each told to shorten itself. The probe
+        # is the shortest question, one character: with an empty one, a conversation that
+        # filled the budget to the last token passed, and then no line could be answered.
+        n = self.count_tokens(self.messages + [{"role": "user", "content": "x"}])
         if n > self.budget and self.messages:
-            raise UserError(f"needs {n} tokens with the chat template before any question, but "
-                            f"only {self.budget} fit (the context of {self.context} minus "
-                            f"max_new_tokens {cfg.max_new_tokens}); shorten it, or lower "
-                            f"max_new_tokens (--max-new-tokens)", field="system")
+            raise UserError(f"needs {n} tokens with the chat template and a question of one "
+                            f"character, but only {self.budget} fit (the context of "
+                            f"{self.context} minus max_new_tokens {cfg.max_new_tokens}); shorten "
+                            f"it, or lower max_new_tokens (--max-new-tokens)", field="system")
         if n > self.budget:
             raise UserError(f"{cfg.max_new_tokens} leaves {self.budget} tokens of the context of "
-                            f"{self.context} for the conversation, but the chat template alone "
-                            f"needs {n}; lower it (--max-new-tokens)", field="max_new_tokens")
+                            f"{self.context} for the conversation, but the chat template and a "
+                            f"question of one character need {n}; lower it (--max-new-tokens)",
+                            field="max_new_tokens")
 
     def reset(self) -> None:
         """Forget the conversation, keeping only the system message."""
