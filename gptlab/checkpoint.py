@@ -8,7 +8,8 @@ of every file) last, flushed to the disk, then renamed into place; `checkpoints/
 replaced atomically after that. A reader therefore never sees a partial checkpoint, and the
 previous one stays usable until the new one is complete. The temporary copy
 (`.step-N.<random>.tmp`, held by its writer as `gptlab.io`'s temporaries are) is no `step-N`:
-never a checkpoint; a killed save's is removed by the next save.
+never a checkpoint; a killed save's is removed by the next save. An old checkpoint is renamed
+to such a copy before it is removed, so a kill midway leaves none with part of its files.
 
 A training stage's model says which in config.json's `stage`: `pretrain`, `sft`, `reward`, `ppo`,
 or `value`, PPO's value model, a scalar head like a reward model's that predicts returns once
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, load_model as st_load_model, save_model
 
 from gptlab.errors import NotFound, UserError, check_bool
 from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_error,
-                       new_temp_dir, read_json, remove_stale_temps, replace_dir,
+                       new_temp_dir, read_json, remove_dir, remove_stale_temps, replace_dir,
                        restore_non_finite, write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
@@ -536,12 +537,14 @@ class Checkpointer:
         return final
 
     def _prune(self, newest: Path) -> None:
+        """Remove all but the last `keep` checkpoints, each in one step (`remove_dir`): file by
+        file, a kill midway left a `step-N` with its manifest and part of its files."""
         if self.keep is None:
             return
         steps = [p for _, p in sorted(_step_dirs(self.dir).items())]
         for old in steps[:-self.keep]:
             if old != newest:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names; if it names none that is complete (the pointer

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shlex
 import shutil
 import sys
@@ -260,6 +261,21 @@ def replace_dir(new: Path, old: Path) -> None:
         os.replace(aside, old)
         raise
     fsync_path(old.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Remove directory `path` in one step a reader can see: renamed to a hidden temporary beside
+    it (`.NAME.<random>.tmp`, unheld), then removed. Killed while removing, it leaves that
+    temporary, which the next write of `NAME` removes as stale, never a `NAME` holding part of
+    its files (a checkpoint whose manifest outlived its weights, taken for a whole one)."""
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    except OSError:  # cannot be renamed (a mount point): removed where it is
+        aside = path
     shutil.rmtree(aside, ignore_errors=True)
 
 

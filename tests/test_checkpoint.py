@@ -395,6 +395,34 @@ def test_a_save_below_the_newest_step_is_kept_and_named_latest(tmp_path):
     assert c.latest().name == "step-15" and c.load(c.latest(), tiny())["step"] == 15
 
 
+def test_a_checkpoint_removal_killed_midway_leaves_no_step_with_part_of_its_files(tmp_path,
+                                                                                  monkeypatch):
+    # Keeping the last K removed an old step-N file by file: killed midway, step-N was left
+    # with its manifest and part of its files, a checkpoint to `latest` (once the newer one was
+    # removed, as a damaged one's message advises), which then failed to verify.
+    c = ck.Checkpointer(tmp_path, keep=1)
+    c.save(1, tiny(), state={"step": 1})
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        path = Path(path)
+        if path.parent == tmp_path / "checkpoints" and "step-1" in path.name:
+            (path / "model.safetensors").unlink()
+            raise KeyboardInterrupt  # as a kill: nothing after the first file is removed
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        c.save(2, tiny(), state={"step": 2})
+    monkeypatch.undo()
+    assert c.latest().name == "step-2"
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-2"]
+    shutil.rmtree(tmp_path / "checkpoints" / "step-2")
+    assert c.latest() is None
+    c.save(3, tiny(), state={"step": 3})  # removes the killed removal's leftover
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-3"]
+
+
 def test_the_manifest_covers_the_files_of_models_saved_inside_a_checkpoint(tmp_path):
     c = ck.Checkpointer(tmp_path)
     path = c.save(1, tiny(), models={"value": tiny()})
