@@ -490,8 +490,8 @@ def _earlier(checkpoint: Path) -> str:
 
 
 class Checkpointer:
-    """`RUN/checkpoints/step-N/` directories, the `latest` pointer, and the last `keep` kept
-    (all of them when `keep` is None)."""
+    """`RUN/checkpoints/step-N/` directories, the `latest` pointer, and the last `keep` up to
+    the step last saved kept (all of them when `keep` is None)."""
 
     def __init__(self, run_dir: str | Path, keep: int | None = 2):
         self.dir = Path(run_dir) / "checkpoints"
@@ -533,18 +533,21 @@ class Checkpointer:
                 os.replace(tmp, final)
                 fsync_path(self.dir)  # on the disk before `latest` names it, older ones pruned
         write_text_atomic(self.dir / "latest", final.name + "\n")
-        self._prune(final)
+        self._prune(step)
         return final
 
-    def _prune(self, newest: Path) -> None:
-        """Remove all but the last `keep` checkpoints, each in one step (`remove_dir`): file by
-        file, a kill midway left a `step-N` with its manifest and part of its files."""
+    def _prune(self, newest: int) -> None:
+        """Remove all but the last `keep` checkpoints up to step `newest`, the one just saved,
+        each in one step (`remove_dir`): file by file, a kill midway left a `step-N` with its
+        manifest and part of its files. Those past `newest` are another line of the run (one
+        resumed from an earlier checkpoint, the pointer moved back by hand) and stay: counted
+        in, they had the save remove the checkpoint it was resumed from, the only other one
+        of its line."""
         if self.keep is None:
             return
-        steps = [p for _, p in sorted(_step_dirs(self.dir).items())]
+        steps = [p for n, p in sorted(_step_dirs(self.dir).items()) if n <= newest]
         for old in steps[:-self.keep]:
-            if old != newest:
-                remove_dir(old)
+            remove_dir(old)
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names; if it names none that is complete (the pointer

@@ -395,6 +395,23 @@ def test_a_save_below_the_newest_step_is_kept_and_named_latest(tmp_path):
     assert c.latest().name == "step-15" and c.load(c.latest(), tiny())["step"] == 15
 
 
+def test_keeping_the_last_k_counts_up_to_the_step_saved_and_keeps_the_one_resumed_from(tmp_path):
+    # Resumed from step 10 (the pointer moved back by hand) past steps 20 and 30 of the run's
+    # first line, the save of step 12 counted them in and removed step 10 with keep=2: the one
+    # the run resumed from, leaving step 12 the only checkpoint of its line.
+    net = tiny()
+    for step in (10, 20, 30):
+        ck.Checkpointer(tmp_path, keep=None).save(step, net, state={"step": step})
+    (tmp_path / "checkpoints" / "latest").write_text("step-10\n")
+    c = ck.Checkpointer(tmp_path, keep=2)
+    names = lambda: sorted(p.name for p in c.dir.glob("step-*"))  # noqa: E731
+    c.save(12, net, state={"step": 12})
+    assert names() == ["step-10", "step-12", "step-20", "step-30"]
+    c.save(14, net, state={"step": 14})
+    assert names() == ["step-12", "step-14", "step-20", "step-30"]
+    assert c.latest().name == "step-14"
+
+
 def test_a_checkpoint_removal_killed_midway_leaves_no_step_with_part_of_its_files(tmp_path,
                                                                                   monkeypatch):
     # Keeping the last K removed an old step-N file by file: killed midway, step-N was left
