@@ -1,6 +1,7 @@
 """SFT's run: which records it measures execution accuracy on."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +246,34 @@ def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, mo
     assert json.loads((straight / "config.json").read_text())["best_step"] == meta[0]["best_step"]
     c = load_file(straight / "model.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_kill_while_out_best_is_removed_leaves_a_run_its_resume_finishes(base, tmp_path,
+                                                                          monkeypatch):
+    # OUT/best was removed file by file once OUT held the model: killed midway, it kept its
+    # config.json without its weights, which the resume took for the best evaluation's and
+    # then failed to load ("model weights are missing", exit 2), every time.
+    import shutil
+    from safetensors.torch import load_file
+    out = tmp_path / "sft"
+    args = ("--max-steps", "2", "--eval-every", "1", "--val-fraction", "0.25")
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *a, **k):
+        path = Path(path)
+        if path.parent == out and "best" in path.name and (out / "config.json").exists():
+            (path / "model.safetensors").unlink()
+            raise KeyboardInterrupt  # as a kill: nothing after the first file is removed
+        real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    assert run_sft(base, out, *args) == 130
+    monkeypatch.undo()
+    finished = load_file(out / "model.safetensors")
+    assert run_sft(base, out, *args, "--resume") == 0
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(finished[k], again[k]) for k in finished)
+    assert sorted(p.name for p in out.iterdir() if "best" in p.name) == []
 
 
 def test_a_resume_on_other_demonstrations_says_so(base, tmp_path, capsys):

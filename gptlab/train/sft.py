@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +22,8 @@ from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model,
                                read_meta, replace_model, save_model)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
-from gptlab.io import check_dir_out, check_out_of_read_dirs, read_jsonl, remove_stale_temps
+from gptlab.io import (check_dir_out, check_out_of_read_dirs, read_jsonl, remove_dir,
+                       remove_stale_temps)
 from gptlab.model.attention import MIN_SHARED_PREFIX, PrefixKV
 from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
@@ -330,8 +330,10 @@ def sft(cfg: SFTConfig) -> Path:
     save_model(out, model, tok, extra={"stage": "sft", "step": result.step,
                                        "best_step": keeper.best_step, "best_score": keeper.best,
                                        "val_loss": val_loss})
-    shutil.rmtree(keeper.dir, ignore_errors=True)
-    remove_stale_temps(out, ".best.*.tmp*")  # a killed save's copy of OUT/best
+    # In one step: file by file, a kill midway left OUT/best's config.json without its weights,
+    # which a resume took for the best evaluation's.
+    remove_dir(keeper.dir)
+    remove_stale_temps(out, ".best.*.tmp*")  # a killed save's or removal's copy of OUT/best
     if keeper.best is None:
         kept = "no evaluation ran: the last weights"
     else:
