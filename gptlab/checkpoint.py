@@ -65,8 +65,14 @@ def _arch_of(model: torch.nn.Module) -> str:
 def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = None,
                extra: dict | None = None) -> Path:
     """Write a model directory. Every file is written atomically; config.json goes last, so a
-    directory with a config.json has its weights in place."""
+    directory with a config.json has its weights in place. Over a model directory (a resumed
+    run's OUT saved again), its config.json goes first: left, a save killed after the new
+    weights left them under the old config.json (its step, its validation loss), a model
+    every verb read, where now there is a save that never finished, which --resume ends."""
     out = ensure_dir(out_dir)
+    if (out / "config.json").is_file():
+        (out / "config.json").unlink()
+        fsync_path(out)  # gone on the disk before a new file is renamed in
     if tokenizer is not None:
         tokenizer.save(out)
     with atomic_path(out / MODEL_FILE) as tmp:

@@ -32,6 +32,28 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.tok_emb.weight.data_ptr()  # still tied
 
 
+def test_a_save_over_a_model_killed_before_its_config_leaves_no_model_of_two_saves(tmp_path,
+                                                                                   monkeypatch):
+    # A resumed run saves OUT again: killed after the new weights, it left them under the old
+    # config.json (step 4, its val_loss), a model every verb read without a word.
+    ck.save_model(tmp_path, tiny(), extra={"step": 4})
+    torch.manual_seed(1)
+    newer = GPT(get_preset("tiny"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ck, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_model(tmp_path, newer, extra={"step": 8})
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="not a model directory"):
+        ck.load_model(tmp_path)
+    ck.save_model(tmp_path, newer, extra={"step": 8})
+    model, _, meta = ck.load_model(tmp_path)
+    assert meta["step"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), newer.parameters()))
+
+
 def test_encoder_decoder_round_trip(tmp_path):
     torch.manual_seed(0)
     net = Transformer(TransformerConfig(vocab_size=30, context=16, n_encoder_layers=1,
