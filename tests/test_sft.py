@@ -248,6 +248,48 @@ def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(base, tmp_path, mo
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_ctrl_c_mid_accumulation_and_mid_epoch_resumed_ends_as_a_straight_run(base, tmp_path,
+                                                                               monkeypatch):
+    """SFT's resume was only checked where the run kept step 0's weights, which any resume
+    gives back. Here the last weights are kept, and the Ctrl-C comes in step 5's second
+    micro-batch, in the second epoch (30 demonstrations, 4 a batch, 2 a step): the resumed run
+    ends with the straight run's weights, optimizer moments and rows, bit for bit."""
+    from safetensors.torch import load_file
+    from gptlab.train.loop import read_metrics
+    args = ("--max-steps", "8", "--grad-accum", "2", "--val-fraction", "0.25", "--eval-every",
+            "4", "--save-every", "100", "--log-every", "1", "--lr", "3e-3", "--seed", "2",
+            "--no-select-best")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_sft(base, straight, *args) == 0
+    calls = [0]
+
+    class Interrupted(sft_module.ListBatches):
+        def __next__(self):
+            calls[0] += 1
+            if calls[0] == 10:  # step 5's second micro-batch
+                raise KeyboardInterrupt
+            return super().__next__()
+
+    monkeypatch.setattr(sft_module, "ListBatches", Interrupted)
+    assert run_sft(base, resumed, *args) == 130
+    monkeypatch.undo()
+    assert [p.name for p in (resumed / "checkpoints").glob("step-*")] == ["step-4"]
+    state = torch.load(resumed / "checkpoints" / "step-4" / "trainer.pt", weights_only=False)
+    assert state["data"]["epoch"] == 1 and state["data"]["index"] > 0  # mid epoch
+    assert run_sft(base, resumed, *args, "--resume") == 0
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
+                for r in read_metrics(run / "metrics.jsonl")]
+    assert rows(straight) == rows(resumed) and len(rows(straight)) == 8 + 3
+    a, b = (load_file(run / "model.safetensors") for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = (torch.load(run / "checkpoints" / "step-8" / "optimizer.pt", weights_only=False)
+              for run in (straight, resumed))
+    assert all(torch.equal(oa["state"][i][k], ob["state"][i][k])
+               for i in oa["state"] for k in oa["state"][i])
+
+
 def test_a_kill_while_out_best_is_removed_leaves_a_run_its_resume_finishes(base, tmp_path,
                                                                           monkeypatch):
     # OUT/best was removed file by file once OUT held the model: killed midway, it kept its
