@@ -304,6 +304,9 @@ def _verb_chat():
                        help="fit the conversation in fewer tokens than the model's context")
         p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
+        p.epilog = ("One message per line; /help lists the commands. At a terminal, Ctrl-C "
+                    "during a reply stops it (neither it nor its message is kept); Ctrl-C at "
+                    "the prompt, /exit or end of input ends the chat.")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.chat import ChatConfig, chat

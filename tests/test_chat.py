@@ -656,3 +656,67 @@ def test_a_long_chat_keeps_no_tensors_from_turn_to_turn(tiny_dir):
         session.reply(f"the cat sat on mat number {i}", io.StringIO())
         counts.append(live())
     assert counts[1] == counts[-1], counts
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_prompt_comes_back(tiny_dir, monkeypatch, capsys):
+    """A Ctrl-C while the model wrote a reply ended the whole chat (exit 130). At a terminal it
+    now stops that reply: neither it nor its question is kept, the next turn gets the seed the
+    interrupted one had, and the prompt comes back. Ctrl-C at the prompt, or from a pipe, still
+    ends the chat."""
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
+    model, tok, _ = load_model(tiny_dir)
+    prompts: list[list[int]] = []
+    seeds: list[int] = []
+
+    def generate(model, ids, params, seed=None, pad_id=0):  # Ctrl-C in the 2nd call
+        prompts.append(list(ids[0]))
+        seeds.append(seed)
+        if len(prompts) == 2:
+            raise KeyboardInterrupt
+        return Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0] * 3], [True])
+    monkeypatch.setattr(terminal, "generate", generate)
+    session = ChatSession(model, tok, ChatConfig(system="be kind", max_new_tokens=8, seed=5))
+    out, err = io.StringIO(), io.StringIO()
+
+    def chat_on(stdin, out, err) -> int:  # a Ctrl-C out of pytest's test would stop the run
+        try:
+            return run_chat(session, stdin, out, err)
+        except KeyboardInterrupt:
+            pytest.fail("the Ctrl-C during a reply ended the chat")
+    assert chat_on(Terminal("the cat sat\nthe dog ran\na bird sang\n"), out, err) == 2
+    assert session.messages == [sys_msg("be kind"), user("the cat sat"), bot("the mat"),
+                                user("a bird sang"), bot("the mat")]
+    assert prompts[2] == tok.render_chat(session.messages[:4], add_generation_prompt=True)[0]
+    assert seeds == [5, 6, 6] and session.turns == 2
+    assert out.getvalue() == "> the mat\n> > the mat\n> \n"  # nothing of the stopped reply
+    assert err.getvalue().splitlines()[1:] == [
+        "", "note: the reply was interrupted; this message and its reply are not kept (Ctrl-C "
+        "at the prompt ends the chat)"]
+
+    # An interrupt that lands after the reply was kept, before it is printed: put back too.
+    original = ChatSession.reply
+
+    def kept_then_interrupted(self, text, stderr=None):
+        original(self, text, stderr)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ChatSession, "reply", kept_then_interrupted)
+    prompts.clear()
+    before = list(session.messages)
+    out = io.StringIO()
+    assert chat_on(Terminal("the cat sat\n"), out, io.StringIO()) == 0
+    assert session.messages == before and session.turns == 2 and out.getvalue() == "> > \n"
+
+    # From a pipe, a Ctrl-C (or kill -INT) during a reply ends the chat, as before: lines
+    # still queued in the pipe are not answered one Ctrl-C at a time.
+    with pytest.raises(KeyboardInterrupt):
+        run_chat(session, io.StringIO("the cat sat\nthe dog ran\n"), io.StringIO(), io.StringIO())
+    assert session.messages == before
+
+    class CtrlCAtThePrompt(Terminal):
+        def readline(self, *args):
+            raise KeyboardInterrupt
+    for stdin in (CtrlCAtThePrompt(), io.StringIO("the cat sat\n")):  # each reply interrupted
+        monkeypatch.setattr("sys.stdin", stdin)
+        assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "8"]) == 130
+        assert capsys.readouterr().err.endswith("interrupted\n")

@@ -10,6 +10,8 @@ stdout; notes (dropped turns, a turn that cannot fit) go to stderr, so `printf '
 gptlab chat --model M --greedy` prints just the answer. From a pipe (stdin no terminal) each
 reply ends with two empty lines, and has never two in a row inside (`reply_block`): a script
 tells replies apart. An empty or whitespace-only line is no message: it is not answered.
+At a terminal, Ctrl-C during a reply stops it and the prompt comes back (neither the message
+nor its reply is kept); Ctrl-C at the prompt, or from a pipe, ends the chat.
 """
 from __future__ import annotations
 
@@ -137,7 +139,9 @@ class ChatSession:
 def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
              stderr: TextIO | None = None) -> int:
     """Read user lines until end of input or /exit; returns the number of turns answered.
-    The streams default to sys.stdin / stdout / stderr as they are at call time."""
+    At a terminal a KeyboardInterrupt during a reply drops that turn and reads the next line;
+    at the prompt, or from a pipe, it is raised. The streams default to sys.stdin / stdout /
+    stderr as they are at call time."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     stderr = stderr or sys.stderr
     interactive = stdin.isatty()
@@ -184,8 +188,21 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             continue
         if not command:
             continue
+        # As it was before this line: a Ctrl-C during the reply puts the session back here.
+        messages, turns = session.messages, session.turns
         try:
             answer = session.reply(text, stderr)
+        except KeyboardInterrupt:
+            if not interactive:  # a script's Ctrl-C (or kill -INT) stops the chat, as before
+                raise
+            # As llama.cpp and ollama do: the reply stops and the prompt comes back. The
+            # question goes too: kept alone, the next prompt would hold two user messages in a
+            # row, which some templates refuse; and the session is as if the line was never
+            # typed (same seed for the next turn), so it can be asked again or rephrased.
+            session.messages, session.turns = messages, turns
+            print("\nnote: the reply was interrupted; this message and its reply are not kept "
+                  "(Ctrl-C at the prompt ends the chat)", file=stderr, flush=True)
+            continue
         except TurnTooLong as e:
             print(f"error: {e}; this message was skipped", file=stderr)
             if not interactive:
