@@ -720,3 +720,47 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_prompt_comes_back(tiny_dir, monk
         monkeypatch.setattr("sys.stdin", stdin)
         assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "8"]) == 130
         assert capsys.readouterr().err.endswith("interrupted\n")
+
+
+@pytest.mark.parametrize("system", ["", "  "])
+def test_an_empty_system_message_that_leaves_no_room_says_what_would(tiny_dir, monkeypatch,
+                                                                    capsys, system):
+    # `--system ""` was told to shorten itself: the template's system block, not the message,
+    # was what took the room.
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+
+    def needs(messages: list[dict]) -> int:
+        return len(tok.render_chat(messages + [user("x")], add_generation_prompt=True)[0])
+    n, without = needs([sys_msg(system)]), needs([])
+    assert without < n <= 12
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=96 - without))
+    assert str(e.value) == (f"field 'system': holds no text, yet the chat template's system "
+                            f"block takes room: with it a question of one character needs {n} "
+                            f"tokens, but only {without} fit (the context of 96 minus "
+                            f"max_new_tokens {96 - without}); leave it out (no --system), which "
+                            f"needs {without}, or lower max_new_tokens (--max-new-tokens)")
+    with pytest.raises(UserError) as e:  # a smaller context than the model's: it may grow
+        ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=12,
+                                           max_context_tokens=12 + without))
+    assert str(e.value).endswith(f"which needs {without}, or raise max_context_tokens "
+                                 f"(--max-context-tokens; the model's context is 96), or lower "
+                                 f"max_new_tokens (--max-new-tokens)")
+    with pytest.raises(UserError) as e:  # a system message with text: shorten it, or make room
+        ChatSession(model, tok, ChatConfig(system="the cat sat", max_new_tokens=12,
+                                           max_context_tokens=12 + without))
+    assert str(e.value).endswith("; shorten it, or raise max_context_tokens (--max-context-tokens;"
+                                 " the model's context is 96), or lower max_new_tokens "
+                                 "(--max-new-tokens)")
+    with pytest.raises(UserError) as e:  # no room even without it: the reply's share is the cause
+        ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=96 - without + 1))
+    assert str(e.value).startswith(f"field 'max_new_tokens': {96 - without + 1} leaves "
+                                   f"{without - 1} tokens")
+    ChatSession(model, tok, ChatConfig(system=system, max_new_tokens=96 - n))  # to the last token
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--system", system,
+                 "--max-new-tokens", str(96 - without)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "leave it out (no --system)" in captured.err
+    assert "shorten" not in captured.err

@@ -85,12 +85,25 @@ class ChatSession:
         # every message would be skipped as too long, each told to shorten itself. The probe
         # is the shortest question, one character: with an empty one, a conversation that
         # filled the budget to the last token passed, and then no line could be answered.
-        n = self.count_tokens(self.messages + [{"role": "user", "content": "x"}])
-        if n > self.budget and self.messages:
+        question = {"role": "user", "content": "x"}
+        n = self.count_tokens(self.messages + [question])
+        fit = (f"only {self.budget} fit (the context of {self.context} minus max_new_tokens "
+               f"{cfg.max_new_tokens})")
+        more_room = "lower max_new_tokens (--max-new-tokens)"
+        if self.context < model.config.context:
+            more_room = (f"raise max_context_tokens (--max-context-tokens; the model's context "
+                         f"is {model.config.context}), or {more_room}")
+        if n > self.budget and self.messages and not cfg.system.strip():
+            # Nothing to shorten: the template's system block (its markers) is what takes room.
+            without = self.count_tokens([question])
+            if without <= self.budget:
+                raise UserError(f"holds no text, yet the chat template's system block takes "
+                                f"room: with it a question of one character needs {n} tokens, "
+                                f"but {fit}; leave it out (no --system), which needs {without}, "
+                                f"or {more_room}", field="system")
+        elif n > self.budget and self.messages:
             raise UserError(f"needs {n} tokens with the chat template and a question of one "
-                            f"character, but only {self.budget} fit (the context of "
-                            f"{self.context} minus max_new_tokens {cfg.max_new_tokens}); shorten "
-                            f"it, or lower max_new_tokens (--max-new-tokens)", field="system")
+                            f"character, but {fit}; shorten it, or {more_room}", field="system")
         if n > self.budget:
             raise UserError(f"{cfg.max_new_tokens} leaves {self.budget} tokens of the context of "
                             f"{self.context} for the conversation, but the chat template and a "
