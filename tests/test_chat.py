@@ -68,6 +68,15 @@ def test_a_turn_that_cannot_fit_alone_is_an_error():
     with pytest.raises(TurnTooLong, match="needs 5 tokens.*only 4 fit"):
         fit_messages(CONVERSATION, n_words, 4)
     assert issubclass(TurnTooLong, UserError)
+    # Without a system message the error spoke of one all the same.
+    with pytest.raises(TurnTooLong) as e:
+        fit_messages(CONVERSATION[1:], n_words, 1)
+    assert str(e.value).startswith("field 'message': the message needs 2 tokens with the chat "
+                                   "template, but only 1 fit")
+    with pytest.raises(TurnTooLong) as e:
+        fit_messages(CONVERSATION, n_words, 4)
+    assert str(e.value).startswith("field 'message': the message needs 5 tokens with the system "
+                                   "prompt and the chat template, but only 4 fit")
     with pytest.raises(UserError, match="no user message"):
         fit_messages([sys_msg()], n_words, 100)
 

@@ -55,8 +55,9 @@ def fit_messages(messages: Sequence[dict], count_tokens: CountTokens,
         if n <= budget:
             return kept, dropped
         if dropped == len(turns) - 1:
-            raise TurnTooLong(f"the message needs {n} tokens with the system prompt and the "
-                              f"chat template, but only {budget} fit (the context minus the "
-                              f"tokens kept for the reply); shorten it, or lower "
-                              f"max_new_tokens (--max-new-tokens)", field="message")
+            around = "the system prompt and the chat template" if head else "the chat template"
+            raise TurnTooLong(f"the message needs {n} tokens with {around}, but only "
+                              f"{budget} fit (the context minus the tokens kept for the reply); "
+                              f"shorten it, or lower max_new_tokens (--max-new-tokens)",
+                              field="message")
         dropped += 1
