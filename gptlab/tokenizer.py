@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from gptlab.errors import UserError, check_bool, reports_path_errors
 from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
@@ -65,6 +65,8 @@ N_BYTES = 256
 # allocation failure, and one past 2**64 raised an OverflowError. Real vocabularies stay far
 # below (GPT-2's 50,257; Gemma's 262,144).
 MAX_VOCAB_SIZE = 2**24
+# The longest word (pre-token, in bytes) `train_tokenizer` learns from whole; see there.
+LONGEST_TRAINED_WORD = 1024
 
 GPTLAB_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -854,14 +856,19 @@ def train_tokenizer(paths_or_texts: str | Path | Iterable[str | Path], vocab_siz
     # No prefix space and no regex surprises: decode(encode(s)) == s for every string.
     # Digits are split one by one (as Llama and SmolLM do): a number the model has never seen
     # is still made of known tokens, and copying it from a question into SQL is digit by digit.
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    split = [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    # Trained on, a word is cut in pieces of LONGEST_TRAINED_WORD bytes: the trainer's time is
+    # quadratic in a word's length (each merge in it shifts the rest of it), so a 2 MB line
+    # of one letter ran past 10 minutes. Shorter words, every real one, are learned as they are.
+    hf.pre_tokenizer = pre_tokenizers.Sequence([*split, pre_tokenizers.Split(
+        Regex(rf"[\s\S]{{1,{LONGEST_TRAINED_WORD}}}"), behavior="isolated")])
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     hf.train_from_iterator(docs, trainer=trainer)
+    hf.pre_tokenizer = pre_tokenizers.Sequence(split)  # encoding splits no word
     pad = PAD if PAD in special_tokens else None
     return Tokenizer(hf, bos_token=special_tokens[0], eos_token=special_tokens[1], pad_token=pad)
 

@@ -538,6 +538,33 @@ def test_a_small_corpus_gives_fewer_tokens_than_asked(tmp_path, data, capsys):
     assert f"(vocabulary {obtained})" in capsys.readouterr().out
 
 
+def test_a_word_longer_than_the_longest_trained_whole_is_learned_in_pieces(tmp_path):
+    """`tokenizers`' trainer takes time quadratic in a word's length: a 2 MB line of one letter
+    ran past 10 minutes. A word is learned in pieces of 1024 bytes (LONGEST_TRAINED_WORD), so no
+    merge spans more; the tokenizer still splits no word when it encodes, and words shorter
+    than that (CORPUS's) train as before."""
+    data = tmp_path / "long.txt"
+    data.write_text("a" * 2**14 + "\n\nthe end\n", encoding="utf-8")
+    tok = train_tokenizer([data], vocab_size=300)
+    vocab = tok.hf.get_vocab()
+    # Whole, the run gave a, aa, ..., a * 16384 (14 merges); in pieces, a * 1024 at most.
+    assert max(map(len, vocab)) == 1024 and "a" * 1024 in vocab
+    text = "a" * 5000 + " the end"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("a" * 2048) == [vocab["a" * 1024]] * 2
+    # The pre-tokenizer saved is the one without pieces.
+    assert "Split" not in tok.hf.to_str()
+    ref = tokenizers.Tokenizer(tokenizers.models.BPE())
+    ref.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    ref.decoder = tokenizers.decoders.ByteLevel()
+    ref.train_from_iterator(CORPUS, trainer=tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[BOS, EOS, PAD, SYSTEM, USER, ASSISTANT],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert train_tokenizer(CORPUS, vocab_size=400).hf.to_str() == ref.to_str()
+
+
 def test_training_input_errors(tmp_path):
     with pytest.raises(UserError, match="corpus file not found"):
         train_tokenizer([tmp_path / "missing.txt"], vocab_size=300)
