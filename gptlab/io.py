@@ -742,15 +742,29 @@ def _compressed_note(d: Path, under: list[Path]) -> str:
             f"{first.relative_to(d)}, {kind}): {advice}, and the others likewise")
 
 
+def _utf16_without_bom(head: bytes) -> bool:
+    """Whether `head`, a file's first bytes, read as UTF-16 text with no byte-order mark
+    (Python's "utf-16-le", `iconv -t UTF-16LE` write none): a zero byte at most places of one
+    parity, the high bytes of Latin characters, and at few of the other. UTF-8 text holds a
+    zero byte only where it holds a NUL character; read as UTF-8, UTF-16 text passed as text
+    with a NUL after each letter, and no blank line ended a document."""
+    n = len(head) // 2 * 2
+    if n < 4:
+        return False
+    even, odd = head[0:n:2].count(0), head[1:n:2].count(0)
+    return 4 * max(even, odd) >= 3 * (n // 2) and 4 * min(even, odd) <= n // 2
+
+
 def other_format(path: str | Path, read_as: str = "text") -> str | None:
     """Why file `path` cannot be read as `read_as` ("text" or "Parquet"), said for an error,
     if its first bytes show it to be compressed, a zip archive, Parquet (PAR1 at both ends,
-    read as text) or UTF-16 text; None for anything else (what it should be, bytes of no kind
-    known here, or no regular file: a pipe's bytes would be used up)."""
+    read as text) or UTF-16 text (with a byte-order mark or, read as text, without); None for
+    anything else (what it should be, bytes of no kind known here, or no regular file: a
+    pipe's bytes would be used up)."""
     if not Path(path).is_file():
         return None
     with open(path, "rb") as f:
-        head = f.read(10)
+        head = f.read(512)
         size = f.seek(0, os.SEEK_END)
         f.seek(max(size - 8, 0))
         tail = f.read()
@@ -766,6 +780,9 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
             and size >= 12 and int.from_bytes(tail[:4], "little") <= size - 12):
         return ("is a Parquet file, but only a name ending .parquet is read as Parquet: "
                 "rename it to end .parquet")
+    if read_as == "text" and _utf16_without_bom(head):
+        return ("is UTF-16 text without a byte-order mark (a zero byte beside each character "
+                "of its start); save the file as UTF-8")
     return None
 
 

@@ -133,6 +133,27 @@ def test_a_zstd_file_read_as_text_is_named_with_its_fix(tmp_path):
                                f"'{f}') and give what it holds")
 
 
+def test_utf16_text_without_a_byte_order_mark_is_named_as_utf16(tmp_path):
+    """Python's "utf-16-le" and `iconv -t UTF-16LE` write no byte-order mark: such a file was
+    valid UTF-8, read with a NUL after each letter. Text with a few NULs is still text."""
+    from gptlab.io import other_format, utf8_lines
+    said = ("is UTF-16 text without a byte-order mark (a zero byte beside each character of its "
+            "start); save the file as UTF-8")
+    text = "Hello world\nIt\u2019s 5 \u20ac.\n\nSecond document\n" * 20
+    for encoding in ("utf-16-le", "utf-16-be"):
+        f = tmp_path / f"{encoding}.txt"
+        f.write_bytes(text.encode(encoding))
+        assert other_format(f) == said
+        with pytest.raises(UserError) as e:
+            list(utf8_lines(f))
+        assert e.value.path == f and e.value.message == said
+    f = tmp_path / "nul.txt"
+    f.write_bytes(b"a\x00b\x00c\x00 plain text after three NULs\n\x00\x00\n")
+    assert other_format(f) is None
+    assert [line for _, line in utf8_lines(f)] == ["a\x00b\x00c\x00 plain text after three NULs",
+                                                   "\x00\x00"]
+
+
 def test_a_split_word_ends_at_a_digit_as_datasets_reads_it(tmp_path):
     # `datasets`' split patterns take a digit as a separator: test1.jsonl is the test split's.
     from gptlab.io import files_in

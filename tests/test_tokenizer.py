@@ -631,6 +631,23 @@ def test_cli_train_in_process(tmp_path, data, capsys):
     assert f"{bad}:1: not UTF-8" in err and "byte offset 3" in err
 
 
+def test_tokenizer_train_refuses_utf16_text_without_a_byte_order_mark(tmp_path, capsys):
+    """Of ASCII text (valid UTF-8 then), it trained on each letter followed by a NUL, and wrote
+    the tokenizer."""
+    data = tmp_path / "corpus.txt"
+    data.write_bytes("\n\n".join(CORPUS[:3]).encode("utf-16-le"))
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
+                     "--out", str(tmp_path / "tok")]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab tokenizer train: error: {data}: is UTF-16 text without a byte-order mark (a "
+        f"zero byte beside each character of its start); save the file as UTF-8\n")
+    assert not (tmp_path / "tok").exists()
+    # NUL bytes in UTF-8 text are text, trained on and encoded back.
+    data.write_bytes(b"a\x00b SELECT\x00\n\nSELECT name\n")
+    tok = train_tokenizer([data], vocab_size=300)
+    assert tok.decode(tok.encode("x\x00 SELECT\x00")) == "x\x00 SELECT\x00"
+
+
 def test_a_stale_generation_config_does_not_change_a_new_tokenizer(tmp_path, data, plain):
     """`tokenizer train --out DIR` refuses a DIR with a model's config.json or tokenizer.json,
     but a generation_config.json left there by an earlier model stayed, and was read back as
