@@ -335,3 +335,39 @@ def test_what_padding_holds_changes_no_masked_statistic(B, T, data):
     assert torch.equal(masked_mean(junk, m), masked_mean(x, m))
     assert torch.equal(masked_mean(junk, m, dim=1), masked_mean(x, m, dim=1))
     assert torch.equal(whiten(junk, m), whiten(x, m))
+
+
+def test_clipped_value_loss_gradient_flows_through_the_value_wherever_the_clip_does_not_hold():
+    # ½ mean max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), V_old = 0, ε = 0.2, N = 3:
+    # token 0: V = 0.1 inside the clip, both terms (0.1 − 1)²: d/dV = (V − R) / N = −0.3;
+    # token 1: V = 1.5 overshoots R = 1, the clipped term (0.2 − 1)² = 0.64 > 0.25 holds it: 0;
+    # token 2: V = −1, R = 1: unclipped 4 > clipped (−0.2 − 1)² = 1.44: d/dV = (−1 − 1) / 3.
+    values = torch.tensor([[0.1, 1.5, -1.0]], requires_grad=True)
+    ret = torch.tensor([[1.0, 1.0, 1.0]])
+    loss, frac = clipped_value_loss(values, torch.zeros(1, 3), ret, torch.ones(1, 3), clip=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * (0.81 + 0.64 + 4.0) / 3, abs=1e-6)
+    assert values.grad[0].tolist() == pytest.approx([-0.9 / 3, 0.0, -2.0 / 3], abs=1e-6)
+    assert frac.item() == pytest.approx(1 / 3)
+
+
+def test_clipped_losses_average_over_the_real_tokens_of_a_padded_batch():
+    # The three tokens of test_clipped_policy_loss_by_hand as two right-padded rows, padding
+    # holding a ratio of 3 and an advantage of 5 (in PPO, whitening leaves 0 there): the same
+    # loss, −(1.2 + 0.5 − 2.2) / 3, not a sum over 3 tokens divided by the 4 of the batch.
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    logp = torch.log(torch.tensor([[1.5, 0.5], [1.1, 3.0]]))
+    adv = torch.tensor([[1.0, 1.0], [-2.0, 5.0]])
+    loss, stats = clipped_policy_loss(logp, torch.zeros(2, 2), adv, m, clip=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+    kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3
+    assert stats["approx_kl"].item() == pytest.approx(kl, abs=1e-6)
+    # The value loss likewise: (V, R) = (1, 1) held by the clip at 0.2: 0.64; (0.1, 1): 0.81;
+    # (−1, 1): unclipped 4 > 1.44; the padding's (9, −4) counts nowhere.
+    values = torch.tensor([[1.0, 0.1], [-1.0, 9.0]])
+    ret = torch.tensor([[1.0, 1.0], [1.0, -4.0]])
+    loss, frac = clipped_value_loss(values, torch.zeros(2, 2), ret, m, clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81 + 4.0) / 3, abs=1e-6)
+    assert frac.item() == pytest.approx(1 / 3)
+
