@@ -371,3 +371,28 @@ def test_clipped_losses_average_over_the_real_tokens_of_a_padded_batch():
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81 + 4.0) / 3, abs=1e-6)
     assert frac.item() == pytest.approx(1 / 3)
 
+
+def test_token_logprobs_by_hand():
+    from gptlab.train.rl_math import token_logprobs
+    # Position 0: probabilities 1/4, 3/4, ~0 over 3 tokens; position 1: uniform. Token ids
+    # 1 and 2 (the vocabulary's last): log 3/4 and log 1/3.
+    logits = torch.tensor([[[0.0, math.log(3.0), -50.0], [2.0, 2.0, 2.0]]])
+    got = token_logprobs(logits, torch.tensor([[1, 2]]))
+    assert got.shape == (1, 2)
+    assert got[0].tolist() == pytest.approx([math.log(0.75), math.log(1 / 3)], abs=1e-6)
+
+
+def test_log_probabilities_and_entropy_of_bfloat16_logits_are_computed_in_float32():
+    # bfloat16's own log-softmax is off by ~1e-2. response_logprobs hands these functions
+    # float32 logits today; they do not count on it.
+    from gptlab.train.rl_math import entropy_from_logits, token_logprobs
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 3, 50) * 3).bfloat16()
+    exact = logits.double().log_softmax(-1)
+    tokens = torch.tensor([[0, 7, 49], [3, 3, 20]])
+    got = token_logprobs(logits, tokens)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), exact.gather(-1, tokens[..., None])[..., 0], atol=1e-5)
+    h = entropy_from_logits(logits)
+    assert h.dtype == torch.float32
+    assert torch.allclose(h.double(), -(exact.exp() * exact).sum(-1), atol=1e-5)
