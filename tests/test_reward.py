@@ -761,3 +761,45 @@ def test_reward_help_says_parquet_holds_ties_when_every_item_is_a_list(tmp_path,
     assert (ranking.ranked, ranking.groups) == (["a", "b", "c", "d"], [0, 1, 1, 2])
     with pytest.raises(pa.ArrowTypeError):  # a tie among plain strings: JSONL only
         pa.table({"prompt": ["p"], "ranked": [["a", ["b", "c"], "d"]]})
+
+
+class LastTokenScore(nn.Module):
+    """A scalar-head stand-in that scores a sequence by its last real token's id, normalised
+    as ScalarHeadModel.forward normalises: (raw − score_bias) · score_scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))  # normalize_scores finds the device by it
+        self.register_buffer("score_bias", torch.zeros(()))
+        self.register_buffer("score_scale", torch.ones(()))
+
+    def forward(self, input_ids, attention_mask):
+        last = attention_mask.sum(1) - 1
+        raw = input_ids.gather(1, last[:, None])[:, 0].float()
+        return (raw - self.score_bias) * self.score_scale
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 32])
+def test_normalisation_reads_every_sample_whatever_the_batch_size(batch_size):
+    from gptlab.train.reward import normalize_scores
+    # Raw scores 1, 2, 3, 4, 10 (rows of different lengths, right-padded in a batch):
+    # mean 4, std (n − 1) sqrt((9 + 4 + 1 + 0 + 36) / 4) = sqrt(12.5).
+    seqs = [[5, 1], [2], [9, 9, 3], [4], [6, 10]]
+    model = LastTokenScore()
+    mean, std = normalize_scores(model, seqs, pad_id=0, batch_size=batch_size)
+    assert (mean, std) == pytest.approx((4.0, math.sqrt(12.5)), abs=1e-6)
+    assert model.score_bias.item() == pytest.approx(4.0)
+    assert model.score_scale.item() == pytest.approx(1 / math.sqrt(12.5))
+
+
+def test_normalisation_of_two_samples_and_of_one():
+    from gptlab.train.reward import normalize_scores
+    # Two samples, 1 and 3: mean 2, std sqrt(2) (n − 1), so they score ∓1/sqrt(2) ...
+    model = LastTokenScore()
+    assert normalize_scores(model, [[1], [3]], pad_id=0) == pytest.approx((2.0, math.sqrt(2)))
+    with torch.no_grad():
+        scores = model(torch.tensor([[1], [3]]), torch.ones(2, 1, dtype=torch.long))
+    assert scores.tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)])
+    # ... and one sample has no spread to divide by: shifted to 0, scale 1 (not NaN).
+    assert normalize_scores(model, [[7]], pad_id=0) == (7.0, 1.0)
+    assert (model.score_bias.item(), model.score_scale.item()) == (7.0, 1.0)
