@@ -772,3 +772,26 @@ def test_a_reward_function_reads_a_response_cut_inside_a_character_as_sample_wri
     t = trainer(setup, tmp_path / "out", reward_fn=reward)
     t.score(t.rollout(0))
     assert seen == ["ok ", "ok \ufffd", "ok ", "ok \ufffd"]
+
+
+def test_the_update_clips_the_ratio_by_clip_and_the_value_by_value_clip(setup, tmp_path,
+                                                                        monkeypatch):
+    # Both default to 0.2, where swapping them goes unseen; the one minibatch's ratio is 1 and
+    # its values the rollout's, where no clip binds: the losses are told which ε they use.
+    t = trainer(setup, tmp_path / "run", clip=0.1, value_clip=0.3)
+    ro = t.rollout(1)
+    batch = t.advantages(ro, t.score(ro))
+    told = {"policy": [], "value": []}
+    real_pg, real_vf = ppo_module.clipped_policy_loss, ppo_module.clipped_value_loss
+
+    def pg(*args):
+        told["policy"].append(args[4])
+        return real_pg(*args)
+
+    def vf(*args):
+        told["value"].append(args[4])
+        return real_vf(*args)
+    monkeypatch.setattr(ppo_module, "clipped_policy_loss", pg)
+    monkeypatch.setattr(ppo_module, "clipped_value_loss", vf)
+    t.update(ro, batch, t.cfg.lr, 1)
+    assert told == {"policy": [0.1], "value": [0.3]}
