@@ -786,12 +786,51 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
     return None
 
 
-def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline), failing on the first byte that is not UTF-8.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
-    A UTF-8 byte-order mark at the start of the file is not text and is dropped; CRLF endings
-    are read as LF. A compressed file, a zip archive, a Parquet file or UTF-16 text is refused
-    as such (`other_format`), not by its first byte that is not UTF-8."""
+
+def _lf_ends(chunk: bytes, i: int) -> Iterator[tuple[int, int]]:
+    """(end of the text, end of the line end) of each line of `chunk` from `i` ended by \\n."""
+    for piece in chunk[i:].split(b"\n")[:-1]:
+        i += len(piece)
+        yield i, i + 1
+        i += 1
+
+
+def _byte_lines(f: Any, block: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, bytes without the line end) for each line of binary file `f`, ended as
+    Python's universal newlines end one: by \\r\\n, a lone \\r or \\n. Read `block` bytes at a
+    time, so a file of lone \\r endings (a classic Mac OS one) is not read whole as one line."""
+    pos = 0  # the offset of the block's first byte
+    start = 0  # the offset of the line's first byte
+    pending: list[bytes] = []  # the line's bytes in earlier blocks
+    after_cr = False  # the last block ended with \r: a \n beginning this one is its CRLF's
+    while chunk := f.read(block):
+        i = 1 if after_cr and chunk.startswith(b"\n") else 0
+        start += i
+        # (end of the line's text, end of its line end) in the block; the split is the fast way
+        # for a block with no \r at all, as most are
+        ends = (((m.start(), m.end()) for m in _LINE_END.finditer(chunk, i)) if b"\r" in chunk
+                else _lf_ends(chunk, i))
+        for text_end, end in ends:
+            pending.append(chunk[i:text_end])
+            yield start, b"".join(pending)
+            pending, i, start = [], end, pos + end
+        after_cr = chunk.endswith(b"\r")
+        pending.append(chunk[i:])
+        pos += len(chunk)
+    if any(pending):  # the last line, with no line end
+        yield start, b"".join(pending)
+
+
+def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line end), failing on the first byte that is not UTF-8.
+
+    A line ends as Python's universal newlines end one: at \\n, \\r\\n or a lone \\r (a classic
+    Mac OS file's), and a \\r before a CRLF is a line end of its own ("x\\r\\r\\n" is "x" and an
+    empty line), as an editor shows it. A UTF-8 byte-order mark at the start of the file is not
+    text and is dropped. A compressed file, a zip archive, a Parquet file or UTF-16 text is
+    refused as such (`other_format`), not by its first byte that is not UTF-8."""
     path = Path(path)
     if not path.exists():
         raise NotFound("file not found", path=path)
@@ -800,9 +839,8 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     other = other_format(path)
     if other is not None:
         raise UserError(other, path=path)
-    offset = 0
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, (offset, raw) in enumerate(_byte_lines(f), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -811,8 +849,7 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                                 path=path, line=lineno) from None
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
-            offset += len(raw)
-            yield lineno, line.rstrip("\r\n")
+            yield lineno, line
 
 
 class _NonFinite(ValueError):

@@ -633,3 +633,13 @@ def test_a_missing_path_with_a_suffix_is_a_missing_file_not_a_hub_dataset(tmp_pa
     assert not is_hub_name("user/corpus.txt") and not is_hub_name("a/b/c")
     with pytest.raises(UserError, match="corpus file not found"):
         read_documents("user/corpus.txt")
+
+
+def test_txt_documents_of_a_classic_mac_file_are_separated_by_blank_lines(tmp_path):
+    # Lone \r line ends read as one document holding every \r; a \r before a CRLF is a line
+    # end of its own, as an editor shows it, so "x\r\r\n" ends a document.
+    f = tmp_path / "mac.txt"
+    f.write_bytes(b"first doc\rsecond line\r\rsecond doc\r")
+    assert read_documents(f) == ["first doc\nsecond line", "second doc"]
+    f.write_bytes(b"x\r\r\ny\r\n")
+    assert read_documents(f) == ["x", "y"]

@@ -296,3 +296,44 @@ def test_no_records_names_a_lone_shard_in_the_singular_and_the_field_of_a_file(t
         f"(data/train.jsonl) holds no record")
     assert str(no_records(tmp_path / "d" / "data" / "train.jsonl", "samples", field="samples")) \
         == f"{tmp_path / 'd' / 'data' / 'train.jsonl'}, field 'samples': no samples in the file"
+
+
+def test_lines_end_at_lf_crlf_and_a_lone_cr_as_python_universal_newlines_end_them(tmp_path):
+    """A classic Mac OS file (lone \\r endings) read as one line with its \\r kept, and
+    `rstrip("\\r\\n")` took a line's own trailing \\r along with its CRLF. Each file reads as
+    Python's universal newlines read it (open(f, newline=None)), numbered so."""
+    from gptlab.io import utf8_lines
+    cases = {
+        b"one\ntwo\n\nthree": ["one", "two", "", "three"],
+        b"one\r\ntwo\r\n\r\nthree\r\n": ["one", "two", "", "three"],
+        b"one\rtwo\r\rthree\r": ["one", "two", "", "three"],
+        b"one\rtwo\r\nthree\n\rfour": ["one", "two", "three", "", "four"],
+        b"x\r\r\ny\r\n": ["x", "", "y"],  # a \r before its CRLF ends a line of its own
+        b"\xef\xbb\xbf\r\rz": ["", "", "z"],
+        b"\r\n": [""],
+        b"": [],
+    }
+    for i, (data, lines) in enumerate(cases.items()):
+        f = tmp_path / f"{i}.txt"
+        f.write_bytes(data)
+        assert [line for _, line in utf8_lines(f)] == lines, data
+        assert [n for n, _ in utf8_lines(f)] == list(range(1, len(lines) + 1))
+        with open(f, encoding="utf-8-sig", newline=None) as fh:
+            assert fh.read().splitlines() == lines
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"one\rtwo\r\nth\xffree\r")
+    with pytest.raises(UserError) as e:
+        list(utf8_lines(f))
+    assert e.value.line == 3
+    assert e.value.message.startswith("not UTF-8 text: byte 0xff at byte offset 11 ")
+
+
+def test_a_crlf_cut_by_a_read_block_is_one_line_end():
+    """Lines are read a block at a time: a \\r\\n split between two blocks, or a line across
+    several, reads as it does whole, each line at its byte offset."""
+    import io
+    from gptlab.io import _byte_lines
+    data = b"ab\r\ncd\r\r\nefghij\rk\n\n\r"
+    for block in (1, 2, 3, 4, 5, 64):
+        assert list(_byte_lines(io.BytesIO(data), block)) == [
+            (0, b"ab"), (4, b"cd"), (7, b""), (9, b"efghij"), (16, b"k"), (18, b""), (19, b"")]
