@@ -613,8 +613,8 @@ class Tokenizer:
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
-            # gptlab's HF reader goes by it (transformers 5 by tokenizer.json's post-processor,
-            # which `export_hf` adds).
+            # gptlab's HF reader goes by it; transformers 5 by tokenizer.json's post-processor,
+            # which `hf_as_saved` gives it to match.
             "add_bos_token": self.bos_id is not None,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
@@ -640,7 +640,32 @@ class Tokenizer:
         else:
             (d / "generation_config.json").unlink(missing_ok=True)
         with atomic_path(d / "tokenizer.json") as tmp:
-            self.hf.save(str(tmp))
+            self.hf_as_saved().save(str(tmp))
+
+    def hf_as_saved(self) -> tokenizers.Tokenizer:
+        """The tokenizer.json `save` writes: `hf`, or a copy whose post-processor prepends BOS
+        where the model starts sequences with it (`bos_id`) and `hf`'s own does not.
+        transformers 5 goes by the post-processor, not by add_bos_token: so `tokenizer(text)`
+        gives `encode(text, bos=True)` and `tokenizer(text, add_special_tokens=False)` gives
+        `encode(text)`. gptlab never encodes with the post-processor (special tokens are its
+        own to add), so the copy encodes here as `hf` does."""
+        bos_id = self.bos_id
+        if bos_id is None or self.hf.encode("").ids[:1] == [bos_id]:
+            return self.hf
+        bos = self.bos_token
+
+        def piece(kind: str, name: str, type_id: int) -> dict:
+            return {kind: {"id": name, "type_id": type_id}}
+        prepend = {"type": "TemplateProcessing",  # as Llama 2's tokenizer.json prepends <s>
+                   "single": [piece("SpecialToken", bos, 0), piece("Sequence", "A", 0)],
+                   "pair": [piece("SpecialToken", bos, 0), piece("Sequence", "A", 0),
+                            piece("SpecialToken", bos, 1), piece("Sequence", "B", 1)],
+                   "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+        config = json.loads(self.hf.to_str())
+        own = config.get("post_processor")
+        config["post_processor"] = prepend if own is None else {  # after it, as Llama 3's
+            "type": "Sequence", "processors": [own, prepend]}
+        return tokenizers.Tokenizer.from_str(json.dumps(config))
 
 
 # --- helpers -----------------------------------------------------------------------------------

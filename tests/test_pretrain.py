@@ -446,6 +446,24 @@ def test_continuing_a_model_with_another_tokenizer_than_its_own_is_refused(corpu
     assert cont(d / "tok", tmp_path / "three") == 0  # its own tokenizer, given again
 
 
+def test_a_tokenizer_saved_before_its_bos_post_processor_is_a_model_s_own(corpus, tmp_path):
+    """`save` now gives tokenizer.json the post-processor that prepends BOS for transformers;
+    a tokenizer directory saved without it holds the same tokenizer as a model saved since,
+    and continues it (it was refused as another tokenizer)."""
+    d, _, tok = corpus
+    base = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run(*base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "one")) == 0
+    old = tmp_path / "old-tok"
+    old.mkdir()
+    shutil.copy(d / "tok" / "tokenizer_config.json", old)
+    tok.hf.save(str(old / "tokenizer.json"))  # as saved before: no post-processor
+    assert json.loads((tmp_path / "one" / "tokenizer.json").read_text())["post_processor"]
+    assert main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress",
+                 "--sample-tokens", "0", *base, "--tokenizer", str(old), "--out",
+                 str(tmp_path / "two")]) == 0
+
+
 # --- bad input: exit code 2, a message naming the problem, nothing left behind ------------------
 
 def _nothing_left(tmp_path, out):

@@ -694,6 +694,57 @@ def test_saved_tokenizer_renders_the_same_chat_in_transformers(tok, tmp_path):
     assert hf_ids == tok.render_chat(CONVERSATION[:3])[0]
 
 
+def test_a_trained_tokenizer_s_add_bos_token_is_what_transformers_does_with_it(tmp_path, data):
+    """`tokenizer train` wrote add_bos_token: true with no post-processor, and transformers 5
+    goes by the post-processor: `tok(text)` started without the BOS the config promised and
+    the model is trained on. Now transformers gives gptlab's ids: BOS first with special
+    tokens (`encode(bos=True)`, what pretraining, SFT and `generate` feed), none without."""
+    pytest.importorskip("transformers")
+    assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
+                     "--out", str(tmp_path / "tok")]) == 0
+    ours, theirs = load_tokenizer(tmp_path / "tok"), auto_tokenizer(tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], ours.bos_id) == (True, 0)
+    texts = ["The quick brown fox", "SELECT name FROM users;", "élèves 🙂", " two  spaces", ""]
+    for text in texts:
+        assert theirs(text)["input_ids"] == ours.encode(text, bos=True) == [0, *ours.encode(text)]
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert theirs(texts[:2])["input_ids"] == ours.encode_batch(texts[:2], bos=True)
+    chat = theirs.apply_chat_template(CONVERSATION[:3], tokenize=True, return_dict=True)
+    assert chat["input_ids"] == ours.render_chat(CONVERSATION[:3])[0]  # one BOS, not two
+    # Saved again, the directory is the same; gptlab's encodings are those of the tokenizer
+    # trained in memory, which has no post-processor.
+    ours.save(tmp_path / "again")
+    assert ((tmp_path / "again" / "tokenizer.json").read_bytes()
+            == (tmp_path / "tok" / "tokenizer.json").read_bytes())
+    trained = train_tokenizer([data], vocab_size=300)
+    assert trained.hf.post_processor is None
+    for text in texts:
+        assert ours.encode(text, bos=True) == trained.encode(text, bos=True)
+
+
+def test_a_tokenizer_without_bos_first_saves_no_bos_for_transformers(plain, tmp_path):
+    """add_bos_token false: no post-processor that adds BOS, and transformers adds none. A
+    post-processor of its own that adds no BOS (GPT-2's ByteLevel) is kept, and BOS put after
+    it where the model starts with BOS, as Llama 3's tokenizer.json has it."""
+    pytest.importorskip("transformers")
+    no_bos = Tokenizer(plain.hf, "<s>", "</s>", None, add_bos=False)
+    no_bos.save(tmp_path / "no")
+    config = json.loads((tmp_path / "no" / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is False
+    assert json.loads((tmp_path / "no" / "tokenizer.json").read_text())["post_processor"] is None
+    assert auto_tokenizer(tmp_path / "no")("The quick")["input_ids"] == no_bos.encode("The quick")
+    hf = tokenizers.Tokenizer.from_str(plain.hf.to_str())
+    hf.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+    bos_first = Tokenizer(hf, "<s>", "</s>", None)
+    bos_first.save(tmp_path / "bos")
+    saved = json.loads((tmp_path / "bos" / "tokenizer.json").read_text())["post_processor"]
+    assert [p["type"] for p in saved["processors"]] == ["ByteLevel", "TemplateProcessing"]
+    theirs = auto_tokenizer(tmp_path / "bos")
+    assert theirs("The quick")["input_ids"] == bos_first.encode("The quick", bos=True)
+    assert theirs("The quick")["input_ids"][0] == plain.hf.token_to_id("<s>")
+
+
 # --- a Hugging Face directory's special tokens, as transformers reads them ----------------------
 HF_CHAT = [{"role": "system", "content": "You answer in SQL."},
            {"role": "user", "content": "Who is older than 30?"},

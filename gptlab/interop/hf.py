@@ -612,27 +612,6 @@ def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _prepend_bos_in_tokenizer_json(path: Path, tokenizer: Any) -> None:
-    """Give tokenizer.json a post-processor that prepends BOS, where the model was trained with
-    BOS first and it has no post-processor yet: transformers 5 ignores add_bos_token when a
-    tokenizer.json exists, so without one `tokenizer(text)` there would start without BOS."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.processors import TemplateProcessing
-
-    bos_id = getattr(tokenizer, "bos_id", None)
-    if bos_id is None:
-        return
-    hf = HFTokenizer.from_file(str(path))
-    if hf.post_processor is not None:
-        return
-    bos = tokenizer.bos_token
-    hf.post_processor = TemplateProcessing(single=f"{bos}:0 $A:0",
-                                           pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                           special_tokens=[(bos, bos_id)])
-    with atomic_path(path) as tmp:
-        hf.save(str(tmp))
-
-
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
     """Write a Hugging Face directory (GPT2, Llama or Qwen2) that transformers loads, with
     tokenizer.json and a tokenizer_config.json carrying the chat template; a tokenizer that
@@ -657,8 +636,9 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
                          path=Path(out_dir) / "config.json", indent=2)
     out = ensure_dir(out_dir)
     if tokenizer is not None:
-        tokenizer.save(out)  # tokenizer.json + tokenizer_config.json with the chat template
-        _prepend_bos_in_tokenizer_json(out / "tokenizer.json", tokenizer)
+        # tokenizer.json (with a post-processor that prepends BOS where the model starts with
+        # it) + tokenizer_config.json with the chat template
+        tokenizer.save(out)
         tcfg_path = out / "tokenizer_config.json"
         tcfg = read_json(tcfg_path)
         tcfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")

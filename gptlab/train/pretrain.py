@@ -95,8 +95,10 @@ def _tokenizer_for(cfg: PretrainConfig, vocab_size: int) -> Any:
 
 def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
     """`given` (--tokenizer) to continue the model in `model_dir`, unless the model has a
-    tokenizer of its own that differs: its embeddings are rows for its own tokens' ids."""
-    if own is not None and own.hf.to_str() != given.hf.to_str():
+    tokenizer of its own that differs: its embeddings are rows for its own tokens' ids. Each
+    is compared as saved: a directory saved before `save` wrote the post-processor that
+    prepends BOS holds the same tokenizer as one saved since."""
+    if own is not None and own.hf_as_saved().to_str() != given.hf_as_saved().to_str():
         raise UserError("has its own tokenizer.json, which differs from tokenizer "
                         "(--tokenizer): its embeddings are rows for its own tokens, and another "
                         "tokenizer would give them other meanings; leave out tokenizer "
