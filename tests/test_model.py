@@ -876,6 +876,44 @@ def test_a_padded_batch_longer_than_the_context_passes_while_each_row_fits_it():
         net(ids, attention_mask=mask, position_ids=torch.arange(10).expand(2, 10))
 
 
+
+def test_a_padded_encoder_decoder_batch_wider_than_the_context_gives_each_row_its_own():
+    """As GPT's: positions count real tokens, so a source or target batch wider than the
+    context fits it where each row does, padded on the side its mask says; it was refused.
+    Rows of 8 and 3 real tokens in 10 positions, a context of 8: each row's logits are its
+    own alone, in a full forward and decoded with a cache. A row of 9 is refused."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=50, context=8, n_encoder_layers=1, n_decoder_layers=1,
+                            n_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    src, tgt = (torch.randint(1, 50, (2, 10), generator=g) for _ in range(2))
+    src_mask, tgt_mask = (torch.zeros(2, 10, dtype=torch.long) for _ in range(2))
+    src_mask[0, 2:], src_mask[1, :3] = 1, 1  # left-, then right-padded
+    tgt_mask[0, :8], tgt_mask[1, 6:] = 1, 1  # right-, then left-padded
+    rows = [(slice(2, 10), slice(0, 8)), (slice(0, 3), slice(6, 10))]  # each row's real tokens
+    with torch.no_grad():
+        logits = model(src, tgt, src_mask, tgt_mask)
+        memory, _ = model.encode(src, src_mask)
+        cache = model.new_cache(2, 10)
+        cached = torch.cat([model.decode(tgt[:, t:t + 1], memory, src_mask, tgt_mask[:, :t + 1],
+                                         cache)[0] for t in range(10)], 1)
+        for b, (s, t) in enumerate(rows):
+            alone = model(src[b:b + 1, s], tgt[b:b + 1, t])[0]
+            assert alone.abs().max().item() > 1.0
+            assert (logits[b, t] - alone).abs().max().item() <= 1e-5
+            assert (cached[b, t] - alone).abs().max().item() <= 1e-5
+        for where in ("src", "tgt"):
+            m = (src_mask if where == "src" else tgt_mask).clone()
+            m[0] = 1
+            m[0, 0] = 0  # 9 real tokens
+            masks = (m, tgt_mask) if where == "src" else (src_mask, m)
+            with pytest.raises(ValueError, match="sequence of 9 tokens exceeds the context of 8"):
+                model(src, tgt, *masks)
+        with pytest.raises(ValueError, match="sequence of 10 tokens exceeds the context of 8"):
+            model(src, tgt[:, :8])  # no mask: every position is a token
+
+
 # --- property: cached, padded decoding of any shape equals each row's full forward -----------
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

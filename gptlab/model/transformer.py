@@ -140,10 +140,14 @@ class Transformer(nn.Module):
         """The paper multiplies embeddings by sqrt(d_model) before adding the positions. With
         a padding mask (over every position up to these tokens, a cache's included), positions
         count real tokens, so a left-padded sequence reads as the same sequence unpadded (as
-        in GPT); otherwise they run from `start`."""
+        in GPT); otherwise they run from `start`. So a padded batch wider than the context
+        fits it where every row's real tokens do, padded on either side, as GPT's does."""
         T = ids.shape[1]
-        if start + T > self.config.context:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of "
+        longest = start + T
+        if longest > self.config.context and mask is not None:
+            longest = int(mask.sum(-1).max())  # the row with the most real tokens
+        if longest > self.config.context:
+            raise ValueError(f"sequence of {longest} tokens exceeds the context of "
                              f"{self.config.context}")
         pos = self.pos_table[start:start + T] if mask is None \
             else self.pos_table[positions_from_mask(mask, T)]
