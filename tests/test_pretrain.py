@@ -177,6 +177,20 @@ def test_token_cache_key_follows_the_order_of_hub_datasets_and_files(corpus, tmp
     assert cache_key([f, "user/ds"], tok) == cache_key([f, "user/ds"], tok)
 
 
+def test_a_tokenizer_in_memory_and_the_same_one_loaded_from_its_files_share_a_cache_key(
+        corpus, tmp_path):
+    # Saving adds the post-processor that prepends BOS for transformers; keyed by what it held
+    # in memory, the trained tokenizer and its files were two keys and the corpus was
+    # tokenized twice.
+    from gptlab.data.tokens import cache_key
+    from gptlab.tokenizer import load_tokenizer
+    d, docs, tok = corpus
+    tok.save(tmp_path / "tok")
+    back = load_tokenizer(tmp_path / "tok")
+    f = str(d / "a.txt")
+    assert cache_key([f], back) == cache_key([f], tok)
+
+
 def test_a_killed_tokenization_of_another_corpus_leaves_no_temporary_behind(corpus, tmp_path):
     # Only the temporaries of the key being written were removed: a run killed midway, whose
     # corpus was then edited (a new key), left its partial token file in the cache for good.

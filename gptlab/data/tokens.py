@@ -52,8 +52,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's serialized form (vocabulary, merges, special tokens)."""
-    hf = getattr(tokenizer, "hf", None)
+    """sha256 of the tokenizer's serialized form (vocabulary, merges, special tokens), as it is
+    saved: a tokenizer trained in memory and the same one loaded from its files are one key."""
+    saved = getattr(tokenizer, "hf_as_saved", None)
+    hf = saved() if saved is not None else getattr(tokenizer, "hf", None)
     if hf is not None and hasattr(hf, "to_str"):
         text = hf.to_str()
     else:  # any tokenizer that can save itself
