@@ -630,7 +630,8 @@ def test_a_slash_word_that_is_no_command_is_not_sent_to_the_model(tiny_dir, monk
 
 def test_a_context_setting_past_the_models_is_noted_not_silently_clamped(tiny_dir, capsys):
     """--max-context-tokens 1000000000 on a model of 96 tokens chatted in 96 without a word;
-    and a --max-context-tokens that leaves no room named only --max-new-tokens."""
+    and a --max-context-tokens that leaves no room named it, yet offered only a smaller
+    --max-new-tokens, not the model's larger context."""
     from gptlab.checkpoint import load_model
     model, tok, _ = load_model(tiny_dir)
     session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, max_context_tokens=10**9))
@@ -645,7 +646,54 @@ def test_a_context_setting_past_the_models_is_noted_not_silently_clamped(tiny_di
         ChatSession(model, tok, ChatConfig(max_new_tokens=8, max_context_tokens=8))
     assert str(e.value) == ("field 'max_new_tokens': 8 leaves no room for the conversation in a "
                             "context of 8 tokens (max_context_tokens, --max-context-tokens); "
+                            "lower it (--max-new-tokens), or raise max_context_tokens "
+                            "(--max-context-tokens; the model's context is 96)")
+    with pytest.raises(UserError) as e:  # the model's context leaves no room either
+        ChatSession(model, tok, ChatConfig(max_new_tokens=96, max_context_tokens=50))
+    assert str(e.value) == ("field 'max_new_tokens': 96 leaves no room for the conversation in a "
+                            "context of 50 tokens (max_context_tokens, --max-context-tokens); "
                             "lower it (--max-new-tokens)")
+
+
+def test_a_message_too_long_for_a_lowered_context_is_offered_the_models(tiny_dir):
+    """A message over the budget of a lowered --max-context-tokens was told to shorten itself
+    or lower --max-new-tokens, never to raise the context it had lowered; and the start-up
+    error of a template that leaves no room for a question did not offer it either. The
+    larger context is offered where the model's would hold the message, and only then."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, max_context_tokens=40))
+    text = " ".join(["the cat sat on the mat"] * 3)
+    needs = len(tok.render_chat([user(text)], add_generation_prompt=True)[0])
+    assert 32 < needs <= 88  # over the budget of 40 - 8, within the model's 96 - 8
+    with pytest.raises(TurnTooLong) as e:
+        session.reply(text, io.StringIO())
+    assert str(e.value) == (f"field 'message': the message needs {needs} tokens with the chat "
+                            f"template, but only 32 fit (the context minus the tokens kept for "
+                            f"the reply); shorten it, or raise max_context_tokens "
+                            f"(--max-context-tokens; the model's context is 96), or lower "
+                            f"max_new_tokens (--max-new-tokens)")
+    huge = " ".join([text] * 7)  # over the model's context too: raising it would not help
+    with pytest.raises(TurnTooLong) as e:
+        session.reply(huge, io.StringIO())
+    assert str(e.value).endswith("; shorten it, or lower max_new_tokens (--max-new-tokens)")
+    assert session.messages == []
+    whole = ChatSession(model, tok, ChatConfig(max_new_tokens=70))  # the model's own context
+    with pytest.raises(TurnTooLong) as e:
+        whole.reply(text, io.StringIO())
+    assert str(e.value).endswith("; shorten it, or lower max_new_tokens (--max-new-tokens)")
+
+    n = len(tok.render_chat([user("x")], add_generation_prompt=True)[0])
+    with pytest.raises(UserError) as e:  # the template alone fills a lowered context
+        ChatSession(model, tok, ChatConfig(max_new_tokens=8, max_context_tokens=8 + n - 1))
+    assert str(e.value) == (f"field 'max_new_tokens': 8 leaves {n - 1} tokens of the context of "
+                            f"{8 + n - 1} for the conversation, but the chat template and a "
+                            f"question of one character need {n}; lower it (--max-new-tokens), "
+                            f"or raise max_context_tokens (--max-context-tokens; the model's "
+                            f"context is 96)")
+    with pytest.raises(UserError) as e:  # ... and the model's: only a shorter reply helps
+        ChatSession(model, tok, ChatConfig(max_new_tokens=96 - n + 1, max_context_tokens=95))
+    assert str(e.value).endswith(f"need {n}; lower it (--max-new-tokens)")
 
 
 def test_a_long_chat_keeps_no_tensors_from_turn_to_turn(tiny_dir):

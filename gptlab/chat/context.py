@@ -36,14 +36,19 @@ def split_turns(messages: Sequence[dict]) -> tuple[list[dict], list[list[dict]]]
     return head, turns
 
 
-def fit_messages(messages: Sequence[dict], count_tokens: CountTokens,
-                 budget: int) -> tuple[list[dict], int]:
+def _lower_max_new_tokens(needed: int) -> str:
+    return "lower max_new_tokens (--max-new-tokens)"
+
+
+def fit_messages(messages: Sequence[dict], count_tokens: CountTokens, budget: int,
+                 more_room: Callable[[int], str] | None = None) -> tuple[list[dict], int]:
     """Drop the oldest user/assistant turns until `count_tokens(kept) <= budget`.
 
     `count_tokens` measures a message list as the model will see it (rendered with the chat
     template and its generation prompt); `budget` is the context minus the tokens reserved for
     the reply. Returns (kept messages, number of turns dropped). Raises `TurnTooLong` when the
-    system message and the last turn alone are over budget.
+    system message and the last turn alone are over budget; its advice after "shorten it" is
+    `more_room(tokens needed)`, by default to lower max_new_tokens.
     """
     head, turns = split_turns(messages)
     if not turns:
@@ -58,6 +63,6 @@ def fit_messages(messages: Sequence[dict], count_tokens: CountTokens,
             around = "the system prompt and the chat template" if head else "the chat template"
             raise TurnTooLong(f"the message needs {n} tokens with {around}, but only "
                               f"{budget} fit (the context minus the tokens kept for the reply); "
-                              f"shorten it, or lower max_new_tokens (--max-new-tokens)",
+                              f"shorten it, or {(more_room or _lower_max_new_tokens)(n)}",
                               field="message")
         dropped += 1

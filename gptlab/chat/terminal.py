@@ -77,7 +77,8 @@ class ChatSession:
                        if self.context < model.config.context else "")
             raise UserError(f"{cfg.max_new_tokens} leaves no room for the conversation in a "
                             f"context of {self.context} tokens{smaller}; lower it "
-                            f"(--max-new-tokens)", field="max_new_tokens")
+                            f"(--max-new-tokens){self._or_larger_context(1)}",
+                            field="max_new_tokens")
         self.turns = 0
         self.reset()
         # Fail at start, not at the first question, when the template cannot render a chat,
@@ -89,10 +90,7 @@ class ChatSession:
         n = self.count_tokens(self.messages + [question])
         fit = (f"only {self.budget} fit (the context of {self.context} minus max_new_tokens "
                f"{cfg.max_new_tokens})")
-        more_room = "lower max_new_tokens (--max-new-tokens)"
-        if self.context < model.config.context:
-            more_room = (f"raise max_context_tokens (--max-context-tokens; the model's context "
-                         f"is {model.config.context}), or {more_room}")
+        more_room = self.more_room(n)
         if n > self.budget and self.messages and not cfg.system.strip():
             # Nothing to shorten: the template's system block (its markers) is what takes room.
             without = self.count_tokens([question])
@@ -107,8 +105,27 @@ class ChatSession:
         if n > self.budget:
             raise UserError(f"{cfg.max_new_tokens} leaves {self.budget} tokens of the context of "
                             f"{self.context} for the conversation, but the chat template and a "
-                            f"question of one character need {n}; lower it (--max-new-tokens)",
-                            field="max_new_tokens")
+                            f"question of one character need {n}; lower it (--max-new-tokens)"
+                            f"{self._or_larger_context(n)}", field="max_new_tokens")
+
+    def _larger_context(self, needed: int) -> str:
+        """The advice to raise a lowered max_context_tokens, where the model's own context
+        would hold `needed` tokens of conversation and the reply; "" where it would not help."""
+        if self.context == self.model.config.context or \
+                needed + self.cfg.max_new_tokens > self.model.config.context:
+            return ""
+        return (f"raise max_context_tokens (--max-context-tokens; the model's context is "
+                f"{self.model.config.context})")
+
+    def _or_larger_context(self, needed: int) -> str:
+        larger = self._larger_context(needed)
+        return f", or {larger}" if larger else ""
+
+    def more_room(self, needed: int) -> str:
+        """What would make room for a conversation of `needed` tokens besides shortening it:
+        a larger context where one was set below the model's, or a shorter reply."""
+        larger = self._larger_context(needed)
+        return (f"{larger}, or " if larger else "") + "lower max_new_tokens (--max-new-tokens)"
 
     def reset(self) -> None:
         """Forget the conversation, keeping only the system message."""
@@ -126,7 +143,7 @@ class ChatSession:
         alone raises `TurnTooLong` and leaves the history as it was."""
         stderr = stderr or sys.stderr
         kept, dropped = fit_messages(self.messages + [{"role": "user", "content": text}],
-                                     self.count_tokens, self.budget)
+                                     self.count_tokens, self.budget, self.more_room)
         if dropped:
             print(f"note: the conversation outgrew the context of {self.context} tokens: "
                   f"dropped the oldest {dropped} turn{'s' if dropped > 1 else ''}", file=stderr)
