@@ -767,15 +767,16 @@ class LastTokenScore(nn.Module):
     """A scalar-head stand-in that scores a sequence by its last real token's id, normalised
     as ScalarHeadModel.forward normalises: (raw − score_bias) · score_scale."""
 
-    def __init__(self):
+    def __init__(self, unit: float = 1.0):
         super().__init__()
+        self.unit = unit  # a raw score is the id times this
         self.unused = nn.Parameter(torch.zeros(()))  # normalize_scores finds the device by it
         self.register_buffer("score_bias", torch.zeros(()))
         self.register_buffer("score_scale", torch.ones(()))
 
     def forward(self, input_ids, attention_mask):
         last = attention_mask.sum(1) - 1
-        raw = input_ids.gather(1, last[:, None])[:, 0].float()
+        raw = input_ids.gather(1, last[:, None])[:, 0].float() * self.unit
         return (raw - self.score_bias) * self.score_scale
 
 
@@ -803,3 +804,30 @@ def test_normalisation_of_two_samples_and_of_one():
     # ... and one sample has no spread to divide by: shifted to 0, scale 1 (not NaN).
     assert normalize_scores(model, [[7]], pad_id=0) == (7.0, 1.0)
     assert (model.score_bias.item(), model.score_scale.item()) == (7.0, 1.0)
+
+
+def test_scores_all_alike_are_shifted_not_scaled_up_with_a_warning(capsys):
+    """A reward model that scored every normalisation sample the same (it learned nothing, or
+    the samples were one response repeated) got the scale 1/1e-6: PPO's rewards were a million
+    times the score differences it then found. Below a std of 1e-3 the scale stays 1, with a
+    warning naming the cause; above it, the scale is 1/std as before, to the bit."""
+    from gptlab.train.reward import MIN_SCORE_STD, normalize_scores
+    assert MIN_SCORE_STD == 1e-3
+    model = LastTokenScore()
+    assert normalize_scores(model, [[7], [3, 7], [7]], pad_id=0) == (7.0, 0.0)
+    assert (model.score_bias.item(), model.score_scale.item()) == (7.0, 1.0)
+    assert capsys.readouterr().err == (
+        "warning: the reward model scores the 3 samples it is normalised on alike (raw std 0, "
+        "below 0.001): it learned no preference between them, or they are one response "
+        "repeated; their scores are shifted to mean 0 but not scaled (scale 1), since dividing "
+        "by so small a spread would multiply PPO's rewards by over 1000\n")
+    model = LastTokenScore(unit=1e-4)  # raw 1e-4 and 2e-4: std 7.07e-5
+    mean, std = normalize_scores(model, [[1], [2]], pad_id=0)
+    assert std == pytest.approx(math.sqrt(2) * 0.5e-4, rel=1e-5) and std < MIN_SCORE_STD
+    assert model.score_scale.item() == 1.0
+    assert "raw std 7.07e-05, below 0.001" in capsys.readouterr().err
+    model = LastTokenScore(unit=1e-2)  # std 7.07e-3: scaled as before, no warning
+    mean, std = normalize_scores(model, [[1], [2]], pad_id=0)
+    assert std > MIN_SCORE_STD
+    assert model.score_scale.item() == torch.tensor(1.0 / std).item()
+    assert capsys.readouterr().err == ""

@@ -263,10 +263,17 @@ def pairs_right_by_ranking(model: ScalarHeadModel, batches: list[RankingBatch]
     return out
 
 
+# Below this raw std the samples' scores carry no preference (the head starts with scores that
+# spread about 1), and 1/std would multiply PPO's rewards by over a thousand, drowning the KL
+# penalty: such scores are shifted to mean 0 and left at scale 1.
+MIN_SCORE_STD = 1e-3
+
+
 @torch.no_grad()
 def normalize_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_id: int,
                      batch_size: int = 32) -> tuple[float, float]:
-    """Set bias and scale so the given sequences score mean 0, std 1; return (mean, std) raw."""
+    """Set bias and scale so the given sequences score mean 0, std 1; return (mean, std) raw.
+    A std below MIN_SCORE_STD is warned of on stderr and leaves the scale at 1."""
     model.score_bias.zero_()
     model.score_scale.fill_(1.0)
     device = next(model.parameters()).device
@@ -278,7 +285,14 @@ def normalize_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_id:
     s = torch.cat(scores)
     mean, std = s.mean().item(), (s.std().item() if len(s) > 1 else 1.0)
     model.score_bias.fill_(mean)
-    model.score_scale.fill_(1.0 / max(std, 1e-6))
+    if std < MIN_SCORE_STD:
+        print(f"warning: the reward model scores the {counted(len(s), 'sample')} it is "
+              f"normalised on alike (raw std {std:.3g}, below {MIN_SCORE_STD:g}): it learned no "
+              f"preference between them, or they are one response repeated; their scores are "
+              f"shifted to mean 0 but not scaled (scale 1), since dividing by so small a spread "
+              f"would multiply PPO's rewards by over {1 / MIN_SCORE_STD:.0f}", file=sys.stderr)
+    else:
+        model.score_scale.fill_(1.0 / std)
     return mean, std
 
 
