@@ -381,6 +381,36 @@ def test_a_resume_refused_for_a_damaged_checkpoint_or_another_setting_writes_not
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
+def test_a_resume_refuses_a_checkpoint_tokenizer_larger_than_the_embedding(corpus, tmp_path,
+                                                                          capsys):
+    """A checkpoint whose tokenizer has more tokens than the model's embedding has rows (its
+    tokenizer.json replaced, the manifest made to agree) was resumed as it was: every load of
+    a model refuses that, a resume did not check it."""
+    import hashlib
+    d, docs, _ = corpus
+    out = tmp_path / "run"
+    common = ["--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--max-steps", "2",
+              "--block-size", "16", "--batch-size", "4", "--eval-every", "0", "--save-every",
+              "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert run(*common) == 0
+    ckpt = out / "checkpoints" / "step-2"
+    words = [f"w{i}x{i * 7 % 13}" for i in range(400)]
+    big = train_tokenizer(docs + [" ".join(words)] * 3, vocab_size=400)
+    assert big.vocab_size > 300
+    big.save(ckpt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["sha256"]["tokenizer.json"] = hashlib.sha256(
+        (ckpt / "tokenizer.json").read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run(*common, "--resume", "--max-steps", "4") == 2
+    assert capsys.readouterr().err == (f"gptlab pretrain: error: {ckpt}, field 'vocab_size': "
+                                       f"tokenizer has {big.vocab_size} tokens but the model's "
+                                       f"embedding has 300 rows\n")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
 def test_pretrain_reads_jsonl_and_parquet(corpus, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

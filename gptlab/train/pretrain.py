@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import build_from_meta, is_gptlab_dir, load_language_model, \
-    read_meta, save_model
+from gptlab.checkpoint import build_from_meta, check_tokenizer_fits, is_gptlab_dir, \
+    load_language_model, read_meta, save_model
 from gptlab.errors import NotFound, UserError, check_given, reports_path_errors
 from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
@@ -115,7 +115,9 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
     if resume_from is not None:
         meta = read_meta(resume_from)
         model = build_from_meta(meta, resume_from / "config.json")
-        return model, load_tokenizer(resume_from)
+        tok = load_tokenizer(resume_from)
+        check_tokenizer_fits(model, tok, resume_from)  # as every load of a model checks it
+        return model, tok
     model_path = Path(cfg.model)
     if _continues_a_model(cfg.model):
         if not is_gptlab_dir(model_path):
