@@ -659,6 +659,50 @@ def test_the_timer_keeps_a_reused_stage_s_earlier_minutes_and_counts_them_saved(
     assert t.threads_used() == {"pretrain": threads, "eval": threads + 1}
 
 
+def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypatch, capsys):
+    """A rerun with another --threads resumed a stage stopped after a checkpoint without a
+    word, and the count it had run on was never recorded (the record was written only as a
+    stage ended): its losses could differ in the last bits from a run that never stopped."""
+    from gptlab.checkpoint import Checkpointer
+    from gptlab.model import GPT, get_preset
+    from gptlab.train import pipeline as pipeline_module
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    monkeypatch.setattr(pipeline_module, "usable_cpus", lambda: 2)
+    for name in ("export_world", "_record_world", "_check_finished_stages_whole"):
+        monkeypatch.setattr(Pipeline, name, lambda self: None)
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny"))
+    ran_on: list[int] = []
+
+    def stopped_after_a_checkpoint(self):
+        ran_on.append(torch.get_num_threads())
+        Checkpointer(self.out / "pretrain").save(1, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Pipeline, "pretrain", stopped_after_a_checkpoint)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 1, 2, 2):
+            with pytest.raises(KeyboardInterrupt):
+                Pipeline(PipelineConfig(out=str(tmp_path / "run"), threads=n)).run()
+            record = json.loads((tmp_path / "run" / "stage_threads.json").read_text())
+            assert record["pretrain"] == n  # on record though the stage never ended
+            warnings = [line for line in capsys.readouterr().err.splitlines()
+                        if line.startswith("warning")]
+            if len(ran_on) == 3:  # resumed on 2 threads after it ran on 1
+                assert warnings == [
+                    "warning: pretrain resumes from its checkpoint on 2 CPU threads, but ran on "
+                    "1 before it stopped: its losses may differ in the last bits from a run that "
+                    "never stopped (--threads 1 resumes it as it ran)"]
+            else:  # the first start, or a resume on the count it ran on
+                assert warnings == []
+    finally:
+        torch.set_num_threads(threads)
+    assert ran_on == [1, 1, 2, 2]
+    t = pipeline_module.Timer(tmp_path / "run")  # a stage that starts afresh: nothing to say
+    t.run("pretrain", lambda: None)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_the_control_continues_sft_at_a_tenth_of_its_learning_rate(tmp_path):
     from gptlab.train.pipeline import Pipeline, PipelineConfig
     p = Pipeline(PipelineConfig(out=str(tmp_path / "run"), sft_lr=1e-3, rounds=3, ppo_steps=2,

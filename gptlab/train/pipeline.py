@@ -50,7 +50,8 @@ class PipelineConfig:
     world_seed: int = field(default=0, metadata={
         "help": "seed of the built-in world exported into OUT"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: torch's choice)"})
+        "help": "torch CPU threads (default: torch's choice); a stage resumed on another "
+                "count than it ran on is warned of"})
     # pretraining
     pretrain_steps: int = field(default=150, metadata={"help": "pretraining steps"})
     pretrain_batch: int = field(default=8, metadata={"help": "pretraining batch size"})
@@ -322,12 +323,19 @@ def _interrupted(out: Path) -> bool:
     return Checkpointer(out).latest() is not None
 
 
+def _state(out: Path) -> dict[str, bool]:
+    """`Timer.run`'s `done` and `resumes` for the training stage writing `out`."""
+    done = stage_done(out)
+    return {"done": done, "resumes": not done and _interrupted(out)}
+
+
 class Timer:
     """Minutes per stage, kept in OUT/stage_minutes.json as each stage ends. A stage that a rerun
     finds finished keeps the minutes it took when it ran, so adding `--headroom` to a finished
     run (or resuming one) still reports what every stage cost. The CPU threads each stage ran
-    on are kept beside them (OUT/stage_threads.json): `--threads` may change on a rerun, and
-    sampling on another thread count can draw other samples."""
+    on are kept beside them (OUT/stage_threads.json), written as it starts: `--threads` may
+    change on a rerun, sampling on another thread count can draw other samples, and a stage
+    resumed from its checkpoint on another count than it stopped on is warned of."""
 
     def __init__(self, out: Path) -> None:
         self.record, self.threads_record = out / "stage_minutes.json", out / "stage_threads.json"
@@ -344,12 +352,23 @@ class Timer:
             self.earlier = dict(report.get("stage_minutes") or {})
         self.saved = 0.0  # minutes the reused stages took when they ran, beyond this run's
 
-    def run(self, name: str, fn: Callable[[], Any], done: bool = False) -> Any:
-        """Time `fn`; with `done` (its output was already complete) keep the earlier minutes."""
+    def run(self, name: str, fn: Callable[[], Any], done: bool = False,
+            resumes: bool = False) -> Any:
+        """Time `fn`; with `done` (its output was already complete) keep the earlier minutes.
+        `resumes`: the stage continues from a checkpoint an earlier run left."""
         t0 = time.time()
         print(f"== {name}" + (" (done)" if done else ""), file=sys.stderr)
         if not done:
-            self.threads[name] = torch.get_num_threads()
+            before, now = self.threads.get(name), torch.get_num_threads()
+            if resumes and before is not None and before != now:
+                # Sums split among threads otherwise round otherwise: the last bits may differ.
+                print(f"warning: {name} resumes from its checkpoint on "
+                      f"{counted(now, 'CPU thread')}, but ran on {before} before it stopped: "
+                      f"its losses may differ in the last bits from a run that never stopped "
+                      f"(--threads {before} resumes it as it ran)", file=sys.stderr)
+            self.threads[name] = now
+            # Now, not once it ends: a stage stopped midway has the count it ran on on record.
+            write_json_atomic(self.threads_record, self.threads)
         out = fn()
         took = (time.time() - t0) / 60
         if done and name in self.earlier:
@@ -678,25 +697,25 @@ class Pipeline:
         out = self.out
         t.run("world", self.export_world, done=(self.world_dir / "world.json").exists())
         self._record_world()
-        pre = t.run("pretrain", self.pretrain, done=stage_done(out / "pretrain"))
+        pre = t.run("pretrain", self.pretrain, **_state(out / "pretrain"))
         self.check_test_prompts_fit(pre)
-        sft_dir = t.run("sft", lambda: self.sft(pre), done=stage_done(out / "sft"))
+        sft_dir = t.run("sft", lambda: self.sft(pre), **_state(out / "sft"))
         policy = sft_dir
         for rnd in range(1, cfg.rounds + 1):
             d = out / f"round-{rnd}"
             self.feedback(policy, rnd)
             rm = t.run(f"round {rnd}: reward model", lambda: self.reward(sft_dir, rnd),
-                       done=stage_done(d / "reward"))
+                       **_state(d / "reward"))
             policy = t.run(f"round {rnd}: ppo", lambda: self.ppo(policy, sft_dir, rm, rnd),
-                           done=stage_done(d / "ppo"))
+                           **_state(d / "ppo"))
         control = t.run("sft_continued", lambda: self.sft_continued(sft_dir),
-                        done=stage_done(out / "sft_continued"))
+                        **_state(out / "sft_continued"))
         if cfg.headroom:
             t.run("ppo on the execution reward", lambda: self.ppo_execution_reward(sft_dir),
-                  done=stage_done(out / "ppo_execution_reward"))
+                  **_state(out / "ppo_execution_reward"))
             t.run("ppo on the execution reward, test prompts",
                   lambda: self.ppo_execution_reward(sft_dir, on_test=True),
-                  done=stage_done(out / "ppo_execution_reward_on_test"))
+                  **_state(out / "ppo_execution_reward_on_test"))
         from gptlab.eval.pipeline_eval import evaluate_pipeline
         results = t.run("evaluation", lambda: evaluate_pipeline(self, pre, sft_dir, control))
         # This invocation's wall time, plus what the stages it reused took when they ran.
