@@ -779,6 +779,42 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_prompt_comes_back(tiny_dir, monk
         assert capsys.readouterr().err.endswith("interrupted\n")
 
 
+def test_ctrl_c_at_the_prompt_ends_the_line_before_interrupted(tiny_dir, monkeypatch, capsys):
+    """Ctrl-C at the chat's "> " prompt left the terminal as "> interrupted": the CLI's note
+    came on the prompt's line. The chat now ends that line first, as Ctrl-D does."""
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
+    model, tok, _ = load_model(tiny_dir)
+    monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0:
+                        Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0] * 3], [True]))
+
+    class CtrlCAfter(io.StringIO):  # lines, then a Ctrl-C at the next read
+        def __init__(self, lines: str, tty: bool = True):
+            super().__init__(lines)
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+        def readline(self, *args):
+            line = super().readline(*args)
+            if not line:
+                raise KeyboardInterrupt
+            return line
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8))
+    out = Terminal()  # a terminal's stdout
+    with pytest.raises(KeyboardInterrupt):
+        run_chat(session, CtrlCAfter("the cat sat\n"), out, io.StringIO())
+    assert out.getvalue() == "> the mat\n> \n"
+    with pytest.raises(KeyboardInterrupt):  # from a pipe no prompt was written: nothing to end
+        run_chat(session, CtrlCAfter("", tty=False), out := io.StringIO(), io.StringIO())
+    assert out.getvalue() == ""
+    monkeypatch.setattr("sys.stdin", CtrlCAfter(""))
+    monkeypatch.setattr("sys.stdout", out := Terminal())
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "8"]) == 130
+    assert out.getvalue() == "> \n" and capsys.readouterr().err.endswith("\ninterrupted\n")
+
+
 @pytest.mark.parametrize("system", ["", "  "])
 def test_an_empty_system_message_that_leaves_no_room_says_what_would(tiny_dir, monkeypatch,
                                                                     capsys, system):

@@ -184,15 +184,20 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
     answered = 0
     lineno = 0
     while True:
-        if interactive:
-            stdout.write("> ")
-            stdout.flush()
         lineno += 1
         try:
+            if interactive:
+                stdout.write("> ")
+                stdout.flush()
             line = stdin.readline()
         except UnicodeDecodeError as e:
             raise UserError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} cannot be decoded",
                             path="<stdin>") from None
+        except KeyboardInterrupt:
+            if interactive:  # Ctrl-C at the prompt: the caller's "interrupted" not after "> "
+                stdout.write("\n")
+                stdout.flush()
+            raise
         if not line:  # end of input
             if interactive:  # Ctrl-D: leave the terminal on a fresh line, not after "> "
                 stdout.write("\n")
