@@ -71,6 +71,31 @@ def test_report_has_every_number(run):
     assert r["stage_minutes"] == json.loads((run / "stage_minutes.json").read_text())
 
 
+def test_the_pretrained_model_s_corpus_perplexity_is_measured_on_the_blocks_of_sft_s_and_ppo_s(
+        run):
+    """ptx.corpus_ppl_pretrained, the reference for what SFT forgot and PPO-ptx brought back,
+    is the pretrained model's perplexity on the very validation blocks SFT's and PPO's are of
+    (the report gave only those two)."""
+    from gptlab.checkpoint import load_model
+    from gptlab.data.tokens import load_token_data
+    from gptlab.eval.pipeline_eval import corpus_perplexity
+    from gptlab.provenance import load_run
+    ptx = json.loads((run / "report.json").read_text())["ptx"]
+    pc = load_run(run / "pretrain")["config"]
+    models = {name: load_model(run / d)[0]
+              for name, d in (("pretrained", "pretrain"), ("sft", "sft"), ("ppo", "round-2/ppo"))}
+    tok = load_model(run / "sft")[1]
+    data = load_token_data(pc["data"], tok, pc["block_size"] or models["sft"].config.context,
+                           pc["val_fraction"], pc["seed"], pc["cache_dir"])
+    val = data.val_batches(8, 8)
+    for name, model in models.items():
+        assert ptx[f"corpus_ppl_{name}"] == pytest.approx(corpus_perplexity(model, val),
+                                                          rel=1e-6), name
+    md = (run / "report.md").read_text()
+    assert f"- Pretraining-corpus perplexity, pretrained model: " \
+           f"{ptx['corpus_ppl_pretrained']:.2f}\n- Pretraining-corpus perplexity, SFT: " in md
+
+
 def test_report_counts_answers_that_do_not_run_and_those_right_on_the_test_suite(run):
     """exec_error_rate: the share of each model's answers the checker says do not run, and
     exec_acc_test_suite, recomputed here from the answers the evaluation wrote."""

@@ -398,3 +398,23 @@ def test_a_report_that_fails_to_render_leaves_the_earlier_one_whole(tmp_path, mo
     before.pop("report.json")
     assert after == before
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporaries
+
+
+def test_the_pretrained_model_s_corpus_perplexity_leads_sft_s_and_ppo_s(tmp_path):
+    # The report gave SFT's and PPO's perplexity on the pretraining corpus without the
+    # pretrained model's, the figure that says what SFT forgot and PPO-ptx brought back.
+    results = full_results()
+    results["ptx"] = {"corpus_ppl_sft": 1049.94, "corpus_ppl_ppo": 284.237,
+                      "corpus_ppl_pretrained": 1.5964}
+    write_report(tmp_path, results)
+    lines = ["Pretraining-corpus perplexity, pretrained model: 1.60",
+             "Pretraining-corpus perplexity, SFT: 1049.94",
+             "Pretraining-corpus perplexity, PPO: 284.24"]
+    assert "\n".join(f"- {line}" for line in lines) in (tmp_path / "report.md").read_text()
+    assert "\n".join(f"<li>{line}</li>" for line in lines) in \
+        (tmp_path / "report.html").read_text()
+    # A report.json evaluated before the figure was measured has no such line, not an n/a
+    # that would say the pretrained model was never made.
+    write_report(tmp_path, full_results())
+    md = (tmp_path / "report.md").read_text()
+    assert "pretrained model:" not in md and "Pretraining-corpus perplexity, SFT: 21.46" in md

@@ -237,8 +237,12 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "win_rate_ppo_vs_sft_by_verdict": win_rate(world, test, answers[final], answers["sft"],
                                                    by_verdict=True),
         "kl_ppo_vs_sft": kl,
+        # The pretrained model's figure is the reference: what SFT forgot, what PPO-ptx
+        # brought back.
         "ptx": {"corpus_ppl_sft": corpus_perplexity(sft_model, val),
-                "corpus_ppl_ppo": corpus_perplexity(policy, val)},
+                "corpus_ppl_ppo": corpus_perplexity(policy, val),
+                "corpus_ppl_pretrained": corpus_perplexity(
+                    load_model(pretrain_dir, device)[0], val)},
         "n_test": len(test),
         "n_unseen_phrasing": len(unseen),
         "samples": samples,

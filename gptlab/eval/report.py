@@ -460,9 +460,15 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
          fmt(results.get("win_rate_ppo_vs_sft_by_verdict"))),
         ("KL(PPO ‖ SFT) per response (nats, sampled at T = 1)",
          fmt(results.get("kl_ppo_vs_sft"), 4)),
-        ("Pretraining-corpus perplexity, SFT", fmt(ptx.get("corpus_ppl_sft"), 2)),
-        ("Pretraining-corpus perplexity, PPO", fmt(ptx.get("corpus_ppl_ppo"), 2)),
     ]
+    # The pretrained model's figure, the reference for the other two, is absent from the
+    # report.json of a run evaluated before it was measured: no line, rather than an n/a that
+    # says a stage did not run.
+    if "corpus_ppl_pretrained" in ptx:
+        headlines.append(("Pretraining-corpus perplexity, pretrained model",
+                          fmt(ptx["corpus_ppl_pretrained"], 2)))
+    headlines += [("Pretraining-corpus perplexity, SFT", fmt(ptx.get("corpus_ppl_sft"), 2)),
+                  ("Pretraining-corpus perplexity, PPO", fmt(ptx.get("corpus_ppl_ppo"), 2))]
     if "delta_ppo_execution_reward_vs_sft" in results:
         headlines.append(("Execution accuracy, PPO on the execution reward − SFT",
                           describe_delta(results["delta_ppo_execution_reward_vs_sft"])))
