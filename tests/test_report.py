@@ -418,3 +418,40 @@ def test_the_pretrained_model_s_corpus_perplexity_leads_sft_s_and_ppo_s(tmp_path
     write_report(tmp_path, full_results())
     md = (tmp_path / "report.md").read_text()
     assert "pretrained model:" not in md and "Pretraining-corpus perplexity, SFT: 21.46" in md
+
+
+def test_reward_model_evaluations_too_few_for_a_trend_are_not_joined(tmp_path):
+    # A line joined each round's only two evaluations (step 0 and its end), and the two rounds'
+    # accuracies, which read as trends nothing measured; the caption did not say which panel
+    # showed what.
+    from gptlab.eval.report import plot_rm_accuracy
+    fake_run(tmp_path)
+    results = full_results()
+    write_rows(tmp_path / "round-2" / "reward" / "metrics.jsonl", [
+        {"step": s, "pairwise_acc": a} for s, a in ((0, 0.5), (5, 0.6), (10, 0.7))])
+    top, bottom = plot_rm_accuracy(tmp_path, results).axes
+    curves = {line.get_label(): line for line in bottom.get_lines()
+              if line.get_label().startswith("round")}
+    assert list(curves["round 1"].get_xdata()) == [0, 10]
+    assert curves["round 1"].get_linestyle() == "None"           # two evaluations: points
+    assert curves["round 1"].get_marker() == "o"
+    assert list(curves["round 2"].get_xdata()) == [0, 5, 10]
+    assert curves["round 2"].get_linestyle() == "-"              # three: a curve
+    per_round = {line.get_label(): line for line in top.get_lines()}
+    noise_free = per_round["judged by the noise-free labeler (95% interval)"]
+    assert list(noise_free.get_ydata()) == [0.7, 0.8] and noise_free.get_linestyle() == "None"
+    assert per_round["judged by the labelers' own rankings"].get_linestyle() == "None"
+    # Round 1's interval [0.55, 0.85] as an error bar; round 2 has none (null) and gets none.
+    (bars,) = [c for c in top.collections if len(c.get_segments()) == 1]
+    assert bars.get_segments()[0].tolist() == [[1.0, 0.55], [1.0, 0.85]]
+
+    write_report(tmp_path, results)
+    md = (tmp_path / "report.md").read_text()
+    caption = re.search(r"!\[(Reward model: [^]]*)\]\(plots/rm_accuracy\.png\)", md).group(1)
+    assert caption.startswith("Reward model: top, each round's trained reward model on its "
+                              "held-out answer pairs")
+    assert "; bottom, the same reward models against the labelers' own held-out rankings at " \
+           "each evaluation during their training, step 0 before any; a round evaluated fewer " \
+           "than 3 times shows its points unjoined" in caption
+    assert f"<figcaption>{caption.replace(chr(39), '&#39;')}</figcaption>" in \
+        (tmp_path / "report.html").read_text()

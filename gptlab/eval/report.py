@@ -131,11 +131,29 @@ def numbers_per_round(results: dict, key: str) -> list[tuple[int, float]]:
     return [(r, x) for r, x in pairs if x is not None]
 
 
-def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
+# Fewer points than this are drawn unjoined: a line between a reward model's only two
+# evaluations (before training and after it) read as a trend that nothing measured.
+MIN_POINTS_JOINED = 3
+
+
+def marker_style(points: int, marker: str = "o", line: str = "-") -> str:
+    """A matplotlib format: `marker` joined by `line` where there are enough points, else
+    markers alone."""
+    return marker + line if points >= MIN_POINTS_JOINED else marker
+
+
+def rm_accuracy_data(run_dir: Path, results: dict
+                     ) -> tuple[list[tuple[int, float]], list[tuple[int, tuple[list, list]]]]:
+    """(round, held-out accuracy) of each round's trained reward model, and (round, (steps,
+    accuracies)) of each round's evaluations during training: the two panels of the plot."""
     per_round = numbers_per_round(results, "rm_pairwise_acc_per_round")
     curves = [(r, series(read_metric_rows(d / "reward" / "metrics.jsonl"), "pairwise_acc"))
               for r, d in round_dirs(run_dir, rounds_reported(results))]
-    curves = [(r, xy) for r, xy in curves if xy[0]]
+    return per_round, [(r, xy) for r, xy in curves if xy[0]]
+
+
+def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
+    per_round, curves = rm_accuracy_data(run_dir, results)
     if not per_round and not curves:
         return None
     fig, axes = new_figure(5.6 if per_round and curves else 3.2,
@@ -143,10 +161,25 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
     if per_round:
         ax = axes[0]
         rounds, accs = zip(*per_round)
-        ax.plot(rounds, accs, "o-", label="judged by the noise-free labeler")
+        cis = results.get("rm_pairwise_acc_ci95_per_round")
+        cis = cis if isinstance(cis, list) and len(cis) >= max(rounds) else []
+        # Each round's 95% interval, with the prompts as the draws, where it has one.
+        shown = [(r, a, b) for r, a in per_round
+                 if (b := interval(cis[r - 1]) if cis else None) is not None]
+        (line,) = ax.plot(rounds, accs, marker_style(len(rounds)),
+                          label="judged by the noise-free labeler"
+                                + (" (95% interval)" if shown else ""))
+        if shown:
+            ax.errorbar([r for r, _, _ in shown], [a for _, a, _ in shown],
+                        yerr=[[max(a - b[0], 0.0) for _, a, b in shown],
+                              [max(b[1] - a, 0.0) for _, a, b in shown]],
+                        fmt="none", ecolor=line.get_color(), capsize=4)
         labelers = numbers_per_round(results, "rm_pairwise_acc_labelers_per_round")
-        if labelers:
-            ax.plot(*zip(*labelers), "s--", label="judged by the labelers' own rankings")
+        if labelers:  # a little to the right, not hidden behind the circle it is near
+            ax.plot([r + 0.04 for r, _ in labelers], [a for _, a in labelers],
+                    marker_style(len(labelers), "s", "--"),
+                    label="judged by the labelers' own rankings")
+        if labelers or shown:
             ax.legend()
         ax.set(title="Reward model: held-out pairwise accuracy per round", xlabel="round",
                ylabel="pairwise accuracy", xticks=list(rounds))
@@ -155,12 +188,33 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
     if curves:
         ax = axes[-1]
         for r, xy in curves:
-            ax.plot(*xy, "o-", ms=3, label=f"round {r}")
+            ax.plot(*xy, marker_style(len(xy[0])), ms=5, label=f"round {r}")
         ax.set(title="Reward model: pairwise accuracy at each evaluation\n(against the "
-                     "labelers' own held-out rankings)", xlabel="step", ylabel="pairwise accuracy")
+                     "labelers' own held-out rankings)", xlabel="step (0: before training)",
+               ylabel="pairwise accuracy")
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
         ax.legend()
         ax.grid(alpha=0.3)
     return fig
+
+
+def rm_accuracy_caption(run_dir: Path, results: dict) -> str:
+    """What each panel of the reward-model plot shows, for those it has."""
+    per_round, curves = rm_accuracy_data(run_dir, results)
+    parts = []
+    if per_round:
+        parts.append("each round's trained reward model on its held-out answer pairs, judged "
+                     "by the noise-free labeler (circles, with the 95% interval that treats "
+                     "the prompts as the draws) and by the labelers' own rankings (squares)")
+    if curves:
+        parts.append("the same reward models against the labelers' own held-out rankings at "
+                     "each evaluation during their training, step 0 before any; a round "
+                     f"evaluated fewer than {MIN_POINTS_JOINED} times shows its points "
+                     "unjoined, since two evaluations are no trend")
+    if len(parts) == 2:
+        parts = [f"top, {parts[0]}", f"bottom, {parts[1]}"]
+    return ("Reward model: " + "; ".join(parts)
+            + ". The dotted line is chance (0.5, a coin flip for each pair).")
 
 
 def plot_ppo(run_dir: Path, rounds: int | None = None) -> Figure | None:
@@ -421,7 +475,6 @@ SAMPLES_NOTE = ("The first three test questions, then the next ones where SFT an
 
 PLOT_CAPTIONS = {
     "pretrain_loss": "Pretraining: training and validation loss",
-    "rm_accuracy": "Reward model: held-out pairwise accuracy",
     "ppo_reward_kl": "PPO: reward and KL to the SFT model per step",
     "exec_accuracy": "Execution accuracy by model (all questions and unseen phrasing)",
 }
@@ -488,7 +541,9 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
         exec_counts=describe_counts(results),
         exec_note=(SUITE_NOTE.format(n=results.get("test_suite_variants", NA))
                    if suite else ""),
-        plots=[(PLOT_CAPTIONS[name], path.relative_to(run_dir)) for name, path in plots.items()],
+        plots=[(rm_accuracy_caption(run_dir, results) if name == "rm_accuracy"
+                 else PLOT_CAPTIONS[name], path.relative_to(run_dir))
+               for name, path in plots.items()],
         samples=collect_samples(results))
 
 
