@@ -129,7 +129,8 @@ def test_markdown_exec_table_and_deltas(full_report):
             "round 2: 0.800 (66 held-out rankings, 131 pairs)" in md)
     assert "Reward model held-out pairwise accuracy (noise-free labeler): 0.800" in md
     assert "preset tiny; seed 7; rounds 2; steps: pretrain 20, sft 10, reward 10, ppo 5" in md
-    assert "Total wall time: 12.3 min (pretrain 5.0, sft 2.0, reward 1.5, ppo 3.8)" in md
+    assert ("Total wall time: 12.3 min (by stage, in minutes: pretrain 5.0, sft 2.0, reward 1.5, "
+            "ppo 3.8)" in md)
 
 
 def test_markdown_embeds_existing_plots(full_report):
@@ -455,3 +456,22 @@ def test_reward_model_evaluations_too_few_for_a_trend_are_not_joined(tmp_path):
            "than 3 times shows its points unjoined" in caption
     assert f"<figcaption>{caption.replace(chr(39), '&#39;')}</figcaption>" in \
         (tmp_path / "report.html").read_text()
+
+
+def test_settings_left_unset_say_what_that_means_in_both_documents(tmp_path):
+    # `world n/a; ... demonstrator_flaw n/a; ... eval_limit n/a; headroom False`: n/a read as a
+    # figure missing, and True / False as Python's.
+    results = full_results()
+    results["config"] = {"preset": "demo", "world": None, "threads": 2, "sft_examples": None,
+                         "demonstrator_flaw": None, "ties": True, "eval_limit": None,
+                         "headroom": False, "new_option": None,
+                         "steps": {"pretrain": 20, "sft": None}}
+    write_report(tmp_path, results)
+    settings = ("Pipeline settings: preset demo; world built-in; threads 2; sft_examples all; "
+                "demonstrator_flaw none; ties on; eval_limit all; headroom off; new_option unset; "
+                "steps: pretrain 20, sft unset.")
+    md = (tmp_path / "report.md").read_text()
+    assert f"\n\n{settings}\n\nTotal wall time: 12.3 min (by stage, in minutes: " in md
+    html = (tmp_path / "report.html").read_text()
+    assert f"<p>{settings.replace(chr(39), '&#39;')}</p>\n<p>Total wall time: 12.3 min" in html
+    assert "n/a" not in md.split("## Execution accuracy")[0]

@@ -358,16 +358,32 @@ def describe_delta(delta: Any) -> str:
     return text + (f" ({sign})" if sign else "")
 
 
+# What a pipeline setting left unset (null) means, as `gptlab pipeline --help` says; n/a there
+# read as a figure that is missing.
+UNSET_MEANS = {"world": "built-in", "demonstrator_flaw": "none", "eval_limit": "all",
+               "sft_examples": "all", "threads": "torch's default"}
+
+
+def describe_setting(key: str, value: Any) -> str:
+    """A setting's value as the report shows it: an unset one by what that means, a flag as on
+    or off (not Python's True and False)."""
+    if value is None:
+        return UNSET_MEANS.get(key, "unset")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def describe_config(config: Any) -> str:
     if not isinstance(config, dict) or not config:
         return "Pipeline settings: n/a."
     parts = []
     for key, value in config.items():
         if isinstance(value, dict):  # e.g. steps per stage
-            inner = ", ".join(f"{k} {v if v is not None else NA}" for k, v in value.items())
+            inner = ", ".join(f"{k} {describe_setting(k, v)}" for k, v in value.items())
             parts.append(f"{key}: {inner or NA}")
         else:
-            parts.append(f"{key} {value if value is not None else NA}")
+            parts.append(f"{key} {describe_setting(key, value)}")
     return "Pipeline settings: " + "; ".join(parts) + "."
 
 
@@ -375,7 +391,8 @@ def describe_time(results: dict) -> str:
     text = f"Total wall time: {fmt(results.get('minutes'), 1)} min"
     stages = results.get("stage_minutes")
     if isinstance(stages, dict) and stages:
-        text += " (" + ", ".join(f"{k} {fmt(v, 1)}" for k, v in stages.items()) + ")"
+        text += (" (by stage, in minutes: "
+                 + ", ".join(f"{k} {fmt(v, 1)}" for k, v in stages.items()) + ")")
     return text + "."
 
 
@@ -593,8 +610,10 @@ def mark(correct: bool | None) -> str:
 
 
 def render_markdown(c: ReportContent) -> str:
-    lines = [f"# {md_text(c.title)}", "", md_text(" ".join(c.summary)), "",
-             "## Execution accuracy", ""]
+    lines = [f"# {md_text(c.title)}", ""]
+    for paragraph in c.summary:
+        lines += [md_text(paragraph), ""]
+    lines += ["## Execution accuracy", ""]
     if c.exec_rows:
         lines += ["| model | all questions | on the test suite | unseen phrasing | does not run |",
                   "|---|---:|---:|---:|---:|"]
@@ -643,7 +662,8 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 </head>
 <body>
 <h1>{{ c.title }}</h1>
-<p>{{ c.summary | join(" ") }}</p>
+{% for paragraph in c.summary %}<p>{{ paragraph }}</p>
+{% endfor %}
 <h2>Execution accuracy</h2>
 {% if c.exec_rows %}
 <table>
