@@ -127,7 +127,7 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert ("round 1: 0.700, 95% CI [0.550, 0.850] (28 held-out rankings, 40 pairs; 0.650 by the "
             "labelers' rankings), "
             "round 2: 0.800 (66 held-out rankings, 131 pairs)" in md)
-    assert "Reward model held-out pairwise accuracy (noise-free labeler): 0.800" in md
+    assert "Reward model held-out pairwise accuracy, last round (noise-free labeler): 0.800" in md
     assert "preset tiny; seed 7; rounds 2; steps: pretrain 20, sft 10, reward 10, ppo 5" in md
     assert ("Total wall time: 12.3 min (by stage, in minutes: pretrain 5.0, sft 2.0, reward 1.5, "
             "ppo 3.8)" in md)
@@ -475,3 +475,32 @@ def test_settings_left_unset_say_what_that_means_in_both_documents(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert f"<p>{settings.replace(chr(39), '&#39;')}</p>\n<p>Total wall time: 12.3 min" in html
     assert "n/a" not in md.split("## Execution accuracy")[0]
+
+
+def test_the_execution_table_says_what_its_figures_and_models_are(tmp_path):
+    # "does not run", the figures' scale, sft_continued (the control) and ppo (a second row of
+    # the last round's model) were named nowhere in the report.
+    fake_run(tmp_path)
+    results = full_results()
+    write_report(tmp_path, results)
+    legend = ("Each figure is a share from 0 to 1 of the test questions (the unseen-phrasing "
+              "column: of those in the unseen phrasing). All questions: the answer returns the "
+              "gold's result on the company database; does not run: its SQL fails to execute, "
+              "so a wrong answer that runs is in neither. sft_continued is the control: SFT "
+              "trained further on its demonstrations for as many optimizer steps as PPO took. "
+              "ppo is the last round's PPO model (ppo_round_2), the one the headline numbers "
+              "compare.")
+    md = (tmp_path / "report.md").read_text()
+    assert f"kept for the test (the unseen-phrasing column).\n\n{legend}\n\nOn the test suite" in md
+    assert f"<p>{legend.replace(chr(39), '&#39;')}</p>" in (tmp_path / "report.html").read_text()
+    # The reward the PPO plot shows is each round's own reward model's: no trend across rounds.
+    assert "by that round's reward model, before the KL penalty (each round has its own reward " \
+           "model, so scores do not compare across rounds)" in md
+    # A table of other models explains only those it has.
+    results["exec_acc"] = {"sft": 0.5, "ppo_execution_reward": 0.6}
+    results["exec_acc_unseen_phrasing"] = {}
+    write_report(tmp_path, results)
+    md = (tmp_path / "report.md").read_text()
+    assert "so a wrong answer that runs is in neither. ppo_execution_reward: PPO rewarded by " \
+           "execution itself, a perfect reward model.\n" in md
+    assert "sft_continued is" not in md and "ppo is" not in md

@@ -455,6 +455,7 @@ class ReportContent:
     headlines: list[tuple[str, str]]               # (what, value)
     exec_note: str = ""                            # what a column of the table means
     exec_counts: str = ""                          # how many questions the table is over
+    exec_legend: str = ""                          # what its figures and models are
     plots: list[tuple[str, Path]] = field(default_factory=list)  # (caption, path under run_dir)
     samples: list[Sample] = field(default_factory=list)
 
@@ -492,7 +493,12 @@ SAMPLES_NOTE = ("The first three test questions, then the next ones where SFT an
 
 PLOT_CAPTIONS = {
     "pretrain_loss": "Pretraining: training and validation loss",
-    "ppo_reward_kl": "PPO: reward and KL to the SFT model per step",
+    "ppo_reward_kl": ("PPO, step by step through the rounds (a dotted line where a round "
+                      "starts): top, the mean score of each step's rollouts by that round's "
+                      "reward model, before the KL penalty (each round has its own reward "
+                      "model, so scores do not compare across rounds); bottom, the policy's "
+                      "KL from SFT, summed over a response's tokens and averaged, at PPO's "
+                      "sampling temperature (the headline KL is at T = 1)"),
     "exec_accuracy": "Execution accuracy by model (all questions and unseen phrasing)",
 }
 
@@ -510,6 +516,34 @@ def describe_counts(results: dict) -> str:
     return text + "."
 
 
+TABLE_NOTE = ("Each figure is a share from 0 to 1 of the test questions (the unseen-phrasing "
+              "column: of those in the unseen phrasing). All questions: the answer returns the "
+              "gold's result on the company database; does not run: its SQL fails to "
+              "execute, so a wrong answer that runs is in neither.")
+
+# Models whose names alone do not say what they are, as evaluate_pipeline names them.
+MODEL_NOTES = {
+    "sft_continued": "sft_continued is the control: SFT trained further on its demonstrations "
+                     "for as many optimizer steps as PPO took",
+    "ppo_execution_reward": "ppo_execution_reward: PPO rewarded by execution itself, a perfect "
+                            "reward model",
+    "ppo_execution_reward_on_test": "ppo_execution_reward_on_test: the same on the test "
+                                    "questions' own prompts, a ceiling, not a model to use",
+}
+
+
+def describe_table(results: dict, names: list[str]) -> str:
+    """What the execution table's figures are, and its models whose names do not say."""
+    notes = [MODEL_NOTES[n] for n in names if n in MODEL_NOTES]
+    if "ppo" in names:
+        rounds = rounds_reported(results)
+        last = f"ppo_round_{rounds}"
+        notes.append("ppo is the last round's PPO model"
+                     + (f" ({last})" if last in names else "")
+                     + ", the one the headline numbers compare")
+    return " ".join([TABLE_NOTE] + [f"{note}." for note in notes])
+
+
 def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> ReportContent:
     overall = results.get("exec_acc") or {}
     unseen = results.get("exec_acc_unseen_phrasing") or {}
@@ -521,7 +555,7 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
         ("Execution accuracy, PPO − SFT", describe_delta(results.get("delta_ppo_vs_sft"))),
         ("Execution accuracy, PPO − SFT continued",
          describe_delta(results.get("delta_ppo_vs_sft_continued"))),
-        ("Reward model held-out pairwise accuracy (noise-free labeler)",
+        ("Reward model held-out pairwise accuracy, last round (noise-free labeler)",
          fmt(results.get("rm_pairwise_acc"))),
         ("Reward model pairwise accuracy per round", describe_rounds(results)),
         ("Win rate of PPO over SFT (among answers of one verdict, the shorter wins)",
@@ -556,6 +590,7 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
                    for n in model_names(results)],
         headlines=headlines,
         exec_counts=describe_counts(results),
+        exec_legend=describe_table(results, model_names(results)),
         exec_note=(SUITE_NOTE.format(n=results.get("test_suite_variants", NA))
                    if suite else ""),
         plots=[(rm_accuracy_caption(run_dir, results) if name == "rm_accuracy"
@@ -618,7 +653,7 @@ def render_markdown(c: ReportContent) -> str:
         lines += ["| model | all questions | on the test suite | unseen phrasing | does not run |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {md_text(n)} | {a} | {t} | {u} | {e} |" for n, a, t, u, e in c.exec_rows]
-        for note in (c.exec_counts, c.exec_note):
+        for note in (c.exec_counts, c.exec_legend, c.exec_note):
             if note:
                 lines += ["", note]
     else:
@@ -675,6 +710,7 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 {% endfor %}
 </table>
 {% if c.exec_counts %}<p>{{ c.exec_counts }}</p>{% endif %}
+{% if c.exec_legend %}<p>{{ c.exec_legend }}</p>{% endif %}
 {% if c.exec_note %}<p>{{ c.exec_note }}</p>{% endif %}
 {% else %}<p>n/a</p>{% endif %}
 <h2>Headline numbers</h2>
