@@ -504,3 +504,31 @@ def test_the_execution_table_says_what_its_figures_and_models_are(tmp_path):
     assert "so a wrong answer that runs is in neither. ppo_execution_reward: PPO rewarded by " \
            "execution itself, a perfect reward model.\n" in md
     assert "sft_continued is" not in md and "ppo is" not in md
+
+
+def test_each_execution_bar_is_labelled_so_a_measured_zero_is_not_a_missing_value(tmp_path):
+    # The pretrained model's unseen-phrasing accuracy, a measured 0.000, drew no bar, as a
+    # missing value did: the two looked the same.
+    from gptlab.eval.report import plot_exec_acc
+    results = full_results()
+    results["exec_acc"]["ppo"] = 1.0  # its label still inside the figure, clear of the legend
+    fig = plot_exec_acc(results)
+    (ax,) = fig.axes
+    labels = {(round(t.xy[0], 1), t.get_text()): t for t in ax.texts}
+    assert sorted(labels) == sorted(
+        [(x - 0.2, v) for x, v in enumerate(["0.050", "0.512", "0.530", "0.600", "0.625",
+                                             "1.000"])]
+        + [(x + 0.2, v) for x, v in enumerate(["0.000", "0.400", "0.410", "0.450", "0.500",
+                                               "n/a"])])
+    assert labels[(0.2, "0.000")].xy == (0.2, 0.0)  # pretrained, unseen phrasing: measured 0
+    assert labels[(5.2, "n/a")].xy == (5.2, 0.0)    # ppo, unseen phrasing: not measured
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+        assert not box.overlaps(legend)
+    write_report(tmp_path, results)
+    assert "each bar labelled with its share: 0.000 was measured, n/a was not" in \
+        (tmp_path / "report.md").read_text()

@@ -255,15 +255,23 @@ def plot_exec_acc(results: dict) -> Figure | None:
     fig, (ax,) = new_figure(3.6)
     xs = range(len(names))
     width = 0.4
-    # A missing value is a gap (NaN), not a zero that would look like a measured failure.
+    # A missing value is a gap (NaN), not a zero that would look like a measured failure; each
+    # bar is labelled with its value, so that a measured 0, which draws no bar, reads 0.000 and
+    # a gap n/a.
     for shift, values, label in ((-width / 2, overall, "all questions"),
                                  (width / 2, unseen, "unseen phrasing")):
         heights = [as_number(values.get(n)) for n in names]
         ax.bar([x + shift for x in xs], [math.nan if h is None else h for h in heights],
                width, label=label)
+        for x, h, n in zip(xs, heights, names):
+            ax.annotate(fmt(values.get(n)), (x + shift, h or 0.0), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", rotation=90,
+                        fontsize=7)
     ax.set_xticks(list(xs), names, rotation=20, ha="right")
-    ax.set(title="Execution accuracy by model", ylabel="fraction correct", ylim=(0, 1))
-    ax.legend()
+    # Room above a bar at 1 for its label, and the legend below the axes, where no label is.
+    ax.set(title="Execution accuracy by model", ylabel="fraction correct", ylim=(0, 1.15),
+           yticks=[0, 0.2, 0.4, 0.6, 0.8, 1])
+    fig.legend(loc="outside lower center", ncols=2)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -499,7 +507,8 @@ PLOT_CAPTIONS = {
                       "model, so scores do not compare across rounds); bottom, the policy's "
                       "KL from SFT, summed over a response's tokens and averaged, at PPO's "
                       "sampling temperature (the headline KL is at T = 1)"),
-    "exec_accuracy": "Execution accuracy by model (all questions and unseen phrasing)",
+    "exec_accuracy": ("Execution accuracy by model (all questions and unseen phrasing), each "
+                      "bar labelled with its share: 0.000 was measured, n/a was not"),
 }
 
 
