@@ -532,3 +532,21 @@ def test_each_execution_bar_is_labelled_so_a_measured_zero_is_not_a_missing_valu
     write_report(tmp_path, results)
     assert "each bar labelled with its share: 0.000 was measured, n/a was not" in \
         (tmp_path / "report.md").read_text()
+
+
+def test_the_ppo_caption_says_why_a_step_s_kl_can_be_below_zero(tmp_path):
+    # The KL panel showed steps below 0 (a sampled batch's k1 estimate) with no word on why,
+    # which read as a bug in a quantity that cannot be negative.
+    from gptlab.eval.report import PPO_CAPTION, ppo_caption
+    fake_run(tmp_path)
+    assert ppo_caption(tmp_path, 2) == PPO_CAPTION  # no step below 0: no word of it
+    write_rows(tmp_path / "round-1" / "ppo" / "metrics.jsonl",
+               [{"step": s, "reward": 0.1, "kl": k} for s, k in ((1, -0.02), (2, 0.0),
+                                                                 (3, -0.001), (4, 0.05))])
+    write_report(tmp_path, full_results())
+    note = ("(the headline KL is at T = 1). The KL is below 0 on 2 of 9 steps: each step's is "
+            "estimated from its sampled responses (k1, the mean log-ratio of their tokens), "
+            "which can fall below 0 though the KL itself cannot](plots/ppo_reward_kl.png)")
+    assert note in (tmp_path / "report.md").read_text()
+    assert "which can fall below 0 though the KL itself cannot</figcaption>" in \
+        (tmp_path / "report.html").read_text()

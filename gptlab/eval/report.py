@@ -217,16 +217,25 @@ def rm_accuracy_caption(run_dir: Path, results: dict) -> str:
             + ". The dotted line is chance (0.5, a coin flip for each pair).")
 
 
+def ppo_curves(run_dir: Path, rounds: int | None = None
+               ) -> list[tuple[int, tuple[list, list], tuple[list, list]]]:
+    """(round, (steps, rewards), (steps, KLs)) of each round (up to `rounds`) whose PPO logged
+    either."""
+    curves = []
+    for r, d in round_dirs(run_dir, rounds):
+        rows = read_metric_rows(d / "ppo" / "metrics.jsonl")
+        reward, kl = series(rows, "reward"), series(rows, "kl")
+        if reward[0] or kl[0]:
+            curves.append((r, reward, kl))
+    return curves
+
+
 def plot_ppo(run_dir: Path, rounds: int | None = None) -> Figure | None:
     """Reward and KL per PPO step, the rounds (up to `rounds`) one after another on a global
     step axis."""
     fig, (ax_r, ax_kl) = new_figure(5.6, panels=2)
     offset, plotted = 0.0, False
-    for r, d in round_dirs(run_dir, rounds):
-        rows = read_metric_rows(d / "ppo" / "metrics.jsonl")
-        (rx, ry), (kx, ky) = series(rows, "reward"), series(rows, "kl")
-        if not rx and not kx:
-            continue
+    for r, (rx, ry), (kx, ky) in ppo_curves(run_dir, rounds):
         if plotted:
             for ax in (ax_r, ax_kl):
                 ax.axvline(offset + 0.5, color="grey", ls=":", lw=1)
@@ -499,14 +508,27 @@ SAMPLES_NOTE = ("The first three test questions, then the next ones where SFT an
                 "company database; ✗: it does not.")
 
 
+PPO_CAPTION = ("PPO, step by step through the rounds (a dotted line where a round starts): top, "
+               "the mean score of each step's rollouts by that round's reward model, before the "
+               "KL penalty (each round has its own reward model, so scores do not compare "
+               "across rounds); bottom, the policy's KL from SFT, summed over a response's "
+               "tokens and averaged, at PPO's sampling temperature (the headline KL is at "
+               "T = 1)")
+
+
+def ppo_caption(run_dir: Path, rounds: int | None = None) -> str:
+    """The PPO plot's caption; where a step's KL is below 0, why it can be."""
+    kls = [k for _, _, (_, ks) in ppo_curves(run_dir, rounds) for k in ks]
+    below = sum(k < 0 for k in kls)
+    if not below:
+        return PPO_CAPTION
+    return (PPO_CAPTION + f". The KL is below 0 on {below} of {len(kls)} steps: each step's is "
+            "estimated from its sampled responses (k1, the mean log-ratio of their tokens), "
+            "which can fall below 0 though the KL itself cannot")
+
+
 PLOT_CAPTIONS = {
     "pretrain_loss": "Pretraining: training and validation loss",
-    "ppo_reward_kl": ("PPO, step by step through the rounds (a dotted line where a round "
-                      "starts): top, the mean score of each step's rollouts by that round's "
-                      "reward model, before the KL penalty (each round has its own reward "
-                      "model, so scores do not compare across rounds); bottom, the policy's "
-                      "KL from SFT, summed over a response's tokens and averaged, at PPO's "
-                      "sampling temperature (the headline KL is at T = 1)"),
     "exec_accuracy": ("Execution accuracy by model (all questions and unseen phrasing), each "
                       "bar labelled with its share: 0.000 was measured, n/a was not"),
 }
@@ -551,6 +573,15 @@ def describe_table(results: dict, names: list[str]) -> str:
                      + (f" ({last})" if last in names else "")
                      + ", the one the headline numbers compare")
     return " ".join([TABLE_NOTE] + [f"{note}." for note in notes])
+
+
+def plot_caption(name: str, run_dir: Path, results: dict) -> str:
+    """The caption of the plot `name`: those that say what their data shows read it."""
+    if name == "rm_accuracy":
+        return rm_accuracy_caption(run_dir, results)
+    if name == "ppo_reward_kl":
+        return ppo_caption(run_dir, rounds_reported(results))
+    return PLOT_CAPTIONS[name]
 
 
 def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> ReportContent:
@@ -602,8 +633,7 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
         exec_legend=describe_table(results, model_names(results)),
         exec_note=(SUITE_NOTE.format(n=results.get("test_suite_variants", NA))
                    if suite else ""),
-        plots=[(rm_accuracy_caption(run_dir, results) if name == "rm_accuracy"
-                 else PLOT_CAPTIONS[name], path.relative_to(run_dir))
+        plots=[(plot_caption(name, run_dir, results), path.relative_to(run_dir))
                for name, path in plots.items()],
         samples=collect_samples(results))
 
