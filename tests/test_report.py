@@ -550,3 +550,16 @@ def test_the_ppo_caption_says_why_a_step_s_kl_can_be_below_zero(tmp_path):
     assert note in (tmp_path / "report.md").read_text()
     assert "which can fall below 0 though the KL itself cannot</figcaption>" in \
         (tmp_path / "report.html").read_text()
+
+
+def test_the_headline_differences_say_once_what_they_are_differences_of(tmp_path):
+    # "PPO − SFT: +0.000 ..." did not say +0.000 of what: the share of the test questions
+    # answered right.
+    write_report(tmp_path, full_results())
+    note = ("The execution-accuracy differences (PPO − SFT, …) are in the share of the test "
+            "questions answered right: +0.010 is one more question right in a hundred.")
+    md = (tmp_path / "report.md").read_text()
+    assert f"## Headline numbers\n\n{note}\n\n- Execution accuracy, PPO − SFT: +0.113" in md
+    assert md.count("share of the test questions answered right") == 1
+    assert f"<h2>Headline numbers</h2>\n<p>{note}</p>\n<ul>" in \
+        (tmp_path / "report.html").read_text()

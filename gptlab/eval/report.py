@@ -473,6 +473,7 @@ class ReportContent:
     exec_note: str = ""                            # what a column of the table means
     exec_counts: str = ""                          # how many questions the table is over
     exec_legend: str = ""                          # what its figures and models are
+    headline_note: str = ""                        # what the headline differences are of
     plots: list[tuple[str, Path]] = field(default_factory=list)  # (caption, path under run_dir)
     samples: list[Sample] = field(default_factory=list)
 
@@ -545,6 +546,10 @@ def describe_counts(results: dict) -> str:
         text += (f"; {unseen} of them in the phrasing kept for the test (the unseen-phrasing "
                  "column)")
     return text + "."
+
+
+HEADLINE_NOTE = ("The execution-accuracy differences (PPO − SFT, …) are in the share of the test "
+                 "questions answered right: +0.010 is one more question right in a hundred.")
 
 
 TABLE_NOTE = ("Each figure is a share from 0 to 1 of the test questions (the unseen-phrasing "
@@ -629,6 +634,7 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
                     fmt(errors.get(n)))
                    for n in model_names(results)],
         headlines=headlines,
+        headline_note=HEADLINE_NOTE,
         exec_counts=describe_counts(results),
         exec_legend=describe_table(results, model_names(results)),
         exec_note=(SUITE_NOTE.format(n=results.get("test_suite_variants", NA))
@@ -698,6 +704,8 @@ def render_markdown(c: ReportContent) -> str:
     else:
         lines.append(NA)
     lines += ["", "## Headline numbers", ""]
+    if c.headline_note:
+        lines += [c.headline_note, ""]
     lines += [f"- {what}: {value}" for what, value in c.headlines]
     if c.plots:
         lines += ["", "## Plots"]
@@ -753,6 +761,8 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 {% if c.exec_note %}<p>{{ c.exec_note }}</p>{% endif %}
 {% else %}<p>n/a</p>{% endif %}
 <h2>Headline numbers</h2>
+{% if c.headline_note %}<p>{{ c.headline_note }}</p>
+{% endif %}
 <ul>
 {% for what, value in c.headlines %}<li>{{ what }}: {{ value }}</li>
 {% endfor %}
