@@ -78,6 +78,7 @@ def test_the_pretrained_model_s_corpus_perplexity_is_measured_on_the_blocks_of_s
     (the report gave only those two)."""
     from gptlab.checkpoint import load_model
     from gptlab.data.tokens import load_token_data
+    from gptlab.eval.report import fmt_significant
     from gptlab.eval.pipeline_eval import corpus_perplexity
     from gptlab.provenance import load_run
     ptx = json.loads((run / "report.json").read_text())["ptx"]
@@ -93,7 +94,8 @@ def test_the_pretrained_model_s_corpus_perplexity_is_measured_on_the_blocks_of_s
                                                           rel=1e-6), name
     md = (run / "report.md").read_text()
     assert f"- Pretraining-corpus perplexity, pretrained model: " \
-           f"{ptx['corpus_ppl_pretrained']:.2f}\n- Pretraining-corpus perplexity, SFT: " in md
+           f"{fmt_significant(ptx['corpus_ppl_pretrained'])}\n- Pretraining-corpus " \
+           "perplexity, SFT: " in md
 
 
 def test_report_counts_answers_that_do_not_run_and_those_right_on_the_test_suite(run):

@@ -408,9 +408,9 @@ def test_the_pretrained_model_s_corpus_perplexity_leads_sft_s_and_ppo_s(tmp_path
     results["ptx"] = {"corpus_ppl_sft": 1049.94, "corpus_ppl_ppo": 284.237,
                       "corpus_ppl_pretrained": 1.5964}
     write_report(tmp_path, results)
-    lines = ["Pretraining-corpus perplexity, pretrained model: 1.60",
-             "Pretraining-corpus perplexity, SFT: 1049.94",
-             "Pretraining-corpus perplexity, PPO: 284.24"]
+    lines = ["Pretraining-corpus perplexity, pretrained model: 1.596",
+             "Pretraining-corpus perplexity, SFT: 1050",
+             "Pretraining-corpus perplexity, PPO: 284.2"]
     assert "\n".join(f"- {line}" for line in lines) in (tmp_path / "report.md").read_text()
     assert "\n".join(f"<li>{line}</li>" for line in lines) in \
         (tmp_path / "report.html").read_text()
@@ -563,3 +563,13 @@ def test_the_headline_differences_say_once_what_they_are_differences_of(tmp_path
     assert md.count("share of the test questions answered right") == 1
     assert f"<h2>Headline numbers</h2>\n<p>{note}</p>\n<ul>" in \
         (tmp_path / "report.html").read_text()
+
+
+def test_perplexities_are_shown_to_four_significant_digits():
+    # At a fixed 2 decimals SFT's 1049.94 showed six digits, and a pretrained model's 1.5964
+    # only three.
+    from gptlab.eval.report import fmt_significant
+    cases = {1049.939925645905: "1050", 284.23776173397204: "284.2", 1.5964: "1.596",
+             21.456: "21.46", 22.5: "22.50", 9.99996: "10.00", 999.96: "1000", 12345.6: "12346",
+             1.0: "1.000", 0.0: "0.000", None: "n/a", math.nan: "nan", math.inf: "inf"}
+    assert {x: fmt_significant(x) for x in cases} == cases

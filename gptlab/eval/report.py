@@ -331,6 +331,20 @@ def fmt(value: Any, digits: int = 3, sign: bool = False) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
+def fmt_significant(value: Any, digits: int = 4) -> str:
+    """`value` to `digits` significant digits (1050, 284.2, 1.596), a number of `digits` or more
+    whole digits as a whole number; n/a, nan and inf as `fmt` gives them. For a perplexity,
+    which runs from 1 to thousands: at a fixed 2 decimals 1049.94 showed digits no one
+    measures."""
+    x = as_number(value)
+    if x is None or x == 0:
+        return fmt(value, digits - 1)
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:.0f}"
+    rounded = float(f"{x:.{digits - 1}e}")  # 9.9996 becomes 10.00, not 10.000
+    return f"{rounded:.{max(0, digits - 1 - math.floor(math.log10(abs(rounded))))}f}"
+
+
 def model_names(results: dict) -> list[str]:
     """Models in the order the pipeline reported them, overall first, then unseen-only ones."""
     names: list[str] = []
@@ -615,9 +629,9 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
     # says a stage did not run.
     if "corpus_ppl_pretrained" in ptx:
         headlines.append(("Pretraining-corpus perplexity, pretrained model",
-                          fmt(ptx["corpus_ppl_pretrained"], 2)))
-    headlines += [("Pretraining-corpus perplexity, SFT", fmt(ptx.get("corpus_ppl_sft"), 2)),
-                  ("Pretraining-corpus perplexity, PPO", fmt(ptx.get("corpus_ppl_ppo"), 2))]
+                          fmt_significant(ptx["corpus_ppl_pretrained"])))
+    headlines += [(f"Pretraining-corpus perplexity, {who}", fmt_significant(ptx.get(key)))
+                  for who, key in (("SFT", "corpus_ppl_sft"), ("PPO", "corpus_ppl_ppo"))]
     if "delta_ppo_execution_reward_vs_sft" in results:
         headlines.append(("Execution accuracy, PPO on the execution reward − SFT",
                           describe_delta(results["delta_ppo_execution_reward_vs_sft"])))
