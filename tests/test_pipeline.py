@@ -886,3 +886,11 @@ def test_the_longest_test_prompt_may_fill_the_context_less_max_new_tokens_exactl
                 p.check_test_prompts_fit(tmp_path / "pre")
         else:
             p.check_test_prompts_fit(tmp_path / "pre")
+
+
+def test_the_report_is_titled_by_out_as_the_run_was_made_with_it(run):
+    """The title is the settings' `out` (relative here, as `make demo` gives it); the run's own
+    report, written where `out` is, has no line saying where it was written."""
+    md = (run / "report.md").read_text()
+    assert md.startswith("# gptlab pipeline report: runs/demo\n\nPipeline settings: ")
+    assert "This report was written in" not in md

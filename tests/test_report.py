@@ -282,7 +282,8 @@ def test_markdown_shows_user_text_as_text(tmp_path):
     run_dir = tmp_path / "run_#1"
     write_report(run_dir, results)
     md = (run_dir / "report.md").read_text()
-    assert md.startswith("# gptlab pipeline report: run\\_\\#1\n")
+    assert md.startswith("# gptlab pipeline report: /tmp/\\<img src=x>/my_run\\_\n")
+    assert "run\\_\\#1; the run was made in /tmp/\\<img src=x>/my_run\\_.\n" in md
     assert ("out /tmp/\\<img src=x>/my_run\\_." in md)  # the `_` inside my_run stays as it is
     assert "| \\<i>m\\</i> | 0.500 |" in md
     row = next(line for line in md.splitlines() if line.startswith("| \\<b>q1"))
@@ -573,3 +574,31 @@ def test_perplexities_are_shown_to_four_significant_digits():
              21.456: "21.46", 22.5: "22.50", 9.99996: "10.00", 999.96: "1000", 12345.6: "12346",
              1.0: "1.000", 0.0: "0.000", None: "n/a", math.nan: "nan", math.inf: "inf"}
     assert {x: fmt_significant(x) for x in cases} == cases
+
+
+def test_the_title_names_the_run_as_its_settings_do_and_a_copy_says_where_it_is(tmp_path,
+                                                                               monkeypatch):
+    # The title came from the directory's name and the settings' `out` from the run: a copy of
+    # runs/demo reported again in archive/demo-copy was titled demo-copy over "out runs/demo".
+    monkeypatch.chdir(tmp_path)
+    results = full_results()
+    results["config"]["out"] = "runs/demo"
+    write_report(Path("runs/demo"), results)  # as the pipeline writes it: no word of where
+    md = (tmp_path / "runs/demo/report.md").read_text()
+    assert md.startswith("# gptlab pipeline report: runs/demo\n\nPipeline settings: preset ")
+    assert "<title>gptlab pipeline report: runs/demo</title>" in \
+        (tmp_path / "runs/demo/report.html").read_text()
+    write_report(tmp_path / "runs/demo", results)  # the same directory by another path
+    assert (tmp_path / "runs/demo/report.md").read_text() == md
+
+    write_report(Path("archive/demo-copy"), results)
+    where = "This report was written in archive/demo-copy; the run was made in runs/demo."
+    md = (tmp_path / "archive/demo-copy/report.md").read_text()
+    assert md.startswith(f"# gptlab pipeline report: runs/demo\n\n{where}\n\nPipeline settings")
+    html = (tmp_path / "archive/demo-copy/report.html").read_text()
+    assert f"<h1>gptlab pipeline report: runs/demo</h1>\n<p>{where}</p>" in html
+
+    del results["config"]["out"]  # a run that did not record it: the directory's name
+    write_report(Path("archive/demo-copy"), results)
+    md = (tmp_path / "archive/demo-copy/report.md").read_text()
+    assert md.startswith("# gptlab pipeline report: demo-copy\n\nPipeline settings")

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +419,29 @@ def describe_config(config: Any) -> str:
     return "Pipeline settings: " + "; ".join(parts) + "."
 
 
+def recorded_out(results: dict) -> str | None:
+    """The run directory as the run was made with it (`config.out`), or None where the results
+    do not say (a report.json of an earlier version, results made by hand)."""
+    config = results.get("config")
+    out = config.get("out") if isinstance(config, dict) else None
+    return out if isinstance(out, str) and out else None
+
+
+def report_title(run_dir: Path, results: dict) -> str:
+    """The run as its settings name it (`out`), so the title and the settings agree in every
+    copy of the run; the directory's own name only where the run did not record one."""
+    return f"gptlab pipeline report: {recorded_out(results) or run_dir.name}"
+
+
+def describe_location(run_dir: Path, results: dict) -> str:
+    """Where this report was written, where that is not the directory the run was made in (a
+    copied or moved run, reported again); empty where it is."""
+    out = recorded_out(results)
+    if out is None or os.path.realpath(out) == os.path.realpath(run_dir):
+        return ""
+    return f"This report was written in {run_dir}; the run was made in {out}."
+
+
 def describe_time(results: dict) -> str:
     text = f"Total wall time: {fmt(results.get('minutes'), 1)} min"
     stages = results.get("stage_minutes")
@@ -609,7 +633,9 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
     errors = results.get("exec_error_rate") or {}  # absent from reports made before it
     suite = results.get("exec_acc_test_suite") or {}  # so is this
     ptx = results.get("ptx") if isinstance(results.get("ptx"), dict) else {}
-    summary = [describe_config(results.get("config")), describe_time(results)]
+    summary = [text for text in (describe_location(run_dir, results),
+                                 describe_config(results.get("config")), describe_time(results))
+               if text]
     headlines = [
         ("Execution accuracy, PPO − SFT", describe_delta(results.get("delta_ppo_vs_sft"))),
         ("Execution accuracy, PPO − SFT continued",
@@ -642,7 +668,7 @@ def build_content(run_dir: Path, results: dict, plots: dict[str, Path]) -> Repor
     if isinstance(results.get("headroom"), dict):
         headlines.append(describe_headroom(results["headroom"]))
     return ReportContent(
-        title=f"gptlab pipeline report: {run_dir.name}",
+        title=report_title(run_dir, results),
         summary=summary,
         exec_rows=[(n, fmt(overall.get(n)), fmt(suite.get(n)), fmt(unseen.get(n)),
                     fmt(errors.get(n)))
