@@ -602,3 +602,36 @@ def test_the_title_names_the_run_as_its_settings_do_and_a_copy_says_where_it_is(
     write_report(Path("archive/demo-copy"), results)
     md = (tmp_path / "archive/demo-copy/report.md").read_text()
     assert md.startswith("# gptlab pipeline report: demo-copy\n\nPipeline settings")
+
+
+def test_pretraining_validation_evaluations_are_points_and_the_caption_says_when_they_were(
+        tmp_path):
+    # The validation loss, evaluated every 50 steps, was a solid line from step 0's 7.1 to step
+    # 50's 0.96: a descent nothing measured (the training loss was 2.2 by step 20).
+    from gptlab.eval.report import plot_pretrain_loss, pretrain_loss_caption
+    fake_run(tmp_path)  # evaluated at steps 0 and 20 only
+    (ax,) = plot_pretrain_loss(tmp_path).axes
+    train, val = ax.get_lines()
+    assert list(val.get_xdata()) == [0, 20] and val.get_marker() == "o"
+    assert val.get_linestyle() == "None"                    # two evaluations: no line
+    write_report(tmp_path, full_results())
+    caption = ("Pretraining: the training loss of a single step's batch, every 10 steps from "
+               "step 10 (the line); the validation loss at each of its 2 evaluations, every 20 "
+               "steps from step 0 (circles, unjoined: fewer than 3 evaluations are no trend)")
+    assert f"![{caption}](plots/pretrain_loss.png)" in (tmp_path / "report.md").read_text()
+    assert f"<figcaption>{caption.replace(chr(39), '&#39;')}</figcaption>" in \
+        (tmp_path / "report.html").read_text()
+
+    for val_steps, when in (((0, 50, 100, 150), ", every 50 steps from step 0"),
+                            ((0, 50, 100, 120), ", every 50 steps from step 0"),  # last early
+                            ((0, 30, 100), "")):                                 # irregular
+        write_rows(tmp_path / "pretrain" / "metrics.jsonl",
+                   [{"step": s, "loss": 7.0 - s / 100} for s in range(10, 160, 10)]
+                   + [{"step": s, "val_loss": 7.0 - s / 100} for s in val_steps])
+        (ax,) = plot_pretrain_loss(tmp_path).axes
+        train, val = ax.get_lines()
+        assert list(val.get_xdata()) == list(val_steps) and val.get_marker() == "o"
+        assert val.get_linestyle() == ":" and val.get_linewidth() < train.get_linewidth()
+        assert pretrain_loss_caption(tmp_path).endswith(
+            f"the validation loss at each of its {len(val_steps)} evaluations{when} (circles, "
+            "joined by a dotted line only as a guide: nothing was measured between them)")

@@ -110,28 +110,6 @@ def new_figure(height: float = 3.2, panels: int = 1) -> tuple[Figure, list[Any]]
     return fig, axes
 
 
-def plot_pretrain_loss(run_dir: Path) -> Figure | None:
-    rows = read_metric_rows(run_dir / "pretrain" / "metrics.jsonl")
-    train_xy, val_xy = series(rows, "loss"), series(rows, "val_loss")
-    if not train_xy[0] and not val_xy[0]:
-        return None
-    fig, (ax,) = new_figure()
-    if train_xy[0]:
-        ax.plot(*train_xy, label="training loss", lw=1.2)
-    if val_xy[0]:
-        ax.plot(*val_xy, "o-", label="validation loss", ms=3)
-    ax.set(title="Pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def numbers_per_round(results: dict, key: str) -> list[tuple[int, float]]:
-    """(round from 1, value) for each round of `results[key]` that has a number."""
-    pairs = [(r, as_number(x)) for r, x in enumerate(results.get(key) or [], 1)]
-    return [(r, x) for r, x in pairs if x is not None]
-
-
 # Fewer points than this are drawn unjoined: a line between a reward model's only two
 # evaluations (before training and after it) read as a trend that nothing measured.
 MIN_POINTS_JOINED = 3
@@ -141,6 +119,62 @@ def marker_style(points: int, marker: str = "o", line: str = "-") -> str:
     """A matplotlib format: `marker` joined by `line` where there are enough points, else
     markers alone."""
     return marker + line if points >= MIN_POINTS_JOINED else marker
+
+
+def pretrain_losses(run_dir: Path) -> tuple[tuple[list, list], tuple[list, list]]:
+    """(steps, training losses) and (steps, validation losses) of the pretraining run."""
+    rows = read_metric_rows(run_dir / "pretrain" / "metrics.jsonl")
+    return series(rows, "loss"), series(rows, "val_loss")
+
+
+def plot_pretrain_loss(run_dir: Path) -> Figure | None:
+    train_xy, val_xy = pretrain_losses(run_dir)
+    if not train_xy[0] and not val_xy[0]:
+        return None
+    fig, (ax,) = new_figure()
+    if train_xy[0]:
+        ax.plot(*train_xy, label="training loss", lw=1.2)
+    if val_xy[0]:
+        # The evaluations are the figures; a thin dotted line between them, a guide only: a
+        # straight line from step 0's loss to step 50's drew a descent nothing measured.
+        ax.plot(*val_xy, marker_style(len(val_xy[0]), "o", ":"), label="validation loss",
+                ms=5, lw=0.8)
+    ax.set(title="Pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def every(steps: list[float]) -> str:
+    """', every 50 steps from step 0' where `steps` are evenly spaced (the last may come early:
+    a run's last step is logged and evaluated wherever it falls), else ''."""
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    if not gaps or any(g != gaps[0] for g in gaps[:-1]) or not 0 < gaps[-1] <= gaps[0]:
+        return ""
+    return f", every {gaps[0]:g} steps from step {steps[0]:g}"
+
+
+def pretrain_loss_caption(run_dir: Path) -> str:
+    """What the pretraining plot shows: how often each loss was measured, and that nothing
+    was between the validation loss's evaluations."""
+    (train_steps, _), (val_steps, _) = pretrain_losses(run_dir)
+    parts = []
+    if train_steps:
+        parts.append(f"the training loss of a single step's batch{every(train_steps)} (the "
+                     "line)")
+    if val_steps:
+        joined = (" joined by a dotted line only as a guide: nothing was measured between them"
+                  if len(val_steps) >= MIN_POINTS_JOINED
+                  else f" unjoined: fewer than {MIN_POINTS_JOINED} evaluations are no trend")
+        parts.append(f"the validation loss at each of its {len(val_steps)} evaluations"
+                     f"{every(val_steps)} (circles,{joined})")
+    return "Pretraining: " + "; ".join(parts)
+
+
+def numbers_per_round(results: dict, key: str) -> list[tuple[int, float]]:
+    """(round from 1, value) for each round of `results[key]` that has a number."""
+    pairs = [(r, as_number(x)) for r, x in enumerate(results.get(key) or [], 1)]
+    return [(r, x) for r, x in pairs if x is not None]
 
 
 def rm_accuracy_data(run_dir: Path, results: dict
@@ -567,7 +601,6 @@ def ppo_caption(run_dir: Path, rounds: int | None = None) -> str:
 
 
 PLOT_CAPTIONS = {
-    "pretrain_loss": "Pretraining: training and validation loss",
     "exec_accuracy": ("Execution accuracy by model (all questions and unseen phrasing), each "
                       "bar labelled with its share: 0.000 was measured, n/a was not"),
 }
@@ -620,6 +653,8 @@ def describe_table(results: dict, names: list[str]) -> str:
 
 def plot_caption(name: str, run_dir: Path, results: dict) -> str:
     """The caption of the plot `name`: those that say what their data shows read it."""
+    if name == "pretrain_loss":
+        return pretrain_loss_caption(run_dir)
     if name == "rm_accuracy":
         return rm_accuracy_caption(run_dir, results)
     if name == "ppo_reward_kl":
