@@ -1,0 +1,127 @@
+"""evaluate_pipeline's bookkeeping by hand: which answers each column of the report counts, which
+model each comparison puts first, and which round stands for "ppo". The models, the checker and
+the measurements are stand-ins (an answer's first word is its verdict), so the figures are
+counted by hand; the end-to-end run in test_pipeline.py checks only their ranges."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gptlab.eval import pipeline_eval
+from gptlab.world.checker import Verdict
+from gptlab.world.labelers import SqlLabeler
+
+# Four test questions (a fifth past --eval-limit 4); questions 1 and 3 in the unseen phrasing.
+# An answer's first word is its verdict; "suite" marks one right on the variant databases too.
+ANSWERS = {
+    "pretrained": ["error", "error", "error", "error"],
+    "sft": ["correct a b c d e f", "wrong", "error", "correct suite"],
+    "sft_continued": ["correct", "correct", "wrong", "correct"],
+    "ppo_round_1": ["wrong", "wrong", "wrong", "wrong"],
+    "ppo_round_2": ["correct suite", "correct", "correct", "error suite"],
+}
+
+
+class StandInWorld:
+    """check: the answer's first word; agrees_on_variants: whether it says "suite" (asked of
+    wrong answers too, as the variant databases would be)."""
+
+    def check(self, qid: str, sql: str) -> Verdict:
+        return Verdict(sql.split()[0])
+
+    def agrees_on_variants(self, qid: str, sql: str) -> bool:
+        return "suite" in sql
+
+    def labeler(self, disagreement: float = 0.0, seed: int = 0, ties: bool = True):
+        return SqlLabeler(self, disagreement=disagreement, seed=seed, ties=ties)
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    from gptlab.train.pipeline import PipelineConfig
+    out, world_dir = tmp_path / "out", tmp_path / "world"
+    world_dir.mkdir()
+    (world_dir / "test.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"Q{i}?", "prompt": f"Q{i}?",
+                    "completion": f" gold {i}", "unseen_phrasing": i in (1, 3)}) + "\n"
+        for i in range(5)))
+    dirs = {"pretrained": tmp_path / "pre", "sft": tmp_path / "sft",
+            "sft_continued": tmp_path / "control", "ppo_round_1": out / "round-1" / "ppo",
+            "ppo_round_2": out / "round-2" / "ppo"}
+    name_of = {path: name for name, path in dirs.items()}
+    kl_of = {("ppo_round_2", "sft"): 0.7}
+    monkeypatch.setattr(pipeline_eval, "select_device", lambda _: "cpu")
+    monkeypatch.setattr(pipeline_eval, "load_model",
+                        lambda path, device: (name_of[Path(path)], "tok", None))
+    monkeypatch.setattr(pipeline_eval, "answer",
+                        lambda model, tok, test, n: ANSWERS[model][:len(test)])
+    monkeypatch.setattr(pipeline_eval, "read_meta",
+                        lambda d: {"heldout_pairwise_acc": {"round-1": 0.55, "round-2": 0.65}[
+                            d.parent.name]})
+    monkeypatch.setattr(pipeline_eval, "rm_accuracy_noise_free",
+                        lambda world, d, ties, data, device: {
+                            "round-1": (0.6, 3, 9, [0.1, 0.9]),
+                            "round-2": (0.8, 4, 12, [0.3, 1.0])}[d.parent.name])
+    monkeypatch.setattr(pipeline_eval, "sequence_kl", lambda policy, ref, *a, **kw:
+                        kl_of[policy, ref])
+    monkeypatch.setattr(pipeline_eval, "corpus_perplexity",
+                        lambda model, val: {"sft": 3.0, "ppo_round_2": 3.5}[model])
+    import gptlab.data.tokens
+    monkeypatch.setattr(gptlab.data.tokens, "load_token_data",
+                        lambda *a: SimpleNamespace(val_batches=lambda *b: []))
+    pretrain = SimpleNamespace(data="corpus.txt", block_size=8, val_fraction=0.1, seed=0,
+                               cache_dir=None)
+    pipe = SimpleNamespace(cfg=PipelineConfig(rounds=2, eval_limit=4), out=out,
+                           world=StandInWorld(), world_dir=world_dir,
+                           pretrain_config=lambda: pretrain)
+    r = pipeline_eval.evaluate_pipeline(pipe, dirs["pretrained"], dirs["sft"],
+                                        dirs["sft_continued"])
+    return r, out
+
+
+def test_each_exec_column_counts_its_own_answers(results):
+    r, _ = results
+    assert r["n_test"] == 4 and r["n_unseen_phrasing"] == 2
+    # correct: sft 1 0 0 1, control 1 1 0 1, round 1 none, round 2 1 1 1 0
+    assert r["exec_acc"] == {"pretrained": 0.0, "sft": 0.5, "sft_continued": 0.75,
+                             "ppo_round_1": 0.0, "ppo_round_2": 0.75, "ppo": 0.75}
+    # questions 1 and 3 only: sft wrong, correct; round 2 correct, error; control both right
+    assert r["exec_acc_unseen_phrasing"] == {"pretrained": 0.0, "sft": 0.5,
+                                             "sft_continued": 1.0, "ppo_round_1": 0.0,
+                                             "ppo_round_2": 0.5, "ppo": 0.5}
+    # answers that do not run, not answers that are not right (sft's "wrong" is no error)
+    assert r["exec_error_rate"] == {"pretrained": 1.0, "sft": 0.25, "sft_continued": 0.0,
+                                    "ppo_round_1": 0.0, "ppo_round_2": 0.25, "ppo": 0.25}
+    # right on the company and on the variants: round 2's "error suite" is not
+    assert r["exec_acc_test_suite"] == {"pretrained": 0.0, "sft": 0.25, "sft_continued": 0.0,
+                                        "ppo_round_1": 0.0, "ppo_round_2": 0.25, "ppo": 0.25}
+
+
+def test_comparisons_put_the_last_round_first(results):
+    r, out = results
+    # PPO (round 2) minus SFT: 0, 1, 1, −1; minus the control: 0, 0, 1, −1
+    assert r["delta_ppo_vs_sft"]["mean"] == 0.25
+    assert (r["delta_ppo_vs_sft"]["better"], r["delta_ppo_vs_sft"]["worse"]) == (2, 1)
+    assert r["delta_ppo_vs_sft_continued"]["mean"] == 0.0
+    assert (r["delta_ppo_vs_sft_continued"]["better"],
+            r["delta_ppo_vs_sft_continued"]["worse"]) == (1, 1)
+    # Round 2 against SFT: both correct, round 2's shorter (1); correct over wrong (1); correct
+    # over error (1); error against correct (0): 3 of 4. By verdict the first is a tie: 2.5 of 4.
+    assert r["win_rate_ppo_vs_sft"] == 0.75
+    assert r["win_rate_ppo_vs_sft_by_verdict"] == 0.625
+    assert r["kl_ppo_vs_sft"] == 0.7  # the policy sampled, SFT the reference
+    assert r["ptx"] == {"corpus_ppl_sft": 3.0, "corpus_ppl_ppo": 3.5}
+    # the reward model of the last round is "the" reward model's accuracy
+    assert r["rm_pairwise_acc"] == 0.8
+    assert r["rm_pairwise_acc_per_round"] == [0.6, 0.8]
+    assert r["rm_pairwise_acc_ci95_per_round"] == [[0.1, 0.9], [0.3, 1.0]]
+    assert r["rm_pairwise_acc_labelers_per_round"] == [0.55, 0.65]
+    assert r["rm_heldout_rankings_per_round"] == [3, 4]
+    assert r["rm_heldout_pairs_per_round"] == [9, 12]
+    rows = [json.loads(line) for line in open(out / "eval" / "answers.jsonl")]
+    assert [row["id"] for row in rows] == ["q0", "q1", "q2", "q3"]
+    assert [row["ppo_round_2_correct"] for row in rows] == [True, True, True, False]
+    assert [row["ppo_round_2_correct_on_test_suite"] for row in rows] == [True, False, False,
+                                                                         False]
+    assert rows[0]["gold"] == "gold 0" and rows[0]["sft"] == "correct a b c d e f"
