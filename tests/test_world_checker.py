@@ -243,6 +243,12 @@ def test_executor_bounds_the_bytes_and_columns_of_a_result(ex):
     assert not r.ok and r.error.kind == "runtime" and "too many columns" in r.error.message
     assert ex.run("SELECT " + ", ".join(["id"] * 100) + " FROM employees LIMIT 2").ok
     assert ex.run("SELECT * FROM employees, departments, projects, assignments LIMIT 3").ok
+    # The limit itself is allowed: 50 rows of 2 x 100,000 bytes, 10,000,000; one more is not.
+    rows = ("SELECT zeroblob(100000), zeroblob(100000) FROM (SELECT id FROM employees LIMIT 49) "
+            "UNION ALL SELECT zeroblob(100000), zeroblob(100000)")
+    assert [len(r[0]) + len(r[1]) for r in ex.run(rows).rows] == [200000] * 50
+    r = ex.run(rows + " UNION ALL SELECT zeroblob(1), 'x'")
+    assert not r.ok and "than 10000000 bytes" in r.error.message
 
 
 def test_executor_refuses_temp_objects_files_and_extensions(ex, world, tmp_path):
@@ -448,6 +454,55 @@ def test_numbers_near_zero_are_compared_within_an_absolute_1e_12():
     zero = _result([(0.0,)])
     assert compare(_result([(1e-13,)]), zero, ordered=False).correct
     assert compare(_result([(1e-7,)]), zero, ordered=False).kind == "wrong"
+    assert compare(_result([(1e-12,)]), zero, ordered=False).correct  # at the tolerance
+    assert compare(_result([(1e-11,)]), zero, ordered=False).kind == "wrong"  # 10 times it
+
+
+def test_text_that_spells_a_number_is_not_the_number():
+    # As in SQLite, where '5' = 5 is false: CAST(x AS TEXT) is another answer.
+    from gptlab.world.checker import compare
+    for text, number in (("5", 5), ("1.5", 1.5)):
+        assert compare(_result([(text,)]), _result([(number,)]), ordered=False).kind == "wrong"
+        assert compare(_result([(number,)]), _result([(text,)]), ordered=False).kind == "wrong"
+
+
+def test_columns_in_another_order_match_with_numbers_within_the_tolerance():
+    # Salary 1e-10 of itself off the gold's, its columns swapped: a column "fits" where its
+    # values equal the gold column's within the tolerance, not only exactly.
+    from gptlab.world.checker import compare
+    gold = _result([("Ada", 1.0), ("Bo", 2.0)])
+    assert compare(_result([(1.0000000001, "Ada"), (2.0, "Bo")]), gold, ordered=False).correct
+    assert compare(_result([(1.0000000001, "Ada"), (2.0, "Bo")]), gold, ordered=True).correct
+    assert compare(_result([(1.01, "Ada"), (2.0, "Bo")]), gold, ordered=False).kind == "wrong"
+
+
+# Near 1 the tolerance is 1e-9, near 100 it is 1e-7: E = 6e-8 and 2E = 1.2e-7 either side of it.
+_E, _e = 6e-8, 6e-10
+
+
+def test_rows_pair_up_where_the_first_pairing_tried_must_be_undone():
+    # A1 equals B1 and B2; A2 equals B1 only. A1, sorted first, takes B1; A2 then needs it, and
+    # A1 moves to B2 (an augmenting path). Kept as first taken, A2 found none: "wrong".
+    # The two columns cannot swap (values near 1 and near 100), so no other order rescues it.
+    from gptlab.world.checker import compare
+    a1, a2 = (1.0, 100.0), (1.0, 100.0 + 2 * _E)
+    b1, b2 = (1.0, 100.0 + _E), (1.0 + _e, 100.0)
+    assert compare(_result([a1, a2]), _result([b1, b2]), ordered=False).correct
+    assert compare(_result([a2, a1]), _result([b2, b1]), ordered=False).correct
+
+
+def test_rows_with_copies_pair_up_only_as_far_as_the_copies_go():
+    # A1 once and A2 three times against B1 and B2 twice each: A2 equals B1 only, whose two
+    # copies cannot take A2's three: wrong. Moving A1 from B1 to B2 frees one copy of B1, not
+    # two; a path that moved more than the one copy A1 had made room for all three.
+    from gptlab.world.checker import compare
+    a1, a2 = (1.0, 100.0), (1.0, 100.0 + 2 * _E)
+    b1, b2 = (1.0, 100.0 + _E), (1.0 + _e, 100.0)
+    assert compare(_result([a1] + [a2] * 3), _result([b1] * 2 + [b2] * 2),
+                   ordered=False).kind == "wrong"
+    # Two copies of A2 fit: A1 moves to B2, A2 takes both copies of B1.
+    assert compare(_result([a1] + [a2] * 2 + [b2]), _result([b1] * 2 + [b2] * 2),
+                   ordered=False).correct
 
 
 def test_unordered_rows_pair_up_however_close_their_numbers():

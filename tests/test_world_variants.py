@@ -197,3 +197,18 @@ def test_every_project_of_a_variant_may_be_assigned(world):
     proj_ids = {r[0] for r in company.rows["proj"]}
     for k in range(3):
         assert {a[1] for a in variant_company(company, k).rows["asg"]} == proj_ids
+
+
+def test_the_gold_query_not_the_answer_decides_whether_row_order_counts(world):
+    # The same rows as the gold's ORDER BY salary DESC LIMIT n, in the order of their ids: wrong
+    # on the company and on the variants, since the gold orders. Judged by the answer's SQL,
+    # which has no top-level ORDER BY, both called it right.
+    q = _top_paid(world)
+    unordered = ("SELECT name FROM employees WHERE id IN (SELECT id FROM ("
+                 + q.sql.replace("SELECT name", "SELECT id, name") + "))")
+    company = world.executor()
+    assert sorted(company.run(unordered).rows) == sorted(company.run(q.sql).rows)
+    assert company.run(unordered).rows != company.run(q.sql).rows
+    assert world.check(q.id, unordered).kind == "wrong"
+    world.correct_on_test_suite(q.id, q.sql)  # opens the variants
+    assert not world._variants.agrees(unordered, q.sql)
