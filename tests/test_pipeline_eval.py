@@ -1,7 +1,8 @@
-"""evaluate_pipeline's bookkeeping by hand: which answers each column of the report counts, which
-model each comparison puts first, and which round stands for "ppo". The models, the checker and
-the measurements are stand-ins (an answer's first word is its verdict), so the figures are
-counted by hand; the end-to-end run in test_pipeline.py checks only their ranges."""
+"""The evaluation's bookkeeping by hand: which answers each column of the report counts, which
+model each comparison puts first, and which round stands for "ppo" (evaluate_pipeline), and what
+`gptlab world score` and SFT's execution evaluator count (gptlab.eval.execution). The models,
+the checker and the measurements are stand-ins (an answer's first word is its verdict), so the
+figures are counted by hand; the end-to-end run in test_pipeline.py checks only their ranges."""
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,12 @@ class StandInWorld:
 
     def agrees_on_variants(self, qid: str, sql: str) -> bool:
         return "suite" in sql
+
+    def gold(self, qid: str) -> str:
+        return "correct"
+
+    def unseen_phrasing(self, qid: str) -> bool:
+        return qid in ("q1", "q3")
 
     def labeler(self, disagreement: float = 0.0, seed: int = 0, ties: bool = True):
         return SqlLabeler(self, disagreement=disagreement, seed=seed, ties=ties)
@@ -125,3 +132,35 @@ def test_comparisons_put_the_last_round_first(results):
     assert [row["ppo_round_2_correct_on_test_suite"] for row in rows] == [True, False, False,
                                                                          False]
     assert rows[0]["gold"] == "gold 0" and rows[0]["sft"] == "correct a b c d e f"
+
+
+def test_score_counts_the_first_response_its_errors_and_its_test_suite(tmp_path):
+    from gptlab.eval.execution import score_samples
+    samples = tmp_path / "samples.jsonl"
+    responses = [["correct suite", "error"],     # right everywhere; a later response fails
+                 ["wrong suite", "correct"],     # wrong, though it agrees on the variants
+                 ["error", "correct suite"],     # fails to run
+                 ["correct", "wrong"]]           # right on the company only
+    samples.write_text("".join(json.dumps({"id": f"q{i}", "responses": r}) + "\n"
+                               for i, r in enumerate(responses)))
+    summary, verdicts = score_samples(StandInWorld(), samples)
+    assert summary == {"prompts": 4, "exec_acc": 0.5, "exec_acc_test_suite": 0.25,
+                       "exec_errors": 1, "exec_error_rate": 0.25, "all_responses": 0.5,
+                       "responses": 8, "unseen_phrasing": 0.5, "n_unseen_phrasing": 2}
+    assert [v["correct_on_test_suite"] for v in verdicts] == [True, False, False, False]
+    assert verdicts[2]["verdicts"] == ["error", "correct"]
+
+
+def test_the_execution_evaluator_s_accuracy_and_its_prompts_that_just_fit(monkeypatch):
+    # Prompts of n words read as n tokens: in a context of 10 with 4 new tokens, 6 fit, 7 do not.
+    import gptlab.data.instruct
+    from gptlab.errors import UserError
+    from gptlab.eval import execution
+    monkeypatch.setattr(gptlab.data.instruct, "encode_prompt", lambda tok, p: p.split())
+    monkeypatch.setattr(execution, "answer", lambda model, tok, records, n: ANSWERS[model])
+    records = [{"id": f"q{i}", "prompt": "a b c d e f"} for i in range(4)]
+    evaluate = execution.world_exec_evaluator(StandInWorld(), "tok", records, 4, context=10)
+    assert evaluate("sft_continued") == 0.75 and evaluate("pretrained") == 0.0
+    with pytest.raises(UserError, match="prompt's 7 tokens leave no room"):
+        execution.world_exec_evaluator(StandInWorld(), "tok",
+                                       [{"id": "q0", "prompt": "a b c d e f g"}], 4, context=10)
