@@ -558,3 +558,19 @@ def generate_for(policy, tok, records, seed):
                                                    stop_ids=tuple(sorted(tok.stop_ids))),
                    seed=seed, pad_id=tok.pad_id)
     return list(zip(prompts, gen.tokens, gen.logprobs))
+
+
+def test_two_rankings_of_one_prompt_are_one_draw_of_the_noise_free_accuracy(world, models,
+                                                                             tmp_path):
+    # One prompt ranked in two rounds: two rankings, two pairs, one cluster, so no interval
+    # (counted as two draws it had one, from a single prompt).
+    tok, _, rm = models
+    q = world.test[0]
+    write_jsonl_atomic(tmp_path / "held.jsonl", [
+        {"id": q.id, "prompt": world.prompt(q.text), "ranked": [q.sql, bad]}
+        for bad in ("SELEC nothing", "SELEC other")])
+    save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+    record_run(tmp_path / "rm", RewardConfig(model="sft", data=str(tmp_path / "held.jsonl"),
+                                             val_data=str(tmp_path / "held.jsonl")))
+    _, n, pairs, ci = rm_accuracy_noise_free(world, tmp_path / "rm")
+    assert (n, pairs, ci) == (2, 2, None)
