@@ -548,7 +548,8 @@ class Checkpointer:
         manifest and part of its files. Those past `newest` are another line of the run (one
         resumed from an earlier checkpoint, the pointer moved back by hand) and stay: counted
         in, they had the save remove the checkpoint it was resumed from, the only other one
-        of its line."""
+        of its line. One that cannot be renamed aside (`remove_dir`) stays whole, and the next
+        save tries again."""
         if self.keep is None:
             return
         steps = [p for n, p in sorted(_step_dirs(self.dir).items()) if n <= newest]

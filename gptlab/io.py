@@ -264,19 +264,25 @@ def replace_dir(new: Path, old: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def remove_dir(path: Path) -> None:
+def remove_dir(path: Path) -> bool:
     """Remove directory `path` in one step a reader can see: renamed to a hidden temporary beside
     it (`.NAME.<random>.tmp`, unheld), then removed. Killed while removing, it leaves that
     temporary, which the next write of `NAME` removes as stale, never a `NAME` holding part of
-    its files (a checkpoint whose manifest outlived its weights, taken for a whole one)."""
+    its files (a checkpoint whose manifest outlived its weights, taken for a whole one).
+    Where it cannot be renamed (Windows, while another process has a file in it open; a
+    mount point) it is left whole, said on stderr, and False returned: removed where it is,
+    file by file, the files that could be removed went and the others stayed."""
     aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         os.replace(path, aside)
     except FileNotFoundError:
-        return
-    except OSError:  # cannot be renamed (a mount point): removed where it is
-        aside = path
+        return True
+    except OSError as e:
+        print(f"warning: {path} was left in place: it cannot be renamed aside to be removed "
+              f"({e.strerror or e})", file=sys.stderr)
+        return False
     shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:

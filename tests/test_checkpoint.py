@@ -462,6 +462,38 @@ def test_a_checkpoint_removal_killed_midway_leaves_no_step_with_part_of_its_file
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-3"]
 
 
+def test_a_checkpoint_that_cannot_be_renamed_aside_is_left_whole_and_removed_later(
+        tmp_path, monkeypatch, capsys):
+    # Windows renames no directory while another process has a file in it open (a reader of
+    # the checkpoint); it was then removed where it was, file by file: the open file stayed,
+    # the others went, and step-1 was left with part of its files.
+    c = ck.Checkpointer(tmp_path, keep=1)
+    old = c.save(1, tiny(), state={"step": 1})
+    real_replace, real_rmtree = gptlab.io.os.replace, shutil.rmtree
+
+    def replace(src, dst):
+        if Path(src) == old:
+            raise PermissionError(errno.EACCES, "Access is denied", str(src))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path) == old:  # all but the file held open, as ignore_errors leaves it
+            for f in Path(path).rglob("*"):
+                if f.is_file() and f.name != "manifest.json":
+                    f.unlink()
+            return
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(gptlab.io.os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    c.save(2, tiny(), state={"step": 2})
+    ck.Checkpointer.verify(old)  # whole: every file its manifest names
+    assert f"warning: {old} was left in place" in capsys.readouterr().err
+    monkeypatch.undo()
+    c.save(3, tiny(), state={"step": 3})  # the next save removes it
+    assert sorted(p.name for p in c.dir.iterdir()) == ["latest", "step-3"]
+
+
 def test_the_manifest_covers_the_files_of_models_saved_inside_a_checkpoint(tmp_path):
     c = ck.Checkpointer(tmp_path)
     path = c.save(1, tiny(), models={"value": tiny()})
