@@ -609,6 +609,9 @@ class Checkpointer:
         path = Path(path)
         if verify:
             self.verify(path)
+        # What a kill left of a save or of a removal (`_prune`'s, of the last save: a run that
+        # was done with its steps saves no more, and no save would remove it).
+        remove_stale_temps(self.dir, ".step-*.tmp*")
         load_weights(model, path / MODEL_FILE)
         for name, other in (models or {}).items():
             load_weights(other, path / name / MODEL_FILE)

@@ -494,6 +494,28 @@ def test_a_checkpoint_that_cannot_be_renamed_aside_is_left_whole_and_removed_lat
     assert sorted(p.name for p in c.dir.iterdir()) == ["latest", "step-3"]
 
 
+def test_a_resume_removes_what_a_killed_removal_of_the_last_save_left(tmp_path, monkeypatch):
+    # Killed while removing an old checkpoint at a run's last save, its hidden copy was left;
+    # only a later save removed it, and a run done with its steps saves no more: the copy of
+    # a whole checkpoint stayed for good.
+    c = ck.Checkpointer(tmp_path, keep=1)
+    c.save(1, tiny(), state={"step": 1})
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name.startswith(".step-1."):
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        c.save(2, tiny(), state={"step": 2})
+    monkeypatch.undo()
+    assert [p.name for p in c.dir.glob(".step-1.*.tmp")]  # the leftover
+    assert ck.Checkpointer(tmp_path, keep=1).load(c.latest(), tiny())["step"] == 2
+    assert sorted(p.name for p in c.dir.iterdir()) == ["latest", "step-2"]
+
+
 def test_the_manifest_covers_the_files_of_models_saved_inside_a_checkpoint(tmp_path):
     c = ck.Checkpointer(tmp_path)
     path = c.save(1, tiny(), models={"value": tiny()})
