@@ -356,6 +356,39 @@ def test_resume_after_a_crash_gives_the_same_curve(corpus, tmp_path):
     assert [(r["from"], r["changed"]) for r in info["resumes"]] == [("step-6", {})]
 
 
+def test_a_run_checkpointed_before_the_bos_post_processor_resumes_without_a_corpus_warning(
+        corpus, tmp_path, monkeypatch, capsys):
+    """A checkpoint from before `save` added the post-processor that prepends BOS recorded the
+    corpus's key with the tokenizer as held; the cache key now reads it as saved, so the resume
+    of such a run warned that the corpus or tokenizer had changed, though neither had."""
+    from gptlab.tokenizer import Tokenizer
+    d, _, _ = corpus
+    data, out = tmp_path / "a.txt", tmp_path / "run"
+    shutil.copy(d / "a.txt", data)
+    common = ["--data", str(data), "--max-steps", "4", "--block-size", "16",
+              "--batch-size", "4", "--save-every", "2", "--out", str(out),
+              "--cache-dir", str(tmp_path / "cache")]
+    with monkeypatch.context() as m:  # as that version saved and keyed a tokenizer
+        m.setattr(Tokenizer, "hf_as_saved", lambda self: self.hf)
+        assert run(*common) == 0
+    assert json.loads((out / "checkpoints" / "step-2" / "tokenizer.json").read_text())[
+        "post_processor"] is None
+    shutil.rmtree(out / "checkpoints" / "step-4")  # stopped after step 2
+    for name in ("config.json", "model.safetensors"):
+        (out / name).unlink()
+    capsys.readouterr()
+    assert run(*common, "--resume") == 0
+    assert "the corpus or tokenizer changed" not in capsys.readouterr().err
+    # A corpus that did change is still warned of.
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    for name in ("config.json", "model.safetensors"):
+        (out / name).unlink()
+    with open(data, "a") as f:
+        f.write("\nthe dog sat.\n")
+    assert run(*common, "--resume") == 0
+    assert "the corpus or tokenizer changed" in capsys.readouterr().err
+
+
 def test_a_resume_refused_for_a_damaged_checkpoint_or_another_setting_writes_nothing(
         corpus, tmp_path, capsys):
     """The checkpoint was verified, and its settings compared, only once training loaded it:

@@ -51,10 +51,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Any, as_saved: bool = True) -> str:
     """sha256 of the tokenizer's serialized form (vocabulary, merges, special tokens), as it is
-    saved: a tokenizer trained in memory and the same one loaded from its files are one key."""
-    saved = getattr(tokenizer, "hf_as_saved", None)
+    saved: a tokenizer trained in memory and the same one loaded from its files are one key.
+    `as_saved=False`: as it is held, the form keyed before `save` added the post-processor
+    that prepends BOS (the key in a checkpoint from then)."""
+    saved = getattr(tokenizer, "hf_as_saved", None) if as_saved else None
     hf = saved() if saved is not None else getattr(tokenizer, "hf", None)
     if hf is not None and hasattr(hf, "to_str"):
         text = hf.to_str()
@@ -66,10 +68,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_key(paths: Sequence[str | Path], tokenizer: Any, field: str = "data") -> str:
+def cache_key(paths: Sequence[str | Path], tokenizer: Any, field: str = "data",
+              as_saved: bool = True) -> str:
     """Key of a token file: the sources in their order (each file's format, path, size, mtime,
     ctime and inode; a Hub dataset's name), the tokenizer, and the ids around each document.
-    `field`: the setting that gave the paths, which errors name."""
+    `field`: the setting that gave the paths, which errors name; `as_saved`: see
+    `tokenizer_fingerprint`."""
     corpus_files(paths, field)  # refuses a file reached twice
     h = hashlib.sha256(TOKENS_FORMAT.encode())
     for given in paths:
@@ -82,7 +86,7 @@ def cache_key(paths: Sequence[str | Path], tokenizer: Any, field: str = "data") 
             # (`cp -p`, `rsync -t`, `touch -r`) changes them, and no user can set them back.
             h.update(f"{document_format(f)}\0{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
                      f"\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
-    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(tokenizer_fingerprint(tokenizer, as_saved).encode())
     # BOS, EOS and add_bos come from tokenizer_config.json, which the fingerprint does not see:
     # tokenizers that differ only there write other ids between documents.
     h.update(f"start:{document_start(tokenizer)}\0eos:{tokenizer.eos_id}\n".encode())

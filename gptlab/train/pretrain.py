@@ -191,7 +191,7 @@ def _continues_a_model(model: str) -> bool:
 @reports_path_errors
 def pretrain(cfg: PretrainConfig) -> Path:
     """Pretrain (or continue) a GPT on `cfg.data`; returns the model directory `cfg.out`."""
-    from gptlab.data.tokens import load_token_data
+    from gptlab.data.tokens import cache_key, load_token_data
 
     cfg.check()  # first: a str given as `data` would be read below as paths of one letter
     check_given(cfg, ("model",), "pretrain")  # a preset or a directory, not "" (the current one)
@@ -229,7 +229,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
           f"{len(data.train_ids)} training / {len(data.val_ids)} validation blocks of {block}; "
           f"model {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
 
-    if cfg.resume and read_meta(latest).get("data_key") != data.file.key:
+    # A checkpoint saved before the key read the tokenizer as saved has the key of the same
+    # tokenizer as held: that tokenizes the corpus alike.
+    if cfg.resume and read_meta(latest).get("data_key") not in (
+            data.file.key, cache_key(cfg.data, tok, as_saved=False)):
         print("warning: the corpus or tokenizer changed since the checkpoint; the data "
               "position now points into different blocks", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
