@@ -4,6 +4,7 @@ import base64
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -602,6 +603,28 @@ def test_the_title_names_the_run_as_its_settings_do_and_a_copy_says_where_it_is(
     write_report(Path("archive/demo-copy"), results)
     md = (tmp_path / "archive/demo-copy/report.md").read_text()
     assert md.startswith("# gptlab pipeline report: demo-copy\n\nPipeline settings")
+
+
+def test_a_run_reported_again_from_another_directory_is_not_said_to_be_elsewhere(tmp_path,
+                                                                                  monkeypatch):
+    # `out` is recorded as typed (runs/demo, relative to where the run started): read from
+    # another current directory, the run's own report said it was written in runs/demo's
+    # absolute path "; the run was made in runs/demo", another directory.
+    run_dir = tmp_path / "proj" / "runs" / "demo"
+    run_dir.mkdir(parents=True)
+    (run_dir / "pipeline.json").write_text(json.dumps({"paths": {"out": str(run_dir)}}))
+    results = full_results()
+    results["config"]["out"] = "runs/demo"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    write_report(run_dir, results)
+    md = (run_dir / "report.md").read_text()
+    assert md.startswith("# gptlab pipeline report: runs/demo\n\nPipeline settings: ")
+    copy = tmp_path / "archive" / "demo-copy"  # a copy is still told apart, by where it was made
+    shutil.copytree(run_dir, copy)
+    write_report(copy, results)
+    assert (f"\n\nThis report was written in {copy}; the run was made in {run_dir}.\n\n"
+            in (copy / "report.md").read_text())
 
 
 def test_pretraining_validation_evaluations_are_points_and_the_caption_says_when_they_were(

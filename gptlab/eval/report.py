@@ -467,10 +467,25 @@ def report_title(run_dir: Path, results: dict) -> str:
     return f"gptlab pipeline report: {recorded_out(results) or run_dir.name}"
 
 
+def made_in(run_dir: Path, results: dict) -> str | None:
+    """The directory the run was made in: `config.out`, absolute as the pipeline recorded it in
+    the run's pipeline.json (`paths.out`) where that holds it; a relative `out` is relative to
+    the directory the run started in, which the current one need not be."""
+    out = recorded_out(results)
+    if out is None or os.path.isabs(out):
+        return out
+    try:
+        paths = json.loads((run_dir / "pipeline.json").read_text(encoding="utf-8"))["paths"]
+        recorded = paths["out"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not as the pipeline writes it
+        return out
+    return recorded if isinstance(recorded, str) and os.path.isabs(recorded) else out
+
+
 def describe_location(run_dir: Path, results: dict) -> str:
     """Where this report was written, where that is not the directory the run was made in (a
     copied or moved run, reported again); empty where it is."""
-    out = recorded_out(results)
+    out = made_in(run_dir, results)
     if out is None or os.path.realpath(out) == os.path.realpath(run_dir):
         return ""
     return f"This report was written in {run_dir}; the run was made in {out}."
