@@ -803,10 +803,13 @@ def _lf_ends(chunk: bytes, i: int) -> Iterator[tuple[int, int]]:
         i += 1
 
 
-def _byte_lines(f: Any, block: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+def _byte_lines(f: Any, block: int = 1 << 20,
+                lone_cr: bool = True) -> Iterator[tuple[int, bytes]]:
     """(byte offset, bytes without the line end) for each line of binary file `f`, ended as
     Python's universal newlines end one: by \\r\\n, a lone \\r or \\n. Read `block` bytes at a
-    time, so a file of lone \\r endings (a classic Mac OS one) is not read whole as one line."""
+    time, so a file of lone \\r endings (a classic Mac OS one) is not read whole as one line.
+    `lone_cr=False`: as JSON Lines end one, by \\n alone (one \\r before it dropped, a CRLF's); a
+    lone \\r stays in the line, where JSON reads it as white space between values."""
     pos = 0  # the offset of the block's first byte
     start = 0  # the offset of the line's first byte
     pending: list[bytes] = []  # the line's bytes in earlier blocks
@@ -816,27 +819,29 @@ def _byte_lines(f: Any, block: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
         start += i
         # (end of the line's text, end of its line end) in the block; the split is the fast way
         # for a block with no \r at all, as most are
-        ends = (((m.start(), m.end()) for m in _LINE_END.finditer(chunk, i)) if b"\r" in chunk
-                else _lf_ends(chunk, i))
+        ends = (((m.start(), m.end()) for m in _LINE_END.finditer(chunk, i))
+                if lone_cr and b"\r" in chunk else _lf_ends(chunk, i))
         for text_end, end in ends:
             pending.append(chunk[i:text_end])
-            yield start, b"".join(pending)
+            line = b"".join(pending)
+            yield start, line if lone_cr or not line.endswith(b"\r") else line[:-1]
             pending, i, start = [], end, pos + end
-        after_cr = chunk.endswith(b"\r")
+        after_cr = lone_cr and chunk.endswith(b"\r")
         pending.append(chunk[i:])
         pos += len(chunk)
     if any(pending):  # the last line, with no line end
         yield start, b"".join(pending)
 
 
-def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def utf8_lines(path: str | Path, lone_cr: bool = True) -> Iterator[tuple[int, str]]:
     """(line number, line without its line end), failing on the first byte that is not UTF-8.
 
     A line ends as Python's universal newlines end one: at \\n, \\r\\n or a lone \\r (a classic
     Mac OS file's), and a \\r before a CRLF is a line end of its own ("x\\r\\r\\n" is "x" and an
-    empty line), as an editor shows it. A UTF-8 byte-order mark at the start of the file is not
-    text and is dropped. A compressed file, a zip archive, a Parquet file or UTF-16 text is
-    refused as such (`other_format`), not by its first byte that is not UTF-8."""
+    empty line), as an editor shows it. `lone_cr=False` (JSON Lines): at \\n or \\r\\n only.
+    A UTF-8 byte-order mark at the start of the file is not text and is dropped. A compressed
+    file, a zip archive, a Parquet file or UTF-16 text is refused as such (`other_format`), not
+    by its first byte that is not UTF-8."""
     path = Path(path)
     if not path.exists():
         raise NotFound("file not found", path=path)
@@ -846,7 +851,7 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     if other is not None:
         raise UserError(other, path=path)
     with open(path, "rb") as f:
-        for lineno, (offset, raw) in enumerate(_byte_lines(f), 1):
+        for lineno, (offset, raw) in enumerate(_byte_lines(f, lone_cr=lone_cr), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -1015,7 +1020,8 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
         yield from parquet_objects(path)
         return
     first = True
-    for lineno, line in utf8_lines(path):
+    # JSON Lines end a line at \n (a CRLF's \r dropped): a lone \r is white space in JSON.
+    for lineno, line in utf8_lines(path, lone_cr=False):
         if not line.strip():
             continue
         if first and line.lstrip().startswith("["):

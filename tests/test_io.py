@@ -337,3 +337,19 @@ def test_a_crlf_cut_by_a_read_block_is_one_line_end():
     for block in (1, 2, 3, 4, 5, 64):
         assert list(_byte_lines(io.BytesIO(data), block)) == [
             (0, b"ab"), (4, b"cd"), (7, b""), (9, b"efghij"), (16, b"k"), (18, b""), (19, b"")]
+
+
+def test_json_lines_end_at_lf_or_crlf_and_a_lone_cr_in_a_record_is_white_space(tmp_path):
+    """A lone \\r between a record's values is JSON's white space (json.loads reads it); read as
+    a line end, it cut the record in two broken lines. CRLF files read as LF ones, at every read
+    block size."""
+    import io
+    from gptlab.io import _byte_lines, json_objects
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(b'{"prompt": "a",\r"completion": "b"}\r\n{"prompt": "c"}\n\r\n{"x": 1}\r')
+    assert list(json_objects(f)) == [(1, {"prompt": "a", "completion": "b"}),
+                                     (2, {"prompt": "c"}), (4, {"x": 1})]
+    data = b'ab\r\ncd\r\r\nef\rgh\n\n\r'
+    for block in (1, 2, 3, 64):
+        assert list(_byte_lines(io.BytesIO(data), block, lone_cr=False)) == [
+            (0, b"ab"), (4, b"cd\r"), (9, b"ef\rgh"), (15, b""), (16, b"\r")]
