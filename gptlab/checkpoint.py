@@ -62,6 +62,14 @@ def _arch_of(model: torch.nn.Module) -> str:
     raise TypeError(f"cannot save a {type(model).__name__}: not a gptlab model")
 
 
+def unfinish_model_dir(out: Path) -> None:
+    """Take a model directory's config.json away, on the disk, before any of its other files
+    is written again: until a save's config.json is in, the directory is no model."""
+    if (out / "config.json").is_file():
+        (out / "config.json").unlink()
+        fsync_path(out)  # gone on the disk before a new file is renamed in
+
+
 def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = None,
                extra: dict | None = None) -> Path:
     """Write a model directory. Every file is written atomically; config.json goes last, so a
@@ -70,9 +78,7 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
     weights left them under the old config.json (its step, its validation loss), a model
     every verb read, where now there is a save that never finished, which --resume ends."""
     out = ensure_dir(out_dir)
-    if (out / "config.json").is_file():
-        (out / "config.json").unlink()
-        fsync_path(out)  # gone on the disk before a new file is renamed in
+    unfinish_model_dir(out)
     if tokenizer is not None:
         tokenizer.save(out)
     with atomic_path(out / MODEL_FILE) as tmp:

@@ -4,6 +4,7 @@ penalty, the sampling temperature shared by rollout, reference and update, the u
 loss, and the logged KL."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -795,3 +796,26 @@ def test_the_update_clips_the_ratio_by_clip_and_the_value_by_value_clip(setup, t
     monkeypatch.setattr(ppo_module, "clipped_value_loss", vf)
     t.update(ro, batch, t.cfg.lr, 1)
     assert told == {"policy": [0.1], "value": [0.3]}
+
+
+def test_a_save_killed_after_the_value_model_leaves_no_config_of_the_last_save(setup, tmp_path,
+                                                                             monkeypatch):
+    # OUT's old config.json stayed until the policy's save: killed after the new value model,
+    # OUT read as the old policy beside a new value model.
+    out = tmp_path / "out"
+    t = trainer(setup, out)
+    t.save(out)
+    assert (out / "config.json").is_file()
+    calls = []
+
+    def killed_after_the_value_model(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save_model(path, *args, **kwargs)
+    monkeypatch.setattr(ppo_module, "save_model", killed_after_the_value_model)
+    with pytest.raises(KeyboardInterrupt):
+        t.save(out)
+    assert calls == ["value", "out"]
+    assert (out / "value" / "config.json").is_file()
+    assert not (out / "config.json").exists()

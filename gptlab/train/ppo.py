@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, is_value_model, load_language_model,
-                               load_model, load_reward_model, model_kind, save_model)
+                               load_model, load_reward_model, model_kind, save_model,
+                               unfinish_model_dir)
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
 from gptlab.devices import queued_copy
@@ -961,6 +962,10 @@ class PPOTrainer:
         return MetricsLog(metrics_path)
 
     def save(self, path: Path) -> Path:
+        # The value model goes first, into OUT/value: OUT's old config.json, if any, goes before
+        # it, or a save killed there left the old policy's config beside the new value model.
+        if path.is_dir():
+            unfinish_model_dir(path)
         save_model(path / "value", self.value_model, None, extra={"stage": VALUE_STAGE})
         save_model(path, self.policy, self.tok,
                    extra={"stage": "ppo", "ppo_steps": self.cfg.steps,
