@@ -73,7 +73,8 @@ def results(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline_eval, "sequence_kl", lambda policy, ref, *a, **kw:
                         kl_of[policy, ref])
     monkeypatch.setattr(pipeline_eval, "corpus_perplexity",
-                        lambda model, val: {"sft": 3.0, "ppo_round_2": 3.5}[model])
+                        lambda model, val: {"sft": 3.0, "ppo_round_2": 3.5, "pretrained": 1.5}[
+                            model])
     import gptlab.data.tokens
     monkeypatch.setattr(gptlab.data.tokens, "load_token_data",
                         lambda *a: SimpleNamespace(val_batches=lambda *b: []))
@@ -118,7 +119,8 @@ def test_comparisons_put_the_last_round_first(results):
     assert r["win_rate_ppo_vs_sft"] == 0.75
     assert r["win_rate_ppo_vs_sft_by_verdict"] == 0.625
     assert r["kl_ppo_vs_sft"] == 0.7  # the policy sampled, SFT the reference
-    assert r["ptx"] == {"corpus_ppl_sft": 3.0, "corpus_ppl_ppo": 3.5}
+    assert r["ptx"] == {"corpus_ppl_sft": 3.0, "corpus_ppl_ppo": 3.5,
+                        "corpus_ppl_pretrained": 1.5}
     # the reward model of the last round is "the" reward model's accuracy
     assert r["rm_pairwise_acc"] == 0.8
     assert r["rm_pairwise_acc_per_round"] == [0.6, 0.8]
