@@ -380,6 +380,169 @@ def test_a_name_that_is_gone_is_caught():
     assert not resolves("gptlab.errors.UserFault") and not resolves("gptlab.world.checkers")
 
 
+# --- the short names ARCHITECTURE.md and the module docstrings give --------------------------
+
+def gptlab_module_names() -> list[str]:
+    return [".".join(p.relative_to(ROOT).with_suffix("").parts[:-1]
+                     if p.name == "__init__.py" else p.relative_to(ROOT).with_suffix("").parts)
+            for p in sorted((ROOT / "gptlab").rglob("*.py"))]
+
+
+def has_name(obj: object, name: str) -> bool:
+    """`name` is an attribute of `obj`, or a dataclass field of it (one without a default is
+    no class attribute: `Generation.tokens`)."""
+    return hasattr(obj, name) or name in getattr(obj, "__dataclass_fields__", {})
+
+
+def classes_of(module: object) -> list[type]:
+    """The classes `module` defines (not those it imports), a package's those it exports."""
+    return [v for v in vars(module).values() if isinstance(v, type)
+            and v.__module__.startswith(module.__name__)]
+
+
+FILE_SUFFIXES = {"json", "jsonl", "safetensors", "pt", "py", "sh", "md", "html", "png", "txt",
+                 "gguf", "parquet", "bin"}
+
+
+def short_references(text: str) -> list[tuple[str, str]]:
+    """(owner, name) of each backquoted `owner.name`, a call's arguments left out, whose owner
+    is a gptlab module by its last name or a gptlab class (`loop.held_interrupt`,
+    `checkpoint._assign_weights`, `model.new_cache(batch, max_len)`,
+    `ScalarHeadModel.score_continuations`); a file's name (`model.safetensors`) is none, nor is
+    a `gptlab.NAME` (test_every_gptlab_name_in_backquotes_exists reads those)."""
+    owners = {m.rsplit(".", 1)[-1] for m in gptlab_module_names()} | \
+        {c.__name__ for m in gptlab_module_names() for c in classes_of(importlib.import_module(m))}
+    found = []
+    for span in re.findall(r"`([^`\n]+)`", text):
+        m = re.fullmatch(r"(\w+)\.(\w+)(?:\(.*\))?", span)
+        if m and m[1] in owners - {"gptlab"} and m[2] not in FILE_SUFFIXES:
+            found.append((m[1], m[2]))
+    return found
+
+
+def short_resolves(owner: str, name: str) -> bool:
+    """`name` is an attribute of the gptlab module whose last name is `owner`, or of a class it
+    defines (`model.new_cache`: gptlab.model's GPT's), or of a gptlab class named `owner`."""
+    for module in map(importlib.import_module, gptlab_module_names()):
+        if module.__name__.rsplit(".", 1)[-1] == owner:
+            if has_name(module, name) or any(has_name(c, name) for c in classes_of(module)):
+                return True
+        if any(c.__name__ == owner and has_name(c, name) for c in classes_of(module)):
+            return True
+    return False
+
+
+def module_docstrings() -> list[tuple[str, str]]:
+    return [(str(p.relative_to(ROOT)), ast.get_docstring(ast.parse(p.read_text())) or "")
+            for p in sorted((ROOT / "gptlab").rglob("*.py"))]
+
+
+def test_every_short_module_name_in_backquotes_exists():
+    texts = [("ARCHITECTURE.md", ARCHITECTURE.read_text()), *module_docstrings()]
+    refs = [(where, *ref) for where, text in texts for ref in short_references(text)]
+    assert ("ARCHITECTURE.md", "loop", "held_interrupt") in refs
+    assert ("ARCHITECTURE.md", "model", "new_cache") in refs
+    assert [r for r in refs if not short_resolves(r[1], r[2])] == []
+
+
+def method_references(text: str) -> list[tuple[str, str]]:
+    """(module, name) of each backquoted `.name` (`.decode_cut(ids)`, `.bos_id/.eos_id`) in a
+    paragraph of ARCHITECTURE.md's contracts headed `**What** (`gptlab.module`)`."""
+    found = []
+    for paragraph in re.split(r"\n(?=\*\*)", text):
+        head = re.match(r"\*\*[^*]+\*\* \(`(gptlab(?:\.\w+)+)`\)", paragraph)
+        if head:
+            for span in re.findall(r"`([^`\n]+)`", paragraph):
+                found += [(head[1], n) for n in re.findall(r"(?:^|/)\.(\w+)", span)]
+    return found
+
+
+def test_every_method_a_contract_names_is_its_modules():
+    refs = method_references(ARCHITECTURE.read_text())
+    assert ("gptlab.tokenizer", "decode_cut") in refs and ("gptlab.engine", "finished") in refs
+    wrong = [(m, n) for m, n in refs
+             if not any(has_name(c, n) for c in classes_of(importlib.import_module(m)))]
+    assert wrong == []
+
+
+def known_words() -> set[str]:
+    """Every name gptlab's code defines or uses (functions, classes, variables, parameters,
+    keywords, attributes) and every identifier a string of its code holds (a record's field:
+    `non_finite`, `best_score`), docstrings left out."""
+    words: set[str] = set()
+    for path in sorted((ROOT / "gptlab").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                        ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr)
+                      and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                words.add(node.name)
+            elif isinstance(node, ast.Name):
+                words.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                words.add(node.attr)
+            elif isinstance(node, (ast.arg, ast.keyword)) and node.arg:
+                words.add(node.arg)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docstrings:
+                words |= set(re.findall(r"\w+", node.value))
+    return words
+
+
+def named_identifiers(text: str) -> list[str]:
+    """The code names a text gives in backquotes: a bare name with an underscore (`read_meta`,
+    `non_finite`), or the name a call begins with (`fit_messages(...)`, `GPT(cfg)`); in the tree
+    of ARCHITECTURE.md, where names stand without backquotes, those of its descriptions too
+    (`write_json_atomic`, `setting(name)`)."""
+    spans = re.findall(r"`([^`\n]+)`", text)
+    tree = fenced_blocks(text, ("",))[:1] if "\ngptlab/\n" in text else []
+    names = [s for s in spans if re.fullmatch(r"_?[a-z]\w*_\w*", s)]
+    for piece in spans + tree:
+        names += re.findall(r"(?<![\w.'\"-])([A-Za-z_]\w*)\(", piece)
+    if tree:
+        names += re.findall(r"(?<![\w.'\"/-])([a-z]\w*_\w*)(?![\w./-])", tree[0])
+    return list(dict.fromkeys(names))
+
+
+# Names of SQL and of the libraries gptlab follows that its docstrings cite: `zeroblob(10**9)`
+# of a huge result, TRL's use of `apply_chat_template`.
+SQL_AND_LIBRARIES = {"zeroblob", "apply_chat_template"}
+
+
+def test_every_code_name_a_document_gives_is_in_the_code():
+    # A function renamed or removed leaves its name in the documents that explain it; a name
+    # gptlab's code neither defines nor uses (nor writes as a field) is such a name.
+    known = known_words() | SQL_AND_LIBRARIES
+    texts = [("ARCHITECTURE.md", ARCHITECTURE.read_text()), *module_docstrings()]
+    named = {(where, n) for where, text in texts for n in named_identifiers(text)}
+    assert {("ARCHITECTURE.md", "write_json_atomic"), ("ARCHITECTURE.md", "setting"),
+            ("ARCHITECTURE.md", "read_meta"), ("gptlab/chat/terminal.py", "reply_block")} <= named
+    assert sorted((w, n) for w, n in named if n not in known) == []
+
+
+def test_a_short_name_that_is_gone_is_caught():
+    text = ("`loop.held_interrupt`, `model.new_cache(b, n)`, `ScalarHeadModel.score_continuations`"
+            ", `model.safetensors`, `loop.held_interupt`, `checkpoint.assign_weights`\n\n"
+            "**Tokenizer** (`gptlab.tokenizer`): `.decode_cut(ids)`, `.bos_id/.eos_ids`.\n")
+    refs = short_references(text)
+    assert refs == [("loop", "held_interrupt"), ("model", "new_cache"),
+                    ("ScalarHeadModel", "score_continuations"), ("loop", "held_interupt"),
+                    ("checkpoint", "assign_weights")]
+    assert [short_resolves(*r) for r in refs] == [True, True, True, False, False]
+    assert method_references(text) == [("gptlab.tokenizer", "decode_cut"),
+                                       ("gptlab.tokenizer", "bos_id"),
+                                       ("gptlab.tokenizer", "eos_ids")]
+    assert not any(has_name(c, "eos_ids")
+                   for c in classes_of(importlib.import_module("gptlab.tokenizer")))
+    tree = "x\n```\ngptlab/\n  io.py  atomic writes (write_json_atomc, remove_dir(path))\n```\n"
+    assert named_identifiers(tree + "`read_metta` and `fit_messagez(m)`") == \
+        ["read_metta", "fit_messagez", "remove_dir", "write_json_atomc"]
+    assert {"write_json_atomc", "read_metta", "fit_messagez"}.isdisjoint(known_words())
+
+
 def gptlab_imports() -> dict[str, set[str]]:
     """Each gptlab module and the gptlab modules it imports, at its top or inside a function
     (a lazy import is still an arrow), each with the packages above it that importing runs."""
