@@ -1,9 +1,10 @@
 """Errors a user can act on.
 
-`UserError` is bad input: the CLI prints it and exits with code 2. `PathError`, a UserError and
-an OSError, is a file a stage could not write or make where the user pointed it (a full disk, no
-permission, a name too long). Anything else that escapes is an internal error (exit code 1, with
-a traceback).
+`UserError` is bad input: the CLI prints it and exits with code 2. `NotFound`, a UserError, is
+a path given that does not exist, which the CLI names with the flag that gave it. `PathError`, a
+UserError and an OSError, is a file a stage could not write or make where the user pointed it (a
+full disk, no permission, a name too long). Anything else that escapes is an internal error
+(exit code 1, with a traceback).
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ A conversation is an optional system message, then turns: a user message and the
 reply. When the rendered conversation no longer fits the model's context (minus the room kept
 for the reply), the oldest turns are popped off the bottom of the stack until it fits. The
 system message (the instructions) and the latest user message (the question being answered)
-are never dropped; if those two alone do not fit, no amount of forgetting helps, and that is
-an error the caller reports.
+are never dropped; if those two alone do not fit, no amount of forgetting helps: that is a
+`TurnTooLong` error, whose advice for more room the caller gives (`more_room`: a lower
+--max-new-tokens, or a larger --max-context-tokens where the chat lowered it).
 """
 from __future__ import annotations
 

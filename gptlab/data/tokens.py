@@ -6,12 +6,13 @@
    `$GPTLAB_CACHE/tokens/` (default `~/.cache/gptlab/tokens/`, or the `cache_dir` argument).
    The file is named by a key: sha256 of the sources in their order (every file's format,
    absolute path, size, mtime, ctime and inode; a Hub dataset's name) plus the tokenizer's
-   own JSON and the BOS and EOS ids it writes around each document, so a second run over
-   the same files with the same tokenizer reuses it, and editing a file or changing the
-   tokenizer makes a new one. `KEY.bin` is written under a temporary name and
-   renamed; `KEY.json` (counts, dtype) is written after it, so a cache entry without its
-   `.json` is never read, and an error leaves nothing behind (a killed run's temporary is
-   removed by the next run that tokenizes into the cache).
+   JSON as `save` writes it (`tokenizer_fingerprint`: a tokenizer trained in memory and the
+   same one loaded from its files are one key) and the BOS and EOS ids it writes around
+   each document, so a second run over the same files with the same tokenizer reuses it,
+   and editing a file or changing the tokenizer makes a new one. `KEY.bin` is written under
+   a temporary name and renamed; `KEY.json` (counts, dtype) is written after it, so a cache
+   entry without its `.json` is never read, and an error leaves nothing behind (a killed
+   run's temporary is removed by the next run that tokenizes into the cache).
 2. The token stream is cut into blocks of `block_size + 1` tokens with stride `block_size`:
    block i is tokens[i*T : i*T + T + 1], inputs are its first T tokens and targets its last T,
    so every token is a target exactly once.

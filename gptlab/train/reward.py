@@ -4,9 +4,13 @@ The model is the SFT model with a scalar head reading the last real token. For a
 ranked responses the loss is −1/C(K,2) Σ_{i<j} log σ(r(x, y_i) − r(x, y_j)) (y_i ranked above
 y_j); all pairs of a prompt share one batch element, so each prompt is one gradient
 contribution however large K is. Tied responses form no pair: the loss and the pairwise
-accuracy are taken over the pairs with a real preference only. After training, a bias and a
-scale are set so that the policy's samples for the training prompts (a samples file, or else
-the training rankings' responses) score mean 0, std 1.
+accuracy are taken over the pairs with a real preference only. Without --val-data, the held-out
+rankings are drawn by prompt (a prompt ranked in two rounds is held out or trained on whole),
+and the held-out accuracy's interval takes the prompts as its draws (`clustered_rate`). After
+training, a bias and a scale are set so that the policy's samples for the training prompts (a
+samples file, or else the training rankings' responses) score mean 0, std 1; samples it scores
+alike (raw std below MIN_SCORE_STD) are only shifted, with a warning, as dividing by so small a
+spread would multiply PPO's rewards.
 """
 from __future__ import annotations
 
