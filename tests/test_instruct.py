@@ -13,7 +13,7 @@ import torch
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
 from gptlab.data.instruct import demonstration, read_rankings
-from gptlab.eval.stats import t_975
+from gptlab.eval.stats import clustered_rate, t_975
 from gptlab.errors import UserError
 from gptlab.feedback import label_samples
 from gptlab.io import read_jsonl, write_jsonl_atomic
@@ -103,18 +103,15 @@ def test_held_out_accuracy_and_its_interval_recomputed_by_hand(run):
     assert k >= 2 and meta["heldout_pairs"] == total
     acc = right / total
     assert meta["heldout_pairwise_acc"] == pytest.approx(acc)
-    t = t_975(k - 1)  # the prompts the draws: k − 1 degrees of freedom
+    # The prompts the draws: where every prompt has one rate (this model: right on both) the
+    # floor alone, rate · w below and (1 − rate) · w above, w = k / (k + t²); otherwise the
+    # cluster bootstrap's interval (tests/test_stats.py) on these per-prompt counts.
+    w = k / (k + t_975(k - 1) ** 2)
     if len({a / n for a, n in per_prompt}) == 1:
-        # Every prompt at one rate (this model: right on both): no spread, Wilson's interval on
-        # k draws, at a rate of 1 [k / (k + t²), 1].
-        centre = acc + t * t / (2 * k)
-        spread = t * (acc * (1 - acc) / k + t * t / (4 * k * k)) ** 0.5
-        expected = [(centre - spread) / (1 + t * t / k), (centre + spread) / (1 + t * t / k)]
+        expected = [acc * w, 1 - (1 - acc) * w]
     else:
-        half = t * (k / (k - 1) * sum((a - acc * n) ** 2 for a, n in per_prompt)) ** 0.5 / total
-        expected = [acc - half, acc + half]
-    assert meta["heldout_pairwise_acc_ci95"] == pytest.approx([max(0, expected[0]),
-                                                              min(1, expected[1])], abs=1e-6)
+        expected = clustered_rate(per_prompt)["ci95"]
+    assert meta["heldout_pairwise_acc_ci95"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_reward_model_normalised_on_a_samples_file(run, tmp_path):

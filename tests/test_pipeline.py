@@ -260,21 +260,21 @@ def test_clustered_rate_by_hand():
     # Three prompts: 2 of 3 pairs right, 1 of 1, 0.5 of 2 (a tie counts half); 3.5 of 6.
     r = clustered_rate([(2, 3), (1, 1), (0.5, 2), (0, 0)])
     assert r["mean"] == pytest.approx(3.5 / 6) and r["clusters"] == 3 and r["n"] == 6
-    # var = 3/2 · ((2 − 3.5/2)² + (1 − 3.5/6)² + (0.5 − 3.5/3)²) / 36
-    var = 1.5 * ((2 - 1.75) ** 2 + (1 - 3.5 / 6) ** 2 + (0.5 - 3.5 / 3) ** 2) / 36
-    half = 4.303 * var ** 0.5  # t for two degrees of freedom: three prompts
-    assert half > 3.5 / 6 and r["ci95"] == [0.0, 1.0]  # three prompts say little
-    # Clipped to [0, 1]; one prompt gives no interval; no pairs give no rate.
+    # Three prompts say little: the bootstrap's level is 7e-8 each side, its ends the lowest
+    # and highest resample, 0.5 / 2 and 1 / 1; the floor 3.5/6 · w, w = 3 / (3 + 4.303²) =
+    # 0.139, is lower: [0.081, 1].
+    assert r["ci95"] == pytest.approx([3.5 / 6 * 3 / (3 + t_975(2) ** 2), 1.0])
+    assert round(r["ci95"][0], 3) == 0.081
+    # One prompt gives no interval; no pairs give no rate.
     assert clustered_rate([(3, 3), (2, 3)])["ci95"][1] == 1.0
     assert clustered_rate([(2, 3)]) == {"mean": 2 / 3, "ci95": None, "clusters": 1, "n": 3}
     assert clustered_rate([])["mean"] is None
-    # Every prompt at the same rate: no spread between prompts, yet two prompts say little:
-    # Wilson's interval on two draws, t = 12.706, 0.5 ± t · √(1/8 + t²/16) / (1 + t²/2) =
-    # [0.003, 0.997], where it was [0.5, 0.5].
-    t = t_975(1)
-    half = t * (1 / 8 + t * t / 16) ** 0.5 / (1 + t * t / 2)
-    assert clustered_rate([(1, 2), (2, 4)])["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
-    assert round(half, 3) == 0.497
+    # Every prompt at the same rate: no spread between prompts to resample, yet two prompts say
+    # little: the floor, 0.5 ∓ 0.5 · (1 − w), w = 2 / (2 + 12.706²), [0.006, 0.994], where it
+    # was [0.5, 0.5].
+    w = 2 / (2 + t_975(1) ** 2)
+    assert clustered_rate([(1, 2), (2, 4)])["ci95"] == pytest.approx([0.5 * w, 1 - 0.5 * w])
+    assert round(0.5 * w, 3) == 0.006
 
 
 def test_identical_answers_give_an_interval_of_zero_that_does_not_exclude_it():
@@ -483,14 +483,13 @@ def test_a_stage_stopped_after_a_checkpoint_is_resumed(tmp_path):
         assert config().resume, stage
 
 
-def test_clustered_rate_clips_its_interval_at_zero():
-    # 1 of 6 prompts right (one pair each): rate 1/6,
-    # var = 6/5 · (5 · (1/6)² + (5/6)²) / 36 = 1/36, half-width t(5) / 6 = 2.571 / 6 > 1/6: the
-    # lower end is clipped to 0, the upper one is not.
+def test_clustered_rate_stays_within_zero_and_one():
+    # 1 of 6 prompts right (one pair each): rate 1/6. Resamples with no right prompt have rate
+    # 0; at the expanded level (0.0024, the 5th of 2,000 from each end) the upper end is 4 of 6
+    # drawn right, above the floor's 1 − 5/6 · 6 / (6 + 2.571²) = 0.603.
     r = clustered_rate([(0, 1)] * 5 + [(1, 1)])
     assert r["mean"] == pytest.approx(1 / 6)
-    assert r["ci95"] == pytest.approx([0.0, 1 / 6 + t_975(5) / 6])
-    assert r["ci95"][1] == pytest.approx(1 / 6 + 2.571 / 6, abs=1e-3)
+    assert r["ci95"] == pytest.approx([0.0, 4 / 6])
 
 
 @pytest.mark.parametrize("damaged, stage", [

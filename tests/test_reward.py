@@ -527,8 +527,8 @@ def test_the_held_out_interval_takes_the_rankings_of_one_prompt_as_one_draw(base
     out = tmp_path / "rm"
     assert run_reward(base, out, "--val-data", str(val)) == 0
     meta = json.loads((out / "config.json").read_text())
-    # Six prompts: t for five degrees of freedom (2.571) · √var = 0.61, clipped both ways; as
-    # eight draws (t(7) = 2.365) it had claimed [0.053, 0.947].
+    # Six prompts: resamples of the prompts reach rates 0 and 1 at the bootstrap's level; as
+    # eight draws it would claim [0.125, 0.875].
     assert (meta["heldout_pairwise_acc"], meta["heldout_pairs"]) == (0.5, 8)
     assert meta["heldout_pairwise_acc_ci95"] == [0.0, 1.0]
 

@@ -3,13 +3,17 @@ paired interval, the exact sign test and the clustered rate on random cases, Stu
 quantile against its printed table, and the edge cases a small or degenerate evaluation gives
 (one question, every pair tied, no spread)."""
 import math
+import random
+from statistics import NormalDist
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from gptlab.eval.report import describe_delta
-from gptlab.eval.stats import (clustered_rate, excludes_zero, paired_delta, sign_test, t_975,
-                               t_within)
+from gptlab.eval.stats import (RESAMPLE_SEED, RESAMPLES, clustered_rate, excludes_zero,
+                               expanded_level, paired_delta, sign_test, t_975, t_within)
 
 
 # The 0.975 quantile of Student's t by degrees of freedom, as printed in t tables (Fisher and
@@ -122,20 +126,43 @@ def test_unequal_or_empty_inputs_are_refused():
             paired_delta(a, b)
 
 
+def reference_clustered(counts: list[tuple[float, int]]) -> list[float]:
+    """The cluster bootstrap with numpy: the same resamples (k clusters, each picked as
+    ⌊u · k⌋ from `random.Random(0)`'s uniforms), their rates as Σ right / Σ total by
+    multiplicity, the expanded percentile level from `statistics.NormalDist`, the floor
+    rate · k/(k + t²) and its mirror."""
+    k = len(counts)
+    draw = random.Random(RESAMPLE_SEED).random
+    picks = np.array([[int(draw() * k) for _ in range(k)] for _ in range(RESAMPLES)])
+    times = np.stack([np.bincount(p, minlength=k) for p in picks])  # (RESAMPLES, k)
+    right, total = np.array(counts, dtype=float).T
+    rates = np.sort(times @ right / (times @ total))
+    tail = NormalDist().cdf(-math.sqrt(k / (k - 1)) * t_975(k - 1))
+    m = math.floor(tail * RESAMPLES)
+    rate, w = right.sum() / total.sum(), k / (k + t_975(k - 1) ** 2)
+    return [min(rates[m], rate * w), max(rates[RESAMPLES - 1 - m], 1 - (1 - rate) * w)]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_clustered_rate_equals_a_numpy_reference(seed):
     rng = np.random.default_rng(seed)
     k = int(rng.integers(2, 60))
     total = rng.integers(1, 12, k)
     right = np.array([rng.integers(0, 2 * t + 1) / 2 for t in total])  # ties count half
-    r = clustered_rate(list(zip(right.tolist(), total.tolist())))
-    rate = right.sum() / total.sum()
-    # the ratio estimator's variance: k/(k−1) · Σ (r_i − rate·n_i)² / (Σ n_i)²
-    var = k / (k - 1) * ((right - rate * total) ** 2).sum() / total.sum() ** 2
-    lo, hi = rate - t_975(k - 1) * math.sqrt(var), rate + t_975(k - 1) * math.sqrt(var)
-    assert r["mean"] == pytest.approx(rate, abs=1e-12)
-    assert r["ci95"] == pytest.approx([max(0.0, lo), min(1.0, hi)], abs=1e-12)
+    counts = list(zip(right.tolist(), total.tolist()))
+    r = clustered_rate(counts)
+    assert r["mean"] == pytest.approx(right.sum() / total.sum(), abs=1e-12)
+    assert r["ci95"] == pytest.approx(reference_clustered(counts), abs=1e-12)
     assert (r["clusters"], r["n"]) == (k, int(total.sum()))
+
+
+def test_expanded_level_by_hand():
+    # Φ(−√(k/(k − 1)) · t): 7 clusters, t(6) = 2.447, √(7/6) · 2.447 = 2.643, Φ(−2.643) =
+    # 0.0041; towards 0.025 as k grows.
+    assert expanded_level(7) == pytest.approx(NormalDist().cdf(-math.sqrt(7 / 6) * 2.4469),
+                                              abs=1e-5)
+    assert round(expanded_level(7), 4) == 0.0041 and round(expanded_level(32), 4) == 0.0191
+    assert expanded_level(10 ** 5) == pytest.approx(0.025, abs=1e-5)
 
 
 def test_clustered_rate_right_on_every_cluster_stays_wide_on_few():
@@ -164,20 +191,62 @@ def test_clustered_rate_wrong_on_every_cluster_stays_wide_on_few():
     assert two[0] == 0.0 and two[1] == pytest.approx(12.706 ** 2 / (2 + 12.706 ** 2), abs=1e-5)
 
 
-def test_clustered_rate_with_every_cluster_at_one_rate_is_decided_exactly():
-    # 3 of 11 and 15 of 55: both 3/11, yet rounding left var at 1e−33 and an interval 1e−15
-    # wide. Wilson's on two draws (t = 12.706) instead: (3/11 + t²/4 ± t · √(3/11 · 8/11 / 2 +
-    # t²/16)) / (1 + t²/2) = [0.001, 0.994].
+def test_clustered_rate_with_every_cluster_at_one_rate_keeps_the_floor():
+    # 3 of 11 and 15 of 55: every resample's rate is 3/11, no spread to resample. The floor
+    # keeps the share w = k/(k + t²) of the way to 0 and to 1 from the rate: two clusters,
+    # t = 12.706, w = 2 / (2 + t²) = 0.0122: [3/11 · w, 1 − 8/11 · w] = [0.003, 0.991].
     r = clustered_rate([(3, 11), (15, 55)])
-    t = t_975(1)
-    centre, spread = 3 / 11 + t * t / 4, t * math.sqrt(3 / 11 * 8 / 11 / 2 + t * t / 16)
-    assert r["ci95"] == pytest.approx([(centre - spread) / (1 + t * t / 2),
-                                       (centre + spread) / (1 + t * t / 2)], abs=1e-12)
-    assert [round(x, 3) for x in r["ci95"]] == [0.001, 0.994]
-    # One cluster off the common rate: the t interval as before, however narrow.
-    near = clustered_rate([(1, 1)] * 6 + [(9, 10)])
-    var = 7 / 6 * (6 * (1 - 15 / 16) ** 2 + (9 - 10 * 15 / 16) ** 2) / 16 ** 2
-    assert near["ci95"] == pytest.approx([15 / 16 - t_975(6) * math.sqrt(var), 1.0], abs=1e-12)
+    w = 2 / (2 + t_975(1) ** 2)
+    assert r["ci95"] == pytest.approx([3 / 11 * w, 1 - 8 / 11 * w], abs=1e-15)
+    assert [round(x, 3) for x in r["ci95"]] == [0.003, 0.991]
+
+
+def test_one_error_more_never_gives_a_narrower_higher_interval():
+    # 7 prompts all right: [7 / (7 + 2.447²), 1] = [0.539, 1]. The rate ± t · standard error
+    # gave 6 right and one 9 of 10 [0.871, 1], narrower and higher for an error more. Now its
+    # bootstrap's 2.5% end (0.89 here) is capped by the floor 15/16 · 0.539 = 0.505.
+    all_right = clustered_rate([(1, 1)] * 6 + [(10, 10)])["ci95"]
+    one_wrong = clustered_rate([(1, 1)] * 6 + [(9, 10)])["ci95"]
+    assert all_right == pytest.approx([7 / (7 + t_975(6) ** 2), 1.0], abs=1e-15)
+    assert one_wrong == pytest.approx([15 / 16 * 7 / (7 + t_975(6) ** 2), 1.0], abs=1e-15)
+    assert round(all_right[0], 3) == 0.539 and round(one_wrong[0], 3) == 0.505
+    # One singleton wrong: 6 of 7, the bootstrap's end (0.429, a resample with 4 of the 7
+    # draws wrong) below the floor 6/7 · 0.539 = 0.462.
+    assert clustered_rate([(1, 1)] * 6 + [(0, 1)])["ci95"] == pytest.approx([3 / 7, 1.0])
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 12)), min_size=2, max_size=9),
+       st.integers(0, 8), st.booleans())
+def test_one_more_error_never_raises_either_bound(clusters, which, half):
+    # Each cluster (n, r) with r pairs of n right (r wrapped into 0..n, a tie counts half);
+    # one right pair of cluster `which` turned wrong (or into a tie): neither bound goes up.
+    counts = [(min(r, 2 * n) / 2, n) for n, r in clusters]
+    j = which % len(counts)
+    r, n = counts[j]
+    assume(r >= 0.5)
+    fewer = list(counts)
+    fewer[j] = (r - (0.5 if half else min(1.0, r)), n)
+    before, after = clustered_rate(counts)["ci95"], clustered_rate(fewer)["ci95"]
+    assert after[0] <= before[0] and after[1] <= before[1]
+
+
+def test_on_many_clusters_the_interval_is_the_t_intervals_within_0_002():
+    # 400 prompts of 1 to 28 pairs, each prompt's own rate from Beta(6, 1.2) (rate ≈ 0.83):
+    # the bootstrap's bounds are those of rate ± t(399) · standard error (the rule before) to
+    # 0.002.
+    for seed in range(3):
+        rng = random.Random(seed)
+        counts = []
+        for _ in range(400):
+            n, p = rng.choice([1, 1, 1, 2, 3, 6, 10, 15, 21, 28]), rng.betavariate(6, 1.2)
+            counts.append((sum(rng.random() < p for _ in range(n)), n))
+        k, total = len(counts), sum(n for _, n in counts)
+        rate = sum(r for r, _ in counts) / total
+        half = t_975(k - 1) * math.sqrt(k / (k - 1) * sum((r - rate * n) ** 2
+                                                          for r, n in counts)) / total
+        assert clustered_rate(counts)["ci95"] == pytest.approx([rate - half, rate + half],
+                                                               abs=0.002)
 
 
 def test_clustered_rate_sums_the_counts_of_one_cluster_into_one_draw():
@@ -186,14 +255,14 @@ def test_clustered_rate_sums_the_counts_of_one_cluster_into_one_draw():
     # rate·total_i = 1, −1, ½, −½, ½, −½: var = 6/5 · 3 / 8² = 0.05625.
     counts = [(1, 1), (1, 1), (0, 1), (0, 1), (1, 1), (0, 1), (1, 1), (0, 1)]
     r = clustered_rate(counts, list("PPQQRSTU"))
-    # Six prompts, five degrees of freedom: half-width 2.571 · √var = 0.61, clipped both ways.
+    # Six prompts: among 2,000 resamples some draw P and R, T only (rate 1) or Q, S, U only
+    # (rate 0), and the expanded level (0.0024, the 5th from each end) reaches them.
     assert (r["mean"], r["clusters"], r["n"]) == (0.5, 6, 8)
-    assert T_TABLE[5] * math.sqrt(6 / 5 * 3 / 64) > 0.5 and r["ci95"] == [0.0, 1.0]
-    # Eight draws of their own had claimed a narrower interval: var = 8/7 · 8 · ¼ / 8², t for
-    # seven degrees of freedom (2.365): [0.053, 0.947].
+    assert r["ci95"] == [0.0, 1.0]
+    # Eight draws of their own had claimed a narrower interval: [0.125, 0.875].
     alone = clustered_rate(counts)
     assert alone["clusters"] == 8
-    assert alone["ci95"] == pytest.approx([0.053, 0.947], abs=1e-3)
+    assert alone["ci95"] == [0.125, 0.875]
     assert clustered_rate(counts, list("PQRSTUVW")) == alone  # distinct clusters: unchanged
     with pytest.raises(ValueError, match="one cluster per count"):
         clustered_rate(counts, list("PQ"))
@@ -236,10 +305,10 @@ def test_a_handful_of_questions_get_the_t_interval_not_the_normal_one():
     assert d["ci95"] == pytest.approx([2 / 3 - 4.303 * sd / math.sqrt(3),
                                        2 / 3 + 4.303 * sd / math.sqrt(3)], abs=1e-3)
     assert not excludes_zero(d)
-    # The reward model's interval by prompt, three prompts: t for two degrees of freedom.
+    # The reward model's interval by prompt, three prompts: the floor with t for two degrees
+    # of freedom, 5/6 · 3 / (3 + 4.303²) = 0.116, below the bootstrap's lowest resample (0.5).
     r = clustered_rate([(2, 2), (2, 2), (1, 2)])
-    var = 3 / 2 * (2 * (2 - 5 / 6 * 2) ** 2 + (1 - 5 / 6 * 2) ** 2) / 36
-    assert r["ci95"] == pytest.approx([5 / 6 - 4.303 * math.sqrt(var), 1.0], abs=1e-3)
+    assert r["ci95"] == pytest.approx([5 / 6 * 3 / (3 + 4.303 ** 2), 1.0], abs=1e-4)
 
 
 def test_two_questions_that_differ_unequally_get_the_t_interval():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 from functools import lru_cache
 from typing import Hashable, Sequence
 
@@ -102,27 +103,31 @@ def excludes_zero(delta: dict) -> bool:
     return lo > 0 or hi < 0
 
 
+# Cluster-bootstrap resamples behind `clustered_rate`'s interval, and the seed that draws them.
+RESAMPLES = 2000
+RESAMPLE_SEED = 0
+
+
 def clustered_rate(counts: Sequence[tuple[float, int]],
                    clusters: Sequence[Hashable] | None = None) -> dict:
     """A rate summed over clusters, Σ right / Σ total (a reward model's pairwise accuracy, the
     pairs of one prompt a cluster), with a 95% interval that treats the clusters, not the pairs,
-    as the independent draws (the pairs of one prompt share its responses), rate ± t · √var with
-    Student's t quantile for k − 1 degrees of freedom (`t_975`), clipped to [0, 1]:
-    var = k/(k−1) · Σ (right_i − rate·total_i)² / (Σ total)².
+    as the independent draws (the pairs of one prompt share its responses).
     `clusters`: each count's cluster where several counts may share one (one prompt ranked in
     two rounds: two rankings, one draw), summed into one before the interval; None: each count
     its own. Fewer than two clusters give no interval.
-    Where every cluster has the overall rate (right on each of 7 prompts; a rate of 0 or 1 is
-    always one such case) var is 0, and rate ± t · √var was [rate, rate], certainty from 7
-    draws. There the interval is `wilson_interval` with the k clusters as the draws: a
-    cluster's rate lies in [0, 1], so its variance is at most rate·(1 − rate), a Bernoulli
-    draw's, the most the clusters could spread where the sample shows none. Its quantile is
-    the same t for k − 1 degrees of freedom: with it the bound at k of k, k/(k + t²), stays
-    below the exact binomial (Clopper–Pearson) bound 0.025^(1/k) (0.539 against 0.590 at 7 of
-    7; checked up to 2,000 clusters), which the normal's 1.96 passes up to 45 clusters (0.646
-    at 7). "Every cluster alike" is decided on the counts exactly (right_i · total_j = right_j ·
-    total_i), not on var, which rounding leaves at 1e−33 for 3 of 11 and 15 of 55 (an interval
-    1e−15 wide)."""
+    The interval is the cluster bootstrap's (`bootstrap_rate`): k clusters drawn with
+    replacement, `RESAMPLES` times with a fixed seed, at the expanded percentile level of
+    `expanded_level`, which widens it as Student's t does on few draws; then widened, if need
+    be, to reach down to rate · w and up to 1 − (1 − rate) · w, w = k/(k + t²) (t for k − 1
+    degrees of freedom): where every cluster scores alike the bootstrap has no spread to
+    resample, and at a rate of 1 this is Wilson's [k/(k + t²), 1].
+    Why this rule: more errors never raise the lower bound (nor fewer lower the upper one).
+    Each resample's rate grows with every cluster's right count and the draws depend on k
+    alone, so each percentile does, and so does the floor; rate ± t · standard error, used
+    before, did not (7 prompts all right gave [0.539, 1], 6 right and one 9 of 10 [0.871, 1]).
+    Where the clusters are many the two agree (to 0.002 at 400 clusters); on the demo's
+    21–112 the bootstrap's leans towards 0 near a rate of 1, as the rate's spread does."""
     if clusters is not None:
         if len(clusters) != len(counts):
             raise ValueError("clustered_rate needs one cluster per count")
@@ -139,25 +144,33 @@ def clustered_rate(counts: Sequence[tuple[float, int]],
     k = len(counts)
     if k < 2:
         return {"mean": rate, "ci95": None, "clusters": k, "n": total}
+    lo, hi = bootstrap_rate(counts, expanded_level(k))
     q = t_975(k - 1)
-    r0, n0 = counts[0]
-    if all(r * n0 == r0 * n for r, n in counts):
-        return {"mean": rate, "ci95": wilson_interval(rate, k, q), "clusters": k, "n": total}
-    var = k / (k - 1) * sum((r - rate * n) ** 2 for r, n in counts) / total ** 2
-    half = q * math.sqrt(var)
-    return {"mean": rate, "ci95": [max(0.0, rate - half), min(1.0, rate + half)], "clusters": k,
-            "n": total}
+    w = k / (k + q * q)
+    return {"mean": rate, "ci95": [min(lo, rate * w), max(hi, 1 - (1 - rate) * w)],
+            "clusters": k, "n": total}
 
 
-def wilson_interval(rate: float, n: int, q: float) -> list[float]:
-    """The Wilson score interval for a rate observed on `n` draws, with quantile `q`: the rates p
-    with |rate − p| <= q · √(p(1 − p) / n), (rate + q²/2n ± q · √(rate(1 − rate)/n + q²/4n²)) /
-    (1 + q²/n). Unlike rate ± q · √(rate(1 − rate)/n) it does not shrink to a point at a rate of
-    0 or 1: at n of n it is [n / (n + q²), 1]."""
-    q2 = q * q
-    centre = rate + q2 / (2 * n)
-    spread = q * math.sqrt(rate * (1 - rate) / n + q2 / (4 * n * n))
-    scale = 1 + q2 / n
-    lo = 0.0 if rate == 0 else max(0.0, (centre - spread) / scale)
-    hi = 1.0 if rate == 1 else min(1.0, (centre + spread) / scale)
-    return [lo, hi]
+def expanded_level(k: int) -> float:
+    """The tail share each side for a 95% percentile interval on k draws, expanded as
+    Hesterberg (2015) proposes: Φ(−√(k/(k − 1)) · t_975(k − 1)) (0.025 as k grows; 0.0190 at
+    32, 0.0041 at 7). The plain 2.5% percentiles are about √((k − 1)/k) · 1.96/t as wide as
+    the t interval, too narrow on a few draws."""
+    return 0.5 * math.erfc(math.sqrt(k / (k - 1)) * t_975(k - 1) / math.sqrt(2))
+
+
+def bootstrap_rate(counts: Sequence[tuple[float, int]], tail: float) -> tuple[float, float]:
+    """The `tail` and 1 − `tail` percentiles of Σ right / Σ total over `RESAMPLES` resamples of
+    the clusters `counts` (right_i, total_i > 0), each k clusters drawn with replacement by a
+    generator seeded `RESAMPLE_SEED`: which clusters a resample holds depends on k alone, so a
+    run's interval is the same on every machine and grows with every right count."""
+    draw = random.Random(RESAMPLE_SEED).random
+    k = len(counts)
+    rights, totals = [r for r, _ in counts], [n for _, n in counts]
+    rates = []
+    for _ in range(RESAMPLES):
+        picks = [int(draw() * k) for _ in range(k)]
+        rates.append(sum(rights[i] for i in picks) / sum(totals[i] for i in picks))
+    rates.sort()
+    m = int(tail * RESAMPLES)  # the (m + 1)-th from each end
+    return rates[m], rates[-1 - m]
