@@ -120,7 +120,7 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert ("Greedy answers to the 600 held-out test questions; 145 of them in the phrasing "
             "kept for the test (the unseen-phrasing column)." in md)
     assert "+0.113, 95% CI [+0.051, +0.175]: the interval excludes 0" in md
-    assert "+0.095, 95% CI [-0.020, +0.210]: the interval includes 0" in md
+    assert "+0.095, 95% CI [−0.020, +0.210]: the interval includes 0" in md
     assert "Win rate of PPO over SFT (among answers of one verdict, the shorter wins): 0.640" in md
     assert "Win rate of PPO over SFT by verdict alone (answers of one verdict tie): 0.620" in md
     assert "(nats, sampled at T = 1): 1.2345" in md
@@ -214,13 +214,13 @@ def test_delta_and_code_span_edge_cases():
     assert describe_delta({"mean": -0.1, "ci95": [-0.2, -0.05]}).endswith("excludes 0")
     # A bound on one side of 0 that rounds to 0.000 is shown to its first digit.
     assert describe_delta({"mean": -0.017, "ci95": [-0.0333, -4.9e-5]}) == \
-        "-0.017, 95% CI [-0.033, -0.000049]: the interval excludes 0"
+        "−0.017, 95% CI [−0.033, −0.000049]: the interval excludes 0"
     assert describe_delta({"mean": 0.1, "ci95": None}) == "+0.100 (no confidence interval)"
     for ci in ([0.1], [0.0, 0.1, 0.2], "0.1"):  # not two bounds: no interval, no crash
         assert describe_delta({"mean": 0.1, "ci95": ci}) == "+0.100 (no confidence interval)"
     assert describe_delta({"mean": -0.03, "ci95": [-0.048, -0.012], "better": 6, "worse": 24,
                            "p_sign": 0.001431}) == (
-        "-0.030, 95% CI [-0.048, -0.012]: the interval excludes 0 (better on 6 questions, worse "
+        "−0.030, 95% CI [−0.048, −0.012]: the interval excludes 0 (better on 6 questions, worse "
         "on 24; sign test p = 0.0014)")
     assert describe_delta({"mean": None, "ci95": [0, 1]}) == "n/a"
     assert md_code("`x`") == "`` `x` ``"
@@ -658,3 +658,38 @@ def test_pretraining_validation_evaluations_are_points_and_the_caption_says_when
         assert pretrain_loss_caption(tmp_path).endswith(
             f"the validation loss at each of its {len(val_steps)} evaluations{when} (circles, "
             "joined by a dotted line only as a guide: nothing was measured between them)")
+
+
+def test_negative_figures_use_the_typographic_minus_in_both_documents(tmp_path):
+    # The deltas printed Python's hyphen (-0.015, [-0.028, -0.002]) beside the prose's and the
+    # plots' minus (PPO − SFT, the axes' −0.2); report.json keeps plain numbers.
+    results = full_results()
+    results["delta_ppo_vs_sft_continued"] = {"mean": -0.015, "ci95": [-0.028, -0.002],
+                                             "better": 4, "worse": 13, "p_sign": 0.049}
+    results["kl_ppo_vs_sft"] = -0.0123
+    write_report(tmp_path, results)
+    md, html = ((tmp_path / name).read_text() for name in ("report.md", "report.html"))
+    for text in (md, html):
+        assert ("PPO − SFT continued: −0.015, 95% CI [−0.028, −0.002]: the interval excludes 0 "
+                "(better on 4 questions, worse on 13; sign test p = 0.049)") in text
+        assert "+0.095, 95% CI [−0.020, +0.210]" not in text  # the fixture's other delta
+        assert re.search(r"per response \(nats, sampled at T = 1\)\W+ −0\.0123", text)
+        assert not re.search(r"(?<![\w-])-\d", text)  # no figure with a hyphen for its sign
+    assert json.loads((tmp_path / "report.json").read_text())[
+        "delta_ppo_vs_sft_continued"]["ci95"] == [-0.028, -0.002]
+
+
+def test_the_ppo_legend_is_below_the_panels_not_on_a_curve(tmp_path):
+    # Each panel's legend sat inside it, on round 2's first rewards in the demo's report.
+    from gptlab.eval.report import plot_ppo
+    fake_run(tmp_path)
+    fig = plot_ppo(tmp_path)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["round 1", "round 2"]
+    box = legend.get_window_extent(renderer)
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+    for ax in fig.axes:  # below every panel, its tick labels and axis label included
+        assert box.y1 <= ax.get_tightbbox(renderer).y0

@@ -284,8 +284,11 @@ def plot_ppo(run_dir: Path, rounds: int | None = None) -> Figure | None:
     ax_kl.set(title="PPO: KL(policy ‖ SFT) per response, at PPO's temperature",
               xlabel="step (all rounds)", ylabel="KL (nats)")
     for ax in (ax_r, ax_kl):
-        ax.legend()
         ax.grid(alpha=0.3)
+    # One legend for both panels (their rounds share colours), below the axes: inside either,
+    # wherever it went, it sat on some round's curve (round 2's first rewards, under "best" too).
+    handles, labels = ax_r.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles))
     return fig
 
 
@@ -354,16 +357,23 @@ def write_plots(run_dir: Path, pngs: dict[str, bytes]) -> None:
 
 # ---------------------------------------------------------------------------- content
 
+def minus(text: str) -> str:
+    """A formatted number with the typographic minus (−0.015), as the report's prose and the
+    plots' axes write it, not Python's hyphen (-0.015)."""
+    return text.replace("-", "\u2212")
+
+
 def fmt(value: Any, digits: int = 3, sign: bool = False) -> str:
-    """`value` to `digits` decimals; n/a where there is no number. A NaN or an infinity was
-    computed (a diverged model's KL, an overflowing perplexity) and reads nan / inf, as
-    report.json's `non_finite` field names it, not n/a, which says the stage did not run."""
+    """`value` to `digits` decimals, a negative one with the typographic minus; n/a where there
+    is no number. A NaN or an infinity was computed (a diverged model's KL, an overflowing
+    perplexity) and reads nan / inf, as report.json's `non_finite` field names it, not n/a,
+    which says the stage did not run."""
     x = as_number(value)
     if x is None and isinstance(value, float):
         x = value
     if x is None:
         return NA
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+    return minus(f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}")
 
 
 def fmt_significant(value: Any, digits: int = 4) -> str:
@@ -375,9 +385,9 @@ def fmt_significant(value: Any, digits: int = 4) -> str:
     if x is None or x == 0:
         return fmt(value, digits - 1)
     if abs(x) >= 10 ** (digits - 1):
-        return f"{x:.0f}"
+        return minus(f"{x:.0f}")
     rounded = float(f"{x:.{digits - 1}e}")  # 9.9996 becomes 10.00, not 10.000
-    return f"{rounded:.{max(0, digits - 1 - math.floor(math.log10(abs(rounded))))}f}"
+    return minus(f"{rounded:.{max(0, digits - 1 - math.floor(math.log10(abs(rounded))))}f}")
 
 
 def model_names(results: dict) -> list[str]:
