@@ -650,7 +650,7 @@ class Tokenizer:
         `encode(text)`. gptlab never encodes with the post-processor (special tokens are its
         own to add), so the copy encodes here as `hf` does."""
         bos_id = self.bos_id
-        if bos_id is None or self.hf.encode("").ids[:1] == [bos_id]:
+        if bos_id is None or starts_with(self.hf, self.bos_token):
             return self.hf
         bos = self.bos_token
 
@@ -684,6 +684,13 @@ def _byte_chars() -> list[str]:
 
 
 _BYTE_CHARS = _byte_chars()
+
+
+def starts_with(hf: tokenizers.Tokenizer, token: str) -> bool:
+    """Whether `hf`'s post-processor starts each sequence with `token` (Llama 2's and Llama 3's
+    tokenizer.json prepend their BOS so)."""
+    token_id = hf.token_to_id(token)
+    return token_id is not None and hf.encode("").ids[:1] == [token_id]
 
 
 def _marked_special(hf: tokenizers.Tokenizer, names: Iterable[str]) -> tokenizers.Tokenizer:
@@ -1244,6 +1251,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # Directories gptlab saved before it wrote add_bos_token prepended BOS whenever they had one.
     add_bos = config.get("add_bos_token")
     add_bos = True if add_bos is None else check_bool(add_bos, "add_bos_token", config_file)
+    if not add_bos and bos is not None and starts_with(hf, bos):
+        # transformers 5 drops add_bos_token where there is a tokenizer.json and goes by its
+        # post-processor, whatever the class: the model was trained with BOS first.
+        add_bos = True
+        note_once(config_file, f"field 'add_bos_token': false, but the post-processor of "
+                               f"{file.name} starts each sequence with {bos!r}, and "
+                               f"transformers 5 goes by it alone: sequences start with {bos!r}, "
+                               f"as transformers' tokenizer(text) starts them")
     has_pad, pad, pad_file = named("pad_token")
     if not has_pad:
         pad = PAD if hf.token_to_id(PAD) is not None else None

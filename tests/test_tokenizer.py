@@ -745,6 +745,58 @@ def test_a_tokenizer_without_bos_first_saves_no_bos_for_transformers(plain, tmp_
     assert theirs("The quick")["input_ids"][0] == plain.hf.token_to_id("<s>")
 
 
+
+@pytest.mark.parametrize("add_bos_token", [True, False])
+@pytest.mark.parametrize("post_bos", [True, False])
+def test_bos_first_is_what_transformers_reads_and_saved_so(plain, tmp_path, capsys,
+                                                           add_bos_token, post_bos):
+    """transformers 5 drops add_bos_token where there is a tokenizer.json and goes by the
+    post-processor: `add_bos_token: false` beside one that prepends <s> gave <s> in
+    transformers' `tok(text)`, none in gptlab's encoding, and was saved as it was. Now gptlab
+    starts sequences with <s> there too (noting the conflict) and saves add_bos_token true; a
+    directory saved by gptlab gives transformers gptlab's ids in every case."""
+    pytest.importorskip("transformers")
+    from gptlab.interop.hf import load_hf_tokenizer
+    bos = plain.hf.token_to_id("<s>")
+    hf = tokenizers.Tokenizer.from_str(plain.hf.to_str())
+    if post_bos:
+        hf.post_processor = tokenizers.processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", bos)])
+    (tmp_path / "imported").mkdir()
+    hf.save(str(tmp_path / "imported" / "tokenizer.json"))
+    config = tmp_path / "imported" / "tokenizer_config.json"
+    config.write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                                  "eos_token": "</s>", "add_bos_token": add_bos_token}))
+    capsys.readouterr()
+    ours = load_tokenizer(tmp_path / "imported")
+    noted = capsys.readouterr().err
+    if add_bos_token or not post_bos:
+        assert noted == ""
+    else:
+        assert noted == (f"note: {config}, field 'add_bos_token': false, but the post-processor "
+                         f"of tokenizer.json starts each sequence with '<s>', and transformers 5 "
+                         f"goes by it alone: sequences start with '<s>', as transformers' "
+                         f"tokenizer(text) starts them\n")
+    starts = add_bos_token or post_bos
+    assert ours.bos_id == (bos if starts else None)
+    assert load_hf_tokenizer(tmp_path / "imported").bos_id == ours.bos_id
+    texts = ["The quick brown fox", "SELECT name FROM users;", ""]
+    if post_bos or not add_bos_token:  # (true, none: gptlab's own directories of a time)
+        original = auto_tokenizer(tmp_path / "imported")
+        assert [original(t)["input_ids"] for t in texts] == \
+            [ours.encode(t, bos=True) for t in texts]
+    ours.save(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert saved["add_bos_token"] is starts
+    theirs = auto_tokenizer(tmp_path / "saved")
+    for text in texts:
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == ours.encode(text, bos=True) == \
+            ([bos] if starts else []) + ids
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids
+    again = load_tokenizer(tmp_path / "saved")
+    assert [again.encode(t, bos=True) for t in texts] == [ours.encode(t, bos=True) for t in texts]
+
 # --- a Hugging Face directory's special tokens, as transformers reads them ----------------------
 HF_CHAT = [{"role": "system", "content": "You answer in SQL."},
            {"role": "user", "content": "Who is older than 30?"},

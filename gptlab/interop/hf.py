@@ -11,7 +11,6 @@ tokenizer.json and tokenizer_config.json (and special_tokens_map.json, generatio
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -418,19 +417,20 @@ def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
 
 # --- tokenizer -------------------------------------------------------------------------------
 
-def _adds_bos(d: Path, bos: str | None) -> bool:
-    """Whether the model was trained with BOS first: tokenizer_config's add_bos_token (which
-    gptlab's own export writes), or a post-processor that inserts it (Llama 3 style)."""
-    if bos is None:
+def _adds_bos(d: Path, tok: Any) -> bool:
+    """Whether the model was trained with BOS first: tokenizer_config's add_bos_token as
+    `load_tokenizer` reads it (gptlab's own export writes it; false gives way to a
+    post-processor that prepends BOS, as transformers reads it); without one, whether the
+    post-processor prepends it (Llama 3 style), not `load_tokenizer`'s default for gptlab's
+    early directories."""
+    from gptlab.tokenizer import starts_with
+
+    if tok.bos_token is None:
         return False
     tcfg_path = d / "tokenizer_config.json"
-    tcfg = read_json(tcfg_path) if tcfg_path.exists() else {}
-    if "add_bos_token" in tcfg:
-        return bool(tcfg["add_bos_token"])
-    post = read_json(d / "tokenizer.json").get("post_processor") or {}
-    posts = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    return any(bos in json.dumps(p.get("single", [])) for p in posts
-               if p.get("type") == "TemplateProcessing")
+    if tcfg_path.exists() and "add_bos_token" in read_json(tcfg_path):
+        return tok.add_bos
+    return starts_with(tok.hf, tok.bos_token)
 
 
 def load_hf_tokenizer(d: Path) -> Any:
@@ -444,7 +444,7 @@ def load_hf_tokenizer(d: Path) -> Any:
     if not (d / "tokenizer.json").exists():
         return None
     tok = load_tokenizer(d)
-    tok.add_bos = _adds_bos(d, tok.bos_token)
+    tok.add_bos = _adds_bos(d, tok)
     return tok
 
 
