@@ -15,7 +15,7 @@ from gptlab.cli import main
 from gptlab.errors import UserError
 from gptlab.data.tokens import (fixed_batches, load_token_data, n_blocks, split_blocks,
                                 token_dtype, tokenize_corpus)
-from gptlab.tokenizer import train_tokenizer
+from gptlab.tokenizer import load_tokenizer, train_tokenizer
 from gptlab.train.loop import read_metrics
 
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
@@ -516,11 +516,49 @@ def test_continuing_a_model_with_another_tokenizer_than_its_own_is_refused(corpu
     assert cont(tmp_path / "other", tmp_path / "two") == 2
     assert capsys.readouterr().err == (
         f"gptlab pretrain: error: {tmp_path / 'one'}, field 'tokenizer': has its own "
-        f"tokenizer.json, which differs from tokenizer (--tokenizer): its embeddings are rows "
+        f"tokenizer.json, which differs from tokenizer (--tokenizer) in its vocabulary and "
+        f"merges: its embeddings are rows "
         f"for its own tokens, and another tokenizer would give them other meanings; leave out "
         f"tokenizer (--tokenizer) to continue with its own\n")
     assert not (tmp_path / "two").exists()
     assert cont(d / "tok", tmp_path / "three") == 0  # its own tokenizer, given again
+
+
+def test_a_tokenizer_that_differs_only_in_bos_first_is_refused_saying_so(corpus, tmp_path):
+    """The same tokens with add_bos_token false (and no post-processor that prepends BOS, which
+    transformers would go by): another start for every sequence than the model was trained
+    with, refused, but the refusal said only that the tokenizer.json differed and that another
+    tokenizer would give the embeddings other meanings, which it does not. It says what
+    differs, the BOS setting, each way. (`pretrain --model DIR --tokenizer` asks `_given_for`;
+    the test above runs it.)"""
+    from gptlab.train.pretrain import _given_for
+    d, _, tok = corpus
+    no_bos = tmp_path / "no-bos"
+    no_bos.mkdir()
+    config = json.loads((d / "tok" / "tokenizer_config.json").read_text())
+    (no_bos / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    tok.hf.save(str(no_bos / "tokenizer.json"))  # no post-processor
+    bos_first, plain = load_tokenizer(d / "tok"), load_tokenizer(no_bos)
+    assert (bos_first.bos_id, plain.bos_id) == (0, None)
+    for own, other_tok, starts, other in (
+            (bos_first, plain, "with '<|bos|>' (add_bos_token: true)",
+             "with none (add_bos_token: false)"),
+            (plain, bos_first, "with none (add_bos_token: false)",
+             "with '<|bos|>' (add_bos_token: true)")):
+        with pytest.raises(UserError) as e:
+            _given_for(tmp_path / "model", own, other_tok)
+        assert str(e.value) == (
+            f"{tmp_path / 'model'}, field 'tokenizer': has its own tokenizer, the same tokens "
+            f"as tokenizer (--tokenizer) but for the start of a sequence: its own starts each "
+            f"sequence {starts}, tokenizer (--tokenizer) each {other}; the model was trained on "
+            f"the former and would be continued on the latter: leave out tokenizer "
+            f"(--tokenizer) to continue with its own")
+    assert _given_for(tmp_path / "model", plain, load_tokenizer(no_bos)) is not None
+    # add_bos_token false beside the post-processor that prepends BOS is read as transformers
+    # reads it, BOS first: the model's own tokenizer.
+    shutil.copy(d / "tok" / "tokenizer.json", no_bos / "tokenizer.json")
+    same = load_tokenizer(no_bos)
+    assert _given_for(tmp_path / "model", bos_first, same) is same
 
 
 def test_a_tokenizer_saved_before_its_bos_post_processor_is_a_model_s_own(corpus, tmp_path):

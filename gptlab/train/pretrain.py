@@ -15,6 +15,7 @@ every later stage and `gptlab generate` read, plus checkpoints/, metrics.jsonl a
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,16 +96,37 @@ def _tokenizer_for(cfg: PretrainConfig, vocab_size: int) -> Any:
 
 def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
     """`given` (--tokenizer) to continue the model in `model_dir`, unless the model has a
-    tokenizer of its own that differs: its embeddings are rows for its own tokens' ids. Each
-    is compared as saved: a directory saved before `save` wrote the post-processor that
-    prepends BOS holds the same tokenizer as one saved since."""
-    if own is not None and own.hf_as_saved().to_str() != given.hf_as_saved().to_str():
-        raise UserError("has its own tokenizer.json, which differs from tokenizer "
-                        "(--tokenizer): its embeddings are rows for its own tokens, and another "
-                        "tokenizer would give them other meanings; leave out tokenizer "
-                        "(--tokenizer) to continue with its "
-                        "own", path=model_dir, field="tokenizer")
-    return given
+    tokenizer of its own that differs: its embeddings are rows for its own tokens' ids, and it
+    was trained with or without BOS first. Each is compared as saved: a directory saved before
+    `save` wrote the post-processor that prepends BOS holds the same tokenizer as one saved
+    since. The refusal says what differs, so that the user can tell which to keep."""
+    if own is None:
+        return given
+    mine, theirs = (json.loads(t.hf_as_saved().to_str()) for t in (own, given))
+    if mine == theirs:
+        return given
+    keep = "leave out tokenizer (--tokenizer) to continue with its own"
+    parts = [part for part in dict.fromkeys([*mine, *theirs])
+             if mine.get(part) != theirs.get(part)]
+    if parts == ["post_processor"] and own.bos_id != given.bos_id:
+        def first(t: Any) -> str:
+            return (f"with {t.bos_token!r} (add_bos_token: true)" if t.bos_id is not None
+                    else "with none (add_bos_token: false)")
+        raise UserError(f"has its own tokenizer, the same tokens as tokenizer (--tokenizer) but "
+                        f"for the start of a sequence: its own starts each sequence "
+                        f"{first(own)}, tokenizer (--tokenizer) each {first(given)}; the model "
+                        f"was trained on the former and would be continued on the latter: "
+                        f"{keep}", path=model_dir, field="tokenizer")
+    named = ", ".join(_TOKENIZER_PARTS.get(part, part) for part in parts)
+    raise UserError(f"has its own tokenizer.json, which differs from tokenizer (--tokenizer) "
+                    f"in its {named}: its embeddings are rows for its own tokens, and another "
+                    f"tokenizer would give them other meanings; {keep}", path=model_dir,
+                    field="tokenizer")
+
+
+# tokenizer.json's sections, as a refusal names them
+_TOKENIZER_PARTS = {"model": "vocabulary and merges", "added_tokens": "added tokens",
+                    "pre_tokenizer": "pre-tokenizer", "post_processor": "post-processor"}
 
 
 def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, Any]:
