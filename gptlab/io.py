@@ -506,6 +506,9 @@ def _compression(head: bytes, path: str | Path) -> tuple[str, str] | None:
 # A split word is a whole part of the name: after its start or a separator (`-._ ` or a digit),
 # before a separator or a folder name's end. `contest`, `pretrain` and `TRAIN` name none. A file
 # whose name holds two (`train/test/a.jsonl`, `train_test.jsonl`) is in both splits.
+# Paths that share only the root are looked at from `/`, but for the system's device folder
+# `/dev`, whose name (a validation word) names no split: `/dev/stdin`, or bash's `<(...)` as
+# `/dev/fd/63`, beside `train.txt` is no validation split (`/dev/shm/test.txt` is still test's).
 _SHARD_IN_DATA = re.compile(r"(.+)-[0-9]{5}-of-[0-9]{5}.*\..*", re.S)
 _SPLIT_WORDS = {"train": ("train", "training"),
                 "validation": ("validation", "valid", "dev", "val"),
@@ -533,8 +536,10 @@ def _split_rules(d: Path, files: list[Path]) -> list[Splits]:
         if shard:
             shards.setdefault(shard[1], []).append((f, None))
         folders = rel.parts[:-1]
+        system = 1 if d.parent == d and folders[:1] == ("dev",) else 0  # /dev, at the root
         for split, pattern in _SPLIT_IN_FOLDER.items():
-            named = [i for i, folder in enumerate(folders) if pattern.search(folder)]
+            named = [i for i, folder in enumerate(folders)
+                     if i >= system and pattern.search(folder)]
             if named:
                 in_folders.setdefault(split, []).append((f, Path(*folders[:named[0] + 1])))
         for split, pattern in _SPLIT_IN_NAME.items():

@@ -3,6 +3,7 @@
 an earlier version's bare NaN too."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -353,3 +354,33 @@ def test_json_lines_end_at_lf_or_crlf_and_a_lone_cr_in_a_record_is_white_space(t
     for block in (1, 2, 3, 64):
         assert list(_byte_lines(io.BytesIO(data), block, lone_cr=False)) == [
             (0, b"ab"), (4, b"cd\r"), (9, b"ef\rgh"), (15, b""), (16, b"\r")]
+
+
+def test_paths_that_share_only_the_root_are_named_from_it_but_for_dev():
+    # `--data train.txt <(cat more.txt)` gives bash's /dev/fd/63: with only `/` in common, its
+    # folder `dev` was read as a validation split's, and the two refused as train's and
+    # validation's. Files in two splits are still refused from `/`, /dev/shm's too.
+    from gptlab.io import check_one_split_given
+
+    def check(*paths: str) -> str:
+        given = [Path(p) for p in paths]
+        try:
+            check_one_split_given(given, [(p, str(p)) for p in given], "data")
+        except UserError as e:
+            return str(e).split(" as datasets names them: ")[1].split(";")[0]
+        return "one split"
+    assert check("/home/me/train.txt", "/dev/fd/63") == "one split"
+    assert check("/home/me/train.txt", "/dev/stdin", "/tmp/notes.txt") == "one split"
+    assert check("/data/train.jsonl", "/tmp/val.jsonl") == \
+        "/data/train.jsonl is train's, /tmp/val.jsonl validation's"
+    assert check("/home/me/train.txt", "/dev/shm/test.txt") == \
+        "/home/me/train.txt is train's, /dev/shm/test.txt test's"
+    assert check("/train/a.txt", "/srv/test/b.txt") == \
+        "/train/a.txt is train's, /srv/test/b.txt test's"
+    assert check("/srv/dev/a.txt", "/tmp/train.txt") == \
+        "/tmp/train.txt is train's, /srv/dev/a.txt validation's"
+    # `data/` right in the root holds a shard of a split, as right in any folder given
+    assert check("/data/wiki-00000-of-00001.parquet", "/tmp/test.jsonl") == \
+        "/tmp/test.jsonl is test's, /data/wiki-00000-of-00001.parquet wiki's"
+    assert check("/data/wiki-00000-of-00001.parquet", "/tmp/books-00000-of-00001.parquet") == \
+        "one split"
