@@ -497,6 +497,17 @@ def _step_dirs(directory: Path) -> dict[int, Path]:
             if p.name[5:].isdecimal() and p.is_dir()}
 
 
+def _manifest_field(checkpoint: Path, name: str) -> int | None:
+    """An integer field of `checkpoint`'s manifest (`save`, `threads`), or None: a manifest
+    written before the field was, or one that cannot be read (`_manifest` names it when the
+    checkpoint is loaded)."""
+    try:
+        value = json.loads((checkpoint / "manifest.json").read_text(encoding="utf-8")).get(name)
+    except (OSError, ValueError, AttributeError):  # missing, not JSON or UTF-8, not an object
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _earlier(checkpoint: Path) -> str:
     return f"; remove {checkpoint} to resume from the checkpoint before it, if there is one"
 
@@ -534,8 +545,14 @@ class Checkpointer:
                 for f in files:  # torch.save's files are not flushed to the disk otherwise
                     fsync_path(f)
                 manifest = {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}
+                # `save` numbers the saves in the order they were written, which `latest`
+                # falls back on; `threads`, the CPU threads this run computed on, which a
+                # resume on another count is told of (`checkpoint_threads`).
+                saves = [_manifest_field(p, "save") or 0 for p in _step_dirs(self.dir).values()]
                 # Written (and flushed) last: the names of every file above are on the disk.
-                write_json_atomic(tmp / "manifest.json", {"step": step, "sha256": manifest})
+                write_json_atomic(tmp / "manifest.json", {
+                    "step": step, "save": max(saves, default=0) + 1,
+                    "threads": torch.get_num_threads(), "sha256": manifest})
             except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
                 raise_for_target(e, tmp, final)
@@ -565,7 +582,13 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The checkpoint `latest` names; if it names none that is complete (the pointer
         removed, edited by hand, or naming a checkpoint since deleted), the complete checkpoint
-        of the highest step."""
+        written last, which the pointer named then (by its manifest's `save`). The highest
+        step could be another line of the run: one abandoned when the run was resumed from an
+        earlier checkpoint. A pointer naming a `step-N` since deleted (damaged, and removed as
+        the error advised) named the last save: what comes before it has a step below N, and
+        the fallback looks there first. Checkpoints written before `save` was recorded count
+        as written before any that has it, and among themselves by their steps; where a
+        manifest is damaged, the order is unknown, and the highest step is taken."""
         pointer = self.dir / "latest"
         try:
             name = pointer.read_text(encoding="utf-8").strip()
@@ -574,7 +597,28 @@ class Checkpointer:
         complete = {n: p for n, p in _step_dirs(self.dir).items()
                     if (p / "manifest.json").is_file()}
         named = next((p for p in complete.values() if p.name == name), None)
-        return named or (complete[max(complete)] if complete else None)
+        if named is not None or not complete:
+            return named
+        gone = int(name[5:]) if name.startswith("step-") and name[5:].isdecimal() else None
+        before = {n: p for n, p in complete.items() if gone is not None and n < gone}
+
+        candidates = before or complete
+        try:
+            for n in candidates:
+                self._manifest(complete[n])
+        except UserError:  # a damaged manifest: when it was written is unknown, its step is
+            return complete[max(candidates)]  # (and a load names it, with what to do)
+
+        def written(n: int) -> tuple[bool, int, int]:
+            save = _manifest_field(complete[n], "save")
+            return save is not None, save or 0, n
+        return complete[max(candidates, key=written)]
+
+    @staticmethod
+    def threads_of(path: str | Path) -> int | None:
+        """The CPU threads the run computed on when it saved checkpoint `path` (None: saved
+        before that was recorded)."""
+        return _manifest_field(Path(path), "threads")
 
     @staticmethod
     def _manifest(path: Path) -> dict:

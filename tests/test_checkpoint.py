@@ -937,3 +937,58 @@ def test_a_language_model_given_as_a_reward_model_and_the_reverse_say_what_it_is
     assert str(e.value) == (f"{tmp_path / 't5'}, field 'model': not a decoder-only language "
                             f"model: this is an encoder-decoder Transformer, which has no text to "
                             f"say")
+
+
+def test_a_lost_pointer_falls_back_to_the_line_saved_last_not_the_highest_step(tmp_path):
+    # Steps 1..4, then resumed from step 2 (the pointer moved back by hand): the save of step 3
+    # replaces the first line's step 3, and step 4 of the abandoned line stays (keep counts up
+    # to the step saved). A lost pointer fell back to step 4, the abandoned line.
+    net = tiny()
+    c = ck.Checkpointer(tmp_path, keep=3)
+    for step in (1, 2, 3, 4):
+        c.save(step, net, state={"step": step, "line": "first"})
+    (c.dir / "latest").write_text("step-2\n")
+    assert c.load(c.latest(), tiny())["line"] == "first"
+    c.save(3, net, state={"step": 3, "line": "resumed"})
+    assert sorted(p.name for p in c.dir.glob("step-*")) == ["step-2", "step-3", "step-4"]
+    saves = {p.name: json.loads((p / "manifest.json").read_text())["save"]
+             for p in c.dir.glob("step-*")}
+    assert saves == {"step-2": 2, "step-3": 5, "step-4": 4}  # in the order they were written
+    (c.dir / "latest").unlink()
+    assert c.latest().name == "step-3"
+    assert c.load(c.latest(), tiny()) == {"step": 3, "line": "resumed"}
+    # The pointer naming the resumed line's step 3, removed (damaged, as its error advises):
+    # the checkpoint before it is step 2, not the abandoned line's step 4, though step 4 was
+    # written after step 2.
+    (c.dir / "latest").write_text("step-3\n")
+    shutil.rmtree(c.dir / "step-3")
+    assert c.latest().name == "step-2"
+    # Checkpoints written before `save` was recorded: the highest step, as before; any that
+    # records it was written after them.
+    for p in c.dir.glob("step-*"):
+        mf = p / "manifest.json"
+        mf.write_text(json.dumps({k: v for k, v in json.loads(mf.read_text()).items()
+                                  if k not in ("save", "threads")}))
+    (c.dir / "latest").unlink()
+    assert c.latest().name == "step-4"
+    assert c.load(c.latest(), tiny())["line"] == "first"
+    (c.dir / "latest").write_text("step-2\n")
+    c.save(3, net, state={"step": 3, "line": "again"})
+    assert json.loads((c.dir / "step-3" / "manifest.json").read_text())["save"] == 1
+    (c.dir / "latest").unlink()
+    assert c.load(c.latest(), tiny())["line"] == "again"
+
+
+def test_a_checkpoint_records_the_threads_it_was_computed_on(tmp_path):
+    c = ck.Checkpointer(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = c.save(1, tiny(), state={})
+        torch.set_num_threads(2)
+        two = c.save(2, tiny(), state={})
+    finally:
+        torch.set_num_threads(threads)
+    assert (ck.Checkpointer.threads_of(one), ck.Checkpointer.threads_of(two)) == (1, 2)
+    (two / "manifest.json").write_text(json.dumps({"step": 2, "sha256": {}}))  # an older save
+    assert ck.Checkpointer.threads_of(two) is None
