@@ -684,8 +684,10 @@ def test_the_timer_keeps_a_reused_stage_s_earlier_minutes_and_counts_them_saved(
                                   "round 1: sample": 1.5})
     threads = torch.get_num_threads()
     assert t.threads_used() == threads  # the stages run here, on one thread count
-    t.threads["eval"] = threads + 1
+    t.threads["eval"] = [threads + 1]
     assert t.threads_used() == {"pretrain": threads, "eval": threads + 1}
+    t.threads["pretrain"] = [threads, threads + 1]  # resumed on another count
+    assert t.threads_used() == {"pretrain": [threads, threads + 1], "eval": threads + 1}
 
 
 def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypatch, capsys):
@@ -695,6 +697,7 @@ def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypa
     from gptlab.checkpoint import Checkpointer
     from gptlab.model import GPT, get_preset
     from gptlab.train import pipeline as pipeline_module
+    from gptlab.train.loop import annotate_resume
     from gptlab.train.pipeline import Pipeline, PipelineConfig
     monkeypatch.setattr(pipeline_module, "usable_cpus", lambda: 2)
     for name in ("export_world", "_record_world", "_check_finished_stages_whole"):
@@ -705,28 +708,39 @@ def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypa
 
     def stopped_after_a_checkpoint(self):
         ran_on.append(torch.get_num_threads())
-        Checkpointer(self.out / "pretrain").save(1, model)
+        latest = Checkpointer(self.out / "pretrain").latest()
+        if latest is not None:  # as `pretrain --resume` records its resume
+            annotate_resume(self.out / "pretrain", self.pretrain_config(), latest.name)
+        Checkpointer(self.out / "pretrain").save(len(ran_on), model)
         raise KeyboardInterrupt
     monkeypatch.setattr(Pipeline, "pretrain", stopped_after_a_checkpoint)
     threads = torch.get_num_threads()
+    records, told = [], []
     try:
-        for n in (1, 1, 2, 2):
+        for n in (1, 1, 2, 2, 1):
             with pytest.raises(KeyboardInterrupt):
                 Pipeline(PipelineConfig(out=str(tmp_path / "run"), threads=n)).run()
             record = json.loads((tmp_path / "run" / "stage_threads.json").read_text())
-            assert record["pretrain"] == n  # on record though the stage never ended
-            warnings = [line for line in capsys.readouterr().err.splitlines()
-                        if line.startswith("warning")]
-            if len(ran_on) == 3:  # resumed on 2 threads after it ran on 1
-                assert warnings == [
-                    "warning: pretrain resumes from its checkpoint on 2 CPU threads, but ran on "
-                    "1 before it stopped: its losses may differ in the last bits from a run that "
-                    "never stopped (--threads 1 resumes it as it ran)"]
-            else:  # the first start, or a resume on the count it ran on
-                assert warnings == []
+            records.append(record["pretrain"])  # on record though the stage never ended
+            told.append([line for line in capsys.readouterr().err.splitlines()
+                         if line.startswith(("warning", "note: resuming"))])
     finally:
         torch.set_num_threads(threads)
-    assert ran_on == [1, 1, 2, 2]
+    assert ran_on == [1, 1, 2, 2, 1]
+    # Every count it was resumed on, in turn, not only the last.
+    assert records == [[1], [1], [1, 2], [1, 2], [1, 2, 1]]
+    # Told once (not again by the stage's own note): on 2 threads after it ran on 1, and on 1
+    # after it ran on 1, then 2; the first start and a resume on the count it ran on say nothing.
+    assert told == [[], [], [
+        "warning: pretrain resumes from its checkpoint on 2 CPU threads, but ran on 1 before it "
+        "stopped: its losses may differ in the last bits from a run that never stopped "
+        "(--threads 1 resumes it as it ran)"], [], [
+        "warning: pretrain resumes from its checkpoint on 1 CPU thread, but ran on 1, then 2 "
+        "before it stopped: its losses may differ in the last bits from a run that never "
+        "stopped (--threads 2 resumes it as it last ran)"]]
+    # A record of a count alone, as runs before the list wrote it, is that count's list.
+    (tmp_path / "run" / "stage_threads.json").write_text(json.dumps({"pretrain": 2}))
+    assert pipeline_module.Timer(tmp_path / "run").threads == {"pretrain": [2]}
     t = pipeline_module.Timer(tmp_path / "run")  # a stage that starts afresh: nothing to say
     t.run("pretrain", lambda: None)
     assert "warning" not in capsys.readouterr().err

@@ -389,6 +389,44 @@ def test_a_run_checkpointed_before_the_bos_post_processor_resumes_without_a_corp
     assert "the corpus or tokenizer changed" in capsys.readouterr().err
 
 
+def test_a_resume_on_another_thread_count_than_its_checkpoint_is_noted(corpus, tmp_path,
+                                                                       capsys):
+    """The training verbs recorded no thread count, so a resume on another one (bit-exact only
+    on the same count) went without a word outside the pipeline."""
+    d, _, _ = corpus
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    common = ["--data", str(d / "a.txt"), "--max-steps", "4", "--block-size", "16",
+              "--batch-size", "4", "--save-every", "2", "--out", str(out),
+              "--cache-dir", str(tmp_path / "cache")]
+
+    def stopped_after_step_2() -> None:
+        shutil.rmtree(ckpts / "step-4")
+        (ckpts / "latest").write_text("step-2\n")
+        for name in ("config.json", "model.safetensors"):
+            (out / name).unlink()
+
+    def resumed_on(threads: int) -> list[str]:
+        stopped_after_step_2()
+        capsys.readouterr()
+        torch.set_num_threads(threads)
+        try:
+            assert run(*common, "--resume") == 0
+        finally:
+            torch.set_num_threads(1)
+        return [line for line in capsys.readouterr().err.splitlines() if "thread" in line]
+
+    assert run(*common) == 0  # on one thread (the module's)
+    assert Checkpointer.threads_of(ckpts / "step-2") == 1
+    assert resumed_on(2) == [
+        f"note: resuming from {ckpts / 'step-2'} on 2 CPU threads, but it was saved on 1: the "
+        f"losses may differ in the last bits from a run that never stopped (OMP_NUM_THREADS=1 "
+        f"resumes it as it ran)"]
+    assert Checkpointer.threads_of(ckpts / "step-4") == 2  # the resumed session's save
+    assert resumed_on(1) == []  # step 2 again, on the count it was saved on
+    info = json.loads((out / "run.json").read_text())
+    assert [r["threads"] for r in info["resumes"]] == [2, 1]
+
+
 def test_a_resume_refused_for_a_damaged_checkpoint_or_another_setting_writes_nothing(
         corpus, tmp_path, capsys):
     """The checkpoint was verified, and its settings compared, only once training loaded it:

@@ -40,6 +40,7 @@ optimizer, data position and RNG states, metrics.jsonl, progress bar, exact resu
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -65,7 +66,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import Checkpointer
 from gptlab.devices import queued_copy, to_device
 from gptlab.engine import eval_mode
-from gptlab.errors import UserError
+from gptlab.errors import UserError, counted
 from gptlab.io import (check_dir_out, named_os_error, restore_non_finite, strict_json,
                        write_json_atomic, write_jsonl_atomic)
 
@@ -755,11 +756,41 @@ def annotate_run(out_dir: str | Path, **fields: Any) -> None:
     _update_run(out_dir, lambda info: info.update(fields))
 
 
+# True while a caller that warns of a resume on another thread count itself runs a stage (the
+# pipeline, whose warning names --threads): the stage's note would say it a second time.
+_THREADS_TOLD = contextvars.ContextVar("threads_told", default=False)
+
+
+@contextlib.contextmanager
+def threads_told_by_caller() -> Iterator[None]:
+    """Within it, `annotate_resume` leaves a thread count other than the checkpoint's unsaid."""
+    token = _THREADS_TOLD.set(True)
+    try:
+        yield
+    finally:
+        _THREADS_TOLD.reset(token)
+
+
+def note_other_threads(checkpoint: Path) -> None:
+    """A note on stderr when a resume computes on another CPU thread count than `checkpoint`
+    was saved on (its manifest's `threads`): sums split among threads otherwise round
+    otherwise, so the losses may differ in the last bits from a run that never stopped."""
+    before, now = Checkpointer.threads_of(checkpoint), torch.get_num_threads()
+    if before is None or before == now or _THREADS_TOLD.get():
+        return
+    print(f"note: resuming from {checkpoint} on {counted(now, 'CPU thread')}, but it was saved "
+          f"on {before}: the losses may differ in the last bits from a run that never stopped "
+          f"(OMP_NUM_THREADS={before} resumes it as it ran)", file=sys.stderr)
+
+
 def annotate_resume(out_dir: str | Path, config: Any, resumed_from: str) -> None:
     """Add this resume to OUT/run.json's `resumes` (and set `resumed_from`): its command, start,
-    commit and the config fields it changed. `config` and `command` stay the first session's;
-    without this a resume with another --lr or --max-steps left them saying what no longer ran."""
+    commit, CPU threads and the config fields it changed. `config` and `command` stay the first
+    session's; without this a resume with another --lr or --max-steps left them saying what no
+    longer ran. A thread count other than the checkpoint's is noted (`note_other_threads`)."""
     from gptlab.provenance import command_line, git_state
+
+    note_other_threads(Path(out_dir) / "checkpoints" / resumed_from)
 
     def add(info: dict) -> None:
         first = info.get("config") if isinstance(info.get("config"), dict) else {}
@@ -770,6 +801,7 @@ def annotate_resume(out_dir: str | Path, config: Any, resumed_from: str) -> None
             "from": resumed_from, "command": command_line(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": git[0] if git else None, "git_dirty": git[1] if git else None,
+            "threads": torch.get_num_threads(),
             "changed": {k: v for k, v in now.items() if k != "resume" and first.get(k) != v}})
     _update_run(out_dir, add)
 

@@ -28,7 +28,7 @@ from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError, counted, reports_path_errors
 from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, restore_non_finite,
                        write_json_atomic, write_jsonl_atomic)
-from gptlab.train.loop import select_device
+from gptlab.train.loop import select_device, threads_told_by_caller
 
 if TYPE_CHECKING:
     from gptlab.train.ppo import PPOConfig
@@ -329,21 +329,30 @@ def _state(out: Path) -> dict[str, bool]:
     return {"done": done, "resumes": not done and _interrupted(out)}
 
 
+def _counts(value: Any) -> list[int]:
+    """A stage's thread counts as stage_threads.json holds them: a list, in the order the stage
+    ran on them, or (written before a resume could add one) a count alone."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
 class Timer:
     """Minutes per stage, kept in OUT/stage_minutes.json as each stage ends. A stage that a rerun
     finds finished keeps the minutes it took when it ran, so adding `--headroom` to a finished
     run (or resuming one) still reports what every stage cost. The CPU threads each stage ran
-    on are kept beside them (OUT/stage_threads.json), written as it starts: `--threads` may
-    change on a rerun, sampling on another thread count can draw other samples, and a stage
-    resumed from its checkpoint on another count than it stopped on is warned of."""
+    on are kept beside them (OUT/stage_threads.json: a list, one more each time the stage is
+    resumed on another count), written as it starts: `--threads` may change on a rerun,
+    sampling on another thread count can draw other samples, and a stage resumed from its
+    checkpoint on another count than it stopped on is warned of."""
 
     def __init__(self, out: Path) -> None:
         self.record, self.threads_record = out / "stage_minutes.json", out / "stage_threads.json"
         self.minutes: dict[str, float] = {}
         self.earlier: dict[str, float] = {}
-        self.threads: dict[str, int] = {}
+        self.threads: dict[str, list[int]] = {}
         if self.threads_record.exists():
-            self.threads = _read_record(self.threads_record, _MINUTES_RECORD)
+            self.threads = {name: _counts(v) for name, v in
+                            _read_record(self.threads_record, _MINUTES_RECORD).items()}
         if self.record.exists():
             self.earlier = _read_record(self.record, _MINUTES_RECORD)
         elif (out / "report.json").exists():
@@ -359,17 +368,19 @@ class Timer:
         t0 = time.time()
         print(f"== {name}" + (" (done)" if done else ""), file=sys.stderr)
         if not done:
-            before, now = self.threads.get(name), torch.get_num_threads()
-            if resumes and before is not None and before != now:
+            ran, now = self.threads.get(name, []) if resumes else [], torch.get_num_threads()
+            if ran and ran[-1] != now:
                 # Sums split among threads otherwise round otherwise: the last bits may differ.
                 print(f"warning: {name} resumes from its checkpoint on "
-                      f"{counted(now, 'CPU thread')}, but ran on {before} before it stopped: "
-                      f"its losses may differ in the last bits from a run that never stopped "
-                      f"(--threads {before} resumes it as it ran)", file=sys.stderr)
-            self.threads[name] = now
+                      f"{counted(now, 'CPU thread')}, but ran on {', then '.join(map(str, ran))} "
+                      f"before it stopped: its losses may differ in the last bits from a run "
+                      f"that never stopped (--threads {ran[-1]} resumes it as it "
+                      f"{'last ' if len(ran) > 1 else ''}ran)", file=sys.stderr)
+            self.threads[name] = ran if ran[-1:] == [now] else ran + [now]
             # Now, not once it ends: a stage stopped midway has the count it ran on on record.
             write_json_atomic(self.threads_record, self.threads)
-        out = fn()
+        with threads_told_by_caller():  # the stage's own note would say it again
+            out = fn()
         took = (time.time() - t0) / 60
         if done and name in self.earlier:
             self.saved += self.earlier[name] - took
@@ -391,11 +402,14 @@ class Timer:
         write_json_atomic(self.record, {**self.earlier, **self.minutes})
         write_json_atomic(self.threads_record, self.threads)
 
-    def threads_used(self) -> int | dict[str, int]:
-        """The threads every stage of this run ran on, or each stage's where they differ."""
-        used = {k: v for k, v in self.threads.items() if k in self.minutes}
-        counts = set(used.values())
-        return counts.pop() if len(counts) == 1 else used
+    def threads_used(self) -> int | dict[str, int | list[int]]:
+        """The threads every stage of this run ran on, or each stage's where they differ (a
+        list for a stage resumed on other counts, in the order it ran on them)."""
+        used = {k: ran for k, ran in self.threads.items() if k in self.minutes and ran}
+        counts = {n for ran in used.values() for n in ran}
+        if len(counts) == 1:
+            return counts.pop()
+        return {k: ran[0] if len(ran) == 1 else ran for k, ran in used.items()}
 
 
 def _ppo_optimizer_steps(cfg: PipelineConfig) -> int:
