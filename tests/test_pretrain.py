@@ -191,6 +191,37 @@ def test_a_tokenizer_in_memory_and_the_same_one_loaded_from_its_files_share_a_ca
     assert cache_key([f], back) == cache_key([f], tok)
 
 
+def test_a_corpus_tokenized_again_under_the_new_key_names_the_earlier_entry_and_leaves_it(
+        corpus, tmp_path, monkeypatch, capsys):
+    """The key of a tokenizer read as saved tokenizes a corpus an earlier version cached again,
+    and the earlier entry stayed for good without a word: the cache grew by a corpus."""
+    from gptlab.tokenizer import Tokenizer
+    d, _, tok = corpus
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as m:  # as that version keyed a tokenizer
+        m.setattr(Tokenizer, "hf_as_saved", lambda self: self.hf)
+        earlier = tokenize_corpus([d / "a.txt"], tok, cache)
+    capsys.readouterr()
+    now = tokenize_corpus([d / "a.txt"], tok, cache)
+    assert now.key != earlier.key and not now.reused
+    size = earlier.path.stat().st_size / 2**20
+    assert capsys.readouterr().err == (
+        f"note: the token cache also holds this corpus as an earlier gptlab tokenized it "
+        f"({earlier.path} and its .json, {size:.1f} MiB), which only an earlier version reads: "
+        f"remove both to free the space, once no run of an earlier version uses them\n")
+    # Left in place: a run of the earlier version may be reading it (the cache locks no entry).
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        f"{k}.{ext}" for k in (earlier.key, now.key) for ext in ("bin", "json"))
+    assert np.array_equal(earlier.tokens, now.tokens)
+    assert tokenize_corpus([d / "a.txt"], tok, cache).reused  # said once, as it is tokenized
+    assert capsys.readouterr().err == ""
+    for p in cache.glob(f"{earlier.key}.*"):  # removed as the note says: nothing more to say
+        p.unlink()
+    now.path.unlink()
+    tokenize_corpus([d / "a.txt"], tok, cache)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_killed_tokenization_of_another_corpus_leaves_no_temporary_behind(corpus, tmp_path):
     # Only the temporaries of the key being written were removed: a run killed midway, whose
     # corpus was then edited (a new key), left its partial token file in the cache for good.

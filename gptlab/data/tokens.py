@@ -12,7 +12,10 @@
    and editing a file or changing the tokenizer makes a new one. `KEY.bin` is written under
    a temporary name and renamed; `KEY.json` (counts, dtype) is written after it, so a cache
    entry without its `.json` is never read, and an error leaves nothing behind (a killed
-   run's temporary is removed by the next run that tokenizes into the cache).
+   run's temporary is removed by the next run that tokenizes into the cache). A corpus
+   tokenized under a key that an earlier version computed otherwise (a tokenizer keyed as
+   held, before `save` added the post-processor that prepends BOS) leaves that version's
+   entry in place, with a note naming it (`note_earlier_entry`).
 2. The token stream is cut into blocks of `block_size + 1` tokens with stride `block_size`:
    block i is tokens[i*T : i*T + T + 1], inputs are its first T tokens and targets its last T,
    so every token is a target exactly once.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -197,7 +201,29 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
     write_json_atomic(meta_path, {"format": TOKENS_FORMAT, "dtype": dtype.name,
                                   "n_tokens": n_tokens, "n_documents": n_docs,
                                   "eos_id": eos, "sources": paths})
+    note_earlier_entry(paths, tokenizer, key, cache, fields[0])
     return TokenFile(bin_path, key, n_tokens, n_docs, dtype.name, reused=False)
+
+
+def note_earlier_entry(paths: Sequence[str], tokenizer: Any, key: str, cache: Path,
+                       field: str = "data") -> Path | None:
+    """Where the cache also holds the corpus just tokenized under `key` as an earlier version
+    keyed it (the tokenizer as held: `tokenizer_fingerprint`), a note on stderr naming that
+    entry, which only an earlier version reads; returns its `.bin`. It is left in place: the
+    cache takes no lock on an entry being read, so a run of an earlier version sharing the
+    cache could be between reading its `.json` and mapping its `.bin`, and fail."""
+    earlier = cache_key(paths, tokenizer, field, as_saved=False)
+    if earlier == key:  # a tokenizer whose saved form is the one held
+        return None
+    bin_path = cache / f"{earlier}.bin"
+    if _read_cached(bin_path, cache / f"{earlier}.json", earlier) is None:
+        return None
+    mib = bin_path.stat().st_size / 2**20
+    print(f"note: the token cache also holds this corpus as an earlier gptlab tokenized it "
+          f"({bin_path} and its .json, {mib:.1f} MiB), which only an earlier version reads: "
+          f"remove both to free the space, once no run of an earlier version uses them",
+          file=sys.stderr)
+    return bin_path
 
 
 def _too_small(paths: Sequence[str], n_tokens: int, min_tokens: int,
