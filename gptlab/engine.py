@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -189,16 +189,26 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
     return tok if tok.device == device else tok.to(device)
 
 
+# Called at each step with the prompts (their indices) that drew a token and the token each
+# drew, a stop token included; a row that stopped draws no more.
+OnTokens = Callable[[list[int], list[int]], None]
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
-             seed: int | None = None, pad_id: int = 0) -> Generation:
+             seed: int | None = None, pad_id: int = 0, on_tokens: OnTokens | None = None
+             ) -> Generation:
     """Continue each prompt until a stop token or `max_new_tokens` (or the context) is reached.
 
     Each row gets min(`max_new_tokens`, context - its own prompt's length) new tokens, as it
     would alone: left padding makes the batch longer than a short row, but positions (and the
     model's context check) count a row's real tokens. A row that fills the context leaves the
     batch unfinished (`finished` is True only for a row ended by a stop token). NaN logits
-    for a token a row draws are a UserError naming the row (field `model`)."""
+    for a token a row draws are a UserError naming the row (field `model`), raised at the end.
+
+    `on_tokens(rows, tokens)` gets each step's tokens as they are drawn (`OnTokens`), for a
+    reply shown as it is written; the tokens, log-probabilities and draws are the same with
+    it or without, and without it a step reads no more from the device than before."""
     if not prompts:
         raise ValueError("no prompts to continue")
     device = next(model.parameters()).device
@@ -209,7 +219,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
                              f"and room after it in the context of {context}")
     limits = [min(params.max_new_tokens, context - len(p)) for p in prompts]
     with eval_mode(model):
-        return _generate(model, prompts, params, seed, pad_id, device, limits)
+        return _generate(model, prompts, params, seed, pad_id, device, limits, on_tokens)
 
 
 @contextmanager
@@ -224,8 +234,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
-              seed: int | None, pad_id: int, device: torch.device, limits: list[int]
-              ) -> Generation:
+              seed: int | None, pad_id: int, device: torch.device, limits: list[int],
+              on_tokens: OnTokens | None = None) -> Generation:
     gen = torch.Generator(device="cpu" if device.type == "mps" else device)  # see sample_from
     # torch takes seeds in [-2**63, 2**64) and reads a negative one modulo 2**64; any other
     # integer (a large --seed, or `sample`'s seed * 1_000_003 + batch) is read the same way.
@@ -278,6 +288,12 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
         out_tokens[live, t] = tok
         out_logprobs[live, t] = logprobs.gather(-1, tok[:, None])[:, 0]
         n = t + 1
+        if on_tokens is not None:
+            # One read: the tokens, and which rows had not stopped (a stopped row waits for
+            # the batch to compact, drawing tokens that are not its own).
+            drawn, going = torch.stack([tok, (~done[live]).long()]).tolist()
+            on_tokens([r for r, g in zip(live_rows, going) if g],
+                      [d for d, g in zip(drawn, going) if g])
         if stop.numel():
             hit = torch.isin(tok, stop) & ~done[live]
             stopped = torch.zeros_like(done).scatter(0, live, hit)  # (B,) the rows ended now

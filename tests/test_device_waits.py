@@ -430,6 +430,20 @@ def test_a_generation_moves_what_the_host_knows_without_waiting(monkeypatch):
     assert engine == max(map(len, gen.tokens)) - 1 + 2 + 5 and c.total == engine, c
 
 
+
+def test_a_generation_streamed_reads_once_more_a_token_and_only_then():
+    """`on_tokens` (a chat's reply shown as it is written) costs one read a token, its tokens
+    and which rows go on, all at once; without it a generation reads as it did."""
+    prompts = [[3, 4, 5], [7, 8], [9]]
+    params = SamplingParams(max_new_tokens=10, stop_ids=(1, 2, 3))
+    with count_waits() as plain:
+        gen = generate(tiny(2), prompts, params, seed=3)
+    with count_waits() as streamed:
+        assert generate(tiny(2), prompts, params, seed=3,
+                        on_tokens=lambda rows, tokens: None) == gen
+    steps = max(map(len, gen.tokens))
+    assert streamed.total == plain.total + steps, (plain, streamed)
+
 def test_a_generation_past_the_context_in_padding_is_what_reading_the_mask_gave(monkeypatch):
     """The longest row the engine counts on the host is the one the model read on the device:
     the same tokens and log-probabilities as where the model reads the mask, and a model told

@@ -259,6 +259,37 @@ def test_rows_left_after_a_batch_compacts_decode_as_each_prompt_alone():
         assert got == pytest.approx(a.logprobs[0], abs=1e-4)
 
 
+
+@pytest.mark.parametrize("params, seed", [
+    (SamplingParams(max_new_tokens=12, greedy=True), None),
+    (SamplingParams(max_new_tokens=12, temperature=1.3, top_p=0.9), 7),
+])
+def test_tokens_streamed_as_drawn_are_each_rows_and_change_nothing(params, seed):
+    """`on_tokens` gets each step's tokens of the rows still going: put together per row they
+    are the generation's tokens, a stop token last, none of a stopped row still in the batch
+    and none past a row's limit at the context; the generation is bit for bit the one made
+    without it, greedy and sampled (the same draws)."""
+    net = model()
+    prompts = [[3, 4, 5], [20, 21], [30], [40, 41, 42], [1 + i % 50 for i in range(40)]]
+    free = generate(net, prompts, params, seed=seed)
+    stop = free.tokens[0][1]
+    params = SamplingParams(**{**params.__dict__, "stop_ids": (stop,)})
+    plain = generate(net, prompts, params, seed=seed)
+    streamed: list[list[int]] = [[] for _ in prompts]
+    steps: list[list[int]] = []
+
+    def on_tokens(rows: list[int], tokens: list[int]) -> None:
+        steps.append(list(rows))
+        for r, t in zip(rows, tokens):
+            streamed[r].append(t)
+    got = generate(net, prompts, params, seed=seed, on_tokens=on_tokens)
+    assert got == plain
+    assert streamed == plain.tokens
+    assert plain.finished[0] and len(plain.tokens[0]) <= 2 and len(plain.tokens[4]) == 8
+    # the stopped row, and the long row at its limit, go off the steps' rows
+    assert steps[0] == [0, 1, 2, 3, 4] and 0 not in steps[2] and 4 not in steps[8]
+    assert len(steps) == max(map(len, plain.tokens))
+
 def test_generation_leaves_a_model_in_eval_mode_in_eval_mode_and_builds_no_graph():
     net = model(dropout=0.1).eval()
     grads = []
