@@ -304,9 +304,11 @@ def _verb_chat():
                        help="fit the conversation in fewer tokens than the model's context")
         p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
-        p.epilog = ("One message per line; /help lists the commands. At a terminal, Ctrl-C "
-                    "during a reply stops it (neither it nor its message is kept); Ctrl-C at "
-                    "the prompt, /exit or end of input ends the chat.")
+        p.epilog = ("One message per line; /help lists the commands. At a terminal a reply "
+                    "is printed as it is written, and Ctrl-C during a reply stops it (what was "
+                    "printed stays on screen; neither it nor its message is kept); Ctrl-C at "
+                    "the prompt, /exit or end of input ends the chat. From a pipe each reply "
+                    "is printed whole, ended by two empty lines.")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.chat import ChatConfig, chat

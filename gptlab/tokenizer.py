@@ -282,7 +282,7 @@ class Tokenizer:
         return whole[len(before):] if whole.startswith(before) else decode(ids)
 
     def decode_response(self, prompt: str | Sequence[dict], prompt_ids: Iterable[int],
-                        ids: Iterable[int], cut: bool = False) -> str:
+                        ids: Iterable[int], cut: bool = False, lead: str | None = None) -> str:
         """The text of `ids`, a response sampled after `prompt_ids`, the tokens of `prompt` (a
         text, or messages rendered with the generation prompt): the text that, written as the
         response to `prompt` in a samples or rankings file, encodes back to `ids` (`cut`: as
@@ -295,13 +295,14 @@ class Tokenizer:
         "▁Paris" after ChatML's "assistant\\n" is " Paris", as the template renders it back,
         where decoded alone it lost its space. gptlab's and ChatML's templates write nothing
         there: a byte-level BPE tokenizer's response is then its `decode` (or `decode_cut`)
-        either way."""
+        either way. `lead`: `answer_lead(prompt)` where the caller has it (a reply decoded
+        again at each new token renders the template once, not at every token)."""
         if isinstance(prompt, str) and self._unprefixed is None:
             return self.decode_cut(ids) if cut else self.decode(ids)
         text = self.decode_continuation(prompt_ids, ids, cut=cut)
         if isinstance(prompt, str):
             return text
-        lead = self.answer_lead(prompt)
+        lead = self.answer_lead(prompt) if lead is None else lead
         return text[len(lead):] if lead and text.startswith(lead) else text
 
     def answer_lead(self, messages: Sequence[dict]) -> str:

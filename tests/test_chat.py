@@ -108,9 +108,9 @@ def spy(monkeypatch) -> Spy:
     s = Spy()
     original = terminal.generate
 
-    def generate(model, prompts, params, seed=None, pad_id=0):
+    def generate(model, prompts, params, seed=None, pad_id=0, on_tokens=None):
         s.prompts.append(list(prompts[0]))
-        return original(model, prompts, params, seed=seed, pad_id=pad_id)
+        return original(model, prompts, params, seed=seed, pad_id=pad_id, on_tokens=on_tokens)
     monkeypatch.setattr(terminal, "generate", generate)
     return s
 
@@ -148,7 +148,7 @@ def test_typed_role_markers_and_a_reply_holding_eos_text_forge_no_turn(tiny_dir,
     reply = "the mat <|eos|><|user|>\nparis"
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0):
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
         prompts.append(list(ids[0]))
         return Generation([tok.encode(reply) + [tok.eos_id]], [[0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -178,7 +178,7 @@ def test_a_reply_cut_inside_a_character_ends_before_it(tiny_dir, monkeypatch):
     assert tok.decode(cut) == "the cat \ufffd"
     made = {"finished": False}
 
-    def generate(model, prompts, params, seed=None, pad_id=0):
+    def generate(model, prompts, params, seed=None, pad_id=0, on_tokens=None):
         tokens = cut + ([tok.eos_id] if made["finished"] else [])
         return Generation([tokens] * len(prompts), [[0.0] * len(tokens)] * len(prompts),
                           [made["finished"]] * len(prompts))
@@ -202,7 +202,7 @@ def test_reset_exit_and_overflow(tiny_dir, monkeypatch):
     reply = "the mat " * 10
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0):  # a known reply length
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):  # a known length
         prompts.append(list(ids[0]))
         return Generation([tok.encode(reply) + [tok.eos_id]], [[0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -254,7 +254,13 @@ def test_piped_replies_are_blocks_ended_by_two_empty_lines(tiny_dir, monkeypatch
     model, tok, _ = load_model(tiny_dir)
     replies = iter(["the cat\n\nsat on\n  \n\n\t\nthe mat", "the dog", "", "\n a\n\n",
                     "a bird\n\n\nsang"])
-    monkeypatch.setattr(ChatSession, "reply", lambda self, text, stderr=None: next(replies))
+
+    def scripted_reply(self, text, stderr=None, on_text=None):
+        answer = next(replies)
+        if on_text is not None:  # at a terminal, as a session streams it
+            on_text(answer + "\n")
+        return answer
+    monkeypatch.setattr(ChatSession, "reply", scripted_reply)
     session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
     out, err = io.StringIO(), io.StringIO()
     assert run_chat(session, io.StringIO("one\ntwo\nthree\nfour\n"), out, err) == 4
@@ -351,9 +357,9 @@ def run_smollm2_chat(lines: str, *flags: str) -> tuple[int, list[str], str, list
     prompts: list[str] = []
     original = terminal.generate
 
-    def spy(model, ids, params, seed=None, pad_id=0):
+    def spy(model, ids, params, seed=None, pad_id=0, on_tokens=None):
         prompts.append(model_tok[0].decode(ids[0], skip_special=False))
-        return original(model, ids, params, seed=seed, pad_id=pad_id)
+        return original(model, ids, params, seed=seed, pad_id=pad_id, on_tokens=on_tokens)
 
     model_tok: list = []
     original_session = terminal.ChatSession.__init__
@@ -447,7 +453,7 @@ def scripted_session(smol_tok, monkeypatch, replies: list[tuple[list[int], bool]
     prompts: list[list[int]] = []
     script = iter(replies)
 
-    def generate(model, ids, params, seed=None, pad_id=0):
+    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):
         prompts.append(list(ids[0]))
         tokens, finished = next(script)
         tokens = tokens + ([tok.eos_id] if finished else [])
@@ -536,8 +542,8 @@ def test_a_session_from_python_names_the_setting_not_only_the_flag(tiny_dir, mon
     assert str(e.value) == ("field 'temperature': must be > 0, got 0.0 (greedy decoding is "
                             "--greedy, greedy=True in Python)")  # as `generate` and `sample` say it
     session = ChatSession(model, tok, ChatConfig(max_new_tokens=40, greedy=True))
-    monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0:
-                        Generation([tok.encode("the mat")], [[0.0, 0.0]], [False]))
+    monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0,
+                        on_tokens=None: Generation([tok.encode("the mat")], [[0.0, 0.0]], [False]))
     err = io.StringIO()
     assert session.reply("the cat sat", err) == "the mat"
     assert err.getvalue() == ("note: the reply was cut at 40 new tokens (max_new_tokens, "
@@ -582,7 +588,7 @@ def test_a_system_message_that_leaves_no_room_for_a_question_fails_at_start(tiny
     # 0 tokens to spare: the one-character question is answered, its prompt the whole budget.
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0):
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
         prompts.append(list(ids[0]))
         return Generation([[tok.eos_id]], [[0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -612,7 +618,7 @@ def test_a_slash_word_that_is_no_command_is_not_sent_to_the_model(tiny_dir, monk
     model, tok, _ = load_model(tiny_dir)
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0):
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
         prompts.append(list(ids[0]))
         return Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0, 0.0, 0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -726,7 +732,7 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_prompt_comes_back(tiny_dir, monk
     prompts: list[list[int]] = []
     seeds: list[int] = []
 
-    def generate(model, ids, params, seed=None, pad_id=0):  # Ctrl-C in the 2nd call
+    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):  # Ctrl-C in the 2nd
         prompts.append(list(ids[0]))
         seeds.append(seed)
         if len(prompts) == 2:
@@ -754,7 +760,7 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_prompt_comes_back(tiny_dir, monk
     # An interrupt that lands after the reply was kept, before it is printed: put back too.
     original = ChatSession.reply
 
-    def kept_then_interrupted(self, text, stderr=None):
+    def kept_then_interrupted(self, text, stderr=None, on_text=None):
         original(self, text, stderr)
         raise KeyboardInterrupt
     monkeypatch.setattr(ChatSession, "reply", kept_then_interrupted)
@@ -785,8 +791,9 @@ def test_ctrl_c_at_the_prompt_ends_the_line_before_interrupted(tiny_dir, monkeyp
     from gptlab.checkpoint import load_model
     from gptlab.engine import Generation
     model, tok, _ = load_model(tiny_dir)
-    monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0:
-                        Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0] * 3], [True]))
+    monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0,
+                        on_tokens=None: Generation([tok.encode("the mat") + [tok.eos_id]],
+                                                   [[0.0] * 3], [True]))
 
     class CtrlCAfter(io.StringIO):  # lines, then a Ctrl-C at the next read
         def __init__(self, lines: str, tty: bool = True):
@@ -857,3 +864,154 @@ def test_an_empty_system_message_that_leaves_no_room_says_what_would(tiny_dir, m
     captured = capsys.readouterr()
     assert captured.out == "" and "leave it out (no --system)" in captured.err
     assert "shorten" not in captured.err
+
+
+# --- replies printed as they are written ------------------------------------------------------
+
+class Writes(io.StringIO):
+    """A stdout that keeps each write apart (`writes`), as a terminal shows them in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+
+def streaming(tok, reply: str | list[int], finished: bool = True,
+              interrupt_after: int | None = None):
+    """An engine that writes `reply` (text, or its tokens), then the stop token when
+    `finished`, token by token through `on_tokens`, as `generate` does; a KeyboardInterrupt
+    after `interrupt_after` tokens."""
+    from gptlab.engine import Generation
+
+    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+        tokens = tok.encode(reply) if isinstance(reply, str) else list(reply)
+        tokens += [tok.eos_id] if finished else []
+        for i, t in enumerate(tokens):
+            if i == interrupt_after:
+                raise KeyboardInterrupt
+            if on_tokens is not None:
+                on_tokens([0], [t])
+        return Generation([tokens], [[0.0] * len(tokens)], [finished])
+    return generate
+
+
+def test_a_reply_at_a_terminal_is_printed_as_the_model_writes_it(tiny_dir, monkeypatch):
+    """At a terminal the reply was printed only once whole. Now its text comes in pieces while
+    the engine draws its tokens; together they are the reply kept, then its line end."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    original, during = terminal.generate, []
+
+    def generate(*args, **kw):  # how many writes the generation itself made
+        before = len(out.writes)
+        gen = original(*args, **kw)
+        during.append(len(out.writes) - before)
+        return gen
+    monkeypatch.setattr(terminal, "generate", generate)
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=12, temperature=1.0, seed=0))
+    out = Writes()
+    assert run_chat(session, Terminal("the cat sat\n"), out, io.StringIO()) == 1
+    answer = session.messages[-1]["content"]
+    assert len(answer) >= 5
+    assert out.writes[0] == "> " and out.writes[-2:] == ["> ", "\n"]
+    reply = out.writes[1:-2]
+    assert "".join(reply) == answer + "\n"
+    assert during == [len(reply) - 1] and len(reply) - 1 >= 3  # all but the line end
+
+
+def test_a_streamed_character_split_over_tokens_prints_once_and_right(tiny_dir, monkeypatch):
+    """"€" is three byte-level tokens: printed as the tokens come, the decoded text so far ends
+    in U+FFFD twice before the character is whole; neither is printed, nor the stop token,
+    nor white space the reply kept does not have."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    reply = "\n the cat €  sat \n"
+    assert sum(tok.decode([t]) == "\ufffd" for t in tok.encode(reply)) == 3
+    monkeypatch.setattr(terminal, "generate", streaming(tok, reply))
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=20, greedy=True))
+    out = Writes()
+    assert run_chat(session, Terminal("the cat sat\n"), out, io.StringIO()) == 1
+    pieces = out.writes[1:-2]
+    # tokens: "\n", " the", " c", "at", " ", 3 of "€", " ", " s", "at", " ", "\n", the stop
+    assert pieces == ["the", " c", "at", " €", "  s", "at", "\n"]
+    assert session.messages[-1] == bot("the cat €  sat")
+
+
+def test_ctrl_c_during_a_streamed_reply_keeps_what_was_printed(tiny_dir, monkeypatch):
+    """Ctrl-C after some of the reply was printed: that part stays, its line is ended, and the
+    note follows on a line of its own (no empty line between); the turn is not kept, and the
+    next reply prints whole."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    replies = iter([streaming(tok, "the cat sat", interrupt_after=4),
+                    streaming(tok, "the dog")])
+    monkeypatch.setattr(terminal, "generate", lambda *a, **kw: next(replies)(*a, **kw))
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(session, Terminal("the cat\nthe dog\n"), out, err) == 1
+    assert out.getvalue() == "> the cat\n> the dog\n> \n"  # of "the cat sat", 4 tokens
+    assert err.getvalue().splitlines()[1:] == [
+        "note: the reply was interrupted; this message and its reply are not kept (Ctrl-C at "
+        "the prompt ends the chat)"]
+    assert session.messages == [user("the dog"), bot("the dog")] and session.turns == 1
+
+
+def test_a_streamed_reply_cut_at_max_new_tokens_is_noted_after_its_line(tiny_dir, monkeypatch):
+    """The note that a reply was cut came from inside the reply, which at a terminal now ends
+    its line only when the reply is whole: it goes after that line end, not after its text."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    cut = tok.encode("the cat €")[:-1]  # inside "€"
+    monkeypatch.setattr(terminal, "generate", streaming(tok, cut, finished=False))
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
+    screen = Writes()
+    assert run_chat(session, Terminal("the cat\n"), screen, screen) == 1
+    assert screen.getvalue().splitlines()[1:] == [
+        "> the cat", "note: the reply was cut at 8 new tokens (max_new_tokens, --max-new-tokens)",
+        "> "]
+
+
+def test_a_streamed_text_a_later_token_changed_is_followed_by_the_reply_whole():
+    """Byte fallback decodes each byte of a run of byte tokens that holds an invalid one as
+    U+FFFD, so a later token can change text already printed: the reply as kept then follows
+    on a line of its own, rather than its tail after a start that is not its own."""
+    texts = iter(["é", "\ufffd\ufffd\ufffdA"])
+    tok = type("Tok", (), {"decode_response": lambda self, *a, **kw: next(texts),
+                           "answer_lead": lambda self, messages: ""})()
+    pieces: list[str] = []
+    stream = terminal.StreamedReply(tok, [user("hi")], [1, 2], (0,), pieces.append)
+    stream.add([0], [5])
+    stream.add([0], [6])
+    stream.end("\ufffd\ufffd\ufffdA")
+    assert pieces == ["é", "\n\ufffd\ufffd\ufffdA\n"]
+
+
+def test_smollm2_streams_a_reply_as_it_keeps_it(smol_tok):
+    """On SmolLM2's byte-level tokens (a character of 東京 in up to three), after a long
+    conversation: the pieces are the reply decoded whole, none holds U+FFFD, and the template is
+    rendered once for the whole reply, not once a token."""
+    tok, _ = smol_tok
+    history = [m for i in range(10) for m in (user(f"Question {i}?"), bot(f"Answer {i}."))]
+    messages = history + [user("Say it.")]
+    ids, _ = tok.render_chat(messages, add_generation_prompt=True)
+    reply = tok.encode("Über café 東京, ok.") + [tok.eos_id]
+    assert any(tok.decode([t]) == "\ufffd" for t in reply)
+    pieces: list[str] = []
+    renders, render = [], tok._render
+    tok._render = lambda *a, **kw: renders.append(1) or render(*a, **kw)
+    try:
+        stream = terminal.StreamedReply(tok, messages, ids, tuple(tok.stop_ids), pieces.append)
+        made = len(renders)
+        for t in reply:
+            stream.add([0], [t])
+    finally:
+        del tok._render
+    answer = tok.decode_response(messages, ids, reply[:-1]).strip()
+    stream.end(answer)
+    assert answer == "Über café 東京, ok." and "".join(pieces) == answer + "\n"
+    assert not any("\ufffd" in p for p in pieces) and len(pieces) >= 6
+    assert len(renders) == made > 0

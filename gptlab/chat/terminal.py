@@ -10,8 +10,9 @@ stdout; notes (dropped turns, a turn that cannot fit) go to stderr, so `printf '
 gptlab chat --model M --greedy` prints just the answer. From a pipe (stdin no terminal) each
 reply ends with two empty lines, and has never two in a row inside (`reply_block`): a script
 tells replies apart. An empty or whitespace-only line is no message: it is not answered.
-At a terminal, Ctrl-C during a reply stops it and the prompt comes back (neither the message
-nor its reply is kept); Ctrl-C at the prompt, or from a pipe, ends the chat.
+At a terminal a reply is printed as the model writes it, and Ctrl-C during a reply stops it
+and the prompt comes back (what was printed stays; neither the message nor its reply is kept);
+Ctrl-C at the prompt, or from a pipe, ends the chat.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import torch
 
@@ -36,6 +37,10 @@ COMMANDS = {"/exit": "quit (end of input does too)", "/reset": "forget the conve
 # What reads as a command: a typo of one ("/quit", "/Exit") must not become a question to the
 # model (and a turn of the history); a path such as "/etc/hosts ..." is still a message.
 _COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
+# The prompt's last tokens a streamed reply is decoded after: what a reply adds to its
+# prompt's text depends on the seam (a SentencePiece "▁" after it), and decoding the whole
+# prompt at every token would cost as much per token as the conversation is long.
+_SEAM = 16
 
 
 @dataclass
@@ -138,9 +143,13 @@ class ChatSession:
         generation prompt."""
         return len(self.tok.render_chat(messages, add_generation_prompt=True)[0])
 
-    def reply(self, text: str, stderr: TextIO | None = None) -> str:
+    def reply(self, text: str, stderr: TextIO | None = None,
+              on_text: Callable[[str], None] | None = None) -> str:
         """Answer one user message; the history keeps the turn. A message that cannot fit even
-        alone raises `TurnTooLong` and leaves the history as it was."""
+        alone raises `TurnTooLong` and leaves the history as it was. `on_text` gets the reply
+        while it is written, as a terminal shows it: its text in pieces, each as soon as no
+        later token can change it (`StreamedReply`), then its line end; a note that the reply
+        was cut follows that."""
         stderr = stderr or sys.stderr
         kept, dropped = fit_messages(self.messages + [{"role": "user", "content": text}],
                                      self.count_tokens, self.budget, self.more_room)
@@ -148,30 +157,74 @@ class ChatSession:
             print(f"note: the conversation outgrew the context of {self.context} tokens: "
                   f"dropped the oldest {dropped} turn{'s' if dropped > 1 else ''}", file=stderr)
         ids, _ = self.tok.render_chat(kept, add_generation_prompt=True)
+        stream = None if on_text is None else StreamedReply(self.tok, kept, ids,
+                                                            self.params.stop_ids, on_text)
         # A new seed per turn: a seeded session is reproducible, yet turns are not correlated.
         gen = generate(self.model, [ids], self.params, seed=self.cfg.seed + self.turns,
-                       pad_id=self.tok.pad_id)
+                       pad_id=self.tok.pad_id, on_tokens=None if stream is None else stream.add)
         tokens = gen.tokens[0]
         if gen.finished[0]:
             # the end-of-turn token; the template writes its own
             answer = self.tok.decode_response(kept, ids, tokens[:-1]).strip()
         else:
-            print(f"note: the reply was cut at {self.cfg.max_new_tokens} new tokens "
-                  f"(max_new_tokens, --max-new-tokens)", file=stderr)
             # no half a character at the cut
             answer = self.tok.decode_response(kept, ids, tokens, cut=True).strip()
+        if stream is not None:
+            stream.end(answer)
+        if not gen.finished[0]:
+            print(f"note: the reply was cut at {self.cfg.max_new_tokens} new tokens "
+                  f"(max_new_tokens, --max-new-tokens)", file=stderr)
         # The dropped turns are gone for good: they are reported once, not at every turn.
         self.messages = kept + [{"role": "assistant", "content": answer}]
         self.turns += 1
         return answer
 
 
+class StreamedReply:
+    """A reply's text handed to `on_text` while its tokens come (`generate`'s `on_tokens` is
+    `add`): only text no later token can change. A character whose bytes span tokens waits
+    for its last one, rather than showing as U+FFFD first; the stop token is not text; white
+    space at the reply's start, and so far at its end, waits too, as the reply kept has none.
+    `end` hands the rest of the reply as kept, then its line end: the pieces together are the
+    reply and "\\n"."""
+
+    def __init__(self, tok: Any, messages: list[dict], prompt_ids: list[int],
+                 stop_ids: tuple[int, ...], on_text: Callable[[str], None]):
+        self.tok, self.messages, self.on_text = tok, messages, on_text
+        self.seam, self.stop_ids = list(prompt_ids[-_SEAM:]), set(stop_ids)
+        self.lead = tok.answer_lead(messages)  # the template's, rendered once
+        self.ids: list[int] = []
+        self.given = ""
+
+    def add(self, rows: list[int], tokens: list[int]) -> None:
+        """The engine's `on_tokens` for a generation of one prompt."""
+        self.ids += [t for t in tokens if t not in self.stop_ids]
+        # As the reply is decoded at the end, with a last character the tokens split left out.
+        text = self.tok.decode_response(self.messages, self.seam, self.ids, cut=True,
+                                        lead=self.lead).strip()
+        if len(text) > len(self.given) and text.startswith(self.given):
+            self._give(text[len(self.given):])
+
+    def end(self, answer: str) -> None:
+        """The rest of `answer`, the reply as kept, and its line end. Where a later token
+        changed text already handed on (invalid bytes: byte fallback decodes each byte of a
+        run that holds one as U+FFFD), the reply follows whole, on a line of its own."""
+        rest = answer[len(self.given):] if answer.startswith(self.given) else "\n" + answer
+        self._give(rest + "\n")
+
+    def _give(self, text: str) -> None:
+        self.given += text
+        self.on_text(text)
+
+
 def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
              stderr: TextIO | None = None) -> int:
     """Read user lines until end of input or /exit; returns the number of turns answered.
-    At a terminal a KeyboardInterrupt during a reply drops that turn and reads the next line;
-    at the prompt, or from a pipe, it is raised. The streams default to sys.stdin / stdout /
-    stderr as they are at call time."""
+    At a terminal each reply is printed as it is written, and a KeyboardInterrupt during a
+    reply drops that turn (what was printed of it stays) and reads the next line; at the
+    prompt, or from a pipe, it is raised. From a pipe each reply is printed whole, as a block
+    (`reply_block`). The streams default to sys.stdin / stdout / stderr as they are at call
+    time."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     stderr = stderr or sys.stderr
     interactive = stdin.isatty()
@@ -181,6 +234,12 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
         # Bytes that are not UTF-8 then arrive as lone surrogates in their own line, which
         # check_text names, instead of failing a read that may span many lines.
         stdin.reconfigure(errors="surrogateescape")
+    shown: list[str] = []  # what the reply being written has put on stdout
+
+    def show(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+        shown.append(piece)
     answered = 0
     lineno = 0
     while True:
@@ -225,8 +284,9 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             continue
         # As it was before this line: a Ctrl-C during the reply puts the session back here.
         messages, turns = session.messages, session.turns
+        shown.clear()
         try:
-            answer = session.reply(text, stderr)
+            answer = session.reply(text, stderr, on_text=show if interactive else None)
         except KeyboardInterrupt:
             if not interactive:  # a script's Ctrl-C (or kill -INT) stops the chat, as before
                 raise
@@ -235,17 +295,22 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             # row, which some templates refuse; and the session is as if the line was never
             # typed (same seed for the next turn), so it can be asked again or rephrased.
             session.messages, session.turns = messages, turns
-            print("\nnote: the reply was interrupted; this message and its reply are not kept "
-                  "(Ctrl-C at the prompt ends the chat)", file=stderr, flush=True)
+            # What was printed of the reply stays; the note starts a line of its own (after
+            # the terminal's "^C").
+            open_line = bool(shown) and not shown[-1].endswith("\n")
+            if open_line:
+                stdout.write("\n")
+                stdout.flush()
+            print(("" if open_line else "\n") + "note: the reply was interrupted; this message "
+                  "and its reply are not kept (Ctrl-C at the prompt ends the chat)", file=stderr,
+                  flush=True)
             continue
         except TurnTooLong as e:
             print(f"error: {e}; this message was skipped", file=stderr)
             if not interactive:
                 print(reply_block(""), end="", file=stdout, flush=True)
             continue
-        if interactive:
-            print(answer, file=stdout, flush=True)
-        else:
+        if not interactive:  # at a terminal, `show` has printed the reply
             print(reply_block(answer), end="", file=stdout, flush=True)
         answered += 1
     return answered
