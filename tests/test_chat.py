@@ -1015,3 +1015,31 @@ def test_smollm2_streams_a_reply_as_it_keeps_it(smol_tok):
     assert answer == "Über café 東京, ok." and "".join(pieces) == answer + "\n"
     assert not any("\ufffd" in p for p in pieces) and len(pieces) >= 6
     assert len(renders) == made > 0
+
+
+@pytest.mark.parametrize("stdin_type", [io.StringIO, Terminal])
+def test_a_lone_cr_ends_a_line_as_in_the_files_gptlab_reads(tiny_dir, monkeypatch, stdin_type):
+    """A line read from stdin ended at \\n only: a classic Mac OS text piped in (lone \\r line
+    ends) was one question holding carriage returns. A line now ends at \\n, \\r\\n or a lone
+    \\r, as a corpus's .txt does (`utf8_lines`); the lines are numbered so in errors."""
+    from gptlab.checkpoint import load_model
+    from gptlab.engine import Generation
+    model, tok, _ = load_model(tiny_dir)
+    prompts: list[list[int]] = []
+
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+        prompts.append(list(ids[0]))
+        return Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0] * 3], [True])
+    monkeypatch.setattr(terminal, "generate", fixed_reply)
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
+    out = io.StringIO()
+    stdin = stdin_type("the cat\rthe dog\r\n\r/reset\ra bird\r\r\nsang")
+    assert run_chat(session, stdin, out, io.StringIO()) == 4
+    assert [m["content"] for m in session.messages] == ["a bird", "the mat", "sang", "the mat"]
+    assert prompts[1] == tok.render_chat([user("the cat"), bot("the mat"), user("the dog")],
+                                         add_generation_prompt=True)[0]
+    if stdin_type is io.StringIO:
+        assert blocks(out.getvalue()) == [["the mat"]] * 4
+    with pytest.raises(UserError) as e:
+        run_chat(session, stdin_type("the cat\rh\udcffi\n"), io.StringIO(), io.StringIO())
+    assert str(e.value).startswith("<stdin>:2: not UTF-8 text")

@@ -37,6 +37,9 @@ COMMANDS = {"/exit": "quit (end of input does too)", "/reset": "forget the conve
 # What reads as a command: a typo of one ("/quit", "/Exit") must not become a question to the
 # model (and a turn of the history); a path such as "/etc/hosts ..." is still a message.
 _COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
+# Where a line of input ends: as in the text files gptlab reads (`utf8_lines`), Python's
+# universal newlines, at \n, \r\n or a lone \r (a classic Mac OS text piped in).
+_LINE_END = re.compile(r"\r\n|\r|\n")
 # The prompt's last tokens a streamed reply is decoded after: what a reply adds to its
 # prompt's text depends on the seam (a SentencePiece "▁" after it), and decoding the whole
 # prompt at every token would cost as much per token as the conversation is long.
@@ -220,11 +223,11 @@ class StreamedReply:
 def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
              stderr: TextIO | None = None) -> int:
     """Read user lines until end of input or /exit; returns the number of turns answered.
-    At a terminal each reply is printed as it is written, and a KeyboardInterrupt during a
-    reply drops that turn (what was printed of it stays) and reads the next line; at the
-    prompt, or from a pipe, it is raised. From a pipe each reply is printed whole, as a block
-    (`reply_block`). The streams default to sys.stdin / stdout / stderr as they are at call
-    time."""
+    A line ends at \\n, \\r\\n or a lone \\r, piped or typed. At a terminal each reply is
+    printed as it is written, and a KeyboardInterrupt during a reply drops that turn (what was
+    printed of it stays) and reads the next line; at the prompt, or from a pipe, it is raised.
+    From a pipe each reply is printed whole, as a block (`reply_block`). The streams default
+    to sys.stdin / stdout / stderr as they are at call time."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     stderr = stderr or sys.stderr
     interactive = stdin.isatty()
@@ -242,28 +245,36 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
         shown.append(piece)
     answered = 0
     lineno = 0
+    # Lines read and not yet answered: stdin's readline ends a line at \n only, so what it
+    # returns can hold more than one (a lone \r inside).
+    pending: list[str] = []
     while True:
+        if not pending:
+            try:
+                if interactive:
+                    stdout.write("> ")
+                    stdout.flush()
+                read = stdin.readline()
+            except UnicodeDecodeError as e:
+                raise UserError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} cannot be "
+                                f"decoded", path="<stdin>") from None
+            except KeyboardInterrupt:
+                if interactive:  # Ctrl-C at the prompt: "interrupted" not after "> "
+                    stdout.write("\n")
+                    stdout.flush()
+                raise
+            if not read:  # end of input
+                if interactive:  # Ctrl-D: leave the terminal on a fresh line, not after "> "
+                    stdout.write("\n")
+                    stdout.flush()
+                break
+            pending = _LINE_END.split(read)
+            if not pending[-1]:  # nothing after the last line end
+                pending.pop()
+        line = pending.pop(0)
         lineno += 1
         try:
-            if interactive:
-                stdout.write("> ")
-                stdout.flush()
-            line = stdin.readline()
-        except UnicodeDecodeError as e:
-            raise UserError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} cannot be decoded",
-                            path="<stdin>") from None
-        except KeyboardInterrupt:
-            if interactive:  # Ctrl-C at the prompt: the caller's "interrupted" not after "> "
-                stdout.write("\n")
-                stdout.flush()
-            raise
-        if not line:  # end of input
-            if interactive:  # Ctrl-D: leave the terminal on a fresh line, not after "> "
-                stdout.write("\n")
-                stdout.flush()
-            break
-        try:
-            text = check_text(line.rstrip("\r\n"))
+            text = check_text(line)
         except UserError as e:
             raise e.at("<stdin>", lineno) from None
         command = text.strip()
