@@ -693,3 +693,37 @@ def test_the_ppo_legend_is_below_the_panels_not_on_a_curve(tmp_path):
     assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
     for ax in fig.axes:  # below every panel, its tick labels and axis label included
         assert box.y1 <= ax.get_tightbbox(renderer).y0
+
+
+def test_the_reward_model_legends_are_below_their_panels_not_on_the_data(tmp_path):
+    # The top panel's legend sat in its lower left corner, on the chance line, where a lower
+    # bound under 0.6 would have put round 1's error bar; the bottom one's, upper left, where a
+    # high step-0 accuracy would be.
+    from gptlab.eval.report import plot_rm_accuracy
+    fake_run(tmp_path)
+    write_rows(tmp_path / "round-1" / "reward" / "metrics.jsonl",
+               [{"step": 0, "pairwise_acc": 0.95}, {"step": 10, "pairwise_acc": 0.2}])
+    results = full_results()
+    results["rm_pairwise_acc_ci95_per_round"] = [[0.3, 0.95], [0.5, 0.9]]
+    fig = plot_rm_accuracy(tmp_path, results)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    top, bottom = fig.axes
+    assert top.get_legend() is None and bottom.get_legend() is None
+    legends = [legend for sub in fig.subfigs for legend in sub.legends]
+    assert [[t.get_text() for t in legend.get_texts()] for legend in legends] == [
+        ["judged by the noise-free labeler (95% interval)", "judged by the labelers' own rankings"],
+        ["round 1", "round 2"]]
+    for legend, ax in zip(legends, (top, bottom)):
+        box = legend.get_window_extent(renderer)
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+        assert box.y1 <= ax.get_tightbbox(renderer).y0  # under its panel, axis label included
+        assert not any(box.overlaps(other.get_tightbbox(renderer)) for other in fig.axes)
+    # A single panel keeps its legend below it too.
+    del results["rm_pairwise_acc_per_round"]
+    fig = plot_rm_accuracy(tmp_path, results)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    (legend,) = fig.subfigs[0].legends
+    box = legend.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.contains(box.x0, box.y0) and box.y1 <= ax.get_tightbbox().y0

@@ -102,12 +102,26 @@ def rounds_reported(results: dict) -> int | None:
 
 # ---------------------------------------------------------------------------- plots
 
-def new_figure(height: float = 3.2, panels: int = 1) -> tuple[Figure, list[Any]]:
+def new_figure(height: float = 3.2, panels: int = 1,
+               own_legends: bool = False) -> tuple[Figure, list[Any]]:
+    """A figure of `panels` stacked axes; with `own_legends`, each in a subfigure of its own,
+    for `legend_below` to give it a legend under it."""
     # A bare Figure on an Agg canvas: no pyplot state, whatever backend the process has.
     fig = Figure(figsize=(6.4, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
+    if own_legends:
+        axes = [sub.add_subplot() for sub in fig.subfigures(panels, 1, squeeze=False).ravel()]
+    else:
+        axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
     return fig, axes
+
+
+def legend_below(ax: Any, ncols: int | None = None) -> None:
+    """The legend of `ax` (in a figure of `own_legends`) under it, its tick labels and axis
+    label, in `ncols` columns (all in one row by default): inside, a legend sits where some
+    data can be (a round's accuracy, the chance line)."""
+    handles, labels = ax.get_legend_handles_labels()
+    ax.figure.legend(handles, labels, loc="outside lower center", ncols=ncols or len(handles))
 
 
 # Fewer points than this are drawn unjoined: a line between a reward model's only two
@@ -191,8 +205,8 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
     per_round, curves = rm_accuracy_data(run_dir, results)
     if not per_round and not curves:
         return None
-    fig, axes = new_figure(5.6 if per_round and curves else 3.2,
-                           int(bool(per_round)) + int(bool(curves)))
+    fig, axes = new_figure(6.4 if per_round and curves else 3.6,
+                           int(bool(per_round)) + int(bool(curves)), own_legends=True)
     if per_round:
         ax = axes[0]
         rounds, accs = zip(*per_round)
@@ -214,8 +228,8 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
             ax.plot([r + 0.04 for r, _ in labelers], [a for _, a in labelers],
                     marker_style(len(labelers), "s", "--"),
                     label="judged by the labelers' own rankings")
-        if labelers or shown:
-            ax.legend()
+        if labelers or shown:  # one a row: side by side, they are wider than the figure
+            legend_below(ax, ncols=1)
         ax.set(title="Reward model: held-out pairwise accuracy per round", xlabel="round",
                ylabel="pairwise accuracy", xticks=list(rounds))
         ax.axhline(0.5, color="grey", ls=":", lw=1)  # chance for a pair
@@ -228,7 +242,7 @@ def plot_rm_accuracy(run_dir: Path, results: dict) -> Figure | None:
                      "labelers' own held-out rankings)", xlabel="step (0: before training)",
                ylabel="pairwise accuracy")
         ax.axhline(0.5, color="grey", ls=":", lw=1)
-        ax.legend()
+        legend_below(ax)
         ax.grid(alpha=0.3)
     return fig
 
