@@ -123,7 +123,7 @@ def test_markdown_exec_table_and_deltas(full_report):
     assert "+0.095, 95% CI [−0.020, +0.210]: the interval includes 0" in md
     assert "Win rate of PPO over SFT (among answers of one verdict, the shorter wins): 0.640" in md
     assert "Win rate of PPO over SFT by verdict alone (answers of one verdict tie): 0.620" in md
-    assert "(nats, sampled at T = 1): 1.2345" in md
+    assert "(nats, sampled at T = 1): 1.23\n" in md
     assert "perplexity, SFT: 21.46" in md and "perplexity, PPO: 22.50" in md
     assert ("round 1: 0.700, 95% CI [0.550, 0.850] (28 held-out rankings, 40 pairs; 0.650 by the "
             "labelers' rankings), "
@@ -727,3 +727,17 @@ def test_the_reward_model_legends_are_below_their_panels_not_on_the_data(tmp_pat
     (legend,) = fig.subfigs[0].legends
     box = legend.get_window_extent(fig.canvas.get_renderer())
     assert fig.bbox.contains(box.x0, box.y0) and box.y1 <= ax.get_tightbbox().y0
+
+
+def test_the_kl_is_shown_to_three_significant_digits_as_an_estimate(tmp_path):
+    # A sampled estimate read 0.6362, four decimals no sample of 600 answers measures.
+    from gptlab.eval.report import build_content
+    what = "KL(PPO ‖ SFT) per response (nats, sampled at T = 1)"
+    cases = {0.6362: "0.636", 1.2345: "1.23", 12.345: "12.3", 0.01234: "0.0123",
+             -0.0123: "−0.0123", 0.0: "0.00", None: "n/a", math.nan: "nan"}
+    results = full_results()
+    got = {}
+    for kl in cases:
+        results["kl_ppo_vs_sft"] = kl
+        got[kl] = dict(build_content(tmp_path, results, {}).headlines)[what]
+    assert got == cases
