@@ -548,9 +548,9 @@ def test_the_ppo_caption_says_why_a_step_s_kl_can_be_below_zero(tmp_path):
     write_report(tmp_path, full_results())
     note = ("(the headline KL is at T = 1). The KL is below 0 on 2 of 9 steps: each step's is "
             "estimated from its sampled responses (k1, the mean log-ratio of their tokens), "
-            "which can fall below 0 though the KL itself cannot](plots/ppo_reward_kl.png)")
+            "which can fall below 0 though the KL itself cannot.](plots/ppo_reward_kl.png)")
     assert note in (tmp_path / "report.md").read_text()
-    assert "which can fall below 0 though the KL itself cannot</figcaption>" in \
+    assert "which can fall below 0 though the KL itself cannot.</figcaption>" in \
         (tmp_path / "report.html").read_text()
 
 
@@ -640,7 +640,7 @@ def test_pretraining_validation_evaluations_are_points_and_the_caption_says_when
     write_report(tmp_path, full_results())
     caption = ("Pretraining: the training loss of a single step's batch, every 10 steps from "
                "step 10 (the line); the validation loss at each of its 2 evaluations, every 20 "
-               "steps from step 0 (circles, unjoined: fewer than 3 evaluations are no trend)")
+               "steps from step 0 (circles, unjoined: fewer than 3 evaluations are no trend).")
     assert f"![{caption}](plots/pretrain_loss.png)" in (tmp_path / "report.md").read_text()
     assert f"<figcaption>{caption.replace(chr(39), '&#39;')}</figcaption>" in \
         (tmp_path / "report.html").read_text()
@@ -657,7 +657,7 @@ def test_pretraining_validation_evaluations_are_points_and_the_caption_says_when
         assert val.get_linestyle() == ":" and val.get_linewidth() < train.get_linewidth()
         assert pretrain_loss_caption(tmp_path).endswith(
             f"the validation loss at each of its {len(val_steps)} evaluations{when} (circles, "
-            "joined by a dotted line only as a guide: nothing was measured between them)")
+            "joined by a dotted line only as a guide: nothing was measured between them).")
 
 
 def test_negative_figures_use_the_typographic_minus_in_both_documents(tmp_path):
@@ -741,3 +741,22 @@ def test_the_kl_is_shown_to_three_significant_digits_as_an_estimate(tmp_path):
         results["kl_ppo_vs_sft"] = kl
         got[kl] = dict(build_content(tmp_path, results, {}).headlines)[what]
     assert got == cases
+
+
+def test_every_plot_caption_ends_as_a_sentence_does(tmp_path):
+    # The reward-model caption ended with a period; the pretraining, PPO and execution-accuracy
+    # ones did not, the PPO one not after its note on a KL below 0 either.
+    fake_run(tmp_path)
+    write_rows(tmp_path / "round-1" / "ppo" / "metrics.jsonl",
+               [{"step": s, "reward": 0.1, "kl": k} for s, k in ((1, -0.02), (2, 0.05))])
+    write_report(tmp_path, full_results())
+    md = (tmp_path / "report.md").read_text()
+    captions = dict((name, caption) for caption, name in
+                    re.findall(r"!\[([^]]*)\]\(plots/(\w+)\.png\)", md))
+    assert sorted(captions) == ["exec_accuracy", "ppo_reward_kl", "pretrain_loss", "rm_accuracy"]
+    assert "The KL is below 0 on 1 of 7 steps" in captions["ppo_reward_kl"]
+    for caption in captions.values():
+        assert caption.endswith(".") and not caption.endswith(".."), caption
+    html = (tmp_path / "report.html").read_text()
+    assert [c.replace("&#39;", "'") for c in re.findall(r"<figcaption>(.*?)</figcaption>", html)] \
+        == list(captions.values())

@@ -182,7 +182,7 @@ def pretrain_loss_caption(run_dir: Path) -> str:
                   else f" unjoined: fewer than {MIN_POINTS_JOINED} evaluations are no trend")
         parts.append(f"the validation loss at each of its {len(val_steps)} evaluations"
                      f"{every(val_steps)} (circles,{joined})")
-    return "Pretraining: " + "; ".join(parts)
+    return "Pretraining: " + "; ".join(parts) + "."
 
 
 def numbers_per_round(results: dict, key: str) -> list[tuple[int, float]]:
@@ -625,7 +625,7 @@ PPO_CAPTION = ("PPO, step by step through the rounds (a dotted line where a roun
                "KL penalty (each round has its own reward model, so scores do not compare "
                "across rounds); bottom, the policy's KL from SFT, summed over a response's "
                "tokens and averaged, at PPO's sampling temperature (the headline KL is at "
-               "T = 1)")
+               "T = 1).")
 
 
 def ppo_caption(run_dir: Path, rounds: int | None = None) -> str:
@@ -634,14 +634,14 @@ def ppo_caption(run_dir: Path, rounds: int | None = None) -> str:
     below = sum(k < 0 for k in kls)
     if not below:
         return PPO_CAPTION
-    return (PPO_CAPTION + f". The KL is below 0 on {below} of {len(kls)} steps: each step's is "
+    return (PPO_CAPTION + f" The KL is below 0 on {below} of {len(kls)} steps: each step's is "
             "estimated from its sampled responses (k1, the mean log-ratio of their tokens), "
-            "which can fall below 0 though the KL itself cannot")
+            "which can fall below 0 though the KL itself cannot.")
 
 
 PLOT_CAPTIONS = {
     "exec_accuracy": ("Execution accuracy by model (all questions and unseen phrasing), each "
-                      "bar labelled with its share: 0.000 was measured, n/a was not"),
+                      "bar labelled with its share: 0.000 was measured, n/a was not."),
 }
 
 
