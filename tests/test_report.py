@@ -760,3 +760,14 @@ def test_every_plot_caption_ends_as_a_sentence_does(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert [c.replace("&#39;", "'") for c in re.findall(r"<figcaption>(.*?)</figcaption>", html)] \
         == list(captions.values())
+
+
+def test_a_sample_s_id_stays_on_one_line_in_the_html(tmp_path):
+    # The id column, the narrowest, wrapped "s0-test-00001" at its hyphens over three lines.
+    results = full_results()
+    results["samples"][0]["id"] = "s0-test-00001"
+    write_report(tmp_path, results)
+    html = (tmp_path / "report.html").read_text()
+    assert "td.id { white-space: nowrap; }" in html
+    ids = re.findall(r"<tr><td( class=\"id\")?>([^<]*)</td><td>", html)
+    assert ids == [(' class="id"', i) for i in ["s0-test-00001"] + [f"q{n}" for n in range(2, 11)]]

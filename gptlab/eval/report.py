@@ -851,6 +851,7 @@ table { border-collapse: collapse; margin: 1rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; vertical-align: top; }
 th { background: #f2f2f2; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.id { white-space: nowrap; }
 code { font-size: 0.9em; background: #f6f6f6; padding: 0 0.2rem; }
 .ok { color: #1a7f37; } .bad { color: #b42318; }
 figure { margin: 1rem 0; } img { max-width: 100%; }
@@ -893,7 +894,7 @@ figure { margin: 1rem 0; } img { max-width: 100%; }
 <table>
 <tr><th>id</th><th>question</th><th>gold</th><th>SFT</th><th>PPO</th></tr>
 {% for s in c.samples %}
-<tr><td>{{ s.id }}</td><td>{{ s.question }}</td><td><code>{{ s.gold }}</code></td>
+<tr><td class="id">{{ s.id }}</td><td>{{ s.question }}</td><td><code>{{ s.gold }}</code></td>
 <td>{{ verdict(s.sft_correct) }} <code>{{ s.sft }}</code></td>
 <td>{{ verdict(s.ppo_correct) }} <code>{{ s.ppo }}</code></td></tr>
 {% endfor %}
