@@ -760,3 +760,18 @@ def test_a_preset_the_models_section_lists_that_is_gone_is_caught():
     text = "\n## Models\n\n| preset | shape |\n|---|---|\n| `a`, `b` | x |\n| `c` … `e` | y |\n"
     assert listed_presets(text, ["a", "b", "c", "d", "e"]) == ["a", "b", "c", "d", "e"]
     assert listed_presets(text.replace("`b`", "`gone`"), list("abcde")) != list("abcde")
+
+
+def test_the_evaluation_s_module_docstrings_say_what_the_modules_do_now():
+    # stats' said "Paired comparisons of two models on the same questions.", though the reward
+    # model's interval is its clustered_rate; report's that any missing value reads n/a, though
+    # an unset setting reads what it means, and it named neither corpus_ppl_pretrained, a line
+    # only some report.json files have, nor the reward-model plot's intervals.
+    from gptlab.eval import report, stats
+    spans = set(re.findall(r"`([^`]+)`", stats.__doc__))
+    assert {"paired_delta", "t_975", "sign_test", "clustered_rate"} <= spans
+    assert "Student's t" in stats.__doc__ and "fixed seed" in stats.__doc__
+    spans = set(re.findall(r"`([^`]+)`", report.__doc__))
+    assert {"UNSET_MEANS", "corpus_ppl_pretrained", "stats.clustered_rate"} <= spans
+    assert 'A result that is None (a stage that did not run) reads "n/a"' in \
+        " ".join(report.__doc__.split())

@@ -3,10 +3,14 @@
 `write_report(run_dir, results)` reads the stages' metrics.jsonl files under the run directory
 (pretrain/, round-{r}/reward/, round-{r}/ppo/) for the curves and `results` for the numbers.
 Both documents are rendered from one `ReportContent`, so the Markdown and the HTML page always
-say the same thing. Any result may be None (a stage that did not run) and reads "n/a"; a plot
-whose data is missing is left out. A NaN or an infinity (a diverged model's KL) reads nan or inf;
-report.json, strict JSON, holds it as null named in its `non_finite` field, which `read_report`
-(and `read_metric_rows`, for metrics.jsonl) turns back into the float.
+say the same thing. A result that is None (a stage that did not run) reads "n/a"; a setting
+left unset (null) reads what that means (world built-in, eval_limit all: `UNSET_MEANS`); a
+figure a report.json of an earlier version lacks (`corpus_ppl_pretrained`) has no line; a plot
+whose data is missing is left out. The reward-model plot draws each round's held-out accuracy
+with its 95% interval, the prompts as the draws (`stats.clustered_rate`). A NaN or an infinity
+(a diverged model's KL) reads nan or inf; report.json, strict JSON, holds it as null named in
+its `non_finite` field, which `read_report` (and `read_metric_rows`, for metrics.jsonl) turns
+back into the float.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Paired comparisons of two models on the same questions."""
+"""The evaluation's intervals and tests. Two models on the same questions: `paired_delta`, the
+mean difference with a 95% interval from Student's t (`t_975`) and the exact `sign_test` on the
+questions only one answers right. A rate over clustered draws: `clustered_rate`, a reward
+model's pairwise accuracy with the prompts, not the pairs, as the draws, its 95% interval a
+cluster bootstrap with a fixed seed (the same on every machine) and a Wilson floor."""
 from __future__ import annotations
 
 import math
