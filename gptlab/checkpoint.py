@@ -2,14 +2,27 @@
 
 A model directory is `config.json` (with `"format": "gptlab/1"`, so it is never mistaken for a
 Hugging Face directory; a NaN or an infinity in it is null, named in its `non_finite` field) +
-`model.safetensors` + the tokenizer files. Training checkpoints live in
-`RUN/checkpoints/step-N/`: each is written in full under a temporary name, its manifest (sha256
-of every file) last, flushed to the disk, then renamed into place; `checkpoints/latest` is
-replaced atomically after that. A reader therefore never sees a partial checkpoint, and the
-previous one stays usable until the new one is complete. The temporary copy
-(`.step-N.<random>.tmp`, held by its writer as `gptlab.io`'s temporaries are) is no `step-N`:
-never a checkpoint; a killed save's is removed by the next save. An old checkpoint is renamed
-to such a copy before it is removed, so a kill midway leaves none with part of its files.
+`model.safetensors` + the tokenizer files. `save_model` writes each file atomically and config.json
+last, and over an existing model directory takes its config.json away first: a killed save leaves
+no config.json, never its new weights under the old one (another step, another validation loss).
+`replace_model` writes a directory saved again and again (SFT's best) whole beside the old one,
+then swaps the two.
+
+Training checkpoints live in `RUN/checkpoints/step-N/`: each is written in full under a temporary
+name, its manifest (sha256 of every file) last, flushed to the disk, then renamed into place;
+`checkpoints/latest` is replaced atomically after that. A reader therefore never sees a partial
+checkpoint, and the previous one stays usable until the new one is complete. The temporary copy
+(`.step-N.<random>.tmp`, held by its writer as `gptlab.io`'s temporaries are) is no `step-N`: never
+a checkpoint; a killed save's is removed by the next save or by a resume (`Checkpointer.load`).
+
+The manifest also numbers each save (`save`: the order the checkpoints were written in) and records
+the CPU thread count the run computed on (`threads`, which a resume on another count is told of). A
+`latest` that is lost, or names no complete checkpoint, falls back to the checkpoint written last,
+not the highest step: after a resume from an earlier checkpoint, that can be the line of the run
+that was abandoned. The last `keep` checkpoints are kept, counted only up to the step just saved
+(later ones are another line of the run, and stay). An old checkpoint is renamed aside to a hidden
+copy like a save's before it is removed (`remove_dir`), so a kill midway leaves none with part of
+its files; one that cannot be renamed stays whole, with a warning, for a later save to remove.
 
 A training stage's model says which in config.json's `stage`: `pretrain`, `sft`, `reward`, `ppo`,
 or `value`, PPO's value model, a scalar head like a reward model's that predicts returns once
@@ -547,7 +560,7 @@ class Checkpointer:
                 manifest = {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}
                 # `save` numbers the saves in the order they were written, which `latest`
                 # falls back on; `threads`, the CPU threads this run computed on, which a
-                # resume on another count is told of (`checkpoint_threads`).
+                # resume on another count is told of (`note_other_threads`).
                 saves = [_manifest_field(p, "save") or 0 for p in _step_dirs(self.dir).values()]
                 # Written (and flushed) last: the names of every file above are on the disk.
                 write_json_atomic(tmp / "manifest.json", {
