@@ -20,8 +20,8 @@ it up to and including the first end-of-turn token (`<|eos|>`, `<|im_end|>`, ...
 token, that is a special token or an added token written `<...>` that is not marked special,
 or EOS or another of the `end_ids`), and on template text between the answer's generation
 prompt and its content, which the model writes (Llama 2's " " after "[/INST]": it has no
-generation prompt), 0 everywhere else: the tokens SFT trains on. A user who types "<|eos|>" must get
-ordinary tokens, not the special one: when special-token text appears inside a message,
+generation prompt), 0 everywhere else: the tokens SFT trains on. A user who types "<|eos|>"
+must get ordinary tokens, not the special one: when special-token text appears inside a message,
 template text and contents are tokenized apart instead, contents with special-token parsing
 off (under a SentencePiece tokenizer that puts "▁" before a text, each run of text between the
 template's special tokens is tokenized whole, as transformers splits the text there). The
@@ -36,6 +36,19 @@ first characters merge with the prompt's last ones across the seam gets no "▁"
 (`encode_continuation`); a sampled response is decoded as its prompt's continuation
 (`decode_response`), the text that encodes back to its tokens. Byte-level BPE writes a text as
 it is: for it these are `encode` and `decode`.
+
+Training and saving. `train_tokenizer` learns a word longer than `LONGEST_TRAINED_WORD` (1,024
+bytes) in pieces of that length: the trainer's time is quadratic in a word's length, and encoding
+still splits no word. `Tokenizer.save` writes tokenizer_config.json and tokenizer.json as
+`hf_as_saved` gives it: with a post-processor that prepends BOS where the model starts sequences
+with it, since transformers 5 goes by that post-processor, not by add_bos_token; loading, a
+post-processor that prepends BOS beside add_bos_token false starts sequences with BOS, with a note.
+
+transformers 5 builds some tokenizer classes anew from tokenizer.json's vocabulary and merges, with
+a normalizer and pre-tokenizer of its own: LlamaTokenizer (a Metaspace), GPT2Tokenizer (GPT-2's
+split) and Qwen2Tokenizer (NFC and Qwen2's split, taken for every model_type qwen2). gptlab encodes
+as tokenizer.json is written, as transformers 4 does; `load_tokenizer` notes, once per process,
+where transformers 5's ids would differ.
 """
 from __future__ import annotations
 
@@ -1198,9 +1211,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     A named token the vocabulary lacks is noted on stderr and stays text (transformers would
     add it as a new token, which the model has no trained embedding for). generation_config
     .json's `eos_token_id` (one id or a list) adds ends of generation. tokenizer.json is read
-    as written; where transformers 5 would not read it so (a `tokenizer_class` of
-    LlamaTokenizer), where its ids would differ is noted. Each note is printed once per process
-    (`note_once`), however often the directory is loaded.
+    as written; where transformers 5 would not read it so (the classes it builds anew:
+    LlamaTokenizer, GPT2Tokenizer, Qwen2Tokenizer), where its ids would differ is noted. Each
+    note is printed once per process (`note_once`), however often the directory is loaded.
     """
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
