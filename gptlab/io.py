@@ -8,11 +8,17 @@ A write goes to a file in a hidden temporary directory beside its target
 writer holds an advisory lock (flock) on its temporary directory while it writes; a write killed
 midway (SIGKILL, a power cut) leaves it unlocked, and the next write of the same target removes
 it. A temporary whose writer is alive is locked and left alone, so two processes writing the
-same place never remove each other's. (Checkpoints are written the same way, whole directories.)
-Where there is no flock (Windows, a file system that refuses it), writes go unlocked and a killed
-write's temporary stays. The new file's bytes are flushed to the disk before the rename and the
-rename after it (fsync): without that, a power cut soon after can leave the new name on an empty
-or partial file.
+same place never remove each other's. Where there is no flock (Windows, a file system that
+refuses it), writes go unlocked and a killed write's temporary stays. The new file's bytes are
+flushed to the disk before the rename and the rename after it (fsync): without that, a power cut
+soon after can leave the new name on an empty or partial file.
+
+Directories (a checkpoint, a model saved again and again) are written the same way, whole, then
+renamed into place or, over an old one, swapped in by `replace_dir`, with no moment without one of
+the two (Linux's renameat2 exchange; elsewhere two renames). `remove_dir` renames a directory aside
+to a hidden temporary before removing it, so a kill midway leaves no directory holding part of its
+files; one that cannot be renamed (a file in it open on Windows, a mount point) is left whole, with
+a warning.
 
 Strict JSON (`strict_json`): JSON has no NaN or Infinity, and Python's json writes them as bare
 tokens other readers refuse. A record a computation wrote (metrics.jsonl, run.json, a model's
@@ -24,12 +30,19 @@ Output paths: `check_file_out` / `check_dir_out`, `check_not_input` (not an inpu
 `check_not_inside` (not inside an input model) and `check_out_of_read_dirs` (not inside a
 directory an input is read from, whose next reading would take the output for input).
 
-Reading: `json_objects` and `read_jsonl` read JSON Lines, or a `.parquet` file's rows numbered as
-lines, each error naming file, line and field; `read_jsonl` reads a directory as one file, its
-`.jsonl` and `.parquet` shards in sorted order (`files_in`, which refuses two splits' shards or a
-compressed file among them), each row carrying its shard in `_file` for an error to name
-(`record_file`). A compressed file, a zip archive, Parquet or UTF-16 text read as text is refused
-as what it is, with the fix (`other_format`).
+Reading: `utf8_lines` reads a text's lines, each ending at \\n, \\r\\n or a lone \\r (Python's
+universal newlines: a classic Mac OS file's) or, for JSON Lines, at \\n or \\r\\n only (a lone \\r
+inside a record is JSON's white space between values). `json_objects` and `read_jsonl` read JSON
+Lines, or a `.parquet` file's rows numbered as lines, each error naming file, line and field;
+`read_jsonl` reads a directory as one file, its `.jsonl` and `.parquet` shards in sorted order
+(`files_in`), each row carrying its shard in `_file` for an error to name (`record_file`).
+`files_in` leaves out hidden files and folders and those in folders whose name begins with "__"
+(`__pycache__/`), as `datasets` does, and refuses a directory whose files would not be the data it
+holds: a compressed file among them, the files of two splits as `datasets` names them
+(`train.jsonl` beside `test.jsonl`), a Hugging Face Hub cache folder holding two revisions of a
+dataset; `check_one_split_given` refuses two splits' files given one by one. A compressed file, a
+zip archive, Parquet or UTF-16 text (with a byte-order mark or, read as text, without one) read as
+text is refused as what it is, with the fix (`other_format`).
 """
 from __future__ import annotations
 
