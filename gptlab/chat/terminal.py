@@ -1,18 +1,29 @@
 """`gptlab chat`: talk to a model in the terminal, one line per user turn.
 
 The conversation is kept as messages and rendered with the tokenizer's chat template before
-every reply, so the model sees the whole (fitted) history each turn. Lines starting with "/"
-are commands: "/reset" forgets the history (the system prompt stays), "/exit" quits, as does
-end of input; a slash and a word that is no command ("/quit") is refused with a note rather
-than sent to the model as a question. A line that is not UTF-8 text is an error (exit code 2)
-naming the line, rather than text the model would see as replacement characters. Replies go to
-stdout; notes (dropped turns, a turn that cannot fit) go to stderr, so `printf 'question\\n' |
-gptlab chat --model M --greedy` prints just the answer. From a pipe (stdin no terminal) each
-reply ends with two empty lines, and has never two in a row inside (`reply_block`): a script
-tells replies apart. An empty or whitespace-only line is no message: it is not answered.
-At a terminal a reply is printed as the model writes it, and Ctrl-C during a reply stops it
-and the prompt comes back (what was printed stays; neither the message nor its reply is kept);
-Ctrl-C at the prompt, or from a pipe, ends the chat.
+every reply, so the model sees the whole (fitted) history each turn. The session checks at start
+that the template renders and that the system message (or the template alone) leaves room, in
+the context less max_new_tokens, for a question of one character: otherwise every question would
+be skipped as too long, so the chat is refused at once, naming what to change (`--system`,
+`--max-new-tokens`, `--max-context-tokens`).
+
+A line ends at \\n, \\r\\n or a lone \\r, piped or typed. Lines starting with "/" are commands:
+"/reset" forgets the history (the system prompt stays), "/exit" quits, as does end of input; a
+slash and a word that is no command ("/quit") is refused with a note rather than sent to the
+model as a question. A line that is not UTF-8 text is an error (exit code 2) naming the line,
+rather than text the model would see as replacement characters. An empty or whitespace-only line
+is no message: it is not answered.
+
+Replies go to stdout; notes (dropped turns, a turn that cannot fit) go to stderr, so
+`printf 'question\\n' | gptlab chat --model M --greedy` prints just the answer. From a pipe
+(stdin no terminal) each reply is printed whole, ending with two empty lines, and has never two
+in a row inside (`reply_block`): a script tells replies apart.
+
+At a terminal a reply streams: it is printed as the model writes it (`StreamedReply`), each
+piece once no later token can change it, so a character split over tokens prints once, whole,
+and neither the stop token nor white space the kept reply lacks is printed. Ctrl-C during a reply
+stops it and the prompt comes back (what was printed stays; neither the message nor its reply is
+kept); Ctrl-C at the prompt, or from a pipe, ends the chat.
 """
 from __future__ import annotations
 
