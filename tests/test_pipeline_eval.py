@@ -4,8 +4,10 @@ model each comparison puts first, and which round stands for "ppo" (evaluate_pip
 the checker and the measurements are stand-ins (an answer's first word is its verdict), so the
 figures are counted by hand; the end-to-end run in test_pipeline.py checks only their ranges."""
 import json
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 
@@ -44,8 +46,15 @@ class StandInWorld:
         return SqlLabeler(self, disagreement=disagreement, seed=seed, ties=ties)
 
 
-@pytest.fixture
-def results(tmp_path, monkeypatch):
+class Held(str):
+    """A stand-in model: its name, which a weak reference can follow to know it still held."""
+
+
+def evaluate_with_stand_ins(tmp_path, monkeypatch, headroom: bool = False,
+                            loaded: Callable[[Held], None] = lambda model: None):
+    """evaluate_pipeline on the stand-ins: each model it loads is a `Held` of its name, given
+    to `loaded` as it is made (the reward models too: "rm" for each round, and "rm_last" for
+    best-of-K)."""
     from gptlab.train.pipeline import PipelineConfig
     out, world_dir = tmp_path / "out", tmp_path / "world"
     world_dir.mkdir()
@@ -55,37 +64,86 @@ def results(tmp_path, monkeypatch):
         for i in range(5)))
     dirs = {"pretrained": tmp_path / "pre", "sft": tmp_path / "sft",
             "sft_continued": tmp_path / "control", "ppo_round_1": out / "round-1" / "ppo",
-            "ppo_round_2": out / "round-2" / "ppo"}
+            "ppo_round_2": out / "round-2" / "ppo",
+            "ppo_execution_reward": out / "ppo_execution_reward",
+            "ppo_execution_reward_on_test": out / "ppo_execution_reward_on_test"}
     name_of = {path: name for name, path in dirs.items()}
+    answers = {**ANSWERS, "ppo_execution_reward": ANSWERS["sft"],
+               "ppo_execution_reward_on_test": ANSWERS["ppo_round_2"]}
     kl_of = {("ppo_round_2", "sft"): 0.7}
+
+    def load(name: str) -> Held:
+        model = Held(name)
+        loaded(model)
+        return model
+
+    def rm_accuracy(world, d, ties, data, device):
+        rm = load("rm")  # held while it scores, as rm_accuracy_noise_free's own load is
+        assert rm
+        return {"round-1": (0.6, 3, 9, [0.1, 0.9]), "round-2": (0.8, 4, 12, [0.3, 1.0])}[
+            d.parent.name]
+
     monkeypatch.setattr(pipeline_eval, "select_device", lambda _: "cpu")
     monkeypatch.setattr(pipeline_eval, "load_model",
-                        lambda path, device: (name_of[Path(path)], "tok", None))
+                        lambda path, device: (load(name_of[Path(path)]), "tok", None))
+    monkeypatch.setattr(pipeline_eval, "load_reward_model",
+                        lambda path, device, field: (load("rm_last"), "tok", None))
     monkeypatch.setattr(pipeline_eval, "answer",
-                        lambda model, tok, test, n: ANSWERS[model][:len(test)])
+                        lambda model, tok, test, n: answers[model][:len(test)])
     monkeypatch.setattr(pipeline_eval, "read_meta",
                         lambda d: {"heldout_pairwise_acc": {"round-1": 0.55, "round-2": 0.65}[
                             d.parent.name]})
-    monkeypatch.setattr(pipeline_eval, "rm_accuracy_noise_free",
-                        lambda world, d, ties, data, device: {
-                            "round-1": (0.6, 3, 9, [0.1, 0.9]),
-                            "round-2": (0.8, 4, 12, [0.3, 1.0])}[d.parent.name])
+    monkeypatch.setattr(pipeline_eval, "rm_accuracy_noise_free", rm_accuracy)
     monkeypatch.setattr(pipeline_eval, "sequence_kl", lambda policy, ref, *a, **kw:
                         kl_of[policy, ref])
     monkeypatch.setattr(pipeline_eval, "corpus_perplexity",
                         lambda model, val: {"sft": 3.0, "ppo_round_2": 3.5, "pretrained": 1.5}[
                             model])
     import gptlab.data.tokens
+    import gptlab.eval.headroom
     monkeypatch.setattr(gptlab.data.tokens, "load_token_data",
                         lambda *a: SimpleNamespace(val_batches=lambda *b: []))
+    monkeypatch.setattr(gptlab.eval.headroom, "best_of_k",
+                        lambda policy, tok, rm, *a, **kw: {"of": [policy, rm]})
     pretrain = SimpleNamespace(data="corpus.txt", block_size=8, val_fraction=0.1, seed=0,
                                cache_dir=None)
-    pipe = SimpleNamespace(cfg=PipelineConfig(rounds=2, eval_limit=4), out=out,
-                           world=StandInWorld(), world_dir=world_dir,
+    pipe = SimpleNamespace(cfg=PipelineConfig(rounds=2, eval_limit=4, headroom=headroom),
+                           out=out, world=StandInWorld(), world_dir=world_dir,
                            pretrain_config=lambda: pretrain)
     r = pipeline_eval.evaluate_pipeline(pipe, dirs["pretrained"], dirs["sft"],
                                         dirs["sft_continued"])
     return r, out
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    return evaluate_with_stand_ins(tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("headroom", [False, True])
+def test_the_evaluation_holds_two_models_at_most_and_one_where_it_can(tmp_path, monkeypatch,
+                                                                     headroom):
+    # Each load counts the models still held with the one it made: the pretrained model's
+    # perplexity was measured beside the policy and SFT (3), best-of-K's reward model beside
+    # them too; each answer loop's load found the previous model still named (2).
+    held: weakref.WeakSet = weakref.WeakSet()
+    at_load: list[tuple[str, int]] = []
+
+    def loaded(model: Held) -> None:
+        held.add(model)
+        at_load.append((str(model), len(held)))
+
+    r, _ = evaluate_with_stand_ins(tmp_path, monkeypatch, headroom, loaded)
+    answering = ["pretrained", "sft", "sft_continued", "ppo_round_1", "ppo_round_2"] + [
+        "ppo_execution_reward", "ppo_execution_reward_on_test"] * headroom
+    assert at_load == [(name, 1) for name in answering] + [("rm", 1), ("rm", 1)] + [
+        ("ppo_round_2", 1), ("sft", 2), ("pretrained", 2)] + [("rm_last", 2)] * headroom
+    # the same figures from the models it compares
+    assert r["kl_ppo_vs_sft"] == 0.7
+    assert r["ptx"] == {"corpus_ppl_sft": 3.0, "corpus_ppl_ppo": 3.5,
+                        "corpus_ppl_pretrained": 1.5}
+    if headroom:
+        assert r["headroom"]["of"] == ["sft", "rm_last"]
 
 
 def test_each_exec_column_counts_its_own_answers(results):

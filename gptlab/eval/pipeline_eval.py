@@ -156,9 +156,12 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     correct: dict[str, list[int]] = {}
     errors: dict[str, list[int]] = {}  # 1 where the answer's SQL does not run
     on_suite: dict[str, list[int]] = {}  # 1 where it is also right on the variant databases
+    # One model is held at a time, two where a figure compares them (the KL, best-of-K): the
+    # name is dropped before the next load, or a large preset held three on one GPU.
     for name, path in models.items():
         model, tok, _ = load_model(path, device)
         answers[name] = answer(model, tok, test, cfg.max_new_tokens)
+        del model
         kinds = exec_verdicts(world, test, answers[name])
         correct[name] = [int(k == "correct") for k in kinds]
         errors[name] = [int(k == "error") for k in kinds]
@@ -208,6 +211,13 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     data = load_token_data(pc.data, tok, pc.block_size or sft_model.config.context,
                            pc.val_fraction, pc.seed, pc.cache_dir)
     val = data.val_batches(8, 8)
+    # The pretrained model's figure is the reference: what SFT forgot, what PPO-ptx brought back.
+    ptx = {"corpus_ppl_sft": corpus_perplexity(sft_model, val),
+           "corpus_ppl_ppo": corpus_perplexity(policy, val)}
+    del policy
+    pretrained = load_model(pretrain_dir, device)[0]
+    ptx["corpus_ppl_pretrained"] = corpus_perplexity(pretrained, val)
+    del pretrained
 
     samples = []  # as the report's SAMPLES_NOTE says: the first three, then where they differ
     for i, r in enumerate(test):
@@ -237,12 +247,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         "win_rate_ppo_vs_sft_by_verdict": win_rate(world, test, answers[final], answers["sft"],
                                                    by_verdict=True),
         "kl_ppo_vs_sft": kl,
-        # The pretrained model's figure is the reference: what SFT forgot, what PPO-ptx
-        # brought back.
-        "ptx": {"corpus_ppl_sft": corpus_perplexity(sft_model, val),
-                "corpus_ppl_ppo": corpus_perplexity(policy, val),
-                "corpus_ppl_pretrained": corpus_perplexity(
-                    load_model(pretrain_dir, device)[0], val)},
+        "ptx": ptx,
         "n_test": len(test),
         "n_unseen_phrasing": len(unseen),
         "samples": samples,
