@@ -118,7 +118,7 @@ def test_rollout_reference_and_update_use_the_sampling_temperature(setup, tmp_pa
     # The reference is the policy at the same temperature: no KL at all.
     assert batch["kl"].eq(0).all()
     # One minibatch, before any optimizer step: the ratio is exactly 1.
-    stats = t.update(ro, batch, t.cfg.lr, 1)
+    stats = t.update(ro, batch, t.cfg.lr, 1).read()
     assert stats["approx_kl"] == 0 and stats["clipfrac"] == 0
 
 
@@ -199,7 +199,7 @@ def test_the_update_loss_is_pg_plus_vf_coef_vf_plus_ptx_coef_ptx(setup, tmp_path
         got.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         return real(model, max_norm)
     monkeypatch.setattr(ppo_module, "clip_grad_norm", spy)
-    stats = t.update(ro, batch, t.cfg.lr, 1)
+    stats = t.update(ro, batch, t.cfg.lr, 1).read()
     assert stats["pg_loss"] == pytest.approx(pg.item(), abs=1e-6)
     assert stats["value_loss"] == pytest.approx(vf.item(), rel=1e-5)
     assert stats["ptx_loss"] == pytest.approx(ptx.item(), rel=1e-5)
@@ -371,7 +371,7 @@ def test_any_seed_in_torchs_range_runs_a_step_and_one_outside_is_refused(setup, 
     t = trainer(setup, tmp_path / "big", seed=2**64 - 1)
     ro = t.rollout(1)
     batch = t.advantages(ro, t.score(ro))
-    stats = t.update(ro, batch, 1e-4, 1)
+    stats = t.update(ro, batch, 1e-4, 1).read()
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
 
 
@@ -506,7 +506,7 @@ def test_the_logged_reward_std_of_two_scores(setup, tmp_path):
     t = trainer(setup, tmp_path / "run")
     ro = hand_rollout(t, PROMPTS[:2], RESPONSES[:2], [True, False])
     batch = {"kl": torch.zeros(2, 6), "beta": torch.tensor(0.1, dtype=torch.float64)}
-    row = PPOTrainer._rollout_metrics(1, ro, torch.tensor([1.0, 3.0]), batch, 1e-3)
+    row, _ = PPOTrainer._rollout_metrics(1, ro, torch.tensor([1.0, 3.0]), batch, 1e-3)
     assert row["reward"] == 2.0 and row["reward_std"] == pytest.approx(2 ** 0.5)
     assert row["eos_fraction"] == 0.5 and row["response_length"] == 4.5
 

@@ -38,7 +38,7 @@ from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, is_value_model, load_l
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
 from gptlab.devices import queued_copy
-from gptlab.engine import SamplingParams, generate, scale_logits
+from gptlab.engine import SamplingParams, generate, scaled_log_softmax
 from gptlab.errors import (UserError, check_given, counted, exception_line,
                            reports_path_errors, setting)
 from gptlab.io import check_out_of_read_dirs, record_file
@@ -54,8 +54,8 @@ from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
-                                  clipped_value_loss, entropy_from_logits, gae, kl_per_token,
-                                  masked_mean, token_logprobs, whiten)
+                                  clipped_value_loss, entropy_from_logprobs, gae, kl_per_token,
+                                  masked_mean, whiten)
 
 if TYPE_CHECKING:
     from gptlab.data.tokens import BlockBatches
@@ -330,15 +330,17 @@ def reward_model_scores(model: ScalarHeadModel, prompts: list[list[int]],
 def response_logprobs(model: GPT, ro: Rollout, temperature: float,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
-    exactly as in the rollout. (B, R)."""
+    exactly as in the rollout (`scale_logits`; with a graph, `scaled_log_softmax` reads no
+    overflow). (B, R)."""
     cache = prefix_cache(model, ro.prefix, len(ro.ids))
     h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=cache,
                                right_padded=ro.all_right_padded)
-    logits = scale_logits(model.lm_head(h[:, ro.P - 1:-1]).float(), temperature)
-    lp = token_logprobs(logits, ro.response_ids)
+    # (B, R, V); the logits go as they are made: nothing but the function holds them
+    logp = scaled_log_softmax(model.lm_head(h[:, ro.P - 1:-1]).float(), temperature)
+    lp = logp.gather(-1, ro.response_ids[..., None]).squeeze(-1)
     # The entropy is only logged: with a graph, it would keep two (B, R, V) tensors alive
     # through the backward and the next minibatch's forward.
-    return lp, entropy_from_logits(logits.detach()) if with_entropy else None
+    return lp, entropy_from_logprobs(logp.detach()) if with_entropy else None
 
 
 def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
@@ -403,6 +405,24 @@ def template_difference(ours: Any, theirs: Any) -> str | None:
 
     return (f"token {k} of a user-assistant exchange is {token(theirs, other)} in its "
             f"rendering, {token(ours, mine)} in the policy's")
+
+
+@dataclass
+class UpdateStats:
+    """An update's statistics, still on the device: `table` (minibatches, statistics), a row
+    per minibatch in the order of `names`."""
+    names: list[str]
+    table: Tensor
+
+    def means(self, values: list[float]) -> dict[str, float]:
+        """Each statistic's mean over the minibatches, from `table`'s values as read (flat)."""
+        n, k = len(values) // len(self.names), len(self.names)
+        return {name: sum(values[r * k + i] for r in range(n)) / n
+                for i, name in enumerate(self.names)}
+
+    def read(self) -> dict[str, float]:
+        """The means, read on their own (a wait on a GPU)."""
+        return self.means(self.table.flatten().tolist())
 
 
 class PPOTrainer:
@@ -789,7 +809,7 @@ class PPOTrainer:
 
     # --- 3 + 4. rewards with KL, then GAE ------------------------------------------------------
     @torch.no_grad()
-    def advantages(self, ro: Rollout, scores: Tensor) -> dict[str, Tensor]:
+    def advantages(self, ro: Rollout, scores: Tensor) -> dict[str, Tensor | float]:
         cfg = self.cfg
         old_logp, _ = response_logprobs(self.policy, ro, cfg.temperature)
         ref_logp, _ = response_logprobs(self.reference, ro, cfg.temperature)
@@ -804,12 +824,15 @@ class PPOTrainer:
         adv, returns = gae(rewards, old_values * m, m, cfg.gae_gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
             adv = whiten(adv, m)
+        # β as the host knows it: logged with no read of a tensor.
         return {"old_logp": old_logp, "old_values": old_values, "advantages": adv,
-                "returns": returns, "kl": kl, "beta": torch.tensor(beta, dtype=torch.float64)}
+                "returns": returns, "kl": kl, "beta": beta}
 
     # --- 5. clipped updates -------------------------------------------------------------------
-    def update(self, ro: Rollout, batch: dict[str, Tensor], lr: float, step: int
-               ) -> dict[str, float]:
+    def update(self, ro: Rollout, batch: dict[str, Tensor | float], lr: float, step: int
+               ) -> UpdateStats:
+        """The step's PPO epochs; their statistics are left on the device, to be read with the
+        step's other metrics (`_rollout_metrics`)."""
         cfg = self.cfg
         set_lr(self.optimizer, lr)
         B = ro.ids.shape[0]
@@ -844,9 +867,7 @@ class PPOTrainer:
                 rows.append(torch.stack([v.detach().float() for v in (
                     *ptx, pg_loss, vf_loss, pg["clipfrac"], pg["approx_kl"], vf_clipfrac,
                     masked_mean(entropy, m))]))
-        # Read once for the whole update: read one by one, each value waited for the GPU.
-        table = torch.stack(rows).tolist()
-        return {k: sum(r[i] for r in table) / len(table) for i, k in enumerate(names)}
+        return UpdateStats(names, torch.stack(rows))
 
     def train(self) -> Path:
         """Run the steps left to `cfg.steps`; Ctrl-C saves a checkpoint of the last finished
@@ -881,8 +902,8 @@ class PPOTrainer:
                     with memory_named(self.device, "a PPO update", self._update_sizes(),
                                       "lower " + ("them (--minibatch-size, --ptx-batch-size)"
                                                   if self.ptx else "it (--minibatch-size)")):
-                        stats = self.update(ro, batch, lr, step)
-                    row = self._rollout_metrics(step, ro, scores, batch, lr)
+                        update = self.update(ro, batch, lr, step)
+                    row, stats = self._rollout_metrics(step, ro, scores, batch, lr, update)
                     if self.kl_ctl:
                         self.kl_ctl.update(row["kl"], len(ro.records))
                     self.step, self.elapsed = step, time.time() - start
@@ -939,18 +960,27 @@ class PPOTrainer:
                 **({"ptx_batch_size": self.cfg.ptx_batch_size} if self.ptx else {})}
 
     @staticmethod
-    def _rollout_metrics(step: int, ro: Rollout, scores: Tensor, batch: dict[str, Tensor],
-                         lr: float) -> dict[str, float]:
-        """Step `step`'s rollout as metrics.jsonl logs it; `kl` is a response's summed
-        per-token KL, averaged over responses: the scale of `target_kl`."""
-        # Read at once: read one by one, each waited for the GPU.
-        reward, std, kl, length, eos = torch.stack([v.float() for v in (
+    def _rollout_metrics(step: int, ro: Rollout, scores: Tensor,
+                         batch: dict[str, Tensor | float], lr: float,
+                         update: UpdateStats | None = None
+                         ) -> tuple[dict[str, float], dict[str, float]]:
+        """Step `step`'s rollout as metrics.jsonl logs it, and its update's statistics (empty
+        without `update`); `kl` is a response's summed per-token KL, averaged over
+        responses: the scale of `target_kl`."""
+        rollout = torch.stack([v.float() for v in (
             scores.mean(), scores.std() if len(scores) > 1 else scores.new_zeros(()),
             batch["kl"].sum(1).mean(), ro.response_mask.sum(1).float().mean(),
-            ro.finished.float().mean())]).tolist()
+            ro.finished.float().mean())])
+        # Read at once, the step's one read: read one by one, each waited for the GPU.
+        if update is None:
+            values, stats = rollout.tolist(), {}
+        else:
+            values = torch.cat([rollout, update.table.flatten()]).tolist()
+            stats = update.means(values[len(rollout):])
+        reward, std, kl, length, eos = values[:len(rollout)]
         return {"step": step, "reward": reward, "reward_std": std, "kl": kl,
                 "kl_coef": float(batch["beta"]), "response_length": length,
-                "eos_fraction": eos, "lr": lr}
+                "eos_fraction": eos, "lr": lr}, stats
 
     def _start_run(self, metrics_path: Path) -> MetricsLog:
         """run.json and a fresh metrics.jsonl, written only once the first step is done, so

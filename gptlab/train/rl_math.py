@@ -124,7 +124,11 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) at each position (B, T)."""
-    logp = logits.float().log_softmax(-1)
+    return entropy_from_logprobs(logits.float().log_softmax(-1))
+
+
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """Entropy −Σ p log p at each position (B, T) of log-probabilities (B, T, V)."""
     return -(logp.exp() * logp).sum(-1)
 
 
