@@ -914,3 +914,48 @@ def test_a_sample_cut_inside_a_character_ends_before_it(corpus, monkeypatch):
     assert sample(None, 1, 0.0) == {"sample": "the dog ran "}
     made["finished"] = True
     assert sample(None, 1, 0.0) == {"sample": "the dog ran \ufffd"}
+
+
+def test_a_tokenizer_that_differs_only_in_its_eos_is_refused_saying_so(corpus, tmp_path):
+    """The same tokenizer.json with another eos_token (tokenizer_config.json): another token
+    between documents than the model was trained with, and another that it learned ends one. It
+    was accepted, as only tokenizer.json and BOS were compared; it is refused, saying what
+    differs, alone or beside another BOS setting."""
+    from gptlab.train.pretrain import _given_for
+    d, _, tok = corpus
+    config = json.loads((d / "tok" / "tokenizer_config.json").read_text())
+
+    def variant(name: str, **changes):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+        shutil.copy(d / "tok" / "tokenizer.json", path / "tokenizer.json")
+        return load_tokenizer(path)
+    own = load_tokenizer(d / "tok")
+    pad_ends = variant("pad-ends", eos_token="<|pad|>")
+    assert (own.eos_id, pad_ends.eos_id) == (1, 2)
+    keep = ("the model was trained on the former and would be continued on the latter: leave "
+            "out tokenizer (--tokenizer) to continue with its own")
+    with pytest.raises(UserError) as e:
+        _given_for(tmp_path / "model", own, pad_ends)
+    assert str(e.value) == (
+        f"{tmp_path / 'model'}, field 'tokenizer': has its own tokenizer, the same tokens as "
+        f"tokenizer (--tokenizer) but for the end of a document: its own ends each document "
+        f"with '<|eos|>' (eos_token), tokenizer (--tokenizer) each with '<|pad|>'; {keep}")
+    # Another BOS setting too: both are said.
+    no_bos = tmp_path / "no-bos"
+    no_bos.mkdir()
+    (no_bos / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "add_bos_token": False, "eos_token": "<|pad|>"}))
+    tok.hf.save(str(no_bos / "tokenizer.json"))  # no post-processor
+    with pytest.raises(UserError) as e:
+        _given_for(tmp_path / "model", own, load_tokenizer(no_bos))
+    assert str(e.value) == (
+        f"{tmp_path / 'model'}, field 'tokenizer': has its own tokenizer, the same tokens as "
+        f"tokenizer (--tokenizer) but for the start of a sequence and the end of a document: "
+        f"its own starts each sequence with '<|bos|>' (add_bos_token: true) and ends each "
+        f"document with '<|eos|>' (eos_token), tokenizer (--tokenizer) starts each with none "
+        f"(add_bos_token: false) and ends each with '<|pad|>'; {keep}")
+    # Only what does not reach the model (its chat template) may differ.
+    templated = variant("templated", chat_template="{{ messages[0]['content'] }}")
+    assert _given_for(tmp_path / "model", own, templated) is templated

@@ -96,27 +96,41 @@ def _tokenizer_for(cfg: PretrainConfig, vocab_size: int) -> Any:
 
 def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
     """`given` (--tokenizer) to continue the model in `model_dir`, unless the model has a
-    tokenizer of its own that differs: its embeddings are rows for its own tokens' ids, and it
-    was trained with or without BOS first. Each is compared as saved: a directory saved before
-    `save` wrote the post-processor that prepends BOS holds the same tokenizer as one saved
-    since. The refusal says what differs, so that the user can tell which to keep."""
+    tokenizer of its own that differs: its embeddings are rows for its own tokens' ids, it
+    was trained with or without BOS first, and with its own EOS between documents (what it
+    learned ends one). Each is compared as saved: a directory saved before `save` wrote the
+    post-processor that prepends BOS holds the same tokenizer as one saved since. The refusal
+    says what differs, so that the user can tell which to keep."""
     if own is None:
         return given
     mine, theirs = (json.loads(t.hf_as_saved().to_str()) for t in (own, given))
-    if mine == theirs:
-        return given
-    keep = "leave out tokenizer (--tokenizer) to continue with its own"
     parts = [part for part in dict.fromkeys([*mine, *theirs])
              if mine.get(part) != theirs.get(part)]
-    if parts == ["post_processor"] and own.bos_id != given.bos_id:
+    if not parts and own.eos_id == given.eos_id:
+        return given
+    keep = "leave out tokenizer (--tokenizer) to continue with its own"
+    if not parts or (parts == ["post_processor"] and own.bos_id != given.bos_id):
+        # the same tokens: another BOS first (the post-processor that prepends it), another
+        # EOS between documents, or both
         def first(t: Any) -> str:
             return (f"with {t.bos_token!r} (add_bos_token: true)" if t.bos_id is not None
                     else "with none (add_bos_token: false)")
+        bos, eos = own.bos_id != given.bos_id, own.eos_id != given.eos_id
+        what = " and ".join([*(["the start of a sequence"] if bos else []),
+                             *(["the end of a document"] if eos else [])])
+        if bos and eos:
+            how = (f"its own starts each sequence {first(own)} and ends each document with "
+                   f"{own.eos_token!r} (eos_token), tokenizer (--tokenizer) starts each "
+                   f"{first(given)} and ends each with {given.eos_token!r}")
+        elif bos:
+            how = (f"its own starts each sequence {first(own)}, tokenizer (--tokenizer) each "
+                   f"{first(given)}")
+        else:
+            how = (f"its own ends each document with {own.eos_token!r} (eos_token), tokenizer "
+                   f"(--tokenizer) each with {given.eos_token!r}")
         raise UserError(f"has its own tokenizer, the same tokens as tokenizer (--tokenizer) but "
-                        f"for the start of a sequence: its own starts each sequence "
-                        f"{first(own)}, tokenizer (--tokenizer) each {first(given)}; the model "
-                        f"was trained on the former and would be continued on the latter: "
-                        f"{keep}", path=model_dir, field="tokenizer")
+                        f"for {what}: {how}; the model was trained on the former and would be "
+                        f"continued on the latter: {keep}", path=model_dir, field="tokenizer")
     named = ", ".join(_TOKENIZER_PARTS.get(part, part) for part in parts)
     raise UserError(f"has its own tokenizer.json, which differs from tokenizer (--tokenizer) "
                     f"in its {named}: its embeddings are rows for its own tokens, and another "
