@@ -582,7 +582,8 @@ def _splits(d: Path, files: list[Path]) -> Splits:
 
 def _check_one_split(d: Path, files: list[Path]) -> None:
     """Refuse directory `d` if its `files` belong to two or more splits (`_splits`): read as
-    one, a split held out for evaluation (test.jsonl beside train.jsonl) would be trained on.
+    one, a split held out for evaluation (test.jsonl beside train.jsonl) would be trained on,
+    and splits none holds out would be one corpus that `datasets` does not make of them.
     Only the files a verb reads count: a `.csv` beside them, which `datasets` would count too,
     is read by none."""
     splits = _splits(d, files)
@@ -601,8 +602,20 @@ def _check_one_split(d: Path, files: list[Path]) -> None:
         pick = (f"move one split's files into a folder of their own and give that (the "
                 f"{names[0]} split's {len(first)}, {a.relative_to(d)} ...)")
     raise UserError(f"holds the files of {len(names)} splits ({', '.join(names)}), as datasets "
-                    f"names them: {which}; read as one, a split held out for evaluation would "
-                    f"be read with the others: {pick}", path=d)
+                    f"names them: {which}; {_read_as_one(names, 'be read with the others')}: "
+                    f"{pick}", path=d)
+
+
+def _read_as_one(names: list[str], would: str) -> str:
+    """What is wrong with reading the splits `names` as one: a split held out for evaluation
+    (validation, test) would then do what `would` says ("be trained on"); with none held out
+    (`data/wiki-00000-of-00001.parquet` beside train.jsonl), they would be one corpus, which
+    `datasets` makes of them nowhere (it reads them as splits apart, or leaves a later rule's
+    split out)."""
+    if {"validation", "test"} & set(names):
+        return f"read as one, a split held out for evaluation would {would}"
+    return (f"{'neither' if len(names) == 2 else 'none'} is held out for evaluation, but read as "
+            f"one, they would be one corpus, which datasets does not make of them")
 
 
 def _two_splits_named(splits: Splits) -> tuple[list[str], Path, Path]:
@@ -635,8 +648,8 @@ def check_one_split_given(paths: list[Path], reached: list[tuple[Path, str]],
     which = (f"{given[a]} is {names[0]}'s, {given[b]} {names[1]}'s" if b != a
              else f"{given[a]} is {names[0]}'s and {names[1]}'s")
     raise UserError(f"gives the files of {len(names)} splits ({', '.join(names)}), as datasets "
-                    f"names them: {which}; read as one, a split held out for evaluation would "
-                    f"be trained on: give one split's files", field=field)
+                    f"names them: {which}; {_read_as_one(names, 'be trained on')}: give one "
+                    f"split's files", field=field)
 
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -384,3 +384,43 @@ def test_paths_that_share_only_the_root_are_named_from_it_but_for_dev():
         "/tmp/test.jsonl is test's, /data/wiki-00000-of-00001.parquet wiki's"
     assert check("/data/wiki-00000-of-00001.parquet", "/tmp/books-00000-of-00001.parquet") == \
         "one split"
+
+
+def test_splits_none_holds_out_are_refused_saying_so(tmp_path):
+    # A shard split `wiki` beside train.jsonl (or beside another shard split) is refused, but
+    # the reason was that a split held out for evaluation would be read with the others, though
+    # none is: it says they would be one corpus, which datasets does not make of them.
+    from gptlab.io import check_one_split_given, files_in
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "wiki-00000-of-00001.jsonl").write_text('{"a": 1}\n')
+    (tmp_path / "train.jsonl").write_text('{"a": 2}\n')
+    with pytest.raises(UserError) as e:
+        files_in(tmp_path, (".jsonl",))
+    assert str(e.value) == (
+        f"{tmp_path}: holds the files of 2 splits (train, wiki), as datasets names them: "
+        f"train.jsonl is train's, data/wiki-00000-of-00001.jsonl wiki's; neither is held out "
+        f"for evaluation, but read as one, they would be one corpus, which datasets does not "
+        f"make of them: give one split's file instead ({tmp_path}/train.jsonl)")
+    (tmp_path / "data" / "books-00000-of-00001.jsonl").write_text('{"a": 3}\n')
+    with pytest.raises(UserError) as e:
+        files_in(tmp_path, (".jsonl",))
+    assert "(books, wiki), " in str(e.value)  # datasets' two splits; train.jsonl no stray
+    assert "; neither is held out for evaluation, but read as one, they would be one corpus, " \
+        "which datasets does not make of them: " in str(e.value)
+    given = [Path("/data/wiki-00000-of-00001.parquet"), Path("/tmp/train.jsonl"),
+             Path("/tmp/books-00000-of-00001.parquet")]
+    with pytest.raises(UserError) as e:
+        check_one_split_given(given, [(p, str(p)) for p in given], "data")
+    assert str(e.value) == (
+        "field 'data': gives the files of 2 splits (train, wiki), as datasets names them: "
+        "/tmp/train.jsonl is train's, /data/wiki-00000-of-00001.parquet wiki's; neither is "
+        "held out for evaluation, but read as one, they would be one corpus, which datasets "
+        "does not make of them: give one split's files")
+    # With one held out among them, the reason is still that one.
+    (tmp_path / "test.jsonl").write_text('{"a": 4}\n')
+    (tmp_path / "data" / "books-00000-of-00001.jsonl").unlink()
+    with pytest.raises(UserError) as e:
+        files_in(tmp_path, (".jsonl",))
+    assert "(train, test, wiki), " in str(e.value) and str(e.value).endswith(
+        f"; read as one, a split held out for evaluation would be read with the others: give "
+        f"one split's file instead ({tmp_path}/train.jsonl)")
