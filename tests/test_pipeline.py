@@ -732,18 +732,65 @@ def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypa
     # Told once (not again by the stage's own note): on 2 threads after it ran on 1, and on 1
     # after it ran on 1, then 2; the first start and a resume on the count it ran on say nothing.
     assert told == [[], [], [
-        "warning: pretrain resumes from its checkpoint on 2 CPU threads, but ran on 1 before it "
-        "stopped: its losses may differ in the last bits from a run that never stopped "
+        "warning: pretrain resumes from its checkpoint on 2 CPU threads, but the checkpoint was "
+        "saved on 1: its losses may differ in the last bits from a run that never stopped "
         "(--threads 1 resumes it as it ran)"], [], [
-        "warning: pretrain resumes from its checkpoint on 1 CPU thread, but ran on 1, then 2 "
-        "before it stopped: its losses may differ in the last bits from a run that never "
-        "stopped (--threads 2 resumes it as it last ran)"]]
+        "warning: pretrain resumes from its checkpoint on 1 CPU thread, but the checkpoint was "
+        "saved on 2 (it ran on 1, then 2): its losses may differ in the last bits from a run "
+        "that never stopped (--threads 2 resumes it as it ran)"]]
     # A record of a count alone, as runs before the list wrote it, is that count's list.
     (tmp_path / "run" / "stage_threads.json").write_text(json.dumps({"pretrain": 2}))
     assert pipeline_module.Timer(tmp_path / "run").threads == {"pretrain": [2]}
     t = pipeline_module.Timer(tmp_path / "run")  # a stage that starts afresh: nothing to say
     t.run("pretrain", lambda: None)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_resume_is_warned_of_by_the_checkpoint_s_thread_count_not_the_record_s_last(
+        tmp_path, capsys):
+    """A session that started on another count and stopped before it saved put that count last
+    in stage_threads.json, and the warning went by it: a resume on the count the checkpoint was
+    saved on was warned of, one on the crashed session's count not. The checkpoint's manifest
+    says what it was saved on; a checkpoint saved before it did falls back to the record."""
+    from gptlab.checkpoint import Checkpointer
+    from gptlab.model import GPT, get_preset
+    from gptlab.train.pipeline import Timer
+    torch.manual_seed(0)
+    ckpt = Checkpointer(tmp_path / "run" / "pretrain")
+    ckpt.save(1, GPT(get_preset("tiny")))
+    latest = ckpt.latest()
+    manifest = json.loads((latest / "manifest.json").read_text())
+
+    def saved_on(threads):
+        fields = {k: v for k, v in manifest.items() if k != "threads"}
+        (latest / "manifest.json").write_text(json.dumps(
+            fields if threads is None else {**fields, "threads": threads}))
+
+    def warned(on, record, threads):
+        (tmp_path / "run" / "stage_threads.json").write_text(json.dumps({"pretrain": record}))
+        saved_on(threads)
+        torch.set_num_threads(on)
+        Timer(tmp_path / "run").run("pretrain", lambda: None, resumes=latest)
+        return [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning")]
+    before = torch.get_num_threads()
+    try:
+        # saved on 1, then a session on 2 stopped before it saved
+        assert warned(1, [1, 2], 1) == []
+        assert warned(2, [1, 2], 1) == [
+            "warning: pretrain resumes from its checkpoint on 2 CPU threads, but the checkpoint "
+            "was saved on 1 (it ran on 1, then 2): its losses may differ in the last bits from "
+            "a run that never stopped (--threads 1 resumes it as it ran)"]
+        # with no count on record for the stage
+        assert len(warned(2, [], 1)) == 1
+        # a checkpoint saved before its manifest had the count: the record's last
+        assert warned(2, [1, 2], None) == []
+        assert warned(1, [1, 2], None) == [
+            "warning: pretrain resumes from its checkpoint on 1 CPU thread, but ran on 1, then "
+            "2 before it stopped: its losses may differ in the last bits from a run that never "
+            "stopped (--threads 2 resumes it as it last ran)"]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_control_continues_sft_at_a_tenth_of_its_learning_rate(tmp_path):

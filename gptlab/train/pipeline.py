@@ -323,10 +323,11 @@ def _interrupted(out: Path) -> bool:
     return Checkpointer(out).latest() is not None
 
 
-def _state(out: Path) -> dict[str, bool]:
-    """`Timer.run`'s `done` and `resumes` for the training stage writing `out`."""
+def _state(out: Path) -> dict[str, Any]:
+    """`Timer.run`'s `done` and `resumes` (the checkpoint it continues from) for the training
+    stage writing `out`."""
     done = stage_done(out)
-    return {"done": done, "resumes": not done and _interrupted(out)}
+    return {"done": done, "resumes": None if done else Checkpointer(out).latest()}
 
 
 def _counts(value: Any) -> list[int]:
@@ -334,6 +335,12 @@ def _counts(value: Any) -> list[int]:
     ran on them, or (written before a resume could add one) a count alone."""
     values = value if isinstance(value, list) else [value]
     return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _ran_on(ran: list[int], saved_on: int) -> str:
+    """The counts a stage ran on, for a warning that names its checkpoint's: nothing where that
+    is all it ran on."""
+    return "" if ran in ([], [saved_on]) else f" (it ran on {', then '.join(map(str, ran))})"
 
 
 class Timer:
@@ -362,15 +369,25 @@ class Timer:
         self.saved = 0.0  # minutes the reused stages took when they ran, beyond this run's
 
     def run(self, name: str, fn: Callable[[], Any], done: bool = False,
-            resumes: bool = False) -> Any:
+            resumes: Path | None = None) -> Any:
         """Time `fn`; with `done` (its output was already complete) keep the earlier minutes.
-        `resumes`: the stage continues from a checkpoint an earlier run left."""
+        `resumes`: the checkpoint an earlier run left, which the stage continues from."""
         t0 = time.time()
         print(f"== {name}" + (" (done)" if done else ""), file=sys.stderr)
         if not done:
             ran, now = self.threads.get(name, []) if resumes else [], torch.get_num_threads()
-            if ran and ran[-1] != now:
+            # The count the checkpoint was saved on, from its manifest: the record's last can
+            # be a session's that stopped before it saved. A checkpoint saved before manifests
+            # had it: the record's last.
+            saved_on = Checkpointer.threads_of(resumes) if resumes else None
+            if saved_on is not None and saved_on != now:
                 # Sums split among threads otherwise round otherwise: the last bits may differ.
+                print(f"warning: {name} resumes from its checkpoint on "
+                      f"{counted(now, 'CPU thread')}, but the checkpoint was saved on "
+                      f"{saved_on}{_ran_on(ran, saved_on)}: its losses may differ in the last "
+                      f"bits from a run that never stopped (--threads {saved_on} resumes it as "
+                      f"it ran)", file=sys.stderr)
+            elif saved_on is None and ran and ran[-1] != now:
                 print(f"warning: {name} resumes from its checkpoint on "
                       f"{counted(now, 'CPU thread')}, but ran on {', then '.join(map(str, ran))} "
                       f"before it stopped: its losses may differ in the last bits from a run "
