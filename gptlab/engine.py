@@ -256,7 +256,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     would alone: left padding makes the batch longer than a short row, but positions (and the
     model's context check) count a row's real tokens. A row that fills the context leaves the
     batch unfinished (`finished` is True only for a row ended by a stop token). NaN logits
-    for a token a row draws are a UserError naming the row (field `model`), raised at the end.
+    for a token a row draws are a UserError naming the row (field `model`), raised at the end,
+    or with `on_tokens`, at that step, before its tokens are handed on.
 
     `on_tokens(rows, tokens)` gets each step's tokens as they are drawn (`OnTokens`), for a
     reply shown as it is written; the tokens, log-probabilities and draws are the same with
@@ -283,6 +284,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _nan_logits(prompt: int, step: int) -> UserError:
+    """The refusal of a generation whose prompt `prompt` drew from NaN logits at `step`."""
+    return UserError(f"gave NaN logits for prompt {prompt} at new token {step + 1}: its weights "
+                     f"hold NaN or its activations overflow its dtype; no token can be drawn "
+                     f"from them", field="model")
 
 
 def _generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
@@ -337,13 +345,19 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
         else:
             probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
             tok = sample_from(probs, gen, fine)
+        drawn_logprobs = logprobs.gather(-1, tok[:, None])[:, 0]
         out_tokens[live, t] = tok
-        out_logprobs[live, t] = logprobs.gather(-1, tok[:, None])[:, 0]
+        out_logprobs[live, t] = drawn_logprobs
         n = t + 1
         if on_tokens is not None:
-            # One read: the tokens, and which rows had not stopped (a stopped row waits for
-            # the batch to compact, drawing tokens that are not its own).
-            drawn, going = torch.stack([tok, (~done[live]).long()]).tolist()
+            # One read: the tokens, which rows had not stopped (a stopped row waits for the
+            # batch to compact, drawing tokens that are not its own), and which drew from NaN
+            # logits: refused before their token is handed on (a chat would print it).
+            drawn, going, nan = torch.stack([tok, (~done[live]).long(),
+                                             drawn_logprobs.isnan().long()]).tolist()
+            bad = [r for r, g, x in zip(live_rows, going, nan) if g and x]
+            if bad:
+                raise _nan_logits(min(bad), t)
             on_tokens([r for r, g in zip(live_rows, going) if g],
                       [d for d, g in zip(drawn, going) if g])
         if stop.numel():
@@ -379,10 +393,7 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
     # that means nothing: refuse the generation rather than return it.
     nan = out_logprobs.isnan() & (torch.arange(steps, device=device) < lengths[:, None])
     if bool(nan.any()):
-        i, t = nan.nonzero()[0].tolist()
-        raise UserError(f"gave NaN logits for prompt {i} at new token {t + 1}: its weights hold "
-                        f"NaN or its activations overflow its dtype; no token can be drawn "
-                        f"from them", field="model")
+        raise _nan_logits(*nan.nonzero()[0].tolist())
     lengths = lengths.tolist()
     toks, lps = out_tokens.tolist(), out_logprobs.tolist()
     return Generation(tokens=[toks[i][:lengths[i]] for i in range(B)],

@@ -1043,3 +1043,24 @@ def test_a_lone_cr_ends_a_line_as_in_the_files_gptlab_reads(tiny_dir, monkeypatc
     with pytest.raises(UserError) as e:
         run_chat(session, stdin_type("the cat\rh\udcffi\n"), io.StringIO(), io.StringIO())
     assert str(e.value).startswith("<stdin>:2: not UTF-8 text")
+
+
+def test_a_model_with_nan_weights_prints_nothing_of_a_reply_before_its_error(tiny_dir):
+    """At a terminal the reply is printed as the engine draws it, and the engine refused NaN
+    logits only once the generation ended: the tokens drawn from them (meaning nothing) were
+    printed first, then the error. It refuses them at the step they come, before handing any
+    token on."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=12, temperature=1.0, seed=0))
+    out = Writes()
+    with pytest.raises(UserError) as e:
+        run_chat(session, Terminal("the cat sat\n"), out, io.StringIO())
+    assert out.writes == ["> "]  # the prompt, and nothing of the reply
+    assert str(e.value) == (
+        "field 'model': gave NaN logits for prompt 0 at new token 1: its weights hold NaN or "
+        "its activations overflow its dtype; no token can be drawn from them")
+    assert session.messages == [] and session.turns == 0

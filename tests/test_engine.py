@@ -216,6 +216,32 @@ def test_nan_logits_after_a_row_stopped_are_not_its_own():
     assert out.tokens == [[45]] + free[1:]
 
 
+def test_nan_logits_streamed_are_refused_at_their_step_before_their_tokens_are_handed_on():
+    """With `on_tokens` the tokens drawn from NaN logits were handed on (a chat printed them),
+    the error raised only once the generation ended. The step's one read refuses them: the
+    steps before are handed on, not that one, and the error is the one without `on_tokens`."""
+    net = model(tie_embeddings=False)
+    prompts = [[3, 4, 5], [20, 21], [30], [40, 41, 42], [50, 51]]
+    free = generate(net, prompts, SamplingParams(max_new_tokens=6, greedy=True)).tokens
+    with torch.no_grad():
+        net.tok_emb.weight[45] = float("nan")  # row 0 draws 45 first: NaN at its new token 2
+    handed: list[tuple[list[int], list[int]]] = []
+    with pytest.raises(UserError) as streamed:
+        generate(net, prompts, SamplingParams(max_new_tokens=6, greedy=True),
+                 on_tokens=lambda rows, tokens: handed.append((rows, tokens)))
+    assert handed == [([0, 1, 2, 3, 4], [row[0] for row in free])]
+    with pytest.raises(UserError) as plain:
+        generate(net, prompts, SamplingParams(max_new_tokens=6, greedy=True))
+    assert str(streamed.value) == str(plain.value) and \
+        "for prompt 0 at new token 2: " in str(plain.value)
+    # A row that stopped draws on from NaN logits as no one's: still handed on, and returned.
+    handed.clear()
+    params = SamplingParams(max_new_tokens=6, greedy=True, stop_ids=(45,))
+    out = generate(net, prompts, params, on_tokens=lambda rows, tokens: handed.append(
+        (rows, tokens)))
+    assert out.tokens == [[45]] + free[1:] and handed[1][0] == [1, 2, 3, 4]
+
+
 def test_stop_tokens_end_each_row_separately():
     net = model()
     free = generate(net, [[3, 4, 5], [20, 21]], SamplingParams(max_new_tokens=10, greedy=True))
