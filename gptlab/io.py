@@ -417,7 +417,8 @@ def strict_json(obj: Any, *, non_finite: str = "refuse", path: str | Path | None
     naming each by its JSON Pointer: {"loss": null, "non_finite": {"/loss": "NaN"}}
     (`restore_non_finite` reads it back). With non_finite="refuse" (data a later stage or
     another tool reads) it is a UserError naming `path`, `line` and the field: the caller
-    writes nothing. `options` are json.dumps's (indent, ensure_ascii, default)."""
+    writes nothing. `options` are json.dumps's (indent, ensure_ascii, default); with
+    ensure_ascii=False a lone surrogate is still written as its `\\u` escape, as UTF-8 has none."""
     if non_finite not in ("null", "refuse"):
         raise ValueError(f"non_finite must be 'null' or 'refuse', not {non_finite!r}")
     found: dict[str, tuple[str, str]] = {}
@@ -430,7 +431,13 @@ def strict_json(obj: Any, *, non_finite: str = "refuse", path: str | Path | None
         earlier = value.get(NON_FINITE)
         value[NON_FINITE] = {**(earlier if isinstance(earlier, dict) else {}),
                              **{pointer: spelled for pointer, (spelled, _) in found.items()}}
-    return json.dumps(value, allow_nan=False, **options)
+    text = json.dumps(value, allow_nan=False, **options)
+    # A lone surrogate (a `\ud800` escape read from JSON, carried in an `id`) has no UTF-8:
+    # written raw, the file's write failed; as its escape again, it reads back the same.
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def restore_non_finite(value: Any) -> Any:
