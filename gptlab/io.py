@@ -1039,6 +1039,11 @@ def _json_value(v: Any, path: Path, row: int, field: str) -> Any:
     if isinstance(v, dict):
         return {k: _json_value(x, path, row, f"{field}.{k}") for k, x in v.items()
                 if x is not None}
+    if isinstance(v, list) and any(isinstance(x, tuple) for x in v):
+        # pyarrow gives a map column's value as (key, value) pairs: "a tuple" named no type the
+        # user wrote.
+        raise UserError("is a Parquet map, which JSON has no type for; store it as a struct "
+                        "(an object) or a list", path=path, line=row, field=field)
     if isinstance(v, list):
         return [_json_value(x, path, row, f"{field}[{i}]") for i, x in enumerate(v)]
     if isinstance(v, float) and not math.isfinite(v):
