@@ -934,6 +934,71 @@ def _readable_int(text: str) -> int:
     return int(text)
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # JSON leaves a name given twice in an object to the reader: which value the line meant
+    # would be a guess (Python's json silently kept the last).
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return obj
+
+
+class _Pairs(list):
+    """An object's (name, value) pairs as read, repeated names kept."""
+
+
+_UNREAD = object()  # a number json_objects refuses: NaN, an infinity, an integer too long
+
+
+def _unread_float(text: str) -> Any:
+    return float(text) if math.isfinite(float(text)) else _UNREAD
+
+
+def _unread_int(text: str) -> Any:
+    try:
+        return _readable_int(text)
+    except _TooLong:
+        return _UNREAD
+
+
+def _refused_field(line: str) -> str | None:
+    """The field of JSON text `line` that `json_objects` refused, named as errors name a field
+    (`messages[1].content`): the first, in the order json reads them, that is a NaN, an
+    infinity or an integer too long, or a name an object gives twice. None if there is none,
+    or the line cannot be read so."""
+    def find(value: Any, name: str) -> str | None:
+        if value is _UNREAD:
+            return name or None
+        if isinstance(value, (_Pairs, list)):
+            # An object is checked once read whole: its values' faults come first.
+            items = value if isinstance(value, _Pairs) else enumerate(value)
+            for key, v in items:
+                found = find(v, f"{name}[{key}]" if not isinstance(value, _Pairs)
+                             else f"{name}.{key}" if name else key)
+                if found:
+                    return found
+            if isinstance(value, _Pairs):
+                keys = [k for k, _ in value]
+                repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+                if repeated is not None:
+                    return f"{name}.{repeated}" if name else repeated
+        return None
+    try:
+        return find(json.loads(line, parse_constant=lambda _: _UNREAD,
+                               parse_float=_unread_float, parse_int=_unread_int,
+                               object_pairs_hook=_Pairs), "")
+    except ValueError:
+        return None
+
+
 def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(row number from 1, row as a dict) for each row of a Parquet file: its columns are the
     fields a JSONL line would have (lists and structs arrive as lists and dicts). A null is an
@@ -1076,7 +1141,12 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
         first = False
         try:
             row = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float,
-                             parse_int=_readable_int)
+                             parse_int=_readable_int, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as e:
+            raise UserError("is given twice in one object; JSON readers differ in which value "
+                            "they take (Python's json the last, others the first or none): "
+                            "keep one", path=path, line=lineno,
+                            field=_refused_field(line) or e.args[0]) from None
         except json.JSONDecodeError as e:
             # A pretty-printed object breaks off at its line's end ("{" alone on line 1).
             cut = ("; the line ends inside a JSON value: JSON Lines holds each object whole on "
@@ -1088,9 +1158,11 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
             what = "is not a JSON number" if e.args[0] in ("NaN", "Infinity", "-Infinity") \
                 else "is too large for a 64-bit float"
             raise UserError(f"not valid JSON ({e.args[0]} {what}; write null or a finite "
-                            f"number)", path=path, line=lineno) from None
+                            f"number)", path=path, line=lineno, field=_refused_field(line)) \
+                from None
         except _TooLong as e:
-            raise UserError(f"cannot be read: {e}", path=path, line=lineno) from None
+            raise UserError(f"cannot be read: {e}", path=path, line=lineno,
+                            field=_refused_field(line)) from None
         if not isinstance(row, dict):
             raise UserError(f"each line must be {what}", path=path, line=lineno)
         yield lineno, row

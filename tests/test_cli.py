@@ -926,8 +926,9 @@ def test_nan_in_a_jsonl_line_is_refused_and_never_written(tiny_model, tmp_path, 
     out = tmp_path / "s.jsonl"
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
                  "--out", str(out), "--max-new-tokens", "2"]) == 2
-    assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2: not valid JSON (NaN "
-                                       f"is not a JSON number; write null or a finite number)\n")
+    assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2, field 'weight': not "
+                                       f"valid JSON (NaN is not a JSON number; write null or a "
+                                       f"finite number)\n")
     assert not out.exists()
     prompts.write_text('{"prompt": "hello", "weight": -Infinity}\n')
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
@@ -947,16 +948,16 @@ def test_a_number_too_large_to_read_in_a_jsonl_line_is_refused_naming_its_line(
     prompts.write_text('{"prompt": "hello"}\n{"prompt": "world", "weight": 1e999}\n')
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
                  "--out", str(out), "--max-new-tokens", "2"]) == 2
-    assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2: not valid JSON (1e999 "
-                                       f"is too large for a 64-bit float; write null or a finite "
-                                       f"number)\n")
+    assert capsys.readouterr().err == (f"gptlab sample: error: {prompts}:2, field 'weight': not "
+                                       f"valid JSON (1e999 is too large for a 64-bit float; write "
+                                       f"null or a finite number)\n")
     prompts.write_text('{"prompt": "hello"}\n\n{"prompt": "world", "weight": ' + "9" * 5000
                        + '}\n')
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(prompts),
                  "--out", str(out), "--max-new-tokens", "2"]) == 2
     assert capsys.readouterr().err == (
-        f"gptlab sample: error: {prompts}:3: cannot be read: an integer of 5000 digits is more "
-        f"than the 4300 digits a number may have here; write it as a string\n")
+        f"gptlab sample: error: {prompts}:3, field 'weight': cannot be read: an integer of 5000 "
+        f"digits is more than the 4300 digits a number may have here; write it as a string\n")
     assert not out.exists()
     prompts.write_text('{"prompt": "hello", "weight": 1e308, "n": -' + "9" * 4300 + '}\n')
     assert read_jsonl(prompts)[0]["weight"] == 1e308     # the largest still read as they are

@@ -969,8 +969,8 @@ def test_an_integer_one_digit_past_pythons_limit_names_its_line(tmp_path):
     f.write_text('{"a": 1}\n{"a": ' + "9" * limit + '}\n', encoding="utf-8")
     assert [len(str(r["a"])) for r in read_jsonl(f)] == [1, limit]  # at the limit: read
     f.write_text('{"a": 1}\n{"a": ' + "9" * (limit + 1) + '}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=rf"rows.jsonl:2: cannot be read: an integer of "
-                                        rf"{limit + 1} digits"):
+    with pytest.raises(UserError, match=rf"rows.jsonl:2, field 'a': cannot be read: an integer "
+                                        rf"of {limit + 1} digits"):
         read_jsonl(f)
 
 
