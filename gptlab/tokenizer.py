@@ -804,6 +804,12 @@ def check_messages(messages: Sequence[dict]) -> None:
             has = f"has role {m['role']!r}" if "role" in m else "has no 'role'"
             raise UserError(f"message {i} {has}; expected one of {', '.join(ROLES)}",
                             field=f"messages[{i}].role")
+        if isinstance(m.get("content"), list):
+            # OpenAI's content parts: joining their texts would guess the separator and drop
+            # what is not text (an image) without a word.
+            raise UserError(f"message {i} content is a list of parts (OpenAI's format); gptlab "
+                            f"reads text only: write the content as one string",
+                            field=f"messages[{i}].content")
         if not isinstance(m.get("content"), str):
             has = "content must be a string" if "content" in m else "has no 'content'"
             raise UserError(f"message {i} {has}", field=f"messages[{i}].content")
