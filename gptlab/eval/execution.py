@@ -101,7 +101,7 @@ def score_samples(world: Any, path: str | Path) -> tuple[dict[str, Any], list[di
                             f"question once, with all its responses on one line", path=where,
                             line=r["_line"], field="id")
         try:
-            kinds = [world.check(str(r["id"]), resp.strip()).kind for resp in responses]
+            kinds = [world.check(r["id"], resp.strip()).kind for resp in responses]
         except UserError as e:  # an id the world does not know: say where it came from
             raise e.at(where, r["_line"]) from None
         hits = [int(k == "correct") for k in kinds]

@@ -42,7 +42,7 @@ def execution_reward(world: Any) -> RewardFn:
                 if "id" not in r:
                     raise UserError("the execution reward needs each prompt record's world "
                                     "'id'", field="id")
-                world.gold(str(r["id"]))
+                world.gold(r["id"])
             except UserError as e:
                 raise (e.at(record_file(r, path), r.get("_line")) if path else e) from None
 
