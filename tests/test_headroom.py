@@ -10,7 +10,7 @@ from gptlab.data.instruct import encode_prompt, encode_response, read_rankings
 from gptlab.errors import UserError
 from gptlab.eval.headroom import best_of_k, pick_stats, score_responses
 from gptlab.eval.pipeline_eval import rm_accuracy_noise_free
-from gptlab.eval.stats import t_975
+from gptlab.eval.stats import clustered_rate
 from gptlab.io import write_jsonl_atomic
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
@@ -166,9 +166,10 @@ def test_reward_model_accuracy_is_judged_by_the_noise_free_labeler(world, models
     right = sum(per_prompt)
     assert n == 6 and pairs == 18 and acc == pytest.approx(right / 18)
     assert 0 < right < 18  # the random head orders some pairs each way
-    # The interval treats the 6 prompts as the draws: 6/5 · Σ (right_i − acc · 3)² / 18².
-    half = t_975(5) * (6 / 5 * sum((r - acc * 3) ** 2 for r in per_prompt) / 18 ** 2) ** 0.5
-    assert ci == pytest.approx([max(0, acc - half), min(1, acc + half)])
+    # The interval treats the 6 prompts as the draws: the prompt bootstrap of the hand counts,
+    # 3 pairs each (tests/test_stats.py checks the rule itself).
+    assert ci == pytest.approx(clustered_rate([(r, 3) for r in per_prompt])["ci95"])
+    assert ci[0] < acc < ci[1]
     # Against the labelers' own (reversed) rankings the same scores get the complement.
     held = [encode_ranking(tok, r, 256) for r in read_rankings(tmp_path / "held.jsonl")]
     assert pairwise_accuracy(rm, [collate_rankings(held, tok.pad_id)]) == pytest.approx(1 - acc)
@@ -203,8 +204,8 @@ def test_a_prompt_ranked_in_two_rounds_is_one_draw_of_the_interval(world, models
         right[row["id"]] = (r0 + got, n0 + len(s) * (len(s) - 1) // 2)
     assert (n, pairs) == (5, 3 + 1 + 3 + 3 + 3) and len(right) == 4
     assert acc == pytest.approx(sum(r for r, _ in right.values()) / 13)
-    half = t_975(3) * (4 / 3 * sum((r - acc * m) ** 2 for r, m in right.values()) / 13 ** 2) ** 0.5
-    assert ci == pytest.approx([max(0, acc - half), min(1, acc + half)])
+    # Four draws, the prompt ranked twice summed into one: not five.
+    assert ci == pytest.approx(clustered_rate(list(right.values()))["ci95"])
 
 
 def test_without_ties_two_answers_of_one_verdict_and_length_are_no_pair_to_judge(world, models,
