@@ -155,24 +155,33 @@ def _shown(value: Any) -> str:
         f"a mapping {text}" if isinstance(value, dict) else text
 
 
-def _key_lines(text: str) -> dict[str, int]:
+def _key_lines(text: str, source: str | Path = "config") -> dict[str, int]:
     """The line of each key of a YAML mapping, nested keys dotted (`a.b`), and of each item of
     a list, by its index (`data[1]`), as OmegaConf names them; a key brought by a merge (`<<`)
-    has none."""
+    has none. A value holding itself (`x: &a {y: *a}`) is refused, naming its key: OmegaConf
+    recursed on it until Python's stack ran out."""
     lines: dict[str, int] = {}
 
-    def walk(node: yaml.Node, path: str) -> None:
+    def walk(node: yaml.Node, path: str, inside: frozenset[int], record: bool = True) -> None:
+        if id(node) in inside:
+            raise UserError("holds itself (an alias inside the anchor it names); a config is "
+                            "a tree of values", path=source, line=lines.get(path), field=path)
+        inside = inside | {id(node)}
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                     at = f"{path}.{key.value}" if path else key.value
-                    lines.setdefault(at, key.start_mark.line + 1)
-                    walk(value, at)
-        elif isinstance(node, yaml.SequenceNode) and path:
+                    if record:
+                        lines.setdefault(at, key.start_mark.line + 1)
+                    walk(value, at, inside, record)
+                else:  # a merge's keys have no line of their own; it may still hold itself
+                    walk(value, path, inside, record=False)
+        elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                lines.setdefault(f"{path}[{i}]", item.start_mark.line + 1)
-                walk(item, f"{path}[{i}]")
-    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+                if path and record:
+                    lines.setdefault(f"{path}[{i}]", item.start_mark.line + 1)
+                walk(item, f"{path}[{i}]", inside, record and bool(path))
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), "", frozenset())
     return lines
 
 
@@ -337,7 +346,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
                             field=key) from None
         if not isinstance(data, dict):
             raise UserError("a config file must be a mapping of keys to values", path=path)
-        lines = _key_lines(text)
+        lines = _key_lines(text, path)
         _check_lists(cls, data, str(path), "{key}: [{item}]", lines)
         try:
             conf = OmegaConf.merge(conf, OmegaConf.create(data))
