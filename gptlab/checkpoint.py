@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,17 @@ def _config_format(path: Path) -> Any:
     return meta.get("format")
 
 
+def _looks_ours(config: Path) -> bool:
+    """Whether `config` has gptlab's `arch` and `model` fields and no Hugging Face
+    `model_type`: a gptlab config.json whose format marker was lost."""
+    try:
+        meta = read_json(config)
+    except (UserError, OSError):
+        return False
+    return isinstance(meta, dict) and "model_type" not in meta and "arch" in meta \
+        and isinstance(meta.get("model"), dict)
+
+
 def is_gptlab_dir(path: str | Path) -> bool:
     return _config_format(Path(path)) == FORMAT
 
@@ -204,12 +216,21 @@ def check_config(cfg: Any, path: str | Path | None = None, prefix: str = "") -> 
             raise UserError(f"must be {expected}, got {v!r}", path=path, field=name)
         if v is None or isinstance(v, (bool, str)):
             continue
+        if isinstance(v, int) and abs(v) > sys.float_info.max:  # math.isfinite(10**400) raised
+            raise UserError(f"must be a finite number, got an integer of {len(str(abs(v)))} "
+                            f"digits", path=path, field=name)
         if not math.isfinite(v):
             raise UserError(f"must be a finite number, got {v!r}", path=path, field=name)
         if f.name in _COUNTS and v < 1:
             raise UserError(f"must be at least 1, got {v!r}", path=path, field=name)
         if f.name in _RANGES and not _RANGES[f.name][1](v):
             raise UserError(f"must be {_RANGES[f.name][0]}, got {v!r}", path=path, field=name)
+    # float32 counts whole numbers exactly only up to 2**24: a sinusoidal table longer than that
+    # gives positions past it one another's encoding (and, at 10**9, asked for 128 GB).
+    if getattr(cfg, "positions", "sinusoidal") == "sinusoidal" and cfg.context > 2**24:
+        raise UserError(f"must be at most 2**24 (16777216) with sinusoidal positions, whose "
+                        f"float32 table tells no positions past it apart; got {cfg.context}",
+                        path=path, field=prefix + "context")
 
 
 def build_from_meta(meta: dict, path: str | Path = "config.json") -> torch.nn.Module:
@@ -240,6 +261,9 @@ def build_from_meta(meta: dict, path: str | Path = "config.json") -> torch.nn.Mo
         return model_cls(cfg)
     except (TypeError, ValueError) as e:
         raise UserError(str(e), path=path, field="model") from None
+    except (RuntimeError, OverflowError) as e:  # sizes past what torch can address
+        raise UserError(f"describes a model that cannot be built ({str(e).splitlines()[0]})",
+                        path=path, field="model") from None
 
 
 def check_layer_counts(meta: dict, path: Path, weights: Path) -> None:
@@ -281,13 +305,21 @@ def _shape_mismatches(model: torch.nn.Module, file: Path) -> list[str]:
     """One line for each tensor of `file` whose shape differs from the model's."""
     from safetensors import safe_open
 
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     out = []
     with safe_open(str(file), framework="pt") as f:
         for name in f.keys():
             found = tuple(f.get_slice(name).get_shape())
             if name in expected and expected[name] != found:
                 out.append(f"{name} is {found} in the file, the config implies {expected[name]}")
+            # An integer or boolean tensor where the model has a float one: cast, it loaded
+            # silently as whole numbers (a damaged or foreign file, never a saved model).
+            kind = f.get_slice(name).get_dtype()
+            if name in expected and state[name].is_floating_point() \
+                    and not kind.startswith(("F", "BF")):
+                out.append(f"{name} is of type {kind} in the file, the model's is a floating-point "
+                           f"type")
     return out
 
 
@@ -352,8 +384,13 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
     if not missing:
         for module in model.modules():
             if any(b is not None and b.is_meta for b in module._buffers.values()):
-                with torch.device("cpu"):
-                    module.reset_buffers()
+                try:
+                    with torch.device("cpu"):
+                        module.reset_buffers()
+                except RuntimeError as e:  # out of memory: the config's size, not the file
+                    raise UserError(f"its sinusoidal position table cannot be made "
+                                    f"({str(e).splitlines()[0][:200]})",
+                                    field="model.context") from None
     return missing, [n for n in state if n not in saved]
 
 
@@ -380,6 +417,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     # version cannot read; any other is a Hugging Face model's.
     fmt = _config_format(p) if p.is_dir() else None
     ours = isinstance(fmt, str) and fmt.startswith("gptlab/")
+    if p.is_dir() and not ours and _looks_ours(p / "config.json"):
+        # Read as a Hugging Face config, it was "architecture None is not supported".
+        said = "is missing" if fmt is None else f"is {fmt!r}"
+        raise UserError(f"{said}: a gptlab model directory's config.json has \"format\": "
+                        f"\"{FORMAT}\" (its arch and model fields are gptlab's)",
+                        path=p / "config.json", field="format")
     if (p.is_file() and p.suffix == ".gguf") or (p.is_dir() and not ours
                                                   and (p / "config.json").exists()):
         from gptlab.interop import load_pretrained
@@ -394,7 +437,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         check_layer_counts(meta, p / "config.json", p / MODEL_FILE)
         with torch.device("meta"):  # shapes only: the weights come from the file
             model = build_from_meta(meta, p / "config.json")
-        load_weights(model, p / MODEL_FILE)
+        try:
+            load_weights(model, p / MODEL_FILE)
+        except UserError as e:  # one that names no file is the config's (`_assign_weights`)
+            raise e.at(p / "config.json") from None
         if hasattr(model, "pad_token_id"):
             model.pad_token_id = check_pad_token_id(meta.get("pad_token_id"),
                                                     model.config.vocab_size,
@@ -641,7 +687,10 @@ class Checkpointer:
                             path=path)
         try:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
-            step, files = int(manifest["step"]), manifest["sha256"]
+            step, files = manifest["step"], manifest["sha256"]
+            # int() read 1.5 and true as step 1, and failed on 1e400 (infinity) untold.
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+                raise TypeError(f"step is {str(step)[:20]}, not a step number")
             if not isinstance(files, dict):
                 raise TypeError("sha256 is not an object")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -658,10 +707,19 @@ class Checkpointer:
     def verify(cls, path: str | Path) -> None:
         """Raise UserError if any file of the checkpoint is missing or differs from its sha256."""
         path = Path(path)
-        for name, digest in cls._manifest(path)["sha256"].items():
+        listed = cls._manifest(path)["sha256"]
+        for name, digest in listed.items():
             f = path / name
             if not f.is_file() or _sha256(f) != digest:
                 raise UserError("checkpoint file is missing or corrupt" + _earlier(path), path=f)
+        # A save lists every file it writes: one the manifest lacks (an edited manifest) would
+        # be loaded unverified. Hidden files (a file browser's) are no save's.
+        for f in sorted(path.rglob("*")):
+            name = f.relative_to(path).as_posix()
+            if f.is_file() and name != "manifest.json" and name not in listed \
+                    and not any(part.startswith(".") for part in f.relative_to(path).parts):
+                raise UserError("checkpoint file is not listed in manifest.json, so it cannot be "
+                                "verified" + _earlier(path), path=f)
 
     def load(self, path: str | Path, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None = None,

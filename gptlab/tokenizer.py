@@ -944,7 +944,8 @@ def _token_str(value: Any, path: Path, field: str) -> str | None:
     """HF configs write a token as a string or as an AddedToken dict with "content"; null is
     no such token."""
     content = value.get("content") if isinstance(value, dict) else value
-    if content is not None and not isinstance(content, str):
+    # An object without a content string is no token: read as none, it dropped a BOS unseen.
+    if (content is not None or isinstance(value, dict)) and not isinstance(content, str):
         raise UserError(f"must be a token string or an object with a 'content' string, got "
                         f"{value!r}", path=path, field=field)
     return content

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,11 @@ def _count(cfg: dict, key: str, path: Path, default: Any = _MISSING) -> Any:
 def _positive(cfg: dict, key: str, path: Path, default: Any = _MISSING) -> float:
     """A finite positive number field (epsilons, rope theta)."""
     v = _value(cfg, key, path, default)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-        raise UserError(f"must be a finite positive number, got {v!r}", path=path, field=key)
+    huge = isinstance(v, int) and abs(v) > sys.float_info.max  # math.isfinite(10**400) raised
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 or huge \
+            or not math.isfinite(v):
+        shown = f"an integer of {len(str(v))} digits" if huge else repr(v)
+        raise UserError(f"must be a finite positive number, got {shown}", path=path, field=key)
     return float(v)
 
 
@@ -399,6 +403,9 @@ def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
         if name not in named:
             raise UserError(f"tensor for '{name}' is missing from the checkpoint", path=source)
         src, t = named[name]
+        if not t.is_floating_point():  # cast, it loaded as whole numbers without a word
+            raise UserError(f"tensor {src} is of type {str(t.dtype).removeprefix('torch.')}, "
+                            f"not a floating-point type as every weight is", path=source)
         if tuple(t.shape) != tuple(ref.shape):
             raise UserError(f"tensor {src} has shape {tuple(t.shape)}, but the config implies "
                             f"{tuple(ref.shape)} for {name}", path=source)
