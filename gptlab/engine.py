@@ -133,74 +133,22 @@ def scale_logits(logits: Tensor, temperature: float, read_overflow: bool | None 
     backward would keep the logits and a (B, T, V) mask of their maxima alive (amax's and
     masked_fill's), for rows whose gradient depends on which entries tie the maximum. Without
     a graph the shifted rows are made in the division's own buffer: nothing kept, and no more
-    memory than the division alone. `scaled_log_softmax` differentiates through these values
-    with no read and nothing more kept."""
+    memory than the division alone."""
+    scaled = logits / temperature
+    overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)  # (B, 1)
     graph = torch.is_grad_enabled() and logits.requires_grad
     if read_overflow is None:
         read_overflow = graph
-    if not graph and not read_overflow:
-        return _scale_without_graph(logits, temperature)[0]
-    scaled = logits / temperature
-    overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)  # (B, 1)
     if read_overflow and not bool(overflow.any()):
         return scaled
-    if not graph:
-        del scaled
-        return _scale_without_graph(logits, temperature)[0]
     top = logits.amax(-1, keepdim=True)
-    shifted = ((logits - top) / temperature).masked_fill(logits == top, 0.0)
-    return torch.where(overflow, shifted, scaled)
-
-
-def _scale_without_graph(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """(`scale_logits`' values, which rows overflowed (B, 1)), made without a graph or a read:
-    the shifted rows in the division's own buffer."""
-    scaled = logits / temperature
-    overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)
-    top = logits.amax(-1, keepdim=True)
+    if graph:
+        shifted = ((logits - top) / temperature).masked_fill(logits == top, 0.0)
+        return torch.where(overflow, shifted, scaled)
     del scaled
     # A row that does not overflow subtracts +0.0, which leaves every float as it is.
     out = (logits - torch.where(overflow, top, 0.0)).div_(temperature)
-    return out.masked_fill_((logits == top) & overflow, 0.0), overflow
-
-
-def scaled_log_softmax(logits: Tensor, temperature: float) -> Tensor:
-    """log softmax(`scale_logits`(logits, temperature)) (B, T, V), whose gradient, where
-    autograd records a graph of `logits`, is the one the graph of `scale_logits` and log
-    softmax gives, bit for bit, without reading whether a row overflowed (PPO's update: a wait
-    for the device each minibatch). The backward keeps the scaled logits, in place of the
-    log-probabilities log softmax would keep (no more memory), and makes its rows' gradient
-    both ways, the plain division's and the shifted rows', taking each row's."""
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        return scale_logits(logits, temperature).log_softmax(-1)
-    return _ScaledLogSoftmax.apply(logits, temperature)
-
-
-class _ScaledLogSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, temperature: float) -> Tensor:
-        scaled, overflow = _scale_without_graph(logits, temperature)
-        ctx.temperature = temperature
-        ctx.save_for_backward(scaled, overflow)
-        return scaled.log_softmax(-1)
-
-    @staticmethod
-    def backward(ctx, grad_logp: Tensor) -> tuple[Tensor, None]:
-        scaled, overflow = ctx.saved_tensors
-        T = ctx.temperature
-        with torch.enable_grad():  # log softmax's own backward, its output made again
-            s = scaled.detach().requires_grad_()
-            grad, = torch.autograd.grad(s.log_softmax(-1), s, grad_logp)
-        # scale_logits' graph: where(overflow, shifted, logits / T). A shifted row is
-        # (logits - top) / T with its top entries set to +0.0 (no other entry of such a row is
-        # +0.0): their gradient is what the others' sends back through `top` (amax), shared.
-        top = (scaled == 0) & ~scaled.signbit() & overflow
-        shifted = grad.masked_fill(top | ~overflow, 0.0).div_(T)
-        shifted = shifted + (-shifted.sum(-1, keepdim=True) / top.sum(-1, keepdim=True)) * top
-        # Its three paths (division, shift, amax) add zeros to the one that carries a value:
-        # a -0.0 comes out +0.0, unless no row overflowed and the graph was the division alone.
-        plain = grad.div_(T).add_(torch.where(overflow.any(), 0.0, -0.0))
-        return torch.where(overflow, shifted.add_(0.0), plain), None
+    return out.masked_fill_((logits == top) & overflow, 0.0)
 
 
 # Seeds the generator of the uniforms' low bits apart from the main one (a fixed odd mix).

@@ -38,7 +38,7 @@ from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, is_value_model, load_l
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
 from gptlab.devices import queued_copy
-from gptlab.engine import SamplingParams, generate, scaled_log_softmax
+from gptlab.engine import SamplingParams, generate
 from gptlab.errors import (UserError, check_given, counted, exception_line,
                            reports_path_errors, setting)
 from gptlab.io import check_out_of_read_dirs, record_file
@@ -330,13 +330,17 @@ def reward_model_scores(model: ScalarHeadModel, prompts: list[list[int]],
 def response_logprobs(model: GPT, ro: Rollout, temperature: float,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, logits divided by the temperature
-    exactly as in the rollout (`scale_logits`; with a graph, `scaled_log_softmax` reads no
-    overflow). (B, R)."""
+    exactly as in the rollout. (B, R).
+
+    The rollout's `scale_logits` guards rows where logits / T overflows; PPO's temperature is
+    at least 0.01 (`PPOConfig`), where only a logit past 3.4e36 or an infinite one (a diverged
+    model) would, so the update divides plainly: the same values bit for bit, and no read of
+    whether a row overflowed, which would wait for the device each minibatch."""
     cache = prefix_cache(model, ro.prefix, len(ro.ids))
     h, _ = model.hidden_states(ro.ids, ro.attention_mask, cache=cache,
                                right_padded=ro.all_right_padded)
     # (B, R, V); the logits go as they are made: nothing but the function holds them
-    logp = scaled_log_softmax(model.lm_head(h[:, ro.P - 1:-1]).float(), temperature)
+    logp = (model.lm_head(h[:, ro.P - 1:-1]).float() / temperature).log_softmax(-1)
     lp = logp.gather(-1, ro.response_ids[..., None]).squeeze(-1)
     # The entropy is only logged: with a graph, it would keep two (B, R, V) tensors alive
     # through the backward and the next minibatch's forward.
