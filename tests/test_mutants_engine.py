@@ -62,6 +62,25 @@ def test_a_row_at_its_limit_leaves_the_batch():
     out = generate(net, [[7] * 45, [3, 4, 5]], SamplingParams(max_new_tokens=6, greedy=True))
     assert [len(t) for t in out.tokens] == [3, 6] and out.finished == [False, False]
     assert shapes == [(2, 45), (2, 1), (2, 1), (1, 1), (1, 1), (1, 1)]
+    # With stop tokens (none drawn here) the rows that go on are counted another way: the
+    # same steps.
+    unused = next(i for i in range(61) if all(i not in t for t in out.tokens))
+    shapes.clear()
+    again = generate(net, [[7] * 45, [3, 4, 5]],
+                     SamplingParams(max_new_tokens=6, greedy=True, stop_ids=(unused,)))
+    assert again.tokens == out.tokens and again.finished == [False, False]
+    assert shapes == [(2, 45), (2, 1), (2, 1), (1, 1), (1, 1), (1, 1)]
+
+
+def test_a_seed_past_two_to_the_64_is_read_modulo_two_to_the_64():
+    """torch refuses a seed of 2**64 or more; generate reads any integer modulo 2**64, as
+    torch reads a negative one."""
+    net = model()
+    params = SamplingParams(max_new_tokens=5, temperature=1.5)
+    want = generate(net, [[3, 4]], params, seed=5).tokens
+    assert generate(net, [[3, 4]], params, seed=2**64 + 5).tokens == want
+    assert generate(net, [[3, 4]], params, seed=-1).tokens == \
+        generate(net, [[3, 4]], params, seed=2**64 - 1).tokens
 
 
 def test_a_top_p_of_one_filters_nothing():
