@@ -479,6 +479,20 @@ def test_settings_left_unset_say_what_that_means_in_both_documents(tmp_path):
     assert "n/a" not in md.split("## Execution accuracy")[0]
 
 
+def test_thread_counts_of_a_resumed_stage_read_in_turn_not_as_a_python_list(tmp_path):
+    # A stage resumed on another thread count showed as "pretrain [1, 2]" in report.md and
+    # report.html; report.json keeps the list a script reads.
+    results = full_results()
+    results["config"] = {"preset": "demo", "threads": {"pretrain": [1, 2, 4], "sft": 2}}
+    write_report(tmp_path, results)
+    settings = "Pipeline settings: preset demo; threads: pretrain 1, then 2, then 4, sft 2."
+    md = (tmp_path / "report.md").read_text()
+    assert f"\n\n{settings}\n\n" in md and "[" not in md.split("\n\n")[1]
+    assert f"<p>{settings}</p>" in (tmp_path / "report.html").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["threads"] == {
+        "pretrain": [1, 2, 4], "sft": 2}
+
+
 def test_the_execution_table_says_what_its_figures_and_models_are(tmp_path):
     # "does not run", the figures' scale, sft_continued (the control) and ppo (a second row of
     # the last round's model) were named nowhere in the report.

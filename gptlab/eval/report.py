@@ -460,7 +460,11 @@ UNSET_MEANS = {"world": "built-in", "demonstrator_flaw": "none", "eval_limit": "
 
 def describe_setting(key: str, value: Any) -> str:
     """A setting's value as the report shows it: an unset one by what that means, a flag as on
-    or off (not Python's True and False)."""
+    or off (not Python's True and False), a list as the counts a stage ran on in turn ("1, then
+    2": the only list a run's settings hold is a stage's thread counts, in the order it ran on
+    them), not as Python's [1, 2]."""
+    if isinstance(value, list) and value:
+        return ", then ".join(describe_setting(key, v) for v in value)
     if value is None:
         return UNSET_MEANS.get(key, "unset")
     if isinstance(value, bool):
