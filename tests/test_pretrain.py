@@ -959,3 +959,90 @@ def test_a_tokenizer_that_differs_only_in_its_eos_is_refused_saying_so(corpus, t
     # Only what does not reach the model (its chat template) may differ.
     templated = variant("templated", chat_template="{{ messages[0]['content'] }}")
     assert _given_for(tmp_path / "model", own, templated) is templated
+
+
+def test_a_tokenizer_that_differs_only_in_its_post_processor_continues_the_model(corpus,
+                                                                                tmp_path):
+    """A tokenizer.json whose only difference is its post-processor (what transformers adds
+    around a text) was refused as another tokenizer whose ids would give the embeddings other
+    meanings. gptlab encodes without it, and the BOS it prepends is the BOS setting: where
+    that agrees, every document gets the same ids, and the tokenizer is accepted, BOS first or
+    not; and a pretraining run continues the model with it."""
+    from tokenizers import processors
+
+    from gptlab.data.tokens import document_start
+    from gptlab.train.pretrain import _given_for
+    d, docs, tok = corpus
+    config = json.loads((d / "tok" / "tokenizer_config.json").read_text())
+
+    def variant(name: str, post_processor, **changes):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+        hf = load_tokenizer(d / "tok").hf
+        hf.post_processor = post_processor
+        hf.save(str(path / "tokenizer.json"))
+        return load_tokenizer(path)
+    # BOS first in both; transformers' tokenizer(text) would end this one's sequences with EOS
+    bos_eos = variant("bos-eos", processors.TemplateProcessing(
+        single="<|bos|> $A <|eos|>", special_tokens=[("<|bos|>", 0), ("<|eos|>", 1)]))
+    # BOS first in neither; a byte-level post-processor only moves offsets
+    plain = variant("plain", None, add_bos_token=False)
+    offsets = variant("offsets", processors.ByteLevel(trim_offsets=True), add_bos_token=False)
+    own = load_tokenizer(d / "tok")
+    for mine, theirs in ((own, bos_eos), (plain, offsets)):
+        mine_json, theirs_json = (json.loads(t.hf_as_saved().to_str()) for t in (mine, theirs))
+        assert mine_json["post_processor"] != theirs_json["post_processor"]
+        assert {**mine_json, "post_processor": None} == {**theirs_json, "post_processor": None}
+        assert _given_for(tmp_path / "model", mine, theirs) is theirs
+        for doc in docs:
+            assert document_start(mine) + mine.encode(doc) + [mine.eos_id] == \
+                document_start(theirs) + theirs.encode(doc) + [theirs.eos_id]
+    assert document_start(own) == [0] and document_start(plain) == []
+    assert bos_eos.hf.encode("the cat").ids[-1] == 1 != own.hf.encode("the cat").ids[-1]
+    base = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run(*base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "one")) == 0
+    assert main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress",
+                 "--sample-tokens", "0", *base, "--tokenizer", str(tmp_path / "bos-eos"),
+                 "--out", str(tmp_path / "two")]) == 0
+
+
+def test_a_tokenizer_that_differs_only_in_its_decoder_is_refused_saying_what_it_changes(
+        corpus, tmp_path):
+    """A tokenizer.json whose only difference is its decoder was refused saying that another
+    tokenizer would give the embeddings other meanings: a decoder gives no token an id, it
+    reads the ids the model writes back as text. The refusal says so."""
+    from tokenizers import decoders
+
+    from gptlab.train.pretrain import _given_for
+    d, _, _ = corpus
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    shutil.copy(d / "tok" / "tokenizer_config.json", fused)
+    hf = load_tokenizer(d / "tok").hf
+    hf.decoder = decoders.Fuse()  # no byte-level decoding: "Ġcat" stays "Ġcat"
+    hf.save(str(fused / "tokenizer.json"))
+    own, given = load_tokenizer(d / "tok"), load_tokenizer(fused)
+    assert own.encode("the cat sat") == given.encode("the cat sat")
+    assert own.decode(own.encode("the cat")) == "the cat" != given.decode(own.encode("the cat"))
+    keep = "leave out tokenizer (--tokenizer) to continue with its own"
+    with pytest.raises(UserError) as e:
+        _given_for(tmp_path / "model", own, given)
+    assert str(e.value) == (
+        f"{tmp_path / 'model'}, field 'tokenizer': has its own tokenizer.json, which differs "
+        f"from tokenizer (--tokenizer) only in its decoder: a document gets the same token ids "
+        f"from either, but the decoder turns the ids the model writes back into text, and the "
+        f"latter's would read its samples and replies as other text than its own does; {keep}")
+    assert "other meanings" not in str(e.value)
+    # Beside another EOS: the tokens are the same, the EOS and the decoders differ.
+    (fused / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((d / "tok" / "tokenizer_config.json").read_text()),
+         "eos_token": "<|pad|>"}))
+    with pytest.raises(UserError) as e:
+        _given_for(tmp_path / "model", own, load_tokenizer(fused))
+    assert str(e.value).endswith(
+        "but for the end of a document: its own ends each document with '<|eos|>' (eos_token), "
+        "tokenizer (--tokenizer) each with '<|pad|>' (their decoders differ too, which turn the "
+        f"ids the model writes back into text); the model was trained on the former and would "
+        f"be continued on the latter: {keep}")

@@ -99,23 +99,32 @@ def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
     tokenizer of its own that differs: its embeddings are rows for its own tokens' ids, it
     was trained with or without BOS first, and with its own EOS between documents (what it
     learned ends one). Each is compared as saved: a directory saved before `save` wrote the
-    post-processor that prepends BOS holds the same tokenizer as one saved since. The refusal
-    says what differs, so that the user can tell which to keep."""
+    post-processor that prepends BOS holds the same tokenizer as one saved since. The
+    post-processor is not compared: gptlab encodes without it (special tokens are its own to
+    add), so it changes no id a document gets, and the BOS it prepends is the BOS setting,
+    compared as such. The decoder changes no id either, but the text the model's output reads
+    as. The refusal says what differs, so that the user can tell which to keep."""
     if own is None:
         return given
     mine, theirs = (json.loads(t.hf_as_saved().to_str()) for t in (own, given))
     parts = [part for part in dict.fromkeys([*mine, *theirs])
-             if mine.get(part) != theirs.get(part)]
-    if not parts and own.eos_id == given.eos_id:
+             if part != "post_processor" and mine.get(part) != theirs.get(part)]
+    bos, eos = own.bos_id != given.bos_id, own.eos_id != given.eos_id
+    if not parts and not bos and not eos:
         return given
     keep = "leave out tokenizer (--tokenizer) to continue with its own"
-    if not parts or (parts == ["post_processor"] and own.bos_id != given.bos_id):
+    if parts == ["decoder"] and not bos and not eos:
+        raise UserError("has its own tokenizer.json, which differs from tokenizer (--tokenizer) "
+                        "only in its decoder: a document gets the same token ids from either, "
+                        "but the decoder turns the ids the model writes back into text, and "
+                        "the latter's would read its samples and replies as other text than "
+                        f"its own does; {keep}", path=model_dir, field="tokenizer")
+    if parts in ([], ["decoder"]):
         # the same tokens: another BOS first (the post-processor that prepends it), another
         # EOS between documents, or both
         def first(t: Any) -> str:
             return (f"with {t.bos_token!r} (add_bos_token: true)" if t.bos_id is not None
                     else "with none (add_bos_token: false)")
-        bos, eos = own.bos_id != given.bos_id, own.eos_id != given.eos_id
         what = " and ".join([*(["the start of a sequence"] if bos else []),
                              *(["the end of a document"] if eos else [])])
         if bos and eos:
@@ -128,9 +137,12 @@ def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
         else:
             how = (f"its own ends each document with {own.eos_token!r} (eos_token), tokenizer "
                    f"(--tokenizer) each with {given.eos_token!r}")
+        decoder = (" (their decoders differ too, which turn the ids the model writes back into "
+                   "text)" if parts else "")
         raise UserError(f"has its own tokenizer, the same tokens as tokenizer (--tokenizer) but "
-                        f"for {what}: {how}; the model was trained on the former and would be "
-                        f"continued on the latter: {keep}", path=model_dir, field="tokenizer")
+                        f"for {what}: {how}{decoder}; the model was trained on the former and "
+                        f"would be continued on the latter: {keep}", path=model_dir,
+                        field="tokenizer")
     named = ", ".join(_TOKENIZER_PARTS.get(part, part) for part in parts)
     raise UserError(f"has its own tokenizer.json, which differs from tokenizer (--tokenizer) "
                     f"in its {named}: its embeddings are rows for its own tokens, and another "
@@ -140,7 +152,7 @@ def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
 
 # tokenizer.json's sections, as a refusal names them
 _TOKENIZER_PARTS = {"model": "vocabulary and merges", "added_tokens": "added tokens",
-                    "pre_tokenizer": "pre-tokenizer", "post_processor": "post-processor"}
+                    "pre_tokenizer": "pre-tokenizer"}
 
 
 def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, Any]:
