@@ -1045,6 +1045,39 @@ def test_a_lone_cr_ends_a_line_as_in_the_files_gptlab_reads(tiny_dir, monkeypatc
     assert str(e.value).startswith("<stdin>:2: not UTF-8 text")
 
 
+def test_an_error_after_part_of_a_reply_was_printed_starts_a_line_of_its_own(tiny_dir,
+                                                                             monkeypatch):
+    """At a terminal the reply is printed as the engine draws it; an error the engine raised
+    after some of it was printed (NaN logits at a later token) came on the reply's line, after
+    its text. That line is ended first, as a Ctrl-C does; with nothing of the reply printed,
+    the terminal's echo of the question's Enter has ended the line already."""
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    nan = UserError("gave NaN logits for prompt 0 at new token 4: its weights hold NaN or its "
+                    "activations overflow its dtype; no token can be drawn from them",
+                    field="model")
+
+    def failing(reply: str):  # the engine hands on the tokens of `reply`, then refuses
+        def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+            for t in tok.encode(reply):
+                on_tokens([0], [t])
+            raise nan
+        return generate
+    monkeypatch.setattr(terminal, "generate", failing("the cat"))
+    monkeypatch.setattr("sys.stdin", Terminal("the cat\n"))
+    monkeypatch.setattr("sys.stdout", screen := Writes())
+    monkeypatch.setattr("sys.stderr", screen)
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "8"]) == 2
+    lines = screen.getvalue().splitlines()
+    assert lines[1:] == ["> the cat", f"gptlab chat: error: {nan}"]
+    # Nothing of the reply printed: nothing to end.
+    monkeypatch.setattr(terminal, "generate", failing(""))
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8))
+    with pytest.raises(UserError):
+        run_chat(session, Terminal("the cat\n"), out := Writes(), io.StringIO())
+    assert out.writes == ["> "]
+
+
 def test_a_model_with_nan_weights_prints_nothing_of_a_reply_before_its_error(tiny_dir):
     """At a terminal the reply is printed as the engine draws it, and the engine refused NaN
     logits only once the generation ended: the tokens drawn from them (meaning nothing) were

@@ -254,6 +254,15 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
         stdout.write(piece)
         stdout.flush()
         shown.append(piece)
+
+    def end_line() -> bool:
+        """End the line the reply being written left open, if it did; whether it did. With
+        nothing of it shown, the terminal's echo of the question's Enter ended the line."""
+        open_line = bool(shown) and not shown[-1].endswith("\n")
+        if open_line:
+            stdout.write("\n")
+            stdout.flush()
+        return open_line
     answered = 0
     lineno = 0
     # Lines read and not yet answered: stdin's readline ends a line at \n only, so what it
@@ -319,10 +328,7 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             session.messages, session.turns = messages, turns
             # What was printed of the reply stays; the note starts a line of its own (after
             # the terminal's "^C").
-            open_line = bool(shown) and not shown[-1].endswith("\n")
-            if open_line:
-                stdout.write("\n")
-                stdout.flush()
+            open_line = end_line()
             print(("" if open_line else "\n") + "note: the reply was interrupted; this message "
                   "and its reply are not kept (Ctrl-C at the prompt ends the chat)", file=stderr,
                   flush=True)
@@ -332,6 +338,11 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             if not interactive:
                 print(reply_block(""), end="", file=stdout, flush=True)
             continue
+        except Exception:
+            # An error after part of the reply was printed (the engine's NaN logits at a later
+            # token): the error, on stderr, starts a line of its own, not the reply's.
+            end_line()
+            raise
         if not interactive:  # at a terminal, `show` has printed the reply
             print(reply_block(answer), end="", file=stdout, flush=True)
         answered += 1
