@@ -294,6 +294,20 @@ class Tokenizer:
         whole, before = decode(prompt + ids), self.decode(prompt)
         return whole[len(before):] if whole.startswith(before) else decode(ids)
 
+    def decodes_apart(self, before: Sequence[int], after: int) -> bool:
+        """Whether the text of `before` is final once the token `after` follows it, whatever
+        comes next, as far as its last tokens tell: its text ends in no U+FFFD (byte-level BPE
+        writes one for a character whose bytes go on in later tokens), and its last token and
+        `after` are not byte fallback's `<0xNN>` tokens of one run (decoded together: a run
+        that holds an invalid byte is U+FFFD byte for byte, so a later byte can change what
+        earlier ones read as)."""
+        if not before:
+            return True
+        if self.decode(before).endswith("\ufffd"):
+            return False
+        return not all(_BYTE_FALLBACK.fullmatch(self.hf.id_to_token(int(t)) or "")
+                       for t in (before[-1], after))
+
     def decode_response(self, prompt: str | Sequence[dict], prompt_ids: Iterable[int],
                         ids: Iterable[int], cut: bool = False, lead: str | None = None) -> str:
         """The text of `ids`, a response sampled after `prompt_ids`, the tokens of `prompt` (a
@@ -698,6 +712,8 @@ def _byte_chars() -> list[str]:
 
 
 _BYTE_CHARS = _byte_chars()
+# A token byte fallback decodes as one byte (tokenizers' ByteFallback decoder reads these).
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def starts_with(hf: tokenizers.Tokenizer, token: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import io
+import random
 from pathlib import Path
 
 import pytest
@@ -980,7 +981,8 @@ def test_a_streamed_text_a_later_token_changed_is_followed_by_the_reply_whole():
     U+FFFD, so a later token can change text already printed: the reply as kept then follows
     on a line of its own, rather than its tail after a start that is not its own."""
     texts = iter(["é", "\ufffd\ufffd\ufffdA"])
-    tok = type("Tok", (), {"decode_response": lambda self, *a, **kw: next(texts),
+    tok = type("Tok", (), {"decode_continuation": lambda self, *a, **kw: next(texts),
+                           "decodes_apart": lambda self, before, after: False,  # one run
                            "answer_lead": lambda self, messages: ""})()
     pieces: list[str] = []
     stream = terminal.StreamedReply(tok, [user("hi")], [1, 2], (0,), pieces.append)
@@ -1015,6 +1017,87 @@ def test_smollm2_streams_a_reply_as_it_keeps_it(smol_tok):
     assert answer == "Über café 東京, ok." and "".join(pieces) == answer + "\n"
     assert not any("\ufffd" in p for p in pieces) and len(pieces) >= 6
     assert len(renders) == made > 0
+
+
+def streamed_as_before(tok, messages, prompt_ids, reply) -> list[str]:
+    """The pieces `StreamedReply.add` handed on when it decoded the whole reply so far at each
+    token, after the prompt's last 16 tokens."""
+    seam, lead, given, pieces = prompt_ids[-16:], tok.answer_lead(messages), "", []
+    for n in range(1, len(reply) + 1):
+        text = tok.decode_response(messages, seam, reply[:n], cut=True, lead=lead).strip()
+        if len(text) > len(given) and text.startswith(given):
+            pieces.append(text[len(given):])
+            given = text
+    return pieces
+
+
+def streamed(tok, messages, prompt_ids, reply) -> list[str]:
+    pieces: list[str] = []
+    stream = terminal.StreamedReply(tok, messages, prompt_ids, (), pieces.append)
+    for t in reply:
+        stream.add([0], [t])
+    return pieces
+
+
+@pytest.mark.parametrize("name", ["byte-level", "sentencepiece", "byte-fallback", "smollm2"])
+def test_a_streamed_reply_prints_what_decoding_it_whole_at_each_token_printed(tiny_dir, request,
+                                                                             name):
+    """Each token decodes only the tokens since the last point whose text is final: the pieces
+    are those decoding the whole reply so far gave, on replies of random tokens (characters
+    split over tokens, invalid bytes, byte fallback's runs of them, SentencePiece's spaces and
+    Llama 2's " " before an answer) and of text."""
+    import test_tokenizer
+    from gptlab.checkpoint import load_model
+    if name == "byte-level":
+        tok = load_model(tiny_dir)[1]
+        ids = range(tok.vocab_size)
+    elif name == "sentencepiece":
+        tok = test_tokenizer.sentencepiece_tokenizer(test_tokenizer.LLAMA2_CHAT)
+        ids = range(3, 120)  # its bytes and pieces, no <unk> <s> </s>
+    elif name == "byte-fallback":
+        tok = test_tokenizer._byte_fallback_tokenizer()
+        tok.chat_template = "{% for m in messages %}{{ m['content'] + '\n' }}{% endfor %}"
+        ids = [*range(256), 258]
+    else:
+        tok = request.getfixturevalue("smol_tok")[0]
+        ids = [*range(17, 600), *range(20000, 20100)]
+    rng = random.Random(0)
+    messages = [user("the cat sat on the mat"), bot("yes"), user("Über café 東京?")]
+    prompt = tok.render_chat(messages, add_generation_prompt=True)[0]
+    replies = [tok.encode(text) for text in (" the cat  sat\n\non the mat. ",
+                                             "Über café 東京, ok")]
+    replies += [[rng.choice(ids) for _ in range(rng.randint(1, 50))] for _ in range(30)]
+    for reply in replies:
+        reply = [t for t in reply if t not in tok.stop_ids]
+        assert streamed(tok, messages, prompt, reply) == \
+            streamed_as_before(tok, messages, prompt, reply)
+
+
+def test_a_streamed_token_decodes_as_many_tokens_at_the_end_of_a_long_reply_as_at_its_start(
+        tiny_dir):
+    """Each token decoded the whole reply so far: 0.4 ms a token at 250 tokens, 2.3 ms at
+    2,000. It decodes the tokens since the last point whose text is final, after 16 before it:
+    as many at the 1,000th token as at the 50th."""
+    from gptlab.checkpoint import load_model
+    tok = load_model(tiny_dir)[1]
+    messages = [user("the cat sat")]
+    prompt = tok.render_chat(messages, add_generation_prompt=True)[0]
+    reply = tok.encode("the cat sat on the mat, and € was the price of it. " * 60)[:1000]
+    decoded: list[int] = []
+    decode = tok.decode
+    tok.decode = lambda ids, *a, **kw: decoded.append(len(list(ids))) or decode(ids, *a, **kw)
+    pieces: list[str] = []
+    stream = terminal.StreamedReply(tok, messages, prompt, (), pieces.append)
+    per_token = []
+    try:
+        for t in reply:
+            decoded.clear()
+            stream.add([0], [t])
+            per_token.append(sum(decoded))
+    finally:
+        del tok.decode
+    assert len(reply) == 1000 and "".join(pieces) == tok.decode(reply).strip()
+    assert max(per_token[:50]) == max(per_token) <= 8 * 16
 
 
 @pytest.mark.parametrize("stdin_type", [io.StringIO, Terminal])
