@@ -71,3 +71,17 @@ def test_epochs_count_updates_of_batch_size_times_grad_accum(stopped_at_train, b
     assert len(seen["items"]) == 30  # 40 less int(40 x 0.25) = 10 held out
     assert seen["cfg"].max_steps == steps
     assert cfg.max_steps is None  # on a copy: the caller's config is left as it was
+
+
+def test_a_demonstration_keeps_its_records_id_in_either_format(tmp_path):
+    """A `messages` record's id dropped (a `prompt`/`completion` one's kept) went unseen."""
+    from gptlab.data.instruct import demonstration
+
+    paths = task.write_task(tmp_path, n=8)
+    tok = train_tokenizer([paths["corpus"]], vocab_size=300)
+    chat = demonstration(tok, {"id": "m1", "messages": [
+        {"role": "user", "content": "Is the cat happy?"},
+        {"role": "assistant", "content": "yes"}]}, "d.jsonl", 3)
+    text = demonstration(tok, {"id": "p1", "prompt": "Is the cat happy?", "completion": " yes"},
+                         "d.jsonl", 4)
+    assert (chat.id, chat.line, text.id, text.line) == ("m1", 3, "p1", 4)
