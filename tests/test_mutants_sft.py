@@ -85,3 +85,23 @@ def test_a_demonstration_keeps_its_records_id_in_either_format(tmp_path):
     text = demonstration(tok, {"id": "p1", "prompt": "Is the cat happy?", "completion": " yes"},
                          "d.jsonl", 4)
     assert (chat.id, chat.line, text.id, text.line) == ("m1", 3, "p1", 4)
+
+
+def test_an_eos_that_is_no_markup_closes_an_assistant_turn_in_the_mask(tmp_path):
+    """EOS is an end of turn even where it is an ordinary vocabulary token (not an added or
+    special one): the mask trains on it after the answer. Taking only markup and the other
+    `end_ids` as ends of turn went unseen: the answer's EOS fell out of the loss, and a model
+    fine-tuned so never learns to stop."""
+    from gptlab.tokenizer import Tokenizer
+
+    paths = task.write_task(tmp_path, n=8)
+    plain = train_tokenizer([paths["corpus"]], vocab_size=300, special_tokens=["<s>", "</s>"])
+    newline = plain.encode("\n")[0]  # a byte token, no markup
+    tok = Tokenizer(plain.hf, bos_token=None, eos_token=plain.hf.id_to_token(newline),
+                    pad_token=None,
+                    chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    assert tok.eos_id == newline and tok.end_ids == ()
+    ids, mask = tok.render_chat([{"role": "user", "content": "Who?"},
+                                 {"role": "assistant", "content": "yes no"},
+                                 {"role": "user", "content": "And?"}])
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode("yes no") + [newline]
