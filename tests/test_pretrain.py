@@ -894,6 +894,21 @@ def test_the_sampler_draws_each_index_once_per_epoch_and_resumes_where_it_stoppe
         [s.next_indices().tolist() for _ in range(3)]
 
 
+def test_the_sampler_turns_to_the_next_epoch_as_the_last_index_is_drawn():
+    # Drawn to the end of an epoch, the state is the next epoch's start: a sampler that turned
+    # only past the end drew nothing more from an order it had used up, and looped forever.
+    for n, batch_size in ((4, 4), (6, 3), (5, 2)):
+        s = EpochSampler(n, batch_size, seed=0)
+        for _ in range(n // batch_size):
+            s.next_indices()
+        left = n % batch_size
+        turned = {"epoch": 1, "index": 0} if left == 0 else {"epoch": 0, "index": n - left}
+        assert s.state() == turned
+        if left:
+            assert len(s.next_indices()) == batch_size
+            assert s.state() == {"epoch": 1, "index": batch_size - left}
+
+
 def test_a_sample_cut_inside_a_character_ends_before_it(corpus, monkeypatch):
     """The sample logged at each evaluation, cut at sample_tokens between the byte tokens of
     "€", ended in U+FFFD; it ends before the split character, as `gptlab sample` writes a cut
