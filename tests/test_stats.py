@@ -84,7 +84,9 @@ def test_one_question_has_no_interval_and_excludes_nothing():
         d = paired_delta(a, b)
         assert d["ci95"] is None and d["n"] == 1
         assert not excludes_zero(d)
-        assert describe_delta(d).startswith(f"{a[0] - b[0]:+.3f} (no confidence interval;")
+        # The report's typographic minus (−), not a hyphen.
+        shown = f"{a[0] - b[0]:+.3f}".replace("-", "\u2212")
+        assert describe_delta(d).startswith(f"{shown} (no confidence interval;")
     assert paired_delta([1], [0])["p_sign"] == 1.0
 
 
