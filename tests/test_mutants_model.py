@@ -10,6 +10,7 @@ import torch
 from gptlab.model import Transformer, TransformerConfig, attention_math
 from gptlab.model.attention import KVCache, apply_rotary, rotary_cos_sin
 from gptlab.model.layers import make_norm
+from test_model import record  # forward hooks keeping each named module's input and output
 
 
 def rotated_by_hand(x: list[float], pos: int, theta: float) -> list[float]:
@@ -77,15 +78,6 @@ def test_attention_math_is_causal_with_the_queries_last_of_the_keys():
     # The softmax runs in float32 (scores.float()), whatever the dtype.
     assert (w - want).abs().max() < 1e-6 and (out - want @ v).abs().max() < 1e-6
     assert w[0, 0, 0, :3].sum() == pytest.approx(1.0) and w[0, 0, 0, 3:].abs().max() == 0
-
-
-def record(modules: dict) -> dict:
-    """Each named module's first input and output (the first of a tuple) at its next call."""
-    seen = {}
-    for key, m in modules.items():
-        m.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(
-            key, (args[0], out[0] if isinstance(out, tuple) else out)))
-    return seen
 
 
 def test_a_pre_norm_encoder_decoder_normalises_each_sublayers_input_and_the_stacks_output():
