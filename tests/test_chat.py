@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gptlab.chat.terminal as terminal
 from gptlab.chat import ChatConfig, ChatSession, TurnTooLong, fit_messages, run_chat
@@ -80,6 +82,101 @@ def test_a_turn_that_cannot_fit_alone_is_an_error():
                                    "prompt and the chat template, but only 4 fit")
     with pytest.raises(UserError, match="no user message"):
         fit_messages([sys_msg()], n_words, 100)
+
+
+def fit_one_turn_at_a_time(messages, count_tokens, budget, more_room=None):
+    """`fit_messages` as it was: the conversation rendered again after each turn dropped."""
+    from gptlab.chat.context import _lower_max_new_tokens, split_turns
+    head, turns = split_turns(messages)
+    dropped = 0
+    while True:
+        kept = head + [m for turn in turns[dropped:] for m in turn]
+        n = count_tokens(kept)
+        if n <= budget:
+            return kept, dropped
+        if dropped == len(turns) - 1:
+            around = "the system prompt and the chat template" if head else "the chat template"
+            raise TurnTooLong(f"the message needs {n} tokens with {around}, but only "
+                              f"{budget} fit (the context minus the tokens kept for the reply); "
+                              f"shorten it, or {(more_room or _lower_max_new_tokens)(n)}",
+                              field="message")
+        dropped += 1
+
+
+def fitted(fit, messages, count_tokens, budget) -> tuple:
+    """What `fit` gives: (kept, dropped, renders), or the error's text and the renders."""
+    renders = []
+
+    def counted(kept):
+        renders.append(1)
+        return count_tokens(kept)
+    try:
+        kept, dropped = fit(messages, counted, budget, lambda n: f"make room for {n}")
+    except UserError as e:  # TurnTooLong, or a template that cannot render the conversation
+        return f"{type(e).__name__}: {e}", None, len(renders)
+    return kept, dropped, len(renders)
+
+
+def test_a_long_conversation_is_fitted_in_few_renders():
+    """Dropping one turn at a time rendered a conversation of 200 turns 138 times to drop 137;
+    bisection renders it 9 times, and keeps the same turns."""
+    conversation = [sys_msg()] + [m for i in range(199) for m in (user(f"q {i}"), bot(f"a {i}"))]
+    conversation.append(user("last one"))
+    for budget in (23, 3 + 62 * 6 + 3, 3 + 199 * 6 + 3, 4):  # system, turns of 6, question
+        kept, dropped, renders = fitted(fit_messages, conversation, n_words, budget)
+        old = fitted(fit_one_turn_at_a_time, conversation, n_words, budget)
+        assert (kept, dropped) == old[:2] and renders <= 10
+    assert dropped is None and "needs 6 tokens" in kept and old[2] == 200
+    assert fitted(fit_one_turn_at_a_time, conversation, n_words, 378)[1:] == (137, 138)
+    assert fitted(fit_messages, conversation, n_words, 378)[1:] == (137, 9)
+    assert fitted(fit_messages, conversation, n_words, 10 ** 6)[1:] == (0, 1)  # fits: one render
+
+
+_WORDS = ["the", "cat", "sat", "on", "mat", "paris", "yes", "Über", "café", "東京", "🎉", "?", ".",
+          "\n", "  ", "<|im_end|>"]
+
+
+@st.composite
+def conversations(draw) -> list[dict]:
+    """A system message or none, then user and assistant messages in turn, a user one last;
+    a user message is no blank line."""
+    def text(min_size: int = 0) -> str:
+        return " ".join(draw(st.lists(st.sampled_from(_WORDS), min_size=min_size, max_size=8)))
+
+    def question() -> dict:  # as `chat` sends them: a blank line is no message
+        return user(draw(st.sampled_from(_WORDS[:12])) + " " + text())
+    head = [sys_msg(text())] if draw(st.booleans()) else []
+    turns = draw(st.integers(1, 12))
+    return head + [m for _ in range(turns - 1) for m in (question(), bot(text()))] + \
+        [question()]
+
+
+@pytest.mark.parametrize("name", ["gptlab", "smollm2", "llama2"])
+def test_fitting_by_bisection_keeps_what_dropping_one_turn_at_a_time_kept(tiny_dir, request,
+                                                                          name):
+    """On gptlab's template, SmolLM2's (its default system message) and Llama 2's (the system
+    message inside the first user turn), random conversations and budgets: the same turns kept,
+    the same count of turns dropped, the same error, in no more renders."""
+    import test_tokenizer
+    from gptlab.checkpoint import load_model
+    if name == "gptlab":
+        tok = load_model(tiny_dir)[1]
+    elif name == "smollm2":
+        tok = request.getfixturevalue("smol_tok")[0]
+    else:
+        tok = test_tokenizer.sentencepiece_tokenizer(test_tokenizer.LLAMA2_CHAT)
+
+    def count(messages):
+        return len(tok.render_chat(messages, add_generation_prompt=True)[0])
+
+    @settings(deadline=None, derandomize=True, max_examples=40)
+    @given(conversations(), st.floats(0, 1.1))
+    def check(messages, share):
+        budget = max(1, round(share * count(messages)))
+        new, old = (fitted(fit, messages, count, budget)
+                    for fit in (fit_messages, fit_one_turn_at_a_time))
+        assert new[:2] == old[:2] and new[2] <= max(old[2], 2 + len(messages).bit_length())
+    check()
 
 
 # --- the chat loop on a tiny gptlab model ------------------------------------------------------

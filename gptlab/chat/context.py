@@ -43,7 +43,7 @@ def _lower_max_new_tokens(needed: int) -> str:
 
 def fit_messages(messages: Sequence[dict], count_tokens: CountTokens, budget: int,
                  more_room: Callable[[int], str] | None = None) -> tuple[list[dict], int]:
-    """Drop the oldest user/assistant turns until `count_tokens(kept) <= budget`.
+    """Drop the fewest oldest user/assistant turns that make `count_tokens(kept) <= budget`.
 
     `count_tokens` measures a message list as the model will see it (rendered with the chat
     template and its generation prompt); `budget` is the context minus the tokens reserved for
@@ -54,16 +54,31 @@ def fit_messages(messages: Sequence[dict], count_tokens: CountTokens, budget: in
     head, turns = split_turns(messages)
     if not turns:
         raise UserError("the conversation has no user message to answer", field="messages")
-    dropped = 0
-    while True:
-        kept = head + [m for turn in turns[dropped:] for m in turn]
-        n = count_tokens(kept)
-        if n <= budget:
-            return kept, dropped
-        if dropped == len(turns) - 1:
-            around = "the system prompt and the chat template" if head else "the chat template"
-            raise TurnTooLong(f"the message needs {n} tokens with {around}, but only "
-                              f"{budget} fit (the context minus the tokens kept for the reply); "
-                              f"shorten it, or {(more_room or _lower_max_new_tokens)(n)}",
-                              field="message")
-        dropped += 1
+
+    def kept(dropped: int) -> list[dict]:
+        return head + [m for turn in turns[dropped:] for m in turn]
+
+    # Each turn adds tokens (its role markers at least), so the count falls as turns are
+    # dropped: the fewest drops that fit are found by bisection, in 2 + log2(turns) renders,
+    # where dropping one at a time rendered the conversation once a turn dropped (a chat of
+    # 200 turns, 200 renders of up to 200 turns). The result is the same.
+    n = count_tokens(kept(0))
+    if n <= budget:
+        return kept(0), 0
+    last = len(turns) - 1  # the latest turn, the question, stays
+    if last:
+        n = count_tokens(kept(last))
+    if n > budget:
+        around = "the system prompt and the chat template" if head else "the chat template"
+        raise TurnTooLong(f"the message needs {n} tokens with {around}, but only "
+                          f"{budget} fit (the context minus the tokens kept for the reply); "
+                          f"shorten it, or {(more_room or _lower_max_new_tokens)(n)}",
+                          field="message")
+    over, fits = 0, last  # dropping `over` turns is too few, dropping `fits` is enough
+    while fits - over > 1:
+        mid = (over + fits) // 2
+        if count_tokens(kept(mid)) <= budget:
+            fits = mid
+        else:
+            over = mid
+    return kept(fits), fits
