@@ -308,6 +308,12 @@ class Tokenizer:
         return not all(_BYTE_FALLBACK.fullmatch(self.hf.id_to_token(int(t)) or "")
                        for t in (before[-1], after))
 
+    def fallback_byte(self, token: int) -> int | None:
+        """The byte that `token` is where it is byte fallback's `<0xNN>` (Llama's tokenizers
+        spell a character missing from their vocabulary so, a byte a token); else None."""
+        name = self.hf.id_to_token(int(token)) or ""
+        return int(name[3:5], 16) if _BYTE_FALLBACK.fullmatch(name) else None
+
     def decode_response(self, prompt: str | Sequence[dict], prompt_ids: Iterable[int],
                         ids: Iterable[int], cut: bool = False, lead: str | None = None) -> str:
         """The text of `ids`, a response sampled after `prompt_ids`, the tokens of `prompt` (a

@@ -169,7 +169,7 @@ def test_fitting_by_bisection_keeps_what_dropping_one_turn_at_a_time_kept(tiny_d
     def count(messages):
         return len(tok.render_chat(messages, add_generation_prompt=True)[0])
 
-    @settings(deadline=None, derandomize=True, max_examples=40)
+    @settings(deadline=None, derandomize=True, max_examples=25)
     @given(conversations(), st.floats(0, 1.1))
     def check(messages, share):
         budget = max(1, round(share * count(messages)))
@@ -1080,6 +1080,7 @@ def test_a_streamed_text_a_later_token_changed_is_followed_by_the_reply_whole():
     texts = iter(["é", "\ufffd\ufffd\ufffdA"])
     tok = type("Tok", (), {"decode_continuation": lambda self, *a, **kw: next(texts),
                            "decodes_apart": lambda self, before, after: False,  # one run
+                           "fallback_byte": lambda self, token: None,
                            "answer_lead": lambda self, messages: ""})()
     pieces: list[str] = []
     stream = terminal.StreamedReply(tok, [user("hi")], [1, 2], (0,), pieces.append)
@@ -1143,21 +1144,7 @@ def test_a_streamed_reply_prints_what_decoding_it_whole_at_each_token_printed(ti
     are those decoding the whole reply so far gave, on replies of random tokens (characters
     split over tokens, invalid bytes, byte fallback's runs of them, SentencePiece's spaces and
     Llama 2's " " before an answer) and of text."""
-    import test_tokenizer
-    from gptlab.checkpoint import load_model
-    if name == "byte-level":
-        tok = load_model(tiny_dir)[1]
-        ids = range(tok.vocab_size)
-    elif name == "sentencepiece":
-        tok = test_tokenizer.sentencepiece_tokenizer(test_tokenizer.LLAMA2_CHAT)
-        ids = range(3, 120)  # its bytes and pieces, no <unk> <s> </s>
-    elif name == "byte-fallback":
-        tok = test_tokenizer._byte_fallback_tokenizer()
-        tok.chat_template = "{% for m in messages %}{{ m['content'] + '\n' }}{% endfor %}"
-        ids = [*range(256), 258]
-    else:
-        tok = request.getfixturevalue("smol_tok")[0]
-        ids = [*range(17, 600), *range(20000, 20100)]
+    tok, ids = stream_tokenizer(name, request)
     rng = random.Random(0)
     messages = [user("the cat sat on the mat"), bot("yes"), user("Über café 東京?")]
     prompt = tok.render_chat(messages, add_generation_prompt=True)[0]
@@ -1195,6 +1182,87 @@ def test_a_streamed_token_decodes_as_many_tokens_at_the_end_of_a_long_reply_as_a
         del tok.decode
     assert len(reply) == 1000 and "".join(pieces) == tok.decode(reply).strip()
     assert max(per_token[:50]) == max(per_token) <= 8 * 16
+
+
+@pytest.mark.parametrize("lead", ["", "a"])
+def test_a_long_run_of_byte_fallback_tokens_streams_at_a_bounded_cost(request, lead):
+    """Byte fallback spells 東, 🎉 and é a byte a token, and a run of such tokens decodes as
+    one, so no point inside it was final: each token decoded the run so far (after the
+    prompt's "\\n", a byte too, the whole reply), 600 tokens at the 600th. Now each whole
+    character ends a point: as few decode calls, of as few tokens, at the 600th token as at
+    the 50th, and the same pieces as decoding the whole reply at each token."""
+    tok, _ = stream_tokenizer("byte-fallback", request)
+    messages = [user("hi")]
+    prompt = tok.render_chat(messages, add_generation_prompt=True)[0]
+    reply = tok.encode(lead + "東京 🎉 é!" * 60)[:600]
+    assert tok.fallback_byte(prompt[-1]) == 10 and all(
+        tok.fallback_byte(t) is not None for t in reply[len(lead):])
+    calls: list[int] = []
+    decode = tok.decode
+    tok.decode = lambda ids, *a, **kw: calls.append(len(list(ids))) or decode(ids, *a, **kw)
+    pieces: list[str] = []
+    stream = terminal.StreamedReply(tok, messages, prompt, (), pieces.append)
+    per_token = []
+    try:
+        for t in reply:
+            calls.clear()
+            stream.add([0], [t])
+            per_token.append((len(calls), sum(calls)))
+    finally:
+        del tok.decode
+    assert "".join(pieces) == tok.decode_response(messages, prompt, reply, cut=True).strip()
+    assert pieces == streamed_as_before(tok, messages, prompt, reply)
+    assert len(pieces) >= 180
+    assert max(per_token) == max(per_token[:50]) and max(c for c, _ in per_token) <= 10
+    assert max(n for _, n in per_token) <= 10 * (16 + 4)
+
+
+def stream_tokenizer(name: str, request) -> tuple:
+    """A tokenizer of each kind the streaming tests use, and the ids a random reply draws."""
+    import test_tokenizer
+    from gptlab.checkpoint import load_model
+    if name == "byte-level":
+        tok = load_model(request.getfixturevalue("tiny_dir"))[1]
+        return tok, list(range(tok.vocab_size))
+    if name == "sentencepiece":
+        tok = test_tokenizer.sentencepiece_tokenizer(test_tokenizer.LLAMA2_CHAT)
+        return tok, list(range(3, 120))  # its bytes and pieces, no <unk> <s> </s>
+    if name == "byte-fallback":
+        tok = test_tokenizer._byte_fallback_tokenizer()
+        # Its prompt ends in the byte "\n", which a reply's first bytes go on: one run.
+        tok.chat_template = "{% for m in messages %}{{ m['content'] + '\n' }}{% endfor %}"
+        return tok, [*range(256), 258]
+    tok = request.getfixturevalue("smol_tok")[0]
+    return tok, [*range(17, 600), *range(20000, 20100)]
+
+
+@pytest.mark.parametrize("name", ["byte-level", "sentencepiece", "byte-fallback", "smollm2"])
+def test_random_tokens_stream_as_the_whole_reply_decodes(request, name):
+    """For any tokens: the pieces are those decoding the whole reply so far at each token
+    gave, and the text streamed is the reply kept (decoded whole after the whole prompt) then
+    its line end. Where a later byte makes a run of byte fallback's bytes no UTF-8, what was
+    printed of it changes (U+FFFD byte for byte): the reply then follows whole."""
+    tok, ids = stream_tokenizer(name, request)
+    messages = [user("the cat sat on the mat"), bot("yes"), user("Über café 東京?")]
+    prompt = tok.render_chat(messages, add_generation_prompt=True)[0]
+
+    @settings(deadline=None, derandomize=True, max_examples=25)
+    @given(st.lists(st.sampled_from(ids), min_size=1, max_size=30))
+    def check(reply):
+        reply = [t for t in reply if t not in tok.stop_ids]
+        pieces: list[str] = []
+        stream = terminal.StreamedReply(tok, messages, prompt, (), pieces.append)
+        for t in reply:
+            stream.add([0], [t])
+        assert pieces == streamed_as_before(tok, messages, prompt, reply)
+        answer = tok.decode_response(messages, prompt, reply).strip()
+        stream.end(answer)
+        text = "".join(pieces)
+        if text != answer + "\n":
+            changed = "".join(pieces[:-1])
+            assert text == changed + "\n" + answer + "\n" and not answer.startswith(changed)
+            assert "\ufffd" in answer and any(tok.fallback_byte(t) is not None for t in reply)
+    check()
 
 
 @pytest.mark.parametrize("stdin_type", [io.StringIO, Terminal])

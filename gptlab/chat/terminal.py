@@ -27,6 +27,7 @@ kept); Ctrl-C at the prompt, or from a pipe, ends the chat.
 """
 from __future__ import annotations
 
+import codecs
 import io
 import re
 import sys
@@ -207,7 +208,14 @@ class StreamedReply:
     after its prompt's: the text before that point is kept, so a token costs the same at the
     end of a long reply as at its start (0.1 ms on SmolLM2's tokenizer), where decoding the
     whole reply so far cost as much as the reply is long (1.0 ms a token at the 2,000th). The
-    pieces are those the whole reply decoded at each token gives."""
+    pieces are those the whole reply decoded at each token gives.
+
+    A run of byte fallback's `<0xNN>` tokens decodes as one: UTF-8 text if its bytes are, else
+    U+FFFD byte for byte, so no point inside it is final for `decodes_apart`. A `_Run` follows
+    its bytes instead: while they are UTF-8, each whole character ends a point whose text
+    stands unless an invalid byte comes, and the bytes after it decode after the seam the run
+    began with; an invalid byte makes the run's text U+FFFD from its start, decoded once, and
+    final from there on. A token costs the same in a run of thousands of bytes as after it."""
 
     def __init__(self, tok: Any, messages: list[dict], prompt_ids: list[int],
                  stop_ids: tuple[int, ...], on_text: Callable[[str], None]):
@@ -215,44 +223,87 @@ class StreamedReply:
         self.stop_ids = set(stop_ids)
         self.lead = tok.answer_lead(messages)  # the template's, rendered once
         # The prompt's seam, then the reply's tokens; the reply's text up to `final` is
-        # `before`, which no later token changes.
+        # `before`, which no later token changes (inside a run: while its bytes are UTF-8).
         self.tokens: list[int] = list(prompt_ids[-_SEAM:])
         self.start = self.final = len(self.tokens)
         self.before = ""
         self.given = ""
+        # What the tokens after `final` are decoded after, where not the `_SEAM` before it.
+        self.seam: list[int] | None = None
+        self.run: _Run | None = None
+        self.plain = False  # whether the reply has a token that is no byte fallback's
 
     def add(self, rows: list[int], tokens: list[int]) -> None:
         """The engine's `on_tokens` for a generation of one prompt."""
-        self.tokens += [t for t in tokens if t not in self.stop_ids]
-        self._settle()
+        for t in tokens:
+            if t not in self.stop_ids:
+                self.tokens.append(t)
+                self._settle(len(self.tokens) - 1)
         # As the reply is decoded at the end, with a last character the tokens split left out.
-        text = self.before + self._text(self.final, len(self.tokens), cut=True)
+        text = self.before + self._text(len(self.tokens), cut=True)
         text = (text[len(self.lead):] if self.lead and text.startswith(self.lead)
                 else text).strip()
         if len(text) > len(self.given) and text.startswith(self.given):
             self._give(text[len(self.given):])
 
-    def _settle(self) -> None:
-        """Move `final` to just before the newest token, where the text there is final. The
-        reply's start is a `final` only where the prompt's text is final before it (else
-        the reply is decoded whole at each token, as the seam asks)."""
-        last = len(self.tokens) - 1
-        if last <= self.final:
-            return
-        if self.final == self.start and not self._apart(self.start):
-            return
-        if self._apart(last):
-            self.before += self._text(self.final, last)
+    def _settle(self, last: int) -> None:
+        """Move `final` to just before the newest token, `last`, where the text there is
+        final. The reply's start is a `final` only where the prompt's text is final before it
+        or, a run of bytes joining the two, once that run has ended (before, the reply is
+        decoded whole at each token, as the seam asks)."""
+        byte = self.tok.fallback_byte(self.tokens[last])
+        if self.run is None:
+            if last > self.final and (self.final > self.start or self.plain
+                                      or self._apart(self.start)) and self._apart(last):
+                self.before += self._text(last)
+                self.final, self.seam = last, None
+            if byte is not None and self.final == last:
+                seam = self.tokens[max(0, last - _SEAM):last]
+                joined = last == self.start and not self._apart(last)
+                if joined:  # a run the prompt's last bytes begin: the reply's goes on with it
+                    ahead = []
+                    for t in reversed(seam):
+                        if self.tok.fallback_byte(t) is None:
+                            break
+                        ahead.insert(0, self.tok.fallback_byte(t))
+                if self.tok.decode(seam) and (not joined or ahead):  # text the run follows
+                    self.run, self.seam = _Run(last, self.before, seam), seam
+                    if joined:  # bytes no UTF-8 there: U+FFFD, final at each byte after
+                        self.run.add(bytes(ahead), length=0)
+        if self.run is not None:
+            self._settle_in_run(last, byte)
+        self.plain = self.plain or byte is None
+
+    def _settle_in_run(self, last: int, byte: int | None) -> None:
+        """`_settle` where `final` lies in a run: the newest token, a byte, goes on with it,
+        or ends it."""
+        run = self.run
+        if run.invalid or run.whole():
+            # Whole characters before `last`, or bytes of a run that is U+FFFD whatever follows
+            self.before += self._text(last)
             self.final = last
+        elif byte is None:  # it ends inside a character: U+FFFD byte for byte from its start
+            self.before = run.before + self.tok.decode_continuation(
+                run.seam, self.tokens[run.start:last])
+            self.final = last
+        if byte is None:
+            self.run, self.seam = None, None
+        elif not run.invalid and not run.add(bytes([byte])):  # U+FFFD from its start on
+            self.before = run.before + self.tok.decode_continuation(
+                run.seam, self.tokens[run.start:last + 1])
+            # What follows decodes after bytes that are no UTF-8 whatever comes after them.
+            self.seam = run.seam + self.tokens[run.character:last + 1]
+            self.final = last + 1
 
     def _apart(self, at: int) -> bool:
         """Whether the text of the tokens before `at` is final, the token at `at` after them."""
         return self.tok.decodes_apart(self.tokens[max(0, at - _SEAM):at], self.tokens[at])
 
-    def _text(self, start: int, stop: int, cut: bool = False) -> str:
-        """The text tokens[start:stop] add after the `_SEAM` tokens before them."""
-        return self.tok.decode_continuation(self.tokens[max(0, start - _SEAM):start],
-                                            self.tokens[start:stop], cut=cut)
+    def _text(self, stop: int, cut: bool = False) -> str:
+        """The text tokens[final:stop] add after the seam before them."""
+        seam = (self.seam if self.seam is not None
+                else self.tokens[max(0, self.final - _SEAM):self.final])
+        return self.tok.decode_continuation(seam, self.tokens[self.final:stop], cut=cut)
 
     def end(self, answer: str) -> None:
         """The rest of `answer`, the reply as kept, and its line end. Where a later token
@@ -264,6 +315,35 @@ class StreamedReply:
     def _give(self, text: str) -> None:
         self.given += text
         self.on_text(text)
+
+
+class _Run:
+    """A run of byte fallback's tokens in a streamed reply: where it starts in the tokens, the
+    reply's text before it and the seam before it, and whether its bytes so far are UTF-8
+    (an incremental decoder, which refuses a byte no continuation could make valid)."""
+
+    def __init__(self, start: int, before: str, seam: list[int]):
+        self.start, self.before, self.seam = start, before, seam
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.character = start  # where the character its last bytes are of starts
+        self.length = 0
+        self.invalid = False
+
+    def whole(self) -> bool:
+        """Whether its bytes so far are whole characters."""
+        return not self.utf8.getstate()[0]
+
+    def add(self, data: bytes, length: int = 1) -> bool:
+        """The run's next byte (or, `length` 0, the bytes of the prompt's tail it goes on);
+        whether its bytes are still UTF-8, or a start of it."""
+        if self.whole():
+            self.character = self.start + self.length
+        self.length += length
+        try:
+            self.utf8.decode(data)
+        except UnicodeDecodeError:
+            self.invalid = True
+        return not self.invalid
 
 
 def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
