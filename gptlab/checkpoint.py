@@ -673,6 +673,42 @@ class Checkpointer:
             return save is not None, save or 0, n
         return complete[max(candidates, key=written)]
 
+    def named(self, name: str, field: str = "resume_from") -> Path:
+        """The checkpoint `name` names, verified against its manifest: `step-N`, `N`, or the
+        path of this run's `checkpoints/step-N`. One that is not there, is another directory's,
+        or fails the manifest check is a UserError naming its path and `field`, and listing
+        the checkpoints there are."""
+        steps = sorted(n for n, p in _step_dirs(self.dir).items()
+                       if (p / "manifest.json").is_file())
+        there = (f"; the checkpoints in {self.dir}: " + ", ".join(f"step-{n}" for n in steps)
+                 if steps else f"; {self.dir} holds no checkpoint")
+        text = str(name).strip()
+        number = text.removeprefix("step-")
+        if number.isdecimal():  # isdecimal, not isdigit: "²" is a digit int() cannot read
+            path = self.dir / f"step-{int(number)}"
+        else:
+            path = Path(text)
+            if path.parent.resolve() != self.dir.resolve() or not (
+                    path.name.startswith("step-") and path.name[5:].isdecimal()):
+                raise UserError(f"is not a checkpoint of this run: give a step (step-N or N) "
+                                f"of {self.dir}{there}", path=path, field=field)
+            path = self.dir / path.name
+        if not path.is_dir():
+            raise UserError("no such checkpoint" + there, path=path, field=field)
+        try:
+            self.verify(path, advice=f"; it cannot be resumed from{there}")
+        except UserError as e:
+            raise UserError(e.message, path=e.path, field=field) from None
+        return path
+
+    def point_latest(self, path: Path) -> None:
+        """Make `latest` name checkpoint `path` (a resume from a checkpoint named by its step,
+        as if the pointer had been moved there by hand): a later `--resume` continues its line,
+        not the one it left."""
+        latest = self.latest()
+        if latest is None or latest.resolve() != Path(path).resolve():
+            write_text_atomic(self.dir / "latest", Path(path).name + "\n")
+
     @staticmethod
     def threads_of(path: str | Path) -> int | None:
         """The CPU threads the run computed on when it saved checkpoint `path` (None: saved
@@ -680,11 +716,13 @@ class Checkpointer:
         return _manifest_field(Path(path), "threads")
 
     @staticmethod
-    def _manifest(path: Path) -> dict:
+    def _manifest(path: Path, advice: str | None = None) -> dict:
+        """The manifest's step and hashes; a UserError ending with `advice` (by default, to
+        remove the checkpoint) where there is none or it is damaged."""
+        advice = _earlier(path) if advice is None else advice
         mf = path / "manifest.json"
         if not mf.exists():
-            raise UserError("checkpoint is incomplete (no manifest.json)" + _earlier(path),
-                            path=path)
+            raise UserError("checkpoint is incomplete (no manifest.json)" + advice, path=path)
         try:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
             step, files = manifest["step"], manifest["sha256"]
@@ -694,8 +732,7 @@ class Checkpointer:
             if not isinstance(files, dict):
                 raise TypeError("sha256 is not an object")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise UserError(f"is damaged ({type(e).__name__}: {e})" + _earlier(path),
-                            path=mf) from None
+            raise UserError(f"is damaged ({type(e).__name__}: {e})" + advice, path=mf) from None
         return {"step": step, "sha256": files}
 
     @classmethod
@@ -704,14 +741,16 @@ class Checkpointer:
         return cls._manifest(Path(path))["step"]
 
     @classmethod
-    def verify(cls, path: str | Path) -> None:
-        """Raise UserError if any file of the checkpoint is missing or differs from its sha256."""
+    def verify(cls, path: str | Path, advice: str | None = None) -> None:
+        """Raise UserError if any file of the checkpoint is missing or differs from its sha256;
+        its message ends with `advice` (by default, to remove the checkpoint)."""
         path = Path(path)
-        listed = cls._manifest(path)["sha256"]
+        advice = _earlier(path) if advice is None else advice
+        listed = cls._manifest(path, advice)["sha256"]
         for name, digest in listed.items():
             f = path / name
             if not f.is_file() or _sha256(f) != digest:
-                raise UserError("checkpoint file is missing or corrupt" + _earlier(path), path=f)
+                raise UserError("checkpoint file is missing or corrupt" + advice, path=f)
         # A save lists every file it writes: one the manifest lacks (an edited manifest) would
         # be loaded unverified. Hidden files (a file browser's) are no save's.
         for f in sorted(path.rglob("*")):
@@ -719,7 +758,7 @@ class Checkpointer:
             if f.is_file() and name != "manifest.json" and name not in listed \
                     and not any(part.startswith(".") for part in f.relative_to(path).parts):
                 raise UserError("checkpoint file is not listed in manifest.json, so it cannot be "
-                                "verified" + _earlier(path), path=f)
+                                "verified" + advice, path=f)
 
     def load(self, path: str | Path, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None = None,

@@ -7,6 +7,7 @@ import errno
 import dataclasses
 import math
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,6 +395,66 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert [r["tokens"] for r in rows] == [136 * step for step in range(1, 17)]
     for pa, pb in zip(full.parameters(), second.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_a_resume_from_a_named_step_moves_latest_there_as_a_hand_edit_would(tmp_path):
+    """Resumed from step-4 of a finished 8-step run, a Ctrl-C before any save: `latest` names
+    step-4, as if moved back by hand, so --resume goes on on that line, not from step-8; the
+    run then ends as the uninterrupted one, rows and weights."""
+    tokens = _stream(2, n=2000)
+    ids = np.arange(60)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=8, batch_size=4, eval_every=2,
+                      eval_batches=1, save_every=2, keep_checkpoints=2, log_every=1,
+                      progress=False, device="cpu", seed=4)
+    val = fixed_batches(tokens, 16, np.arange(60, 70), 4, 1)
+    batches = lambda: BlockBatches(tokens, 16, ids, 4, seed=4)  # noqa: E731
+    full = tiny(5, dropout=0.1)
+    train(full, batches(), lm_loss, cfg, tmp_path / "a", val_batches=val)
+    b = tmp_path / "b"
+    train(tiny(5, dropout=0.1), batches(), lm_loss,
+          dataclasses.replace(cfg, keep_checkpoints=10), b, val_batches=val)
+    ckpts = b / "checkpoints"
+    step4 = check_run_dir(b, False, cfg=cfg, resume_from="step-4")
+    assert step4 == ckpts / "step-4"
+    with pytest.raises(KeyboardInterrupt):  # during step 5's batch
+        train(tiny(99, dropout=0.1), _Interrupting(batches(), at=0), lm_loss, cfg, b,
+              val_batches=val, resume=True, verified=step4, resume_from=step4)
+    assert Checkpointer(b).latest() == step4
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-2", "step-4", "step-6",
+                                                       "step-8"]
+    resumed = tiny(99, dropout=0.1)
+    assert train(resumed, batches(), lm_loss, cfg, b, val_batches=val, resume=True).step == 8
+    assert _curve(tmp_path / "a" / "metrics.jsonl") == _curve(b / "metrics.jsonl")
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    # Steps 6 and 8 were saved again in place, and keep_checkpoints 2 kept the last two.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-6", "step-8"]
+
+
+def test_a_resume_from_names_its_checkpoint_or_is_refused_listing_those_there(tmp_path):
+    cfg = TrainConfig(max_steps=4, save_every=2, keep_checkpoints=5, progress=False,
+                      device="cpu")
+    ckpts = tmp_path / "checkpoints"
+    with pytest.raises(UserError, match="nothing to resume") as err:
+        check_run_dir(tmp_path, False, cfg=cfg, resume_from="2")
+    assert err.value.field == "resume_from"
+    train(tiny(), BlockBatches(_stream(), 16, np.arange(10), 2, 0), lm_loss, cfg, tmp_path)
+    assert check_run_dir(tmp_path, False, cfg=cfg, resume_from=" step-02 ") == ckpts / "step-2"
+    other = tmp_path / "other" / "checkpoints" / "step-2"
+    for name, path, said in (
+            ("3", ckpts / "step-3", "no such checkpoint"),
+            ("step-x", Path("step-x"), "is not a checkpoint of this run: give a step"),
+            (str(other), other, "is not a checkpoint of this run: give a step")):
+        with pytest.raises(UserError) as err:
+            check_run_dir(tmp_path, True, cfg=cfg, resume_from=name)
+        assert err.value.path == path and err.value.field == "resume_from"
+        assert err.value.message == f"{said}" + (
+            f" (step-N or N) of {ckpts}" if "give" in said else "") + \
+            f"; the checkpoints in {ckpts}: step-2, step-4"
+    (ckpts / "step-2" / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="is damaged .*; it cannot be resumed from; the "
+                                        "checkpoints in .*: step-2, step-4") as err:
+        check_run_dir(tmp_path, True, cfg=cfg, resume_from="2")
+    assert err.value.path == ckpts / "step-2" / "manifest.json"
 
 
 def test_ctrl_c_between_an_update_and_its_bookkeeping_saves_nothing(tmp_path):

@@ -179,6 +179,24 @@ def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch, capsys):
     assert json.loads((out / "run.json").read_text())["resumed_from"] == "step-2"
 
 
+def test_resume_from_a_named_earlier_step_continues_exactly(setup, capsys):
+    """A finished run resumed from its step-2 by name (`latest` names step-4) ends as the run
+    that never stopped; a step that is not there is refused listing those that are."""
+    d, args, straight = setup
+    out = d / "named"
+    common = ppo_cli(args, out, save_every=1)
+    assert main([*common, "--steps", str(STEPS)]) == 0
+    ckpts = out / "checkpoints"
+    assert main([*common, "--steps", str(STEPS), "--resume-from", "step-5"]) == 2
+    assert (f"{ckpts / 'step-5'}, field 'resume_from': no such checkpoint; the checkpoints in "
+            f"{ckpts}: step-1, step-2, step-3, step-4") in capsys.readouterr().err
+    assert main([*common, "--steps", str(STEPS), "--resume-from", "step-2"]) == 0
+    assert f"resuming from {ckpts / 'step-2'} (step 2 of {STEPS})" in capsys.readouterr().err
+    assert_same_run(straight, out)
+    assert Checkpointer(out).latest() == ckpts / "step-4"
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == "step-2"
+
+
 def test_rows_after_the_checkpoint_are_dropped_on_resume(setup):
     d, args, straight = setup
     out = d / "crashed"

@@ -387,6 +387,56 @@ def test_resume_after_a_crash_gives_the_same_curve(corpus, tmp_path):
     assert [(r["from"], r["changed"]) for r in info["resumes"]] == [("step-6", {})]
 
 
+def test_resume_from_a_named_earlier_step_gives_the_uninterrupted_run(corpus, tmp_path,
+                                                                      capsys):
+    """--resume-from step-6 on a finished run of 12 steps saved every 3: the same rows and
+    weights as a run that never stopped, the later checkpoints left alone or saved again in
+    place, `latest` naming the last one saved. A step that is not there, or does not verify,
+    is refused naming it and listing the steps there are, with nothing written."""
+    d, _, _ = corpus
+    common = ["--data", str(d / "a.txt"), "--max-steps", "12", "--block-size", "16",
+              "--batch-size", "4", "--eval-every", "3", "--save-every", "3", "--log-every", "1",
+              "--keep-checkpoints", "10", "--cache-dir", str(tmp_path / "cache"), "seed=1"]
+    assert run(*common, "--out", str(tmp_path / "a")) == 0
+    b = tmp_path / "b"
+    assert run(*common, "--out", str(b)) == 0
+    ckpts = b / "checkpoints"
+    files = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    there = f"the checkpoints in {ckpts}: step-3, step-6, step-9, step-12"
+    for name in ("step-7", "7", "x"):
+        assert run(*common, "--out", str(b), "--resume-from", name) == 2
+        err = capsys.readouterr().err
+        assert "field 'resume_from'" in err and there in err, err
+    step9 = ckpts / "step-9"
+    (step9 / "trainer.pt").write_bytes(b"damaged")
+    assert run(*common, "--out", str(b), "--resume-from", "step-9") == 2
+    assert (f"{step9 / 'trainer.pt'}, field 'resume_from': checkpoint file is missing or corrupt; "
+            f"it cannot be resumed from; {there}") in capsys.readouterr().err
+    (step9 / "trainer.pt").write_bytes(files[step9 / "trainer.pt"])
+    assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == files
+    # Step 6 by its number, by its name or by its path (a shell completes that one).
+    for name in ("6", "step-6", str(ckpts / "step-6")):
+        assert run(*common, "--out", str(b), "--resume-from", name) == 0
+        assert f"resuming from {ckpts / 'step-6'} (step 6 of 12)" in capsys.readouterr().err
+
+        def curve(p):
+            return [(r["step"], r.get("loss"), r.get("lr"), r.get("val_loss"))
+                    for r in read_metrics(p / "metrics.jsonl")]
+        assert curve(tmp_path / "a") == curve(b) and len(curve(b)) == 12 + 5
+        wa = load_model(tmp_path / "a")[0].state_dict()
+        wb = load_model(b)[0].state_dict()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert sorted(p.name for p in ckpts.iterdir()) == [
+            "latest", "step-12", "step-3", "step-6", "step-9"]
+        assert Checkpointer(b).latest() == ckpts / "step-12"
+        for step in (3, 6, 9, 12):
+            assert (ckpts / f"step-{step}" / "model.safetensors").read_bytes() == (
+                tmp_path / "a" / "checkpoints" / f"step-{step}" / "model.safetensors"
+            ).read_bytes()
+    info = json.loads((b / "run.json").read_text())
+    assert [(r["from"], r["changed"]) for r in info["resumes"]] == [("step-6", {})] * 3
+
+
 def test_a_run_checkpointed_before_the_bos_post_processor_resumes_without_a_corpus_warning(
         corpus, tmp_path, monkeypatch, capsys):
     """A checkpoint from before `save` added the post-processor that prepends BOS recorded the

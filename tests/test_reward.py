@@ -347,6 +347,25 @@ def test_a_run_stopped_after_a_checkpoint_and_resumed_equals_one_that_never_stop
                for i in oa["state"] for k in oa["state"][i])
 
 
+def test_a_finished_run_resumed_from_a_named_step_equals_one_that_never_stopped(base, tmp_path):
+    from gptlab.checkpoint import load_model
+    from gptlab.train.loop import read_metrics
+    args = ("--max-steps", "6", "--eval-every", "2", "--save-every", "2", "--log-every", "1",
+            "--keep-checkpoints", "5", "--lr", "3e-3", "--seed", "4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_reward(base, straight, *args) == 0
+    assert run_reward(base, resumed, *args) == 0
+    assert run_reward(base, resumed, *args, "--resume-from", "step-2") == 0
+    assert json.loads((resumed / "run.json").read_text())["resumed_from"] == "step-2"
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
+                for r in read_metrics(run / "metrics.jsonl")]
+    assert rows(straight) == rows(resumed) and len(rows(straight)) == 6 + 4
+    a, b = (load_model(run)[0].state_dict() for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_resume_on_other_rankings_says_so(base, tmp_path, capsys):
     _, rankings = base
     out, data = tmp_path / "rm", tmp_path / "rankings.jsonl"

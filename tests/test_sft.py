@@ -8,7 +8,7 @@ import torch
 
 import gptlab.eval.execution as execution
 import gptlab.train.sft as sft_module
-from gptlab.checkpoint import save_model
+from gptlab.checkpoint import Checkpointer, save_model
 from gptlab.data.instruct import Example
 from gptlab.errors import UserError
 from gptlab.io import read_jsonl
@@ -330,6 +330,24 @@ def test_a_resume_on_other_demonstrations_says_so(base, tmp_path, capsys):
     assert run_sft(base, out, "--data", str(data), *resume, "3") == 0
     assert ("warning: the demonstrations changed since the checkpoint; the data position now "
             "points into other demonstrations") in capsys.readouterr().err
+
+
+def test_resume_from_names_a_checkpoint_of_out_or_is_refused_listing_them(base, tmp_path,
+                                                                            capsys):
+    d, paths = base
+    out = tmp_path / "sft"
+    assert run_sft(base, out, "--save-every", "1", "--max-steps", "2",
+                   "--keep-checkpoints", "5") == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    ckpts = out / "checkpoints"
+    assert run_sft(base, out, "--max-steps", "2", "--resume-from", "step-3") == 2
+    assert (f"{ckpts / 'step-3'}, field 'resume_from': no such checkpoint; the checkpoints in "
+            f"{ckpts}: step-1, step-2") in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert run_sft(base, out, "--max-steps", "2", "--keep-checkpoints", "5",
+                   "--resume-from", "1") == 0
+    assert f"resuming from {ckpts / 'step-1'} (step 1 of 2)" in capsys.readouterr().err
+    assert Checkpointer(out).latest() == ckpts / "step-2"
 
 
 class _Crash(Exception):

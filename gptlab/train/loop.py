@@ -293,13 +293,16 @@ def _shown(value: Any) -> str:
 
 def check_run_dir(out: str | Path, resume: bool,
                   inputs: dict[str, str | Path | None] | None = None,
-                  cfg: Any = None) -> Path | None:
+                  cfg: Any = None, resume_from: str | None = None) -> Path | None:
     """Check a stage's OUT before anything is written; return the checkpoint to resume from.
 
     OUT must not be, hold or sit inside an input model (`inputs`: field -> path), which the
     run would overwrite. Without `resume` it must hold no run (checkpoints) and no model;
     with `resume` it must hold a checkpoint that is whole and, when the common loop's `cfg` is
-    given, was written with the settings a resume must keep (see `_check_split_settings`)."""
+    given, was written with the settings a resume must keep (see `_check_split_settings`).
+    The checkpoint is the latest, or the one `resume_from` names (`step-N`, `N`, or its path;
+    naming one resumes, with or without `resume`)."""
+    resume = resume or resume_from is not None
     out = check_dir_out(out, field="out")
     where = out.resolve()
     for name, given in (inputs or {}).items():
@@ -318,10 +321,14 @@ def check_run_dir(out: str | Path, resume: bool,
     latest = Checkpointer(out).latest()
     if resume and latest is None:
         raise UserError("nothing to resume: no checkpoint in this run directory",
-                        path=out / "checkpoints", field="resume")
-    if resume:
+                        path=out / "checkpoints",
+                        field="resume" if resume_from is None else "resume_from")
+    if resume_from is not None:
+        latest = Checkpointer(out).named(resume_from)  # verified there
+    elif resume:
         # Here, not only when training loads it: the stage writes run.json and OUT/best first.
         Checkpointer.verify(latest)
+    if resume:
         if cfg is not None:
             state = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=False)
             _check_split_settings(cfg, state.get("settings", {}), latest)
@@ -335,6 +342,14 @@ def check_run_dir(out: str | Path, resume: bool,
                         "choose another out (--out); a run saved with save_every (--save-every) "
                         "continues with resume (--resume)", path=out, field="out")
     return latest
+
+
+def resuming(cfg: Any) -> Any:
+    """`cfg` (a stage's config) with `resume` set where `resume_from` names a checkpoint:
+    naming one resumes from it, `--resume` or not."""
+    if cfg.resume_from is not None and not cfg.resume:
+        return dataclasses.replace(cfg, resume=True)
+    return cfg
 
 
 # --- small pieces ------------------------------------------------------------------------------
@@ -802,7 +817,8 @@ def annotate_resume(out_dir: str | Path, config: Any, resumed_from: str) -> None
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": git[0] if git else None, "git_dirty": git[1] if git else None,
             "threads": torch.get_num_threads(),
-            "changed": {k: v for k, v in now.items() if k != "resume" and first.get(k) != v}})
+            "changed": {k: v for k, v in now.items()
+                        if k not in ("resume", "resume_from") and first.get(k) != v}})
     _update_run(out_dir, add)
 
 
@@ -864,11 +880,13 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
           on_eval: Callable[[nn.Module, int, float], dict | None] | None = None,
           tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
           extra: dict | None = None, perplexity: bool = True,
-          verified: Path | None = None,
+          verified: Path | None = None, resume_from: Path | None = None,
           loss_weight: Callable[[Any], float] | None = None) -> TrainResult:
     """Train `model` in place on `batches` with `loss_fn`; checkpoints go to OUT/checkpoints/,
     metrics to OUT/metrics.jsonl. With `resume`, continue from the latest checkpoint in OUT
-    (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly.
+    (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly; or
+    from `resume_from`, another of OUT's checkpoints, which `latest` then names (as if the
+    pointer had been moved back by hand).
     Ctrl-C saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
     `perplexity`: the loss is a language model's (a reward model's is not), so its exp means
     something and is logged as val_ppl. `verified`: the checkpoint `check_run_dir` returned,
@@ -894,7 +912,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     eval_s = 0.0                       # the step-0 evaluation's time, which a time budget counts in
     stopped_early, cap = False, total  # cap: the length before an early stop
     if resume:
-        path = ckpt.latest()
+        path = Path(resume_from) if resume_from is not None else ckpt.latest()
         if path is None:
             raise UserError("nothing to resume: no checkpoint in this run directory",
                             path=ckpt.dir, field="resume")
@@ -925,6 +943,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             total = max(cfg.max_steps, step)
             stopped_early, cap = False, total  # a new length, not a stop
         MetricsLog.truncate_after(metrics_path, step)
+        ckpt.point_latest(path)
         print(f"resuming from {path} (step {step} of {total or '?'})", file=sys.stderr)
     else:
         seed_everything(cfg.seed)

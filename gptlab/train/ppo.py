@@ -50,8 +50,8 @@ from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
                                held_interrupt, lr_at, make_optimizer, memory_named,
-                               read_metrics, rng_state, same_setting, select_device, set_lr,
-                               set_rng_state)
+                               read_metrics, resuming, rng_state, same_setting, select_device,
+                               set_lr, set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logprobs, gae, kl_per_token,
@@ -133,6 +133,9 @@ class PPOConfig:
     save_every: int = field(default=0, metadata={
         "help": "steps between checkpoints, all kept (0: only on Ctrl-C)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "continue from this checkpoint of OUT instead: step-N, N, or its path "
+                "(OUT/checkpoints/step-N); implies resume"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"})
@@ -186,7 +189,8 @@ class PPOConfig:
 
 # Settings a resumed run may change: none of them alters the steps taken or the next ones (the
 # learning rate after warmup is constant, so `steps` only says where to stop).
-RESUMABLE = ("steps", "save_every", "resume", "out", "device", "cache_dir", "progress")
+RESUMABLE = ("steps", "save_every", "resume", "resume_from", "out", "device", "cache_dir",
+             "progress")
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -441,6 +445,7 @@ class PPOTrainer:
                             f"{setting('reward_fn')}",
                             field="reward")
         cfg.check()
+        cfg = resuming(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out)
         check_out_of_read_dirs(self.out, {"prompts, --prompts": cfg.prompts}, "prompts")
@@ -449,7 +454,7 @@ class PPOTrainer:
             check_out_of_corpus(self.out, cfg.ptx_data, flag="--ptx-data")
         latest = check_run_dir(self.out, cfg.resume, {
             "policy": cfg.policy, "reference": cfg.reference, "reward": cfg.reward,
-            "value": cfg.value})
+            "value": cfg.value}, resume_from=cfg.resume_from)
         self.device = select_device(cfg.device)
         allow_tf32(self.device)  # as in the other training verbs (PPO runs no autocast)
         torch.manual_seed(cfg.seed)
@@ -882,6 +887,7 @@ class PPOTrainer:
         if self.resumed_from is not None:
             MetricsLog.truncate_after(metrics_path, self.step)
             annotate_resume(self.out, cfg, self.resumed_from.name)
+            Checkpointer(self.out).point_latest(self.resumed_from)
             log = MetricsLog(metrics_path)
             print(f"resuming from {self.resumed_from} (step {self.step} of {cfg.steps})",
                   file=sys.stderr)

@@ -31,7 +31,7 @@ from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_run_dir,
-                               train)
+                               resuming, train)
 
 
 @dataclass
@@ -49,6 +49,9 @@ class PretrainConfig(TrainConfig):
                 "trained on the data)"})
     out: str = field(default="runs/pretrain", metadata={"help": "run / model directory"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "continue from this checkpoint of OUT instead: step-N, N, or its path "
+                "(OUT/checkpoints/step-N); implies resume"})
     block_size: int | None = field(default=None, metadata={
         "help": "tokens per training sequence (default: the model's context)"})
     val_fraction: float = field(default=0.05, metadata={
@@ -242,6 +245,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from gptlab.data.tokens import cache_key, load_token_data
 
     cfg.check()  # first: a str given as `data` would be read below as paths of one letter
+    cfg = resuming(cfg)
     check_given(cfg, ("model",), "pretrain")  # a preset or a directory, not "" (the current one)
     if not cfg.data:
         raise UserError("no training data: give data (--data FILE...)", field="data")
@@ -259,7 +263,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # A resume reads its checkpoint, never --model: OUT may be what --model names.
     reads_model = _continues_a_model(cfg.model) and not cfg.resume
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model if reads_model else None},
-                           cfg)
+                           cfg, cfg.resume_from)
 
     # Everything that can fail on bad input happens before OUT is created.
     model, tok = _build(cfg, latest if cfg.resume else None)
@@ -297,7 +301,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     result = train(model, batches, lm_loss, cfg, out, val_batches=val, tokenizer=tok,
                    on_eval=sample,
                    tokens_in=lambda b: b.shape[0] * (b.shape[1] - 1), resume=cfg.resume,
-                   verified=latest, extra={"stage": "pretrain", "data_key": data.file.key})
+                   verified=latest, resume_from=latest,
+                   extra={"stage": "pretrain", "data_key": data.file.key})
     save_model(out, model, tok, extra={"stage": "pretrain", "step": result.step,
                                        "val_loss": result.val_loss, "tokens": result.tokens})
     speed = (f"{result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s

@@ -36,7 +36,8 @@ from gptlab.model.heads import ScalarHeadModel, has_scored_token
 from gptlab.provenance import record_run
 from gptlab.train.batching import ListBatches, data_key, fixed_list_batches, warn_if_data_changed
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_held_out,
-                               check_run_dir, held_out_rule, refuse_other_settings, train)
+                               check_run_dir, held_out_rule, refuse_other_settings, resuming,
+                               train)
 from gptlab.eval.stats import clustered_rate
 from gptlab.train.rl_math import kwise_ranking_loss, preference_pairs
 
@@ -79,6 +80,9 @@ class RewardConfig(TrainConfig):
     eval_every: int = 50
     save_every: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "continue from this checkpoint of OUT instead: step-N, N, or its path "
+                "(OUT/checkpoints/step-N); implies resume"})
 
     def rules(self) -> list[tuple[str, bool, str]]:
         """(field, holds, what is expected): the shared rules and the reward model's."""
@@ -370,7 +374,8 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     check_out_of_read_dirs(out, {"data, --data": cfg.data, "val_data, --val-data": cfg.val_data},
                            "rankings")
     check_out_of_read_dirs(out, {"samples, --samples": cfg.samples}, "samples")
-    latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
+    cfg = resuming(cfg)
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg, cfg.resume_from)
     if cfg.resume:
         check_resume_settings(cfg, latest)
     if is_value_model(cfg.model):  # a scalar head too, but on the scale of PPO's returns
@@ -445,7 +450,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
-                   resume=cfg.resume, verified=latest, perplexity=False, extra={
+                   resume=cfg.resume, verified=latest, resume_from=latest, perplexity=False, extra={
                        "stage": "reward", "data_key": key,
                        "eval_settings": {k: getattr(cfg, k) for k in MEASURE_SETTINGS}})
     model.eval()

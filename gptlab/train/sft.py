@@ -31,7 +31,7 @@ from gptlab.train.batching import (ListBatches, data_key, fixed_list_batches, pa
                                    warn_if_data_changed)
 from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_held_out,
                                check_run_dir, held_out_rule, read_metrics, refuse_other_settings,
-                               train)
+                               resuming, train)
 
 # Settings that decide what an evaluation measures: the held-out demonstrations, the world whose
 # execution accuracy is the score and, with a world, how many questions and how long an answer.
@@ -78,6 +78,9 @@ class SFTConfig(TrainConfig):
         "help": "stop after this many evaluations in which neither the score nor the validation "
                 "loss improved (0: run every step)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT's latest checkpoint"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "continue from this checkpoint of OUT instead: step-N, N, or its path "
+                "(OUT/checkpoints/step-N); implies resume"})
     lr: float = 3e-4
     warmup_steps: int = 20
     weight_decay: float = 0.0
@@ -263,7 +266,8 @@ def sft(cfg: SFTConfig) -> Path:
     out = check_dir_out(cfg.out, field="out")  # not "", the current directory
     check_out_of_read_dirs(out, {"data, --data": cfg.data, "val_data, --val-data": cfg.val_data},
                            "demonstrations")
-    latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg)
+    cfg = resuming(cfg)
+    latest = check_run_dir(out, cfg.resume, {"model": cfg.model}, cfg, cfg.resume_from)
     if cfg.resume:
         check_resume_settings(cfg, latest)
     model, tok, _ = load_language_model(cfg.model)
@@ -320,7 +324,8 @@ def sft(cfg: SFTConfig) -> Path:
     val_batches = fixed_list_batches(val_ex, cfg.batch_size, collate) if val_ex else None
     result = train(model, ListBatches(train_ex, cfg.batch_size, cfg.seed, collate), sft_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=keeper,
-                   resume=cfg.resume, verified=latest, loss_weight=target_tokens, extra={
+                   resume=cfg.resume, verified=latest, resume_from=latest,
+                   loss_weight=target_tokens, extra={
                        "stage": "sft", "data_key": key, "eval_settings": {
                            k: getattr(cfg, k) for k in (*MEASURE_SETTINGS, *NOTED_SETTINGS)}})
     val_loss = result.val_loss
