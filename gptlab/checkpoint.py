@@ -42,7 +42,7 @@ import shutil
 import sys
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -323,9 +323,31 @@ def _shape_mismatches(model: torch.nn.Module, file: Path) -> list[str]:
     return out
 
 
+def refuse_non_finite(tensors: Iterable[tuple[str, torch.Tensor]], path: str | Path) -> None:
+    """A UserError naming `path` and the first floating-point tensor of `tensors` (name,
+    tensor) that holds a NaN or an infinity, with how many: a diverged run's weights, whose
+    every logit would be NaN. No weight of a model has a reason to hold one (masks of -inf
+    are buffers gptlab builds, never reads from a file)."""
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        # One pass, no copy (a NaN propagates to both): isfinite().all() writes a mask of the
+        # whole tensor first, 40 times slower (as long as reading SmolLM2-135M's file).
+        low, high = torch.aminmax(t.detach())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            said = " and ".join(f"{n} {what}" for n, what in (
+                (nan, "NaN"), (inf, "infinite")) if n)
+            raise UserError(f"tensor '{name}' holds non-finite weights ({said} of its "
+                            f"{t.numel()} values): the weights of a run that diverged, whose "
+                            f"every output would be NaN; load an earlier checkpoint", path=path)
+
+
 def load_weights(model: torch.nn.Module, file: str | Path) -> None:
     """Load `file` into `model`: in place, or, for a model built on the meta device (shapes
-    only, no random init to throw away), by taking the file's tensors as its weights."""
+    only, no random init to throw away), by taking the file's tensors as its weights. Weights
+    that hold a NaN or an infinity are refused (`refuse_non_finite`)."""
     file = Path(file)
     if not file.exists():
         raise UserError("model weights are missing", path=file)
@@ -354,6 +376,7 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
                  if names]
         raise UserError(f"weights do not fit the model's config.json: {'; '.join(parts)}",
                         path=file)
+    refuse_non_finite(chain(model.named_parameters(), model.named_buffers()), file)
 
 
 def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]

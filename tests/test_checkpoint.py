@@ -992,3 +992,36 @@ def test_a_checkpoint_records_the_threads_it_was_computed_on(tmp_path):
     assert (ck.Checkpointer.threads_of(one), ck.Checkpointer.threads_of(two)) == (1, 2)
     (two / "manifest.json").write_text(json.dumps({"step": 2, "sha256": {}}))  # an older save
     assert ck.Checkpointer.threads_of(two) is None
+
+
+def _poisoned(path: Path, name: str, values: dict[int, float]) -> None:
+    """Set values of tensor `name` of the safetensors file `path` (by flat index)."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(path))
+    flat = state[name].view(-1)
+    for i, v in values.items():
+        flat[i] = v
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def test_weights_holding_a_nan_or_an_infinity_are_refused_naming_the_tensor(tmp_path):
+    """A diverged run's weights loaded without a word, and every logit was NaN."""
+    ck.save_model(tmp_path / "m", tiny())
+    weights = tmp_path / "m" / "model.safetensors"
+    _poisoned(weights, "blocks.1.mlp.up.weight", {5: float("nan")})
+    with pytest.raises(UserError) as err:
+        ck.load_model(tmp_path / "m")
+    n = tiny().blocks[1].mlp.up.weight.numel()
+    assert str(err.value) == (
+        f"{weights}: tensor 'blocks.1.mlp.up.weight' holds non-finite weights (1 NaN of its {n} "
+        f"values): the weights of a run that diverged, whose every output would be NaN; load an "
+        f"earlier checkpoint")
+    # The first such tensor is named, with its NaN and infinities counted.
+    _poisoned(weights, "blocks.0.attn.k_proj.weight", {0: float("inf"), 1: float("-inf"),
+                                                      2: float("nan")})
+    with pytest.raises(UserError, match=r"tensor 'blocks.0.attn.k_proj.weight' holds non-finite "
+                                        r"weights \(1 NaN and 2 infinite of its \d+ values\)"):
+        ck.load_model(tmp_path / "m")
+    # A model loaded in place (a checkpoint resumed) is refused too.
+    with pytest.raises(UserError, match="blocks.0.attn.k_proj.weight"):
+        ck.load_weights(tiny(), weights)

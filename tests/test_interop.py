@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -2322,3 +2323,33 @@ def test_a_llama2_model_runs_the_whole_recipe_from_the_command_line(tmp_path, mo
     assert_same_logits(ppo_model, theirs, [prompt, *ours[:3]])
     out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
     assert out[0, len(prompt):].tolist() == answer + [2]
+
+
+def test_an_hf_model_or_classifier_with_a_nan_or_infinite_weight_is_refused(tmp_path):
+    """Imported as it was, a diverged model gave NaN logits without a word; the causal mask
+    buffers some GPT-2 checkpoints keep (`attn.bias`, `attn.masked_bias`) are no weights and
+    are not read."""
+    from safetensors.torch import load_file, save_file
+    export_hf(_random_gpt(0), None, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(weights))
+    state["transformer.h.0.attn.masked_bias"] = torch.tensor(-math.inf)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    load_pretrained(tmp_path / "hf")  # an infinite buffer is not a weight
+    state["transformer.h.1.mlp.c_fc.weight"][3, 4] = math.inf
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(UserError) as err:
+        load_pretrained(tmp_path / "hf")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'hf'}: tensor 'transformer.h.1.mlp.c_fc.weight' holds non-finite weights "
+        f"(1 infinite of its {state['transformer.h.1.mlp.c_fc.weight'].numel()} values)")
+    # A sequence classifier's score layer is a weight too.
+    causal = _hf_model("llama", pad_token_id=0)
+    causal.config.num_labels = 1
+    rm = _randomize(transformers.LlamaForSequenceClassification(causal.config), 1)
+    with torch.no_grad():
+        rm.score.weight[0, 0] = math.nan
+    rm.save_pretrained(tmp_path / "rm")
+    with pytest.raises(UserError, match=r"tensor 'score.weight' holds non-finite weights "
+                                        r"\(1 NaN of its"):
+        load_pretrained(tmp_path / "rm")

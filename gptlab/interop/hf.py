@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptlab.checkpoint import check_config, check_pad_token_id
+from gptlab.checkpoint import check_config, check_pad_token_id, refuse_non_finite
 from gptlab.errors import UserError, check_bool
 from gptlab.io import (atomic_path, ensure_dir, read_json, strict_json, write_json_atomic,
                        write_text_atomic)
@@ -409,6 +409,7 @@ def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
         if tuple(t.shape) != tuple(ref.shape):
             raise UserError(f"tensor {src} has shape {tuple(t.shape)}, but the config implies "
                             f"{tuple(ref.shape)} for {name}", path=source)
+        refuse_non_finite([(src, t)], source)  # the file's values, before a cast
         state[name] = t.to(dtype).contiguous()  # GPT-2's transposes are views
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
@@ -478,6 +479,7 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
     named, used = _named_weights(raw["model_type"], sd, cfg, d)
     used |= {"score.weight", "score.bias"}
     gpt = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
+    refuse_non_finite([(k, sd[k]) for k in ("score.weight", "score.bias") if k in sd], d)
     rm = ScalarHeadModel.from_gpt(gpt)
     # transformers scores at the last token that is not the pad (a pad that is the end of turn,
     # SmolLM2's, is never read).
