@@ -636,25 +636,79 @@ def test_a_nan_loss_is_logged_as_strict_json_and_a_resume_reads_it_back(tmp_path
     ids = np.arange(8)
     cfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=2, eval_every=2, eval_batches=1,
                       save_every=2, log_every=1, progress=False, device="cpu")
-    diverged = lambda model, block: lm_loss(model, block) * math.nan  # noqa: E731
+    # The validation loss is NaN (a training loss so stops the run: see below).
+    nan_in_eval = lambda model, block: lm_loss(model, block) * (  # noqa: E731
+        1.0 if model.training else math.nan)
     val = fixed_batches(tokens, 16, ids, 4, 1)
-    train(tiny(), BlockBatches(tokens, 16, ids, 4, seed=0), diverged, cfg, tmp_path,
+    train(tiny(), BlockBatches(tokens, 16, ids, 4, seed=0), nan_in_eval, cfg, tmp_path,
           val_batches=val)
     resumed = dataclasses.replace(cfg, max_steps=3)
-    train(tiny(), BlockBatches(tokens, 16, ids, 4, seed=0), diverged, resumed, tmp_path,
+    train(tiny(), BlockBatches(tokens, 16, ids, 4, seed=0), nan_in_eval, resumed, tmp_path,
           val_batches=val, resume=True)  # rewrites the rows up to its checkpoint, read back
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rows = [strict_loads(line) for line in lines]
-    train_rows = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in train_rows] == [1, 2, 3]  # every step kept, its loss null
-    assert all(r["loss"] is None and r["non_finite"]["/loss"] == "NaN" for r in train_rows)
-    assert all(r["grad_norm"] is None and r["lr"] > 0 for r in train_rows)
     val_rows = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val_rows] == [0, 2, 3]
+    assert all(r["val_loss"] is None for r in val_rows)
     assert all(r["non_finite"] == {"/val_loss": "NaN", "/val_ppl": "NaN"} for r in val_rows)
     read = read_metrics(tmp_path / "metrics.jsonl")
-    assert all(math.isnan(r["loss"]) and "non_finite" not in r for r in read if "loss" in r)
     assert all(math.isnan(r["val_loss"]) for r in read if "val_loss" in r)
+    assert [r["step"] for r in read if "loss" in r] == [1, 2, 3]
+
+
+def _nan_from(step: int):
+    """lm_loss, NaN from training step `step` on (a run that diverges there)."""
+    calls = []
+
+    def loss(model, block):
+        if model.training:
+            calls.append(1)
+        return lm_loss(model, block) * (math.nan if len(calls) >= step else 1.0)
+    return loss
+
+
+def test_a_diverged_step_stops_the_run_before_a_save_and_keeps_the_good_checkpoints(tmp_path):
+    """A NaN loss made the update NaN, and the next saves wrote NaN weights over the good
+    checkpoints (keep_checkpoints rotated them out). Now the run stops at the step, its row
+    logged, nothing saved: the last checkpoint is the one before, whole and finite."""
+    from test_io import strict_loads
+    tokens = _stream(n=600)
+    ids = np.arange(30)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=8, save_every=2, keep_checkpoints=2,
+                      log_every=4, eval_every=0, progress=False, device="cpu")
+    model = tiny()
+    with pytest.raises(UserError, match="diverged at step 5 \\(loss nan, grad_norm nan\\)") \
+            as err:
+        train(model, BlockBatches(tokens, 16, ids, 4, seed=0), _nan_from(5), cfg, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert f"the last checkpoint, {ckpts / 'step-4'}, is kept as it was" in str(err.value)
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # the update's NaN
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-2", "step-4"]
+    assert Checkpointer(tmp_path).latest() == ckpts / "step-4"
+    for step in (2, 4):
+        Checkpointer.verify(ckpts / f"step-{step}")
+        loaded = tiny(1)
+        Checkpointer(tmp_path).load(ckpts / f"step-{step}", loaded)
+        assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    # Step 4's weights are those of the same run that never diverged, byte for byte.
+    train(tiny(), BlockBatches(tokens, 16, ids, 4, seed=0), lm_loss,
+          dataclasses.replace(cfg, keep_checkpoints=4), tmp_path / "good")
+    good = tmp_path / "good" / "checkpoints" / "step-4" / "model.safetensors"
+    assert (ckpts / "step-4" / "model.safetensors").read_bytes() == good.read_bytes()
+    # The diverged step's row is logged (off log_every), its numbers null, as JSON has none.
+    rows = [strict_loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 5]
+    assert rows[1]["loss"] is None and rows[1]["non_finite"]["/loss"] == "NaN"
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_run_that_diverges_before_its_first_save_says_there_is_no_checkpoint(tmp_path):
+    cfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=4, save_every=2, eval_every=0,
+                      progress=False, device="cpu")
+    with pytest.raises(UserError, match="no checkpoint was saved before it"):
+        train(tiny(), BlockBatches(_stream(), 16, np.arange(30), 4, seed=0), _nan_from(1), cfg,
+              tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_an_earlier_metrics_file_with_bare_nan_is_read_and_rewritten_strict(tmp_path):

@@ -437,6 +437,27 @@ def test_resume_from_a_named_earlier_step_gives_the_uninterrupted_run(corpus, tm
     assert [(r["from"], r["changed"]) for r in info["resumes"]] == [("step-6", {})] * 3
 
 
+def test_a_run_that_diverges_exits_2_and_keeps_its_last_checkpoint(corpus, tmp_path, capsys):
+    """At lr 1e10 the second update makes the weights NaN: the run stops there (exit 2), before
+    a save, where it saved those weights over step-1 (keep_checkpoints 1) and went on."""
+    d, _, _ = corpus
+    out = tmp_path / "run"
+    assert run("--data", str(d / "a.txt"), "--max-steps", "4", "--block-size", "16",
+               "--batch-size", "4", "--eval-every", "0", "--save-every", "1",
+               "--keep-checkpoints", "1", "--lr", "1e10", "--weight-decay", "0",
+               "--warmup-steps", "0", "--cache-dir", str(tmp_path / "cache"),
+               "--out", str(out)) == 2
+    ckpt = out / "checkpoints" / "step-1"
+    assert (f"{out}: the training diverged at step 2 (loss nan, grad_norm nan): the run stops "
+            f"without saving the weights of that update; the last checkpoint, {ckpt}, is kept "
+            f"as it was") in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-1"]
+    Checkpointer.verify(ckpt)
+    model, _, _ = load_model(ckpt)  # refuses non-finite weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (out / "config.json").exists()
+
+
 def test_a_run_checkpointed_before_the_bos_post_processor_resumes_without_a_corpus_warning(
         corpus, tmp_path, monkeypatch, capsys):
     """A checkpoint from before `save` added the post-processor that prepends BOS recorded the

@@ -215,6 +215,19 @@ def warn_shared_held_out(train: list, val: list, key: Callable[[Any], Hashable],
           f"from one of the files", file=sys.stderr)
 
 
+def diverged(step: int, loss: float, grad_norm: float, out: Path,
+             checkpoint: Path | None) -> UserError:
+    """The error that ends a run at a step whose loss or gradient norm is NaN or infinite:
+    AdamW's update from it is no number either, and the weights it leaves are not saved; the
+    last checkpoint (`checkpoint`, None: none yet) stays as it was."""
+    kept = f"the last checkpoint, {checkpoint}, is kept as it was" if checkpoint is not None \
+        else "no checkpoint was saved before it"
+    return UserError(f"the training diverged at step {step} (loss {loss}, grad_norm "
+                     f"{grad_norm}): the run stops without saving the weights of that update; "
+                     f"{kept}. A resume replays the same steps: start again with a lower lr "
+                     f"(--lr) or a longer warmup (--warmup-steps)", path=out)
+
+
 def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:
     """Raise a UserError naming the first field of the dataclass `cfg` whose value is not of
     its annotated type, or else holds a non-finite number (nan, inf), or else the first of
@@ -886,7 +899,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     metrics to OUT/metrics.jsonl. With `resume`, continue from the latest checkpoint in OUT
     (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly; or
     from `resume_from`, another of OUT's checkpoints, which `latest` then names (as if the
-    pointer had been moved back by hand).
+    pointer had been moved back by hand). A step whose loss or gradient norm is not finite
+    ends the run with a UserError before anything is saved (see `diverged`).
     Ctrl-C saves a checkpoint of the last finished step, then re-raises KeyboardInterrupt.
     `perplexity`: the loss is a language model's (a reward model's is not), so its exp means
     something and is logged as val_ppl. `verified`: the checkpoint `check_run_dir` returned,
@@ -1057,6 +1071,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 last_row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                             "tokens": tokens, "tokens_per_s": session_tokens / session_time,
                             "elapsed_s": round(elapsed, 3)}
+                if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+                    # The update has made the weights NaN: its row is the user's to see, but no
+                    # save may follow, which could rotate the good checkpoints out.
+                    metrics.log(last_row)
+                    raise diverged(step, last_loss, grad_norm, out, ckpt.latest())
                 good = snapshot()
                 updating = False
 
