@@ -186,19 +186,21 @@ _REQUIRED = {"vocab_size", "context", "n_layers", "n_heads", "d_model", "n_encod
              "n_decoder_layers"}
 # Config fields that count things: each must be at least 1.
 _COUNTS = {"vocab_size", "context", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff",
-           "head_dim", "n_encoder_layers", "n_decoder_layers"}
+           "head_dim", "n_encoder_layers", "n_decoder_layers", "attention_window"}
 # Float fields with a range: (what the message says, the test).
 _RANGES = {"norm_eps": ("> 0", lambda v: v > 0), "rope_theta": ("> 0", lambda v: v > 0),
            "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
            "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1)}
 _KIND_NAMES = {"None": "null", "int": "an integer", "float": "a number", "bool": "true or false",
-               "str": "a string"}
+               "str": "a string", "list[int]": "a list of integers"}
 
 
 def _has_type(v: Any, kind: str) -> bool:
     """Whether JSON value `v` is of annotation `kind` (JSON's true is no integer here)."""
     if kind == "bool":
         return isinstance(v, bool)
+    if kind == "list[int]":
+        return isinstance(v, list) and all(_has_type(x, "int") for x in v)
     if isinstance(v, bool):
         return False
     return {"int": isinstance(v, int), "float": isinstance(v, (int, float)),
@@ -214,7 +216,7 @@ def check_config(cfg: Any, path: str | Path | None = None, prefix: str = "") -> 
         if not any(_has_type(v, k) for k in kinds):
             expected = " or ".join(_KIND_NAMES.get(k, k) for k in kinds)
             raise UserError(f"must be {expected}, got {v!r}", path=path, field=name)
-        if v is None or isinstance(v, (bool, str)):
+        if v is None or isinstance(v, (bool, str, list)):  # a list's range: __post_init__'s
             continue
         if isinstance(v, int) and abs(v) > sys.float_info.max:  # math.isfinite(10**400) raised
             raise UserError(f"must be a finite number, got an integer of {len(str(abs(v)))} "

@@ -171,6 +171,18 @@ def _set(key, value):
      "field 'model.head_dim': must be an integer or null, got '8'"),
     (_set("n_kv_heads", 3), "config.json",
      "field 'model': n_heads (4) must be a multiple of n_kv_heads (3)"),
+    (_set("attention_window", 0), "config.json",
+     "field 'model.attention_window': must be at least 1, got 0"),
+    (_set("attention_window", 2.5), "config.json",
+     "field 'model.attention_window': must be an integer or null, got 2.5"),
+    (_set("local_attention_layers", [True]), "config.json",
+     "field 'model.local_attention_layers': must be a string or a list of integers, got [True]"),
+    (_set("local_attention_layers", "third"), "config.json",
+     "field 'model': local_attention_layers must be all, odd, even or a list of distinct layer "
+     "indices from 0 to 1, not 'third'"),
+    (_set("local_attention_layers", [1, 2]), "config.json",
+     "field 'model': local_attention_layers must be all, odd, even or a list of distinct layer "
+     "indices from 0 to 1, not [1, 2]"),
     (lambda m: [], "config.json", "expected a JSON object"),
     (lambda m: {k: v for k, v in m.items() if k != "model"}, "config.json",
      "field 'model': missing: the model's configuration (its sizes and options)"),
@@ -205,6 +217,29 @@ def test_a_bad_config_json_names_the_file_and_field(tmp_path, edit, file, messag
     out = tmp_path / "hf"
     assert main(["convert", "--to", "hf", str(tmp_path), "--out", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+
+
+def test_local_attention_layers_save_and_load_and_a_config_without_them_is_dense(tmp_path):
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", attention_window=3, local_attention_layers=[1])
+    net = GPT(cfg).eval()
+    ck.save_model(tmp_path / "m", net)
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (meta["model"]["attention_window"], meta["model"]["local_attention_layers"]) == (3, [1])
+    loaded, _, _ = ck.load_model(tmp_path / "m")
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert loaded.config == cfg and torch.equal(net(ids), loaded(ids))
+        # A model directory from before the fields: dense attention, as it was trained.
+        for key in ("attention_window", "local_attention_layers"):
+            del meta["model"][key]
+        (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+        old, _, _ = ck.load_model(tmp_path / "m")
+        assert old.config.attention_window is None
+        dense = GPT(get_preset("tiny")).eval()
+        dense.load_state_dict(net.state_dict())
+        assert torch.equal(old(ids), dense(ids))
+        assert (old(ids) - net(ids)).abs().max() > 1e-3  # the band changed the logits
 
 
 def test_a_config_json_saved_with_a_byte_order_mark_is_still_gptlabs(tmp_path):

@@ -267,6 +267,25 @@ def test_a_finished_row_still_in_the_batch_stays_finished():
     assert out.tokens[1:] == free.tokens[1:]
 
 
+@pytest.mark.parametrize("layers", ["odd", "all"])
+def test_local_layers_decode_left_padded_rows_as_a_full_forward_of_each_alone(layers):
+    """GPT-3's banded layers (window 4 here): each cached step masks the keys older than the
+    window in every row, padded or not, whose log-probabilities are those of a full forward."""
+    net = model(attention_window=4, local_attention_layers=layers)
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    out = generate(net, prompts, SamplingParams(max_new_tokens=12, greedy=True))
+    dense = model()
+    for p, toks, logprobs in zip(prompts, out.tokens, out.logprobs):
+        assert toks == naive_greedy(net, p, 12)
+        with torch.no_grad():
+            logp = net(torch.tensor([p + toks]))[0].log_softmax(-1)
+            other = dense(torch.tensor([p + toks]))[0].log_softmax(-1)
+        steps = range(len(p) - 1, len(p) - 1 + len(toks))
+        assert max(abs(logp[t, tok].item() - lp) for t, tok, lp in zip(steps, toks, logprobs)) \
+            <= 1e-5
+        assert (logp[4:] - other[4:]).abs().max() > 1e-2  # the band changed the logits
+
+
 def test_rows_left_after_a_batch_compacts_decode_as_each_prompt_alone():
     """One row of four stops: three live rows of four compact the batch (the cache rows, the
     masks and the last tokens move together); every row still decodes as its prompt alone."""

@@ -702,10 +702,23 @@ def test_an_export_whose_tokenizer_transformers_5_reads_otherwise_says_where(fam
     (dict(n_kv_heads=2), "grouped-query"),
     (dict(activation="swiglu"),
      r"activation='swiglu' \(GPT2 needs one of gelu_tanh, gelu, relu, silu\)"),
+    # GPT-3's local layers: exported as GPT-2 they would attend over the whole context.
+    (dict(attention_window=8, local_attention_layers="odd"),
+     "attention_window=8 on local_attention_layers='odd'"),
+    (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
+          attention_window=63), "attention_window=63 on local_attention_layers='all'"),
 ])
 def test_export_refuses_what_does_not_map(fields, message, tmp_path):
     with pytest.raises(UserError, match=message):
         export_hf(_random_gpt(0, **fields), None, tmp_path)
+
+
+def test_export_takes_a_window_as_long_as_the_context_as_dense_attention(tmp_path):
+    # A window of the whole context (or local layers none) masks nothing a model can read.
+    for i, fields in enumerate([dict(attention_window=64),
+                                dict(attention_window=8, local_attention_layers=[])]):
+        export_hf(_random_gpt(0, **fields), None, tmp_path / str(i))
+        assert json.loads((tmp_path / str(i) / "config.json").read_text())["model_type"] == "gpt2"
 
 
 def test_convert_to_hf_names_the_model_that_does_not_map(tmp_path, capsys):

@@ -177,6 +177,155 @@ def test_gpt_need_weights_path_equals_fast_path():
     assert (h_fast - h_slow).abs().max().item() <= 1e-5
 
 
+# --- local (banded) attention: GPT-3's alternating layers -----------------------------------
+
+# Layers 0 and 2 dense, 1 local, or every layer local; a window of 5 in sequences of up to 20.
+LOCAL = {
+    "learned-odd": dict(positions="learned", n_layers=3, attention_window=5,
+                        local_attention_layers="odd"),
+    "rotary-gqa-all": dict(VARIANTS["rotary-gqa"], attention_window=5),
+    "postnorm-list": dict(VARIANTS["postnorm"], n_layers=3, attention_window=5,
+                          local_attention_layers=[0, 2]),
+}
+
+
+def band_by_hand(real: list[int], past: int, window: int) -> torch.Tensor:
+    """(T, S) allowed keys of the last T = len(real) - past queries of one row, counted out: a
+    query sees itself and the real keys at most window - 1 real tokens before it (a padding
+    query's output is unused; it reads what `padded_causal_mask` lets it)."""
+    S = len(real)
+    allowed = torch.zeros(S - past, S, dtype=torch.bool)
+    for q in range(past, S):
+        for k in range(q + 1):
+            between = sum(real[k + 1:q + 1])  # real tokens after key k, up to query q
+            allowed[q - past, k] = k == q or real[k] and between < window
+    return allowed
+
+
+@pytest.mark.parametrize("past", [0, 6])
+def test_attention_matches_float64_reference_with_a_band_mask(past):
+    from gptlab.model.attention import local_attention_mask
+    torch.manual_seed(0)
+    B, H, S, D, window = 3, 4, 11, 16, 3
+    rows = [[1] * 11, [0, 0, 0] + [1] * 8, [1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1]]  # a gap in row 2
+    real = torch.tensor(rows)
+    q = torch.randn(B, H, S - past, D)
+    k, v = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    allowed = torch.stack([band_by_hand(r, past, window) for r in rows])[:, None]
+    assert torch.equal(local_attention_mask(real, B, past, S - past, window, q.device), allowed)
+    unpadded = local_attention_mask(None, B, past, S - past, window, q.device)  # (B or 1, ...)
+    assert torch.equal(unpadded, band_by_hand([1] * S, past, window).expand_as(unpadded))
+    ref = reference_attention(q, k, v, allowed)
+    out_math, weights = attention_math(q, k, v, allowed)
+    out_sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert (out_math.double() - ref).abs().max() < 1e-5
+    assert (out_sdpa.double() - ref).abs().max() < 1e-5
+    assert weights[0, :, -1, :S - window].abs().max() == 0  # older than the window
+    assert (weights[0, :, -1, S - window:] > 0).all()
+
+
+@pytest.mark.parametrize("variant", list(LOCAL))
+def test_kv_cache_decoding_equals_full_forward_with_local_layers(variant):
+    """A cached step masks the keys older than the window, as the full forward does: a prefill
+    of 8, a block of 3 after it, then one token at a time, to 20 tokens."""
+    model = small_gpt(**LOCAL[variant])
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 20)
+        steps = [model(ids[:, :8], cache=cache), model(ids[:, 8:11], cache=cache)]
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(11, 20)]
+        dense = small_gpt(**{**LOCAL[variant], "attention_window": None})(ids)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+    assert (full[:, 5:] - dense[:, 5:]).abs().max() > 1e-3  # the band changes them
+    assert (full[:, :5] - dense[:, :5]).abs().max() <= 1e-5  # within the window it is dense
+
+
+@pytest.mark.parametrize("variant", list(LOCAL))
+def test_local_layers_need_weights_path_equals_fast_path(variant):
+    model = small_gpt(**LOCAL[variant])
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h_fast, _ = model.hidden_states(ids)
+        h_slow, weights = model.hidden_states(ids, need_weights=True)
+    assert (h_fast - h_slow).abs().max().item() <= 1e-5
+    for i, w in enumerate(weights):
+        older = w[:, :, 11, :7].abs().max().item()  # keys 5 or more tokens before the last
+        assert (older == 0) == model.config.is_local(i), i
+
+
+@pytest.mark.parametrize("variant", list(LOCAL))
+def test_padded_batches_with_local_layers_equal_each_row_alone(variant):
+    """Left padding, right padding and a gap of padding inside a row: the window counts real
+    tokens, so each row reads as it does alone; cached decoding after left padding too."""
+    model = small_gpt(**LOCAL[variant])
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(1, 97, (n,), generator=g) for n in (11, 5, 8)]
+    T = 11
+    left, right = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+    lmask, rmask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        left[i, T - len(r):], lmask[i, T - len(r):] = r, 1
+        right[i, :len(r)], rmask[i, :len(r)] = r, 1
+    gap = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1]])
+    nxt = torch.tensor([[11], [12], [13]])
+    with torch.no_grad():
+        by_left, by_right = model(left, attention_mask=lmask), model(right, attention_mask=rmask)
+        for i, r in enumerate(rows):
+            alone = model(r[None])[0]
+            assert (by_left[i, T - len(r):] - alone).abs().max().item() <= 1e-5
+            assert (by_right[i, :len(r)] - alone).abs().max().item() <= 1e-5
+        gapped = model(rows[0][None], attention_mask=gap)[0, gap[0].bool()]
+        assert (gapped - model(rows[0][gap[0].bool()][None])[0]).abs().max().item() <= 1e-5
+        cache = model.new_cache(3, T + 1)
+        model(left, attention_mask=lmask, cache=cache)
+        step = model(nxt, attention_mask=torch.cat([lmask, torch.ones(3, 1, dtype=torch.long)],
+                                                   1), cache=cache)
+        for i, r in enumerate(rows):
+            alone = model(torch.cat([r, nxt[i]])[None])[0, -1]
+            assert (step[i, -1] - alone).abs().max().item() <= 1e-5
+
+
+def test_shared_prompt_scores_with_local_layers_equal_each_sequence_alone():
+    """The reward model's and SFT's shared prefix (PrefixKV): continuations after a left-padded
+    prompt encoded once see through the band what the whole sequence alone sees."""
+    from gptlab.engine import left_pad
+    from gptlab.model.heads import ScalarHeadModel
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(GPTConfig(vocab_size=97, context=64, n_layers=2, n_heads=4, d_model=32,
+                                   attention_window=3, local_attention_layers="all")).eval()
+    prompts, conts = [[5, 6, 7, 8, 9], [9, 10]], [[12, 13, 14, 15], [8, 11], [20, 21, 22]]
+    rows = torch.tensor([0, 0, 1])
+    p_ids, p_mask = left_pad(prompts)
+    c_ids = torch.tensor([c + [0] * (4 - len(c)) for c in conts])
+    c_mask = torch.tensor([[1] * len(c) + [0] * (4 - len(c)) for c in conts])
+    with torch.no_grad():
+        got = rm.score_continuations(p_ids, p_mask, rows, c_ids, c_mask)
+        alone = torch.stack([rm(torch.tensor([prompts[r] + c]))[0]
+                             for r, c in zip(rows.tolist(), conts)])
+    assert (got - alone).abs().max().item() <= 1e-5
+
+
+def test_a_window_as_long_as_the_sequence_is_dense_attention_bit_for_bit():
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        dense = small_gpt(n_layers=3)(ids)
+        assert torch.equal(small_gpt(n_layers=3, attention_window=12)(ids), dense)
+        assert torch.equal(small_gpt(n_layers=3, attention_window=4,
+                                     local_attention_layers=[])(ids), dense)
+
+
+def test_bad_local_attention_settings_are_rejected():
+    with pytest.raises(ValueError, match="attention_window must be at least 1"):
+        GPTConfig(attention_window=0)
+    for layers in ("first", [0, 0], [12], [-1], (1, 3), [True]):
+        with pytest.raises(ValueError, match="local_attention_layers must be all, odd, even"):
+            GPTConfig(attention_window=4, local_attention_layers=layers)
+    cfg = GPTConfig(n_layers=4, attention_window=4, local_attention_layers="even")
+    assert [cfg.is_local(i) for i in range(4)] == [True, False, True, False]
+    assert not GPTConfig(n_layers=4, local_attention_layers="odd").is_local(1)  # no window
+
+
 def test_padded_causal_mask_lets_a_padding_query_see_itself():
     from gptlab.model.attention import padded_causal_mask
     mask = padded_causal_mask(torch.tensor([[0, 0, 1, 1]]), 4)[0, 0].int()

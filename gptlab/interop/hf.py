@@ -552,6 +552,11 @@ def _export_family(cfg: GPTConfig) -> str:
         bad = [f"positions={cfg.positions!r} with norm={cfg.norm!r} (GPT2 needs learned + "
                f"layernorm, Llama/Qwen2 rotary + rmsnorm)"]
         family = ""
+    if cfg.attention_window is not None and cfg.attention_window < cfg.context and any(
+            cfg.is_local(i) for i in range(cfg.n_layers)):
+        bad.append(f"attention_window={cfg.attention_window} on local_attention_layers="
+                   f"{cfg.local_attention_layers!r} (GPT2, Llama and Qwen2 as exported attend "
+                   f"over the whole context)")
     if bad:
         raise UserError("this model does not map to a Hugging Face architecture: " + "; ".join(bad))
     return family

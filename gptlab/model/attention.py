@@ -221,6 +221,24 @@ def self_attention_mask(attention_mask: Tensor | None, B: int, past: int, T: int
     return None
 
 
+def local_attention_mask(attention_mask: Tensor | None, B: int, past: int, T: int, window: int,
+                         device: torch.device) -> Tensor:
+    """`self_attention_mask`'s (B or 1, 1, T, past + T) in a band: each query sees only the keys
+    fewer than `window` real tokens back, itself 0 back (GPT-Neo's and Mistral's windows).
+    Distances count the real tokens `attention_mask` marks, so that a padded row reads as the
+    row unpadded; under left or right padding they are the sequence's own distances."""
+    S = past + T
+    if attention_mask is None:
+        seen = torch.arange(1, S + 1, device=device)[None]  # (1, S)
+    else:
+        seen = attention_mask.long().cumsum(-1)  # (B, S) real tokens up to each position
+    near = seen[:, -T:, None] - seen[:, None, :] < window  # (B or 1, T, S)
+    mask = self_attention_mask(attention_mask, B, past, T, device)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+    return mask & near[:, None]
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

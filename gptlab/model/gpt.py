@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.model.attention import (Attention, KVCache, is_right_padded, rotary_cos_sin,
-                                    self_attention_mask)
+from gptlab.model.attention import (Attention, KVCache, is_right_padded, local_attention_mask,
+                                    rotary_cos_sin, self_attention_mask)
 from gptlab.model.layers import MLP, make_norm, positions_from_mask, sinusoidal_table
 
 
@@ -37,6 +37,10 @@ class GPTConfig:
     qkv_bias: bool | None = None    # None: = bias (Qwen2: biases on Q, K, V only)
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # Local (banded) attention, as GPT-3's alternating layers and GPT-Neo's: a local layer's
+    # query sees the `attention_window` latest tokens, itself included. None: dense everywhere.
+    attention_window: int | None = None
+    local_attention_layers: str | list[int] = "all"  # all | odd | even | layer indices from 0
 
     def __post_init__(self) -> None:
         if self.positions not in ("learned", "sinusoidal", "rotary"):
@@ -48,6 +52,18 @@ class GPTConfig:
         if self.positions == "rotary" and self.dim_head % 2:
             raise ValueError(f"rotary positions turn pairs of dimensions: the head dimension "
                              f"({self.dim_head}) must be even")
+        if self.attention_window is not None and self.attention_window < 1:
+            raise ValueError(f"attention_window must be at least 1 (or None: dense attention), "
+                             f"not {self.attention_window}")
+        layers = self.local_attention_layers
+        named = isinstance(layers, str) and layers in ("all", "odd", "even")
+        listed = isinstance(layers, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers
+            for i in layers) and len(set(layers)) == len(layers)
+        if not (named or listed):
+            raise ValueError(f"local_attention_layers must be all, odd, even or a list of "
+                             f"distinct layer indices from 0 to {self.n_layers - 1}, "
+                             f"not {layers!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -60,6 +76,15 @@ class GPTConfig:
     @property
     def ff_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` (from 0) attends through the window."""
+        if self.attention_window is None:
+            return False
+        layers = self.local_attention_layers
+        if isinstance(layers, list):
+            return layer in layers
+        return layers == "all" or layer % 2 == (layers == "odd")
 
 
 class Block(nn.Module):
@@ -185,6 +210,10 @@ class GPT(nn.Module):
             # the mask.
             attention_mask = None
         mask = self_attention_mask(attention_mask, B, past, T, input_ids.device)
+        window = self.config.attention_window
+        # Within the window a local layer is a dense one: its band is needed past it only.
+        local_mask = local_attention_mask(attention_mask, B, past, T, window, input_ids.device) \
+            if window is not None and past + T > window else mask
         x = self.tok_emb(input_ids)
         rotary = None
         if self.config.positions == "learned":
@@ -197,7 +226,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         weights = []
         for i, block in enumerate(self.blocks):
-            x, w = block(x, i, mask=mask, is_causal=mask is None and T > 1, rotary=rotary,
+            m = local_mask if self.config.is_local(i) else mask
+            x, w = block(x, i, mask=m, is_causal=m is None and T > 1, rotary=rotary,
                          cache=cache, need_weights=need_weights)
             if w is not None:
                 weights.append(w)
