@@ -577,6 +577,32 @@ def test_preset_shapes_match_the_papers_tables(name):
     assert built_shape(get_preset(name)) == PAPER_SHAPES[name]
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_gpt3_presets_alternate_dense_and_local_layers_and_the_others_are_dense(name):
+    # Brown et al. 2020 §2.1: "alternating dense and locally banded sparse attention patterns";
+    # the band's width is not given: 256, GPT-Neo's, local on odd layers as GPT-Neo's are.
+    cfg = get_preset(name)
+    local = [i for i in range(cfg.n_layers) if cfg.is_local(i)] \
+        if isinstance(cfg, GPTConfig) else []
+    if name.startswith("gpt3-"):
+        assert cfg.attention_window == 256 and local == list(range(1, cfg.n_layers, 2))
+        assert count(name, attention_window=None) == PARAMS[name]  # a window has no parameters
+    else:
+        assert local == [] and getattr(cfg, "attention_window", None) is None
+
+
+def test_a_gpt3_local_layer_reads_the_256_latest_tokens_and_a_dense_one_all():
+    torch.manual_seed(0)
+    gpt = GPT(get_preset("gpt3-small", vocab_size=50, n_layers=2, d_model=16, n_heads=2,
+                         dropout=0.0)).eval()
+    ids = torch.randint(0, 50, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, (dense, local) = gpt.hidden_states(ids, need_weights=True)
+    last = 299  # sees keys 44..299 in the band, 0..299 densely
+    assert (local[0, :, last, :44] == 0).all() and (local[0, :, last, 44:] > 0).all()
+    assert (dense[0, :, last] > 0).all()
+
+
 def test_the_transformer_presets_smooth_labels_by_a_tenth():
     assert [get_preset(n).label_smoothing for n in ("transformer-base", "transformer-big")] == \
         [0.1, 0.1]

@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
 _GPT2 = dict(vocab_size=50257, context=1024, positions="learned", norm="layernorm",
              prenorm=True, activation="gelu_tanh", bias=True, tie_embeddings=True)
-_GPT3 = dict(_GPT2, context=2048)
+# Brown et al. 2020, §2.1: "the same model and architecture as GPT-2 [...] with the exception
+# that we use alternating dense and locally banded sparse attention patterns in the layers".
+# The paper gives no band width: 256 tokens, GPT-Neo's (EleutherAI's GPT-3 replication), local
+# on every second layer as there, layer 0 dense.
+_GPT3 = dict(_GPT2, context=2048, attention_window=256, local_attention_layers="odd")
 
 
 def _gpt3(n_layers: int, d_model: int, n_heads: int) -> GPTConfig:
