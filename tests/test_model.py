@@ -509,10 +509,13 @@ def test_tiny_encoder_decoder_learns_to_reverse_sequences():
 # post-norm, GELU (the tanh form OpenAI's released code computes, which GPT-2 kept), learned
 # positions, dropout 0.1. GPT-2: pre-norm. Brown et al. 2020 Table 2.1: XL as 16 x 128 and 13B
 # as 5120 wide (n_heads x d_head = d_model; as printed those two rows contradict themselves),
-# GPT-2's BPE, d_ff = 4 d. Neither GPT-2's paper nor GPT-3's states a dropout: none here.
+# GPT-2's BPE, d_ff = 4 d. Dropout 0.1 on GPT-2 and GPT-3 too: GPT-2 "largely follows the
+# details of the OpenAI GPT model" (GPT-1's 0.1) and lists its changes, dropout not among them;
+# the released models' configuration (GPT2Config, openai-community/gpt2) has 0.1 for embeddings,
+# attention and residuals; GPT-3 uses "the same model and architecture as GPT-2".
 VASWANI = (True, False, "layernorm", "relu", "sinusoidal", True)
 GPT1_STYLE = (True, False, "layernorm", "gelu_tanh", "learned", True, 0.1)
-GPT2_STYLE = (True, True, "layernorm", "gelu_tanh", "learned", True, 0.0)
+GPT2_STYLE = (True, True, "layernorm", "gelu_tanh", "learned", True, 0.1)
 LLAMA_STYLE = (True, True, "rmsnorm", "swiglu", "rotary", False, 0.0)
 PAPER_SHAPES = {
     "transformer-base": (6, 512, 8, 8, 64, 2048, 512, 37000) + VASWANI + (0.1,),

@@ -12,12 +12,17 @@ if TYPE_CHECKING:
     from gptlab.model.gpt import GPT
     from gptlab.model.transformer import Transformer
 
+# Dropout 0.1 on embeddings, attention weights and residual branches: GPT-2's paper (§2.3)
+# "largely follows the details of the OpenAI GPT model", whose paper (§4.1) gives "residual,
+# embedding, and attention dropouts with a rate of 0.1", and lists its changes without dropout
+# among them; the released models' configuration (transformers' GPT2Config and the
+# openai-community/gpt2 config.json) has resid_pdrop = embd_pdrop = attn_pdrop = 0.1.
 _GPT2 = dict(vocab_size=50257, context=1024, positions="learned", norm="layernorm",
-             prenorm=True, activation="gelu_tanh", bias=True, tie_embeddings=True)
+             prenorm=True, activation="gelu_tanh", bias=True, tie_embeddings=True, dropout=0.1)
 # Brown et al. 2020, §2.1: "the same model and architecture as GPT-2 [...] with the exception
 # that we use alternating dense and locally banded sparse attention patterns in the layers".
 # The paper gives no band width: 256 tokens, GPT-Neo's (EleutherAI's GPT-3 replication), local
-# on every second layer as there, layer 0 dense.
+# on every second layer as there, layer 0 dense. Dropout is not restated: GPT-2's.
 _GPT3 = dict(_GPT2, context=2048, attention_window=256, local_attention_layers="odd")
 
 
