@@ -493,7 +493,7 @@ def tiny(tok, tmp_path_factory):
     ("reward", "--data", json.dumps({"prompt": "Is it?", "ranked": ["yes", ["yes"]]}),
      "field 'ranked': has duplicate responses"),
     ("reward", "--data", json.dumps({"prompt": "Is it?", "chosen": 3, "rejected": "no"}),
-     "field 'chosen/rejected': must be response strings"),
+     "field 'chosen': must be a response string (or a list of chat messages), got a number"),
     ("label", "--in", json.dumps({"prompt": "Is it?", "responses": "yes"}),
      "field 'responses': must be a non-empty list of response strings, got a string"),
     ("world score", "--in", json.dumps({"id": 7, "responses": ["SELECT 1"]}),
@@ -527,3 +527,31 @@ def _exported(world, tmp_path):
     d = tmp_path / "world"
     world.export(d)
     return d
+
+
+@pytest.mark.parametrize("chosen,rejected,field,said", [
+    (3, "no", "chosen", "must be a response string (or a list of chat messages), got a number"),
+    ("yes", ["no"], "rejected",
+     "must be a response string (or a list of chat messages), got a list"),
+    ("yes", {"a": 1}, "rejected",
+     "must be a response string (or a list of chat messages), got an object"),
+    ("", "no", "chosen", "is empty; a ranked response must say something"),
+    ("yes", " \n", "rejected", "is only whitespace; a ranked response must say something"),
+    ("yes", "yes", "rejected", "is the same response as 'chosen'; a pair ranks two different "
+                               "responses (write the worse one here, or drop the line)"),
+    ([YES], [YES], "rejected", "is the same response as 'chosen'"),
+    ([YES], [{"role": "assistant", "content": " "}], "rejected[0].content",
+     "must be a non-empty string"),
+])
+def test_a_bad_chosen_or_rejected_is_named_alone_saying_what_is_wrong(tmp_path, chosen, rejected,
+                                                                      field, said):
+    # Both were named as one field, 'chosen/rejected', with "must be response strings", "a
+    # response is empty" or "has duplicate responses": which of the two was bad, unsaid.
+    prompt = [USER] if isinstance(chosen, list) else "Is the cat happy?"
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"prompt": "Is it?", "chosen": "yes", "rejected": "no"}) + "\n"
+                 + json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    with pytest.raises(UserError) as err:
+        read_rankings(f)
+    assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
+    assert str(err.value).startswith(f"{f}:2, field '{field}': {said}")

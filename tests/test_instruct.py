@@ -411,7 +411,7 @@ def test_bad_tied_rankings_name_file_line_and_field(tmp_path, line, message):
 def test_chosen_and_rejected_cannot_be_tied_groups(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text(json.dumps({"prompt": "p", "chosen": ["a", "b"], "rejected": "c"}) + "\n")
-    with pytest.raises(UserError, match=r"r.jsonl:1, field 'chosen/rejected': must be response"):
+    with pytest.raises(UserError, match=r"r.jsonl:1, field 'chosen': must be a response string"):
         read_rankings(f)
 
 

@@ -463,7 +463,7 @@ def test_a_lone_surrogate_in_prompts_rankings_and_samples_names_file_line_and_fi
         read_prompts(f)
     assert (err.value.line, err.value.field) == (1, "messages[0].content")
     for row, field in (({"prompt": "Is it?", "chosen": "yes", "rejected": "n\ud800"},
-                        "chosen/rejected"),
+                        "rejected"),
                        ({"prompt": "Is it?", "ranked": ["yes", ["no", "n\ud800"]]}, "ranked")):
         write(f, {"prompt": "Is it?", "chosen": "yes", "rejected": "no"}, row)
         with pytest.raises(UserError) as err:
@@ -681,8 +681,8 @@ def test_tied_rankings_in_parquet_as_lists_read_as_their_jsonl_twins(tmp_path):
     ({"chosen": [USER, ASSISTANT, USER2, NO], "rejected": [USER, NO]}, "chosen",
      "without a 'prompt', 'chosen' and 'rejected' must be the same conversation but for their "
      "last message, an assistant turn; chosen has 3 messages after the 1 they share"),
-    ({"chosen": [USER, ASSISTANT], "rejected": [USER, ASSISTANT]}, "chosen/rejected",
-     "has duplicate responses"),
+    ({"chosen": [USER, ASSISTANT], "rejected": [USER, ASSISTANT]}, "rejected",
+     "is the same response as 'chosen'"),
     ({"chosen": [USER, ASSISTANT, USER2], "rejected": [USER, ASSISTANT, USER]}, "chosen[2].role",
      "must be 'assistant': without a 'prompt', the last message of 'chosen' and of 'rejected' "
      "is the response"),
@@ -691,10 +691,10 @@ def test_tied_rankings_in_parquet_as_lists_read_as_their_jsonl_twins(tmp_path):
     ({"prompt": "Is the cat happy?", "chosen": [ASSISTANT], "rejected": [NO]}, "chosen",
      "is a list of messages but the prompt is text"),
     # an empty list is no conversation: neither a response nor messages to read one from
-    ({"prompt": "Is the cat happy?", "chosen": [], "rejected": " no"}, "chosen/rejected",
-     "must be response strings (or lists of chat messages)"),
-    ({"chosen": [], "rejected": [USER, NO]}, "chosen/rejected",
-     "must be response strings (or lists of chat messages)"),
+    ({"prompt": "Is the cat happy?", "chosen": [], "rejected": " no"}, "chosen",
+     "must be a response string (or a list of chat messages), got an empty list"),
+    ({"chosen": [], "rejected": [USER, NO]}, "chosen",
+     "must be a response string (or a list of chat messages), got an empty list"),
     ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant",
                                                              "content": ""}]},
      "rejected[0].content", "must be a non-empty string"),

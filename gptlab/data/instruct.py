@@ -487,23 +487,7 @@ def ranking_of(row: dict, path: str | Path | None = None, line: int | None = Non
         items, fname = row["ranked"], "ranked"
         expected = "a list, best first, of responses or lists of tied responses"
     elif "chosen" in row and "rejected" in row:
-        pair, fname = {"chosen": row["chosen"], "rejected": row["rejected"]}, "chosen/rejected"
-        if not all(isinstance(r, str) or _is_conversation(r) for r in pair.values()):
-            raise UserError("must be response strings (or lists of chat messages)", path=path,
-                            line=line, field=fname)
-        if implicit and not all(_is_conversation(r) for r in pair.values()):
-            # A common prefix of two texts is no prompt: it may end inside a word.
-            raise UserError("is missing: write the prompt in 'prompt' and the two responses "
-                            "after it in 'chosen' and 'rejected', or write them as "
-                            "conversations (lists of messages) that share their prompt turns",
-                            path=path, line=line, field="prompt")
-        if implicit:
-            prompt, pair["chosen"], pair["rejected"] = _implicit_prompt(
-                pair["chosen"], pair["rejected"], path, line)
-        # Strings are checked below with the items of `ranked`; messages give their text.
-        items = [r if isinstance(r, str) else _response_text(r, prompt, path, line, name)
-                 for name, r in pair.items()]
-        expected = "response strings"
+        return _pair_ranking(row, prompt, implicit, path, line)
     else:
         raise _not_a_ranking(row, path, line)
     if not isinstance(items, list):
@@ -534,6 +518,40 @@ def ranking_of(row: dict, path: str | Path | None = None, line: int | None = Non
         raise UserError("needs at least 2 levels of preference; all responses are tied",
                         path=path, line=line, field=fname)
     return Ranking(prompt, ranked, row.get("id"), line, groups)
+
+
+def _pair_ranking(row: dict, prompt: Any, implicit: bool, path: str | Path | None,
+                  line: int | None) -> Ranking:
+    """A `chosen`/`rejected` line as a ranking of two, chosen first. An error names the one
+    that is bad (`chosen` or `rejected`, or a message inside it) and says what is wrong: not a
+    response, empty, or the same response as the other."""
+    pair = {"chosen": row["chosen"], "rejected": row["rejected"]}
+    for name, r in pair.items():
+        if not (isinstance(r, str) or _is_conversation(r)):
+            raise UserError(f"must be a response string (or a list of chat messages), got "
+                            f"{_json_kind(r)}", path=path, line=line, field=name)
+    if implicit and not all(_is_conversation(r) for r in pair.values()):
+        # A common prefix of two texts is no prompt: it may end inside a word.
+        raise UserError("is missing: write the prompt in 'prompt' and the two responses "
+                        "after it in 'chosen' and 'rejected', or write them as "
+                        "conversations (lists of messages) that share their prompt turns",
+                        path=path, line=line, field="prompt")
+    if implicit:
+        prompt, pair["chosen"], pair["rejected"] = _implicit_prompt(
+            pair["chosen"], pair["rejected"], path, line)
+    texts = []
+    for name, r in pair.items():
+        if isinstance(r, str) and not r.strip():
+            # A reward model would learn to score a response that says nothing.
+            said = "is empty" if not r else "is only whitespace"
+            raise UserError(f"{said}; a ranked response must say something", path=path,
+                            line=line, field=name)
+        texts.append(_response_text(r, prompt, path, line, name))
+    if texts[0] == texts[1]:
+        raise UserError("is the same response as 'chosen'; a pair ranks two different "
+                        "responses (write the worse one here, or drop the line)", path=path,
+                        line=line, field="rejected")
+    return Ranking(prompt, texts, row.get("id"), line, [0, 1])
 
 
 def _not_a_ranking(row: dict, path: str | Path | None, line: int | None) -> UserError:
