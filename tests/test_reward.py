@@ -507,6 +507,34 @@ def test_an_empty_samples_file_is_said_to_be_empty(tmp_path):
                               f"(samples.jsonl) holds no record")
 
 
+def test_a_chat_template_refusing_a_samples_prompt_names_file_and_line(base, tmp_path, capsys):
+    # `reward --samples` met the refusal while encoding the samples it normalises on: the
+    # error named no file and no line ("field 'chat_template': the chat template failed").
+    from gptlab.checkpoint import load_model, save_model
+    from gptlab.tokenizer import Tokenizer
+    d, _ = base
+    model, tok, _ = load_model(d / "sft")
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                   "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    strict = Tokenizer(tok.hf, tok.bos_token, tok.eos_token, tok.pad_token,
+                       chat_template=alternating)
+    save_model(tmp_path / "sft", model, strict)
+    user = {"role": "user", "content": "Is the cat happy?"}
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": [user], "chosen": " yes",
+                                            "rejected": " no"}) + "\n" for _ in range(4)))
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": [user], "responses": [" yes"]}) + "\n"
+                       + json.dumps({"prompt": [user, user], "responses": [" no"]}) + "\n")
+    out = tmp_path / "rm"
+    assert run_reward((tmp_path, rankings), out, "--samples", str(samples)) == 2
+    assert capsys.readouterr().err == (f"gptlab reward: error: {samples}:2, field "
+                                       "'chat_template': the chat template failed: roles must "
+                                       "alternate user/assistant\n")
+    assert not out.exists()
+
+
 def test_the_held_out_accuracy_reuses_the_final_evaluation_and_scores_anew_on_a_resume(
         base, tmp_path, monkeypatch):
     # The final evaluation scored the held-out rankings with the final weights already: the

@@ -314,13 +314,16 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int,
     if not records:  # else reported as none fitting the context
         raise no_records(path, "samples", field="samples")
     for rec in records:
-        responses = responses_of(rec, record_file(rec, path), rec["_line"])
-        prompt = prompt_of(rec, record_file(rec, path), rec["_line"])
-        p = encode_prompt(tokenizer, prompt)
-        after = template_tail(tokenizer, prompt) if tail else []
-        seqs += [s for s in (p + encode_response(tokenizer, r, prompt) + after
-                             for r in responses)
-                 if len(s) <= context]
+        where, line = record_file(rec, path), rec["_line"]
+        responses = responses_of(rec, where, line)
+        prompt = prompt_of(rec, where, line)
+        try:
+            p = encode_prompt(tokenizer, prompt)
+            after = template_tail(tokenizer, prompt) if tail else []
+            encoded = [p + encode_response(tokenizer, r, prompt) + after for r in responses]
+        except UserError as e:  # the chat template may refuse a conversation
+            raise e.at(where, line) from None
+        seqs += [s for s in encoded if len(s) <= context]
     return seqs
 
 
