@@ -544,10 +544,12 @@ _SPLIT_IN_NAME = {split: re.compile(rf"(?:^|{_SEPARATOR})(?:{'|'.join(words)}){_
 Splits = dict[str, list[tuple[Path, Path | None]]]
 
 
-def _split_rules(d: Path, files: list[Path]) -> list[Splits]:
+def _split_rules(d: Path | None, files: list[Path]) -> list[Splits]:
     """What each of the three rules above makes of directory `d`'s `files`: each split's files,
-    with the folder (inside `d`) that names it, None where the file's own name does."""
-    rels = [(f, f.relative_to(d)) for f in files]
+    with the folder (inside `d`) that names it, None where the file's own name does. `d` None:
+    the files share no folder (on two Windows drives), and each is looked at from its own
+    root, as files that share only the root are."""
+    rels = [(f, f.relative_to(f.anchor if d is None else d)) for f in files]
     shards: Splits = {}
     in_folders: Splits = {}
     in_names: Splits = {}
@@ -556,7 +558,8 @@ def _split_rules(d: Path, files: list[Path]) -> list[Splits]:
         if shard:
             shards.setdefault(shard[1], []).append((f, None))
         folders = rel.parts[:-1]
-        system = 1 if d.parent == d and folders[:1] == ("dev",) else 0  # /dev, at the root
+        at_root = d is None or d.parent == d
+        system = 1 if at_root and folders[:1] == ("dev",) else 0  # /dev, at the root
         for split, pattern in _SPLIT_IN_FOLDER.items():
             named = [i for i, folder in enumerate(folders)
                      if i >= system and pattern.search(folder)]
@@ -568,7 +571,7 @@ def _split_rules(d: Path, files: list[Path]) -> list[Splits]:
     return [shards, in_folders, in_names]
 
 
-def _splits(d: Path, files: list[Path]) -> Splits:
+def _splits(d: Path | None, files: list[Path]) -> Splits:
     """The splits of directory `d`'s `files` that a verb would read as one: those `datasets`
     makes by the first rule above that one of them meets ({} where none is: one split of them
     all), and, where that makes one split, the files it leaves out that a later rule names for
@@ -646,9 +649,8 @@ def check_one_split_given(paths: list[Path], reached: list[tuple[Path, str]],
     if len(paths) < 2:  # one path: a directory's splits are `files_in`'s to refuse
         return
     # Absolute, not resolved: a link's own name is the one the user sees.
-    common = Path(os.path.commonpath([os.path.abspath(p) for p in paths]))
     given = {Path(os.path.abspath(f)): how for f, how in reached}
-    splits = _splits(common, list(given))
+    splits = _splits(_common_folder([os.path.abspath(p) for p in paths]), list(given))
     if len(splits) < 2:
         return
     names, a, b = _two_splits_named(splits)
@@ -657,6 +659,16 @@ def check_one_split_given(paths: list[Path], reached: list[tuple[Path, str]],
     raise UserError(f"gives the files of {len(names)} splits ({', '.join(names)}), as datasets "
                     f"names them: {which}; {_read_as_one(names, 'be trained on')}: give one "
                     f"split's files", field=field)
+
+
+def _common_folder(paths: list[str]) -> Path | None:
+    """The deepest folder the absolute `paths` share, or None where they share none: on
+    Windows, paths on two drives (`C:\\train.txt`, `D:\\test.txt`), of which
+    `os.path.commonpath` raises ValueError. No file is inside a folder of the other drive's."""
+    try:
+        return Path(os.path.commonpath(paths))
+    except ValueError:
+        return None
 
 
 def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -386,6 +386,36 @@ def test_paths_that_share_only_the_root_are_named_from_it_but_for_dev():
         "one split"
 
 
+def test_paths_on_two_windows_drives_share_no_folder_and_are_named_from_their_roots(
+        monkeypatch):
+    # ntpath.commonpath raises ValueError for paths on two drives (C:\\ and D:\\): the split
+    # check let it out as a traceback (exit 1). Such paths share no folder; each is looked at
+    # from its own root, as paths that share only the root are.
+    import ntpath
+    import os
+    from gptlab.io import check_one_split_given
+
+    def commonpath(paths):
+        return ntpath.commonpath(["C:\\data\\train.txt", "D:\\test.txt"])  # its ValueError
+    monkeypatch.setattr(os.path, "commonpath", commonpath)
+
+    def check(*paths: str) -> str:
+        given = [Path(p) for p in paths]
+        try:
+            check_one_split_given(given, [(p, str(p)) for p in given], "data")
+        except UserError as e:
+            return str(e).split(" as datasets names them: ")[1].split(";")[0]
+        return "one split"
+    assert check("/data/train.jsonl", "/other/val.jsonl") == \
+        "/data/train.jsonl is train's, /other/val.jsonl validation's"
+    assert check("/train/a.txt", "/srv/test/b.txt") == \
+        "/train/a.txt is train's, /srv/test/b.txt test's"
+    assert check("/home/me/train.txt", "/dev/fd/63") == "one split"
+    assert check("/home/me/a.txt", "/srv/b.txt") == "one split"
+    assert check("/data/wiki-00000-of-00001.parquet", "/tmp/test.jsonl") == \
+        "/tmp/test.jsonl is test's, /data/wiki-00000-of-00001.parquet wiki's"
+
+
 def test_splits_none_holds_out_are_refused_saying_so(tmp_path):
     # A shard split `wiki` beside train.jsonl (or beside another shard split) is refused, but
     # the reason was that a split held out for evaluation would be read with the others, though
