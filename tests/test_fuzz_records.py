@@ -555,3 +555,25 @@ def test_a_bad_chosen_or_rejected_is_named_alone_saying_what_is_wrong(tmp_path, 
         read_rankings(f)
     assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
     assert str(err.value).startswith(f"{f}:2, field '{field}': {said}")
+
+
+@pytest.mark.parametrize("finished", [[True, False], "no", True, [1, 0], [True], {"a": 1}])
+def test_finished_is_read_by_no_reader_and_passes_as_written(tok, world, tmp_path, finished):
+    # No reader uses `finished` (gptlab sample writes it; README, "Data formats"): a foreign or
+    # hand-edited value is not refused, and reads as the line without it. `label` leaves it out
+    # of the ranking; a labeler of one's own is given it as written.
+    q = world.test[0]
+    bare = {"id": q.id, "prompt": "Is the cat happy?", "responses": [q.sql, "SELECT 1"]}
+    f, without = tmp_path / "s.jsonl", tmp_path / "bare.jsonl"
+    f.write_text(json.dumps({**bare, "finished": finished}) + "\n")
+    without.write_text(json.dumps(bare) + "\n")
+    seen = []
+
+    def rank(record, responses):
+        seen.append(record["finished"])
+        return task.score(record, responses)
+    assert label_samples(read_jsonl(f), rank, source=f) == \
+        label_samples(read_jsonl(without), task.score, source=without)
+    assert seen == [finished]
+    assert sample_sequences(tok, f, 512) == sample_sequences(tok, without, 512)
+    assert score_samples(world, f) == score_samples(world, without)
