@@ -4,7 +4,9 @@ OmegaConf does the merging and the type checks; this module turns its errors int
 that name the file, the line (a list item's own), the key path and the keys meant. An override's
 key is checked before OmegaConf reads it: its field is its first part (`model` of
 `model.n_layers=2`, `override_field`), and a key no field could have (`./seed=1`) is refused as
-such; after a list flag the CLI reads that word as a path (`--data runs/seed=1`).
+such; after a list flag the CLI reads that word as a path (`--data runs/seed=1`). A value the
+config's stage would refuse (`seed: -1`) is refused here, by the config's `check_values`, naming
+the flag, the override or the YAML line that wrote it.
 """
 from __future__ import annotations
 
@@ -320,7 +322,8 @@ def _unreadable(e: ValueError) -> str:
 
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
                 overrides: Sequence[str] = (), command: str | None = None, **values: Any) -> T:
-    """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`.
+    """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`,
+    and check its values (`_check_values`).
 
     `values` are explicit command-line flags; a value of None means "not given". `command`
     (`gptlab ppo`) is the one whose --help an error points to.
@@ -386,13 +389,41 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         raise _config_error(cls, e, "command line", {**typed, **given}, command=command) \
             from None
     try:  # interpolations (`${lr}`) are resolved here: blame the layer that wrote the key
-        return OmegaConf.to_object(conf)  # type: ignore[return-value]
+        config = OmegaConf.to_object(conf)
     except OmegaConfBaseException as e:
         key = str(getattr(e, "full_key", "") or "").split(".")[0].split("[")[0]
         if yaml_path is not None and key in data and key not in typed and key not in given:
             raise _config_error(cls, e, Path(yaml_path), data, lines, command) from None
         raise _config_error(cls, e, "command line", {**typed, **given}, command=command) \
             from None
+    _check_values(config, yaml_path, data, lines, typed, given)
+    return config  # type: ignore[return-value]
+
+
+def _check_values(config: Any, yaml_path: str | Path | None, data: dict, lines: dict[str, int],
+                  typed: dict, given: dict) -> None:
+    """Run the config's own checks of its values (`check_values`, where it has them: the rules
+    its stage refuses a run by, a seed below 0, a batch of 0, a share outside [0, 1]) now,
+    before the stage reads or writes anything, naming who wrote the value refused: its flag
+    (`--seed`), the override's key on the command line, or the YAML file, line and key. A
+    value no layer wrote (a default that another value makes impossible) is named as a field
+    alone, as the stage would."""
+    check = getattr(config, "check_values", None)
+    if not callable(check):
+        return
+    try:
+        check()
+    except UserError as e:
+        if e.path is not None or e.field is None:
+            raise
+        key = e.field
+        if key in given:
+            raise UserError(e.message, field="--" + key.replace("_", "-")) from None
+        if key in typed:
+            raise UserError(e.message, path="command line", field=key) from None
+        if yaml_path is not None and key in data:
+            raise UserError(e.message, path=yaml_path, line=lines.get(key), field=key) from None
+        raise
 
 
 def to_dict(config: Any) -> dict:

@@ -67,6 +67,14 @@ def captured(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def unchecked(monkeypatch):
+    """The config verbs' value checks left out: a test of which layer wins gives each field
+    values no stage would take (`kl_estimator: yaml`)."""
+    for cls_path, _ in CONFIG_VERBS.values():
+        monkeypatch.setattr(_load(cls_path), "check_values", lambda self: None)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -103,7 +111,8 @@ def test_a_flags_bad_value_is_one_line_without_the_usage(argv, said, capsys):
 
 @pytest.mark.parametrize("verb, name, tp", OPTIONAL)
 def test_null_for_an_optional_field_is_none_over_the_config_files_value(verb, name, tp,
-                                                                        captured, tmp_path):
+                                                                        captured, unchecked,
+                                                                        tmp_path):
     # `--sft-examples null` (use every demonstration) was refused: "Value 'null' of type 'str'
     # could not be converted to Integer"; only the override sft_examples=null reached None.
     value = {int: 3, float: 2.5, str: "x"}[tp]
@@ -158,7 +167,8 @@ def _flag_args(name: str, tp: type, default, args: list) -> list[str]:
 
 
 @pytest.mark.parametrize("verb", CONFIG_VERBS)
-def test_later_layers_win_for_every_field_of_every_config_verb(verb, captured, tmp_path):
+def test_later_layers_win_for_every_field_of_every_config_verb(verb, captured, unchecked,
+                                                               tmp_path):
     # README: "Later values win: defaults, then the YAML file, then key=value overrides, then
     # flags" -- held for each field, scalar, optional, bool (--x / --no-x) and list alike.
     import yaml
@@ -383,3 +393,52 @@ def test_a_stray_word_is_one_line_with_the_hint_other_verbs_give(verb, argv, wor
         load_config(SFTConfig, None, [word])
     assert str(e.value) == (f"command line: override '{word}' should look like key=value (quote "
                             f"a value that holds spaces; flags start with --)")
+
+
+@pytest.mark.parametrize("verb, key, value, said", [
+    ("pretrain", "seed", "-1", "must be in [0, 2**64), got -1"),
+    ("sft", "batch_size", "0", "must be >= 1, got 0"),
+    ("reward", "val_fraction", "1.5", "must be in [0, 1), got 1.5"),
+    ("ppo", "gae_lambda", "-0.5", "must be in [0, 1], got -0.5"),
+    ("ppo", "seed", "-1", "must be in [0, 2**64), got -1"),
+    ("pipeline", "seed", "-1", "must be >= 0, got -1"),
+    ("pipeline", "disagreement", "0.7", "must be in [0, 0.5] (0.5 is a random ranking), got 0.7"),
+    ("pipeline", "demonstrator_flaw", "typo", "unknown flaw 'typo'; choose one of inclusive, "
+                                              "order, star")])
+def test_a_value_the_stage_would_refuse_is_refused_as_the_config_loads_naming_who_wrote_it(
+        verb, key, value, said, captured, tmp_path, capsys):
+    # `seed: -1` loaded, and the stage refused it later naming no file and no line ("field
+    # 'seed': must be in [0, 2**64)"); a flag's was named as the field, not the flag.
+    f = tmp_path / "c.yaml"
+    f.write_text(f"max_new_tokens: 8\n{key}: {value}\n" if verb in ("ppo", "pipeline")
+                 else f"lr: 0.001\n{key}: {value}\n")
+    assert main([verb, "--config", str(f)]) == 2 and verb not in captured
+    assert capsys.readouterr().err == f"gptlab {verb}: error: {f}:2, field '{key}': {said}\n"
+    assert main([verb, f"{key}={value}"]) == 2 and verb not in captured
+    assert capsys.readouterr().err == (f"gptlab {verb}: error: command line, field '{key}': "
+                                       f"{said}\n")
+    # The layer that wins is the one named: a flag over the file's good value, the file's bad
+    # value under a good flag not at all.
+    good = tmp_path / "good.yaml"
+    good.write_text("progress: false\n")
+    assert main([verb, "--config", str(good), _flag(key), value]) == 2 and verb not in captured
+    assert capsys.readouterr().err == f"gptlab {verb}: error: field '{_flag(key)}': {said}\n"
+    fine = {"seed": "2", "batch_size": "2", "val_fraction": "0.5", "gae_lambda": "0.5",
+            "disagreement": "0.2", "demonstrator_flaw": "star"}[key]
+    assert main([verb, "--config", str(f), _flag(key), fine]) == 0 and verb in captured
+
+
+def test_a_value_refused_as_the_config_loads_from_python_names_the_file_too(tmp_path):
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+    from gptlab.train.ppo import PPOConfig
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 3\nminibatch_size: 64\n")
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, f)
+    assert str(e.value) == f"{f}:2, field 'minibatch_size': must be <= batch_size (32), got 64"
+    # A default that another value makes impossible is named as the field alone, as the stage
+    # names it.
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, None, batch_size=2)
+    assert str(e.value) == "field 'minibatch_size': must be <= batch_size (2), got 8"

@@ -357,30 +357,30 @@ def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run, tmp_p
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--preset", "nope"], "field 'preset': unknown preset 'nope'"),
-    (["--preset", "transformer-base"], "field 'preset': preset 'transformer-base' is not a "
+    (["--preset", "nope"], "field '--preset': unknown preset 'nope'"),
+    (["--preset", "transformer-base"], "field '--preset': preset 'transformer-base' is not a "
                                        "decoder-only GPT"),
-    (["--rounds", "0"], "field 'rounds': must be >= 1, got 0"),
-    (["--threads", "0"], "field 'threads': must be >= 1, got 0"),
-    (["--pretrain-lr", "inf"], "field 'pretrain_lr': must be a finite number, got inf"),
-    (["--sft-steps", "0"], "field 'sft_steps': must be >= 1, got 0"),
-    (["--sft-examples", "-1"], "field 'sft_examples': must be >= 1, got -1"),
-    (["--disagreement", "3"], "field 'disagreement': must be in [0, 0.5] (0.5 is a random "
+    (["--rounds", "0"], "field '--rounds': must be >= 1, got 0"),
+    (["--threads", "0"], "field '--threads': must be >= 1, got 0"),
+    (["--pretrain-lr", "inf"], "field '--pretrain-lr': must be a finite number, got inf"),
+    (["--sft-steps", "0"], "field '--sft-steps': must be >= 1, got 0"),
+    (["--sft-examples", "-1"], "field '--sft-examples': must be >= 1, got -1"),
+    (["--disagreement", "3"], "field '--disagreement': must be in [0, 0.5] (0.5 is a random "
                               "ranking), got 3.0"),
-    (["--k", "0"], "field 'k': must be >= 2 (responses to rank per prompt), got 0"),
-    (["--k", "1"], "field 'k': must be >= 2 (responses to rank per prompt), got 1"),
-    (["--sample-temperature", "-1"], "field 'sample_temperature': must be > 0, got -1.0"),
-    (["--reward-epochs", "0"], "field 'reward_epochs': must be > 0, got 0.0"),
-    (["--ppo-steps", "-1"], "field 'ppo_steps': must be >= 1, got -1"),
-    (["--ppo-minibatch", "64"], "field 'ppo_minibatch': must be in [1, ppo_batch (32)], got 64"),
-    (["--kl-coef", "-1"], "field 'kl_coef': must be >= 0, got -1.0"),
-    (["--ppo-temperature", "nan"], "field 'ppo_temperature': must be a finite number, got nan"),
-    (["--ppo-temperature", "1e-39"], "field 'ppo_temperature': must be >= 0.01, got 1e-39"),
-    (["--max-new-tokens", "384"], "field 'max_new_tokens': must be in [1, 384) (the preset's "
+    (["--k", "0"], "field '--k': must be >= 2 (responses to rank per prompt), got 0"),
+    (["--k", "1"], "field '--k': must be >= 2 (responses to rank per prompt), got 1"),
+    (["--sample-temperature", "-1"], "field '--sample-temperature': must be > 0, got -1.0"),
+    (["--reward-epochs", "0"], "field '--reward-epochs': must be > 0, got 0.0"),
+    (["--ppo-steps", "-1"], "field '--ppo-steps': must be >= 1, got -1"),
+    (["--ppo-minibatch", "64"], "field '--ppo-minibatch': must be in [1, ppo_batch (32)], got 64"),
+    (["--kl-coef", "-1"], "field '--kl-coef': must be >= 0, got -1.0"),
+    (["--ppo-temperature", "nan"], "field '--ppo-temperature': must be a finite number, got nan"),
+    (["--ppo-temperature", "1e-39"], "field '--ppo-temperature': must be >= 0.01, got 1e-39"),
+    (["--max-new-tokens", "384"], "field '--max-new-tokens': must be in [1, 384) (the preset's "
                                   "context is 384), got 384"),
-    (["--eval-limit", "-1"], "field 'eval_limit': must be >= 1, got -1"),
+    (["--eval-limit", "-1"], "field '--eval-limit': must be >= 1, got -1"),
     (["--demonstrator-flaw", "order", "--demonstrator-flaw-rate", "2"],
-     "field 'demonstrator_flaw_rate': must be in [0, 1], got 2.0"),
+     "field '--demonstrator-flaw-rate': must be in [0, 1], got 2.0"),
     (["--world", "nowhere"], "nowhere, field 'world': world directory not found (make one with "
                              "`gptlab world export`)"),
 ])

@@ -809,15 +809,15 @@ def test_a_hub_dataset_name_is_passed_to_datasets_and_fails_clearly_offline(tmp_
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--beta1", "2"], "field 'beta1': must be in [0, 1), got 2.0"),
-    (["--lr", "inf"], "field 'lr': must be a finite number, got inf"),
-    (["--lr", "nan"], "field 'lr': must be a finite number, got nan"),
-    (["--sample-tokens", "-1"], "field 'sample_tokens': must be >= 0, got -1"),
-    (["--val-fraction", "1"], "field 'val_fraction': must be in [0, 1), got 1.0"),
+    (["--beta1", "2"], "field '--beta1': must be in [0, 1), got 2.0"),
+    (["--lr", "inf"], "field '--lr': must be a finite number, got inf"),
+    (["--lr", "nan"], "field '--lr': must be a finite number, got nan"),
+    (["--sample-tokens", "-1"], "field '--sample-tokens': must be >= 0, got -1"),
+    (["--val-fraction", "1"], "field '--val-fraction': must be in [0, 1), got 1.0"),
     (["--device", "nope"], "field 'device': unknown device 'nope'"),
     # numpy's generators take no negative seed, torch's none past 2**64: both were tracebacks.
-    (["--seed", "-1"], "field 'seed': must be in [0, 2**64), got -1"),
-    (["--seed", str(2**64)], f"field 'seed': must be in [0, 2**64), got {2**64}"),
+    (["--seed", "-1"], "field '--seed': must be in [0, 2**64), got -1"),
+    (["--seed", str(2**64)], f"field '--seed': must be in [0, 2**64), got {2**64}"),
 ])
 def test_impossible_settings_fail_before_anything_is_written(corpus, tmp_path, capsys, args,
                                                              message):

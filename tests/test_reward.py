@@ -260,11 +260,11 @@ def snapshot(path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--epochs", "0", "max_steps=null"], "field 'epochs': must be > 0, got 0.0"),
-    (["--val-fraction", "-1"], "field 'val_fraction': must be in [0, 1), got -1.0"),
-    (["--val-fraction", "1"], "field 'val_fraction': must be in [0, 1), got 1.0"),
-    (["--beta1", "1"], "field 'beta1': must be in [0, 1), got 1.0"),
-    (["--weight-decay", "nan"], "field 'weight_decay': must be a finite number, got nan"),
+    (["--epochs", "0", "max_steps=null"], "field '--epochs': must be > 0, got 0.0"),
+    (["--val-fraction", "-1"], "field '--val-fraction': must be in [0, 1), got -1.0"),
+    (["--val-fraction", "1"], "field '--val-fraction': must be in [0, 1), got 1.0"),
+    (["--beta1", "1"], "field '--beta1': must be in [0, 1), got 1.0"),
+    (["--weight-decay", "nan"], "field '--weight-decay': must be a finite number, got nan"),
     (["--resume"], "checkpoints, field 'resume': nothing to resume: no checkpoint in this run "
                    "directory"),
 ])

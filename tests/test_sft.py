@@ -145,14 +145,14 @@ def snapshot(path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--beta2", "-1"], "field 'beta2': must be in [0, 1), got -1.0"),
-    (["--val-fraction", "1"], "field 'val_fraction': must be in [0, 1), got 1.0"),
-    (["--val-fraction", "-0.5"], "field 'val_fraction': must be in [0, 1), got -0.5"),
-    (["--epochs", "0", "max_steps=null"], "field 'epochs': must be > 0, got 0.0"),
-    (["--epochs", "-1", "max_steps=null"], "field 'epochs': must be > 0, got -1.0"),
-    (["--patience", "-1"], "field 'patience': must be >= 0, got -1"),
-    (["--exec-eval", "-1"], "field 'exec_eval': must be >= 0, got -1"),
-    (["--lr", "inf"], "field 'lr': must be a finite number, got inf"),
+    (["--beta2", "-1"], "field '--beta2': must be in [0, 1), got -1.0"),
+    (["--val-fraction", "1"], "field '--val-fraction': must be in [0, 1), got 1.0"),
+    (["--val-fraction", "-0.5"], "field '--val-fraction': must be in [0, 1), got -0.5"),
+    (["--epochs", "0", "max_steps=null"], "field '--epochs': must be > 0, got 0.0"),
+    (["--epochs", "-1", "max_steps=null"], "field '--epochs': must be > 0, got -1.0"),
+    (["--patience", "-1"], "field '--patience': must be >= 0, got -1"),
+    (["--exec-eval", "-1"], "field '--exec-eval': must be >= 0, got -1"),
+    (["--lr", "inf"], "field '--lr': must be a finite number, got inf"),
     (["--resume"], "checkpoints, field 'resume': nothing to resume: no checkpoint in this run "
                    "directory"),
 ])

@@ -127,8 +127,14 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""
-        check_fields(self, self.rules)
+        self.check_values()
         select_device(self.device)
+
+    def check_values(self) -> None:
+        """Raise a UserError naming the first field whose value no run can take (`rules`):
+        reading no file and starting no device, it runs in the config loader too, which names
+        the YAML line or the flag that wrote the value."""
+        check_fields(self, self.rules)
 
     def rules(self) -> list[tuple[str, bool, str]]:
         """(field, holds, what is expected); a stage's config adds its own."""

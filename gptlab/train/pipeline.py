@@ -121,11 +121,34 @@ class PipelineConfig:
 
     def check(self) -> None:
         """Raise a UserError naming the first option with an impossible value (before any
-        stage runs)."""
+        stage runs), or an OUT or a world that cannot be this run's."""
+        self.check_values()
+        # More threads than cores only contend; 10**30 was an overflow in torch, 100000 a crash
+        # of the tokenizer's thread pool, both after OUT was written. (The machine's, not the
+        # value's: checked where the run starts, not as the config loads.)
+        if self.threads is not None and self.threads > usable_cpus():
+            raise UserError(f"must be at most {usable_cpus()}, the CPU cores this process may "
+                            f"use, got {self.threads}", field="threads")
+        check_dir_out(self.out, field="out")
+        check_out_is_its_own(Path(self.out))
+        if self.world:
+            from gptlab.world.build import world_manifest
+            world_manifest(self.world, field="world")
+
+    def check_values(self) -> None:
+        """Raise a UserError naming the first option whose value no run can take (`rules`, a
+        demonstrator flaw unknown): reading no file, it runs in the config loader too, which
+        names the YAML line or the flag that wrote the value."""
+        from gptlab.train.loop import check_fields
+        check_fields(self, self.rules)  # the types first: the preset is looked up by name
+        if self.demonstrator_flaw:
+            from gptlab.world.demonstrators import check_flaw
+            check_flaw(self.demonstrator_flaw, self.demonstrator_flaw_rate)
+
+    def rules(self) -> list[tuple[str, bool, str]]:
+        """(option, holds, what is expected); a preset that is no decoder-only GPT is refused."""
         from gptlab.model.gpt import GPTConfig
         from gptlab.model.presets import get_preset
-        from gptlab.train.loop import check_fields, check_types
-        check_types(self)  # the preset is looked up by name before the rules run
         try:
             model = get_preset(self.preset)
         except UserError as e:
@@ -133,13 +156,12 @@ class PipelineConfig:
         if not isinstance(model, GPTConfig):
             raise UserError(f"preset '{self.preset}' is not a decoder-only GPT", field="preset")
         context = model.context
-        check_fields(self, lambda: [
+        return [
             ("rounds", self.rounds >= 1, "must be >= 1"),
-            # More threads than cores only contend; 10**30 was an overflow in torch, 100000 a
-            # crash of the tokenizer's thread pool, both after OUT was written.
+            # Every stage's seed is derived from it, and a stage refuses one below 0 (numpy's
+            # generators take none).
+            ("seed", self.seed >= 0, "must be >= 0"),
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
-            ("threads", self.threads is None or self.threads <= usable_cpus(),
-             f"must be at most {usable_cpus()}, the CPU cores this process may use"),
             ("pretrain_steps", self.pretrain_steps >= 1, "must be >= 1"),
             ("pretrain_batch", self.pretrain_batch >= 1, "must be >= 1"),
             ("pretrain_lr", self.pretrain_lr > 0, "must be > 0"),
@@ -174,15 +196,7 @@ class PipelineConfig:
              f"must be in [1, {context}) (the preset's context is {context})"),
             ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, "must be >= 1"),
             ("headroom_k", self.headroom_k >= 1, "must be >= 1"),
-        ])
-        if self.demonstrator_flaw:
-            from gptlab.world.demonstrators import check_flaw
-            check_flaw(self.demonstrator_flaw, self.demonstrator_flaw_rate)
-        check_dir_out(self.out, field="out")
-        check_out_is_its_own(Path(self.out))
-        if self.world:
-            from gptlab.world.build import world_manifest
-            world_manifest(self.world, field="world")
+        ]
 
 
 # What a model directory, a training run or an exported world holds: a pipeline's stage, or

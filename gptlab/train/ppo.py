@@ -144,7 +144,17 @@ class PPOConfig:
 
     def check(self) -> None:
         """Raise a UserError naming the first field with an impossible value."""
-        check_fields(self, lambda: [
+        self.check_values()
+        select_device(self.device)
+
+    def check_values(self) -> None:
+        """Raise a UserError naming the first field whose value no run can take (`rules`), as
+        TrainConfig.check_values does (the config loader runs it too)."""
+        check_fields(self, self.rules)
+
+    def rules(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, what is expected)."""
+        return [
             ("steps", self.steps >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("minibatch_size", self.minibatch_size >= 1, "must be >= 1"),
@@ -183,8 +193,7 @@ class PPOConfig:
             # torch's generators take seeds in [0, 2**64); each step's own seeds are derived
             # from this one and read modulo 2**64.
             ("seed", 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
-        ])
-        select_device(self.device)
+        ]
 
 
 # Settings a resumed run may change: none of them alters the steps taken or the next ones (the
