@@ -7,6 +7,7 @@ Each step is one batched forward of one token per row: no Python work per row.
 from __future__ import annotations
 
 import math
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -336,14 +337,21 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
         logits = model(tok[:, None], attention_mask=mask, cache=cache,
                        longest_row=longest_prompt + t + 1)[:, -1].float()
 
-    lengths = lengths.clamp(max=n)
+    # One read (on a GPU each read waits for the device): each row's n tokens, its n
+    # log-probabilities as their float32 bits (rebuilt on the host exactly), its length and
+    # whether a stop token ended it.
+    rows = torch.cat([out_tokens[:, :n], out_logprobs[:, :n].view(torch.int32).long(),
+                      lengths.clamp(max=n)[:, None], done[:, None].long()], 1).tolist()
+    tokens, logprobs = [], []
+    for row in rows:
+        length = row[2 * n]
+        tokens.append(row[:length])
+        logprobs.append(array("f", array("i", row[n:n + length]).tobytes()).tolist())
     # A NaN logit makes its row's log-softmax NaN, and argmax or the CDF then pick a token
     # that means nothing: refuse the generation rather than return it.
-    nan = out_logprobs.isnan() & (torch.arange(steps, device=device) < lengths[:, None])
-    if bool(nan.any()):
-        raise _nan_logits(*nan.nonzero()[0].tolist())
-    lengths = lengths.tolist()
-    toks, lps = out_tokens.tolist(), out_logprobs.tolist()
-    return Generation(tokens=[toks[i][:lengths[i]] for i in range(B)],
-                      logprobs=[lps[i][:lengths[i]] for i in range(B)],
-                      finished=done.tolist(), prompt_lengths=[len(p) for p in prompts])
+    for i, lps in enumerate(logprobs):
+        for t, lp in enumerate(lps):
+            if math.isnan(lp):
+                raise _nan_logits(i, t)
+    return Generation(tokens=tokens, logprobs=logprobs, finished=[bool(r[-1]) for r in rows],
+                      prompt_lengths=[len(p) for p in prompts])

@@ -433,7 +433,7 @@ def test_a_rollout_waits_once_a_token(ppo_dirs):
 def test_a_generation_moves_what_the_host_knows_without_waiting(monkeypatch):
     """Prompts, stop ids, limits, the rows of a prompt's copies and of each compaction are
     copied queued, and the cache is told its rows as lists: no blocking copy, and the engine
-    reads once a token but the last, once a compaction and 5 times at the end (the draws stay
+    reads once a token but the last, once a compaction and once at the end (the draws stay
     where they are made). Before: 33 blocking copies (24 of them the draws, moved twice a
     token to where they were) and a read, the cache's of the rows it was given as a tensor."""
     rng = random.Random(0)
@@ -452,7 +452,30 @@ def test_a_generation_moves_what_the_host_knows_without_waiting(monkeypatch):
     # The padded batch passes the context (96) after 4 new tokens, while every row fits it:
     # the engine tells the model its longest row, which read the mask each token (7 waits).
     engine = sum(n for site, n in c.sites.items() if "gptlab/engine.py" in site)
-    assert engine == max(map(len, gen.tokens)) - 1 + 2 + 5 and c.total == engine, c
+    assert engine == max(map(len, gen.tokens)) - 1 + 2 + 1 and c.total == engine, c
+
+
+def test_a_generation_reads_once_at_the_end():
+    """The tokens, log-probabilities, lengths and stops come back in one read (there were 5:
+    whether a log-probability was NaN, the lengths, the tokens, the log-probabilities and the
+    stops), the log-probabilities the float32 values drawn, bit for bit. Without stop ids a
+    generation of rows that fit reads nothing else; with them, once a token but the last."""
+    prompts = [[3, 4, 5], [7, 8, 9]]
+    model = tiny(2)
+    for stop_ids, per_token in (((), 0), ((1, 60), 1)):  # no row draws 1 or 60
+        params = SamplingParams(max_new_tokens=6, stop_ids=stop_ids)
+        with count_waits(copies=True) as c:
+            gen = generate(model, prompts, params, seed=5)
+        steps = max(map(len, gen.tokens))
+        assert steps == 6 and c.total == per_token * (steps - 1) + 1, c
+    # The last generation's: each log-probability is log softmax of the logits of a forward of
+    # its row (to float noise: the cache's sums differ), and a float32 value.
+    with torch.no_grad():
+        for p, toks, lps in zip(prompts, gen.tokens, gen.logprobs):
+            logp = model(torch.tensor([p + toks]))[0, len(p) - 1:-1].float().log_softmax(-1)
+            want = logp.gather(-1, torch.tensor(toks)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(lps), want, atol=1e-5)
+            assert torch.tensor(lps, dtype=torch.float32).tolist() == lps
 
 
 
