@@ -289,6 +289,51 @@ def test_sequence_kl_by_hand(models):
     assert sequence_kl(policy, policy, tok, records, max_new_tokens=5) == pytest.approx(0, abs=1e-4)
 
 
+def kl_one_sequence_at_a_time(policy, reference, tok, records, seed, batch_size):
+    """`sequence_kl` as it was: the same draws, each sequence through the reference alone."""
+    kls = []
+    with torch.no_grad():
+        for b in range(0, len(records), batch_size):
+            for p, resp, lp in generate_for(policy, tok, records[b:b + batch_size], seed + b):
+                ids = torch.tensor([p + resp])
+                ref = reference(ids)[0, len(p) - 1:-1].float().log_softmax(-1)
+                kls.append(float(sum(lp) - ref.gather(-1, ids[0, len(p):, None])[:, 0].sum()))
+    return sum(kls) / len(kls)
+
+
+@pytest.mark.parametrize("preamble", ["", "Tables: employees(id, name, city, salary), "
+                                          "offices(id, city, budget). Question: "])
+def test_sequence_kl_runs_the_reference_once_a_batch_as_one_sequence_at_a_time(models, preamble):
+    """Each batch's sequences, prompts of different lengths, go through the reference in one
+    forward (a shared start of the prompts in one more, encoded once), as PPO scores a
+    rollout: the KL is the one-at-a-time KL's to float noise. Before: one forward a
+    sequence, each a wait for the device and its launches on a GPU."""
+    from gptlab.eval.pipeline_eval import sequence_kl
+    from gptlab.model.attention import common_prefix_length
+    tok, policy, _ = models
+    torch.manual_seed(1)
+    reference = GPT(policy.config).eval()
+    questions = ["who?", "which employees in Paris earn more than 5000?", "count offices",
+                 "name the city with the most employees and the largest budget"]
+    records = [{"prompt": preamble + q} for q in questions]
+    prompts = [encode_prompt(tok, r["prompt"]) for r in records]
+    assert len({len(p) for p in prompts}) == 4
+    assert (common_prefix_length(prompts[:3]) > 0) == bool(preamble)
+    rows = []  # the rows of each forward through the reference
+    hook = reference.blocks[0].register_forward_hook(lambda m, args, out:
+                                                     rows.append(args[0].shape[0]))
+    try:
+        got = sequence_kl(policy, reference, tok, records, max_new_tokens=5, seed=4,
+                          batch_size=3)
+    finally:
+        hook.remove()
+    # batches of 3 and 1; with a preamble the 3 encode it first, one row (the 1 shares it
+    # with no other)
+    assert rows == ([1, 3, 1] if preamble else [3, 1])
+    want = kl_one_sequence_at_a_time(policy, reference, tok, records, seed=4, batch_size=3)
+    assert abs(want) > 1e-2 and got == pytest.approx(want, rel=1e-5, abs=0)
+
+
 def test_sequence_kl_reads_a_conversation_prompt_as_the_answers_do(models):
     """The evaluation's answers read a record's prompt with `prompt_of`, `messages` included;
     the KL of the same records read only `prompt` (a KeyError on `messages`)."""
@@ -493,7 +538,8 @@ def test_evaluation_copies_nothing_plainly_and_reads_once(models):
     scores, a batch's KLs, the losses (the KL read each record's, the perplexity each batch's,
     and asked the device whether its labels were all targets). Scoring tells the reward model
     each response's prompt and whether it has a token to score at, where it read them, also
-    where an empty answer (a pad) has none. The numbers are the same bit for bit."""
+    where an empty answer (a pad) has none. The numbers are the same bit for bit (the KL, its
+    reference now run a batch at a time, to float noise)."""
     from device_waits import count_waits
     from gptlab.engine import _generate
     from gptlab.eval.pipeline_eval import corpus_perplexity, sequence_kl
@@ -538,7 +584,7 @@ def test_evaluation_copies_nothing_plainly_and_reads_once(models):
             ids = torch.tensor([p + resp])
             ref = reference(ids)[0, len(p) - 1:-1].float().log_softmax(-1)
             total += float(sum(lp) - ref.gather(-1, ids[0, len(p):, None])[:, 0].sum())
-    assert kl == total / 3
+    assert kl == pytest.approx(total / 3, rel=1e-5, abs=0)
 
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, tok.vocab_size, (2, 9), generator=g),

@@ -14,7 +14,9 @@ from gptlab.engine import SamplingParams, generate
 from gptlab.eval.execution import answer, exec_verdicts
 from gptlab.eval.stats import paired_delta
 from gptlab.io import read_jsonl, write_jsonl_atomic
+from gptlab.model.attention import common_prefix_length
 from gptlab.train.loop import select_device
+from gptlab.train.ppo import Rollout, layout, response_logprobs, right_padded_rows
 from gptlab.world.variants import VARIANTS
 
 
@@ -99,8 +101,10 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
                 batch_size: int = 64) -> float:
     """Mean over prompts of Σ_t log π(y_t)/π_ref(y_t) (k1) for responses sampled from π.
 
-    Each sequence goes to the reference's device queued and its KL stays there until the
-    batch's are read together: on a GPU each read or plain copy waits for the device."""
+    Each batch's sequences go through the reference together, laid out as a PPO rollout is
+    (prompts left-padded, a shared start encoded once) and scored as PPO scores them against
+    its reference; the batch's KLs are read together: on a GPU each read, plain copy or
+    forward of its own waits for the device or pays its launches."""
     from gptlab.data.instruct import encode_prompt, prompt_of
     total, n = 0.0, 0
     device = next(reference.parameters()).device
@@ -109,13 +113,17 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
         gen = generate(policy, prompts, SamplingParams(max_new_tokens=max_new_tokens,
                                                        stop_ids=tuple(sorted(tok.stop_ids))),
                        seed=seed + b, pad_id=tok.pad_id)
-        kls = []
-        for p, resp, lp in zip(prompts, gen.tokens, gen.logprobs):
-            ids = queued_copy(torch.tensor([p + resp]), device)
-            ref = reference(ids)[0, len(p) - 1:-1].float().log_softmax(-1)
-            ref_lp = ref.gather(-1, ids[0, len(p):, None])[:, 0]
-            kls.append(sum(lp) - ref_lp.sum())
-        for kl in torch.stack(kls).tolist():  # the same numbers, summed in the same order
+        # A prompt alone shares its start with no other: encoding it apart is one more forward.
+        shared = common_prefix_length(prompts) if len(prompts) > 1 else 0
+        ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, tok.pad_id, device, shared)
+        ro = Rollout(ids, mask, rmask, P, [], gen.tokens, torch.tensor(gen.finished), prefix,
+                     right_padded=right_padded_rows(prompts, gen.tokens, shared))
+        ref_lp, _ = response_logprobs(reference, ro, temperature=1.0)  # (B, R)
+        ref_sum = ref_lp.masked_fill(rmask == 0, 0.0).sum(-1)
+        # The policy's sums in float32, as the reference's are (and as they were subtracted
+        # one sequence at a time).
+        own = queued_copy(torch.tensor([sum(lp) for lp in gen.logprobs]), device)
+        for kl in (own - ref_sum).tolist():
             total += kl
             n += 1
     return total / max(n, 1)
