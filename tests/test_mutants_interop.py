@@ -1,0 +1,250 @@
+"""Hugging Face and GGUF interop against hand-written configs, metadata and tensors, where a
+plausible slip passed every parity test (those write every field and tensor the way transformers
+or llama.cpp do, so a default, a refusal or a rarely written layout went unseen): the defaults
+a config.json or a GGUF leaves out, refusals of what does not map, llama.cpp's Q/K row order on
+biases, the pre-tokenizers' digit splits, and what an export writes for transformers 4."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.errors import UserError
+from gptlab.interop import export_hf
+from gptlab.interop.hf import hf_config_to_gpt
+from gptlab.model.gpt import GPT, GPTConfig
+
+gguf = pytest.importorskip("gguf")
+
+CONFIG = Path("config.json")
+
+
+class Field:
+    """A GGUF metadata field as gguf's reader gives it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+def gguf_meta(**keys):
+    from gptlab.interop.gguf import _Meta
+
+    return _Meta(SimpleNamespace(fields={k: Field(v) for k, v in keys.items()}), Path("t.gguf"))
+
+
+LLAMA_META = {"llama.embedding_length": 16, "llama.attention.head_count": 4,
+              "llama.context_length": 32, "llama.block_count": 1,
+              "llama.feed_forward_length": 24, "llama.attention.layer_norm_rms_epsilon": 0.25}
+
+
+def gguf_config(tensors=("output.weight",), **keys):
+    from gptlab.interop.gguf import _gguf_config
+
+    return _gguf_config(gguf_meta(**{**LLAMA_META, **keys}), "llama", set(tensors), 40)
+
+
+# --- GGUF metadata -------------------------------------------------------------------------------
+
+def test_gguf_metadata_left_out_takes_llama_cpp_s_defaults_and_the_rest_is_read():
+    """Every test GGUF writes rope.freq_base and head_count_kv: llama.cpp's defaults where they
+    are absent (10000, as many key/value heads as query heads) went unseen, as did the norm
+    epsilon read from the file, key_length as the head size, and the tensors that say tied
+    embeddings and Q/K/V biases."""
+    cfg = gguf_config()
+    assert (cfg.rope_theta, cfg.kv_heads, cfg.norm_eps, cfg.vocab_size) == (10000.0, 4, 0.25, 40)
+    assert (cfg.dim_head, cfg.tie_embeddings, cfg.qkv_bias) == (4, False, None)
+    cfg = gguf_config(tensors=("blk.0.attn_q.bias",), **{"llama.attention.key_length": 8,
+                                                        "llama.attention.head_count_kv": 2})
+    assert (cfg.dim_head, cfg.kv_heads, cfg.tie_embeddings, cfg.qkv_bias) == (8, 2, True, True)
+
+
+@pytest.mark.parametrize("keys, field, message", [
+    ({"llama.rope.dimension_count": 2}, "llama.rope.dimension_count",
+     "partial rotary embeddings are not supported"),
+    ({"llama.rope.scaling.factor": 2.0}, "llama.rope.scaling.type",
+     "rope scaling ('rope_freqs') is not supported"),
+    ({"llama.rope.scaling.type": "linear"}, "llama.rope.scaling.type",
+     "rope scaling ('linear') is not supported"),
+    ({"llama.expert_count": 8}, "llama.expert_count",
+     "mixture-of-experts models are not supported"),
+])
+def test_gguf_metadata_that_changes_the_function_is_refused_naming_the_key(keys, field, message):
+    """A rotation over part of each head, a scaled rotation (by its factor alone, or a type
+    other than yarn) and experts were loaded as a plain Llama without a word."""
+    with pytest.raises(UserError) as e:
+        gguf_config(**keys)
+    assert str(e.value) == f"t.gguf, field '{field}': {message}"
+
+
+def test_gguf_tensor_names_map_one_to_one():
+    """A name with a part after weight/bias is no tensor gptlab has (it was taken as the block's
+    weight), and gate and up are not swapped (SwiGLU computes silu(gate) * up)."""
+    from gptlab.interop.gguf import _our_name
+
+    assert _our_name("blk.3.ffn_gate.weight") == "blocks.3.mlp.gate.weight"
+    assert _our_name("blk.3.ffn_up.bias") == "blocks.3.mlp.up.bias"
+    assert _our_name("blk.0.attn_q.weight.lora_a") is None
+    assert _our_name("blk.0.attn_q") is None
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf's row order for Q and K (weights and biases): each head's rotary halves
+    interleaved, rows (i, i + D/2) -> (2i, 2i + 1)."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_q_k_rows_and_biases_are_put_back_for_llama_only(arch):
+    """llama.cpp's converter permutes Q and K rows of a `llama` model, biases included (a Llama
+    with attention biases), by query heads for Q and key/value heads for K; a `qwen2` model's
+    rows are written as they are. Every parity test had no Llama-arch bias."""
+    from gptlab.interop.gguf import _tensors
+
+    heads, kv, D, d = 4, 2, 4, 16
+    rng = np.random.default_rng(0)
+    want = {"attn_q.weight": rng.standard_normal((heads * D, d)),
+            "attn_q.bias": rng.standard_normal(heads * D),
+            "attn_k.weight": rng.standard_normal((kv * D, d)),
+            "attn_k.bias": rng.standard_normal(kv * D),
+            "attn_v.bias": rng.standard_normal(kv * D)}
+    F32 = gguf.GGMLQuantizationType.F32
+    tensors = []
+    for name, w in want.items():
+        w = w.astype(np.float32)
+        if arch == "llama" and name.startswith(("attn_q", "attn_k")):
+            w = llama_cpp_permute(w, heads if name.startswith("attn_q") else kv)
+        tensors.append(SimpleNamespace(name=f"blk.0.{name}", data=w, tensor_type=F32,
+                                       shape=list(reversed(w.shape))))
+    cfg = GPTConfig(vocab_size=8, context=8, n_layers=1, n_heads=heads, n_kv_heads=kv,
+                    d_model=d, positions="rotary", norm="rmsnorm", activation="swiglu",
+                    bias=False, qkv_bias=True)
+    named, unused = _tensors(SimpleNamespace(tensors=tensors), gguf, cfg, arch, Path("t.gguf"),
+                             torch.float64)
+    assert unused == []
+    for name, w in want.items():
+        ours = "blocks.0.attn." + name.replace("attn_", "").replace(".", "_proj.")
+        assert named[ours][0] == f"blk.0.{name}"
+        assert torch.equal(named[ours][1], torch.from_numpy(w.astype(np.float32)).double()), name
+
+
+# --- GGUF byte-level tokenizers ------------------------------------------------------------------
+
+def byte_level_tokenizer(pre: str, merges: list[str]):
+    from tokenizers import pre_tokenizers
+
+    from gptlab.interop.gguf import _gguf_tokenizer
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens += [a + b for a, b in (m.split(" ") for m in merges)] + ["<|endoftext|>"]
+    meta = gguf_meta(**{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+                        "tokenizer.ggml.eos_token_id": len(tokens) - 1})
+    tok = _gguf_tokenizer(meta)
+    return lambda text: [tok.hf.id_to_token(i) for i in tok.encode(text)]
+
+
+DIGIT_MERGES = ["1 2", "12 3", "4 5", "i \u0120", "\u0120 t"]
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    ("qwen2", ["1", "2", "3", "4", "5"]),     # Qwen2: every digit apart
+    ("smollm", ["1", "2", "3", "4", "5"]),    # SmolLM: every digit apart, then GPT-2's split
+    ("llama3", ["123", "45"]),                # Llama 3: runs of up to three digits
+    ("gpt-2", ["123", "45"]),                 # GPT-2: a run of digits is one word
+])
+def test_gguf_pre_tokenizers_split_digits_as_llama_cpp_does(pre, pieces):
+    """A digit split of \\p{N}{1,3} for Qwen2 (Llama 3's), SmolLM's digits not split off, or
+    SmolLM's GPT-2 split dropped after them each encoded numbers into other ids than the model
+    was trained on; no test GGUF had merges between digits or across a space."""
+    encode = byte_level_tokenizer(pre, DIGIT_MERGES)
+    assert encode("12345") == pieces
+    # A word and the space before the next stay apart (no "iĠ" across the word's end).
+    assert encode("hi there")[:3] == ["h", "i", "\u0120t"]
+
+
+# --- Hugging Face config.json --------------------------------------------------------------------
+
+GPT2 = {"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_head": 4, "n_layer": 1}
+LLAMA = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "num_attention_heads": 4,
+         "num_hidden_layers": 2, "intermediate_size": 24}
+
+
+def test_hf_config_fields_left_out_take_transformers_defaults():
+    """transformers' save_pretrained writes every field, so no parity test saw a default:
+    GPT-2's 1024 positions, epsilon 1e-5, tied embeddings and gelu_new (tanh); Llama's 2048
+    positions, epsilon 1e-6, untied embeddings, as many key/value heads as query heads."""
+    cfg = hf_config_to_gpt(GPT2, CONFIG)
+    assert (cfg.context, cfg.norm_eps, cfg.tie_embeddings, cfg.activation) == \
+        (1024, 1e-5, True, "gelu_tanh")
+    cfg = hf_config_to_gpt(LLAMA, CONFIG)
+    assert (cfg.context, cfg.norm_eps, cfg.tie_embeddings, cfg.kv_heads, cfg.rope_theta) == \
+        (2048, 1e-6, False, 4, 10000.0)
+
+
+@pytest.mark.parametrize("layers, window_layers, slides", [
+    (2, None, False),  # transformers' max_window_layers default 28: no layer of 2 slides
+    (30, None, True),  # layers 28 and 29 slide
+    (2, 2, False), (2, 1, True)])
+def test_qwen2_layers_slide_from_max_window_layers_on(layers, window_layers, slides):
+    """Without layer_types a Qwen2 layer slides from max_window_layers on (default 28): a
+    window shorter than the context is refused only where some layer slides."""
+    cfg = {**LLAMA, "model_type": "qwen2", "num_hidden_layers": layers, "use_sliding_window": True,
+           "sliding_window": 8, "max_position_embeddings": 64}
+    if window_layers is not None:
+        cfg["max_window_layers"] = window_layers
+    if slides:
+        with pytest.raises(UserError, match="sliding-window attention"):
+            hf_config_to_gpt(cfg, CONFIG)
+    else:
+        assert hf_config_to_gpt(cfg, CONFIG).context == 64
+
+
+@pytest.mark.parametrize("config, field, message", [
+    ({**GPT2, "scale_attn_weights": False}, "scale_attn_weights",
+     "scale_attn_weights=False changes the attention and does not map to gptlab"),
+    ({**LLAMA, "partial_rotary_factor": 0.5}, "partial_rotary_factor",
+     "partial rotary embeddings are not supported"),
+    ({**LLAMA, "mlp_bias": True}, "attention_bias",
+     "attention_bias=False with mlp_bias=True does not map (gptlab puts biases on all linear "
+     "layers or on none)"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling",
+     "rope scaling 'linear' is not supported (only plain rotary positions map to gptlab)"),
+])
+def test_hf_configs_that_change_the_function_are_refused_naming_the_field(config, field, message):
+    """Unscaled attention, a rotation over half of each head, biases on the MLP alone and a
+    linearly scaled rotation each loaded as the plain model (the refusal tests used the other
+    side of each: attention_bias alone, llama3 and yarn scaling)."""
+    with pytest.raises(UserError) as e:
+        hf_config_to_gpt(config, CONFIG)
+    assert str(e.value) == f"config.json, field '{field}': {message}"
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def test_a_llama_export_writes_its_context_and_rope_theta_where_transformers_4_reads_them(
+        tmp_path):
+    """transformers 5 reads rope_parameters, 4 the top-level rope_theta: writing 10000 in
+    either passed the parity tests (run with one version); and no test read
+    max_position_embeddings back."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, context=48, n_layers=1, n_heads=2, d_model=16,
+                          positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
+                          rope_theta=1234.0))
+    config = json.loads((export_hf(model, None, tmp_path) / "config.json").read_text())
+    assert (config["rope_theta"], config["rope_parameters"]["rope_theta"]) == (1234.0, 1234.0)
+    assert config["max_position_embeddings"] == 48
+
+
+@pytest.mark.parametrize("base, field", [(GPT2, "layer_norm_epsilon"), (LLAMA, "rms_norm_eps")])
+def test_an_epsilon_of_zero_is_refused_naming_it(base, field):
+    """An epsilon must be positive: 0 passed (only a negative one was tested)."""
+    with pytest.raises(UserError) as e:
+        hf_config_to_gpt({**base, field: 0}, CONFIG)
+    assert str(e.value) == f"config.json, field '{field}': must be a finite positive number, got 0"
+
