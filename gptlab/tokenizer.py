@@ -724,9 +724,17 @@ _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 def starts_with(hf: tokenizers.Tokenizer, token: str) -> bool:
     """Whether `hf`'s post-processor starts each sequence with `token` (Llama 2's and Llama 3's
-    tokenizer.json prepend their BOS so)."""
+    tokenizer.json prepend their BOS so). Read on a text that encodes to some ids: on "" a
+    post-processor that appends the token (GPT-2's BOS is its EOS) starts with it too."""
     token_id = hf.token_to_id(token)
-    return token_id is not None and hf.encode("").ids[:1] == [token_id]
+    if token_id is None:
+        return False
+    for text in ("a", "0", " ", "."):
+        plain = hf.encode(text, add_special_tokens=False).ids
+        if plain:
+            ids = hf.encode(text).ids
+            return ids[:1] == [token_id] and ids[1:1 + len(plain)] == plain
+    return hf.encode("").ids[:1] == [token_id]  # a vocabulary that spells none of them
 
 
 def _marked_special(hf: tokenizers.Tokenizer, names: Iterable[str]) -> tokenizers.Tokenizer:

@@ -248,3 +248,29 @@ def test_an_epsilon_of_zero_is_refused_naming_it(base, field):
         hf_config_to_gpt({**base, field: 0}, CONFIG)
     assert str(e.value) == f"config.json, field '{field}': must be a finite positive number, got 0"
 
+
+
+# --- tokenizer.json ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template, starts", [("$A <|endoftext|>", False),
+                                              ("<|endoftext|> $A", True)])
+def test_bos_first_means_a_post_processor_that_prepends_it_not_one_that_appends_it(
+        tmp_path, template, starts):
+    """GPT-2's BOS is its EOS: a tokenizer.json whose post-processor appends <|endoftext|> does
+    not start sequences with it (a check for the token anywhere in encode("") said it did, and
+    every prompt got a BOS the model never saw first)."""
+    from tokenizers import AddedToken, Tokenizer, models, processors
+
+    from gptlab.interop.hf import load_hf_tokenizer
+    from gptlab.tokenizer import starts_with
+
+    hf = Tokenizer(models.WordLevel({"hi": 0, "<|endoftext|>": 1}, unk_token="hi"))
+    hf.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    hf.post_processor = processors.TemplateProcessing(single=template,
+                                                      special_tokens=[("<|endoftext|>", 1)])
+    assert starts_with(hf, "<|endoftext|>") is starts
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    tok = load_hf_tokenizer(tmp_path)
+    assert tok.add_bos is starts and tok.encode("hi", bos=True) == [1, 0][1 - starts:]
