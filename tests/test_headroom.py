@@ -334,6 +334,36 @@ def test_sequence_kl_runs_the_reference_once_a_batch_as_one_sequence_at_a_time(m
     assert abs(want) > 1e-2 and got == pytest.approx(want, rel=1e-5, abs=0)
 
 
+def test_sequence_kl_scores_a_batch_too_large_for_one_forward_in_parts(models, monkeypatch):
+    """A batch whose reference log-probabilities (rows x response tokens x vocabulary) pass
+    KL_SCORE_ELEMENTS goes through the reference a few rows at a time, to the same KL: one
+    forward of 64 samples over GPT-2's vocabulary held 1 GiB tensors where one sample at a
+    time had held 16 MiB. A batch within it is still one forward."""
+    import gptlab.eval.pipeline_eval as pipeline_eval
+    tok, policy, _ = models
+    torch.manual_seed(1)
+    reference = GPT(policy.config).eval()
+    records = [{"prompt": q} for q in ("who?", "count offices", "which city?", "name one",
+                                       "who earns most?")]
+    rows = []
+    hook = reference.blocks[0].register_forward_hook(lambda m, args, out:
+                                                     rows.append(args[0].shape[0]))
+    try:
+        whole = pipeline_eval.sequence_kl(policy, reference, tok, records, max_new_tokens=5,
+                                          seed=2)
+        assert rows == [5]
+        rows.clear()
+        # Room for two rows of 5 response tokens at most.
+        monkeypatch.setattr(pipeline_eval, "KL_SCORE_ELEMENTS", 2 * 5 * tok.vocab_size,
+                            raising=False)
+        parts = pipeline_eval.sequence_kl(policy, reference, tok, records, max_new_tokens=5,
+                                          seed=2)
+    finally:
+        hook.remove()
+    assert rows == [2, 2, 1]
+    assert abs(whole) > 1e-2 and parts == pytest.approx(whole, rel=1e-5, abs=0)
+
+
 def test_sequence_kl_reads_a_conversation_prompt_as_the_answers_do(models):
     """The evaluation's answers read a record's prompt with `prompt_of`, `messages` included;
     the KL of the same records read only `prompt` (a KeyError on `messages`)."""

@@ -103,8 +103,9 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
 
     Each batch's sequences go through the reference together, laid out as a PPO rollout is
     (prompts left-padded, a shared start encoded once) and scored as PPO scores them against
-    its reference; the batch's KLs are read together: on a GPU each read, plain copy or
-    forward of its own waits for the device or pays its launches."""
+    its reference (a batch whose log-probabilities would pass KL_SCORE_ELEMENTS, in as few
+    forwards as keep them under it); the batch's KLs are read together: on a GPU each read,
+    plain copy or forward of its own waits for the device or pays its launches."""
     from gptlab.data.instruct import encode_prompt, prompt_of
     total, n = 0.0, 0
     device = next(reference.parameters()).device
@@ -118,8 +119,7 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, tok.pad_id, device, shared)
         ro = Rollout(ids, mask, rmask, P, [], gen.tokens, torch.tensor(gen.finished), prefix,
                      right_padded=right_padded_rows(prompts, gen.tokens, shared))
-        ref_lp, _ = response_logprobs(reference, ro, temperature=1.0)  # (B, R)
-        ref_sum = ref_lp.masked_fill(rmask == 0, 0.0).sum(-1)
+        ref_sum = _response_logprob_sums(reference, ro)
         # The policy's sums in float32, as the reference's are (and as they were subtracted
         # one sequence at a time).
         own = queued_copy(torch.tensor([sum(lp) for lp in gen.logprobs]), device)
@@ -127,6 +127,27 @@ def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, tok: Any,
             total += kl
             n += 1
     return total / max(n, 1)
+
+
+# The most log-probabilities (rows x response tokens x vocabulary) the KL's reference computes
+# in one forward: float32, 256 MiB a tensor, of which the forward holds about three at once.
+# 64 samples of 80 tokens over GPT-2's vocabulary are 1 GiB each: those go 16 rows at a time.
+KL_SCORE_ELEMENTS = 2**26
+
+
+def _response_logprob_sums(reference: torch.nn.Module, ro: Rollout) -> torch.Tensor:
+    """Σ_t log π_ref(y_t) of each row of `ro` (B,), its rows scored together as far as
+    KL_SCORE_ELEMENTS allows (a batch within it, as the demo's, in one forward)."""
+    B, R = ro.response_mask.shape
+    rows = max(1, KL_SCORE_ELEMENTS // max(1, R * reference.config.vocab_size))
+    parts = [ro] if rows >= B else [
+        ro.rows(torch.arange(i, min(i + rows, B), device=ro.ids.device),
+                list(range(i, min(i + rows, B)))) for i in range(0, B, rows)]
+    sums = []
+    for part in parts:
+        ref_lp, _ = response_logprobs(reference, part, temperature=1.0)  # (rows, R)
+        sums.append(ref_lp.masked_fill(part.response_mask == 0, 0.0).sum(-1))
+    return torch.cat(sums)
 
 
 @torch.no_grad()
