@@ -708,7 +708,8 @@ class Checkpointer:
         there = (f"; the checkpoints in {self.dir}: " + ", ".join(f"step-{n}" for n in steps)
                  if steps else f"; {self.dir} holds no checkpoint")
         text = str(name).strip()
-        number = text.removeprefix("step-")
+        # "step-6/" is how a shell completes the directory's name
+        number = text.rstrip("/" + os.sep).removeprefix("step-")
         if number.isdecimal():  # isdecimal, not isdigit: "²" is a digit int() cannot read
             path = self.dir / f"step-{int(number)}"
         else:

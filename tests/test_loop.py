@@ -439,6 +439,7 @@ def test_a_resume_from_names_its_checkpoint_or_is_refused_listing_those_there(tm
     assert err.value.field == "resume_from"
     train(tiny(), BlockBatches(_stream(), 16, np.arange(10), 2, 0), lm_loss, cfg, tmp_path)
     assert check_run_dir(tmp_path, False, cfg=cfg, resume_from=" step-02 ") == ckpts / "step-2"
+    assert check_run_dir(tmp_path, False, cfg=cfg, resume_from="step-4/") == ckpts / "step-4"
     other = tmp_path / "other" / "checkpoints" / "step-2"
     for name, path, said in (
             ("3", ckpts / "step-3", "no such checkpoint"),
