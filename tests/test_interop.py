@@ -5,6 +5,7 @@ randomly initialised GPT-2 / Llama / Qwen2 / Mistral models built with transform
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -247,11 +248,19 @@ def test_hf_import_and_export_match_transformers(family, tmp_path):
 
 
 
+WINDOW_TOL = 1e-5  # max |ours - theirs| <= WINDOW_TOL * max |logit|, as test_model_vs_gpt_neo
+
+
+def _without_layer_types(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize("with_layer_types", [True, False])
 def test_qwen2_window_applies_only_to_the_layers_it_names(with_layer_types, tmp_path):
     # use_sliding_window with max_window_layers = num_hidden_layers slides on no layer: the
-    # model is full attention (it used to be refused), from layer_types or, without them,
-    # from max_window_layers; one sliding layer is refused.
+    # model is full attention, from layer_types or, without them, from max_window_layers.
     theirs = _hf_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2)
     full = theirs
     if not hasattr(theirs.config, "layer_types"):
@@ -264,21 +273,76 @@ def test_qwen2_window_applies_only_to_the_layers_it_names(with_layer_types, tmp_
                          max_window_layers=2)
     theirs.save_pretrained(tmp_path / "full")
     if not with_layer_types:
-        cfg = json.loads((tmp_path / "full" / "config.json").read_text())
-        cfg.pop("layer_types", None)
-        (tmp_path / "full" / "config.json").write_text(json.dumps(cfg))
+        _without_layer_types(tmp_path / "full")
     model, _ = load_pretrained(tmp_path / "full")
+    assert model.config.attention_window is None
     assert len(PROMPTS[2]) > 16
     assert_same_logits(model, full, PROMPTS)
-    _hf_model("qwen2", use_sliding_window=True, sliding_window=16,
-              max_window_layers=1).save_pretrained(tmp_path / "slides")
-    if not with_layer_types:
-        cfg = json.loads((tmp_path / "slides" / "config.json").read_text())
-        cfg.pop("layer_types", None)
-        (tmp_path / "slides" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=r"field 'sliding_window': sliding-window attention "
-                                        r"\(window 16 < context 128\)"):
-        load_pretrained(tmp_path / "slides")
+
+
+def _windowed_parity(theirs, tmp_path: Path, window: int, layers, drop_layer_types=False):
+    """Import `theirs` (a window shorter than PROMPTS[2]); the same logits, and a cached greedy
+    generation far past the window the tokens transformers' generate gives; exported back, the
+    same logits in transformers again."""
+    theirs.save_pretrained(tmp_path / "src")
+    if drop_layer_types:
+        _without_layer_types(tmp_path / "src")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src",
+                                                                   **FLOAT32).eval()
+    model, _ = load_pretrained(tmp_path / "src")
+    assert (model.config.attention_window, model.config.local_attention_layers) == \
+        (window, layers)
+    assert len(PROMPTS[2]) > 3 * window
+    with torch.no_grad():
+        for ids in PROMPTS:
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), theirs(x).logits) <= WINDOW_TOL
+    prompt, n = PROMPTS[0], 24  # 7 + 24 tokens: the cache holds four windows' worth
+    theirs.generation_config.eos_token_id = None  # no stop: Mistral's default EOS is token 2
+    with torch.no_grad():
+        want = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert our_greedy(model, prompt, n) == want[0, len(prompt):].tolist()
+    assert our_greedy(model, prompt, n) == hf_greedy(theirs, prompt, n)
+    export_hf(model, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                             **FLOAT32).eval()
+    assert type(back).__name__ == type(theirs).__name__
+    with torch.no_grad():
+        for ids in PROMPTS:
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), back(x).logits) <= WINDOW_TOL
+    return model, back
+
+
+def test_mistral_window_maps_to_every_layer(tmp_path):
+    # Mistral's window is on every layer; transformers' window of 5 sees the 5 latest keys,
+    # the query's own included, as gptlab's attention_window does (a window of 4 or 6 differs).
+    theirs = _hf_model("mistral", sliding_window=5)
+    model, back = _windowed_parity(theirs, tmp_path, 5, "all")
+    assert back.config.sliding_window == 5
+    x = torch.tensor([PROMPTS[2]])
+    for off_by_one in (4, 6):
+        other = GPT(dataclasses.replace(model.config, attention_window=off_by_one))
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert rel_diff(other.eval()(x), theirs(x).logits) > 0.01
+
+
+@pytest.mark.skipif(TRANSFORMERS_4, reason="transformers 4 cuts every Qwen2 layer at the window")
+@pytest.mark.parametrize("max_window_layers, layers, drop_layer_types", [
+    (1, [1], False),        # layer_types: layer 1 slides
+    (1, [1], True),         # no layer_types: the layers from max_window_layers on
+    (0, "all", False),
+])
+def test_qwen2_window_maps_to_the_layers_that_slide(max_window_layers, layers,
+                                                     drop_layer_types, tmp_path):
+    theirs = _hf_model("qwen2", use_sliding_window=True, sliding_window=4,
+                       max_window_layers=max_window_layers)
+    _, back = _windowed_parity(theirs, tmp_path, 4, layers, drop_layer_types)
+    assert back.config.layer_types == ["sliding_attention" if layers == "all" or i in layers
+                                       else "full_attention" for i in range(2)]
+
 
 def test_sharded_checkpoint_loads_and_missing_shard_is_refused(tmp_path, capsys):
     theirs = _hf_model("llama", seed=1)
@@ -370,7 +434,18 @@ def test_a_gpt2_fused_qkv_not_in_thirds_names_the_directory(tmp_path):
     # Parameters per layer type: the theta inside was passed over for the default 10000.
     ({"model_type": "qwen2", "rope_parameters": {"full_attention": {"rope_theta": 5e4}}},
      r"field 'rope_parameters.full_attention': rope parameters per layer type"),
-    ({"model_type": "mistral", "sliding_window": 32}, "sliding-window"),
+    # Qwen2's layer types are full and sliding attention; chunked attention has no mapping.
+    ({"model_type": "qwen2", "use_sliding_window": True,
+      "layer_types": ["full_attention", "chunked_attention"]},
+     "field 'layer_types': layer type 'chunked_attention' is not supported"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "layer_types": ["full_attention"]},
+     r"field 'layer_types': must be a list of 2 layer types \(one a layer\)"),
+    ({"model_type": "mistral", "sliding_window": 0},
+     "field 'sliding_window': must be a positive integer or null, got 0"),
+    # A list of 10**30 - 1 sliding layers is never made.
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4,
+      "max_window_layers": 1, "num_hidden_layers": 10**30},
+     "field 'num_hidden_layers': is 10{30}: a window on 9{30} of them is more layers than"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
     # A list (unhashable) raised a TypeError.
@@ -705,8 +780,14 @@ def test_an_export_whose_tokenizer_transformers_5_reads_otherwise_says_where(fam
     # GPT-3's local layers: exported as GPT-2 they would attend over the whole context.
     (dict(attention_window=8, local_attention_layers="odd"),
      "attention_window=8 on local_attention_layers='odd'"),
+    # A window exports as Mistral (on every layer, no biases) or Qwen2 (Q/K/V biases).
+    (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=True,
+          attention_window=63), r"attention_window=63 with bias=True \(a window exports as "
+                                r"Mistral, which has no biases, or Qwen2"),
     (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
-          attention_window=63), "attention_window=63 on local_attention_layers='all'"),
+          attention_window=8, local_attention_layers=[1]),
+     r"attention_window=8 on local_attention_layers=\[1\] without biases \(Mistral's window "
+     r"is on every layer"),
 ])
 def test_export_refuses_what_does_not_map(fields, message, tmp_path):
     with pytest.raises(UserError, match=message):
@@ -1166,7 +1247,10 @@ def test_gguf_end_of_turn_and_end_of_message_ids_end_generation_and_are_kept(tmp
     (dict(tokenizer_model="t5"), "tokenizer model 't5' is not supported \\(supported: 'gpt2', "
                                  "byte-level BPE, and 'llama', SentencePiece BPE"),
     (dict(extra={"llama.rope.scaling.type": "yarn"}), "rope scaling"),
-    (dict(extra={"llama.attention.sliding_window": 16}), "sliding-window"),
+    # llama.cpp reads no window for llama and qwen2: which model the file holds is not known.
+    (dict(extra={"llama.attention.sliding_window": 16}),
+     "field 'llama.attention.sliding_window': sliding-window attention is not supported in a "
+     "GGUF llama: llama.cpp reads no window for it"),
     (dict(raw={"blk.0.ffn_up.weight": (np.zeros((96, 80), np.uint8), None,
                                        gguf.GGMLQuantizationType.Q8_1)}),
      "blk.0.ffn_up.weight: quantization type Q8_1"),
@@ -2122,11 +2206,20 @@ def test_hf_config_defaults_and_boundaries_map_as_transformers_reads_them(tmp_pa
     from gptlab.interop.hf import hf_config_to_gpt
     path = tmp_path / "config.json"
     assert hf_config_to_gpt(_llama_family(), path).rope_theta == 10000.0  # transformers' default
-    # A window as long as the context never slides.
+    # A window as long as the context never slides; one shorter slides on every layer.
     mistral = _llama_family(model_type="mistral", sliding_window=64)
-    assert hf_config_to_gpt(mistral, path).context == 64
-    with pytest.raises(UserError, match="sliding-window attention"):
-        hf_config_to_gpt({**mistral, "sliding_window": 63}, path)
+    assert hf_config_to_gpt(mistral, path).attention_window is None
+    cfg = hf_config_to_gpt({**mistral, "sliding_window": 63}, path)
+    assert (cfg.attention_window, cfg.local_attention_layers) == (63, "all")
+    # Left out, the window is transformers' default of 4096 (Mistral's and Qwen2's).
+    mistral = _llama_family(model_type="mistral", max_position_embeddings=8192)
+    assert hf_config_to_gpt(mistral, path).attention_window == 4096
+    qwen2 = {**mistral, "model_type": "qwen2", "use_sliding_window": True,
+             "max_window_layers": 1}
+    cfg = hf_config_to_gpt(qwen2, path)
+    assert (cfg.attention_window, cfg.local_attention_layers) == (4096, [1])
+    # Llama reads no window.
+    assert hf_config_to_gpt({**mistral, "model_type": "llama"}, path).attention_window is None
     # A count of 0 is refused by the name config.json gives it.
     for key, value in (("num_hidden_layers", 0), ("num_attention_heads", 0)):
         with pytest.raises(UserError, match=f"field '{key}': must be a positive integer"):

@@ -187,22 +187,22 @@ def test_hf_config_fields_left_out_take_transformers_defaults():
         (2048, 1e-6, False, 4, 10000.0)
 
 
-@pytest.mark.parametrize("layers, window_layers, slides", [
-    (2, None, False),  # transformers' max_window_layers default 28: no layer of 2 slides
-    (30, None, True),  # layers 28 and 29 slide
-    (2, 2, False), (2, 1, True)])
-def test_qwen2_layers_slide_from_max_window_layers_on(layers, window_layers, slides):
-    """Without layer_types a Qwen2 layer slides from max_window_layers on (default 28): a
-    window shorter than the context is refused only where some layer slides."""
+@pytest.mark.parametrize("layers, window_layers, local", [
+    (2, None, None),       # transformers' max_window_layers default 28: no layer of 2 slides
+    (30, None, [28, 29]),  # layers 28 and 29 slide
+    (2, 2, None), (2, 1, [1]), (2, 0, "all")])
+def test_qwen2_layers_slide_from_max_window_layers_on(layers, window_layers, local):
+    """Without layer_types a Qwen2 layer slides from max_window_layers on (default 28): those
+    layers, and those alone, are local."""
     cfg = {**LLAMA, "model_type": "qwen2", "num_hidden_layers": layers, "use_sliding_window": True,
            "sliding_window": 8, "max_position_embeddings": 64}
     if window_layers is not None:
         cfg["max_window_layers"] = window_layers
-    if slides:
-        with pytest.raises(UserError, match="sliding-window attention"):
-            hf_config_to_gpt(cfg, CONFIG)
+    out = hf_config_to_gpt(cfg, CONFIG)
+    if local is None:
+        assert out.attention_window is None
     else:
-        assert hf_config_to_gpt(cfg, CONFIG).context == 64
+        assert (out.attention_window, out.local_attention_layers) == (8, local)
 
 
 @pytest.mark.parametrize("config, field, message", [

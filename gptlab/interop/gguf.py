@@ -98,7 +98,13 @@ def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -
         raise UserError(f"rope scaling ('{scaling or 'rope_freqs'}') is not supported",
                         path=meta.path, field=a + "rope.scaling.type")
     if meta.get(a + "attention.sliding_window") is not None:
-        raise UserError("sliding-window attention is not supported", path=meta.path,
+        # llama.cpp's llama and qwen2 read no window (they attend over the whole context) and
+        # its converter writes none for them (a Mistral or Qwen2 window is lost on the way):
+        # which function such a file holds, the window's or llama.cpp's, is not known.
+        raise UserError(f"sliding-window attention is not supported in a GGUF {arch}: "
+                        f"llama.cpp reads no window for it and attends over the whole context, "
+                        f"so the file does not say which of the two the model computes; "
+                        f"convert the Hugging Face directory instead", path=meta.path,
                         field=a + "attention.sliding_window")
     if meta.get(a + "expert_count", 0):
         raise UserError("mixture-of-experts models are not supported", path=meta.path,

@@ -4,9 +4,9 @@ Qwen2, SmolLM).
 Import needs only safetensors and tokenizers (core dependencies): a directory is config.json,
 one or more *.safetensors files (sharded ones listed in model.safetensors.index.json),
 tokenizer.json and tokenizer_config.json (and special_tokens_map.json, generation_config.json:
-`gptlab.tokenizer.load_tokenizer` says what it reads). Export writes the same layout, which
-`transformers.AutoModelForCausalLM.from_pretrained` loads. A one-label
-`*ForSequenceClassification` directory imports as a reward model (ScalarHeadModel).
+`gptlab.tokenizer.load_tokenizer` says what it reads). Export writes the same layout (GPT2,
+Llama, Mistral or Qwen2), which `transformers.AutoModelForCausalLM.from_pretrained` loads. A
+one-label `*ForSequenceClassification` directory imports as a reward model (ScalarHeadModel).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -153,36 +153,62 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True))
 
 
-def _qwen2_slides(cfg: dict, path: Path) -> bool:
-    """Whether any Qwen2 layer attends through its window: only with use_sliding_window, and
-    then only the layers layer_types marks "sliding_attention" (without layer_types, those
-    from max_window_layers on, transformers' default 28)."""
+_WINDOW_DEFAULT = 4096  # MistralConfig's and Qwen2Config's sliding_window
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+_MOST_LISTED = 2**16
+
+
+def _qwen2_sliding_layers(cfg: dict, n_layers: int, path: Path) -> Sequence[int]:
+    """The Qwen2 layers that attend through the window, as transformers decides: none
+    without use_sliding_window; else those layer_types marks "sliding_attention" (transformers
+    5), or without layer_types those from max_window_layers on (transformers' default 28)."""
     if not _flag(cfg, "use_sliding_window", path, False):
-        return False
+        return []
     types = cfg.get("layer_types")
     if types is not None:
-        if not isinstance(types, list):
-            raise UserError(f"must be a list, got {types!r}", path=path, field="layer_types")
-        return "sliding_attention" in types
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise UserError(f"must be a list of {n_layers} layer types (one a layer), got "
+                            f"{types!r:.80}", path=path, field="layer_types")
+        odd = [t for t in types if t not in _LAYER_TYPES]
+        if odd:
+            raise UserError(f"layer type {odd[0]!r} is not supported (Qwen2's are "
+                            f"{' and '.join(_LAYER_TYPES)})", path=path, field="layer_types")
+        return [i for i, t in enumerate(types) if t == "sliding_attention"]
     first = _value(cfg, "max_window_layers", path, 28)
     if not isinstance(first, int) or isinstance(first, bool) or first < 0:
         raise UserError(f"must be a non-negative integer, got {first!r}", path=path,
                         field="max_window_layers")
-    return first < _count(cfg, "num_hidden_layers", path)
+    return range(first, n_layers)
 
 
-def _refuse_sliding_window(cfg: dict, context: int, path: Path) -> None:
-    """A window shorter than the context changes the attention (transformers' Llama reads no
-    window: it attends over the whole context whatever sliding_window says)."""
-    window, mtype = cfg.get("sliding_window"), cfg["model_type"]
-    if mtype == "llama" or mtype == "qwen2" and not _qwen2_slides(cfg, path):
-        window = None
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
-        raise UserError(f"must be an integer or null, got {window!r}", path=path,
+def _sliding_window(cfg: dict, n_layers: int, context: int, path: Path
+                    ) -> tuple[int | None, str | list[int]]:
+    """GPTConfig's (attention_window, local_attention_layers): Mistral's window on every
+    layer, Qwen2's on the layers `_qwen2_sliding_layers` names, Llama none (transformers'
+    Llama reads no window: it attends over the whole context whatever sliding_window says).
+    transformers' window is gptlab's: a query sees the `sliding_window` latest keys, itself
+    included (its mask keeps key j for query i where j > i - sliding_window). A window as long
+    as the context masks nothing: dense."""
+    mtype = cfg["model_type"]
+    if mtype == "llama":
+        return None, "all"
+    layers = range(n_layers) if mtype == "mistral" \
+        else _qwen2_sliding_layers(cfg, n_layers, path)
+    window = _value(cfg, "sliding_window", path, _WINDOW_DEFAULT)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or window < 1):
+        raise UserError(f"must be a positive integer or null, got {window!r}", path=path,
                         field="sliding_window")
-    if window is not None and window < context:
-        raise UserError(f"sliding-window attention (window {window} < context {context}) is "
-                        f"not supported", path=path, field="sliding_window")
+    # len() of a range past sys.maxsize raises: count its ends.
+    count = max(layers.stop - layers.start, 0) if isinstance(layers, range) else len(layers)
+    if window is None or window >= context or not count:
+        return None, "all"
+    if count == n_layers:
+        return window, "all"
+    if count > _MOST_LISTED:  # a list of 10**30 layer indices is never made
+        raise UserError(f"is {n_layers}: a window on {count} of them is more layers than "
+                        f"gptlab lists ({_MOST_LISTED})", path=path, field="num_hidden_layers")
+    return window, list(layers)
 
 
 def _llama_biases(cfg: dict, path: Path) -> tuple[bool, bool | None]:
@@ -207,7 +233,8 @@ def _llama_config(cfg: dict, path: Path) -> GPTConfig:
         raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (the Llama family "
                         f"maps to SwiGLU, which needs silu)", path=path, field="hidden_act")
     n_pos = _count(cfg, "max_position_embeddings", path, 2048)
-    _refuse_sliding_window(cfg, n_pos, path)
+    n_layers = _count(cfg, "num_hidden_layers", path)
+    window, local_layers = _sliding_window(cfg, n_layers, n_pos, path)
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError("partial rotary embeddings are not supported", path=path,
                         field="partial_rotary_factor")
@@ -219,13 +246,14 @@ def _llama_config(cfg: dict, path: Path) -> GPTConfig:
                 ("hidden_size", "num_attention_heads", "num_key_value_heads"))
     head_dim = explicit_head_dim or d // h
     return GPTConfig(vocab_size=_count(cfg, "vocab_size", path), context=n_pos,
-                     n_layers=_count(cfg, "num_hidden_layers", path), n_heads=h,
+                     n_layers=n_layers, n_heads=h,
                      n_kv_heads=kv, d_model=d, d_ff=_count(cfg, "intermediate_size", path),
                      head_dim=None if head_dim * h == d else head_dim,
                      positions="rotary", rope_theta=_rope_theta(cfg, path), norm="rmsnorm",
                      norm_eps=_positive(cfg, "rms_norm_eps", path, 1e-6), prenorm=True,
                      activation="swiglu", bias=bias, qkv_bias=qkv_bias,
-                     tie_embeddings=_flag(cfg, "tie_word_embeddings", path, False))
+                     tie_embeddings=_flag(cfg, "tie_word_embeddings", path, False),
+                     attention_window=window, local_attention_layers=local_layers)
 
 
 def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
@@ -529,8 +557,17 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
 _GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 
+def _local_layers(cfg: GPTConfig) -> list[int]:
+    """The layers that attend through a window shorter than the context (none: dense)."""
+    if cfg.attention_window is None or cfg.attention_window >= cfg.context:
+        return []
+    return [i for i in range(cfg.n_layers) if cfg.is_local(i)]
+
+
 def _export_family(cfg: GPTConfig) -> str:
-    """'gpt2', 'llama' or 'qwen2', or a UserError naming every setting that does not map."""
+    """'gpt2', 'llama', 'mistral' or 'qwen2', or a UserError naming every setting that does not
+    map. A window on every layer exports as Mistral (no biases) or Qwen2 (biases on Q, K, V
+    only), on some layers as Qwen2 alone (its layer_types)."""
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
     if cfg.positions == "learned" and cfg.norm == "layernorm":
         bad = [f"{k}={v!r} (GPT2 needs {want!r})" for k, v, want in (
@@ -548,15 +585,26 @@ def _export_family(cfg: GPTConfig) -> str:
         if cfg.bias and not qkv_bias:
             bad.append("bias=True with qkv_bias=False (neither Llama nor Qwen2)")
         family = "qwen2" if qkv_bias and not cfg.bias else "llama"
+        local = _local_layers(cfg)
+        if local and family == "llama":
+            if cfg.bias:
+                bad.append(f"attention_window={cfg.attention_window} with bias=True (a window "
+                           f"exports as Mistral, which has no biases, or Qwen2, biases on Q, "
+                           f"K, V only)")
+            elif len(local) < cfg.n_layers:
+                bad.append(f"attention_window={cfg.attention_window} on local_attention_layers="
+                           f"{cfg.local_attention_layers!r} without biases (Mistral's window is "
+                           f"on every layer; Qwen2, whose layer_types name the layers, has "
+                           f"biases on Q, K, V)")
+            else:
+                family = "mistral"
     else:
         bad = [f"positions={cfg.positions!r} with norm={cfg.norm!r} (GPT2 needs learned + "
                f"layernorm, Llama/Qwen2 rotary + rmsnorm)"]
         family = ""
-    if cfg.attention_window is not None and cfg.attention_window < cfg.context and any(
-            cfg.is_local(i) for i in range(cfg.n_layers)):
+    if family == "gpt2" and _local_layers(cfg):
         bad.append(f"attention_window={cfg.attention_window} on local_attention_layers="
-                   f"{cfg.local_attention_layers!r} (GPT2, Llama and Qwen2 as exported attend "
-                   f"over the whole context)")
+                   f"{cfg.local_attention_layers!r} (GPT2 attends over the whole context)")
     if bad:
         raise UserError("this model does not map to a Hugging Face architecture: " + "; ".join(bad))
     return family
@@ -580,7 +628,9 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
                 "activation_function": _GPT2_ACTIVATIONS[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                 "attn_pdrop": 0.0}
-    out = {"architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM"}[family]
+    out = {"architectures": [arch],
            "model_type": family, **common, "hidden_size": cfg.d_model,
            "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layers,
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
@@ -589,8 +639,16 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
            # transformers >= 5 reads rope_parameters, 4.x rope_theta: write both.
            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
            "attention_dropout": 0.0}
+    local = _local_layers(cfg)
     if family == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+        # transformers 5 reads layer_types; max_window_layers (from which layer on the window
+        # applies, as transformers 4 reads it) says the same where the local layers are last.
+        out.update(use_sliding_window=bool(local), sliding_window=cfg.attention_window
+                   if local else None, max_window_layers=local[0] if local else cfg.n_layers,
+                   layer_types=["sliding_attention" if i in local else "full_attention"
+                                for i in range(cfg.n_layers)])
+    elif family == "mistral":
+        out.update(sliding_window=cfg.attention_window)
     else:
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     return out
@@ -627,9 +685,10 @@ def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
 
 
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write a Hugging Face directory (GPT2, Llama or Qwen2) that transformers loads, with
-    tokenizer.json and a tokenizer_config.json carrying the chat template; a tokenizer that
-    starts sequences with BOS keeps doing so there (add_bos_token, and a post-processor)."""
+    """Write a Hugging Face directory (GPT2, Llama, Mistral or Qwen2) that transformers loads,
+    with tokenizer.json and a tokenizer_config.json carrying the chat template; a tokenizer
+    that starts sequences with BOS keeps doing so there (add_bos_token, and a
+    post-processor)."""
     from safetensors.torch import save_file
 
     if isinstance(model, ScalarHeadModel):
