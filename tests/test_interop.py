@@ -344,6 +344,23 @@ def test_qwen2_window_maps_to_the_layers_that_slide(max_window_layers, layers,
                                        else "full_attention" for i in range(2)]
 
 
+def test_single_file_beside_an_index_is_the_one_loaded_as_transformers_loads_it(tmp_path):
+    # One model's model.safetensors beside another's shards and index: transformers'
+    # from_pretrained reads model.safetensors; gptlab read the shards, another model.
+    single, sharded = _hf_model("llama", seed=1), _hf_model("llama", seed=2)
+    sharded.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    single.save_pretrained(tmp_path / "single")
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "model.safetensors")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **FLOAT32).eval()
+    model, _ = load_pretrained(tmp_path)
+    assert_same_logits(model, theirs, PROMPTS)
+    assert_same_logits(model, single, PROMPTS)
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert rel_diff(model(x), sharded(x).logits) > 0.1
+
+
 def test_sharded_checkpoint_loads_and_missing_shard_is_refused(tmp_path, capsys):
     theirs = _hf_model("llama", seed=1)
     theirs.save_pretrained(tmp_path / "src", max_shard_size="40KB")

@@ -288,19 +288,21 @@ def _shards_of_index(index: Path) -> list[str]:
 
 
 def read_safetensors_dir(d: Path) -> dict[str, Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint."""
+    """All tensors of a (possibly sharded) safetensors checkpoint. A directory holding both
+    model.safetensors and model.safetensors.index.json loads model.safetensors, as
+    transformers' from_pretrained does (it looks for the single file first)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = d / "model.safetensors.index.json"
-    if index.exists():
+    if (d / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    elif index.exists():
         shards = _shards_of_index(index)
         missing = [s for s in shards if not (d / s).exists()]
         if missing:
             raise UserError(f"missing shard(s) {', '.join(missing)}: listed, but not in {d}",
                             path=index, field="weight_map")
-    elif (d / "model.safetensors").exists():
-        shards = ["model.safetensors"]
     else:
         other = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
         hint = f" (found {', '.join(other)}: re-save with safe_serialization=True)" if other else ""
