@@ -211,9 +211,10 @@ def _hf_model(family: str, seed: int = 0, **overrides):
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                  rms_norm_eps=1e-5)
     if family == "gpt2":
-        cfg = T.GPT2Config(vocab_size=96, n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                           activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-                           attn_pdrop=0.0, bos_token_id=0, eos_token_id=1, **overrides)
+        cfg = T.GPT2Config(**{**dict(vocab_size=96, n_positions=64, n_embd=48, n_layer=2,
+                                     n_head=4, activation_function="gelu_new", resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=1), **overrides})
         return _randomize(T.GPT2LMHeadModel(cfg), seed)
     if family == "llama":  # GQA, a head_dim that is not hidden/heads, untied, rope theta 5e4
         cfg = T.LlamaConfig(**{**small, "head_dim": 24, "tie_word_embeddings": False,
@@ -342,6 +343,54 @@ def test_qwen2_window_maps_to_the_layers_that_slide(max_window_layers, layers,
     _, back = _windowed_parity(theirs, tmp_path, 4, layers, drop_layer_types)
     assert back.config.layer_types == ["sliding_attention" if layers == "all" or i in layers
                                        else "full_attention" for i in range(2)]
+
+
+@pytest.mark.parametrize("pdrop", [0.1, 0.05, 0.0])
+def test_gpt2_imports_with_its_dropout_and_exports_it(pdrop, tmp_path):
+    # transformers (and TRL's SFTTrainer) fine-tune GPT-2 with resid/embd/attn_pdrop (0.1 in
+    # the released models); gptlab fine-tuned every imported GPT-2 with none.
+    theirs = _hf_model("gpt2", resid_pdrop=pdrop, embd_pdrop=pdrop, attn_pdrop=pdrop)
+    theirs.save_pretrained(tmp_path / "src")
+    model, _ = load_pretrained(tmp_path / "src")
+    assert model.config.dropout == pdrop
+    assert_same_logits(model, theirs, PROMPTS)  # eval mode: dropout off
+    x = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        changed = rel_diff(model.train()(x), model.eval()(x))
+    assert (changed > 0.01) if pdrop else changed == 0.0
+    export_hf(model, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", **FLOAT32)
+    assert (back.config.resid_pdrop, back.config.embd_pdrop, back.config.attn_pdrop) == \
+        (pdrop, pdrop, pdrop)
+
+
+def test_dropout_fields_map_or_are_noted(tmp_path, capsys):
+    from gptlab.interop.hf import hf_config_to_gpt
+    path = tmp_path / "config.json"
+    gpt2 = {"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_head": 4, "n_layer": 1}
+    assert hf_config_to_gpt(gpt2, path).dropout == 0.1  # transformers' default, each field
+    capsys.readouterr()
+    # gptlab has one rate: resid_pdrop's, the others noted.
+    cfg = hf_config_to_gpt({**gpt2, "resid_pdrop": 0.2, "attn_pdrop": 0.0}, path)
+    assert cfg.dropout == 0.2
+    assert capsys.readouterr().err == (
+        f"note: {path}, field 'resid_pdrop': 0.2, but embd_pdrop is 0.1 and attn_pdrop is 0.0; "
+        f"gptlab drops out at one rate on embeddings, attention weights and residual branches, "
+        f"and takes resid_pdrop's\n")
+    with pytest.raises(UserError, match=r"field 'attn_pdrop': must be a dropout probability in "
+                                        r"\[0, 1\), got 1.0"):
+        hf_config_to_gpt({**gpt2, "attn_pdrop": 1.0}, path)
+    # Llama, Mistral, Qwen2: transformers drops out the attention weights alone; gptlab cannot,
+    # and imports the model without dropout, saying so.
+    for family in ("llama", "mistral", "qwen2"):
+        cfg = hf_config_to_gpt(_llama_family(model_type=family, attention_dropout=0.1), path)
+        assert cfg.dropout == 0.0
+    assert capsys.readouterr().err == (
+        f"note: {path}, field 'attention_dropout': 0.1: gptlab fine-tunes this model without "
+        f"dropout (its one rate would drop out the embeddings and residual branches too, where "
+        f"transformers drops out the attention weights alone)\n")
+    with pytest.raises(UserError, match="field 'attention_dropout': must be a dropout"):
+        hf_config_to_gpt(_llama_family(attention_dropout="0.1"), path)
 
 
 def test_single_file_beside_an_index_is_the_one_loaded_as_transformers_loads_it(tmp_path):

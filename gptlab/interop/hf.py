@@ -130,6 +130,44 @@ def _note_other_thetas(cfg: dict, path: Path, used: str, theta: float) -> None:
                         f"top-level rope_theta alone)")
 
 
+def _rate(cfg: dict, key: str, path: Path, default: float) -> float:
+    """A dropout probability field, in [0, 1) as gptlab's dropout is."""
+    v = _value(cfg, key, path, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
+        raise UserError(f"must be a dropout probability in [0, 1), got {v!r:.40}", path=path,
+                        field=key)
+    return float(v)
+
+
+def _gpt2_dropout(cfg: dict, path: Path) -> float:
+    """GPT-2's dropout as transformers fine-tunes it (0.1 each by default): on the embeddings
+    (embd_pdrop), the attention weights (attn_pdrop) and the residual branches (resid_pdrop),
+    the places of gptlab's one rate. Where the three differ, gptlab takes resid_pdrop."""
+    from gptlab.tokenizer import note_once
+
+    rates = {k: _rate(cfg, k, path, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    others = [f"{k} is {v!r}" for k, v in rates.items() if v != rates["resid_pdrop"]]
+    if others:
+        note_once(path, f"field 'resid_pdrop': {rates['resid_pdrop']!r}, but "
+                        f"{' and '.join(others)}; gptlab drops out at one rate on embeddings, "
+                        f"attention weights and residual branches, and takes resid_pdrop's")
+    return rates["resid_pdrop"]
+
+
+def _note_attention_dropout(cfg: dict, path: Path) -> None:
+    """transformers drops out a Llama, Mistral or Qwen2 model's attention weights alone, at
+    attention_dropout, in training; gptlab's one rate would drop out its embeddings and residual
+    branches too, which these models never do: the model imports with none."""
+    from gptlab.tokenizer import note_once
+
+    rate = _rate(cfg, "attention_dropout", path, 0.0)
+    if rate:
+        note_once(path, f"field 'attention_dropout': {rate!r}: gptlab fine-tunes this model "
+                        f"without dropout (its one rate would drop out the embeddings and "
+                        f"residual branches too, where transformers drops out the attention "
+                        f"weights alone)")
+
+
 def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
             "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -150,7 +188,8 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      d_ff=_count(cfg, "n_inner", path, None), positions="learned",
                      norm="layernorm", norm_eps=_positive(cfg, "layer_norm_epsilon", path, 1e-5),
                      prenorm=True, activation=acts[act], bias=True,
-                     tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True))
+                     tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True),
+                     dropout=_gpt2_dropout(cfg, path))
 
 
 _WINDOW_DEFAULT = 4096  # MistralConfig's and Qwen2Config's sliding_window
@@ -239,6 +278,7 @@ def _llama_config(cfg: dict, path: Path) -> GPTConfig:
         raise UserError("partial rotary embeddings are not supported", path=path,
                         field="partial_rotary_factor")
     bias, qkv_bias = _llama_biases(cfg, path)
+    _note_attention_dropout(cfg, path)
     d, h = _count(cfg, "hidden_size", path), _count(cfg, "num_attention_heads", path)
     kv = _count(cfg, "num_key_value_heads", path, None) or h
     explicit_head_dim = _count(cfg, "head_dim", path, None)
@@ -628,8 +668,8 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
                 "n_positions": cfg.context, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
                 "n_head": cfg.n_heads, "n_inner": cfg.ff_dim,
                 "activation_function": _GPT2_ACTIVATIONS[cfg.activation],
-                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-                "attn_pdrop": 0.0}
+                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
+                "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM"}[family]
     out = {"architectures": [arch],
@@ -640,6 +680,8 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
            # transformers >= 5 reads rope_parameters, 4.x rope_theta: write both.
            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           # Its attention weights alone: gptlab's rate on embeddings and residual branches
+           # has no place here.
            "attention_dropout": 0.0}
     local = _local_layers(cfg)
     if family == "qwen2":
