@@ -2280,6 +2280,14 @@ def test_hf_config_defaults_and_boundaries_map_as_transformers_reads_them(tmp_pa
     # Left out, the window is transformers' default of 4096 (Mistral's and Qwen2's).
     mistral = _llama_family(model_type="mistral", max_position_embeddings=8192)
     assert hf_config_to_gpt(mistral, path).attention_window == 4096
+    # Left out, the context is transformers' default: Llama's 2048, Mistral's 131072 (so its
+    # default window slides), Qwen2's 32768.
+    for family, context in (("llama", 2048), ("mistral", 131072), ("qwen2", 32768)):
+        fields = _llama_family(model_type=family)
+        del fields["max_position_embeddings"]
+        cfg = hf_config_to_gpt(fields, path)
+        assert cfg.context == context
+        assert cfg.attention_window == (4096 if family == "mistral" else None)
     qwen2 = {**mistral, "model_type": "qwen2", "use_sliding_window": True,
              "max_window_layers": 1}
     cfg = hf_config_to_gpt(qwen2, path)

@@ -192,6 +192,8 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      dropout=_gpt2_dropout(cfg, path))
 
 
+# transformers' max_position_embeddings where config.json leaves it out.
+_CONTEXT_DEFAULT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 _WINDOW_DEFAULT = 4096  # MistralConfig's and Qwen2Config's sliding_window
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 _MOST_LISTED = 2**16
@@ -271,7 +273,7 @@ def _llama_config(cfg: dict, path: Path) -> GPTConfig:
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers: the same SiLU
         raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (the Llama family "
                         f"maps to SwiGLU, which needs silu)", path=path, field="hidden_act")
-    n_pos = _count(cfg, "max_position_embeddings", path, 2048)
+    n_pos = _count(cfg, "max_position_embeddings", path, _CONTEXT_DEFAULT[cfg["model_type"]])
     n_layers = _count(cfg, "num_hidden_layers", path)
     window, local_layers = _sliding_window(cfg, n_layers, n_pos, path)
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
