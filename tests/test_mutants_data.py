@@ -1,0 +1,172 @@
+"""Hand-built cases for the data pipeline (corpus reading, the token cache, blocks and the
+split, SFT examples, the world's splits, dialogs and corpus) that a mutation pass found
+unchecked: each test here failed on a plausible bug (named in its docstring) that the rest of
+the suite let through."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gptlab.data.corpus import check_out_of_corpus, read_documents
+from gptlab.data.tokens import cache_key
+from gptlab.errors import UserError
+from gptlab.tokenizer import train_tokenizer
+
+DOCS = ["the cat sat on the mat.", "a dog ran to the park.", "the red ball is on the mat."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(DOCS, vocab_size=300)
+
+
+# --- corpus.py ---------------------------------------------------------------------------------
+
+def test_a_parquet_text_column_of_large_strings_is_read_as_text(tmp_path):
+    """Arrow's large_string (64-bit offsets: what polars writes, and pyarrow for long texts) is
+    a string column as much as string is. Accepting string only (a large_string column refused
+    as "expected a string column") went unseen."""
+    f = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": pa.array(["x y", None, "z"], pa.large_string())}), f)
+    assert pa.types.is_large_string(pq.read_schema(f).field("text").type)
+    assert read_documents([f]) == ["x y", "z"]
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_an_empty_corpus_path_is_refused_before_a_run_writes_anything(tmp_path, blank):
+    """`Path("")` is the current directory: every corpus file under it would be read.
+    `check_out_of_corpus` (called before a run writes) refuses it by name; dropping that check
+    went unseen, as the readers refuse it later on their own."""
+    with pytest.raises(UserError, match="an empty path; name a corpus file or directory") as e:
+        check_out_of_corpus(tmp_path / "run", [tmp_path / "a.txt", blank])
+    assert e.value.field == "data"
+    with pytest.raises(UserError) as e:
+        check_out_of_corpus(tmp_path / "run", [blank], flag="--ptx-data")
+    assert e.value.field == "ptx_data"
+
+
+# --- tokens.py: the cache key ------------------------------------------------------------------
+
+class _Shifted:
+    """A stat result with one field moved on by one: the rest read through."""
+
+    def __init__(self, real, name: str):
+        self._real, self._name = real, name
+
+    def __getattr__(self, name):
+        value = getattr(self._real, name)
+        return value + 1 if name == self._name else value
+
+
+@pytest.mark.parametrize("stat_field,keyed", [
+    ("st_size", True), ("st_mtime_ns", True), ("st_ctime_ns", True), ("st_ino", True),
+    ("st_atime_ns", False)])  # reading a file is no change to it
+def test_each_stat_field_of_a_corpus_file_keys_the_token_cache(tmp_path, tok, monkeypatch,
+                                                               stat_field, keyed):
+    """The key holds a file's size, mtime, ctime and inode, each on its own: where timestamps
+    are coarse (a second, on some filesystems) a rewrite within the second changes only the
+    size, and `cp -p` or `touch -r` sets the mtime back. Leaving the size, the mtime or the
+    inode out went unseen (every test's rewrite changed the ctime too)."""
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    before = cache_key([str(src)], tok)
+    real = Path.stat
+
+    def stat(self, *args, **kwargs):
+        st = real(self, *args, **kwargs)
+        return _Shifted(st, stat_field) if self.name == "a.txt" else st
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert (cache_key([str(src)], tok) != before) == keyed
+
+
+def test_a_bos_setting_alone_keys_the_token_cache_where_tokenizer_json_prepends_bos(tmp_path,
+                                                                                     tok):
+    """A tokenizer.json whose post-processor prepends BOS (Llama's) saves the same with
+    add_bos on or off: only the key's own "start:" tells their token files apart. Keying EOS
+    alone went unseen (the suite's add_bos=False tokenizer changed tokenizer.json too), and
+    the file with BOS before every document was reused for a tokenizer without it."""
+    from gptlab.data.tokens import tokenize_corpus
+    from gptlab.tokenizer import Tokenizer
+
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    llama_like = tok.hf_as_saved()
+    with_bos = Tokenizer(llama_like, tok.bos_token, tok.eos_token, tok.pad_token)
+    without = Tokenizer(llama_like, tok.bos_token, tok.eos_token, tok.pad_token, add_bos=False)
+    assert with_bos.hf_as_saved().to_str() == without.hf_as_saved().to_str()
+    first = tokenize_corpus([src], with_bos, tmp_path / "cache")
+    second = tokenize_corpus([src], without, tmp_path / "cache")
+    assert not second.reused and second.key != first.key
+    assert second.tokens.tolist() == [i for d in DOCS for i in tok.encode(d) + [tok.eos_id]]
+    assert first.tokens.tolist() == [i for d in DOCS
+                                     for i in [tok.bos_id] + tok.encode(d) + [tok.eos_id]]
+
+
+def test_a_killed_runs_temporary_of_a_real_key_is_removed_by_the_next_run(tmp_path, tok):
+    """The cache's sweep of killed runs' temporaries matches names of 32 hex digits: the key's
+    own length. A key cut to another length went unseen (the suite's stale names were written
+    by hand with 32 digits), and every killed run's partial token file stayed for good."""
+    from gptlab.data.tokens import tokenize_corpus
+
+    a, b, cache = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "cache"
+    a.write_text(DOCS[0] + "\n", encoding="utf-8")
+    b.write_text(DOCS[1] + "\n", encoding="utf-8")
+    key = cache_key([str(a)], tok)
+    assert len(key) == 32 and int(key, 16) >= 0
+    stale = cache / f".{key}.bin.k1ll3d.tmp"  # as atomic_path names a write killed midway
+    stale.mkdir(parents=True)
+    (stale / "file.tmp").write_bytes(b"\0" * 100)
+    tf = tokenize_corpus([b], tok, cache)
+    assert sorted(p.name for p in cache.iterdir()) == [f"{tf.key}.bin", f"{tf.key}.json"]
+
+
+def test_a_cache_entry_of_another_format_is_rebuilt_not_read(tmp_path, tok):
+    """An entry whose .json names another token format (an earlier layout, without BOS) is
+    tokenized again. Reading it whatever its format went unseen."""
+    import json
+
+    from gptlab.data.tokens import TOKENS_FORMAT, tokenize_corpus
+
+    src, cache = tmp_path / "a.txt", tmp_path / "cache"
+    src.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    first = tokenize_corpus([src], tok, cache)
+    meta = cache / f"{first.key}.json"
+    record = json.loads(meta.read_text(encoding="utf-8"))
+    assert record["format"] == TOKENS_FORMAT == "gptlab-tokens/2"
+    meta.write_text(json.dumps({**record, "format": "gptlab-tokens/1"}), encoding="utf-8")
+    again = tokenize_corpus([src], tok, cache)
+    assert not again.reused and again.tokens.tolist() == first.tokens.tolist()
+    assert json.loads(meta.read_text(encoding="utf-8"))["format"] == TOKENS_FORMAT
+    assert tokenize_corpus([src], tok, cache).reused
+
+
+def test_a_corpus_of_exactly_one_block_trains_on_it(tmp_path, tok):
+    """block_size + 1 tokens are one block (inputs and targets of block_size tokens each):
+    refusing a corpus that is exactly one block long (`<=` for `<`) went unseen."""
+    from gptlab.data.tokens import load_token_data
+
+    src = tmp_path / "a.txt"
+    src.write_text(DOCS[0] + "\n", encoding="utf-8")
+    n = 1 + len(tok.encode(DOCS[0])) + 1  # BOS + text + EOS
+    data = load_token_data([str(src)], tok, block_size=n - 1, val_fraction=0.0,
+                           cache_dir=tmp_path / "cache")
+    assert data.file.n_tokens == n and data.train_ids.tolist() == [0]
+    assert next(data.train_batches(1, seed=0))[0].tolist() == data.file.tokens.tolist()
+    with pytest.raises(UserError, match=f"the corpus has {n} tokens, fewer than one training "
+                                        f"block of {n + 1}"):
+        load_token_data([str(src)], tok, block_size=n, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1.5, -0.1])
+def test_a_validation_fraction_outside_0_to_1_is_refused(fraction):
+    """val_fraction 1 would hold out every block but one (the floor of one training block),
+    not what was asked: it is refused with the field named. Accepting 1 went unseen."""
+    from gptlab.data.tokens import split_blocks
+
+    with pytest.raises(UserError, match=r"must be in \[0, 1\)") as e:
+        split_blocks(10, fraction, seed=0)
+    assert e.value.field == "val_fraction"
