@@ -170,3 +170,105 @@ def test_a_validation_fraction_outside_0_to_1_is_refused(fraction):
     with pytest.raises(UserError, match=r"must be in \[0, 1\)") as e:
         split_blocks(10, fraction, seed=0)
     assert e.value.field == "val_fraction"
+
+
+def test_the_validation_share_rounds_to_the_nearest_block():
+    """10 blocks x 0.17 = 1.7 hold out 2 blocks, not 1: the share rounds, it is not cut down.
+    `int()` for `round()` went unseen (every case of the suite was a whole number or below 1).
+    default_rng(0) permutes range(10) to 4 6 2 7 3 5 9 0 8 1 (its first 2 are held out)."""
+    from gptlab.data.tokens import split_blocks
+
+    train, val = split_blocks(10, 0.17, seed=0)
+    assert val.tolist() == [4, 6]
+    assert train.tolist() == [0, 1, 2, 3, 5, 7, 8, 9]
+    assert [len(x) for x in split_blocks(10, 0.14, seed=0)] == [9, 1]  # 1.4 rounds to 1
+
+
+def test_the_sampler_reshuffles_every_epoch_by_its_seed_and_number():
+    """Epoch e walks default_rng([seed, e])'s permutation: each epoch its own order. Seeding
+    every epoch alike (the same order each pass over the data) went unseen: the suite checked
+    each index drawn once per epoch, and that a resumed sampler agrees, never that epochs
+    differ."""
+    import numpy as np
+
+    from gptlab.data.tokens import EpochSampler
+
+    s = EpochSampler(6, 4, seed=3)
+    drawn = [s.next_indices().tolist() for _ in range(3)]
+    # default_rng([3, 0]), ([3, 1]), ([3, 2]) permute range(6) to these three orders:
+    orders = [[2, 5, 4, 1, 3, 0], [1, 2, 0, 4, 5, 3], [4, 0, 1, 2, 3, 5]]
+    assert orders == [np.random.default_rng([3, e]).permutation(6).tolist() for e in range(3)]
+    assert drawn == [[2, 5, 4, 1], [3, 0, 1, 2], [0, 4, 5, 3]]  # epochs 0 and 1, then 1
+    assert s.state() == {"epoch": 2, "index": 0}
+    assert s.next_indices().tolist() == [4, 0, 1, 2]
+    plain = EpochSampler(6, 4, seed=3, shuffle=False)
+    assert [plain.next_indices().tolist() for _ in range(2)] == [[0, 1, 2, 3], [4, 5, 0, 1]]
+
+
+@pytest.mark.parametrize("fields", [("data", "block_size"), ("ptx_data", "ptx_block_size")])
+def test_a_block_size_below_1_is_refused_naming_its_setting(tmp_path, tok, fields):
+    """load_token_data refuses block_size 0 itself (PPO's ptx reaches it without pretrain's
+    config check): letting 0 through went unseen, and n_blocks then divided by zero."""
+    from gptlab.data.tokens import load_token_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="must be at least 1, got 0") as e:
+        load_token_data([str(src)], tok, 0, cache_dir=tmp_path / "cache", fields=fields)
+    assert e.value.field == fields[1]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_no_earlier_entry_is_noted_where_the_tokenizer_is_saved_as_it_is_held(tmp_path, tok,
+                                                                             capsys):
+    """Where tokenizer.json already prepends BOS, the earlier version's key is this one: the
+    entry just written is no earlier one, to be removed. Noting it so (the `earlier == key`
+    check dropped) went unseen."""
+    from gptlab.data.tokens import note_earlier_entry, tokenize_corpus
+    from gptlab.tokenizer import Tokenizer
+
+    src, cache = tmp_path / "a.txt", tmp_path / "cache"
+    src.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    held = Tokenizer(tok.hf_as_saved(), tok.bos_token, tok.eos_token, tok.pad_token)
+    assert cache_key([str(src)], held, as_saved=False) == cache_key([str(src)], held)
+    tf = tokenize_corpus([src], held, cache)
+    assert note_earlier_entry([str(src)], held, tf.key, cache) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_a_reused_token_file_counts_its_documents_as_the_fresh_one_did(tmp_path, tok):
+    """The entry's .json keeps the document count that a reused file reports. Writing another
+    count there (the token count) went unseen: only a fresh file's count was checked."""
+    import json
+
+    from gptlab.data.tokens import tokenize_corpus
+
+    src, cache = tmp_path / "a.txt", tmp_path / "cache"
+    src.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    fresh = tokenize_corpus([src], tok, cache)
+    reused = tokenize_corpus([src], tok, cache)
+    n = sum(len(tok.encode(d)) + 2 for d in DOCS)
+    assert (fresh.n_documents, fresh.n_tokens, fresh.reused) == (3, n, False)
+    assert (reused.n_documents, reused.n_tokens, reused.reused) == (3, n, True)
+    meta = json.loads((cache / f"{fresh.key}.json").read_text(encoding="utf-8"))
+    assert (meta["n_documents"], meta["n_tokens"], meta["eos_id"]) == (3, n, tok.eos_id)
+
+
+def test_training_batches_are_drawn_in_the_order_of_the_seed_given(tmp_path, tok):
+    """TokenData.train_batches hands its seed to the sampler: ignoring it (every run drawing
+    seed 0's order) went unseen."""
+    from gptlab.data.tokens import EpochSampler, load_token_data
+
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(DOCS * 4) + "\n", encoding="utf-8")
+    data = load_token_data([str(src)], tok, 4, val_fraction=0.0, cache_dir=tmp_path / "cache")
+    n = len(data.train_ids)
+    assert n >= 10
+    firsts = []
+    for seed in (0, 1, 2):
+        batch = next(data.train_batches(3, seed=seed))
+        ids = data.train_ids[EpochSampler(n, 3, seed).next_indices()]
+        stream = data.file.tokens
+        assert batch.tolist() == [stream[i * 4:i * 4 + 5].tolist() for i in ids]
+        firsts.append(batch.tolist())
+    assert firsts[0] != firsts[1] != firsts[2] != firsts[0]
