@@ -279,6 +279,12 @@ def test_training_batches_are_drawn_in_the_order_of_the_seed_given(tmp_path, tok
 SMALL = dict(n_train=300, n_validation=60, n_test=120, n_dialogs=40, corpus_chars=30_000)
 
 
+@pytest.fixture(scope="module")
+def small_world():
+    from gptlab.world import build_world
+    return build_world(3, **SMALL)
+
+
 def _city_combos(n_intents: int = 2):
     """Combos of intents of four phrasings over the cities (as test_world's)."""
     from dataclasses import replace
@@ -337,3 +343,48 @@ def test_a_result_document_shows_eight_rows_and_counts_the_rest():
     assert _result_doc(eight).split("\n")[1:] == ["Result (8 rows):"] + [str(i) for i in range(8)]
     one = Combo(intent, (), "SELECT z", (("Lyon",),))
     assert _result_doc(one) == "SQL: SELECT z\nResult (1 row):\nLyon"
+
+
+def test_only_a_test_record_says_whether_its_phrasing_is_the_reserved_one(small_world):
+    """sft.jsonl and validation.jsonl carry no `unseen_phrasing` (no question of theirs is in
+    a reserved phrasing; the field would be a constant and change the files' bytes);
+    test.jsonl's says it per question. Writing it on every record went unseen."""
+    world = small_world
+    keys = ["id", "prompt", "completion", "question", "intent", "kind", "values", "phrasing"]
+    for q in world.train[:5] + world.validation[:5]:
+        assert list(world.record(q)) == keys
+    test = [world.record(q) for q in world.test]
+    assert all(list(r) == keys + ["unseen_phrasing"] for r in test)
+    assert {r["unseen_phrasing"] for r in test} == {True, False}
+    assert sum(r["unseen_phrasing"] for r in test) == world.manifest()["counts"]["unseen_phrasing"]
+
+
+def test_a_corpus_question_in_the_prompt_format_is_the_sft_record_s_prompt_and_completion(
+        small_world):
+    """Half the question documents are the exact prompt, then " " + SQL: what SFT's record
+    (prompt, completion " " + SQL) and generation show the model. Dropping the space (the
+    corpus teaching "SQL:SELECT") went unseen."""
+    import random
+
+    from gptlab.world.build import format_prompt
+    from gptlab.world.corpus import _question_doc
+
+    world = small_world
+    q = world.train[0]
+    record = world.record(q)
+
+    class Draw(random.Random):
+        def __init__(self, x):
+            super().__init__(0)
+            self.x = x
+
+        def random(self):
+            return self.x
+
+    assert _question_doc(q, world.schema, Draw(0.25), format_prompt) == \
+        record["prompt"] + record["completion"]
+    assert _question_doc(q, world.schema, Draw(0.75), format_prompt) == \
+        f"Question: {q.text}\nSQL: {q.sql}"
+    docs = world.corpus().split("\n\n")
+    in_prompt_format = [d for d in docs if d.startswith(world.schema.render() + "\nQuestion: ")]
+    assert in_prompt_format and all("\nSQL: SELECT " in d for d in in_prompt_format)
