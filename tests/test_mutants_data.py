@@ -388,3 +388,43 @@ def test_a_corpus_question_in_the_prompt_format_is_the_sft_record_s_prompt_and_c
     docs = world.corpus().split("\n\n")
     in_prompt_format = [d for d in docs if d.startswith(world.schema.render() + "\nQuestion: ")]
     assert in_prompt_format and all("\nSQL: SELECT " in d for d in in_prompt_format)
+
+
+def test_the_schema_document_names_each_table_s_columns_without_the_parenthesis():
+    """The corpus's schema text reads "The table departments has the columns id, name, city,
+    budget." Keeping the schema line's ")" (a cut off by one) went unseen."""
+    from gptlab.world.corpus import _schema_doc
+    from gptlab.world.schema import make_schema
+
+    assert _schema_doc(make_schema()) == (
+        "The table departments has the columns id, name, city, budget. "
+        "The table employees has the columns id, name, dept_id, city, salary, hire_year. "
+        "The table projects has the columns id, name, dept_id, budget. "
+        "The table assignments has the columns employee_id, project_id, role, hours.")
+
+
+# --- instruct.py ------------------------------------------------------------------------------
+
+def test_a_ranking_read_from_a_directory_of_shards_keeps_its_shard_and_line(tmp_path):
+    """Rankings, like demonstrations, keep the shard they came from (`file`) beside their line,
+    which the reward stage's errors name. Dropping the rankings' went unseen."""
+    import json
+
+    from gptlab.data.instruct import read_rankings
+
+    d = tmp_path / "rankings"
+    d.mkdir()
+    rows = [{"prompt": "Is the cat happy?", "chosen": "yes", "rejected": "no"},
+            {"prompt": "Is the dog happy?", "ranked": [["yes", "maybe"], "no"]},
+            {"prompt": "Is it red?", "ranked": ["no", "yes"]}]
+    for name, part in (("train-00000-of-00002.jsonl", rows[:2]),
+                       ("train-00001-of-00002.jsonl", rows[2:])):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    got = read_rankings(d)
+    assert [(r.file, r.line) for r in got] == [
+        (str(d / "train-00000-of-00002.jsonl"), 1), (str(d / "train-00000-of-00002.jsonl"), 2),
+        (str(d / "train-00001-of-00002.jsonl"), 1)]
+    assert [r.groups for r in got] == [[0, 1], [0, 0, 1], [0, 1]]
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    assert [(r.file, r.line) for r in read_rankings(one)] == [(None, 1)]
