@@ -428,3 +428,28 @@ def test_a_ranking_read_from_a_directory_of_shards_keeps_its_shard_and_line(tmp_
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
     assert [(r.file, r.line) for r in read_rankings(one)] == [(None, 1)]
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_an_empty_corpus_path_is_refused_as_such_before_the_current_directory_is_listed(
+        tmp_path, tok, monkeypatch, blank):
+    """The readers' own check of an empty path came after `corpus_files` had taken it for the
+    current directory: read_documents, tokenize_corpus and load_token_data (PPO's ptx, the
+    pipeline's evaluation) said what was wrong with the files there (two splits, a file given
+    twice, no corpus file) instead."""
+    from gptlab.data.corpus import corpus_files
+    from gptlab.data.tokens import load_token_data, tokenize_corpus
+
+    for name in ("train.txt", "test.txt"):
+        (tmp_path / name).write_text("x y\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for read in (lambda: read_documents([blank]),
+                 lambda: read_documents(["train.txt", blank]),
+                 lambda: corpus_files([blank], "ptx_data"),
+                 lambda: tokenize_corpus([blank], tok, tmp_path / "cache"),
+                 lambda: load_token_data([blank], tok, 4, cache_dir=tmp_path / "cache")):
+        with pytest.raises(UserError) as e:
+            read()
+        assert e.value.message == "an empty path; name a corpus file or directory"
+        assert e.value.field in ("data", "ptx_data")
+    assert not (tmp_path / "cache").exists()

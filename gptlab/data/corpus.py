@@ -73,12 +73,15 @@ def corpus_files(paths: Sequence[str | Path], field: str = "data") -> list[Path]
     documents would fill both training and validation blocks. So are files of two splits as
     `datasets` names them (`train.txt` and `test.txt`, `train/` and `test/`), given one by one
     as a directory of them is refused (`gptlab.io.check_one_split_given`): the held-out split
-    would be trained on. `field`: the setting that gave the paths, which errors name."""
+    would be trained on. So is an empty path, before it is taken for the current directory.
+    `field`: the setting that gave the paths, which errors name."""
     files: list[Path] = []
     hows: list[tuple[Path, str]] = []
     reached: dict[Path, str] = {}  # resolved file -> how the corpus first reached it
     hub_names: set[str] = set()
     for given in paths:
+        if not str(given).strip():  # Path("") is the current directory: all of it a corpus
+            raise UserError("an empty path; name a corpus file or directory", field=field)
         p = Path(given)
         if p.is_dir():
             found = files_in(p, CORPUS_SUFFIXES)  # none is refused
