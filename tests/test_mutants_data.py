@@ -453,3 +453,16 @@ def test_an_empty_corpus_path_is_refused_as_such_before_the_current_directory_is
         assert e.value.message == "an empty path; name a corpus file or directory"
         assert e.value.field in ("data", "ptx_data")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_varied_schema_world_s_ids_name_its_schema_seed():
+    """Question and dialog ids of a world with a renamed schema carry `v{schema seed}`: its
+    samples cannot be scored against the default world's questions by mistake. Dropping it
+    went unseen (the suite compared a varied world's questions to the default's by text)."""
+    from gptlab.world import build_world
+
+    varied = build_world(3, vary_schema=True, schema_seed=5, **SMALL)
+    assert varied.train[0].id == "s3v5-train-00001" and varied.test[0].id == "s3v5-test-00001"
+    assert varied.dialogs[0].id == "s3v5-dialog-00001"
+    own = build_world(3, vary_schema=True, **SMALL)  # the schema seed defaults to the seed
+    assert own.validation[0].id == "s3v3-validation-00001"
