@@ -466,3 +466,23 @@ def test_a_varied_schema_world_s_ids_name_its_schema_seed():
     assert varied.dialogs[0].id == "s3v5-dialog-00001"
     own = build_world(3, vary_schema=True, **SMALL)  # the schema seed defaults to the seed
     assert own.validation[0].id == "s3v3-validation-00001"
+
+
+def test_an_answer_closed_by_eos_right_after_it_ends_with_eos_alone():
+    """A Llama 2 template that writes " " + answer + EOS (no space before EOS): an empty
+    answer is "▁", "</s>", all of whose text is the lead " " before an answer. The lead ends
+    exactly at the first token's end, so the end of a response is "</s>" alone, as every
+    answer ends. Passing that point only where the text runs past the lead (`>` for `>=`)
+    went unseen: EOS writes no text, and the end kept the lead's "▁"."""
+    import test_tokenizer
+    from gptlab.data.instruct import encode_response, end_of_response
+
+    template = test_tokenizer.LLAMA2_CHAT.replace("' ' + eos_token", "eos_token")
+    assert template != test_tokenizer.LLAMA2_CHAT
+    t = test_tokenizer.sentencepiece_tokenizer(template)
+    chat = [{"role": "user", "content": "is the cat happy?"}]
+    assert t.answer_lead(chat) == " "
+    end = end_of_response(t, chat)
+    assert [t.hf.id_to_token(i) for i in end] == ["</s>"]
+    for answer in ("yes", "(yes)"):
+        assert encode_response(t, answer, chat)[-1:] == end
