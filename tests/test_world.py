@@ -12,6 +12,7 @@ import pytest
 from gptlab.cli import main
 from gptlab.errors import UserError
 from gptlab.world import build_world, load_world, make_schema
+from gptlab.world.build import database_digest
 from gptlab.world.database import CITIES
 from gptlab.world.intents import INTENTS
 from gptlab.world.database import HIRE_YEARS
@@ -613,3 +614,23 @@ def test_cli_score_never_writes_its_verdicts_over_the_samples_or_the_world(tmp_p
     assert {p.name: p.read_bytes() for p in [samples, *out.iterdir()]} == before
     assert main(["world", "score", "--world", str(out), "--in", str(samples),
                  "--out", str(tmp_path / "verdicts.jsonl")]) == 0
+
+
+# The demo's world, byte for byte: the figures README and docs/EXPERIMENTS.md publish were
+# measured on these files (EXPERIMENTS lists the run's hashes). A change to the world's
+# generation moves every figure; it should be made on purpose, with this table and the
+# figures updated together.
+DEMO_WORLD_SHA256 = {
+    "corpus.txt": "1f54021c6cca1ae4", "sft.jsonl": "33d423bd45b42512",
+    "validation.jsonl": "baf871e0c753bd98", "test.jsonl": "da7d21079f196f64",
+    "dialogs.jsonl": "04b9b3908297f10d", "prompts.jsonl": "a573dab9b0fa3562",
+}
+
+
+def test_the_demo_world_is_the_one_its_figures_were_measured_on(world, tmp_path):
+    paths = world.export(tmp_path / "world")
+    got = {name: hashlib.sha256(paths[name].read_bytes()).hexdigest()[:16]
+           for name in DEMO_WORLD_SHA256}
+    assert got == DEMO_WORLD_SHA256
+    assert database_digest(paths["company.sqlite"])[:16] == "2639032598f2016c"
+    assert world.fingerprint()[:16] == "56727669c4d19592"
