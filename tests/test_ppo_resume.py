@@ -4,6 +4,7 @@ and PPO-ptx included)."""
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import shutil
 import signal
@@ -259,6 +260,87 @@ def test_ctrl_c_during_an_update_finishes_that_step_first(setup, capsys, monkeyp
     monkeypatch.setattr(ppo_module, "clip_grad_norm", real_clip)
     ppo(dataclasses.replace(cfg, resume=True), reward_fn=varied_reward)
     assert_same_run(straight, out)
+
+
+def break_at(monkeypatch, step: int, what: str) -> None:
+    """From step `step` on, make `what` (pg_loss, value_loss, grad_norm, reward or entropy) of
+    each PPO step NaN (the grad norm: infinite), as a diverging run makes them."""
+    now = {"step": 0}
+    rollout = PPOTrainer.rollout
+
+    def counted_rollout(self, s):
+        now["step"] = s
+        return rollout(self, s)
+
+    def broken(value, bad=math.nan):
+        return value * bad if now["step"] >= step else value
+
+    monkeypatch.setattr(PPOTrainer, "rollout", counted_rollout)
+    if what in ("pg_loss", "value_loss"):
+        name = {"pg_loss": "clipped_policy_loss", "value_loss": "clipped_value_loss"}[what]
+        loss = getattr(ppo_module, name)
+        monkeypatch.setattr(ppo_module, name,
+                            lambda *a, **k: (lambda v, x: (broken(v), x))(*loss(*a, **k)))
+    elif what == "grad_norm":  # the norm overflowed: the gradients are scaled to 0 or NaN
+        clip = ppo_module.clip_grad_norm
+        monkeypatch.setattr(ppo_module, "clip_grad_norm",
+                            lambda *a, **k: broken(clip(*a, **k), math.inf))
+    elif what == "reward":  # a reward model's score overflowed (a function's NaN is refused)
+        score = PPOTrainer.score
+        monkeypatch.setattr(PPOTrainer, "score", lambda self, ro: broken(score(self, ro)))
+    else:  # only logged
+        entropy = ppo_module.entropy_from_logprobs
+        monkeypatch.setattr(ppo_module, "entropy_from_logprobs",
+                            lambda logp: broken(entropy(logp)))
+
+
+@pytest.mark.parametrize("what,named", [
+    # A NaN minibatch makes the weights, and so the next minibatches' every loss, NaN.
+    ("pg_loss", "pg_loss nan, value_loss nan, ptx_loss nan, grad_norm nan"),
+    ("value_loss", "pg_loss nan, value_loss nan, ptx_loss nan, grad_norm nan"),
+    ("grad_norm", "grad_norm inf"),  # only the norm read: the update was clipped as before
+    ("reward", "reward nan, pg_loss nan, value_loss nan, ptx_loss nan, grad_norm nan"),
+])
+def test_a_step_that_diverges_stops_the_run_before_a_save_keeping_the_last_checkpoint(
+        setup, tmp_path, monkeypatch, capsys, what, named):
+    """PPO went on past a NaN update, saving NaN checkpoints and a NaN policy. Step 3's update
+    is made NaN here: the run logs its row and stops (exit 2), step-2 as the run that never
+    diverged saved it, no step-3, no policy in OUT."""
+    _, args, straight = setup
+    out = tmp_path / "run"
+    break_at(monkeypatch, 3, what)
+    assert main([*ppo_cli(args, out, save_every=1), "--steps", str(STEPS)]) == 2
+    ckpts = out / "checkpoints"
+    err = capsys.readouterr().err
+    assert (f"{out}: the training diverged at step 3 ({named}): the run stops without saving "
+            f"the weights of that update; the last checkpoint, {ckpts / 'step-2'}, is kept as "
+            f"it was. A resume replays the same steps") in err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-1", "step-2"]
+    assert Checkpointer(out).latest() == ckpts / "step-2"
+    Checkpointer.verify(ckpts / "step-2")
+    for name in ("model.safetensors", "value/model.safetensors", "optimizer.pt"):
+        assert (ckpts / "step-2" / name).read_bytes() == \
+            (straight / "checkpoints" / "step-2" / name).read_bytes(), name
+    assert not any((out / name).exists() for name in ("config.json", "model.safetensors",
+                                                        "value"))
+    got = rows(out)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert got[:2] == rows(straight)[:2]
+    assert not math.isfinite(got[2][what])
+
+
+def test_a_step_whose_logged_statistics_only_are_nan_goes_on(setup, tmp_path, monkeypatch):
+    # The entropy is only logged: a NaN of it leaves the weights as they are, and the run on.
+    _, args, straight = setup
+    out = tmp_path / "run"
+    break_at(monkeypatch, 3, "entropy")
+    assert main([*ppo_cli(args, out), "--steps", str(STEPS)]) == 0
+    got = rows(out)
+    assert [math.isnan(r["entropy"]) for r in got] == [False, False, True, True]
+    assert [{k: v for k, v in r.items() if k != "entropy"} for r in got] == \
+        [{k: v for k, v in r.items() if k != "entropy"} for r in rows(straight)]
+    a, b = (load_model(run)[0].state_dict() for run in (straight, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_needs_a_checkpoint_and_the_same_settings(setup, tmp_path, monkeypatch):

@@ -221,17 +221,19 @@ def warn_shared_held_out(train: list, val: list, key: Callable[[Any], Hashable],
           f"from one of the files", file=sys.stderr)
 
 
-def diverged(step: int, loss: float, grad_norm: float, out: Path,
+def diverged(step: int, values: dict[str, float], out: Path,
              checkpoint: Path | None) -> UserError:
     """The error that ends a run at a step whose loss or gradient norm is NaN or infinite:
     AdamW's update from it is no number either, and the weights it leaves are not saved; the
-    last checkpoint (`checkpoint`, None: none yet) stays as it was."""
+    last checkpoint (`checkpoint`, None: none yet) stays as it was. `values`: the step's
+    numbers to name (`loss`, `grad_norm`; PPO's non-finite ones)."""
     kept = f"the last checkpoint, {checkpoint}, is kept as it was" if checkpoint is not None \
         else "no checkpoint was saved before it"
-    return UserError(f"the training diverged at step {step} (loss {loss}, grad_norm "
-                     f"{grad_norm}): the run stops without saving the weights of that update; "
-                     f"{kept}. A resume replays the same steps: start again with a lower lr "
-                     f"(--lr) or a longer warmup (--warmup-steps)", path=out)
+    named = ", ".join(f"{k} {v}" for k, v in values.items())
+    return UserError(f"the training diverged at step {step} ({named}): the run stops without "
+                     f"saving the weights of that update; {kept}. A resume replays the same "
+                     f"steps: start again with a lower lr (--lr) or a longer warmup "
+                     f"(--warmup-steps)", path=out)
 
 
 def check_fields(cfg: Any, rules: Callable[[], list[tuple[str, bool, str]]]) -> None:
@@ -1081,7 +1083,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                     # The update has made the weights NaN: its row is the user's to see, but no
                     # save may follow, which could rotate the good checkpoints out.
                     metrics.log(last_row)
-                    raise diverged(step, last_loss, grad_norm, out, ckpt.latest())
+                    raise diverged(step, {"loss": last_loss, "grad_norm": grad_norm}, out,
+                                   ckpt.latest())
                 good = snapshot()
                 updating = False
 

@@ -49,7 +49,7 @@ from gptlab.plugin import load_function
 from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
-                               held_interrupt, lr_at, make_optimizer, memory_named,
+                               diverged, held_interrupt, lr_at, make_optimizer, memory_named,
                                read_metrics, resuming, rng_state, same_setting, select_device,
                                set_lr, set_rng_state)
 from gptlab.train.reward import scored_response
@@ -195,6 +195,12 @@ class PPOConfig:
             ("seed", 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
         ]
 
+
+# A step whose metrics hold a NaN or an infinity here has made the weights no numbers: the
+# losses and the gradient norm went into the update, and a reward or KL into every advantage
+# and return. The statistics (entropy, approx_kl, clip fractions, reward_std) are only logged,
+# and a non-finite one of them leaves the weights as they are.
+DIVERGED_IF = ("reward", "kl", "pg_loss", "value_loss", "ptx_loss", "grad_norm")
 
 # Settings a resumed run may change: none of them alters the steps taken or the next ones (the
 # learning rate after warmup is constant, so `steps` only says where to stop).
@@ -855,7 +861,8 @@ class PPOTrainer:
         set_lr(self.optimizer, lr)
         B = ro.ids.shape[0]
         names = ["ptx_loss"] * (self.ptx is not None) + [
-            "pg_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "entropy"]
+            "pg_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "entropy",
+            "grad_norm"]
         rows: list[Tensor] = []  # each minibatch's statistics, in the order of `names`
         g = torch.Generator().manual_seed(self.step_seed(step))
         for _ in range(cfg.ppo_epochs):
@@ -880,16 +887,18 @@ class PPOTrainer:
                     ptx = [ptx_loss]
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                clip_grad_norm(self.trained, cfg.grad_clip)  # the norm is not read: no wait
+                # The norm before clipping, read with the step's metrics: no wait here.
+                grad_norm = clip_grad_norm(self.trained, cfg.grad_clip)
                 self.optimizer.step()
                 rows.append(torch.stack([v.detach().float() for v in (
                     *ptx, pg_loss, vf_loss, pg["clipfrac"], pg["approx_kl"], vf_clipfrac,
-                    masked_mean(entropy, m))]))
+                    masked_mean(entropy, m), grad_norm)]))
         return UpdateStats(names, torch.stack(rows))
 
     def train(self) -> Path:
         """Run the steps left to `cfg.steps`; Ctrl-C saves a checkpoint of the last finished
-        step, then re-raises KeyboardInterrupt."""
+        step, then re-raises KeyboardInterrupt. A step with a non-finite `DIVERGED_IF` metric
+        ends the run with a UserError once its row is logged, before anything is saved."""
         cfg = self.cfg
         metrics_path = self.out / "metrics.jsonl"
         log: MetricsLog | None = None
@@ -931,6 +940,12 @@ class PPOTrainer:
                         log = self._start_run(metrics_path)
                     log.log(row)
                     last = row
+                    broken = {k: row[k] for k in DIVERGED_IF if k in row
+                              and not math.isfinite(row[k])}
+                    if broken:
+                        # The update has made the weights NaN: its row is logged, but nothing
+                        # is saved, which would write a NaN policy over a good one.
+                        raise diverged(step, broken, self.out, Checkpointer(self.out).latest())
                     good = self.snapshot()
                     updating = False
                     if cfg.progress:
