@@ -806,4 +806,9 @@ class Checkpointer:
         if optimizer is not None and (path / "optimizer.pt").exists():
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
                                                  weights_only=False))
-        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        return self.state_of(path)
+
+    @staticmethod
+    def state_of(path: str | Path) -> dict:
+        """The trainer state checkpoint `path` holds, read onto the CPU (not verified)."""
+        return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)

@@ -350,6 +350,84 @@ def test_resume_from_names_a_checkpoint_of_out_or_is_refused_listing_them(base, 
     assert Checkpointer(out).latest() == ckpts / "step-2"
 
 
+def _scored_by_step(monkeypatch, scores: dict[int, float]) -> None:
+    """Execution accuracy `scores[step]` at each evaluation, on the world's questions (none is
+    answered: only the score matters here)."""
+    evaluate, step = sft_module.BestKeeper.__call__, [None]
+
+    def at_step(self, model, s, val_loss):
+        step[0] = s
+        return evaluate(self, model, s, val_loss)
+
+    monkeypatch.setattr(sft_module.BestKeeper, "__call__", at_step)
+    monkeypatch.setattr(execution, "world_exec_evaluator",
+                        lambda *a, **k: lambda model: scores[step[0]])
+
+
+def test_resume_from_a_step_after_the_best_takes_the_best_weights_from_its_checkpoint(
+        base, tmp_path, monkeypatch, capsys):
+    """A run evaluated every step has its best at step 5 (OUT holds step 5's weights), and
+    step 2 best up to step 4. Resumed from step-4 evaluating every 2 steps, its best is step 2:
+    OUT/best held step 5's, and the run said the best could no longer be selected and ended on
+    step 6's weights. Now they are step-2's checkpoint's: those of the run that evaluated every
+    2 steps from the start, whose best is step 2 too."""
+    from safetensors.torch import load_file
+    _scored_by_step(monkeypatch, {0: 0.0, 1: 0.1, 2: 0.5, 3: 0.2, 4: 0.3, 5: 0.9, 6: 0.2})
+    args = ("--lr", "1e-3", "--warmup-steps", "0", "--val-fraction", "0.25", "--world",
+            "builtin", "--exec-eval", "2", "--max-steps", "6", "--log-every", "1")
+    straight, out = tmp_path / "straight", tmp_path / "sft"
+    assert run_sft(base, straight, *args, "--eval-every", "2") == 0
+    assert json.loads((straight / "config.json").read_text())["best_step"] == 2
+    assert run_sft(base, out, *args, "--eval-every", "1", "--save-every", "1",
+                   "--keep-checkpoints", "10") == 0
+    assert json.loads((out / "config.json").read_text())["best_step"] == 5
+    capsys.readouterr()
+    assert run_sft(base, out, *args, "--eval-every", "2", "--save-every", "1",
+                   "--keep-checkpoints", "10", "--resume-from", "step-4") == 0
+    assert "can no longer be selected" not in capsys.readouterr().err
+    meta = json.loads((out / "config.json").read_text())
+    assert (meta["step"], meta["best_step"], meta["best_score"]) == (6, 2, 0.5)
+    a, b = (load_file(run / "model.safetensors") for run in (straight, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["removed", "corrupt", "another line's"])
+def test_a_best_step_whose_checkpoint_is_gone_or_not_its_own_is_no_longer_selected(
+        base, tmp_path, monkeypatch, capsys, damage):
+    """Where step-2's checkpoint is gone, fails its manifest or holds another line's weights,
+    the note stays, saying why, and the run keeps the best of its own later evaluations."""
+    import shutil
+    _scored_by_step(monkeypatch, {0: 0.0, 1: 0.1, 2: 0.5, 3: 0.2, 4: 0.3, 5: 0.9, 6: 0.2})
+    args = ("--lr", "1e-3", "--warmup-steps", "0", "--val-fraction", "0.25", "--world",
+            "builtin", "--exec-eval", "2", "--max-steps", "6", "--log-every", "1",
+            "--save-every", "1", "--keep-checkpoints", "10")
+    out = tmp_path / "sft"
+    assert run_sft(base, out, *args, "--eval-every", "1") == 0
+    ckpt = out / "checkpoints" / "step-2"
+    if damage == "removed":
+        shutil.rmtree(ckpt)
+        why = f"no checkpoint holds them ({ckpt} is not there)"
+    elif damage == "corrupt":
+        (ckpt / "model.safetensors").write_bytes(b"0")
+        why = (f"their checkpoint fails its manifest check ({ckpt / 'model.safetensors'}: "
+               f"checkpoint file is missing or corrupt)")
+    else:  # as a line of the run left with other steps would: here another run's step 2
+        other = tmp_path / "other"
+        assert run_sft(base, other, *args, "--eval-every", "1", "--max-steps", "2",
+                       "--seed", "1") == 0
+        shutil.rmtree(ckpt)
+        shutil.copytree(other / "checkpoints" / "step-2", ckpt)
+        why = f"{ckpt} is another line's (its training row differs from metrics.jsonl's)"
+    capsys.readouterr()
+    assert run_sft(base, out, *args, "--eval-every", "2", "--resume-from", "step-4") == 0
+    assert (f"note: {out / 'best'} is missing or holds another evaluation's weights, and {why}; "
+            f"the best evaluation so far (step 2) can no longer be selected"
+            ) in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["best_step"] == 6
+
+
 class _Crash(Exception):
     pass
 

@@ -212,8 +212,10 @@ class BestKeeper:
     def restore(self, metrics: list[dict], upto: int, checkpoint: Path | None = None) -> None:
         """On resume: replay the evaluations of the run so far (up to its checkpoint's step),
         so a later, worse evaluation does not replace the best weights saved in OUT/best.
-        OUT/best must hold that best evaluation's weights: a run that died after its checkpoint
-        may have left a later evaluation's there, which this run has not made (yet)."""
+        OUT/best must hold that best evaluation's weights: a run that died after its checkpoint,
+        or a line of it left by `--resume-from` an earlier step, may have left a later
+        evaluation's there, which this run has not made (yet). They are then taken from the
+        checkpoint of the best step, where there is one (`_saved_best`)."""
         for row in metrics:
             if row["step"] <= upto and "val_loss" in row:
                 self._record(row["step"], row.get("exec_acc"), row["val_loss"])
@@ -221,18 +223,41 @@ class BestKeeper:
                 _meta_of(self.dir).get("step") == self.best_step:
             return
         out = self.dir.parent
+        source: Path | None
         if checkpoint is not None and self.best_step == upto:
             source = checkpoint  # the weights its own step's evaluation measured
         elif _meta_of(out).get("best_step") == self.best_step:
             source = out  # a finished run: OUT holds its best weights, OUT/best is gone
         else:
-            print(f"note: {self.dir} is missing or holds another evaluation's weights; the "
-                  f"best evaluation so far (step {self.best_step}) can no longer be selected",
-                  file=sys.stderr)
+            source, why_not = self._saved_best(out, metrics)
+        if source is None:
+            print(f"note: {self.dir} is missing or holds another evaluation's weights, and "
+                  f"{why_not}; the best evaluation so far (step {self.best_step}) can no longer "
+                  f"be selected", file=sys.stderr)
             self.best_step = self._best_key = self.best_val_loss = None
             return
         model, _, _ = load_model(source)
         replace_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
+
+    def _saved_best(self, out: Path, metrics: list[dict]) -> tuple[Path | None, str]:
+        """OUT/checkpoints/step-<best step> where it holds the weights the best evaluation
+        measured: its files pass the manifest check, and its training row is the one
+        metrics.jsonl logged at that step (where it logged one: every log_every steps), so it
+        is not another line's, saved at that step after the metrics' line passed it. Else None
+        and why not."""
+        path = Checkpointer(out).dir / f"step-{self.best_step}"
+        if not path.is_dir():
+            return None, f"no checkpoint holds them ({path} is not there)"
+        try:
+            Checkpointer.verify(path, advice="")
+        except UserError as e:
+            return None, f"their checkpoint fails its manifest check ({e})"
+        theirs = Checkpointer.state_of(path).get("row") or {}
+        logged = next((r for r in metrics if r["step"] == self.best_step and "loss" in r), None)
+        if logged is not None and any(logged.get(k) != v for k, v in theirs.items()):
+            return None, (f"{path} is another line's (its training row differs from "
+                          f"metrics.jsonl's)")
+        return path, ""
 
 
 def check_resume_settings(cfg: SFTConfig, checkpoint: Path) -> None:
