@@ -506,6 +506,21 @@ def test_a_reward_no_float_holds_is_a_clear_error(setup, tmp_path, monkeypatch, 
     assert not out.exists()
 
 
+def test_a_reward_no_float32_holds_is_a_clear_error(setup, tmp_path, monkeypatch, capsys):
+    """1e39 is a finite float, and was taken: the float32 rewards made it infinite."""
+    d, _, _ = setup
+    (tmp_path / "bigmod.py").write_text("def big(p, r, rec):\n    return [-1e39] * len(r)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(ppo_args(d, out, "--reward-fn", "bigmod:big")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"prompts\.jsonl:\d+, field 'reward_fn': the reward function bigmod:big "
+                     r"returned a score \(-1e\+39\) for prompt id \S+ beyond the ±3\.4e38 a "
+                     r"reward \(a float32\) holds\n$", err), err
+    assert not out.exists()
+    assert ppo_module.reward_number(3.4e38, "m:f") == 3.4e38  # a float32 holds it
+
+
 def test_no_prompt_that_fits_is_a_clear_error_that_leaves_nothing(setup, tmp_path, capsys):
     d, _, _ = setup
     prompts = tmp_path / "long.jsonl"

@@ -373,10 +373,14 @@ def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
                               ro.all_right_padded)[:, ro.P - 1:-1]
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
-    """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor),
-    never a bool, a string or a non-finite value. `name` is the function's module:function;
-    the error names the prompt's `id` when it has one (the caller adds its file and line)."""
+    """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor)
+    a float32 holds, never a bool, a string or a non-finite value. `name` is the function's
+    module:function; the error names the prompt's `id` when it has one (the caller adds its
+    file and line)."""
     of = "" if prompt_id is None else f" for prompt id {prompt_id}"
     try:
         x = None if isinstance(v, (bool, str, bytes)) else float(v)
@@ -391,6 +395,9 @@ def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
     if not math.isfinite(x):
         raise UserError(f"the reward function {name} returned a non-finite score ({x}){of}",
                         field="reward_fn")
+    if abs(x) > FLOAT32_MAX:  # the rewards are float32: it would be an infinite one
+        raise UserError(f"the reward function {name} returned a score ({x}){of} beyond the "
+                        f"±3.4e38 a reward (a float32) holds", field="reward_fn")
     return x
 
 
