@@ -192,5 +192,38 @@ def test_refuse_non_finite_passes_empty_and_integer_tensors_and_names_an_infinit
                                                                            float("nan")]))],
                           "w.safetensors")
     assert "tensor 'bad'" in e.value.message and "1 NaN and 1 infinite of its 3" in e.value.message
-    with pytest.raises(UserError, match="1 infinite of its 2"):
-        refuse_non_finite([("high", torch.tensor([0.0, float("inf")]))], "w.safetensors")
+    for bad in (float("inf"), -float("inf")):  # the highest or the lowest value alone
+        with pytest.raises(UserError, match="1 infinite of its 2"):
+            refuse_non_finite([("one", torch.tensor([0.0, bad]))], "w.safetensors")
+
+
+@pytest.mark.parametrize("what, said", [("grad", "loss 6.25"), ("loss", "loss inf")])
+def test_a_step_whose_grad_norm_or_loss_alone_is_not_finite_stops_the_run(tmp_path, what, said):
+    """A finite loss whose gradient is NaN (sqrt at 0: 0 x inf), or an infinite loss whose
+    gradient is finite (a constant added): either alone stops the run at that step, before a
+    save (a check of the loss alone, or of the grad norm alone, went on and saved)."""
+    import numpy as np
+
+    from gptlab.data.tokens import BlockBatches
+    from gptlab.errors import UserError
+    from gptlab.train.loop import TrainConfig, train
+    from gptlab.train.pretrain import lm_loss
+    from test_loop import _stream, tiny
+    calls = []
+
+    def loss_fn(model, block):
+        calls.append(model.training)
+        loss = lm_loss(model, block)
+        if sum(calls) < 3:
+            return loss
+        if what == "grad":
+            return loss + torch.sqrt(next(model.parameters()).sum() * 0)
+        return loss + float("inf")
+    cfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=4, save_every=1, eval_every=0,
+                      progress=False, device="cpu")
+    with pytest.raises(UserError, match="diverged at step 3 \\(" + said) as e:
+        train(tiny(), BlockBatches(_stream(), 16, np.arange(30), 4, seed=0), loss_fn, cfg,
+              tmp_path)
+    assert ("grad_norm nan" in str(e.value)) is (what == "grad")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest", "step-1", "step-2"]
