@@ -227,3 +227,35 @@ def test_a_step_whose_grad_norm_or_loss_alone_is_not_finite_stops_the_run(tmp_pa
     assert ("grad_norm nan" in str(e.value)) is (what == "grad")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "latest", "step-1", "step-2"]
+
+
+def test_the_window_read_from_a_config_json_as_transformers_reads_it(tmp_path):
+    """Llama reads no window whatever sliding_window says; Mistral's left out is 4096 (dense
+    within a context of 4096); Qwen2's applies only with use_sliding_window, false where left
+    out. Each mutant (Llama's window read, 4095, Qwen2's flag true by default) went unseen."""
+    from gptlab.interop.hf import _sliding_window
+    path = tmp_path / "config.json"
+    llama = {"model_type": "llama", "sliding_window": 16, "use_sliding_window": True,
+             "max_window_layers": 0}
+    assert _sliding_window(llama, 4, 64, path) == (None, "all")
+    assert _sliding_window({"model_type": "mistral"}, 4, 8192, path) == (4096, "all")
+    assert _sliding_window({"model_type": "mistral"}, 4, 4096, path) == (None, "all")
+    assert _sliding_window({"model_type": "mistral"}, 4, 4097, path) == (4096, "all")
+    qwen2 = {"model_type": "qwen2", "sliding_window": 16, "max_window_layers": 1}
+    assert _sliding_window(qwen2, 4, 64, path) == (None, "all")
+    assert _sliding_window({**qwen2, "use_sliding_window": True}, 4, 64, path) == (16, [1, 2, 3])
+
+
+def test_a_qwen2_export_s_max_window_layers_is_its_first_local_layer():
+    """transformers 4 reads max_window_layers (the window from that layer on): local layers 2
+    and 3 of 4 write 2, and layer_types the same (2 + 1, one dense layer more, went unseen)."""
+    from gptlab.interop.hf import _export_family, _hf_config
+    from gptlab.model.gpt import GPTConfig
+    cfg = GPTConfig(vocab_size=32, context=32, n_layers=4, n_heads=2, d_model=16,
+                    positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
+                    qkv_bias=True, attention_window=8, local_attention_layers=[2, 3])
+    assert _export_family(cfg) == "qwen2"
+    out = _hf_config(cfg, "qwen2", None, torch.float32)
+    assert (out["use_sliding_window"], out["sliding_window"], out["max_window_layers"]) == (
+        True, 8, 2)
+    assert out["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
