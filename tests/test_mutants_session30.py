@@ -142,8 +142,8 @@ def run_with_steps(tmp_path):
 @pytest.mark.parametrize("name", ["6", "06", "step-6", "step-06", "step-6/", " step-6 "])
 def test_a_named_step_is_its_checkpoint(run_with_steps, name):
     """`int` reads the step: "step-06" names step-6 (read as written it was no checkpoint)."""
-    assert run_with_steps.named(name) == run_with_steps.dir / "step-6"
-    assert run_with_steps.named(str(run_with_steps.dir / "step-6")) == run_with_steps.dir / "step-6"
+    step6 = run_with_steps.dir / "step-6"
+    assert run_with_steps.named(name) == step6 and run_with_steps.named(str(step6)) == step6
 
 
 @pytest.mark.parametrize("name, said", [
