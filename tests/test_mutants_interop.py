@@ -225,6 +225,43 @@ def test_hf_configs_that_change_the_function_are_refused_naming_the_field(config
     assert str(e.value) == f"config.json, field '{field}': {message}"
 
 
+def test_a_llama_config_reads_no_sliding_window_whatever_its_fields_say():
+    """transformers' Llama attends over the whole context: Qwen2's use_sliding_window and
+    max_window_layers in a Llama config.json give it no window (read as Qwen2's, every layer
+    slid)."""
+    cfg = hf_config_to_gpt({**LLAMA, "use_sliding_window": True, "sliding_window": 8,
+                            "max_window_layers": 0, "max_position_embeddings": 64}, CONFIG)
+    assert (cfg.attention_window, cfg.local_attention_layers) == (None, "all")
+
+
+def test_a_head_dim_of_the_width_over_the_heads_is_left_unset():
+    """head_dim is set only where it is not hidden_size / num_attention_heads, as gptlab's own
+    configs leave it (the converted config.json said head_dim 4 for every model)."""
+    assert hf_config_to_gpt(LLAMA, CONFIG).head_dim is None
+    assert hf_config_to_gpt({**LLAMA, "head_dim": 4}, CONFIG).head_dim is None
+    assert hf_config_to_gpt({**LLAMA, "head_dim": 8}, CONFIG).head_dim == 8
+
+
+def test_a_width_the_query_heads_do_not_split_is_refused_though_the_kv_heads_do():
+    """hidden_size 18 over 4 query heads (2 key/value heads, which do split it) without a
+    head_dim: the test that refused it left out num_key_value_heads, so that a check of the
+    width against the key/value heads went unseen."""
+    with pytest.raises(UserError) as e:
+        hf_config_to_gpt({**LLAMA, "hidden_size": 18, "num_key_value_heads": 2}, CONFIG)
+    assert str(e.value) == ("config.json, field 'num_attention_heads': hidden_size 18 is not "
+                            "divisible by num_attention_heads 4")
+
+
+def test_a_config_is_checked_field_by_field_before_it_is_returned():
+    """A size past any float (10**400) passes the config.json field's own check: gptlab's
+    check of the whole config refuses it, before a model is built (load_pretrained refused it
+    later, when building failed, so no test saw the check go)."""
+    with pytest.raises(UserError) as e:
+        hf_config_to_gpt({**LLAMA, "intermediate_size": 10**400}, CONFIG)
+    assert str(e.value) == ("config.json, field 'd_ff': must be a finite number, got an integer "
+                            "of 401 digits")
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 def test_a_llama_export_writes_its_context_and_rope_theta_where_transformers_4_reads_them(
