@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gptlab.errors import UserError
-from gptlab.interop import export_hf
+from gptlab.interop import export_hf, load_pretrained
 from gptlab.interop.hf import hf_config_to_gpt
 from gptlab.model.gpt import GPT, GPTConfig
 
@@ -260,6 +260,42 @@ def test_a_config_is_checked_field_by_field_before_it_is_returned():
         hf_config_to_gpt({**LLAMA, "intermediate_size": 10**400}, CONFIG)
     assert str(e.value) == ("config.json, field 'd_ff': must be a finite number, got an integer "
                             "of 401 digits")
+
+
+# --- Hugging Face weights ------------------------------------------------------------------------
+
+def exported_with(tmp_path: Path, cfg: GPTConfig, extra: dict) -> tuple[GPT, Path]:
+    """A random gptlab model and its Hugging Face export, with `extra` tensors (name -> a
+    function of the exported state) added to model.safetensors, as other writers leave them."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    out = export_hf(model, None, tmp_path / "hf")
+    sd = load_file(str(out / "model.safetensors"))
+    sd.update({name: make(sd).clone() for name, make in extra.items()})
+    save_file(sd, str(out / "model.safetensors"))
+    return model, out
+
+
+@pytest.mark.parametrize("cfg, extra", [
+    # Older GPT-2 checkpoints (openai-community/gpt2's own) carry lm_head.weight beside the
+    # tied wte: the embedding again.
+    (GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16),
+     {"lm_head.weight": lambda sd: sd["transformer.wte.weight"]}),
+    # transformers before 4.31 saved each Llama layer's rotary inv_freq buffer: recomputed.
+    (GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16,
+               positions="rotary", norm="rmsnorm", activation="swiglu", bias=False),
+     {"model.layers.0.self_attn.rotary_emb.inv_freq": lambda sd: 1.0 / 10000 ** (
+         torch.arange(0, 8, 2) / 8)})])
+def test_tensors_that_are_no_weights_load_without_a_word(tmp_path, cfg, extra):
+    """A tied GPT-2's lm_head.weight and a Llama's rotary inv_freq are read past, not refused as
+    tensors that do not map (gptlab's and transformers' exports write neither)."""
+    model, out = exported_with(tmp_path, cfg, extra)
+    again, _ = load_pretrained(out)
+    x = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
 
 
 # --- export ---------------------------------------------------------------------------------------
