@@ -298,6 +298,35 @@ def test_tensors_that_are_no_weights_load_without_a_word(tmp_path, cfg, extra):
         assert torch.equal(again(x), model(x))
 
 
+LLAMA_GPT = GPTConfig(vocab_size=32, context=16, n_layers=2, n_heads=2, d_model=16,
+                      positions="rotary", norm="rmsnorm", activation="swiglu", bias=False)
+
+
+def test_a_tensor_that_maps_nowhere_is_refused_naming_it(tmp_path):
+    """A tensor of a name no Llama has (an adapter's, a head's) was dropped without a word, and
+    the model loaded as if the checkpoint held nothing else."""
+    _, out = exported_with(tmp_path, LLAMA_GPT, {
+        "model.layers.0.mlp.lora_A.weight": lambda sd: torch.zeros(2, 16)})
+    with pytest.raises(UserError) as e:
+        load_pretrained(out)
+    assert str(e.value) == (f"{out}: 1 tensor(s) do not map to gptlab's Llama-style model: "
+                            f"model.layers.0.mlp.lora_A.weight")
+
+
+def test_a_checkpoint_of_as_many_tensors_as_layers_names_the_first_missing_one(tmp_path):
+    """Two layers and two tensors (the embedding and the final norm): one a layer is not fewer
+    than one a layer, so the missing tensor is named (it was said to be fewer)."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 16),
+               "model.norm.weight": torch.ones(16)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError) as e:
+        load_pretrained(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: tensor for 'blocks.0.attn_norm.weight' is missing from "
+                            f"the checkpoint")
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 def test_a_llama_export_writes_its_context_and_rope_theta_where_transformers_4_reads_them(
