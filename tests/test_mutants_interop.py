@@ -376,3 +376,18 @@ def test_bos_first_means_a_post_processor_that_prepends_it_not_one_that_appends_
         {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
     tok = load_hf_tokenizer(tmp_path)
     assert tok.add_bos is starts and tok.encode("hi", bos=True) == [1, 0][1 - starts:]
+
+
+def test_a_tokenizer_without_bos_adds_none_whatever_its_config_leaves_out(tmp_path):
+    """A tokenizer_config.json that names no bos_token (Qwen2's) and leaves add_bos_token out:
+    no BOS first, read without asking the post-processor for a token of no name (a TypeError)."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    from gptlab.interop.hf import load_hf_tokenizer
+
+    hf = Tokenizer(models.WordLevel({"hi": 0, "<|endoftext|>": 1}, unk_token="hi"))
+    hf.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok = load_hf_tokenizer(tmp_path)
+    assert (tok.add_bos, tok.bos_id, tok.encode("hi", bos=True)) == (False, None, [0])
