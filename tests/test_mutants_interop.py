@@ -343,6 +343,18 @@ def test_a_llama_export_writes_its_context_and_rope_theta_where_transformers_4_r
     assert config["max_position_embeddings"] == 48
 
 
+def test_a_gpt2_style_model_with_its_own_head_dim_is_refused_by_export(tmp_path):
+    """GPT2's c_attn has n_embd columns per Q, K, V: 2 heads of 4 in a width of 16 do not
+    export as GPT2 (the refusal was tested with grouped-query heads alone)."""
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16,
+                          head_dim=4))
+    with pytest.raises(UserError) as e:
+        export_hf(model, None, tmp_path / "hf")
+    assert str(e.value) == ("this model does not map to a Hugging Face architecture: "
+                            "grouped-query attention or a custom head_dim (GPT2 has neither)")
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("base, field", [(GPT2, "layer_norm_epsilon"), (LLAMA, "rms_norm_eps")])
 def test_an_epsilon_of_zero_is_refused_naming_it(base, field):
     """An epsilon must be positive: 0 passed (only a negative one was tested)."""
