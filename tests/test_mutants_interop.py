@@ -355,6 +355,15 @@ def test_a_gpt2_style_model_with_its_own_head_dim_is_refused_by_export(tmp_path)
     assert not (tmp_path / "hf").exists()
 
 
+def test_an_export_writes_the_dtype_of_its_weights(tmp_path):
+    """torch_dtype says what the weights are (from_pretrained(torch_dtype="auto") loads them
+    so): a bfloat16 model's export said float32, every parity test's was float32."""
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16))
+    config = json.loads((export_hf(model.to(torch.bfloat16), None, tmp_path) / "config.json")
+                        .read_text())
+    assert config["torch_dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize("base, field", [(GPT2, "layer_norm_epsilon"), (LLAMA, "rms_norm_eps")])
 def test_an_epsilon_of_zero_is_refused_naming_it(base, field):
     """An epsilon must be positive: 0 passed (only a negative one was tested)."""
