@@ -283,6 +283,10 @@ def exported_with(tmp_path: Path, cfg: GPTConfig, extra: dict) -> tuple[GPT, Pat
     # tied wte: the embedding again.
     (GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16),
      {"lm_head.weight": lambda sd: sd["transformer.wte.weight"]}),
+    # GPT-2's causal-mask buffers (attn.bias, attn.masked_bias) some checkpoints carry.
+    (GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16),
+     {"transformer.h.0.attn.bias": lambda sd: torch.ones(1, 1, 16, 16).tril(),
+      "transformer.h.0.attn.masked_bias": lambda sd: torch.tensor(-1e4)}),
     # transformers before 4.31 saved each Llama layer's rotary inv_freq buffer: recomputed.
     (GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16,
                positions="rotary", norm="rmsnorm", activation="swiglu", bias=False),
@@ -296,21 +300,40 @@ def test_tensors_that_are_no_weights_load_without_a_word(tmp_path, cfg, extra):
     x = torch.tensor([[1, 5, 7, 2]])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+    # Tied stays tied (one Parameter, as fine-tuning needs): load_state_dict(assign=True) had
+    # put two in its place, equal until the first step.
+    assert (again.lm_head.weight is again.tok_emb.weight) is cfg.tie_embeddings
 
 
 LLAMA_GPT = GPTConfig(vocab_size=32, context=16, n_layers=2, n_heads=2, d_model=16,
                       positions="rotary", norm="rmsnorm", activation="swiglu", bias=False)
 
 
-def test_a_tensor_that_maps_nowhere_is_refused_naming_it(tmp_path):
+@pytest.mark.parametrize("cfg, name, shape, style", [
+    (LLAMA_GPT, "model.layers.0.mlp.lora_A.weight", (2, 16), "Llama"),
+    # A vector is no causal mask: a bias by that name is not read past as GPT-2's buffer.
+    (GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16),
+     "transformer.h.0.attn.bias", (48,), "GPT-2")])
+def test_a_tensor_that_maps_nowhere_is_refused_naming_it(tmp_path, cfg, name, shape, style):
     """A tensor of a name no Llama has (an adapter's, a head's) was dropped without a word, and
     the model loaded as if the checkpoint held nothing else."""
-    _, out = exported_with(tmp_path, LLAMA_GPT, {
-        "model.layers.0.mlp.lora_A.weight": lambda sd: torch.zeros(2, 16)})
+    _, out = exported_with(tmp_path, cfg, {name: lambda sd: torch.zeros(shape)})
     with pytest.raises(UserError) as e:
         load_pretrained(out)
-    assert str(e.value) == (f"{out}: 1 tensor(s) do not map to gptlab's Llama-style model: "
-                            f"model.layers.0.mlp.lora_A.weight")
+    assert str(e.value) == f"{out}: 1 tensor(s) do not map to gptlab's {style}-style model: {name}"
+
+
+def test_a_reward_model_reads_its_score_bias_where_the_checkpoint_has_one(tmp_path):
+    """transformers' score layer has no bias, but a checkpoint that carries one (trained
+    elsewhere) scores with it: the head's bias was left 0 (every test classifier had none)."""
+    _, out = exported_with(tmp_path, LLAMA_GPT, {
+        "score.weight": lambda sd: torch.full((1, 16), 0.25),
+        "score.bias": lambda sd: torch.tensor([0.75])})
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(
+        {**config, "architectures": ["LlamaForSequenceClassification"], "num_labels": 1}))
+    rm, _ = load_pretrained(out)
+    assert (rm.head.bias.tolist(), rm.head.weight.unique().tolist()) == ([0.75], [0.25])
 
 
 def test_a_checkpoint_of_as_many_tensors_as_layers_names_the_first_missing_one(tmp_path):
@@ -412,3 +435,21 @@ def test_a_tokenizer_without_bos_adds_none_whatever_its_config_leaves_out(tmp_pa
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     tok = load_hf_tokenizer(tmp_path)
     assert (tok.add_bos, tok.bos_id, tok.encode("hi", bos=True)) == (False, None, [0])
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_add_bos_token_says_whether_bos_comes_first_where_the_post_processor_adds_none(
+        tmp_path, add_bos):
+    """tokenizer_config's add_bos_token is read as written where tokenizer.json has no
+    post-processor (gptlab's early exports): true was read as the post-processor's "no"."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    from gptlab.interop.hf import load_hf_tokenizer
+
+    hf = Tokenizer(models.WordLevel({"hi": 0, "<s>": 1, "</s>": 2}, unk_token="hi"))
+    hf.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "</s>")])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": add_bos}))
+    tok = load_hf_tokenizer(tmp_path)
+    assert (tok.add_bos, tok.encode("hi", bos=True)) == (add_bos, [1, 0] if add_bos else [0])
