@@ -81,6 +81,15 @@ def test_gguf_metadata_that_changes_the_function_is_refused_naming_the_key(keys,
     assert str(e.value) == f"t.gguf, field '{field}': {message}"
 
 
+@pytest.mark.parametrize("key", ["llama.attention.head_count_kv", "llama.context_length"])
+def test_a_gguf_count_of_zero_is_refused_naming_the_key(key):
+    """0 is no count: key/value heads of 0 divided by zero, a context of 0 was refused by
+    gptlab's name for it (only negative counts were tested)."""
+    with pytest.raises(UserError) as e:
+        gguf_config(**{key: 0})
+    assert str(e.value) == f"t.gguf, field '{key}': must be a positive integer, got 0"
+
+
 def test_gguf_tensor_names_map_one_to_one():
     """A name with a part after weight/bias is no tensor gptlab has (it was taken as the block's
     weight), and gate and up are not swapped (SwiGLU computes silu(gate) * up)."""
@@ -375,6 +384,20 @@ def test_a_gpt2_style_model_with_its_own_head_dim_is_refused_by_export(tmp_path)
         export_hf(model, None, tmp_path / "hf")
     assert str(e.value) == ("this model does not map to a Hugging Face architecture: "
                             "grouped-query attention or a custom head_dim (GPT2 has neither)")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_llama_style_model_with_biases_but_none_on_q_k_v_is_refused_by_export(tmp_path):
+    """Llama's attention_bias puts biases on Q, K, V and O together, Qwen2 on Q, K, V alone:
+    biases everywhere but Q, K, V is neither (it exported as a Llama whose Q, K, V biases
+    transformers would have to make up)."""
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16,
+                          positions="rotary", norm="rmsnorm", activation="swiglu", bias=True,
+                          qkv_bias=False))
+    with pytest.raises(UserError) as e:
+        export_hf(model, None, tmp_path / "hf")
+    assert str(e.value) == ("this model does not map to a Hugging Face architecture: "
+                            "bias=True with qkv_bias=False (neither Llama nor Qwen2)")
     assert not (tmp_path / "hf").exists()
 
 
