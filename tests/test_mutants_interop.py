@@ -401,6 +401,24 @@ def test_a_llama_style_model_with_biases_but_none_on_q_k_v_is_refused_by_export(
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("positions, norm, activation", [("learned", "layernorm", "gelu_tanh"),
+                                                         ("rotary", "rmsnorm", "swiglu")])
+def test_an_untied_model_exports_untied_and_loads_back_the_same(tmp_path, positions, norm,
+                                                               activation):
+    """tie_word_embeddings false where the LM head is its own: written true, the export's
+    lm_head.weight was read past and the embedding scored the tokens."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16,
+                          positions=positions, norm=norm, activation=activation,
+                          tie_embeddings=False)).eval()
+    out = export_hf(model, None, tmp_path)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    again, _ = load_pretrained(out)
+    x = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
 def test_an_export_writes_the_dtype_of_its_weights(tmp_path):
     """torch_dtype says what the weights are (from_pretrained(torch_dtype="auto") loads them
     so): a bfloat16 model's export said float32, every parity test's was float32."""
