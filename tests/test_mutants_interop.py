@@ -267,8 +267,13 @@ def test_a_config_is_checked_field_by_field_before_it_is_returned():
     later, when building failed, so no test saw the check go)."""
     with pytest.raises(UserError) as e:
         hf_config_to_gpt({**LLAMA, "intermediate_size": 10**400}, CONFIG)
-    assert str(e.value) == ("config.json, field 'd_ff': must be a finite number, got an integer "
-                            "of 401 digits")
+    # named as config.json names it (it named gptlab's field, d_ff, which the file lacks)
+    assert str(e.value) == ("config.json, field 'intermediate_size': must be a finite number, "
+                            "got an integer of 401 digits")
+    gpt2 = {"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_head": 4, "n_layer": 2,
+            "n_inner": 10**400}
+    with pytest.raises(UserError, match="field 'n_inner': must be a finite number"):
+        hf_config_to_gpt(gpt2, CONFIG)
 
 
 # --- Hugging Face weights ------------------------------------------------------------------------

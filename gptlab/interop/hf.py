@@ -312,8 +312,23 @@ def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
         out = _gpt2_config(cfg, path) if mtype == "gpt2" else _llama_config(cfg, path)
     except (TypeError, ValueError) as e:  # GPTConfig's own checks (an odd rotary head_dim)
         raise UserError(str(e), path=path) from None
-    check_config(out, path)  # what the fields above do not cover, by gptlab's names
+    try:
+        check_config(out, path)  # what the fields above do not cover
+    except UserError as e:  # named as config.json names it, not by gptlab's field
+        names = _GPT2_KEYS if mtype == "gpt2" else _LLAMA_KEYS
+        raise UserError(e.message, path=path, field=names.get(e.field, e.field)) from None
     return out
+
+
+# gptlab's GPTConfig field -> the config.json key it is read from, for each family.
+_GPT2_KEYS = {"vocab_size": "vocab_size", "context": "n_positions", "n_layers": "n_layer",
+              "n_heads": "n_head", "d_model": "n_embd", "d_ff": "n_inner",
+              "norm_eps": "layer_norm_epsilon", "dropout": "resid_pdrop"}
+_LLAMA_KEYS = {"vocab_size": "vocab_size", "context": "max_position_embeddings",
+               "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+               "n_kv_heads": "num_key_value_heads", "d_model": "hidden_size",
+               "d_ff": "intermediate_size", "head_dim": "head_dim", "rope_theta": "rope_theta",
+               "norm_eps": "rms_norm_eps", "attention_window": "sliding_window"}
 
 
 # --- weights -----------------------------------------------------------------------------------
