@@ -1167,19 +1167,8 @@ def test_a_streamed_token_decodes_as_many_tokens_at_the_end_of_a_long_reply_as_a
     messages = [user("the cat sat")]
     prompt = tok.render_chat(messages, add_generation_prompt=True)[0]
     reply = tok.encode("the cat sat on the mat, and € was the price of it. " * 60)[:1000]
-    decoded: list[int] = []
-    decode = tok.decode
-    tok.decode = lambda ids, *a, **kw: decoded.append(len(list(ids))) or decode(ids, *a, **kw)
-    pieces: list[str] = []
-    stream = terminal.StreamedReply(tok, messages, prompt, (), pieces.append)
-    per_token = []
-    try:
-        for t in reply:
-            decoded.clear()
-            stream.add([0], [t])
-            per_token.append(sum(decoded))
-    finally:
-        del tok.decode
+    pieces, per_token, _ = stream_counting_decodes(tok, messages, prompt, reply)
+    per_token = [n for _, n in per_token]
     assert len(reply) == 1000 and "".join(pieces) == tok.decode(reply).strip()
     assert max(per_token[:50]) == max(per_token) <= 8 * 16
 
@@ -1197,6 +1186,17 @@ def test_a_long_run_of_byte_fallback_tokens_streams_at_a_bounded_cost(request, l
     reply = tok.encode(lead + "東京 🎉 é!" * 60)[:600]
     assert tok.fallback_byte(prompt[-1]) == 10 and all(
         tok.fallback_byte(t) is not None for t in reply[len(lead):])
+    pieces, per_token, _ = stream_counting_decodes(tok, messages, prompt, reply)
+    assert "".join(pieces) == tok.decode_response(messages, prompt, reply, cut=True).strip()
+    assert pieces == streamed_as_before(tok, messages, prompt, reply)
+    assert len(pieces) >= 180
+    assert max(per_token) == max(per_token[:50]) and max(c for c, _ in per_token) <= 10
+    assert max(n for _, n in per_token) <= 10 * (16 + 4)
+
+
+def stream_counting_decodes(tok, messages, prompt, reply) -> tuple[list, list, object]:
+    """Stream `reply` a token at a time: (the pieces printed, for each token the number of
+    decode calls it made and the tokens they decoded, the StreamedReply)."""
     calls: list[int] = []
     decode = tok.decode
     tok.decode = lambda ids, *a, **kw: calls.append(len(list(ids))) or decode(ids, *a, **kw)
@@ -1210,11 +1210,7 @@ def test_a_long_run_of_byte_fallback_tokens_streams_at_a_bounded_cost(request, l
             per_token.append((len(calls), sum(calls)))
     finally:
         del tok.decode
-    assert "".join(pieces) == tok.decode_response(messages, prompt, reply, cut=True).strip()
-    assert pieces == streamed_as_before(tok, messages, prompt, reply)
-    assert len(pieces) >= 180
-    assert max(per_token) == max(per_token[:50]) and max(c for c, _ in per_token) <= 10
-    assert max(n for _, n in per_token) <= 10 * (16 + 4)
+    return pieces, per_token, stream
 
 
 def stream_tokenizer(name: str, request) -> tuple:

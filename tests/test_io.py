@@ -356,34 +356,37 @@ def test_json_lines_end_at_lf_or_crlf_and_a_lone_cr_in_a_record_is_white_space(t
             (0, b"ab"), (4, b"cd\r"), (9, b"ef\rgh"), (15, b""), (16, b"\r")]
 
 
+def split_verdict(*paths: str) -> str:
+    """What the split check says of these paths given together: which is whose, or one split."""
+    from gptlab.io import check_one_split_given
+    given = [Path(p) for p in paths]
+    try:
+        check_one_split_given(given, [(p, str(p)) for p in given], "data")
+    except UserError as e:
+        return str(e).split(" as datasets names them: ")[1].split(";")[0]
+    return "one split"
+
+
 def test_paths_that_share_only_the_root_are_named_from_it_but_for_dev():
     # `--data train.txt <(cat more.txt)` gives bash's /dev/fd/63: with only `/` in common, its
     # folder `dev` was read as a validation split's, and the two refused as train's and
     # validation's. Files in two splits are still refused from `/`, /dev/shm's too.
-    from gptlab.io import check_one_split_given
 
-    def check(*paths: str) -> str:
-        given = [Path(p) for p in paths]
-        try:
-            check_one_split_given(given, [(p, str(p)) for p in given], "data")
-        except UserError as e:
-            return str(e).split(" as datasets names them: ")[1].split(";")[0]
-        return "one split"
-    assert check("/home/me/train.txt", "/dev/fd/63") == "one split"
-    assert check("/home/me/train.txt", "/dev/stdin", "/tmp/notes.txt") == "one split"
-    assert check("/data/train.jsonl", "/tmp/val.jsonl") == \
+    assert split_verdict("/home/me/train.txt", "/dev/fd/63") == "one split"
+    assert split_verdict("/home/me/train.txt", "/dev/stdin", "/tmp/notes.txt") == "one split"
+    assert split_verdict("/data/train.jsonl", "/tmp/val.jsonl") == \
         "/data/train.jsonl is train's, /tmp/val.jsonl validation's"
-    assert check("/home/me/train.txt", "/dev/shm/test.txt") == \
+    assert split_verdict("/home/me/train.txt", "/dev/shm/test.txt") == \
         "/home/me/train.txt is train's, /dev/shm/test.txt test's"
-    assert check("/train/a.txt", "/srv/test/b.txt") == \
+    assert split_verdict("/train/a.txt", "/srv/test/b.txt") == \
         "/train/a.txt is train's, /srv/test/b.txt test's"
-    assert check("/srv/dev/a.txt", "/tmp/train.txt") == \
+    assert split_verdict("/srv/dev/a.txt", "/tmp/train.txt") == \
         "/tmp/train.txt is train's, /srv/dev/a.txt validation's"
     # `data/` right in the root holds a shard of a split, as right in any folder given
-    assert check("/data/wiki-00000-of-00001.parquet", "/tmp/test.jsonl") == \
+    assert split_verdict("/data/wiki-00000-of-00001.parquet", "/tmp/test.jsonl") == \
         "/tmp/test.jsonl is test's, /data/wiki-00000-of-00001.parquet wiki's"
-    assert check("/data/wiki-00000-of-00001.parquet", "/tmp/books-00000-of-00001.parquet") == \
-        "one split"
+    assert split_verdict("/data/wiki-00000-of-00001.parquet",
+                         "/tmp/books-00000-of-00001.parquet") == "one split"
 
 
 def test_paths_on_two_windows_drives_share_no_folder_and_are_named_from_their_roots(
@@ -393,26 +396,18 @@ def test_paths_on_two_windows_drives_share_no_folder_and_are_named_from_their_ro
     # from its own root, as paths that share only the root are.
     import ntpath
     import os
-    from gptlab.io import check_one_split_given
 
     def commonpath(paths):
         return ntpath.commonpath(["C:\\data\\train.txt", "D:\\test.txt"])  # its ValueError
     monkeypatch.setattr(os.path, "commonpath", commonpath)
 
-    def check(*paths: str) -> str:
-        given = [Path(p) for p in paths]
-        try:
-            check_one_split_given(given, [(p, str(p)) for p in given], "data")
-        except UserError as e:
-            return str(e).split(" as datasets names them: ")[1].split(";")[0]
-        return "one split"
-    assert check("/data/train.jsonl", "/other/val.jsonl") == \
+    assert split_verdict("/data/train.jsonl", "/other/val.jsonl") == \
         "/data/train.jsonl is train's, /other/val.jsonl validation's"
-    assert check("/train/a.txt", "/srv/test/b.txt") == \
+    assert split_verdict("/train/a.txt", "/srv/test/b.txt") == \
         "/train/a.txt is train's, /srv/test/b.txt test's"
-    assert check("/home/me/train.txt", "/dev/fd/63") == "one split"
-    assert check("/home/me/a.txt", "/srv/b.txt") == "one split"
-    assert check("/data/wiki-00000-of-00001.parquet", "/tmp/test.jsonl") == \
+    assert split_verdict("/home/me/train.txt", "/dev/fd/63") == "one split"
+    assert split_verdict("/home/me/a.txt", "/srv/b.txt") == "one split"
+    assert split_verdict("/data/wiki-00000-of-00001.parquet", "/tmp/test.jsonl") == \
         "/tmp/test.jsonl is test's, /data/wiki-00000-of-00001.parquet wiki's"
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from types import SimpleNamespace
 
-import gptlab.chat.terminal as terminal
 import gptlab.eval.pipeline_eval as pipeline_eval
 from gptlab.chat import fit_messages
 from gptlab.train.ppo import Rollout
-from test_chat import fitted, n_words, stream_tokenizer, streamed_as_before, sys_msg, user
+from test_chat import (fitted, n_words, stream_counting_decodes, stream_tokenizer,
+                       streamed_as_before, sys_msg, user)
 
 GPT2_VOCAB = 50257
 
@@ -81,19 +81,8 @@ def test_an_invalid_byte_late_in_a_long_run_keeps_each_token_s_cost_bounded(requ
     byte = {tok.fallback_byte(t): t for t in range(256)}
     reply = valid[:301] + [byte[0xE6]] + valid[301:600] + tok.encode("a")
     assert all(tok.fallback_byte(t) is not None for t in reply[:-1])
-    calls: list[int] = []
-    decode = tok.decode
-    tok.decode = lambda ids, *a, **kw: calls.append(len(list(ids))) or decode(ids, *a, **kw)
-    pieces: list[str] = []
-    stream = terminal.StreamedReply(tok, messages, prompt, (), pieces.append)
-    per_token = []
-    try:
-        for t in reply:
-            calls.clear()
-            stream.add([0], [t])
-            per_token.append(sum(calls))
-    finally:
-        del tok.decode
+    pieces, per_token, stream = stream_counting_decodes(tok, messages, prompt, reply)
+    per_token = [n for _, n in per_token]
     assert pieces == streamed_as_before(tok, messages, prompt, reply)
     # The prompt's "\n" and the reply's 600 bytes: one run, each byte U+FFFD.
     assert stream.before == "\ufffd" * 601
