@@ -189,6 +189,7 @@ _COUNTS = {"vocab_size", "context", "n_layers", "n_heads", "n_kv_heads", "d_mode
            "head_dim", "n_encoder_layers", "n_decoder_layers", "attention_window"}
 # Float fields with a range: (what the message says, the test).
 _RANGES = {"norm_eps": ("> 0", lambda v: v > 0), "rope_theta": ("> 0", lambda v: v > 0),
+           "attention_scale": ("> 0", lambda v: v > 0),
            "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
            "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1)}
 _KIND_NAMES = {"None": "null", "int": "an integer", "float": "a number", "bool": "true or false",

@@ -175,6 +175,12 @@ def _set(key, value):
      "field 'model.attention_window': must be at least 1, got 0"),
     (_set("attention_window", 2.5), "config.json",
      "field 'model.attention_window': must be an integer or null, got 2.5"),
+    (_set("attention_scale", 0), "config.json",
+     "field 'model.attention_scale': must be > 0, got 0"),
+    (_set("attention_scale", float("inf")), "config.json",
+     "field 'model.attention_scale': must be a finite number, got inf"),
+    (_set("attention_scale", "1"), "config.json",
+     "field 'model.attention_scale': must be a number or null, got '1'"),
     (_set("local_attention_layers", [True]), "config.json",
      "field 'model.local_attention_layers': must be a string or a list of integers, got [True]"),
     (_set("local_attention_layers", "third"), "config.json",
@@ -240,6 +246,29 @@ def test_local_attention_layers_save_and_load_and_a_config_without_them_is_dense
         dense.load_state_dict(net.state_dict())
         assert torch.equal(old(ids), dense(ids))
         assert (old(ids) - net(ids)).abs().max() > 1e-3  # the band changed the logits
+
+
+def test_attention_scale_saves_and_loads_and_a_config_without_it_scales_by_1_over_sqrt_d(
+        tmp_path):
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", attention_scale=1.0)
+    net = GPT(cfg).eval()
+    ck.save_model(tmp_path / "m", net)
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["model"]["attention_scale"] == 1.0
+    loaded, _, _ = ck.load_model(tmp_path / "m")
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert loaded.config == cfg and torch.equal(net(ids), loaded(ids))
+        # A model directory from before the field: 1/sqrt(d_head), as it was trained.
+        del meta["model"]["attention_scale"]
+        (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+        old, _, _ = ck.load_model(tmp_path / "m")
+        assert old.config.attention_scale is None
+        plain = GPT(get_preset("tiny")).eval()
+        plain.load_state_dict(net.state_dict())
+        assert torch.equal(old(ids), plain(ids))
+        assert (old(ids) - net(ids)).abs().max() > 1e-3  # the scale changed the logits
 
 
 def test_a_config_json_saved_with_a_byte_order_mark_is_still_gptlabs(tmp_path):

@@ -68,6 +68,31 @@ def test_attention_module_fast_and_explicit_paths_agree(n_kv):
     assert w[0, 0].triu(1).abs().max() == 0  # causal: nothing above the diagonal
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_attention_scale_multiplies_qk_on_both_paths_as_a_float64_reference(scale):
+    torch.manual_seed(2)
+    attn = Attention(32, 4, 2, scale=scale).eval()
+    x = torch.randn(2, 9, 32)
+    fast, _ = attn(x, is_causal=True)
+    slow, w = attn(x, is_causal=True, need_weights=True)
+    q = attn._heads(attn.q_proj(x), 4).double()
+    k = attn._heads(attn.k_proj(x), 2).repeat_interleave(2, 1).double()
+    v = attn._heads(attn.v_proj(x), 2).repeat_interleave(2, 1).double()
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(
+        ~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    ref = scores.softmax(-1)
+    out = attn.o_proj((ref @ v).transpose(1, 2).reshape(2, 9, 32).float())
+    with torch.no_grad():
+        assert (w.double() - ref).abs().max() < 1e-6
+        assert (fast - out).abs().max() < 1e-5 and (slow - out).abs().max() < 1e-5
+        # The default is 1/√d_head (8 here): another function than this scale's.
+        attn.scale = None
+        default, _ = attn(x, is_causal=True)
+        attn.scale = 1 / math.sqrt(8)
+        assert (attn(x, is_causal=True)[0] - default).abs().max() < 1e-6
+        assert (default - fast).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("n_kv", [4, 2])
 def test_attention_module_is_causal_after_a_cache_sees_the_cached_keys(n_kv, need_weights):
@@ -186,6 +211,9 @@ LOCAL = {
     "rotary-gqa-all": dict(VARIANTS["rotary-gqa"], attention_window=5),
     "postnorm-list": dict(VARIANTS["postnorm"], n_layers=3, attention_window=5,
                           local_attention_layers=[0, 2]),
+    # GPT-Neo's: QKᵀ unscaled, no Q/K/V biases.
+    "neo": dict(positions="learned", n_layers=3, attention_window=5, local_attention_layers="odd",
+                qkv_bias=False, attention_scale=1.0),
 }
 
 
@@ -736,6 +764,9 @@ def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match=r"the head dimension \(7\) must be even"):
         GPTConfig(d_model=32, n_heads=4, head_dim=7, positions="rotary")
     GPTConfig(d_model=30, n_heads=2, positions="learned")  # only rotation needs pairs
+    for scale in (0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="attention_scale must be a finite number above 0"):
+            GPTConfig(attention_scale=scale)
 
 
 def test_transformer_dropout_is_where_the_paper_puts_it_not_on_attention_weights():

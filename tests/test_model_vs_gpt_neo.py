@@ -1,9 +1,9 @@
 """GPT-3's alternating dense and local attention against transformers' GPTNeoForCausalLM, the
 GPT-3 replication whose layers alternate "global" and "local" (a band of window_size tokens).
 
-gptlab expresses GPT-Neo but for one thing: GPT-Neo does not divide QKᵀ by √d_head. The same
-model in gptlab has its Q projection multiplied by √d_head (by 4, exactly, at d_head 16); every
-other weight is copied as it is (GPT-Neo's Q, K and V have no biases: qkv_bias=False)."""
+GPT-Neo does not divide QKᵀ by √d_head: the same model in gptlab has `attention_scale` 1 (and
+no biases on Q, K, V: qkv_bias=False); every weight is copied as it is. Multiplying the Q
+projection by √d_head instead computes the same (exactly, at d_head 16, a power of two)."""
 from __future__ import annotations
 
 import math
@@ -38,12 +38,13 @@ def neo(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def as_gptlab(model: torch.nn.Module, **overrides) -> GPT:
-    """The gptlab GPT of GPT-Neo `model`: its weights, Q scaled by √d_head."""
+def as_gptlab(model: torch.nn.Module, q_times: float = 1.0, **overrides) -> GPT:
+    """The gptlab GPT of GPT-Neo `model`: its weights (Q's multiplied by `q_times`)."""
     cfg = GPTConfig(vocab_size=VOCAB, context=CONTEXT, n_layers=LAYERS, n_heads=HEADS,
                     d_model=D, positions="learned", norm="layernorm", norm_eps=1e-5,
                     prenorm=True, activation="gelu_tanh", bias=True, qkv_bias=False,
-                    tie_embeddings=True, attention_window=WINDOW, local_attention_layers="odd")
+                    tie_embeddings=True, attention_window=WINDOW, local_attention_layers="odd",
+                    attention_scale=1.0)
     cfg = GPTConfig(**{**cfg.__dict__, **overrides})
     ours = GPT(cfg).eval()
     theirs = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()}
@@ -59,7 +60,7 @@ def as_gptlab(model: torch.nn.Module, **overrides) -> GPT:
     state = {dst: theirs[src] for src, dst in names.items()}
     for i in range(LAYERS):
         state[f"blocks.{i}.attn.q_proj.weight"] = state[f"blocks.{i}.attn.q_proj.weight"] \
-            * math.sqrt(D // HEADS)
+            * q_times
     state["lm_head.weight"] = state["tok_emb.weight"]
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert not missing and not unexpected
@@ -89,10 +90,11 @@ def test_logits_equal_gpt_neos_with_a_window_shorter_than_the_sequence():
         assert relative(ours.lm_head(h), theirs) <= 1e-5
         # What the band and the scale each change: both are needed for the match.
         assert relative(as_gptlab(model, attention_window=None)(ids), theirs) > 1e-2
-        unscaled = as_gptlab(model)
-        for block in unscaled.blocks:
-            block.attn.q_proj.weight /= math.sqrt(D // HEADS)
-        assert relative(unscaled(ids), theirs) > 1e-2
+        assert relative(as_gptlab(model, attention_scale=None)(ids), theirs) > 1e-2
+        # The default scale 1/√d_head on Q multiplied by √d_head (4: exact) is the same model.
+        by_q = as_gptlab(model, math.sqrt(D // HEADS), attention_scale=None)
+        assert relative(by_q(ids), theirs) <= 1e-5
+        assert relative(by_q(ids), ours(ids)) <= 1e-6
     # A local layer's query sees its WINDOW latest tokens, itself included; a global one all.
     assert (weights[1][:, :, 20, :16] == 0).all() and (weights[1][:, :, 20, 16:21] > 0).all()
     assert (weights[0][:, :, 20, :21] > 0).all()

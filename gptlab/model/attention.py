@@ -1,4 +1,5 @@
-"""Multi-head attention: softmax(Q Kᵀ / √d) V, heads concatenated and projected by W_O.
+"""Multi-head attention: softmax(Q Kᵀ / √d) V, heads concatenated and projected by W_O (or
+another scale than 1/√d in place of the division: GPT-Neo's 1).
 
 One module serves self-attention (causal or not), grouped-query attention and encoder–decoder
 (cross) attention. The fast path is `scaled_dot_product_attention`; `need_weights=True` takes
@@ -159,10 +160,15 @@ def take_rows(t: Tensor, rows: Tensor | list[int], runs: list[int] | None) -> Te
 
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
-                   is_causal: bool = False, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Explicit softmax(QKᵀ/√d)V. q (B,H,T,D), k/v (B,H,S,D), mask broadcastable to (B,H,T,S),
-    True where attention is allowed. Returns (output (B,H,T,D), weights (B,H,T,S))."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+                   is_causal: bool = False, dropout_p: float = 0.0,
+                   scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Explicit softmax(QKᵀ/√d)V, or softmax(QKᵀ·scale)V. q (B,H,T,D), k/v (B,H,S,D), mask
+    broadcastable to (B,H,T,S), True where attention is allowed. Returns (output (B,H,T,D),
+    weights (B,H,T,S))."""
+    if scale is None:
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    else:
+        scores = (q @ k.transpose(-2, -1)) * scale
     if is_causal:
         T, S = scores.shape[-2:]
         causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -261,11 +267,12 @@ def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float,
 
 class Attention(nn.Module):
     """Multi-head attention with `n_kv_heads` ≤ `n_heads` key/value heads (grouped-query):
-    query head h reads key/value head h // (n_heads / n_kv_heads), as Llama's layout has it."""
+    query head h reads key/value head h // (n_heads / n_kv_heads), as Llama's layout has it.
+    `scale` multiplies QKᵀ (None: 1/√head_dim)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
                  head_dim: int | None = None, bias: bool = True, qkv_bias: bool | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, scale: float | None = None):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
@@ -279,6 +286,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.dropout = dropout
+        self.scale = scale
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         B, T, _ = x.shape
@@ -319,10 +327,10 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.dropout if self.training else 0.0
         if need_weights:
-            out, weights = attention_math(q, k, v, mask, causal, p)
+            out, weights = attention_math(q, k, v, mask, causal, p, self.scale)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads)
             weights = None
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)

@@ -41,6 +41,9 @@ class GPTConfig:
     # query sees the `attention_window` latest tokens, itself included. None: dense everywhere.
     attention_window: int | None = None
     local_attention_layers: str | list[int] = "all"  # all | odd | even | layer indices from 0
+    # What multiplies QKᵀ before the softmax. None: 1/√dim_head, as the Transformer paper's
+    # scaled dot product; GPT-Neo's is 1 (it does not scale).
+    attention_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in ("learned", "sinusoidal", "rotary"):
@@ -55,6 +58,11 @@ class GPTConfig:
         if self.attention_window is not None and self.attention_window < 1:
             raise ValueError(f"attention_window must be at least 1 (or None: dense attention), "
                              f"not {self.attention_window}")
+        scale = self.attention_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not 0 < scale < math.inf):
+            raise ValueError(f"attention_scale must be a finite number above 0 (or None: "
+                             f"1/sqrt(head dimension)), not {scale!r}")
         layers = self.local_attention_layers
         named = isinstance(layers, str) and layers in ("all", "odd", "even")
         listed = isinstance(layers, list) and all(
@@ -95,7 +103,7 @@ class Block(nn.Module):
         self.prenorm = cfg.prenorm
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.bias,
-                              cfg.qkv_bias, cfg.dropout)
+                              cfg.qkv_bias, cfg.dropout, cfg.attention_scale)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.activation, cfg.bias, cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
