@@ -146,6 +146,8 @@ def _random_model(**fields) -> GPT:
 @pytest.mark.parametrize("fields", [
     dict(),  # GPT-2
     dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False, n_kv_heads=2),
+    # GPT-Neo: a band of 4 tokens on odd layers, QKᵀ unscaled, left-padded rows past the band
+    dict(qkv_bias=False, attention_scale=1.0, attention_window=4, local_attention_layers="odd"),
 ])
 def test_batched_greedy_with_a_stop_id_equals_transformers_generate(fields, tmp_path):
     net = _random_model(**fields)

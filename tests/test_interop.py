@@ -216,6 +216,12 @@ def _hf_model(family: str, seed: int = 0, **overrides):
                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                      eos_token_id=1), **overrides})
         return _randomize(T.GPT2LMHeadModel(cfg), seed)
+    if family == "gpt_neo":  # global and local layers (a window of 5), QKᵀ unscaled, d_head 24
+        cfg = T.GPTNeoConfig(**{**dict(vocab_size=96, max_position_embeddings=64, hidden_size=48,
+                                       num_layers=4, num_heads=2, window_size=5,
+                                       attention_types=[[["global", "local"], 2]],
+                                       bos_token_id=0, eos_token_id=1), **overrides})
+        return _randomize(T.GPTNeoForCausalLM(cfg), seed)
     if family == "llama":  # GQA, a head_dim that is not hidden/heads, untied, rope theta 5e4
         cfg = T.LlamaConfig(**{**small, "head_dim": 24, "tie_word_embeddings": False,
                                **rope(5e4), **overrides})
@@ -343,6 +349,224 @@ def test_qwen2_window_maps_to_the_layers_that_slide(max_window_layers, layers,
     _, back = _windowed_parity(theirs, tmp_path, 4, layers, drop_layer_types)
     assert back.config.layer_types == ["sliding_attention" if layers == "all" or i in layers
                                        else "full_attention" for i in range(2)]
+
+
+def _neo_dir(d: Path, seed: int = 0, **overrides):
+    """A tiny GPT-Neo saved as safetensors in `d`, every weight random; the model."""
+    theirs = _hf_model("gpt_neo", seed, **overrides)
+    theirs.save_pretrained(d, safe_serialization=True)
+    return theirs
+
+
+def test_gpt_neo_imports_with_its_window_and_scale_and_exports_as_gpt_neo(tmp_path):
+    """Layers global, local, global, local with a band of 5 tokens; QKᵀ not divided by
+    √d_head (√24: no power of two to fold into Q exactly). The same logits on sequences six
+    times the window, a cached greedy generation far past it the tokens transformers' generate
+    gives, and exported back, a GPTNeoForCausalLM that computes the same."""
+    theirs = _hf_model("gpt_neo")
+    model, back = _windowed_parity(theirs, tmp_path, 5, "odd")
+    cfg = model.config
+    assert (cfg.attention_scale, cfg.qkv_bias, cfg.bias, cfg.activation, cfg.positions,
+            cfg.tie_embeddings, cfg.dim_head) == (1.0, False, True, "gelu_tanh", "learned",
+                                                  True, 24)
+    assert back.config.attention_layers == theirs.config.attention_layers
+    assert (back.config.window_size, back.config.attention_types) == \
+        (5, [[["global", "local"], 2]])
+    # Each of the scale and the band is needed for the match.
+    x = torch.tensor([PROMPTS[2]])
+    for change in (dict(attention_scale=None), dict(attention_window=None)):
+        other = GPT(dataclasses.replace(cfg, **change))
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert rel_diff(other.eval()(x), theirs(x).logits) > 0.01
+    # Round trip: the exported directory imports as the same model, bit for bit.
+    again, _ = load_pretrained(tmp_path / "out")
+    assert again.config == dataclasses.replace(cfg, d_ff=4 * 48)  # written out: 4 × width
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_gpt_neo_left_padded_batch_has_transformers_logits(tmp_path):
+    # transformers reads a padded row's positions from position_ids; its band counts places,
+    # which under left padding are the real tokens' distances, as gptlab counts them.
+    theirs = _neo_dir(tmp_path, seed=2)
+    model, _ = load_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 96, (n,), generator=g) for n in (27, 9, 16)]
+    T = max(len(r) for r in rows)
+    ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    with torch.no_grad():
+        want = theirs(ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        got = model(ids, attention_mask=mask)
+    for i, r in enumerate(rows):
+        assert rel_diff(got[i, T - len(r):], want[i, T - len(r):]) <= WINDOW_TOL
+
+
+@pytest.mark.parametrize("changes, window, layers", [
+    (dict(attention_types=[[["global"], 4]]), None, "all"),
+    (dict(attention_types=[[["local"], 4]]), 5, "all"),
+    (dict(attention_types=[[["local", "global"], 2]]), 5, "even"),
+    (dict(attention_types=[[["global"], 1], [["local"], 3]]), 5, [1, 2, 3]),
+    (dict(attention_types=[[["global", "local"], 1], [["local", "global"], 1]]), 5, [1, 2]),
+    (dict(window_size=64), None, "all"),  # a band of the whole context masks nothing
+])
+def test_gpt_neo_attention_types_map_to_local_layers(changes, window, layers, tmp_path):
+    theirs = _neo_dir(tmp_path / "src", **changes)
+    model, _ = load_pretrained(tmp_path / "src")
+    assert (model.config.attention_window, model.config.local_attention_layers) == \
+        (window, layers)
+    with torch.no_grad():
+        for ids in PROMPTS:
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), theirs(x).logits) <= WINDOW_TOL
+    export_hf(model, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", **FLOAT32).eval()
+    assert type(back).__name__ == "GPTNeoForCausalLM"
+    if window is not None:
+        assert back.config.attention_layers == theirs.config.attention_layers
+    with torch.no_grad():
+        for ids in PROMPTS:
+            x = torch.tensor([ids])
+            assert rel_diff(back(x).logits, theirs(x).logits) <= WINDOW_TOL
+
+
+def test_gpt_neo_attention_layers_are_read_where_they_disagree_with_attention_types(tmp_path,
+                                                                                     capsys):
+    # transformers' model reads config.json's attention_layers, not attention_types' expansion.
+    _neo_dir(tmp_path)
+    _edit_config(tmp_path, attention_layers=["local", "global", "global", "local"])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **FLOAT32).eval()
+    assert [b.attn.attention_type for b in theirs.transformer.h] == \
+        ["local", "global", "global", "local"]
+    capsys.readouterr()
+    model, _ = load_pretrained(tmp_path)
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path / 'config.json'}, field 'attention_layers' does not list what "
+        f"attention_types expands to; gptlab reads attention_layers, as transformers does\n")
+    assert model.config.local_attention_layers == [0, 3]
+    assert_same_logits(model, theirs, PROMPTS)
+
+
+def test_gpt_neo_checkpoint_s_causal_mask_buffers_are_not_weights(tmp_path):
+    # Older transformers saved each layer's band (1, 1, n, n) and a scalar masked_bias.
+    from safetensors.torch import load_file, save_file
+    theirs = _neo_dir(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    for i in range(4):
+        sd[f"transformer.h.{i}.attn.attention.bias"] = torch.ones(1, 1, 64, 64, dtype=torch.bool)
+        sd[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_pretrained(tmp_path)
+    assert_same_logits(model, theirs, PROMPTS)
+    # A 1-D one is a bias gptlab's model has no place for: refused, named.
+    sd["transformer.h.0.attn.attention.bias"] = torch.zeros(48)
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"1 tensor\(s\) do not map to gptlab's GPT-2-style "
+                                        r"model: transformer.h.0.attn.attention.bias"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"activation_function": "relu"},
+     r"field 'activation_function': activation 'relu' is not supported \(GPT-Neo maps with "
+     r"gelu_new"),
+    ({"attention_types": [[["global", "sparse"], 2]]},
+     r"field 'attention_types': attention type 'sparse' is not supported \(GPT-Neo's are "
+     r"global and local\)"),
+    ({"attention_types": [[["global", "local"], 3]], "attention_layers": None},
+     "field 'attention_types': expands to 6 layer types, but num_layers is 4"),
+    ({"attention_types": [["global", 4]]},
+     r"field 'attention_types': must be a list of \[\[attention types\], repeats\] pairs"),
+    ({"attention_types": [[["global"], -4]]},
+     r"field 'attention_types': must be a list of \[\[attention types\], repeats\] pairs"),
+    ({"attention_layers": ["global", "local"]},
+     r"field 'attention_layers': must be a list of 4 attention types \(one a layer\)"),
+    ({"attention_layers": ["global", "local", "global", "linear"]},
+     r"field 'attention_layers': attention type 'linear' is not supported"),
+    ({"window_size": 0}, "field 'window_size': must be a positive integer, got 0"),
+    ({"window_size": None}, "field 'window_size': must be a positive integer, got None"),
+    ({"num_heads": 5}, "field 'num_heads': hidden_size 48 is not divisible by num_heads 5"),
+    ({"max_position_embeddings": 0},
+     "field 'max_position_embeddings': must be a positive integer, got 0"),
+    ({"layer_norm_epsilon": -1e-5},
+     "field 'layer_norm_epsilon': must be a finite positive number"),
+    ({"resid_dropout": 1.0}, r"field 'resid_dropout': must be a dropout probability in \[0, 1\)"),
+    ({"embed_dropout": -0.1}, r"field 'embed_dropout': must be a dropout probability"),
+    ({"tie_word_embeddings": "yes"}, "field 'tie_word_embeddings': must be true or false"),
+    ({"num_layers": 10**30, "attention_layers": None,
+      "attention_types": [[["global", "local"], 5 * 10**29]]},
+     r"field 'num_layers': is 10{30}: global and local layers among them are more layers than "
+     r"gptlab lists"),
+    # One kind on every layer is never listed: the layer count is checked against the tensors.
+    ({"num_layers": 10**30, "attention_layers": None, "attention_types": [[["local"], 10**30]]},
+     r"field 'num_layers': is 10{30}, but the checkpoint holds \d+ tensors, fewer than one per "
+     r"layer"),
+    ({"hidden_size": None}, "field 'hidden_size': must be a positive integer, got None"),
+])
+def test_unsupported_gpt_neo_configs_are_refused_naming_the_key(changes, message, tmp_path,
+                                                                  capsys):
+    _neo_dir(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(UserError, match=message) as e:
+        load_pretrained(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}, field '")
+    assert main(["convert", "--from", "hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "error" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_gpt_neo_config_fields_default_and_dropouts_map_as_gpt2_s_do(tmp_path, capsys):
+    from gptlab.interop.hf import hf_config_to_gpt
+    path = tmp_path / "config.json"
+    neo = {"model_type": "gpt_neo", "vocab_size": 32, "hidden_size": 16, "num_heads": 4,
+           "num_layers": 2, "attention_types": [[["global", "local"], 1]]}
+    assert hf_config_to_gpt(neo, path).dropout == 0.0  # GPTNeoConfig's default, each field
+    capsys.readouterr()
+    cfg = hf_config_to_gpt({**neo, "resid_dropout": 0.2, "attention_dropout": 0.1}, path)
+    assert cfg.dropout == 0.2
+    assert capsys.readouterr().err == (
+        f"note: {path}, field 'resid_dropout': 0.2, but embed_dropout is 0.0 and "
+        f"attention_dropout is 0.1; gptlab drops out at one rate on embeddings, attention "
+        f"weights and residual branches, and takes resid_dropout's\n")
+    # GPTNeoConfig's defaults where config.json leaves them out: its context and window.
+    assert (cfg.context, cfg.attention_window, cfg.local_attention_layers, cfg.d_ff) == \
+        (2048, 256, "odd", None)
+    # attention_types left out or null: GPTNeoConfig's [[["global", "local"], 12]].
+    base = {k: v for k, v in neo.items() if k != "attention_types"}
+    for types in ({}, {"attention_types": None}):
+        cfg = hf_config_to_gpt({**base, "num_layers": 24, **types}, path)
+        assert (cfg.attention_window, cfg.local_attention_layers) == (256, "odd")
+    with pytest.raises(UserError, match="field 'attention_types': expands to 24 layer types, "
+                                        "but num_layers is 2"):
+        hf_config_to_gpt({**neo, "attention_types": None}, path)
+    # A value gptlab's whole-config check refuses is named by the file's key.
+    with pytest.raises(UserError, match="field 'intermediate_size': must be a positive"):
+        hf_config_to_gpt({**neo, "intermediate_size": 0}, path)
+
+
+def test_gpt_neo_exports_with_its_tokenizer_as_transformers_reads_it(tmp_path):
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300)
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig(vocab_size=tok.vocab_size, context=128, n_layers=2,
+                                     n_heads=2, d_model=32, qkv_bias=False, attention_scale=1.0,
+                                     attention_window=4, local_attention_layers="odd")), 0)
+    out = export_hf(model, tok, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, **FLOAT32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(theirs).__name__ == "GPTNeoForCausalLM"
+    assert theirs.config.eos_token_id == tok.eos_id
+    for text in TEXTS[:2]:  # the third types <|bos|>, which HF parses and gptlab does not
+        assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True)
+    ids = hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    assert ids == tok.render_chat(CHAT, True)[0]
+    assert_same_logits(model, theirs, [ids] + [tok.encode(t, bos=True) for t in TEXTS])
+    again, tok2 = load_pretrained(out)
+    assert [tok2.encode(t, bos=True) for t in TEXTS] == [tok.encode(t, bos=True) for t in TEXTS]
+    assert tok2.eos_id == tok.eos_id and tok2.chat_template == tok.chat_template
 
 
 @pytest.mark.parametrize("pdrop", [0.1, 0.05, 0.0])
@@ -491,7 +715,7 @@ def test_a_gpt2_fused_qkv_not_in_thirds_names_the_directory(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]},
-     "architecture 'falcon'.*supported: gpt2, llama, mistral, qwen2"),
+     "architecture 'falcon'.*supported: gpt2, gpt_neo, llama, mistral, qwen2"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      "field 'rope_scaling': rope scaling 'llama3'"),
     # The field the config has: transformers 5 writes rope_parameters (it named rope_scaling).
@@ -756,6 +980,10 @@ def _random_gpt(seed: int, **fields) -> GPT:
     (dict(activation="gelu"), "GPT2LMHeadModel"),
     (dict(activation="relu", d_ff=40), "GPT2LMHeadModel"),
     (dict(activation="silu"), "GPT2LMHeadModel"),
+    # QKᵀ unscaled: GPT-Neo, with local layers or none (every layer global).
+    (dict(qkv_bias=False, attention_scale=1.0), "GPTNeoForCausalLM"),
+    (dict(qkv_bias=False, attention_scale=1.0, attention_window=3, local_attention_layers=[0],
+          tie_embeddings=False, d_ff=40), "GPTNeoForCausalLM"),
 ])
 def test_export_native_models(fields, arch, tmp_path):
     model = _random_gpt(0, **fields)
@@ -844,8 +1072,19 @@ def test_an_export_whose_tokenizer_transformers_5_reads_otherwise_says_where(fam
     (dict(activation="swiglu"),
      r"activation='swiglu' \(GPT2 needs one of gelu_tanh, gelu, relu, silu\)"),
     # GPT-3's local layers: exported as GPT-2 they would attend over the whole context.
+    # as GPT-Neo (below), but with Q/K/V biases and QKᵀ divided by √d_head
     (dict(attention_window=8, local_attention_layers="odd"),
-     "attention_window=8 on local_attention_layers='odd'"),
+     r"attention_window=8 on local_attention_layers='odd' exports as GPT-Neo alone \(GPT2 "
+     r"attends over the whole context and divides QKᵀ by √d_head\), which needs .*; this model "
+     r"has qkv_bias=True, attention_scale=None$"),
+    (dict(attention_scale=1.0, activation="gelu", n_kv_heads=2),
+     r"attention_scale=1.0 exports as GPT-Neo alone .*; this model has qkv_bias=True, "
+     r"activation='gelu', grouped-query attention or a custom head_dim$"),
+    (dict(qkv_bias=False, attention_scale=0.5), "this model has attention_scale=0.5$"),
+    (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
+          attention_scale=1.0), r"attention_scale=1.0 \(GPT2, Llama, Mistral and Qwen2 divide "
+                                r"QKᵀ by √head_dim; GPT-Neo, which does not, needs learned "
+                                r"positions and layernorm\)"),
     # A window exports as Mistral (on every layer, no biases) or Qwen2 (Q/K/V biases).
     (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=True,
           attention_window=63), r"attention_window=63 with bias=True \(a window exports as "
@@ -2013,12 +2252,13 @@ def test_sentencepiece_gguf_metadata_that_does_not_fit_is_refused(keys, field, m
     assert str(e.value) == f"t.gguf, field '{field}': {message}"
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "llama", "qwen2"])
 def test_hf_sequence_classifier_loads_as_a_reward_model(family, tmp_path):
     from gptlab.checkpoint import load_model
     from gptlab.model.heads import ScalarHeadModel
     causal = _hf_model(family, pad_token_id=0)
     cls = {"gpt2": transformers.GPT2ForSequenceClassification,
+           "gpt_neo": transformers.GPTNeoForSequenceClassification,
            "llama": transformers.LlamaForSequenceClassification,
            "qwen2": transformers.Qwen2ForSequenceClassification}[family]
     cfg = causal.config

@@ -1,16 +1,18 @@
-"""Hugging Face model directories in and out: GPT-2 and the Llama family (Llama, Mistral,
-Qwen2, SmolLM).
+"""Hugging Face model directories in and out: GPT-2, GPT-Neo and the Llama family (Llama,
+Mistral, Qwen2, SmolLM).
 
 Import needs only safetensors and tokenizers (core dependencies): a directory is config.json,
 one or more *.safetensors files (sharded ones listed in model.safetensors.index.json),
 tokenizer.json and tokenizer_config.json (and special_tokens_map.json, generation_config.json:
 `gptlab.tokenizer.load_tokenizer` says what it reads). Export writes the same layout (GPT2,
-Llama, Mistral or Qwen2), which `transformers.AutoModelForCausalLM.from_pretrained` loads. A
-one-label `*ForSequenceClassification` directory imports as a reward model (ScalarHeadModel).
+GPT-Neo, Llama, Mistral or Qwen2), which `transformers.AutoModelForCausalLM.from_pretrained`
+loads. A one-label `*ForSequenceClassification` directory imports as a reward model
+(ScalarHeadModel).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ from gptlab.io import (atomic_path, ensure_dir, read_json, strict_json, write_js
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 
-SUPPORTED_HF = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_HF = ("gpt2", "gpt_neo", "llama", "mistral", "qwen2")
 # Source name -> tensor, with the source name kept for error messages.
 Named = dict[str, tuple[str, Tensor]]
 
@@ -139,19 +141,21 @@ def _rate(cfg: dict, key: str, path: Path, default: float) -> float:
     return float(v)
 
 
-def _gpt2_dropout(cfg: dict, path: Path) -> float:
-    """GPT-2's dropout as transformers fine-tunes it (0.1 each by default): on the embeddings
-    (embd_pdrop), the attention weights (attn_pdrop) and the residual branches (resid_pdrop),
-    the places of gptlab's one rate. Where the three differ, gptlab takes resid_pdrop."""
+def _one_dropout(cfg: dict, path: Path, keys: tuple[str, str, str], default: float) -> float:
+    """GPT-2's and GPT-Neo's dropout as transformers fine-tunes them: on the embeddings, the
+    attention weights and the residual branches, the places of gptlab's one rate; `keys` name
+    the residual, embedding and attention rates (GPT-2's 0.1 each by default, GPT-Neo's 0).
+    Where the three differ, gptlab takes the residual one."""
     from gptlab.tokenizer import note_once
 
-    rates = {k: _rate(cfg, k, path, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    others = [f"{k} is {v!r}" for k, v in rates.items() if v != rates["resid_pdrop"]]
+    resid = keys[0]
+    rates = {k: _rate(cfg, k, path, default) for k in keys}
+    others = [f"{k} is {v!r}" for k, v in rates.items() if v != rates[resid]]
     if others:
-        note_once(path, f"field 'resid_pdrop': {rates['resid_pdrop']!r}, but "
+        note_once(path, f"field '{resid}': {rates[resid]!r}, but "
                         f"{' and '.join(others)}; gptlab drops out at one rate on embeddings, "
-                        f"attention weights and residual branches, and takes resid_pdrop's")
-    return rates["resid_pdrop"]
+                        f"attention weights and residual branches, and takes {resid}'s")
+    return rates[resid]
 
 
 def _note_attention_dropout(cfg: dict, path: Path) -> None:
@@ -189,7 +193,97 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      norm="layernorm", norm_eps=_positive(cfg, "layer_norm_epsilon", path, 1e-5),
                      prenorm=True, activation=acts[act], bias=True,
                      tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True),
-                     dropout=_gpt2_dropout(cfg, path))
+                     dropout=_one_dropout(cfg, path, ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+                                          0.1))
+
+
+_NEO_TYPES = ("global", "local")
+_NEO_TYPES_DEFAULT = [[["global", "local"], 12]]  # GPTNeoConfig's
+
+
+def _neo_layer_kinds(cfg: dict, n_layers: int, path: Path) -> list[str] | str:
+    """Each GPT-Neo layer's attention, "global" or "local", as transformers reads them:
+    config.json's attention_layers where given (transformers writes them beside attention_types,
+    and its model reads them), else attention_types expanded ([[["global", "local"], 12]]: the
+    pair 12 times). One kind on every layer comes back as that kind, not as a list."""
+    from gptlab.tokenizer import note_once
+
+    types = cfg.get("attention_types")
+    if types is None:  # null too, as GPTNeoConfig reads it
+        types = _NEO_TYPES_DEFAULT
+    if not isinstance(types, list) or not all(
+            isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
+            and all(isinstance(t, str) for t in item[0]) and isinstance(item[1], int)
+            and not isinstance(item[1], bool) and item[1] >= 0 for item in types):
+        raise UserError(f"must be a list of [[attention types], repeats] pairs, got "
+                        f"{types!r:.80}", path=path, field="attention_types")
+    odd = [t for kinds, _ in types for t in kinds if t not in _NEO_TYPES]
+    if odd:
+        raise UserError(f"attention type {odd[0]!r:.40} is not supported (GPT-Neo's are global "
+                        f"and local)", path=path, field="attention_types")
+    count = sum(len(kinds) * n for kinds, n in types)
+    if count != n_layers:
+        raise UserError(f"expands to {count} layer types, but num_layers is {n_layers}",
+                        path=path, field="attention_types")
+    listed = cfg.get("attention_layers")
+    if listed is not None:
+        if not isinstance(listed, list) or len(listed) != n_layers:
+            raise UserError(f"must be a list of {n_layers} attention types (one a layer), got "
+                            f"{listed!r:.80}", path=path, field="attention_layers")
+        odd = [t for t in listed if t not in _NEO_TYPES]
+        if odd:
+            raise UserError(f"attention type {odd[0]!r:.40} is not supported (GPT-Neo's are "
+                            f"global and local)", path=path, field="attention_layers")
+        if listed != [t for kinds, n in types for _ in range(n) for t in kinds]:
+            note_once(path, "field 'attention_layers' does not list what attention_types "
+                            "expands to; gptlab reads attention_layers, as transformers does")
+    else:
+        kinds = {t for ts, n in types if n for t in ts}
+        if len(kinds) == 1:  # 10**30 layers of one kind are never listed
+            return kinds.pop()
+        if n_layers > _MOST_LISTED:
+            raise UserError(f"is {n_layers}: global and local layers among them are more "
+                            f"layers than gptlab lists ({_MOST_LISTED})", path=path,
+                            field="num_layers")
+        listed = [t for ts, n in types for _ in range(n) for t in ts]
+    return listed[0] if len(set(listed)) == 1 else listed
+
+
+def _neo_local_layers(kinds: list[str] | str, n_layers: int) -> str | list[int]:
+    """GPTConfig's local_attention_layers for GPT-Neo's layer kinds (none local: [])."""
+    if isinstance(kinds, str):
+        return "all" if kinds == "local" else []
+    local = [i for i, t in enumerate(kinds) if t == "local"]
+    for name, start in (("odd", 1), ("even", 0)):
+        if local == list(range(start, n_layers, 2)):
+            return name
+    return local
+
+
+def _gpt_neo_config(cfg: dict, path: Path) -> GPTConfig:
+    """GPT-Neo: GPT-2's block with no Q/K/V biases and QKᵀ not divided by √d_head (scale 1),
+    its layers global or local (a band of window_size tokens, the query's own included)."""
+    act = cfg.get("activation_function", "gelu_new")
+    if act != "gelu_new":
+        raise UserError(f"activation {act!r:.40} is not supported (GPT-Neo maps with gelu_new, "
+                        f"gptlab's gelu_tanh)", path=path, field="activation_function")
+    d, h = _count(cfg, "hidden_size", path), _count(cfg, "num_heads", path)
+    check_heads(d, h, h, False, path, ("hidden_size", "num_heads", "num_heads"))
+    n_layers = _count(cfg, "num_layers", path)
+    context = _count(cfg, "max_position_embeddings", path, 2048)
+    window = _count(cfg, "window_size", path, 256)
+    local = _neo_local_layers(_neo_layer_kinds(cfg, n_layers, path), n_layers)
+    if local == [] or window >= context:  # a band as long as the context masks nothing
+        window, local = None, "all"
+    return GPTConfig(vocab_size=_count(cfg, "vocab_size", path), context=context,
+                     n_layers=n_layers, n_heads=h, d_model=d,
+                     d_ff=_count(cfg, "intermediate_size", path, None), positions="learned",
+                     norm="layernorm", norm_eps=_positive(cfg, "layer_norm_epsilon", path, 1e-5),
+                     prenorm=True, activation="gelu_tanh", bias=True, qkv_bias=False,
+                     tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True),
+                     dropout=_one_dropout(cfg, path, ("resid_dropout", "embed_dropout",
+                                                      "attention_dropout"), 0.0),
+                     attention_window=window, local_attention_layers=local, attention_scale=1.0)
 
 
 # transformers' max_position_embeddings where config.json leaves it out.
@@ -308,14 +402,15 @@ def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
     if mtype not in SUPPORTED_HF:
         raise UserError(f"architecture {mtype!r} ({', '.join(archs)}) is not supported "
                         f"(supported: {', '.join(SUPPORTED_HF)})", path=path, field="model_type")
+    read = {"gpt2": _gpt2_config, "gpt_neo": _gpt_neo_config}.get(mtype, _llama_config)
     try:
-        out = _gpt2_config(cfg, path) if mtype == "gpt2" else _llama_config(cfg, path)
+        out = read(cfg, path)
     except (TypeError, ValueError) as e:  # GPTConfig's own checks (an odd rotary head_dim)
         raise UserError(str(e), path=path) from None
     try:
         check_config(out, path)  # what the fields above do not cover
     except UserError as e:  # named as config.json names it, not by gptlab's field
-        names = _GPT2_KEYS if mtype == "gpt2" else _LLAMA_KEYS
+        names = {"gpt2": _GPT2_KEYS, "gpt_neo": _NEO_KEYS}.get(mtype, _LLAMA_KEYS)
         raise UserError(e.message, path=path, field=names.get(e.field, e.field)) from None
     return out
 
@@ -324,6 +419,10 @@ def hf_config_to_gpt(cfg: dict, path: Path) -> GPTConfig:
 _GPT2_KEYS = {"vocab_size": "vocab_size", "context": "n_positions", "n_layers": "n_layer",
               "n_heads": "n_head", "d_model": "n_embd", "d_ff": "n_inner",
               "norm_eps": "layer_norm_epsilon", "dropout": "resid_pdrop"}
+_NEO_KEYS = {"vocab_size": "vocab_size", "context": "max_position_embeddings",
+             "n_layers": "num_layers", "n_heads": "num_heads", "d_model": "hidden_size",
+             "d_ff": "intermediate_size", "norm_eps": "layer_norm_epsilon",
+             "dropout": "resid_dropout", "attention_window": "window_size"}
 _LLAMA_KEYS = {"vocab_size": "vocab_size", "context": "max_position_embeddings",
                "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
                "n_kv_heads": "num_key_value_heads", "d_model": "hidden_size",
@@ -436,6 +535,38 @@ def _llama_names(cfg: GPTConfig) -> dict[str, str]:
     return m
 
 
+def _gpt_neo_names(cfg: GPTConfig, prefix: str = "transformer.") -> dict[str, str]:
+    """gptlab name -> GPT-Neo name (nn.Linear throughout: nothing to transpose)."""
+    m = {"tok_emb.weight": prefix + "wte.weight", "pos_emb.weight": prefix + "wpe.weight",
+         "final_norm.weight": prefix + "ln_f.weight", "final_norm.bias": prefix + "ln_f.bias",
+         "lm_head.weight": "lm_head.weight"}
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}.", f"{prefix}h.{i}."
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"),
+                             ("attn.o_proj", "attn.attention.out_proj"), ("mlp.up", "mlp.c_fc"),
+                             ("mlp.down", "mlp.c_proj")):
+            for s in ("weight", "bias"):
+                m[f"{b}{ours}.{s}"] = f"{h}{theirs}.{s}"
+        for p in "qkv":
+            m[f"{b}attn.{p}_proj.weight"] = f"{h}attn.attention.{p}_proj.weight"
+    return m
+
+
+def _gpt_neo_weights(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[Named, set[str]]:
+    prefix = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
+    out: Named = {}
+    # The causal-mask buffers older checkpoints carry (a (1, 1, n, n) band, a scalar) are not
+    # weights; a 1-D one would be a bias, which has no place.
+    used = {k for k in sd if k.endswith((".attn.attention.bias", ".attn.attention.masked_bias"))
+            and sd[k].dim() != 1}
+    for ours, theirs in _gpt_neo_names(cfg, prefix).items():
+        if theirs in sd:
+            used.add(theirs)
+            if not (ours == "lm_head.weight" and cfg.tie_embeddings):
+                out[ours] = (theirs, sd[theirs])
+    return out, used
+
+
 def _llama_weights(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[Named, set[str]]:
     out: Named = {}
     used = {k for k in sd if k.endswith("rotary_emb.inv_freq")}  # recomputed, not a weight
@@ -453,6 +584,8 @@ def _named_weights(model_type: str, sd: dict[str, Tensor], cfg: GPTConfig, sourc
     model_type."""
     if model_type == "gpt2":
         return _gpt2_weights(sd, cfg, source)
+    if model_type == "gpt_neo":
+        return _gpt_neo_weights(sd, cfg)
     return _llama_weights(sd, cfg)
 
 
@@ -601,8 +734,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
         # Mapping (and building) 10^30 layers loops until the memory is gone.
         raise UserError(f"is {cfg.n_layers}, but the checkpoint holds {len(sd)} tensors, fewer "
                         f"than one per layer: the config does not describe these weights",
-                        path=cfg_path, field="n_layer" if raw["model_type"] == "gpt2"
-                        else "num_hidden_layers")
+                        path=cfg_path, field={"gpt2": "n_layer", "gpt_neo": "num_layers"}.get(
+                            raw["model_type"], "num_hidden_layers"))
     if is_sequence_classifier(raw):
         return _reward_model(raw, cfg, sd, d, dtype), load_hf_tokenizer(d)
     named, used = _named_weights(raw["model_type"], sd, cfg, d)
@@ -623,12 +756,41 @@ def _local_layers(cfg: GPTConfig) -> list[int]:
     return [i for i in range(cfg.n_layers) if cfg.is_local(i)]
 
 
+def _gpt_neo_family(cfg: GPTConfig, qkv_bias: bool) -> list[str]:
+    """What keeps a model with local layers or another attention scale than 1/√d_head (learned
+    positions, LayerNorm) from exporting as GPT-Neo: GPT2 has neither."""
+    local = _local_layers(cfg)
+    why = (f"attention_window={cfg.attention_window} on local_attention_layers="
+           f"{cfg.local_attention_layers!r}" if local else
+           f"attention_scale={cfg.attention_scale!r}")
+    bad = [f"{k}={v!r}" for k, v, want in (
+        ("prenorm", cfg.prenorm, True), ("bias", cfg.bias, True), ("qkv_bias", qkv_bias, False),
+        ("activation", cfg.activation, "gelu_tanh"),
+        ("attention_scale", cfg.attention_scale, 1.0)) if v != want]
+    if cfg.kv_heads != cfg.n_heads or cfg.dim_head * cfg.n_heads != cfg.d_model:
+        bad.append("grouped-query attention or a custom head_dim")
+    if not bad:
+        return []
+    return [f"{why} exports as GPT-Neo alone (GPT2 attends over the whole context and divides "
+            f"QKᵀ by √d_head), which needs prenorm=True, bias=True, qkv_bias=False, "
+            f"activation='gelu_tanh', attention_scale=1.0 (it does not divide QKᵀ by "
+            f"√d_head) and plain multi-head attention; this model has {', '.join(bad)}"]
+
+
 def _export_family(cfg: GPTConfig) -> str:
-    """'gpt2', 'llama', 'mistral' or 'qwen2', or a UserError naming every setting that does not
-    map. A window on every layer exports as Mistral (no biases) or Qwen2 (biases on Q, K, V
-    only), on some layers as Qwen2 alone (its layer_types)."""
+    """'gpt2', 'gpt_neo', 'llama', 'mistral' or 'qwen2', or a UserError naming every setting
+    that does not map. Local layers or an attention scale of 1 on a GPT-2-shaped model export
+    as GPT-Neo (no Q/K/V biases). A window on every layer of a Llama-shaped one exports as
+    Mistral (no biases) or Qwen2 (biases on Q, K, V only), on some layers as Qwen2 alone (its
+    layer_types)."""
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
-    if cfg.positions == "learned" and cfg.norm == "layernorm":
+    scaled = [] if cfg.attention_scale is None else [
+        f"attention_scale={cfg.attention_scale!r} (GPT2, Llama, Mistral and Qwen2 divide QKᵀ "
+        f"by √head_dim; GPT-Neo, which does not, needs learned positions and layernorm)"]
+    if cfg.positions == "learned" and cfg.norm == "layernorm" and (
+            _local_layers(cfg) or cfg.attention_scale is not None):
+        bad, family = _gpt_neo_family(cfg, qkv_bias), "gpt_neo"
+    elif cfg.positions == "learned" and cfg.norm == "layernorm":
         bad = [f"{k}={v!r} (GPT2 needs {want!r})" for k, v, want in (
             ("prenorm", cfg.prenorm, True), ("bias", cfg.bias, True),
             ("qkv_bias", qkv_bias, True)) if v != want]
@@ -641,6 +803,7 @@ def _export_family(cfg: GPTConfig) -> str:
     elif cfg.positions == "rotary" and cfg.norm == "rmsnorm":
         bad = [f"{k}={v!r} (Llama needs {want!r})" for k, v, want in (
             ("activation", cfg.activation, "swiglu"), ("prenorm", cfg.prenorm, True)) if v != want]
+        bad += scaled
         if cfg.bias and not qkv_bias:
             bad.append("bias=True with qkv_bias=False (neither Llama nor Qwen2)")
         family = "qwen2" if qkv_bias and not cfg.bias else "llama"
@@ -658,12 +821,9 @@ def _export_family(cfg: GPTConfig) -> str:
             else:
                 family = "mistral"
     else:
-        bad = [f"positions={cfg.positions!r} with norm={cfg.norm!r} (GPT2 needs learned + "
-               f"layernorm, Llama/Qwen2 rotary + rmsnorm)"]
+        bad = [f"positions={cfg.positions!r} with norm={cfg.norm!r} (GPT2 and GPT-Neo need "
+               f"learned + layernorm, Llama/Qwen2 rotary + rmsnorm)"] + scaled
         family = ""
-    if family == "gpt2" and _local_layers(cfg):
-        bad.append(f"attention_window={cfg.attention_window} on local_attention_layers="
-                   f"{cfg.local_attention_layers!r} (GPT2 attends over the whole context)")
     if bad:
         raise UserError("this model does not map to a Hugging Face architecture: " + "; ".join(bad))
     return family
@@ -687,6 +847,20 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
                 "activation_function": _GPT2_ACTIVATIONS[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
                 "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    if family == "gpt_neo":
+        local = _local_layers(cfg)
+        kinds = ["local" if i in local else "global" for i in range(cfg.n_layers)]
+        return {"architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo", **common,
+                "max_position_embeddings": cfg.context, "hidden_size": cfg.d_model,
+                "num_layers": cfg.n_layers, "num_heads": cfg.n_heads,
+                "intermediate_size": cfg.ff_dim, "activation_function": "gelu_new",
+                "layer_norm_epsilon": cfg.norm_eps,
+                # transformers writes both: the pattern, and the list its model reads.
+                "attention_types": _neo_attention_types(kinds), "attention_layers": kinds,
+                # read on local layers alone: where there are none, a band that masks nothing
+                "window_size": cfg.attention_window if local else cfg.context,
+                "resid_dropout": cfg.dropout, "embed_dropout": cfg.dropout,
+                "attention_dropout": cfg.dropout}
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM"}[family]
     out = {"architectures": [arch],
@@ -715,13 +889,23 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
     return out
 
 
+def _neo_attention_types(kinds: list[str]) -> list:
+    """GPT-Neo's attention_types for each layer's kind: one kind or an alternating pair
+    repeated ([[["global", "local"], 12]]), else each run of one kind."""
+    n = len(kinds)
+    if n % 2 == 0 and kinds == kinds[:2] * (n // 2):
+        pattern = kinds[:1] if kinds[0] == kinds[1] else kinds[:2]
+        return [[pattern, n // len(pattern)]]
+    return [[[kind], len(list(run))] for kind, run in itertools.groupby(kinds)]
+
+
 def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
     cfg = model.config
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight")  # transformers re-ties it from the config
     if family != "gpt2":
-        names = _llama_names(cfg)
+        names = _gpt_neo_names(cfg) if family == "gpt_neo" else _llama_names(cfg)
         return {names[k]: v.contiguous() for k, v in sd.items()}
     out = {"transformer.wte.weight": sd["tok_emb.weight"],
            "transformer.wpe.weight": sd["pos_emb.weight"],
@@ -746,10 +930,10 @@ def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
 
 
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write a Hugging Face directory (GPT2, Llama, Mistral or Qwen2) that transformers loads,
-    with tokenizer.json and a tokenizer_config.json carrying the chat template; a tokenizer
-    that starts sequences with BOS keeps doing so there (add_bos_token, and a
-    post-processor)."""
+    """Write a Hugging Face directory (GPT2, GPT-Neo, Llama, Mistral or Qwen2) that
+    transformers loads, with tokenizer.json and a tokenizer_config.json carrying the chat
+    template; a tokenizer that starts sequences with BOS keeps doing so there (add_bos_token,
+    and a post-processor)."""
     from safetensors.torch import save_file
 
     if isinstance(model, ScalarHeadModel):
