@@ -258,7 +258,8 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
     B, P, steps = len(prompts), ids.shape[1], max(limits)
     # Room for every row: the copies below stay in it. P + steps may pass the context when a
     # short prompt sits beside a long one; each row's real tokens stay within it.
-    cache = model.new_cache(B, P + steps)
+    # Rows are left-padded: local layers keep only their window's positions.
+    cache = model.new_cache(B, P + steps, left_padded=True)
     cache.use_rows(len(unique))
     # What the host knows goes to the device queued: a plain copy waits for the GPU's queue.
     stop = queued_copy(torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long), device)

@@ -286,6 +286,46 @@ def test_local_layers_decode_left_padded_rows_as_a_full_forward_of_each_alone(la
         assert (logp[4:] - other[4:]).abs().max() > 1e-2  # the band changed the logits
 
 
+def caches_made(net: GPT, monkeypatch) -> list:
+    """The KV caches `generate` makes for `net`, as it makes them."""
+    made, new_cache = [], net.new_cache
+    monkeypatch.setattr(net, "new_cache", lambda *a, **kw: made.append(new_cache(*a, **kw))
+                        or made[-1])
+    return made
+
+
+def test_local_layers_generate_past_the_window_from_a_cache_of_the_window_alone(monkeypatch):
+    """generate's cache keeps a local layer's latest 4 positions alone (a ring), the dense
+    layer's all: prompts longer than the window beside a shorter one (left padding), two
+    continuations of each (cache rows copied), rows ended by a stop token (the batch
+    compacts), 4 windows of new tokens; each row decodes as its prompt alone, greedy or
+    sampled, with a full forward's log-probabilities."""
+    net = model(attention_window=4, local_attention_layers="odd")
+    made = caches_made(net, monkeypatch)
+    prompts = [p for p in ([3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [10, 11], [12, 13, 14, 15, 16, 17])
+               for _ in range(2)]
+    free = generate(net, prompts, SamplingParams(max_new_tokens=16, greedy=True))
+    stop = free.tokens[2][3]
+    greedy = SamplingParams(max_new_tokens=16, greedy=True, stop_ids=(stop,))
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.3, stop_ids=(stop,))
+    for params, seed in ((greedy, None), (sampled, 5)):
+        out = generate(net, prompts, params, seed=seed)
+        for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+            if params.greedy:
+                alone = naive_greedy(net, p, 16)
+                assert toks == alone[:alone.index(stop) + 1 if stop in alone else 16]
+            with torch.no_grad():
+                logits = net(torch.tensor([p + toks]))[0, len(p) - 1:-1]
+            logp = (logits / (1.0 if params.greedy else 1.3)).log_softmax(-1)
+            assert max(abs(logp[t, tok].item() - lp) for t, (tok, lp)
+                       in enumerate(zip(toks, lps))) <= 1e-5
+        assert 16 in map(len, out.tokens) and min(map(len, out.tokens)) < 16, out.tokens
+    assert out.tokens[0] != out.tokens[1] or out.tokens[4] != out.tokens[5]  # K draws differ
+    for cache in made:  # (layers, rows, kv heads, positions, head dim): layer 1's, layer 0's
+        assert (cache.wk.shape[0], *cache.wk.shape[2:]) == (1, 2, 4, 8)
+        assert (cache.k.shape[0], *cache.k.shape[2:]) == (1, 2, 10 + 16, 8)
+
+
 def test_rows_left_after_a_batch_compacts_decode_as_each_prompt_alone():
     """One row of four stops: three live rows of four compact the batch (the cache rows, the
     masks and the last tokens move together); every row still decodes as its prompt alone."""

@@ -314,6 +314,79 @@ def test_padded_batches_with_local_layers_equal_each_row_alone(variant):
             assert (step[i, -1] - alone).abs().max().item() <= 1e-5
 
 
+# Chunks before one token at a time: within the window then past it, one longer than the window
+# after the ring went round, one that ends on a slot boundary (window 5).
+CHUNKS = {"8+3": [8, 3], "2+9": [2, 9], "4+7+5": [4, 7, 5], "1": [1]}
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+@pytest.mark.parametrize("variant", list(LOCAL))
+def test_a_left_padded_cache_keeps_the_window_alone_and_decodes_as_a_full_forward(variant,
+                                                                                chunks):
+    """generate's cache (`new_cache(left_padded=True)`): a local layer keeps its window's
+    latest positions in a ring, written in chunks or one token at a time, and every step's
+    logits are a full forward's, rows left-padded to different lengths, to 8 windows."""
+    model = small_gpt(**LOCAL[variant])
+    cfg, S, pads = model.config, 40, [0, 3, 9]
+    ids = torch.randint(1, 97, (3, S), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(3, S, dtype=torch.long)
+    for i, pad in enumerate(pads):
+        ids[i, :pad], mask[i, :pad] = 0, 0
+    sizes = CHUNKS[chunks] + [1] * (S - sum(CHUNKS[chunks]))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache, steps, at = model.new_cache(3, S, left_padded=True), [], 0
+        for n in sizes:
+            steps.append(model(ids[:, at:at + n], attention_mask=mask[:, :at + n], cache=cache))
+            at += n
+    real = mask.bool()
+    assert (torch.cat(steps, 1)[real] - full[real]).abs().max().item() <= 1e-5
+    local = [i for i in range(cfg.n_layers) if cfg.is_local(i)]
+    assert cache.wk.shape == cache.wv.shape == (len(local), 3, cfg.kv_heads, 5, cfg.dim_head)
+    assert cache.k.shape == (cfg.n_layers - len(local), 3, cfg.kv_heads, S, cfg.dim_head)
+
+
+def test_a_cache_keeps_every_position_unless_the_caller_says_rows_are_left_padded():
+    """A gap of padding inside a row puts keys more than the window back in its band: a cache
+    not told its rows are left-padded keeps them all (masked), as every dense model's does;
+    one as long as the window has nothing to drop."""
+    local, dense = small_gpt(**LOCAL["learned-odd"]), small_gpt(positions="learned")
+    for model, left_padded, max_len in ((local, False, 20), (dense, True, 20), (local, True, 5)):
+        cache = model.new_cache(2, max_len, left_padded=left_padded)
+        assert cache.window is None and cache.wk is None and cache.window_span(1) is None
+        assert cache.k.shape == (model.config.n_layers, 2, 4, max_len, 8)
+    gap = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 1, 1, 1]])  # 5 real tokens: all in the band
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cache = local.new_cache(1, 10)
+        local(ids[:, :7], attention_mask=gap[:, :7], cache=cache)
+        steps = [local(ids[:, t:t + 1], attention_mask=gap[:, :t + 1], cache=cache)[0, -1]
+                 for t in range(7, 10)]
+        alone = local(ids[:, gap[0].bool()])[0, -3:]
+    assert (torch.stack(steps) - alone).abs().max().item() <= 1e-5
+
+
+def test_selecting_rows_of_a_windowed_cache_moves_its_rings_too():
+    """K copies of a prompt and rows dropped (both moved within the buffers) and any other
+    order (new buffers): the ring rows go with the dense rows."""
+    torch.manual_seed(0)
+    for rows in ([0, 0, 1, 1, 1, 2], [0, 2], [2, 0, 1]):
+        cache = KVCache(2, 6, 2, 12, 4, rows=3, window=3, local_layers=[1])
+        k = torch.randn(2, 3, 2, 7, 4)
+        for layer in range(2):
+            cache.update(layer, k[layer, :, :, :5], k[layer, :, :, :5])
+        cache.length = 5
+        for t in (5, 6):  # one at a time, round the ring: positions 6, 4, 5 in slots 0, 1, 2
+            for layer in range(2):
+                cache.update(layer, k[layer, :, :, t:t + 1], k[layer, :, :, t:t + 1])
+            cache.length += 1
+        cache.select(torch.tensor(rows))
+        assert torch.equal(cache.k[0, :, :, :7], k[0, rows])
+        assert torch.equal(cache.wk[0], k[1, rows][:, :, [6, 4, 5]])
+        assert torch.equal(cache.wv[0], k[1, rows][:, :, [6, 4, 5]])
+        assert cache.window_span(1) == (5, 2)  # the next token's keys: 5, 6, 7 rolled by 2
+
+
 def test_shared_prompt_scores_with_local_layers_equal_each_sequence_alone():
     """The reward model's and SFT's shared prefix (PrefixKV): continuations after a left-padded
     prompt encoded once see through the band what the whole sequence alone sees."""

@@ -118,3 +118,32 @@ def test_left_padded_logits_equal_gpt_neos_given_the_same_positions():
         mine = ours(ids, attention_mask=mask)
     for i, r in enumerate(rows):
         assert relative(mine[i, T - len(r):], theirs[i, T - len(r):]) <= 1e-5
+
+
+def test_greedy_generation_past_the_window_equals_gpt_neos(monkeypatch):
+    """gptlab's generate, whose local layers keep their 5 latest positions alone, against
+    transformers' generate with its own cache: left-padded rows of 9, 3 and 7 tokens, 4 windows
+    of new tokens; the same tokens, and each one's log-probability that of GPT-Neo's logits
+    over the whole sequence."""
+    from gptlab.engine import SamplingParams, generate
+    model = neo(4)
+    ours = as_gptlab(model)
+    made, new_cache = [], ours.new_cache
+    monkeypatch.setattr(ours, "new_cache", lambda *a, **kw: made.append(new_cache(*a, **kw))
+                        or made[-1])
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 3, 7)]
+    out = generate(ours, prompts, SamplingParams(max_new_tokens=4 * WINDOW, greedy=True))
+    assert made[0].wk.shape[0] == LAYERS // 2 and made[0].wk.shape[3] == WINDOW
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0,
+                              max_new_tokens=4 * WINDOW)
+    assert out.tokens == want[:, P:].tolist()
+    for p, toks, logprobs in zip(prompts, out.tokens, out.logprobs):
+        with torch.no_grad():
+            logp = model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].log_softmax(-1)
+        assert max(abs(logp[t, tok].item() - lp) for t, (tok, lp)
+                   in enumerate(zip(toks, logprobs))) <= 1e-5

@@ -25,15 +25,36 @@ class KVCache:
     `rows` (at most `batch`) is how many rows the batch has now: `select` moves rows within
     the buffers allocated for `batch`, with no new allocation while they fit (on CPU a new
     cache, its memory touched for the first time, cost ten times the copy).
+
+    `window` and `local_layers`: those layers attend through a band of `window` tokens, and
+    keep only the latest `window` positions, in a ring (slot = position % window); the other
+    layers keep every position. Sound where each row is left padding, then real tokens only
+    (as `generate` lays them out): a key `window` positions back is then `window` real tokens
+    back, out of every later query's band. A gap of padding inside a row would leave a dropped
+    key in the band. A window no shorter than `max_len` never drops a key: those layers are
+    kept whole. `window_span` says which positions a local layer's keys hold.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 rows: int | None = None):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+                 rows: int | None = None, window: int | None = None,
+                 local_layers: list[int] | tuple[int, ...] = ()):
+        local = sorted(local_layers) if window is not None and window < max_len else []
+        self.window = window if local else None
+        # Layer -> its index in the dense buffers, and in the rings (the local layers).
+        self._ring = {layer: i for i, layer in enumerate(local)}
+        self._dense = {layer: i for i, layer in
+                       enumerate(i for i in range(n_layers) if i not in self._ring)}
+        shape = (n_layers - len(local), batch, n_kv_heads, max_len, head_dim)
         self._k = torch.empty(shape, device=device, dtype=dtype)
         self._v = torch.empty(shape, device=device, dtype=dtype)
         self.k, self.v = self._k, self._v
+        self._wk = self._wv = self.wk = self.wv = None
+        if local:
+            ring = (len(local), batch, n_kv_heads, window, head_dim)
+            self._wk = torch.empty(ring, device=device, dtype=dtype)
+            self._wv = torch.empty(ring, device=device, dtype=dtype)
+            self.wk, self.wv = self._wk, self._wv
         if rows is not None:
             self.use_rows(rows)
         self.max_len = max_len
@@ -45,15 +66,54 @@ class KVCache:
         if not 0 <= n <= self._k.shape[1]:
             raise ValueError(f"{n} rows do not fit a cache allocated for {self._k.shape[1]}")
         self.k, self.v = self._k[:, :n], self._v[:, :n]
+        if self._wk is not None:
+            self.wk, self.wv = self._wk[:, :n], self._wv[:, :n]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's k, v (B, Hkv, T, D) for `layer`; return all keys/values so far."""
+        """Write this step's k, v (B, Hkv, T, D) for `layer`; return all keys/values so far
+        (a local layer's: those `window_span` says)."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        if self._ring:
+            if layer in self._ring:
+                return self._update_ring(self._ring[layer], k, v)
+            layer = self._dense[layer]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def window_span(self, T: int) -> tuple[int, int] | None:
+        """Which positions a local layer's keys hold once the next T tokens are written:
+        (first, roll), the positions first, first + 1, ... in order, rolled by `roll` along
+        the keys (a mask over them in order is `.roll(roll, -1)`). None: the cache keeps
+        every position (no window, or one no shorter than the cache)."""
+        if self.window is None:
+            return None
+        W, end = self.window, self.length + T
+        if T > 1:  # the ring in order, then the chunk: see _update_ring
+            return max(0, self.length - W), 0
+        first = max(0, end - W)
+        return first, first % W
+
+    def _update_ring(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        W, start, T = self.window, self.length, k.shape[2]
+        ring_k, ring_v = self.wk[i], self.wv[i]  # (B, Hkv, W, D)
+        if T == 1:  # over the oldest position: the ring's slots as they lie
+            ring_k[:, :, start % W] = k[:, :, 0]
+            ring_v[:, :, start % W] = v[:, :, 0]
+            return ring_k[:, :, :start + 1], ring_v[:, :, :start + 1]
+        # A chunk's queries reach up to W - 1 keys before it: the ring's positions in order,
+        # then the chunk (W + T keys at most, for this step only); its last W positions stay.
+        k_all = torch.cat(_oldest_first(ring_k, start, W) + [k], 2) if start else k
+        v_all = torch.cat(_oldest_first(ring_v, start, W) + [v], 2) if start else v
+        kept = min(T, W)
+        slot = (start + T - kept) % W
+        wrap = max(0, slot + kept - W)  # of them, those that go round to slot 0
+        for ring, new in ((ring_k, k), (ring_v, v)):
+            ring[:, :, slot:slot + kept - wrap] = new[:, :, T - kept:T - wrap]
+            ring[:, :, :wrap] = new[:, :, T - wrap:]
+        return k_all, v_all
 
     def select(self, rows: Tensor | list[int]) -> None:
         """Make row i of the batch the current row `rows[i]`: drop finished sequences (rows
@@ -77,6 +137,9 @@ class KVCache:
             rows = queued_copy(torch.tensor(order, dtype=torch.long), self._k.device)
         self._k, self._v = self.k[:, rows], self.v[:, rows]
         self.k, self.v = self._k, self._v
+        if self._wk is not None:
+            self._wk, self._wv = self.wk[:, rows], self.wv[:, rows]
+            self.wk, self.wv = self._wk, self._wv
         self.cross = {i: (k[rows], v[rows]) for i, (k, v) in self.cross.items()}
 
     def _move(self, pairs: list[tuple[int, int]], n: int) -> None:
@@ -86,6 +149,18 @@ class KVCache:
             if r != i:
                 self._k[:, i, :, :n] = self._k[:, r, :, :n]
                 self._v[:, i, :, :n] = self._v[:, r, :, :n]
+                if self._wk is not None:
+                    w = min(n, self.window)
+                    self._wk[:, i, :, :w] = self._wk[:, r, :, :w]
+                    self._wv[:, i, :, :w] = self._wv[:, r, :, :w]
+
+
+def _oldest_first(ring: Tensor, start: int, W: int) -> list[Tensor]:
+    """The positions before `start` a ring (B, H, W, D) holds, as pieces in position order."""
+    if start <= W:
+        return [ring[:, :, :start]]
+    cut = start % W
+    return [ring[:, :, cut:], ring[:, :, :cut]]
 
 
 # Below this many shared tokens, encoding a prefix apart costs more than sharing it saves.

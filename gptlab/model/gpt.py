@@ -166,13 +166,20 @@ class GPT(nn.Module):
         """Parameters in the model, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int | None = None,
+                  left_padded: bool = False) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the context),
-        on the weights' device and dtype."""
+        on the weights' device and dtype.
+
+        `left_padded`: the caller promises each row is left padding, then real tokens only
+        (`generate`'s layout); the local layers then keep only their window's latest positions
+        (see `KVCache`), else every position, masked past the window."""
         cfg = self.config
         p = self.tok_emb.weight
+        local = [i for i in range(cfg.n_layers) if cfg.is_local(i)] if left_padded else []
         return KVCache(cfg.n_layers, batch, cfg.kv_heads, max_len or cfg.context, cfg.dim_head,
-                       p.device, p.dtype)
+                       p.device, p.dtype, window=cfg.attention_window if local else None,
+                       local_layers=local)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, cache: KVCache | None = None,
@@ -220,8 +227,17 @@ class GPT(nn.Module):
         mask = self_attention_mask(attention_mask, B, past, T, input_ids.device)
         window = self.config.attention_window
         # Within the window a local layer is a dense one: its band is needed past it only.
-        local_mask = local_attention_mask(attention_mask, B, past, T, window, input_ids.device) \
-            if window is not None and past + T > window else mask
+        local_mask = mask
+        if window is not None and past + T > window:
+            span = cache.window_span(T) if isinstance(cache, KVCache) else None
+            if span is None:
+                local_mask = local_attention_mask(attention_mask, B, past, T, window,
+                                                  input_ids.device)
+            else:  # a cache that keeps the window's positions alone: the band over those
+                first, roll = span
+                kept = None if attention_mask is None else attention_mask[:, first:]
+                local_mask = local_attention_mask(kept, B, past - first, T, window,
+                                                  input_ids.device).roll(roll, -1)
         x = self.tok_emb(input_ids)
         rotary = None
         if self.config.positions == "learned":
