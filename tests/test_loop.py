@@ -430,6 +430,51 @@ def test_a_resume_from_a_named_step_moves_latest_there_as_a_hand_edit_would(tmp_
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-6", "step-8"]
 
 
+class _Crash(Exception):
+    pass
+
+
+class _Crashing(_Interrupting):
+    """A batch stream whose process dies (nothing saved) before batch `at`."""
+
+    def __next__(self):
+        if self.n == self.at:
+            raise _Crash
+        return super().__next__()
+
+
+def test_a_resume_from_a_step_of_an_earlier_line_restores_that_lines_metrics_rows(tmp_path):
+    """An 8-step run (line A) resumed from step-2 with --max-steps 12 (line B: another schedule,
+    other rows) dies in step 6, after logging steps 3 to 5; resumed then from step-6, A's. Rows
+    up to step 6 were kept as A's: B's 3 to 5 stayed and A's 3 to 6, dropped when B began, were
+    gone. Now the rows are A's throughout: the run ends as the one that never forked."""
+    tokens = _stream(2, n=2000)
+    ids = np.arange(60)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=8, batch_size=4, eval_every=2,
+                      eval_batches=1, save_every=2, keep_checkpoints=10, log_every=1,
+                      progress=False, device="cpu", seed=4)
+    val = fixed_batches(tokens, 16, np.arange(60, 70), 4, 1)
+    batches = lambda: BlockBatches(tokens, 16, ids, 4, seed=4)  # noqa: E731
+    train(tiny(5), batches(), lm_loss, cfg, tmp_path / "a", val_batches=val)
+    b = tmp_path / "b"
+    train(tiny(5), batches(), lm_loss, cfg, b, val_batches=val)
+    longer = dataclasses.replace(cfg, max_steps=12)
+    step2 = check_run_dir(b, False, cfg=longer, resume_from="step-2")
+    with pytest.raises(_Crash):  # in step 6: B logged 3, 4 (and its evaluation), 5; saved 4
+        train(tiny(99), _Crashing(batches(), at=3), lm_loss, longer, b, val_batches=val,
+              resume=True, verified=step2, resume_from=step2)
+    forked = _curve(b / "metrics.jsonl")
+    assert [r[0] for r in forked] == [0, 1, 2, 2, 3, 4, 4, 5]
+    assert forked[5][2] != _curve(tmp_path / "a" / "metrics.jsonl")[5][2]  # B's own lr at 4
+    step6 = check_run_dir(b, False, cfg=cfg, resume_from="step-6")
+    train(tiny(99), batches(), lm_loss, cfg, b, val_batches=val, resume=True, verified=step6,
+          resume_from=step6)
+    assert _curve(b / "metrics.jsonl") == _curve(tmp_path / "a" / "metrics.jsonl")
+    # Each checkpoint keeps its own line's rows: B's step 4, A's step 6.
+    assert [r["step"] for r in MetricsLog.line_rows(b / "metrics.jsonl", Checkpointer.state_of(
+        b / "checkpoints" / "step-4")) if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_a_resume_from_names_its_checkpoint_or_is_refused_listing_those_there(tmp_path):
     cfg = TrainConfig(max_steps=4, save_every=2, keep_checkpoints=5, progress=False,
                       device="cpu")
@@ -610,18 +655,19 @@ def test_a_resume_hashes_its_checkpoint_once_and_still_refuses_a_corrupted_one(t
         assert err.value.path == state
 
 
-def test_metrics_truncate_after(tmp_path):
+def test_metrics_rewind_without_the_checkpoints_rows_keeps_those_up_to_its_step(tmp_path):
+    # A checkpoint saved before checkpoints kept their rows: those up to its step are its line's.
     log = MetricsLog(tmp_path / "m.jsonl")
     for s in (0, 5, 10, 15):
         log.log({"step": s, "loss": float(s)})
     log.close()
-    MetricsLog.truncate_after(tmp_path / "m.jsonl", 10)
+    MetricsLog.rewind(tmp_path / "m.jsonl", {"step": 10})
     assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [0, 5, 10]
     # A run that died while appending a row leaves it torn: resuming dropped dead on it.
     with open(tmp_path / "m.jsonl", "a") as f:
         f.write('{"step": 11, "lo')
     assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [0, 5, 10]
-    MetricsLog.truncate_after(tmp_path / "m.jsonl", 10)
+    MetricsLog.rewind(tmp_path / "m.jsonl", {"step": 10})
     assert (tmp_path / "m.jsonl").read_text().count("\n") == 3
     # A bad row before the last is not a torn write: named, with its line.
     (tmp_path / "m.jsonl").write_text('{"step": 0}\nnot json\n{"step": 5}\n')
@@ -718,7 +764,7 @@ def test_an_earlier_metrics_file_with_bare_nan_is_read_and_rewritten_strict(tmp_
     path.write_text('{"step": 1, "loss": NaN, "grad_norm": Infinity}\n{"step": 2, "loss": 1.5}\n')
     rows = read_metrics(path)
     assert math.isnan(rows[0]["loss"]) and rows[0]["grad_norm"] == math.inf
-    MetricsLog.truncate_after(path, 1)
+    MetricsLog.rewind(path, {"step": 1})
     assert [strict_loads(line) for line in path.read_text().splitlines()] == [
         {"step": 1, "loss": None, "grad_norm": None,
          "non_finite": {"/loss": "NaN", "/grad_norm": "Infinity"}}]

@@ -681,15 +681,40 @@ class MetricsLog:
                 raise
             raise named_os_error(e, self.path) from e
 
+    # A checkpoint keeps its line's rows: metrics.jsonl up to a step is not always the line's
+    # whose checkpoint is resumed. Resumed from step-4 of a run that reached step-8, a line that
+    # died at step 5 left 0..4 of the first and its own 5; resumed then from step-6 (the first
+    # line's), keeping rows up to 6 kept the abandoned line's 5 and had lost the first's 5..6.
     @staticmethod
-    def truncate_after(path: str | Path, step: int) -> None:
-        """Drop rows logged after `step` (by a run that died after its last checkpoint), so a
-        resumed run's curve continues exactly where the checkpoint left it."""
+    def with_rows(path: str | Path, state: dict) -> dict:
+        """A checkpoint's trainer `state` (at `state["step"]`) with metrics.jsonl's rows up to
+        its step, the ones its line logged, for a resume to restore (`rewind`)."""
         path = Path(path)
-        if not path.exists():
+        rows = read_metrics(path) if path.exists() else []
+        return {**state, "metrics": [r for r in rows if r.get("step", 0) <= state["step"]]}
+
+    @staticmethod
+    def line_rows(path: str | Path, state: dict) -> list[dict]:
+        """The rows of the line a checkpoint's trainer `state` was saved on, up to its step: the
+        ones it keeps (`with_rows`); for a checkpoint saved before it kept them, metrics.jsonl's
+        rows up to its step, taken for its line's."""
+        if isinstance(state.get("metrics"), list):
+            return state["metrics"]
+        path = Path(path)
+        rows = read_metrics(path) if path.exists() else []
+        return [r for r in rows if r.get("step", 0) <= state["step"]]
+
+    @staticmethod
+    def rewind(path: str | Path, state: dict) -> None:
+        """metrics.jsonl as the line of a checkpoint's trainer `state` left it at its step
+        (`line_rows`): rows logged after it (by a run that died after its last checkpoint, or
+        by a later line abandoned by a resume from an earlier step) are dropped, and its own
+        line's rows that such a line had dropped come back, so a resumed run's curve
+        continues exactly where the checkpoint left it."""
+        path = Path(path)
+        if not path.exists() and "metrics" not in state:
             return
-        write_jsonl_atomic(path, [r for r in read_metrics(path) if r.get("step", 0) <= step],
-                           non_finite="null")
+        write_jsonl_atomic(path, MetricsLog.line_rows(path, state), non_finite="null")
 
 
 def _check_split_settings(cfg: Any, theirs: dict, path: Path) -> None:
@@ -964,7 +989,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                       f"has reached: it ends there", file=sys.stderr)
             total = max(cfg.max_steps, step)
             stopped_early, cap = False, total  # a new length, not a stop
-        MetricsLog.truncate_after(metrics_path, step)
+        MetricsLog.rewind(metrics_path, state)
         ckpt.point_latest(path)
         print(f"resuming from {path} (step {step} of {total or '?'})", file=sys.stderr)
     else:
@@ -1011,7 +1036,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 **({} if minutes is _UNRECORDED else {"max_minutes": minutes})}
 
     def save(state: dict) -> Path:
-        return ckpt.save(state["step"], model, tokenizer, optimizer, state, extra)
+        return ckpt.save(state["step"], model, tokenizer, optimizer,
+                         MetricsLog.with_rows(metrics_path, state), extra)
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,

@@ -691,7 +691,8 @@ class PPOTrainer:
         """OUT/checkpoints/step-N: the policy as a model directory (every verb reads it),
         `value/`, the optimizer (one over both) and `state`. All are kept: each is a policy."""
         return Checkpointer(self.out, keep=None).save(
-            state["step"], self.policy, self.tok, self.optimizer, state,
+            state["step"], self.policy, self.tok, self.optimizer,
+            MetricsLog.with_rows(self.out / "metrics.jsonl", state),
             extra={"stage": "ppo", "step": state["step"], "ppo_steps": self.cfg.steps,
                    "skipped": state["skipped"]},
             models={"value": self.value_model}, models_extra={"value": {"stage": VALUE_STAGE}})
@@ -715,6 +716,7 @@ class PPOTrainer:
                             f"{setting('steps')} of at "
                             f"least that to continue it", path=path, field="steps")
         self.step, self.elapsed = state["step"], state["elapsed_s"]
+        self.resumed_state = state  # its line's metrics rows, which `train` restores
         self.rng.setstate(state["prompt_rng"])
         if self.kl_ctl is not None:
             self.kl_ctl.value = state["kl_coef"]
@@ -910,7 +912,7 @@ class PPOTrainer:
         metrics_path = self.out / "metrics.jsonl"
         log: MetricsLog | None = None
         if self.resumed_from is not None:
-            MetricsLog.truncate_after(metrics_path, self.step)
+            MetricsLog.rewind(metrics_path, self.resumed_state)
             annotate_resume(self.out, cfg, self.resumed_from.name)
             Checkpointer(self.out).point_latest(self.resumed_from)
             log = MetricsLog(metrics_path)

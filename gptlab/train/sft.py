@@ -29,9 +29,9 @@ from gptlab.model.gpt import GPT
 from gptlab.provenance import record_run
 from gptlab.train.batching import (ListBatches, data_key, fixed_list_batches, pad_examples,
                                    warn_if_data_changed)
-from gptlab.train.loop import (TrainConfig, annotate_resume, annotate_run, check_held_out,
-                               check_run_dir, held_out_rule, read_metrics, refuse_other_settings,
-                               resuming, train)
+from gptlab.train.loop import (MetricsLog, TrainConfig, annotate_resume, annotate_run,
+                               check_held_out, check_run_dir, held_out_rule,
+                               refuse_other_settings, resuming, train)
 
 # Settings that decide what an evaluation measures: the held-out demonstrations, the world whose
 # execution accuracy is the score and, with a world, how many questions and how long an answer.
@@ -342,7 +342,9 @@ def sft(cfg: SFTConfig) -> Path:
                             "skipped": skips.counts, "val_skipped": val_skips.counts})
     keeper = BestKeeper(out, tok, exec_eval, cfg.patience, keep_weights=cfg.select_best)
     if cfg.resume:
-        keeper.restore(read_metrics(out / "metrics.jsonl"), Checkpointer.step_of(latest), latest)
+        # The resumed line's rows: metrics.jsonl may hold an abandoned line's past its fork.
+        keeper.restore(MetricsLog.line_rows(out / "metrics.jsonl", Checkpointer.state_of(latest)),
+                       Checkpointer.step_of(latest), latest)
 
     collate = lambda b: plan_batch(pad_examples(b, tok.pad_id))  # noqa: E731
     # No held-out demonstration (a --data of one): no evaluation, so the keeper is never called.
