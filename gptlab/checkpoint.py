@@ -567,6 +567,18 @@ def torch_save(obj: Any, path: Path) -> None:
         raise named from e
 
 
+def weights_key(model: torch.nn.Module) -> str:
+    """A digest of `model`'s weights (names, dtypes, shapes, values), whichever file they came
+    from: SFT records its input model's, so that a resume can tell whether the input still holds
+    the weights its step 0 evaluated."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -428,6 +428,52 @@ def test_a_best_step_whose_checkpoint_is_gone_or_not_its_own_is_no_longer_select
     assert json.loads((out / "config.json").read_text())["best_step"] == 6
 
 
+@pytest.mark.parametrize("input_model", ["the same", "changed"])
+def test_a_best_at_step_0_is_restored_from_the_input_model_where_it_still_holds_it(
+        base, tmp_path, monkeypatch, capsys, input_model):
+    """Resumed from step-4, a run evaluated every step (best step 5) has its best so far at
+    step 0, whose weights no checkpoint holds: the run said it could no longer be selected
+    and ended on step 6's. They are --model's, which still holds them (its weights' digest is
+    the run's): the run ends as the one evaluated every 2 steps from the start, on them. Where
+    --model changed, the note stays, saying so."""
+    import shutil
+    from safetensors.torch import load_file
+    _scored_by_step(monkeypatch, {0: 0.5, 1: 0.1, 2: 0.2, 3: 0.2, 4: 0.3, 5: 0.9, 6: 0.2})
+    d, paths = base
+    mine = (tmp_path, paths)  # a copy of the input model, which this test may change
+    shutil.copytree(d / "base", tmp_path / "base")
+    args = ("--lr", "1e-3", "--warmup-steps", "0", "--val-fraction", "0.25", "--world",
+            "builtin", "--exec-eval", "2", "--max-steps", "6", "--log-every", "1",
+            "--save-every", "1", "--keep-checkpoints", "10")
+    straight, out = tmp_path / "straight", tmp_path / "sft"
+    assert run_sft(mine, straight, *args, "--eval-every", "2") == 0
+    assert json.loads((straight / "config.json").read_text())["best_step"] == 0
+    assert run_sft(mine, out, *args, "--eval-every", "1") == 0
+    assert json.loads((out / "config.json").read_text())["best_step"] == 5
+    if input_model == "changed":
+        torch.manual_seed(1)
+        tok = sft_module.load_language_model(tmp_path / "base")[1]
+        config = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+        save_model(tmp_path / "base", GPT(config), tok)
+    capsys.readouterr()
+    assert run_sft(mine, out, *args, "--eval-every", "2", "--resume-from", "step-4") == 0
+    err = capsys.readouterr().err
+    meta = json.loads((out / "config.json").read_text())
+    if input_model == "changed":
+        assert (f"note: {out / 'best'} is missing or holds another evaluation's weights, and no "
+                f"checkpoint holds them ({out / 'checkpoints' / 'step-0'} is not there), and "
+                f"{tmp_path / 'base'} (--model) no longer holds the weights the run started "
+                f"from; the best evaluation so far (step 0) can no longer be selected") in err
+        assert meta["best_step"] == 6
+        return
+    assert "can no longer be selected" not in err
+    assert (meta["step"], meta["best_step"], meta["best_score"]) == (6, 0, 0.5)
+    a, b = (load_file(run / "model.safetensors") for run in (straight, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(d / "base" / "model.safetensors")
+    assert all(torch.equal(c[k], b[k]) for k in c)
+
+
 class _Crash(Exception):
     pass
 

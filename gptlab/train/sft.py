@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gptlab.checkpoint import (Checkpointer, is_gptlab_dir, load_language_model, load_model,
-                               read_meta, replace_model, save_model)
+                               read_meta, replace_model, save_model, weights_key)
 from gptlab.data.instruct import Example, SkipCounter, read_demonstrations
 from gptlab.errors import UserError, check_given, counted, reports_path_errors
 from gptlab.io import (check_dir_out, check_out_of_read_dirs, read_jsonl, remove_dir,
@@ -209,13 +209,16 @@ class BestKeeper:
         self.since_progress = 0 if best or improved else self.since_progress + 1
         return best
 
-    def restore(self, metrics: list[dict], upto: int, checkpoint: Path | None = None) -> None:
+    def restore(self, metrics: list[dict], upto: int, checkpoint: Path | None = None,
+                start: nn.Module | None = None, start_gone: str = "") -> None:
         """On resume: replay the evaluations of the run so far (up to its checkpoint's step),
         so a later, worse evaluation does not replace the best weights saved in OUT/best.
         OUT/best must hold that best evaluation's weights: a run that died after its checkpoint,
         or a line of it left by `--resume-from` an earlier step, may have left a later
         evaluation's there, which this run has not made (yet). They are then taken from the
-        checkpoint of the best step, where there is one (`_saved_best`)."""
+        checkpoint of the best step, where there is one (`_saved_best`); step 0's, which none
+        holds, from `start`, the input model, where it still holds them (else `start_gone`
+        says why it does not)."""
         for row in metrics:
             if row["step"] <= upto and "val_loss" in row:
                 self._record(row["step"], row.get("exec_acc"), row["val_loss"])
@@ -223,20 +226,24 @@ class BestKeeper:
                 _meta_of(self.dir).get("step") == self.best_step:
             return
         out = self.dir.parent
-        source: Path | None
+        source: Path | nn.Module | None
         if checkpoint is not None and self.best_step == upto:
             source = checkpoint  # the weights its own step's evaluation measured
         elif _meta_of(out).get("best_step") == self.best_step:
             source = out  # a finished run: OUT holds its best weights, OUT/best is gone
+        elif self.best_step == 0 and start is not None:
+            source = start  # the input model, its weights checked against the run's start
         else:
             source, why_not = self._saved_best(out, metrics)
+            if self.best_step == 0 and start_gone:
+                why_not += f", and {start_gone}"
         if source is None:
             print(f"note: {self.dir} is missing or holds another evaluation's weights, and "
                   f"{why_not}; the best evaluation so far (step {self.best_step}) can no longer "
                   f"be selected", file=sys.stderr)
             self.best_step = self._best_key = self.best_val_loss = None
             return
-        model, _, _ = load_model(source)
+        model = source if isinstance(source, nn.Module) else load_model(source)[0]
         replace_model(self.dir, model, self.tok, extra={"stage": "sft", "step": self.best_step})
 
     def _saved_best(self, out: Path, metrics: list[dict]) -> tuple[Path | None, str]:
@@ -296,6 +303,11 @@ def sft(cfg: SFTConfig) -> Path:
     if cfg.resume:
         check_resume_settings(cfg, latest)
     model, tok, _ = load_language_model(cfg.model)
+    # Step 0's weights: no checkpoint holds them, so a resume whose best evaluation is step 0
+    # takes them from the input model, where it still holds the run's (its checkpoints record
+    # the digest of the first session's).
+    start_key = weights_key(model)
+    run_start_key = read_meta(latest).get("start_key") if cfg.resume else start_key
     torch.manual_seed(cfg.seed)
     context = model.config.context
     # One counter per file: each file's skips are reported (and blamed) on that file alone.
@@ -343,8 +355,13 @@ def sft(cfg: SFTConfig) -> Path:
     keeper = BestKeeper(out, tok, exec_eval, cfg.patience, keep_weights=cfg.select_best)
     if cfg.resume:
         # The resumed line's rows: metrics.jsonl may hold an abandoned line's past its fork.
+        same = run_start_key == start_key
         keeper.restore(MetricsLog.line_rows(out / "metrics.jsonl", Checkpointer.state_of(latest)),
-                       Checkpointer.step_of(latest), latest)
+                       Checkpointer.step_of(latest), latest, start=model if same else None,
+                       start_gone="" if same else (
+                           f"{cfg.model} (--model) no longer holds the weights the run started "
+                           "from" if run_start_key is not None else "the run's checkpoints "
+                           "record no digest of the input model's weights to check it by"))
 
     collate = lambda b: plan_batch(pad_examples(b, tok.pad_id))  # noqa: E731
     # No held-out demonstration (a --data of one): no evaluation, so the keeper is never called.
@@ -353,7 +370,8 @@ def sft(cfg: SFTConfig) -> Path:
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=keeper,
                    resume=cfg.resume, verified=latest, resume_from=latest,
                    loss_weight=target_tokens, extra={
-                       "stage": "sft", "data_key": key, "eval_settings": {
+                       "stage": "sft", "data_key": key, "start_key": run_start_key,
+                       "eval_settings": {
                            k: getattr(cfg, k) for k in (*MEASURE_SETTINGS, *NOTED_SETTINGS)}})
     val_loss = result.val_loss
     if cfg.select_best and keeper.best is not None:
