@@ -364,6 +364,25 @@ def test_a_checkpoint_of_as_many_tensors_as_layers_names_the_first_missing_one(t
                             f"the checkpoint")
 
 
+def test_a_tied_models_lm_head_in_its_checkpoint_is_no_weight_of_its_own(tmp_path):
+    """A tied Llama whose checkpoint holds lm_head.weight beside the embedding: the head is the
+    embedding, so the tensor is read past and not counted among the weights (counted, three
+    layers and the embedding, norm and head passed the one-a-layer check, and the error named a
+    missing tensor where it should have said the config does not describe the checkpoint)."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**LLAMA, "num_hidden_layers": 3, "tie_word_embeddings": True}))
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 16),
+               "model.norm.weight": torch.ones(16), "lm_head.weight": torch.zeros(32, 16)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError) as e:
+        load_pretrained(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: the config has 3 layers, but the checkpoint holds 2 "
+                            f"tensors, fewer than one per layer: the config does not describe "
+                            f"these weights")
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 def test_a_llama_export_writes_its_context_and_rope_theta_where_transformers_4_reads_them(
@@ -422,6 +441,17 @@ def test_an_untied_model_exports_untied_and_loads_back_the_same(tmp_path, positi
     x = torch.tensor([[1, 5, 7, 2]])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+def test_a_gpt2_export_names_its_activation_as_gpt2_s_own_config_does(tmp_path):
+    """gelu_tanh is written as gelu_new, GPT-2's own config.json's name, which every GPT-2
+    reader knows (gelu_pytorch_tanh, the same function to transformers, passed the parity
+    tests unseen; readers that know only GPT-2's names refuse it)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16))
+    assert model.config.activation == "gelu_tanh"
+    config = json.loads((export_hf(model, None, tmp_path) / "config.json").read_text())
+    assert config["activation_function"] == "gelu_new"
 
 
 def test_an_export_writes_the_dtype_of_its_weights(tmp_path):
@@ -499,3 +529,14 @@ def test_add_bos_token_says_whether_bos_comes_first_where_the_post_processor_add
         {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": add_bos}))
     tok = load_hf_tokenizer(tmp_path)
     assert (tok.add_bos, tok.encode("hi", bos=True)) == (add_bos, [1, 0] if add_bos else [0])
+
+
+def test_of_named_chat_templates_the_one_named_default_is_read_wherever_it_stands(tmp_path):
+    """HF's list of named templates: "default" is the chat template, as transformers takes it,
+    not the first listed (a tool-use template listed first was taken for it unseen)."""
+    from gptlab.tokenizer import _chat_template
+
+    config = {"chat_template": [{"name": "tool_use", "template": "{{ tools }}"},
+                                {"name": "default", "template": "{{ messages }}"}]}
+    template, source = _chat_template(config, tmp_path / "tokenizer_config.json")
+    assert (template, source) == ("{{ messages }}", tmp_path / "tokenizer_config.json")
