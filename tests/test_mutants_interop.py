@@ -90,6 +90,17 @@ def test_a_gguf_count_of_zero_is_refused_naming_the_key(key):
     assert str(e.value) == f"t.gguf, field '{key}': must be a positive integer, got 0"
 
 
+@pytest.mark.parametrize("key", ["llama.attention.layer_norm_rms_epsilon",
+                                 "llama.rope.freq_base"])
+def test_a_gguf_epsilon_or_rope_base_of_zero_is_refused_naming_the_key(key):
+    """0 is no epsilon (a norm that divides by zero on a zero row) and no rope base (0 to a
+    positive power is 0, and rotary divides by it): refused naming the key, as negative ones
+    were."""
+    with pytest.raises(UserError) as e:
+        gguf_config(**{key: 0.0})
+    assert str(e.value) == f"t.gguf, field '{key}': must be a finite positive number, got 0.0"
+
+
 def test_gguf_tensor_names_map_one_to_one():
     """A name with a part after weight/bias is no tensor gptlab has (it was taken as the block's
     weight), and gate and up are not swapped (SwiGLU computes silu(gate) * up)."""
@@ -156,6 +167,24 @@ def byte_level_tokenizer(pre: str, merges: list[str]):
                         "tokenizer.ggml.eos_token_id": len(tokens) - 1})
     tok = _gguf_tokenizer(meta)
     return lambda text: [tok.hf.id_to_token(i) for i in tok.encode(text)]
+
+
+@pytest.mark.parametrize("template", [5, ["{{ messages }}"]])
+def test_a_gguf_chat_template_that_is_no_string_is_refused_naming_the_key(template):
+    """Not a string (a number, an array): refused naming the key, not kept as the template."""
+    from tokenizers import pre_tokenizers
+
+    from gptlab.interop.gguf import _gguf_tokenizer
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<|endoftext|>"]
+    meta = gguf_meta(**{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+                        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": [],
+                        "tokenizer.ggml.eos_token_id": len(tokens) - 1,
+                        "tokenizer.chat_template": template})
+    with pytest.raises(UserError) as e:
+        _gguf_tokenizer(meta)
+    assert str(e.value) == (f"t.gguf, field 'tokenizer.chat_template': must be a Jinja template "
+                            f"string, got {template!r}")
 
 
 DIGIT_MERGES = ["1 2", "12 3", "4 5", "i \u0120", "\u0120 t"]
