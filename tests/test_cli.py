@@ -551,6 +551,22 @@ def test_pretrain_prints_its_model_directory_like_the_other_training_verbs(tmp_p
     assert json.loads((out / "run.json").read_text())["config"]["lr"] == 0.002
 
 
+def test_a_training_verbs_evaluation_lines_go_to_stderr_and_stdout_holds_only_its_out(
+        tmp_path, capsys):
+    # `OUT=$(gptlab pretrain ...)`: the evaluation lines went to stdout (tqdm.write's default),
+    # before OUT, though the README has stdout hold OUT and the pipeline's stderr hold them.
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "pre"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    assert main(["pretrain", "--model", "tiny", "--max-steps", "2", "--eval-every", "1",
+                 "--no-progress", "--sample-tokens", "4", "--out", str(out),
+                 "--data", str(corpus)]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [str(out)]
+    assert [line.split(":")[0] for line in cap.err.splitlines()
+            if line.startswith("step ")] == ["step 0", "step 1", "step 2"]
+    assert cap.err.count("  sample: ") == 3
+
+
 def test_run_directory_records_config_versions_and_command(tmp_path):
     record_run(tmp_path, PPOConfig(steps=3))
     info = json.loads((tmp_path / "run.json").read_text())

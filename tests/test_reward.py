@@ -433,7 +433,7 @@ def test_evaluations_log_pairwise_accuracy_and_no_perplexity(base, tmp_path, cap
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     assert evals and all("val_ppl" not in r and 0 <= r["pairwise_acc"] <= 1 for r in evals)
-    line = (cap.out + cap.err).split("step 0: val_loss", 1)[1].splitlines()[0]
+    line = cap.err.split("step 0: val_loss", 1)[1].splitlines()[0]
     assert "ppl" not in line and f"pairwise_acc {evals[0]['pairwise_acc']:.4f}" in line
 
 

@@ -527,7 +527,7 @@ def test_each_evaluation_prints_execution_accuracy_and_a_starting_model_kept_is_
                   world="builtin", val_fraction=0.2, progress=False, device="cpu",
                   max_steps=4, eval_every=2, batch_size=4))
     cap = capsys.readouterr()
-    err = cap.out + cap.err  # the evaluations' lines go to stdout, the summary to stderr
+    err = cap.err  # the evaluations' lines go to stderr, as the summary does
     assert "exec_acc 0.5000" in err.split("step 0: val_loss", 1)[1].splitlines()[0]
     assert "exec_acc 0.2500" in err.split("step 2: val_loss", 1)[1].splitlines()[0]
     assert "SFT: 4 steps; best evaluation at step 0 (exec_acc 0.5000)" in err

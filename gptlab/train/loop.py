@@ -1020,7 +1020,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                            if k not in ("step", "val_loss", "val_ppl") and isinstance(v, float))
         bar.write(f"step {at}: val_loss {loss:.4f}"
                   + (f" (ppl {row['val_ppl']:.2f})" if perplexity else "") + measured
-                  + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
+                  + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""),
+                  file=sys.stderr)  # stdout holds the verb's result alone: OUT at the end
         return loss, time.perf_counter() - t0, stop
 
     def eval_due(at: int, is_last: bool) -> bool:
