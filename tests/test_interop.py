@@ -386,6 +386,28 @@ def test_gpt_neo_imports_with_its_window_and_scale_and_exports_as_gpt_neo(tmp_pa
         assert torch.equal(again(x), model(x))
 
 
+@pytest.mark.parametrize("name, ours", [
+    ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_fast", "gelu_tanh"),
+    ("gelu", "gelu"), ("relu", "relu"), ("silu", "silu"), ("swish", "silu")])
+def test_gpt_neo_activations_map_as_gpt2_s_do(name, ours, tmp_path):
+    """transformers' GPT-Neo MLP reads activation_function as GPT-2's does (ACT2FN): each name
+    GPT-2's import maps imports so (only gelu_new was taken), and exports back under GPT-2's
+    name for it, a GPTNeoForCausalLM that computes the same."""
+    theirs = _neo_dir(tmp_path / "src", activation_function=name)
+    model, _ = load_pretrained(tmp_path / "src")
+    assert model.config.activation == ours
+    export_hf(model, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", **FLOAT32).eval()
+    assert type(back).__name__ == "GPTNeoForCausalLM"
+    assert back.config.activation_function == \
+        {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}[ours]
+    with torch.no_grad():
+        for ids in PROMPTS:
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), theirs(x).logits) <= WINDOW_TOL
+            assert rel_diff(back(x).logits, theirs(x).logits) <= WINDOW_TOL
+
+
 def test_gpt_neo_left_padded_batch_has_transformers_logits(tmp_path):
     # transformers reads a padded row's positions from position_ids; its band counts places,
     # which under left padding are the real tokens' distances, as gptlab counts them.
@@ -470,9 +492,9 @@ def test_gpt_neo_checkpoint_s_causal_mask_buffers_are_not_weights(tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"activation_function": "relu"},
-     r"field 'activation_function': activation 'relu' is not supported \(GPT-Neo maps with "
-     r"gelu_new"),
+    ({"activation_function": "quick_gelu"},
+     r"field 'activation_function': activation 'quick_gelu' is not supported \(supported: "
+     r"\['gelu', 'gelu_fast', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu', 'swish'\]\)"),
     ({"attention_types": [[["global", "sparse"], 2]]},
      r"field 'attention_types': attention type 'sparse' is not supported \(GPT-Neo's are "
      r"global and local\)"),
@@ -984,6 +1006,7 @@ def _random_gpt(seed: int, **fields) -> GPT:
     (dict(qkv_bias=False, attention_scale=1.0), "GPTNeoForCausalLM"),
     (dict(qkv_bias=False, attention_scale=1.0, attention_window=3, local_attention_layers=[0],
           tie_embeddings=False, d_ff=40), "GPTNeoForCausalLM"),
+    (dict(qkv_bias=False, attention_scale=1.0, activation="relu"), "GPTNeoForCausalLM"),
 ])
 def test_export_native_models(fields, arch, tmp_path):
     model = _random_gpt(0, **fields)
@@ -1077,9 +1100,13 @@ def test_an_export_whose_tokenizer_transformers_5_reads_otherwise_says_where(fam
      r"attention_window=8 on local_attention_layers='odd' exports as GPT-Neo alone \(GPT2 "
      r"attends over the whole context and divides QKᵀ by √d_head\), which needs .*; this model "
      r"has qkv_bias=True, attention_scale=None$"),
-    (dict(attention_scale=1.0, activation="gelu", n_kv_heads=2),
+    (dict(attention_scale=1.0, activation="swiglu", n_kv_heads=2),
      r"attention_scale=1.0 exports as GPT-Neo alone .*; this model has qkv_bias=True, "
-     r"activation='gelu', grouped-query attention or a custom head_dim$"),
+     r"activation='swiglu', grouped-query attention or a custom head_dim$"),
+    # GPT-Neo's activations are GPT-2's.
+    (dict(qkv_bias=False, attention_scale=1.0, activation="swiglu"),
+     r"attention_scale=1.0 exports as GPT-Neo alone .*activation one of gelu_tanh, gelu, relu, "
+     r"silu.*; this model has activation='swiglu'$"),
     (dict(qkv_bias=False, attention_scale=0.5), "this model has attention_scale=0.5$"),
     (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
           attention_scale=1.0), r"attention_scale=1.0 \(GPT2, Llama, Mistral and Qwen2 divide "

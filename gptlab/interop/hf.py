@@ -172,13 +172,24 @@ def _note_attention_dropout(cfg: dict, path: Path) -> None:
                         f"weights alone)")
 
 
-def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
-    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-            "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+# GPT-2's and GPT-Neo's activation_function (transformers' ACT2FN names) -> gptlab's activation:
+# the tanh approximation under its three names, exact GELU, ReLU, and SiLU under two.
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                   "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu",
+                   "swish": "silu"}
+
+
+def _activation(cfg: dict, path: Path) -> str:
+    """gptlab's activation for GPT-2's or GPT-Neo's activation_function (default gelu_new)."""
     act = cfg.get("activation_function", "gelu_new")
-    if not isinstance(act, str) or act not in acts:
-        raise UserError(f"activation {act!r} is not supported (supported: {sorted(acts)})",
-                        path=path, field="activation_function")
+    if not isinstance(act, str) or act not in _HF_ACTIVATIONS:
+        raise UserError(f"activation {act!r:.40} is not supported (supported: "
+                        f"{sorted(_HF_ACTIVATIONS)})", path=path, field="activation_function")
+    return _HF_ACTIVATIONS[act]
+
+
+def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
+    activation = _activation(cfg, path)
     for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
                     ("scale_attn_weights", True)):
         if cfg.get(key, ok) != ok:
@@ -191,7 +202,7 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      n_layers=_count(cfg, "n_layer", path), n_heads=h, d_model=d,
                      d_ff=_count(cfg, "n_inner", path, None), positions="learned",
                      norm="layernorm", norm_eps=_positive(cfg, "layer_norm_epsilon", path, 1e-5),
-                     prenorm=True, activation=acts[act], bias=True,
+                     prenorm=True, activation=activation, bias=True,
                      tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True),
                      dropout=_one_dropout(cfg, path, ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
                                           0.1))
@@ -263,10 +274,7 @@ def _neo_local_layers(kinds: list[str] | str, n_layers: int) -> str | list[int]:
 def _gpt_neo_config(cfg: dict, path: Path) -> GPTConfig:
     """GPT-Neo: GPT-2's block with no Q/K/V biases and QKᵀ not divided by √d_head (scale 1),
     its layers global or local (a band of window_size tokens, the query's own included)."""
-    act = cfg.get("activation_function", "gelu_new")
-    if act != "gelu_new":
-        raise UserError(f"activation {act!r:.40} is not supported (GPT-Neo maps with gelu_new, "
-                        f"gptlab's gelu_tanh)", path=path, field="activation_function")
+    activation = _activation(cfg, path)  # transformers' GPT-Neo MLP reads it as GPT-2's does
     d, h = _count(cfg, "hidden_size", path), _count(cfg, "num_heads", path)
     check_heads(d, h, h, False, path, ("hidden_size", "num_heads", "num_heads"))
     n_layers = _count(cfg, "num_layers", path)
@@ -279,7 +287,7 @@ def _gpt_neo_config(cfg: dict, path: Path) -> GPTConfig:
                      n_layers=n_layers, n_heads=h, d_model=d,
                      d_ff=_count(cfg, "intermediate_size", path, None), positions="learned",
                      norm="layernorm", norm_eps=_positive(cfg, "layer_norm_epsilon", path, 1e-5),
-                     prenorm=True, activation="gelu_tanh", bias=True, qkv_bias=False,
+                     prenorm=True, activation=activation, bias=True, qkv_bias=False,
                      tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True),
                      dropout=_one_dropout(cfg, path, ("resid_dropout", "embed_dropout",
                                                       "attention_dropout"), 0.0),
@@ -745,7 +753,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
 
 # --- export ------------------------------------------------------------------------------------
 
-# gptlab activation -> GPT-2's activation_function, for export.
+# gptlab activation -> GPT-2's (and GPT-Neo's) activation_function, for export.
 _GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 
@@ -765,16 +773,18 @@ def _gpt_neo_family(cfg: GPTConfig, qkv_bias: bool) -> list[str]:
            f"attention_scale={cfg.attention_scale!r}")
     bad = [f"{k}={v!r}" for k, v, want in (
         ("prenorm", cfg.prenorm, True), ("bias", cfg.bias, True), ("qkv_bias", qkv_bias, False),
-        ("activation", cfg.activation, "gelu_tanh"),
         ("attention_scale", cfg.attention_scale, 1.0)) if v != want]
+    if cfg.activation not in _GPT2_ACTIVATIONS:
+        bad.append(f"activation={cfg.activation!r}")
     if cfg.kv_heads != cfg.n_heads or cfg.dim_head * cfg.n_heads != cfg.d_model:
         bad.append("grouped-query attention or a custom head_dim")
     if not bad:
         return []
     return [f"{why} exports as GPT-Neo alone (GPT2 attends over the whole context and divides "
             f"QKᵀ by √d_head), which needs prenorm=True, bias=True, qkv_bias=False, "
-            f"activation='gelu_tanh', attention_scale=1.0 (it does not divide QKᵀ by "
-            f"√d_head) and plain multi-head attention; this model has {', '.join(bad)}"]
+            f"activation one of {', '.join(_GPT2_ACTIVATIONS)}, attention_scale=1.0 (it does "
+            f"not divide QKᵀ by √d_head) and plain multi-head attention; this model has "
+            f"{', '.join(bad)}"]
 
 
 def _export_family(cfg: GPTConfig) -> str:
@@ -853,7 +863,8 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
         return {"architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo", **common,
                 "max_position_embeddings": cfg.context, "hidden_size": cfg.d_model,
                 "num_layers": cfg.n_layers, "num_heads": cfg.n_heads,
-                "intermediate_size": cfg.ff_dim, "activation_function": "gelu_new",
+                "intermediate_size": cfg.ff_dim,
+                "activation_function": _GPT2_ACTIVATIONS[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_eps,
                 # transformers writes both: the pattern, and the list its model reads.
                 "attention_types": _neo_attention_types(kinds), "attention_layers": kinds,
