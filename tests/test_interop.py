@@ -455,11 +455,29 @@ def test_gpt_neo_attention_types_map_to_local_layers(changes, window, layers, tm
             assert rel_diff(back(x).logits, theirs(x).logits) <= WINDOW_TOL
 
 
-def test_gpt_neo_attention_layers_are_read_where_they_disagree_with_attention_types(tmp_path,
-                                                                                     capsys):
-    # transformers' model reads config.json's attention_layers, not attention_types' expansion.
+_DROP = object()
+
+
+@pytest.mark.parametrize("types, noted", [
+    ([[["global", "local"], 2]], True),  # as saved: 4 types, other than those listed
+    ([[["global", "local"], 3]], True),  # 6 types for 4 layers
+    (_DROP, False),                      # left out: GPTNeoConfig's default, 24 types
+    (None, False),
+])
+def test_gpt_neo_attention_layers_are_read_where_they_disagree_with_attention_types(
+        types, noted, tmp_path, capsys):
+    """transformers' model reads config.json's attention_layers, not attention_types'
+    expansion, and checks only their count against num_layers: attention_types left out (its
+    default expands to 24 types for these 4 layers) or of another count loads as well; such
+    a config was refused, naming attention_types."""
     _neo_dir(tmp_path)
     _edit_config(tmp_path, attention_layers=["local", "global", "global", "local"])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if types is _DROP:
+        del cfg["attention_types"]
+    else:
+        cfg["attention_types"] = types
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **FLOAT32).eval()
     assert [b.attn.attention_type for b in theirs.transformer.h] == \
         ["local", "global", "global", "local"]
@@ -467,9 +485,13 @@ def test_gpt_neo_attention_layers_are_read_where_they_disagree_with_attention_ty
     model, _ = load_pretrained(tmp_path)
     assert capsys.readouterr().err == (
         f"note: {tmp_path / 'config.json'}, field 'attention_layers' does not list what "
-        f"attention_types expands to; gptlab reads attention_layers, as transformers does\n")
+        f"attention_types expands to; gptlab reads attention_layers, as transformers does\n"
+        if noted else "")
     assert model.config.local_attention_layers == [0, 3]
-    assert_same_logits(model, theirs, PROMPTS)
+    with torch.no_grad():
+        for ids in PROMPTS:
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), theirs(x).logits) <= WINDOW_TOL
 
 
 def test_gpt_neo_checkpoint_s_causal_mask_buffers_are_not_weights(tmp_path):

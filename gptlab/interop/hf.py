@@ -215,11 +215,12 @@ _NEO_TYPES_DEFAULT = [[["global", "local"], 12]]  # GPTNeoConfig's
 def _neo_layer_kinds(cfg: dict, n_layers: int, path: Path) -> list[str] | str:
     """Each GPT-Neo layer's attention, "global" or "local", as transformers reads them:
     config.json's attention_layers where given (transformers writes them beside attention_types,
-    and its model reads them), else attention_types expanded ([[["global", "local"], 12]]: the
+    and its model reads them, whatever attention_types expands to: left out, the default's 24
+    types, or another count), else attention_types expanded ([[["global", "local"], 12]]: the
     pair 12 times). One kind on every layer comes back as that kind, not as a list."""
     from gptlab.tokenizer import note_once
 
-    types = cfg.get("attention_types")
+    types = given = cfg.get("attention_types")
     if types is None:  # null too, as GPTNeoConfig reads it
         types = _NEO_TYPES_DEFAULT
     if not isinstance(types, list) or not all(
@@ -232,11 +233,11 @@ def _neo_layer_kinds(cfg: dict, n_layers: int, path: Path) -> list[str] | str:
     if odd:
         raise UserError(f"attention type {odd[0]!r:.40} is not supported (GPT-Neo's are global "
                         f"and local)", path=path, field="attention_types")
+    listed = cfg.get("attention_layers")
     count = sum(len(kinds) * n for kinds, n in types)
-    if count != n_layers:
+    if count != n_layers and listed is None:
         raise UserError(f"expands to {count} layer types, but num_layers is {n_layers}",
                         path=path, field="attention_types")
-    listed = cfg.get("attention_layers")
     if listed is not None:
         if not isinstance(listed, list) or len(listed) != n_layers:
             raise UserError(f"must be a list of {n_layers} attention types (one a layer), got "
@@ -245,7 +246,8 @@ def _neo_layer_kinds(cfg: dict, n_layers: int, path: Path) -> list[str] | str:
         if odd:
             raise UserError(f"attention type {odd[0]!r:.40} is not supported (GPT-Neo's are "
                             f"global and local)", path=path, field="attention_layers")
-        if listed != [t for kinds, n in types for _ in range(n) for t in kinds]:
+        if given is not None and (count != n_layers or listed != [
+                t for kinds, n in types for _ in range(n) for t in kinds]):
             note_once(path, "field 'attention_layers' does not list what attention_types "
                             "expands to; gptlab reads attention_layers, as transformers does")
     else:
