@@ -258,6 +258,42 @@ def test_hf_import_and_export_match_transformers(family, tmp_path):
 WINDOW_TOL = 1e-5  # max |ours - theirs| <= WINDOW_TOL * max |logit|, as test_model_vs_gpt_neo
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_gpt2_without_scale_attn_weights_imports_unscaled_and_exports_back_as_gpt2(eager,
+                                                                                 tmp_path):
+    """GPT-2's scale_attn_weights false (QKᵀ not divided by √d_head, √12 here) is
+    attention_scale 1.0 (it was refused); reorder_and_upcast_attn, which transformers' eager
+    attention alone reads, computes the same in float32. Exported, it is GPT2 with
+    scale_attn_weights false again (GPT-Neo has no place for its Q/K/V biases), with the same
+    logits, and imported again the same model, bit for bit."""
+    theirs = _hf_model("gpt2", scale_attn_weights=False, reorder_and_upcast_attn=eager)
+    theirs.save_pretrained(tmp_path / "src", safe_serialization=True)
+    if eager:
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "src", attn_implementation="eager", **FLOAT32).eval()
+    model, _ = load_pretrained(tmp_path / "src")
+    cfg = model.config
+    assert (cfg.attention_scale, cfg.bias, cfg.qkv_bias) == (1.0, True, None)
+    default = GPT(dataclasses.replace(cfg, attention_scale=None))
+    default.load_state_dict(model.state_dict())
+    export_hf(model, None, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["model_type"], written["scale_attn_weights"]) == ("gpt2", False)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", **FLOAT32).eval()
+    assert type(back).__name__ == "GPT2LMHeadModel"
+    again, _ = load_pretrained(tmp_path / "out")
+    assert again.config == dataclasses.replace(cfg, d_ff=4 * 48)  # written out: 4 × width
+    with torch.no_grad():
+        for ids in PROMPTS:
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), theirs(x).logits) <= 1e-5
+            assert rel_diff(back(x).logits, theirs(x).logits) <= 1e-5
+            assert torch.equal(again(x), model(x))
+        assert rel_diff(default.eval()(torch.tensor([PROMPTS[2]])),
+                        theirs(torch.tensor([PROMPTS[2]])).logits) > 0.01
+    assert our_greedy(model, PROMPTS[0]) == hf_greedy(theirs, PROMPTS[0])
+
+
 def _without_layer_types(d: Path) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg.pop("layer_types", None)
@@ -1024,11 +1060,15 @@ def _random_gpt(seed: int, **fields) -> GPT:
     (dict(activation="gelu"), "GPT2LMHeadModel"),
     (dict(activation="relu", d_ff=40), "GPT2LMHeadModel"),
     (dict(activation="silu"), "GPT2LMHeadModel"),
-    # QKᵀ unscaled: GPT-Neo, with local layers or none (every layer global).
+    # QKᵀ unscaled without Q/K/V biases: GPT-Neo, with local layers or none (every layer
+    # global).
     (dict(qkv_bias=False, attention_scale=1.0), "GPTNeoForCausalLM"),
     (dict(qkv_bias=False, attention_scale=1.0, attention_window=3, local_attention_layers=[0],
           tie_embeddings=False, d_ff=40), "GPTNeoForCausalLM"),
     (dict(qkv_bias=False, attention_scale=1.0, activation="relu"), "GPTNeoForCausalLM"),
+    # QKᵀ unscaled with Q/K/V biases: GPT2 with scale_attn_weights false (it was refused).
+    (dict(attention_scale=1.0), "GPT2LMHeadModel"),
+    (dict(attention_scale=1.0, activation="relu", tie_embeddings=False), "GPT2LMHeadModel"),
 ])
 def test_export_native_models(fields, arch, tmp_path):
     model = _random_gpt(0, **fields)
@@ -1120,20 +1160,24 @@ def test_an_export_whose_tokenizer_transformers_5_reads_otherwise_says_where(fam
     # as GPT-Neo (below), but with Q/K/V biases and QKᵀ divided by √d_head
     (dict(attention_window=8, local_attention_layers="odd"),
      r"attention_window=8 on local_attention_layers='odd' exports as GPT-Neo alone \(GPT2 "
-     r"attends over the whole context and divides QKᵀ by √d_head\), which needs .*; this model "
-     r"has qkv_bias=True, attention_scale=None$"),
-    (dict(attention_scale=1.0, activation="swiglu", n_kv_heads=2),
-     r"attention_scale=1.0 exports as GPT-Neo alone .*; this model has qkv_bias=True, "
+     r"attends over the whole context\), which needs .*; this model has qkv_bias=True, "
+     r"attention_scale=None$"),
+    # QKᵀ unscaled without Q/K/V biases: GPT-Neo, whose activations are GPT-2's.
+    (dict(qkv_bias=False, attention_scale=1.0, activation="swiglu", n_kv_heads=2),
+     r"attention_scale=1.0 with qkv_bias=False exports as GPT-Neo alone \(GPT2 has Q/K/V "
+     r"biases\), which needs .*activation one of gelu_tanh, gelu, relu, silu.*; this model has "
      r"activation='swiglu', grouped-query attention or a custom head_dim$"),
-    # GPT-Neo's activations are GPT-2's.
-    (dict(qkv_bias=False, attention_scale=1.0, activation="swiglu"),
-     r"attention_scale=1.0 exports as GPT-Neo alone .*activation one of gelu_tanh, gelu, relu, "
-     r"silu.*; this model has activation='swiglu'$"),
     (dict(qkv_bias=False, attention_scale=0.5), "this model has attention_scale=0.5$"),
+    # with Q/K/V biases: GPT2, scale_attn_weights false
+    (dict(attention_scale=1.0, n_kv_heads=2),
+     r"architecture: grouped-query attention or a custom head_dim \(GPT2 has neither\)$"),
+    (dict(attention_scale=0.5),
+     r"architecture: attention_scale=0.5 \(GPT2 divides QKᵀ by √d_head, or not at all with "
+     r"scale_attn_weights false: attention_scale 1.0\)$"),
     (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False,
-          attention_scale=1.0), r"attention_scale=1.0 \(GPT2, Llama, Mistral and Qwen2 divide "
-                                r"QKᵀ by √head_dim; GPT-Neo, which does not, needs learned "
-                                r"positions and layernorm\)"),
+          attention_scale=1.0), r"attention_scale=1.0 \(Llama, Mistral and Qwen2 divide QKᵀ by "
+                                r"√head_dim; GPT2 and GPT-Neo can leave it undivided, "
+                                r"attention_scale 1.0, with learned positions and layernorm\)"),
     # A window exports as Mistral (on every layer, no biases) or Qwen2 (Q/K/V biases).
     (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=True,
           attention_window=63), r"attention_window=63 with bias=True \(a window exports as "

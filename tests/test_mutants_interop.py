@@ -244,8 +244,13 @@ def test_qwen2_layers_slide_from_max_window_layers_on(layers, window_layers, loc
 
 
 @pytest.mark.parametrize("config, field, message", [
-    ({**GPT2, "scale_attn_weights": False}, "scale_attn_weights",
-     "scale_attn_weights=False changes the attention and does not map to gptlab"),
+    ({**GPT2, "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx",
+     "scale_attn_by_inverse_layer_idx=True divides layer i's QKᵀ by i + 1 too, and gptlab has "
+     "one attention_scale for every layer: it does not map"),
+    ({**GPT2, "add_cross_attention": True}, "add_cross_attention",
+     "add_cross_attention=True changes the attention and does not map to gptlab"),
+    ({**GPT2, "scale_attn_weights": "false"}, "scale_attn_weights",
+     "must be true or false, got 'false'"),
     ({**LLAMA, "partial_rotary_factor": 0.5}, "partial_rotary_factor",
      "partial rotary embeddings are not supported"),
     ({**LLAMA, "mlp_bias": True}, "attention_bias",
@@ -255,9 +260,11 @@ def test_qwen2_layers_slide_from_max_window_layers_on(layers, window_layers, loc
      "rope scaling 'linear' is not supported (only plain rotary positions map to gptlab)"),
 ])
 def test_hf_configs_that_change_the_function_are_refused_naming_the_field(config, field, message):
-    """Unscaled attention, a rotation over half of each head, biases on the MLP alone and a
-    linearly scaled rotation each loaded as the plain model (the refusal tests used the other
-    side of each: attention_bias alone, llama3 and yarn scaling)."""
+    """A rotation over half of each head, biases on the MLP alone and a linearly scaled
+    rotation each loaded as the plain model (the refusal tests used the other side of each:
+    attention_bias alone, llama3 and yarn scaling). GPT-2's attention scaled per layer and its
+    cross-attention are refused too, and a scale_attn_weights that is not true or false (it
+    says attention_scale 1 where false) is not read as its truth."""
     with pytest.raises(UserError) as e:
         hf_config_to_gpt(config, CONFIG)
     assert str(e.value) == f"config.json, field '{field}': {message}"

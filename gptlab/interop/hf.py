@@ -189,12 +189,18 @@ def _activation(cfg: dict, path: Path) -> str:
 
 
 def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
+    """GPT-2: scale_attn_weights false (QKᵀ not divided by √d_head) is attention_scale 1;
+    reorder_and_upcast_attn, which computes QKᵀ in float32 in another order, is the same
+    function and is not read."""
     activation = _activation(cfg, path)
-    for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
-                    ("scale_attn_weights", True)):
-        if cfg.get(key, ok) != ok:
-            raise UserError(f"{key}={cfg[key]} changes the attention and does not map to "
-                            f"gptlab", path=path, field=key)
+    if _flag(cfg, "add_cross_attention", path, False):
+        raise UserError("add_cross_attention=True changes the attention and does not map to "
+                        "gptlab", path=path, field="add_cross_attention")
+    if _flag(cfg, "scale_attn_by_inverse_layer_idx", path, False):
+        raise UserError("scale_attn_by_inverse_layer_idx=True divides layer i's QKᵀ by i + 1 "
+                        "too, and gptlab has one attention_scale for every layer: it does not "
+                        "map", path=path, field="scale_attn_by_inverse_layer_idx")
+    scale = None if _flag(cfg, "scale_attn_weights", path, True) else 1.0
     d, h = _count(cfg, "n_embd", path), _count(cfg, "n_head", path)
     check_heads(d, h, h, False, path, ("n_embd", "n_head", "n_head"))
     return GPTConfig(vocab_size=_count(cfg, "vocab_size", path),
@@ -205,7 +211,7 @@ def _gpt2_config(cfg: dict, path: Path) -> GPTConfig:
                      prenorm=True, activation=activation, bias=True,
                      tie_embeddings=_flag(cfg, "tie_word_embeddings", path, True),
                      dropout=_one_dropout(cfg, path, ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
-                                          0.1))
+                                          0.1), attention_scale=scale)
 
 
 _NEO_TYPES = ("global", "local")
@@ -767,12 +773,14 @@ def _local_layers(cfg: GPTConfig) -> list[int]:
 
 
 def _gpt_neo_family(cfg: GPTConfig, qkv_bias: bool) -> list[str]:
-    """What keeps a model with local layers or another attention scale than 1/√d_head (learned
-    positions, LayerNorm) from exporting as GPT-Neo: GPT2 has neither."""
+    """What keeps a model with local layers, or QKᵀ unscaled without Q/K/V biases (learned
+    positions, LayerNorm), from exporting as GPT-Neo: GPT2 has no window, and Q/K/V biases."""
     local = _local_layers(cfg)
     why = (f"attention_window={cfg.attention_window} on local_attention_layers="
-           f"{cfg.local_attention_layers!r}" if local else
-           f"attention_scale={cfg.attention_scale!r}")
+           f"{cfg.local_attention_layers!r} exports as GPT-Neo alone (GPT2 attends over the "
+           f"whole context)" if local else
+           f"attention_scale={cfg.attention_scale!r} with qkv_bias=False exports as GPT-Neo "
+           f"alone (GPT2 has Q/K/V biases)")
     bad = [f"{k}={v!r}" for k, v, want in (
         ("prenorm", cfg.prenorm, True), ("bias", cfg.bias, True), ("qkv_bias", qkv_bias, False),
         ("attention_scale", cfg.attention_scale, 1.0)) if v != want]
@@ -782,36 +790,44 @@ def _gpt_neo_family(cfg: GPTConfig, qkv_bias: bool) -> list[str]:
         bad.append("grouped-query attention or a custom head_dim")
     if not bad:
         return []
-    return [f"{why} exports as GPT-Neo alone (GPT2 attends over the whole context and divides "
-            f"QKᵀ by √d_head), which needs prenorm=True, bias=True, qkv_bias=False, "
-            f"activation one of {', '.join(_GPT2_ACTIVATIONS)}, attention_scale=1.0 (it does "
-            f"not divide QKᵀ by √d_head) and plain multi-head attention; this model has "
-            f"{', '.join(bad)}"]
+    return [f"{why}, which needs prenorm=True, bias=True, qkv_bias=False, activation one of "
+            f"{', '.join(_GPT2_ACTIVATIONS)}, attention_scale=1.0 (it does not divide QKᵀ by "
+            f"√d_head) and plain multi-head attention; this model has {', '.join(bad)}"]
+
+
+def _gpt2_family(cfg: GPTConfig, qkv_bias: bool) -> list[str]:
+    """What keeps a dense model with learned positions and LayerNorm from exporting as GPT2."""
+    bad = [f"{k}={v!r} (GPT2 needs {want!r})" for k, v, want in (
+        ("prenorm", cfg.prenorm, True), ("bias", cfg.bias, True),
+        ("qkv_bias", qkv_bias, True)) if v != want]
+    if cfg.activation not in _GPT2_ACTIVATIONS:
+        bad.append(f"activation={cfg.activation!r} (GPT2 needs one of "
+                   f"{', '.join(_GPT2_ACTIVATIONS)})")
+    if cfg.kv_heads != cfg.n_heads or cfg.dim_head * cfg.n_heads != cfg.d_model:
+        bad.append("grouped-query attention or a custom head_dim (GPT2 has neither)")
+    if cfg.attention_scale not in (None, 1.0):
+        bad.append(f"attention_scale={cfg.attention_scale!r} (GPT2 divides QKᵀ by √d_head, "
+                   f"or not at all with scale_attn_weights false: attention_scale 1.0)")
+    return bad
 
 
 def _export_family(cfg: GPTConfig) -> str:
     """'gpt2', 'gpt_neo', 'llama', 'mistral' or 'qwen2', or a UserError naming every setting
-    that does not map. Local layers or an attention scale of 1 on a GPT-2-shaped model export
-    as GPT-Neo (no Q/K/V biases). A window on every layer of a Llama-shaped one exports as
-    Mistral (no biases) or Qwen2 (biases on Q, K, V only), on some layers as Qwen2 alone (its
-    layer_types)."""
+    that does not map. A GPT-2-shaped model exports as GPT-Neo where it has local layers, or
+    QKᵀ unscaled (attention_scale 1) without Q/K/V biases, as GPT-Neo computes; else as GPT2,
+    with scale_attn_weights false where QKᵀ is unscaled (it keeps the Q/K/V biases GPT-Neo
+    lacks). A window on every layer of a Llama-shaped one exports as Mistral (no biases) or
+    Qwen2 (biases on Q, K, V only), on some layers as Qwen2 alone (its layer_types)."""
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
     scaled = [] if cfg.attention_scale is None else [
-        f"attention_scale={cfg.attention_scale!r} (GPT2, Llama, Mistral and Qwen2 divide QKᵀ "
-        f"by √head_dim; GPT-Neo, which does not, needs learned positions and layernorm)"]
+        f"attention_scale={cfg.attention_scale!r} (Llama, Mistral and Qwen2 divide QKᵀ by "
+        f"√head_dim; GPT2 and GPT-Neo can leave it undivided, attention_scale 1.0, with "
+        f"learned positions and layernorm)"]
     if cfg.positions == "learned" and cfg.norm == "layernorm" and (
-            _local_layers(cfg) or cfg.attention_scale is not None):
+            _local_layers(cfg) or (cfg.attention_scale is not None and not qkv_bias)):
         bad, family = _gpt_neo_family(cfg, qkv_bias), "gpt_neo"
     elif cfg.positions == "learned" and cfg.norm == "layernorm":
-        bad = [f"{k}={v!r} (GPT2 needs {want!r})" for k, v, want in (
-            ("prenorm", cfg.prenorm, True), ("bias", cfg.bias, True),
-            ("qkv_bias", qkv_bias, True)) if v != want]
-        if cfg.activation not in _GPT2_ACTIVATIONS:
-            bad.append(f"activation={cfg.activation!r} (GPT2 needs one of "
-                       f"{', '.join(_GPT2_ACTIVATIONS)})")
-        if cfg.kv_heads != cfg.n_heads or cfg.dim_head * cfg.n_heads != cfg.d_model:
-            bad.append("grouped-query attention or a custom head_dim (GPT2 has neither)")
-        family = "gpt2"
+        bad, family = _gpt2_family(cfg, qkv_bias), "gpt2"
     elif cfg.positions == "rotary" and cfg.norm == "rmsnorm":
         bad = [f"{k}={v!r} (Llama needs {want!r})" for k, v, want in (
             ("activation", cfg.activation, "swiglu"), ("prenorm", cfg.prenorm, True)) if v != want]
@@ -858,7 +874,9 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
                 "n_head": cfg.n_heads, "n_inner": cfg.ff_dim,
                 "activation_function": _GPT2_ACTIVATIONS[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
-                "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+                "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+                # written where false alone: an export of the default scale is as it was
+                **({} if cfg.attention_scale is None else {"scale_attn_weights": False})}
     if family == "gpt_neo":
         local = _local_layers(cfg)
         kinds = ["local" if i in local else "global" for i in range(cfg.n_layers)]
