@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -1076,6 +1077,36 @@ def test_export_native_models(fields, arch, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [arch]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert_same_logits(model, theirs, PROMPTS)
+
+
+@pytest.mark.parametrize("fields, arch", [
+    (dict(), "GPT2LMHeadModel"),
+    (dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False),
+     "LlamaForCausalLM")])
+def test_an_attention_scale_of_the_default_s_float32_value_exports_as_the_default(fields, arch,
+                                                                                  tmp_path):
+    """attention_scale 1/√8 (d_head 8), or the next double, which rounds to the same float32:
+    the function of the default scale, refused as another scale; it exports as the default,
+    with transformers' logits, and imports back as it. One float32 step away is refused."""
+    default = 1 / math.sqrt(8)
+    near = math.nextafter(default, 1.0)
+    assert near != default and np.float32(near) == np.float32(default)
+    x = torch.tensor([PROMPTS[2]])
+    for scale in (default, near):
+        model = _random_gpt(0, attention_scale=scale, **fields)
+        out = export_hf(model, None, tmp_path / repr(scale))
+        written = json.loads((out / "config.json").read_text())
+        assert written["architectures"] == [arch] and "scale_attn_weights" not in written
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, **FLOAT32).eval()
+        again, _ = load_pretrained(out)
+        assert again.config.attention_scale is None
+        with torch.no_grad():
+            assert rel_diff(model(x), theirs(x).logits) <= 1e-5
+            assert torch.equal(again(x), model(x))  # SDPA: the float32 scale, bit for bit
+    off = float(np.nextafter(np.float32(default), np.float32(1)))
+    with pytest.raises(UserError, match=f"attention_scale={re.escape(repr(off))} "):
+        export_hf(_random_gpt(0, attention_scale=off, **fields), None, tmp_path / "off")
+    assert not (tmp_path / "off").exists()
 
 
 def test_an_export_whose_config_json_would_hold_infinity_is_refused_before_any_file(tmp_path):

@@ -772,6 +772,24 @@ def _local_layers(cfg: GPTConfig) -> list[int]:
     return [i for i in range(cfg.n_layers) if cfg.is_local(i)]
 
 
+def _float32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def _with_export_scale(cfg: GPTConfig) -> GPTConfig:
+    """`cfg` with an attention_scale that is, in float32, 1 or the default 1/√d_head given as
+    that: attention runs on the float32 scale (SDPA's, and QKᵀ·scale on float32 scores), so a
+    number that rounds to the default's computes what the default does, and exports as it."""
+    scale = cfg.attention_scale
+    if scale is None:
+        return cfg
+    if _float32(scale) == 1.0:  # first: at d_head 1 the default is 1 too, and 1 is GPT-Neo's
+        scale = 1.0
+    elif _float32(scale) == _float32(1 / math.sqrt(cfg.dim_head)):
+        scale = None
+    return dataclasses.replace(cfg, attention_scale=scale)
+
+
 def _gpt_neo_family(cfg: GPTConfig, qkv_bias: bool) -> list[str]:
     """What keeps a model with local layers, or QKᵀ unscaled without Q/K/V biases (learned
     positions, LayerNorm), from exporting as GPT-Neo: GPT2 has no window, and Q/K/V biases."""
@@ -818,6 +836,7 @@ def _export_family(cfg: GPTConfig) -> str:
     with scale_attn_weights false where QKᵀ is unscaled (it keeps the Q/K/V biases GPT-Neo
     lacks). A window on every layer of a Llama-shaped one exports as Mistral (no biases) or
     Qwen2 (biases on Q, K, V only), on some layers as Qwen2 alone (its layer_types)."""
+    cfg = _with_export_scale(cfg)
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
     scaled = [] if cfg.attention_scale is None else [
         f"attention_scale={cfg.attention_scale!r} (Llama, Mistral and Qwen2 divide QKᵀ by "
@@ -861,6 +880,7 @@ def _hf_config(cfg: GPTConfig, family: str, tokenizer: Any, dtype: torch.dtype) 
     # Every id written, null where there is none (no tokenizer, or one without BOS): left
     # out, transformers takes its own defaults (Llama's 1 and 2, GPT-2's 50256, outside a small
     # vocabulary). The BOS token's id is written even where prompts do not start with it.
+    cfg = _with_export_scale(cfg)
     ids: dict[str, int | None] = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
     if tokenizer is not None:
         ids.update(bos_token_id=tokenizer.hf.token_to_id(tokenizer.bos_token)
