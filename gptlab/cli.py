@@ -325,12 +325,20 @@ def _verb_convert():
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--from", dest="source", nargs=2, metavar=("hf|gguf", "PATH"),
                          help="import a Hugging Face directory or a .gguf file")
-        src.add_argument("--to", dest="target", nargs=2, metavar=("hf", "DIR"),
-                         help="export a gptlab model directory to Hugging Face")
-        p.add_argument("--out", required=True, help="output directory")
+        src.add_argument("--to", dest="target", nargs=2, metavar=("hf|gguf", "DIR"),
+                         help="export a gptlab model directory to Hugging Face, or to a GGUF "
+                              "file (Llama-shaped models)")
+        p.add_argument("--out", required=True,
+                       help="output directory; for --to gguf a new FILE.gguf")
+        p.add_argument("--dtype", default=None, choices=("f32", "f16", "q8_0"),
+                       help="--to gguf: the matrices' tensor type (default f32; norms and "
+                            "biases stay f32)")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab import interop
+        if args.dtype is not None and (args.source or args.target[0] != "gguf"):
+            raise UserError("is for --to gguf alone (a Hugging Face export keeps the model's "
+                            "dtype, an import reads the file's)", field="--dtype")
         if args.source:
             kind, path = args.source
             if kind not in ("hf", "gguf"):
@@ -339,12 +347,16 @@ def _verb_convert():
             print(f"wrote gptlab model directory {out}")
         else:
             kind, path = args.target
-            if kind != "hf":
-                raise UserError(f"expects 'hf', not '{kind}'", field="--to")
+            if kind not in ("hf", "gguf"):
+                raise UserError(f"expects 'hf' or 'gguf', not '{kind}'", field="--to")
+            if kind == "gguf":
+                out = interop.convert_to_gguf(path, args.out, dtype=args.dtype or "f32")
+                print(f"wrote GGUF file {out}")
+                return
             out = interop.convert_to_hf(path, args.out)
             print(f"wrote Hugging Face model directory {out}")
 
-    return "import Hugging Face / GGUF models, or export to Hugging Face", add, run
+    return "import Hugging Face / GGUF models, or export to Hugging Face / GGUF", add, run
 
 
 def _verb_world():

@@ -1,8 +1,10 @@
 """Pretrained models in and out: Hugging Face directories and GGUF files become gptlab `GPT`
-models with the exact same function; gptlab models export to Hugging Face directories.
+models with the exact same function; gptlab models export to Hugging Face directories and
+(Llama-shaped ones) to GGUF files.
 
     model, tokenizer = load_pretrained("path/to/hf-dir-or-file.gguf")
     export_hf(model, tokenizer, "out/hf")
+    export_gguf(model, tokenizer, "out/model.gguf", dtype="f16")
 
 HF directories need only safetensors and tokenizers; GGUF needs the `gguf` package
 (`pip install gptlab[hf]`).
@@ -17,12 +19,12 @@ from typing import Any, Iterator
 import torch
 
 from gptlab.errors import NotFound, UserError, reports_path_errors, require_file
-from gptlab.io import check_dir_out, check_holds_none
-from gptlab.interop.gguf import SUPPORTED_GGUF, load_gguf
+from gptlab.io import check_dir_out, check_file_out, check_holds_none
+from gptlab.interop.gguf import GGUF_DTYPES, SUPPORTED_GGUF, export_gguf, load_gguf
 from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
 
-__all__ = ["load_pretrained", "export_hf", "convert_to_gptlab", "convert_to_hf", "SUPPORTED_HF",
-           "SUPPORTED_GGUF"]
+__all__ = ["load_pretrained", "export_hf", "export_gguf", "convert_to_gptlab", "convert_to_hf",
+           "convert_to_gguf", "SUPPORTED_HF", "SUPPORTED_GGUF", "GGUF_DTYPES"]
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32
@@ -117,5 +119,33 @@ def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
     try:
         with _removed_if_failed(Path(out_dir)):
             return export_hf(model, tokenizer, out_dir)
+    except UserError as e:  # a model that does not map: say which one
+        raise e.at(src) from None
+
+
+@reports_path_errors
+def convert_to_gguf(src: str | Path, out_file: str | Path, dtype: str = "f32") -> Path:
+    """Export a gptlab model directory (or anything `load_model` reads) to a new .gguf file
+    (`export_gguf`); an `out_file` that exists is refused, as is one `load_pretrained` would not
+    read as GGUF (its name must end in .gguf)."""
+    from gptlab.checkpoint import is_value_model, load_model
+
+    out = check_file_out(out_file)
+    if out.suffix != ".gguf":
+        raise UserError("must end in .gguf: every verb's --model reads a file as GGUF by that "
+                        "name", path=out, field="out")
+    if out.exists() or out.is_symlink():
+        raise UserError("already exists; choose another out (--out) or remove it", path=out,
+                        field="out")
+    if dtype not in GGUF_DTYPES:  # before the model is read
+        raise UserError(f"expects one of {', '.join(GGUF_DTYPES)}, not {dtype!r}",
+                        field="dtype")
+    if is_value_model(src):
+        raise UserError("PPO's value model does not export to GGUF: llama.cpp's llama and qwen2 "
+                        "have no scalar head; use the directory itself (gptlab ppo --value DIR)",
+                        path=src)
+    model, tokenizer, _ = load_model(src)
+    try:
+        return export_gguf(model, tokenizer, out, dtype, name=Path(src).resolve().name)
     except UserError as e:  # a model that does not map: say which one
         raise e.at(src) from None

@@ -1,5 +1,7 @@
-"""GGUF files (llama.cpp) in: hyperparameters and tokenizer from the metadata, tensors
-dequantized to float, llama.cpp's Q/K row permutation undone.
+"""GGUF files (llama.cpp) in and out. In: hyperparameters and tokenizer from the metadata,
+tensors dequantized to float, llama.cpp's Q/K row permutation undone. Out (`export_gguf`): a
+Llama-shaped GPT as arch `llama` (or `qwen2`, biases on Q, K, V alone) with a byte-level BPE
+tokenizer, the same mapping the other way.
 
 Supported: architectures `llama` (Llama, Mistral, SmolLM, TinyLlama) and `qwen2`, with a
 byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2": GPT-2, Llama 3, Qwen2, SmolLM) or a
@@ -9,11 +11,13 @@ is refused with a UserError that says what and why.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+from dataclasses import dataclass
 from importlib.metadata import version as _version
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -240,7 +244,7 @@ def _token_types(meta: _Meta, n: int) -> list[int]:
 
 def _byte_level_bpe(meta: _Meta, tokens: list[str]) -> Any:
     """GPT-2's byte-level BPE, its text split first as `tokenizer.ggml.pre` says."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import decoders, models
     from tokenizers import Tokenizer as HFTokenizer
 
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -251,20 +255,27 @@ def _byte_level_bpe(meta: _Meta, tokens: list[str]) -> Any:
     merges = _listed_merges(meta, vocab)
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                                 ignore_merges=pre in _LLAMA3_PRES))
+    hf.pre_tokenizer = _byte_level_split(pre)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _byte_level_split(pre: str) -> Any:
+    """The pre-tokenizer of `tokenizer.ggml.pre` `pre` (a key of _PRE_SPLITS): import builds
+    it, export finds a tokenizer's name by it."""
+    from tokenizers import Regex, pre_tokenizers
+
     split = _PRE_SPLITS[pre]
     # GPT-2's split is ByteLevel's own regex; a Llama-3 or Qwen2 split replaces it.
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
                                           use_regex=split in (None, "digits"))
     if split == "digits":  # SmolLM: every digit on its own, then GPT-2's split
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif split is not None:
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        byte_level])
+    if split is not None:
+        return pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
-    else:
-        hf.pre_tokenizer = byte_level
-    hf.decoder = decoders.ByteLevel()
-    return hf
+    return byte_level
 
 
 def _flag(meta: _Meta, key: str) -> bool | None:
@@ -494,3 +505,240 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
         raise UserError(str(e), path=p) from None
     named, unused = _tensors(reader, gguf, cfg, arch, p, dtype)  # tied: no output.weight
     return assemble(cfg, named, unused, p, dtype), tokenizer
+
+
+# --- export ------------------------------------------------------------------------------------
+
+# --dtype -> (the GGUF type of each matrix, general.file_type). Vectors (norm gains, biases) stay
+# F32, as llama.cpp's converter writes them.
+GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+# Each pre-tokenizer export can name, under llama.cpp's name for it (the first of _PRE_SPLITS'
+# names of that split).
+_EXPORT_PRES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
+_OURS = {ours: theirs for theirs, ours in _NAMES.items()}
+_OURS_BLOCK = {ours: theirs for theirs, ours in _BLOCK.items()}
+
+
+def gguf_arch(cfg: GPTConfig) -> str:
+    """'llama' or 'qwen2' (biases on Q, K, V alone), or a UserError naming every setting that
+    llama.cpp's llama and qwen2 cannot say, the field of the first as its field."""
+    from gptlab.interop.hf import _local_layers, _with_export_scale
+
+    cfg = _with_export_scale(cfg)  # a scale that is the default's in float32 is the default
+    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    bad = [(k, f"{k}={getattr(cfg, k)!r} (needs {want!r})") for k, want in (
+        ("positions", "rotary"), ("norm", "rmsnorm"), ("activation", "swiglu"),
+        ("prenorm", True), ("bias", False)) if getattr(cfg, k) != want]
+    if cfg.attention_scale is not None:
+        bad.append(("attention_scale", f"attention_scale={cfg.attention_scale!r} (llama.cpp "
+                                       f"divides QKᵀ by √head_dim)"))
+    local = _local_layers(cfg)
+    if local:
+        bad.append(("attention_window", f"attention_window={cfg.attention_window} on "
+                                        f"local_attention_layers={cfg.local_attention_layers!r} "
+                                        f"(llama.cpp's llama and qwen2 read no window: they "
+                                        f"attend over the whole context)"))
+    if bad:
+        gpt2 = cfg.positions == "learned" and cfg.norm == "layernorm"
+        raise UserError("this model does not map to GGUF's llama or qwen2 architecture: "
+                        + "; ".join(why for _, why in bad)
+                        + ("; a GPT-2-shaped model exports to Hugging Face alone (--to hf)"
+                           if gpt2 else ""), field=bad[0][0])
+    return "qwen2" if qkv_bias else "llama"
+
+
+def _pre_json(pre_tokenizer: Any) -> Any:
+    """A pre-tokenizer's JSON, without what changes offsets alone (ByteLevel's trim_offsets)."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "trim_offsets"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+    return strip(json.loads(pre_tokenizer.__getstate__()) if pre_tokenizer is not None else None)
+
+
+@dataclass
+class GGUFVocab:
+    """What `tokenizer.ggml.*` says of a byte-level BPE tokenizer."""
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+
+
+def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
+    """The GGUF vocabulary of a byte-level BPE `tokenizer` (gptlab's own, GPT-2's, Llama 3's,
+    Qwen2's, SmolLM's), padded to the model's `vocab_size` with unused tokens [PAD<id>] as
+    llama.cpp's converter pads; a UserError saying what GGUF cannot say of any other."""
+    hf = tokenizer.hf
+    state = json.loads(hf.to_str())
+    model = state["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "SentencePiece-style BPE with byte fallback" if model.get("byte_fallback") \
+            else model.get("type")
+        raise UserError(f"tokenizer.json's model is {kind}; GGUF export writes byte-level BPE "
+                        f"alone (tokenizer.ggml.model 'gpt2')", field="model")
+    pre = next((p for p in _EXPORT_PRES
+                if _pre_json(_byte_level_split(p)) == _pre_json(hf.pre_tokenizer)), None)
+    if pre is None:
+        raise UserError(f"tokenizer.json's pre-tokenizer {_pre_json(hf.pre_tokenizer)!r:.120} "
+                        f"is none that llama.cpp names (tokenizer.ggml.pre: GPT-2's byte-level "
+                        f"split, SmolLM's digits first, Llama 3's or Qwen2's regex)",
+                        field="pre_tokenizer")
+    if bool(model.get("ignore_merges")) != (pre in _LLAMA3_PRES):
+        raise UserError(f"ignore_merges={bool(model.get('ignore_merges'))} with the "
+                        f"{pre} split; llama.cpp takes a word that is a token whole with Llama "
+                        f"3's split alone", field="model.ignore_merges")
+    if hf.normalizer is not None:
+        raise UserError(f"tokenizer.json has a normalizer ({type(hf.normalizer).__name__}); "
+                        f"llama.cpp's byte-level BPE normalizes nothing, so its ids would "
+                        f"differ", field="normalizer")
+    if type(hf.decoder).__name__ != "ByteLevel":
+        raise UserError(f"tokenizer.json's decoder is {type(hf.decoder).__name__}, not "
+                        f"ByteLevel", field="decoder")
+    vocab = hf.get_vocab(with_added_tokens=True)
+    n = len(vocab)
+    if sorted(vocab.values()) != list(range(n)):
+        raise UserError("token ids are not 0 to the vocabulary's size less one: GGUF lists "
+                        "tokens by id", field="model.vocab")
+    if n > vocab_size:
+        raise UserError(f"the tokenizer has {n} tokens, more than the model's vocab_size "
+                        f"{vocab_size}", field="vocab_size")
+    tokens = [""] * n
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [_NORMAL] * n
+    for i, added in hf.get_added_tokens_decoder().items():
+        if added.lstrip or added.rstrip or added.single_word:
+            raise UserError(f"added token {added.content!r} strips spaces or matches single "
+                            f"words, which GGUF has no place for", field="added_tokens")
+        types[i] = _CONTROL if added.special else _USER_DEFINED
+    taken = set(vocab)
+    for i in range(n, vocab_size):  # rows the tokenizer never gives, as llama.cpp pads them
+        name = f"[PAD{i}]"
+        while name in taken:
+            name = f"[{name}]"
+        tokens.append(name)
+        types.append(5)  # unused
+    ends = tokenizer.end_ids
+    if len(ends) > 2:
+        raise UserError(f"{len(ends)} ends of generation besides EOS "
+                        f"({', '.join(map(str, ends))}); GGUF names two (eot_token_id, "
+                        f"eom_token_id)", field="eos_token_id")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    odd = next((m for m in merges if m.count(" ") != 1), None)
+    if odd is not None:
+        raise UserError(f"merge {odd!r} is not two tokens apart: GGUF writes a merge as its "
+                        f"two tokens joined by a space", field="model.merges")
+    return GGUFVocab(pre, tokens, types, merges)
+
+
+def _add_tokenizer(w: Any, tokenizer: Any, vocab: GGUFVocab) -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    if tokenizer.bos_token is not None:  # named even where prompts do not start with it
+        w.add_bos_token_id(tokenizer.hf.token_to_id(tokenizer.bos_token))
+    w.add_add_bos_token(tokenizer.bos_id is not None)  # said: llama.cpp's default varies
+    w.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.pad_token is not None:
+        w.add_pad_token_id(tokenizer.pad_id)
+    # llama.cpp stops at both, as at EOS; the chat template's end of turn is found anew.
+    for add, i in zip((w.add_eot_token_id, w.add_eom_token_id), tokenizer.end_ids):
+        add(i)
+    if tokenizer.chat_template is not None:
+        w.add_chat_template(tokenizer.chat_template)
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row order: each head's rotary halves interleaved (`_unpermute`'s
+    inverse)."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _gguf_tensors(model: GPT, arch: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in PyTorch's (out, in) order) for each weight; a tied model
+    has no output.weight, as llama.cpp reads it."""
+    cfg = model.config
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if name in _OURS:
+            theirs = _OURS[name]
+        else:  # blocks.{i}.{kind}.{weight|bias}
+            _, i, rest = name.split(".", 2)
+            kind, part = rest.rsplit(".", 1)
+            theirs = f"blk.{i}.{_OURS_BLOCK[kind]}.{part}"
+        a = t.detach().float().cpu().numpy()
+        if arch == "llama" and theirs.endswith(("attn_q.weight", "attn_q.bias")):
+            a = _permute(a, cfg.n_heads)
+        elif arch == "llama" and theirs.endswith(("attn_k.weight", "attn_k.bias")):
+            a = _permute(a, cfg.kv_heads)
+        yield theirs, np.ascontiguousarray(a)
+
+
+def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
+                name: str = "gptlab") -> Path:
+    """Write `model` (and its byte-level BPE tokenizer, with chat template and BOS/EOS/pad ids)
+    as a GGUF file that llama.cpp runs and `load_gguf` and transformers (`gguf_file=`) load:
+    arch llama, or qwen2 for biases on Q, K, V alone. `dtype` is the matrices' type (f32, f16
+    or q8_0; a matrix whose rows do not split in Q8_0's blocks of 32 goes F16, as llama.cpp's
+    converter writes it). Everything is checked before the file is begun, and it is written to a
+    temporary beside `out` and renamed: `out` is whole or untouched."""
+    from gptlab.interop.hf import _with_export_scale
+    from gptlab.io import atomic_path, check_file_out
+    from gptlab.model.heads import ScalarHeadModel
+
+    gguf = _require_gguf()
+    if isinstance(model, ScalarHeadModel):
+        raise UserError("a reward or value model does not export to GGUF: llama.cpp's llama "
+                        "and qwen2 have no scalar head; use the directory itself")
+    if not isinstance(model, GPT):
+        raise UserError(f"only decoder-only GPT models export to GGUF, not "
+                        f"{type(model).__name__}")
+    if dtype not in GGUF_DTYPES:
+        raise UserError(f"expects one of {', '.join(GGUF_DTYPES)}, not {dtype!r}", field="dtype")
+    cfg = _with_export_scale(model.config)
+    arch = gguf_arch(cfg)
+    vocab = None if tokenizer is None else gguf_vocab(tokenizer, cfg.vocab_size)
+    kind, file_type = GGUF_DTYPES[dtype]
+    qtype = gguf.GGMLQuantizationType[kind]
+    out = check_file_out(out)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            w.add_name(name)  # transformers 4.49's GGUF loader needs one
+            w.add_file_type(gguf.LlamaFileType[file_type])
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            w.add_vocab_size(cfg.vocab_size)
+            w.add_context_length(cfg.context)
+            w.add_embedding_length(cfg.d_model)
+            w.add_block_count(cfg.n_layers)
+            w.add_feed_forward_length(cfg.ff_dim)
+            w.add_head_count(cfg.n_heads)
+            w.add_head_count_kv(cfg.kv_heads)
+            w.add_key_length(cfg.dim_head)
+            w.add_value_length(cfg.dim_head)
+            w.add_rope_dimension_count(cfg.dim_head)  # transformers' llama reads head_dim here
+            w.add_rope_freq_base(cfg.rope_theta)
+            w.add_layer_norm_rms_eps(cfg.norm_eps)
+            if vocab is not None:
+                _add_tokenizer(w, tokenizer, vocab)
+            for tname, a in _gguf_tensors(model, arch):
+                if a.ndim == 2 and kind == "Q8_0" and a.shape[1] % 32 == 0:
+                    w.add_tensor(tname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+                elif a.ndim == 2 and kind != "F32":
+                    w.add_tensor(tname, a.astype(np.float16))
+                else:
+                    w.add_tensor(tname, a)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+    return out

