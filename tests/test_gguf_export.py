@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 LLAMA = dict(positions="rotary", norm="rmsnorm", activation="swiglu", bias=False)
+GPT2 = dict(positions="learned", norm="layernorm", activation="gelu_tanh", bias=True)
 PROBES = ["Is the cat happy? Yes, the cat is happy.", "SELECT name FROM users WHERE age > 30;",
           "naïve café <|bos|> 2024\n\n1. x", "  two  spaces\tand a tab", ""]
 CORPUS = ["Is the cat happy? Yes, the cat is happy.",
@@ -36,8 +37,8 @@ def tok() -> Tokenizer:
 
 def _model(vocab_size: int, seed: int = 0, **fields) -> GPT:
     torch.manual_seed(seed)
-    return _randomize(GPT(GPTConfig(vocab_size=vocab_size, context=128, n_layers=2, n_heads=4,
-                                    d_model=32, **{**LLAMA, **fields})), seed)
+    return _randomize(GPT(GPTConfig(**{**dict(vocab_size=vocab_size, context=128, n_layers=2,
+                                              n_heads=4, d_model=32), **LLAMA, **fields})), seed)
 
 
 def _prompts(tok: Tokenizer) -> list[list[int]]:
@@ -66,7 +67,7 @@ def test_f32_export_loads_back_bit_for_bit_with_its_tokenizer(fields, arch, tok,
     for k in ("vocab_size", "context", "n_layers", "n_heads", "kv_heads", "dim_head", "ff_dim",
               "rope_theta", "tie_embeddings", "qkv_bias"):
         assert getattr(c2, k) == getattr(c, k), k
-    assert np.float32(c2.norm_eps) == np.float32(c.norm_eps)  # GGUF holds float32
+    assert c2.norm_eps == c.norm_eps  # GGUF's float32 9.99999974738e-06 reads as 1e-05
     with torch.no_grad():
         for ids in _prompts(tok):
             x = torch.tensor([ids])
@@ -95,6 +96,53 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(fie
             assert rel_diff(model(x), theirs(x).logits) <= 1e-4
     ids = _prompts(tok)[1]
     assert our_greedy(model, ids, 16) == hf_greedy(theirs, ids, 16)
+
+
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("fields", [LLAMA, GPT2])
+def test_a_float32_setting_computes_the_same_given_as_any_double_of_that_float32(fields, device):
+    """GGUF holds norm_eps and rope_theta as float32: import gives the shortest decimal that is
+    that float32 (1e-05, not 9.99999974738e-06). Norms add eps, rotary raises theta, in float32
+    (on float32 tensors a Python float is rounded to one first), so each double computes the
+    same logits bit for bit."""
+    model = _model(300, norm_eps=9.999999747378752e-06, rope_theta=123456.7890625,
+                   **fields).to(device)  # as float32's doubles: what GGUF holds
+    x = torch.tensor([list(range(3, 300, 5))], device=device)
+    with torch.no_grad():
+        want = model(x)
+        for eps, theta in ((1e-05, 123456.79), (1.00000001e-05, 123456.789)):
+            assert (np.float32(eps), np.float32(theta)) == (np.float32(1e-5),
+                                                           np.float32(123456.7890625))
+            model.config.norm_eps, model.config.rope_theta = eps, theta
+            for m in model.modules():
+                if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                    m.eps = eps
+            assert torch.equal(model(x), want), (eps, theta)
+
+
+def test_gguf_float32_settings_import_as_their_shortest_decimal(tmp_path):
+    model = _model(300, norm_eps=1e-6, rope_theta=123456.789)
+    again, _ = load_pretrained(export_gguf(model, None, tmp_path / "m.gguf"))
+    assert (again.config.norm_eps, again.config.rope_theta) == (1e-6, 123456.79)
+    assert np.float32(again.config.rope_theta) == np.float32(123456.789)
+    x = torch.tensor([list(range(0, 300, 3))])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_a_gguf_epsilon_float32_cannot_hold_is_refused_naming_it(tmp_path, monkeypatch):
+    """A float64 1e-60: llama.cpp reads it as a float32, 0."""
+    key = "llama.attention.layer_norm_rms_epsilon"
+    monkeypatch.setattr(gguf.GGUFWriter, "add_layer_norm_rms_eps",
+                        lambda self, eps: self.add_float64(key, 1e-60))
+    path = export_gguf(_model(300), None, tmp_path / "m.gguf")
+    with pytest.raises(UserError) as e:
+        load_pretrained(path)
+    assert str(e.value) == f"{path}, field '{key}': must be a finite positive float32, got 0.0"
 
 
 @pytest.mark.parametrize("dtype, tol, matrix_type", [("f16", 1e-3, "F16"), ("q8_0", 2e-2, "Q8_0")])

@@ -93,6 +93,16 @@ class _Meta:
                             field=key)
         return float(v)
 
+    def float32(self, key: str, default: float | None = None) -> float:
+        """`positive`, read as llama.cpp reads it (a float32), given as the shortest decimal
+        that is that float32: 1e-05, not 9.99999974738e-06. gptlab computes with it in float32
+        (norms' eps, rotary's base), so either number computes the same."""
+        v = np.float32(self.positive(key, default))
+        if not 0 < v < np.inf:
+            raise UserError(f"must be a finite positive float32, got {float(v)!r}",
+                            path=self.path, field=key)
+        return float(str(v))
+
 
 def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -> GPTConfig:
     a = arch + "."
@@ -128,8 +138,8 @@ def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -
                      n_layers=meta.count(a + "block_count"), n_heads=h,
                      n_kv_heads=kv, d_model=d, d_ff=meta.count(a + "feed_forward_length"),
                      head_dim=None if head_dim * h == d else head_dim, positions="rotary",
-                     rope_theta=meta.positive(a + "rope.freq_base", 10000.0), norm="rmsnorm",
-                     norm_eps=meta.positive(a + "attention.layer_norm_rms_epsilon"),
+                     rope_theta=meta.float32(a + "rope.freq_base", 10000.0), norm="rmsnorm",
+                     norm_eps=meta.float32(a + "attention.layer_norm_rms_epsilon"),
                      prenorm=True, activation="swiglu", bias=False,
                      qkv_bias=True if has_bias else None,
                      tie_embeddings="output.weight" not in tensor_names)
