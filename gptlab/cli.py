@@ -327,7 +327,7 @@ def _verb_convert():
                          help="import a Hugging Face directory or a .gguf file")
         src.add_argument("--to", dest="target", nargs=2, metavar=("hf|gguf", "DIR"),
                          help="export a gptlab model directory to Hugging Face, or to a GGUF "
-                              "file (Llama-shaped models)")
+                              "file (Llama- or GPT-2-shaped models)")
         p.add_argument("--out", required=True,
                        help="output directory; for --to gguf a new FILE.gguf")
         p.add_argument("--dtype", default=None, choices=("f32", "f16", "q8_0"),

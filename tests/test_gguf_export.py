@@ -230,16 +230,32 @@ def test_a_tokenizer_gguf_cannot_say_is_refused_naming_the_field(edits, field, m
 
 
 @pytest.mark.parametrize("fields, field, message", [
-    (dict(positions="learned", norm="layernorm", activation="gelu_tanh", bias=True), "positions",
-     "positions='learned' (needs 'rotary'); norm='layernorm' (needs 'rmsnorm'); "
-     "activation='gelu_tanh' (needs 'swiglu'); bias=True (needs False); a GPT-2-shaped model "
-     "exports to Hugging Face alone"),
+    (dict(positions="sinusoidal", norm="layernorm", activation="gelu_tanh", bias=True),
+     "positions", "llama or qwen2 architecture: positions='sinusoidal' (needs 'rotary', or "
+     "'learned' for gpt2); norm='layernorm' (needs 'rmsnorm'); activation='gelu_tanh' (needs "
+     "'swiglu'); bias=True (needs False)"),
     (dict(bias=True), "bias", "bias=True (needs False)"),
+    # Learned positions: GGUF's gpt2, and what it cannot say.
+    (dict(GPT2, norm="rmsnorm", activation="gelu", bias=False), "norm",
+     "gpt2 architecture: norm='rmsnorm' (needs 'layernorm'); activation='gelu' (needs "
+     "'gelu_tanh', GPT-2's gelu_new: llama.cpp's gpt2 runs GELU's tanh approximation); "
+     "bias=False (needs True)"),
+    (dict(GPT2, activation="relu"), "activation", "activation='relu' (needs 'gelu_tanh'"),
+    (dict(GPT2, qkv_bias=False), "qkv_bias", "qkv_bias=False (needs True: GPT-2's Q, K, V"),
+    (dict(GPT2, prenorm=False), "prenorm", "prenorm=False (needs True)"),
+    (dict(GPT2, n_kv_heads=2), "n_kv_heads", "n_kv_heads=2, head_dim=None (GPT-2 has n_heads "
+                                             "key/value heads of d_model / n_heads)"),
+    (dict(GPT2, head_dim=16), "head_dim", "n_kv_heads=None, head_dim=16 (GPT-2 has"),
+    (dict(GPT2, attention_scale=1.0), "attention_scale", "attention_scale=1.0 (llama.cpp "
+                                                         "divides QKᵀ by √head_dim)"),
+    (dict(GPT2, attention_window=8), "attention_window",
+     "attention_window=8 on local_attention_layers='all' (llama.cpp's llama, qwen2 and gpt2 "
+     "read no window"),
     (dict(prenorm=False), "prenorm", "prenorm=False (needs True)"),
     (dict(attention_scale=1.0), "attention_scale", "attention_scale=1.0 (llama.cpp divides"),
     (dict(attention_window=8, local_attention_layers="odd"), "attention_window",
-     "attention_window=8 on local_attention_layers='odd' (llama.cpp's llama and qwen2 read no "
-     "window"),
+     "attention_window=8 on local_attention_layers='odd' (llama.cpp's llama, qwen2 and gpt2 "
+     "read no window"),
 ])
 def test_a_model_gguf_cannot_say_is_refused_naming_the_field(fields, field, message, tmp_path):
     with pytest.raises(UserError) as e:
@@ -304,12 +320,12 @@ def test_convert_to_gguf_refuses_an_out_that_exists_or_is_no_gguf_and_a_misplace
 
 def test_convert_to_gguf_names_the_model_that_does_not_map(tmp_path, capsys):
     save_model(tmp_path / "gpt2", GPT(GPTConfig(vocab_size=300, context=64, n_layers=1,
-                                                n_heads=2, d_model=16)), None)
+                                                n_heads=2, d_model=16, activation="gelu")), None)
     assert main(["convert", "--to", "gguf", str(tmp_path / "gpt2"),
                  "--out", str(tmp_path / "m.gguf")]) == 2
     assert capsys.readouterr().err.startswith(
-        f"gptlab convert: error: {tmp_path / 'gpt2'}, field 'positions': this model does not "
-        f"map to GGUF's llama or qwen2 architecture: positions='learned'")
+        f"gptlab convert: error: {tmp_path / 'gpt2'}, field 'activation': this model does not "
+        f"map to GGUF's gpt2 architecture: activation='gelu' (needs 'gelu_tanh'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
 
@@ -350,3 +366,208 @@ def test_smollm2_gguf_through_gptlab_and_back_is_the_same_function(tmp_path):
         tok.render_chat([{"role": "user", "content": "Hi"}], True)
     assert tok2.encode("Steps:\n\n1. Mix 2024 naïve") == tok.encode("Steps:\n\n1. Mix 2024 naïve")
     assert (tok2.chat_template, tok2.stop_ids) == (tok.chat_template, tok.stop_ids)
+
+
+# --- GPT-2-shaped models: GGUF's gpt2 ----------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok(tok) -> Tokenizer:
+    """`tok` with GPT-2's own split (tokenizer.ggml.pre "gpt-2")."""
+    from gptlab.interop.gguf import _byte_level_split
+    state = json.loads(tok.hf.to_str())
+    state["pre_tokenizer"] = json.loads(_byte_level_split("gpt-2").__getstate__())
+    return Tokenizer(type(tok.hf).from_str(json.dumps(state)), tok.bos_token, tok.eos_token,
+                     tok.pad_token, chat_template=tok.chat_template)
+
+
+def _gpt2_names(n_layers: int, tied: bool) -> set[str]:
+    """The gpt2 tensors llama.cpp loads, by the gguf package's own names for them."""
+    T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    assert set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.GPT2]) == {
+        T.TOKEN_EMBD, T.POS_EMBD, T.OUTPUT_NORM, T.OUTPUT, T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT,
+        T.FFN_NORM, T.FFN_DOWN, T.FFN_UP}
+    out = {names[T.TOKEN_EMBD] + ".weight", names[T.POS_EMBD] + ".weight",
+           names[T.OUTPUT_NORM] + ".weight", names[T.OUTPUT_NORM] + ".bias"}
+    out |= set() if tied else {names[T.OUTPUT] + ".weight"}
+    for i in range(n_layers):
+        for t in (T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT, T.FFN_NORM, T.FFN_DOWN, T.FFN_UP):
+            out |= {names[t].format(bid=i) + ".weight", names[t].format(bid=i) + ".bias"}
+    return out
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(tie_embeddings=False, d_ff=80, norm_eps=1e-6)])
+def test_gpt2_f32_export_loads_back_bit_for_bit_with_its_tokenizer(fields, gpt2_tok, tmp_path):
+    model = _model(gpt2_tok.vocab_size + 3, **{**GPT2, **fields})
+    out = export_gguf(model, gpt2_tok, tmp_path / "m.gguf")
+    meta = _meta(out)
+    assert meta["general.architecture"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert {t.name for t in gguf.GGUFReader(str(out)).tensors} == \
+        _gpt2_names(2, model.config.tie_embeddings)
+    assert not any("rope" in k or "rms" in k for k in meta)  # GPT-2's keys alone
+    again, tok2 = load_pretrained(out)
+    c = model.config
+    # norm_eps as written: GGUF's float32 9.99999974738e-06 reads back as 1e-05.
+    assert again.config == GPTConfig(**{**c.__dict__, "d_ff": c.ff_dim})
+    with torch.no_grad():
+        for ids in _prompts(gpt2_tok):
+            x = torch.tensor([ids])
+            assert torch.equal(again(x), model(x))
+    for text in PROBES:
+        assert tok2.encode(text, bos=True) == gpt2_tok.encode(text, bos=True)
+    assert tok2.render_chat(CHAT, True) == gpt2_tok.render_chat(CHAT, True)
+    assert our_greedy(again, _prompts(gpt2_tok)[1], 12) == \
+        our_greedy(model, _prompts(gpt2_tok)[1], 12)
+
+
+def test_gpt2_f16_export_stays_close(gpt2_tok, tmp_path):
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=gpt2_tok.vocab_size, context=128, n_layers=2, n_heads=4,
+                          d_model=32, tie_embeddings=False, **GPT2)).eval()
+    out = export_gguf(model, gpt2_tok, tmp_path / "m.gguf", dtype="f16")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert (types["blk.0.attn_qkv.weight"], types["position_embd.weight"],
+            types["blk.0.attn_qkv.bias"], types["output_norm.bias"]) == ("F16", "F16", "F32", "F32")
+    again, _ = load_pretrained(out)
+    for name, w in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], w if w.dim() == 1 else w.half().float()), name
+    with torch.no_grad():
+        worst = max(rel_diff(again(torch.tensor([ids])), model(torch.tensor([ids])))
+                    for ids in _prompts(gpt2_tok))
+    assert 0 < worst <= 1e-3
+
+
+# transformers' GGUF loader reads gpt2's context_length as n_ctx and leaves n_positions at
+# GPT2Config's 1024, and reads no feed_forward_length: it loads context 1024, d_ff 4·d alone.
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(
+        tied, gpt2_tok, tmp_path):
+    model = _model(gpt2_tok.vocab_size, seed=1, context=1024, tie_embeddings=tied, **GPT2)
+    out = export_gguf(model, gpt2_tok, tmp_path / "m.gguf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=out.name, **FLOAT32).eval()
+    assert type(theirs).__name__ == "GPT2LMHeadModel"
+    assert theirs.config.tie_word_embeddings == tied
+    with torch.no_grad():
+        for ids in _prompts(gpt2_tok):
+            x = torch.tensor([ids])
+            assert rel_diff(model(x), theirs(x).logits) <= 1e-4
+    ids = _prompts(gpt2_tok)[1]
+    assert our_greedy(model, ids, 16) == hf_greedy(theirs, ids, 16)
+
+
+def test_a_transformers_gpt2_through_gptlab_to_gguf_computes_its_logits(gpt2_tok, tmp_path):
+    """GPT2LMHeadModel's weights (Conv1D's (in, out) layout, c_attn fused) -> gptlab -> GGUF
+    gpt2: gptlab's reader and transformers' `gguf_file=` both give the original's logits."""
+    from test_interop import _hf_model
+
+    theirs = _hf_model("gpt2", seed=5, vocab_size=gpt2_tok.vocab_size, n_positions=1024)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours, _ = load_pretrained(tmp_path / "hf")
+    out = export_gguf(ours, gpt2_tok, tmp_path / "m.gguf")
+    again, _ = load_pretrained(out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=out.name, **FLOAT32).eval()
+    with torch.no_grad():
+        for ids in _prompts(gpt2_tok):
+            x = torch.tensor([ids])
+            want = theirs(x).logits
+            assert torch.equal(again(x), ours(x))
+            assert rel_diff(again(x), want) <= 1e-4 and rel_diff(back(x).logits, want) <= 1e-4
+    ids = _prompts(gpt2_tok)[0]
+    assert our_greedy(again, ids, 16) == hf_greedy(theirs, ids, 16) == hf_greedy(back, ids, 16)
+
+
+def _write_gpt2(path, model: GPT, extra: dict | None = None, drop: tuple[str, ...] = (),
+                raw: dict | None = None):
+    """A gpt2 GGUF of `model` laid out by the gguf package's names, with metadata `extra`
+    (a float as float64, so that one float32 cannot hold is written as such) and tensors
+    `raw` added or replaced, `drop` left out; no tokenizer."""
+    c, K = model.config, gguf.Keys
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    keys = {K.LLM.VOCAB_SIZE: c.vocab_size, K.LLM.BLOCK_COUNT: c.n_layers,
+            K.LLM.CONTEXT_LENGTH: c.context,
+            K.LLM.EMBEDDING_LENGTH: c.d_model, K.LLM.FEED_FORWARD_LENGTH: c.ff_dim,
+            K.Attention.HEAD_COUNT: c.n_heads,
+            K.Attention.LAYERNORM_EPS: np.float32(c.norm_eps)}  # as llama.cpp writes them
+    for key, value in {**{k.format(arch="gpt2"): v for k, v in keys.items()},
+                       **(extra or {})}.items():
+        add = {str: w.add_string, float: w.add_float64, np.float32: w.add_float32}
+        add.get(type(value), w.add_uint32)(key, value)
+    sd = {k: t.numpy() for k, t in model.state_dict().items()}
+    tensors = {"token_embd.weight": sd["tok_emb.weight"], "position_embd.weight":
+               sd["pos_emb.weight"], "output_norm.weight": sd["final_norm.weight"],
+               "output_norm.bias": sd["final_norm.bias"]}
+    for i in range(c.n_layers):
+        b = f"blocks.{i}."
+        for part in ("weight", "bias"):
+            tensors |= {
+                f"blk.{i}.attn_norm.{part}": sd[b + "attn_norm." + part],
+                f"blk.{i}.attn_qkv.{part}": np.concatenate(
+                    [sd[f"{b}attn.{p}_proj.{part}"] for p in "qkv"]),
+                f"blk.{i}.attn_output.{part}": sd[b + "attn.o_proj." + part],
+                f"blk.{i}.ffn_norm.{part}": sd[b + "mlp_norm." + part],
+                f"blk.{i}.ffn_up.{part}": sd[b + "mlp.up." + part],
+                f"blk.{i}.ffn_down.{part}": sd[b + "mlp.down." + part]}
+    for name, a in {**tensors, **(raw or {})}.items():
+        if name not in drop:
+            w.add_tensor(name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_gpt2_gguf_written_by_another_writer_loads_as_the_model(tmp_path):
+    model = _model(300, seed=4, **GPT2)
+    again, tok = load_pretrained(_write_gpt2(tmp_path / "m.gguf", model))
+    x = torch.tensor([list(range(0, 300, 7))])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert tok is None
+
+
+_QKV = np.zeros((88, 32), np.float32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(drop=("output_norm.bias",)), "tensor for 'final_norm.bias' is missing"),
+    (dict(drop=("position_embd.weight",)), "tensor for 'pos_emb.weight' is missing"),
+    (dict(raw={"position_embd.weight": np.zeros((64, 32), np.float32)}),
+     r"tensor position_embd.weight has shape \(64, 32\), but the config implies \(128, 32\)"),
+    (dict(raw={"blk.1.attn_qkv.weight": _QKV}),
+     r"tensor blk.1.attn_qkv.weight has shape \(88, 32\), but the config implies \(96, 32\): "
+     r"Q's 32 rows, then K's and V's 32 each"),
+    # llama.cpp's gpt2 reads Q, K, V fused alone.
+    (dict(raw={"blk.0.attn_q.weight": np.zeros((32, 32), np.float32)}),
+     "1 tensor\\(s\\) do not map to gptlab's GPT-2-style model: blk.0.attn_q.weight"),
+    (dict(raw={"blk.0.ffn_gate.weight": np.zeros((128, 32), np.float32)}),
+     "1 tensor\\(s\\) have no place in the model the config describes: blk.0.ffn_gate.weight"),
+    (dict(extra={"gpt2.attention.head_count_kv": 2}),
+     "field 'gpt2.attention.head_count_kv': must be 4 in a GGUF gpt2 \\(GPT-2 has 4 key/value "
+     "heads of 8, gpt2.embedding_length / gpt2.attention.head_count\\), got 2"),
+    (dict(extra={"gpt2.attention.key_length": 16}),
+     "field 'gpt2.attention.key_length': must be 8 in a GGUF gpt2"),
+    (dict(extra={"gpt2.attention.head_count": 5}),
+     "field 'gpt2.attention.head_count': gpt2.embedding_length 32 is not divisible by "
+     "gpt2.attention.head_count 5"),
+    (dict(extra={"gpt2.attention.sliding_window": 16}),
+     "field 'gpt2.attention.sliding_window': sliding-window attention is not supported in a "
+     "GGUF gpt2"),
+    (dict(extra={"gpt2.context_length": "1k"}),
+     "field 'gpt2.context_length': must be a positive integer, got '1k'"),
+    (dict(extra={"gpt2.attention.layer_norm_epsilon": "tiny"}),
+     "field 'gpt2.attention.layer_norm_epsilon': must be a finite positive number, got 'tiny'"),
+    # A float64 eps float32 cannot hold: llama.cpp reads it as 0.
+    (dict(extra={"gpt2.attention.layer_norm_epsilon": 1e-60}),
+     "field 'gpt2.attention.layer_norm_epsilon': must be a finite positive float32, got 0.0"),
+])
+def test_a_bad_gpt2_gguf_is_refused_naming_the_tensor_or_key(kwargs, message, tmp_path, capsys):
+    path = _write_gpt2(tmp_path / "m.gguf", _model(300, **GPT2), **kwargs)
+    with pytest.raises(UserError, match=message) as e:
+        load_pretrained(path)
+    assert str(e.value).startswith(f"{path}")
+    assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "error" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,6 +1,6 @@
 """Pretrained models in and out: Hugging Face directories and GGUF files become gptlab `GPT`
 models with the exact same function; gptlab models export to Hugging Face directories and
-(Llama-shaped ones) to GGUF files.
+(Llama- and GPT-2-shaped ones) to GGUF files.
 
     model, tokenizer = load_pretrained("path/to/hf-dir-or-file.gguf")
     export_hf(model, tokenizer, "out/hf")
@@ -141,9 +141,9 @@ def convert_to_gguf(src: str | Path, out_file: str | Path, dtype: str = "f32") -
         raise UserError(f"expects one of {', '.join(GGUF_DTYPES)}, not {dtype!r}",
                         field="dtype")
     if is_value_model(src):
-        raise UserError("PPO's value model does not export to GGUF: llama.cpp's llama and qwen2 "
-                        "have no scalar head; use the directory itself (gptlab ppo --value DIR)",
-                        path=src)
+        raise UserError("PPO's value model does not export to GGUF: llama.cpp's llama, qwen2 "
+                        "and gpt2 have no scalar head; use the directory itself (gptlab ppo "
+                        "--value DIR)", path=src)
     model, tokenizer, _ = load_model(src)
     try:
         return export_gguf(model, tokenizer, out, dtype, name=Path(src).resolve().name)

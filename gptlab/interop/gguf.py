@@ -1,9 +1,10 @@
 """GGUF files (llama.cpp) in and out. In: hyperparameters and tokenizer from the metadata,
-tensors dequantized to float, llama.cpp's Q/K row permutation undone. Out (`export_gguf`): a
-Llama-shaped GPT as arch `llama` (or `qwen2`, biases on Q, K, V alone) with a byte-level BPE
-tokenizer, the same mapping the other way.
+tensors dequantized to float, llama.cpp's Q/K row permutation undone, GPT-2's fused Q/K/V
+split. Out (`export_gguf`): a Llama-shaped GPT as arch `llama` (or `qwen2`, biases on Q, K, V
+alone), a GPT-2-shaped one as `gpt2`, with a byte-level BPE tokenizer, the same mapping the
+other way.
 
-Supported: architectures `llama` (Llama, Mistral, SmolLM, TinyLlama) and `qwen2`, with a
+Supported: architectures `llama` (Llama, Mistral, SmolLM, TinyLlama), `qwen2` and `gpt2`, with a
 byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2": GPT-2, Llama 3, Qwen2, SmolLM) or a
 SentencePiece BPE one with byte fallback ("llama": Llama 1 and 2, Mistral 7B v0.1, TinyLlama).
 Both become a Hugging Face `tokenizers.Tokenizer` that encodes as llama.cpp does. Everything else
@@ -26,7 +27,7 @@ from gptlab.errors import NotFound, UserError, check_bool
 from gptlab.interop.hf import Named, check_heads, assemble
 from gptlab.model.gpt import GPT, GPTConfig
 
-SUPPORTED_GGUF = ("llama", "qwen2")
+SUPPORTED_GGUF = ("llama", "qwen2", "gpt2")
 
 # How each `tokenizer.ggml.pre` splits text before BPE (llama.cpp's pre-tokenizer regexes).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -106,15 +107,10 @@ class _Meta:
 
 def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -> GPTConfig:
     a = arch + "."
-    scaling = meta.get(a + "rope.scaling.type")
-    if (scaling not in (None, "none") or meta.get(a + "rope.scaling.factor", 1.0) != 1.0
-            or "rope_freqs.weight" in tensor_names):
-        raise UserError(f"rope scaling ('{scaling or 'rope_freqs'}') is not supported",
-                        path=meta.path, field=a + "rope.scaling.type")
     if meta.get(a + "attention.sliding_window") is not None:
-        # llama.cpp's llama and qwen2 read no window (they attend over the whole context) and
-        # its converter writes none for them (a Mistral or Qwen2 window is lost on the way):
-        # which function such a file holds, the window's or llama.cpp's, is not known.
+        # llama.cpp's llama, qwen2 and gpt2 read no window (they attend over the whole
+        # context) and its converter writes none for them (a Mistral or Qwen2 window is lost on
+        # the way): which function such a file holds, the window's or llama.cpp's, is not known.
         raise UserError(f"sliding-window attention is not supported in a GGUF {arch}: "
                         f"llama.cpp reads no window for it and attends over the whole context, "
                         f"so the file does not say which of the two the model computes; "
@@ -123,6 +119,13 @@ def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -
     if meta.get(a + "expert_count", 0):
         raise UserError("mixture-of-experts models are not supported", path=meta.path,
                         field=a + "expert_count")
+    if arch == "gpt2":
+        return _gpt2_config(meta, tensor_names, n_vocab)
+    scaling = meta.get(a + "rope.scaling.type")
+    if (scaling not in (None, "none") or meta.get(a + "rope.scaling.factor", 1.0) != 1.0
+            or "rope_freqs.weight" in tensor_names):
+        raise UserError(f"rope scaling ('{scaling or 'rope_freqs'}') is not supported",
+                        path=meta.path, field=a + "rope.scaling.type")
     d, h = meta.count(a + "embedding_length"), meta.count(a + "attention.head_count")
     kv = meta.count(a + "attention.head_count_kv", h)
     explicit_head_dim = a + "attention.key_length" in meta.fields
@@ -145,6 +148,30 @@ def _gguf_config(meta: _Meta, arch: str, tensor_names: set[str], n_vocab: int) -
                      tie_embeddings="output.weight" not in tensor_names)
 
 
+def _gpt2_config(meta: _Meta, tensor_names: set[str], n_vocab: int) -> GPTConfig:
+    """llama.cpp's gpt2: learned positions (one per position of the context), pre-norm
+    LayerNorm, GELU (tanh, ggml_gelu), biases everywhere, QKᵀ divided by √(d / heads)."""
+    d, h = meta.count("gpt2.embedding_length"), meta.count("gpt2.attention.head_count")
+    check_heads(d, h, h, False, meta.path, ("gpt2.embedding_length",
+                "gpt2.attention.head_count", "gpt2.attention.head_count_kv"))
+    # GPT-2's heads: as many keys as queries, each d / heads wide (llama.cpp's converter
+    # writes neither key; one that says otherwise is no GPT-2).
+    for key, want in (("gpt2.attention.head_count_kv", h), ("gpt2.attention.key_length", d // h),
+                      ("gpt2.attention.value_length", d // h)):
+        if meta.count(key, want) != want:
+            raise UserError(f"must be {want} in a GGUF gpt2 (GPT-2 has {h} key/value heads of "
+                            f"{d // h}, gpt2.embedding_length / gpt2.attention.head_count), got "
+                            f"{meta.get(key)}", path=meta.path, field=key)
+    return GPTConfig(vocab_size=meta.count("gpt2.vocab_size", n_vocab or None),
+                     context=meta.count("gpt2.context_length"),
+                     n_layers=meta.count("gpt2.block_count"), n_heads=h,
+                     d_model=d, d_ff=meta.count("gpt2.feed_forward_length"),
+                     positions="learned", norm="layernorm",
+                     norm_eps=meta.float32("gpt2.attention.layer_norm_epsilon"), prenorm=True,
+                     activation="gelu_tanh", bias=True,
+                     tie_embeddings="output.weight" not in tensor_names)
+
+
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp interleaves each head's rotary halves (rows i, i + D/2 -> 2i, 2i + 1) to suit
     its rope kernel; gptlab rotates halves, as Hugging Face does. Invert that row order."""
@@ -153,7 +180,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-_NAMES = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "final_norm.weight",
+_NAMES = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_emb.weight",
+          "output_norm.weight": "final_norm.weight", "output_norm.bias": "final_norm.bias",
           "output.weight": "lm_head.weight"}
 _BLOCK = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj",
           "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
@@ -177,8 +205,14 @@ def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path, dtyp
     named: Named = {}
     unused: list[str] = []
     for t in reader.tensors:
+        parts = t.name.split(".")  # blk.{i}.{kind}.{weight|bias}
+        piece = parts[2] if len(parts) == 4 and parts[0] == "blk" else None
+        fused = arch == "gpt2" and piece == "attn_qkv"
         ours = _our_name(t.name)
-        if ours is None:
+        # llama.cpp's gpt2 reads Q, K and V fused alone: apart, they are not its model's.
+        if arch == "gpt2" and piece in ("attn_q", "attn_k", "attn_v"):
+            ours = None
+        if ours is None and not fused:
             unused.append(t.name)
             continue
         try:
@@ -192,10 +226,25 @@ def _tensors(reader: Any, gguf: Any, cfg: GPTConfig, arch: str, path: Path, dtyp
             w = _unpermute(w, cfg.n_heads)
         elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _unpermute(w, cfg.kv_heads)
+        if fused:
+            for proj, a in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(w, cfg, t.name, path)):
+                named[f"blocks.{parts[1]}.attn.{proj}.{parts[3]}"] = (
+                    t.name, torch.from_numpy(a).to(dtype))
+            continue
         if not w.flags.writeable:  # unquantized tensors come back as views of the mmap
             w = w.copy()
         named[ours] = (t.name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype))
     return named, unused
+
+
+def _split_qkv(w: np.ndarray, cfg: GPTConfig, name: str, path: Path) -> list[np.ndarray]:
+    """GPT-2's attn_qkv (rows: Q's, then K's, then V's) as Q, K, V, each its own copy."""
+    q, kv = cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+    if w.shape[0] != q + 2 * kv:
+        raise UserError(f"tensor {name} has shape {tuple(w.shape)}, but the config implies "
+                        f"{(q + 2 * kv, *w.shape[1:])}: Q's {q} rows, then K's and V's "
+                        f"{kv} each", path=path)
+    return [np.array(part) for part in np.split(w, [q, q + kv])]
 
 
 def _merge(entry: Any, k: int, vocab: dict[str, int], meta: _Meta) -> tuple[str, str]:
@@ -531,15 +580,28 @@ _OURS_BLOCK = {ours: theirs for theirs, ours in _BLOCK.items()}
 
 
 def gguf_arch(cfg: GPTConfig) -> str:
-    """'llama' or 'qwen2' (biases on Q, K, V alone), or a UserError naming every setting that
-    llama.cpp's llama and qwen2 cannot say, the field of the first as its field."""
+    """'llama' or 'qwen2' (biases on Q, K, V alone) for rotary positions, 'gpt2' for learned
+    ones, or a UserError naming every setting that architecture cannot say, the field of the
+    first as its field."""
     from gptlab.interop.hf import _local_layers, _with_export_scale
 
     cfg = _with_export_scale(cfg)  # a scale that is the default's in float32 is the default
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
-    bad = [(k, f"{k}={getattr(cfg, k)!r} (needs {want!r})") for k, want in (
-        ("positions", "rotary"), ("norm", "rmsnorm"), ("activation", "swiglu"),
-        ("prenorm", True), ("bias", False)) if getattr(cfg, k) != want]
+    gpt2 = cfg.positions == "learned"
+    wants = (("norm", "layernorm", ""),
+             ("activation", "gelu_tanh", ", GPT-2's gelu_new: llama.cpp's gpt2 runs GELU's tanh "
+                                         "approximation"),
+             ("prenorm", True, ""), ("bias", True, "")) if gpt2 else (
+        ("positions", "rotary", ", or 'learned' for gpt2"), ("norm", "rmsnorm", ""),
+        ("activation", "swiglu", ""), ("prenorm", True, ""), ("bias", False, ""))
+    bad = [(k, f"{k}={getattr(cfg, k)!r} (needs {want!r}{why})") for k, want, why in wants
+           if getattr(cfg, k) != want]
+    if gpt2 and cfg.bias and cfg.qkv_bias is False:
+        bad.append(("qkv_bias", "qkv_bias=False (needs True: GPT-2's Q, K, V have biases)"))
+    if gpt2 and (cfg.kv_heads != cfg.n_heads or cfg.dim_head * cfg.n_heads != cfg.d_model):
+        field = "n_kv_heads" if cfg.kv_heads != cfg.n_heads else "head_dim"
+        bad.append((field, f"n_kv_heads={cfg.n_kv_heads!r}, head_dim={cfg.head_dim!r} (GPT-2 "
+                           f"has n_heads key/value heads of d_model / n_heads)"))
     if cfg.attention_scale is not None:
         bad.append(("attention_scale", f"attention_scale={cfg.attention_scale!r} (llama.cpp "
                                        f"divides QKᵀ by √head_dim)"))
@@ -547,15 +609,13 @@ def gguf_arch(cfg: GPTConfig) -> str:
     if local:
         bad.append(("attention_window", f"attention_window={cfg.attention_window} on "
                                         f"local_attention_layers={cfg.local_attention_layers!r} "
-                                        f"(llama.cpp's llama and qwen2 read no window: they "
-                                        f"attend over the whole context)"))
+                                        f"(llama.cpp's llama, qwen2 and gpt2 read no window: "
+                                        f"they attend over the whole context)"))
     if bad:
-        gpt2 = cfg.positions == "learned" and cfg.norm == "layernorm"
-        raise UserError("this model does not map to GGUF's llama or qwen2 architecture: "
-                        + "; ".join(why for _, why in bad)
-                        + ("; a GPT-2-shaped model exports to Hugging Face alone (--to hf)"
-                           if gpt2 else ""), field=bad[0][0])
-    return "qwen2" if qkv_bias else "llama"
+        raise UserError(f"this model does not map to GGUF's "
+                        f"{'gpt2' if gpt2 else 'llama or qwen2'} architecture: "
+                        + "; ".join(why for _, why in bad), field=bad[0][0])
+    return "gpt2" if gpt2 else "qwen2" if qkv_bias else "llama"
 
 
 def _pre_json(pre_tokenizer: Any) -> Any:
@@ -675,8 +735,17 @@ def _gguf_tensors(model: GPT, arch: str) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in PyTorch's (out, in) order) for each weight; a tied model
     has no output.weight, as llama.cpp reads it."""
     cfg = model.config
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if arch == "gpt2" and (".attn.k_proj." in name or ".attn.v_proj." in name):
+            continue  # in attn_qkv, with Q's
+        if arch == "gpt2" and ".attn.q_proj." in name:  # GPT-2's one projection: Q, K, V rows
+            i, part = name.split(".")[1], name.rsplit(".", 1)[1]
+            a = torch.cat([state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj",
+                                                                     "v_proj")])
+            yield f"blk.{i}.attn_qkv.{part}", a.detach().float().cpu().numpy()
             continue
         if name in _OURS:
             theirs = _OURS[name]
@@ -696,18 +765,19 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
                 name: str = "gptlab") -> Path:
     """Write `model` (and its byte-level BPE tokenizer, with chat template and BOS/EOS/pad ids)
     as a GGUF file that llama.cpp runs and `load_gguf` and transformers (`gguf_file=`) load:
-    arch llama, or qwen2 for biases on Q, K, V alone. `dtype` is the matrices' type (f32, f16
-    or q8_0; a matrix whose rows do not split in Q8_0's blocks of 32 goes F16, as llama.cpp's
-    converter writes it). Everything is checked before the file is begun, and it is written to a
-    temporary beside `out` and renamed: `out` is whole or untouched."""
+    arch llama, or qwen2 for biases on Q, K, V alone, or gpt2 for GPT-2's shape. `dtype` is the
+    matrices' type (f32, f16 or q8_0; a matrix whose rows do not split in Q8_0's blocks of 32
+    goes F16, as llama.cpp's converter writes it). Everything is checked before the file is
+    begun, and it is written to a temporary beside `out` and renamed: `out` is whole or
+    untouched."""
     from gptlab.interop.hf import _with_export_scale
     from gptlab.io import atomic_path, check_file_out
     from gptlab.model.heads import ScalarHeadModel
 
     gguf = _require_gguf()
     if isinstance(model, ScalarHeadModel):
-        raise UserError("a reward or value model does not export to GGUF: llama.cpp's llama "
-                        "and qwen2 have no scalar head; use the directory itself")
+        raise UserError("a reward or value model does not export to GGUF: llama.cpp's llama, "
+                        "qwen2 and gpt2 have no scalar head; use the directory itself")
     if not isinstance(model, GPT):
         raise UserError(f"only decoder-only GPT models export to GGUF, not "
                         f"{type(model).__name__}")
@@ -731,12 +801,15 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
             w.add_block_count(cfg.n_layers)
             w.add_feed_forward_length(cfg.ff_dim)
             w.add_head_count(cfg.n_heads)
-            w.add_head_count_kv(cfg.kv_heads)
-            w.add_key_length(cfg.dim_head)
-            w.add_value_length(cfg.dim_head)
-            w.add_rope_dimension_count(cfg.dim_head)  # transformers' llama reads head_dim here
-            w.add_rope_freq_base(cfg.rope_theta)
-            w.add_layer_norm_rms_eps(cfg.norm_eps)
+            if arch == "gpt2":  # as llama.cpp's converter writes GPT-2: no rope, no head sizes
+                w.add_layer_norm_eps(cfg.norm_eps)
+            else:
+                w.add_head_count_kv(cfg.kv_heads)
+                w.add_key_length(cfg.dim_head)
+                w.add_value_length(cfg.dim_head)
+                w.add_rope_dimension_count(cfg.dim_head)  # transformers' llama reads head_dim
+                w.add_rope_freq_base(cfg.rope_theta)
+                w.add_layer_norm_rms_eps(cfg.norm_eps)
             if vocab is not None:
                 _add_tokenizer(w, tokenizer, vocab)
             for tname, a in _gguf_tensors(model, arch):
