@@ -890,3 +890,21 @@ def test_value_and_resume_still_take_a_value_model_marked_or_not(setup, tmp_path
     assert main([*ppo_cli(args, run), "--steps", str(STEPS), "--resume"]) == 0
     assert_same_run(straight, run)
     assert json.loads((run / "value" / "config.json").read_text())["stage"] == "value"
+
+
+def test_a_resume_from_a_step_of_an_earlier_line_restores_that_lines_metrics_rows(setup):
+    """A run saved at every step; a line forked from its step-1 then died in step 3, leaving its
+    own rows 2 and 3 in metrics.jsonl (the first line's 2 to 4 gone). Resumed from step-2, the
+    first line's, the run ends as the one that never forked: step-2 keeps its line's rows and
+    the resume puts them back. Saved without them, or rewound to metrics.jsonl's rows up to the
+    step, the abandoned line's row 2 stayed (mutation testing: each passed every test)."""
+    d, args, straight = setup
+    out = d / "forked"
+    common = ppo_cli(args, out, save_every=1)
+    assert main([*common, "--steps", str(STEPS)]) == 0
+    first = read_metrics(out / "metrics.jsonl")
+    abandoned = [{**r, "reward": -1.0 - r["step"]} for r in first[1:3]]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                               for r in first[:1] + abandoned))
+    assert main([*common, "--steps", str(STEPS), "--resume-from", "step-2"]) == 0
+    assert_same_run(straight, out)
