@@ -774,3 +774,68 @@ def test_the_validation_loss_does_not_depend_on_how_the_validation_set_is_batche
         losses.append(next(r["val_loss"] for r in rows if r["step"] == 0 and "val_loss" in r))
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
     assert losses[2] == pytest.approx(losses[0], abs=1e-5)
+
+
+def _swap_input_model(tmp_path, seed: int) -> None:
+    """tmp_path/base: the base fixture's model with other weights (seed 0: the base's own)."""
+    tok = sft_module.load_language_model(tmp_path / "base")[1]
+    torch.manual_seed(seed)
+    config = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=64)
+    save_model(tmp_path / "base", GPT(config), tok)
+
+
+_STEP0_ARGS = ("--lr", "1e-3", "--warmup-steps", "0", "--val-fraction", "0.25", "--world",
+               "builtin", "--exec-eval", "2", "--log-every", "1", "--eval-every", "1",
+               "--save-every", "1", "--keep-checkpoints", "10")
+
+
+def test_a_session_resumed_on_another_input_model_still_records_the_runs_start(
+        base, tmp_path, monkeypatch, capsys):
+    """Steps 0 to 2 on the input model (best: step 0), 3 and 4 resumed on another one (best:
+    step 4), then resumed from step-3 on the first again: step-3, the second session's, records
+    the digest of the weights the run started from, not the second input's, so step 0's best is
+    taken from --model. Recording the session's own input passed every test (mutation testing):
+    the last resume said step 0 could no longer be selected."""
+    import shutil
+    from safetensors.torch import load_file
+    _scored_by_step(monkeypatch, {0: 0.5, 1: 0.1, 2: 0.2, 3: 0.2, 4: 0.9})
+    d, paths = base
+    shutil.copytree(d / "base", tmp_path / "base")
+    mine, out = (tmp_path, paths), tmp_path / "sft"
+    assert run_sft(mine, out, *_STEP0_ARGS, "--max-steps", "2") == 0
+    _swap_input_model(tmp_path, 1)
+    assert run_sft(mine, out, *_STEP0_ARGS, "--max-steps", "4", "--resume") == 0
+    assert json.loads((out / "config.json").read_text())["best_step"] == 4
+    _swap_input_model(tmp_path, 0)
+    capsys.readouterr()
+    restored = []
+    replace = sft_module.replace_model
+    monkeypatch.setattr(sft_module, "replace_model", lambda path, model, tok, extra: (
+        restored.append((extra["step"], {k: v.clone() for k, v in model.state_dict().items()})),
+        replace(path, model, tok, extra=extra))[1])
+    assert run_sft(mine, out, *_STEP0_ARGS, "--max-steps", "4", "--resume-from", "step-3") == 0
+    assert "can no longer be selected" not in capsys.readouterr().err
+    step, weights = restored[0]  # OUT/best held step 4's: step 0's came back first
+    c = load_file(d / "base" / "model.safetensors")
+    assert step == 0 and all(torch.equal(c[k], weights[k]) for k in c)
+
+
+def test_a_run_whose_checkpoints_record_no_start_digest_says_so_of_step_0(
+        base, tmp_path, monkeypatch, capsys):
+    """A checkpoint from before checkpoints recorded the input model's digest: a best at step 0
+    that OUT/best no longer holds cannot be checked against --model, and the note says that
+    (not that --model changed: each message in the other's place passed every test)."""
+    _scored_by_step(monkeypatch, {0: 0.5, 1: 0.1, 2: 0.2, 3: 0.2, 4: 0.3, 5: 0.9, 6: 0.2})
+    out = tmp_path / "sft"
+    assert run_sft(base, out, *_STEP0_ARGS, "--max-steps", "6") == 0
+    read_meta = sft_module.read_meta
+    monkeypatch.setattr(sft_module, "read_meta", lambda p: {
+        k: v for k, v in read_meta(p).items() if k != "start_key"})
+    capsys.readouterr()
+    assert run_sft(base, out, *_STEP0_ARGS, "--max-steps", "6", "--eval-every", "2",
+                   "--resume-from", "step-4") == 0
+    assert (f"note: {out / 'best'} is missing or holds another evaluation's weights, and no "
+            f"checkpoint holds them ({out / 'checkpoints' / 'step-0'} is not there), and the "
+            f"run's checkpoints record no digest of the input model's weights to check it by; "
+            f"the best evaluation so far (step 0) can no longer be selected"
+            ) in capsys.readouterr().err
