@@ -23,3 +23,32 @@ def test_gptconfig_refuses_an_attention_scale_that_is_no_finite_number_above_0(s
 @pytest.mark.parametrize("scale", [1, 1.0, 0.125, 1e-9, 1e9])
 def test_gptconfig_takes_any_finite_attention_scale_above_0(scale):
     assert GPTConfig(**BASE, attention_scale=scale).attention_scale == scale
+
+
+def neo_config(**changes) -> dict:
+    """A GPT-Neo config.json of 4 layers, GPT-Neo's alternation (global first), a window of 5."""
+    return {"model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"], "vocab_size": 97,
+            "hidden_size": 32, "num_heads": 4, "num_layers": 4, "max_position_embeddings": 64,
+            "window_size": 5, "attention_types": [[["global", "local"], 2]], **changes}
+
+
+def test_attention_layers_that_list_attention_types_expansion_are_read_without_a_note(
+        tmp_path, capsys):
+    """transformers writes both: [[["global", "local"], 2]] expands to global, local, global,
+    local (the pair repeated, not each kind repeated), so the two agree and nothing is noted.
+    Expanding each kind n times passed every test."""
+    from gptlab.interop.hf import hf_config_to_gpt
+    cfg = hf_config_to_gpt(neo_config(attention_layers=["global", "local"] * 2),
+                           tmp_path / "config.json")
+    assert (cfg.attention_window, cfg.local_attention_layers) == (5, "odd")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_kind_repeated_0_times_is_no_layer_of_a_model_too_long_to_list(tmp_path):
+    """[[["local"], N], [["global"], 0]] is N local layers: "all", with no list of them made, for
+    a number of layers no list holds (a kind repeated 0 times counted passed every test)."""
+    from gptlab.interop.hf import _MOST_LISTED, hf_config_to_gpt
+    n = _MOST_LISTED + 1
+    cfg = hf_config_to_gpt(neo_config(num_layers=n, attention_types=[
+        [["local"], n], [["global"], 0]]), tmp_path / "config.json")
+    assert (cfg.n_layers, cfg.attention_window, cfg.local_attention_layers) == (n, 5, "all")
