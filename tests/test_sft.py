@@ -839,3 +839,25 @@ def test_a_run_whose_checkpoints_record_no_start_digest_says_so_of_step_0(
             f"run's checkpoints record no digest of the input model's weights to check it by; "
             f"the best evaluation so far (step 0) can no longer be selected"
             ) in capsys.readouterr().err
+
+
+def test_a_changed_input_model_is_not_named_in_the_note_of_a_best_after_step_0(
+        base, tmp_path, monkeypatch, capsys):
+    """--model matters to step 0's weights alone: where step 2's cannot be found, the note says
+    why and names no change of --model (naming it for any best step passed every test)."""
+    import shutil
+    _scored_by_step(monkeypatch, {0: 0.0, 1: 0.1, 2: 0.5, 3: 0.2, 4: 0.3, 5: 0.9, 6: 0.2})
+    d, paths = base
+    shutil.copytree(d / "base", tmp_path / "base")
+    mine, out = (tmp_path, paths), tmp_path / "sft"
+    assert run_sft(mine, out, *_STEP0_ARGS, "--max-steps", "6") == 0
+    ckpt = out / "checkpoints" / "step-2"
+    shutil.rmtree(ckpt)
+    _swap_input_model(tmp_path, 1)
+    capsys.readouterr()
+    assert run_sft(mine, out, *_STEP0_ARGS, "--max-steps", "6", "--eval-every", "2",
+                   "--resume-from", "step-4") == 0
+    assert (f"note: {out / 'best'} is missing or holds another evaluation's weights, and no "
+            f"checkpoint holds them ({ckpt} is not there); the best evaluation so far (step 2) "
+            f"can no longer be selected") in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["best_step"] == 6
