@@ -52,3 +52,27 @@ def test_a_kind_repeated_0_times_is_no_layer_of_a_model_too_long_to_list(tmp_pat
     cfg = hf_config_to_gpt(neo_config(num_layers=n, attention_types=[
         [["local"], n], [["global"], 0]]), tmp_path / "config.json")
     assert (cfg.n_layers, cfg.attention_window, cfg.local_attention_layers) == (n, 5, "all")
+
+
+def test_weights_key_tells_apart_the_same_bytes_under_another_name_shape_or_dtype():
+    """SFT's start digest: the same bytes as another parameter, another shape or another dtype
+    are other weights (hashing the values' bytes alone passed every test)."""
+    import torch
+    from torch import nn
+    from gptlab.checkpoint import weights_key
+
+    def module(**tensors):
+        m = nn.Module()
+        for name, t in tensors.items():
+            m.register_buffer(name, t)
+        return m
+
+    values = torch.arange(6, dtype=torch.float32)
+    keys = {weights_key(module(a=values.reshape(2, 3))),
+            weights_key(module(a=values.reshape(3, 2))),
+            weights_key(module(b=values.reshape(2, 3))),
+            weights_key(module(a=values.view(torch.int32).reshape(2, 3)))}
+    assert len(keys) == 4
+    assert weights_key(module(a=values.reshape(2, 3).clone())) == weights_key(
+        module(a=values.reshape(2, 3)))
+    assert weights_key(module(a=values + 1)) != weights_key(module(a=values))
