@@ -76,3 +76,30 @@ def test_weights_key_tells_apart_the_same_bytes_under_another_name_shape_or_dtyp
     assert weights_key(module(a=values.reshape(2, 3).clone())) == weights_key(
         module(a=values.reshape(2, 3)))
     assert weights_key(module(a=values + 1)) != weights_key(module(a=values))
+
+
+@pytest.mark.parametrize("fields, message", [
+    # GPT-Neo's heads are d_model / n_heads wide: a custom head_dim alone is refused too.
+    (dict(qkv_bias=False, attention_scale=1.0, head_dim=16),
+     r"attention_scale=1.0 exports as GPT-Neo alone .*; this model has grouped-query attention "
+     r"or a custom head_dim$"),
+    # Neither family's positions: the scale is named beside them.
+    (dict(positions="sinusoidal", attention_scale=1.0),
+     r"positions='sinusoidal' with norm='layernorm' \(GPT2 and GPT-Neo need learned \+ "
+     r"layernorm, Llama/Qwen2 rotary \+ rmsnorm\); attention_scale=1.0 \(GPT2, Llama, Mistral "
+     r"and Qwen2 divide QKᵀ by √head_dim; GPT-Neo, which does not, needs learned positions and "
+     r"layernorm\)$"),
+])
+def test_export_refuses_a_gpt_neo_shape_it_cannot_write_naming_each_setting(fields, message,
+                                                                           tmp_path):
+    """Each part of the refusal went unseen (mutation testing): without the head_dim check the
+    export wrote Q/K/V weights of another shape than GPT-Neo's."""
+    import torch
+    from gptlab.errors import UserError
+    from gptlab.interop.hf import export_hf
+    from gptlab.model.gpt import GPT
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**BASE, **fields))
+    with pytest.raises(UserError, match=message):
+        export_hf(model, None, tmp_path)
+    assert not any(tmp_path.iterdir())
