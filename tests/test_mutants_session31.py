@@ -103,3 +103,35 @@ def test_export_refuses_a_gpt_neo_shape_it_cannot_write_naming_each_setting(fiel
     with pytest.raises(UserError, match=message):
         export_hf(model, None, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_left_padded_cache_decodes_past_the_window_without_an_attention_mask():
+    """`new_cache(left_padded=True)` fed no attention mask (rows of real tokens only): a local
+    layer's band over its ring is built from the positions it keeps, as with a mask. Built
+    over every position since the start, it passed every test (each one gives a mask)."""
+    import torch
+    from gptlab.model.gpt import GPT
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**BASE, "n_layers": 3}, positions="learned", attention_window=5,
+                          local_attention_layers="odd", dropout=0.0)).eval()
+    ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 16, left_padded=True)
+        steps = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 16)]
+    assert cache.wk.shape[3] == 5
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_a_resume_puts_its_checkpoints_rows_back_where_metrics_jsonl_is_gone(tmp_path):
+    """A checkpoint keeps its line's rows: with metrics.jsonl removed, rewinding writes them
+    (returning early where the file is missing passed every test)."""
+    from gptlab.train.loop import MetricsLog, read_metrics
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": math.nan}]
+    MetricsLog.rewind(path, {"step": 2, "metrics": rows})
+    got = read_metrics(path)
+    assert got[0] == rows[0] and got[1]["step"] == 2 and math.isnan(got[1]["loss"])
+    MetricsLog.rewind(tmp_path / "none.jsonl", {"step": 2})  # nothing kept, nothing there
+    assert not (tmp_path / "none.jsonl").exists()
