@@ -861,3 +861,27 @@ def test_a_changed_input_model_is_not_named_in_the_note_of_a_best_after_step_0(
             f"checkpoint holds them ({ckpt} is not there); the best evaluation so far (step 2) "
             f"can no longer be selected") in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["best_step"] == 6
+
+
+def test_an_input_model_changed_past_its_head_no_longer_holds_the_runs_start(
+        base, tmp_path, monkeypatch, capsys):
+    """One weight of a block changed in --model (its embeddings and head as they were) is
+    another start: the digest covers every weight (one of the head alone passed every test,
+    and step 0's best came back from the changed model)."""
+    import shutil
+    from gptlab.checkpoint import load_model
+    _scored_by_step(monkeypatch, {0: 0.5, 1: 0.1, 2: 0.2, 3: 0.2, 4: 0.3, 5: 0.9, 6: 0.2})
+    d, paths = base
+    shutil.copytree(d / "base", tmp_path / "base")
+    mine, out = (tmp_path, paths), tmp_path / "sft"
+    assert run_sft(mine, out, *_STEP0_ARGS, "--max-steps", "6") == 0
+    model, tok, _ = load_model(tmp_path / "base")
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight[0, 0] += 0.5
+    save_model(tmp_path / "base", model, tok)
+    capsys.readouterr()
+    assert run_sft(mine, out, *_STEP0_ARGS, "--max-steps", "6", "--eval-every", "2",
+                   "--resume-from", "step-4") == 0
+    assert (f"{tmp_path / 'base'} (--model) no longer holds the weights the run started from; "
+            f"the best evaluation so far (step 0) can no longer be selected"
+            ) in capsys.readouterr().err
