@@ -135,3 +135,62 @@ def test_a_resume_puts_its_checkpoints_rows_back_where_metrics_jsonl_is_gone(tmp
     assert got[0] == rows[0] and got[1]["step"] == 2 and math.isnan(got[1]["loss"])
     MetricsLog.rewind(tmp_path / "none.jsonl", {"step": 2})  # nothing kept, nothing there
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_a_gpt_neo_layer_count_no_float_holds_is_refused_naming_num_layers(tmp_path):
+    """GPTConfig's own checks are named by config.json's key: GPT-Neo's layer count is
+    num_layers (Llama's name for it passed every test)."""
+    from gptlab.errors import UserError
+    from gptlab.interop.hf import hf_config_to_gpt
+    n = 10**400
+    with pytest.raises(UserError) as err:
+        hf_config_to_gpt(neo_config(num_layers=n, attention_types=[[["global"], n]]),
+                         tmp_path / "config.json")
+    assert err.value.field == "num_layers" and "an integer of 401 digits" in err.value.message
+
+
+def _neo_shaped(tie: bool):
+    import torch
+    from gptlab.model.gpt import GPT
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(**BASE, qkv_bias=False, attention_scale=1.0, attention_window=3,
+                          local_attention_layers="odd", tie_embeddings=tie)).eval()
+    with torch.no_grad():  # every weight random: a bias or norm left at its init would hide a swap
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def test_an_untied_gpt_neo_exports_its_head_as_lm_head_and_reads_back_the_same(tmp_path):
+    """GPTNeoForCausalLM's head is lm_head.weight, beside transformer.* (under the prefix it
+    was neither written where transformers reads it nor read back: that passed every test)."""
+    import torch
+    from safetensors.torch import load_file
+    from gptlab.interop.hf import export_hf, load_hf
+    model = _neo_shaped(tie=False)
+    export_hf(model, None, tmp_path / "out")
+    sd = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(sd["lm_head.weight"], model.lm_head.weight)
+    assert "transformer.lm_head.weight" not in sd
+    back, _ = load_hf(tmp_path / "out")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+
+
+def test_a_gpt_neo_checkpoint_without_the_transformer_prefix_imports_the_same(tmp_path):
+    """A base GPTNeoModel's weights carry no "transformer." (as GPT-2's may not): read as
+    they are (the prefix taken for granted passed every test)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from gptlab.interop.hf import export_hf, load_hf
+    model = _neo_shaped(tie=True)
+    export_hf(model, None, tmp_path / "out")
+    path = tmp_path / "out" / "model.safetensors"
+    sd = load_file(str(path))
+    save_file({k.removeprefix("transformer."): v for k, v in sd.items()}, str(path),
+              metadata={"format": "pt"})
+    back, _ = load_hf(tmp_path / "out")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
