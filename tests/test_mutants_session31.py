@@ -149,12 +149,13 @@ def test_a_gpt_neo_layer_count_no_float_holds_is_refused_naming_num_layers(tmp_p
     assert err.value.field == "num_layers" and "an integer of 401 digits" in err.value.message
 
 
-def _neo_shaped(tie: bool):
+def _neo_shaped(tie: bool, dropout: float = 0.0):
     import torch
     from gptlab.model.gpt import GPT
     torch.manual_seed(3)
     model = GPT(GPTConfig(**BASE, qkv_bias=False, attention_scale=1.0, attention_window=3,
-                          local_attention_layers="odd", tie_embeddings=tie)).eval()
+                          local_attention_layers="odd", tie_embeddings=tie,
+                          dropout=dropout)).eval()
     with torch.no_grad():  # every weight random: a bias or norm left at its init would hide a swap
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
@@ -194,3 +195,17 @@ def test_a_gpt_neo_checkpoint_without_the_transformer_prefix_imports_the_same(tm
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     with torch.no_grad():
         assert torch.equal(back(ids), model(ids))
+
+
+def test_a_gpt_neo_export_writes_the_one_dropout_rate_at_each_of_its_places(tmp_path, capsys):
+    """gptlab's one rate is GPT-Neo's embedding, attention and residual dropout alike, and reads
+    back without a note (embed_dropout written as 0 passed every test)."""
+    import json
+    from gptlab.interop.hf import export_hf, load_hf
+    model = _neo_shaped(tie=True, dropout=0.125)
+    export_hf(model, None, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert [cfg[k] for k in ("embed_dropout", "attention_dropout", "resid_dropout")] == [0.125] * 3
+    capsys.readouterr()
+    back, _ = load_hf(tmp_path / "out")
+    assert back.config.dropout == 0.125 and capsys.readouterr().err == ""
