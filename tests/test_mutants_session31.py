@@ -209,3 +209,38 @@ def test_a_gpt_neo_export_writes_the_one_dropout_rate_at_each_of_its_places(tmp_
     capsys.readouterr()
     back, _ = load_hf(tmp_path / "out")
     assert back.config.dropout == 0.125 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("n_layers, layers, types, kinds", [
+    (4, "all", [[["local"], 4]], ["local"] * 4),
+    (4, "odd", [[["global", "local"], 2]], ["global", "local"] * 2),
+    (3, [1, 2], [[["global"], 1], [["local"], 2]], ["global", "local", "local"]),
+])
+def test_a_gpt_neo_export_writes_attention_types_that_expand_to_its_layers(
+        n_layers, layers, types, kinds, tmp_path):
+    """attention_types expands to one kind a layer, and gptlab reads its own export back with
+    the same local layers (a pattern of one kind counted as pairs, or each run counted as one
+    layer, passed every test: transformers reads attention_layers, written beside them)."""
+    import json
+    import torch
+    from gptlab.interop.hf import export_hf, load_hf
+    from gptlab.model.gpt import GPT
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**BASE, "n_layers": n_layers}, qkv_bias=False, attention_scale=1.0,
+                          attention_window=3, local_attention_layers=layers)).eval()
+    export_hf(model, None, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["attention_types"], cfg["attention_layers"], cfg["window_size"]) == (
+        types, kinds, 3)
+    back, _ = load_hf(tmp_path / "out")
+    assert (back.config.attention_window, back.config.local_attention_layers) == (3, layers)
+
+
+def test_a_gpt_neo_activation_other_than_gelu_new_is_refused_naming_the_key(tmp_path):
+    """GPT-Neo maps with gelu_new (gptlab's gelu_tanh): plain gelu is another function, refused
+    (taken for gelu_tanh, it passed every test)."""
+    from gptlab.errors import UserError
+    from gptlab.interop.hf import hf_config_to_gpt
+    with pytest.raises(UserError, match="activation 'gelu' is not supported") as err:
+        hf_config_to_gpt(neo_config(activation_function="gelu"), tmp_path / "config.json")
+    assert err.value.field == "activation_function"
