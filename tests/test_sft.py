@@ -885,3 +885,24 @@ def test_an_input_model_changed_past_its_head_no_longer_holds_the_runs_start(
     assert (f"{tmp_path / 'base'} (--model) no longer holds the weights the run started from; "
             f"the best evaluation so far (step 0) can no longer be selected"
             ) in capsys.readouterr().err
+
+
+def test_a_resume_replays_its_checkpoints_evaluations_not_an_abandoned_lines(
+        base, tmp_path, monkeypatch):
+    """metrics.jsonl with step 1's evaluation rewritten, as a line forked before it and
+    abandoned would leave it (execution accuracy 0.9, the best of all): resumed from step-2,
+    whose rows are the run's own, the best is the run's step 4, not that step 1 (replaying
+    metrics.jsonl up to the step passed every test)."""
+    from gptlab.train.loop import read_metrics
+    _scored_by_step(monkeypatch, {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4, 4: 0.5})
+    out = tmp_path / "sft"
+    assert run_sft(base, out, *_STEP0_ARGS, "--max-steps", "4") == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(
+        {**r, "exec_acc": 0.9} if r["step"] == 1 and "exec_acc" in r else r) + "\n"
+        for r in rows))
+    assert run_sft(base, out, *_STEP0_ARGS, "--max-steps", "4", "--resume-from", "step-2") == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert (meta["best_step"], meta["best_score"]) == (4, 0.5)
+    assert [r["exec_acc"] for r in read_metrics(out / "metrics.jsonl") if "exec_acc" in r] == [
+        0.1, 0.2, 0.3, 0.4, 0.5]
