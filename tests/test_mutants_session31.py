@@ -81,14 +81,15 @@ def test_weights_key_tells_apart_the_same_bytes_under_another_name_shape_or_dtyp
 @pytest.mark.parametrize("fields, message", [
     # GPT-Neo's heads are d_model / n_heads wide: a custom head_dim alone is refused too.
     (dict(qkv_bias=False, attention_scale=1.0, head_dim=16),
-     r"attention_scale=1.0 exports as GPT-Neo alone .*; this model has grouped-query attention "
+     r"attention_scale=1.0 with qkv_bias=False exports as GPT-Neo alone .*; this model has "
+     r"grouped-query attention "
      r"or a custom head_dim$"),
     # Neither family's positions: the scale is named beside them.
     (dict(positions="sinusoidal", attention_scale=1.0),
      r"positions='sinusoidal' with norm='layernorm' \(GPT2 and GPT-Neo need learned \+ "
-     r"layernorm, Llama/Qwen2 rotary \+ rmsnorm\); attention_scale=1.0 \(GPT2, Llama, Mistral "
-     r"and Qwen2 divide QKᵀ by √head_dim; GPT-Neo, which does not, needs learned positions and "
-     r"layernorm\)$"),
+     r"layernorm, Llama/Qwen2 rotary \+ rmsnorm\); attention_scale=1.0 \(Llama, Mistral and "
+     r"Qwen2 divide QKᵀ by √head_dim; GPT2 and GPT-Neo can leave it undivided, attention_scale "
+     r"1.0, with learned positions and layernorm\)$"),
 ])
 def test_export_refuses_a_gpt_neo_shape_it_cannot_write_naming_each_setting(fields, message,
                                                                            tmp_path):
@@ -236,11 +237,16 @@ def test_a_gpt_neo_export_writes_attention_types_that_expand_to_its_layers(
     assert (back.config.attention_window, back.config.local_attention_layers) == (3, layers)
 
 
-def test_a_gpt_neo_activation_other_than_gelu_new_is_refused_naming_the_key(tmp_path):
-    """GPT-Neo maps with gelu_new (gptlab's gelu_tanh): plain gelu is another function, refused
-    (taken for gelu_tanh, it passed every test)."""
+def test_a_gpt_neo_activation_maps_to_its_own_function_and_an_unknown_one_is_refused(tmp_path):
+    """GPT-Neo's activation_function maps as GPT-2's: plain gelu is the exact GELU, not gelu_new
+    (gptlab's gelu_tanh; taken for it, it passed every test of its time), and a name gptlab
+    cannot compute is refused naming the key."""
     from gptlab.errors import UserError
     from gptlab.interop.hf import hf_config_to_gpt
-    with pytest.raises(UserError, match="activation 'gelu' is not supported") as err:
-        hf_config_to_gpt(neo_config(activation_function="gelu"), tmp_path / "config.json")
+    assert hf_config_to_gpt(neo_config(activation_function="gelu"),
+                            tmp_path / "config.json").activation == "gelu"
+    assert hf_config_to_gpt(neo_config(activation_function="gelu_new"),
+                            tmp_path / "config.json").activation == "gelu_tanh"
+    with pytest.raises(UserError, match="quick_gelu") as err:
+        hf_config_to_gpt(neo_config(activation_function="quick_gelu"), tmp_path / "config.json")
     assert err.value.field == "activation_function"
