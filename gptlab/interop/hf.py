@@ -245,13 +245,8 @@ def _neo_layer_kinds(cfg: dict, n_layers: int, path: Path) -> list[str] | str:
         raise UserError(f"expands to {count} layer types, but num_layers is {n_layers}",
                         path=path, field="attention_types")
     if listed is not None:
-        if not isinstance(listed, list) or len(listed) != n_layers:
-            raise UserError(f"must be a list of {n_layers} attention types (one a layer), got "
-                            f"{listed!r:.80}", path=path, field="attention_layers")
-        odd = [t for t in listed if t not in _NEO_TYPES]
-        if odd:
-            raise UserError(f"attention type {odd[0]!r:.40} is not supported (GPT-Neo's are "
-                            f"global and local)", path=path, field="attention_layers")
+        _check_layer_list(listed, n_layers, _NEO_TYPES, "attention", "GPT-Neo's", path,
+                          "attention_layers")
         if given is not None and (count != n_layers or listed != [
                 t for kinds, n in types for _ in range(n) for t in kinds]):
             note_once(path, "field 'attention_layers' does not list what attention_types "
@@ -266,6 +261,19 @@ def _neo_layer_kinds(cfg: dict, n_layers: int, path: Path) -> list[str] | str:
                             field="num_layers")
         listed = [t for ts, n in types for _ in range(n) for t in ts]
     return listed[0] if len(set(listed)) == 1 else listed
+
+
+def _check_layer_list(listed: Any, n_layers: int, kinds: Sequence[str], what: str,
+                      whose: str, path: Path, field: str) -> None:
+    """Refuse a config.json list of layer kinds (GPT-Neo's attention_layers, Qwen2's
+    layer_types) that is no list of one kind a layer, each one of `kinds`."""
+    if not isinstance(listed, list) or len(listed) != n_layers:
+        raise UserError(f"must be a list of {n_layers} {what} types (one a layer), got "
+                        f"{listed!r:.80}", path=path, field=field)
+    odd = [t for t in listed if t not in kinds]
+    if odd:
+        raise UserError(f"{what} type {odd[0]!r:.40} is not supported ({whose} are "
+                        f"{' and '.join(kinds)})", path=path, field=field)
 
 
 def _neo_local_layers(kinds: list[str] | str, n_layers: int) -> str | list[int]:
@@ -317,13 +325,7 @@ def _qwen2_sliding_layers(cfg: dict, n_layers: int, path: Path) -> Sequence[int]
         return []
     types = cfg.get("layer_types")
     if types is not None:
-        if not isinstance(types, list) or len(types) != n_layers:
-            raise UserError(f"must be a list of {n_layers} layer types (one a layer), got "
-                            f"{types!r:.80}", path=path, field="layer_types")
-        odd = [t for t in types if t not in _LAYER_TYPES]
-        if odd:
-            raise UserError(f"layer type {odd[0]!r} is not supported (Qwen2's are "
-                            f"{' and '.join(_LAYER_TYPES)})", path=path, field="layer_types")
+        _check_layer_list(types, n_layers, _LAYER_TYPES, "layer", "Qwen2's", path, "layer_types")
         return [i for i, t in enumerate(types) if t == "sliding_attention"]
     first = _value(cfg, "max_window_layers", path, 28)
     if not isinstance(first, int) or isinstance(first, bool) or first < 0:
