@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -563,10 +564,14 @@ _QKV = np.zeros((88, 32), np.float32)
     # A float64 eps float32 cannot hold: llama.cpp reads it as 0.
     (dict(extra={"gpt2.attention.layer_norm_epsilon": 1e-60}),
      "field 'gpt2.attention.layer_norm_epsilon': must be a finite positive float32, got 0.0"),
+    # ... and a float64 1e300 as inf.
+    (dict(extra={"gpt2.attention.layer_norm_epsilon": 1e300}),
+     "field 'gpt2.attention.layer_norm_epsilon': must be a finite positive float32, got inf"),
 ])
 def test_a_bad_gpt2_gguf_is_refused_naming_the_tensor_or_key(kwargs, message, tmp_path, capsys):
     path = _write_gpt2(tmp_path / "m.gguf", _model(300, **GPT2), **kwargs)
-    with pytest.raises(UserError, match=message) as e:
+    with pytest.raises(UserError, match=message) as e, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error alone, no numpy warning before it
         load_pretrained(path)
     assert str(e.value).startswith(f"{path}")
     assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2

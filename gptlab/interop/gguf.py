@@ -98,7 +98,8 @@ class _Meta:
         """`positive`, read as llama.cpp reads it (a float32), given as the shortest decimal
         that is that float32: 1e-05, not 9.99999974738e-06. gptlab computes with it in float32
         (norms' eps, rotary's base), so either number computes the same."""
-        v = np.float32(self.positive(key, default))
+        with np.errstate(over="ignore"):  # too large for a float32: inf, refused below
+            v = np.float32(self.positive(key, default))
         if not 0 < v < np.inf:
             raise UserError(f"must be a finite positive float32, got {float(v)!r}",
                             path=self.path, field=key)
