@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ from gptlab.checkpoint import save_model
 from gptlab.cli import main
 from gptlab.errors import UserError
 from gptlab.interop import export_gguf, load_pretrained
+from gptlab.interop.gguf import _byte_level_split
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 
@@ -63,6 +65,12 @@ def test_f32_export_loads_back_bit_for_bit_with_its_tokenizer(fields, arch, tok,
     meta = _meta(out)
     assert meta["general.architecture"] == arch and meta["tokenizer.ggml.pre"] == "smollm"
     assert meta["tokenizer.ggml.tokens"][-3:] == [f"[PAD{i}]" for i in range(300, 303)]
+    # As llama.cpp's converter writes them: sizes its loader and transformers' read.
+    d = model.config.dim_head
+    assert [meta[f"{arch}.{k}"] for k in ("attention.key_length", "attention.value_length",
+                                          "rope.dimension_count")] == [d, d, d]
+    assert (meta["general.name"], meta["general.file_type"],
+            meta["general.quantization_version"]) == ("gptlab", 0, gguf.GGML_QUANT_VERSION)
     again, tok2 = load_pretrained(out)
     c, c2 = model.config, again.config
     for k in ("vocab_size", "context", "n_layers", "n_heads", "kv_heads", "dim_head", "ff_dim",
@@ -156,6 +164,7 @@ def test_f16_and_q8_0_exports_stay_close(dtype, tol, matrix_type, tok, tmp_path)
     out = export_gguf(model, tok, tmp_path / "m.gguf", dtype=dtype)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
     assert types["blk.0.attn_q.weight"] == matrix_type and types["blk.0.attn_norm.weight"] == "F32"
+    assert _meta(out)["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{matrix_type}"]
     # Q8_0 takes rows in blocks of 32: ffn_down's rows of 80 go F16, as llama.cpp writes them.
     assert types["blk.0.ffn_down.weight"] == ("F16" if dtype == "q8_0" else matrix_type)
     again, _ = load_pretrained(out)
@@ -182,7 +191,6 @@ def test_byte_level_splits_are_written_under_llama_cpp_s_names(pre, tok, tmp_pat
     the same ends, after export and import."""
     from tokenizers import AddedToken
 
-    from gptlab.interop.gguf import _byte_level_split
     state = json.loads(tok.hf.to_str())
     state["model"]["ignore_merges"] = pre == "llama-bpe"
     state["pre_tokenizer"] = json.loads(_byte_level_split(pre).__getstate__())
@@ -203,6 +211,61 @@ def test_byte_level_splits_are_written_under_llama_cpp_s_names(pre, tok, tmp_pat
         (ours.bos_token, ours.end_ids, ours.stop_ids)
 
 
+def _ends(tok: Tokenizer, *roles: str) -> Tokenizer:
+    return Tokenizer(tok.hf, tok.bos_token, tok.eos_token, tok.pad_token,
+                     end_ids=[tok.hf.token_to_id(f"<|{r}|>") for r in roles])
+
+
+def test_two_ends_of_generation_are_written_as_eot_then_eom_and_three_are_refused(tok, tmp_path):
+    """llama.cpp stops at EOS, the end of turn and the end of a tool message: two ends besides
+    EOS go to eot_token_id and eom_token_id in that order (every other test had one or none)."""
+    ours = _ends(tok, "user", "system")
+    out = export_gguf(_model(tok.vocab_size), ours, tmp_path / "m.gguf")
+    meta = _meta(out)
+    assert (meta["tokenizer.ggml.eot_token_id"], meta["tokenizer.ggml.eom_token_id"]) == \
+        tuple(ours.end_ids)
+    _, back = load_pretrained(out)
+    assert (back.end_ids, back.stop_ids) == (ours.end_ids, ours.stop_ids)
+    with pytest.raises(UserError, match="3 ends of generation besides EOS") as e:
+        export_gguf(_model(tok.vocab_size), _ends(tok, "user", "system", "assistant"),
+                    tmp_path / "three.gguf")
+    assert e.value.field == "eos_token_id" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["m.gguf"]
+
+
+def test_padding_rows_are_unused_tokens_named_apart_from_the_tokenizer_s_own(tok, tmp_path):
+    """Rows past the tokenizer are [PAD<id>] of type unused (5), as llama.cpp's converter pads;
+    where the tokenizer holds that name already the row's is bracketed again, so that no two
+    tokens share a name."""
+    from tokenizers import AddedToken
+
+    n = tok.vocab_size
+    hf = type(tok.hf).from_str(tok.hf.to_str())
+    hf.add_tokens([AddedToken(f"[PAD{n + 1}]", special=False, normalized=False)])  # id n
+    ours = Tokenizer(hf, tok.bos_token, tok.eos_token, tok.pad_token)
+    out = export_gguf(_model(n + 3), ours, tmp_path / "m.gguf")
+    meta = _meta(out)
+    assert meta["tokenizer.ggml.tokens"][n:] == [f"[PAD{n + 1}]", f"[[PAD{n + 1}]]",
+                                                 f"[PAD{n + 2}]"]
+    assert meta["tokenizer.ggml.token_type"][n:] == [4, 5, 5]
+    _, back = load_pretrained(out)
+    for text in PROBES + [f"x [PAD{n + 1}] y"]:
+        assert back.encode(text, bos=True) == ours.encode(text, bos=True), text
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word"])
+def test_an_added_token_gguf_has_no_place_for_is_refused(flag, tok, tmp_path):
+    from tokenizers import AddedToken
+
+    hf = type(tok.hf).from_str(tok.hf.to_str())
+    hf.add_tokens([AddedToken("<tool>", special=False, normalized=False, **{flag: True})])
+    ours = Tokenizer(hf, tok.bos_token, tok.eos_token, tok.pad_token)
+    with pytest.raises(UserError, match="added token '<tool>' strips spaces or matches single "
+                                        "words") as e:
+        export_gguf(_model(ours.vocab_size), ours, tmp_path / "m.gguf")
+    assert e.value.field == "added_tokens" and list(tmp_path.iterdir()) == []
+
+
 def _with(tok: Tokenizer, **edits) -> Tokenizer:
     state = json.loads(tok.hf.to_str())
     for key, value in edits.items():
@@ -221,6 +284,12 @@ def _with(tok: Tokenizer, **edits) -> Tokenizer:
     ({"model.ignore_merges": True}, "model.ignore_merges", "Llama 3's split alone"),
     ({"normalizer": {"type": "NFC"}}, "normalizer", r"normalizer \(NFC\)"),
     ({"decoder": {"type": "Fuse"}}, "decoder", "decoder is Fuse"),
+    # "Z" moved from its id to 400: a gap, where GGUF lists tokens by id
+    ({"model.vocab.Z": 400}, "model.vocab", "token ids are not 0 to the vocabulary's size"),
+    # Llama 3's split without whole-word tokens: llama.cpp's llama-bpe takes them whole.
+    ({"pre_tokenizer": json.loads(_byte_level_split("llama-bpe").__getstate__()),
+      "model.ignore_merges": False}, "model.ignore_merges",
+     "ignore_merges=False with the llama-bpe split"),
 ])
 def test_a_tokenizer_gguf_cannot_say_is_refused_naming_the_field(edits, field, message, tok,
                                                                  tmp_path):
@@ -319,6 +388,39 @@ def test_convert_to_gguf_refuses_an_out_that_exists_or_is_no_gguf_and_a_misplace
     assert (tmp_path / "m.gguf").read_bytes() == b"mine"
 
 
+def test_convert_to_gguf_refuses_an_out_that_is_a_dangling_link(saved, tmp_path, capsys):
+    """A link to nothing is no free name: it stays, unreplaced (exists() is false for it)."""
+    (tmp_path / "m.gguf").symlink_to(tmp_path / "nowhere.gguf")
+    assert main(["convert", "--to", "gguf", str(saved), "--out", str(tmp_path / "m.gguf")]) == 2
+    assert f"{tmp_path / 'm.gguf'}, field 'out': already exists" in capsys.readouterr().err
+    assert os.readlink(tmp_path / "m.gguf") == str(tmp_path / "nowhere.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "ours"]
+
+
+def test_export_gguf_refuses_a_dtype_it_does_not_write(tmp_path):
+    with pytest.raises(UserError) as e:
+        export_gguf(_model(300), None, tmp_path / "m.gguf", dtype="bf16")
+    assert (e.value.field, e.value.message) == ("dtype", "expects one of f32, f16, q8_0, not "
+                                                         "'bf16'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_to_gguf_checks_its_dtype_before_the_model_and_names_the_source_dir(
+        saved, tmp_path, capsys, monkeypatch):
+    from gptlab.interop import convert_to_gguf
+
+    for src in (saved, tmp_path / "missing"):  # the dtype is named, not the model
+        with pytest.raises(UserError) as e:
+            convert_to_gguf(src, tmp_path / "m.gguf", dtype="bf16")
+        assert str(e.value) == "field 'dtype': expects one of f32, f16, q8_0, not 'bf16'"
+    assert main(["convert", "--from", "gguf", str(tmp_path / "x.gguf"), "--out",
+                 str(tmp_path / "x"), "--dtype", "f16"]) == 2
+    assert "field '--dtype': is for --to gguf alone" in capsys.readouterr().err
+    monkeypatch.chdir(saved)  # general.name: the directory's own name, given as "."
+    assert main(["convert", "--to", "gguf", ".", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert _meta(tmp_path / "m.gguf")["general.name"] == "ours"
+
+
 def test_convert_to_gguf_names_the_model_that_does_not_map(tmp_path, capsys):
     save_model(tmp_path / "gpt2", GPT(GPTConfig(vocab_size=300, context=64, n_layers=1,
                                                 n_heads=2, d_model=16, activation="gelu")), None)
@@ -353,6 +455,22 @@ def test_a_conversion_that_fails_at_the_tensors_leaves_nothing_and_runs_again(
     assert main(argv) == 0 and out.stat().st_size > 0
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+def test_a_failed_export_closes_its_file(tok, tmp_path, monkeypatch):
+    """The writer is closed on failure too, before the temporary is removed, not when the
+    error's traceback goes (a file still open cannot be removed on Windows, and each failed
+    export held a descriptor while its error was kept)."""
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    with pytest.raises(OSError) as e:
+        export_gguf(_model(tok.vocab_size), tok, tmp_path / "m.gguf")
+    assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert [f for f in held if str(tmp_path) in f] == []
+
+
 def test_smollm2_gguf_through_gptlab_and_back_is_the_same_function(tmp_path):
     path = _smollm2_path()
     if path is None:
@@ -376,7 +494,6 @@ def test_smollm2_gguf_through_gptlab_and_back_is_the_same_function(tmp_path):
 @pytest.fixture(scope="module")
 def gpt2_tok(tok) -> Tokenizer:
     """`tok` with GPT-2's own split (tokenizer.ggml.pre "gpt-2")."""
-    from gptlab.interop.gguf import _byte_level_split
     state = json.loads(tok.hf.to_str())
     state["pre_tokenizer"] = json.loads(_byte_level_split("gpt-2").__getstate__())
     return Tokenizer(type(tok.hf).from_str(json.dumps(state)), tok.bos_token, tok.eos_token,
@@ -523,10 +640,15 @@ def _write_gpt2(path, model: GPT, extra: dict | None = None, drop: tuple[str, ..
 
 def test_a_gpt2_gguf_written_by_another_writer_loads_as_the_model(tmp_path):
     model = _model(300, seed=4, **GPT2)
-    again, tok = load_pretrained(_write_gpt2(tmp_path / "m.gguf", model))
+    with warnings.catch_warnings():  # Q, K, V split off the file's mapped attn_qkv are copies
+        warnings.simplefilter("error")
+        again, tok = load_pretrained(_write_gpt2(tmp_path / "m.gguf", model))
     x = torch.tensor([list(range(0, 300, 7))])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+        again.blocks[0].attn.v_proj.weight.add_(1.0)  # the model's own memory, to train
+        assert torch.equal(again.blocks[0].attn.v_proj.weight,
+                           model.blocks[0].attn.v_proj.weight + 1.0)
     assert tok is None
 
 
@@ -541,9 +663,13 @@ _QKV = np.zeros((88, 32), np.float32)
     (dict(raw={"blk.1.attn_qkv.weight": _QKV}),
      r"tensor blk.1.attn_qkv.weight has shape \(88, 32\), but the config implies \(96, 32\): "
      r"Q's 32 rows, then K's and V's 32 each"),
+    (dict(raw={"blk.1.attn_qkv.weight": np.zeros((104, 32), np.float32)}),
+     r"tensor blk.1.attn_qkv.weight has shape \(104, 32\), but the config implies \(96, 32\)"),
     # llama.cpp's gpt2 reads Q, K, V fused alone.
     (dict(raw={"blk.0.attn_q.weight": np.zeros((32, 32), np.float32)}),
      "1 tensor\\(s\\) do not map to gptlab's GPT-2-style model: blk.0.attn_q.weight"),
+    (dict(raw={"blk.0.attn_v.weight": np.zeros((32, 32), np.float32)}),
+     "1 tensor\\(s\\) do not map to gptlab's GPT-2-style model: blk.0.attn_v.weight"),
     (dict(raw={"blk.0.ffn_gate.weight": np.zeros((128, 32), np.float32)}),
      "1 tensor\\(s\\) have no place in the model the config describes: blk.0.ffn_gate.weight"),
     (dict(extra={"gpt2.attention.head_count_kv": 2}),
@@ -551,6 +677,10 @@ _QKV = np.zeros((88, 32), np.float32)
      "heads of 8, gpt2.embedding_length / gpt2.attention.head_count\\), got 2"),
     (dict(extra={"gpt2.attention.key_length": 16}),
      "field 'gpt2.attention.key_length': must be 8 in a GGUF gpt2"),
+    (dict(extra={"gpt2.attention.value_length": 16}),
+     "field 'gpt2.attention.value_length': must be 8 in a GGUF gpt2"),
+    (dict(extra={"gpt2.expert_count": 8}),
+     "field 'gpt2.expert_count': mixture-of-experts models are not supported"),
     (dict(extra={"gpt2.attention.head_count": 5}),
      "field 'gpt2.attention.head_count': gpt2.embedding_length 32 is not divisible by "
      "gpt2.attention.head_count 5"),

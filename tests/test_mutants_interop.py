@@ -63,6 +63,24 @@ def test_gguf_metadata_left_out_takes_llama_cpp_s_defaults_and_the_rest_is_read(
     assert (cfg.dim_head, cfg.kv_heads, cfg.tie_embeddings, cfg.qkv_bias) == (8, 2, True, True)
 
 
+GPT2_META = {"gpt2.embedding_length": 16, "gpt2.attention.head_count": 4,
+             "gpt2.context_length": 32, "gpt2.block_count": 1, "gpt2.feed_forward_length": 24,
+             "gpt2.attention.layer_norm_epsilon": 0.25}
+
+
+def test_gguf_gpt2_metadata_left_out_takes_llama_cpp_s_defaults():
+    """A gpt2 GGUF without gpt2.vocab_size (llama.cpp counts the tokens) or head sizes: every
+    test file wrote them, so a gpt2 that required vocab_size went unseen."""
+    from gptlab.interop.gguf import _gguf_config
+
+    cfg = _gguf_config(gguf_meta(**GPT2_META), "gpt2", {"output.weight"}, 40)
+    assert (cfg.vocab_size, cfg.kv_heads, cfg.dim_head, cfg.norm_eps, cfg.tie_embeddings) == \
+        (40, 4, 4, 0.25, False)
+    assert (cfg.positions, cfg.norm, cfg.activation, cfg.bias, cfg.attention_scale) == \
+        ("learned", "layernorm", "gelu_tanh", True, None)
+    assert _gguf_config(gguf_meta(**GPT2_META), "gpt2", set(), 40).tie_embeddings
+
+
 @pytest.mark.parametrize("keys, field, message", [
     ({"llama.rope.dimension_count": 2}, "llama.rope.dimension_count",
      "partial rotary embeddings are not supported"),
@@ -151,6 +169,28 @@ def test_gguf_q_k_rows_and_biases_are_put_back_for_llama_only(arch):
         ours = "blocks.0.attn." + name.replace("attn_", "").replace(".", "_proj.")
         assert named[ours][0] == f"blk.0.{name}"
         assert torch.equal(named[ours][1], torch.from_numpy(w.astype(np.float32)).double()), name
+
+
+def test_a_fused_attn_qkv_is_split_in_a_gguf_gpt2_alone():
+    """llama.cpp's llama reads Q, K, V apart: an attn_qkv in a llama file is no tensor of its
+    model (split as GPT-2's, its Q and K rows would not even be put back in rotary order)."""
+    from gptlab.interop.gguf import _tensors
+
+    w = np.arange(48 * 16, dtype=np.float32).reshape(48, 16)
+    t = SimpleNamespace(name="blk.0.attn_qkv.weight", data=w,
+                        tensor_type=gguf.GGMLQuantizationType.F32, shape=[16, 48])
+    cfg = GPTConfig(vocab_size=8, context=8, n_layers=1, n_heads=4, d_model=16,
+                    positions="rotary", norm="rmsnorm", activation="swiglu", bias=False)
+    named, unused = _tensors(SimpleNamespace(tensors=[t]), gguf, cfg, "llama", Path("t.gguf"),
+                             torch.float32)
+    assert (named, unused) == ({}, ["blk.0.attn_qkv.weight"])
+    cfg = GPTConfig(vocab_size=8, context=8, n_layers=1, n_heads=4, d_model=16)
+    named, unused = _tensors(SimpleNamespace(tensors=[t]), gguf, cfg, "gpt2", Path("t.gguf"),
+                             torch.float32)
+    assert unused == []
+    for i, p in enumerate("qkv"):
+        assert torch.equal(named[f"blocks.0.attn.{p}_proj.weight"][1],
+                           torch.from_numpy(w[16 * i:16 * (i + 1)])), p
 
 
 # --- GGUF byte-level tokenizers ------------------------------------------------------------------
