@@ -4,6 +4,7 @@ or llama.cpp do, so a default, a refusal or a rarely written layout went unseen)
 a config.json or a GGUF leaves out, refusals of what does not map, llama.cpp's Q/K row order on
 biases, the pre-tokenizers' digit splits, and what an export writes for transformers 4."""
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -517,6 +518,60 @@ def test_an_untied_model_exports_untied_and_loads_back_the_same(tmp_path, positi
     x = torch.tensor([[1, 5, 7, 2]])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("heads, qkv_bias, model_type, written", [
+    (2, False, "gpt_neo", {}), (2, None, "gpt2", {"scale_attn_weights": False}),
+    (16, False, "gpt_neo", {})])  # d_head 1: the default is 1 too, and 1 is GPT-Neo's
+def test_an_attention_scale_of_1_s_float32_exports_as_1(tmp_path, heads, qkv_bias, model_type,
+                                                         written):
+    """1 + 2⁻⁵² is 1 in float32, as attention computes with it: GPT-Neo (no Q/K/V biases) or
+    GPT2 with scale_attn_weights false, read back as 1.0 (the parity test's scales were 1 or
+    the default's float32 neighbours, so a double compare of 1 went unseen), at d_head 1 too
+    (where 1 is the default's float32 as well)."""
+    near = math.nextafter(1.0, 2.0)
+    assert np.float32(near) == 1.0
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=heads, d_model=16,
+                          qkv_bias=qkv_bias, attention_scale=near)).eval()
+    out = export_hf(model, None, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == model_type
+    assert {k: config[k] for k in written} == written
+    again, _ = load_pretrained(out)
+    assert again.config.attention_scale == 1.0
+    x = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_a_gpt2_shaped_model_without_q_k_v_biases_at_the_default_scale_is_refused(tmp_path):
+    """Neither GPT2 (Q/K/V biases) nor GPT-Neo (QKᵀ undivided) computes it."""
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layers=1, n_heads=2, d_model=16,
+                          qkv_bias=False))
+    with pytest.raises(UserError, match=r"qkv_bias=False \(GPT2 needs True\)"):
+        export_hf(model, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_attention_layers_beside_a_huge_attention_types_are_read_without_expanding_it(capsys):
+    """attention_types that expand to another count than num_layers are not listed to be
+    compared with attention_layers (2·10⁶ pairs: 32 MB; 10³⁰ would never end)."""
+    import tracemalloc
+
+    cfg = {"model_type": "gpt_neo", "vocab_size": 32, "hidden_size": 16, "num_heads": 4,
+           "num_layers": 2, "attention_types": [[["global", "local"], 2 * 10**6]],
+           "attention_layers": ["local", "global"], "window_size": 4,
+           "max_position_embeddings": 16}
+    tracemalloc.start()
+    try:
+        out = hf_config_to_gpt(cfg, CONFIG)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (out.attention_window, out.local_attention_layers) == (4, "even")  # layer 0
+    assert peak < 4 * 2**20
+    assert "does not list what attention_types expands to" in capsys.readouterr().err
 
 
 def test_a_gpt2_export_names_its_activation_as_gpt2_s_own_config_does(tmp_path):
