@@ -418,7 +418,8 @@ def test_convert_to_gguf_checks_its_dtype_before_the_model_and_names_the_source_
     assert "field '--dtype': is for --to gguf alone" in capsys.readouterr().err
     monkeypatch.chdir(saved)  # general.name: the directory's own name, given as "."
     assert main(["convert", "--to", "gguf", ".", "--out", str(tmp_path / "m.gguf")]) == 0
-    assert _meta(tmp_path / "m.gguf")["general.name"] == "ours"
+    meta = _meta(tmp_path / "m.gguf")  # and without --dtype, F32
+    assert (meta["general.name"], meta["general.file_type"]) == ("ours", 0)
 
 
 def test_convert_to_gguf_names_the_model_that_does_not_map(tmp_path, capsys):
@@ -433,11 +434,20 @@ def test_convert_to_gguf_names_the_model_that_does_not_map(tmp_path, capsys):
 
 
 def test_convert_to_gguf_refuses_a_reward_model(tmp_path, capsys):
+    from gptlab.checkpoint import VALUE_STAGE
     from gptlab.model.heads import ScalarHeadModel
     rm = ScalarHeadModel.from_gpt(_model(300))
     with pytest.raises(UserError, match="a reward or value model does not export to GGUF"):
         export_gguf(rm, None, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+    save_model(tmp_path / "value", rm, None, extra={"stage": VALUE_STAGE})  # PPO's, named so
+    assert main(["convert", "--to", "gguf", str(tmp_path / "value"),
+                 "--out", str(tmp_path / "m.gguf")]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab convert: error: {tmp_path / 'value'}: PPO's value model does not export to "
+        f"GGUF: llama.cpp's llama, qwen2 and gpt2 have no scalar head; use the directory itself "
+        f"(gptlab ppo --value DIR)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["value"]
 
 
 def test_a_conversion_that_fails_at_the_tensors_leaves_nothing_and_runs_again(
