@@ -4,6 +4,7 @@ penalty, the sampling temperature shared by rollout, reference and update, the u
 loss, and the logged KL."""
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from gptlab.checkpoint import load_model, save_model
 from gptlab.errors import UserError
 from gptlab.model import GPT, get_preset
+from gptlab.model.heads import ScalarHeadModel
 from gptlab.tokenizer import train_tokenizer
 from gptlab.train import ppo as ppo_module
 from gptlab.train.ppo import (PPOConfig, PPOTrainer, Rollout, layout, response_logprobs,
@@ -506,7 +508,7 @@ def test_the_logged_reward_std_of_two_scores(setup, tmp_path):
     t = trainer(setup, tmp_path / "run")
     ro = hand_rollout(t, PROMPTS[:2], RESPONSES[:2], [True, False])
     batch = {"kl": torch.zeros(2, 6), "beta": torch.tensor(0.1, dtype=torch.float64)}
-    row, _ = PPOTrainer._rollout_metrics(1, ro, torch.tensor([1.0, 3.0]), batch, 1e-3)
+    row, _, _ = PPOTrainer._rollout_metrics(1, ro, torch.tensor([1.0, 3.0]), batch, 1e-3)
     assert row["reward"] == 2.0 and row["reward_std"] == pytest.approx(2 ** 0.5)
     assert row["eos_fraction"] == 0.5 and row["response_length"] == 4.5
 
@@ -819,3 +821,77 @@ def test_a_save_killed_after_the_value_model_leaves_no_config_of_the_last_save(s
     assert calls == ["value", "out"]
     assert (out / "value" / "config.json").is_file()
     assert not (out / "config.json").exists()
+
+
+# --- rewards PPO's float32 arithmetic cannot take ------------------------------------------
+
+def test_a_score_whose_square_overflows_float32_is_refused_as_returned(setup, tmp_path):
+    """1e30 is a float32, and was taken: the whitening's variance and the value loss, means of
+    squares, were inf, the advantages 0, and the run ended as if lr had diverged it."""
+    t = trainer(setup, tmp_path / "run")
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    ro.records = [{"prompt": "p", "score": 1.0, "_line": 7},
+                  {"prompt": "p", "score": -1e30, "_line": 3, "id": "q3"},
+                  {"prompt": "p", "score": 2.0, "_line": 5}]
+    with pytest.raises(UserError) as e:
+        t.score(ro)
+    assert str(e.value) == (f"{t.cfg.prompts}:3, field 'reward_fn': the reward function "
+                            f"{__name__}:record_score returned a score (-1e+30) for prompt id "
+                            f"q3 beyond the ±1e+15 a score may reach (PPO squares rewards in "
+                            f"float32, in the value loss and the advantages' whitening)")
+    ro.records[1]["score"] = -1e15  # the bound itself is a score
+    torch.testing.assert_close(t.score(ro), torch.tensor([1.0, -1e15, 2.0]))
+    with pytest.raises(UserError, match=r"eos_penalty': must be <= 1e\+15"):
+        trainer(setup, tmp_path / "eos", missing_eos_penalty=2e15)
+
+
+@pytest.fixture(scope="module")
+def loud_reward_model(setup):
+    """A reward model that scores every response 1e30 (its head's bias)."""
+    d, _ = setup
+    policy, tok, _ = load_model(d / "policy")
+    rm = ScalarHeadModel(policy.config)
+    rm.backbone.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        rm.head.weight.zero_()
+        rm.head.bias.fill_(1e30)
+    save_model(d / "loud_rm", rm, tok, extra={"stage": "reward"})
+    return d / "loud_rm"
+
+
+def test_a_reward_model_score_past_the_bound_ends_the_run_naming_it_and_the_prompt(
+        setup, tmp_path, loud_reward_model):
+    d, paths = setup
+    out = tmp_path / "run"
+    t = PPOTrainer(PPOConfig(policy=str(d / "policy"), prompts=str(paths["prompts"]),
+                             reward=str(loud_reward_model),
+                             out=str(out), device="cpu", max_new_tokens=6, batch_size=4,
+                             minibatch_size=4, ppo_epochs=1, steps=2, progress=False))
+    with pytest.raises(UserError) as e:
+        t.train()
+    lines = {json.loads(line)["id"]: i + 1 for i, line in enumerate(
+        paths["prompts"].read_text().splitlines())}
+    found = re.fullmatch(
+        rf"{re.escape(str(paths['prompts']))}:(\d+), field 'reward': step 1: the score the "
+        rf"reward model {re.escape(str(loud_reward_model))} gave the response to prompt id "
+        rf"(\S+) \(1\.0000000150474662e\+30\)( \(less the missing-EOS penalty 1\))? is beyond "
+        rf"the ±1e\+15 a score may reach \(PPO squares rewards in float32, in the value loss "
+        rf"and the advantages' whitening\)", str(e.value))
+    assert found, str(e.value)
+    assert lines[found[2]] == int(found[1])  # the prompt's own line
+    assert not out.exists()  # the first step's row is not logged, nothing saved
+
+
+def test_a_kl_penalty_past_the_bound_ends_the_run_naming_kl_coef(setup, tmp_path):
+    out = tmp_path / "run"
+    t = trainer(setup, out, reference=str(setup[0] / "reference"), kl_coef=1e25, steps=1,
+                progress=False)
+    with pytest.raises(UserError) as e:
+        t.train()
+    assert re.fullmatch(r"field 'kl_coef': step 1: a return \(the score less the KL penalty, "
+                        r"kl_coef 1e\+25 times the per-token KL to the reference, summed\) "
+                        r"reached \S+e\+2[45], beyond the ±1e\+16 PPO takes \(PPO squares "
+                        r"rewards in float32, in the value loss and the advantages' "
+                        r"whitening\); give a smaller kl_coef \(--kl-coef\)", str(e.value)), \
+        str(e.value)
+    assert not out.exists()

@@ -118,7 +118,7 @@ class PPOConfig:
                 "top-p)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest response a rollout samples"})
     missing_eos_penalty: float = field(default=1.0, metadata={
-        "help": "subtracted from the score of a response without EOS"})
+        "help": "subtracted from the score of a response without EOS (0 to 1e15)"})
     ptx_data: list[str] = field(default_factory=list, metadata={
         "help": "pretraining text for PPO-ptx, read as pretrain --data reads it: files "
                 "(.txt/.jsonl/.json/.parquet) or directories of one split, or a Hub dataset "
@@ -186,6 +186,8 @@ class PPOConfig:
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             # Negative, it would reward the responses that never end.
             ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0"),
+            ("missing_eos_penalty", self.missing_eos_penalty <= MAX_REWARD,
+             f"must be <= {MAX_REWARD:g}, as a score ({SQUARED})"),
             ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
             ("ptx_batch_size", self.ptx_batch_size >= 1, "must be >= 1"),
             ("ptx_block_size", self.ptx_block_size >= 1, "must be >= 1"),
@@ -373,12 +375,19 @@ def response_values(value_model: ScalarHeadModel, ro: Rollout) -> Tensor:
                               ro.all_right_padded)[:, ro.P - 1:-1]
 
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
+# PPO squares its rewards in float32: the value loss (V − R)² and the whitening's variance are
+# means of squares over a batch's tokens, which overflow to inf (the advantages then 0 or NaN)
+# well below float32's 3.4e38: a score of 1e30 did. Within ±1e15 a square is 1e30, and a sum
+# of them holds 3e8 tokens. A return (a score less the KL penalty, summed over the tokens after)
+# is allowed ten times more, so that only a KL penalty gone wild reaches it.
+MAX_REWARD = 1e15
+MAX_RETURN = 1e16
+SQUARED = "PPO squares rewards in float32, in the value loss and the advantages' whitening"
 
 
 def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
     """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor)
-    a float32 holds, never a bool, a string or a non-finite value. `name` is the function's
+    within ±MAX_REWARD, never a bool, a string or a non-finite value. `name` is the function's
     module:function; the error names the prompt's `id` when it has one (the caller adds its
     file and line)."""
     of = "" if prompt_id is None else f" for prompt id {prompt_id}"
@@ -395,10 +404,11 @@ def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
     if not math.isfinite(x):
         raise UserError(f"the reward function {name} returned a non-finite score ({x}){of}",
                         field="reward_fn")
-    if abs(x) > FLOAT32_MAX:  # the rewards are float32: it would be an infinite one
-        raise UserError(f"the reward function {name} returned a score ({x}){of} beyond the "
-                        f"±3.4e38 a reward (a float32) holds", field="reward_fn")
+    if abs(x) > MAX_REWARD:
+        raise UserError(f"the reward function {name} returned a score ({x}){of} beyond "
+                        f"the ±{MAX_REWARD:g} a score may reach ({SQUARED})", field="reward_fn")
     return x
+
 
 
 # A user-assistant exchange: two chat templates that render it to the same ids write PPO's
@@ -940,7 +950,9 @@ class PPOTrainer:
                                       "lower " + ("them (--minibatch-size, --ptx-batch-size)"
                                                   if self.ptx else "it (--minibatch-size)")):
                         update = self.update(ro, batch, lr, step)
-                    row, stats = self._rollout_metrics(step, ro, scores, batch, lr, update)
+                    row, stats, largest = self._rollout_metrics(step, ro, scores, batch, lr,
+                                                                update)
+                    self._check_rewards(step, ro, scores, batch["beta"], largest)
                     if self.kl_ctl:
                         self.kl_ctl.update(row["kl"], len(ro.records))
                     self.step, self.elapsed = step, time.time() - start
@@ -1006,24 +1018,58 @@ class PPOTrainer:
     def _rollout_metrics(step: int, ro: Rollout, scores: Tensor,
                          batch: dict[str, Tensor | float], lr: float,
                          update: UpdateStats | None = None
-                         ) -> tuple[dict[str, float], dict[str, float]]:
-        """Step `step`'s rollout as metrics.jsonl logs it, and its update's statistics (empty
-        without `update`); `kl` is a response's summed per-token KL, averaged over
+                         ) -> tuple[dict[str, float], dict[str, float], tuple[float, float] | None]:
+        """Step `step`'s rollout as metrics.jsonl logs it, its update's statistics (empty
+        without `update`), and the largest |score| and |return| (None without the batch's
+        returns), for `_check_rewards`; `kl` is a response's summed per-token KL, averaged over
         responses: the scale of `target_kl`."""
+        bounds = [scores.abs().max(), batch["returns"].abs().max()] if "returns" in batch else []
         rollout = torch.stack([v.float() for v in (
             scores.mean(), scores.std() if len(scores) > 1 else scores.new_zeros(()),
             batch["kl"].sum(1).mean(), ro.response_mask.sum(1).float().mean(),
-            ro.finished.float().mean())])
+            ro.finished.float().mean(), *bounds)])
         # Read at once, the step's one read: read one by one, each waited for the GPU.
         if update is None:
             values, stats = rollout.tolist(), {}
         else:
             values = torch.cat([rollout, update.table.flatten()]).tolist()
             stats = update.means(values[len(rollout):])
-        reward, std, kl, length, eos = values[:len(rollout)]
+        reward, std, kl, length, eos = values[:5]
+        largest = (values[5], values[6]) if bounds else None
         return {"step": step, "reward": reward, "reward_std": std, "kl": kl,
                 "kl_coef": float(batch["beta"]), "response_length": length,
-                "eos_fraction": eos, "lr": lr}, stats
+                "eos_fraction": eos, "lr": lr}, stats, largest
+
+    def _check_rewards(self, step: int, ro: Rollout, scores: Tensor, beta: float,
+                       largest: tuple[float, float] | None) -> None:
+        """End the run with a UserError, before step `step`'s row is logged or anything saved,
+        where a score is non-finite or beyond ±MAX_REWARD (a reward model's: a reward
+        function's were refused as it returned them, `reward_number`), naming its prompt's file
+        and line, or a return beyond ±MAX_RETURN (the KL penalty's). Its update went through
+        overflowed arithmetic: its advantages 0 or NaN, its value loss inf."""
+        if largest is None:
+            return
+        score, ret = largest
+        if not score <= MAX_REWARD:  # NaN too
+            values = scores.tolist()  # a read, on the way to the error alone
+            i = next(i for i, v in enumerate(values) if not abs(v) <= MAX_REWARD)
+            rec, penalty = ro.records[i], self.cfg.missing_eos_penalty
+            source, field = (f"the reward model {self.cfg.reward}", "reward") \
+                if self.reward_model is not None \
+                else (f"the reward function {self.reward_fn_name}", "reward_fn")
+            of = "" if rec.get("id") is None else f" to prompt id {rec['id']}"
+            less = f" (less the missing-EOS penalty {penalty:g})" \
+                if penalty and not self._finished(ro)[i] else ""
+            why = "is not a number" if math.isnan(values[i]) else \
+                f"is beyond the ±{MAX_REWARD:g} a score may reach ({SQUARED})"
+            raise UserError(f"step {step}: the score {source} gave the response{of} "
+                            f"({values[i]}){less} {why}", field=field).at(
+                record_file(rec, self.cfg.prompts), rec.get("_line"))
+        if not ret <= MAX_RETURN:
+            raise UserError(f"step {step}: a return (the score less the KL penalty, kl_coef "
+                            f"{beta:g} times the per-token KL to the reference, summed) reached "
+                            f"{ret}, beyond the ±{MAX_RETURN:g} PPO takes ({SQUARED}); give a "
+                            f"smaller {setting('kl_coef')}", field="kl_coef")
 
     def _start_run(self, metrics_path: Path) -> MetricsLog:
         """run.json and a fresh metrics.jsonl, written only once the first step is done, so
