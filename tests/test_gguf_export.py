@@ -716,3 +716,21 @@ def test_a_bad_gpt2_gguf_is_refused_naming_the_tensor_or_key(kwargs, message, tm
     assert str(e.value).startswith(f"{path}")
     assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
     assert "error" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_an_export_settles_its_attention_scale_once_and_writes_the_defaults_bytes(
+        tok, tmp_path, monkeypatch):
+    """export_gguf settled the scale (`_with_export_scale`) and gguf_arch settled it again: one
+    export, one call; a scale that is the default's in float32 writes the default's bytes."""
+    import math
+
+    from gptlab.interop import hf
+    calls = []
+    real = hf._with_export_scale
+    monkeypatch.setattr(hf, "_with_export_scale", lambda cfg: calls.append(cfg) or real(cfg))
+    plain = export_gguf(_model(tok.vocab_size), tok, tmp_path / "plain.gguf")
+    near = 1 / math.sqrt(8) * (1 + 1e-12)  # d_head 8: 1/√8 in float32
+    scaled = export_gguf(_model(tok.vocab_size, attention_scale=near), tok,
+                         tmp_path / "scaled.gguf")
+    assert len(calls) == 2  # one an export
+    assert scaled.read_bytes() == plain.read_bytes()

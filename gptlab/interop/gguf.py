@@ -771,7 +771,6 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
     goes F16, as llama.cpp's converter writes it). Everything is checked before the file is
     begun, and it is written to a temporary beside `out` and renamed: `out` is whole or
     untouched."""
-    from gptlab.interop.hf import _with_export_scale
     from gptlab.io import atomic_path, check_file_out
     from gptlab.model.heads import ScalarHeadModel
 
@@ -784,7 +783,7 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
                         f"{type(model).__name__}")
     if dtype not in GGUF_DTYPES:
         raise UserError(f"expects one of {', '.join(GGUF_DTYPES)}, not {dtype!r}", field="dtype")
-    cfg = _with_export_scale(model.config)
+    cfg = model.config  # no attention scale is written: gguf_arch reads it as export does
     arch = gguf_arch(cfg)
     vocab = None if tokenizer is None else gguf_vocab(tokenizer, cfg.vocab_size)
     kind, file_type = GGUF_DTYPES[dtype]
