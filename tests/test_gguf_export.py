@@ -734,3 +734,33 @@ def test_an_export_settles_its_attention_scale_once_and_writes_the_defaults_byte
                          tmp_path / "scaled.gguf")
     assert len(calls) == 2  # one an export
     assert scaled.read_bytes() == plain.read_bytes()
+
+
+def test_export_gguf_and_export_hf_refuse_an_existing_out_unless_overwrite(tok, tmp_path):
+    """`convert` refused an existing out; the Python functions replaced it without a word."""
+    from gptlab.interop import export_hf
+    model, other = _model(tok.vocab_size), _model(tok.vocab_size, seed=1)
+    path = export_gguf(model, tok, tmp_path / "m.gguf")
+    before = path.read_bytes()
+    with pytest.raises(UserError) as e:
+        export_gguf(other, tok, path)
+    assert str(e.value) == (f"{path}, field 'out': already exists; pass overwrite=True to "
+                            f"replace it, or choose another file")
+    assert path.read_bytes() == before
+    assert export_gguf(other, tok, path, overwrite=True).read_bytes() != before
+    assert export_gguf(model, tok, path, overwrite=True).read_bytes() == before
+
+    hf = export_hf(model, tok, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    with pytest.raises(UserError) as e:
+        export_hf(other, None, hf)
+    assert str(e.value) == (f"{hf}, field 'out_dir': already holds config.json, "
+                            f"model.safetensors, tokenizer.json, tokenizer_config.json; pass "
+                            f"overwrite=True to replace them, or choose another directory")
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    # Replaced by an export without a tokenizer, the old one's files go with the old model.
+    export_hf(other, None, hf, overwrite=True)
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+    assert load_pretrained(hf)[1] is None
+    export_hf(model, tok, hf, overwrite=True)
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before

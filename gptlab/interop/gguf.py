@@ -763,14 +763,15 @@ def _gguf_tensors(model: GPT, arch: str) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
-                name: str = "gptlab") -> Path:
+                name: str = "gptlab", *, overwrite: bool = False) -> Path:
     """Write `model` (and its byte-level BPE tokenizer, with chat template and BOS/EOS/pad ids)
     as a GGUF file that llama.cpp runs and `load_gguf` and transformers (`gguf_file=`) load:
     arch llama, or qwen2 for biases on Q, K, V alone, or gpt2 for GPT-2's shape. `dtype` is the
     matrices' type (f32, f16 or q8_0; a matrix whose rows do not split in Q8_0's blocks of 32
     goes F16, as llama.cpp's converter writes it). Everything is checked before the file is
     begun, and it is written to a temporary beside `out` and renamed: `out` is whole or
-    untouched."""
+    untouched. An `out` that exists is refused, as `convert --to gguf` refuses it, unless
+    `overwrite`."""
     from gptlab.io import atomic_path, check_file_out
     from gptlab.model.heads import ScalarHeadModel
 
@@ -783,6 +784,9 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
                         f"{type(model).__name__}")
     if dtype not in GGUF_DTYPES:
         raise UserError(f"expects one of {', '.join(GGUF_DTYPES)}, not {dtype!r}", field="dtype")
+    if not overwrite and (Path(out).exists() or Path(out).is_symlink()):
+        raise UserError("already exists; pass overwrite=True to replace it, or choose another "
+                        "file", path=out, field="out")
     cfg = model.config  # no attention scale is written: gguf_arch reads it as export does
     arch = gguf_arch(cfg)
     vocab = None if tokenizer is None else gguf_vocab(tokenizer, cfg.vocab_size)

@@ -982,11 +982,20 @@ def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
+# The files an export writes (the tokenizer's with one), each replaced atomically.
+HF_EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "generation_config.json")
+
+
+def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
+              overwrite: bool = False) -> Path:
     """Write a Hugging Face directory (GPT2, GPT-Neo, Llama, Mistral or Qwen2) that
     transformers loads, with tokenizer.json and a tokenizer_config.json carrying the chat
     template; a tokenizer that starts sequences with BOS keeps doing so there (add_bos_token,
-    and a post-processor)."""
+    and a post-processor). A directory that holds an export's files (another model's) is
+    refused, as `convert --to hf` refuses it, unless `overwrite`: then its config.json goes
+    first (a directory with one has its weights in place) and every file of the old export
+    this one does not write (its tokenizer's, for an export without one)."""
     from safetensors.torch import save_file
 
     if isinstance(model, ScalarHeadModel):
@@ -1005,7 +1014,13 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path) -> Path:
     # file is written, not after the weights.
     config = strict_json(_hf_config(model.config, family, tokenizer, dtype),
                          path=Path(out_dir) / "config.json", indent=2)
+    held = [name for name in HF_EXPORT_FILES if (Path(out_dir) / name).exists()]
+    if held and not overwrite:
+        raise UserError(f"already holds {', '.join(held)}; pass overwrite=True to replace "
+                        f"them, or choose another directory", path=out_dir, field="out_dir")
     out = ensure_dir(out_dir)
+    for name in held:  # overwriting: the old model is no whole one from here on
+        (out / name).unlink()
     if tokenizer is not None:
         # tokenizer.json (with a post-processor that prepends BOS where the model starts with
         # it) + tokenizer_config.json with the chat template
