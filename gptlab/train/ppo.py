@@ -410,7 +410,6 @@ def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
     return x
 
 
-
 # A user-assistant exchange: two chat templates that render it to the same ids write PPO's
 # conversations alike (the system prompt a template adds by default, the turns, the end of turn
 # and what follows it are all in it).
