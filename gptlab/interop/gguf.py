@@ -768,10 +768,10 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
     as a GGUF file that llama.cpp runs and `load_gguf` and transformers (`gguf_file=`) load:
     arch llama, or qwen2 for biases on Q, K, V alone, or gpt2 for GPT-2's shape. `dtype` is the
     matrices' type (f32, f16 or q8_0; a matrix whose rows do not split in Q8_0's blocks of 32
-    goes F16, as llama.cpp's converter writes it). Everything is checked before the file is
-    begun, and it is written to a temporary beside `out` and renamed: `out` is whole or
-    untouched. An `out` that exists is refused, as `convert --to gguf` refuses it, unless
-    `overwrite`."""
+    goes F16, and gpt2's position embedding F32, as llama.cpp's converter writes them).
+    Everything is checked before the file is begun, and it is written to a temporary beside
+    `out` and renamed: `out` is whole or untouched. An `out` that exists is refused, as
+    `convert --to gguf` refuses it, unless `overwrite`."""
     from gptlab.io import atomic_path, check_file_out
     from gptlab.model.heads import ScalarHeadModel
 
@@ -817,9 +817,12 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
             if vocab is not None:
                 _add_tokenizer(w, tokenizer, vocab)
             for tname, a in _gguf_tensors(model, arch):
-                if a.ndim == 2 and kind == "Q8_0" and a.shape[1] % 32 == 0:
+                # gpt2's position table stays F32 at any dtype, as llama.cpp's converter writes
+                # it and llama-quantize leaves it: a lookup, not a matrix product.
+                matrix = a.ndim == 2 and tname != "position_embd.weight"
+                if matrix and kind == "Q8_0" and a.shape[1] % 32 == 0:
                     w.add_tensor(tname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-                elif a.ndim == 2 and kind != "F32":
+                elif matrix and kind != "F32":
                     w.add_tensor(tname, a.astype(np.float16))
                 else:
                     w.add_tensor(tname, a)
