@@ -954,12 +954,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     # JSON leaves a name given twice in an object to the reader: which value the line meant
     # would be a guess (Python's json silently kept the last).
     obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _RepeatedKey(key)
-            seen.add(key)
+    if len(obj) != len(pairs):  # some name is given twice: the first to be, named
+        keys = [key for key, _ in pairs]
+        raise _RepeatedKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
     return obj
 
 

@@ -449,3 +449,97 @@ def test_splits_none_holds_out_are_refused_saying_so(tmp_path):
     assert "(train, test, wiki), " in str(e.value) and str(e.value).endswith(
         f"; read as one, a split held out for evaluation would be read with the others: give "
         f"one split's file instead ({tmp_path}/train.jsonl)")
+
+
+def test_a_marker_whose_pointer_passes_through_a_number_or_past_a_list_restores_nothing():
+    doc = {"a": 1, "l": [None, {"y": None}], "x": None,
+           "non_finite": {"/a/b/c": "NaN", "/l/5/x": "NaN", "/l/0": "Infinity", "/x": "NaN",
+                          "/l/1/y": "-Infinity"}}
+    back = restore_non_finite(doc)
+    assert back["a"] == 1 and back["l"] == [math.inf, {"y": -math.inf}]
+    assert math.isnan(back["x"])
+    assert "non_finite" not in back
+
+
+def test_a_nan_on_a_line_broken_after_it_is_refused_as_a_nan_naming_no_field(tmp_path):
+    # The line's field is found by reading it again past the NaN, which its syntax error stops.
+    from gptlab.io import read_jsonl
+    (tmp_path / "a.jsonl").write_text('{"ok": 1}\n{"a": NaN, \n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_jsonl(tmp_path / "a.jsonl")
+    assert (e.value.line, e.value.field) == (2, None)
+    assert e.value.message == ("not valid JSON (NaN is not a JSON number; write null or a finite "
+                               "number)")
+
+
+def test_a_key_given_twice_is_named_the_first_that_repeats(tmp_path):
+    from gptlab.io import read_jsonl
+    (tmp_path / "a.jsonl").write_text('{"b": 1, "a": 2, "a": 3, "b": 4}\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_jsonl(tmp_path / "a.jsonl")
+    assert (e.value.line, e.value.field) == (1, "a")
+
+
+def test_read_json_refuses_a_directory_and_an_integer_longer_than_python_reads(tmp_path):
+    import sys
+
+    from gptlab.io import read_json
+    with pytest.raises(UserError) as e:
+        read_json(tmp_path)
+    assert str(e.value) == f"{tmp_path}: is a directory, not a file"
+    (tmp_path / "l.json").write_bytes(b'{"name": "caf\xe9"}')  # Latin-1
+    with pytest.raises(UserError) as e:
+        read_json(tmp_path / "l.json")
+    assert str(e.value) == f"{tmp_path / 'l.json'}: not UTF-8 text"
+    limit = sys.get_int_max_str_digits()
+    (tmp_path / "n.json").write_text('{"n": ' + "9" * (limit + 1) + "}", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_json(tmp_path / "n.json")
+    assert str(e.value) == (f"{tmp_path / 'n.json'}: cannot be read: an integer of {limit + 1} "
+                            f"digits is more than the {limit} digits a number may have here; "
+                            f"write it as a string")
+
+
+def test_a_parquet_name_holding_text_or_other_bytes_is_named_for_what_it_holds(tmp_path):
+    from gptlab.io import parquet_objects
+    with pytest.raises(UserError) as e:
+        list(parquet_objects(tmp_path / "none.parquet"))
+    assert str(e.value) == f"{tmp_path / 'none.parquet'}: file not found"
+    text = tmp_path / "t.parquet"
+    text.write_bytes(("a" + "é" * 100 + "\n").encode("utf-8"))  # byte 200 cuts the last é
+    with pytest.raises(UserError) as e:
+        list(parquet_objects(text))
+    assert e.value.message.startswith(f"is text, not Parquet (it begins {'a' + 'é' * 39!r}); ")
+    binary = tmp_path / "b.parquet"
+    binary.write_bytes(b"\xc3\x28" + bytes(range(32, 128)) * 3)  # not UTF-8 before byte 200
+    with pytest.raises(UserError) as e:
+        list(parquet_objects(binary))
+    assert e.value.message.startswith("not a readable Parquet file (")
+    (tmp_path / "d.parquet").mkdir()
+    with pytest.raises(UserError) as e:
+        list(parquet_objects(tmp_path / "d.parquet"))
+    assert e.value.message.startswith("not a readable Parquet file (")
+
+
+def test_a_pipe_named_as_data_in_a_directory_is_not_read(tmp_path):
+    import os
+
+    from gptlab.io import files_in
+    (tmp_path / "a.jsonl").write_text('{"prompt": "a"}\n', encoding="utf-8")
+    os.mkfifo(tmp_path / "b.jsonl")  # reading it would wait for a writer
+    assert files_in(tmp_path, (".jsonl",)) == [tmp_path / "a.jsonl"]
+
+
+def test_a_hub_cache_folder_without_refs_main_is_refused_naming_no_latest(tmp_path):
+    from gptlab.io import files_in
+    d = tmp_path / "cache"
+    for sub in ("blobs", "refs", "snapshots/r1", "snapshots/r2"):
+        (d / sub).mkdir(parents=True)
+    for rev in ("r1", "r2"):
+        (d / "snapshots" / rev / "a.jsonl").write_text('{"prompt": "a"}\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        files_in(d, (".jsonl",))
+    assert str(e.value) == (
+        f"{d}: is a Hugging Face Hub cache folder holding 2 revisions of a dataset "
+        f"(snapshots/r1, snapshots/r2); read as one, its records would be read once per "
+        f"revision: give one revision's folder")
