@@ -113,7 +113,8 @@ def _config_error(cls: type, err: OmegaConfBaseException, source: str | Path,
     lists them all), a wrong type says what the field takes and what it got from `data`
     (OmegaConf's "Value 'x' of type 'str' could not be converted to Integer")."""
     key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
-    msg = str(getattr(err, "msg", err)).splitlines()[0]
+    # A merge error (a value where a nested config goes) has no msg: its text says it.
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
     if "not in" in msg and key:
         msg = _unknown_key(key, _valid_keys(cls, key), _keys_help(cls, command))
     elif isinstance(err, ValidationError):
@@ -426,11 +427,6 @@ def _check_values(config: Any, yaml_path: str | Path | None, data: dict, lines: 
         raise
 
 
-def to_dict(config: Any) -> dict:
-    """A plain dict of a dataclass config (for config.json / run.json)."""
-    return dataclasses.asdict(config)
-
-
 def _flag_type(tp: Any) -> tuple[Any, bool]:
     """(element type, is_list) for a dataclass field annotation; `int | None` is int."""
     origin = typing.get_origin(tp)
@@ -443,15 +439,13 @@ def _flag_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add a `--field-name` flag for each scalar or list field of a dataclass config.
 
     Every flag defaults to None so `load_config` can tell "not given" from a value.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         tp, is_list = _flag_type(hints[f.name])
         if dataclasses.is_dataclass(tp):
             continue

@@ -442,3 +442,78 @@ def test_a_value_refused_as_the_config_loads_from_python_names_the_file_too(tmp_
     with pytest.raises(UserError) as e:
         load_config(PPOConfig, None, batch_size=2)
     assert str(e.value) == "field 'minibatch_size': must be <= batch_size (2), got 8"
+
+
+def test_a_config_file_that_is_missing_not_a_mapping_or_holds_a_list_key_is_refused_by_name(
+        tmp_path):
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+    from gptlab.train.ppo import PPOConfig
+    f = tmp_path / "c.yaml"
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, f)
+    assert str(e.value) == f"{f}: config file not found"
+    f.write_text("- steps\n- 3\n")
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, f)
+    assert str(e.value) == f"{f}: a config file must be a mapping of keys to values"
+    f.write_text("- 2024-13-01\n")  # no key to name: the value is not one's
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, f)
+    assert str(e.value) == f"{f}: a value cannot be read: month must be in 1..12"
+    f.write_text("seed: 1\n? [1, 2]\n: 3\n")  # a key YAML reads as a list
+    with pytest.raises(UserError) as e:
+        load_config(PPOConfig, f)
+    assert (e.value.path, e.value.line) == (f, 2)
+    assert e.value.message.startswith("not valid YAML: found unhashable key")
+
+
+@dataclasses.dataclass
+class _Inner:
+    depth: int = 1
+
+
+@dataclasses.dataclass
+class _Outer:
+    """A config of no stage: a nested one, a required field, fields without help."""
+    name: str
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+    steps: int = dataclasses.field(default=2, metadata={"help": "how many"})
+    label: str = ""
+
+    def check_values(self) -> None:
+        from gptlab.errors import UserError
+        if self.steps < 0:
+            raise UserError("must be >= 0", path="elsewhere.yaml", field="steps")
+        if self.steps == 0:
+            raise UserError("cannot be 0")
+
+
+def test_add_config_flags_leaves_out_a_nested_config_and_says_required_and_defaults():
+    import argparse
+
+    from gptlab.config import add_config_flags
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, _Outer)
+    helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    assert helps == {"name": "(required)", "steps": "how many (default: 2)", "label": ""}
+
+
+def test_a_nested_config_s_unknown_key_names_its_own_keys_and_a_check_s_own_file_is_kept():
+    from gptlab.config import NULL, load_config
+    from gptlab.errors import UserError
+    assert load_config(_Outer, None, ["inner.depth=3"], name="a").inner.depth == 3
+    with pytest.raises(UserError) as e:
+        load_config(_Outer, None, ["inner.dpeth=3"], name="a")
+    assert str(e.value) == ("command line, field 'inner.dpeth': unknown key 'inner.dpeth'; did "
+                            "you mean 'depth'?")
+    with pytest.raises(UserError) as e:
+        load_config(_Outer, None, ["inner=3"], name="a")  # a nested config is no integer
+    assert str(e.value) == "command line: Merge error: int is not a subclass of _Inner. value: 3"
+    with pytest.raises(UserError) as e:  # the check named its own file: kept
+        load_config(_Outer, None, name="a", steps=-1)
+    assert str(e.value) == "elsewhere.yaml, field 'steps': must be >= 0"
+    with pytest.raises(UserError) as e:  # the check named no field: raised as it is
+        load_config(_Outer, None, name="a", steps=0)
+    assert str(e.value) == "cannot be 0"
+    assert repr(NULL) == "null"
