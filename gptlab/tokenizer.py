@@ -959,7 +959,7 @@ def _nonempty_texts(texts: Iterable[Any]) -> Iterator[str]:
     n = 0
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise UserError(f"item {i} is a {type(text).__name__}, expected a string",
+            raise UserError(f"item {i} is of type {type(text).__name__}, expected a string",
                             field="paths_or_texts")
         check_text(text, field=f"paths_or_texts[{i}]")
         if text.strip():

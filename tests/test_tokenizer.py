@@ -1821,3 +1821,28 @@ def test_byte_level_classes_transformers_5_rebuilds_are_noted_where_its_ids_diff
         assert bool(measured) is (noted is not None)
     load_tokenizer(d)
     assert capsys.readouterr().err == ""  # once per process
+
+
+def test_a_tokenizer_trains_on_texts_given_as_strings_and_refuses_what_is_none(tmp_path):
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(["select name from staff", "", "select id from staff"], 300)
+    assert tok.decode(tok.encode("select name")) == "select name"
+    assert tok.vocab_size < 300  # two short texts hold fewer merges than asked
+    (tmp_path / "c.txt").write_text("select name from staff\n", encoding="utf-8")
+    assert train_tokenizer(str(tmp_path / "c.txt"), 300).encode("select name") \
+        == train_tokenizer([tmp_path / "c.txt"], 300).encode("select name")
+    for texts, said in (
+            ([], "the corpus is empty: no paths or texts given"),
+            (["", " \n"], "the corpus is empty: every text is empty"),
+            (["a", 3], "field 'paths_or_texts': item 1 is of type int, expected a string"),
+            (["a", "b\udc80"], "field 'paths_or_texts[1]': not UTF-8 text: byte 0x80 at "
+                               "character 2 cannot be decoded")):
+        with pytest.raises(UserError) as e:
+            train_tokenizer(texts, 300)
+        assert str(e.value) == said
+    with pytest.raises(UserError) as e:
+        train_tokenizer(["a"], 300, special_tokens=["<|bos|>"])
+    assert str(e.value) == "field 'special_tokens': need at least BOS and EOS"
+    with pytest.raises(UserError) as e:
+        tok.encode(5)
+    assert str(e.value) == "expected text, got int"
