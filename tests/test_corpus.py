@@ -643,3 +643,44 @@ def test_txt_documents_of_a_classic_mac_file_are_separated_by_blank_lines(tmp_pa
     assert read_documents(f) == ["first doc\nsecond line", "second doc"]
     f.write_bytes(b"x\r\r\ny\r\n")
     assert read_documents(f) == ["x", "y"]
+
+
+def test_a_corpus_file_removed_while_an_earlier_one_is_read_is_named_not_found(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("first\n", encoding="utf-8")
+    b.write_text("second\n", encoding="utf-8")
+    docs = iter_documents([a, b])
+    assert next(docs) == "first"
+    b.unlink()
+    with pytest.raises(UserError) as e:
+        next(docs)
+    assert str(e.value) == f"{b}: corpus file not found"
+
+
+def test_tokenize_corpus_refuses_no_files_and_a_bar_changes_no_token(tmp_path, capsys):
+    import numpy as np
+
+    from gptlab.data.tokens import _ENCODE_CHUNK
+    tok = train_tokenizer(["a b c"], vocab_size=300)
+    with pytest.raises(UserError) as e:
+        tokenize_corpus([], tok, tmp_path / "cache")
+    assert str(e.value) == "field 'data': no corpus files given"
+    f = tmp_path / "c.jsonl"  # a whole number of encoding chunks: no last, shorter one
+    f.write_text("".join(json.dumps({"text": f"a {i}"}) + "\n" for i in range(2 * _ENCODE_CHUNK)),
+                 encoding="utf-8")
+    shown = tokenize_corpus([f], tok, tmp_path / "shown", progress=True)
+    assert "tokenizing" in capsys.readouterr().err
+    quiet = tokenize_corpus([f], tok, tmp_path / "quiet")
+    assert shown.n_documents == quiet.n_documents == 2 * _ENCODE_CHUNK
+    assert np.array_equal(np.fromfile(shown.path, dtype=shown.dtype),
+                          np.fromfile(quiet.path, dtype=quiet.dtype))
+
+
+def test_an_epoch_sampler_of_nothing_is_refused_and_block_batches_iterate_themselves():
+    import numpy as np
+
+    from gptlab.data.tokens import BlockBatches, EpochSampler
+    with pytest.raises(ValueError, match="nothing to sample from"):
+        EpochSampler(0, 2, seed=0)
+    batches = BlockBatches(np.arange(10, dtype=np.uint16), 4, np.array([0]), 2, seed=0)
+    assert iter(batches) is batches and next(batches).shape == (2, 5)

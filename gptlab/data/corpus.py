@@ -52,7 +52,7 @@ def iter_documents(paths: str | Path | Iterable[str | Path],
     corpus_files(paths, field)  # refuses a file given twice before reading any
     n = 0
     for path in paths:
-        for doc in _iter_path(path, field):
+        for doc in _iter_path(path):
             if doc.strip():
                 n += 1
                 yield doc
@@ -129,9 +129,8 @@ def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str 
     check_out_of_read_dirs(out, {f"{name}, {flag}": paths}, "corpus", writes)
 
 
-def _iter_path(path: str | Path, field: str) -> Iterator[str]:
-    if not str(path).strip():  # Path("") is the current directory: all of it a corpus
-        raise UserError("an empty path; name a corpus file or directory", field=field)
+def _iter_path(path: str | Path) -> Iterator[str]:
+    # An empty path was refused by corpus_files; a file is missing here only if removed since.
     p = Path(path)
     if p.is_dir():
         for f in files_in(p, CORPUS_SUFFIXES):
