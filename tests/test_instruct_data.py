@@ -1811,3 +1811,24 @@ def test_an_empty_demonstrations_file_says_it_holds_none(tok, tmp_path):
     with pytest.raises(UserError) as err:
         read_demonstrations(f, tok, 64)
     assert str(err.value) == f"{f}: no demonstrations in the file"
+
+
+def test_a_demonstration_without_an_assistant_message_is_refused_by_file_line_and_field(tok):
+    from gptlab.data.instruct import demonstration
+    for msgs in ([{"role": "user", "content": "hi"}],
+                 [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]):
+        with pytest.raises(UserError) as e:
+            demonstration(tok, {"messages": msgs}, "d.jsonl", 3)
+        assert str(e.value) == "d.jsonl:3, field 'messages': needs at least one assistant message"
+
+
+def test_a_ranking_row_without_prompt_or_ranking_is_refused_by_what_it_lacks():
+    from gptlab.data.instruct import ranking_of
+    for row, said in (
+            ({"chosen": "a"}, "f:1: needs a 'prompt' or a 'messages' field; the line has "
+                              "'chosen'"),
+            ({"prompt": "p", "chosen": "a"}, "f:1, field 'rejected': needs 'ranked' (best "
+                                             "first) or 'chosen' and 'rejected'")):
+        with pytest.raises(UserError) as e:
+            ranking_of(row, "f", 1)
+        assert str(e.value).startswith(said)

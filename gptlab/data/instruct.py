@@ -483,13 +483,10 @@ def ranking_of(row: dict, path: str | Path | None = None, line: int | None = Non
     if "ranked" in row and ("chosen" in row or "rejected" in row):
         raise UserError("has both 'ranked' and 'chosen'/'rejected'; give one of them", path=path,
                         line=line, field="ranked")
-    if "ranked" in row:
-        items, fname = row["ranked"], "ranked"
-        expected = "a list, best first, of responses or lists of tied responses"
-    elif "chosen" in row and "rejected" in row:
+    if "ranked" not in row:  # chosen and rejected: a row with neither was refused above
         return _pair_ranking(row, prompt, implicit, path, line)
-    else:
-        raise _not_a_ranking(row, path, line)
+    items, fname = row["ranked"], "ranked"
+    expected = "a list, best first, of responses or lists of tied responses"
     if not isinstance(items, list):
         raise UserError(f"must be {expected}", path=path, line=line, field=fname)
     ranked: list[str] = []
