@@ -634,3 +634,20 @@ def test_the_demo_world_is_the_one_its_figures_were_measured_on(world, tmp_path)
     assert got == DEMO_WORLD_SHA256
     assert database_digest(paths["company.sqlite"])[:16] == "2639032598f2016c"
     assert world.fingerprint()[:16] == "56727669c4d19592"
+
+
+def test_a_negative_option_an_unknown_question_and_a_missing_database_are_named(
+        world, tmp_path):
+    from gptlab.world.build import open_world
+    with pytest.raises(UserError) as e:
+        build_world(0, n_test=-1)
+    assert str(e.value) == "field 'n_test': must be >= 0, got -1"
+    with pytest.raises(UserError) as e:
+        world.question("no-such-id")
+    assert str(e.value) == "field 'id': no question with id 'no-such-id' in this world"
+    assert open_world("builtin").fingerprint() == world.fingerprint()
+    build_world(5, **SMALL).export(tmp_path / "w")
+    (tmp_path / "w" / "company.sqlite").unlink()
+    with pytest.raises(UserError) as e:
+        load_world(tmp_path / "w")
+    assert str(e.value) == f"{tmp_path / 'w' / 'company.sqlite'}: database file not found"
