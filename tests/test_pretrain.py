@@ -1132,3 +1132,43 @@ def test_a_tokenizer_that_differs_only_in_its_decoder_is_refused_saying_what_it_
         "tokenizer (--tokenizer) each with '<|pad|>' (their decoders differ too, which turn the "
         f"ids the model writes back into text); the model was trained on the former and would "
         f"be continued on the latter: {keep}")
+
+
+def test_a_model_that_pretraining_cannot_start_from_is_refused_naming_the_flag(
+        corpus, tmp_path, capsys):
+    d, _, _ = corpus
+    data = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    (tmp_path / "plain").mkdir()
+    for args, said in (
+            (["--model", "transformer-base"],
+             "field 'model': preset 'transformer-base' is not a decoder-only GPT"),
+            (["--model", str(tmp_path / "plain")],
+             f"{tmp_path / 'plain'}, field 'model': not a gptlab model directory (config.json "
+             f"with format gptlab/1); import other models with `gptlab convert` first"),
+            (["--tokenizer", str(tmp_path / "none")],
+             f"{tmp_path / 'none'}, field 'tokenizer': tokenizer not found")):
+        assert main(["pretrain", "--model", "tiny", "--no-progress", *data, *args,
+                     "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"gptlab pretrain: error: {said}\n"
+        assert not (tmp_path / "out").exists()
+    assert main(["pretrain", "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("gptlab pretrain: error: field 'data': no training "
+                                       "data: give data (--data FILE...)\n")
+
+
+def test_a_tokenizer_larger_than_the_model_s_embedding_is_refused(corpus, tmp_path, capsys):
+    d, docs, _ = corpus
+    base = ["--data", str(d / "a.txt"), "--block-size", "16", "--max-steps", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run(*base, "--tokenizer", str(d / "tok"), "--out", str(tmp_path / "one")) == 0
+    (tmp_path / "one" / "tokenizer.json").unlink()
+    big = train_tokenizer(docs + ["zebra quagga"], vocab_size=400)
+    big.save(tmp_path / "big")
+    capsys.readouterr()
+    assert main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress", *base,
+                 "--tokenizer", str(tmp_path / "big"), "--out", str(tmp_path / "two")]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"field 'tokenizer': the tokenizer has {big.vocab_size} tokens but the model's embedding "
+        f"has 300 rows\n")
+    assert big.vocab_size > 300
