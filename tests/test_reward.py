@@ -878,3 +878,35 @@ def test_scores_all_alike_are_shifted_not_scaled_up_with_a_warning(capsys):
     assert std > MIN_SCORE_STD
     assert model.score_scale.item() == torch.tensor(1.0 / std).item()
     assert capsys.readouterr().err == ""
+
+
+def test_a_model_without_tokenizer_or_of_another_kind_and_rankings_too_long_are_refused(
+        base, tmp_path, capsys):
+    import shutil
+
+    from gptlab.checkpoint import load_model, save_model
+    from gptlab.model import Transformer, get_preset
+    d, _ = base
+    bare = tmp_path / "bare"
+    shutil.copytree(d / "sft", bare)
+    (bare / "tokenizer.json").unlink()
+    t5 = tmp_path / "t5"
+    config = dataclasses.replace(get_preset("transformer-base"), vocab_size=300, context=16,
+                                 n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_model=8,
+                                 d_ff=8)
+    save_model(t5, Transformer(config), load_model(d / "sft")[1])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "cat " * 80, "chosen": " yes", "rejected": " no"})
+                    + "\n")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": "cat " * 80, "responses": [" yes"]}) + "\n")
+    for args, said in (
+            (["--model", str(bare)], f"{bare}: the model has no tokenizer"),
+            (["--model", str(t5)], f"{t5}: the reward model must start from a GPT model"),
+            (["--data", str(long)], f"{long}: no rankings left to train on"),
+            (["--samples", str(samples)], f"{samples}, field 'samples': no sample fits the "
+                                          f"context to normalise the scores on")):
+        capsys.readouterr()
+        assert run_reward(base, tmp_path / "out", *args) == 2
+        assert capsys.readouterr().err.endswith(f"gptlab reward: error: {said}\n")
+        assert not (tmp_path / "out").exists()
