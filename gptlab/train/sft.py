@@ -316,12 +316,11 @@ def sft(cfg: SFTConfig) -> Path:
     if cfg.val_data:
         train_ex, val_ex = examples, read_demonstrations(cfg.val_data, tok, context, val_skips)
     else:
+        # val_fraction < 1 leaves training at least one: read_demonstrations refuses none
         train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
     for path, counter in ((cfg.data, skips), (cfg.val_data, val_skips)):
         if counter.total:
             print(f"{path}: {counter.report('demonstrations')}", file=sys.stderr)
-    if not train_ex:
-        raise UserError("no demonstrations left to train on", path=cfg.data)
     if cfg.val_data:
         check_held_out(train_ex, val_ex, lambda ex: (tuple(ex.ids), tuple(ex.loss_mask)),
                        cfg.val_data, "demonstrations", cfg.data)
