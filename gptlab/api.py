@@ -73,10 +73,10 @@ def generate_text(model: str | Path | tuple[torch.nn.Module, Any], prompts: list
     net, tok = load(model, device) if path else _model_pair(model)
     check_tokenizer_fits(net, tok)  # a (model, tokenizer) pair was never checked together
     encoded = []
-    for text in prompts:
+    for i, text in enumerate(prompts):
         ids = tok.encode(text, bos=tok.bos_id is not None)
-        if not ids:
-            raise UserError("the prompt is empty", field="prompt")
+        if not ids:  # a tokenizer without BOS: nothing for the model to continue
+            raise UserError("the prompt is empty", field=f"prompts[{i}]")
         encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate,
                                   bos_id=tok.bos_id)[0])
     params = dataclasses.replace(params, stop_ids=tuple(sorted(tok.stop_ids)))

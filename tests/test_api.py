@@ -392,3 +392,25 @@ def test_generate_text_takes_a_compiled_model_and_runs_the_model_it_wraps(inputs
     compiled = torch.compile(model)
     assert api.generate_text((compiled, tok), ["hello"], greedy=True, max_new_tokens=4) == \
         api.generate_text((model, tok), ["hello"], greedy=True, max_new_tokens=4)
+
+
+def test_generate_text_refuses_prompts_that_are_no_list_and_an_empty_one_without_bos():
+    import dataclasses
+
+    import torch
+
+    from gptlab.api import generate_text
+    from gptlab.model import GPT, get_preset
+    from gptlab.tokenizer import Tokenizer, train_tokenizer
+    tok = train_tokenizer(["hello world"], 300)
+    no_bos = Tokenizer(tok.hf, bos_token=None, eos_token="<|eos|>", pad_token="<|pad|>")
+    torch.manual_seed(0)
+    net = GPT(dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=32))
+    for model, prompts, said in (
+            ((net, tok), {"a": 1}, "field 'prompts': must be a list of texts, got the dict"),
+            ((net, tok), 5, "field 'prompts': must be a list of texts, got the int"),
+            ((net, no_bos), ["hello", ""], "field 'prompts[1]': the prompt is empty")):
+        with pytest.raises(UserError) as e:
+            generate_text(model, prompts, max_new_tokens=2)
+        assert str(e.value) == said
+    assert len(generate_text((net, no_bos), ["hello"], max_new_tokens=2, greedy=True)) == 1
