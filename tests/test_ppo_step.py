@@ -4,6 +4,7 @@ penalty, the sampling temperature shared by rollout, reference and update, the u
 loss, and the logged KL."""
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -895,3 +896,40 @@ def test_a_kl_penalty_past_the_bound_ends_the_run_naming_kl_coef(setup, tmp_path
                         r"whitening\); give a smaller kl_coef \(--kl-coef\)", str(e.value)), \
         str(e.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_what_padding_predicts_changes_no_advantage_or_logged_kl(setup, tmp_path, estimator):
+    """A row's rewards, advantages and KL are its own whatever the rows padded beside it hold.
+    After a response ends, the log-ratio of the pad token is no estimate of anything: here,
+    a policy far from its reference at the smallest temperature, it is below −150 nats, where
+    k3's exp overflows to inf, and inf times the mask was NaN, carried by GAE back over its
+    row's real tokens (the row's own k3 are finite: its tokens are the policy's greedy picks)."""
+    from gptlab.engine import SamplingParams, generate
+    d, paths = setup
+    model, tok, _ = load_model(d / "policy")
+    with torch.no_grad():
+        model.final_norm.weight.mul_(3.0)
+    save_model(tmp_path / "policy", model, tok)
+    cfg = PPOConfig(policy=str(tmp_path / "policy"), reference=str(d / "reference"),
+                    prompts=str(paths["prompts"]), out=str(tmp_path / "run"), device="cpu",
+                    temperature=0.01, max_new_tokens=6, batch_size=4, minibatch_size=4,
+                    kl_estimator=estimator, whiten_advantages=False)
+    t = PPOTrainer(cfg, reward_fn=record_score)
+    greedy = generate(t.policy, PROMPTS, SamplingParams(max_new_tokens=6, greedy=True),
+                      pad_id=tok.pad_id).tokens
+    responses = [g[:len(r)] for g, r in zip(greedy, RESPONSES)]
+    scores = torch.tensor([1.0, -2.0, 3.0])
+    ro = hand_rollout(t, PROMPTS, responses, [True] * 3)
+    pad_logp, _ = response_logprobs(t.policy, ro, 0.01)
+    pad_ref, _ = response_logprobs(t.reference, ro, 0.01)
+    assert (pad_logp - pad_ref)[~ro.response_mask.bool()].min() < -150  # k3: exp(150) = inf
+    batch = t.advantages(ro, scores)
+    for i, (p, r) in enumerate(zip(PROMPTS, responses)):
+        alone = t.advantages(hand_rollout(t, [p], [r], [True]), scores[i:i + 1])
+        for key in ("advantages", "returns", "kl"):
+            torch.testing.assert_close(batch[key][i, :len(r)], alone[key][0], atol=1e-4,
+                                       rtol=1e-5)
+            assert batch[key][i, len(r):].eq(0).all()
+    row, _, _ = PPOTrainer._rollout_metrics(1, ro, scores, batch, 1e-3)
+    assert math.isfinite(row["kl"])

@@ -857,7 +857,9 @@ class PPOTrainer:
         ref_logp, _ = response_logprobs(self.reference, ro, cfg.temperature)
         old_values = response_values(self.value_model, ro)
         m = ro.response_mask.float()
-        kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * m
+        # Zeroed past each response's end, not multiplied by the mask: there the log-ratio is
+        # the pad token's, no estimate of anything, and k3's exp of it can be inf (× 0: NaN).
+        kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator).masked_fill(m == 0, 0.0)
         beta = self.kl_ctl.value if self.kl_ctl else cfg.kl_coef
         # r_t = −β KL_t, and the score is paid on the last real token.
         rewards = -beta * kl
