@@ -437,6 +437,30 @@ def test_evaluations_log_pairwise_accuracy_and_no_perplexity(base, tmp_path, cap
     assert "ppl" not in line and f"pairwise_acc {evals[0]['pairwise_acc']:.4f}" in line
 
 
+def test_the_validation_loss_does_not_depend_on_how_the_held_out_rankings_are_batched(
+        base, tmp_path):
+    # 5 held-out rankings: at --batch-size 4 a batch of 4 and one of 1, whose mean of batch
+    # means weighed the last ranking 4 times (step 0: 0.69464 against 0.69339 in one batch).
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": f"Is the dog happy? {i}", "chosen": " yes",
+                                       "rejected": [" no", " maybe", " ok"][i % 3]}) + "\n"
+                           for i in range(5)))
+    losses = []
+    for size in ("1", "4", "5"):
+        out = tmp_path / size
+        assert run_reward(base, out, "--batch-size", size, "--val-data", str(val)) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append(next(r["val_loss"] for r in rows if r["step"] == 0))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert losses[2] == pytest.approx(losses[0], abs=1e-6)
+    # Training batches all hold --batch-size rankings: with --grad-accum their shares stay
+    # exactly equal, the update the plain mean's bit for bit.
+    from gptlab.train.loop import micro_batch_shares
+    from gptlab.train.reward import rankings_in
+    batch = collate_rankings([EncodedRanking([[1], [2]])] * 4, pad_id=0)
+    assert micro_batch_shares([batch, batch, batch], rankings_in) == [1.0, 1.0, 1.0]
+
+
 def test_a_finished_response_is_scored_as_the_reward_stage_encoded_it_with_a_long_end_of_turn():
     # Llama 2's template closes an answer with " " + EOS: an end of turn of two tokens. The
     # stop token alone was replaced by the whole end, giving " ", " ", EOS: a sequence the

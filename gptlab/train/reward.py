@@ -232,6 +232,13 @@ def ranked_scores(model: ScalarHeadModel, batch: RankingBatch) -> Tensor:
     return out
 
 
+def rankings_in(batch: RankingBatch) -> int:
+    """The rankings `reward_loss` averages over: the validation loss weighs each batch by them,
+    so it is the mean over every held-out ranking, the last, shorter batch's too. (Training
+    batches all hold --batch-size rankings: their shares stay exactly equal.)"""
+    return len(batch["k"])
+
+
 def reward_loss(model: nn.Module, batch: RankingBatch) -> Tensor:
     device = batch["input_ids"].device
     return kwise_ranking_loss(ranked_scores(model, batch), queued_copy(batch["k"], device),
@@ -453,7 +460,8 @@ def train_reward_model(cfg: RewardConfig) -> Path:
 
     result = train(model, ListBatches(train_e, cfg.batch_size, cfg.seed, collate), reward_loss,
                    cfg, out, val_batches=val_batches, tokenizer=tok, on_eval=on_eval,
-                   resume=cfg.resume, verified=latest, resume_from=latest, perplexity=False, extra={
+                   resume=cfg.resume, verified=latest, resume_from=latest, perplexity=False,
+                   loss_weight=rankings_in, extra={
                        "stage": "reward", "data_key": key,
                        "eval_settings": {k: getattr(cfg, k) for k in MEASURE_SETTINGS}})
     model.eval()
