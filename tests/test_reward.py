@@ -461,6 +461,18 @@ def test_the_validation_loss_does_not_depend_on_how_the_held_out_rankings_are_ba
     assert micro_batch_shares([batch, batch, batch], rankings_in) == [1.0, 1.0, 1.0]
 
 
+def test_samples_too_long_to_normalise_on_are_counted_on_stderr(base, tmp_path, capsys):
+    # They were left out silently: "every response of --samples" was normalised on but one.
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": "Is the cat happy?",
+                                   "responses": [" yes", " no", " yes" * 80]}) + "\n")
+    assert run_reward(base, tmp_path / "rm", "--samples", str(samples)) == 0
+    err = capsys.readouterr().err
+    assert f"{samples}: skipped 1 sample: 1 sample longer than the context of 64, not " \
+           f"normalised on\n" in err
+    assert "scores normalised on 2 samples" in err
+
+
 def test_a_finished_response_is_scored_as_the_reward_stage_encoded_it_with_a_long_end_of_turn():
     # Llama 2's template closes an answer with " " + EOS: an end of turn of two tokens. The
     # stop token alone was replaced by the whole end, giving " ", " ", EOS: a sequence the

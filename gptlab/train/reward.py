@@ -311,11 +311,12 @@ def normalize_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_id:
     return mean, std
 
 
-def sample_sequences(tokenizer: Any, path: str | Path, context: int,
-                     tail: bool = False) -> list[list[int]]:
+def sample_sequences(tokenizer: Any, path: str | Path, context: int, tail: bool = False,
+                     skips: SkipCounter | None = None) -> list[list[int]]:
     """Prompt + response token ids of every response of a samples file, duplicates included
-    (they weigh as the policy samples them); those longer than the context are left out.
-    `tail`: as `encode_ranking`'s."""
+    (they weigh as the policy samples them); those longer than the context are left out,
+    counted in `skips`. `tail`: as `encode_ranking`'s."""
+    skips = skips if skips is not None else SkipCounter()
     seqs = []
     records = read_jsonl(path)
     if not records:  # else reported as none fitting the context
@@ -330,7 +331,11 @@ def sample_sequences(tokenizer: Any, path: str | Path, context: int,
             encoded = [p + encode_response(tokenizer, r, prompt) + after for r in responses]
         except UserError as e:  # the chat template may refuse a conversation
             raise e.at(where, line) from None
-        seqs += [s for s in encoded if len(s) <= context]
+        for s in encoded:
+            if len(s) <= context:
+                seqs.append(s)
+            else:
+                skips.add(f"samples longer than the context of {context}")
     return seqs
 
 
@@ -426,7 +431,11 @@ def train_reward_model(cfg: RewardConfig) -> Path:
                        cfg.val_data, "rankings", cfg.data)
     # What the scores are normalised on, read before training so a bad file fails fast.
     if cfg.samples:
-        samples = sample_sequences(tok, cfg.samples, context, tail)
+        sample_skips = SkipCounter()
+        samples = sample_sequences(tok, cfg.samples, context, tail, sample_skips)
+        if samples and sample_skips.total:  # none left is the error below
+            print(f"{cfg.samples}: {sample_skips.report('samples')}, not normalised on",
+                  file=sys.stderr)
     else:  # the training rankings hold the policy's samples, duplicates merged
         samples = [list(s) for s in sorted({tuple(s) for e in train_e for s in e.seqs})]
     if not samples:
