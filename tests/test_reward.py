@@ -213,6 +213,23 @@ def test_shared_prompt_scores_are_normalised_as_forwards_are(long_prompt):
     assert torch.allclose(got, (raw - 0.7) * 2.5, atol=1e-5), (got, raw)
 
 
+def test_the_head_starts_normal_with_std_one_over_sqrt_d_plus_one_and_no_bias():
+    # The init (InstructGPT's): nothing checked it, a mutant to nn.Linear's default
+    # (uniform, std 1/sqrt(3d)) or to std 1 went unseen.
+    from gptlab.model import GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    torch.manual_seed(0)
+    d = 2048
+    head = ScalarHeadModel(GPTConfig(vocab_size=8, context=4, n_layers=1, n_heads=2,
+                                     d_model=d)).head
+    w = head.weight.detach().double().flatten()
+    assert w.std().item() == pytest.approx(1 / math.sqrt(d + 1), rel=0.05)
+    assert abs(w.mean().item()) < 3 / math.sqrt(d + 1) / math.sqrt(d)  # centred
+    assert (w.abs() > 2 / math.sqrt(d + 1)).double().mean().item() == pytest.approx(
+        0.0455, abs=0.015)  # normal tails, not a uniform's (none past 1.73 std)
+    assert head.bias.tolist() == [0.0]
+
+
 def test_folding_the_normalisation_puts_values_on_the_scale_of_scores():
     model = _normalised_model()
     ids = torch.tensor([[5, 6, 7, 8, 11]])
