@@ -1825,10 +1825,19 @@ def test_a_demonstration_without_an_assistant_message_is_refused_by_file_line_an
 def test_a_ranking_row_without_prompt_or_ranking_is_refused_by_what_it_lacks():
     from gptlab.data.instruct import ranking_of
     for row, said in (
-            ({"chosen": "a"}, "f:1: needs a 'prompt' or a 'messages' field; the line has "
-                              "'chosen'"),
+            ({"chosen": "a"}, "f:1, field 'rejected': needs 'ranked' (best first) or "
+                              "'chosen' and 'rejected'; the line has 'chosen'"),
+            ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                          "content": "a"}]},
+             "f:1, field 'rejected': needs 'ranked' (best first) or 'chosen' and 'rejected'; "
+             "the line has 'chosen'"),
+            ({"rejected": "b", "id": 3}, "f:1, field 'chosen': needs 'ranked' (best first) or "
+                                         "'chosen' and 'rejected'; the line has 'rejected' "
+                                         "and 'id'"),
+            ({"id": 3}, "f:1: needs a 'prompt' or a 'messages' field; the line has 'id'"),
             ({"prompt": "p", "chosen": "a"}, "f:1, field 'rejected': needs 'ranked' (best "
-                                             "first) or 'chosen' and 'rejected'")):
+                                             "first) or 'chosen' and 'rejected'; the line has "
+                                             "'prompt' and 'chosen'")):
         with pytest.raises(UserError) as e:
             ranking_of(row, "f", 1)
-        assert str(e.value).startswith(said)
+        assert str(e.value) == said

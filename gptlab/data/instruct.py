@@ -475,9 +475,10 @@ def ranking_of(row: dict, path: str | Path | None = None, line: int | None = Non
     implicit = "prompt" not in row and "messages" not in row and "chosen" in row \
         and "rejected" in row
     if "ranked" not in row and not ("chosen" in row and "rejected" in row) \
-            and ("prompt" in row or "messages" in row):
+            and any(k in row for k in ("prompt", "messages", "chosen", "rejected")):
         # What such a line lacks is the ranking: a conversation to imitate (SFT's `messages`,
-        # ending on the assistant) is not to be told that it must end on a user turn.
+        # ending on the assistant) is not to be told that it must end on a user turn, and a
+        # lone `chosen` is half of TRL's implicit-prompt pair, which needs no prompt.
         raise _not_a_ranking(row, path, line)
     prompt = None if implicit else prompt_of(row, path, line)
     if "ranked" in row and ("chosen" in row or "rejected" in row):
