@@ -171,6 +171,8 @@ def _set(key, value):
      "field 'model.head_dim': must be an integer or null, got '8'"),
     (_set("n_kv_heads", 3), "config.json",
      "field 'model': n_heads (4) must be a multiple of n_kv_heads (3)"),
+    (_set("norm", "batchnorm"), "config.json",
+     "field 'model': unknown norm 'batchnorm' (expected layernorm or rmsnorm)"),
     (_set("attention_window", 0), "config.json",
      "field 'model.attention_window': must be at least 1, got 0"),
     (_set("attention_window", 2.5), "config.json",

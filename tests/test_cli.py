@@ -1994,3 +1994,55 @@ def test_world_check_and_score_name_a_missing_world_as_label_does(tmp_path, caps
     assert capsys.readouterr().err == (f"gptlab world {action[0]}: error: {world}, field "
                                        f"'world': world directory not found (make one with "
                                        f"`gptlab world export`)\n")
+
+
+def test_tokenizer_encode_prints_the_ids_and_a_directory_without_one_is_named(
+        tiny_model, tmp_path, capsys):
+    from gptlab.tokenizer import load_tokenizer
+    assert main(["tokenizer", "encode", "--tokenizer", str(tiny_model), "hello world"]) == 0
+    ids = load_tokenizer(tiny_model).encode("hello world")
+    assert capsys.readouterr().out == " ".join(map(str, ids)) + "\n" and len(ids) >= 2
+    # The path not found is a file in the directory --tokenizer gave: no flag gave it as such.
+    assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path), "hello"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab tokenizer encode: error: {tmp_path / 'tokenizer.json'}: tokenizer not found "
+        f"(expected a directory with tokenizer.json, or a tokenizer.json file)\n")
+
+
+def test_no_verb_prints_the_verbs_and_exits_2(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gptlab [-h] VERB ...")
+    assert all(f"\n    {verb}" in out for verb in VERBS)
+
+
+def test_a_reader_gone_ends_quietly_with_141_and_stdout_to_the_null_device(
+        tiny_model, tmp_path, monkeypatch, capsys):
+    # `gptlab tokenizer encode ... | head -0`: the flush meets a closed pipe.
+    import io
+    sink = open(tmp_path / "stdout", "w")  # what stdout's descriptor becomes: /dev/null
+
+    class ClosedPipe(io.StringIO):
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            return sink.fileno()
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    try:
+        assert main(["tokenizer", "encode", "--tokenizer", str(tiny_model), "hello"]) == 141
+        os.write(sink.fileno(), b"lost")
+        assert os.path.samestat(os.fstat(sink.fileno()), os.stat(os.devnull))
+    finally:
+        sink.close()
+    assert (tmp_path / "stdout").read_text() == "" and capsys.readouterr().err == ""
+
+
+def test_sample_refuses_k_below_1_before_the_model_is_read(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tmp_path / "absent"), "--prompts",
+                 str(tmp_path / "p.jsonl"), "--k", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == "gptlab sample: error: field 'k': must be at least 1\n"
+    assert not out.exists()

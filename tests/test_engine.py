@@ -786,3 +786,10 @@ def test_any_sampled_batch_is_seeded_and_logs_each_rows_own_logprobs(case, seed)
         assert all(int(logits[t].topk(7).indices.eq(tok).sum()) for t, tok in enumerate(toks))
         want = logits.log_softmax(-1).gather(-1, torch.tensor(toks)[:, None])[:, 0]
         assert lps == pytest.approx(want.tolist(), abs=1e-4)
+
+
+def test_left_pad_leaves_an_empty_prompt_all_padding():
+    from gptlab.engine import left_pad
+    ids, mask = left_pad([[5, 6, 7], [], [8]], pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 1], [1, 1, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1]]

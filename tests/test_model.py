@@ -1247,3 +1247,17 @@ def test_cached_decoding_of_a_left_padded_batch_equals_each_row_alone(case):
             alone, _ = model.hidden_states(torch.tensor([seq]))
             got = batched[i, P - len(r):]
             assert (got - alone[0]).abs().max().item() <= 1e-4, (i, cfg)
+
+
+def test_a_kv_cache_refuses_more_rows_or_positions_than_it_was_allocated():
+    cache = KVCache(1, 2, 1, 4, 2)
+    with pytest.raises(ValueError, match=r"^3 rows do not fit a cache allocated for 2$"):
+        cache.use_rows(3)
+    cache.use_rows(1)
+    assert cache.k.shape == (1, 1, 1, 4, 2)
+    step = torch.ones(1, 1, 3, 2)
+    k, _ = cache.update(0, step, step)
+    assert k.shape == (1, 1, 3, 2)
+    cache.length = 3
+    with pytest.raises(ValueError, match=r"^KV cache full: 5 positions > 4$"):
+        cache.update(0, step[:, :, :2], step[:, :, :2])
