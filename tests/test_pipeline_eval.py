@@ -51,10 +51,12 @@ class Held(str):
 
 
 def evaluate_with_stand_ins(tmp_path, monkeypatch, headroom: bool = False,
-                            loaded: Callable[[Held], None] = lambda model: None):
+                            loaded: Callable[[Held], None] = lambda model: None,
+                            val_blocks: list | None = None):
     """evaluate_pipeline on the stand-ins: each model it loads is a `Held` of its name, given
     to `loaded` as it is made (the reward models too: "rm" for each round, and "rm_last" for
-    best-of-K)."""
+    best-of-K). `val_blocks`: the pretraining corpus's validation batches (one by default)."""
+    val_blocks = ["block"] if val_blocks is None else val_blocks
     from gptlab.train.pipeline import PipelineConfig
     out, world_dir = tmp_path / "out", tmp_path / "world"
     world_dir.mkdir()
@@ -98,11 +100,11 @@ def evaluate_with_stand_ins(tmp_path, monkeypatch, headroom: bool = False,
                         kl_of[policy, ref])
     monkeypatch.setattr(pipeline_eval, "corpus_perplexity",
                         lambda model, val: {"sft": 3.0, "ppo_round_2": 3.5, "pretrained": 1.5}[
-                            model])
+                            model] if val == ["block"] else 1 / 0)
     import gptlab.data.tokens
     import gptlab.eval.headroom
     monkeypatch.setattr(gptlab.data.tokens, "load_token_data",
-                        lambda *a: SimpleNamespace(val_batches=lambda *b: []))
+                        lambda *a: SimpleNamespace(val_batches=lambda *b: val_blocks))
     monkeypatch.setattr(gptlab.eval.headroom, "best_of_k",
                         lambda policy, tok, rm, *a, **kw: {"of": [policy, rm]})
     pretrain = SimpleNamespace(data="corpus.txt", block_size=8, val_fraction=0.1, seed=0,
@@ -144,6 +146,30 @@ def test_the_evaluation_holds_two_models_at_most_and_one_where_it_can(tmp_path, 
                         "corpus_ppl_pretrained": 1.5}
     if headroom:
         assert r["headroom"]["of"] == ["sft", "rm_last"]
+
+
+def test_a_corpus_with_no_validation_block_has_no_perplexities(tmp_path, monkeypatch,
+                                                                capsys):
+    # A single-block corpus: pretraining holds no block out and trains on. The evaluation
+    # divided by 0 there, after every stage had trained, and no report was written; the
+    # figures are None (n/a), the other figures measured, and the pretrained model not loaded.
+    # (The stand-in perplexity divides by 0 on no blocks, as the real one did.)
+    held: list[str] = []
+    r, _ = evaluate_with_stand_ins(tmp_path, monkeypatch, loaded=lambda m: held.append(str(m)),
+                                   val_blocks=[])
+    assert r["ptx"] == {"corpus_ppl_sft": None, "corpus_ppl_ppo": None,
+                        "corpus_ppl_pretrained": None}
+    assert r["kl_ppo_vs_sft"] == 0.7 and r["exec_acc"]["ppo"] == 0.75
+    assert held[-2:] == ["ppo_round_2", "sft"]  # the pretrained model only answered
+    assert "none held out for validation" in capsys.readouterr().err
+
+
+def test_corpus_perplexity_refuses_no_batches():
+    import torch
+
+    from gptlab.eval.pipeline_eval import corpus_perplexity
+    with pytest.raises(ValueError, match="at least one batch"):
+        corpus_perplexity(torch.nn.Linear(1, 1), [])  # it divided by 0
 
 
 def test_each_exec_column_counts_its_own_answers(results):

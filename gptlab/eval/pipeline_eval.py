@@ -3,6 +3,7 @@ held-out test split, the noise-free labeler, paired intervals, win rate, KL and 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,10 @@ def corpus_perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> fl
     """exp of the mean loss per token: each batch's mean loss weighted by its tokens, so a
     short last batch counts for what it holds. The batches go to the model's device queued,
     every position of a block a target (`all_targets`: no read of the labels), and the
-    losses are read together at the end: on a GPU each read or plain copy waits."""
+    losses are read together at the end: on a GPU each read or plain copy waits. No batches
+    have no perplexity (it divided by 0): refused, as `win_rate` refuses no records."""
+    if not batches:
+        raise ValueError("corpus_perplexity needs at least one batch of blocks, got none")
     device = next(model.parameters()).device
     losses = [model(queued_copy(b[:, :-1], device), labels=queued_copy(b[:, 1:], device),
                     all_targets=True) for b in batches]
@@ -241,12 +245,20 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
                            pc.val_fraction, pc.seed, pc.cache_dir)
     val = data.val_batches(8, 8)
     # The pretrained model's figure is the reference: what SFT forgot, what PPO-ptx brought back.
-    ptx = {"corpus_ppl_sft": corpus_perplexity(sft_model, val),
-           "corpus_ppl_ppo": corpus_perplexity(policy, val)}
+    # A corpus of one block holds none out (pretraining notes it and trains on): no figure, not
+    # a division by 0 once every stage has trained.
+    ptx = dict.fromkeys(("corpus_ppl_sft", "corpus_ppl_ppo", "corpus_ppl_pretrained"))
+    if val:
+        ptx.update(corpus_ppl_sft=corpus_perplexity(sft_model, val),
+                   corpus_ppl_ppo=corpus_perplexity(policy, val))
+    else:
+        print("  note: the pretraining corpus is a single block, none held out for validation: "
+              "no corpus perplexities (n/a)", file=sys.stderr)
     del policy
-    pretrained = load_model(pretrain_dir, device)[0]
-    ptx["corpus_ppl_pretrained"] = corpus_perplexity(pretrained, val)
-    del pretrained
+    if val:
+        pretrained = load_model(pretrain_dir, device)[0]
+        ptx["corpus_ppl_pretrained"] = corpus_perplexity(pretrained, val)
+        del pretrained
 
     samples = []  # as the report's SAMPLES_NOTE says: the first three, then where they differ
     for i, r in enumerate(test):
