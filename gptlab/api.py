@@ -29,10 +29,11 @@ def load(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
 
 
 def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool,
-               bos_id: int | None = None) -> tuple[list[int], int]:
+               bos_id: int | None = None, field: str = "prompt") -> tuple[list[int], int]:
     """Make room for generation: with `truncate`, drop the oldest tokens (and say so on
     stderr), keeping a leading `bos_id` (the model was trained with BOS first); without it, a
-    prompt that does not fit is a UserError. Returns (ids, dropped)."""
+    prompt that does not fit is a UserError naming `field` (`generate_text`'s `prompts[i]`).
+    Returns (ids, dropped)."""
     room = context - max_new_tokens
     if len(ids) <= room:
         return ids, 0
@@ -45,7 +46,7 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
                         f"max_new_tokens {max_new_tokens} leaves room for {room}; shorten it, "
                         f"lower max_new_tokens (--max-new-tokens), or set truncate (--truncate) "
                         f"to drop the oldest tokens",
-                        field="prompt")
+                        field=field)
     keep = ids[:1] if bos_id is not None and ids[0] == bos_id else []
     if room < len(keep) + 1:
         raise UserError(f"max_new_tokens {max_new_tokens} leaves no room in the context of "
@@ -78,7 +79,7 @@ def generate_text(model: str | Path | tuple[torch.nn.Module, Any], prompts: list
         if not ids:  # a tokenizer without BOS: nothing for the model to continue
             raise UserError("the prompt is empty", field=f"prompts[{i}]")
         encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate,
-                                  bos_id=tok.bos_id)[0])
+                                  bos_id=tok.bos_id, field=f"prompts[{i}]")[0])
     params = dataclasses.replace(params, stop_ids=tuple(sorted(tok.stop_ids)))
     out = generate(net, encoded, params, seed=seed, pad_id=tok.pad_id)
     # Decoded after its prompt, a continuation keeps the space its first word's "▁" stands for

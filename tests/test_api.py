@@ -414,3 +414,24 @@ def test_generate_text_refuses_prompts_that_are_no_list_and_an_empty_one_without
             generate_text(model, prompts, max_new_tokens=2)
         assert str(e.value) == said
     assert len(generate_text((net, no_bos), ["hello"], max_new_tokens=2, greedy=True)) == 1
+
+
+def test_generate_text_names_which_of_its_prompts_is_too_long():
+    """A prompt past the context less max_new_tokens is named by its index, as an empty one is:
+    generate_text has no parameter 'prompt'."""
+    import dataclasses
+
+    import torch
+
+    from gptlab.api import generate_text
+    from gptlab.model import GPT, get_preset
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(["hello world"], 300)
+    torch.manual_seed(0)
+    net = GPT(dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=32))
+    long = " ".join(["hello world"] * 20)
+    with pytest.raises(UserError) as e:
+        generate_text((net, tok), ["hello", long], max_new_tokens=4)
+    assert str(e.value).startswith(f"field 'prompts[1]': prompt has "
+                                   f"{len(tok.encode(long, bos=True))} tokens, but the context "
+                                   f"of 32 minus max_new_tokens 4 leaves room for 28")
