@@ -933,3 +933,79 @@ def test_what_padding_predicts_changes_no_advantage_or_logged_kl(setup, tmp_path
             assert batch[key][i, len(r):].eq(0).all()
     row, _, _ = PPOTrainer._rollout_metrics(1, ro, scores, batch, 1e-3)
     assert math.isfinite(row["kl"])
+
+
+# --- _check_rewards read row by row (hand-mutation of ca0b14d) -----------------------------
+
+def checked(t, scores, largest, finished=(True, False, True), beta=0.25):
+    """`t._check_rewards` on a hand rollout of three prompts (ids q1..q3, lines 11..13, the
+    second from a shard of its own); the UserError's text, or None where it passes."""
+    ro = hand_rollout(t, PROMPTS, RESPONSES, list(finished))
+    ro.records = [{"prompt": "p", "_line": 11, "id": "q1"},
+                  {"prompt": "p", "_line": 12, "id": "q2", "_file": "shard-2.jsonl"},
+                  {"prompt": "p", "_line": 13}]
+    try:
+        t._check_rewards(4, ro, torch.tensor(scores), beta, largest)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+BEYOND = ("is beyond the ±1e+15 a score may reach (PPO squares rewards in float32, in the value "
+          "loss and the advantages' whitening)")
+
+
+def test_the_score_past_the_bound_is_named_by_its_own_row_file_line_and_penalty(setup, tmp_path):
+    """The first score past ±1e15 is named, with its own record's file, line, id and value;
+    the missing-EOS penalty is said where that row had it (unfinished, a penalty above 0)."""
+    t = trainer(setup, tmp_path / "run")  # missing_eos_penalty 1
+    name = f"{__name__}:record_score"
+    # Row 2 (unfinished) is the first past the bound; row 3 too, the other way (float32's
+    # numbers: as the scores are).
+    assert checked(t, [1.0, 2.0 ** 51, -3 * 2.0 ** 50], (3 * 2.0 ** 50, 1.0)) == (
+        f"shard-2.jsonl:12, field 'reward_fn': step 4: the score the reward function {name} "
+        f"gave the response to prompt id q2 (2251799813685248.0) (less the missing-EOS "
+        f"penalty 1) {BEYOND}")
+    # Row 3: finished, no penalty; a record without an id names none; the prompts' own file.
+    assert checked(t, [1.0, 2.0, -3 * 2.0 ** 50], (3 * 2.0 ** 50, 1.0)) == (
+        f"{t.cfg.prompts}:13, field 'reward_fn': step 4: the score the reward function {name} "
+        f"gave the response (-3377699720527872.0) {BEYOND}")
+    assert checked(t, [1.0, float("nan"), 2.0], (float("nan"), 1.0)) == (
+        f"shard-2.jsonl:12, field 'reward_fn': step 4: the score the reward function {name} "
+        f"gave the response to prompt id q2 (nan) (less the missing-EOS penalty 1) is not a "
+        f"number")
+    # Row 1 unfinished, row 2 finished: the penalty said is row 2's own (none).
+    assert checked(t, [1.0, 2.0 ** 51, 2.0], (2.0 ** 51, 1.0), finished=(False, True, True)) == (
+        f"shard-2.jsonl:12, field 'reward_fn': step 4: the score the reward function {name} "
+        f"gave the response to prompt id q2 (2251799813685248.0) {BEYOND}")
+    # Without a penalty, an unfinished row lost nothing: none is said.
+    t0 = trainer(setup, tmp_path / "run0", missing_eos_penalty=0.0)
+    assert checked(t0, [1.0, 2.0 ** 51, 2.0], (2.0 ** 51, 1.0)) == (
+        f"shard-2.jsonl:12, field 'reward_fn': step 4: the score the reward function {name} "
+        f"gave the response to prompt id q2 (2251799813685248.0) {BEYOND}")
+    # The bounds themselves pass, a score of ±1e15 and a return of ±1e16.
+    assert checked(t, [1.0, -1e15, 1e15], (1e15, 1e16)) is None
+
+
+def test_a_return_past_the_bound_or_nan_names_the_steps_own_kl_coef(setup, tmp_path):
+    """The KL coefficient the message names is the step's (an adaptive one moves away from
+    --kl-coef); a NaN return (a NaN KL) is refused too, not trained on."""
+    t = trainer(setup, tmp_path / "run", kl_coef=0.02)
+
+    def said(ret, beta):
+        return (f"field 'kl_coef': step 4: a return (the score less the KL penalty, kl_coef "
+                f"{beta} times the per-token KL to the reference, summed) reached {ret}, beyond "
+                f"the ±1e+16 PPO takes (PPO squares rewards in float32, in the value loss and "
+                f"the advantages' whitening); give a smaller kl_coef (--kl-coef)")
+
+    assert checked(t, [1.0, 2.0, 3.0], (3.0, 2e16), beta=0.25) == said(2e16, 0.25)
+    assert checked(t, [1.0, 2.0, 3.0], (3.0, float("nan")), beta=0.5) == said("nan", 0.5)
+    # A score past its bound is said first, whatever the returns.
+    assert checked(t, [1.0, 2.0, 3e15], (3e15, 4e16)).startswith(f"{t.cfg.prompts}:13, ")
+
+
+def test_the_missing_eos_penalty_may_be_the_score_bound_itself(setup, tmp_path):
+    assert trainer(setup, tmp_path / "run", missing_eos_penalty=1e15).cfg.missing_eos_penalty \
+        == 1e15
+    with pytest.raises(UserError, match=r"eos_penalty': must be <= 1e\+15"):
+        trainer(setup, tmp_path / "eos", missing_eos_penalty=1.0000000000000002e15)
