@@ -778,3 +778,66 @@ def test_export_gguf_and_export_hf_refuse_an_existing_out_unless_overwrite(tok, 
     assert load_pretrained(hf)[1] is None
     export_hf(model, tok, hf, overwrite=True)
     assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+
+
+# --- an existing output, read file by file (hand-mutation of 43eb58b) ----------------------
+
+def test_export_gguf_refuses_a_link_to_nowhere_unless_overwrite(tok, tmp_path):
+    """A dangling link at `out` is an existing entry: replacing it is asked for."""
+    link = tmp_path / "link.gguf"
+    link.symlink_to(tmp_path / "nowhere.gguf")
+    with pytest.raises(UserError) as e:
+        export_gguf(_model(tok.vocab_size), tok, link)
+    assert str(e.value) == (f"{link}, field 'out': already exists; pass overwrite=True to "
+                            f"replace it, or choose another file")
+    assert link.is_symlink() and not link.exists()
+    assert export_gguf(_model(tok.vocab_size), tok, link, overwrite=True) == link
+    assert not link.is_symlink() and link.stat().st_size > 0
+
+
+def test_an_overwriting_export_hf_removes_config_json_first_and_every_old_file(
+        tok, tmp_path, monkeypatch):
+    """config.json goes first: a directory with one has its weights in place, so a removal
+    stopped halfway leaves no config.json whose weights are gone. generation_config.json (an
+    earlier tokenizer's end ids) is an old file too; a directory named as one is refused."""
+    import pathlib
+
+    from gptlab.interop import export_hf
+    hf = export_hf(_model(tok.vocab_size), tok, tmp_path / "hf")
+    (hf / "generation_config.json").write_text('{"eos_token_id": [1, 2]}')
+    with pytest.raises(UserError) as e:
+        export_hf(_model(tok.vocab_size, seed=1), None, hf)
+    assert str(e.value) == (f"{hf}, field 'out_dir': already holds config.json, "
+                            f"model.safetensors, tokenizer.json, tokenizer_config.json, "
+                            f"generation_config.json; pass overwrite=True to replace them, or "
+                            f"choose another directory")
+    removed = []
+    unlink = pathlib.Path.unlink
+    monkeypatch.setattr(pathlib.Path, "unlink",
+                        lambda self, *a, **k: removed.append(self.name) or unlink(self, *a, **k))
+    export_hf(_model(tok.vocab_size, seed=1), None, hf, overwrite=True)
+    assert removed == ["config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json", "generation_config.json"]
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+
+    odd = tmp_path / "odd"
+    (odd / "tokenizer.json").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        export_hf(_model(tok.vocab_size), tok, odd)
+    assert str(e.value) == (f"{odd}, field 'out_dir': already holds tokenizer.json; pass "
+                            f"overwrite=True to replace them, or choose another directory")
+    assert [p.name for p in odd.iterdir()] == ["tokenizer.json"]
+
+
+def test_convert_to_hf_replaces_an_earlier_tokenizers_leftovers(saved, tmp_path):
+    """convert refuses another model's directory (check_out_apart); what it lets through, an
+    earlier tokenizer's tokenizer_config.json or generation_config.json, it replaces."""
+    from gptlab.interop import convert_to_hf
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_text('{"eos_token": "<old>"}')
+    (out / "generation_config.json").write_text('{"eos_token_id": [1, 2]}')
+    assert convert_to_hf(saved, out) == out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] != "<old>"
