@@ -841,3 +841,16 @@ def test_convert_to_hf_replaces_an_earlier_tokenizers_leftovers(saved, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] != "<old>"
+
+
+def test_export_gguf_refuses_a_directory_as_one_overwrite_or_not(tok, tmp_path):
+    """A directory at `out` was refused with the advice to pass overwrite=True, which then
+    refused it as a directory: it is refused as one either way."""
+    folder = tmp_path / "dir.gguf"
+    folder.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(UserError) as e:
+            export_gguf(_model(tok.vocab_size), tok, folder, overwrite=overwrite)
+        assert str(e.value) == f"{folder}: is a directory; give a file name"
+    assert [p.name for p in tmp_path.iterdir()] == ["dir.gguf"]
+    assert list(folder.iterdir()) == []

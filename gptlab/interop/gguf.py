@@ -771,7 +771,7 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
     goes F16, and gpt2's position embedding F32, as llama.cpp's converter writes them).
     Everything is checked before the file is begun, and it is written to a temporary beside
     `out` and renamed: `out` is whole or untouched. An `out` that exists is refused, as
-    `convert --to gguf` refuses it, unless `overwrite`."""
+    `convert --to gguf` refuses it, unless `overwrite`; a directory always."""
     from gptlab.io import atomic_path, check_file_out
     from gptlab.model.heads import ScalarHeadModel
 
@@ -784,7 +784,9 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
                         f"{type(model).__name__}")
     if dtype not in GGUF_DTYPES:
         raise UserError(f"expects one of {', '.join(GGUF_DTYPES)}, not {dtype!r}", field="dtype")
-    if not overwrite and (Path(out).exists() or Path(out).is_symlink()):
+    # A directory is refused as one first: overwrite=True would not replace it.
+    out = check_file_out(out)
+    if not overwrite and (out.exists() or out.is_symlink()):
         raise UserError("already exists; pass overwrite=True to replace it, or choose another "
                         "file", path=out, field="out")
     cfg = model.config  # no attention scale is written: gguf_arch reads it as export does
@@ -792,7 +794,6 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
     vocab = None if tokenizer is None else gguf_vocab(tokenizer, cfg.vocab_size)
     kind, file_type = GGUF_DTYPES[dtype]
     qtype = gguf.GGMLQuantizationType[kind]
-    out = check_file_out(out)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         try:
