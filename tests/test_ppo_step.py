@@ -1009,3 +1009,22 @@ def test_the_missing_eos_penalty_may_be_the_score_bound_itself(setup, tmp_path):
         == 1e15
     with pytest.raises(UserError, match=r"eos_penalty': must be <= 1e\+15"):
         trainer(setup, tmp_path / "eos", missing_eos_penalty=1.0000000000000002e15)
+
+
+def test_the_largest_score_and_return_are_read_as_magnitudes(setup, tmp_path):
+    """A reward model's −1e30 or a KL penalty's −1e25 overflows as +1e30 does: the bounds
+    `_check_rewards` reads are the largest |score| and |return|, NaN where one is NaN."""
+    t = trainer(setup, tmp_path / "run")
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True, False, True])
+    returns = torch.zeros(3, 6)
+    returns[1, 2], returns[2, 0] = -2.0 ** 54, 2.0 ** 53
+    batch = {"kl": torch.zeros(3, 6), "beta": 0.1, "returns": returns}
+    _, _, largest = PPOTrainer._rollout_metrics(1, ro, torch.tensor([1.0, -2.0 ** 51, 3.0]),
+                                                batch, 1e-3)
+    assert largest == (2.0 ** 51, 2.0 ** 54)
+    returns[1, 2] = float("nan")
+    _, _, (score, ret) = PPOTrainer._rollout_metrics(
+        1, ro, torch.tensor([1.0, float("nan"), 3.0]), batch, 1e-3)
+    assert math.isnan(score) and math.isnan(ret)
+    assert PPOTrainer._rollout_metrics(1, ro, torch.tensor([1.0, 2.0, 3.0]),
+                                       {"kl": torch.zeros(3, 6), "beta": 0.1}, 1e-3)[2] is None
