@@ -1846,3 +1846,130 @@ def test_a_tokenizer_trains_on_texts_given_as_strings_and_refuses_what_is_none(t
     with pytest.raises(UserError) as e:
         tok.encode(5)
     assert str(e.value) == "expected text, got int"
+
+
+def test_a_text_ending_in_a_replacement_character_of_its_own_is_no_cut_character():
+    """A vocabulary with no byte tokens (a word-level one) spells U+FFFD as a word of its own:
+    no continuation byte can complete it, so a cut keeps it, and `decodes_apart` reads it as
+    a character still open (it cannot tell), but an empty text as final."""
+    from tokenizers import models, pre_tokenizers
+    hf = tokenizers.Tokenizer(models.WordLevel({"a": 0, "\ufffd": 1, "</s>": 2},
+                                               unk_token="</s>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    t = Tokenizer(hf, None, "</s>", None)
+    assert t.encode("a \ufffd") == [0, 1]
+    assert t.decode_cut([0, 1]) == t.decode([0, 1]) == "a \ufffd"
+    assert t.decodes_apart([], 1) is True
+    assert (t.decodes_apart([0], 0), t.decodes_apart([0, 1], 0)) == (True, False)
+
+
+def test_a_template_that_cannot_render_the_prompt_or_the_answer_gives_no_lead():
+    """Llama 2's template refuses two assistant turns in a row: after a conversation that ends
+    with an answer there is no answer to render, so no text between prompt and answer (it was
+    the template's UserError). A template that reads messages[0] cannot render the empty
+    prompt before a greeting the assistant opens with: the greeting has no lead, and the chat
+    still renders, each answer masked with its end of turn."""
+    chat = [{"role": "user", "content": "is the cat happy?"},
+            {"role": "assistant", "content": "yes it is"}]
+    t = sentencepiece_tokenizer(LLAMA2_CHAT)
+    assert t.answer_lead(chat[:1]) == " " and t.answer_lead(chat) == ""
+    first = ("{% if messages[0]['role'] == 'system' %}{{ bos_token }}{% endif %}"
+             + ZEPHYR_CHAT)
+    t = sentencepiece_tokenizer(first)
+    greeted = [{"role": "assistant", "content": "no it is not"}, *chat]
+    ids, mask = t.render_chat(greeted)
+    assert t.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == \
+        "no it is not</s>yes it is</s>"
+    assert ids == t.hf.encode(t._render(greeted, False), add_special_tokens=False).ids
+
+
+def test_a_tokenizer_config_s_null_and_malformed_token_lists(plain, tmp_path, capsys):
+    """additional_special_tokens and generation_config.json's eos_token_id null name none; an
+    added_tokens_decoder that is no object is refused, naming its file and field."""
+    d = hf_dir(plain, tmp_path, {"additional_special_tokens": None},
+               added=[("<|im_end|>", False)], generation={"eos_token_id": None})
+    t = load_tokenizer(d)
+    # </s> and the template's end of turn, <|im_end|>
+    assert (t.extra_special_tokens, t.end_ids, t.stop_ids) == ((), (), {1, plain.vocab_size})
+    assert t.decode(t.encode("a<|im_end|>")) == "a<|im_end|>"
+    d = hf_dir(plain, tmp_path, {"added_tokens_decoder": ["<|im_end|>"]})
+    with pytest.raises(UserError) as e:
+        load_tokenizer(d)
+    assert str(e.value) == (f"{d / 'tokenizer_config.json'}, field 'added_tokens_decoder': "
+                            f"must be an object of token id -> added token, got ['<|im_end|>']")
+
+
+def test_a_tokenizer_without_a_known_end_or_a_named_bos_it_has_is_refused(tmp_path):
+    """No config, no generation_config.json and no end gptlab knows by name: which token ends a
+    sequence is the user's to say. A BOS the vocabulary lacks is refused with add_bos_token
+    false as well (whether the post-processor starts with it is not asked of it)."""
+    odd = train_tokenizer(CORPUS, vocab_size=300, special_tokens=["<a>", "<b>"])
+    odd.hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'tokenizer_config.json'}, field 'eos_token': cannot "
+                            f"tell the end-of-sequence token: add a tokenizer_config.json with "
+                            f"eos_token")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<b>", "bos_token": "<s>", "add_bos_token": False}))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'tokenizer_config.json'}, field 'bos_token': token "
+                            f"'<s>' is not in the vocabulary of tokenizer.json")
+
+
+def test_a_post_processor_s_bos_is_found_in_a_vocabulary_that_spells_no_probe(tmp_path,
+                                                                              capsys):
+    """A vocabulary that spells none of "a", "0", " ", "." encodes each to no ids: whether its
+    post-processor starts sequences with BOS is read on the empty text, where it adds BOS."""
+    from tokenizers import models, processors
+    hf = tokenizers.Tokenizer(models.BPE({"<s>": 0, "</s>": 1, "b": 2}, merges=[]))
+    hf.add_special_tokens(["<s>", "</s>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "</s>", "bos_token": "<s>", "add_bos_token": False}))
+    assert load_tokenizer(tmp_path).bos_id is None  # no post-processor: as the config says
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    capsys.readouterr()
+    t = load_tokenizer(tmp_path)
+    assert (t.bos_id, t.encode("bab", bos=True)) == (0, [0, 2, 2])
+    assert "post-processor of tokenizer.json starts each sequence with '<s>'" in \
+        capsys.readouterr().err
+
+
+def test_a_word_level_tokenizer_named_gpt2_gets_no_byte_level_note(tmp_path, capsys):
+    """transformers 5 rebuilds a GPT2Tokenizer from a BPE's vocabulary and merges; a word-level
+    tokenizer.json has none to compare, so nothing is noted (was a comparison of two BPEs)."""
+    from gptlab.tokenizer import byte_level_rebuild_differs
+    from tokenizers import models, pre_tokenizers
+    hf = tokenizers.Tokenizer(models.WordLevel({"</s>": 0, "hello": 1, "world": 2},
+                                               unk_token="</s>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert byte_level_rebuild_differs(hf, "GPT2Tokenizer", {}) == ([], "")
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "</s>", "tokenizer_class": "GPT2TokenizerFast"}))
+    capsys.readouterr()
+    assert load_tokenizer(tmp_path).encode("hello world") == [1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_single_word_special_tokens_leave_llama_2_s_space_after_markup_as_it_is():
+    """Whether a run of text after a markup token gets "▁" is read from how "<tok>a" encodes;
+    special tokens that are single_word match only between non-word characters, so no token
+    tells: Llama 2's normalizer (a "▁" before each stretch between special tokens) is then
+    assumed, and a chat with special-token text typed in it has the whole rendered text's ids
+    (no "▁": "[INST]" after "<s>" would be "<0x5B>" alone)."""
+    raw = json.loads(sentencepiece_tokenizer().hf.to_str())
+    for added in raw["added_tokens"]:
+        added["single_word"] = True
+    hf = tokenizers.Tokenizer.from_str(json.dumps(raw))
+    t = Tokenizer(hf, "<s>", "</s>", None, chat_template=LLAMA2_CHAT)
+    chat = [{"role": "user", "content": "is the cat<s>happy?"},
+            {"role": "assistant", "content": "yes it is"}]
+    ids, mask = t.render_chat(chat)
+    text = "<s>[INST] is the cat<s>happy? [/INST] yes it is </s>"
+    assert ids == hf.encode(text, add_special_tokens=False).ids
+    assert [hf.id_to_token(i) for i in ids[:3]] == ["<s>", "\u2581", "<0x5B>"]
+    assert t.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "yes it is </s>"
