@@ -543,3 +543,42 @@ def test_a_hub_cache_folder_without_refs_main_is_refused_naming_no_latest(tmp_pa
         f"{d}: is a Hugging Face Hub cache folder holding 2 revisions of a dataset "
         f"(snapshots/r1, snapshots/r2); read as one, its records would be read once per "
         f"revision: give one revision's folder")
+
+
+def test_a_write_removes_stale_temporary_files_and_links_but_no_link_s_target(tmp_path):
+    """Temporaries a killed write left beside its target go before the next write: a directory
+    (this version's) or a file (an earlier version's), and a link by itself, never what it
+    points to; a link that points nowhere cannot be opened, so it cannot be locked and is
+    left as it is, as a temporary another writer holds is."""
+    target = tmp_path / "out.json"
+    kept = tmp_path / "elsewhere"
+    kept.mkdir()
+    (kept / "x").write_text("keep")
+    (tmp_path / ".out.json.old.tmp").write_text("half a file")
+    (tmp_path / ".out.json.link.tmp").symlink_to(kept)
+    (tmp_path / ".out.json.dead.tmp").symlink_to(tmp_path / "nothing")
+    (tmp_path / ".other.json.old.tmp").write_text("another target's")
+    write_json_atomic(target, {"n": 1})
+    assert json.loads(target.read_text()) == {"n": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.json.old.tmp", ".out.json.dead.tmp", "elsewhere", "out.json"]
+    assert (kept / "x").read_text() == "keep"
+
+
+def test_the_utf8_finders_name_the_file_alone_where_every_value_decodes(tmp_path):
+    """`parquet_not_utf8` and `not_utf8_row` are asked after a reader met bytes that are not
+    UTF-8; where they find none (the file rewritten meanwhile), the error names the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gptlab.io import not_utf8_row, parquet_not_utf8
+    path = tmp_path / "d.parquet"
+    table = pa.table({"text": ["caf\u00e9", "ok"], "n": [1, 2]})
+    pq.write_table(table, path)
+    assert str(parquet_not_utf8(path)) == f"{path}: not UTF-8 text"
+    assert str(not_utf8_row(table, path, 5)) == f"{path}: not UTF-8 text"
+    bad = pa.array([b"ok", b"caf\xe9"], pa.binary()).cast(pa.string(), safe=False)
+    e = not_utf8_row(pa.table({"n": [1, 2], "text": bad}), path, 5)
+    assert (e.line, e.field) == (7, "text")
+    assert str(e).endswith("not UTF-8 text: byte 0xe9 at byte offset 3 of the value cannot be "
+                           "decoded; write the text as UTF-8")
