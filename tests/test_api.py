@@ -305,7 +305,8 @@ def test_a_stage_calling_another_names_its_own_field(tmp_path):
     ("sft", "lr", -0.5, "field 'lr': must be > 0, got -0.5"),
     ("reward", "batch_size", 0, "field 'batch_size': must be >= 1, got 0"),
     ("ppo", "kl_estimator", "k2", "field 'kl_estimator': must be one of k1, k3, got k2"),
-    ("pipeline", "seed", -1, "field 'seed': must be >= 0, got -1"),
+    ("pipeline", "seed", -1, "field 'seed': must be in [0, 18446744073709551515] (each "
+                             "stage's seed, up to seed + 100, must be below 2**64), got -1"),
 ])
 def test_a_bad_config_value_from_python_is_the_clis_error(inputs, tmp_path, capsys, stage,
                                                           field, value, message):

@@ -401,7 +401,8 @@ def test_a_stray_word_is_one_line_with_the_hint_other_verbs_give(verb, argv, wor
     ("reward", "val_fraction", "1.5", "must be in [0, 1), got 1.5"),
     ("ppo", "gae_lambda", "-0.5", "must be in [0, 1], got -0.5"),
     ("ppo", "seed", "-1", "must be in [0, 2**64), got -1"),
-    ("pipeline", "seed", "-1", "must be >= 0, got -1"),
+    ("pipeline", "seed", "-1", "must be in [0, 18446744073709551515] (each stage's seed, up "
+                               "to seed + 100, must be below 2**64), got -1"),
     ("pipeline", "disagreement", "0.7", "must be in [0, 0.5] (0.5 is a random ranking), got 0.7"),
     ("pipeline", "demonstrator_flaw", "typo", "unknown flaw 'typo'; choose one of inclusive, "
                                               "order, star")])

@@ -448,6 +448,33 @@ def test_a_pretrain_lr_that_makes_the_weight_decay_zero_the_weights_names_pretra
     assert not (tmp_path / "demo").exists()
 
 
+def test_a_seed_whose_stage_seeds_pass_2_64_is_refused_before_any_stage(tmp_path, capsys):
+    # Each stage's seed is derived from --seed (round R's reward model and PPO: seed + R, the
+    # execution-reward PPO: seed + 100). Only seed >= 0 was checked: 2**64 - 50 over 60 rounds
+    # passed, and round 50's reward model refused its seed hours into the run; 2**64 - 3 was
+    # refused naming a seed the user never gave (2**64 + 4, the control's).
+    from gptlab.cli import main
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    out = tmp_path / "demo"
+    for seed, rounds in ((2**64 - 50, 60), (2**64 - 3, 2), (2**64 - 100, 2), (2**64, 2)):
+        with pytest.raises(UserError) as err:
+            PipelineConfig(out=str(out), seed=seed, rounds=rounds).check()
+        assert str(err.value) == (
+            f"field 'seed': must be in [0, {2**64 - 101}] (each stage's seed, up to seed + 100, "
+            f"must be below 2**64), got {seed}")
+    assert main(["pipeline", "--out", str(out), "--rounds", "150", "--seed", str(2**64 - 150)]) \
+        == 2
+    assert capsys.readouterr().err == (
+        f"gptlab pipeline: error: field '--seed': must be in [0, {2**64 - 151}] "
+        f"(each stage's seed, up to seed + 150, must be below 2**64), got {2**64 - 150}\n")
+    assert not out.exists()
+    # the largest: every stage's seed, the execution-reward PPO's too, is torch's to take
+    p = Pipeline(PipelineConfig(out=str(out), seed=2**64 - 101))
+    assert p.ppo_config(out, out, out, 1, p.cfg.seed + 100).seed == 2**64 - 1
+    from gptlab.train.pipeline import max_seed
+    assert max_seed(2) == 2**64 - 101 and max_seed(150) == 2**64 - 151
+
+
 def test_threads_beyond_the_cores_are_refused_before_out_is_written(monkeypatch, tmp_path,
                                                                     capsys):
     # --threads 10**30 was a traceback (torch's overflow), --threads 100000 a crash of the

@@ -44,7 +44,8 @@ class PipelineConfig:
     preset: str = field(default="demo", metadata={"help": "model preset to pretrain"})
     out: str = field(default="runs/demo", metadata={"help": "run directory"})
     rounds: int = field(default=2, metadata={"help": "rounds of sample → label → RM → PPO"})
-    seed: int = field(default=0, metadata={"help": "random seed of every stage"})
+    seed: int = field(default=0, metadata={
+        "help": "random seed of every stage (0 to 2**64 - 101: a stage's is seed + up to 100)"})
     world: str | None = field(default=None, metadata={
         "help": "an exported world directory (default: export the built-in world into OUT)"})
     world_seed: int = field(default=0, metadata={
@@ -158,9 +159,12 @@ class PipelineConfig:
         context = model.context
         return [
             ("rounds", self.rounds >= 1, "must be >= 1"),
-            # Every stage's seed is derived from it, and a stage refuses one below 0 (numpy's
-            # generators take none).
-            ("seed", self.seed >= 0, "must be >= 0"),
+            # Every stage's seed is derived from it (seed + round, seed + 7, seed + 100), and a
+            # stage refuses one outside [0, 2**64): numpy's generators take none below 0,
+            # torch's none of 2**64 or more. Refused here, not by a later stage hours in.
+            ("seed", 0 <= self.seed <= max_seed(self.rounds),
+             f"must be in [0, {max_seed(self.rounds)}] (each stage's seed, up to seed + "
+             f"{max(self.rounds, STAGE_SEED_OFFSET)}, must be below 2**64)"),
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
             ("pretrain_steps", self.pretrain_steps >= 1, "must be >= 1"),
             ("pretrain_batch", self.pretrain_batch >= 1, "must be >= 1"),
@@ -473,6 +477,16 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+# The largest a stage's seed lies above the pipeline's: the execution-reward PPO's seed + 100
+# (a round's stages take seed + round, the control seed + 7).
+STAGE_SEED_OFFSET = 100
+
+
+def max_seed(rounds: int) -> int:
+    """The largest pipeline seed whose stages' seeds all lie below 2**64, torch's limit."""
+    return 2**64 - 1 - max(rounds, STAGE_SEED_OFFSET)
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         cfg.check()
@@ -498,9 +512,9 @@ class Pipeline:
             try:
                 config.check()
             except UserError as e:
-                option = STAGE_OPTIONS[stage].get(e.field or "")
-                if option is None:
-                    raise
+                # The options' own rules keep every field no option maps (a stage's seed)
+                # in range: one that fired anyway is named as the stage names it.
+                option = STAGE_OPTIONS[stage].get(e.field or "", e.field)
                 raise UserError(f"gives the {stage} stage an impossible {e.field}: {e.message}",
                                 field=option) from None
 
@@ -676,7 +690,7 @@ class Pipeline:
         out = self.out / ("ppo_execution_reward_on_test" if on_test else "ppo_execution_reward")
         if not stage_done(out):
             cfg = self.ppo_config(sft_dir, sft_dir, out, self.cfg.rounds * self.cfg.ppo_steps,
-                                  self.cfg.seed + 100)
+                                  self.cfg.seed + STAGE_SEED_OFFSET)
             if on_test:
                 cfg.prompts = str(self.world_dir / "test.jsonl")
             ppo(cfg, reward_fn=execution_reward(self.world))
