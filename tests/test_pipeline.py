@@ -717,6 +717,47 @@ def test_the_timer_keeps_a_reused_stage_s_earlier_minutes_and_counts_them_saved(
     assert t.threads_used() == {"pretrain": [threads, threads + 1], "eval": threads + 1}
 
 
+def test_a_run_from_before_stage_minutes_json_reuses_the_minutes_its_report_holds(tmp_path,
+                                                                                  capsys):
+    # Runs made before stage_minutes.json kept the figures in report.json alone.
+    from gptlab.train import pipeline as pipeline_module
+    (tmp_path / "report.json").write_text(json.dumps({"stage_minutes": {"sft": 5.0,
+                                                                        "pretrain": 2.5}}))
+    t = pipeline_module.Timer(tmp_path)
+    t.reuse("pretrain", "sft")
+    assert (t.minutes, t.saved) == ({"pretrain": 2.5, "sft": 5.0}, 7.5)
+    assert json.loads((tmp_path / "stage_minutes.json").read_text()) == {"sft": 5.0,
+                                                                         "pretrain": 2.5}
+    (tmp_path / "stage_minutes.json").unlink()
+    (tmp_path / "report.json").write_text(json.dumps({"stage_minutes": None}))
+    assert pipeline_module.Timer(tmp_path).earlier == {}  # a report without them: none
+    keeps = "it only records what the stages took: remove it to start the record anew"
+    (tmp_path / "report.json").write_text("[]")
+    with pytest.raises(UserError) as err:
+        pipeline_module.Timer(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'report.json'}: is not the JSON object the pipeline "
+                              f"wrote; {keeps}")
+    # edited by hand: each was a TypeError as the minutes were added up
+    for name, record, said in (
+            ("report.json", {"stage_minutes": 5}, "field 'stage_minutes': must be an object of "
+                                                  "stage name -> minutes, got 5"),
+            ("report.json", {"stage_minutes": {"sft": "5"}},
+             "field 'stage_minutes.sft': must be a number of minutes, got '5'"),
+            ("stage_minutes.json", {"sft": True}, "field 'sft': must be a number of minutes, "
+                                                  "got True")):
+        (tmp_path / name).write_text(json.dumps(record))
+        with pytest.raises(UserError) as err:
+            pipeline_module.Timer(tmp_path).reuse("sft")
+        assert str(err.value) == f"{tmp_path / name}, {said}; {keeps}"
+
+
+def test_sft_learns_from_every_demonstration_without_sft_examples_or_a_flaw(tmp_path):
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    p = Pipeline(PipelineConfig(out=str(tmp_path / "run"), sft_examples=None))
+    assert p.demonstrations() == tmp_path / "run" / "world" / "sft.jsonl"
+    assert not (tmp_path / "run").exists()  # the world's own file: no subset is written
+
+
 def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypatch, capsys):
     """A rerun with another --threads resumed a stage stopped after a checkpoint without a
     word, and the count it had run on was never recorded (the record was written only as a

@@ -355,6 +355,20 @@ def _counts(value: Any) -> list[int]:
     return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
+def _minutes(record: Any, path: Path, field: str | None = None) -> dict[str, float]:
+    """Minutes per stage as `path` holds them (at `field`); a record edited by hand into
+    something else is a UserError naming the field (it was a TypeError as the minutes were
+    added up)."""
+    if not isinstance(record, dict):
+        raise UserError(f"must be an object of stage name -> minutes, got {record!r:.80}; "
+                        f"{_MINUTES_RECORD}", path=path, field=field)
+    for name, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"must be a number of minutes, got {value!r:.80}; {_MINUTES_RECORD}",
+                            path=path, field=f"{field}.{name}" if field else name)
+    return dict(record)
+
+
 def _ran_on(ran: list[int], saved_on: int) -> str:
     """The counts a stage ran on, for a warning that names its checkpoint's: nothing where that
     is all it ran on."""
@@ -379,11 +393,13 @@ class Timer:
             self.threads = {name: _counts(v) for name, v in
                             _read_record(self.threads_record, _MINUTES_RECORD).items()}
         if self.record.exists():
-            self.earlier = _read_record(self.record, _MINUTES_RECORD)
+            self.earlier = _minutes(_read_record(self.record, _MINUTES_RECORD), self.record)
         elif (out / "report.json").exists():
             # Runs made before stage_minutes.json: their report has the same figures.
             report = _read_record(out / "report.json", _MINUTES_RECORD)
-            self.earlier = dict(report.get("stage_minutes") or {})
+            minutes = report.get("stage_minutes")
+            self.earlier = {} if minutes is None else _minutes(minutes, out / "report.json",
+                                                               "stage_minutes")
         self.saved = 0.0  # minutes the reused stages took when they ran, beyond this run's
 
     def run(self, name: str, fn: Callable[[], Any], done: bool = False,
