@@ -684,3 +684,24 @@ def test_an_epoch_sampler_of_nothing_is_refused_and_block_batches_iterate_themse
         EpochSampler(0, 2, seed=0)
     batches = BlockBatches(np.arange(10, dtype=np.uint16), 4, np.array([0]), 2, seed=0)
     assert iter(batches) is batches and next(batches).shape == (2, 5)
+
+
+def test_a_tokenizer_known_only_by_its_save_is_keyed_by_the_tokenizer_json_it_saves(tmp_path):
+    """A tokenizer with no `hf` (any object that saves a tokenizer.json) is keyed by the bytes
+    of the file it saves: the same tokenizer, the same key; another, another."""
+    import hashlib
+
+    from gptlab.data.tokens import tokenizer_fingerprint
+
+    class SavesItself:
+        def __init__(self, texts):
+            self.tok = train_tokenizer(texts, vocab_size=300)
+
+        def save(self, directory):
+            self.tok.save(directory)
+
+    wrapped = SavesItself(["select name from staff"] * 4)
+    wrapped.save(tmp_path)
+    saved = hashlib.sha256((tmp_path / "tokenizer.json").read_bytes()).hexdigest()
+    assert tokenizer_fingerprint(wrapped) == tokenizer_fingerprint(wrapped) == saved
+    assert tokenizer_fingerprint(SavesItself(["select id from staff"] * 4)) != saved
