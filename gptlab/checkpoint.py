@@ -91,13 +91,14 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
     run's OUT saved again), its config.json goes first: left, a save killed after the new
     weights left them under the old config.json (its step, its validation loss), a model
     every verb read, where now there is a save that never finished, which --resume ends."""
+    arch = _arch_of(model)  # before anything is written: a model of no arch saves nothing
     out = ensure_dir(out_dir)
     unfinish_model_dir(out)
     if tokenizer is not None:
         tokenizer.save(out)
     with atomic_path(out / MODEL_FILE) as tmp:
         st_save_model(model, str(tmp))
-    meta = {"format": FORMAT, "arch": _arch_of(model),
+    meta = {"format": FORMAT, "arch": arch,
             "model": dataclasses.asdict(model.config), **(extra or {})}
     if getattr(model, "pad_token_id", None) is not None:  # a reward model's scoring position
         meta["pad_token_id"] = model.pad_token_id

@@ -1091,3 +1091,52 @@ def test_weights_holding_a_nan_or_an_infinity_are_refused_naming_the_tensor(tmp_
     # A model loaded in place (a checkpoint resumed) is refused too.
     with pytest.raises(UserError, match="blocks.0.attn.k_proj.weight"):
         ck.load_weights(tiny(), weights)
+
+
+def test_a_model_of_no_gptlab_arch_is_refused_before_anything_is_written(tmp_path):
+    # Its weights were written first, then the arch was asked for: a directory of weights with
+    # no config.json was left behind. Over a model (replace_model), the old one stays whole.
+    with pytest.raises(TypeError) as e:
+        ck.save_model(tmp_path / "m", torch.nn.Linear(2, 2))
+    assert str(e.value) == "cannot save a Linear: not a gptlab model"
+    assert not (tmp_path / "m").exists()
+    ck.save_model(tmp_path / "best", tiny(), extra={"step": 4})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "best").iterdir()}
+    with pytest.raises(TypeError, match="cannot save a Linear: not a gptlab model"):
+        ck.replace_model(tmp_path / "best", torch.nn.Linear(2, 2))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "best").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no temporary left
+
+
+@pytest.mark.parametrize("meta, said", [
+    ({"arch": "bert", "model": {}}, "field 'arch': unknown arch 'bert' (known: gpt, scalar, "
+                                    "transformer)"),
+    ({"arch": "gpt", "model": [512, 64]}, "field 'model': expected an object of model config "
+                                          "fields"),
+])
+def test_a_config_json_of_an_unknown_arch_or_a_model_that_is_no_object_is_named(tmp_path,
+                                                                                meta, said):
+    ck.save_model(tmp_path, tiny())
+    (tmp_path / "config.json").write_text(json.dumps({"format": "gptlab/1", **meta}))
+    with pytest.raises(UserError) as e:
+        ck.load_model(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'config.json'}, {said}"
+
+
+def test_a_language_model_without_a_tokenizer_is_refused_where_text_is_needed(tmp_path):
+    ck.save_model(tmp_path, tiny())
+    with pytest.raises(UserError) as e:
+        ck.load_language_model(tmp_path, field="policy")
+    assert str(e.value) == (f"{tmp_path}, field 'policy': the model has no tokenizer "
+                            f"(tokenizer.json)")
+    model, tok, _ = ck.load_language_model(tmp_path, need_tokenizer=False)
+    assert tok is None and model.config.vocab_size == 512
+
+
+def test_torch_save_leaves_an_error_that_is_no_os_error_as_it_is(tmp_path):
+    with pytest.raises((AttributeError, TypeError)) as e:  # pickle's, naming the lambda
+        ck.torch_save({"fn": lambda: 0}, tmp_path / "state.pt")
+    assert "lambda" in str(e.value)
+    with pytest.raises(OSError) as e:
+        ck.torch_save({"n": 1}, tmp_path / "missing" / "state.pt")
+    assert e.value.filename == str(tmp_path / "missing" / "state.pt")
