@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import dataclasses
 import math
 import signal
@@ -1308,3 +1309,63 @@ def test_out_of_memory_in_a_step_or_an_evaluation_names_the_batch_size(tmp_path)
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         train(tiny(), batches, other, cfg, tmp_path / "run3")
+
+
+def test_the_optimizer_leaves_frozen_weights_out_and_no_gradient_clips_to_zero():
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny"))
+    model.tok_emb.weight.requires_grad_(False)  # tied: the output head is frozen with it
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert id(model.tok_emb.weight) not in held and len(held) == len(trainable)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == \
+        sum(p.numel() for p in trainable) == \
+        sum(p.numel() for p in model.parameters()) - model.tok_emb.weight.numel()
+    assert clip_gradients(model, 1.0) == 0.0  # no backward yet: no gradient, norm 0
+
+
+def test_a_metrics_row_or_run_json_that_is_no_object(tmp_path, capsys):
+    from gptlab.train.loop import annotate_run
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n[2]\n{"step": 3}\n')
+    with pytest.raises(UserError) as e:
+        read_metrics(path)
+    assert str(e.value) == f"{path}:2: is not a metrics row (not a JSON object)"
+    path.write_text('{"step": 1}\n[2]\n')  # a torn last row is left out
+    assert read_metrics(path) == [{"step": 1}]
+    # run.json only records how the run was made: damaged, it is written anew, not a stop
+    for damaged in (b"[1, 2]", b'{"config": \xff}'):
+        (tmp_path / "run.json").write_bytes(damaged)
+        annotate_run(tmp_path, step_budget=7)
+        assert json.loads((tmp_path / "run.json").read_text()) == {"step_budget": 7}
+        assert capsys.readouterr().err.startswith(f"note: {tmp_path / 'run.json'} is damaged (")
+    annotate_run(tmp_path / "none", step_budget=7)  # no run.json: nothing to add to
+    assert not (tmp_path / "none").exists()
+
+
+def test_tokens_are_counted_in_a_batch_of_any_shape():
+    from gptlab.train.loop import count_tokens
+    ids, mask = torch.zeros(2, 5, dtype=torch.long), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert count_tokens((ids, ids)) == 10 and count_tokens([ids]) == 10
+    assert count_tokens({"input_ids": ids, "attention_mask": mask}) == 3
+    assert count_tokens({"input_ids": ids}) == 10 and count_tokens({"x": mask}) == 6
+    assert count_tokens([]) == 0 and count_tokens(None) == 0
+
+
+def test_config_types_a_list_given_a_number_and_annotations_the_check_does_not_know():
+    from gptlab.train.loop import check_fields
+    from gptlab.train.pretrain import PretrainConfig
+    with pytest.raises(UserError) as e:
+        PretrainConfig(data=5, model="tiny").check_values()
+    assert str(e.value) == "field 'data': must be a list, got the int 5"
+
+    @dataclasses.dataclass
+    class Other:
+        either: int | str = 1        # two types: not this check's to tell apart
+        anything: object = None      # an annotation it does not know
+        count: int = 1
+    check_fields(Other(either="x", anything=object()), list)
+    with pytest.raises(UserError) as e:
+        check_fields(Other(count="2"), list)
+    assert str(e.value) == "field 'count': must be an int, got the str '2'"
