@@ -1341,3 +1341,32 @@ def test_a_model_with_nan_weights_prints_nothing_of_a_reply_before_its_error(tin
         "field 'model': gave NaN logits for prompt 0 at new token 1: its weights hold NaN or "
         "its activations overflow its dtype; no token can be drawn from them")
     assert session.messages == [] and session.turns == 0
+
+
+def test_help_a_long_line_at_a_terminal_a_bad_context_and_undecodable_input(tiny_dir):
+    """/help lists the commands and sends nothing; at a terminal a line too long for the
+    context is an error on stderr and no reply block (a pipe gets an empty one); a context of
+    no tokens is refused; a stream that cannot decode its bytes names <stdin>."""
+    import codecs
+
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(max_context_tokens=0))
+    assert str(e.value) == "field 'max_context_tokens': must be at least 1"
+    session = ChatSession(model, tok, ChatConfig(max_new_tokens=8, greedy=True))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(session, Terminal("/help\n" + "the cat sat " * 40 + "\n"), out, err) == 0
+    assert session.messages == []
+    lines = err.getvalue().splitlines()
+    assert lines[1:4] == ["/exit  quit (end of input does too)",
+                          "/reset  forget the conversation", "/help  list these commands"]
+    assert lines[4] == ("error: field 'message': the message needs 208 tokens with the chat "
+                        "template, but only 88 fit (the context minus the tokens kept for the "
+                        "reply); shorten it, or lower max_new_tokens (--max-new-tokens); this "
+                        "message was skipped")
+    assert out.getvalue() == "> > > \n"  # the prompts, and the line Ctrl-D leaves
+    stdin = codecs.getreader("utf-8")(io.BytesIO(b"the cat\n\xff sat\n"))
+    with pytest.raises(UserError) as e:
+        run_chat(session, stdin, io.StringIO(), io.StringIO())
+    assert str(e.value) == "<stdin>: not UTF-8 text: byte 0xff cannot be decoded"
