@@ -279,3 +279,12 @@ def test_a_labeler_that_edits_a_message_changes_no_ranking():
     assert label_samples(samples, rank) == [
         {"id": 1, "messages": [{"role": "user", "content": "hi"}], "meta": {"tags": []},
          "ranked": ["a", "b"]}]
+
+
+def test_the_sqlworld_ranker_called_from_python_on_a_record_without_id_names_the_field():
+    # `gptlab label` refuses such a samples file first; a RankFn called from Python met none.
+    from gptlab.feedback import sqlworld_ranker
+    rank = sqlworld_ranker()
+    with pytest.raises(UserError) as e:
+        rank({"prompt": "How many employees are there?"}, ["SELECT 1", "SELECT 2"])
+    assert str(e.value) == "field 'id': the sqlworld labeler needs each sample's 'id'"
