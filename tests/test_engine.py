@@ -793,3 +793,13 @@ def test_left_pad_leaves_an_empty_prompt_all_padding():
     ids, mask = left_pad([[5, 6, 7], [], [8]], pad_id=1)
     assert ids.tolist() == [[5, 6, 7], [1, 1, 1], [1, 1, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1]]
+
+
+def test_sampling_params_set_to_no_new_tokens_after_their_check_give_empty_rows():
+    # SamplingParams refuses max_new_tokens 0 when made; set afterwards, the decoding loop
+    # runs no step: each row is empty and unfinished, its prompt's length kept.
+    params = SamplingParams(max_new_tokens=4, greedy=True)
+    params.max_new_tokens = 0
+    g = generate(model(), [[1, 2, 3], [4]], params)
+    assert (g.tokens, g.logprobs, g.finished, g.prompt_lengths) == (
+        [[], []], [[], []], [False, False], [3, 1])
