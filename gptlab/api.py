@@ -17,6 +17,7 @@ import torch
 from gptlab.checkpoint import check_tokenizer_fits
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
+from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
 
 
 def load(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
@@ -60,12 +61,16 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
 def generate_text(model: str | Path | tuple[torch.nn.Module, Any], prompts: list[str], *,
                   max_new_tokens: int = 64, greedy: bool = False, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
-                  truncate: bool = False, device: str = "auto") -> list[str]:
+                  truncate: bool = False, device: str = "auto",
+                  stop: list[str] | None = None) -> list[str]:
     """Continue each raw text prompt; returns the continuations (without the prompt), one per
     prompt. `prompts` is a list: a single str is refused, not continued letter by letter.
     `model` is a model path or the (model, tokenizer) pair `load` returns; `device` is where a
-    model loaded from a path runs (`auto`: CUDA where there is a GPU)."""
+    model loaded from a path runs (`auto`: CUDA where there is a GPU). `stop`: texts that end
+    a continuation as soon as its text holds one (across tokens, or inside one); the text
+    returned ends before it."""
     _check_prompts(prompts)
+    stop = check_stop_strings(stop)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompts:  # no continuation to make (the engine needs a batch of one or more)
@@ -81,11 +86,13 @@ def generate_text(model: str | Path | tuple[torch.nn.Module, Any], prompts: list
         encoded.append(fit_prompt(ids, net.config.context, max_new_tokens, truncate,
                                   bos_id=tok.bos_id, field=f"prompts[{i}]")[0])
     params = dataclasses.replace(params, stop_ids=tuple(sorted(tok.stop_ids)))
-    out = generate(net, encoded, params, seed=seed, pad_id=tok.pad_id)
+    out = generate(net, encoded, params, seed=seed, pad_id=tok.pad_id,
+                   stop_when=StopStrings(tok, stop, encoded) if stop else None)
     # Decoded after its prompt, a continuation keeps the space its first word's "▁" stands for
     # (SentencePiece); one cut at max_new_tokens ends where it was cut, never in half a character.
-    return [tok.decode_continuation(ids, t, cut=not done)
-            for ids, t, done in zip(encoded, out.tokens, out.finished)]
+    texts = [tok.decode_continuation(ids, t, cut=not done)
+             for ids, t, done in zip(encoded, out.tokens, out.finished)]
+    return [cut_at_stop(text, stop)[0] for text in texts] if stop else texts
 
 
 def _model_pair(model: Any) -> tuple[torch.nn.Module, Any]:

@@ -181,8 +181,10 @@ class _Parser(argparse.ArgumentParser):
         begun = [s for s in known if s.startswith(flag) and s.startswith("--")]
         if 0 < len(begun) <= 4:
             return " or ".join(filter(None, [", ".join(begun[:-1]), begun[-1]]))
-        close = difflib.get_close_matches(flag, begun or known, n=1)
-        return close[0] if close else ""
+        # Of the closest few, the one that begins as `flag` does the longest way: `--tempx` is
+        # nearer `--stop` than `--temperature` by difflib's ratio, yet meant the latter.
+        close = difflib.get_close_matches(flag, begun or known, n=3)
+        return max(close, key=lambda s: len(os.path.commonprefix([s, flag])), default="")
 
 
 class _NegativeNumber:
@@ -270,21 +272,26 @@ def _verb_generate():
         p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--truncate", action="store_true",
                        help="drop the oldest prompt tokens when a prompt does not fit the context")
+        p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="end a continuation as soon as its text holds TEXT, which is left "
+                            "out of what is printed (repeat for several)")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.api import generate_text
         from gptlab.engine import SamplingParams
+        from gptlab.stop_strings import check_stop_strings
         from gptlab.tokenizer import check_text
         # The flags and prompts are checked before the model loads.
         SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         for text in args.prompt:
             check_text(text, field="prompt")
+        check_stop_strings(args.stop)
         outs = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
                              greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed, truncate=args.truncate,
-                             device=args.device)
+                             device=args.device, stop=args.stop)
         for text in outs:
             print(text)
 

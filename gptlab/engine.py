@@ -2,7 +2,8 @@
 
 Prompts of different lengths are left-padded so every row writes the cache at the same position;
 position ids are derived from the attention mask, so padding changes nothing for real tokens.
-Each step is one batched forward of one token per row: no Python work per row.
+Each step is one batched forward of one token per row: no Python work per row (but the
+`stop_when` check a caller may give, which stop strings need: text is the caller's).
 """
 from __future__ import annotations
 
@@ -64,7 +65,11 @@ def _is_number(v: object) -> bool:
 
 @dataclass
 class Generation:
-    """One generation per prompt. `tokens[i]` ends with the stop token when `finished[i]`.
+    """One generation per prompt. `finished[i]`: a stop token or a stop string ended row i
+    (not max_new_tokens or the context). A stop token ends `tokens[i]`; a stop string (see
+    `generate`'s `stop_when`), marked in `stopped_by_string[i]`, leaves every token drawn up to
+    and including the one that completed it, since it can start or end inside a token: the
+    caller cuts the text (`stop_strings.cut_at_stop`).
 
     `logprobs[i][t]` is log softmax(logits / temperature) of the chosen token (temperature 1
     when greedy), before any top-k / top-p truncation, so that a PPO update that recomputes
@@ -75,6 +80,7 @@ class Generation:
     logprobs: list[list[float]]
     finished: list[bool]
     prompt_lengths: list[int] = field(default_factory=list)
+    stopped_by_string: list[bool] = field(default_factory=list)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0,
@@ -193,24 +199,32 @@ def sample_from(probs: Tensor, gen: torch.Generator, fine: torch.Generator) -> T
 # Called at each step with the prompts (their indices) that drew a token and the token each
 # drew, a stop token included; a row that stopped draws no more.
 OnTokens = Callable[[list[int], list[int]], None]
+# Called at each step with the prompts still going after the stop tokens and the token each
+# drew; returns those that end now (`stop_strings.StopStrings` watches their text).
+StopWhen = Callable[[list[int], list[int]], list[int]]
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
-             seed: int | None = None, pad_id: int = 0, on_tokens: OnTokens | None = None
-             ) -> Generation:
-    """Continue each prompt until a stop token or `max_new_tokens` (or the context) is reached.
+             seed: int | None = None, pad_id: int = 0, on_tokens: OnTokens | None = None,
+             stop_when: StopWhen | None = None) -> Generation:
+    """Continue each prompt until a stop token (or string) or `max_new_tokens` (or the context)
+    is reached.
 
     Each row gets min(`max_new_tokens`, context - its own prompt's length) new tokens, as it
     would alone: left padding makes the batch longer than a short row, but positions (and the
     model's context check) count a row's real tokens. A row that fills the context leaves the
-    batch unfinished (`finished` is True only for a row ended by a stop token). NaN logits
-    for a token a row draws are a UserError naming the row (field `model`), raised at the end,
-    or with `on_tokens`, at that step, before its tokens are handed on.
+    batch unfinished (`finished` is True only for a row ended by a stop token or string). NaN
+    logits for a token a row draws are a UserError naming the row (field `model`), raised at
+    the end, or with `on_tokens`, at that step, before its tokens are handed on.
 
     `on_tokens(rows, tokens)` gets each step's tokens as they are drawn (`OnTokens`), for a
     reply shown as it is written; the tokens, log-probabilities and draws are the same with
-    it or without, and without it a step reads no more from the device than before."""
+    it or without, and without it a step reads no more from the device than before.
+
+    `stop_when(rows, tokens)` (`StopWhen`) ends the rows it returns at this step, as a stop
+    token would, but keeping the token drawn: `finished` and `stopped_by_string` are True for
+    them. It costs one read from the device a step; without it nothing changes."""
     if not prompts:
         raise ValueError("no prompts to continue")
     device = next(model.parameters()).device
@@ -221,7 +235,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
                              f"and room after it in the context of {context}")
     limits = [min(params.max_new_tokens, context - len(p)) for p in prompts]
     with eval_mode(model):
-        return _generate(model, prompts, params, seed, pad_id, device, limits, on_tokens)
+        return _generate(model, prompts, params, seed, pad_id, device, limits, on_tokens,
+                         stop_when)
 
 
 @contextmanager
@@ -244,7 +259,8 @@ def _nan_logits(prompt: int, step: int) -> UserError:
 
 def _generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
               seed: int | None, pad_id: int, device: torch.device, limits: list[int],
-              on_tokens: OnTokens | None = None) -> Generation:
+              on_tokens: OnTokens | None = None, stop_when: StopWhen | None = None
+              ) -> Generation:
     gen = torch.Generator(device="cpu" if device.type == "mps" else device)  # see sample_from
     # torch takes seeds in [-2**63, 2**64) and reads a negative one modulo 2**64; any other
     # integer (a large --seed, or `sample`'s seed * 1_000_003 + batch) is read the same way.
@@ -266,6 +282,8 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
     out_tokens = torch.zeros((B, steps), dtype=torch.long, device=device)
     out_logprobs = torch.zeros((B, steps), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    by_string = torch.zeros(B, dtype=torch.bool, device=device)
+    stops_early = bool(stop.numel()) or stop_when is not None
     limit = queued_copy(torch.tensor(limits, dtype=torch.long), device)
     lengths = limit.clone()  # a row that reaches its limit ends there, unfinished
     ragged = min(limits) < steps  # some rows fill the context before the last step
@@ -315,6 +333,19 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
             stopped = torch.zeros_like(done).scatter(0, live, hit)  # (B,) the rows ended now
             lengths.masked_fill_(stopped, t + 1)
             done |= stopped
+        if stop_when is not None:
+            # One read: the tokens, and which rows go on after the stop tokens.
+            drawn, going = torch.stack([tok, (~done[live]).long()]).tolist()
+            rows_going = [r for r, g in zip(live_rows, going) if g]
+            ended = stop_when(rows_going, [d for d, g in zip(drawn, going) if g])
+            if set(ended) - set(rows_going):
+                raise ValueError(f"stop_when ended rows {sorted(set(ended) - set(rows_going))}, "
+                                 f"which were not going")
+            if ended:
+                rows_ended = queued_copy(torch.tensor(sorted(set(ended))), device)
+                lengths[rows_ended] = t + 1
+                done[rows_ended] = True
+                by_string[rows_ended] = True
         if t + 1 == steps:
             break
         keep = ~done[live]
@@ -323,11 +354,11 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
             full = [limits[r] <= t + 1 for r in live_rows]
             keep &= ~(limit[live] <= t + 1)
         # Every row done is none left to go on: the early exit.
-        going_on = int(keep.sum()) if stop.numel() else full.count(False)
+        going_on = int(keep.sum()) if stops_early else full.count(False)
         if going_on == 0:
             break
         if any(full) or going_on <= 0.75 * len(live_rows):  # compact: stop paying for them
-            kept = [i for i, k in enumerate(keep.tolist() if stop.numel()
+            kept = [i for i, k in enumerate(keep.tolist() if stops_early
                                             else [not f for f in full]) if k]
             cache.select(kept)
             idx = queued_copy(torch.tensor(kept), device)
@@ -339,10 +370,11 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
                        longest_row=longest_prompt + t + 1)[:, -1].float()
 
     # One read (on a GPU each read waits for the device): each row's n tokens, its n
-    # log-probabilities as their float32 bits (rebuilt on the host exactly), its length and
-    # whether a stop token ended it.
+    # log-probabilities as their float32 bits (rebuilt on the host exactly), its length,
+    # whether a stop string ended it and whether it finished.
     rows = torch.cat([out_tokens[:, :n], out_logprobs[:, :n].view(torch.int32).long(),
-                      lengths.clamp(max=n)[:, None], done[:, None].long()], 1).tolist()
+                      lengths.clamp(max=n)[:, None], by_string[:, None].long(),
+                      done[:, None].long()], 1).tolist()
     tokens, logprobs = [], []
     for row in rows:
         length = row[2 * n]
@@ -355,4 +387,5 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Sampling
             if math.isnan(lp):
                 raise _nan_logits(i, t)
     return Generation(tokens=tokens, logprobs=logprobs, finished=[bool(r[-1]) for r in rows],
-                      prompt_lengths=[len(p) for p in prompts])
+                      prompt_lengths=[len(p) for p in prompts],
+                      stopped_by_string=[bool(r[-2]) for r in rows])

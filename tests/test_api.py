@@ -108,6 +108,7 @@ PUBLIC_NAMES = {
     "gptlab.train.pipeline": ["PipelineConfig", "pipeline"],
     "gptlab.tokenizer": ["Tokenizer", "train_tokenizer", "load_tokenizer"],
     "gptlab.engine": ["SamplingParams", "generate"],
+    "gptlab.stop_strings": ["StopStrings", "check_stop_strings", "cut_at_stop"],
     "gptlab.feedback": ["sample_file", "label_file", "label_samples"],
     "gptlab.errors": ["UserError", "PathError"], "gptlab.checkpoint": ["save_model", "load_model"]}
 

@@ -1,0 +1,201 @@
+"""Stop strings: a row ends at the token that completes one, its text is cut before it, other
+rows are untouched, and the text is decoded a bounded piece at a time."""
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from gptlab.api import generate_text
+from gptlab.checkpoint import save_model
+from gptlab.cli import main
+from gptlab.engine import SamplingParams, generate
+from gptlab.errors import UserError
+from gptlab.model import GPT, GPTConfig
+from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
+from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
+
+
+def random_model() -> GPT:
+    torch.manual_seed(0)
+    # Untied: a tied random model's greedy path repeats its last token.
+    return GPT(GPTConfig(vocab_size=61, context=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                         d_model=32, positions="rotary", norm="rmsnorm", activation="swiglu",
+                         bias=False, tie_embeddings=False)).eval()
+
+
+# Token i of `random_model` reads as two letters: a stop string can start inside a token.
+PIECES = [chr(ord("a") + i % 26) + chr(ord("a") + (i * 7 + 3) % 26) for i in range(61)]
+
+
+class Letters:
+    """A tokenizer whose text is its tokens' `PIECES` one after another."""
+
+    def decode(self, ids) -> str:
+        return "".join(PIECES[i] for i in ids)
+
+
+def test_a_stop_string_that_starts_inside_a_token_and_spans_the_next_ends_the_row_there():
+    net, tok, prompt = random_model(), Letters(), [3, 4, 5]
+    free = generate(net, [prompt], SamplingParams(max_new_tokens=12, greedy=True)).tokens[0]
+    text = tok.decode(free)
+    stop = text[5:8]  # the second letter of token 2, and token 3
+    assert text.find(stop) == 5
+    out = generate(net, [prompt], SamplingParams(max_new_tokens=12, greedy=True),
+                   stop_when=StopStrings(tok, [stop], [prompt]))
+    assert out.tokens == [free[:4]]  # up to the token that completed it, which stays
+    assert len(out.logprobs[0]) == 4
+    assert out.finished == [True] and out.stopped_by_string == [True]
+    assert cut_at_stop(tok.decode(out.tokens[0]), [stop]) == (text[:5], True)
+
+
+def test_rows_that_stop_early_leave_the_other_rows_as_they_are_alone():
+    net, tok = random_model(), Letters()
+    prompts = [[3, 4, 5], [20, 21], [30], [40, 41, 42]]
+    params = SamplingParams(max_new_tokens=12, greedy=True)
+    free = generate(net, prompts, params).tokens
+    texts = [tok.decode(t) for t in free]
+    # Row 0 stops at its 2nd token, row 2 at its 3rd, each string begun inside a token; rows 1
+    # and 3 hold neither, and the batch compacts (2 of 4 rows left) while they go on.
+    stops = [texts[0][1:4], texts[2][3:6]]
+    assert [[t.find(s) for s in stops] for t in texts] == [[1, -1], [-1, -1], [-1, 3], [-1, -1]]
+    out = generate(net, prompts, params, stop_when=StopStrings(tok, stops, prompts))
+    assert out.tokens == [free[0][:2], free[1], free[2][:3], free[3]]
+    assert out.finished == out.stopped_by_string == [True, False, True, False]
+    for i, p in enumerate(prompts):
+        alone = generate(net, [p], params, stop_when=StopStrings(tok, stops, [p]))
+        assert alone.tokens == [out.tokens[i]]
+        # the same numbers, to float rounding: a padded batch sums in another order
+        assert alone.logprobs[0] == pytest.approx(out.logprobs[i], abs=1e-5)
+        assert alone.stopped_by_string == [out.stopped_by_string[i]]
+
+
+def test_a_stop_check_that_stops_nothing_changes_no_draw_and_a_stop_token_comes_first():
+    net = random_model()
+    prompts = [[3, 4, 5], [20, 21], [30]]
+    params = SamplingParams(max_new_tokens=10, temperature=1.3, top_p=0.9)
+    free = generate(net, prompts, params, seed=7)
+    seen = []
+    out = generate(net, prompts, params, seed=7,
+                   stop_when=lambda rows, tokens: seen.append((rows, tokens)) or [])
+    assert (out.tokens, out.logprobs) == (free.tokens, free.logprobs)
+    assert out.stopped_by_string == [False] * 3 and len(seen) == 10
+    # A row that drew a stop token has ended: the text check never sees it.
+    stop = free.tokens[1][2]
+    out = generate(net, prompts, dataclasses.replace(params, stop_ids=(stop,)), seed=7,
+                   stop_when=lambda rows, tokens: [r for r, t in zip(rows, tokens) if t == stop])
+    assert out.tokens[1] == free.tokens[1][:free.tokens[1].index(stop) + 1]
+    assert out.stopped_by_string[1] is False and out.finished[1] is True
+    with pytest.raises(ValueError, match=r"stop_when ended rows \[7\], which were not going"):
+        generate(net, prompts, params, stop_when=lambda rows, tokens: [7])
+
+
+@pytest.fixture(scope="module")
+def byte_tok() -> Tokenizer:
+    return train_tokenizer(["the price is 5 dollars now. " * 20], vocab_size=290)
+
+
+def fed(tok, stop: list[str], prompt: list[int], tokens: list[int]) -> int | None:
+    """The index of the token at which `StopStrings` ends a row writing `tokens`, or None."""
+    check = StopStrings(tok, stop, [prompt])
+    return next((k for k, t in enumerate(tokens) if check([0], [t]) == [0]), None)
+
+
+def test_a_character_whose_bytes_span_tokens_stops_once_it_is_whole(byte_tok):
+    tok = byte_tok
+    prompt, reply = tok.encode("the price"), tok.encode(" is 5 € now €")
+    def first(stop: str) -> int:  # the token whose text completes `stop`
+        return next(k for k in range(len(reply)) if stop in tok.decode(reply[:k + 1]))
+    euro = first("€")
+    assert "5 \ufffd" in tok.decode(reply[:euro])  # its first bytes are tokens of their own
+    assert fed(tok, ["5 €"], prompt, reply) == euro
+    assert fed(tok, ["€ n"], prompt, reply) == first("€ n") > euro
+    assert fed(tok, ["\ufffd"], prompt, reply) is None  # half a character is no text yet
+    # The continuation is read after its prompt: " is" keeps its space.
+    assert fed(tok, [" is"], prompt, reply) == 0
+
+
+def test_each_step_decodes_a_bounded_number_of_tokens(byte_tok):
+    tok = byte_tok
+    calls: list[int] = []
+
+    class Counting:
+        def decode(self, ids):
+            calls.append(len(ids))
+            return tok.decode(ids)
+    reply = tok.encode("the price is 5 € now. " * 150)  # 1,500 tokens and more
+    assert len(reply) > 1500
+    assert fed(Counting(), ["dollars"], tok.encode("the"), reply) is None
+    assert max(calls) <= 16 and len(calls) <= 2 * len(reply)
+    assert fed(tok, ["dollars"], tok.encode("the"), reply + tok.encode(" 5 dollars")) == \
+        len(reply) + 2
+
+
+def test_stop_strings_are_checked_and_cut_at_the_earliest():
+    assert check_stop_strings(None) == () and check_stop_strings(["a", "b", "a"]) == ("a", "b")
+    for bad, message in [("User:", r"got a single str; pass \['User:'\] to stop at it"),
+                         ([""], "item 0 is empty"), (["a", 3], "item 1 must be a str"),
+                         ({"a"}, "must be a list of texts, got the set")]:
+        with pytest.raises(UserError, match=message) as e:
+            check_stop_strings(bad)
+        assert e.value.field == "stop"
+    assert cut_at_stop("Hello there, friend.", ["friend", "there", "x"]) == ("Hello ", True)
+    assert cut_at_stop("Hello", ["x"]) == ("Hello", False)
+
+
+# --- a model that writes the next turn of a plain-text template -------------------------------
+
+PLAIN = ("{{ bos_token }}{% for m in messages %}"
+         "{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+         "{% else %}Assistant: {{ m['content'] }}\n{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}Assistant:{% endif %}")
+CONVERSATION = [{"role": "user", "content": "the cat sat"},
+                {"role": "assistant", "content": "Hello there, friend."},
+                {"role": "user", "content": "what now"},
+                {"role": "assistant", "content": "Nothing."}]
+
+
+@functools.cache
+def plain_chat() -> tuple[GPT, Tokenizer]:
+    """A tiny model that learned one conversation in `PLAIN`, a template whose turns end in no
+    token: after "User: the cat sat\\nAssistant:" it writes the reply, then the next turn."""
+    base = train_tokenizer(["User: the cat sat\nAssistant: Hello there, friend.\nUser: what now\n"]
+                           * 10, vocab_size=300)
+    tok = Tokenizer(base.hf, BOS, EOS, PAD, chat_template=PLAIN)
+    ids, _ = tok.render_chat(CONVERSATION)
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(vocab_size=tok.vocab_size, context=64, n_layers=1, n_heads=2, d_model=32))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    x = torch.tensor([ids])
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(net(x[:, :-1])[0], x[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval(), tok
+
+
+def test_generate_text_returns_the_text_before_the_stop_string():
+    pair = plain_chat()
+    prompt = ["User: the cat sat\nAssistant:"]
+    run_on = generate_text(pair, prompt, max_new_tokens=12, greedy=True)
+    assert run_on[0].startswith(" Hello there, friend.\nUser: what now")
+    assert generate_text(pair, prompt, max_new_tokens=12, greedy=True,
+                         stop=["\nUser:"]) == [" Hello there, friend."]
+    assert generate_text(pair, prompt, max_new_tokens=12, greedy=True,
+                         stop=["ere, fr"]) == [" Hello th"]  # from inside a token
+    assert generate_text(pair, prompt, max_new_tokens=12, greedy=True,
+                         stop=["friend", "there"]) == [" Hello "]
+    with pytest.raises(UserError, match="field 'stop': item 0 is empty"):
+        generate_text("no/such/model", prompt, stop=[""])  # before the model loads
+
+
+def test_cli_generate_stops_at_each_stop_given(tmp_path, capsys):
+    net, tok = plain_chat()
+    save_model(tmp_path / "m", net, tok)
+    args = ["generate", "--model", str(tmp_path / "m"), "--greedy", "--max-new-tokens", "12",
+            "--prompt", "User: the cat sat\nAssistant:", "--prompt", "User: what now\nAssistant:"]
+    assert main(args + ["--stop", "\nUser:", "--stop", "friend"]) == 0
+    assert capsys.readouterr().out == " Hello there, \n: Hello there, \n"
+    assert main(args + ["--stop", ""]) == 2
+    assert "field 'stop': item 0 is empty" in capsys.readouterr().err
