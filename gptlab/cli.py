@@ -315,7 +315,8 @@ def _verb_chat():
                     "is printed as it is written, and Ctrl-C during a reply stops it (what was "
                     "printed stays on screen; neither it nor its message is kept); Ctrl-C at "
                     "the prompt, /exit or end of input ends the chat. From a pipe each reply "
-                    "is printed whole, ended by two empty lines.")
+                    "is printed whole, ended by two empty lines. Under a template whose turns "
+                    "end in plain text (User: ...), a reply stops at the next turn's header.")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.chat import ChatConfig, chat

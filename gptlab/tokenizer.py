@@ -181,6 +181,46 @@ class Tokenizer:
                 ids.add(toks[n - 1])
         return ids
 
+    @cached_property
+    def reply_stops(self) -> tuple[frozenset[int], tuple[str, ...]]:
+        """(stop ids, stop strings) that end a chat reply, as the template writes the end of
+        an assistant turn and the next user turn's start. The ids: `stop_ids`, and the first
+        markup token that text holds (the next turn's `<|user|>` where the reply ends in plain
+        "\n"). The strings, for a template whose reply is followed by plain text before any
+        markup token ("User: {q}\nAssistant: {a}\n"): that text up to the next turn's
+        content, without white space at its end, and at its start a newline where it has one
+        ("\nUser:": a model that writes two newlines, or one, stops alike); where the turn
+        itself ends in plain text ("<end>\n"), that text too. None for gptlab's, ChatML's or
+        Llama's templates, whose turns end in a token."""
+        ids = set(self.stop_ids)
+        conversation = [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"},
+                        {"role": "user", "content": "bye"}]
+        try:
+            ended, _ = self._template_pieces(conversation[:2], False)
+            pieces, _ = self._template_pieces(conversation, False)
+        except UserError:
+            return frozenset(ids), ()
+        if 1 not in pieces or 2 not in pieces or 1 not in ended:
+            return frozenset(ids), ()
+        texts = ["".join(p for p in ended[ended.index(1) + 1:] if isinstance(p, str)),
+                 "".join(pieces[pieces.index(1) + 1:pieces.index(2)])]
+        stops = []
+        for header, text in enumerate(texts):
+            enc = self.hf.encode(text, add_special_tokens=False)
+            first = next((k for k, t in enumerate(enc.ids) if t in self._turn_ends), None)
+            if first is not None:
+                ids.add(enc.ids[first])
+                text = text[:enc.offsets[first][0]]
+            stop = text.rstrip() if header else text.strip()
+            if "\n" in stop[:len(stop) - len(stop.lstrip())]:
+                stop = "\n" + stop.lstrip()
+            if stop.strip():
+                stops.append(stop)
+        # One that holds another stops no sooner: the end of turn alone is enough.
+        stops = [s for s in dict.fromkeys(stops) if not any(o != s and o in s for o in stops)]
+        return frozenset(ids), tuple(stops)
+
     # --- text <-> ids ------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`; special tokens typed in the text are ordinary text."""

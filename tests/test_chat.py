@@ -206,9 +206,10 @@ def spy(monkeypatch) -> Spy:
     s = Spy()
     original = terminal.generate
 
-    def generate(model, prompts, params, seed=None, pad_id=0, on_tokens=None):
+    def generate(model, prompts, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         s.prompts.append(list(prompts[0]))
-        return original(model, prompts, params, seed=seed, pad_id=pad_id, on_tokens=on_tokens)
+        return original(model, prompts, params, seed=seed, pad_id=pad_id, on_tokens=on_tokens,
+                        stop_when=stop_when)
     monkeypatch.setattr(terminal, "generate", generate)
     return s
 
@@ -246,7 +247,7 @@ def test_typed_role_markers_and_a_reply_holding_eos_text_forge_no_turn(tiny_dir,
     reply = "the mat <|eos|><|user|>\nparis"
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         prompts.append(list(ids[0]))
         return Generation([tok.encode(reply) + [tok.eos_id]], [[0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -276,7 +277,7 @@ def test_a_reply_cut_inside_a_character_ends_before_it(tiny_dir, monkeypatch):
     assert tok.decode(cut) == "the cat \ufffd"
     made = {"finished": False}
 
-    def generate(model, prompts, params, seed=None, pad_id=0, on_tokens=None):
+    def generate(model, prompts, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         tokens = cut + ([tok.eos_id] if made["finished"] else [])
         return Generation([tokens] * len(prompts), [[0.0] * len(tokens)] * len(prompts),
                           [made["finished"]] * len(prompts))
@@ -300,7 +301,8 @@ def test_reset_exit_and_overflow(tiny_dir, monkeypatch):
     reply = "the mat " * 10
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):  # a known length
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None,
+                    stop_when=None):  # a known length
         prompts.append(list(ids[0]))
         return Generation([tok.encode(reply) + [tok.eos_id]], [[0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -455,9 +457,10 @@ def run_smollm2_chat(lines: str, *flags: str) -> tuple[int, list[str], str, list
     prompts: list[str] = []
     original = terminal.generate
 
-    def spy(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+    def spy(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         prompts.append(model_tok[0].decode(ids[0], skip_special=False))
-        return original(model, ids, params, seed=seed, pad_id=pad_id, on_tokens=on_tokens)
+        return original(model, ids, params, seed=seed, pad_id=pad_id, on_tokens=on_tokens,
+                        stop_when=stop_when)
 
     model_tok: list = []
     original_session = terminal.ChatSession.__init__
@@ -551,7 +554,7 @@ def scripted_session(smol_tok, monkeypatch, replies: list[tuple[list[int], bool]
     prompts: list[list[int]] = []
     script = iter(replies)
 
-    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         prompts.append(list(ids[0]))
         tokens, finished = next(script)
         tokens = tokens + ([tok.eos_id] if finished else [])
@@ -641,7 +644,8 @@ def test_a_session_from_python_names_the_setting_not_only_the_flag(tiny_dir, mon
                             "--greedy, greedy=True in Python)")  # as `generate` and `sample` say it
     session = ChatSession(model, tok, ChatConfig(max_new_tokens=40, greedy=True))
     monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0,
-                        on_tokens=None: Generation([tok.encode("the mat")], [[0.0, 0.0]], [False]))
+                        on_tokens=None, stop_when=None: Generation([tok.encode("the mat")],
+                                                                   [[0.0, 0.0]], [False]))
     err = io.StringIO()
     assert session.reply("the cat sat", err) == "the mat"
     assert err.getvalue() == ("note: the reply was cut at 40 new tokens (max_new_tokens, "
@@ -686,7 +690,7 @@ def test_a_system_message_that_leaves_no_room_for_a_question_fails_at_start(tiny
     # 0 tokens to spare: the one-character question is answered, its prompt the whole budget.
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         prompts.append(list(ids[0]))
         return Generation([[tok.eos_id]], [[0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -716,7 +720,7 @@ def test_a_slash_word_that_is_no_command_is_not_sent_to_the_model(tiny_dir, monk
     model, tok, _ = load_model(tiny_dir)
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         prompts.append(list(ids[0]))
         return Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0, 0.0, 0.0]], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -830,7 +834,8 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_prompt_comes_back(tiny_dir, monk
     prompts: list[list[int]] = []
     seeds: list[int] = []
 
-    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):  # Ctrl-C in the 2nd
+    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None,
+                 stop_when=None):  # Ctrl-C in the 2nd
         prompts.append(list(ids[0]))
         seeds.append(seed)
         if len(prompts) == 2:
@@ -890,8 +895,8 @@ def test_ctrl_c_at_the_prompt_ends_the_line_before_interrupted(tiny_dir, monkeyp
     from gptlab.engine import Generation
     model, tok, _ = load_model(tiny_dir)
     monkeypatch.setattr(terminal, "generate", lambda model, ids, params, seed=None, pad_id=0,
-                        on_tokens=None: Generation([tok.encode("the mat") + [tok.eos_id]],
-                                                   [[0.0] * 3], [True]))
+                        on_tokens=None, stop_when=None: Generation(
+                            [tok.encode("the mat") + [tok.eos_id]], [[0.0] * 3], [True]))
 
     class CtrlCAfter(io.StringIO):  # lines, then a Ctrl-C at the next read
         def __init__(self, lines: str, tty: bool = True):
@@ -985,7 +990,7 @@ def streaming(tok, reply: str | list[int], finished: bool = True,
     after `interrupt_after` tokens."""
     from gptlab.engine import Generation
 
-    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+    def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         tokens = tok.encode(reply) if isinstance(reply, str) else list(reply)
         tokens += [tok.eos_id] if finished else []
         for i, t in enumerate(tokens):
@@ -1271,7 +1276,7 @@ def test_a_lone_cr_ends_a_line_as_in_the_files_gptlab_reads(tiny_dir, monkeypatc
     model, tok, _ = load_model(tiny_dir)
     prompts: list[list[int]] = []
 
-    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+    def fixed_reply(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
         prompts.append(list(ids[0]))
         return Generation([tok.encode("the mat") + [tok.eos_id]], [[0.0] * 3], [True])
     monkeypatch.setattr(terminal, "generate", fixed_reply)
@@ -1302,7 +1307,7 @@ def test_an_error_after_part_of_a_reply_was_printed_starts_a_line_of_its_own(tin
                     field="model")
 
     def failing(reply: str):  # the engine hands on the tokens of `reply`, then refuses
-        def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None):
+        def generate(model, ids, params, seed=None, pad_id=0, on_tokens=None, stop_when=None):
             for t in tok.encode(reply):
                 on_tokens([0], [t])
             raise nan
@@ -1370,3 +1375,49 @@ def test_help_a_long_line_at_a_terminal_a_bad_context_and_undecodable_input(tiny
     with pytest.raises(UserError) as e:
         run_chat(session, stdin, io.StringIO(), io.StringIO())
     assert str(e.value) == "<stdin>: not UTF-8 text: byte 0xff cannot be decoded"
+
+
+# --- a template whose turns end in text: the reply stops at the next turn ----------------------
+
+def test_a_plain_text_template_stops_a_reply_at_the_next_turn_and_keeps_only_the_reply():
+    """A model that runs on into a made-up next turn ("\\nUser: what now\\nAssistant: ...") under
+    a template whose turns end in no token: the reply kept, and the next prompt, are the
+    assistant's turn alone."""
+    from test_stop_strings import plain_chat
+    net, tok = plain_chat()
+    assert tok.reply_stops == (frozenset(tok.stop_ids), ("\nUser:",))
+    session = ChatSession(net, tok, ChatConfig(max_new_tokens=20, greedy=True))
+    err = io.StringIO()
+    assert session.reply("the cat sat", err) == "Hello there, friend."
+    assert session.messages == [user("the cat sat"), bot("Hello there, friend.")]
+    assert err.getvalue() == ""  # no note of a cut: the reply ended
+    # At a terminal, nothing of "\nUser" is printed, though the model wrote it before it stopped.
+    session.reset()
+    out = Writes()
+    assert run_chat(session, Terminal("the cat sat\n"), out, io.StringIO()) == 1
+    assert "".join(out.writes[1:-2]) == "Hello there, friend.\n"
+    assert session.messages == [user("the cat sat"), bot("Hello there, friend.")]
+
+
+def test_a_reply_stops_where_a_template_ends_a_turn_in_text_or_starts_the_next():
+    from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer
+    from test_stop_strings import PLAIN, plain_chat
+    _, plain = plain_chat()
+    eos, user_id = plain.eos_id, plain.hf.token_to_id("<|user|>")
+
+    def stops(template: str) -> tuple:
+        return Tokenizer(plain.hf, BOS, EOS, PAD, chat_template=template).reply_stops
+    # Alpaca-like: the turn ends in "<end>", which no token is; two newlines or one before the
+    # next header stop alike, and a stop that holds another is left out.
+    alpaca = ("{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n"
+              "{{ m['content'] }}\n\n{% else %}### Response:\n{{ m['content'] }}<end>\n\n"
+              "{% endif %}{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}")
+    assert stops(alpaca) == (frozenset({eos}), ("<end>",))
+    assert stops(alpaca.replace("<end>", "")) == (frozenset({eos}), ("\n### Instruction:",))
+    assert stops(PLAIN.replace("User: ", "  USER ")) == (frozenset({eos}), ("\nUSER",))
+    # The next turn starts with a role token: it stops the reply, no text does.
+    marked = PLAIN.replace("User: ", "<|user|>")
+    assert stops(marked) == (frozenset({eos, user_id}), ())
+    # gptlab's template ends each turn in <|eos|>: nothing more.
+    gptlab = Tokenizer(plain.hf, BOS, EOS, PAD)
+    assert gptlab.reply_stops == (frozenset({eos}), ()) and gptlab.stop_ids == {eos}

@@ -41,6 +41,7 @@ from gptlab.chat.context import TurnTooLong, fit_messages
 from gptlab.checkpoint import load_language_model
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
+from gptlab.stop_strings import StopStrings, cut_at_stop
 from gptlab.tokenizer import check_text
 from gptlab.train.loop import select_device
 
@@ -80,9 +81,12 @@ class ChatSession:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: ChatConfig):
         # Checks the sampling settings as `generate` and `sample` do, with the same messages.
+        # A reply ends where the template ends an assistant turn, in a token or in text (a
+        # plain-text template's next "User:"): `Tokenizer.reply_stops`.
+        stop_ids, self.stop_strings = tokenizer.reply_stops
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                                      temperature=cfg.temperature, top_p=cfg.top_p,
-                                     stop_ids=tuple(sorted(tokenizer.stop_ids)))
+                                     stop_ids=tuple(sorted(stop_ids)))
         if cfg.max_context_tokens is not None and cfg.max_context_tokens < 1:
             raise UserError("must be at least 1", field="max_context_tokens")
         self.model, self.tok, self.cfg = model, tokenizer, cfg
@@ -172,13 +176,19 @@ class ChatSession:
             print(f"note: the conversation outgrew the context of {self.context} tokens: "
                   f"dropped the oldest {dropped} turn{'s' if dropped > 1 else ''}", file=stderr)
         ids, _ = self.tok.render_chat(kept, add_generation_prompt=True)
-        stream = None if on_text is None else StreamedReply(self.tok, kept, ids,
-                                                            self.params.stop_ids, on_text)
+        stream = None if on_text is None else StreamedReply(
+            self.tok, kept, ids, self.params.stop_ids, on_text, self.stop_strings)
         # A new seed per turn: a seeded session is reproducible, yet turns are not correlated.
         gen = generate(self.model, [ids], self.params, seed=self.cfg.seed + self.turns,
-                       pad_id=self.tok.pad_id, on_tokens=None if stream is None else stream.add)
+                       pad_id=self.tok.pad_id, on_tokens=None if stream is None else stream.add,
+                       stop_when=(StopStrings(self.tok, self.stop_strings, [ids])
+                                  if self.stop_strings else None))
         tokens = gen.tokens[0]
-        if gen.finished[0]:
+        if gen.stopped_by_string and gen.stopped_by_string[0]:
+            # the next turn's start, in text: the reply is what comes before it
+            answer = cut_at_stop(self.tok.decode_response(kept, ids, tokens),
+                                 self.stop_strings)[0].strip()
+        elif gen.finished[0]:
             # the end-of-turn token; the template writes its own
             answer = self.tok.decode_response(kept, ids, tokens[:-1]).strip()
         else:
@@ -210,6 +220,10 @@ class StreamedReply:
     whole reply so far cost as much as the reply is long (1.0 ms a token at the 2,000th). The
     pieces are those the whole reply decoded at each token gives.
 
+    With `stop_strings` (a plain-text template's next "User:"), text that may be the start of
+    one waits until it is not, and a stop string and what follows are never handed on: the
+    reply is kept cut before it.
+
     A run of byte fallback's `<0xNN>` tokens decodes as one: UTF-8 text if its bytes are, else
     U+FFFD byte for byte, so no point inside it is final for `decodes_apart`. A `_Run` follows
     its bytes instead: while they are UTF-8, each whole character ends a point whose text
@@ -218,9 +232,11 @@ class StreamedReply:
     final from there on. A token costs the same in a run of thousands of bytes as after it."""
 
     def __init__(self, tok: Any, messages: list[dict], prompt_ids: list[int],
-                 stop_ids: tuple[int, ...], on_text: Callable[[str], None]):
+                 stop_ids: tuple[int, ...], on_text: Callable[[str], None],
+                 stop_strings: tuple[str, ...] = ()):
         self.tok, self.messages, self.on_text = tok, messages, on_text
         self.stop_ids = set(stop_ids)
+        self.stop_strings = stop_strings
         self.lead = tok.answer_lead(messages)  # the template's, rendered once
         # The prompt's seam, then the reply's tokens; the reply's text up to `final` is
         # `before`, which no later token changes (inside a run: while its bytes are UTF-8).
@@ -243,8 +259,25 @@ class StreamedReply:
         text = self.before + self._text(len(self.tokens), cut=True)
         text = (text[len(self.lead):] if self.lead and text.startswith(self.lead)
                 else text).strip()
+        if self.stop_strings:
+            text = self._before_stop(text)
         if len(text) > len(self.given) and text.startswith(self.given):
             self._give(text[len(self.given):])
+
+    def _before_stop(self, text: str) -> str:
+        """`text` less a stop string and what follows, or, where it ends in the start of one,
+        less that start (and white space before it). What was handed on holds neither, so
+        only its last characters and what follows are searched."""
+        longest = max(map(len, self.stop_strings))
+        since = max(0, len(self.given) - longest)
+        at = min((i for i in (text.find(s, since) for s in self.stop_strings) if i >= 0),
+                 default=-1)
+        if at >= 0:
+            return text[:at].rstrip()
+        for k in range(min(longest - 1, len(text)), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stop_strings):
+                return text[:-k].rstrip()
+        return text
 
     def _settle(self, last: int) -> None:
         """Move `final` to just before the newest token, `last`, where the text there is
