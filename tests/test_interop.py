@@ -1011,6 +1011,52 @@ def test_a_conversion_that_fails_at_the_weights_leaves_nothing_and_runs_again(
         assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
 
 
+@pytest.mark.parametrize("old", ["tokenizer files only", "a whole export"])
+def test_an_export_over_another_that_fails_leaves_the_old_one_as_it_was(
+        tmp_path, monkeypatch, capsys, old):
+    # overwrite=True unlinked the old export's files before writing; a write that failed at the
+    # weights then removed only what was not there before, and the old files were lost.
+    import errno
+
+    from gptlab.checkpoint import save_model
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300)
+    def model(seed):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(vocab_size=tok.vocab_size, context=64, n_layers=2, n_heads=4,
+                             d_model=32))
+    out = tmp_path / "hf"
+    if old == "a whole export":
+        export_hf(model(1), tok, out)
+    else:  # what `convert --to hf` lets through: no model in it, only a tokenizer's settings
+        out.mkdir()
+        (out / "tokenizer_config.json").write_text('{"model_max_length": 7}\n')
+        (out / "generation_config.json").write_text('{"eos_token_id": 3}\n')
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    save_model(tmp_path / "ours", model(2), tok)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        export_hf(model(2), tok, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    if old == "tokenizer files only":
+        capsys.readouterr()
+        assert main(["convert", "--to", "hf", str(tmp_path / "ours"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"{out / 'model.safetensors'}, field '--out': No space left on device\n")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"), "--out", str(out)]) == (
+        2 if old == "a whole export" else 0)  # convert refuses another model's directory
+    if old == "tokenizer files only":
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            ["notes.txt", "config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", *(["generation_config.json"] if tok.end_ids else [])])
+
+
 def test_convert_from_hf_without_a_tokenizer_warns(tmp_path, capsys):
     _hf_model("gpt2").save_pretrained(tmp_path / "src")
     capsys.readouterr()

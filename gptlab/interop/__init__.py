@@ -117,9 +117,9 @@ def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
                         "itself (gptlab ppo --value DIR)", path=src)
     model, tokenizer, _ = load_model(src)
     try:
-        with _removed_if_failed(Path(out_dir)):
-            # check_out_apart refused another model's directory: the rest is replaced
-            return export_hf(model, tokenizer, out_dir, overwrite=True)
+        # check_out_apart refused another model's directory: the rest is replaced, and a
+        # failed export leaves it as it was
+        return export_hf(model, tokenizer, out_dir, overwrite=True)
     except UserError as e:  # a model that does not map: say which one
         raise e.at(src) from None
 

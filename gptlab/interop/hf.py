@@ -14,9 +14,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -993,9 +997,13 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
     transformers loads, with tokenizer.json and a tokenizer_config.json carrying the chat
     template; a tokenizer that starts sequences with BOS keeps doing so there (add_bos_token,
     and a post-processor). A directory that holds an export's files (another model's) is
-    refused, as `convert --to hf` refuses it, unless `overwrite`: then its config.json goes
-    first (a directory with one has its weights in place) and every file of the old export
-    this one does not write (its tokenizer's, for an export without one)."""
+    refused, as `convert --to hf` refuses it, unless `overwrite`: then every file of the old
+    export (`HF_EXPORT_FILES`, config.json first: a directory with one has its weights in
+    place) is moved aside before the new ones are written, so that an export without a
+    tokenizer leaves none of the old one's behind. A failed export (a full disk at the
+    weights) leaves `out_dir` as it was: the files it wrote removed, the old ones put back,
+    `out_dir` removed if it made it; the old files are deleted only once the new export is
+    whole."""
     from safetensors.torch import save_file
 
     if isinstance(model, ScalarHeadModel):
@@ -1018,25 +1026,54 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
     if held and not overwrite:
         raise UserError(f"already holds {', '.join(held)}; pass overwrite=True to replace "
                         f"them, or choose another directory", path=out_dir, field="out_dir")
+    made = not Path(out_dir).exists()
     out = ensure_dir(out_dir)
-    for name in held:  # overwriting: the old model is no whole one from here on
-        (out / name).unlink()
-    if tokenizer is not None:
-        # tokenizer.json (with a post-processor that prepends BOS where the model starts with
-        # it) + tokenizer_config.json with the chat template
-        tokenizer.save(out)
-        tcfg_path = out / "tokenizer_config.json"
-        tcfg = read_json(tcfg_path)
-        tcfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        tcfg["model_max_length"] = model.config.context
-        write_json_atomic(tcfg_path, tcfg)
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(_hf_state(model, family), str(tmp), metadata={"format": "pt"})
-    # config.json last: a directory with one has its weights in place.
-    write_text_atomic(out / "config.json", config + "\n")
+    with _old_export_aside(out, held, made):
+        if tokenizer is not None:
+            # tokenizer.json (with a post-processor that prepends BOS where the model starts
+            # with it) + tokenizer_config.json with the chat template
+            tokenizer.save(out)
+            tcfg_path = out / "tokenizer_config.json"
+            tcfg = read_json(tcfg_path)
+            tcfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+            tcfg["model_max_length"] = model.config.context
+            write_json_atomic(tcfg_path, tcfg)
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(_hf_state(model, family), str(tmp), metadata={"format": "pt"})
+        # config.json last: a directory with one has its weights in place.
+        write_text_atomic(out / "config.json", config + "\n")
     if tokenizer is not None and family == "qwen2":
         _note_qwen2_tokenizer(out, tokenizer, tcfg)
     return out
+
+
+@contextmanager
+def _old_export_aside(out: Path, held: Sequence[str], made: bool) -> Iterator[None]:
+    """Move the old export's files `held` into a hidden directory inside `out` (a rename: the
+    same file system), in `HF_EXPORT_FILES`' order, config.json first, so that no moment shows
+    its config.json beside another model's weights; delete them once the new export is whole,
+    or, if it fails, remove what it wrote and move them back, config.json last. Killed midway,
+    the old files stay in `out`/.old-export.<random>.tmp/."""
+    aside = Path(tempfile.mkdtemp(prefix=".old-export.", suffix=".tmp", dir=out)) if held else None
+    moved: list[str] = []
+    try:
+        for name in held:
+            os.replace(out / name, aside / name)
+            moved.append(name)
+        yield
+    except BaseException:
+        for name in HF_EXPORT_FILES:
+            if name not in held:  # written by this export (or by no one)
+                (out / name).unlink(missing_ok=True)
+        for name in reversed(moved):
+            os.replace(aside / name, out / name)
+        if aside is not None:
+            aside.rmdir()
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _note_qwen2_tokenizer(out: Path, tokenizer: Any, tcfg: dict) -> None:
