@@ -937,15 +937,21 @@ def test_what_padding_predicts_changes_no_advantage_or_logged_kl(setup, tmp_path
 
 # --- _check_rewards read row by row (hand-mutation of ca0b14d) -----------------------------
 
-def checked(t, scores, largest, finished=(True, False, True), beta=0.25):
+def checked(t, scores, largest, finished=(True, False, True), beta=0.25, **nan):
     """`t._check_rewards` on a hand rollout of three prompts (ids q1..q3, lines 11..13, the
-    second from a shard of its own); the UserError's text, or None where it passes."""
+    second from a shard of its own), its batch's log-probabilities, KL and values 0 but for
+    `nan`'s keys (NaN at the second row's first token); the UserError's text, or None where it
+    passes."""
     ro = hand_rollout(t, PROMPTS, RESPONSES, list(finished))
     ro.records = [{"prompt": "p", "_line": 11, "id": "q1"},
                   {"prompt": "p", "_line": 12, "id": "q2", "_file": "shard-2.jsonl"},
                   {"prompt": "p", "_line": 13}]
+    batch = {"beta": beta, **{k: torch.zeros(ro.response_mask.shape)
+                              for k in ("old_logp", "kl", "old_values")}}
+    for key, value in nan.items():
+        batch[key][1, 0] = value
     try:
-        t._check_rewards(4, ro, torch.tensor(scores), beta, largest)
+        t._check_rewards(4, ro, torch.tensor(scores), batch, largest)
     except UserError as e:
         return str(e)
     return None
@@ -987,9 +993,9 @@ def test_the_score_past_the_bound_is_named_by_its_own_row_file_line_and_penalty(
     assert checked(t, [1.0, -1e15, 1e15], (1e15, 1e16)) is None
 
 
-def test_a_return_past_the_bound_or_nan_names_the_steps_own_kl_coef(setup, tmp_path):
+def test_a_return_past_the_bound_names_the_steps_own_kl_coef(setup, tmp_path):
     """The KL coefficient the message names is the step's (an adaptive one moves away from
-    --kl-coef); a NaN return (a NaN KL) is refused too, not trained on."""
+    --kl-coef)."""
     t = trainer(setup, tmp_path / "run", kl_coef=0.02)
 
     def said(ret, beta):
@@ -999,9 +1005,60 @@ def test_a_return_past_the_bound_or_nan_names_the_steps_own_kl_coef(setup, tmp_p
                 f"the advantages' whitening); give a smaller kl_coef (--kl-coef)")
 
     assert checked(t, [1.0, 2.0, 3.0], (3.0, 2e16), beta=0.25) == said(2e16, 0.25)
-    assert checked(t, [1.0, 2.0, 3.0], (3.0, float("nan")), beta=0.5) == said("nan", 0.5)
     # A score past its bound is said first, whatever the returns.
     assert checked(t, [1.0, 2.0, 3e15], (3e15, 4e16)).startswith(f"{t.cfg.prompts}:13, ")
+
+
+def test_a_nan_return_names_what_is_nan_not_kl_coef(setup, tmp_path):
+    """A NaN return is refused too, not trained on, but no smaller kl_coef makes it a number:
+    the message named kl_coef. It names the policy's log-probabilities, else the reference's
+    (a NaN KL beside finite policy ones), else the value model's values."""
+    d = setup[0]
+    t = trainer(setup, tmp_path / "run", reference=str(d / "reference"))
+    nan, ret = float("nan"), (3.0, float("nan"))
+    tail = "(weights that hold NaN, or a forward pass that overflowed)"
+    assert checked(t, [1.0, 2.0, 3.0], ret, old_logp=nan, kl=nan) == (
+        f"field 'policy': step 4: a return (the score less the KL penalty) is not a number: the "
+        f"policy {d / 'policy'} gives its own responses' tokens log-probabilities that are not "
+        f"finite {tail}")
+    assert checked(t, [1.0, 2.0, 3.0], ret, old_logp=-math.inf, kl=nan) == (
+        f"field 'policy': step 4: a return (the score less the KL penalty) is not a number: the "
+        f"policy {d / 'policy'} gives its own responses' tokens log-probabilities that are not "
+        f"finite {tail}")
+    assert checked(t, [1.0, 2.0, 3.0], ret, kl=nan, old_values=nan) == (
+        f"field 'reference': step 4: a return (the score less the KL penalty) is not a number: "
+        f"the reference model {d / 'reference'} gives the responses' tokens log-probabilities "
+        f"that are NaN {tail}")
+    assert checked(t, [1.0, 2.0, 3.0], ret, old_values=nan) == (
+        f"field 'value': step 4: a return (the score less the KL penalty) is not a number: the "
+        f"value model's values of the responses are NaN {tail}")
+    assert checked(t, [1.0, 2.0, 3.0], ret, kl=math.inf, beta=0.0) == (
+        "step 4: a return is not a number: the per-token KL to the reference (times kl_coef 0) "
+        "or the value model's values are infinite at a token")
+    # Without --reference the reference is the policy's own start: the policy is named.
+    t0 = trainer(setup, tmp_path / "run0")
+    assert checked(t0, [1.0, 2.0, 3.0], ret, kl=nan) == (
+        f"field 'policy': step 4: a return (the score less the KL penalty) is not a number: the "
+        f"reference model {d / 'policy'} gives the responses' tokens log-probabilities that are "
+        f"NaN {tail}")
+
+
+def test_a_reference_that_gives_nan_ends_the_run_naming_it(setup, tmp_path):
+    # Weights that hold NaN are refused as they load: here the reference's forward gives NaN
+    # as one that overflowed would, and the message said "give a smaller kl_coef".
+    d = setup[0]
+    out = tmp_path / "run"
+    t = trainer(setup, out, reference=str(d / "reference"), steps=1, progress=False)
+    with torch.no_grad():
+        t.reference.final_norm.weight[0] = float("nan")
+    with pytest.raises(UserError) as e:
+        t.train()
+    assert str(e.value) == (
+        f"field 'reference': step 1: a return (the score less the KL penalty) is not a number: "
+        f"the reference model {d / 'reference'} gives the responses' tokens "
+        f"log-probabilities that are NaN (weights that hold NaN, or a forward pass that "
+        f"overflowed)")
+    assert not out.exists()
 
 
 def test_the_missing_eos_penalty_may_be_the_score_bound_itself(setup, tmp_path):

@@ -953,7 +953,7 @@ class PPOTrainer:
                         update = self.update(ro, batch, lr, step)
                     row, stats, largest = self._rollout_metrics(step, ro, scores, batch, lr,
                                                                 update)
-                    self._check_rewards(step, ro, scores, batch["beta"], largest)
+                    self._check_rewards(step, ro, scores, batch, largest)
                     if self.kl_ctl:
                         self.kl_ctl.update(row["kl"], len(ro.records))
                     self.step, self.elapsed = step, time.time() - start
@@ -1041,13 +1041,15 @@ class PPOTrainer:
                 "kl_coef": float(batch["beta"]), "response_length": length,
                 "eos_fraction": eos, "lr": lr}, stats, largest
 
-    def _check_rewards(self, step: int, ro: Rollout, scores: Tensor, beta: float,
+    def _check_rewards(self, step: int, ro: Rollout, scores: Tensor,
+                       batch: dict[str, Tensor | float],
                        largest: tuple[float, float] | None) -> None:
         """End the run with a UserError, before step `step`'s row is logged or anything saved,
         where a score is non-finite or beyond ±MAX_REWARD (a reward model's: a reward
         function's were refused as it returned them, `reward_number`), naming its prompt's file
-        and line, or a return beyond ±MAX_RETURN (the KL penalty's). Its update went through
-        overflowed arithmetic: its advantages 0 or NaN, its value loss inf."""
+        and line, where a return is NaN (`_nan_return`), or where one is beyond ±MAX_RETURN
+        (the KL penalty's). Its update went through overflowed arithmetic: its advantages 0 or
+        NaN, its value loss inf."""
         if largest is None:
             return
         score, ret = largest
@@ -1066,11 +1068,40 @@ class PPOTrainer:
             raise UserError(f"step {step}: the score {source} gave the response{of} "
                             f"({values[i]}){less} {why}", field=field).at(
                 record_file(rec, self.cfg.prompts), rec.get("_line"))
+        if math.isnan(ret):
+            raise self._nan_return(step, ro, batch)
         if not ret <= MAX_RETURN:
             raise UserError(f"step {step}: a return (the score less the KL penalty, kl_coef "
-                            f"{beta:g} times the per-token KL to the reference, summed) reached "
+                            f"{batch['beta']:g} times the per-token KL to the reference, summed) "
+                            f"reached "
                             f"{ret}, beyond the ±{MAX_RETURN:g} PPO takes ({SQUARED}); give a "
                             f"smaller {setting('kl_coef')}", field="kl_coef")
+
+    def _nan_return(self, step: int, ro: Rollout, batch: dict[str, Tensor | float]
+                    ) -> UserError:
+        """The error of a NaN return where every score is finite: no kl_coef makes it a
+        number, so it names what does, read on the way to the error alone: the policy's
+        log-probabilities of its responses (not finite: −inf less −inf is NaN too), else the
+        reference's (a NaN KL beside the policy's finite ones is theirs), else the value
+        model's values (GAE adds them), else an infinite KL or value that the sums met."""
+        m = ro.response_mask.bool()
+        cfg = self.cfg
+        if not bool(batch["old_logp"][m].isfinite().all()):
+            why, field = (f"the policy {cfg.policy} gives its own responses' tokens "
+                          f"log-probabilities that are not finite"), "policy"
+        elif bool(batch["kl"][m].isnan().any()):
+            why, field = (f"the reference model {cfg.reference or cfg.policy} gives the "
+                          f"responses' tokens log-probabilities that are NaN"), \
+                "reference" if cfg.reference else "policy"
+        elif bool(batch["old_values"][m].isnan().any()):
+            why, field = "the value model's values of the responses are NaN", "value"
+        else:
+            return UserError(f"step {step}: a return is not a number: the per-token KL to the "
+                             f"reference (times kl_coef {batch['beta']:g}) or the value "
+                             f"model's values are infinite at a token")
+        return UserError(f"step {step}: a return (the score less the KL penalty) is not a "
+                         f"number: {why} (weights that hold NaN, or a forward pass that "
+                         f"overflowed)", field=field)
 
     def _start_run(self, metrics_path: Path) -> MetricsLog:
         """run.json and a fresh metrics.jsonl, written only once the first step is done, so
