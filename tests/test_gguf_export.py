@@ -795,12 +795,12 @@ def test_export_gguf_refuses_a_link_to_nowhere_unless_overwrite(tok, tmp_path):
     assert not link.is_symlink() and link.stat().st_size > 0
 
 
-def test_an_overwriting_export_hf_removes_config_json_first_and_every_old_file(
+def test_an_overwriting_export_hf_moves_config_json_aside_first_and_every_old_file(
         tok, tmp_path, monkeypatch):
-    """config.json goes first: a directory with one has its weights in place, so a removal
+    """config.json goes aside first: a directory with one has its weights in place, so a move
     stopped halfway leaves no config.json whose weights are gone. generation_config.json (an
     earlier tokenizer's end ids) is an old file too; a directory named as one is refused."""
-    import pathlib
+    import os
 
     from gptlab.interop import export_hf
     hf = export_hf(_model(tok.vocab_size), tok, tmp_path / "hf")
@@ -811,13 +811,17 @@ def test_an_overwriting_export_hf_removes_config_json_first_and_every_old_file(
                             f"model.safetensors, tokenizer.json, tokenizer_config.json, "
                             f"generation_config.json; pass overwrite=True to replace them, or "
                             f"choose another directory")
-    removed = []
-    unlink = pathlib.Path.unlink
-    monkeypatch.setattr(pathlib.Path, "unlink",
-                        lambda self, *a, **k: removed.append(self.name) or unlink(self, *a, **k))
+    aside = []
+    replace = os.replace
+
+    def moved(src, dst):
+        if os.path.basename(os.path.dirname(dst)).startswith(".old-export."):
+            aside.append(os.path.basename(src))
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", moved)
     export_hf(_model(tok.vocab_size, seed=1), None, hf, overwrite=True)
-    assert removed == ["config.json", "model.safetensors", "tokenizer.json",
-                       "tokenizer_config.json", "generation_config.json"]
+    assert aside == ["config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "generation_config.json"]
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
 
     odd = tmp_path / "odd"
