@@ -20,11 +20,13 @@ from gptlab.devices import queued_copy
 from gptlab.errors import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. `greedy` takes the most likely one (the temperature is then unused;
     a temperature of 0 is not a way to ask for greedy decoding). Checked when made: a bad value
-    is a UserError naming its field (the CLI flag of the same name)."""
+    is a UserError naming its field (the CLI flag of the same name). Frozen, so that it stays
+    as checked: `params.temperature = 0` is refused (dataclasses.FrozenInstanceError); make
+    another with `dataclasses.replace(params, temperature=0.5)`, which is checked in turn."""
     max_new_tokens: int = 64
     greedy: bool = False
     temperature: float = 1.0
@@ -33,6 +35,9 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        # A list given stays no list the caller could change later (the one way into a frozen
+        # dataclass's fields is object.__setattr__).
+        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UserError(f"must be an integer of at least 1, got {self.max_new_tokens!r}",
                             field="max_new_tokens")

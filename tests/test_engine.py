@@ -1,4 +1,6 @@
 """The generation engine: equal to naive decoding, padding-invariant, seeded, stops correctly."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -795,11 +797,30 @@ def test_left_pad_leaves_an_empty_prompt_all_padding():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1]]
 
 
-def test_sampling_params_set_to_no_new_tokens_after_their_check_give_empty_rows():
-    # SamplingParams refuses max_new_tokens 0 when made; set afterwards, the decoding loop
-    # runs no step: each row is empty and unfinished, its prompt's length kept.
+def test_sampling_params_refuse_a_change_after_their_check():
+    params = SamplingParams(max_new_tokens=4, temperature=0.8, top_k=5)
+    for name, value in [("temperature", 0), ("max_new_tokens", 0), ("greedy", True),
+                        ("top_k", 0), ("top_p", 2.0), ("stop_ids", (1,))]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(params, name, value)
+    assert params == SamplingParams(max_new_tokens=4, temperature=0.8, top_k=5)
+    # A changed copy is checked as a new one is.
+    with pytest.raises(UserError, match="field 'temperature': must be > 0, got 0"):
+        dataclasses.replace(params, temperature=0)
+    assert dataclasses.replace(params, temperature=0.5).temperature == 0.5
+    # Stop ids given as a list are kept as a tuple: no list the caller could change later.
+    stops = [3, 1]
+    frozen = SamplingParams(stop_ids=stops)
+    stops.append(9)
+    assert frozen.stop_ids == (3, 1) and hash(frozen) == hash(SamplingParams(stop_ids=(3, 1)))
+
+
+def test_sampling_params_forced_to_no_new_tokens_give_empty_rows():
+    # SamplingParams refuses max_new_tokens 0, and a change after its check; forced past both
+    # (object.__setattr__), the decoding loop runs no step: each row is empty and unfinished,
+    # its prompt's length kept.
     params = SamplingParams(max_new_tokens=4, greedy=True)
-    params.max_new_tokens = 0
+    object.__setattr__(params, "max_new_tokens", 0)
     g = generate(model(), [[1, 2, 3], [4]], params)
     assert (g.tokens, g.logprobs, g.finished, g.prompt_lengths) == (
         [[], []], [[], []], [False, False], [3, 1])
