@@ -528,6 +528,10 @@ def _verb_sample():
         p.add_argument("--top-p", type=float, default=None, help=TOP_P_HELP)
         p.add_argument("--max-new-tokens", type=int, default=SAMPLE_MAX_NEW_TOKENS,
                        help="longest response, in tokens")
+        p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="end a response as soon as its text holds TEXT, which is left out "
+                            "of the response; each line's stopped_by names it (repeat for "
+                            "several)")
         p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
@@ -535,7 +539,7 @@ def _verb_sample():
         from gptlab.feedback import sample_file
         n = sample_file(args.model, args.prompts, args.out, args.k, args.greedy,
                         args.temperature, args.top_p, args.max_new_tokens, args.seed,
-                        args.device)
+                        args.device, stop=args.stop)
         print(f"wrote {counted(n, 'prompt')} x {counted(args.k, 'response')} to {args.out}")
 
     return "sample K responses per prompt (what labelers rank)", add, run

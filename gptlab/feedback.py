@@ -11,7 +11,7 @@ import math
 import numbers
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -22,6 +22,7 @@ from gptlab.errors import UserError, counted, exception_line, reports_path_error
 from gptlab.io import (check_file_out, check_not_input, check_not_inside,
                        check_out_of_read_dirs, read_jsonl, record_file, write_jsonl_atomic)
 from gptlab.plugin import load_function
+from gptlab.stop_strings import StopStrings, check_stop_strings, earliest_stop
 
 # (record, distinct responses) -> the responses best first, an item a response or a list of
 # tied responses; or one score per response, in their order (higher is better, equal ones tie)
@@ -32,7 +33,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
                      params: SamplingParams, seed: int = 0, batch_size: int = 256,
                      skips: SkipCounter | None = None, cut: list[int] | None = None,
                      path: str | Path = "", mark_cut: bool = False,
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False, stop: Sequence[str] = ()) -> list[dict]:
     """K responses per prompt record: `{**record, "responses": [...]}`.
 
     Each prompt is repeated K times in the batch; rows differ by the sampler's random stream.
@@ -45,8 +46,13 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     decoded as the response to its prompt (`Tokenizer.decode_response`): the text that
     encodes back to the tokens sampled.
     `progress`: a bar of the responses made on stderr, when stderr is a terminal.
+    `stop` (`gptlab sample --stop`): texts that end a response as soon as its text holds one
+    (`stop_strings.StopStrings`); each response is written before the earliest one it holds,
+    and `"stopped_by": [...]` says per response which one that was (null: none). Without it
+    no record holds `stopped_by` (a samples file sampled again loses its old one).
     """
     skips = skips if skips is not None else SkipCounter()
+    stop = check_stop_strings(stop)
     stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
     params = dataclasses.replace(params, stop_ids=stop_ids)  # the caller's stays as it was
     room = model.config.context - params.max_new_tokens
@@ -71,31 +77,47 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
         if k <= batch_size:
             prompts = [ids for _, _, ids in chunk for _ in range(k)]
             gen = generate(model, prompts, params, seed=seed * 1_000_003 + b,
-                           pad_id=tokenizer.pad_id)
+                           pad_id=tokenizer.pad_id, stop_when=_stop_when(tokenizer, stop, prompts))
         else:
             # K past the batch: the prompt's K rows in batches of at most `batch_size`, each
             # with a seed of its own (the first one's as before), never one batch of K rows
             # (--k 1000000 asked for a 50 GB cache at once).
-            gen = _concat([generate(model, [chunk[0][2]] * min(batch_size, k - start), params,
-                                    seed=seed * 1_000_003 + b + start // batch_size * len(jobs),
-                                    pad_id=tokenizer.pad_id)
-                           for start in range(0, k, batch_size)])
+            parts = []
+            for start in range(0, k, batch_size):
+                batch = [chunk[0][2]] * min(batch_size, k - start)
+                parts.append(generate(
+                    model, batch, params,
+                    seed=seed * 1_000_003 + b + start // batch_size * len(jobs),
+                    pad_id=tokenizer.pad_id, stop_when=_stop_when(tokenizer, stop, batch)))
+            gen = _concat(parts)
         bar.update(len(gen.tokens))
         if cut is not None:
             cut.append(gen.finished.count(False))
         for j, (rec, prompt, ids) in enumerate(chunk):
             rows = range(j * k, (j + 1) * k)
-            row = {key: v for key, v in rec.items() if key not in ("_line", "_file")}
+            row = {key: v for key, v in rec.items()
+                   if key not in ("_line", "_file", "stopped_by")}
             responses = [tokenizer.decode_response(prompt, ids, gen.tokens[i],
                                                    cut=mark_cut and not gen.finished[i])
                          for i in rows]
+            ends = {}
+            if stop:
+                found = [earliest_stop(r, stop) for r in responses]
+                responses = [r if f is None else r[:f[0]] for r, f in zip(responses, found)]
+                ends = {"stopped_by": [None if f is None else f[1] for f in found]}
             if not mark_cut:
-                out.append({**row, "responses": responses})
+                out.append({**row, "responses": responses, **ends})
                 continue
             out.append({**row, "responses": responses,
-                        "finished": [bool(gen.finished[i]) for i in rows]})
+                        "finished": [bool(gen.finished[i]) for i in rows], **ends})
     bar.close()
     return out
+
+
+def _stop_when(tokenizer: Any, stop: tuple[str, ...], prompts: list[list[int]]
+               ) -> StopStrings | None:
+    """The engine's stop-string check for `prompts`' rows; None without stop strings."""
+    return StopStrings(tokenizer, stop, prompts) if stop else None
 
 
 def _concat(gens: list[Generation]) -> Generation:
@@ -103,7 +125,8 @@ def _concat(gens: list[Generation]) -> Generation:
     return Generation(tokens=[t for g in gens for t in g.tokens],
                       logprobs=[lp for g in gens for lp in g.logprobs],
                       finished=[f for g in gens for f in g.finished],
-                      prompt_lengths=[n for g in gens for n in g.prompt_lengths])
+                      prompt_lengths=[n for g in gens for n in g.prompt_lengths],
+                      stopped_by_string=[s for g in gens for s in g.stopped_by_string])
 
 
 # `gptlab sample`'s defaults: its flags read them from here, so the verb and the function agree.
@@ -115,9 +138,10 @@ SAMPLE_MAX_NEW_TOKENS = 96
 def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k: int = SAMPLE_K,
                 greedy: bool = False, temperature: float = 1.0, top_p: float | None = None,
                 max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS, seed: int = 0,
-                device: str = "auto") -> int:
+                device: str = "auto", stop: Sequence[str] | None = None) -> int:
     """`gptlab sample`: write K responses per prompt to `out` (JSONL), on `device` (`auto`:
-    CUDA where there is a GPU). Returns rows written."""
+    CUDA where there is a GPU). `stop`: texts that end a response (`sample_responses`).
+    Returns rows written."""
     from gptlab.api import load
     if k < 1:
         raise UserError("must be at least 1", field="k")
@@ -130,6 +154,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     # Flags, the output path and the prompts are checked before the model loads.
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_p=top_p)
+    stop = check_stop_strings(stop)
     check_file_out(out)
     check_not_input(out, {"--prompts": prompts})
     check_out_of_read_dirs(out, {"--prompts": prompts}, "prompts", writes="the samples")
@@ -138,7 +163,7 @@ def sample_file(model_path: str | Path, prompts: str | Path, out: str | Path, k:
     model, tok = load(model_path, device)
     skips, cut = SkipCounter(), []
     rows = sample_responses(model, tok, records, k, params, seed, skips=skips, cut=cut,
-                            path=prompts, mark_cut=True, progress=True)
+                            path=prompts, mark_cut=True, progress=True, stop=stop)
     if not rows:
         raise UserError(f"no prompt could be sampled ({skips.report('prompts')}); the model's "
                         f"context is {model.config.context} tokens, --max-new-tokens "
@@ -162,10 +187,10 @@ def distinct(responses: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(responses))
 
 
-# Fields of a sample that its ranking leaves out: its responses (ranked now) and whether each
-# finished (in the responses' order, which the ranking changes), its line, and another ranking
-# of the prompt.
-_NOT_CARRIED = ("responses", "finished", "_line", "_file", "chosen", "rejected")
+# Fields of a sample that its ranking leaves out: its responses (ranked now), whether each
+# finished and the stop string that ended each (in the responses' order, which the ranking
+# changes), its line, and another ranking of the prompt.
+_NOT_CARRIED = ("responses", "finished", "stopped_by", "_line", "_file", "chosen", "rejected")
 
 
 def label_samples(samples: list[dict], rank: RankFn, skips: SkipCounter | None = None,

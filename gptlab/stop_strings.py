@@ -48,10 +48,20 @@ def check_stop_strings(stop: Any, field: str = "stop") -> tuple[str, ...]:
     return tuple(dict.fromkeys(stop))
 
 
+def earliest_stop(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
+    """(where the earliest stop string in `text` begins, that stop string), None where `text`
+    holds none. Of stop strings that begin at the same place, the first in `stop`."""
+    found = [(i, k) for k, i in enumerate(text.find(s) for s in stop) if i >= 0]
+    if not found:
+        return None
+    at, k = min(found)
+    return at, stop[k]
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """(`text` before the earliest stop string in it, whether there was one)."""
-    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:at], True) if at >= 0 else (text, False)
+    found = earliest_stop(text, stop)
+    return (text[:found[0]], True) if found else (text, False)
 
 
 class _Row:

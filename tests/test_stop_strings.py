@@ -12,7 +12,8 @@ from gptlab.cli import main
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig
-from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
+from gptlab.stop_strings import (StopStrings, check_stop_strings, cut_at_stop,
+                                  earliest_stop)
 from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
 
 
@@ -141,6 +142,10 @@ def test_stop_strings_are_checked_and_cut_at_the_earliest():
         assert e.value.field == "stop"
     assert cut_at_stop("Hello there, friend.", ["friend", "there", "x"]) == ("Hello ", True)
     assert cut_at_stop("Hello", ["x"]) == ("Hello", False)
+    # Where it begins, and which: of two that begin at one place, the first given.
+    assert earliest_stop("Hello there", ["there", "Hello th", "Hell"]) == (0, "Hello th")
+    assert earliest_stop("Hello there", ["here", "th"]) == (6, "th")
+    assert earliest_stop("Hello", ["x", "y"]) is None
 
 
 # --- a model that writes the next turn of a plain-text template -------------------------------
@@ -199,3 +204,104 @@ def test_cli_generate_stops_at_each_stop_given(tmp_path, capsys):
     assert capsys.readouterr().out == " Hello there, \n: Hello there, \n"
     assert main(args + ["--stop", ""]) == 2
     assert "field 'stop': item 0 is empty" in capsys.readouterr().err
+
+
+# --- gptlab sample --stop ------------------------------------------------------------------------
+
+def sampled(tmp_path, capsys, *flags: str, name: str = "s.jsonl") -> list[dict]:
+    """`gptlab sample` of `plain_chat` on a text prompt, a `messages` prompt and a prompt it
+    answers with no turn, 12 new tokens; the lines written."""
+    import json
+    model = tmp_path / "m"
+    if not model.exists():
+        save_model(model, *plain_chat())
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"id": "a", "prompt": "User: the cat sat\nAssistant:"},
+            {"id": "b", "messages": [{"role": "user", "content": "the cat sat"}]},
+            {"id": "c", "prompt": "what now"}]))
+    assert main(["sample", "--model", str(model), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--out", str(tmp_path / name), "--max-new-tokens", "12", *flags]) == 0
+    capsys.readouterr()
+    return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+
+def test_sample_cuts_each_response_at_the_earliest_stop_string_and_names_it(tmp_path, capsys):
+    greedy = ("--greedy", "--k", "1")
+    free = sampled(tmp_path, capsys, *greedy)
+    assert [r["responses"] for r in free] == [
+        [" Hello there, friend.\nUser: what now\nAssistant"],
+        ["Hello there, friend.\nUser: what now\nAssistant"],
+        ["\n cat sat\nAssistant: Hello there,\n\n\n"]]
+    assert all(set(r) == {"id", "prompt" if r["id"] != "b" else "messages", "responses",
+                          "finished"} for r in free)
+    # From inside a token, across the next: the response ends before it, at the token that
+    # completed it; a prompt whose response never holds it is written as without --stop.
+    rows = sampled(tmp_path, capsys, *greedy, "--stop", "ere, fr")
+    assert [r["responses"] for r in rows] == [[" Hello th"], ["Hello th"], free[2]["responses"]]
+    assert [r["stopped_by"] for r in rows] == [["ere, fr"], ["ere, fr"], [None]]
+    assert [r["finished"] for r in rows] == [[True], [True], [False]]
+    assert list(rows[0]) == ["id", "prompt", "responses", "finished", "stopped_by"]
+    # Several: the earliest in the text, whichever was given first.
+    rows = sampled(tmp_path, capsys, *greedy, "--stop", "\nUser:", "--stop", "friend",
+                   "--stop", "Assistant: Hello")
+    assert [r["responses"] for r in rows] == [[" Hello there, "], ["Hello there, "],
+                                              ["\n cat sat\n"]]
+    assert [r["stopped_by"] for r in rows] == [["friend"], ["friend"], ["Assistant: Hello"]]
+    # None that appears: the file is the one without --stop, each line with its null.
+    rows = sampled(tmp_path, capsys, *greedy, "--stop", "zebra")
+    assert rows == [{**r, "stopped_by": [None]} for r in free]
+
+
+def test_sample_stops_k_sampled_responses_and_label_and_reward_read_them(tmp_path, capsys):
+    from gptlab.data.instruct import encode_prompt, encode_response
+    from gptlab.feedback import label_samples
+    from gptlab.train.reward import sample_sequences
+    free = sampled(tmp_path, capsys, "--k", "3", "--seed", "3", name="free.jsonl")
+    assert [len(set(r["responses"])) for r in free] == [1, 1, 1]  # it learned one answer
+    rows = sampled(tmp_path, capsys, "--k", "3", "--seed", "3", "--stop", "\nUser:",
+                   "--stop", "zebra")
+    assert [r["responses"] for r in rows[:2]] == [[" Hello there, friend."] * 3,
+                                                  ["Hello there, friend."] * 3]
+    assert [r["stopped_by"] for r in rows] == [["\nUser:"] * 3] * 2 + [[None] * 3]
+    assert [r["finished"] for r in rows] == [[True] * 3] * 2 + [[False] * 3]
+    # `label` leaves `stopped_by` (in the responses' order) out of the rankings, as `finished`.
+    ranked = label_samples([{**rows[0], "responses": ["Hi.", rows[0]["responses"][0]]}],
+                           lambda rec, responses: [1.0, 0.0])
+    assert ranked == [{"id": "a", "prompt": rows[0]["prompt"],
+                       "ranked": ["Hi.", " Hello there, friend."]}]
+    # `reward --samples` reads a stopped response closed by EOS, as a finished one.
+    _, tok = plain_chat()
+    seqs = sample_sequences(tok, tmp_path / "s.jsonl", context=64)
+    first = encode_prompt(tok, rows[0]["prompt"])
+    assert seqs[0] == first + encode_response(tok, " Hello there, friend.", rows[0]["prompt"])
+    assert seqs[0][-1] == tok.eos_id and len(seqs) == 9
+
+
+def test_sample_stops_responses_batched_past_the_batch_size():
+    from gptlab.engine import SamplingParams
+    from gptlab.feedback import sample_responses
+    net, tok = plain_chat()
+    records = [{"id": "a", "prompt": "User: the cat sat\nAssistant:"}]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    # K = 5 in batches of 2 (2, 2, 1), each batch its own stop check.
+    rows = sample_responses(net, tok, records, 5, params, batch_size=2, mark_cut=True,
+                            stop=("\nUser:",))
+    assert rows == [{**records[0], "responses": [" Hello there, friend."] * 5,
+                     "finished": [True] * 5, "stopped_by": ["\nUser:"] * 5}]
+    # A samples line sampled again loses the `stopped_by` of its old responses.
+    again = sample_responses(net, tok, rows, 1, params, mark_cut=True)
+    assert "stopped_by" not in again[0] and set(again[0]) == {"id", "prompt", "responses",
+                                                              "finished"}
+
+
+def test_sample_refuses_an_empty_stop_string_before_it_loads_the_model(tmp_path, capsys):
+    from gptlab.feedback import sample_file
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    args = ["sample", "--model", str(tmp_path / "none"), "--prompts", str(tmp_path / "p.jsonl"),
+            "--out", str(tmp_path / "s.jsonl")]
+    assert main(args + ["--stop", "\nUser:", "--stop", ""]) == 2
+    assert "field 'stop': item 1 is empty" in capsys.readouterr().err
+    assert not (tmp_path / "s.jsonl").exists()
+    with pytest.raises(UserError, match=r"field 'stop': must be a list of texts, got a single "
+                                        r"str; pass \['x'\]"):
+        sample_file(tmp_path / "none", tmp_path / "p.jsonl", tmp_path / "s.jsonl", stop="x")
