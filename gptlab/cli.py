@@ -309,6 +309,9 @@ def _verb_chat():
         p.add_argument("--top-p", type=float, default=None, help=TOP_P_HELP)
         p.add_argument("--max-context-tokens", type=int, default=None,
                        help="fit the conversation in fewer tokens than the model's context")
+        p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="end a reply as soon as its text holds TEXT, which is left out of "
+                            "the reply and the history (repeat for several)")
         p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.epilog = ("One message per line; /help lists the commands. At a terminal a reply "
@@ -316,14 +319,15 @@ def _verb_chat():
                     "printed stays on screen; neither it nor its message is kept); Ctrl-C at "
                     "the prompt, /exit or end of input ends the chat. From a pipe each reply "
                     "is printed whole, ended by two empty lines. Under a template whose turns "
-                    "end in plain text (User: ...), a reply stops at the next turn's header.")
+                    "end in plain text (User: ...), a reply stops at the next turn's header; "
+                    "under any, at a --stop TEXT.")
 
     def run(args: argparse.Namespace) -> None:
         from gptlab.chat import ChatConfig, chat
         chat(ChatConfig(model=args.model, system=args.system, max_new_tokens=args.max_new_tokens,
                         greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
                         max_context_tokens=args.max_context_tokens, seed=args.seed,
-                        device=args.device))
+                        device=args.device, stop=tuple(args.stop or ())))
 
     return "chat with a model in the terminal (multi-turn, chat template)", add, run
 

@@ -1421,3 +1421,69 @@ def test_a_reply_stops_where_a_template_ends_a_turn_in_text_or_starts_the_next()
     # gptlab's template ends each turn in <|eos|>: nothing more.
     gptlab = Tokenizer(plain.hf, BOS, EOS, PAD)
     assert gptlab.reply_stops == (frozenset({eos}), ()) and gptlab.stop_ids == {eos}
+
+
+# --- stop strings of one's own: `gptlab chat --stop` ----------------------------------------------
+
+def test_a_stop_string_given_ends_a_reply_beside_the_templates_own():
+    """Under the plain-text template (its own stop "\\nUser:"), `--stop` ends a reply at the
+    first of the two the reply holds: printed, streamed and kept before it."""
+    from test_stop_strings import plain_chat
+    net, tok = plain_chat()
+
+    def replies(stop: tuple[str, ...], **sampling) -> list[str]:
+        session = ChatSession(net, tok, ChatConfig(max_new_tokens=20, stop=stop,
+                                                   **(sampling or {"greedy": True})))
+        err = io.StringIO()
+        said = [session.reply("the cat sat", err), session.reply("what now", err)]
+        assert session.messages == [user("the cat sat"), bot(said[0]), user("what now"),
+                                    bot(said[1])]
+        return said
+    free = replies(())
+    assert free == ["Hello there, friend.", "Nothing.\nAssistant: Hello there, friend.\n"
+                    "Assistant: Hello"]
+    assert replies(("zebra",)) == free  # one that never appears
+    # The template's stop first in the first reply, the one given in the second.
+    assert replies(("\nAssistant:",)) == ["Hello there, friend.", "Nothing."]
+    # From inside a token and across the next; of several, the earliest in the text.
+    assert replies(("ere, fr",))[0] == "Hello th"
+    assert replies(("friend", "ere, f", "\nAssistant:"))[0] == "Hello th"
+    # Sampled: the first reply is the one drawn without it, cut before it (one row: the same
+    # draws; the second follows another history).
+    for seed in range(3):
+        sampled = dict(temperature=1.5, seed=seed)
+        whole = replies((), **sampled)[0]
+        at = min(i for i in (whole.find("ere"), whole.find(" fr"), len(whole)) if i >= 0)
+        assert replies((" fr", "ere"), **sampled)[0] == whole[:at].strip()
+    # At a terminal, nothing of the stop string is printed.
+    session = ChatSession(net, tok, ChatConfig(max_new_tokens=20, greedy=True,
+                                               stop=("ere, fr",)))
+    out = Writes()
+    assert run_chat(session, Terminal("the cat sat\n"), out, io.StringIO()) == 1
+    assert "".join(out.writes[1:-2]) == "Hello th\n"
+
+
+def test_a_stop_string_given_ends_a_reply_under_a_template_that_ends_turns_in_a_token(
+        tiny_dir):
+    from gptlab.checkpoint import load_model
+    model, tok, _ = load_model(tiny_dir)
+    assert tok.reply_stops[1] == ()  # gptlab's template: the end of turn is a token
+
+    def reply(stop: tuple[str, ...]) -> str:
+        cfg = ChatConfig(max_new_tokens=16, temperature=1.0, seed=0, stop=stop)
+        return ChatSession(model, tok, cfg).reply("the cat sat", io.StringIO())
+    free = reply(())
+    assert free.count("\ufffd") == 6  # invalid bytes among its characters
+    for stop in ["Au", "is", "Np"]:
+        assert reply((stop,)) == free[:free.index(stop)].strip()
+    assert reply(("zebra",)) == free
+
+
+def test_chat_refuses_an_empty_stop_string_before_it_loads_the_model(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n"))
+    assert main(["chat", "--model", str(tmp_path / "none"), "--stop", "x", "--stop", ""]) == 2
+    assert "field 'stop': item 1 is empty" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"field 'stop': must be a list of texts, got a single "
+                                        r"str; pass \['x'\]"):
+        terminal.chat(ChatConfig(model=str(tmp_path / "none"), stop="x"))

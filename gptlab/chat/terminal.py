@@ -41,7 +41,7 @@ from gptlab.chat.context import TurnTooLong, fit_messages
 from gptlab.checkpoint import load_language_model
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
-from gptlab.stop_strings import StopStrings, cut_at_stop
+from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
 from gptlab.tokenizer import check_text
 from gptlab.train.loop import select_device
 
@@ -73,6 +73,9 @@ class ChatConfig:
     top_p: float | None = None
     max_context_tokens: int | None = None  # below the model's context, to bound memory or time
     seed: int = 0
+    # Texts that end a reply as soon as it holds one (`--stop`), beside the template's own
+    # (`Tokenizer.reply_stops`); the reply is kept without it.
+    stop: tuple[str, ...] = ()
     device: str = "auto"  # auto (CUDA where there is a GPU, else the CPU) | cpu | cuda[:N] | mps
 
 
@@ -80,10 +83,12 @@ class ChatSession:
     """A conversation with one model: messages in, replies out, history fitted to the context."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: ChatConfig):
-        # Checks the sampling settings as `generate` and `sample` do, with the same messages.
-        # A reply ends where the template ends an assistant turn, in a token or in text (a
-        # plain-text template's next "User:"): `Tokenizer.reply_stops`.
-        stop_ids, self.stop_strings = tokenizer.reply_stops
+        # Checks the sampling settings and stop strings as `generate` and `sample` do, with the
+        # same messages. A reply ends where the template ends an assistant turn, in a token or
+        # in text (a plain-text template's next "User:"): `Tokenizer.reply_stops`; or at a stop
+        # string given (`--stop`), whichever comes first.
+        stop_ids, template_stops = tokenizer.reply_stops
+        self.stop_strings = tuple(dict.fromkeys(template_stops + check_stop_strings(cfg.stop)))
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                                      temperature=cfg.temperature, top_p=cfg.top_p,
                                      stop_ids=tuple(sorted(stop_ids)))
@@ -518,8 +523,9 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     """`gptlab chat`: load `cfg.model` and talk until end of input; returns turns answered."""
     if not cfg.model:
         raise UserError("chat needs a model to talk to (--model)", field="model")
-    # The sampling flags are checked before the model loads.
+    # The sampling flags and stop strings are checked before the model loads.
     SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                    temperature=cfg.temperature, top_p=cfg.top_p)
+    check_stop_strings(cfg.stop)
     model, tok, _ = load_language_model(Path(cfg.model), select_device(cfg.device))
     return run_chat(ChatSession(model, tok, cfg), stdin, stdout, stderr)
