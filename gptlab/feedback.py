@@ -77,7 +77,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
         if k <= batch_size:
             prompts = [ids for _, _, ids in chunk for _ in range(k)]
             gen = generate(model, prompts, params, seed=seed * 1_000_003 + b,
-                           pad_id=tokenizer.pad_id, stop_when=_stop_when(tokenizer, stop, prompts))
+                           pad_id=tokenizer.pad_id, **_stop_when(tokenizer, stop, prompts))
         else:
             # K past the batch: the prompt's K rows in batches of at most `batch_size`, each
             # with a seed of its own (the first one's as before), never one batch of K rows
@@ -88,7 +88,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
                 parts.append(generate(
                     model, batch, params,
                     seed=seed * 1_000_003 + b + start // batch_size * len(jobs),
-                    pad_id=tokenizer.pad_id, stop_when=_stop_when(tokenizer, stop, batch)))
+                    pad_id=tokenizer.pad_id, **_stop_when(tokenizer, stop, batch)))
             gen = _concat(parts)
         bar.update(len(gen.tokens))
         if cut is not None:
@@ -115,9 +115,11 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
 
 
 def _stop_when(tokenizer: Any, stop: tuple[str, ...], prompts: list[list[int]]
-               ) -> StopStrings | None:
-    """The engine's stop-string check for `prompts`' rows; None without stop strings."""
-    return StopStrings(tokenizer, stop, prompts) if stop else None
+               ) -> dict[str, StopStrings]:
+    """`generate`'s `stop_when` keyword for `prompts`' rows: the stop strings' check; none
+    without stop strings, so that the call is the one made before `--stop` was (a stand-in for
+    `generate` that does not take it, in a test or a plugin, still works)."""
+    return {"stop_when": StopStrings(tokenizer, stop, prompts)} if stop else {}
 
 
 def _concat(gens: list[Generation]) -> Generation:
