@@ -357,6 +357,29 @@ def test_pretrain_learns_and_writes_a_model_directory(corpus, tmp_path):
     assert (meta["step"], meta["val_loss"]) == (60, val[-1])
 
 
+def test_val_loss_is_the_cross_entropy_of_every_validation_token(corpus, tmp_path):
+    # 3 validation blocks in batches of 2: the short last batch's one block weighed as much as
+    # the first batch's two (a mean of batch means, 9e-4 off the cross entropy on such a run).
+    d, _, tok = corpus
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert run("--data", str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--out", str(out),
+               "--max-steps", "2", "--block-size", "16", "--batch-size", "2",
+               "--eval-every", "0", "--cache-dir", str(cache), "val_fraction=0.03") == 0
+    info = json.loads((out / "run.json").read_text())["data"]
+    tokens = np.fromfile(info["cache"], dtype=np.uint16).astype(np.int64)
+    n = (len(tokens) - 1) // 16                        # blocks of 17 tokens, stride 16
+    val_ids = np.random.default_rng(0).permutation(n)[:round(n * 0.03)]
+    assert info["val_blocks"] == len(val_ids) == 3
+    blocks = torch.tensor(np.stack([tokens[i * 16:i * 16 + 17] for i in val_ids]))
+    model, _, _ = load_model(out)
+    with torch.no_grad():
+        logits = model.eval()(blocks[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 blocks[:, 1:].reshape(-1)).item()
+    last = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r][-1]
+    assert last["step"] == 2 and last["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_resume_after_a_crash_gives_the_same_curve(corpus, tmp_path):
     d, _, _ = corpus
     common = ["--data", str(d / "a.txt"), "--max-steps", "12", "--block-size", "16",

@@ -19,7 +19,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +84,14 @@ def lm_loss(model: nn.Module, block: Tensor) -> Tensor:
     block[:, 1:]. Every position has a target: the head need not look for -100 labels (a wait
     for the GPU each step)."""
     return model(block[:, :-1], labels=block[:, 1:], all_targets=True)
+
+
+def share_of_batch(batch_size: int) -> Callable[[Tensor], float]:
+    """A batch's blocks as a share of a full one: what its mean loss averages over, so that a
+    short last validation batch weighs as the blocks it holds and the validation loss is the
+    cross entropy of every validation token. A full batch weighs exactly 1, as with no weights:
+    training batches are always full, and their update is unchanged bit for bit."""
+    return lambda block: block.shape[0] / batch_size
 
 
 def _tokenizer_for(cfg: PretrainConfig, vocab_size: int) -> Any:
@@ -302,6 +310,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                    on_eval=sample,
                    tokens_in=lambda b: b.shape[0] * (b.shape[1] - 1), resume=cfg.resume,
                    verified=latest, resume_from=latest,
+                   loss_weight=share_of_batch(cfg.batch_size),
                    extra={"stage": "pretrain", "data_key": data.file.key})
     save_model(out, model, tok, extra={"stage": "pretrain", "step": result.step,
                                        "val_loss": result.val_loss, "tokens": result.tokens})
