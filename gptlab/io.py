@@ -60,7 +60,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 try:
     import fcntl
@@ -1019,7 +1019,9 @@ def parquet_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     if not path.exists():
         raise NotFound("file not found", path=path)
     try:
-        batches = pq.ParquetFile(path).iter_batches()
+        file = pq.ParquetFile(path)
+        check_unique_columns(path, file.schema_arrow.names)
+        batches = file.iter_batches()
         n = 0
         for batch in batches:
             try:
@@ -1077,6 +1079,18 @@ def _text_start(path: Path) -> str | None:
 # A column name that is not UTF-8 comes from a corrupt footer (pyarrow cannot decode it).
 PARQUET_NAMES_NOT_UTF8 = ("not a readable Parquet file (a column name in its metadata is not "
                           "UTF-8: is the file corrupt?)")
+
+
+def check_unique_columns(path: str | Path, names: Sequence[str],
+                         read: Iterable[str] | None = None) -> None:
+    """Refuse a Parquet file holding a column read (`read`; every one by default) under one name
+    twice, as pyarrow writes it: a row as a dict keeps the last, pandas both, a schema lookup
+    fails; a JSON Lines object with a key twice is refused so too."""
+    for name in (names if read is None else read):
+        if names.count(name) > 1:
+            raise UserError(f"is a column {names.count(name)} times; readers differ in which one "
+                            f"they take (pyarrow's to_pylist the last, pandas all of them): keep "
+                            f"one", path=path, field=name)
 
 
 def parquet_not_utf8(path: str | Path, columns: list[str] | None = None) -> UserError:

@@ -96,6 +96,22 @@ def test_a_parquet_text_column_of_pandas_category_dtype_is_read_as_text(tmp_path
         read_documents([f])
 
 
+def test_a_parquet_text_column_given_twice_is_refused_naming_it(tmp_path):
+    # pyarrow writes two columns of one name; reading it raised a KeyError ('Column text does
+    # not exist in schema') with a traceback. A JSON Lines object with `text` twice is refused.
+    f = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], ["text", "text"]), f)
+    with pytest.raises(UserError) as e:
+        read_documents([f])
+    assert str(e.value) == (f"{f}, field 'text': is a column 2 times; readers differ in which "
+                            f"one they take (pyarrow's to_pylist the last, pandas all of them): "
+                            f"keep one")
+    # another column twice is no concern of the corpus, which reads `text` alone
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array([1]), pa.array([2])],
+                                        ["text", "id", "id"]), f)
+    assert read_documents([f]) == ["a"]
+
+
 def test_several_files_and_a_directory_in_order(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "b.txt").write_text("b1\n\nb2", encoding="utf-8")

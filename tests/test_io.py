@@ -521,6 +521,23 @@ def test_a_parquet_name_holding_text_or_other_bytes_is_named_for_what_it_holds(t
     assert e.value.message.startswith("not a readable Parquet file (")
 
 
+def test_a_parquet_record_column_given_twice_is_refused_naming_it(tmp_path):
+    # Each row was a dict of the last column of the name: the first `prompt` column was dropped
+    # without a word, where a JSON Lines object with `prompt` twice is refused.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gptlab.io import parquet_objects
+    f = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array(["c"])],
+                                        ["prompt", "id", "prompt"]), f)
+    with pytest.raises(UserError) as e:
+        list(parquet_objects(f))
+    assert str(e.value) == (f"{f}, field 'prompt': is a column 2 times; readers differ in which "
+                            f"one they take (pyarrow's to_pylist the last, pandas all of them): "
+                            f"keep one")
+
+
 def test_a_pipe_named_as_data_in_a_directory_is_not_read(tmp_path):
     import os
 

@@ -31,8 +31,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import NotFound, UserError
 from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_one_split_given, check_out_of_read_dirs,
-                       fields_instead, files_in, json_objects, not_utf8_row, parquet_not_utf8,
-                       unreadable_parquet, utf8_lines)
+                       check_unique_columns, fields_instead, files_in, json_objects,
+                       not_utf8_row, parquet_not_utf8, unreadable_parquet, utf8_lines)
 from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -228,6 +228,7 @@ def _iter_parquet(p: Path) -> Iterator[str]:
     if TEXT_FIELD not in schema.names:
         raise UserError(f"no '{TEXT_FIELD}' column (columns: {', '.join(schema.names)})",
                         path=p, field=TEXT_FIELD)
+    check_unique_columns(p, schema.names, [TEXT_FIELD])
     kind = schema.field(TEXT_FIELD).type
     if pa.types.is_dictionary(kind):  # pandas' category dtype: each distinct text stored once
         kind = kind.value_type
