@@ -68,6 +68,37 @@ def test_a_corpus_given_twice_or_of_two_splits_fails_before_any_output(tmp_path,
         assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def piped(text: str) -> str:
+    """A /dev/fd path reading `text` from a pipe, as bash's <(cat more.txt) gives one."""
+    r, w = os.pipe()
+    os.write(w, text.encode("utf-8"))  # a small text: the pipe's buffer holds it
+    os.close(w)
+    return f"/dev/fd/{r}"
+
+
+def test_a_pipe_is_refused_where_the_tokenizer_is_trained_on_the_data(corpus, tmp_path, capsys):
+    # The tokenizer trained here read the pipe to its end, and tokenizing read nothing more:
+    # its 40 documents were left out of the training data without a word.
+    d, docs, _ = corpus
+    more = "\n\n".join(documents(40, seed=1)) + "\n"
+    pipe = piped(more)
+    common = ["--out", str(tmp_path / "out"), "--max-steps", "1", "--block-size", "16",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert run("--data", str(d / "a.txt"), pipe, *common) == 2
+    err = capsys.readouterr().err
+    assert err == (f"gptlab pretrain: error: {pipe}, field 'data': is a pipe, which can be read "
+                   f"once, and the tokenizer trained on the data reads the corpus before it is "
+                   f"tokenized; write it to a file first, or give a tokenizer (--tokenizer)\n")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    os.close(int(pipe.rsplit("/", 1)[1]))
+    # Given a tokenizer, the pipe is read once, all of it.
+    pipe = piped(more)
+    assert run("--data", str(d / "a.txt"), pipe, "--tokenizer", str(d / "tok"), *common) == 0
+    os.close(int(pipe.rsplit("/", 1)[1]))
+    info = json.loads((tmp_path / "out" / "run.json").read_text())["data"]
+    assert info["documents"] == len(docs) + 40
+
+
 # --- token files --------------------------------------------------------------------------------
 
 def test_tokens_are_documents_between_bos_and_eos(corpus, tmp_path):

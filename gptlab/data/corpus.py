@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -114,6 +116,20 @@ def is_hub_name(path: str | Path) -> bool:
     """A `user/name` that is no local path: read as a Hugging Face Hub dataset."""
     p = Path(path)
     return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
+
+
+def read_once(path: str | Path) -> str | None:
+    """What `path` is where its text can be read only once, said for an error (a pipe:
+    `/dev/stdin` fed by another command, bash's `<(cat more.txt)`); None for a file, a
+    directory, a Hub dataset, or `/dev/stdin` redirected from a file (`< corpus.txt`)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # no such path: a Hub dataset, or missing (refused as such elsewhere)
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return {stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket",
+            stat.S_IFCHR: "a character device"}.get(stat.S_IFMT(mode), "no regular file")
 
 
 def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str = "--data",

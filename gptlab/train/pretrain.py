@@ -257,7 +257,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     check_given(cfg, ("model",), "pretrain")  # a preset or a directory, not "" (the current one)
     if not cfg.data:
         raise UserError("no training data: give data (--data FILE...)", field="data")
-    from gptlab.data.corpus import check_out_of_corpus, corpus_files, is_hub_name
+    from gptlab.data.corpus import check_out_of_corpus, corpus_files, is_hub_name, read_once
     for path in cfg.data:
         if not str(path).strip():  # Path("") is the current directory: all of it a corpus
             raise UserError("an empty path; name a corpus file or directory", field="data")
@@ -266,6 +266,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # A file given twice, the files of two splits, a directory of none: refused before any
     # output or work (the tokenizer trained on the data reads it first).
     corpus_files(cfg.data)
+    if not cfg.resume and not cfg.tokenizer and not _continues_a_model(cfg.model):
+        # The tokenizer trained on the data reads a pipe to its end: tokenizing would find it
+        # empty, and its documents would be missing from the training data without a word.
+        for path in cfg.data:
+            kind = read_once(path)
+            if kind is not None:
+                raise UserError(f"is {kind}, which can be read once, and the tokenizer "
+                                f"trained on the data reads the corpus before it is tokenized; "
+                                f"write it to a file first, or give a tokenizer (--tokenizer)",
+                                path=path, field="data")
     out = check_dir_out(cfg.out, field="out")  # not "", the current directory
     check_out_of_corpus(out, cfg.data)
     # A resume reads its checkpoint, never --model: OUT may be what --model names.
