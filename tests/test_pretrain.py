@@ -545,6 +545,51 @@ def test_a_run_checkpointed_before_the_bos_post_processor_resumes_without_a_corp
     assert "the corpus or tokenizer changed" in capsys.readouterr().err
 
 
+def test_a_resume_after_touch_or_a_copy_of_the_same_corpus_is_not_warned_of(corpus, tmp_path,
+                                                                            capsys):
+    """The resume compared the cache key, which holds each file's times and inode: `touch` or
+    a copy of the same text warned that the data position pointed into other blocks. It now
+    compares the tokens' digest, which the cache records (and an older entry reads through)."""
+    import os
+    d, _, _ = corpus
+    data, out, cache = tmp_path / "a.txt", tmp_path / "run", tmp_path / "cache"
+    shutil.copy(d / "a.txt", data)
+    common = ["--data", str(data), "--max-steps", "4", "--block-size", "16",
+              "--batch-size", "4", "--save-every", "2", "--out", str(out),
+              "--cache-dir", str(cache)]
+
+    def resumed_after_step_2() -> str:
+        shutil.rmtree(out / "checkpoints" / "step-4")
+        (out / "checkpoints" / "latest").write_text("step-2\n")
+        for name in ("config.json", "model.safetensors"):
+            (out / name).unlink()
+        capsys.readouterr()
+        assert run(*common, "--resume") == 0
+        return capsys.readouterr().err
+
+    assert run(*common) == 0
+    digest = json.loads((out / "checkpoints" / "step-2" / "config.json").read_text())[
+        "tokens_digest"]
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch: a new cache key
+    err = resumed_after_step_2()
+    assert "tokenized" in err and "the corpus or tokenizer changed" not in err
+    assert len(list(cache.glob("*.bin"))) == 2  # tokenized again, to the same tokens
+    for meta in cache.glob("*.json"):  # entries of a version that recorded no digest
+        m = json.loads(meta.read_text())
+        del m["sha256"]
+        meta.write_text(json.dumps(m))
+    err = resumed_after_step_2()
+    assert "cached" in err and "the corpus or tokenizer changed" not in err
+    data.write_bytes(data.read_bytes())  # a copy in place: another ctime
+    assert "the corpus or tokenizer changed" not in resumed_after_step_2()
+    assert json.loads((out / "checkpoints" / "step-4" / "config.json").read_text())[
+        "tokens_digest"] == digest
+    with open(data, "a") as f:  # a corpus that did change is still warned of
+        f.write("\nthe dog sat.\n")
+    assert "the corpus or tokenizer changed" in resumed_after_step_2()
+
+
 def test_a_resume_on_another_thread_count_than_its_checkpoint_is_noted(corpus, tmp_path,
                                                                        capsys):
     """The training verbs recorded no thread count, so a resume on another one (bit-exact only

@@ -107,10 +107,23 @@ class TokenFile:
     n_documents: int
     dtype: str
     reused: bool  # True when it came from the cache rather than being tokenized now
+    sha256: str | None = None  # of the stream's bytes, as tokenizing recorded it
 
     @property
     def tokens(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def digest(self) -> str:
+        """What the stream holds: its dtype and SHA-256 (first 32 hex digits). A resume compares
+        it, not the key: the key changes with a file's times (`touch`, a copy), the tokens not.
+        An entry cached before digests were recorded is read through once."""
+        if self.sha256 is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            self.sha256 = h.hexdigest()
+        return f"{self.dtype}:{self.sha256[:32]}"
 
 
 def _read_cached(bin_path: Path, meta_path: Path, key: str) -> TokenFile | None:
@@ -122,8 +135,9 @@ def _read_cached(bin_path: Path, meta_path: Path, key: str) -> TokenFile | None:
         if (meta.get("format") != TOKENS_FORMAT
                 or bin_path.stat().st_size != meta["n_tokens"] * itemsize):
             return None
+        sha = meta.get("sha256")
         return TokenFile(bin_path, key, int(meta["n_tokens"]), int(meta["n_documents"]),
-                         meta["dtype"], reused=True)
+                         meta["dtype"], reused=True, sha256=sha if isinstance(sha, str) else None)
     except (ValueError, KeyError, TypeError, OSError):
         # A damaged entry (broken JSON, bytes not UTF-8, a count that is no number) is rebuilt,
         # not trusted.
@@ -177,6 +191,7 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
     dtype = token_dtype(tokenizer.vocab_size)
     eos, start = tokenizer.eos_id, document_start(tokenizer)
     n_tokens = n_docs = 0
+    sha = hashlib.sha256()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -187,9 +202,10 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
                 ids = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") \
                     else [tokenizer.encode(d) for d in docs]
                 for row in ids:
-                    arr = np.asarray(start + row + [eos], dtype=dtype)
-                    f.write(arr.tobytes())
-                    n_tokens += arr.size
+                    data = np.asarray(start + row + [eos], dtype=dtype).tobytes()
+                    f.write(data)
+                    sha.update(data)
+                    n_tokens += len(data) // dtype.itemsize
                 n_docs += len(docs)
                 if bar is not None:
                     bar.update(len(docs))
@@ -200,9 +216,11 @@ def tokenize_corpus(paths: Sequence[str | Path], tokenizer: Any,
             raise _too_small(paths, n_tokens, min_tokens, fields)  # atomic_path drops the file
     write_json_atomic(meta_path, {"format": TOKENS_FORMAT, "dtype": dtype.name,
                                   "n_tokens": n_tokens, "n_documents": n_docs,
-                                  "eos_id": eos, "sources": paths})
+                                  "eos_id": eos, "sources": paths,
+                                  "sha256": sha.hexdigest()})
     note_earlier_entry(paths, tokenizer, key, cache, fields[0])
-    return TokenFile(bin_path, key, n_tokens, n_docs, dtype.name, reused=False)
+    return TokenFile(bin_path, key, n_tokens, n_docs, dtype.name, reused=False,
+                     sha256=sha.hexdigest())
 
 
 def note_earlier_entry(paths: Sequence[str], tokenizer: Any, key: str, cache: Path,

@@ -299,12 +299,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
           f"{len(data.train_ids)} training / {len(data.val_ids)} validation blocks of {block}; "
           f"model {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
 
-    # A checkpoint saved before the key read the tokenizer as saved has the key of the same
-    # tokenizer as held: that tokenizes the corpus alike.
-    if cfg.resume and read_meta(latest).get("data_key") not in (
-            data.file.key, cache_key(cfg.data, tok, as_saved=False)):
-        print("warning: the corpus or tokenizer changed since the checkpoint; the data "
-              "position now points into different blocks", file=sys.stderr)
+    # The checkpoint's tokens are compared, not the files' key, which `touch` or a copy changes.
+    # A checkpoint from before digests has the key alone; one saved before the key read the
+    # tokenizer as saved has the key of the same tokenizer as held: that tokenizes alike.
+    if cfg.resume:
+        saved = read_meta(latest)
+        if "tokens_digest" in saved:
+            same = saved["tokens_digest"] == data.file.digest()
+        else:
+            same = saved.get("data_key") in (data.file.key,
+                                             cache_key(cfg.data, tok, as_saved=False))
+        if not same:
+            print("warning: the corpus or tokenizer changed since the checkpoint; the data "
+                  "position now points into different blocks", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         annotate_resume(out, cfg, latest.name)
@@ -321,7 +328,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                    tokens_in=lambda b: b.shape[0] * (b.shape[1] - 1), resume=cfg.resume,
                    verified=latest, resume_from=latest,
                    loss_weight=share_of_batch(cfg.batch_size),
-                   extra={"stage": "pretrain", "data_key": data.file.key})
+                   extra={"stage": "pretrain", "data_key": data.file.key,
+                          "tokens_digest": data.file.digest()})
     save_model(out, model, tok, extra={"stage": "pretrain", "step": result.step,
                                        "val_loss": result.val_loss, "tokens": result.tokens})
     speed = (f"{result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s
