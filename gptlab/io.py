@@ -20,6 +20,14 @@ to a hidden temporary before removing it, so a kill midway leaves no directory h
 files; one that cannot be renamed (a file in it open on Windows, a mount point) is left whole, with
 a warning.
 
+Writing over files of an existing directory (an export, a world, a tokenizer written again)
+goes through `old_files_aside`: the old files are renamed into a hidden `.old-files.<random>/`
+inside the directory (with a `held.json` saying what was moved from where, and which names the
+write writes), deleted once the write is done, and put back, byte for byte, if it fails. What a
+killed write left there is settled by the next such write to the directory
+(`settle_old_files`): a write killed before it was done is undone (its files removed, the old
+ones put back), one killed after it was done has its old files removed.
+
 Strict JSON (`strict_json`): JSON has no NaN or Infinity, and Python's json writes them as bare
 tokens other readers refuse. A record a computation wrote (metrics.jsonl, run.json, a model's
 config.json, report.json) gets null for each, named in its `non_finite` field, which
@@ -58,7 +66,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -229,6 +237,121 @@ def remove_stale_temps(directory: str | Path, pattern: str) -> list[Path]:
             os.close(fd)
     return removed
 
+
+
+# The hidden directory inside an output directory that a write's old files wait in, and the
+# file in it naming them.
+OLD_FILES_PREFIX = ".old-files."
+HELD_JSON = "held.json"
+
+
+def _there(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _undo(directory: Path, writes: Sequence[str], held: Sequence[str], aside: Path | None,
+          moved: Sequence[str]) -> None:
+    """Remove what a write wrote under `writes` in `directory`, in that order, then put back
+    the old files `moved` into `aside`, the last moved first; an old file `held` that was not
+    moved yet is still in place, and stays."""
+    for name in writes:
+        if name in moved or name not in held:
+            _remove(directory / name)
+    for name in reversed(moved):
+        os.replace(aside / name, directory / name)
+
+
+@contextmanager
+def old_files_aside(directory: str | Path, writes: Sequence[str],
+                    made: bool = False) -> Iterator[list[str]]:
+    """Write files (or directories) named `writes` in `directory` without losing the old ones
+    if the write, the body of this context, fails. Those there are renamed, in the order of
+    `writes`, into a hidden `.old-files.<random>/` inside `directory` (held by this writer, as
+    `held_temp` holds a temporary), whose `held.json` says what was moved from where; once the
+    body is done they are deleted. If it fails, each of `writes` is removed and the old ones
+    moved back, the last moved first: `directory` is as it was, byte for byte, and removed if
+    the caller `made` it and it is empty. Yields the names moved aside. What killed writes left
+    in `directory` is settled first (`settle_old_files`)."""
+    directory = Path(directory)
+    if HELD_JSON in writes:
+        raise ValueError(f"{HELD_JSON} is the name of the list of old files")
+    settle_old_files(directory)
+    held = [name for name in writes if _there(directory / name)]
+    with ExitStack() as stack:
+        aside = None
+        if held:
+            aside = stack.enter_context(held_temp(
+                lambda: tempfile.mkdtemp(prefix=OLD_FILES_PREFIX, dir=directory)))
+        moved: list[str] = []
+        try:
+            if aside is not None:
+                # Written before anything moves: a leftover with it is a write not done.
+                write_json_atomic(aside / HELD_JSON, {"from": str(directory.resolve()),
+                                                      "moved": held, "writes": list(writes)})
+                for name in held:
+                    os.replace(directory / name, aside / name)
+                    moved.append(name)
+                fsync_path(directory)
+            yield held
+        except BaseException:
+            _undo(directory, writes, held, aside, moved)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+            if made and directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+            raise
+        if aside is not None:
+            (aside / HELD_JSON).unlink()  # done: a leftover without it is only removed
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def settle_old_files(directory: str | Path) -> list[Path]:
+    """Settle the `.old-files.*` directories that writes killed in `directory` left
+    (`old_files_aside`): one with its `held.json` is a write killed before it was done, which
+    is undone (each name it writes removed, the old files put back); one without it is a write
+    killed once done, or before it moved anything, and is removed. One whose writer is alive
+    (locked) is left alone; where there is no flock (Windows), every one is, for the user to
+    look at. Returns the leftovers undone, each said on stderr."""
+    undone: list[Path] = []
+    if fcntl is None:
+        return undone
+    for aside in sorted(Path(directory).glob(glob.escape(OLD_FILES_PREFIX) + "*")):
+        if aside.is_symlink() or not aside.is_dir():
+            continue
+        try:
+            fd = os.open(aside, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its writer is alive
+                continue
+            if _there(aside / HELD_JSON):
+                held = read_json(aside / HELD_JSON)
+                writes, moved = held.get("writes"), held.get("moved")
+                if not (isinstance(writes, list) and isinstance(moved, list) and all(
+                        isinstance(n, str) and n and Path(n).name == n and n != HELD_JSON
+                        for n in writes + moved)):
+                    raise UserError("is no list of old files a write moved aside; put them "
+                                    "back by hand, then remove the directory", path=aside)
+                back = [name for name in moved if _there(aside / name)]
+                _undo(Path(directory), writes, moved, aside, back)
+                undone.append(aside)
+                print(f"note: {directory}: a write killed before it was done was undone" +
+                      (f": its old {', '.join(back)} put back from {aside.name}" if back else ""),
+                      file=sys.stderr)
+            shutil.rmtree(aside, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return undone
 
 def fsync_path(path: str | Path) -> None:
     """Flush a file's bytes, or a directory's entries (a rename made in it), to the disk. Skipped

@@ -599,3 +599,140 @@ def test_the_utf8_finders_name_the_file_alone_where_every_value_decodes(tmp_path
     assert (e.line, e.field) == (7, "text")
     assert str(e).endswith("not UTF-8 text: byte 0xe9 at byte offset 3 of the value cannot be "
                            "decoded; write the text as UTF-8")
+
+
+def _tree(d: Path) -> dict:
+    """Every entry under `d`, hidden ones too: a file's bytes and inode (a file put back is
+    the same file, renamed), a directory as None."""
+    import os
+    return {p.relative_to(d).as_posix(): None if p.is_dir() else
+            (p.read_bytes(), os.stat(p).st_ino) for p in sorted(d.rglob("*"))}
+
+
+def _old_output(d: Path) -> dict:
+    d.mkdir()
+    (d / "config.json").write_bytes(b'{"old": 1}\n')
+    (d / "weights.bin").write_bytes(bytes(range(256)) * 3)
+    (d / "sub").mkdir()
+    (d / "sub" / "part").write_bytes(b"old part")
+    (d / "notes.txt").write_bytes(b"the user's, not written")
+    return _tree(d)
+
+
+def test_old_files_aside_deletes_the_old_files_once_the_write_is_done(tmp_path):
+    from gptlab.io import old_files_aside
+    d = tmp_path / "out"
+    _old_output(d)
+    writes = ("config.json", "weights.bin", "tokenizer.json", "sub")
+    with old_files_aside(d, writes) as held:
+        assert held == ["config.json", "weights.bin", "sub"]
+        aside, = d.glob(".old-files.*")
+        assert json.loads((aside / "held.json").read_text()) == {
+            "from": str(d.resolve()), "moved": held, "writes": list(writes)}
+        assert not (d / "config.json").exists()  # no old config.json beside new weights
+        (d / "weights.bin").write_bytes(b"new")
+        (d / "tokenizer.json").write_bytes(b"{}")
+    # sub/ and config.json, not written again, went with the old files
+    assert {k: v[0] for k, v in _tree(d).items()} == {
+        "notes.txt": b"the user's, not written", "tokenizer.json": b"{}", "weights.bin": b"new"}
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_a_write_that_fails_leaves_its_directory_byte_for_byte_as_it_was(tmp_path, made):
+    import errno
+
+    from gptlab.io import old_files_aside
+    d = tmp_path / "out"
+    before = {} if made else _old_output(d)
+    with pytest.raises(OSError, match="No space left"):
+        with old_files_aside(d, ("config.json", "weights.bin", "tokenizer.json", "sub"),
+                             made=made):
+            d.mkdir(exist_ok=True)
+            (d / "tokenizer.json").write_bytes(b"new")
+            (d / "sub").mkdir()
+            (d / "sub" / "new").write_bytes(b"new part")
+            (d / "weights.bin").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    if made:
+        assert not d.exists()
+    else:
+        assert _tree(d) == before
+
+
+def test_a_move_aside_that_fails_midway_puts_back_what_it_moved(tmp_path, monkeypatch):
+    import os
+
+    from gptlab.io import old_files_aside
+    d = tmp_path / "out"
+    before = _old_output(d)
+    replace = os.replace
+
+    def refused(src, dst):
+        if Path(src).name == "sub" and ".old-files." in str(dst):
+            raise OSError("refused")
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError, match="refused"):
+        with old_files_aside(d, ("config.json", "sub", "weights.bin")):
+            raise AssertionError("not reached")
+    assert _tree(d) == before
+
+
+_KILLED = """
+import os, shutil, signal, sys
+from pathlib import Path
+from gptlab.io import old_files_aside
+d = Path(sys.argv[1])
+with old_files_aside(d, ("config.json", "weights.bin", "tokenizer.json", "sub")):
+    (d / "tokenizer.json").write_bytes(b"new")
+    (d / "weights.bin").write_bytes(b"new weights")
+    kill = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[2] == "writing":
+        kill()
+    shutil.rmtree = kill  # done: killed removing the old files
+"""
+
+
+@pytest.mark.parametrize("killed", ["writing", "done"])
+def test_what_a_killed_write_left_aside_is_settled_by_the_next_write(tmp_path, capsys,
+                                                                      killed):
+    """Killed before it was done, a write is undone by the next write to the directory: its
+    files removed, the old ones put back; killed once done, its old files are removed."""
+    import os
+    import subprocess
+    import sys
+
+    from gptlab.io import old_files_aside
+    d = tmp_path / "out"
+    before = _old_output(d)
+    r = subprocess.run([sys.executable, "-c", _KILLED, str(d), killed], timeout=120)
+    assert r.returncode == -9
+    aside, = d.glob(".old-files.*")
+    assert sorted(os.listdir(aside)) == (["config.json", "held.json", "sub", "weights.bin"]
+                                         if killed == "writing" else
+                                         ["config.json", "sub", "weights.bin"])
+    capsys.readouterr()
+    with old_files_aside(d, ("weights.bin",)) as held:  # the next write settles it first
+        assert held == ["weights.bin"]
+        assert [p for p in d.glob(".old-files.*") if p != aside] == list(d.glob(".old-files.*"))
+    tree = _tree(d)
+    if killed == "writing":
+        assert capsys.readouterr().err == (
+            f"note: {d}: a write killed before it was done was undone: its old config.json, "
+            f"weights.bin, sub put back from {aside.name}\n")
+        assert tree == {k: v for k, v in before.items() if k != "weights.bin"}
+    else:
+        assert capsys.readouterr().err == ""
+        assert {k: v[0] for k, v in tree.items()} == {
+            "notes.txt": b"the user's, not written", "tokenizer.json": b"new"}
+
+
+def test_a_live_writer_s_old_files_are_left_alone(tmp_path):
+    from gptlab.io import old_files_aside, settle_old_files
+    d = tmp_path / "out"
+    _old_output(d)
+    with old_files_aside(d, ("config.json",)):
+        aside, = d.glob(".old-files.*")
+        assert settle_old_files(d) == []
+        assert (aside / "config.json").read_bytes() == b'{"old": 1}\n'
+    assert not list(d.glob(".old-files.*"))

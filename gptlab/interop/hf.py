@@ -14,21 +14,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from gptlab.checkpoint import check_config, check_pad_token_id, refuse_non_finite
 from gptlab.errors import UserError, check_bool
-from gptlab.io import (atomic_path, ensure_dir, read_json, strict_json, write_json_atomic,
-                       write_text_atomic)
+from gptlab.io import (atomic_path, ensure_dir, old_files_aside, read_json, strict_json,
+                       write_json_atomic, write_text_atomic)
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 
@@ -999,11 +995,11 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
     and a post-processor). A directory that holds an export's files (another model's) is
     refused, as `convert --to hf` refuses it, unless `overwrite`: then every file of the old
     export (`HF_EXPORT_FILES`, config.json first: a directory with one has its weights in
-    place) is moved aside before the new ones are written, so that an export without a
-    tokenizer leaves none of the old one's behind. A failed export (a full disk at the
-    weights) leaves `out_dir` as it was: the files it wrote removed, the old ones put back,
-    `out_dir` removed if it made it; the old files are deleted only once the new export is
-    whole."""
+    place) is moved aside before the new ones are written (`old_files_aside`), so that an
+    export without a tokenizer leaves none of the old one's behind. A failed export (a full
+    disk at the weights) leaves `out_dir` as it was: the files it wrote removed, the old ones
+    put back, `out_dir` removed if it made it; the old files are deleted only once the new
+    export is whole."""
     from safetensors.torch import save_file
 
     if isinstance(model, ScalarHeadModel):
@@ -1028,7 +1024,7 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
                         f"them, or choose another directory", path=out_dir, field="out_dir")
     made = not Path(out_dir).exists()
     out = ensure_dir(out_dir)
-    with _old_export_aside(out, held, made):
+    with old_files_aside(out, HF_EXPORT_FILES, made):
         if tokenizer is not None:
             # tokenizer.json (with a post-processor that prepends BOS where the model starts
             # with it) + tokenizer_config.json with the chat template
@@ -1045,35 +1041,6 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
     if tokenizer is not None and family == "qwen2":
         _note_qwen2_tokenizer(out, tokenizer, tcfg)
     return out
-
-
-@contextmanager
-def _old_export_aside(out: Path, held: Sequence[str], made: bool) -> Iterator[None]:
-    """Move the old export's files `held` into a hidden directory inside `out` (a rename: the
-    same file system), in `HF_EXPORT_FILES`' order, config.json first, so that no moment shows
-    its config.json beside another model's weights; delete them once the new export is whole,
-    or, if it fails, remove what it wrote and move them back, config.json last. Killed midway,
-    the old files stay in `out`/.old-export.<random>.tmp/."""
-    aside = Path(tempfile.mkdtemp(prefix=".old-export.", suffix=".tmp", dir=out)) if held else None
-    moved: list[str] = []
-    try:
-        for name in held:
-            os.replace(out / name, aside / name)
-            moved.append(name)
-        yield
-    except BaseException:
-        for name in HF_EXPORT_FILES:
-            if name not in held:  # written by this export (or by no one)
-                (out / name).unlink(missing_ok=True)
-        for name in reversed(moved):
-            os.replace(aside / name, out / name)
-        if aside is not None:
-            aside.rmdir()
-        if made and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _note_qwen2_tokenizer(out: Path, tokenizer: Any, tcfg: dict) -> None:
