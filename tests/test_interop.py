@@ -1011,6 +1011,57 @@ def test_a_conversion_that_fails_at_the_weights_leaves_nothing_and_runs_again(
         assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
 
 
+def _tree(d):
+    """Every entry under `d`, hidden ones too: a file's bytes and inode (one put back is the
+    same file), a directory as None."""
+    import os
+    return {p.relative_to(d).as_posix(): None if p.is_dir() else
+            (p.read_bytes(), os.stat(p).st_ino) for p in sorted(d.rglob("*"))}
+
+
+@pytest.mark.parametrize("failing", ["gptlab.checkpoint.st_save_model", "config.json"])
+def test_a_conversion_from_hf_that_fails_leaves_out_byte_for_byte_as_it_was(
+        tmp_path, monkeypatch, capsys, failing):
+    # A tokenizer_config.json or generation_config.json --out held (a model's settings, which
+    # convert lets through) was replaced by the conversion's, and a failure after that lost it.
+    import errno
+
+    import gptlab.checkpoint
+    from gptlab.checkpoint import save_model
+    from gptlab.tokenizer import train_tokenizer
+    tok = train_tokenizer(TOKENIZER_CORPUS, vocab_size=300)
+    save_model(tmp_path / "ours", GPT(GPTConfig(vocab_size=tok.vocab_size, context=64,
+                                                n_layers=2, n_heads=4, d_model=32)), tok)
+    assert main(["convert", "--to", "hf", str(tmp_path / "ours"),
+                 "--out", str(tmp_path / "hf")]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_bytes(b'{"model_max_length": 7}\n')
+    (out / "generation_config.json").write_bytes(b'{"eos_token_id": 3}\n')
+    (out / "notes.txt").write_bytes(b"mine")
+    (out / ".hidden").write_bytes(b"mine too")
+    before = _tree(out)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if failing == "config.json":  # the last file, after the tokenizer's and the weights
+        write = gptlab.checkpoint.write_json_atomic
+        monkeypatch.setattr(gptlab.checkpoint, "write_json_atomic", lambda path, *a, **k: (
+            full() if Path(path).name == "config.json" else write(path, *a, **k)))
+    else:
+        monkeypatch.setattr(failing, full)
+    capsys.readouterr()
+    assert main(["convert", "--from", "hf", str(tmp_path / "hf"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith("No space left on device\n")
+    assert _tree(out) == before
+    monkeypatch.undo()
+    assert main(["convert", "--from", "hf", str(tmp_path / "hf"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".hidden", "notes.txt", "config.json", "model.safetensors", "tokenizer.json",
+         "tokenizer_config.json", *(["generation_config.json"] if tok.end_ids else [])])
+    assert (out / "tokenizer_config.json").read_bytes() != before["tokenizer_config.json"][0]
+
+
 @pytest.mark.parametrize("old", ["tokenizer files only", "a whole export"])
 def test_an_export_over_another_that_fails_leaves_the_old_one_as_it_was(
         tmp_path, monkeypatch, capsys, old):

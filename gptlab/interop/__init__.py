@@ -12,16 +12,15 @@ HF directories need only safetensors and tokenizers; GGUF needs the `gguf` packa
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from gptlab.errors import NotFound, UserError, reports_path_errors, require_file
-from gptlab.io import check_dir_out, check_file_out, check_holds_none
+from gptlab.io import check_dir_out, check_file_out, check_holds_none, old_files_aside
 from gptlab.interop.gguf import GGUF_DTYPES, SUPPORTED_GGUF, export_gguf, load_gguf
-from gptlab.interop.hf import SUPPORTED_HF, export_hf, load_hf
+from gptlab.interop.hf import HF_EXPORT_FILES, SUPPORTED_HF, export_hf, load_hf
 
 __all__ = ["load_pretrained", "export_hf", "export_gguf", "convert_to_gptlab", "convert_to_hf",
            "convert_to_gguf", "SUPPORTED_HF", "SUPPORTED_GGUF", "GGUF_DTYPES"]
@@ -59,29 +58,6 @@ def check_out_apart(src: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-# The files a conversion writes, either way.
-WRITTEN = ("tokenizer_config.json", "generation_config.json", "tokenizer.json",
-           "model.safetensors", "config.json")
-
-
-@contextmanager
-def _removed_if_failed(out: Path) -> Iterator[None]:
-    """A conversion that fails (a full disk at the weights) removes the files it wrote, and
-    `out` if it made it: left, its tokenizer.json made the same command refuse `out` as one
-    holding another model's files."""
-    made = not out.exists()
-    before = {name for name in WRITTEN if (out / name).exists()}
-    try:
-        yield
-    except BaseException:
-        for name in WRITTEN:
-            if name not in before:
-                (out / name).unlink(missing_ok=True)
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-
-
 @reports_path_errors
 def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None = None) -> Path:
     """Import `src` (source 'hf', 'gguf' or None to detect) and write a gptlab model directory.
@@ -100,7 +76,11 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
         print(f"warning: {p} has no tokenizer ({where}): the converted model has none; "
               f"copy tokenizer.json and tokenizer_config.json into it before generating or "
               f"training", file=sys.stderr)
-    with _removed_if_failed(Path(out_dir)):
+    # check_out_apart refused another model's directory: what else of a model's files `out`
+    # holds (a tokenizer_config.json, a generation_config.json) is put back if the save fails,
+    # and the files it wrote are removed, so the same command runs again
+    made = not Path(out_dir).exists()
+    with old_files_aside(out_dir, HF_EXPORT_FILES, made):
         return save_model(out_dir, model, tokenizer, extra={"source": str(p)})
 
 
