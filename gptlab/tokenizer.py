@@ -66,9 +66,12 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from gptlab.errors import UserError, check_bool, reports_path_errors
-from gptlab.io import atomic_path, ensure_dir, read_json, write_json_atomic
+from gptlab.io import atomic_path, ensure_dir, old_files_aside, read_json, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+# What `Tokenizer.save` writes, tokenizer.json first: moved aside first, no old tokenizer.json
+# stands beside the new settings.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 DEFAULT_SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT)
 ROLES = ("system", "user", "assistant")
@@ -682,8 +685,15 @@ class Tokenizer:
         the whole tokenizer (a save stopped between them leaves none that could load with
         another BOS/EOS or be refused). Without such ids, a generation_config.json already
         there (an earlier model's) is removed, as the other two files are replaced:
-        `load_tokenizer` would read its ids as this tokenizer's ends."""
+        `load_tokenizer` would read its ids as this tokenizer's ends. Old files of these names
+        are moved aside first and put back, byte for byte, if the save fails
+        (`old_files_aside`)."""
+        made = not Path(directory).exists()
         d = ensure_dir(directory)
+        with old_files_aside(d, TOKENIZER_FILES, made):
+            self._save(d)
+
+    def _save(self, d: Path) -> None:
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
@@ -711,8 +721,6 @@ class Tokenizer:
             write_json_atomic(d / "generation_config.json", {
                 "bos_token_id": self.hf.token_to_id(self.bos_token) if self.bos_token else None,
                 "eos_token_id": [self.eos_id, *ends], "pad_token_id": self.pad_id})
-        else:
-            (d / "generation_config.json").unlink(missing_ok=True)
         with atomic_path(d / "tokenizer.json") as tmp:
             self.hf_as_saved().save(str(tmp))
 

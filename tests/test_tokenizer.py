@@ -671,6 +671,54 @@ def test_a_stale_generation_config_does_not_change_a_new_tokenizer(tmp_path, dat
     assert load_tokenizer(tmp_path / "d").stop_ids == {1}
 
 
+def test_a_save_that_fails_over_old_files_leaves_them_byte_for_byte(tmp_path, data, plain,
+                                                                    monkeypatch, capsys):
+    """`tokenizer train --out DIR` writes over a tokenizer_config.json or a
+    generation_config.json DIR holds (an earlier model's); a save that failed at tokenizer.json
+    (a full disk) left the new tokenizer_config.json and lost the old files. They are put back
+    now, the same files byte for byte, and the same over a whole tokenizer from Python."""
+    import errno
+    import os
+
+    import gptlab.tokenizer as tk
+
+    def tree(d):
+        return {p.name: (p.read_bytes(), os.stat(p).st_ino) for p in sorted(d.iterdir())}
+
+    class Full:
+        def save(self, path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_bytes(b'{"model_max_length": 7}\n')
+    (out / "generation_config.json").write_bytes(b'{"eos_token_id": [1, 7]}\n')
+    (out / "notes.txt").write_bytes(b"mine")
+    before = tree(out)
+    args = ["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(tk.Tokenizer, "hf_as_saved", lambda self: Full())
+        capsys.readouterr()
+        assert cli.main(args) == 2
+        assert capsys.readouterr().err.endswith(
+            f"{out / 'tokenizer.json'}, field '--out': No space left on device\n")
+        assert tree(out) == before
+        with_ends = Tokenizer(plain.hf, bos_token="<s>", eos_token="</s>", pad_token=None,
+                              end_ids=[7])
+        m.undo()
+        with_ends.save(tmp_path / "d")
+        saved = tree(tmp_path / "d")
+        m.setattr(tk.Tokenizer, "hf_as_saved", lambda self: Full())
+        with pytest.raises(OSError, match="No space left on device"):
+            plain.save(tmp_path / "d")  # would remove generation_config.json
+        assert tree(tmp_path / "d") == saved
+        with pytest.raises(OSError, match="No space left on device"):
+            plain.save(tmp_path / "new")
+        assert not (tmp_path / "new").exists()
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "notes.txt", "tokenizer.json", "tokenizer_config.json"]
+
+
 def test_cli_train_subprocess(tmp_path):
     data = tmp_path / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS), encoding="utf-8")
