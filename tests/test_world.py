@@ -12,7 +12,7 @@ import pytest
 from gptlab.cli import main
 from gptlab.errors import UserError
 from gptlab.world import build_world, load_world, make_schema
-from gptlab.world.build import database_digest
+from gptlab.world.build import FILES, database_digest
 from gptlab.world.database import CITIES
 from gptlab.world.intents import INTENTS
 from gptlab.world.database import HIRE_YEARS
@@ -334,24 +334,51 @@ def test_export_writes_all_files_and_load_world_round_trips(tmp_path):
     assert loaded.fingerprint() == world.fingerprint()
 
 
-def test_a_world_exported_over_another_and_interrupted_is_no_world(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["sft.jsonl", "prompts.jsonl", "world.json"])
+def test_a_world_exported_over_another_that_fails_leaves_the_old_one_byte_for_byte(
+        tmp_path, monkeypatch, failing):
     """Each file is written atomically, but a world is all of them: an export over another
-    that stops half-way must not leave the old manifest over a mix of the two worlds."""
-    from gptlab.world import build as world_build
-    build_world(5, **SMALL).export(tmp_path / "w")
-    real, written = world_build.write_jsonl_atomic, []
+    that stops half-way must not leave the old manifest over a mix of the two worlds. It
+    unlinked world.json first and lost the old world with it; now the old world's files wait
+    aside, world.json among none of the new ones, and come back as they were (the same files)
+    when the export fails, at any of its files."""
+    import os
 
-    def stop_after_two(path, rows):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path)
-        return real(path, rows)
-    monkeypatch.setattr(world_build, "write_jsonl_atomic", stop_after_two)
+    from gptlab.world import build as world_build
+    w = tmp_path / "w"
+    old = build_world(5, **SMALL)
+    old.export(w)
+    (w / "notes.txt").write_bytes(b"mine")
+    before = {p.name: (p.read_bytes(), os.stat(p).st_ino) for p in sorted(w.iterdir())}
+    real_jsonl, real_json = world_build.write_jsonl_atomic, world_build.write_json_atomic
+
+    def stop_at(real):
+        def write(path, *a, **k):
+            assert not (w / "world.json").exists()  # no manifest over a mix of two worlds
+            if os.path.basename(path) == failing:
+                raise KeyboardInterrupt
+            return real(path, *a, **k)
+        return write
+    monkeypatch.setattr(world_build, "write_jsonl_atomic", stop_at(real_jsonl))
+    monkeypatch.setattr(world_build, "write_json_atomic", stop_at(real_json))
     with pytest.raises(KeyboardInterrupt):
-        build_world(6, **SMALL).export(tmp_path / "w")
-    assert not (tmp_path / "w" / "world.json").exists()
-    with pytest.raises(UserError, match="holds no world.json"):
-        load_world(tmp_path / "w")
+        build_world(6, **SMALL).export(w)
+    assert {p.name: (p.read_bytes(), os.stat(p).st_ino) for p in sorted(w.iterdir())} == before
+    assert load_world(w).fingerprint() == old.fingerprint()
+    monkeypatch.undo()
+    new = build_world(6, **SMALL)
+    new.export(w)
+    assert load_world(w).fingerprint() == new.fingerprint() != old.fingerprint()
+    assert sorted(p.name for p in w.iterdir()) == sorted([*FILES, "notes.txt"])
+
+
+def test_a_world_loaded_from_its_directory_exports_there_again(tmp_path):
+    """Its database is the one in the directory: kept in place, never moved aside."""
+    w = tmp_path / "w"
+    build_world(5, **SMALL).export(w)
+    before = _digests(w)
+    load_world(w).export(w)
+    assert _digests(w) == before
 
 
 def test_load_world_refuses_missing_or_tampered_directories(tmp_path):

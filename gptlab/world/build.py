@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import NotFound, UserError, check_bool, reports_path_errors
-from gptlab.io import (atomic_path, check_holds_none, read_json, write_json_atomic,
+from gptlab.io import (atomic_path, check_holds_none, old_files_aside, read_json, write_json_atomic,
                        write_jsonl_atomic, write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
 from gptlab.world.corpus import build_corpus
@@ -209,22 +209,29 @@ class World:
     def export(self, out_dir: str | Path) -> dict[str, Path]:
         """Write every file of the world to `out_dir`, each atomically, `world.json` last: a
         world exported over another is not a world until it is whole (an interrupted export
-        leaves no manifest to mix the two)."""
+        leaves no manifest to mix the two). The old world's files are moved aside first,
+        world.json first, and put back, byte for byte, if the export fails
+        (`old_files_aside`)."""
+        made = not Path(out_dir).exists()
         out = _prepare_out_dir(out_dir)
         paths = {name: out / name for name in FILES}
-        paths["world.json"].unlink(missing_ok=True)
-        write_text_atomic(paths["corpus.txt"], self.corpus())
-        write_jsonl_atomic(paths["sft.jsonl"], (self.record(q) for q in self.train))
-        write_jsonl_atomic(paths["validation.jsonl"], (self.record(q) for q in self.validation))
-        write_jsonl_atomic(paths["test.jsonl"], (self.record(q) for q in self.test))
-        write_jsonl_atomic(paths["dialogs.jsonl"],
-                           ({"id": d.id, "messages": d.messages} for d in self.dialogs))
-        write_jsonl_atomic(paths["prompts.jsonl"], ({"id": q.id, "prompt": self.prompt(q.text),
-                                                     "intent": q.intent} for q in self.train))
-        if paths["company.sqlite"].resolve() != self.db_path.resolve():
-            with atomic_path(paths["company.sqlite"]) as tmp:
-                shutil.copyfile(self.db_path, tmp)
-        write_json_atomic(paths["world.json"], self.manifest())
+        own_db = paths["company.sqlite"].resolve() == self.db_path.resolve()
+        writes = ["world.json", *(name for name in FILES if name != "world.json"
+                                  and not (own_db and name == "company.sqlite"))]
+        with old_files_aside(out, writes, made):
+            write_text_atomic(paths["corpus.txt"], self.corpus())
+            write_jsonl_atomic(paths["sft.jsonl"], (self.record(q) for q in self.train))
+            write_jsonl_atomic(paths["validation.jsonl"],
+                               (self.record(q) for q in self.validation))
+            write_jsonl_atomic(paths["test.jsonl"], (self.record(q) for q in self.test))
+            write_jsonl_atomic(paths["dialogs.jsonl"],
+                               ({"id": d.id, "messages": d.messages} for d in self.dialogs))
+            write_jsonl_atomic(paths["prompts.jsonl"], ({"id": q.id, "prompt": self.prompt(q.text),
+                                                         "intent": q.intent} for q in self.train))
+            if not own_db:  # a world loaded from `out_dir` has its database there already
+                with atomic_path(paths["company.sqlite"]) as tmp:
+                    shutil.copyfile(self.db_path, tmp)
+            write_json_atomic(paths["world.json"], self.manifest())
         return paths
 
     def manifest(self) -> dict:
