@@ -14,6 +14,9 @@ name, its manifest (sha256 of every file) last, flushed to the disk, then rename
 checkpoint, and the previous one stays usable until the new one is complete. The temporary copy
 (`.step-N.<random>.tmp`, held by its writer as `gptlab.io`'s temporaries are) is no `step-N`: never
 a checkpoint; a killed save's is removed by the next save or by a resume (`Checkpointer.load`).
+Where two directories cannot be swapped, a step saved again has its old copy renamed aside
+(`.old-files.<random>/step-N`) while the new one is renamed in: a kill between the two leaves it
+there for the next save or resume to put back (`settle_old_files`).
 
 The manifest also numbers each save (`save`: the order the checkpoints were written in) and records
 the CPU thread count the run computed on (`threads`, which a resume on another count is told of). A
@@ -51,7 +54,8 @@ from safetensors.torch import load_file, load_model as st_load_model, save_model
 from gptlab.errors import NotFound, UserError, check_bool
 from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_error,
                        new_temp_dir, read_json, remove_dir, remove_stale_temps, replace_dir,
-                       restore_non_finite, write_json_atomic, write_text_atomic)
+                       restore_non_finite, settle_old_files, write_json_atomic,
+                       write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -93,6 +97,7 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
     every verb read, where now there is a save that never finished, which --resume ends."""
     arch = _arch_of(model)  # before anything is written: a model of no arch saves nothing
     out = ensure_dir(out_dir)
+    settle_old_files(out)  # what a killed convert or export left: settled before it is written over
     unfinish_model_dir(out)
     if tokenizer is not None:
         tokenizer.save(out)
@@ -116,6 +121,7 @@ def replace_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = 
     config.json, which a resume took for the old evaluation's."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    settle_old_files(out.parent)
     remove_stale_temps(out.parent, glob.escape(f".{out.name}.") + "*.tmp*")
     with held_temp(lambda: new_temp_dir(out)) as tmp:
         try:
@@ -627,9 +633,10 @@ class Checkpointer:
         `models_extra` their config.json fields besides the model's, by the same names."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
-        # A save that was killed left its copy here (`.step-N.<random>.tmp`, or `.tmp.old`: the
-        # old copy of a step saved again, put aside); one being written by a live process is
-        # locked and stays.
+        # A save that was killed left its copy here (`.step-N.<random>.tmp`), or the old copy of
+        # a step saved again, put aside where there is no swap (`.old-files.<random>/step-N`,
+        # put back); one being written by a live process is locked and stays.
+        settle_old_files(self.dir)
         remove_stale_temps(self.dir, ".step-*.tmp*")
         with held_temp(lambda: new_temp_dir(final)) as tmp:
             try:
@@ -811,6 +818,7 @@ class Checkpointer:
             self.verify(path)
         # What a kill left of a save or of a removal (`_prune`'s, of the last save: a run that
         # was done with its steps saves no more, and no save would remove it).
+        settle_old_files(self.dir)
         remove_stale_temps(self.dir, ".step-*.tmp*")
         load_weights(model, path / MODEL_FILE)
         for name, other in (models or {}).items():

@@ -382,22 +382,18 @@ def replace_dir(new: Path, old: Path) -> None:
     """Put directory `new` where directory `old` is, with no moment at which neither is there:
     Linux swaps the two names in one step (renameat2's RENAME_EXCHANGE), then the old copy,
     now under `new`'s name, is removed. Where that is missing (another system, a file system
-    without it) the old copy is renamed aside (`new`'s name + `.old`), then `new` into its
-    place, then the old copy removed: neither is there only between two renames (not for as
-    long as a removal takes), and a failed second rename puts the old copy back."""
+    without it) the old copy is renamed aside (`old_files_aside`: into `.old-files.<random>/`
+    beside it), then `new` into its place, then the old copy removed: neither is there only
+    between two renames (not for as long as a removal takes); a failed second rename puts the
+    old copy back, and so does the next write beside it (`settle_old_files`) after a kill
+    between the two."""
     if _exchange(new, old):
         fsync_path(old.parent)
         shutil.rmtree(new, ignore_errors=True)
         return
-    aside = new.with_name(new.name + ".old")
-    os.replace(old, aside)
-    try:
+    with old_files_aside(old.parent, [old.name]):
         os.replace(new, old)
-    except BaseException:
-        os.replace(aside, old)
-        raise
-    fsync_path(old.parent)
-    shutil.rmtree(aside, ignore_errors=True)
+        fsync_path(old.parent)
 
 
 def remove_dir(path: Path) -> bool:

@@ -438,10 +438,50 @@ def test_without_a_swap_a_failed_rename_of_a_step_saved_again_keeps_the_old_copy
             raise OSError("refused")
         return real_replace(a, b)
     monkeypatch.setattr(os, "replace", refused_in)
+    before = _tree(tmp_path / "checkpoints" / "step-7")
     with pytest.raises(OSError, match="refused"):
         c.save(7, tiny(), state={"copy": "new"})
     monkeypatch.undo()
+    assert _tree(tmp_path / "checkpoints" / "step-7") == before  # the same files
+    assert not list((tmp_path / "checkpoints").glob(".old-files.*"))
     assert c.load(c.latest(), tiny())["copy"] == "old"
+
+
+def _tree(d):
+    """Every entry under `d`, hidden ones too: a file's bytes and inode (one put back is the
+    same file), a directory as None."""
+    import os
+    return {p.relative_to(d).as_posix(): None if p.is_dir() else
+            (p.read_bytes(), os.stat(p).st_ino) for p in sorted(d.rglob("*"))}
+
+
+def test_without_a_swap_a_save_killed_between_its_renames_has_the_old_copy_put_back(
+        tmp_path, capsys):
+    """Where the system cannot swap, a step saved again has its old copy renamed aside, then
+    the new one in. Killed between the two, the old copy was a `.tmp.old`, which the next save
+    removed as a stale temporary, with the new copy: step-7 was lost. It is put back now."""
+    c = ck.Checkpointer(tmp_path, keep=3)
+    c.save(7, tiny(), state={"copy": "old"})
+    before = _tree(tmp_path / "checkpoints" / "step-7")
+    _killed_while("import gptlab.io\n"
+                  "from pathlib import Path\n"
+                  "gptlab.io._exchange = lambda a, b: False\n"
+                  "real = os.replace\n"
+                  "def replace(a, b):\n"
+                  "    if Path(b).name == 'step-7' and Path(a).name.endswith('.tmp'):\n"
+                  "        KILL()\n"
+                  "    return real(a, b)\n"
+                  "os.replace = replace\n"
+                  "ck.Checkpointer('.', keep=3).save(7, GPT(get_preset('tiny')), state={})",
+                  tmp_path)
+    assert not (tmp_path / "checkpoints" / "step-7").exists()
+    capsys.readouterr()
+    c.save(8, tiny(), state={"copy": "eight"})
+    assert "its old step-7 put back from .old-files." in capsys.readouterr().err
+    assert _tree(tmp_path / "checkpoints" / "step-7") == before
+    assert c.load(tmp_path / "checkpoints" / "step-7", tiny())["copy"] == "old"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest", "step-7", "step-8"]
 
 
 def test_a_damaged_pointer_or_manifest_is_a_clear_error_or_a_fallback(tmp_path):
