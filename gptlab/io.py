@@ -338,8 +338,8 @@ def settle_old_files(directory: str | Path) -> list[Path]:
                 held = read_json(aside / HELD_JSON)
                 writes, moved = held.get("writes"), held.get("moved")
                 if not (isinstance(writes, list) and isinstance(moved, list) and all(
-                        isinstance(n, str) and n and Path(n).name == n and n != HELD_JSON
-                        for n in writes + moved)):
+                        isinstance(n, str) and n and Path(n).name == n
+                        and n not in ("..", HELD_JSON) for n in writes + moved)):
                     raise UserError("is no list of old files a write moved aside; put them "
                                     "back by hand, then remove the directory", path=aside)
                 back = [name for name in moved if _there(aside / name)]
@@ -352,6 +352,7 @@ def settle_old_files(directory: str | Path) -> list[Path]:
         finally:
             os.close(fd)
     return undone
+
 
 def fsync_path(path: str | Path) -> None:
     """Flush a file's bytes, or a directory's entries (a rename made in it), to the disk. Skipped

@@ -736,3 +736,26 @@ def test_a_live_writer_s_old_files_are_left_alone(tmp_path):
         assert settle_old_files(d) == []
         assert (aside / "config.json").read_bytes() == b'{"old": 1}\n'
     assert not list(d.glob(".old-files.*"))
+
+
+@pytest.mark.parametrize("held", ['{"moved": ["config.json"], "writes": ["../config.json"]}',
+                                  '{"moved": ["config.json"]}', '[1]'])
+def test_old_files_left_with_a_list_that_names_no_file_here_are_left_for_the_user(tmp_path,
+                                                                                   held):
+    """An edited held.json could have the undo remove files outside the directory: refused,
+    naming it, and nothing is touched."""
+    from gptlab.io import old_files_aside
+    d = tmp_path / "out"
+    before = _old_output(d)
+    aside = d / ".old-files.abc"
+    aside.mkdir()
+    (aside / "config.json").write_bytes(b"older")
+    (aside / "held.json").write_text(held)
+    (tmp_path / "config.json").write_bytes(b"outside")
+    left = _tree(d)
+    with pytest.raises(UserError) as e:
+        with old_files_aside(d, ("config.json",)):
+            raise AssertionError("not reached")
+    assert str(e.value).startswith(f"{aside / 'held.json'}" if held == "[1]" else f"{aside}: ")
+    assert _tree(d) == left and set(before) < set(left)
+    assert (tmp_path / "config.json").read_bytes() == b"outside"
