@@ -681,8 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             named = path_error(e, _flags_given(args), writer="--out")
             # No flag gave the path (a --config file did): the stage's field stays.
             e = named if named is not None and named.field is not None else e
-        elif isinstance(e, NotFound) and e.field is None and e.line is None:
-            e = _with_flag(e, args)
+        else:
+            e = _named_by_flag(e, args)
         print(f"{_command(args)}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -734,17 +734,45 @@ def _check_paths_given(args: argparse.Namespace) -> None:
                 not_empty(value, field)
 
 
-def _with_flag(error: UserError, args: argparse.Namespace) -> UserError:
-    """`error` (a file not found) naming the flag that gave its path, where one gave it as
-    written: which of `--data`, `--val-data` and `--samples` was mistyped."""
-    if error.path is None:
+def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
+    """`error` naming the flag the user typed, not the config field or parameter behind it:
+    an input file or directory not found where a flag gave it (which of `--data`, `--val-data`
+    and `--samples` was mistyped; `pretrain --data` said its field, 'data'), and, for a verb
+    without --config, a value refused that a flag typed gave, where the flag is not spelled as
+    the field (`--vocab-size`, not `vocab_size`; `--seed` is `seed`, as `_check_paths_given`
+    names it). An error at a line of a file, or at a path that is there, is about what it
+    holds; one at a path no input flag gave (a file inside a directory given, --out) keeps its
+    name."""
+    parser = getattr(args, "_parser", None)
+    if parser is None or error.line is not None or (error.field or "").startswith("-"):
         return error
-    failed = os.path.abspath(error.path)
-    for flag, values in _flags_given(args).items():
-        for value in values if isinstance(values, list) else [values]:
-            if isinstance(value, str) and value.strip() and os.path.abspath(value) == failed:
-                return UserError(error.message, path=error.path, field=flag)
-    return error
+    if error.path is not None:
+        if os.path.lexists(error.path) and not isinstance(error, NotFound):
+            return error  # what is there: the message says what it holds, at the path
+        failed = os.path.abspath(error.path)
+        for action in parser._actions:
+            values = getattr(args, action.dest, None)
+            if not action.option_strings or action.dest == "out" or \
+                    error.field not in (None, action.dest):
+                continue
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and value.strip() and os.path.abspath(value) == failed:
+                    return _renamed(error, action.option_strings[0])
+        return error
+    if any(a.dest == "config" for a in parser._actions):  # a field YAML and key=value set too
+        return error
+    typed = {w.split("=", 1)[0] for w in getattr(parser, "_words", [])}
+    flag = next((f for a in parser._actions if a.dest == error.field
+                 for f in a.option_strings if f in typed and f != "--" + a.dest), None)
+    return error if flag is None else _renamed(error, flag)
+
+
+def _renamed(error: UserError, flag: str) -> UserError:
+    """`error` naming `flag` as its field (a NotFound stays one)."""
+    named = (NotFound if isinstance(error, NotFound) else UserError)(
+        error.message, path=error.path, field=flag)
+    named.__cause__ = error.__cause__
+    return named
 
 
 def _flags_given(args: argparse.Namespace) -> dict[str, object]:

@@ -433,7 +433,7 @@ def test_cli_refuses_a_line_that_is_not_utf8_and_bad_sampling_flags(tiny_dir, mo
                                      "at character 2 cannot be decoded\n")
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["chat", "--model", str(tiny_dir), "--top-p", "5"]) == 2
-    assert capsys.readouterr().err == ("gptlab chat: error: field 'top_p': must be in (0, 1], "
+    assert capsys.readouterr().err == ("gptlab chat: error: field '--top-p': must be in (0, 1], "
                                        "got 5.0\n")
 
 

@@ -625,12 +625,12 @@ def test_git_commit_is_gptlabs_own_and_says_when_its_files_differ(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "-1"],
-     "field 'max_new_tokens': must be an integer of at least 1, got -1"),
+     "field '--max-new-tokens': must be an integer of at least 1, got -1"),
     (["--temperature", "nan"], "field 'temperature': must be a finite number, got nan"),
     (["--temperature", "0"], "field 'temperature': must be > 0"),
-    (["--top-k", "-3"], "field 'top_k': must be an integer of at least 1, got -3"),
-    (["--top-p", "1.5"], "field 'top_p': must be in (0, 1], got 1.5"),
-    (["--top-p", "0"], "field 'top_p': must be in (0, 1], got 0.0"),
+    (["--top-k", "-3"], "field '--top-k': must be an integer of at least 1, got -3"),
+    (["--top-p", "1.5"], "field '--top-p': must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "field '--top-p': must be in (0, 1], got 0.0"),
 ])
 def test_generate_refuses_bad_sampling_flags(tiny_model, flags, message, capsys):
     assert main(["generate", "--model", str(tiny_model), "--prompt", "hello", *flags]) == 2
@@ -640,11 +640,11 @@ def test_generate_refuses_bad_sampling_flags(tiny_model, flags, message, capsys)
 
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "-1"],
-     "field 'max_new_tokens': must be an integer of at least 1, got -1"),
+     "field '--max-new-tokens': must be an integer of at least 1, got -1"),
     (["--temperature", "-1"], "field 'temperature': must be > 0, got -1.0 (greedy decoding is "
                               "--greedy, greedy=True in Python)"),
     (["--temperature", "0"], "field 'temperature': must be > 0, got 0.0"),
-    (["--top-p", "2"], "field 'top_p': must be in (0, 1], got 2.0"),
+    (["--top-p", "2"], "field '--top-p': must be in (0, 1], got 2.0"),
 ])
 def test_sample_refuses_bad_sampling_flags_like_generate(tiny_model, tmp_path, flags, message,
                                                           capsys):
@@ -1280,7 +1280,7 @@ def test_greedy_with_a_top_k_or_top_p_filter_is_refused(tiny_model, tmp_path, ve
                  flag, value]) == 2
     name = flag[2:].replace("-", "_")
     assert capsys.readouterr().err == (
-        f"gptlab {verb}: error: field '{name}': filters sampling, but greedy decoding takes the "
+        f"gptlab {verb}: error: field '{flag}': filters sampling, but greedy decoding takes the "
         f"most likely token, which {name} always keeps; drop one of them\n")
     assert not out.exists()
 
@@ -1345,7 +1345,7 @@ def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fi
                               ("--corpus-chars", "10000000000", "1,000,000,000 characters")):
         assert main(["world", "export", "--out", str(out), flag, value]) == 2
         field = {"--train": "n_train", "--validation": "n_validation", "--test": "n_test",
-                 "--dialogs": "n_dialogs", "--corpus-chars": "corpus_chars"}[flag]
+                 "--dialogs": "n_dialogs", "--corpus-chars": "--corpus-chars"}[flag]
         assert capsys.readouterr().err == (
             f"gptlab world export: error: field '{field}': at most {what} ({flag}), got "
             f"{int(value):,}: the export holds everything in memory until it writes\n")
@@ -1968,6 +1968,64 @@ def test_a_missing_input_file_names_the_flag_that_gave_it(tmp_path, tiny_model, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, flag, said", [
+    # Each named its config field or parameter ('data', 'tokenizer', 'world'), or no flag.
+    (["pretrain", "--data", "{gone}", "--out", "{out}"], "--data", "corpus file not found"),
+    (["pretrain", "--data", "{ok}", "--tokenizer", "{gone}", "--out", "{out}"], "--tokenizer",
+     "tokenizer not found"),
+    (["pretrain", "--data", "{ok}", "--model", "{gone}", "--out", "{out}"], "--model",
+     "model directory not found"),
+    (["label", "--in", "{ok}", "--world", "{gone}", "--out", "{out}"], "--world",
+     "world directory not found (make one with `gptlab world export`)"),
+    (["tokenizer", "encode", "--tokenizer", "{gone}", "hi"], "--tokenizer",
+     "tokenizer not found (expected a directory with tokenizer.json, or a tokenizer.json file)"),
+    (["sft", "--model", "{m}", "--data", "{ok}", "--world", "{gone}", "--out", "{out}"],
+     "--world", "world directory not found (make one with `gptlab world export`)"),
+])
+def test_an_input_not_found_names_the_flag_typed_not_the_field_behind_it(
+        tmp_path, tiny_model, capsys, args, flag, said):
+    ok = tmp_path / "ok.txt"
+    ok.write_text(json.dumps({"prompt": "a", "completion": " b", "id": "x",
+                              "responses": ["a", "b"]}) + "\n")
+    gone, out = tmp_path / "gone", tmp_path / "out"
+    argv = [a.format(m=tiny_model, ok=ok, gone=gone, out=out) for a in args]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"{command(argv)}: error: {gone}, field '{flag}': {said}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["tokenizer", "train", "--data", "{ok}", "--vocab-size", "3", "--out", "{out}"],
+     "field '--vocab-size': 3 is too small: 256 byte tokens + 6 special tokens need at least "
+     "262"),
+    (["tokenizer", "train", "--data", "{ok}", "--vocab-size=3", "--out", "{out}"],
+     "field '--vocab-size': 3 is too small: 256 byte tokens + 6 special tokens need at least "
+     "262"),
+    # A flag spelled as its field is named so, as an empty one is (`field 'seed'`).
+    (["label", "--labeler", "json:dumps", "--in", "{ok}", "--seed", "3", "--out", "{out}"],
+     "field 'seed': is a setting of the sqlworld labeler; json:dumps, a labeler of your own, "
+     "ranks as it likes: leave --seed out"),
+    # A config verb's field is set by YAML and key=value too: its check names who set it.
+    (["tokenizer", "train", "--data", "{ok}", "--out", "{out}"], None),
+])
+def test_a_bad_value_of_a_verb_without_config_names_the_flag_typed(tmp_path, capsys, argv, said):
+    # `tokenizer train --vocab-size 3` said "field 'vocab_size'", a name the user never typed.
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"id": "x", "prompt": "a", "responses": ["a", "b"],
+                              "text": "hello world"}) + "\n")
+    out = tmp_path / "out"
+    argv = [a.format(ok=ok, out=out) for a in argv]
+    if said is None:  # the same error raised with no flag typed keeps the field's name
+        from gptlab.cli import _named_by_flag, build_parser
+        args = build_parser().parse_args(argv)
+        error = UserError("3 is too small", field="vocab_size")
+        assert _named_by_flag(error, args) is error
+        return
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"{command(argv)}: error: {said}\n"
+    assert not out.exists()
+
+
 def test_only_a_path_not_found_is_renamed_for_its_flag_not_a_message_that_ends_alike(
         tmp_path, capsys, monkeypatch):
     # The flag was chosen by the message's last words ("not found"): any error about a path
@@ -1992,7 +2050,7 @@ def test_world_check_and_score_name_a_missing_world_as_label_does(tmp_path, caps
     world = tmp_path / "nope"
     assert main(["world", action[0], "--world", str(world), *action[1:]]) == 2
     assert capsys.readouterr().err == (f"gptlab world {action[0]}: error: {world}, field "
-                                       f"'world': world directory not found (make one with "
+                                       f"'--world': world directory not found (make one with "
                                        f"`gptlab world export`)\n")
 
 

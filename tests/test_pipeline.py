@@ -381,7 +381,7 @@ def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run, tmp_p
     (["--eval-limit", "-1"], "field '--eval-limit': must be >= 1, got -1"),
     (["--demonstrator-flaw", "order", "--demonstrator-flaw-rate", "2"],
      "field '--demonstrator-flaw-rate': must be in [0, 1], got 2.0"),
-    (["--world", "nowhere"], "nowhere, field 'world': world directory not found (make one with "
+    (["--world", "nowhere"], "nowhere, field '--world': world directory not found (make one with "
                              "`gptlab world export`)"),
 ])
 def test_bad_options_fail_before_any_stage_runs(tmp_path, capsys, args, message):

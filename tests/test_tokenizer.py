@@ -524,7 +524,7 @@ def test_vocab_size_too_large_is_refused_before_training(tmp_path, data, capsys)
     assert e.value.field == "vocab_size"
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", str(2**64),
                      "--out", str(tmp_path / "tok")]) == 2
-    assert "field 'vocab_size': 18446744073709551616 is too large" in capsys.readouterr().err
+    assert "field '--vocab-size': 18446744073709551616 is too large" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
 
 
@@ -622,7 +622,7 @@ def test_cli_train_in_process(tmp_path, data, capsys):
     assert (out / "tokenizer.json").read_bytes() == before
     assert cli.main(["tokenizer", "train", "--data", str(data), "--vocab-size", "100",
                      "--out", str(tmp_path / "tok100")]) == 2
-    assert "vocab_size" in capsys.readouterr().err
+    assert "field '--vocab-size'" in capsys.readouterr().err
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café\n".encode("latin-1"))
     assert cli.main(["tokenizer", "train", "--data", str(bad), "--out",
