@@ -49,8 +49,9 @@ Lines, or a `.parquet` file's rows numbered as lines, each error naming file, li
 holds: a compressed file among them, the files of two splits as `datasets` names them
 (`train.jsonl` beside `test.jsonl`), a Hugging Face Hub cache folder holding two revisions of a
 dataset; `check_one_split_given` refuses two splits' files given one by one. A compressed file, a
-zip archive, Parquet or UTF-16 text (with a byte-order mark or, read as text, without one) read as
-text is refused as what it is, with the fix (`other_format`).
+zip archive, Apache Arrow (a `datasets` cache file), Parquet or UTF-16 text (with a byte-order
+mark or, read as text, without one) read as text is refused as what it is, with the fix
+(`other_format`).
 """
 from __future__ import annotations
 
@@ -619,6 +620,27 @@ _COMPRESSED = (((b"\x1f\x8b",), "gzip-compressed", "decompress it first (gunzip 
                ((b"PK\x03\x04", b"PK\x05\x06"), "a zip archive",
                 "extract its files first (unzip {})"))
 PARQUET_MAGIC = b"PAR1"
+# Apache Arrow: an IPC file begins (and ends) with ARROW1; an IPC stream, as `datasets` writes its
+# cache files and save_to_disk's shards, has no magic: it begins with a message's continuation
+# marker, four 0xFF bytes, which no UTF-8 text (nor UTF-16's byte-order mark, FF FE) begins with.
+ARROW_MAGIC = b"ARROW1"
+_ARROW_STREAM = b"\xff\xff\xff\xff"
+
+
+def _arrow(head: bytes, path: str | Path) -> tuple[str, str] | None:
+    """(what it is, how to convert it) for file `path` whose first bytes are `head`, if it is
+    Apache Arrow (by its first bytes, or a name ending .arrow); else None. A stream is read by
+    `datasets.Dataset.from_file`, an IPC file by pyarrow's `ipc.open_file` alone."""
+    name = repr(str(path))
+    if head.startswith(ARROW_MAGIC):
+        return ("an Apache Arrow file", "convert it to Parquet first: python -c \"import "
+                "pyarrow.ipc, pyarrow.parquet as pq; pq.write_table(pyarrow.ipc.open_file("
+                f"{name}).read_all(), 'data.parquet')\"")
+    if head.startswith(_ARROW_STREAM) or Path(path).suffix.lower() == ".arrow":
+        return ("an Apache Arrow stream (as datasets writes its cache files and save_to_disk's "
+                "shards)", f"convert it first: datasets.Dataset.from_file({name}).to_json("
+                "'data.jsonl') writes JSON Lines, .to_parquet('data.parquet') Parquet")
+    return None
 
 
 def _compression(head: bytes, path: str | Path) -> tuple[str, str] | None:
@@ -816,7 +838,7 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
                 files.append(f)
     if not files:
         raise UserError(f"no {', '.join(suffixes)} files in this directory"
-                        + _compressed_note(d, under), path=d)
+                        + _compressed_note(d, under) + _arrow_note(d, under), path=d)
     left_out = _compressed_under(d, under, lambda f: f.suffix.lower() not in suffixes
                                  and Path(f.stem).suffix.lower() in suffixes)
     if left_out:
@@ -918,6 +940,22 @@ def _compressed_note(d: Path, under: list[Path]) -> str:
             f"{first.relative_to(d)}, {kind}): {advice}, and the others likewise")
 
 
+def _arrow_note(d: Path, under: list[Path]) -> str:
+    """What a message about directory `d` adds about the `.arrow` files of `under` (the files
+    under it: `datasets`' save_to_disk writes a dataset so): how many, the first, and how to
+    convert the directory; "" if there are none."""
+    found = [f for f in under if f.suffix.lower() == ".arrow"]
+    if not found:
+        return ""
+    n = len(found)
+    listed = (f"1 Apache Arrow file, which no verb reads ({found[0].relative_to(d)})" if n == 1
+              else f"{n} Apache Arrow files, which no verb reads (the first: "
+                   f"{found[0].relative_to(d)})")
+    return (f"; it holds {listed}: convert a datasets save_to_disk directory with "
+            f"datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON Lines) or "
+            f".to_parquet('data.parquet'), one file with datasets.Dataset.from_file(FILE)")
+
+
 def _utf16_without_bom(head: bytes) -> bool:
     """Whether `head`, a file's first bytes, read as UTF-16 text with no byte-order mark
     (Python's "utf-16-le", `iconv -t UTF-16LE` write none): a zero byte at most places of one
@@ -933,8 +971,8 @@ def _utf16_without_bom(head: bytes) -> bool:
 
 def other_format(path: str | Path, read_as: str = "text") -> str | None:
     """Why file `path` cannot be read as `read_as` ("text" or "Parquet"), said for an error,
-    if its first bytes show it to be compressed, a zip archive, Parquet (PAR1 at both ends,
-    read as text) or UTF-16 text (with a byte-order mark or, read as text, without); None for
+    if its first bytes show it to be compressed, a zip archive, Apache Arrow (or its name ends
+    .arrow), Parquet (PAR1 at both ends, read as text) or UTF-16 text (with a byte-order mark or, read as text, without); None for
     anything else (what it should be, bytes of no kind known here, or no regular file: a
     pipe's bytes would be used up)."""
     if not Path(path).is_file():
@@ -947,6 +985,9 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
     compressed = _compression(head, path)
     if compressed is not None:
         return f"is {compressed[0]}, not {read_as}; {compressed[1]} and give what it holds"
+    arrow = _arrow(head, path)
+    if arrow is not None:
+        return f"is {arrow[0]}, not {read_as}; {arrow[1]}"
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return ("is UTF-16 text (it starts with a UTF-16 byte-order mark, as Windows "
                 "PowerShell's > writes it); save the file as UTF-8")

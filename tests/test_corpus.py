@@ -473,6 +473,33 @@ def test_a_directory_of_compressed_files_only_names_them_and_how_to_read_them(tm
 
 
 
+def test_a_datasets_arrow_cache_file_given_as_corpus_says_how_to_convert_it(tmp_path):
+    # `pretrain --data ~/.cache/huggingface/datasets/.../cache-1a2b.arrow` was "not UTF-8 text:
+    # byte 0xff at byte offset 0", as if the file were text in another encoding.
+    cache = tmp_path / "cache-1a2b.arrow"
+    table = pa.table({"text": ["one doc"]})
+    with pa.OSFile(str(cache), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    said = (f"{cache}: is an Apache Arrow stream (as datasets writes its cache files and "
+            f"save_to_disk's shards), not text; convert it first: datasets.Dataset.from_file("
+            f"{str(cache)!r}).to_json('data.jsonl') writes JSON Lines, .to_parquet("
+            f"'data.parquet') Parquet")
+    for read in (read_documents, lambda p: train_tokenizer([p], vocab_size=300)):
+        with pytest.raises(UserError) as e:
+            read(cache)
+        assert str(e.value) == said
+    d = tmp_path / "saved"  # save_to_disk's directory: its shards, beside no file read
+    d.mkdir()
+    cache.rename(d / "data-00000-of-00001.arrow")
+    with pytest.raises(UserError) as e:
+        read_documents(d)
+    assert e.value.message == (
+        f"no .txt, .jsonl, .parquet files in this directory; it holds 1 Apache Arrow file, which "
+        f"no verb reads (data-00000-of-00001.arrow): convert a datasets save_to_disk directory "
+        f"with datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON Lines) or "
+        f".to_parquet('data.parquet'), one file with datasets.Dataset.from_file(FILE)")
+
+
 def test_a_directory_holding_compressed_files_beside_read_ones_is_refused_naming_them(tmp_path):
     # The compressed ones were skipped without a word: a user who gzipped half the shards
     # trained on half the corpus.

@@ -759,3 +759,70 @@ def test_old_files_left_with_a_list_that_names_no_file_here_are_left_for_the_use
     assert str(e.value).startswith(f"{aside / 'held.json'}" if held == "[1]" else f"{aside}: ")
     assert _tree(d) == left and set(before) < set(left)
     assert (tmp_path / "config.json").read_bytes() == b"outside"
+
+
+def _arrow_files(tmp_path: Path) -> tuple[Path, Path]:
+    """An Arrow IPC file (ARROW1 at its start) and an IPC stream (no magic, as `datasets`
+    writes its cache files and save_to_disk's shards), each holding one record."""
+    import pyarrow as pa
+    table = pa.table({"prompt": ["a"], "completion": [" b"]})
+    made = []
+    for name, open_writer in (("t.arrow", pa.ipc.new_file), ("cache-1a2b.arrow",
+                                                              pa.ipc.new_stream)):
+        with pa.OSFile(str(tmp_path / name), "wb") as sink, \
+                open_writer(sink, table.schema) as writer:
+            writer.write_table(table)
+        made.append(tmp_path / name)
+    return made[0], made[1]
+
+
+def test_apache_arrow_read_as_text_or_parquet_is_named_with_its_conversion(tmp_path):
+    # A `datasets` cache file given as --data was "not UTF-8 text: byte 0xff at byte offset 0".
+    import pyarrow.parquet as pq
+
+    from gptlab.io import json_objects, other_format, utf8_lines
+    ipc_file, stream = _arrow_files(tmp_path)
+    as_file = (f"is an Apache Arrow file, not text; convert it to Parquet first: python -c "
+               f"\"import pyarrow.ipc, pyarrow.parquet as pq; pq.write_table(pyarrow.ipc."
+               f"open_file({str(ipc_file)!r}).read_all(), 'data.parquet')\"")
+    as_stream = (f"is an Apache Arrow stream (as datasets writes its cache files and "
+                 f"save_to_disk's shards), not text; convert it first: datasets.Dataset."
+                 f"from_file({str(stream)!r}).to_json('data.jsonl') writes JSON Lines, "
+                 f".to_parquet('data.parquet') Parquet")
+    assert other_format(ipc_file) == as_file and other_format(stream) == as_stream
+    # Known by its magic under any name, as JSON Lines, text or Parquet.
+    for suffix in (".jsonl", ".txt", ".parquet"):
+        renamed = ipc_file.with_suffix(suffix)
+        renamed.write_bytes(ipc_file.read_bytes())
+        with pytest.raises(UserError) as e:
+            list(json_objects(renamed))
+        read_as = "Parquet" if suffix == ".parquet" else "text"
+        assert str(e.value) == f"{renamed}: " + as_file.replace(
+            repr(str(ipc_file)), repr(str(renamed))).replace("not text", f"not {read_as}")
+    with pytest.raises(UserError) as e:
+        list(utf8_lines(stream))
+    assert str(e.value) == f"{stream}: {as_stream}"
+    # The conversion said works: its Parquet holds the records.
+    import pyarrow.ipc
+    pq.write_table(pyarrow.ipc.open_file(str(ipc_file)).read_all(), tmp_path / "data.parquet")
+    assert [r for _, r in json_objects(tmp_path / "data.parquet")] == [
+        {"prompt": "a", "completion": " b"}]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_file(str(stream)).to_json(tmp_path / "data.jsonl")
+    assert [r for _, r in json_objects(tmp_path / "data.jsonl")] == [
+        {"prompt": "a", "completion": " b"}]
+
+
+def test_a_directory_of_arrow_files_alone_says_how_to_convert_it(tmp_path):
+    # A `datasets` save_to_disk directory read as data: "no .jsonl, .parquet files" alone.
+    from gptlab.io import read_jsonl
+    d = tmp_path / "saved"
+    d.mkdir()
+    _arrow_files(d)
+    with pytest.raises(UserError) as e:
+        read_jsonl(d)
+    assert str(e.value) == (
+        f"{d}: no .jsonl, .parquet files in this directory; it holds 2 Apache Arrow files, "
+        f"which no verb reads (the first: cache-1a2b.arrow): convert a datasets save_to_disk "
+        f"directory with datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON "
+        f"Lines) or .to_parquet('data.parquet'), one file with datasets.Dataset.from_file(FILE)")
