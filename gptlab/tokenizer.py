@@ -880,8 +880,11 @@ def check_messages(messages: Sequence[dict]) -> None:
         # A null is a field left out (a Parquet struct column's missing key reads as one).
         if m.get("role") not in ROLES:
             has = f"has role {m['role']!r}" if "role" in m else "has no 'role'"
-            raise UserError(f"message {i} {has}; expected one of {', '.join(ROLES)}",
-                            field=f"messages[{i}].role")
+            expected = f"expected one of {', '.join(ROLES)}"
+            if "role" not in m and "from" in m:  # ShareGPT's message: {"from", "value"}
+                has += " but 'from' (ShareGPT's key)"
+                expected = f"rename 'from' to 'role', one of {', '.join(ROLES)} (not human, gpt)"
+            raise UserError(f"message {i} {has}; {expected}", field=f"messages[{i}].role")
         if isinstance(m.get("content"), list):
             # OpenAI's content parts: joining their texts would guess the separator and drop
             # what is not text (an image) without a word.
@@ -890,6 +893,10 @@ def check_messages(messages: Sequence[dict]) -> None:
                             field=f"messages[{i}].content")
         if not isinstance(m.get("content"), str):
             has = "content must be a string" if "content" in m else "has no 'content'"
+            near = next((k for k in ("text", "value") if k in m), None)
+            if "content" not in m and near:  # another tool's key (ShareGPT's 'value')
+                has += (f" but {near!r}: gptlab reads a message's text from 'content'; rename "
+                        f"{near!r} to 'content'")
             raise UserError(f"message {i} {has}", field=f"messages[{i}].content")
 
 

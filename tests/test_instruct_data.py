@@ -608,9 +608,9 @@ def test_conversational_prompt_completion_trains_on_the_completion_as_messages_d
     ({"prompt": "Is it?", "completion": " no", "label": False}, "label",
      "is a preference label (TRL's unpaired preference): SFT trains on every completion; keep "
      "the rows labeled true and drop 'label'"),
-    ({"prompt": "Is it?", "chosen": " yes", "rejected": " no"}, None,
-     "has 'chosen'/'rejected' (preference data): train a reward model on it (gptlab reward), or "
-     "write the chosen response as 'completion'"),
+    ({"prompt": "Is it?", "chosen": " yes", "rejected": " no"}, "chosen",
+     "has 'chosen'/'rejected' (preference data), which is a reward model's data: train one on "
+     "it with gptlab reward, or write the chosen response as 'completion' for SFT"),
 ])
 def test_a_bad_trl_demonstration_names_file_line_and_field(tok, tmp_path, row, field, message):
     f = write(tmp_path / "d.jsonl", {"prompt": [USER], "completion": [ASSISTANT]}, row)
@@ -619,6 +619,71 @@ def test_a_bad_trl_demonstration_names_file_line_and_field(tok, tmp_path, row, f
     assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
     assert str(err.value).startswith(f"{f}:2" + (f", field '{field}'" if field else "")
                                      + f": {message}")
+
+
+SHAREGPT = ("is ShareGPT's key; gptlab reads a conversation from 'messages': rename "
+            "'conversations' to 'messages' and, in each message, 'from' to 'role' and 'value' "
+            "to 'content' (roles system, user and assistant, not human and gpt)")
+REWARD_DATA = "which is a reward model's data: train one on it with gptlab reward, or write the"
+
+
+@pytest.mark.parametrize("row, field, message", [
+    # Another tool's key in a message: it said "message 0 has no 'content'" alone.
+    ({"messages": [{"role": "user", "text": "Hi?"}, ASSISTANT]}, "messages[0].content",
+     "message 0 has no 'content' but 'text': gptlab reads a message's text from 'content'; "
+     "rename 'text' to 'content'"),
+    ({"messages": [USER, {"role": "assistant", "value": "Yes."}]}, "messages[1].content",
+     "message 1 has no 'content' but 'value': gptlab reads a message's text from 'content'; "
+     "rename 'value' to 'content'"),
+    ({"messages": [{"from": "user", "content": "Hi?"}, ASSISTANT]}, "messages[0].role",
+     "message 0 has no 'role' but 'from' (ShareGPT's key); rename 'from' to 'role', one of "
+     "system, user, assistant (not human, gpt)"),
+    # ShareGPT's line: it said "needs 'prompt' and 'completion' fields, or 'messages'".
+    ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Yes."}]},
+     "conversations", SHAREGPT),
+    # Rankings given to SFT: for `gptlab reward`.
+    ({"prompt": "Is it?", "ranked": [" yes", " no"]}, "ranked",
+     f"has 'ranked' (responses ranked best first), {REWARD_DATA} best response as 'completion' "
+     f"for SFT"),
+    ({"messages": [USER], "chosen": [ASSISTANT], "rejected": [NO]}, "chosen",
+     f"has 'chosen'/'rejected' (preference data), {REWARD_DATA} chosen response as "
+     f"'completion' for SFT"),
+    ({"prompt": "Is it?", "rejected": " no"}, "rejected",
+     f"has 'chosen'/'rejected' (preference data), {REWARD_DATA} chosen response as "
+     f"'completion' for SFT"),
+])
+def test_a_near_miss_key_or_rankings_given_as_demonstrations_are_named_with_the_fix(
+        tok, tmp_path, row, field, message):
+    f = write(tmp_path / "d.jsonl", {"prompt": [USER], "completion": [ASSISTANT]}, row)
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 64)
+    assert str(err.value) == f"{f}:2, field '{field}': {message}"
+    assert (err.value.path, err.value.line, err.value.field) == (f, 2, field)
+
+
+def test_sft_refuses_a_rankings_file_naming_chosen_and_gptlab_reward(tok, tmp_path, capsys):
+    import dataclasses
+
+    from gptlab.checkpoint import save_model
+    from gptlab.cli import main
+    from gptlab.model import GPT, get_preset
+    save_model(tmp_path / "base", GPT(dataclasses.replace(
+        get_preset("tiny"), vocab_size=tok.vocab_size, context=32)), tok)
+    f = write(tmp_path / "pairs.jsonl", {"prompt": "Is it?", "chosen": " yes", "rejected": " no"})
+    out = tmp_path / "out"
+    assert main(["sft", "--model", str(tmp_path / "base"), "--data", str(f), "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {f}:1, field 'chosen': has 'chosen'/'rejected' (preference data), "
+        f"{REWARD_DATA} chosen response as 'completion' for SFT\n")
+    assert not out.exists()
+
+
+def test_sharegpt_prompts_are_named_with_the_fix(tmp_path):
+    f = write(tmp_path / "p.jsonl", {"conversations": [{"from": "human", "value": "Hi?"}]})
+    with pytest.raises(UserError) as err:
+        read_prompts(f)
+    assert str(err.value) == f"{f}:1, field 'conversations': {SHAREGPT}"
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

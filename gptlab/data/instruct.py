@@ -137,6 +137,8 @@ def prompt_of(record: dict, path: str | Path | None = None, line: int | None = N
         return _checked_text(record["prompt"], path, line, "prompt")
     if "messages" in record:
         return _prompt_messages(record["messages"], path, line, "messages")
+    if "conversations" in record:
+        raise _sharegpt(path, line)
     raise UserError("needs a 'prompt' or a 'messages' field"
                     + fields_instead(record, ("prompt", "messages")), path=path, line=line)
 
@@ -350,8 +352,9 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path | None = None,
             raise UserError("must be a list of messages", path=path, line=line, field="messages")
         _check_messages_at(msgs, path, line)
         if not any(m["role"] == "assistant" for m in msgs):
-            raise UserError("needs at least one assistant message", path=path, line=line,
-                            field="messages")
+            # A prompt whose responses are ranked (`chosen`, `ranked`): a reward model's data.
+            raise _preference_data(record, path, line) or UserError(
+                "needs at least one assistant message", path=path, line=line, field="messages")
         for i, m in enumerate(msgs):
             if m["role"] == "assistant" and not m["content"].strip():
                 # Every assistant turn is trained on; an empty one, like an empty completion,
@@ -390,16 +393,39 @@ def _not_a_demonstration(record: dict, path: str | Path | None, line: int | None
                          "on answers only): continue pretraining on it (gptlab pretrain "
                          "--model DIR --data FILE), or write 'prompt' and 'completion'",
                          path=path, line=line, field="text")
-    if "chosen" in record or "rejected" in record:
-        return UserError("has 'chosen'/'rejected' (preference data): train a reward model on it "
-                         "(gptlab reward), or write the chosen response as 'completion'",
-                         path=path, line=line)
+    preference = _preference_data(record, path, line)
+    if preference is not None:
+        return preference
+    if "conversations" in record:
+        return _sharegpt(path, line)
     # Name the half of a prompt-completion pair that is missing, where the other half is there.
     missing = [k for k in ("prompt", "completion") if k not in record]
     field = missing[0] if len(missing) == 1 else None
     return UserError("needs 'prompt' and 'completion' fields, or 'messages'"
                      + fields_instead(record, tuple(missing) + ("messages",)), path=path,
                      line=line, field=field)
+
+
+def _preference_data(record: dict, path: str | Path | None, line: int | None
+                     ) -> UserError | None:
+    """The error for a line of rankings (`chosen`/`rejected`, or `ranked`) given as a
+    demonstration, naming the field that shows it; None for a line that holds neither."""
+    for field, what, best in (("chosen", "'chosen'/'rejected' (preference data)", "chosen"),
+                              ("rejected", "'chosen'/'rejected' (preference data)", "chosen"),
+                              ("ranked", "'ranked' (responses ranked best first)", "best")):
+        if field in record:
+            return UserError(f"has {what}, which is a reward model's data: train one on it with "
+                             f"gptlab reward, or write the {best} response as 'completion' for "
+                             f"SFT", path=path, line=line, field=field)
+    return None
+
+
+def _sharegpt(path: str | Path | None, line: int | None) -> UserError:
+    """The error for a ShareGPT line (`conversations` of {"from", "value"} messages)."""
+    return UserError("is ShareGPT's key; gptlab reads a conversation from 'messages': rename "
+                     "'conversations' to 'messages' and, in each message, 'from' to 'role' "
+                     "and 'value' to 'content' (roles system, user and assistant, not human "
+                     "and gpt)", path=path, line=line, field="conversations")
 
 
 def read_demonstrations(path: str | Path, tokenizer: Any, context: int,
