@@ -775,3 +775,64 @@ def test_the_evaluation_s_module_docstrings_say_what_the_modules_do_now():
     assert {"UNSET_MEANS", "corpus_ppl_pretrained", "stats.clustered_rate"} <= spans
     assert 'A result that is None (a stage that did not run) reads "n/a"' in \
         " ".join(report.__doc__.split())
+
+
+# --- an example file README writes, and the commands it then runs, give what README shows ------
+
+def example_files(text: str) -> list[tuple[str, str, str]]:
+    """(file name, its Python, the shell block after it) for each "A file `NAME.py`" README
+    gives in a Python block and then uses in a shell block."""
+    found = []
+    for m in re.finditer(r"A file `(\w+\.py)`[^\n]*:\n", text):
+        python, shell = fenced_blocks(text[m.end():], ("python",))[0], \
+            fenced_blocks(text[m.end():], ("bash",))[0]
+        found.append((m.group(1), python, shell))
+    return found
+
+
+def run_example(name: str, python: str, shell: str, where: Path) -> list[tuple[str, str]]:
+    """Write file `name` holding `python` in `where`, run `shell`'s lines there (`echo '...' >
+    FILE`, `gptlab ...`, `cat FILE`): (what each `cat` is shown to print, in the `# ` lines after
+    it, and what it prints), a line each."""
+    from gptlab.cli import main
+    (where / name).write_text(python + "\n")
+    shown = []
+    lines = shell.splitlines()
+    for i, line in enumerate(lines):
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["echo"] and words[-2] == ">":
+            (where / words[-1]).write_text(" ".join(words[1:-2]) + "\n")
+        elif words[:1] == ["gptlab"]:
+            assert main(words[1:]) == 0, line
+        elif words[:1] == ["cat"]:
+            said = [x[2:] for x in lines[i + 1:]]
+            said = said[:next((j for j, x in enumerate(lines[i + 1:])
+                               if not x.startswith("# ")), len(said))]
+            got = (where / words[1]).read_text().splitlines()
+            shown += list(zip(said, got)) + [("", "")] * (len(said) != len(got))
+    return shown
+
+
+def test_every_example_file_the_readme_writes_gives_what_it_shows(tmp_path, monkeypatch):
+    # README's rank function of your own was shown returning what label would refuse, and
+    # nothing ran it.
+    import json
+    examples = example_files((ROOT / "README.md").read_text())
+    assert [name for name, _, _ in examples] == ["myrank.py"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, python, shell in examples:
+        shown = run_example(name, python, shell, tmp_path)
+        assert shown and all(json.loads(said) == json.loads(got) for said, got in shown), shown
+
+
+def test_an_example_file_that_gives_other_than_readme_shows_is_caught(tmp_path, monkeypatch):
+    import json
+    (name, python, shell), = example_files((ROOT / "README.md").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reversed_scores = python.replace("return [", "return [-")  # the worst ranked first
+    assert reversed_scores != python
+    shown = run_example("myrank_reversed.py", reversed_scores,
+                        shell.replace("myrank:", "myrank_reversed:"), tmp_path)
+    assert shown and any(json.loads(said) != json.loads(got) for said, got in shown)
