@@ -410,13 +410,13 @@ def _preference_data(record: dict, path: str | Path | None, line: int | None
                      ) -> UserError | None:
     """The error for a line of rankings (`chosen`/`rejected`, or `ranked`) given as a
     demonstration, naming the field that shows it; None for a line that holds neither."""
-    for field, what, best in (("chosen", "'chosen'/'rejected' (preference data)", "chosen"),
-                              ("rejected", "'chosen'/'rejected' (preference data)", "chosen"),
-                              ("ranked", "'ranked' (responses ranked best first)", "best")):
-        if field in record:
+    for key, what, best in (("chosen", "'chosen'/'rejected' (preference data)", "chosen"),
+                            ("rejected", "'chosen'/'rejected' (preference data)", "chosen"),
+                            ("ranked", "'ranked' (responses ranked best first)", "best")):
+        if key in record:
             return UserError(f"has {what}, which is a reward model's data: train one on it with "
                              f"gptlab reward, or write the {best} response as 'completion' for "
-                             f"SFT", path=path, line=line, field=field)
+                             f"SFT", path=path, line=line, field=key)
     return None
 
 
