@@ -739,10 +739,10 @@ def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
     an input file or directory not found where a flag gave it (which of `--data`, `--val-data`
     and `--samples` was mistyped; `pretrain --data` said its field, 'data'), and, for a verb
     without --config, a value refused that a flag typed gave, where the flag is not spelled as
-    the field (`--vocab-size`, not `vocab_size`; `--seed` is `seed`, as `_check_paths_given`
-    names it). An error at a line of a file, or at a path that is there, is about what it
-    holds; one at a path no input flag gave (a file inside a directory given, --out) keeps its
-    name."""
+    the field (`--vocab-size`, not `vocab_size`; `--in`, not `samples`; `--seed` is `seed`, as
+    `_check_paths_given` names it, and `--no-ties` is `ties`). An error at a line of a file, or
+    at a path that is there, is about what it holds; one at a path no input flag gave (a file
+    inside a directory given, --out) keeps its name."""
     parser = getattr(args, "_parser", None)
     if parser is None or error.line is not None or (error.field or "").startswith("-"):
         return error
@@ -762,8 +762,10 @@ def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
     if any(a.dest == "config" for a in parser._actions):  # a field YAML and key=value set too
         return error
     typed = {w.split("=", 1)[0] for w in getattr(parser, "_words", [])}
+    # A switch spelled as its field is named so in both forms: `--no-ties` as `ties`.
     flag = next((f for a in parser._actions if a.dest == error.field
-                 for f in a.option_strings if f in typed and f != "--" + a.dest), None)
+                 and "--" + a.dest not in a.option_strings
+                 for f in a.option_strings if f in typed), None)
     return error if flag is None else _renamed(error, flag)
 
 
