@@ -693,7 +693,9 @@ class Checkpointer:
         the error advised) named the last save: what comes before it has a step below N, and
         the fallback looks there first. Checkpoints written before `save` was recorded count
         as written before any that has it, and among themselves by their steps; where a
-        manifest is damaged, the order is unknown, and the highest step is taken."""
+        manifest is damaged, the order is unknown, and the highest step is taken. A step a
+        killed save had put aside is put back first (`settle_old_files`)."""
+        settle_old_files(self.dir)
         pointer = self.dir / "latest"
         try:
             name = pointer.read_text(encoding="utf-8").strip()

@@ -455,12 +455,14 @@ def _tree(d):
             (p.read_bytes(), os.stat(p).st_ino) for p in sorted(d.rglob("*"))}
 
 
+@pytest.mark.parametrize("resume", [False, True])
 def test_without_a_swap_a_save_killed_between_its_renames_has_the_old_copy_put_back(
-        tmp_path, capsys):
+        tmp_path, capsys, resume):
     """Where the system cannot swap, a step saved again has its old copy renamed aside, then
     the new one in. Killed between the two, the old copy was a `.tmp.old`, which the next save
     removed as a stale temporary, with the new copy: step-7 was lost. It is put back now."""
     c = ck.Checkpointer(tmp_path, keep=3)
+    c.save(6, tiny(), state={"copy": "six"})
     c.save(7, tiny(), state={"copy": "old"})
     before = _tree(tmp_path / "checkpoints" / "step-7")
     _killed_while("import gptlab.io\n"
@@ -476,12 +478,16 @@ def test_without_a_swap_a_save_killed_between_its_renames_has_the_old_copy_put_b
                   tmp_path)
     assert not (tmp_path / "checkpoints" / "step-7").exists()
     capsys.readouterr()
+    if resume:  # what a resume reads first: latest() named step-6, a step before the kill
+        assert c.latest() == tmp_path / "checkpoints" / "step-7"
+        assert "its old step-7 put back from .old-files." in capsys.readouterr().err
+        assert _tree(tmp_path / "checkpoints" / "step-7") == before
     c.save(8, tiny(), state={"copy": "eight"})
-    assert "its old step-7 put back from .old-files." in capsys.readouterr().err
+    assert ("its old step-7 put back from .old-files." in capsys.readouterr().err) != resume
     assert _tree(tmp_path / "checkpoints" / "step-7") == before
     assert c.load(tmp_path / "checkpoints" / "step-7", tiny())["copy"] == "old"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "latest", "step-7", "step-8"]
+        "latest", "step-6", "step-7", "step-8"]
 
 
 def test_a_damaged_pointer_or_manifest_is_a_clear_error_or_a_fallback(tmp_path):
