@@ -3,8 +3,10 @@
 A model directory is `config.json` (with `"format": "gptlab/1"`, so it is never mistaken for a
 Hugging Face directory; a NaN or an infinity in it is null, named in its `non_finite` field) +
 `model.safetensors` + the tokenizer files. `save_model` writes each file atomically and config.json
-last, and over an existing model directory takes its config.json away first: a killed save leaves
-no config.json, never its new weights under the old one (another step, another validation loss).
+last, and over an existing model directory moves the old model's files aside first, config.json
+first (`old_files_aside`): a save that fails puts them back, byte for byte; a killed one leaves no
+config.json, never its new weights under the old one (another step, another validation loss),
+and the old files for the next save into the directory, or the next reader, to put back.
 `replace_model` writes a directory saved again and again (SFT's best) whole beside the old one,
 then swaps the two.
 
@@ -52,10 +54,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
 from gptlab.errors import NotFound, UserError, check_bool
-from gptlab.io import (atomic_path, ensure_dir, fsync_path, held_temp, named_os_error,
-                       new_temp_dir, read_json, remove_dir, remove_stale_temps, replace_dir,
-                       restore_non_finite, settle_old_files, write_json_atomic,
-                       write_text_atomic)
+from gptlab.io import (OLD_FILES_PREFIX, atomic_path, ensure_dir, fsync_path, held_temp,
+                       named_os_error, new_temp_dir, old_files_aside, read_json, remove_dir,
+                       remove_stale_temps, replace_dir, restore_non_finite, settle_old_files,
+                       write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -80,36 +82,39 @@ def _arch_of(model: torch.nn.Module) -> str:
     raise TypeError(f"cannot save a {type(model).__name__}: not a gptlab model")
 
 
-def unfinish_model_dir(out: Path) -> None:
-    """Take a model directory's config.json away, on the disk, before any of its other files
-    is written again: until a save's config.json is in, the directory is no model."""
-    if (out / "config.json").is_file():
-        (out / "config.json").unlink()
-        fsync_path(out)  # gone on the disk before a new file is renamed in
+def model_files(tokenizer: Any = None) -> tuple[str, ...]:
+    """The files `save_model` writes in a model directory, config.json first: moved aside in
+    that order (`old_files_aside`), the directory is no model from the first rename on."""
+    if tokenizer is None:
+        return "config.json", MODEL_FILE
+    from gptlab.tokenizer import TOKENIZER_FILES
+    return ("config.json", MODEL_FILE, *TOKENIZER_FILES)
 
 
 def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = None,
                extra: dict | None = None) -> Path:
     """Write a model directory. Every file is written atomically; config.json goes last, so a
     directory with a config.json has its weights in place. Over a model directory (a resumed
-    run's OUT saved again), its config.json goes first: left, a save killed after the new
-    weights left them under the old config.json (its step, its validation loss), a model
-    every verb read, where now there is a save that never finished, which --resume ends."""
+    run's OUT saved again) the old model's files are moved aside first, config.json first
+    (`old_files_aside`): a save that fails puts them back, byte for byte; a save killed
+    before it was done leaves no config.json, never the new weights under the old one (its
+    step, its validation loss), and the old files for the next save into the directory, or a
+    reader (`read_meta`), to put back."""
     arch = _arch_of(model)  # before anything is written: a model of no arch saves nothing
+    made = not Path(out_dir).exists()
     out = ensure_dir(out_dir)
-    settle_old_files(out)  # what a killed convert or export left: settled before it is written over
-    unfinish_model_dir(out)
-    if tokenizer is not None:
-        tokenizer.save(out)
-    with atomic_path(out / MODEL_FILE) as tmp:
-        st_save_model(model, str(tmp))
-    meta = {"format": FORMAT, "arch": arch,
-            "model": dataclasses.asdict(model.config), **(extra or {})}
-    if getattr(model, "pad_token_id", None) is not None:  # a reward model's scoring position
-        meta["pad_token_id"] = model.pad_token_id
-    if getattr(model, "reads_template_tail", False):  # scored as whole conversations
-        meta["reads_template_tail"] = True
-    write_json_atomic(out / "config.json", meta, non_finite="null")
+    with old_files_aside(out, model_files(tokenizer), made):
+        if tokenizer is not None:
+            tokenizer.save(out)
+        with atomic_path(out / MODEL_FILE) as tmp:
+            st_save_model(model, str(tmp))
+        meta = {"format": FORMAT, "arch": arch,
+                "model": dataclasses.asdict(model.config), **(extra or {})}
+        if getattr(model, "pad_token_id", None) is not None:  # a reward model's scoring position
+            meta["pad_token_id"] = model.pad_token_id
+        if getattr(model, "reads_template_tail", False):  # scored as whole conversations
+            meta["reads_template_tail"] = True
+        write_json_atomic(out / "config.json", meta, non_finite="null")
     return out
 
 
@@ -160,6 +165,16 @@ def read_meta(path: str | Path) -> dict:
     `non_finite` field names, or the bare token an earlier version wrote) is read as a number,
     so that `check_config` names its field."""
     cfg = Path(path) / "config.json"
+    if not cfg.exists() and any(Path(path).glob(glob.escape(OLD_FILES_PREFIX) + "*")):
+        try:  # a save into it killed before it was done: the old model is put back
+            settle_old_files(path)
+        except OSError:  # a directory we may not write: said below
+            pass
+        if not cfg.exists():
+            raise UserError("not a model directory (config.json is missing): a save into it "
+                            "is under way, or was stopped and left the old model's files in "
+                            f"{OLD_FILES_PREFIX}*/, which the next save into it puts back",
+                            path=path)
     if not cfg.exists():
         raise UserError("not a model directory (config.json is missing)", path=path)
     return restore_non_finite(read_json(cfg))

@@ -32,26 +32,84 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.tok_emb.weight.data_ptr()  # still tied
 
 
-def test_a_save_over_a_model_killed_before_its_config_leaves_no_model_of_two_saves(tmp_path,
-                                                                                   monkeypatch):
-    # A resumed run saves OUT again: killed after the new weights, it left them under the old
-    # config.json (step 4, its val_loss), a model every verb read without a word.
-    ck.save_model(tmp_path, tiny(), extra={"step": 4})
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(errno.ENOSPC, "No space left")])
+def test_a_save_over_a_model_that_fails_puts_the_old_model_back_byte_for_byte(tmp_path,
+                                                                              monkeypatch,
+                                                                              stop):
+    # A resumed run saves OUT again: stopped after the new weights, it left them under the old
+    # config.json (step 4, its val_loss), or, later, no model at all where one was.
+    from gptlab.tokenizer import train_tokenizer
+    (tmp_path / "c.txt").write_text("select name from employees where salary > 10\n" * 20)
+    tok = train_tokenizer([tmp_path / "c.txt"], vocab_size=270)
+    out = tmp_path / "m"
+    ck.save_model(out, tiny(), tok, extra={"step": 4})
+    before = _files(out)
     torch.manual_seed(1)
     newer = GPT(get_preset("tiny"))
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(ck, "write_json_atomic", killed)
-    with pytest.raises(KeyboardInterrupt):
-        ck.save_model(tmp_path, newer, extra={"step": 8})
+    def stopped(*args, **kwargs):
+        raise stop
+    monkeypatch.setattr(ck, "write_json_atomic", stopped)
+    with pytest.raises(stop if isinstance(stop, type) else type(stop)):
+        ck.save_model(out, newer, tok, extra={"step": 8})
     monkeypatch.undo()
-    with pytest.raises(UserError, match="not a model directory"):
-        ck.load_model(tmp_path)
-    ck.save_model(tmp_path, newer, extra={"step": 8})
-    model, _, meta = ck.load_model(tmp_path)
-    assert meta["step"] == 8
+    assert _files(out) == before and not list(out.glob(".*"))
+    assert ck.load_model(out)[2]["step"] == 4
+    ck.save_model(out, newer, tok, extra={"step": 8})
+    model, _, meta = ck.load_model(out)
+    assert meta["step"] == 8 and not list(out.glob(".*"))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), newer.parameters()))
+
+
+_KILLED_SAVE = """
+import os, sys, torch
+from gptlab import checkpoint as ck
+from gptlab.model import GPT, get_preset
+torch.manual_seed(1)
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), 9)
+ck.write_json_atomic = killed  # killed as config.json, the last file, is written
+ck.save_model(sys.argv[1], GPT(get_preset("tiny")), extra={"step": 8})
+"""
+
+
+def test_a_save_over_a_model_killed_before_its_config_leaves_no_model_until_it_is_put_back(
+        tmp_path, capsys):
+    """Killed, a save cannot put the old model back: the directory holds no config.json, so
+    no verb reads the new weights as the old step's; the next reader (or save) puts the old
+    model back from where the save moved it, byte for byte."""
+    import subprocess
+    out = tmp_path / "m"
+    ck.save_model(out, tiny(), extra={"step": 4})
+    before = _files(out)
+    r = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(out)], timeout=300)
+    assert r.returncode == -9
+    assert not (out / "config.json").exists()
+    aside, = out.glob(".old-files.*")
+    assert sorted(p.name for p in aside.iterdir()) == ["config.json", "held.json",
+                                                       "model.safetensors"]
+    capsys.readouterr()
+    model, _, meta = ck.load_model(out)
+    assert meta["step"] == 4 and _files(out) == before
+    assert capsys.readouterr().err == (
+        f"note: {out}: a write killed before it was done was undone: its old config.json, "
+        f"model.safetensors put back from {aside.name}\n")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny().parameters()))
+
+
+def test_a_model_whose_save_is_under_way_is_no_model_and_says_why(tmp_path):
+    out = tmp_path / "m"
+    ck.save_model(out, tiny(), extra={"step": 4})
+    with gptlab.io.old_files_aside(out, ck.model_files()):  # a live save: its lock held
+        with pytest.raises(UserError) as e:
+            ck.load_model(out)
+    assert str(e.value) == (f"{out}: not a model directory (config.json is missing): a save "
+                            f"into it is under way, or was stopped and left the old model's "
+                            f"files in .old-files.*/, which the next save into it puts back")
 
 
 def test_encoder_decoder_round_trip(tmp_path):

@@ -801,27 +801,31 @@ def test_the_update_clips_the_ratio_by_clip_and_the_value_by_value_clip(setup, t
     assert told == {"policy": [0.1], "value": [0.3]}
 
 
-def test_a_save_killed_after_the_value_model_leaves_no_config_of_the_last_save(setup, tmp_path,
-                                                                             monkeypatch):
-    # OUT's old config.json stayed until the policy's save: killed after the new value model,
-    # OUT read as the old policy beside a new value model.
+def test_a_save_stopped_after_the_value_model_puts_the_old_policy_and_value_back(
+        setup, tmp_path, monkeypatch):
+    # Stopped after the new value model, OUT read as the old policy beside a new value model;
+    # then as no model at all, the old one lost.
     out = tmp_path / "out"
     t = trainer(setup, out)
     t.save(out)
-    assert (out / "config.json").is_file()
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "value/config.json"} <= set(before)
+    with torch.no_grad():
+        for p in [*t.policy.parameters(), *t.value_model.parameters()]:
+            p.add_(1.0)
     calls = []
 
-    def killed_after_the_value_model(path, *args, **kwargs):
+    def stopped_after_the_value_model(path, *args, **kwargs):
         calls.append(Path(path).name)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return save_model(path, *args, **kwargs)
-    monkeypatch.setattr(ppo_module, "save_model", killed_after_the_value_model)
+    monkeypatch.setattr(ppo_module, "save_model", stopped_after_the_value_model)
     with pytest.raises(KeyboardInterrupt):
         t.save(out)
     assert calls == ["value", "out"]
-    assert (out / "value" / "config.json").is_file()
-    assert not (out / "config.json").exists()
+    after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and not list(out.glob(".*"))
 
 
 # --- rewards PPO's float32 arithmetic cannot take ------------------------------------------

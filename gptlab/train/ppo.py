@@ -33,15 +33,15 @@ import torch
 from torch import Tensor
 
 from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, is_value_model, load_language_model,
-                               load_model, load_reward_model, model_kind, save_model,
-                               unfinish_model_dir)
+                               load_model, load_reward_model, model_files, model_kind,
+                               save_model)
 from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
                                   read_prompts, template_tail)
 from gptlab.devices import queued_copy
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import (UserError, check_given, counted, exception_line,
                            reports_path_errors, setting)
-from gptlab.io import check_out_of_read_dirs, record_file
+from gptlab.io import check_out_of_read_dirs, ensure_dir, old_files_aside, record_file
 from gptlab.model.attention import PrefixKV, common_prefix_length, row_is_right_padded
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -1113,14 +1113,15 @@ class PPOTrainer:
         return MetricsLog(metrics_path)
 
     def save(self, path: Path) -> Path:
-        # The value model goes first, into OUT/value: OUT's old config.json, if any, goes before
-        # it, or a save killed there left the old policy's config beside the new value model.
-        if path.is_dir():
-            unfinish_model_dir(path)
-        save_model(path / "value", self.value_model, None, extra={"stage": VALUE_STAGE})
-        save_model(path, self.policy, self.tok,
-                   extra={"stage": "ppo", "ppo_steps": self.cfg.steps,
-                          "skipped": self.skips.counts})
+        # The value model goes first, into OUT/value: OUT's old model, if any, is moved aside
+        # before it, config.json first, or a save killed there left the old policy's config
+        # beside the new value model; a save that fails puts the old policy and value back.
+        made = not path.exists()
+        with old_files_aside(ensure_dir(path), (*model_files(self.tok), "value"), made):
+            save_model(path / "value", self.value_model, None, extra={"stage": VALUE_STAGE})
+            save_model(path, self.policy, self.tok,
+                       extra={"stage": "ppo", "ppo_steps": self.cfg.steps,
+                              "skipped": self.skips.counts})
         return path
 
 
