@@ -673,14 +673,15 @@ class Checkpointer:
                 write_json_atomic(tmp / "manifest.json", {
                     "step": step, "save": max(saves, default=0) + 1,
                     "threads": torch.get_num_threads(), "sha256": manifest})
+                if final.exists():  # the same step saved again: never a moment without it
+                    replace_dir(tmp, final)
+                else:
+                    os.replace(tmp, final)
+                    fsync_path(self.dir)  # on the disk before `latest` names it, older pruned
             except BaseException as e:
-                shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
+                # A failed save leaves nothing behind: its copy, or the old one swapped out.
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise_for_target(e, tmp, final)
-            if final.exists():  # the same step saved again: never a moment without it
-                replace_dir(tmp, final)
-            else:
-                os.replace(tmp, final)
-                fsync_path(self.dir)  # on the disk before `latest` names it, older ones pruned
         write_text_atomic(self.dir / "latest", final.name + "\n")
         self._prune(step)
         return final

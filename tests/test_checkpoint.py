@@ -434,6 +434,37 @@ def test_a_killed_saves_copy_is_removed_by_the_next_save(tmp_path):
         ["latest", "step-1", "step-2"]
 
 
+@pytest.mark.parametrize("again", [False, True])
+def test_a_save_whose_rename_into_place_fails_leaves_no_copy_and_the_old_step_whole(
+        tmp_path, monkeypatch, again):
+    """The copy was left (`.step-N.<random>.tmp`, 3 MB of a small model, a model's worth of a
+    large one) for the next save to remove; the step saved again keeps its old files."""
+    c = ck.Checkpointer(tmp_path)
+    c.save(1, tiny(), state={"step": 1})
+    if again:
+        c.save(2, tiny(), state={"step": 2})
+    before = _files(tmp_path / "checkpoints")
+
+    rename = ck.os.replace
+
+    def no_space(src, dst, *args, **kwargs):
+        if again or Path(dst).name == "step-2":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst, *args, **kwargs)
+    if again:
+        monkeypatch.setattr(ck, "replace_dir", no_space)
+    else:
+        monkeypatch.setattr(ck.os, "replace", no_space)
+    with pytest.raises(OSError):
+        c.save(2, tiny(), state={"step": 2})
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".old-files")]
+    if again:
+        assert _files(tmp_path / "checkpoints") == before
+        ck.Checkpointer.verify(tmp_path / "checkpoints" / "step-2", advice="")
+
+
 def test_keeping_the_last_k_leaves_directories_it_did_not_write(tmp_path):
     # `step-4.bak` crashed every save after it (int('4.bak')); `step-4-keep` was deleted.
     c = ck.Checkpointer(tmp_path, keep=1)
