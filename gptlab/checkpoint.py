@@ -176,6 +176,10 @@ def read_meta(path: str | Path) -> dict:
                             f"{OLD_FILES_PREFIX}*/, which the next save into it puts back",
                             path=path)
     if not cfg.exists():
+        if Path(path).is_file():  # `--model data.jsonl`: no directory to lack a config.json
+            raise UserError("is a file, not a model: a model is a directory (config.json, "
+                            "model.safetensors, the tokenizer's files) or a .gguf file",
+                            path=path)
         raise UserError("not a model directory (config.json is missing)", path=path)
     return restore_non_finite(read_json(cfg))
 

@@ -1275,3 +1275,12 @@ def test_torch_save_leaves_an_error_that_is_no_os_error_as_it_is(tmp_path):
     with pytest.raises(OSError) as e:
         ck.torch_save({"n": 1}, tmp_path / "missing" / "state.pt")
     assert e.value.filename == str(tmp_path / "missing" / "state.pt")
+
+
+def test_a_file_given_as_a_model_is_named_a_file_not_a_directory_missing_its_config(tmp_path):
+    (tmp_path / "demos.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    with pytest.raises(UserError) as e:
+        ck.load_model(tmp_path / "demos.jsonl")
+    assert str(e.value) == (f"{tmp_path / 'demos.jsonl'}: is a file, not a model: a model is a "
+                            f"directory (config.json, model.safetensors, the tokenizer's files) "
+                            f"or a .gguf file")
