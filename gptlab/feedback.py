@@ -255,7 +255,22 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
                         field="ranked")
     if answer and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in answer):
         return _score_levels(list(answer), responses, of_id)
+    if answer and not any(isinstance(x, (str, list, tuple)) for x in answer):
+        # Scores, one of which is none (True, None): "must return a permutation" misled.
+        i, x = next((i, x) for i, x in enumerate(answer)
+                    if isinstance(x, bool) or not isinstance(x, numbers.Real))
+        shown = "" if x is None else f" ({x!r:.40})"
+        raise UserError(f"the labeler returned {_kind(x)}{shown} as the score of response "
+                        f"{i + 1} of {len(answer)}{of_id}; a score must be a real number",
+                        field="ranked")
     levels = [item if isinstance(item, list) else [item] for item in answer]
+    bad = next((r for item in answer if isinstance(item, list) for r in item
+                if isinstance(r, numbers.Real)), None)
+    if bad is not None:
+        # A list of lists of numbers (scores as a 2-D array): not responses, not one score each.
+        raise UserError(f"the labeler returned a list holding {_kind(bad)} ({bad!r:.40}) "
+                        f"inside a list{of_id}: a level of tied responses holds texts; scores "
+                        f"are one real number per response, in a flat list", field="ranked")
     flat = [r for level in levels for r in level]
     if not all(levels) or not all(isinstance(r, str) for r in flat) \
             or sorted(flat) != sorted(responses):
@@ -263,6 +278,14 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
         raise UserError("the labeler must return a permutation of the responses (tied ones as "
                         f"non-empty lists), or one score per response{about}", field="ranked")
     return levels
+
+
+def _kind(x: Any) -> str:
+    """'a bool', 'None', 'an int': what a value is, in a message."""
+    if x is None:
+        return "None"
+    kind = type(x).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _score_levels(scores: list[numbers.Real], responses: list[str], of_id: str

@@ -250,7 +250,7 @@ def test_label_samples_takes_scores_and_gives_the_labeler_copies():
     assert seen == [(samples[0], ["w", "x", "y", "z"])] and skips.total == 0
     assert label_samples(samples, lambda record, responses: (3.0, 2.0, 1.0, 0.0)) == [
         {"id": 1, "prompt": "p", "ranked": ["w", "x", "y", "z"]}]
-    with pytest.raises(UserError, match="permutation"):  # a bool is no score
+    with pytest.raises(UserError, match=r"a bool \(True\) as the score of response 1 of 4"):
         label_samples(samples, lambda record, responses: [True, False, False, False])
 
 

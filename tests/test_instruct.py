@@ -441,7 +441,15 @@ def test_a_labeler_may_tie_and_prompts_it_ties_all_together_are_skipped():
     (["a", 2], "the labeler must return a permutation of the responses (tied ones as non-empty "
                "lists), or one score per response; it did not for id 't7'"),
     (None, "the labeler returned None for id 't7', not a list: the responses best first (tied "
-           "ones as lists), or one score per response")])
+           "ones as lists), or one score per response"),
+    # one value per response, as scores are: "must return a permutation" misled
+    ([True, False], "the labeler returned a bool (True) as the score of response 1 of 2 for id "
+                    "'t7'; a score must be a real number"),
+    ([0.5, None], "the labeler returned None as the score of response 2 of 2 for id 't7'; a "
+                  "score must be a real number"),
+    ([[0.5], [0.1]], "the labeler returned a list holding a float (0.5) inside a list for id "
+                     "'t7': a level of tied responses holds texts; scores are one real number "
+                     "per response, in a flat list")])
 def test_a_labeler_that_returns_no_permutation_is_named_by_file_line_and_id(ranked, message):
     # The docstring promised the samples file and line; the error named neither, nor the id.
     samples = [{"id": "t7", "prompt": "p", "responses": ["a", "b"], "_line": 3}]

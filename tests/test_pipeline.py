@@ -744,11 +744,23 @@ def test_a_run_from_before_stage_minutes_json_reuses_the_minutes_its_report_hold
             ("report.json", {"stage_minutes": {"sft": "5"}},
              "field 'stage_minutes.sft': must be a number of minutes, got '5'"),
             ("stage_minutes.json", {"sft": True}, "field 'sft': must be a number of minutes, "
-                                                  "got True")):
+                                                  "got True"),
+            # dropped without a word, the stage's counts were lost from the record and report
+            ("stage_threads.json", {"pretrain": "x"}, "field 'pretrain': must be a thread "
+                                                      "count (an integer >= 1) or a list of "
+                                                      "them, got 'x'"),
+            ("stage_threads.json", {"sft": [2, 0]}, "field 'sft': must be a thread count (an "
+                                                    "integer >= 1) or a list of them, got "
+                                                    "[2, 0]")):
+        for other in ("stage_minutes.json", "stage_threads.json"):
+            (tmp_path / other).unlink(missing_ok=True)
         (tmp_path / name).write_text(json.dumps(record))
         with pytest.raises(UserError) as err:
             pipeline_module.Timer(tmp_path).reuse("sft")
         assert str(err.value) == f"{tmp_path / name}, {said}; {keeps}"
+    (tmp_path / "stage_threads.json").write_text(json.dumps({"pretrain": 2, "sft": [1, 2]}))
+    (tmp_path / "report.json").unlink()
+    assert pipeline_module.Timer(tmp_path).threads == {"pretrain": [2], "sft": [1, 2]}
 
 
 def test_sft_learns_from_every_demonstration_without_sft_examples_or_a_flaw(tmp_path):

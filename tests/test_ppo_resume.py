@@ -679,7 +679,7 @@ def test_a_policy_or_reward_model_of_the_wrong_kind_names_its_flag(setup, tmp_pa
     assert capsys.readouterr().err == (
         f"gptlab ppo: error: {tmp_path / 'rm'}, field 'policy': not a decoder-only language "
         f"model: this is a reward or value model, which has no text to say; give the SFT model "
-        f"the policy starts from (the pipeline's round-N/sft), and this one as --reward (a value "
+        f"the policy starts from (the pipeline's OUT/sft), and this one as --reward (a value "
         f"model as --value)\n")
     args = ppo_args(d, out)
     i = args.index("--reward-fn")
@@ -753,7 +753,7 @@ def test_ptx_data_without_a_ptx_coef_says_it_is_unused(setup, tmp_path, capsys):
     # crashed with an AttributeError inside the KL computation.
     ("--reference", "not a decoder-only language model: this is a reward or value model; the "
                     "reference must be one (the KL is measured against its log-probabilities): "
-                    "give the SFT model the policy started from (the pipeline's round-N/sft; "
+                    "give the SFT model the policy started from (the pipeline's OUT/sft; "
                     "without --reference, a copy of --policy is the reference), and this one as "
                     "--reward (a value model as --value)\n"),
     ("--value", "the value model must be a scalar-head model"),
@@ -877,11 +877,11 @@ def test_a_ppo_value_model_given_as_reference_or_policy_is_named_with_its_flag(
     if flag == "--policy":
         args[args.index("--policy") + 1] = str(value)
         said = (", which has no text to say; give the SFT model the policy starts from (the "
-                "pipeline's round-N/sft)")
+                "pipeline's OUT/sft)")
     else:
         args += ["--reference", str(value)]
         said = ("; the reference must be one (the KL is measured against its log-probabilities): "
-                "give the SFT model the policy started from (the pipeline's round-N/sft; without "
+                "give the SFT model the policy started from (the pipeline's OUT/sft; without "
                 "--reference, a copy of --policy is the reference)")
     capsys.readouterr()
     assert main(args) == 2

@@ -348,11 +348,17 @@ def _state(out: Path) -> dict[str, Any]:
     return {"done": done, "resumes": None if done else Checkpointer(out).latest()}
 
 
-def _counts(value: Any) -> list[int]:
-    """A stage's thread counts as stage_threads.json holds them: a list, in the order the stage
-    ran on them, or (written before a resume could add one) a count alone."""
+def _counts(value: Any, path: Path, name: str) -> list[int]:
+    """A stage's thread counts as stage_threads.json (`path`) holds them at stage `name`: a
+    list, in the order the stage ran on them, or (written before a resume could add one) a
+    count alone. A value edited by hand into something else is a UserError naming the field:
+    dropped, the stage's counts were lost from the record and report.json's `threads`."""
     values = value if isinstance(value, list) else [value]
-    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"must be a thread count (an integer >= 1) or a list of them, got "
+                            f"{value!r:.80}; {_MINUTES_RECORD}", path=path, field=name)
+    return list(values)
 
 
 def _minutes(record: Any, path: Path, field: str | None = None) -> dict[str, float]:
@@ -390,7 +396,7 @@ class Timer:
         self.earlier: dict[str, float] = {}
         self.threads: dict[str, list[int]] = {}
         if self.threads_record.exists():
-            self.threads = {name: _counts(v) for name, v in
+            self.threads = {name: _counts(v, self.threads_record, name) for name, v in
                             _read_record(self.threads_record, _MINUTES_RECORD).items()}
         if self.record.exists():
             self.earlier = _minutes(_read_record(self.record, _MINUTES_RECORD), self.record)

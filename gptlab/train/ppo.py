@@ -492,7 +492,7 @@ class PPOTrainer:
         self.policy, self.tok, _ = load_language_model(
             cfg.policy, self.device, field="policy",
             instead=_scalar_model_instead(cfg.policy, "the SFT model the policy starts from (the "
-                                                       "pipeline's round-N/sft)"))
+                                                       "pipeline's OUT/sft)"))
         if cfg.max_new_tokens >= self.policy.config.context:
             raise UserError(f"must be below the policy's context of "
                             f"{self.policy.config.context}, got {cfg.max_new_tokens}",
@@ -559,7 +559,7 @@ class PPOTrainer:
             if not isinstance(reference, GPT):
                 instead = _scalar_model_instead(
                     cfg.reference, "the SFT model the policy started from (the pipeline's "
-                    "round-N/sft; without --reference, a copy of --policy is the reference)"
+                    "OUT/sft; without --reference, a copy of --policy is the reference)"
                 ) if isinstance(reference, ScalarHeadModel) else ""
                 raise UserError(f"not a decoder-only language model: this is "
                                 f"{model_kind(reference, cfg.reference)}; the reference must be "
