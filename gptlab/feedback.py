@@ -248,10 +248,8 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
     if hasattr(answer, "tolist") and not isinstance(answer, (list, tuple)):
         answer = answer.tolist()  # scores as a NumPy array or a tensor, as PPO's reward takes
     if not isinstance(answer, (list, tuple)):
-        kind = type(answer).__name__
-        what = "None" if answer is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
-        raise UserError(f"the labeler returned {what}{of_id}, not a list: the responses best "
-                        f"first (tied ones as lists), or one score per response",
+        raise UserError(f"the labeler returned {_kind(answer)}{of_id}, not a list: the responses "
+                        f"best first (tied ones as lists), or one score per response",
                         field="ranked")
     if answer and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in answer):
         return _score_levels(list(answer), responses, of_id)
