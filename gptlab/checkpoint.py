@@ -53,7 +53,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_model as st_save_model
 
-from gptlab.errors import NotFound, UserError, check_bool
+from gptlab.errors import NotFound, UserError, WrongKind, check_bool
 from gptlab.io import (OLD_FILES_PREFIX, atomic_path, ensure_dir, fsync_path, held_temp,
                        named_os_error, new_temp_dir, old_files_aside, read_json, remove_dir,
                        remove_stale_temps, replace_dir, restore_non_finite, settle_old_files,
@@ -171,16 +171,16 @@ def read_meta(path: str | Path) -> dict:
         except OSError:  # a directory we may not write: said below
             pass
         if not cfg.exists():
-            raise UserError("not a model directory (config.json is missing): a save into it "
+            raise WrongKind("not a model directory (config.json is missing): a save into it "
                             "is under way, or was stopped and left the old model's files in "
                             f"{OLD_FILES_PREFIX}*/, which the next save into it puts back",
                             path=path)
     if not cfg.exists():
         if Path(path).is_file():  # `--model data.jsonl`: no directory to lack a config.json
-            raise UserError("is a file, not a model: a model is a directory (config.json, "
+            raise WrongKind("is a file, not a model: a model is a directory (config.json, "
                             "model.safetensors, the tokenizer's files) or a .gguf file",
                             path=path)
-        raise UserError("not a model directory (config.json is missing)", path=path)
+        raise WrongKind("not a model directory (config.json is missing)", path=path)
     return restore_non_finite(read_json(cfg))
 
 
@@ -522,7 +522,7 @@ def load_language_model(path: str | Path, device: str | torch.device = "cpu",
     model, tok, meta = load_model(path, device, dtype)
     if not isinstance(model, GPT):
         said = f"; {instead}" if instead and _arch_of(model) == "scalar" else ""
-        raise UserError(f"not a decoder-only language model: this is "
+        raise WrongKind(f"not a decoder-only language model: this is "
                         f"{model_kind(model, path)}, which has no text to say{said}",
                         path=path, field=field)
     if tok is None and need_tokenizer:
@@ -569,11 +569,11 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
     from gptlab.model.heads import ScalarHeadModel
 
     if is_value_model(path):
-        raise UserError(f"is PPO's value model, not a reward model: trained, it predicts "
+        raise WrongKind(f"is PPO's value model, not a reward model: trained, it predicts "
                         f"returns, not rewards; {instead}", path=path, field=field)
     model, tok, meta = load_model(path, device, dtype)
     if not isinstance(model, ScalarHeadModel):
-        raise UserError("not a reward model (expected a scalar-head model or a one-label "
+        raise WrongKind("not a reward model (expected a scalar-head model or a one-label "
                         "sequence classifier)", path=path, field=field)
     return model, tok, meta
 

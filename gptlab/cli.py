@@ -9,7 +9,8 @@ import re
 import sys
 from typing import Callable, Iterator, Sequence
 
-from gptlab.errors import NotFound, PathError, UserError, counted, field_of_path, path_error
+from gptlab.errors import (NotFound, PathError, UserError, WrongKind, counted, field_of_path,
+                           path_error)
 
 DEVICE_HELP = "auto (CUDA where there is a GPU, else the CPU), cpu, cuda, cuda:N or mps"
 GREEDY_HELP = "always take the most likely token (no sampling)"
@@ -740,25 +741,19 @@ def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
     and `--samples` was mistyped; `pretrain --data` said its field, 'data'), and, for a verb
     without --config, a value refused that a flag typed gave, where the flag is not spelled as
     the field (`--vocab-size`, not `vocab_size`; `--in`, not `samples`; `--seed` is `seed`, as
-    `_check_paths_given` names it, and `--no-ties` is `ties`). An error at a line of a file, or
-    at a path that is there, is about what it holds; one at a path no input flag gave (a file
-    inside a directory given, --out) keeps its name."""
+    `_check_paths_given` names it, and `--no-ties` is `ties`); and an input there but of the
+    wrong kind (`WrongKind`: a directory for a file, a reward model for a policy), at the path
+    a flag gave or a file in the directory it gave. An error at a line of a file, or about
+    what a path that is there holds, names the file alone; one at a path no input flag gave
+    (--out's) keeps its name."""
     parser = getattr(args, "_parser", None)
     if parser is None or error.line is not None or (error.field or "").startswith("-"):
         return error
     if error.path is not None:
-        if os.path.lexists(error.path) and not isinstance(error, NotFound):
+        if os.path.lexists(error.path) and not isinstance(error, (NotFound, WrongKind)):
             return error  # what is there: the message says what it holds, at the path
-        failed = os.path.abspath(error.path)
-        for action in parser._actions:
-            values = getattr(args, action.dest, None)
-            if not action.option_strings or action.dest == "out" or \
-                    error.field not in (None, action.dest):
-                continue
-            for value in values if isinstance(values, list) else [values]:
-                if isinstance(value, str) and value.strip() and os.path.abspath(value) == failed:
-                    return _renamed(error, action.option_strings[0])
-        return error
+        flag = _input_flag_of(error, args)
+        return error if flag is None else _renamed(error, flag)
     if any(a.dest == "config" for a in parser._actions):  # a field YAML and key=value set too
         return error
     typed = {w.split("=", 1)[0] for w in getattr(parser, "_words", [])}
@@ -769,10 +764,42 @@ def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
     return error if flag is None else _renamed(error, flag)
 
 
+def _input_flag_of(error: UserError, args: argparse.Namespace) -> str | None:
+    """The input flag (not --out) whose path `error.path` is, else, for a path that is there,
+    the one whose directory it lies deepest in (`--tokenizer DIR` for DIR/tokenizer.json; a
+    path not found is named only where it was typed, since a stage looks for many files in a
+    directory given); of those that set the field `error` names, if it names one. None if no
+    flag gave it. The current directory and those above it hold nothing given: `--world .`
+    does not give every relative path."""
+    parser = args._parser
+    failed = os.path.abspath(error.path)
+    try:
+        here = os.getcwd()
+    except OSError:  # the current directory was removed
+        here = os.sep
+    inside = []
+    for action in parser._actions:
+        values = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "out" or \
+                error.field not in (None, action.dest):
+            continue
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str) or not value.strip():
+                continue
+            path = os.path.abspath(value)
+            if path == failed:
+                return action.option_strings[0]
+            holds_here = path == here or here.startswith(path.rstrip(os.sep) + os.sep)
+            if isinstance(error, WrongKind) and not holds_here and \
+                    failed.startswith(path.rstrip(os.sep) + os.sep):
+                inside.append((len(path), action.option_strings[0]))
+    return max(inside)[1] if inside else None
+
+
 def _renamed(error: UserError, flag: str) -> UserError:
-    """`error` naming `flag` as its field (a NotFound stays one)."""
-    named = (NotFound if isinstance(error, NotFound) else UserError)(
-        error.message, path=error.path, field=flag)
+    """`error` naming `flag` as its field (a NotFound or WrongKind stays one)."""
+    kind = type(error) if isinstance(error, (NotFound, WrongKind)) else UserError
+    named = kind(error.message, path=error.path, field=flag)
     named.__cause__ = error.__cause__
     return named
 

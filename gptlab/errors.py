@@ -1,7 +1,9 @@
 """Errors a user can act on.
 
 `UserError` is bad input: the CLI prints it and exits with code 2. `NotFound`, a UserError, is
-a path given that does not exist, which the CLI names with the flag that gave it. `PathError`, a
+a path given that does not exist, and `WrongKind` one that is there but not the kind of thing
+read there (a directory for a file, a file or another stage's model for a model): the CLI names
+each with the flag that gave it. `PathError`, a
 UserError and an OSError, is a file a stage could not write or make where the user pointed it (a
 full disk, no permission, a name too long). Anything else that escapes is an internal error
 (exit code 1, with a traceback).
@@ -53,6 +55,13 @@ class UserError(Exception):
 
 class NotFound(UserError):
     """A path the user gave that does not exist: the command line names the flag that gave it."""
+
+
+class WrongKind(UserError):
+    """A path the user gave, or a file in the directory given, that is there but not the kind
+    of thing read there (a directory for a file, a directory that is no model, a reward model
+    for a language model): the command line names the flag that gave it, as for `NotFound`,
+    since the mistake is which path went to which flag, not what the file holds."""
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:

@@ -76,7 +76,7 @@ try:
 except ImportError:  # Windows: no flock; stale temporaries are then left in place
     fcntl = None  # type: ignore[assignment]
 
-from gptlab.errors import NotFound, UserError
+from gptlab.errors import NotFound, UserError, WrongKind
 
 
 def _file_under(path: Path) -> Path | None:
@@ -1057,7 +1057,7 @@ def utf8_lines(path: str | Path, lone_cr: bool = True) -> Iterator[tuple[int, st
     if not path.exists():
         raise NotFound("file not found", path=path)
     if path.is_dir():
-        raise UserError("is a directory, not a file", path=path)
+        raise WrongKind("is a directory, not a file", path=path)
     other = other_format(path)
     if other is not None:
         raise UserError(other, path=path)
@@ -1357,7 +1357,7 @@ def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
     the file (and the line), and so is anything but an object unless `what` is None. A UTF-8
     byte-order mark (Notepad's) is dropped, as `utf8_lines` drops it."""
     if Path(path).is_dir():
-        raise UserError("is a directory, not a file", path=path)
+        raise WrongKind("is a directory, not a file", path=path)
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8-sig"), parse_int=_readable_int)
     except json.JSONDecodeError as e:

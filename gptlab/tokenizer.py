@@ -65,7 +65,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
-from gptlab.errors import UserError, check_bool, reports_path_errors
+from gptlab.errors import NotFound, UserError, WrongKind, check_bool, reports_path_errors
 from gptlab.io import atomic_path, ensure_dir, old_files_aside, read_json, write_json_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -1051,7 +1051,7 @@ def _chat_template(config: dict, config_file: Path) -> tuple[str | None, Path]:
     if template is not None or not jinja_file.exists():
         return template, config_file
     if jinja_file.is_dir():
-        raise UserError("is a directory, not a file", path=jinja_file)
+        raise WrongKind("is a directory, not a file", path=jinja_file)
     raw = jinja_file.read_bytes()
     try:
         return raw.decode("utf-8"), jinja_file
@@ -1309,9 +1309,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
-    if not file.exists():
-        raise UserError("tokenizer not found (expected a directory with tokenizer.json, or a "
-                        "tokenizer.json file)", path=file)
+    if not file.exists():  # a directory without one is there, but no tokenizer
+        raise (WrongKind if p.is_dir() else NotFound)(
+            "tokenizer not found (expected a directory with tokenizer.json, or a tokenizer.json "
+            "file)", path=p)
     try:
         hf = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust side raises plain Exceptions for any parse error

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from gptlab.checkpoint import save_model
-from gptlab.cli import VERBS, main
+from gptlab import cli
+from gptlab.cli import VERBS, build_parser, main
 from gptlab.config import load_config
-from gptlab.errors import NotFound, UserError
+from gptlab.errors import NotFound, UserError, WrongKind
 from gptlab.io import read_jsonl, write_jsonl_atomic
 from gptlab.model import GPT, get_preset
 from gptlab.provenance import record_run
@@ -400,7 +401,7 @@ def test_a_config_that_cannot_be_read_or_an_override_that_cannot_be_parsed_exits
     (tmp_path / "latin1.yaml").write_bytes(b"steps: 10\nout: caf\xe9\n")
     for argv, message in (
             (["--config", str(tmp_path / "adir")],
-             f"{tmp_path / 'adir'}: is a directory, not a file"),
+             f"{tmp_path / 'adir'}, field '--config': is a directory, not a file"),
             (["--config", str(tmp_path / "latin1.yaml")],
              f"{tmp_path / 'latin1.yaml'}:2: not UTF-8 text: byte 0xe9 at byte offset 18 cannot be "
              f"decoded; save the file as UTF-8"),
@@ -1062,7 +1063,7 @@ def test_a_ppo_value_model_given_where_a_language_model_is_needed_is_named_so(
     (value / "config.json").write_text(json.dumps({**meta, "stage": "value"}))
     assert main(["generate", "--model", str(value), "--prompt", "hello"]) == 2
     assert capsys.readouterr().err == (
-        f"gptlab generate: error: {value}, field 'model': not a decoder-only language model: "
+        f"gptlab generate: error: {value}, field '--model': not a decoder-only language model: "
         f"this is PPO's value model, which has no text to say\n")
 
 
@@ -2054,16 +2055,58 @@ def test_world_check_and_score_name_a_missing_world_as_label_does(tmp_path, caps
                                        f"`gptlab world export`)\n")
 
 
+def test_an_input_of_the_wrong_kind_names_the_flag_typed(tmp_path, tiny_model, capsys,
+                                                         monkeypatch):
+    # Each named only the path, as an error about what a file holds does: the mistake is which
+    # path went to which flag. A file inside the directory a flag gave names that flag.
+    adir, ok, out = tmp_path / "adir", tmp_path / "ok.jsonl", tmp_path / "out"
+    adir.mkdir()
+    ok.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
+    bare = tmp_path / "bare"  # a model whose template is chat_template.jinja, here a directory
+    shutil.copytree(tiny_model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").mkdir()
+    sample = ["sample", "--prompts", str(ok), "--k", "2", "--out", str(out)]
+    for argv, path, flag, said in (
+            (["sft", "--model", str(adir), "--data", str(ok), "--out", str(out)], adir,
+             "--model", "not a model directory (config.json is missing)"),
+            (["sft", "--model", str(ok), "--data", str(ok), "--out", str(out)], ok, "--model",
+             "is a file, not a model: a model is a directory"),
+            ([*sample, "--model", str(bare)], bare / "chat_template.jinja", "--model",
+             "is a directory, not a file"),
+            (["reward", "--model", str(tiny_model), "--data", str(ok), "--out", str(out),
+              "--config", str(adir)], adir, "--config", "is a directory, not a file")):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(
+            f"{command(argv)}: error: {path}, field '{flag}': {said}"), argv
+        assert not out.exists()
+    # The current directory holds no input: `--prompts .` (a directory of prompt files) does
+    # not give a model directory beside it that the command line never named.
+    monkeypatch.chdir(tmp_path)
+    parsed, _ = build_parser().parse_known_args([*sample[:1], "--model", "x", "--prompts", ".",
+                                                 "--k", "2", "--out", "o"])
+    error = cli._named_by_flag(WrongKind("is a directory, not a file",
+                                         path="bare/chat_template.jinja"), parsed)
+    assert str(error) == "bare/chat_template.jinja: is a directory, not a file"
+    # Content at fault keeps the path alone: a file that is there and read as what it is.
+    (tmp_path / "x").write_text("")
+    error = cli._named_by_flag(UserError("no rankings left to train on", path="x"), parsed)
+    assert (str(error), type(error)) == ("x: no rankings left to train on", UserError)
+
+
 def test_tokenizer_encode_prints_the_ids_and_a_directory_without_one_is_named(
         tiny_model, tmp_path, capsys):
     from gptlab.tokenizer import load_tokenizer
     assert main(["tokenizer", "encode", "--tokenizer", str(tiny_model), "hello world"]) == 0
     ids = load_tokenizer(tiny_model).encode("hello world")
     assert capsys.readouterr().out == " ".join(map(str, ids)) + "\n" and len(ids) >= 2
-    # The path not found is a file in the directory --tokenizer gave: no flag gave it as such.
+    # A directory without tokenizer.json is there but no tokenizer: named by the flag, as a
+    # tokenizer not found is (it named tokenizer.json inside it, and no flag).
     assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path), "hello"]) == 2
     assert capsys.readouterr().err == (
-        f"gptlab tokenizer encode: error: {tmp_path / 'tokenizer.json'}: tokenizer not found "
+        f"gptlab tokenizer encode: error: {tmp_path}, field '--tokenizer': tokenizer not found "
         f"(expected a directory with tokenizer.json, or a tokenizer.json file)\n")
 
 

@@ -677,7 +677,7 @@ def test_a_policy_or_reward_model_of_the_wrong_kind_names_its_flag(setup, tmp_pa
     args[args.index("--policy") + 1] = str(tmp_path / "rm")
     assert main(args) == 2
     assert capsys.readouterr().err == (
-        f"gptlab ppo: error: {tmp_path / 'rm'}, field 'policy': not a decoder-only language "
+        f"gptlab ppo: error: {tmp_path / 'rm'}, field '--policy': not a decoder-only language "
         f"model: this is a reward or value model, which has no text to say; give the SFT model "
         f"the policy starts from (the pipeline's OUT/sft), and this one as --reward (a value "
         f"model as --value)\n")
@@ -685,7 +685,7 @@ def test_a_policy_or_reward_model_of_the_wrong_kind_names_its_flag(setup, tmp_pa
     i = args.index("--reward-fn")
     args[i:i + 2] = ["--reward", str(d / "policy")]
     assert main(args) == 2
-    assert (f"{d / 'policy'}, field 'reward': not a reward model" in capsys.readouterr().err)
+    assert (f"{d / 'policy'}, field '--reward': not a reward model" in capsys.readouterr().err)
     assert not out.exists()
 
 
@@ -768,7 +768,7 @@ def test_a_reference_or_value_model_of_the_wrong_kind_is_refused(setup, tmp_path
     save_model(tmp_path / "wrong", wrong, tok)
     out = tmp_path / "run"
     assert main(ppo_args(d, out, flag, str(tmp_path / "wrong"))) == 2
-    assert (f"{tmp_path / 'wrong'}, field '{flag[2:]}': {message}"
+    assert (f"{tmp_path / 'wrong'}, field '{flag}': {message}"
             in capsys.readouterr().err)
     assert not out.exists()
 
@@ -845,7 +845,7 @@ def test_a_ppo_value_model_given_as_the_reward_model_is_refused(setup, tmp_path,
     capsys.readouterr()
     assert main(reward_args(d, out, value)) == 2
     assert capsys.readouterr().err == (
-        f"gptlab ppo: error: {value}, field 'reward': is PPO's value model, not a reward model: "
+        f"gptlab ppo: error: {value}, field '--reward': is PPO's value model, not a reward model: "
         f"trained, it predicts returns, not rewards; give the reward model's directory (the "
         f"pipeline's round-N/reward), and this one as --value to start the value model from "
         f"it\n")
@@ -886,7 +886,7 @@ def test_a_ppo_value_model_given_as_reference_or_policy_is_named_with_its_flag(
     capsys.readouterr()
     assert main(args) == 2
     assert capsys.readouterr().err == (
-        f"gptlab ppo: error: {value}, field '{flag[2:]}': not a decoder-only language model: "
+        f"gptlab ppo: error: {value}, field '{flag}': not a decoder-only language model: "
         f"this is PPO's value model{said}, and this one as --value to start the value model "
         f"from it\n")
     assert not out.exists()

@@ -840,8 +840,9 @@ def test_a_model_file_is_refused_as_not_a_gptlab_directory(corpus, tmp_path, cap
     weights = tmp_path / "model.gguf"
     weights.write_bytes(b"GGUF")
     out = tmp_path / "run"
-    # A model not found names the flag that gave it; one that is there, its field.
-    for model, field, why in ((weights, "model", "not a gptlab model directory"),
+    # A model not found names the flag that gave it; so does one that is there but no gptlab
+    # model directory (it named the field, 'model').
+    for model, field, why in ((weights, "--model", "not a gptlab model directory"),
                               (tmp_path / "nope.gguf", "--model", "model directory not found")):
         assert run("--data", str(corpus[0] / "a.txt"), "--model", str(model), "--out",
                    str(out), "--cache-dir", str(tmp_path / "cache")) == 2
@@ -1246,7 +1247,7 @@ def test_a_model_that_pretraining_cannot_start_from_is_refused_naming_the_flag(
             (["--model", "transformer-base"],
              "field 'model': preset 'transformer-base' is not a decoder-only GPT"),
             (["--model", str(tmp_path / "plain")],
-             f"{tmp_path / 'plain'}, field 'model': not a gptlab model directory (config.json "
+             f"{tmp_path / 'plain'}, field '--model': not a gptlab model directory (config.json "
              f"with format gptlab/1); import other models with `gptlab convert` first"),
             (["--tokenizer", str(tmp_path / "none")],
              f"{tmp_path / 'none'}, field '--tokenizer': tokenizer not found")):

@@ -327,7 +327,7 @@ def test_a_ppo_value_model_is_no_reward_model_to_continue(base, tmp_path, capsys
     assert main(["reward", "--model", str(value), "--data", str(rankings), "--out", str(out),
                  "--max-steps", "1", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
-        f"gptlab reward: error: {value}, field 'model': is PPO's value model, not a reward "
+        f"gptlab reward: error: {value}, field '--model': is PPO's value model, not a reward "
         f"model: trained, it predicts returns, not rewards; start from the SFT model, or "
         f"continue a reward model (the pipeline's round-N/reward)\n")
     assert not out.exists()
@@ -955,7 +955,8 @@ def test_a_model_without_tokenizer_or_of_another_kind_and_rankings_too_long_are_
     samples.write_text(json.dumps({"prompt": "cat " * 80, "responses": [" yes"]}) + "\n")
     for args, said in (
             (["--model", str(bare)], f"{bare}: the model has no tokenizer"),
-            (["--model", str(t5)], f"{t5}: the reward model must start from a GPT model"),
+            (["--model", str(t5)],
+             f"{t5}, field '--model': the reward model must start from a GPT model"),
             (["--data", str(long)], f"{long}: no rankings left to train on"),
             (["--samples", str(samples)], f"{samples}, field 'samples': no sample fits the "
                                           f"context to normalise the scores on")):

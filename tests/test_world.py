@@ -581,9 +581,9 @@ def test_every_reader_of_a_world_directory_says_alike_what_is_wrong_with_it(tmp_
                  ["pipeline", "--world", str(world), "--out", str(tmp_path / "run")]):
         assert main(argv) == 2
         command = " ".join(argv[:2] if argv[0] == "world" else argv[:1])
-        # A world not found names the flag that gave it, as any input not found.
-        field = "--world" if not world.exists() else "world"
-        assert capsys.readouterr().err == f"gptlab {command}: error: {world}, field '{field}': " \
+        # A world not found, or not a world, names the flag that gave it, as any input not
+        # found or of the wrong kind.
+        assert capsys.readouterr().err == f"gptlab {command}: error: {world}, field '--world': " \
                                           f"{says}\n"
     for read in (load_world, open_world):
         with pytest.raises(UserError) as err:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from gptlab.checkpoint import check_config, check_pad_token_id, refuse_non_finite
-from gptlab.errors import UserError, check_bool
+from gptlab.errors import UserError, WrongKind, check_bool
 from gptlab.io import (atomic_path, ensure_dir, old_files_aside, read_json, strict_json,
                        write_json_atomic, write_text_atomic)
 from gptlab.model.gpt import GPT, GPTConfig
@@ -741,7 +741,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
     d = Path(path)
     cfg_path = d / "config.json"
     if not cfg_path.exists():
-        raise UserError("not a Hugging Face model directory (config.json is missing)", path=d)
+        raise WrongKind("not a Hugging Face model directory (config.json is missing)", path=d)
     raw = read_json(cfg_path)
     if str(raw.get("format", "")).startswith("gptlab/"):
         raise UserError(f"a gptlab model directory (format {raw['format']!r}), not a Hugging "

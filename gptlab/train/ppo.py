@@ -39,7 +39,7 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, p
                                   read_prompts, template_tail)
 from gptlab.devices import queued_copy
 from gptlab.engine import SamplingParams, generate
-from gptlab.errors import (UserError, check_given, counted, exception_line,
+from gptlab.errors import (UserError, WrongKind, check_given, counted, exception_line,
                            reports_path_errors, setting)
 from gptlab.io import check_out_of_read_dirs, ensure_dir, old_files_aside, record_file
 from gptlab.model.attention import PrefixKV, common_prefix_length, row_is_right_padded
@@ -561,7 +561,7 @@ class PPOTrainer:
                     cfg.reference, "the SFT model the policy started from (the pipeline's "
                     "OUT/sft; without --reference, a copy of --policy is the reference)"
                 ) if isinstance(reference, ScalarHeadModel) else ""
-                raise UserError(f"not a decoder-only language model: this is "
+                raise WrongKind(f"not a decoder-only language model: this is "
                                 f"{model_kind(reference, cfg.reference)}; the reference must be "
                                 f"one (the KL is measured against its log-probabilities)"
                                 f"{': ' + instead if instead else ''}", path=cfg.reference,
@@ -660,7 +660,7 @@ class PPOTrainer:
         if self.cfg.value:
             vm, vm_tok, _ = load_model(self.cfg.value, self.device)
             if not isinstance(vm, ScalarHeadModel):
-                raise UserError("the value model must be a scalar-head model",
+                raise WrongKind("the value model must be a scalar-head model",
                                 path=self.cfg.value, field="value")
             self._check_vocabulary(vm, vm_tok, "value", "the value model")
         elif self.reward_model is not None:

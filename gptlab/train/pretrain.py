@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import build_from_meta, check_tokenizer_fits, is_gptlab_dir, \
     load_language_model, read_meta, save_model
-from gptlab.errors import NotFound, UserError, check_given, reports_path_errors
+from gptlab.errors import NotFound, UserError, WrongKind, check_given, reports_path_errors
 from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
@@ -180,7 +180,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
     model_path = Path(cfg.model)
     if _continues_a_model(cfg.model):
         if not is_gptlab_dir(model_path):
-            raise UserError("not a gptlab model directory (config.json with format gptlab/1); "
+            raise WrongKind("not a gptlab model directory (config.json with format gptlab/1); "
                             "import other models with `gptlab convert` first", path=model_path,
                             field="model")
         model, tok, _ = load_language_model(model_path, need_tokenizer=False)
@@ -197,7 +197,7 @@ def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, An
         return model.train(), tok
     if cfg.model not in PRESETS and ("/" in cfg.model or model_path.suffix):
         if model_path.exists():
-            raise UserError("not a gptlab model directory; pretraining continues only those: "
+            raise WrongKind("not a gptlab model directory; pretraining continues only those: "
                             "import other models with `gptlab convert` first", path=model_path,
                             field="model")
         raise NotFound("model directory not found", path=model_path, field="model")

@@ -28,7 +28,7 @@ from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.devices import queued_copy, to_device
-from gptlab.errors import UserError, check_given, counted, reports_path_errors
+from gptlab.errors import UserError, WrongKind, check_given, counted, reports_path_errors
 from gptlab.io import (check_dir_out, check_out_of_read_dirs, no_records, read_jsonl,
                        record_file)
 from gptlab.model.gpt import GPT
@@ -394,7 +394,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     if cfg.resume:
         check_resume_settings(cfg, latest)
     if is_value_model(cfg.model):  # a scalar head too, but on the scale of PPO's returns
-        raise UserError("is PPO's value model, not a reward model: trained, it predicts returns, "
+        raise WrongKind("is PPO's value model, not a reward model: trained, it predicts returns, "
                         "not rewards; start from the SFT model, or continue a reward model "
                         "(the pipeline's round-N/reward)", path=cfg.model, field="model")
     base, tok, _ = load_model(cfg.model)
@@ -407,7 +407,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         model = ScalarHeadModel.from_gpt(base)
         del base  # from_gpt copied its weights: held through training, it was one model more
     else:
-        raise UserError("the reward model must start from a GPT model", path=cfg.model)
+        raise WrongKind("the reward model must start from a GPT model", path=cfg.model)
     context = model.config.context
     rankings = read_rankings(cfg.data)
     if cfg.val_data:

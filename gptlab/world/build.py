@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.errors import NotFound, UserError, check_bool, reports_path_errors
+from gptlab.errors import NotFound, UserError, WrongKind, check_bool, reports_path_errors
 from gptlab.io import (atomic_path, check_holds_none, old_files_aside, read_json, write_json_atomic,
                        write_jsonl_atomic, write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
@@ -377,9 +377,9 @@ def world_manifest(directory: str | Path, field: str = "world") -> dict:
     if not d.exists():
         raise UserError(f"world directory not found ({MAKE_ONE})", path=d, field=field)
     if not d.is_dir():
-        raise UserError(f"is a file, not a world directory ({MAKE_ONE})", path=d, field=field)
+        raise WrongKind(f"is a file, not a world directory ({MAKE_ONE})", path=d, field=field)
     if not (d / "world.json").exists():
-        raise UserError(f"is not a world directory: it holds no world.json ({MAKE_ONE}; an "
+        raise WrongKind(f"is not a world directory: it holds no world.json ({MAKE_ONE}; an "
                         f"export stopped before its end leaves none: export it again)",
                         path=d, field=field)
     try:
@@ -392,7 +392,7 @@ def world_manifest(directory: str | Path, field: str = "world") -> dict:
         if manifest.get("format") == FORMAT:
             return manifest
         why = f"its format is {manifest.get('format')!r}, not '{FORMAT}'"
-    raise UserError(f"is not a world directory: its world.json is no world's manifest: "
+    raise WrongKind(f"is not a world directory: its world.json is no world's manifest: "
                     f"{why}; export the world again", path=d, field=field)
 
 
