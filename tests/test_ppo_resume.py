@@ -737,7 +737,7 @@ def test_a_ptx_corpus_given_twice_or_of_two_splits_names_ptx_data(setup, tmp_pat
         assert "field 'data'" not in err and not out.exists()
 
 
-def test_ptx_data_without_a_ptx_coef_says_it_is_unused(setup, tmp_path, capsys):
+def test_ptx_data_without_a_ptx_coef_says_it_is_unused_and_must_be_there(setup, tmp_path, capsys):
     # Given alone, --ptx-data was silently left unused (ptx_coef defaults to 0).
     d, _, _ = setup
     corpus = tmp_path / "corpus.txt"
@@ -746,6 +746,12 @@ def test_ptx_data_without_a_ptx_coef_says_it_is_unused(setup, tmp_path, capsys):
     assert "note: --ptx-data is not used: --ptx-coef is 0" in capsys.readouterr().err
     assert main(ppo_args(d, tmp_path / "run2")) == 0
     assert "--ptx-data" not in capsys.readouterr().err
+    # Unread, a path mistyped was only that note, and the run went on: it is refused as any
+    # input not found, before anything loads or is written.
+    assert main(ppo_args(d, tmp_path / "run3", "--ptx-data", str(tmp_path / "corpus.text"))) == 2
+    assert capsys.readouterr().err == (f"gptlab ppo: error: {tmp_path / 'corpus.text'}, field "
+                                       f"'--ptx-data': corpus file not found\n")
+    assert not (tmp_path / "run3").exists()
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -483,6 +483,9 @@ class PPOTrainer:
         if cfg.ptx_coef:
             from gptlab.data.corpus import check_out_of_corpus
             check_out_of_corpus(self.out, cfg.ptx_data, flag="--ptx-data")
+        elif cfg.ptx_data:  # never read (a note says so below), but a path mistyped is refused
+            from gptlab.data.corpus import corpus_files
+            corpus_files(cfg.ptx_data, field="ptx_data")
         latest = check_run_dir(self.out, cfg.resume, {
             "policy": cfg.policy, "reference": cfg.reference, "reward": cfg.reward,
             "value": cfg.value}, resume_from=cfg.resume_from)
