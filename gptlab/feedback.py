@@ -22,7 +22,7 @@ from gptlab.errors import UserError, counted, exception_line, reports_path_error
 from gptlab.io import (check_file_out, check_not_input, check_not_inside,
                        check_out_of_read_dirs, read_jsonl, record_file, write_jsonl_atomic)
 from gptlab.plugin import load_function
-from gptlab.stop_strings import StopStrings, check_stop_strings, earliest_stop
+from gptlab.stop_strings import StopStrings, check_stop_strings, cut_reply
 
 # (record, distinct responses) -> the responses best first, an item a response or a list of
 # tied responses; or one score per response, in their order (higher is better, equal ones tie)
@@ -97,14 +97,18 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
             rows = range(j * k, (j + 1) * k)
             row = {key: v for key, v in rec.items()
                    if key not in ("_line", "_file", "stopped_by")}
+            # With stop strings, decoded with the template's lead (the text StopStrings watched)
+            # and cut in it, then the lead left out, as `decode_response` leaves it out.
             responses = [tokenizer.decode_response(prompt, ids, gen.tokens[i],
-                                                   cut=mark_cut and not gen.finished[i])
+                                                   cut=mark_cut and not gen.finished[i],
+                                                   lead="" if stop else None)
                          for i in rows]
             ends = {}
             if stop:
-                found = [earliest_stop(r, stop) for r in responses]
-                responses = [r if f is None else r[:f[0]] for r, f in zip(responses, found)]
-                ends = {"stopped_by": [None if f is None else f[1] for f in found]}
+                lead = "" if isinstance(prompt, str) else tokenizer.answer_lead(prompt)
+                responses, found = zip(*(cut_reply(r, lead, stop) for r in responses))
+                responses = list(responses)
+                ends = {"stopped_by": list(found)}
             if not mark_cut:
                 out.append({**row, "responses": responses, **ends})
                 continue

@@ -3,7 +3,8 @@
 The engine knows no text; it takes a `stop_when(rows, tokens)` check that the host runs after
 each step. `StopStrings` is that check for text: it decodes each row's continuation as it
 grows and says which rows' text now holds a stop string, one that spans several tokens or
-starts inside one included. `cut_at_stop` then cuts the decoded text before it.
+starts inside one included. `cut_at_stop` then cuts the decoded text before it, and
+`cut_reply` a chat response, in the text with the template's lead that `StopStrings` watched.
 
 Decoding is incremental, as vLLM's detokenizer does it: each row decodes only the tokens since
 the last piece of text that no later token can change (a character whose bytes span tokens
@@ -62,6 +63,21 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """(`text` before the earliest stop string in it, whether there was one)."""
     found = earliest_stop(text, stop)
     return (text[:found[0]], True) if found else (text, False)
+
+
+def cut_reply(text: str, lead: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """(`text` before the earliest stop string in it, less `lead`; that stop string, None where
+    it holds none). `text` is a response decoded with `lead` kept, the text a chat template
+    writes between its assistant header and an answer (`Tokenizer.answer_lead`; Llama 2's " "
+    after "[/INST]"), which a response written to a file or kept as a reply leaves out: the
+    text `StopStrings` watched. A stop string that begins inside the lead is found there, as it
+    ended the generation, and leaves the response empty; looked for after the lead, it was not
+    found, and the response kept the rest of it."""
+    found = earliest_stop(text, stop) if stop else None
+    kept = text if found is None else text[:found[0]]
+    if lead and text.startswith(lead):
+        kept = kept[len(lead):]
+    return kept, None if found is None else found[1]
 
 
 class _Row:

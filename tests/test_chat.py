@@ -1448,6 +1448,9 @@ def test_a_stop_string_given_ends_a_reply_beside_the_templates_own():
     # From inside a token and across the next; of several, the earliest in the text.
     assert replies(("ere, fr",))[0] == "Hello th"
     assert replies(("friend", "ere, f", "\nAssistant:"))[0] == "Hello th"
+    # One that begins in the template's " " after "Assistant:", which a reply leaves out: it
+    # ended the reply there (the reply kept "Hello", the rest of it).
+    assert replies((" Hello",))[0] == ""
     # Sampled: the first reply is the one drawn without it, cut before it (one row: the same
     # draws; the second follows another history).
     for seed in range(3):
@@ -1461,6 +1464,11 @@ def test_a_stop_string_given_ends_a_reply_beside_the_templates_own():
     out = Writes()
     assert run_chat(session, Terminal("the cat sat\n"), out, io.StringIO()) == 1
     assert "".join(out.writes[1:-2]) == "Hello th\n"
+    session = ChatSession(net, tok, ChatConfig(max_new_tokens=20, greedy=True,
+                                               stop=(" Hello",)))
+    out = Writes()
+    assert run_chat(session, Terminal("the cat sat\n"), out, io.StringIO()) == 1
+    assert "".join(out.writes[1:-2]) == "\n" and session.messages[-1] == bot("")
 
 
 def test_a_stop_string_given_ends_a_reply_under_a_template_that_ends_turns_in_a_token(

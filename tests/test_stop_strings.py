@@ -12,7 +12,7 @@ from gptlab.cli import main
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig
-from gptlab.stop_strings import (StopStrings, check_stop_strings, cut_at_stop,
+from gptlab.stop_strings import (StopStrings, check_stop_strings, cut_at_stop, cut_reply,
                                   earliest_stop)
 from gptlab.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
 
@@ -146,6 +146,14 @@ def test_stop_strings_are_checked_and_cut_at_the_earliest():
     assert earliest_stop("Hello there", ["there", "Hello th", "Hell"]) == (0, "Hello th")
     assert earliest_stop("Hello there", ["here", "th"]) == (6, "th")
     assert earliest_stop("Hello", ["x", "y"]) is None
+    # A chat response decoded with the template's lead (Llama 2's " " after "[/INST]"), as
+    # StopStrings watched it: cut there, then the lead left out, even where the stop string
+    # begins in the lead.
+    assert cut_reply(" yes it is", " ", ["it"]) == ("yes ", "it")
+    assert cut_reply(" yes it is", " ", [" yes", "is"]) == ("", " yes")
+    assert cut_reply(" yes it is", " ", ["no"]) == ("yes it is", None)
+    assert cut_reply("yes", "", ["es"]) == ("y", "es")
+    assert cut_reply("[A] yes", "[A] ", ["A]"]) == ("", "A]")  # inside it: nothing of it kept
 
 
 # --- a model that writes the next turn of a plain-text template -------------------------------
@@ -247,6 +255,12 @@ def test_sample_cuts_each_response_at_the_earliest_stop_string_and_names_it(tmp_
     assert [r["responses"] for r in rows] == [[" Hello there, "], ["Hello there, "],
                                               ["\n cat sat\n"]]
     assert [r["stopped_by"] for r in rows] == [["friend"], ["friend"], ["Assistant: Hello"]]
+    # One that begins in the " " the template writes after "Assistant:", which a chat
+    # response leaves out ("b"): it ended the response there, which was written as the rest,
+    # "Hello", with no stopped_by.
+    rows = sampled(tmp_path, capsys, *greedy, "--stop", " Hello")
+    assert [r["responses"] for r in rows] == [[""], [""], ["\n cat sat\nAssistant:"]]
+    assert [r["stopped_by"] for r in rows] == [[" Hello"]] * 3
     # None that appears: the file is the one without --stop, each line with its null.
     rows = sampled(tmp_path, capsys, *greedy, "--stop", "zebra")
     assert rows == [{**r, "stopped_by": [None]} for r in free]

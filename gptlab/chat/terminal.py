@@ -41,7 +41,7 @@ from gptlab.chat.context import TurnTooLong, fit_messages
 from gptlab.checkpoint import load_language_model
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
-from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
+from gptlab.stop_strings import StopStrings, check_stop_strings, cut_reply
 from gptlab.tokenizer import check_text
 from gptlab.train.loop import select_device
 
@@ -191,8 +191,9 @@ class ChatSession:
         tokens = gen.tokens[0]
         if gen.stopped_by_string and gen.stopped_by_string[0]:
             # the next turn's start, in text: the reply is what comes before it
-            answer = cut_at_stop(self.tok.decode_response(kept, ids, tokens),
-                                 self.stop_strings)[0].strip()
+            # cut in the text with the template's lead, where StopStrings found it
+            answer = cut_reply(self.tok.decode_response(kept, ids, tokens, lead=""),
+                               self.tok.answer_lead(kept), self.stop_strings)[0].strip()
         elif gen.finished[0]:
             # the end-of-turn token; the template writes its own
             answer = self.tok.decode_response(kept, ids, tokens[:-1]).strip()
@@ -261,18 +262,20 @@ class StreamedReply:
                 self.tokens.append(t)
                 self._settle(len(self.tokens) - 1)
         # As the reply is decoded at the end, with a last character the tokens split left out.
-        text = self.before + self._text(len(self.tokens), cut=True)
-        text = (text[len(self.lead):] if self.lead and text.startswith(self.lead)
-                else text).strip()
-        if self.stop_strings:
-            text = self._before_stop(text)
+        full = self.before + self._text(len(self.tokens), cut=True)
+        # Stop strings are looked for where StopStrings looks, in the text with the template's
+        # lead and white space, and the reply kept is cut there (`cut_reply`).
+        text = self._before_stop(full) if self.stop_strings else full
+        text = text[len(self.lead):] if self.lead and full.startswith(self.lead) else text
+        text = text.strip()
         if len(text) > len(self.given) and text.startswith(self.given):
             self._give(text[len(self.given):])
 
     def _before_stop(self, text: str) -> str:
         """`text` less a stop string and what follows, or, where it ends in the start of one,
         less that start (and white space before it). What was handed on holds neither, so
-        only its last characters and what follows are searched."""
+        only its last characters and what follows are searched (`text` holds the lead and
+        white space `given` lacks: its place in `text` is no earlier than in `given`)."""
         longest = max(map(len, self.stop_strings))
         since = max(0, len(self.given) - longest)
         at = min((i for i in (text.find(s, since) for s in self.stop_strings) if i >= 0),
