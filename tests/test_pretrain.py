@@ -317,6 +317,8 @@ def test_a_split_holds_out_at_least_one_block_and_trains_on_at_least_one():
     assert [len(x) for x in split_blocks(10, 0.01, seed=0)] == [9, 1]   # 0.1 rounds to 1, not 0
     assert [len(x) for x in split_blocks(2, 0.9, seed=0)] == [1, 1]     # 1.8 rounds to 2: 1 left
     assert [len(x) for x in split_blocks(10, 0.0, seed=0)] == [10, 0]
+    # A half rounds to the even whole, as README says: 8.5 holds out 8, 9.5 holds out 10.
+    assert [len(x[1]) for x in (split_blocks(170, 0.05, 0), split_blocks(190, 0.05, 0))] == [8, 10]
 
 
 def test_fixed_batches_are_the_first_max_batches_full_batches_of_the_ids():

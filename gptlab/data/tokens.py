@@ -261,7 +261,10 @@ def n_blocks(n_tokens: int, block_size: int) -> int:
 
 def split_blocks(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train block ids, validation block ids): a seeded random `val_fraction` of the blocks
-    (at least one when there are two or more blocks and val_fraction > 0) goes to validation.
+    (at least one when there are two or more blocks and val_fraction > 0) goes to validation,
+    the count rounded as `round` rounds it, a half to the even whole (kept so: rounding it up
+    would move a block of every corpus whose count lands on a half, and with it the runs on
+    it, for no gain).
 
     The training ids are sorted; the validation ids keep their random order, so that the first
     few (what an evaluation of `eval_batches` reads) sample the whole corpus, not its start."""
