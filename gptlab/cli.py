@@ -769,31 +769,32 @@ def _input_flag_of(error: UserError, args: argparse.Namespace) -> str | None:
     the one whose directory it lies deepest in (`--tokenizer DIR` for DIR/tokenizer.json; a
     path not found is named only where it was typed, since a stage looks for many files in a
     directory given); of those that set the field `error` names, if it names one. None if no
-    flag gave it. The current directory and those above it hold nothing given: `--world .`
-    does not give every relative path."""
+    flag gave it, or if it lies deeper in --out's (a checkpoint of `--out runs/sft/ppo` is not
+    `--policy runs/sft`'s). The current directory and those above it hold nothing given:
+    `--world .` does not give every relative path."""
     parser = args._parser
     failed = os.path.abspath(error.path)
     try:
         here = os.getcwd()
     except OSError:  # the current directory was removed
         here = os.sep
-    inside = []
+    inside: list[tuple[int, str | None]] = []  # (how deep, the flag; None: --out)
     for action in parser._actions:
         values = getattr(args, action.dest, None)
-        if not action.option_strings or action.dest == "out" or \
-                error.field not in (None, action.dest):
+        writes = action.dest == "out"
+        if not action.option_strings or not writes and error.field not in (None, action.dest):
             continue
         for value in values if isinstance(values, list) else [values]:
             if not isinstance(value, str) or not value.strip():
                 continue
             path = os.path.abspath(value)
-            if path == failed:
+            if path == failed and not writes:
                 return action.option_strings[0]
             holds_here = path == here or here.startswith(path.rstrip(os.sep) + os.sep)
-            if isinstance(error, WrongKind) and not holds_here and \
-                    failed.startswith(path.rstrip(os.sep) + os.sep):
-                inside.append((len(path), action.option_strings[0]))
-    return max(inside)[1] if inside else None
+            if isinstance(error, WrongKind) and not holds_here and (
+                    failed.startswith(path.rstrip(os.sep) + os.sep) or path == failed):
+                inside.append((len(path), None if writes else action.option_strings[0]))
+    return max(inside, key=lambda x: x[0])[1] if inside else None
 
 
 def _renamed(error: UserError, flag: str) -> UserError:

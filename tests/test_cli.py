@@ -2090,6 +2090,14 @@ def test_an_input_of_the_wrong_kind_names_the_flag_typed(tmp_path, tiny_model, c
     error = cli._named_by_flag(WrongKind("is a directory, not a file",
                                          path="bare/chat_template.jinja"), parsed)
     assert str(error) == "bare/chat_template.jinja: is a directory, not a file"
+    # A path in --out's directory is the run's own, even where --out lies in an input's.
+    parsed, _ = build_parser().parse_known_args(["sft", "--model", "m", "--data", "d.jsonl",
+                                                 "--out", "m/sft"])
+    for path, said in (("m/sft/checkpoints/step-2", "m/sft/checkpoints/step-2: "),
+                       ("m/sft", "m/sft: "), ("m/chat_template.jinja",
+                                              "m/chat_template.jinja, field '--model': ")):
+        error = cli._named_by_flag(WrongKind("not a model directory", path=path), parsed)
+        assert str(error) == said + "not a model directory"
     # Content at fault keeps the path alone: a file that is there and read as what it is.
     (tmp_path / "x").write_text("")
     error = cli._named_by_flag(UserError("no rankings left to train on", path="x"), parsed)
