@@ -38,20 +38,19 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
     room = context - max_new_tokens
     if len(ids) <= room:
         return ids, 0
-    if room < 1 and not truncate:
-        raise UserError(f"max_new_tokens {max_new_tokens} alone fills the context of {context}; "
-                        f"lower it (--max-new-tokens) to at most {context - 1}",
-                        field="max_new_tokens")
+    # The shortest prompt there is: a token, after the BOS a prompt begins with.
+    keep = ids[:1] if bos_id is not None and ids and ids[0] == bos_id else []
+    if room < len(keep) + 1:  # no prompt fits, shortened or truncated
+        least = "BOS and one token" if keep else "one token"
+        raise UserError(f"max_new_tokens {max_new_tokens} leaves no room in the context of "
+                        f"{context} for a prompt of {least}; lower it (--max-new-tokens) to at "
+                        f"most {context - len(keep) - 1}", field="max_new_tokens")
     if not truncate:
         raise UserError(f"prompt has {len(ids)} tokens, but the context of {context} minus "
                         f"max_new_tokens {max_new_tokens} leaves room for {room}; shorten it, "
                         f"lower max_new_tokens (--max-new-tokens), or set truncate (--truncate) "
                         f"to drop the oldest tokens",
                         field=field)
-    keep = ids[:1] if bos_id is not None and ids[0] == bos_id else []
-    if room < len(keep) + 1:
-        raise UserError(f"max_new_tokens {max_new_tokens} leaves no room in the context of "
-                        f"{context}", field="max_new_tokens")
     dropped = len(ids) - room
     print(f"note: prompt truncated: dropped its first {dropped} of {len(ids)} tokens"
           + (" after BOS" if keep else ""), file=sys.stderr)

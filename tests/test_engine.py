@@ -488,11 +488,22 @@ def test_max_new_tokens_beyond_the_context_is_named_as_the_fault():
     with pytest.raises(UserError) as e:
         fit_prompt([1, 2, 3], 32, 48, False)
     assert e.value.field == "max_new_tokens"
-    assert e.value.message == ("max_new_tokens 48 alone fills the context of 32; lower it "
-                               "(--max-new-tokens) to at most 31")
+    assert e.value.message == ("max_new_tokens 48 leaves no room in the context of 32 for a "
+                               "prompt of one token; lower it (--max-new-tokens) to at most 31")
     with pytest.raises(UserError) as e:  # the whole context: no room for any prompt either
         fit_prompt([1, 2, 3], 32, 32, False)
     assert e.value.field == "max_new_tokens" and "at most 31" in e.value.message
+    # A prompt that begins with BOS keeps it: 31 left room for 1 token, which no prompt is,
+    # and the advice to shorten the prompt could not be followed (nor could --truncate).
+    for truncate in (False, True):
+        with pytest.raises(UserError) as e:
+            fit_prompt([0, 2, 3], 32, 31, truncate, bos_id=0)
+        assert (e.value.field, e.value.message) == (
+            "max_new_tokens", "max_new_tokens 31 leaves no room in the context of 32 for a "
+                              "prompt of BOS and one token; lower it (--max-new-tokens) to at "
+                              "most 30")
+    assert fit_prompt([0, 2, 3], 32, 30, True, bos_id=0) == ([0, 3], 1)  # the bound is right
+    assert fit_prompt([0, 2], 32, 30, False, bos_id=0) == ([0, 2], 0)
     with pytest.raises(UserError) as e:  # within the context, the prompt is what is too long
         fit_prompt([1] * 30, 32, 4, False)
     assert e.value.field == "prompt" and "leaves room for 28" in e.value.message
