@@ -488,6 +488,9 @@ def named_os_error(e: BaseException, path: str | Path) -> BaseException:
     as a RuntimeError raised while the OSError of the Python file it wrote to was being
     handled (see `gptlab.checkpoint.torch_save`). Anything else is returned as it is."""
     if isinstance(e, OSError):
+        short = _short_write(e, path)
+        if short is not None:
+            return short
         return e if e.filename is not None else OSError(e.errno, e.strerror, str(path))
     if isinstance(e, UserError):
         return e
@@ -497,6 +500,24 @@ def named_os_error(e: BaseException, path: str | Path) -> BaseException:
     if found:
         return OSError(int(found[1]), os.strerror(int(found[1])), str(path))
     return e
+
+
+def _short_write(e: OSError, path: str | Path) -> OSError | None:
+    """numpy's `tofile` (the gguf package's writer of tensors) reports a write cut short as an
+    OSError without errno, "884736 requested and 394000 written": where the file system of
+    `path` has less room left than the bytes not written, that is a full disk, said as
+    ENOSPC naming `path`. None for any other error (or room enough: the cause is unknown)."""
+    found = re.fullmatch(r"(\d+) requested and (\d+) written", str(e)) if e.errno is None \
+        else None
+    if found is None:
+        return None
+    try:
+        st = os.statvfs(Path(path).parent)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize >= int(found[1]) - int(found[2]):
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -388,6 +388,41 @@ def test_convert_to_gguf_refuses_an_out_that_exists_or_is_no_gguf_and_a_misplace
     assert (tmp_path / "m.gguf").read_bytes() == b"mine"
 
 
+def test_convert_to_gguf_refuses_an_out_inside_the_model(saved, tmp_path, capsys):
+    # It wrote the file into the model's directory, as --to hf refuses to.
+    before = sorted(p.name for p in saved.iterdir())
+    assert main(["convert", "--to", "gguf", str(saved), "--out", str(saved / "m.gguf")]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab convert: error: {saved / 'm.gguf'}, field 'out': the output file is inside the "
+        f"model being converted ({saved}); choose another out (--out)\n")
+    assert sorted(p.name for p in saved.iterdir()) == before
+
+
+def test_a_gguf_export_cut_short_by_a_full_disk_is_said_so_and_leaves_nothing(
+        saved, tmp_path, capsys, monkeypatch):
+    # numpy's tofile, the gguf package's writer of tensors, says a full disk as an OSError with
+    # no errno ("884736 requested and 394000 written"): it was a traceback and exit 1.
+    import gguf
+    from collections import namedtuple
+
+    def cut_short(self, *args, **kwargs):
+        raise OSError("884736 requested and 394000 written")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", cut_short)
+    Room = namedtuple("Room", "f_bavail f_frsize")
+    for free, said in ((4096, "No space left on device"), (10 ** 9, None)):
+        monkeypatch.setattr(os, "statvfs", lambda path, free=free: Room(free // 4096, 4096))
+        out = tmp_path / "m.gguf"
+        if said:
+            assert main(["convert", "--to", "gguf", str(saved), "--out", str(out)]) == 2
+            assert capsys.readouterr().err == (
+                f"gptlab convert: error: {out}, field '--out': No space left on device\n")
+        else:  # room enough: the cause is not known, and not said as a full disk
+            with pytest.raises(OSError) as e:
+                main(["convert", "--to", "gguf", str(saved), "--out", str(out)])
+            assert e.value.errno is None
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]
+
+
 def test_convert_to_gguf_refuses_an_out_that_is_a_dangling_link(saved, tmp_path, capsys):
     """A link to nothing is no free name: it stays, unreplaced (exists() is false for it)."""
     (tmp_path / "m.gguf").symlink_to(tmp_path / "nowhere.gguf")

@@ -108,7 +108,7 @@ def convert_to_hf(src: str | Path, out_dir: str | Path) -> Path:
 def convert_to_gguf(src: str | Path, out_file: str | Path, dtype: str = "f32") -> Path:
     """Export a gptlab model directory (or anything `load_model` reads) to a new .gguf file
     (`export_gguf`); an `out_file` that exists is refused, as is one `load_pretrained` would not
-    read as GGUF (its name must end in .gguf)."""
+    read as GGUF (its name must end in .gguf) and one inside the model's directory."""
     from gptlab.checkpoint import is_value_model, load_model
 
     out = check_file_out(out_file)
@@ -118,6 +118,9 @@ def convert_to_gguf(src: str | Path, out_file: str | Path, dtype: str = "f32") -
     if out.exists() or out.is_symlink():
         raise UserError("already exists; choose another out (--out) or remove it", path=out,
                         field="out")
+    if Path(src).resolve() in out.resolve().parents:  # a file mixed into the model it reads
+        raise UserError(f"the output file is inside the model being converted ({src}); "
+                        f"choose another out (--out)", path=out, field="out")
     if dtype not in GGUF_DTYPES:  # before the model is read
         raise UserError(f"expects one of {', '.join(GGUF_DTYPES)}, not {dtype!r}",
                         field="dtype")
