@@ -388,6 +388,34 @@ def test_convert_to_gguf_refuses_an_out_that_exists_or_is_no_gguf_and_a_misplace
     assert (tmp_path / "m.gguf").read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("fields, dropped, ours", [
+    (dict(), "blk.1.ffn_gate.weight", "blocks.1.mlp.gate.weight"),
+    (GPT2, "position_embd.weight", "pos_emb.weight"),
+    (GPT2, "blk.0.attn_qkv.bias", "blocks.0.attn.q_proj.bias"),  # Q, K, V read from one tensor
+])
+def test_a_tensor_missing_from_a_gguf_file_is_named_as_the_file_names_it(
+        fields, dropped, ours, tok, tmp_path, monkeypatch):
+    # It was named by gptlab's parameter ('blocks.1.mlp.gate.weight'), which no GGUF file holds.
+    from gptlab.interop.gguf import _gguf_name, _our_name
+    add = gguf.GGUFWriter.add_tensor
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", lambda self, name, *a, **k: None
+                        if name == dropped else add(self, name, *a, **k))
+    model = _model(tok.vocab_size, **fields)
+    export_gguf(model, tok, tmp_path / "m.gguf")
+    monkeypatch.undo()
+    with pytest.raises(UserError) as e:
+        load_pretrained(tmp_path / "m.gguf")
+    assert str(e.value) == (f"{tmp_path / 'm.gguf'}: tensor {dropped} is missing from the "
+                            f"checkpoint (gptlab's {ours} is read from it)")
+    # Every parameter's name, and back (gpt2's Q, K and V come apart from the fused one).
+    arch = "gpt2" if fields else "llama"
+    for name in model.state_dict():
+        theirs = _gguf_name(name, arch)
+        assert theirs is not None, name
+        assert _our_name(theirs) == name or theirs.endswith((".attn_qkv.weight",
+                                                            ".attn_qkv.bias")), name
+
+
 def test_convert_to_gguf_refuses_an_out_inside_the_model(saved, tmp_path, capsys):
     # It wrote the file into the model's directory, as --to hf refuses to.
     before = sorted(p.name for p in saved.iterdir())

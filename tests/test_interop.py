@@ -18,7 +18,7 @@ import torch
 
 from gptlab.cli import main
 from gptlab.engine import SamplingParams, generate
-from gptlab.errors import UserError
+from gptlab.errors import PathError, UserError
 from gptlab.interop import convert_to_gptlab, export_hf, load_pretrained
 from gptlab.model.gpt import GPT, GPTConfig
 
@@ -548,6 +548,26 @@ def test_gpt_neo_checkpoint_s_causal_mask_buffers_are_not_weights(tmp_path):
     with pytest.raises(UserError, match=r"1 tensor\(s\) do not map to gptlab's GPT-2-style "
                                         r"model: transformer.h.0.attn.attention.bias"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family, dropped, ours", [
+    ("llama", "model.layers.1.mlp.gate_proj.weight", "blocks.1.mlp.gate.weight"),
+    ("gpt2", "transformer.wpe.weight", "pos_emb.weight"),
+    ("gpt2", "transformer.h.1.attn.c_attn.weight", "blocks.1.attn.q_proj.weight"),
+    ("gpt_neo", "transformer.h.0.mlp.c_fc.bias", "blocks.0.mlp.up.bias"),
+])
+def test_a_tensor_missing_from_a_checkpoint_is_named_as_the_file_names_it(family, dropped, ours,
+                                                                          tmp_path):
+    # It was named by gptlab's parameter ('blocks.1.mlp.gate.weight'), which no file holds.
+    from safetensors.torch import load_file, save_file
+    _hf_model(family).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    del sd[dropped]
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError) as e:
+        load_pretrained(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: tensor {dropped} is missing from the checkpoint "
+                            f"(gptlab's {ours} is read from it)")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -1090,8 +1110,10 @@ def test_an_export_over_another_that_fails_leaves_the_old_one_as_it_was(
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr("safetensors.torch.save_file", full)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(PathError) as e:  # a UserError too, naming the argument (it was neither)
         export_hf(model(2), tok, out, overwrite=True)
+    assert str(e.value) == f"{out / 'model.safetensors'}, field 'out_dir': No space left on device"
+    assert e.value.errno == errno.ENOSPC and isinstance(e.value, UserError)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     if old == "tokenizer files only":
         capsys.readouterr()

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from gptlab.errors import NotFound, UserError, check_bool
+from gptlab.errors import NotFound, UserError, check_bool, reports_path_errors
 from gptlab.interop.hf import Named, check_heads, assemble
 from gptlab.model.gpt import GPT, GPTConfig
 
@@ -187,6 +187,22 @@ _NAMES = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_em
 _BLOCK = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj",
           "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
           "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+
+
+def _gguf_name(ours: str, arch: str) -> str | None:
+    """The GGUF tensor gptlab's parameter `ours` is read from (gpt2's Q, K and V: the fused
+    attn_qkv), for the message that names one missing."""
+    top = {o: g for g, o in _NAMES.items()}
+    if ours in top:
+        return top[ours]
+    parts = ours.split(".")  # blocks.{i}.{kind}.{weight|bias}, kind maybe dotted
+    if len(parts) < 4 or parts[0] != "blocks":
+        return None
+    kind = ".".join(parts[2:-1])
+    if arch == "gpt2" and kind in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
+        return f"blk.{parts[1]}.attn_qkv.{parts[-1]}"
+    return next((f"blk.{parts[1]}.{g}.{parts[-1]}" for g, o in _BLOCK.items() if o == kind),
+                None)
 
 
 def _our_name(name: str) -> str | None:
@@ -564,7 +580,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
     except (TypeError, ValueError) as e:  # GPTConfig's own checks (an odd rotary head_dim)
         raise UserError(str(e), path=p) from None
     named, unused = _tensors(reader, gguf, cfg, arch, p, dtype)  # tied: no output.weight
-    return assemble(cfg, named, unused, p, dtype), tokenizer
+    return assemble(cfg, named, unused, p, dtype, lambda ours: _gguf_name(ours, arch)), tokenizer
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -762,6 +778,7 @@ def _gguf_tensors(model: GPT, arch: str) -> Iterator[tuple[str, np.ndarray]]:
         yield theirs, np.ascontiguousarray(a)
 
 
+@reports_path_errors
 def export_gguf(model: GPT, tokenizer: Any, out: str | Path, dtype: str = "f32",
                 name: str = "gptlab", *, overwrite: bool = False) -> Path:
     """Write `model` (and its byte-level BPE tokenizer, with chat template and BOS/EOS/pad ids)

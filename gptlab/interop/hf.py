@@ -16,13 +16,13 @@ import itertools
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from gptlab.checkpoint import check_config, check_pad_token_id, refuse_non_finite
-from gptlab.errors import UserError, WrongKind, check_bool
+from gptlab.errors import UserError, WrongKind, check_bool, reports_path_errors
 from gptlab.io import (atomic_path, ensure_dir, old_files_aside, read_json, strict_json,
                        write_json_atomic, write_text_atomic)
 from gptlab.model.gpt import GPT, GPTConfig
@@ -537,6 +537,33 @@ def _gpt2_weights(sd: dict[str, Tensor], cfg: GPTConfig, source: Path
     return out, used
 
 
+def _gpt2_names(cfg: GPTConfig, prefix: str) -> dict[str, str]:
+    """gptlab name -> the GPT-2 tensor it is read from (Q, K and V: the fused c_attn), for
+    the message that names one missing."""
+    m = {"tok_emb.weight": prefix + "wte.weight", "pos_emb.weight": prefix + "wpe.weight",
+         "final_norm.weight": prefix + "ln_f.weight", "final_norm.bias": prefix + "ln_f.bias",
+         "lm_head.weight": "lm_head.weight"}
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}.", f"{prefix}h.{i}."
+        for s in ("weight", "bias"):
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"),
+                                 ("attn.o_proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                                 ("mlp.down", "mlp.c_proj"), ("attn.q_proj", "attn.c_attn"),
+                                 ("attn.k_proj", "attn.c_attn"), ("attn.v_proj", "attn.c_attn")):
+                m[f"{b}{ours}.{s}"] = f"{h}{theirs}.{s}"
+    return m
+
+
+def _source_names(model_type: str, sd: dict[str, Tensor], cfg: GPTConfig) -> dict[str, str]:
+    """gptlab name -> the tensor of a `model_type` checkpoint it is read from."""
+    prefix = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
+    if model_type == "gpt2":
+        return _gpt2_names(cfg, prefix)
+    if model_type == "gpt_neo":
+        return _gpt_neo_names(cfg, prefix)
+    return _llama_names(cfg)
+
+
 def _llama_names(cfg: GPTConfig) -> dict[str, str]:
     """gptlab name -> Llama/Mistral/Qwen2 name."""
     m = {"tok_emb.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
@@ -608,9 +635,11 @@ def _named_weights(model_type: str, sd: dict[str, Tensor], cfg: GPTConfig, sourc
 
 
 def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
-             dtype: torch.dtype = torch.float32) -> GPT:
+             dtype: torch.dtype = torch.float32,
+             source_name: Callable[[str], str | None] | None = None) -> GPT:
     """A GPT with exactly these weights: every parameter present, of the shape the config
-    implies, and no tensor left over."""
+    implies, and no tensor left over. `source_name` (gptlab name -> the checkpoint's, None
+    where it has none) names a missing tensor as the file would."""
     if unused:
         raise UserError(f"{len(unused)} tensor(s) do not map to gptlab's "
                         f"{'GPT-2' if cfg.positions == 'learned' else 'Llama'}-style model: "
@@ -639,7 +668,10 @@ def assemble(cfg: GPTConfig, named: Named, unused: list[str], source: Path,
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if name not in named:
-            raise UserError(f"tensor for '{name}' is missing from the checkpoint", path=source)
+            theirs = source_name(name) if source_name else None
+            raise UserError(f"tensor {theirs} is missing from the checkpoint (gptlab's {name} "
+                            f"is read from it)" if theirs else
+                            f"tensor for '{name}' is missing from the checkpoint", path=source)
         src, t = named[name]
         if not t.is_floating_point():  # cast, it loaded as whole numbers without a word
             raise UserError(f"tensor {src} is of type {str(t.dtype).removeprefix('torch.')}, "
@@ -716,7 +748,8 @@ def _reward_model(raw: dict, cfg: GPTConfig, sd: dict[str, Tensor], d: Path,
     cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no LM head here; the RM needs none
     named, used = _named_weights(raw["model_type"], sd, cfg, d)
     used |= {"score.weight", "score.bias"}
-    gpt = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
+    gpt = assemble(cfg, named, [k for k in sd if k not in used], d, dtype,
+                   _source_names(raw["model_type"], sd, cfg).get)
     refuse_non_finite([(k, sd[k]) for k in ("score.weight", "score.bias") if k in sd], d)
     rm = ScalarHeadModel.from_gpt(gpt)
     # transformers scores at the last token that is not the pad (a pad that is the end of turn,
@@ -757,7 +790,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32
     if is_sequence_classifier(raw):
         return _reward_model(raw, cfg, sd, d, dtype), load_hf_tokenizer(d)
     named, used = _named_weights(raw["model_type"], sd, cfg, d)
-    model = assemble(cfg, named, [k for k in sd if k not in used], d, dtype)
+    model = assemble(cfg, named, [k for k in sd if k not in used], d, dtype,
+                     _source_names(raw["model_type"], sd, cfg).get)
     return model, load_hf_tokenizer(d)
 
 
@@ -987,6 +1021,7 @@ HF_EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
                    "generation_config.json")
 
 
+@reports_path_errors
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
               overwrite: bool = False) -> Path:
     """Write a Hugging Face directory (GPT2, GPT-Neo, Llama, Mistral or Qwen2) that
