@@ -98,10 +98,11 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
             row = {key: v for key, v in rec.items()
                    if key not in ("_line", "_file", "stopped_by")}
             # With stop strings, decoded with the template's lead (the text StopStrings watched)
-            # and cut in it, then the lead left out, as `decode_response` leaves it out.
+            # and cut in it, then the lead left out, as `decode_response` leaves it out; without
+            # them, the call made before (a stand-in tokenizer need not take `lead`).
+            kept = {"lead": ""} if stop else {}
             responses = [tokenizer.decode_response(prompt, ids, gen.tokens[i],
-                                                   cut=mark_cut and not gen.finished[i],
-                                                   lead="" if stop else None)
+                                                   cut=mark_cut and not gen.finished[i], **kept)
                          for i in rows]
             ends = {}
             if stop:

@@ -743,8 +743,9 @@ _QKV = np.zeros((88, 32), np.float32)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(drop=("output_norm.bias",)), "tensor for 'final_norm.bias' is missing"),
-    (dict(drop=("position_embd.weight",)), "tensor for 'pos_emb.weight' is missing"),
+    (dict(drop=("output_norm.bias",)), r"tensor output_norm.bias is missing from the checkpoint "
+                                       r"\(gptlab's final_norm.bias is read from it\)"),
+    (dict(drop=("position_embd.weight",)), r"tensor position_embd.weight is missing"),
     (dict(raw={"position_embd.weight": np.zeros((64, 32), np.float32)}),
      r"tensor position_embd.weight has shape \(64, 32\), but the config implies \(128, 32\)"),
     (dict(raw={"blk.1.attn_qkv.weight": _QKV}),
