@@ -171,9 +171,28 @@ class _Parser(argparse.ArgumentParser):
                     + f"; `{self.prog} --help` lists the flags")
         else:
             said = (f"unexpected argument{'s' if len(words) > 1 else ''} "
-                    f"{', '.join(map(repr, words))} (quote a value that holds spaces; "
+                    f"{', '.join(map(repr, words))} ({self._after_a_value(words[0])}; "
                     f"`{self.prog} --help` lists the arguments)")
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {said}\n")
+
+    def _after_a_value(self, word: str) -> str:
+        """What to do about `word`, a value no argument took: where it follows a flag's one
+        value (`--prompt "a b" "c d"`), that the flag takes one, and, for a flag that may be
+        repeated, to repeat it; else to quote a value that holds spaces."""
+        seen = getattr(self, "_words", [])
+        at = len(seen) - 1 - seen[::-1].index(word) if word in seen else -1  # `--prompt x x`
+        flag = None
+        if at >= 1 and "=" in seen[at - 1] and seen[at - 1].startswith("--"):
+            flag = seen[at - 1].split("=", 1)[0]  # --prompt=a b
+        elif at >= 2:
+            flag = seen[at - 2]  # --prompt a b
+        action = self._option_string_actions.get(flag or "")
+        if action is None or action.nargs is not None or not action.option_strings:
+            return "quote a value that holds spaces"
+        if isinstance(action, argparse._AppendAction):
+            return (f"{flag} takes one value each time: write {flag} again before it for "
+                    f"another, or quote a value that holds spaces")
+        return f"{flag} takes one value: quote a value that holds spaces"
 
     def _meant(self, flag: str) -> str:
         """The flags `flag` begins (it was cut short), else the one closest to it; '' if none."""

@@ -1774,8 +1774,18 @@ def test_a_negative_value_reaches_the_check_that_refuses_it_in_one_line(capsys):
                       "that holds spaces; flags start with --; `gptlab sft --help` lists the "
                       "keys)"),
     (["generate", "--model", "m", "--prompt", "p", "-1e3"],
-     "unexpected argument '-1e3' (quote a value that holds spaces; `gptlab generate --help` "
-     "lists the arguments)")])
+     "unexpected argument '-1e3' (--prompt takes one value each time: write --prompt again "
+     "before it for another, or quote a value that holds spaces; `gptlab generate --help` "
+     "lists the arguments)"),
+    # After a flag's one value: it said only "quote a value that holds spaces", though the
+    # values were quoted.
+    (["generate", "--model", "m", "--prompt", "a b", "c d"],
+     "unexpected argument 'c d' (--prompt takes one value each time: write --prompt again "
+     "before it for another, or quote a value that holds spaces; `gptlab generate --help` "
+     "lists the arguments)"),
+    (["generate", "--model=m", "x y", "--prompt", "p"],
+     "unexpected argument 'x y' (--model takes one value: quote a value that holds spaces; "
+     "`gptlab generate --help` lists the arguments)")])
 def test_a_stray_dash_word_is_refused_in_one_line(argv, said, capsys):
     try:
         code = main(argv)
