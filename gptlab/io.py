@@ -650,14 +650,17 @@ _ARROW_STREAM = b"\xff\xff\xff\xff"
 
 def _arrow(head: bytes, path: str | Path) -> tuple[str, str] | None:
     """(what it is, how to convert it) for file `path` whose first bytes are `head`, if it is
-    Apache Arrow (by its first bytes, or a name ending .arrow); else None. A stream is read by
-    `datasets.Dataset.from_file`, an IPC file by pyarrow's `ipc.open_file` alone."""
+    Apache Arrow (by its first bytes, or a name ending .arrow and a NUL byte in them, as a
+    stream of the format before the continuation marker begins with its metadata's length, a
+    little-endian int32: text named .arrow, or an empty file, is text); else None. A stream is
+    read by `datasets.Dataset.from_file`, an IPC file by pyarrow's `ipc.open_file` alone."""
     name = repr(str(path))
     if head.startswith(ARROW_MAGIC):
         return ("an Apache Arrow file", "convert it to Parquet first: python -c \"import "
                 "pyarrow.ipc, pyarrow.parquet as pq; pq.write_table(pyarrow.ipc.open_file("
                 f"{name}).read_all(), 'data.parquet')\"")
-    if head.startswith(_ARROW_STREAM) or Path(path).suffix.lower() == ".arrow":
+    if head.startswith(_ARROW_STREAM) or (Path(path).suffix.lower() == ".arrow"
+                                           and b"\x00" in head):
         return ("an Apache Arrow stream (as datasets writes its cache files and save_to_disk's "
                 "shards)", f"convert it first: datasets.Dataset.from_file({name}).to_json("
                 "'data.jsonl') writes JSON Lines, .to_parquet('data.parquet') Parquet")

@@ -813,6 +813,23 @@ def test_apache_arrow_read_as_text_or_parquet_is_named_with_its_conversion(tmp_p
         {"prompt": "a", "completion": " b"}]
 
 
+def test_text_named_arrow_is_read_as_text_and_an_old_arrow_stream_is_named(tmp_path):
+    # A text file named .arrow was refused as an Apache Arrow stream, by its name alone.
+    from gptlab.io import other_format, utf8_lines
+    text = tmp_path / "notes.arrow"
+    text.write_text("hi\n")
+    assert other_format(text) is None and list(utf8_lines(text)) == [(1, "hi")]
+    (tmp_path / "empty.arrow").write_bytes(b"")
+    assert other_format(tmp_path / "empty.arrow") is None
+    # A stream in the format before the continuation marker begins with its metadata's length:
+    # named by its name and the NUL bytes of that length, as before.
+    old = tmp_path / "cache-old.arrow"
+    old.write_bytes((272).to_bytes(4, "little") + b"\x10\x00\x00\x00" + b"\x0c" * 8)
+    assert other_format(old).startswith("is an Apache Arrow stream")
+    old.rename(tmp_path / "cache-old.txt")  # by the name alone: text with NUL bytes
+    assert other_format(tmp_path / "cache-old.txt") is None
+
+
 def test_a_directory_of_arrow_files_alone_says_how_to_convert_it(tmp_path):
     # A `datasets` save_to_disk directory read as data: "no .jsonl, .parquet files" alone.
     from gptlab.io import read_jsonl

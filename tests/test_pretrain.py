@@ -594,6 +594,34 @@ def test_a_resume_after_touch_or_a_copy_of_the_same_corpus_is_not_warned_of(corp
     assert "the corpus or tokenizer changed" in resumed_after_step_2()
 
 
+def test_a_resume_notes_a_model_or_tokenizer_other_than_the_run_s_own_as_unused(corpus,
+                                                                               tmp_path, capsys):
+    # They were ignored without a word: the run went on with its checkpoint's model and
+    # tokenizer, and only run.json's resumes[-1].changed held what was asked.
+    d, _, _ = corpus
+    out = tmp_path / "run"
+    common = ["--data", str(d / "a.txt"), "--block-size", "16", "--batch-size", "4",
+              "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert run(*common, "--max-steps", "2") == 0
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["pretrain", "--no-progress", "--sample-tokens", "0", *common, "--max-steps",
+                 "3", "--resume", "--model", "gpt1", "--tokenizer", str(d / "tok")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: model (--model) gpt1 is not used: a resume continues the run's own model " \
+           f"and tokenizer from its checkpoint (the run began with model tiny); train another " \
+           f"in a new run (another --out)" in err
+    assert f"note: tokenizer (--tokenizer) {d / 'tok'} is not used: " in err
+    assert "(the run began with tokenizer None)" in err
+    assert (out / "model.safetensors").read_bytes() != weights  # trained on: step 3
+    # The run's own again, or left out (the default preset): no note.
+    assert run(*common, "--max-steps", "4", "--resume") == 0
+    assert "is not used" not in capsys.readouterr().err
+    assert main(["pretrain", "--no-progress", "--sample-tokens", "0", *common, "--max-steps",
+                 "5", "--resume"]) == 0
+    assert "is not used" not in capsys.readouterr().err
+
+
 def test_a_resume_on_another_thread_count_than_its_checkpoint_is_noted(corpus, tmp_path,
                                                                        capsys):
     """The training verbs recorded no thread count, so a resume on another one (bit-exact only

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import build_from_meta, check_tokenizer_fits, is_gptlab_dir, \
     load_language_model, read_meta, save_model
-from gptlab.errors import NotFound, UserError, WrongKind, check_given, reports_path_errors
+from gptlab.errors import (NotFound, UserError, WrongKind, check_given, reports_path_errors,
+                           setting)
 from gptlab.io import check_dir_out
 from gptlab.model.gpt import GPTConfig
 from gptlab.provenance import record_run
@@ -164,6 +165,27 @@ def _given_for(model_dir: Path, own: Any, given: Any) -> Any:
 # tokenizer.json's sections, as a refusal names them
 _TOKENIZER_PARTS = {"model": "vocabulary and merges", "added_tokens": "added tokens",
                     "pre_tokenizer": "pre-tokenizer"}
+
+
+def _note_unused_on_resume(cfg: PretrainConfig, out: Path) -> None:
+    """A resume continues its checkpoint's model with its checkpoint's tokenizer: a `model` or
+    `tokenizer` set to other than the run's own (its run.json's first config) is not used,
+    and stderr says so, where it was silently ignored. Left at its default it is no request
+    (`--resume` alone keeps the run's own); one set to the default is not told from it."""
+    from gptlab.provenance import load_run
+    try:
+        first = load_run(out).get("config")
+    except (OSError, ValueError):  # a run.json lost or broken: nothing to compare with
+        return
+    if not isinstance(first, dict):
+        return
+    default = PretrainConfig()
+    for name in ("model", "tokenizer"):
+        given, own = getattr(cfg, name), first.get(name)
+        if given and given != own and given != getattr(default, name):
+            print(f"note: {setting(name)} {given} is not used: a resume continues the run's "
+                  f"own model and tokenizer from its checkpoint (the run began with {name} "
+                  f"{own}); train another in a new run (another --out)", file=sys.stderr)
 
 
 def _build(cfg: PretrainConfig, resume_from: Path | None) -> tuple[nn.Module, Any]:
@@ -312,6 +334,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if not same:
             print("warning: the corpus or tokenizer changed since the checkpoint; the data "
                   "position now points into different blocks", file=sys.stderr)
+        _note_unused_on_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         annotate_resume(out, cfg, latest.name)
