@@ -608,9 +608,9 @@ def test_a_resume_notes_a_model_or_tokenizer_other_than_the_run_s_own_as_unused(
     assert main(["pretrain", "--no-progress", "--sample-tokens", "0", *common, "--max-steps",
                  "3", "--resume", "--model", "gpt1", "--tokenizer", str(d / "tok")]) == 0
     err = capsys.readouterr().err
-    assert f"note: model (--model) gpt1 is not used: a resume continues the run's own model " \
-           f"and tokenizer from its checkpoint (the run began with model tiny); train another " \
-           f"in a new run (another --out)" in err
+    assert "note: model (--model) gpt1 is not used: a resume continues the run's own model " \
+           "and tokenizer from its checkpoint (the run began with model tiny); train another " \
+           "in a new run (another --out)" in err
     assert f"note: tokenizer (--tokenizer) {d / 'tok'} is not used: " in err
     assert "(the run began with tokenizer None)" in err
     assert (out / "model.safetensors").read_bytes() != weights  # trained on: step 3
