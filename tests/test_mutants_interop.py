@@ -437,8 +437,9 @@ def test_a_checkpoint_of_as_many_tensors_as_layers_names_the_first_missing_one(t
                "model.norm.weight": torch.ones(16)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(UserError) as e:
         load_pretrained(tmp_path)
-    assert str(e.value) == (f"{tmp_path}: tensor for 'blocks.0.attn_norm.weight' is missing from "
-                            f"the checkpoint")
+    assert str(e.value) == (f"{tmp_path}: tensor model.layers.0.input_layernorm.weight is "
+                            f"missing from the checkpoint (gptlab's blocks.0.attn_norm.weight "
+                            f"is read from it)")
 
 
 def test_a_tied_models_lm_head_in_its_checkpoint_is_no_weight_of_its_own(tmp_path):
