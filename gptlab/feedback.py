@@ -326,18 +326,24 @@ def sqlworld_ranker(world_dir: str | Path | None = None, disagreement: float = 0
     world = open_world(world_dir or "builtin")
     labeler = world.labeler(disagreement=disagreement, seed=seed, ties=ties)
 
-    def rank(record: dict, responses: list[str]) -> list[str | list[str]]:
+    def check_id(record: dict) -> None:
+        """Refuse a record whose `id` is no question of the world, naming the field."""
         if "id" not in record:
             raise UserError("the sqlworld labeler needs each sample's 'id'", field="id")
+        if not isinstance(record["id"], str):  # the world's own message
+            world.gold(record["id"])
         try:
-            if isinstance(record["id"], str):  # (another type gets the world's own message)
-                world.gold(record["id"])
+            world.gold(record["id"])
         except UserError as e:  # most often samples of one's own task, not the world's
             raise UserError(f"{e.message}; the sqlworld labeler ranks only the built-in "
                             f"world's questions: for your own data, rank with your own function "
                             f"(--labeler module:function) or write the rankings file yourself "
                             f"(README, 'Your own task')", field="id") from None
+
+    def rank(record: dict, responses: list[str]) -> list[str | list[str]]:
+        check_id(record)
         return labeler.rank(record["id"], responses).ranked_json()
+    rank.check_id = check_id  # type: ignore[attr-defined]  # for every line, ranked or not
     return rank
 
 
@@ -396,6 +402,13 @@ def label_file(samples_path: str | Path, out: str | Path, labeler: str = "sqlwor
         samples = read_jsonl(samples_path, required=("id",))
         rank = sqlworld_ranker(world, 0.1 if disagreement is None else disagreement,
                                seed or 0, True if ties is None else ties)
+        # A line skipped for its responses (all the same) is checked too: an id the world
+        # does not have was refused only where it was ranked.
+        for rec in samples:
+            try:
+                rank.check_id(rec)  # type: ignore[attr-defined]
+            except UserError as e:
+                raise e.at(record_file(rec, samples_path), rec.get("_line")) from None
     else:
         samples = read_jsonl(samples_path)
     skips, dropped = SkipCounter(), SkipCounter()

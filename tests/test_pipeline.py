@@ -1,6 +1,8 @@
 """The whole recipe end to end at toy sizes: every stage runs, the report has every number,
 and rerunning the same command reuses the finished stages."""
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -27,14 +29,23 @@ def run(tmp_path_factory):
     """A run made as `make demo` makes one: --out relative to where it starts."""
     base, here = tmp_path_factory.mktemp("pipeline"), os.getcwd()
     os.chdir(base)
+    stdout = io.StringIO()
     try:
-        assert main(["pipeline", "--out", "runs/demo", *ARGS, "--threads", "1"]) == 0
+        with contextlib.redirect_stdout(stdout):
+            assert main(["pipeline", "--out", "runs/demo", *ARGS, "--threads", "1"]) == 0
     finally:
         os.chdir(here)
+    (base / "stdout.txt").write_text(stdout.getvalue())
     # Later tests rerun the pipeline into it with an absolute --out: the report as first made
     # is kept aside for the tests of what a relative --out gives.
     shutil.copy(base / "runs" / "demo" / "report.md", base / "report_as_made.md")
     return base / "runs" / "demo"
+
+
+def test_stdout_holds_the_report_s_path_alone(run):
+    # The evaluation's lines ("  sft: exec_acc 0.742") went to stdout before the path, so
+    # `REPORT=$(gptlab pipeline ...)` held them too; they go to stderr, as every verb's do.
+    assert (run.parent.parent / "stdout.txt").read_text() == "runs/demo/report.md\n"
 
 
 def test_every_stage_leaves_its_directory(run):

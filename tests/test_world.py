@@ -535,6 +535,14 @@ def test_a_world_without_training_questions_exports_and_loads(tmp_path):
     # A string is truthy: "no" built a varied world, refused as "a different version of gptlab".
     ({"format": "gptlab-world/1", "options": {"vary_schema": "no"}, "fingerprint": "f"},
      "field 'options.vary_schema': must be true or false, got 'no'"),
+    # Past what an export writes: the world was rebuilt from it question by question, until the
+    # memory ran out (13 GB after ten minutes, for 10**12).
+    ({"format": "gptlab-world/1", "options": {"n_train": 10**12}, "fingerprint": "f"},
+     "field 'options.n_train': at most 1,000,000 questions, got 1,000,000,000,000: no export "
+     "writes more; export the world again"),
+    ({"format": "gptlab-world/1", "options": {"corpus_chars": 10**10}, "fingerprint": "f"},
+     "field 'options.corpus_chars': at most 1,000,000,000 characters, got 10,000,000,000: no "
+     "export writes more; export the world again"),
 ])
 def test_load_world_refuses_a_manifest_of_the_wrong_shape(tmp_path, manifest, message, capsys):
     (tmp_path / "world.json").write_text(json.dumps(manifest))

@@ -113,12 +113,15 @@ def test_a_runaway_answer_is_an_error_naming_the_budget_wherever_a_models_sql_ru
 def test_a_gold_query_stopped_by_a_lowered_budget_names_the_budget_not_the_database(world):
     """A budget lowered below what a gold query needs said "does not run on DB (...); was the
     database replaced?", pointing at the file; and the failed gold result was kept, so that
-    raising the budget again changed nothing."""
+    raising the budget again changed nothing. A gold result kept from a check under the
+    higher budget was used under the lower one, and the same SQL checked against it was
+    judged an error: the answer blamed for the budget."""
     executor = world.executor()
     q = max(world.test, key=lambda q: executor.run(q.sql).steps)
     needs = executor.run(q.sql).steps
     assert needs >= 300
-    saved, world._gold_results = executor.max_vm_steps, {}
+    assert world.check(q.id, q.sql).correct  # its gold result kept, under the default budget
+    saved = executor.max_vm_steps
     executor.max_vm_steps = 100
     try:
         with pytest.raises(UserError) as e:

@@ -198,6 +198,32 @@ def test_the_label_verb_on_samples_of_ones_own_task_says_what_to_do_instead(worl
     assert not out.exists()
 
 
+def test_the_label_verb_checks_the_id_of_a_line_it_skips_for_its_responses(world, tmp_path,
+                                                                          capsys):
+    # A line whose responses are all one answer is skipped, and its id was never checked: an
+    # id the world lacks, or 7, went through with exit 0.
+    from gptlab.cli import main
+    world.export(tmp_path / "w")
+    q = world.test[0]
+    samples, out = tmp_path / "s.jsonl", tmp_path / "r.jsonl"
+    ranked = {"id": q.id, "prompt": q.text, "responses": [q.sql, "SELECT 1"]}
+    for bad, said in (("s0-test-99999", "no question with id 's0-test-99999' in this world; "
+                                        "the sqlworld labeler ranks only"),
+                      (7, "must be a question id string, such as ")):
+        samples.write_text(json.dumps(ranked) + "\n" + json.dumps(
+            {"id": bad, "prompt": "P", "responses": ["SELECT 1"]}) + "\n")
+        assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
+                     "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"gptlab label: error: {samples}:2, field 'id': {said}")
+        assert not out.exists()
+    samples.write_text(json.dumps(ranked) + "\n" + json.dumps(
+        {"id": q.id, "prompt": "P", "responses": ["SELECT 1"]}) + "\n")  # a good id: skipped
+    assert main(["label", "--world", str(tmp_path / "w"), "--in", str(samples),
+                 "--out", str(out)]) == 0
+    assert "1 prompt" in capsys.readouterr().err and len(out.read_text().splitlines()) == 1
+
+
 def test_the_label_verb_names_file_line_and_field_of_bad_samples(world, tmp_path, capsys):
     from gptlab.cli import main
     world.export(tmp_path / "w")

@@ -200,7 +200,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
         errors[name] = [int(k == "error") for k in kinds]
         on_suite[name] = [int(hit and world.agrees_on_variants(r["id"], a.strip()))
                           for hit, r, a in zip(correct[name], test, answers[name])]
-        print(f"  {name}: exec_acc {mean(correct[name]):.3f}", flush=True)
+        print(f"  {name}: exec_acc {mean(correct[name]):.3f}", file=sys.stderr, flush=True)
     write_jsonl_atomic(out / "eval" / "answers.jsonl", (
         {"id": r["id"], "question": r.get("question"), "gold": r["completion"].strip(),
          **{n: answers[n][i] for n in models},

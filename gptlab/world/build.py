@@ -84,7 +84,7 @@ class World:
             for turn, sql in enumerate(d.sqls, 1):
                 self._gold[f"{d.id}/{turn}"] = sql
         self._executor: SqlExecutor | None = None
-        self._gold_results: dict[str, QueryResult] = {}
+        self._gold_results: dict[tuple[str, int, float], QueryResult] = {}
         self._variants: VariantDatabases | None = None  # the test suite's, made on first use
         self._corpus: str | None = None
 
@@ -137,12 +137,16 @@ class World:
     def check(self, qid: str, pred_sql: str) -> Verdict:
         """Execute `pred_sql` and compare its result with the gold answer of `qid`."""
         gold_sql = self.gold(qid)
-        if gold_sql not in self._gold_results:
-            gold = self.executor().run(gold_sql)
+        ex = self.executor()
+        # Kept per limits: with a budget lowered since, the gold SQL runs again under it, so
+        # that a budget below what it needs is said as such, not blamed on `pred_sql`.
+        key = (gold_sql, ex.max_vm_steps, ex.backstop_s)
+        if key not in self._gold_results:
+            gold = ex.run(gold_sql)
             if not gold.ok:  # not kept: with a budget raised, the next check runs it again
                 raise self._gold_failed(qid, gold)
-            self._gold_results[gold_sql] = gold
-        gold = self._gold_results[gold_sql]
+            self._gold_results[key] = gold
+        gold = self._gold_results[key]
         return compare(self.executor().run(pred_sql), gold, has_top_level_order_by(gold_sql))
 
     def _gold_failed(self, qid: str, gold: QueryResult) -> UserError:
@@ -282,18 +286,28 @@ def build_world(seed: int = 0, vary_schema: bool = False, *, schema_seed: int | 
                            n_train=n_train, n_validation=n_validation, n_test=n_test,
                            n_dialogs=n_dialogs, corpus_chars=corpus_chars)
     options.validate()
-    # Checked here, not in `validate`, which also reads the options of a world already written.
-    for name, flag, cap, what in (("n_train", "--train", MAX_QUESTIONS, "questions"),
-                                  ("n_validation", "--validation", MAX_QUESTIONS, "questions"),
-                                  ("n_test", "--test", MAX_QUESTIONS, "questions"),
-                                  ("n_dialogs", "--dialogs", MAX_DIALOGS, "dialogs"),
-                                  ("corpus_chars", "--corpus-chars", MAX_CORPUS_CHARS,
-                                   "characters")):
+    _check_sizes(options)
+    return _build(options, Path(db_path) if db_path is not None else None, write_db=True)
+
+
+_SIZES = (("n_train", "--train", MAX_QUESTIONS, "questions"),
+          ("n_validation", "--validation", MAX_QUESTIONS, "questions"),
+          ("n_test", "--test", MAX_QUESTIONS, "questions"),
+          ("n_dialogs", "--dialogs", MAX_DIALOGS, "dialogs"),
+          ("corpus_chars", "--corpus-chars", MAX_CORPUS_CHARS, "characters"))
+
+
+def _check_sizes(options: WorldOptions, written: bool = False) -> None:
+    """Refuse a size past what an export takes, naming the option: at the export, with its
+    flag; in a world.json (`written`), before the world is rebuilt from it (an edited
+    `n_train` of 10**12 was generated question by question until the memory ran out)."""
+    for name, flag, cap, what in _SIZES:
         if getattr(options, name) > cap:
-            raise UserError(f"at most {cap:,} {what} ({flag}), got {getattr(options, name):,}: "
+            raise UserError(f"at most {cap:,} {what}, got {getattr(options, name):,}: no export "
+                            f"writes more; export the world again" if written else
+                            f"at most {cap:,} {what} ({flag}), got {getattr(options, name):,}: "
                             f"the export holds everything in memory until it writes",
                             field=name)
-    return _build(options, Path(db_path) if db_path is not None else None, write_db=True)
 
 
 def _build(options: WorldOptions, db_path: Path | None, write_db: bool) -> World:
@@ -410,6 +424,7 @@ def load_world(directory: str | Path, field: str = "world") -> World:
     options = WorldOptions(**raw)
     try:
         options.validate()
+        _check_sizes(options, written=True)
     except UserError as e:
         raise UserError(e.message, path=manifest_path, field=f"options.{e.field}") from None
     if not isinstance(manifest.get("fingerprint"), str):
