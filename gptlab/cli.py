@@ -425,6 +425,13 @@ def _verb_world():
         from gptlab.world import build_world, load_world
         if args.action == "check":
             world = load_world(args.world)
+            try:
+                world.gold(args.id)
+            except UserError as e:  # which world has no such question, and what ids look like
+                some = next((q.id for q in world.test), None)
+                like = (f" (its questions' ids are in its .jsonl files, such as '{some}')"
+                        if some else "")
+                raise UserError(f"{e.message}{like}", path=args.world, field="--id") from None
             verdict = world.check(args.id, args.sql)
             print(f"{verdict.kind}: {verdict.detail}")
             return

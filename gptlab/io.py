@@ -271,9 +271,11 @@ def _undo(directory: Path, writes: Sequence[str], held: Sequence[str], aside: Pa
 
 @contextmanager
 def old_files_aside(directory: str | Path, writes: Sequence[str],
-                    made: bool = False) -> Iterator[list[str]]:
-    """Write files (or directories) named `writes` in `directory` without losing the old ones
-    if the write, the body of this context, fails. Those there are renamed, in the order of
+                    made: bool = False, dirs: Sequence[str] = ()) -> Iterator[list[str]]:
+    """Write files (or directories, those named in `dirs`) named `writes` in `directory`
+    without losing the old ones if the write, the body of this context, fails. A directory
+    where a file is written (a user's folder named `config.json`) is refused before anything
+    moves: a done write deletes what it moved aside, and that is no old copy of the file. Those there are renamed, in the order of
     `writes`, into a hidden `.old-files.<random>/` inside `directory` (held by this writer, as
     `held_temp` holds a temporary), whose `held.json` says what was moved from where; once the
     body is done they are deleted. If it fails, each of `writes` is removed and the old ones
@@ -284,6 +286,11 @@ def old_files_aside(directory: str | Path, writes: Sequence[str],
     if HELD_JSON in writes:
         raise ValueError(f"{HELD_JSON} is the name of the list of old files")
     settle_old_files(directory)
+    for name in writes:
+        path = directory / name
+        if name not in dirs and path.is_dir() and not path.is_symlink():
+            raise UserError(f"is a directory where a file {name} is written; move it or "
+                            "choose another out", path=path)
     held = [name for name in writes if _there(directory / name)]
     with ExitStack() as stack:
         aside = None
@@ -393,7 +400,7 @@ def replace_dir(new: Path, old: Path) -> None:
         fsync_path(old.parent)
         shutil.rmtree(new, ignore_errors=True)
         return
-    with old_files_aside(old.parent, [old.name]):
+    with old_files_aside(old.parent, [old.name], dirs=[old.name]):
         os.replace(new, old)
         fsync_path(old.parent)
 

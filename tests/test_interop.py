@@ -2724,6 +2724,20 @@ def test_convert_from_a_missing_source_says_not_found(tmp_path, capsys, kind, na
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("kind,make,why", [
+    ("gguf", "dir", "is a directory; --from gguf reads a .gguf file"),
+    ("gguf", "model.bin", "is a file whose name does not end in .gguf; --from gguf reads a "
+                          ".gguf file"),
+    ("hf", "model.gguf", "is a file; --from hf reads a Hugging Face model directory "
+                         "(config.json and *.safetensors)")])
+def test_convert_from_the_wrong_kind_of_source_names_the_flag(tmp_path, capsys, kind, make, why):
+    src = tmp_path / make
+    src.mkdir() if make == "dir" else src.write_bytes(b"GGUF")
+    assert main(["convert", "--from", kind, str(src), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == f"gptlab convert: error: {src}, field '--from': {why}\n"
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("held", [("config.json", "run.json", "checkpoints"), ("tokenizer.json",)])
 def test_convert_refuses_an_out_that_holds_another_model_or_run(tmp_path, capsys, held):
     # It wrote its model into another training run's directory, leaving the two mixed.

@@ -624,7 +624,7 @@ def test_old_files_aside_deletes_the_old_files_once_the_write_is_done(tmp_path):
     d = tmp_path / "out"
     _old_output(d)
     writes = ("config.json", "weights.bin", "tokenizer.json", "sub")
-    with old_files_aside(d, writes) as held:
+    with old_files_aside(d, writes, dirs=["sub"]) as held:
         assert held == ["config.json", "weights.bin", "sub"]
         aside, = d.glob(".old-files.*")
         assert json.loads((aside / "held.json").read_text()) == {
@@ -646,7 +646,7 @@ def test_a_write_that_fails_leaves_its_directory_byte_for_byte_as_it_was(tmp_pat
     before = {} if made else _old_output(d)
     with pytest.raises(OSError, match="No space left"):
         with old_files_aside(d, ("config.json", "weights.bin", "tokenizer.json", "sub"),
-                             made=made):
+                             made=made, dirs=["sub"]):
             d.mkdir(exist_ok=True)
             (d / "tokenizer.json").write_bytes(b"new")
             (d / "sub").mkdir()
@@ -673,7 +673,7 @@ def test_a_move_aside_that_fails_midway_puts_back_what_it_moved(tmp_path, monkey
         return replace(src, dst)
     monkeypatch.setattr(os, "replace", refused)
     with pytest.raises(OSError, match="refused"):
-        with old_files_aside(d, ("config.json", "sub", "weights.bin")):
+        with old_files_aside(d, ("config.json", "sub", "weights.bin"), dirs=["sub"]):
             raise AssertionError("not reached")
     assert _tree(d) == before
 
@@ -683,7 +683,7 @@ import os, shutil, signal, sys
 from pathlib import Path
 from gptlab.io import old_files_aside
 d = Path(sys.argv[1])
-with old_files_aside(d, ("config.json", "weights.bin", "tokenizer.json", "sub")):
+with old_files_aside(d, ("config.json", "weights.bin", "tokenizer.json", "sub"), dirs=["sub"]):
     (d / "tokenizer.json").write_bytes(b"new")
     (d / "weights.bin").write_bytes(b"new weights")
     kill = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
@@ -691,6 +691,22 @@ with old_files_aside(d, ("config.json", "weights.bin", "tokenizer.json", "sub"))
         kill()
     shutil.rmtree = kill  # done: killed removing the old files
 """
+
+
+def test_a_directory_where_a_file_is_written_is_refused_before_anything_moves(tmp_path):
+    """A done write deletes what it moved aside: a folder of the user's under a file's name
+    would go with it."""
+    from gptlab.io import old_files_aside
+    d = tmp_path / "out"
+    _old_output(d)
+    (d / "weights.bin").unlink()
+    (d / "weights.bin").mkdir()
+    (d / "weights.bin" / "mine.txt").write_bytes(b"kept")
+    before = _tree(d)
+    with pytest.raises(UserError, match=r"is a directory where a file weights.bin is written"):
+        with old_files_aside(d, ("config.json", "weights.bin")):
+            raise AssertionError("not reached")
+    assert _tree(d) == before
 
 
 @pytest.mark.parametrize("killed", ["writing", "done"])

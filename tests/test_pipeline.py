@@ -625,7 +625,8 @@ def test_a_world_from_another_version_of_gptlab_is_refused_saying_to_start_again
     assert main(["pipeline", "--out", str(run), *ARGS]) == 2
     assert capsys.readouterr().err.endswith(
         f"gptlab pipeline: error: {run / 'world' / 'world.json'}, field 'fingerprint': this world "
-        f"was exported by a different version of gptlab, whose questions or dialogs differ; "
+        f"was exported by a different version of gptlab, or its options were edited: its "
+        f"questions or dialogs differ; "
         f"choose another out (--out), or remove this run to start again\n")
 
 

@@ -389,7 +389,8 @@ def test_load_world_refuses_missing_or_tampered_directories(tmp_path):
     manifest = json.loads((tmp_path / "w" / "world.json").read_text())
     manifest["options"]["seed"] = 6
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="different version"):
+    with pytest.raises(UserError, match="different version of gptlab, or its options were "
+                                        "edited; export it again"):
         load_world(tmp_path / "w")
     del manifest["fingerprint"]
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
@@ -445,6 +446,10 @@ def test_cli_export_then_check_and_bad_out_exits_2(tmp_path, capsys):
     assert main(["world", "check", "--world", str(out), "--id", test[0]["id"],
                  test[0]["completion"].strip()]) == 0
     assert capsys.readouterr().out.startswith("correct")
+    assert main(["world", "check", "--world", str(out), "--id", "nope", "SELECT 1"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {out}, field '--id': no question with id 'nope' in this world (its questions' "
+        f"ids are in its .jsonl files, such as '{test[0]['id']}')\n")
     assert main(["world", "export", "--out", str(out), "--vary-schema", "--train", "50",
                  "--corpus-chars", "2000"]) == 0
     schema = json.loads((out / "world.json").read_text())["schema"]
@@ -455,6 +460,14 @@ def test_cli_export_then_check_and_bad_out_exits_2(tmp_path, capsys):
     assert main(["world", "export", "--out", str(a_file)]) == 2
     assert "existing file" in capsys.readouterr().err
     assert main(["world", "check", "--world", str(tmp_path / "none"), "--id", "x", "SELECT 1"]) == 2
+
+    # A folder of the user's named as a world file is refused, not moved aside and deleted.
+    mine = tmp_path / "mine"
+    (mine / "world.json").mkdir(parents=True)
+    (mine / "world.json" / "notes.txt").write_text("kept")
+    assert main(["world", "export", "--out", str(mine), "--train", "50"]) == 2
+    assert "world.json: is a directory where a file world.json is written" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.rglob("*")) == ["notes.txt", "world.json"]
 
 
 def test_cli_score_counts_the_first_response_and_names_bad_lines(tmp_path, capsys):

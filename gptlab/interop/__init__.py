@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from gptlab.errors import NotFound, UserError, reports_path_errors, require_file
+from gptlab.errors import (NotFound, UserError, WrongKind, reports_path_errors,
+                           require_file)
 from gptlab.io import check_dir_out, check_file_out, check_holds_none, old_files_aside
 from gptlab.interop.gguf import GGUF_DTYPES, SUPPORTED_GGUF, export_gguf, load_gguf
 from gptlab.interop.hf import HF_EXPORT_FILES, SUPPORTED_HF, export_hf, load_hf
@@ -67,9 +68,11 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
     p = require_file(src, "model")  # a missing file is not a file of the wrong kind
     check_out_apart(p, out_dir)
     if source == "gguf" and not (p.is_file() and p.suffix == ".gguf"):
-        raise UserError("--from gguf expects a .gguf file", path=p)
+        why = "is a directory" if p.is_dir() else "is a file whose name does not end in .gguf"
+        raise WrongKind(f"{why}; --from gguf reads a .gguf file", path=p)
     if source == "hf" and not p.is_dir():
-        raise UserError("--from hf expects a Hugging Face model directory", path=p)
+        raise WrongKind("is a file; --from hf reads a Hugging Face model directory (config.json "
+                        "and *.safetensors)", path=p)
     model, tokenizer = load_pretrained(p)
     if tokenizer is None:
         where = "tokenizer.ggml.model" if p.suffix == ".gguf" else "tokenizer.json"

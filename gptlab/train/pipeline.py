@@ -553,8 +553,8 @@ class Pipeline:
             todo = ("export it again into a new directory and run the pipeline into another "
                     "out (--out)" if self.cfg.world else
                     "choose another out (--out), or remove this run to start again")
-            raise UserError(f"this world was exported by a different version of gptlab, whose "
-                            f"questions or dialogs differ; {todo}",
+            raise UserError(f"this world was exported by a different version of gptlab, or its "
+                            f"options were edited: its questions or dialogs differ; {todo}",
                             path=e.path, field=e.field) from None
 
     def pretrain_config(self) -> PretrainConfig:

@@ -1120,7 +1120,8 @@ class PPOTrainer:
         # before it, config.json first, or a save killed there left the old policy's config
         # beside the new value model; a save that fails puts the old policy and value back.
         made = not path.exists()
-        with old_files_aside(ensure_dir(path), (*model_files(self.tok), "value"), made):
+        with old_files_aside(ensure_dir(path), (*model_files(self.tok), "value"), made,
+                             dirs=["value"]):
             save_model(path / "value", self.value_model, None, extra={"stage": VALUE_STAGE})
             save_model(path, self.policy, self.tok,
                        extra={"stage": "ppo", "ppo_steps": self.cfg.steps,

@@ -435,8 +435,9 @@ def load_world(directory: str | Path, field: str = "world") -> World:
         raise NotFound("database file not found", path=db_path)
     world = _build(options, db_path, write_db=False)
     if manifest.get("fingerprint") != world.fingerprint():
-        raise OtherVersionWorld("this world was exported by a different version of gptlab: its "
-                                "gold SQL cannot be rebuilt; export it again",
+        raise OtherVersionWorld("the world its options rebuild is not the one it records: it "
+                                "was exported by a different version of gptlab, or its options "
+                                "were edited; export it again",
                                 path=manifest_path, field="fingerprint")
     if database_digest(db_path) != world.db_digest:
         raise UserError("the database's contents differ from the world's (was it edited?); "
