@@ -150,12 +150,14 @@ def _rebuilt_path_error(code: int | None, strerror: str | None, filename: Any,
     return PathError.of(OSError(code, strerror, filename, None, filename2), field)
 
 
-def field_of_path(filename: object, given: Mapping[str, Any], writer: str) -> str | None:
+def field_of_path(filename: object, given: Mapping[str, Any], writer: str,
+                  parents: bool = True) -> str | None:
     """The name in `given` (name -> a path, a list of paths, or anything else) whose path
     `filename` is, else the one whose path it lies deepest in, else one whose path it is a
     parent of (made on the way to it, `writer`'s first); None if none. (A writer's temporary is
     reported as the file it writes: io.py.) The current directory and those above it are no
-    name's parent: every relative value (`device="cpu"` too) lies in them."""
+    name's parent: every relative value (`device="cpu"` too) lies in them. Without `parents`,
+    a name whose path lies in `filename` is none."""
     if not isinstance(filename, (str, os.PathLike)):
         return None
     try:
@@ -179,7 +181,7 @@ def field_of_path(filename: object, given: Mapping[str, Any], writer: str) -> st
     if inside:
         return max(inside, key=lambda x: x[0])[1]  # the deepest: out runs/a in model runs
     # Only a writer makes directories on the way: `writer`'s, where another's is there too.
-    return min(parent_of, key=lambda name: name != writer) if parent_of else None
+    return min(parent_of, key=lambda name: name != writer) if parent_of and parents else None
 
 
 def path_error(error: OSError, given: Mapping[str, Any], writer: str = "out") -> PathError | None:
@@ -197,20 +199,48 @@ def reports_path_errors(stage: Callable[P, R]) -> Callable[P, R]:
     command line prints. Other OSErrors pass through unchanged."""
     signature = inspect.signature(stage)
 
+    def given(args: tuple, kwargs: dict, configs_only: bool = False) -> dict[str, Any]:
+        given: dict[str, Any] = {}
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                given.update({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+            elif not configs_only:
+                given[name] = value
+        return given
+
     @functools.wraps(stage)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return stage(*args, **kwargs)
+        except (NotFound, WrongKind) as e:
+            # An input not there, or of the wrong kind, named by the config field that gave it
+            # (the command line then names that field's flag): the path alone said which.
+            if e.field is not None or e.line is not None or e.path is None:
+                raise
+            field = input_field_of(e, given(args, kwargs, configs_only=True))
+            if field is None:
+                raise
+            raise type(e)(e.message, path=e.path, field=field) from e.__cause__
         except OSError as e:
-            given: dict[str, Any] = {}
-            for name, value in signature.bind(*args, **kwargs).arguments.items():
-                if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                    given.update({f.name: getattr(value, f.name)
-                                  for f in dataclasses.fields(value)})
-                else:
-                    given[name] = value
-            error = path_error(e, given)
+            error = path_error(e, given(args, kwargs))
             if error is None or (isinstance(e, PathError) and error.field is None):
                 raise  # not the user's, or named already by the stage this one called
             raise error from e
     return run
+
+
+def input_field_of(error: UserError, given: Mapping[str, Any]) -> str | None:
+    """The input field in `given` (name -> a path or a list of paths; `out`, written, is no
+    input) that gave the path of `error`, a `NotFound` or `WrongKind`: the one whose path it
+    is, or, for one of the wrong kind, the one whose directory it lies deepest in
+    (`model="runs/sft"` for runs/sft/config.json). A path not found is named only where it was
+    given: a stage looks for many files in a directory given."""
+    inputs = {name: value for name, value in given.items() if name != "out"}
+    field = field_of_path(error.path, inputs, writer="", parents=False)
+    if field is None or isinstance(error, WrongKind):
+        return field
+    failed = os.path.abspath(error.path)
+    values = inputs[field]
+    return field if any(isinstance(v, (str, os.PathLike)) and os.path.abspath(v) == failed
+                        for v in (values if isinstance(values, (list, tuple)) else [values])
+                        ) else None

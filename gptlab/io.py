@@ -273,15 +273,16 @@ def _undo(directory: Path, writes: Sequence[str], held: Sequence[str], aside: Pa
 def old_files_aside(directory: str | Path, writes: Sequence[str],
                     made: bool = False, dirs: Sequence[str] = ()) -> Iterator[list[str]]:
     """Write files (or directories, those named in `dirs`) named `writes` in `directory`
-    without losing the old ones if the write, the body of this context, fails. A directory
-    where a file is written (a user's folder named `config.json`) is refused before anything
-    moves: a done write deletes what it moved aside, and that is no old copy of the file. Those there are renamed, in the order of
-    `writes`, into a hidden `.old-files.<random>/` inside `directory` (held by this writer, as
-    `held_temp` holds a temporary), whose `held.json` says what was moved from where; once the
-    body is done they are deleted. If it fails, each of `writes` is removed and the old ones
-    moved back, the last moved first: `directory` is as it was, byte for byte, and removed if
-    the caller `made` it and it is empty. Yields the names moved aside. What killed writes left
-    in `directory` is settled first (`settle_old_files`)."""
+    without losing the old ones if the write, the body of this context, fails. Those there
+    are renamed, in the order of `writes`, into a hidden `.old-files.<random>/` inside
+    `directory` (held by this writer, as `held_temp` holds a temporary), whose `held.json`
+    says what was moved from where; once the body is done they are deleted. If it fails, each
+    of `writes` is removed and the old ones moved back, the last moved first: `directory` is
+    as it was, byte for byte, and removed if the caller `made` it and it is empty. Yields the
+    names moved aside. What killed writes left in `directory` is settled first
+    (`settle_old_files`). A directory where a file is written (a user's folder named
+    `config.json`) is refused before anything moves: a done write deletes what it moved
+    aside, and that would be no old copy of the file."""
     directory = Path(directory)
     if HELD_JSON in writes:
         raise ValueError(f"{HELD_JSON} is the name of the list of old files")

@@ -466,7 +466,8 @@ def test_cli_export_then_check_and_bad_out_exits_2(tmp_path, capsys):
     (mine / "world.json").mkdir(parents=True)
     (mine / "world.json" / "notes.txt").write_text("kept")
     assert main(["world", "export", "--out", str(mine), "--train", "50"]) == 2
-    assert "world.json: is a directory where a file world.json is written" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "world.json: is a directory where a file world.json is written" in err
     assert sorted(p.name for p in mine.rglob("*")) == ["notes.txt", "world.json"]
 
 

@@ -50,8 +50,8 @@ from gptlab.provenance import record_run
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
                                diverged, held_interrupt, lr_at, make_optimizer, memory_named,
-                               read_metrics, resuming, rng_state, same_setting, select_device,
-                               set_lr, set_rng_state)
+                               read_metrics, resuming, rng_state, same_setting, seed_everything,
+                               select_device, set_lr, set_rng_state)
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logprobs, gae, kl_per_token,
@@ -491,7 +491,7 @@ class PPOTrainer:
             "value": cfg.value}, resume_from=cfg.resume_from)
         self.device = select_device(cfg.device)
         allow_tf32(self.device)  # as in the other training verbs (PPO runs no autocast)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)  # Python's, NumPy's and torch's, as the other stages do
         self.policy, self.tok, _ = load_language_model(
             cfg.policy, self.device, field="policy",
             instead=_scalar_model_instead(cfg.policy, "the SFT model the policy starts from (the "
