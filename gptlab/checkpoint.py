@@ -18,7 +18,12 @@ checkpoint, and the previous one stays usable until the new one is complete. The
 a checkpoint; a killed save's is removed by the next save or by a resume (`Checkpointer.load`).
 Where two directories cannot be swapped, a step saved again has its old copy renamed aside
 (`.old-files.<random>/step-N`) while the new one is renamed in: a kill between the two leaves it
-there for the next save or resume to put back (`settle_old_files`).
+there for the next save or resume to put back (`settle_old_files`). A checkpoint must hold, and its
+manifest list, the files every save writes (`SAVED_FILES`) and, for a training stage's resume, its
+optimizer's state and PPO's value model (`Checkpointer.stage_files`); one that lacks one, or whose
+trainer.pt or optimizer.pt cannot be read or lacks what a resume reads, is damaged, said as the
+manifest's damage is: which file, and to remove the checkpoint. A damaged checkpoint is never
+passed over for an earlier one: a resume from it stops, and says so.
 
 The manifest also numbers each save (`save`: the order the checkpoints were written in) and records
 the CPU thread count the run computed on (`threads`, which a resume on another count is told of). A
@@ -43,8 +48,10 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import shutil
 import sys
+import zipfile
 from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable
@@ -64,6 +71,11 @@ MODEL_FILE = "model.safetensors"
 # config.json's "stage" of PPO's value model (OUT/value, checkpoints/step-N/value): a scalar-head
 # model like a reward model, but once trained it predicts returns, not rewards.
 VALUE_STAGE = "value"
+# The files every checkpoint save writes (`Checkpointer.save`), and the optimizer's state, which
+# every training stage's save writes too: listed in a manifest or not, a checkpoint without one
+# resumed with a fresh optimizer, or failed on a bare file name.
+SAVED_FILES = ("config.json", MODEL_FILE, "trainer.pt")
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 def _arch_registry() -> dict[str, tuple[type, type]]:
@@ -635,6 +647,42 @@ def _earlier(checkpoint: Path) -> str:
     return f"; remove {checkpoint} to resume from the checkpoint before it, if there is one"
 
 
+def _unpickled(file: Path, advice: str, mmap: bool = False) -> Any:
+    """The object `file` (a checkpoint's trainer.pt or optimizer.pt) holds, read onto the CPU
+    (a run saved on a GPU resumes on a machine without one); one that cannot be unpickled is a
+    damaged checkpoint, its message ending with `advice`. `mmap`: its tensors mapped, not read
+    (a check of what it holds costs no copy of a large model's optimizer state)."""
+    try:
+        # Only torch.save's zip format maps; bytes in another are read, and say what they are.
+        mmap = mmap and zipfile.is_zipfile(file)
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    except OSError:  # not the file's content: said as such, naming it, by the CLI
+        raise
+    except Exception as e:  # bytes that are no pickle: unpickling them raises anything
+        said = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"is damaged ({type(e).__name__}: {said})" + advice, path=file) from None
+
+
+class TrainerState(dict):
+    """A checkpoint's trainer state (its trainer.pt): a key a resume reads that it lacks is a
+    damaged checkpoint, said as one (the file, and to remove the checkpoint), not a KeyError.
+    Pickled, copied or saved again, it is a plain dict."""
+
+    def __init__(self, state: dict, path: Path, advice: str):
+        super().__init__(state)
+        self.path, self.advice = path, advice
+
+    def __missing__(self, key: Any) -> Any:
+        raise self.lacking(key)
+
+    def lacking(self, key: Any) -> UserError:
+        return UserError(f"is damaged (it holds no {key!r}, which every save writes)"
+                         + self.advice, path=self.path)
+
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)
+
+
 class Checkpointer:
     """`RUN/checkpoints/step-N/` directories, the `latest` pointer, and the last `keep` up to
     the step last saved kept (all of them when `keep` is None)."""
@@ -745,7 +793,8 @@ class Checkpointer:
         """The checkpoint `name` names, verified against its manifest: `step-N`, `N`, or the
         path of this run's `checkpoints/step-N`. One that is not there, is another directory's,
         or fails the manifest check is a UserError naming its path and `field`, and listing
-        the checkpoints there are."""
+        the checkpoints there are. A training stage resumes from it: the files each stage's save
+        writes are required (`stage_files`)."""
         steps = sorted(n for n, p in _step_dirs(self.dir).items()
                        if (p / "manifest.json").is_file())
         there = (f"; the checkpoints in {self.dir}: " + ", ".join(f"step-{n}" for n in steps)
@@ -765,7 +814,9 @@ class Checkpointer:
         if not path.is_dir():
             raise UserError("no such checkpoint" + there, path=path, field=field)
         try:
-            self.verify(path, advice=f"; it cannot be resumed from{there}")
+            advice = f"; it cannot be resumed from{there}"
+            self.verify(path, advice=advice)
+            self.require(path, self.stage_files(path), advice)
         except UserError as e:
             raise UserError(e.message, path=e.path, field=field) from None
         return path
@@ -777,6 +828,27 @@ class Checkpointer:
         latest = self.latest()
         if latest is None or latest.resolve() != Path(path).resolve():
             write_text_atomic(self.dir / "latest", Path(path).name + "\n")
+
+    def check_pointer(self) -> None:
+        """Refuse a `latest` that is no file (a directory made there): a resume passed over it
+        to the checkpoint written last, and the first save, which replaces it, failed once the
+        steps before it were trained."""
+        pointer = self.dir / "latest"
+        if pointer.is_dir():
+            raise UserError("is a directory where the checkpoint pointer, a file, goes; remove it",
+                            path=pointer)
+        if pointer.exists() and not pointer.is_file():  # a FIFO: reading it would wait forever
+            raise UserError("is no regular file where the checkpoint pointer, a file, goes; "
+                            "remove it", path=pointer)
+
+    @staticmethod
+    def stage_files(path: str | Path) -> tuple[str, ...]:
+        """The files a training stage's save writes in checkpoint `path`, which a resume
+        requires: every save's, the optimizer's state (every stage has one) and, in a PPO
+        checkpoint (its config.json's `stage`), the value model (`value/`)."""
+        value = (("value/config.json", f"value/{MODEL_FILE}")
+                 if _stage(Path(path)) == "ppo" else ())
+        return (*SAVED_FILES, OPTIMIZER_FILE, *value)
 
     @staticmethod
     def threads_of(path: str | Path) -> int | None:
@@ -797,7 +869,7 @@ class Checkpointer:
             step, files = manifest["step"], manifest["sha256"]
             # int() read 1.5 and true as step 1, and failed on 1e400 (infinity) untold.
             if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
-                raise TypeError(f"step is {str(step)[:20]}, not a step number")
+                raise TypeError(f"step is {reprlib.repr(step)}, not a step number")
             if not isinstance(files, dict):
                 raise TypeError("sha256 is not an object")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -811,8 +883,9 @@ class Checkpointer:
 
     @classmethod
     def verify(cls, path: str | Path, advice: str | None = None) -> None:
-        """Raise UserError if any file of the checkpoint is missing or differs from its sha256;
-        its message ends with `advice` (by default, to remove the checkpoint)."""
+        """Raise UserError if any file of the checkpoint is missing or differs from its sha256,
+        or one every save writes (`SAVED_FILES`) is not there; its message ends with `advice` (by
+        default, to remove the checkpoint)."""
         path = Path(path)
         advice = _earlier(path) if advice is None else advice
         listed = cls._manifest(path, advice)["sha256"]
@@ -828,16 +901,48 @@ class Checkpointer:
                     and not any(part.startswith(".") for part in f.relative_to(path).parts):
                 raise UserError("checkpoint file is not listed in manifest.json, so it cannot be "
                                 "verified" + advice, path=f)
+        cls._require(path, listed, SAVED_FILES, advice)
+
+    @classmethod
+    def require(cls, path: str | Path, files: Iterable[str], advice: str | None = None) -> None:
+        """Raise UserError if checkpoint `path` lacks one of `files` (`stage_files`), there
+        and listed in its manifest; its message ends with `advice` (by default, to remove the
+        checkpoint). Their hashes are `verify`'s to check."""
+        path = Path(path)
+        advice = _earlier(path) if advice is None else advice
+        cls._require(path, cls._manifest(path, advice)["sha256"], files, advice)
+
+    @staticmethod
+    def _require(path: Path, listed: dict, required: Iterable[str], advice: str) -> None:
+        """A UserError for the first of the files `required` that checkpoint `path` lacks:
+        checked by its manifest alone, a checkpoint whose manifest left one out (edited by hand)
+        passed, and resumed without it."""
+        for name in required:
+            f, there = path / name, (path / name).is_file()
+            if name in listed and there:
+                continue
+            if there:
+                why = "is not listed in manifest.json, so it cannot be verified"
+            elif name in listed:
+                why = "is missing or corrupt"
+            else:
+                why = "is missing: every save writes it, and manifest.json does not list it"
+            raise UserError("checkpoint file " + why + advice, path=f)
 
     def load(self, path: str | Path, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None = None,
-             models: dict[str, torch.nn.Module] | None = None, verify: bool = True) -> dict:
+             models: dict[str, torch.nn.Module] | None = None, verify: bool = True,
+             needs: Iterable[str] = ()) -> TrainerState:
         """Restore weights (those of `models` too, by name, and the optimizer) in place;
-        return the trainer state. `verify=False`: the caller has just verified `path`
+        return the trainer state, which must hold the keys `needs` (see `state_of`). Each file
+        these are read from must be there. `verify=False`: the caller has just verified `path`
         (`check_run_dir` does), and its files are not hashed again."""
         path = Path(path)
+        required = (*SAVED_FILES, *((OPTIMIZER_FILE,) if optimizer is not None else ()),
+                    *(f"{name}/{f}" for name in models or {} for f in ("config.json", MODEL_FILE)))
         if verify:
             self.verify(path)
+        self.require(path, required)
         # What a kill left of a save or of a removal (`_prune`'s, of the last save: a run that
         # was done with its steps saves no more, and no save would remove it).
         settle_old_files(self.dir)
@@ -845,14 +950,46 @@ class Checkpointer:
         load_weights(model, path / MODEL_FILE)
         for name, other in (models or {}).items():
             load_weights(other, path / name / MODEL_FILE)
-        # Read onto the CPU: a run saved on a GPU must resume on a machine without one (or
-        # on another GPU); load_state_dict moves the optimizer's state to its parameters.
-        if optimizer is not None and (path / "optimizer.pt").exists():
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
-                                                 weights_only=False))
-        return self.state_of(path)
+        if optimizer is not None:
+            state = self.optimizer_state(path)
+            try:  # load_state_dict moves the optimizer's state to its parameters' device
+                optimizer.load_state_dict(state)
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+                # The weights loaded: an optimizer state that does not fit them is the file's.
+                said = (str(e).splitlines() or [""])[0][:200]
+                raise UserError(f"is damaged ({type(e).__name__}: {said})" + _earlier(path),
+                                path=path / OPTIMIZER_FILE) from None
+        return self.state_of(path, needs)
 
     @staticmethod
-    def state_of(path: str | Path) -> dict:
-        """The trainer state checkpoint `path` holds, read onto the CPU (not verified)."""
-        return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+    def optimizer_state(path: str | Path, mmap: bool = False) -> dict:
+        """The optimizer state checkpoint `path` holds, read onto the CPU (not verified); one
+        that cannot be read, or lacks the `state` and `param_groups` an optimizer reads, is a
+        damaged checkpoint. `mmap`: its tensors mapped, not read (`_unpickled`)."""
+        file = Path(path) / OPTIMIZER_FILE
+        state = _unpickled(file, _earlier(Path(path)), mmap)
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        if not (isinstance(groups, list) and isinstance(state.get("state"), dict)
+                and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                        for g in groups)):
+            raise UserError("is damaged (not an optimizer's state: it needs a 'state' object and "
+                            "a list of 'param_groups', each with its 'params')"
+                            + _earlier(Path(path)), path=file)
+        return state
+
+    @staticmethod
+    def state_of(path: str | Path, needs: Iterable[str] = ()) -> TrainerState:
+        """The trainer state checkpoint `path` holds, read onto the CPU (not verified). One
+        that cannot be read, is no dict, or lacks one of the keys `needs` (or any read from it
+        later) is a damaged checkpoint."""
+        path = Path(path)
+        file, advice = path / "trainer.pt", _earlier(path)
+        state = _unpickled(file, advice)
+        if not isinstance(state, dict):
+            raise UserError(f"is damaged (it holds {type(state).__name__!r}, not a trainer's "
+                            f"state)" + advice, path=file)
+        state = TrainerState(state, file, advice)
+        missing = [key for key in needs if key not in state]
+        if missing:
+            raise state.lacking(missing[0])
+        return state

@@ -442,9 +442,17 @@ def _verb_world():
             # Without renaming there is one schema: the seed would be recorded, and unused.
             raise UserError("chooses a renaming of the schema, which only --vary-schema makes; "
                             "add --vary-schema or drop --schema-seed", field="--schema-seed")
-        world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
-                            n_train=args.train, n_validation=args.validation, n_test=args.test,
-                            n_dialogs=args.dialogs, corpus_chars=args.corpus_chars)
+        try:
+            world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
+                                n_train=args.train, n_validation=args.validation,
+                                n_test=args.test, n_dialogs=args.dialogs,
+                                corpus_chars=args.corpus_chars)
+        except UserError as e:  # the option's field (n_train) named by its flag (--train)
+            flag = {"n_train": "--train", "n_validation": "--validation", "n_test": "--test",
+                    "n_dialogs": "--dialogs"}.get(e.field or "")
+            if flag is None or e.path is not None:
+                raise
+            raise UserError(e.message, field=flag) from None
         paths = world.export(args.out)
         counts = world.manifest()["counts"]
         for key, flag in (("train", "--train"), ("validation", "--validation"),
@@ -775,6 +783,19 @@ def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
     parser = getattr(args, "_parser", None)
     if parser is None or error.line is not None or (error.field or "").startswith("-"):
         return error
+    # A config verb's field, checked by its stage once the config was built (`block_size` past
+    # the model's context, a `resume_from` checkpoint not there, an `out` inside the model):
+    # named where its value came from, as the config's own checks name it, keeping the path
+    # the error is about. An error about what a file holds (a model's config.json, field
+    # 'vocab_size') is the file's, not the setting's, unless the flag gave that very file.
+    origin = getattr(args, "_origins", {}).get(error.field)
+    if origin is not None and (error.path is None or origin.path is None and (
+            not os.path.isfile(error.path) or _is_value_of(error.path, args, error.field))):
+        kind = type(error) if isinstance(error, (NotFound, WrongKind)) else UserError
+        named = kind(error.message, path=error.path or origin.path, line=origin.line,
+                     field=origin.field)
+        named.__cause__ = error.__cause__
+        return named
     if error.path is not None:
         if os.path.lexists(error.path) and not isinstance(error, (NotFound, WrongKind)):
             return error  # what is there: the message says what it holds, at the path
@@ -788,6 +809,14 @@ def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
                  and "--" + a.dest not in a.option_strings
                  for f in a.option_strings if f in typed), None)
     return error if flag is None else _renamed(error, flag)
+
+
+def _is_value_of(path: str | os.PathLike, args: argparse.Namespace, dest: str) -> bool:
+    """Whether `path` is a value the flag of `dest` was given (one of several, for a list)."""
+    values = getattr(args, dest, None)
+    failed = os.path.abspath(path)
+    return any(isinstance(v, str) and v.strip() and os.path.abspath(v) == failed
+               for v in (values if isinstance(values, list) else [values]))
 
 
 def _input_flag_of(error: UserError, args: argparse.Namespace) -> str | None:

@@ -281,6 +281,10 @@ def _check_missing(data: Any, source: str | Path, lines: dict[str, int] | None =
         line = (lines or {}).get(key) or (lines or {}).get(key.split("[")[0])
         what = "the item" if key.endswith("]") else \
             "--" + key.replace("_", "-") if flags else "the key"
+        if flags:  # named by its flag, as any other value a flag gave
+            key = "--" + key.split("[")[0].replace("_", "-")
+            raise UserError(f"??? is OmegaConf's missing value; give a value or leave {what} "
+                            f"out", field=key)
         raise UserError(f"??? is OmegaConf's missing value; give a value or leave {what} out",
                         path=source, line=line, field=key)
 
@@ -322,12 +326,16 @@ def _unreadable(e: ValueError) -> str:
 
 
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
-                overrides: Sequence[str] = (), command: str | None = None, **values: Any) -> T:
+                overrides: Sequence[str] = (), command: str | None = None,
+                origins: dict[str, UserError] | None = None, **values: Any) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, then `values`,
     and check its values (`_check_values`).
 
     `values` are explicit command-line flags; a value of None means "not given". `command`
-    (`gptlab ppo`) is the one whose --help an error points to.
+    (`gptlab ppo`) is the one whose --help an error points to. `origins`, a dict, gets for each
+    field a layer wrote where its value came from, as the UserError that names it (`--seed`;
+    `command line, field 'seed'`; `pt.yaml:3, field 'seed'`; `.message` left empty): what a
+    stage's later check of the value names instead of the bare field.
     """
     conf = OmegaConf.structured(cls)
     data: dict = {}
@@ -398,7 +406,24 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         raise _config_error(cls, e, "command line", {**typed, **given}, command=command) \
             from None
     _check_values(config, yaml_path, data, lines, typed, given)
+    if origins is not None:
+        origins.update({key: _named_where(key, "", yaml_path, data, lines, typed, given)
+                        for key in {**data, **typed, **given}})
     return config  # type: ignore[return-value]
+
+
+def _named_where(key: str, message: str, yaml_path: str | Path | None, data: dict,
+                 lines: dict[str, int], typed: dict, given: dict) -> UserError:
+    """`message` about field `key` naming the layer that wrote its value: its flag (`--seed`),
+    the override's key on the command line, or the YAML file, line and key; a value no layer
+    wrote (a default that another value makes impossible) as the field alone."""
+    if key in given:
+        return UserError(message, field="--" + key.replace("_", "-"))
+    if key in typed:
+        return UserError(message, path="command line", field=key)
+    if yaml_path is not None and key in data:
+        return UserError(message, path=yaml_path, line=lines.get(key), field=key)
+    return UserError(message, field=key)
 
 
 def _check_values(config: Any, yaml_path: str | Path | None, data: dict, lines: dict[str, int],
@@ -417,14 +442,7 @@ def _check_values(config: Any, yaml_path: str | Path | None, data: dict, lines: 
     except UserError as e:
         if e.path is not None or e.field is None:
             raise
-        key = e.field
-        if key in given:
-            raise UserError(e.message, field="--" + key.replace("_", "-")) from None
-        if key in typed:
-            raise UserError(e.message, path="command line", field=key) from None
-        if yaml_path is not None and key in data:
-            raise UserError(e.message, path=yaml_path, line=lines.get(key), field=key) from None
-        raise
+        raise _named_where(e.field, e.message, yaml_path, data, lines, typed, given) from None
 
 
 def _flag_type(tp: Any) -> tuple[Any, bool]:
@@ -519,5 +537,13 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
     verb = getattr(args, "verb", None)
-    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or (),
-                       f"gptlab {verb}" if verb else None, **values)
+    if values.get("resume") is False and values.get("resume_from") is not None:
+        # --resume-from resumes: with --no-resume the run would resume all the same.
+        raise UserError("--resume-from resumes from a checkpoint, and --no-resume says not to "
+                        "resume; drop one", field="--no-resume")
+    origins: dict[str, UserError] = {}
+    config = load_config(cls, getattr(args, "config", None),
+                         getattr(args, "overrides", None) or (),
+                         f"gptlab {verb}" if verb else None, origins, **values)
+    args._origins = origins  # for the command line to name a later error's field by its origin
+    return config

@@ -1041,13 +1041,24 @@ def _chat_template(config: dict, config_file: Path) -> tuple[str | None, Path]:
     `chat_template` (a string, or HF's named templates, the one named "default"), else
     `chat_template.jinja` beside it (newer HF releases keep it apart)."""
     template = config.get("chat_template")
-    if isinstance(template, list):  # HF's named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if template is not None and not isinstance(template, str):
-        raise UserError(f"must be a Jinja template string, got {template!r}", path=config_file,
-                        field="chat_template")
     jinja_file = config_file.parent / "chat_template.jinja"
+    if isinstance(template, list):
+        named = _named_templates(template, config_file)
+        if "default" in named:
+            template = template[named["default"]]["template"]
+        elif jinja_file.exists():
+            template = None  # the file is the template: transformers reads it before the config
+        else:
+            # transformers refuses to chat ("multiple chat templates with no default"); gptlab
+            # chatted with its own template instead, unsaid.
+            raise UserError(f"names no template \"default\" (names: "
+                            f"{', '.join(map(repr, named)) or 'none'}); the one named "
+                            f"\"default\" is the chat template, as in transformers",
+                            path=config_file, field="chat_template")
+    elif template is not None and not isinstance(template, str):
+        raise UserError(f"must be a Jinja template string or a list of named templates "
+                        f"[{{\"name\": ..., \"template\": ...}}], got {template!r}",
+                        path=config_file, field="chat_template")
     if template is not None or not jinja_file.exists():
         return template, config_file
     if jinja_file.is_dir():
@@ -1059,6 +1070,30 @@ def _chat_template(config: dict, config_file: Path) -> tuple[str | None, Path]:
         raise UserError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
                         f"cannot be decoded; save the file as UTF-8", path=jinja_file,
                         line=raw.count(b"\n", 0, e.start) + 1) from None
+
+
+def _named_templates(templates: list, config_file: Path) -> dict[str, int]:
+    """The index of each name in HF's named templates (`[{"name": ..., "template": ...}]`, as
+    transformers saves a tokenizer with several). An item that is no such object is a
+    UserError: skipped, it left chat on gptlab's own template without a word."""
+    named: dict[str, int] = {}
+    for i, item in enumerate(templates):
+        where = f"chat_template[{i}]"
+        if not isinstance(item, dict) or "name" not in item or "template" not in item:
+            raise UserError(f"must be an object with a 'name' string and a 'template' string, "
+                            f"got {item!r}", path=config_file, field=where)
+        name = item["name"]
+        if not isinstance(name, str):
+            raise UserError(f"must be a template name string, got {name!r}", path=config_file,
+                            field=f"{where}.name")
+        if not isinstance(item["template"], str):
+            raise UserError(f"must be a Jinja template string, got {item['template']!r}",
+                            path=config_file, field=f"{where}.template")
+        if name in named:  # transformers keeps the last: which one was meant cannot be told
+            raise UserError(f"{name!r} names chat_template[{named[name]}] too; each template "
+                            f"needs a name of its own", path=config_file, field=f"{where}.name")
+        named[name] = i
+    return named
 
 
 def _special_names(value: Any, path: Path, field: str) -> list[tuple[str, str]]:
@@ -1402,4 +1437,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                     extra_special_tokens=[t for t, _, _ in listed if t not in missing])
     if template is not None:
         tok.template_file = template_file
+    if template_file == config_file and isinstance(config.get("chat_template"), list):
+        i = _named_templates(config["chat_template"], config_file)["default"]
+        tok.template_field = f"chat_template[{i}].template"  # a compile error names the item
     return tok

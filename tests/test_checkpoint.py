@@ -759,8 +759,9 @@ def test_a_write_killed_midway_leaves_a_temp_the_next_write_of_that_file_removes
 
 def test_a_killed_checkpoint_save_is_never_resumed_and_the_next_save_removes_it(tmp_path):
     from gptlab.train.loop import check_run_dir
-    c = ck.Checkpointer(tmp_path, keep=3)
-    c.save(1, tiny(), state={"step": 1})
+    c, net = ck.Checkpointer(tmp_path, keep=3), tiny()
+    # A stage's checkpoint, which holds its optimizer's state (a resume requires it).
+    c.save(1, net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), state={"step": 1})
     _killed_while("torch.save = KILL\n"
                   "ck.Checkpointer('.', keep=3).save(2, GPT(get_preset('tiny')), state={})",
                   tmp_path)
@@ -1284,3 +1285,177 @@ def test_a_file_given_as_a_model_is_named_a_file_not_a_directory_missing_its_con
     assert str(e.value) == (f"{tmp_path / 'demos.jsonl'}: is a file, not a model: a model is a "
                             f"directory (config.json, model.safetensors, the tokenizer's files) "
                             f"or a .gguf file")
+
+
+# --- a resume refuses a checkpoint that lacks what its stage saves, before it trains -------------
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 4-step pretrain run with checkpoints step-2 and step-4, and the arguments it ran with
+    (less --out and --max-steps)."""
+    import random
+    from gptlab.cli import main
+    from gptlab.tokenizer import train_tokenizer
+    d = tmp_path_factory.mktemp("pretrained")
+    rng, words = random.Random(0), "the cat sat on a mat and the dog ran".split()
+    docs = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(60)]
+    (d / "a.txt").write_text("\n\n".join(docs) + "\n")
+    train_tokenizer(docs, vocab_size=300).save(d / "tok")
+    args = ["pretrain", "--model", "tiny", "--no-progress", "--sample-tokens", "0", "--data",
+            str(d / "a.txt"), "--tokenizer", str(d / "tok"), "--block-size", "16",
+            "--batch-size", "4", "--eval-every", "0", "--save-every", "2", "--cache-dir",
+            str(d / "cache")]
+    assert main([*args, "--max-steps", "4", "--out", str(d / "run")]) == 0
+    return d / "run", args
+
+
+def _manifest_edit(checkpoint: Path, name: str, data: bytes | None) -> None:
+    """Give checkpoint file `name` the bytes `data` (None: remove it) and make its manifest agree,
+    as a hand edit would: the hashes then pass."""
+    import hashlib
+    mf = checkpoint / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    if data is None:
+        (checkpoint / name).unlink()
+        del manifest["sha256"][name]
+    else:
+        (checkpoint / name).write_bytes(data)
+        manifest["sha256"][name] = hashlib.sha256(data).hexdigest()
+    mf.write_text(json.dumps(manifest))
+
+
+def _pickled(obj) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _refused_resume(pretrained, tmp_path, capsys, damage) -> tuple[Path, str]:
+    """Copy the run, `damage(run)` it, resume it to step 6: exit code 2 and nothing written.
+    Returns the copy's step-4 and the error line."""
+    from gptlab.cli import main
+    run, args = pretrained
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    damage(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    dirs = sorted(p for p in out.rglob("*") if p.is_dir())
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "6", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line, no traceback
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p for p in out.rglob("*") if p.is_dir()) == dirs
+    return out / "checkpoints" / "step-4", err
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "trainer.pt", "config.json",
+                                  "model.safetensors"])
+def test_a_resume_refuses_a_checkpoint_whose_manifest_left_out_a_file_its_stage_saves(
+        pretrained, tmp_path, capsys, name):
+    # Without optimizer.pt the run resumed silently with a fresh optimizer; without trainer.pt
+    # it failed on the bare file name, after run.json had recorded the resume.
+    step4, err = _refused_resume(pretrained, tmp_path, capsys, lambda out: _manifest_edit(
+        out / "checkpoints" / "step-4", name, None))
+    assert err == (f"gptlab pretrain: error: {step4 / name}: checkpoint file is missing: every "
+                   f"save writes it, and manifest.json does not list it; remove {step4} to "
+                   f"resume from the checkpoint before it, if there is one\n")
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("trainer.pt", b"not a pickle", "UnpicklingError: invalid load key, 'n'."),
+    ("optimizer.pt", b"not a pickle", "UnpicklingError: invalid load key, 'n'."),
+    ("trainer.pt", _pickled({"x": 1}), "it holds no 'step', which every save writes"),
+    ("trainer.pt", _pickled([1, 2]), "it holds 'list', not a trainer's state"),
+    ("optimizer.pt", _pickled({"state": {}}), "not an optimizer's state: it needs a 'state' "
+                                              "object and a list of 'param_groups', each with "
+                                              "its 'params'"),
+])
+def test_a_resume_refuses_a_trainer_or_optimizer_state_it_cannot_read_as_damaged(
+        pretrained, tmp_path, capsys, name, content, said):
+    # Their hashes in the manifest agreeing, each was a traceback (UnpicklingError, KeyError
+    # 'budget_pending', KeyError 'param_groups') and exit code 1.
+    step4, err = _refused_resume(pretrained, tmp_path, capsys, lambda out: _manifest_edit(
+        out / "checkpoints" / "step-4", name, content))
+    assert err == (f"gptlab pretrain: error: {step4 / name}: is damaged ({said}); remove {step4} "
+                   f"to resume from the checkpoint before it, if there is one\n")
+
+
+def test_a_checkpoint_pointer_that_is_a_directory_is_refused_before_any_step(pretrained,
+                                                                             tmp_path, capsys):
+    # A resume fell back to the checkpoint written last, trained every step, and failed only
+    # at the save that replaces the pointer: the steps were lost.
+    def pointer_a_directory(out):
+        (out / "checkpoints" / "latest").unlink()
+        (out / "checkpoints" / "latest").mkdir()
+    step4, err = _refused_resume(pretrained, tmp_path, capsys, pointer_a_directory)
+    assert err == (f"gptlab pretrain: error: {step4.parent / 'latest'}: is a directory where the "
+                   f"checkpoint pointer, a file, goes; remove it\n")
+    # A new run into an OUT with no checkpoint but such a pointer: refused as well.
+    from gptlab.cli import main
+    _, args = pretrained
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints" / "latest").mkdir(parents=True)
+    assert main([*args, "--max-steps", "2", "--out", str(fresh)]) == 2
+    assert capsys.readouterr().err == (f"gptlab pretrain: error: {fresh / 'checkpoints'}"
+                                       f"/latest: is a directory where the checkpoint pointer, "
+                                       f"a file, goes; remove it\n")
+    assert sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*")) == [
+        "checkpoints", "checkpoints/latest"]
+
+
+def test_a_manifest_step_of_another_type_is_named_with_its_type(tmp_path):
+    # A string "6" read `step is 6, not a step number`, the quotes lost.
+    c = ck.Checkpointer(tmp_path)
+    path = c.save(6, tiny(), state={})
+    manifest = path / "manifest.json"
+    fields = json.loads(manifest.read_text())
+    for step, shown in (("6", "'6'"), (6.0, "6.0"), ([6], "[6]"), (None, "None")):
+        manifest.write_text(json.dumps({**fields, "step": step}))
+        with pytest.raises(UserError) as err:
+            c.load(path, tiny())
+        assert str(err.value) == (f"{manifest}: is damaged (TypeError: step is {shown}, not a "
+                                  f"step number); remove {path} to resume from the checkpoint "
+                                  f"before it, if there is one")
+
+
+def test_a_load_requires_the_files_of_what_it_restores_and_names_what_a_state_lacks(tmp_path):
+    # PPO resumes unhashed (check_run_dir hashed it): a manifest that left out the value model
+    # or the optimizer's state passed, and a trainer.pt without PPO's keys was a KeyError.
+    from gptlab.train.loop import check_run_dir
+    net, value = tiny(), tiny()
+    opt = torch.optim.AdamW(net.parameters())
+    c = ck.Checkpointer(tmp_path)
+    path = c.save(1, net, optimizer=opt, state={"step": 1}, extra={"stage": "ppo"},
+                  models={"value": value})
+    assert ck.Checkpointer.stage_files(path) == (
+        "config.json", "model.safetensors", "trainer.pt", "optimizer.pt", "value/config.json",
+        "value/model.safetensors")
+    advice = f"; remove {path} to resume from the checkpoint before it, if there is one"
+    state = c.load(path, net, opt, models={"value": value}, verify=False)
+    with pytest.raises(UserError) as err:
+        state["config"]  # a key PPO reads
+    assert str(err.value) == (f"{path / 'trainer.pt'}: is damaged (it holds no 'config', which "
+                              f"every save writes){advice}")
+    assert state.get("config") is None and state["step"] == 1
+    import pickle
+    assert type(pickle.loads(pickle.dumps(state))) is dict  # saved again, a plain dict
+    _manifest_edit(path, "value/model.safetensors", None)
+    for load in (lambda: c.load(path, net, opt, models={"value": value}, verify=False),
+                 lambda: c.load(path, net, opt, models={"value": value}),
+                 lambda: check_run_dir(tmp_path, True)):
+        with pytest.raises(UserError) as err:
+            load()
+        assert str(err.value) == (f"{path / 'value' / 'model.safetensors'}: checkpoint file is "
+                                  f"missing: every save writes it, and manifest.json does not "
+                                  f"list it{advice}")
+    # An optimizer state that does not fit the optimizer (its weights loaded) is damaged too.
+    path = c.save(2, net, optimizer=opt, state={"step": 2})
+    _manifest_edit(path, "optimizer.pt", _pickled({"state": {}, "param_groups": []}))
+    with pytest.raises(UserError) as err:
+        c.load(path, net, opt)
+    assert str(err.value) == (f"{path / 'optimizer.pt'}: is damaged (ValueError: loaded state "
+                              f"dict has a different number of parameter groups); remove {path} "
+                              f"to resume from the checkpoint before it, if there is one")
+    assert c.load(path, net)["step"] == 2  # loaded without an optimizer, it is not read

@@ -97,8 +97,9 @@ def test_data_of_two_splits_exits_2_naming_the_files_and_writes_nothing(verb, tm
     for name, text in (("train.txt", "one doc\n"), ("test.txt", "another doc\n")):
         (tmp_path / name).write_text(text, encoding="utf-8")
     assert main([*verb, "--data", "train.txt", "test.txt", "--out", "out"]) == 2
+    field = "--data" if verb[0] == "pretrain" else "data"  # a config verb names the flag
     assert capsys.readouterr().err.endswith(  # after pretrain's "training a BPE tokenizer"
-        f"{command(verb)}: error: field 'data': gives the files of 2 splits (train, test), as "
+        f"{command(verb)}: error: field '{field}': gives the files of 2 splits (train, test), as "
         f"datasets names them: train.txt is train's, test.txt test's; read as one, a split held "
         f"out for evaluation would be trained on: give one split's files\n")
     assert not (tmp_path / "out").exists()
@@ -1345,10 +1346,8 @@ def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fi
                               ("--dialogs", "1000000000", "1,000,000 dialogs"),
                               ("--corpus-chars", "10000000000", "1,000,000,000 characters")):
         assert main(["world", "export", "--out", str(out), flag, value]) == 2
-        field = {"--train": "n_train", "--validation": "n_validation", "--test": "n_test",
-                 "--dialogs": "n_dialogs", "--corpus-chars": "--corpus-chars"}[flag]
         assert capsys.readouterr().err == (
-            f"gptlab world export: error: field '{field}': at most {what} ({flag}), got "
+            f"gptlab world export: error: field '{flag}': at most {what} ({flag}), got "
             f"{int(value):,}: the export holds everything in memory until it writes\n")
         assert not out.exists()
     assert main(["world", "export", "--out", str(out), "--train", "10", "--validation", "5000",
@@ -1364,7 +1363,7 @@ def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fi
      "gptlab tokenizer train: error: field 'out': is empty; give a path (write . for the current "
      "directory)"),
     (["pretrain", "--model", "tiny", "--data", "{corpus}", "--max-steps", "1", "--out", ""],
-     "gptlab pretrain: error: field 'out': is empty; give a path (write . for the current "
+     "gptlab pretrain: error: field '--out': is empty; give a path (write . for the current "
      "directory)"),
     (["sample", "--model", "{model}", "--prompts", "{prompts}", "--out", ""],
      "gptlab sample: error: field 'out': is empty; give a path (write . for the current "
@@ -1422,10 +1421,10 @@ EMPTY = "is empty; give a path (write . for the current directory)"
     (["sft", "--config", "", "--model", "{model}", "--data", "{prompts}"],
      f"field 'config': {EMPTY}"),
     (["ppo", "--policy", "", "--reward", "{model}", "--prompts", "{prompts}", "--out", "o"],
-     "field 'policy': is empty or not given; ppo needs policy (--policy), prompts (--prompts) "
+     "field '--policy': is empty or not given; ppo needs policy (--policy), prompts (--prompts) "
      "and out (--out)"),
     (["pretrain", "--model", "", "--data", "{prompts}", "--out", "o"],
-     "field 'model': is empty or not given; pretrain needs model (--model)"),
+     "field '--model': is empty or not given; pretrain needs model (--model)"),
 ])
 def test_every_verbs_empty_input_path_is_refused_naming_its_field(
         argv, message, tiny_model, tmp_path, monkeypatch, capsys):
@@ -1469,7 +1468,11 @@ def test_a_stage_names_a_setting_both_as_python_and_as_the_command_line_write_it
             run(cfg)
         assert str(err.value) == message
         assert main(argv) == 2
-        assert capsys.readouterr().err == f"gptlab {argv[0]}: error: {message}\n"
+        # The command line names the field by the flag that gave it, where one did.
+        field = err.value.field
+        flag = "--" + field.replace("_", "-")
+        said = message.replace(f"field '{field}'", f"field '{flag}'") if flag in argv else message
+        assert capsys.readouterr().err == f"gptlab {argv[0]}: error: {said}\n"
     assert not out.exists() and not (tiny_model / "run").exists()
 
 
@@ -1483,8 +1486,9 @@ def test_an_empty_data_path_is_refused_not_read_as_the_whole_current_directory(
     argv = {"pretrain": ["pretrain", "--model", "tiny", "--max-steps", "1"],
             "tokenizer": ["tokenizer", "train", "--vocab-size", "300"]}[verb]
     assert main([*argv, "--data", "", "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == (f"{command(argv)}: error: field 'data': an empty path; "
-                                       f"name a corpus file or directory\n")
+    field = "--data" if verb == "pretrain" else "data"  # a config verb names the flag
+    assert capsys.readouterr().err == (f"{command(argv)}: error: field '{field}': an empty "
+                                       f"path; name a corpus file or directory\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -1562,7 +1566,7 @@ def test_val_data_holding_the_training_records_in_another_file_or_format_is_refu
     for name in ("d.parquet", "reordered.jsonl", "other_format.jsonl"):
         assert main([*run, "--val-data", str(tmp_path / name)]) == 2, name
         assert capsys.readouterr().err == (
-            f"gptlab {verb}: error: {tmp_path / name}, field 'val_data': holds the same 4 {what} "
+            f"gptlab {verb}: error: {tmp_path / name}, field '--val-data': holds the same 4 {what} "
             f"as the training data (data, --data), in another file or format: validation would "
             f"score what the model trains on; give held-out data, or leave val_data (--val-data) "
             f"out to hold out a slice of data\n")

@@ -353,9 +353,10 @@ def test_an_override_key_that_is_no_key_or_sets_a_key_inside_a_value_says_so(ove
                          "value or leave the key out"),
     ("", ["seed=???"], "command line, field 'seed': ??? is OmegaConf's missing value; give a "
                        "value or leave the key out"),
-    ("", ["--reward-fn", "???"], "command line, field 'reward_fn': ??? is OmegaConf's missing "
+    # A flag's value is named by the flag, as any other value a flag gave.
+    ("", ["--reward-fn", "???"], "field '--reward-fn': ??? is OmegaConf's missing "
                                  "value; give a value or leave --reward-fn out"),
-    ("", ["--ptx-data", "a.txt", "???"], "command line, field 'ptx_data[1]': ??? is OmegaConf's "
+    ("", ["--ptx-data", "a.txt", "???"], "field '--ptx-data': ??? is OmegaConf's "
                                          "missing value; give a value or leave the item out")])
 def test_omegaconfs_missing_value_is_refused_not_the_default_kept(text, argv, said, captured,
                                                                   tmp_path, capsys):

@@ -218,7 +218,10 @@ def test_a_broken_reward_function_is_a_clear_error(run, capsys, fn, message):
                  "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "4"])
     assert code == 2
     message = message.format(prompts=paths["prompts"])
-    assert f"field 'reward_fn': {message}" in capsys.readouterr().err
+    # Named by the flag, except where the error is at the prompts file (or a line of it).
+    err = capsys.readouterr().err
+    field = "reward_fn" if f"{paths['prompts']}" in err.split("field")[0] else "--reward-fn"
+    assert f"field '{field}': {message}" in err
     assert not (d / "ppo_bad").exists()   # it failed before its first step: nothing written
 
 

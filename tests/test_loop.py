@@ -296,7 +296,8 @@ def test_a_run_directory_with_a_run_or_a_model_needs_resume(tmp_path):
                               "checkpoint to continue from; choose another out (--out); a run "
                               "saved with save_every (--save-every) continues with resume "
                               "(--resume)")
-    path = Checkpointer(out).save(1, tiny())
+    net = tiny()  # a stage's checkpoint holds its optimizer's state, which a resume requires
+    path = Checkpointer(out).save(1, net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
     with pytest.raises(UserError, match="already holds a training run; pass resume"):
         check_run_dir(out, False)
     assert check_run_dir(out, True) == path

@@ -406,7 +406,7 @@ def test_an_out_under_a_file_fails_before_any_stage_runs(tmp_path, capsys):
     a_file = tmp_path / "afile"
     a_file.write_text("x")
     assert main(["pipeline", "--out", str(a_file / "demo")]) == 2
-    assert (f"gptlab pipeline: error: {a_file / 'demo'}, field 'out': parent is a file: "
+    assert (f"gptlab pipeline: error: {a_file / 'demo'}, field '--out': parent is a file: "
             f"{a_file} is not a directory") in capsys.readouterr().err
 
 
@@ -497,7 +497,7 @@ def test_threads_beyond_the_cores_are_refused_before_out_is_written(monkeypatch,
     for threads in ("5", "100000", str(10**30)):
         assert main(["pipeline", "--out", str(out), "--threads", threads]) == 2
         assert capsys.readouterr().err == (
-            f"gptlab pipeline: error: field 'threads': must be at most 4, the CPU cores this "
+            f"gptlab pipeline: error: field '--threads': must be at most 4, the CPU cores this "
             f"process may use, got {threads}\n")
     assert not out.exists()
     pipeline.PipelineConfig(out=str(out), threads=4).check()
@@ -570,15 +570,15 @@ def _a_run_with_a_stage(tmp_path):
 
 
 @pytest.mark.parametrize("where, says", [
-    ("demo/sft", "{out}, field 'out': is inside the pipeline run {run}; choose an "
+    ("demo/sft", "{out}, field '--out': is inside the pipeline run {run}; choose an "
                  "out (--out) outside it"),
-    ("demo/sft/more", "{out}, field 'out': is inside the pipeline run {run}; choose an "
+    ("demo/sft/more", "{out}, field '--out': is inside the pipeline run {run}; choose an "
                       "out (--out) outside it"),
-    ("demo/round-9", "{out}, field 'out': is inside the pipeline run {run}; choose an "
+    ("demo/round-9", "{out}, field '--out': is inside the pipeline run {run}; choose an "
                      "out (--out) outside it"),
-    ("model", "{out}, field 'out': already holds config.json and model.safetensors; choose "
+    ("model", "{out}, field '--out': already holds config.json and model.safetensors; choose "
               "another out (--out) or remove it"),
-    ("afile", "{out}, field 'out': is a file, not a directory"),
+    ("afile", "{out}, field '--out': is a file, not a directory"),
 ])
 def test_an_out_in_another_run_or_at_a_model_or_a_file_is_refused(tmp_path, capsys, monkeypatch,
                                                                    where, says):
@@ -636,7 +636,7 @@ def test_stages_without_their_pipeline_json_are_refused_not_reused_unchecked(run
     (run / "pipeline.json").unlink()
     assert main(["pipeline", "--out", str(run), *ARGS, "--ppo-lr", "1e-3"]) == 2
     assert capsys.readouterr().err.endswith(
-        f"gptlab pipeline: error: {run}, field 'out': holds pipeline stages (world, pretrain, "
+        f"gptlab pipeline: error: {run}, field '--out': holds pipeline stages (world, pretrain, "
         f"sft_data.jsonl, sft, round-1/rankings.jsonl, round-1/reward, round-1/ppo, "
         f"round-2/rankings.jsonl, round-2/reward, round-2/ppo, sft_continued) but no "
         f"pipeline.json, which records the settings they were made with; choose another out "

@@ -167,7 +167,7 @@ def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch, capsys):
     assert main([*common, "--steps", str(STEPS)]) == 2   # a run is there: needs --resume
     other = ppo_cli(args, out, reward="stopping_reward")  # another --reward-fn
     assert main([*other, "--steps", str(STEPS), "--resume"]) == 2
-    assert (f"field 'reward_fn': was written with other settings (reward_fn: "
+    assert (f"field '--reward-fn': was written with other settings (reward_fn: "
             f"'{__name__}:varied_reward' there, '{__name__}:stopping_reward' now); resume with "
             f"the same settings, or choose another out (--out)") in capsys.readouterr().err
     verified = []
@@ -189,7 +189,7 @@ def test_resume_from_a_named_earlier_step_continues_exactly(setup, capsys):
     assert main([*common, "--steps", str(STEPS)]) == 0
     ckpts = out / "checkpoints"
     assert main([*common, "--steps", str(STEPS), "--resume-from", "step-5"]) == 2
-    assert (f"{ckpts / 'step-5'}, field 'resume_from': no such checkpoint; the checkpoints in "
+    assert (f"{ckpts / 'step-5'}, field '--resume-from': no such checkpoint; the checkpoints in "
             f"{ckpts}: step-1, step-2, step-3, step-4") in capsys.readouterr().err
     assert main([*common, "--steps", str(STEPS), "--resume-from", "step-2"]) == 0
     assert f"resuming from {ckpts / 'step-2'} (step 2 of {STEPS})" in capsys.readouterr().err
@@ -460,7 +460,7 @@ def ppo_args(d, out, *args):
     (["--temperature", "nan"], "field '--temperature': must be a finite number, got nan"),
     (["--max-new-tokens", "0"], "field '--max-new-tokens': must be >= 1, got 0"),
     (["--max-new-tokens", "-2"], "field '--max-new-tokens': must be >= 1, got -2"),
-    (["--max-new-tokens", "64"], "field 'max_new_tokens': must be below the policy's context "
+    (["--max-new-tokens", "64"], "field '--max-new-tokens': must be below the policy's context "
                                  "of 64, got 64"),
     (["--missing-eos-penalty", "inf"], "field '--missing-eos-penalty': must be a finite number, "
                                        "got inf"),
@@ -470,25 +470,25 @@ def ppo_args(d, out, *args):
     (["--ptx-batch-size", "0"], "field '--ptx-batch-size': must be >= 1, got 0"),
     (["--ptx-block-size", "0"], "field '--ptx-block-size': must be >= 1, got 0"),
     (["--save-every", "-1"], "field '--save-every': must be >= 0, got -1"),
-    (["--device", "nope"], "field 'device': unknown device 'nope'"),
-    (["--reward-fn", "syntaxmod:f"], "field 'reward_fn': cannot load 'syntaxmod:f': importing "
+    (["--device", "nope"], "field '--device': unknown device 'nope'"),
+    (["--reward-fn", "syntaxmod:f"], "field '--reward-fn': cannot load 'syntaxmod:f': importing "
                                      "syntaxmod failed with SyntaxError: invalid syntax"),
-    (["--reward-fn", ":f"], "field 'reward_fn': ':f' should look like module:function"),
-    (["--reward-fn", "varied_reward"], "field 'reward_fn': 'varied_reward' should look like "
+    (["--reward-fn", ":f"], "field '--reward-fn': ':f' should look like module:function"),
+    (["--reward-fn", "varied_reward"], "field '--reward-fn': 'varied_reward' should look like "
                                        "module:function"),
-    (["--reward-fn", "syntaxfree:nope"], "field 'reward_fn': cannot load 'syntaxfree:nope': "
+    (["--reward-fn", "syntaxfree:nope"], "field '--reward-fn': cannot load 'syntaxfree:nope': "
                                          "module syntaxfree has no 'nope'"),
-    (["--reward-fn", "syntaxfree:x"], "field 'reward_fn': cannot load 'syntaxfree:x': x is not "
+    (["--reward-fn", "syntaxfree:x"], "field '--reward-fn': cannot load 'syntaxfree:x': x is not "
                                       "callable"),
-    (["--reward-fn", "syntaxfree:boom"], "field 'reward_fn': the reward function "
+    (["--reward-fn", "syntaxfree:boom"], "field '--reward-fn': the reward function "
                                          "syntaxfree:boom raised RuntimeError: boom from "
                                          "reward fn"),
-    (["--reward-fn", "syntaxfree:short"], "field 'reward_fn': the reward function "
+    (["--reward-fn", "syntaxfree:short"], "field '--reward-fn': the reward function "
                                           "syntaxfree:short returned 1 score for 2 responses"),
-    (["--reward-fn", "syntaxfree:quits"], "field 'reward_fn': the reward function "
+    (["--reward-fn", "syntaxfree:quits"], "field '--reward-fn': the reward function "
                                           "syntaxfree:quits raised SystemExit: 0"),
     # A message of several lines is one line of the error (it split the error's line).
-    (["--reward-fn", "syntaxfree:lines"], "field 'reward_fn': the reward function "
+    (["--reward-fn", "syntaxfree:lines"], "field '--reward-fn': the reward function "
                                           "syntaxfree:lines raised ValueError: no answer for "
                                           "the question\n"),
 ])
@@ -600,7 +600,7 @@ def test_a_reward_model_with_a_shorter_context_bounds_prompt_and_response(setup,
         args[args.index("--prompts") + 1] = str(prompts)
         return main(args)
     assert run(tmp_path / "a", "--max-new-tokens", "40") == 2
-    assert ("field 'max_new_tokens': must be below the reward model's context of 32, got 40"
+    assert ("field '--max-new-tokens': must be below the reward model's context of 32, got 40"
             in capsys.readouterr().err)
     assert run(tmp_path / "b") == 2
     assert ("the prompt does not fit the reward model's context of 32 tokens "
@@ -622,22 +622,22 @@ def test_a_finished_run_or_an_input_model_is_never_overwritten(setup, tmp_path, 
     assert main(ppo_args(d, out)) == 0                     # save_every 0: no checkpoint
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main(ppo_args(d, out)) == 2
-    assert (f"{out}, field 'out': already holds a finished model and no checkpoint to continue "
+    assert (f"{out}, field '--out': already holds a finished model and no checkpoint to continue "
             "from; choose another out (--out); a run saved with save_every (--save-every) "
             "continues with resume (--resume)"
             in capsys.readouterr().err)
     assert main(ppo_args(d, out, "--resume")) == 2
-    assert "field 'resume': nothing to resume" in capsys.readouterr().err
+    assert "field '--resume': nothing to resume" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
     policy, other = d / "policy", tmp_path / "other"
     shutil.copytree(policy, other)
     before = {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]}
     assert main(ppo_args(d, policy / "ppo")) == 2
-    assert (f"{policy / 'ppo'}, field 'out': is inside the input model {policy} (policy, "
+    assert (f"{policy / 'ppo'}, field '--out': is inside the input model {policy} (policy, "
             "--policy); choose another out (--out)") in capsys.readouterr().err
     for flag in ("--reference", "--value"):
         assert main([*ppo_args(d, other), flag, str(other)]) == 2
-        assert (f"{other}, field 'out': is the input model ({flag[2:]}, {flag}); training would "
+        assert (f"{other}, field '--out': is the input model ({flag[2:]}, {flag}); training would "
                 "overwrite it; choose another out (--out)") in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in [*policy.rglob("*"), *other.rglob("*")]} == before
 
@@ -661,7 +661,7 @@ def test_a_reference_or_value_model_with_another_tokenizer_is_refused(setup, tmp
     out = tmp_path / "run"
     assert main([*ppo_args(d, out), flag, str(tmp_path / "other")]) == 2
     what = "reference" if flag == "--reference" else "value"
-    assert (f"{tmp_path / 'other'}, field '{flag[2:]}': the {what} model's tokenizer is not the "
+    assert (f"{tmp_path / 'other'}, field '{flag}': the {what} model's tokenizer is not the "
             f"policy's" in capsys.readouterr().err)
     assert not out.exists()
 
@@ -699,7 +699,7 @@ def test_a_ptx_corpus_smaller_than_a_block_names_ptx_data_and_ptx_block_size(set
     assert main(ppo_args(d, out, "--ptx-data", str(small), "--ptx-coef", "0.1",
                          "--ptx-block-size", "16", "--cache-dir", str(tmp_path / "cache"))) == 2
     err = capsys.readouterr().err
-    assert f"{small}, field 'ptx_data': the corpus has " in err
+    assert f"{small}, field '--ptx-data': the corpus has " in err
     assert "fewer than one training block of 17 (ptx_block_size + 1); add text or lower " \
            "ptx_block_size" in err
     assert not out.exists()
@@ -715,7 +715,7 @@ def test_an_empty_ptx_data_path_is_refused_naming_ptx_data(setup, tmp_path, monk
         cwd.mkdir(exist_ok=True)
         monkeypatch.chdir(cwd)
         assert main(ppo_args(d, out, "--ptx-data", "", "--ptx-coef", "0.1")) == 2
-        assert capsys.readouterr().err == ("gptlab ppo: error: field 'ptx_data': an empty path; "
+        assert capsys.readouterr().err == ("gptlab ppo: error: field '--ptx-data': an empty path; "
                                            "name a corpus file or directory\n")
         assert not out.exists()
 
@@ -733,7 +733,7 @@ def test_a_ptx_corpus_given_twice_or_of_two_splits_names_ptx_data(setup, tmp_pat
         assert main(ppo_args(d, out, "--ptx-data", *[str(tmp_path / g) for g in given],
                              "--ptx-coef", "0.1", "--cache-dir", str(tmp_path / "cache"))) == 2
         err = capsys.readouterr().err
-        assert f"field 'ptx_data': {says.format(str(tmp_path) + '/')}" in err, err
+        assert f"field '--ptx-data': {says.format(str(tmp_path) + '/')}" in err, err
         assert "field 'data'" not in err and not out.exists()
 
 

@@ -57,8 +57,8 @@ def test_a_corpus_given_twice_or_of_two_splits_fails_before_any_output(tmp_path,
     for name in ("a.txt", "train.txt", "test.txt"):
         (tmp_path / name).write_text("one doc\n\nanother doc\n", encoding="utf-8")
     a, train, test = (str(tmp_path / n) for n in ("a.txt", "train.txt", "test.txt"))
-    for data, says in (([a, a], f"{a}, field 'data': is given twice: as {a} and as {a}; "),
-                       ([train, test], "field 'data': gives the files of 2 splits (train, "
+    for data, says in (([a, a], f"{a}, field '--data': is given twice: as {a} and as {a}; "),
+                       ([train, test], "field '--data': gives the files of 2 splits (train, "
                                        "test)")):
         capsys.readouterr()
         assert run("--data", *data, "--out", str(tmp_path / "out"), "--cache-dir",
@@ -86,7 +86,7 @@ def test_a_pipe_is_refused_where_the_tokenizer_is_trained_on_the_data(corpus, tm
               "--cache-dir", str(tmp_path / "cache")]
     assert run("--data", str(d / "a.txt"), pipe, *common) == 2
     err = capsys.readouterr().err
-    assert err == (f"gptlab pretrain: error: {pipe}, field 'data': is a pipe, which can be read "
+    assert err == (f"gptlab pretrain: error: {pipe}, field '--data': is a pipe, which can be read "
                    f"once, and the tokenizer trained on the data reads the corpus before it is "
                    f"tokenized; write it to a file first, or give a tokenizer (--tokenizer)\n")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
@@ -462,9 +462,8 @@ def test_resume_from_a_named_earlier_step_gives_the_uninterrupted_run(corpus, tm
     for name in ("step-7", "7", "x"):
         assert run(*common, "--out", str(b), "--resume-from", name) == 2
         err = capsys.readouterr().err
-        # A path not there, as typed, names the flag; a step it looked for in OUT, the field.
-        field = "--resume-from" if name == "x" else "resume_from"
-        assert f"field '{field}'" in err and there in err, err
+        # A path not there, as typed, or a step it looked for in OUT: named by the flag.
+        assert "field '--resume-from'" in err and there in err, err
     step9 = ckpts / "step-9"
     (step9 / "trainer.pt").write_bytes(b"damaged")
     assert run(*common, "--out", str(b), "--resume-from", "step-9") == 2
@@ -673,7 +672,7 @@ def test_a_resume_refused_for_a_damaged_checkpoint_or_another_setting_writes_not
     ckpt = out / "checkpoints" / "step-4"
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert run(*common, "--resume", "--lr", "0.01") == 2
-    assert f"{ckpt}, field 'lr': was written with other settings (lr: 0.001 there, 0.01 now)" \
+    assert f"{ckpt}, field '--lr': was written with other settings (lr: 0.001 there, 0.01 now)" \
         in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     state = ckpt / "trainer.pt"
@@ -786,7 +785,7 @@ def test_continuing_a_model_with_another_tokenizer_than_its_own_is_refused(corpu
     capsys.readouterr()
     assert cont(tmp_path / "other", tmp_path / "two") == 2
     assert capsys.readouterr().err == (
-        f"gptlab pretrain: error: {tmp_path / 'one'}, field 'tokenizer': has its own "
+        f"gptlab pretrain: error: {tmp_path / 'one'}, field '--tokenizer': has its own "
         f"tokenizer.json, which differs from tokenizer (--tokenizer) in its vocabulary and "
         f"merges: its embeddings are rows "
         f"for its own tokens, and another tokenizer would give them other meanings; leave out "
@@ -947,7 +946,7 @@ def test_a_hub_dataset_name_is_passed_to_datasets_and_fails_clearly_offline(tmp_
     (["--lr", "nan"], "field '--lr': must be a finite number, got nan"),
     (["--sample-tokens", "-1"], "field '--sample-tokens': must be >= 0, got -1"),
     (["--val-fraction", "1"], "field '--val-fraction': must be in [0, 1), got 1.0"),
-    (["--device", "nope"], "field 'device': unknown device 'nope'"),
+    (["--device", "nope"], "field '--device': unknown device 'nope'"),
     # numpy's generators take no negative seed, torch's none past 2**64: both were tracebacks.
     (["--seed", "-1"], "field '--seed': must be in [0, 2**64), got -1"),
     (["--seed", str(2**64)], f"field '--seed': must be in [0, 2**64), got {2**64}"),
@@ -975,7 +974,7 @@ def test_a_sample_prompt_that_fills_the_context_fails_before_anything_is_written
             str(tmp_path / "cache"), "--block-size", "16", "--max-steps", "1",
             "--sample-tokens", "4"]
     assert run(*base, "--out", str(out), "--sample-prompt", too_long) == 2
-    assert ("gptlab pretrain: error: field 'sample_prompt': is 128 tokens as the start of a new "
+    assert ("gptlab pretrain: error: field '--sample-prompt': is 128 tokens as the start of a new "
             "document, which leaves no room in the model's context of 128 for the sample; "
             "shorten it, or set sample_tokens (--sample-tokens) to 0 for no sample"
             ) in capsys.readouterr().err
@@ -995,7 +994,7 @@ def test_continuing_a_model_directory_into_itself_is_refused(corpus, tmp_path, c
     for out, why in ((one, "is the input model (model, --model); training would overwrite it"),
                      (one / "more", f"is inside the input model {one} (model, --model)")):
         assert run(*base, "--model", str(one), "--out", str(out)) == 2
-        assert f"{out}, field 'out': {why}; choose another out (--out)" in capsys.readouterr().err
+        assert f"{out}, field '--out': {why}; choose another out (--out)" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in one.rglob("*")} == files
 
 
@@ -1039,7 +1038,7 @@ def test_out_in_a_corpus_directory_is_refused(corpus, tmp_path, capsys):
                       f"is inside the corpus directory {data} (data, --data)")):
         assert run("--data", str(corpus[0] / "a.txt"), str(data), "--out", str(out),
                    *base) == 2
-        assert (f"{out}, field 'out': {why}; the run's own files would become part of the "
+        assert (f"{out}, field '--out': {why}; the run's own files would become part of the "
                 "corpus; choose another out (--out)") in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "corpus"]
     # A directory beside it, or a --data file inside --out, is fine.
@@ -1275,7 +1274,7 @@ def test_a_model_that_pretraining_cannot_start_from_is_refused_naming_the_flag(
     (tmp_path / "plain").mkdir()
     for args, said in (
             (["--model", "transformer-base"],
-             "field 'model': preset 'transformer-base' is not a decoder-only GPT"),
+             "field '--model': preset 'transformer-base' is not a decoder-only GPT"),
             (["--model", str(tmp_path / "plain")],
              f"{tmp_path / 'plain'}, field '--model': not a gptlab model directory (config.json "
              f"with format gptlab/1); import other models with `gptlab convert` first"),
@@ -1302,6 +1301,6 @@ def test_a_tokenizer_larger_than_the_model_s_embedding_is_refused(corpus, tmp_pa
     assert main(["pretrain", "--model", str(tmp_path / "one"), "--no-progress", *base,
                  "--tokenizer", str(tmp_path / "big"), "--out", str(tmp_path / "two")]) == 2
     assert capsys.readouterr().err.endswith(
-        f"field 'tokenizer': the tokenizer has {big.vocab_size} tokens but the model's embedding "
+        f"field '--tokenizer': the tokenizer has {big.vocab_size} tokens but the model's embedding "
         f"has 300 rows\n")
     assert big.vocab_size > 300

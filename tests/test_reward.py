@@ -282,7 +282,7 @@ def snapshot(path):
     (["--val-fraction", "1"], "field '--val-fraction': must be in [0, 1), got 1.0"),
     (["--beta1", "1"], "field '--beta1': must be in [0, 1), got 1.0"),
     (["--weight-decay", "nan"], "field '--weight-decay': must be a finite number, got nan"),
-    (["--resume"], "checkpoints, field 'resume': nothing to resume: no checkpoint in this run "
+    (["--resume"], "checkpoints, field '--resume': nothing to resume: no checkpoint in this run "
                    "directory"),
 ])
 def test_impossible_settings_fail_before_anything_is_written(base, tmp_path, capsys, args,
@@ -299,7 +299,7 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert run_reward(base, out) == 0
     files = snapshot(out)
     assert run_reward(base, out) == 2
-    assert (f"{out}, field 'out': already holds a training run; pass resume (--resume) to "
+    assert (f"{out}, field '--out': already holds a training run; pass resume (--resume) to "
             "continue it, or choose another out (--out)") in capsys.readouterr().err
     assert snapshot(out) == files
     before = snapshot(d)
@@ -307,7 +307,7 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
                          "is the input model (model, --model); training would overwrite it"),
                         (d, f"holds the input model {d / 'sft'} (model, --model)")):
         assert run_reward(base, target) == 2
-        assert (f"{target}, field 'out': {why}; choose another out (--out)"
+        assert (f"{target}, field '--out': {why}; choose another out (--out)"
                 in capsys.readouterr().err)
     assert snapshot(d) == before
     assert run_reward(base, out, "--resume", "--max-steps", "2") == 0
@@ -414,7 +414,8 @@ def test_a_resume_with_other_held_out_rankings_is_refused(base, tmp_path, capsys
                         (["--val-data", str(other)],
                          f"val_data: {str(val)!r} there, {str(other)!r} now")):
         assert run_reward(base, out, "--resume", "--max-steps", "2", *keep, *args) == 2
-        assert (f"{step1}, field 'val_data': was written with other settings ({shown}); they "
+        field = "--val-data" if args else "val_data"  # named by the flag where one gave it
+        assert (f"{step1}, field '{field}': was written with other settings ({shown}); they "
                 f"decide what each evaluation measures") in capsys.readouterr().err
         assert snapshot(out) == files  # nothing written
     from gptlab.checkpoint import Checkpointer
@@ -958,7 +959,7 @@ def test_a_model_without_tokenizer_or_of_another_kind_and_rankings_too_long_are_
             (["--model", str(t5)],
              f"{t5}, field '--model': the reward model must start from a GPT model"),
             (["--data", str(long)], f"{long}: no rankings left to train on"),
-            (["--samples", str(samples)], f"{samples}, field 'samples': no sample fits the "
+            (["--samples", str(samples)], f"{samples}, field '--samples': no sample fits the "
                                           f"context to normalise the scores on")):
         capsys.readouterr()
         assert run_reward(base, tmp_path / "out", *args) == 2

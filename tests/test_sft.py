@@ -153,7 +153,7 @@ def snapshot(path):
     (["--patience", "-1"], "field '--patience': must be >= 0, got -1"),
     (["--exec-eval", "-1"], "field '--exec-eval': must be >= 0, got -1"),
     (["--lr", "inf"], "field '--lr': must be a finite number, got inf"),
-    (["--resume"], "checkpoints, field 'resume': nothing to resume: no checkpoint in this run "
+    (["--resume"], "checkpoints, field '--resume': nothing to resume: no checkpoint in this run "
                    "directory"),
 ])
 def test_impossible_settings_fail_before_anything_is_written(base, tmp_path, capsys, args,
@@ -197,13 +197,13 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     assert run_sft(base, out) == 0
     files = snapshot(out)
     assert run_sft(base, out) == 2
-    assert (f"{out}, field 'out': already holds a training run; pass resume (--resume) to "
+    assert (f"{out}, field '--out': already holds a training run; pass resume (--resume) to "
             "continue it, or choose another out (--out)") in capsys.readouterr().err
     assert snapshot(out) == files
     model = d / "base"
     before = snapshot(model)
     assert run_sft(base, model) == 2
-    assert (f"{model}, field 'out': is the input model (model, --model); training would overwrite "
+    assert (f"{model}, field '--out': is the input model (model, --model); training would overwrite "
             "it; choose another out (--out)") in capsys.readouterr().err
     assert snapshot(model) == before
     # --resume continues the finished run to a later step.
@@ -341,7 +341,7 @@ def test_resume_from_names_a_checkpoint_of_out_or_is_refused_listing_them(base, 
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     ckpts = out / "checkpoints"
     assert run_sft(base, out, "--max-steps", "2", "--resume-from", "step-3") == 2
-    assert (f"{ckpts / 'step-3'}, field 'resume_from': no such checkpoint; the checkpoints in "
+    assert (f"{ckpts / 'step-3'}, field '--resume-from': no such checkpoint; the checkpoints in "
             f"{ckpts}: step-1, step-2") in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     assert run_sft(base, out, "--max-steps", "2", "--keep-checkpoints", "5",
@@ -669,9 +669,9 @@ def test_a_resume_refuses_what_evaluations_measure_and_notes_when_they_are_made(
     step1 = out / "checkpoints" / "step-1"
     for args, field, shown in (
             ([], "val_data", f"val_data: {str(val)!r} there, None now"),
-            (["--val-data", str(other)], "val_data",
+            (["--val-data", str(other)], "--val-data",
              f"val_data: {str(val)!r} there, {str(other)!r} now"),
-            (["--val-data", str(val), "--world", "builtin"], "world",
+            (["--val-data", str(val), "--world", "builtin"], "--world",
              "world: None there, 'builtin' now")):
         assert run_sft(base, out, "--resume", "--max-steps", "3", *keep,
                        *args) == 2

@@ -454,9 +454,11 @@ def test_load_errors(tok, tmp_path):
     ("pad_token", {"content": 5}, "must be a token string or an object with a 'content' "
                                   "string, got {'content': 5}"),
     ("add_bos_token", "false", "must be true or false, got 'false'"),
-    ("chat_template", 5, "must be a Jinja template string, got 5"),
-    ("chat_template", [{"name": "default", "template": True}],
-     "must be a Jinja template string, got True"),
+    ("chat_template", 5, "must be a Jinja template string or a list of named templates "
+                         "[{\"name\": ..., \"template\": ...}], got 5"),
+    ("chat_template", {"default": "x"}, "must be a Jinja template string or a list of named "
+                                        "templates [{\"name\": ..., \"template\": ...}], got "
+                                        "{'default': 'x'}"),
 ])
 def test_a_tokenizer_config_field_of_the_wrong_type_names_its_file_and_field(tok, tmp_path, key,
                                                                               value, message):
@@ -470,6 +472,76 @@ def test_a_tokenizer_config_field_of_the_wrong_type_names_its_file_and_field(tok
     assert str(e.value) == f"{tmp_path / 'tokenizer_config.json'}, field '{key}': {message}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": None}))
     assert load_tokenizer(tmp_path).bos_id == tok.bos_id      # null: the default, as absent
+
+
+@pytest.mark.parametrize("templates, field, message", [
+    ([1, 2], "chat_template[0]",
+     "must be an object with a 'name' string and a 'template' string, got 1"),
+    ([{"nam": "default"}], "chat_template[0]",
+     "must be an object with a 'name' string and a 'template' string, got {'nam': 'default'}"),
+    ([{"name": "default", "template": "x"}, {"name": "tool_use"}], "chat_template[1]",
+     "must be an object with a 'name' string and a 'template' string, got {'name': 'tool_use'}"),
+    ([{"name": 5, "template": "x"}], "chat_template[0].name",
+     "must be a template name string, got 5"),
+    ([{"name": "default", "template": True}], "chat_template[0].template",
+     "must be a Jinja template string, got True"),
+    ([{"name": "default", "template": None}], "chat_template[0].template",
+     "must be a Jinja template string, got None"),
+    ([{"name": "default", "template": "a"}, {"name": "default", "template": "b"}],
+     "chat_template[1].name", "'default' names chat_template[0] too; each template needs a "
+                              "name of its own"),
+    ([{"name": "tool_use", "template": "a"}, {"name": "rag", "template": "b"}], "chat_template",
+     "names no template \"default\" (names: 'tool_use', 'rag'); the one named \"default\" is "
+     "the chat template, as in transformers"),
+    ([{"name": "tool_use", "template": "a"}], "chat_template",
+     "names no template \"default\" (names: 'tool_use'); the one named \"default\" is the "
+     "chat template, as in transformers"),
+    ([], "chat_template", "names no template \"default\" (names: none); the one named "
+                          "\"default\" is the chat template, as in transformers"),
+], ids=["numbers", "no-name", "no-template", "name-number", "template-bool", "template-null",
+        "two-defaults", "no-default", "one-not-default", "empty"])
+def test_a_malformed_list_of_named_chat_templates_names_its_file_and_item(tok, tmp_path,
+                                                                          templates, field,
+                                                                          message):
+    # Each was skipped or read as no template, and chat ran on gptlab's built-in one instead.
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                                "chat_template": templates}))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'tokenizer_config.json'}, field '{field}': {message}"
+
+
+def test_named_chat_templates_chat_with_the_default_as_transformers_does(plain, tmp_path):
+    named = [{"name": "tool_use", "template": "{{ raise_exception('not this one') }}"},
+             {"name": "default", "template": CHATML}, {"name": "rag", "template": "{% for %}"}]
+    markers = {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    d = hf_dir(plain, tmp_path / "named", {**markers, "chat_template": named},
+               in_vocab=["<|im_start|>", "<|im_end|>"])
+    ours = load_tokenizer(d)
+    assert ours.chat_template == CHATML
+    assert (ours.template_file, ours.template_field) == (
+        d / "tokenizer_config.json", "chat_template[1].template")
+    assert_reads_as_transformers(ours, auto_tokenizer(d), "a <|im_end|> b")
+    # A default that does not compile is named by its item, not by the whole list.
+    named[1]["template"] = "{% for m in messages %}"
+    d = hf_dir(plain, tmp_path / "broken", {**markers, "chat_template": named},
+               in_vocab=["<|im_start|>", "<|im_end|>"])
+    with pytest.raises(UserError) as e:
+        load_tokenizer(d).render_chat(HF_CHAT)
+    assert str(e.value).startswith(f"{d / 'tokenizer_config.json'}, field "
+                                   f"'chat_template[1].template': the chat template cannot be "
+                                   f"compiled: ")
+    # Without a default, chat_template.jinja beside the list is the template: transformers reads
+    # that file before the config.
+    d = hf_dir(plain, tmp_path / "jinja", {**markers, "chat_template": [named[0]]},
+               in_vocab=["<|im_start|>", "<|im_end|>"])
+    (d / "chat_template.jinja").write_text(CHATML)
+    ours = load_tokenizer(d)
+    assert (ours.chat_template, ours.template_file, ours.template_field) == (
+        CHATML, d / "chat_template.jinja", "chat_template")
+    assert_reads_as_transformers(ours, auto_tokenizer(d), "a <|im_end|> b")
 
 
 def test_a_chat_template_file_that_cannot_be_read_or_compiled_is_named(tok, tmp_path):

@@ -78,6 +78,9 @@ SPLIT_SETTINGS = ("seed", "val_fraction", "block_size", "batch_size", "grad_accu
 # them back in place of new ones; another lr or warmup would bend the schedule mid-run.
 OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "clip", "weight_decay", "beta1",
                       "beta2")
+# The trainer-state keys a resume of the common loop reads (`train`); `max_minutes` and the
+# others it reads with a default may be absent (a checkpoint written before they were saved).
+RESUMED_STATE = ("step", "tokens", "elapsed_s", "total_steps", "budget_pending", "data", "rng")
 _UNRECORDED = object()    # a run's time budget, resumed from a checkpoint that did not record it
 MEASURE_STEPS = 3         # steps timed (after the first, which pays for warm-up) for max_minutes
 
@@ -339,19 +342,27 @@ def check_run_dir(out: str | Path, resume: bool,
         else:
             continue
         raise UserError(why + "; choose another out (--out)", path=out, field="out")
-    latest = Checkpointer(out).latest()
+    checkpoints = Checkpointer(out)
+    # Before any step is trained: every save replaces the pointer, and failed on a directory.
+    checkpoints.check_pointer()
+    latest = checkpoints.latest()
     if resume and latest is None:
         raise UserError("nothing to resume: no checkpoint in this run directory",
                         path=out / "checkpoints",
                         field="resume" if resume_from is None else "resume_from")
     if resume_from is not None:
-        latest = Checkpointer(out).named(resume_from)  # verified there
+        latest = checkpoints.named(resume_from)  # verified there, its stage's files required
     elif resume:
         # Here, not only when training loads it: the stage writes run.json and OUT/best first.
         Checkpointer.verify(latest)
+        Checkpointer.require(latest, Checkpointer.stage_files(latest))
     if resume:
+        # Read here too, for the same reason: a trainer.pt or optimizer.pt that a hash in an
+        # edited manifest passes, but that cannot be read or lacks what a resume reads. The
+        # optimizer's tensors are mapped, not read: training reads them once, when it loads.
+        state = Checkpointer.state_of(latest, RESUMED_STATE if cfg is not None else ())
+        Checkpointer.optimizer_state(latest, mmap=True)
         if cfg is not None:
-            state = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=False)
             _check_split_settings(cfg, state.get("settings", {}), latest)
             _check_budget(cfg, state, latest)
     if not resume and latest is not None:
@@ -949,6 +960,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
+    ckpt.check_pointer()  # refused now, not by the first save, once steps were trained
     metrics_path = out / "metrics.jsonl"
 
     # Run state that survives a resume; everything else is rebuilt from cfg.
@@ -964,7 +976,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             raise UserError("nothing to resume: no checkpoint in this run directory",
                             path=ckpt.dir, field="resume")
         state = ckpt.load(path, model, optimizer, verify=verified is None
-                          or Path(verified).resolve() != path.resolve())
+                          or Path(verified).resolve() != path.resolve(), needs=RESUMED_STATE)
         _check_split_settings(cfg, state.get("settings", {}), path)
         _check_budget(cfg, state, path)
         # A checkpoint from before the budget was recorded: a pending one's is the one given
