@@ -8,13 +8,14 @@ none of them (nor torch): each subpackage is imported when first named, `gptlab.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from types import ModuleType
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("api", "chat", "checkpoint", "config", "data", "engine", "errors", "eval",
-               "feedback", "interop", "io", "model", "plugin", "provenance", "tokenizer", "train",
-               "world")
+# Every module and subpackage of the package, found by name (no import): one added is reached
+# as `gptlab.NAME` without a list here to keep up (`stop_strings` and `devices` were missed).
+_SUBMODULES = tuple(m.name for m in pkgutil.iter_modules(__path__) if m.name != "__main__")
 
 
 def __getattr__(name: str) -> ModuleType:

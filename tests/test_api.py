@@ -84,6 +84,10 @@ import gptlab
 assert "torch" not in sys.modules and "gptlab.api" not in sys.modules
 assert {"api", "train", "world", "interop", "model", "tokenizer"} <= set(dir(gptlab))
 print(gptlab.api.load.__name__, gptlab.world.build_world.__name__)
+# Every module of the package, not only those a list named: stop_strings and devices were not.
+import pkgutil
+names = [m.name for m in pkgutil.iter_modules(gptlab.__path__) if m.name != "__main__"]
+print({"stop_strings", "devices", "cli"} <= set(names), all(getattr(gptlab, n).__name__ == "gptlab." + n for n in names))
 try:
     gptlab.nothing
 except AttributeError as e:
@@ -92,7 +96,7 @@ except AttributeError as e:
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["load build_world",
+    assert run.stdout.splitlines() == ["load build_world", "True True",
                                        "module 'gptlab' has no attribute 'nothing'"]
 
 

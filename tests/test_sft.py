@@ -203,8 +203,8 @@ def test_a_finished_run_or_the_input_model_is_never_overwritten(base, tmp_path, 
     model = d / "base"
     before = snapshot(model)
     assert run_sft(base, model) == 2
-    assert (f"{model}, field '--out': is the input model (model, --model); training would overwrite "
-            "it; choose another out (--out)") in capsys.readouterr().err
+    assert (f"{model}, field '--out': is the input model (model, --model); training would "
+            "overwrite it; choose another out (--out)") in capsys.readouterr().err
     assert snapshot(model) == before
     # --resume continues the finished run to a later step.
     assert run_sft(base, out, "--resume", "--max-steps", "2") == 0
