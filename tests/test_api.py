@@ -87,7 +87,8 @@ print(gptlab.api.load.__name__, gptlab.world.build_world.__name__)
 # Every module of the package, not only those a list named: stop_strings and devices were not.
 import pkgutil
 names = [m.name for m in pkgutil.iter_modules(gptlab.__path__) if m.name != "__main__"]
-print({"stop_strings", "devices", "cli"} <= set(names), all(getattr(gptlab, n).__name__ == "gptlab." + n for n in names))
+print({"stop_strings", "devices", "cli"} <= set(names),
+      all(getattr(gptlab, n).__name__ == "gptlab." + n for n in names))
 try:
     gptlab.nothing
 except AttributeError as e:
