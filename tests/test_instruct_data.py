@@ -1664,7 +1664,9 @@ def test_every_verb_refuses_an_out_inside_a_directory_it_reads_writing_nothing(t
     for args, out, why, *more in cases:
         assert main([*args, *more, "--out", str(out)]) == 2, args
         command = " ".join(args[:2] if args[0] == "world" else args[:1])
-        assert capsys.readouterr().err == (f"gptlab {command}: error: {out}, field 'out': "
+        # A config verb names the flag that set it; the others name --out as 'out'.
+        field = "--out" if args[0] in ("pretrain", "sft", "reward", "ppo") else "out"
+        assert capsys.readouterr().err == (f"gptlab {command}: error: {out}, field '{field}': "
                                            f"{why}; choose another out (--out)\n")
     assert sorted(tmp_path.rglob("*")) == before
 

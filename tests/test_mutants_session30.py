@@ -122,8 +122,9 @@ def run_with_steps(tmp_path):
     from test_checkpoint import tiny
     c = Checkpointer(tmp_path / "run", keep=None)
     net = tiny()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # every stage saves one
     for step in (3, 6):
-        c.save(step, net, state={"step": step})
+        c.save(step, net, optimizer=optimizer, state={"step": step})
     (c.dir / "step-9").mkdir()
     return c
 
