@@ -54,7 +54,6 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     skips = skips if skips is not None else SkipCounter()
     stop = check_stop_strings(stop)
     stop_ids = params.stop_ids or tuple(sorted(tokenizer.stop_ids))
-    params = dataclasses.replace(params, stop_ids=stop_ids)  # the caller's stays as it was
     room = model.config.context - params.max_new_tokens
     jobs = []
     for rec in records:
@@ -67,6 +66,15 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
             skips.add("prompts longer than the context minus max_new_tokens")
             continue
         jobs.append((rec, prompt, ids))
+    # A chat prompt's answer ends where its template ends an assistant turn, as `gptlab chat`
+    # ends a reply: in a token, or in text for a template whose turns end in plain text (its
+    # next "\nUser:"), which the model would otherwise run on into. A text prompt has none.
+    turn_ids, turn_texts = (_reply_stops(tokenizer)
+                            if any(not isinstance(p, str) for _, p, _ in jobs) else ((), ()))
+    if not params.stop_ids:
+        stop_ids = tuple(sorted({*stop_ids, *turn_ids}))
+    params = dataclasses.replace(params, stop_ids=stop_ids)  # the caller's stays as it was
+    ends_of = [() if isinstance(p, str) else turn_texts for _, p, _ in jobs]
     out = []
     from tqdm import tqdm
     bar = tqdm(total=len(jobs) * k, unit="response", leave=False, file=sys.stderr,
@@ -74,10 +82,13 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     per_batch = max(1, batch_size // k)
     for b in range(0, len(jobs), per_batch):
         chunk = jobs[b:b + per_batch]
+        ends = ends_of[b:b + per_batch]
         if k <= batch_size:
             prompts = [ids for _, _, ids in chunk for _ in range(k)]
             gen = generate(model, prompts, params, seed=seed * 1_000_003 + b,
-                           pad_id=tokenizer.pad_id, **_stop_when(tokenizer, stop, prompts))
+                           pad_id=tokenizer.pad_id,
+                           **_stop_when(tokenizer, stop, prompts,
+                                        [e for e in ends for _ in range(k)]))
         else:
             # K past the batch: the prompt's K rows in batches of at most `batch_size`, each
             # with a seed of its own (the first one's as before), never one batch of K rows
@@ -88,7 +99,8 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
                 parts.append(generate(
                     model, batch, params,
                     seed=seed * 1_000_003 + b + start // batch_size * len(jobs),
-                    pad_id=tokenizer.pad_id, **_stop_when(tokenizer, stop, batch)))
+                    pad_id=tokenizer.pad_id,
+                    **_stop_when(tokenizer, stop, batch, [ends[0]] * len(batch))))
             gen = _concat(parts)
         bar.update(len(gen.tokens))
         if cut is not None:
@@ -99,32 +111,48 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
                    if key not in ("_line", "_file", "stopped_by")}
             # With stop strings, decoded with the template's lead (the text StopStrings watched)
             # and cut in it, then the lead left out, as `decode_response` leaves it out; without
-            # them, the call made before (a stand-in tokenizer need not take `lead`).
-            kept = {"lead": ""} if stop else {}
+            # them, the call made before (a stand-in tokenizer need not take `lead`). A
+            # template's end of turn ends the response as EOS does: no `stopped_by` of its own.
+            row_stop = tuple(dict.fromkeys(stop + ends[j]))
+            kept = {"lead": ""} if row_stop else {}
             responses = [tokenizer.decode_response(prompt, ids, gen.tokens[i],
                                                    cut=mark_cut and not gen.finished[i], **kept)
                          for i in rows]
-            ends = {}
-            if stop:
+            said = {}
+            if row_stop:
                 lead = "" if isinstance(prompt, str) else tokenizer.answer_lead(prompt)
-                responses, found = zip(*(cut_reply(r, lead, stop) for r in responses))
+                responses, found = zip(*(cut_reply(r, lead, row_stop) for r in responses))
                 responses = list(responses)
-                ends = {"stopped_by": list(found)}
+                if stop:
+                    said = {"stopped_by": [f if f in stop else None for f in found]}
             if not mark_cut:
-                out.append({**row, "responses": responses, **ends})
+                out.append({**row, "responses": responses, **said})
                 continue
             out.append({**row, "responses": responses,
-                        "finished": [bool(gen.finished[i]) for i in rows], **ends})
+                        "finished": [bool(gen.finished[i]) for i in rows], **said})
     bar.close()
     return out
 
 
-def _stop_when(tokenizer: Any, stop: tuple[str, ...], prompts: list[list[int]]
-               ) -> dict[str, StopStrings]:
-    """`generate`'s `stop_when` keyword for `prompts`' rows: the stop strings' check; none
-    without stop strings, so that the call is the one made before `--stop` was (a stand-in for
-    `generate` that does not take it, in a test or a plugin, still works)."""
-    return {"stop_when": StopStrings(tokenizer, stop, prompts)} if stop else {}
+def _stop_when(tokenizer: Any, stop: tuple[str, ...], prompts: list[list[int]],
+               row_stops: list[tuple[str, ...]]) -> dict[str, StopStrings]:
+    """`generate`'s `stop_when` keyword for `prompts`' rows: the stop strings' check, `stop`
+    and each row's own (`row_stops`, its template's end of turn in text); none without any,
+    so that the call is the one made before `--stop` was (a stand-in for `generate` that does
+    not take it, in a test or a plugin, still works)."""
+    if not stop and not any(row_stops):
+        return {}
+    return {"stop_when": StopStrings(tokenizer, stop, prompts, row_stops)}
+
+
+def _reply_stops(tokenizer: Any) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(ids, texts) that end a chat answer (`Tokenizer.reply_stops`); none from a stand-in
+    tokenizer without them."""
+    found = getattr(tokenizer, "reply_stops", None)
+    if not found:
+        return (), ()
+    ids, texts = found
+    return tuple(sorted(ids)), tuple(texts)
 
 
 def _concat(gens: list[Generation]) -> Generation:

@@ -114,16 +114,23 @@ class StopStrings:
     """The engine's `stop_when` for stop strings: called with the rows still going and the
     token each drew, it returns those whose continuation's text now holds one of `stop`.
     `prompts` are the prompts' token ids, in the engine's order (each continuation is decoded
-    after its prompt's last tokens). `tok` is the tokenizer (its `decode`)."""
+    after its prompt's last tokens). `tok` is the tokenizer (its `decode`). `row_stops`, one
+    tuple per prompt, are stop strings of that row alone besides `stop` (a chat prompt's
+    template's next turn, `Tokenizer.reply_stops`, beside a text prompt that has none)."""
 
-    def __init__(self, tok: Any, stop: Sequence[str], prompts: Sequence[Sequence[int]]):
+    def __init__(self, tok: Any, stop: Sequence[str], prompts: Sequence[Sequence[int]],
+                 row_stops: Sequence[Sequence[str]] | None = None):
         self.tok = tok
         self.stop = check_stop_strings(stop)
-        if not self.stop:
+        extra = row_stops if row_stops is not None else [()] * len(prompts)
+        self.row_stop = [tuple(dict.fromkeys(self.stop + tuple(e))) for e in extra]
+        every = {s for stops in self.row_stop for s in stops}
+        if not every:
             raise ValueError("no stop strings to watch for")
-        self.longest = max(map(len, self.stop))
+        self.longest = max(map(len, every))
         self.rows = [_Row(tok, [int(t) for t in p[-_SEAM:]]) for p in prompts]
 
     def __call__(self, rows: list[int], tokens: list[int]) -> list[int]:
         return [r for r, t in zip(rows, tokens)
-                if self.rows[r].add(self.tok, t, self.stop, self.longest)]
+                if self.row_stop[r] and self.rows[r].add(self.tok, t, self.row_stop[r],
+                                                         self.longest)]

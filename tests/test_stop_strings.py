@@ -236,10 +236,14 @@ def sampled(tmp_path, capsys, *flags: str, name: str = "s.jsonl") -> list[dict]:
 def test_sample_cuts_each_response_at_the_earliest_stop_string_and_names_it(tmp_path, capsys):
     greedy = ("--greedy", "--k", "1")
     free = sampled(tmp_path, capsys, *greedy)
+    # The chat prompt ("b") ends where its template ends the assistant's turn, at the next
+    # "\nUser:", as `gptlab chat` ends a reply (it ran on into a made-up turn); a text prompt
+    # has no template, and runs on.
     assert [r["responses"] for r in free] == [
         [" Hello there, friend.\nUser: what now\nAssistant"],
-        ["Hello there, friend.\nUser: what now\nAssistant"],
+        ["Hello there, friend."],
         ["\n cat sat\nAssistant: Hello there,\n\n\n"]]
+    assert [r["finished"] for r in free] == [[False], [True], [False]]
     assert all(set(r) == {"id", "prompt" if r["id"] != "b" else "messages", "responses",
                           "finished"} for r in free)
     # From inside a token, across the next: the response ends before it, at the token that
@@ -271,7 +275,8 @@ def test_sample_stops_k_sampled_responses_and_label_and_reward_read_them(tmp_pat
     from gptlab.feedback import label_samples
     from gptlab.train.reward import sample_sequences
     free = sampled(tmp_path, capsys, "--k", "3", "--seed", "3", name="free.jsonl")
-    assert [len(set(r["responses"])) for r in free] == [1, 1, 1]  # it learned one answer
+    # It learned one answer to the conversation; "what now" alone, no turn, it answers anyhow.
+    assert [len(set(r["responses"])) for r in free[:2]] == [1, 1]
     rows = sampled(tmp_path, capsys, "--k", "3", "--seed", "3", "--stop", "\nUser:",
                    "--stop", "zebra")
     assert [r["responses"] for r in rows[:2]] == [[" Hello there, friend."] * 3,
