@@ -163,7 +163,10 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
+        """The ids' span, the largest id + 1: the embedding rows a model needs (the tokens'
+        count where an id is skipped, which `tokenizers` gives, left the last ones without)."""
+        return max(self.hf.get_vocab_size(with_added_tokens=True),
+                   max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
 
     @cached_property
     def stop_ids(self) -> set[int]:
@@ -1037,17 +1040,29 @@ def _token_str(value: Any, path: Path, field: str) -> str | None:
 
 
 def _chat_template(config: dict, config_file: Path) -> tuple[str | None, Path]:
-    """The chat template of a tokenizer directory, and the file it was read from: the config's
-    `chat_template` (a string, or HF's named templates, the one named "default"), else
-    `chat_template.jinja` beside it (newer HF releases keep it apart)."""
+    """The chat template of a tokenizer directory, and the file it was read from:
+    `chat_template.jinja` where there is one (newer HF releases keep it apart, and
+    transformers reads it before the config's), else the config's `chat_template` (a string,
+    or HF's named templates, the one named "default"). One that is empty, or white space
+    alone, is refused: it renders no prompt at all."""
+    template, source = _template_source(config, config_file)
+    if template is not None and not template.strip():
+        raise UserError("is empty: a chat template renders each conversation as the model's "
+                        "prompt, and this one renders nothing; remove it for gptlab's own, or "
+                        "write one", path=source,
+                        field="chat_template" if source == config_file else None)
+    return template, source
+
+
+def _template_source(config: dict, config_file: Path) -> tuple[str | None, Path]:
     template = config.get("chat_template")
     jinja_file = config_file.parent / "chat_template.jinja"
-    if isinstance(template, list):
+    if jinja_file.exists():
+        template = None  # the file is the template: transformers reads it before the config
+    elif isinstance(template, list):
         named = _named_templates(template, config_file)
         if "default" in named:
             template = template[named["default"]]["template"]
-        elif jinja_file.exists():
-            template = None  # the file is the template: transformers reads it before the config
         else:
             # transformers refuses to chat ("multiple chat templates with no default"); gptlab
             # chatted with its own template instead, unsaid.
@@ -1353,6 +1368,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as e:  # the Rust side raises plain Exceptions for any parse error
         raise UserError(f"not a valid tokenizer.json ({str(e).splitlines()[0]})",
                         path=file) from None
+    # A file saved after `enable_truncation` or `enable_padding` carries them, and every text
+    # was then cut or padded without a word (a prompt of 5 tokens, SFT on cut answers). gptlab
+    # encodes each text whole and fits it to the context itself.
+    hf.no_truncation()
+    hf.no_padding()
+    ids: dict[int, str] = {}
+    for token, i in sorted(hf.get_vocab(with_added_tokens=True).items(), key=lambda t: t[1]):
+        if i in ids:  # the Rust side failed on it later, in a bare Exception
+            first, second = sorted((ids[i], token))  # the vocabulary's order is a hash's
+            raise UserError(f"token id {i} is given to two tokens, {first!r} and {second!r}",
+                            path=file, field="model.vocab")
+        ids[i] = token
 
     config: dict = {}
     config_file = file.parent / "tokenizer_config.json"

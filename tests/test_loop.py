@@ -196,6 +196,9 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_rng_of_those_he
     ({"max_minutes": math.inf}, "field 'max_minutes': must be a finite number, got inf"),
     ({"clip": -1.0}, "field 'clip': must be >= 0, got -1.0"),
     ({"device": "nope"}, "field 'device': unknown device 'nope'"),
+    # Device types torch names but gptlab never runs on: a traceback later, after run.json.
+    ({"device": "xpu"}, "field 'device': unknown device 'xpu' (auto, cpu, cuda, cuda:N, mps)"),
+    ({"device": "meta"}, "field 'device': unknown device 'meta'"),
 ])
 def test_impossible_training_settings_name_the_field(values, message):
     with pytest.raises(UserError) as err:

@@ -544,6 +544,40 @@ def test_named_chat_templates_chat_with_the_default_as_transformers_does(plain, 
     assert_reads_as_transformers(ours, auto_tokenizer(d), "a <|im_end|> b")
 
 
+def test_chat_template_jinja_is_read_before_the_configs_as_transformers_reads_it(plain,
+                                                                                   tmp_path):
+    # The config's string won: the model chatted in another format than transformers' did.
+    markers = {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    d = hf_dir(plain, tmp_path / "both", {**markers, "chat_template": "{{ 'not this one' }}"},
+               in_vocab=["<|im_start|>", "<|im_end|>"])
+    (d / "chat_template.jinja").write_text(CHATML)
+    ours = load_tokenizer(d)
+    assert (ours.chat_template, ours.template_file) == (CHATML, d / "chat_template.jinja")
+    assert_reads_as_transformers(ours, auto_tokenizer(d), "a <|im_end|> b")
+
+
+@pytest.mark.parametrize("where", ["config", "jinja"])
+@pytest.mark.parametrize("empty", ["", "  \n"])
+def test_an_empty_chat_template_is_refused_naming_its_file(tok, tmp_path, where, empty):
+    # It rendered every prompt as no tokens: a traceback in chat, sample and ppo, and SFT on
+    # no prompt "diverged" and blamed the learning rate.
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    if where == "config":
+        config["chat_template"] = empty
+        said = f"{tmp_path / 'tokenizer_config.json'}, field 'chat_template'"
+    else:
+        config.pop("chat_template", None)
+        (tmp_path / "chat_template.jinja").write_text(empty)
+        said = f"{tmp_path / 'chat_template.jinja'}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == (f"{said}: is empty: a chat template renders each conversation as "
+                            f"the model's prompt, and this one renders nothing; remove it for "
+                            f"gptlab's own, or write one")
+
+
 def test_a_chat_template_file_that_cannot_be_read_or_compiled_is_named(tok, tmp_path):
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -2093,3 +2127,62 @@ def test_single_word_special_tokens_leave_llama_2_s_space_after_markup_as_it_is(
     assert ids == hf.encode(text, add_special_tokens=False).ids
     assert [hf.id_to_token(i) for i in ids[:3]] == ["<s>", "\u2581", "<0x5B>"]
     assert t.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "yes it is </s>"
+
+
+# --- what a tokenizer.json may carry that gptlab does not apply or cannot read ----------------
+
+def _edited(tok: Tokenizer, tmp_path: Path, edit) -> Path:
+    tok.save(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    edit(data)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_truncation_and_padding_saved_in_tokenizer_json_are_not_applied(tok, tmp_path):
+    # Saved after enable_truncation / enable_padding (as HF files may be), they cut every text
+    # to 5 tokens, or padded it, without a word: prompts, and SFT's answers, cut short.
+    text = "the cat sat on the mat while the dog slept in the sun"
+    whole = tok.encode(text)
+    assert len(whole) > 8
+
+    def settings(data):
+        data["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst",
+                              "stride": 0}
+        data["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right",
+                           "pad_to_multiple_of": None, "pad_id": tok.pad_id,
+                           "pad_type_id": 0, "pad_token": "<|pad|>"}
+    d = _edited(tok, tmp_path, settings)
+    assert len(tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")).encode(text).ids) == 40
+    loaded = load_tokenizer(d)
+    assert loaded.encode(text) == whole and loaded.encode_batch([text, "cat"]) == [
+        whole, tok.encode("cat")]
+    assert loaded.hf.truncation is None and loaded.hf.padding is None
+
+
+def test_a_token_id_given_twice_is_refused_and_a_skipped_id_counts_toward_the_vocabulary(
+        tok, tmp_path):
+    from gptlab.checkpoint import check_tokenizer_fits
+    from gptlab.model import GPT, GPTConfig
+    vocab = tok.hf.get_vocab()
+    last = max(vocab, key=vocab.get)
+    other = next(t for t, i in vocab.items() if i == vocab[last] - 1)
+
+    def twice(data):
+        data["model"]["vocab"][last] = vocab[last] - 1
+    with pytest.raises(UserError) as e:  # a bare Exception from the Rust side, on first use
+        load_tokenizer(_edited(tok, tmp_path / "twice", twice))
+    assert str(e.value) == (f"{tmp_path / 'twice' / 'tokenizer.json'}, field 'model.vocab': "
+                            f"token id {vocab[last] - 1} is given to two tokens, "
+                            f"{min(last, other)!r} and {max(last, other)!r}")
+
+    def skipped(data):  # the last id moved past the end: still as many tokens
+        data["model"]["vocab"][last] = tok.vocab_size + 50
+    gapped = load_tokenizer(_edited(tok, tmp_path / "gap", skipped))
+    assert gapped.hf.get_vocab_size() == tok.vocab_size  # the count, which an IndexError hid
+    assert gapped.vocab_size == tok.vocab_size + 51
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context=16, n_layers=1, n_heads=2,
+                          d_model=16))
+    with pytest.raises(UserError, match=f"tokenizer has {tok.vocab_size + 51} tokens but the "
+                                        f"model's embedding has {tok.vocab_size} rows"):
+        check_tokenizer_fits(model, gapped)

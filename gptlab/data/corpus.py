@@ -250,7 +250,9 @@ def _iter_parquet(p: Path) -> Iterator[str]:
         kind = kind.value_type
     if pa.types.is_null(kind):  # no documents: pandas' type for a column of missing texts
         return
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    # string_view: what Polars writes, which the record verbs read already.
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind)):
         raise UserError(f"expected a string column, got {kind}", path=p, field=TEXT_FIELD)
     if rows == 0:  # no documents (and `datasets` cannot stream a file without rows)
         return

@@ -394,6 +394,10 @@ def select_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
+        dev = None
+    # torch names more device types (xpu, hpu, meta, ...) than gptlab runs on: each failed
+    # later, in a traceback, after a training verb had written its run.json.
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)",
                         field="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
