@@ -1390,8 +1390,18 @@ def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
     byte-order mark (Notepad's) is dropped, as `utf8_lines` drops it."""
     if Path(path).is_dir():
         raise WrongKind("is a directory, not a file", path=path)
+    text = None
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"), parse_int=_readable_int)
+        text = Path(path).read_text(encoding="utf-8-sig")
+        doc = json.loads(text, parse_int=_readable_int, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as e:
+        # A key written twice by hand (a second "eos_token"): Python's json kept the last.
+        key = e.args[0]
+        at = [m.start() for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", text or "")]
+        raise UserError("is given twice in one object; JSON readers differ in which value they "
+                        "take (Python's json the last, others the first or none): keep one",
+                        path=path, line=(text or "").count("\n", 0, at[1]) + 1
+                        if len(at) > 1 else None, field=key) from None
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", path=path, line=e.lineno) from None
     except UnicodeDecodeError:

@@ -480,6 +480,30 @@ def test_a_key_given_twice_is_named_the_first_that_repeats(tmp_path):
     assert (e.value.line, e.value.field) == (1, "a")
 
 
+def test_a_key_given_twice_in_a_json_file_is_refused_naming_its_second_line(tmp_path):
+    # A model directory's files kept the last silently: a second "eos_token" made the pad
+    # token the end of sequence; a second "context" halved the model's.
+    from gptlab.io import read_json
+    from gptlab.tokenizer import load_tokenizer, train_tokenizer
+    f = tmp_path / "c.json"
+    f.write_text('{\n  "context": 128,\n  "inner": {"a": 1},\n  "context": 64\n}\n')
+    with pytest.raises(UserError) as e:
+        read_json(f)
+    assert str(e.value) == (f"{f}:4, field 'context': is given twice in one object; JSON "
+                            f"readers differ in which value they take (Python's json the last, "
+                            f"others the first or none): keep one")
+    f.write_text('{"a": {"b": 1, "b": 2}}')  # inside an object too, on one line
+    with pytest.raises(UserError, match=r"c.json:1, field 'b': is given twice"):
+        read_json(f)
+    tok = train_tokenizer(["the cat sat on the mat"] * 5, vocab_size=280)
+    tok.save(tmp_path / "tok")
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    text = config.read_text()
+    config.write_text(text.replace('"eos_token":', '"eos_token": "<|pad|>", "eos_token":', 1))
+    with pytest.raises(UserError, match="field 'eos_token': is given twice"):
+        load_tokenizer(tmp_path / "tok")
+
+
 def test_read_json_refuses_a_directory_and_an_integer_longer_than_python_reads(tmp_path):
     import sys
 
