@@ -1364,7 +1364,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             "tokenizer not found (expected a directory with tokenizer.json, or a tokenizer.json "
             "file)", path=p)
     try:
-        hf = tokenizers.Tokenizer.from_file(str(file))
+        # Read here, not by `from_file`: a UTF-8 byte-order mark (Notepad's) is dropped, as
+        # every other JSON file gptlab reads drops it; the Rust side called it invalid JSON.
+        hf = tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text (byte offset {e.start})", path=file) from None
+    except IsADirectoryError:
+        raise WrongKind("is a directory, not a file", path=file) from None
+    except OSError:  # no permission to read it, say: the CLI names the file and the flag
+        raise
     except Exception as e:  # the Rust side raises plain Exceptions for any parse error
         raise UserError(f"not a valid tokenizer.json ({str(e).splitlines()[0]})",
                         path=file) from None

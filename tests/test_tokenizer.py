@@ -2186,3 +2186,16 @@ def test_a_token_id_given_twice_is_refused_and_a_skipped_id_counts_toward_the_vo
     with pytest.raises(UserError, match=f"tokenizer has {tok.vocab_size + 51} tokens but the "
                                         f"model's embedding has {tok.vocab_size} rows"):
         check_tokenizer_fits(model, gapped)
+
+
+def test_a_tokenizer_json_with_a_byte_order_mark_reads_as_without(tok, tmp_path):
+    # "not a valid tokenizer.json (expected value at line 1 column 1)": every other JSON file
+    # gptlab reads drops the mark Notepad writes.
+    tok.save(tmp_path)
+    f = tmp_path / "tokenizer.json"
+    f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    assert load_tokenizer(tmp_path).encode("the cat sat") == tok.encode("the cat sat")
+    f.write_bytes(b"\xff" + f.read_bytes()[3:])
+    with pytest.raises(UserError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == f"{f}: not UTF-8 text (byte offset 0)"
