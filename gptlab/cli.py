@@ -403,10 +403,16 @@ def _verb_world():
                        help="rename tables and columns from synonym lists (seeded)")
         e.add_argument("--schema-seed", type=int, default=None,
                        help="which renaming to use with --vary-schema (default: --seed)")
-        e.add_argument("--train", type=int, default=3500, help="training questions")
-        e.add_argument("--validation", type=int, default=300, help="validation questions")
-        e.add_argument("--test", type=int, default=600, help="held-out test questions")
-        e.add_argument("--dialogs", type=int, default=600, help="multi-turn dialogs")
+        # Each named by the world option it sets (`n_train`), which `_named_by_flag` then names
+        # by the flag typed (`--train`) in an error about it.
+        e.add_argument("--train", dest="n_train", metavar="N", type=int, default=3500,
+                       help="training questions")
+        e.add_argument("--validation", dest="n_validation", metavar="N", type=int, default=300,
+                       help="validation questions")
+        e.add_argument("--test", dest="n_test", metavar="N", type=int, default=600,
+                       help="held-out test questions")
+        e.add_argument("--dialogs", dest="n_dialogs", metavar="N", type=int, default=600,
+                       help="multi-turn dialogs")
         e.add_argument("--corpus-chars", type=int, default=1_000_000,
                        help="size of the pretraining corpus in characters")
         c = sub.add_parser("check",
@@ -442,22 +448,15 @@ def _verb_world():
             # Without renaming there is one schema: the seed would be recorded, and unused.
             raise UserError("chooses a renaming of the schema, which only --vary-schema makes; "
                             "add --vary-schema or drop --schema-seed", field="--schema-seed")
-        try:
-            world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
-                                n_train=args.train, n_validation=args.validation,
-                                n_test=args.test, n_dialogs=args.dialogs,
-                                corpus_chars=args.corpus_chars)
-        except UserError as e:  # the option's field (n_train) named by its flag (--train)
-            flag = {"n_train": "--train", "n_validation": "--validation", "n_test": "--test",
-                    "n_dialogs": "--dialogs"}.get(e.field or "")
-            if flag is None or e.path is not None:
-                raise
-            raise UserError(e.message, field=flag) from None
+        world = build_world(args.seed, args.vary_schema, schema_seed=args.schema_seed,
+                            n_train=args.n_train, n_validation=args.n_validation,
+                            n_test=args.n_test, n_dialogs=args.n_dialogs,
+                            corpus_chars=args.corpus_chars)
         paths = world.export(args.out)
         counts = world.manifest()["counts"]
         for key, flag in (("train", "--train"), ("validation", "--validation"),
                           ("test", "--test"), ("dialogs", "--dialogs")):
-            asked = getattr(args, key)
+            asked = getattr(args, "n_" + key)
             if counts[key] < asked:  # the held-out questions, or the dialogs found, ran out
                 print(f"note: {flag} {asked}: the world has only {counts[key]}; wrote those",
                       file=sys.stderr)

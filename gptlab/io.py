@@ -1143,6 +1143,11 @@ class _RepeatedKey(ValueError):
     pass
 
 
+# A key written twice in one JSON object, in a JSON Lines record or a JSON file.
+GIVEN_TWICE = ("is given twice in one object; JSON readers differ in which value they take "
+               "(Python's json the last, others the first or none): keep one")
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     # JSON leaves a name given twice in an object to the reader: which value the line meant
     # would be a guess (Python's json silently kept the last).
@@ -1359,9 +1364,7 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
             row = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float,
                              parse_int=_readable_int, object_pairs_hook=_unique_keys)
         except _RepeatedKey as e:
-            raise UserError("is given twice in one object; JSON readers differ in which value "
-                            "they take (Python's json the last, others the first or none): "
-                            "keep one", path=path, line=lineno,
+            raise UserError(GIVEN_TWICE, path=path, line=lineno,
                             field=_refused_field(line) or e.args[0]) from None
         except json.JSONDecodeError as e:
             # A pretty-printed object breaks off at its line's end ("{" alone on line 1).
@@ -1398,9 +1401,7 @@ def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
         # A key written twice by hand (a second "eos_token"): Python's json kept the last.
         key = e.args[0]
         at = [m.start() for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", text or "")]
-        raise UserError("is given twice in one object; JSON readers differ in which value they "
-                        "take (Python's json the last, others the first or none): keep one",
-                        path=path, line=(text or "").count("\n", 0, at[1]) + 1
+        raise UserError(GIVEN_TWICE, path=path, line=(text or "").count("\n", 0, at[1]) + 1
                         if len(at) > 1 else None, field=key) from None
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", path=path, line=e.lineno) from None
