@@ -795,10 +795,7 @@ class Checkpointer:
         or fails the manifest check is a UserError naming its path and `field`, and listing
         the checkpoints there are. A training stage resumes from it: the files each stage's save
         writes are required (`stage_files`)."""
-        steps = sorted(n for n, p in _step_dirs(self.dir).items()
-                       if (p / "manifest.json").is_file())
-        there = (f"; the checkpoints in {self.dir}: " + ", ".join(f"step-{n}" for n in steps)
-                 if steps else f"; {self.dir} holds no checkpoint")
+        there = self._listing()
         text = str(name).strip()
         # "step-6/" is how a shell completes the directory's name
         number = text.rstrip("/" + os.sep).removeprefix("step-")
@@ -814,12 +811,24 @@ class Checkpointer:
         if not path.is_dir():
             raise UserError("no such checkpoint" + there, path=path, field=field)
         try:
-            advice = f"; it cannot be resumed from{there}"
+            advice = self.named_advice()
             self.verify(path, advice=advice)
             self.require(path, self.stage_files(path), advice)
         except UserError as e:
             raise UserError(e.message, path=e.path, field=field) from None
         return path
+
+    def named_advice(self) -> str:
+        """What a message about a checkpoint the user named (`named`) ends with: that it cannot
+        be resumed from, and the others there are; not to remove it to resume from the one
+        before it, as for the latest (the user chose this one)."""
+        return f"; it cannot be resumed from{self._listing()}"
+
+    def _listing(self) -> str:
+        steps = sorted(n for n, p in _step_dirs(self.dir).items()
+                       if (p / "manifest.json").is_file())
+        return (f"; the checkpoints in {self.dir}: " + ", ".join(f"step-{n}" for n in steps)
+                if steps else f"; {self.dir} holds no checkpoint")
 
     def point_latest(self, path: Path) -> None:
         """Make `latest` name checkpoint `path` (a resume from a checkpoint named by its step,
@@ -962,28 +971,32 @@ class Checkpointer:
         return self.state_of(path, needs)
 
     @staticmethod
-    def optimizer_state(path: str | Path, mmap: bool = False) -> dict:
+    def optimizer_state(path: str | Path, mmap: bool = False, advice: str | None = None) -> dict:
         """The optimizer state checkpoint `path` holds, read onto the CPU (not verified); one
         that cannot be read, or lacks the `state` and `param_groups` an optimizer reads, is a
-        damaged checkpoint. `mmap`: its tensors mapped, not read (`_unpickled`)."""
+        damaged checkpoint, its message ending with `advice` (by default, to remove it).
+        `mmap`: its tensors mapped, not read (`_unpickled`)."""
         file = Path(path) / OPTIMIZER_FILE
-        state = _unpickled(file, _earlier(Path(path)), mmap)
+        advice = _earlier(Path(path)) if advice is None else advice
+        state = _unpickled(file, advice, mmap)
         groups = state.get("param_groups") if isinstance(state, dict) else None
         if not (isinstance(groups, list) and isinstance(state.get("state"), dict)
                 and all(isinstance(g, dict) and isinstance(g.get("params"), list)
                         for g in groups)):
             raise UserError("is damaged (not an optimizer's state: it needs a 'state' object and "
-                            "a list of 'param_groups', each with its 'params')"
-                            + _earlier(Path(path)), path=file)
+                            "a list of 'param_groups', each with its 'params')" + advice,
+                            path=file)
         return state
 
     @staticmethod
-    def state_of(path: str | Path, needs: Iterable[str] = ()) -> TrainerState:
+    def state_of(path: str | Path, needs: Iterable[str] = (), advice: str | None = None
+                 ) -> TrainerState:
         """The trainer state checkpoint `path` holds, read onto the CPU (not verified). One
         that cannot be read, is no dict, or lacks one of the keys `needs` (or any read from it
-        later) is a damaged checkpoint."""
+        later) is a damaged checkpoint, its message ending with `advice` (by default, to
+        remove it)."""
         path = Path(path)
-        file, advice = path / "trainer.pt", _earlier(path)
+        file, advice = path / "trainer.pt", _earlier(path) if advice is None else advice
         state = _unpickled(file, advice)
         if not isinstance(state, dict):
             raise UserError(f"is damaged (it holds {type(state).__name__!r}, not a trainer's "

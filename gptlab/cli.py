@@ -270,6 +270,7 @@ def _verb_tokenizer():
             tok.save(args.out)
             print(f"wrote {Path(args.out) / 'tokenizer.json'} (vocabulary {tok.vocab_size})")
         else:
+            tk.check_text(args.text, field="text")  # named, as generate names its --prompt
             tok = tk.load_tokenizer(args.tokenizer)
             print(" ".join(map(str, tok.encode(args.text))))
 

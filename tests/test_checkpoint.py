@@ -1331,9 +1331,10 @@ def _pickled(obj) -> bytes:
     return buffer.getvalue()
 
 
-def _refused_resume(pretrained, tmp_path, capsys, damage) -> tuple[Path, str]:
-    """Copy the run, `damage(run)` it, resume it to step 6: exit code 2 and nothing written.
-    Returns the copy's step-4 and the error line."""
+def _refused_resume(pretrained, tmp_path, capsys, damage, resume=("--resume",)
+                    ) -> tuple[Path, str]:
+    """Copy the run, `damage(run)` it, resume it to step 6 (with the flags `resume`): exit
+    code 2 and nothing written. Returns the copy's step-4 and the error line."""
     from gptlab.cli import main
     run, args = pretrained
     out = tmp_path / "run"
@@ -1342,7 +1343,7 @@ def _refused_resume(pretrained, tmp_path, capsys, damage) -> tuple[Path, str]:
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     dirs = sorted(p for p in out.rglob("*") if p.is_dir())
     capsys.readouterr()
-    assert main([*args, "--max-steps", "6", "--out", str(out), "--resume"]) == 2
+    assert main([*args, "--max-steps", "6", "--out", str(out), *resume]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err  # one line, no traceback
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -1380,6 +1381,18 @@ def test_a_resume_refuses_a_trainer_or_optimizer_state_it_cannot_read_as_damaged
         out / "checkpoints" / "step-4", name, content))
     assert err == (f"gptlab pretrain: error: {step4 / name}: is damaged ({said}); remove {step4} "
                    f"to resume from the checkpoint before it, if there is one\n")
+
+
+def test_a_checkpoint_named_with_resume_from_that_is_damaged_is_not_to_be_removed(
+        pretrained, tmp_path, capsys):
+    # Named with --resume-from, it advised removing it "to resume from the checkpoint before
+    # it", which --resume-from does not do: it says it cannot be resumed from, and lists them.
+    step4, err = _refused_resume(pretrained, tmp_path, capsys, lambda out: _manifest_edit(
+        out / "checkpoints" / "step-4", "trainer.pt", b"not a pickle"),
+        resume=("--resume-from", "step-4"))
+    assert err == (f"gptlab pretrain: error: {step4 / 'trainer.pt'}, field 'resume_from': is "
+                   f"damaged (UnpicklingError: invalid load key, 'n'.); it cannot be resumed "
+                   f"from; the checkpoints in {step4.parent}: step-2, step-4\n")
 
 
 def test_a_checkpoint_pointer_that_is_a_directory_is_refused_before_any_step(pretrained,

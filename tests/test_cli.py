@@ -686,6 +686,10 @@ def test_a_prompt_that_is_not_utf8_is_refused(tiny_model, capsys):
     assert main(["generate", "--model", str(tiny_model), "--prompt", "h\udcffi"]) == 2
     assert capsys.readouterr().err == ("gptlab generate: error: field 'prompt': not UTF-8 "
                                        "text: byte 0xff at character 2 cannot be decoded\n")
+    # tokenizer encode's text is named too (it named no field), before the tokenizer loads.
+    assert main(["tokenizer", "encode", "--tokenizer", str(tiny_model / "gone"), "caf\udce9"]) == 2
+    assert capsys.readouterr().err == ("gptlab tokenizer encode: error: field 'text': not UTF-8 "
+                                       "text: byte 0xe9 at character 4 cannot be decoded\n")
 
 
 def test_sample_writes_nothing_when_no_prompt_fits(tiny_model, tmp_path, capsys):

@@ -387,6 +387,14 @@ def test_load_world_refuses_missing_or_tampered_directories(tmp_path):
     world = build_world(5, **SMALL)
     world.export(tmp_path / "w")
     manifest = json.loads((tmp_path / "w" / "world.json").read_text())
+    # A database name that is no file name is a damaged manifest, not a file "not found".
+    for name in (5, "", None):
+        (tmp_path / "w" / "world.json").write_text(json.dumps({**manifest, "database": name}))
+        with pytest.raises(UserError) as err:
+            load_world(tmp_path / "w")
+        assert str(err.value) == (
+            f"{tmp_path / 'w' / 'world.json'}, field 'database': expected the database's file "
+            f"name in the world directory (a string), got {name!r}; export the world again")
     manifest["options"]["seed"] = 6
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="different version of gptlab, or its options were "

@@ -360,8 +360,16 @@ def check_run_dir(out: str | Path, resume: bool,
         # Read here too, for the same reason: a trainer.pt or optimizer.pt that a hash in an
         # edited manifest passes, but that cannot be read or lacks what a resume reads. The
         # optimizer's tensors are mapped, not read: training reads them once, when it loads.
-        state = Checkpointer.state_of(latest, RESUMED_STATE if cfg is not None else ())
-        Checkpointer.optimizer_state(latest, mmap=True)
+        # A checkpoint named with --resume-from is not to be removed to reach the one before.
+        advice = None if resume_from is None else checkpoints.named_advice()
+        try:
+            state = Checkpointer.state_of(latest, RESUMED_STATE if cfg is not None else (),
+                                          advice)
+            Checkpointer.optimizer_state(latest, mmap=True, advice=advice)
+        except UserError as e:
+            if resume_from is None:
+                raise
+            raise UserError(e.message, path=e.path, field="resume_from") from None
         if cfg is not None:
             _check_split_settings(cfg, state.get("settings", {}), latest)
             _check_budget(cfg, state, latest)

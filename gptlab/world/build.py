@@ -430,7 +430,12 @@ def load_world(directory: str | Path, field: str = "world") -> World:
     if not isinstance(manifest.get("fingerprint"), str):
         raise UserError("expected the world's fingerprint (a string); export the world again",
                         path=manifest_path, field="fingerprint")
-    db_path = directory / str(manifest.get("database", "company.sqlite"))
+    name = manifest.get("database", "company.sqlite")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"expected the database's file name in the world directory (a "
+                        f"string), got {name!r}; export the world again", path=manifest_path,
+                        field="database")
+    db_path = directory / name
     if not db_path.is_file():
         raise NotFound("database file not found", path=db_path)
     world = _build(options, db_path, write_db=False)
