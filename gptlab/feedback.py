@@ -22,7 +22,7 @@ from gptlab.errors import UserError, counted, exception_line, reports_path_error
 from gptlab.io import (check_file_out, check_not_input, check_not_inside,
                        check_out_of_read_dirs, read_jsonl, record_file, write_jsonl_atomic)
 from gptlab.plugin import load_function
-from gptlab.stop_strings import StopStrings, check_stop_strings, cut_reply
+from gptlab.stop_strings import StopStrings, check_stop_strings, cut_reply, reply_stops
 
 # (record, distinct responses) -> the responses best first, an item a response or a list of
 # tied responses; or one score per response, in their order (higher is better, equal ones tie)
@@ -69,7 +69,7 @@ def sample_responses(model: torch.nn.Module, tokenizer: Any, records: list[dict]
     # A chat prompt's answer ends where its template ends an assistant turn, as `gptlab chat`
     # ends a reply: in a token, or in text for a template whose turns end in plain text (its
     # next "\nUser:"), which the model would otherwise run on into. A text prompt has none.
-    turn_ids, turn_texts = (_reply_stops(tokenizer)
+    turn_ids, turn_texts = (reply_stops(tokenizer)
                             if any(not isinstance(p, str) for _, p, _ in jobs) else ((), ()))
     if not params.stop_ids:
         stop_ids = tuple(sorted({*stop_ids, *turn_ids}))
@@ -143,16 +143,6 @@ def _stop_when(tokenizer: Any, stop: tuple[str, ...], prompts: list[list[int]],
     if not stop and not any(row_stops):
         return {}
     return {"stop_when": StopStrings(tokenizer, stop, prompts, row_stops)}
-
-
-def _reply_stops(tokenizer: Any) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(ids, texts) that end a chat answer (`Tokenizer.reply_stops`); none from a stand-in
-    tokenizer without them."""
-    found = getattr(tokenizer, "reply_stops", None)
-    if not found:
-        return (), ()
-    ids, texts = found
-    return tuple(sorted(ids)), tuple(texts)
 
 
 def _concat(gens: list[Generation]) -> Generation:

@@ -80,6 +80,17 @@ def cut_reply(text: str, lead: str, stop: Sequence[str]) -> tuple[str, str | Non
     return kept, None if found is None else found[1]
 
 
+def reply_stops(tokenizer: Any) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(ids, texts) that end a chat answer (`Tokenizer.reply_stops`): where `sample` and PPO's
+    rollouts end a `messages` prompt's response, as `chat` ends a reply; none from a stand-in
+    tokenizer without them."""
+    found = getattr(tokenizer, "reply_stops", None)
+    if not found:
+        return (), ()
+    ids, texts = found
+    return tuple(sorted(ids)), tuple(texts)
+
+
 class _Row:
     """One row's continuation, decoded piece by piece (see the module docstring)."""
 

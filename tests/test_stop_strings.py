@@ -324,3 +324,75 @@ def test_sample_refuses_an_empty_stop_string_before_it_loads_the_model(tmp_path,
     with pytest.raises(UserError, match=r"field 'stop': must be a list of texts, got a single "
                                         r"str; pass \['x'\]"):
         sample_file(tmp_path / "none", tmp_path / "p.jsonl", tmp_path / "s.jsonl", stop="x")
+
+
+# --- PPO's rollouts ------------------------------------------------------------------------------
+
+def _plain_ppo(tmp_path, reward_fn=None, reward=False):
+    """A PPO trainer of `plain_chat` on a `messages` prompt and a text prompt, both drawn in
+    each rollout: by a reward function, or by a random reward model of the same network."""
+    import json
+
+    from gptlab.model.heads import ScalarHeadModel
+    from gptlab.train.ppo import PPOConfig, PPOTrainer
+    net, tok = plain_chat()
+    save_model(tmp_path / "m", net, tok)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "b", "messages": [{"role": "user", "content": "the cat sat"}]},
+        {"id": "a", "prompt": "User: the cat sat\nAssistant:"}]))
+    kw = {"reward_fn": reward_fn}
+    if reward:
+        torch.manual_seed(3)
+        rm = ScalarHeadModel.from_gpt(net)
+        torch.nn.init.normal_(rm.head.weight, std=1.0)
+        save_model(tmp_path / "rm", rm, tok, extra={"stage": "reward"})
+        kw = {}
+    cfg = PPOConfig(policy=str(tmp_path / "m"), prompts=str(tmp_path / "p.jsonl"),
+                    out=str(tmp_path / "run"), device="cpu", max_new_tokens=12, batch_size=2,
+                    minibatch_size=2, ppo_epochs=1, temperature=1.0,
+                    **({"reward": str(tmp_path / "rm")} if reward else {}))
+    return PPOTrainer(cfg, **kw)
+
+
+def test_ppo_rollouts_end_a_messages_prompt_s_response_at_its_template_s_end_of_turn(tmp_path):
+    # A plain-text template's turn ends in no token: PPO's rollouts ran on into a made-up
+    # "\nUser: what now" turn, which the reward function was given as the response, and which
+    # cost the missing-EOS penalty. They now end as `sample` ends them; a text prompt runs on.
+    seen = []
+
+    def reward_fn(prompts, responses, records):
+        seen.extend(zip([r["id"] for r in records], responses))
+        return [1.0] * len(responses)
+    t = _plain_ppo(tmp_path, reward_fn)
+    ro = t.rollout(1)
+    ids = [r["id"] for r in ro.records]
+    assert ro.stops == [("\nUser:",) if i == "b" else () for i in ids]
+    by_id = dict(zip(ids, zip(ro.finished.tolist(), ro.responses)))
+    assert by_id["b"][0] and not by_id["a"][0]  # ended; cut at max_new_tokens
+    # The tokens through the one that completed "\nUser:" are the response the policy wrote
+    # (the " " the template writes after "Assistant:" first).
+    assert t.tok.decode(by_id["b"][1]) == " Hello there, friend.\nUser:"
+    scores = t.score(ro)
+    assert dict(seen)["b"] == "Hello there, friend."
+    assert dict(seen)["a"].startswith(" Hello there, friend.\nUser: what now")
+    # No missing-EOS penalty (1 by default) for the ended one: 1.0 - 0 and 1.0 - 1.
+    assert dict(zip(ids, scores.tolist())) == {"b": 1.0, "a": 0.0}
+
+
+def test_ppo_s_reward_model_reads_a_response_ended_in_text_as_it_learned_one(tmp_path):
+    # It read the tokens the policy wrote, " Hello there, friend.\nUser:", less the last as
+    # for a response ended by a stop token: " Hello there, friend.\nUser".
+    from gptlab.data.instruct import encode_prompt, encode_response, end_of_response
+    t = _plain_ppo(tmp_path, reward=True)
+    ro = t.rollout(1)
+    got = dict(zip([r["id"] for r in ro.records], t.score(ro).tolist()))
+    messages = [{"role": "user", "content": "the cat sat"}]
+    # The text before "\nUser:", encoded as a rankings file's response is; this template's
+    # end of turn is text, none of a response's tokens.
+    assert end_of_response(t.tok, messages) == []
+    read = encode_prompt(t.tok, messages) + encode_response(t.tok, "Hello there, friend.",
+                                                            messages)
+    assert t.tok.decode(read).endswith("Assistant: Hello there, friend.")
+    with torch.no_grad():
+        want = float(t.reward_model(torch.tensor([read]))[0])
+    assert got["b"] == pytest.approx(want, abs=1e-5)

@@ -35,8 +35,8 @@ from torch import Tensor
 from gptlab.checkpoint import (VALUE_STAGE, Checkpointer, is_value_model, load_language_model,
                                load_model, load_reward_model, model_files, model_kind,
                                save_model)
-from gptlab.data.instruct import (SkipCounter, encode_prompt, end_of_response, prompt_of,
-                                  read_prompts, template_tail)
+from gptlab.data.instruct import (SkipCounter, encode_prompt, encode_response, end_of_response,
+                                  prompt_of, read_prompts, template_tail)
 from gptlab.devices import queued_copy
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import (UserError, WrongKind, check_given, counted, exception_line,
@@ -47,6 +47,7 @@ from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.plugin import load_function
 from gptlab.provenance import record_run
+from gptlab.stop_strings import StopStrings, cut_reply, reply_stops
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
                                diverged, held_interrupt, lr_at, make_optimizer, memory_named,
@@ -247,7 +248,7 @@ class Rollout:
     P: int
     records: list[dict]
     responses: list[list[int]]
-    finished: Tensor       # (B,) bool: ended with a stop token
+    finished: Tensor       # (B,) bool: ended with a stop token (or its end of turn in text)
     prefix: Tensor | None = None  # (1, n) the shared start of every prompt
     ends: list[list[int]] = field(default_factory=list)  # each prompt's end of turn
     tails: list[list[int]] = field(default_factory=list)  # what the reward model reads after it
@@ -258,6 +259,9 @@ class Rollout:
     # Whether each row's attention_mask is right padding only (`right_padded_rows`; empty:
     # unknown, and a forward without the prefix reads the mask, a wait on a GPU).
     right_padded: list[bool] = field(default_factory=list)
+    # Each row's texts that end its response, its chat template's end of turn in plain text
+    # (`PPOTrainer.prompt_stops`; empty: none in the rollout).
+    stops: list[tuple[str, ...]] = field(default_factory=list)
 
     @property
     def response_ids(self) -> Tensor:
@@ -526,6 +530,14 @@ class PPOTrainer:
         self.records = read_prompts(cfg.prompts)
         self._check_records()
         self.prompt_ids, self.prompt_ends, self.prompt_tails = self._encode_prompts()
+        # A `messages` prompt's response ends where its chat template ends an assistant turn,
+        # as `gptlab sample` and `gptlab chat` end one: in a token, or, for a template whose
+        # turns end in plain text, before its next "\nUser:" (the rest of the rollout is the
+        # made-up turn the model would otherwise run on into). A text prompt has no template.
+        chats = [not isinstance(prompt_of(rec), str) for rec in self.records]
+        turn_ids, turn_texts = reply_stops(self.tok) if any(chats) else ((), ())
+        self.stop_ids = tuple(sorted({*self.tok.stop_ids, *turn_ids}))
+        self.prompt_stops = [turn_texts if chat else () for chat in chats]
         if not any(len(p) <= self.context - cfg.max_new_tokens for p in self.prompt_ids):
             n = len(self.prompt_ids)
             which = f"none of the {n} prompts fits" if n != 1 else "the prompt does not fit"
@@ -759,7 +771,7 @@ class PPOTrainer:
     def rollout(self, step: int) -> Rollout:
         cfg = self.cfg
         room = self.context - cfg.max_new_tokens
-        prompts, records, ends, tails = [], [], [], []
+        prompts, records, ends, tails, stops = [], [], [], [], []
         # A draw with no prompt that fits is drawn again (one fits: __init__ checked).
         while not prompts:
             # (drawn by position: the same draws as sampling the records themselves)
@@ -769,19 +781,23 @@ class PPOTrainer:
                     continue
                 prompts.append(self.prompt_ids[i])
                 records.append(self.records[i])
+                stops.append(self.prompt_stops[i])
                 if self.prompt_ends:  # with a reward model: the end of turn closing its response
                     ends.append(self.prompt_ends[i])
                     tails.append(self.prompt_tails[i])
+        stop_when = ({"stop_when": StopStrings(self.tok, (), prompts, stops)}
+                     if any(stops) else {})
         gen = generate(self.policy, prompts, SamplingParams(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            stop_ids=tuple(sorted(self.tok.stop_ids))),
-            seed=self.step_seed(step), pad_id=self.tok.pad_id)
+            stop_ids=self.stop_ids), seed=self.step_seed(step), pad_id=self.tok.pad_id,
+            **stop_when)
         shared = common_prefix_length(prompts)
         ids, mask, rmask, P, prefix = layout(prompts, gen.tokens, self.tok.pad_id, self.device,
                                              shared)
         return Rollout(ids, mask, rmask, P, records, gen.tokens,
                        queued_copy(torch.tensor(gen.finished), self.device), prefix, ends, tails,
-                       prompts, gen.finished, right_padded_rows(prompts, gen.tokens, shared))
+                       prompts, gen.finished, right_padded_rows(prompts, gen.tokens, shared),
+                       stops if any(stops) else [])
 
     # --- 2. score -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -797,10 +813,7 @@ class PPOTrainer:
         """The reward function's scores of the decoded responses: one real number each, or
         a UserError naming the function (and the prompt's line, for a bad score)."""
         prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
-        # As `gptlab sample` writes them: a cut response without the character its cut split.
-        texts = [self.tok.decode_response(prompt_of(rec), ids, r, cut=not done)
-                 for rec, ids, r, done in zip(ro.records, self._prompt_ids(ro), ro.responses,
-                                              self._finished(ro))]
+        texts, _ = self._response_texts(ro)
         name = self.reward_fn_name
         try:
             returned = self.reward_fn(prompts, texts, ro.records)
@@ -825,6 +838,27 @@ class PPOTrainer:
                 raise e.at(record_file(rec, self.cfg.prompts), rec.get("_line")) from None
         return queued_copy(torch.tensor(numbers, dtype=torch.float32), self.device)
 
+    def _response_texts(self, ro: Rollout) -> tuple[list[str], list[bool]]:
+        """Each response's text as `gptlab sample` writes it: a cut one without the character
+        its cut split, one its template's end of turn in text ended (`Rollout.stops`) cut
+        before it; and for each, whether that end of turn ended it."""
+        texts, ended = [], []
+        stops = ro.stops or [()] * len(ro.responses)
+        for rec, ids, r, done, stop in zip(ro.records, self._prompt_ids(ro), ro.responses,
+                                           self._finished(ro), stops):
+            prompt = prompt_of(rec)
+            if not stop:
+                texts.append(self.tok.decode_response(prompt, ids, r, cut=not done))
+                ended.append(False)
+                continue
+            # Decoded with the template's lead (the text StopStrings watched), cut there, then
+            # the lead left out, as `sample_responses` writes a response.
+            text = self.tok.decode_response(prompt, ids, r, cut=not done, lead="")
+            text, found = cut_reply(text, self.tok.answer_lead(prompt), stop)
+            texts.append(text)
+            ended.append(found is not None)
+        return texts, ended
+
     def _reward_model_scores(self, ro: Rollout) -> Tensor:
         """The reward model reads each response as it learned to read one (`scored_response`):
         closed by the end of turn, a response cut at max_new_tokens included, then the
@@ -832,9 +866,20 @@ class PPOTrainer:
         shared = 0 if ro.prefix is None else ro.prefix.shape[1]
         prompts = self._prompt_ids(ro)
         tails = ro.tails or [[]] * len(prompts)
+        finished = self._finished(ro)
+        tokens = list(ro.responses)
+        if ro.stops:
+            # A response its end of turn in text ended is read as the reward model learned
+            # one: its text before that end, encoded (`encode_response`, less the end of turn
+            # it closes with), then closed by `scored_response` as one cut short is.
+            texts, ended = self._response_texts(ro)
+            finished = list(finished)
+            for i, rec in enumerate(ro.records):
+                if ended[i]:
+                    whole = encode_response(self.tok, texts[i], prompt_of(rec))
+                    tokens[i], finished[i] = whole[:len(whole) - len(ro.ends[i])], False
         responses = [scored_response(r, done, end, self.context - len(p), tail)
-                     for r, done, end, p, tail in zip(ro.responses, self._finished(ro),
-                                                      ro.ends, prompts, tails)]
+                     for r, done, end, p, tail in zip(tokens, finished, ro.ends, prompts, tails)]
         return reward_model_scores(self.reward_model, prompts, responses, self.tok.pad_id,
                                    self.device, shared)
 
