@@ -268,7 +268,8 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
     order). A UserError (field `ranked`, naming `sample_id` when given) unless the answer
     orders exactly `responses`, each once, in non-empty levels, or gives each a real score."""
     of_id = "" if sample_id is None else f" for id {sample_id!r}"
-    if hasattr(answer, "tolist") and not isinstance(answer, (list, tuple)):
+    if hasattr(answer, "tolist") and not isinstance(answer, (list, tuple)) \
+            and getattr(answer, "ndim", 1) != 0:  # 0-d: one number, not a list, said as such
         answer = answer.tolist()  # scores as a NumPy array or a tensor, as PPO's reward takes
     if not isinstance(answer, (list, tuple)):
         raise UserError(f"the labeler returned {_kind(answer)}{of_id}, not a list: the responses "

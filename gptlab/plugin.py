@@ -33,7 +33,8 @@ def load_function(spec: str, field: str) -> tuple[Any, Callable]:
                         f"{_as_module(mod, name)}", field=field)
     try:
         module = import_from_cwd(mod)
-    except Exception as e:  # not found, a syntax error, or anything its import raised
+    except (Exception, SystemExit) as e:  # not found, a syntax error, or anything its
+        # import raised: a sys.exit(0) there (a script's argparse) ended gptlab in silence
         raise UserError(f"cannot load '{spec}': importing {mod} failed with "
                         f"{exception_line(e)}", field=field) from None
     fn = getattr(module, name, None)

@@ -261,8 +261,13 @@ def test_a_labeler_may_score_with_an_array_or_a_tensor():
     want = [{"id": 1, "prompt": "p", "ranked": ["b", ["a", "c"]]}]
     assert label_samples(samples, lambda rec, rs: np.array([0.5, 2.0, 0.5])) == want
     assert label_samples(samples, lambda rec, rs: torch.tensor([0.5, 2.0, 0.5])) == want
-    with pytest.raises(UserError, match=r"returned a float for id 1, not a list"):
+    with pytest.raises(UserError, match=r"returned a float64 for id 1, not a list"):
         label_samples(samples, lambda rec, rs: np.float64(1.0))
+    # A 0-d tensor or array was read as the number it holds, and said to be "a float".
+    with pytest.raises(UserError, match=r"returned a Tensor for id 1, not a list"):
+        label_samples(samples, lambda rec, rs: torch.tensor(1.0))
+    with pytest.raises(UserError, match=r"returned a ndarray for id 1, not a list"):
+        label_samples(samples, lambda rec, rs: np.array(1.0))
     with pytest.raises(UserError, match=r"returned an int for id 1, not a list"):
         label_samples(samples, lambda rec, rs: 3)
 

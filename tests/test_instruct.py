@@ -525,6 +525,23 @@ def test_a_reward_function_given_as_a_file_says_the_module_to_write(spec, write)
                               f"meant: {write}")
 
 
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_reward_module_that_exits_as_it_is_imported_is_named(tmp_path, monkeypatch, code):
+    # A module that runs a script's argparse, or sys.exit, when imported ended gptlab in
+    # silence, with its exit code: 0, success, with nothing trained.
+    from gptlab.train.ppo import load_reward_fn
+    name = f"exiting_reward_{code}"
+    (tmp_path / f"{name}.py").write_text(f"import sys\nsys.exit({code})\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(UserError) as err:
+            load_reward_fn(f"{name}:score")
+    finally:
+        sys.modules.pop(name, None)
+    assert str(err.value) == (f"field 'reward_fn': cannot load '{name}:score': importing {name} "
+                              f"failed with SystemExit: {code}")
+
+
 def test_load_reward_fn_imports_from_the_working_directory(tmp_path, monkeypatch):
     from gptlab.train.ppo import load_reward_fn
     (tmp_path / "cwd_reward_mod.py").write_text("def reward(p, r, rec):\n    return [1.0]\n")

@@ -174,10 +174,28 @@ def test_resume_from_a_checkpoint_continues_exactly(setup, monkeypatch, capsys):
     verify = Checkpointer.verify.__func__
     monkeypatch.setattr(Checkpointer, "verify",
                         classmethod(lambda cls, path: (verified.append(path), verify(cls, path))))
+    capsys.readouterr()
     assert main([*common, "--steps", str(STEPS), "--resume"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the same prompts
     assert verified == [out / "checkpoints" / "step-2"]  # its files hashed once
     assert_same_run(straight, out)
     assert json.loads((out / "run.json").read_text())["resumed_from"] == "step-2"
+
+
+def test_a_resume_on_other_prompts_says_so(setup, tmp_path, capsys):
+    # The rollouts draw prompts by position: edited (16 prompts left of 200, say), the resumed
+    # run drew from other ones and said nothing, where sft and reward warn.
+    d, args, _ = setup
+    prompts = tmp_path / "prompts.jsonl"
+    shutil.copy(args[args.index("--prompts") + 1], prompts)
+    mine = [prompts if a == args[args.index("--prompts") + 1] else a for a in args]
+    common = [*ppo_cli([str(a) for a in mine], tmp_path / "run"), "--steps"]
+    assert main([*common, "2"]) == 0
+    prompts.write_text("".join(prompts.read_text().splitlines(keepends=True)[:16]))
+    capsys.readouterr()
+    assert main([*common, "3", "--resume"]) == 0
+    assert ("warning: the prompts changed since the checkpoint; the data position now points "
+            "into other prompts") in capsys.readouterr().err
 
 
 def test_resume_from_a_named_earlier_step_continues_exactly(setup, capsys):

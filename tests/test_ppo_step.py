@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -376,6 +377,64 @@ def test_any_seed_in_torchs_range_runs_a_step_and_one_outside_is_refused(setup, 
     batch = t.advantages(ro, t.score(ro))
     stats = t.update(ro, batch, 1e-4, 1).read()
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def returning(value):
+    """A reward function that returns `value` for any batch."""
+    def fn(prompts, responses, records):
+        return value
+    return fn
+
+
+@pytest.mark.parametrize("value, said", [
+    # NumPy's and torch's bools were read as 1.0 and 0.0, where Python's were refused.
+    (np.array([True, False, True]), "a bool (np.True_) for prompt id q1; a score must be a "
+                                    "real number"),
+    ([1.0, np.False_, 1.0], "a bool (np.False_) for prompt id q2; a score must be a real "
+                            "number"),
+    (torch.tensor([True, False, True]), "a Tensor (tensor(True)) for prompt id q1; a score must "
+                                        "be a real number"),
+    # A dict was read through its keys (0, 1, 2 as the scores); a set has no order, a string's
+    # characters are no scores.
+    ({0: 1.0, 1: 1.0, 2: 1.0}, "a dict, not a list of 3 scores (one per response)"),
+    ({1.0, 2.0, 3.0}, "a set, not a list of 3 scores (one per response)"),
+    ("123", "a str, not a list of 3 scores (one per response)"),
+    # A 0-d tensor or array was "raised TypeError: iteration over a 0-d tensor": the function
+    # raised nothing.
+    (torch.tensor(1.0), "a Tensor, not a list of 3 scores (one per response)"),
+    (np.array(1.0), "a ndarray, not a list of 3 scores (one per response)")])
+def test_a_reward_function_s_return_that_is_no_list_of_real_numbers_is_refused(
+        setup, tmp_path, value, said):
+    t = trainer(setup, tmp_path / "run", reward_fn=returning(value))
+    t.reward_fn_name = "own:fn"
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    ro.records = [{"prompt": "p", "id": f"q{i + 1}"} for i in range(3)]
+    with pytest.raises(UserError) as e:
+        t.score(ro)
+    assert str(e.value).endswith("field 'reward_fn': the reward function own:fn returned "
+                                 + said), str(e.value)
+    # A list, a tuple, a generator and a 1-D array or tensor of numbers are scores.
+    for good in ([1, 2.5, 3], (1, 2.5, 3), (x for x in [1, 2.5, 3]), np.array([1, 2.5, 3]),
+                 torch.tensor([1, 2.5, 3])):
+        t.reward_fn = returning(good)
+        assert t.score(ro).tolist() == [1.0, 2.5, 3.0]
+
+
+def test_a_reward_function_that_edits_its_prompts_changes_none_of_ppo_s(setup, tmp_path):
+    # It was given PPO's own records: appending the response to a prompt's messages, to score
+    # the conversation, made the next draw of that prompt "must end on a user turn".
+    def conversation_score(prompts, responses, records):
+        for m, r, rec in zip(prompts, responses, records):
+            m.append({"role": "assistant", "content": r})
+            rec["seen"] = True
+        return [float(len(m)) for m in prompts]
+    t = trainer(setup, tmp_path / "run", reward_fn=conversation_score)
+    ro = hand_rollout(t, PROMPTS, RESPONSES, [True] * 3)
+    ro.records = [{"messages": [{"role": "user", "content": "hi"}]} for _ in range(3)]
+    before = json.dumps(ro.records)
+    assert t.score(ro).tolist() == [2.0] * 3
+    assert t.score(ro).tolist() == [2.0] * 3  # the second call sees the prompts unchanged
+    assert json.dumps(ro.records) == before
 
 
 def test_a_bad_score_names_the_prompts_file_and_line_of_its_prompt(setup, tmp_path):

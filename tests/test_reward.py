@@ -397,6 +397,22 @@ def test_a_resume_on_other_rankings_says_so(base, tmp_path, capsys):
             "into other rankings") in capsys.readouterr().err
 
 
+def test_rankings_of_one_prompt_all_held_out_say_why_none_are_left(base, tmp_path, capsys):
+    # The held-out tenth is drawn by prompt: one prompt's 9 rankings went to it whole, and the
+    # error said "no rankings left to train on" of a file of 9 valid ones.
+    data = tmp_path / "one.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Is the cat happy?", "chosen": f" yes {i}",
+                                        "rejected": " no"}) + "\n" for i in range(9)))
+    out = tmp_path / "rm"
+    assert run_reward(base, out, "--data", str(data)) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab reward: error: {data}: the held-out rankings (val_fraction (--val-fraction) "
+        f"0.1, chosen by prompt) took all 9 rankings, of 1 prompt: rank more prompts, or give "
+        f"val_fraction (--val-fraction) 0, or held-out rankings with val_data (--val-data)\n")
+    assert not out.exists()
+    assert run_reward(base, out, "--data", str(data), "--val-fraction", "0") == 0
+
+
 def test_a_resume_with_other_held_out_rankings_is_refused(base, tmp_path, capsys,
                                                           monkeypatch):
     """--val-data decides what each evaluation measures: changed on resume, the run's held-out

@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, Set
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
@@ -53,6 +54,7 @@ from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                diverged, held_interrupt, lr_at, make_optimizer, memory_named,
                                read_metrics, resuming, rng_state, same_setting, seed_everything,
                                select_device, set_lr, set_rng_state)
+from gptlab.train.batching import data_key, warn_if_data_changed
 from gptlab.train.reward import scored_response
 from gptlab.train.rl_math import (KL_ESTIMATORS, AdaptiveKLController, clipped_policy_loss,
                                   clipped_value_loss, entropy_from_logprobs, gae, kl_per_token,
@@ -389,14 +391,25 @@ MAX_RETURN = 1e16
 SQUARED = "PPO squares rewards in float32, in the value loss and the advantages' whitening"
 
 
+def is_score_list(returned: Any) -> bool:
+    """Whether a reward function's `returned` can be its scores in the responses' order: a
+    list, a tuple, a generator, a 1-D array or tensor; not a mapping (read as its keys), a set
+    (no order), a string (its characters) or a 0-d array (no iteration)."""
+    if isinstance(returned, (str, bytes, Mapping, Set)) or not isinstance(returned, Iterable):
+        return False
+    return getattr(returned, "ndim", 1) != 0
+
+
 def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
     """A reward function's score as a float: any real number (Python, NumPy or a 0-d tensor)
     within ±MAX_REWARD, never a bool, a string or a non-finite value. `name` is the function's
     module:function; the error names the prompt's `id` when it has one (the caller adds its
     file and line)."""
     of = "" if prompt_id is None else f" for prompt id {prompt_id}"
+    # NumPy's and torch's bools too: float(np.True_) is 1.0, a score no one meant.
+    boolean = isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool")
     try:
-        x = None if isinstance(v, (bool, str, bytes)) else float(v)
+        x = None if boolean or isinstance(v, (str, bytes)) else float(v)
     except (TypeError, ValueError):
         x = None
     except OverflowError:  # an integer no float holds (10 ** 400)
@@ -530,6 +543,10 @@ class PPOTrainer:
         self.records = read_prompts(cfg.prompts)
         self._check_records()
         self.prompt_ids, self.prompt_ends, self.prompt_tails = self._encode_prompts()
+        # What the rollouts draw from, by position: a resume on other prompts is warned of.
+        self.data_key = data_key(
+            [ids, {k: v for k, v in rec.items() if k not in ("_line", "_file")}]
+            for ids, rec in zip(self.prompt_ids, self.records))
         # A `messages` prompt's response ends where its chat template ends an assistant turn,
         # as `gptlab sample` and `gptlab chat` end one: in a token, or, for a template whose
         # turns end in plain text, before its next "\nUser:" (the rest of the rollout is the
@@ -718,7 +735,7 @@ class PPOTrainer:
             state["step"], self.policy, self.tok, self.optimizer,
             MetricsLog.with_rows(self.out / "metrics.jsonl", state),
             extra={"stage": "ppo", "step": state["step"], "ppo_steps": self.cfg.steps,
-                   "skipped": state["skipped"]},
+                   "skipped": state["skipped"], "data_key": self.data_key},
             models={"value": self.value_model}, models_extra={"value": {"stage": VALUE_STAGE}})
 
     def _restore(self, path: Path) -> None:
@@ -728,6 +745,7 @@ class PPOTrainer:
         state = Checkpointer(self.out).load(path, self.policy, self.optimizer,
                                             models={"value": self.value_model}, verify=False)
         self._check_settings(state["config"], path)
+        warn_if_data_changed(path, self.data_key, "prompts")
         # A function given in Python (the pipeline's execution reward) is in no setting: its
         # name is kept beside them (a checkpoint from before it was kept passes).
         theirs = state.get("reward_fn_name")
@@ -812,17 +830,21 @@ class PPOTrainer:
     def _reward_fn_scores(self, ro: Rollout) -> Tensor:
         """The reward function's scores of the decoded responses: one real number each, or
         a UserError naming the function (and the prompt's line, for a bad score)."""
-        prompts = [r.get("prompt", r.get("messages")) for r in ro.records]
+        # Copies, as `label` gives its labeler: a function that appends the response to a
+        # prompt's messages, to score the conversation, changes none of PPO's prompts.
+        records = copy.deepcopy(ro.records)
+        prompts = [r.get("prompt", r.get("messages")) for r in records]
         texts, _ = self._response_texts(ro)
         name = self.reward_fn_name
         try:
-            returned = self.reward_fn(prompts, texts, ro.records)
-            values = list(returned) if isinstance(returned, Iterable) else None
+            returned = self.reward_fn(prompts, texts, records)
+            # (a generator runs here: what it raises is the function's)
+            values = list(returned) if is_score_list(returned) else None
         except (Exception, SystemExit) as e:  # the user's function: report it, never a
             # silent zero, nor a silent end (sys.exit(0) would exit with success)
             raise UserError(f"the reward function {name} raised {exception_line(e)}",
                             field="reward_fn") from e
-        if values is None:  # a forgotten `return`, or one number for the whole batch
+        if values is None:  # a forgotten `return`, one number for the whole batch, a dict
             what = "None" if returned is None else f"a {type(returned).__name__}"
             raise UserError(f"the reward function {name} returned {what}, not a list of "
                             f"{len(texts)} scores (one per response)", field="reward_fn")

@@ -28,7 +28,8 @@ from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.devices import queued_copy, to_device
-from gptlab.errors import UserError, WrongKind, check_given, counted, reports_path_errors
+from gptlab.errors import (UserError, WrongKind, check_given, counted, reports_path_errors,
+                           setting)
 from gptlab.io import (check_dir_out, check_out_of_read_dirs, no_records, read_jsonl,
                        record_file)
 from gptlab.model.gpt import GPT
@@ -414,6 +415,14 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         train_r, val_r = rankings, read_rankings(cfg.val_data)
     else:
         train_r, val_r = split_rankings(rankings, cfg.val_fraction, cfg.seed)
+        if rankings and not train_r:  # held out by prompt: one prompt's are all held out
+            n = len({json.dumps(r.prompt, sort_keys=True) for r in rankings})  # (Rankings)
+            raise UserError(f"the held-out rankings ({setting('val_fraction')} "
+                            f"{cfg.val_fraction:g}, chosen by prompt) took all "
+                            f"{counted(len(rankings), 'ranking')}, of "
+                            f"{counted(n, 'prompt')}: rank more prompts, or give "
+                            f"{setting('val_fraction')} 0, or held-out rankings with "
+                            f"{setting('val_data')}", path=cfg.data)
     # Skips are counted per file, so that each is reported on the file that holds them.
     skips = SkipCounter()
     val_skips = SkipCounter() if cfg.val_data else skips
