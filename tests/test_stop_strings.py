@@ -396,3 +396,27 @@ def test_ppo_s_reward_model_reads_a_response_ended_in_text_as_it_learned_one(tmp
     with torch.no_grad():
         want = float(t.reward_model(torch.tensor([read]))[0])
     assert got["b"] == pytest.approx(want, abs=1e-5)
+
+
+def test_sft_says_when_its_answers_end_in_no_stop_token(tmp_path, capsys):
+    # Under a template whose turn ends in text, nothing after an answer is trained: the model
+    # learns no end to an answer (sample then ran to --max-new-tokens on every response), and
+    # nothing said so.
+    import json
+    save_model(tmp_path / "m", *plain_chat())
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"the cat sat {i}"},
+        {"role": "assistant", "content": "Hello there."}]}) + "\n" for i in range(4)))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"prompt": f"the cat sat {i}",
+                                         "completion": " Hello."}) + "\n" for i in range(4)))
+    args = ["sft", "--model", str(tmp_path / "m"), "--max-steps", "1", "--batch-size", "2",
+            "--val-fraction", "0.25", "--no-progress", "--device", "cpu"]
+    assert main([*args, "--data", str(chats), "--out", str(tmp_path / "a")]) == 0
+    assert (f"note: {chats}: 4 of 4 demonstrations end their answer with no stop token, which "
+            f"SFT would train (the chat template ends an assistant turn in text): the model does "
+            f"not learn to end an answer; give a template that ends a turn with EOS, or "
+            f"prompt/completion records\n") in capsys.readouterr().err
+    assert main([*args, "--data", str(texts), "--out", str(tmp_path / "b")]) == 0
+    assert "stop token" not in capsys.readouterr().err  # each completion ends with EOS

@@ -149,6 +149,25 @@ def target_tokens(batch: dict) -> int:
     return int((batch["labels"] != -100).sum())
 
 
+def note_unended_answers(examples: list[Example], tok: Any, path: str | Path) -> None:
+    """Say on stderr how many demonstrations train no stop token at the end of their answer:
+    under a chat template whose assistant turn ends in plain text (`User: ...\nAssistant:
+    ...\n`) nothing after the answer is trained, so the model learns no end to an answer, and
+    `sample`, `ppo` and `chat`, which stop at the template's next turn, wait for one it was never
+    taught to write. A `prompt`/`completion` answer ends with EOS; gptlab's, ChatML's and
+    Llama's turns end with a token."""
+    stops = tok.stop_ids
+    lasts = [max((i for i, m in enumerate(ex.loss_mask) if m), default=None) for ex in examples]
+    unended = sum(1 for ex, last in zip(examples, lasts)
+                  if last is not None and ex.ids[last] not in stops)
+    if unended:
+        print(f"note: {path}: {unended} of {counted(len(examples), 'demonstration')} end their "
+              f"answer with no stop token, which SFT would train (the chat template ends an "
+              f"assistant turn in text): the model does not learn to end an answer; give a "
+              f"template that ends a turn with EOS, or prompt/completion records",
+              file=sys.stderr)
+
+
 def split_examples(examples: list[Example], fraction: float,
                    seed: int) -> tuple[list[Example], list[Example]]:
     order = list(range(len(examples)))
@@ -321,6 +340,7 @@ def sft(cfg: SFTConfig) -> Path:
     for path, counter in ((cfg.data, skips), (cfg.val_data, val_skips)):
         if counter.total:
             print(f"{path}: {counter.report('demonstrations')}", file=sys.stderr)
+    note_unended_answers(examples, tok, cfg.data)
     if cfg.val_data:
         check_held_out(train_ex, val_ex, lambda ex: (tuple(ex.ids), tuple(ex.loss_mask)),
                        cfg.val_data, "demonstrations", cfg.data)
