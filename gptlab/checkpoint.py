@@ -62,9 +62,9 @@ from safetensors.torch import load_file, load_model as st_load_model, save_model
 
 from gptlab.errors import NotFound, UserError, WrongKind, check_bool
 from gptlab.io import (OLD_FILES_PREFIX, atomic_path, ensure_dir, fsync_path, held_temp,
-                       named_os_error, new_temp_dir, old_files_aside, read_json, remove_dir,
-                       remove_stale_temps, replace_dir, restore_non_finite, settle_old_files,
-                       write_json_atomic, write_text_atomic)
+                       missing_dirs, named_os_error, new_temp_dir, old_files_aside, read_json,
+                       remove_dir, remove_stale_temps, replace_dir, restore_non_finite,
+                       settle_old_files, write_json_atomic, write_text_atomic)
 
 FORMAT = "gptlab/1"
 MODEL_FILE = "model.safetensors"
@@ -113,7 +113,7 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
     step, its validation loss), and the old files for the next save into the directory, or a
     reader (`read_meta`), to put back."""
     arch = _arch_of(model)  # before anything is written: a model of no arch saves nothing
-    made = not Path(out_dir).exists()
+    made = missing_dirs(out_dir)
     out = ensure_dir(out_dir)
     with old_files_aside(out, model_files(tokenizer), made):
         if tokenizer is not None:

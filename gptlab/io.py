@@ -117,6 +117,26 @@ def check_holds_none(out: str | Path, names: tuple[str, ...], field: str = "out"
                         path=out, field=field)
 
 
+def missing_dirs(path: str | Path) -> list[Path]:
+    """`path` and those of its parent directories that are not there, deepest first: what a
+    write that makes `path` (with its parents) makes, and removes if it fails."""
+    missing = []
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
+
+
+def remove_empty_dirs(dirs: Sequence[Path]) -> None:
+    """Remove each of `dirs` (deepest first, as `missing_dirs` lists them) while it is an
+    empty directory: what a failed write made, and nothing a user put there since."""
+    for d in dirs:
+        if not (d.is_dir() and not d.is_symlink()) or any(d.iterdir()):
+            return
+        d.rmdir()
+
+
 def ensure_dir(path: str | Path) -> Path:
     """Create directory `path` (and its parents) after `check_dir_out`."""
     path = check_dir_out(path)
@@ -270,15 +290,27 @@ def _undo(directory: Path, writes: Sequence[str], held: Sequence[str], aside: Pa
 
 
 @contextmanager
+def _removed_if_failed(made: Sequence[Path]) -> Iterator[None]:
+    """Remove the directories `made` (`missing_dirs`), where empty, if the body fails."""
+    try:
+        yield
+    except BaseException:
+        remove_empty_dirs(made)
+        raise
+
+
+@contextmanager
 def old_files_aside(directory: str | Path, writes: Sequence[str],
-                    made: bool = False, dirs: Sequence[str] = ()) -> Iterator[list[str]]:
+                    made: bool | Sequence[Path] = False, dirs: Sequence[str] = ()
+                    ) -> Iterator[list[str]]:
     """Write files (or directories, those named in `dirs`) named `writes` in `directory`
     without losing the old ones if the write, the body of this context, fails. Those there
     are renamed, in the order of `writes`, into a hidden `.old-files.<random>/` inside
     `directory` (held by this writer, as `held_temp` holds a temporary), whose `held.json`
     says what was moved from where; once the body is done they are deleted. If it fails, each
     of `writes` is removed and the old ones moved back, the last moved first: `directory` is
-    as it was, byte for byte, and removed if the caller `made` it and it is empty. Yields the
+    as it was, byte for byte, and removed if the caller `made` it and it is empty (`made`: the
+    directories it made, `missing_dirs(directory)` before; True: `directory`). Yields the
     names moved aside. What killed writes left in `directory` is settled first
     (`settle_old_files`). A directory where a file is written (a user's folder named
     `config.json`) is refused before anything moves: a done write deletes what it moved
@@ -313,8 +345,7 @@ def old_files_aside(directory: str | Path, writes: Sequence[str],
             _undo(directory, writes, held, aside, moved)
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
-            if made and directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
+            remove_empty_dirs([directory] if made is True else made or [])
             raise
         if aside is not None:
             (aside / HELD_JSON).unlink()  # done: a leftover without it is only removed
@@ -467,9 +498,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     replace the file they write, so the lock cannot be on the file); temporaries of `path`
     that killed writes left are removed first."""
     path = check_file_out(path)
+    made = missing_dirs(path.parent)  # removed again if the write fails
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, glob.escape(f".{path.name}.") + "*.tmp")
-    with held_temp(lambda: new_temp_dir(path)) as tmp_dir:
+    with _removed_if_failed(made), held_temp(lambda: new_temp_dir(path)) as tmp_dir:
         tmp_path = tmp_dir / "file.tmp"
         try:
             tmp_path.touch()
@@ -514,7 +546,8 @@ def _short_write(e: OSError, path: str | Path) -> OSError | None:
     """numpy's `tofile` (the gguf package's writer of tensors) reports a write cut short as an
     OSError without errno, "884736 requested and 394000 written": where the file system of
     `path` has less room left than the bytes not written, that is a full disk, said as
-    ENOSPC naming `path`. None for any other error (or room enough: the cause is unknown)."""
+    ENOSPC naming `path`; with room, under a file size limit, EFBIG. None for any other error
+    (or room and no limit: the cause is unknown)."""
     found = re.fullmatch(r"(\d+) requested and (\d+) written", str(e)) if e.errno is None \
         else None
     if found is None:
@@ -523,9 +556,16 @@ def _short_write(e: OSError, path: str | Path) -> OSError | None:
         st = os.statvfs(Path(path).parent)
     except OSError:
         return None
-    if st.f_bavail * st.f_frsize >= int(found[1]) - int(found[2]):
-        return None
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if st.f_bavail * st.f_frsize < int(found[1]) - int(found[2]):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    # Room enough: under a limit on a file's size (`ulimit -f`), the write stopped at it (the
+    # kernel's EFBIG, which numpy does not pass on; `--to hf` says "File too large" itself).
+    try:
+        import resource
+        limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):  # no such limits (Windows)
+        limited = False
+    return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path)) if limited else None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

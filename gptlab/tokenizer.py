@@ -66,12 +66,16 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from gptlab.errors import NotFound, UserError, WrongKind, check_bool, reports_path_errors
-from gptlab.io import atomic_path, ensure_dir, old_files_aside, read_json, write_json_atomic
+from gptlab.io import (atomic_path, ensure_dir, missing_dirs, old_files_aside, read_json,
+                       write_json_atomic)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # What `Tokenizer.save` writes, tokenizer.json first: moved aside first, no old tokenizer.json
-# stands beside the new settings.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# stands beside the new settings. Then what it replaces without writing: a tokenizer directory
+# is read from these too (by gptlab and transformers), and a stale chat_template.jinja or
+# special_tokens_map.json in the directory saved to would override the saved template and EOS.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja", "special_tokens_map.json")
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 DEFAULT_SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT)
 ROLES = ("system", "user", "assistant")
@@ -691,7 +695,7 @@ class Tokenizer:
         `load_tokenizer` would read its ids as this tokenizer's ends. Old files of these names
         are moved aside first and put back, byte for byte, if the save fails
         (`old_files_aside`)."""
-        made = not Path(directory).exists()
+        made = missing_dirs(directory)
         d = ensure_dir(directory)
         with old_files_aside(d, TOKENIZER_FILES, made):
             self._save(d)

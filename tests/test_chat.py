@@ -650,8 +650,10 @@ def test_a_session_from_python_names_the_setting_not_only_the_flag(tiny_dir, mon
     assert session.reply("the cat sat", err) == "the mat"
     assert err.getvalue() == ("note: the reply was cut at 40 new tokens (max_new_tokens, "
                               "--max-new-tokens)\n")
-    with pytest.raises(TurnTooLong) as e:
-        session.reply("the cat sat on the mat " * 20, err)
+    long = "the cat sat on the mat " * 7
+    assert 56 < len(tok.render_chat([user(long)], add_generation_prompt=True)[0]) < 96
+    with pytest.raises(TurnTooLong) as e:  # (fits with a shorter reply)
+        session.reply(long, err)
     assert str(e.value).endswith("shorten it, or lower max_new_tokens (--max-new-tokens)")
     with pytest.raises(UserError) as e:
         chat(ChatConfig())
@@ -781,10 +783,10 @@ def test_a_message_too_long_for_a_lowered_context_is_offered_the_models(tiny_dir
                             f"the reply); shorten it, or raise max_context_tokens "
                             f"(--max-context-tokens; the model's context is 96), or lower "
                             f"max_new_tokens (--max-new-tokens)")
-    huge = " ".join([text] * 7)  # over the model's context too: raising it would not help
-    with pytest.raises(TurnTooLong) as e:
+    huge = " ".join([text] * 7)  # over the model's context too: raising it would not help,
+    with pytest.raises(TurnTooLong) as e:  # nor would a shorter reply (it was offered)
         session.reply(huge, io.StringIO())
-    assert str(e.value).endswith("; shorten it, or lower max_new_tokens (--max-new-tokens)")
+    assert str(e.value).endswith(" (the context minus the tokens kept for the reply); shorten it")
     assert session.messages == []
     whole = ChatSession(model, tok, ChatConfig(max_new_tokens=70))  # the model's own context
     with pytest.raises(TurnTooLong) as e:
@@ -802,6 +804,13 @@ def test_a_message_too_long_for_a_lowered_context_is_offered_the_models(tiny_dir
     with pytest.raises(UserError) as e:  # ... and the model's: only a shorter reply helps
         ChatSession(model, tok, ChatConfig(max_new_tokens=96 - n + 1, max_context_tokens=95))
     assert str(e.value).endswith(f"need {n}; lower it (--max-new-tokens)")
+    # A reply of 1 token already: lowering it was offered, which cannot be done.
+    with pytest.raises(UserError) as e:
+        ChatSession(model, tok, ChatConfig(max_new_tokens=1, max_context_tokens=n))
+    assert str(e.value) == (f"field 'max_new_tokens': 1 leaves {n - 1} tokens of the context of "
+                            f"{n} for the conversation, but the chat template and a question of "
+                            f"one character need {n}; raise max_context_tokens "
+                            f"(--max-context-tokens; the model's context is 96)")
 
 
 def test_a_long_chat_keeps_no_tensors_from_turn_to_turn(tiny_dir):
@@ -1368,8 +1377,7 @@ def test_help_a_long_line_at_a_terminal_a_bad_context_and_undecodable_input(tiny
                           "/reset  forget the conversation", "/help  list these commands"]
     assert lines[4] == ("error: field 'message': the message needs 208 tokens with the chat "
                         "template, but only 88 fit (the context minus the tokens kept for the "
-                        "reply); shorten it, or lower max_new_tokens (--max-new-tokens); this "
-                        "message was skipped")
+                        "reply); shorten it; this message was skipped")  # 208 > the 96
     assert out.getvalue() == "> > > \n"  # the prompts, and the line Ctrl-D leaves
     stdin = codecs.getreader("utf-8")(io.BytesIO(b"the cat\n\xff sat\n"))
     with pytest.raises(UserError) as e:

@@ -686,6 +686,10 @@ def test_a_prompt_that_is_not_utf8_is_refused(tiny_model, capsys):
     assert main(["generate", "--model", str(tiny_model), "--prompt", "h\udcffi"]) == 2
     assert capsys.readouterr().err == ("gptlab generate: error: field 'prompt': not UTF-8 "
                                        "text: byte 0xff at character 2 cannot be decoded\n")
+    # chat's --system too (it named no field, once the model had loaded).
+    assert main(["chat", "--model", str(tiny_model / "gone"), "--system", "caf\udce9"]) == 2
+    assert capsys.readouterr().err == ("gptlab chat: error: field 'system': not UTF-8 "
+                                       "text: byte 0xe9 at character 4 cannot be decoded\n")
     # tokenizer encode's text is named too (it named no field), before the tokenizer loads.
     assert main(["tokenizer", "encode", "--tokenizer", str(tiny_model / "gone"), "caf\udce9"]) == 2
     assert capsys.readouterr().err == ("gptlab tokenizer encode: error: field 'text': not UTF-8 "
@@ -1192,7 +1196,7 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert err == (f"gptlab tokenizer train: error: {out / 'tokenizer.json'}, field '--out': "
                    f"No space left on device\n")
-    assert not list(out.iterdir())  # the temporary file is gone too
+    assert not out.exists()  # the temporary file is gone too, and the directory made for it
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")

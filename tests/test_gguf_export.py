@@ -436,15 +436,21 @@ def test_a_gguf_export_cut_short_by_a_full_disk_is_said_so_and_leaves_nothing(
     def cut_short(self, *args, **kwargs):
         raise OSError("884736 requested and 394000 written")
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", cut_short)
+    import resource
     Room = namedtuple("Room", "f_bavail f_frsize")
-    for free, said in ((4096, "No space left on device"), (10 ** 9, None)):
+    # With room, under a file size limit (`ulimit -f`): the limit, where it was a traceback.
+    for free, limit, said in ((4096, resource.RLIM_INFINITY, "No space left on device"),
+                              (10 ** 9, 20_000 * 1024, "File too large"),
+                              (10 ** 9, resource.RLIM_INFINITY, None)):
         monkeypatch.setattr(os, "statvfs", lambda path, free=free: Room(free // 4096, 4096))
-        out = tmp_path / "m.gguf"
+        monkeypatch.setattr(resource, "getrlimit", lambda kind, limit=limit: (limit, limit))
+        # In directories the export makes: removed again with the file (they were left).
+        out = tmp_path / "exp" / "sub" / "m.gguf"
         if said:
             assert main(["convert", "--to", "gguf", str(saved), "--out", str(out)]) == 2
             assert capsys.readouterr().err == (
-                f"gptlab convert: error: {out}, field '--out': No space left on device\n")
-        else:  # room enough: the cause is not known, and not said as a full disk
+                f"gptlab convert: error: {out}, field '--out': {said}\n")
+        else:  # room enough and no limit: the cause is not known, and not said as a full disk
             with pytest.raises(OSError) as e:
                 main(["convert", "--to", "gguf", str(saved), "--out", str(out)])
             assert e.value.errno is None
@@ -524,7 +530,7 @@ def test_a_conversion_that_fails_at_the_tensors_leaves_nothing_and_runs_again(
         assert main(argv) == 2
     assert capsys.readouterr().err.endswith(
         f"{out}, field '--out': No space left on device\n")
-    assert list((tmp_path / "new").iterdir()) == []  # no temporary left either
+    assert not (tmp_path / "new").exists()  # no temporary left, nor the directory it made
     assert main(argv) == 0 and out.stat().st_size > 0
 
 

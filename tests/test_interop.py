@@ -1020,13 +1020,16 @@ def test_a_conversion_that_fails_at_the_weights_leaves_nothing_and_runs_again(
     (tmp_path / "kept").mkdir()  # an --out that was there, with a file of the user's
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     capsys.readouterr()
-    for out, left in ((tmp_path / "new", None), (tmp_path / "kept", ["notes.txt"])):
+    # An --out in directories it made: those go too (they were left, empty).
+    for out, left in ((tmp_path / "new", None), (tmp_path / "kept", ["notes.txt"]),
+                      (tmp_path / "made" / "a" / "b", None)):
         with monkeypatch.context() as m:
             m.setattr(failing, full)
             assert main(["convert", *argv, "--out", str(out)]) == 2
         assert capsys.readouterr().err.endswith(
             f"{out / 'model.safetensors'}, field '--out': No space left on device\n")
         assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == left
+        assert not (tmp_path / "made").exists()
         assert main(["convert", *argv, "--out", str(out)]) == 0
         assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
 
@@ -1761,7 +1764,10 @@ def test_gguf_end_of_turn_and_end_of_message_ids_end_generation_and_are_kept(tmp
 
     theirs = _hf_model("llama", seed=4)
     end, eom, eos = 93, 94, 95  # " END" (normal), <|endoftext|> (control), <|im_end|>
-    path = _write_gguf(tmp_path / "m.gguf", theirs, pre="llama-bpe", words=("\u0120END",),
+    # (a merge of its own: a byte-level vocabulary with tokens of several characters and no
+    # merges is refused, as llama.cpp refuses it)
+    path = _write_gguf(tmp_path / "m.gguf", theirs, pre="llama-bpe", words=("!!", "\u0120END"),
+                       merges=("! !",),
                        template="{% for m in messages %}{{ m['content'] }} END!{% endfor %}",
                        extra={"tokenizer.ggml.eot_token_id": end,
                               "tokenizer.ggml.eom_token_id": eom})
@@ -1883,6 +1889,80 @@ def test_bad_gguf_tokenizer_metadata_is_refused_naming_the_field(kwargs, field, 
     assert str(e.value) == f"{path}, field '{field}': {message}"
     assert main(["convert", "--from", "gguf", str(path), "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _rewritten_gguf(src: Path, dst: Path, drop: tuple[str, ...] = (),
+                    arrays: dict | None = None) -> Path:
+    """`src` written again to `dst` without the keys `drop`, and with the array keys `arrays`
+    given other values (of the type gguf writes for them)."""
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name in drop:
+            continue
+        if f.name in (arrays or {}):
+            w.add_array(f.name, arrays[f.name])
+        elif f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[1])
+        else:
+            w.add_key_value(f.name, f.contents(), f.types[0])
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_a_gguf_vocabulary_without_merges_or_of_no_strings_is_refused(tmp_path, capsys):
+    # A byte-level BPE vocabulary without tokenizer.ggml.merges loaded, and encoded every text
+    # a byte a token (the real SmolLM2 answered " 1992, 2" for " Paris."); tokens that are no
+    # strings were a traceback from `tokenizers`.
+    good = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), words=("ab",),
+                       merges=("a b",))
+    _, tok = load_pretrained(good)
+    assert [tok.hf.id_to_token(i) for i in tok.encode("ab")] == ["ab"]
+    n = len(gguf.GGUFReader(str(good)).fields["tokenizer.ggml.tokens"].contents())
+    for bad, field, message in (
+            (_rewritten_gguf(good, tmp_path / "nomerges.gguf", drop=("tokenizer.ggml.merges",)),
+             "tokenizer.ggml.merges", "required metadata key is missing: the vocabulary's "
+                                      "tokens of several characters (the first: token 93, "
+                                      "'ab') are reached only by merging"),
+            (_rewritten_gguf(good, tmp_path / "ints.gguf",
+                             arrays={"tokenizer.ggml.tokens": list(range(n))}),
+             "tokenizer.ggml.tokens", "entry 0 is 0, not a token (a string)")):
+        with pytest.raises(UserError) as e:
+            load_pretrained(bad)
+        assert str(e.value) == f"{bad}, field '{field}': {message}"
+        assert main(["convert", "--from", "gguf", str(bad), "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_conversion_replaces_tokenizer_files_left_in_out_that_would_override_its_own(
+        tmp_path):
+    # A chat_template.jinja and a special_tokens_map.json already in --out were left there, and
+    # read before the converted tokenizer's own template and EOS: chat ran past its turns.
+    from gptlab.checkpoint import save_model
+    from gptlab.tokenizer import load_tokenizer
+    path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"))
+    _, theirs = load_pretrained(path)
+    stale = {"chat_template.jinja": "STALE{{ messages[0]['content'] }}",
+             "special_tokens_map.json": '{"eos_token": "<|endoftext|>"}',
+             "added_tokens.json": '{"<|x|>": 96}'}
+    for to in ("gptlab", "hf"):
+        out = tmp_path / f"out-{to}"
+        out.mkdir()
+        for name, text in stale.items():
+            (out / name).write_text(text)
+        if to == "gptlab":
+            assert main(["convert", "--from", "gguf", str(path), "--out", str(out)]) == 0
+        else:
+            save_model(tmp_path / "mine", *load_pretrained(path))
+            assert main(["convert", "--to", "hf", str(tmp_path / "mine"), "--out", str(out)]) == 0
+        tok = load_tokenizer(out)
+        assert (tok.chat_template, tok.eos_token) == (theirs.chat_template, "<|im_end|>")
+        assert not any((out / name).exists() for name in stale)
 
 
 def test_a_gguf_merge_listed_twice_keeps_its_first_rank_as_llama_cpp_does(tmp_path, capsys):

@@ -49,7 +49,8 @@ def fit_messages(messages: Sequence[dict], count_tokens: CountTokens, budget: in
     template and its generation prompt); `budget` is the context minus the tokens reserved for
     the reply. Returns (kept messages, number of turns dropped). Raises `TurnTooLong` when the
     system message and the last turn alone are over budget; its advice after "shorten it" is
-    `more_room(tokens needed)`, by default to lower max_new_tokens.
+    `more_room(tokens needed)` ("" where only shortening helps), by default to lower
+    max_new_tokens.
     """
     head, turns = split_turns(messages)
     if not turns:
@@ -70,10 +71,10 @@ def fit_messages(messages: Sequence[dict], count_tokens: CountTokens, budget: in
         n = count_tokens(kept(last))
     if n > budget:
         around = "the system prompt and the chat template" if head else "the chat template"
+        more = (more_room or _lower_max_new_tokens)(n)
         raise TurnTooLong(f"the message needs {n} tokens with {around}, but only "
                           f"{budget} fit (the context minus the tokens kept for the reply); "
-                          f"shorten it, or {(more_room or _lower_max_new_tokens)(n)}",
-                          field="message")
+                          f"shorten it{', or ' + more if more else ''}", field="message")
     over, fits = 0, last  # dropping `over` turns is too few, dropping `fits` is enough
     while fits - over > 1:
         mid = (over + fits) // 2

@@ -120,22 +120,31 @@ class ChatSession:
         fit = (f"only {self.budget} fit (the context of {self.context} minus max_new_tokens "
                f"{cfg.max_new_tokens})")
         more_room = self.more_room(n)
+        or_more_room = f", or {more_room}" if more_room else ""
         if n > self.budget and self.messages and not cfg.system.strip():
             # Nothing to shorten: the template's system block (its markers) is what takes room.
             without = self.count_tokens([question])
             if without <= self.budget:
                 raise UserError(f"holds no text, yet the chat template's system block takes "
                                 f"room: with it a question of one character needs {n} tokens, "
-                                f"but {fit}; leave it out (no --system), which needs {without}, "
-                                f"or {more_room}", field="system")
+                                f"but {fit}; leave it out (no --system), which needs "
+                                f"{without}{or_more_room}", field="system")
         elif n > self.budget and self.messages:
             raise UserError(f"needs {n} tokens with the chat template and a question of one "
-                            f"character, but {fit}; shorten it, or {more_room}", field="system")
+                            f"character, but {fit}; shorten it{or_more_room}", field="system")
         if n > self.budget:
-            raise UserError(f"{cfg.max_new_tokens} leaves {self.budget} tokens of the context of "
-                            f"{self.context} for the conversation, but the chat template and a "
-                            f"question of one character need {n}; lower it (--max-new-tokens)"
-                            f"{self._or_larger_context(n)}", field="max_new_tokens")
+            # Advice only where it makes room: no lower reply where it is 1 token already, or
+            # where even a reply of 1 leaves too little.
+            said = (f"{cfg.max_new_tokens} leaves {self.budget} tokens of the context of "
+                    f"{self.context} for the conversation, but the chat template and a question "
+                    f"of one character need {n}")
+            if self._lower_reply(n):
+                raise UserError(f"{said}; lower it (--max-new-tokens)"
+                                f"{self._or_larger_context(n)}", field="max_new_tokens")
+            larger = self._larger_context(n)
+            raise UserError(f"{said}; {larger}" if larger else
+                            f"{said}: no reply fits the model's context of "
+                            f"{self.model.config.context} tokens", field="max_new_tokens")
 
     def _larger_context(self, needed: int) -> str:
         """The advice to raise a lowered max_context_tokens, where the model's own context
@@ -150,11 +159,18 @@ class ChatSession:
         larger = self._larger_context(needed)
         return f", or {larger}" if larger else ""
 
+    def _lower_reply(self, needed: int) -> bool:
+        """Whether a lower max_new_tokens makes room for `needed` tokens of conversation: the
+        reply is above 1 token, and the context holds `needed` and a reply of 1."""
+        return self.cfg.max_new_tokens > 1 and needed < self.context
+
     def more_room(self, needed: int) -> str:
         """What would make room for a conversation of `needed` tokens besides shortening it:
-        a larger context where one was set below the model's, or a shorter reply."""
-        larger = self._larger_context(needed)
-        return (f"{larger}, or " if larger else "") + "lower max_new_tokens (--max-new-tokens)"
+        a larger context where one was set below the model's, or a shorter reply; "" where
+        neither would."""
+        options = [self._larger_context(needed),
+                   "lower max_new_tokens (--max-new-tokens)" if self._lower_reply(needed) else ""]
+        return ", or ".join(o for o in options if o)
 
     def reset(self) -> None:
         """Forget the conversation, keeping only the system message."""
@@ -526,9 +542,11 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     """`gptlab chat`: load `cfg.model` and talk until end of input; returns turns answered."""
     if not cfg.model:
         raise UserError("chat needs a model to talk to (--model)", field="model")
-    # The sampling flags and stop strings are checked before the model loads.
+    # The sampling flags, stop strings and system message are checked before the model loads.
     SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                    temperature=cfg.temperature, top_p=cfg.top_p)
     check_stop_strings(cfg.stop)
+    if cfg.system is not None:
+        check_text(cfg.system, field="system")
     model, tok, _ = load_language_model(Path(cfg.model), select_device(cfg.device))
     return run_chat(ChatSession(model, tok, cfg), stdin, stdout, stderr)

@@ -19,7 +19,8 @@ import torch
 
 from gptlab.errors import (NotFound, UserError, WrongKind, reports_path_errors,
                            require_file)
-from gptlab.io import check_dir_out, check_file_out, check_holds_none, old_files_aside
+from gptlab.io import (check_dir_out, check_file_out, check_holds_none, missing_dirs,
+                       old_files_aside)
 from gptlab.interop.gguf import GGUF_DTYPES, SUPPORTED_GGUF, export_gguf, load_gguf
 from gptlab.interop.hf import HF_EXPORT_FILES, SUPPORTED_HF, export_hf, load_hf
 
@@ -82,7 +83,7 @@ def convert_to_gptlab(src: str | Path, out_dir: str | Path, source: str | None =
     # check_out_apart refused another model's directory: what else of a model's files `out`
     # holds (a tokenizer_config.json, a generation_config.json) is put back if the save fails,
     # and the files it wrote are removed, so the same command runs again
-    made = not Path(out_dir).exists()
+    made = missing_dirs(out_dir)
     with old_files_aside(out_dir, HF_EXPORT_FILES, made):
         return save_model(out_dir, model, tokenizer, extra={"source": str(p)})
 

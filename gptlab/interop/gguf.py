@@ -279,15 +279,26 @@ def _merge(entry: Any, k: int, vocab: dict[str, int], meta: _Meta) -> tuple[str,
     return left, right
 
 
-def _listed_merges(meta: _Meta, vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """tokenizer.ggml.merges, each checked by `_merge`, in rank order. A merge listed again keeps
-    its first rank, as llama.cpp ranks it; `tokenizers` would move it to its last (transformers'
-    GGUF loader does), and join other pairs first. The repeats are noted."""
+def _listed_merges(meta: _Meta, vocab: dict[str, int], required: str | None = None
+                   ) -> list[tuple[str, str]]:
+    """tokenizer.ggml.merges, each checked by `_merge`, in rank order (`required`: why a file
+    without the key is refused). A merge listed again keeps its first rank, as llama.cpp ranks
+    it; `tokenizers` would move it to its last (transformers' GGUF loader does), and join other
+    pairs first. The repeats are noted."""
     from gptlab.tokenizer import note_once
 
+    key = "tokenizer.ggml.merges"
+    listed = meta.get(key)
+    if listed is None and required:
+        raise UserError(f"required metadata key is missing: {required}", path=meta.path,
+                        field=key)
+    listed = listed or []
+    if not isinstance(listed, list):
+        raise UserError(f"must be a list of merges (\"left right\"), got {type(listed).__name__}",
+                        path=meta.path, field=key)
     first: dict[tuple[str, str], int] = {}
     repeats: list[tuple[int, int, str]] = []
-    for k, entry in enumerate(meta.get("tokenizer.ggml.merges") or []):
+    for k, entry in enumerate(listed):
         pair = _merge(entry, k, vocab, meta)
         if pair in first:
             repeats.append((k, first[pair], entry))
@@ -328,7 +339,16 @@ def _byte_level_bpe(meta: _Meta, tokens: list[str]) -> Any:
         raise UserError(f"pre-tokenizer '{pre}' is not supported (supported: "
                         f"{', '.join(_PRE_SPLITS)})", path=meta.path, field="tokenizer.ggml.pre")
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = _listed_merges(meta, vocab)
+    # Without merges no token of several characters is ever reached: every text was encoded a
+    # byte a token, in silence (llama.cpp refuses such a file). A vocabulary of single bytes
+    # (besides its special tokens) needs none, and gguf writes no empty list.
+    types = _token_types(meta, len(tokens))
+    long = next((k for k, (t, ty) in enumerate(zip(tokens, types))
+                 if ty == _NORMAL and len(t) > 1), None)
+    why = None if long is None else (f"the vocabulary's tokens of several characters (the "
+                                     f"first: token {long}, {tokens[long]!r}) are reached only "
+                                     f"by merging")
+    merges = _listed_merges(meta, vocab, required=why)
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                                 ignore_merges=pre in _LLAMA3_PRES))
     hf.pre_tokenizer = _byte_level_split(pre)
@@ -464,6 +484,15 @@ def _gguf_tokenizer(meta: _Meta) -> Any:
                         f"byte-level BPE, and 'llama', SentencePiece BPE with byte fallback)",
                         path=meta.path, field="tokenizer.ggml.model")
     tokens: list[str] = meta.need("tokenizer.ggml.tokens")
+    # A string value is no vocabulary (it was read as one token a character), and a token that
+    # is no string failed deep in `tokenizers` (a traceback) or blamed the merges.
+    if not isinstance(tokens, list):
+        raise UserError(f"must be a list of the vocabulary's tokens (strings), got "
+                        f"{type(tokens).__name__}", path=meta.path, field="tokenizer.ggml.tokens")
+    bad = next((k for k, t in enumerate(tokens) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise UserError(f"entry {bad} is {tokens[bad]!r}, not a token (a string)",
+                        path=meta.path, field="tokenizer.ggml.tokens")
     types = _token_types(meta, len(tokens))
 
     def token_id(key: str, lenient: str | None = None, default: int | None = None

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from gptlab.checkpoint import check_config, check_pad_token_id, refuse_non_finite
 from gptlab.errors import UserError, WrongKind, check_bool, reports_path_errors
-from gptlab.io import (atomic_path, ensure_dir, old_files_aside, read_json, strict_json,
-                       write_json_atomic, write_text_atomic)
+from gptlab.io import (atomic_path, ensure_dir, missing_dirs, old_files_aside, read_json,
+                       strict_json, write_json_atomic, write_text_atomic)
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 
@@ -1016,9 +1016,12 @@ def _hf_state(model: GPT, family: str) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-# The files an export writes (the tokenizer's with one), each replaced atomically.
+# The files an export writes (the tokenizer's with one), each replaced atomically, and those
+# it replaces without writing, which transformers would read beside them (a stale template,
+# EOS or added tokens).
 HF_EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 @reports_path_errors
@@ -1057,7 +1060,7 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
     if held and not overwrite:
         raise UserError(f"already holds {', '.join(held)}; pass overwrite=True to replace "
                         f"them, or choose another directory", path=out_dir, field="out_dir")
-    made = not Path(out_dir).exists()
+    made = missing_dirs(out_dir)
     out = ensure_dir(out_dir)
     with old_files_aside(out, HF_EXPORT_FILES, made):
         if tokenizer is not None:

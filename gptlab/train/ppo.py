@@ -42,7 +42,8 @@ from gptlab.devices import queued_copy
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import (UserError, WrongKind, check_given, counted, exception_line,
                            reports_path_errors, setting)
-from gptlab.io import check_out_of_read_dirs, ensure_dir, old_files_aside, record_file
+from gptlab.io import (check_out_of_read_dirs, ensure_dir, missing_dirs, old_files_aside,
+                       record_file)
 from gptlab.model.attention import PrefixKV, common_prefix_length, row_is_right_padded
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
@@ -1186,7 +1187,7 @@ class PPOTrainer:
         # The value model goes first, into OUT/value: OUT's old model, if any, is moved aside
         # before it, config.json first, or a save killed there left the old policy's config
         # beside the new value model; a save that fails puts the old policy and value back.
-        made = not path.exists()
+        made = missing_dirs(path)
         with old_files_aside(ensure_dir(path), (*model_files(self.tok), "value"), made,
                              dirs=["value"]):
             save_model(path / "value", self.value_model, None, extra={"stage": VALUE_STAGE})

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import NotFound, UserError, WrongKind, check_bool, reports_path_errors
-from gptlab.io import (atomic_path, check_holds_none, old_files_aside, read_json, write_json_atomic,
-                       write_jsonl_atomic, write_text_atomic)
+from gptlab.io import (atomic_path, check_holds_none, missing_dirs, old_files_aside, read_json,
+                       write_json_atomic, write_jsonl_atomic, write_text_atomic)
 from gptlab.world.checker import Verdict, compare, has_top_level_order_by
 from gptlab.world.corpus import build_corpus
 from gptlab.world.database import (Company, contents_digest, generate_company,
@@ -216,7 +216,7 @@ class World:
         leaves no manifest to mix the two). The old world's files are moved aside first,
         world.json first, and put back, byte for byte, if the export fails
         (`old_files_aside`)."""
-        made = not Path(out_dir).exists()
+        made = missing_dirs(out_dir)
         out = _prepare_out_dir(out_dir)
         paths = {name: out / name for name in FILES}
         own_db = paths["company.sqlite"].resolve() == self.db_path.resolve()
