@@ -789,10 +789,11 @@ def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypa
     from gptlab.checkpoint import Checkpointer
     from gptlab.model import GPT, get_preset
     from gptlab.train import pipeline as pipeline_module
-    from gptlab.train.loop import annotate_resume
+    from gptlab.train.loop import annotate_resume, interrupted_saved
     from gptlab.train.pipeline import Pipeline, PipelineConfig
     monkeypatch.setattr(pipeline_module, "usable_cpus", lambda: 2)
-    for name in ("export_world", "_record_world", "_check_finished_stages_whole"):
+    for name in ("export_world", "_record_world", "_check_finished_stages_whole",
+                 "test_questions"):
         monkeypatch.setattr(Pipeline, name, lambda self: None)
     torch.manual_seed(0)
     model = GPT(get_preset("tiny"))
@@ -803,7 +804,8 @@ def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypa
         latest = Checkpointer(self.out / "pretrain").latest()
         if latest is not None:  # as `pretrain --resume` records its resume
             annotate_resume(self.out / "pretrain", self.pretrain_config(), latest.name)
-        Checkpointer(self.out / "pretrain").save(len(ran_on), model)
+        path = Checkpointer(self.out / "pretrain").save(len(ran_on), model)
+        interrupted_saved(path)  # as the stage says it when Ctrl-C stops it
         raise KeyboardInterrupt
     monkeypatch.setattr(Pipeline, "pretrain", stopped_after_a_checkpoint)
     threads = torch.get_num_threads()
@@ -814,8 +816,11 @@ def test_a_stage_resumed_on_another_thread_count_is_warned_of(tmp_path, monkeypa
                 Pipeline(PipelineConfig(out=str(tmp_path / "run"), threads=n)).run()
             record = json.loads((tmp_path / "run" / "stage_threads.json").read_text())
             records.append(record["pretrain"])  # on record though the stage never ended
-            told.append([line for line in capsys.readouterr().err.splitlines()
+            err = capsys.readouterr().err
+            told.append([line for line in err.splitlines()
                          if line.startswith(("warning", "note: resuming"))])
+            # Not the stage's own "continue with --resume": the pipeline has no --resume.
+            assert "; run the same command again to continue\n" in err
     finally:
         torch.set_num_threads(threads)
     assert ran_on == [1, 1, 2, 2, 1]
@@ -908,6 +913,7 @@ def test_each_round_samples_from_the_policy_the_last_round_trained(tmp_path, mon
     p = _stub_pipeline(tmp_path, world=False, rounds=3)
     calls, sft = [], tmp_path / "sft"
     p.export_world = lambda: None
+    p.test_questions = lambda: None
     p.pretrain = lambda: tmp_path / "pre"
     p.check_test_prompts_fit = lambda pre: None
     p.sft = lambda model: sft
@@ -1022,6 +1028,51 @@ def test_the_world_s_digest_is_recorded_once_the_run_has_exported_it(tmp_path):
         hashlib.sha256(b'{"seed": 0}').hexdigest()
 
 
+def test_a_test_split_the_evaluation_cannot_answer_is_refused_before_any_stage(tmp_path):
+    # A test.jsonl line without `completion` or `id` was a traceback (KeyError), an unknown or
+    # wrongly typed id an error without its line, a repeated id counted twice in every figure:
+    # all found at the evaluation, after every stage had trained. An edited `completion` was
+    # the report's gold though scoring went by the world's.
+    from gptlab.eval.pipeline_eval import read_test_questions
+    from gptlab.train.pipeline import Pipeline, PipelineConfig
+    from gptlab.world import build_world
+    world = build_world(5, n_train=30, n_validation=10, n_test=20, n_dialogs=4,
+                        corpus_chars=1000)
+    w = tmp_path / "w"
+    world.export(w)
+    path = w / "test.jsonl"
+    good = [json.loads(line) for line in path.read_text().splitlines()]
+    a, b = good[0]["id"], good[1]["id"]
+
+    def test_file(*records):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    test_file({**good[0], "completion": " SELECT 1", "unseen_phrasing": "maybe"},
+              {"id": b, "prompt": good[1]["prompt"]})
+    got = read_test_questions(world, path)
+    assert [(r["id"], r["completion"], r["unseen_phrasing"]) for r in got] == [
+        (a, " " + world.gold(a), world.unseen_phrasing(a)),
+        (b, " " + world.gold(b), world.unseen_phrasing(b))]
+    for bad, said in (
+            ({"prompt": "p"}, "field 'id': missing"),
+            ({"id": 7, "prompt": "p"}, "field 'id': must be a question id string"),
+            ({"id": "s9-test-99999", "prompt": "p"},
+             "field 'id': no question with id 's9-test-99999' in this world"),
+            ({"id": world.train[0].id, "prompt": "p"},
+             f"field 'id': '{world.train[0].id}' is a train question, not a test one"),
+            (good[0], f"field 'id': '{a}' is repeated (first on line 1); each question counts "
+                      f"once"),
+            ({"id": b, "prompt": 5}, "field 'prompt': expected text, got int")):
+        test_file(good[0], bad)
+        with pytest.raises(UserError) as e:
+            read_test_questions(world, path)
+        assert str(e.value).startswith(f"{path}:2, {said}"), str(e.value)
+    # The run stops there, before it pretrains.
+    pipe = Pipeline(PipelineConfig(out=str(tmp_path / "run"), world=str(w)))
+    with pytest.raises(UserError, match=f"{path}:2, field 'prompt'"):
+        pipe.run()
+    assert not (tmp_path / "run" / "pretrain").exists()
+
+
 def test_the_longest_test_prompt_may_fill_the_context_less_max_new_tokens_exactly(tmp_path):
     from gptlab.data.instruct import encode_prompt
     from gptlab.io import write_jsonl_atomic
@@ -1033,9 +1084,14 @@ def test_the_longest_test_prompt_may_fill_the_context_less_max_new_tokens_exactl
     prompts = ["which employees earn more?", "which employees earn more than 60,000 in Paris?"]
     longest = max(len(encode_prompt(tok, p)) for p in prompts)
     room = get_preset("demo").context - longest
+    from gptlab.world import build_world
+    world = build_world(5, n_train=30, n_validation=10, n_test=20, n_dialogs=4,
+                        corpus_chars=1000)
     for max_new, refused in ((room, False), (room + 1, True)):
         p = _stub_pipeline(tmp_path / str(max_new), max_new_tokens=max_new)
-        write_jsonl_atomic(p.world_dir / "test.jsonl", [{"prompt": q} for q in prompts])
+        p.world = world
+        write_jsonl_atomic(p.world_dir / "test.jsonl", [{"id": q.id, "prompt": text} for q, text
+                                                        in zip(world.test, prompts)])
         if refused:
             with pytest.raises(UserError, match=f"the longest test prompt has {longest} tokens"):
                 p.check_test_prompts_fit(tmp_path / "pre")

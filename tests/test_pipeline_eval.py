@@ -37,7 +37,10 @@ class StandInWorld:
         return "suite" in sql
 
     def gold(self, qid: str) -> str:
-        return "correct"
+        return f"gold {qid[1:]}"  # test.jsonl's completion: "q3" is " gold 3"
+
+    def question(self, qid: str) -> SimpleNamespace:
+        return SimpleNamespace(split="test")
 
     def unseen_phrasing(self, qid: str) -> bool:
         return qid in ("q1", "q3")
@@ -109,9 +112,12 @@ def evaluate_with_stand_ins(tmp_path, monkeypatch, headroom: bool = False,
                         lambda policy, tok, rm, *a, **kw: {"of": [policy, rm]})
     pretrain = SimpleNamespace(data="corpus.txt", block_size=8, val_fraction=0.1, seed=0,
                                cache_dir=None)
+    world = StandInWorld()
     pipe = SimpleNamespace(cfg=PipelineConfig(rounds=2, eval_limit=4, headroom=headroom),
-                           out=out, world=StandInWorld(), world_dir=world_dir,
-                           pretrain_config=lambda: pretrain)
+                           out=out, world=world, world_dir=world_dir,
+                           pretrain_config=lambda: pretrain,
+                           test_questions=lambda: pipeline_eval.read_test_questions(
+                               world, world_dir / "test.jsonl", 4))
     r = pipeline_eval.evaluate_pipeline(pipe, dirs["pretrained"], dirs["sft"],
                                         dirs["sft_continued"])
     return r, out

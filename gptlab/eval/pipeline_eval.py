@@ -21,6 +21,37 @@ from gptlab.train.ppo import Rollout, layout, response_logprobs, right_padded_ro
 from gptlab.world.variants import VARIANTS
 
 
+def read_test_questions(world: Any, path: Path, limit: int | None = None) -> list[dict]:
+    """The evaluation's questions: the first `limit` (all: None or 0) of the world's
+    test.jsonl at `path`, each checked before any model answers it, naming its line: an `id`
+    of the world's test split, once, and a `prompt` of text. Its gold SQL (`completion`) and
+    `unseen_phrasing` are the world's own, whatever the line says: scoring always went by the
+    world, and the report would show an edited line's."""
+    from gptlab.errors import UserError
+    from gptlab.io import record_file
+    records = read_jsonl(path, required=("id", "prompt"))[:limit or None]
+    lines: dict[str, int] = {}
+    for r in records:
+        try:
+            gold = world.gold(r["id"])  # an id string of this world
+            if world.question(r["id"]).split != "test":
+                raise UserError(f"'{r['id']}' is a {world.question(r['id']).split} question, "
+                                f"not a test one: the evaluation answers held-out questions "
+                                f"only", field="id")
+            if r["id"] in lines:  # counted twice, it would weigh twice in every figure
+                raise UserError(f"'{r['id']}' is repeated (first on line {lines[r['id']]}); "
+                                f"each question counts once", field="id")
+            if not isinstance(r["prompt"], str):
+                raise UserError(f"expected text, got {type(r['prompt']).__name__}",
+                                field="prompt")
+        except UserError as e:
+            raise e.at(record_file(r, path), r["_line"]) from None
+        lines[r["id"]] = r["_line"]
+        r["completion"] = " " + gold
+        r["unseen_phrasing"] = world.unseen_phrasing(r["id"])
+    return records
+
+
 def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -173,9 +204,7 @@ def evaluate_pipeline(pipe: Any, pretrain_dir: Path, sft_dir: Path, control_dir:
     run; writes each model's answers to eval/answers.jsonl."""
     cfg, out, world = pipe.cfg, pipe.out, pipe.world
     device = select_device("auto")  # where the stages trained: a GPU where there is one
-    test = read_jsonl(pipe.world_dir / "test.jsonl")
-    if cfg.eval_limit:
-        test = test[:cfg.eval_limit]
+    test = pipe.test_questions()
     unseen = [i for i, r in enumerate(test) if r.get("unseen_phrasing")]
     models = {"pretrained": pretrain_dir, "sft": sft_dir, "sft_continued": control_dir}
     for rnd in range(1, cfg.rounds + 1):

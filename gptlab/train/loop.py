@@ -843,16 +843,29 @@ def annotate_run(out_dir: str | Path, **fields: Any) -> None:
 # True while a caller that warns of a resume on another thread count itself runs a stage (the
 # pipeline, whose warning names --threads): the stage's note would say it a second time.
 _THREADS_TOLD = contextvars.ContextVar("threads_told", default=False)
+# How a stage stopped by Ctrl-C after its checkpoint is continued: a verb's own --resume, or
+# what the caller that runs it says (the pipeline has no --resume: its command run again).
+_HOW_TO_CONTINUE = contextvars.ContextVar("how_to_continue",
+                                          default="continue with --resume")
 
 
 @contextlib.contextmanager
-def threads_told_by_caller() -> Iterator[None]:
-    """Within it, `annotate_resume` leaves a thread count other than the checkpoint's unsaid."""
-    token = _THREADS_TOLD.set(True)
+def run_by_caller(how_to_continue: str) -> Iterator[None]:
+    """Within it, a stage is the caller's: `annotate_resume` leaves a thread count other than
+    the checkpoint's unsaid (the caller warns of it), and a Ctrl-C says `how_to_continue`."""
+    threads = _THREADS_TOLD.set(True)
+    how = _HOW_TO_CONTINUE.set(how_to_continue)
     try:
         yield
     finally:
-        _THREADS_TOLD.reset(token)
+        _HOW_TO_CONTINUE.reset(how)
+        _THREADS_TOLD.reset(threads)
+
+
+def interrupted_saved(path: Path | None) -> None:
+    """Say on stderr that Ctrl-C stopped the run after saving checkpoint `path`, and how to go
+    on from it."""
+    print(f"\ninterrupted: saved {path}; {_HOW_TO_CONTINUE.get()}", file=sys.stderr)
 
 
 def note_other_threads(checkpoint: Path) -> None:
@@ -1172,7 +1185,7 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
         bar.close()
         if not updating and good["step"] > saved_step and good["step"] > 0:
             path = save(good)
-            print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+            interrupted_saved(path)
         raise
     finally:
         bar.close()

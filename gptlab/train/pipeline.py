@@ -28,7 +28,7 @@ from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError, counted, reports_path_errors
 from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, restore_non_finite,
                        write_json_atomic, write_jsonl_atomic)
-from gptlab.train.loop import select_device, threads_told_by_caller
+from gptlab.train.loop import run_by_caller, select_device
 
 if TYPE_CHECKING:
     from gptlab.train.ppo import PPOConfig
@@ -436,7 +436,9 @@ class Timer:
             self.threads[name] = ran if ran[-1:] == [now] else ran + [now]
             # Now, not once it ends: a stage stopped midway has the count it ran on on record.
             write_json_atomic(self.threads_record, self.threads)
-        with threads_told_by_caller():  # the stage's own note would say it again
+        # The stage's own note of another thread count would say it again; a Ctrl-C's advice
+        # is the pipeline's (it has no --resume).
+        with run_by_caller("run the same command again to continue"):
             out = fn()
         took = (time.time() - t0) / 60
         if done and name in self.earlier:
@@ -737,6 +739,18 @@ class Pipeline:
                          select_best=False, exec_eval=0, eval_every=0, seed=self.cfg.seed + 7,
                          progress=self.cfg.progress, resume=_interrupted(out))
 
+    def test_questions(self) -> list[dict]:
+        """The questions the evaluation answers (`read_test_questions`): before the first
+        stage trains, a test.jsonl without any, or with a line the evaluation cannot answer,
+        is refused here, not after every stage has trained."""
+        from gptlab.eval.pipeline_eval import read_test_questions
+        path = self.world_dir / "test.jsonl"
+        test = read_test_questions(self.world, path, self.cfg.eval_limit)
+        if not test:
+            raise UserError("has no test questions for the evaluation to answer; export the "
+                            "world again (gptlab world export)", path=path)
+        return test
+
     def check_test_prompts_fit(self, pre: Path) -> None:
         """The evaluation answers every test question: refuse now, not after every stage has
         trained, when a prompt leaves no room for max_new_tokens (once the tokenizer exists)."""
@@ -745,10 +759,7 @@ class Pipeline:
         from gptlab.tokenizer import load_tokenizer
         tok, context = load_tokenizer(pre), get_preset(self.cfg.preset).context
         path = self.world_dir / "test.jsonl"
-        test = read_jsonl(path)[:self.cfg.eval_limit or None]
-        if not test:
-            raise UserError("has no test questions for the evaluation to answer; export the "
-                            "world again (gptlab world export)", path=path)
+        test = self.test_questions()
         longest = max(len(encode_prompt(tok, r["prompt"])) for r in test)
         if longest > context - self.cfg.max_new_tokens:
             raise UserError(f"the longest test prompt has {longest} tokens, which leaves no "
@@ -778,6 +789,7 @@ class Pipeline:
         out = self.out
         t.run("world", self.export_world, done=(self.world_dir / "world.json").exists())
         self._record_world()
+        self.test_questions()  # a test split the evaluation cannot answer, before any stage
         pre = t.run("pretrain", self.pretrain, **_state(out / "pretrain"))
         self.check_test_prompts_fit(pre)
         sft_dir = t.run("sft", lambda: self.sft(pre), **_state(out / "sft"))

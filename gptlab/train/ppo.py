@@ -52,7 +52,8 @@ from gptlab.provenance import record_run
 from gptlab.stop_strings import StopStrings, cut_reply, reply_stops
 from gptlab.train.loop import (MetricsLog, allow_tf32, annotate_resume,
                                check_fields, check_run_dir, clip_grad_norm, decay_rule,
-                               diverged, held_interrupt, lr_at, make_optimizer, memory_named,
+                               diverged, held_interrupt, interrupted_saved, lr_at, make_optimizer,
+                               memory_named,
                                read_metrics, resuming, rng_state, same_setting, seed_everything,
                                select_device, set_lr, set_rng_state)
 from gptlab.train.batching import data_key, warn_if_data_changed
@@ -1054,7 +1055,7 @@ class PPOTrainer:
             if not updating and good["step"] > 0:
                 path = self.checkpoint(good) if good["step"] > saved \
                     else Checkpointer(self.out).latest()
-                print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+                interrupted_saved(path)
             raise
         finally:
             if log is not None:
