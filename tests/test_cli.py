@@ -1341,6 +1341,15 @@ def test_world_export_refuses_a_schema_seed_without_vary_schema_and_a_model_dire
         f"gptlab world export: error: {tiny_model}, field 'out': already holds config.json, "
         f"model.safetensors and tokenizer.json; choose another out (--out) or remove it\n")
     assert sorted(p.name for p in tiny_model.iterdir()) == before and not out.exists()
+    # A pipeline run's OUT (its pipeline.json): the world went in among its stages.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline.json").write_text('{"seed": 0}')
+    assert main(["world", "export", "--out", str(run), "--train", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab world export: error: {run}, field 'out': already holds pipeline.json; choose "
+        f"another out (--out) or remove it\n")
+    assert sorted(p.name for p in run.iterdir()) == ["pipeline.json"]
 
 
 def test_world_export_refuses_sizes_past_memory_and_notes_splits_it_could_not_fill(

@@ -430,6 +430,24 @@ def test_a_damaged_record_of_the_run_is_named_and_left_as_it_is(tmp_path, capsys
     assert (path.read_bytes() if isinstance(damage, bytes) else path.read_text()) == damage
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("rounds", "2", "must be a number of rounds (an integer >= 1), got '2'"),
+    ("rounds", 0, "must be a number of rounds (an integer >= 1), got 0"),
+    ("world", 5, "must be the world directory's path (a string) or null, got 5")])
+def test_a_setting_of_the_run_s_record_edited_into_another_type_is_named(tmp_path, capsys,
+                                                                         field, value, says):
+    # "rounds": "2" was a TypeError ('>' between str and int), "world": 5 one in abspath.
+    out = tmp_path / "demo"
+    out.mkdir()
+    path = out / "pipeline.json"
+    path.write_text(json.dumps({"seed": 0, field: value}))
+    assert main(["pipeline", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"gptlab pipeline: error: {path}, field '{field}': {says}; it holds the settings the "
+        f"run's stages were made with: put it back as it was, or choose another out (--out)\n")
+    assert sorted(p.name for p in out.iterdir()) == ["pipeline.json"]
+
+
 def test_stage_settings_name_the_pipeline_option(monkeypatch, tmp_path):
     """A stage's own check, run before any stage, names the option that set the value."""
     from gptlab.errors import UserError
@@ -754,9 +772,12 @@ def test_a_run_from_before_stage_minutes_json_reuses_the_minutes_its_report_hold
             ("report.json", {"stage_minutes": 5}, "field 'stage_minutes': must be an object of "
                                                   "stage name -> minutes, got 5"),
             ("report.json", {"stage_minutes": {"sft": "5"}},
-             "field 'stage_minutes.sft': must be a number of minutes, got '5'"),
-            ("stage_minutes.json", {"sft": True}, "field 'sft': must be a number of minutes, "
-                                                  "got True"),
+             "field 'stage_minutes.sft': must be a number of minutes (0 or more), got '5'"),
+            ("stage_minutes.json", {"sft": True}, "field 'sft': must be a number of minutes (0 "
+                                                  "or more), got True"),
+            # taken, it made the report's total wall time -4.7 minutes
+            ("stage_minutes.json", {"sft": -5}, "field 'sft': must be a number of minutes (0 "
+                                                "or more), got -5"),
             # dropped without a word, the stage's counts were lost from the record and report
             ("stage_threads.json", {"pretrain": "x"}, "field 'pretrain': must be a thread "
                                                       "count (an integer >= 1) or a list of "
@@ -1105,3 +1126,21 @@ def test_the_report_is_titled_by_out_as_the_run_was_made_with_it(run):
     md = (run.parent.parent / "report_as_made.md").read_text()
     assert md.startswith("# gptlab pipeline report: runs/demo\n\nPipeline settings: ")
     assert "This report was written in" not in md
+
+
+def test_a_world_seed_beside_a_world_given_is_refused_as_unused(tmp_path, capsys):
+    # It ran, was recorded as the run's world_seed and shown in the report as the world's,
+    # and then refused every rerun without it as "made with other settings (world_seed)".
+    from gptlab.train.pipeline import PipelineConfig
+    with pytest.raises(UserError) as e:
+        PipelineConfig(world=str(tmp_path / "w"), world_seed=3).check_values()
+    assert e.value.field == "world_seed"
+    PipelineConfig(world=str(tmp_path / "w")).check_values()  # its default: nothing said
+    PipelineConfig(world_seed=3).check_values()  # the built-in world's seed
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--world", str(tmp_path / "w"),
+                 "--world-seed", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "gptlab pipeline: error: field '--world-seed': is not used with world (--world), which "
+        "was exported with its own seed (its world.json); drop it, or export a world with that "
+        "seed (gptlab world export --seed)\n")
+    assert not (tmp_path / "run").exists()

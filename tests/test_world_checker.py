@@ -209,9 +209,15 @@ def test_executor_reports_syntax_and_runtime_errors(ex):
 
 
 def test_executor_refuses_text_with_no_statement(ex):
-    for sql in ("", "   ", "-- nothing", "/* a comment */"):
+    for sql in ("", "   ", "-- nothing", "/* a comment */", "/* a */ ; -- b\n"):
         r = ex.run(sql)
         assert not r.ok and r.error.kind == "syntax" and "no SQL statement" in r.error.message
+    # A statement that returns no result and changes nothing (REINDEX on the read-only
+    # database) was called "no SQL statement" too: it is none of the queries allowed.
+    for sql in ("REINDEX employees", "REINDEX", "/* x */ REINDEX"):
+        r = ex.run(sql)
+        assert (r.error.kind, r.error.message) == ("forbidden", "only read-only SELECT queries "
+                                                                "are allowed")
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3's setlimit is Python 3.11+")

@@ -49,7 +49,7 @@ class PipelineConfig:
     world: str | None = field(default=None, metadata={
         "help": "an exported world directory (default: export the built-in world into OUT)"})
     world_seed: int = field(default=0, metadata={
-        "help": "seed of the built-in world exported into OUT"})
+        "help": "seed of the built-in world exported into OUT (not with --world)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice); a stage resumed on another "
                 "count than it ran on is warned of"})
@@ -142,6 +142,11 @@ class PipelineConfig:
         names the YAML line or the flag that wrote the value."""
         from gptlab.train.loop import check_fields
         check_fields(self, self.rules)  # the types first: the preset is looked up by name
+        if self.world and self.world_seed != 0:
+            # Unused, it was recorded as the run's and shown in the report as the world's seed.
+            raise UserError("is not used with world (--world), which was exported with its own "
+                            "seed (its world.json); drop it, or export a world with that seed "
+                            "(gptlab world export --seed)", field="world_seed")
         if self.demonstrator_flaw:
             from gptlab.world.demonstrators import check_flaw
             check_flaw(self.demonstrator_flaw, self.demonstrator_flaw_rate)
@@ -369,9 +374,11 @@ def _minutes(record: Any, path: Path, field: str | None = None) -> dict[str, flo
         raise UserError(f"must be an object of stage name -> minutes, got {record!r:.80}; "
                         f"{_MINUTES_RECORD}", path=path, field=field)
     for name, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"must be a number of minutes, got {value!r:.80}; {_MINUTES_RECORD}",
-                            path=path, field=f"{field}.{name}" if field else name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:  # (-5 made the report's total -4.7)
+            raise UserError(f"must be a number of minutes (0 or more), got {value!r:.80}; "
+                            f"{_MINUTES_RECORD}", path=path,
+                            field=f"{field}.{name}" if field else name)
     return dict(record)
 
 
@@ -845,6 +852,15 @@ class Pipeline:
             defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)
                         if f.default is not dataclasses.MISSING}
             theirs = {k: v for k, v in {**defaults, **saved}.items() if k not in ADDITIVE}
+            # The two settings read as what they are, not only compared: edited into another
+            # type, each was a traceback.
+            rounds, world = theirs.get("rounds"), theirs.get("world")
+            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+                raise UserError(f"must be a number of rounds (an integer >= 1), got "
+                                f"{rounds!r:.80}; {_SETTINGS_RECORD}", path=path, field="rounds")
+            if world is not None and not isinstance(world, str):
+                raise UserError(f"must be the world directory's path (a string) or null, got "
+                                f"{world!r:.80}; {_SETTINGS_RECORD}", path=path, field="world")
             diff = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
             if theirs.get("world_digest") is None or mine["world_digest"] is None:
                 diff.discard("world_digest")

@@ -249,8 +249,10 @@ class World:
                 "fingerprint": self.fingerprint()}
 
 
-# A model's or a training run's files: a world written among them would mix the two.
-MODEL_OR_RUN = ("config.json", "model.safetensors", "tokenizer.json", "run.json", "checkpoints")
+# A model's, a training run's or a pipeline run's files: a world written among them would mix
+# the two (the pipeline exports its world into OUT/world, not OUT).
+MODEL_OR_RUN = ("config.json", "model.safetensors", "tokenizer.json", "run.json", "checkpoints",
+                "pipeline.json")
 
 
 def _prepare_out_dir(out_dir: str | Path) -> Path:

@@ -234,8 +234,13 @@ class SqlExecutor:
             self._deadline = time.monotonic() + self.backstop_s
             try:
                 cur = self._conn.execute(sql)
-                if cur.description is None:  # empty text or only a comment: no query at all
+                if cur.description is None:  # no result columns: no query
                     cur.close()
+                    if _SQL_COMMENT.sub("", sql).strip(" \t\n\r\f;"):
+                        # A statement that returns nothing (REINDEX, which the read-only
+                        # connection lets through doing nothing): not a query either.
+                        return QueryResult(error=ExecError(
+                            "forbidden", "only read-only SELECT queries are allowed"))
                     return QueryResult(error=ExecError("syntax", "no SQL statement to run"))
                 columns = [d[0] for d in cur.description]
                 rows, size = [], 0
@@ -388,6 +393,10 @@ def _heap_limit_functions() -> tuple[Any, Any, Any]:
 
 
 _HEAP_LIMIT = _HeapLimit()
+
+
+# SQL's comments: what is left of a text without them is its statements.
+_SQL_COMMENT = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
 
 
 def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
