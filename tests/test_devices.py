@@ -220,7 +220,8 @@ def test_the_pipeline_samples_and_evaluates_where_its_stages_train(tmp_path, mon
     for name in ("prompts.jsonl", "test.jsonl"):
         (tmp_path / name).write_text('{"id": "q1", "prompt": "hi", "completion": " x"}\n')
     pipe = SimpleNamespace(cfg=pipeline.PipelineConfig(), out=tmp_path, world=None,
-                           world_dir=tmp_path)
+                           world_dir=tmp_path, test_questions=lambda: [
+                               {"id": "q1", "prompt": "hi", "completion": " x"}])
     with pytest.raises(Loaded):
         pipeline.Pipeline.feedback(pipe, tmp_path / "policy", 1)
     with pytest.raises(Loaded):
