@@ -257,6 +257,53 @@ def _check_lists(cls: type, data: dict, source: str, fix: str,
                         path=source, line=line, field=key)
 
 
+def _scalar_texts(text: str) -> dict[str, str]:
+    """The text as written of each top-level scalar value of the YAML mapping `text`, and of
+    each scalar item of a top-level list (`data[1]`); {} for text YAML does not compose."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return {}
+    written: dict[str, str] = {}
+    for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        if isinstance(value, yaml.ScalarNode):
+            written[key.value] = value.value
+        elif isinstance(value, yaml.SequenceNode):
+            written.update({f"{key.value}[{i}]": item.value for i, item in enumerate(value.value)
+                            if isinstance(item, yaml.ScalarNode)})
+    return written
+
+
+def _check_texts(cls: type, data: dict, source: str, written: dict[str, str],
+                 lines: dict[str, int] | None = None) -> None:
+    """Refuse a value of a text field (or an item of a list of texts) that YAML read as
+    something else and would give back as other text: `yes` (true, "True"), `0x10` (16),
+    `12:30` (750), `1_000` (1000). OmegaConf turned each into a string silently. A number
+    written as its own text (`out: 2024`) is that text, and passes; `written` holds each
+    value's text as written (`_scalar_texts`)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints or _flag_type(hints[key])[0] is not str:
+            continue
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] \
+            if isinstance(value, list) else [(key, value)]
+        for name, item in items:
+            if item is None or isinstance(item, (str, list, dict)):
+                continue
+            raw = written.get(name)
+            if not isinstance(item, bool) and raw is not None and str(item) == raw:
+                continue
+            kind = "a boolean" if isinstance(item, bool) else \
+                "a number" if isinstance(item, (int, float)) else f"a {type(item).__name__}"
+            how = f"reads {raw} as {kind}, {_shown(item)}; quote it, '{raw}'," if raw is not None \
+                else f"read it as {kind}, {_shown(item)}; quote it"
+            raise UserError(f"expected a string, but YAML {how} to give it as text",
+                            path=source, line=(lines or {}).get(name, (lines or {}).get(key)),
+                            field=key)
+
+
 def _missing_at(data: Any, prefix: str = "") -> str | None:
     """The key (`policy`, `data[1]`) of the first value `???` in `data`: OmegaConf's mark of a
     mandatory value not given yet, which a merge passes over, leaving the default in place."""
@@ -325,6 +372,24 @@ def _unreadable(e: ValueError) -> str:
     return str(e)
 
 
+# A config's values are numbers, texts, or lists of them: lists nested deeper than this are
+# refused before OmegaConf, which recurses into them, reads them.
+MAX_DEPTH = 20
+_TOO_DEEP = (f"nested too deeply (lists or mappings more than {MAX_DEPTH} levels inside one "
+             f"another; a config's values are numbers, texts, or lists of them)")
+
+
+def _depth(value: Any) -> int:
+    """How many lists or mappings deep `value` is nested (0: a scalar), counted without
+    recursion, as far as MAX_DEPTH + 1."""
+    depth, level = 0, [value]
+    while level and depth <= MAX_DEPTH:
+        level = [v for x in level if isinstance(x, (list, dict))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+        depth += 1 if level else 0
+    return depth
+
+
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
                 overrides: Sequence[str] = (), command: str | None = None,
                 origins: dict[str, UserError] | None = None, **values: Any) -> T:
@@ -356,10 +421,17 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             key, line = _unreadable_at(text)
             raise UserError(f"a value cannot be read: {_unreadable(e)}", path=path, line=line,
                             field=key) from None
+        except RecursionError:  # nested deeper than the YAML reader recurses
+            raise UserError(f"cannot be read: {_TOO_DEEP}", path=path) from None
         if not isinstance(data, dict):
             raise UserError("a config file must be a mapping of keys to values", path=path)
         lines = _key_lines(text, path)
+        for key, value in data.items():
+            if _depth(value) > MAX_DEPTH:  # OmegaConf recurses into it (a traceback past 90)
+                raise UserError(f"the value is {_TOO_DEEP}", path=path, line=lines.get(key),
+                                field=key)
         _check_lists(cls, data, str(path), "{key}: [{item}]", lines)
+        _check_texts(cls, data, str(path), _scalar_texts(text), lines)
         try:
             conf = OmegaConf.merge(conf, OmegaConf.create(data))
         except OmegaConfBaseException as e:
@@ -372,10 +444,15 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
                             f"holds spaces; flags start with --{listed})", path="command line")
         _check_override_key(cls, item, command)
         try:  # OmegaConf reads the value as YAML, and lets its errors through
-            OmegaConf.from_dotlist([item])
+            OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except RecursionError:
+            raise UserError(f"override '{item[:60]}{'...' if len(item) > 60 else ''}': the value "
+                            f"is {_TOO_DEEP}", path="command line",
+                            field=item.split("=", 1)[0]) from None
         except yaml.YAMLError as e:
-            raise UserError(f"override '{item}': the value is not valid YAML "
-                            f"({getattr(e, 'problem', None) or e})", path="command line",
+            raise UserError(f"override '{item[:60]}{'...' if len(item) > 60 else ''}': the value "
+                            f"is not valid YAML ({getattr(e, 'problem', None) or e})",
+                            path="command line",
                             field=item.split("=", 1)[0]) from None
         except ValueError as e:
             raise UserError(f"override '{item[:60]}{'...' if len(item) > 60 else ''}': the value "
@@ -389,6 +466,8 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             dotlist = OmegaConf.from_dotlist(list(overrides))
             typed = OmegaConf.to_container(dotlist)  # type: ignore[assignment]
             _check_lists(cls, typed, "command line", "{key}=[{item}]")
+            _check_texts(cls, typed, "command line", _scalar_texts("\n".join(
+                ": ".join(item.split("=", 1)) for item in overrides)))
             conf = OmegaConf.merge(conf, dotlist)
             _check_missing(typed, "command line")
         if given:

@@ -1041,11 +1041,22 @@ def _utf16_without_bom(head: bytes) -> bool:
     return 4 * max(even, odd) >= 3 * (n // 2) and 4 * min(even, odd) <= n // 2
 
 
+def _utf32_without_bom(head: bytes) -> bool:
+    """Whether `head`, a file's first bytes, read as UTF-32 text with no byte-order mark: of each
+    4 bytes, three are zero at most places (the high bytes of Latin characters), the fourth
+    rarely. Read as UTF-8 it passed as text with three NULs after each letter."""
+    n = len(head) // 4 * 4
+    if n < 8:
+        return False
+    zeros = sorted(head[k:n:4].count(0) for k in range(4))
+    return 4 * zeros[1] >= 3 * (n // 4) and 4 * zeros[0] <= n // 4
+
+
 def other_format(path: str | Path, read_as: str = "text") -> str | None:
     """Why file `path` cannot be read as `read_as` ("text" or "Parquet"), said for an error,
     if its first bytes show it to be compressed, a zip archive, Apache Arrow (or its name ends
-    .arrow), Parquet (PAR1 at both ends, read as text) or UTF-16 text (with a byte-order mark
-    or, read as text, without); None for anything else (what it should be, bytes of no kind
+    .arrow), Parquet (PAR1 at both ends, read as text) or UTF-16 or UTF-32 text (with a
+    byte-order mark or, read as text, without); None for anything else (what it should be, bytes of no kind
     known here, or no regular file: a pipe's bytes would be used up)."""
     if not Path(path).is_file():
         return None
@@ -1060,6 +1071,8 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
     arrow = _arrow(head, path)
     if arrow is not None:
         return f"is {arrow[0]}, not {read_as}; {arrow[1]}"
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # before UTF-16's
+        return "is UTF-32 text (it starts with a UTF-32 byte-order mark); save the file as UTF-8"
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return ("is UTF-16 text (it starts with a UTF-16 byte-order mark, as Windows "
                 "PowerShell's > writes it); save the file as UTF-8")
@@ -1069,6 +1082,9 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
             and size >= 12 and int.from_bytes(tail[:4], "little") <= size - 12):
         return ("is a Parquet file, but only a name ending .parquet is read as Parquet: "
                 "rename it to end .parquet")
+    if read_as == "text" and _utf32_without_bom(head):
+        return ("is UTF-32 text without a byte-order mark (three zero bytes beside each "
+                "character of its start); save the file as UTF-8")
     if read_as == "text" and _utf16_without_bom(head):
         return ("is UTF-16 text without a byte-order mark (a zero byte beside each character "
                 "of its start); save the file as UTF-8")
@@ -1242,7 +1258,7 @@ def _refused_field(line: str) -> str | None:
         return find(json.loads(line, parse_constant=lambda _: _UNREAD,
                                parse_float=_unread_float, parse_int=_unread_int,
                                object_pairs_hook=_Pairs), "")
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -1411,8 +1427,10 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
             cut = ("; the line ends inside a JSON value: JSON Lines holds each object whole on "
                    "one line (jq -c . writes a pretty-printed file so)"
                    if e.pos >= len(line.rstrip()) else "")
-            raise UserError(f"not valid JSON ({e.msg} at column {e.colno}){cut}", path=path,
+            raise UserError(f"not valid JSON ({_json_error(e)}){cut}", path=path,
                             line=lineno) from None
+        except RecursionError:  # valid JSON, but deeper than Python's reader goes
+            raise UserError(TOO_DEEP, path=path, line=lineno) from None
         except _NonFinite as e:
             what = "is not a JSON number" if e.args[0] in ("NaN", "Infinity", "-Infinity") \
                 else "is too large for a 64-bit float"
@@ -1425,6 +1443,17 @@ def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tupl
         if not isinstance(row, dict):
             raise UserError(f"each line must be {what}", path=path, line=lineno)
         yield lineno, row
+
+
+# JSON nested deeper than Python's json module reads (about 1,000 levels: it recurses).
+TOO_DEEP = ("cannot be read: its JSON is nested too deeply (arrays or objects inside one "
+            "another about 1,000 levels deep, more than Python's reader goes)")
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    """`e`'s message and column: "Invalid control character at column 12" (Python's own
+    message for it ends "at", which read "at at column")."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
@@ -1445,6 +1474,8 @@ def read_json(path: str | Path, what: str | None = "a JSON object") -> Any:
                         if len(at) > 1 else None, field=key) from None
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", path=path, line=e.lineno) from None
+    except RecursionError:
+        raise UserError(TOO_DEEP, path=path) from None
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", path=path) from None
     except _TooLong as e:

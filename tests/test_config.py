@@ -519,3 +519,61 @@ def test_a_nested_config_s_unknown_key_names_its_own_keys_and_a_check_s_own_file
         load_config(_Outer, None, name="a", steps=0)
     assert str(e.value) == "cannot be 0"
     assert repr(NULL) == "null"
+
+
+def test_a_config_value_nested_too_deeply_is_refused_by_its_line(tmp_path):
+    # A list 100 levels deep in a YAML file was a RecursionError in OmegaConf (3,000 levels, in
+    # the YAML reader itself), exit 1; one given as an override printed the whole value.
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+    from gptlab.train.pretrain import PretrainConfig
+    f = tmp_path / "deep.yaml"
+    said = ("nested too deeply (lists or mappings more than 20 levels inside one another; a "
+            "config's values are numbers, texts, or lists of them)")
+    for n, where in ((25, f"{f}:2, field 'lr': the value is "), (3000, f"{f}: cannot be read: ")):
+        f.write_text(f"model: tiny\nlr: {'[' * n}{']' * n}\n")
+        with pytest.raises(UserError) as e:
+            load_config(PretrainConfig, f)
+        assert str(e.value) == where + said
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, ["lr=" + "[" * 3000 + "]" * 3000])
+    assert str(e.value).startswith("command line, field 'lr': override 'lr=[[[[[[[[[[")
+    assert len(str(e.value)) < 200  # not the 6,000 characters of the value
+
+
+@pytest.mark.parametrize("written, got", [
+    ("yes", "a boolean, true"), ("off", "a boolean, false"), ("12:30", "a number, 750"),
+    ("0x10", "a number, 16"), ("1_000", "a number, 1000")])
+def test_a_text_setting_that_yaml_reads_as_another_value_is_refused(tmp_path, written, got):
+    # OmegaConf turned each into other text in silence: `sample_prompt: yes` sampled after
+    # "True", `tokenizer: no` looked for a tokenizer at "False".
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+    from gptlab.train.pretrain import PretrainConfig
+    f = tmp_path / "c.yaml"
+    f.write_text(f"model: tiny\nsample_prompt: {written}\n")
+    said = (f"expected a string, but YAML reads {written} as {got}; quote it, '{written}', to "
+            f"give it as text")
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, f)
+    assert str(e.value) == f"{f}:2, field 'sample_prompt': {said}"
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, [f"sample_prompt={written}"])
+    assert str(e.value) == f"command line, field 'sample_prompt': {said}"
+    f.write_text(f"model: tiny\nsample_prompt: '{written}'\n")  # quoted, it is that text
+    assert load_config(PretrainConfig, f).sample_prompt == written
+
+
+def test_a_number_written_as_its_own_text_is_that_text():
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+    from gptlab.train.pretrain import PretrainConfig
+    cfg = load_config(PretrainConfig, None, ["sample_prompt=2024", "out=2024"])
+    assert (cfg.sample_prompt, cfg.out) == ("2024", "2024")
+    cfg = load_config(PretrainConfig, None, ["data=[a.txt, 2024]"])
+    assert cfg.data == ["a.txt", "2024"]
+    # An override is read by OmegaConf's YAML, which takes 1e3 for a number (PyYAML's, text).
+    with pytest.raises(UserError, match="YAML reads 1e3 as a number, 1000.0; quote it"):
+        load_config(PretrainConfig, None, ["sample_prompt=1e3"])
+    with pytest.raises(UserError, match=r"field 'data': expected a string, but YAML reads yes"):
+        load_config(PretrainConfig, None, ["data=[a.txt, yes]"])

@@ -155,6 +155,33 @@ def test_utf16_text_without_a_byte_order_mark_is_named_as_utf16(tmp_path):
                                                    "\x00\x00"]
 
 
+def test_utf32_text_is_named_as_utf32_with_a_byte_order_mark_or_without(tmp_path):
+    """UTF-32 passed as UTF-8 text, three NULs after each letter and no blank line between
+    documents (a tokenizer trained on it); with its byte-order mark it was called UTF-16."""
+    from gptlab.io import other_format, utf8_lines
+    text = "First document.\n\nSecond document, 5 \u20ac.\n" * 10
+    for encoding, said in (
+            ("utf-32", "is UTF-32 text (it starts with a UTF-32 byte-order mark); save the file "
+                       "as UTF-8"),
+            ("utf-32-le", "is UTF-32 text without a byte-order mark (three zero bytes beside "
+                          "each character of its start); save the file as UTF-8"),
+            ("utf-32-be", "is UTF-32 text without a byte-order mark (three zero bytes beside "
+                          "each character of its start); save the file as UTF-8")):
+        f = tmp_path / f"{encoding}.txt"
+        f.write_bytes(text.encode(encoding))
+        assert other_format(f) == said, encoding
+        with pytest.raises(UserError) as e:
+            list(utf8_lines(f))
+        assert e.value.message == said
+    f = tmp_path / "be-bom.txt"
+    f.write_bytes(b"\x00\x00\xfe\xff" + text.encode("utf-32-be"))
+    assert other_format(f).startswith("is UTF-32 text (it starts with a UTF-32 byte-order mark)")
+    for encoding in ("utf-16", "utf-16-le"):  # UTF-16 is still UTF-16
+        f = tmp_path / f"{encoding}.txt"
+        f.write_bytes(text.encode(encoding))
+        assert other_format(f).startswith("is UTF-16 text"), encoding
+
+
 def test_a_split_word_ends_at_a_digit_as_datasets_reads_it(tmp_path):
     # `datasets`' split patterns take a digit as a separator: test1.jsonl is the test split's.
     from gptlab.io import files_in
@@ -883,3 +910,30 @@ def test_a_directory_of_arrow_files_alone_says_how_to_convert_it(tmp_path):
         f"which no verb reads (the first: cache-1a2b.arrow): convert a datasets save_to_disk "
         f"directory with datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON "
         f"Lines) or .to_parquet('data.parquet'), one file with datasets.Dataset.from_file(FILE)")
+
+
+def test_json_nested_deeper_than_python_reads_is_refused_naming_the_file(tmp_path):
+    # Valid JSON 1,000 levels deep was a RecursionError traceback, exit 1; Python's message
+    # for a control character or an unterminated string read "at at column".
+    from gptlab.io import json_objects, read_json
+    deep = '{"text": "hello", "meta": ' + "[" * 1000 + "]" * 1000 + "}"
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text('{"text": "fine"}\n' + deep + "\n")
+    with pytest.raises(UserError) as e:
+        list(json_objects(lines))
+    assert str(e.value) == (f"{lines}:2: cannot be read: its JSON is nested too deeply (arrays "
+                            f"or objects inside one another about 1,000 levels deep, more than "
+                            f"Python's reader goes)")
+    whole = tmp_path / "deep.json"
+    whole.write_text(deep)
+    with pytest.raises(UserError, match=r"deep.json: cannot be read: its JSON is nested too"):
+        read_json(whole)
+    shallow = '{"text": "hello", "meta": ' + "[" * 100 + "]" * 100 + "}"
+    lines.write_text(shallow + "\n")
+    assert [row["text"] for _, row in json_objects(lines)] == ["hello"]
+    for text, said in (('{"text": "a\tb"}', "Invalid control character at column 12"),
+                       ('{"text": "abc', "Unterminated string starting at column 10")):
+        lines.write_text(text + "\n")
+        with pytest.raises(UserError) as e:
+            list(json_objects(lines))
+        assert f"not valid JSON ({said})" in str(e.value), str(e.value)
