@@ -1072,7 +1072,8 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
     if arrow is not None:
         return f"is {arrow[0]}, not {read_as}; {arrow[1]}"
     if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # before UTF-16's
-        return "is UTF-32 text (it starts with a UTF-32 byte-order mark); save the file as UTF-8"
+        return ("is UTF-32 text (it starts with a UTF-32 byte-order mark); save the file as "
+                "UTF-8")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return ("is UTF-16 text (it starts with a UTF-16 byte-order mark, as Windows "
                 "PowerShell's > writes it); save the file as UTF-8")
