@@ -1056,8 +1056,8 @@ def other_format(path: str | Path, read_as: str = "text") -> str | None:
     """Why file `path` cannot be read as `read_as` ("text" or "Parquet"), said for an error,
     if its first bytes show it to be compressed, a zip archive, Apache Arrow (or its name ends
     .arrow), Parquet (PAR1 at both ends, read as text) or UTF-16 or UTF-32 text (with a
-    byte-order mark or, read as text, without); None for anything else (what it should be, bytes of no kind
-    known here, or no regular file: a pipe's bytes would be used up)."""
+    byte-order mark or, read as text, without); None for anything else (what it should be,
+    bytes of no kind known here, or no regular file: a pipe's bytes would be used up)."""
     if not Path(path).is_file():
         return None
     with open(path, "rb") as f:
