@@ -309,10 +309,22 @@ def _verb_generate():
         for text in args.prompt:
             check_text(text, field="prompt")
         check_stop_strings(args.stop)
-        outs = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
-                             greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed, truncate=args.truncate,
-                             device=args.device, stop=args.stop)
+        try:
+            outs = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+                                 greedy=args.greedy, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 truncate=args.truncate, device=args.device, stop=args.stop)
+        except UserError as e:
+            # generate_text names a prompt by its parameter, `prompts[1]`: here it is the
+            # second --prompt typed.
+            found = re.fullmatch(r"prompts\[(\d+)\]", e.field or "")
+            if found is None:
+                raise
+            i = int(found[1]) + 1
+            suffix = "th" if 10 <= i % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(i % 10, "th")
+            nth = f"{i}{suffix}"
+            raise UserError(e.message, path=e.path, field="--prompt" if len(args.prompt) == 1
+                            else f"--prompt (the {nth})") from None
         for text in outs:
             print(text)
 
@@ -789,11 +801,21 @@ def _named_by_flag(error: UserError, args: argparse.Namespace) -> UserError:
     # the error is about. An error about what a file holds (a model's config.json, field
     # 'vocab_size') is the file's, not the setting's, unless the flag gave that very file.
     origin = getattr(args, "_origins", {}).get(error.field)
-    if origin is not None and (error.path is None or origin.path is None and (
-            not os.path.isfile(error.path) or _is_value_of(error.path, args, error.field))):
+    about_setting = origin is not None and (error.path is None or (
+        not os.path.isfile(error.path) or _is_value_of(error.path, args, error.field)))
+    if about_setting and (error.path is None or origin.path is None):
         kind = type(error) if isinstance(error, (NotFound, WrongKind)) else UserError
         named = kind(error.message, path=error.path or origin.path, line=origin.line,
                      field=origin.field)
+        named.__cause__ = error.__cause__
+        return named
+    if about_setting:
+        # At a path of its own (a checkpoint written with another lr) and set by a YAML line or
+        # an override: the path stays, and where the value came from is said after.
+        where = "an override on the command line" if origin.path == "command line" else \
+            f"{origin.path}:{origin.line}" if origin.line is not None else str(origin.path)
+        named = type(error)(f"{error.message} (now set by {where})", path=error.path,
+                            field=error.field)
         named.__cause__ = error.__cause__
         return named
     if error.path is not None:

@@ -681,6 +681,18 @@ def test_greedy_and_a_temperature_exclude_each_other_in_every_verb(tiny_model, t
     assert not out.exists()
 
 
+def test_generate_names_a_prompt_too_long_by_its_flag(tiny_model, capsys):
+    # It said `field 'prompts[1]'`, generate_text's parameter, which no one typed.
+    long = "the cat sat on the mat " * 200
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "hi", "--prompt", long,
+                 "--max-new-tokens", "4"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "gptlab generate: error: field '--prompt (the 2nd)': prompt has ")
+    assert main(["generate", "--model", str(tiny_model), "--prompt", long,
+                 "--max-new-tokens", "4"]) == 2
+    assert capsys.readouterr().err.startswith("gptlab generate: error: field '--prompt': prompt ")
+
+
 def test_a_prompt_that_is_not_utf8_is_refused(tiny_model, capsys):
     # A byte that is not UTF-8 in argv reaches Python as a lone surrogate.
     assert main(["generate", "--model", str(tiny_model), "--prompt", "h\udcffi"]) == 2

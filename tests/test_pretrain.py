@@ -674,6 +674,16 @@ def test_a_resume_refused_for_a_damaged_checkpoint_or_another_setting_writes_not
     assert run(*common, "--resume", "--lr", "0.01") == 2
     assert f"{ckpt}, field '--lr': was written with other settings (lr: 0.001 there, 0.01 now)" \
         in capsys.readouterr().err
+    # Set by a YAML line or an override, the checkpoint stays named, and what set it is said:
+    # it named neither.
+    (tmp_path / "lr.yaml").write_text("seed: 0\nlr: 0.01\n")
+    for where, flags in ((f"{tmp_path / 'lr.yaml'}:2", ["--config", str(tmp_path / "lr.yaml")]),
+                         ("an override on the command line", ["lr=0.01"])):
+        assert run(*common, "--resume", *flags) == 2
+        assert capsys.readouterr().err.endswith(
+            f"{ckpt}, field 'lr': was written with other settings (lr: 0.001 there, 0.01 now); "
+            f"resume with the same settings, or choose another out (--out) (now set by "
+            f"{where})\n")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     state = ckpt / "trainer.pt"
     state.write_bytes(state.read_bytes()[:-1])  # truncated
