@@ -84,6 +84,15 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def kind_of(x: Any) -> str:
+    """What a value is, in a message: 'None', 'a bool', 'an ndarray'."""
+    if x is None:
+        return "None"
+    kind = type(x).__name__
+    vowel = kind[0] in "aeiou" or kind == "ndarray"  # said "en-dee-array"
+    return f"{'an' if vowel else 'a'} {kind}"
+
+
 def exception_line(e: BaseException) -> str:
     """`e` as one line of a message, its type and its text: "ValueError: no reference answer".
     The text of a user's exception may hold line breaks; the line would stop at the first."""

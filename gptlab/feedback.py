@@ -18,7 +18,7 @@ import torch
 from gptlab.data.instruct import (SkipCounter, encode_prompt, prompt_of, read_prompts,
                                   responses_of)
 from gptlab.engine import Generation, SamplingParams, generate
-from gptlab.errors import UserError, counted, exception_line, reports_path_errors
+from gptlab.errors import UserError, counted, exception_line, kind_of, reports_path_errors
 from gptlab.io import (check_file_out, check_not_input, check_not_inside,
                        check_out_of_read_dirs, read_jsonl, record_file, write_jsonl_atomic)
 from gptlab.plugin import load_function
@@ -272,7 +272,7 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
             and getattr(answer, "ndim", 1) != 0:  # 0-d: one number, not a list, said as such
         answer = answer.tolist()  # scores as a NumPy array or a tensor, as PPO's reward takes
     if not isinstance(answer, (list, tuple)):
-        raise UserError(f"the labeler returned {_kind(answer)}{of_id}, not a list: the responses "
+        raise UserError(f"the labeler returned {kind_of(answer)}{of_id}, not a list: the responses "
                         f"best first (tied ones as lists), or one score per response",
                         field="ranked")
     if answer and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in answer):
@@ -282,7 +282,7 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
         i, x = next((i, x) for i, x in enumerate(answer)
                     if isinstance(x, bool) or not isinstance(x, numbers.Real))
         shown = "" if x is None else f" ({x!r:.40})"
-        raise UserError(f"the labeler returned {_kind(x)}{shown} as the score of response "
+        raise UserError(f"the labeler returned {kind_of(x)}{shown} as the score of response "
                         f"{i + 1} of {len(answer)}{of_id}; a score must be a real number",
                         field="ranked")
     levels = [item if isinstance(item, list) else [item] for item in answer]
@@ -290,7 +290,7 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
                 if isinstance(r, numbers.Real)), None)
     if bad is not None:
         # A list of lists of numbers (scores as a 2-D array): not responses, not one score each.
-        raise UserError(f"the labeler returned a list holding {_kind(bad)} ({bad!r:.40}) "
+        raise UserError(f"the labeler returned a list holding {kind_of(bad)} ({bad!r:.40}) "
                         f"inside a list{of_id}: a level of tied responses holds texts; scores "
                         f"are one real number per response, in a flat list", field="ranked")
     flat = [r for level in levels for r in level]
@@ -300,14 +300,6 @@ def _ranking_levels(answer: Any, responses: list[str], sample_id: Any = None
         raise UserError("the labeler must return a permutation of the responses (tied ones as "
                         f"non-empty lists), or one score per response{about}", field="ranked")
     return levels
-
-
-def _kind(x: Any) -> str:
-    """'a bool', 'None', 'an int': what a value is, in a message."""
-    if x is None:
-        return "None"
-    kind = type(x).__name__
-    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _score_levels(scores: list[numbers.Real], responses: list[str], of_id: str

@@ -76,7 +76,7 @@ try:
 except ImportError:  # Windows: no flock; stale temporaries are then left in place
     fcntl = None  # type: ignore[assignment]
 
-from gptlab.errors import NotFound, UserError, WrongKind
+from gptlab.errors import NotFound, UserError, WrongKind, kind_of
 
 
 def _file_under(path: Path) -> Path | None:
@@ -1394,7 +1394,7 @@ def _json_value(v: Any, path: Path, row: int, field: str) -> Any:
                         line=row, field=field)
     if v is None or isinstance(v, (str, bool, int, float)):
         return v
-    raise UserError(f"a {type(v).__name__} is not a JSON value; store it as text or a number",
+    raise UserError(f"{kind_of(v)} is not a JSON value; store it as text or a number",
                     path=path, line=row, field=field)
 
 

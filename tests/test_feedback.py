@@ -266,7 +266,7 @@ def test_a_labeler_may_score_with_an_array_or_a_tensor():
     # A 0-d tensor or array was read as the number it holds, and said to be "a float".
     with pytest.raises(UserError, match=r"returned a Tensor for id 1, not a list"):
         label_samples(samples, lambda rec, rs: torch.tensor(1.0))
-    with pytest.raises(UserError, match=r"returned a ndarray for id 1, not a list"):
+    with pytest.raises(UserError, match=r"returned an ndarray for id 1, not a list"):
         label_samples(samples, lambda rec, rs: np.array(1.0))
     with pytest.raises(UserError, match=r"returned an int for id 1, not a list"):
         label_samples(samples, lambda rec, rs: 3)

@@ -402,7 +402,7 @@ def returning(value):
     # A 0-d tensor or array was "raised TypeError: iteration over a 0-d tensor": the function
     # raised nothing.
     (torch.tensor(1.0), "a Tensor, not a list of 3 scores (one per response)"),
-    (np.array(1.0), "a ndarray, not a list of 3 scores (one per response)")])
+    (np.array(1.0), "an ndarray, not a list of 3 scores (one per response)")])
 def test_a_reward_function_s_return_that_is_no_list_of_real_numbers_is_refused(
         setup, tmp_path, value, said):
     t = trainer(setup, tmp_path / "run", reward_fn=returning(value))

@@ -40,7 +40,7 @@ from gptlab.data.instruct import (SkipCounter, encode_prompt, encode_response, e
                                   prompt_of, read_prompts, template_tail)
 from gptlab.devices import queued_copy
 from gptlab.engine import SamplingParams, generate
-from gptlab.errors import (UserError, WrongKind, check_given, counted, exception_line,
+from gptlab.errors import (UserError, WrongKind, check_given, counted, exception_line, kind_of,
                            reports_path_errors, setting)
 from gptlab.io import (check_out_of_read_dirs, ensure_dir, missing_dirs, old_files_aside,
                        record_file)
@@ -418,7 +418,7 @@ def reward_number(v: Any, name: str, prompt_id: Any = None) -> float:
         raise UserError(f"the reward function {name} returned an integer of {len(str(abs(v)))} "
                         f"digits{of}, too large for a score (a float)", field="reward_fn") from None
     if x is None:
-        raise UserError(f"the reward function {name} returned a {type(v).__name__} ({v!r})"
+        raise UserError(f"the reward function {name} returned {kind_of(v)} ({v!r})"
                         f"{of}; a score must be a real number", field="reward_fn")
     if not math.isfinite(x):
         raise UserError(f"the reward function {name} returned a non-finite score ({x}){of}",
@@ -847,7 +847,7 @@ class PPOTrainer:
             raise UserError(f"the reward function {name} raised {exception_line(e)}",
                             field="reward_fn") from e
         if values is None:  # a forgotten `return`, one number for the whole batch, a dict
-            what = "None" if returned is None else f"a {type(returned).__name__}"
+            what = kind_of(returned)
             raise UserError(f"the reward function {name} returned {what}, not a list of "
                             f"{len(texts)} scores (one per response)", field="reward_fn")
         if len(values) != len(texts):
