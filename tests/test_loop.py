@@ -680,6 +680,19 @@ def test_metrics_rewind_without_the_checkpoints_rows_keeps_those_up_to_its_step(
         read_metrics(tmp_path / "m.jsonl")
 
 
+def test_a_row_whose_sample_holds_a_unicode_line_separator_is_read_as_one_row(tmp_path):
+    # Pretraining logs its sample text, written as it is: U+2028, U+2029 and U+0085 (NEL) are
+    # no line end of JSON Lines, but str.splitlines ended the row there, and the run's next
+    # save (or its resume) stopped on "metrics.jsonl:1: is not a metrics row".
+    log = MetricsLog(tmp_path / "m.jsonl")
+    rows = [{"step": 0, "val_loss": 1.5, "sample": "a\u2028b\u2029c\x85d\x1c"},
+            {"step": 1, "loss": 1.0}]
+    for row in rows:
+        log.log(row)
+    log.close()
+    assert read_metrics(tmp_path / "m.jsonl") == rows
+
+
 def test_a_nan_loss_is_logged_as_strict_json_and_a_resume_reads_it_back(tmp_path):
     # Python's json wrote the bare token NaN: jq and JSON.parse refused the whole metrics.jsonl
     # of a run whose loss diverged, the one a user most needs to read.
@@ -944,6 +957,67 @@ def test_an_early_stop_decided_by_a_resumed_evaluation_is_kept(tmp_path):
     assert {"step": 8, "event": "early_stop"} in rows
     again = run(resume=True)
     assert again.step == again.total_steps == 8 and read_metrics(tmp_path / "metrics.jsonl") == rows
+
+
+def _ctrl_c_after_logging(monkeypatch, row_matches):
+    """A real Ctrl-C (SIGINT) right after metrics.jsonl gets the first row `row_matches`."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    log, fired = MetricsLog.log, []
+
+    def log_then_ctrl_c(self, row):
+        log(self, row)
+        if row_matches(row) and not fired:
+            fired.append(row)
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(MetricsLog, "log", log_then_ctrl_c)
+    return fired
+
+
+@pytest.mark.parametrize("after", ["val_loss", "event"])
+def test_a_ctrl_c_once_an_evaluation_that_stops_early_is_logged_keeps_the_stop(
+        tmp_path, monkeypatch, after):
+    # Between the evaluation's row (or the early_stop row) and the stop being recorded, a
+    # Ctrl-C saved step 8 as not stopped: resumed, the row was there, so no evaluation decided
+    # again, and the run trained on to step 12.
+    tokens = _stream(5, n=2000)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=12, batch_size=4, eval_every=4,
+                      eval_batches=1, save_every=100, log_every=1, progress=False, device="cpu")
+    run = lambda out, **kw: train(  # noqa: E731
+        tiny(), BlockBatches(tokens, 16, np.arange(60), 4, 0), lm_loss, cfg, out,
+        val_batches=fixed_batches(tokens, 16, np.arange(60, 70), 4, 1),
+        on_eval=lambda m, s, v: {"stop": s == 8}, **kw)
+    straight = run(tmp_path / "a")
+    assert straight.step == 8
+    fired = _ctrl_c_after_logging(monkeypatch, lambda r: r.get("step") == 8 and after in r)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    assert fired and Checkpointer(tmp_path / "b").latest().name == "step-8"
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.step == resumed.total_steps == 8
+    untimed = lambda run: [{k: v for k, v in r.items()  # noqa: E731
+                            if k not in ("tokens_per_s", "elapsed_s")}
+                           for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+    assert untimed("b") == untimed("a")  # the early_stop row once, at step 8
+
+
+def test_a_ctrl_c_once_the_time_budget_is_logged_keeps_the_budget(tmp_path, monkeypatch):
+    # Between the budget row and the budget being recorded, a Ctrl-C saved a checkpoint still
+    # measuring: the resumed run measured again and logged a second budget row.
+    tokens = _stream(2, n=1000)
+    cfg = TrainConfig(max_minutes=1.0, max_steps=8, warmup_steps=2, eval_every=0,
+                      save_every=0, progress=False, device="cpu")
+    run = lambda **kw: train(  # noqa: E731
+        tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 0), lm_loss, cfg, tmp_path, **kw)
+    fired = _ctrl_c_after_logging(monkeypatch, lambda r: r.get("event") == "budget")
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert fired
+    state = torch.load(Checkpointer(tmp_path).latest() / "trainer.pt", weights_only=False)
+    assert state["step"] == 4 and not state["budget_pending"] and state["total_steps"] == 8
+    assert run(resume=True).step == 8
+    budget = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "budget"]
+    assert budget == fired  # one, the first session's
 
 
 def test_clip_zero_measures_and_leaves_the_gradients_as_they_are():

@@ -250,6 +250,28 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_finishes_the_run(setup, 
     assert_same_run(straight, out)
 
 
+def test_ctrl_c_while_the_policy_is_saved_saves_a_checkpoint_of_the_last_step(setup, capsys,
+                                                                             monkeypatch):
+    # --save-every 0 (the default, the pipeline's): no checkpoint holds the run when the last
+    # step is done. A Ctrl-C while the policy was written saved none: every step was lost.
+    d, args, straight = setup
+    out = d / "interrupted_in_save"
+    common = [*ppo_cli(args, out, save_every=0), "--steps", str(STEPS)]
+    save = PPOTrainer.save
+
+    def ctrl_c(self, path):
+        monkeypatch.setattr(PPOTrainer, "save", save)  # once
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PPOTrainer, "save", ctrl_c)
+    assert main(common) == 130
+    ckpt = out / "checkpoints" / f"step-{STEPS}"
+    assert f"interrupted: saved {ckpt}; continue with --resume" in capsys.readouterr().err
+    assert Checkpointer(out).latest() == ckpt and not (out / "config.json").exists()
+    assert main([*common, "--resume"]) == 0
+    assert_same_run(straight, out)
+
+
 def test_ctrl_c_during_an_update_finishes_that_step_first(setup, capsys, monkeypatch):
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         pytest.skip("SIGINT is not Python's default handler here")

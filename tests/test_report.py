@@ -785,3 +785,18 @@ def test_a_sample_s_id_stays_on_one_line_in_the_html(tmp_path):
     assert "td.id { white-space: nowrap; }" in html
     ids = re.findall(r"<tr><td( class=\"id\")?>([^<]*)</td><td>", html)
     assert ids == [(' class="id"', i) for i in ["s0-test-00001"] + [f"q{n}" for n in range(2, 11)]]
+
+
+def test_an_evaluation_whose_sample_holds_a_unicode_line_separator_is_a_point(tmp_path):
+    # Pretraining logs its sample text as it is: a U+2028 in it (a corpus of web text has them)
+    # split the row where str.splitlines ends a line, and the evaluation was left out.
+    from gptlab.eval.report import plot_pretrain_loss
+    path = tmp_path / "pretrain" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"step": 0, "val_loss": 5.0, "sample": "a\u2028b"},
+        {"step": 10, "loss": 4.0},
+        {"step": 20, "val_loss": 3.2, "sample": "c\x85d"}]), encoding="utf-8")
+    (ax,) = plot_pretrain_loss(tmp_path).axes
+    _, val = ax.get_lines()
+    assert list(val.get_xdata()) == [0, 20]

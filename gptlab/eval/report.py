@@ -42,11 +42,12 @@ PLOT_NAMES = ("pretrain_loss", "rm_accuracy", "ppo_reward_kl", "exec_accuracy")
 
 def read_metric_rows(path: Path) -> list[dict]:
     """The JSON-object rows of a metrics.jsonl; [] when absent. Broken lines are skipped: the
-    report may be made while a stage is still writing its last line."""
+    report may be made while a stage is still writing its last line. A row ends at "\\n" alone
+    (a sample text in it may hold U+2028, which `str.splitlines` ends a line at)."""
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
         try:
             row = restore_non_finite(json.loads(line))
         except json.JSONDecodeError:

@@ -807,10 +807,11 @@ def same_setting(theirs: Any, mine: Any) -> bool:
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl. Rows are appended as they come, so a run that died while
     writing one leaves it torn: a last line that does not parse is left out (a bad line before
-    it is an error naming it)."""
+    it is an error naming it). A row ends at "\\n" alone, as JSON Lines has it: a sample text
+    in a row may hold U+2028 or U+0085, which `str.splitlines` would end a line at."""
     path = Path(path)
     lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace")
-                                               .splitlines(), 1) if line.strip()]
+                                               .split("\n"), 1) if line.strip()]
     rows = []
     for k, (i, line) in enumerate(lines):
         try:
@@ -1041,7 +1042,11 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     val = (lambda: val_batches() if callable(val_batches) else val_batches)
     has_val = val_batches is not None and cfg.eval_batches > 0
 
-    def run_eval(at: int) -> tuple[float, float, bool]:
+    def run_eval(at: int, may_stop: bool = False) -> tuple[float, float, bool]:
+        """Evaluate at step `at` and log its row; with `may_stop`, an early stop on_eval asks
+        for ends the run at `at`, recorded in `good` as one with the row: a Ctrl-C between the
+        two saved a checkpoint that, resumed, found the row and trained on past the stop."""
+        nonlocal total, stopped_early, good
         t0 = time.perf_counter()
         with preserved_rng(), batch_memory_named(cfg, device, "the validation loss"):
             loss = evaluate(fwd_model, val(), loss_fn, device, cfg.bf16, loss_weight)
@@ -1050,8 +1055,13 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                 row["val_ppl"] = math.exp(min(loss, 50))
             if on_eval is not None:
                 row.update(on_eval(model, at, loss) or {})
-        stop = bool(row.pop("stop", False))  # on_eval may end training (early stopping)
-        metrics.log(row)
+        with held_interrupt("recording this evaluation to save it"):
+            stop = bool(row.pop("stop", False)) and may_stop  # on_eval may end training
+            metrics.log(row)
+            if stop:
+                metrics.log({"step": at, "event": "early_stop"})
+                total, stopped_early = at, True
+                good = snapshot()
         # What on_eval measured too (execution accuracy, pairwise accuracy) is on the line.
         measured = "".join(f", {k} {v:.4f}" for k, v in row.items()
                            if k not in ("step", "val_loss", "val_ppl") and isinstance(v, float))
@@ -1103,11 +1113,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                     and not any("loss" in r for r in done):
                 metrics.log(state["row"])
             if eval_due(step, is_last) and not any("val_loss" in r for r in done):
-                val_loss, _, stop = run_eval(step)
-                if stop and not is_last:
-                    metrics.log({"step": step, "event": "early_stop"})
-                    total, stopped_early = step, True
-                    good = snapshot()
+                val_loss, _, stop = run_eval(step, may_stop=not is_last)
+                if stop:
                     save(good)
         while total is None or step < total:
             t0 = time.perf_counter()
@@ -1155,29 +1162,29 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             if budget_pending:
                 measured.append(dt)
                 if len(measured) == MEASURE_STEPS + 1:
-                    sec_per_step = sum(measured[1:]) / MEASURE_STEPS
-                    total = steps_for_budget(minutes, elapsed + eval_s, step, sec_per_step,
-                                             cfg.eval_every, eval_s if has_val else 0.0,
-                                             cfg.max_steps)
-                    budget_pending = False
-                    budget = {"max_minutes": minutes, "sec_per_step": sec_per_step,
-                              "eval_s": eval_s, "total_steps": total}
-                    metrics.log({"step": step, "event": "budget", **budget})
-                    annotate_run(out, budget=budget)
-                    bar.total = total
-                    bar.refresh()
-                    good = snapshot()
+                    # The budget's row and `good` as one: a Ctrl-C between them saved a
+                    # checkpoint still measuring, whose resume logged a second budget row.
+                    with held_interrupt("recording the time budget to save it"):
+                        sec_per_step = sum(measured[1:]) / MEASURE_STEPS
+                        total = steps_for_budget(minutes, elapsed + eval_s, step, sec_per_step,
+                                                 cfg.eval_every, eval_s if has_val else 0.0,
+                                                 cfg.max_steps)
+                        budget_pending = False
+                        budget = {"max_minutes": minutes, "sec_per_step": sec_per_step,
+                                  "eval_s": eval_s, "total_steps": total}
+                        metrics.log({"step": step, "event": "budget", **budget})
+                        annotate_run(out, budget=budget)
+                        bar.total = total
+                        bar.refresh()
+                        good = snapshot()
             is_last = total is not None and step >= total
             if step % cfg.log_every == 0 or is_last:
                 metrics.log(last_row)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{session_tokens / session_time:.0f}")
             if eval_due(step, is_last):
-                val_loss, _, stop = run_eval(step)
-                if stop and not is_last:
-                    metrics.log({"step": step, "event": "early_stop"})
-                    total, is_last, stopped_early = step, True, True
-                    good = snapshot()
+                val_loss, _, stop = run_eval(step, may_stop=not is_last)
+                is_last = is_last or stop
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
                 save(good)
                 saved_step = step

@@ -1051,6 +1051,11 @@ class PPOTrainer:
                     if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
                         self.checkpoint(good)
                         saved = step
+            if self.skips.total:
+                print(self.skips.report("prompts"), file=sys.stderr)
+            # Inside the try: with save_every 0 (the default) no checkpoint holds the run yet,
+            # and a Ctrl-C while the policy is written must save one, or every step was lost.
+            out = self.save(self.out)
         except KeyboardInterrupt:
             if not updating and good["step"] > 0:
                 path = self.checkpoint(good) if good["step"] > saved \
@@ -1060,9 +1065,6 @@ class PPOTrainer:
         finally:
             if log is not None:
                 log.close()
-        if self.skips.total:
-            print(self.skips.report("prompts"), file=sys.stderr)
-        out = self.save(self.out)
         if last is None and self.step > 0:  # resumed at its last step: the row is logged
             last = next((r for r in read_metrics(metrics_path) if r.get("step") == self.step),
                         None)
