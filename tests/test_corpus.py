@@ -218,11 +218,24 @@ def test_a_corrupt_parquet_corpus_is_refused_naming_the_file(tmp_path, where, me
     assert str(e.value).startswith(f"{f}: {message}")
 
 
+def test_a_parquet_corpus_with_a_map_column_beside_its_text_is_read(tmp_path):
+    # Spark and pyarrow write map columns; `datasets`, which read the corpus, typed every column
+    # of the file first and stopped with a traceback ("ValueError: Arrow type map<string,
+    # int64> does not have a datasets dtype equivalent"), though only `text` is read.
+    f = tmp_path / "m.parquet"
+    counts = pa.map_(pa.string(), pa.int64())
+    pq.write_table(pa.table({
+        "text": ["first doc", None, "second doc"],
+        "counts": pa.array([[("a", 1)], [], [("b", 2)]], type=counts),
+        "meta": pa.array([{"m": [("c", 3)]}] * 3, type=pa.struct([("m", counts)]))}), f)
+    assert read_documents([f]) == ["first doc", "second doc"]
+
+
 def test_reading_leaves_no_datasets_cache(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
-    f = tmp_path / "a.parquet"  # read through `datasets` (a .jsonl file is read without it)
+    f = tmp_path / "a.parquet"  # read by pyarrow, as a .jsonl file is read without `datasets`
     pq.write_table(pa.table({"text": ["a", "b"]}), f)
     assert list(iter_documents(f)) == ["a", "b"]
     leftovers = list((tmp_path / "hf").rglob("*")) if (tmp_path / "hf").exists() else []

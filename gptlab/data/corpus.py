@@ -16,16 +16,14 @@ A corpus is a list of paths. Each path is read by its suffix:
   `train` split, `text` column).
 
 Whitespace-only documents are skipped; a corpus with no document at all is an error.
-Parquet (and Hub datasets) are read with the Hugging Face `datasets` library, streamed, with a
-throwaway cache dir and no progress bars. JSONL is read line by line here, so that every error
-names its line.
+Parquet is read by pyarrow, a batch of rows at a time, the `text` column alone; Hub datasets by
+the Hugging Face `datasets` library, streamed, with a throwaway cache dir and no progress bars.
+JSONL is read line by line here, so that every error names its line.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import re
 import stat
 import tempfile
 from pathlib import Path
@@ -33,13 +31,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import NotFound, UserError
 from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_one_split_given, check_out_of_read_dirs,
-                       check_unique_columns, fields_instead, files_in, json_objects,
-                       not_utf8_row, parquet_not_utf8, unreadable_parquet, utf8_lines)
+                       check_unique_columns, fields_instead, files_in, is_hub_name,
+                       json_objects, not_utf8_row, parquet_not_utf8, unreadable_parquet,
+                       utf8_lines)
 from gptlab.tokenizer import check_text
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def iter_documents(paths: str | Path | Iterable[str | Path],
@@ -110,12 +108,6 @@ def corpus_files(paths: Sequence[str | Path], field: str = "data") -> list[Path]
         files += found
     check_one_split_given([Path(p) for p in paths if not is_hub_name(p)], hows, field)
     return files
-
-
-def is_hub_name(path: str | Path) -> bool:
-    """A `user/name` that is no local path: read as a Hugging Face Hub dataset."""
-    p = Path(path)
-    return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
 
 
 def read_once(path: str | Path) -> str | None:
@@ -230,7 +222,6 @@ def _quiet_datasets() -> Iterator[str]:
 
 
 def _iter_parquet(p: Path) -> Iterator[str]:
-    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -254,20 +245,18 @@ def _iter_parquet(p: Path) -> Iterator[str]:
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or pa.types.is_string_view(kind)):
         raise UserError(f"expected a string column, got {kind}", path=p, field=TEXT_FIELD)
-    if rows == 0:  # no documents (and `datasets` cannot stream a file without rows)
+    if rows == 0:  # no documents
         return
-    with _quiet_datasets() as cache_dir:
-        ds = datasets.load_dataset("parquet", data_files=glob.escape(str(p.resolve())),
-                                   split="train", streaming=True, columns=[TEXT_FIELD],
-                                   cache_dir=cache_dir)
-        try:
-            for row in ds:
-                if row[TEXT_FIELD] is not None:
-                    yield row[TEXT_FIELD]
-        except UnicodeDecodeError:  # Parquet stores any bytes as text: say which row
-            raise parquet_not_utf8(p, [TEXT_FIELD]) from None
-        except (pa.ArrowException, OSError) as e:  # a corrupt page, found only when it is read
-            raise unreadable_parquet(p, e) from None
+    # Read by pyarrow, the text column alone, as the record verbs read Parquet: `datasets` typed
+    # every column of the file first, and one it has no type for (a map, which Spark writes)
+    # stopped the corpus with a traceback, though its text was never read.
+    try:
+        for batch in pq.ParquetFile(p).iter_batches(columns=[TEXT_FIELD]):
+            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    except UnicodeDecodeError:  # Parquet stores any bytes as text: say which row
+        raise parquet_not_utf8(p, [TEXT_FIELD]) from None
+    except (pa.ArrowException, OSError) as e:  # a corrupt page, found only when it is read
+        raise unreadable_parquet(p, e) from None
 
 
 def _iter_hub(name: str) -> Iterator[str]:
