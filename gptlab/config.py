@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import types
@@ -440,8 +441,12 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
     for item in overrides:
         if "=" not in item:  # a stray word: of a value that holds spaces, or of a flag
             listed = f"; `{command} --help` lists the keys" if command else ""
+            # `sft --data a.jsonl b.jsonl`, as a shell's glob gives them: the second file.
+            path = (f"; {item!r} is a path: a flag that reads one file or directory takes a "
+                    f"directory of several files instead" if os.path.exists(item) else "")
             raise UserError(f"override '{item}' should look like key=value (quote a value that "
-                            f"holds spaces; flags start with --{listed})", path="command line")
+                            f"holds spaces; flags start with --{listed}){path}",
+                            path="command line")
         _check_override_key(cls, item, command)
         try:  # OmegaConf reads the value as YAML, and lets its errors through
             OmegaConf.to_container(OmegaConf.from_dotlist([item]))

@@ -1495,6 +1495,16 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
+# A Hugging Face Hub dataset's name, `user/name`: what a corpus path that is no local path reads.
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def is_hub_name(path: str | Path) -> bool:
+    """A `user/name` that is no local path: read as a Hugging Face Hub dataset."""
+    p = Path(path)
+    return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
+
+
 # What a directory of records is read from: its JSON Lines and Parquet shards (not a `.json`,
 # as a corpus directory reads none: a run directory's `config.json` is no data).
 RECORD_SUFFIXES = (".jsonl", ".parquet")
@@ -1511,6 +1521,14 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     order (`datasets`' `data/train-00000-of-00002.parquet`, ...); each row's `_file` is its
     shard (reserved too: `record_file`), so that an error names the shard and its line."""
     p = Path(path)
+    if is_hub_name(p):
+        # `trl-lib/Capybara`, as TRL's examples name a dataset: said as such, not left to read
+        # as a local file mistyped.
+        raise NotFound(f"file not found; a Hugging Face Hub dataset (user/name) is read only as a "
+                       f"corpus (pretrain, tokenizer train, ppo --ptx-data): save the split as "
+                       f"JSON Lines and give that file (python -c \"import datasets; datasets."
+                       f"load_dataset('{path}', split='train').to_json('{p.name}.jsonl')\")",
+                       path=p)
     shards = files_in(p, RECORD_SUFFIXES) if p.is_dir() else None
     rows = []
     for f in shards or [p]:

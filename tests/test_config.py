@@ -577,3 +577,18 @@ def test_a_number_written_as_its_own_text_is_that_text():
         load_config(PretrainConfig, None, ["sample_prompt=1e3"])
     with pytest.raises(UserError, match=r"field 'data': expected a string, but YAML reads yes"):
         load_config(PretrainConfig, None, ["data=[a.txt, yes]"])
+
+
+def test_a_second_file_after_a_flag_that_reads_one_says_to_give_a_directory(tmp_path, captured,
+                                                                           capsys, monkeypatch):
+    # `sft --data a.jsonl b.jsonl`, as a shell's glob (`--data shards/*.jsonl`) gives them:
+    # b.jsonl was only "override 'b.jsonl' should look like key=value", no word of the files.
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text('{"prompt": "a", "completion": " b"}\n')
+    assert main(["sft", "--data", "a.jsonl", "b.jsonl"]) == 2 and "sft" not in captured
+    assert capsys.readouterr().err == (
+        "gptlab sft: error: command line: override 'b.jsonl' should look like key=value (quote "
+        "a value that holds spaces; flags start with --; `gptlab sft --help` lists the keys); "
+        "'b.jsonl' is a path: a flag that reads one file or directory takes a directory of "
+        "several files instead\n")

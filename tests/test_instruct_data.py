@@ -1908,3 +1908,44 @@ def test_a_ranking_row_without_prompt_or_ranking_is_refused_by_what_it_lacks():
         with pytest.raises(UserError) as e:
             ranking_of(row, "f", 1)
         assert str(e.value) == said
+
+
+def test_a_hub_dataset_name_given_for_records_says_only_a_corpus_is_read_so(tmp_path,
+                                                                           monkeypatch):
+    # `sft --data trl-lib/Capybara`, as TRL's examples name a dataset, said "file not found"
+    # alone, as for a local file mistyped; a corpus verb reads the same name from the Hub.
+    from gptlab.errors import NotFound
+    monkeypatch.chdir(tmp_path)
+    for read in (read_prompts, read_rankings):
+        with pytest.raises(NotFound) as err:
+            read("trl-lib/Capybara")
+        assert str(err.value) == (
+            "trl-lib/Capybara: file not found; a Hugging Face Hub dataset (user/name) is read "
+            "only as a corpus (pretrain, tokenizer train, ppo --ptx-data): save the split as JSON "
+            "Lines and give that file (python -c \"import datasets; datasets.load_dataset("
+            "'trl-lib/Capybara', split='train').to_json('Capybara.jsonl')\")")
+    # a local file mistyped, named with its suffix, is a file not found alone
+    with pytest.raises(NotFound) as err:
+        read_prompts("data/prompts.jsonl")
+    assert str(err.value) == "data/prompts.jsonl: file not found"
+
+
+def test_an_assistant_turn_of_weight_0_is_refused_not_trained_on(tok, tmp_path):
+    # OpenAI's fine-tuning format marks an assistant turn not to learn with "weight": 0; SFT
+    # trained on it as on every other turn, without a word. Weight 1 is what gptlab does.
+    user = {"role": "user", "content": "Is the cat happy?"}
+    first = {"role": "assistant", "content": "maybe", "weight": 0}
+    second = {"role": "assistant", "content": "yes", "weight": 1}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"messages": [user, {**first, "weight": 1}, user, second]}) + "\n"
+                 + json.dumps({"messages": [user, first, user, second]}) + "\n")
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 512)
+    assert str(err.value) == (
+        f"{f}:2, field 'messages[1].weight': is 0, OpenAI's mark of a turn not to train on; "
+        f"gptlab trains on every assistant message of 'messages': write each turn to learn as "
+        f"a record of its own, the messages before it in 'prompt' and it in 'completion'")
+    # as the error says: the turn of weight 0 is in the prompt, not trained on
+    f.write_text(json.dumps({"prompt": [user, first, user], "completion": [second]}) + "\n")
+    (ex,) = read_demonstrations(f, tok, 512)
+    assert tok.decode([t for t, m in zip(ex.ids, ex.loss_mask) if m]) == "yes"

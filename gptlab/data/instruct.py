@@ -356,6 +356,14 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path | None = None,
             raise _preference_data(record, path, line) or UserError(
                 "needs at least one assistant message", path=path, line=line, field="messages")
         for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and m.get("weight") == 0:
+                # OpenAI's fine-tuning format marks a turn not to learn so; trained on like
+                # every other, it would be learned without a word.
+                raise UserError("is 0, OpenAI's mark of a turn not to train on; gptlab trains "
+                                "on every assistant message of 'messages': write each turn to "
+                                "learn as a record of its own, the messages before it in "
+                                "'prompt' and it in 'completion'", path=path, line=line,
+                                field=f"messages[{i}].weight")
             if m["role"] == "assistant" and not m["content"].strip():
                 # Every assistant turn is trained on; an empty one, like an empty completion,
                 # would teach the model to answer with nothing but its end of turn.
