@@ -1398,13 +1398,38 @@ def _json_value(v: Any, path: Path, row: int, field: str) -> Any:
                     path=path, line=row, field=field)
 
 
+# Comma- and tab-separated values, which `datasets` reads as a table (`load_dataset("csv")`):
+# read as JSON Lines, a records file stopped at its header as "not valid JSON", and a corpus was
+# trained on its header, commas and quotes as text, without a word.
+_CSV_SEPARATORS = {".csv": "", ".tsv": ", sep='\\t'"}
+
+
+def csv_refused(path: str | Path) -> UserError | None:
+    """The error for file `path` if its name ends `.csv` or `.tsv`, with the command that
+    writes its rows as JSON Lines (a column each field, a corpus's documents in `text`); else
+    None."""
+    p = Path(path)
+    sep = _CSV_SEPARATORS.get(p.suffix.lower())
+    if sep is None:
+        return None
+    kind = "tab" if sep else "comma"
+    return UserError(f"is {kind}-separated values ({p.suffix}), which gptlab does not read; "
+                     f"write its rows as JSON Lines: python -c \"import datasets; "
+                     f"datasets.load_dataset('csv', data_files={str(p)!r}{sep}, "
+                     f"split='train').to_json({p.with_suffix('.jsonl').name!r})\"", path=p)
+
+
 def json_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; anything else on a line
     is a UserError naming file and line (`what` says what a line must be). A `.parquet` file
-    gives its rows instead, numbered as lines."""
+    gives its rows instead, numbered as lines; a `.csv` or `.tsv` one is refused
+    (`csv_refused`)."""
     if Path(path).suffix.lower() == ".parquet":
         yield from parquet_objects(path)
         return
+    csv = csv_refused(path) if Path(path).exists() else None  # else: not found, said so
+    if csv is not None:
+        raise csv
     first = True
     # JSON Lines end a line at \n (a CRLF's \r dropped): a lone \r is white space in JSON.
     for lineno, line in utf8_lines(path, lone_cr=False):

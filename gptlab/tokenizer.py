@@ -892,6 +892,13 @@ def check_messages(messages: Sequence[dict]) -> None:
                 has += " but 'from' (ShareGPT's key)"
                 expected = f"rename 'from' to 'role', one of {', '.join(ROLES)} (not human, gpt)"
             raise UserError(f"message {i} {has}; {expected}", field=f"messages[{i}].role")
+        call = next((k for k in ("tool_calls", "function_call") if m.get(k)), None)
+        if call is not None:
+            # OpenAI's and TRL's tool calling: a template renders content only, so the call was
+            # dropped without a word, and the model taught the turn's text without its action.
+            raise UserError(f"message {i} has {call!r} (a tool call); gptlab reads text turns "
+                            f"only, with no tools: leave tool-calling conversations out",
+                            field=f"messages[{i}].{call}")
         if isinstance(m.get("content"), list):
             # OpenAI's content parts: joining their texts would guess the separator and drop
             # what is not text (an image) without a word.
@@ -952,7 +959,7 @@ def _is_path_like(item: Any) -> bool:
         return True
     if not (isinstance(item, str) and item.strip() != "" and "\n" not in item and len(item) < 4096):
         return False
-    if Path(item).suffix.lower() in (*CORPUS_SUFFIXES, ".json"):
+    if Path(item).suffix.lower() in (*CORPUS_SUFFIXES, ".json", ".ndjson", ".csv", ".tsv"):
         return True
     try:
         return Path(item).exists() or is_hub_name(item)

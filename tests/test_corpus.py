@@ -770,3 +770,31 @@ def test_a_tokenizer_known_only_by_its_save_is_keyed_by_the_tokenizer_json_it_sa
     saved = hashlib.sha256((tmp_path / "tokenizer.json").read_bytes()).hexdigest()
     assert tokenizer_fingerprint(wrapped) == tokenizer_fingerprint(wrapped) == saved
     assert tokenizer_fingerprint(SavesItself(["select id from staff"] * 4)) != saved
+
+
+def test_an_ndjson_corpus_is_json_lines_and_a_csv_one_is_refused(tmp_path, capsys):
+    # `datasets` reads .ndjson as JSON Lines and .csv/.tsv as tables; gptlab read each as plain
+    # text and trained on its JSON syntax, or its header, commas and quotes, without a word.
+    from gptlab.cli import main
+    nd = tmp_path / "c.ndjson"
+    nd.write_text(json.dumps({"text": "doc one"}) + "\n" + json.dumps({"text": "doc two"}) + "\n",
+                  encoding="utf-8")
+    assert read_documents(nd) == ["doc one", "doc two"]
+    for missing in ("missing.ndjson", "missing.csv"):  # a path mistyped, not a text
+        with pytest.raises(UserError, match="corpus file not found"):
+            train_tokenizer([str(tmp_path / missing)], vocab_size=300)
+    for name, sep, kind in (("c.csv", "", "comma"), ("c.tsv", ", sep='\\t'", "tab")):
+        f = tmp_path / name
+        f.write_text('text\n"doc one, with a comma"\n', encoding="utf-8")
+        expected = (f"{f}: is {kind}-separated values ({f.suffix}), which gptlab does not read; "
+                    f"write its rows as JSON Lines: python -c \"import datasets; "
+                    f"datasets.load_dataset('csv', data_files='{f}'{sep}, split='train')"
+                    f".to_json('c.jsonl')\"")
+        with pytest.raises(UserError) as err:  # refused before the other file is read
+            read_documents([nd, f])
+        assert str(err.value) == expected
+        out = tmp_path / "tok"
+        assert main(["tokenizer", "train", "--data", str(f), "--vocab-size", "300",
+                     "--out", str(out)]) == 2
+        assert expected in capsys.readouterr().err
+        assert not out.exists()

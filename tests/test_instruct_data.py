@@ -1949,3 +1949,57 @@ def test_an_assistant_turn_of_weight_0_is_refused_not_trained_on(tok, tmp_path):
     f.write_text(json.dumps({"prompt": [user, first, user], "completion": [second]}) + "\n")
     (ex,) = read_demonstrations(f, tok, 512)
     assert tok.decode([t for t, m in zip(ex.ids, ex.loss_mask) if m]) == "yes"
+
+
+@pytest.mark.parametrize("call,value", [
+    ("tool_calls", [{"type": "function", "function": {"name": "count", "arguments": "{}"}}]),
+    ("function_call", {"name": "count", "arguments": "{}"}),
+])
+def test_an_assistant_turn_with_a_tool_call_is_refused_not_trained_on_without_it(tok, tmp_path,
+                                                                                  call, value):
+    # OpenAI's and TRL's tool calling: the template renders content only, so SFT trained on
+    # the turn's text without its call, and a ranking or prompt lost it, without a word.
+    user = {"role": "user", "content": "How many cats?"}
+    said = {"role": "assistant", "content": "Let me count.", call: value}
+    d = write(tmp_path / "d.jsonl", {"messages": [user, {**said, call: []}]},  # none: read
+              {"messages": [user, said]})
+    r = write(tmp_path / "r.jsonl", {"prompt": [user], "chosen": [said], "rejected": "no"})
+    p = write(tmp_path / "p.jsonl", {"messages": [user, said, user]})
+    for path, read, line, field, i in (
+            (d, lambda f: read_demonstrations(f, tok, 512), 2, "messages", 1),
+            (r, read_rankings, 1, "chosen", 0), (p, read_prompts, 1, "messages", 1)):
+        with pytest.raises(UserError) as err:
+            read(path)
+        assert str(err.value) == (
+            f"{path}:{line}, field '{field}[{i}].{call}': message {i} has '{call}' (a tool "
+            f"call); gptlab reads text turns only, with no tools: leave tool-calling "
+            f"conversations out")
+
+
+@pytest.mark.parametrize("name,sep,kind", [("d.csv", "", "comma"),
+                                           ("d.tsv", ", sep='\\t'", "tab")])
+def test_a_csv_records_file_is_refused_as_csv_not_as_broken_json(tok, tmp_path, name, sep,
+                                                                  kind):
+    # Read as JSON Lines, it was "d.csv:1: not valid JSON", of a file `datasets` reads.
+    f = tmp_path / name
+    f.write_text("prompt,completion\nIs the cat happy?, yes\n", encoding="utf-8")
+    for read in (lambda p: read_demonstrations(p, tok, 64), read_prompts, read_rankings):
+        with pytest.raises(UserError) as err:
+            read(f)
+        assert str(err.value) == (
+            f"{f}: is {kind}-separated values ({f.suffix}), which gptlab does not read; write "
+            f"its rows as JSON Lines: python -c \"import datasets; datasets.load_dataset('csv', "
+            f"data_files='{f}'{sep}, split='train').to_json('d.jsonl')\"")
+
+
+def test_a_completion_of_weight_0_is_refused_as_such_a_turn_of_messages_is(tok, tmp_path):
+    # A conversational completion keeping OpenAI's "weight": 0 was trained on without a word.
+    user = {"role": "user", "content": "Is the cat happy?"}
+    said = {"role": "assistant", "content": "maybe"}
+    f = write(tmp_path / "d.jsonl", {"prompt": [user], "completion": [{**said, "weight": 1}]},
+              {"prompt": [user], "completion": [{**said, "weight": 0}]})
+    with pytest.raises(UserError) as err:
+        read_demonstrations(f, tok, 512)
+    assert str(err.value) == (f"{f}:2, field 'completion[0].weight': is 0, OpenAI's mark of a "
+                              f"turn not to train on; SFT trains on the completion of every "
+                              f"record: leave the record out")

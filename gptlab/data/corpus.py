@@ -2,9 +2,11 @@
 
 A corpus is a list of paths. Each path is read by its suffix:
 
-- `.jsonl`, and a `.json` file named on its own: one JSON object per line, the document in its
-  `text` field (`datasets`' `to_json` writes JSON Lines under either name);
+- `.jsonl`, and a `.json` or `.ndjson` file named on its own: one JSON object per line, the
+  document in its `text` field (`datasets`' `to_json` writes JSON Lines under any of them);
 - `.parquet`: the document in the `text` column (null rows are skipped);
+- `.csv` and `.tsv`: refused, with the command that writes them as JSON Lines (`datasets`
+  reads them as tables; read as text, their commas and quotes were trained on);
 - anything else: UTF-8 text whose documents are separated by one or more blank lines;
 - a directory: every `.txt`, `.jsonl` and `.parquet` file under it, in sorted order (not a
   `.json`: a run directory's `config.json` is no corpus; not a hidden one, `.*` or in a `__*`
@@ -31,7 +33,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gptlab.errors import NotFound, UserError
 from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_one_split_given, check_out_of_read_dirs,
-                       check_unique_columns, fields_instead, files_in, is_hub_name,
+                       check_unique_columns, csv_refused, fields_instead, files_in, is_hub_name,
                        json_objects, not_utf8_row, parquet_not_utf8, unreadable_parquet,
                        utf8_lines)
 from gptlab.tokenizer import check_text
@@ -86,6 +88,9 @@ def corpus_files(paths: Sequence[str | Path], field: str = "data") -> list[Path]
         if p.is_dir():
             found = files_in(p, CORPUS_SUFFIXES)  # none is refused
         elif p.exists():
+            csv = csv_refused(p)  # a table, not text: refused before any file is read
+            if csv is not None:
+                raise csv
             found = [p]
         elif is_hub_name(given):
             if str(given) in hub_names:
@@ -153,9 +158,11 @@ def _iter_path(path: str | Path) -> Iterator[str]:
 
 def document_format(p: str | Path) -> str:
     """How file `p` is read, by its own suffix (a link's, not its target's): `jsonl` (`.json`
-    too: read as text, its records' JSON syntax would be trained on), `parquet` or `text`."""
+    and `.ndjson` too, as `datasets` reads them: read as text, their records' JSON syntax would
+    be trained on), `parquet` or `text`."""
     suffix = Path(p).suffix.lower()
-    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
+    return {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+            ".parquet": "parquet"}.get(suffix, "text")
 
 
 def _iter_file(p: Path) -> Iterator[str]:

@@ -385,7 +385,15 @@ def demonstration(tokenizer: Any, record: dict, path: str | Path | None = None,
                         "completion; keep the rows labeled true and drop 'label'", path=path,
                         line=line, field="label")
     prompt = prompt_of(record, path, line)
-    completion = _response_text(record["completion"], prompt, path, line, "completion")
+    said = record["completion"]
+    if isinstance(said, list) and said and isinstance(said[0], dict) \
+            and said[0].get("weight") == 0:
+        # As in 'messages': a turn OpenAI's format marks not to learn, which the completion
+        # (all a record trains on) was trained on without a word.
+        raise UserError("is 0, OpenAI's mark of a turn not to train on; SFT trains on the "
+                        "completion of every record: leave the record out", path=path,
+                        line=line, field="completion[0].weight")
+    completion = _response_text(said, prompt, path, line, "completion")
     try:
         p = encode_prompt(tokenizer, prompt)
         c = encode_response(tokenizer, completion, prompt)
