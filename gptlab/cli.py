@@ -365,6 +365,35 @@ def _verb_chat():
     return "chat with a model in the terminal (multi-turn, chat template)", add, run
 
 
+def _verb_serve():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="model directory, HF directory or .gguf")
+        p.add_argument("--name", default=None,
+                       help="the model's id in the API (default: its directory's name)")
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0: every interface)")
+        p.add_argument("--port", type=int, default=8000, help="port to listen on")
+        p.add_argument("--max-new-tokens", type=int, default=256,
+                       help="a reply's length when a request gives no max_tokens, and its most")
+        p.add_argument("--max-context-tokens", type=int, default=None,
+                       help="fit conversations in fewer tokens than the model's context")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of a request without one (plus the requests before it)")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+        p.epilog = ("OpenAI's chat completions API under /v1 (GET /v1/models, POST "
+                    "/v1/chat/completions, streamed with \"stream\": true) and a chat page at /. "
+                    "Ctrl-C stops the server.")
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab.chat.server import ServeConfig, serve
+        serve(ServeConfig(model=args.model, name=args.name, host=args.host, port=args.port,
+                          max_new_tokens=args.max_new_tokens,
+                          max_context_tokens=args.max_context_tokens, seed=args.seed,
+                          device=args.device))
+
+    return "serve a chat model: an OpenAI-compatible API and a web page", add, run
+
+
 def _verb_convert():
     def add(p: argparse.ArgumentParser) -> None:
         src = p.add_mutually_exclusive_group(required=True)
@@ -632,6 +661,7 @@ VERBS: dict[str, Callable] = {
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
     "chat": _verb_chat,
+    "serve": _verb_serve,
     "pretrain": _config_verb("gptlab.train.pretrain.PretrainConfig",
                              "gptlab.train.pretrain.pretrain",
                              "pretrain a GPT on raw text (next-token prediction)",

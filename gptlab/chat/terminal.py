@@ -204,18 +204,7 @@ class ChatSession:
                        pad_id=self.tok.pad_id, on_tokens=None if stream is None else stream.add,
                        stop_when=(StopStrings(self.tok, self.stop_strings, [ids])
                                   if self.stop_strings else None))
-        tokens = gen.tokens[0]
-        if gen.stopped_by_string and gen.stopped_by_string[0]:
-            # the next turn's start, in text: the reply is what comes before it
-            # cut in the text with the template's lead, where StopStrings found it
-            answer = cut_reply(self.tok.decode_response(kept, ids, tokens, lead=""),
-                               self.tok.answer_lead(kept), self.stop_strings)[0].strip()
-        elif gen.finished[0]:
-            # the end-of-turn token; the template writes its own
-            answer = self.tok.decode_response(kept, ids, tokens[:-1]).strip()
-        else:
-            # no half a character at the cut
-            answer = self.tok.decode_response(kept, ids, tokens, cut=True).strip()
+        answer = reply_text(self.tok, kept, ids, gen, 0, self.stop_strings)
         if stream is not None:
             stream.end(answer)
         if not gen.finished[0]:
@@ -225,6 +214,23 @@ class ChatSession:
         self.messages = kept + [{"role": "assistant", "content": answer}]
         self.turns += 1
         return answer
+
+
+def reply_text(tok: Any, messages: list[dict], ids: list[int], gen: Any, row: int,
+               stop_strings: tuple[str, ...]) -> str:
+    """The reply row `row` of generation `gen` holds, for the conversation `messages` rendered
+    as `ids`: its text before the stop that ended it, stripped, as the history keeps it."""
+    tokens = gen.tokens[row]
+    if gen.stopped_by_string and gen.stopped_by_string[row]:
+        # the next turn's start, in text: the reply is what comes before it, cut in the text
+        # with the template's lead, where StopStrings found it
+        return cut_reply(tok.decode_response(messages, ids, tokens, lead=""),
+                         tok.answer_lead(messages), stop_strings)[0].strip()
+    if gen.finished[row]:
+        # the end-of-turn token; the template writes its own
+        return tok.decode_response(messages, ids, tokens[:-1]).strip()
+    # no half a character at the cut
+    return tok.decode_response(messages, ids, tokens, cut=True).strip()
 
 
 class StreamedReply:

@@ -1,0 +1,364 @@
+"""`gptlab serve`: a chat model behind an OpenAI-compatible HTTP API, and a web page to talk to it.
+
+Endpoints (FastAPI, served by uvicorn):
+
+- `GET /v1/models`: the one model served, under its name (`--name`, by default its directory's).
+- `POST /v1/chat/completions`: OpenAI's chat completions, whole or streamed as server-sent
+  events (`"stream": true`, ended by `data: [DONE]`, usage in a last chunk with
+  `"stream_options": {"include_usage": true}`). A conversation is stateless, as in OpenAI's API:
+  the client sends the history each time. One that outgrows the context loses its oldest turns
+  first, as `gptlab chat` fits it (`fit_messages`); the system message and the last user message
+  are never dropped, and where those alone do not fit, the request is refused
+  (`context_length_exceeded`). The response's `x-gptlab-dropped-turns` header counts the turns
+  left out.
+- `GET /`: a chat page (one HTML file, no outside assets) that streams from the API.
+- `GET /health`: `{"status": "ok"}`.
+
+The request's settings are OpenAI's: `max_tokens` (or `max_completion_tokens`), `temperature`
+(0 is greedy decoding, as OpenAI's API reads it), `top_p`, `n`, `stop` (a string or up to 4),
+`seed`. A request without a seed takes the server's `--seed` plus the number of requests before
+it: a server started alike answers alike, yet two requests are not sampled alike. A setting that
+would change the answer and that gptlab does not do (`tools`, `logprobs`, `response_format`
+other than text, penalties, `logit_bias`) is refused, and so is a field OpenAI's API does not
+know, as OpenAI's own refuses it: no setting is ignored without a word. Errors have OpenAI's
+shape, `{"error": {"message", "type", "param", "code"}}`, with status 400 (a bad request), 404
+(another model's name) or 500. Requests are answered one at a time (the model is one).
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+# The serve extra (pip install gptlab[serve]); FastAPI reads the handlers' annotations by name.
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from gptlab.chat.context import TurnTooLong, fit_messages
+from gptlab.chat.terminal import StreamedReply, reply_text
+from gptlab.engine import SamplingParams, generate
+from gptlab.errors import UserError
+from gptlab.stop_strings import StopStrings, check_stop_strings
+from gptlab.tokenizer import check_messages, check_text
+
+# OpenAI's request fields gptlab honours, and those it accepts at the value that changes nothing.
+HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+            "n", "stop", "seed", "stream", "stream_options", "user"}
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
+           "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
+           "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
+           "store": (False,), "metadata": ({},)}
+MAX_N = 16  # completions of one request (the batch of one generation)
+MAX_STOP = 4  # as OpenAI's API
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `gptlab serve`."""
+
+    model: str = ""
+    name: str | None = None  # the model's id in the API (default: its directory's name)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_new_tokens: int = 256  # a request's reply when it gives no max_tokens, and its ceiling
+    max_context_tokens: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+class APIError(Exception):
+    """A request refused, as OpenAI's API says it: status, message, type, param, code."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = (message, param, status,
+                                                                       code, kind)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass
+class Request:
+    """A chat completion request, checked."""
+
+    messages: list[dict]
+    params: SamplingParams
+    n: int
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def _int(body: dict, key: str, low: int, high: int | None = None) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
+        within = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise APIError(f"{key} must be an integer {within}, got {json.dumps(v)}", key)
+    return v
+
+
+def _number(body: dict, key: str) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise APIError(f"{key} must be a number, got {json.dumps(v)}", key)
+    return float(v)
+
+
+def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
+                  stop_ids: tuple[int, ...]) -> Request:
+    """Check a chat completion request's JSON body; an `APIError` names the field."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    for key, value in body.items():
+        if key in HONOURED:
+            continue
+        if key not in NEUTRAL:
+            raise APIError(f"Unrecognized request argument supplied: {key}", key)
+        if value is not None and value not in NEUTRAL[key]:
+            raise APIError(f"{key} {json.dumps(value)} is not supported by gptlab serve (it "
+                           f"accepts only {' or '.join(json.dumps(v) for v in NEUTRAL[key])})",
+                           key)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages must be a non-empty list of {role, content} messages",
+                       "messages")
+    try:
+        check_messages(messages)
+        for i, m in enumerate(messages):
+            check_text(m["content"], field=f"messages[{i}].content")
+    except UserError as e:
+        raise APIError(e.message, e.field) from None
+    if messages[-1]["role"] != "user":
+        raise APIError(f"the last message must be the user's to answer, not "
+                       f"{messages[-1]['role']!r}", f"messages[{len(messages) - 1}].role")
+    tokens = _int(body, "max_completion_tokens", 1)
+    if tokens is None:
+        tokens = _int(body, "max_tokens", 1)
+    if tokens is not None and tokens > max_new_tokens:
+        raise APIError(f"at most {max_new_tokens} new tokens (the server's --max-new-tokens), "
+                       f"got {tokens}", "max_completion_tokens" if
+                       body.get("max_completion_tokens") is not None else "max_tokens")
+    temperature = _number(body, "temperature")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise APIError(f"temperature must be from 0 to 2, got {json.dumps(body['temperature'])}",
+                       "temperature")
+    top_p = _number(body, "top_p")
+    greedy = temperature == 0
+    if greedy and top_p is not None and top_p < 1:
+        raise APIError("temperature 0 is greedy decoding, which top_p would not change; "
+                       "leave one of them out", "top_p")
+    try:
+        params = SamplingParams(max_new_tokens=tokens or max_new_tokens, greedy=greedy,
+                                temperature=1.0 if temperature in (None, 0) else temperature,
+                                top_p=None if greedy or top_p == 1 else top_p,
+                                stop_ids=stop_ids)
+    except UserError as e:
+        raise APIError(e.message, e.field) from None
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop  # OpenAI's API takes one as a string
+    try:
+        stop = check_stop_strings(stop)
+    except UserError as e:
+        raise APIError(f"stop: {e.message}", "stop") from None
+    if len(stop) > MAX_STOP:
+        raise APIError(f"stop takes at most {MAX_STOP} texts, got {len(stop)}", "stop")
+    n = _int(body, "n", 1, MAX_N) or 1
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise APIError(f"stream must be true or false, got {json.dumps(stream)}", "stream")
+    if stream and n > 1:
+        raise APIError("a streamed request has one completion (n 1)", "n")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise APIError("stream_options takes include_usage alone", "stream_options")
+    if options and not stream:
+        raise APIError("stream_options is only allowed when stream is true", "stream_options")
+    seed = _int(body, "seed", -2**63)
+    return Request(messages, params, n, tuple(dict.fromkeys(stop_strings + stop)), seed,
+                   stream, bool(options.get("include_usage")))
+
+
+class ChatServer:
+    """One model and tokenizer, answering chat completion requests one at a time."""
+
+    def __init__(self, model: Any, tokenizer: Any, cfg: ServeConfig):
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.name = cfg.name or Path(cfg.model).name or "gptlab"
+        stop_ids, self.template_stops = tokenizer.reply_stops
+        self.stop_ids = tuple(sorted(stop_ids))
+        SamplingParams(max_new_tokens=cfg.max_new_tokens)  # checked at start
+        if cfg.max_context_tokens is not None and cfg.max_context_tokens < 1:
+            raise UserError("must be at least 1", field="max_context_tokens")
+        self.context = min(model.config.context, cfg.max_context_tokens or model.config.context)
+        self.lock = threading.Lock()
+        self.requests = 0
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.tok.render_chat(messages, add_generation_prompt=True)[0])
+
+    def prepare(self, body: Any) -> tuple[Request, list[dict], list[int], int]:
+        """The checked request, the messages kept, their ids and the turns dropped."""
+        req = parse_request(body, self.cfg.max_new_tokens, tuple(self.template_stops),
+                            self.stop_ids)
+        budget = self.context - req.params.max_new_tokens
+        try:
+            if budget < 1:
+                raise TurnTooLong(f"max_tokens {req.params.max_new_tokens} leaves no room for "
+                                  f"the conversation in the context of {self.context} tokens")
+            kept, dropped = fit_messages(req.messages, self.count_tokens, budget,
+                                         lambda needed: "or lower max_tokens")
+        except UserError as e:
+            raise APIError(f"This model's maximum context length is {self.context} tokens: "
+                           f"{e.message}", "messages", code="context_length_exceeded") from None
+        ids, _ = self.tok.render_chat(kept, add_generation_prompt=True)
+        return req, kept, ids, dropped
+
+    def _seed(self, req: Request) -> int:
+        seed = self.cfg.seed + self.requests if req.seed is None else req.seed
+        self.requests += 1
+        return seed
+
+    def complete(self, req: Request, kept: list[dict], ids: list[int]) -> dict:
+        """A whole chat completion (`chat.completion`)."""
+        with self.lock:
+            gen = generate(self.model, [ids] * req.n, req.params, seed=self._seed(req),
+                           pad_id=self.tok.pad_id,
+                           stop_when=(StopStrings(self.tok, req.stop, [ids] * req.n)
+                                      if req.stop else None))
+        choices = [{"index": i, "message": {"role": "assistant",
+                                            "content": reply_text(self.tok, kept, ids, gen, i,
+                                                                  req.stop)},
+                    "logprobs": None, "finish_reason": "stop" if gen.finished[i] else "length"}
+                   for i in range(req.n)]
+        done = sum(len(t) for t in gen.tokens)
+        return {**self._head("chat.completion"), "choices": choices,
+                "usage": {"prompt_tokens": len(ids) * req.n, "completion_tokens": done,
+                          "total_tokens": len(ids) * req.n + done}}
+
+    def _head(self, kind: str) -> dict:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": self.name}
+
+    def stream(self, req: Request, kept: list[dict], ids: list[int]) -> Iterator[str]:
+        """A streamed chat completion: server-sent events of `chat.completion.chunk`s, each
+        piece of the reply once no later token can change it (`StreamedReply`)."""
+        pieces: queue.Queue = queue.Queue()
+        head = self._head("chat.completion.chunk")
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+        def run() -> None:
+            try:
+                with self.lock:
+                    streamed = StreamedReply(self.tok, kept, ids, req.params.stop_ids,
+                                             lambda text: pieces.put(("text", text)), req.stop)
+                    gen = generate(self.model, [ids], req.params, seed=self._seed(req),
+                                   pad_id=self.tok.pad_id, on_tokens=streamed.add,
+                                   stop_when=(StopStrings(self.tok, req.stop, [ids])
+                                              if req.stop else None))
+                    # The rest of the reply as a whole completion keeps it. Where a later token
+                    # changed text handed on already (byte fallback's invalid bytes), no chunk
+                    # takes that back: the streamed text is what was sent.
+                    answer = reply_text(self.tok, kept, ids, gen, 0, req.stop)
+                    if answer.startswith(streamed.given) and len(answer) > len(streamed.given):
+                        pieces.put(("text", answer[len(streamed.given):]))
+                pieces.put(("end", gen))
+            except Exception as e:  # said in the stream: its status line is sent already
+                pieces.put(("error", e))
+
+        threading.Thread(target=run, daemon=True).start()
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = pieces.get()
+            if kind == "text":
+                yield chunk({"content": value})
+                continue
+            if kind == "error":
+                error = APIError(str(value), status=500, kind="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+                break
+            gen = value
+            yield chunk({}, "stop" if gen.finished[0] else "length")
+            if req.include_usage:
+                done = len(gen.tokens[0])
+                usage = {"prompt_tokens": len(ids), "completion_tokens": done,
+                         "total_tokens": len(ids) + done}
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+            break
+        yield "data: [DONE]\n\n"
+
+
+def create_app(server: ChatServer) -> FastAPI:
+    """The FastAPI application serving `server`."""
+    app = FastAPI(title="gptlab", version="1")
+
+    @app.exception_handler(APIError)
+    def refused(_: HTTPRequest, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
+                                            "owned_by": "gptlab"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(f"the request body is not valid JSON: {e}") from None
+        name = body.get("model") if isinstance(body, dict) else None
+        if name is not None and name != server.name:
+            raise APIError(f"The model {name!r} does not exist; this server serves "
+                           f"{server.name!r}", "model", status=404, code="model_not_found")
+        req, kept, ids, dropped = server.prepare(body)
+        headers = {"x-gptlab-dropped-turns": str(dropped)}
+        if req.stream:
+            return StreamingResponse(server.stream(req, kept, ids), headers=headers,
+                                     media_type="text/event-stream")
+        return JSONResponse(await run_in_threadpool(server.complete, req, kept, ids),
+                            headers=headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (Path(__file__).with_name("page.html").read_text(encoding="utf-8")
+                .replace("{{MODEL}}", json.dumps(server.name)))
+
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    """`gptlab serve`: load the model and answer requests until interrupted."""
+    import uvicorn
+
+    from gptlab.checkpoint import load_language_model
+    from gptlab.train.loop import select_device
+
+    if not cfg.model:
+        raise UserError("serve needs a model (--model)", field="model")
+    model, tok, _ = load_language_model(Path(cfg.model), select_device(cfg.device))
+    server = ChatServer(model, tok, cfg)
+    print(f"serving {server.name} on http://{cfg.host}:{cfg.port}/ (OpenAI API under /v1)",
+          flush=True)
+    uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,0 +1,235 @@
+"""`gptlab serve`: the OpenAI-compatible chat completions API and the chat page, on a tiny model."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.chat import ChatConfig, ChatSession
+from gptlab.chat.server import ChatServer, ServeConfig, create_app
+from gptlab.checkpoint import load_model, save_model
+from gptlab.cli import main
+from gptlab.model import GPT, get_preset
+from gptlab.tokenizer import train_tokenizer
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi) is part of make test's install")
+from fastapi.testclient import TestClient  # noqa: E402
+
+TEXT = ("the cat sat on the mat. the dog ran to the park. a bird sang in the tree. "
+        "what is the capital of france? paris is the capital of france. ") * 20
+SYSTEM = {"role": "system", "content": "be kind"}
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_serve")
+    tok = train_tokenizer([TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=96)
+    save_model(d / "model", GPT(cfg), tok)
+    return d / "model"
+
+
+def client_of(tiny_dir: Path, **settings) -> TestClient:
+    model, tok, _ = load_model(tiny_dir)
+    cfg = ServeConfig(model=str(tiny_dir), **{"max_new_tokens": 16, **settings})
+    return TestClient(create_app(ChatServer(model, tok, cfg)))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_dir) -> TestClient:
+    return client_of(tiny_dir)
+
+
+def ask(client: TestClient, messages: list[dict], **body) -> dict:
+    r = client.post("/v1/chat/completions", json={"model": "model", "messages": messages, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def events(client: TestClient, messages: list[dict], **body) -> list:
+    r = client.post("/v1/chat/completions",
+                    json={"messages": messages, "stream": True, **body})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    said = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in said) and said[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: "):]) for e in said[:-1]]
+
+
+def test_models_health_and_the_page(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/v1/models").json() == {
+        "object": "list", "data": [{"id": "model", "object": "model", "created": 0,
+                                    "owned_by": "gptlab"}]}
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'const MODEL = "model";' in page.text and "/v1/chat/completions" in page.text
+
+
+def test_a_greedy_completion_is_the_reply_gptlab_chat_gives(tiny_dir, client):
+    model, tok, _ = load_model(tiny_dir)
+    session = ChatSession(model, tok, ChatConfig(model=str(tiny_dir), system="be kind",
+                                                 max_new_tokens=12, temperature=1.0, seed=5))
+    want = [session.reply("the cat sat"), session.reply("the dog ran")]  # seeds 5 and 6
+    assert all(want)  # random weights, sampled: some text
+    # The client sends the history each time; the server keeps none.
+    first = ask(client, [SYSTEM, user("the cat sat")], temperature=1.0, max_tokens=12, seed=5)
+    history = [SYSTEM, user("the cat sat"), {"role": "assistant", "content": want[0]},
+               user("the dog ran")]
+    second = ask(client, history, temperature=1.0, max_tokens=12, seed=6)
+    assert [first["choices"][0]["message"]["content"],
+            second["choices"][0]["message"]["content"]] == want
+    assert first["object"] == "chat.completion" and first["model"] == "model"
+    assert first["id"].startswith("chatcmpl-") and first["id"] != second["id"]
+    ids, _ = tok.render_chat(history, add_generation_prompt=True)
+    usage = second["usage"]
+    assert usage["prompt_tokens"] == len(ids)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 1 <= usage["completion_tokens"] <= 12
+    finish = second["choices"][0]["finish_reason"]
+    assert finish == ("length" if usage["completion_tokens"] == 12 else "stop")
+
+
+def test_a_streamed_completion_says_what_a_whole_one_says(client):
+    messages = [SYSTEM, user("what is the capital of france?")]
+    # random weights: a seed whose sampled reply holds some text
+    seed, whole = next((s, w) for s in range(10) for w in [ask(client, messages, seed=s)]
+                       if w["choices"][0]["message"]["content"])
+    chunks = events(client, messages, seed=seed,
+                    stream_options={"include_usage": True})
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    *_, last, usage = chunks
+    assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                  "finish_reason": whole["choices"][0]["finish_reason"]}
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    # without include_usage, no usage chunk
+    assert all(c["choices"] for c in events(client, messages, temperature=0, max_tokens=4))
+
+
+def test_n_completions_sampled_under_a_seed_are_reproducible(tiny_dir, client):
+    messages = [user("the cat sat")]
+    a = ask(client, messages, n=4, seed=7, temperature=1.0)
+    b = ask(client, messages, n=4, seed=7, temperature=1.0)
+    answers = [c["message"]["content"] for c in a["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2, 3]
+    assert answers == [c["message"]["content"] for c in b["choices"]]
+    assert len(set(answers)) > 1  # each completion is drawn on its own
+    assert a["usage"]["prompt_tokens"] == 4 * ask(client, messages)["usage"]["prompt_tokens"]
+    # Without a seed: the server's --seed plus the requests before it, so a server started
+    # alike answers alike, and its second request is not sampled as its first.
+    one, two = client_of(tiny_dir), client_of(tiny_dir)
+    firsts = [ask(c, messages, n=4)["choices"] for c in (one, two)]
+    assert firsts[0] == firsts[1]
+    assert ask(one, messages, n=4)["choices"] != firsts[0]
+
+
+def test_a_stop_string_ends_the_reply_before_it(client):
+    # Under one seed the reply is drawn alike up to the stop, which ends it there.
+    # Random weights: a seed whose reply holds letters after some text, the stop.
+    messages = [user("the dog ran")]
+    for seed in range(20):
+        whole = ask(client, messages, seed=seed)["choices"][0]["message"]["content"]
+        found = re.search(r"[a-z]{2,}", whole)
+        if found and whole[:found.start()].strip():
+            break
+    else:
+        pytest.fail("no reply holds letters after some text")
+    stop = found.group()
+    cut = ask(client, messages, seed=seed, stop=stop)["choices"][0]
+    assert cut["message"]["content"] == whole[:found.start()].strip()
+    assert cut["finish_reason"] == "stop"
+    assert ask(client, messages, seed=seed, stop=[stop, "zzz"])["choices"][0] == cut
+
+
+def test_a_conversation_past_the_context_loses_its_oldest_turns(tiny_dir):
+    client = client_of(tiny_dir, max_context_tokens=60)
+    long = [SYSTEM]
+    for i in range(6):
+        long += [user(f"the cat sat on the mat {i}"), {"role": "assistant", "content": "a bird"}]
+    r = client.post("/v1/chat/completions", json={"messages": long + [user("the dog ran")],
+                                                  "temperature": 0, "max_tokens": 8})
+    assert r.status_code == 200 and int(r.headers["x-gptlab-dropped-turns"]) >= 1
+    assert r.json()["usage"]["prompt_tokens"] <= 60 - 8
+    # a last message that alone does not fit is refused, as OpenAI's API refuses it
+    r = client.post("/v1/chat/completions",
+                    json={"messages": [user("the cat sat on the mat " * 20)], "max_tokens": 8})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert error["message"].startswith("This model's maximum context length is 60 tokens")
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     'tools [{"type": "function", "function": {"name": "f"}}] is not supported by gptlab serve'),
+    ({"logprobs": True}, 400, "logprobs", "logprobs true is not supported"),
+    ({"response_format": {"type": "json_object"}}, 400, "response_format", "response_format"),
+    ({"frequency_penalty": 0.5}, 400, "frequency_penalty", "frequency_penalty 0.5 is not"),
+    ({"best_of": 2}, 400, "best_of", "Unrecognized request argument supplied: best_of"),
+    ({"temperature": 3}, 400, "temperature", "temperature must be from 0 to 2, got 3"),
+    ({"temperature": 0, "top_p": 0.5}, 400, "top_p", "temperature 0 is greedy decoding"),
+    ({"top_p": 0}, 400, "top_p", "must be in (0, 1], got 0.0"),
+    ({"max_tokens": 0}, 400, "max_tokens", "max_tokens must be an integer of at least 1, got 0"),
+    ({"max_tokens": 17}, 400, "max_tokens", "at most 16 new tokens (the server's"),
+    ({"n": 2, "stream": True}, 400, "n", "a streamed request has one completion"),
+    ({"n": 0}, 400, "n", "n must be an integer from 1 to 16, got 0"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop takes at most 4 texts, got 5"),
+    ({"stop": [""]}, 400, "stop", "stop: item 0 is empty"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed when"),
+    ({"model": "gpt-4o"}, 404, "model", "The model 'gpt-4o' does not exist"),
+    ({"messages": []}, 400, "messages", "messages must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 400,
+     "messages[0].content", "content is a list of parts"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     400, "messages[1].role", "the last message must be the user's to answer"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, 400, "messages[0].role", "role 'tool'"),
+])
+def test_a_request_gptlab_cannot_honour_is_refused_as_openai_refuses(client, body, status, param,
+                                                                     message):
+    r = client.post("/v1/chat/completions", json={"messages": [user("hi")], **body})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == ("model_not_found" if status == 404 else None)
+
+
+def test_neutral_settings_and_a_body_that_is_no_json(client):
+    # What a client sends at its default changes nothing and is accepted (the openai client's
+    # and LangChain's requests hold such fields).
+    greedy = ask(client, [user("hi")], temperature=0)
+    assert ask(client, [user("hi")], temperature=0, frequency_penalty=0, presence_penalty=0.0,
+               logprobs=False, tools=[], response_format={"type": "text"}, user="me",
+               top_p=1, stop=None, seed=None)["choices"] == greedy["choices"]
+    r = client.post("/v1/chat/completions", content=b"{not json",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_serve_loads_the_model_and_runs_uvicorn(tiny_dir, monkeypatch, capsys):
+    import uvicorn
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    assert main(["serve", "--model", str(tiny_dir), "--name", "tiny", "--port", "8123"]) == 0
+    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
+    assert "serving tiny on http://127.0.0.1:8123/" in capsys.readouterr().out
+    models = TestClient(ran["app"]).get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["tiny"]
+
+
+def test_serve_without_a_model_there_exits_2_naming_the_flag(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "none" in err
