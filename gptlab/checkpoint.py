@@ -735,17 +735,18 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise_for_target(e, tmp, final)
         write_text_atomic(self.dir / "latest", final.name + "\n")
-        self._prune(step)
+        self.prune(step)
         return final
 
-    def _prune(self, newest: int) -> None:
+    def prune(self, newest: int) -> None:
         """Remove all but the last `keep` checkpoints up to step `newest`, the one just saved,
         each in one step (`remove_dir`): file by file, a kill midway left a `step-N` with its
         manifest and part of its files. Those past `newest` are another line of the run (one
         resumed from an earlier checkpoint, the pointer moved back by hand) and stay: counted
         in, they had the save remove the checkpoint it was resumed from, the only other one
         of its line. One that cannot be renamed aside (`remove_dir`) stays whole, and the next
-        save tries again."""
+        save tries again. A run resumed at its last step calls it too: its last save, killed
+        once `latest` named it, removed none, and no save follows."""
         if self.keep is None:
             return
         steps = [p for n, p in sorted(_step_dirs(self.dir).items()) if n <= newest]
@@ -952,10 +953,13 @@ class Checkpointer:
         if verify:
             self.verify(path)
         self.require(path, required)
-        # What a kill left of a save or of a removal (`_prune`'s, of the last save: a run that
-        # was done with its steps saves no more, and no save would remove it).
+        # What a kill left of a save or of a removal (`prune`'s, of the last save: a run that
+        # was done with its steps saves no more, and no save would remove it), and of the
+        # pointer's write: killed between its rename and its temporary's removal, that save
+        # left `.latest.<random>.tmp`, which only the next write of the pointer removes.
         settle_old_files(self.dir)
         remove_stale_temps(self.dir, ".step-*.tmp*")
+        remove_stale_temps(self.dir, glob.escape(".latest.") + "*.tmp")
         load_weights(model, path / MODEL_FILE)
         for name, other in (models or {}).items():
             load_weights(other, path / name / MODEL_FILE)

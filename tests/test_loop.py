@@ -439,6 +439,46 @@ class _Crash(Exception):
     pass
 
 
+def test_a_last_save_killed_once_latest_names_it_is_tidied_by_the_resume(tmp_path, monkeypatch):
+    """Killed between the rename of the pointer to the last checkpoint and the removal of the
+    pointer's temporary (before the save removed the checkpoints past keep_checkpoints), a
+    run's resume trains no step and saves nothing: it left `.latest.<random>.tmp` and step-2
+    beside step-4 for good. The resume removes both, and ends as the run that never stopped."""
+    import shutil
+    tokens = _stream(7, n=1000)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=1, max_steps=4, eval_every=2, eval_batches=1,
+                      save_every=2, keep_checkpoints=1, log_every=1, progress=False,
+                      device="cpu", seed=2)
+    val = fixed_batches(tokens, 16, np.arange(50, 60), 4, 1)
+    run = lambda out, **kw: train(  # noqa: E731
+        tiny(), BlockBatches(tokens, 16, np.arange(50), 4, 2), lm_loss, cfg, out,
+        val_batches=val, **kw)
+    full = run(tmp_path / "a")
+    b = tmp_path / "b"
+    ckpts = b / "checkpoints"
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # as a SIGKILL there: nothing after it runs
+        if Path(path).name.startswith(".latest.") and (ckpts / "step-4").exists():
+            raise _Crash
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(_Crash):
+        run(b)
+    monkeypatch.undo()
+    assert (ckpts / "latest").read_text() == "step-4\n"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".latest.")) == [
+        "latest", "step-2", "step-4"]
+    resumed = run(b, resume=True)
+    assert resumed.step == full.step == 4
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-4"]
+    assert _curve(tmp_path / "a" / "metrics.jsonl") == _curve(b / "metrics.jsonl")
+    for name in ("model.safetensors", "optimizer.pt"):
+        assert ((ckpts / "step-4" / name).read_bytes()
+                == (tmp_path / "a" / "checkpoints" / "step-4" / name).read_bytes())
+
+
 class _Crashing(_Interrupting):
     """A batch stream whose process dies (nothing saved) before batch `at`."""
 

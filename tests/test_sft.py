@@ -474,6 +474,31 @@ def test_a_best_at_step_0_is_restored_from_the_input_model_where_it_still_holds_
     assert all(torch.equal(c[k], b[k]) for k in c)
 
 
+def test_a_finished_run_that_kept_its_last_weights_resumed_selecting_ends_on_the_best(base,
+                                                                                     tmp_path):
+    """A run finished with --no-select-best records its best step (0 here, at lr 3) in OUT's
+    config.json, but holds its last weights. Resumed to more steps selecting the best, it took
+    OUT for the finished run's best weights: it ended on step 4's, saying it held step 0's,
+    the starting weights. It ends on the starting weights, as the run selecting from the
+    start does."""
+    from safetensors.torch import load_file
+    d, _ = base
+    args = ("--lr", "3", "--warmup-steps", "0", "--eval-every", "1", "--save-every", "2",
+            "--val-fraction", "0.25")
+    straight, out = tmp_path / "straight", tmp_path / "sft"
+    assert run_sft(base, straight, *args, "--max-steps", "6") == 0
+    assert run_sft(base, out, *args, "--max-steps", "4", "--no-select-best") == 0
+    assert json.loads((out / "config.json").read_text())["best_step"] == 0
+    assert run_sft(base, out, *args, "--max-steps", "6", "--resume") == 0
+    metas = [json.loads((run / "config.json").read_text()) for run in (straight, out)]
+    assert [(m["step"], m["best_step"]) for m in metas] == [(6, 0)] * 2
+    assert metas[0]["val_loss"] == metas[1]["val_loss"]
+    start = load_file(d / "base" / "model.safetensors")
+    for run in (straight, out):
+        got = load_file(run / "model.safetensors")
+        assert got.keys() == start.keys() and all(torch.equal(start[k], got[k]) for k in start)
+
+
 class _Crash(Exception):
     pass
 

@@ -1029,6 +1029,10 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
             stopped_early, cap = False, total  # a new length, not a stop
         MetricsLog.rewind(metrics_path, state)
         ckpt.point_latest(path)
+        if total is not None and step >= total:
+            # No step is left, so no save follows: the removals of the last one, killed once
+            # `latest` named it, are done here, or the run kept a checkpoint past `keep`.
+            ckpt.prune(step)
         print(f"resuming from {path} (step {step} of {total or '?'})", file=sys.stderr)
     else:
         seed_everything(cfg.seed)

@@ -246,10 +246,15 @@ class BestKeeper:
             return
         out = self.dir.parent
         source: Path | nn.Module | None
+        finished = _meta_of(out)
         if checkpoint is not None and self.best_step == upto:
             source = checkpoint  # the weights its own step's evaluation measured
-        elif _meta_of(out).get("best_step") == self.best_step:
-            source = out  # a finished run: OUT holds its best weights, OUT/best is gone
+        elif finished.get("best_step") == self.best_step \
+                and finished.get("val_loss") == self.best_val_loss:
+            # A finished run: OUT holds its best weights, OUT/best is gone. Its val_loss is
+            # its weights' own: a run with --no-select-best records the best step too, but
+            # holds the last weights, which were taken for the best's on a resume selecting.
+            source = out
         elif self.best_step == 0 and start is not None:
             source = start  # the input model, its weights checked against the run's start
         else:
