@@ -1,41 +1,28 @@
 """`gptlab serve`: the OpenAI-compatible chat completions API and the chat page, on a tiny model."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 
 import pytest
-import torch
-
-from gptlab.chat import ChatConfig, ChatSession
-from gptlab.chat.server import ChatServer, ServeConfig, create_app
-from gptlab.checkpoint import load_model, save_model
-from gptlab.cli import main
-from gptlab.model import GPT, get_preset
-from gptlab.tokenizer import train_tokenizer
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is part of make test's install")
 from fastapi.testclient import TestClient  # noqa: E402
 
-TEXT = ("the cat sat on the mat. the dog ran to the park. a bird sang in the tree. "
-        "what is the capital of france? paris is the capital of france. ") * 20
+import test_chat  # noqa: E402
+from gptlab.chat import ChatConfig, ChatSession  # noqa: E402
+from gptlab.chat.server import ChatServer, ServeConfig, create_app  # noqa: E402
+from gptlab.checkpoint import load_model  # noqa: E402
+from gptlab.cli import main  # noqa: E402
+
+tiny_dir = test_chat.tiny_dir  # the tiny chat model `gptlab chat`'s tests talk to (a fixture)
+
 SYSTEM = {"role": "system", "content": "be kind"}
 
 
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_serve")
-    tok = train_tokenizer([TEXT], vocab_size=300)
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, context=96)
-    save_model(d / "model", GPT(cfg), tok)
-    return d / "model"
 
 
 def client_of(tiny_dir: Path, **settings) -> TestClient:
