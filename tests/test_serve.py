@@ -209,7 +209,8 @@ def test_serve_loads_the_model_and_runs_uvicorn(tiny_dir, monkeypatch, capsys):
     import uvicorn
     ran = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
-    assert main(["serve", "--model", str(tiny_dir), "--name", "tiny", "--port", "8123"]) == 0
+    assert main(["serve", "--model", str(tiny_dir), "--name", "tiny", "--port", "8123",
+                 "--max-new-tokens", "16"]) == 0
     assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
     assert "serving tiny on http://127.0.0.1:8123/" in capsys.readouterr().out
     models = TestClient(ran["app"]).get("/v1/models").json()["data"]
@@ -220,3 +221,25 @@ def test_serve_without_a_model_there_exits_2_naming_the_flag(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "none" in err
+
+
+def test_a_fault_of_the_server_is_a_500_in_openai_s_shape(tiny_dir, monkeypatch):
+    model, tok, _ = load_model(tiny_dir)
+    server = ChatServer(model, tok, ServeConfig(model=str(tiny_dir), max_new_tokens=16))
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(server, "complete", broken)
+    r = TestClient(create_app(server), raise_server_exceptions=False).post(
+        "/v1/chat/completions", json={"messages": [user("hi")]})
+    assert r.status_code == 500
+    assert r.json() == {"error": {"message": "RuntimeError: out of memory",
+                                  "type": "server_error", "param": None, "code": None}}
+
+
+def test_a_default_reply_that_fills_the_context_is_refused_at_start(tiny_dir, capsys):
+    # The tiny model's context is 96: every request without max_tokens would have been refused.
+    assert main(["serve", "--model", str(tiny_dir), "--max-new-tokens", "96"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "field '--max-new-tokens': 96 leaves no room for a conversation in a context of 96 "
+        "tokens; lower it (--max-new-tokens)\n")

@@ -205,6 +205,11 @@ class ChatServer:
         if cfg.max_context_tokens is not None and cfg.max_context_tokens < 1:
             raise UserError("must be at least 1", field="max_context_tokens")
         self.context = min(model.config.context, cfg.max_context_tokens or model.config.context)
+        if cfg.max_new_tokens >= self.context:
+            # Every request without max_tokens would be refused: said at start, as chat says it.
+            raise UserError(f"{cfg.max_new_tokens} leaves no room for a conversation in a "
+                            f"context of {self.context} tokens; lower it (--max-new-tokens)",
+                            field="max_new_tokens")
         self.lock = threading.Lock()
         self.requests = 0
 
@@ -312,6 +317,12 @@ def create_app(server: ChatServer) -> FastAPI:
     @app.exception_handler(APIError)
     def refused(_: HTTPRequest, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    def failed(_: HTTPRequest, e: Exception) -> JSONResponse:
+        # A fault of the server's, said in OpenAI's shape too: clients read `error.message`.
+        error = APIError(f"{type(e).__name__}: {e}", status=500, kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
 
     @app.get("/health")
     def health() -> dict:
