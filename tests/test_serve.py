@@ -243,3 +243,54 @@ def test_a_default_reply_that_fills_the_context_is_refused_at_start(tiny_dir, ca
     assert capsys.readouterr().err.endswith(
         "field '--max-new-tokens': 96 leaves no room for a conversation in a context of 96 "
         "tokens; lower it (--max-new-tokens)\n")
+
+
+def test_a_text_completion_continues_the_prompt_as_generate_text_does(tiny_dir, client):
+    from gptlab import api
+    pair = load_model(tiny_dir)[:2]
+    prompts = ["the cat sat on", "paris is the"]
+    want = api.generate_text(pair, prompts, max_new_tokens=12, seed=4)
+    r = client.post("/v1/completions", json={"model": "model", "prompt": prompts,
+                                             "max_tokens": 12, "seed": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert [c["text"] for c in body["choices"]] == want and all(want)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    tok = pair[1]
+    used = sum(len(tok.encode(p, bos=tok.bos_id is not None)) for p in prompts)
+    assert body["usage"]["prompt_tokens"] == used
+    assert body["usage"]["total_tokens"] == used + body["usage"]["completion_tokens"]
+    # greedy, a single prompt, n and a stop string
+    greedy = api.generate_text(pair, ["the dog"], max_new_tokens=16, greedy=True)
+    one = client.post("/v1/completions", json={"prompt": "the dog", "temperature": 0}).json()
+    assert [c["text"] for c in one["choices"]] == greedy
+    many = client.post("/v1/completions", json={"prompt": "the dog", "n": 3, "seed": 2}).json()
+    texts = [c["text"] for c in many["choices"]]
+    assert len(texts) == 3 and len(set(texts)) > 1
+    # random weights: a completion with letters after some text, and those letters the stop
+    k, found = next((k, f) for k, t in enumerate(texts) for f in [re.search(r"[a-z]{2,}", t)]
+                    if f and f.start() > 0)
+    stop = found.group()
+    cut = client.post("/v1/completions",
+                      json={"prompt": "the dog", "n": 3, "seed": 2, "stop": stop}).json()
+    assert cut["choices"][k]["text"] == texts[k][:found.start()]
+    assert cut["choices"][k]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("body, param, message, code", [
+    ({"prompt": "hi", "stream": True}, "stream", "stream is not supported", None),
+    ({"prompt": "hi", "echo": True}, "echo", "echo true is not supported", None),
+    ({"prompt": "hi", "logprobs": 2}, "logprobs", "logprobs 2 is not supported", None),
+    ({"prompt": "the cat sat " * 40}, "prompt", "prompt has", "context_length_exceeded"),
+    ({"prompt": ["hi", "the cat sat " * 40]}, "prompt[1]", "prompt has",
+     "context_length_exceeded"),
+    ({"prompt": []}, "prompt", "prompt must be a text or a non-empty list", None),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages",
+     "Unrecognized request argument supplied: messages", None),
+])
+def test_a_text_completion_gptlab_cannot_honour_is_refused(client, body, param, message, code):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"] and error["code"] == code

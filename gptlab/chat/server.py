@@ -11,6 +11,9 @@ Endpoints (FastAPI, served by uvicorn):
   are never dropped, and where those alone do not fit, the request is refused
   (`context_length_exceeded`). The response's `x-gptlab-dropped-turns` header counts the turns
   left out.
+- `POST /v1/completions`: OpenAI's text completions, whole: each prompt continued as raw text,
+  as `gptlab generate` continues it (the built-in world's SQL model is served so: its prompt
+  is the schema, the question and `SQL:`).
 - `GET /`: a chat page (one HTML file, no outside assets) that streams from the API.
 - `GET /health`: `{"status": "ok"}`.
 
@@ -45,16 +48,24 @@ from gptlab.chat.context import TurnTooLong, fit_messages
 from gptlab.chat.terminal import StreamedReply, reply_text
 from gptlab.engine import SamplingParams, generate
 from gptlab.errors import UserError
-from gptlab.stop_strings import StopStrings, check_stop_strings
+from gptlab.api import fit_prompt
+from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
 from gptlab.tokenizer import check_messages, check_text
 
-# OpenAI's request fields gptlab honours, and those it accepts at the value that changes nothing.
+# OpenAI's chat request fields gptlab honours, and those it accepts at the value that changes
+# nothing.
 HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
             "n", "stop", "seed", "stream", "stream_options", "user"}
 NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
            "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
            "store": (False,), "metadata": ({},)}
+# The same of a text completion (`/v1/completions`): a prompt or a list of them for messages.
+TEXT_HONOURED = HONOURED - {"messages", "max_completion_tokens", "stream_options"} | {"prompt"}
+TEXT_NEUTRAL = {**{k: NEUTRAL[k] for k in ("frequency_penalty", "presence_penalty",
+                                            "logit_bias")},
+                "logprobs": (None,), "echo": (False,), "suffix": (None, ""), "best_of": (1,),
+                "stream": (False,)}
 MAX_N = 16  # completions of one request (the batch of one generation)
 MAX_STOP = 4  # as OpenAI's API
 
@@ -119,20 +130,27 @@ def _number(body: dict, key: str) -> float | None:
     return float(v)
 
 
-def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
-                  stop_ids: tuple[int, ...]) -> Request:
-    """Check a chat completion request's JSON body; an `APIError` names the field."""
+def _check_fields(body: Any, honoured: set[str], neutral: dict[str, tuple]) -> dict:
+    """`body`, a JSON object whose every field is honoured or at a value that changes nothing;
+    an `APIError` names the first that is not."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     for key, value in body.items():
-        if key in HONOURED:
+        if key in honoured:
             continue
-        if key not in NEUTRAL:
+        if key not in neutral:
             raise APIError(f"Unrecognized request argument supplied: {key}", key)
-        if value is not None and value not in NEUTRAL[key]:
+        if value is not None and value not in neutral[key]:
             raise APIError(f"{key} {json.dumps(value)} is not supported by gptlab serve (it "
-                           f"accepts only {' or '.join(json.dumps(v) for v in NEUTRAL[key])})",
+                           f"accepts only {' or '.join(json.dumps(v) for v in neutral[key])})",
                            key)
+    return body
+
+
+def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
+                  stop_ids: tuple[int, ...]) -> Request:
+    """Check a chat completion request's JSON body; an `APIError` names the field."""
+    body = _check_fields(body, HONOURED, NEUTRAL)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("messages must be a non-empty list of {role, content} messages",
@@ -146,6 +164,12 @@ def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
     if messages[-1]["role"] != "user":
         raise APIError(f"the last message must be the user's to answer, not "
                        f"{messages[-1]['role']!r}", f"messages[{len(messages) - 1}].role")
+    return _settings(body, max_new_tokens, stop_strings, stop_ids, messages)
+
+
+def _settings(body: dict, max_new_tokens: int, stop_strings: tuple[str, ...],
+              stop_ids: tuple[int, ...], messages: list[dict]) -> Request:
+    """The sampling settings of a request, chat or text completion, checked."""
     tokens = _int(body, "max_completion_tokens", 1)
     if tokens is None:
         tokens = _int(body, "max_tokens", 1)
@@ -255,8 +279,48 @@ class ChatServer:
                 "usage": {"prompt_tokens": len(ids) * req.n, "completion_tokens": done,
                           "total_tokens": len(ids) * req.n + done}}
 
-    def _head(self, kind: str) -> dict:
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+    def complete_text(self, body: Any) -> dict:
+        """A text completion (`text_completion`): each prompt continued as raw text, as
+        `gptlab generate` and `api.generate_text` continue it (BOS first, the tokenizer's stop
+        tokens end it, a stop string cuts it)."""
+        body = _check_fields(body, TEXT_HONOURED - {"stream"}, TEXT_NEUTRAL)
+        prompts = body.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts \
+                or not all(isinstance(p, str) for p in prompts):
+            raise APIError("prompt must be a text or a non-empty list of texts", "prompt")
+        req = _settings(body, self.cfg.max_new_tokens, (), tuple(sorted(self.tok.stop_ids)), [])
+        field = "prompt" if isinstance(body["prompt"], str) else "prompt[{}]"
+        encoded = []
+        for i, text in enumerate(prompts):
+            try:
+                check_text(text, field=field.format(i))
+                ids = self.tok.encode(text, bos=self.tok.bos_id is not None)
+                if not ids:
+                    raise UserError("is empty", field=field.format(i))
+                encoded.append(fit_prompt(ids, self.context, req.params.max_new_tokens, False,
+                                          self.tok.bos_id, field.format(i))[0])
+            except UserError as e:
+                code = "context_length_exceeded" if "room" in e.message else None
+                raise APIError(e.message, e.field, code=code) from None
+        batch = [ids for ids in encoded for _ in range(req.n)]
+        with self.lock:
+            gen = generate(self.model, batch, req.params, seed=self._seed(req),
+                           pad_id=self.tok.pad_id,
+                           stop_when=StopStrings(self.tok, req.stop, batch) if req.stop else None)
+        choices = []
+        for i, (ids, tokens, done) in enumerate(zip(batch, gen.tokens, gen.finished)):
+            text = self.tok.decode_continuation(ids, tokens, cut=not done)
+            text = cut_at_stop(text, req.stop)[0] if req.stop else text
+            choices.append({"text": text, "index": i, "logprobs": None,
+                            "finish_reason": "stop" if done else "length"})
+        used, done = sum(len(ids) for ids in batch), sum(len(t) for t in gen.tokens)
+        return {**self._head("text_completion", "cmpl"), "choices": choices,
+                "usage": {"prompt_tokens": used, "completion_tokens": done,
+                          "total_tokens": used + done}}
+
+    def _head(self, kind: str, prefix: str = "chatcmpl") -> dict:
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                 "model": self.name}
 
     def stream(self, req: Request, kept: list[dict], ids: list[int]) -> Iterator[str]:
@@ -333,8 +397,8 @@ def create_app(server: ChatServer) -> FastAPI:
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
                                             "owned_by": "gptlab"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HTTPRequest) -> Any:
+    async def _json_body(request: HTTPRequest) -> Any:
+        """The request's JSON body, its `model` the one served."""
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -343,6 +407,11 @@ def create_app(server: ChatServer) -> FastAPI:
         if name is not None and name != server.name:
             raise APIError(f"The model {name!r} does not exist; this server serves "
                            f"{server.name!r}", "model", status=404, code="model_not_found")
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Any:
+        body = await _json_body(request)
         req, kept, ids, dropped = server.prepare(body)
         headers = {"x-gptlab-dropped-turns": str(dropped)}
         if req.stream:
@@ -350,6 +419,14 @@ def create_app(server: ChatServer) -> FastAPI:
                                      media_type="text/event-stream")
         return JSONResponse(await run_in_threadpool(server.complete, req, kept, ids),
                             headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest) -> Any:
+        body = await _json_body(request)
+        if isinstance(body, dict) and body.get("stream"):
+            raise APIError("stream is not supported by gptlab serve's text completions (chat "
+                           "completions stream)", "stream")
+        return JSONResponse(await run_in_threadpool(server.complete_text, body))
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
