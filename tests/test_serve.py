@@ -155,7 +155,9 @@ def test_a_conversation_past_the_context_loses_its_oldest_turns(tiny_dir):
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
-    assert error["message"].startswith("This model's maximum context length is 60 tokens")
+    assert error["message"].startswith("This model's maximum context length is 60 tokens: the "
+                                       "message needs ")
+    assert error["message"].endswith("; shorten it, or lower max_tokens")
 
 
 @pytest.mark.parametrize("body, status, param, message", [

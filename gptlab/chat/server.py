@@ -100,7 +100,7 @@ class APIError(Exception):
 
 @dataclass
 class Request:
-    """A chat completion request, checked."""
+    """A completion request's settings, checked (a text completion's `messages` are [])."""
 
     messages: list[dict]
     params: SamplingParams
@@ -244,14 +244,13 @@ class ChatServer:
         """The checked request, the messages kept, their ids and the turns dropped."""
         req = parse_request(body, self.cfg.max_new_tokens, tuple(self.template_stops),
                             self.stop_ids)
+        # At least 1: max_tokens is at most --max-new-tokens, below the context (checked at
+        # start).
         budget = self.context - req.params.max_new_tokens
         try:
-            if budget < 1:
-                raise TurnTooLong(f"max_tokens {req.params.max_new_tokens} leaves no room for "
-                                  f"the conversation in the context of {self.context} tokens")
             kept, dropped = fit_messages(req.messages, self.count_tokens, budget,
-                                         lambda needed: "or lower max_tokens")
-        except UserError as e:
+                                         lambda needed: "lower max_tokens")
+        except TurnTooLong as e:
             raise APIError(f"This model's maximum context length is {self.context} tokens: "
                            f"{e.message}", "messages", code="context_length_exceeded") from None
         ids, _ = self.tok.render_chat(kept, add_generation_prompt=True)
