@@ -1,8 +1,10 @@
 """`gptlab serve`: the OpenAI-compatible chat completions API and the chat page, on a tiny model."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -281,7 +283,6 @@ def test_a_text_completion_continues_the_prompt_as_generate_text_does(tiny_dir, 
 
 
 @pytest.mark.parametrize("body, param, message, code", [
-    ({"prompt": "hi", "stream": True}, "stream", "stream is not supported", None),
     ({"prompt": "hi", "echo": True}, "echo", "echo true is not supported", None),
     ({"prompt": "hi", "logprobs": 2}, "logprobs", "logprobs 2 is not supported", None),
     ({"prompt": "the cat sat " * 40}, "prompt", "prompt has", "context_length_exceeded"),
@@ -296,3 +297,147 @@ def test_a_text_completion_gptlab_cannot_honour_is_refused(client, body, param, 
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["param"] == param and message in error["message"] and error["code"] == code
+
+
+def text_events(client: TestClient, **body) -> list:
+    r = client.post("/v1/completions", json={"stream": True, **body})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    said = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in said) and said[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: "):]) for e in said[:-1]]
+
+
+def joined(chunks: list) -> str:
+    return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+
+def test_a_streamed_text_completion_joins_to_the_whole_one(client):
+    pieces = 0
+    for seed in range(4):
+        whole = client.post("/v1/completions",
+                            json={"prompt": "the cat sat on", "seed": seed}).json()
+        chunks = text_events(client, prompt="the cat sat on", seed=seed,
+                             stream_options={"include_usage": True})
+        assert {c["object"] for c in chunks} == {"text_completion"}
+        assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+        assert joined(chunks) == whole["choices"][0]["text"]
+        *said, last, usage = chunks
+        assert all(c["choices"][0]["finish_reason"] is None for c in said)
+        assert last["choices"] == [{"text": "", "index": 0, "logprobs": None,
+                                    "finish_reason": whole["choices"][0]["finish_reason"]}]
+        assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+        pieces = max(pieces, len(said))
+    assert pieces > 3  # the text came in pieces
+    # without include_usage, no usage chunk; a list of one prompt streams too
+    assert all(c["choices"] for c in text_events(client, prompt=["the dog"], temperature=0))
+
+
+def test_a_stop_string_cuts_a_streamed_text_completion_as_a_whole_one(client):
+    # Random weights: a seed whose completion holds two letters that are the ends of two
+    # pieces streamed (of two tokens, most likely), found there first, after some text.
+    for seed in range(20):
+        said = [c["choices"][0]["text"] for c in
+                text_events(client, prompt="the dog", seed=seed)[:-1]]
+        text = "".join(said)
+        ends = [k for k in range(1, len(said)) for at in [len("".join(said[:k]))]
+                if said[k - 1][-1:].isalpha() and said[k][:1].isalpha() and at > 1
+                and text.find(text[at - 1:at + 1]) == at - 1]
+        if ends:
+            break
+    else:
+        pytest.fail("no completion holds two letters across pieces")
+    at = len("".join(said[:ends[0]]))
+    stop = text[at - 1:at + 1]
+    body = {"prompt": "the dog", "seed": seed, "stop": [stop, "zzz"]}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert whole["text"] == text[:at - 1] and whole["finish_reason"] == "stop"
+    # The stop's first letter ended a piece: held back, as its start, then cut with it.
+    chunks = text_events(client, **body)
+    assert joined(chunks) == whole["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_streamed_text_completion_gptlab_cannot_honour_is_refused(client):
+    for body, param, message in [
+            ({"n": 2}, "n", "a streamed request has one completion (n 1)"),
+            ({"prompt": ["hi", "yo"]}, "prompt", "a streamed request has one completion (one "
+                                                 "prompt)")]:
+        r = client.post("/v1/completions", json={"prompt": "hi", "stream": True, **body})
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["param"] == param and message in error["message"]
+    r = client.post("/v1/completions", json={"prompt": "hi", "stream_options":
+                                             {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
+def abandon_stream(app, path: str, body: dict, reached, spec: str) -> None:
+    """POST `body` to `path` of the ASGI `app` and go away once `reached` is set: an
+    `http.disconnect` where the server listens for it (ASGI 2.3, as uvicorn), else (2.4) a
+    send that fails."""
+    async def drive() -> None:
+        asked = False
+
+        async def receive() -> dict:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": json.dumps(body).encode(),
+                        "more_body": False}
+            while not reached.is_set():
+                await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if spec == "2.4" and message["type"] == "http.response.body":
+                raise OSError("the client went away")
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec},
+                 "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+                 "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 8000)}
+        try:
+            await app(scope, receive, send)
+        except Exception as e:  # ASGI 2.4: Starlette says ClientDisconnect
+            assert type(e).__name__ == "ClientDisconnect", e
+    asyncio.run(drive())
+
+
+@pytest.mark.parametrize("path, body, spec", [
+    ("/v1/chat/completions", {"messages": [user("the cat sat")]}, "2.3"),
+    ("/v1/completions", {"prompt": "the cat sat"}, "2.3"),
+    ("/v1/chat/completions", {"messages": [user("the cat sat")]}, "2.4"),  # a role chunk first
+])
+def test_a_stream_whose_client_goes_away_stops_and_frees_the_model(tiny_dir, path, body,
+                                                                   spec):
+    model, tok, _ = load_model(tiny_dir)
+    server = ChatServer(model, tok, ServeConfig(model=str(tiny_dir), max_new_tokens=32))
+    app = create_app(server)
+    client = TestClient(app)
+    # Random weights: a seed whose completion runs to max_tokens.
+    seed = next(s for s in range(20) if client.post(path, json={**body, "seed": s}).json()
+                ["usage"]["completion_tokens"] == 32)
+    # The model's forward passes: the prompt's, then one a token. The `at`-th waits until the
+    # client has gone and the app has returned: under ASGI 2.3 the one that draws the third
+    # token; under 2.4 the prompt's, as a chat's first chunk (its role) fails to be sent.
+    forwards, reached, returned = [], threading.Event(), threading.Event()
+    at = 1 if spec == "2.4" else 3
+
+    def hook(*_) -> None:
+        forwards.append(1)
+        if len(forwards) == at:
+            reached.set()
+            returned.wait(timeout=30)  # without the fix: the app returns at the reply's end
+    handle = model.register_forward_hook(hook)
+    try:
+        abandon_stream(app, path, {**body, "seed": seed, "stream": True}, reached, spec)
+        returned.set()
+        assert server.lock.acquire(timeout=60)  # the generation ended, and freed the model
+        server.lock.release()
+    finally:
+        returned.set()
+        handle.remove()
+    assert len(forwards) == at  # the token drawn after the client went was the last
+    r = client.post(path, json={**body, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4

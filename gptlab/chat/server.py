@@ -11,9 +11,10 @@ Endpoints (FastAPI, served by uvicorn):
   are never dropped, and where those alone do not fit, the request is refused
   (`context_length_exceeded`). The response's `x-gptlab-dropped-turns` header counts the turns
   left out.
-- `POST /v1/completions`: OpenAI's text completions, whole: each prompt continued as raw text,
-  as `gptlab generate` continues it (the built-in world's SQL model is served so: its prompt
-  is the schema, the question and `SQL:`).
+- `POST /v1/completions`: OpenAI's text completions, whole or, for one prompt, streamed as
+  chat completions stream (`text_completion` chunks whose `choices[0].text` join to the whole
+  completion): each prompt continued as raw text, as `gptlab generate` continues it (the
+  built-in world's SQL model is served so: its prompt is the schema, the question and `SQL:`).
 - `GET /`: a chat page (one HTML file, no outside assets) that streams from the API.
 - `GET /health`: `{"status": "ok"}`.
 
@@ -25,18 +26,20 @@ would change the answer and that gptlab does not do (`tools`, `logprobs`, `respo
 other than text, penalties, `logit_bias`) is refused, and so is a field OpenAI's API does not
 know, as OpenAI's own refuses it: no setting is ignored without a word. Errors have OpenAI's
 shape, `{"error": {"message", "type", "param", "code"}}`, with status 400 (a bad request), 404
-(another model's name) or 500. Requests are answered one at a time (the model is one).
+(another model's name) or 500. Requests are answered one at a time (the model is one); a
+streamed completion whose client goes away stops at its next token, freeing the model for the
+next request.
 """
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Callable
 
 # The serve extra (pip install gptlab[serve]); FastAPI reads the handlers' annotations by name.
 from fastapi import FastAPI
@@ -46,7 +49,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gptlab.chat.context import TurnTooLong, fit_messages
 from gptlab.chat.terminal import StreamedReply, reply_text
-from gptlab.engine import SamplingParams, generate
+from gptlab.engine import Generation, SamplingParams, generate
 from gptlab.errors import UserError
 from gptlab.api import fit_prompt
 from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
@@ -61,11 +64,10 @@ NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprob
            "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
            "store": (False,), "metadata": ({},)}
 # The same of a text completion (`/v1/completions`): a prompt or a list of them for messages.
-TEXT_HONOURED = HONOURED - {"messages", "max_completion_tokens", "stream_options"} | {"prompt"}
+TEXT_HONOURED = HONOURED - {"messages", "max_completion_tokens"} | {"prompt"}
 TEXT_NEUTRAL = {**{k: NEUTRAL[k] for k in ("frequency_penalty", "presence_penalty",
                                             "logit_bias")},
-                "logprobs": (None,), "echo": (False,), "suffix": (None, ""), "best_of": (1,),
-                "stream": (False,)}
+                "logprobs": (None,), "echo": (False,), "suffix": (None, ""), "best_of": (1,)}
 MAX_N = 16  # completions of one request (the batch of one generation)
 MAX_STOP = 4  # as OpenAI's API
 
@@ -278,17 +280,19 @@ class ChatServer:
                 "usage": {"prompt_tokens": len(ids) * req.n, "completion_tokens": done,
                           "total_tokens": len(ids) * req.n + done}}
 
-    def complete_text(self, body: Any) -> dict:
-        """A text completion (`text_completion`): each prompt continued as raw text, as
-        `gptlab generate` and `api.generate_text` continue it (BOS first, the tokenizer's stop
-        tokens end it, a stop string cuts it)."""
-        body = _check_fields(body, TEXT_HONOURED - {"stream"}, TEXT_NEUTRAL)
+    def prepare_text(self, body: Any) -> tuple[Request, list[list[int]]]:
+        """A text completion request checked, and its prompts' ids: each continued as raw text,
+        as `gptlab generate` and `api.generate_text` continue it (BOS first, the tokenizer's
+        stop tokens end it, a stop string cuts it)."""
+        body = _check_fields(body, TEXT_HONOURED, TEXT_NEUTRAL)
         prompts = body.get("prompt")
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts \
                 or not all(isinstance(p, str) for p in prompts):
             raise APIError("prompt must be a text or a non-empty list of texts", "prompt")
         req = _settings(body, self.cfg.max_new_tokens, (), tuple(sorted(self.tok.stop_ids)), [])
+        if req.stream and len(prompts) > 1:
+            raise APIError("a streamed request has one completion (one prompt)", "prompt")
         field = "prompt" if isinstance(body["prompt"], str) else "prompt[{}]"
         encoded = []
         for i, text in enumerate(prompts):
@@ -302,17 +306,18 @@ class ChatServer:
             except UserError as e:
                 code = "context_length_exceeded" if "room" in e.message else None
                 raise APIError(e.message, e.field, code=code) from None
-        batch = [ids for ids in encoded for _ in range(req.n)]
+        return req, encoded
+
+    def complete_text(self, req: Request, prompts: list[list[int]]) -> dict:
+        """A whole text completion (`text_completion`), `n` choices a prompt."""
+        batch = [ids for ids in prompts for _ in range(req.n)]
         with self.lock:
             gen = generate(self.model, batch, req.params, seed=self._seed(req),
                            pad_id=self.tok.pad_id,
                            stop_when=StopStrings(self.tok, req.stop, batch) if req.stop else None)
-        choices = []
-        for i, (ids, tokens, done) in enumerate(zip(batch, gen.tokens, gen.finished)):
-            text = self.tok.decode_continuation(ids, tokens, cut=not done)
-            text = cut_at_stop(text, req.stop)[0] if req.stop else text
-            choices.append({"text": text, "index": i, "logprobs": None,
-                            "finish_reason": "stop" if done else "length"})
+        choices = [{"text": continuation_text(self.tok, ids, gen, i, req.stop), "index": i,
+                    "logprobs": None, "finish_reason": "stop" if gen.finished[i] else "length"}
+                   for i, ids in enumerate(batch)]
         used, done = sum(len(ids) for ids in batch), sum(len(t) for t in gen.tokens)
         return {**self._head("text_completion", "cmpl"), "choices": choices,
                 "usage": {"prompt_tokens": used, "completion_tokens": done,
@@ -322,55 +327,127 @@ class ChatServer:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                 "model": self.name}
 
-    def stream(self, req: Request, kept: list[dict], ids: list[int]) -> Iterator[str]:
-        """A streamed chat completion: server-sent events of `chat.completion.chunk`s, each
-        piece of the reply once no later token can change it (`StreamedReply`)."""
-        pieces: queue.Queue = queue.Queue()
-        head = self._head("chat.completion.chunk")
+    def stream(self, req: Request, kept: list[dict], ids: list[int]) -> AsyncIterator[str]:
+        """A streamed chat completion: `chat.completion.chunk`s, the first the role's, then
+        each piece of the reply once no later token can change it (`StreamedReply`)."""
+        def choice(text: str, finish: str | None = None) -> dict:
+            return {"index": 0, "delta": {} if finish else {"content": text}, "logprobs": None,
+                    "finish_reason": finish}
+        return self._events(
+            req, ids, self._head("chat.completion.chunk"), choice,
+            lambda on_text: StreamedReply(self.tok, kept, ids, req.params.stop_ids, on_text,
+                                          req.stop),
+            lambda gen: reply_text(self.tok, kept, ids, gen, 0, req.stop),
+            opening={**choice(""), "delta": {"role": "assistant", "content": ""}})
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+    def stream_text(self, req: Request, ids: list[int]) -> AsyncIterator[str]:
+        """A streamed text completion: `text_completion` chunks, each piece of the text once
+        no later token can change it (`StreamedReply`, raw)."""
+        def choice(text: str, finish: str | None = None) -> dict:
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        return self._events(
+            req, ids, self._head("text_completion", "cmpl"), choice,
+            lambda on_text: StreamedReply(self.tok, [], ids, req.params.stop_ids, on_text,
+                                          req.stop, raw=True),
+            lambda gen: continuation_text(self.tok, ids, gen, 0, req.stop))
+
+    async def _events(self, req: Request, ids: list[int], head: dict,
+                      choice: Callable[..., dict],
+                      streamer: Callable[[Callable[[str], None]], StreamedReply],
+                      whole: Callable[[Generation], str],
+                      opening: dict | None = None) -> AsyncIterator[str]:
+        """The server-sent events of a streamed completion of `ids`: the `opening` choice, a
+        `choice(piece)` for each piece of text the `streamer` hands on while the tokens come,
+        the rest of the `whole` text at the end, `choice("", finish_reason)`, the usage where
+        asked, and `[DONE]`. The generation runs in a thread, under the lock. Where the client
+        goes away, Starlette cancels (or closes) this generator: its generation then stops at
+        its next token, and the lock is freed for the next request."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()  # no one reads this stream any more
+
+        def put(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is closed
+                gone.set()
 
         def run() -> None:
+            def on_tokens(rows: list[int], tokens: list[int]) -> None:
+                if gone.is_set():
+                    raise _Abandoned
+                streamed.add(rows, tokens)
             try:
+                streamed = streamer(lambda text: put("text", text))
                 with self.lock:
-                    streamed = StreamedReply(self.tok, kept, ids, req.params.stop_ids,
-                                             lambda text: pieces.put(("text", text)), req.stop)
                     gen = generate(self.model, [ids], req.params, seed=self._seed(req),
-                                   pad_id=self.tok.pad_id, on_tokens=streamed.add,
+                                   pad_id=self.tok.pad_id, on_tokens=on_tokens,
                                    stop_when=(StopStrings(self.tok, req.stop, [ids])
                                               if req.stop else None))
-                    # The rest of the reply as a whole completion keeps it. Where a later token
-                    # changed text handed on already (byte fallback's invalid bytes), no chunk
-                    # takes that back: the streamed text is what was sent.
-                    answer = reply_text(self.tok, kept, ids, gen, 0, req.stop)
-                    if answer.startswith(streamed.given) and len(answer) > len(streamed.given):
-                        pieces.put(("text", answer[len(streamed.given):]))
-                pieces.put(("end", gen))
+                # The rest of the text as a whole completion keeps it. Where a later token
+                # changed text handed on already (byte fallback's invalid bytes), no chunk
+                # takes that back: the streamed text is what was sent.
+                text = whole(gen)
+                if text.startswith(streamed.given) and len(text) > len(streamed.given):
+                    put("text", text[len(streamed.given):])
+                put("end", gen)
+            except _Abandoned:
+                pass
             except Exception as e:  # said in the stream: its status line is sent already
-                pieces.put(("error", e))
+                put("error", e)
+
+        def event(choices: list[dict], **more: Any) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **more})}\n\n"
 
         threading.Thread(target=run, daemon=True).start()
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, value = pieces.get()
-            if kind == "text":
-                yield chunk({"content": value})
-                continue
-            if kind == "error":
-                error = APIError(str(value), status=500, kind="server_error")
-                yield f"data: {json.dumps(error.body())}\n\n"
+        try:
+            if opening is not None:
+                yield event([opening])
+            while True:
+                kind, value = await pieces.get()
+                if kind == "text":
+                    yield event([choice(value)])
+                    continue
+                if kind == "error":
+                    error = APIError(str(value), status=500, kind="server_error")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    break
+                gen = value
+                yield event([choice("", "stop" if gen.finished[0] else "length")])
+                if req.include_usage:
+                    done = len(gen.tokens[0])
+                    yield event([], usage={"prompt_tokens": len(ids), "completion_tokens": done,
+                                           "total_tokens": len(ids) + done})
                 break
-            gen = value
-            yield chunk({}, "stop" if gen.finished[0] else "length")
-            if req.include_usage:
-                done = len(gen.tokens[0])
-                usage = {"prompt_tokens": len(ids), "completion_tokens": done,
-                         "total_tokens": len(ids) + done}
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-            break
-        yield "data: [DONE]\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            gone.set()
+
+
+class _Abandoned(Exception):
+    """Raised in a streamed completion's generation whose client went away: it ends there."""
+
+
+def continuation_text(tok: Any, ids: list[int], gen: Generation, row: int,
+                      stop: tuple[str, ...]) -> str:
+    """The text row `row` of generation `gen` adds after its prompt `ids`, cut before a stop
+    string: a text completion's choice (no half a character where it ran out of tokens)."""
+    text = tok.decode_continuation(ids, gen.tokens[row], cut=not gen.finished[row])
+    return cut_at_stop(text, stop)[0] if stop else text
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed however the response ends: a client gone
+    ends a streamed completion's generation so (Starlette cancels the response on
+    `http.disconnect`, or, under ASGI 2.4, its send fails)."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def create_app(server: ChatServer) -> FastAPI:
@@ -414,18 +491,16 @@ def create_app(server: ChatServer) -> FastAPI:
         req, kept, ids, dropped = server.prepare(body)
         headers = {"x-gptlab-dropped-turns": str(dropped)}
         if req.stream:
-            return StreamingResponse(server.stream(req, kept, ids), headers=headers,
-                                     media_type="text/event-stream")
+            return EventStream(server.stream(req, kept, ids), headers=headers)
         return JSONResponse(await run_in_threadpool(server.complete, req, kept, ids),
                             headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Any:
-        body = await _json_body(request)
-        if isinstance(body, dict) and body.get("stream"):
-            raise APIError("stream is not supported by gptlab serve's text completions (chat "
-                           "completions stream)", "stream")
-        return JSONResponse(await run_in_threadpool(server.complete_text, body))
+        req, prompts = server.prepare_text(await _json_body(request))
+        if req.stream:
+            return EventStream(server.stream_text(req, prompts[0]))
+        return JSONResponse(await run_in_threadpool(server.complete_text, req, prompts))
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

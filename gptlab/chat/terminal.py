@@ -261,11 +261,14 @@ class StreamedReply:
 
     def __init__(self, tok: Any, messages: list[dict], prompt_ids: list[int],
                  stop_ids: tuple[int, ...], on_text: Callable[[str], None],
-                 stop_strings: tuple[str, ...] = ()):
+                 stop_strings: tuple[str, ...] = (), raw: bool = False):
         self.tok, self.messages, self.on_text = tok, messages, on_text
         self.stop_ids = set(stop_ids)
         self.stop_strings = stop_strings
-        self.lead = tok.answer_lead(messages)  # the template's, rendered once
+        # `raw`: a text completion's continuation, kept as it is (`serve`'s `/v1/completions`):
+        # no template lead, and its white space handed on, at its start too.
+        self.raw = raw
+        self.lead = "" if raw else tok.answer_lead(messages)  # the template's, rendered once
         # The prompt's seam, then the reply's tokens; the reply's text up to `final` is
         # `before`, which no later token changes (inside a run: while its bytes are UTF-8).
         self.tokens: list[int] = list(prompt_ids[-_SEAM:])
@@ -289,7 +292,7 @@ class StreamedReply:
         # lead and white space, and the reply kept is cut there (`cut_reply`).
         text = self._before_stop(full) if self.stop_strings else full
         text = text[len(self.lead):] if self.lead and full.startswith(self.lead) else text
-        text = text.strip()
+        text = text if self.raw else text.strip()
         if len(text) > len(self.given) and text.startswith(self.given):
             self._give(text[len(self.given):])
 
