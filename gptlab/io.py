@@ -474,6 +474,11 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+# The names of the temporaries above (`.NAME.<random>.tmp`, directories): mkdtemp's eight
+# characters (`new_temp_dir`) or sixteen hex digits (`remove_dir`'s aside).
+TEMP_NAME = re.compile(r"\..+\.(?:[a-z0-9_]{8}|[0-9a-f]{16})\.tmp", re.S)
+
+
 def new_temp_dir(path: Path) -> str:
     """A new directory `.NAME.<random>.tmp` beside `path` (a name no other writer gets), with
     the permissions a plain mkdir would give it (mkdtemp makes it owner-only)."""
@@ -689,10 +694,12 @@ _COMPRESSED = (((b"\x1f\x8b",), "gzip-compressed", "decompress it first (gunzip 
                ((b"PK\x03\x04", b"PK\x05\x06"), "a zip archive",
                 "extract its files first (unzip {})"))
 PARQUET_MAGIC = b"PAR1"
-# Apache Arrow: an IPC file begins (and ends) with ARROW1; an IPC stream, as `datasets` writes its
-# cache files and save_to_disk's shards, has no magic: it begins with a message's continuation
-# marker, four 0xFF bytes, which no UTF-8 text (nor UTF-16's byte-order mark, FF FE) begins with.
-ARROW_MAGIC = b"ARROW1"
+# Apache Arrow: an IPC file begins with ARROW1 and two bytes of padding, zeros, (and ends with
+# ARROW1): the word alone is text's too ("ARROW1 is ..."), the zeros no text's. An IPC stream, as
+# `datasets` writes its cache files and save_to_disk's shards, has no magic: it begins with a
+# message's continuation marker, four 0xFF bytes, which no UTF-8 text (nor UTF-16's byte-order
+# mark, FF FE) begins with.
+ARROW_MAGIC = b"ARROW1\x00\x00"
 _ARROW_STREAM = b"\xff\xff\xff\xff"
 
 
@@ -925,6 +932,14 @@ def files_in(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     _check_one_revision(d, files)
     _check_one_split(d, files)
     return files
+
+
+def files_left_out(directory: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files under `directory` that `files_in(directory, suffixes)` does not read though
+    they are not hidden (`notes.md`, a `.json` beside `.jsonl` shards), in sorted order: for a
+    message naming them, which a user would otherwise not know went unread."""
+    return [f for f in _files_under(Path(directory))
+            if f.suffix.lower() not in suffixes and f.is_file()]
 
 
 def _check_one_revision(d: Path, files: list[Path]) -> None:
@@ -1530,9 +1545,10 @@ def is_hub_name(path: str | Path) -> bool:
     return not p.exists() and bool(_HUB_NAME.match(str(path))) and not p.suffix
 
 
-# What a directory of records is read from: its JSON Lines and Parquet shards (not a `.json`,
-# as a corpus directory reads none: a run directory's `config.json` is no data).
-RECORD_SUFFIXES = (".jsonl", ".parquet")
+# What a directory of records is read from: its JSON Lines (`.jsonl`, `.ndjson`) and Parquet
+# shards (not a `.json`, as a corpus directory reads none: a run directory's `config.json` is no
+# data).
+RECORD_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -1542,9 +1558,9 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     as in a Parquet file: pandas and `datasets` write JSONL with a null for each field a row
     lacks (a `prompt` row of a file that also has `messages` rows gets `"messages": null`).
 
-    A directory is read as one file: its `.jsonl` and `.parquet` shards, under it in sorted
-    order (`datasets`' `data/train-00000-of-00002.parquet`, ...); each row's `_file` is its
-    shard (reserved too: `record_file`), so that an error names the shard and its line."""
+    A directory is read as one file: its `.jsonl`, `.ndjson` and `.parquet` shards, under it in
+    sorted order (`datasets`' `data/train-00000-of-00002.parquet`, ...); each row's `_file` is
+    its shard (reserved too: `record_file`), so that an error names the shard and its line."""
     p = Path(path)
     if is_hub_name(p):
         # `trl-lib/Capybara`, as TRL's examples name a dataset: said as such, not left to read

@@ -959,7 +959,7 @@ def _is_path_like(item: Any) -> bool:
         return True
     if not (isinstance(item, str) and item.strip() != "" and "\n" not in item and len(item) < 4096):
         return False
-    if Path(item).suffix.lower() in (*CORPUS_SUFFIXES, ".json", ".ndjson", ".csv", ".tsv"):
+    if Path(item).suffix.lower() in (*CORPUS_SUFFIXES, ".json", ".csv", ".tsv"):
         return True
     try:
         return Path(item).exists() or is_hub_name(item)
@@ -973,8 +973,8 @@ def train_tokenizer(paths_or_texts: str | Path | Iterable[str | Path], vocab_siz
 
     `paths_or_texts` is a corpus path, a list of corpus paths (see `gptlab.data.corpus`), or an
     iterable of document strings. A Path, or a string that names an existing file, ends in
-    .txt/.jsonl/.json/.parquet or is a Hub dataset's `user/name`, as the first item makes the whole
-    list paths.
+    .txt/.jsonl/.ndjson/.json/.parquet or is a Hub dataset's `user/name`, as the first item
+    makes the whole list paths.
     The first special token is BOS and the second EOS; PAD is `<|pad|>` when present.
     Deterministic: the same input gives the same tokenizer.
     """

@@ -466,6 +466,59 @@ def test_a_directory_reads_its_corpus_files_whatever_the_case_of_their_suffix(tm
     assert read_documents(d) == ["one", "two", "three"]
 
 
+def test_a_directory_reads_its_ndjson_shards_as_json_lines_as_a_file_named_alone_is_read(
+        tmp_path, capsys):
+    # A `.ndjson` shard named alone was JSON Lines, but beside `.jsonl` ones in a directory it
+    # was left out without a word: half the corpus unread, by pretraining and the tokenizer.
+    from gptlab.cli import main
+    from gptlab.data.corpus import corpus_files
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n", encoding="utf-8")
+    (d / "b.ndjson").write_text(json.dumps({"text": "two"}) + "\n", encoding="utf-8")
+    (d / "c.NDJSON").write_text(json.dumps({"text": "three"}) + "\n", encoding="utf-8")
+    assert read_documents(d) == read_documents(sorted(d.iterdir())) == ["one", "two", "three"]
+    assert corpus_files([d]) == [d / "a.jsonl", d / "b.ndjson", d / "c.NDJSON"]
+    tok = train_tokenizer(["one two three"], vocab_size=300)
+    assert tokenize_corpus([d], tok, tmp_path / "cache").n_documents == 3
+    assert main(["tokenizer", "train", "--data", str(d), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok")]) == 0
+    from gptlab.data.tokens import tokenizer_fingerprint
+    from gptlab.tokenizer import load_tokenizer
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "tok")) == tokenizer_fingerprint(
+        train_tokenizer(["one", "two", "three"], vocab_size=300))
+    assert "left out" not in capsys.readouterr().err  # nothing was
+
+
+def test_the_files_a_corpus_directory_does_not_read_are_named_once_on_stderr(tmp_path, capsys):
+    # A `.json` (a run directory's config.json is no corpus), a README or a `.csv` in a corpus
+    # directory were left out without a word: a user who expected them read never knew.
+    from gptlab.data.corpus import corpus_files
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("one\n", encoding="utf-8")
+    (d / "sub" / "b.json").write_text(json.dumps({"text": "two"}) + "\n", encoding="utf-8")
+    (d / "README.md").write_text("# about\n", encoding="utf-8")
+    (d / ".hidden.json").write_text("{}\n", encoding="utf-8")  # hidden: left out as documented
+    assert read_documents(d) == ["one"]
+    corpus_files([d])
+    assert read_documents([d]) == ["one"]
+    assert capsys.readouterr().err == (
+        f"note: {d}, left out 2 files that a corpus directory does not read (only .txt, .jsonl, "
+        f".ndjson, .parquet): README.md, sub/b.json; to read one, rename it (a .json file of JSON "
+        f"Lines as .jsonl) or give it on its own\n")
+    for i in range(6):
+        (d / f"x{i}.csv").write_text("text\n", encoding="utf-8")
+    other = tmp_path / "other"
+    d.rename(other)
+    (other / "sub" / "b.json").unlink()
+    read_documents(other)
+    assert capsys.readouterr().err == (
+        f"note: {other}, left out 7 files that a corpus directory does not read (only .txt, "
+        f".jsonl, .ndjson, .parquet): README.md, x0.csv, x1.csv, x2.csv, x3.csv, 2 more; to read "
+        f"one, rename it or give it on its own\n")
+
+
 def test_a_directory_of_compressed_files_only_names_them_and_how_to_read_them(tmp_path):
     # It said only "no .txt, .jsonl, .parquet files in this directory", of a directory full of
     # data: the compressed shards it had skipped went unnamed.
@@ -479,8 +532,8 @@ def test_a_directory_of_compressed_files_only_names_them_and_how_to_read_them(tm
     with pytest.raises(UserError) as e:
         read_documents(d)
     assert str(e.value) == (
-        f"{d}: no .txt, .jsonl, .parquet files in this directory; it holds 2 compressed files, "
-        f"which no verb reads (the first: c.txt.bz2, bzip2-compressed): decompress it first "
+        f"{d}: no .txt, .jsonl, .ndjson, .parquet files in this directory; it holds 2 compressed "
+        f"files, which no verb reads (the first: c.txt.bz2, bzip2-compressed): decompress it first "
         f"(bunzip2 -k {d}/c.txt.bz2), and the others likewise")
     (d / "c.txt.bz2").unlink()
     with pytest.raises(UserError) as e:
@@ -491,7 +544,7 @@ def test_a_directory_of_compressed_files_only_names_them_and_how_to_read_them(tm
     (d / "part" / "b.jsonl.gz").unlink()
     with pytest.raises(UserError) as e:  # nothing compressed: nothing more to say
         read_documents(d)
-    assert e.value.message == "no .txt, .jsonl, .parquet files in this directory"
+    assert e.value.message == "no .txt, .jsonl, .ndjson, .parquet files in this directory"
 
 
 
@@ -516,9 +569,9 @@ def test_a_datasets_arrow_cache_file_given_as_corpus_says_how_to_convert_it(tmp_
     with pytest.raises(UserError) as e:
         read_documents(d)
     assert e.value.message == (
-        f"no .txt, .jsonl, .parquet files in this directory; it holds 1 Apache Arrow file, which "
-        f"no verb reads (data-00000-of-00001.arrow): convert a datasets save_to_disk directory "
-        f"with datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON Lines) or "
+        f"no .txt, .jsonl, .ndjson, .parquet files in this directory; it holds 1 Apache Arrow "
+        f"file, which no verb reads (data-00000-of-00001.arrow): convert a datasets save_to_disk "
+        f"directory with datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON Lines) or "
         f".to_parquet('data.parquet'), one file with datasets.Dataset.from_file(FILE)")
 
 
@@ -539,16 +592,17 @@ def test_a_directory_holding_compressed_files_beside_read_ones_is_refused_naming
             read(d)
         assert str(e.value) == (
             f"{d}: holds 2 compressed files (the first: part/b.jsonl.gz, gzip-compressed), which "
-            f"no verb reads, beside the .txt, .jsonl, .parquet files it reads: left out, part of "
-            f"the data would go unread; decompress it first (gunzip -k {d}/part/b.jsonl.gz), and "
-            f"the others likewise, or move them out of the directory")
+            f"no verb reads, beside the .txt, .jsonl, .ndjson, .parquet files it reads: left out, "
+            f"part of the data would go unread; decompress it first (gunzip -k "
+            f"{d}/part/b.jsonl.gz), and the others likewise, or move them out of the directory")
     (d / "part" / "b.jsonl.gz").unlink()
     with pytest.raises(UserError) as e:
         read_documents(d)
     assert e.value.message == (
         f"holds 1 compressed file (part/c.txt.xz, xz-compressed), which no verb reads, beside the "
-        f".txt, .jsonl, .parquet files it reads: left out, part of the data would go unread; "
-        f"decompress it first (unxz -k {d}/part/c.txt.xz), or move it out of the directory")
+        f".txt, .jsonl, .ndjson, .parquet files it reads: left out, part of the data would go "
+        f"unread; decompress it first (unxz -k {d}/part/c.txt.xz), or move it out of the "
+        f"directory")
     # A compressed file that no verb would read decompressed either (a .tar.gz, a .json.gz:
     # a corpus directory reads no .json) is no part of the corpus, as a .md is not.
     (d / "part" / "c.txt.xz").rename(d / "part" / "c.tar.xz")
@@ -573,7 +627,7 @@ def test_hidden_files_and_folders_of_a_corpus_directory_are_no_documents(tmp_pat
     (only_hidden / ".ipynb_checkpoints" / "a.txt").write_text("one\n", encoding="utf-8")
     with pytest.raises(UserError) as e:
         read_documents(only_hidden)
-    assert e.value.message == "no .txt, .jsonl, .parquet files in this directory"
+    assert e.value.message == "no .txt, .jsonl, .ndjson, .parquet files in this directory"
 
 
 def test_an_unreadable_file_in_a_corpus_directory_is_named(tmp_path, monkeypatch):

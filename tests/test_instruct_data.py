@@ -1401,6 +1401,19 @@ def test_a_directory_of_shards_is_read_as_one_file_naming_the_shard_in_errors(to
                               f"'prompt'")
 
 
+def test_a_directory_reads_its_ndjson_shards_as_a_file_named_alone_is_read(tmp_path):
+    # An `.ndjson` file named alone was read as JSON Lines, but in a directory of shards it was
+    # left out without a word beside the `.jsonl` ones: its prompts went unread.
+    d = tmp_path / "prompts"
+    d.mkdir()
+    (d / "a.jsonl").write_text('{"id": 1, "prompt": "one"}\n')
+    (d / "b.ndjson").write_text('{"id": 2, "prompt": "two"}\n{"id": 3, "prompt": "three"}\n')
+    rows = read_prompts(d)
+    assert [(r["id"], r["prompt"]) for r in rows] == [(1, "one"), (2, "two"), (3, "three")]
+    assert [r["_file"] for r in rows] == [str(d / "a.jsonl")] + [str(d / "b.ndjson")] * 2
+    assert [r["prompt"] for r in read_prompts(d / "b.ndjson")] == ["two", "three"]
+
+
 def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
     from gptlab.io import read_jsonl
     d = shards(tmp_path / "ds", [{"prompt": "a"}])
@@ -1425,7 +1438,7 @@ def test_a_directory_of_two_splits_or_of_no_shard_is_refused(tmp_path):
     (empty / "config.json").write_text("{}")
     with pytest.raises(UserError) as err:
         read_jsonl(empty)
-    assert str(err.value) == f"{empty}: no .jsonl, .parquet files in this directory"
+    assert str(err.value) == f"{empty}: no .jsonl, .ndjson, .parquet files in this directory"
 
 
 @pytest.mark.parametrize("held_out", ["test", "validation", "valid", "val", "dev", "eval",
@@ -1684,7 +1697,7 @@ def test_a_directory_of_shards_some_compressed_is_refused_naming_them(tok, tmp_p
             read(d)
         assert str(err.value) == (
             f"{d}: holds 1 compressed file (data/train-00001-of-00002.jsonl.gz, "
-            f"gzip-compressed), which no verb reads, beside the .jsonl, .parquet files it "
+            f"gzip-compressed), which no verb reads, beside the .jsonl, .ndjson, .parquet files it "
             f"reads: left out, part of the data would go unread; decompress it first (gunzip -k "
             f"{shard}), or move it out of the directory")
     shard.write_bytes(gzip.decompress(shard.read_bytes()))

@@ -897,6 +897,30 @@ def test_text_named_arrow_is_read_as_text_and_an_old_arrow_stream_is_named(tmp_p
     assert other_format(tmp_path / "cache-old.txt") is None
 
 
+def test_text_that_begins_with_the_word_arrow1_is_text_and_arrow_files_are_still_named(
+        tmp_path):
+    # Any file beginning with the six letters ARROW1 was refused as an Apache Arrow file; an
+    # IPC file's magic is ARROW1 and two zero bytes of padding, which no text holds.
+    from gptlab.data.corpus import read_documents
+    from gptlab.io import other_format, utf8_lines
+    for i, body in enumerate(("ARROW1 is the magic of Arrow files\n\nsecond doc\n",
+                              "ARROW1\nthe word alone on its first line\n", "ARROW1")):
+        text = tmp_path / f"notes{i}.txt"
+        text.write_text(body, encoding="utf-8")
+        assert other_format(text) is None
+        assert [line for _, line in utf8_lines(text)] == body.splitlines()
+        assert "\n\n".join(read_documents(text)) == body.strip("\n")
+    ipc_file, stream = _arrow_files(tmp_path)
+    assert ipc_file.read_bytes()[:8] == b"ARROW1\x00\x00"  # as pyarrow writes one
+    assert stream.read_bytes()[:4] == b"\xff\xff\xff\xff"
+    for arrow, kind in ((ipc_file, "file"), (stream, "stream")):
+        named = arrow.with_suffix(".txt")  # by its bytes, not its name
+        named.write_bytes(arrow.read_bytes())
+        assert other_format(named).startswith(f"is an Apache Arrow {kind}")
+        with pytest.raises(UserError, match=f"is an Apache Arrow {kind}"):
+            read_documents(named)
+
+
 def test_a_directory_of_arrow_files_alone_says_how_to_convert_it(tmp_path):
     # A `datasets` save_to_disk directory read as data: "no .jsonl, .parquet files" alone.
     from gptlab.io import read_jsonl
@@ -906,8 +930,8 @@ def test_a_directory_of_arrow_files_alone_says_how_to_convert_it(tmp_path):
     with pytest.raises(UserError) as e:
         read_jsonl(d)
     assert str(e.value) == (
-        f"{d}: no .jsonl, .parquet files in this directory; it holds 2 Apache Arrow files, "
-        f"which no verb reads (the first: cache-1a2b.arrow): convert a datasets save_to_disk "
+        f"{d}: no .jsonl, .ndjson, .parquet files in this directory; it holds 2 Apache Arrow "
+        f"files, which no verb reads (the first: cache-1a2b.arrow): convert a datasets save_to_disk "
         f"directory with datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON "
         f"Lines) or .to_parquet('data.parquet'), one file with datasets.Dataset.from_file(FILE)")
 

@@ -367,6 +367,68 @@ def test_headroom_adds_the_execution_reward_control_to_a_finished_run(run, tmp_p
     assert "Ceiling: PPO on the execution reward, trained on the test prompts" in md
 
 
+def _tree(root):
+    """Every path under `root` (links not followed): a file's or link's inode and mtime, for
+    what changed; None for a folder (whose mtime a file removed from it changes)."""
+    found = {}
+    for where, folders, files in os.walk(root):
+        for name in folders + files:
+            p = Path(where, name)
+            st = p.lstat()
+            found[str(p.relative_to(root))] = (None if p.is_dir() and not p.is_symlink()
+                                               else (st.st_ino, st.st_mtime_ns))
+    return found
+
+
+def test_a_rerun_removes_the_temporaries_killed_writes_left_and_nothing_else(run, tmp_path,
+                                                                           capsys):
+    # A kill between a file's rename and its temporary's removal, in a stage that then counted
+    # as finished, left an empty hidden directory for good: no later write of world.json or a
+    # round's ppo/config.json came to remove it, as README said one would.
+    import secrets
+
+    from gptlab.io import held_temp, new_temp_dir
+    run = Path(shutil.copytree(run, tmp_path / "demo", copy_function=os.link))
+    left = [Path(new_temp_dir(run / "world" / "world.json")),
+            Path(new_temp_dir(run / "round-1" / "ppo" / "config.json")),
+            run / "sft" / f".best.{secrets.token_hex(8)}.tmp"]  # a killed removal's aside
+    (left[2] / "sub").mkdir(parents=True)
+    (left[2] / "sub" / "model.safetensors").write_bytes(b"weights")
+    # What is no killed write's temporary stays: other names, a file or a link of such a name,
+    # what a hidden folder holds; and one a live writer holds.
+    (run / "world" / ".notes.tmp").mkdir()
+    (run / "world" / ".world.json.keep.tmp").mkdir()
+    (run / "world" / "world.json.abcdefgh.tmp").mkdir()
+    (run / "world" / ".world.json.abcdefgh.tmp.bak").mkdir()
+    (run / "round-1" / ".samples.jsonl.abcdefgh.tmp").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    (run / "round-1" / ".rankings.jsonl.abcdefgh.tmp").symlink_to(tmp_path / "elsewhere")
+    (run / ".mine" / ".x.abcdefgh.tmp").mkdir(parents=True)
+    before = _tree(run)
+    capsys.readouterr()
+    with held_temp(lambda: new_temp_dir(run / "sft" / "config.json")) as held:
+        assert main(["pipeline", "--out", str(run), *ARGS]) == 0
+    assert held.is_dir()
+    held.rmdir()
+    err = capsys.readouterr().err
+    names = ", ".join(str(p.relative_to(run)) for p in sorted(left))
+    assert f"note: removed 3 temporaries that killed writes left in {run}: {names}\n" in err
+    after = _tree(run)
+    gone = {k for k in before if any(Path(k) == p.relative_to(run) or
+                                    p.relative_to(run) in Path(k).parents for p in left)}
+    assert len(gone) == 5 and gone.isdisjoint(after) and set(before) - gone <= set(after)
+    # What the rerun writes anew: the evaluation (its corpus tokenized where the copy's world
+    # lies), the report with its plots, and the run's records.
+    anew = ("eval", "cache", "plots")
+    assert all(Path(k).parts[0] in anew for k in set(after) - set(before))
+    changed = {k for k in set(after) & set(before) if after[k] != before[k]
+               and Path(k).parts[0] not in anew}
+    assert changed <= {"pipeline.json", "stage_minutes.json", "stage_threads.json",
+                       "report.md", "report.html", "report.json"}
+    assert all(after[k] == before[k] for k in after if Path(k).parts[0] in (
+        "world", "pretrain", "sft", "round-1", "round-2", "sft_continued", ".mine"))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--preset", "nope"], "field '--preset': unknown preset 'nope'"),
     (["--preset", "transformer-base"], "field '--preset': preset 'transformer-base' is not a "

@@ -2,18 +2,19 @@
 
 A corpus is a list of paths. Each path is read by its suffix:
 
-- `.jsonl`, and a `.json` or `.ndjson` file named on its own: one JSON object per line, the
+- `.jsonl` and `.ndjson`, and a `.json` file named on its own: one JSON object per line, the
   document in its `text` field (`datasets`' `to_json` writes JSON Lines under any of them);
 - `.parquet`: the document in the `text` column (null rows are skipped);
 - `.csv` and `.tsv`: refused, with the command that writes them as JSON Lines (`datasets`
   reads them as tables; read as text, their commas and quotes were trained on);
 - anything else: UTF-8 text whose documents are separated by one or more blank lines;
-- a directory: every `.txt`, `.jsonl` and `.parquet` file under it, in sorted order (not a
-  `.json`: a run directory's `config.json` is no corpus; not a hidden one, `.*` or in a `__*`
-  folder, as `datasets` reads none); the files of two splits as `datasets` names them
-  (`train.txt` beside `test.txt`), or a compressed file among them (`b.txt.gz`), are refused
-  (`gptlab.io.files_in`), as are the files of two splits given as several paths
-  (`train.txt test.txt`);
+- a directory: every `.txt`, `.jsonl`, `.ndjson` and `.parquet` file under it, in sorted order
+  (not a `.json`: a run directory's `config.json` is no corpus; not a hidden one, `.*` or in a
+  `__*` folder, as `datasets` reads none); the other files it holds (`README.md`, a `.json`)
+  are left out and named in a note on stderr, once a process; the files of two splits as
+  `datasets` names them (`train.txt` beside `test.txt`), or a compressed file among them
+  (`b.txt.gz`), are refused (`gptlab.io.files_in`), as are the files of two splits given as
+  several paths (`train.txt test.txt`);
 - a name such as `user/dataset` that is not a local path: a Hugging Face Hub dataset (streamed,
   `train` split, `text` column).
 
@@ -31,14 +32,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from gptlab.errors import NotFound, UserError
+from gptlab.errors import NotFound, UserError, counted
 from gptlab.io import (PARQUET_NAMES_NOT_UTF8, check_one_split_given, check_out_of_read_dirs,
-                       check_unique_columns, csv_refused, fields_instead, files_in, is_hub_name,
-                       json_objects, not_utf8_row, parquet_not_utf8, unreadable_parquet,
-                       utf8_lines)
-from gptlab.tokenizer import check_text
+                       check_unique_columns, csv_refused, fields_instead, files_in,
+                       files_left_out, is_hub_name, json_objects, not_utf8_row, parquet_not_utf8,
+                       unreadable_parquet, utf8_lines)
+from gptlab.tokenizer import check_text, note_once
 
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# What a directory's files are read by: `.ndjson` is JSON Lines as `.jsonl` is (`datasets`
+# shards are named so), a `.json` is none (a run directory's config.json).
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".ndjson", ".parquet")
 TEXT_FIELD = "text"
 
 
@@ -87,6 +90,7 @@ def corpus_files(paths: Sequence[str | Path], field: str = "data") -> list[Path]
         p = Path(given)
         if p.is_dir():
             found = files_in(p, CORPUS_SUFFIXES)  # none is refused
+            _note_left_out(p)
         elif p.exists():
             csv = csv_refused(p)  # a table, not text: refused before any file is read
             if csv is not None:
@@ -115,6 +119,22 @@ def corpus_files(paths: Sequence[str | Path], field: str = "data") -> list[Path]
     return files
 
 
+def _note_left_out(d: Path) -> None:
+    """Say which files of corpus directory `d` no corpus reads, rather than leave them out
+    without a word: `datasets` reads a directory by its commonest suffix, so a user may expect
+    its `.json` or `.csv` files read too."""
+    left = files_left_out(d, CORPUS_SUFFIXES)
+    if not left:
+        return
+    names = [str(f.relative_to(d)) for f in left[:5]] + (
+        [f"{len(left) - 5} more"] if len(left) > 5 else [])
+    json_hint = (" (a .json file of JSON Lines as .jsonl)"
+                 if any(f.suffix.lower() == ".json" for f in left) else "")
+    note_once(d, f"left out {counted(len(left), 'file')} that a corpus directory does not read "
+                 f"(only {', '.join(CORPUS_SUFFIXES)}): {', '.join(names)}; to read one, rename "
+                 f"it{json_hint} or give it on its own")
+
+
 def read_once(path: str | Path) -> str | None:
     """What `path` is where its text can be read only once, said for an error (a pipe:
     `/dev/stdin` fed by another command, bash's `<(cat more.txt)`); None for a file, a
@@ -131,8 +151,8 @@ def read_once(path: str | Path) -> str | None:
 
 def check_out_of_corpus(out: str | Path, paths: Iterable[str | Path], flag: str = "--data",
                         writes: str = "the run's own files") -> None:
-    """Refuse a run directory that is, or is inside, a corpus directory: every .txt, .jsonl
-    and .parquet file under it is read, so the run's own files (metrics.jsonl, ...) would
+    """Refuse a run directory that is, or is inside, a corpus directory: every .txt, .jsonl,
+    .ndjson and .parquet file under it is read, so the run's own files (metrics.jsonl, ...) would
     become documents of the corpus, and a resumed run would read another corpus. `writes`:
     what the message says would become part of it."""
     name = flag.lstrip("-").replace("-", "_")

@@ -6,11 +6,13 @@
 
 Every stage writes its own model directory under OUT, so each can be inspected, reused or
 rerun with its own verb. A stage whose output is complete is not run again: rerunning the
-same pipeline into the same OUT continues where it stopped.
+same pipeline into the same OUT continues where it stopped, and first removes the temporaries
+that killed writes left under OUT (`remove_killed_writes_temps`).
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -26,8 +28,9 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, is_gptlab_dir, load_model
 from gptlab.errors import UserError, counted, reports_path_errors
-from gptlab.io import (check_dir_out, check_holds_none, read_jsonl, restore_non_finite,
-                       write_json_atomic, write_jsonl_atomic)
+from gptlab.io import (TEMP_NAME, check_dir_out, check_holds_none, read_jsonl,
+                       remove_stale_temps, restore_non_finite, write_json_atomic,
+                       write_jsonl_atomic)
 from gptlab.train.loop import run_by_caller, select_device
 
 if TYPE_CHECKING:
@@ -788,6 +791,7 @@ class Pipeline:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_same_run()
+        remove_killed_writes_temps(self.out)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         start = time.time()
@@ -940,6 +944,30 @@ class Pipeline:
         if settings.get("world_digest") is None:
             settings["world_digest"] = world_digest(self.world_dir)
             write_json_atomic(path, settings)
+
+
+def remove_killed_writes_temps(out: Path) -> list[Path]:
+    """Remove the temporaries (`.NAME.<random>.tmp/`, `gptlab.io.TEMP_NAME`) that killed writes
+    left anywhere under `out`, saying so in one line. The next write of a file removes its own,
+    but a file that a finished stage never writes again (world.json, a PPO round's config.json,
+    killed between its rename and its temporary's removal) would keep one for good. A temporary
+    a live writer holds is left alone (`remove_stale_temps`), and so is anything else: a file
+    or link of such a name, and what lies in hidden folders (`.old-files.*/`: `settle_old_files`'
+    to settle)."""
+    removed: list[Path] = []
+    for root, folders, _ in os.walk(out):
+        temps = [name for name in folders if TEMP_NAME.fullmatch(name)
+                 and not os.path.islink(os.path.join(root, name))]
+        for name in temps:
+            removed += remove_stale_temps(root, glob.escape(name))
+        folders[:] = [name for name in folders if not name.startswith(".")]
+    if removed:
+        names = [str(p.relative_to(out)) for p in sorted(removed)]
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        n = len(removed)
+        print(f"note: removed {n} temporar{'y' if n == 1 else 'ies'} that killed writes left in "
+              f"{out}: {listed}", file=sys.stderr)
+    return removed
 
 
 @reports_path_errors
