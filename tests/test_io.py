@@ -931,7 +931,8 @@ def test_a_directory_of_arrow_files_alone_says_how_to_convert_it(tmp_path):
         read_jsonl(d)
     assert str(e.value) == (
         f"{d}: no .jsonl, .ndjson, .parquet files in this directory; it holds 2 Apache Arrow "
-        f"files, which no verb reads (the first: cache-1a2b.arrow): convert a datasets save_to_disk "
+        f"files, which no verb reads (the first: cache-1a2b.arrow): convert a datasets "
+        f"save_to_disk "
         f"directory with datasets.load_from_disk({str(d)!r}).to_json('data.jsonl') (JSON "
         f"Lines) or .to_parquet('data.parquet'), one file with datasets.Dataset.from_file(FILE)")
 

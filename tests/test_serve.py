@@ -14,9 +14,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import test_chat  # noqa: E402
 from gptlab.chat import ChatConfig, ChatSession  # noqa: E402
+from gptlab.chat import server as serve_module  # noqa: E402
 from gptlab.chat.server import ChatServer, ServeConfig, create_app  # noqa: E402
 from gptlab.checkpoint import load_model  # noqa: E402
 from gptlab.cli import main  # noqa: E402
+from gptlab.tokenizer import Tokenizer  # noqa: E402
 
 tiny_dir = test_chat.tiny_dir  # the tiny chat model `gptlab chat`'s tests talk to (a fixture)
 
@@ -53,14 +55,45 @@ def events(client: TestClient, messages: list[dict], **body) -> list:
     return [json.loads(e[len("data: "):]) for e in said[:-1]]
 
 
+def openai_error(r, status: int, param: str | None = None, code: str | None = None) -> str:
+    """The message of response `r`, an error of `status` in OpenAI's shape."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["param"], error["code"]) == (param, code), error
+    assert error["type"] == "invalid_request_error"
+    return error["message"]
+
+
 def test_models_health_and_the_page(client):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/v1/models").json() == {
-        "object": "list", "data": [{"id": "model", "object": "model", "created": 0,
-                                    "owned_by": "gptlab"}]}
+    card = {"id": "model", "object": "model", "created": 0, "owned_by": "gptlab"}
+    assert client.get("/v1/models").json() == {"object": "list", "data": [card]}
+    assert client.get("/v1/models/model").json() == card  # the openai client's retrieve
+    assert "The model 'gpt-4o' does not exist" in openai_error(
+        client.get("/v1/models/gpt-4o"), 404, "model", "model_not_found")
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'const MODEL = "model";' in page.text and "/v1/chat/completions" in page.text
+    head = client.head("/")  # a check of the page's, as monitors and browsers make it
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/html")
+
+
+def test_no_route_and_no_method_are_errors_in_openai_s_shape(client):
+    assert openai_error(client.get("/v1/nothing"), 404) == "Invalid URL (GET /v1/nothing)"
+    r = client.get("/v1/chat/completions")
+    assert openai_error(r, 405) == "Method not allowed (GET /v1/chat/completions; it takes POST)"
+    assert r.headers["allow"] == "POST"
+
+
+def test_a_model_name_cannot_break_out_of_the_page_s_script(tiny_dir):
+    name = "x</script><script>alert(1)</script><!--&\u2028"
+    page = client_of(tiny_dir, name=name).get("/").text
+    template = Path(serve_module.__file__).with_name("page.html").read_text(encoding="utf-8")
+    assert page.count("</script") == template.count("</script")
+    assert "<!--" not in page and "\u2028" not in page
+    literal = re.search(r"const MODEL = (.*);\n", page).group(1)
+    assert json.loads(literal) == name
 
 
 def test_a_greedy_completion_is_the_reply_gptlab_chat_gives(tiny_dir, client):
@@ -151,15 +184,23 @@ def test_a_conversation_past_the_context_loses_its_oldest_turns(tiny_dir):
                                                   "temperature": 0, "max_tokens": 8})
     assert r.status_code == 200 and int(r.headers["x-gptlab-dropped-turns"]) >= 1
     assert r.json()["usage"]["prompt_tokens"] <= 60 - 8
-    # a last message that alone does not fit is refused, as OpenAI's API refuses it
-    r = client.post("/v1/chat/completions",
-                    json={"messages": [user("the cat sat on the mat " * 20)], "max_tokens": 8})
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
-    assert error["message"].startswith("This model's maximum context length is 60 tokens: the "
-                                       "message needs ")
-    assert error["message"].endswith("; shorten it, or lower max_tokens")
+    # A last message that alone does not fit is refused, as OpenAI's API refuses it, with
+    # the advice that helps: a message longer than the context, to shorten it alone.
+    said = openai_error(client.post("/v1/chat/completions", json={
+        "messages": [user("the cat sat on the mat " * 20)], "max_tokens": 8}),
+        400, "messages", "context_length_exceeded")
+    assert said.startswith("This model's maximum context length is 60 tokens, too few for these "
+                           "messages: the message needs ")
+    assert said.endswith("; shorten it")
+    # The tiny tokenizer: 56 tokens, which a reply of 4 leaves room for.
+    for field in ("max_tokens", "max_completion_tokens"):
+        said = openai_error(client.post("/v1/chat/completions", json={
+            "messages": [user("the cat " * 16)], field: 8}),
+            400, "messages", "context_length_exceeded")
+        assert said.endswith(f"needs 56 tokens with the chat template, but only 52 fit (the "
+                             f"context minus the tokens kept for the reply); shorten it, or "
+                             f"lower {field} to at most 4")
+    ask(client, [user("the cat " * 16)], max_tokens=4)
 
 
 @pytest.mark.parametrize("body, status, param, message", [
@@ -171,7 +212,27 @@ def test_a_conversation_past_the_context_loses_its_oldest_turns(tiny_dir):
     ({"best_of": 2}, 400, "best_of", "Unrecognized request argument supplied: best_of"),
     ({"temperature": 3}, 400, "temperature", "temperature must be from 0 to 2, got 3"),
     ({"temperature": 0, "top_p": 0.5}, 400, "top_p", "temperature 0 is greedy decoding"),
-    ({"top_p": 0}, 400, "top_p", "must be in (0, 1], got 0.0"),
+    ({"top_p": 0}, 400, "top_p", "top_p must be in (0, 1], got 0"),
+    ({"top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1], got 1.5"),
+    ({"top_p": float("nan")}, 400, "top_p", "top_p must be a number, got NaN"),
+    ({"temperature": float("inf")}, 400, "temperature", "temperature must be a number, got "
+                                                        "Infinity"),
+    ({"stream": 0}, 400, "stream", "stream must be true or false, got 0"),
+    ({"stream": "true"}, 400, "stream", 'stream must be true or false, got "true"'),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options.include_usage", 'stream_options.include_usage must be true or false, got '
+                                     '"yes"'),
+    ({"stream_options": False}, 400, "stream_options",
+     "stream_options must be an object of include_usage alone, got false"),
+    ({"frequency_penalty": False}, 400, "frequency_penalty", "frequency_penalty false is not"),
+    ({"presence_penalty": False}, 400, "presence_penalty", "presence_penalty false is not"),
+    ({"logprobs": 0}, 400, "logprobs", "logprobs 0 is not supported"),
+    ({"user": 5}, 400, "user", "user must be a string, got 5"),
+    ({"model": 5}, 400, "model", "model must be a string, got 5"),
+    ({"messages": [{"role": "user", "content": "hi", "foo": 1}]}, 400, "messages[0].foo",
+     "Unrecognized request argument supplied: messages[0].foo"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "messages[0].name",
+     'messages[0].name "bob" is not supported by gptlab serve (it accepts only null or "")'),
     ({"max_tokens": 0}, 400, "max_tokens", "max_tokens must be an integer of at least 1, got 0"),
     ({"max_tokens": 17}, 400, "max_tokens", "at most 16 new tokens (the server's"),
     ({"n": 2, "stream": True}, 400, "n", "a streamed request has one completion"),
@@ -189,12 +250,27 @@ def test_a_conversation_past_the_context_loses_its_oldest_turns(tiny_dir):
 ])
 def test_a_request_gptlab_cannot_honour_is_refused_as_openai_refuses(client, body, status, param,
                                                                      message):
-    r = client.post("/v1/chat/completions", json={"messages": [user("hi")], **body})
-    assert r.status_code == status
-    error = r.json()["error"]
-    assert error["param"] == param and message in error["message"], error
-    assert error["type"] == "invalid_request_error"
-    assert error["code"] == ("model_not_found" if status == 404 else None)
+    # json.dumps writes NaN and Infinity, which Python's JSON reads (httpx's refuses them)
+    r = client.post("/v1/chat/completions", content=json.dumps({"messages": [user("hi")], **body}),
+                    headers={"content-type": "application/json"})
+    said = openai_error(r, status, param, "model_not_found" if status == 404 else None)
+    # The openai client shows the message alone: it names the field.
+    assert message in said and param in said, said
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("body", ["[" * 100000 + "]" * 100000,
+                                  '{"a": ' * 100000 + "1" + "}" * 100000])
+def test_a_body_nested_too_deeply_is_no_json_it_takes(client, path, body):
+    assert openai_error(client.post(path, content=body.encode()), 400) == (
+        "the request body is not valid JSON: nested too deeply")
+
+
+def test_a_developer_message_is_a_system_message(client):
+    def reply(role: str) -> str:
+        return ask(client, [{"role": role, "content": "be kind"}, user("hi")],
+                   temperature=0)["choices"][0]["message"]["content"]
+    assert reply("developer") == reply("system")
 
 
 def test_neutral_settings_and_a_body_that_is_no_json(client):
@@ -203,7 +279,9 @@ def test_neutral_settings_and_a_body_that_is_no_json(client):
     greedy = ask(client, [user("hi")], temperature=0)
     assert ask(client, [user("hi")], temperature=0, frequency_penalty=0, presence_penalty=0.0,
                logprobs=False, tools=[], response_format={"type": "text"}, user="me",
-               top_p=1, stop=None, seed=None)["choices"] == greedy["choices"]
+               top_p=1, stop=None, seed=None, stream=False)["choices"] == greedy["choices"]
+    assert ask(client, [{**user("hi"), "name": "", "tool_calls": None}],
+               temperature=0)["choices"] == greedy["choices"]
     r = client.post("/v1/chat/completions", content=b"{not json",
                     headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
@@ -214,11 +292,73 @@ def test_serve_loads_the_model_and_runs_uvicorn(tiny_dir, monkeypatch, capsys):
     ran = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     assert main(["serve", "--model", str(tiny_dir), "--name", "tiny", "--port", "8123",
-                 "--max-new-tokens", "16"]) == 0
+                 "--max-new-tokens", "16", "--allow-origin", "http://a.test",
+                 "--allow-origin", "http://b.test"]) == 0
     assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
     assert "serving tiny on http://127.0.0.1:8123/" in capsys.readouterr().out
-    models = TestClient(ran["app"]).get("/v1/models").json()["data"]
+    client = TestClient(ran["app"])
+    models = client.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["tiny"]
+    for origin in ("http://a.test", "http://b.test"):
+        assert preflight(client, origin).headers["access-control-allow-origin"] == origin
+
+
+def preflight(client: TestClient, origin: str):
+    """The OPTIONS request a browser sends before a page of `origin` posts JSON to the API."""
+    return client.options("/v1/chat/completions", headers={
+        "origin": origin, "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type, authorization"})
+
+
+def test_no_website_calls_the_api_unless_allowed(tiny_dir, client):
+    # By default (the server on 127.0.0.1): a page of any website a browser visits gets no
+    # answer it may read, nor may it post JSON.
+    r = preflight(client, "http://evil.test")
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    allowed = client_of(tiny_dir, allow_origins=("http://localhost:3000",))
+    r = preflight(allowed, "http://localhost:3000")
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert preflight(allowed, "http://evil.test").status_code == 400
+    r = allowed.post("/v1/chat/completions", json={"messages": [user("hi")], "max_tokens": 2},
+                     headers={"origin": "http://localhost:3000"})
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "x-gptlab-dropped-turns" in r.headers["access-control-expose-headers"]
+    r = preflight(client_of(tiny_dir, allow_origins=("*",)), "http://any.test")
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("path, body, prepare", [
+    ("/v1/chat/completions", {"messages": [user("hi")]}, "prepare"),
+    ("/v1/completions", {"prompt": "hi"}, "prepare_text"),
+])
+def test_other_requests_are_answered_while_a_request_is_prepared(tiny_dir, monkeypatch, path,
+                                                                 body, prepare):
+    # Encoding a long history takes a while: /health is answered meanwhile.
+    model, tok, _ = load_model(tiny_dir)
+    server = ChatServer(model, tok, ServeConfig(model=str(tiny_dir), max_new_tokens=4))
+    original, started, answered = getattr(server, prepare), threading.Event(), threading.Event()
+    waited = []
+
+    def slow(body):
+        started.set()
+        waited.append(answered.wait(timeout=5))  # without the fix: the health check waits
+        return original(body)
+    monkeypatch.setattr(server, prepare, slow)
+    with TestClient(create_app(server)) as client:  # one event loop for both requests
+        done = []
+        asked = threading.Thread(target=lambda: done.append(client.post(path, json=body)))
+        asked.start()
+        assert started.wait(timeout=30)
+        assert client.get("/health").status_code == 200
+        answered.set()
+        asked.join(timeout=60)
+        assert done[0].status_code == 200
+        # and a request refused in the thread is the same 400
+        assert "n must be" in openai_error(client.post(path, json={**body, "n": 0}), 400, "n")
+    assert waited == [True, True]
 
 
 def test_serve_without_a_model_there_exits_2_naming_the_flag(tmp_path, capsys):
@@ -286,17 +426,35 @@ def test_a_text_completion_continues_the_prompt_as_generate_text_does(tiny_dir, 
     ({"prompt": "hi", "echo": True}, "echo", "echo true is not supported", None),
     ({"prompt": "hi", "logprobs": 2}, "logprobs", "logprobs 2 is not supported", None),
     ({"prompt": "the cat sat " * 40}, "prompt", "prompt has", "context_length_exceeded"),
-    ({"prompt": ["hi", "the cat sat " * 40]}, "prompt[1]", "prompt has",
+    ({"prompt": ["hi", "the cat sat " * 40]}, "prompt[1]", "prompt[1] has",
      "context_length_exceeded"),
+    ({"prompt": "hi", "stream": 1}, "stream", "stream must be true or false, got 1", None),
     ({"prompt": []}, "prompt", "prompt must be a text or a non-empty list", None),
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages",
      "Unrecognized request argument supplied: messages", None),
 ])
 def test_a_text_completion_gptlab_cannot_honour_is_refused(client, body, param, message, code):
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["param"] == param and message in error["message"] and error["code"] == code
+    said = openai_error(client.post("/v1/completions", json=body), 400, param, code)
+    assert message in said and param in said, said
+
+
+def test_a_prompt_too_long_is_told_what_a_client_can_change(client, monkeypatch):
+    # The tiny tokenizer: BOS and 80 tokens, in a context of 96 less a reply of 16.
+    for field in ("max_tokens", None):
+        said = openai_error(client.post("/v1/completions", json={
+            "prompt": "the cat " * 26, **({field: 16} if field else {})}),
+            400, "prompt", "context_length_exceeded")
+        assert said == ("This model's maximum context length is 96 tokens: prompt has 81 tokens, "
+                        "but max_tokens 16 leaves room for 80; shorten it, or lower max_tokens "
+                        "to at most 15")
+    said = openai_error(client.post("/v1/completions", json={"prompt": "the cat " * 40}),
+                        400, "prompt", "context_length_exceeded")
+    assert said.endswith("prompt has 123 tokens, but max_tokens 16 leaves room for 80; shorten "
+                         "it")
+    # A tokenizer without BOS: an empty prompt is nothing to continue.
+    monkeypatch.setattr(Tokenizer, "bos_id", property(lambda self: None))
+    assert openai_error(client.post("/v1/completions", json={"prompt": ["hi", ""]}), 400,
+                        "prompt[1]") == "prompt[1] is empty"
 
 
 def text_events(client: TestClient, **body) -> list:

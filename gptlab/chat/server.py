@@ -2,7 +2,8 @@
 
 Endpoints (FastAPI, served by uvicorn):
 
-- `GET /v1/models`: the one model served, under its name (`--name`, by default its directory's).
+- `GET /v1/models`: the one model served, under its name (`--name`, by default its directory's);
+  `GET /v1/models/{name}`: that model (OpenAI's retrieve), another name a 404.
 - `POST /v1/chat/completions`: OpenAI's chat completions, whole or streamed as server-sent
   events (`"stream": true`, ended by `data: [DONE]`, usage in a last chunk with
   `"stream_options": {"include_usage": true}`). A conversation is stateless, as in OpenAI's API:
@@ -15,7 +16,8 @@ Endpoints (FastAPI, served by uvicorn):
   chat completions stream (`text_completion` chunks whose `choices[0].text` join to the whole
   completion): each prompt continued as raw text, as `gptlab generate` continues it (the
   built-in world's SQL model is served so: its prompt is the schema, the question and `SQL:`).
-- `GET /`: a chat page (one HTML file, no outside assets) that streams from the API.
+- `GET /` (and `HEAD /`): a chat page (one HTML file, no outside assets) that streams from the
+  API.
 - `GET /health`: `{"status": "ok"}`.
 
 The request's settings are OpenAI's: `max_tokens` (or `max_completion_tokens`), `temperature`
@@ -24,16 +26,22 @@ The request's settings are OpenAI's: `max_tokens` (or `max_completion_tokens`), 
 it: a server started alike answers alike, yet two requests are not sampled alike. A setting that
 would change the answer and that gptlab does not do (`tools`, `logprobs`, `response_format`
 other than text, penalties, `logit_bias`) is refused, and so is a field OpenAI's API does not
-know, as OpenAI's own refuses it: no setting is ignored without a word. Errors have OpenAI's
-shape, `{"error": {"message", "type", "param", "code"}}`, with status 400 (a bad request), 404
-(another model's name) or 500. Requests are answered one at a time (the model is one); a
-streamed completion whose client goes away stops at its next token, freeing the model for the
-next request.
+know, as OpenAI's own refuses it: no setting is ignored without a word; so is a message's key
+other than `role` and `content` (a `name`, which no chat template renders, included). A
+`developer` message is read as a system message (OpenAI's new name for it). Errors have
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with status 400 (a bad
+request, its message naming the field, as the `openai` client shows only the message), 404
+(another model's name, an unknown path), 405 (a method a path does not take) or 500. No
+website's page may call the API from a browser unless `--allow-origin` names it (CORS).
+Requests are answered one at a time (the model is one); a streamed completion whose client goes
+away stops at its next token, freeing the model for the next request.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import threading
 import time
 import uuid
@@ -44,14 +52,15 @@ from typing import Any, AsyncIterator, Callable
 # The serve extra (pip install gptlab[serve]); FastAPI reads the handlers' annotations by name.
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from gptlab.chat.context import TurnTooLong, fit_messages
 from gptlab.chat.terminal import StreamedReply, reply_text
 from gptlab.engine import Generation, SamplingParams, generate
 from gptlab.errors import UserError
-from gptlab.api import fit_prompt
 from gptlab.stop_strings import StopStrings, check_stop_strings, cut_at_stop
 from gptlab.tokenizer import check_messages, check_text
 
@@ -68,6 +77,11 @@ TEXT_HONOURED = HONOURED - {"messages", "max_completion_tokens"} | {"prompt"}
 TEXT_NEUTRAL = {**{k: NEUTRAL[k] for k in ("frequency_penalty", "presence_penalty",
                                             "logit_bias")},
                 "logprobs": (None,), "echo": (False,), "suffix": (None, ""), "best_of": (1,)}
+# A message's keys: those honoured, and OpenAI's others at the value that changes nothing (a
+# `name` is not rendered by chat templates; tool calls are refused by `check_messages`).
+MESSAGE_HONOURED = {"role", "content"}
+MESSAGE_NEUTRAL = {"name": ("",), "tool_calls": ([],), "function_call": (), "tool_call_id": (),
+                   "refusal": ()}
 MAX_N = 16  # completions of one request (the batch of one generation)
 MAX_STOP = 4  # as OpenAI's API
 
@@ -84,6 +98,7 @@ class ServeConfig:
     max_context_tokens: int | None = None
     seed: int = 0
     device: str = "auto"
+    allow_origins: tuple[str, ...] = ()  # websites whose pages may call the API (CORS; "*": any)
 
 
 class APIError(Exception):
@@ -91,6 +106,10 @@ class APIError(Exception):
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
                  code: str | None = None, kind: str = "invalid_request_error"):
+        # The openai client shows only the message: it names the field too.
+        if param is not None and not re.search(rf"(?<![\w.\]]){re.escape(param)}(?![\w\[])",
+                                               message):
+            message = f"{param}: {message}"
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.kind = (message, param, status,
                                                                        code, kind)
@@ -98,6 +117,15 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}
+
+    @classmethod
+    def of(cls, e: UserError, **kw: Any) -> "APIError":
+        return cls(e.message, e.field, **kw)
+
+
+def model_not_found(name: str, served: str) -> APIError:
+    return APIError(f"The model {name!r} does not exist; this server serves {served!r}", "model",
+                    status=404, code="model_not_found")
 
 
 @dataclass
@@ -111,6 +139,7 @@ class Request:
     seed: int | None
     stream: bool
     include_usage: bool
+    max_tokens_field: str  # the field that sets the reply's length: max_(completion_)tokens
 
 
 def _int(body: dict, key: str, low: int, high: int | None = None) -> int | None:
@@ -127,26 +156,50 @@ def _number(body: dict, key: str) -> float | None:
     v = body.get(key)
     if v is None:
         return None
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+    # Python's JSON reads NaN and Infinity, which are no JSON numbers.
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         raise APIError(f"{key} must be a number, got {json.dumps(v)}", key)
     return float(v)
 
 
-def _check_fields(body: Any, honoured: set[str], neutral: dict[str, tuple]) -> dict:
-    """`body`, a JSON object whose every field is honoured or at a value that changes nothing;
-    an `APIError` names the first that is not."""
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    for key, value in body.items():
+def _bool(obj: dict, key: str, field: str | None = None) -> bool:
+    """A JSON boolean (false where left out): no 0, no "true"."""
+    v = obj.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise APIError(f"{field or key} must be true or false, got {json.dumps(v)}", field or key)
+    return bool(v)
+
+
+def _string(body: dict, key: str) -> str | None:
+    v = body.get(key)
+    if v is not None and not isinstance(v, str):
+        raise APIError(f"{key} must be a string, got {json.dumps(v)}", key)
+    return v
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON's equality, where Python's holds false == 0."""
+    return type(value) is type(neutral) and value == neutral
+
+
+def _check_fields(obj: Any, honoured: set[str], neutral: dict[str, tuple],
+                  where: str = "") -> dict:
+    """`obj` (the request body, or where `where` names it, one of its objects), a JSON object
+    whose every field is honoured or null or at a value that changes nothing; an `APIError`
+    names the first that is not."""
+    if not isinstance(obj, dict):
+        raise APIError(f"{where.rstrip('.') or 'the request body'} must be a JSON object")
+    for key, value in obj.items():
+        field = where + key
         if key in honoured:
             continue
         if key not in neutral:
-            raise APIError(f"Unrecognized request argument supplied: {key}", key)
-        if value is not None and value not in neutral[key]:
-            raise APIError(f"{key} {json.dumps(value)} is not supported by gptlab serve (it "
-                           f"accepts only {' or '.join(json.dumps(v) for v in neutral[key])})",
-                           key)
-    return body
+            raise APIError(f"Unrecognized request argument supplied: {field}", field)
+        if value is not None and not any(_same(value, v) for v in neutral[key]):
+            accepted = " or ".join(json.dumps(v) for v in (None, *neutral[key]))
+            raise APIError(f"{field} {json.dumps(value)} is not supported by gptlab serve (it "
+                           f"accepts only {accepted})", field)
+    return obj
 
 
 def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
@@ -157,12 +210,16 @@ def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
     if not isinstance(messages, list) or not messages:
         raise APIError("messages must be a non-empty list of {role, content} messages",
                        "messages")
+    # `developer` is OpenAI's newer name for the system message.
+    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer"
+                else m for m in messages]
     try:
         check_messages(messages)
         for i, m in enumerate(messages):
             check_text(m["content"], field=f"messages[{i}].content")
+            _check_fields(m, MESSAGE_HONOURED, MESSAGE_NEUTRAL, f"messages[{i}].")
     except UserError as e:
-        raise APIError(e.message, e.field) from None
+        raise APIError.of(e) from None
     if messages[-1]["role"] != "user":
         raise APIError(f"the last message must be the user's to answer, not "
                        f"{messages[-1]['role']!r}", f"messages[{len(messages) - 1}].role")
@@ -172,18 +229,19 @@ def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
 def _settings(body: dict, max_new_tokens: int, stop_strings: tuple[str, ...],
               stop_ids: tuple[int, ...], messages: list[dict]) -> Request:
     """The sampling settings of a request, chat or text completion, checked."""
-    tokens = _int(body, "max_completion_tokens", 1)
-    if tokens is None:
-        tokens = _int(body, "max_tokens", 1)
+    tokens_field = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
+                    else "max_tokens")
+    tokens = _int(body, tokens_field, 1)
     if tokens is not None and tokens > max_new_tokens:
-        raise APIError(f"at most {max_new_tokens} new tokens (the server's --max-new-tokens), "
-                       f"got {tokens}", "max_completion_tokens" if
-                       body.get("max_completion_tokens") is not None else "max_tokens")
+        raise APIError(f"{tokens_field}: at most {max_new_tokens} new tokens (the server's "
+                       f"--max-new-tokens), got {tokens}", tokens_field)
     temperature = _number(body, "temperature")
     if temperature is not None and not 0 <= temperature <= 2:
         raise APIError(f"temperature must be from 0 to 2, got {json.dumps(body['temperature'])}",
                        "temperature")
     top_p = _number(body, "top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise APIError(f"top_p must be in (0, 1], got {json.dumps(body['top_p'])}", "top_p")
     greedy = temperature == 0
     if greedy and top_p is not None and top_p < 1:
         raise APIError("temperature 0 is greedy decoding, which top_p would not change; "
@@ -194,7 +252,7 @@ def _settings(body: dict, max_new_tokens: int, stop_strings: tuple[str, ...],
                                 top_p=None if greedy or top_p == 1 else top_p,
                                 stop_ids=stop_ids)
     except UserError as e:
-        raise APIError(e.message, e.field) from None
+        raise APIError.of(e) from None
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop  # OpenAI's API takes one as a string
     try:
@@ -204,19 +262,21 @@ def _settings(body: dict, max_new_tokens: int, stop_strings: tuple[str, ...],
     if len(stop) > MAX_STOP:
         raise APIError(f"stop takes at most {MAX_STOP} texts, got {len(stop)}", "stop")
     n = _int(body, "n", 1, MAX_N) or 1
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise APIError(f"stream must be true or false, got {json.dumps(stream)}", "stream")
+    stream = _bool(body, "stream")
     if stream and n > 1:
         raise APIError("a streamed request has one completion (n 1)", "n")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise APIError("stream_options takes include_usage alone", "stream_options")
+        raise APIError(f"stream_options must be an object of include_usage alone, got "
+                       f"{json.dumps(options)}", "stream_options")
     if options and not stream:
         raise APIError("stream_options is only allowed when stream is true", "stream_options")
+    include_usage = _bool(options, "include_usage", "stream_options.include_usage")
     seed = _int(body, "seed", -2**63)
+    _string(body, "user")
     return Request(messages, params, n, tuple(dict.fromkeys(stop_strings + stop)), seed,
-                   stream, bool(options.get("include_usage")))
+                   stream, include_usage, tokens_field)
 
 
 class ChatServer:
@@ -251,12 +311,23 @@ class ChatServer:
         budget = self.context - req.params.max_new_tokens
         try:
             kept, dropped = fit_messages(req.messages, self.count_tokens, budget,
-                                         lambda needed: "lower max_tokens")
+                                         lambda needed: self._shorter_reply(req, needed))
         except TurnTooLong as e:
-            raise APIError(f"This model's maximum context length is {self.context} tokens: "
-                           f"{e.message}", "messages", code="context_length_exceeded") from None
+            raise self._too_long(f", too few for these messages: {e.message}",
+                                 "messages") from None
         ids, _ = self.tok.render_chat(kept, add_generation_prompt=True)
         return req, kept, ids, dropped
+
+    def _shorter_reply(self, req: Request, needed: int) -> str:
+        """The advice to lower max_tokens where that makes room for `needed` tokens of
+        prompt (the context holds them and a reply of 1 token); "" where it would not."""
+        most = self.context - needed
+        return f"lower {req.max_tokens_field} to at most {most}" if most >= 1 else ""
+
+    def _too_long(self, why: str, param: str) -> APIError:
+        """A prompt refused, as OpenAI's API says it, `why` the rest of the sentence."""
+        return APIError(f"This model's maximum context length is {self.context} tokens{why}",
+                        param, code="context_length_exceeded")
 
     def _seed(self, req: Request) -> int:
         seed = self.cfg.seed + self.requests if req.seed is None else req.seed
@@ -298,14 +369,19 @@ class ChatServer:
         for i, text in enumerate(prompts):
             try:
                 check_text(text, field=field.format(i))
-                ids = self.tok.encode(text, bos=self.tok.bos_id is not None)
-                if not ids:
-                    raise UserError("is empty", field=field.format(i))
-                encoded.append(fit_prompt(ids, self.context, req.params.max_new_tokens, False,
-                                          self.tok.bos_id, field.format(i))[0])
             except UserError as e:
-                code = "context_length_exceeded" if "room" in e.message else None
-                raise APIError(e.message, e.field, code=code) from None
+                raise APIError.of(e) from None
+            ids = self.tok.encode(text, bos=self.tok.bos_id is not None)
+            if not ids:
+                raise APIError(f"{field.format(i)} is empty", field.format(i))
+            room = self.context - req.params.max_new_tokens
+            if len(ids) > room:  # refused, as OpenAI's API refuses it: not cut
+                more = self._shorter_reply(req, len(ids))
+                raise self._too_long(
+                    f": {field.format(i)} has {len(ids)} tokens, but {req.max_tokens_field} "
+                    f"{req.params.max_new_tokens} leaves room for {room}; shorten it"
+                    f"{', or ' + more if more else ''}", field.format(i))
+            encoded.append(ids)
         return req, encoded
 
     def complete_text(self, req: Request, prompts: list[list[int]]) -> dict:
@@ -453,10 +529,27 @@ class EventStream(StreamingResponse):
 def create_app(server: ChatServer) -> FastAPI:
     """The FastAPI application serving `server`."""
     app = FastAPI(title="gptlab", version="1")
+    if server.cfg.allow_origins:
+        # Without it, a browser lets no page of another website read the API's answers.
+        app.add_middleware(CORSMiddleware, allow_origins=list(server.cfg.allow_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["x-gptlab-dropped-turns"])
 
     @app.exception_handler(APIError)
     def refused(_: HTTPRequest, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    def no_route(request: HTTPRequest, e: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (an unknown path, a method the path does not take), said in
+        # OpenAI's shape too.
+        where = f"{request.method} {request.url.path}"
+        allowed = (e.headers or {}).get("Allow")
+        message = {404: f"Invalid URL ({where})",
+                   405: f"Method not allowed ({where}; it takes {allowed})"}.get(e.status_code,
+                                                                                 e.detail)
+        return JSONResponse(APIError(message, status=e.status_code).body(),
+                            status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     def failed(_: HTTPRequest, e: Exception) -> JSONResponse:
@@ -468,10 +561,18 @@ def create_app(server: ChatServer) -> FastAPI:
     def health() -> dict:
         return {"status": "ok"}
 
+    def card() -> dict:
+        return {"id": server.name, "object": "model", "created": 0, "owned_by": "gptlab"}
+
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
-                                            "owned_by": "gptlab"}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{name:path}")  # a name may hold a "/" (org/model)
+    def retrieve(name: str) -> dict:
+        if name != server.name:
+            raise model_not_found(name, server.name)
+        return card()
 
     async def _json_body(request: HTTPRequest) -> Any:
         """The request's JSON body, its `model` the one served."""
@@ -479,16 +580,19 @@ def create_app(server: ChatServer) -> FastAPI:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(f"the request body is not valid JSON: {e}") from None
-        name = body.get("model") if isinstance(body, dict) else None
+        except RecursionError:  # arrays or objects nested past Python's recursion limit
+            raise APIError("the request body is not valid JSON: nested too deeply") from None
+        name = _string(body, "model") if isinstance(body, dict) else None
         if name is not None and name != server.name:
-            raise APIError(f"The model {name!r} does not exist; this server serves "
-                           f"{server.name!r}", "model", status=404, code="model_not_found")
+            raise model_not_found(name, server.name)
         return body
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Any:
+        # Checking and encoding a long history takes a while: in a thread, so that other
+        # requests (/health) are answered meanwhile.
         body = await _json_body(request)
-        req, kept, ids, dropped = server.prepare(body)
+        req, kept, ids, dropped = await run_in_threadpool(server.prepare, body)
         headers = {"x-gptlab-dropped-turns": str(dropped)}
         if req.stream:
             return EventStream(server.stream(req, kept, ids), headers=headers)
@@ -497,17 +601,29 @@ def create_app(server: ChatServer) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Any:
-        req, prompts = server.prepare_text(await _json_body(request))
+        body = await _json_body(request)
+        req, prompts = await run_in_threadpool(server.prepare_text, body)
         if req.stream:
             return EventStream(server.stream_text(req, prompts[0]))
         return JSONResponse(await run_in_threadpool(server.complete_text, req, prompts))
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def page() -> str:
         return (Path(__file__).with_name("page.html").read_text(encoding="utf-8")
-                .replace("{{MODEL}}", json.dumps(server.name)))
+                .replace("{{MODEL}}", script_json(server.name)))
 
     return app
+
+
+# In a <script>, "</script" in a string ends the script, and "<!--" opens a comment: JSON with
+# "<", ">" and "&" escaped holds neither, and with U+2028 and U+2029 escaped, no line end of
+# older JavaScript's.
+SCRIPT_ESCAPES = {ord(c): f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"}
+
+
+def script_json(value: Any) -> str:
+    """`value` as JSON to write inside an HTML <script>."""
+    return json.dumps(value).translate(SCRIPT_ESCAPES)
 
 
 def serve(cfg: ServeConfig) -> None:
