@@ -380,9 +380,9 @@ def _verb_serve():
         p.add_argument("--seed", type=int, default=0,
                        help="seed of a request without one (plus the requests before it)")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
-        p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+        p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                        help="a website whose pages may call the API from a browser (CORS), as "
-                            "http://localhost:3000; repeat for more, * for any (default: none)")
+                            "http://localhost:3000; repeat for more, * for any")
         p.epilog = ("OpenAI's chat completions API under /v1 (GET /v1/models, POST "
                     "/v1/chat/completions, streamed with \"stream\": true) and a chat page at /. "
                     "Ctrl-C stops the server.")
@@ -392,7 +392,7 @@ def _verb_serve():
         serve(ServeConfig(model=args.model, name=args.name, host=args.host, port=args.port,
                           max_new_tokens=args.max_new_tokens,
                           max_context_tokens=args.max_context_tokens, seed=args.seed,
-                          device=args.device, allow_origins=tuple(args.allow_origin)))
+                          device=args.device, allow_origins=tuple(args.allow_origin or ())))
 
     return "serve a chat model: an OpenAI-compatible API and a web page", add, run
 
