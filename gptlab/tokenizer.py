@@ -879,7 +879,9 @@ def check_text(text: str, field: str | None = None, from_json: bool = False) -> 
     return text
 
 
-def check_messages(messages: Sequence[dict]) -> None:
+def check_messages(messages: Sequence[dict], roles_read: Sequence[str] = ROLES) -> None:
+    """Check each message's shape and role; `roles_read` is what an error says is read (the
+    server reads OpenAI's `developer` too, as `system`)."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise UserError(f"message {i} must be a mapping with 'role' and 'content'",
@@ -887,10 +889,11 @@ def check_messages(messages: Sequence[dict]) -> None:
         # A null is a field left out (a Parquet struct column's missing key reads as one).
         if m.get("role") not in ROLES:
             has = f"has role {m['role']!r}" if "role" in m else "has no 'role'"
-            expected = f"expected one of {', '.join(ROLES)}"
+            expected = f"expected one of {', '.join(roles_read)}"
             if "role" not in m and "from" in m:  # ShareGPT's message: {"from", "value"}
                 has += " but 'from' (ShareGPT's key)"
-                expected = f"rename 'from' to 'role', one of {', '.join(ROLES)} (not human, gpt)"
+                expected = (f"rename 'from' to 'role', one of {', '.join(roles_read)} "
+                            f"(not human, gpt)")
             raise UserError(f"message {i} {has}; {expected}", field=f"messages[{i}].role")
         call = next((k for k in ("tool_calls", "function_call") if m.get(k)), None)
         if call is not None:

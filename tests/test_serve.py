@@ -55,13 +55,14 @@ def events(client: TestClient, messages: list[dict], **body) -> list:
     return [json.loads(e[len("data: "):]) for e in said[:-1]]
 
 
-def openai_error(r, status: int, param: str | None = None, code: str | None = None) -> str:
+def openai_error(r, status: int, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> str:
     """The message of response `r`, an error of `status` in OpenAI's shape."""
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["param"], error["code"]) == (param, code), error
-    assert error["type"] == "invalid_request_error"
+    assert error["type"] == kind
     return error["message"]
 
 
@@ -246,7 +247,8 @@ def test_a_conversation_past_the_context_loses_its_oldest_turns(tiny_dir):
      "messages[0].content", "content is a list of parts"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
      400, "messages[1].role", "the last message must be the user's to answer"),
-    ({"messages": [{"role": "tool", "content": "42"}]}, 400, "messages[0].role", "role 'tool'"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, 400, "messages[0].role",
+     "role 'tool'; expected one of system, developer, user, assistant"),
 ])
 def test_a_request_gptlab_cannot_honour_is_refused_as_openai_refuses(client, body, status, param,
                                                                      message):
@@ -328,6 +330,39 @@ def test_no_website_calls_the_api_unless_allowed(tiny_dir, client):
     assert "x-gptlab-dropped-turns" in r.headers["access-control-expose-headers"]
     r = preflight(client_of(tiny_dir, allow_origins=("*",)), "http://any.test")
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", {"messages": [user("hi")]}),
+                                        ("/v1/completions", {"prompt": "hi"})])
+def test_a_page_of_another_website_cannot_make_the_model_work(tiny_dir, client, monkeypatch,
+                                                              path, body):
+    # A browser posts a form or text/plain across sites without asking first (no preflight);
+    # CORS only hides the answer. The server refuses before the model does anything.
+    asked = []
+    monkeypatch.setattr(ChatServer, "prepare", lambda *a: asked.append(a))
+    monkeypatch.setattr(ChatServer, "prepare_text", lambda *a: asked.append(a))
+    simple = {"content-type": "text/plain"}
+    for origin in ("http://evil.test", "null", "http://testserver.evil.test"):
+        r = client.post(path, content=json.dumps(body), headers={**simple, "origin": origin})
+        assert openai_error(r, 403, kind="permission_error") == (
+            f"a page of {origin} may not call this server: start it with "
+            f"--allow-origin {origin} to let it")
+    assert asked == []
+    monkeypatch.undo()
+    # The server's own page (its origin's host is the one asked), an allowed origin, and a
+    # client that is no browser (no Origin: curl, the SDKs) are answered.
+    for origin in ("http://testserver", "https://testserver"):
+        r = client.post(path, json={**body, "max_tokens": 2}, headers={"origin": origin})
+        assert r.status_code == 200, r.text
+    allowed = client_of(tiny_dir, allow_origins=("http://localhost:3000",))
+    r = allowed.post(path, json={**body, "max_tokens": 2},
+                     headers={"origin": "http://localhost:3000"})
+    assert r.status_code == 200, r.text
+    assert openai_error(allowed.post(path, json=body, headers={"origin": "http://evil.test"}),
+                        403, kind="permission_error").startswith("a page of http://evil.test may not")
+    r = client_of(tiny_dir, allow_origins=("*",)).post(
+        path, json={**body, "max_tokens": 2}, headers={"origin": "http://any.test"})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("path, body, prepare", [

@@ -47,6 +47,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, AsyncIterator, Callable
 
 # The serve extra (pip install gptlab[serve]); FastAPI reads the handlers' annotations by name.
@@ -214,7 +215,7 @@ def parse_request(body: Any, max_new_tokens: int, stop_strings: tuple[str, ...],
     messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer"
                 else m for m in messages]
     try:
-        check_messages(messages)
+        check_messages(messages, roles_read=("system", "developer", "user", "assistant"))
         for i, m in enumerate(messages):
             check_text(m["content"], field=f"messages[{i}].content")
             _check_fields(m, MESSAGE_HONOURED, MESSAGE_NEUTRAL, f"messages[{i}].")
@@ -574,8 +575,28 @@ def create_app(server: ChatServer) -> FastAPI:
             raise model_not_found(name, server.name)
         return card()
 
+    def _check_origin(request: HTTPRequest) -> None:
+        """Refuse a browser's request from a page of another website not allowed.
+
+        CORS keeps such a page from reading the answer, but a browser sends a "simple" POST
+        (a form, or `text/plain`) without asking first: the model would spend its time, or a
+        page could drive it blind. A browser names the page's origin on every POST; curl and
+        the SDKs send none."""
+        origin = request.headers.get("origin")
+        if origin is None or origin in server.cfg.allow_origins \
+                or "*" in server.cfg.allow_origins:
+            return
+        # The server's own page: its origin's host and port are those the browser asked for
+        # (behind a proxy that ends TLS, the scheme may differ).
+        if urlsplit(origin).netloc == request.headers.get("host"):
+            return
+        raise APIError(f"a page of {origin} may not call this server: start it with "
+                       f"--allow-origin {origin} to let it", status=403,
+                       kind="permission_error")
+
     async def _json_body(request: HTTPRequest) -> Any:
         """The request's JSON body, its `model` the one served."""
+        _check_origin(request)
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
