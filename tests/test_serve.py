@@ -564,10 +564,12 @@ def test_a_streamed_text_completion_gptlab_cannot_honour_is_refused(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
 
 
-def abandon_stream(app, path: str, body: dict, reached, spec: str) -> None:
+def abandon_stream(app, path: str, body: dict, reached, spec: str, told=None,
+                   sent: list | None = None) -> None:
     """POST `body` to `path` of the ASGI `app` and go away once `reached` is set: an
     `http.disconnect` where the server listens for it (ASGI 2.3, as uvicorn), else (2.4) a
-    send that fails."""
+    send that fails. `told` is set once the app has taken the disconnect in (the step after
+    the one it was received in); `sent` gets the messages the app sends."""
     async def drive() -> None:
         asked = False
 
@@ -579,9 +581,13 @@ def abandon_stream(app, path: str, body: dict, reached, spec: str) -> None:
                         "more_body": False}
             while not reached.is_set():
                 await asyncio.sleep(0.01)
+            if told is not None:
+                asyncio.get_running_loop().call_soon(told.set)
             return {"type": "http.disconnect"}
 
         async def send(message: dict) -> None:
+            if sent is not None:
+                sent.append(message)
             if spec == "2.4" and message["type"] == "http.response.body":
                 raise OSError("the client went away")
 
@@ -632,5 +638,41 @@ def test_a_stream_whose_client_goes_away_stops_and_frees_the_model(tiny_dir, pat
         returned.set()
         handle.remove()
     assert len(forwards) == at  # the token drawn after the client went was the last
+    r = client.post(path, json={**body, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [user("the cat sat")]}),
+    ("/v1/completions", {"prompt": "the cat sat"}),
+])
+def test_a_whole_completion_whose_client_goes_away_stops_and_frees_the_model(tiny_dir, path,
+                                                                             body):
+    model, tok, _ = load_model(tiny_dir)
+    server = ChatServer(model, tok, ServeConfig(model=str(tiny_dir), max_new_tokens=32))
+    app = create_app(server)
+    client = TestClient(app)
+    seed = next(s for s in range(20) if client.post(path, json={**body, "seed": s}).json()
+                ["usage"]["completion_tokens"] == 32)
+    # The client goes while the third forward pass (the second token's) runs; that pass
+    # waits until the server has taken the disconnect in. The next token is not drawn.
+    forwards, reached, told, sent = [], threading.Event(), threading.Event(), []
+
+    def hook(*_) -> None:
+        forwards.append(1)
+        if len(forwards) == 3:
+            reached.set()
+            assert told.wait(timeout=60)
+    handle = model.register_forward_hook(hook)
+    try:
+        abandon_stream(app, path, {**body, "seed": seed}, reached, "2.3", told, sent)
+    finally:
+        reached.set()
+        told.set()
+        handle.remove()
+    assert len(forwards) == 3  # without the fix: 33, the prompt's and 32 tokens'
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert server.lock.acquire(blocking=False)  # the model is free for the next request
+    server.lock.release()
     r = client.post(path, json={**body, "max_tokens": 4})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4

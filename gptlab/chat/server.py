@@ -54,7 +54,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -335,11 +335,13 @@ class ChatServer:
         self.requests += 1
         return seed
 
-    def complete(self, req: Request, kept: list[dict], ids: list[int]) -> dict:
-        """A whole chat completion (`chat.completion`)."""
+    def complete(self, req: Request, kept: list[dict], ids: list[int],
+                 gone: threading.Event | None = None) -> dict:
+        """A whole chat completion (`chat.completion`); where `gone` is set meanwhile (no one
+        waits for it any more), its generation stops at the next token (`_Abandoned`)."""
         with self.lock:
             gen = generate(self.model, [ids] * req.n, req.params, seed=self._seed(req),
-                           pad_id=self.tok.pad_id,
+                           pad_id=self.tok.pad_id, on_tokens=_abandon_when(gone),
                            stop_when=(StopStrings(self.tok, req.stop, [ids] * req.n)
                                       if req.stop else None))
         choices = [{"index": i, "message": {"role": "assistant",
@@ -385,12 +387,14 @@ class ChatServer:
             encoded.append(ids)
         return req, encoded
 
-    def complete_text(self, req: Request, prompts: list[list[int]]) -> dict:
-        """A whole text completion (`text_completion`), `n` choices a prompt."""
+    def complete_text(self, req: Request, prompts: list[list[int]],
+                      gone: threading.Event | None = None) -> dict:
+        """A whole text completion (`text_completion`), `n` choices a prompt; `gone` as
+        `complete` reads it."""
         batch = [ids for ids in prompts for _ in range(req.n)]
         with self.lock:
             gen = generate(self.model, batch, req.params, seed=self._seed(req),
-                           pad_id=self.tok.pad_id,
+                           pad_id=self.tok.pad_id, on_tokens=_abandon_when(gone),
                            stop_when=StopStrings(self.tok, req.stop, batch) if req.stop else None)
         choices = [{"text": continuation_text(self.tok, ids, gen, i, req.stop), "index": i,
                     "logprobs": None, "finish_reason": "stop" if gen.finished[i] else "length"}
@@ -502,7 +506,38 @@ class ChatServer:
 
 
 class _Abandoned(Exception):
-    """Raised in a streamed completion's generation whose client went away: it ends there."""
+    """Raised in a completion's generation whose client went away: it ends there."""
+
+
+def _abandon_when(gone: threading.Event | None) -> Callable[[list[int], list[int]], None] | None:
+    """A generation's `on_tokens` that ends it (`_Abandoned`) once `gone` is set."""
+    if gone is None:
+        return None
+
+    def on_tokens(rows: list[int], tokens: list[int]) -> None:
+        if gone.is_set():
+            raise _Abandoned
+    return on_tokens
+
+
+async def _unless_gone(request: HTTPRequest, work: Callable[..., dict], *args: Any,
+                       headers: dict | None = None) -> Response:
+    """`work(*args, gone)` in a thread, its answer as JSON; where the client goes away
+    meanwhile (`http.disconnect`), `gone` is set and the generation ends at its next token,
+    freeing the model for the next request (the answer, 499, goes to no one)."""
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return JSONResponse(await run_in_threadpool(work, *args, gone), headers=headers)
+    except _Abandoned:
+        return Response(status_code=499)  # "client closed request", as nginx logs it
+    finally:
+        watcher.cancel()
 
 
 def continuation_text(tok: Any, ids: list[int], gen: Generation, row: int,
@@ -617,8 +652,7 @@ def create_app(server: ChatServer) -> FastAPI:
         headers = {"x-gptlab-dropped-turns": str(dropped)}
         if req.stream:
             return EventStream(server.stream(req, kept, ids), headers=headers)
-        return JSONResponse(await run_in_threadpool(server.complete, req, kept, ids),
-                            headers=headers)
+        return await _unless_gone(request, server.complete, req, kept, ids, headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Any:
@@ -626,7 +660,7 @@ def create_app(server: ChatServer) -> FastAPI:
         req, prompts = await run_in_threadpool(server.prepare_text, body)
         if req.stream:
             return EventStream(server.stream_text(req, prompts[0]))
-        return JSONResponse(await run_in_threadpool(server.complete_text, req, prompts))
+        return await _unless_gone(request, server.complete_text, req, prompts)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def page() -> str:
