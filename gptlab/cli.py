@@ -660,6 +660,52 @@ def _verb_label():
     return "rank sampled responses with a simulated labeler or a function of your own", add, run
 
 
+def _verb_incontext():
+    def add(p: argparse.ArgumentParser) -> None:
+        from gptlab.eval.incontext import DEFAULT_SHOTS
+        p.add_argument("--model", required=True, help="model directory, HF directory or .gguf")
+        p.add_argument("--task", default="sqlworld",
+                       help="sqlworld: the built-in world's questions, the schema the "
+                            "instruction, answers scored by execution (without --data)")
+        p.add_argument("--data", default=None,
+                       help="a task of your own (.jsonl, .parquet or a directory of them): "
+                            "prompt with completion (free text, exact match), or prompt with "
+                            "choices and answer (multiple choice)")
+        p.add_argument("--examples", default=None,
+                       help="solved examples to draw from (default: the other records of "
+                            "--data; with sqlworld, its training questions)")
+        p.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS),
+                       metavar="K", help="examples in the prompt, one evaluation each "
+                                         "(default: 0 1 5)")
+        p.add_argument("--instruction", default=None,
+                       help="a task description put first in every prompt (--data tasks)")
+        p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="end an answer at TEXT (--data tasks; default: a blank line)")
+        p.add_argument("--world", default=None, help="world directory (default: built-in)")
+        p.add_argument("--split", default=None,
+                       help="the world's questions to ask: train, validation or test "
+                            "(default: test)")
+        p.add_argument("--limit", type=int, default=None, help="ask the first N items only")
+        p.add_argument("--max-new-tokens", type=int, default=64,
+                       help="longest free-text answer, in tokens")
+        p.add_argument("--batch-size", type=int, default=8,
+                       help="prompts answered together")
+        p.add_argument("--seed", type=int, default=0, help="seed of the examples drawn")
+        p.add_argument("--out", default=None,
+                       help="write the results, every answer with them, as JSON")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab.eval.incontext import incontext
+        incontext(args.model, args.task, args.data, args.examples, args.world, args.split,
+                  args.shots, args.limit, args.seed, args.instruction, args.stop,
+                  args.max_new_tokens, args.batch_size, args.device, args.out)
+        if args.out:
+            print(f"wrote {args.out}")
+
+    return "GPT-3's in-context learning: ask a task zero-, one- and few-shot", add, run
+
+
 VERBS: dict[str, Callable] = {
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
@@ -669,6 +715,7 @@ VERBS: dict[str, Callable] = {
                              "gptlab.train.pretrain.pretrain",
                              "pretrain a GPT on raw text (next-token prediction)",
                              list_fields=("data",)),
+    "incontext": _verb_incontext,
     "sft": _config_verb("gptlab.train.sft.SFTConfig", "gptlab.train.sft.sft",
                         "supervised fine-tuning on demonstrations (InstructGPT step 1)"),
     "sample": _verb_sample,
