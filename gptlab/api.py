@@ -94,6 +94,44 @@ def generate_text(model: str | Path | tuple[torch.nn.Module, Any], prompts: list
     return [cut_at_stop(text, stop)[0] for text in texts] if stop else texts
 
 
+def classify(model: str | Path | tuple[torch.nn.Module, Any], texts: list[str], *,
+             device: str = "auto", batch_size: int = 32) -> list[str]:
+    """The label a classifier (`gptlab finetune`'s OUT) gives each text, by name. `model` is
+    its path or the (model, tokenizer) pair `load` returns. Each text is encoded as
+    fine-tuning encoded it (BOS first where the tokenizer has one, EOS last); one longer
+    than the context is a UserError naming `texts[i]`."""
+    from gptlab.model.heads import ClassifierModel
+    from gptlab.train.finetune import Labelled, collate
+    _check_prompts(texts)
+    if isinstance(model, (str, os.PathLike)):
+        from gptlab.checkpoint import load_model
+        from gptlab.train.loop import select_device
+        net, tok, _ = load_model(model, select_device(device))
+    else:
+        net, tok = model
+    if not isinstance(net, ClassifierModel):
+        raise UserError(f"must be a classifier (gptlab finetune's output), got the "
+                        f"{type(net).__name__}", field="model")
+    end = [tok.eos_id] if tok.eos_id is not None else []
+    items = []
+    for i, text in enumerate(texts):
+        ids = tok.encode(text, bos=tok.bos_id is not None) + end
+        if len(ids) > net.config.context:
+            raise UserError(f"has {len(ids)} tokens, more than the model's context of "
+                            f"{net.config.context}", field=f"texts[{i}]")
+        items.append(Labelled(ids, net.labels[0]))
+    index = {name: i for i, name in enumerate(net.labels)}
+    device_of = next(net.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            b = collate(items[start:start + batch_size], tok.pad_id, index)
+            logits = net.eval()(b["input_ids"].to(device_of), b["attention_mask"].to(device_of),
+                                right_padded=True)
+            out += [net.labels[j] for j in logits.argmax(-1).tolist()]
+    return out
+
+
 def _model_pair(model: Any) -> tuple[torch.nn.Module, Any]:
     """`model` as the (GPT, Tokenizer) pair `load` returns; a UserError naming what it is
     instead (a bare model, a tokenizer of None, the two swapped)."""

@@ -80,11 +80,12 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 def _arch_registry() -> dict[str, tuple[type, type]]:
     from gptlab.model.gpt import GPT, GPTConfig
-    from gptlab.model.heads import ScalarHeadModel
+    from gptlab.model.heads import ClassifierModel, ScalarHeadModel
     from gptlab.model.transformer import Transformer, TransformerConfig
     # Order matters for _arch_of: the first matching class names the arch.
     return {"gpt": (GPT, GPTConfig), "scalar": (ScalarHeadModel, GPTConfig),
-            "transformer": (Transformer, TransformerConfig)}
+            "transformer": (Transformer, TransformerConfig),
+            "classifier": (ClassifierModel, GPTConfig)}
 
 
 def _arch_of(model: torch.nn.Module) -> str:
@@ -126,6 +127,8 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer: Any = Non
             meta["pad_token_id"] = model.pad_token_id
         if getattr(model, "reads_template_tail", False):  # scored as whole conversations
             meta["reads_template_tail"] = True
+        if arch == "classifier":  # the head's outputs, by name
+            meta["labels"] = list(model.labels)
         write_json_atomic(out / "config.json", meta, non_finite="null")
     return out
 
@@ -298,6 +301,13 @@ def build_from_meta(meta: dict, path: str | Path = "config.json") -> torch.nn.Mo
     if missing:
         raise UserError(f"missing model config keys {missing}", path=path, field="model")
     cfg = _make_config(cfg_cls, fields, path)
+    if arch == "classifier":
+        labels = meta.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2 \
+                or not all(isinstance(x, str) for x in labels) or len(set(labels)) < len(labels):
+            raise UserError(f"must be a list of two or more distinct label names, got "
+                            f"{labels!r}", path=path, field="labels")
+        return model_cls(cfg, labels)
     try:
         return model_cls(cfg)
     except (TypeError, ValueError) as e:
@@ -545,7 +555,9 @@ def load_language_model(path: str | Path, device: str | torch.device = "cpu",
 def model_kind(model: torch.nn.Module, path: str | Path) -> str:
     """What `model`, read from `path`, is, in words, where a decoder-only language model was
     expected: PPO's value model (`is_value_model`), a reward or value model (another scalar
-    head), or an encoder-decoder."""
+    head), a classifier, or an encoder-decoder."""
+    if _arch_of(model) == "classifier":
+        return "a classifier (gptlab finetune's; `api.classify` reads it)"
     if _arch_of(model) != "scalar":
         return f"an encoder-decoder {type(model).__name__}"
     return "PPO's value model" if is_value_model(path) else "a reward or value model"

@@ -715,6 +715,10 @@ VERBS: dict[str, Callable] = {
                              "gptlab.train.pretrain.pretrain",
                              "pretrain a GPT on raw text (next-token prediction)",
                              list_fields=("data",)),
+    "finetune": _config_verb("gptlab.train.finetune.FinetuneConfig",
+                             "gptlab.train.finetune.finetune",
+                             "GPT-1's fine-tuning: classify texts, the LM loss as an auxiliary "
+                             "objective"),
     "incontext": _verb_incontext,
     "sft": _config_verb("gptlab.train.sft.SFTConfig", "gptlab.train.sft.sft",
                         "supervised fine-tuning on demonstrations (InstructGPT step 1)"),

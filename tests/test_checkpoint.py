@@ -1246,7 +1246,7 @@ def test_a_model_of_no_gptlab_arch_is_refused_before_anything_is_written(tmp_pat
 
 @pytest.mark.parametrize("meta, said", [
     ({"arch": "bert", "model": {}}, "field 'arch': unknown arch 'bert' (known: gpt, scalar, "
-                                    "transformer)"),
+                                    "transformer, classifier)"),
     ({"arch": "gpt", "model": [512, 64]}, "field 'model': expected an object of model config "
                                           "fields"),
 ])

@@ -11,6 +11,7 @@ from gptlab.config import _flag_type
 # verb -> (config class, the stage function the verb calls)
 CONFIG_VERBS = {
     "pretrain": ("gptlab.train.pretrain.PretrainConfig", "gptlab.train.pretrain.pretrain"),
+    "finetune": ("gptlab.train.finetune.FinetuneConfig", "gptlab.train.finetune.finetune"),
     "sft": ("gptlab.train.sft.SFTConfig", "gptlab.train.sft.sft"),
     "reward": ("gptlab.train.reward.RewardConfig", "gptlab.train.reward.train_reward_model"),
     "ppo": ("gptlab.train.ppo.PPOConfig", "gptlab.train.ppo.ppo"),

@@ -144,3 +144,45 @@ class ScalarHeadModel(nn.Module):
         raw = self.head(h).squeeze(-1).float()
         raw = raw.gather(1, last[:, None])[:, 0]
         return (raw - self.score_bias) * self.score_scale
+
+
+class ClassifierModel(nn.Module):
+    """GPT-1's fine-tuning model: the pretrained GPT whole (its LM head kept, which the
+    auxiliary language-modelling loss reads) and a linear layer from the final hidden state at
+    each sequence's last real token to one logit per label (`labels`, their names)."""
+
+    def __init__(self, config: GPTConfig, labels: Iterable[str] = ("0", "1")):
+        super().__init__()
+        self.config = config
+        self.labels = [str(label) for label in labels]
+        if len(self.labels) < 2 or len(set(self.labels)) < len(self.labels):
+            raise ValueError(f"a classifier needs two or more distinct labels, got {self.labels}")
+        self.backbone = GPT(config)
+        self.head = nn.Linear(config.d_model, len(self.labels))
+        nn.init.normal_(self.head.weight, std=0.02)  # GPT-1's initialisation, N(0, 0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_gpt(cls, gpt: GPT, labels: Iterable[str]) -> "ClassifierModel":
+        model = cls(gpt.config, labels)
+        model.backbone.load_state_dict(gpt.state_dict())
+        return model.to(next(gpt.parameters()).device)
+
+    def logits_and_lm(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      right_padded: bool | None = None) -> tuple[Tensor, Tensor]:
+        """(label logits (B, labels), language-model logits (B, T, vocab)) of one forward."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h, _ = self.backbone.hidden_states(input_ids, attention_mask, right_padded=right_padded)
+        last = last_real_index(attention_mask)
+        pooled = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.head(pooled).float(), self.backbone.lm_head(h)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                right_padded: bool | None = None) -> Tensor:
+        """Label logits (B, labels), read at each row's last real token."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h, _ = self.backbone.hidden_states(input_ids, attention_mask, right_padded=right_padded)
+        last = last_real_index(attention_mask)
+        return self.head(h[torch.arange(h.shape[0], device=h.device), last]).float()

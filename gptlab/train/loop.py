@@ -95,8 +95,8 @@ class TrainConfig:
         "help": "the cosine schedule ends at lr * min_lr_ratio"})
     warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup to lr"})
     max_steps: int | None = field(default=None, metadata={
-        "help": "optimizer updates (default: from --max-minutes when given; else sft and reward "
-                f"count --epochs, pretrain takes {DEFAULT_MAX_STEPS})"})
+        "help": "optimizer updates (default: from --max-minutes when given; else sft, reward and "
+                f"finetune count --epochs, pretrain takes {DEFAULT_MAX_STEPS})"})
     max_minutes: float | None = field(default=None, metadata={
         "help": "a time budget in minutes, turned into max_steps after a few steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
