@@ -207,4 +207,5 @@ def test_a_classifier_is_no_language_model_nor_a_reward_model(pretrained, data, 
         capsys.readouterr().err
     assert main(["reward", "--model", str(out), "--data", str(train), "--out",
                  str(tmp_path / "r")]) == 2
-    assert "the reward model must start from a GPT model" in capsys.readouterr().err
+    assert "the reward model must start from a GPT model, not a classifier" in \
+        capsys.readouterr().err

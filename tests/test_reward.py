@@ -973,7 +973,8 @@ def test_a_model_without_tokenizer_or_of_another_kind_and_rankings_too_long_are_
     for args, said in (
             (["--model", str(bare)], f"{bare}: the model has no tokenizer"),
             (["--model", str(t5)],
-             f"{t5}, field '--model': the reward model must start from a GPT model"),
+             f"{t5}, field '--model': the reward model must start from a GPT model, not an "
+             f"encoder-decoder Transformer"),
             (["--data", str(long)], f"{long}: no rankings left to train on"),
             (["--samples", str(samples)], f"{samples}, field '--samples': no sample fits the "
                                           f"context to normalise the scores on")):

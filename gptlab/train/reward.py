@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import is_value_model, load_model, read_meta, save_model
+from gptlab.checkpoint import is_value_model, load_model, model_kind, read_meta, save_model
 from gptlab.data.instruct import (Ranking, SkipCounter, encode_prompt, encode_response,
                                   prompt_of, read_rankings, responses_of, template_tail)
 from gptlab.devices import queued_copy, to_device
@@ -408,7 +408,8 @@ def train_reward_model(cfg: RewardConfig) -> Path:
         model = ScalarHeadModel.from_gpt(base)
         del base  # from_gpt copied its weights: held through training, it was one model more
     else:
-        raise WrongKind("the reward model must start from a GPT model", path=cfg.model)
+        raise WrongKind(f"the reward model must start from a GPT model, not "
+                        f"{model_kind(base, cfg.model)}", path=cfg.model)
     context = model.config.context
     rankings = read_rankings(cfg.data)
     if cfg.val_data:
