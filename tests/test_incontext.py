@@ -84,6 +84,19 @@ def test_a_prompt_is_the_instruction_then_examples_then_the_item(tiny, capitals)
     assert [p.ids for p in other] != [p.ids for p in by_shots[3]]
 
 
+def test_more_shots_add_examples_and_keep_the_ones_drawn_before(tiny, tmp_path):
+    # On a pool of 30, random.sample's 5 are not the first of its 6 (it changes method).
+    _, tok = tiny
+    path = write_jsonl(tmp_path / "many.jsonl", [{"prompt": f"n{i} =>", "completion": f" {i}"}
+                                                 for i in range(30)])
+    task = file_task(path)
+    task.items = task.items[:8]
+    blocks = {k: [decoded(tok, p.ids).split("\n\n")[:-1]
+                  for p in build_prompts(task, tok, k, 10_000, seed=0)] for k in (5, 6, 10)}
+    for five, six, ten in zip(blocks[5], blocks[6], blocks[10]):
+        assert six[:5] == five and ten[:6] == six and len(set(ten)) == 10
+
+
 def test_the_world_asked_zero_shot_is_asked_as_every_stage_asks_it(tiny):
     _, tok = tiny
     world = build_world()

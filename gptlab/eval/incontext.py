@@ -159,13 +159,27 @@ class Prompt:
     shots: int  # examples it holds (fewer than asked where they did not fit)
 
 
+def draw(pool: list[Item], k: int, rng: random.Random) -> list[Item]:
+    """`k` distinct items of `pool`, one at a time: the first k of k + 1 drawn with the same
+    generator (`random.sample` switches its method with k, so its 5 are not the first of its
+    6 on a pool of 22 or more)."""
+    picked: list[Item] = []
+    seen: set[int] = set()
+    while len(picked) < k:
+        j = rng.randrange(len(pool))
+        if j not in seen:
+            seen.add(j)
+            picked.append(pool[j])
+    return picked
+
+
 def build_prompts(task: Task, tok: Any, shots: int, room: int, seed: int) -> list[Prompt]:
     """Each item's prompt with up to `shots` examples, at most `room` tokens."""
     out = []
     for i, it in enumerate(task.items):
         # One order per item and seed, whatever `shots` is: K-shot extends (K-1)-shot.
         pool = [e for e in task.pool if not (task.pool_is_items and e is it)]
-        drawn = random.Random(f"{seed}/{i}").sample(pool, min(shots, len(pool)))
+        drawn = draw(pool, min(shots, len(pool)), random.Random(f"{seed}/{i}"))
         for k in range(len(drawn), -1, -1):
             text = _prompt_text(task, drawn[:k], it)
             ids = tok.encode(text, bos=tok.bos_id is not None)
