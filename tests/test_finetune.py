@@ -178,6 +178,9 @@ def test_numbers_and_booleans_are_labels_by_name_in_numeric_order(pretrained, tm
         tmp_path / "n.jsonl", rows)), out=str(tmp_path / "n"), max_steps=1, val_fraction=0,
         progress=False))
     assert read_meta(out)["labels"] == ["1", "2", "10"]
+    from gptlab.train.finetune import sorted_labels
+    assert sorted_labels({"01", "1", "-3", "10"}) == ["-3", "01", "1", "10"]
+    assert sorted_labels({"--1", "2"}) == ["--1", "2"]  # not a number: sorted as text
 
 
 def test_the_verb_fine_tunes_and_texts_too_long_are_counted(pretrained, data, tmp_path, capsys):

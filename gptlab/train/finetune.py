@@ -14,6 +14,7 @@ their names (config.json `labels`).
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -129,9 +130,11 @@ def read_labelled(path: str | Path, text_field: str, label_field: str) -> list[t
 
 
 def sorted_labels(names: set[str]) -> list[str]:
-    """Label names in order: numerically where all are whole numbers, else as text."""
-    if all(n.lstrip("-").isdecimal() for n in names):
-        return sorted(names, key=int)
+    """Label names in order: numerically where all are whole numbers (one number written two
+    ways, "01" and "1", two labels in the order of their text, the same on every run), else
+    as text."""
+    if all(re.fullmatch(r"-?[0-9]+", n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
     return sorted(names)
 
 
