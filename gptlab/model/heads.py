@@ -171,18 +171,19 @@ class ClassifierModel(nn.Module):
     def logits_and_lm(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       right_padded: bool | None = None) -> tuple[Tensor, Tensor]:
         """(label logits (B, labels), language-model logits (B, T, vocab)) of one forward."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        h, _ = self.backbone.hidden_states(input_ids, attention_mask, right_padded=right_padded)
-        last = last_real_index(attention_mask)
-        pooled = h[torch.arange(h.shape[0], device=h.device), last]
-        return self.head(pooled).float(), self.backbone.lm_head(h)
+        logits, h = self._label_logits(input_ids, attention_mask, right_padded)
+        return logits, self.backbone.lm_head(h)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 right_padded: bool | None = None) -> Tensor:
         """Label logits (B, labels), read at each row's last real token."""
+        return self._label_logits(input_ids, attention_mask, right_padded)[0]
+
+    def _label_logits(self, input_ids: Tensor, attention_mask: Tensor | None,
+                      right_padded: bool | None) -> tuple[Tensor, Tensor]:
+        """(label logits (B, labels), the final hidden states (B, T, d) they were read from)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h, _ = self.backbone.hidden_states(input_ids, attention_mask, right_padded=right_padded)
         last = last_real_index(attention_mask)
-        return self.head(h[torch.arange(h.shape[0], device=h.device), last]).float()
+        return self.head(h[torch.arange(h.shape[0], device=h.device), last]).float(), h
