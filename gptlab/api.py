@@ -132,6 +132,35 @@ def classify(model: str | Path | tuple[torch.nn.Module, Any], texts: list[str], 
     return out
 
 
+def translate(model: str | Path | tuple[torch.nn.Module, Any], texts: list[str], *,
+              beam: int = 4, length_penalty: float = 0.6, device: str = "auto",
+              batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
+    """What an encoder-decoder Transformer (`gptlab seq2seq`'s OUT) writes for each source
+    text, by beam search (`beam` 1 with `length_penalty` 0: greedy), up to the source's
+    length + 50 tokens or `max_new_tokens`. `model` is its path or the (model, tokenizer) pair
+    `load` returns; a text longer than the context is a UserError naming `texts[i]`."""
+    from gptlab.model.transformer import Transformer
+    from gptlab.train.seq2seq import translate_ids
+    _check_prompts(texts)
+    if isinstance(model, (str, os.PathLike)):
+        from gptlab.checkpoint import load_model
+        from gptlab.train.loop import select_device
+        net, tok, _ = load_model(model, select_device(device))
+    else:
+        net, tok = model
+    if not isinstance(net, Transformer):
+        raise UserError(f"must be an encoder-decoder Transformer (gptlab seq2seq's output), "
+                        f"got the {type(net).__name__}", field="model")
+    sources = []
+    for i, text in enumerate(texts):
+        ids = tok.encode(text) + [tok.eos_id]
+        if len(ids) > net.config.context:
+            raise UserError(f"has {len(ids)} tokens, more than the model's context of "
+                            f"{net.config.context}", field=f"texts[{i}]")
+        sources.append(ids)
+    return translate_ids(net, tok, sources, beam, length_penalty, batch_size, max_new_tokens)
+
+
 def _model_pair(model: Any) -> tuple[torch.nn.Module, Any]:
     """`model` as the (GPT, Tokenizer) pair `load` returns; a UserError naming what it is
     instead (a bare model, a tokenizer of None, the two swapped)."""

@@ -706,7 +706,43 @@ def _verb_incontext():
     return "GPT-3's in-context learning: ask a task zero-, one- and few-shot", add, run
 
 
+def _verb_translate():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="a model directory `gptlab seq2seq` wrote")
+        p.add_argument("--data", required=True,
+                       help="records to translate (.jsonl, .parquet or a directory of them), "
+                            "each with a source; those that all hold a target are scored too")
+        p.add_argument("--out", default=None,
+                       help="write the records with a `translation` field as JSONL (default: "
+                            "the translations on stdout, one per line)")
+        p.add_argument("--source-field", default="source", help="the field holding the source")
+        p.add_argument("--target-field", default="target",
+                       help="the field holding the reference translation, if any")
+        p.add_argument("--beam", type=int, default=4, help="beam width (1: greedy)")
+        p.add_argument("--length-penalty", type=float, default=0.6,
+                       help="α of the length penalty ((5 + length) / 6)^α")
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help="longest translation, in tokens (default: the source's length + 50)")
+        p.add_argument("--batch-size", type=int, default=32, help="sources decoded together")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+    def run(args: argparse.Namespace) -> None:
+        from gptlab.train.seq2seq import translate
+        translate(args.model, args.data, args.out, args.source_field, args.target_field,
+                  args.beam, args.length_penalty, args.batch_size, args.max_new_tokens,
+                  args.device)
+        if args.out:
+            print(f"wrote {args.out}")
+
+    return "decode sources with a seq2seq Transformer; BLEU where targets are given", add, run
+
+
 VERBS: dict[str, Callable] = {
+    "seq2seq": _config_verb("gptlab.train.seq2seq.Seq2SeqConfig",
+                            "gptlab.train.seq2seq.seq2seq",
+                            "train the encoder-decoder Transformer on source -> target pairs "
+                            "(the 2017 paper), scored by BLEU"),
+    "translate": _verb_translate,
     "tokenizer": _verb_tokenizer,
     "generate": _verb_generate,
     "chat": _verb_chat,

@@ -212,8 +212,8 @@ def test_a_flag_cut_short_is_refused_in_one_line_naming_the_flag_meant(argv, sai
 
 
 @pytest.mark.parametrize("argv, said", [
-    (["sfx"], "gptlab: error: argument VERB: invalid choice: 'sfx' (choose from 'tokenizer', "
-              "'generate', 'chat', 'serve', 'pretrain', 'finetune', 'incontext', 'sft', "
+    (["sfx"], "gptlab: error: argument VERB: invalid choice: 'sfx' (choose from 'seq2seq', "
+              "'translate', 'tokenizer', 'generate', 'chat', 'serve', 'pretrain', 'finetune', 'incontext', 'sft', "
               "'sample', 'label', 'reward', 'ppo', 'pipeline', 'convert', 'world'); did you "
               "mean 'sft'?"),
     (["world", "exprt"], "gptlab world: error: argument action: invalid choice: 'exprt' (choose "

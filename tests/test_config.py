@@ -12,6 +12,7 @@ from gptlab.config import _flag_type
 CONFIG_VERBS = {
     "pretrain": ("gptlab.train.pretrain.PretrainConfig", "gptlab.train.pretrain.pretrain"),
     "finetune": ("gptlab.train.finetune.FinetuneConfig", "gptlab.train.finetune.finetune"),
+    "seq2seq": ("gptlab.train.seq2seq.Seq2SeqConfig", "gptlab.train.seq2seq.seq2seq"),
     "sft": ("gptlab.train.sft.SFTConfig", "gptlab.train.sft.sft"),
     "reward": ("gptlab.train.reward.RewardConfig", "gptlab.train.reward.train_reward_model"),
     "ppo": ("gptlab.train.ppo.PPOConfig", "gptlab.train.ppo.ppo"),

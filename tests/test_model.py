@@ -637,6 +637,9 @@ PAPER_SHAPES = {
     # README: CPU sizes, Llama-style; the demo's 8 heads share 4 key/value heads.
     "tiny": (2, 64, 4, 4, 16, 192, 128, 512) + LLAMA_STYLE,
     "demo": (4, 256, 8, 4, 32, 704, 384, 2048) + LLAMA_STYLE,
+    # README: CPU sizes of the 2017 Transformer, in its style.
+    "transformer-tiny": (1, 64, 4, 4, 16, 128, 128, 512) + VASWANI + (0.1,),
+    "transformer-small": (3, 256, 4, 4, 64, 1024, 256, 2048) + VASWANI + (0.1,),
 }
 
 
@@ -727,6 +730,7 @@ PARAMS = {
     "gpt3-large": 760_300_032, "gpt3-xl": 1_315_723_264, "gpt3-2.7b": 2_651_553_280,
     "gpt3-6.7b": 6_658_404_352, "gpt3-13b": 12_853_386_240, "gpt3-175b": 174_604_259_328,
     "tiny": 139_584, "demo": 3_475_712,
+    "transformer-tiny": 116_480, "transformer-small": 6_053_888,
 }
 
 
@@ -737,7 +741,14 @@ def test_every_presets_parameter_count(name):
 
 def test_the_count_table_lists_every_preset_and_the_papers_figures_only_the_papers_ones():
     assert list(PARAMS) == list(PRESETS)
-    assert set(PAPER_PARAMS) == set(PRESETS) - {"tiny", "demo"}
+    assert set(PAPER_PARAMS) == set(PRESETS) - {"tiny", "demo", "transformer-tiny",
+                                                "transformer-small"}
+
+
+def test_transformer_small_has_5_8m_parameters_with_the_built_in_worlds_pairs_tokenizer():
+    # README: 5.8M with the tokenizer `gptlab seq2seq` trains on the world's pairs (1,127
+    # tokens of the 2,048 asked for).
+    assert count("transformer-small", vocab_size=1127) == 5_818_112
 
 
 def test_the_demo_has_3_25m_parameters_with_the_built_in_worlds_tokenizer():

@@ -61,6 +61,14 @@ PRESETS: dict[str, GPTConfig | TransformerConfig] = {
     "demo": GPTConfig(vocab_size=2048, context=384, n_layers=4, n_heads=8, n_kv_heads=4,
                       d_model=256, d_ff=704, positions="rotary", norm="rmsnorm",
                       activation="swiglu", bias=False, tie_embeddings=True),
+    # The Transformer at CPU sizes: `transformer-tiny` for tests, `transformer-small` for the
+    # built-in world's question -> SQL pairs (`gptlab seq2seq`). Post-norm, sinusoidal positions,
+    # ReLU, shared embeddings, dropout and label smoothing 0.1, as the paper's base model.
+    "transformer-tiny": TransformerConfig(vocab_size=512, context=128, n_encoder_layers=1,
+                                          n_decoder_layers=1, n_heads=4, d_model=64, d_ff=128),
+    "transformer-small": TransformerConfig(vocab_size=2048, context=256, n_encoder_layers=3,
+                                           n_decoder_layers=3, n_heads=4, d_model=256,
+                                           d_ff=1024),
 }
 
 # The parameter counts the papers state, for the tests: Vaswani et al. Table 3; GPT-2's Table 2,

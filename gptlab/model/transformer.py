@@ -229,3 +229,74 @@ class Transformer(nn.Module):
             if done.all():
                 break
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def beam_search(self, src: Tensor, bos_id: int, eos_id: int, max_new_tokens: int,
+                    beam: int = 4, alpha: float = 0.6,
+                    src_mask: Tensor | None = None) -> list[list[int]]:
+        """The paper's decoding (§6.1): a beam of `beam` hypotheses per source, the finished
+        ones ranked by log-probability / lp(Y), the length penalty of Wu et al. 2016,
+        lp(Y) = ((5 + |Y|) / 6) ** alpha, |Y| counting EOS. Returns each row's best
+        hypothesis, its EOS dropped (one that never ends is cut at `max_new_tokens` and ranked
+        among the finished at that length). A row stops once no live hypothesis can beat its
+        `beam` best finished: its log-probability only falls and lp at the longest length
+        divides it least. `beam` 1 with `alpha` 0 is greedy decoding."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer of at least 1, "
+                             f"got {max_new_tokens!r}")
+        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+            raise ValueError(f"beam must be an integer of at least 1, got {beam!r}")
+        B, K = src.shape[0], beam
+        max_new_tokens = min(max_new_tokens, self.config.context)
+
+        def lp(n: int) -> float:
+            return ((5 + n) / 6) ** alpha
+
+        memory, _ = self.encode(src, src_mask)
+        memory = memory.repeat_interleave(K, 0)
+        mask = None if src_mask is None else src_mask.repeat_interleave(K, 0)
+        cache = self.new_cache(B * K, max_new_tokens)
+        tok = torch.full((B * K, 1), bos_id, dtype=torch.long, device=src.device)
+        # Each row starts with one live hypothesis: its K - 1 copies score -inf.
+        scores = torch.full((B, K), float("-inf"), device=src.device)
+        scores[:, 0] = 0.0
+        seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        done = [False] * B
+        for t in range(1, max_new_tokens + 1):
+            logits, _ = self.decode(tok, memory, mask, cache=cache)
+            logp = torch.log_softmax(logits[:, -1].float(), -1)
+            V = logp.shape[-1]
+            total = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+            top, idx = total.topk(min(2 * K, K * V), dim=-1)  # K live ones remain past EOS
+            top, idx = top.tolist(), idx.tolist()
+            rows, next_tok, next_scores = [], [], []
+            for b in range(B):
+                live = []
+                for s, i in zip(top[b], idx[b]):
+                    if done[b] or len(live) == K or s == float("-inf"):
+                        break
+                    k, v = divmod(i, V)
+                    if v == eos_id or t == max_new_tokens:
+                        ended = seqs[b][k] + ([] if v == eos_id else [v])
+                        finished[b].append((s / lp(t), ended))
+                    else:
+                        live.append((s, k, v))
+                finished[b] = sorted(finished[b], key=lambda f: -f[0])[:K]
+                if not done[b] and len(finished[b]) == K and (
+                        not live or live[0][0] / lp(max_new_tokens) <= finished[b][-1][0]):
+                    done[b] = True
+                live += [(float("-inf"), 0, eos_id)] * (K - len(live))  # done rows idle
+                for k, (s, origin, v) in enumerate(live):
+                    rows.append(b * K + origin)
+                    next_tok.append(v)
+                    next_scores.append(s)
+                seqs[b] = [seqs[b][origin] + [v] for _, origin, v in live]
+            if all(done) or t == max_new_tokens:
+                break
+            cache.select(rows)
+            memory, mask = memory[rows], None if mask is None else mask[rows]
+            tok = torch.tensor(next_tok, device=src.device)[:, None]
+            scores = torch.tensor(next_scores, device=src.device).view(B, K)
+        return [max(f, key=lambda x: x[0])[1] for f in finished]

@@ -9,6 +9,8 @@ Pieces (each usable alone; PPO builds its own loop from them):
     select_device(name)                         "auto" -> cuda or cpu
     make_optimizer(model, lr, wd, betas)        AdamW with decay on weight matrices only
     lr_at(step, warmup, total, peak, min_ratio) linear warmup, then cosine down to peak*min_ratio
+    inverse_sqrt_lr(step, warmup, peak)         linear warmup, then peak*sqrt(warmup/step) (the
+                                                2017 Transformer's schedule)
     set_lr(optimizer, lr)
     autocast(device, bf16)                      bf16 autocast on CUDA, a no-op elsewhere
     allow_tf32(device)                          TF32 float32 matmuls on CUDA
@@ -77,7 +79,7 @@ SPLIT_SETTINGS = ("seed", "val_fraction", "block_size", "batch_size", "grad_accu
 # state holds the betas and weight decay it was made with, and loading it would silently put
 # them back in place of new ones; another lr or warmup would bend the schedule mid-run.
 OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "clip", "weight_decay", "beta1",
-                      "beta2")
+                      "beta2", "schedule")
 # The trainer-state keys a resume of the common loop reads (`train`); `max_minutes` and the
 # others it reads with a default may be absent (a checkpoint written before they were saved).
 RESUMED_STATE = ("step", "tokens", "elapsed_s", "total_steps", "budget_pending", "data", "rng")
@@ -445,6 +447,15 @@ def lr_at(step: int, warmup: int, total: int, peak: float, min_ratio: float) -> 
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def inverse_sqrt_lr(step: int, warmup: int, peak: float) -> float:
+    """Learning rate of update `step` (0-based) under the 2017 Transformer's schedule,
+    d_model^-0.5 * min(n^-0.5, n * warmup^-1.5) for update n = step + 1: a linear rise to
+    `peak` at n = warmup, then down as 1/sqrt(n). The paper's peak is d_model^-0.5 *
+    warmup^-0.5 (7.0e-4 for d_model 512 and 4,000 warmup steps)."""
+    n, w = step + 1, max(1, warmup)
+    return peak * min(n / w, math.sqrt(w / n))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -964,7 +975,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
           tokens_in: Callable[[Any], int] = count_tokens, resume: bool = False,
           extra: dict | None = None, perplexity: bool = True,
           verified: Path | None = None, resume_from: Path | None = None,
-          loss_weight: Callable[[Any], float] | None = None) -> TrainResult:
+          loss_weight: Callable[[Any], float] | None = None,
+          lr_schedule: Callable[[int, int], float] | None = None) -> TrainResult:
     """Train `model` in place on `batches` with `loss_fn`; checkpoints go to OUT/checkpoints/,
     metrics to OUT/metrics.jsonl. With `resume`, continue from the latest checkpoint in OUT
     (weights, optimizer, step, schedule, data position, RNG) so the run continues exactly; or
@@ -977,7 +989,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
     verified there; resumed from, it is not hashed again. `loss_weight(batch)`: what
     `loss_fn` averages over in a batch (SFT's target tokens), so that `grad_accum`
     micro-batches weigh as one batch of them all (see `accumulate_gradients`), and so that the
-    validation loss is the mean over all the validation set's targets (see `evaluate`)."""
+    validation loss is the mean over all the validation set's targets (see `evaluate`).
+    `lr_schedule(step, total)`: the learning rate of each update, in place of `lr_at`'s cosine."""
     cfg.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1122,7 +1135,8 @@ def train(model: nn.Module, batches: Batches, loss_fn: LossFn, cfg: TrainConfig,
                     save(good)
         while total is None or step < total:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
+            lr = (lr_at(step, cfg.warmup_steps, total or schedule_total, cfg.lr, cfg.min_lr_ratio)
+                  if lr_schedule is None else lr_schedule(step, total or schedule_total))
             set_lr(optimizer, lr)
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             with batch_memory_named(cfg, device, "a training step"):
