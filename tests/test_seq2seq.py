@@ -254,3 +254,19 @@ def test_seq2seq_refuses_a_gpt_preset_and_a_world_with_data(tmp_path):
                               out=str(tmp_path / "o"), progress=False))
     assert e.value.field == "world"
     assert not (tmp_path / "o").exists()
+
+
+def test_on_the_world_the_test_split_is_scored_by_execution(tmp_path):
+    out = tmp_path / "world"
+    seq2seq(Seq2SeqConfig(model="transformer-tiny", out=str(out), max_steps=2, batch_size=16,
+                          eval_pairs=0, beam=1, length_penalty=0.0, progress=False))
+    test = json.loads((out / "test.json").read_text())
+    rows = [json.loads(line) for line in (out / "test_translations.jsonl").read_text().split("\n")
+            if line]
+    assert test["n"] == len(rows) == 600 and test["unseen_phrasing_n"] == 145
+    assert test["exec_acc"] == sum(r["correct"] for r in rows) / 600
+    assert all(r["id"] and r["target"].startswith("SELECT") for r in rows)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split("\n")
+               if line]
+    assert any("val_loss" in r for r in metrics)
+    assert not any("val_bleu" in r for r in metrics)  # --eval-pairs 0: no decoding

@@ -76,12 +76,15 @@ class Seq2SeqConfig(TrainConfig):
     target_field: str = field(default="target", metadata={"help": "the field holding the target"})
     val_fraction: float = field(default=0.1, metadata={
         "help": "share of --data held out for validation when --val-data is not given"})
-    epochs: float = field(default=30.0, metadata={
+    epochs: float = field(default=10.0, metadata={
         "help": "passes over the training pairs: sets max_steps when neither max_steps nor "
                 "max_minutes is given"})
     schedule: str = field(default="inverse_sqrt", metadata={
         "help": "the learning rate's schedule: inverse_sqrt (the paper's: warmup, then "
                 "lr * sqrt(warmup / step)) or cosine (down to lr * min_lr_ratio)"})
+    eval_pairs: int = field(default=300, metadata={
+        "help": "held-out pairs decoded greedily at each evaluation, for val_bleu and "
+                "val_exact_match (0: none)"})
     beam: int = field(default=4, metadata={
         "help": "beam width of the test's decoding (the paper's 4; 1: greedy)"})
     length_penalty: float = field(default=0.6, metadata={
@@ -106,6 +109,7 @@ class Seq2SeqConfig(TrainConfig):
             ("epochs", self.epochs > 0, "must be > 0"),
             ("schedule", self.schedule in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
             ("beam", self.beam >= 1, "must be at least 1"),
+            ("eval_pairs", self.eval_pairs >= 0, "must be >= 0"),
             ("length_penalty", self.length_penalty >= 0, "must be >= 0"),
             ("source_field", bool(self.source_field), "must be a field name"),
             ("target_field", bool(self.target_field), "must be a field name"),
@@ -411,14 +415,16 @@ def seq2seq(cfg: Seq2SeqConfig) -> Path:
         return collate(b, tok.pad_id, start, tok.eos_id)
     val_batches = fixed_list_batches(val_items, cfg.batch_size, batch_of) if val_items else None
 
+    decoded = val_items[:cfg.eval_pairs]
+
     def on_eval(m: nn.Module, step: int, val_loss: float) -> dict:
-        hyps = translate_ids(m, tok, [p.src for p in val_items], 1, 0.0, cfg.batch_size)
-        got = scores(hyps, [p.target for p in val_items])
+        hyps = translate_ids(m, tok, [p.src for p in decoded], 1, 0.0, cfg.batch_size)
+        got = scores(hyps, [p.target for p in decoded])
         return {"val_bleu": got["bleu"], "val_exact_match": got["exact_match"]}
 
     result = train(model, ListBatches(train_items, cfg.batch_size, cfg.seed, batch_of),
                    seq2seq_loss, cfg, out, val_batches=val_batches, tokenizer=tok,
-                   on_eval=on_eval if val_items else None, resume=cfg.resume,
+                   on_eval=on_eval if decoded else None, resume=cfg.resume,
                    verified=latest, resume_from=latest, tokens_in=target_tokens,
                    loss_weight=target_tokens, lr_schedule=_schedule(cfg),
                    extra={"stage": "seq2seq", "data_key": key})
