@@ -31,6 +31,7 @@ bench: $(STAMP)  # after `make demo`: the benchmarks read its models
 	$(PY) bench/reward_step.py
 	$(PY) bench/ppo_step.py
 	$(PY) bench/sft_memory.py
+	$(PY) bench/seq2seq_step.py
 
 gpu-wheels:  # the wheels bench/gpu.sh installs on a GPU machine without network (into .whl/)
 	bash bench/gpu_wheels.sh

@@ -208,6 +208,12 @@ def test_translate_decodes_a_file_and_scores_it_as_training_did(trained, tmp_pat
     assert [r["translation"] for r in rows] == [r["translation"] for r in before]
     assert rows[0]["id"] == "n0"
     assert "BLEU" in capsys.readouterr().err
+    sources = tmp_path / "sources.jsonl"  # no targets: translations on stdout, no scores
+    sources.write_text("".join(json.dumps({"source": r["source"]}) + "\n" for r in rows[:3]))
+    assert main(["translate", "--model", str(out), "--data", str(sources)]) in (0, None)
+    said = capsys.readouterr()
+    assert said.out.split("\n")[:3] == [r["translation"] for r in rows[:3]]
+    assert "BLEU" not in said.err
     got = translate(out, d / "test.jsonl", beam=1, length_penalty=0.0)
     assert got["n"] == 60 and 0 <= got["bleu"] <= 100
     from gptlab import api

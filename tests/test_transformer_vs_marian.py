@@ -63,12 +63,12 @@ def trained(tmp_path_factory):
                           out=str(d / "m"), max_steps=150, warmup_steps=50, lr=3e-3,
                           eval_pairs=0, progress=False))
     model, tok, _ = load_model(d / "m")
-    return model.eval(), tok, rows
+    return model.eval(), tok, rows, d / "m"
 
 
 def test_greedy_decoding_is_marians_generate(trained):
     from gptlab.train.seq2seq import start_id
-    m, tok, rows = trained
+    m, tok, rows, _ = trained
     sources = [tok.encode(r["source"]) + [tok.eos_id] for r in rows[:8]]
     src, mask = _batch(sources, max(map(len, sources)))
     src = src.masked_fill(mask == 0, tok.pad_id)
@@ -90,3 +90,32 @@ def test_a_model_marian_cannot_compute_is_refused_by_what_differs():
     with pytest.raises(UserError) as e:
         to_marian(m, PAD, START, EOS)
     assert "pre-norm" in e.value.message and "not shared" in e.value.message
+
+
+def test_convert_to_hf_writes_a_marian_directory_transformers_loads_and_decodes_alike(
+        trained, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from gptlab.cli import main
+    from gptlab.train.seq2seq import translate_ids
+    m, tok, rows, path = trained
+    assert main(["convert", "--to", "hf", str(path), "--out", str(tmp_path / "hf")]) in (0, None)
+    hf = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "MarianMTModel"
+    texts = [r["source"] for r in rows[:6]]
+    enc = hf_tok(texts, return_tensors="pt", padding=True)
+    sources = [tok.encode(t) + [tok.eos_id] for t in texts]
+    assert [[i for i, k in zip(row, keep) if k] for row, keep in
+            zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist())] == sources
+    with torch.no_grad():
+        src, mask = _batch(sources, max(map(len, sources)))
+        src = src.masked_fill(mask == 0, tok.pad_id)
+        tgt = torch.tensor([[0, 5, 9, 12]] * len(texts))
+        torch.testing.assert_close(m(src, tgt, mask), hf(input_ids=src, attention_mask=mask,
+                                                       decoder_input_ids=tgt).logits,
+                                   rtol=1e-4, atol=1e-4)
+    out = hf.generate(**enc, max_new_tokens=16, do_sample=False, num_beams=1)
+    theirs = [t.strip() for t in hf_tok.batch_decode(out, skip_special_tokens=True)]
+    assert theirs == translate_ids(m, tok, sources, beam=1, alpha=0.0)
+    assert len(set(theirs)) >= 4

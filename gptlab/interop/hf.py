@@ -1027,8 +1027,8 @@ HF_EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
 @reports_path_errors
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
               overwrite: bool = False) -> Path:
-    """Write a Hugging Face directory (GPT2, GPT-Neo, Llama, Mistral or Qwen2) that
-    transformers loads, with tokenizer.json and a tokenizer_config.json carrying the chat
+    """Write a Hugging Face directory (GPT2, GPT-Neo, Llama, Mistral or Qwen2; for the
+    encoder-decoder Transformer, Marian: `gptlab.interop.marian`) that transformers loads, with tokenizer.json and a tokenizer_config.json carrying the chat
     template; a tokenizer that starts sequences with BOS keeps doing so there (add_bos_token,
     and a post-processor). A directory that holds an export's files (another model's) is
     refused, as `convert --to hf` refuses it, unless `overwrite`: then every file of the old
@@ -1047,9 +1047,25 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
                         "layer of transformers' *ForSequenceClassification has no bias, so this "
                         "model's head bias and score normalisation would be lost and its scores "
                         "would differ; use the directory itself (gptlab ppo --reward DIR)")
+    from gptlab.model.transformer import Transformer
+    if isinstance(model, Transformer):  # the 2017 encoder-decoder: transformers' Marian
+        from gptlab.interop.marian import _refuse, export_marian
+        _refuse(model)
+        if tokenizer is None:
+            raise UserError("an encoder-decoder exports with its tokenizer, which gives its "
+                            "decoder's first token, padding and EOS: this one has none")
+        held = [name for name in HF_EXPORT_FILES if (Path(out_dir) / name).exists()]
+        if held and not overwrite:
+            raise UserError(f"already holds {', '.join(held)}; pass overwrite=True to replace "
+                            f"them, or choose another directory", path=out_dir, field="out_dir")
+        made = missing_dirs(out_dir)
+        out = ensure_dir(out_dir)
+        with old_files_aside(out, HF_EXPORT_FILES, made):
+            export_marian(model, tokenizer, out)
+        return out
     if not isinstance(model, GPT):
-        raise UserError(f"only decoder-only GPT models export to Hugging Face, not "
-                        f"{type(model).__name__}")
+        raise UserError(f"only decoder-only GPT models and the encoder-decoder Transformer "
+                        f"export to Hugging Face, not {type(model).__name__}")
     family = _export_family(model.config)
     dtype = model.tok_emb.weight.dtype
     # Made first: a number JSON cannot hold (an infinite rope_theta) is refused before any
