@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from timing import device_name, sync
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,17 +127,6 @@ def main() -> None:
     # The two sides draw different random numbers, so their answers' lengths differ a little:
     # the same ratio in new tokens a second.
     print(f"  ratio in new tokens/s: {per_token['gptlab'] / per_token['transformers']:.2f}x")
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a timer reads the work done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" \
-        else str(device)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from timing import device_name, sync
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,17 +97,6 @@ def main() -> None:
     for name, v in results.items():
         print(f"  {name:13s} {v:8.2f} steps/s")
     print(f"  ratio gptlab / transformers: {results['gptlab'] / results['transformers']:.2f}x")
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a timer reads the work done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" \
-        else str(device)
 
 
 if __name__ == "__main__":
