@@ -213,9 +213,9 @@ def test_a_flag_cut_short_is_refused_in_one_line_naming_the_flag_meant(argv, sai
 
 @pytest.mark.parametrize("argv, said", [
     (["sfx"], "gptlab: error: argument VERB: invalid choice: 'sfx' (choose from 'seq2seq', "
-              "'translate', 'tokenizer', 'generate', 'chat', 'serve', 'pretrain', 'finetune', 'incontext', 'sft', "
-              "'sample', 'label', 'reward', 'ppo', 'pipeline', 'convert', 'world'); did you "
-              "mean 'sft'?"),
+              "'translate', 'tokenizer', 'generate', 'chat', 'serve', 'pretrain', 'finetune', "
+              "'incontext', 'sft', 'sample', 'label', 'reward', 'ppo', 'pipeline', 'convert', "
+              "'world'); did you mean 'sft'?"),
     (["world", "exprt"], "gptlab world: error: argument action: invalid choice: 'exprt' (choose "
                          "from 'export', 'check', 'score'); did you mean 'export'?"),
     (["tokenizer", "zzz"], "gptlab tokenizer: error: argument action: invalid choice: 'zzz' "

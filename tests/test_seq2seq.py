@@ -207,6 +207,8 @@ def test_translate_decodes_a_file_and_scores_it_as_training_did(trained, tmp_pat
               (out / "test_translations.jsonl").read_text().split("\n") if line]
     assert [r["translation"] for r in rows] == [r["translation"] for r in before]
     assert rows[0]["id"] == "n0"
+    records = [json.loads(line) for line in (d / "test.jsonl").read_text().split("\n") if line]
+    assert [{k: v for k, v in r.items() if k != "translation"} for r in rows] == records
     assert "BLEU" in capsys.readouterr().err
     sources = tmp_path / "sources.jsonl"  # no targets: translations on stdout, no scores
     sources.write_text("".join(json.dumps({"source": r["source"]}) + "\n" for r in rows[:3]))

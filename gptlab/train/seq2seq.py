@@ -125,6 +125,7 @@ class Pair:
     line: int | None = None
     src: list[int] = field(default_factory=list)
     tgt: list[int] = field(default_factory=list)
+    record: dict = field(default_factory=dict)  # the record's fields as read, for translate
 
 
 def read_pairs(path: str | Path, source_field: str = "source", target_field: str = "target",
@@ -157,7 +158,9 @@ def read_pairs(path: str | Path, source_field: str = "source", target_field: str
                 raise UserError(e.message, path=where[0], line=where[1], field=name) from None
             texts.append(text)
         rid = row.get("id")
-        out.append(Pair(texts[0], texts[1], None if rid is None else str(rid), *where))
+        record = {k: v for k, v in row.items() if k not in ("_line", "_file")}
+        out.append(Pair(texts[0], texts[1], None if rid is None else str(rid), *where,
+                        record=record))
     return out
 
 
@@ -463,7 +466,8 @@ def translate(model_path: str | Path, data: str | Path, out: str | Path | None =
               length_penalty: float = 0.6, batch_size: int = 32,
               max_new_tokens: int | None = None, device: str = "auto") -> dict:
     """`gptlab translate`: decode each record's source with a seq2seq model, write the records
-    with a `translation` field to `out` (JSONL), and score them where they hold targets."""
+    (every field as read) with a `translation` field added to `out` (JSONL), and score them
+    where they hold targets."""
     for name, value in (("beam", beam), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"must be a whole number of at least 1, got {value!r}", field=name)
@@ -492,9 +496,7 @@ def translate(model_path: str | Path, data: str | Path, out: str | Path | None =
                         field=source_field)
     hyps = translate_ids(model, tok, [p.src for p in items], beam, length_penalty, batch_size,
                          max_new_tokens)
-    rows = [{"source": p.source, **({} if p.target is None else {"target": p.target}),
-             "translation": h, **({} if p.id is None else {"id": p.id})}
-            for p, h in zip(pairs, hyps)]
+    rows = [{**p.record, "translation": h} for p, h in zip(pairs, hyps)]
     if out is not None:
         write_jsonl_atomic(out, rows)
     refs = [p.target for p in pairs]
