@@ -1029,8 +1029,9 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
               overwrite: bool = False) -> Path:
     """Write a Hugging Face directory (GPT2, GPT-Neo, Llama, Mistral or Qwen2; for the
     encoder-decoder Transformer, Marian: `gptlab.interop.marian`) that transformers loads,
-    with tokenizer.json and a tokenizer_config.json carrying the chat template; a tokenizer that starts sequences with BOS keeps doing so there (add_bos_token,
-    and a post-processor). A directory that holds an export's files (another model's) is
+    with tokenizer.json and a tokenizer_config.json carrying the chat template; a tokenizer
+    that starts sequences with BOS keeps doing so there (add_bos_token, and a
+    post-processor). A directory that holds an export's files (another model's) is
     refused, as `convert --to hf` refuses it, unless `overwrite`: then every file of the old
     export (`HF_EXPORT_FILES`, config.json first: a directory with one has its weights in
     place) is moved aside before the new ones are written (`old_files_aside`), so that an
