@@ -1050,8 +1050,8 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
                         "would differ; use the directory itself (gptlab ppo --reward DIR)")
     from gptlab.model.transformer import Transformer
     if isinstance(model, Transformer):  # the 2017 encoder-decoder: transformers' Marian
-        from gptlab.interop.marian import _refuse, export_marian
-        _refuse(model)
+        from gptlab.interop.marian import check_marian, export_marian
+        check_marian(model)
         if tokenizer is None:
             raise UserError("an encoder-decoder exports with its tokenizer, which gives its "
                             "decoder's first token, padding and EOS: this one has none")

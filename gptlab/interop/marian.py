@@ -27,7 +27,8 @@ from gptlab.model.transformer import Transformer
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
 
 
-def _refuse(model: Transformer) -> None:
+def check_marian(model: Transformer) -> None:
+    """Refuse, naming each reason, a Transformer that MarianMTModel cannot hold."""
     cfg = model.config
     why = []
     if cfg.prenorm:
@@ -131,7 +132,7 @@ def export_marian(model: Transformer, tokenizer: Any, out_dir: str | Path) -> Pa
     from gptlab.io import atomic_path, ensure_dir, read_json, strict_json, write_json_atomic, \
         write_text_atomic
     from gptlab.train.seq2seq import start_id
-    _refuse(model)
+    check_marian(model)
     config = strict_json(marian_config(model, tokenizer.pad_id, start_id(tokenizer),
                                        tokenizer.eos_id), indent=2)
     out = ensure_dir(out_dir)
@@ -154,7 +155,7 @@ def to_marian(model: Transformer, pad_id: int, start_id: int, eos_id: int) -> An
     `pad_id`, `start_id` and `eos_id` are the tokenizer's padding, the decoder's first token
     and EOS, which Marian's `generate` reads from its config."""
     from transformers import MarianConfig, MarianMTModel
-    _refuse(model)
+    check_marian(model)
     hf = MarianMTModel(MarianConfig(**marian_config(model, pad_id, start_id, eos_id)))
     missing, unexpected = hf.load_state_dict(marian_state_dict(model), strict=False)
     # Left as Marian makes them: its positions, the embeddings tied to `shared`, and
