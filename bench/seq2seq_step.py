@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from timing import device_name, sync
+from timing import alternating_medians, device_name, training_steps_per_second
 
 
 def main() -> None:
@@ -77,25 +75,12 @@ def main() -> None:
     model.train()
     hf.train()
 
-    def run(m: torch.nn.Module, loss_fn) -> float:
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98))
-        sync(device)
-        t = time.perf_counter()
-        for b in batches:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(m, b).backward()
-            opt.step()
-        sync(device)
-        return len(batches) / (time.perf_counter() - t)
-
-    sides = {"gptlab": (model, seq2seq_loss), "transformers": (hf, hf_loss)}
-    for m, fn in sides.values():
-        run(m, fn)  # warm-up, untimed
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(a.repeats):
-        for name, (m, fn) in sides.items():
-            rates[name].append(run(m, fn))
-    results = {name: statistics.median(r) for name, r in rates.items()}
+    adamw = dict(lr=1e-4, betas=(0.9, 0.98))
+    results = alternating_medians(
+        {"gptlab": lambda: training_steps_per_second(model, seq2seq_loss, batches, device, **adamw),
+         "transformers": lambda: training_steps_per_second(hf, hf_loss, batches, device,
+                                                           **adamw)},
+        a.repeats)
     import transformers
     src = sum(int(b["src_mask"].sum()) for b in batches) / len(batches)
     tgt = sum(int(b["tgt_mask"].sum()) for b in batches) / len(batches)

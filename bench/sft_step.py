@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
 
 import torch
 
-from timing import device_name, sync
+from timing import alternating_medians, device_name, training_steps_per_second
 
 
 def main() -> None:
@@ -67,25 +65,12 @@ def main() -> None:
     if abs(first["gptlab"] - first["transformers"]) > 1e-3 * max(1.0, abs(first["gptlab"])):
         raise SystemExit(f"the two sides disagree on the first loss: {first}")
 
-    def run(m: torch.nn.Module, loss_fn) -> float:
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        sync(device)
-        t = time.perf_counter()
-        for b in batches:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(m, b).backward()
-            opt.step()
-        sync(device)
-        return len(batches) / (time.perf_counter() - t)
-
-    sides = {"gptlab": (model, sft_loss), "transformers": (hf, hf_loss)}
-    for m, fn in sides.values():
-        run(m, fn)  # warm-up, untimed
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(a.repeats):
-        for name, (m, fn) in sides.items():
-            rates[name].append(run(m, fn))
-    results = {name: statistics.median(r) for name, r in rates.items()}
+    adamw = dict(lr=1e-4)
+    results = alternating_medians(
+        {"gptlab": lambda: training_steps_per_second(model, sft_loss, batches, device, **adamw),
+         "transformers": lambda: training_steps_per_second(hf, hf_loss, batches, device,
+                                                           **adamw)},
+        a.repeats)
     import transformers
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, "
