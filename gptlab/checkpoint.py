@@ -802,6 +802,16 @@ class Checkpointer:
             return save is not None, save or 0, n
         return complete[max(candidates, key=written)]
 
+    def last(self, n: int) -> list[Path]:
+        """The last `n` complete checkpoints up to the latest (`latest`), oldest first: those
+        past it are another line of the run."""
+        newest = self.latest()
+        if newest is None:
+            return []
+        top = self.step_of(newest)
+        return [p for step, p in sorted(_step_dirs(self.dir).items())
+                if step <= top and (p / "manifest.json").is_file()][-n:]
+
     def named(self, name: str, field: str = "resume_from") -> Path:
         """The checkpoint `name` names, verified against its manifest: `step-N`, `N`, or the
         path of this run's `checkpoints/step-N`. One that is not there, is another directory's,

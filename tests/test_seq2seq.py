@@ -278,3 +278,52 @@ def test_on_the_world_the_test_split_is_scored_by_execution(tmp_path):
                if line]
     assert any("val_loss" in r for r in metrics)
     assert not any("val_bleu" in r for r in metrics)  # --eval-pairs 0: no decoding
+
+
+def test_averaging_checkpoints_gives_each_parameter_its_mean(tmp_path):
+    from gptlab.checkpoint import Checkpointer
+    from gptlab.train.seq2seq import average_checkpoints
+    ckpt = Checkpointer(tmp_path, keep=None)
+    models = [_model(seed=s) for s in (0, 1, 2)]
+    for step, m in enumerate(models, 1):
+        ckpt.save(step, m)
+    m = _model(seed=5)
+    average_checkpoints(m, ckpt.last(2))  # steps 2 and 3
+    for name, p in m.named_parameters():
+        a, b = dict(models[1].named_parameters())[name], dict(models[2].named_parameters())[name]
+        assert torch.allclose(p, (a + b) / 2, atol=1e-7), name
+    assert m.lm_head.weight is m.embed.weight  # still tied
+    average_checkpoints(m, ckpt.last(1))  # one checkpoint: its weights exactly
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), models[2].parameters()))
+    assert [p.name for p in ckpt.last(5)] == ["step-1", "step-2", "step-3"]
+    p0, w = dict(models[0].named_parameters()), "encoder.0.attn.q_proj.weight"
+    average_checkpoints(m, ckpt.last(3))  # a hand check on one weight
+    x = (p0[w][0, 0] + dict(models[1].named_parameters())[w][0, 0]
+         + dict(models[2].named_parameters())[w][0, 0]) / 3
+    assert dict(m.named_parameters())[w][0, 0].item() == pytest.approx(x.item(), abs=1e-7)
+
+
+def test_average_last_makes_the_final_model_the_mean_of_the_last_checkpoints(tmp_path):
+    from safetensors.torch import load_file
+    _number_pairs(tmp_path / "train.jsonl", 80, 0)
+    _number_pairs(tmp_path / "test.jsonl", 8, 1)
+    out = tmp_path / "avg"
+    seq2seq(Seq2SeqConfig(model="transformer-tiny", data=str(tmp_path / "train.jsonl"),
+                          test_data=str(tmp_path / "test.jsonl"), out=str(out), max_steps=9,
+                          warmup_steps=2, batch_size=8, eval_every=0, save_every=3,
+                          average_last=3, progress=False))
+    test = json.loads((out / "test.json").read_text())
+    assert test["averaged_steps"] == [3, 6, 9]
+    assert json.loads((out / "config.json").read_text())["averaged_steps"] == [3, 6, 9]
+    saved = [load_file(out / "checkpoints" / f"step-{s}" / "model.safetensors")
+             for s in (3, 6, 9)]  # kept: --keep-checkpoints rose to 3
+    final = load_file(out / "model.safetensors")
+    assert final.keys() == saved[0].keys()
+    for k in final:
+        mean = (saved[0][k].double() + saved[1][k].double() + saved[2][k].double()) / 3
+        assert torch.allclose(final[k].double(), mean, atol=1e-6), k
+    assert not torch.equal(final["embed.weight"], saved[2]["embed.weight"])
+    with pytest.raises(UserError) as e:  # nothing saved to average
+        seq2seq(Seq2SeqConfig(model="transformer-tiny", data=str(tmp_path / "train.jsonl"),
+                              out=str(tmp_path / "o"), average_last=3, progress=False))
+    assert e.value.field == "save_every"

@@ -30,7 +30,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import build_from_meta, load_model, read_meta, save_model
+from gptlab.checkpoint import (MODEL_FILE, Checkpointer, build_from_meta, load_model,
+                               load_weights, read_meta, save_model)
 from gptlab.data.instruct import SkipCounter
 from gptlab.errors import NotFound, UserError, WrongKind, counted, reports_path_errors
 from gptlab.eval.stats import clustered_rate
@@ -90,6 +91,10 @@ class Seq2SeqConfig(TrainConfig):
     length_penalty: float = field(default=0.6, metadata={
         "help": "α of the length penalty ((5 + length) / 6)^α that ranks finished beams "
                 "(the paper's 0.6)"})
+    average_last: int = field(default=1, metadata={
+        "help": "the final model is the mean of the weights of the last N checkpoints (the "
+                "paper's 5 for its base models; --save-every sets how often one is saved, and "
+                "N are kept); 1: the last weights"})
     lr: float = 1e-3
     warmup_steps: int = 400
     beta2: float = 0.98  # the paper's
@@ -111,6 +116,10 @@ class Seq2SeqConfig(TrainConfig):
             ("beam", self.beam >= 1, "must be at least 1"),
             ("eval_pairs", self.eval_pairs >= 0, "must be >= 0"),
             ("length_penalty", self.length_penalty >= 0, "must be >= 0"),
+            ("average_last", self.average_last >= 1, "must be at least 1"),
+            ("save_every", self.average_last == 1 or self.save_every > 0,
+             "must be > 0 with --average-last above 1: the checkpoints it averages are saved "
+             "every --save-every steps"),
             ("source_field", bool(self.source_field), "must be a field name"),
             ("target_field", bool(self.target_field), "must be a field name"),
         ]
@@ -288,6 +297,23 @@ def score_pairs(model: Transformer, tok: Any, pairs: list[Pair], world: Any = No
     return result, rows
 
 
+@torch.no_grad()
+def average_checkpoints(model: nn.Module, checkpoints: Sequence[Path]) -> None:
+    """Set `model`'s parameters to the mean of theirs in `checkpoints` (each verified first):
+    the paper's checkpoint averaging. Summed in float64, each parameter once (tied ones
+    too); buffers, the same in every checkpoint, are left as they are."""
+    if not checkpoints:
+        raise ValueError("no checkpoint to average")
+    sums: list[Tensor] = []
+    for path in checkpoints:
+        Checkpointer.verify(path)
+        load_weights(model, Path(path) / MODEL_FILE)
+        params = [p.detach().double() for p in model.parameters()]
+        sums = params if not sums else [a + b for a, b in zip(sums, params)]
+    for p, total in zip(model.parameters(), sums):
+        p.copy_(total / len(checkpoints))
+
+
 def _tokenizer(cfg: Seq2SeqConfig, pairs: list[Pair], vocab_size: int) -> Any:
     from gptlab.tokenizer import load_tokenizer, train_tokenizer
     if cfg.tokenizer:
@@ -368,6 +394,8 @@ def seq2seq(cfg: Seq2SeqConfig) -> Path:
                                  "val_data, --val-data": cfg.val_data,
                                  "test_data, --test-data": cfg.test_data}, "pairs")
     cfg = resuming(cfg)
+    if cfg.keep_checkpoints < cfg.average_last:  # the checkpoints to average are kept
+        cfg = replace(cfg, keep_checkpoints=cfg.average_last)
     reads_model = Path(cfg.model).is_dir() and not cfg.resume
     latest = check_run_dir(out, cfg.resume, {"model": cfg.model if reads_model else None}, cfg,
                            cfg.resume_from)
@@ -431,6 +459,16 @@ def seq2seq(cfg: Seq2SeqConfig) -> Path:
                    verified=latest, resume_from=latest, tokens_in=target_tokens,
                    loss_weight=target_tokens, lr_schedule=_schedule(cfg),
                    extra={"stage": "seq2seq", "data_key": key})
+    averaged = None
+    if cfg.average_last > 1:
+        checkpoints = Checkpointer(out).last(cfg.average_last)
+        averaged = [Checkpointer.step_of(p) for p in checkpoints]
+        if len(checkpoints) < cfg.average_last:
+            print(f"note: {counted(len(checkpoints), 'checkpoint')} saved, fewer than "
+                  f"--average-last {cfg.average_last}: averaging those", file=sys.stderr)
+        print(f"averaging the weights of steps {', '.join(map(str, averaged))}",
+              file=sys.stderr)
+        average_checkpoints(model, checkpoints)
     model.eval()
     test = None
     if test_items:
@@ -441,8 +479,12 @@ def seq2seq(cfg: Seq2SeqConfig) -> Path:
         write_jsonl_atomic(out / "test_translations.jsonl", rows)
         write_json_atomic(out / "test.json", {**test, "beam": cfg.beam,
                                               "length_penalty": cfg.length_penalty,
-                                              "step": result.step})
+                                              "step": result.step,
+                                              **({} if averaged is None
+                                                 else {"averaged_steps": averaged})})
     save_model(out, model, tok, extra={"stage": "seq2seq", "step": result.step,
+                                       **({} if averaged is None
+                                          else {"averaged_steps": averaged}),
                                        "val_loss": result.val_loss,
                                        "train_pairs": len(train_items),
                                        "skipped": counters["train"].counts,
