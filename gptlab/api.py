@@ -103,12 +103,7 @@ def classify(model: str | Path | tuple[torch.nn.Module, Any], texts: list[str], 
     from gptlab.model.heads import ClassifierModel
     from gptlab.train.finetune import Labelled, collate
     _check_prompts(texts)
-    if isinstance(model, (str, os.PathLike)):
-        from gptlab.checkpoint import load_model
-        from gptlab.train.loop import select_device
-        net, tok, _ = load_model(model, select_device(device))
-    else:
-        net, tok = model
+    net, tok = _model_and_tokenizer(model, device)
     if not isinstance(net, ClassifierModel):
         raise UserError(f"must be a classifier (gptlab finetune's output), got the "
                         f"{type(net).__name__}", field="model")
@@ -142,12 +137,7 @@ def translate(model: str | Path | tuple[torch.nn.Module, Any], texts: list[str],
     from gptlab.model.transformer import Transformer
     from gptlab.train.seq2seq import translate_ids
     _check_prompts(texts)
-    if isinstance(model, (str, os.PathLike)):
-        from gptlab.checkpoint import load_model
-        from gptlab.train.loop import select_device
-        net, tok, _ = load_model(model, select_device(device))
-    else:
-        net, tok = model
+    net, tok = _model_and_tokenizer(model, device)
     if not isinstance(net, Transformer):
         raise UserError(f"must be an encoder-decoder Transformer (gptlab seq2seq's output), "
                         f"got the {type(net).__name__}", field="model")
@@ -183,6 +173,17 @@ def _model_pair(model: Any) -> tuple[torch.nn.Module, Any]:
         raise UserError(f"must be {expected}: its second item must be a Tokenizer, got {got}",
                         field="model")
     return net, tok
+
+
+def _model_and_tokenizer(model: Any, device: str) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of a model directory's path, loaded on `device`, or of the pair
+    `load` returned, as given."""
+    if isinstance(model, (str, os.PathLike)):
+        from gptlab.checkpoint import load_model
+        from gptlab.train.loop import select_device
+        net, tok, _ = load_model(model, select_device(device))
+        return net, tok
+    return model
 
 
 def _check_prompts(prompts: Any) -> None:

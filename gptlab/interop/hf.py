@@ -1024,6 +1024,17 @@ HF_EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
                    "added_tokens.json")
 
 
+def _export_dir(out_dir: str | Path, overwrite: bool) -> tuple[Path, list[Path]]:
+    """(the export's directory, made if missing; the directories made for it): one that
+    holds an export's files is refused unless `overwrite`."""
+    held = [name for name in HF_EXPORT_FILES if (Path(out_dir) / name).exists()]
+    if held and not overwrite:
+        raise UserError(f"already holds {', '.join(held)}; pass overwrite=True to replace "
+                        f"them, or choose another directory", path=out_dir, field="out_dir")
+    made = missing_dirs(out_dir)
+    return ensure_dir(out_dir), made
+
+
 @reports_path_errors
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
               overwrite: bool = False) -> Path:
@@ -1055,12 +1066,7 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
         if tokenizer is None:
             raise UserError("an encoder-decoder exports with its tokenizer, which gives its "
                             "decoder's first token, padding and EOS: this one has none")
-        held = [name for name in HF_EXPORT_FILES if (Path(out_dir) / name).exists()]
-        if held and not overwrite:
-            raise UserError(f"already holds {', '.join(held)}; pass overwrite=True to replace "
-                            f"them, or choose another directory", path=out_dir, field="out_dir")
-        made = missing_dirs(out_dir)
-        out = ensure_dir(out_dir)
+        out, made = _export_dir(out_dir, overwrite)
         with old_files_aside(out, HF_EXPORT_FILES, made):
             export_marian(model, tokenizer, out)
         return out
@@ -1073,12 +1079,7 @@ def export_hf(model: GPT, tokenizer: Any, out_dir: str | Path, *,
     # file is written, not after the weights.
     config = strict_json(_hf_config(model.config, family, tokenizer, dtype),
                          path=Path(out_dir) / "config.json", indent=2)
-    held = [name for name in HF_EXPORT_FILES if (Path(out_dir) / name).exists()]
-    if held and not overwrite:
-        raise UserError(f"already holds {', '.join(held)}; pass overwrite=True to replace "
-                        f"them, or choose another directory", path=out_dir, field="out_dir")
-    made = missing_dirs(out_dir)
-    out = ensure_dir(out_dir)
+    out, made = _export_dir(out_dir, overwrite)
     with old_files_aside(out, HF_EXPORT_FILES, made):
         if tokenizer is not None:
             # tokenizer.json (with a post-processor that prepends BOS where the model starts
